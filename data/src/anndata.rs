@@ -1,0 +1,261 @@
+//! AnnData and MuData stores as anndata (0.10-0.13) and mudata write them, Zarr v2 or v3.
+//! Opening reads metadata and the obs/var indices only; matrices and columns are read on demand.
+
+use crate::dataframe::{Column, DataFrame, read_column, read_dataframe, read_index as read_dataframe_index};
+use crate::error::{DataError, Result};
+use crate::matrix::Matrix;
+use crate::store::{Store, ZarrVersion};
+use crate::zarr::{NodeKind, encoding_type, read_all, read_rows};
+
+/// One AnnData object: a whole store, or a modality group `mod/<name>` of a MuData store.
+#[derive(Debug, Clone)]
+pub struct AnnData {
+    pub store: Store,
+    pub version: ZarrVersion,
+    /// Group path inside the store, "" for the root.
+    pub path: String,
+    pub obs_names: Vec<String>,
+    pub var_names: Vec<String>,
+}
+
+impl AnnData {
+    /// Opens the AnnData at the root of a store.
+    pub fn open(location: &str) -> Result<AnnData> {
+        let store = Store::open(location)?;
+        let version = store.zarr_version()?.unwrap_or(ZarrVersion::V3);
+        AnnData::open_group(store, version, "")
+    }
+
+    pub(crate) fn open_group(store: Store, version: ZarrVersion, path: &str) -> Result<AnnData> {
+        let at = store.at(if path.is_empty() { "/" } else { path });
+        let Some((kind, attrs)) = store.node(version, path)? else { return Err(at.missing("AnnData group")) };
+        match (kind, encoding_type(&attrs)) {
+            (NodeKind::Group, Some("anndata")) => {}
+            (_, found) => return Err(at.encoding(found.unwrap_or("<none>"), "'anndata' (a group)")),
+        }
+        let obs_names = read_dataframe_index(&store, version, &join(path, "obs"))?;
+        let var_names = read_dataframe_index(&store, version, &join(path, "var"))?;
+        let adata = AnnData { store, version, path: path.to_string(), obs_names, var_names };
+        if let Some(x) = adata.matrix_if_present("X")? {
+            adata.check_shape(&x, adata.n_vars())?;
+        }
+        Ok(adata)
+    }
+
+    pub fn n_obs(&self) -> u64 {
+        self.obs_names.len() as u64
+    }
+
+    pub fn n_vars(&self) -> u64 {
+        self.var_names.len() as u64
+    }
+
+    /// Element path inside the store, e.g. "X" -> "mod/rna/X".
+    pub fn element(&self, name: &str) -> String {
+        join(&self.path, name)
+    }
+
+    pub fn x(&self) -> Result<Matrix> {
+        self.matrix_if_present("X")?.ok_or_else(|| self.store.at(&self.element("X")).missing("X matrix"))
+    }
+
+    /// A layer (`layers/<name>`) with the shape of X.
+    pub fn layer(&self, name: &str) -> Result<Matrix> {
+        let path = format!("layers/{name}");
+        let m = self.matrix_if_present(&path)?.ok_or_else(|| self.store.at(&self.element(&path)).missing("layer"))?;
+        self.check_shape(&m, self.n_vars())?;
+        Ok(m)
+    }
+
+    /// `raw/X` with its own variables (`raw/var`).
+    pub fn raw_x(&self) -> Result<Option<(Matrix, Vec<String>)>> {
+        let Some(m) = self.matrix_if_present("raw/X")? else { return Ok(None) };
+        let raw_vars = read_dataframe_index(&self.store, self.version, &self.element("raw/var"))?;
+        self.check_shape(&m, raw_vars.len() as u64)?;
+        Ok(Some((m, raw_vars)))
+    }
+
+    /// A count matrix by its user-facing name: "X", "raw/X" or "layers/<name>".
+    pub fn matrix(&self, name: &str) -> Result<Matrix> {
+        match name {
+            "X" => self.x(),
+            "raw/X" => self.raw_x()?.map(|(m, _)| m).ok_or_else(|| self.store.at(&self.element("raw/X")).missing("raw/X matrix")),
+            other => match other.strip_prefix("layers/") {
+                Some(layer) => self.layer(layer),
+                None => Err(self.store.at(&self.element(other)).invalid("expected X, raw/X or layers/<name>")),
+            },
+        }
+    }
+
+    fn matrix_if_present(&self, name: &str) -> Result<Option<Matrix>> {
+        let path = self.element(name);
+        if self.store.node(self.version, &path)?.is_none() {
+            return Ok(None);
+        }
+        Matrix::open(&self.store, self.version, &path).map(Some)
+    }
+
+    fn check_shape(&self, m: &Matrix, n_vars: u64) -> Result<()> {
+        if m.shape != (self.n_obs(), n_vars) {
+            return Err(self.store.at(&m.path).invalid(format!(
+                "shape {:?} does not match obs x var = ({}, {n_vars})",
+                m.shape,
+                self.n_obs()
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn obs(&self) -> Result<DataFrame> {
+        read_dataframe(&self.store, self.version, &self.element("obs"))
+    }
+
+    pub fn var(&self) -> Result<DataFrame> {
+        read_dataframe(&self.store, self.version, &self.element("var"))
+    }
+
+    pub fn obs_column(&self, name: &str) -> Result<Column> {
+        read_column(&self.store, self.version, &self.element(&format!("obs/{name}")))
+    }
+
+    /// Keys of a mapping group (`obsm`, `layers`, `varm`, ...), empty when the group is absent.
+    pub fn keys(&self, group: &str) -> Result<Vec<String>> {
+        let path = self.element(group);
+        if self.store.node(self.version, &path)?.is_none() {
+            return Ok(Vec::new());
+        }
+        self.store.children(&path)
+    }
+
+    /// A dense `obsm` entry as row-major f32 with its column count.
+    pub fn obsm(&self, key: &str) -> Result<(Vec<f32>, usize)> {
+        let path = self.element(&format!("obsm/{key}"));
+        let at = self.store.at(&path);
+        match self.store.node(self.version, &path)? {
+            None => return Err(at.missing("obsm entry")),
+            Some((NodeKind::Array, attrs)) if matches!(encoding_type(&attrs), Some("array") | None) => {}
+            Some((_, attrs)) => return Err(at.encoding(encoding_type(&attrs).unwrap_or("<none>"), "'array' (dense)")),
+        }
+        let array = self.store.array(&path)?;
+        let (rows, cols) = match array.shape() {
+            &[r, c] => (r, c),
+            &[r] => (r, 1),
+            other => return Err(at.invalid(format!("shape {other:?}, expected (n_obs, k)"))),
+        };
+        if rows != self.n_obs() {
+            return Err(at.invalid(format!("has {rows} rows, expected n_obs = {}", self.n_obs())));
+        }
+        let values = read_rows(&self.store, &path, &array, 0..rows)?.into_f32().map_err(|t| at.dtype(t, "numeric"))?;
+        Ok((values, cols as usize))
+    }
+}
+
+/// A MuData store: modalities under `mod/`, the global `obs`, and `obsmap/<mod>` (1-based row
+/// of each global cell in the modality, 0 = the cell has no data for it).
+#[derive(Debug, Clone)]
+pub struct MuData {
+    pub store: Store,
+    pub version: ZarrVersion,
+    pub obs_names: Vec<String>,
+    pub modalities: Vec<(String, AnnData)>,
+    /// Per modality, the 1-based obsmap in global cell order.
+    pub obsmap: Vec<Vec<u32>>,
+}
+
+impl MuData {
+    pub fn open(location: &str) -> Result<MuData> {
+        let store = Store::open(location)?;
+        let version = store.zarr_version()?.unwrap_or(ZarrVersion::V3);
+        MuData::open_store(store, version)
+    }
+
+    fn open_store(store: Store, version: ZarrVersion) -> Result<MuData> {
+        let Some((_, attrs)) = store.node(version, "")? else { return Err(store.at("/").missing("root group")) };
+        if encoding_type(&attrs) != Some("MuData") {
+            return Err(store.at("/").encoding(encoding_type(&attrs).unwrap_or("<none>"), "'MuData'"));
+        }
+        let obs_names = read_dataframe_index(&store, version, "obs")?;
+        let Some((_, mod_attrs)) = store.node(version, "mod")? else { return Err(store.at("mod").missing("modality group")) };
+        let names: Vec<String> = match mod_attrs.get("mod-order").and_then(|v| v.as_array()) {
+            Some(order) => order.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+            None => store.children("mod")?,
+        };
+        let mut modalities = Vec::with_capacity(names.len());
+        let mut obsmap = Vec::with_capacity(names.len());
+        for name in names {
+            let adata = AnnData::open_group(store.clone(), version, &format!("mod/{name}"))?;
+            let map_path = format!("obsmap/{name}");
+            let map = read_all(&store, &map_path)?
+                .into_i64()
+                .map_err(|t| store.at(&map_path).dtype(t, "an integer type"))?;
+            if map.len() != obs_names.len() {
+                return Err(store.at(&map_path).invalid(format!("has {} entries, expected n_obs = {}", map.len(), obs_names.len())));
+            }
+            let n_mod = adata.n_obs() as i64;
+            if let Some(bad) = map.iter().find(|&&m| m < 0 || m > n_mod) {
+                return Err(store.at(&map_path).invalid(format!("entry {bad} out of range, expected 0..={n_mod} (1-based rows, 0 = absent)")));
+            }
+            obsmap.push(map.into_iter().map(|m| m as u32).collect());
+            modalities.push((name, adata));
+        }
+        Ok(MuData { store, version, obs_names, modalities, obsmap })
+    }
+
+    pub fn n_obs(&self) -> u64 {
+        self.obs_names.len() as u64
+    }
+
+    pub fn modality(&self, name: &str) -> Result<(usize, &AnnData)> {
+        self.modalities.iter().enumerate().find(|(_, (n, _))| n == name).map(|(i, (_, a))| (i, a)).ok_or_else(|| {
+            let known: Vec<&str> = self.modalities.iter().map(|(n, _)| n.as_str()).collect();
+            DataError::Missing {
+                store: self.store.name(),
+                path: format!("mod/{name}"),
+                expected: format!("modality (the store has: {})", known.join(", ")),
+            }
+        })
+    }
+
+    /// Which global cells have data for modality `i`.
+    pub fn presence(&self, i: usize) -> Vec<bool> {
+        self.obsmap[i].iter().map(|&m| m > 0).collect()
+    }
+}
+
+/// A store of either kind, detected from the root's encoding-type.
+#[derive(Debug, Clone)]
+pub enum Dataset {
+    AnnData(AnnData),
+    MuData(MuData),
+}
+
+impl Dataset {
+    pub fn open(location: &str) -> Result<Dataset> {
+        let store = Store::open(location)?;
+        let version = store.zarr_version()?.unwrap_or(ZarrVersion::V3);
+        let Some((_, attrs)) = store.node(version, "")? else { return Err(store.at("/").missing("root group")) };
+        match encoding_type(&attrs) {
+            Some("anndata") => AnnData::open_group(store, version, "").map(Dataset::AnnData),
+            Some("MuData") => MuData::open_store(store, version).map(Dataset::MuData),
+            found => Err(store.at("/").encoding(found.unwrap_or("<none>"), "'anndata' or 'MuData'")),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        match self {
+            Dataset::AnnData(a) => &a.store,
+            Dataset::MuData(m) => &m.store,
+        }
+    }
+
+    pub fn n_obs(&self) -> u64 {
+        match self {
+            Dataset::AnnData(a) => a.n_obs(),
+            Dataset::MuData(m) => m.n_obs(),
+        }
+    }
+}
+
+fn join(base: &str, name: &str) -> String {
+    if base.is_empty() { name.to_string() } else { format!("{base}/{name}") }
+}

@@ -1,0 +1,18 @@
+//! tessera-data: single-cell multi-omics stores (AnnData/MuData on Zarr v2/v3) on any
+//! object_store location, and what training needs from them: shard plans and mini-batches.
+//!
+//! Invariant: this crate knows nothing of models, engines or the network protocol.
+
+pub mod anndata;
+pub mod dataframe;
+pub mod error;
+pub mod matrix;
+pub mod store;
+mod zarr;
+
+pub use anndata::{AnnData, Dataset, MuData};
+pub use dataframe::{Column, DataFrame};
+pub use error::{DataError, Result};
+pub use matrix::{Csr, Matrix, MatrixFormat};
+pub use store::{Location, Store, ZarrVersion};
+pub use zarr::Values;

@@ -1,0 +1,356 @@
+//! Count matrices (X, layers, raw/X) as AnnData stores them: `csr_matrix`, `csc_matrix` or a
+//! dense `array`. Opening validates the structure once (indptr monotone, starts at 0, ends at
+//! nnz; shapes); reading a row range of CSR touches only the chunks that hold those rows.
+
+use std::ops::Range;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::Result;
+use crate::store::{Store, ZarrVersion};
+use zarrs::array::ArrayShardedExt;
+
+use crate::zarr::{NodeKind, ZArray, dtype_name, encoding_type, read_i64, read_rows};
+
+/// Rows of a sparse matrix in CSR form, rows rebased to 0.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Csr {
+    pub n_rows: usize,
+    pub n_cols: usize,
+    pub indptr: Vec<u64>,
+    pub indices: Vec<u32>,
+    pub data: Vec<f32>,
+}
+
+impl Csr {
+    pub fn nnz(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn row(&self, i: usize) -> (&[u32], &[f32]) {
+        let (s, e) = (self.indptr[i] as usize, self.indptr[i + 1] as usize);
+        (&self.indices[s..e], &self.data[s..e])
+    }
+
+    /// Sum of each row (the library size for counts).
+    pub fn row_sums(&self) -> Vec<f32> {
+        (0..self.n_rows).map(|i| self.row(i).1.iter().sum()).collect()
+    }
+
+    /// The rows at `rows`, in that order.
+    pub fn select_rows(&self, rows: &[usize]) -> Csr {
+        let mut out = Csr { n_rows: rows.len(), n_cols: self.n_cols, indptr: Vec::with_capacity(rows.len() + 1), ..Default::default() };
+        out.indptr.push(0);
+        for &r in rows {
+            let (idx, val) = self.row(r);
+            out.indices.extend_from_slice(idx);
+            out.data.extend_from_slice(val);
+            out.indptr.push(out.data.len() as u64);
+        }
+        out
+    }
+
+    /// Builds CSR from dense row-major values, keeping non-zeros.
+    pub fn from_dense(n_rows: usize, n_cols: usize, values: &[f32]) -> Csr {
+        let mut out = Csr { n_rows, n_cols, indptr: Vec::with_capacity(n_rows + 1), ..Default::default() };
+        out.indptr.push(0);
+        for row in values.chunks(n_cols.max(1)).take(n_rows) {
+            for (j, &v) in row.iter().enumerate() {
+                if v != 0.0 {
+                    out.indices.push(j as u32);
+                    out.data.push(v);
+                }
+            }
+            out.indptr.push(out.data.len() as u64);
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatrixFormat {
+    Csr,
+    Csc,
+    Dense,
+}
+
+/// An opened, validated matrix element.
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    pub path: String,
+    pub format: MatrixFormat,
+    pub shape: (u64, u64),
+    pub dtype: String,
+    pub nnz: u64,
+    /// Chunk shape of the values array (`data` for sparse, the array itself for dense).
+    pub chunk_shape: Vec<u64>,
+    /// Inner chunk shape when the values array is sharded (Zarr v3 sharding codec).
+    pub inner_chunk_shape: Option<Vec<u64>>,
+    /// The compressed pointer array (rows for CSR, columns for CSC), validated.
+    indptr: Vec<i64>,
+    values: Handle,
+    indices: Option<Handle>,
+}
+
+/// An opened zarrs array shared between clones of a [`Matrix`].
+#[derive(Clone)]
+struct Handle(std::sync::Arc<ZArray>);
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "array{:?}", self.0.shape())
+    }
+}
+
+impl std::ops::Deref for Handle {
+    type Target = ZArray;
+    fn deref(&self) -> &ZArray {
+        &self.0
+    }
+}
+
+impl Matrix {
+    pub(crate) fn open(store: &Store, version: ZarrVersion, path: &str) -> Result<Matrix> {
+        let at = store.at(path);
+        let Some((kind, attrs)) = store.node(version, path)? else { return Err(at.missing("matrix")) };
+        let encoding = encoding_type(&attrs).unwrap_or("<none>");
+        match (kind, encoding) {
+            (NodeKind::Array, "array") => {
+                let values = store.array(path)?;
+                let shape = match values.shape() {
+                    &[r, c] => (r, c),
+                    other => return Err(at.invalid(format!("dense matrix has shape {other:?}, expected 2 dimensions"))),
+                };
+                check_numeric(store, path, &values)?;
+                let (chunk_shape, inner_chunk_shape) = chunking(&values);
+                Ok(Matrix {
+                    path: path.into(),
+                    format: MatrixFormat::Dense,
+                    shape,
+                    dtype: dtype_name(&values),
+                    nnz: shape.0 * shape.1,
+                    chunk_shape,
+                    inner_chunk_shape,
+                    indptr: Vec::new(),
+                    values: Handle(values.into()),
+                    indices: None,
+                })
+            }
+            (NodeKind::Group, "csr_matrix" | "csc_matrix") => {
+                let format = if encoding == "csr_matrix" { MatrixFormat::Csr } else { MatrixFormat::Csc };
+                let shape = match attrs.get("shape").and_then(Value::as_array).map(|s| s.iter().map(Value::as_u64).collect::<Option<Vec<_>>>()) {
+                    Some(Some(s)) if s.len() == 2 => (s[0], s[1]),
+                    _ => return Err(at.invalid("attribute 'shape' missing or not two non-negative integers")),
+                };
+                let data_path = format!("{path}/data");
+                let indices_path = format!("{path}/indices");
+                let indptr_path = format!("{path}/indptr");
+                let values = store.array(&data_path)?;
+                let indices = store.array(&indices_path)?;
+                check_numeric(store, &data_path, &values)?;
+                let nnz = values.shape().first().copied().unwrap_or(0);
+                if indices.shape() != [nnz] {
+                    return Err(store.at(&indices_path).invalid(format!(
+                        "indices has shape {:?}, expected [{nnz}] like data",
+                        indices.shape()
+                    )));
+                }
+                let indptr = read_i64(store, &indptr_path)?;
+                let major = if format == MatrixFormat::Csr { shape.0 } else { shape.1 };
+                validate_indptr(&indptr, major, nnz).map_err(|p| store.at(&indptr_path).invalid(p))?;
+                let idx_dtype = dtype_name(&indices);
+                if !idx_dtype.contains("int") {
+                    return Err(store.at(&indices_path).dtype(idx_dtype, "an integer type"));
+                }
+                let (chunk_shape, inner_chunk_shape) = chunking(&values);
+                Ok(Matrix {
+                    path: path.into(),
+                    format,
+                    shape,
+                    dtype: dtype_name(&values),
+                    nnz,
+                    chunk_shape,
+                    inner_chunk_shape,
+                    indptr,
+                    values: Handle(values.into()),
+                    indices: Some(Handle(indices.into())),
+                })
+            }
+            (_, found) => Err(at.encoding(found, "'csr_matrix', 'csc_matrix' (groups) or 'array'")),
+        }
+    }
+
+    pub fn n_rows(&self) -> u64 {
+        self.shape.0
+    }
+
+    /// Non-zeros in each row, from the row pointers (CSR) or the chunk reads (others).
+    pub fn row_nnz(&self, store: &Store) -> Result<Vec<u64>> {
+        match self.format {
+            MatrixFormat::Csr => Ok(self.indptr.windows(2).map(|w| (w[1] - w[0]) as u64).collect()),
+            _ => {
+                let all = self.read_rows(store, 0..self.shape.0)?;
+                Ok(all.indptr.windows(2).map(|w| w[1] - w[0]).collect())
+            }
+        }
+    }
+
+    /// Reads rows [a, b) as CSR. For CSR only the chunks of `data`/`indices` holding those rows
+    /// are fetched (both arrays concurrently, chunks decoded in parallel by zarrs/rayon). CSC must
+    /// be read whole to select rows: convert such stores for streaming.
+    pub fn read_rows(&self, store: &Store, rows: Range<u64>) -> Result<Csr> {
+        let at = store.at(&self.path);
+        if rows.end > self.shape.0 || rows.start > rows.end {
+            return Err(at.invalid(format!("rows {}..{} requested, matrix has {}", rows.start, rows.end, self.shape.0)));
+        }
+        let n_rows = (rows.end - rows.start) as usize;
+        let n_cols = self.shape.1 as usize;
+        match self.format {
+            MatrixFormat::Dense => {
+                let values = read_rows(store, &self.path, &self.values, rows)?
+                    .into_f32()
+                    .map_err(|t| at.dtype(t, "numeric"))?;
+                Ok(Csr::from_dense(n_rows, n_cols, &values))
+            }
+            MatrixFormat::Csr => {
+                let start = self.indptr[rows.start as usize];
+                let end = self.indptr[rows.end as usize];
+                let span = start as u64..end as u64;
+                let (data, indices) = self.read_entries(store, span)?;
+                let indptr = self.indptr[rows.start as usize..=rows.end as usize].iter().map(|&p| (p - start) as u64).collect();
+                let csr = Csr { n_rows, n_cols, indptr, indices, data };
+                check_indices(&csr.indices, self.shape.1).map_err(|p| store.at(&format!("{}/indices", self.path)).invalid(p))?;
+                Ok(csr)
+            }
+            MatrixFormat::Csc => {
+                let (data, indices) = self.read_entries(store, 0..self.nnz)?;
+                check_indices(&indices, self.shape.0).map_err(|p| store.at(&format!("{}/indices", self.path)).invalid(p))?;
+                Ok(csc_rows_to_csr(&self.indptr, &indices, &data, rows, n_cols))
+            }
+        }
+    }
+
+    fn read_entries(&self, store: &Store, span: Range<u64>) -> Result<(Vec<f32>, Vec<u32>)> {
+        let data_path = format!("{}/data", self.path);
+        let indices_path = format!("{}/indices", self.path);
+        let Some(indices) = &self.indices else { return Ok((Vec::new(), Vec::new())) };
+        let (data, idx) = rayon::join(
+            || read_rows(store, &data_path, &self.values, span.clone()),
+            || read_rows(store, &indices_path, indices, span.clone()),
+        );
+        let data = data?.into_f32().map_err(|t| store.at(&data_path).dtype(t, "numeric"))?;
+        let idx = idx?.into_i64().map_err(|t| store.at(&indices_path).dtype(t, "an integer type"))?;
+        let idx = idx
+            .into_iter()
+            .map(|i| u32::try_from(i).map_err(|_| store.at(&indices_path).invalid(format!("index {i} out of range"))))
+            .collect::<Result<Vec<u32>>>()?;
+        Ok((data, idx))
+    }
+}
+
+fn check_numeric(store: &Store, path: &str, array: &ZArray) -> Result<()> {
+    let name = dtype_name(array);
+    if ["int", "float", "bool"].iter().any(|t| name.contains(t)) {
+        Ok(())
+    } else {
+        Err(store.at(path).dtype(name, "a numeric type"))
+    }
+}
+
+/// Outer chunk shape, and the inner (sub)chunk shape when the array is sharded.
+fn chunking(array: &ZArray) -> (Vec<u64>, Option<Vec<u64>>) {
+    let outer = array.chunk_shape(&vec![0; array.dimensionality()]).map(|s| s.iter().map(|n| n.get()).collect()).unwrap_or_default();
+    let inner = array
+        .subchunk_shape()
+        .map(|s| s.iter().map(|n| n.get()).collect());
+    (outer, inner)
+}
+
+pub(crate) fn validate_indptr(indptr: &[i64], major: u64, nnz: u64) -> std::result::Result<(), String> {
+    if indptr.len() as u64 != major + 1 {
+        return Err(format!("indptr has {} entries, expected {} (one more than the {major} rows/columns)", indptr.len(), major + 1));
+    }
+    if indptr.first().copied() != Some(0) {
+        return Err(format!("indptr starts at {:?}, expected 0", indptr.first()));
+    }
+    if let Some(i) = indptr.windows(2).position(|w| w[1] < w[0]) {
+        return Err(format!("indptr is not monotone: entry {} is {} after {}", i + 1, indptr[i + 1], indptr[i]));
+    }
+    let last = indptr.last().copied().unwrap_or(0);
+    if last as u64 != nnz {
+        return Err(format!("indptr ends at {last}, expected nnz = {nnz} (the length of data)"));
+    }
+    Ok(())
+}
+
+fn check_indices(indices: &[u32], bound: u64) -> std::result::Result<(), String> {
+    match indices.iter().find(|&&i| u64::from(i) >= bound) {
+        Some(i) => Err(format!("index {i} out of range, expected < {bound}")),
+        None => Ok(()),
+    }
+}
+
+/// Selects rows [a, b) of a CSC matrix into CSR (counting sort by row).
+fn csc_rows_to_csr(indptr: &[i64], indices: &[u32], data: &[f32], rows: Range<u64>, n_cols: usize) -> Csr {
+    let n_rows = (rows.end - rows.start) as usize;
+    let (a, b) = (rows.start as u32, rows.end as u32);
+    let mut counts = vec![0u64; n_rows + 1];
+    for &r in indices {
+        if (a..b).contains(&r) {
+            counts[(r - a) as usize + 1] += 1;
+        }
+    }
+    for i in 0..n_rows {
+        counts[i + 1] += counts[i];
+    }
+    let nnz = counts[n_rows] as usize;
+    let mut out_idx = vec![0u32; nnz];
+    let mut out_data = vec![0f32; nnz];
+    let mut next = counts.clone();
+    for col in 0..n_cols {
+        for k in indptr[col] as usize..indptr[col + 1] as usize {
+            let r = indices[k];
+            if (a..b).contains(&r) {
+                let slot = &mut next[(r - a) as usize];
+                out_idx[*slot as usize] = col as u32;
+                out_data[*slot as usize] = data[k];
+                *slot += 1;
+            }
+        }
+    }
+    Csr { n_rows, n_cols, indptr: counts, indices: out_idx, data: out_data }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indptr_validation_names_the_problem() {
+        assert!(validate_indptr(&[0, 1, 3], 2, 3).is_ok());
+        assert!(validate_indptr(&[0, 1], 2, 1).unwrap_err().contains("expected 3"));
+        assert!(validate_indptr(&[1, 1, 3], 2, 3).unwrap_err().contains("expected 0"));
+        assert!(validate_indptr(&[0, 2, 1], 2, 1).unwrap_err().contains("not monotone"));
+        assert!(validate_indptr(&[0, 1, 2], 2, 5).unwrap_err().contains("nnz = 5"));
+    }
+
+    #[test]
+    fn csc_rows_match_dense() {
+        // [[1 0 2], [0 3 0], [4 0 5]] in CSC
+        let indptr = [0i64, 2, 3, 5];
+        let indices = [0u32, 2, 1, 0, 2];
+        let data = [1.0f32, 4.0, 3.0, 2.0, 5.0];
+        let csr = csc_rows_to_csr(&indptr, &indices, &data, 1..3, 3);
+        assert_eq!(csr, Csr::from_dense(2, 3, &[0.0, 3.0, 0.0, 4.0, 0.0, 5.0]));
+    }
+
+    #[test]
+    fn select_rows_and_sums() {
+        let m = Csr::from_dense(3, 2, &[1.0, 0.0, 0.0, 0.0, 2.0, 3.0]);
+        assert_eq!(m.row_sums(), vec![1.0, 0.0, 5.0]);
+        let s = m.select_rows(&[2, 0]);
+        assert_eq!(s, Csr::from_dense(2, 2, &[2.0, 3.0, 1.0, 0.0]));
+    }
+}
