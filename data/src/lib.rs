@@ -7,7 +7,9 @@ pub mod anndata;
 pub mod dataframe;
 pub mod error;
 pub mod matrix;
+pub mod simulate;
 pub mod store;
+pub mod write;
 mod zarr;
 
 pub use anndata::{AnnData, Dataset, MuData};
@@ -16,3 +18,5 @@ pub use error::{DataError, Result};
 pub use matrix::{Csr, Matrix, MatrixFormat};
 pub use store::{Location, Store, ZarrVersion};
 pub use zarr::Values;
+pub use write::{CsrWriter, StoreWriter};
+pub use simulate::{SimConfig, SimSummary, simulate};

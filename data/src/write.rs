@@ -1,0 +1,482 @@
+//! Writing AnnData/MuData elements in the layout and Zarr version Python anndata reads.
+//!
+//! Rules: a new store is only created where no store exists; an element is added to an existing
+//! store by writing it aside (a staging node), then publishing it (renaming its keys into place,
+//! metadata last) and refreshing the root's consolidated metadata. An existing element is only
+//! replaced when the caller says `overwrite`.
+
+use serde_json::{Map, Value, json};
+use zarrs::array::{Array, Element};
+use zarrs::metadata::ArrayMetadata;
+use zarrs::storage::StorePrefix;
+
+use crate::anndata::AnnData;
+use crate::dataframe::Column;
+use crate::error::{DataError, Result};
+use crate::matrix::Csr;
+use crate::store::{Store, ZarrVersion};
+use crate::zarr::{NodeKind, ZArray};
+
+/// Elements per chunk of 1-D arrays (v2 chunk, v3 inner chunk): ~650 cells of a 100-nnz/cell
+/// matrix, so a mini-batch read touches a few chunks.
+const CHUNK: u64 = 1 << 17;
+/// Elements per v3 shard: one object per 16 inner chunks keeps object counts low on S3.
+const SHARD: u64 = 1 << 21;
+/// Rows per chunk of 2-D dense arrays (obsm, dense layers).
+const DENSE_ROWS: u64 = 4096;
+const DENSE_SHARD_ROWS: u64 = 65536;
+
+/// Element types we write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Elem {
+    F32,
+    F64,
+    I32,
+    I64,
+    U32,
+    Bool,
+    Str,
+}
+
+impl Elem {
+    fn v3(self) -> &'static str {
+        match self {
+            Elem::F32 => "float32",
+            Elem::F64 => "float64",
+            Elem::I32 => "int32",
+            Elem::I64 => "int64",
+            Elem::U32 => "uint32",
+            Elem::Bool => "bool",
+            Elem::Str => "string",
+        }
+    }
+    fn v2(self) -> &'static str {
+        match self {
+            Elem::F32 => "<f4",
+            Elem::F64 => "<f8",
+            Elem::I32 => "<i4",
+            Elem::I64 => "<i8",
+            Elem::U32 => "<u4",
+            Elem::Bool => "|b1",
+            Elem::Str => "|O",
+        }
+    }
+    fn fill(self) -> Value {
+        match self {
+            Elem::F32 | Elem::F64 => json!(0.0),
+            Elem::I32 | Elem::I64 | Elem::U32 => json!(0),
+            Elem::Bool => json!(false),
+            Elem::Str => json!(""),
+        }
+    }
+}
+
+/// Zarr array metadata for `shape` with `chunk` (v2 chunk or v3 inner chunk) and, for v3,
+/// `shard` as the outer chunk (sharding codec, zstd inside, crc32c on the index).
+fn array_metadata(version: ZarrVersion, elem: Elem, shape: &[u64], chunk: &[u64], shard: &[u64], attrs: Value) -> Value {
+    match version {
+        ZarrVersion::V3 => {
+            let first = if elem == Elem::Str { json!({"name": "vlen-utf8", "configuration": {}}) } else { json!({"name": "bytes", "configuration": {"endian": "little"}}) };
+            json!({
+                "zarr_format": 3,
+                "node_type": "array",
+                "shape": shape,
+                "data_type": elem.v3(),
+                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shard}},
+                "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+                "fill_value": elem.fill(),
+                "codecs": [{"name": "sharding_indexed", "configuration": {
+                    "chunk_shape": chunk,
+                    "codecs": [first, {"name": "zstd", "configuration": {"level": 3, "checksum": false}}],
+                    "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+                    "index_location": "end"
+                }}],
+                "attributes": attrs,
+            })
+        }
+        ZarrVersion::V2 => json!({
+            "zarr_format": 2,
+            "shape": shape,
+            "chunks": chunk,
+            "dtype": elem.v2(),
+            "compressor": {"id": "blosc", "cname": "lz4", "clevel": 5, "shuffle": if elem == Elem::Str { 0 } else { 1 }, "blocksize": 0},
+            "fill_value": elem.fill(),
+            "order": "C",
+            "filters": if elem == Elem::Str { json!([{"id": "vlen-utf8"}]) } else { Value::Null },
+            "dimension_separator": ".",
+            "attributes": attrs,
+        }),
+    }
+}
+
+fn encoding(kind: &str, version: &str) -> Value {
+    json!({"encoding-type": kind, "encoding-version": version})
+}
+
+/// Writes nodes into one store of one Zarr version.
+#[derive(Debug)]
+pub struct StoreWriter {
+    pub store: Store,
+    pub version: ZarrVersion,
+}
+
+impl StoreWriter {
+    /// Starts a new store at `location`; refuses if a Zarr store is already there.
+    pub fn create(location: &str, version: ZarrVersion) -> Result<StoreWriter> {
+        let store = Store::connect(location)?;
+        if store.zarr_version()?.is_some() {
+            return Err(DataError::Exists { store: store.name(), path: "/".into() });
+        }
+        Ok(StoreWriter { store, version })
+    }
+
+    /// Writes into an existing store, in the version it already uses.
+    pub fn existing(store: Store) -> Result<StoreWriter> {
+        let version = store.zarr_version()?.ok_or_else(|| store.at("/").missing("Zarr root"))?;
+        Ok(StoreWriter { store, version })
+    }
+
+    pub fn group(&self, path: &str, attrs: Value) -> Result<()> {
+        let at = self.store.at(path);
+        let attrs = if attrs.is_null() { json!({}) } else { attrs };
+        let key = |name: &str| if path.is_empty() { name.to_string() } else { format!("{path}/{name}") };
+        match self.version {
+            ZarrVersion::V3 => {
+                let meta = json!({"zarr_format": 3, "node_type": "group", "attributes": attrs});
+                self.store.set_bytes(&key("zarr.json"), to_json(&meta)).map_err(|e| at.write(e))
+            }
+            ZarrVersion::V2 => {
+                self.store.set_bytes(&key(".zgroup"), to_json(&json!({"zarr_format": 2}))).map_err(|e| at.write(e))?;
+                self.store.set_bytes(&key(".zattrs"), to_json(&attrs)).map_err(|e| at.write(e))
+            }
+        }
+    }
+
+    /// An empty `dict` group (obsm, layers, uns, ...).
+    pub fn dict(&self, path: &str) -> Result<()> {
+        self.group(path, encoding("dict", "0.1.0"))
+    }
+
+    fn new_array(&self, path: &str, elem: Elem, shape: &[u64], chunk: &[u64], shard: &[u64], attrs: Value) -> Result<ZArray> {
+        let at = self.store.at(path);
+        let meta: ArrayMetadata = serde_json::from_value(array_metadata(self.version, elem, shape, chunk, shard, attrs))
+            .map_err(|e| at.write(format!("array metadata: {e}")))?;
+        Array::new_with_metadata(self.store.storage.clone(), &format!("/{path}"), meta).map_err(|e| at.write(e))
+    }
+
+    /// Writes a whole 1-D array.
+    pub(crate) fn array_1d<T: Element>(&self, path: &str, elem: Elem, values: Vec<T>, attrs: Value) -> Result<()> {
+        let n = values.len() as u64;
+        let chunk = CHUNK.min(n).max(1);
+        let shard = if n <= CHUNK { chunk } else { SHARD.min(n.div_ceil(chunk) * chunk) };
+        let array = self.new_array(path, elem, &[n], &[chunk], &[shard], attrs)?;
+        self.store_all(path, &array, &[0..n], values)
+    }
+
+    /// Writes a whole dense 2-D array (row-major).
+    pub(crate) fn array_2d<T: Element>(&self, path: &str, elem: Elem, rows: u64, cols: u64, values: Vec<T>, attrs: Value) -> Result<()> {
+        let chunk_rows = DENSE_ROWS.min(rows).max(1);
+        let shard_rows = if rows <= DENSE_ROWS { chunk_rows } else { DENSE_SHARD_ROWS.min(rows.div_ceil(chunk_rows) * chunk_rows) };
+        let c = cols.max(1);
+        let array = self.new_array(path, elem, &[rows, cols], &[chunk_rows, c], &[shard_rows, c], attrs)?;
+        self.store_all(path, &array, &[0..rows, 0..cols], values)
+    }
+
+    fn store_all<T: Element>(&self, path: &str, array: &ZArray, subset: &[std::ops::Range<u64>], values: Vec<T>) -> Result<()> {
+        let at = self.store.at(path);
+        if subset.iter().all(|r| r.end > r.start) {
+            array.store_array_subset(&subset.to_vec(), values).map_err(|e| at.write(e))?;
+        }
+        array.store_metadata().map_err(|e| at.write(e))
+    }
+
+    /// Writes a dataframe group with its index and columns in order.
+    pub fn dataframe(&self, path: &str, index: &[String], columns: &[(String, Column)]) -> Result<()> {
+        let order: Vec<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
+        let mut attrs = encoding("dataframe", "0.2.0");
+        attrs["_index"] = json!("_index");
+        attrs["column-order"] = json!(order);
+        self.group(path, attrs)?;
+        self.array_1d(&format!("{path}/_index"), Elem::Str, index.to_vec(), encoding("string-array", "0.2.0"))?;
+        for (name, column) in columns {
+            self.column(&format!("{path}/{name}"), column)?;
+        }
+        Ok(())
+    }
+
+    fn column(&self, path: &str, column: &Column) -> Result<()> {
+        let nullable = |mask: Vec<bool>, kind: &str| -> Result<()> {
+            self.group(path, encoding(kind, "0.1.0"))?;
+            self.array_1d(&format!("{path}/mask"), Elem::Bool, mask, encoding("array", "0.2.0"))
+        };
+        let array = encoding("array", "0.2.0");
+        match column {
+            Column::Categorical { codes, categories, ordered } => {
+                let mut attrs = encoding("categorical", "0.2.0");
+                attrs["ordered"] = json!(ordered);
+                self.group(path, attrs)?;
+                self.array_1d(&format!("{path}/codes"), Elem::I32, codes.clone(), array)?;
+                self.array_1d(&format!("{path}/categories"), Elem::Str, categories.clone(), encoding("string-array", "0.2.0"))
+            }
+            Column::Float(v) => self.array_1d(path, Elem::F64, v.clone(), array),
+            Column::Strings(v) if v.iter().all(Option::is_some) => {
+                self.array_1d(path, Elem::Str, v.iter().flatten().cloned().collect(), encoding("string-array", "0.2.0"))
+            }
+            Column::Strings(v) => {
+                nullable(v.iter().map(Option::is_none).collect(), "nullable-string-array")?;
+                self.array_1d(&format!("{path}/values"), Elem::Str, v.iter().map(|s| s.clone().unwrap_or_default()).collect(), encoding("string-array", "0.2.0"))
+            }
+            Column::Int(v) if v.iter().all(Option::is_some) => self.array_1d(path, Elem::I64, v.iter().flatten().copied().collect(), array),
+            Column::Int(v) => {
+                nullable(v.iter().map(Option::is_none).collect(), "nullable-integer")?;
+                self.array_1d(&format!("{path}/values"), Elem::I64, v.iter().map(|x| x.unwrap_or(0)).collect(), array)
+            }
+            Column::Bool(v) if v.iter().all(Option::is_some) => self.array_1d(path, Elem::Bool, v.iter().flatten().copied().collect(), array),
+            Column::Bool(v) => {
+                nullable(v.iter().map(Option::is_none).collect(), "nullable-boolean")?;
+                self.array_1d(&format!("{path}/values"), Elem::Bool, v.iter().map(|x| x.unwrap_or(false)).collect(), array)
+            }
+        }
+    }
+
+    /// Starts a CSR matrix group written row block by row block (bounded memory).
+    pub fn csr(&self, path: &str, n_cols: u64) -> Result<CsrWriter<'_>> {
+        // The final nnz is unknown while streaming: size the arrays for the largest possible
+        // one and set the real shape when finishing.
+        let capacity = u64::MAX / 2;
+        let data = self.new_array(&format!("{path}/data"), Elem::F32, &[capacity], &[CHUNK], &[self.chunk_unit()], encoding("array", "0.2.0"))?;
+        let indices = self.new_array(&format!("{path}/indices"), Elem::I32, &[capacity], &[CHUNK], &[self.chunk_unit()], encoding("array", "0.2.0"))?;
+        Ok(CsrWriter { writer: self, path: path.into(), n_cols, data, indices, pending_data: Vec::new(), pending_indices: Vec::new(), chunks_written: 0, indptr: vec![0] })
+    }
+
+    /// Elements per stored object of a streamed 1-D array.
+    fn chunk_unit(&self) -> u64 {
+        match self.version {
+            ZarrVersion::V2 => CHUNK,
+            ZarrVersion::V3 => SHARD,
+        }
+    }
+
+    /// Rebuilds the root's consolidated metadata from the nodes in the store, so readers that
+    /// trust it (Python anndata does) see every element.
+    pub fn consolidate(&self) -> Result<()> {
+        let mut nodes = Map::new();
+        collect_nodes(&self.store, self.version, "", &mut nodes)?;
+        let at = self.store.at("/");
+        match self.version {
+            ZarrVersion::V3 => {
+                let mut root = self.store.json("zarr.json")?.ok_or_else(|| at.missing("zarr.json"))?;
+                root["consolidated_metadata"] = json!({"kind": "inline", "must_understand": false, "metadata": nodes});
+                self.store.set_bytes("zarr.json", to_json(&root)).map_err(|e| at.write(e))
+            }
+            ZarrVersion::V2 => {
+                let doc = json!({"metadata": nodes, "zarr_consolidated_format": 1});
+                self.store.set_bytes(".zmetadata", to_json(&doc)).map_err(|e| at.write(e))
+            }
+        }
+    }
+}
+
+/// Gathers node metadata below `path` in the consolidated layout of each version: v3 maps
+/// "a/b" to the node's zarr.json; v2 maps "a/b/.zarray" (".zgroup", ".zattrs") to file contents.
+fn collect_nodes(store: &Store, version: ZarrVersion, path: &str, out: &mut Map<String, Value>) -> Result<()> {
+    let key = |name: &str| if path.is_empty() { name.to_string() } else { format!("{path}/{name}") };
+    let Some((kind, _)) = store.node(version, path)? else { return Ok(()) };
+    match version {
+        ZarrVersion::V3 => {
+            if !path.is_empty()
+                && let Some(mut meta) = store.json(&key("zarr.json"))?
+            {
+                if let Some(obj) = meta.as_object_mut() {
+                    obj.remove("consolidated_metadata");
+                }
+                out.insert(path.to_string(), meta);
+            }
+        }
+        ZarrVersion::V2 => {
+            for name in [".zgroup", ".zarray", ".zattrs"] {
+                if let Some(meta) = store.json(&key(name))? {
+                    out.insert(key(name), meta);
+                }
+            }
+        }
+    }
+    if kind == NodeKind::Group {
+        for child in store.children(path)? {
+            collect_nodes(store, version, &key(&child), out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Streams a CSR matrix: rows are appended in order; full chunks are encoded and stored as
+/// they fill, so memory stays at about one shard per array.
+pub struct CsrWriter<'w> {
+    writer: &'w StoreWriter,
+    path: String,
+    n_cols: u64,
+    data: ZArray,
+    indices: ZArray,
+    pending_data: Vec<f32>,
+    pending_indices: Vec<i32>,
+    chunks_written: u64,
+    indptr: Vec<i64>,
+}
+
+impl std::fmt::Debug for CsrWriter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CsrWriter").field("path", &self.path).field("rows", &(self.indptr.len() - 1)).finish()
+    }
+}
+
+impl CsrWriter<'_> {
+    pub fn push(&mut self, rows: &Csr) -> Result<()> {
+        let at = self.writer.store.at(&self.path);
+        if rows.n_cols as u64 != self.n_cols {
+            return Err(at.invalid(format!("rows have {} columns, the matrix has {}", rows.n_cols, self.n_cols)));
+        }
+        let base = *self.indptr.last().unwrap_or(&0);
+        self.indptr.extend(rows.indptr[1..].iter().map(|&p| base + p as i64));
+        self.pending_data.extend_from_slice(&rows.data);
+        self.pending_indices.extend(rows.indices.iter().map(|&i| i as i32));
+        let unit = self.writer.chunk_unit() as usize;
+        while self.pending_data.len() >= unit {
+            self.flush_chunk(unit)?;
+        }
+        Ok(())
+    }
+
+    fn flush_chunk(&mut self, len: usize) -> Result<()> {
+        let unit = self.writer.chunk_unit() as usize;
+        let at = self.writer.store.at(&self.path);
+        let mut data: Vec<f32> = self.pending_data.drain(..len).collect();
+        let mut indices: Vec<i32> = self.pending_indices.drain(..len).collect();
+        data.resize(unit, 0.0);
+        indices.resize(unit, 0);
+        let chunk = [self.chunks_written];
+        let (a, b) = rayon::join(|| self.data.store_chunk(&chunk, data), || self.indices.store_chunk(&chunk, indices));
+        a.map_err(|e| at.write(e))?;
+        b.map_err(|e| at.write(e))?;
+        self.chunks_written += 1;
+        Ok(())
+    }
+
+    /// Writes the last partial chunk, the real shapes, indptr and the group; returns nnz.
+    pub fn finish(mut self) -> Result<u64> {
+        if !self.pending_data.is_empty() {
+            self.flush_chunk(self.pending_data.len())?;
+        }
+        let nnz = *self.indptr.last().unwrap_or(&0) as u64;
+        let n_rows = self.indptr.len() as u64 - 1;
+        let at = self.writer.store.at(&self.path);
+        for array in [&mut self.data, &mut self.indices] {
+            array.set_shape(vec![nnz]).map_err(|e| at.write(e))?;
+            array.store_metadata().map_err(|e| at.write(e))?;
+        }
+        let indptr = std::mem::take(&mut self.indptr);
+        self.writer.array_1d(&format!("{}/indptr", self.path), Elem::I64, indptr, encoding("array", "0.2.0"))?;
+        let mut attrs = encoding("csr_matrix", "0.1.0");
+        attrs["shape"] = json!([n_rows, self.n_cols]);
+        self.writer.group(&self.path, attrs)?;
+        Ok(nnz)
+    }
+}
+
+fn to_json(v: &Value) -> Vec<u8> {
+    serde_json::to_vec_pretty(v).unwrap_or_default()
+}
+
+/// Adds elements to an existing AnnData (a store root or a MuData modality).
+impl AnnData {
+    /// Adds `obsm/<key>`: a dense (n_obs x cols) f32 matrix, row-major.
+    pub fn write_obsm(&self, key: &str, values: &[f32], cols: usize, overwrite: bool) -> Result<()> {
+        let path = self.element(&format!("obsm/{key}"));
+        let at = self.store.at(&path);
+        if values.len() as u64 != self.n_obs() * cols as u64 || values.iter().any(|v| !v.is_finite()) {
+            return Err(at.invalid(format!(
+                "expected {} x {cols} finite values, got {} values{}",
+                self.n_obs(),
+                values.len(),
+                if values.iter().any(|v| !v.is_finite()) { " with NaN/Inf" } else { "" }
+            )));
+        }
+        self.publish("obsm", key, overwrite, |w, staging| {
+            w.array_2d(staging, Elem::F32, self.n_obs(), cols as u64, values.to_vec(), encoding("array", "0.2.0"))
+        })
+    }
+
+    /// Adds `layers/<key>`: a sparse matrix with the shape of X.
+    pub fn write_layer(&self, key: &str, matrix: &Csr, overwrite: bool) -> Result<()> {
+        let path = self.element(&format!("layers/{key}"));
+        if (matrix.n_rows as u64, matrix.n_cols as u64) != (self.n_obs(), self.n_vars()) {
+            return Err(self.store.at(&path).invalid(format!(
+                "shape ({}, {}) does not match obs x var = ({}, {})",
+                matrix.n_rows,
+                matrix.n_cols,
+                self.n_obs(),
+                self.n_vars()
+            )));
+        }
+        self.publish("layers", key, overwrite, |w, staging| {
+            let mut csr = w.csr(staging, self.n_vars())?;
+            csr.push(matrix)?;
+            csr.finish().map(|_| ())
+        })
+    }
+
+    /// Write aside, then publish: `write` fills a staging node; its keys are renamed into
+    /// place (metadata last, so readers never see a half-written element), then the
+    /// consolidated metadata is refreshed. A failed write leaves the store as it was.
+    fn publish(&self, mapping: &str, key: &str, overwrite: bool, write: impl FnOnce(&StoreWriter, &str) -> Result<()>) -> Result<()> {
+        if key.is_empty() || key.contains('/') || key.starts_with('.') {
+            return Err(self.store.at(&self.element(mapping)).invalid(format!("invalid key '{key}': expected a name without '/' or leading '.'")));
+        }
+        let parent = self.element(mapping);
+        let target = format!("{parent}/{key}");
+        let staging = format!("{parent}/.tessera-staging-{key}");
+        let writer = StoreWriter { store: self.store.clone(), version: self.version };
+        let at = self.store.at(&target);
+        let exists = self.store.node(self.version, &target)?.is_some();
+        if exists && !overwrite {
+            return Err(DataError::Exists { store: self.store.name(), path: target });
+        }
+        if self.store.node(self.version, &parent)?.is_none() {
+            writer.dict(&parent)?;
+        }
+        erase(&self.store, &staging)?;
+        if let Err(e) = write(&writer, &staging) {
+            erase(&self.store, &staging)?;
+            return Err(e);
+        }
+        if exists {
+            erase(&self.store, &target)?;
+        }
+        let prefix = StorePrefix::new(format!("{staging}/")).map_err(|e| at.write(e))?;
+        let mut keys = self.store.storage.list_prefix(&prefix).map_err(|e| at.write(e))?;
+        let is_metadata = |k: &str| [".zarray", ".zgroup", ".zattrs", "zarr.json"].iter().any(|m| k.ends_with(m));
+        keys.sort_by_key(|k| is_metadata(k.as_str()));
+        for key in keys {
+            let to = format!("{target}{}", &key.as_str()[staging.len()..]);
+            // Copy then erase: object stores have no directory rename, and the adapter offers
+            // no per-key rename either. Metadata goes last, so the element appears complete.
+            let bytes = self.store.storage.get(&key).map_err(|e| at.write(e))?.ok_or_else(|| at.write(format!("staged key {key} vanished")))?;
+            self.store.storage.set(&self.store.key(&to)?, bytes).map_err(|e| at.write(e))?;
+            self.store.storage.erase(&key).map_err(|e| at.write(e))?;
+        }
+        erase(&self.store, &staging)?;
+        writer.consolidate()
+    }
+}
+
+fn erase(store: &Store, path: &str) -> Result<()> {
+    let prefix = StorePrefix::new(format!("{path}/")).map_err(|e| store.at(path).write(e))?;
+    store.storage.erase_prefix(&prefix).map_err(|e| store.at(path).write(e))?;
+    // Object stores have no directories; a local store keeps empty ones, which we remove.
+    if let crate::store::Location::Local(root) = &store.location {
+        let dir = root.join(path);
+        if dir.is_dir() {
+            std::fs::remove_dir_all(&dir).map_err(|e| store.at(path).write(e))?;
+        }
+    }
+    Ok(())
+}

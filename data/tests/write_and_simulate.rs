@@ -1,0 +1,161 @@
+//! Stores we write read back with the values we wrote; adding elements follows the publish
+//! rules (no silent overwrite, consolidated metadata refreshed, nothing else touched).
+
+use tessera_data::{AnnData, Column, Csr, DataError, Dataset, MuData, SimConfig, Store, ZarrVersion, simulate};
+
+fn small(version: ZarrVersion) -> SimConfig {
+    SimConfig { n_cells: 5000, n_genes: 300, n_types: 4, n_batches: 2, library: 800.0, version, seed: 7, ..Default::default() }
+}
+
+#[test]
+fn simulated_anndata_reads_back_in_both_versions() {
+    for version in [ZarrVersion::V2, ZarrVersion::V3] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sim.zarr");
+        let path = path.to_str().unwrap();
+        let summary = simulate(path, &small(version), |_| {}).unwrap();
+        assert!(!summary.mudata);
+        let adata = AnnData::open(path).unwrap();
+        assert_eq!(adata.version, version);
+        assert_eq!((adata.n_obs(), adata.n_vars()), (5000, 300));
+        let x = adata.x().unwrap();
+        let all = x.read_rows(&adata.store, 0..5000).unwrap();
+        let obs = adata.obs().unwrap();
+        let Some(Column::Float(n_counts)) = obs.column("n_counts") else { panic!("n_counts") };
+        let sums: Vec<f64> = all.row_sums().into_iter().map(f64::from).collect();
+        assert_eq!(&sums, n_counts, "obs n_counts equals the row sums of X");
+        let median = { let mut s = sums.clone(); s.sort_by(f64::total_cmp); s[2500] };
+        assert!((300.0..2000.0).contains(&median), "median library {median}");
+        let Some(Column::Categorical { codes, categories, .. }) = obs.column("batch") else { panic!("batch") };
+        assert_eq!(categories, &["batch0", "batch1"]);
+        assert!(codes.iter().all(|&c| c == 0 || c == 1));
+        let (latent, d) = adata.obsm("X_true_latent").unwrap();
+        assert_eq!((latent.len(), d), (5000 * 10, 10));
+        // A streamed store crosses chunk boundaries: a range read equals the same rows of the whole.
+        let rows: Vec<usize> = (1234..4321).collect();
+        assert_eq!(x.read_rows(&adata.store, 1234..4321).unwrap(), all.select_rows(&rows));
+    }
+}
+
+#[test]
+fn simulation_is_deterministic_for_a_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let read = |name: &str, seed: u64| {
+        let p = dir.path().join(name);
+        simulate(p.to_str().unwrap(), &SimConfig { seed, ..small(ZarrVersion::V3) }, |_| {}).unwrap();
+        let a = AnnData::open(p.to_str().unwrap()).unwrap();
+        a.x().unwrap().read_rows(&a.store, 0..5000).unwrap()
+    };
+    let (a, b, c) = (read("a.zarr", 1), read("b.zarr", 1), read("c.zarr", 2));
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}
+
+#[test]
+fn simulated_mudata_has_mosaic_obsmap() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mu.zarr");
+    let path = path.to_str().unwrap();
+    let config = SimConfig { n_proteins: 20, n_peaks: 100, missing: 0.3, ..small(ZarrVersion::V3) };
+    let summary = simulate(path, &config, |_| {}).unwrap();
+    assert!(summary.mudata);
+    let Dataset::MuData(mdata) = Dataset::open(path).unwrap() else { panic!("expected MuData") };
+    let names: Vec<&str> = mdata.modalities.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["rna", "prot", "atac"]);
+    for m in ["prot", "atac"] {
+        let (i, adata) = mdata.modality(m).unwrap();
+        let present = mdata.presence(i);
+        let n_present = present.iter().filter(|&&p| p).count();
+        assert_eq!(n_present as u64, adata.n_obs());
+        let frac = 1.0 - n_present as f64 / 5000.0;
+        assert!((0.25..0.35).contains(&frac), "{m} missing fraction {frac}");
+        let x = adata.x().unwrap().read_rows(&adata.store, 0..adata.n_obs()).unwrap();
+        assert!(x.row_sums().iter().all(|&s| s > 0.0) || m == "atac");
+    }
+    let (_, atac) = mdata.modality("atac").unwrap();
+    let x = atac.x().unwrap().read_rows(&atac.store, 0..atac.n_obs()).unwrap();
+    assert!(x.data.iter().all(|&v| v == 1.0), "ATAC is binary");
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() { copy_dir(&entry.path(), &target) } else { std::fs::copy(entry.path(), &target).unwrap(); }
+    }
+}
+
+#[test]
+fn add_obsm_and_layer_publish_without_touching_anything_else() {
+    for version in [ZarrVersion::V2, ZarrVersion::V3] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.zarr");
+        let path = path.to_str().unwrap();
+        simulate(path, &SimConfig { n_cells: 300, n_genes: 50, ..small(version) }, |_| {}).unwrap();
+        let adata = AnnData::open(path).unwrap();
+        let before = adata.x().unwrap().read_rows(&adata.store, 0..300).unwrap();
+        let emb: Vec<f32> = (0..300 * 4).map(|i| i as f32 * 0.5).collect();
+        adata.write_obsm("X_tessera", &emb, 4, false).unwrap();
+        let again = AnnData::open(path).unwrap();
+        assert_eq!(again.obsm("X_tessera").unwrap(), (emb.clone(), 4));
+        assert_eq!(again.x().unwrap().read_rows(&again.store, 0..300).unwrap(), before);
+        // An existing key is refused without overwrite, and the old values survive.
+        let err = again.write_obsm("X_tessera", &vec![1.0; 1200], 4, false).unwrap_err();
+        assert!(matches!(err, DataError::Exists { .. }), "{err}");
+        assert!(err.to_string().contains("obsm/X_tessera") && err.to_string().contains("--overwrite"));
+        assert_eq!(again.obsm("X_tessera").unwrap().0, emb);
+        again.write_obsm("X_tessera", &vec![1.0; 1200], 4, true).unwrap();
+        assert_eq!(again.obsm("X_tessera").unwrap().0, vec![1.0; 1200]);
+        // Bad values are refused before anything is written.
+        let err = again.write_obsm("bad", &vec![f32::NAN; 1200], 4, false).unwrap_err().to_string();
+        assert!(err.contains("obsm/bad") && err.contains("NaN"), "{err}");
+        assert!(again.obsm("bad").is_err());
+        let err = again.write_obsm("short", &[1.0; 7], 4, false).unwrap_err().to_string();
+        assert!(err.contains("expected 300 x 4"), "{err}");
+        // A layer.
+        let doubled = Csr { data: before.data.iter().map(|v| v * 2.0).collect(), ..before.clone() };
+        again.write_layer("doubled", &doubled, false).unwrap();
+        let reread = AnnData::open(path).unwrap();
+        assert_eq!(reread.layer("doubled").unwrap().read_rows(&reread.store, 0..300).unwrap(), doubled);
+        // Consolidated metadata lists the new elements, and no staging node is left.
+        let store = Store::open(path).unwrap();
+        let consolidated = match version {
+            ZarrVersion::V3 => String::from_utf8(store.get_bytes("zarr.json").unwrap().unwrap()).unwrap(),
+            ZarrVersion::V2 => String::from_utf8(store.get_bytes(".zmetadata").unwrap().unwrap()).unwrap(),
+        };
+        assert!(consolidated.contains("obsm/X_tessera") && consolidated.contains("layers/doubled/indptr"));
+        assert!(!consolidated.contains("staging"));
+        assert!(!dir.path().join("s.zarr/obsm/.tessera-staging-X_tessera").exists());
+    }
+}
+
+#[test]
+fn add_obsm_to_a_python_written_store() {
+    let fixture = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/fixtures/ad013_v3.zarr");
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.zarr");
+    copy_dir(&fixture, &copy);
+    let adata = AnnData::open(copy.to_str().unwrap()).unwrap();
+    let emb: Vec<f32> = (0..500 * 3).map(|i| i as f32).collect();
+    adata.write_obsm("X_tessera", &emb, 3, false).unwrap();
+    let again = AnnData::open(copy.to_str().unwrap()).unwrap();
+    assert_eq!(again.obsm("X_tessera").unwrap().0, emb);
+    assert_eq!(again.obsm("X_pca").unwrap(), adata.obsm("X_pca").unwrap());
+    let mut keys = again.keys("obsm").unwrap();
+    keys.sort();
+    assert_eq!(keys, ["X_pca", "X_tessera"]);
+}
+
+#[test]
+fn memory_store_round_trip() {
+    let url = "memory://write-test/sim.zarr";
+    simulate(url, &SimConfig { n_cells: 200, n_genes: 30, ..small(ZarrVersion::V3) }, |_| {}).unwrap();
+    let adata = AnnData::open(url).unwrap();
+    assert_eq!(adata.n_obs(), 200);
+    assert!(adata.x().unwrap().read_rows(&adata.store, 0..200).unwrap().nnz() > 0);
+    // A second simulate into the same location refuses to overwrite.
+    let err = simulate(url, &SimConfig { n_cells: 200, n_genes: 30, ..small(ZarrVersion::V3) }, |_| {}).unwrap_err();
+    assert!(matches!(err, DataError::Exists { .. }), "{err}");
+    let _ = MuData::open(url).unwrap_err();
+}
