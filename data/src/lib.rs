@@ -6,7 +6,9 @@
 pub mod anndata;
 pub mod dataframe;
 pub mod error;
+pub mod loader;
 pub mod matrix;
+pub mod shard;
 pub mod simulate;
 pub mod store;
 pub mod write;
@@ -20,3 +22,5 @@ pub use store::{Location, Store, ZarrVersion};
 pub use zarr::Values;
 pub use write::{CsrWriter, StoreWriter};
 pub use simulate::{SimConfig, SimSummary, simulate};
+pub use loader::{Epoch, Loader, LoaderConfig, MiniBatch, ModalityBatch};
+pub use shard::ShardPlan;

@@ -1,0 +1,293 @@
+//! Mini-batches over a shard of cells, for training.
+//!
+//! Each epoch the shard is cut into blocks of `block_cells` contiguous cells; the block order is
+//! shuffled with (seed, epoch), `blocks_per_fetch` blocks are read together (contiguous reads:
+//! few chunks, large requests), their cells shuffled, and cut into batches. A background thread
+//! reads ahead into a bounded channel of `prefetch` batches, so memory stays at about
+//! `prefetch` batches plus one fetch whatever the dataset size.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, bounded};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_xoshiro::Xoshiro256PlusPlus;
+
+use crate::anndata::{AnnData, Dataset};
+use crate::error::{DataError, Result};
+use crate::matrix::{Csr, Matrix};
+
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    /// Contiguous cells per shuffle block.
+    pub block_cells: u64,
+    pub blocks_per_fetch: usize,
+    /// Batches buffered ahead of the consumer.
+    pub prefetch: usize,
+    pub shuffle: bool,
+    pub seed: u64,
+    /// obs column with the batch covariate; codes are -1 when absent.
+    pub batch_key: Option<String>,
+    /// obs column with cell labels (cell type), -1 for unlabelled cells.
+    pub label_key: Option<String>,
+    /// Which matrix of each modality: "X", "raw/X" or "layers/<name>".
+    pub matrix: String,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            batch_size: 128,
+            block_cells: 1024,
+            blocks_per_fetch: 8,
+            prefetch: 8,
+            shuffle: true,
+            seed: 0,
+            batch_key: None,
+            label_key: None,
+            matrix: "X".into(),
+        }
+    }
+}
+
+/// One modality's part of a mini-batch, rows aligned with `MiniBatch::cells`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModalityBatch {
+    pub name: String,
+    /// Counts; a cell without this modality has an empty row.
+    pub counts: Csr,
+    /// Per-cell total counts (library size), 0 where absent.
+    pub library: Vec<f32>,
+    /// Whether each cell was measured in this modality.
+    pub present: Vec<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct MiniBatch {
+    /// Global cell indices.
+    pub cells: Vec<u64>,
+    pub modalities: Vec<ModalityBatch>,
+    pub batch: Vec<i32>,
+    pub label: Vec<i32>,
+}
+
+/// A modality's matrix and, for MuData, the map from global cells to its rows.
+#[derive(Debug, Clone)]
+struct Source {
+    name: String,
+    adata: AnnData,
+    matrix: Matrix,
+    /// 1-based row per global cell, 0 = absent; None when every cell has a row (AnnData).
+    obsmap: Option<Vec<u32>>,
+}
+
+impl Source {
+    /// Reads global cells `range`, with presence.
+    fn read(&self, range: Range<u64>) -> Result<(Csr, Vec<bool>)> {
+        let Some(map) = &self.obsmap else {
+            let csr = self.matrix.read_rows(&self.adata.store, range.clone())?;
+            return Ok((csr, vec![true; (range.end - range.start) as usize]));
+        };
+        let rows: Vec<Option<u64>> = map[range.start as usize..range.end as usize].iter().map(|&m| (m > 0).then(|| u64::from(m) - 1)).collect();
+        let present: Vec<bool> = rows.iter().map(Option::is_some).collect();
+        let (lo, hi) = rows.iter().flatten().fold((u64::MAX, 0), |(lo, hi), &r| (lo.min(r), hi.max(r + 1)));
+        let n_cols = self.matrix.shape.1 as usize;
+        if lo >= hi {
+            return Ok((Csr { n_rows: rows.len(), n_cols, indptr: vec![0; rows.len() + 1], ..Default::default() }, present));
+        }
+        let span = self.matrix.read_rows(&self.adata.store, lo..hi)?;
+        let mut out = Csr { n_rows: rows.len(), n_cols, indptr: Vec::with_capacity(rows.len() + 1), ..Default::default() };
+        out.indptr.push(0);
+        for row in &rows {
+            if let Some(r) = row {
+                let (idx, val) = span.row((r - lo) as usize);
+                out.indices.extend_from_slice(idx);
+                out.data.extend_from_slice(val);
+            }
+            out.indptr.push(out.data.len() as u64);
+        }
+        Ok((out, present))
+    }
+}
+
+/// Streams mini-batches of one shard, epoch by epoch.
+#[derive(Debug, Clone)]
+pub struct Loader {
+    sources: Arc<Vec<Source>>,
+    batch: Arc<Vec<i32>>,
+    label: Arc<Vec<i32>>,
+    pub batch_categories: Vec<String>,
+    pub label_categories: Vec<String>,
+    shard: Range<u64>,
+    config: LoaderConfig,
+}
+
+impl Loader {
+    /// A loader over cells `shard` of `dataset` (all modalities of a MuData store).
+    pub fn new(dataset: &Dataset, shard: Range<u64>, config: LoaderConfig) -> Result<Loader> {
+        let store = dataset.store();
+        if shard.end > dataset.n_obs() || shard.start >= shard.end {
+            return Err(DataError::Invalid {
+                store: store.name(),
+                path: "obs".into(),
+                problem: format!("shard {}..{} is empty or outside the {} cells", shard.start, shard.end, dataset.n_obs()),
+            });
+        }
+        if config.batch_size == 0 || config.block_cells == 0 || config.blocks_per_fetch == 0 || config.prefetch == 0 {
+            return Err(DataError::Invalid { store: store.name(), path: "loader".into(), problem: "batch size, block size, blocks per fetch and prefetch must be positive".into() });
+        }
+        let sources: Vec<Source> = match dataset {
+            Dataset::AnnData(a) => vec![Source { name: "X".into(), adata: a.clone(), matrix: a.matrix(&config.matrix)?, obsmap: None }],
+            Dataset::MuData(m) => m
+                .modalities
+                .iter()
+                .zip(&m.obsmap)
+                .map(|((name, a), map)| Ok(Source { name: name.clone(), adata: a.clone(), matrix: a.matrix(&config.matrix)?, obsmap: Some(map.clone()) }))
+                .collect::<Result<_>>()?,
+        };
+        let codes = |key: &Option<String>| -> Result<(Vec<i32>, Vec<String>)> {
+            let Some(key) = key else { return Ok((vec![-1; dataset.n_obs() as usize], Vec::new())) };
+            let column = match dataset {
+                Dataset::AnnData(a) => a.obs_column(key)?,
+                Dataset::MuData(m) => crate::dataframe::read_column(&m.store, m.version, &format!("obs/{key}"))?,
+            };
+            column.codes().ok_or_else(|| DataError::DataType {
+                store: store.name(),
+                path: format!("obs/{key}"),
+                found: column.kind().into(),
+                expected: "a categorical, string or boolean column".into(),
+            })
+        };
+        let (batch, batch_categories) = codes(&config.batch_key)?;
+        let (label, label_categories) = codes(&config.label_key)?;
+        Ok(Loader { sources: Arc::new(sources), batch: Arc::new(batch), label: Arc::new(label), batch_categories, label_categories, shard, config })
+    }
+
+    pub fn n_cells(&self) -> u64 {
+        self.shard.end - self.shard.start
+    }
+
+    pub fn modality_names(&self) -> Vec<String> {
+        self.sources.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// The fetches of an epoch: groups of blocks, in shuffled order when shuffling.
+    fn fetches(&self, epoch: u64) -> Vec<Vec<Range<u64>>> {
+        let c = &self.config;
+        let mut blocks: Vec<Range<u64>> = (self.shard.start..self.shard.end)
+            .step_by(c.block_cells as usize)
+            .map(|s| s..(s + c.block_cells).min(self.shard.end))
+            .collect();
+        if c.shuffle {
+            blocks.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(mix(c.seed, epoch, u64::MAX)));
+        }
+        blocks.chunks(c.blocks_per_fetch).map(<[_]>::to_vec).collect()
+    }
+
+    /// Starts a background reader for `epoch` and returns its batches in order.
+    pub fn epoch(&self, epoch: u64) -> Epoch {
+        let (tx, rx) = bounded(self.config.prefetch);
+        let loader = self.clone();
+        let worker = std::thread::Builder::new()
+            .name("tessera-loader".into())
+            .spawn(move || {
+                for (i, fetch) in loader.fetches(epoch).into_iter().enumerate() {
+                    match loader.read_fetch(&fetch, mix(loader.config.seed, epoch, i as u64)) {
+                        Ok(batches) => {
+                            for b in batches {
+                                if tx.send(Ok(b)).is_err() {
+                                    return; // consumer dropped the epoch
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                }
+            })
+            .ok();
+        Epoch { rx, worker }
+    }
+
+    fn read_fetch(&self, blocks: &[Range<u64>], seed: u64) -> Result<Vec<MiniBatch>> {
+        // Read every block of every modality; blocks in parallel.
+        use rayon::prelude::*;
+        let parts: Vec<Vec<(Csr, Vec<bool>)>> = self
+            .sources
+            .iter()
+            .map(|s| blocks.par_iter().map(|b| s.read(b.clone())).collect::<Result<Vec<_>>>())
+            .collect::<Result<_>>()?;
+        // Positions (block, row) of the fetched cells, shuffled together.
+        let mut order: Vec<(usize, usize)> = blocks.iter().enumerate().flat_map(|(bi, b)| (0..(b.end - b.start) as usize).map(move |r| (bi, r))).collect();
+        if self.config.shuffle {
+            order.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(seed));
+        }
+        Ok(order
+            .chunks(self.config.batch_size)
+            .map(|chunk| {
+                let cells: Vec<u64> = chunk.iter().map(|&(b, r)| blocks[b].start + r as u64).collect();
+                let modalities = self
+                    .sources
+                    .iter()
+                    .zip(&parts)
+                    .map(|(source, blocks_read)| {
+                        let mut counts = Csr { n_rows: chunk.len(), n_cols: source.matrix.shape.1 as usize, indptr: vec![0], ..Default::default() };
+                        let mut present = Vec::with_capacity(chunk.len());
+                        for &(b, r) in chunk {
+                            let (csr, here) = &blocks_read[b];
+                            let (idx, val) = csr.row(r);
+                            counts.indices.extend_from_slice(idx);
+                            counts.data.extend_from_slice(val);
+                            counts.indptr.push(counts.data.len() as u64);
+                            present.push(here[r]);
+                        }
+                        ModalityBatch { name: source.name.clone(), library: counts.row_sums(), counts, present }
+                    })
+                    .collect();
+                MiniBatch {
+                    batch: cells.iter().map(|&c| self.batch[c as usize]).collect(),
+                    label: cells.iter().map(|&c| self.label[c as usize]).collect(),
+                    cells,
+                    modalities,
+                }
+            })
+            .collect())
+    }
+}
+
+/// One epoch's batches, read ahead in the background.
+#[derive(Debug)]
+pub struct Epoch {
+    rx: Receiver<Result<MiniBatch>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Iterator for Epoch {
+    type Item = Result<MiniBatch>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.rx.recv().ok()
+    }
+}
+
+impl Drop for Epoch {
+    fn drop(&mut self) {
+        // Unblock a reader waiting on a full channel, then wait for it to notice.
+        while self.rx.try_recv().is_ok() {}
+        let (_, dead) = bounded::<Result<MiniBatch>>(0);
+        self.rx = dead;
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+fn mix(seed: u64, epoch: u64, i: u64) -> u64 {
+    let mut x = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    x ^= x >> 31;
+    x.wrapping_mul(0xBF58_476D_1CE4_E5B9)
+}

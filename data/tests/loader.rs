@@ -1,0 +1,135 @@
+//! The loader yields every cell of its shard exactly once per epoch, reproducibly, with
+//! counts, library sizes, covariate codes and presence masks that match the store.
+
+use std::collections::HashSet;
+
+use tessera_data::{AnnData, Dataset, Loader, LoaderConfig, ShardPlan, SimConfig, ZarrVersion, simulate};
+
+fn store(dir: &tempfile::TempDir, name: &str, config: SimConfig) -> String {
+    let path = dir.path().join(name).to_str().unwrap().to_string();
+    simulate(&path, &config, |_| {}).unwrap();
+    path
+}
+
+fn config() -> SimConfig {
+    SimConfig { n_cells: 3000, n_genes: 100, n_types: 3, n_batches: 2, library: 500.0, seed: 3, version: ZarrVersion::V3, ..Default::default() }
+}
+
+#[test]
+fn every_cell_once_per_epoch_and_reproducible() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = store(&dir, "a.zarr", config());
+    let dataset = Dataset::open(&path).unwrap();
+    let cfg = LoaderConfig { batch_size: 100, block_cells: 64, blocks_per_fetch: 3, prefetch: 2, seed: 11, batch_key: Some("batch".into()), label_key: Some("cell_type".into()), ..Default::default() };
+    let loader = Loader::new(&dataset, 500..2700, cfg.clone()).unwrap();
+    let adata = AnnData::open(&path).unwrap();
+    let x = adata.x().unwrap().read_rows(&adata.store, 0..3000).unwrap();
+    let obs = adata.obs().unwrap();
+    let (batch_codes, _) = obs.column("batch").unwrap().codes().unwrap();
+    let mut orders = Vec::new();
+    for epoch in 0..2 {
+        let mut seen = Vec::new();
+        for b in loader.epoch(epoch) {
+            let b = b.unwrap();
+            assert!(b.cells.len() <= 100);
+            let m = &b.modalities[0];
+            for (i, &c) in b.cells.iter().enumerate() {
+                assert_eq!(m.counts.row(i), x.row(c as usize), "counts of cell {c}");
+                assert_eq!(m.library[i], x.row(c as usize).1.iter().sum::<f32>());
+                assert_eq!(b.batch[i], batch_codes[c as usize]);
+                assert!(m.present[i]);
+                assert!(b.label[i] >= 0);
+            }
+            seen.extend(b.cells);
+        }
+        let unique: HashSet<u64> = seen.iter().copied().collect();
+        assert_eq!(seen.len(), 2200, "each cell once");
+        assert_eq!(unique, (500..2700).collect());
+        orders.push(seen);
+    }
+    assert_ne!(orders[0], orders[1], "epochs are shuffled differently");
+    let again: Vec<u64> = Loader::new(&dataset, 500..2700, cfg).unwrap().epoch(0).flat_map(|b| b.unwrap().cells).collect();
+    assert_eq!(again, orders[0], "same seed, same order");
+}
+
+#[test]
+fn unshuffled_epoch_is_in_order_and_early_drop_stops_the_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = store(&dir, "b.zarr", config());
+    let dataset = Dataset::open(&path).unwrap();
+    let loader = Loader::new(&dataset, 0..3000, LoaderConfig { shuffle: false, batch_size: 256, prefetch: 1, ..Default::default() }).unwrap();
+    let cells: Vec<u64> = loader.epoch(0).flat_map(|b| b.unwrap().cells).collect();
+    assert_eq!(cells, (0..3000).collect::<Vec<_>>());
+    let mut epoch = loader.epoch(1);
+    assert!(epoch.next().is_some());
+    drop(epoch); // must return: the background reader is unblocked and joined
+}
+
+#[test]
+fn mudata_batches_carry_presence_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = store(&dir, "m.zarr", SimConfig { n_proteins: 10, missing: 0.4, ..config() });
+    let Dataset::MuData(mdata) = Dataset::open(&path).unwrap() else { panic!() };
+    let (p, prot) = mdata.modality("prot").unwrap();
+    let present = mdata.presence(p);
+    let prot_x = prot.x().unwrap().read_rows(&prot.store, 0..prot.n_obs()).unwrap();
+    let loader = Loader::new(&Dataset::MuData(mdata.clone()), 0..3000, LoaderConfig { batch_key: Some("batch".into()), ..Default::default() }).unwrap();
+    assert_eq!(loader.modality_names(), ["rna", "prot"]);
+    let mut n = 0;
+    for b in loader.epoch(0) {
+        let b = b.unwrap();
+        let m = &b.modalities[1];
+        for (i, &c) in b.cells.iter().enumerate() {
+            assert_eq!(m.present[i], present[c as usize]);
+            if m.present[i] {
+                let row = mdata.obsmap[p][c as usize] as usize - 1;
+                assert_eq!(m.counts.row(i), prot_x.row(row));
+            } else {
+                assert_eq!(m.counts.row(i).0.len(), 0);
+                assert_eq!(m.library[i], 0.0);
+            }
+            n += 1;
+        }
+    }
+    assert_eq!(n, 3000);
+}
+
+#[test]
+fn bad_loader_inputs_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = store(&dir, "c.zarr", SimConfig { n_cells: 200, ..config() });
+    let dataset = Dataset::open(&path).unwrap();
+    let err = Loader::new(&dataset, 100..300, LoaderConfig::default()).unwrap_err().to_string();
+    assert!(err.contains("outside the 200 cells"), "{err}");
+    let err = Loader::new(&dataset, 0..200, LoaderConfig { batch_key: Some("nope".into()), ..Default::default() }).unwrap_err().to_string();
+    assert!(err.contains("obs/nope") && err.contains("missing"), "{err}");
+    let err = Loader::new(&dataset, 0..200, LoaderConfig { label_key: Some("n_counts".into()), ..Default::default() }).unwrap_err().to_string();
+    assert!(err.contains("obs/n_counts") && err.contains("categorical"), "{err}");
+    let err = Loader::new(&dataset, 0..200, LoaderConfig { matrix: "layers/none".into(), ..Default::default() }).unwrap_err().to_string();
+    assert!(err.contains("layers/none"), "{err}");
+}
+
+#[test]
+fn shard_plan_over_a_stored_matrix_is_chunk_aligned() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = store(&dir, "d.zarr", SimConfig { n_cells: 4000, n_genes: 400, library: 2000.0, ..config() });
+    let adata = AnnData::open(&path).unwrap();
+    let x = adata.x().unwrap();
+    let plan = ShardPlan::for_matrix(&adata.store, &x, 4).unwrap();
+    assert_eq!(plan.shards.len(), 4);
+    assert_eq!(plan.shards[0].start, 0);
+    assert_eq!(plan.shards[3].end, 4000);
+    let total: u64 = plan.nnz.iter().sum();
+    assert_eq!(total, x.nnz);
+    let chunk = x.inner_chunk_shape.clone().unwrap()[0];
+    let row_nnz = x.row_nnz(&adata.store).unwrap();
+    for shard in &plan.shards[1..] {
+        // The cut row is the first whose values start in a new chunk.
+        let start: u64 = row_nnz[..shard.start as usize].iter().sum();
+        let prev_start = start - row_nnz[shard.start as usize - 1];
+        assert!(start / chunk > prev_start / chunk || start % chunk == 0, "cut at {} is not chunk-aligned", shard.start);
+    }
+    for &k in &plan.nnz {
+        assert!((k as f64 - total as f64 / 4.0).abs() <= chunk as f64, "{:?}", plan.nnz);
+    }
+}
