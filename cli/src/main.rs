@@ -1,1 +1,158 @@
-fn main(){}
+//! `tessera`: the one command-line entry point.
+
+mod bench;
+mod inspect;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use tessera_data::{SimConfig, ZarrVersion};
+
+#[derive(Parser, Debug)]
+#[command(name = "tessera", version, about = "Single-cell multi-omics integration at atlas scale")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Summarise an AnnData/MuData Zarr store: cells, modalities, matrices, chunks, obs columns.
+    Inspect {
+        /// Store path or URL (file://, s3://, gs://, az://, memory://).
+        store: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a simulated single-cell multi-omics store with ground truth.
+    Simulate(SimulateArgs),
+    /// Simulate the default demo data (if absent) and inspect it.
+    Demo {
+        #[arg(default_value = "tessera-demo.zarr")]
+        store: String,
+    },
+    /// Benchmarks of hot paths.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct SimulateArgs {
+    /// Where to write (must not hold a store yet).
+    out: String,
+    #[arg(long, default_value_t = 10_000)]
+    cells: u64,
+    #[arg(long, default_value_t = 2_000)]
+    genes: usize,
+    /// ADT-like protein features (0 = no protein modality).
+    #[arg(long, default_value_t = 0)]
+    proteins: usize,
+    /// ATAC-like binary peaks (0 = no ATAC modality).
+    #[arg(long, default_value_t = 0)]
+    peaks: usize,
+    #[arg(long, default_value_t = 8)]
+    types: usize,
+    #[arg(long, default_value_t = 3)]
+    batches: usize,
+    #[arg(long, default_value_t = 10)]
+    latent_dim: usize,
+    /// Median RNA library size (UMIs per cell).
+    #[arg(long, default_value_t = 1_500.0)]
+    library: f64,
+    /// Fraction of cells missing each non-RNA modality.
+    #[arg(long, default_value_t = 0.0)]
+    missing: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value_t = Format::V3)]
+    zarr_format: Format,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum Format {
+    #[value(name = "2")]
+    V2,
+    #[value(name = "3")]
+    V3,
+}
+
+impl From<Format> for ZarrVersion {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::V2 => ZarrVersion::V2,
+            Format::V3 => ZarrVersion::V3,
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TESSERA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("TESSERA_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub(crate) fn progress(total: u64, unit: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    let template = format!("{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})");
+    bar.set_style(ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar
+}
+
+fn simulate(args: &SimulateArgs) -> Result<()> {
+    let config = SimConfig {
+        n_cells: args.cells,
+        n_genes: args.genes,
+        n_proteins: args.proteins,
+        n_peaks: args.peaks,
+        n_types: args.types,
+        n_batches: args.batches,
+        latent_dim: args.latent_dim,
+        library: args.library,
+        missing: args.missing,
+        seed: args.seed,
+        version: args.zarr_format.into(),
+    };
+    let bar = progress(config.n_cells, "cells");
+    let start = std::time::Instant::now();
+    let summary = tessera_data::simulate(&args.out, &config, |n| bar.set_position(n)).with_context(|| format!("simulating into {}", args.out))?;
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    tracing::info!(cells = summary.n_cells, seconds, cells_per_s = summary.n_cells as f64 / seconds, "simulated");
+    let kind = if summary.mudata { "MuData" } else { "AnnData" };
+    println!("wrote {kind} store {} ({} cells, {:.1} s)", args.out, summary.n_cells, seconds);
+    for (name, cells, features) in &summary.modalities {
+        println!("  {name}: {cells} cells x {features} features");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    init_logging();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Inspect { store, json } => inspect::run(&store, json),
+        Command::Simulate(args) => simulate(&args),
+        Command::Demo { store } => {
+            if !PathBuf::from(&store).exists() {
+                // The demo data: CITE-seq-like (RNA + protein), 3 batches, 20% of cells without
+                // protein; every other setting is simulate's default.
+                let demo = Cli::try_parse_from(["tessera", "simulate", &store, "--proteins", "30", "--missing", "0.2"])?;
+                if let Command::Simulate(args) = demo.command {
+                    simulate(&args)?;
+                }
+            }
+            inspect::run(&store, false)
+        }
+        Command::Bench { what } => bench::run(what),
+    }
+}

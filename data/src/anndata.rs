@@ -127,26 +127,37 @@ impl AnnData {
         self.store.children(&path)
     }
 
+    /// Shape of a dense `obsm` entry; None for other encodings (dataframes, sparse).
+    pub fn obsm_shape(&self, key: &str) -> Result<Option<(u64, usize)>> {
+        let path = self.element(&format!("obsm/{key}"));
+        let at = self.store.at(&path);
+        match self.store.node(self.version, &path)? {
+            None => Err(at.missing("obsm entry")),
+            Some((NodeKind::Array, attrs)) if matches!(encoding_type(&attrs), Some("array") | None) => {
+                match self.store.array(&path)?.shape() {
+                    &[r, c] => Ok(Some((r, c as usize))),
+                    &[r] => Ok(Some((r, 1))),
+                    other => Err(at.invalid(format!("shape {other:?}, expected (n_obs, k)"))),
+                }
+            }
+            Some(_) => Ok(None),
+        }
+    }
+
     /// A dense `obsm` entry as row-major f32 with its column count.
     pub fn obsm(&self, key: &str) -> Result<(Vec<f32>, usize)> {
         let path = self.element(&format!("obsm/{key}"));
         let at = self.store.at(&path);
-        match self.store.node(self.version, &path)? {
-            None => return Err(at.missing("obsm entry")),
-            Some((NodeKind::Array, attrs)) if matches!(encoding_type(&attrs), Some("array") | None) => {}
-            Some((_, attrs)) => return Err(at.encoding(encoding_type(&attrs).unwrap_or("<none>"), "'array' (dense)")),
-        }
-        let array = self.store.array(&path)?;
-        let (rows, cols) = match array.shape() {
-            &[r, c] => (r, c),
-            &[r] => (r, 1),
-            other => return Err(at.invalid(format!("shape {other:?}, expected (n_obs, k)"))),
+        let Some((rows, cols)) = self.obsm_shape(key)? else {
+            let (_, attrs) = self.store.node(self.version, &path)?.unwrap_or((NodeKind::Group, Default::default()));
+            return Err(at.encoding(encoding_type(&attrs).unwrap_or("<none>"), "'array' (dense)"));
         };
         if rows != self.n_obs() {
             return Err(at.invalid(format!("has {rows} rows, expected n_obs = {}", self.n_obs())));
         }
+        let array = self.store.array(&path)?;
         let values = read_rows(&self.store, &path, &array, 0..rows)?.into_f32().map_err(|t| at.dtype(t, "numeric"))?;
-        Ok((values, cols as usize))
+        Ok((values, cols))
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod anndata;
 pub mod dataframe;
 pub mod error;
+pub mod inspect;
 pub mod loader;
 pub mod matrix;
 pub mod shard;
@@ -24,3 +25,4 @@ pub use write::{CsrWriter, StoreWriter};
 pub use simulate::{SimConfig, SimSummary, simulate};
 pub use loader::{Epoch, Loader, LoaderConfig, MiniBatch, ModalityBatch};
 pub use shard::ShardPlan;
+pub use inspect::{StoreSummary, inspect};

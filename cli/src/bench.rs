@@ -1,0 +1,127 @@
+//! `tessera bench load`: streaming throughput of the data layer, side by side with Python
+//! anndata reading the same rows of the same stores.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use tessera_data::{Dataset, Loader, LoaderConfig, SimConfig, ZarrVersion};
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Stream all of X in mini-batches from local Zarr v2 and v3 stores (generated once).
+    Load {
+        #[arg(long, default_value_t = 100_000)]
+        cells: u64,
+        #[arg(long, default_value_t = 2_000)]
+        genes: usize,
+        /// Median UMIs per cell of the generated data (sets nnz per cell).
+        #[arg(long, default_value_t = 1_500.0)]
+        library: f64,
+        #[arg(long, default_value_t = 1_024)]
+        batch_size: usize,
+        /// Where the generated stores are kept between runs.
+        #[arg(long, default_value = "target/bench-data")]
+        dir: PathBuf,
+        /// Python interpreter with anndata installed, to time anndata on the same stores.
+        #[arg(long)]
+        python: Option<PathBuf>,
+    },
+}
+
+pub fn run(command: BenchCommand) -> Result<()> {
+    match command {
+        BenchCommand::Load { cells, genes, library, batch_size, dir, python } => load(cells, genes, library, batch_size, &dir, python.as_deref()),
+    }
+}
+
+struct Row {
+    format: u8,
+    reader: String,
+    cells_per_s: f64,
+    decoded_mb_s: f64,
+    stored_mb_s: f64,
+}
+
+fn dir_bytes(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+                    _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn load(cells: u64, genes: usize, library: f64, batch_size: usize, dir: &Path, python: Option<&Path>) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut rows = Vec::new();
+    let mut nnz_per_cell = 0.0;
+    for version in [ZarrVersion::V2, ZarrVersion::V3] {
+        let path = dir.join(format!("load_{cells}x{genes}_lib{library}_v{}.zarr", version.number()));
+        let location = path.to_string_lossy().to_string();
+        if !path.join("X").exists() {
+            if path.exists() {
+                bail!("{} exists but holds no X; remove it", path.display());
+            }
+            eprintln!("generating {location} ...");
+            let config = SimConfig { n_cells: cells, n_genes: genes, library, version, seed: 42, ..Default::default() };
+            tessera_data::simulate(&location, &config, |_| {})?;
+        }
+        let stored = dir_bytes(&path.join("X")) as f64;
+        let dataset = Dataset::open(&location)?;
+        let Dataset::AnnData(adata) = &dataset else { bail!("{location} is not an AnnData store") };
+        let x = adata.x()?;
+        nnz_per_cell = x.nnz as f64 / cells as f64;
+        let decoded = (x.nnz * 8 + cells * 8) as f64; // data f32 + indices u32, indptr u64
+        for shuffle in [false, true] {
+            let loader = Loader::new(&dataset, 0..cells, LoaderConfig { batch_size, shuffle, ..Default::default() })?;
+            let start = Instant::now();
+            let mut seen = 0u64;
+            for batch in loader.epoch(0) {
+                seen += batch?.cells.len() as u64;
+            }
+            let seconds = start.elapsed().as_secs_f64();
+            if seen != cells {
+                bail!("loader yielded {seen} cells, expected {cells}");
+            }
+            rows.push(Row {
+                format: version.number(),
+                reader: format!("tessera loader ({})", if shuffle { "block-shuffled" } else { "sequential" }),
+                cells_per_s: cells as f64 / seconds,
+                decoded_mb_s: decoded / seconds / 1e6,
+                stored_mb_s: stored / seconds / 1e6,
+            });
+        }
+        if let Some(python) = python {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python/bench_load.py");
+            let output = Command::new(python).arg(script).arg(&location).arg(batch_size.to_string()).output().with_context(|| format!("running {}", python.display()))?;
+            if !output.status.success() {
+                bail!("python benchmark failed: {}", String::from_utf8_lossy(&output.stderr));
+            }
+            let results: serde_json::Value = serde_json::from_slice(&output.stdout).context("python benchmark output")?;
+            for (reader, seconds) in results.as_object().into_iter().flatten() {
+                let seconds = seconds.as_f64().unwrap_or(f64::NAN);
+                rows.push(Row {
+                    format: version.number(),
+                    reader: reader.clone(),
+                    cells_per_s: cells as f64 / seconds,
+                    decoded_mb_s: decoded / seconds / 1e6,
+                    stored_mb_s: stored / seconds / 1e6,
+                });
+            }
+        }
+    }
+    println!("streaming X: {cells} cells x {genes} genes, {nnz_per_cell:.0} nnz/cell, batch {batch_size}, {} threads", rayon::current_num_threads());
+    println!("{:<6} {:<42} {:>12} {:>14} {:>13}", "zarr", "reader", "cells/s", "decoded MB/s", "stored MB/s");
+    for r in &rows {
+        println!("v{:<5} {:<42} {:>12.0} {:>14.1} {:>13.1}", r.format, r.reader, r.cells_per_s, r.decoded_mb_s, r.stored_mb_s);
+    }
+    Ok(())
+}

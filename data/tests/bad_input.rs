@@ -1,0 +1,184 @@
+//! Every kind of broken store gets an error that names the store, the element and what was
+//! expected; nothing panics. Stores are simulated (Zarr v2: plain JSON metadata and one file
+//! per chunk), then broken on purpose.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+use tessera_data::{AnnData, Dataset, MuData, SimConfig, ZarrVersion, simulate};
+
+const CELLS: u64 = 50;
+const GENES: usize = 20;
+
+fn fresh() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.zarr");
+    let config = SimConfig { n_cells: CELLS, n_genes: GENES, n_types: 2, n_batches: 2, library: 200.0, version: ZarrVersion::V2, ..Default::default() };
+    simulate(path.to_str().unwrap(), &config, |_| {}).unwrap();
+    (dir, path)
+}
+
+/// Replaces an array by an uncompressed single-chunk v2 array holding `bytes`.
+fn raw_array(store: &Path, element: &str, dtype: &str, len: usize, bytes: Vec<u8>) {
+    let dir = store.join(element);
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    let meta = json!({"zarr_format": 2, "shape": [len], "chunks": [len.max(1)], "dtype": dtype, "compressor": null, "fill_value": 0, "order": "C", "filters": null});
+    std::fs::write(dir.join(".zarray"), meta.to_string()).unwrap();
+    std::fs::write(dir.join(".zattrs"), json!({"encoding-type": "array", "encoding-version": "0.2.0"}).to_string()).unwrap();
+    std::fs::write(dir.join("0"), bytes).unwrap();
+}
+
+fn i64_bytes(v: &[i64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn read_indptr(store: &Path) -> Vec<i64> {
+    let a = AnnData::open(store.to_str().unwrap()).unwrap();
+    let x = a.x().unwrap();
+    let all = x.read_rows(&a.store, 0..CELLS).unwrap();
+    all.indptr.iter().map(|&p| p as i64).collect()
+}
+
+fn open_err(store: &Path) -> String {
+    AnnData::open(store.to_str().unwrap()).unwrap_err().to_string()
+}
+
+fn read_err(store: &Path) -> String {
+    let a = AnnData::open(store.to_str().unwrap()).unwrap();
+    let x = a.x().unwrap();
+    x.read_rows(&a.store, 0..CELLS).unwrap_err().to_string()
+}
+
+fn assert_names(err: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(err.contains(p), "error {err:?} should mention {p:?}");
+    }
+}
+
+#[test]
+fn missing_group() {
+    let (_d, s) = fresh();
+    std::fs::remove_dir_all(s.join("obs")).unwrap();
+    assert_names(&open_err(&s), &["s.zarr", "obs", "missing dataframe group"]);
+}
+
+#[test]
+fn missing_array() {
+    let (_d, s) = fresh();
+    std::fs::remove_dir_all(s.join("X/indices")).unwrap();
+    assert_names(&open_err(&s), &["X/indices", "missing array"]);
+}
+
+#[test]
+fn unknown_encoding_type() {
+    let (_d, s) = fresh();
+    std::fs::write(s.join("X/.zattrs"), json!({"encoding-type": "fancy_matrix", "shape": [CELLS, GENES]}).to_string()).unwrap();
+    assert_names(&open_err(&s), &["X", "unknown encoding-type 'fancy_matrix'", "csr_matrix"]);
+    let (_d, s) = fresh();
+    std::fs::write(s.join(".zattrs"), json!({"encoding-type": "spatialdata"}).to_string()).unwrap();
+    assert_names(&Dataset::open(s.to_str().unwrap()).unwrap_err().to_string(), &["spatialdata", "'anndata' or 'MuData'"]);
+    assert_names(&MuData::open(s.to_str().unwrap()).unwrap_err().to_string(), &["spatialdata", "'MuData'"]);
+}
+
+#[test]
+fn wrong_dtype() {
+    let (_d, s) = fresh();
+    let n = AnnData::open(s.to_str().unwrap()).unwrap().x().unwrap().nnz as usize;
+    raw_array(&s, "X/indices", "<f4", n, vec![0u8; n * 4]);
+    assert_names(&open_err(&s), &["X/indices", "float32", "integer"]);
+    let (_d, s) = fresh();
+    raw_array(&s, "X/indptr", "<f8", CELLS as usize + 1, vec![0u8; (CELLS as usize + 1) * 8]);
+    assert_names(&open_err(&s), &["X/indptr", "float64", "integer"]);
+}
+
+#[test]
+fn indptr_not_monotone() {
+    let (_d, s) = fresh();
+    let mut indptr = read_indptr(&s);
+    indptr.swap(10, 11);
+    raw_array(&s, "X/indptr", "<i8", indptr.len(), i64_bytes(&indptr));
+    assert_names(&open_err(&s), &["X/indptr", "not monotone", "entry 11"]);
+}
+
+#[test]
+fn indptr_not_ending_at_nnz() {
+    let (_d, s) = fresh();
+    let mut indptr = read_indptr(&s);
+    let nnz = *indptr.last().unwrap();
+    *indptr.last_mut().unwrap() = nnz - 1;
+    raw_array(&s, "X/indptr", "<i8", indptr.len(), i64_bytes(&indptr));
+    assert_names(&open_err(&s), &["X/indptr", &format!("ends at {}", nnz - 1), &format!("nnz = {nnz}")]);
+    let (_d, s) = fresh();
+    let short = &read_indptr(&s)[..30];
+    raw_array(&s, "X/indptr", "<i8", short.len(), i64_bytes(short));
+    assert_names(&open_err(&s), &["X/indptr", "30 entries", "expected 51"]);
+}
+
+#[test]
+fn indices_out_of_range() {
+    let (_d, s) = fresh();
+    let n = AnnData::open(s.to_str().unwrap()).unwrap().x().unwrap().nnz as usize;
+    let mut idx = vec![0i32; n];
+    idx[n / 2] = GENES as i32 + 5;
+    raw_array(&s, "X/indices", "<i4", n, idx.iter().flat_map(|x| x.to_le_bytes()).collect());
+    assert_names(&read_err(&s), &["X/indices", &format!("index {} out of range", GENES + 5), &format!("< {GENES}")]);
+}
+
+#[test]
+fn shape_mismatch_between_x_and_obs_var() {
+    let (_d, s) = fresh();
+    std::fs::write(s.join("X/.zattrs"), json!({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [CELLS, GENES + 3]}).to_string()).unwrap();
+    assert_names(&open_err(&s), &["X", &format!("shape ({CELLS}, {})", GENES + 3), &format!("({CELLS}, {GENES})")]);
+    let (_d, s) = fresh();
+    std::fs::write(s.join("X/.zattrs"), json!({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": "wide"}).to_string()).unwrap();
+    assert_names(&open_err(&s), &["X", "attribute 'shape'"]);
+}
+
+#[test]
+fn truncated_chunk() {
+    let (_d, s) = fresh();
+    let chunk = s.join("X/data/0");
+    let bytes = std::fs::read(&chunk).unwrap();
+    std::fs::write(&chunk, &bytes[..bytes.len() / 2]).unwrap();
+    assert_names(&read_err(&s), &["X/data", "truncated or corrupt chunk"]);
+}
+
+#[test]
+fn corrupt_chunk() {
+    let (_d, s) = fresh();
+    let chunk = s.join("X/indices/0");
+    let len = std::fs::read(&chunk).unwrap().len();
+    std::fs::write(&chunk, vec![0xAB; len]).unwrap();
+    assert_names(&read_err(&s), &["X/indices", "truncated or corrupt chunk"]);
+}
+
+#[test]
+fn malformed_metadata_json() {
+    let (_d, s) = fresh();
+    std::fs::write(s.join("obs/.zattrs"), "{not json").unwrap();
+    assert_names(&open_err(&s), &["obs/.zattrs", "malformed JSON"]);
+}
+
+#[test]
+fn bad_categorical_codes() {
+    let (_d, s) = fresh();
+    raw_array(&s, "obs/batch/codes", "<i4", CELLS as usize, (0..CELLS as i32).flat_map(|x| x.to_le_bytes()).collect());
+    let a = AnnData::open(s.to_str().unwrap()).unwrap();
+    assert_names(&a.obs().unwrap_err().to_string(), &["obs/batch/codes", "out of range for 2 categories"]);
+}
+
+#[test]
+fn column_length_mismatch() {
+    let (_d, s) = fresh();
+    raw_array(&s, "obs/n_counts", "<f8", 7, vec![0u8; 56]);
+    let a = AnnData::open(s.to_str().unwrap()).unwrap();
+    assert_names(&a.obs().unwrap_err().to_string(), &["obs/n_counts", "7 values", &format!("index has {CELLS}")]);
+}
+
+#[test]
+fn not_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_names(&AnnData::open(dir.path().to_str().unwrap()).unwrap_err().to_string(), &["no Zarr root"]);
+    assert_names(&AnnData::open("gopher://x/y.zarr").unwrap_err().to_string(), &["gopher", "not supported"]);
+}
