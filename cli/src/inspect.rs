@@ -43,6 +43,9 @@ pub fn table(s: &StoreSummary) -> String {
             out += &format!("  obsm/{}: {} columns\n", o.key, o.columns);
         }
     }
+    if !s.global_obsm.is_empty() {
+        out += &format!("\nglobal obsm: {}\n", s.global_obsm.join(", "));
+    }
     out += "\nobs columns:\n";
     for c in &s.obs {
         out += &format!("  {:<16} {:<12} missing {:>6}", c.name, c.kind, c.missing);

@@ -15,6 +15,8 @@ pub struct StoreSummary {
     pub zarr_format: u8,
     pub n_obs: u64,
     pub modalities: Vec<ModalitySummary>,
+    /// MuData's global `obsm` keys (an AnnData's are in its modality).
+    pub global_obsm: Vec<String>,
     pub obs: Vec<ColumnSummary>,
 }
 
@@ -98,13 +100,14 @@ fn columns(df: &DataFrame) -> Vec<ColumnSummary> {
 /// Summarises the store at `location`.
 pub fn inspect(location: &str) -> Result<StoreSummary> {
     let dataset = Dataset::open(location)?;
-    let (kind, version, modalities, obs) = match &dataset {
-        Dataset::AnnData(a) => ("AnnData", a.version, vec![modality_summary("X", a)?], columns(&a.obs()?)),
+    let (kind, version, modalities, global_obsm, obs) = match &dataset {
+        Dataset::AnnData(a) => ("AnnData", a.version, vec![modality_summary("X", a)?], Vec::new(), columns(&a.obs()?)),
         Dataset::MuData(m) => {
             let modalities = m.modalities.iter().map(|(n, a)| modality_summary(n, a)).collect::<Result<_>>()?;
             let obs = crate::dataframe::read_dataframe(&m.store, m.version, "obs")?;
-            ("MuData", m.version, modalities, columns(&obs))
+            let obsm = if m.store.node(m.version, "obsm")?.is_some() { m.store.children("obsm")? } else { Vec::new() };
+            ("MuData", m.version, modalities, obsm, columns(&obs))
         }
     };
-    Ok(StoreSummary { location: location.into(), kind, zarr_format: version.number(), n_obs: dataset.n_obs(), modalities, obs })
+    Ok(StoreSummary { location: location.into(), kind, zarr_format: version.number(), n_obs: dataset.n_obs(), modalities, global_obsm, obs })
 }
