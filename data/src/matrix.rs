@@ -218,21 +218,20 @@ impl Matrix {
                 let start = self.indptr[rows.start as usize];
                 let end = self.indptr[rows.end as usize];
                 let span = start as u64..end as u64;
-                let (data, indices) = self.read_entries(store, span)?;
+                let (data, indices) = self.read_entries(store, span, self.shape.1)?;
                 let indptr = self.indptr[rows.start as usize..=rows.end as usize].iter().map(|&p| (p - start) as u64).collect();
-                let csr = Csr { n_rows, n_cols, indptr, indices, data };
-                check_indices(&csr.indices, self.shape.1).map_err(|p| store.at(&format!("{}/indices", self.path)).invalid(p))?;
-                Ok(csr)
+                Ok(Csr { n_rows, n_cols, indptr, indices, data })
             }
             MatrixFormat::Csc => {
-                let (data, indices) = self.read_entries(store, 0..self.nnz)?;
-                check_indices(&indices, self.shape.0).map_err(|p| store.at(&format!("{}/indices", self.path)).invalid(p))?;
+                let (data, indices) = self.read_entries(store, 0..self.nnz, self.shape.0)?;
                 Ok(csc_rows_to_csr(&self.indptr, &indices, &data, rows, n_cols))
             }
         }
     }
 
-    fn read_entries(&self, store: &Store, span: Range<u64>) -> Result<(Vec<f32>, Vec<u32>)> {
+    /// Reads entries `span` of data and indices (concurrently), with every index checked
+    /// against `bound` (columns for CSR, rows for CSC).
+    fn read_entries(&self, store: &Store, span: Range<u64>, bound: u64) -> Result<(Vec<f32>, Vec<u32>)> {
         let data_path = format!("{}/data", self.path);
         let indices_path = format!("{}/indices", self.path);
         let Some(indices) = &self.indices else { return Ok((Vec::new(), Vec::new())) };
@@ -241,11 +240,7 @@ impl Matrix {
             || read_rows(store, &indices_path, indices, span.clone()),
         );
         let data = data?.into_f32().map_err(|t| store.at(&data_path).dtype(t, "numeric"))?;
-        let idx = idx?.into_i64().map_err(|t| store.at(&indices_path).dtype(t, "an integer type"))?;
-        let idx = idx
-            .into_iter()
-            .map(|i| u32::try_from(i).map_err(|_| store.at(&indices_path).invalid(format!("index {i} out of range"))))
-            .collect::<Result<Vec<u32>>>()?;
+        let idx = idx?.into_indices(bound).map_err(|problem| store.at(&indices_path).invalid(problem))?;
         Ok((data, idx))
     }
 }
@@ -283,13 +278,6 @@ pub(crate) fn validate_indptr(indptr: &[i64], major: u64, nnz: u64) -> std::resu
         return Err(format!("indptr ends at {last}, expected nnz = {nnz} (the length of data)"));
     }
     Ok(())
-}
-
-fn check_indices(indices: &[u32], bound: u64) -> std::result::Result<(), String> {
-    match indices.iter().find(|&&i| u64::from(i) >= bound) {
-        Some(i) => Err(format!("index {i} out of range, expected < {bound}")),
-        None => Ok(()),
-    }
 }
 
 /// Selects rows [a, b) of a CSC matrix into CSR (counting sort by row).

@@ -103,6 +103,44 @@ impl Values {
 
     /// Any numeric or boolean values as f32 (count matrices are stored as float32, float64 or
     /// integers; all are counts to us).
+    /// Integer values as u32 indices, each checked to be in `0..bound`, in one pass (the hot
+    /// path of sparse reads: no intermediate widening).
+    pub fn into_indices(self, bound: u64) -> std::result::Result<Vec<u32>, String> {
+        fn convert<T: Copy + TryInto<i64>>(v: Vec<T>, bound: u64) -> std::result::Result<Vec<u32>, String> {
+            let mut out = Vec::with_capacity(v.len());
+            let mut bad = None;
+            for x in v {
+                let i: i64 = x.try_into().unwrap_or(-1);
+                if i < 0 || i as u64 >= bound {
+                    bad.get_or_insert(i);
+                }
+                out.push(i as u32);
+            }
+            match bad {
+                None => Ok(out),
+                Some(i) => Err(format!("index {i} out of range, expected 0 <= index < {bound}")),
+            }
+        }
+        match self {
+            Values::I32(v) => {
+                // Common case: a branch-free check over the whole vector, then a cast in place.
+                if v.iter().any(|&i| i < 0 || i as u64 >= bound) {
+                    convert(v, bound)
+                } else {
+                    Ok(v.into_iter().map(|i| i as u32).collect())
+                }
+            }
+            Values::I64(v) => convert(v, bound),
+            Values::U32(v) => convert(v, bound),
+            Values::U64(v) => convert(v.into_iter().map(|x| i64::try_from(x).unwrap_or(-1)).collect(), bound),
+            Values::I16(v) => convert(v, bound),
+            Values::U16(v) => convert(v, bound),
+            Values::I8(v) => convert(v, bound),
+            Values::U8(v) => convert(v, bound),
+            other => Err(format!("data type {}, expected an integer type", other.type_name())),
+        }
+    }
+
     pub fn into_f32(self) -> std::result::Result<Vec<f32>, &'static str> {
         match self {
             Values::F32(v) => Ok(v),
