@@ -187,56 +187,79 @@ impl Loader {
         blocks.chunks(c.blocks_per_fetch).map(<[_]>::to_vec).collect()
     }
 
-    /// Starts a background reader for `epoch` and returns its batches in order.
+    /// Starts the background pipeline for `epoch` and returns its batches in order: a reader
+    /// thread decodes fetch k+1 (chunks in parallel) while an assembler thread shuffles fetch k
+    /// and cuts it into batches.
     pub fn epoch(&self, epoch: u64) -> Epoch {
+        let (fetch_tx, fetch_rx) = bounded::<Result<Fetch>>(1);
         let (tx, rx) = bounded(self.config.prefetch);
-        let loader = self.clone();
-        let worker = std::thread::Builder::new()
-            .name("tessera-loader".into())
-            .spawn(move || {
-                for (i, fetch) in loader.fetches(epoch).into_iter().enumerate() {
-                    match loader.read_fetch(&fetch, mix(loader.config.seed, epoch, i as u64)) {
-                        Ok(batches) => {
-                            for b in batches {
-                                if tx.send(Ok(b)).is_err() {
-                                    return; // consumer dropped the epoch
-                                }
-                            }
-                        }
+        let reader = {
+            let loader = self.clone();
+            std::thread::Builder::new().name("tessera-read".into()).spawn(move || {
+                for (i, blocks) in loader.fetches(epoch).into_iter().enumerate() {
+                    let fetched = loader.read_fetch(&blocks).map(|parts| Fetch { seed: mix(loader.config.seed, epoch, i as u64), blocks, parts });
+                    let failed = fetched.is_err();
+                    if fetch_tx.send(fetched).is_err() || failed {
+                        return;
+                    }
+                }
+            })
+        };
+        let assembler = {
+            let loader = self.clone();
+            std::thread::Builder::new().name("tessera-batch".into()).spawn(move || {
+                for fetched in fetch_rx {
+                    let batches = match fetched {
+                        Ok(fetch) => loader.assemble(&fetch),
                         Err(e) => {
                             let _ = tx.send(Err(e));
                             return;
                         }
+                    };
+                    for b in batches {
+                        if tx.send(Ok(b)).is_err() {
+                            return; // the consumer dropped the epoch
+                        }
                     }
                 }
             })
-            .ok();
-        Epoch { rx, worker }
+        };
+        match (reader, assembler) {
+            (Ok(r), Ok(a)) => Epoch { rx, workers: vec![r, a] },
+            (r, a) => {
+                let (tx, rx) = bounded(1);
+                let _ = tx.send(Err(DataError::Io { context: "loader".into(), reason: "cannot start loader threads".into() }));
+                Epoch { rx, workers: [r.ok(), a.ok()].into_iter().flatten().collect() }
+            }
+        }
     }
 
-    fn read_fetch(&self, blocks: &[Range<u64>], seed: u64) -> Result<Vec<MiniBatch>> {
-        // Read every block of every modality; blocks in parallel.
+    /// Reads every block of every modality; blocks in parallel.
+    fn read_fetch(&self, blocks: &[Range<u64>]) -> Result<Vec<Vec<(Csr, Vec<bool>)>>> {
         use rayon::prelude::*;
-        let parts: Vec<Vec<(Csr, Vec<bool>)>> = self
-            .sources
-            .iter()
-            .map(|s| blocks.par_iter().map(|b| s.read(b.clone())).collect::<Result<Vec<_>>>())
-            .collect::<Result<_>>()?;
-        // Positions (block, row) of the fetched cells, shuffled together.
+        self.sources.iter().map(|s| blocks.par_iter().map(|b| s.read(b.clone())).collect::<Result<Vec<_>>>()).collect()
+    }
+
+    /// Shuffles the cells of a fetch together and cuts them into batches (in parallel).
+    fn assemble(&self, fetch: &Fetch) -> Vec<MiniBatch> {
+        use rayon::prelude::*;
+        let blocks = &fetch.blocks;
         let mut order: Vec<(usize, usize)> = blocks.iter().enumerate().flat_map(|(bi, b)| (0..(b.end - b.start) as usize).map(move |r| (bi, r))).collect();
         if self.config.shuffle {
-            order.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(seed));
+            order.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(fetch.seed));
         }
-        Ok(order
-            .chunks(self.config.batch_size)
+        order
+            .par_chunks(self.config.batch_size)
             .map(|chunk| {
                 let cells: Vec<u64> = chunk.iter().map(|&(b, r)| blocks[b].start + r as u64).collect();
                 let modalities = self
                     .sources
                     .iter()
-                    .zip(&parts)
+                    .zip(&fetch.parts)
                     .map(|(source, blocks_read)| {
-                        let mut counts = Csr { n_rows: chunk.len(), n_cols: source.matrix.shape.1 as usize, indptr: vec![0], ..Default::default() };
+                        let nnz = chunk.iter().map(|&(b, r)| blocks_read[b].0.row(r).0.len()).sum();
+                        let mut counts = Csr { n_rows: chunk.len(), n_cols: source.matrix.shape.1 as usize, indptr: Vec::with_capacity(chunk.len() + 1), indices: Vec::with_capacity(nnz), data: Vec::with_capacity(nnz) };
+                        counts.indptr.push(0);
                         let mut present = Vec::with_capacity(chunk.len());
                         for &(b, r) in chunk {
                             let (csr, here) = &blocks_read[b];
@@ -256,15 +279,22 @@ impl Loader {
                     modalities,
                 }
             })
-            .collect())
+            .collect()
     }
+}
+
+/// Blocks read together, with their decoded rows per modality.
+struct Fetch {
+    seed: u64,
+    blocks: Vec<Range<u64>>,
+    parts: Vec<Vec<(Csr, Vec<bool>)>>,
 }
 
 /// One epoch's batches, read ahead in the background.
 #[derive(Debug)]
 pub struct Epoch {
     rx: Receiver<Result<MiniBatch>>,
-    worker: Option<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
 }
 
 impl Iterator for Epoch {
@@ -276,11 +306,11 @@ impl Iterator for Epoch {
 
 impl Drop for Epoch {
     fn drop(&mut self) {
-        // Unblock a reader waiting on a full channel, then wait for it to notice.
-        while self.rx.try_recv().is_ok() {}
+        // Dropping our receiver makes the assembler's next send fail; it exits and drops the
+        // fetch channel, which stops the reader. Each finishes at most the fetch in hand.
         let (_, dead) = bounded::<Result<MiniBatch>>(0);
-        self.rx = dead;
-        if let Some(worker) = self.worker.take() {
+        drop(std::mem::replace(&mut self.rx, dead));
+        for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
     }

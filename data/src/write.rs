@@ -61,6 +61,13 @@ impl Elem {
             Elem::Str => "|O",
         }
     }
+    fn size(self) -> usize {
+        match self {
+            Elem::F64 | Elem::I64 => 8,
+            Elem::F32 | Elem::I32 | Elem::U32 => 4,
+            Elem::Bool | Elem::Str => 1,
+        }
+    }
     fn fill(self) -> Value {
         match self {
             Elem::F32 | Elem::F64 => json!(0.0),
@@ -72,11 +79,19 @@ impl Elem {
 }
 
 /// Zarr array metadata for `shape` with `chunk` (v2 chunk or v3 inner chunk) and, for v3,
-/// `shard` as the outer chunk (sharding codec, zstd inside, crc32c on the index).
+/// `shard` as the outer chunk (sharding codec, crc32c on the index).
 fn array_metadata(version: ZarrVersion, elem: Elem, shape: &[u64], chunk: &[u64], shard: &[u64], attrs: Value) -> Value {
     match version {
         ZarrVersion::V3 => {
-            let first = if elem == Elem::Str { json!({"name": "vlen-utf8", "configuration": {}}) } else { json!({"name": "bytes", "configuration": {"endian": "little"}}) };
+            // Numbers: blosc (lz4, byte shuffle) inside each shard, which decodes ~2x faster
+            // than zstd for count data at a similar size; strings: vlen-utf8 + zstd.
+            let inner = match elem {
+                Elem::Str => json!([{"name": "vlen-utf8", "configuration": {}}, {"name": "zstd", "configuration": {"level": 3, "checksum": false}}]),
+                _ => json!([
+                    {"name": "bytes", "configuration": {"endian": "little"}},
+                    {"name": "blosc", "configuration": {"cname": "lz4", "clevel": 5, "shuffle": "shuffle", "typesize": elem.size(), "blocksize": 0}}
+                ]),
+            };
             json!({
                 "zarr_format": 3,
                 "node_type": "array",
@@ -87,7 +102,7 @@ fn array_metadata(version: ZarrVersion, elem: Elem, shape: &[u64], chunk: &[u64]
                 "fill_value": elem.fill(),
                 "codecs": [{"name": "sharding_indexed", "configuration": {
                     "chunk_shape": chunk,
-                    "codecs": [first, {"name": "zstd", "configuration": {"level": 3, "checksum": false}}],
+                    "codecs": inner,
                     "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
                     "index_location": "end"
                 }}],
