@@ -59,12 +59,30 @@ fn anndata_012_stores_read_exactly() {
         assert_eq!(raw.read_rows(&a.store, 0..a.n_obs()).unwrap().row_sums(), row_sums);
         assert_eq!(a.layer("counts").unwrap().read_rows(&a.store, 0..a.n_obs()).unwrap().row_sums(), row_sums);
     }
-    let m = MuData::open(&format!("{out}/mu012_v2.zarr")).unwrap();
-    let (p, prot) = m.modality("prot").unwrap();
-    assert_eq!(prot.n_obs(), 200);
-    let present: Vec<u64> = m.presence(p).iter().enumerate().filter(|(_, b)| **b).map(|(i, _)| i as u64).collect();
     let expected: Vec<u64> = truth["prot_present"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
-    assert_eq!(present, expected);
+    let check_mudata = |location: &str| {
+        let m = MuData::open(location).unwrap_or_else(|e| panic!("{location}: {e}"));
+        let (p, prot) = m.modality("prot").unwrap();
+        assert_eq!(prot.n_obs(), 200);
+        let present: Vec<u64> = m.presence(p).iter().enumerate().filter(|(_, b)| **b).map(|(i, _)| i as u64).collect();
+        assert_eq!(present, expected, "{location}");
+    };
+    check_mudata(&format!("{out}/mu012_v2.zarr"));
+    // The HDF5 files of the same objects convert to stores with the same contents.
+    let h5ad = format!("{out}/ad012_converted.zarr");
+    tessera_data::h5ad::convert_h5(&dir.path().join("ad012.h5ad"), &h5ad, ZarrVersion::V3, |_| {}).unwrap();
+    let (converted, original) = (AnnData::open(&h5ad).unwrap(), AnnData::open(&format!("{out}/ad012_v2_csr.zarr")).unwrap());
+    assert_eq!(converted.x().unwrap().read_rows(&converted.store, 0..300).unwrap(), original.x().unwrap().read_rows(&original.store, 0..300).unwrap());
+    assert_eq!(converted.obs().unwrap(), original.obs().unwrap());
+    assert_eq!(converted.obsm("X_pca").unwrap(), original.obsm("X_pca").unwrap());
+    assert_eq!(converted.raw_x().unwrap().unwrap().1, original.raw_x().unwrap().unwrap().1);
+    let h5mu = format!("{out}/mu012_converted.zarr");
+    tessera_data::h5ad::convert_h5(&dir.path().join("mu012.h5mu"), &h5mu, ZarrVersion::V2, |_| {}).unwrap();
+    check_mudata(&h5mu);
+    // And Python reads the converted stores.
+    let report: Value = serde_json::from_str(&run_python(&py, "check_written.py", &[&h5ad, &h5mu])).unwrap();
+    assert_eq!(report[h5ad.as_str()]["x_sum"].as_f64().unwrap(), truth["x_sum"].as_f64().unwrap());
+    assert_eq!(report[h5mu.as_str()]["mods"]["prot"], serde_json::json!([200, 7]));
 }
 
 #[test]

@@ -29,6 +29,14 @@ enum Command {
     },
     /// Write a simulated single-cell multi-omics store with ground truth.
     Simulate(SimulateArgs),
+    /// Convert an .h5ad/.h5mu file into a chunked, sharded Zarr store for streaming.
+    #[cfg(feature = "h5ad")]
+    Convert {
+        input: PathBuf,
+        output: String,
+        #[arg(long, value_enum, default_value_t = Format::V3)]
+        zarr_format: Format,
+    },
     /// Simulate the default demo data (if absent) and inspect it.
     Demo {
         #[arg(default_value = "tessera-demo.zarr")]
@@ -136,6 +144,24 @@ fn simulate(args: &SimulateArgs) -> Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "h5ad")]
+fn convert(input: &std::path::Path, output: &str, version: ZarrVersion) -> Result<()> {
+    let spinner = ProgressBar::new_spinner();
+    let start = std::time::Instant::now();
+    let summary = tessera_data::h5ad::convert_h5(input, output, version, |element| spinner.set_message(element.to_string()))
+        .with_context(|| format!("converting {} into {output}", input.display()))?;
+    spinner.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    println!(
+        "wrote {output}: {} groups, {} arrays, {:.1} MB in {seconds:.1} s ({:.0} MB/s)",
+        summary.groups,
+        summary.arrays,
+        summary.bytes as f64 / 1e6,
+        summary.bytes as f64 / 1e6 / seconds
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     init_logging();
     let cli = Cli::parse();
@@ -154,5 +180,7 @@ fn main() -> Result<()> {
             inspect::run(&store, false)
         }
         Command::Bench { what } => bench::run(what),
+        #[cfg(feature = "h5ad")]
+        Command::Convert { input, output, zarr_format } => convert(&input, &output, zarr_format.into()),
     }
 }

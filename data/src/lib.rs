@@ -6,6 +6,8 @@
 pub mod anndata;
 pub mod dataframe;
 pub mod error;
+#[cfg(feature = "h5ad")]
+pub mod h5ad;
 pub mod inspect;
 pub mod loader;
 pub mod matrix;

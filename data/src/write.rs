@@ -19,21 +19,27 @@ use crate::zarr::{NodeKind, ZArray};
 
 /// Elements per chunk of 1-D arrays (v2 chunk, v3 inner chunk): ~650 cells of a 100-nnz/cell
 /// matrix, so a mini-batch read touches a few chunks.
-const CHUNK: u64 = 1 << 17;
+pub(crate) const CHUNK: u64 = 1 << 17;
 /// Elements per v3 shard: one object per 16 inner chunks keeps object counts low on S3.
 const SHARD: u64 = 1 << 21;
 /// Rows per chunk of 2-D dense arrays (obsm, dense layers).
 const DENSE_ROWS: u64 = 4096;
-const DENSE_SHARD_ROWS: u64 = 65536;
+pub(crate) const DENSE_SHARD_ROWS: u64 = 65536;
 
 /// Element types we write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "h5ad"), allow(dead_code))]
 pub(crate) enum Elem {
     F32,
     F64,
+    I8,
+    I16,
     I32,
     I64,
+    U8,
+    U16,
     U32,
+    U64,
     Bool,
     Str,
 }
@@ -43,9 +49,14 @@ impl Elem {
         match self {
             Elem::F32 => "float32",
             Elem::F64 => "float64",
+            Elem::I8 => "int8",
+            Elem::I16 => "int16",
             Elem::I32 => "int32",
             Elem::I64 => "int64",
+            Elem::U8 => "uint8",
+            Elem::U16 => "uint16",
             Elem::U32 => "uint32",
+            Elem::U64 => "uint64",
             Elem::Bool => "bool",
             Elem::Str => "string",
         }
@@ -54,24 +65,30 @@ impl Elem {
         match self {
             Elem::F32 => "<f4",
             Elem::F64 => "<f8",
+            Elem::I8 => "|i1",
+            Elem::I16 => "<i2",
             Elem::I32 => "<i4",
             Elem::I64 => "<i8",
+            Elem::U8 => "|u1",
+            Elem::U16 => "<u2",
             Elem::U32 => "<u4",
+            Elem::U64 => "<u8",
             Elem::Bool => "|b1",
             Elem::Str => "|O",
         }
     }
     fn size(self) -> usize {
         match self {
-            Elem::F64 | Elem::I64 => 8,
+            Elem::F64 | Elem::I64 | Elem::U64 => 8,
             Elem::F32 | Elem::I32 | Elem::U32 => 4,
-            Elem::Bool | Elem::Str => 1,
+            Elem::I16 | Elem::U16 => 2,
+            Elem::I8 | Elem::U8 | Elem::Bool | Elem::Str => 1,
         }
     }
     fn fill(self) -> Value {
         match self {
             Elem::F32 | Elem::F64 => json!(0.0),
-            Elem::I32 | Elem::I64 | Elem::U32 => json!(0),
+            Elem::I8 | Elem::I16 | Elem::I32 | Elem::I64 | Elem::U8 | Elem::U16 | Elem::U32 | Elem::U64 => json!(0),
             Elem::Bool => json!(false),
             Elem::Str => json!(""),
         }
@@ -190,11 +207,24 @@ impl StoreWriter {
 
     /// Writes a whole dense 2-D array (row-major).
     pub(crate) fn array_2d<T: Element>(&self, path: &str, elem: Elem, rows: u64, cols: u64, values: Vec<T>, attrs: Value) -> Result<()> {
+        let array = self.dense_2d(path, elem, rows, cols, attrs)?;
+        self.store_all(path, &array, &[0..rows, 0..cols], values)
+    }
+
+    /// Creates a dense 2-D array chunked by rows; the caller stores row blocks (whole shards
+    /// of `DENSE_SHARD_ROWS` rows avoid re-encoding) and then its metadata.
+    pub(crate) fn dense_2d(&self, path: &str, elem: Elem, rows: u64, cols: u64, attrs: Value) -> Result<ZArray> {
         let chunk_rows = DENSE_ROWS.min(rows).max(1);
         let shard_rows = if rows <= DENSE_ROWS { chunk_rows } else { DENSE_SHARD_ROWS.min(rows.div_ceil(chunk_rows) * chunk_rows) };
         let c = cols.max(1);
-        let array = self.new_array(path, elem, &[rows, cols], &[chunk_rows, c], &[shard_rows, c], attrs)?;
-        self.store_all(path, &array, &[0..rows, 0..cols], values)
+        self.new_array(path, elem, &[rows, cols], &[chunk_rows, c], &[shard_rows, c], attrs)
+    }
+
+    /// Writes a 0-dimensional array (a scalar, as anndata stores them in `uns`).
+    #[cfg_attr(not(feature = "h5ad"), allow(dead_code))]
+    pub(crate) fn array_0d<T: Element>(&self, path: &str, elem: Elem, value: T, attrs: Value) -> Result<()> {
+        let array = self.new_array(path, elem, &[], &[], &[], attrs)?;
+        self.store_all(path, &array, &[], vec![value])
     }
 
     fn store_all<T: Element>(&self, path: &str, array: &ZArray, subset: &[std::ops::Range<u64>], values: Vec<T>) -> Result<()> {
@@ -256,12 +286,17 @@ impl StoreWriter {
 
     /// Starts a CSR matrix group written row block by row block (bounded memory).
     pub fn csr(&self, path: &str, n_cols: u64) -> Result<CsrWriter<'_>> {
-        // The final nnz is unknown while streaming: size the arrays for the largest possible
-        // one and set the real shape when finishing.
+        let data = self.stream_1d(&format!("{path}/data"), Elem::F32, encoding("array", "0.2.0"))?;
+        let indices = self.stream_1d(&format!("{path}/indices"), Elem::I32, encoding("array", "0.2.0"))?;
+        Ok(CsrWriter { writer: self, path: path.into(), n_cols, data, indices, indptr: vec![0] })
+    }
+
+    /// Starts a 1-D array whose length is known only at the end.
+    pub(crate) fn stream_1d<T: Element + Clone + Default + Send>(&self, path: &str, elem: Elem, attrs: Value) -> Result<Stream1d<'_, T>> {
+        // Sized for the largest possible length while streaming; the real shape is set at the end.
         let capacity = u64::MAX / 2;
-        let data = self.new_array(&format!("{path}/data"), Elem::F32, &[capacity], &[CHUNK], &[self.chunk_unit()], encoding("array", "0.2.0"))?;
-        let indices = self.new_array(&format!("{path}/indices"), Elem::I32, &[capacity], &[CHUNK], &[self.chunk_unit()], encoding("array", "0.2.0"))?;
-        Ok(CsrWriter { writer: self, path: path.into(), n_cols, data, indices, pending_data: Vec::new(), pending_indices: Vec::new(), chunks_written: 0, indptr: vec![0] })
+        let array = self.new_array(path, elem, &[capacity], &[CHUNK], &[self.chunk_unit()], attrs)?;
+        Ok(Stream1d { writer: self, path: path.into(), array, pending: Vec::new(), chunks_written: 0 })
     }
 
     /// Elements per stored object of a streamed 1-D array.
@@ -324,17 +359,55 @@ fn collect_nodes(store: &Store, version: ZarrVersion, path: &str, out: &mut Map<
     Ok(())
 }
 
-/// Streams a CSR matrix: rows are appended in order; full chunks are encoded and stored as
-/// they fill, so memory stays at about one shard per array.
+/// A 1-D array written in order: full chunks (v3: shards) are encoded and stored as they fill,
+/// so memory stays at about one chunk whatever the length.
+pub(crate) struct Stream1d<'w, T> {
+    writer: &'w StoreWriter,
+    path: String,
+    array: ZArray,
+    pending: Vec<T>,
+    chunks_written: u64,
+}
+
+impl<T: Element + Clone + Default + Send> Stream1d<'_, T> {
+    pub(crate) fn push(&mut self, values: &[T]) -> Result<()> {
+        self.pending.extend_from_slice(values);
+        let unit = self.writer.chunk_unit() as usize;
+        while self.pending.len() >= unit {
+            self.flush(unit)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, len: usize) -> Result<()> {
+        let mut chunk: Vec<T> = self.pending.drain(..len).collect();
+        chunk.resize(self.writer.chunk_unit() as usize, T::default());
+        self.array.store_chunk(&[self.chunks_written], chunk).map_err(|e| self.writer.store.at(&self.path).write(e))?;
+        self.chunks_written += 1;
+        Ok(())
+    }
+
+    /// Stores the last partial chunk and the real shape; returns the length.
+    pub(crate) fn finish(mut self) -> Result<u64> {
+        let len = self.chunks_written * self.writer.chunk_unit() + self.pending.len() as u64;
+        if !self.pending.is_empty() {
+            self.flush(self.pending.len())?;
+        }
+        let at = self.writer.store.at(&self.path);
+        self.array.set_shape(vec![len]).map_err(|e| at.write(e))?;
+        self.array.store_metadata().map_err(|e| at.write(e))?;
+        Ok(len)
+    }
+}
+
+/// Streams a CSR matrix: rows are appended in order, data and indices stored chunk by chunk
+/// (both arrays encoded concurrently).
 pub struct CsrWriter<'w> {
     writer: &'w StoreWriter,
     path: String,
     n_cols: u64,
-    data: ZArray,
-    indices: ZArray,
-    pending_data: Vec<f32>,
-    pending_indices: Vec<i32>,
-    chunks_written: u64,
+    data: Stream1d<'w, f32>,
+    indices: Stream1d<'w, i32>,
     indptr: Vec<i64>,
 }
 
@@ -346,50 +419,23 @@ impl std::fmt::Debug for CsrWriter<'_> {
 
 impl CsrWriter<'_> {
     pub fn push(&mut self, rows: &Csr) -> Result<()> {
-        let at = self.writer.store.at(&self.path);
         if rows.n_cols as u64 != self.n_cols {
+            let at = self.writer.store.at(&self.path);
             return Err(at.invalid(format!("rows have {} columns, the matrix has {}", rows.n_cols, self.n_cols)));
         }
         let base = *self.indptr.last().unwrap_or(&0);
         self.indptr.extend(rows.indptr[1..].iter().map(|&p| base + p as i64));
-        self.pending_data.extend_from_slice(&rows.data);
-        self.pending_indices.extend(rows.indices.iter().map(|&i| i as i32));
-        let unit = self.writer.chunk_unit() as usize;
-        while self.pending_data.len() >= unit {
-            self.flush_chunk(unit)?;
-        }
-        Ok(())
+        let indices: Vec<i32> = rows.indices.iter().map(|&i| i as i32).collect();
+        let (a, b) = rayon::join(|| self.data.push(&rows.data), || self.indices.push(&indices));
+        a.and(b)
     }
 
-    fn flush_chunk(&mut self, len: usize) -> Result<()> {
-        let unit = self.writer.chunk_unit() as usize;
-        let at = self.writer.store.at(&self.path);
-        let mut data: Vec<f32> = self.pending_data.drain(..len).collect();
-        let mut indices: Vec<i32> = self.pending_indices.drain(..len).collect();
-        data.resize(unit, 0.0);
-        indices.resize(unit, 0);
-        let chunk = [self.chunks_written];
-        let (a, b) = rayon::join(|| self.data.store_chunk(&chunk, data), || self.indices.store_chunk(&chunk, indices));
-        a.map_err(|e| at.write(e))?;
-        b.map_err(|e| at.write(e))?;
-        self.chunks_written += 1;
-        Ok(())
-    }
-
-    /// Writes the last partial chunk, the real shapes, indptr and the group; returns nnz.
-    pub fn finish(mut self) -> Result<u64> {
-        if !self.pending_data.is_empty() {
-            self.flush_chunk(self.pending_data.len())?;
-        }
-        let nnz = *self.indptr.last().unwrap_or(&0) as u64;
+    /// Writes the last chunks, the real shapes, indptr and the group; returns nnz.
+    pub fn finish(self) -> Result<u64> {
+        let nnz = self.data.finish()?;
+        self.indices.finish()?;
         let n_rows = self.indptr.len() as u64 - 1;
-        let at = self.writer.store.at(&self.path);
-        for array in [&mut self.data, &mut self.indices] {
-            array.set_shape(vec![nnz]).map_err(|e| at.write(e))?;
-            array.store_metadata().map_err(|e| at.write(e))?;
-        }
-        let indptr = std::mem::take(&mut self.indptr);
-        self.writer.array_1d(&format!("{}/indptr", self.path), Elem::I64, indptr, encoding("array", "0.2.0"))?;
+        self.writer.array_1d(&format!("{}/indptr", self.path), Elem::I64, self.indptr, encoding("array", "0.2.0"))?;
         let mut attrs = encoding("csr_matrix", "0.1.0");
         attrs["shape"] = json!([n_rows, self.n_cols]);
         self.writer.group(&self.path, attrs)?;

@@ -44,6 +44,7 @@ prot = ad.AnnData(X=sp.csr_matrix(rng.poisson(20, (200, 7)).astype(np.float32)),
                   obs=pd.DataFrame(index=obs.index[keep]), var=pd.DataFrame(index=[f"p{j}" for j in range(7)]))
 md.MuData({"rna": a, "prot": prot}).write_zarr(os.path.join(out, "mu012_v2.zarr"))
 a.write_h5ad(os.path.join(out, "ad012.h5ad"))
+md.MuData({"rna": a, "prot": prot}).write_h5mu(os.path.join(out, "mu012.h5mu"))
 
 truth = {
     "versions": {"anndata": ad.__version__, "mudata": md.__version__},
