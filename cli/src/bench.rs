@@ -28,12 +28,15 @@ pub enum BenchCommand {
         /// Python interpreter with anndata installed, to time anndata on the same stores.
         #[arg(long)]
         python: Option<PathBuf>,
+        /// Timed passes per reader; the median is reported (this machine's timings are noisy).
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
     },
 }
 
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Load { cells, genes, library, batch_size, dir, python } => load(cells, genes, library, batch_size, &dir, python.as_deref()),
+        BenchCommand::Load { cells, genes, library, batch_size, dir, python, repeat } => load(cells, genes, library, batch_size, &dir, python.as_deref(), repeat.max(1)),
     }
 }
 
@@ -59,7 +62,12 @@ fn dir_bytes(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn load(cells: u64, genes: usize, library: f64, batch_size: usize, dir: &Path, python: Option<&Path>) -> Result<()> {
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn load(cells: u64, genes: usize, library: f64, batch_size: usize, dir: &Path, python: Option<&Path>, repeat: usize) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut rows = Vec::new();
     let mut nnz_per_cell = 0.0;
@@ -82,15 +90,19 @@ fn load(cells: u64, genes: usize, library: f64, batch_size: usize, dir: &Path, p
         let decoded = (x.nnz * 8 + cells * 8) as f64; // data f32 + indices u32, indptr u64
         for shuffle in [false, true] {
             let loader = Loader::new(&dataset, 0..cells, LoaderConfig { batch_size, shuffle, ..Default::default() })?;
-            let start = Instant::now();
-            let mut seen = 0u64;
-            for batch in loader.epoch(0) {
-                seen += batch?.cells.len() as u64;
+            let mut times = Vec::with_capacity(repeat);
+            for epoch in 0..repeat as u64 {
+                let start = Instant::now();
+                let mut seen = 0u64;
+                for batch in loader.epoch(epoch) {
+                    seen += batch?.cells.len() as u64;
+                }
+                times.push(start.elapsed().as_secs_f64());
+                if seen != cells {
+                    bail!("loader yielded {seen} cells, expected {cells}");
+                }
             }
-            let seconds = start.elapsed().as_secs_f64();
-            if seen != cells {
-                bail!("loader yielded {seen} cells, expected {cells}");
-            }
+            let seconds = median(times);
             rows.push(Row {
                 format: version.number(),
                 reader: format!("tessera loader ({})", if shuffle { "block-shuffled" } else { "sequential" }),
@@ -101,7 +113,7 @@ fn load(cells: u64, genes: usize, library: f64, batch_size: usize, dir: &Path, p
         }
         if let Some(python) = python {
             let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python/bench_load.py");
-            let output = Command::new(python).arg(script).arg(&location).arg(batch_size.to_string()).output().with_context(|| format!("running {}", python.display()))?;
+            let output = Command::new(python).arg(script).arg(&location).arg(batch_size.to_string()).arg(repeat.to_string()).output().with_context(|| format!("running {}", python.display()))?;
             if !output.status.success() {
                 bail!("python benchmark failed: {}", String::from_utf8_lossy(&output.stderr));
             }
@@ -118,7 +130,7 @@ fn load(cells: u64, genes: usize, library: f64, batch_size: usize, dir: &Path, p
             }
         }
     }
-    println!("streaming X: {cells} cells x {genes} genes, {nnz_per_cell:.0} nnz/cell, batch {batch_size}, {} threads", rayon::current_num_threads());
+    println!("streaming X: {cells} cells x {genes} genes, {nnz_per_cell:.0} nnz/cell, batch {batch_size}, {} threads, median of {repeat}", rayon::current_num_threads());
     println!("{:<6} {:<42} {:>12} {:>14} {:>13}", "zarr", "reader", "cells/s", "decoded MB/s", "stored MB/s");
     for r in &rows {
         println!("v{:<5} {:<42} {:>12.0} {:>14.1} {:>13.1}", r.format, r.reader, r.cells_per_s, r.decoded_mb_s, r.stored_mb_s);

@@ -1,5 +1,10 @@
 //! `tessera`: the one command-line entry point.
 
+// Decoding allocates and frees chunk-sized buffers at a high rate; mimalloc reuses them where
+// the system allocator returns them to the OS and page-faults them back in.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod inspect;
 
