@@ -123,11 +123,13 @@ impl Values {
         }
         match self {
             Values::I32(v) => {
-                // Common case: a branch-free check over the whole vector, then a cast in place.
-                if v.iter().any(|&i| i < 0 || i as u64 >= bound) {
-                    convert(v, bound)
+                // Common case: one pass for the check (the max of the values, as u32, catches
+                // negatives too), then the same buffer reinterpreted, no copy.
+                let max = v.iter().fold(0u32, |m, &i| m.max(i as u32));
+                if v.is_empty() || u64::from(max) < bound {
+                    Ok(bytemuck::allocation::cast_vec::<i32, u32>(v))
                 } else {
-                    Ok(v.into_iter().map(|i| i as u32).collect())
+                    convert(v, bound)
                 }
             }
             Values::I64(v) => convert(v, bound),
