@@ -70,14 +70,14 @@ fn anndata_012_stores_read_exactly() {
     check_mudata(&format!("{out}/mu012_v2.zarr"));
     // The HDF5 files of the same objects convert to stores with the same contents.
     let h5ad = format!("{out}/ad012_converted.zarr");
-    tessera_data::h5ad::convert_h5(&dir.path().join("ad012.h5ad"), &h5ad, ZarrVersion::V3, |_| {}).unwrap();
+    tessera_data::convert(dir.path().join("ad012.h5ad").to_str().unwrap(), &h5ad, ZarrVersion::V3, |_| {}).unwrap();
     let (converted, original) = (AnnData::open(&h5ad).unwrap(), AnnData::open(&format!("{out}/ad012_v2_csr.zarr")).unwrap());
     assert_eq!(converted.x().unwrap().read_rows(&converted.store, 0..300).unwrap(), original.x().unwrap().read_rows(&original.store, 0..300).unwrap());
     assert_eq!(converted.obs().unwrap(), original.obs().unwrap());
     assert_eq!(converted.obsm("X_pca").unwrap(), original.obsm("X_pca").unwrap());
     assert_eq!(converted.raw_x().unwrap().unwrap().1, original.raw_x().unwrap().unwrap().1);
     let h5mu = format!("{out}/mu012_converted.zarr");
-    tessera_data::h5ad::convert_h5(&dir.path().join("mu012.h5mu"), &h5mu, ZarrVersion::V2, |_| {}).unwrap();
+    tessera_data::convert(dir.path().join("mu012.h5mu").to_str().unwrap(), &h5mu, ZarrVersion::V2, |_| {}).unwrap();
     check_mudata(&h5mu);
     // And Python reads the converted stores.
     let report: Value = serde_json::from_str(&run_python(&py, "check_written.py", &[&h5ad, &h5mu])).unwrap();

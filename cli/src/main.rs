@@ -34,10 +34,10 @@ enum Command {
     },
     /// Write a simulated single-cell multi-omics store with ground truth.
     Simulate(SimulateArgs),
-    /// Convert an .h5ad/.h5mu file into a chunked, sharded Zarr store for streaming.
-    #[cfg(feature = "h5ad")]
+    /// Copy an AnnData/MuData store (.h5ad/.h5mu file or Zarr v2/v3 store) into a new Zarr
+    /// store chunked and sharded for streaming.
     Convert {
-        input: PathBuf,
+        input: String,
         output: String,
         #[arg(long, value_enum, default_value_t = Format::V3)]
         zarr_format: Format,
@@ -149,12 +149,11 @@ fn simulate(args: &SimulateArgs) -> Result<()> {
     Ok(())
 }
 
-#[cfg(feature = "h5ad")]
-fn convert(input: &std::path::Path, output: &str, version: ZarrVersion) -> Result<()> {
+fn convert(input: &str, output: &str, version: ZarrVersion) -> Result<()> {
     let spinner = ProgressBar::new_spinner();
     let start = std::time::Instant::now();
-    let summary = tessera_data::h5ad::convert_h5(input, output, version, |element| spinner.set_message(element.to_string()))
-        .with_context(|| format!("converting {} into {output}", input.display()))?;
+    let summary = tessera_data::convert(input, output, version, |element| spinner.set_message(element.to_string()))
+        .with_context(|| format!("converting {input} into {output}"))?;
     spinner.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
     println!(
@@ -185,7 +184,6 @@ fn main() -> Result<()> {
             inspect::run(&store, false)
         }
         Command::Bench { what } => bench::run(what),
-        #[cfg(feature = "h5ad")]
         Command::Convert { input, output, zarr_format } => convert(&input, &output, zarr_format.into()),
     }
 }

@@ -4,10 +4,11 @@
 //! Invariant: this crate knows nothing of models, engines or the network protocol.
 
 pub mod anndata;
+pub mod convert;
 pub mod dataframe;
 pub mod error;
 #[cfg(feature = "h5ad")]
-pub mod h5ad;
+mod h5ad;
 pub mod inspect;
 pub mod loader;
 pub mod matrix;
@@ -28,3 +29,4 @@ pub use simulate::{SimConfig, SimSummary, simulate};
 pub use loader::{Epoch, Loader, LoaderConfig, MiniBatch, ModalityBatch};
 pub use shard::ShardPlan;
 pub use inspect::{StoreSummary, inspect};
+pub use convert::{ConvertSummary, convert};

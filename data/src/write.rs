@@ -28,7 +28,6 @@ pub(crate) const DENSE_SHARD_ROWS: u64 = 65536;
 
 /// Element types we write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(not(feature = "h5ad"), allow(dead_code))]
 pub(crate) enum Elem {
     F32,
     F64,
@@ -221,7 +220,6 @@ impl StoreWriter {
     }
 
     /// Writes a 0-dimensional array (a scalar, as anndata stores them in `uns`).
-    #[cfg_attr(not(feature = "h5ad"), allow(dead_code))]
     pub(crate) fn array_0d<T: Element>(&self, path: &str, elem: Elem, value: T, attrs: Value) -> Result<()> {
         let array = self.new_array(path, elem, &[], &[], &[], attrs)?;
         self.store_all(path, &array, &[], vec![value])

@@ -85,6 +85,16 @@ impl Values {
         }
     }
 
+    /// Bytes per element of numeric types (1 for bool and string characters).
+    pub fn element_size(&self) -> u64 {
+        match self {
+            Values::I16(_) | Values::U16(_) => 2,
+            Values::I32(_) | Values::U32(_) | Values::F32(_) => 4,
+            Values::I64(_) | Values::U64(_) | Values::F64(_) => 8,
+            Values::Bool(_) | Values::I8(_) | Values::U8(_) | Values::Str(_) => 1,
+        }
+    }
+
     /// Integer values widened to i64; floats and strings are refused (an index array must be
     /// integral, a silent cast would hide a broken store).
     pub fn into_i64(self) -> std::result::Result<Vec<i64>, &'static str> {
@@ -250,12 +260,16 @@ pub(crate) fn dtype_name(array: &ZArray) -> String {
 pub(crate) fn read_rows(store: &Store, path: &str, array: &ZArray, range: Range<u64>) -> Result<Values> {
     let shape = array.shape().to_vec();
     let at = store.at(path);
-    let end = shape.first().copied().unwrap_or(0);
-    if range.end > end || range.start > range.end {
-        return Err(at.invalid(format!("rows {}..{} requested, array has {end}", range.start, range.end)));
-    }
-    let mut subset = vec![range];
-    subset.extend(shape.iter().skip(1).map(|&n| 0..n));
+    // A 0-d array (a scalar) has no rows: it is read whole.
+    let subset: Vec<Range<u64>> = match shape.split_first() {
+        None => Vec::new(),
+        Some((&end, rest)) => {
+            if range.end > end || range.start > range.end {
+                return Err(at.invalid(format!("rows {}..{} requested, array has {end}", range.start, range.end)));
+            }
+            std::iter::once(range).chain(rest.iter().map(|&n| 0..n)).collect()
+        }
+    };
     macro_rules! get {
         ($t:ty, $variant:ident) => {
             array

@@ -3,8 +3,7 @@
 
 use std::path::PathBuf;
 
-use tessera_data::h5ad::convert_h5;
-use tessera_data::{AnnData, DataError, ZarrVersion};
+use tessera_data::{AnnData, DataError, ZarrVersion, convert};
 
 fn shared_data() -> PathBuf {
     std::env::var_os("TESSERA_SHARED_DATA").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
@@ -17,7 +16,7 @@ fn converted_pbmc_equals_the_zarr_written_by_anndata() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("pbmc.zarr");
         let out = out.to_str().unwrap();
-        let summary = convert_h5(&shared_data().join("pbmc68k_counts.h5ad"), out, version, |_| {}).unwrap();
+        let summary = convert(shared_data().join("pbmc68k_counts.h5ad").to_str().unwrap(), out, version, |_| {}).unwrap();
         assert!(summary.arrays >= 10, "{summary:?}");
         let converted = AnnData::open(out).unwrap();
         assert_eq!(converted.version, version);
@@ -37,10 +36,41 @@ fn bad_inputs_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let not_hdf5 = dir.path().join("fake.h5ad");
     std::fs::write(&not_hdf5, b"this is not HDF5").unwrap();
-    let err = convert_h5(&not_hdf5, dir.path().join("o.zarr").to_str().unwrap(), ZarrVersion::V3, |_| {}).unwrap_err().to_string();
-    assert!(err.contains("fake.h5ad") && err.contains("not a readable HDF5 file"), "{err}");
+    let err = convert(not_hdf5.to_str().unwrap(), dir.path().join("o.zarr").to_str().unwrap(), ZarrVersion::V3, |_| {}).unwrap_err().to_string();
+    // Not HDF5 (no signature), so it is taken for a Zarr store, which it is not either.
+    assert!(err.contains("fake.h5ad") && err.contains("no such directory"), "{err}");
+    let mut truncated = std::fs::read(shared_data().join("pbmc68k_counts.h5ad")).unwrap();
+    truncated.truncate(4096);
+    let cut = dir.path().join("cut.h5ad");
+    std::fs::write(&cut, truncated).unwrap();
+    let err = convert(cut.to_str().unwrap(), dir.path().join("c.zarr").to_str().unwrap(), ZarrVersion::V3, |_| {}).unwrap_err().to_string();
+    assert!(err.contains("cut.h5ad"), "{err}");
     // Never over an existing store.
     let existing = shared_data().join("fixtures/ad013_v3.zarr");
-    let err = convert_h5(&shared_data().join("pbmc68k_counts.h5ad"), existing.to_str().unwrap(), ZarrVersion::V3, |_| {}).unwrap_err();
+    let err = convert(shared_data().join("pbmc68k_counts.h5ad").to_str().unwrap(), existing.to_str().unwrap(), ZarrVersion::V3, |_| {}).unwrap_err();
     assert!(matches!(err, DataError::Exists { .. }), "{err}");
+}
+
+#[test]
+fn zarr_to_zarr_rechunks_for_streaming() {
+    // anndata writes small stores as one chunk (shard) per array; conversion re-chunks them and
+    // keeps every value, across Zarr versions in both directions.
+    for (input, version) in [("fixtures/ad013_v3.zarr", ZarrVersion::V2), ("fixtures/ad013_v2_csc.zarr", ZarrVersion::V3), ("pbmc68k_counts.zarr", ZarrVersion::V3)] {
+        let source = AnnData::open(shared_data().join(input).to_str().unwrap()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.zarr");
+        convert(shared_data().join(input).to_str().unwrap(), out.to_str().unwrap(), version, |_| {}).unwrap();
+        let converted = AnnData::open(out.to_str().unwrap()).unwrap();
+        assert_eq!(converted.version, version);
+        let n = source.n_obs();
+        let (a, b) = (source.x().unwrap(), converted.x().unwrap());
+        assert_eq!(a.format, b.format, "{input}");
+        assert_eq!(a.read_rows(&source.store, 0..n).unwrap(), b.read_rows(&converted.store, 0..n).unwrap(), "{input}");
+        assert_eq!(source.obs().unwrap(), converted.obs().unwrap(), "{input}");
+        assert_eq!(source.var().unwrap(), converted.var().unwrap(), "{input}");
+        for key in source.keys("obsm").unwrap() {
+            assert_eq!(source.obsm(&key).unwrap(), converted.obsm(&key).unwrap(), "{input} obsm/{key}");
+        }
+        assert_eq!(source.keys("layers").unwrap(), converted.keys("layers").unwrap());
+    }
 }
