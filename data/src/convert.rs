@@ -69,7 +69,12 @@ pub fn convert(input: &str, output: &str, version: ZarrVersion, mut progress: im
 /// at 512, 1024, ...; a local file (not a directory) that has it is HDF5.
 fn is_hdf5(input: &str) -> bool {
     const SIGNATURE: &[u8] = b"\x89HDF\r\n\x1a\n";
-    let Ok(bytes) = std::fs::read(input).map(|b| b.into_iter().take(1 << 16).collect::<Vec<u8>>()) else { return false };
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let Ok(file) = std::fs::File::open(input) else { return false };
+    if file.take(1 << 17).read_to_end(&mut bytes).is_err() {
+        return false;
+    }
     std::iter::once(0).chain((9..17).map(|k| 1usize << k)).any(|offset| bytes.get(offset..offset + 8) == Some(SIGNATURE))
 }
 

@@ -198,10 +198,15 @@ impl StoreWriter {
     /// Writes a whole 1-D array.
     pub(crate) fn array_1d<T: Element>(&self, path: &str, elem: Elem, values: Vec<T>, attrs: Value) -> Result<()> {
         let n = values.len() as u64;
+        let array = self.sized_1d(path, elem, n, attrs)?;
+        self.store_all(path, &array, &[0..n], values)
+    }
+
+    /// A 1-D array of known length `n`: chunks of `CHUNK`, shards no larger than the data.
+    fn sized_1d(&self, path: &str, elem: Elem, n: u64, attrs: Value) -> Result<ZArray> {
         let chunk = CHUNK.min(n).max(1);
         let shard = if n <= CHUNK { chunk } else { SHARD.min(n.div_ceil(chunk) * chunk) };
-        let array = self.new_array(path, elem, &[n], &[chunk], &[shard], attrs)?;
-        self.store_all(path, &array, &[0..n], values)
+        self.new_array(path, elem, &[n], &[chunk], &[shard], attrs)
     }
 
     /// Writes a whole dense 2-D array (row-major).
@@ -293,8 +298,8 @@ impl StoreWriter {
     pub(crate) fn stream_1d<T: Element + Clone + Default + Send>(&self, path: &str, elem: Elem, attrs: Value) -> Result<Stream1d<'_, T>> {
         // Sized for the largest possible length while streaming; the real shape is set at the end.
         let capacity = u64::MAX / 2;
-        let array = self.new_array(path, elem, &[capacity], &[CHUNK], &[self.chunk_unit()], attrs)?;
-        Ok(Stream1d { writer: self, path: path.into(), array, pending: Vec::new(), chunks_written: 0 })
+        let array = self.new_array(path, elem, &[capacity], &[CHUNK], &[self.chunk_unit()], attrs.clone())?;
+        Ok(Stream1d { writer: self, path: path.into(), elem, attrs, array, pending: Vec::new(), chunks_written: 0 })
     }
 
     /// Elements per stored object of a streamed 1-D array.
@@ -362,6 +367,8 @@ fn collect_nodes(store: &Store, version: ZarrVersion, path: &str, out: &mut Map<
 pub(crate) struct Stream1d<'w, T> {
     writer: &'w StoreWriter,
     path: String,
+    elem: Elem,
+    attrs: Value,
     array: ZArray,
     pending: Vec<T>,
     chunks_written: u64,
@@ -372,27 +379,33 @@ impl<T: Element + Clone + Default + Send> Stream1d<'_, T> {
         self.pending.extend_from_slice(values);
         let unit = self.writer.chunk_unit() as usize;
         while self.pending.len() >= unit {
-            self.flush(unit)?;
+            self.flush_full_chunk(unit)?;
         }
         Ok(())
     }
 
-    fn flush(&mut self, len: usize) -> Result<()> {
-        let mut chunk: Vec<T> = self.pending.drain(..len).collect();
-        chunk.resize(self.writer.chunk_unit() as usize, T::default());
+    fn flush_full_chunk(&mut self, unit: usize) -> Result<()> {
+        let chunk: Vec<T> = self.pending.drain(..unit).collect();
         self.array.store_chunk(&[self.chunks_written], chunk).map_err(|e| self.writer.store.at(&self.path).write(e))?;
         self.chunks_written += 1;
         Ok(())
     }
 
-    /// Stores the last partial chunk and the real shape; returns the length.
+    /// Stores what is pending and the real shape; returns the length. An array that never
+    /// filled a chunk unit is written as a sized array (its shard no larger than its data); a
+    /// longer one stores its tail as a subset of the last shard.
     pub(crate) fn finish(mut self) -> Result<u64> {
-        let len = self.chunks_written * self.writer.chunk_unit() + self.pending.len() as u64;
-        if !self.pending.is_empty() {
-            self.flush(self.pending.len())?;
-        }
+        let start = self.chunks_written * self.writer.chunk_unit();
+        let len = start + self.pending.len() as u64;
         let at = self.writer.store.at(&self.path);
+        let tail = std::mem::take(&mut self.pending);
+        if self.chunks_written == 0 {
+            return self.writer.array_1d(&self.path, self.elem, tail, self.attrs).map(|()| len);
+        }
         self.array.set_shape(vec![len]).map_err(|e| at.write(e))?;
+        if !tail.is_empty() {
+            self.array.store_array_subset(&[start..len], tail).map_err(|e| at.write(e))?;
+        }
         self.array.store_metadata().map_err(|e| at.write(e))?;
         Ok(len)
     }
