@@ -1,5 +1,6 @@
 //! Interop with Python anndata 0.12 / mudata 0.3 (the newest that run on Python 3.11): stores
 //! they write read exactly, and what we write they read back with our values.
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use serde_json::Value;
 use tessera_data::{AnnData, Column, Csr, Dataset, MatrixFormat, MuData, SimConfig, ZarrVersion, simulate};

@@ -1,4 +1,5 @@
 //! The `tessera` binary as a user runs it.
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -235,7 +235,7 @@ impl Loader {
     }
 
     /// Reads every block of every modality; blocks in parallel.
-    fn read_fetch(&self, blocks: &[Range<u64>]) -> Result<Vec<Vec<(Csr, Vec<bool>)>>> {
+    fn read_fetch(&self, blocks: &[Range<u64>]) -> Result<Vec<Vec<BlockRead>>> {
         use rayon::prelude::*;
         self.sources.iter().map(|s| blocks.par_iter().map(|b| s.read(b.clone())).collect::<Result<Vec<_>>>()).collect()
     }
@@ -283,11 +283,14 @@ impl Loader {
     }
 }
 
+/// One block of one modality: its rows and which cells were measured.
+type BlockRead = (Csr, Vec<bool>);
+
 /// Blocks read together, with their decoded rows per modality.
 struct Fetch {
     seed: u64,
     blocks: Vec<Range<u64>>,
-    parts: Vec<Vec<(Csr, Vec<bool>)>>,
+    parts: Vec<Vec<BlockRead>>,
 }
 
 /// One epoch's batches, read ahead in the background.

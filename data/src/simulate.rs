@@ -180,8 +180,8 @@ fn simulate_block(c: &SimConfig, w: &World, block: u64) -> Block {
         let max = logits.iter().cloned().fold(f64::MIN, f64::max);
         let total: f64 = logits.iter().map(|l| (l - max).exp()).sum();
         let library = lib.map(|d| d.sample(&mut rng)).unwrap_or(c.library) * w.batch_depth[b].exp();
-        for g in 0..c.n_genes {
-            let rho = (logits[g] - max).exp() / total;
+        for (g, logit) in logits.iter().enumerate() {
+            let rho = (logit - max).exp() / total;
             let mean = library * (rho + w.batch_ambient[b] * w.ambient[g]);
             let mut count = nb(&mut rng, mean, w.gene_theta[g]);
             if count > 0.0 && rng.random::<f64>() < w.gene_dropout[g] {
@@ -242,7 +242,7 @@ pub fn simulate(location: &str, c: &SimConfig, mut progress: impl FnMut(u64)) ->
     if c.n_cells == 0 || c.n_genes == 0 || c.n_types == 0 || c.n_batches == 0 || c.latent_dim == 0 {
         return Err(invalid("cells, genes, types, batches and latent dimensions must be positive"));
     }
-    if !(0.0..1.0).contains(&c.missing) || !(c.library > 0.0) {
+    if !(0.0..1.0).contains(&c.missing) || c.library.is_nan() || c.library <= 0.0 {
         return Err(invalid("missing must be in [0, 1) and library positive"));
     }
     let mudata = c.n_proteins > 0 || c.n_peaks > 0;

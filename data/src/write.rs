@@ -199,7 +199,7 @@ impl StoreWriter {
     pub(crate) fn array_1d<T: Element>(&self, path: &str, elem: Elem, values: Vec<T>, attrs: Value) -> Result<()> {
         let n = values.len() as u64;
         let array = self.sized_1d(path, elem, n, attrs)?;
-        self.store_all(path, &array, &[0..n], values)
+        self.store_all(path, &array, std::slice::from_ref(&(0..n)), values)
     }
 
     /// A 1-D array of known length `n`: chunks of `CHUNK`, shards no larger than the data.
@@ -404,7 +404,7 @@ impl<T: Element + Clone + Default + Send> Stream1d<'_, T> {
         }
         self.array.set_shape(vec![len]).map_err(|e| at.write(e))?;
         if !tail.is_empty() {
-            self.array.store_array_subset(&[start..len], tail).map_err(|e| at.write(e))?;
+            self.array.store_array_subset(std::slice::from_ref(&(start..len)), tail).map_err(|e| at.write(e))?;
         }
         self.array.store_metadata().map_err(|e| at.write(e))?;
         Ok(len)

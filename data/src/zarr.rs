@@ -153,6 +153,7 @@ impl Values {
         }
     }
 
+    #[allow(clippy::unnecessary_cast)] // the macro arm also covers f32 itself
     pub fn into_f32(self) -> std::result::Result<Vec<f32>, &'static str> {
         match self {
             Values::F32(v) => Ok(v),
@@ -162,6 +163,7 @@ impl Values {
         }
     }
 
+    #[allow(clippy::unnecessary_cast)] // the macro arm also covers f64 itself
     pub fn into_f64(self) -> std::result::Result<Vec<f64>, &'static str> {
         match self {
             Values::F64(v) => Ok(v),

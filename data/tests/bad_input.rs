@@ -1,6 +1,7 @@
 //! Every kind of broken store gets an error that names the store, the element and what was
 //! expected; nothing panics. Stores are simulated (Zarr v2: plain JSON metadata and one file
 //! per chunk), then broken on purpose.
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use std::path::{Path, PathBuf};
 

@@ -1,5 +1,6 @@
 //! Reading cells [a, b) of a CSR matrix touches only the chunks that hold them: every other
 //! chunk is corrupted on disk, and the read still succeeds with the right values.
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use tessera_data::{AnnData, SimConfig, ZarrVersion, simulate};
 

@@ -1,13 +1,13 @@
 //! .h5ad → Zarr conversion keeps every element and value.
 #![cfg(feature = "h5ad")]
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
-use std::path::PathBuf;
+mod common;
+use common::shared_data;
+
 
 use tessera_data::{AnnData, DataError, ZarrVersion, convert};
 
-fn shared_data() -> PathBuf {
-    std::env::var_os("TESSERA_SHARED_DATA").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
-}
 
 #[test]
 fn converted_pbmc_equals_the_zarr_written_by_anndata() {

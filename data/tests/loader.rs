@@ -1,5 +1,6 @@
 //! The loader yields every cell of its shard exactly once per epoch, reproducibly, with
 //! counts, library sizes, covariate codes and presence masks that match the store.
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use std::collections::HashSet;
 
@@ -127,7 +128,7 @@ fn shard_plan_over_a_stored_matrix_is_chunk_aligned() {
         // The cut row is the first whose values start in a new chunk.
         let start: u64 = row_nnz[..shard.start as usize].iter().sum();
         let prev_start = start - row_nnz[shard.start as usize - 1];
-        assert!(start / chunk > prev_start / chunk || start % chunk == 0, "cut at {} is not chunk-aligned", shard.start);
+        assert!(start / chunk > prev_start / chunk || start.is_multiple_of(chunk), "cut at {} is not chunk-aligned", shard.start);
     }
     for &k in &plan.nnz {
         assert!((k as f64 - total as f64 / 4.0).abs() <= chunk as f64, "{:?}", plan.nnz);

@@ -1,16 +1,14 @@
 //! Stores written by Python anndata 0.13 / mudata 0.4 (shared/data/fixtures, with truth.json
 //! holding the values they contain) read back exactly.
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
-use std::path::PathBuf;
+mod common;
+use common::shared_data;
+
 
 use serde_json::Value;
 use tessera_data::{AnnData, Column, Dataset, MatrixFormat, MuData, ZarrVersion};
 
-fn shared_data() -> PathBuf {
-    std::env::var_os("TESSERA_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
-}
 
 fn fixture(name: &str) -> String {
     shared_data().join("fixtures").join(name).to_string_lossy().into_owned()

@@ -1,5 +1,9 @@
 //! Stores we write read back with the values we wrote; adding elements follows the publish
 //! rules (no silent overwrite, consolidated metadata refreshed, nothing else touched).
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+mod common;
+use common::copy_dir;
 
 use tessera_data::{AnnData, Column, Csr, DataError, Dataset, MuData, SimConfig, Store, ZarrVersion, simulate};
 
@@ -77,14 +81,6 @@ fn simulated_mudata_has_mosaic_obsmap() {
     assert!(x.data.iter().all(|&v| v == 1.0), "ATAC is binary");
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() { copy_dir(&entry.path(), &target) } else { std::fs::copy(entry.path(), &target).unwrap(); }
-    }
-}
 
 #[test]
 fn add_obsm_and_layer_publish_without_touching_anything_else() {
@@ -132,7 +128,7 @@ fn add_obsm_and_layer_publish_without_touching_anything_else() {
 
 #[test]
 fn add_obsm_to_a_python_written_store() {
-    let fixture = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/fixtures/ad013_v3.zarr");
+    let fixture = common::shared_data().join("fixtures/ad013_v3.zarr");
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("copy.zarr");
     copy_dir(&fixture, &copy);
