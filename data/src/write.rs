@@ -404,7 +404,9 @@ impl<T: Element + Clone + Default + Send> Stream1d<'_, T> {
         }
         self.array.set_shape(vec![len]).map_err(|e| at.write(e))?;
         if !tail.is_empty() {
-            self.array.store_array_subset(std::slice::from_ref(&(start..len)), tail).map_err(|e| at.write(e))?;
+            #[allow(clippy::single_range_in_vec_init)] // a 1-D subset, not a range of indices
+            let subset = [start..len];
+            self.array.store_array_subset(&subset, tail).map_err(|e| at.write(e))?;
         }
         self.array.store_metadata().map_err(|e| at.write(e))?;
         Ok(len)
