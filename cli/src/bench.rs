@@ -28,6 +28,9 @@ pub enum BenchCommand {
         /// Python interpreter with anndata installed, to time anndata on the same stores.
         #[arg(long)]
         python: Option<PathBuf>,
+        /// Benchmark these existing local AnnData stores instead of generated ones (repeatable).
+        #[arg(long)]
+        store: Vec<PathBuf>,
         /// Timed passes per reader; the median is reported (this machine's timings are noisy).
         #[arg(long, default_value_t = 5)]
         repeat: usize,
@@ -36,12 +39,15 @@ pub enum BenchCommand {
 
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Load { cells, genes, library, batch_size, dir, python, repeat } => load(cells, genes, library, batch_size, &dir, python.as_deref(), repeat.max(1)),
+        BenchCommand::Load { cells, genes, library, batch_size, dir, python, store, repeat } => {
+            let stores = if store.is_empty() { generated_stores(cells, genes, library, &dir)? } else { store };
+            load(&stores, batch_size, python.as_deref(), repeat.max(1))
+        }
     }
 }
 
 struct Row {
-    format: u8,
+    store: String,
     reader: String,
     cells_per_s: f64,
     decoded_mb_s: f64,
@@ -67,26 +73,37 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn load(cells: u64, genes: usize, library: f64, batch_size: usize, dir: &Path, python: Option<&Path>, repeat: usize) -> Result<()> {
+/// The default benchmark data: the same simulated cells in Zarr v2 and v3, generated once.
+fn generated_stores(cells: u64, genes: usize, library: f64, dir: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut rows = Vec::new();
-    let mut nnz_per_cell = 0.0;
+    let mut stores = Vec::new();
     for version in [ZarrVersion::V2, ZarrVersion::V3] {
         let path = dir.join(format!("load_{cells}x{genes}_lib{library}_v{}.zarr", version.number()));
-        let location = path.to_string_lossy().to_string();
         if !path.join("X").exists() {
             if path.exists() {
                 bail!("{} exists but holds no X; remove it", path.display());
             }
-            eprintln!("generating {location} ...");
+            eprintln!("generating {} ...", path.display());
             let config = SimConfig { n_cells: cells, n_genes: genes, library, version, seed: 42, ..Default::default() };
-            tessera_data::simulate(&location, &config, |_| {})?;
+            tessera_data::simulate(&path.to_string_lossy(), &config, |_| {})?;
         }
+        stores.push(path);
+    }
+    Ok(stores)
+}
+
+fn load(stores: &[PathBuf], batch_size: usize, python: Option<&Path>, repeat: usize) -> Result<()> {
+    let mut rows = Vec::new();
+    let mut described = Vec::new();
+    for path in stores {
+        let location = path.to_string_lossy().to_string();
+        let label = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| location.clone());
         let stored = dir_bytes(&path.join("X")) as f64;
         let dataset = Dataset::open(&location)?;
         let Dataset::AnnData(adata) = &dataset else { bail!("{location} is not an AnnData store") };
         let x = adata.x()?;
-        nnz_per_cell = x.nnz as f64 / cells as f64;
+        let cells = adata.n_obs();
+        described.push(format!("{label}: Zarr v{}, {cells} cells x {} genes, {:.0} nnz/cell, chunks {:?}{}", adata.version.number(), adata.n_vars(), x.nnz as f64 / cells as f64, x.inner_chunk_shape.as_ref().unwrap_or(&x.chunk_shape), x.inner_chunk_shape.as_ref().map(|_| format!(" in shards {:?}", x.chunk_shape)).unwrap_or_default()));
         let decoded = (x.nnz * 8 + cells * 8) as f64; // data f32 + indices u32, indptr u64
         for shuffle in [false, true] {
             let loader = Loader::new(&dataset, 0..cells, LoaderConfig { batch_size, shuffle, ..Default::default() })?;
@@ -104,7 +121,7 @@ fn load(cells: u64, genes: usize, library: f64, batch_size: usize, dir: &Path, p
             }
             let seconds = median(times);
             rows.push(Row {
-                format: version.number(),
+                store: label.clone(),
                 reader: format!("tessera loader ({})", if shuffle { "block-shuffled" } else { "sequential" }),
                 cells_per_s: cells as f64 / seconds,
                 decoded_mb_s: decoded / seconds / 1e6,
@@ -121,7 +138,7 @@ fn load(cells: u64, genes: usize, library: f64, batch_size: usize, dir: &Path, p
             for (reader, seconds) in results.as_object().into_iter().flatten() {
                 let seconds = seconds.as_f64().unwrap_or(f64::NAN);
                 rows.push(Row {
-                    format: version.number(),
+                    store: label.clone(),
                     reader: reader.clone(),
                     cells_per_s: cells as f64 / seconds,
                     decoded_mb_s: decoded / seconds / 1e6,
@@ -130,10 +147,14 @@ fn load(cells: u64, genes: usize, library: f64, batch_size: usize, dir: &Path, p
             }
         }
     }
-    println!("streaming X: {cells} cells x {genes} genes, {nnz_per_cell:.0} nnz/cell, batch {batch_size}, {} threads, median of {repeat}", rayon::current_num_threads());
-    println!("{:<6} {:<42} {:>12} {:>14} {:>13}", "zarr", "reader", "cells/s", "decoded MB/s", "stored MB/s");
+    println!("streaming all of X in batches of {batch_size}, {} threads, median of {repeat} passes", rayon::current_num_threads());
+    for d in &described {
+        println!("  {d}");
+    }
+    let width = rows.iter().map(|r| r.store.len()).max().unwrap_or(5).max(5);
+    println!("{:<width$} {:<42} {:>12} {:>14} {:>13}", "store", "reader", "cells/s", "decoded MB/s", "stored MB/s");
     for r in &rows {
-        println!("v{:<5} {:<42} {:>12.0} {:>14.1} {:>13.1}", r.format, r.reader, r.cells_per_s, r.decoded_mb_s, r.stored_mb_s);
+        println!("{:<width$} {:<42} {:>12.0} {:>14.1} {:>13.1}", r.store, r.reader, r.cells_per_s, r.decoded_mb_s, r.stored_mb_s);
     }
     Ok(())
 }
