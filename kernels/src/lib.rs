@@ -1,0 +1,12 @@
+//! tessera-kernels: the compute engine. Every op is a paired forward/backward with a plain CPU
+//! reference (generic over f32 and f64, gradient-checked in f64) and a CUDA kernel beside it
+//! that is tested against that reference.
+//!
+//! Invariant: this crate knows nothing of stores, models or the network; it sees slices,
+//! shapes and device buffers.
+
+pub mod gradcheck;
+pub mod ops;
+pub mod real;
+
+pub use real::Real;

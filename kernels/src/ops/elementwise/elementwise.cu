@@ -1,0 +1,64 @@
+// Activations and bias add (f32). Formulas mirror ops/elementwise/mod.rs; kinds match
+// Activation::code(): 0 identity, 1 relu, 2 leaky relu(a), 3 elu(a), 4 softplus, 5 exp, 6 sigmoid.
+
+__device__ __forceinline__ float tsr_softplus(float x) {
+    return x > 0.0f ? x + log1pf(expf(-x)) : log1pf(expf(x));
+}
+
+__device__ __forceinline__ float tsr_sigmoid(float x) {
+    if (x >= 0.0f) { return 1.0f / (1.0f + expf(-x)); }
+    float e = expf(x);
+    return e / (1.0f + e);
+}
+
+__device__ __forceinline__ float tsr_act(int kind, float a, float x) {
+    switch (kind) {
+        case 1: return fmaxf(x, 0.0f);
+        case 2: return x > 0.0f ? x : a * x;
+        case 3: return x > 0.0f ? x : a * expm1f(x);
+        case 4: return tsr_softplus(x);
+        case 5: return expf(x);
+        case 6: return tsr_sigmoid(x);
+        default: return x;
+    }
+}
+
+__device__ __forceinline__ float tsr_act_grad(int kind, float a, float x, float y) {
+    switch (kind) {
+        case 1: return x > 0.0f ? 1.0f : 0.0f;
+        case 2: return x > 0.0f ? 1.0f : a;
+        case 3: return x > 0.0f ? 1.0f : y + a;
+        case 4: return tsr_sigmoid(x);
+        case 5: return y;
+        case 6: return y * (1.0f - y);
+        default: return 1.0f;
+    }
+}
+
+extern "C" __global__ void activation_forward(int kind, float a, const float* x, float* y, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        y[i] = tsr_act(kind, a, x[i]);
+    }
+}
+
+extern "C" __global__ void activation_backward(int kind, float a, const float* x, const float* y, const float* dy, float* dx, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        dx[i] = dy[i] * tsr_act_grad(kind, a, x[i], y[i]);
+    }
+}
+
+extern "C" __global__ void bias_add_forward(float* y, const float* bias, unsigned long long rows, unsigned long long cols) {
+    unsigned long long n = rows * cols;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        y[i] += bias[i % cols];
+    }
+}
+
+// One thread per column, rows summed in order: the same order as the CPU reference.
+extern "C" __global__ void bias_add_backward(const float* dy, float* dbias, unsigned long long rows, unsigned long long cols) {
+    unsigned long long c = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    if (c >= cols) { return; }
+    float s = 0.0f;
+    for (unsigned long long r = 0; r < rows; ++r) { s += dy[r * cols + c]; }
+    dbias[c] = s;
+}

@@ -1,0 +1,182 @@
+//! Activations and bias add: paired forward/backward, CPU reference here, CUDA in
+//! `elementwise.cu` (same formulas, parity-tested).
+
+use rayon::prelude::*;
+
+use crate::real::{Real, sigmoid, softplus};
+
+/// The CUDA source of this op family; compiled by NVRTC at first use.
+pub const CUDA_SOURCE: &str = include_str!("elementwise.cu");
+
+/// Elements per rayon task: large enough that scheduling is noise.
+const GRAIN: usize = 1 << 14;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    Identity,
+    Relu,
+    LeakyRelu(f32),
+    Elu(f32),
+    Softplus,
+    Exp,
+    Sigmoid,
+}
+
+impl Activation {
+    /// (kind, parameter) as the CUDA kernels take them.
+    pub fn code(self) -> (i32, f32) {
+        match self {
+            Activation::Identity => (0, 0.0),
+            Activation::Relu => (1, 0.0),
+            Activation::LeakyRelu(a) => (2, a),
+            Activation::Elu(a) => (3, a),
+            Activation::Softplus => (4, 0.0),
+            Activation::Exp => (5, 0.0),
+            Activation::Sigmoid => (6, 0.0),
+        }
+    }
+
+    fn apply<T: Real>(self, x: T) -> T {
+        let zero = T::zero();
+        match self {
+            Activation::Identity => x,
+            Activation::Relu => x.max(zero),
+            Activation::LeakyRelu(a) => if x > zero { x } else { T::of(f64::from(a)) * x },
+            Activation::Elu(a) => if x > zero { x } else { T::of(f64::from(a)) * x.exp_m1() },
+            Activation::Softplus => softplus(x),
+            Activation::Exp => x.exp(),
+            Activation::Sigmoid => sigmoid(x),
+        }
+    }
+
+    /// dy/dx from the input and the output (whichever is cheaper).
+    fn derivative<T: Real>(self, x: T, y: T) -> T {
+        let (zero, one) = (T::zero(), T::one());
+        match self {
+            Activation::Identity => one,
+            Activation::Relu => if x > zero { one } else { zero },
+            Activation::LeakyRelu(a) => if x > zero { one } else { T::of(f64::from(a)) },
+            Activation::Elu(a) => if x > zero { one } else { y + T::of(f64::from(a)) },
+            Activation::Softplus => sigmoid(x),
+            Activation::Exp => y,
+            Activation::Sigmoid => y * (one - y),
+        }
+    }
+
+    pub fn forward<T: Real>(self, x: &[T], y: &mut [T]) {
+        assert_eq!(x.len(), y.len(), "activation: input and output lengths");
+        y.par_chunks_mut(GRAIN).zip(x.par_chunks(GRAIN)).for_each(|(y, x)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = self.apply(x);
+            }
+        });
+    }
+
+    /// dx = dy * f'(x), given the forward's input and output.
+    pub fn backward<T: Real>(self, x: &[T], y: &[T], dy: &[T], dx: &mut [T]) {
+        assert!(x.len() == y.len() && y.len() == dy.len() && dy.len() == dx.len(), "activation backward: lengths");
+        dx.par_chunks_mut(GRAIN).enumerate().for_each(|(c, dx)| {
+            let base = c * GRAIN;
+            for (i, dx) in dx.iter_mut().enumerate() {
+                let k = base + i;
+                *dx = dy[k] * self.derivative(x[k], y[k]);
+            }
+        });
+    }
+}
+
+/// y[r, c] += bias[c] for a row-major (rows x cols) matrix.
+pub fn bias_add_forward<T: Real>(y: &mut [T], bias: &[T]) {
+    let cols = bias.len();
+    assert!(cols > 0 && y.len() % cols == 0, "bias add: {} values are not rows of {cols}", y.len());
+    y.par_chunks_mut(cols).for_each(|row| {
+        for (v, &b) in row.iter_mut().zip(bias) {
+            *v = *v + b;
+        }
+    });
+}
+
+/// dbias[c] = sum over rows of dy[r, c].
+pub fn bias_add_backward<T: Real>(dy: &[T], dbias: &mut [T]) {
+    column_sums(dy, dbias);
+}
+
+/// out[c] = sum over rows of m[r, c], in row order (deterministic), for a row-major matrix
+/// with `out.len()` columns. Also reduces per-entry gradients of shared (per-feature) parameters.
+pub fn column_sums<T: Real>(m: &[T], out: &mut [T]) {
+    let cols = out.len();
+    assert!(cols > 0 && m.len() % cols == 0, "column sums: {} values are not rows of {cols}", m.len());
+    out.par_iter_mut().enumerate().for_each(|(c, o)| {
+        *o = m.iter().skip(c).step_by(cols).copied().sum();
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::check;
+
+    const ALL: [Activation; 7] = [
+        Activation::Identity,
+        Activation::Relu,
+        Activation::LeakyRelu(0.1),
+        Activation::Elu(1.0),
+        Activation::Softplus,
+        Activation::Exp,
+        Activation::Sigmoid,
+    ];
+
+    /// Inputs away from the kinks of ReLU-like functions, where finite differences are exact.
+    fn inputs(n: usize) -> Vec<f64> {
+        (0..n).map(|i| ((i as f64 * 0.7311).sin() * 3.0) + if i % 2 == 0 { 0.05 } else { -0.05 }).collect()
+    }
+
+    #[test]
+    fn activation_gradients_match_finite_differences() {
+        for act in ALL {
+            for n in [1, 31, 1025] {
+                let x = inputs(n);
+                let w: Vec<f64> = (0..n).map(|i| 1.0 + (i % 7) as f64 * 0.1).collect();
+                let loss = |x: &[f64]| {
+                    let mut y = vec![0.0; x.len()];
+                    act.forward(x, &mut y);
+                    y.iter().zip(&w).map(|(a, b)| a * b).sum::<f64>()
+                };
+                let mut y = vec![0.0; n];
+                act.forward(&x, &mut y);
+                let mut dx = vec![0.0; n];
+                act.backward(&x, &y, &w, &mut dx);
+                check(loss, &x, &dx, 1e-6, 1e-6).unwrap_or_else(|e| panic!("{act:?} n={n}: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn bias_gradient_matches_finite_differences() {
+        let (rows, cols) = (5, 31);
+        let dy: Vec<f64> = (0..rows * cols).map(|i| (i as f64).cos()).collect();
+        let bias: Vec<f64> = (0..cols).map(|i| i as f64 * 0.01).collect();
+        let loss = |b: &[f64]| {
+            let mut y = vec![0.0; rows * cols];
+            bias_add_forward(&mut y, b);
+            y.iter().zip(&dy).map(|(a, g)| a * g).sum::<f64>()
+        };
+        let mut db = vec![0.0; cols];
+        bias_add_backward(&dy, &mut db);
+        check(loss, &bias, &db, 1e-6, 1e-8).unwrap();
+    }
+
+    #[test]
+    fn f32_matches_f64_reference() {
+        let x = inputs(1025);
+        let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+        for act in ALL {
+            let (mut y, mut y32) = (vec![0.0; 1025], vec![0.0f32; 1025]);
+            act.forward(&x, &mut y);
+            act.forward(&x32, &mut y32);
+            for (a, b) in y.iter().zip(&y32) {
+                assert!((a - f64::from(*b)).abs() <= 1e-6 + 1e-6 * a.abs(), "{act:?}: {a} vs {b}");
+            }
+        }
+    }
+}

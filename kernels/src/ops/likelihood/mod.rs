@@ -1,0 +1,255 @@
+//! Log-likelihoods of observed data under the decoders' distributions, with the value and the
+//! gradients fused in one pass (no intermediate tensors): negative binomial (mean, inverse
+//! dispersion), zero-inflated NB, Poisson, Gaussian (mean, log-variance), Bernoulli (logits).
+//!
+//! Layout: `x` and every parameter are row-major (cells x features); a parameter given with
+//! `features` entries instead is shared by all cells (per-gene dispersion). Each row's
+//! log-likelihood sum is written to `ll`; gradients are of Σ_r w_r · ll_r with optional per-cell
+//! weights `w` (0 masks a cell missing this modality), one gradient buffer per parameter, always
+//! per entry: reduce a shared parameter's gradient with [`crate::ops::elementwise::column_sums`].
+//! Formulas follow scvi-tools (`log_nb_positive`, `log_zinb_positive`), eps = 1e-8 inside logs.
+
+use rayon::prelude::*;
+
+use crate::real::{Real, digamma, lgamma, sigmoid, softplus};
+
+pub const CUDA_SOURCE: &str = include_str!("likelihood.cu");
+
+pub const EPS: f64 = 1e-8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Likelihood {
+    /// Parameters: mean μ > 0, inverse dispersion θ > 0.
+    NegativeBinomial,
+    /// Parameters: μ, θ, zero-inflation logit π.
+    ZeroInflatedNegativeBinomial,
+    /// Parameter: rate μ > 0.
+    Poisson,
+    /// Parameters: mean m, log-variance v.
+    Gaussian,
+    /// Parameter: logit l.
+    Bernoulli,
+}
+
+impl Likelihood {
+    pub fn n_params(self) -> usize {
+        match self {
+            Likelihood::NegativeBinomial | Likelihood::Gaussian => 2,
+            Likelihood::ZeroInflatedNegativeBinomial => 3,
+            Likelihood::Poisson | Likelihood::Bernoulli => 1,
+        }
+    }
+
+    /// The CUDA kernel's code for this family.
+    pub fn code(self) -> i32 {
+        match self {
+            Likelihood::NegativeBinomial => 0,
+            Likelihood::ZeroInflatedNegativeBinomial => 1,
+            Likelihood::Poisson => 2,
+            Likelihood::Gaussian => 3,
+            Likelihood::Bernoulli => 4,
+        }
+    }
+
+    /// One entry: log-likelihood and its gradients with respect to the parameters `p`.
+    pub fn entry<T: Real>(self, x: T, p: [T; 3]) -> (T, [T; 3]) {
+        let eps = T::of(EPS);
+        let (zero, one, half) = (T::zero(), T::one(), T::of(0.5));
+        match self {
+            Likelihood::NegativeBinomial => {
+                let (mu, theta) = (p[0], p[1]);
+                let (lt, ltm) = ((theta + eps).ln(), (theta + mu + eps).ln());
+                let ll = theta * (lt - ltm) + x * ((mu + eps).ln() - ltm) + lgamma(x + theta) - lgamma(theta) - lgamma(x + one);
+                let dmu = x / (mu + eps) - (theta + x) / (theta + mu + eps);
+                let dtheta = lt - ltm + theta / (theta + eps) - (theta + x) / (theta + mu + eps) + digamma(x + theta) - digamma(theta);
+                (ll, [dmu, dtheta, zero])
+            }
+            Likelihood::ZeroInflatedNegativeBinomial => {
+                let (mu, theta, pi) = (p[0], p[1], p[2]);
+                let (lt, ltm) = ((theta + eps).ln(), (theta + mu + eps).ln());
+                let sp = softplus(-pi);
+                let pt = -pi + theta * (lt - ltm);
+                // d(θ(lt - ltm))/dθ and /dμ, shared by both cases.
+                let dpt_theta = lt - ltm + theta / (theta + eps) - theta / (theta + mu + eps);
+                let dpt_mu = -theta / (theta + mu + eps);
+                if x < eps {
+                    let s = sigmoid(pt);
+                    (softplus(pt) - sp, [s * dpt_mu, s * dpt_theta, sigmoid(-pi) - s])
+                } else {
+                    let ll = -sp + pt + x * ((mu + eps).ln() - ltm) + lgamma(x + theta) - lgamma(theta) - lgamma(x + one);
+                    let dmu = dpt_mu + x / (mu + eps) - x / (theta + mu + eps);
+                    let dtheta = dpt_theta - x / (theta + mu + eps) + digamma(x + theta) - digamma(theta);
+                    (ll, [dmu, dtheta, sigmoid(-pi) - one])
+                }
+            }
+            Likelihood::Poisson => {
+                let mu = p[0];
+                (x * (mu + eps).ln() - mu - lgamma(x + one), [x / (mu + eps) - one, zero, zero])
+            }
+            Likelihood::Gaussian => {
+                let (m, v) = (p[0], p[1]);
+                let inv = (-v).exp();
+                let d = x - m;
+                let ll = -half * (T::of((2.0 * std::f64::consts::PI).ln()) + v + d * d * inv);
+                (ll, [d * inv, -half + half * d * d * inv, zero])
+            }
+            Likelihood::Bernoulli => {
+                let l = p[0];
+                (x * l - softplus(l), [x - sigmoid(l), zero, zero])
+            }
+        }
+    }
+
+    /// Log-likelihood per row and per-entry gradients of Σ_r w_r ll_r.
+    ///
+    /// `params[k]` has `x.len()` entries or `features` (shared across rows); `grads[k]` always has
+    /// `x.len()`. Panics on inconsistent lengths (a programming error, not a data error).
+    pub fn forward_backward<T: Real>(self, x: &[T], features: usize, params: &[&[T]], weights: Option<&[T]>, ll: &mut [T], grads: &mut [&mut [T]]) {
+        let k = self.n_params();
+        assert!(features > 0 && x.len() % features == 0, "likelihood: {} values are not rows of {features}", x.len());
+        let rows = x.len() / features;
+        assert_eq!(params.len(), k, "{self:?} takes {k} parameters");
+        assert_eq!(grads.len(), k, "{self:?} returns {k} gradients");
+        assert_eq!(ll.len(), rows, "one log-likelihood per row");
+        for p in params {
+            assert!(p.len() == x.len() || p.len() == features, "parameter has {} entries, expected {} or {features}", p.len(), x.len());
+        }
+        for g in grads.iter() {
+            assert_eq!(g.len(), x.len(), "gradients are per entry");
+        }
+        if let Some(w) = weights {
+            assert_eq!(w.len(), rows, "one weight per row");
+        }
+        let mut per_row: Vec<Vec<&mut [T]>> = (0..rows).map(|_| Vec::with_capacity(k)).collect();
+        for g in grads.iter_mut() {
+            for (r, chunk) in g.chunks_mut(features).enumerate() {
+                per_row[r].push(chunk);
+            }
+        }
+        per_row.into_par_iter().zip(ll.par_iter_mut()).enumerate().for_each(|(r, (mut out, ll))| {
+            let w = weights.map_or(T::one(), |w| w[r]);
+            let mut sum = T::zero();
+            for f in 0..features {
+                let i = r * features + f;
+                let mut p = [T::zero(); 3];
+                for (slot, param) in p.iter_mut().zip(params) {
+                    *slot = if param.len() == features { param[f] } else { param[i] };
+                }
+                let (value, grad) = self.entry(x[i], p);
+                sum = sum + value;
+                for (g, d) in out.iter_mut().zip(grad) {
+                    g[f] = w * d;
+                }
+            }
+            *ll = sum;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gradcheck::{check_at, spread};
+
+    /// Counts with zeros, ones and large values; parameters in realistic ranges.
+    fn case(rows: usize, features: usize, family: Likelihood) -> (Vec<f64>, Vec<Vec<f64>>) {
+        let n = rows * features;
+        let x: Vec<f64> = (0..n)
+            .map(|i| match family {
+                Likelihood::Gaussian => (i as f64 * 0.37).sin() * 2.0,
+                Likelihood::Bernoulli => f64::from(i % 3 == 0),
+                _ => [0.0, 0.0, 1.0, 3.0, 0.0, 17.0, 250.0][i % 7],
+            })
+            .collect();
+        let params = (0..family.n_params())
+            .map(|k| {
+                (0..n)
+                    .map(|i| {
+                        let t = (i as f64 * 0.913 + k as f64).sin();
+                        match (family, k) {
+                            (Likelihood::Gaussian, _) | (Likelihood::Bernoulli, _) | (Likelihood::ZeroInflatedNegativeBinomial, 2) => t * 1.5,
+                            (_, 0) => (t * 2.0).exp() * 3.0, // mean
+                            _ => (t * 1.5).exp() * 2.0,       // inverse dispersion
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        (x, params)
+    }
+
+    const FAMILIES: [Likelihood; 5] = [
+        Likelihood::NegativeBinomial,
+        Likelihood::ZeroInflatedNegativeBinomial,
+        Likelihood::Poisson,
+        Likelihood::Gaussian,
+        Likelihood::Bernoulli,
+    ];
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        for family in FAMILIES {
+            for (rows, features) in [(1, 1), (3, 31), (2, 1025)] {
+                let (x, params) = case(rows, features, family);
+                let weights: Vec<f64> = (0..rows).map(|r| 0.5 + r as f64).collect();
+                let n = x.len();
+                let total = |params: &[Vec<f64>]| {
+                    let refs: Vec<&[f64]> = params.iter().map(Vec::as_slice).collect();
+                    let mut ll = vec![0.0; rows];
+                    let mut g: Vec<Vec<f64>> = vec![vec![0.0; n]; params.len()];
+                    let mut gm: Vec<&mut [f64]> = g.iter_mut().map(Vec::as_mut_slice).collect();
+                    family.forward_backward(&x, features, &refs, Some(&weights), &mut ll, &mut gm);
+                    (ll.iter().zip(&weights).map(|(l, w)| l * w).sum::<f64>(), g)
+                };
+                let (_, grads) = total(&params);
+                for k in 0..params.len() {
+                    let f = |p: &[f64]| {
+                        let mut all = params.clone();
+                        all[k] = p.to_vec();
+                        total(&all).0
+                    };
+                    // The loss sums many entries, so round-off in the difference quotient is
+                    // ~1e-16 * |loss| / h: a larger step keeps it below the tolerance.
+                    check_at(f, &params[k], &grads[k], spread(n, 97), 1e-5, 1e-5).unwrap_or_else(|e| panic!("{family:?} param {k} ({rows}x{features}): {e}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn values_match_closed_forms() {
+        // NB(0 | μ, θ) = (θ/(θ+μ))^θ; Poisson(2 | 3) = 9 e^-3 / 2; N(1 | 0, e^0) = φ(1).
+        let (ll, _) = Likelihood::NegativeBinomial.entry(0.0f64, [3.0, 2.0, 0.0]);
+        assert!((ll - 2.0 * (2.0f64 / 5.0).ln()).abs() < 1e-7);
+        let (ll, _) = Likelihood::Poisson.entry(2.0f64, [3.0, 0.0, 0.0]);
+        assert!((ll - (4.5f64 * (-3.0f64).exp()).ln()).abs() < 1e-7);
+        let (ll, _) = Likelihood::Gaussian.entry(1.0f64, [0.0, 0.0, 0.0]);
+        assert!((ll - (-0.5 - 0.5 * (2.0 * std::f64::consts::PI).ln())).abs() < 1e-12);
+        // ZINB with π → -∞ (no inflation) equals NB; NB with θ → ∞ approaches Poisson.
+        let (zinb, _) = Likelihood::ZeroInflatedNegativeBinomial.entry(5.0f64, [3.0, 2.0, -40.0]);
+        let (nb, _) = Likelihood::NegativeBinomial.entry(5.0f64, [3.0, 2.0, 0.0]);
+        assert!((zinb - nb).abs() < 1e-9);
+        let (nb, _) = Likelihood::NegativeBinomial.entry(4.0f64, [3.0, 1e7, 0.0]);
+        let (poisson, _) = Likelihood::Poisson.entry(4.0f64, [3.0, 0.0, 0.0]);
+        assert!((nb - poisson).abs() < 1e-5);
+    }
+
+    #[test]
+    fn zero_weight_masks_a_row_and_shared_parameters_broadcast() {
+        let family = Likelihood::NegativeBinomial;
+        let x = [0.0f64, 2.0, 5.0, 1.0];
+        let mu = [1.0, 2.0, 3.0, 4.0];
+        let theta_gene = [1.5, 0.5];
+        let theta_entry = [1.5, 0.5, 1.5, 0.5];
+        let run = |theta: &[f64], w: &[f64]| {
+            let mut ll = [0.0; 2];
+            let (mut dmu, mut dth) = ([0.0; 4], [0.0; 4]);
+            family.forward_backward(&x, 2, &[&mu, theta], Some(w), &mut ll, &mut [&mut dmu, &mut dth]);
+            (ll, dmu, dth)
+        };
+        assert_eq!(run(&theta_gene, &[1.0, 1.0]), run(&theta_entry, &[1.0, 1.0]));
+        let (ll, dmu, dth) = run(&theta_gene, &[1.0, 0.0]);
+        assert!(ll[1] != 0.0, "the value is still reported");
+        assert_eq!((&dmu[2..], &dth[2..]), (&[0.0, 0.0][..], &[0.0, 0.0][..]), "no gradient from a masked row");
+    }
+}
