@@ -8,6 +8,8 @@ use crate::real::{Real, sigmoid, softplus};
 /// The CUDA source of this op family; compiled by NVRTC at first use.
 pub const CUDA_SOURCE: &str = include_str!("elementwise.cu");
 
+pub mod gpu;
+
 /// Elements per rayon task: large enough that scheduling is noise.
 const GRAIN: usize = 1 << 14;
 
@@ -88,7 +90,7 @@ impl Activation {
 /// y[r, c] += bias[c] for a row-major (rows x cols) matrix.
 pub fn bias_add_forward<T: Real>(y: &mut [T], bias: &[T]) {
     let cols = bias.len();
-    assert!(cols > 0 && y.len() % cols == 0, "bias add: {} values are not rows of {cols}", y.len());
+    assert!(cols > 0 && y.len().is_multiple_of(cols), "bias add: {} values are not rows of {cols}", y.len());
     y.par_chunks_mut(cols).for_each(|row| {
         for (v, &b) in row.iter_mut().zip(bias) {
             *v = *v + b;
@@ -105,7 +107,7 @@ pub fn bias_add_backward<T: Real>(dy: &[T], dbias: &mut [T]) {
 /// with `out.len()` columns. Also reduces per-entry gradients of shared (per-feature) parameters.
 pub fn column_sums<T: Real>(m: &[T], out: &mut [T]) {
     let cols = out.len();
-    assert!(cols > 0 && m.len() % cols == 0, "column sums: {} values are not rows of {cols}", m.len());
+    assert!(cols > 0 && m.len().is_multiple_of(cols), "column sums: {} values are not rows of {cols}", m.len());
     out.par_iter_mut().enumerate().for_each(|(c, o)| {
         *o = m.iter().skip(c).step_by(cols).copied().sum();
     });

@@ -15,6 +15,8 @@ use crate::real::{Real, digamma, lgamma, sigmoid, softplus};
 
 pub const CUDA_SOURCE: &str = include_str!("likelihood.cu");
 
+pub mod gpu;
+
 pub const EPS: f64 = 1e-8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +108,7 @@ impl Likelihood {
     /// `x.len()`. Panics on inconsistent lengths (a programming error, not a data error).
     pub fn forward_backward<T: Real>(self, x: &[T], features: usize, params: &[&[T]], weights: Option<&[T]>, ll: &mut [T], grads: &mut [&mut [T]]) {
         let k = self.n_params();
-        assert!(features > 0 && x.len() % features == 0, "likelihood: {} values are not rows of {features}", x.len());
+        assert!(features > 0 && x.len().is_multiple_of(features), "likelihood: {} values are not rows of {features}", x.len());
         let rows = x.len() / features;
         assert_eq!(params.len(), k, "{self:?} takes {k} parameters");
         assert_eq!(grads.len(), k, "{self:?} returns {k} gradients");

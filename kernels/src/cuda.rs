@@ -1,0 +1,119 @@
+//! The CUDA backend's plumbing: device discovery (libraries are loaded dynamically, so every
+//! build runs where there is no CUDA), NVRTC compilation of our `.cu` sources at first use
+//! (cached per device), transfers and launch shapes. The ops' GPU entry points live beside their
+//! CPU references (`ops/*/gpu.rs`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("no CUDA device: {0}")]
+    Unavailable(String),
+    #[error("NVRTC could not compile {module}.cu: {log}")]
+    Compile { module: String, log: String },
+    #[error("CUDA driver error in {context}: {reason}")]
+    Driver { context: String, reason: String },
+}
+
+pub type Result<T> = std::result::Result<T, CudaError>;
+
+fn driver(context: &str) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError + '_ {
+    move |e| CudaError::Driver { context: context.into(), reason: e.to_string() }
+}
+
+/// Whether the NVRTC library can be loaded (it panics inside cudarc when it cannot).
+#[allow(unsafe_code)]
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only probes for the shared library; no NVRTC function is called.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Compiles one of our CUDA sources to PTX (portable across architectures; the driver JITs it
+/// for the device). Needs only NVRTC, no GPU.
+pub fn compile(module: &str, source: &str) -> Result<Ptx> {
+    if !nvrtc_present() {
+        return Err(CudaError::Unavailable("libnvrtc not found (set LD_LIBRARY_PATH)".into()));
+    }
+    let options = CompileOptions { use_fast_math: Some(false), ..Default::default() };
+    cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| CudaError::Compile { module: module.into(), log: e.to_string() })
+}
+
+/// One GPU: its context, the stream our ops run on, and the modules compiled for it.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gpu({})", self.ctx.ordinal())
+    }
+}
+
+impl Gpu {
+    /// Opens device `ordinal`, or says why there is none (no driver library, no device).
+    #[allow(unsafe_code)]
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        // SAFETY: only probes for the shared library. CudaContext::new panics without it.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(CudaError::Unavailable("libcuda not found (no NVIDIA driver)".into()));
+        }
+        let count = CudaContext::device_count().map_err(|e| CudaError::Unavailable(e.to_string()))?;
+        if ordinal as i32 >= count {
+            return Err(CudaError::Unavailable(format!("device {ordinal} requested, {count} present")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver("creating the context"))?;
+        let stream = ctx.default_stream();
+        Ok(Gpu { ctx, stream, modules: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// A kernel of one of our modules, compiling the module on first use.
+    pub fn function(&self, module: &'static str, source: &str, kernel: &str) -> Result<CudaFunction> {
+        let loaded = {
+            let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+            match modules.get(module) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = self.ctx.load_module(compile(module, source)?).map_err(driver(module))?;
+                    modules.insert(module, m.clone());
+                    m
+                }
+            }
+        };
+        loaded.load_function(kernel).map_err(driver(kernel))
+    }
+
+    pub fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
+        self.stream.clone_htod(host).map_err(driver("upload"))
+    }
+
+    pub fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros::<f32>(n).map_err(driver("alloc"))
+    }
+
+    pub fn download(&self, device: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.stream.clone_dtoh(device).map_err(driver("download"))
+    }
+}
+
+/// A grid-stride launch over `n` elements: enough blocks to fill the device, not one per
+/// element (the kernels loop).
+pub(crate) fn grid(n: usize) -> LaunchConfig {
+    let threads = 256u32;
+    let blocks = n.div_ceil(threads as usize).clamp(1, 65_535) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Every CUDA source we ship, by module name: what NVRTC compiles in CI and on devices.
+pub fn sources() -> [(&'static str, &'static str); 2] {
+    [("elementwise", crate::ops::elementwise::CUDA_SOURCE), ("likelihood", crate::ops::likelihood::CUDA_SOURCE)]
+}

@@ -1,0 +1,56 @@
+//! GPU entry point of the fused likelihoods (kernels in `likelihood.cu`).
+#![allow(unsafe_code)] // kernel launches: argument types and lengths are checked before each
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use super::{CUDA_SOURCE, Likelihood};
+use crate::cuda::{CudaError, Gpu, Result, grid};
+
+/// As [`Likelihood::forward_backward`], on the device.
+pub fn forward_backward(gpu: &Gpu, family: Likelihood, x: &CudaSlice<f32>, features: usize, params: &[&CudaSlice<f32>], weights: Option<&CudaSlice<f32>>, ll: &mut CudaSlice<f32>, grads: &mut [&mut CudaSlice<f32>]) -> Result<()> {
+    let k = family.n_params();
+    let n = x.len();
+    assert!(features > 0 && n.is_multiple_of(features), "likelihood: shapes");
+    assert!(params.len() == k && grads.len() == k, "{family:?} takes {k} parameters");
+    assert!(params.iter().all(|p| p.len() == n || p.len() == features), "parameter lengths");
+    assert!(grads.iter().all(|g| g.len() == n), "gradients are per entry");
+    let rows = n / features;
+    assert_eq!(ll.len(), rows, "one log-likelihood per row");
+    let err = |kernel: &'static str| move |e: cudarc::driver::DriverError| CudaError::Driver { context: kernel.into(), reason: e.to_string() };
+    let values = gpu.zeros(n)?;
+    let null = 0u64;
+    let (rows64, features64) = (rows as u64, features as u64);
+    let shared: Vec<i32> = (0..3).map(|i| params.get(i).is_some_and(|p| p.len() == features && features != n) as i32).collect();
+    let entries = gpu.function("likelihood", CUDA_SOURCE, "likelihood_entries")?;
+    let code = family.code();
+    let mut b = gpu.stream().launch_builder(&entries);
+    b.arg(&code).arg(x).arg(&rows64).arg(&features64);
+    for i in 0..3 {
+        match params.get(i) {
+            Some(p) => b.arg(*p),
+            None => b.arg(&null),
+        };
+    }
+    b.arg(&shared[0]).arg(&shared[1]).arg(&shared[2]);
+    match weights {
+        Some(w) => b.arg(w),
+        None => b.arg(&null),
+    };
+    b.arg(&values);
+    let mut grads = grads.iter_mut();
+    let (g0, g1, g2) = (grads.next(), grads.next(), grads.next());
+    for g in [g0, g1, g2] {
+        match g {
+            Some(g) => b.arg(&mut **g),
+            None => b.arg(&null),
+        };
+    }
+    // SAFETY: argument order and types match likelihood_entries; absent parameters and
+    // gradients are null pointers, which the kernel checks; every buffer has the asserted length.
+    unsafe { b.launch(grid(n)) }.map_err(err("likelihood_entries"))?;
+    let sums = gpu.function("likelihood", CUDA_SOURCE, "likelihood_row_sums")?;
+    let mut b = gpu.stream().launch_builder(&sums);
+    b.arg(&values).arg(ll).arg(&rows64).arg(&features64);
+    // SAFETY: values holds rows*features floats, ll rows.
+    unsafe { b.launch(grid(rows)) }.map(|_| ()).map_err(err("likelihood_row_sums"))
+}

@@ -1,0 +1,124 @@
+//! The CUDA kernels against the CPU references. NVRTC compilation of every `.cu` runs wherever
+//! libnvrtc is found (CI installs it from the NVIDIA pip wheel; `TESSERA_REQUIRE_NVRTC=1` makes
+//! its absence a failure). Parity tests need a GPU and say SKIPPED, with the reason, without one.
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use tessera_kernels::cuda::{Gpu, compile, nvrtc_present, sources};
+use tessera_kernels::ops::elementwise::{self, Activation};
+use tessera_kernels::ops::likelihood::{self, Likelihood};
+
+fn gpu() -> Option<Gpu> {
+    match Gpu::new(0) {
+        Ok(gpu) => Some(gpu),
+        Err(e) => {
+            eprintln!("SKIPPED: CPU/GPU parity needs a CUDA device: {e}");
+            None
+        }
+    }
+}
+
+/// |gpu - cpu| <= atol + rtol * |cpu|, entry by entry.
+fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        assert!((g - c).abs() <= atol + rtol * c.abs(), "{what}[{i}]: gpu {g} vs cpu {c}");
+    }
+}
+
+#[test]
+fn every_cuda_source_compiles_with_nvrtc() {
+    if !nvrtc_present() {
+        assert!(std::env::var("TESSERA_REQUIRE_NVRTC").as_deref() != Ok("1"), "TESSERA_REQUIRE_NVRTC=1 but libnvrtc is not on LD_LIBRARY_PATH");
+        eprintln!("SKIPPED: libnvrtc not found; the .cu sources were not compiled");
+        return;
+    }
+    for (name, source) in sources() {
+        compile(name, source).unwrap_or_else(|e| panic!("{e}"));
+    }
+    // The check can fail: a broken source is an error carrying NVRTC's log.
+    let err = compile("broken", "extern \"C\" __global__ void k() { undeclared(); }").unwrap_err().to_string();
+    assert!(err.contains("broken.cu") && err.contains("undeclared"), "{err}");
+}
+
+fn inputs(n: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i as f32 * 0.7311).sin() * 4.0) + 0.01).collect()
+}
+
+#[test]
+fn activations_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for n in [1, 31, 1025, 1 << 20] {
+        let x = inputs(n);
+        let dy: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).cos()).collect();
+        for act in [Activation::Relu, Activation::LeakyRelu(0.2), Activation::Elu(1.0), Activation::Softplus, Activation::Exp, Activation::Sigmoid] {
+            let (mut y, mut dx) = (vec![0.0; n], vec![0.0; n]);
+            act.forward(&x, &mut y);
+            act.backward(&x, &y, &dy, &mut dx);
+            let (xd, dyd) = (gpu.upload(&x).unwrap(), gpu.upload(&dy).unwrap());
+            let (mut yd, mut dxd) = (gpu.zeros(n).unwrap(), gpu.zeros(n).unwrap());
+            elementwise::gpu::activation_forward(&gpu, act, &xd, &mut yd).unwrap();
+            elementwise::gpu::activation_backward(&gpu, act, &xd, &yd, &dyd, &mut dxd).unwrap();
+            assert_close(&format!("{act:?} forward n={n}"), &gpu.download(&yd).unwrap(), &y, 1e-6, 1e-5);
+            assert_close(&format!("{act:?} backward n={n}"), &gpu.download(&dxd).unwrap(), &dx, 1e-6, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn bias_and_column_sums_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for (rows, cols) in [(1, 1), (7, 31), (1024, 1025)] {
+        let m = inputs(rows * cols);
+        let bias = inputs(cols);
+        let (mut y, mut sums) = (m.clone(), vec![0.0; cols]);
+        elementwise::bias_add_forward(&mut y, &bias);
+        elementwise::column_sums(&m, &mut sums);
+        let mut yd = gpu.upload(&m).unwrap();
+        elementwise::gpu::bias_add_forward(&gpu, &mut yd, &gpu.upload(&bias).unwrap()).unwrap();
+        let mut sd = gpu.zeros(cols).unwrap();
+        elementwise::gpu::column_sums(&gpu, &gpu.upload(&m).unwrap(), &mut sd).unwrap();
+        assert_close("bias add", &gpu.download(&yd).unwrap(), &y, 1e-6, 1e-6);
+        // Same summation order on both sides: equal up to f32 rounding of the loop itself.
+        assert_close("column sums", &gpu.download(&sd).unwrap(), &sums, 1e-4, 1e-5);
+    }
+}
+
+#[test]
+fn likelihoods_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, features) = (64, 1025);
+    let n = rows * features;
+    for family in [Likelihood::NegativeBinomial, Likelihood::ZeroInflatedNegativeBinomial, Likelihood::Poisson, Likelihood::Gaussian, Likelihood::Bernoulli] {
+        let x: Vec<f32> = (0..n).map(|i| match family {
+            Likelihood::Gaussian => (i as f32 * 0.37).sin(),
+            Likelihood::Bernoulli => (i % 3 == 0) as i32 as f32,
+            _ => [0.0, 0.0, 1.0, 3.0, 0.0, 17.0, 250.0][i % 7],
+        }).collect();
+        let params: Vec<Vec<f32>> = (0..family.n_params()).map(|k| (0..if k == 1 { features } else { n }).map(|i| {
+            let t = (i as f32 * 0.913 + k as f32).sin();
+            match (family, k) {
+                (Likelihood::Gaussian | Likelihood::Bernoulli, _) | (Likelihood::ZeroInflatedNegativeBinomial, 2) => t,
+                _ => (t * 1.5).exp() * 2.0,
+            }
+        }).collect()).collect();
+        let weights: Vec<f32> = (0..rows).map(|r| (r % 2) as f32).collect();
+        let refs: Vec<&[f32]> = params.iter().map(Vec::as_slice).collect();
+        let mut ll = vec![0.0; rows];
+        let mut grads: Vec<Vec<f32>> = vec![vec![0.0; n]; params.len()];
+        let mut gm: Vec<&mut [f32]> = grads.iter_mut().map(Vec::as_mut_slice).collect();
+        family.forward_backward(&x, features, &refs, Some(&weights), &mut ll, &mut gm);
+
+        let xd = gpu.upload(&x).unwrap();
+        let pd: Vec<_> = params.iter().map(|p| gpu.upload(p).unwrap()).collect();
+        let pr: Vec<_> = pd.iter().collect();
+        let wd = gpu.upload(&weights).unwrap();
+        let mut lld = gpu.zeros(rows).unwrap();
+        let mut gd: Vec<_> = (0..params.len()).map(|_| gpu.zeros(n).unwrap()).collect();
+        let mut gr: Vec<_> = gd.iter_mut().collect();
+        likelihood::gpu::forward_backward(&gpu, family, &xd, features, &pr, Some(&wd), &mut lld, &mut gr).unwrap();
+        assert_close(&format!("{family:?} ll"), &gpu.download(&lld).unwrap(), &ll, 1e-2, 1e-4);
+        for (k, g) in grads.iter().enumerate() {
+            assert_close(&format!("{family:?} grad {k}"), &gpu.download(&gd[k]).unwrap(), g, 1e-5, 1e-4);
+        }
+    }
+}
