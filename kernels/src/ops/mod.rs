@@ -2,5 +2,6 @@
 //! the CUDA source it is held to (`*.cu`, compiled by NVRTC at run time), and its tests.
 
 pub mod elementwise;
+pub mod gaussian;
 pub mod likelihood;
 pub mod linear;
