@@ -5,3 +5,4 @@ pub mod elementwise;
 pub mod gaussian;
 pub mod likelihood;
 pub mod linear;
+pub mod optim;
