@@ -11,6 +11,12 @@ use tessera_data::{Dataset, Loader, LoaderConfig, SimConfig, ZarrVersion};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// CPU engine ops at the shapes of 2,000- and 8,000-gene models: GEMM GFLOP/s and the
+    /// fused likelihood's throughput, each with its floor (FLOPs, bytes).
+    Ops {
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
+    },
     /// Stream all of X in mini-batches from local Zarr v2 and v3 stores (generated once).
     Load {
         #[arg(long, default_value_t = 100_000)]
@@ -39,6 +45,7 @@ pub enum BenchCommand {
 
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
+        BenchCommand::Ops { repeat } => ops(repeat.max(1)),
         BenchCommand::Load { cells, genes, library, batch_size, dir, python, store, repeat } => {
             let stores = if store.is_empty() { generated_stores(cells, genes, library, &dir)? } else { store };
             load(&stores, batch_size, python.as_deref(), repeat.max(1))
@@ -155,6 +162,58 @@ fn load(stores: &[PathBuf], batch_size: usize, python: Option<&Path>, repeat: us
     println!("{:<width$} {:<42} {:>12} {:>14} {:>13}", "store", "reader", "cells/s", "decoded MB/s", "stored MB/s");
     for r in &rows {
         println!("{:<width$} {:<42} {:>12.0} {:>14.1} {:>13.1}", r.store, r.reader, r.cells_per_s, r.decoded_mb_s, r.stored_mb_s);
+    }
+    Ok(())
+}
+
+/// Median seconds of `repeat` runs of `f` (after one warm-up run).
+fn time(repeat: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    median(
+        (0..repeat)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn ops(repeat: usize) -> Result<()> {
+    use tessera_kernels::ops::likelihood::Likelihood;
+    use tessera_kernels::ops::linear::Gemm;
+    let values = |n: usize| -> Vec<f32> { (0..n).map(|i| ((i as f32) * 0.618).sin()).collect() };
+    println!("CPU engine ops, {} threads, median of {repeat}", rayon::current_num_threads());
+    println!("{:<44} {:>10} {:>10} {:>9} {:>10} {:>10}", "op (shape)", "GFLOP", "MB moved", "ms", "GFLOP/s", "GB/s");
+    let hidden = 512;
+    for genes in [2_000usize, 8_000] {
+        for batch in [128usize, 1_024] {
+            // The decoder's output layer dominates: forward, weight gradient, input gradient.
+            for (name, ta, tb, m, k, n) in [
+                ("decoder fwd  h·W", false, false, batch, hidden, genes),
+                ("decoder dW   hᵀ·dY", true, false, hidden, batch, genes),
+                ("decoder dh   dY·Wᵀ", false, true, batch, genes, hidden),
+                ("hidden fwd   h·W", false, false, batch, hidden, hidden),
+            ] {
+                let (a, b) = (values(m * k), values(k * n));
+                let mut c = vec![0.0f32; m * n];
+                let seconds = time(repeat, || f32::gemm(ta, tb, m, k, n, 1.0, &a, &b, 0.0, &mut c));
+                let flops = 2.0 * (m * k * n) as f64;
+                let bytes = 4.0 * (m * k + k * n + m * n) as f64;
+                println!("{:<44} {:>10.3} {:>10.1} {:>9.3} {:>10.1} {:>10.2}", format!("{name} [{m}x{k}]·[{k}x{n}]"), flops / 1e9, bytes / 1e6, seconds * 1e3, flops / seconds / 1e9, bytes / seconds / 1e9);
+            }
+            let n = batch * genes;
+            let x: Vec<f32> = (0..n).map(|i| [0.0, 0.0, 1.0, 3.0, 0.0, 17.0][i % 6]).collect();
+            let mu: Vec<f32> = values(n).iter().map(|v| (v * 2.0).exp()).collect();
+            let theta: Vec<f32> = values(genes).iter().map(|v| (v * 1.5).exp()).collect();
+            let mut ll = vec![0.0f32; batch];
+            let (mut dmu, mut dtheta) = (vec![0.0f32; n], vec![0.0f32; n]);
+            let seconds = time(repeat, || Likelihood::NegativeBinomial.forward_backward(&x, genes, &[&mu, &theta], None, &mut ll, &mut [&mut dmu, &mut dtheta]));
+            // Per entry: read x, mu; write dmu, dtheta (theta per gene stays in cache).
+            let bytes = 16.0 * n as f64;
+            println!("{:<44} {:>10} {:>10.1} {:>9.3} {:>10} {:>10.2}  ({:.0} M entries/s)", format!("NB value+grad [{batch}x{genes}]"), "-", bytes / 1e6, seconds * 1e3, "-", bytes / seconds / 1e9, n as f64 / seconds / 1e6);
+        }
     }
     Ok(())
 }

@@ -49,7 +49,7 @@ pub fn kl_standard_normal<T: Real>(m: &[T], lv: &[T], dim: usize, weights: Optio
 /// `present[e][r]` masks expert e for cell r (a modality the cell lacks).
 pub fn poe_forward<T: Real>(means: &[&[T]], logvars: &[&[T]], present: &[&[bool]], dim: usize, m: &mut [T], lv: &mut [T]) {
     let n = m.len();
-    assert!(means.len() == logvars.len() && logvars.len() == present.len() && lv.len() == n && n % dim == 0, "poe: shapes");
+    assert!(means.len() == logvars.len() && logvars.len() == present.len() && lv.len() == n && n.is_multiple_of(dim), "poe: shapes");
     m.par_iter_mut().zip(lv.par_iter_mut()).enumerate().for_each(|(i, (m, lv))| {
         let r = i / dim;
         let (mut precision, mut weighted) = (T::one(), T::zero());

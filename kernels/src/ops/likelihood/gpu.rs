@@ -7,6 +7,7 @@ use super::{CUDA_SOURCE, Likelihood};
 use crate::cuda::{CudaError, Gpu, Result, grid};
 
 /// As [`Likelihood::forward_backward`], on the device.
+#[allow(clippy::too_many_arguments)] // mirrors the CPU signature plus the device
 pub fn forward_backward(gpu: &Gpu, family: Likelihood, x: &CudaSlice<f32>, features: usize, params: &[&CudaSlice<f32>], weights: Option<&CudaSlice<f32>>, ll: &mut CudaSlice<f32>, grads: &mut [&mut CudaSlice<f32>]) -> Result<()> {
     let k = family.n_params();
     let n = x.len();

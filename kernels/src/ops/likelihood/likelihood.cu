@@ -6,8 +6,9 @@
 #define TSR_EPS 1e-8
 
 __device__ double tsr_lgamma(double x) {
-    double shift = 0.0;
-    while (x < 10.0) { shift -= log(x); x += 1.0; }
+    double product = 1.0;
+    while (x < 10.0) { product *= x; x += 1.0; }
+    double shift = -log(product);
     double inv = 1.0 / x, inv2 = inv * inv;
     double series = inv * (1.0 / 12.0 - inv2 * (1.0 / 360.0 - inv2 * (1.0 / 1260.0 - inv2 * (1.0 / 1680.0 - inv2 * (1.0 / 1188.0)))));
     return shift + (x - 0.5) * log(x) - x + 0.5 * log(2.0 * 3.14159265358979323846) + series;
@@ -44,8 +45,9 @@ extern "C" __global__ void likelihood_entries(int family, const float* x, unsign
         if (family == 0 || family == 1) {
             float mu = a, theta = b;
             float lt = logf(theta + eps), ltm = logf(theta + mu + eps);
-            float lg = (float)(tsr_lgamma((double)xi + theta) - tsr_lgamma((double)theta) - tsr_lgamma((double)xi + 1.0));
-            float dg = (float)(tsr_digamma((double)xi + theta) - tsr_digamma((double)theta));
+            // At x = 0 the Gamma terms cancel exactly: skip them (most counts are zero).
+            float lg = xi == 0.0f ? 0.0f : (float)(tsr_lgamma((double)xi + theta) - tsr_lgamma((double)theta) - tsr_lgamma((double)xi + 1.0));
+            float dg = xi == 0.0f ? 0.0f : (float)(tsr_digamma((double)xi + theta) - tsr_digamma((double)theta));
             if (family == 0) {
                 ll = theta * (lt - ltm) + xi * (logf(mu + eps) - ltm) + lg;
                 d0 = xi / (mu + eps) - (theta + xi) / (theta + mu + eps);

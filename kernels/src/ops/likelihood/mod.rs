@@ -55,15 +55,25 @@ impl Likelihood {
 
     /// One entry: log-likelihood and its gradients with respect to the parameters `p`.
     pub fn entry<T: Real>(self, x: T, p: [T; 3]) -> (T, [T; 3]) {
+        // lnΓ(x+θ) - lnΓ(θ) - lnΓ(x+1) and ψ(x+θ) - ψ(θ): exactly 0 at x = 0 (most counts), so
+        // the special functions are only evaluated for non-zero counts.
+        let gamma_terms = |x: T, theta: T| {
+            if x == T::zero() {
+                (T::zero(), T::zero())
+            } else {
+                (lgamma(x + theta) - lgamma(theta) - lgamma(x + T::one()), digamma(x + theta) - digamma(theta))
+            }
+        };
         let eps = T::of(EPS);
         let (zero, one, half) = (T::zero(), T::one(), T::of(0.5));
         match self {
             Likelihood::NegativeBinomial => {
                 let (mu, theta) = (p[0], p[1]);
                 let (lt, ltm) = ((theta + eps).ln(), (theta + mu + eps).ln());
-                let ll = theta * (lt - ltm) + x * ((mu + eps).ln() - ltm) + lgamma(x + theta) - lgamma(theta) - lgamma(x + one);
+                let (lg, dg) = gamma_terms(x, theta);
+                let ll = theta * (lt - ltm) + x * ((mu + eps).ln() - ltm) + lg;
                 let dmu = x / (mu + eps) - (theta + x) / (theta + mu + eps);
-                let dtheta = lt - ltm + theta / (theta + eps) - (theta + x) / (theta + mu + eps) + digamma(x + theta) - digamma(theta);
+                let dtheta = lt - ltm + theta / (theta + eps) - (theta + x) / (theta + mu + eps) + dg;
                 (ll, [dmu, dtheta, zero])
             }
             Likelihood::ZeroInflatedNegativeBinomial => {
@@ -78,9 +88,10 @@ impl Likelihood {
                     let s = sigmoid(pt);
                     (softplus(pt) - sp, [s * dpt_mu, s * dpt_theta, sigmoid(-pi) - s])
                 } else {
-                    let ll = -sp + pt + x * ((mu + eps).ln() - ltm) + lgamma(x + theta) - lgamma(theta) - lgamma(x + one);
+                    let (lg, dg) = gamma_terms(x, theta);
+                    let ll = -sp + pt + x * ((mu + eps).ln() - ltm) + lg;
                     let dmu = dpt_mu + x / (mu + eps) - x / (theta + mu + eps);
-                    let dtheta = dpt_theta - x / (theta + mu + eps) + digamma(x + theta) - digamma(theta);
+                    let dtheta = dpt_theta - x / (theta + mu + eps) + dg;
                     (ll, [dmu, dtheta, sigmoid(-pi) - one])
                 }
             }
