@@ -5,4 +5,5 @@ pub mod elementwise;
 pub mod gaussian;
 pub mod likelihood;
 pub mod linear;
+pub mod norm;
 pub mod optim;
