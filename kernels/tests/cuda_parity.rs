@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use tessera_kernels::cuda::{Gpu, compile, nvrtc_present, sources};
+use tessera_kernels::ops::dropout;
 use tessera_kernels::ops::elementwise::{self, Activation};
 use tessera_kernels::ops::likelihood::{self, Likelihood};
 
@@ -121,4 +122,17 @@ fn likelihoods_match_cpu() {
             assert_close(&format!("{family:?} grad {k}"), &gpu.download(&gd[k]).unwrap(), g, 1e-5, 1e-4);
         }
     }
+}
+
+#[test]
+fn dropout_masks_are_identical() {
+    let Some(gpu) = gpu() else { return };
+    let n = (1 << 20) + 3;
+    let x = inputs(n);
+    let mut y = vec![0.0; n];
+    dropout::dropout_forward(&x, 0.25, 42, 3, &mut y);
+    let mut yd = gpu.zeros(n).unwrap();
+    dropout::gpu::dropout_forward(&gpu, &gpu.upload(&x).unwrap(), 0.25, 42, 3, &mut yd).unwrap();
+    // Same counter-based draws: the same elements dropped, the same scaled values.
+    assert_close("dropout", &gpu.download(&yd).unwrap(), &y, 0.0, 1e-7);
 }

@@ -1,0 +1,28 @@
+// Dropout with Philox4x32-10, the same stream of numbers as ops/dropout/mod.rs.
+
+__device__ __forceinline__ void philox_round(unsigned int c[4], unsigned int k0, unsigned int k1) {
+    unsigned long long p0 = (unsigned long long)0xD2511F53u * c[0];
+    unsigned long long p1 = (unsigned long long)0xCD9E8D57u * c[2];
+    unsigned int hi0 = (unsigned int)(p0 >> 32), lo0 = (unsigned int)p0;
+    unsigned int hi1 = (unsigned int)(p1 >> 32), lo1 = (unsigned int)p1;
+    unsigned int n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
+    c[0] = n0; c[1] = lo1; c[2] = n2; c[3] = lo0;
+}
+
+__device__ float philox_uniform(unsigned long long seed, unsigned long long stream, unsigned long long i) {
+    unsigned long long block = i / 4;
+    unsigned int c[4] = {(unsigned int)block, (unsigned int)(block >> 32), (unsigned int)stream, (unsigned int)(stream >> 32)};
+    unsigned int k0 = (unsigned int)seed, k1 = (unsigned int)(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+        if (round > 0) { k0 += 0x9E3779B9u; k1 += 0xBB67AE85u; }
+        philox_round(c, k0, k1);
+    }
+    return (float)(c[i % 4] >> 8) * (1.0f / 16777216.0f);
+}
+
+extern "C" __global__ void dropout_forward(const float* x, float p, unsigned long long seed, unsigned long long stream, float* y, unsigned long long n) {
+    float scale = 1.0f / (1.0f - p);
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        y[i] = philox_uniform(seed, stream, i) >= p ? x[i] * scale : 0.0f;
+    }
+}
