@@ -6,5 +6,6 @@ pub mod elementwise;
 pub mod gaussian;
 pub mod likelihood;
 pub mod linear;
+pub mod losses;
 pub mod norm;
 pub mod optim;
