@@ -8,6 +8,7 @@
 pub mod cuda;
 pub mod gradcheck;
 pub mod ops;
+pub mod params;
 pub mod real;
 
 pub use real::Real;

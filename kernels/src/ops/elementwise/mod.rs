@@ -113,6 +113,54 @@ pub fn column_sums<T: Real>(m: &[T], out: &mut [T]) {
     });
 }
 
+/// Concatenates row-major blocks along features: rows x (w_1 + ... + w_k). The backward is
+/// [`split_columns`] of the upstream gradient.
+pub fn concat_columns<T: Real>(blocks: &[(&[T], usize)], rows: usize, out: &mut [T]) {
+    let width: usize = blocks.iter().map(|(_, w)| w).sum();
+    assert!(out.len() == rows * width && blocks.iter().all(|(b, w)| b.len() == rows * w), "concat: shapes");
+    out.par_chunks_mut(width.max(1)).enumerate().for_each(|(r, row)| {
+        let mut at = 0;
+        for (b, w) in blocks {
+            row[at..at + w].copy_from_slice(&b[r * w..(r + 1) * w]);
+            at += w;
+        }
+    });
+}
+
+/// Splits rows x (w_1 + ... + w_k) into its blocks (the backward of [`concat_columns`]).
+pub fn split_columns<T: Real>(m: &[T], rows: usize, outs: &mut [(&mut [T], usize)]) {
+    let width: usize = outs.iter().map(|(_, w)| w).sum();
+    assert!(m.len() == rows * width && outs.iter().all(|(b, w)| b.len() == rows * w), "split: shapes");
+    for r in 0..rows {
+        let mut at = r * width;
+        for (b, w) in outs.iter_mut() {
+            b[r * *w..(r + 1) * *w].copy_from_slice(&m[at..at + *w]);
+            at += *w;
+        }
+    }
+}
+
+/// Gathers rows of a (groups x cols) table by per-row group codes (gene-batch dispersion:
+/// each cell gets its batch's row).
+pub fn gather_rows<T: Real>(table: &[T], codes: &[usize], cols: usize, out: &mut [T]) {
+    assert!(out.len() == codes.len() * cols, "gather: shapes");
+    out.par_chunks_mut(cols).zip(codes.par_iter()).for_each(|(row, &c)| row.copy_from_slice(&table[c * cols..(c + 1) * cols]));
+}
+
+/// The backward of [`gather_rows`]: table rows accumulate the gradients of their cells, in cell
+/// order (deterministic).
+pub fn scatter_add_rows<T: Real>(grads: &[T], codes: &[usize], cols: usize, table_grad: &mut [T]) {
+    assert!(grads.len() == codes.len() * cols && table_grad.len().is_multiple_of(cols), "scatter: shapes");
+    table_grad.par_chunks_mut(cols).enumerate().for_each(|(group, acc)| {
+        acc.iter_mut().for_each(|v| *v = T::zero());
+        for (r, _) in codes.iter().enumerate().filter(|(_, c)| **c == group) {
+            for (a, &g) in acc.iter_mut().zip(&grads[r * cols..(r + 1) * cols]) {
+                *a = *a + g;
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +214,32 @@ mod tests {
         let mut db = vec![0.0; cols];
         bias_add_backward(&dy, &mut db);
         check(loss, &bias, &db, 1e-6, 1e-8).unwrap();
+    }
+
+    #[test]
+    fn concat_split_round_trip_and_gather_scatter_are_adjoint() {
+        let (a, b) = (vec![1.0f64, 2.0, 3.0, 4.0], vec![5.0, 6.0]);
+        let mut m = vec![0.0; 6];
+        concat_columns(&[(&a, 2), (&b, 1)], 2, &mut m);
+        assert_eq!(m, [1.0, 2.0, 5.0, 3.0, 4.0, 6.0]);
+        let (mut a2, mut b2) = (vec![0.0; 4], vec![0.0; 2]);
+        split_columns(&m, 2, &mut [(&mut a2, 2), (&mut b2, 1)]);
+        assert_eq!((a2, b2), (a, b));
+        // <gather(t), g> = <t, scatter(g)> for any t, g: the backward is the adjoint.
+        let table = values(3 * 4, 0.0);
+        let codes = [2, 0, 2, 1, 2];
+        let g = values(5 * 4, 1.0);
+        let mut gathered = vec![0.0; 20];
+        gather_rows(&table, &codes, 4, &mut gathered);
+        let mut tg = vec![0.0; 12];
+        scatter_add_rows(&g, &codes, 4, &mut tg);
+        let lhs: f64 = gathered.iter().zip(&g).map(|(a, b)| a * b).sum();
+        let rhs: f64 = table.iter().zip(&tg).map(|(a, b)| a * b).sum();
+        assert!((lhs - rhs).abs() < 1e-12);
+    }
+
+    fn values(n: usize, seed: f64) -> Vec<f64> {
+        (0..n).map(|i| ((i as f64 + seed) * 0.618_034).sin()).collect()
     }
 
     #[test]
