@@ -47,6 +47,7 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    blas: std::sync::OnceLock<cudarc::cublas::CudaBlas>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -69,7 +70,7 @@ impl Gpu {
         }
         let ctx = CudaContext::new(ordinal).map_err(driver("creating the context"))?;
         let stream = ctx.default_stream();
-        Ok(Gpu { ctx, stream, modules: Mutex::new(HashMap::new()) })
+        Ok(Gpu { ctx, stream, modules: Mutex::new(HashMap::new()), blas: std::sync::OnceLock::new() })
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -90,6 +91,15 @@ impl Gpu {
             }
         };
         loaded.load_function(kernel).map_err(driver(kernel))
+    }
+
+    /// The cuBLAS handle on our stream, created at first use.
+    pub fn blas(&self) -> Result<&cudarc::cublas::CudaBlas> {
+        if let Some(b) = self.blas.get() {
+            return Ok(b);
+        }
+        let handle = cudarc::cublas::CudaBlas::new(self.stream.clone()).map_err(|e| CudaError::Driver { context: "cuBLAS".into(), reason: e.to_string() })?;
+        Ok(self.blas.get_or_init(|| handle))
     }
 
     pub fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {

@@ -7,6 +7,7 @@ use tessera_kernels::cuda::{Gpu, compile, nvrtc_present, sources};
 use tessera_kernels::ops::dropout;
 use tessera_kernels::ops::elementwise::{self, Activation};
 use tessera_kernels::ops::likelihood::{self, Likelihood};
+use tessera_kernels::ops::linear::{self, Gemm};
 
 fn gpu() -> Option<Gpu> {
     match Gpu::new(0) {
@@ -135,4 +136,21 @@ fn dropout_masks_are_identical() {
     dropout::gpu::dropout_forward(&gpu, &gpu.upload(&x).unwrap(), 0.25, 42, 3, &mut yd).unwrap();
     // Same counter-based draws: the same elements dropped, the same scaled values.
     assert_close("dropout", &gpu.download(&yd).unwrap(), &y, 0.0, 1e-7);
+}
+
+#[test]
+fn cublas_gemm_matches_cpu_for_every_transpose() {
+    let Some(gpu) = gpu() else { return };
+    for (m, k, n) in [(1, 1, 1), (31, 1025, 7), (1024, 512, 2000)] {
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let (a, b) = (inputs(m * k), inputs(k * n));
+            let mut c = inputs(m * n);
+            let cd0 = gpu.upload(&c).unwrap();
+            f32::gemm(ta, tb, m, k, n, 1.5, &a, &b, 0.5, &mut c);
+            let mut cd = cd0;
+            linear::gpu::gemm(&gpu, ta, tb, m, k, n, 1.5, &gpu.upload(&a).unwrap(), &gpu.upload(&b).unwrap(), 0.5, &mut cd).unwrap();
+            // Different summation orders: tolerance grows with k.
+            assert_close(&format!("gemm ta={ta} tb={tb} {m}x{k}x{n}"), &gpu.download(&cd).unwrap(), &c, 1e-3 * (k as f32).sqrt(), 1e-4);
+        }
+    }
 }

@@ -11,6 +11,8 @@ use rayon::prelude::*;
 
 use crate::real::Real;
 
+pub mod gpu;
+
 /// Scalar types matrixmultiply multiplies.
 pub trait Gemm: Real {
     /// C (m x n, row-major) = alpha * op(A) op(B) + beta * C with op(A) m x k, op(B) k x n.
