@@ -124,10 +124,11 @@ pub(crate) fn grid(n: usize) -> LaunchConfig {
 }
 
 /// Every CUDA source we ship, by module name: what NVRTC compiles in CI and on devices.
-pub fn sources() -> [(&'static str, &'static str); 3] {
+pub fn sources() -> [(&'static str, &'static str); 4] {
     [
         ("dropout", crate::ops::dropout::CUDA_SOURCE),
         ("elementwise", crate::ops::elementwise::CUDA_SOURCE),
         ("likelihood", crate::ops::likelihood::CUDA_SOURCE),
+        ("optim", crate::ops::optim::CUDA_SOURCE),
     ]
 }

@@ -8,6 +8,7 @@ use tessera_kernels::ops::dropout;
 use tessera_kernels::ops::elementwise::{self, Activation};
 use tessera_kernels::ops::likelihood::{self, Likelihood};
 use tessera_kernels::ops::linear::{self, Gemm};
+use tessera_kernels::ops::optim::{self, AdamW};
 
 fn gpu() -> Option<Gpu> {
     match Gpu::new(0) {
@@ -153,4 +154,25 @@ fn cublas_gemm_matches_cpu_for_every_transpose() {
             assert_close(&format!("gemm ta={ta} tb={tb} {m}x{k}x{n}"), &gpu.download(&cd).unwrap(), &c, 1e-3 * (k as f32).sqrt(), 1e-4);
         }
     }
+}
+
+#[test]
+fn adamw_and_clipping_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let n = (1 << 20) + 5;
+    let opt = AdamW { lr: 1e-2, weight_decay: 1e-2, ..AdamW::default() };
+    let (mut p, mut m, mut v) = (inputs(n), vec![0.0f32; n], vec![0.0f32; n]);
+    let (mut pd, mut md, mut vd) = (gpu.upload(&p).unwrap(), gpu.zeros(n).unwrap(), gpu.zeros(n).unwrap());
+    for t in 1..=3u64 {
+        let g: Vec<f32> = inputs(n).iter().map(|x| x * t as f32).collect();
+        opt.step(t, &mut p, &g, &mut m, &mut v);
+        optim::gpu::adamw_step(&gpu, &opt, t, &mut pd, &gpu.upload(&g).unwrap(), &mut md, &mut vd).unwrap();
+    }
+    assert_close("adamw params", &gpu.download(&pd).unwrap(), &p, 1e-6, 1e-5);
+    let mut g = inputs(n);
+    let mut gd = gpu.upload(&g).unwrap();
+    let cpu_norm = optim::clip_grad_norm(&mut g, 1.0);
+    let gpu_norm = optim::gpu::clip_grad_norm(&gpu, &mut gd, 1.0).unwrap();
+    assert!((cpu_norm - gpu_norm).abs() <= 1e-9 * cpu_norm, "norm {gpu_norm} vs {cpu_norm}");
+    assert_close("clipped", &gpu.download(&gd).unwrap(), &g, 1e-7, 1e-6);
 }

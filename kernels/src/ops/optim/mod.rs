@@ -6,6 +6,11 @@ use rayon::prelude::*;
 
 use crate::real::Real;
 
+pub const CUDA_SOURCE: &str = include_str!("optim.cu");
+
+pub mod gpu;
+
+/// Elements per parallel chunk; also the partition of the gradient-norm sum (same on GPU).
 const GRAIN: usize = 1 << 14;
 
 #[derive(Debug, Clone, Copy, PartialEq)]

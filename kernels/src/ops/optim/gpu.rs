@@ -1,0 +1,49 @@
+//! GPU entry points of the optimiser step and gradient clipping (kernels in `optim.cu`).
+#![allow(unsafe_code)] // kernel launches: argument types and lengths are checked before each
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use super::{AdamW, CUDA_SOURCE, GRAIN};
+use crate::cuda::{CudaError, Gpu, Result, grid};
+
+fn failed(kernel: &str) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError + '_ {
+    move |e| CudaError::Driver { context: kernel.into(), reason: e.to_string() }
+}
+
+/// As [`AdamW::step`], on the device.
+pub fn adamw_step(gpu: &Gpu, opt: &AdamW, t: u64, params: &mut CudaSlice<f32>, grads: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>) -> Result<()> {
+    assert!(t >= 1 && params.len() == grads.len() && grads.len() == m.len() && m.len() == v.len(), "AdamW: arguments");
+    let f = gpu.function("optim", CUDA_SOURCE, "adamw_step")?;
+    let n = params.len() as u64;
+    let (lr, b1, b2, eps) = (opt.lr as f32, opt.beta1 as f32, opt.beta2 as f32, opt.eps as f32);
+    let decay = (1.0 - opt.lr * opt.weight_decay) as f32;
+    let (c1, c2) = ((1.0 - opt.beta1.powi(t as i32)) as f32, (1.0 - opt.beta2.powi(t as i32)) as f32);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(params).arg(grads).arg(m).arg(v).arg(&n).arg(&lr).arg(&b1).arg(&b2).arg(&eps).arg(&decay).arg(&c1).arg(&c2);
+    // SAFETY: the arguments match the kernel's signature; all four buffers hold n floats.
+    unsafe { b.launch(grid(n as usize)) }.map(|_| ()).map_err(failed("adamw_step"))
+}
+
+/// As [`super::clip_grad_norm`], on the device: returns the norm before clipping.
+pub fn clip_grad_norm(gpu: &Gpu, grads: &mut CudaSlice<f32>, max_norm: f64) -> Result<f64> {
+    let n = grads.len();
+    let chunks = n.div_ceil(GRAIN).max(1);
+    let mut partial = gpu.stream().alloc_zeros::<f64>(chunks).map_err(failed("alloc"))?;
+    let f = gpu.function("optim", CUDA_SOURCE, "chunk_sum_squares")?;
+    let (n64, chunk64) = (n as u64, GRAIN as u64);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&*grads).arg(&n64).arg(&chunk64).arg(&mut partial);
+    // SAFETY: one thread per chunk of `GRAIN` elements; partial holds one double per chunk.
+    unsafe { b.launch(grid(chunks)) }.map_err(failed("chunk_sum_squares"))?;
+    let sums = gpu.stream().clone_dtoh(&partial).map_err(failed("download"))?;
+    let norm = sums.iter().sum::<f64>().sqrt();
+    if norm.is_finite() && norm > max_norm {
+        let factor = (max_norm / (norm + 1e-6)) as f32;
+        let f = gpu.function("optim", CUDA_SOURCE, "scale")?;
+        let mut b = gpu.stream().launch_builder(&f);
+        b.arg(grads).arg(&n64).arg(&factor);
+        // SAFETY: grads holds n floats.
+        unsafe { b.launch(grid(n)) }.map_err(failed("scale"))?;
+    }
+    Ok(norm)
+}

@@ -1,0 +1,31 @@
+// Fused AdamW step and the pieces of global-norm clipping (f32), mirroring ops/optim/mod.rs.
+
+extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float* v, unsigned long long n,
+        float lr, float beta1, float beta2, float eps, float decay, float c1, float c2) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        float gi = g[i];
+        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] * decay - lr * (mi / c1) / (sqrtf(vi / c2) + eps);
+    }
+}
+
+// Sum of squares per fixed chunk of `chunk` elements, accumulated in double in element order:
+// the same partition and order as the CPU reference, so the norms agree to rounding.
+extern "C" __global__ void chunk_sum_squares(const float* g, unsigned long long n, unsigned long long chunk, double* partial) {
+    unsigned long long c = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    unsigned long long start = c * chunk;
+    if (start >= n) { return; }
+    unsigned long long end = start + chunk < n ? start + chunk : n;
+    double s = 0.0;
+    for (unsigned long long i = start; i < end; ++i) { s += (double)g[i] * (double)g[i]; }
+    partial[c] = s;
+}
+
+extern "C" __global__ void scale(float* g, unsigned long long n, float factor) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        g[i] *= factor;
+    }
+}
