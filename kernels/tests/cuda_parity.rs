@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use tessera_kernels::cuda::{Gpu, compile, nvrtc_present, sources};
-use tessera_kernels::ops::dropout;
+use tessera_kernels::ops::{dropout, gaussian, norm};
 use tessera_kernels::ops::elementwise::{self, Activation};
 use tessera_kernels::ops::likelihood::{self, Likelihood};
 use tessera_kernels::ops::linear::{self, Gemm};
@@ -175,4 +175,44 @@ fn adamw_and_clipping_match_cpu() {
     let gpu_norm = optim::gpu::clip_grad_norm(&gpu, &mut gd, 1.0).unwrap();
     assert!((cpu_norm - gpu_norm).abs() <= 1e-9 * cpu_norm, "norm {gpu_norm} vs {cpu_norm}");
     assert_close("clipped", &gpu.download(&gd).unwrap(), &g, 1e-7, 1e-6);
+}
+
+#[test]
+fn softmax_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for (rows, f) in [(1, 1), (64, 31), (1024, 2000)] {
+        let (x, dy) = (inputs(rows * f), inputs(rows * f).iter().map(|v| v * 0.5).collect::<Vec<_>>());
+        let (mut y, mut dx) = (vec![0.0; rows * f], vec![0.0; rows * f]);
+        norm::softmax_forward(&x, f, &mut y);
+        norm::softmax_backward(&y, &dy, f, &mut dx);
+        let (mut yd, mut dxd) = (gpu.zeros(rows * f).unwrap(), gpu.zeros(rows * f).unwrap());
+        norm::gpu::softmax_forward(&gpu, &gpu.upload(&x).unwrap(), f, &mut yd).unwrap();
+        norm::gpu::softmax_backward(&gpu, &yd, &gpu.upload(&dy).unwrap(), f, &mut dxd).unwrap();
+        assert_close("softmax", &gpu.download(&yd).unwrap(), &y, 1e-7, 1e-5);
+        assert_close("softmax backward", &gpu.download(&dxd).unwrap(), &dx, 1e-7, 1e-4);
+    }
+}
+
+#[test]
+fn gaussian_ops_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, dim) = (1024, 50);
+    let n = rows * dim;
+    let (m, lv, eps, dz) = (inputs(n), inputs(n).iter().map(|v| v * 0.5).collect::<Vec<_>>(), inputs(n).iter().rev().copied().collect::<Vec<_>>(), inputs(n));
+    let w: Vec<f32> = (0..rows).map(|r| (r % 3) as f32).collect();
+    let (mut z, mut dm, mut dlv) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    gaussian::reparameterize_forward(&m, &lv, &eps, &mut z);
+    gaussian::reparameterize_backward(&lv, &eps, &dz, &mut dm, &mut dlv);
+    let (md, lvd, epsd) = (gpu.upload(&m).unwrap(), gpu.upload(&lv).unwrap(), gpu.upload(&eps).unwrap());
+    let (mut zd, mut dmd, mut dlvd) = (gpu.zeros(n).unwrap(), gpu.zeros(n).unwrap(), gpu.zeros(n).unwrap());
+    gaussian::gpu::reparameterize_forward(&gpu, &md, &lvd, &epsd, &mut zd).unwrap();
+    gaussian::gpu::reparameterize_backward(&gpu, &lvd, &epsd, &gpu.upload(&dz).unwrap(), &mut dmd, &mut dlvd).unwrap();
+    assert_close("z", &gpu.download(&zd).unwrap(), &z, 1e-6, 1e-5);
+    assert_close("dlv", &gpu.download(&dlvd).unwrap(), &dlv, 1e-6, 1e-5);
+    let (mut kl, mut km, mut kl_lv) = (vec![0.0; rows], vec![0.0; n], vec![0.0; n]);
+    gaussian::kl_standard_normal(&m, &lv, dim, Some(&w), &mut kl, &mut km, &mut kl_lv);
+    let (mut kld, mut kmd, mut klvd) = (gpu.zeros(rows).unwrap(), gpu.zeros(n).unwrap(), gpu.zeros(n).unwrap());
+    gaussian::gpu::kl_standard_normal(&gpu, &md, &lvd, dim, Some(&gpu.upload(&w).unwrap()), &mut kld, &mut kmd, &mut klvd).unwrap();
+    assert_close("kl", &gpu.download(&kld).unwrap(), &kl, 1e-5, 1e-5);
+    assert_close("kl dlv", &gpu.download(&klvd).unwrap(), &kl_lv, 1e-6, 1e-5);
 }

@@ -7,6 +7,10 @@ use rayon::prelude::*;
 
 use crate::real::Real;
 
+pub const CUDA_SOURCE: &str = include_str!("gaussian.cu");
+
+pub mod gpu;
+
 /// z = m + exp(lv / 2) ⊙ eps.
 pub fn reparameterize_forward<T: Real>(m: &[T], lv: &[T], eps: &[T], z: &mut [T]) {
     assert!(m.len() == lv.len() && lv.len() == eps.len() && eps.len() == z.len(), "reparameterize: lengths");

@@ -5,6 +5,11 @@ use rayon::prelude::*;
 
 use crate::real::Real;
 
+/// CUDA kernels of the row softmax (LayerNorm/BatchNorm run on CPU only so far).
+pub const CUDA_SOURCE: &str = include_str!("norm.cu");
+
+pub mod gpu;
+
 /// y = softmax(x) over each row of `features`.
 pub fn softmax_forward<T: Real>(x: &[T], features: usize, y: &mut [T]) {
     assert!(features > 0 && x.len() == y.len() && x.len().is_multiple_of(features), "softmax: shapes");
