@@ -124,13 +124,14 @@ pub(crate) fn grid(n: usize) -> LaunchConfig {
 }
 
 /// Every CUDA source we ship, by module name: what NVRTC compiles in CI and on devices.
-pub fn sources() -> [(&'static str, &'static str); 6] {
+pub fn sources() -> [(&'static str, &'static str); 7] {
     [
         ("dropout", crate::ops::dropout::CUDA_SOURCE),
         ("elementwise", crate::ops::elementwise::CUDA_SOURCE),
         ("gaussian", crate::ops::gaussian::CUDA_SOURCE),
         ("norm", crate::ops::norm::CUDA_SOURCE),
         ("likelihood", crate::ops::likelihood::CUDA_SOURCE),
+        ("linear", crate::ops::linear::CUDA_SOURCE),
         ("optim", crate::ops::optim::CUDA_SOURCE),
     ]
 }

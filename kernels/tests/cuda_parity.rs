@@ -216,3 +216,33 @@ fn gaussian_ops_match_cpu() {
     assert_close("kl", &gpu.download(&kld).unwrap(), &kl, 1e-5, 1e-5);
     assert_close("kl dlv", &gpu.download(&klvd).unwrap(), &kl_lv, 1e-6, 1e-5);
 }
+
+#[test]
+fn sparse_input_layer_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, cols, d_out) = (1024, 2000, 128);
+    // ~10% density, an all-zero row every 17 rows.
+    let (mut indptr, mut indices, mut data) = (vec![0u64], Vec::new(), Vec::new());
+    for r in 0..rows {
+        if r % 17 != 0 {
+            for j in (r % 10..cols).step_by(10) {
+                indices.push(j as u32);
+                data.push(((r * 7 + j) % 30) as f32 + 1.0);
+            }
+        }
+        indptr.push(data.len() as u64);
+    }
+    let x = linear::CsrRef { rows, cols, indptr: &indptr, indices: &indices, data: &data };
+    let (w, dy) = (inputs(cols * d_out), inputs(rows * d_out));
+    for transform in [linear::CountTransform::Log1p, linear::CountTransform::NormalizedLog1p { scale: 1e4 }] {
+        let (mut y, mut dw) = (vec![0.0; rows * d_out], vec![0.0; cols * d_out]);
+        linear::sparse_input_forward(x, transform, &w, d_out, &mut y);
+        linear::sparse_input_backward(x, transform, &dy, d_out, &mut dw);
+        let xd = linear::gpu::DeviceCsr::upload(&gpu, x).unwrap();
+        let (mut yd, mut dwd) = (gpu.zeros(rows * d_out).unwrap(), gpu.zeros(cols * d_out).unwrap());
+        linear::gpu::sparse_input_forward(&gpu, &xd, transform, &gpu.upload(&w).unwrap(), d_out, &mut yd).unwrap();
+        linear::gpu::sparse_input_backward(&gpu, x, transform, &gpu.upload(&dy).unwrap(), d_out, &mut dwd).unwrap();
+        assert_close(&format!("{transform:?} forward"), &gpu.download(&yd).unwrap(), &y, 1e-4, 1e-5);
+        assert_close(&format!("{transform:?} dW"), &gpu.download(&dwd).unwrap(), &dw, 1e-4, 1e-5);
+    }
+}

@@ -11,6 +11,8 @@ use rayon::prelude::*;
 
 use crate::real::Real;
 
+pub const CUDA_SOURCE: &str = include_str!("linear.cu");
+
 pub mod gpu;
 
 /// Scalar types matrixmultiply multiplies.
@@ -75,7 +77,17 @@ pub enum CountTransform {
 }
 
 impl CountTransform {
-    fn apply<T: Real>(self, x: T, library: T) -> T {
+    /// (kind, scale) as the CUDA kernels take them.
+    pub fn code(self) -> (i32, f32) {
+        match self {
+            CountTransform::Log1p => (0, 0.0),
+            CountTransform::NormalizedLog1p { scale } => (1, scale),
+        }
+    }
+}
+
+impl CountTransform {
+    pub(crate) fn apply<T: Real>(self, x: T, library: T) -> T {
         match self {
             CountTransform::Log1p => x.ln_1p(),
             CountTransform::NormalizedLog1p { scale } => {
@@ -96,7 +108,7 @@ pub struct CsrRef<'a, T> {
 }
 
 impl<T: Real> CsrRef<'_, T> {
-    fn check(&self) {
+    pub(crate) fn check(&self) {
         assert_eq!(self.indptr.len(), self.rows + 1, "csr: indptr length");
         assert_eq!(self.indices.len(), self.data.len(), "csr: indices and data lengths");
         assert_eq!(self.indptr[self.rows] as usize, self.data.len(), "csr: indptr end");
@@ -123,12 +135,10 @@ pub fn sparse_input_forward<T: Real>(x: CsrRef<'_, T>, transform: CountTransform
     });
 }
 
-/// dw (d_in x d_out) = t(X)ᵀ · dy. Rows of dw are computed in parallel, each accumulating its
-/// cells in row order (a transposed index is built first), so the result is deterministic.
-pub fn sparse_input_backward<T: Real>(x: CsrRef<'_, T>, transform: CountTransform, dy: &[T], d_out: usize, dw: &mut [T]) {
-    x.check();
-    assert!(dw.len() == x.cols * d_out && dy.len() == x.rows * d_out, "sparse input backward: shapes");
-    // Column-major index of the non-zeros: for gene j, (row, transformed value) in row order.
+/// The transformed non-zeros indexed by gene: `col_ptr` (cols + 1) and, per entry, its row and
+/// transformed value, rows ascending within a gene (the fixed accumulation order of the weight
+/// gradient, on CPU and GPU).
+pub fn transposed<T: Real>(x: CsrRef<'_, T>, transform: CountTransform) -> (Vec<usize>, Vec<(usize, T)>) {
     let mut counts = vec![0usize; x.cols + 1];
     for &j in x.indices {
         counts[j as usize + 1] += 1;
@@ -146,6 +156,15 @@ pub fn sparse_input_backward<T: Real>(x: CsrRef<'_, T>, transform: CountTransfor
             next[j] += 1;
         }
     }
+    (counts, entries)
+}
+
+/// dw (d_in x d_out) = t(X)ᵀ · dy. Rows of dw are computed in parallel, each accumulating its
+/// cells in row order (a transposed index is built first), so the result is deterministic.
+pub fn sparse_input_backward<T: Real>(x: CsrRef<'_, T>, transform: CountTransform, dy: &[T], d_out: usize, dw: &mut [T]) {
+    x.check();
+    assert!(dw.len() == x.cols * d_out && dy.len() == x.rows * d_out, "sparse input backward: shapes");
+    let (counts, entries) = transposed(x, transform);
     dw.par_chunks_mut(d_out).enumerate().for_each(|(j, dwj)| {
         dwj.iter_mut().for_each(|v| *v = T::zero());
         for &(r, v) in &entries[counts[j]..counts[j + 1]] {
