@@ -1,6 +1,11 @@
 //! Central finite differences in f64, to hold every op's backward (and every model's loss) to
 //! its forward.
 
+/// Deterministic, smooth, sign-changing test inputs: sin((i + seed) · φ⁻¹) for i < n.
+pub fn wave(n: usize, seed: f64) -> Vec<f64> {
+    (0..n).map(|i| ((i as f64 + seed) * 0.618_034).sin()).collect()
+}
+
 /// Coordinates to probe in an input of `n`: all of them when small, else ~`k` spread evenly
 /// (first and last included).
 pub fn spread(n: usize, k: usize) -> Vec<usize> {

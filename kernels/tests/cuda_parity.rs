@@ -246,3 +246,32 @@ fn sparse_input_layer_matches_cpu() {
         assert_close(&format!("{transform:?} dW"), &gpu.download(&dwd).unwrap(), &dw, 1e-4, 1e-5);
     }
 }
+
+#[test]
+fn nb_mixture_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, features) = (256, 14);
+    let n = rows * features;
+    let x: Vec<f32> = (0..n).map(|i| [0.0, 3.0, 40.0, 7.0, 150.0][i % 5]).collect();
+    let back: Vec<f32> = inputs(n).iter().map(|v| v.exp() * 3.0).collect();
+    let fore: Vec<f32> = inputs(n).iter().rev().map(|v| v.exp() * 20.0).collect();
+    let theta: Vec<f32> = inputs(n).iter().map(|v| (v * 0.3).exp() * 5.0).collect();
+    let pi: Vec<f32> = inputs(n).iter().map(|v| v * 0.5).collect();
+    let mut ll = vec![0.0; rows];
+    let mut g: Vec<Vec<f32>> = vec![vec![0.0; n]; 4];
+    {
+        let [g0, g1, g2, g3] = &mut g[..] else { unreachable!() };
+        likelihood::nb_mixture(&x, &back, &fore, &theta, &pi, features, &mut ll, [g0, g1, g2, g3]);
+    }
+    let up = |v: &[f32]| gpu.upload(v).unwrap();
+    let mut lld = gpu.zeros(rows).unwrap();
+    let mut gd: Vec<_> = (0..4).map(|_| gpu.zeros(n).unwrap()).collect();
+    {
+        let [g0, g1, g2, g3] = &mut gd[..] else { unreachable!() };
+        likelihood::gpu::nb_mixture(&gpu, &up(&x), &up(&back), &up(&fore), &up(&theta), &up(&pi), features, &mut lld, [g0, g1, g2, g3]).unwrap();
+    }
+    assert_close("mixture ll", &gpu.download(&lld).unwrap(), &ll, 1e-3, 1e-4);
+    for k in 0..4 {
+        assert_close(&format!("mixture grad {k}"), &gpu.download(&gd[k]).unwrap(), &g[k], 1e-5, 1e-4);
+    }
+}

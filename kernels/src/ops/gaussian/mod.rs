@@ -100,7 +100,7 @@ mod tests {
     use crate::gradcheck::check;
 
     fn values(n: usize, seed: f64) -> Vec<f64> {
-        (0..n).map(|i| ((i as f64 + seed) * 0.618_034).sin()).collect()
+        crate::gradcheck::wave(n, seed)
     }
 
     #[test]

@@ -55,3 +55,26 @@ pub fn forward_backward(gpu: &Gpu, family: Likelihood, x: &CudaSlice<f32>, featu
     // SAFETY: values holds rows*features floats, ll rows.
     unsafe { b.launch(grid(rows)) }.map(|_| ()).map_err(err("likelihood_row_sums"))
 }
+
+/// As [`super::nb_mixture`], on the device (per-entry values, then the same row sums).
+#[allow(clippy::too_many_arguments)] // the four mixture parameters, each per entry
+pub fn nb_mixture(gpu: &Gpu, x: &CudaSlice<f32>, mu_back: &CudaSlice<f32>, mu_fore: &CudaSlice<f32>, theta: &CudaSlice<f32>, pi: &CudaSlice<f32>, features: usize, ll: &mut CudaSlice<f32>, grads: [&mut CudaSlice<f32>; 4]) -> Result<()> {
+    let n = x.len();
+    assert!(features > 0 && n.is_multiple_of(features) && ll.len() == n / features, "nb mixture: shapes");
+    assert!([mu_back.len(), mu_fore.len(), theta.len(), pi.len()].iter().all(|&l| l == n) && grads.iter().all(|g| g.len() == n), "nb mixture: per-entry parameters");
+    let err = |kernel: &'static str| move |e: cudarc::driver::DriverError| CudaError::Driver { context: kernel.into(), reason: e.to_string() };
+    let values = gpu.zeros(n)?;
+    let f = gpu.function("likelihood", CUDA_SOURCE, "nb_mixture_entries")?;
+    let n64 = n as u64;
+    let [g0, g1, g2, g3] = grads;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(x).arg(mu_back).arg(mu_fore).arg(theta).arg(pi).arg(&n64).arg(&values).arg(g0).arg(g1).arg(g2).arg(g3);
+    // SAFETY: every buffer holds n floats (asserted).
+    unsafe { b.launch(grid(n)) }.map_err(err("nb_mixture_entries"))?;
+    let sums = gpu.function("likelihood", CUDA_SOURCE, "likelihood_row_sums")?;
+    let (rows64, features64) = ((n / features) as u64, features as u64);
+    let mut b = gpu.stream().launch_builder(&sums);
+    b.arg(&values).arg(ll).arg(&rows64).arg(&features64);
+    // SAFETY: values holds rows*features floats, ll rows.
+    unsafe { b.launch(grid(n / features)) }.map(|_| ()).map_err(err("likelihood_row_sums"))
+}

@@ -29,6 +29,24 @@ __device__ __forceinline__ float lk_sigmoid(float x) {
     return e / (1.0f + e);
 }
 
+// lnΓ(x+θ) - lnΓ(θ) - lnΓ(x+1) and ψ(x+θ) - ψ(θ); exactly 0 at x = 0, where they are skipped.
+__device__ void gamma_terms(float x, float theta, float* lg, float* dg) {
+    if (x == 0.0f) { *lg = 0.0f; *dg = 0.0f; return; }
+    *lg = (float)(tsr_lgamma((double)x + theta) - tsr_lgamma((double)theta) - tsr_lgamma((double)x + 1.0));
+    *dg = (float)(tsr_digamma((double)x + theta) - tsr_digamma((double)theta));
+}
+
+// One NB entry: log-likelihood and its gradients w.r.t. μ and θ (shared by the mixture below).
+__device__ void nb_entry(float x, float mu, float theta, float* ll, float* dmu, float* dtheta) {
+    const float eps = (float)TSR_EPS;
+    float lt = logf(theta + eps), ltm = logf(theta + mu + eps);
+    float lg, dg;
+    gamma_terms(x, theta, &lg, &dg);
+    *ll = theta * (lt - ltm) + x * (logf(mu + eps) - ltm) + lg;
+    *dmu = x / (mu + eps) - (theta + x) / (theta + mu + eps);
+    *dtheta = lt - ltm + theta / (theta + eps) - (theta + x) / (theta + mu + eps) + dg;
+}
+
 // params/grads: up to 3 arrays; a parameter with `features` entries (shared) has shared[k] = 1.
 extern "C" __global__ void likelihood_entries(int family, const float* x, unsigned long long rows, unsigned long long features,
         const float* p0, const float* p1, const float* p2, int s0, int s1, int s2,
@@ -42,32 +60,27 @@ extern "C" __global__ void likelihood_entries(int family, const float* x, unsign
         float c = p2 ? p2[s2 ? f : i] : 0.0f;
         float xi = x[i];
         float ll = 0.0f, d0 = 0.0f, d1 = 0.0f, d2 = 0.0f;
-        if (family == 0 || family == 1) {
+        if (family == 0) {
+            nb_entry(xi, a, b, &ll, &d0, &d1);
+        } else if (family == 1) {
             float mu = a, theta = b;
             float lt = logf(theta + eps), ltm = logf(theta + mu + eps);
-            // At x = 0 the Gamma terms cancel exactly: skip them (most counts are zero).
-            float lg = xi == 0.0f ? 0.0f : (float)(tsr_lgamma((double)xi + theta) - tsr_lgamma((double)theta) - tsr_lgamma((double)xi + 1.0));
-            float dg = xi == 0.0f ? 0.0f : (float)(tsr_digamma((double)xi + theta) - tsr_digamma((double)theta));
-            if (family == 0) {
-                ll = theta * (lt - ltm) + xi * (logf(mu + eps) - ltm) + lg;
-                d0 = xi / (mu + eps) - (theta + xi) / (theta + mu + eps);
-                d1 = lt - ltm + theta / (theta + eps) - (theta + xi) / (theta + mu + eps) + dg;
+            float lg, dg;
+            gamma_terms(xi, theta, &lg, &dg);
+            float pi = c;
+            float sp = lk_softplus(-pi);
+            float pt = -pi + theta * (lt - ltm);
+            float dpt_theta = lt - ltm + theta / (theta + eps) - theta / (theta + mu + eps);
+            float dpt_mu = -theta / (theta + mu + eps);
+            if (xi < eps) {
+                float s = lk_sigmoid(pt);
+                ll = lk_softplus(pt) - sp;
+                d0 = s * dpt_mu; d1 = s * dpt_theta; d2 = lk_sigmoid(-pi) - s;
             } else {
-                float pi = c;
-                float sp = lk_softplus(-pi);
-                float pt = -pi + theta * (lt - ltm);
-                float dpt_theta = lt - ltm + theta / (theta + eps) - theta / (theta + mu + eps);
-                float dpt_mu = -theta / (theta + mu + eps);
-                if (xi < eps) {
-                    float s = lk_sigmoid(pt);
-                    ll = lk_softplus(pt) - sp;
-                    d0 = s * dpt_mu; d1 = s * dpt_theta; d2 = lk_sigmoid(-pi) - s;
-                } else {
-                    ll = -sp + pt + xi * (logf(mu + eps) - ltm) + lg;
-                    d0 = dpt_mu + xi / (mu + eps) - xi / (theta + mu + eps);
-                    d1 = dpt_theta - xi / (theta + mu + eps) + dg;
-                    d2 = lk_sigmoid(-pi) - 1.0f;
-                }
+                ll = -sp + pt + xi * (logf(mu + eps) - ltm) + lg;
+                d0 = dpt_mu + xi / (mu + eps) - xi / (theta + mu + eps);
+                d1 = dpt_theta - xi / (theta + mu + eps) + dg;
+                d2 = lk_sigmoid(-pi) - 1.0f;
             }
         } else if (family == 2) {
             ll = xi * logf(a + eps) - a - (float)tsr_lgamma((double)xi + 1.0);
@@ -95,4 +108,24 @@ extern "C" __global__ void likelihood_row_sums(const float* values, float* ll, u
     float s = 0.0f;
     for (unsigned long long f = 0; f < features; ++f) { s += values[r * features + f]; }
     ll[r] = s;
+}
+
+// totalVI's protein mixture per entry: log(σ(π) NB(x; μ_b, θ) + σ(-π) NB(x; μ_f, θ)) and its
+// gradients (responsibility-weighted), mirroring ops/losses/mod.rs::nb_mixture.
+extern "C" __global__ void nb_mixture_entries(const float* x, const float* mu_back, const float* mu_fore, const float* theta, const float* pi,
+        unsigned long long n, float* values, float* g_back, float* g_fore, float* g_theta, float* g_pi) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        float a, da_mu, da_theta, b, db_mu, db_theta;
+        nb_entry(x[i], mu_back[i], theta[i], &a, &da_mu, &da_theta);
+        nb_entry(x[i], mu_fore[i], theta[i], &b, &db_mu, &db_theta);
+        float la = a - lk_softplus(-pi[i]), lb = b - lk_softplus(pi[i]);
+        float top = fmaxf(la, lb);
+        float ea = expf(la - top), eb = expf(lb - top);
+        float ra = ea / (ea + eb), rb = eb / (ea + eb);
+        values[i] = top + logf(ea + eb);
+        g_back[i] = ra * da_mu;
+        g_fore[i] = rb * db_mu;
+        g_theta[i] = ra * da_theta + rb * db_theta;
+        g_pi[i] = ra * lk_sigmoid(-pi[i]) - rb * lk_sigmoid(pi[i]);
+    }
 }

@@ -181,7 +181,7 @@ mod tests {
     use crate::gradcheck::{check_at, spread};
 
     fn values(n: usize, seed: f64) -> Vec<f64> {
-        (0..n).map(|i| ((i as f64 + seed) * 0.618_034).sin()).collect()
+        crate::gradcheck::wave(n, seed)
     }
 
     #[test]

@@ -6,7 +6,6 @@
 
 use rayon::prelude::*;
 
-use crate::ops::likelihood::Likelihood;
 use crate::real::Real;
 
 /// Mean cross-entropy of softmax(logits) against `labels` (rows with -1 are skipped), and its
@@ -181,46 +180,13 @@ pub fn cox_partial_likelihood<T: Real>(eta: &[T], times: &[f64], events: &[bool]
     loss * scale
 }
 
-/// totalVI's protein likelihood: log(σ(π) NB(x; μ_back, θ) + (1 - σ(π)) NB(x; μ_fore, θ)) per
-/// entry (π = the background mixing logit), summed per row; gradients per entry w.r.t.
-/// μ_back, μ_fore, θ and π.
-#[allow(clippy::too_many_arguments)] // the four mixture parameters, each per entry
-pub fn nb_mixture<T: Real>(x: &[T], mu_back: &[T], mu_fore: &[T], theta: &[T], pi: &[T], features: usize, ll: &mut [T], grads: [&mut [T]; 4]) {
-    let n = x.len();
-    assert!(features > 0 && n.is_multiple_of(features) && ll.len() == n / features, "nb mixture: shapes");
-    assert!([mu_back.len(), mu_fore.len(), theta.len(), pi.len()].iter().all(|&l| l == n) && grads.iter().all(|g| g.len() == n), "nb mixture: parameters are per entry");
-    let [g_back, g_fore, g_theta, g_pi] = grads;
-    let nb = Likelihood::NegativeBinomial;
-    let values: Vec<T> = (0..n)
-        .into_par_iter()
-        .zip(g_back.par_iter_mut().zip(g_fore.par_iter_mut()).zip(g_theta.par_iter_mut().zip(g_pi.par_iter_mut())))
-        .map(|(i, ((gb, gf), (gt, gp)))| {
-            let (a, da) = nb.entry(x[i], [mu_back[i], theta[i], T::zero()]);
-            let (b, db) = nb.entry(x[i], [mu_fore[i], theta[i], T::zero()]);
-            // log(σ(π)e^a + σ(-π)e^b) = logsumexp(a - softplus(-π), b - softplus(π)).
-            let (la, lb) = (a - crate::real::softplus(-pi[i]), b - crate::real::softplus(pi[i]));
-            let top = la.max(lb);
-            let (ea, eb) = ((la - top).exp(), (lb - top).exp());
-            let value = top + (ea + eb).ln();
-            let (ra, rb) = (ea / (ea + eb), eb / (ea + eb)); // responsibilities
-            *gb = ra * da[0];
-            *gf = rb * db[0];
-            *gt = ra * da[1] + rb * db[1];
-            // d/dπ: ra σ(-π) - rb σ(π).
-            *gp = ra * crate::real::sigmoid(-pi[i]) - rb * crate::real::sigmoid(pi[i]);
-            value
-        })
-        .collect();
-    ll.par_iter_mut().zip(values.par_chunks(features)).for_each(|(l, v)| *l = v.iter().copied().sum());
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::gradcheck::check;
 
     fn values(n: usize, seed: f64) -> Vec<f64> {
-        (0..n).map(|i| ((i as f64 + seed) * 0.618_034).sin() * 1.5).collect()
+        crate::gradcheck::wave(n, seed).into_iter().map(|v| v * 1.5).collect()
     }
 
     #[test]
@@ -284,31 +250,5 @@ mod tests {
         let mut de = vec![0.0; 7];
         cox_partial_likelihood(&eta, &times, &events, &mut de);
         check(f, &eta, &de, 1e-6, 1e-7).unwrap();
-    }
-
-    #[test]
-    fn nb_mixture_gradients_and_limits() {
-        let n = 12;
-        let x: Vec<f64> = (0..n).map(|i| [0.0, 3.0, 40.0, 7.0][i % 4]).collect();
-        let (back, fore) = (values(n, 0.0).iter().map(|v| v.exp() * 3.0).collect::<Vec<_>>(), values(n, 3.0).iter().map(|v| v.exp() * 20.0).collect::<Vec<_>>());
-        let (theta, pi) = (values(n, 5.0).iter().map(|v| v.exp() * 5.0).collect::<Vec<_>>(), values(n, 7.0));
-        let run = |b: &[f64], f: &[f64], t: &[f64], p: &[f64]| {
-            let mut ll = vec![0.0; 3];
-            let mut g: Vec<Vec<f64>> = vec![vec![0.0; n]; 4];
-            let [g0, g1, g2, g3] = &mut g[..] else { unreachable!() };
-            nb_mixture(&x, b, f, t, p, 4, &mut ll, [g0, g1, g2, g3]);
-            (ll.iter().sum::<f64>(), g)
-        };
-        let (_, g) = run(&back, &fore, &theta, &pi);
-        check(|p| run(p, &fore, &theta, &pi).0, &back, &g[0], 1e-6, 1e-6).unwrap();
-        check(|p| run(&back, p, &theta, &pi).0, &fore, &g[1], 1e-6, 1e-6).unwrap();
-        check(|p| run(&back, &fore, p, &pi).0, &theta, &g[2], 1e-6, 1e-6).unwrap();
-        check(|p| run(&back, &fore, &theta, p).0, &pi, &g[3], 1e-6, 1e-6).unwrap();
-        // π → +∞ (200 outweighs any likelihood ratio here): all background, the NB of the background mean.
-        let (ll, _) = run(&back, &fore, &theta, &vec![200.0; n]);
-        let mut nb_ll = vec![0.0; 3];
-        let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
-        Likelihood::NegativeBinomial.forward_backward(&x, 4, &[&back, &theta], None, &mut nb_ll, &mut [&mut a, &mut b]);
-        assert!((ll - nb_ll.iter().sum::<f64>()).abs() < 1e-9);
     }
 }

@@ -167,7 +167,7 @@ mod tests {
     use crate::gradcheck::{check_at, spread};
 
     fn values(n: usize, seed: f64) -> Vec<f64> {
-        (0..n).map(|i| ((i as f64 + seed) * 0.618_034).sin() * 2.0).collect()
+        crate::gradcheck::wave(n, seed).into_iter().map(|v| v * 2.0).collect()
     }
 
     fn weighted(y: &[f64], g: &[f64]) -> f64 {
