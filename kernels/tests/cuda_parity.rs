@@ -275,3 +275,46 @@ fn nb_mixture_matches_cpu() {
         assert_close(&format!("mixture grad {k}"), &gpu.download(&gd[k]).unwrap(), &g[k], 1e-5, 1e-4);
     }
 }
+
+#[test]
+fn layer_and_batch_norm_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, f) = (512, 128);
+    let (x, dy) = (inputs(rows * f), inputs(rows * f).iter().rev().copied().collect::<Vec<_>>());
+    let (gamma, beta) = (inputs(f).iter().map(|v| v + 1.0).collect::<Vec<_>>(), inputs(f));
+    let up = |v: &[f32]| gpu.upload(v).unwrap();
+    // LayerNorm
+    let mut y = vec![0.0; rows * f];
+    let cache = norm::layer_norm_forward(&x, &gamma, &beta, 1e-5, &mut y);
+    let (mut dx, mut dg, mut db) = (vec![0.0; rows * f], vec![0.0; f], vec![0.0; f]);
+    norm::layer_norm_backward(&cache, &gamma, &dy, &mut dx, &mut dg, &mut db);
+    let mut yd = gpu.zeros(rows * f).unwrap();
+    let cd = norm::gpu::layer_norm_forward(&gpu, &up(&x), &up(&gamma), &up(&beta), 1e-5, &mut yd).unwrap();
+    let (mut dxd, mut dgd, mut dbd) = (gpu.zeros(rows * f).unwrap(), gpu.zeros(f).unwrap(), gpu.zeros(f).unwrap());
+    norm::gpu::layer_norm_backward(&gpu, &cd, &up(&gamma), &up(&dy), &mut dxd, &mut dgd, &mut dbd).unwrap();
+    assert_close("layer norm y", &gpu.download(&yd).unwrap(), &y, 1e-5, 1e-4);
+    assert_close("layer norm dx", &gpu.download(&dxd).unwrap(), &dx, 1e-4, 1e-3);
+    assert_close("layer norm dgamma", &gpu.download(&dgd).unwrap(), &dg, 1e-3, 1e-4);
+    // BatchNorm: train forward + backward, running statistics, then eval.
+    let mut bn = norm::BatchNorm::<f32>::new(f);
+    bn.gamma = gamma.clone();
+    bn.beta = beta.clone();
+    let mut dbn = norm::gpu::DeviceBatchNorm::upload(&gpu, &bn).unwrap();
+    let mut y = vec![0.0; rows * f];
+    let cache = bn.forward_train(&x, &mut y);
+    let (mut dx, mut dg, mut db) = (vec![0.0; rows * f], vec![0.0; f], vec![0.0; f]);
+    bn.backward(&cache, &dy, &mut dx, &mut dg, &mut db);
+    let mut yd = gpu.zeros(rows * f).unwrap();
+    let cd = dbn.forward_train(&gpu, &up(&x), &mut yd).unwrap();
+    let (mut dxd, mut dgd, mut dbd) = (gpu.zeros(rows * f).unwrap(), gpu.zeros(f).unwrap(), gpu.zeros(f).unwrap());
+    dbn.backward(&gpu, &cd, &up(&dy), &mut dxd, &mut dgd, &mut dbd).unwrap();
+    assert_close("batch norm y", &gpu.download(&yd).unwrap(), &y, 1e-5, 1e-4);
+    assert_close("batch norm dx", &gpu.download(&dxd).unwrap(), &dx, 1e-4, 1e-3);
+    assert_close("batch norm dbeta", &gpu.download(&dbd).unwrap(), &db, 1e-3, 1e-4);
+    assert_close("running var", &gpu.download(&dbn.running_var).unwrap(), &bn.running_var, 1e-6, 1e-5);
+    let mut ye = vec![0.0; rows * f];
+    bn.forward_eval(&x, &mut ye);
+    let mut yed = gpu.zeros(rows * f).unwrap();
+    dbn.forward_eval(&gpu, &up(&x), &mut yed).unwrap();
+    assert_close("batch norm eval", &gpu.download(&yed).unwrap(), &ye, 1e-5, 1e-4);
+}

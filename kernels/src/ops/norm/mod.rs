@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use crate::real::Real;
 
-/// CUDA kernels of the row softmax (LayerNorm/BatchNorm run on CPU only so far).
+/// CUDA kernels of softmax, LayerNorm and BatchNorm.
 pub const CUDA_SOURCE: &str = include_str!("norm.cu");
 
 pub mod gpu;
