@@ -318,3 +318,27 @@ fn layer_and_batch_norm_match_cpu() {
     dbn.forward_eval(&gpu, &up(&x), &mut yed).unwrap();
     assert_close("batch norm eval", &gpu.download(&yed).unwrap(), &ye, 1e-5, 1e-4);
 }
+
+#[test]
+fn product_of_experts_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, dim) = (777, 20);
+    let n = rows * dim;
+    let (m1, l1, m2, l2) = (inputs(n), inputs(n).iter().map(|v| v * 0.5).collect::<Vec<_>>(), inputs(n).iter().rev().copied().collect::<Vec<_>>(), inputs(n).iter().map(|v| -v).collect::<Vec<_>>());
+    let p1: Vec<bool> = (0..rows).map(|r| r % 3 != 0).collect();
+    let p2: Vec<bool> = (0..rows).map(|r| r % 5 != 0).collect();
+    let (mut m, mut lv) = (vec![0.0; n], vec![0.0; n]);
+    gaussian::poe_forward(&[&m1, &m2], &[&l1, &l2], &[&p1, &p2], dim, &mut m, &mut lv);
+    let (gm, gl) = (inputs(n), inputs(n).iter().map(|v| v * 2.0).collect::<Vec<_>>());
+    let (mut dm1, mut dl1, mut dm2, mut dl2) = (vec![0.0; n], vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    gaussian::poe_backward(&[&m1, &m2], &[&l1, &l2], &[&p1, &p2], dim, &m, &lv, &gm, &gl, &mut [&mut dm1, &mut dm2], &mut [&mut dl1, &mut dl2]);
+    let experts = gaussian::gpu::DeviceExperts::upload(&gpu, &[&m1, &m2], &[&l1, &l2], &[&p1, &p2], dim).unwrap();
+    let (mut md, mut lvd) = (gpu.zeros(n).unwrap(), gpu.zeros(n).unwrap());
+    gaussian::gpu::poe_forward(&gpu, &experts, &mut md, &mut lvd).unwrap();
+    let (mut dmd, mut dld) = (gpu.zeros(2 * n).unwrap(), gpu.zeros(2 * n).unwrap());
+    gaussian::gpu::poe_backward(&gpu, &experts, &md, &lvd, &gpu.upload(&gm).unwrap(), &gpu.upload(&gl).unwrap(), &mut dmd, &mut dld).unwrap();
+    assert_close("poe m", &gpu.download(&md).unwrap(), &m, 1e-6, 1e-5);
+    assert_close("poe lv", &gpu.download(&lvd).unwrap(), &lv, 1e-6, 1e-5);
+    assert_close("poe dmeans", &gpu.download(&dmd).unwrap(), &[dm1, dm2].concat(), 1e-6, 1e-5);
+    assert_close("poe dlogvars", &gpu.download(&dld).unwrap(), &[dl1, dl2].concat(), 1e-6, 1e-5);
+}

@@ -29,3 +29,40 @@ extern "C" __global__ void kl_standard_normal(const float* m, const float* lv, u
     }
     kl[r] = sum;
 }
+
+// Product of experts with the N(0, I) prior expert, one thread per latent entry. Experts are
+// stacked: means/logvars are (experts x n), present is (experts x rows) bytes.
+extern "C" __global__ void poe_forward(const float* means, const float* logvars, const unsigned char* present, unsigned long long experts,
+        unsigned long long n, unsigned long long dim, float* m, float* lv) {
+    unsigned long long rows = n / dim;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned long long r = i / dim;
+        float precision = 1.0f, weighted = 0.0f;
+        for (unsigned long long e = 0; e < experts; ++e) {
+            if (present[e * rows + r]) {
+                float p = expf(-logvars[e * n + i]);
+                precision += p;
+                weighted += means[e * n + i] * p;
+            }
+        }
+        m[i] = weighted / precision;
+        lv[i] = -logf(precision);
+    }
+}
+
+extern "C" __global__ void poe_backward(const float* means, const float* logvars, const unsigned char* present, unsigned long long experts,
+        unsigned long long n, unsigned long long dim, const float* m, const float* lv, const float* dm, const float* dlv, float* dmeans, float* dlogvars) {
+    unsigned long long rows = n / dim;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned long long r = i / dim;
+        float precision = expf(-lv[i]);
+        for (unsigned long long e = 0; e < experts; ++e) {
+            unsigned long long k = e * n + i;
+            if (!present[e * rows + r]) { dmeans[k] = 0.0f; dlogvars[k] = 0.0f; continue; }
+            float p = expf(-logvars[k]);
+            dmeans[k] = dm[i] * p / precision;
+            float dp = dm[i] * (means[k] - m[i]) / precision - dlv[i] / precision;
+            dlogvars[k] = -dp * p;
+        }
+    }
+}

@@ -47,3 +47,48 @@ pub fn kl_standard_normal(gpu: &Gpu, m: &CudaSlice<f32>, lv: &CudaSlice<f32>, di
     // SAFETY: one thread per row; an absent weight vector is a null pointer the kernel checks.
     unsafe { b.launch(grid(rows)) }.map(|_| ()).map_err(failed("kl_standard_normal"))
 }
+
+/// Experts for the device PoE: means and log-variances stacked (experts x n) and presence as
+/// bytes (experts x rows).
+#[derive(Debug)]
+pub struct DeviceExperts {
+    pub experts: usize,
+    pub dim: usize,
+    pub means: CudaSlice<f32>,
+    pub logvars: CudaSlice<f32>,
+    pub present: CudaSlice<u8>,
+}
+
+impl DeviceExperts {
+    pub fn upload(gpu: &Gpu, means: &[&[f32]], logvars: &[&[f32]], present: &[&[bool]], dim: usize) -> Result<DeviceExperts> {
+        let stack = |parts: &[&[f32]]| parts.concat();
+        let mask: Vec<u8> = present.iter().flat_map(|p| p.iter().map(|&b| u8::from(b))).collect();
+        let err = |e: cudarc::driver::DriverError| CudaError::Driver { context: "upload experts".into(), reason: e.to_string() };
+        Ok(DeviceExperts { experts: means.len(), dim, means: gpu.upload(&stack(means))?, logvars: gpu.upload(&stack(logvars))?, present: gpu.stream().clone_htod(&mask).map_err(err)? })
+    }
+}
+
+/// As [`super::poe_forward`], on the device.
+pub fn poe_forward(gpu: &Gpu, experts: &DeviceExperts, m: &mut CudaSlice<f32>, lv: &mut CudaSlice<f32>) -> Result<()> {
+    let n = m.len();
+    assert!(lv.len() == n && experts.means.len() == experts.experts * n && n.is_multiple_of(experts.dim), "poe: shapes");
+    let f = gpu.function("gaussian", CUDA_SOURCE, "poe_forward")?;
+    let (e64, n64, d64) = (experts.experts as u64, n as u64, experts.dim as u64);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&experts.means).arg(&experts.logvars).arg(&experts.present).arg(&e64).arg(&n64).arg(&d64).arg(m).arg(lv);
+    // SAFETY: the stacked buffers hold experts*n floats and experts*rows bytes (asserted / built so).
+    unsafe { b.launch(grid(n)) }.map(|_| ()).map_err(failed("poe_forward"))
+}
+
+/// As [`super::poe_backward`], on the device: gradients stacked like the experts.
+#[allow(clippy::too_many_arguments)] // mirrors the CPU signature plus the device
+pub fn poe_backward(gpu: &Gpu, experts: &DeviceExperts, m: &CudaSlice<f32>, lv: &CudaSlice<f32>, dm: &CudaSlice<f32>, dlv: &CudaSlice<f32>, dmeans: &mut CudaSlice<f32>, dlogvars: &mut CudaSlice<f32>) -> Result<()> {
+    let n = m.len();
+    assert!(lv.len() == n && dm.len() == n && dlv.len() == n && dmeans.len() == experts.experts * n && dlogvars.len() == dmeans.len(), "poe backward: shapes");
+    let f = gpu.function("gaussian", CUDA_SOURCE, "poe_backward")?;
+    let (e64, n64, d64) = (experts.experts as u64, n as u64, experts.dim as u64);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&experts.means).arg(&experts.logvars).arg(&experts.present).arg(&e64).arg(&n64).arg(&d64).arg(m).arg(lv).arg(dm).arg(dlv).arg(dmeans).arg(dlogvars);
+    // SAFETY: as above.
+    unsafe { b.launch(grid(n)) }.map(|_| ()).map_err(failed("poe_backward"))
+}
