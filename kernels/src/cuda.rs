@@ -124,7 +124,7 @@ pub(crate) fn grid(n: usize) -> LaunchConfig {
 }
 
 /// Every CUDA source we ship, by module name: what NVRTC compiles in CI and on devices.
-pub fn sources() -> [(&'static str, &'static str); 7] {
+pub fn sources() -> [(&'static str, &'static str); 8] {
     [
         ("dropout", crate::ops::dropout::CUDA_SOURCE),
         ("elementwise", crate::ops::elementwise::CUDA_SOURCE),
@@ -132,6 +132,7 @@ pub fn sources() -> [(&'static str, &'static str); 7] {
         ("norm", crate::ops::norm::CUDA_SOURCE),
         ("likelihood", crate::ops::likelihood::CUDA_SOURCE),
         ("linear", crate::ops::linear::CUDA_SOURCE),
+        ("losses", crate::ops::losses::CUDA_SOURCE),
         ("optim", crate::ops::optim::CUDA_SOURCE),
     ]
 }

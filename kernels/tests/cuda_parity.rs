@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use tessera_kernels::cuda::{Gpu, compile, nvrtc_present, sources};
-use tessera_kernels::ops::{dropout, gaussian, norm};
+use tessera_kernels::ops::{dropout, gaussian, losses, norm};
 use tessera_kernels::ops::elementwise::{self, Activation};
 use tessera_kernels::ops::likelihood::{self, Likelihood};
 use tessera_kernels::ops::linear::{self, Gemm};
@@ -341,4 +341,50 @@ fn product_of_experts_matches_cpu() {
     assert_close("poe lv", &gpu.download(&lvd).unwrap(), &lv, 1e-6, 1e-5);
     assert_close("poe dmeans", &gpu.download(&dmd).unwrap(), &[dm1, dm2].concat(), 1e-6, 1e-5);
     assert_close("poe dlogvars", &gpu.download(&dld).unwrap(), &[dl1, dl2].concat(), 1e-6, 1e-5);
+}
+
+#[test]
+fn losses_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    // Cross-entropy with unlabelled rows.
+    let (rows, classes) = (1000, 12);
+    let logits = inputs(rows * classes);
+    let labels: Vec<i32> = (0..rows as i32).map(|r| if r % 7 == 0 { -1 } else { r % 12 }).collect();
+    let mut d = vec![0.0; rows * classes];
+    let (loss, labelled) = losses::cross_entropy(&logits, &labels, classes, &mut d);
+    let mut dd = gpu.zeros(rows * classes).unwrap();
+    let (gloss, glabelled) = losses::gpu::cross_entropy(&gpu, &gpu.upload(&logits).unwrap(), &labels, classes, &mut dd).unwrap();
+    assert_eq!(labelled, glabelled);
+    assert!((loss - gloss).abs() <= 1e-5 * loss.abs(), "ce {gloss} vs {loss}");
+    assert_close("ce grad", &gpu.download(&dd).unwrap(), &d, 1e-7, 1e-5);
+    // MMD between two groups of latents.
+    let dim = 10;
+    let (x, y) = (inputs(200 * dim), inputs(150 * dim).iter().map(|v| v + 0.3).collect::<Vec<_>>());
+    let bw = [0.5, 1.0, 2.0, 4.0];
+    let (mut dx, mut dy) = (vec![0.0; x.len()], vec![0.0; y.len()]);
+    let mmd = losses::mmd_rbf(&x, &y, dim, &bw, &mut dx, &mut dy);
+    let (mut dxd, mut dyd) = (gpu.zeros(x.len()).unwrap(), gpu.zeros(y.len()).unwrap());
+    let gmmd = losses::gpu::mmd_rbf(&gpu, &gpu.upload(&x).unwrap(), &gpu.upload(&y).unwrap(), dim, &bw, &mut dxd, &mut dyd).unwrap();
+    assert!((mmd - gmmd).abs() <= 1e-4 * mmd.abs() + 1e-6, "mmd {gmmd} vs {mmd}");
+    assert_close("mmd dx", &gpu.download(&dxd).unwrap(), &dx, 1e-6, 1e-3);
+    assert_close("mmd dy", &gpu.download(&dyd).unwrap(), &dy, 1e-6, 1e-3);
+    // Cosine margin.
+    let z = inputs(128 * 16);
+    let lab: Vec<i32> = (0..128).map(|i| if i % 11 == 0 { -1 } else { i % 4 }).collect();
+    let mut dz = vec![0.0; z.len()];
+    let cos = losses::cosine_margin(&z, &lab, 16, 0.1, &mut dz);
+    let mut dzd = gpu.zeros(z.len()).unwrap();
+    let gcos = losses::gpu::cosine_margin(&gpu, &gpu.upload(&z).unwrap(), &lab, 16, 0.1, &mut dzd).unwrap();
+    assert!((cos - gcos).abs() <= 1e-4 * cos.abs(), "cosine {gcos} vs {cos}");
+    assert_close("cosine grad", &gpu.download(&dzd).unwrap(), &dz, 1e-6, 1e-3);
+    // Cox.
+    let eta = inputs(300);
+    let times: Vec<f64> = (0..300).map(|i| ((i * 37) % 101) as f64).collect();
+    let events: Vec<bool> = (0..300).map(|i| i % 3 != 0).collect();
+    let mut de = vec![0.0; 300];
+    let cox = losses::cox_partial_likelihood(&eta, &times, &events, &mut de);
+    let mut ded = gpu.zeros(300).unwrap();
+    let gcox = losses::gpu::cox_partial_likelihood(&gpu, &gpu.upload(&eta).unwrap(), &times, &events, &mut ded).unwrap();
+    assert!((cox - gcox).abs() <= 1e-4 * cox.abs(), "cox {gcox} vs {cox}");
+    assert_close("cox grad", &gpu.download(&ded).unwrap(), &de, 1e-6, 1e-3);
 }

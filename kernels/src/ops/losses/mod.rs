@@ -8,6 +8,10 @@ use rayon::prelude::*;
 
 use crate::real::Real;
 
+pub const CUDA_SOURCE: &str = include_str!("losses.cu");
+
+pub mod gpu;
+
 /// Mean cross-entropy of softmax(logits) against `labels` (rows with -1 are skipped), and its
 /// gradient w.r.t. the logits. Returns (loss, number of labelled rows).
 pub fn cross_entropy<T: Real>(logits: &[T], labels: &[i32], classes: usize, dlogits: &mut [T]) -> (T, usize) {
