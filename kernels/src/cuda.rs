@@ -21,7 +21,8 @@ pub enum CudaError {
 
 pub type Result<T> = std::result::Result<T, CudaError>;
 
-fn driver(context: &str) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError + '_ {
+/// Maps a driver error to ours, naming what was being done.
+pub(crate) fn driver(context: &str) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError + '_ {
     move |e| CudaError::Driver { context: context.into(), reason: e.to_string() }
 }
 
@@ -113,6 +114,14 @@ impl Gpu {
     pub fn download(&self, device: &CudaSlice<f32>) -> Result<Vec<f32>> {
         self.stream.clone_dtoh(device).map_err(driver("download"))
     }
+}
+
+/// Launches a prepared kernel call over `threads` threads (grid-stride kernels loop beyond).
+#[allow(unsafe_code)]
+pub(crate) fn launch(mut call: cudarc::driver::LaunchArgs<'_>, threads: usize, kernel: &'static str) -> Result<()> {
+    // SAFETY: every caller asserts the sizes of the buffers its kernel touches and pushes the
+    // arguments in the kernel's order.
+    unsafe { call.launch(grid(threads)) }.map(|_| ()).map_err(driver(kernel))
 }
 
 /// A grid-stride launch over `n` elements: enough blocks to fill the device, not one per

@@ -4,11 +4,8 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::{Activation, CUDA_SOURCE};
-use crate::cuda::{CudaError, Gpu, Result, grid};
+use crate::cuda::{Gpu, Result, driver as failed, grid};
 
-fn launch_error(kernel: &str) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError + '_ {
-    move |e| CudaError::Driver { context: kernel.into(), reason: e.to_string() }
-}
 
 pub fn activation_forward(gpu: &Gpu, act: Activation, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
     assert_eq!(x.len(), y.len(), "activation: lengths");
@@ -18,7 +15,7 @@ pub fn activation_forward(gpu: &Gpu, act: Activation, x: &CudaSlice<f32>, y: &mu
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&kind).arg(&a).arg(x).arg(y).arg(&n);
     // SAFETY: the argument list matches the kernel's signature; x and y hold n floats.
-    unsafe { b.launch(grid(x.len())) }.map(|_| ()).map_err(launch_error("activation_forward"))
+    unsafe { b.launch(grid(x.len())) }.map(|_| ()).map_err(failed("activation_forward"))
 }
 
 pub fn activation_backward(gpu: &Gpu, act: Activation, x: &CudaSlice<f32>, y: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) -> Result<()> {
@@ -29,7 +26,7 @@ pub fn activation_backward(gpu: &Gpu, act: Activation, x: &CudaSlice<f32>, y: &C
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&kind).arg(&a).arg(x).arg(y).arg(dy).arg(dx).arg(&n);
     // SAFETY: as above; all four buffers hold n floats.
-    unsafe { b.launch(grid(x.len())) }.map(|_| ()).map_err(launch_error("activation_backward"))
+    unsafe { b.launch(grid(x.len())) }.map(|_| ()).map_err(failed("activation_backward"))
 }
 
 pub fn bias_add_forward(gpu: &Gpu, y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>) -> Result<()> {
@@ -41,7 +38,7 @@ pub fn bias_add_forward(gpu: &Gpu, y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(y).arg(bias).arg(&rows).arg(&cols64);
     // SAFETY: y holds rows*cols floats, bias cols.
-    unsafe { b.launch(grid(n)) }.map(|_| ()).map_err(launch_error("bias_add_forward"))
+    unsafe { b.launch(grid(n)) }.map(|_| ()).map_err(failed("bias_add_forward"))
 }
 
 pub fn column_sums(gpu: &Gpu, m: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
@@ -52,5 +49,5 @@ pub fn column_sums(gpu: &Gpu, m: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> R
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(m).arg(out).arg(&rows).arg(&cols64);
     // SAFETY: m holds rows*cols floats, out cols; one thread per column.
-    unsafe { b.launch(grid(cols)) }.map(|_| ()).map_err(launch_error("column_sums"))
+    unsafe { b.launch(grid(cols)) }.map(|_| ()).map_err(failed("column_sums"))
 }

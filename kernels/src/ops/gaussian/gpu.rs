@@ -4,11 +4,8 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::CUDA_SOURCE;
-use crate::cuda::{CudaError, Gpu, Result, grid};
+use crate::cuda::{CudaError, Gpu, Result, driver as failed, grid};
 
-fn failed(kernel: &str) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError + '_ {
-    move |e| CudaError::Driver { context: kernel.into(), reason: e.to_string() }
-}
 
 pub fn reparameterize_forward(gpu: &Gpu, m: &CudaSlice<f32>, lv: &CudaSlice<f32>, eps: &CudaSlice<f32>, z: &mut CudaSlice<f32>) -> Result<()> {
     assert!(m.len() == lv.len() && lv.len() == eps.len() && eps.len() == z.len(), "reparameterize: lengths");

@@ -2,20 +2,12 @@
 //! partial sums) are reduced on the host in row order.
 #![allow(unsafe_code)] // kernel launches: argument types and lengths are checked before each
 
-use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
+use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::CUDA_SOURCE;
-use crate::cuda::{CudaError, Gpu, Result, grid};
+use crate::cuda::{Gpu, Result, driver as failed, launch};
 
-fn failed(kernel: &str) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError + '_ {
-    move |e| CudaError::Driver { context: kernel.into(), reason: e.to_string() }
-}
 
-fn launch(mut b: LaunchArgs<'_>, threads: usize, kernel: &'static str) -> Result<()> {
-    // SAFETY: each caller asserts the sizes of the buffers its kernel touches and pushes the
-    // arguments in the kernel's order.
-    unsafe { b.launch(grid(threads)) }.map(|_| ()).map_err(failed(kernel))
-}
 
 fn sum_on_host(gpu: &Gpu, v: &CudaSlice<f32>) -> Result<f32> {
     Ok(gpu.download(v)?.iter().sum())

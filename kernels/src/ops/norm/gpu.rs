@@ -4,11 +4,8 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::CUDA_SOURCE;
-use crate::cuda::{CudaError, Gpu, Result, grid};
+use crate::cuda::{Gpu, Result, driver as failed, grid, launch};
 
-fn failed(kernel: &str) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError + '_ {
-    move |e| CudaError::Driver { context: kernel.into(), reason: e.to_string() }
-}
 
 pub fn softmax_forward(gpu: &Gpu, x: &CudaSlice<f32>, features: usize, y: &mut CudaSlice<f32>) -> Result<()> {
     assert!(features > 0 && x.len() == y.len() && x.len().is_multiple_of(features), "softmax: shapes");
@@ -30,11 +27,6 @@ pub fn softmax_backward(gpu: &Gpu, y: &CudaSlice<f32>, dy: &CudaSlice<f32>, feat
     unsafe { b.launch(grid(rows as usize)) }.map(|_| ()).map_err(failed("softmax_backward"))
 }
 
-fn launch(mut b: cudarc::driver::LaunchArgs<'_>, threads: usize, kernel: &'static str) -> Result<()> {
-    // SAFETY: each caller asserts the buffer sizes its kernel reads and writes, and pushes the
-    // arguments in the kernel's order.
-    unsafe { b.launch(grid(threads)) }.map(|_| ()).map_err(failed(kernel))
-}
 
 /// Device copies of what [`super::NormCache`] holds on the host.
 #[derive(Debug)]

@@ -4,11 +4,8 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::{AdamW, CUDA_SOURCE, GRAIN};
-use crate::cuda::{CudaError, Gpu, Result, grid};
+use crate::cuda::{Gpu, Result, driver as failed, grid};
 
-fn failed(kernel: &str) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError + '_ {
-    move |e| CudaError::Driver { context: kernel.into(), reason: e.to_string() }
-}
 
 /// As [`AdamW::step`], on the device.
 pub fn adamw_step(gpu: &Gpu, opt: &AdamW, t: u64, params: &mut CudaSlice<f32>, grads: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>) -> Result<()> {
