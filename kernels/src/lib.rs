@@ -5,6 +5,7 @@
 //! Invariant: this crate knows nothing of stores, models or the network; it sees slices,
 //! shapes and device buffers.
 
+pub mod backend;
 pub mod cuda;
 pub mod gradcheck;
 pub mod ops;

@@ -41,6 +41,20 @@ pub fn uniform(seed: u64, stream: u64, i: u64) -> f32 {
     (words[(i % 4) as usize] >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
+/// The standard normal of element `i` of stream `stream` under `seed` (Box-Muller on uniforms
+/// 2i and 2i+1): the reparameterisation noise, identical on CPU and GPU up to rounding of
+/// log/cos.
+pub fn normal(seed: u64, stream: u64, i: u64) -> f32 {
+    let u1 = 1.0 - uniform(seed, stream, 2 * i); // in (0, 1]: the log is finite
+    let u2 = uniform(seed, stream, 2 * i + 1);
+    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+}
+
+/// out_i = normal(seed, stream, i).
+pub fn normal_fill<T: Real>(seed: u64, stream: u64, out: &mut [T]) {
+    out.par_iter_mut().enumerate().for_each(|(i, v)| *v = T::of(f64::from(normal(seed, stream, i as u64))));
+}
+
 /// y = x ⊙ mask / (1 - p), mask_i = uniform(seed, stream, i) >= p.
 pub fn dropout_forward<T: Real>(x: &[T], p: f32, seed: u64, stream: u64, y: &mut [T]) {
     assert!((0.0..1.0).contains(&p), "dropout probability must be in [0, 1)");
@@ -67,6 +81,22 @@ mod tests {
             philox4x32_10([0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344], [0xa409_3822, 0x299f_31d0]),
             [0xd16c_fe09, 0x94fd_cceb, 0x5001_e420, 0x2412_6ea1]
         );
+    }
+
+    #[test]
+    fn normals_have_unit_moments_and_depend_on_stream() {
+        let n = 200_000;
+        let mut z = vec![0.0f64; n];
+        normal_fill(3, 0, &mut z);
+        let mean = z.iter().sum::<f64>() / n as f64;
+        let var = z.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
+        assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.01, "mean {mean} var {var}");
+        assert!(z.iter().all(|v| v.is_finite()));
+        let mut again = vec![0.0f64; n];
+        normal_fill(3, 0, &mut again);
+        assert_eq!(z, again);
+        normal_fill(3, 1, &mut again);
+        assert_ne!(z, again);
     }
 
     #[test]

@@ -113,6 +113,21 @@ pub fn column_sums<T: Real>(m: &[T], out: &mut [T]) {
     });
 }
 
+/// y[r, c] = x[r, c] · s[r] (library-size scaling of decoder proportions). Its own backward:
+/// dx = scale_rows(dy, s).
+pub fn scale_rows<T: Real>(x: &[T], s: &[T], y: &mut [T]) {
+    assert!(!s.is_empty() && x.len() == y.len() && x.len().is_multiple_of(s.len()), "scale rows: {} values are not {} rows", x.len(), s.len());
+    let cols = x.len() / s.len();
+    if cols == 0 {
+        return;
+    }
+    y.par_chunks_mut(cols).zip(x.par_chunks(cols)).zip(s.par_iter()).for_each(|((y, x), &s)| {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = x * s;
+        }
+    });
+}
+
 /// Concatenates row-major blocks along features: rows x (w_1 + ... + w_k). The backward is
 /// [`split_columns`] of the upstream gradient.
 pub fn concat_columns<T: Real>(blocks: &[(&[T], usize)], rows: usize, out: &mut [T]) {
@@ -240,6 +255,13 @@ mod tests {
 
     fn values(n: usize, seed: f64) -> Vec<f64> {
         crate::gradcheck::wave(n, seed)
+    }
+
+    #[test]
+    fn scale_rows_scales_each_row() {
+        let mut y = [0.0f64; 6];
+        scale_rows(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2.0, -1.0], &mut y);
+        assert_eq!(y, [2.0, 4.0, 6.0, -4.0, -5.0, -6.0]);
     }
 
     #[test]

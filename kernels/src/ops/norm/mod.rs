@@ -84,8 +84,81 @@ pub fn layer_norm_backward<T: Real>(cache: &NormCache<T>, gamma: &[T], dy: &[T],
     crate::ops::elementwise::column_sums(dy, dbeta);
 }
 
-/// BatchNorm parameters and running statistics (PyTorch: running = (1-m)·running + m·batch,
+/// BatchNorm's running statistics and settings (PyTorch: running = (1-m)·running + m·batch,
 /// with the unbiased batch variance; normalisation uses the biased one).
+#[derive(Debug)]
+pub struct Running<'a, T> {
+    pub mean: &'a mut [T],
+    pub var: &'a mut [T],
+    pub momentum: f64,
+    pub eps: f64,
+}
+
+/// Training forward over slices (γ, β and the statistics may live in a model's flat buffers):
+/// batch statistics, running statistics updated, x̂ and 1/σ kept for the backward.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_train<T: Real>(x: &[T], gamma: &[T], beta: &[T], running: Running<'_, T>, y: &mut [T], xhat: &mut [T], inv_std: &mut [T]) {
+    let f = gamma.len();
+    assert!(f > 0 && beta.len() == f && x.len() == y.len() && x.len() == xhat.len() && inv_std.len() == f && x.len().is_multiple_of(f), "batch norm: shapes");
+    assert!(running.mean.len() == f && running.var.len() == f, "batch norm: running statistics");
+    let rows = x.len() / f;
+    assert!(rows > 1, "batch norm needs more than one row in training");
+    let n = T::of(rows as f64);
+    let mut mean = vec![T::zero(); f];
+    crate::ops::elementwise::column_sums(x, &mut mean);
+    mean.iter_mut().for_each(|m| *m = *m / n);
+    let centered: Vec<T> = x.iter().enumerate().map(|(i, &v)| (v - mean[i % f]) * (v - mean[i % f])).collect();
+    let mut var = vec![T::zero(); f];
+    crate::ops::elementwise::column_sums(&centered, &mut var);
+    var.iter_mut().for_each(|v| *v = *v / n);
+    for (inv, &v) in inv_std.iter_mut().zip(&var) {
+        *inv = T::one() / (v + T::of(running.eps)).sqrt();
+    }
+    let m = T::of(running.momentum);
+    let unbias = T::of(rows as f64 / (rows as f64 - 1.0));
+    for c in 0..f {
+        running.mean[c] = (T::one() - m) * running.mean[c] + m * mean[c];
+        running.var[c] = (T::one() - m) * running.var[c] + m * var[c] * unbias;
+    }
+    let inv_std = &*inv_std;
+    xhat.par_chunks_mut(f).zip(x.par_chunks(f).zip(y.par_chunks_mut(f))).for_each(|(xh, (x, y))| {
+        for c in 0..f {
+            xh[c] = (x[c] - mean[c]) * inv_std[c];
+            y[c] = gamma[c] * xh[c] + beta[c];
+        }
+    });
+}
+
+/// Evaluation forward: running statistics.
+pub fn batch_norm_eval<T: Real>(x: &[T], gamma: &[T], beta: &[T], running_mean: &[T], running_var: &[T], eps: f64, y: &mut [T]) {
+    let f = gamma.len();
+    assert!(f > 0 && x.len() == y.len() && x.len().is_multiple_of(f) && [beta.len(), running_mean.len(), running_var.len()] == [f; 3], "batch norm: shapes");
+    y.par_chunks_mut(f).zip(x.par_chunks(f)).for_each(|(y, x)| {
+        for c in 0..f {
+            let inv = T::one() / (running_var[c] + T::of(eps)).sqrt();
+            y[c] = gamma[c] * (x[c] - running_mean[c]) * inv + beta[c];
+        }
+    });
+}
+
+/// Training backward: dx, dγ, dβ from the forward's x̂ and 1/σ.
+pub fn batch_norm_backward<T: Real>(xhat: &[T], inv_std: &[T], gamma: &[T], dy: &[T], dx: &mut [T], dgamma: &mut [T], dbeta: &mut [T]) {
+    let f = gamma.len();
+    assert!(dy.len() == xhat.len() && dx.len() == dy.len() && inv_std.len() == f && dgamma.len() == f && dbeta.len() == f, "batch norm backward: shapes");
+    let n = T::of((dy.len() / f) as f64);
+    let prod: Vec<T> = dy.iter().zip(xhat).map(|(&a, &b)| a * b).collect();
+    crate::ops::elementwise::column_sums(&prod, dgamma);
+    crate::ops::elementwise::column_sums(dy, dbeta);
+    let (dgamma, dbeta) = (&*dgamma, &*dbeta);
+    dx.par_chunks_mut(f).zip(dy.par_chunks(f).zip(xhat.par_chunks(f))).for_each(|(dx, (dy, xh))| {
+        for c in 0..f {
+            // dx = γ/σ (dy - mean(dy) - x̂ mean(dy x̂)), means over rows.
+            dx[c] = gamma[c] * inv_std[c] * (dy[c] - dbeta[c] / n - xh[c] * dgamma[c] / n);
+        }
+    });
+}
+
+/// A standalone BatchNorm layer owning its parameters and running statistics.
 #[derive(Debug, Clone)]
 pub struct BatchNorm<T> {
     pub gamma: Vec<T>,
@@ -105,59 +178,20 @@ impl<T: Real> BatchNorm<T> {
     /// Training forward: batch statistics, running statistics updated.
     pub fn forward_train(&mut self, x: &[T], y: &mut [T]) -> NormCache<T> {
         let f = self.gamma.len();
-        assert!(f > 0 && x.len() == y.len() && x.len().is_multiple_of(f), "batch norm: shapes");
-        let rows = x.len() / f;
-        assert!(rows > 1, "batch norm needs more than one row in training");
-        let n = T::of(rows as f64);
-        let mut mean = vec![T::zero(); f];
-        crate::ops::elementwise::column_sums(x, &mut mean);
-        mean.iter_mut().for_each(|m| *m = *m / n);
-        let centered: Vec<T> = x.iter().enumerate().map(|(i, &v)| (v - mean[i % f]) * (v - mean[i % f])).collect();
-        let mut var = vec![T::zero(); f];
-        crate::ops::elementwise::column_sums(&centered, &mut var);
-        var.iter_mut().for_each(|v| *v = *v / n);
-        let inv_std: Vec<T> = var.iter().map(|&v| T::one() / (v + T::of(self.eps)).sqrt()).collect();
-        let m = T::of(self.momentum);
-        let unbias = T::of(rows as f64 / (rows as f64 - 1.0));
-        for c in 0..f {
-            self.running_mean[c] = (T::one() - m) * self.running_mean[c] + m * mean[c];
-            self.running_var[c] = (T::one() - m) * self.running_var[c] + m * var[c] * unbias;
-        }
-        let mut xhat = vec![T::zero(); x.len()];
-        xhat.par_chunks_mut(f).zip(x.par_chunks(f).zip(y.par_chunks_mut(f))).for_each(|(xh, (x, y))| {
-            for c in 0..f {
-                xh[c] = (x[c] - mean[c]) * inv_std[c];
-                y[c] = self.gamma[c] * xh[c] + self.beta[c];
-            }
-        });
-        NormCache { xhat, inv_std }
+        let mut cache = NormCache { xhat: vec![T::zero(); x.len()], inv_std: vec![T::zero(); f] };
+        let running = Running { mean: &mut self.running_mean, var: &mut self.running_var, momentum: self.momentum, eps: self.eps };
+        batch_norm_train(x, &self.gamma, &self.beta, running, y, &mut cache.xhat, &mut cache.inv_std);
+        cache
     }
 
     /// Evaluation forward: running statistics.
     pub fn forward_eval(&self, x: &[T], y: &mut [T]) {
-        let f = self.gamma.len();
-        assert!(x.len() == y.len() && x.len().is_multiple_of(f), "batch norm: shapes");
-        y.par_chunks_mut(f).zip(x.par_chunks(f)).for_each(|(y, x)| {
-            for c in 0..f {
-                let inv = T::one() / (self.running_var[c] + T::of(self.eps)).sqrt();
-                y[c] = self.gamma[c] * (x[c] - self.running_mean[c]) * inv + self.beta[c];
-            }
-        });
+        batch_norm_eval(x, &self.gamma, &self.beta, &self.running_mean, &self.running_var, self.eps, y);
     }
 
     /// Training backward: dx, dγ, dβ.
     pub fn backward(&self, cache: &NormCache<T>, dy: &[T], dx: &mut [T], dgamma: &mut [T], dbeta: &mut [T]) {
-        let f = self.gamma.len();
-        let n = T::of((dy.len() / f) as f64);
-        let prod: Vec<T> = dy.iter().zip(&cache.xhat).map(|(&a, &b)| a * b).collect();
-        crate::ops::elementwise::column_sums(&prod, dgamma);
-        crate::ops::elementwise::column_sums(dy, dbeta);
-        dx.par_chunks_mut(f).zip(dy.par_chunks(f).zip(cache.xhat.par_chunks(f))).for_each(|(dx, (dy, xh))| {
-            for c in 0..f {
-                // dx = γ/σ (dy - mean(dy) - x̂ mean(dy x̂)), means over rows.
-                dx[c] = self.gamma[c] * cache.inv_std[c] * (dy[c] - dbeta[c] / n - xh[c] * dgamma[c] / n);
-            }
-        });
+        batch_norm_backward(&cache.xhat, &cache.inv_std, &self.gamma, dy, dx, dgamma, dbeta);
     }
 }
 

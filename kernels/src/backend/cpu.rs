@@ -1,0 +1,178 @@
+//! The CPU backend: the reference ops of `crate::ops` on host vectors (rayon-parallel,
+//! matrixmultiply GEMM), for f32 training and f64 gradient checks.
+
+use super::{Backend, In, Out, Result};
+use crate::ops::elementwise::{self, Activation};
+use crate::ops::likelihood::Likelihood;
+use crate::ops::linear::{self, CountTransform, CsrRef, Gemm};
+use crate::ops::optim::{self, AdamW};
+use crate::ops::{dropout, gaussian, norm};
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu;
+
+/// A count matrix owned on the host.
+#[derive(Debug, Clone)]
+pub struct HostCsr<T> {
+    pub rows: usize,
+    pub cols: usize,
+    pub indptr: Vec<u64>,
+    pub indices: Vec<u32>,
+    pub data: Vec<T>,
+}
+
+impl<T: Copy> HostCsr<T> {
+    pub fn as_ref(&self) -> CsrRef<'_, T> {
+        CsrRef { rows: self.rows, cols: self.cols, indptr: &self.indptr, indices: &self.indices, data: &self.data }
+    }
+}
+
+fn r<'a, T>(x: &In<'a, Vec<T>>) -> &'a [T] {
+    &x.buf[x.range.clone()]
+}
+
+fn w<'a, T>(x: Out<'a, Vec<T>>) -> &'a mut [T] {
+    &mut x.buf[x.range]
+}
+
+impl<T: Gemm> Backend<T> for Cpu {
+    type Buf = Vec<T>;
+    type Csr = HostCsr<T>;
+
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn zeros(&self, n: usize) -> Result<Vec<T>> {
+        Ok(vec![T::zero(); n])
+    }
+
+    fn upload(&self, host: &[T]) -> Result<Vec<T>> {
+        Ok(host.to_vec())
+    }
+
+    fn download(&self, x: In<'_, Vec<T>>) -> Result<Vec<T>> {
+        Ok(r(&x).to_vec())
+    }
+
+    fn copy(&self, x: In<'_, Vec<T>>, y: Out<'_, Vec<T>>) -> Result<()> {
+        w(y).copy_from_slice(r(&x));
+        Ok(())
+    }
+
+    fn scale(&self, y: Out<'_, Vec<T>>, alpha: T) -> Result<()> {
+        w(y).iter_mut().for_each(|v| *v = *v * alpha);
+        Ok(())
+    }
+
+    fn upload_csr(&self, x: CsrRef<'_, T>) -> Result<HostCsr<T>> {
+        Ok(HostCsr { rows: x.rows, cols: x.cols, indptr: x.indptr.to_vec(), indices: x.indices.to_vec(), data: x.data.to_vec() })
+    }
+
+    fn gemm(&self, ta: bool, tb: bool, m: usize, k: usize, n: usize, alpha: T, a: In<'_, Vec<T>>, b: In<'_, Vec<T>>, beta: T, c: Out<'_, Vec<T>>) -> Result<()> {
+        T::gemm(ta, tb, m, k, n, alpha, r(&a), r(&b), beta, w(c));
+        Ok(())
+    }
+
+    fn sparse_input_forward(&self, x: &HostCsr<T>, transform: CountTransform, wt: In<'_, Vec<T>>, d_out: usize, y: Out<'_, Vec<T>>) -> Result<()> {
+        linear::sparse_input_forward(x.as_ref(), transform, r(&wt), d_out, w(y));
+        Ok(())
+    }
+
+    fn sparse_input_backward(&self, x: &HostCsr<T>, transform: CountTransform, dy: In<'_, Vec<T>>, d_out: usize, dw: Out<'_, Vec<T>>) -> Result<()> {
+        linear::sparse_input_backward(x.as_ref(), transform, r(&dy), d_out, w(dw));
+        Ok(())
+    }
+
+    fn activation_forward(&self, act: Activation, x: In<'_, Vec<T>>, y: Out<'_, Vec<T>>) -> Result<()> {
+        act.forward(r(&x), w(y));
+        Ok(())
+    }
+
+    fn activation_backward(&self, act: Activation, x: In<'_, Vec<T>>, y: In<'_, Vec<T>>, dy: In<'_, Vec<T>>, dx: Out<'_, Vec<T>>) -> Result<()> {
+        act.backward(r(&x), r(&y), r(&dy), w(dx));
+        Ok(())
+    }
+
+    fn bias_add(&self, y: Out<'_, Vec<T>>, bias: In<'_, Vec<T>>) -> Result<()> {
+        elementwise::bias_add_forward(w(y), r(&bias));
+        Ok(())
+    }
+
+    fn column_sums(&self, m: In<'_, Vec<T>>, out: Out<'_, Vec<T>>) -> Result<()> {
+        elementwise::column_sums(r(&m), w(out));
+        Ok(())
+    }
+
+    fn scale_rows(&self, x: In<'_, Vec<T>>, s: In<'_, Vec<T>>, y: Out<'_, Vec<T>>) -> Result<()> {
+        elementwise::scale_rows(r(&x), r(&s), w(y));
+        Ok(())
+    }
+
+    fn dropout(&self, x: In<'_, Vec<T>>, p: f32, seed: u64, stream: u64, y: Out<'_, Vec<T>>) -> Result<()> {
+        dropout::dropout_forward(r(&x), p, seed, stream, w(y));
+        Ok(())
+    }
+
+    fn normal(&self, seed: u64, stream: u64, out: Out<'_, Vec<T>>) -> Result<()> {
+        dropout::normal_fill(seed, stream, w(out));
+        Ok(())
+    }
+
+    fn batch_norm_train(&self, x: In<'_, Vec<T>>, gamma: In<'_, Vec<T>>, beta: In<'_, Vec<T>>, mean: Out<'_, Vec<T>>, var: Out<'_, Vec<T>>, momentum: f64, eps: f64, y: Out<'_, Vec<T>>, xhat: Out<'_, Vec<T>>, inv_std: Out<'_, Vec<T>>) -> Result<()> {
+        let running = norm::Running { mean: w(mean), var: w(var), momentum, eps };
+        norm::batch_norm_train(r(&x), r(&gamma), r(&beta), running, w(y), w(xhat), w(inv_std));
+        Ok(())
+    }
+
+    fn batch_norm_eval(&self, x: In<'_, Vec<T>>, gamma: In<'_, Vec<T>>, beta: In<'_, Vec<T>>, mean: In<'_, Vec<T>>, var: In<'_, Vec<T>>, eps: f64, y: Out<'_, Vec<T>>) -> Result<()> {
+        norm::batch_norm_eval(r(&x), r(&gamma), r(&beta), r(&mean), r(&var), eps, w(y));
+        Ok(())
+    }
+
+    fn batch_norm_backward(&self, xhat: In<'_, Vec<T>>, inv_std: In<'_, Vec<T>>, gamma: In<'_, Vec<T>>, dy: In<'_, Vec<T>>, dx: Out<'_, Vec<T>>, dgamma: Out<'_, Vec<T>>, dbeta: Out<'_, Vec<T>>) -> Result<()> {
+        norm::batch_norm_backward(r(&xhat), r(&inv_std), r(&gamma), r(&dy), w(dx), w(dgamma), w(dbeta));
+        Ok(())
+    }
+
+    fn softmax_forward(&self, x: In<'_, Vec<T>>, features: usize, y: Out<'_, Vec<T>>) -> Result<()> {
+        norm::softmax_forward(r(&x), features, w(y));
+        Ok(())
+    }
+
+    fn softmax_backward(&self, y: In<'_, Vec<T>>, dy: In<'_, Vec<T>>, features: usize, dx: Out<'_, Vec<T>>) -> Result<()> {
+        norm::softmax_backward(r(&y), r(&dy), features, w(dx));
+        Ok(())
+    }
+
+    fn reparameterize_forward(&self, m: In<'_, Vec<T>>, lv: In<'_, Vec<T>>, eps: In<'_, Vec<T>>, z: Out<'_, Vec<T>>) -> Result<()> {
+        gaussian::reparameterize_forward(r(&m), r(&lv), r(&eps), w(z));
+        Ok(())
+    }
+
+    fn reparameterize_backward(&self, lv: In<'_, Vec<T>>, eps: In<'_, Vec<T>>, dz: In<'_, Vec<T>>, dm: Out<'_, Vec<T>>, dlv: Out<'_, Vec<T>>) -> Result<()> {
+        gaussian::reparameterize_backward(r(&lv), r(&eps), r(&dz), w(dm), w(dlv));
+        Ok(())
+    }
+
+    fn kl_standard_normal(&self, m: In<'_, Vec<T>>, lv: In<'_, Vec<T>>, dim: usize, weights: Option<In<'_, Vec<T>>>, kl: Out<'_, Vec<T>>, dm: Out<'_, Vec<T>>, dlv: Out<'_, Vec<T>>) -> Result<()> {
+        gaussian::kl_standard_normal(r(&m), r(&lv), dim, weights.as_ref().map(r), w(kl), w(dm), w(dlv));
+        Ok(())
+    }
+
+    fn likelihood(&self, family: Likelihood, x: In<'_, Vec<T>>, features: usize, params: &[In<'_, Vec<T>>], weights: Option<In<'_, Vec<T>>>, ll: Out<'_, Vec<T>>, grads: &mut [Out<'_, Vec<T>>]) -> Result<()> {
+        let params: Vec<&[T]> = params.iter().map(r).collect();
+        let mut grads: Vec<&mut [T]> = grads.iter_mut().map(|g| &mut g.buf[g.range.clone()]).collect();
+        family.forward_backward(r(&x), features, &params, weights.as_ref().map(r), w(ll), &mut grads);
+        Ok(())
+    }
+
+    fn adamw_step(&self, opt: &AdamW, t: u64, params: Out<'_, Vec<T>>, grads: In<'_, Vec<T>>, m: Out<'_, Vec<T>>, v: Out<'_, Vec<T>>) -> Result<()> {
+        opt.step(t, w(params), r(&grads), w(m), w(v));
+        Ok(())
+    }
+
+    fn grad_norm(&self, grads: In<'_, Vec<T>>) -> Result<f64> {
+        Ok(optim::grad_norm(r(&grads)))
+    }
+}

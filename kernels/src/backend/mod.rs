@@ -1,0 +1,194 @@
+//! The device abstraction models are written against: a buffer type, views into it, and the op
+//! set, implemented once for the CPU (any `Gemm` scalar, so models gradient-check in f64) and
+//! once for CUDA (f32). A model holds its parameters in one flat buffer and reaches each tensor
+//! through a view ([`In`]/[`Out`] = buffer + element range), so the optimiser and the all-reduce
+//! each see one buffer whatever the device.
+//!
+//! Ops take their outputs as views and overwrite them (never allocate), except where an
+//! argument says otherwise (GEMM's `beta`): activations live in buffers allocated once per batch
+//! shape and reused, which is the caching allocator the training loop needs.
+
+use std::ops::Range;
+
+use crate::ops::elementwise::Activation;
+use crate::ops::likelihood::Likelihood;
+use crate::ops::linear::{CountTransform, CsrRef};
+use crate::ops::optim::AdamW;
+use crate::real::Real;
+
+pub mod cpu;
+
+pub use cpu::Cpu;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Cuda(#[from] crate::cuda::CudaError),
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// A device buffer of scalars.
+pub trait Storage {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<T> Storage for Vec<T> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+}
+
+/// A read-only view: elements `range` of `buf`.
+#[derive(Debug)]
+pub struct In<'a, S> {
+    pub buf: &'a S,
+    pub range: Range<usize>,
+}
+
+/// A writable view: elements `range` of `buf`.
+#[derive(Debug)]
+pub struct Out<'a, S> {
+    pub buf: &'a mut S,
+    pub range: Range<usize>,
+}
+
+impl<S> Clone for In<'_, S> {
+    fn clone(&self) -> Self {
+        In { buf: self.buf, range: self.range.clone() }
+    }
+}
+
+impl<'a, S: Storage> In<'a, S> {
+    pub fn all(buf: &'a S) -> Self {
+        In { range: 0..buf.len(), buf }
+    }
+
+    pub fn part(buf: &'a S, range: Range<usize>) -> Self {
+        assert!(range.end <= buf.len(), "view {range:?} of a buffer of {}", buf.len());
+        In { buf, range }
+    }
+
+    pub fn len(&self) -> usize {
+        self.range.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.range.is_empty()
+    }
+}
+
+impl<'a, S: Storage> Out<'a, S> {
+    pub fn all(buf: &'a mut S) -> Self {
+        Out { range: 0..buf.len(), buf }
+    }
+
+    pub fn part(buf: &'a mut S, range: Range<usize>) -> Self {
+        assert!(range.end <= buf.len(), "view {range:?} of a buffer of {}", buf.len());
+        Out { buf, range }
+    }
+
+    pub fn len(&self) -> usize {
+        self.range.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.range.is_empty()
+    }
+
+    /// A shorter-lived view of the same elements (to pass an `Out` on and keep using it).
+    pub fn reborrow(&mut self) -> Out<'_, S> {
+        Out { buf: self.buf, range: self.range.clone() }
+    }
+}
+
+/// A row-major matrix on a device: a buffer and its shape.
+#[derive(Debug)]
+pub struct Tensor<S> {
+    pub buf: S,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl<S: Storage> Tensor<S> {
+    pub fn input(&self) -> In<'_, S> {
+        In::all(&self.buf)
+    }
+
+    pub fn output(&mut self) -> Out<'_, S> {
+        Out::all(&mut self.buf)
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The op set, with the CPU reference semantics of `crate::ops` (each method names the function
+/// it mirrors). Shapes are asserted: a mismatch is a programming error, not a data error.
+#[allow(clippy::too_many_arguments)]
+pub trait Backend<T: Real>: std::fmt::Debug + Send + Sync {
+    type Buf: Storage + Send + Sync + std::fmt::Debug;
+    /// A count matrix uploaded for the sparse first layer.
+    type Csr: Send + Sync;
+
+    /// "cpu" or "cuda:<ordinal>", for logs and benchmark tables.
+    fn name(&self) -> String;
+
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    fn upload(&self, host: &[T]) -> Result<Self::Buf>;
+    fn download(&self, x: In<'_, Self::Buf>) -> Result<Vec<T>>;
+    fn copy(&self, x: In<'_, Self::Buf>, y: Out<'_, Self::Buf>) -> Result<()>;
+    /// y *= alpha.
+    fn scale(&self, y: Out<'_, Self::Buf>, alpha: T) -> Result<()>;
+
+    fn tensor(&self, rows: usize, cols: usize) -> Result<Tensor<Self::Buf>> {
+        Ok(Tensor { buf: self.zeros(rows * cols)?, rows, cols })
+    }
+
+    fn upload_csr(&self, x: CsrRef<'_, T>) -> Result<Self::Csr>;
+
+    /// `ops::linear::Gemm::gemm`: C = alpha op(A) op(B) + beta C, row-major.
+    fn gemm(&self, ta: bool, tb: bool, m: usize, k: usize, n: usize, alpha: T, a: In<'_, Self::Buf>, b: In<'_, Self::Buf>, beta: T, c: Out<'_, Self::Buf>) -> Result<()>;
+    /// `ops::linear::sparse_input_forward`.
+    fn sparse_input_forward(&self, x: &Self::Csr, transform: CountTransform, w: In<'_, Self::Buf>, d_out: usize, y: Out<'_, Self::Buf>) -> Result<()>;
+    /// `ops::linear::sparse_input_backward` (overwrites dw).
+    fn sparse_input_backward(&self, x: &Self::Csr, transform: CountTransform, dy: In<'_, Self::Buf>, d_out: usize, dw: Out<'_, Self::Buf>) -> Result<()>;
+
+    fn activation_forward(&self, act: Activation, x: In<'_, Self::Buf>, y: Out<'_, Self::Buf>) -> Result<()>;
+    fn activation_backward(&self, act: Activation, x: In<'_, Self::Buf>, y: In<'_, Self::Buf>, dy: In<'_, Self::Buf>, dx: Out<'_, Self::Buf>) -> Result<()>;
+    fn bias_add(&self, y: Out<'_, Self::Buf>, bias: In<'_, Self::Buf>) -> Result<()>;
+    fn column_sums(&self, m: In<'_, Self::Buf>, out: Out<'_, Self::Buf>) -> Result<()>;
+    fn scale_rows(&self, x: In<'_, Self::Buf>, s: In<'_, Self::Buf>, y: Out<'_, Self::Buf>) -> Result<()>;
+    /// `ops::dropout::dropout_forward`; the backward is the same call on dy.
+    fn dropout(&self, x: In<'_, Self::Buf>, p: f32, seed: u64, stream: u64, y: Out<'_, Self::Buf>) -> Result<()>;
+    /// `ops::dropout::normal_fill`.
+    fn normal(&self, seed: u64, stream: u64, out: Out<'_, Self::Buf>) -> Result<()>;
+
+    /// `ops::norm::batch_norm_train` with the running statistics `mean`/`var` updated in place.
+    fn batch_norm_train(&self, x: In<'_, Self::Buf>, gamma: In<'_, Self::Buf>, beta: In<'_, Self::Buf>, mean: Out<'_, Self::Buf>, var: Out<'_, Self::Buf>, momentum: f64, eps: f64, y: Out<'_, Self::Buf>, xhat: Out<'_, Self::Buf>, inv_std: Out<'_, Self::Buf>) -> Result<()>;
+    fn batch_norm_eval(&self, x: In<'_, Self::Buf>, gamma: In<'_, Self::Buf>, beta: In<'_, Self::Buf>, mean: In<'_, Self::Buf>, var: In<'_, Self::Buf>, eps: f64, y: Out<'_, Self::Buf>) -> Result<()>;
+    fn batch_norm_backward(&self, xhat: In<'_, Self::Buf>, inv_std: In<'_, Self::Buf>, gamma: In<'_, Self::Buf>, dy: In<'_, Self::Buf>, dx: Out<'_, Self::Buf>, dgamma: Out<'_, Self::Buf>, dbeta: Out<'_, Self::Buf>) -> Result<()>;
+    fn softmax_forward(&self, x: In<'_, Self::Buf>, features: usize, y: Out<'_, Self::Buf>) -> Result<()>;
+    fn softmax_backward(&self, y: In<'_, Self::Buf>, dy: In<'_, Self::Buf>, features: usize, dx: Out<'_, Self::Buf>) -> Result<()>;
+
+    fn reparameterize_forward(&self, m: In<'_, Self::Buf>, lv: In<'_, Self::Buf>, eps: In<'_, Self::Buf>, z: Out<'_, Self::Buf>) -> Result<()>;
+    fn reparameterize_backward(&self, lv: In<'_, Self::Buf>, eps: In<'_, Self::Buf>, dz: In<'_, Self::Buf>, dm: Out<'_, Self::Buf>, dlv: Out<'_, Self::Buf>) -> Result<()>;
+    /// `ops::gaussian::kl_standard_normal`: per-row KL, and gradients of Σ_r w_r KL_r
+    /// (overwritten).
+    fn kl_standard_normal(&self, m: In<'_, Self::Buf>, lv: In<'_, Self::Buf>, dim: usize, weights: Option<In<'_, Self::Buf>>, kl: Out<'_, Self::Buf>, dm: Out<'_, Self::Buf>, dlv: Out<'_, Self::Buf>) -> Result<()>;
+    /// `Likelihood::forward_backward`: per-row log-likelihood and per-entry gradients.
+    fn likelihood(&self, family: Likelihood, x: In<'_, Self::Buf>, features: usize, params: &[In<'_, Self::Buf>], weights: Option<In<'_, Self::Buf>>, ll: Out<'_, Self::Buf>, grads: &mut [Out<'_, Self::Buf>]) -> Result<()>;
+
+    /// `AdamW::step` (step `t` counts from 1).
+    fn adamw_step(&self, opt: &AdamW, t: u64, params: Out<'_, Self::Buf>, grads: In<'_, Self::Buf>, m: Out<'_, Self::Buf>, v: Out<'_, Self::Buf>) -> Result<()>;
+    /// `ops::optim::grad_norm`: the global L2 norm, accumulated in f64 in a fixed order.
+    fn grad_norm(&self, grads: In<'_, Self::Buf>) -> Result<f64>;
+}
