@@ -60,6 +60,11 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(())
     }
 
+    fn axpy(&self, alpha: T, x: In<'_, Vec<T>>, y: Out<'_, Vec<T>>) -> Result<()> {
+        elementwise::axpy(alpha, r(&x), w(y));
+        Ok(())
+    }
+
     fn scale(&self, y: Out<'_, Vec<T>>, alpha: T) -> Result<()> {
         w(y).iter_mut().for_each(|v| *v = *v * alpha);
         Ok(())
@@ -119,19 +124,21 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(())
     }
 
-    fn batch_norm_train(&self, x: In<'_, Vec<T>>, gamma: In<'_, Vec<T>>, beta: In<'_, Vec<T>>, mean: Out<'_, Vec<T>>, var: Out<'_, Vec<T>>, momentum: f64, eps: f64, y: Out<'_, Vec<T>>, xhat: Out<'_, Vec<T>>, inv_std: Out<'_, Vec<T>>) -> Result<()> {
-        let running = norm::Running { mean: w(mean), var: w(var), momentum, eps };
-        norm::batch_norm_train(r(&x), r(&gamma), r(&beta), running, w(y), w(xhat), w(inv_std));
+    fn batch_norm_train(&self, x: In<'_, Vec<T>>, gamma: In<'_, Vec<T>>, beta: In<'_, Vec<T>>, running: Out<'_, Vec<T>>, momentum: f64, eps: f64, y: Out<'_, Vec<T>>, xhat: Out<'_, Vec<T>>, inv_std: Out<'_, Vec<T>>) -> Result<()> {
+        let (mean, var) = w(running).split_at_mut(gamma.len());
+        norm::batch_norm_train(r(&x), r(&gamma), r(&beta), norm::Running { mean, var, momentum, eps }, w(y), w(xhat), w(inv_std));
         Ok(())
     }
 
-    fn batch_norm_eval(&self, x: In<'_, Vec<T>>, gamma: In<'_, Vec<T>>, beta: In<'_, Vec<T>>, mean: In<'_, Vec<T>>, var: In<'_, Vec<T>>, eps: f64, y: Out<'_, Vec<T>>) -> Result<()> {
-        norm::batch_norm_eval(r(&x), r(&gamma), r(&beta), r(&mean), r(&var), eps, w(y));
+    fn batch_norm_eval(&self, x: In<'_, Vec<T>>, gamma: In<'_, Vec<T>>, beta: In<'_, Vec<T>>, running: In<'_, Vec<T>>, eps: f64, y: Out<'_, Vec<T>>) -> Result<()> {
+        let (mean, var) = r(&running).split_at(gamma.len());
+        norm::batch_norm_eval(r(&x), r(&gamma), r(&beta), mean, var, eps, w(y));
         Ok(())
     }
 
-    fn batch_norm_backward(&self, xhat: In<'_, Vec<T>>, inv_std: In<'_, Vec<T>>, gamma: In<'_, Vec<T>>, dy: In<'_, Vec<T>>, dx: Out<'_, Vec<T>>, dgamma: Out<'_, Vec<T>>, dbeta: Out<'_, Vec<T>>) -> Result<()> {
-        norm::batch_norm_backward(r(&xhat), r(&inv_std), r(&gamma), r(&dy), w(dx), w(dgamma), w(dbeta));
+    fn batch_norm_backward(&self, xhat: In<'_, Vec<T>>, inv_std: In<'_, Vec<T>>, gamma: In<'_, Vec<T>>, dy: In<'_, Vec<T>>, dx: Out<'_, Vec<T>>, dgamma_beta: Out<'_, Vec<T>>) -> Result<()> {
+        let (dgamma, dbeta) = w(dgamma_beta).split_at_mut(gamma.len());
+        norm::batch_norm_backward(r(&xhat), r(&inv_std), r(&gamma), r(&dy), w(dx), dgamma, dbeta);
         Ok(())
     }
 

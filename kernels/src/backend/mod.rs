@@ -146,6 +146,8 @@ pub trait Backend<T: Real>: std::fmt::Debug + Send + Sync {
     fn upload(&self, host: &[T]) -> Result<Self::Buf>;
     fn download(&self, x: In<'_, Self::Buf>) -> Result<Vec<T>>;
     fn copy(&self, x: In<'_, Self::Buf>, y: Out<'_, Self::Buf>) -> Result<()>;
+    /// y += alpha x (gradients of a tensor read by several consumers).
+    fn axpy(&self, alpha: T, x: In<'_, Self::Buf>, y: Out<'_, Self::Buf>) -> Result<()>;
     /// y *= alpha.
     fn scale(&self, y: Out<'_, Self::Buf>, alpha: T) -> Result<()>;
 
@@ -172,10 +174,14 @@ pub trait Backend<T: Real>: std::fmt::Debug + Send + Sync {
     /// `ops::dropout::normal_fill`.
     fn normal(&self, seed: u64, stream: u64, out: Out<'_, Self::Buf>) -> Result<()>;
 
-    /// `ops::norm::batch_norm_train` with the running statistics `mean`/`var` updated in place.
-    fn batch_norm_train(&self, x: In<'_, Self::Buf>, gamma: In<'_, Self::Buf>, beta: In<'_, Self::Buf>, mean: Out<'_, Self::Buf>, var: Out<'_, Self::Buf>, momentum: f64, eps: f64, y: Out<'_, Self::Buf>, xhat: Out<'_, Self::Buf>, inv_std: Out<'_, Self::Buf>) -> Result<()>;
-    fn batch_norm_eval(&self, x: In<'_, Self::Buf>, gamma: In<'_, Self::Buf>, beta: In<'_, Self::Buf>, mean: In<'_, Self::Buf>, var: In<'_, Self::Buf>, eps: f64, y: Out<'_, Self::Buf>) -> Result<()>;
-    fn batch_norm_backward(&self, xhat: In<'_, Self::Buf>, inv_std: In<'_, Self::Buf>, gamma: In<'_, Self::Buf>, dy: In<'_, Self::Buf>, dx: Out<'_, Self::Buf>, dgamma: Out<'_, Self::Buf>, dbeta: Out<'_, Self::Buf>) -> Result<()>;
+    /// `ops::norm::batch_norm_train`. `running` holds the running mean then the running variance
+    /// (2 x features, updated in place); one view, because both usually sit in one state buffer.
+    fn batch_norm_train(&self, x: In<'_, Self::Buf>, gamma: In<'_, Self::Buf>, beta: In<'_, Self::Buf>, running: Out<'_, Self::Buf>, momentum: f64, eps: f64, y: Out<'_, Self::Buf>, xhat: Out<'_, Self::Buf>, inv_std: Out<'_, Self::Buf>) -> Result<()>;
+    /// `ops::norm::batch_norm_eval`, `running` as above.
+    fn batch_norm_eval(&self, x: In<'_, Self::Buf>, gamma: In<'_, Self::Buf>, beta: In<'_, Self::Buf>, running: In<'_, Self::Buf>, eps: f64, y: Out<'_, Self::Buf>) -> Result<()>;
+    /// `ops::norm::batch_norm_backward`; `dgamma_beta` receives dγ then dβ (2 x features: one
+    /// view, because both sit in the one gradient buffer).
+    fn batch_norm_backward(&self, xhat: In<'_, Self::Buf>, inv_std: In<'_, Self::Buf>, gamma: In<'_, Self::Buf>, dy: In<'_, Self::Buf>, dx: Out<'_, Self::Buf>, dgamma_beta: Out<'_, Self::Buf>) -> Result<()>;
     fn softmax_forward(&self, x: In<'_, Self::Buf>, features: usize, y: Out<'_, Self::Buf>) -> Result<()>;
     fn softmax_backward(&self, y: In<'_, Self::Buf>, dy: In<'_, Self::Buf>, features: usize, dx: Out<'_, Self::Buf>) -> Result<()>;
 

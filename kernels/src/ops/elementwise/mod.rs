@@ -113,6 +113,16 @@ pub fn column_sums<T: Real>(m: &[T], out: &mut [T]) {
     });
 }
 
+/// y += alpha x.
+pub fn axpy<T: Real>(alpha: T, x: &[T], y: &mut [T]) {
+    assert_eq!(x.len(), y.len(), "axpy: lengths");
+    y.par_chunks_mut(GRAIN).zip(x.par_chunks(GRAIN)).for_each(|(y, x)| {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = *y + alpha * x;
+        }
+    });
+}
+
 /// y[r, c] = x[r, c] · s[r] (library-size scaling of decoder proportions). Its own backward:
 /// dx = scale_rows(dy, s).
 pub fn scale_rows<T: Real>(x: &[T], s: &[T], y: &mut [T]) {
@@ -262,6 +272,8 @@ mod tests {
         let mut y = [0.0f64; 6];
         scale_rows(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2.0, -1.0], &mut y);
         assert_eq!(y, [2.0, 4.0, 6.0, -4.0, -5.0, -6.0]);
+        axpy(0.5, &[2.0, 4.0, 6.0, 8.0, 10.0, 12.0], &mut y);
+        assert_eq!(y, [3.0, 6.0, 9.0, 0.0, 0.0, 0.0]);
     }
 
     #[test]

@@ -1,0 +1,11 @@
+//! tessera-models: the VAE family of the review (scVI-style single-modality VAEs first;
+//! multimodal PoE/MoE models, regularisers and supervised heads build on the same layers),
+//! written once against the engine's `Backend` so the same model trains on CPU or CUDA.
+//!
+//! Invariant: models know nothing of stores or the network; they take host minibatches (CSR
+//! counts + one-hot covariates) and return loss terms, gradients and embeddings.
+
+pub mod layers;
+pub mod vae;
+
+pub use vae::{Dispersion, LikelihoodKind, LossTerms, Vae, VaeBatch, VaeConfig};
