@@ -7,6 +7,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
 mod inspect;
+mod train;
 
 use std::path::PathBuf;
 
@@ -47,6 +48,8 @@ enum Command {
         #[arg(default_value = "tessera-demo.zarr")]
         store: String,
     },
+    /// Train the VAE on a store (default: simulated demo data) and write the embedding into it.
+    Train(train::TrainArgs),
     /// Benchmarks of hot paths.
     Bench {
         #[command(subcommand)]
@@ -184,6 +187,7 @@ fn main() -> Result<()> {
             inspect::run(&store, false)
         }
         Command::Bench { what } => bench::run(what),
+        Command::Train(args) => train::run(args),
         Command::Convert { input, output, zarr_format } => convert(&input, &output, zarr_format.into()),
     }
 }

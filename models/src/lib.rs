@@ -6,6 +6,8 @@
 //! counts + one-hot covariates) and return loss terms, gradients and embeddings.
 
 pub mod layers;
+pub mod train;
 pub mod vae;
 
 pub use vae::{Dispersion, LikelihoodKind, LossTerms, Vae, VaeBatch, VaeConfig};
+pub use train::{TrainConfig, TrainError, Trainer};

@@ -134,7 +134,7 @@ impl<S: Storage> Tensor<S> {
 /// The op set, with the CPU reference semantics of `crate::ops` (each method names the function
 /// it mirrors). Shapes are asserted: a mismatch is a programming error, not a data error.
 #[allow(clippy::too_many_arguments)]
-pub trait Backend<T: Real>: std::fmt::Debug + Send + Sync {
+pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     type Buf: Storage + Send + Sync + std::fmt::Debug;
     /// A count matrix uploaded for the sparse first layer.
     type Csr: Send + Sync;

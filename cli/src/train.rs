@@ -1,0 +1,119 @@
+//! `tessera train`: argument handling, the default data, the progress bar and the summary.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use tessera_worker::fit::Progress;
+use tessera_worker::{FitConfig, FitOptions};
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// AnnData/MuData Zarr store (path or URL). Default: the simulated demo store
+    /// `<out>/data.zarr` (3 batches, 8 cell types), created on first use.
+    #[arg(long)]
+    data: Option<String>,
+    /// TOML file with `[model]` and `[train]` tables (see README); absent keys take defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Folder for history.csv, model.safetensors and config.json.
+    #[arg(long, default_value = "tessera-out")]
+    out: PathBuf,
+    /// The MuData modality to model (default: rna, else the first).
+    #[arg(long)]
+    modality: Option<String>,
+    /// obs column with the batch (default: "batch" when the store has it).
+    #[arg(long)]
+    batch_key: Option<String>,
+    /// obs column with cell labels.
+    #[arg(long)]
+    label_key: Option<String>,
+    /// Override `train.max_epochs`.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// obsm key of the embedding written into the store.
+    #[arg(long, default_value = "X_tessera")]
+    embedding_key: String,
+    /// Replace an existing obsm/<embedding-key>.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            FitConfig::from_toml(&text, &path.display().to_string())?
+        }
+        None => FitConfig::default(),
+    };
+    if let Some(e) = args.epochs {
+        config.train.max_epochs = Some(e);
+    }
+    let data = match args.data {
+        Some(d) => d,
+        None => default_data(&args.out)?,
+    };
+    let batch_key = match args.batch_key {
+        Some(k) => Some(k),
+        None => has_obs_column(&data, "batch").then(|| "batch".to_string()),
+    };
+    let opts = FitOptions { data: data.clone(), modality: args.modality, batch_key, label_key: args.label_key, config, out: args.out.clone(), embedding_key: args.embedding_key, overwrite: args.overwrite };
+
+    let bar = ProgressBar::new(0);
+    bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let (mut epoch, mut epochs) = (0usize, 0usize);
+    let report = tessera_worker::fit(&opts, |p| match p {
+        Progress::Start { epochs: e, cells_per_epoch } => {
+            epochs = e;
+            bar.set_length(e as u64 * cells_per_epoch);
+        }
+        Progress::Batch { cells, loss } => {
+            bar.inc(cells as u64);
+            bar.set_message(format!("{}/{epochs} loss {:.1}", epoch + 1, loss.loss));
+        }
+        Progress::Epoch(r) => {
+            epoch = r.epoch + 1;
+            let val = r.validation.map_or(String::new(), |v| format!(" validation {:.2}", v.loss));
+            tracing::debug!(epoch = r.epoch, train = r.train.loss, cells_per_s = r.cells_per_second, "epoch{val}");
+        }
+    })
+    .with_context(|| format!("training on {data}"))?;
+    bar.finish_and_clear();
+
+    let last = report.history.last();
+    let seconds: f64 = report.history.iter().map(|r| r.seconds).sum();
+    let cells: usize = report.history.iter().map(|r| r.train.cells).sum();
+    println!("trained on {data}: {} epochs{}, {} train / {} validation cells, {} features, {} batches", report.history.len(), if report.stopped_early { " (stopped early)" } else { "" }, report.n_train, report.n_validation, report.n_features, report.batch_categories.len());
+    if let Some(r) = last {
+        println!("  final train loss {:.2} (reconstruction {:.2}, KL {:.2})", r.train.loss, r.train.reconstruction, r.train.kl);
+        if let Some(v) = r.validation {
+            println!("  final validation loss {:.2} (reconstruction {:.2}, KL {:.2})", v.loss, v.reconstruction, v.kl);
+        }
+    }
+    println!("  {:.0} cells/s over {:.1} s of training", cells as f64 / seconds.max(1e-9), seconds);
+    println!("  embedding ({} dims) -> {}", report.n_latent, report.embedding_element);
+    println!("  history, weights, config -> {}", args.out.display());
+    Ok(())
+}
+
+/// The simulated default store in the output folder, created if absent.
+fn default_data(out: &std::path::Path) -> Result<String> {
+    let path = out.join("data.zarr");
+    let location = path.display().to_string();
+    if !path.exists() {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        let config = tessera_data::SimConfig::default();
+        println!("simulating the default data into {location} ({} cells, {} genes, {} batches)", config.n_cells, config.n_genes, config.n_batches);
+        tessera_data::simulate(&location, &config, |_| {}).with_context(|| format!("simulating into {location}"))?;
+    }
+    Ok(location)
+}
+
+fn has_obs_column(data: &str, name: &str) -> bool {
+    match tessera_data::Dataset::open(data) {
+        Ok(tessera_data::Dataset::AnnData(a)) => a.obs_column(name).is_ok(),
+        Ok(tessera_data::Dataset::MuData(m)) => m.modalities.first().is_some_and(|(_, a)| a.obs_column(name).is_ok()),
+        Err(_) => false,
+    }
+}

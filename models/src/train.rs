@@ -1,0 +1,129 @@
+//! The optimisation loop's step: KL warm-up, AdamW, gradient clipping and NaN/Inf detection
+//! that names the step and the term. Epochs, data and validation live with the caller (the CLI
+//! on one node, the worker in a cluster), which hands minibatches to [`Trainer::step`] or, to
+//! all-reduce in between, to [`Trainer::gradients`] then [`Trainer::apply`].
+
+use serde::{Deserialize, Serialize};
+use tessera_kernels::backend::{Backend, EngineError, In, Out};
+use tessera_kernels::ops::optim::AdamW;
+use tessera_kernels::Real;
+
+use crate::layers::Mode;
+use crate::vae::{LossTerms, Vae, VaeBatch};
+
+/// Optimisation settings; defaults are scvi-tools' (`Adam`, lr 1e-3, eps 1e-2, weight decay
+/// 1e-6, batch 128, KL warm-up over 400 epochs, 10% validation).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Epochs; None: scvi-tools' rule min(400, round(400 · 20,000 / cells)).
+    pub max_epochs: Option<usize>,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub adam_eps: f64,
+    /// KL weight rises linearly from 0 to `max_kl_weight` over this many epochs (0: no warm-up).
+    pub kl_warmup_epochs: usize,
+    pub max_kl_weight: f64,
+    pub validation_fraction: f64,
+    /// Validation cells are held in memory: at most this many.
+    pub max_validation_cells: usize,
+    /// Stop after this many epochs without a lower validation loss (None: never).
+    pub early_stopping_patience: Option<usize>,
+    /// Clip the global gradient norm to this (None: no clipping).
+    pub clip_norm: Option<f64>,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig { max_epochs: None, batch_size: 128, lr: 1e-3, weight_decay: 1e-6, adam_eps: 1e-2, kl_warmup_epochs: 400, max_kl_weight: 1.0, validation_fraction: 0.1, max_validation_cells: 10_000, early_stopping_patience: Some(45), clip_norm: None, seed: 0 }
+    }
+}
+
+impl TrainConfig {
+    pub fn epochs(&self, n_cells: u64) -> usize {
+        self.max_epochs.unwrap_or_else(|| ((400.0 * 20_000.0 / n_cells.max(1) as f64).round() as usize).clamp(1, 400))
+    }
+
+    /// The KL weight of an epoch (0-based), scvi-tools' linear warm-up.
+    pub fn kl_weight(&self, epoch: usize) -> f64 {
+        if self.kl_warmup_epochs == 0 {
+            return self.max_kl_weight;
+        }
+        self.max_kl_weight * (epoch as f64 / self.kl_warmup_epochs as f64).min(1.0)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("step {step}: the {term} is {value} (not finite); lower the learning rate, enable clip_norm, or check the input for NaN/Inf")]
+    NonFinite { step: u64, term: &'static str, value: f64 },
+}
+
+/// A model and its optimiser state, on the model's backend.
+#[derive(Debug)]
+pub struct Trainer<T: Real, B: Backend<T>> {
+    pub model: Vae<T, B>,
+    pub config: TrainConfig,
+    opt: AdamW,
+    /// Adam's first and second moments, with the parameters' layout.
+    pub m: B::Buf,
+    pub v: B::Buf,
+    /// Steps taken (the next step is `step + 1`).
+    pub step: u64,
+}
+
+impl<T: Real, B: Backend<T>> Trainer<T, B> {
+    pub fn new(model: Vae<T, B>, config: TrainConfig) -> Result<Self, TrainError> {
+        let n = model.layout.len();
+        let m = model.backend().zeros(n)?;
+        let v = model.backend().zeros(n)?;
+        let opt = AdamW { lr: config.lr, eps: config.adam_eps, weight_decay: config.weight_decay, ..AdamW::default() };
+        Ok(Trainer { model, config, opt, m, v, step: 0 })
+    }
+
+    /// One optimisation step on a minibatch.
+    pub fn step(&mut self, batch: VaeBatch<'_, T>, epoch: usize) -> Result<LossTerms, TrainError> {
+        let terms = self.gradients(batch, epoch)?;
+        self.apply()?;
+        Ok(terms)
+    }
+
+    /// Loss terms and gradients (in `model.grads`) of the next step, checked for NaN/Inf.
+    pub fn gradients(&mut self, batch: VaeBatch<'_, T>, epoch: usize) -> Result<LossTerms, TrainError> {
+        let step = self.step + 1;
+        let terms = self.model.loss_and_grad(batch, self.config.kl_weight(epoch), Mode::Train { seed: self.config.seed, step })?;
+        for (term, value) in [("reconstruction loss", terms.reconstruction), ("KL divergence", terms.kl)] {
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite { step, term, value });
+            }
+        }
+        Ok(terms)
+    }
+
+    /// Clips (if configured) and applies the gradients in `model.grads`: AdamW.
+    pub fn apply(&mut self) -> Result<(), TrainError> {
+        let step = self.step + 1;
+        let b = self.model.backend().clone();
+        let norm = b.grad_norm(In::all(&self.model.grads))?;
+        if !norm.is_finite() {
+            return Err(TrainError::NonFinite { step, term: "gradient norm", value: norm });
+        }
+        if let Some(max) = self.config.clip_norm
+            && norm > max
+        {
+            b.scale(Out::all(&mut self.model.grads), T::of(max / (norm + 1e-6)))?;
+        }
+        b.adamw_step(&self.opt, step, Out::all(&mut self.model.values), In::all(&self.model.grads), Out::all(&mut self.m), Out::all(&mut self.v))?;
+        self.step = step;
+        Ok(())
+    }
+
+    /// Validation loss terms of a batch (running statistics, no dropout, sampled latent).
+    pub fn validate(&mut self, batch: VaeBatch<'_, T>, epoch: usize) -> Result<LossTerms, TrainError> {
+        Ok(self.model.loss(batch, self.config.kl_weight(epoch), Mode::Validate { seed: self.config.seed ^ 0x5eed, step: 0 })?)
+    }
+}

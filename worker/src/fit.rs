@@ -1,0 +1,316 @@
+//! Single-node training of the VAE on a store: train/validation split, epochs with KL warm-up,
+//! early stopping, then the embedding written back into the store and the run's records
+//! (history CSV, weights as safetensors, resolved config as JSON) into the output folder.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tessera_data::{AnnData, Dataset, Loader, LoaderConfig, MiniBatch};
+use tessera_kernels::backend::{Backend, Cpu, In};
+use tessera_kernels::ops::linear::CsrRef;
+use tessera_models::{LossTerms, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
+
+/// The run's configuration file: `[model]` and `[train]` tables, every key optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FitConfig {
+    pub model: VaeConfig,
+    pub train: TrainConfig,
+}
+
+impl FitConfig {
+    /// Parses a TOML configuration; `source` names it in errors.
+    pub fn from_toml(text: &str, source: &str) -> Result<FitConfig, FitError> {
+        toml::from_str(text).map_err(|e| FitError::Config { file: source.into(), reason: e.to_string() })
+    }
+}
+
+/// What to train on and where results go.
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    pub data: String,
+    /// The modality of a MuData store to model (default "rna", else the first).
+    pub modality: Option<String>,
+    pub batch_key: Option<String>,
+    pub label_key: Option<String>,
+    pub config: FitConfig,
+    /// Output folder for history, weights and config (created; files in it are replaced).
+    pub out: PathBuf,
+    /// Key of the embedding written to the store's `obsm`.
+    pub embedding_key: String,
+    /// Replace an existing `obsm/<embedding_key>`.
+    pub overwrite: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FitError {
+    #[error(transparent)]
+    Data(#[from] tessera_data::DataError),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error("configuration {file}: {reason}")]
+    Config { file: String, reason: String },
+    #[error("{store}: {reason}")]
+    Input { store: String, reason: String },
+    #[error("writing {path}: {reason}")]
+    Output { path: String, reason: String },
+}
+
+impl From<tessera_kernels::backend::EngineError> for FitError {
+    fn from(e: tessera_kernels::backend::EngineError) -> Self {
+        FitError::Train(e.into())
+    }
+}
+
+/// One epoch's record (losses are means over cells).
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub kl_weight: f64,
+    pub train: LossTerms,
+    pub validation: Option<LossTerms>,
+    pub seconds: f64,
+    pub cells_per_second: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FitReport {
+    pub history: Vec<EpochRecord>,
+    pub stopped_early: bool,
+    pub n_train: u64,
+    pub n_validation: u64,
+    pub n_features: usize,
+    pub batch_categories: Vec<String>,
+    /// Latent means, n_obs x n_latent, in cell order (also in the store's obsm).
+    pub embedding: Vec<f32>,
+    pub n_latent: usize,
+    /// Where the embedding went: `<store>/obsm/<key>` (or a modality's obsm).
+    pub embedding_element: String,
+}
+
+/// Progress events for a bar or logs.
+#[derive(Debug, Clone)]
+pub enum Progress<'a> {
+    Start { epochs: usize, cells_per_epoch: u64 },
+    Batch { cells: usize, loss: &'a LossTerms },
+    Epoch(&'a EpochRecord),
+}
+
+/// Trains on `opts.data` on the CPU backend (f32) and writes the outputs.
+pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<FitReport, FitError> {
+    let dataset = Dataset::open(&opts.data)?;
+    let (modality, target) = output_target(&dataset, opts.modality.as_deref(), &opts.data)?;
+    let n_obs = dataset.n_obs();
+    let tc = opts.config.train.clone();
+    let loader_config = |shuffle: bool| LoaderConfig { batch_size: tc.batch_size, shuffle, seed: tc.seed, batch_key: opts.batch_key.clone(), label_key: opts.label_key.clone(), ..LoaderConfig::default() };
+    let loader = Loader::new(&dataset, 0..n_obs, loader_config(true))?;
+    let names = loader.modality_names();
+    let m_index = names.iter().position(|n| *n == modality).ok_or_else(|| FitError::Input { store: opts.data.clone(), reason: format!("no modality {modality:?}; found {names:?}") })?;
+    let n_features = target.n_vars() as usize;
+    let n_batch = loader.batch_categories.len();
+    let n_cov = n_batch;
+
+    let model = Vae::<f32, Cpu>::new(Cpu, opts.config.model.clone(), n_features, n_batch, n_cov, tc.seed)?;
+    let mut trainer = Trainer::new(model, tc.clone())?;
+    let epochs = tc.epochs(n_obs);
+    let is_validation = |cell: u64| unit_hash(cell, tc.seed) < tc.validation_fraction;
+    let mut validation_cells: HashSet<u64> = HashSet::new();
+    let mut validation_batches: Vec<Converted> = Vec::new();
+    let mut history: Vec<EpochRecord> = Vec::new();
+    let (mut best, mut since_best, mut stopped_early) = (f64::INFINITY, 0usize, false);
+    let mut n_train = 0u64;
+    progress(Progress::Start { epochs, cells_per_epoch: n_obs });
+
+    for epoch in 0..epochs {
+        let started = Instant::now();
+        let mut sums = Sums::default();
+        for mb in loader.epoch(epoch as u64) {
+            let mb = mb?;
+            let mut train_rows = Vec::with_capacity(mb.cells.len());
+            let mut val_rows = Vec::new();
+            for (r, &cell) in mb.cells.iter().enumerate() {
+                let held_out = if epoch == 0 { is_validation(cell) && validation_cells.len() + val_rows.len() < tc.max_validation_cells } else { validation_cells.contains(&cell) };
+                if held_out { val_rows.push(r) } else { train_rows.push(r) }
+            }
+            if epoch == 0 && !val_rows.is_empty() {
+                validation_cells.extend(val_rows.iter().map(|&r| mb.cells[r]));
+                validation_batches.push(Converted::new(&mb, m_index, &val_rows, n_cov));
+            }
+            // BatchNorm needs two cells; a lone leftover cell waits for the next epoch's order.
+            if train_rows.len() < 2 {
+                continue;
+            }
+            let batch = Converted::new(&mb, m_index, &train_rows, n_cov);
+            let terms = trainer.step(batch.as_batch(), epoch)?;
+            sums.add(&terms);
+            progress(Progress::Batch { cells: terms.cells, loss: &terms });
+        }
+        if epoch == 0 {
+            n_train = sums.cells as u64;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let validation = if validation_batches.is_empty() {
+            None
+        } else {
+            let mut v = Sums::default();
+            for b in &validation_batches {
+                v.add(&trainer.validate(b.as_batch(), epoch)?);
+            }
+            Some(v.mean(trainer.config.kl_weight(epoch)))
+        };
+        let record = EpochRecord { epoch, kl_weight: trainer.config.kl_weight(epoch), train: sums.mean(trainer.config.kl_weight(epoch)), validation, seconds, cells_per_second: sums.cells as f64 / seconds.max(1e-9) };
+        progress(Progress::Epoch(&record));
+        let monitored = record.validation.map_or(record.train.loss, |v| v.loss);
+        history.push(record);
+        if monitored < best {
+            (best, since_best) = (monitored, 0);
+        } else {
+            since_best += 1;
+            if tc.early_stopping_patience.is_some_and(|p| since_best >= p) {
+                stopped_early = true;
+                tracing::info!(epoch, best, "early stopping: no lower validation loss for {since_best} epochs");
+                break;
+            }
+        }
+    }
+
+    // Embedding of every cell, in order, then the records.
+    let n_latent = opts.config.model.n_latent;
+    let mut embedding = vec![0f32; n_obs as usize * n_latent];
+    let ordered = Loader::new(&dataset, 0..n_obs, loader_config(false))?;
+    for mb in ordered.epoch(0) {
+        let mb = mb?;
+        let rows: Vec<usize> = (0..mb.cells.len()).collect();
+        let batch = Converted::new(&mb, m_index, &rows, n_cov);
+        let z = trainer.model.latent_mean(batch.as_batch())?;
+        for (r, &cell) in mb.cells.iter().enumerate() {
+            embedding[cell as usize * n_latent..(cell as usize + 1) * n_latent].copy_from_slice(&z[r * n_latent..(r + 1) * n_latent]);
+        }
+    }
+    target.write_obsm(&opts.embedding_key, &embedding, n_latent, opts.overwrite)?;
+    let embedding_element = target.element(&format!("obsm/{}", opts.embedding_key));
+
+    std::fs::create_dir_all(&opts.out).map_err(|e| FitError::Output { path: opts.out.display().to_string(), reason: e.to_string() })?;
+    write_history(&opts.out.join("history.csv"), &history)?;
+    write_weights(&opts.out.join("model.safetensors"), &trainer)?;
+    let resolved = serde_json::json!({ "data": opts.data, "modality": modality, "batch_key": opts.batch_key, "label_key": opts.label_key, "n_features": n_features, "batch_categories": loader.batch_categories, "model": opts.config.model, "train": opts.config.train, "epochs": epochs });
+    write_file(&opts.out.join("config.json"), serde_json::to_string_pretty(&resolved).unwrap_or_default().as_bytes())?;
+    Ok(FitReport { history, stopped_early, n_train, n_validation: validation_cells.len() as u64, n_features, batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element })
+}
+
+/// The modality to model and the AnnData whose obsm receives the embedding: the store itself,
+/// or for a MuData store the modality (which must then hold every cell: a joint embedding of a
+/// partially measured modality belongs in the MuData root, which the multimodal model writes).
+fn output_target(dataset: &Dataset, modality: Option<&str>, store: &str) -> Result<(String, AnnData), FitError> {
+    match dataset {
+        Dataset::AnnData(a) => Ok((modality.unwrap_or("X").to_string(), a.clone())),
+        Dataset::MuData(m) => {
+            let name = modality.map(str::to_string).or_else(|| m.modalities.iter().find(|(n, _)| n == "rna").or(m.modalities.first()).map(|(n, _)| n.clone()));
+            let Some(name) = name else { return Err(FitError::Input { store: store.into(), reason: "MuData store has no modalities".into() }) };
+            let (i, adata) = m.modality(&name)?;
+            if adata.n_obs() != m.n_obs() || m.presence(i).iter().any(|p| !p) {
+                return Err(FitError::Input { store: store.into(), reason: format!("modality {name:?} lacks some cells; the single-modality model needs every cell measured") });
+            }
+            Ok((name, adata.clone()))
+        }
+    }
+}
+
+/// A deterministic value in [0, 1) per cell (the validation split: independent of order).
+fn unit_hash(cell: u64, seed: u64) -> f64 {
+    let mut x = cell.wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_add(0x632B_E59B_D9B4_E019);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Cell-weighted sums of loss terms.
+#[derive(Debug, Default)]
+struct Sums {
+    reconstruction: f64,
+    kl: f64,
+    cells: usize,
+}
+
+impl Sums {
+    fn add(&mut self, t: &LossTerms) {
+        self.reconstruction += t.reconstruction * t.cells as f64;
+        self.kl += t.kl * t.cells as f64;
+        self.cells += t.cells;
+    }
+
+    fn mean(&self, kl_weight: f64) -> LossTerms {
+        let n = self.cells.max(1) as f64;
+        let (reconstruction, kl) = (self.reconstruction / n, self.kl / n);
+        LossTerms { reconstruction, kl, loss: reconstruction + kl_weight * kl, cells: self.cells }
+    }
+}
+
+/// Rows of a loader minibatch in the model's input form.
+#[derive(Debug)]
+struct Converted {
+    rows: usize,
+    cols: usize,
+    indptr: Vec<u64>,
+    indices: Vec<u32>,
+    data: Vec<f32>,
+    covariates: Vec<f32>,
+}
+
+impl Converted {
+    fn new(mb: &MiniBatch, modality: usize, rows: &[usize], n_cov: usize) -> Converted {
+        let counts = &mb.modalities[modality].counts;
+        let selected = counts.select_rows(rows);
+        let mut covariates = vec![0f32; rows.len() * n_cov];
+        for (i, &r) in rows.iter().enumerate() {
+            // An unknown batch (-1) leaves the row all-zero.
+            if let Ok(code) = usize::try_from(mb.batch[r])
+                && code < n_cov
+            {
+                covariates[i * n_cov + code] = 1.0;
+            }
+        }
+        Converted { rows: rows.len(), cols: counts.n_cols, indptr: selected.indptr, indices: selected.indices, data: selected.data, covariates }
+    }
+
+    fn as_batch(&self) -> VaeBatch<'_, f32> {
+        VaeBatch { counts: CsrRef { rows: self.rows, cols: self.cols, indptr: &self.indptr, indices: &self.indices, data: &self.data }, covariates: &self.covariates }
+    }
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), FitError> {
+    std::fs::write(path, bytes).map_err(|e| FitError::Output { path: path.display().to_string(), reason: e.to_string() })
+}
+
+fn write_history(path: &Path, history: &[EpochRecord]) -> Result<(), FitError> {
+    let mut csv = String::from("epoch,kl_weight,train_loss,train_reconstruction,train_kl,validation_loss,validation_reconstruction,validation_kl,seconds,cells_per_second\n");
+    for r in history {
+        let v = r.validation.map_or([String::new(), String::new(), String::new()], |v| [v.loss.to_string(), v.reconstruction.to_string(), v.kl.to_string()]);
+        csv.push_str(&format!("{},{},{},{},{},{},{},{},{:.4},{:.1}\n", r.epoch, r.kl_weight, r.train.loss, r.train.reconstruction, r.train.kl, v[0], v[1], v[2], r.seconds, r.cells_per_second));
+    }
+    write_file(path, csv.as_bytes())
+}
+
+/// Every parameter and BatchNorm statistic under its layout name, f32, row-major.
+fn write_weights<B: Backend<f32, Buf = Vec<f32>>>(path: &Path, trainer: &Trainer<f32, B>) -> Result<(), FitError> {
+    let model = &trainer.model;
+    let values = model.backend().download(In::all(&model.values))?;
+    let state = model.backend().download(In::all(&model.state))?;
+    let mut tensors = Vec::new();
+    for (layout, buf) in [(&model.layout, &values), (&model.state_layout, &state)] {
+        for slot in layout.slots() {
+            let bytes: Vec<u8> = buf[slot.range.clone()].iter().flat_map(|v| v.to_le_bytes()).collect();
+            tensors.push((slot.name.clone(), slot.shape.clone(), bytes));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, bytes)| safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).map(|v| (name.clone(), v)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| FitError::Output { path: path.display().to_string(), reason: e.to_string() })?;
+    let metadata = std::collections::HashMap::from([("format".to_string(), "tessera-vae".to_string()), ("step".to_string(), trainer.step.to_string())]);
+    safetensors::tensor::serialize_to_file(views, Some(metadata), path).map_err(|e| FitError::Output { path: path.display().to_string(), reason: e.to_string() })
+}

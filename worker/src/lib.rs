@@ -1,0 +1,13 @@
+//! tessera-worker: training on a shard of a store. Today one worker trains alone (`fit`, what
+//! `tessera train` runs); issue 5 adds the all-reduce between [`Trainer::gradients`] and
+//! [`Trainer::apply`] and the coordinator's control.
+//!
+//! Invariant: the worker owns the meeting of data and models (neither knows the other); it
+//! turns loader minibatches into model batches and model outputs into store elements.
+//!
+//! [`Trainer::gradients`]: tessera_models::Trainer::gradients
+//! [`Trainer::apply`]: tessera_models::Trainer::apply
+
+pub mod fit;
+
+pub use fit::{EpochRecord, FitConfig, FitError, FitOptions, FitReport, fit};
