@@ -83,3 +83,24 @@ fn every_likelihood_and_dispersion() {
 fn covariates_everywhere_without_batch_norm_or_dropout() {
     check_model(VaeConfig { n_hidden: 4, n_latent: 2, n_layers: 2, encode_covariates: true, deeply_inject_covariates: true, batch_norm: false, dropout: 0.0, ..VaeConfig::default() });
 }
+
+#[test]
+fn non_finite_input_stops_training_naming_the_step_and_term() {
+    use tessera_models::{TrainConfig, TrainError, Trainer};
+    let (n, g) = (4, 5);
+    let (indptr, indices, mut data) = counts(n, g, false);
+    let cov = covariates(n);
+    let model = Vae::<f64, Cpu>::new(Cpu, VaeConfig { n_hidden: 4, n_latent: 2, ..VaeConfig::default() }, g, 2, 3, 1).unwrap();
+    let mut trainer = Trainer::new(model, TrainConfig::default()).unwrap();
+    let batch = VaeBatch { counts: CsrRef { rows: n, cols: g, indptr: &indptr, indices: &indices, data: &data }, covariates: &cov };
+    trainer.step(batch, 0).unwrap();
+    let before = trainer.model.values.clone();
+    data[0] = f64::NAN;
+    let batch = VaeBatch { counts: CsrRef { rows: n, cols: g, indptr: &indptr, indices: &indices, data: &data }, covariates: &cov };
+    match trainer.step(batch, 0) {
+        Err(TrainError::NonFinite { step: 2, term, .. }) => assert_eq!(term, "reconstruction loss"),
+        other => panic!("expected a non-finite error at step 2, got {other:?}"),
+    }
+    assert_eq!(trainer.model.values, before, "a failed step changes no parameter");
+    assert_eq!(trainer.step, 1);
+}

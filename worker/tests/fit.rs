@@ -1,0 +1,131 @@
+//! `fit` end to end on real counts (PBMC, read from ../shared/data and trained on a copy):
+//! the ELBO falls, the embedding separates the sorted cell types and lands in the store, and
+//! bad inputs and existing outputs are refused with errors that name them.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use tessera_data::{AnnData, Column};
+use tessera_worker::{FitConfig, FitError, FitOptions, fit};
+
+fn shared_data() -> PathBuf {
+    std::env::var_os("TESSERA_SHARED_DATA").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
+}
+
+/// A private copy of the PBMC store (training writes its embedding into the store), made with
+/// our own converter.
+fn pbmc_copy(dir: &Path) -> String {
+    let from = shared_data().join("pbmc68k_counts.zarr");
+    assert!(from.exists(), "the shared PBMC store is missing at {}", from.display());
+    let to = dir.join("pbmc.zarr").display().to_string();
+    tessera_data::convert(&from.display().to_string(), &to, tessera_data::ZarrVersion::V3, |_| {}).unwrap();
+    to
+}
+
+fn options(data: &str, out: &Path, epochs: usize) -> FitOptions {
+    let mut config = FitConfig::default();
+    config.train.max_epochs = Some(epochs);
+    config.train.kl_warmup_epochs = epochs / 2;
+    FitOptions { data: data.into(), modality: None, batch_key: None, label_key: Some("cell_type".into()), config, out: out.to_path_buf(), embedding_key: "X_tessera".into(), overwrite: false }
+}
+
+/// Leave-one-out k-nearest-neighbour accuracy of `labels` in an embedding.
+fn knn_accuracy(x: &[f32], dim: usize, labels: &[i32], k: usize) -> f64 {
+    let n = labels.len();
+    let mut correct = 0;
+    for i in 0..n {
+        let mut d: Vec<(f32, i32)> = (0..n).filter(|&j| j != i).map(|j| ((0..dim).map(|c| (x[i * dim + c] - x[j * dim + c]).powi(2)).sum(), labels[j])).collect();
+        d.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut votes = std::collections::HashMap::new();
+        for (_, l) in &d[..k] {
+            *votes.entry(*l).or_insert(0) += 1;
+        }
+        let best = votes.into_iter().max_by_key(|&(l, c)| (c, -l)).unwrap().0;
+        correct += usize::from(best == labels[i]);
+    }
+    correct as f64 / n as f64
+}
+
+#[test]
+fn pbmc_trains_and_separates_cell_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pbmc_copy(dir.path());
+    let out = dir.path().join("out");
+    let report = fit(&options(&data, &out, 40), |_| {}).unwrap();
+
+    // The ELBO falls: validation loss at the end well below the first epoch's.
+    let first = report.history[0].validation.unwrap().loss;
+    let last = report.history.last().unwrap().validation.unwrap().loss;
+    assert!(last < 0.8 * first, "validation loss {first} -> {last}");
+    assert_eq!(report.n_train + report.n_validation, 700);
+    assert!((40..=100).contains(&report.n_validation), "about 10% held out: {}", report.n_validation);
+
+    // The embedding is in the store, equal to what fit returned.
+    let adata = AnnData::open(&data).unwrap();
+    let (stored, cols) = adata.obsm("X_tessera").unwrap();
+    assert_eq!((cols, stored.len()), (10, 7000));
+    assert_eq!(stored, report.embedding);
+
+    // Sorted PBMC populations are neighbours in the latent space: 15-NN label accuracy far
+    // above the largest class (240/700 = 34%).
+    let Column::Categorical { codes, .. } = adata.obs_column("cell_type").unwrap() else { panic!("cell_type is categorical") };
+    let acc = knn_accuracy(&report.embedding, 10, &codes, 15);
+    assert!(acc > 0.6, "15-NN cell-type accuracy {acc}");
+
+    // Records: one CSV row per epoch, weights, resolved config.
+    let csv = std::fs::read_to_string(out.join("history.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + report.history.len());
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model"]["n_latent"], 10);
+    let weights = std::fs::read(out.join("model.safetensors")).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    assert_eq!(tensors.tensor("decoder.main.w").unwrap().shape(), &[128, 765]);
+    assert_eq!(tensors.tensor("encoder.0.bn_running_var").unwrap().shape(), &[128]);
+
+    // An existing embedding is not overwritten without being asked, and stays as it was.
+    let again = fit(&options(&data, &out, 1), |_| {}).unwrap_err();
+    assert!(again.to_string().contains("obsm/X_tessera"), "{again}");
+    assert_eq!(AnnData::open(&data).unwrap().obsm("X_tessera").unwrap().0, report.embedding);
+    let mut replace = options(&data, &out, 1);
+    replace.overwrite = true;
+    let replaced = fit(&replace, |_| {}).unwrap();
+    assert_eq!(AnnData::open(&data).unwrap().obsm("X_tessera").unwrap().0, replaced.embedding);
+}
+
+#[test]
+fn same_seed_same_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs: Vec<Vec<f32>> = (0..2)
+        .map(|i| {
+            let sub = dir.path().join(format!("run{i}"));
+            let data = pbmc_copy(&sub);
+            fit(&options(&data, &sub.join("out"), 2), |_| {}).unwrap().embedding
+        })
+        .collect();
+    assert_eq!(runs[0], runs[1]);
+}
+
+#[test]
+fn bad_inputs_are_named() {
+    let err = FitConfig::from_toml("[model]\nn_latnt = 5\n", "run.toml").unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("run.toml") && msg.contains("n_latnt"), "{msg}");
+    let err = FitConfig::from_toml("[model]\nlikelihood = \"gamma\"\n", "run.toml").unwrap_err();
+    assert!(err.to_string().contains("gamma"), "{err}");
+    let parsed = FitConfig::from_toml("[model]\nlikelihood = \"zinb\"\ndispersion = \"gene-batch\"\n[train]\nlr = 0.01\n", "run.toml").unwrap();
+    assert_eq!((parsed.model.n_hidden, parsed.train.lr), (128, 0.01));
+
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nothing.zarr").display().to_string();
+    let err = fit(&options(&missing, dir.path(), 1), |_| {}).unwrap_err();
+    assert!(matches!(err, FitError::Data(_)) && err.to_string().contains("nothing.zarr"), "{err}");
+
+    let mudata = shared_data().join("fixtures/mu013_v3.zarr");
+    let mut opts = options(&mudata.display().to_string(), dir.path(), 1);
+    opts.modality = Some("atac".into());
+    let err = fit(&opts, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("atac"), "{err}");
+    opts.modality = Some("prot".into());
+    let err = fit(&opts, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("lacks some cells"), "{err}");
+}
