@@ -335,7 +335,7 @@ impl Mlp {
 
     /// The output: the last layer's activations (the input itself for zero layers is not
     /// supported: every model has at least one hidden layer).
-    pub fn output<'a, S>(acts: &'a [DenseActs<S>]) -> &'a Tensor<S> {
+    pub fn output<S>(acts: &[DenseActs<S>]) -> &Tensor<S> {
         acts.last().expect("an MLP has at least one layer").output()
     }
 
