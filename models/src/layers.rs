@@ -23,12 +23,12 @@ impl<'a, S: tessera_kernels::backend::Storage> Weights<'a, S> {
     pub fn get(&self, slot: usize) -> In<'a, S> {
         In::part(self.values, self.layout.slots()[slot].range.clone())
     }
+}
 
-    /// Two consecutive slots as one view (γ and β of a BatchNorm).
-    pub fn pair(&self, first: usize) -> In<'a, S> {
-        let slots = self.layout.slots();
-        In::part(self.values, slots[first].range.start..slots[first + 1].range.end)
-    }
+/// Two consecutive slots as one range (BatchNorm's γ then β, or running mean then variance).
+fn pair_range(layout: &Layout, first: usize) -> std::ops::Range<usize> {
+    let slots = layout.slots();
+    slots[first].range.start..slots[first + 1].range.end
 }
 
 /// A writable buffer with the model's layout (gradients, or the BatchNorm state).
@@ -41,8 +41,7 @@ pub struct Slots<'a, S> {
 impl<S: tessera_kernels::backend::Storage> Slots<'_, S> {
     /// Two consecutive slots, read-only.
     pub fn read_pair(&self, first: usize) -> In<'_, S> {
-        let slots = self.layout.slots();
-        In::part(self.buf, slots[first].range.start..slots[first + 1].range.end)
+        In::part(self.buf, pair_range(self.layout, first))
     }
 
     pub fn get(&mut self, slot: usize) -> Out<'_, S> {
@@ -50,9 +49,7 @@ impl<S: tessera_kernels::backend::Storage> Slots<'_, S> {
     }
 
     pub fn pair(&mut self, first: usize) -> Out<'_, S> {
-        let slots = self.layout.slots();
-        let range = slots[first].range.start..slots[first + 1].range.end;
-        Out::part(self.buf, range)
+        Out::part(self.buf, pair_range(self.layout, first))
     }
 }
 
@@ -129,18 +126,20 @@ pub enum InputGrad<'a, S> {
 #[derive(Debug)]
 pub struct DenseActs<S> {
     pre: Tensor<S>,
-    normed: Option<(Tensor<S>, Tensor<S>, S)>,
+    normed: Option<Tensor<S>>,
+    /// x̂ and 1/σ of a training-mode BatchNorm.
+    bn_cache: Option<(Tensor<S>, S)>,
     act: Option<Tensor<S>>,
     dropped: Option<Tensor<S>>,
 }
 
 impl<S> DenseActs<S> {
     pub fn output(&self) -> &Tensor<S> {
-        self.dropped.as_ref().or(self.act.as_ref()).or(self.normed.as_ref().map(|(y, _, _)| y)).unwrap_or(&self.pre)
+        self.dropped.as_ref().or(self.act.as_ref()).or(self.normed.as_ref()).unwrap_or(&self.pre)
     }
 
     fn act_input(&self) -> &Tensor<S> {
-        self.normed.as_ref().map_or(&self.pre, |(y, _, _)| y)
+        self.normed.as_ref().unwrap_or(&self.pre)
     }
 }
 
@@ -207,20 +206,19 @@ impl Dense {
             b.gemm(false, false, n, self.n_cov, self.d_out, T::one(), c.input(), p.get(wc), T::one(), pre.output())?;
         }
         b.bias_add(pre.output(), p.get(self.b))?;
-        let normed = match &self.bn {
-            None => None,
-            Some(bn) => {
-                let mut y = b.tensor(n, self.d_out)?;
+        let mut acts = DenseActs { pre, normed: None, bn_cache: None, act: None, dropped: None };
+        if let Some(bn) = &self.bn {
+            let mut y = b.tensor(n, self.d_out)?;
+            if let Mode::Train { .. } = mode {
                 let mut xhat = b.tensor(n, self.d_out)?;
                 let mut inv_std = b.zeros(self.d_out)?;
-                match mode {
-                    Mode::Train { .. } => b.batch_norm_train(pre.input(), p.get(bn.gamma), p.get(bn.gamma + 1), state.pair(bn.mean), BN_MOMENTUM, BN_EPS, y.output(), xhat.output(), Out::all(&mut inv_std))?,
-                    Mode::Validate { .. } | Mode::Eval => b.batch_norm_eval(pre.input(), p.get(bn.gamma), p.get(bn.gamma + 1), state.read_pair(bn.mean), BN_EPS, y.output())?,
-                }
-                Some((y, xhat, inv_std))
+                b.batch_norm_train(acts.pre.input(), p.get(bn.gamma), p.get(bn.gamma + 1), state.pair(bn.mean), BN_MOMENTUM, BN_EPS, y.output(), xhat.output(), Out::all(&mut inv_std))?;
+                acts.bn_cache = Some((xhat, inv_std));
+            } else {
+                b.batch_norm_eval(acts.pre.input(), p.get(bn.gamma), p.get(bn.gamma + 1), state.read_pair(bn.mean), BN_EPS, y.output())?;
             }
-        };
-        let mut acts = DenseActs { pre, normed, act: None, dropped: None };
+            acts.normed = Some(y);
+        }
         if self.act != Activation::Identity {
             let mut y = b.tensor(n, self.d_out)?;
             b.activation_forward(self.act, acts.act_input().input(), y.output())?;
@@ -249,7 +247,7 @@ impl Dense {
             b.activation_backward(self.act, acts.act_input().input(), y.input(), d.input(), dd.output())?;
             d = dd;
         }
-        if let (Some(bn), Some((_, xhat, inv_std))) = (&self.bn, &acts.normed) {
+        if let (Some(bn), Some((xhat, inv_std))) = (&self.bn, &acts.bn_cache) {
             let mut dd = b.tensor(n, self.d_out)?;
             b.batch_norm_backward(xhat.input(), In::all(inv_std), p.get(bn.gamma), d.input(), dd.output(), grads.pair(bn.gamma))?;
             d = dd;
@@ -308,10 +306,6 @@ impl Mlp {
             })
             .collect();
         Mlp { layers }
-    }
-
-    pub fn d_out(&self, d_in: usize) -> usize {
-        self.layers.last().map_or(d_in, |l| l.d_out)
     }
 
     pub fn init<T: Real>(&self, layout: &Layout, state: &Layout, values: &mut [T], state_values: &mut [T], rng: &mut impl Rng) {

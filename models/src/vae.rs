@@ -123,6 +123,22 @@ struct Heads {
     shared: Option<usize>,
 }
 
+impl Heads {
+    fn shared_slot(&self) -> usize {
+        self.shared.expect("this likelihood has a shared parameter")
+    }
+
+    /// Where log θ lives: the parameter (gene), the batch one-hot times the table (gene-batch,
+    /// computed per batch), or the dispersion head's output (gene-cell).
+    fn log_theta<'a, S: tessera_kernels::backend::Storage>(&self, dispersion: Dispersion, p: &Weights<'a, S>, per_cell: Option<&'a Tensor<S>>, head: Option<&'a DenseActs<S>>) -> In<'a, S> {
+        match dispersion {
+            Dispersion::Gene => p.get(self.shared_slot()),
+            Dispersion::GeneBatch => per_cell.expect("gene-batch log θ is computed per batch").input(),
+            Dispersion::GeneCell => head.expect("gene-cell dispersion has a head").output().input(),
+        }
+    }
+}
+
 /// An scVI-style VAE over a backend.
 #[derive(Debug)]
 pub struct Vae<T: Real, B: Backend<T>> {
@@ -150,7 +166,8 @@ pub struct Vae<T: Real, B: Backend<T>> {
 const SITE_LATENT: u64 = 0xF_FFFF;
 
 /// Everything the backward needs from one forward.
-struct Forward<S> {
+struct Forward<S, C> {
+    csr: C,
     cov: Tensor<S>,
     batch_onehot: Option<Tensor<S>>,
     library: Tensor<S>,
@@ -165,8 +182,10 @@ struct Forward<S> {
     dispersion: Option<DenseActs<S>>,
     /// softmax of the main head (library-scaled likelihoods).
     proportions: Option<Tensor<S>>,
-    /// log θ and θ: per feature (1 × G) or per cell (n × G).
-    theta: Option<(Tensor<S>, Tensor<S>)>,
+    /// Gene-batch log θ per cell (the other dispersions read it from where it lives).
+    log_theta_cells: Option<Tensor<S>>,
+    /// θ: per feature (1 × G) or per cell (n × G).
+    theta: Option<Tensor<S>>,
     /// Per-entry gradients of the weighted log-likelihood, one per likelihood parameter.
     dparams: Vec<Tensor<S>>,
     dm_kl: Tensor<S>,
@@ -223,8 +242,8 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
 
     /// Loss terms of a batch and the gradients of `loss` in `self.grads` (overwritten).
     pub fn loss_and_grad(&mut self, batch: VaeBatch<'_, T>, kl_weight: f64, mode: Mode) -> Result<LossTerms> {
-        let (terms, fwd, csr, x) = self.forward(batch, kl_weight, mode)?;
-        self.backward(&fwd, &csr, &x, mode)?;
+        let (terms, fwd) = self.forward(batch, kl_weight, mode)?;
+        self.backward(fwd, mode)?;
         Ok(terms)
     }
 
@@ -235,6 +254,16 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
 
     /// The latent means of a batch (evaluation mode: running statistics, no dropout).
     pub fn latent_mean(&mut self, batch: VaeBatch<'_, T>) -> Result<Vec<T>> {
+        let (_, _, enc) = self.encode(batch, Mode::Eval)?;
+        let p = Weights { layout: &self.layout, values: &self.values };
+        let mut state = Slots { layout: &self.state_layout, buf: &mut self.state };
+        let m = self.mean.forward(&self.backend, &p, &mut state, &Input::Dense(Mlp::output(&enc)), None, Mode::Eval)?;
+        self.backend.download(m.output().input())
+    }
+
+    /// Uploads a batch's counts and covariates and runs the encoder's hidden layers.
+    #[allow(clippy::type_complexity)]
+    fn encode(&mut self, batch: VaeBatch<'_, T>, mode: Mode) -> Result<(B::Csr, Tensor<B::Buf>, Vec<DenseActs<B::Buf>>)> {
         let b = &self.backend;
         let n = batch.counts.rows;
         let csr = b.upload_csr(batch.counts)?;
@@ -242,15 +271,12 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let p = Weights { layout: &self.layout, values: &self.values };
         let mut state = Slots { layout: &self.state_layout, buf: &mut self.state };
         let x = Input::Counts { csr: &csr, transform: CountTransform::Log1p, rows: n };
-        let enc_cov = self.config.encode_covariates.then_some(&cov);
-        let enc = self.encoder.forward(b, &p, &mut state, &x, enc_cov, Mode::Eval)?;
-        let m = self.mean.forward(b, &p, &mut state, &Input::Dense(Mlp::output(&enc)), None, Mode::Eval)?;
-        b.download(m.output().input())
+        let enc = self.encoder.forward(b, &p, &mut state, &x, self.config.encode_covariates.then_some(&cov), mode)?;
+        Ok((csr, cov, enc))
     }
 
     #[allow(clippy::type_complexity)]
-    fn forward(&mut self, batch: VaeBatch<'_, T>, kl_weight: f64, mode: Mode) -> Result<(LossTerms, Forward<B::Buf>, B::Csr, Tensor<B::Buf>)> {
-        let b = &self.backend;
+    fn forward(&mut self, batch: VaeBatch<'_, T>, kl_weight: f64, mode: Mode) -> Result<(LossTerms, Forward<B::Buf, B::Csr>)> {
         let (n, g, latent) = (batch.counts.rows, self.n_features, self.config.n_latent);
         assert_eq!(batch.counts.cols, g, "batch has {} features, the model {g}", batch.counts.cols);
         assert_eq!(batch.covariates.len(), n * self.n_cov, "covariates: {n} rows of {}", self.n_cov);
@@ -266,10 +292,10 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 dense[r * g + batch.counts.indices[k] as usize] = v;
             }
         }
-        let csr = b.upload_csr(batch.counts)?;
+        let (csr, cov, enc) = self.encode(batch, mode)?;
+        let b = &self.backend;
         let x = Tensor { buf: b.upload(&dense)?, rows: n, cols: g };
         let library = Tensor { buf: b.upload(&library)?, rows: n, cols: 1 };
-        let cov = Tensor { buf: b.upload(batch.covariates)?, rows: n, cols: self.n_cov };
         // The batch block of the covariates, alone: the rows of a gene-batch dispersion table.
         let batch_onehot = if self.config.likelihood.has_dispersion() && self.config.dispersion == Dispersion::GeneBatch {
             let host: Vec<T> = batch.covariates.chunks(self.n_cov.max(1)).flat_map(|row| row[..self.n_batch].to_vec()).collect();
@@ -280,9 +306,6 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
 
         let p = Weights { layout: &self.layout, values: &self.values };
         let mut state = Slots { layout: &self.state_layout, buf: &mut self.state };
-        let input = Input::Counts { csr: &csr, transform: CountTransform::Log1p, rows: n };
-        let enc_cov = self.config.encode_covariates.then_some(&cov);
-        let enc = self.encoder.forward(b, &p, &mut state, &input, enc_cov, mode)?;
         let h = Input::Dense(Mlp::output(&enc));
         let mean = self.mean.forward(b, &p, &mut state, &h, None, mode)?;
         let logvar = self.logvar.forward(b, &p, &mut state, &h, None, mode)?;
@@ -316,28 +339,19 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         } else {
             (None, None)
         };
+        let log_theta_cells = match &batch_onehot {
+            Some(onehot) => {
+                let mut t = b.tensor(n, g)?;
+                b.gemm(false, false, n, self.n_batch, g, T::one(), onehot.input(), p.get(self.heads.shared_slot()), T::zero(), t.output())?;
+                Some(t)
+            }
+            None => None,
+        };
         let theta = if kind.has_dispersion() {
-            let log_theta = match (self.config.dispersion, &dispersion) {
-                (Dispersion::GeneCell, Some(head)) => {
-                    let mut t = b.tensor(n, g)?;
-                    b.copy(head.output().input(), t.output())?;
-                    t
-                }
-                (Dispersion::GeneBatch, _) => {
-                    let mut t = b.tensor(n, g)?;
-                    let onehot = batch_onehot.as_ref().expect("gene-batch dispersion has the batch one-hot");
-                    b.gemm(false, false, n, self.n_batch, g, T::one(), onehot.input(), p.get(self.shared_slot()), T::zero(), t.output())?;
-                    t
-                }
-                _ => {
-                    let mut t = b.tensor(1, g)?;
-                    b.copy(p.get(self.shared_slot()), t.output())?;
-                    t
-                }
-            };
-            let mut th = b.tensor(log_theta.rows, g)?;
-            b.activation_forward(Activation::Exp, log_theta.input(), th.output())?;
-            Some((log_theta, th))
+            let rows = if self.config.dispersion == Dispersion::Gene { 1 } else { n };
+            let mut th = b.tensor(rows, g)?;
+            b.activation_forward(Activation::Exp, self.heads.log_theta(self.config.dispersion, &p, log_theta_cells.as_ref(), dispersion.as_ref()), th.output())?;
+            Some(th)
         } else {
             None
         };
@@ -351,7 +365,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             match kind {
                 LikelihoodKind::Nb | LikelihoodKind::Zinb | LikelihoodKind::Poisson => {
                     params.push(mu.as_ref().expect("library-scaled mean").input());
-                    if let Some((_, th)) = &theta {
+                    if let Some(th) = &theta {
                         params.push(th.input());
                     }
                     if let Some(zi) = &zero_inflation {
@@ -360,7 +374,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 }
                 LikelihoodKind::Gaussian => {
                     params.push(main.output().input());
-                    params.push(p.get(self.shared_slot()));
+                    params.push(p.get(self.heads.shared_slot()));
                 }
                 LikelihoodKind::Bernoulli => params.push(main.output().input()),
             }
@@ -372,70 +386,64 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let reconstruction = -ll_host.iter().map(|v| v.f64()).sum::<f64>() * inv_n;
         let kl_mean = kl_host.iter().map(|v| v.f64()).sum::<f64>() * inv_n;
         let terms = LossTerms { reconstruction, kl: kl_mean, loss: reconstruction + kl_weight * kl_mean, cells: n };
-        let fwd = Forward { cov, batch_onehot, library, enc, mean, logvar, eps, z, dec, main, zero_inflation, dispersion, proportions, theta, dparams, dm_kl, dlv_kl };
-        Ok((terms, fwd, csr, x))
+        let fwd = Forward { csr, cov, batch_onehot, library, enc, mean, logvar, eps, z, dec, main, zero_inflation, dispersion, proportions, log_theta_cells, theta, dparams, dm_kl, dlv_kl };
+        Ok((terms, fwd))
     }
 
-    fn shared_slot(&self) -> usize {
-        self.heads.shared.expect("this likelihood has a shared parameter")
-    }
-
-    fn backward(&mut self, f: &Forward<B::Buf>, csr: &B::Csr, _x: &Tensor<B::Buf>, mode: Mode) -> Result<()> {
+    fn backward(&mut self, mut f: Forward<B::Buf, B::Csr>, mode: Mode) -> Result<()> {
+        // Owned, so a head's backward consumes its upstream gradient without a copy.
+        let mut dparams: Vec<Option<Tensor<B::Buf>>> = std::mem::take(&mut f.dparams).into_iter().map(Some).collect();
+        let mut take = |k: usize| dparams[k].take().expect("one gradient per likelihood parameter, each used once");
         let b = &self.backend;
         let (n, g, latent) = (f.z.rows, self.n_features, self.config.n_latent);
         let p = Weights { layout: &self.layout, values: &self.values };
         let mut grads = Slots { layout: &self.layout, buf: &mut self.grads };
-        let hd_t = Mlp::output(&f.dec);
-        let hd = Input::Dense(hd_t);
+        let hd = Input::Dense(Mlp::output(&f.dec));
         let mut dhd = b.tensor(n, self.config.n_hidden)?;
         let kind = self.config.likelihood;
-        let shared = self.heads.shared;
-        let shared_slot = || shared.expect("this likelihood has a shared parameter");
+        let heads = &self.heads;
 
         // Main head: through μ = library · softmax(s) for the count likelihoods.
         let dmain = if kind.scaled_by_library() {
             let mut drho = b.tensor(n, g)?;
-            b.scale_rows(f.dparams[0].input(), f.library.input(), drho.output())?;
+            b.scale_rows(take(0).input(), f.library.input(), drho.output())?;
             let mut ds = b.tensor(n, g)?;
             b.softmax_backward(f.proportions.as_ref().expect("proportions").input(), drho.input(), g, ds.output())?;
             ds
         } else {
-            let mut d = b.tensor(n, g)?;
-            b.copy(f.dparams[0].input(), d.output())?;
-            d
+            take(0)
         };
-        self.heads.main.backward(b, &p, &mut grads, &hd, None, &f.main, dmain, mode, InputGrad::Write(&mut dhd))?;
+        heads.main.backward(b, &p, &mut grads, &hd, None, &f.main, dmain, mode, InputGrad::Write(&mut dhd))?;
 
         // θ = exp(log θ): dlog θ = θ ⊙ dθ, reduced to where log θ lives.
-        if let Some((log_theta, theta)) = &f.theta {
-            let dtheta = &f.dparams[1];
+        if let Some(theta) = &f.theta {
+            let dtheta = take(1);
+            let log_theta = heads.log_theta(self.config.dispersion, &p, f.log_theta_cells.as_ref(), f.dispersion.as_ref());
             match self.config.dispersion {
                 Dispersion::Gene => {
                     let mut sums = b.tensor(1, g)?;
                     b.column_sums(dtheta.input(), sums.output())?;
-                    b.activation_backward(Activation::Exp, log_theta.input(), theta.input(), sums.input(), grads.get(shared_slot()))?;
+                    b.activation_backward(Activation::Exp, log_theta, theta.input(), sums.input(), grads.get(heads.shared_slot()))?;
                 }
                 Dispersion::GeneBatch => {
                     let mut dlog = b.tensor(n, g)?;
-                    b.activation_backward(Activation::Exp, log_theta.input(), theta.input(), dtheta.input(), dlog.output())?;
+                    b.activation_backward(Activation::Exp, log_theta, theta.input(), dtheta.input(), dlog.output())?;
                     let onehot = f.batch_onehot.as_ref().expect("gene-batch dispersion has the batch one-hot");
-                    b.gemm(true, false, self.n_batch, n, g, T::one(), onehot.input(), dlog.input(), T::zero(), grads.get(shared_slot()))?;
+                    b.gemm(true, false, self.n_batch, n, g, T::one(), onehot.input(), dlog.input(), T::zero(), grads.get(heads.shared_slot()))?;
                 }
                 Dispersion::GeneCell => {
                     let mut dlog = b.tensor(n, g)?;
-                    b.activation_backward(Activation::Exp, log_theta.input(), theta.input(), dtheta.input(), dlog.output())?;
-                    let head = self.heads.dispersion_head.as_ref().expect("gene-cell head");
+                    b.activation_backward(Activation::Exp, log_theta, theta.input(), dtheta.input(), dlog.output())?;
+                    let head = heads.dispersion_head.as_ref().expect("gene-cell head");
                     head.backward(b, &p, &mut grads, &hd, None, f.dispersion.as_ref().expect("head acts"), dlog, mode, InputGrad::Add(&mut dhd))?;
                 }
             }
         }
-        if let (Some(head), Some(acts)) = (&self.heads.zero_inflation, &f.zero_inflation) {
-            let mut dpi = b.tensor(n, g)?;
-            b.copy(f.dparams[2].input(), dpi.output())?;
-            head.backward(b, &p, &mut grads, &hd, None, acts, dpi, mode, InputGrad::Add(&mut dhd))?;
+        if let (Some(head), Some(acts)) = (&heads.zero_inflation, &f.zero_inflation) {
+            head.backward(b, &p, &mut grads, &hd, None, acts, take(2), mode, InputGrad::Add(&mut dhd))?;
         }
         if kind == LikelihoodKind::Gaussian {
-            b.column_sums(f.dparams[1].input(), grads.get(shared_slot()))?;
+            b.column_sums(take(1).input(), grads.get(heads.shared_slot()))?;
         }
 
         // Decoder, then the latent: dz from the decoder; dm, dlv from the reparameterisation and KL.
@@ -450,7 +458,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let mut dhe = b.tensor(n, self.config.n_hidden)?;
         self.mean.backward(b, &p, &mut grads, &Input::Dense(he), None, &f.mean, dm, mode, InputGrad::Write(&mut dhe))?;
         self.logvar.backward(b, &p, &mut grads, &Input::Dense(he), None, &f.logvar, dlv, mode, InputGrad::Add(&mut dhe))?;
-        let input = Input::Counts { csr, transform: CountTransform::Log1p, rows: n };
+        let input = Input::Counts { csr: &f.csr, transform: CountTransform::Log1p, rows: n };
         let enc_cov = self.config.encode_covariates.then_some(&f.cov);
         self.encoder.backward(b, &p, &mut grads, &input, enc_cov, &f.enc, dhe, mode, InputGrad::Skip)
     }

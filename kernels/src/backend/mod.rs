@@ -56,12 +56,6 @@ pub struct Out<'a, S> {
     pub range: Range<usize>,
 }
 
-impl<S> Clone for In<'_, S> {
-    fn clone(&self) -> Self {
-        In { buf: self.buf, range: self.range.clone() }
-    }
-}
-
 impl<'a, S: Storage> In<'a, S> {
     pub fn all(buf: &'a S) -> Self {
         In { range: 0..buf.len(), buf }
@@ -90,19 +84,6 @@ impl<'a, S: Storage> Out<'a, S> {
         assert!(range.end <= buf.len(), "view {range:?} of a buffer of {}", buf.len());
         Out { buf, range }
     }
-
-    pub fn len(&self) -> usize {
-        self.range.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.range.is_empty()
-    }
-
-    /// A shorter-lived view of the same elements (to pass an `Out` on and keep using it).
-    pub fn reborrow(&mut self) -> Out<'_, S> {
-        Out { buf: self.buf, range: self.range.clone() }
-    }
 }
 
 /// A row-major matrix on a device: a buffer and its shape.
@@ -120,14 +101,6 @@ impl<S: Storage> Tensor<S> {
 
     pub fn output(&mut self) -> Out<'_, S> {
         Out::all(&mut self.buf)
-    }
-
-    pub fn len(&self) -> usize {
-        self.rows * self.cols
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
