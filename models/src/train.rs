@@ -28,7 +28,7 @@ pub struct TrainConfig {
     pub validation_fraction: f64,
     /// Validation cells are held in memory: at most this many.
     pub max_validation_cells: usize,
-    /// Stop after this many epochs without a lower validation loss (None: never).
+    /// Stop after this many epochs without a lower validation negative ELBO (None: never).
     pub early_stopping_patience: Option<usize>,
     /// Clip the global gradient norm to this (None: no clipping).
     pub clip_norm: Option<f64>,

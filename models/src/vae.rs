@@ -110,6 +110,15 @@ pub struct LossTerms {
     pub cells: usize,
 }
 
+impl LossTerms {
+    /// The negative ELBO (reconstruction + unweighted KL): what early stopping watches, as
+    /// scvi-tools' `elbo_validation`. The weighted `loss` rises with the KL warm-up, so it would
+    /// stop training while the weight is still growing.
+    pub fn negative_elbo(&self) -> f64 {
+        self.reconstruction + self.kl
+    }
+}
+
 /// Decoder heads and their parameters, by likelihood.
 #[derive(Debug, Clone)]
 struct Heads {

@@ -104,3 +104,9 @@ fn non_finite_input_stops_training_naming_the_step_and_term() {
     assert_eq!(trainer.model.values, before, "a failed step changes no parameter");
     assert_eq!(trainer.step, 1);
 }
+
+#[test]
+fn early_stopping_watches_the_unweighted_elbo() {
+    let t = tessera_models::LossTerms { reconstruction: 100.0, kl: 20.0, loss: 105.0, cells: 8 };
+    assert_eq!(t.negative_elbo(), 120.0);
+}

@@ -162,7 +162,7 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
         };
         let record = EpochRecord { epoch, kl_weight: trainer.config.kl_weight(epoch), train: sums.mean(trainer.config.kl_weight(epoch)), validation, seconds, cells_per_second: sums.cells as f64 / seconds.max(1e-9) };
         progress(Progress::Epoch(&record));
-        let monitored = record.validation.map_or(record.train.loss, |v| v.loss);
+        let monitored = record.validation.map_or(record.train, |v| v).negative_elbo();
         history.push(record);
         if monitored < best {
             (best, since_best) = (monitored, 0);
@@ -170,7 +170,7 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
             since_best += 1;
             if tc.early_stopping_patience.is_some_and(|p| since_best >= p) {
                 stopped_early = true;
-                tracing::info!(epoch, best, "early stopping: no lower validation loss for {since_best} epochs");
+                tracing::info!(epoch, best, "early stopping: no lower validation ELBO for {since_best} epochs");
                 break;
             }
         }
