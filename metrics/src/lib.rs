@@ -1,0 +1,160 @@
+//! tessera-metrics: the scIB integration metrics on an embedding, with scib-metrics' definitions
+//! (tested against it): cell-type and batch ASW, NMI/ARI of k-means (k = number of labels),
+//! cLISI/iLISI on a 90-NN graph, graph connectivity on a 15-NN graph, and scIB's aggregate
+//! (0.6 bio conservation + 0.4 batch correction).
+//!
+//! Invariant: this crate knows nothing of stores, models or devices: an `n x d` row-major f32
+//! embedding and integer category codes in, scores out. Neighbours are exact (brute force,
+//! O(n²d)); callers subsample atlases.
+
+pub mod cluster;
+pub mod connectivity;
+pub mod distance;
+pub mod groups;
+pub mod lisi;
+pub mod neighbors;
+pub mod silhouette;
+
+use serde::Serialize;
+
+use crate::distance::{Columns, scan};
+use crate::groups::Groups;
+use crate::neighbors::{Neighbors, nearest_in_row};
+use crate::silhouette::silhouette_from_row;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum MetricsError {
+    #[error("embedding has {len} values, expected {n} cells x {d} dimensions")]
+    Shape { len: usize, n: usize, d: usize },
+    #[error("embedding value at cell {cell}, dimension {dim} is {value} (expected a finite number)")]
+    NonFinite { cell: usize, dim: usize, value: f32 },
+    #[error("{what} has {len} entries, expected one per cell ({n})")]
+    Length { what: &'static str, len: usize, n: usize },
+    #[error("need at least 3 cells and 1 dimension, got {n} x {d}")]
+    TooSmall { n: usize, d: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct EvalOptions {
+    /// Neighbours for iLISI/cLISI (scib-metrics: 90, perplexity 30).
+    pub lisi_neighbors: usize,
+    /// Neighbours for graph connectivity (scib-metrics: 15).
+    pub connectivity_neighbors: usize,
+    /// K-means restarts (scib-metrics: 1).
+    pub kmeans_init: usize,
+    pub seed: u64,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        EvalOptions { lisi_neighbors: 90, connectivity_neighbors: 15, kmeans_init: 1, seed: 0 }
+    }
+}
+
+/// The scores; `None` where a metric is undefined (batch metrics with one batch, every label
+/// in one batch). Aggregates average the defined metrics of their kind (as pandas' mean skips
+/// NaN in scib-metrics' Benchmarker).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Scores {
+    pub n_cells: usize,
+    pub n_labels: usize,
+    pub n_batches: usize,
+    pub silhouette_label: f64,
+    pub nmi: f64,
+    pub ari: f64,
+    pub clisi: Option<f64>,
+    pub silhouette_batch: Option<f64>,
+    pub ilisi: Option<f64>,
+    pub graph_connectivity: f64,
+    pub bio_conservation: f64,
+    pub batch_correction: Option<f64>,
+    pub total: Option<f64>,
+}
+
+/// Metric names as scib-metrics' Benchmarker prints them, with their kind.
+pub const METRIC_NAMES: [(&str, &str); 10] = [
+    ("Silhouette label", "Bio conservation"),
+    ("KMeans NMI", "Bio conservation"),
+    ("KMeans ARI", "Bio conservation"),
+    ("cLISI", "Bio conservation"),
+    ("Silhouette batch", "Batch correction"),
+    ("iLISI", "Batch correction"),
+    ("Graph connectivity", "Batch correction"),
+    ("Bio conservation", "Aggregate score"),
+    ("Batch correction", "Aggregate score"),
+    ("Total", "Aggregate score"),
+];
+
+impl Scores {
+    /// Values in the order of [`METRIC_NAMES`].
+    pub fn values(&self) -> [Option<f64>; 10] {
+        [
+            Some(self.silhouette_label),
+            Some(self.nmi),
+            Some(self.ari),
+            self.clisi,
+            self.silhouette_batch,
+            self.ilisi,
+            Some(self.graph_connectivity),
+            Some(self.bio_conservation),
+            self.batch_correction,
+            self.total,
+        ]
+    }
+}
+
+fn mean_defined(values: &[Option<f64>]) -> Option<f64> {
+    let defined: Vec<f64> = values.iter().flatten().copied().filter(|v| !v.is_nan()).collect();
+    (!defined.is_empty()).then(|| defined.iter().sum::<f64>() / defined.len() as f64)
+}
+
+fn distinct(codes: &[u32]) -> usize {
+    Groups::new(codes, 0..codes.len()).len()
+}
+
+/// All metrics of the row-major `n x d` embedding `x` with cell-type codes `labels` and batch
+/// codes `batches` (any u32 values; only equality matters).
+pub fn evaluate(x: &[f32], n: usize, d: usize, labels: &[u32], batches: &[u32], options: &EvalOptions) -> Result<Scores, MetricsError> {
+    if x.len() != n * d {
+        return Err(MetricsError::Shape { len: x.len(), n, d });
+    }
+    if n < 3 || d == 0 {
+        return Err(MetricsError::TooSmall { n, d });
+    }
+    if let Some(p) = x.iter().position(|v| !v.is_finite()) {
+        return Err(MetricsError::NonFinite { cell: p / d, dim: p % d, value: x[p] });
+    }
+    for (what, codes) in [("labels", labels), ("batches", batches)] {
+        if codes.len() != n {
+            return Err(MetricsError::Length { what, len: codes.len(), n });
+        }
+    }
+
+    // One pass over all pairwise distances, cells in label order: each cell's silhouette and
+    // its nearest neighbours (positions in that order; every kNN metric is order-free).
+    let by_label = Groups::new(labels, 0..n);
+    let columns = Columns::subset(x, d, &by_label.order);
+    let k = options.lisi_neighbors.max(options.connectivity_neighbors).min(n);
+    let rows = scan(&columns, |p, row| (silhouette_from_row(row, by_label.group_of[p], &by_label), nearest_in_row(row, k)));
+    let (silhouettes, nearest): (Vec<f64>, Vec<_>) = rows.into_iter().unzip();
+    let neighbors = Neighbors::from_rows(nearest, k);
+    let sorted_labels: Vec<u32> = by_label.order.iter().map(|&c| labels[c]).collect();
+    let sorted_batches: Vec<u32> = by_label.order.iter().map(|&c| batches[c]).collect();
+
+    let n_labels = by_label.len();
+    let n_batches = distinct(batches);
+    let km = cluster::kmeans(x, n, d, n_labels, options.kmeans_init, options.seed);
+    let lisi_graph = neighbors.first(options.lisi_neighbors);
+    let silhouette_label = silhouette::silhouette_label(&silhouettes);
+    let nmi = cluster::nmi(labels, &km.labels);
+    let ari = cluster::ari(labels, &km.labels);
+    let clisi = lisi::clisi(&lisi_graph, &sorted_labels);
+    let silhouette_batch = silhouette::silhouette_batch(x, d, labels, batches);
+    let ilisi = lisi::ilisi(&lisi_graph, &sorted_batches);
+    let graph_connectivity = connectivity::graph_connectivity(&neighbors.first(options.connectivity_neighbors), &sorted_labels);
+
+    let bio_conservation = mean_defined(&[Some(silhouette_label), Some(nmi), Some(ari), clisi]).unwrap_or(f64::NAN);
+    let batch_correction = if n_batches > 1 { mean_defined(&[silhouette_batch, ilisi, Some(graph_connectivity)]) } else { None };
+    let total = batch_correction.map(|b| 0.6 * bio_conservation + 0.4 * b);
+    Ok(Scores { n_cells: n, n_labels, n_batches, silhouette_label, nmi, ari, clisi, silhouette_batch, ilisi, graph_connectivity, bio_conservation, batch_correction, total })
+}
