@@ -6,6 +6,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod eval;
 mod inspect;
 mod train;
 
@@ -50,6 +51,8 @@ enum Command {
     },
     /// Train the VAE on a store (default: simulated demo data) and write the embedding into it.
     Train(train::TrainArgs),
+    /// scIB metrics (ASW, NMI/ARI, LISI, graph connectivity, aggregate) of an obsm embedding.
+    Eval(eval::EvalArgs),
     /// Benchmarks of hot paths.
     Bench {
         #[command(subcommand)]
@@ -188,6 +191,7 @@ fn main() -> Result<()> {
         }
         Command::Bench { what } => bench::run(what),
         Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Convert { input, output, zarr_format } => convert(&input, &output, zarr_format.into()),
     }
 }

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use tessera_metrics::EvalOptions;
+use tessera_worker::eval::{DEFAULT_LABEL_KEY, EvalRequest};
 use tessera_worker::fit::Progress;
 use tessera_worker::{FitConfig, FitOptions};
 
@@ -25,7 +27,8 @@ pub struct TrainArgs {
     /// obs column with the batch (default: "batch" when the store has it).
     #[arg(long)]
     batch_key: Option<String>,
-    /// obs column with cell labels.
+    /// obs column with cell types, for the eval table written after training (default:
+    /// cell_type when present; without one the evaluation is skipped).
     #[arg(long)]
     label_key: Option<String>,
     /// Override `train.max_epochs`.
@@ -58,7 +61,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Some(k) => Some(k),
         None => has_obs_column(&data, "batch").then(|| "batch".to_string()),
     };
-    let opts = FitOptions { data: data.clone(), modality: args.modality, batch_key, label_key: args.label_key, config, out: args.out.clone(), embedding_key: args.embedding_key, overwrite: args.overwrite };
+    let label_key = args.label_key.or_else(|| has_obs_column(&data, DEFAULT_LABEL_KEY).then(|| DEFAULT_LABEL_KEY.to_string()));
+    let opts = FitOptions { data: data.clone(), modality: args.modality.clone(), batch_key: batch_key.clone(), label_key: label_key.clone(), config, out: args.out.clone(), embedding_key: args.embedding_key.clone(), overwrite: args.overwrite };
 
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
@@ -94,7 +98,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     println!("  {:.0} cells/s over {:.1} s of training", cells as f64 / seconds.max(1e-9), seconds);
     println!("  embedding ({} dims) -> {}", report.n_latent, report.embedding_element);
     println!("  history, weights, config -> {}", args.out.display());
-    Ok(())
+
+    if label_key.is_none() {
+        println!("no {DEFAULT_LABEL_KEY:?} obs column: evaluation skipped (run `tessera eval --label-key ...`)");
+        return Ok(());
+    }
+    let req = EvalRequest { data: data.clone(), modality: args.modality, embedding_key: args.embedding_key, label_key, batch_key, max_cells: Some(100_000), options: EvalOptions::default() };
+    let evaluation = tessera_worker::evaluate_store(&req).with_context(|| format!("evaluating the embedding in {data}"))?;
+    crate::eval::report(&evaluation, &args.out)
 }
 
 /// The simulated default store in the output folder, created if absent.

@@ -8,6 +8,8 @@
 //! [`Trainer::gradients`]: tessera_models::Trainer::gradients
 //! [`Trainer::apply`]: tessera_models::Trainer::apply
 
+pub mod eval;
 pub mod fit;
 
+pub use eval::{EvalError, EvalRequest, Evaluation, evaluate_store, write_evaluation};
 pub use fit::{EpochRecord, FitConfig, FitError, FitOptions, FitReport, fit};

@@ -1,0 +1,163 @@
+//! `tessera eval`: scIB metrics of an `obsm` embedding of a store, against its obs label and
+//! batch columns, written as JSON and CSV (scib-metrics' Benchmarker layout: metric, kind, value).
+
+use std::path::{Path, PathBuf};
+
+use rand::SeedableRng;
+use rand::seq::index::sample;
+use rand_xoshiro::Xoshiro256PlusPlus;
+use serde::Serialize;
+use tessera_data::{AnnData, Dataset};
+use tessera_metrics::{EvalOptions, METRIC_NAMES, MetricsError, Scores};
+
+pub const DEFAULT_LABEL_KEY: &str = "cell_type";
+pub const DEFAULT_BATCH_KEY: &str = "batch";
+
+#[derive(Debug, Clone)]
+pub struct EvalRequest {
+    pub data: String,
+    /// For MuData: the modality whose obsm/obs to read (default: the first holding the key).
+    pub modality: Option<String>,
+    pub embedding_key: String,
+    /// obs column of cell types (default: `cell_type` when obs has it).
+    pub label_key: Option<String>,
+    /// obs column of batches (default: `batch` when obs has it; without one every cell is one
+    /// batch and the batch metrics are undefined).
+    pub batch_key: Option<String>,
+    /// Uniform subsample (seeded) above this many cells: exact neighbours cost O(n²d).
+    pub max_cells: Option<usize>,
+    pub options: EvalOptions,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Data(#[from] tessera_data::DataError),
+    #[error("{element}: {source}")]
+    Metrics { element: String, source: MetricsError },
+    #[error("{store}: {reason}")]
+    Input { store: String, reason: String },
+    #[error("writing {path}: {reason}")]
+    Output { path: String, reason: String },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    pub store: String,
+    /// The embedding's element path in the store.
+    pub embedding: String,
+    pub label_key: String,
+    pub batch_key: Option<String>,
+    pub n_obs: usize,
+    /// Cells left out because their label or batch is missing.
+    pub excluded_missing: usize,
+    /// Cells evaluated (after exclusion and subsampling).
+    pub n_evaluated: usize,
+    pub subsampled: bool,
+    pub options: EvalOptions,
+    pub scores: Scores,
+    pub seconds: f64,
+}
+
+/// Reads the embedding and obs columns and computes every metric.
+pub fn evaluate_store(req: &EvalRequest) -> Result<Evaluation, EvalError> {
+    let started = std::time::Instant::now();
+    let adata = target(&Dataset::open(&req.data)?, req)?;
+    let embedding = adata.element(&format!("obsm/{}", req.embedding_key));
+    let (x, d) = adata.obsm(&req.embedding_key)?;
+    let n_obs = adata.n_obs() as usize;
+    let has = |key: &str| adata.obs_column(key).is_ok();
+    let label_key = match &req.label_key {
+        Some(k) => k.clone(),
+        None if has(DEFAULT_LABEL_KEY) => DEFAULT_LABEL_KEY.to_string(),
+        None => return Err(EvalError::Input { store: req.data.clone(), reason: format!("{}: no {DEFAULT_LABEL_KEY:?} column; name the cell-type column (--label-key)", adata.element("obs")) }),
+    };
+    let batch_key = req.batch_key.clone().or_else(|| has(DEFAULT_BATCH_KEY).then(|| DEFAULT_BATCH_KEY.to_string()));
+    let labels = codes(&adata, &label_key, &req.data)?;
+    let batches = match &batch_key {
+        Some(key) => codes(&adata, key, &req.data)?,
+        None => vec![0; n_obs],
+    };
+    let mut keep: Vec<usize> = (0..n_obs).filter(|&i| labels[i] >= 0 && batches[i] >= 0).collect();
+    let excluded_missing = n_obs - keep.len();
+    if excluded_missing > 0 {
+        tracing::warn!(excluded_missing, "cells without a label or batch are left out of the evaluation");
+    }
+    let subsampled = req.max_cells.is_some_and(|m| keep.len() > m);
+    if let Some(m) = req.max_cells.filter(|_| subsampled) {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(req.options.seed);
+        let mut picked: Vec<usize> = sample(&mut rng, keep.len(), m).into_iter().map(|p| keep[p]).collect();
+        picked.sort_unstable();
+        keep = picked;
+    }
+    let xs: Vec<f32> = keep.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect();
+    let pick = |c: &[i32]| -> Vec<u32> { keep.iter().map(|&i| c[i] as u32).collect() };
+    let scores = tessera_metrics::evaluate(&xs, keep.len(), d, &pick(&labels), &pick(&batches), &req.options)
+        .map_err(|source| EvalError::Metrics { element: format!("{}: {embedding}", req.data), source })?;
+    Ok(Evaluation {
+        store: req.data.clone(),
+        embedding,
+        label_key,
+        batch_key,
+        n_obs,
+        excluded_missing,
+        n_evaluated: keep.len(),
+        subsampled,
+        options: req.options,
+        scores,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The AnnData holding the embedding: the store itself, or a MuData modality.
+fn target(dataset: &Dataset, req: &EvalRequest) -> Result<AnnData, EvalError> {
+    match dataset {
+        Dataset::AnnData(a) => Ok(a.clone()),
+        Dataset::MuData(m) => {
+            if let Some(name) = &req.modality {
+                return Ok(m.modality(name)?.1.clone());
+            }
+            for (_, a) in &m.modalities {
+                if a.keys("obsm")?.contains(&req.embedding_key) {
+                    return Ok(a.clone());
+                }
+            }
+            let names: Vec<&str> = m.modalities.iter().map(|(n, _)| n.as_str()).collect();
+            Err(EvalError::Input { store: req.data.clone(), reason: format!("no modality of {names:?} has obsm/{}", req.embedding_key) })
+        }
+    }
+}
+
+fn codes(adata: &AnnData, key: &str, store: &str) -> Result<Vec<i32>, EvalError> {
+    let column = adata.obs_column(key)?;
+    column.codes().map(|(c, _)| c).ok_or_else(|| EvalError::Input {
+        store: store.into(),
+        reason: format!("{}: obs column {key:?} is {}, expected categories (categorical, strings or booleans)", adata.element("obs"), column.kind()),
+    })
+}
+
+/// `eval.json` (everything) and `eval.csv` (metric, kind, value) into `dir`; returns their paths.
+pub fn write_evaluation(dir: &Path, evaluation: &Evaluation) -> Result<[PathBuf; 2], EvalError> {
+    let out = |path: &Path, e: &dyn std::fmt::Display| EvalError::Output { path: path.display().to_string(), reason: e.to_string() };
+    std::fs::create_dir_all(dir).map_err(|e| out(dir, &e))?;
+    let json = dir.join("eval.json");
+    let text = serde_json::to_string_pretty(evaluation).map_err(|e| out(&json, &e))?;
+    std::fs::write(&json, text).map_err(|e| out(&json, &e))?;
+    let csv = dir.join("eval.csv");
+    let mut table = String::from("metric,type,value\n");
+    for ((name, kind), value) in METRIC_NAMES.iter().zip(evaluation.scores.values()) {
+        table.push_str(&format!("{name},{kind},{}\n", value.map_or(String::new(), |v| v.to_string())));
+    }
+    std::fs::write(&csv, table).map_err(|e| out(&csv, &e))?;
+    Ok([json, csv])
+}
+
+/// The metrics as an aligned text table.
+pub fn format_table(scores: &Scores) -> String {
+    let mut s = String::new();
+    for ((name, kind), value) in METRIC_NAMES.iter().zip(scores.values()) {
+        let v = value.map_or("n/a".to_string(), |v| format!("{v:.4}"));
+        s.push_str(&format!("  {name:<20} {v:>8}   {kind}\n"));
+    }
+    s
+}
