@@ -17,6 +17,14 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         repeat: usize,
     },
+    /// `tessera eval` on a synthetic embedding: the O(n² d) distance pass (kNN + silhouettes)
+    /// against its FLOP floor, and the whole evaluation, for each cell count.
+    Eval {
+        #[arg(long, value_delimiter = ',', default_values_t = vec![10_000usize, 30_000, 100_000])]
+        cells: Vec<usize>,
+        #[arg(long, default_value_t = 10)]
+        dims: usize,
+    },
     /// Stream all of X in mini-batches from local Zarr v2 and v3 stores (generated once).
     Load {
         #[arg(long, default_value_t = 100_000)]
@@ -46,11 +54,42 @@ pub enum BenchCommand {
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Ops { repeat } => ops(repeat.max(1)),
+        BenchCommand::Eval { cells, dims } => eval(&cells, dims),
         BenchCommand::Load { cells, genes, library, batch_size, dir, python, store, repeat } => {
             let stores = if store.is_empty() { generated_stores(cells, genes, library, &dir)? } else { store };
             load(&stores, batch_size, python.as_deref(), repeat.max(1))
         }
     }
+}
+
+fn eval(cells: &[usize], d: usize) -> Result<()> {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+    use tessera_metrics::distance::Columns;
+    use tessera_metrics::neighbors::Neighbors;
+    let normal = Normal::new(0.0f32, 1.0)?;
+    println!("{:>9} {:>4} {:>14} {:>12} {:>11} {:>14} {:>12}", "cells", "dims", "distance pass", "pairs/s", "GFLOP/s", "whole eval", "cells/s");
+    for &n in cells {
+        // 12 types x 3 batches around random centres.
+        let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(n as u64);
+        let centres: Vec<f32> = (0..12 * d).map(|_| 3.0 * normal.sample(&mut rng)).collect();
+        let labels: Vec<u32> = (0..n as u32).map(|i| i % 12).collect();
+        let batches: Vec<u32> = (0..n as u32).map(|i| (i / 12) % 3).collect();
+        let x: Vec<f32> = (0..n * d).map(|p| centres[labels[p / d] as usize * d + p % d] + normal.sample(&mut rng)).collect();
+        let started = Instant::now();
+        let nn = Neighbors::exact(&Columns::new(&x, n, d), 90);
+        let pass = started.elapsed().as_secs_f64();
+        std::hint::black_box(nn);
+        let started = Instant::now();
+        let scores = tessera_metrics::evaluate(&x, n, d, &labels, &batches, &tessera_metrics::EvalOptions::default())?;
+        let whole = started.elapsed().as_secs_f64();
+        std::hint::black_box(scores);
+        // Floor of the pass: n² pairs x d x (sub, mul, add) + the sqrt; the data (n·d·8 bytes)
+        // stays in cache, so the pass is compute-bound.
+        let pairs = (n as f64) * (n as f64);
+        println!("{n:>9} {d:>4} {:>12.2} s {:>12.3e} {:>11.1} {:>12.2} s {:>12.0}", pass, pairs / pass, pairs * 3.0 * d as f64 / pass / 1e9, whole, n as f64 / whole);
+    }
+    Ok(())
 }
 
 struct Row {

@@ -137,7 +137,7 @@ pub fn evaluate(x: &[f32], n: usize, d: usize, labels: &[u32], batches: &[u32], 
     let by_label = Groups::new(labels, 0..n);
     let columns = Columns::subset(x, d, &by_label.order);
     let k = options.lisi_neighbors.max(options.connectivity_neighbors).min(n);
-    let rows = scan(&columns, |p, row| (silhouette_from_row(row, by_label.group_of[p], &by_label), nearest_in_row(row, k)));
+    let rows = scan(&columns, |p, row| (silhouette_from_row(row, by_label.group_of[p], &by_label), nearest_in_row(row, k, p)));
     let (silhouettes, nearest): (Vec<f64>, Vec<_>) = rows.into_iter().unzip();
     let neighbors = Neighbors::from_rows(nearest, k);
     let sorted_labels: Vec<u32> = by_label.order.iter().map(|&c| labels[c]).collect();

@@ -29,16 +29,30 @@ impl Ord for Candidate {
     }
 }
 
-/// The `k` smallest entries of `row` as (index, distance), ascending.
-pub fn nearest_in_row(row: &[f64], k: usize) -> Vec<(u32, f64)> {
-    let mut heap: BinaryHeap<Candidate> = BinaryHeap::with_capacity(k + 1);
-    for (j, &dist) in row.iter().enumerate() {
-        let c = Candidate(dist, j as u32);
+/// The `k` smallest entries of `row` as (index, distance), ascending (ties: smaller index).
+/// The scan starts at `near` and wraps: callers pass the cell itself, whose index neighbours
+/// (same label in evaluation order) are likely near, so the heap's bound tightens at once and
+/// most cells cost one comparison.
+pub fn nearest_in_row(row: &[f64], k: usize, near: usize) -> Vec<(u32, f64)> {
+    let n = row.len();
+    let k = k.min(n);
+    let order = (near.min(n)..n).chain(0..near.min(n));
+    let mut heap: BinaryHeap<Candidate> = BinaryHeap::with_capacity(k);
+    let mut worst = f64::INFINITY;
+    for j in order {
+        let c = Candidate(row[j], j as u32);
         if heap.len() < k {
             heap.push(c);
-        } else if heap.peek().is_some_and(|worst| c < *worst) {
-            heap.pop();
-            heap.push(c);
+        } else if row[j] <= worst
+            && let Some(mut top) = heap.peek_mut()
+            && c < *top
+        {
+            *top = c;
+        } else {
+            continue;
+        }
+        if heap.len() == k {
+            worst = heap.peek().map_or(f64::INFINITY, |t| t.0);
         }
     }
     heap.into_sorted_vec().into_iter().map(|Candidate(d, j)| (j, d)).collect()
@@ -47,7 +61,7 @@ pub fn nearest_in_row(row: &[f64], k: usize) -> Vec<(u32, f64)> {
 impl Neighbors {
     /// Exact kNN of every cell (k is capped at the number of cells).
     pub fn exact(columns: &Columns, k: usize) -> Neighbors {
-        Neighbors::from_rows(scan(columns, |_, row| nearest_in_row(row, k)), k.min(columns.n()))
+        Neighbors::from_rows(scan(columns, |i, row| nearest_in_row(row, k, i)), k.min(columns.n()))
     }
 
     /// Assembles per-cell neighbour lists (each of length `k`).
