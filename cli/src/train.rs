@@ -18,7 +18,7 @@ pub struct TrainArgs {
     /// TOML file with `[model]` and `[train]` tables (see README); absent keys take defaults.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Folder for history.csv, model.safetensors and config.json.
+    /// Folder for history.csv, model.safetensors, config.json, checkpoint/ and the eval table.
     #[arg(long, default_value = "tessera-out")]
     out: PathBuf,
     /// The MuData modality to model (default: rna, else the first).
@@ -40,6 +40,10 @@ pub struct TrainArgs {
     /// Replace an existing obsm/<embedding-key>.
     #[arg(long)]
     overwrite: bool,
+    /// Continue the run checkpointed in <out>/checkpoint (same data and config; --epochs may
+    /// raise the epoch count).
+    #[arg(long)]
+    resume: bool,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -62,7 +66,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => has_obs_column(&data, "batch").then(|| "batch".to_string()),
     };
     let label_key = args.label_key.or_else(|| has_obs_column(&data, DEFAULT_LABEL_KEY).then(|| DEFAULT_LABEL_KEY.to_string()));
-    let opts = FitOptions { data: data.clone(), modality: args.modality.clone(), batch_key: batch_key.clone(), label_key: label_key.clone(), config, out: args.out.clone(), embedding_key: args.embedding_key.clone(), overwrite: args.overwrite };
+    let opts = FitOptions { data: data.clone(), modality: args.modality.clone(), batch_key: batch_key.clone(), label_key: label_key.clone(), config, out: args.out.clone(), embedding_key: args.embedding_key.clone(), overwrite: args.overwrite, resume: args.resume };
 
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));

@@ -10,4 +10,4 @@ pub mod train;
 pub mod vae;
 
 pub use vae::{Dispersion, LikelihoodKind, LossTerms, Vae, VaeBatch, VaeConfig};
-pub use train::{TrainConfig, TrainError, Trainer};
+pub use train::{Plateau, TrainConfig, TrainError, Trainer};

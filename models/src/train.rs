@@ -32,12 +32,23 @@ pub struct TrainConfig {
     pub early_stopping_patience: Option<usize>,
     /// Clip the global gradient norm to this (None: no clipping).
     pub clip_norm: Option<f64>,
+    /// Multiply the learning rate by `lr_factor` after more than `lr_patience` epochs without a
+    /// validation ELBO lower than the best by more than `lr_threshold` (scvi-tools'
+    /// `reduce_lr_on_plateau`, PyTorch's ReduceLROnPlateau in "abs" mode), down to `lr_min`.
+    pub reduce_lr_on_plateau: bool,
+    pub lr_factor: f64,
+    pub lr_patience: usize,
+    pub lr_threshold: f64,
+    pub lr_min: f64,
+    /// Write a resumable checkpoint every this many epochs (and always at the end; None: only
+    /// at the end).
+    pub checkpoint_every: Option<usize>,
     pub seed: u64,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { max_epochs: None, batch_size: 128, lr: 1e-3, weight_decay: 1e-6, adam_eps: 1e-2, kl_warmup_epochs: 400, max_kl_weight: 1.0, validation_fraction: 0.1, max_validation_cells: 10_000, early_stopping_patience: Some(45), clip_norm: None, seed: 0 }
+        TrainConfig { max_epochs: None, batch_size: 128, lr: 1e-3, weight_decay: 1e-6, adam_eps: 1e-2, kl_warmup_epochs: 400, max_kl_weight: 1.0, validation_fraction: 0.1, max_validation_cells: 10_000, early_stopping_patience: Some(45), clip_norm: None, reduce_lr_on_plateau: false, lr_factor: 0.6, lr_patience: 30, lr_threshold: 0.0, lr_min: 0.0, checkpoint_every: Some(10), seed: 0 }
     }
 }
 
@@ -52,6 +63,35 @@ impl TrainConfig {
             return self.max_kl_weight;
         }
         self.max_kl_weight * (epoch as f64 / self.kl_warmup_epochs as f64).min(1.0)
+    }
+}
+
+/// The learning-rate schedule's state: best monitored value and epochs since, current rate.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Plateau {
+    pub best: f64,
+    pub bad_epochs: usize,
+    pub lr: f64,
+}
+
+impl Plateau {
+    pub fn new(lr: f64) -> Plateau {
+        Plateau { best: f64::INFINITY, bad_epochs: 0, lr }
+    }
+
+    /// Records an epoch's monitored value; returns the (possibly reduced) learning rate.
+    pub fn observe(&mut self, value: f64, config: &TrainConfig) -> f64 {
+        if value < self.best - config.lr_threshold {
+            self.best = value;
+            self.bad_epochs = 0;
+        } else {
+            self.bad_epochs += 1;
+        }
+        if config.reduce_lr_on_plateau && self.bad_epochs > config.lr_patience {
+            self.lr = (self.lr * config.lr_factor).max(config.lr_min);
+            self.bad_epochs = 0;
+        }
+        self.lr
     }
 }
 
@@ -83,6 +123,15 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
         let v = model.backend().zeros(n)?;
         let opt = AdamW { lr: config.lr, eps: config.adam_eps, weight_decay: config.weight_decay, ..AdamW::default() };
         Ok(Trainer { model, config, opt, m, v, step: 0 })
+    }
+
+    pub fn lr(&self) -> f64 {
+        self.opt.lr
+    }
+
+    /// Sets the learning rate of the following steps (the schedule's decision).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.opt.lr = lr;
     }
 
     /// One optimisation step on a minibatch.
@@ -125,5 +174,25 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
     /// Validation loss terms of a batch (running statistics, no dropout, sampled latent).
     pub fn validate(&mut self, batch: VaeBatch<'_, T>, epoch: usize) -> Result<LossTerms, TrainError> {
         Ok(self.model.loss(batch, self.config.kl_weight(epoch), Mode::Validate { seed: self.config.seed ^ 0x5eed, step: 0 })?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plateau_reduces_after_more_than_patience_bad_epochs() {
+        let config = TrainConfig { reduce_lr_on_plateau: true, lr_patience: 2, lr_factor: 0.5, lr_min: 0.2, ..TrainConfig::default() };
+        let mut p = Plateau::new(1.0);
+        // 10 is best; 3 epochs not better (> patience 2) → halve, counter restarts.
+        let lrs: Vec<f64> = [10.0, 10.0, 11.0, 10.5, 9.0, 9.5, 9.5, 9.5, 9.5, 9.5, 9.5].iter().map(|&v| p.observe(v, &config)).collect();
+        assert_eq!(lrs, vec![1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.2]);
+        assert_eq!(p.best, 9.0);
+        // Switched off, the state is still tracked but the rate never changes.
+        let mut off = Plateau::new(1.0);
+        let config = TrainConfig { reduce_lr_on_plateau: false, lr_patience: 0, ..config };
+        assert_eq!([5.0, 6.0, 7.0].map(|v| off.observe(v, &config)), [1.0; 3]);
+        assert_eq!(off.bad_epochs, 2);
     }
 }

@@ -99,7 +99,7 @@ pub struct VaeBatch<'a, T> {
 }
 
 /// Loss terms averaged over the cells of a batch.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct LossTerms {
     /// −log p(x|z), mean over cells.
     pub reconstruction: f64,

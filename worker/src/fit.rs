@@ -8,9 +8,11 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tessera_data::{AnnData, Dataset, Loader, LoaderConfig, MiniBatch};
-use tessera_kernels::backend::{Backend, Cpu, In};
+use tessera_kernels::backend::Cpu;
 use tessera_kernels::ops::linear::CsrRef;
-use tessera_models::{LossTerms, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
+use tessera_models::{LossTerms, Plateau, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
+
+use crate::checkpoint::{self, FitState};
 
 /// The run's configuration file: `[model]` and `[train]` tables, every key optional.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -42,6 +44,8 @@ pub struct FitOptions {
     pub embedding_key: String,
     /// Replace an existing `obsm/<embedding_key>`.
     pub overwrite: bool,
+    /// Continue from `<out>/checkpoint` (same data and configuration; `max_epochs` may grow).
+    pub resume: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +60,8 @@ pub enum FitError {
     Input { store: String, reason: String },
     #[error("writing {path}: {reason}")]
     Output { path: String, reason: String },
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: String, reason: String },
 }
 
 impl From<tessera_kernels::backend::EngineError> for FitError {
@@ -65,10 +71,11 @@ impl From<tessera_kernels::backend::EngineError> for FitError {
 }
 
 /// One epoch's record (losses are means over cells).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochRecord {
     pub epoch: usize,
     pub kl_weight: f64,
+    pub lr: f64,
     pub train: LossTerms,
     pub validation: Option<LossTerms>,
     pub seconds: f64,
@@ -115,29 +122,27 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     let model = Vae::<f32, Cpu>::new(Cpu, opts.config.model.clone(), n_features, n_batch, n_cov, tc.seed)?;
     let mut trainer = Trainer::new(model, tc.clone())?;
     let epochs = tc.epochs(n_obs);
-    let is_validation = |cell: u64| unit_hash(cell, tc.seed) < tc.validation_fraction;
-    let mut validation_cells: HashSet<u64> = HashSet::new();
-    let mut validation_batches: Vec<Converted> = Vec::new();
-    let mut history: Vec<EpochRecord> = Vec::new();
-    let (mut best, mut since_best, mut stopped_early) = (f64::INFINITY, 0usize, false);
-    let mut n_train = 0u64;
+    let resolved = serde_json::json!({ "data": opts.data, "modality": modality, "batch_key": opts.batch_key, "label_key": opts.label_key, "n_obs": n_obs, "n_features": n_features, "batch_categories": loader.batch_categories, "model": opts.config.model, "train": opts.config.train, "epochs": epochs });
+    let checkpoint_dir = opts.out.join("checkpoint");
+    let mut validation = Validation { seed: tc.seed, fraction: tc.validation_fraction, cap: tc.max_validation_cells, cells: HashSet::new(), batches: Vec::new() };
+    let mut state = FitState { epochs_done: 0, step: 0, plateau: Plateau::new(tc.lr), best: f64::INFINITY, since_best: 0, n_train: 0, history: Vec::new(), run: resolved.clone() };
+    if opts.resume {
+        state = checkpoint::load(&checkpoint_dir, &resolved, &mut trainer)?;
+        // The held-out cells and their batches, exactly as the first epoch drew them.
+        for mb in loader.epoch(0) {
+            validation.split(&mb?, 0, m_index, n_cov);
+        }
+        tracing::info!(epoch = state.epochs_done, step = state.step, "resuming from {}", checkpoint_dir.display());
+    }
+    let mut stopped_early = false;
     progress(Progress::Start { epochs, cells_per_epoch: n_obs });
 
-    for epoch in 0..epochs {
+    for epoch in state.epochs_done..epochs {
         let started = Instant::now();
         let mut sums = Sums::default();
         for mb in loader.epoch(epoch as u64) {
             let mb = mb?;
-            let mut train_rows = Vec::with_capacity(mb.cells.len());
-            let mut val_rows = Vec::new();
-            for (r, &cell) in mb.cells.iter().enumerate() {
-                let held_out = if epoch == 0 { is_validation(cell) && validation_cells.len() + val_rows.len() < tc.max_validation_cells } else { validation_cells.contains(&cell) };
-                if held_out { val_rows.push(r) } else { train_rows.push(r) }
-            }
-            if epoch == 0 && !val_rows.is_empty() {
-                validation_cells.extend(val_rows.iter().map(|&r| mb.cells[r]));
-                validation_batches.push(Converted::new(&mb, m_index, &val_rows, n_cov));
-            }
+            let train_rows = validation.split(&mb, epoch, m_index, n_cov);
             // BatchNorm needs two cells; a lone leftover cell waits for the next epoch's order.
             if train_rows.len() < 2 {
                 continue;
@@ -148,31 +153,45 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
             progress(Progress::Batch { cells: terms.cells, loss: &terms });
         }
         if epoch == 0 {
-            n_train = sums.cells as u64;
+            state.n_train = sums.cells as u64;
         }
         let seconds = started.elapsed().as_secs_f64();
-        let validation = if validation_batches.is_empty() {
+        let kl_weight = trainer.config.kl_weight(epoch);
+        let validation_terms = if validation.batches.is_empty() {
             None
         } else {
             let mut v = Sums::default();
-            for b in &validation_batches {
+            for b in &validation.batches {
                 v.add(&trainer.validate(b.as_batch(), epoch)?);
             }
-            Some(v.mean(trainer.config.kl_weight(epoch)))
+            Some(v.mean(kl_weight))
         };
-        let record = EpochRecord { epoch, kl_weight: trainer.config.kl_weight(epoch), train: sums.mean(trainer.config.kl_weight(epoch)), validation, seconds, cells_per_second: sums.cells as f64 / seconds.max(1e-9) };
+        let record = EpochRecord { epoch, kl_weight, lr: trainer.lr(), train: sums.mean(kl_weight), validation: validation_terms, seconds, cells_per_second: sums.cells as f64 / seconds.max(1e-9) };
         progress(Progress::Epoch(&record));
         let monitored = record.validation.map_or(record.train, |v| v).negative_elbo();
-        history.push(record);
-        if monitored < best {
-            (best, since_best) = (monitored, 0);
+        state.history.push(record);
+        let lr = state.plateau.observe(monitored, &tc);
+        if lr != trainer.lr() {
+            tracing::info!(epoch, lr, "learning rate reduced on plateau");
+            trainer.set_lr(lr);
+        }
+        if monitored < state.best {
+            (state.best, state.since_best) = (monitored, 0);
         } else {
-            since_best += 1;
-            if tc.early_stopping_patience.is_some_and(|p| since_best >= p) {
+            state.since_best += 1;
+            if tc.early_stopping_patience.is_some_and(|p| state.since_best >= p) {
                 stopped_early = true;
-                tracing::info!(epoch, best, "early stopping: no lower validation ELBO for {since_best} epochs");
-                break;
+                tracing::info!(epoch, best = state.best, "early stopping: no lower validation ELBO for {} epochs", state.since_best);
             }
+        }
+        state.epochs_done = epoch + 1;
+        state.step = trainer.step;
+        let last = stopped_early || epoch + 1 == epochs;
+        if last || tc.checkpoint_every.is_some_and(|k| k > 0 && (epoch + 1) % k == 0) {
+            checkpoint::save(&checkpoint_dir, &state, &trainer)?;
+        }
+        if stopped_early {
+            break;
         }
     }
 
@@ -193,11 +212,10 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     let embedding_element = target.element(&format!("obsm/{}", opts.embedding_key));
 
     std::fs::create_dir_all(&opts.out).map_err(|e| FitError::Output { path: opts.out.display().to_string(), reason: e.to_string() })?;
-    write_history(&opts.out.join("history.csv"), &history)?;
-    write_weights(&opts.out.join("model.safetensors"), &trainer)?;
-    let resolved = serde_json::json!({ "data": opts.data, "modality": modality, "batch_key": opts.batch_key, "label_key": opts.label_key, "n_features": n_features, "batch_categories": loader.batch_categories, "model": opts.config.model, "train": opts.config.train, "epochs": epochs });
+    write_history(&opts.out.join("history.csv"), &state.history)?;
+    checkpoint::write_weights(&opts.out.join("model.safetensors"), &trainer)?;
     write_file(&opts.out.join("config.json"), serde_json::to_string_pretty(&resolved).unwrap_or_default().as_bytes())?;
-    Ok(FitReport { history, stopped_early, n_train, n_validation: validation_cells.len() as u64, n_features, batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element })
+    Ok(FitReport { history: state.history, stopped_early, n_train: state.n_train, n_validation: validation.cells.len() as u64, n_features, batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element })
 }
 
 /// The modality to model and the AnnData whose obsm receives the embedding: the store itself,
@@ -215,6 +233,33 @@ fn output_target(dataset: &Dataset, modality: Option<&str>, store: &str) -> Resu
             }
             Ok((name, adata.clone()))
         }
+    }
+}
+
+/// The held-out cells: drawn in the first epoch (by cell hash, up to `cap`), kept in memory as
+/// model batches, and left out of training in every later epoch.
+struct Validation {
+    seed: u64,
+    fraction: f64,
+    cap: usize,
+    cells: HashSet<u64>,
+    batches: Vec<Converted>,
+}
+
+impl Validation {
+    /// The rows of `mb` to train on; in epoch 0 the others join the validation set.
+    fn split(&mut self, mb: &MiniBatch, epoch: usize, modality: usize, n_cov: usize) -> Vec<usize> {
+        let mut train = Vec::with_capacity(mb.cells.len());
+        let mut held = Vec::new();
+        for (r, &cell) in mb.cells.iter().enumerate() {
+            let out = if epoch == 0 { unit_hash(cell, self.seed) < self.fraction && self.cells.len() + held.len() < self.cap } else { self.cells.contains(&cell) };
+            if out { held.push(r) } else { train.push(r) }
+        }
+        if epoch == 0 && !held.is_empty() {
+            self.cells.extend(held.iter().map(|&r| mb.cells[r]));
+            self.batches.push(Converted::new(mb, modality, &held, n_cov));
+        }
+        train
     }
 }
 
@@ -286,31 +331,10 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), FitError> {
 }
 
 fn write_history(path: &Path, history: &[EpochRecord]) -> Result<(), FitError> {
-    let mut csv = String::from("epoch,kl_weight,train_loss,train_reconstruction,train_kl,validation_loss,validation_reconstruction,validation_kl,seconds,cells_per_second\n");
+    let mut csv = String::from("epoch,kl_weight,lr,train_loss,train_reconstruction,train_kl,validation_loss,validation_reconstruction,validation_kl,seconds,cells_per_second\n");
     for r in history {
         let v = r.validation.map_or([String::new(), String::new(), String::new()], |v| [v.loss.to_string(), v.reconstruction.to_string(), v.kl.to_string()]);
-        csv.push_str(&format!("{},{},{},{},{},{},{},{},{:.4},{:.1}\n", r.epoch, r.kl_weight, r.train.loss, r.train.reconstruction, r.train.kl, v[0], v[1], v[2], r.seconds, r.cells_per_second));
+        csv.push_str(&format!("{},{},{},{},{},{},{},{},{},{:.4},{:.1}\n", r.epoch, r.kl_weight, r.lr, r.train.loss, r.train.reconstruction, r.train.kl, v[0], v[1], v[2], r.seconds, r.cells_per_second));
     }
     write_file(path, csv.as_bytes())
-}
-
-/// Every parameter and BatchNorm statistic under its layout name, f32, row-major.
-fn write_weights<B: Backend<f32, Buf = Vec<f32>>>(path: &Path, trainer: &Trainer<f32, B>) -> Result<(), FitError> {
-    let model = &trainer.model;
-    let values = model.backend().download(In::all(&model.values))?;
-    let state = model.backend().download(In::all(&model.state))?;
-    let mut tensors = Vec::new();
-    for (layout, buf) in [(&model.layout, &values), (&model.state_layout, &state)] {
-        for slot in layout.slots() {
-            let bytes: Vec<u8> = buf[slot.range.clone()].iter().flat_map(|v| v.to_le_bytes()).collect();
-            tensors.push((slot.name.clone(), slot.shape.clone(), bytes));
-        }
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(name, shape, bytes)| safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).map(|v| (name.clone(), v)))
-        .collect::<Result<_, _>>()
-        .map_err(|e| FitError::Output { path: path.display().to_string(), reason: e.to_string() })?;
-    let metadata = std::collections::HashMap::from([("format".to_string(), "tessera-vae".to_string()), ("step".to_string(), trainer.step.to_string())]);
-    safetensors::tensor::serialize_to_file(views, Some(metadata), path).map_err(|e| FitError::Output { path: path.display().to_string(), reason: e.to_string() })
 }

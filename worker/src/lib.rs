@@ -8,6 +8,7 @@
 //! [`Trainer::gradients`]: tessera_models::Trainer::gradients
 //! [`Trainer::apply`]: tessera_models::Trainer::apply
 
+pub mod checkpoint;
 pub mod eval;
 pub mod fit;
 

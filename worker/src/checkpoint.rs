@@ -1,0 +1,152 @@
+//! Resumable checkpoints of a `fit` run in `<out>/checkpoint/`: `model.safetensors` (parameters
+//! and BatchNorm statistics by name), `optimizer.safetensors` (Adam's moments) and `state.json`
+//! (epochs done, step, schedule and early-stopping state, history, the resolved run). Each file
+//! is written aside and renamed into place, `state.json` last; the step is recorded in all three,
+//! so a checkpoint cut short between renames is refused rather than half-loaded.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::SafeTensors;
+use safetensors::tensor::TensorView;
+use serde::{Deserialize, Serialize};
+use tessera_kernels::backend::{Backend, Cpu, In};
+use tessera_kernels::params::Layout;
+use tessera_models::{Plateau, Trainer};
+
+use crate::fit::{EpochRecord, FitError};
+
+/// Everything besides tensors that a resumed run needs to continue bit for bit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FitState {
+    pub epochs_done: usize,
+    pub step: u64,
+    pub plateau: Plateau,
+    /// Early stopping: lowest monitored value and epochs since.
+    pub best: f64,
+    pub since_best: usize,
+    pub n_train: u64,
+    pub history: Vec<EpochRecord>,
+    /// The resolved run (data, keys, shapes, configuration) the checkpoint belongs to.
+    pub run: serde_json::Value,
+}
+
+fn error(path: &Path, reason: impl std::fmt::Display) -> FitError {
+    FitError::Checkpoint { path: path.display().to_string(), reason: reason.to_string() }
+}
+
+/// Writes `bytes` beside `path` and renames it into place.
+fn publish(path: &Path, write: impl FnOnce(&Path) -> Result<(), FitError>) -> Result<(), FitError> {
+    let staged = path.with_extension("partial");
+    write(&staged)?;
+    std::fs::rename(&staged, path).map_err(|e| error(path, e))
+}
+
+pub fn save(dir: &Path, state: &FitState, trainer: &Trainer<f32, Cpu>) -> Result<(), FitError> {
+    std::fs::create_dir_all(dir).map_err(|e| error(dir, e))?;
+    publish(&dir.join("model.safetensors"), |p| write_weights(p, trainer))?;
+    let model = &trainer.model;
+    let optimizer = [("adam.m", In::all(&trainer.m)), ("adam.v", In::all(&trainer.v))].map(|(name, buf)| (name.to_string(), vec![model.layout.len()], model.backend().download(buf)));
+    let optimizer: Vec<(String, Vec<usize>, Vec<f32>)> = optimizer.into_iter().map(|(n, s, v)| v.map(|v| (n, s, v))).collect::<Result<_, _>>()?;
+    publish(&dir.join("optimizer.safetensors"), |p| write_tensors(p, &optimizer, trainer.step))?;
+    let json = serde_json::to_string_pretty(state).map_err(|e| error(dir, e))?;
+    publish(&dir.join("state.json"), |p| std::fs::write(p, &json).map_err(|e| error(p, e)))
+}
+
+/// Every parameter and BatchNorm statistic under its layout name, f32, row-major.
+pub fn write_weights(path: &Path, trainer: &Trainer<f32, Cpu>) -> Result<(), FitError> {
+    let model = &trainer.model;
+    let mut tensors = Vec::new();
+    for (layout, buf) in [(&model.layout, &model.values), (&model.state_layout, &model.state)] {
+        let host = model.backend().download(In::all(buf))?;
+        for slot in layout.slots() {
+            tensors.push((slot.name.clone(), slot.shape.clone(), host[slot.range.clone()].to_vec()));
+        }
+    }
+    write_tensors(path, &tensors, trainer.step)
+}
+
+fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)], step: u64) -> Result<(), FitError> {
+    let out = |e: &dyn std::fmt::Display| FitError::Output { path: path.display().to_string(), reason: e.to_string() };
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| TensorView::new(safetensors::Dtype::F32, shape.clone(), b).map(|v| (name.clone(), v)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| out(&e))?;
+    let metadata = HashMap::from([("format".to_string(), "tessera-vae".to_string()), ("step".to_string(), step.to_string())]);
+    safetensors::tensor::serialize_to_file(views, Some(metadata), path).map_err(|e| out(&e))
+}
+
+/// Reads the checkpoint into `trainer` and returns the run state. Refuses a checkpoint of
+/// another run (data, shapes or configuration other than `max_epochs`) or an inconsistent one.
+pub fn load(dir: &Path, run: &serde_json::Value, trainer: &mut Trainer<f32, Cpu>) -> Result<FitState, FitError> {
+    let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path).map_err(|e| error(&state_path, format!("{e} (nothing to resume: train without --resume first)")))?;
+    let state: FitState = serde_json::from_str(&text).map_err(|e| error(&state_path, e))?;
+    if let Some(field) = first_difference(&state.run, run, "") {
+        return Err(error(&state_path, format!("belongs to another run: {field} differs (only train.max_epochs may change on resume)")));
+    }
+    let model_file = read(&dir.join("model.safetensors"), state.step)?;
+    let model_tensors = SafeTensors::deserialize(&model_file.1).map_err(|e| error(&model_file.0, e))?;
+    let backend = *trainer.model.backend();
+    trainer.model.values = backend.upload(&gather(&model_tensors, &trainer.model.layout, &model_file.0)?)?;
+    trainer.model.state = backend.upload(&gather(&model_tensors, &trainer.model.state_layout, &model_file.0)?)?;
+    let opt_file = read(&dir.join("optimizer.safetensors"), state.step)?;
+    let opt_tensors = SafeTensors::deserialize(&opt_file.1).map_err(|e| error(&opt_file.0, e))?;
+    let n = trainer.model.layout.len();
+    trainer.m = backend.upload(&tensor(&opt_tensors, "adam.m", &[n], &opt_file.0)?)?;
+    trainer.v = backend.upload(&tensor(&opt_tensors, "adam.v", &[n], &opt_file.0)?)?;
+    trainer.step = state.step;
+    trainer.set_lr(state.plateau.lr);
+    Ok(state)
+}
+
+/// A safetensors file's bytes after checking its step matches the state's.
+fn read(path: &Path, step: u64) -> Result<(std::path::PathBuf, Vec<u8>), FitError> {
+    let bytes = std::fs::read(path).map_err(|e| error(path, e))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| error(path, e))?;
+    let found = meta.metadata().as_ref().and_then(|m| m.get("step")).cloned().unwrap_or_default();
+    if found != step.to_string() {
+        return Err(error(path, format!("holds step {found:?} but state.json step {step}: the checkpoint was cut short; resume from an earlier copy or start again")));
+    }
+    Ok((path.to_path_buf(), bytes))
+}
+
+fn tensor(file: &SafeTensors<'_>, name: &str, shape: &[usize], path: &Path) -> Result<Vec<f32>, FitError> {
+    let t = file.tensor(name).map_err(|e| error(path, format!("tensor {name:?}: {e}")))?;
+    if t.dtype() != safetensors::Dtype::F32 || t.shape() != shape {
+        return Err(error(path, format!("tensor {name:?} is {:?} {:?}, expected F32 {shape:?}", t.dtype(), t.shape())));
+    }
+    Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+/// The flat buffer of `layout` from its named tensors.
+fn gather(file: &SafeTensors<'_>, layout: &Layout, path: &Path) -> Result<Vec<f32>, FitError> {
+    let mut flat = vec![0f32; layout.len()];
+    for slot in layout.slots() {
+        flat[slot.range.clone()].copy_from_slice(&tensor(file, &slot.name, &slot.shape, path)?);
+    }
+    Ok(flat)
+}
+
+/// The first key path where two resolved runs differ, ignoring the epoch count.
+fn first_difference(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> Option<String> {
+    if matches!(at, "train.max_epochs" | "epochs") {
+        return None;
+    }
+    match (a, b) {
+        (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter().find_map(|k| {
+                let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                match (x.get(k), y.get(k)) {
+                    (Some(p), Some(q)) => first_difference(p, q, &path),
+                    _ => Some(path),
+                }
+            })
+        }
+        _ => (a != b).then(|| at.to_string()),
+    }
+}

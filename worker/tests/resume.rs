@@ -1,0 +1,75 @@
+//! Checkpoint and resume: a run stopped after 3 epochs and resumed to 6 is bit for bit the run
+//! that went 6 epochs straight (weights, Adam moments, schedule, early stopping, validation set,
+//! loader order, dropout streams); checkpoints of another run or cut short are refused.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use tessera_data::SimConfig;
+use tessera_worker::{FitConfig, FitError, FitOptions, fit};
+
+fn simulated(dir: &Path, name: &str) -> String {
+    let location = dir.join(name).display().to_string();
+    let config = SimConfig { n_cells: 600, n_genes: 80, n_types: 4, n_batches: 2, ..SimConfig::default() };
+    tessera_data::simulate(&location, &config, |_| {}).unwrap();
+    location
+}
+
+fn options(data: &str, out: &Path, epochs: usize, resume: bool) -> FitOptions {
+    let mut config = FitConfig::default();
+    config.model.n_hidden = 16;
+    config.train.max_epochs = Some(epochs);
+    config.train.kl_warmup_epochs = 4;
+    config.train.batch_size = 64;
+    config.train.checkpoint_every = Some(2);
+    // Exercise the schedule's state: any epoch without improvement cuts the rate.
+    config.train.reduce_lr_on_plateau = true;
+    config.train.lr_patience = 0;
+    config.train.lr = 5e-2;
+    FitOptions { data: data.into(), modality: None, batch_key: Some("batch".into()), label_key: None, config, out: out.to_path_buf(), embedding_key: "X_tessera".into(), overwrite: resume, resume }
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (simulated(dir.path(), "a.zarr"), simulated(dir.path(), "b.zarr"));
+    let straight = fit(&options(&a, &dir.path().join("out-a"), 6, false), |_| {}).unwrap();
+    let out_b = dir.path().join("out-b");
+    let first = fit(&options(&b, &out_b, 3, false), |_| {}).unwrap();
+    assert_eq!(first.history.len(), 3);
+    let resumed = fit(&options(&b, &out_b, 6, true), |_| {}).unwrap();
+
+    assert_eq!(resumed.history.len(), 6, "history continues from the checkpoint");
+    for (s, r) in straight.history.iter().zip(&resumed.history) {
+        assert_eq!((s.epoch, s.kl_weight, s.lr, s.train, s.validation), (r.epoch, r.kl_weight, r.lr, r.train, r.validation));
+    }
+    assert!(straight.history.iter().any(|r| r.lr < 5e-2), "the schedule cut the rate at least once: {:?}", straight.history.iter().map(|r| r.lr).collect::<Vec<_>>());
+    assert_eq!(straight.n_validation, resumed.n_validation);
+    assert_eq!(straight.n_train, resumed.n_train);
+    assert!(straight.embedding.iter().zip(&resumed.embedding).all(|(x, y)| x.to_bits() == y.to_bits()), "embeddings differ");
+    let csv = std::fs::read_to_string(out_b.join("history.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 7, "{csv}");
+}
+
+#[test]
+fn foreign_missing_and_cut_short_checkpoints_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = simulated(dir.path(), "c.zarr");
+    let out = dir.path().join("out");
+    let err = fit(&options(&data, &out, 2, true), |_| {}).unwrap_err();
+    assert!(matches!(err, FitError::Checkpoint { .. }) && err.to_string().contains("nothing to resume"), "{err}");
+
+    fit(&options(&data, &out, 2, false), |_| {}).unwrap();
+    let mut other = options(&data, &out, 4, true);
+    other.config.model.n_hidden = 32;
+    let err = fit(&other, |_| {}).unwrap_err().to_string();
+    assert!(err.contains("model.n_hidden differs"), "{err}");
+
+    // state.json says a later step than the weights hold: a checkpoint cut short.
+    let state_path = out.join("checkpoint/state.json");
+    let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    state["step"] = serde_json::json!(state["step"].as_u64().unwrap() + 10);
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    let err = fit(&options(&data, &out, 4, true), |_| {}).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("cut short"), "{err}");
+}
