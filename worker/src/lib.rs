@@ -11,6 +11,7 @@
 pub mod checkpoint;
 pub mod eval;
 pub mod fit;
+pub mod plot;
 
 pub use eval::{EvalError, EvalRequest, Evaluation, evaluate_store, write_evaluation};
 pub use fit::{EpochRecord, FitConfig, FitError, FitOptions, FitReport, fit};

@@ -49,6 +49,10 @@ fn resumed_run_equals_uninterrupted_run() {
     assert!(straight.embedding.iter().zip(&resumed.embedding).all(|(x, y)| x.to_bits() == y.to_bits()), "embeddings differ");
     let csv = std::fs::read_to_string(out_b.join("history.csv")).unwrap();
     assert_eq!(csv.lines().count(), 7, "{csv}");
+    // The loss curves as a PNG (signature, then IHDR width and height).
+    let png = std::fs::read(out_b.join("loss.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!((u32::from_be_bytes(png[16..20].try_into().unwrap()), u32::from_be_bytes(png[20..24].try_into().unwrap())), (900, 520));
 }
 
 #[test]
