@@ -17,6 +17,8 @@ const TOP: usize = 40;
 const BOTTOM: usize = 60;
 
 type Rgb = [u8; 3];
+/// A curve: legend name, colour, (epoch, value) points.
+type Series<'a> = (&'a str, Rgb, Vec<(f64, f64)>);
 const BLACK: Rgb = [0, 0, 0];
 const GREY: Rgb = [215, 215, 215];
 
@@ -106,7 +108,7 @@ fn label(v: f64, step: f64) -> String {
 /// The curves of `history` into `path`. Series: train loss, validation loss (the minimised
 /// objective, KL weighted by the warm-up) and validation negative ELBO.
 pub fn loss_plot(history: &[EpochRecord], path: &Path) -> Result<(), String> {
-    let series: Vec<(&str, Rgb, Vec<(f64, f64)>)> = vec![
+    let series: Vec<Series<'_>> = vec![
         ("train loss", [31, 119, 180], history.iter().map(|r| (r.epoch as f64, r.train.loss)).collect()),
         ("validation loss", [255, 127, 14], history.iter().filter_map(|r| r.validation.map(|v| (r.epoch as f64, v.loss))).collect()),
         ("validation -ELBO", [44, 160, 44], history.iter().filter_map(|r| r.validation.map(|v| (r.epoch as f64, v.negative_elbo()))).collect()),
