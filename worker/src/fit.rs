@@ -78,6 +78,7 @@ pub struct EpochRecord {
     pub lr: f64,
     pub train: LossTerms,
     pub validation: Option<LossTerms>,
+    /// Wall time of the epoch: training steps and the validation pass.
     pub seconds: f64,
     pub cells_per_second: f64,
 }
@@ -155,7 +156,6 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
         if epoch == 0 {
             state.n_train = sums.cells as u64;
         }
-        let seconds = started.elapsed().as_secs_f64();
         let kl_weight = trainer.config.kl_weight(epoch);
         let validation_terms = if validation.batches.is_empty() {
             None
@@ -166,6 +166,8 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
             }
             Some(v.mean(kl_weight))
         };
+        // The epoch's wall time includes its validation pass (as scvi-tools' epochs do).
+        let seconds = started.elapsed().as_secs_f64();
         let record = EpochRecord { epoch, kl_weight, lr: trainer.lr(), train: sums.mean(kl_weight), validation: validation_terms, seconds, cells_per_second: sums.cells as f64 / seconds.max(1e-9) };
         progress(Progress::Epoch(&record));
         let monitored = record.validation.map_or(record.train, |v| v).negative_elbo();
