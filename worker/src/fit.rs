@@ -117,6 +117,10 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     let names = loader.modality_names();
     let m_index = names.iter().position(|n| *n == modality).ok_or_else(|| FitError::Input { store: opts.data.clone(), reason: format!("no modality {modality:?}; found {names:?}") })?;
     let n_features = target.n_vars() as usize;
+    // Refused now rather than after hours of training.
+    if !opts.overwrite && target.keys("obsm")?.contains(&opts.embedding_key) {
+        return Err(tessera_data::DataError::Exists { store: opts.data.clone(), path: target.element(&format!("obsm/{}", opts.embedding_key)) }.into());
+    }
     let n_batch = loader.batch_categories.len();
     let n_cov = n_batch;
 

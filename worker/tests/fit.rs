@@ -82,9 +82,12 @@ fn pbmc_trains_and_separates_cell_types() {
     assert_eq!(tensors.tensor("decoder.main.w").unwrap().shape(), &[128, 765]);
     assert_eq!(tensors.tensor("encoder.0.bn_running_var").unwrap().shape(), &[128]);
 
-    // An existing embedding is not overwritten without being asked, and stays as it was.
-    let again = fit(&options(&data, &out, 1), |_| {}).unwrap_err();
-    assert!(again.to_string().contains("obsm/X_tessera"), "{again}");
+    // An existing embedding is not overwritten without being asked (refused before any
+    // training step), and stays as it was.
+    let mut steps = 0;
+    let again = fit(&options(&data, &out, 1), |p| steps += usize::from(matches!(p, tessera_worker::fit::Progress::Batch { .. }))).unwrap_err();
+    assert!(again.to_string().contains("obsm/X_tessera") && again.to_string().contains("already exists"), "{again}");
+    assert_eq!(steps, 0, "refused before training");
     assert_eq!(AnnData::open(&data).unwrap().obsm("X_tessera").unwrap().0, report.embedding);
     let mut replace = options(&data, &out, 1);
     replace.overwrite = true;
