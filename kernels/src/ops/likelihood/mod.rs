@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use crate::real::{Real, digamma, lgamma, sigmoid, softplus};
+use crate::real::{Real, count_gamma_terms, lgamma, sigmoid, softplus};
 
 pub const CUDA_SOURCE: &str = include_str!("likelihood.cu");
 
@@ -56,14 +56,9 @@ impl Likelihood {
 
     /// One entry: log-likelihood and its gradients with respect to the parameters `p`.
     pub fn entry<T: Real>(self, x: T, p: [T; 3]) -> (T, [T; 3]) {
-        // lnΓ(x+θ) - lnΓ(θ) - lnΓ(x+1) and ψ(x+θ) - ψ(θ): exactly 0 at x = 0 (most counts), so
-        // the special functions are only evaluated for non-zero counts.
         let gamma_terms = |x: T, theta: T| {
-            if x == T::zero() {
-                (T::zero(), T::zero())
-            } else {
-                (lgamma(x + theta) - lgamma(theta) - lgamma(x + T::one()), digamma(x + theta) - digamma(theta))
-            }
+            let (lg, dg) = count_gamma_terms(x.f64(), theta.f64());
+            (T::of(lg), T::of(dg))
         };
         let eps = T::of(EPS);
         let (zero, one, half) = (T::zero(), T::one(), T::of(0.5));
