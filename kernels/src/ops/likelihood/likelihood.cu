@@ -30,20 +30,22 @@ __device__ __forceinline__ float lk_sigmoid(float x) {
 }
 
 // lnΓ(x+θ) - lnΓ(θ) - lnΓ(x+1) and ψ(x+θ) - ψ(θ); exactly 0 at x = 0, where they are skipped.
-// Integer counts up to 32 take the finite sums ln Π (θ+k)/(k+1) and Σ 1/(θ+k) (real.rs,
-// count_gamma_terms: one logarithm instead of eight).
+// Integer counts up to 32 take ln(Π (θ+k) / n!) and Σ 1/(θ+k) (real.rs, count_gamma_terms:
+// one logarithm instead of eight).
 __device__ void gamma_terms(float x, float theta, float* lg, float* dg) {
     if (x == 0.0f) { *lg = 0.0f; *dg = 0.0f; return; }
     if (x <= 32.0f && floorf(x) == x && theta < 1e8f) {
-        double ratio = 1.0, sum = 0.0;
+        // P = Π (θ+k) and its derivative P': ψ(x+θ) - ψ(θ) = P'/P.
+        double p = 1.0, dp = 0.0, factorial = 1.0;
         int n = (int)x;
         for (int k = 0; k < n; ++k) {
             double tk = (double)theta + (double)k;
-            ratio *= tk / ((double)k + 1.0);
-            sum += 1.0 / tk;
+            dp = dp * tk + p;
+            p *= tk;
+            factorial *= (double)k + 1.0;
         }
-        *lg = (float)log(ratio);
-        *dg = (float)sum;
+        *lg = (float)log(p / factorial);
+        *dg = (float)(dp / p);
         return;
     }
     *lg = (float)(tsr_lgamma((double)x + theta) - tsr_lgamma((double)theta) - tsr_lgamma((double)x + 1.0));
