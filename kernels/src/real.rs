@@ -40,17 +40,17 @@ impl Real for f32 {
             m = if small { m + m } else { m } - 1.0;
             let z = m * m;
             let mut y = 7.037_683_6e-2f32;
-            for c in [-1.151_461_1e-1f32, 1.167_699_9e-1, -1.242_014_1e-1, 1.424_932_3e-1, -1.666_805_8e-1, 2.000_071_5e-1, -2.499_999_4e-1, 3.333_333_1e-1] {
+            for c in [-1.151_461_1e-1f32, 1.167_699_9e-1, -1.242_014_1e-1, 1.424_932_3e-1, -1.666_805_8e-1, 2.000_071_5e-1, -2.499_999_4e-1, 3.333_333e-1] {
                 y = y * m + c;
             }
             let ef = e as f32;
             y = y * m * z - 2.121_944_4e-4 * ef - 0.5 * z;
             *d = m + y + 0.693_359_4 * ef;
-            unusual |= !(x >= f32::MIN_POSITIVE && x < f32::INFINITY);
+            unusual |= !(f32::MIN_POSITIVE..f32::INFINITY).contains(&x);
         }
         if unusual {
             for (d, &x) in dst.iter_mut().zip(src) {
-                if !(x >= f32::MIN_POSITIVE && x < f32::INFINITY) {
+                if !(f32::MIN_POSITIVE..f32::INFINITY).contains(&x) {
                     *d = x.ln();
                 }
             }
