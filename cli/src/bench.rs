@@ -17,6 +17,21 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         repeat: usize,
     },
+    /// One training step of the scVI-size VAE (sparse counts in, forward, backward, AdamW) on a
+    /// synthetic batch, without the loader: cells/s against the GEMM floor.
+    Step {
+        #[arg(long, default_value_t = 2_000)]
+        genes: usize,
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        hidden: usize,
+        /// Non-zero counts per cell.
+        #[arg(long, default_value_t = 380)]
+        nnz: usize,
+        #[arg(long, default_value_t = 200)]
+        steps: usize,
+    },
     /// `tessera eval` on a synthetic embedding: the O(n² d) distance pass (kNN + silhouettes)
     /// against its FLOP floor, and the whole evaluation, for each cell count.
     Eval {
@@ -55,11 +70,49 @@ pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Ops { repeat } => ops(repeat.max(1)),
         BenchCommand::Eval { cells, dims } => eval(&cells, dims),
+        BenchCommand::Step { genes, batch, hidden, nnz, steps } => step(genes, batch, hidden, nnz, steps),
         BenchCommand::Load { cells, genes, library, batch_size, dir, python, store, repeat } => {
             let stores = if store.is_empty() { generated_stores(cells, genes, library, &dir)? } else { store };
             load(&stores, batch_size, python.as_deref(), repeat.max(1))
         }
     }
+}
+
+fn step(genes: usize, batch: usize, hidden: usize, nnz: usize, steps: usize) -> Result<()> {
+    use tessera_kernels::backend::Cpu;
+    use tessera_kernels::ops::linear::CsrRef;
+    use tessera_models::{TrainConfig, Trainer, Vae, VaeBatch, VaeConfig};
+    let n_batch = 3;
+    let config = VaeConfig { n_hidden: hidden, ..VaeConfig::default() };
+    let latent = config.n_latent;
+    let mut trainer = Trainer::new(Vae::<f32, Cpu>::new(Cpu, config, genes, n_batch, n_batch, 0)?, TrainConfig::default())?;
+    // Counts 1-5 at `nnz` genes per cell spread over the genome.
+    let nnz = nnz.min(genes);
+    let indptr: Vec<u64> = (0..=batch as u64).map(|r| r * nnz as u64).collect();
+    let indices: Vec<u32> = (0..batch).flat_map(|r| (0..nnz).map(move |k| ((k * genes / nnz + r * 7) % genes) as u32)).collect();
+    let mut indices = indices;
+    for row in indices.chunks_mut(nnz) {
+        row.sort_unstable();
+    }
+    let data: Vec<f32> = (0..batch * nnz).map(|i| (1 + i % 5) as f32).collect();
+    let covariates: Vec<f32> = (0..batch * n_batch).map(|i| f32::from(u8::from(i % n_batch == (i / n_batch) % n_batch))).collect();
+    let as_batch = || VaeBatch { counts: CsrRef { rows: batch, cols: genes, indptr: &indptr, indices: &indices, data: &data }, covariates: &covariates };
+    for _ in 0..5 {
+        trainer.step(as_batch(), 10)?;
+    }
+    let started = Instant::now();
+    for _ in 0..steps {
+        trainer.step(as_batch(), 10)?;
+    }
+    let seconds = started.elapsed().as_secs_f64() / steps as f64;
+    // Dense GEMMs of one step (forward, input and weight gradients): encoder hidden→latent
+    // heads, decoder latent→hidden and hidden→genes (the big one); the sparse first layer
+    // counts its non-zeros.
+    let dense = 2.0 * (batch * (latent + n_batch) * hidden + batch * (hidden + n_batch) * genes + batch * hidden * 2 * latent) as f64;
+    let flops = 3.0 * dense + 2.0 * 2.0 * (batch * nnz * hidden) as f64;
+    println!("training step: {genes} genes, {hidden} hidden, {latent} latent, batch {batch}, {nnz} nnz/cell, {} threads", rayon::current_num_threads());
+    println!("  {:.3} ms/step, {:.0} cells/s; {:.3} GFLOP/step of GEMM -> {:.1} GFLOP/s effective", seconds * 1e3, batch as f64 / seconds, flops / 1e9, flops / seconds / 1e9);
+    Ok(())
 }
 
 fn eval(cells: &[usize], d: usize) -> Result<()> {
