@@ -101,9 +101,9 @@ fn step(genes: usize, batch: usize, hidden: usize, nnz: usize, steps: usize) -> 
         trainer.step(as_batch(), 10)?;
     }
     let started = Instant::now();
-    for _ in 0..steps {
-        trainer.step(as_batch(), 10)?;
-    }
+    // On a pool thread, as `fit` runs: the ops' parallel loops start without a cross-thread
+    // hand-off.
+    rayon::scope(|_| (0..steps).try_for_each(|_| trainer.step(as_batch(), 10).map(|_| ())))?;
     let seconds = started.elapsed().as_secs_f64() / steps as f64;
     // Dense GEMMs of one step (forward, input and weight gradients): encoder hidden→latent
     // heads, decoder latent→hidden and hidden→genes (the big one); the sparse first layer

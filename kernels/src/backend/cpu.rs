@@ -1,7 +1,10 @@
 //! The CPU backend: the reference ops of `crate::ops` on host vectors (rayon-parallel,
 //! matrixmultiply GEMM), for f32 training and f64 gradient checks.
 
+use std::sync::OnceLock;
+
 use super::{Backend, In, Out, Result};
+use crate::Real;
 use crate::ops::elementwise::{self, Activation};
 use crate::ops::likelihood::Likelihood;
 use crate::ops::linear::{self, CountTransform, CsrRef, Gemm};
@@ -11,6 +14,9 @@ use crate::ops::{dropout, gaussian, norm};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cpu;
 
+/// A transform's transposed index: column pointers and (row, value) entries.
+type Transposed<T> = (CountTransform, Vec<usize>, Vec<(usize, T)>);
+
 /// A count matrix owned on the host.
 #[derive(Debug, Clone)]
 pub struct HostCsr<T> {
@@ -19,11 +25,26 @@ pub struct HostCsr<T> {
     pub indptr: Vec<u64>,
     pub indices: Vec<u32>,
     pub data: Vec<T>,
+    /// The transformed values and their transposed index, made at the first use: the forward
+    /// and backward of the sparse layer share one transform per batch (the GPU kernels fuse it
+    /// instead).
+    transformed: OnceLock<(CountTransform, Vec<T>)>,
+    transposed: OnceLock<Transposed<T>>,
 }
 
-impl<T: Copy> HostCsr<T> {
+impl<T: Real> HostCsr<T> {
+    pub fn new(x: CsrRef<'_, T>) -> HostCsr<T> {
+        HostCsr { rows: x.rows, cols: x.cols, indptr: x.indptr.to_vec(), indices: x.indices.to_vec(), data: x.data.to_vec(), transformed: OnceLock::new(), transposed: OnceLock::new() }
+    }
+
     pub fn as_ref(&self) -> CsrRef<'_, T> {
         CsrRef { rows: self.rows, cols: self.cols, indptr: &self.indptr, indices: &self.indices, data: &self.data }
+    }
+
+    /// t(X)'s non-zeros, cached for `transform` (recomputed, uncached, for another one).
+    fn values(&self, transform: CountTransform) -> std::borrow::Cow<'_, [T]> {
+        let (t, v) = self.transformed.get_or_init(|| (transform, linear::transformed_values(self.as_ref(), transform)));
+        if *t == transform { std::borrow::Cow::Borrowed(v) } else { std::borrow::Cow::Owned(linear::transformed_values(self.as_ref(), transform)) }
     }
 }
 
@@ -71,7 +92,7 @@ impl<T: Gemm> Backend<T> for Cpu {
     }
 
     fn upload_csr(&self, x: CsrRef<'_, T>) -> Result<HostCsr<T>> {
-        Ok(HostCsr { rows: x.rows, cols: x.cols, indptr: x.indptr.to_vec(), indices: x.indices.to_vec(), data: x.data.to_vec() })
+        Ok(HostCsr::new(x))
     }
 
     fn gemm(&self, ta: bool, tb: bool, m: usize, k: usize, n: usize, alpha: T, a: In<'_, Vec<T>>, b: In<'_, Vec<T>>, beta: T, c: Out<'_, Vec<T>>) -> Result<()> {
@@ -80,12 +101,20 @@ impl<T: Gemm> Backend<T> for Cpu {
     }
 
     fn sparse_input_forward(&self, x: &HostCsr<T>, transform: CountTransform, wt: In<'_, Vec<T>>, d_out: usize, y: Out<'_, Vec<T>>) -> Result<()> {
-        linear::sparse_input_forward(x.as_ref(), transform, r(&wt), d_out, w(y));
+        linear::sparse_forward_values(x.as_ref(), &x.values(transform), r(&wt), d_out, w(y));
         Ok(())
     }
 
     fn sparse_input_backward(&self, x: &HostCsr<T>, transform: CountTransform, dy: In<'_, Vec<T>>, d_out: usize, dw: Out<'_, Vec<T>>) -> Result<()> {
-        linear::sparse_input_backward(x.as_ref(), transform, r(&dy), d_out, w(dw));
+        let (t, col_ptr, entries) = x.transposed.get_or_init(|| {
+            let (col_ptr, entries) = linear::transposed_values(x.as_ref(), &x.values(transform));
+            (transform, col_ptr, entries)
+        });
+        if *t == transform {
+            linear::sparse_backward_transposed(col_ptr, entries, r(&dy), d_out, w(dw));
+        } else {
+            linear::sparse_input_backward(x.as_ref(), transform, r(&dy), d_out, w(dw));
+        }
         Ok(())
     }
 

@@ -27,17 +27,33 @@ fn strides(transposed: bool, stored_cols: usize) -> (isize, isize) {
     if transposed { (1, stored_cols as isize) } else { (stored_cols as isize, 1) }
 }
 
+/// Below this many multiply-adds a GEMM runs on the calling thread: splitting costs more than
+/// it saves.
+const PARALLEL_GEMM_MACS: usize = 1 << 18;
+
 macro_rules! impl_gemm {
     ($t:ty, $f:path) => {
         impl Gemm for $t {
+            /// Parallel over blocks of C's rows on the rayon pool (one pool for every op: a second
+            /// pool inside matrixmultiply would fight it for the cores). Each element of C is
+            /// still one call's dot product over all of k, so results do not depend on the
+            /// split.
             #[allow(unsafe_code)]
             fn gemm(ta: bool, tb: bool, m: usize, k: usize, n: usize, alpha: $t, a: &[$t], b: &[$t], beta: $t, c: &mut [$t]) {
                 assert!(a.len() == m * k && b.len() == k * n && c.len() == m * n, "gemm: buffer sizes do not match {m}x{k} * {k}x{n}");
                 let (rsa, csa) = strides(ta, if ta { m } else { k });
                 let (rsb, csb) = strides(tb, if tb { k } else { n });
-                // SAFETY: the asserts above guarantee every index the strides reach lies inside
-                // a, b and c; c does not alias a or b (distinct borrows).
-                unsafe { $f(m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize, 1) }
+                let threads = rayon::current_num_threads();
+                let rows_per = if m * k * n < PARALLEL_GEMM_MACS || threads == 1 || m < 2 { m.max(1) } else { m.div_ceil(threads) };
+                c.par_chunks_mut(rows_per * n.max(1)).enumerate().for_each(|(block, c)| {
+                    let first = block * rows_per;
+                    let rows = c.len() / n.max(1);
+                    // SAFETY: the asserts above bound every index of the full product inside a,
+                    // b and c; this block reads op(A)'s rows first..first+rows (offset
+                    // first·rsa with the full matrix's strides) and writes exactly its own
+                    // chunk of c, which no other block touches.
+                    unsafe { $f(rows, k, n, alpha, a.as_ptr().offset(first as isize * rsa), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize, 1) }
+                });
             }
         }
     };
@@ -119,15 +135,34 @@ impl<T: Real> CsrRef<'_, T> {
     }
 }
 
+/// The transformed non-zeros t(X) in CSR order (the values both passes of the layer multiply).
+pub fn transformed_values<T: Real>(x: CsrRef<'_, T>, transform: CountTransform) -> Vec<T> {
+    x.check();
+    let mut values = Vec::with_capacity(x.data.len());
+    for r in 0..x.rows {
+        let library = match transform {
+            CountTransform::Log1p => T::zero(), // unused: only the normalised transform needs it
+            CountTransform::NormalizedLog1p { .. } => x.library(r),
+        };
+        values.extend(x.data[x.indptr[r] as usize..x.indptr[r + 1] as usize].iter().map(|&v| transform.apply(v, library)));
+    }
+    values
+}
+
 /// y (rows x d_out) = t(X) · w, X sparse (rows x cols = d_in), t the count transform.
 pub fn sparse_input_forward<T: Real>(x: CsrRef<'_, T>, transform: CountTransform, w: &[T], d_out: usize, y: &mut [T]) {
+    sparse_forward_values(x, &transformed_values(x, transform), w, d_out, y);
+}
+
+/// y = V · w where V has X's sparsity pattern and the already transformed `values`.
+pub fn sparse_forward_values<T: Real>(x: CsrRef<'_, T>, values: &[T], w: &[T], d_out: usize, y: &mut [T]) {
     x.check();
-    assert!(w.len() == x.cols * d_out && y.len() == x.rows * d_out, "sparse input: shapes");
+    assert!(w.len() == x.cols * d_out && y.len() == x.rows * d_out && values.len() == x.data.len(), "sparse input: shapes");
     y.par_chunks_mut(d_out).enumerate().for_each(|(r, yr)| {
         yr.iter_mut().for_each(|v| *v = T::zero());
-        let library = x.library(r);
-        for k in x.indptr[r] as usize..x.indptr[r + 1] as usize {
-            let (j, v) = (x.indices[k] as usize, transform.apply(x.data[k], library));
+        let span = x.indptr[r] as usize..x.indptr[r + 1] as usize;
+        for (&j, &v) in x.indices[span.clone()].iter().zip(&values[span]) {
+            let j = j as usize;
             for (o, &wj) in yr.iter_mut().zip(&w[j * d_out..(j + 1) * d_out]) {
                 *o = *o + v * wj;
             }
@@ -139,6 +174,11 @@ pub fn sparse_input_forward<T: Real>(x: CsrRef<'_, T>, transform: CountTransform
 /// transformed value, rows ascending within a gene (the fixed accumulation order of the weight
 /// gradient, on CPU and GPU).
 pub fn transposed<T: Real>(x: CsrRef<'_, T>, transform: CountTransform) -> (Vec<usize>, Vec<(usize, T)>) {
+    transposed_values(x, &transformed_values(x, transform))
+}
+
+/// [`transposed`] of already transformed values.
+pub fn transposed_values<T: Real>(x: CsrRef<'_, T>, values: &[T]) -> (Vec<usize>, Vec<(usize, T)>) {
     let mut counts = vec![0usize; x.cols + 1];
     for &j in x.indices {
         counts[j as usize + 1] += 1;
@@ -149,11 +189,10 @@ pub fn transposed<T: Real>(x: CsrRef<'_, T>, transform: CountTransform) -> (Vec<
     let mut next = counts.clone();
     let mut entries = vec![(0usize, T::zero()); x.data.len()];
     for r in 0..x.rows {
-        let library = x.library(r);
-        for k in x.indptr[r] as usize..x.indptr[r + 1] as usize {
-            let j = x.indices[k] as usize;
-            entries[next[j]] = (r, transform.apply(x.data[k], library));
-            next[j] += 1;
+        let span = x.indptr[r] as usize..x.indptr[r + 1] as usize;
+        for (&j, &v) in x.indices[span.clone()].iter().zip(&values[span]) {
+            entries[next[j as usize]] = (r, v);
+            next[j as usize] += 1;
         }
     }
     (counts, entries)
@@ -165,9 +204,15 @@ pub fn sparse_input_backward<T: Real>(x: CsrRef<'_, T>, transform: CountTransfor
     x.check();
     assert!(dw.len() == x.cols * d_out && dy.len() == x.rows * d_out, "sparse input backward: shapes");
     let (counts, entries) = transposed(x, transform);
+    sparse_backward_transposed(&counts, &entries, dy, d_out, dw);
+}
+
+/// dw from the transposed index of [`transposed`] / [`transposed_values`].
+pub fn sparse_backward_transposed<T: Real>(col_ptr: &[usize], entries: &[(usize, T)], dy: &[T], d_out: usize, dw: &mut [T]) {
+    assert_eq!(dw.len(), (col_ptr.len() - 1) * d_out, "sparse input backward: shapes");
     dw.par_chunks_mut(d_out).enumerate().for_each(|(j, dwj)| {
         dwj.iter_mut().for_each(|v| *v = T::zero());
-        for &(r, v) in &entries[counts[j]..counts[j + 1]] {
+        for &(r, v) in &entries[col_ptr[j]..col_ptr[j + 1]] {
             for (o, &g) in dwj.iter_mut().zip(&dy[r * d_out..(r + 1) * d_out]) {
                 *o = *o + v * g;
             }
@@ -186,7 +231,13 @@ mod tests {
 
     #[test]
     fn gemm_transposes_match_naive() {
-        let (m, k, n) = (5, 7, 3);
+        // Small (one block) and above the parallel threshold (blocks of rows on 3 threads).
+        for (m, k, n) in [(5, 7, 3), (67, 70, 60)] {
+            rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(|| gemm_case(m, k, n));
+        }
+    }
+
+    fn gemm_case(m: usize, k: usize, n: usize) {
         let a = values(m * k, 1.0);
         let b = values(k * n, 2.0);
         let naive = |ta: bool, tb: bool| {
@@ -201,6 +252,10 @@ mod tests {
             for (x, y) in c.iter().zip(&expect) {
                 assert!((x - y).abs() < 1e-12, "ta={ta} tb={tb}");
             }
+            // The split does not change a bit: the same product on one thread.
+            let mut serial = vec![1.0; m * n];
+            rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| f64::gemm(ta, tb, m, k, n, 2.0, &a, &b, 0.5, &mut serial));
+            assert!(c.iter().zip(&serial).all(|(x, y)| x.to_bits() == y.to_bits()), "ta={ta} tb={tb}: split changed bits");
         }
     }
 
