@@ -172,7 +172,24 @@ fn convert(input: &str, output: &str, version: ZarrVersion) -> Result<()> {
     Ok(())
 }
 
+/// mimalloc's `mi_option_purge_delay` (index 15 of the bundled mimalloc's `mi_option_e`,
+/// between libmimalloc-sys' `mi_option_eager_commit_delay` = 14 and `mi_option_use_numa_nodes`
+/// = 16).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Training frees and reallocates the same activation sizes every step; purging them gave the
+/// pages back to the OS for the next step to fault in again (zeroed 2 MiB huge pages: 7x the
+/// page faults, ~7% of training time). Memory stays bounded by the peak of one step.
+fn keep_freed_memory() {
+    #[allow(unsafe_code)]
+    // SAFETY: sets a plain integer option of the allocator; valid at any time.
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
+    }
+}
+
 fn main() -> Result<()> {
+    keep_freed_memory();
     init_logging();
     let cli = Cli::parse();
     match cli.command {
