@@ -107,14 +107,7 @@ pub enum Progress<'a> {
 }
 
 /// Trains on `opts.data` on the CPU backend (f32) and writes the outputs.
-pub fn fit(opts: &FitOptions, progress: impl FnMut(Progress<'_>) + Send) -> Result<FitReport, FitError> {
-    // On a thread of the compute pool, so each op's parallel loop starts where it is called
-    // instead of being handed to the pool and waited for (a context switch per op: ~17% of a
-    // step on one core).
-    rayon::scope(|_| fit_on_pool(opts, progress))
-}
-
-fn fit_on_pool(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<FitReport, FitError> {
+pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<FitReport, FitError> {
     let dataset = Dataset::open(&opts.data)?;
     let (modality, target) = output_target(&dataset, opts.modality.as_deref(), &opts.data)?;
     let n_obs = dataset.n_obs();
@@ -160,7 +153,7 @@ fn fit_on_pool(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Res
                 continue;
             }
             let batch = Converted::new(&mb, m_index, &train_rows, n_cov);
-            let terms = trainer.step(batch.as_batch(), epoch)?;
+            let terms = on_pool(|| trainer.step(batch.as_batch(), epoch))?;
             sums.add(&terms);
             progress(Progress::Batch { cells: terms.cells, loss: &terms });
         }
@@ -173,7 +166,7 @@ fn fit_on_pool(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Res
         } else {
             let mut v = Sums::default();
             for b in &validation.batches {
-                v.add(&trainer.validate(b.as_batch(), epoch)?);
+                v.add(&on_pool(|| trainer.validate(b.as_batch(), epoch))?);
             }
             Some(v.mean(kl_weight))
         };
@@ -216,7 +209,7 @@ fn fit_on_pool(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Res
         let mb = mb?;
         let rows: Vec<usize> = (0..mb.cells.len()).collect();
         let batch = Converted::new(&mb, m_index, &rows, n_cov);
-        let z = trainer.model.latent_mean(batch.as_batch())?;
+        let z = on_pool(|| trainer.model.latent_mean(batch.as_batch()))?;
         for (r, &cell) in mb.cells.iter().enumerate() {
             embedding[cell as usize * n_latent..(cell as usize + 1) * n_latent].copy_from_slice(&z[r * n_latent..(r + 1) * n_latent]);
         }
@@ -231,6 +224,15 @@ fn fit_on_pool(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Res
     checkpoint::write_weights(&opts.out.join("model.safetensors"), &trainer)?;
     write_file(&opts.out.join("config.json"), serde_json::to_string_pretty(&resolved).unwrap_or_default().as_bytes())?;
     Ok(FitReport { history: state.history, stopped_early, n_train: state.n_train, n_validation: validation.cells.len() as u64, n_features, batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element })
+}
+
+/// Runs one model call on a thread of the compute pool, so each op's parallel loop starts where
+/// it is called instead of being handed to the pool and waited for (a context switch per op:
+/// ~17% of a step on one core). Only the call goes to the pool, one hand-off per step: a pool
+/// thread must never wait on the loader, whose decoding needs the same pool (two concurrent
+/// fits, or a one-thread pool, would deadlock).
+fn on_pool<R: Send>(call: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| call())
 }
 
 /// The modality to model and the AnnData whose obsm receives the embedding: the store itself,

@@ -77,3 +77,26 @@ fn foreign_missing_and_cut_short_checkpoints_are_refused() {
     let err = fit(&options(&data, &out, 4, true), |_| {}).unwrap_err().to_string();
     assert!(err.contains("model.safetensors") && err.contains("cut short"), "{err}");
 }
+
+/// More concurrent fits than pool threads: each fit's decoding and compute share the global
+/// pool, and no pool thread may block on a loader (that deadlocked once). A watchdog bounds the
+/// test instead of letting a regression hang CI.
+#[test]
+fn concurrent_fits_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let n = rayon::current_num_threads() + 2;
+    for i in 0..n {
+        let data = simulated(dir.path(), &format!("p{i}.zarr"));
+        let out = dir.path().join(format!("out{i}"));
+        let done = done_tx.clone();
+        std::thread::spawn(move || {
+            let result = fit(&options(&data, &out, 2, false), |_| {}).map(|r| r.history.len());
+            done.send(result.map_err(|e| e.to_string())).unwrap();
+        });
+    }
+    for _ in 0..n {
+        let result = done_rx.recv_timeout(std::time::Duration::from_secs(300)).expect("a fit did not finish in 5 minutes: deadlock?");
+        assert_eq!(result.unwrap(), 2);
+    }
+}
