@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tessera_metrics::EvalOptions;
 use tessera_worker::eval::{DEFAULT_LABEL_KEY, EvalRequest};
 use tessera_worker::fit::Progress;
-use tessera_worker::{FitConfig, FitOptions};
+use tessera_worker::{Denoised, FitConfig, FitOptions};
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
@@ -44,6 +44,14 @@ pub struct TrainArgs {
     /// raise the epoch count).
     #[arg(long)]
     resume: bool,
+    /// Also write the denoised expression (decoder mean at each cell's latent mean) to
+    /// layers/tessera_denoised: dense, cells x genes, held in memory while written.
+    #[arg(long)]
+    denoised: bool,
+    /// Library size the denoised expression is scaled to (NB/ZINB/Poisson; scvi-tools'
+    /// `library_size`; 1 gives proportions).
+    #[arg(long, default_value_t = 1e4)]
+    denoised_library_size: f64,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -66,7 +74,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => has_obs_column(&data, "batch").then(|| "batch".to_string()),
     };
     let label_key = args.label_key.or_else(|| has_obs_column(&data, DEFAULT_LABEL_KEY).then(|| DEFAULT_LABEL_KEY.to_string()));
-    let opts = FitOptions { data: data.clone(), modality: args.modality.clone(), batch_key: batch_key.clone(), label_key: label_key.clone(), config, out: args.out.clone(), embedding_key: args.embedding_key.clone(), overwrite: args.overwrite, resume: args.resume };
+    let opts = FitOptions { data: data.clone(), modality: args.modality.clone(), batch_key: batch_key.clone(), label_key: label_key.clone(), config, out: args.out.clone(), embedding_key: args.embedding_key.clone(), overwrite: args.overwrite, resume: args.resume, denoised: args.denoised.then(|| Denoised { key: "tessera_denoised".into(), library_size: args.denoised_library_size }) };
 
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));

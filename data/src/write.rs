@@ -464,7 +464,16 @@ fn to_json(v: &Value) -> Vec<u8> {
 impl AnnData {
     /// Adds `obsm/<key>`: a dense (n_obs x cols) f32 matrix, row-major.
     pub fn write_obsm(&self, key: &str, values: &[f32], cols: usize, overwrite: bool) -> Result<()> {
-        let path = self.element(&format!("obsm/{key}"));
+        self.write_dense("obsm", key, values, cols, overwrite)
+    }
+
+    /// Adds `layers/<key>`: a dense f32 matrix with the shape of X (n_obs x n_vars), row-major.
+    pub fn write_dense_layer(&self, key: &str, values: &[f32], overwrite: bool) -> Result<()> {
+        self.write_dense("layers", key, values, self.n_vars() as usize, overwrite)
+    }
+
+    fn write_dense(&self, mapping: &str, key: &str, values: &[f32], cols: usize, overwrite: bool) -> Result<()> {
+        let path = self.element(&format!("{mapping}/{key}"));
         let at = self.store.at(&path);
         if values.len() as u64 != self.n_obs() * cols as u64 || values.iter().any(|v| !v.is_finite()) {
             return Err(at.invalid(format!(
@@ -474,7 +483,7 @@ impl AnnData {
                 if values.iter().any(|v| !v.is_finite()) { " with NaN/Inf" } else { "" }
             )));
         }
-        self.publish("obsm", key, overwrite, |w, staging| {
+        self.publish(mapping, key, overwrite, |w, staging| {
             w.array_2d(staging, Elem::F32, self.n_obs(), cols as u64, values.to_vec(), encoding("array", "0.2.0"))
         })
     }

@@ -270,6 +270,31 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         self.backend.download(m.output().input())
     }
 
+    /// Latent means and the decoder's expression at them, in each cell's own batch: for
+    /// NB/ZINB/Poisson the proportions (softmax) × `library_size` (scvi-tools'
+    /// `get_normalized_expression`, with z at its posterior mean instead of one sample),
+    /// Gaussian means, Bernoulli probabilities. Returns (n × latent, n × features).
+    pub fn latent_and_expression(&mut self, batch: VaeBatch<'_, T>, library_size: f64) -> Result<(Vec<T>, Vec<T>)> {
+        let (n, g) = (batch.counts.rows, self.n_features);
+        let (_, cov, enc) = self.encode(batch, Mode::Eval)?;
+        let b = &self.backend;
+        let p = Weights { layout: &self.layout, values: &self.values };
+        let mut state = Slots { layout: &self.state_layout, buf: &mut self.state };
+        let m = self.mean.forward(b, &p, &mut state, &Input::Dense(Mlp::output(&enc)), None, Mode::Eval)?;
+        let dec = self.decoder.forward(b, &p, &mut state, &Input::Dense(m.output()), Some(&cov), Mode::Eval)?;
+        let main = self.heads.main.forward(b, &p, &mut state, &Input::Dense(Mlp::output(&dec)), None, Mode::Eval)?;
+        let mut expression = b.tensor(n, g)?;
+        match self.config.likelihood {
+            kind if kind.scaled_by_library() => {
+                b.softmax_forward(main.output().input(), g, expression.output())?;
+                b.scale(expression.output(), T::of(library_size))?;
+            }
+            LikelihoodKind::Bernoulli => b.activation_forward(Activation::Sigmoid, main.output().input(), expression.output())?,
+            _ => b.activation_forward(Activation::Identity, main.output().input(), expression.output())?,
+        }
+        Ok((b.download(m.output().input())?, b.download(expression.input())?))
+    }
+
     /// Uploads a batch's counts and covariates and runs the encoder's hidden layers.
     #[allow(clippy::type_complexity)]
     fn encode(&mut self, batch: VaeBatch<'_, T>, mode: Mode) -> Result<(B::Csr, Tensor<B::Buf>, Vec<DenseActs<B::Buf>>)> {

@@ -46,6 +46,16 @@ pub struct FitOptions {
     pub overwrite: bool,
     /// Continue from `<out>/checkpoint` (same data and configuration; `max_epochs` may grow).
     pub resume: bool,
+    /// Also write the decoder's expression at each cell's latent mean to `layers/<key>` (dense,
+    /// n_obs x features, held in memory while written).
+    pub denoised: Option<Denoised>,
+}
+
+/// The denoised layer: its key and the library size expression is scaled to (NB/ZINB/Poisson).
+#[derive(Debug, Clone)]
+pub struct Denoised {
+    pub key: String,
+    pub library_size: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,8 +128,11 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     let m_index = names.iter().position(|n| *n == modality).ok_or_else(|| FitError::Input { store: opts.data.clone(), reason: format!("no modality {modality:?}; found {names:?}") })?;
     let n_features = target.n_vars() as usize;
     // Refused now rather than after hours of training.
-    if !opts.overwrite && target.keys("obsm")?.contains(&opts.embedding_key) {
-        return Err(tessera_data::DataError::Exists { store: opts.data.clone(), path: target.element(&format!("obsm/{}", opts.embedding_key)) }.into());
+    let outputs = std::iter::once(("obsm", &opts.embedding_key)).chain(opts.denoised.as_ref().map(|d| ("layers", &d.key)));
+    for (mapping, key) in outputs {
+        if !opts.overwrite && target.keys(mapping)?.contains(key) {
+            return Err(tessera_data::DataError::Exists { store: opts.data.clone(), path: target.element(&format!("{mapping}/{key}")) }.into());
+        }
     }
     let n_batch = loader.batch_categories.len();
     let n_cov = n_batch;
@@ -204,17 +217,28 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     // Embedding of every cell, in order, then the records.
     let n_latent = opts.config.model.n_latent;
     let mut embedding = vec![0f32; n_obs as usize * n_latent];
+    let mut denoised = opts.denoised.as_ref().map(|_| vec![0f32; n_obs as usize * n_features]);
     let ordered = Loader::new(&dataset, 0..n_obs, loader_config(false))?;
     for mb in ordered.epoch(0) {
         let mb = mb?;
         let rows: Vec<usize> = (0..mb.cells.len()).collect();
         let batch = Converted::new(&mb, m_index, &rows, n_cov);
-        let z = on_pool(|| trainer.model.latent_mean(batch.as_batch()))?;
+        let (z, expression) = match (&opts.denoised, &mut denoised) {
+            (Some(d), Some(_)) => on_pool(|| trainer.model.latent_and_expression(batch.as_batch(), d.library_size)).map(|(z, e)| (z, Some(e)))?,
+            _ => (on_pool(|| trainer.model.latent_mean(batch.as_batch()))?, None),
+        };
         for (r, &cell) in mb.cells.iter().enumerate() {
-            embedding[cell as usize * n_latent..(cell as usize + 1) * n_latent].copy_from_slice(&z[r * n_latent..(r + 1) * n_latent]);
+            let cell = cell as usize;
+            embedding[cell * n_latent..(cell + 1) * n_latent].copy_from_slice(&z[r * n_latent..(r + 1) * n_latent]);
+            if let (Some(all), Some(e)) = (&mut denoised, &expression) {
+                all[cell * n_features..(cell + 1) * n_features].copy_from_slice(&e[r * n_features..(r + 1) * n_features]);
+            }
         }
     }
     target.write_obsm(&opts.embedding_key, &embedding, n_latent, opts.overwrite)?;
+    if let (Some(d), Some(values)) = (&opts.denoised, &denoised) {
+        target.write_dense_layer(&d.key, values, opts.overwrite)?;
+    }
     let embedding_element = target.element(&format!("obsm/{}", opts.embedding_key));
 
     std::fs::create_dir_all(&opts.out).map_err(|e| FitError::Output { path: opts.out.display().to_string(), reason: e.to_string() })?;

@@ -26,7 +26,7 @@ fn options(data: &str, out: &Path, epochs: usize) -> FitOptions {
     let mut config = FitConfig::default();
     config.train.max_epochs = Some(epochs);
     config.train.kl_warmup_epochs = epochs / 2;
-    FitOptions { data: data.into(), modality: None, batch_key: None, label_key: Some("cell_type".into()), config, out: out.to_path_buf(), embedding_key: "X_tessera".into(), overwrite: false, resume: false }
+    FitOptions { data: data.into(), modality: None, batch_key: None, label_key: Some("cell_type".into()), config, out: out.to_path_buf(), embedding_key: "X_tessera".into(), overwrite: false, resume: false, denoised: None }
 }
 
 /// Leave-one-out k-nearest-neighbour accuracy of `labels` in an embedding.

@@ -26,7 +26,7 @@ fn options(data: &str, out: &Path, epochs: usize, resume: bool) -> FitOptions {
     config.train.reduce_lr_on_plateau = true;
     config.train.lr_patience = 0;
     config.train.lr = 5e-2;
-    FitOptions { data: data.into(), modality: None, batch_key: Some("batch".into()), label_key: None, config, out: out.to_path_buf(), embedding_key: "X_tessera".into(), overwrite: resume, resume }
+    FitOptions { data: data.into(), modality: None, batch_key: Some("batch".into()), label_key: None, config, out: out.to_path_buf(), embedding_key: "X_tessera".into(), overwrite: resume, resume, denoised: None }
 }
 
 #[test]
@@ -99,4 +99,52 @@ fn concurrent_fits_finish() {
         let result = done_rx.recv_timeout(std::time::Duration::from_secs(300)).expect("a fit did not finish in 5 minutes: deadlock?");
         assert_eq!(result.unwrap(), 2);
     }
+}
+
+/// `layers/tessera_denoised`: the decoder's expression per cell, scaled to the library size,
+/// following the counts (its mean profile tracks the mean normalised counts), and refused
+/// before training when the key exists.
+#[test]
+fn denoised_layer_follows_the_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = simulated(dir.path(), "d.zarr");
+    let mut opts = options(&data, &dir.path().join("out"), 15, false);
+    opts.config.train.reduce_lr_on_plateau = false;
+    opts.config.train.lr = 1e-2;
+    opts.denoised = Some(tessera_worker::Denoised { key: "tessera_denoised".into(), library_size: 1e4 });
+    fit(&opts, |_| {}).unwrap();
+
+    let adata = tessera_data::AnnData::open(&data).unwrap();
+    let store = &adata.store;
+    let (n, g) = (adata.n_obs() as usize, adata.n_vars() as usize);
+    let denoised = adata.layer("tessera_denoised").unwrap().read_rows(store, 0..n as u64).unwrap();
+    let counts = adata.x().unwrap().read_rows(store, 0..n as u64).unwrap();
+    let (mut mean_denoised, mut mean_counts) = (vec![0f64; g], vec![0f64; g]);
+    for i in 0..n {
+        let (idx, values) = denoised.row(i);
+        assert_eq!(idx.len(), g, "dense: every gene of cell {i}");
+        let total: f64 = values.iter().map(|&v| f64::from(v)).sum();
+        assert!((total - 1e4).abs() < 1.0 && values.iter().all(|&v| v > 0.0), "cell {i} sums to {total}");
+        let (cidx, cvals) = counts.row(i);
+        let library: f64 = cvals.iter().map(|&v| f64::from(v)).sum();
+        for (&j, &v) in cidx.iter().zip(cvals) {
+            mean_counts[j as usize] += f64::from(v) / library * 1e4 / n as f64;
+        }
+        for (j, &v) in values.iter().enumerate() {
+            mean_denoised[j] += f64::from(v) / n as f64;
+        }
+    }
+    let corr = {
+        let (ma, mb) = (mean_denoised.iter().sum::<f64>() / g as f64, mean_counts.iter().sum::<f64>() / g as f64);
+        let cov: f64 = mean_denoised.iter().zip(&mean_counts).map(|(a, b)| (a - ma) * (b - mb)).sum();
+        let va: f64 = mean_denoised.iter().map(|a| (a - ma).powi(2)).sum();
+        let vb: f64 = mean_counts.iter().map(|b| (b - mb).powi(2)).sum();
+        cov / (va * vb).sqrt()
+    };
+    assert!(corr > 0.95, "mean denoised vs mean normalised counts: r = {corr}");
+
+    let mut again = opts.clone();
+    again.embedding_key = "X_other".into();
+    let err = fit(&again, |_| {}).unwrap_err().to_string();
+    assert!(err.contains("layers/tessera_denoised") && err.contains("already exists"), "{err}");
 }
