@@ -78,11 +78,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
-    let (mut epoch, mut epochs) = (0usize, 0usize);
+    let (mut epoch, mut epochs, mut cells_per_epoch) = (0usize, 0usize, 0u64);
     let report = tessera_worker::fit(&opts, |p| match p {
-        Progress::Start { epochs: e, cells_per_epoch } => {
-            epochs = e;
-            bar.set_length(e as u64 * cells_per_epoch);
+        Progress::Start { epochs: e, cells_per_epoch: c } => {
+            (epochs, cells_per_epoch) = (e, c);
+            bar.set_length(e as u64 * c);
         }
         Progress::Batch { cells, loss } => {
             bar.inc(cells as u64);
@@ -90,6 +90,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         Progress::Epoch(r) => {
             epoch = r.epoch + 1;
+            // Held-out cells never pass through a training step: a finished epoch is a full one.
+            bar.set_position(epoch as u64 * cells_per_epoch);
             let val = r.validation.map_or(String::new(), |v| format!(" validation {:.2}", v.loss));
             tracing::debug!(epoch = r.epoch, train = r.train.loss, cells_per_s = r.cells_per_second, "epoch{val}");
         }
