@@ -89,8 +89,7 @@ fn step(genes: usize, batch: usize, hidden: usize, nnz: usize, steps: usize) -> 
     // Counts 1-5 at `nnz` genes per cell spread over the genome.
     let nnz = nnz.min(genes);
     let indptr: Vec<u64> = (0..=batch as u64).map(|r| r * nnz as u64).collect();
-    let indices: Vec<u32> = (0..batch).flat_map(|r| (0..nnz).map(move |k| ((k * genes / nnz + r * 7) % genes) as u32)).collect();
-    let mut indices = indices;
+    let mut indices: Vec<u32> = (0..batch).flat_map(|r| (0..nnz).map(move |k| ((k * genes / nnz + r * 7) % genes) as u32)).collect();
     for row in indices.chunks_mut(nnz) {
         row.sort_unstable();
     }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use tessera_metrics::EvalOptions;
-use tessera_worker::eval::{EvalRequest, Evaluation, format_table};
+use tessera_worker::eval::{DEFAULT_MAX_CELLS, EvalRequest, Evaluation, format_table};
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
@@ -25,7 +25,7 @@ pub struct EvalArgs {
     modality: Option<String>,
     /// Evaluate a seeded uniform subsample above this many cells (0 = all cells; exact
     /// neighbours and silhouettes cost O(n² d)).
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = DEFAULT_MAX_CELLS)]
     max_cells: usize,
     /// Seed of the subsample and of k-means.
     #[arg(long, default_value_t = 0)]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use tessera_metrics::EvalOptions;
-use tessera_worker::eval::{DEFAULT_LABEL_KEY, EvalRequest};
+use tessera_worker::eval::{DEFAULT_LABEL_KEY, DEFAULT_MAX_CELLS, EvalRequest};
 use tessera_worker::fit::Progress;
 use tessera_worker::{Denoised, FitConfig, FitOptions};
 
@@ -117,7 +117,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         println!("no {DEFAULT_LABEL_KEY:?} obs column: evaluation skipped (run `tessera eval --label-key ...`)");
         return Ok(());
     }
-    let req = EvalRequest { data: data.clone(), modality: args.modality, embedding_key: args.embedding_key, label_key, batch_key, max_cells: Some(100_000), options: EvalOptions::default() };
+    let req = EvalRequest { data: data.clone(), modality: args.modality, embedding_key: args.embedding_key, label_key, batch_key, max_cells: Some(DEFAULT_MAX_CELLS), options: EvalOptions::default() };
     let evaluation = tessera_worker::evaluate_store(&req).with_context(|| format!("evaluating the embedding in {data}"))?;
     crate::eval::report(&evaluation, &args.out)
 }

@@ -30,6 +30,14 @@ impl Groups {
         Groups { order, ranges, group_of }
     }
 
+    /// How many distinct categories `codes` holds.
+    pub fn count(codes: &[u32]) -> usize {
+        let mut seen = codes.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        seen.len()
+    }
+
     pub fn len(&self) -> usize {
         self.ranges.len()
     }

@@ -110,10 +110,6 @@ fn mean_defined(values: &[Option<f64>]) -> Option<f64> {
     (!defined.is_empty()).then(|| defined.iter().sum::<f64>() / defined.len() as f64)
 }
 
-fn distinct(codes: &[u32]) -> usize {
-    Groups::new(codes, 0..codes.len()).len()
-}
-
 /// All metrics of the row-major `n x d` embedding `x` with cell-type codes `labels` and batch
 /// codes `batches` (any u32 values; only equality matters).
 pub fn evaluate(x: &[f32], n: usize, d: usize, labels: &[u32], batches: &[u32], options: &EvalOptions) -> Result<Scores, MetricsError> {
@@ -144,7 +140,7 @@ pub fn evaluate(x: &[f32], n: usize, d: usize, labels: &[u32], batches: &[u32], 
     let sorted_batches: Vec<u32> = by_label.order.iter().map(|&c| batches[c]).collect();
 
     let n_labels = by_label.len();
-    let n_batches = distinct(batches);
+    let n_batches = Groups::count(batches);
     let km = cluster::kmeans(x, n, d, n_labels, options.kmeans_init, options.seed);
     let lisi_graph = neighbors.first(options.lisi_neighbors);
     let silhouette_label = silhouette::silhouette_label(&silhouettes);

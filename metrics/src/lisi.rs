@@ -5,6 +5,7 @@
 
 use rayon::prelude::*;
 
+use crate::groups::Groups;
 use crate::neighbors::Neighbors;
 
 const TOLERANCE: f64 = 1e-5;
@@ -80,23 +81,15 @@ pub fn nan_median(values: &[f64]) -> f64 {
     if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 }
 }
 
-/// Number of distinct codes present.
-fn n_present(codes: &[u32]) -> usize {
-    let mut seen: Vec<u32> = codes.to_vec();
-    seen.sort_unstable();
-    seen.dedup();
-    seen.len()
-}
-
 /// iLISI scaled to [0, 1]: (median − 1) / (batches − 1); None with a single batch.
 pub fn ilisi(neighbors: &Neighbors, batches: &[u32]) -> Option<f64> {
-    let nb = n_present(batches);
+    let nb = Groups::count(batches);
     (nb > 1).then(|| (nan_median(&lisi(neighbors, batches)) - 1.0) / (nb as f64 - 1.0))
 }
 
 /// cLISI scaled to [0, 1]: (labels − median) / (labels − 1); None with a single label.
 pub fn clisi(neighbors: &Neighbors, labels: &[u32]) -> Option<f64> {
-    let nl = n_present(labels);
+    let nl = Groups::count(labels);
     (nl > 1).then(|| (nl as f64 - nan_median(&lisi(neighbors, labels))) / (nl as f64 - 1.0))
 }
 

@@ -46,8 +46,11 @@ pub fn save(dir: &Path, state: &FitState, trainer: &Trainer<f32, Cpu>) -> Result
     std::fs::create_dir_all(dir).map_err(|e| error(dir, e))?;
     publish(&dir.join("model.safetensors"), |p| write_weights(p, trainer))?;
     let model = &trainer.model;
-    let optimizer = [("adam.m", In::all(&trainer.m)), ("adam.v", In::all(&trainer.v))].map(|(name, buf)| (name.to_string(), vec![model.layout.len()], model.backend().download(buf)));
-    let optimizer: Vec<(String, Vec<usize>, Vec<f32>)> = optimizer.into_iter().map(|(n, s, v)| v.map(|v| (n, s, v))).collect::<Result<_, _>>()?;
+    let shape = vec![model.layout.len()];
+    let optimizer = vec![
+        ("adam.m".to_string(), shape.clone(), model.backend().download(In::all(&trainer.m))?),
+        ("adam.v".to_string(), shape, model.backend().download(In::all(&trainer.v))?),
+    ];
     publish(&dir.join("optimizer.safetensors"), |p| write_tensors(p, &optimizer, trainer.step))?;
     let json = serde_json::to_string_pretty(state).map_err(|e| error(dir, e))?;
     publish(&dir.join("state.json"), |p| std::fs::write(p, &json).map_err(|e| error(p, e)))

@@ -12,6 +12,8 @@ use tessera_metrics::{EvalOptions, METRIC_NAMES, MetricsError, Scores};
 
 pub const DEFAULT_LABEL_KEY: &str = "cell_type";
 pub const DEFAULT_BATCH_KEY: &str = "batch";
+/// Cells evaluated before subsampling (exact neighbours cost O(n² d)).
+pub const DEFAULT_MAX_CELLS: usize = 100_000;
 
 #[derive(Debug, Clone)]
 pub struct EvalRequest {

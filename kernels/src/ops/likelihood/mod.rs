@@ -167,11 +167,14 @@ impl Likelihood {
 fn nb_rows<T: Real>(x: &[T], features: usize, mu: &[T], theta: &[T], weights: Option<&[T]>, ll: &mut [T], dmu: &mut [T], dtheta: &mut [T]) {
     let eps = T::of(EPS);
     let shared = theta.len() == features;
+    // ln(θ+ε) and θ/(θ+ε); `ratio` holds θ+ε first, so no buffer is allocated per row.
     let gene_terms = |theta: &[T], lt: &mut [T], ratio: &mut [T]| {
-        let plus: Vec<T> = theta.iter().map(|&t| t + eps).collect();
-        T::ln_to(&plus, lt);
         for (r, &t) in ratio.iter_mut().zip(theta) {
-            *r = t / (t + eps);
+            *r = t + eps;
+        }
+        T::ln_to(ratio, lt);
+        for (r, &t) in ratio.iter_mut().zip(theta) {
+            *r = t / *r;
         }
     };
     let (mut lt_shared, mut ratio_shared) = (vec![T::zero(); features], vec![T::zero(); features]);
