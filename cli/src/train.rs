@@ -11,8 +11,9 @@ use tessera_worker::{Denoised, FitConfig, FitOptions};
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
-    /// AnnData/MuData Zarr store (path or URL). Default: the simulated demo store
-    /// `<out>/data.zarr` (3 batches, 8 cell types), created on first use.
+    /// AnnData/MuData Zarr store (path or URL). Default: the simulated demo MuData store
+    /// `<out>/data.zarr` (RNA, protein and accessibility; 3 batches, 8 cell types; each
+    /// non-RNA modality missing in 30% of cells), created on first use.
     #[arg(long)]
     data: Option<String>,
     /// TOML file with `[model]` and `[train]` tables (see README); absent keys take defaults.
@@ -21,9 +22,10 @@ pub struct TrainArgs {
     /// Folder for history.csv, model.safetensors, config.json, checkpoint/ and the eval table.
     #[arg(long, default_value = "tessera-out")]
     out: PathBuf,
-    /// The MuData modality to model (default: rna, else the first).
-    #[arg(long)]
-    modality: Option<String>,
+    /// The MuData modalities to model, comma-separated (default: all). Several give a joint
+    /// embedding in the MuData root's obsm.
+    #[arg(long, value_delimiter = ',')]
+    modalities: Vec<String>,
     /// obs column with the batch (default: "batch" when the store has it).
     #[arg(long)]
     batch_key: Option<String>,
@@ -44,8 +46,10 @@ pub struct TrainArgs {
     /// raise the epoch count).
     #[arg(long)]
     resume: bool,
-    /// Also write the denoised expression (decoder mean at each cell's latent mean) to
-    /// layers/tessera_denoised: dense, cells x genes, held in memory while written.
+    /// Also write the denoised expression (decoder mean at each cell's latent mean): one
+    /// modality → layers/tessera_denoised; several → obsm/tessera_denoised_<modality> in the
+    /// MuData root for every cell, imputed where the cell lacks the modality. Dense, held in
+    /// memory while written.
     #[arg(long)]
     denoised: bool,
     /// Library size the denoised expression is scaled to (NB/ZINB/Poisson; scvi-tools'
@@ -74,7 +78,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => has_obs_column(&data, "batch").then(|| "batch".to_string()),
     };
     let label_key = args.label_key.or_else(|| has_obs_column(&data, DEFAULT_LABEL_KEY).then(|| DEFAULT_LABEL_KEY.to_string()));
-    let opts = FitOptions { data: data.clone(), modality: args.modality.clone(), batch_key: batch_key.clone(), label_key: label_key.clone(), config, out: args.out.clone(), embedding_key: args.embedding_key.clone(), overwrite: args.overwrite, resume: args.resume, denoised: args.denoised.then(|| Denoised { key: "tessera_denoised".into(), library_size: args.denoised_library_size }) };
+    let opts = FitOptions { data: data.clone(), modalities: args.modalities.clone(), batch_key: batch_key.clone(), label_key: label_key.clone(), config, out: args.out.clone(), embedding_key: args.embedding_key.clone(), overwrite: args.overwrite, resume: args.resume, denoised: args.denoised.then(|| Denoised { key: "tessera_denoised".into(), library_size: args.denoised_library_size }) };
 
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
@@ -102,7 +106,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let last = report.history.last();
     let seconds: f64 = report.history.iter().map(|r| r.seconds).sum();
     let cells: usize = report.history.iter().map(|r| r.train.cells).sum();
-    println!("trained on {data}: {} epochs{}, {} train / {} validation cells, {} features, {} batches", report.history.len(), if report.stopped_early { " (stopped early)" } else { "" }, report.n_train, report.n_validation, report.n_features, report.batch_categories.len());
+    let modalities: Vec<String> = report.modalities.iter().map(|(name, g)| format!("{name} ({g} features)")).collect();
+    println!("trained on {data}: {} epochs{}, {} train / {} validation cells, {}, {} batches", report.history.len(), if report.stopped_early { " (stopped early)" } else { "" }, report.n_train, report.n_validation, modalities.join(" + "), report.batch_categories.len());
     if let Some(r) = last {
         println!("  final train loss {:.2} (reconstruction {:.2}, KL {:.2})", r.train.loss, r.train.reconstruction, r.train.kl);
         if let Some(v) = r.validation {
@@ -111,16 +116,26 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     println!("  {:.0} cells/s over {:.1} s of training", cells as f64 / seconds.max(1e-9), seconds);
     println!("  embedding ({} dims) -> {}", report.n_latent, report.embedding_element);
+    for element in &report.denoised_elements {
+        println!("  denoised expression -> {element}");
+    }
     println!("  history, weights, config -> {}", args.out.display());
 
     if label_key.is_none() {
         println!("no {DEFAULT_LABEL_KEY:?} obs column: evaluation skipped (run `tessera eval --label-key ...`)");
         return Ok(());
     }
-    let req = EvalRequest { data: data.clone(), modality: args.modality, embedding_key: args.embedding_key, label_key, batch_key, max_cells: Some(DEFAULT_MAX_CELLS), options: EvalOptions::default() };
+    // The embedding sits where fit wrote it: a modality's obsm or the MuData root's.
+    let modality = report.embedding_element.strip_prefix("mod/").and_then(|rest| rest.split('/').next()).map(str::to_string);
+    let req = EvalRequest { data: data.clone(), modality, embedding_key: args.embedding_key, label_key, batch_key, max_cells: Some(DEFAULT_MAX_CELLS), options: EvalOptions::default() };
     let evaluation = tessera_worker::evaluate_store(&req).with_context(|| format!("evaluating the embedding in {data}"))?;
     crate::eval::report(&evaluation, &args.out)
 }
+
+/// The default demo: CITE-seq-size protein panel, a small accessibility panel, mosaic.
+const DEFAULT_PROTEINS: usize = 30;
+const DEFAULT_PEAKS: usize = 500;
+const DEFAULT_MISSING: f64 = 0.3;
 
 /// The simulated default store in the output folder, created if absent.
 fn default_data(out: &std::path::Path) -> Result<String> {
@@ -128,8 +143,8 @@ fn default_data(out: &std::path::Path) -> Result<String> {
     let location = path.display().to_string();
     if !path.exists() {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        let config = tessera_data::SimConfig::default();
-        println!("simulating the default data into {location} ({} cells, {} genes, {} batches)", config.n_cells, config.n_genes, config.n_batches);
+        let config = tessera_data::SimConfig { n_proteins: DEFAULT_PROTEINS, n_peaks: DEFAULT_PEAKS, missing: DEFAULT_MISSING, ..tessera_data::SimConfig::default() };
+        println!("simulating the default data into {location} ({} cells; {} genes, {} proteins, {} peaks, each non-RNA modality missing in {:.0}% of cells; {} batches)", config.n_cells, config.n_genes, config.n_proteins, config.n_peaks, 100.0 * config.missing, config.n_batches);
         tessera_data::simulate(&location, &config, |_| {}).with_context(|| format!("simulating into {location}"))?;
     }
     Ok(location)
@@ -138,7 +153,7 @@ fn default_data(out: &std::path::Path) -> Result<String> {
 fn has_obs_column(data: &str, name: &str) -> bool {
     match tessera_data::Dataset::open(data) {
         Ok(tessera_data::Dataset::AnnData(a)) => a.obs_column(name).is_ok(),
-        Ok(tessera_data::Dataset::MuData(m)) => m.modalities.first().is_some_and(|(_, a)| a.obs_column(name).is_ok()),
+        Ok(tessera_data::Dataset::MuData(m)) => m.root().obs_column(name).is_ok(),
         Err(_) => false,
     }
 }

@@ -227,6 +227,12 @@ impl MuData {
         })
     }
 
+    /// The root's global `obs` and `obsm` as an AnnData handle (no X, no var): where a joint
+    /// embedding of every cell is read and written.
+    pub fn root(&self) -> AnnData {
+        AnnData { store: self.store.clone(), version: self.version, path: String::new(), obs_names: self.obs_names.clone(), var_names: Vec::new() }
+    }
+
     /// Which global cells have data for modality `i`.
     pub fn presence(&self, i: usize) -> Vec<bool> {
         self.obsmap[i].iter().map(|&m| m > 0).collect()

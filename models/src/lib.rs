@@ -1,13 +1,15 @@
-//! tessera-models: the VAE family of the review (scVI-style single-modality VAEs first;
-//! multimodal PoE/MoE models, regularisers and supervised heads build on the same layers),
+//! tessera-models: the VAE family of the review (scVI-style VAEs and multimodal VAEs with
+//! product-/mixture-of-experts or concatenated posteriors and missing-modality masking;
+//! regularisers and supervised heads build on the same layers),
 //! written once against the engine's `Backend` so the same model trains on CPU or CUDA.
 //!
 //! Invariant: models know nothing of stores or the network; they take host minibatches (CSR
 //! counts + one-hot covariates) and return loss terms, gradients and embeddings.
 
 pub mod layers;
+mod modality;
 pub mod train;
 pub mod vae;
 
-pub use vae::{Dispersion, LikelihoodKind, LossTerms, Vae, VaeBatch, VaeConfig};
+pub use vae::{Dispersion, Joint, LikelihoodKind, LossTerms, ModalityConfig, ModalityCounts, ModalitySpec, Vae, VaeBatch, VaeConfig};
 pub use train::{Plateau, TrainConfig, TrainError, Trainer};

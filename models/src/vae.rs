@@ -1,69 +1,51 @@
-//! The single-modality VAE (scVI): counts → encoder (log1p fused into the sparse first layer,
-//! optional covariates) → q(z|x) = N(m, exp(lv)) → z → decoder (covariates injected) →
-//! likelihood parameters → −log p(x|z) + β KL(q(z|x) || N(0, I)), averaged over cells.
+//! The VAE family over one or more modalities. Each modality has an encoder (counts → log1p
+//! fused into the sparse first layer → q(z | x_m) = N(m_m, exp(lv_m))) and a decoder (z +
+//! covariates → likelihood parameters → −log p(x_m | z)). The joint posterior is the product of
+//! the experts with the N(0, I) prior expert (PoE), their mixture (MoE, each present expert's
+//! sample decodes every present modality, mmVAE-style), or one linear head over the
+//! concatenated modality features (concat). One modality is scVI: q(z|x) is its encoder.
 //!
-//! Forward and backward are explicit, layer by layer; the likelihood op returns its gradients
-//! with its value, so the backward starts from them. Gradients land in one flat buffer with the
-//! parameters' layout (the all-reduce unit).
+//! Missing modalities (mosaic data): each encoder and decoder runs only on the cells that
+//! measured its modality, so an absent modality's data never reaches a layer, a BatchNorm
+//! statistic or a loss term; the joint posterior masks the absent experts.
+//!
+//! Forward and backward are explicit; the likelihood op returns its gradients with its value,
+//! so the backward starts from them. Gradients land in one flat buffer with the parameters'
+//! layout (the all-reduce unit).
+
+use std::collections::BTreeMap;
 
 use rand::SeedableRng;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::{Deserialize, Serialize};
 use tessera_kernels::backend::{Backend, In, Out, Result, Tensor};
-use tessera_kernels::ops::elementwise::Activation;
-use tessera_kernels::ops::likelihood::Likelihood;
-use tessera_kernels::ops::linear::{CountTransform, CsrRef};
+use tessera_kernels::ops::linear::CsrRef;
 use tessera_kernels::params::Layout;
 use tessera_kernels::Real;
 
-use crate::layers::{Dense, DenseActs, DenseSpec, Input, InputGrad, Mlp, MlpSpec, Mode, Slots, Weights};
+use crate::layers::{Buf, Mode, Slots, Weights};
+use crate::modality::{Decoder, DecoderActs, Encoder, EncoderActs, Shape};
+pub use crate::modality::{Dispersion, LikelihoodKind, ModalitySpec};
 
-/// The observation model of a modality.
+/// How the modalities' posteriors combine into q(z | x_1..x_M).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum LikelihoodKind {
-    /// Negative binomial, mean = library × softmax(decoder).
-    Nb,
-    /// Zero-inflated NB (adds a dropout-logit head).
-    Zinb,
-    /// Poisson, mean = library × softmax(decoder).
-    Poisson,
-    /// Gaussian: mean from the decoder, one log-variance per feature.
-    Gaussian,
-    /// Bernoulli: logits from the decoder (binarised accessibility).
-    Bernoulli,
+pub enum Joint {
+    /// Product of experts with the prior expert (precision-weighted; Multigrate, MIDAS, totalVI-like).
+    Poe,
+    /// Mixture of experts (the mean of the present experts; mmVAE / scMM).
+    Moe,
+    /// Concatenated modality features into one head: the joint mean (log-variance) is the sum
+    /// of each present modality's head output.
+    Concat,
 }
 
-impl LikelihoodKind {
-    fn family(self) -> Likelihood {
-        match self {
-            LikelihoodKind::Nb => Likelihood::NegativeBinomial,
-            LikelihoodKind::Zinb => Likelihood::ZeroInflatedNegativeBinomial,
-            LikelihoodKind::Poisson => Likelihood::Poisson,
-            LikelihoodKind::Gaussian => Likelihood::Gaussian,
-            LikelihoodKind::Bernoulli => Likelihood::Bernoulli,
-        }
-    }
-
-    fn has_dispersion(self) -> bool {
-        matches!(self, LikelihoodKind::Nb | LikelihoodKind::Zinb)
-    }
-
-    fn scaled_by_library(self) -> bool {
-        matches!(self, LikelihoodKind::Nb | LikelihoodKind::Zinb | LikelihoodKind::Poisson)
-    }
-}
-
-/// Where the NB inverse dispersion θ comes from (scvi-tools' `dispersion`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Dispersion {
-    /// One θ per feature.
-    Gene,
-    /// One θ per feature and batch (the first covariate block is the batch).
-    GeneBatch,
-    /// θ per feature and cell, from a decoder head.
-    GeneCell,
+/// Per-modality overrides of the model's likelihood and dispersion.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModalityConfig {
+    pub likelihood: Option<LikelihoodKind>,
+    pub dispersion: Option<Dispersion>,
 }
 
 /// The architecture; defaults are scvi-tools' `SCVI` defaults.
@@ -75,6 +57,7 @@ pub struct VaeConfig {
     pub n_layers: usize,
     /// Encoder dropout (the decoder has none, as in scvi-tools).
     pub dropout: f32,
+    /// The likelihood of RNA-like modalities (accessibility defaults to Bernoulli).
     pub likelihood: LikelihoodKind,
     pub dispersion: Dispersion,
     pub batch_norm: bool,
@@ -82,26 +65,59 @@ pub struct VaeConfig {
     pub encode_covariates: bool,
     /// Inject covariates into every decoder layer, not only the first.
     pub deeply_inject_covariates: bool,
+    /// The joint posterior of several modalities.
+    pub joint: Joint,
+    /// Overrides by modality name (`[model.modalities.protein] likelihood = "nb"`).
+    pub modalities: BTreeMap<String, ModalityConfig>,
 }
 
 impl Default for VaeConfig {
     fn default() -> Self {
-        VaeConfig { n_hidden: 128, n_latent: 10, n_layers: 1, dropout: 0.1, likelihood: LikelihoodKind::Nb, dispersion: Dispersion::Gene, batch_norm: true, encode_covariates: false, deeply_inject_covariates: false }
+        VaeConfig { n_hidden: 128, n_latent: 10, n_layers: 1, dropout: 0.1, likelihood: LikelihoodKind::Nb, dispersion: Dispersion::Gene, batch_norm: true, encode_covariates: false, deeply_inject_covariates: false, joint: Joint::Poe, modalities: BTreeMap::new() }
     }
+}
+
+/// Modality names whose data is binary accessibility by default.
+const ACCESSIBILITY: [&str; 4] = ["atac", "peaks", "chromatin", "accessibility"];
+
+impl VaeConfig {
+    /// The observation model of modality `name`: its override, else Bernoulli for
+    /// accessibility, else the model's likelihood and dispersion.
+    pub fn modality(&self, name: &str, n_features: usize) -> ModalitySpec {
+        let o = self.modalities.get(name).cloned().unwrap_or_default();
+        let lower = name.to_ascii_lowercase();
+        let default = if ACCESSIBILITY.iter().any(|a| lower.contains(a)) { LikelihoodKind::Bernoulli } else { self.likelihood };
+        ModalitySpec { name: name.to_string(), n_features, likelihood: o.likelihood.unwrap_or(default), dispersion: o.dispersion.unwrap_or(self.dispersion) }
+    }
+}
+
+/// One modality of a minibatch: counts for every cell of the batch (rows of absent cells are
+/// ignored) and which cells were measured (`None`: all).
+#[derive(Debug, Clone, Copy)]
+pub struct ModalityCounts<'a, T> {
+    pub counts: CsrRef<'a, T>,
+    pub present: Option<&'a [bool]>,
 }
 
 /// One minibatch as the model takes it, on the host.
 #[derive(Debug, Clone, Copy)]
 pub struct VaeBatch<'a, T> {
-    pub counts: CsrRef<'a, T>,
+    /// In the model's modality order.
+    pub modalities: &'a [ModalityCounts<'a, T>],
     /// rows × n_cov one-hot covariates (batch first), row-major.
     pub covariates: &'a [T],
+}
+
+impl<T> VaeBatch<'_, T> {
+    pub fn rows(&self) -> usize {
+        self.modalities.first().map_or(0, |m| m.counts.rows)
+    }
 }
 
 /// Loss terms averaged over the cells of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct LossTerms {
-    /// −log p(x|z), mean over cells.
+    /// −log p(x|z) summed over the measured modalities, mean over cells.
     pub reconstruction: f64,
     /// KL(q(z|x) || p(z)), mean over cells.
     pub kl: f64,
@@ -119,40 +135,11 @@ impl LossTerms {
     }
 }
 
-/// Decoder heads and their parameters, by likelihood.
-#[derive(Debug, Clone)]
-struct Heads {
-    /// μ-proportions (softmax) for NB/ZINB/Poisson, means for Gaussian, logits for Bernoulli.
-    main: Dense,
-    /// ZINB dropout logits.
-    zero_inflation: Option<Dense>,
-    /// GeneCell log θ.
-    dispersion_head: Option<Dense>,
-    /// Gene (features) or GeneBatch (n_batch × features) log θ, or the Gaussian log-variances.
-    shared: Option<usize>,
-}
-
-impl Heads {
-    fn shared_slot(&self) -> usize {
-        self.shared.expect("this likelihood has a shared parameter")
-    }
-
-    /// Where log θ lives: the parameter (gene), the batch one-hot times the table (gene-batch,
-    /// computed per batch), or the dispersion head's output (gene-cell).
-    fn log_theta<'a, S: tessera_kernels::backend::Storage>(&self, dispersion: Dispersion, p: &Weights<'a, S>, per_cell: Option<&'a Tensor<S>>, head: Option<&'a DenseActs<S>>) -> In<'a, S> {
-        match dispersion {
-            Dispersion::Gene => p.get(self.shared_slot()),
-            Dispersion::GeneBatch => per_cell.expect("gene-batch log θ is computed per batch").input(),
-            Dispersion::GeneCell => head.expect("gene-cell dispersion has a head").output().input(),
-        }
-    }
-}
-
-/// An scVI-style VAE over a backend.
+/// A VAE over one or more modalities, on a backend.
 #[derive(Debug)]
 pub struct Vae<T: Real, B: Backend<T>> {
     pub config: VaeConfig,
-    pub n_features: usize,
+    pub modalities: Vec<ModalitySpec>,
     /// Width of the one-hot covariates.
     pub n_cov: usize,
     /// Categories of the first covariate (batch): the rows of a gene-batch dispersion.
@@ -163,90 +150,161 @@ pub struct Vae<T: Real, B: Backend<T>> {
     pub grads: B::Buf,
     /// BatchNorm running statistics.
     pub state: B::Buf,
-    encoder: Mlp,
-    mean: Dense,
-    logvar: Dense,
-    decoder: Mlp,
-    heads: Heads,
+    encoders: Vec<Encoder>,
+    decoders: Vec<Decoder>,
     backend: B,
 }
 
-/// Random-draw sites (Philox streams within a step): layers take 0.., the latent noise this.
+/// Random-draw sites (Philox streams within a step): layers take 0.. (modality m from m × 256),
+/// the latent noise this one (and the ones below it, one per expert of a mixture).
 const SITE_LATENT: u64 = 0xF_FFFF;
+const SITES_PER_MODALITY: u64 = 256;
+
+/// Which cells of a batch each modality measured.
+struct Plan {
+    n: usize,
+    /// Per modality, the measured cells in ascending order.
+    cells: Vec<Vec<usize>>,
+    /// Per modality and cell, whether it was measured.
+    present: Vec<Vec<bool>>,
+    /// Per cell, how many modalities measured it.
+    n_present: Vec<usize>,
+}
+
+impl Plan {
+    fn new<T>(batch: &VaeBatch<'_, T>) -> Plan {
+        let n = batch.rows();
+        let present: Vec<Vec<bool>> = batch.modalities.iter().map(|m| m.present.map_or_else(|| vec![true; n], <[bool]>::to_vec)).collect();
+        let cells = present.iter().map(|p| (0..n).filter(|&r| p[r]).collect()).collect();
+        let n_present = (0..n).map(|r| present.iter().filter(|p| p[r]).count()).collect();
+        Plan { n, cells, present, n_present }
+    }
+}
+
+fn is_identity(codes: &[usize], n: usize) -> bool {
+    codes.len() == n && codes.iter().enumerate().all(|(i, &c)| i == c)
+}
+
+/// Rows of a batch's counts and covariates: borrowed when every row is taken in order, copied
+/// otherwise (a subset, or with repeats for a mixture's decoders).
+enum Rows<'a, T> {
+    All(CsrRef<'a, T>, &'a [T]),
+    Selected { cols: usize, indptr: Vec<u64>, indices: Vec<u32>, data: Vec<T>, covariates: Vec<T> },
+}
+
+impl<'a, T: Real> Rows<'a, T> {
+    fn select(counts: CsrRef<'a, T>, covariates: &'a [T], n_cov: usize, cells: &[usize]) -> Rows<'a, T> {
+        if is_identity(cells, counts.rows) {
+            return Rows::All(counts, covariates);
+        }
+        let (mut indptr, mut indices, mut data) = (vec![0u64], Vec::new(), Vec::new());
+        let mut cov = Vec::with_capacity(cells.len() * n_cov);
+        for &r in cells {
+            let span = counts.indptr[r] as usize..counts.indptr[r + 1] as usize;
+            indices.extend_from_slice(&counts.indices[span.clone()]);
+            data.extend_from_slice(&counts.data[span]);
+            indptr.push(data.len() as u64);
+            cov.extend_from_slice(&covariates[r * n_cov..(r + 1) * n_cov]);
+        }
+        Rows::Selected { cols: counts.cols, indptr, indices, data, covariates: cov }
+    }
+
+    fn counts(&self) -> CsrRef<'_, T> {
+        match self {
+            Rows::All(c, _) => *c,
+            Rows::Selected { cols, indptr, indices, data, .. } => CsrRef { rows: indptr.len() - 1, cols: *cols, indptr, indices, data },
+        }
+    }
+
+    fn covariates(&self) -> &[T] {
+        match self {
+            Rows::All(_, c) => c,
+            Rows::Selected { covariates, .. } => covariates,
+        }
+    }
+}
+
+/// The latent side of one forward.
+enum Latent<S> {
+    /// One joint posterior (PoE or concat) over every cell, sampled once.
+    Joint { means: Vec<Tensor<S>>, logvars: Vec<Tensor<S>>, masks: Option<Vec<S>>, m: Tensor<S>, lv: Tensor<S>, eps: Tensor<S>, dm_kl: Tensor<S>, dlv_kl: Tensor<S> },
+    /// Each expert sampled on its own cells; `zs` stacks the samples (expert e's rows from
+    /// `offsets[e]`).
+    Mixture { eps: Vec<Tensor<S>>, offsets: Vec<usize>, dm_kl: Vec<Tensor<S>>, dlv_kl: Vec<Tensor<S>> },
+}
+
+/// One decoder's share of a forward: which rows of the stacked latent it decoded.
+struct Decoded<S> {
+    codes: Vec<usize>,
+    /// The gathered latent rows (None: all of `zs`, in order).
+    z: Option<Tensor<S>>,
+    acts: DecoderActs<S>,
+}
 
 /// Everything the backward needs from one forward.
 struct Forward<S, C> {
-    csr: C,
-    cov: Tensor<S>,
-    batch_onehot: Option<Tensor<S>>,
-    library: Tensor<S>,
-    enc: Vec<DenseActs<S>>,
-    mean: DenseActs<S>,
-    logvar: DenseActs<S>,
-    eps: Tensor<S>,
-    z: Tensor<S>,
-    dec: Vec<DenseActs<S>>,
-    main: DenseActs<S>,
-    zero_inflation: Option<DenseActs<S>>,
-    dispersion: Option<DenseActs<S>>,
-    /// softmax of the main head (library-scaled likelihoods).
-    proportions: Option<Tensor<S>>,
-    /// Gene-batch log θ per cell (the other dispersions read it from where it lives).
-    log_theta_cells: Option<Tensor<S>>,
-    /// θ: per feature (1 × G) or per cell (n × G).
-    theta: Option<Tensor<S>>,
-    /// Per-entry gradients of the weighted log-likelihood, one per likelihood parameter.
-    dparams: Vec<Tensor<S>>,
-    dm_kl: Tensor<S>,
-    dlv_kl: Tensor<S>,
+    enc: Vec<EncoderActs<S, C>>,
+    latent: Latent<S>,
+    /// Per modality, the cells its encoder saw.
+    cells: Vec<Vec<usize>>,
+    /// The latent samples the decoders read.
+    zs: Tensor<S>,
+    dec: Vec<Decoded<S>>,
+}
+
+/// A diagonal Gaussian's (mean, log-variance) tensors, or their gradients.
+type Pair<S> = (Tensor<S>, Tensor<S>);
+/// Every encoder's activations of one forward.
+type Encoded<T, B> = Vec<EncoderActs<Buf<T, B>, <B as Backend<T>>::Csr>>;
+
+fn inputs<S: tessera_kernels::backend::Storage>(ts: &[Tensor<S>]) -> Vec<In<'_, S>> {
+    ts.iter().map(Tensor::input).collect()
+}
+
+fn copy_of<T: Real, B: Backend<T>>(b: &B, t: &Tensor<B::Buf>) -> Result<Tensor<B::Buf>> {
+    let mut out = b.tensor(t.rows, t.cols)?;
+    b.copy(t.input(), out.output())?;
+    Ok(out)
 }
 
 impl<T: Real, B: Backend<T>> Vae<T, B> {
-    /// A freshly initialised model for `n_features` features and `n_cov` covariate columns (the
-    /// first `n_batch` of them the batch one-hot).
-    pub fn new(backend: B, config: VaeConfig, n_features: usize, n_batch: usize, n_cov: usize, seed: u64) -> Result<Self> {
-        assert!(n_features > 0 && config.n_layers > 0 && config.n_hidden > 0 && config.n_latent > 0, "model sizes must be positive");
+    /// A freshly initialised model for `modalities` (name, features) and `n_cov` covariate
+    /// columns (the first `n_batch` of them the batch one-hot).
+    pub fn new(backend: B, config: VaeConfig, modalities: &[(&str, usize)], n_batch: usize, n_cov: usize, seed: u64) -> Result<Self> {
+        assert!(!modalities.is_empty() && modalities.iter().all(|m| m.1 > 0) && config.n_layers > 0 && config.n_hidden > 0 && config.n_latent > 0, "model sizes must be positive");
         assert!(n_batch <= n_cov, "the batch one-hot is part of the covariates");
-        let (mut layout, mut state) = (Layout::default(), Layout::default());
         let c = &config;
-        let encoder = Mlp::register(MlpSpec { d_in: n_features, n_hidden: c.n_hidden, n_layers: c.n_layers, n_cov: if c.encode_covariates { n_cov } else { 0 }, inject_every_layer: false, batch_norm: c.batch_norm, dropout: c.dropout }, "encoder", &mut layout, &mut state, 0);
-        let head = |d_in, d_out| DenseSpec { d_in, d_out, n_cov: 0, batch_norm: false, act: Activation::Identity, dropout: 0.0 };
-        let mean = Dense::register(head(c.n_hidden, c.n_latent), "encoder.mean", &mut layout, &mut state, 0);
-        let logvar = Dense::register(head(c.n_hidden, c.n_latent), "encoder.logvar", &mut layout, &mut state, 0);
-        let decoder = Mlp::register(MlpSpec { d_in: c.n_latent, n_hidden: c.n_hidden, n_layers: c.n_layers, n_cov, inject_every_layer: c.deeply_inject_covariates, batch_norm: c.batch_norm, dropout: 0.0 }, "decoder", &mut layout, &mut state, 0);
-        let main = Dense::register(head(c.n_hidden, n_features), "decoder.main", &mut layout, &mut state, 0);
-        let zero_inflation = (c.likelihood == LikelihoodKind::Zinb).then(|| Dense::register(head(c.n_hidden, n_features), "decoder.zero_inflation", &mut layout, &mut state, 0));
-        let dispersion_head = (c.likelihood.has_dispersion() && c.dispersion == Dispersion::GeneCell).then(|| Dense::register(head(c.n_hidden, n_features), "decoder.log_theta", &mut layout, &mut state, 0));
-        let shared = match (c.likelihood, c.dispersion) {
-            (LikelihoodKind::Nb | LikelihoodKind::Zinb, Dispersion::Gene) => Some(layout.add("log_theta", &[n_features])),
-            (LikelihoodKind::Nb | LikelihoodKind::Zinb, Dispersion::GeneBatch) => Some(layout.add("log_theta", &[n_batch.max(1), n_features])),
-            (LikelihoodKind::Gaussian, _) => Some(layout.add("log_variance", &[n_features])),
-            _ => None,
-        };
-        let heads = Heads { main, zero_inflation, dispersion_head, shared };
+        let shape = Shape { n_hidden: c.n_hidden, n_latent: c.n_latent, n_layers: c.n_layers, dropout: c.dropout, batch_norm: c.batch_norm, encode_covariates: c.encode_covariates, deeply_inject_covariates: c.deeply_inject_covariates, n_cov, n_batch };
+        let specs: Vec<ModalitySpec> = modalities.iter().map(|(name, g)| c.modality(name, *g)).collect();
+        // One modality keeps scVI's tensor names; several are prefixed with their modality.
+        let prefix = |m: &ModalitySpec| if specs.len() == 1 { String::new() } else { format!("{}.", m.name) };
+        let (mut layout, mut state) = (Layout::default(), Layout::default());
+        let encoders: Vec<Encoder> = specs.iter().enumerate().map(|(i, m)| Encoder::register(&prefix(m), m.n_features, &shape, &mut layout, &mut state, i as u64 * SITES_PER_MODALITY)).collect();
+        let decoders: Vec<Decoder> = specs.iter().enumerate().map(|(i, m)| Decoder::register(&prefix(m), m, &shape, &mut layout, &mut state, i as u64 * SITES_PER_MODALITY + SITES_PER_MODALITY / 2)).collect();
 
         // Initialise on the host (one seeded stream, registration order), then upload.
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
         let mut values = vec![T::zero(); layout.len()];
         let mut state_values = vec![T::zero(); state.len()];
-        encoder.init(&layout, &state, &mut values, &mut state_values, &mut rng);
-        for d in [&mean, &logvar] {
+        for e in &encoders {
+            e.init(&layout, &state, &mut values, &mut state_values, &mut rng);
+        }
+        for d in &decoders {
             d.init(&layout, &state, &mut values, &mut state_values, &mut rng);
         }
-        decoder.init(&layout, &state, &mut values, &mut state_values, &mut rng);
-        for d in [Some(&heads.main), heads.zero_inflation.as_ref(), heads.dispersion_head.as_ref()].into_iter().flatten() {
-            d.init(&layout, &state, &mut values, &mut state_values, &mut rng);
-        }
-        // log θ and the Gaussian log-variances start at 0 (θ = 1, σ² = 1) like scvi-tools' px_r
-        // (which draws N(0, 1); a constant start is as good and reproducible across backends).
         let values_buf = backend.upload(&values)?;
         let grads = backend.zeros(layout.len())?;
         let state_buf = backend.upload(&state_values)?;
-        Ok(Vae { config, n_features, n_cov, n_batch, layout, state_layout: state, values: values_buf, grads, state: state_buf, encoder, mean, logvar, decoder, heads, backend })
+        Ok(Vae { config, modalities: specs, n_cov, n_batch, layout, state_layout: state, values: values_buf, grads, state: state_buf, encoders, decoders, backend })
     }
 
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    /// The joint rule in effect: one modality's posterior is its encoder's (no prior expert).
+    fn joint(&self) -> Joint {
+        if self.modalities.len() == 1 { Joint::Concat } else { self.config.joint }
     }
 
     /// Loss terms of a batch and the gradients of `loss` in `self.grads` (overwritten).
@@ -261,239 +319,276 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         Ok(self.forward(batch, kl_weight, mode)?.0)
     }
 
-    /// The latent means of a batch (evaluation mode: running statistics, no dropout).
+    /// The latent means of a batch (evaluation mode: running statistics, no dropout), n × latent.
     pub fn latent_mean(&mut self, batch: VaeBatch<'_, T>) -> Result<Vec<T>> {
-        let (_, _, enc) = self.encode(batch, Mode::Eval)?;
-        let p = Weights { layout: &self.layout, values: &self.values };
-        let mut state = Slots { layout: &self.state_layout, buf: &mut self.state };
-        let m = self.mean.forward(&self.backend, &p, &mut state, &Input::Dense(Mlp::output(&enc)), None, Mode::Eval)?;
-        self.backend.download(m.output().input())
+        let m = self.joint_mean(batch)?;
+        self.backend.download(m.input())
     }
 
-    /// Latent means and the decoder's expression at them, in each cell's own batch: for
-    /// NB/ZINB/Poisson the proportions (softmax) × `library_size` (scvi-tools'
-    /// `get_normalized_expression`, with z at its posterior mean instead of one sample),
-    /// Gaussian means, Bernoulli probabilities. Returns (n × latent, n × features).
-    pub fn latent_and_expression(&mut self, batch: VaeBatch<'_, T>, library_size: f64) -> Result<(Vec<T>, Vec<T>)> {
-        let (n, g) = (batch.counts.rows, self.n_features);
-        let (_, cov, enc) = self.encode(batch, Mode::Eval)?;
+    /// Latent means and each decoder's expression at them, in each cell's own batch, for every
+    /// cell (a modality a cell lacks is imputed): see `Decoder::expression`. Returns (n ×
+    /// latent, per modality n × features).
+    pub fn latent_and_expression(&mut self, batch: VaeBatch<'_, T>, library_size: f64) -> Result<(Vec<T>, Vec<Vec<T>>)> {
+        let m = self.joint_mean(batch)?;
         let b = &self.backend;
         let p = Weights { layout: &self.layout, values: &self.values };
         let mut state = Slots { layout: &self.state_layout, buf: &mut self.state };
-        let m = self.mean.forward(b, &p, &mut state, &Input::Dense(Mlp::output(&enc)), None, Mode::Eval)?;
-        let dec = self.decoder.forward(b, &p, &mut state, &Input::Dense(m.output()), Some(&cov), Mode::Eval)?;
-        let main = self.heads.main.forward(b, &p, &mut state, &Input::Dense(Mlp::output(&dec)), None, Mode::Eval)?;
-        let mut expression = b.tensor(n, g)?;
-        match self.config.likelihood {
-            kind if kind.scaled_by_library() => {
-                b.softmax_forward(main.output().input(), g, expression.output())?;
-                b.scale(expression.output(), T::of(library_size))?;
-            }
-            LikelihoodKind::Bernoulli => b.activation_forward(Activation::Sigmoid, main.output().input(), expression.output())?,
-            _ => b.activation_forward(Activation::Identity, main.output().input(), expression.output())?,
+        let expressions = self.decoders.iter().map(|d| b.download(d.expression(b, &p, &mut state, &m, batch.covariates, library_size)?.input())).collect::<Result<_>>()?;
+        Ok((b.download(m.input())?, expressions))
+    }
+
+    fn check_batch(&self, batch: &VaeBatch<'_, T>) {
+        let n = batch.rows();
+        assert_eq!(batch.modalities.len(), self.modalities.len(), "batch has {} modalities, the model {}", batch.modalities.len(), self.modalities.len());
+        for (m, spec) in batch.modalities.iter().zip(&self.modalities) {
+            assert_eq!((m.counts.rows, m.counts.cols), (n, spec.n_features), "modality {:?}: counts shape", spec.name);
+            assert!(m.present.is_none_or(|p| p.len() == n), "modality {:?}: one presence flag per cell", spec.name);
         }
-        Ok((b.download(m.output().input())?, b.download(expression.input())?))
-    }
-
-    /// Uploads a batch's counts and covariates and runs the encoder's hidden layers.
-    #[allow(clippy::type_complexity)]
-    fn encode(&mut self, batch: VaeBatch<'_, T>, mode: Mode) -> Result<(B::Csr, Tensor<B::Buf>, Vec<DenseActs<B::Buf>>)> {
-        let b = &self.backend;
-        let n = batch.counts.rows;
-        let csr = b.upload_csr(batch.counts)?;
-        let cov = Tensor { buf: b.upload(batch.covariates)?, rows: n, cols: self.n_cov };
-        let p = Weights { layout: &self.layout, values: &self.values };
-        let mut state = Slots { layout: &self.state_layout, buf: &mut self.state };
-        let x = Input::Counts { csr: &csr, transform: CountTransform::Log1p, rows: n };
-        let enc = self.encoder.forward(b, &p, &mut state, &x, self.config.encode_covariates.then_some(&cov), mode)?;
-        Ok((csr, cov, enc))
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn forward(&mut self, batch: VaeBatch<'_, T>, kl_weight: f64, mode: Mode) -> Result<(LossTerms, Forward<B::Buf, B::Csr>)> {
-        let (n, g, latent) = (batch.counts.rows, self.n_features, self.config.n_latent);
-        assert_eq!(batch.counts.cols, g, "batch has {} features, the model {g}", batch.counts.cols);
         assert_eq!(batch.covariates.len(), n * self.n_cov, "covariates: {n} rows of {}", self.n_cov);
-        assert!(n > 1 || !matches!(mode, Mode::Train { .. }) || !self.config.batch_norm, "BatchNorm training needs at least two cells");
+    }
 
-        // Host-side inputs: library sizes and the dense counts the likelihood reads.
-        let mut library = vec![T::zero(); n];
-        let mut dense = vec![T::zero(); n * g];
-        for r in 0..n {
-            for k in batch.counts.indptr[r] as usize..batch.counts.indptr[r + 1] as usize {
-                let v = batch.counts.data[k];
-                library[r] = library[r] + v;
-                dense[r * g + batch.counts.indices[k] as usize] = v;
+    /// Runs each encoder on the cells that measured its modality.
+    fn encode(&mut self, batch: &VaeBatch<'_, T>, plan: &Plan, mode: Mode) -> Result<Encoded<T, B>> {
+        let p = Weights { layout: &self.layout, values: &self.values };
+        let mut state = Slots { layout: &self.state_layout, buf: &mut self.state };
+        self.encoders
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let rows = Rows::select(batch.modalities[i].counts, batch.covariates, self.n_cov, &plan.cells[i]);
+                e.forward(&self.backend, &p, &mut state, rows.counts(), rows.covariates(), mode)
+            })
+            .collect()
+    }
+
+    /// Experts' means and log-variances over every cell of the batch (zero rows where absent),
+    /// and for a product of experts their 0/1 presence masks.
+    #[allow(clippy::type_complexity)]
+    fn experts(&self, enc: &[EncoderActs<Buf<T, B>, B::Csr>], plan: &Plan) -> Result<(Vec<Tensor<Buf<T, B>>>, Vec<Tensor<Buf<T, B>>>, Option<Vec<Buf<T, B>>>)> {
+        let b = &self.backend;
+        let d = self.config.n_latent;
+        let expand = |x: &Tensor<Buf<T, B>>, cells: &[usize]| -> Result<Tensor<Buf<T, B>>> {
+            let mut full = b.tensor(plan.n, d)?;
+            if cells.len() == plan.n {
+                b.copy(x.input(), full.output())?;
+            } else {
+                b.scatter_add_rows(x.input(), cells, d, full.output())?;
+            }
+            Ok(full)
+        };
+        let means = enc.iter().zip(&plan.cells).map(|(a, c)| expand(a.mean.output(), c)).collect::<Result<_>>()?;
+        let logvars = enc.iter().zip(&plan.cells).map(|(a, c)| expand(a.logvar.output(), c)).collect::<Result<_>>()?;
+        let masks = if self.joint() == Joint::Poe { Some(plan.present.iter().map(|p| b.upload(&p.iter().map(|&x| if x { T::one() } else { T::zero() }).collect::<Vec<T>>())).collect::<Result<_>>()?) } else { None };
+        Ok((means, logvars, masks))
+    }
+
+    /// The joint posterior's mean and log-variance from the experts (PoE or concat).
+    fn combine(&self, means: &[Tensor<Buf<T, B>>], logvars: &[Tensor<Buf<T, B>>], masks: Option<&[Buf<T, B>]>, n: usize) -> Result<Pair<Buf<T, B>>> {
+        let b = &self.backend;
+        let d = self.config.n_latent;
+        let (mut m, mut lv) = (b.tensor(n, d)?, b.tensor(n, d)?);
+        match masks {
+            Some(masks) => {
+                let masks: Vec<In<'_, Buf<T, B>>> = masks.iter().map(In::all).collect();
+                b.poe_forward(&inputs(means), &inputs(logvars), &masks, d, m.output(), lv.output())?;
+            }
+            None => {
+                for (me, lve) in means.iter().zip(logvars) {
+                    b.axpy(T::one(), me.input(), m.output())?;
+                    b.axpy(T::one(), lve.input(), lv.output())?;
+                }
             }
         }
-        let (csr, cov, enc) = self.encode(batch, mode)?;
+        Ok((m, lv))
+    }
+
+    /// The posterior mean of every cell (evaluation mode). A mixture's is the mean of its
+    /// present experts' means.
+    fn joint_mean(&mut self, batch: VaeBatch<'_, T>) -> Result<Tensor<Buf<T, B>>> {
+        self.check_batch(&batch);
+        let plan = Plan::new(&batch);
+        let enc = self.encode(&batch, &plan, Mode::Eval)?;
+        let (means, logvars, masks) = self.experts(&enc, &plan)?;
         let b = &self.backend;
-        let x = Tensor { buf: b.upload(&dense)?, rows: n, cols: g };
-        let library = Tensor { buf: b.upload(&library)?, rows: n, cols: 1 };
-        // The batch block of the covariates, alone: the rows of a gene-batch dispersion table.
-        let batch_onehot = if self.config.likelihood.has_dispersion() && self.config.dispersion == Dispersion::GeneBatch {
-            let host: Vec<T> = batch.covariates.chunks(self.n_cov.max(1)).flat_map(|row| row[..self.n_batch].to_vec()).collect();
-            Some(Tensor { buf: b.upload(&host)?, rows: n, cols: self.n_batch })
+        if self.joint() == Joint::Moe {
+            let (mut sum, _) = self.combine(&means, &logvars, None, plan.n)?;
+            let inv: Vec<T> = plan.n_present.iter().map(|&k| if k == 0 { T::zero() } else { T::of(1.0 / k as f64) }).collect();
+            let inv = b.upload(&inv)?;
+            let mut mean = b.tensor(plan.n, self.config.n_latent)?;
+            b.scale_rows(sum.input(), In::all(&inv), mean.output())?;
+            sum = mean;
+            return Ok(sum);
+        }
+        Ok(self.combine(&means, &logvars, masks.as_deref(), plan.n)?.0)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn forward(&mut self, batch: VaeBatch<'_, T>, kl_weight: f64, mode: Mode) -> Result<(LossTerms, Forward<Buf<T, B>, B::Csr>)> {
+        self.check_batch(&batch);
+        let plan = Plan::new(&batch);
+        let (n, d) = (plan.n, self.config.n_latent);
+        assert!(n > 1 || !matches!(mode, Mode::Train { .. }) || !self.config.batch_norm, "BatchNorm training needs at least two cells");
+        let enc = self.encode(&batch, &plan, mode)?;
+        let b = self.backend.clone();
+        let inv_n = 1.0 / n as f64;
+        let noise = |eps: &mut Tensor<Buf<T, B>>, site: u64| -> Result<()> {
+            match mode {
+                Mode::Train { seed, step } | Mode::Validate { seed, step } => b.normal(seed, Mode::stream(step, site), eps.output()),
+                Mode::Eval => Ok(()),
+            }
+        };
+
+        // The latent samples, the rows each decoder reads (codes into them, the decoded cell,
+        // the cell's weight) and the KL.
+        let mut kl_total = 0.0;
+        let (latent, zs, decode): (Latent<Buf<T, B>>, Tensor<Buf<T, B>>, Vec<(Vec<usize>, Vec<usize>, Vec<T>)>) = if self.joint() == Joint::Moe {
+            // Each present expert's sample decodes every modality the cell has; a cell's terms
+            // are averaged over its experts (the stratified mixture ELBO).
+            let offsets: Vec<usize> = plan.cells.iter().scan(0, |at, c| Some(std::mem::replace(at, *at + c.len()))).collect();
+            let total = plan.cells.iter().map(Vec::len).sum::<usize>();
+            let mut zs = b.tensor(total, d)?;
+            let (mut eps_all, mut dm_kl, mut dlv_kl) = (Vec::new(), Vec::new(), Vec::new());
+            for (e, a) in enc.iter().enumerate() {
+                let cells = &plan.cells[e];
+                let rows = cells.len();
+                let mut eps = b.tensor(rows, d)?;
+                noise(&mut eps, SITE_LATENT - e as u64)?;
+                let part = offsets[e] * d..(offsets[e] + rows) * d;
+                b.reparameterize_forward(a.mean.output().input(), a.logvar.output().input(), eps.input(), Out::part(&mut zs.buf, part))?;
+                let share: Vec<f64> = cells.iter().map(|&r| inv_n / plan.n_present[r] as f64).collect();
+                let weights = b.upload(&share.iter().map(|&w| T::of(kl_weight * w)).collect::<Vec<T>>())?;
+                let (mut kl, mut dm, mut dlv) = (b.zeros(rows)?, b.tensor(rows, d)?, b.tensor(rows, d)?);
+                b.kl_standard_normal(a.mean.output().input(), a.logvar.output().input(), d, Some(In::all(&weights)), Out::all(&mut kl), dm.output(), dlv.output())?;
+                kl_total += b.download(In::all(&kl))?.iter().zip(&share).map(|(k, w)| k.f64() * w).sum::<f64>();
+                eps_all.push(eps);
+                dm_kl.push(dm);
+                dlv_kl.push(dlv);
+            }
+            let decode = (0..self.decoders.len())
+                .map(|j| {
+                    let mut rows = (Vec::new(), Vec::new(), Vec::new());
+                    for (e, cells) in plan.cells.iter().enumerate() {
+                        for (k, &r) in cells.iter().enumerate() {
+                            if plan.present[j][r] {
+                                rows.0.push(offsets[e] + k);
+                                rows.1.push(r);
+                                rows.2.push(T::of(inv_n / plan.n_present[r] as f64));
+                            }
+                        }
+                    }
+                    rows
+                })
+                .collect();
+            (Latent::Mixture { eps: eps_all, offsets, dm_kl, dlv_kl }, zs, decode)
         } else {
-            None
+            let (means, logvars, masks) = self.experts(&enc, &plan)?;
+            let (m, lv) = self.combine(&means, &logvars, masks.as_deref(), n)?;
+            let mut eps = b.tensor(n, d)?;
+            noise(&mut eps, SITE_LATENT)?;
+            let mut z = b.tensor(n, d)?;
+            b.reparameterize_forward(m.input(), lv.input(), eps.input(), z.output())?;
+            let weights = b.upload(&vec![T::of(kl_weight * inv_n); n])?;
+            let (mut kl, mut dm_kl, mut dlv_kl) = (b.zeros(n)?, b.tensor(n, d)?, b.tensor(n, d)?);
+            b.kl_standard_normal(m.input(), lv.input(), d, Some(In::all(&weights)), Out::all(&mut kl), dm_kl.output(), dlv_kl.output())?;
+            kl_total = b.download(In::all(&kl))?.iter().map(|k| k.f64()).sum::<f64>() * inv_n;
+            let decode = plan.cells.iter().map(|c| (c.clone(), c.clone(), vec![T::of(inv_n); c.len()])).collect();
+            (Latent::Joint { means, logvars, masks, m, lv, eps, dm_kl, dlv_kl }, z, decode)
         };
 
         let p = Weights { layout: &self.layout, values: &self.values };
         let mut state = Slots { layout: &self.state_layout, buf: &mut self.state };
-        let h = Input::Dense(Mlp::output(&enc));
-        let mean = self.mean.forward(b, &p, &mut state, &h, None, mode)?;
-        let logvar = self.logvar.forward(b, &p, &mut state, &h, None, mode)?;
-
-        let mut eps = b.tensor(n, latent)?;
-        if let Mode::Train { seed, step } | Mode::Validate { seed, step } = mode {
-            b.normal(seed, Mode::stream(step, SITE_LATENT), eps.output())?;
-        }
-        let mut z = b.tensor(n, latent)?;
-        b.reparameterize_forward(mean.output().input(), logvar.output().input(), eps.input(), z.output())?;
-
-        let inv_n = 1.0 / n as f64;
-        let kl_weights = b.upload(&vec![T::of(kl_weight * inv_n); n])?;
-        let mut kl = b.zeros(n)?;
-        let (mut dm_kl, mut dlv_kl) = (b.tensor(n, latent)?, b.tensor(n, latent)?);
-        b.kl_standard_normal(mean.output().input(), logvar.output().input(), latent, Some(In::all(&kl_weights)), Out::all(&mut kl), dm_kl.output(), dlv_kl.output())?;
-
-        let dec = self.decoder.forward(b, &p, &mut state, &Input::Dense(&z), Some(&cov), mode)?;
-        let hd = Input::Dense(Mlp::output(&dec));
-        let main = self.heads.main.forward(b, &p, &mut state, &hd, None, mode)?;
-        let zero_inflation = self.heads.zero_inflation.as_ref().map(|d| d.forward(b, &p, &mut state, &hd, None, mode)).transpose()?;
-        let dispersion = self.heads.dispersion_head.as_ref().map(|d| d.forward(b, &p, &mut state, &hd, None, mode)).transpose()?;
-
-        let kind = self.config.likelihood;
-        let (proportions, mu) = if kind.scaled_by_library() {
-            let mut rho = b.tensor(n, g)?;
-            b.softmax_forward(main.output().input(), g, rho.output())?;
-            let mut mu = b.tensor(n, g)?;
-            b.scale_rows(rho.input(), library.input(), mu.output())?;
-            (Some(rho), Some(mu))
-        } else {
-            (None, None)
-        };
-        let log_theta_cells = match &batch_onehot {
-            Some(onehot) => {
-                let mut t = b.tensor(n, g)?;
-                b.gemm(false, false, n, self.n_batch, g, T::one(), onehot.input(), p.get(self.heads.shared_slot()), T::zero(), t.output())?;
+        let mut reconstruction = 0.0;
+        let mut dec = Vec::with_capacity(self.decoders.len());
+        for ((j, decoder), (codes, cells, weights)) in self.decoders.iter().enumerate().zip(decode) {
+            let z = if is_identity(&codes, zs.rows) {
+                None
+            } else {
+                let mut t = b.tensor(codes.len(), d)?;
+                b.gather_rows(zs.input(), &codes, d, t.output())?;
                 Some(t)
-            }
-            None => None,
-        };
-        let theta = if kind.has_dispersion() {
-            let rows = if self.config.dispersion == Dispersion::Gene { 1 } else { n };
-            let mut th = b.tensor(rows, g)?;
-            b.activation_forward(Activation::Exp, self.heads.log_theta(self.config.dispersion, &p, log_theta_cells.as_ref(), dispersion.as_ref()), th.output())?;
-            Some(th)
-        } else {
-            None
-        };
-
-        let mut ll = b.zeros(n)?;
-        let ll_weights = b.upload(&vec![T::of(-inv_n); n])?;
-        let family = kind.family();
-        let mut dparams: Vec<Tensor<B::Buf>> = (0..family.n_params()).map(|_| b.tensor(n, g)).collect::<Result<_>>()?;
-        {
-            let mut params: Vec<In<'_, B::Buf>> = Vec::with_capacity(3);
-            match kind {
-                LikelihoodKind::Nb | LikelihoodKind::Zinb | LikelihoodKind::Poisson => {
-                    params.push(mu.as_ref().expect("library-scaled mean").input());
-                    if let Some(th) = &theta {
-                        params.push(th.input());
-                    }
-                    if let Some(zi) = &zero_inflation {
-                        params.push(zi.output().input());
-                    }
-                }
-                LikelihoodKind::Gaussian => {
-                    params.push(main.output().input());
-                    params.push(p.get(self.heads.shared_slot()));
-                }
-                LikelihoodKind::Bernoulli => params.push(main.output().input()),
-            }
-            let mut outs: Vec<Out<'_, B::Buf>> = dparams.iter_mut().map(|t| t.output()).collect();
-            b.likelihood(family, x.input(), g, &params, Some(In::all(&ll_weights)), Out::all(&mut ll), &mut outs)?;
+            };
+            let rows = Rows::select(batch.modalities[j].counts, batch.covariates, self.n_cov, &cells);
+            let (r, acts) = decoder.forward(&b, &p, &mut state, z.as_ref().unwrap_or(&zs), rows.counts(), rows.covariates(), &weights, mode)?;
+            reconstruction += r;
+            dec.push(Decoded { codes, z, acts });
         }
-        let ll_host = b.download(In::all(&ll))?;
-        let kl_host = b.download(In::all(&kl))?;
-        let reconstruction = -ll_host.iter().map(|v| v.f64()).sum::<f64>() * inv_n;
-        let kl_mean = kl_host.iter().map(|v| v.f64()).sum::<f64>() * inv_n;
-        let terms = LossTerms { reconstruction, kl: kl_mean, loss: reconstruction + kl_weight * kl_mean, cells: n };
-        let fwd = Forward { csr, cov, batch_onehot, library, enc, mean, logvar, eps, z, dec, main, zero_inflation, dispersion, proportions, log_theta_cells, theta, dparams, dm_kl, dlv_kl };
-        Ok((terms, fwd))
+        let terms = LossTerms { reconstruction, kl: kl_total, loss: reconstruction + kl_weight * kl_total, cells: n };
+        Ok((terms, Forward { enc, latent, cells: plan.cells, zs, dec }))
     }
 
-    fn backward(&mut self, mut f: Forward<B::Buf, B::Csr>, mode: Mode) -> Result<()> {
-        // Owned, so a head's backward consumes its upstream gradient without a copy.
-        let mut dparams: Vec<Option<Tensor<B::Buf>>> = std::mem::take(&mut f.dparams).into_iter().map(Some).collect();
-        let mut take = |k: usize| dparams[k].take().expect("one gradient per likelihood parameter, each used once");
-        let b = &self.backend;
-        let (n, g, latent) = (f.z.rows, self.n_features, self.config.n_latent);
+    fn backward(&mut self, f: Forward<Buf<T, B>, B::Csr>, mode: Mode) -> Result<()> {
+        let b = self.backend.clone();
+        let d = self.config.n_latent;
         let p = Weights { layout: &self.layout, values: &self.values };
         let mut grads = Slots { layout: &self.layout, buf: &mut self.grads };
-        let hd = Input::Dense(Mlp::output(&f.dec));
-        let mut dhd = b.tensor(n, self.config.n_hidden)?;
-        let kind = self.config.likelihood;
-        let heads = &self.heads;
+        let Forward { enc, latent, cells, zs, dec } = f;
 
-        // Main head: through μ = library · softmax(s) for the count likelihoods.
-        let dmain = if kind.scaled_by_library() {
-            let mut drho = b.tensor(n, g)?;
-            b.scale_rows(take(0).input(), f.library.input(), drho.output())?;
-            let mut ds = b.tensor(n, g)?;
-            b.softmax_backward(f.proportions.as_ref().expect("proportions").input(), drho.input(), g, ds.output())?;
-            ds
-        } else {
-            take(0)
-        };
-        heads.main.backward(b, &p, &mut grads, &hd, None, &f.main, dmain, mode, InputGrad::Write(&mut dhd))?;
-
-        // θ = exp(log θ): dlog θ = θ ⊙ dθ, reduced to where log θ lives.
-        if let Some(theta) = &f.theta {
-            let dtheta = take(1);
-            let log_theta = heads.log_theta(self.config.dispersion, &p, f.log_theta_cells.as_ref(), f.dispersion.as_ref());
-            match self.config.dispersion {
-                Dispersion::Gene => {
-                    let mut sums = b.tensor(1, g)?;
-                    b.column_sums(dtheta.input(), sums.output())?;
-                    b.activation_backward(Activation::Exp, log_theta, theta.input(), sums.input(), grads.get(heads.shared_slot()))?;
-                }
-                Dispersion::GeneBatch => {
-                    let mut dlog = b.tensor(n, g)?;
-                    b.activation_backward(Activation::Exp, log_theta, theta.input(), dtheta.input(), dlog.output())?;
-                    let onehot = f.batch_onehot.as_ref().expect("gene-batch dispersion has the batch one-hot");
-                    b.gemm(true, false, self.n_batch, n, g, T::one(), onehot.input(), dlog.input(), T::zero(), grads.get(heads.shared_slot()))?;
-                }
-                Dispersion::GeneCell => {
-                    let mut dlog = b.tensor(n, g)?;
-                    b.activation_backward(Activation::Exp, log_theta, theta.input(), dtheta.input(), dlog.output())?;
-                    let head = heads.dispersion_head.as_ref().expect("gene-cell head");
-                    head.backward(b, &p, &mut grads, &hd, None, f.dispersion.as_ref().expect("head acts"), dlog, mode, InputGrad::Add(&mut dhd))?;
-                }
+        // The decoders' gradients, summed into the latent samples they read.
+        let mut dzs = b.tensor(zs.rows, d)?;
+        for (decoder, Decoded { codes, z, acts }) in self.decoders.iter().zip(dec) {
+            let dz = decoder.backward(&b, &p, &mut grads, z.as_ref().unwrap_or(&zs), acts, mode)?;
+            if z.is_none() {
+                b.axpy(T::one(), dz.input(), dzs.output())?;
+            } else {
+                let mut scattered = b.tensor(zs.rows, d)?;
+                b.scatter_add_rows(dz.input(), &codes, d, scattered.output())?;
+                b.axpy(T::one(), scattered.input(), dzs.output())?;
             }
         }
-        if let (Some(head), Some(acts)) = (&heads.zero_inflation, &f.zero_inflation) {
-            head.backward(b, &p, &mut grads, &hd, None, acts, take(2), mode, InputGrad::Add(&mut dhd))?;
-        }
-        if kind == LikelihoodKind::Gaussian {
-            b.column_sums(take(1).input(), grads.get(heads.shared_slot()))?;
-        }
 
-        // Decoder, then the latent: dz from the decoder; dm, dlv from the reparameterisation and KL.
-        let mut dz = b.tensor(n, latent)?;
-        self.decoder.backward(b, &p, &mut grads, &Input::Dense(&f.z), Some(&f.cov), &f.dec, dhd, mode, InputGrad::Write(&mut dz))?;
-        let (mut dm, mut dlv) = (b.tensor(n, latent)?, b.tensor(n, latent)?);
-        b.reparameterize_backward(f.logvar.output().input(), f.eps.input(), dz.input(), dm.output(), dlv.output())?;
-        b.axpy(T::one(), f.dm_kl.input(), dm.output())?;
-        b.axpy(T::one(), f.dlv_kl.input(), dlv.output())?;
-
-        let he = Mlp::output(&f.enc);
-        let mut dhe = b.tensor(n, self.config.n_hidden)?;
-        self.mean.backward(b, &p, &mut grads, &Input::Dense(he), None, &f.mean, dm, mode, InputGrad::Write(&mut dhe))?;
-        self.logvar.backward(b, &p, &mut grads, &Input::Dense(he), None, &f.logvar, dlv, mode, InputGrad::Add(&mut dhe))?;
-        let input = Input::Counts { csr: &f.csr, transform: CountTransform::Log1p, rows: n };
-        let enc_cov = self.config.encode_covariates.then_some(&f.cov);
-        self.encoder.backward(b, &p, &mut grads, &input, enc_cov, &f.enc, dhe, mode, InputGrad::Skip)
+        // Through the reparameterisation and KL to each expert's (mean, log-variance) on its cells.
+        let n = match &latent {
+            Latent::Joint { m, .. } => m.rows,
+            Latent::Mixture { .. } => 0,
+        };
+        let expert_grads: Vec<Pair<Buf<T, B>>> = match latent {
+            Latent::Joint { means, logvars, masks, m, lv, eps, dm_kl, dlv_kl } => {
+                let (mut dm, mut dlv) = (b.tensor(n, d)?, b.tensor(n, d)?);
+                b.reparameterize_backward(lv.input(), eps.input(), dzs.input(), dm.output(), dlv.output())?;
+                b.axpy(T::one(), dm_kl.input(), dm.output())?;
+                b.axpy(T::one(), dlv_kl.input(), dlv.output())?;
+                let full: Vec<Pair<Buf<T, B>>> = match masks {
+                    Some(masks) => {
+                        let mut dms: Vec<Tensor<Buf<T, B>>> = means.iter().map(|_| b.tensor(n, d)).collect::<Result<_>>()?;
+                        let mut dlvs: Vec<Tensor<Buf<T, B>>> = means.iter().map(|_| b.tensor(n, d)).collect::<Result<_>>()?;
+                        {
+                            let masks: Vec<In<'_, Buf<T, B>>> = masks.iter().map(In::all).collect();
+                            let mut dm_outs: Vec<Out<'_, Buf<T, B>>> = dms.iter_mut().map(Tensor::output).collect();
+                            let mut dlv_outs: Vec<Out<'_, Buf<T, B>>> = dlvs.iter_mut().map(Tensor::output).collect();
+                            b.poe_backward(&inputs(&means), &inputs(&logvars), &masks, d, m.input(), lv.input(), dm.input(), dlv.input(), &mut dm_outs, &mut dlv_outs)?;
+                        }
+                        dms.into_iter().zip(dlvs).collect()
+                    }
+                    // Concat: every expert's head output adds into the joint.
+                    None => means.iter().map(|_| Ok((copy_of(&b, &dm)?, copy_of(&b, &dlv)?))).collect::<Result<_>>()?,
+                };
+                let pick = |t: Tensor<Buf<T, B>>, cells: &[usize]| -> Result<Tensor<Buf<T, B>>> {
+                    if cells.len() == n {
+                        return Ok(t);
+                    }
+                    let mut out = b.tensor(cells.len(), d)?;
+                    b.gather_rows(t.input(), cells, d, out.output())?;
+                    Ok(out)
+                };
+                full.into_iter().zip(&cells).map(|((dm, dlv), c)| Ok((pick(dm, c)?, pick(dlv, c)?))).collect::<Result<_>>()?
+            }
+            Latent::Mixture { eps, offsets, dm_kl, dlv_kl } => enc
+                .iter()
+                .enumerate()
+                .map(|(e, a)| {
+                    let rows = a.mean.output().rows;
+                    let (mut dm, mut dlv) = (b.tensor(rows, d)?, b.tensor(rows, d)?);
+                    let part = offsets[e] * d..(offsets[e] + rows) * d;
+                    b.reparameterize_backward(a.logvar.output().input(), eps[e].input(), In::part(&dzs.buf, part), dm.output(), dlv.output())?;
+                    b.axpy(T::one(), dm_kl[e].input(), dm.output())?;
+                    b.axpy(T::one(), dlv_kl[e].input(), dlv.output())?;
+                    Ok((dm, dlv))
+                })
+                .collect::<Result<_>>()?,
+        };
+        for ((encoder, acts), (dm, dlv)) in self.encoders.iter().zip(&enc).zip(expert_grads) {
+            encoder.backward(&b, &p, &mut grads, acts, dm, dlv, mode)?;
+        }
+        Ok(())
     }
 }

@@ -6,7 +6,7 @@ use tessera_kernels::backend::Cpu;
 use tessera_kernels::gradcheck::{check_at, spread};
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::layers::Mode;
-use tessera_models::{Dispersion, LikelihoodKind, Vae, VaeBatch, VaeConfig};
+use tessera_models::{Dispersion, Joint, LikelihoodKind, ModalityCounts, Vae, VaeBatch, VaeConfig};
 
 /// Counts for `n` cells x `g` genes with an all-zero cell, as CSR.
 fn counts(n: usize, g: usize, binary: bool) -> (Vec<u64>, Vec<u32>, Vec<f64>) {
@@ -35,8 +35,15 @@ fn check_model(config: VaeConfig) {
     let (n, g) = (6, 7);
     let (indptr, indices, data) = counts(n, g, config.likelihood == LikelihoodKind::Bernoulli);
     let cov = covariates(n);
-    let batch = VaeBatch { counts: CsrRef { rows: n, cols: g, indptr: &indptr, indices: &indices, data: &data }, covariates: &cov };
-    let mut model = Vae::<f64, Cpu>::new(Cpu, config.clone(), g, 2, 3, 11).unwrap();
+    let modalities = [ModalityCounts { counts: CsrRef { rows: n, cols: g, indptr: &indptr, indices: &indices, data: &data }, present: None }];
+    let batch = VaeBatch { modalities: &modalities, covariates: &cov };
+    let model = Vae::<f64, Cpu>::new(Cpu, config.clone(), &[("rna", g)], 2, 3, 11).unwrap();
+    check_gradients(model, batch, &format!("{config:?}"));
+}
+
+/// The whole model's gradient against central differences at 400 parameters spread over the
+/// layout, and a 1% error in it caught.
+fn check_gradients(mut model: Vae<f64, Cpu>, batch: VaeBatch<'_, f64>, what: &str) {
     // Move off the initial point so log θ / log σ² gradients are generic.
     for (i, v) in model.values.iter_mut().enumerate() {
         *v += 0.05 * ((i as f64) * 0.37).sin();
@@ -44,7 +51,7 @@ fn check_model(config: VaeConfig) {
     let mode = Mode::Train { seed: 5, step: 3 };
     let kl_weight = 0.7;
     let terms = model.loss_and_grad(batch, kl_weight, mode).unwrap();
-    assert!(terms.loss.is_finite() && terms.reconstruction > 0.0 && terms.kl >= 0.0, "{config:?}: {terms:?}");
+    assert!(terms.loss.is_finite() && terms.reconstruction > 0.0 && terms.kl >= 0.0, "{what}: {terms:?}");
     let analytic = model.grads.clone();
     let x0 = model.values.clone();
     let loss = |v: &[f64]| {
@@ -53,7 +60,7 @@ fn check_model(config: VaeConfig) {
     };
     let loss = std::cell::RefCell::new(loss);
     let at = spread(x0.len(), 400);
-    check_at(|v| (loss.borrow_mut())(v), &x0, &analytic, at.clone(), 1e-6, 1e-6).unwrap_or_else(|e| panic!("{config:?}: {e}"));
+    check_at(|v| (loss.borrow_mut())(v), &x0, &analytic, at.clone(), 1e-6, 1e-6).unwrap_or_else(|e| panic!("{what}: {e}"));
     // Not vacuous: gradients off by 1% are caught.
     let off: Vec<f64> = analytic.iter().map(|g| g * 1.01).collect();
     assert!(check_at(|v| (loss.borrow_mut())(v), &x0, &off, at, 1e-6, 1e-6).is_err());
@@ -90,14 +97,14 @@ fn non_finite_input_stops_training_naming_the_step_and_term() {
     let (n, g) = (4, 5);
     let (indptr, indices, mut data) = counts(n, g, false);
     let cov = covariates(n);
-    let model = Vae::<f64, Cpu>::new(Cpu, VaeConfig { n_hidden: 4, n_latent: 2, ..VaeConfig::default() }, g, 2, 3, 1).unwrap();
+    let model = Vae::<f64, Cpu>::new(Cpu, VaeConfig { n_hidden: 4, n_latent: 2, ..VaeConfig::default() }, &[("rna", g)], 2, 3, 1).unwrap();
     let mut trainer = Trainer::new(model, TrainConfig::default()).unwrap();
-    let batch = VaeBatch { counts: CsrRef { rows: n, cols: g, indptr: &indptr, indices: &indices, data: &data }, covariates: &cov };
-    trainer.step(batch, 0).unwrap();
+    let modalities = [ModalityCounts { counts: CsrRef { rows: n, cols: g, indptr: &indptr, indices: &indices, data: &data }, present: None }];
+    trainer.step(VaeBatch { modalities: &modalities, covariates: &cov }, 0).unwrap();
     let before = trainer.model.values.clone();
     data[0] = f64::NAN;
-    let batch = VaeBatch { counts: CsrRef { rows: n, cols: g, indptr: &indptr, indices: &indices, data: &data }, covariates: &cov };
-    match trainer.step(batch, 0) {
+    let modalities = [ModalityCounts { counts: CsrRef { rows: n, cols: g, indptr: &indptr, indices: &indices, data: &data }, present: None }];
+    match trainer.step(VaeBatch { modalities: &modalities, covariates: &cov }, 0) {
         Err(TrainError::NonFinite { step: 2, term, .. }) => assert_eq!(term, "reconstruction loss"),
         other => panic!("expected a non-finite error at step 2, got {other:?}"),
     }
@@ -109,4 +116,124 @@ fn non_finite_input_stops_training_naming_the_step_and_term() {
 fn early_stopping_watches_the_unweighted_elbo() {
     let t = tessera_models::LossTerms { reconstruction: 100.0, kl: 20.0, loss: 105.0, cells: 8 };
     assert_eq!(t.negative_elbo(), 120.0);
+}
+
+/// A mosaic batch of 7 cells: RNA (7 genes, NB) in all, protein (4, NB) in cells 0, 2, 3, 5,
+/// accessibility (5, Bernoulli) in 1, 2, 4, 5, 6: every combination of present modalities.
+/// CSR indptr, indices, values and width.
+type Counts = (Vec<u64>, Vec<u32>, Vec<f64>, usize);
+
+struct Mosaic {
+    counts: Vec<Counts>,
+    present: Vec<Vec<bool>>,
+    cov: Vec<f64>,
+}
+
+const MOSAIC_CELLS: usize = 7;
+
+impl Mosaic {
+    fn new() -> Mosaic {
+        let n = MOSAIC_CELLS;
+        let (rna_p, rna_i, rna_d) = counts(n, 7, false);
+        let (prot_p, prot_i, prot_d) = counts(n, 4, false);
+        let (atac_p, atac_i, atac_d) = counts(n, 5, true);
+        let present = vec![vec![true; n], [0, 2, 3, 5].iter().fold(vec![false; n], |mut v, &r| { v[r] = true; v }), [1, 2, 4, 5, 6].iter().fold(vec![false; n], |mut v, &r| { v[r] = true; v })];
+        Mosaic { counts: vec![(rna_p, rna_i, rna_d, 7), (prot_p, prot_i, prot_d, 4), (atac_p, atac_i, atac_d, 5)], present, cov: covariates(n) }
+    }
+
+    fn modalities(&self) -> Vec<ModalityCounts<'_, f64>> {
+        self.counts.iter().zip(&self.present).map(|((p, i, d, g), present)| ModalityCounts { counts: CsrRef { rows: MOSAIC_CELLS, cols: *g, indptr: p, indices: i, data: d }, present: Some(present) }).collect()
+    }
+
+    fn model(&self, joint: Joint) -> Vae<f64, Cpu> {
+        let config = VaeConfig { n_hidden: 4, n_latent: 3, n_layers: 1, joint, ..VaeConfig::default() };
+        Vae::<f64, Cpu>::new(Cpu, config, &[("rna", 7), ("protein", 4), ("atac", 5)], 2, 3, 17).unwrap()
+    }
+
+    /// The same batch with every absent cell's counts replaced by large garbage.
+    fn with_garbage(&self) -> Mosaic {
+        let counts = self
+            .counts
+            .iter()
+            .zip(&self.present)
+            .map(|((p, i, d, g), present)| {
+                let (mut indptr, mut indices, mut data) = (vec![0u64], Vec::new(), Vec::new());
+                for (r, &here) in present.iter().enumerate() {
+                    if here {
+                        let span = p[r] as usize..p[r + 1] as usize;
+                        indices.extend_from_slice(&i[span.clone()]);
+                        data.extend_from_slice(&d[span]);
+                    } else {
+                        for c in 0..*g {
+                            indices.push(c as u32);
+                            data.push(1000.0 + (r * 31 + c) as f64);
+                        }
+                    }
+                    indptr.push(data.len() as u64);
+                }
+                (indptr, indices, data, *g)
+            })
+            .collect();
+        Mosaic { counts, present: self.present.clone(), cov: self.cov.clone() }
+    }
+}
+
+#[test]
+fn multimodal_gradients_for_every_joint_posterior() {
+    let mosaic = Mosaic::new();
+    let modalities = mosaic.modalities();
+    assert_eq!(mosaic.model(Joint::Poe).modalities.iter().map(|m| m.likelihood).collect::<Vec<_>>(), [LikelihoodKind::Nb, LikelihoodKind::Nb, LikelihoodKind::Bernoulli]);
+    for joint in [Joint::Poe, Joint::Moe, Joint::Concat] {
+        check_gradients(mosaic.model(joint), VaeBatch { modalities: &modalities, covariates: &mosaic.cov }, &format!("{joint:?}"));
+    }
+}
+
+#[test]
+fn absent_modalities_are_ignored_by_loss_gradients_and_embedding() {
+    let clean = Mosaic::new();
+    let garbage = clean.with_garbage();
+    assert_ne!(clean.counts, garbage.counts);
+    for joint in [Joint::Poe, Joint::Moe, Joint::Concat] {
+        let mode = Mode::Train { seed: 3, step: 1 };
+        let run = |m: &Mosaic| {
+            let mut model = m.model(joint);
+            let modalities = m.modalities();
+            let batch = VaeBatch { modalities: &modalities, covariates: &m.cov };
+            let terms = model.loss_and_grad(batch, 0.5, mode).unwrap();
+            (terms, model.grads.clone(), model.latent_mean(batch).unwrap(), model.latent_and_expression(batch, 1e4).unwrap().1)
+        };
+        let (a, b) = (run(&clean), run(&garbage));
+        assert_eq!(a.0, b.0, "{joint:?}: loss terms");
+        assert_eq!(a.1, b.1, "{joint:?}: gradients");
+        assert_eq!(a.2, b.2, "{joint:?}: embedding");
+        assert_eq!(a.3, b.3, "{joint:?}: imputed expression");
+        // Not vacuous: garbage in a present cell changes the loss.
+        let mut touched = Mosaic::new();
+        touched.counts[1].2[0] += 50.0;
+        assert_ne!(run(&touched).0, a.0, "{joint:?}");
+    }
+}
+
+#[test]
+fn joint_posteriors_combine_experts_as_documented() {
+    // Cell 0 has RNA and protein.
+    let mosaic = Mosaic::new();
+    let modalities = mosaic.modalities();
+    let batch = VaeBatch { modalities: &modalities, covariates: &mosaic.cov };
+    let single = |i: usize| {
+        // Each expert alone: the same parameters, other modalities marked absent.
+        let absent = vec![false; MOSAIC_CELLS];
+        let masks: Vec<&[bool]> = (0..3).map(|k| if k == i { mosaic.present[k].as_slice() } else { absent.as_slice() }).collect();
+        let mods: Vec<ModalityCounts<'_, f64>> = modalities.iter().zip(&masks).map(|(m, p)| ModalityCounts { present: Some(p), ..*m }).collect();
+        let mut model = mosaic.model(Joint::Concat);
+        model.latent_mean(VaeBatch { modalities: &mods, covariates: &mosaic.cov }).unwrap()
+    };
+    let (rna, protein) = (single(0), single(1));
+    let mut concat = mosaic.model(Joint::Concat);
+    let mut moe = mosaic.model(Joint::Moe);
+    let (c, m) = (concat.latent_mean(batch).unwrap(), moe.latent_mean(batch).unwrap());
+    for k in 0..3 {
+        assert!((c[k] - (rna[k] + protein[k])).abs() < 1e-12, "concat sums the present heads");
+        assert!((m[k] - 0.5 * (rna[k] + protein[k])).abs() < 1e-12, "a mixture's mean averages its experts");
+    }
 }

@@ -18,7 +18,8 @@ pub const DEFAULT_MAX_CELLS: usize = 100_000;
 #[derive(Debug, Clone)]
 pub struct EvalRequest {
     pub data: String,
-    /// For MuData: the modality whose obsm/obs to read (default: the first holding the key).
+    /// For MuData: the modality whose obsm/obs to read (default: the root if it holds the key,
+    /// else the first modality that does).
     pub modality: Option<String>,
     pub embedding_key: String,
     /// obs column of cell types (default: `cell_type` when obs has it).
@@ -64,20 +65,24 @@ pub struct Evaluation {
 /// Reads the embedding and obs columns and computes every metric.
 pub fn evaluate_store(req: &EvalRequest) -> Result<Evaluation, EvalError> {
     let started = std::time::Instant::now();
-    let adata = target(&Dataset::open(&req.data)?, req)?;
-    let embedding = adata.element(&format!("obsm/{}", req.embedding_key));
-    let (x, d) = adata.obsm(&req.embedding_key)?;
-    let n_obs = adata.n_obs() as usize;
-    let has = |key: &str| adata.obs_column(key).is_ok();
+    let dataset = Dataset::open(&req.data)?;
+    let (embedded, columns) = target(&dataset, req)?;
+    let embedding = embedded.element(&format!("obsm/{}", req.embedding_key));
+    let (x, d) = embedded.obsm(&req.embedding_key)?;
+    let n_obs = embedded.n_obs() as usize;
+    // A column is read where it is, the embedding's own obs first.
+    let obs_of = |key: &str| std::iter::once(&embedded).chain(&columns).find(|a| a.obs_column(key).is_ok()).unwrap_or(&embedded);
+    let has = |key: &str| obs_of(key).obs_column(key).is_ok();
+    let adata = &embedded;
     let label_key = match &req.label_key {
         Some(k) => k.clone(),
         None if has(DEFAULT_LABEL_KEY) => DEFAULT_LABEL_KEY.to_string(),
         None => return Err(EvalError::Input { store: req.data.clone(), reason: format!("{}: no {DEFAULT_LABEL_KEY:?} column; name the cell-type column (--label-key)", adata.element("obs")) }),
     };
     let batch_key = req.batch_key.clone().or_else(|| has(DEFAULT_BATCH_KEY).then(|| DEFAULT_BATCH_KEY.to_string()));
-    let labels = codes(&adata, &label_key, &req.data)?;
+    let labels = codes(obs_of(&label_key), &label_key, &req.data)?;
     let batches = match &batch_key {
-        Some(key) => codes(&adata, key, &req.data)?,
+        Some(key) => codes(obs_of(key), key, &req.data)?,
         None => vec![0; n_obs],
     };
     let mut keep: Vec<usize> = (0..n_obs).filter(|&i| labels[i] >= 0 && batches[i] >= 0).collect();
@@ -111,21 +116,32 @@ pub fn evaluate_store(req: &EvalRequest) -> Result<Evaluation, EvalError> {
     })
 }
 
-/// The AnnData holding the embedding: the store itself, or a MuData modality.
-fn target(dataset: &Dataset, req: &EvalRequest) -> Result<AnnData, EvalError> {
+/// The AnnData holding the embedding (the store itself, or for MuData the root (a joint
+/// embedding) or a modality), and AnnData whose obs columns also describe its cells: a
+/// modality holding every global cell in order shares the MuData root's obs.
+fn target(dataset: &Dataset, req: &EvalRequest) -> Result<(AnnData, Vec<AnnData>), EvalError> {
     match dataset {
-        Dataset::AnnData(a) => Ok(a.clone()),
+        Dataset::AnnData(a) => Ok((a.clone(), Vec::new())),
         Dataset::MuData(m) => {
+            let with_root = |i: usize, a: &AnnData| {
+                let in_order = a.n_obs() == m.n_obs() && m.obsmap[i].iter().enumerate().all(|(r, &row)| row as usize == r + 1);
+                (a.clone(), if in_order { vec![m.root()] } else { Vec::new() })
+            };
             if let Some(name) = &req.modality {
-                return Ok(m.modality(name)?.1.clone());
+                let (i, a) = m.modality(name)?;
+                return Ok(with_root(i, a));
             }
-            for (_, a) in &m.modalities {
+            let root = m.root();
+            if root.keys("obsm")?.contains(&req.embedding_key) {
+                return Ok((root, Vec::new()));
+            }
+            for (i, (_, a)) in m.modalities.iter().enumerate() {
                 if a.keys("obsm")?.contains(&req.embedding_key) {
-                    return Ok(a.clone());
+                    return Ok(with_root(i, a));
                 }
             }
             let names: Vec<&str> = m.modalities.iter().map(|(n, _)| n.as_str()).collect();
-            Err(EvalError::Input { store: req.data.clone(), reason: format!("no modality of {names:?} has obsm/{}", req.embedding_key) })
+            Err(EvalError::Input { store: req.data.clone(), reason: format!("neither the root nor a modality of {names:?} has obsm/{}", req.embedding_key) })
         }
     }
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tessera_data::{AnnData, Dataset, Loader, LoaderConfig, MiniBatch};
 use tessera_kernels::backend::Cpu;
 use tessera_kernels::ops::linear::CsrRef;
-use tessera_models::{LossTerms, Plateau, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
+use tessera_models::{LossTerms, ModalityCounts, Plateau, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
 
 use crate::checkpoint::{self, FitState};
 
@@ -33,8 +33,8 @@ impl FitConfig {
 #[derive(Debug, Clone)]
 pub struct FitOptions {
     pub data: String,
-    /// The modality of a MuData store to model (default "rna", else the first).
-    pub modality: Option<String>,
+    /// The modalities of a MuData store to model (empty: all of them).
+    pub modalities: Vec<String>,
     pub batch_key: Option<String>,
     pub label_key: Option<String>,
     pub config: FitConfig,
@@ -46,8 +46,10 @@ pub struct FitOptions {
     pub overwrite: bool,
     /// Continue from `<out>/checkpoint` (same data and configuration; `max_epochs` may grow).
     pub resume: bool,
-    /// Also write the decoder's expression at each cell's latent mean to `layers/<key>` (dense,
-    /// n_obs x features, held in memory while written).
+    /// Also write the decoders' expression at each cell's latent mean (dense, held in memory
+    /// while written): one modality covering every cell → `layers/<key>` of that AnnData;
+    /// several → `obsm/<key>_<modality>` at the MuData root, every cell (imputed where the cell
+    /// lacks the modality).
     pub denoised: Option<Denoised>,
 }
 
@@ -99,13 +101,16 @@ pub struct FitReport {
     pub stopped_early: bool,
     pub n_train: u64,
     pub n_validation: u64,
-    pub n_features: usize,
+    /// The modelled modalities and their feature counts.
+    pub modalities: Vec<(String, usize)>,
     pub batch_categories: Vec<String>,
     /// Latent means, n_obs x n_latent, in cell order (also in the store's obsm).
     pub embedding: Vec<f32>,
     pub n_latent: usize,
-    /// Where the embedding went: `<store>/obsm/<key>` (or a modality's obsm).
+    /// Where the embedding went: `<store>/obsm/<key>` (a MuData root's, or a modality's obsm).
     pub embedding_element: String,
+    /// Where the denoised/imputed expression went.
+    pub denoised_elements: Vec<String>,
 }
 
 /// Progress events for a bar or logs.
@@ -119,28 +124,31 @@ pub enum Progress<'a> {
 /// Trains on `opts.data` on the CPU backend (f32) and writes the outputs.
 pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<FitReport, FitError> {
     let dataset = Dataset::open(&opts.data)?;
-    let (modality, target) = output_target(&dataset, opts.modality.as_deref(), &opts.data)?;
     let n_obs = dataset.n_obs();
     let tc = opts.config.train.clone();
     let loader_config = |shuffle: bool| LoaderConfig { batch_size: tc.batch_size, shuffle, seed: tc.seed, batch_key: opts.batch_key.clone(), label_key: opts.label_key.clone(), ..LoaderConfig::default() };
     let loader = Loader::new(&dataset, 0..n_obs, loader_config(true))?;
-    let names = loader.modality_names();
-    let m_index = names.iter().position(|n| *n == modality).ok_or_else(|| FitError::Input { store: opts.data.clone(), reason: format!("no modality {modality:?}; found {names:?}") })?;
-    let n_features = target.n_vars() as usize;
+    let plan = OutputPlan::new(&dataset, &opts.modalities, &loader.modality_names(), &opts.data)?;
     // Refused now rather than after hours of training.
-    let outputs = std::iter::once(("obsm", &opts.embedding_key)).chain(opts.denoised.as_ref().map(|d| ("layers", &d.key)));
-    for (mapping, key) in outputs {
-        if !opts.overwrite && target.keys(mapping)?.contains(key) {
-            return Err(tessera_data::DataError::Exists { store: opts.data.clone(), path: target.element(&format!("{mapping}/{key}")) }.into());
+    let denoised_keys: Vec<(&str, String)> = match &opts.denoised {
+        None => Vec::new(),
+        Some(d) if plan.layer => vec![("layers", d.key.clone())],
+        Some(d) => plan.modalities.iter().map(|(name, _, _)| ("obsm", format!("{}_{name}", d.key))).collect(),
+    };
+    for (mapping, key) in std::iter::once(("obsm", opts.embedding_key.clone())).chain(denoised_keys.iter().cloned()) {
+        if !opts.overwrite && plan.target.keys(mapping)?.contains(&key) {
+            return Err(tessera_data::DataError::Exists { store: opts.data.clone(), path: plan.target.element(&format!("{mapping}/{key}")) }.into());
         }
     }
+    let m_index: Vec<usize> = plan.modalities.iter().map(|m| m.1).collect();
+    let shapes: Vec<(&str, usize)> = plan.modalities.iter().map(|(name, _, g)| (name.as_str(), *g)).collect();
     let n_batch = loader.batch_categories.len();
     let n_cov = n_batch;
 
-    let model = Vae::<f32, Cpu>::new(Cpu, opts.config.model.clone(), n_features, n_batch, n_cov, tc.seed)?;
+    let model = Vae::<f32, Cpu>::new(Cpu, opts.config.model.clone(), &shapes, n_batch, n_cov, tc.seed)?;
     let mut trainer = Trainer::new(model, tc.clone())?;
     let epochs = tc.epochs(n_obs);
-    let resolved = serde_json::json!({ "data": opts.data, "modality": modality, "batch_key": opts.batch_key, "label_key": opts.label_key, "n_obs": n_obs, "n_features": n_features, "batch_categories": loader.batch_categories, "model": opts.config.model, "train": opts.config.train, "epochs": epochs });
+    let resolved = serde_json::json!({ "data": opts.data, "modalities": model_shapes(&trainer.model), "batch_key": opts.batch_key, "label_key": opts.label_key, "n_obs": n_obs, "batch_categories": loader.batch_categories, "model": opts.config.model, "train": opts.config.train, "epochs": epochs });
     let checkpoint_dir = opts.out.join("checkpoint");
     let mut validation = Validation { seed: tc.seed, fraction: tc.validation_fraction, cap: tc.max_validation_cells, cells: HashSet::new(), batches: Vec::new() };
     let mut state = FitState { epochs_done: 0, step: 0, plateau: Plateau::new(tc.lr), best: f64::INFINITY, since_best: 0, n_train: 0, history: Vec::new(), run: resolved.clone() };
@@ -148,7 +156,7 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
         state = checkpoint::load(&checkpoint_dir, &resolved, &mut trainer)?;
         // The held-out cells and their batches, exactly as the first epoch drew them.
         for mb in loader.epoch(0) {
-            validation.split(&mb?, 0, m_index, n_cov);
+            validation.split(&mb?, 0, &m_index, n_cov);
         }
         tracing::info!(epoch = state.epochs_done, step = state.step, "resuming from {}", checkpoint_dir.display());
     }
@@ -160,13 +168,13 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
         let mut sums = Sums::default();
         for mb in loader.epoch(epoch as u64) {
             let mb = mb?;
-            let train_rows = validation.split(&mb, epoch, m_index, n_cov);
+            let train_rows = validation.split(&mb, epoch, &m_index, n_cov);
             // BatchNorm needs two cells; a lone leftover cell waits for the next epoch's order.
             if train_rows.len() < 2 {
                 continue;
             }
-            let batch = Converted::new(&mb, m_index, &train_rows, n_cov);
-            let terms = on_pool(|| trainer.step(batch.as_batch(), epoch))?;
+            let batch = Converted::new(&mb, &m_index, &train_rows, n_cov);
+            let terms = on_pool(|| batch.with(|b| trainer.step(b, epoch)))?;
             sums.add(&terms);
             progress(Progress::Batch { cells: terms.cells, loss: &terms });
         }
@@ -179,7 +187,7 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
         } else {
             let mut v = Sums::default();
             for b in &validation.batches {
-                v.add(&on_pool(|| trainer.validate(b.as_batch(), epoch))?);
+                v.add(&on_pool(|| b.with(|b| trainer.validate(b, epoch)))?);
             }
             Some(v.mean(kl_weight))
         };
@@ -214,32 +222,39 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
         }
     }
 
-    // Embedding of every cell, in order, then the records.
+    // Embedding (and expression) of every cell, in order, then the records.
     let n_latent = opts.config.model.n_latent;
-    let mut embedding = vec![0f32; n_obs as usize * n_latent];
-    let mut denoised = opts.denoised.as_ref().map(|_| vec![0f32; n_obs as usize * n_features]);
+    let n = n_obs as usize;
+    let mut embedding = vec![0f32; n * n_latent];
+    let mut denoised: Vec<Vec<f32>> = if opts.denoised.is_some() { plan.modalities.iter().map(|(_, _, g)| vec![0f32; n * g]).collect() } else { Vec::new() };
     let ordered = Loader::new(&dataset, 0..n_obs, loader_config(false))?;
     for mb in ordered.epoch(0) {
         let mb = mb?;
         let rows: Vec<usize> = (0..mb.cells.len()).collect();
-        let batch = Converted::new(&mb, m_index, &rows, n_cov);
-        let (z, expression) = match (&opts.denoised, &mut denoised) {
-            (Some(d), Some(_)) => on_pool(|| trainer.model.latent_and_expression(batch.as_batch(), d.library_size)).map(|(z, e)| (z, Some(e)))?,
-            _ => (on_pool(|| trainer.model.latent_mean(batch.as_batch()))?, None),
+        let batch = Converted::new(&mb, &m_index, &rows, n_cov);
+        let (z, expression) = match &opts.denoised {
+            Some(d) => on_pool(|| batch.with(|b| trainer.model.latent_and_expression(b, d.library_size)))?,
+            None => (on_pool(|| batch.with(|b| trainer.model.latent_mean(b)))?, Vec::new()),
         };
         for (r, &cell) in mb.cells.iter().enumerate() {
             let cell = cell as usize;
             embedding[cell * n_latent..(cell + 1) * n_latent].copy_from_slice(&z[r * n_latent..(r + 1) * n_latent]);
-            if let (Some(all), Some(e)) = (&mut denoised, &expression) {
-                all[cell * n_features..(cell + 1) * n_features].copy_from_slice(&e[r * n_features..(r + 1) * n_features]);
+            for ((all, e), (_, _, g)) in denoised.iter_mut().zip(&expression).zip(&plan.modalities) {
+                all[cell * g..(cell + 1) * g].copy_from_slice(&e[r * g..(r + 1) * g]);
             }
         }
     }
-    target.write_obsm(&opts.embedding_key, &embedding, n_latent, opts.overwrite)?;
-    if let (Some(d), Some(values)) = (&opts.denoised, &denoised) {
-        target.write_dense_layer(&d.key, values, opts.overwrite)?;
+    plan.target.write_obsm(&opts.embedding_key, &embedding, n_latent, opts.overwrite)?;
+    let mut denoised_elements = Vec::new();
+    for ((mapping, key), (values, (_, _, g))) in denoised_keys.iter().zip(denoised.iter().zip(&plan.modalities)) {
+        if *mapping == "layers" {
+            plan.target.write_dense_layer(key, values, opts.overwrite)?;
+        } else {
+            plan.target.write_obsm(key, values, *g, opts.overwrite)?;
+        }
+        denoised_elements.push(plan.target.element(&format!("{mapping}/{key}")));
     }
-    let embedding_element = target.element(&format!("obsm/{}", opts.embedding_key));
+    let embedding_element = plan.target.element(&format!("obsm/{}", opts.embedding_key));
 
     std::fs::create_dir_all(&opts.out).map_err(|e| FitError::Output { path: opts.out.display().to_string(), reason: e.to_string() })?;
     write_history(&opts.out.join("history.csv"), &state.history)?;
@@ -247,7 +262,7 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     crate::plot::loss_plot(&state.history, &plot).map_err(|reason| FitError::Output { path: plot.display().to_string(), reason })?;
     checkpoint::write_weights(&opts.out.join("model.safetensors"), &trainer)?;
     write_file(&opts.out.join("config.json"), serde_json::to_string_pretty(&resolved).unwrap_or_default().as_bytes())?;
-    Ok(FitReport { history: state.history, stopped_early, n_train: state.n_train, n_validation: validation.cells.len() as u64, n_features, batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element })
+    Ok(FitReport { history: state.history, stopped_early, n_train: state.n_train, n_validation: validation.cells.len() as u64, modalities: model_shapes(&trainer.model), batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element, denoised_elements })
 }
 
 /// Runs one model call on a thread of the compute pool, so each op's parallel loop starts where
@@ -259,20 +274,46 @@ fn on_pool<R: Send>(call: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| call())
 }
 
-/// The modality to model and the AnnData whose obsm receives the embedding: the store itself,
-/// or for a MuData store the modality (which must then hold every cell: a joint embedding of a
-/// partially measured modality belongs in the MuData root, which the multimodal model writes).
-fn output_target(dataset: &Dataset, modality: Option<&str>, store: &str) -> Result<(String, AnnData), FitError> {
-    match dataset {
-        Dataset::AnnData(a) => Ok((modality.unwrap_or("X").to_string(), a.clone())),
-        Dataset::MuData(m) => {
-            let name = modality.map(str::to_string).or_else(|| m.modalities.iter().find(|(n, _)| n == "rna").or(m.modalities.first()).map(|(n, _)| n.clone()));
-            let Some(name) = name else { return Err(FitError::Input { store: store.into(), reason: "MuData store has no modalities".into() }) };
-            let (i, adata) = m.modality(&name)?;
-            if adata.n_obs() != m.n_obs() || m.presence(i).iter().any(|p| !p) {
-                return Err(FitError::Input { store: store.into(), reason: format!("modality {name:?} lacks some cells; the single-modality model needs every cell measured") });
+fn model_shapes(model: &Vae<f32, Cpu>) -> Vec<(String, usize)> {
+    model.modalities.iter().map(|m| (m.name.clone(), m.n_features)).collect()
+}
+
+/// The modalities to model and where the outputs go.
+struct OutputPlan {
+    /// (name, index among the loader's modalities, features).
+    modalities: Vec<(String, usize, usize)>,
+    /// The AnnData whose obsm receives the embedding: the store itself, the one modality of a
+    /// MuData store when it covers every cell, else the MuData root (a joint embedding).
+    target: AnnData,
+    /// Whether the denoised expression fits the target's layers (one modality, every cell).
+    layer: bool,
+}
+
+impl OutputPlan {
+    fn new(dataset: &Dataset, wanted: &[String], loaded: &[String], store: &str) -> Result<OutputPlan, FitError> {
+        let index = |name: &str| loaded.iter().position(|n| n == name).ok_or_else(|| FitError::Input { store: store.into(), reason: format!("no modality {name:?}; the store has {loaded:?}") });
+        match dataset {
+            Dataset::AnnData(a) => {
+                if let Some(other) = wanted.iter().find(|w| !loaded.contains(w)) {
+                    return Err(FitError::Input { store: store.into(), reason: format!("no modality {other:?}: an AnnData store has one matrix, X") });
+                }
+                Ok(OutputPlan { modalities: vec![(loaded[0].clone(), 0, a.n_vars() as usize)], target: a.clone(), layer: true })
             }
-            Ok((name, adata.clone()))
+            Dataset::MuData(m) => {
+                let names: Vec<String> = if wanted.is_empty() { m.modalities.iter().map(|(n, _)| n.clone()).collect() } else { wanted.to_vec() };
+                if names.is_empty() {
+                    return Err(FitError::Input { store: store.into(), reason: "MuData store has no modalities".into() });
+                }
+                let mut modalities = Vec::with_capacity(names.len());
+                for name in &names {
+                    let (i, adata) = m.modality(name)?;
+                    modalities.push((name.clone(), index(name)?, adata.n_vars() as usize));
+                    if names.len() == 1 && (adata.n_obs() == m.n_obs() && m.presence(i).iter().all(|&p| p)) {
+                        return Ok(OutputPlan { modalities, target: adata.clone(), layer: true });
+                    }
+                }
+                Ok(OutputPlan { modalities, target: m.root(), layer: false })
+            }
         }
     }
 }
@@ -289,7 +330,7 @@ struct Validation {
 
 impl Validation {
     /// The rows of `mb` to train on; in epoch 0 the others join the validation set.
-    fn split(&mut self, mb: &MiniBatch, epoch: usize, modality: usize, n_cov: usize) -> Vec<usize> {
+    fn split(&mut self, mb: &MiniBatch, epoch: usize, modalities: &[usize], n_cov: usize) -> Vec<usize> {
         let mut train = Vec::with_capacity(mb.cells.len());
         let mut held = Vec::new();
         for (r, &cell) in mb.cells.iter().enumerate() {
@@ -298,7 +339,7 @@ impl Validation {
         }
         if epoch == 0 && !held.is_empty() {
             self.cells.extend(held.iter().map(|&r| mb.cells[r]));
-            self.batches.push(Converted::new(mb, modality, &held, n_cov));
+            self.batches.push(Converted::new(mb, modalities, &held, n_cov));
         }
         train
     }
@@ -339,17 +380,21 @@ impl Sums {
 #[derive(Debug)]
 struct Converted {
     rows: usize,
-    cols: usize,
-    indptr: Vec<u64>,
-    indices: Vec<u32>,
-    data: Vec<f32>,
+    /// Per modality: features, CSR rows, and which cells were measured (None: all).
+    counts: Vec<(usize, tessera_data::Csr, Option<Vec<bool>>)>,
     covariates: Vec<f32>,
 }
 
 impl Converted {
-    fn new(mb: &MiniBatch, modality: usize, rows: &[usize], n_cov: usize) -> Converted {
-        let counts = &mb.modalities[modality].counts;
-        let selected = counts.select_rows(rows);
+    fn new(mb: &MiniBatch, modalities: &[usize], rows: &[usize], n_cov: usize) -> Converted {
+        let counts = modalities
+            .iter()
+            .map(|&m| {
+                let modality = &mb.modalities[m];
+                let present: Vec<bool> = rows.iter().map(|&r| modality.present[r]).collect();
+                (modality.counts.n_cols, modality.counts.select_rows(rows), (!present.iter().all(|&p| p)).then_some(present))
+            })
+            .collect();
         let mut covariates = vec![0f32; rows.len() * n_cov];
         for (i, &r) in rows.iter().enumerate() {
             // An unknown batch (-1) leaves the row all-zero.
@@ -359,11 +404,13 @@ impl Converted {
                 covariates[i * n_cov + code] = 1.0;
             }
         }
-        Converted { rows: rows.len(), cols: counts.n_cols, indptr: selected.indptr, indices: selected.indices, data: selected.data, covariates }
+        Converted { rows: rows.len(), counts, covariates }
     }
 
-    fn as_batch(&self) -> VaeBatch<'_, f32> {
-        VaeBatch { counts: CsrRef { rows: self.rows, cols: self.cols, indptr: &self.indptr, indices: &self.indices, data: &self.data }, covariates: &self.covariates }
+    /// Calls `f` with the model's view of these rows.
+    fn with<R>(&self, f: impl FnOnce(VaeBatch<'_, f32>) -> R) -> R {
+        let modalities: Vec<ModalityCounts<'_, f32>> = self.counts.iter().map(|(cols, c, present)| ModalityCounts { counts: CsrRef { rows: self.rows, cols: *cols, indptr: &c.indptr, indices: &c.indices, data: &c.data }, present: present.as_deref() }).collect();
+        f(VaeBatch { modalities: &modalities, covariates: &self.covariates })
     }
 }
 

@@ -26,7 +26,7 @@ fn options(data: &str, out: &Path, epochs: usize) -> FitOptions {
     let mut config = FitConfig::default();
     config.train.max_epochs = Some(epochs);
     config.train.kl_warmup_epochs = epochs / 2;
-    FitOptions { data: data.into(), modality: None, batch_key: None, label_key: Some("cell_type".into()), config, out: out.to_path_buf(), embedding_key: "X_tessera".into(), overwrite: false, resume: false, denoised: None }
+    FitOptions { data: data.into(), modalities: Vec::new(), batch_key: None, label_key: Some("cell_type".into()), config, out: out.to_path_buf(), embedding_key: "X_tessera".into(), overwrite: false, resume: false, denoised: None }
 }
 
 /// Leave-one-out k-nearest-neighbour accuracy of `labels` in an embedding.
@@ -125,10 +125,97 @@ fn bad_inputs_are_named() {
 
     let mudata = shared_data().join("fixtures/mu013_v3.zarr");
     let mut opts = options(&mudata.display().to_string(), dir.path(), 1);
-    opts.modality = Some("atac".into());
+    opts.label_key = None;
+    opts.modalities = vec!["rna".into(), "atac".into()];
     let err = fit(&opts, |_| {}).unwrap_err();
-    assert!(err.to_string().contains("atac"), "{err}");
-    opts.modality = Some("prot".into());
+    assert!(err.to_string().contains("mod/atac") && err.to_string().contains("rna, prot"), "{err}");
+    let pbmc = pbmc_copy(dir.path());
+    let mut opts = options(&pbmc, dir.path(), 1);
+    opts.modalities = vec!["prot".into()];
     let err = fit(&opts, |_| {}).unwrap_err();
-    assert!(err.to_string().contains("lacks some cells"), "{err}");
+    assert!(err.to_string().contains("\"prot\"") && err.to_string().contains("one matrix"), "{err}");
+}
+
+/// A simulated mosaic CITE-seq + accessibility store: 3 batches, 6 cell types, protein and
+/// accessibility each missing in 30% of cells.
+fn mosaic_store(dir: &Path) -> String {
+    let location = dir.join("mosaic.zarr").display().to_string();
+    let config = tessera_data::SimConfig { n_cells: 1500, n_genes: 300, n_proteins: 20, n_peaks: 150, n_types: 6, missing: 0.3, seed: 4, ..tessera_data::SimConfig::default() };
+    tessera_data::simulate(&location, &config, |_| {}).unwrap();
+    location
+}
+
+#[test]
+fn mosaic_multimodal_training_integrates_every_cell_and_imputes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = mosaic_store(dir.path());
+    for joint in [tessera_models::Joint::Poe, tessera_models::Joint::Moe, tessera_models::Joint::Concat] {
+        let out = dir.path().join(format!("out-{joint:?}"));
+        let mut opts = options(&data, &out, 40);
+        opts.batch_key = Some("batch".into());
+        opts.config.model.joint = joint;
+        opts.embedding_key = format!("X_{joint:?}");
+        opts.denoised = Some(tessera_worker::Denoised { key: format!("denoised_{joint:?}"), library_size: 1e4 });
+        let report = fit(&opts, |_| {}).unwrap();
+        assert_eq!(report.modalities, vec![("rna".to_string(), 300), ("prot".to_string(), 20), ("atac".to_string(), 150)]);
+        assert_eq!(report.embedding_element, format!("obsm/X_{joint:?}"), "a joint embedding goes to the MuData root");
+        let first = report.history[0].validation.unwrap().negative_elbo();
+        let last = report.history.last().unwrap().validation.unwrap().negative_elbo();
+        assert!(last < 0.9 * first, "{joint:?}: validation -ELBO {first} -> {last}");
+
+        // Every cell, with or without protein/accessibility, lands among its type.
+        let mu = tessera_data::MuData::open(&data).unwrap();
+        let root = mu.root();
+        let (x, d) = root.obsm(&format!("X_{joint:?}")).unwrap();
+        assert_eq!((x.len() / d, d), (1500, 10));
+        let Column::Categorical { codes, .. } = root.obs_column("cell_type").unwrap() else { panic!("cell_type is categorical") };
+        let accuracy = knn_accuracy(&x, d, &codes, 15);
+        assert!(accuracy > 0.9, "{joint:?}: kNN cell-type accuracy {accuracy}");
+        let (pi, _) = mu.modality("prot").unwrap();
+        let missing: Vec<usize> = mu.presence(pi).iter().enumerate().filter(|(_, p)| !**p).map(|(i, _)| i).collect();
+        assert!(missing.len() > 300, "{} cells lack protein", missing.len());
+
+        // Imputed protein for cells without it: every cell has a row, and it tracks the cell
+        // type (cells of one type closer to their type's mean imputed profile than to others').
+        let (imputed, p) = root.obsm(&format!("denoised_{joint:?}_prot")).unwrap();
+        assert_eq!((imputed.len() / p, p), (1500, 20));
+        assert!(imputed.iter().all(|v| v.is_finite() && *v >= 0.0));
+        let types = 6;
+        let mut means = vec![vec![0f64; p]; types];
+        let mut counts = vec![0usize; types];
+        for (i, &t) in codes.iter().enumerate() {
+            if mu.presence(pi)[i] {
+                counts[t as usize] += 1;
+                for (m, v) in means[t as usize].iter_mut().zip(&imputed[i * p..(i + 1) * p]) {
+                    *m += (*v as f64 + 1.0).ln();
+                }
+            }
+        }
+        means.iter_mut().zip(&counts).for_each(|(m, &c)| m.iter_mut().for_each(|v| *v /= c as f64));
+        let nearest_type = |row: &[f32]| (0..types).min_by(|&a, &b| {
+            let dist = |t: usize| means[t].iter().zip(row).map(|(m, v)| (m - (*v as f64 + 1.0).ln()).powi(2)).sum::<f64>();
+            dist(a).total_cmp(&dist(b))
+        }).unwrap();
+        let hits = missing.iter().filter(|&&i| nearest_type(&imputed[i * p..(i + 1) * p]) == codes[i] as usize).count();
+        assert!(hits as f64 > 0.9 * missing.len() as f64, "{joint:?}: imputed protein matches the type of {hits}/{} cells", missing.len());
+    }
+}
+
+#[test]
+fn mudata_fixture_trains_jointly_and_refuses_existing_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("mu.zarr").display().to_string();
+    tessera_data::convert(&shared_data().join("fixtures/mu013_v3.zarr").display().to_string(), &data, tessera_data::ZarrVersion::V3, |_| {}).unwrap();
+    let mut opts = options(&data, &dir.path().join("out"), 2);
+    opts.label_key = None;
+    let report = fit(&opts, |_| {}).unwrap();
+    assert_eq!(report.modalities, vec![("rna".to_string(), 200), ("prot".to_string(), 12)]);
+    let root = tessera_data::MuData::open(&data).unwrap().root();
+    assert_eq!(root.obsm("X_tessera").unwrap().1, 10);
+    let err = fit(&opts, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("obsm/X_tessera"), "{err}");
+    // RNA alone holds every cell: its own obsm, as a single-modality model.
+    opts.modalities = vec!["rna".into()];
+    let report = fit(&opts, |_| {}).unwrap();
+    assert_eq!(report.embedding_element, "mod/rna/obsm/X_tessera");
 }

@@ -56,6 +56,13 @@ fn w<'a, T>(x: Out<'a, Vec<T>>) -> &'a mut [T] {
     &mut x.buf[x.range]
 }
 
+/// The experts of a product of experts as the reference op takes them (0/1 masks as booleans).
+#[allow(clippy::type_complexity)]
+fn experts<'a, T: Real>(means: &[In<'a, Vec<T>>], logvars: &[In<'a, Vec<T>>], present: &[In<'a, Vec<T>>]) -> (Vec<&'a [T]>, Vec<&'a [T]>, Vec<Vec<bool>>) {
+    let masks = present.iter().map(|p| r(p).iter().map(|v| *v != T::zero()).collect()).collect();
+    (means.iter().map(r).collect(), logvars.iter().map(r).collect(), masks)
+}
+
 impl<T: Gemm> Backend<T> for Cpu {
     type Buf = Vec<T>;
     type Csr = HostCsr<T>;
@@ -143,6 +150,16 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(())
     }
 
+    fn gather_rows(&self, table: In<'_, Vec<T>>, codes: &[usize], cols: usize, out: Out<'_, Vec<T>>) -> Result<()> {
+        elementwise::gather_rows(r(&table), codes, cols, w(out));
+        Ok(())
+    }
+
+    fn scatter_add_rows(&self, x: In<'_, Vec<T>>, codes: &[usize], cols: usize, table: Out<'_, Vec<T>>) -> Result<()> {
+        elementwise::scatter_add_rows(r(&x), codes, cols, w(table));
+        Ok(())
+    }
+
     fn dropout(&self, x: In<'_, Vec<T>>, p: f32, seed: u64, stream: u64, y: Out<'_, Vec<T>>) -> Result<()> {
         dropout::dropout_forward(r(&x), p, seed, stream, w(y));
         Ok(())
@@ -193,6 +210,22 @@ impl<T: Gemm> Backend<T> for Cpu {
 
     fn kl_standard_normal(&self, m: In<'_, Vec<T>>, lv: In<'_, Vec<T>>, dim: usize, weights: Option<In<'_, Vec<T>>>, kl: Out<'_, Vec<T>>, dm: Out<'_, Vec<T>>, dlv: Out<'_, Vec<T>>) -> Result<()> {
         gaussian::kl_standard_normal(r(&m), r(&lv), dim, weights.as_ref().map(r), w(kl), w(dm), w(dlv));
+        Ok(())
+    }
+
+    fn poe_forward(&self, means: &[In<'_, Vec<T>>], logvars: &[In<'_, Vec<T>>], present: &[In<'_, Vec<T>>], dim: usize, m: Out<'_, Vec<T>>, lv: Out<'_, Vec<T>>) -> Result<()> {
+        let (means, logvars, masks) = experts(means, logvars, present);
+        let masks: Vec<&[bool]> = masks.iter().map(Vec::as_slice).collect();
+        gaussian::poe_forward(&means, &logvars, &masks, dim, w(m), w(lv));
+        Ok(())
+    }
+
+    fn poe_backward(&self, means: &[In<'_, Vec<T>>], logvars: &[In<'_, Vec<T>>], present: &[In<'_, Vec<T>>], dim: usize, m: In<'_, Vec<T>>, lv: In<'_, Vec<T>>, dm: In<'_, Vec<T>>, dlv: In<'_, Vec<T>>, dmeans: &mut [Out<'_, Vec<T>>], dlogvars: &mut [Out<'_, Vec<T>>]) -> Result<()> {
+        let (means, logvars, masks) = experts(means, logvars, present);
+        let masks: Vec<&[bool]> = masks.iter().map(Vec::as_slice).collect();
+        let mut dmeans: Vec<&mut [T]> = dmeans.iter_mut().map(|g| &mut g.buf[g.range.clone()]).collect();
+        let mut dlogvars: Vec<&mut [T]> = dlogvars.iter_mut().map(|g| &mut g.buf[g.range.clone()]).collect();
+        gaussian::poe_backward(&means, &logvars, &masks, dim, r(&m), r(&lv), r(&dm), r(&dlv), &mut dmeans, &mut dlogvars);
         Ok(())
     }
 

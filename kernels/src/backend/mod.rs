@@ -142,6 +142,10 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     fn bias_add(&self, y: Out<'_, Self::Buf>, bias: In<'_, Self::Buf>) -> Result<()>;
     fn column_sums(&self, m: In<'_, Self::Buf>, out: Out<'_, Self::Buf>) -> Result<()>;
     fn scale_rows(&self, x: In<'_, Self::Buf>, s: In<'_, Self::Buf>, y: Out<'_, Self::Buf>) -> Result<()>;
+    /// `ops::elementwise::gather_rows`: out[i] = table[codes[i]] (rows of `cols`).
+    fn gather_rows(&self, table: In<'_, Self::Buf>, codes: &[usize], cols: usize, out: Out<'_, Self::Buf>) -> Result<()>;
+    /// `ops::elementwise::scatter_add_rows`: table (overwritten) row c = Σ_{i: codes[i] = c} x[i].
+    fn scatter_add_rows(&self, x: In<'_, Self::Buf>, codes: &[usize], cols: usize, table: Out<'_, Self::Buf>) -> Result<()>;
     /// `ops::dropout::dropout_forward`; the backward is the same call on dy.
     fn dropout(&self, x: In<'_, Self::Buf>, p: f32, seed: u64, stream: u64, y: Out<'_, Self::Buf>) -> Result<()>;
     /// `ops::dropout::normal_fill`.
@@ -163,6 +167,11 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     /// `ops::gaussian::kl_standard_normal`: per-row KL, and gradients of Σ_r w_r KL_r
     /// (overwritten).
     fn kl_standard_normal(&self, m: In<'_, Self::Buf>, lv: In<'_, Self::Buf>, dim: usize, weights: Option<In<'_, Self::Buf>>, kl: Out<'_, Self::Buf>, dm: Out<'_, Self::Buf>, dlv: Out<'_, Self::Buf>) -> Result<()>;
+    /// `ops::gaussian::poe_forward`; `present[e]` holds 1 (0) per row where expert e is
+    /// present (absent).
+    fn poe_forward(&self, means: &[In<'_, Self::Buf>], logvars: &[In<'_, Self::Buf>], present: &[In<'_, Self::Buf>], dim: usize, m: Out<'_, Self::Buf>, lv: Out<'_, Self::Buf>) -> Result<()>;
+    /// `ops::gaussian::poe_backward` (overwrites every expert's gradients).
+    fn poe_backward(&self, means: &[In<'_, Self::Buf>], logvars: &[In<'_, Self::Buf>], present: &[In<'_, Self::Buf>], dim: usize, m: In<'_, Self::Buf>, lv: In<'_, Self::Buf>, dm: In<'_, Self::Buf>, dlv: In<'_, Self::Buf>, dmeans: &mut [Out<'_, Self::Buf>], dlogvars: &mut [Out<'_, Self::Buf>]) -> Result<()>;
     /// `Likelihood::forward_backward`: per-row log-likelihood and per-entry gradients.
     fn likelihood(&self, family: Likelihood, x: In<'_, Self::Buf>, features: usize, params: &[In<'_, Self::Buf>], weights: Option<In<'_, Self::Buf>>, ll: Out<'_, Self::Buf>, grads: &mut [Out<'_, Self::Buf>]) -> Result<()>;
 

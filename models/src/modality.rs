@@ -1,0 +1,414 @@
+//! One modality's halves of the VAE: the encoder (counts → hidden → q(z|x) mean and
+//! log-variance) and the decoder (z + covariates → likelihood parameters → −log p(x|z)).
+//! `vae.rs` joins any number of them through a joint posterior.
+
+use serde::{Deserialize, Serialize};
+use tessera_kernels::backend::{Backend, In, Out, Result, Storage, Tensor};
+use tessera_kernels::ops::elementwise::Activation;
+use tessera_kernels::ops::likelihood::Likelihood;
+use tessera_kernels::ops::linear::{CountTransform, CsrRef};
+use tessera_kernels::params::Layout;
+use tessera_kernels::Real;
+
+use crate::layers::{Buf, Dense, DenseActs, DenseSpec, Input, InputGrad, Mlp, MlpSpec, Mode, Slots, Weights};
+
+/// The observation model of a modality.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LikelihoodKind {
+    /// Negative binomial, mean = library × softmax(decoder).
+    Nb,
+    /// Zero-inflated NB (adds a dropout-logit head).
+    Zinb,
+    /// Poisson, mean = library × softmax(decoder).
+    Poisson,
+    /// Gaussian: mean from the decoder, one log-variance per feature.
+    Gaussian,
+    /// Bernoulli: logits from the decoder; counts are binarised (x > 0), as MultiVI does for
+    /// accessibility.
+    Bernoulli,
+}
+
+impl LikelihoodKind {
+    fn family(self) -> Likelihood {
+        match self {
+            LikelihoodKind::Nb => Likelihood::NegativeBinomial,
+            LikelihoodKind::Zinb => Likelihood::ZeroInflatedNegativeBinomial,
+            LikelihoodKind::Poisson => Likelihood::Poisson,
+            LikelihoodKind::Gaussian => Likelihood::Gaussian,
+            LikelihoodKind::Bernoulli => Likelihood::Bernoulli,
+        }
+    }
+
+    fn has_dispersion(self) -> bool {
+        matches!(self, LikelihoodKind::Nb | LikelihoodKind::Zinb)
+    }
+
+    fn scaled_by_library(self) -> bool {
+        matches!(self, LikelihoodKind::Nb | LikelihoodKind::Zinb | LikelihoodKind::Poisson)
+    }
+}
+
+/// Where the NB inverse dispersion θ comes from (scvi-tools' `dispersion`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Dispersion {
+    /// One θ per feature.
+    Gene,
+    /// One θ per feature and batch (the first covariate block is the batch).
+    GeneBatch,
+    /// θ per feature and cell, from a decoder head.
+    GeneCell,
+}
+
+/// One modality as the model sees it: its name, width and observation model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModalitySpec {
+    pub name: String,
+    pub n_features: usize,
+    pub likelihood: LikelihoodKind,
+    pub dispersion: Dispersion,
+}
+
+/// The sizes shared by every modality's encoder and decoder.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    pub n_hidden: usize,
+    pub n_latent: usize,
+    pub n_layers: usize,
+    pub dropout: f32,
+    pub batch_norm: bool,
+    pub encode_covariates: bool,
+    pub deeply_inject_covariates: bool,
+    /// Width of the one-hot covariates; the first `n_batch` columns are the batch.
+    pub n_cov: usize,
+    pub n_batch: usize,
+}
+
+fn head(d_in: usize, d_out: usize) -> DenseSpec {
+    DenseSpec { d_in, d_out, n_cov: 0, batch_norm: false, act: Activation::Identity, dropout: 0.0 }
+}
+
+/// Counts → log1p → hidden layers → (mean, log-variance) of q(z | this modality).
+#[derive(Debug, Clone)]
+pub(crate) struct Encoder {
+    hidden: Mlp,
+    mean: Dense,
+    logvar: Dense,
+    encode_covariates: bool,
+}
+
+pub(crate) struct EncoderActs<S, C> {
+    csr: C,
+    rows: usize,
+    cov: Option<Tensor<S>>,
+    hidden: Vec<DenseActs<S>>,
+    pub mean: DenseActs<S>,
+    pub logvar: DenseActs<S>,
+}
+
+impl Encoder {
+    /// Registers `{prefix}encoder.*`; dropout draws from sites `site..`.
+    pub fn register(prefix: &str, n_features: usize, s: &Shape, layout: &mut Layout, state: &mut Layout, site: u64) -> Encoder {
+        let spec = MlpSpec { d_in: n_features, n_hidden: s.n_hidden, n_layers: s.n_layers, n_cov: if s.encode_covariates { s.n_cov } else { 0 }, inject_every_layer: false, batch_norm: s.batch_norm, dropout: s.dropout };
+        let hidden = Mlp::register(spec, &format!("{prefix}encoder"), layout, state, site);
+        let mean = Dense::register(head(s.n_hidden, s.n_latent), &format!("{prefix}encoder.mean"), layout, state, site);
+        let logvar = Dense::register(head(s.n_hidden, s.n_latent), &format!("{prefix}encoder.logvar"), layout, state, site);
+        Encoder { hidden, mean, logvar, encode_covariates: s.encode_covariates }
+    }
+
+    pub fn init<T: Real>(&self, layout: &Layout, state: &Layout, values: &mut [T], state_values: &mut [T], rng: &mut impl rand::Rng) {
+        self.hidden.init(layout, state, values, state_values, rng);
+        self.mean.init(layout, state, values, state_values, rng);
+        self.logvar.init(layout, state, values, state_values, rng);
+    }
+
+    /// q(z | x) for the cells of `counts`; `covariates` holds their rows (n × n_cov).
+    pub fn forward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, state: &mut Slots<'_, Buf<T, B>>, counts: CsrRef<'_, T>, covariates: &[T], mode: Mode) -> Result<EncoderActs<Buf<T, B>, B::Csr>> {
+        let rows = counts.rows;
+        let csr = b.upload_csr(counts)?;
+        let cov = if self.encode_covariates { Some(Tensor { buf: b.upload(covariates)?, rows, cols: covariates.len() / rows.max(1) }) } else { None };
+        let x = Input::Counts { csr: &csr, transform: CountTransform::Log1p, rows };
+        let hidden = self.hidden.forward(b, p, state, &x, cov.as_ref(), mode)?;
+        let h = Input::Dense(Mlp::output(&hidden));
+        let mean = self.mean.forward(b, p, state, &h, None, mode)?;
+        let logvar = self.logvar.forward(b, p, state, &h, None, mode)?;
+        Ok(EncoderActs { csr, rows, cov, hidden, mean, logvar })
+    }
+
+    /// Parameter gradients from the gradients of the posterior's mean and log-variance.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, grads: &mut Slots<'_, Buf<T, B>>, acts: &EncoderActs<Buf<T, B>, B::Csr>, dm: Tensor<Buf<T, B>>, dlv: Tensor<Buf<T, B>>, mode: Mode) -> Result<()> {
+        let h = Mlp::output(&acts.hidden);
+        let mut dh = b.tensor(acts.rows, h.cols)?;
+        self.mean.backward(b, p, grads, &Input::Dense(h), None, &acts.mean, dm, mode, InputGrad::Write(&mut dh))?;
+        self.logvar.backward(b, p, grads, &Input::Dense(h), None, &acts.logvar, dlv, mode, InputGrad::Add(&mut dh))?;
+        let x = Input::Counts { csr: &acts.csr, transform: CountTransform::Log1p, rows: acts.rows };
+        self.hidden.backward(b, p, grads, &x, acts.cov.as_ref(), &acts.hidden, dh, mode, InputGrad::Skip)
+    }
+}
+
+/// Decoder heads and their parameters, by likelihood.
+#[derive(Debug, Clone)]
+struct Heads {
+    /// μ-proportions (softmax) for NB/ZINB/Poisson, means for Gaussian, logits for Bernoulli.
+    main: Dense,
+    /// ZINB dropout logits.
+    zero_inflation: Option<Dense>,
+    /// GeneCell log θ.
+    dispersion_head: Option<Dense>,
+    /// Gene (features) or GeneBatch (n_batch × features) log θ, or the Gaussian log-variances.
+    shared: Option<usize>,
+}
+
+impl Heads {
+    fn shared_slot(&self) -> usize {
+        self.shared.expect("this likelihood has a shared parameter")
+    }
+
+    /// Where log θ lives: the parameter (gene), the batch one-hot times the table (gene-batch,
+    /// computed per batch), or the dispersion head's output (gene-cell).
+    fn log_theta<'a, S: Storage>(&self, dispersion: Dispersion, p: &Weights<'a, S>, per_cell: Option<&'a Tensor<S>>, head: Option<&'a DenseActs<S>>) -> In<'a, S> {
+        match dispersion {
+            Dispersion::Gene => p.get(self.shared_slot()),
+            Dispersion::GeneBatch => per_cell.expect("gene-batch log θ is computed per batch").input(),
+            Dispersion::GeneCell => head.expect("gene-cell dispersion has a head").output().input(),
+        }
+    }
+}
+
+/// z + covariates → hidden layers → likelihood parameters of one modality.
+#[derive(Debug, Clone)]
+pub(crate) struct Decoder {
+    spec: ModalitySpec,
+    n_cov: usize,
+    n_batch: usize,
+    n_hidden: usize,
+    hidden: Mlp,
+    heads: Heads,
+}
+
+/// Everything the decoder's backward needs from its forward.
+pub(crate) struct DecoderActs<S> {
+    cov: Tensor<S>,
+    batch_onehot: Option<Tensor<S>>,
+    library: Tensor<S>,
+    hidden: Vec<DenseActs<S>>,
+    main: DenseActs<S>,
+    zero_inflation: Option<DenseActs<S>>,
+    dispersion: Option<DenseActs<S>>,
+    /// softmax of the main head (library-scaled likelihoods).
+    proportions: Option<Tensor<S>>,
+    /// Gene-batch log θ per cell (the other dispersions read it from where it lives).
+    log_theta_cells: Option<Tensor<S>>,
+    /// θ: per feature (1 × G) or per cell (n × G).
+    theta: Option<Tensor<S>>,
+    /// Per-entry gradients of the weighted log-likelihood, one per likelihood parameter.
+    dparams: Vec<Tensor<S>>,
+}
+
+impl Decoder {
+    /// Registers `{prefix}decoder.*` and the shared likelihood parameters.
+    pub fn register(prefix: &str, spec: &ModalitySpec, s: &Shape, layout: &mut Layout, state: &mut Layout, site: u64) -> Decoder {
+        let g = spec.n_features;
+        let hidden = Mlp::register(MlpSpec { d_in: s.n_latent, n_hidden: s.n_hidden, n_layers: s.n_layers, n_cov: s.n_cov, inject_every_layer: s.deeply_inject_covariates, batch_norm: s.batch_norm, dropout: 0.0 }, &format!("{prefix}decoder"), layout, state, site);
+        let main = Dense::register(head(s.n_hidden, g), &format!("{prefix}decoder.main"), layout, state, site);
+        let zero_inflation = (spec.likelihood == LikelihoodKind::Zinb).then(|| Dense::register(head(s.n_hidden, g), &format!("{prefix}decoder.zero_inflation"), layout, state, site));
+        let dispersion_head = (spec.likelihood.has_dispersion() && spec.dispersion == Dispersion::GeneCell).then(|| Dense::register(head(s.n_hidden, g), &format!("{prefix}decoder.log_theta"), layout, state, site));
+        let shared = match (spec.likelihood, spec.dispersion) {
+            (LikelihoodKind::Nb | LikelihoodKind::Zinb, Dispersion::Gene) => Some(layout.add(&format!("{prefix}log_theta"), &[g])),
+            (LikelihoodKind::Nb | LikelihoodKind::Zinb, Dispersion::GeneBatch) => Some(layout.add(&format!("{prefix}log_theta"), &[s.n_batch.max(1), g])),
+            (LikelihoodKind::Gaussian, _) => Some(layout.add(&format!("{prefix}log_variance"), &[g])),
+            _ => None,
+        };
+        Decoder { spec: spec.clone(), n_cov: s.n_cov, n_batch: s.n_batch, n_hidden: s.n_hidden, hidden, heads: Heads { main, zero_inflation, dispersion_head, shared } }
+    }
+
+    /// log θ and the Gaussian log-variances start at 0 (θ = 1, σ² = 1) like scvi-tools' px_r
+    /// (which draws N(0, 1); a constant start is as good and reproducible across backends).
+    pub fn init<T: Real>(&self, layout: &Layout, state: &Layout, values: &mut [T], state_values: &mut [T], rng: &mut impl rand::Rng) {
+        self.hidden.init(layout, state, values, state_values, rng);
+        for d in [Some(&self.heads.main), self.heads.zero_inflation.as_ref(), self.heads.dispersion_head.as_ref()].into_iter().flatten() {
+            d.init(layout, state, values, state_values, rng);
+        }
+    }
+
+    /// −Σ_r w_r log p(x_r | z_r) and the activations the backward needs. `counts` and
+    /// `covariates` hold the rows of `z`; `weights` (one per row) weight each cell's term.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, state: &mut Slots<'_, Buf<T, B>>, z: &Tensor<Buf<T, B>>, counts: CsrRef<'_, T>, covariates: &[T], weights: &[T], mode: Mode) -> Result<(f64, DecoderActs<Buf<T, B>>)> {
+        let (n, g, kind) = (z.rows, self.spec.n_features, self.spec.likelihood);
+        assert_eq!((counts.rows, counts.cols), (n, g), "decoder {:?}: counts shape", self.spec.name);
+        assert_eq!(weights.len(), n, "one weight per decoded cell");
+
+        // Host-side inputs: library sizes and the dense counts the likelihood reads.
+        let mut library = vec![T::zero(); n];
+        let mut dense = vec![T::zero(); n * g];
+        for r in 0..n {
+            for k in counts.indptr[r] as usize..counts.indptr[r + 1] as usize {
+                let v = counts.data[k];
+                library[r] = library[r] + v;
+                dense[r * g + counts.indices[k] as usize] = if kind == LikelihoodKind::Bernoulli && v > T::zero() { T::one() } else { v };
+            }
+        }
+        let x = Tensor { buf: b.upload(&dense)?, rows: n, cols: g };
+        let library = Tensor { buf: b.upload(&library)?, rows: n, cols: 1 };
+        let (cov, batch_onehot) = self.covariates(b, covariates, n)?;
+
+        let hidden = self.hidden.forward(b, p, state, &Input::Dense(z), Some(&cov), mode)?;
+        let h = Input::Dense(Mlp::output(&hidden));
+        let main = self.heads.main.forward(b, p, state, &h, None, mode)?;
+        let zero_inflation = self.heads.zero_inflation.as_ref().map(|d| d.forward(b, p, state, &h, None, mode)).transpose()?;
+        let dispersion = self.heads.dispersion_head.as_ref().map(|d| d.forward(b, p, state, &h, None, mode)).transpose()?;
+
+        let (proportions, mu) = if kind.scaled_by_library() {
+            let mut rho = b.tensor(n, g)?;
+            b.softmax_forward(main.output().input(), g, rho.output())?;
+            let mut mu = b.tensor(n, g)?;
+            b.scale_rows(rho.input(), library.input(), mu.output())?;
+            (Some(rho), Some(mu))
+        } else {
+            (None, None)
+        };
+        let log_theta_cells = match &batch_onehot {
+            Some(onehot) => {
+                let mut t = b.tensor(n, g)?;
+                b.gemm(false, false, n, self.n_batch, g, T::one(), onehot.input(), p.get(self.heads.shared_slot()), T::zero(), t.output())?;
+                Some(t)
+            }
+            None => None,
+        };
+        let theta = if kind.has_dispersion() {
+            let rows = if self.spec.dispersion == Dispersion::Gene { 1 } else { n };
+            let mut th = b.tensor(rows, g)?;
+            b.activation_forward(Activation::Exp, self.heads.log_theta(self.spec.dispersion, p, log_theta_cells.as_ref(), dispersion.as_ref()), th.output())?;
+            Some(th)
+        } else {
+            None
+        };
+
+        let mut ll = b.zeros(n)?;
+        let negative: Vec<T> = weights.iter().map(|&w| T::zero() - w).collect();
+        let ll_weights = b.upload(&negative)?;
+        let family = kind.family();
+        let mut dparams: Vec<Tensor<Buf<T, B>>> = (0..family.n_params()).map(|_| b.tensor(n, g)).collect::<Result<_>>()?;
+        {
+            let mut params: Vec<In<'_, Buf<T, B>>> = Vec::with_capacity(3);
+            match kind {
+                LikelihoodKind::Nb | LikelihoodKind::Zinb | LikelihoodKind::Poisson => {
+                    params.push(mu.as_ref().expect("library-scaled mean").input());
+                    if let Some(th) = &theta {
+                        params.push(th.input());
+                    }
+                    if let Some(zi) = &zero_inflation {
+                        params.push(zi.output().input());
+                    }
+                }
+                LikelihoodKind::Gaussian => {
+                    params.push(main.output().input());
+                    params.push(p.get(self.heads.shared_slot()));
+                }
+                LikelihoodKind::Bernoulli => params.push(main.output().input()),
+            }
+            let mut outs: Vec<Out<'_, Buf<T, B>>> = dparams.iter_mut().map(|t| t.output()).collect();
+            b.likelihood(family, x.input(), g, &params, Some(In::all(&ll_weights)), Out::all(&mut ll), &mut outs)?;
+        }
+        let ll_host = b.download(In::all(&ll))?;
+        let reconstruction = -ll_host.iter().zip(weights).map(|(l, w)| l.f64() * w.f64()).sum::<f64>();
+        let acts = DecoderActs { cov, batch_onehot, library, hidden, main, zero_inflation, dispersion, proportions, log_theta_cells, theta, dparams };
+        Ok((reconstruction, acts))
+    }
+
+    /// The covariates on the device, and their batch block alone where a gene-batch
+    /// dispersion reads it (the rows of its table).
+    #[allow(clippy::type_complexity)]
+    fn covariates<T: Real, B: Backend<T>>(&self, b: &B, covariates: &[T], n: usize) -> Result<(Tensor<Buf<T, B>>, Option<Tensor<Buf<T, B>>>)> {
+        assert_eq!(covariates.len(), n * self.n_cov, "covariates: {n} rows of {}", self.n_cov);
+        let cov = Tensor { buf: b.upload(covariates)?, rows: n, cols: self.n_cov };
+        let onehot = if self.spec.likelihood.has_dispersion() && self.spec.dispersion == Dispersion::GeneBatch {
+            let host: Vec<T> = covariates.chunks(self.n_cov.max(1)).flat_map(|row| row[..self.n_batch].to_vec()).collect();
+            Some(Tensor { buf: b.upload(&host)?, rows: n, cols: self.n_batch })
+        } else {
+            None
+        };
+        Ok((cov, onehot))
+    }
+
+    /// Parameter gradients, and the gradient of the loss with respect to `z`.
+    pub fn backward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, grads: &mut Slots<'_, Buf<T, B>>, z: &Tensor<Buf<T, B>>, mut f: DecoderActs<Buf<T, B>>, mode: Mode) -> Result<Tensor<Buf<T, B>>> {
+        // Owned, so a head's backward consumes its upstream gradient without a copy.
+        let mut dparams: Vec<Option<Tensor<Buf<T, B>>>> = std::mem::take(&mut f.dparams).into_iter().map(Some).collect();
+        let mut take = |k: usize| dparams[k].take().expect("one gradient per likelihood parameter, each used once");
+        let (n, g, kind) = (z.rows, self.spec.n_features, self.spec.likelihood);
+        let hd = Input::Dense(Mlp::output(&f.hidden));
+        let mut dhd = b.tensor(n, self.n_hidden)?;
+        let heads = &self.heads;
+
+        // Main head: through μ = library · softmax(s) for the count likelihoods.
+        let dmain = if kind.scaled_by_library() {
+            let mut drho = b.tensor(n, g)?;
+            b.scale_rows(take(0).input(), f.library.input(), drho.output())?;
+            let mut ds = b.tensor(n, g)?;
+            b.softmax_backward(f.proportions.as_ref().expect("proportions").input(), drho.input(), g, ds.output())?;
+            ds
+        } else {
+            take(0)
+        };
+        heads.main.backward(b, p, grads, &hd, None, &f.main, dmain, mode, InputGrad::Write(&mut dhd))?;
+
+        // θ = exp(log θ): dlog θ = θ ⊙ dθ, reduced to where log θ lives.
+        if let Some(theta) = &f.theta {
+            let dtheta = take(1);
+            let log_theta = heads.log_theta(self.spec.dispersion, p, f.log_theta_cells.as_ref(), f.dispersion.as_ref());
+            match self.spec.dispersion {
+                Dispersion::Gene => {
+                    let mut sums = b.tensor(1, g)?;
+                    b.column_sums(dtheta.input(), sums.output())?;
+                    b.activation_backward(Activation::Exp, log_theta, theta.input(), sums.input(), grads.get(heads.shared_slot()))?;
+                }
+                Dispersion::GeneBatch => {
+                    let mut dlog = b.tensor(n, g)?;
+                    b.activation_backward(Activation::Exp, log_theta, theta.input(), dtheta.input(), dlog.output())?;
+                    let onehot = f.batch_onehot.as_ref().expect("gene-batch dispersion has the batch one-hot");
+                    b.gemm(true, false, self.n_batch, n, g, T::one(), onehot.input(), dlog.input(), T::zero(), grads.get(heads.shared_slot()))?;
+                }
+                Dispersion::GeneCell => {
+                    let mut dlog = b.tensor(n, g)?;
+                    b.activation_backward(Activation::Exp, log_theta, theta.input(), dtheta.input(), dlog.output())?;
+                    let head = heads.dispersion_head.as_ref().expect("gene-cell head");
+                    head.backward(b, p, grads, &hd, None, f.dispersion.as_ref().expect("head acts"), dlog, mode, InputGrad::Add(&mut dhd))?;
+                }
+            }
+        }
+        if let (Some(head), Some(acts)) = (&heads.zero_inflation, &f.zero_inflation) {
+            head.backward(b, p, grads, &hd, None, acts, take(2), mode, InputGrad::Add(&mut dhd))?;
+        }
+        if kind == LikelihoodKind::Gaussian {
+            b.column_sums(take(1).input(), grads.get(heads.shared_slot()))?;
+        }
+
+        let mut dz = b.tensor(n, z.cols)?;
+        self.hidden.backward(b, p, grads, &Input::Dense(z), Some(&f.cov), &f.hidden, dhd, mode, InputGrad::Write(&mut dz))?;
+        Ok(dz)
+    }
+
+    /// The decoder's expression at `z` (evaluation mode): for NB/ZINB/Poisson the proportions
+    /// × `library_size` (scvi-tools' `get_normalized_expression`), Gaussian means, Bernoulli
+    /// probabilities.
+    pub fn expression<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, state: &mut Slots<'_, Buf<T, B>>, z: &Tensor<Buf<T, B>>, covariates: &[T], library_size: f64) -> Result<Tensor<Buf<T, B>>> {
+        let (n, g) = (z.rows, self.spec.n_features);
+        let (cov, _) = self.covariates(b, covariates, n)?;
+        let hidden = self.hidden.forward(b, p, state, &Input::Dense(z), Some(&cov), Mode::Eval)?;
+        let main = self.heads.main.forward(b, p, state, &Input::Dense(Mlp::output(&hidden)), None, Mode::Eval)?;
+        let mut expression = b.tensor(n, g)?;
+        match self.spec.likelihood {
+            kind if kind.scaled_by_library() => {
+                b.softmax_forward(main.output().input(), g, expression.output())?;
+                b.scale(expression.output(), T::of(library_size))?;
+            }
+            LikelihoodKind::Bernoulli => b.activation_forward(Activation::Sigmoid, main.output().input(), expression.output())?,
+            _ => b.activation_forward(Activation::Identity, main.output().input(), expression.output())?,
+        }
+        Ok(expression)
+    }
+}
