@@ -69,11 +69,16 @@ pub struct VaeConfig {
     pub joint: Joint,
     /// Overrides by modality name (`[model.modalities.protein] likelihood = "nb"`).
     pub modalities: BTreeMap<String, ModalityConfig>,
+    /// Weight of the squared MMD between the latent samples of every pair of batches
+    /// (Multigrate's integration loss); 0 = off.
+    pub mmd_batch_weight: f64,
+    /// RBF bandwidths of that MMD (a sum of kernels over latent distances).
+    pub mmd_bandwidths: Vec<f64>,
 }
 
 impl Default for VaeConfig {
     fn default() -> Self {
-        VaeConfig { n_hidden: 128, n_latent: 10, n_layers: 1, dropout: 0.1, likelihood: LikelihoodKind::Nb, dispersion: Dispersion::Gene, batch_norm: true, encode_covariates: false, deeply_inject_covariates: false, joint: Joint::Poe, modalities: BTreeMap::new() }
+        VaeConfig { n_hidden: 128, n_latent: 10, n_layers: 1, dropout: 0.1, likelihood: LikelihoodKind::Nb, dispersion: Dispersion::Gene, batch_norm: true, encode_covariates: false, deeply_inject_covariates: false, joint: Joint::Poe, modalities: BTreeMap::new(), mmd_batch_weight: 0.0, mmd_bandwidths: vec![0.5, 1.0, 2.0, 5.0, 10.0] }
     }
 }
 
@@ -121,7 +126,10 @@ pub struct LossTerms {
     pub reconstruction: f64,
     /// KL(q(z|x) || p(z)), mean over cells.
     pub kl: f64,
-    /// reconstruction + kl_weight × kl: the minimised objective.
+    /// The weighted regularisers (batch MMD), per batch.
+    #[serde(default)]
+    pub regularization: f64,
+    /// reconstruction + kl_weight × kl + regularization: the minimised objective.
     pub loss: f64,
     pub cells: usize,
 }
@@ -250,6 +258,8 @@ struct Forward<S, C> {
     /// The latent samples the decoders read.
     zs: Tensor<S>,
     dec: Vec<Decoded<S>>,
+    /// The regularisers' gradient with respect to `zs`.
+    dzs_regularization: Option<Tensor<S>>,
 }
 
 /// A diagonal Gaussian's (mean, log-variance) tensors, or their gradients.
@@ -512,8 +522,62 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             reconstruction += r;
             dec.push(Decoded { codes, z, acts });
         }
-        let terms = LossTerms { reconstruction, kl: kl_total, loss: reconstruction + kl_weight * kl_total, cells: n };
-        Ok((terms, Forward { enc, latent, cells: plan.cells, zs, dec }))
+        // The batch of each latent sample (a mixture stacks its experts' samples).
+        let sample_cells: Vec<usize> = match &latent {
+            Latent::Joint { .. } => (0..n).collect(),
+            Latent::Mixture { .. } => plan.cells.concat(),
+        };
+        let (regularization, dzs_regularization) = self.batch_mmd(&zs, &sample_cells, batch.covariates)?;
+        let terms = LossTerms { reconstruction, kl: kl_total, regularization, loss: reconstruction + kl_weight * kl_total + regularization, cells: n };
+        Ok((terms, Forward { enc, latent, cells: plan.cells, zs, dec, dzs_regularization }))
+    }
+
+    /// Multigrate's integration loss: weight × Σ over pairs of batches of the squared MMD
+    /// between their latent samples, and its gradient with respect to `zs` (None when off or
+    /// when the batch holds fewer than two batches). `cells[i]` is the cell of sample i.
+    fn batch_mmd(&self, zs: &Tensor<Buf<T, B>>, cells: &[usize], covariates: &[T]) -> Result<(f64, Option<Tensor<Buf<T, B>>>)> {
+        let weight = self.config.mmd_batch_weight;
+        if weight == 0.0 || self.n_batch < 2 {
+            return Ok((0.0, None));
+        }
+        let b = &self.backend;
+        let d = self.config.n_latent;
+        let batch_of = |r: usize| covariates[r * self.n_cov..r * self.n_cov + self.n_batch].iter().position(|&v| v > T::zero());
+        let mut groups: Vec<Vec<usize>> = vec![Vec::new(); self.n_batch];
+        for (i, &r) in cells.iter().enumerate() {
+            if let Some(k) = batch_of(r) {
+                groups[k].push(i);
+            }
+        }
+        groups.retain(|g| !g.is_empty());
+        if groups.len() < 2 {
+            return Ok((0.0, None));
+        }
+        let gathered: Vec<Tensor<Buf<T, B>>> = groups
+            .iter()
+            .map(|g| {
+                let mut t = b.tensor(g.len(), d)?;
+                b.gather_rows(zs.input(), g, d, t.output())?;
+                Ok(t)
+            })
+            .collect::<Result<_>>()?;
+        let mut grads: Vec<Tensor<Buf<T, B>>> = groups.iter().map(|g| b.tensor(g.len(), d)).collect::<Result<_>>()?;
+        let mut total = 0.0;
+        for i in 0..groups.len() {
+            for j in i + 1..groups.len() {
+                let (mut dx, mut dy) = (b.tensor(groups[i].len(), d)?, b.tensor(groups[j].len(), d)?);
+                total += b.mmd_rbf(gathered[i].input(), gathered[j].input(), d, &self.config.mmd_bandwidths, dx.output(), dy.output())?;
+                b.axpy(T::of(weight), dx.input(), grads[i].output())?;
+                b.axpy(T::of(weight), dy.input(), grads[j].output())?;
+            }
+        }
+        let mut dzs = b.tensor(zs.rows, d)?;
+        for (g, grad) in groups.iter().zip(&grads) {
+            let mut scattered = b.tensor(zs.rows, d)?;
+            b.scatter_add_rows(grad.input(), g, d, scattered.output())?;
+            b.axpy(T::one(), scattered.input(), dzs.output())?;
+        }
+        Ok((weight * total, Some(dzs)))
     }
 
     fn backward(&mut self, f: Forward<Buf<T, B>, B::Csr>, mode: Mode) -> Result<()> {
@@ -521,10 +585,13 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let d = self.config.n_latent;
         let p = Weights { layout: &self.layout, values: &self.values };
         let mut grads = Slots { layout: &self.layout, buf: &mut self.grads };
-        let Forward { enc, latent, cells, zs, dec } = f;
+        let Forward { enc, latent, cells, zs, dec, dzs_regularization } = f;
 
-        // The decoders' gradients, summed into the latent samples they read.
-        let mut dzs = b.tensor(zs.rows, d)?;
+        // The decoders' gradients (and the regularisers'), summed into the latent samples.
+        let mut dzs = match dzs_regularization {
+            Some(t) => t,
+            None => b.tensor(zs.rows, d)?,
+        };
         for (decoder, Decoded { codes, z, acts }) in self.decoders.iter().zip(dec) {
             let dz = decoder.backward(&b, &p, &mut grads, z.as_ref().unwrap_or(&zs), acts, mode)?;
             if z.is_none() {

@@ -87,6 +87,21 @@ fn every_likelihood_and_dispersion() {
 }
 
 #[test]
+fn batch_mmd_regulariser() {
+    check_model(VaeConfig { n_hidden: 4, n_latent: 2, n_layers: 1, mmd_batch_weight: 3.0, mmd_bandwidths: vec![0.5, 2.0], ..VaeConfig::default() });
+    let mosaic = Mosaic::new();
+    let modalities = mosaic.modalities();
+    for joint in [Joint::Poe, Joint::Moe] {
+        let mut model = mosaic.model(joint);
+        model.config.mmd_batch_weight = 2.0;
+        let batch = VaeBatch { modalities: &modalities, covariates: &mosaic.cov };
+        let terms = model.loss(batch, 1.0, Mode::Train { seed: 1, step: 1 }).unwrap();
+        assert!(terms.regularization > 0.0 && (terms.loss - terms.reconstruction - terms.kl - terms.regularization).abs() < 1e-9, "{terms:?}");
+        check_gradients(model, batch, &format!("{joint:?} + batch MMD"));
+    }
+}
+
+#[test]
 fn covariates_everywhere_without_batch_norm_or_dropout() {
     check_model(VaeConfig { n_hidden: 4, n_latent: 2, n_layers: 2, encode_covariates: true, deeply_inject_covariates: true, batch_norm: false, dropout: 0.0, ..VaeConfig::default() });
 }
@@ -114,7 +129,7 @@ fn non_finite_input_stops_training_naming_the_step_and_term() {
 
 #[test]
 fn early_stopping_watches_the_unweighted_elbo() {
-    let t = tessera_models::LossTerms { reconstruction: 100.0, kl: 20.0, loss: 105.0, cells: 8 };
+    let t = tessera_models::LossTerms { reconstruction: 100.0, kl: 20.0, regularization: 3.0, loss: 108.0, cells: 8 };
     assert_eq!(t.negative_elbo(), 120.0);
 }
 

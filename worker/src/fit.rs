@@ -359,6 +359,7 @@ fn unit_hash(cell: u64, seed: u64) -> f64 {
 struct Sums {
     reconstruction: f64,
     kl: f64,
+    regularization: f64,
     cells: usize,
 }
 
@@ -366,13 +367,14 @@ impl Sums {
     fn add(&mut self, t: &LossTerms) {
         self.reconstruction += t.reconstruction * t.cells as f64;
         self.kl += t.kl * t.cells as f64;
+        self.regularization += t.regularization * t.cells as f64;
         self.cells += t.cells;
     }
 
     fn mean(&self, kl_weight: f64) -> LossTerms {
         let n = self.cells.max(1) as f64;
-        let (reconstruction, kl) = (self.reconstruction / n, self.kl / n);
-        LossTerms { reconstruction, kl, loss: reconstruction + kl_weight * kl, cells: self.cells }
+        let (reconstruction, kl, regularization) = (self.reconstruction / n, self.kl / n, self.regularization / n);
+        LossTerms { reconstruction, kl, regularization, loss: reconstruction + kl_weight * kl + regularization, cells: self.cells }
     }
 }
 
@@ -419,10 +421,10 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), FitError> {
 }
 
 fn write_history(path: &Path, history: &[EpochRecord]) -> Result<(), FitError> {
-    let mut csv = String::from("epoch,kl_weight,lr,train_loss,train_reconstruction,train_kl,validation_loss,validation_reconstruction,validation_kl,seconds,cells_per_second\n");
+    let mut csv = String::from("epoch,kl_weight,lr,train_loss,train_reconstruction,train_kl,train_regularization,validation_loss,validation_reconstruction,validation_kl,validation_regularization,seconds,cells_per_second\n");
     for r in history {
-        let v = r.validation.map_or([String::new(), String::new(), String::new()], |v| [v.loss.to_string(), v.reconstruction.to_string(), v.kl.to_string()]);
-        csv.push_str(&format!("{},{},{},{},{},{},{},{},{},{:.4},{:.1}\n", r.epoch, r.kl_weight, r.lr, r.train.loss, r.train.reconstruction, r.train.kl, v[0], v[1], v[2], r.seconds, r.cells_per_second));
+        let v = r.validation.map_or([String::new(), String::new(), String::new(), String::new()], |v| [v.loss.to_string(), v.reconstruction.to_string(), v.kl.to_string(), v.regularization.to_string()]);
+        csv.push_str(&format!("{},{},{},{},{},{},{},{},{},{},{},{:.4},{:.1}\n", r.epoch, r.kl_weight, r.lr, r.train.loss, r.train.reconstruction, r.train.kl, r.train.regularization, v[0], v[1], v[2], v[3], r.seconds, r.cells_per_second));
     }
     write_file(path, csv.as_bytes())
 }

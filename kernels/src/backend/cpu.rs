@@ -9,7 +9,7 @@ use crate::ops::elementwise::{self, Activation};
 use crate::ops::likelihood::Likelihood;
 use crate::ops::linear::{self, CountTransform, CsrRef, Gemm};
 use crate::ops::optim::{self, AdamW};
-use crate::ops::{dropout, gaussian, norm};
+use crate::ops::{dropout, gaussian, losses, norm};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cpu;
@@ -234,6 +234,10 @@ impl<T: Gemm> Backend<T> for Cpu {
         let mut grads: Vec<&mut [T]> = grads.iter_mut().map(|g| &mut g.buf[g.range.clone()]).collect();
         family.forward_backward(r(&x), features, &params, weights.as_ref().map(r), w(ll), &mut grads);
         Ok(())
+    }
+
+    fn mmd_rbf(&self, x: In<'_, Vec<T>>, y: In<'_, Vec<T>>, dim: usize, bandwidths: &[f64], dx: Out<'_, Vec<T>>, dy: Out<'_, Vec<T>>) -> Result<f64> {
+        Ok(losses::mmd_rbf(r(&x), r(&y), dim, bandwidths, w(dx), w(dy)).f64())
     }
 
     fn adamw_step(&self, opt: &AdamW, t: u64, params: Out<'_, Vec<T>>, grads: In<'_, Vec<T>>, m: Out<'_, Vec<T>>, v: Out<'_, Vec<T>>) -> Result<()> {

@@ -175,6 +175,10 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     /// `Likelihood::forward_backward`: per-row log-likelihood and per-entry gradients.
     fn likelihood(&self, family: Likelihood, x: In<'_, Self::Buf>, features: usize, params: &[In<'_, Self::Buf>], weights: Option<In<'_, Self::Buf>>, ll: Out<'_, Self::Buf>, grads: &mut [Out<'_, Self::Buf>]) -> Result<()>;
 
+    /// `ops::losses::mmd_rbf`: squared MMD between the rows of `x` and of `y` (sum of RBF
+    /// kernels), and its gradients (overwritten).
+    fn mmd_rbf(&self, x: In<'_, Self::Buf>, y: In<'_, Self::Buf>, dim: usize, bandwidths: &[f64], dx: Out<'_, Self::Buf>, dy: Out<'_, Self::Buf>) -> Result<f64>;
+
     /// `AdamW::step` (step `t` counts from 1).
     fn adamw_step(&self, opt: &AdamW, t: u64, params: Out<'_, Self::Buf>, grads: In<'_, Self::Buf>, m: Out<'_, Self::Buf>, v: Out<'_, Self::Buf>) -> Result<()>;
     /// `ops::optim::grad_norm`: the global L2 norm, accumulated in f64 in a fixed order.
