@@ -264,6 +264,8 @@ struct Forward<S, C> {
 
 /// A diagonal Gaussian's (mean, log-variance) tensors, or their gradients.
 type Pair<S> = (Tensor<S>, Tensor<S>);
+/// A regulariser's weighted value and its gradient with respect to the latent samples.
+type Penalty<S> = (f64, Option<Tensor<S>>);
 /// Every encoder's activations of one forward.
 type Encoded<T, B> = Vec<EncoderActs<Buf<T, B>, <B as Backend<T>>::Csr>>;
 
@@ -535,7 +537,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     /// Multigrate's integration loss: weight × Σ over pairs of batches of the squared MMD
     /// between their latent samples, and its gradient with respect to `zs` (None when off or
     /// when the batch holds fewer than two batches). `cells[i]` is the cell of sample i.
-    fn batch_mmd(&self, zs: &Tensor<Buf<T, B>>, cells: &[usize], covariates: &[T]) -> Result<(f64, Option<Tensor<Buf<T, B>>>)> {
+    fn batch_mmd(&self, zs: &Tensor<Buf<T, B>>, cells: &[usize], covariates: &[T]) -> Result<Penalty<Buf<T, B>>> {
         let weight = self.config.mmd_batch_weight;
         if weight == 0.0 || self.n_batch < 2 {
             return Ok((0.0, None));
