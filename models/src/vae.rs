@@ -423,13 +423,12 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let (means, logvars, masks) = self.experts(&enc, &plan)?;
         let b = &self.backend;
         if self.joint() == Joint::Moe {
-            let (mut sum, _) = self.combine(&means, &logvars, None, plan.n)?;
+            let (sum, _) = self.combine(&means, &logvars, None, plan.n)?;
             let inv: Vec<T> = plan.n_present.iter().map(|&k| if k == 0 { T::zero() } else { T::of(1.0 / k as f64) }).collect();
             let inv = b.upload(&inv)?;
             let mut mean = b.tensor(plan.n, self.config.n_latent)?;
             b.scale_rows(sum.input(), In::all(&inv), mean.output())?;
-            sum = mean;
-            return Ok(sum);
+            return Ok(mean);
         }
         Ok(self.combine(&means, &logvars, masks.as_deref(), plan.n)?.0)
     }
