@@ -81,11 +81,11 @@ pub fn run(command: BenchCommand) -> Result<()> {
 fn step(genes: usize, batch: usize, hidden: usize, nnz: usize, steps: usize) -> Result<()> {
     use tessera_kernels::backend::Cpu;
     use tessera_kernels::ops::linear::CsrRef;
-    use tessera_models::{ModalityCounts, TrainConfig, Trainer, Vae, VaeBatch, VaeConfig};
+    use tessera_models::{Categories, ModalityCounts, TrainConfig, Trainer, Vae, VaeBatch, VaeConfig};
     let n_batch = 3;
     let config = VaeConfig { n_hidden: hidden, ..VaeConfig::default() };
     let latent = config.n_latent;
-    let mut trainer = Trainer::new(Vae::<f32, Cpu>::new(Cpu, config, &[("rna", genes)], n_batch, n_batch, 0)?, TrainConfig::default())?;
+    let mut trainer = Trainer::new(Vae::<f32, Cpu>::new(Cpu, config, &[("rna", genes)], Categories { n_batch, n_cov: n_batch, n_labels: 0 }, 0)?, TrainConfig::default())?;
     // Counts 1-5 at `nnz` genes per cell spread over the genome.
     let nnz = nnz.min(genes);
     let indptr: Vec<u64> = (0..=batch as u64).map(|r| r * nnz as u64).collect();
@@ -96,7 +96,7 @@ fn step(genes: usize, batch: usize, hidden: usize, nnz: usize, steps: usize) -> 
     let data: Vec<f32> = (0..batch * nnz).map(|i| (1 + i % 5) as f32).collect();
     let covariates: Vec<f32> = (0..batch * n_batch).map(|i| f32::from(u8::from(i % n_batch == (i / n_batch) % n_batch))).collect();
     let modalities = [ModalityCounts { counts: CsrRef { rows: batch, cols: genes, indptr: &indptr, indices: &indices, data: &data }, present: None }];
-    let as_batch = || VaeBatch { modalities: &modalities, covariates: &covariates };
+    let as_batch = || VaeBatch::new(&modalities, &covariates);
     for _ in 0..5 {
         trainer.step(as_batch(), 10)?;
     }

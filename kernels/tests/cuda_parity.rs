@@ -215,6 +215,23 @@ fn gaussian_ops_match_cpu() {
     gaussian::gpu::kl_standard_normal(&gpu, &md, &lvd, dim, Some(&gpu.upload(&w).unwrap()), &mut kld, &mut kmd, &mut klvd).unwrap();
     assert_close("kl", &gpu.download(&kld).unwrap(), &kl, 1e-5, 1e-5);
     assert_close("kl dlv", &gpu.download(&klvd).unwrap(), &kl_lv, 1e-6, 1e-5);
+    let (m2, lv2) = (inputs(n).iter().rev().map(|v| v * 0.7).collect::<Vec<_>>(), inputs(n).iter().map(|v| v * -0.3).collect::<Vec<_>>());
+    let mut jv = vec![0.0; rows];
+    let mut jg = vec![vec![0.0; n]; 4];
+    {
+        let [a, b, c, d] = &mut jg[..] else { unreachable!() };
+        gaussian::jeffreys(&m, &lv, &m2, &lv2, dim, &w, &mut jv, [a, b, c, d]);
+    }
+    let mut jvd = gpu.zeros(rows).unwrap();
+    let mut jgd: Vec<_> = (0..4).map(|_| gpu.zeros(n).unwrap()).collect();
+    {
+        let [a, b, c, d] = &mut jgd[..] else { unreachable!() };
+        gaussian::gpu::jeffreys(&gpu, &md, &lvd, &gpu.upload(&m2).unwrap(), &gpu.upload(&lv2).unwrap(), dim, &gpu.upload(&w).unwrap(), &mut jvd, [a, b, c, d]).unwrap();
+    }
+    assert_close("jeffreys", &gpu.download(&jvd).unwrap(), &jv, 1e-4, 1e-5);
+    for (k, (d, c)) in jgd.iter().zip(&jg).enumerate() {
+        assert_close(&format!("jeffreys gradient {k}"), &gpu.download(d).unwrap(), c, 1e-5, 1e-5);
+    }
 }
 
 #[test]
@@ -357,6 +374,16 @@ fn losses_match_cpu() {
     assert_eq!(labelled, glabelled);
     assert!((loss - gloss).abs() <= 1e-5 * loss.abs(), "ce {gloss} vs {loss}");
     assert_close("ce grad", &gpu.download(&dd).unwrap(), &d, 1e-7, 1e-5);
+    // Masked squared error.
+    let pred = inputs(500);
+    let targets: Vec<f64> = (0..500).map(|i| if i % 9 == 0 { f64::NAN } else { (i % 13) as f64 * 0.1 }).collect();
+    let mut dp = vec![0.0; 500];
+    let (mse, observed) = losses::masked_mse(&pred, &targets, &mut dp);
+    let mut dpd = gpu.zeros(500).unwrap();
+    let (gmse, gobserved) = losses::gpu::masked_mse(&gpu, &gpu.upload(&pred).unwrap(), &targets, &mut dpd).unwrap();
+    assert_eq!(observed, gobserved);
+    assert!((mse - gmse).abs() <= 1e-5 * mse.abs(), "mse {gmse} vs {mse}");
+    assert_close("mse grad", &gpu.download(&dpd).unwrap(), &dp, 1e-7, 1e-5);
     // MMD between two groups of latents.
     let dim = 10;
     let (x, y) = (inputs(200 * dim), inputs(150 * dim).iter().map(|v| v + 0.3).collect::<Vec<_>>());

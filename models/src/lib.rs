@@ -1,15 +1,16 @@
 //! tessera-models: the VAE family of the review (scVI-style VAEs and multimodal VAEs with
 //! product-/mixture-of-experts or concatenated posteriors and missing-modality masking;
-//! regularisers and supervised heads build on the same layers),
+//! regularisers and supervised heads on the latent space),
 //! written once against the engine's `Backend` so the same model trains on CPU or CUDA.
 //!
 //! Invariant: models know nothing of stores or the network; they take host minibatches (CSR
 //! counts + one-hot covariates) and return loss terms, gradients and embeddings.
 
+mod heads;
 pub mod layers;
 mod modality;
 pub mod train;
 pub mod vae;
 
-pub use vae::{Dispersion, Joint, LikelihoodKind, LossTerms, ModalityConfig, ModalityCounts, ModalitySpec, Vae, VaeBatch, VaeConfig};
+pub use vae::{Categories, Dispersion, Joint, LikelihoodKind, LossTerms, ModalityConfig, ModalityCounts, ModalitySpec, Prior, Supervision, Survival, Vae, VaeBatch, VaeConfig};
 pub use train::{Plateau, TrainConfig, TrainError, Trainer};

@@ -23,6 +23,8 @@ use tessera_kernels::ops::linear::CsrRef;
 use tessera_kernels::params::Layout;
 use tessera_kernels::Real;
 
+use crate::heads::{HeadActs, Heads, HeadsSpec};
+pub use crate::heads::{Supervision, Survival};
 use crate::layers::{Buf, Mode, Slots, Weights};
 use crate::modality::{Decoder, DecoderActs, Encoder, EncoderActs, Shape};
 pub use crate::modality::{Dispersion, LikelihoodKind, ModalitySpec};
@@ -38,6 +40,17 @@ pub enum Joint {
     /// Concatenated modality features into one head: the joint mean (log-variance) is the sum
     /// of each present modality's head output.
     Concat,
+}
+
+/// How the posterior is pulled towards the N(0, I) prior.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prior {
+    /// KL(q(z|x) || p(z)) per cell (the ELBO).
+    Kl,
+    /// MMD between the batch's latent samples and draws from N(0, I) (MMD-VAE / InfoVAE):
+    /// matches the aggregate posterior instead of each cell's.
+    Mmd,
 }
 
 /// Per-modality overrides of the model's likelihood and dispersion.
@@ -72,13 +85,66 @@ pub struct VaeConfig {
     /// Weight of the squared MMD between the latent samples of every pair of batches
     /// (Multigrate's integration loss); 0 = off.
     pub mmd_batch_weight: f64,
-    /// RBF bandwidths of that MMD (a sum of kernels over latent distances).
+    /// RBF bandwidths of every MMD term (a sum of kernels over latent distances).
     pub mmd_bandwidths: Vec<f64>,
+    /// The prior-matching term: KL, or MMD to N(0, I) draws (MMD-VAE).
+    pub prior: Prior,
+    /// Weight of the squared MMD of `prior = "mmd"` (the KL warm-up scales it too).
+    pub prior_mmd_weight: f64,
+    /// Weight of the Jeffreys divergence between the posteriors of every pair of modalities a
+    /// cell has (MultiVI); 0 = off.
+    pub jeffreys_weight: f64,
+    /// Weight of a classifier of batch from the latent samples behind gradient reversal
+    /// (DAVAE/MultiVI/GLUE); 0 = off.
+    pub adversarial_batch_weight: f64,
+    /// λ of the gradient reversal: the encoders receive −λ × the classifier's gradient.
+    pub adversarial_reversal: f64,
+    /// Weight of the contrastive cosine margin loss on labels, on the latent mean (MOSA).
+    pub contrastive_weight: f64,
+    /// Different labels are pushed below this cosine similarity.
+    pub contrastive_margin: f64,
+    /// Weight of the label classifier's cross-entropy on the latent mean (cells with a label).
+    pub classifier_weight: f64,
+    /// Numeric obs columns predicted from the latent mean (masked squared error).
+    pub regression_keys: Vec<String>,
+    pub regression_weight: f64,
+    /// Survival time and event (observed = true / 1) obs columns of a Cox head on the latent
+    /// mean.
+    pub survival_time_key: Option<String>,
+    pub survival_event_key: Option<String>,
+    pub cox_weight: f64,
 }
 
 impl Default for VaeConfig {
     fn default() -> Self {
-        VaeConfig { n_hidden: 128, n_latent: 10, n_layers: 1, dropout: 0.1, likelihood: LikelihoodKind::Nb, dispersion: Dispersion::Gene, batch_norm: true, encode_covariates: false, deeply_inject_covariates: false, joint: Joint::Poe, modalities: BTreeMap::new(), mmd_batch_weight: 0.0, mmd_bandwidths: vec![0.5, 1.0, 2.0, 5.0, 10.0] }
+        VaeConfig {
+            n_hidden: 128,
+            n_latent: 10,
+            n_layers: 1,
+            dropout: 0.1,
+            likelihood: LikelihoodKind::Nb,
+            dispersion: Dispersion::Gene,
+            batch_norm: true,
+            encode_covariates: false,
+            deeply_inject_covariates: false,
+            joint: Joint::Poe,
+            modalities: BTreeMap::new(),
+            mmd_batch_weight: 0.0,
+            mmd_bandwidths: vec![0.5, 1.0, 2.0, 5.0, 10.0],
+            prior: Prior::Kl,
+            prior_mmd_weight: 100.0,
+            jeffreys_weight: 0.0,
+            adversarial_batch_weight: 0.0,
+            adversarial_reversal: 1.0,
+            contrastive_weight: 0.0,
+            contrastive_margin: 0.0,
+            classifier_weight: 0.0,
+            regression_keys: Vec::new(),
+            regression_weight: 0.0,
+            survival_time_key: None,
+            survival_event_key: None,
+            cox_weight: 0.0,
+        }
     }
 }
 
@@ -111,9 +177,20 @@ pub struct VaeBatch<'a, T> {
     pub modalities: &'a [ModalityCounts<'a, T>],
     /// rows × n_cov one-hot covariates (batch first), row-major.
     pub covariates: &'a [T],
+    /// Labels and targets of the supervised heads (absent: every cell unlabelled).
+    pub supervision: Supervision<'a>,
 }
 
-impl<T> VaeBatch<'_, T> {
+impl<'a, T> VaeBatch<'a, T> {
+    /// A batch without supervision.
+    pub fn new(modalities: &'a [ModalityCounts<'a, T>], covariates: &'a [T]) -> Self {
+        VaeBatch { modalities, covariates, supervision: Supervision::default() }
+    }
+
+    pub fn with_supervision(self, supervision: Supervision<'a>) -> Self {
+        VaeBatch { supervision, ..self }
+    }
+
     pub fn rows(&self) -> usize {
         self.modalities.first().map_or(0, |m| m.counts.rows)
     }
@@ -124,12 +201,16 @@ impl<T> VaeBatch<'_, T> {
 pub struct LossTerms {
     /// −log p(x|z) summed over the measured modalities, mean over cells.
     pub reconstruction: f64,
-    /// KL(q(z|x) || p(z)), mean over cells.
+    /// The prior-matching term: KL(q(z|x) || p(z)) mean over cells, or for an MMD prior its
+    /// weighted squared MMD.
     pub kl: f64,
-    /// The weighted regularisers (batch MMD), per batch.
+    /// The weighted regularisers (batch MMD, Jeffreys, adversarial, contrastive), per batch.
     #[serde(default)]
     pub regularization: f64,
-    /// reconstruction + kl_weight × kl + regularization: the minimised objective.
+    /// The weighted supervised heads' losses (classifier, regression, Cox).
+    #[serde(default)]
+    pub supervised: f64,
+    /// reconstruction + kl_weight × kl + regularization + supervised: the minimised objective.
     pub loss: f64,
     pub cells: usize,
 }
@@ -152,6 +233,8 @@ pub struct Vae<T: Real, B: Backend<T>> {
     pub n_cov: usize,
     /// Categories of the first covariate (batch): the rows of a gene-batch dispersion.
     pub n_batch: usize,
+    /// Label categories of the classifier (0: no labels).
+    pub n_labels: usize,
     pub layout: Layout,
     pub state_layout: Layout,
     pub values: B::Buf,
@@ -160,12 +243,26 @@ pub struct Vae<T: Real, B: Backend<T>> {
     pub state: B::Buf,
     encoders: Vec<Encoder>,
     decoders: Vec<Decoder>,
+    heads: Heads,
     backend: B,
+}
+
+/// The data's categorical sizes a model is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Categories {
+    /// Batch categories: the first `n_batch` covariate columns are the batch one-hot.
+    pub n_batch: usize,
+    /// Width of all one-hot covariates (batch first).
+    pub n_cov: usize,
+    /// Label categories (cell types) for the classifier and contrastive heads.
+    pub n_labels: usize,
 }
 
 /// Random-draw sites (Philox streams within a step): layers take 0.. (modality m from m × 256),
 /// the latent noise this one (and the ones below it, one per expert of a mixture).
 const SITE_LATENT: u64 = 0xF_FFFF;
+/// The prior draws of an MMD prior (below the mixture's expert sites, above the modalities').
+const SITE_PRIOR: u64 = 0xF_FF00;
 const SITES_PER_MODALITY: u64 = 256;
 
 /// Which cells of a batch each modality measured.
@@ -180,9 +277,16 @@ struct Plan {
 }
 
 impl Plan {
-    fn new<T>(batch: &VaeBatch<'_, T>) -> Plan {
+    /// `min_cells`: a modality measured in fewer cells of the batch (but some) is left out of
+    /// it, as if absent: training BatchNorm needs two rows.
+    fn new<T>(batch: &VaeBatch<'_, T>, min_cells: usize) -> Plan {
         let n = batch.rows();
-        let present: Vec<Vec<bool>> = batch.modalities.iter().map(|m| m.present.map_or_else(|| vec![true; n], <[bool]>::to_vec)).collect();
+        let mut present: Vec<Vec<bool>> = batch.modalities.iter().map(|m| m.present.map_or_else(|| vec![true; n], <[bool]>::to_vec)).collect();
+        for p in &mut present {
+            if p.iter().filter(|&&x| x).count() < min_cells {
+                p.iter_mut().for_each(|x| *x = false);
+            }
+        }
         let cells = present.iter().map(|p| (0..n).filter(|&r| p[r]).collect()).collect();
         let n_present = (0..n).map(|r| present.iter().filter(|p| p[r]).count()).collect();
         Plan { n, cells, present, n_present }
@@ -260,6 +364,10 @@ struct Forward<S, C> {
     dec: Vec<Decoded<S>>,
     /// The regularisers' gradient with respect to `zs`.
     dzs_regularization: Option<Tensor<S>>,
+    /// Per expert (on its cells), the Jeffreys divergence's gradients w.r.t. its mean and
+    /// log-variance.
+    dexperts: Option<Vec<Pair<S>>>,
+    heads: HeadActs<S>,
 }
 
 /// A diagonal Gaussian's (mean, log-variance) tensors, or their gradients.
@@ -273,6 +381,26 @@ fn inputs<S: tessera_kernels::backend::Storage>(ts: &[Tensor<S>]) -> Vec<In<'_, 
     ts.iter().map(Tensor::input).collect()
 }
 
+/// 1 / (number of present experts) per cell of `n` (0 for a cell with none), from each
+/// expert's cells.
+fn inverse_present<T: Real, B: Backend<T>>(b: &B, cells: &[Vec<usize>], n: usize) -> Result<B::Buf> {
+    let mut count = vec![0usize; n];
+    cells.iter().flatten().for_each(|&r| count[r] += 1);
+    b.upload(&count.iter().map(|&k| if k == 0 { T::zero() } else { T::of(1.0 / k as f64) }).collect::<Vec<T>>())
+}
+
+/// acc += x, where either may be absent.
+fn add_into<T: Real, B: Backend<T>>(b: &B, acc: &mut Option<Tensor<B::Buf>>, x: Option<Tensor<B::Buf>>) -> Result<()> {
+    match (acc.as_mut(), x) {
+        (Some(a), Some(x)) => b.axpy(T::one(), x.input(), a.output()),
+        (None, x) => {
+            *acc = x;
+            Ok(())
+        }
+        (Some(_), None) => Ok(()),
+    }
+}
+
 fn copy_of<T: Real, B: Backend<T>>(b: &B, t: &Tensor<B::Buf>) -> Result<Tensor<B::Buf>> {
     let mut out = b.tensor(t.rows, t.cols)?;
     b.copy(t.input(), out.output())?;
@@ -280,9 +408,9 @@ fn copy_of<T: Real, B: Backend<T>>(b: &B, t: &Tensor<B::Buf>) -> Result<Tensor<B
 }
 
 impl<T: Real, B: Backend<T>> Vae<T, B> {
-    /// A freshly initialised model for `modalities` (name, features) and `n_cov` covariate
-    /// columns (the first `n_batch` of them the batch one-hot).
-    pub fn new(backend: B, config: VaeConfig, modalities: &[(&str, usize)], n_batch: usize, n_cov: usize, seed: u64) -> Result<Self> {
+    /// A freshly initialised model for `modalities` (name, features) and the data's categories.
+    pub fn new(backend: B, config: VaeConfig, modalities: &[(&str, usize)], categories: Categories, seed: u64) -> Result<Self> {
+        let Categories { n_batch, n_cov, n_labels } = categories;
         assert!(!modalities.is_empty() && modalities.iter().all(|m| m.1 > 0) && config.n_layers > 0 && config.n_hidden > 0 && config.n_latent > 0, "model sizes must be positive");
         assert!(n_batch <= n_cov, "the batch one-hot is part of the covariates");
         let c = &config;
@@ -293,6 +421,21 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let (mut layout, mut state) = (Layout::default(), Layout::default());
         let encoders: Vec<Encoder> = specs.iter().enumerate().map(|(i, m)| Encoder::register(&prefix(m), m.n_features, &shape, &mut layout, &mut state, i as u64 * SITES_PER_MODALITY)).collect();
         let decoders: Vec<Decoder> = specs.iter().enumerate().map(|(i, m)| Decoder::register(&prefix(m), m, &shape, &mut layout, &mut state, i as u64 * SITES_PER_MODALITY + SITES_PER_MODALITY / 2)).collect();
+        let heads_spec = HeadsSpec {
+            n_latent: c.n_latent,
+            n_hidden: c.n_hidden,
+            n_labels,
+            n_targets: c.regression_keys.len(),
+            n_batch,
+            classifier_weight: c.classifier_weight,
+            regression_weight: c.regression_weight,
+            cox_weight: c.cox_weight,
+            contrastive_weight: c.contrastive_weight,
+            contrastive_margin: c.contrastive_margin,
+            adversarial_weight: c.adversarial_batch_weight,
+            adversarial_reversal: c.adversarial_reversal,
+        };
+        let heads = Heads::register(heads_spec, &mut layout, &mut state);
 
         // Initialise on the host (one seeded stream, registration order), then upload.
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
@@ -304,10 +447,11 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         for d in &decoders {
             d.init(&layout, &state, &mut values, &mut state_values, &mut rng);
         }
+        heads.init(&layout, &state, &mut values, &mut state_values, &mut rng);
         let values_buf = backend.upload(&values)?;
         let grads = backend.zeros(layout.len())?;
         let state_buf = backend.upload(&state_values)?;
-        Ok(Vae { config, modalities: specs, n_cov, n_batch, layout, state_layout: state, values: values_buf, grads, state: state_buf, encoders, decoders, backend })
+        Ok(Vae { config, modalities: specs, n_cov, n_batch, n_labels, layout, state_layout: state, values: values_buf, grads, state: state_buf, encoders, decoders, heads, backend })
     }
 
     pub fn backend(&self) -> &B {
@@ -418,25 +562,49 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     /// present experts' means.
     fn joint_mean(&mut self, batch: VaeBatch<'_, T>) -> Result<Tensor<Buf<T, B>>> {
         self.check_batch(&batch);
-        let plan = Plan::new(&batch);
+        let plan = Plan::new(&batch, 1);
         let enc = self.encode(&batch, &plan, Mode::Eval)?;
         let (means, logvars, masks) = self.experts(&enc, &plan)?;
-        let b = &self.backend;
         if self.joint() == Joint::Moe {
-            let (sum, _) = self.combine(&means, &logvars, None, plan.n)?;
-            let inv: Vec<T> = plan.n_present.iter().map(|&k| if k == 0 { T::zero() } else { T::of(1.0 / k as f64) }).collect();
-            let inv = b.upload(&inv)?;
-            let mut mean = b.tensor(plan.n, self.config.n_latent)?;
-            b.scale_rows(sum.input(), In::all(&inv), mean.output())?;
-            return Ok(mean);
+            return self.mixture_mean(&means, &plan);
         }
         Ok(self.combine(&means, &logvars, masks.as_deref(), plan.n)?.0)
+    }
+
+    /// A mixture's mean: the mean of each cell's present experts' means (`means` expanded to
+    /// every cell, zero where absent).
+    fn mixture_mean(&self, means: &[Tensor<Buf<T, B>>], plan: &Plan) -> Result<Tensor<Buf<T, B>>> {
+        let b = &self.backend;
+        let mut sum = b.tensor(plan.n, self.config.n_latent)?;
+        for m in means {
+            b.axpy(T::one(), m.input(), sum.output())?;
+        }
+        let mut mean = b.tensor(plan.n, self.config.n_latent)?;
+        b.scale_rows(sum.input(), In::all(&inverse_present(b, &plan.cells, plan.n)?), mean.output())?;
+        Ok(mean)
+    }
+
+    /// Class probabilities of the label classifier at each cell's latent mean (evaluation
+    /// mode), n × labels; None when the model has no classifier.
+    pub fn predict_labels(&mut self, batch: VaeBatch<'_, T>) -> Result<Option<Vec<T>>> {
+        if !self.heads.has_classifier() {
+            return Ok(None);
+        }
+        let m = self.joint_mean(batch)?;
+        let b = &self.backend;
+        let p = Weights { layout: &self.layout, values: &self.values };
+        let mut state = Slots { layout: &self.state_layout, buf: &mut self.state };
+        match self.heads.predict(b, &p, &mut state, &m)? {
+            Some(t) => Ok(Some(b.download(t.input())?)),
+            None => Ok(None),
+        }
     }
 
     #[allow(clippy::type_complexity)]
     fn forward(&mut self, batch: VaeBatch<'_, T>, kl_weight: f64, mode: Mode) -> Result<(LossTerms, Forward<Buf<T, B>, B::Csr>)> {
         self.check_batch(&batch);
-        let plan = Plan::new(&batch);
+        let training_batch_norm = matches!(mode, Mode::Train { .. }) && self.config.batch_norm;
+        let plan = Plan::new(&batch, if training_batch_norm { 2 } else { 1 });
         let (n, d) = (plan.n, self.config.n_latent);
         assert!(n > 1 || !matches!(mode, Mode::Train { .. }) || !self.config.batch_norm, "BatchNorm training needs at least two cells");
         let enc = self.encode(&batch, &plan, mode)?;
@@ -450,8 +618,9 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         };
 
         // The latent samples, the rows each decoder reads (codes into them, the decoded cell,
-        // the cell's weight) and the KL.
+        // the cell's weight) and the KL (an MMD prior acts on the samples below instead).
         let mut kl_total = 0.0;
+        let use_kl = self.config.prior == Prior::Kl;
         let (latent, zs, decode): (Latent<Buf<T, B>>, Tensor<Buf<T, B>>, Vec<(Vec<usize>, Vec<usize>, Vec<T>)>) = if self.joint() == Joint::Moe {
             // Each present expert's sample decodes every modality the cell has; a cell's terms
             // are averaged over its experts (the stratified mixture ELBO).
@@ -469,8 +638,10 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 let share: Vec<f64> = cells.iter().map(|&r| inv_n / plan.n_present[r] as f64).collect();
                 let weights = b.upload(&share.iter().map(|&w| T::of(kl_weight * w)).collect::<Vec<T>>())?;
                 let (mut kl, mut dm, mut dlv) = (b.zeros(rows)?, b.tensor(rows, d)?, b.tensor(rows, d)?);
-                b.kl_standard_normal(a.mean.output().input(), a.logvar.output().input(), d, Some(In::all(&weights)), Out::all(&mut kl), dm.output(), dlv.output())?;
-                kl_total += b.download(In::all(&kl))?.iter().zip(&share).map(|(k, w)| k.f64() * w).sum::<f64>();
+                if use_kl {
+                    b.kl_standard_normal(a.mean.output().input(), a.logvar.output().input(), d, Some(In::all(&weights)), Out::all(&mut kl), dm.output(), dlv.output())?;
+                    kl_total += b.download(In::all(&kl))?.iter().zip(&share).map(|(k, w)| k.f64() * w).sum::<f64>();
+                }
                 eps_all.push(eps);
                 dm_kl.push(dm);
                 dlv_kl.push(dlv);
@@ -500,8 +671,10 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             b.reparameterize_forward(m.input(), lv.input(), eps.input(), z.output())?;
             let weights = b.upload(&vec![T::of(kl_weight * inv_n); n])?;
             let (mut kl, mut dm_kl, mut dlv_kl) = (b.zeros(n)?, b.tensor(n, d)?, b.tensor(n, d)?);
-            b.kl_standard_normal(m.input(), lv.input(), d, Some(In::all(&weights)), Out::all(&mut kl), dm_kl.output(), dlv_kl.output())?;
-            kl_total = b.download(In::all(&kl))?.iter().map(|k| k.f64()).sum::<f64>() * inv_n;
+            if use_kl {
+                b.kl_standard_normal(m.input(), lv.input(), d, Some(In::all(&weights)), Out::all(&mut kl), dm_kl.output(), dlv_kl.output())?;
+                kl_total = b.download(In::all(&kl))?.iter().map(|k| k.f64()).sum::<f64>() * inv_n;
+            }
             let decode = plan.cells.iter().map(|c| (c.clone(), c.clone(), vec![T::of(inv_n); c.len()])).collect();
             (Latent::Joint { means, logvars, masks, m, lv, eps, dm_kl, dlv_kl }, z, decode)
         };
@@ -528,9 +701,106 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             Latent::Joint { .. } => (0..n).collect(),
             Latent::Mixture { .. } => plan.cells.concat(),
         };
-        let (regularization, dzs_regularization) = self.batch_mmd(&zs, &sample_cells, batch.covariates)?;
-        let terms = LossTerms { reconstruction, kl: kl_total, regularization, loss: reconstruction + kl_weight * kl_total + regularization, cells: n };
-        Ok((terms, Forward { enc, latent, cells: plan.cells, zs, dec, dzs_regularization }))
+        let (mut regularization, mut dzs_regularization) = self.batch_mmd(&zs, &sample_cells, batch.covariates)?;
+        if !use_kl {
+            let (value, dzs) = self.prior_mmd(&zs, kl_weight, mode)?;
+            kl_total = value;
+            add_into(&b, &mut dzs_regularization, dzs)?;
+        }
+        let (jeffreys, dexperts) = self.jeffreys(&enc, &plan)?;
+        regularization += jeffreys;
+
+        // Heads: on the joint mean (a mixture's is the mean of its experts') and on the samples.
+        let mean = if self.heads.read_mean() {
+            Some(match &latent {
+                Latent::Joint { m, .. } => copy_of(&b, m)?,
+                Latent::Mixture { .. } => self.mixture_mean(&self.experts(&enc, &plan)?.0, &plan)?,
+            })
+        } else {
+            None
+        };
+        let sample_batches: Vec<i32> = sample_cells.iter().map(|&r| self.batch_of(batch.covariates, r).map_or(-1, |k| k as i32)).collect();
+        let p = Weights { layout: &self.layout, values: &self.values };
+        let mut state = Slots { layout: &self.state_layout, buf: &mut self.state };
+        let (head_terms, heads) = self.heads.forward(&b, &p, &mut state, mean, &batch.supervision, &zs, &sample_batches, mode)?;
+        regularization += head_terms.regularization;
+        let supervised = head_terms.supervised;
+        let terms = LossTerms { reconstruction, kl: kl_total, regularization, supervised, loss: reconstruction + kl_weight * kl_total + regularization + supervised, cells: n };
+        Ok((terms, Forward { enc, latent, cells: plan.cells, zs, dec, dzs_regularization, dexperts, heads }))
+    }
+
+    /// The batch of cell `r` from its one-hot covariates (None: no batch column set).
+    fn batch_of(&self, covariates: &[T], r: usize) -> Option<usize> {
+        covariates[r * self.n_cov..r * self.n_cov + self.n_batch].iter().position(|&v| v > T::zero())
+    }
+
+    /// An MMD prior (MMD-VAE): weight × squared MMD between the latent samples and as many
+    /// N(0, I) draws, and the gradient of kl_weight × that with respect to the samples.
+    fn prior_mmd(&self, zs: &Tensor<Buf<T, B>>, kl_weight: f64, mode: Mode) -> Result<Penalty<Buf<T, B>>> {
+        let b = &self.backend;
+        let d = self.config.n_latent;
+        let mut prior = b.tensor(zs.rows, d)?;
+        match mode {
+            Mode::Train { seed, step } | Mode::Validate { seed, step } => b.normal(seed, Mode::stream(step, SITE_PRIOR), prior.output())?,
+            Mode::Eval => {}
+        }
+        let (mut dzs, mut dprior) = (b.tensor(zs.rows, d)?, b.tensor(zs.rows, d)?);
+        let mmd = b.mmd_rbf(zs.input(), prior.input(), d, &self.config.mmd_bandwidths, dzs.output(), dprior.output())?;
+        b.scale(dzs.output(), T::of(kl_weight * self.config.prior_mmd_weight))?;
+        Ok((self.config.prior_mmd_weight * mmd, Some(dzs)))
+    }
+
+    /// MultiVI's alignment of the modality posteriors: weight × the mean over cells of the
+    /// Jeffreys divergences between every pair of experts a cell has, and each expert's
+    /// gradients on its cells (None when off or with one modality).
+    #[allow(clippy::type_complexity)]
+    fn jeffreys(&self, enc: &Encoded<T, B>, plan: &Plan) -> Result<(f64, Option<Vec<Pair<Buf<T, B>>>>)> {
+        let weight = self.config.jeffreys_weight;
+        if weight == 0.0 || enc.len() < 2 {
+            return Ok((0.0, None));
+        }
+        let b = &self.backend;
+        let d = self.config.n_latent;
+        let mut grads: Vec<Pair<Buf<T, B>>> = plan.cells.iter().map(|c| Ok((b.tensor(c.len(), d)?, b.tensor(c.len(), d)?))).collect::<Result<_>>()?;
+        // Each cell's row within each expert's rows.
+        let position: Vec<Vec<usize>> = plan.cells.iter().map(|c| c.iter().enumerate().fold(vec![usize::MAX; plan.n], |mut at, (k, &r)| {
+            at[r] = k;
+            at
+        })).collect();
+        let gather = |x: &Tensor<Buf<T, B>>, rows: &[usize]| -> Result<Tensor<Buf<T, B>>> {
+            let mut t = b.tensor(rows.len(), d)?;
+            b.gather_rows(x.input(), rows, d, t.output())?;
+            Ok(t)
+        };
+        let mut total = 0.0;
+        for i in 0..enc.len() {
+            for j in i + 1..enc.len() {
+                let both: Vec<usize> = (0..plan.n).filter(|&r| plan.present[i][r] && plan.present[j][r]).collect();
+                if both.is_empty() {
+                    continue;
+                }
+                let (rows_i, rows_j): (Vec<usize>, Vec<usize>) = both.iter().map(|&r| (position[i][r], position[j][r])).unzip();
+                let (m1, lv1) = (gather(enc[i].mean.output(), &rows_i)?, gather(enc[i].logvar.output(), &rows_i)?);
+                let (m2, lv2) = (gather(enc[j].mean.output(), &rows_j)?, gather(enc[j].logvar.output(), &rows_j)?);
+                let weights = b.upload(&vec![T::of(weight / plan.n as f64); both.len()])?;
+                let mut value = b.zeros(both.len())?;
+                let mut g: Vec<Tensor<Buf<T, B>>> = (0..4).map(|_| b.tensor(both.len(), d)).collect::<Result<_>>()?;
+                {
+                    let [g0, g1, g2, g3] = &mut g[..] else { unreachable!("four gradients") };
+                    b.jeffreys(m1.input(), lv1.input(), m2.input(), lv2.input(), d, In::all(&weights), Out::all(&mut value), [g0.output(), g1.output(), g2.output(), g3.output()])?;
+                }
+                total += b.download(In::all(&value))?.iter().map(|v| v.f64()).sum::<f64>() * weight / plan.n as f64;
+                for (expert, rows, (dm, dlv)) in [(i, &rows_i, (&g[0], &g[1])), (j, &rows_j, (&g[2], &g[3]))] {
+                    for (source, target) in [(dm, 0), (dlv, 1)] {
+                        let mut scattered = b.tensor(plan.cells[expert].len(), d)?;
+                        b.scatter_add_rows(source.input(), rows, d, scattered.output())?;
+                        let t = if target == 0 { &mut grads[expert].0 } else { &mut grads[expert].1 };
+                        b.axpy(T::one(), scattered.input(), t.output())?;
+                    }
+                }
+            }
+        }
+        Ok((total, Some(grads)))
     }
 
     /// Multigrate's integration loss: weight × Σ over pairs of batches of the squared MMD
@@ -543,10 +813,9 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         }
         let b = &self.backend;
         let d = self.config.n_latent;
-        let batch_of = |r: usize| covariates[r * self.n_cov..r * self.n_cov + self.n_batch].iter().position(|&v| v > T::zero());
         let mut groups: Vec<Vec<usize>> = vec![Vec::new(); self.n_batch];
         for (i, &r) in cells.iter().enumerate() {
-            if let Some(k) = batch_of(r) {
+            if let Some(k) = self.batch_of(covariates, r) {
                 groups[k].push(i);
             }
         }
@@ -586,13 +855,18 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let d = self.config.n_latent;
         let p = Weights { layout: &self.layout, values: &self.values };
         let mut grads = Slots { layout: &self.layout, buf: &mut self.grads };
-        let Forward { enc, latent, cells, zs, dec, dzs_regularization } = f;
+        let Forward { enc, latent, cells, zs, dec, dzs_regularization, dexperts, heads } = f;
 
-        // The decoders' gradients (and the regularisers'), summed into the latent samples.
+        // The decoders' gradients (and the regularisers' and heads'), summed into the latent
+        // samples; the heads on the mean send theirs to the joint posterior's mean.
+        let (dmean, dzs_heads) = self.heads.backward(&b, &p, &mut grads, &zs, heads, mode)?;
         let mut dzs = match dzs_regularization {
             Some(t) => t,
             None => b.tensor(zs.rows, d)?,
         };
+        if let Some(t) = dzs_heads {
+            b.axpy(T::one(), t.input(), dzs.output())?;
+        }
         for (decoder, Decoded { codes, z, acts }) in self.decoders.iter().zip(dec) {
             let dz = decoder.backward(&b, &p, &mut grads, z.as_ref().unwrap_or(&zs), acts, mode)?;
             if z.is_none() {
@@ -615,6 +889,9 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 b.reparameterize_backward(lv.input(), eps.input(), dzs.input(), dm.output(), dlv.output())?;
                 b.axpy(T::one(), dm_kl.input(), dm.output())?;
                 b.axpy(T::one(), dlv_kl.input(), dlv.output())?;
+                if let Some(t) = &dmean {
+                    b.axpy(T::one(), t.input(), dm.output())?;
+                }
                 let full: Vec<Pair<Buf<T, B>>> = match masks {
                     Some(masks) => {
                         let mut dms: Vec<Tensor<Buf<T, B>>> = means.iter().map(|_| b.tensor(n, d)).collect::<Result<_>>()?;
@@ -640,7 +917,17 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 };
                 full.into_iter().zip(&cells).map(|((dm, dlv), c)| Ok((pick(dm, c)?, pick(dlv, c)?))).collect::<Result<_>>()?
             }
-            Latent::Mixture { eps, offsets, dm_kl, dlv_kl } => enc
+            Latent::Mixture { eps, offsets, dm_kl, dlv_kl } => {
+                // The mixture's mean averages the present experts: each gets 1/k of its gradient.
+                let dmean_shared = match &dmean {
+                    Some(t) => {
+                        let mut shared = b.tensor(t.rows, d)?;
+                        b.scale_rows(t.input(), In::all(&inverse_present(&b, &cells, t.rows)?), shared.output())?;
+                        Some(shared)
+                    }
+                    None => None,
+                };
+                enc
                 .iter()
                 .enumerate()
                 .map(|(e, a)| {
@@ -650,9 +937,27 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                     b.reparameterize_backward(a.logvar.output().input(), eps[e].input(), In::part(&dzs.buf, part), dm.output(), dlv.output())?;
                     b.axpy(T::one(), dm_kl[e].input(), dm.output())?;
                     b.axpy(T::one(), dlv_kl[e].input(), dlv.output())?;
+                    if let Some(shared) = &dmean_shared {
+                        let mut mine = b.tensor(rows, d)?;
+                        b.gather_rows(shared.input(), &cells[e], d, mine.output())?;
+                        b.axpy(T::one(), mine.input(), dm.output())?;
+                    }
+                    Ok((dm, dlv))
+                })
+                .collect::<Result<_>>()?
+            }
+        };
+        let expert_grads: Vec<Pair<Buf<T, B>>> = match dexperts {
+            Some(extra) => expert_grads
+                .into_iter()
+                .zip(extra)
+                .map(|((mut dm, mut dlv), (em, elv))| {
+                    b.axpy(T::one(), em.input(), dm.output())?;
+                    b.axpy(T::one(), elv.input(), dlv.output())?;
                     Ok((dm, dlv))
                 })
                 .collect::<Result<_>>()?,
+            None => expert_grads,
         };
         for ((encoder, acts), (dm, dlv)) in self.encoders.iter().zip(&enc).zip(expert_grads) {
             encoder.backward(&b, &p, &mut grads, acts, dm, dlv, mode)?;

@@ -6,7 +6,7 @@ use tessera_kernels::backend::Cpu;
 use tessera_kernels::gradcheck::{check_at, spread};
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::layers::Mode;
-use tessera_models::{Dispersion, Joint, LikelihoodKind, ModalityCounts, Vae, VaeBatch, VaeConfig};
+use tessera_models::{Categories, Dispersion, Joint, LikelihoodKind, ModalityCounts, Prior, Supervision, Survival, Vae, VaeBatch, VaeConfig};
 
 /// Counts for `n` cells x `g` genes with an all-zero cell, as CSR.
 fn counts(n: usize, g: usize, binary: bool) -> (Vec<u64>, Vec<u32>, Vec<f64>) {
@@ -26,6 +26,9 @@ fn counts(n: usize, g: usize, binary: bool) -> (Vec<u64>, Vec<u32>, Vec<f64>) {
     (indptr, indices, data)
 }
 
+/// Two batches, one more covariate column, three label categories.
+const CATEGORIES: Categories = Categories { n_batch: 2, n_cov: 3, n_labels: 3 };
+
 /// Batch one-hot (2 batches) then a second covariate (1 column).
 fn covariates(n: usize) -> Vec<f64> {
     (0..n).flat_map(|r| [if r % 2 == 0 { 1.0 } else { 0.0 }, if r % 2 == 1 { 1.0 } else { 0.0 }, if r % 3 == 0 { 1.0 } else { 0.0 }]).collect()
@@ -36,8 +39,8 @@ fn check_model(config: VaeConfig) {
     let (indptr, indices, data) = counts(n, g, config.likelihood == LikelihoodKind::Bernoulli);
     let cov = covariates(n);
     let modalities = [ModalityCounts { counts: CsrRef { rows: n, cols: g, indptr: &indptr, indices: &indices, data: &data }, present: None }];
-    let batch = VaeBatch { modalities: &modalities, covariates: &cov };
-    let model = Vae::<f64, Cpu>::new(Cpu, config.clone(), &[("rna", g)], 2, 3, 11).unwrap();
+    let batch = VaeBatch::new(&modalities, &cov);
+    let model = Vae::<f64, Cpu>::new(Cpu, config.clone(), &[("rna", g)], CATEGORIES, 11).unwrap();
     check_gradients(model, batch, &format!("{config:?}"));
 }
 
@@ -94,7 +97,7 @@ fn batch_mmd_regulariser() {
     for joint in [Joint::Poe, Joint::Moe] {
         let mut model = mosaic.model(joint);
         model.config.mmd_batch_weight = 2.0;
-        let batch = VaeBatch { modalities: &modalities, covariates: &mosaic.cov };
+        let batch = VaeBatch::new(&modalities, &mosaic.cov);
         let terms = model.loss(batch, 1.0, Mode::Train { seed: 1, step: 1 }).unwrap();
         assert!(terms.regularization > 0.0 && (terms.loss - terms.reconstruction - terms.kl - terms.regularization).abs() < 1e-9, "{terms:?}");
         check_gradients(model, batch, &format!("{joint:?} + batch MMD"));
@@ -112,14 +115,14 @@ fn non_finite_input_stops_training_naming_the_step_and_term() {
     let (n, g) = (4, 5);
     let (indptr, indices, mut data) = counts(n, g, false);
     let cov = covariates(n);
-    let model = Vae::<f64, Cpu>::new(Cpu, VaeConfig { n_hidden: 4, n_latent: 2, ..VaeConfig::default() }, &[("rna", g)], 2, 3, 1).unwrap();
+    let model = Vae::<f64, Cpu>::new(Cpu, VaeConfig { n_hidden: 4, n_latent: 2, ..VaeConfig::default() }, &[("rna", g)], CATEGORIES, 1).unwrap();
     let mut trainer = Trainer::new(model, TrainConfig::default()).unwrap();
     let modalities = [ModalityCounts { counts: CsrRef { rows: n, cols: g, indptr: &indptr, indices: &indices, data: &data }, present: None }];
-    trainer.step(VaeBatch { modalities: &modalities, covariates: &cov }, 0).unwrap();
+    trainer.step(VaeBatch::new(&modalities, &cov), 0).unwrap();
     let before = trainer.model.values.clone();
     data[0] = f64::NAN;
     let modalities = [ModalityCounts { counts: CsrRef { rows: n, cols: g, indptr: &indptr, indices: &indices, data: &data }, present: None }];
-    match trainer.step(VaeBatch { modalities: &modalities, covariates: &cov }, 0) {
+    match trainer.step(VaeBatch::new(&modalities, &cov), 0) {
         Err(TrainError::NonFinite { step: 2, term, .. }) => assert_eq!(term, "reconstruction loss"),
         other => panic!("expected a non-finite error at step 2, got {other:?}"),
     }
@@ -129,7 +132,7 @@ fn non_finite_input_stops_training_naming_the_step_and_term() {
 
 #[test]
 fn early_stopping_watches_the_unweighted_elbo() {
-    let t = tessera_models::LossTerms { reconstruction: 100.0, kl: 20.0, regularization: 3.0, loss: 108.0, cells: 8 };
+    let t = tessera_models::LossTerms { reconstruction: 100.0, kl: 20.0, regularization: 3.0, supervised: 1.0, loss: 109.0, cells: 8 };
     assert_eq!(t.negative_elbo(), 120.0);
 }
 
@@ -161,8 +164,13 @@ impl Mosaic {
     }
 
     fn model(&self, joint: Joint) -> Vae<f64, Cpu> {
-        let config = VaeConfig { n_hidden: 4, n_latent: 3, n_layers: 1, joint, ..VaeConfig::default() };
-        Vae::<f64, Cpu>::new(Cpu, config, &[("rna", 7), ("protein", 4), ("atac", 5)], 2, 3, 17).unwrap()
+        self.model_with(VaeConfig { joint, ..VaeConfig::default() })
+    }
+
+    /// A model of the three modalities with `config`'s options at test sizes.
+    fn model_with(&self, config: VaeConfig) -> Vae<f64, Cpu> {
+        let config = VaeConfig { n_hidden: 4, n_latent: 3, n_layers: 1, ..config };
+        Vae::<f64, Cpu>::new(Cpu, config, &[("rna", 7), ("protein", 4), ("atac", 5)], CATEGORIES, 17).unwrap()
     }
 
     /// The same batch with every absent cell's counts replaced by large garbage.
@@ -199,7 +207,7 @@ fn multimodal_gradients_for_every_joint_posterior() {
     let modalities = mosaic.modalities();
     assert_eq!(mosaic.model(Joint::Poe).modalities.iter().map(|m| m.likelihood).collect::<Vec<_>>(), [LikelihoodKind::Nb, LikelihoodKind::Nb, LikelihoodKind::Bernoulli]);
     for joint in [Joint::Poe, Joint::Moe, Joint::Concat] {
-        check_gradients(mosaic.model(joint), VaeBatch { modalities: &modalities, covariates: &mosaic.cov }, &format!("{joint:?}"));
+        check_gradients(mosaic.model(joint), VaeBatch::new(&modalities, &mosaic.cov), &format!("{joint:?}"));
     }
 }
 
@@ -213,7 +221,7 @@ fn absent_modalities_are_ignored_by_loss_gradients_and_embedding() {
         let run = |m: &Mosaic| {
             let mut model = m.model(joint);
             let modalities = m.modalities();
-            let batch = VaeBatch { modalities: &modalities, covariates: &m.cov };
+            let batch = VaeBatch::new(&modalities, &m.cov);
             let terms = model.loss_and_grad(batch, 0.5, mode).unwrap();
             (terms, model.grads.clone(), model.latent_mean(batch).unwrap(), model.latent_and_expression(batch, 1e4).unwrap().1)
         };
@@ -234,14 +242,14 @@ fn joint_posteriors_combine_experts_as_documented() {
     // Cell 0 has RNA and protein.
     let mosaic = Mosaic::new();
     let modalities = mosaic.modalities();
-    let batch = VaeBatch { modalities: &modalities, covariates: &mosaic.cov };
+    let batch = VaeBatch::new(&modalities, &mosaic.cov);
     let single = |i: usize| {
         // Each expert alone: the same parameters, other modalities marked absent.
         let absent = vec![false; MOSAIC_CELLS];
         let masks: Vec<&[bool]> = (0..3).map(|k| if k == i { mosaic.present[k].as_slice() } else { absent.as_slice() }).collect();
         let mods: Vec<ModalityCounts<'_, f64>> = modalities.iter().zip(&masks).map(|(m, p)| ModalityCounts { present: Some(p), ..*m }).collect();
         let mut model = mosaic.model(Joint::Concat);
-        model.latent_mean(VaeBatch { modalities: &mods, covariates: &mosaic.cov }).unwrap()
+        model.latent_mean(VaeBatch::new(&mods, &mosaic.cov)).unwrap()
     };
     let (rna, protein) = (single(0), single(1));
     let mut concat = mosaic.model(Joint::Concat);
@@ -251,4 +259,155 @@ fn joint_posteriors_combine_experts_as_documented() {
         assert!((c[k] - (rna[k] + protein[k])).abs() < 1e-12, "concat sums the present heads");
         assert!((m[k] - 0.5 * (rna[k] + protein[k])).abs() < 1e-12, "a mixture's mean averages its experts");
     }
+}
+
+/// Labels (one unlabelled cell), two regression targets with missing values, and survival
+/// (one cell without a time), for the 7 mosaic cells.
+struct Targets {
+    labels: Vec<i32>,
+    targets: Vec<f64>,
+    times: Vec<f64>,
+    events: Vec<bool>,
+}
+
+impl Targets {
+    fn new() -> Targets {
+        let n = MOSAIC_CELLS;
+        Targets {
+            labels: vec![0, 1, 2, -1, 0, 1, 2],
+            targets: (0..2 * n).map(|i| if i % 5 == 3 { f64::NAN } else { (i as f64 * 0.7).sin() }).collect(),
+            times: vec![3.0, 1.0, f64::NAN, 5.0, 2.0, 4.0, 2.5],
+            events: vec![true, false, true, true, true, false, true],
+        }
+    }
+
+    fn supervision(&self) -> Supervision<'_> {
+        Supervision { labels: Some(&self.labels), targets: Some(&self.targets), survival: Some(Survival { times: &self.times, events: &self.events }) }
+    }
+}
+
+fn supervised_config(joint: Joint) -> VaeConfig {
+    VaeConfig { joint, classifier_weight: 2.0, regression_keys: vec!["age".into(), "score".into()], regression_weight: 1.5, cox_weight: 0.8, contrastive_weight: 3.0, contrastive_margin: 0.1, ..VaeConfig::default() }
+}
+
+#[test]
+fn supervised_heads_and_contrastive_loss_on_the_latent_mean() {
+    let mosaic = Mosaic::new();
+    let modalities = mosaic.modalities();
+    let targets = Targets::new();
+    for joint in [Joint::Poe, Joint::Moe, Joint::Concat] {
+        let batch = VaeBatch::new(&modalities, &mosaic.cov).with_supervision(targets.supervision());
+        let mut model = mosaic.model_with(supervised_config(joint));
+        let terms = model.loss(batch, 1.0, Mode::Train { seed: 1, step: 1 }).unwrap();
+        assert!(terms.supervised > 0.0 && terms.regularization > 0.0, "{joint:?}: {terms:?}");
+        assert!((terms.loss - terms.reconstruction - terms.kl - terms.regularization - terms.supervised).abs() < 1e-9);
+        // The heads see only the latent: the unsupervised terms are those of the same model
+        // without supervision.
+        let plain = model.loss(VaeBatch::new(&modalities, &mosaic.cov), 1.0, Mode::Train { seed: 1, step: 1 }).unwrap();
+        assert_eq!((plain.reconstruction, plain.kl), (terms.reconstruction, terms.kl));
+        check_gradients(model, batch, &format!("{joint:?} + supervised heads"));
+    }
+}
+
+#[test]
+fn classifier_predicts_probabilities_per_cell() {
+    let mosaic = Mosaic::new();
+    let modalities = mosaic.modalities();
+    let batch = VaeBatch::new(&modalities, &mosaic.cov);
+    let mut model = mosaic.model_with(supervised_config(Joint::Poe));
+    let p = model.predict_labels(batch).unwrap().expect("a classifier");
+    assert_eq!(p.len(), MOSAIC_CELLS * 3);
+    assert!(p.chunks(3).all(|row| (row.iter().sum::<f64>() - 1.0).abs() < 1e-12 && row.iter().all(|&v| v > 0.0)));
+    assert!(mosaic.model(Joint::Poe).predict_labels(batch).unwrap().is_none(), "no classifier, no predictions");
+}
+
+#[test]
+fn mmd_prior_replaces_the_kl() {
+    check_model(VaeConfig { n_hidden: 4, n_latent: 2, n_layers: 1, prior: Prior::Mmd, prior_mmd_weight: 50.0, mmd_bandwidths: vec![0.5, 2.0], ..VaeConfig::default() });
+    let mosaic = Mosaic::new();
+    let modalities = mosaic.modalities();
+    for joint in [Joint::Poe, Joint::Moe] {
+        let batch = VaeBatch::new(&modalities, &mosaic.cov);
+        let mut model = mosaic.model_with(VaeConfig { joint, prior: Prior::Mmd, ..VaeConfig::default() });
+        let mode = Mode::Train { seed: 1, step: 1 };
+        let mmd = model.loss(batch, 0.5, mode).unwrap();
+        let mut kl_model = mosaic.model(joint);
+        let kl = kl_model.loss(batch, 0.5, mode).unwrap();
+        assert_eq!(mmd.reconstruction, kl.reconstruction, "{joint:?}: same samples decoded");
+        assert!(mmd.kl > 0.0 && mmd.kl != kl.kl && (mmd.loss - mmd.reconstruction - 0.5 * mmd.kl).abs() < 1e-9, "{joint:?}: {mmd:?}");
+        check_gradients(model, batch, &format!("{joint:?} + MMD prior"));
+    }
+}
+
+#[test]
+fn jeffreys_divergence_between_modality_posteriors() {
+    let mosaic = Mosaic::new();
+    let modalities = mosaic.modalities();
+    let batch = VaeBatch::new(&modalities, &mosaic.cov);
+    for joint in [Joint::Poe, Joint::Moe, Joint::Concat] {
+        let mut model = mosaic.model_with(VaeConfig { joint, jeffreys_weight: 2.0, ..VaeConfig::default() });
+        let terms = model.loss(batch, 1.0, Mode::Train { seed: 1, step: 1 }).unwrap();
+        assert!(terms.regularization > 0.0, "{joint:?}: {terms:?}");
+        check_gradients(model, batch, &format!("{joint:?} + Jeffreys"));
+    }
+    // Cells with one modality contribute nothing: RNA alone in every cell gives 0.
+    let rna_only = vec![false; MOSAIC_CELLS];
+    let mods: Vec<ModalityCounts<'_, f64>> = modalities.iter().enumerate().map(|(i, m)| if i == 0 { *m } else { ModalityCounts { present: Some(&rna_only), ..*m } }).collect();
+    let mut model = mosaic.model_with(VaeConfig { jeffreys_weight: 2.0, ..VaeConfig::default() });
+    assert_eq!(model.loss(VaeBatch::new(&mods, &mosaic.cov), 1.0, Mode::Train { seed: 1, step: 1 }).unwrap().regularization, 0.0);
+}
+
+#[test]
+fn adversarial_batch_classifier_reverses_the_encoders_gradient() {
+    let mosaic = Mosaic::new();
+    let modalities = mosaic.modalities();
+    let batch = VaeBatch::new(&modalities, &mosaic.cov);
+    for joint in [Joint::Poe, Joint::Moe] {
+        let config = |reversal: f64| VaeConfig { joint, adversarial_batch_weight: 1.5, adversarial_reversal: reversal, ..VaeConfig::default() };
+        // λ = -1 is plain joint minimisation of the classifier's loss: an ordinary gradient.
+        check_gradients(mosaic.model_with(config(-1.0)), batch, &format!("{joint:?} + adversary without reversal"));
+        let grads = |reversal: f64| {
+            let mut model = mosaic.model_with(config(reversal));
+            let terms = model.loss_and_grad(batch, 1.0, Mode::Train { seed: 2, step: 1 }).unwrap();
+            assert!(terms.regularization > 0.0);
+            (model.grads.clone(), model.layout.clone())
+        };
+        let ((g0, layout), (g_plus, _), (g_rev, _)) = (grads(0.0), grads(-1.0), grads(0.7));
+        let mut encoder_changed = false;
+        for slot in layout.slots() {
+            let adversary = slot.name.starts_with("heads.adversary");
+            for i in slot.range.clone() {
+                let classifier_part = g_plus[i] - g0[i];
+                // The classifier's own parameters train on its loss; everything else receives
+                // -λ times the gradient it would get from minimising that loss.
+                let expected = if adversary { g_plus[i] } else { g0[i] - 0.7 * classifier_part };
+                assert!((g_rev[i] - expected).abs() <= 1e-9 * (1.0 + expected.abs()), "{joint:?} {}: {} vs {expected}", slot.name, g_rev[i]);
+                encoder_changed |= !adversary && classifier_part.abs() > 1e-6;
+                if slot.name.contains("decoder") {
+                    assert_eq!(classifier_part, 0.0, "{joint:?}: the adversary does not reach {}", slot.name);
+                }
+            }
+        }
+        assert!(encoder_changed, "{joint:?}: the adversary reaches the encoders");
+    }
+}
+
+#[test]
+fn a_modality_measured_in_under_two_cells_of_a_training_batch_sits_the_step_out() {
+    let mosaic = Mosaic::new();
+    let modalities = mosaic.modalities();
+    let (none, mut one) = (vec![false; MOSAIC_CELLS], vec![false; MOSAIC_CELLS]);
+    one[2] = true;
+    let mode = Mode::Train { seed: 4, step: 1 };
+    let run = |protein: &[bool]| {
+        let mods: Vec<ModalityCounts<'_, f64>> = modalities.iter().enumerate().map(|(i, m)| if i == 1 { ModalityCounts { present: Some(protein), ..*m } } else { *m }).collect();
+        let mut model = mosaic.model(Joint::Poe);
+        let terms = model.loss_and_grad(VaeBatch::new(&mods, &mosaic.cov), 1.0, mode).unwrap();
+        (terms, model.grads.clone(), model.state.clone())
+    };
+    let (absent, lone) = (run(&none), run(&one));
+    assert!(absent.0.loss.is_finite());
+    assert_eq!(absent, lone, "one protein cell trains like none");
+    let protein = mosaic.model(Joint::Poe).layout.slots().iter().filter(|s| s.name.starts_with("protein.")).flat_map(|s| s.range.clone()).collect::<Vec<_>>();
+    assert!(protein.iter().all(|&i| absent.1[i] == 0.0), "an unmeasured modality's parameters get zero gradients");
 }

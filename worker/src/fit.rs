@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tessera_data::{AnnData, Dataset, Loader, LoaderConfig, MiniBatch};
 use tessera_kernels::backend::Cpu;
 use tessera_kernels::ops::linear::CsrRef;
-use tessera_models::{LossTerms, ModalityCounts, Plateau, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
+use tessera_models::{Categories, LossTerms, ModalityCounts, Plateau, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
 
 use crate::checkpoint::{self, FitState};
 
@@ -145,7 +145,7 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     let n_batch = loader.batch_categories.len();
     let n_cov = n_batch;
 
-    let model = Vae::<f32, Cpu>::new(Cpu, opts.config.model.clone(), &shapes, n_batch, n_cov, tc.seed)?;
+    let model = Vae::<f32, Cpu>::new(Cpu, opts.config.model.clone(), &shapes, Categories { n_batch, n_cov, n_labels: 0 }, tc.seed)?;
     let mut trainer = Trainer::new(model, tc.clone())?;
     let epochs = tc.epochs(n_obs);
     let resolved = serde_json::json!({ "data": opts.data, "modalities": model_shapes(&trainer.model), "batch_key": opts.batch_key, "label_key": opts.label_key, "n_obs": n_obs, "batch_categories": loader.batch_categories, "model": opts.config.model, "train": opts.config.train, "epochs": epochs });
@@ -360,21 +360,24 @@ struct Sums {
     reconstruction: f64,
     kl: f64,
     regularization: f64,
+    supervised: f64,
     cells: usize,
 }
 
 impl Sums {
     fn add(&mut self, t: &LossTerms) {
-        self.reconstruction += t.reconstruction * t.cells as f64;
-        self.kl += t.kl * t.cells as f64;
-        self.regularization += t.regularization * t.cells as f64;
+        let w = t.cells as f64;
+        self.reconstruction += t.reconstruction * w;
+        self.kl += t.kl * w;
+        self.regularization += t.regularization * w;
+        self.supervised += t.supervised * w;
         self.cells += t.cells;
     }
 
     fn mean(&self, kl_weight: f64) -> LossTerms {
         let n = self.cells.max(1) as f64;
-        let (reconstruction, kl, regularization) = (self.reconstruction / n, self.kl / n, self.regularization / n);
-        LossTerms { reconstruction, kl, regularization, loss: reconstruction + kl_weight * kl + regularization, cells: self.cells }
+        let (reconstruction, kl, regularization, supervised) = (self.reconstruction / n, self.kl / n, self.regularization / n, self.supervised / n);
+        LossTerms { reconstruction, kl, regularization, supervised, loss: reconstruction + kl_weight * kl + regularization + supervised, cells: self.cells }
     }
 }
 
@@ -412,7 +415,7 @@ impl Converted {
     /// Calls `f` with the model's view of these rows.
     fn with<R>(&self, f: impl FnOnce(VaeBatch<'_, f32>) -> R) -> R {
         let modalities: Vec<ModalityCounts<'_, f32>> = self.counts.iter().map(|(cols, c, present)| ModalityCounts { counts: CsrRef { rows: self.rows, cols: *cols, indptr: &c.indptr, indices: &c.indices, data: &c.data }, present: present.as_deref() }).collect();
-        f(VaeBatch { modalities: &modalities, covariates: &self.covariates })
+        f(VaeBatch::new(&modalities, &self.covariates))
     }
 }
 

@@ -240,6 +240,30 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(losses::mmd_rbf(r(&x), r(&y), dim, bandwidths, w(dx), w(dy)).f64())
     }
 
+    fn cross_entropy(&self, logits: In<'_, Vec<T>>, labels: &[i32], classes: usize, dlogits: Out<'_, Vec<T>>) -> Result<(f64, usize)> {
+        let (loss, labelled) = losses::cross_entropy(r(&logits), labels, classes, w(dlogits));
+        Ok((loss.f64(), labelled))
+    }
+
+    fn masked_mse(&self, pred: In<'_, Vec<T>>, targets: &[f64], dpred: Out<'_, Vec<T>>) -> Result<(f64, usize)> {
+        let (loss, observed) = losses::masked_mse(r(&pred), targets, w(dpred));
+        Ok((loss.f64(), observed))
+    }
+
+    fn cosine_margin(&self, z: In<'_, Vec<T>>, labels: &[i32], dim: usize, margin: f64, dz: Out<'_, Vec<T>>) -> Result<f64> {
+        Ok(losses::cosine_margin(r(&z), labels, dim, margin, w(dz)).f64())
+    }
+
+    fn cox_partial_likelihood(&self, eta: In<'_, Vec<T>>, times: &[f64], events: &[bool], deta: Out<'_, Vec<T>>) -> Result<f64> {
+        Ok(losses::cox_partial_likelihood(r(&eta), times, events, w(deta)).f64())
+    }
+
+    fn jeffreys(&self, m1: In<'_, Vec<T>>, lv1: In<'_, Vec<T>>, m2: In<'_, Vec<T>>, lv2: In<'_, Vec<T>>, dim: usize, weights: In<'_, Vec<T>>, value: Out<'_, Vec<T>>, grads: [Out<'_, Vec<T>>; 4]) -> Result<()> {
+        let [a, b, c, d] = grads;
+        gaussian::jeffreys(r(&m1), r(&lv1), r(&m2), r(&lv2), dim, r(&weights), w(value), [w(a), w(b), w(c), w(d)]);
+        Ok(())
+    }
+
     fn adamw_step(&self, opt: &AdamW, t: u64, params: Out<'_, Vec<T>>, grads: In<'_, Vec<T>>, m: Out<'_, Vec<T>>, v: Out<'_, Vec<T>>) -> Result<()> {
         opt.step(t, w(params), r(&grads), w(m), w(v));
         Ok(())

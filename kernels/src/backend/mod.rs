@@ -179,6 +179,21 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     /// kernels), and its gradients (overwritten).
     fn mmd_rbf(&self, x: In<'_, Self::Buf>, y: In<'_, Self::Buf>, dim: usize, bandwidths: &[f64], dx: Out<'_, Self::Buf>, dy: Out<'_, Self::Buf>) -> Result<f64>;
 
+    /// `ops::losses::cross_entropy`: mean softmax cross-entropy of `logits` (rows x classes)
+    /// against host labels (-1 = unlabelled, skipped) and its gradient (overwritten). Returns
+    /// (loss, labelled rows).
+    fn cross_entropy(&self, logits: In<'_, Self::Buf>, labels: &[i32], classes: usize, dlogits: Out<'_, Self::Buf>) -> Result<(f64, usize)>;
+    /// `ops::losses::masked_mse`: mean squared error over the non-NaN host targets. Returns
+    /// (loss, observed entries).
+    fn masked_mse(&self, pred: In<'_, Self::Buf>, targets: &[f64], dpred: Out<'_, Self::Buf>) -> Result<(f64, usize)>;
+    /// `ops::losses::cosine_margin`: the contrastive cosine loss of rows of `z` on host labels.
+    fn cosine_margin(&self, z: In<'_, Self::Buf>, labels: &[i32], dim: usize, margin: f64, dz: Out<'_, Self::Buf>) -> Result<f64>;
+    /// `ops::losses::cox_partial_likelihood`: negative Cox partial log-likelihood of risk scores.
+    fn cox_partial_likelihood(&self, eta: In<'_, Self::Buf>, times: &[f64], events: &[bool], deta: Out<'_, Self::Buf>) -> Result<f64>;
+    /// `ops::gaussian::jeffreys`: per-row Jeffreys divergence of two diagonal Gaussians and the
+    /// gradients of Σ_r w_r J_r (dm1, dlv1, dm2, dlv2; overwritten).
+    fn jeffreys(&self, m1: In<'_, Self::Buf>, lv1: In<'_, Self::Buf>, m2: In<'_, Self::Buf>, lv2: In<'_, Self::Buf>, dim: usize, weights: In<'_, Self::Buf>, value: Out<'_, Self::Buf>, grads: [Out<'_, Self::Buf>; 4]) -> Result<()>;
+
     /// `AdamW::step` (step `t` counts from 1).
     fn adamw_step(&self, opt: &AdamW, t: u64, params: Out<'_, Self::Buf>, grads: In<'_, Self::Buf>, m: Out<'_, Self::Buf>, v: Out<'_, Self::Buf>) -> Result<()>;
     /// `ops::optim::grad_norm`: the global L2 norm, accumulated in f64 in a fixed order.

@@ -126,8 +126,8 @@ pub fn axpy<T: Real>(alpha: T, x: &[T], y: &mut [T]) {
 /// y[r, c] = x[r, c] · s[r] (library-size scaling of decoder proportions). Its own backward:
 /// dx = scale_rows(dy, s).
 pub fn scale_rows<T: Real>(x: &[T], s: &[T], y: &mut [T]) {
-    assert!(!s.is_empty() && x.len() == y.len() && x.len().is_multiple_of(s.len()), "scale rows: {} values are not {} rows", x.len(), s.len());
-    let cols = x.len() / s.len();
+    assert!(x.len() == y.len() && (s.is_empty() && x.is_empty() || !s.is_empty() && x.len().is_multiple_of(s.len())), "scale rows: {} values are not {} rows", x.len(), s.len());
+    let cols = if s.is_empty() { 0 } else { x.len() / s.len() };
     if cols == 0 {
         return;
     }

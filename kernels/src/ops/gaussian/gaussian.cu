@@ -30,6 +30,29 @@ extern "C" __global__ void kl_standard_normal(const float* m, const float* lv, u
     kl[r] = sum;
 }
 
+// Jeffreys divergence between two diagonal Gaussians, one thread per row: the row's value
+// summed in order, and the weighted gradients (mirrors ops/gaussian/mod.rs::jeffreys).
+extern "C" __global__ void jeffreys(const float* m1, const float* lv1, const float* m2, const float* lv2, unsigned long long rows,
+        unsigned long long dim, const float* weights, float* value, float* dm1, float* dlv1, float* dm2, float* dlv2) {
+    unsigned long long r = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    if (r >= rows) { return; }
+    float w = weights[r];
+    float sum = 0.0f;
+    for (unsigned long long k = 0; k < dim; ++k) {
+        unsigned long long i = r * dim + k;
+        float ratio = expf(lv1[i] - lv2[i]);
+        float delta = m1[i] - m2[i];
+        float p1 = expf(-lv1[i]);
+        float p2 = expf(-lv2[i]);
+        sum += 0.5f * (ratio + 1.0f / ratio + delta * delta * (p1 + p2) - 2.0f);
+        dm1[i] = w * delta * (p1 + p2);
+        dm2[i] = -dm1[i];
+        dlv1[i] = w * 0.5f * (ratio - 1.0f / ratio - delta * delta * p1);
+        dlv2[i] = w * 0.5f * (1.0f / ratio - ratio - delta * delta * p2);
+    }
+    value[r] = sum;
+}
+
 // Product of experts with the N(0, I) prior expert, one thread per latent entry. Experts are
 // stacked: means/logvars are (experts x n), present is (experts x rows) bytes.
 extern "C" __global__ void poe_forward(const float* means, const float* logvars, const unsigned char* present, unsigned long long experts,

@@ -45,6 +45,20 @@ pub fn kl_standard_normal(gpu: &Gpu, m: &CudaSlice<f32>, lv: &CudaSlice<f32>, di
     unsafe { b.launch(grid(rows)) }.map(|_| ()).map_err(failed("kl_standard_normal"))
 }
 
+/// As [`super::jeffreys`], on the device.
+#[allow(clippy::too_many_arguments)] // mirrors the CPU signature plus the device
+pub fn jeffreys(gpu: &Gpu, m1: &CudaSlice<f32>, lv1: &CudaSlice<f32>, m2: &CudaSlice<f32>, lv2: &CudaSlice<f32>, dim: usize, weights: &CudaSlice<f32>, value: &mut CudaSlice<f32>, grads: [&mut CudaSlice<f32>; 4]) -> Result<()> {
+    let (rows, n) = (value.len(), m1.len());
+    assert!(dim > 0 && n == rows * dim && [lv1.len(), m2.len(), lv2.len()].iter().all(|&l| l == n) && weights.len() == rows && grads.iter().all(|g| g.len() == n), "jeffreys: shapes");
+    let f = gpu.function("gaussian", CUDA_SOURCE, "jeffreys")?;
+    let (rows64, dim64) = (rows as u64, dim as u64);
+    let [dm1, dlv1, dm2, dlv2] = grads;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(m1).arg(lv1).arg(m2).arg(lv2).arg(&rows64).arg(&dim64).arg(weights).arg(value).arg(dm1).arg(dlv1).arg(dm2).arg(dlv2);
+    // SAFETY: one thread per row; every buffer's length was checked against rows x dim.
+    unsafe { b.launch(grid(rows)) }.map(|_| ()).map_err(failed("jeffreys"))
+}
+
 /// Experts for the device PoE: means and log-variances stacked (experts x n) and presence as
 /// bytes (experts x rows).
 #[derive(Debug)]

@@ -1,6 +1,7 @@
 //! Diagonal Gaussians in the latent space: the reparameterisation z = m + σ ε, the KL
 //! divergence to the standard normal prior, and the product of experts (PoE) of several
-//! modality posteriors with a prior expert and a per-cell presence mask (Multigrate/MIDAS).
+//! modality posteriors with a prior expert and a per-cell presence mask (Multigrate/MIDAS), and
+//! the Jeffreys divergence between two modalities' posteriors (MultiVI).
 //! Variances are carried as log-variances.
 
 use rayon::prelude::*;
@@ -44,6 +45,37 @@ pub fn kl_standard_normal<T: Real>(m: &[T], lv: &[T], dim: usize, weights: Optio
                 dlv[k] = w * half * (var - T::one());
             }
             *kl = sum;
+        });
+}
+
+/// Jeffreys divergence KL(p || q) + KL(q || p) between p = N(m1, exp(lv1)) and q = N(m2,
+/// exp(lv2)) per row of `dim` latents (MultiVI's alignment of the modality posteriors), and the
+/// gradients of Σ_r w_r J_r. Per latent: ½[e^{lv1-lv2} + e^{lv2-lv1} + δ²(e^{-lv1} + e^{-lv2}) - 2],
+/// δ = m1 - m2.
+#[allow(clippy::too_many_arguments)] // two Gaussians in, their four gradients out
+pub fn jeffreys<T: Real>(m1: &[T], lv1: &[T], m2: &[T], lv2: &[T], dim: usize, weights: &[T], value: &mut [T], grads: [&mut [T]; 4]) {
+    let n = m1.len();
+    assert!(dim > 0 && [lv1.len(), m2.len(), lv2.len()].iter().all(|&l| l == n) && n == value.len() * dim && weights.len() == value.len() && grads.iter().all(|g| g.len() == n), "jeffreys: shapes");
+    let [dm1, dlv1, dm2, dlv2] = grads;
+    let half = T::of(0.5);
+    value
+        .par_iter_mut()
+        .zip(dm1.par_chunks_mut(dim).zip(dlv1.par_chunks_mut(dim)).zip(dm2.par_chunks_mut(dim).zip(dlv2.par_chunks_mut(dim))))
+        .enumerate()
+        .for_each(|(r, (value, ((dm1, dlv1), (dm2, dlv2))))| {
+            let w = weights[r];
+            let mut sum = T::zero();
+            for k in 0..dim {
+                let i = r * dim + k;
+                let (ratio, delta) = ((lv1[i] - lv2[i]).exp(), m1[i] - m2[i]);
+                let (p1, p2) = ((T::zero() - lv1[i]).exp(), (T::zero() - lv2[i]).exp());
+                sum = sum + half * (ratio + T::one() / ratio + delta * delta * (p1 + p2) - T::of(2.0));
+                dm1[k] = w * delta * (p1 + p2);
+                dm2[k] = T::zero() - dm1[k];
+                dlv1[k] = w * half * (ratio - T::one() / ratio - delta * delta * p1);
+                dlv2[k] = w * half * (T::one() / ratio - ratio - delta * delta * p2);
+            }
+            *value = sum;
         });
 }
 
@@ -115,6 +147,31 @@ mod tests {
         reparameterize_backward(&lv, &eps, &g, &mut dm, &mut dlv);
         check(|p| loss(p, &lv), &m, &dm, 1e-6, 1e-8).unwrap();
         check(|p| loss(&m, p), &lv, &dlv, 1e-6, 1e-8).unwrap();
+    }
+
+    #[test]
+    fn jeffreys_value_and_gradients() {
+        // Equal variances: J = δ² / σ² per latent; identical Gaussians: 0.
+        let (mut v, mut g) = ([0.0f64; 1], [[0.0f64; 2]; 4]);
+        let [a, b, c, d] = &mut g;
+        jeffreys(&[1.0, 0.0], &[0.0, 2f64.ln()], &[0.0, 0.0], &[0.0, 2f64.ln()], 2, &[1.0], &mut v, [a, b, c, d]);
+        assert!((v[0] - 1.0).abs() < 1e-15, "{}", v[0]);
+        let (rows, dim) = (5, 3);
+        let n = rows * dim;
+        let (m1, lv1, m2, lv2) = (values(n, 0.0), values(n, 1.0), values(n, 2.0), values(n, 3.0));
+        let w = [1.0, 0.0, 2.0, 0.5, 1.5];
+        let total = |x: [&[f64]; 4]| {
+            let mut v = vec![0.0; rows];
+            let mut g = vec![vec![0.0; n]; 4];
+            let [a, b, c, d] = &mut g[..] else { unreachable!() };
+            jeffreys(x[0], x[1], x[2], x[3], dim, &w, &mut v, [a, b, c, d]);
+            (v.iter().zip(&w).map(|(v, w)| v * w).sum::<f64>(), g)
+        };
+        let (_, g) = total([&m1, &lv1, &m2, &lv2]);
+        check(|p| total([p, &lv1, &m2, &lv2]).0, &m1, &g[0], 1e-6, 1e-8).unwrap();
+        check(|p| total([&m1, p, &m2, &lv2]).0, &lv1, &g[1], 1e-6, 1e-8).unwrap();
+        check(|p| total([&m1, &lv1, p, &lv2]).0, &m2, &g[2], 1e-6, 1e-8).unwrap();
+        check(|p| total([&m1, &lv1, &m2, p]).0, &lv2, &g[3], 1e-6, 1e-8).unwrap();
     }
 
     #[test]

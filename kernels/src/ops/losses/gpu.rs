@@ -33,6 +33,22 @@ pub fn cross_entropy(gpu: &Gpu, logits: &CudaSlice<f32>, labels: &[i32], classes
     Ok((sum_on_host(gpu, &row_loss)? * scale, labelled))
 }
 
+/// As [`super::masked_mse`], on the device (targets come from the host batch).
+pub fn masked_mse(gpu: &Gpu, pred: &CudaSlice<f32>, targets: &[f64], dpred: &mut CudaSlice<f32>) -> Result<(f32, usize)> {
+    let n = targets.len();
+    assert!(pred.len() == n && dpred.len() == n, "mse: lengths");
+    let observed = targets.iter().filter(|t| !t.is_nan()).count();
+    let scale = if observed > 0 { 1.0 / observed as f32 } else { 0.0 };
+    let targets_d = gpu.stream().clone_htod(targets).map_err(failed("upload"))?;
+    let entry_loss = gpu.zeros(n)?;
+    let n64 = n as u64;
+    let f = gpu.function("losses", CUDA_SOURCE, "masked_mse")?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(pred).arg(&targets_d).arg(&n64).arg(&scale).arg(&entry_loss).arg(dpred);
+    launch(b, n, "masked_mse")?;
+    Ok((sum_on_host(gpu, &entry_loss)? * scale, observed))
+}
+
 /// As [`super::mmd_rbf`], on the device.
 pub fn mmd_rbf(gpu: &Gpu, x: &CudaSlice<f32>, y: &CudaSlice<f32>, dim: usize, bandwidths: &[f64], dx: &mut CudaSlice<f32>, dy: &mut CudaSlice<f32>) -> Result<f32> {
     let (n, m) = (x.len() / dim, y.len() / dim);

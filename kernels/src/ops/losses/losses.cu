@@ -26,6 +26,21 @@ extern "C" __global__ void cross_entropy(const float* logits, const int* labels,
     row_loss[r] = log_sum - z[label];
 }
 
+// Masked squared error, one thread per entry; a NaN target is missing (zero gradient and loss).
+extern "C" __global__ void masked_mse(const float* pred, const double* targets, unsigned long long n, float scale, float* entry_loss, float* dpred) {
+    unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    if (i >= n) { return; }
+    double t = targets[i];
+    if (isnan(t)) {
+        entry_loss[i] = 0.0f;
+        dpred[i] = 0.0f;
+        return;
+    }
+    float diff = pred[i] - (float)t;
+    entry_loss[i] = diff * diff;
+    dpred[i] = 2.0f * scale * diff;
+}
+
 // One side of the MMD: for each row i of a, Σ_j k(a_i, b_j) into partial[i] and
 // w · Σ_j k'(|a_i - b_j|²) · 2 (a_i - b_j) into grad[i].
 extern "C" __global__ void mmd_side(const float* a, const float* b, unsigned long long na, unsigned long long nb, unsigned long long dim,

@@ -1,8 +1,8 @@
 //! The regularisers and heads of the review's models, each returning its value and gradients:
 //! softmax cross-entropy (labels -1 = unlabelled) with gradient reversal for adversarial
 //! classifiers, multi-scale RBF MMD between two groups of latents, the cosine-similarity margin
-//! loss on labels, the Cox partial likelihood for survival heads, and totalVI's two-component
-//! NB mixture for protein counts.
+//! loss on labels, the Cox partial likelihood for survival heads, and the masked mean squared
+//! error of regression heads.
 
 use rayon::prelude::*;
 
@@ -39,6 +39,30 @@ pub fn cross_entropy<T: Real>(logits: &[T], labels: &[i32], classes: usize, dlog
         })
         .collect();
     (losses.into_iter().sum::<T>() * scale, labelled)
+}
+
+/// Mean squared error of `pred` against `targets` over the entries whose target is not NaN
+/// (a missing value), and its gradient (zero at missing entries). Returns (loss, observed).
+pub fn masked_mse<T: Real>(pred: &[T], targets: &[f64], dpred: &mut [T]) -> (T, usize) {
+    assert!(pred.len() == targets.len() && dpred.len() == pred.len(), "mse: lengths");
+    let observed = targets.iter().filter(|t| !t.is_nan()).count();
+    let scale = if observed > 0 { T::one() / T::of(observed as f64) } else { T::zero() };
+    let sum: T = dpred
+        .par_iter_mut()
+        .zip(pred.par_iter().zip(targets.par_iter()))
+        .map(|(d, (&p, &t))| {
+            if t.is_nan() {
+                *d = T::zero();
+                return T::zero();
+            }
+            let diff = p - T::of(t);
+            *d = T::of(2.0) * scale * diff;
+            diff * diff
+        })
+        .collect::<Vec<T>>()
+        .into_iter()
+        .sum();
+    (sum * scale, observed)
 }
 
 /// Gradient reversal (Ganin & Lempitsky): identity forward; backward dx = -λ dy, so the encoder
@@ -213,6 +237,19 @@ mod tests {
         let mut rev = vec![0.0; 15];
         gradient_reversal_backward(&d, 0.5, &mut rev);
         assert!(rev.iter().zip(&d).all(|(r, g)| *r == -0.5 * g));
+    }
+
+    #[test]
+    fn masked_mse_skips_missing_targets() {
+        let pred = values(6, 3.0);
+        let targets = [1.0, f64::NAN, -0.5, 2.0, f64::NAN, 0.0];
+        let mut d = vec![0.0; 6];
+        let (value, observed) = masked_mse(&pred, &targets, &mut d);
+        assert_eq!(observed, 4);
+        let expected: f64 = [0, 2, 3, 5].iter().map(|&i| (pred[i] - targets[i]).powi(2)).sum::<f64>() / 4.0;
+        assert!((value - expected).abs() < 1e-15);
+        assert!(d[1] == 0.0 && d[4] == 0.0);
+        check(|p| masked_mse(p, &targets, &mut vec![0.0; 6]).0, &pred, &d, 1e-6, 1e-8).unwrap();
     }
 
     #[test]

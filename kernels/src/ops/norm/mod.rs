@@ -102,7 +102,11 @@ pub fn batch_norm_train<T: Real>(x: &[T], gamma: &[T], beta: &[T], running: Runn
     assert!(f > 0 && beta.len() == f && x.len() == y.len() && x.len() == xhat.len() && inv_std.len() == f && x.len().is_multiple_of(f), "batch norm: shapes");
     assert!(running.mean.len() == f && running.var.len() == f, "batch norm: running statistics");
     let rows = x.len() / f;
-    assert!(rows > 1, "batch norm needs more than one row in training");
+    assert!(rows != 1, "batch norm needs more than one row in training");
+    if rows == 0 {
+        // A modality no cell of the batch measured: nothing to normalise, statistics unchanged.
+        return;
+    }
     let n = T::of(rows as f64);
     let mut mean = vec![T::zero(); f];
     crate::ops::elementwise::column_sums(x, &mut mean);
