@@ -29,7 +29,8 @@ pub struct TrainArgs {
     /// obs column with the batch (default: "batch" when the store has it).
     #[arg(long)]
     batch_key: Option<String>,
-    /// obs column with cell types, for the eval table written after training (default:
+    /// obs column with cell types: the labels of the classifier and contrastive heads (missing
+    /// values = unlabelled cells) and of the eval table written after training (default:
     /// cell_type when present; without one the evaluation is skipped).
     #[arg(long)]
     label_key: Option<String>,
@@ -109,15 +110,19 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let modalities: Vec<String> = report.modalities.iter().map(|(name, g)| format!("{name} ({g} features)")).collect();
     println!("trained on {data}: {} epochs{}, {} train / {} validation cells, {}, {} batches", report.history.len(), if report.stopped_early { " (stopped early)" } else { "" }, report.n_train, report.n_validation, modalities.join(" + "), report.batch_categories.len());
     if let Some(r) = last {
-        println!("  final train loss {:.2} (reconstruction {:.2}, KL {:.2})", r.train.loss, r.train.reconstruction, r.train.kl);
-        if let Some(v) = r.validation {
-            println!("  final validation loss {:.2} (reconstruction {:.2}, KL {:.2})", v.loss, v.reconstruction, v.kl);
+        let terms = |t: &tessera_models::LossTerms| format!("{:.2} (reconstruction {:.2}, KL {:.2}, regularisers {:.3}, supervised {:.3})", t.loss, t.reconstruction, t.kl, t.regularization, t.supervised);
+        println!("  final train loss {}", terms(&r.train));
+        if let Some(v) = &r.validation {
+            println!("  final validation loss {}", terms(v));
         }
     }
     println!("  {:.0} cells/s over {:.1} s of training", cells as f64 / seconds.max(1e-9), seconds);
     println!("  embedding ({} dims) -> {}", report.n_latent, report.embedding_element);
     for element in &report.denoised_elements {
         println!("  denoised expression -> {element}");
+    }
+    for element in &report.prediction_elements {
+        println!("  predicted labels -> {element}");
     }
     println!("  history, weights, config -> {}", args.out.display());
 

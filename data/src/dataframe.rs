@@ -54,6 +54,17 @@ impl Column {
         }
     }
 
+    /// The values as numbers (booleans as 0/1), missing values NaN; None for categorical and
+    /// string columns.
+    pub fn numbers(&self) -> Option<Vec<f64>> {
+        match self {
+            Column::Float(v) => Some(v.clone()),
+            Column::Int(v) => Some(v.iter().map(|x| x.map_or(f64::NAN, |x| x as f64)).collect()),
+            Column::Bool(v) => Some(v.iter().map(|x| x.map_or(f64::NAN, |x| if x { 1.0 } else { 0.0 })).collect()),
+            Column::Categorical { .. } | Column::Strings(_) => None,
+        }
+    }
+
     /// Category (or distinct value) counts, in category order for categoricals and first-seen
     /// order otherwise; missing values are not counted. None for numeric columns.
     pub fn value_counts(&self) -> Option<Vec<(String, usize)>> {

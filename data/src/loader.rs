@@ -33,6 +33,9 @@ pub struct LoaderConfig {
     pub batch_key: Option<String>,
     /// obs column with cell labels (cell type), -1 for unlabelled cells.
     pub label_key: Option<String>,
+    /// Numeric obs columns carried with each batch (regression targets, survival time and
+    /// event); missing values are NaN.
+    pub numeric_keys: Vec<String>,
     /// Which matrix of each modality: "X", "raw/X" or "layers/<name>".
     pub matrix: String,
 }
@@ -48,6 +51,7 @@ impl Default for LoaderConfig {
             seed: 0,
             batch_key: None,
             label_key: None,
+            numeric_keys: Vec::new(),
             matrix: "X".into(),
         }
     }
@@ -72,6 +76,8 @@ pub struct MiniBatch {
     pub modalities: Vec<ModalityBatch>,
     pub batch: Vec<i32>,
     pub label: Vec<i32>,
+    /// rows × `numeric_keys` values, row-major (NaN = missing).
+    pub numeric: Vec<f64>,
 }
 
 /// A modality's matrix and, for MuData, the map from global cells to its rows.
@@ -119,6 +125,8 @@ pub struct Loader {
     sources: Arc<Vec<Source>>,
     batch: Arc<Vec<i32>>,
     label: Arc<Vec<i32>>,
+    /// n_obs × numeric keys, row-major.
+    numeric: Arc<Vec<f64>>,
     pub batch_categories: Vec<String>,
     pub label_categories: Vec<String>,
     shard: Range<u64>,
@@ -148,12 +156,19 @@ impl Loader {
                 .map(|((name, a), map)| Ok(Source { name: name.clone(), adata: a.clone(), matrix: a.matrix(&config.matrix)?, obsmap: Some(map.clone()) }))
                 .collect::<Result<_>>()?,
         };
-        let codes = |key: &Option<String>| -> Result<(Vec<i32>, Vec<String>)> {
-            let Some(key) = key else { return Ok((vec![-1; dataset.n_obs() as usize], Vec::new())) };
+        let obs_column = |key: &str| -> Result<crate::dataframe::Column> {
             let column = match dataset {
                 Dataset::AnnData(a) => a.obs_column(key)?,
                 Dataset::MuData(m) => crate::dataframe::read_column(&m.store, m.version, &format!("obs/{key}"))?,
             };
+            if column.len() as u64 != dataset.n_obs() {
+                return Err(DataError::Invalid { store: store.name(), path: format!("obs/{key}"), problem: format!("{} values for {} cells", column.len(), dataset.n_obs()) });
+            }
+            Ok(column)
+        };
+        let codes = |key: &Option<String>| -> Result<(Vec<i32>, Vec<String>)> {
+            let Some(key) = key else { return Ok((vec![-1; dataset.n_obs() as usize], Vec::new())) };
+            let column = obs_column(key)?;
             column.codes().ok_or_else(|| DataError::DataType {
                 store: store.name(),
                 path: format!("obs/{key}"),
@@ -163,7 +178,16 @@ impl Loader {
         };
         let (batch, batch_categories) = codes(&config.batch_key)?;
         let (label, label_categories) = codes(&config.label_key)?;
-        Ok(Loader { sources: Arc::new(sources), batch: Arc::new(batch), label: Arc::new(label), batch_categories, label_categories, shard, config })
+        let columns: Vec<Vec<f64>> = config
+            .numeric_keys
+            .iter()
+            .map(|key| {
+                let column = obs_column(key)?;
+                column.numbers().ok_or_else(|| DataError::DataType { store: store.name(), path: format!("obs/{key}"), found: column.kind().into(), expected: "a numeric or boolean column".into() })
+            })
+            .collect::<Result<_>>()?;
+        let numeric = (0..dataset.n_obs() as usize).flat_map(|r| columns.iter().map(move |c| c[r])).collect();
+        Ok(Loader { sources: Arc::new(sources), batch: Arc::new(batch), label: Arc::new(label), numeric: Arc::new(numeric), batch_categories, label_categories, shard, config })
     }
 
     pub fn n_cells(&self) -> u64 {
@@ -275,6 +299,10 @@ impl Loader {
                 MiniBatch {
                     batch: cells.iter().map(|&c| self.batch[c as usize]).collect(),
                     label: cells.iter().map(|&c| self.label[c as usize]).collect(),
+                    numeric: {
+                        let k = self.config.numeric_keys.len();
+                        cells.iter().flat_map(|&c| self.numeric[c as usize * k..(c as usize + 1) * k].iter().copied()).collect()
+                    },
                     cells,
                     modalities,
                 }

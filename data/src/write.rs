@@ -488,6 +488,31 @@ impl AnnData {
         })
     }
 
+    /// Adds the column `obs/<key>` (listed last in the dataframe's `column-order`, so pandas
+    /// and anndata show it).
+    pub fn write_obs_column(&self, key: &str, column: &Column, overwrite: bool) -> Result<()> {
+        let obs = self.element("obs");
+        let at = self.store.at(&obs);
+        if column.len() as u64 != self.n_obs() {
+            return Err(self.store.at(&format!("{obs}/{key}")).invalid(format!("expected {} values, got {}", self.n_obs(), column.len())));
+        }
+        let Some((_, mut attrs)) = self.store.node(self.version, &obs)? else {
+            return Err(at.invalid("no obs dataframe to add a column to"));
+        };
+        if key == "_index" || attrs.get("_index").and_then(Value::as_str) == Some(key) {
+            return Err(self.store.at(&format!("{obs}/{key}")).invalid("the obs index cannot be replaced by a column"));
+        }
+        self.publish("obs", key, overwrite, |w, staging| w.column(staging, column))?;
+        let mut order: Vec<Value> = attrs.get("column-order").and_then(Value::as_array).cloned().unwrap_or_default();
+        if !order.iter().any(|v| v.as_str() == Some(key)) {
+            order.push(json!(key));
+        }
+        attrs.insert("column-order".into(), json!(order));
+        let writer = StoreWriter { store: self.store.clone(), version: self.version };
+        writer.group(&obs, Value::Object(attrs))?;
+        writer.consolidate()
+    }
+
     /// Adds `layers/<key>`: a sparse matrix with the shape of X.
     pub fn write_layer(&self, key: &str, matrix: &Csr, overwrite: bool) -> Result<()> {
         let path = self.element(&format!("layers/{key}"));

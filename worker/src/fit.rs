@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tessera_data::{AnnData, Dataset, Loader, LoaderConfig, MiniBatch};
 use tessera_kernels::backend::Cpu;
 use tessera_kernels::ops::linear::CsrRef;
-use tessera_models::{Categories, LossTerms, ModalityCounts, Plateau, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
+use tessera_models::{Categories, LossTerms, ModalityCounts, Supervision, Survival, Plateau, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
 
 use crate::checkpoint::{self, FitState};
 
@@ -111,6 +111,52 @@ pub struct FitReport {
     pub embedding_element: String,
     /// Where the denoised/imputed expression went.
     pub denoised_elements: Vec<String>,
+    /// Where the classifier's predicted labels went (`obs/<key>`), and its probabilities
+    /// (`obsm/<key>_probabilities`).
+    pub prediction_elements: Vec<String>,
+}
+
+/// The obs column of predicted labels (and `<key>_probabilities` in obsm).
+pub const PREDICTION_KEY: &str = "tessera_prediction";
+
+/// What a minibatch carries besides counts: the model's modalities (indices into the loader's),
+/// the covariate width and the supervised heads' inputs.
+#[derive(Debug, Clone)]
+struct Inputs {
+    modalities: Vec<usize>,
+    n_cov: usize,
+    /// Regression targets: the first `n_targets` numeric obs columns.
+    n_targets: usize,
+    /// Survival time and event: the two numeric obs columns after them.
+    survival: bool,
+}
+
+/// The obs columns the configured heads read, and each weight checked: a head with a positive
+/// weight needs its columns, every weight must be finite and non-negative.
+fn head_columns(model: &VaeConfig, label_key: Option<&str>) -> Result<Vec<String>, FitError> {
+    let invalid = |reason: String| FitError::Config { file: "[model]".into(), reason };
+    for (name, w) in [("mmd_batch_weight", model.mmd_batch_weight), ("prior_mmd_weight", model.prior_mmd_weight), ("jeffreys_weight", model.jeffreys_weight), ("adversarial_batch_weight", model.adversarial_batch_weight), ("contrastive_weight", model.contrastive_weight), ("classifier_weight", model.classifier_weight), ("regression_weight", model.regression_weight), ("cox_weight", model.cox_weight)] {
+        if !(w.is_finite() && w >= 0.0) {
+            return Err(invalid(format!("{name} = {w}: expected a finite weight >= 0")));
+        }
+    }
+    if (model.classifier_weight > 0.0 || model.contrastive_weight > 0.0) && label_key.is_none() {
+        return Err(invalid("classifier_weight and contrastive_weight need labels: pass --label-key (an obs column of cell labels)".into()));
+    }
+    let mut columns = Vec::new();
+    if model.regression_weight > 0.0 {
+        if model.regression_keys.is_empty() {
+            return Err(invalid("regression_weight > 0 needs regression_keys (numeric obs columns)".into()));
+        }
+        columns.extend(model.regression_keys.iter().cloned());
+    }
+    if model.cox_weight > 0.0 {
+        match (&model.survival_time_key, &model.survival_event_key) {
+            (Some(t), Some(e)) => columns.extend([t.clone(), e.clone()]),
+            _ => return Err(invalid("cox_weight > 0 needs survival_time_key and survival_event_key (obs columns)".into())),
+        }
+    }
+    Ok(columns)
 }
 
 /// Progress events for a bar or logs.
@@ -126,7 +172,9 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     let dataset = Dataset::open(&opts.data)?;
     let n_obs = dataset.n_obs();
     let tc = opts.config.train.clone();
-    let loader_config = |shuffle: bool| LoaderConfig { batch_size: tc.batch_size, shuffle, seed: tc.seed, batch_key: opts.batch_key.clone(), label_key: opts.label_key.clone(), ..LoaderConfig::default() };
+    let mc = &opts.config.model;
+    let numeric_keys = head_columns(mc, opts.label_key.as_deref())?;
+    let loader_config = |shuffle: bool| LoaderConfig { batch_size: tc.batch_size, shuffle, seed: tc.seed, batch_key: opts.batch_key.clone(), label_key: opts.label_key.clone(), numeric_keys: numeric_keys.clone(), ..LoaderConfig::default() };
     let loader = Loader::new(&dataset, 0..n_obs, loader_config(true))?;
     let plan = OutputPlan::new(&dataset, &opts.modalities, &loader.modality_names(), &opts.data)?;
     // Refused now rather than after hours of training.
@@ -135,20 +183,25 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
         Some(d) if plan.layer => vec![("layers", d.key.clone())],
         Some(d) => plan.modalities.iter().map(|(name, _, _)| ("obsm", format!("{}_{name}", d.key))).collect(),
     };
-    for (mapping, key) in std::iter::once(("obsm", opts.embedding_key.clone())).chain(denoised_keys.iter().cloned()) {
+    let classify = mc.classifier_weight > 0.0;
+    let prediction_keys: Vec<(&str, String)> = if classify { vec![("obs", PREDICTION_KEY.to_string()), ("obsm", format!("{PREDICTION_KEY}_probabilities"))] } else { Vec::new() };
+    for (mapping, key) in std::iter::once(("obsm", opts.embedding_key.clone())).chain(denoised_keys.iter().cloned()).chain(prediction_keys.iter().cloned()) {
         if !opts.overwrite && plan.target.keys(mapping)?.contains(&key) {
             return Err(tessera_data::DataError::Exists { store: opts.data.clone(), path: plan.target.element(&format!("{mapping}/{key}")) }.into());
         }
     }
-    let m_index: Vec<usize> = plan.modalities.iter().map(|m| m.1).collect();
     let shapes: Vec<(&str, usize)> = plan.modalities.iter().map(|(name, _, g)| (name.as_str(), *g)).collect();
     let n_batch = loader.batch_categories.len();
-    let n_cov = n_batch;
+    let n_labels = loader.label_categories.len();
+    if (classify || mc.contrastive_weight > 0.0) && n_labels < 2 {
+        return Err(FitError::Input { store: opts.data.clone(), reason: format!("obs/{}: {n_labels} label categories; the classifier and contrastive loss need at least 2", opts.label_key.as_deref().unwrap_or_default()) });
+    }
+    let inputs = Inputs { modalities: plan.modalities.iter().map(|m| m.1).collect(), n_cov: n_batch, n_targets: mc.regression_keys.len() * usize::from(mc.regression_weight > 0.0), survival: mc.cox_weight > 0.0 };
 
-    let model = Vae::<f32, Cpu>::new(Cpu, opts.config.model.clone(), &shapes, Categories { n_batch, n_cov, n_labels: 0 }, tc.seed)?;
+    let model = Vae::<f32, Cpu>::new(Cpu, mc.clone(), &shapes, Categories { n_batch, n_cov: inputs.n_cov, n_labels }, tc.seed)?;
     let mut trainer = Trainer::new(model, tc.clone())?;
     let epochs = tc.epochs(n_obs);
-    let resolved = serde_json::json!({ "data": opts.data, "modalities": model_shapes(&trainer.model), "batch_key": opts.batch_key, "label_key": opts.label_key, "n_obs": n_obs, "batch_categories": loader.batch_categories, "model": opts.config.model, "train": opts.config.train, "epochs": epochs });
+    let resolved = serde_json::json!({ "data": opts.data, "modalities": model_shapes(&trainer.model), "batch_key": opts.batch_key, "label_key": opts.label_key, "n_obs": n_obs, "batch_categories": loader.batch_categories, "label_categories": loader.label_categories, "model": opts.config.model, "train": opts.config.train, "epochs": epochs });
     let checkpoint_dir = opts.out.join("checkpoint");
     let mut validation = Validation { seed: tc.seed, fraction: tc.validation_fraction, cap: tc.max_validation_cells, cells: HashSet::new(), batches: Vec::new() };
     let mut state = FitState { epochs_done: 0, step: 0, plateau: Plateau::new(tc.lr), best: f64::INFINITY, since_best: 0, n_train: 0, history: Vec::new(), run: resolved.clone() };
@@ -156,7 +209,7 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
         state = checkpoint::load(&checkpoint_dir, &resolved, &mut trainer)?;
         // The held-out cells and their batches, exactly as the first epoch drew them.
         for mb in loader.epoch(0) {
-            validation.split(&mb?, 0, &m_index, n_cov);
+            validation.split(&mb?, 0, &inputs);
         }
         tracing::info!(epoch = state.epochs_done, step = state.step, "resuming from {}", checkpoint_dir.display());
     }
@@ -168,12 +221,12 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
         let mut sums = Sums::default();
         for mb in loader.epoch(epoch as u64) {
             let mb = mb?;
-            let train_rows = validation.split(&mb, epoch, &m_index, n_cov);
+            let train_rows = validation.split(&mb, epoch, &inputs);
             // BatchNorm needs two cells; a lone leftover cell waits for the next epoch's order.
             if train_rows.len() < 2 {
                 continue;
             }
-            let batch = Converted::new(&mb, &m_index, &train_rows, n_cov);
+            let batch = Converted::new(&mb, &inputs, &train_rows);
             let terms = on_pool(|| batch.with(|b| trainer.step(b, epoch)))?;
             sums.add(&terms);
             progress(Progress::Batch { cells: terms.cells, loss: &terms });
@@ -227,18 +280,23 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     let n = n_obs as usize;
     let mut embedding = vec![0f32; n * n_latent];
     let mut denoised: Vec<Vec<f32>> = if opts.denoised.is_some() { plan.modalities.iter().map(|(_, _, g)| vec![0f32; n * g]).collect() } else { Vec::new() };
+    let mut probabilities = vec![0f32; if classify { n * n_labels } else { 0 }];
     let ordered = Loader::new(&dataset, 0..n_obs, loader_config(false))?;
     for mb in ordered.epoch(0) {
         let mb = mb?;
         let rows: Vec<usize> = (0..mb.cells.len()).collect();
-        let batch = Converted::new(&mb, &m_index, &rows, n_cov);
+        let batch = Converted::new(&mb, &inputs, &rows);
         let (z, expression) = match &opts.denoised {
             Some(d) => on_pool(|| batch.with(|b| trainer.model.latent_and_expression(b, d.library_size)))?,
             None => (on_pool(|| batch.with(|b| trainer.model.latent_mean(b)))?, Vec::new()),
         };
+        let p = on_pool(|| batch.with(|b| trainer.model.predict_labels(b)))?.unwrap_or_default();
         for (r, &cell) in mb.cells.iter().enumerate() {
             let cell = cell as usize;
             embedding[cell * n_latent..(cell + 1) * n_latent].copy_from_slice(&z[r * n_latent..(r + 1) * n_latent]);
+            if classify {
+                probabilities[cell * n_labels..(cell + 1) * n_labels].copy_from_slice(&p[r * n_labels..(r + 1) * n_labels]);
+            }
             for ((all, e), (_, _, g)) in denoised.iter_mut().zip(&expression).zip(&plan.modalities) {
                 all[cell * g..(cell + 1) * g].copy_from_slice(&e[r * g..(r + 1) * g]);
             }
@@ -255,6 +313,15 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
         denoised_elements.push(plan.target.element(&format!("{mapping}/{key}")));
     }
     let embedding_element = plan.target.element(&format!("obsm/{}", opts.embedding_key));
+    let mut prediction_elements = Vec::new();
+    if classify {
+        let codes: Vec<i32> = probabilities.chunks(n_labels).map(|p| p.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (k, &v)| if v > best.1 { (k, v) } else { best }).0 as i32).collect();
+        let column = tessera_data::Column::Categorical { codes, categories: loader.label_categories.clone(), ordered: false };
+        plan.target.write_obs_column(PREDICTION_KEY, &column, opts.overwrite)?;
+        let key = format!("{PREDICTION_KEY}_probabilities");
+        plan.target.write_obsm(&key, &probabilities, n_labels, opts.overwrite)?;
+        prediction_elements = vec![plan.target.element(&format!("obs/{PREDICTION_KEY}")), plan.target.element(&format!("obsm/{key}"))];
+    }
 
     std::fs::create_dir_all(&opts.out).map_err(|e| FitError::Output { path: opts.out.display().to_string(), reason: e.to_string() })?;
     write_history(&opts.out.join("history.csv"), &state.history)?;
@@ -262,7 +329,7 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     crate::plot::loss_plot(&state.history, &plot).map_err(|reason| FitError::Output { path: plot.display().to_string(), reason })?;
     checkpoint::write_weights(&opts.out.join("model.safetensors"), &trainer)?;
     write_file(&opts.out.join("config.json"), serde_json::to_string_pretty(&resolved).unwrap_or_default().as_bytes())?;
-    Ok(FitReport { history: state.history, stopped_early, n_train: state.n_train, n_validation: validation.cells.len() as u64, modalities: model_shapes(&trainer.model), batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element, denoised_elements })
+    Ok(FitReport { history: state.history, stopped_early, n_train: state.n_train, n_validation: validation.cells.len() as u64, modalities: model_shapes(&trainer.model), batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element, denoised_elements, prediction_elements })
 }
 
 /// Runs one model call on a thread of the compute pool, so each op's parallel loop starts where
@@ -330,7 +397,7 @@ struct Validation {
 
 impl Validation {
     /// The rows of `mb` to train on; in epoch 0 the others join the validation set.
-    fn split(&mut self, mb: &MiniBatch, epoch: usize, modalities: &[usize], n_cov: usize) -> Vec<usize> {
+    fn split(&mut self, mb: &MiniBatch, epoch: usize, inputs: &Inputs) -> Vec<usize> {
         let mut train = Vec::with_capacity(mb.cells.len());
         let mut held = Vec::new();
         for (r, &cell) in mb.cells.iter().enumerate() {
@@ -339,7 +406,7 @@ impl Validation {
         }
         if epoch == 0 && !held.is_empty() {
             self.cells.extend(held.iter().map(|&r| mb.cells[r]));
-            self.batches.push(Converted::new(mb, modalities, &held, n_cov));
+            self.batches.push(Converted::new(mb, inputs, &held));
         }
         train
     }
@@ -388,11 +455,19 @@ struct Converted {
     /// Per modality: features, CSR rows, and which cells were measured (None: all).
     counts: Vec<(usize, tessera_data::Csr, Option<Vec<bool>>)>,
     covariates: Vec<f32>,
+    labels: Vec<i32>,
+    /// rows × targets, row-major.
+    targets: Vec<f64>,
+    /// Survival times and events (empty without a Cox head).
+    times: Vec<f64>,
+    events: Vec<bool>,
 }
 
 impl Converted {
-    fn new(mb: &MiniBatch, modalities: &[usize], rows: &[usize], n_cov: usize) -> Converted {
-        let counts = modalities
+    fn new(mb: &MiniBatch, inputs: &Inputs, rows: &[usize]) -> Converted {
+        let n_cov = inputs.n_cov;
+        let counts = inputs
+            .modalities
             .iter()
             .map(|&m| {
                 let modality = &mb.modalities[m];
@@ -409,13 +484,22 @@ impl Converted {
                 covariates[i * n_cov + code] = 1.0;
             }
         }
-        Converted { rows: rows.len(), counts, covariates }
+        let k = inputs.n_targets + if inputs.survival { 2 } else { 0 };
+        let numeric = |r: usize, j: usize| mb.numeric[r * k + j];
+        let targets = rows.iter().flat_map(|&r| (0..inputs.n_targets).map(move |j| numeric(r, j))).collect();
+        let (times, events) = if inputs.survival { rows.iter().map(|&r| (numeric(r, k - 2), numeric(r, k - 1) > 0.0)).unzip() } else { (Vec::new(), Vec::new()) };
+        Converted { rows: rows.len(), counts, covariates, labels: rows.iter().map(|&r| mb.label[r]).collect(), targets, times, events }
     }
 
     /// Calls `f` with the model's view of these rows.
     fn with<R>(&self, f: impl FnOnce(VaeBatch<'_, f32>) -> R) -> R {
         let modalities: Vec<ModalityCounts<'_, f32>> = self.counts.iter().map(|(cols, c, present)| ModalityCounts { counts: CsrRef { rows: self.rows, cols: *cols, indptr: &c.indptr, indices: &c.indices, data: &c.data }, present: present.as_deref() }).collect();
-        f(VaeBatch::new(&modalities, &self.covariates))
+        let supervision = Supervision {
+            labels: Some(&self.labels),
+            targets: (!self.targets.is_empty()).then_some(self.targets.as_slice()),
+            survival: (!self.times.is_empty()).then_some(Survival { times: &self.times, events: &self.events }),
+        };
+        f(VaeBatch::new(&modalities, &self.covariates).with_supervision(supervision))
     }
 }
 
@@ -424,10 +508,11 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), FitError> {
 }
 
 fn write_history(path: &Path, history: &[EpochRecord]) -> Result<(), FitError> {
-    let mut csv = String::from("epoch,kl_weight,lr,train_loss,train_reconstruction,train_kl,train_regularization,validation_loss,validation_reconstruction,validation_kl,validation_regularization,seconds,cells_per_second\n");
+    let terms = |t: &LossTerms| [t.loss, t.reconstruction, t.kl, t.regularization, t.supervised].map(|v| v.to_string());
+    let mut csv = String::from("epoch,kl_weight,lr,train_loss,train_reconstruction,train_kl,train_regularization,train_supervised,validation_loss,validation_reconstruction,validation_kl,validation_regularization,validation_supervised,seconds,cells_per_second\n");
     for r in history {
-        let v = r.validation.map_or([String::new(), String::new(), String::new(), String::new()], |v| [v.loss.to_string(), v.reconstruction.to_string(), v.kl.to_string(), v.regularization.to_string()]);
-        csv.push_str(&format!("{},{},{},{},{},{},{},{},{},{},{},{:.4},{:.1}\n", r.epoch, r.kl_weight, r.lr, r.train.loss, r.train.reconstruction, r.train.kl, r.train.regularization, v[0], v[1], v[2], v[3], r.seconds, r.cells_per_second));
+        let v = r.validation.as_ref().map_or_else(|| [(); 5].map(|_| String::new()), terms);
+        csv.push_str(&format!("{},{},{},{},{},{:.4},{:.1}\n", r.epoch, r.kl_weight, r.lr, terms(&r.train).join(","), v.join(","), r.seconds, r.cells_per_second));
     }
     write_file(path, csv.as_bytes())
 }
