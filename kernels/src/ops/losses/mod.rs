@@ -249,7 +249,7 @@ mod tests {
         let expected: f64 = [0, 2, 3, 5].iter().map(|&i| (pred[i] - targets[i]).powi(2)).sum::<f64>() / 4.0;
         assert!((value - expected).abs() < 1e-15);
         assert!(d[1] == 0.0 && d[4] == 0.0);
-        check(|p| masked_mse(p, &targets, &mut vec![0.0; 6]).0, &pred, &d, 1e-6, 1e-8).unwrap();
+        check(|p| masked_mse(p, &targets, &mut [0.0; 6]).0, &pred, &d, 1e-6, 1e-8).unwrap();
     }
 
     #[test]
