@@ -3,31 +3,13 @@
 //! bad inputs and existing outputs are refused with errors that name them.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tessera_data::{AnnData, Column};
-use tessera_worker::{FitConfig, FitError, FitOptions, fit};
+use tessera_worker::{FitConfig, FitError, fit};
 
-fn shared_data() -> PathBuf {
-    std::env::var_os("TESSERA_SHARED_DATA").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
-}
-
-/// A private copy of the PBMC store (training writes its embedding into the store), made with
-/// our own converter.
-fn pbmc_copy(dir: &Path) -> String {
-    let from = shared_data().join("pbmc68k_counts.zarr");
-    assert!(from.exists(), "the shared PBMC store is missing at {}", from.display());
-    let to = dir.join("pbmc.zarr").display().to_string();
-    tessera_data::convert(&from.display().to_string(), &to, tessera_data::ZarrVersion::V3, |_| {}).unwrap();
-    to
-}
-
-fn options(data: &str, out: &Path, epochs: usize) -> FitOptions {
-    let mut config = FitConfig::default();
-    config.train.max_epochs = Some(epochs);
-    config.train.kl_warmup_epochs = epochs / 2;
-    FitOptions { data: data.into(), modalities: Vec::new(), batch_key: None, label_key: Some("cell_type".into()), config, out: out.to_path_buf(), embedding_key: "X_tessera".into(), overwrite: false, resume: false, denoised: None }
-}
+mod common;
+use common::{options, pbmc_copy, shared_data};
 
 /// Leave-one-out k-nearest-neighbour accuracy of `labels` in an embedding.
 fn knn_accuracy(x: &[f32], dim: usize, labels: &[i32], k: usize) -> f64 {

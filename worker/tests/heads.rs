@@ -4,30 +4,12 @@
 //! simulated mosaic store the multimodal regularisers train; bad head configurations are named.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-
 use tessera_data::{AnnData, Column};
 use tessera_models::Prior;
-use tessera_worker::{FitConfig, FitError, FitOptions, fit};
+use tessera_worker::{FitError, FitOptions, fit};
 
-fn shared_data() -> PathBuf {
-    std::env::var_os("TESSERA_SHARED_DATA").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
-}
-
-fn pbmc_copy(dir: &Path) -> String {
-    let from = shared_data().join("pbmc68k_counts.zarr");
-    assert!(from.exists(), "the shared PBMC store is missing at {}", from.display());
-    let to = dir.join("pbmc.zarr").display().to_string();
-    tessera_data::convert(&from.display().to_string(), &to, tessera_data::ZarrVersion::V3, |_| {}).unwrap();
-    to
-}
-
-fn options(data: &str, out: &Path, epochs: usize) -> FitOptions {
-    let mut config = FitConfig::default();
-    config.train.max_epochs = Some(epochs);
-    config.train.kl_warmup_epochs = epochs / 2;
-    FitOptions { data: data.into(), modalities: Vec::new(), batch_key: None, label_key: Some("cell_type".into()), config, out: out.to_path_buf(), embedding_key: "X_tessera".into(), overwrite: false, resume: false, denoised: None }
-}
+mod common;
+use common::{options, pbmc_copy};
 
 fn cell_types(data: &str) -> (Vec<i32>, Vec<String>) {
     let Column::Categorical { codes, categories, .. } = AnnData::open(data).unwrap().obs_column("cell_type").unwrap() else { panic!("cell_type is categorical") };
