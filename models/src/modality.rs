@@ -27,16 +27,23 @@ pub enum LikelihoodKind {
     /// Bernoulli: logits from the decoder; counts are binarised (x > 0), as MultiVI does for
     /// accessibility.
     Bernoulli,
+    /// totalVI's protein model: a mixture of a background NB (rate per batch and protein, a
+    /// learned parameter) and a foreground NB at background × exp(softplus(decoder)) ≥
+    /// background, mixed by a decoder logit, one θ per protein. Not library-scaled.
+    #[serde(rename = "nb-mixture")]
+    NbMixture,
 }
 
 impl LikelihoodKind {
-    fn family(self) -> Likelihood {
+    /// The fused likelihood op's family (None: the NB mixture, its own op).
+    fn family(self) -> Option<Likelihood> {
         match self {
-            LikelihoodKind::Nb => Likelihood::NegativeBinomial,
-            LikelihoodKind::Zinb => Likelihood::ZeroInflatedNegativeBinomial,
-            LikelihoodKind::Poisson => Likelihood::Poisson,
-            LikelihoodKind::Gaussian => Likelihood::Gaussian,
-            LikelihoodKind::Bernoulli => Likelihood::Bernoulli,
+            LikelihoodKind::Nb => Some(Likelihood::NegativeBinomial),
+            LikelihoodKind::Zinb => Some(Likelihood::ZeroInflatedNegativeBinomial),
+            LikelihoodKind::Poisson => Some(Likelihood::Poisson),
+            LikelihoodKind::Gaussian => Some(Likelihood::Gaussian),
+            LikelihoodKind::Bernoulli => Some(Likelihood::Bernoulli),
+            LikelihoodKind::NbMixture => None,
         }
     }
 
@@ -157,8 +164,13 @@ struct Heads {
     zero_inflation: Option<Dense>,
     /// GeneCell log θ.
     dispersion_head: Option<Dense>,
-    /// Gene (features) or GeneBatch (n_batch × features) log θ, or the Gaussian log-variances.
+    /// Gene (features) or GeneBatch (n_batch × features) log θ, or the Gaussian log-variances
+    /// (the NB mixture: its per-protein log θ).
     shared: Option<usize>,
+    /// NB mixture: the background-component logits and the log background rate (batch ×
+    /// features).
+    mixing: Option<Dense>,
+    background: Option<usize>,
 }
 
 impl Heads {
@@ -205,6 +217,23 @@ pub(crate) struct DecoderActs<S> {
     theta: Option<Tensor<S>>,
     /// Per-entry gradients of the weighted log-likelihood, one per likelihood parameter.
     dparams: Vec<Tensor<S>>,
+    mixture: Option<MixtureActs<S>>,
+}
+
+/// The NB mixture's forward values (the main head's output is the foreground's log-scale
+/// logit s).
+pub(crate) struct MixtureActs<S> {
+    mixing: DenseActs<S>,
+    log_back: Tensor<S>,
+    /// softplus(s): log foreground / background.
+    log_scale: Tensor<S>,
+    log_fore: Tensor<S>,
+    back: Tensor<S>,
+    fore: Tensor<S>,
+    /// θ per protein (1 × features).
+    theta: Tensor<S>,
+    /// Gradients of −Σ w log p w.r.t. μ_back, μ_fore, θ (per entry) and the mixing logit.
+    grads: [Tensor<S>; 4],
 }
 
 impl Decoder {
@@ -215,20 +244,23 @@ impl Decoder {
         let main = Dense::register(head(s.n_hidden, g), &format!("{prefix}decoder.main"), layout, state, site);
         let zero_inflation = (spec.likelihood == LikelihoodKind::Zinb).then(|| Dense::register(head(s.n_hidden, g), &format!("{prefix}decoder.zero_inflation"), layout, state, site));
         let dispersion_head = (spec.likelihood.has_dispersion() && spec.dispersion == Dispersion::GeneCell).then(|| Dense::register(head(s.n_hidden, g), &format!("{prefix}decoder.log_theta"), layout, state, site));
+        let mixture = spec.likelihood == LikelihoodKind::NbMixture;
+        let mixing = mixture.then(|| Dense::register(head(s.n_hidden, g), &format!("{prefix}decoder.mixing"), layout, state, site));
+        let background = mixture.then(|| layout.add(&format!("{prefix}log_background"), &[s.n_batch.max(1), g]));
         let shared = match (spec.likelihood, spec.dispersion) {
-            (LikelihoodKind::Nb | LikelihoodKind::Zinb, Dispersion::Gene) => Some(layout.add(&format!("{prefix}log_theta"), &[g])),
+            (LikelihoodKind::Nb | LikelihoodKind::Zinb, Dispersion::Gene) | (LikelihoodKind::NbMixture, _) => Some(layout.add(&format!("{prefix}log_theta"), &[g])),
             (LikelihoodKind::Nb | LikelihoodKind::Zinb, Dispersion::GeneBatch) => Some(layout.add(&format!("{prefix}log_theta"), &[s.n_batch.max(1), g])),
             (LikelihoodKind::Gaussian, _) => Some(layout.add(&format!("{prefix}log_variance"), &[g])),
             _ => None,
         };
-        Decoder { spec: spec.clone(), n_cov: s.n_cov, n_batch: s.n_batch, n_hidden: s.n_hidden, hidden, heads: Heads { main, zero_inflation, dispersion_head, shared } }
+        Decoder { spec: spec.clone(), n_cov: s.n_cov, n_batch: s.n_batch, n_hidden: s.n_hidden, hidden, heads: Heads { main, zero_inflation, dispersion_head, shared, mixing, background } }
     }
 
     /// log θ and the Gaussian log-variances start at 0 (θ = 1, σ² = 1) like scvi-tools' px_r
     /// (which draws N(0, 1); a constant start is as good and reproducible across backends).
     pub fn init<T: Real>(&self, layout: &Layout, state: &Layout, values: &mut [T], state_values: &mut [T], rng: &mut impl rand::Rng) {
         self.hidden.init(layout, state, values, state_values, rng);
-        for d in [Some(&self.heads.main), self.heads.zero_inflation.as_ref(), self.heads.dispersion_head.as_ref()].into_iter().flatten() {
+        for d in [Some(&self.heads.main), self.heads.zero_inflation.as_ref(), self.heads.dispersion_head.as_ref(), self.heads.mixing.as_ref()].into_iter().flatten() {
             d.init(layout, state, values, state_values, rng);
         }
     }
@@ -260,6 +292,11 @@ impl Decoder {
         let main = self.heads.main.forward(b, p, state, &h, None, mode)?;
         let zero_inflation = self.heads.zero_inflation.as_ref().map(|d| d.forward(b, p, state, &h, None, mode)).transpose()?;
         let dispersion = self.heads.dispersion_head.as_ref().map(|d| d.forward(b, p, state, &h, None, mode)).transpose()?;
+        if kind == LikelihoodKind::NbMixture {
+            let (reconstruction, mixture) = self.mixture_forward(b, p, state, &h, main.output(), &x, batch_onehot.as_ref(), weights, mode)?;
+            let acts = DecoderActs { cov, batch_onehot, library, hidden, main, zero_inflation, dispersion, proportions: None, log_theta_cells: None, theta: None, dparams: Vec::new(), mixture: Some(mixture) };
+            return Ok((reconstruction, acts));
+        }
 
         let (proportions, mu) = if kind.scaled_by_library() {
             let mut rho = b.tensor(n, g)?;
@@ -273,7 +310,7 @@ impl Decoder {
         let log_theta_cells = match &batch_onehot {
             Some(onehot) => {
                 let mut t = b.tensor(n, g)?;
-                b.gemm(false, false, n, self.n_batch, g, T::one(), onehot.input(), p.get(self.heads.shared_slot()), T::zero(), t.output())?;
+                b.gemm(false, false, n, onehot.cols, g, T::one(), onehot.input(), p.get(self.heads.shared_slot()), T::zero(), t.output())?;
                 Some(t)
             }
             None => None,
@@ -290,7 +327,7 @@ impl Decoder {
         let mut ll = b.zeros(n)?;
         let negative: Vec<T> = weights.iter().map(|&w| T::zero() - w).collect();
         let ll_weights = b.upload(&negative)?;
-        let family = kind.family();
+        let family = kind.family().expect("a fused likelihood family");
         let mut dparams: Vec<Tensor<Buf<T, B>>> = (0..family.n_params()).map(|_| b.tensor(n, g)).collect::<Result<_>>()?;
         {
             let mut params: Vec<In<'_, Buf<T, B>>> = Vec::with_capacity(3);
@@ -309,14 +346,88 @@ impl Decoder {
                     params.push(p.get(self.heads.shared_slot()));
                 }
                 LikelihoodKind::Bernoulli => params.push(main.output().input()),
+                LikelihoodKind::NbMixture => unreachable!("the NB mixture returned above"),
             }
             let mut outs: Vec<Out<'_, Buf<T, B>>> = dparams.iter_mut().map(|t| t.output()).collect();
             b.likelihood(family, x.input(), g, &params, Some(In::all(&ll_weights)), Out::all(&mut ll), &mut outs)?;
         }
         let ll_host = b.download(In::all(&ll))?;
         let reconstruction = -ll_host.iter().zip(weights).map(|(l, w)| l.f64() * w.f64()).sum::<f64>();
-        let acts = DecoderActs { cov, batch_onehot, library, hidden, main, zero_inflation, dispersion, proportions, log_theta_cells, theta, dparams };
+        let acts = DecoderActs { cov, batch_onehot, library, hidden, main, zero_inflation, dispersion, proportions, log_theta_cells, theta, dparams, mixture: None };
         Ok((reconstruction, acts))
+    }
+
+    /// The NB mixture's log background table (batches × features), if this decoder has one.
+    pub fn background_slot(&self) -> Option<usize> {
+        self.heads.background
+    }
+
+    /// The background log rate of each cell's batch: onehot × log_background.
+    fn log_background<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, onehot: &Tensor<Buf<T, B>>) -> Result<Tensor<Buf<T, B>>> {
+        let (n, g) = (onehot.rows, self.spec.n_features);
+        let mut log_back = b.tensor(n, g)?;
+        b.gemm(false, false, n, onehot.cols, g, T::one(), onehot.input(), p.get(self.heads.background.expect("the mixture's background")), T::zero(), log_back.output())?;
+        Ok(log_back)
+    }
+
+    /// totalVI's NB mixture: −Σ_r w_r log p(x_r) and the values its backward needs; `s` is the
+    /// main head's output (the foreground's log-scale logit).
+    #[allow(clippy::too_many_arguments)]
+    fn mixture_forward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, state: &mut Slots<'_, Buf<T, B>>, h: &Input<'_, Buf<T, B>, B::Csr>, s: &Tensor<Buf<T, B>>, x: &Tensor<Buf<T, B>>, onehot: Option<&Tensor<Buf<T, B>>>, weights: &[T], mode: Mode) -> Result<(f64, MixtureActs<Buf<T, B>>)> {
+        let (n, g) = (s.rows, self.spec.n_features);
+        let log_back = self.log_background(b, p, onehot.expect("the mixture reads the batch one-hot"))?;
+        let mut log_scale = b.tensor(n, g)?;
+        b.activation_forward(Activation::Softplus, s.input(), log_scale.output())?;
+        let mut log_fore = b.tensor(n, g)?;
+        b.copy(log_back.input(), log_fore.output())?;
+        b.axpy(T::one(), log_scale.input(), log_fore.output())?;
+        let (mut back, mut fore) = (b.tensor(n, g)?, b.tensor(n, g)?);
+        b.activation_forward(Activation::Exp, log_back.input(), back.output())?;
+        b.activation_forward(Activation::Exp, log_fore.input(), fore.output())?;
+        let mut theta = b.tensor(1, g)?;
+        b.activation_forward(Activation::Exp, p.get(self.heads.shared_slot()), theta.output())?;
+        let mut theta_cells = b.tensor(n, g)?;
+        b.gather_rows(theta.input(), &vec![0; n], g, theta_cells.output())?;
+        let mixing = self.heads.mixing.as_ref().expect("the mixture's mixing head").forward(b, p, state, h, None, mode)?;
+        let mut ll = b.zeros(n)?;
+        let mut raw: Vec<Tensor<Buf<T, B>>> = (0..4).map(|_| b.tensor(n, g)).collect::<Result<_>>()?;
+        {
+            let [a, c, d, e] = &mut raw[..] else { unreachable!("four gradients") };
+            b.nb_mixture(x.input(), back.input(), fore.input(), theta_cells.input(), mixing.output().input(), g, Out::all(&mut ll), [a.output(), c.output(), d.output(), e.output()])?;
+        }
+        // The op's gradients are of the unweighted log-likelihood: weight each row by −w.
+        let negative = b.upload(&weights.iter().map(|&w| T::zero() - w).collect::<Vec<T>>())?;
+        let weighted: Vec<Tensor<Buf<T, B>>> = raw
+            .into_iter()
+            .map(|t| {
+                let mut out = b.tensor(n, g)?;
+                b.scale_rows(t.input(), In::all(&negative), out.output())?;
+                Ok(out)
+            })
+            .collect::<Result<_>>()?;
+        let Ok(grads) = <[Tensor<Buf<T, B>>; 4]>::try_from(weighted) else { unreachable!("four gradients") };
+        let reconstruction = -b.download(In::all(&ll))?.iter().zip(weights).map(|(l, w)| l.f64() * w.f64()).sum::<f64>();
+        Ok((reconstruction, MixtureActs { mixing, log_back, log_scale, log_fore, back, fore, theta, grads }))
+    }
+
+    /// The NB mixture's backward to its head inputs and parameters; dL/dh is written to `dh`.
+    #[allow(clippy::too_many_arguments)]
+    fn mixture_backward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, grads: &mut Slots<'_, Buf<T, B>>, h: &Input<'_, Buf<T, B>, B::Csr>, main: &DenseActs<Buf<T, B>>, onehot: &Tensor<Buf<T, B>>, m: MixtureActs<Buf<T, B>>, mode: Mode, dh: &mut Tensor<Buf<T, B>>) -> Result<()> {
+        let (n, g) = (onehot.rows, self.spec.n_features);
+        let MixtureActs { mixing, log_back, log_scale, log_fore, back, fore, theta, grads: [d_back, d_fore, d_theta, d_pi] } = m;
+        let mut dlog_fore = b.tensor(n, g)?;
+        b.activation_backward(Activation::Exp, log_fore.input(), fore.input(), d_fore.input(), dlog_fore.output())?;
+        let mut ds = b.tensor(n, g)?;
+        b.activation_backward(Activation::Softplus, main.output().input(), log_scale.input(), dlog_fore.input(), ds.output())?;
+        self.heads.main.backward(b, p, grads, h, None, main, ds, mode, InputGrad::Write(dh))?;
+        let mut dlog_back = b.tensor(n, g)?;
+        b.activation_backward(Activation::Exp, log_back.input(), back.input(), d_back.input(), dlog_back.output())?;
+        b.axpy(T::one(), dlog_fore.input(), dlog_back.output())?;
+        b.gemm(true, false, onehot.cols, n, g, T::one(), onehot.input(), dlog_back.input(), T::zero(), grads.get(self.heads.background.expect("the mixture's background")))?;
+        let mut dtheta = b.tensor(1, g)?;
+        b.column_sums(d_theta.input(), dtheta.output())?;
+        b.activation_backward(Activation::Exp, p.get(self.heads.shared_slot()), theta.input(), dtheta.input(), grads.get(self.heads.shared_slot()))?;
+        self.heads.mixing.as_ref().expect("the mixture's mixing head").backward(b, p, grads, h, None, &mixing, d_pi, mode, InputGrad::Add(dh))
     }
 
     /// The covariates on the device, and their batch block alone where a gene-batch
@@ -325,9 +436,11 @@ impl Decoder {
     fn covariates<T: Real, B: Backend<T>>(&self, b: &B, covariates: &[T], n: usize) -> Result<(Tensor<Buf<T, B>>, Option<Tensor<Buf<T, B>>>)> {
         assert_eq!(covariates.len(), n * self.n_cov, "covariates: {n} rows of {}", self.n_cov);
         let cov = Tensor { buf: b.upload(covariates)?, rows: n, cols: self.n_cov };
-        let onehot = if self.spec.likelihood.has_dispersion() && self.spec.dispersion == Dispersion::GeneBatch {
-            let host: Vec<T> = covariates.chunks(self.n_cov.max(1)).flat_map(|row| row[..self.n_batch].to_vec()).collect();
-            Some(Tensor { buf: b.upload(&host)?, rows: n, cols: self.n_batch })
+        let per_batch = self.spec.likelihood.has_dispersion() && self.spec.dispersion == Dispersion::GeneBatch || self.spec.likelihood == LikelihoodKind::NbMixture;
+        let onehot = if per_batch {
+            // Without a batch covariate every cell is in the table's one row.
+            let host: Vec<T> = if self.n_batch == 0 { vec![T::one(); n] } else { covariates.chunks(self.n_cov.max(1)).flat_map(|row| row[..self.n_batch].to_vec()).collect() };
+            Some(Tensor { buf: b.upload(&host)?, rows: n, cols: self.n_batch.max(1) })
         } else {
             None
         };
@@ -343,6 +456,13 @@ impl Decoder {
         let hd = Input::Dense(Mlp::output(&f.hidden));
         let mut dhd = b.tensor(n, self.n_hidden)?;
         let heads = &self.heads;
+        if let Some(mixture) = f.mixture.take() {
+            let onehot = f.batch_onehot.as_ref().expect("the mixture reads the batch one-hot");
+            self.mixture_backward(b, p, grads, &hd, &f.main, onehot, mixture, mode, &mut dhd)?;
+            let mut dz = b.tensor(n, z.cols)?;
+            self.hidden.backward(b, p, grads, &Input::Dense(z), Some(&f.cov), &f.hidden, dhd, mode, InputGrad::Write(&mut dz))?;
+            return Ok(dz);
+        }
 
         // Main head: through μ = library · softmax(s) for the count likelihoods.
         let dmain = if kind.scaled_by_library() {
@@ -370,7 +490,7 @@ impl Decoder {
                     let mut dlog = b.tensor(n, g)?;
                     b.activation_backward(Activation::Exp, log_theta, theta.input(), dtheta.input(), dlog.output())?;
                     let onehot = f.batch_onehot.as_ref().expect("gene-batch dispersion has the batch one-hot");
-                    b.gemm(true, false, self.n_batch, n, g, T::one(), onehot.input(), dlog.input(), T::zero(), grads.get(heads.shared_slot()))?;
+                    b.gemm(true, false, onehot.cols, n, g, T::one(), onehot.input(), dlog.input(), T::zero(), grads.get(heads.shared_slot()))?;
                 }
                 Dispersion::GeneCell => {
                     let mut dlog = b.tensor(n, g)?;
@@ -394,13 +514,27 @@ impl Decoder {
 
     /// The decoder's expression at `z` (evaluation mode): for NB/ZINB/Poisson the proportions
     /// × `library_size` (scvi-tools' `get_normalized_expression`), Gaussian means, Bernoulli
-    /// probabilities.
+    /// probabilities, the NB mixture's expected foreground counts σ(−π) μ_fore (totalVI's
+    /// protein expression without background).
     pub fn expression<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, state: &mut Slots<'_, Buf<T, B>>, z: &Tensor<Buf<T, B>>, covariates: &[T], library_size: f64) -> Result<Tensor<Buf<T, B>>> {
         let (n, g) = (z.rows, self.spec.n_features);
-        let (cov, _) = self.covariates(b, covariates, n)?;
+        let (cov, onehot) = self.covariates(b, covariates, n)?;
         let hidden = self.hidden.forward(b, p, state, &Input::Dense(z), Some(&cov), Mode::Eval)?;
-        let main = self.heads.main.forward(b, p, state, &Input::Dense(Mlp::output(&hidden)), None, Mode::Eval)?;
+        let h = Input::Dense(Mlp::output(&hidden));
+        let main = self.heads.main.forward(b, p, state, &h, None, Mode::Eval)?;
         let mut expression = b.tensor(n, g)?;
+        if let (Some(mixing), Some(onehot)) = (&self.heads.mixing, &onehot) {
+            // log(σ(−π) μ_fore) = log_back + softplus(s) − softplus(π).
+            let mut log_fore = self.log_background(b, p, onehot)?;
+            let mut term = b.tensor(n, g)?;
+            b.activation_forward(Activation::Softplus, main.output().input(), term.output())?;
+            b.axpy(T::one(), term.input(), log_fore.output())?;
+            let pi = mixing.forward(b, p, state, &h, None, Mode::Eval)?;
+            b.activation_forward(Activation::Softplus, pi.output().input(), term.output())?;
+            b.axpy(T::zero() - T::one(), term.input(), log_fore.output())?;
+            b.activation_forward(Activation::Exp, log_fore.input(), expression.output())?;
+            return Ok(expression);
+        }
         match self.spec.likelihood {
             kind if kind.scaled_by_library() => {
                 b.softmax_forward(main.output().input(), g, expression.output())?;

@@ -70,7 +70,8 @@ pub struct VaeConfig {
     pub n_layers: usize,
     /// Encoder dropout (the decoder has none, as in scvi-tools).
     pub dropout: f32,
-    /// The likelihood of RNA-like modalities (accessibility defaults to Bernoulli).
+    /// The likelihood of RNA-like modalities (accessibility defaults to Bernoulli, proteins to
+    /// the NB mixture).
     pub likelihood: LikelihoodKind,
     pub dispersion: Dispersion,
     pub batch_norm: bool,
@@ -150,14 +151,22 @@ impl Default for VaeConfig {
 
 /// Modality names whose data is binary accessibility by default.
 const ACCESSIBILITY: [&str; 4] = ["atac", "peaks", "chromatin", "accessibility"];
+/// Modality names whose data is surface-protein counts (CITE-seq ADT): totalVI's NB mixture.
+const PROTEIN: [&str; 2] = ["prot", "adt"];
 
 impl VaeConfig {
     /// The observation model of modality `name`: its override, else Bernoulli for
-    /// accessibility, else the model's likelihood and dispersion.
+    /// accessibility, the NB mixture for proteins, else the model's likelihood and dispersion.
     pub fn modality(&self, name: &str, n_features: usize) -> ModalitySpec {
         let o = self.modalities.get(name).cloned().unwrap_or_default();
         let lower = name.to_ascii_lowercase();
-        let default = if ACCESSIBILITY.iter().any(|a| lower.contains(a)) { LikelihoodKind::Bernoulli } else { self.likelihood };
+        let default = if ACCESSIBILITY.iter().any(|a| lower.contains(a)) {
+            LikelihoodKind::Bernoulli
+        } else if PROTEIN.iter().any(|a| lower.contains(a)) {
+            LikelihoodKind::NbMixture
+        } else {
+            self.likelihood
+        };
         ModalitySpec { name: name.to_string(), n_features, likelihood: o.likelihood.unwrap_or(default), dispersion: o.dispersion.unwrap_or(self.dispersion) }
     }
 }
@@ -452,6 +461,18 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let grads = backend.zeros(layout.len())?;
         let state_buf = backend.upload(&state_values)?;
         Ok(Vae { config, modalities: specs, n_cov, n_batch, n_labels, layout, state_layout: state, values: values_buf, grads, state: state_buf, encoders, decoders, heads, backend })
+    }
+
+    /// Starts modality `m`'s NB-mixture background rates from the data, as totalVI starts its
+    /// background prior: `log_rates` is batches × features (the table's shape). False when the
+    /// modality has no mixture.
+    pub fn initialise_background(&mut self, m: usize, log_rates: &[T]) -> Result<bool> {
+        let Some(slot) = self.decoders[m].background_slot() else { return Ok(false) };
+        let range = self.layout.slots()[slot].range.clone();
+        assert_eq!(log_rates.len(), range.len(), "one log rate per batch and feature");
+        let staged = self.backend.upload(log_rates)?;
+        self.backend.copy(In::all(&staged), Out::part(&mut self.values, range))?;
+        Ok(true)
     }
 
     pub fn backend(&self) -> &B {

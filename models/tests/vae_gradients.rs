@@ -6,7 +6,7 @@ use tessera_kernels::backend::Cpu;
 use tessera_kernels::gradcheck::{check_at, spread};
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::layers::Mode;
-use tessera_models::{Categories, Dispersion, Joint, LikelihoodKind, ModalityCounts, Prior, Supervision, Survival, Vae, VaeBatch, VaeConfig};
+use tessera_models::{Categories, Dispersion, Joint, LikelihoodKind, ModalityConfig, ModalityCounts, Prior, Supervision, Survival, Vae, VaeBatch, VaeConfig};
 
 /// Counts for `n` cells x `g` genes with an all-zero cell, as CSR.
 fn counts(n: usize, g: usize, binary: bool) -> (Vec<u64>, Vec<u32>, Vec<f64>) {
@@ -84,6 +84,8 @@ fn every_likelihood_and_dispersion() {
         (LikelihoodKind::Poisson, Dispersion::Gene),
         (LikelihoodKind::Gaussian, Dispersion::Gene),
         (LikelihoodKind::Bernoulli, Dispersion::Gene),
+        (LikelihoodKind::NbMixture, Dispersion::Gene),
+        (LikelihoodKind::Nb, Dispersion::GeneBatch),
     ] {
         check_model(VaeConfig { n_hidden: 4, n_latent: 3, n_layers: 1, likelihood, dispersion, ..VaeConfig::default() });
     }
@@ -205,7 +207,7 @@ impl Mosaic {
 fn multimodal_gradients_for_every_joint_posterior() {
     let mosaic = Mosaic::new();
     let modalities = mosaic.modalities();
-    assert_eq!(mosaic.model(Joint::Poe).modalities.iter().map(|m| m.likelihood).collect::<Vec<_>>(), [LikelihoodKind::Nb, LikelihoodKind::Nb, LikelihoodKind::Bernoulli]);
+    assert_eq!(mosaic.model(Joint::Poe).modalities.iter().map(|m| m.likelihood).collect::<Vec<_>>(), [LikelihoodKind::Nb, LikelihoodKind::NbMixture, LikelihoodKind::Bernoulli]);
     for joint in [Joint::Poe, Joint::Moe, Joint::Concat] {
         check_gradients(mosaic.model(joint), VaeBatch::new(&modalities, &mosaic.cov), &format!("{joint:?}"));
     }
@@ -410,4 +412,41 @@ fn a_modality_measured_in_under_two_cells_of_a_training_batch_sits_the_step_out(
     assert_eq!(absent, lone, "one protein cell trains like none");
     let protein = mosaic.model(Joint::Poe).layout.slots().iter().filter(|s| s.name.starts_with("protein.")).flat_map(|s| s.range.clone()).collect::<Vec<_>>();
     assert!(protein.iter().all(|&i| absent.1[i] == 0.0), "an unmeasured modality's parameters get zero gradients");
+}
+
+#[test]
+fn totalvi_protein_mixture_in_the_mosaic_model() {
+    let mosaic = Mosaic::new();
+    let modalities = mosaic.modalities();
+    let batch = VaeBatch::new(&modalities, &mosaic.cov);
+    let protein = ModalityConfig { likelihood: Some(LikelihoodKind::NbMixture), dispersion: None };
+    for joint in [Joint::Poe, Joint::Moe] {
+        let mut model = mosaic.model_with(VaeConfig { joint, modalities: [("protein".to_string(), protein.clone())].into(), ..VaeConfig::default() });
+        assert_eq!(model.modalities[1].likelihood, LikelihoodKind::NbMixture);
+        assert_eq!(model.layout.slot("protein.log_background").unwrap().shape, vec![2, 4], "one background rate per batch and protein");
+        // The denoised protein is the expected foreground: positive, and below the foreground
+        // rate (σ(−π) < 1) which is at least the background rate.
+        let (_, expression) = model.latent_and_expression(batch, 1e4).unwrap();
+        assert!(expression[1].iter().all(|&v| v > 0.0 && v.is_finite()));
+        check_gradients(model, batch, &format!("{joint:?} + NB mixture protein"));
+    }
+}
+
+#[test]
+fn per_batch_tables_without_a_batch_covariate_have_one_row() {
+    let (n, g) = (6, 5);
+    let (indptr, indices, data) = counts(n, g, false);
+    let modalities = [ModalityCounts { counts: CsrRef { rows: n, cols: g, indptr: &indptr, indices: &indices, data: &data }, present: None }];
+    let batch = VaeBatch::new(&modalities, &[]);
+    for likelihood in [LikelihoodKind::NbMixture, LikelihoodKind::Nb] {
+        let config = VaeConfig { n_hidden: 4, n_latent: 2, likelihood, dispersion: Dispersion::GeneBatch, ..VaeConfig::default() };
+        let model = Vae::<f64, Cpu>::new(Cpu, config, &[("rna", g)], Categories::default(), 3).unwrap();
+        let table = if likelihood == LikelihoodKind::Nb { "log_theta" } else { "log_background" };
+        let slot = model.layout.slot(table).unwrap().clone();
+        assert_eq!(slot.shape, vec![1, g]);
+        let mut m = model;
+        m.loss_and_grad(batch, 1.0, Mode::Train { seed: 1, step: 1 }).unwrap();
+        assert!(m.grads[slot.range.clone()].iter().any(|&v| v != 0.0), "{likelihood:?}: the table learns");
+        check_gradients(m, batch, &format!("{likelihood:?} without batches"));
+    }
 }

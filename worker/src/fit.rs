@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tessera_data::{AnnData, Dataset, Loader, LoaderConfig, MiniBatch};
 use tessera_kernels::backend::Cpu;
 use tessera_kernels::ops::linear::CsrRef;
-use tessera_models::{Categories, LossTerms, ModalityCounts, Supervision, Survival, Plateau, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
+use tessera_models::{Categories, LikelihoodKind, LossTerms, ModalityCounts, Supervision, Survival, Plateau, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
 
 use crate::checkpoint::{self, FitState};
 
@@ -199,6 +199,13 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     let inputs = Inputs { modalities: plan.modalities.iter().map(|m| m.1).collect(), n_cov: n_batch, n_targets: mc.regression_keys.len() * usize::from(mc.regression_weight > 0.0), survival: mc.cox_weight > 0.0 };
 
     let model = Vae::<f32, Cpu>::new(Cpu, mc.clone(), &shapes, Categories { n_batch, n_cov: inputs.n_cov, n_labels }, tc.seed)?;
+    let mut model = model;
+    for (m, spec) in model.modalities.clone().iter().enumerate() {
+        if spec.likelihood == LikelihoodKind::NbMixture {
+            let rates = background_log_rates(&loader, inputs.modalities[m], spec.n_features, n_batch.max(1))?;
+            model.initialise_background(m, &rates)?;
+        }
+    }
     let mut trainer = Trainer::new(model, tc.clone())?;
     let epochs = tc.epochs(n_obs);
     let resolved = serde_json::json!({ "data": opts.data, "modalities": model_shapes(&trainer.model), "batch_key": opts.batch_key, "label_key": opts.label_key, "n_obs": n_obs, "batch_categories": loader.batch_categories, "label_categories": loader.label_categories, "model": opts.config.model, "train": opts.config.train, "epochs": epochs });
@@ -330,6 +337,48 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     checkpoint::write_weights(&opts.out.join("model.safetensors"), &trainer)?;
     write_file(&opts.out.join("config.json"), serde_json::to_string_pretty(&resolved).unwrap_or_default().as_bytes())?;
     Ok(FitReport { history: state.history, stopped_early, n_train: state.n_train, n_validation: validation.cells.len() as u64, modalities: model_shapes(&trainer.model), batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element, denoised_elements, prediction_elements })
+}
+
+/// Cells read to start an NB mixture's background rates.
+const BACKGROUND_SAMPLE_CELLS: usize = 20_000;
+
+/// Per batch and feature, the mean of log(1 + x) over the lower half of the measured cells'
+/// counts (up to the first `BACKGROUND_SAMPLE_CELLS` cells): the background component of
+/// bimodal protein counts, where totalVI starts its background prior (there from a two-component
+/// Gaussian mixture). Batches without cells get the pooled value.
+fn background_log_rates(loader: &Loader, modality: usize, features: usize, batches: usize) -> Result<Vec<f32>, FitError> {
+    let mut values: Vec<Vec<Vec<f32>>> = vec![vec![Vec::new(); features]; batches + 1];
+    let mut seen = 0;
+    for mb in loader.epoch(0) {
+        let mb = mb?;
+        let counts = &mb.modalities[modality];
+        for r in (0..mb.cells.len()).filter(|&r| counts.present[r]) {
+            let mut row = vec![0f32; features];
+            let span = counts.counts.indptr[r] as usize..counts.counts.indptr[r + 1] as usize;
+            for (&c, &v) in counts.counts.indices[span.clone()].iter().zip(&counts.counts.data[span]) {
+                row[c as usize] = v;
+            }
+            let batch = usize::try_from(mb.batch[r]).ok().filter(|&b| b < batches).unwrap_or(0);
+            for (g, &v) in row.iter().enumerate() {
+                values[batch][g].push(v.max(0.0).ln_1p());
+                values[batches][g].push(v.max(0.0).ln_1p());
+            }
+        }
+        seen += mb.cells.len();
+        if seen >= BACKGROUND_SAMPLE_CELLS {
+            break;
+        }
+    }
+    let lower_mean = |v: &mut Vec<f32>| -> Option<f32> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f32::total_cmp);
+        let half = &v[..v.len().div_ceil(2)];
+        Some(half.iter().sum::<f32>() / half.len() as f32)
+    };
+    let pooled: Vec<f32> = values[batches].iter_mut().map(|v| lower_mean(v).unwrap_or(0.0)).collect();
+    Ok((0..batches).flat_map(|b| (0..features).map(|g| lower_mean(&mut values[b][g]).unwrap_or(pooled[g])).collect::<Vec<_>>()).collect())
 }
 
 /// Runs one model call on a thread of the compute pool, so each op's parallel loop starts where

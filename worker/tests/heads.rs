@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use tessera_data::{AnnData, Column};
-use tessera_models::Prior;
+use tessera_models::{LikelihoodKind, ModalityConfig, Prior};
 use tessera_worker::{FitError, FitOptions, fit};
 
 mod common;
@@ -134,4 +134,36 @@ fn head_configurations_without_their_columns_are_named() {
     refuse(&|o| (o.config.model.regression_keys, o.config.model.regression_weight) = (vec!["no_such_column".into()], 1.0), &["no_such_column"]);
     // Nothing was trained or written by a refused run.
     assert!(!AnnData::open(&data).unwrap().keys("obsm").unwrap().contains(&"X_tessera".to_string()));
+}
+
+#[test]
+fn totalvi_protein_mixture_trains_on_a_mosaic_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("mosaic.zarr").display().to_string();
+    // The simulator's proteins have a per-batch background under a type-specific foreground.
+    let config = tessera_data::SimConfig { n_cells: 1200, n_genes: 200, n_proteins: 20, n_peaks: 100, n_types: 5, missing: 0.3, seed: 9, ..tessera_data::SimConfig::default() };
+    tessera_data::simulate(&data, &config, |_| {}).unwrap();
+    let run = |likelihood: LikelihoodKind| {
+        let mut opts = options(&data, &dir.path().join(format!("out-{likelihood:?}")), 40);
+        opts.batch_key = Some("batch".into());
+        opts.embedding_key = format!("X_{likelihood:?}");
+        opts.config.model.modalities.insert("prot".into(), ModalityConfig { likelihood: Some(likelihood), dispersion: None });
+        fit(&opts, |_| {}).unwrap()
+    };
+    let (mixture, nb) = (run(LikelihoodKind::NbMixture), run(LikelihoodKind::Nb));
+    let (m, n) = (mixture.history.last().unwrap().validation.unwrap(), nb.history.last().unwrap().validation.unwrap());
+    eprintln!("protein NB mixture vs NB, validation reconstruction (all modalities): {:.2} vs {:.2}", m.reconstruction, n.reconstruction);
+    assert!(m.reconstruction < n.reconstruction, "the background/foreground mixture fits the simulated proteins better: {} vs {}", m.reconstruction, n.reconstruction);
+    let root = tessera_data::MuData::open(&data).unwrap().root();
+    let Column::Categorical { codes, .. } = root.obs_column("cell_type").unwrap() else { panic!("cell_type is categorical") };
+    let (x, d) = root.obsm("X_NbMixture").unwrap();
+    let same_type_nearest = (0..codes.len()).filter(|&i| {
+        let nearest = (0..codes.len()).filter(|&j| j != i).min_by(|&a, &b| {
+            let dist = |j: usize| (0..d).map(|c| (x[i * d + c] - x[j * d + c]).powi(2)).sum::<f32>();
+            dist(a).total_cmp(&dist(b))
+        });
+        nearest.is_some_and(|j| codes[j] == codes[i])
+    });
+    let accuracy = same_type_nearest.count() as f64 / codes.len() as f64;
+    assert!(accuracy > 0.9, "nearest-neighbour cell-type accuracy {accuracy}");
 }

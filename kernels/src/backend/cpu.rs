@@ -236,6 +236,12 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(())
     }
 
+    fn nb_mixture(&self, x: In<'_, Vec<T>>, mu_back: In<'_, Vec<T>>, mu_fore: In<'_, Vec<T>>, theta: In<'_, Vec<T>>, pi: In<'_, Vec<T>>, features: usize, ll: Out<'_, Vec<T>>, grads: [Out<'_, Vec<T>>; 4]) -> Result<()> {
+        let [a, b, c, d] = grads;
+        crate::ops::likelihood::nb_mixture(r(&x), r(&mu_back), r(&mu_fore), r(&theta), r(&pi), features, w(ll), [w(a), w(b), w(c), w(d)]);
+        Ok(())
+    }
+
     fn mmd_rbf(&self, x: In<'_, Vec<T>>, y: In<'_, Vec<T>>, dim: usize, bandwidths: &[f64], dx: Out<'_, Vec<T>>, dy: Out<'_, Vec<T>>) -> Result<f64> {
         Ok(losses::mmd_rbf(r(&x), r(&y), dim, bandwidths, w(dx), w(dy)).f64())
     }

@@ -175,6 +175,10 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     /// `Likelihood::forward_backward`: per-row log-likelihood and per-entry gradients.
     fn likelihood(&self, family: Likelihood, x: In<'_, Self::Buf>, features: usize, params: &[In<'_, Self::Buf>], weights: Option<In<'_, Self::Buf>>, ll: Out<'_, Self::Buf>, grads: &mut [Out<'_, Self::Buf>]) -> Result<()>;
 
+    /// `ops::likelihood::nb_mixture`: totalVI's protein likelihood per row and its per-entry
+    /// gradients w.r.t. μ_back, μ_fore, θ and the mixing logit (unweighted; overwritten).
+    fn nb_mixture(&self, x: In<'_, Self::Buf>, mu_back: In<'_, Self::Buf>, mu_fore: In<'_, Self::Buf>, theta: In<'_, Self::Buf>, pi: In<'_, Self::Buf>, features: usize, ll: Out<'_, Self::Buf>, grads: [Out<'_, Self::Buf>; 4]) -> Result<()>;
+
     /// `ops::losses::mmd_rbf`: squared MMD between the rows of `x` and of `y` (sum of RBF
     /// kernels), and its gradients (overwritten).
     fn mmd_rbf(&self, x: In<'_, Self::Buf>, y: In<'_, Self::Buf>, dim: usize, bandwidths: &[f64], dx: Out<'_, Self::Buf>, dy: Out<'_, Self::Buf>) -> Result<f64>;
