@@ -31,6 +31,11 @@ pub enum BenchCommand {
         nnz: usize,
         #[arg(long, default_value_t = 200)]
         steps: usize,
+        /// A run configuration whose `[model]` options (regularisers, heads, likelihood) the
+        /// step uses (its size stays --hidden); the batch carries labels and targets for the
+        /// heads.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// `tessera eval` on a synthetic embedding: the O(n² d) distance pass (kNN + silhouettes)
     /// against its FLOP floor, and the whole evaluation, for each cell count.
@@ -70,7 +75,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Ops { repeat } => ops(repeat.max(1)),
         BenchCommand::Eval { cells, dims } => eval(&cells, dims),
-        BenchCommand::Step { genes, batch, hidden, nnz, steps } => step(genes, batch, hidden, nnz, steps),
+        BenchCommand::Step { genes, batch, hidden, nnz, steps, config } => step(genes, batch, hidden, nnz, steps, config.as_deref()),
         BenchCommand::Load { cells, genes, library, batch_size, dir, python, store, repeat } => {
             let stores = if store.is_empty() { generated_stores(cells, genes, library, &dir)? } else { store };
             load(&stores, batch_size, python.as_deref(), repeat.max(1))
@@ -78,14 +83,22 @@ pub fn run(command: BenchCommand) -> Result<()> {
     }
 }
 
-fn step(genes: usize, batch: usize, hidden: usize, nnz: usize, steps: usize) -> Result<()> {
+fn step(genes: usize, batch: usize, hidden: usize, nnz: usize, steps: usize, config: Option<&Path>) -> Result<()> {
     use tessera_kernels::backend::Cpu;
     use tessera_kernels::ops::linear::CsrRef;
-    use tessera_models::{Categories, ModalityCounts, TrainConfig, Trainer, Vae, VaeBatch, VaeConfig};
-    let n_batch = 3;
-    let config = VaeConfig { n_hidden: hidden, ..VaeConfig::default() };
+    use tessera_models::{Categories, ModalityCounts, Supervision, Survival, TrainConfig, Trainer, Vae, VaeBatch};
+    let (n_batch, n_labels) = (3, 8);
+    let model = match config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            tessera_worker::FitConfig::from_toml(&text, &path.display().to_string())?.model
+        }
+        None => tessera_worker::FitConfig::default().model,
+    };
+    let config = tessera_models::VaeConfig { n_hidden: hidden, ..model };
     let latent = config.n_latent;
-    let mut trainer = Trainer::new(Vae::<f32, Cpu>::new(Cpu, config, &[("rna", genes)], Categories { n_batch, n_cov: n_batch, n_labels: 0 }, 0)?, TrainConfig::default())?;
+    let n_targets = config.regression_keys.len();
+    let mut trainer = Trainer::new(Vae::<f32, Cpu>::new(Cpu, config, &[("rna", genes)], Categories { n_batch, n_cov: n_batch, n_labels }, 0)?, TrainConfig::default())?;
     // Counts 1-5 at `nnz` genes per cell spread over the genome.
     let nnz = nnz.min(genes);
     let indptr: Vec<u64> = (0..=batch as u64).map(|r| r * nnz as u64).collect();
@@ -96,7 +109,12 @@ fn step(genes: usize, batch: usize, hidden: usize, nnz: usize, steps: usize) -> 
     let data: Vec<f32> = (0..batch * nnz).map(|i| (1 + i % 5) as f32).collect();
     let covariates: Vec<f32> = (0..batch * n_batch).map(|i| f32::from(u8::from(i % n_batch == (i / n_batch) % n_batch))).collect();
     let modalities = [ModalityCounts { counts: CsrRef { rows: batch, cols: genes, indptr: &indptr, indices: &indices, data: &data }, present: None }];
-    let as_batch = || VaeBatch::new(&modalities, &covariates);
+    let labels: Vec<i32> = (0..batch as i32).map(|r| r % n_labels as i32).collect();
+    let targets: Vec<f64> = (0..batch * n_targets).map(|i| (i % 7) as f64).collect();
+    let times: Vec<f64> = (0..batch).map(|r| (r % 13) as f64).collect();
+    let events: Vec<bool> = (0..batch).map(|r| r % 3 != 0).collect();
+    let supervision = Supervision { labels: Some(&labels), targets: Some(&targets), survival: Some(Survival { times: &times, events: &events }) };
+    let as_batch = || VaeBatch::new(&modalities, &covariates).with_supervision(supervision);
     for _ in 0..5 {
         trainer.step(as_batch(), 10)?;
     }
