@@ -53,7 +53,9 @@ fn activations_match_cpu() {
     for n in [1, 31, 1025, 1 << 20] {
         let x = inputs(n);
         let dy: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).cos()).collect();
-        for act in [Activation::Relu, Activation::LeakyRelu(0.2), Activation::Elu(1.0), Activation::Softplus, Activation::Exp, Activation::Sigmoid] {
+        for act in [Activation::Relu, Activation::LeakyRelu(0.2), Activation::Elu(1.0), Activation::Softplus, Activation::Exp, Activation::Sigmoid, Activation::Log1p] {
+            // log1p is defined above -1: its inputs are folded to [0, ∞).
+            let x: Vec<f32> = if act == Activation::Log1p { x.iter().map(|v| v.abs()).collect() } else { x.clone() };
             let (mut y, mut dx) = (vec![0.0; n], vec![0.0; n]);
             act.forward(&x, &mut y);
             act.backward(&x, &y, &dy, &mut dx);

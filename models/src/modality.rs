@@ -105,8 +105,15 @@ pub(crate) struct Encoder {
     encode_covariates: bool,
 }
 
+/// What an encoder read: counts (log1p fused into the sparse layer), or values already in that
+/// log1p space (decoded expression, in the cycle-consistency pass).
+enum EncoderInput<S, C> {
+    Counts(C),
+    Log1p(Tensor<S>),
+}
+
 pub(crate) struct EncoderActs<S, C> {
-    csr: C,
+    input: EncoderInput<S, C>,
     rows: usize,
     cov: Option<Tensor<S>>,
     hidden: Vec<DenseActs<S>>,
@@ -132,26 +139,49 @@ impl Encoder {
 
     /// q(z | x) for the cells of `counts`; `covariates` holds their rows (n × n_cov).
     pub fn forward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, state: &mut Slots<'_, Buf<T, B>>, counts: CsrRef<'_, T>, covariates: &[T], mode: Mode) -> Result<EncoderActs<Buf<T, B>, B::Csr>> {
-        let rows = counts.rows;
-        let csr = b.upload_csr(counts)?;
+        self.run(b, p, state, EncoderInput::Counts(b.upload_csr(counts)?), counts.rows, covariates, mode)
+    }
+
+    /// q(z | x) from values already in log1p space (rows × features).
+    pub fn forward_log1p<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, state: &mut Slots<'_, Buf<T, B>>, x: Tensor<Buf<T, B>>, covariates: &[T], mode: Mode) -> Result<EncoderActs<Buf<T, B>, B::Csr>> {
+        let rows = x.rows;
+        self.run(b, p, state, EncoderInput::Log1p(x), rows, covariates, mode)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, state: &mut Slots<'_, Buf<T, B>>, input: EncoderInput<Buf<T, B>, B::Csr>, rows: usize, covariates: &[T], mode: Mode) -> Result<EncoderActs<Buf<T, B>, B::Csr>> {
         let cov = if self.encode_covariates { Some(Tensor { buf: b.upload(covariates)?, rows, cols: covariates.len() / rows.max(1) }) } else { None };
-        let x = Input::Counts { csr: &csr, transform: CountTransform::Log1p, rows };
-        let hidden = self.hidden.forward(b, p, state, &x, cov.as_ref(), mode)?;
+        let hidden = self.hidden.forward(b, p, state, &Self::layer_input(&input, rows), cov.as_ref(), mode)?;
         let h = Input::Dense(Mlp::output(&hidden));
         let mean = self.mean.forward(b, p, state, &h, None, mode)?;
         let logvar = self.logvar.forward(b, p, state, &h, None, mode)?;
-        Ok(EncoderActs { csr, rows, cov, hidden, mean, logvar })
+        Ok(EncoderActs { input, rows, cov, hidden, mean, logvar })
     }
 
-    /// Parameter gradients from the gradients of the posterior's mean and log-variance.
+    fn layer_input<S, C>(input: &EncoderInput<S, C>, rows: usize) -> Input<'_, S, C> {
+        match input {
+            EncoderInput::Counts(csr) => Input::Counts { csr, transform: CountTransform::Log1p, rows },
+            EncoderInput::Log1p(x) => Input::Dense(x),
+        }
+    }
+
+    /// Parameter gradients from the gradients of the posterior's mean and log-variance; for a
+    /// log1p-space input, also its gradient.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, grads: &mut Slots<'_, Buf<T, B>>, acts: &EncoderActs<Buf<T, B>, B::Csr>, dm: Tensor<Buf<T, B>>, dlv: Tensor<Buf<T, B>>, mode: Mode) -> Result<()> {
+    pub fn backward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, grads: &mut Slots<'_, Buf<T, B>>, acts: &EncoderActs<Buf<T, B>, B::Csr>, dm: Tensor<Buf<T, B>>, dlv: Tensor<Buf<T, B>>, mode: Mode) -> Result<Option<Tensor<Buf<T, B>>>> {
         let h = Mlp::output(&acts.hidden);
         let mut dh = b.tensor(acts.rows, h.cols)?;
         self.mean.backward(b, p, grads, &Input::Dense(h), None, &acts.mean, dm, mode, InputGrad::Write(&mut dh))?;
         self.logvar.backward(b, p, grads, &Input::Dense(h), None, &acts.logvar, dlv, mode, InputGrad::Add(&mut dh))?;
-        let x = Input::Counts { csr: &acts.csr, transform: CountTransform::Log1p, rows: acts.rows };
-        self.hidden.backward(b, p, grads, &x, acts.cov.as_ref(), &acts.hidden, dh, mode, InputGrad::Skip)
+        let x = Self::layer_input(&acts.input, acts.rows);
+        match &acts.input {
+            EncoderInput::Counts(_) => self.hidden.backward(b, p, grads, &x, acts.cov.as_ref(), &acts.hidden, dh, mode, InputGrad::Skip).map(|()| None),
+            EncoderInput::Log1p(t) => {
+                let mut dx = b.tensor(t.rows, t.cols)?;
+                self.hidden.backward(b, p, grads, &x, acts.cov.as_ref(), &acts.hidden, dh, mode, InputGrad::Write(&mut dx))?;
+                Ok(Some(dx))
+            }
+        }
     }
 }
 
@@ -187,6 +217,25 @@ impl Heads {
             Dispersion::GeneCell => head.expect("gene-cell dispersion has a head").output().input(),
         }
     }
+}
+
+/// The cycle pass through a decoder: activations and its expected expression.
+pub(crate) struct CycleActs<S> {
+    cov: Tensor<S>,
+    onehot: Option<Tensor<S>>,
+    hidden: Vec<DenseActs<S>>,
+    main: DenseActs<S>,
+    mixing: Option<DenseActs<S>>,
+    /// x̂ (the mixture: log x̂).
+    expected: Tensor<S>,
+    log1p: Tensor<S>,
+    library: f64,
+}
+
+fn copy_tensor<T: Real, B: Backend<T>>(b: &B, t: &Tensor<Buf<T, B>>) -> Result<Tensor<Buf<T, B>>> {
+    let mut out = b.tensor(t.rows, t.cols)?;
+    b.copy(t.input(), out.output())?;
+    Ok(out)
 }
 
 /// z + covariates → hidden layers → likelihood parameters of one modality.
@@ -509,6 +558,99 @@ impl Decoder {
 
         let mut dz = b.tensor(n, z.cols)?;
         self.hidden.backward(b, p, grads, &Input::Dense(z), Some(&f.cov), &f.hidden, dhd, mode, InputGrad::Write(&mut dz))?;
+        Ok(dz)
+    }
+
+    /// Whether the cycle-consistency pass can re-encode this modality's expected expression
+    /// (a Gaussian's mean has no log1p).
+    pub fn cycles(&self) -> bool {
+        self.spec.likelihood != LikelihoodKind::Gaussian
+    }
+
+    /// The expected expression at `z`, as log(1 + x̂) (the encoder's input space), with what
+    /// its backward needs: NB/ZINB/Poisson at `library` counts per cell, Bernoulli
+    /// probabilities, the NB mixture's expected foreground.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cycle_forward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, state: &mut Slots<'_, Buf<T, B>>, z: &Tensor<Buf<T, B>>, covariates: &[T], library: f64, mode: Mode) -> Result<(Tensor<Buf<T, B>>, CycleActs<Buf<T, B>>)> {
+        let (n, g, kind) = (z.rows, self.spec.n_features, self.spec.likelihood);
+        assert!(self.cycles(), "decoder {:?}: no log1p expression", self.spec.name);
+        let (cov, onehot) = self.covariates(b, covariates, n)?;
+        let hidden = self.hidden.forward(b, p, state, &Input::Dense(z), Some(&cov), mode)?;
+        let h = Input::Dense(Mlp::output(&hidden));
+        let main = self.heads.main.forward(b, p, state, &h, None, mode)?;
+        let mut mixing = None;
+        let mut expected = b.tensor(n, g)?;
+        let mut log1p = b.tensor(n, g)?;
+        match kind {
+            LikelihoodKind::NbMixture => {
+                // log x̂ = log_back + softplus(s) − softplus(π); log(1 + x̂) = softplus(log x̂).
+                let mut lx = self.log_background(b, p, onehot.as_ref().expect("the mixture reads the batch one-hot"))?;
+                let mut term = b.tensor(n, g)?;
+                b.activation_forward(Activation::Softplus, main.output().input(), term.output())?;
+                b.axpy(T::one(), term.input(), lx.output())?;
+                let pi = self.heads.mixing.as_ref().expect("the mixture's mixing head").forward(b, p, state, &h, None, mode)?;
+                b.activation_forward(Activation::Softplus, pi.output().input(), term.output())?;
+                b.axpy(T::zero() - T::one(), term.input(), lx.output())?;
+                b.activation_forward(Activation::Softplus, lx.input(), log1p.output())?;
+                expected = lx;
+                mixing = Some(pi);
+            }
+            LikelihoodKind::Bernoulli => {
+                b.activation_forward(Activation::Sigmoid, main.output().input(), expected.output())?;
+                b.activation_forward(Activation::Log1p, expected.input(), log1p.output())?;
+            }
+            _ => {
+                b.softmax_forward(main.output().input(), g, expected.output())?;
+                b.scale(expected.output(), T::of(library))?;
+                b.activation_forward(Activation::Log1p, expected.input(), log1p.output())?;
+            }
+        }
+        let out = copy_tensor(b, &log1p)?;
+        Ok((out, CycleActs { cov, onehot, hidden, main, mixing, expected, log1p, library }))
+    }
+
+    /// The cycle pass' gradients: parameters (overwritten), and d/dz from d/d log(1 + x̂).
+    #[allow(clippy::too_many_arguments)]
+    pub fn cycle_backward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, grads: &mut Slots<'_, Buf<T, B>>, z: &Tensor<Buf<T, B>>, a: CycleActs<Buf<T, B>>, dlog1p: Tensor<Buf<T, B>>, mode: Mode) -> Result<Tensor<Buf<T, B>>> {
+        let (n, g) = (z.rows, self.spec.n_features);
+        let h = Input::Dense(Mlp::output(&a.hidden));
+        let mut dh = b.tensor(n, self.n_hidden)?;
+        // The gradient w.r.t. x̂ (for the mixture: w.r.t. log x̂).
+        let mut dexpected = b.tensor(n, g)?;
+        let inner = if self.spec.likelihood == LikelihoodKind::NbMixture { Activation::Softplus } else { Activation::Log1p };
+        b.activation_backward(inner, a.expected.input(), a.log1p.input(), dlog1p.input(), dexpected.output())?;
+        match self.spec.likelihood {
+            LikelihoodKind::NbMixture => {
+                let mut ds = b.tensor(n, g)?;
+                let mut softplus = b.tensor(n, g)?;
+                b.activation_forward(Activation::Softplus, a.main.output().input(), softplus.output())?;
+                b.activation_backward(Activation::Softplus, a.main.output().input(), softplus.input(), dexpected.input(), ds.output())?;
+                self.heads.main.backward(b, p, grads, &h, None, &a.main, ds, mode, InputGrad::Write(&mut dh))?;
+                let mixing = a.mixing.as_ref().expect("the mixture's mixing head");
+                let mut dpi = b.tensor(n, g)?;
+                b.activation_forward(Activation::Softplus, mixing.output().input(), softplus.output())?;
+                b.activation_backward(Activation::Softplus, mixing.output().input(), softplus.input(), dexpected.input(), dpi.output())?;
+                b.scale(dpi.output(), T::zero() - T::one())?;
+                self.heads.mixing.as_ref().expect("the mixture's mixing head").backward(b, p, grads, &h, None, mixing, dpi, mode, InputGrad::Add(&mut dh))?;
+                let onehot = a.onehot.as_ref().expect("the mixture reads the batch one-hot");
+                b.gemm(true, false, onehot.cols, n, g, T::one(), onehot.input(), dexpected.input(), T::zero(), grads.get(self.heads.background.expect("the mixture's background")))?;
+            }
+            LikelihoodKind::Bernoulli => {
+                let mut ds = b.tensor(n, g)?;
+                b.activation_backward(Activation::Sigmoid, a.main.output().input(), a.expected.input(), dexpected.input(), ds.output())?;
+                self.heads.main.backward(b, p, grads, &h, None, &a.main, ds, mode, InputGrad::Write(&mut dh))?;
+            }
+            _ => {
+                b.scale(dexpected.output(), T::of(a.library))?;
+                let mut rho = copy_tensor(b, &a.expected)?;
+                b.scale(rho.output(), T::of(1.0 / a.library))?;
+                let mut ds = b.tensor(n, g)?;
+                b.softmax_backward(rho.input(), dexpected.input(), g, ds.output())?;
+                self.heads.main.backward(b, p, grads, &h, None, &a.main, ds, mode, InputGrad::Write(&mut dh))?;
+            }
+        }
+        let mut dz = b.tensor(n, z.cols)?;
+        self.hidden.backward(b, p, grads, &Input::Dense(z), Some(&a.cov), &a.hidden, dh, mode, InputGrad::Write(&mut dz))?;
         Ok(dz)
     }
 

@@ -26,7 +26,7 @@ use tessera_kernels::Real;
 use crate::heads::{HeadActs, Heads, HeadsSpec};
 pub use crate::heads::{Supervision, Survival};
 use crate::layers::{Buf, Mode, Slots, Weights};
-use crate::modality::{Decoder, DecoderActs, Encoder, EncoderActs, Shape};
+use crate::modality::{CycleActs, Decoder, DecoderActs, Encoder, EncoderActs, Shape};
 pub use crate::modality::{Dispersion, LikelihoodKind, ModalitySpec};
 
 /// How the modalities' posteriors combine into q(z | x_1..x_M).
@@ -114,6 +114,10 @@ pub struct VaeConfig {
     pub survival_time_key: Option<String>,
     pub survival_event_key: Option<String>,
     pub cox_weight: f64,
+    /// Weight of cross-modal cycle consistency (scMVP/con-AAE): each modality's expected
+    /// expression at the latent samples, re-encoded by that modality's encoder, should give
+    /// back the sample (squared distance of the means); several modalities only.
+    pub cycle_weight: f64,
 }
 
 impl Default for VaeConfig {
@@ -145,6 +149,7 @@ impl Default for VaeConfig {
             survival_time_key: None,
             survival_event_key: None,
             cox_weight: 0.0,
+            cycle_weight: 0.0,
         }
     }
 }
@@ -377,6 +382,16 @@ struct Forward<S, C> {
     /// log-variance.
     dexperts: Option<Vec<Pair<S>>>,
     heads: HeadActs<S>,
+    cycle: Vec<CyclePass<S, C>>,
+}
+
+/// One modality's cycle: decoded at the latent samples, re-encoded; `dmean` is the weighted
+/// gradient of the cycle loss w.r.t. the re-encoded mean (−dmean w.r.t. the samples).
+struct CyclePass<S, C> {
+    modality: usize,
+    decoded: CycleActs<S>,
+    encoded: EncoderActs<S, C>,
+    dmean: Tensor<S>,
 }
 
 /// A diagonal Gaussian's (mean, log-variance) tensors, or their gradients.
@@ -729,6 +744,8 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             add_into(&b, &mut dzs_regularization, dzs)?;
         }
         let (jeffreys, dexperts) = self.jeffreys(&enc, &plan)?;
+        let (cycle_value, cycle) = self.cycle(&zs, &sample_cells, &batch, &plan, mode)?;
+        regularization += cycle_value;
         regularization += jeffreys;
 
         // Heads: on the joint mean (a mixture's is the mean of its experts') and on the samples.
@@ -747,7 +764,45 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         regularization += head_terms.regularization;
         let supervised = head_terms.supervised;
         let terms = LossTerms { reconstruction, kl: kl_total, regularization, supervised, loss: reconstruction + kl_weight * kl_total + regularization + supervised, cells: n };
-        Ok((terms, Forward { enc, latent, cells: plan.cells, zs, dec, dzs_regularization, dexperts, heads }))
+        Ok((terms, Forward { enc, latent, cells: plan.cells, zs, dec, dzs_regularization, dexperts, heads, cycle }))
+    }
+
+    /// Cross-modal cycle consistency: weight × the mean over latent samples of Σ_m |μ_m(x̂_m(z))
+    /// − z|², x̂_m the expected expression of modality m decoded at z and μ_m its encoder's mean
+    /// (log1p space). The pass runs in the step's mode on a scratch copy of the BatchNorm
+    /// statistics, so decoded inputs never enter the running statistics.
+    #[allow(clippy::type_complexity)]
+    fn cycle(&mut self, zs: &Tensor<Buf<T, B>>, sample_cells: &[usize], batch: &VaeBatch<'_, T>, plan: &Plan, mode: Mode) -> Result<(f64, Vec<CyclePass<Buf<T, B>, B::Csr>>)> {
+        let weight = self.config.cycle_weight;
+        if weight == 0.0 || self.modalities.len() < 2 || zs.rows == 0 {
+            return Ok((0.0, Vec::new()));
+        }
+        let b = self.backend.clone();
+        let mut scratch = b.zeros(self.state_layout.len())?;
+        b.copy(In::all(&self.state), Out::all(&mut scratch))?;
+        let p = Weights { layout: &self.layout, values: &self.values };
+        let mut state = Slots { layout: &self.state_layout, buf: &mut scratch };
+        let covariates: Vec<T> = sample_cells.iter().flat_map(|&r| batch.covariates[r * self.n_cov..(r + 1) * self.n_cov].iter().copied()).collect();
+        let scale = 2.0 * weight / zs.rows as f64;
+        let (mut value, mut passes) = (0.0, Vec::new());
+        for (m, decoder) in self.decoders.iter().enumerate() {
+            if !decoder.cycles() {
+                continue;
+            }
+            // Library-scaled expression at the mean library of the cells that measured it.
+            let counts = batch.modalities[m].counts;
+            let libraries: Vec<f64> = plan.cells[m].iter().map(|&r| counts.data[counts.indptr[r] as usize..counts.indptr[r + 1] as usize].iter().map(|v| v.f64()).sum()).collect();
+            let library = if libraries.is_empty() { 1e4 } else { (libraries.iter().sum::<f64>() / libraries.len() as f64).max(1.0) };
+            let (x, decoded) = decoder.cycle_forward(&b, &p, &mut state, zs, &covariates, library, mode)?;
+            let encoded = self.encoders[m].forward_log1p(&b, &p, &mut state, x, &covariates, mode)?;
+            let mut dmean = copy_of(&b, encoded.mean.output())?;
+            b.axpy(T::zero() - T::one(), zs.input(), dmean.output())?;
+            let norm = b.grad_norm(dmean.input())?;
+            value += weight * norm * norm / zs.rows as f64;
+            b.scale(dmean.output(), T::of(scale))?;
+            passes.push(CyclePass { modality: m, decoded, encoded, dmean });
+        }
+        Ok((value, passes))
     }
 
     /// The batch of cell `r` from its one-hot covariates (None: no batch column set).
@@ -876,7 +931,28 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let d = self.config.n_latent;
         let p = Weights { layout: &self.layout, values: &self.values };
         let mut grads = Slots { layout: &self.layout, buf: &mut self.grads };
-        let Forward { enc, latent, cells, zs, dec, dzs_regularization, dexperts, heads } = f;
+        let Forward { enc, latent, cells, zs, dec, dzs_regularization, dexperts, heads, cycle } = f;
+
+        // The cycle passes go through decoders and encoders that the main pass's backward then
+        // overwrites (one writer per gradient): their gradients are taken first, from zero, kept
+        // aside and added at the end.
+        let mut dzs_cycle = None;
+        let mut cycle_grads = None;
+        if !cycle.is_empty() {
+            b.scale(Out::all(grads.buf), T::zero())?;
+            let mut dz = b.tensor(zs.rows, d)?;
+            for CyclePass { modality, decoded, encoded, dmean } in cycle {
+                b.axpy(T::zero() - T::one(), dmean.input(), dz.output())?;
+                let dlv = b.tensor(zs.rows, d)?;
+                let dx = self.encoders[modality].backward(&b, &p, &mut grads, &encoded, dmean, dlv, mode)?.expect("a log1p-space input has a gradient");
+                let dz_decoder = self.decoders[modality].cycle_backward(&b, &p, &mut grads, &zs, decoded, dx, mode)?;
+                b.axpy(T::one(), dz_decoder.input(), dz.output())?;
+            }
+            let mut kept = b.zeros(self.layout.len())?;
+            b.copy(In::all(grads.buf), Out::all(&mut kept))?;
+            dzs_cycle = Some(dz);
+            cycle_grads = Some(kept);
+        }
 
         // The decoders' gradients (and the regularisers' and heads'), summed into the latent
         // samples; the heads on the mean send theirs to the joint posterior's mean.
@@ -885,7 +961,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             Some(t) => t,
             None => b.tensor(zs.rows, d)?,
         };
-        if let Some(t) = dzs_heads {
+        for t in [dzs_heads, dzs_cycle].into_iter().flatten() {
             b.axpy(T::one(), t.input(), dzs.output())?;
         }
         for (decoder, Decoded { codes, z, acts }) in self.decoders.iter().zip(dec) {
@@ -982,6 +1058,9 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         };
         for ((encoder, acts), (dm, dlv)) in self.encoders.iter().zip(&enc).zip(expert_grads) {
             encoder.backward(&b, &p, &mut grads, acts, dm, dlv, mode)?;
+        }
+        if let Some(kept) = cycle_grads {
+            b.axpy(T::one(), In::all(&kept), Out::all(grads.buf))?;
         }
         Ok(())
     }

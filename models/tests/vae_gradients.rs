@@ -450,3 +450,25 @@ fn per_batch_tables_without_a_batch_covariate_have_one_row() {
         check_gradients(m, batch, &format!("{likelihood:?} without batches"));
     }
 }
+
+#[test]
+fn cross_modal_cycle_consistency() {
+    let mosaic = Mosaic::new();
+    let modalities = mosaic.modalities();
+    let batch = VaeBatch::new(&modalities, &mosaic.cov);
+    for joint in [Joint::Poe, Joint::Moe, Joint::Concat] {
+        let mut model = mosaic.model_with(VaeConfig { joint, cycle_weight: 1.5, ..VaeConfig::default() });
+        let mode = Mode::Train { seed: 1, step: 1 };
+        let terms = model.loss(batch, 1.0, mode).unwrap();
+        let plain = mosaic.model(joint).loss(batch, 1.0, mode).unwrap();
+        assert!(terms.regularization > 0.0, "{joint:?}: {terms:?}");
+        assert_eq!((terms.reconstruction, terms.kl), (plain.reconstruction, plain.kl), "{joint:?}: the cycle adds a term only");
+        // The cycle pass leaves the BatchNorm running statistics as the main pass sets them.
+        let mut with = mosaic.model_with(VaeConfig { joint, cycle_weight: 1.5, ..VaeConfig::default() });
+        let mut without = mosaic.model(joint);
+        with.loss_and_grad(batch, 1.0, mode).unwrap();
+        without.loss_and_grad(batch, 1.0, mode).unwrap();
+        assert_eq!(with.state, without.state, "{joint:?}: running statistics");
+        check_gradients(model, batch, &format!("{joint:?} + cycle"));
+    }
+}

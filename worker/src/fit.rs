@@ -135,7 +135,7 @@ struct Inputs {
 /// weight needs its columns, every weight must be finite and non-negative.
 fn head_columns(model: &VaeConfig, label_key: Option<&str>) -> Result<Vec<String>, FitError> {
     let invalid = |reason: String| FitError::Config { file: "[model]".into(), reason };
-    for (name, w) in [("mmd_batch_weight", model.mmd_batch_weight), ("prior_mmd_weight", model.prior_mmd_weight), ("jeffreys_weight", model.jeffreys_weight), ("adversarial_batch_weight", model.adversarial_batch_weight), ("contrastive_weight", model.contrastive_weight), ("classifier_weight", model.classifier_weight), ("regression_weight", model.regression_weight), ("cox_weight", model.cox_weight)] {
+    for (name, w) in [("mmd_batch_weight", model.mmd_batch_weight), ("prior_mmd_weight", model.prior_mmd_weight), ("jeffreys_weight", model.jeffreys_weight), ("adversarial_batch_weight", model.adversarial_batch_weight), ("contrastive_weight", model.contrastive_weight), ("classifier_weight", model.classifier_weight), ("regression_weight", model.regression_weight), ("cox_weight", model.cox_weight), ("cycle_weight", model.cycle_weight)] {
         if !(w.is_finite() && w >= 0.0) {
             return Err(invalid(format!("{name} = {w}: expected a finite weight >= 0")));
         }

@@ -1,7 +1,8 @@
 //! The regularisers and supervised heads through `fit`: on real PBMC counts (read from
 //! ../shared/data, trained on a copy) a classifier trained on two thirds of the labels predicts
 //! the rest, regression and Cox heads learn obs columns, every regulariser trains; on a
-//! simulated mosaic store the multimodal regularisers train; bad head configurations are named.
+//! simulated mosaic store the multimodal regularisers (Jeffreys, adversary, cycle) and the
+//! totalVI protein mixture train; bad head configurations are named.
 #![allow(clippy::unwrap_used)]
 
 use tessera_data::{AnnData, Column};
@@ -100,14 +101,14 @@ fn every_regulariser_trains_on_real_counts() {
 }
 
 #[test]
-fn jeffreys_and_adversary_train_on_a_mosaic_store() {
+fn jeffreys_adversary_and_cycle_train_on_a_mosaic_store() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("mosaic.zarr").display().to_string();
     let config = tessera_data::SimConfig { n_cells: 1200, n_genes: 200, n_proteins: 20, n_peaks: 100, n_types: 5, missing: 0.3, seed: 9, ..tessera_data::SimConfig::default() };
     tessera_data::simulate(&data, &config, |_| {}).unwrap();
     let mut opts = options(&data, &dir.path().join("out"), 20);
     opts.batch_key = Some("batch".into());
-    (opts.config.model.jeffreys_weight, opts.config.model.adversarial_batch_weight) = (0.5, 1.0);
+    (opts.config.model.jeffreys_weight, opts.config.model.adversarial_batch_weight, opts.config.model.cycle_weight) = (0.5, 1.0, 1.0);
     let report = fit(&opts, |_| {}).unwrap();
     let (first, last) = (report.history[0].validation.unwrap(), report.history.last().unwrap().validation.unwrap());
     assert!(last.regularization > 0.0 && last.negative_elbo() < 0.9 * first.negative_elbo(), "{first:?} -> {last:?}");

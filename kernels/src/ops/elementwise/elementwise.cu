@@ -1,5 +1,6 @@
 // Activations and bias add (f32). Formulas mirror ops/elementwise/mod.rs; kinds match
-// Activation::code(): 0 identity, 1 relu, 2 leaky relu(a), 3 elu(a), 4 softplus, 5 exp, 6 sigmoid.
+// Activation::code(): 0 identity, 1 relu, 2 leaky relu(a), 3 elu(a), 4 softplus, 5 exp, 6 sigmoid,
+// 7 log1p.
 
 __device__ __forceinline__ float tsr_softplus(float x) {
     return x > 0.0f ? x + log1pf(expf(-x)) : log1pf(expf(x));
@@ -19,6 +20,7 @@ __device__ __forceinline__ float tsr_act(int kind, float a, float x) {
         case 4: return tsr_softplus(x);
         case 5: return expf(x);
         case 6: return tsr_sigmoid(x);
+        case 7: return log1pf(x);
         default: return x;
     }
 }
@@ -31,6 +33,7 @@ __device__ __forceinline__ float tsr_act_grad(int kind, float a, float x, float 
         case 4: return tsr_sigmoid(x);
         case 5: return y;
         case 6: return y * (1.0f - y);
+        case 7: return 1.0f / (1.0f + x);
         default: return 1.0f;
     }
 }

@@ -22,6 +22,8 @@ pub enum Activation {
     Softplus,
     Exp,
     Sigmoid,
+    /// ln(1 + x), for x > -1 (expected counts into the encoders' log1p space).
+    Log1p,
 }
 
 impl Activation {
@@ -35,6 +37,7 @@ impl Activation {
             Activation::Softplus => (4, 0.0),
             Activation::Exp => (5, 0.0),
             Activation::Sigmoid => (6, 0.0),
+            Activation::Log1p => (7, 0.0),
         }
     }
 
@@ -48,6 +51,7 @@ impl Activation {
             Activation::Softplus => softplus(x),
             Activation::Exp => x.exp(),
             Activation::Sigmoid => sigmoid(x),
+            Activation::Log1p => x.ln_1p(),
         }
     }
 
@@ -62,6 +66,7 @@ impl Activation {
             Activation::Softplus => sigmoid(x),
             Activation::Exp => y,
             Activation::Sigmoid => y * (one - y),
+            Activation::Log1p => one / (one + x),
         }
     }
 
@@ -204,6 +209,23 @@ mod tests {
     /// Inputs away from the kinks of ReLU-like functions, where finite differences are exact.
     fn inputs(n: usize) -> Vec<f64> {
         (0..n).map(|i| ((i as f64 * 0.7311).sin() * 3.0) + if i % 2 == 0 { 0.05 } else { -0.05 }).collect()
+    }
+
+    #[test]
+    fn log1p_value_and_gradient() {
+        let x: Vec<f64> = inputs(31).iter().map(|v| v.abs() * 2.0).collect();
+        let mut y = vec![0.0; 31];
+        Activation::Log1p.forward(&x, &mut y);
+        assert!(y.iter().zip(&x).all(|(y, x)| (y - x.ln_1p()).abs() < 1e-15));
+        let loss = |x: &[f64]| {
+            let mut y = vec![0.0; x.len()];
+            Activation::Log1p.forward(x, &mut y);
+            y.iter().enumerate().map(|(i, v)| v * (1.0 + i as f64 * 0.1)).sum::<f64>()
+        };
+        let dy: Vec<f64> = (0..31).map(|i| 1.0 + i as f64 * 0.1).collect();
+        let mut dx = vec![0.0; 31];
+        Activation::Log1p.backward(&x, &y, &dy, &mut dx);
+        check(loss, &x, &dx, 1e-6, 1e-8).unwrap();
     }
 
     #[test]
