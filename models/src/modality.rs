@@ -570,7 +570,7 @@ impl Decoder {
     /// The expected expression at `z`, as log(1 + x̂) (the encoder's input space), with what
     /// its backward needs: NB/ZINB/Poisson at `library` counts per cell, Bernoulli
     /// probabilities, the NB mixture's expected foreground.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     pub fn cycle_forward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, state: &mut Slots<'_, Buf<T, B>>, z: &Tensor<Buf<T, B>>, covariates: &[T], library: f64, mode: Mode) -> Result<(Tensor<Buf<T, B>>, CycleActs<Buf<T, B>>)> {
         let (n, g, kind) = (z.rows, self.spec.n_features, self.spec.likelihood);
         assert!(self.cycles(), "decoder {:?}: no log1p expression", self.spec.name);
