@@ -53,6 +53,13 @@ impl<S: tessera_kernels::backend::Storage> Slots<'_, S> {
     }
 }
 
+/// A new tensor holding a copy of `t`.
+pub(crate) fn copy_of<T: Real, B: Backend<T>>(b: &B, t: &Tensor<Buf<T, B>>) -> Result<Tensor<Buf<T, B>>> {
+    let mut out = b.tensor(t.rows, t.cols)?;
+    b.copy(t.input(), out.output())?;
+    Ok(out)
+}
+
 /// Training draws dropout masks and latent noise from (seed, step) and updates BatchNorm's
 /// running statistics; validation samples the latent like training but uses the running
 /// statistics and no dropout (scvi-tools' validation ELBO); evaluation is deterministic (the

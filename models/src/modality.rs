@@ -10,7 +10,7 @@ use tessera_kernels::ops::linear::{CountTransform, CsrRef};
 use tessera_kernels::params::Layout;
 use tessera_kernels::Real;
 
-use crate::layers::{Buf, Dense, DenseActs, DenseSpec, Input, InputGrad, Mlp, MlpSpec, Mode, Slots, Weights};
+use crate::layers::{copy_of, Buf, Dense, DenseActs, DenseSpec, Input, InputGrad, Mlp, MlpSpec, Mode, Slots, Weights};
 
 /// The observation model of a modality.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,16 +226,14 @@ pub(crate) struct CycleActs<S> {
     hidden: Vec<DenseActs<S>>,
     main: DenseActs<S>,
     mixing: Option<DenseActs<S>>,
+    /// ρ = softmax(s) of library-scaled expression.
+    softmax: Option<Tensor<S>>,
+    /// The mixture's softplus(s) and softplus(π).
+    softplus: Option<(Tensor<S>, Tensor<S>)>,
     /// x̂ (the mixture: log x̂).
     expected: Tensor<S>,
     log1p: Tensor<S>,
     library: f64,
-}
-
-fn copy_tensor<T: Real, B: Backend<T>>(b: &B, t: &Tensor<Buf<T, B>>) -> Result<Tensor<Buf<T, B>>> {
-    let mut out = b.tensor(t.rows, t.cols)?;
-    b.copy(t.input(), out.output())?;
-    Ok(out)
 }
 
 /// z + covariates → hidden layers → likelihood parameters of one modality.
@@ -578,35 +576,38 @@ impl Decoder {
         let hidden = self.hidden.forward(b, p, state, &Input::Dense(z), Some(&cov), mode)?;
         let h = Input::Dense(Mlp::output(&hidden));
         let main = self.heads.main.forward(b, p, state, &h, None, mode)?;
-        let mut mixing = None;
+        let (mut mixing, mut softmax, mut softplus) = (None, None, None);
         let mut expected = b.tensor(n, g)?;
         let mut log1p = b.tensor(n, g)?;
         match kind {
             LikelihoodKind::NbMixture => {
                 // log x̂ = log_back + softplus(s) − softplus(π); log(1 + x̂) = softplus(log x̂).
                 let mut lx = self.log_background(b, p, onehot.as_ref().expect("the mixture reads the batch one-hot"))?;
-                let mut term = b.tensor(n, g)?;
-                b.activation_forward(Activation::Softplus, main.output().input(), term.output())?;
-                b.axpy(T::one(), term.input(), lx.output())?;
+                let (mut sp_s, mut sp_pi) = (b.tensor(n, g)?, b.tensor(n, g)?);
+                b.activation_forward(Activation::Softplus, main.output().input(), sp_s.output())?;
+                b.axpy(T::one(), sp_s.input(), lx.output())?;
                 let pi = self.heads.mixing.as_ref().expect("the mixture's mixing head").forward(b, p, state, &h, None, mode)?;
-                b.activation_forward(Activation::Softplus, pi.output().input(), term.output())?;
-                b.axpy(T::zero() - T::one(), term.input(), lx.output())?;
+                b.activation_forward(Activation::Softplus, pi.output().input(), sp_pi.output())?;
+                b.axpy(T::zero() - T::one(), sp_pi.input(), lx.output())?;
                 b.activation_forward(Activation::Softplus, lx.input(), log1p.output())?;
                 expected = lx;
                 mixing = Some(pi);
+                softplus = Some((sp_s, sp_pi));
             }
             LikelihoodKind::Bernoulli => {
                 b.activation_forward(Activation::Sigmoid, main.output().input(), expected.output())?;
                 b.activation_forward(Activation::Log1p, expected.input(), log1p.output())?;
             }
             _ => {
-                b.softmax_forward(main.output().input(), g, expected.output())?;
-                b.scale(expected.output(), T::of(library))?;
+                let mut rho = b.tensor(n, g)?;
+                b.softmax_forward(main.output().input(), g, rho.output())?;
+                b.scale_rows(rho.input(), In::all(&b.upload(&vec![T::of(library); n])?), expected.output())?;
                 b.activation_forward(Activation::Log1p, expected.input(), log1p.output())?;
+                softmax = Some(rho);
             }
         }
-        let out = copy_tensor(b, &log1p)?;
-        Ok((out, CycleActs { cov, onehot, hidden, main, mixing, expected, log1p, library }))
+        let out = copy_of(b, &log1p)?;
+        Ok((out, CycleActs { cov, onehot, hidden, main, mixing, softmax, softplus, expected, log1p, library }))
     }
 
     /// The cycle pass' gradients: parameters (overwritten), and d/dz from d/d log(1 + x̂).
@@ -621,15 +622,13 @@ impl Decoder {
         b.activation_backward(inner, a.expected.input(), a.log1p.input(), dlog1p.input(), dexpected.output())?;
         match self.spec.likelihood {
             LikelihoodKind::NbMixture => {
+                let (sp_s, sp_pi) = a.softplus.as_ref().expect("the mixture keeps its softplus terms");
                 let mut ds = b.tensor(n, g)?;
-                let mut softplus = b.tensor(n, g)?;
-                b.activation_forward(Activation::Softplus, a.main.output().input(), softplus.output())?;
-                b.activation_backward(Activation::Softplus, a.main.output().input(), softplus.input(), dexpected.input(), ds.output())?;
+                b.activation_backward(Activation::Softplus, a.main.output().input(), sp_s.input(), dexpected.input(), ds.output())?;
                 self.heads.main.backward(b, p, grads, &h, None, &a.main, ds, mode, InputGrad::Write(&mut dh))?;
                 let mixing = a.mixing.as_ref().expect("the mixture's mixing head");
                 let mut dpi = b.tensor(n, g)?;
-                b.activation_forward(Activation::Softplus, mixing.output().input(), softplus.output())?;
-                b.activation_backward(Activation::Softplus, mixing.output().input(), softplus.input(), dexpected.input(), dpi.output())?;
+                b.activation_backward(Activation::Softplus, mixing.output().input(), sp_pi.input(), dexpected.input(), dpi.output())?;
                 b.scale(dpi.output(), T::zero() - T::one())?;
                 self.heads.mixing.as_ref().expect("the mixture's mixing head").backward(b, p, grads, &h, None, mixing, dpi, mode, InputGrad::Add(&mut dh))?;
                 let onehot = a.onehot.as_ref().expect("the mixture reads the batch one-hot");
@@ -642,10 +641,8 @@ impl Decoder {
             }
             _ => {
                 b.scale(dexpected.output(), T::of(a.library))?;
-                let mut rho = copy_tensor(b, &a.expected)?;
-                b.scale(rho.output(), T::of(1.0 / a.library))?;
                 let mut ds = b.tensor(n, g)?;
-                b.softmax_backward(rho.input(), dexpected.input(), g, ds.output())?;
+                b.softmax_backward(a.softmax.as_ref().expect("library-scaled expression keeps its softmax").input(), dexpected.input(), g, ds.output())?;
                 self.heads.main.backward(b, p, grads, &h, None, &a.main, ds, mode, InputGrad::Write(&mut dh))?;
             }
         }

@@ -25,7 +25,7 @@ use tessera_kernels::Real;
 
 use crate::heads::{HeadActs, Heads, HeadsSpec};
 pub use crate::heads::{Supervision, Survival};
-use crate::layers::{Buf, Mode, Slots, Weights};
+use crate::layers::{copy_of, Buf, Mode, Slots, Weights};
 use crate::modality::{CycleActs, Decoder, DecoderActs, Encoder, EncoderActs, Shape};
 pub use crate::modality::{Dispersion, LikelihoodKind, ModalitySpec};
 
@@ -423,12 +423,6 @@ fn add_into<T: Real, B: Backend<T>>(b: &B, acc: &mut Option<Tensor<B::Buf>>, x: 
         }
         (Some(_), None) => Ok(()),
     }
-}
-
-fn copy_of<T: Real, B: Backend<T>>(b: &B, t: &Tensor<B::Buf>) -> Result<Tensor<B::Buf>> {
-    let mut out = b.tensor(t.rows, t.cols)?;
-    b.copy(t.input(), out.output())?;
-    Ok(out)
 }
 
 impl<T: Real, B: Backend<T>> Vae<T, B> {
