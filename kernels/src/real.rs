@@ -15,6 +15,11 @@ pub trait Real: Float + Send + Sync + std::fmt::Debug + std::iter::Sum + 'static
             *d = s.ln();
         }
     }
+
+    /// v[i] = exp(v[i]) for a whole slice (softmax rows); f32 overrides it like `ln_to`.
+    fn exp_in_place(values: &mut [Self]) {
+        values.iter_mut().for_each(|v| *v = v.exp());
+    }
 }
 
 impl Real for f32 {
@@ -53,6 +58,51 @@ impl Real for f32 {
                 if !(f32::MIN_POSITIVE..f32::INFINITY).contains(&x) {
                     *d = x.ln();
                 }
+            }
+        }
+    }
+
+    fn exp_in_place(values: &mut [f32]) {
+        // Chunks keep their inputs on the stack for the redo.
+        const CHUNK: usize = 256;
+        let mut kept = [0f32; CHUNK];
+        for chunk in values.chunks_mut(CHUNK) {
+            let kept = &mut kept[..chunk.len()];
+            kept.copy_from_slice(chunk);
+            exp_f32(kept, chunk);
+        }
+    }
+}
+
+/// Cephes' expf (n = round(x log2 e) by the 1.5·2^23 trick, which needs no SSE4.1 round;
+/// x - n ln2 in two parts; degree-5 polynomial; 2^n by exponent bits): within 2 ulp over the
+/// normal range, branch-free. Inputs outside [-87.3, 87] (results near or beyond the float
+/// range) and NaN are redone with the standard library.
+fn exp_f32(src: &[f32], dst: &mut [f32]) {
+    const LO: f32 = -87.33;
+    const HI: f32 = 88.0;
+    const SHIFTER: f32 = 12_582_912.0; // 1.5 · 2^23
+    let mut unusual = false;
+    for (d, &x) in dst.iter_mut().zip(src) {
+        let xc = x.clamp(LO, HI);
+        let shifted = xc * std::f32::consts::LOG2_E + SHIFTER;
+        let n = shifted - SHIFTER;
+        let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
+        let mut y = 1.987_569_1e-4f32;
+        for c in [1.398_199_9e-3f32, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+            y = y * r + c;
+        }
+        y = y * r * r + r + 1.0;
+        // n ∈ [-126, 127] sits in the low mantissa bits of `shifted` (two's complement): 2^n
+        // by its exponent field, in integer lanes (a float-to-int cast would not vectorise).
+        let scale = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);
+        *d = y * scale;
+        unusual |= !(LO..=87.0).contains(&x);
+    }
+    if unusual {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            if !(LO..=87.0).contains(&x) {
+                *d = x.exp();
             }
         }
     }
@@ -106,8 +156,23 @@ pub const SMALL_COUNT: f64 = 32.0;
 /// they are ln(Π_{k<n} (θ+k) / n!) and Σ_{k<n} 1/(θ+k): one logarithm instead of the eight of
 /// three lnΓ and two ψ. Exactly 0 at x = 0. The CUDA kernel mirrors this.
 pub fn count_gamma_terms(x: f64, theta: f64) -> (f64, f64) {
+    match count_gamma_parts(x, theta) {
+        CountTerms::Product { ratio, dg } => (ratio.ln(), dg),
+        CountTerms::Exact { lg, dg } => (lg, dg),
+    }
+}
+
+/// [`count_gamma_terms`] before its one logarithm, so a row's logarithms run in SIMD lanes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CountTerms {
+    /// lg = ln(ratio).
+    Product { ratio: f64, dg: f64 },
+    Exact { lg: f64, dg: f64 },
+}
+
+pub fn count_gamma_parts(x: f64, theta: f64) -> CountTerms {
     if x == 0.0 {
-        return (0.0, 0.0);
+        return CountTerms::Exact { lg: 0.0, dg: 0.0 };
     }
     if x <= SMALL_COUNT && x.fract() == 0.0 && theta < 1e8 {
         // P(θ) = Π_{k<n} (θ+k) with its derivative P' carried along: ψ terms = P'/P, so the
@@ -119,9 +184,33 @@ pub fn count_gamma_terms(x: f64, theta: f64) -> (f64, f64) {
             p *= tk;
             factorial *= k as f64 + 1.0;
         }
-        return ((p / factorial).ln(), dp / p);
+        return CountTerms::Product { ratio: p / factorial, dg: dp / p };
     }
-    (lgamma(x + theta) - lgamma(theta) - lgamma(x + 1.0), digamma(x + theta) - digamma(theta))
+    CountTerms::Exact { lg: lgamma(x + theta) - lgamma(theta) - lgamma(x + 1.0), dg: digamma(x + theta) - digamma(theta) }
+}
+
+/// Σ v in a fixed order that vectorises: 16 interleaved partial sums, then combined pairwise.
+/// (A left-to-right sum is one long dependency chain of additions.)
+pub fn lane_sum<T: Real>(v: &[T]) -> T {
+    const LANES: usize = 16;
+    let mut acc = [T::zero(); LANES];
+    let mut blocks = v.chunks_exact(LANES);
+    for block in &mut blocks {
+        for (a, &x) in acc.iter_mut().zip(block) {
+            *a = *a + x;
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(blocks.remainder()) {
+        *a = *a + x;
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            acc[i] = acc[i] + acc[i + width];
+        }
+    }
+    acc[0]
 }
 
 /// log(1 + exp(x)) without overflow.
@@ -162,6 +251,24 @@ mod ln_tests {
         assert_eq!(out[2], f32::INFINITY);
         assert_eq!(out[4], 1e-40f32.ln());
         assert_eq!(out[5], 0.0);
+    }
+
+    #[test]
+    fn vectorised_expf_is_within_two_ulp() {
+        let xs: Vec<f32> = (0..200_001).map(|i| -87.0 + 174.0 * i as f32 / 200_000.0).collect();
+        let mut ys = xs.clone();
+        f32::exp_in_place(&mut ys);
+        for (&x, &y) in xs.iter().zip(&ys) {
+            let exact = f64::from(x).exp();
+            let ulp = f64::from(f32::from_bits((exact as f32).to_bits() + 1) - exact as f32);
+            assert!((f64::from(y) - exact).abs() <= 2.0 * ulp, "exp({x}) = {y}, exact {exact}");
+        }
+        let special = [f32::NEG_INFINITY, -100.0, -87.5, 0.0, 88.0, 89.0, f32::INFINITY, f32::NAN];
+        let mut out = special;
+        f32::exp_in_place(&mut out);
+        assert_eq!(out[..7], special[..7].iter().map(|x| x.exp()).collect::<Vec<_>>()[..]);
+        assert!(out[7].is_nan());
+        assert_eq!(out[3], 1.0);
     }
 }
 

@@ -330,8 +330,8 @@ impl Decoder {
                 dense[r * g + counts.indices[k] as usize] = if kind == LikelihoodKind::Bernoulli && v > T::zero() { T::one() } else { v };
             }
         }
-        let x = Tensor { buf: b.upload(&dense)?, rows: n, cols: g };
-        let library = Tensor { buf: b.upload(&library)?, rows: n, cols: 1 };
+        let x = Tensor { buf: b.upload_vec(dense)?, rows: n, cols: g };
+        let library = Tensor { buf: b.upload_vec(library)?, rows: n, cols: 1 };
         let (cov, batch_onehot) = self.covariates(b, covariates, n)?;
 
         let hidden = self.hidden.forward(b, p, state, &Input::Dense(z), Some(&cov), mode)?;

@@ -117,6 +117,10 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
 
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
     fn upload(&self, host: &[T]) -> Result<Self::Buf>;
+    /// [`Backend::upload`] of a vector the caller gives up (the CPU keeps it without a copy).
+    fn upload_vec(&self, host: Vec<T>) -> Result<Self::Buf> {
+        self.upload(&host)
+    }
     fn download(&self, x: In<'_, Self::Buf>) -> Result<Vec<T>>;
     fn copy(&self, x: In<'_, Self::Buf>, y: Out<'_, Self::Buf>) -> Result<()>;
     /// y += alpha x (gradients of a tensor read by several consumers).

@@ -37,8 +37,13 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// The uniform in [0, 1) of element `i` of stream `stream` under `seed` (24-bit resolution,
 /// exactly representable in f32 on both backends).
 pub fn uniform(seed: u64, stream: u64, i: u64) -> f32 {
-    let words = philox4x32_10([(i / 4) as u32, ((i / 4) >> 32) as u32, stream as u32, (stream >> 32) as u32], [seed as u32, (seed >> 32) as u32]);
-    (words[(i % 4) as usize] >> 8) as f32 * (1.0 / 16_777_216.0)
+    uniform4(seed, stream, i / 4)[(i % 4) as usize]
+}
+
+/// The uniforms of elements 4q..4q+4: one Philox call yields all four.
+fn uniform4(seed: u64, stream: u64, q: u64) -> [f32; 4] {
+    let words = philox4x32_10([q as u32, (q >> 32) as u32, stream as u32, (stream >> 32) as u32], [seed as u32, (seed >> 32) as u32]);
+    words.map(|w| (w >> 8) as f32 * (1.0 / 16_777_216.0))
 }
 
 /// The standard normal of element `i` of stream `stream` under `seed` (Box-Muller on uniforms
@@ -60,7 +65,11 @@ pub fn dropout_forward<T: Real>(x: &[T], p: f32, seed: u64, stream: u64, y: &mut
     assert!((0.0..1.0).contains(&p), "dropout probability must be in [0, 1)");
     assert_eq!(x.len(), y.len(), "dropout: lengths");
     let scale = T::of(1.0 / (1.0 - f64::from(p)));
-    y.par_iter_mut().enumerate().for_each(|(i, y)| *y = if uniform(seed, stream, i as u64) >= p { x[i] * scale } else { T::zero() });
+    y.par_chunks_mut(4).zip(x.par_chunks(4)).enumerate().with_min_len(256).for_each(|(q, (y, x))| {
+        for ((y, &x), u) in y.iter_mut().zip(x).zip(uniform4(seed, stream, q as u64)) {
+            *y = if u >= p { x * scale } else { T::zero() };
+        }
+    });
 }
 
 /// dx = dy ⊙ mask / (1 - p), regenerating the same mask.

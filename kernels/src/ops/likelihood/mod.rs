@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use crate::real::{Real, count_gamma_terms, lgamma, sigmoid, softplus};
+use crate::real::{CountTerms, Real, count_gamma_parts, count_gamma_terms, lane_sum, lgamma, sigmoid, softplus};
 
 pub const CUDA_SOURCE: &str = include_str!("likelihood.cu");
 
@@ -160,8 +160,8 @@ impl Likelihood {
 }
 
 /// The negative binomial of [`Likelihood::entry`] a row at a time, arranged for SIMD (the
-/// scVI hot path): the row's logarithms in two slice calls, the arithmetic in one
-/// branch-free pass, and the count terms only at the non-zero counts. A shared (per-gene) θ
+/// scVI hot path): the row's logarithms in slice calls, the arithmetic in one branch-free pass,
+/// and ln(μ+ε) and the count terms only at the non-zero counts. A shared (per-gene) θ
 /// has its ln θ and θ/(θ+ε) computed once for all rows.
 #[allow(clippy::too_many_arguments)] // the likelihood's inputs and its two gradients
 fn nb_rows<T: Real>(x: &[T], features: usize, mu: &[T], theta: &[T], weights: Option<&[T]>, ll: &mut [T], dmu: &mut [T], dtheta: &mut [T]) {
@@ -181,42 +181,82 @@ fn nb_rows<T: Real>(x: &[T], features: usize, mu: &[T], theta: &[T], weights: Op
     if shared {
         gene_terms(theta, &mut lt_shared, &mut ratio_shared);
     }
-    let scratch = || [(); 6].map(|_| vec![T::zero(); features]);
-    ll.par_iter_mut().zip(dmu.par_chunks_mut(features).zip(dtheta.par_chunks_mut(features))).enumerate().for_each_init(scratch, |[a, b, lmu, ltm, lt_row, ratio_row], (r, (ll, (dmu, dtheta)))| {
-        let span = r * features..(r + 1) * features;
-        let (x, mu) = (&x[span.clone()], &mu[span.clone()]);
-        let theta = if shared { theta } else { &theta[span] };
-        let (lt, ratio): (&[T], &[T]) = if shared {
-            (&lt_shared, &ratio_shared)
-        } else {
-            gene_terms(theta, lt_row, ratio_row);
-            (lt_row, ratio_row)
-        };
-        for (((a, b), &m), &t) in a.iter_mut().zip(b.iter_mut()).zip(mu).zip(theta) {
-            *a = m + eps;
-            *b = t + m + eps;
-        }
-        T::ln_to(a, lmu);
-        T::ln_to(b, ltm);
-        let w = weights.map_or(T::one(), |w| w[r]);
-        // a ← the entry's log-likelihood without the count terms (summed after, in order).
-        for f in 0..features {
-            let (xv, m, t) = (x[f], mu[f], theta[f]);
-            let inv = T::one() / b[f];
-            let d = lt[f] - ltm[f];
-            a[f] = t * d + xv * (lmu[f] - ltm[f]);
-            dmu[f] = w * (xv / (m + eps) - (t + xv) * inv);
-            dtheta[f] = w * (d + ratio[f] - (t + xv) * inv);
-        }
-        for f in 0..features {
-            if x[f] != T::zero() {
-                let (lg, dg) = count_gamma_terms(x[f].f64(), theta[f].f64());
-                a[f] = a[f] + T::of(lg);
-                dtheta[f] = dtheta[f] + w * T::of(dg);
+    ll.par_iter_mut().zip(dmu.par_chunks_mut(features).zip(dtheta.par_chunks_mut(features))).enumerate().for_each_init(
+        || NbScratch::new(features),
+        |s, (r, (ll, (dmu, dtheta)))| {
+            let span = r * features..(r + 1) * features;
+            let (x, mu) = (&x[span.clone()], &mu[span.clone()]);
+            let theta = if shared { theta } else { &theta[span] };
+            let (lt, ratio): (&[T], &[T]) = if shared {
+                (&lt_shared, &ratio_shared)
+            } else {
+                gene_terms(theta, &mut s.lt_row, &mut s.ratio_row);
+                (&s.lt_row, &s.ratio_row)
+            };
+            for ((b, &m), &t) in s.b.iter_mut().zip(mu).zip(theta) {
+                *b = t + m + eps;
             }
-        }
-        *ll = a.iter().copied().sum();
-    });
+            T::ln_to(&s.b, &mut s.ltm);
+            let w = weights.map_or(T::one(), |w| w[r]);
+            // a ← each entry's terms that do not vanish at x = 0 (every entry pays these). Every
+            // slice cut to the row's length, so the loop has no bounds checks and vectorises.
+            let n = features;
+            let (x, mu, theta, lt, ratio, b, ltm, a) = (&x[..n], &mu[..n], &theta[..n], &lt[..n], &ratio[..n], &s.b[..n], &s.ltm[..n], &mut s.a[..n]);
+            let (dmu, dtheta) = (&mut dmu[..n], &mut dtheta[..n]);
+            for f in 0..n {
+                let (xv, m, t) = (x[f], mu[f], theta[f]);
+                let inv = T::one() / b[f];
+                let d = lt[f] - ltm[f];
+                a[f] = t * d;
+                dmu[f] = w * (xv / (m + eps) - (t + xv) * inv);
+                dtheta[f] = w * (d + ratio[f] - (t + xv) * inv);
+            }
+            // The non-zero counts (a minority): x ln(μ+ε) - x ln(θ+μ+ε) and the count terms,
+            // their logarithms taken together.
+            s.non_zero.clear();
+            s.non_zero.extend((0..features).filter(|&f| x[f] != T::zero()));
+            let k = s.non_zero.len();
+            for (j, &f) in s.non_zero.iter().enumerate() {
+                s.mu_nz[j] = mu[f] + eps;
+                (s.count_arg[j], s.count_add[j], s.count_dg[j]) = match count_gamma_parts(x[f].f64(), theta[f].f64()) {
+                    CountTerms::Product { ratio, dg } if T::of(ratio).is_normal() => (T::of(ratio), T::zero(), T::of(dg)),
+                    CountTerms::Product { ratio, dg } => (T::one(), T::of(ratio.ln()), T::of(dg)),
+                    CountTerms::Exact { lg, dg } => (T::one(), T::of(lg), T::of(dg)),
+                };
+            }
+            T::ln_to(&s.mu_nz[..k], &mut s.ln_mu_nz[..k]);
+            T::ln_to(&s.count_arg[..k], &mut s.ln_count_arg[..k]);
+            for (j, &f) in s.non_zero.iter().enumerate() {
+                s.a[f] = s.a[f] + x[f] * (s.ln_mu_nz[j] - s.ltm[f]);
+                s.a[f] = s.a[f] + (s.ln_count_arg[j] + s.count_add[j]);
+                dtheta[f] = dtheta[f] + w * s.count_dg[j];
+            }
+            *ll = lane_sum(&s.a);
+        },
+    );
+}
+
+/// Per-thread buffers of [`nb_rows`], one row long.
+struct NbScratch<T> {
+    a: Vec<T>,
+    b: Vec<T>,
+    ltm: Vec<T>,
+    lt_row: Vec<T>,
+    ratio_row: Vec<T>,
+    non_zero: Vec<usize>,
+    mu_nz: Vec<T>,
+    ln_mu_nz: Vec<T>,
+    count_arg: Vec<T>,
+    ln_count_arg: Vec<T>,
+    count_add: Vec<T>,
+    count_dg: Vec<T>,
+}
+
+impl<T: Real> NbScratch<T> {
+    fn new(features: usize) -> Self {
+        let row = || vec![T::zero(); features];
+        NbScratch { a: row(), b: row(), ltm: row(), lt_row: row(), ratio_row: row(), non_zero: Vec::with_capacity(features), mu_nz: row(), ln_mu_nz: row(), count_arg: row(), ln_count_arg: row(), count_add: row(), count_dg: row() }
+    }
 }
 
 /// totalVI's protein likelihood: log(σ(π) NB(x; μ_back, θ) + (1 - σ(π)) NB(x; μ_fore, θ)) per

@@ -103,11 +103,12 @@ impl CountTransform {
 }
 
 impl CountTransform {
-    pub(crate) fn apply<T: Real>(self, x: T, library: T) -> T {
+    /// The a of log(1 + a).
+    fn argument<T: Real>(self, x: T, library: T) -> T {
         match self {
-            CountTransform::Log1p => x.ln_1p(),
+            CountTransform::Log1p => x,
             CountTransform::NormalizedLog1p { scale } => {
-                if library > T::zero() { (x / library * T::of(f64::from(scale))).ln_1p() } else { T::zero() }
+                if library > T::zero() { x / library * T::of(f64::from(scale)) } else { T::zero() }
             }
         }
     }
@@ -138,13 +139,24 @@ impl<T: Real> CsrRef<'_, T> {
 /// The transformed non-zeros t(X) in CSR order (the values both passes of the layer multiply).
 pub fn transformed_values<T: Real>(x: CsrRef<'_, T>, transform: CountTransform) -> Vec<T> {
     x.check();
-    let mut values = Vec::with_capacity(x.data.len());
+    // The log1p arguments first, then their logarithms as one slice (SIMD lanes): ln(1 + a) is
+    // as accurate as log1p where 1 + a keeps a's digits (a ≥ 1/2, every count); smaller
+    // arguments are redone with log1p.
+    let mut args = Vec::with_capacity(x.data.len());
     for r in 0..x.rows {
         let library = match transform {
             CountTransform::Log1p => T::zero(), // unused: only the normalised transform needs it
             CountTransform::NormalizedLog1p { .. } => x.library(r),
         };
-        values.extend(x.data[x.indptr[r] as usize..x.indptr[r + 1] as usize].iter().map(|&v| transform.apply(v, library)));
+        args.extend(x.data[x.indptr[r] as usize..x.indptr[r + 1] as usize].iter().map(|&v| transform.argument(v, library)));
+    }
+    let one_plus: Vec<T> = args.iter().map(|&a| T::one() + a).collect();
+    let mut values = vec![T::zero(); args.len()];
+    T::ln_to(&one_plus, &mut values);
+    for (v, &a) in values.iter_mut().zip(&args) {
+        if a < T::of(0.5) {
+            *v = a.ln_1p();
+        }
     }
     values
 }
@@ -230,6 +242,27 @@ mod tests {
     }
 
     #[test]
+    fn f32_transformed_values_match_log1p_in_f64() {
+        // Integer counts, then a library-normalised row whose arguments span 1e-7 to 1e4 (both
+        // sides of the 1/2 switch between ln(1 + a) and log1p).
+        let data: Vec<f32> = (1..=300).map(|v| v as f32).chain((0..40).map(|i| 10f32.powf(-3.0 + 0.2 * i as f32))).collect();
+        let indptr = [0u64, 300, 340];
+        let indices: Vec<u32> = (0..300).chain(0..40).collect();
+        let x = CsrRef { rows: 2, cols: 300, indptr: &indptr, indices: &indices, data: &data };
+        for transform in [CountTransform::Log1p, CountTransform::NormalizedLog1p { scale: 1e4 }] {
+            let got = transformed_values(x, transform);
+            for r in 0..2 {
+                let span = indptr[r] as usize..indptr[r + 1] as usize;
+                let library: f64 = data[span.clone()].iter().map(|&v| f64::from(v)).sum();
+                for k in span {
+                    let want = transform.argument(f64::from(data[k]), library).ln_1p();
+                    assert!((f64::from(got[k]) - want).abs() <= 3e-7 * want.abs().max(1e-30), "{transform:?} entry {k}: {} vs {want}", got[k]);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn gemm_transposes_match_naive() {
         // Small (one block) and above the parallel threshold (blocks of rows on 3 threads).
         for (m, k, n) in [(5, 7, 3), (67, 70, 60)] {
@@ -307,7 +340,7 @@ mod tests {
                 for r in 0..rows {
                     let lib: f64 = data[indptr[r] as usize..indptr[r + 1] as usize].iter().sum();
                     for k in indptr[r] as usize..indptr[r + 1] as usize {
-                        dense[r * cols + indices[k] as usize] = transform.apply(data[k], lib);
+                        dense[r * cols + indices[k] as usize] = transform.argument(data[k], lib).ln_1p();
                     }
                 }
                 let mut y_dense = vec![0.0; rows * d_out];

@@ -15,11 +15,11 @@ pub fn softmax_forward<T: Real>(x: &[T], features: usize, y: &mut [T]) {
     assert!(features > 0 && x.len() == y.len() && x.len().is_multiple_of(features), "softmax: shapes");
     y.par_chunks_mut(features).zip(x.par_chunks(features)).for_each(|(y, x)| {
         let max = x.iter().copied().fold(T::neg_infinity(), T::max);
-        let mut sum = T::zero();
         for (y, &x) in y.iter_mut().zip(x) {
-            *y = (x - max).exp();
-            sum = sum + *y;
+            *y = x - max;
         }
+        T::exp_in_place(y);
+        let sum: T = y.iter().copied().sum();
         y.iter_mut().for_each(|v| *v = *v / sum);
     });
 }
