@@ -34,21 +34,42 @@ const PARALLEL_GEMM_MACS: usize = 1 << 18;
 macro_rules! impl_gemm {
     ($t:ty, $f:path) => {
         impl Gemm for $t {
-            /// Parallel over blocks of C's rows on the rayon pool (one pool for every op: a second
-            /// pool inside matrixmultiply would fight it for the cores). Each element of C is
-            /// still one call's dot product over all of k, so results do not depend on the
-            /// split.
+            /// Parallel on the rayon pool (one pool for every op: a second pool inside
+            /// matrixmultiply would fight it for the cores), over blocks of C's rows or, when C
+            /// is wider than tall (the decoder's genes), of its columns: then each thread packs
+            /// only its own part of the large B instead of all of it. Each element of C is still
+            /// one call's dot product over all of k, so results do not depend on the split.
             #[allow(unsafe_code)]
             fn gemm(ta: bool, tb: bool, m: usize, k: usize, n: usize, alpha: $t, a: &[$t], b: &[$t], beta: $t, c: &mut [$t]) {
                 assert!(a.len() == m * k && b.len() == k * n && c.len() == m * n, "gemm: buffer sizes do not match {m}x{k} * {k}x{n}");
                 let (rsa, csa) = strides(ta, if ta { m } else { k });
                 let (rsb, csb) = strides(tb, if tb { k } else { n });
                 let threads = rayon::current_num_threads();
-                let rows_per = if m * k * n < PARALLEL_GEMM_MACS || threads == 1 || m < 2 { m.max(1) } else { m.div_ceil(threads) };
+                if m * k * n < PARALLEL_GEMM_MACS || threads == 1 || m.max(n) < 2 {
+                    // SAFETY: the assert above bounds every index of the product inside a, b, c.
+                    unsafe { $f(m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize, 1) };
+                    return;
+                }
+                if n > m {
+                    // Column blocks, a multiple of 64 wide (whole SIMD panels).
+                    let width = n.div_ceil(threads).next_multiple_of(64).min(n);
+                    let c_at = c.as_mut_ptr() as usize;
+                    (0..n.div_ceil(width)).into_par_iter().for_each(|block| {
+                        let first = block * width;
+                        let cols = width.min(n - first);
+                        // SAFETY: the assert bounds the full product; this block reads op(B)'s
+                        // columns first..first+cols and writes only C's columns
+                        // first..first+cols of every row (row stride n), which no other block
+                        // writes, while `c` stays mutably borrowed by this call.
+                        unsafe { $f(m, k, cols, alpha, a.as_ptr(), rsa, csa, b.as_ptr().offset(first as isize * csb), rsb, csb, beta, (c_at as *mut $t).add(first), n as isize, 1) }
+                    });
+                    return;
+                }
+                let rows_per = m.div_ceil(threads);
                 c.par_chunks_mut(rows_per * n.max(1)).enumerate().for_each(|(block, c)| {
                     let first = block * rows_per;
                     let rows = c.len() / n.max(1);
-                    // SAFETY: the asserts above bound every index of the full product inside a,
+                    // SAFETY: the assert above bounds every index of the full product inside a,
                     // b and c; this block reads op(A)'s rows first..first+rows (offset
                     // first·rsa with the full matrix's strides) and writes exactly its own
                     // chunk of c, which no other block touches.
@@ -264,8 +285,9 @@ mod tests {
 
     #[test]
     fn gemm_transposes_match_naive() {
-        // Small (one block) and above the parallel threshold (blocks of rows on 3 threads).
-        for (m, k, n) in [(5, 7, 3), (67, 70, 60)] {
+        // Small (one block) and above the parallel threshold: blocks of rows, and blocks of
+        // columns (wider than tall, uneven last block) on 3 threads.
+        for (m, k, n) in [(5, 7, 3), (67, 70, 60), (40, 50, 300)] {
             rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(|| gemm_case(m, k, n));
         }
     }
