@@ -210,7 +210,7 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     let epochs = tc.epochs(n_obs);
     let resolved = serde_json::json!({ "data": opts.data, "modalities": model_shapes(&trainer.model), "batch_key": opts.batch_key, "label_key": opts.label_key, "n_obs": n_obs, "batch_categories": loader.batch_categories, "label_categories": loader.label_categories, "model": opts.config.model, "train": opts.config.train, "epochs": epochs });
     let checkpoint_dir = opts.out.join("checkpoint");
-    let mut validation = Validation { seed: tc.seed, fraction: tc.validation_fraction, cap: tc.max_validation_cells, cells: HashSet::new(), batches: Vec::new() };
+    let mut validation = Validation { seed: tc.seed, fraction: tc.validation_fraction, cap: tc.max_validation_cells, batch_size: tc.batch_size, cells: HashSet::new(), batches: Vec::new() };
     let mut state = FitState { epochs_done: 0, step: 0, plateau: Plateau::new(tc.lr), best: f64::INFINITY, since_best: 0, n_train: 0, history: Vec::new(), run: resolved.clone() };
     if opts.resume {
         state = checkpoint::load(&checkpoint_dir, &resolved, &mut trainer)?;
@@ -223,10 +223,12 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     let mut stopped_early = false;
     progress(Progress::Start { epochs, cells_per_epoch: n_obs });
 
+    let mut upcoming = (state.epochs_done < epochs).then(|| loader.epoch(state.epochs_done as u64));
     for epoch in state.epochs_done..epochs {
         let started = Instant::now();
         let mut sums = Sums::default();
-        for mb in loader.epoch(epoch as u64) {
+        let batches = upcoming.take().unwrap_or_else(|| loader.epoch(epoch as u64));
+        for mb in batches {
             let mb = mb?;
             let train_rows = validation.split(&mb, epoch, &inputs);
             // BatchNorm needs two cells; a lone leftover cell waits for the next epoch's order.
@@ -240,6 +242,11 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
         }
         if epoch == 0 {
             state.n_train = sums.cells as u64;
+        }
+        // The next epoch's first fetch is read while this one validates and records: otherwise
+        // every epoch would open by waiting for it.
+        if epoch + 1 < epochs {
+            upcoming = Some(loader.epoch(epoch as u64 + 1));
         }
         let kl_weight = trainer.config.kl_weight(epoch);
         let validation_terms = if validation.batches.is_empty() {
@@ -440,6 +447,9 @@ struct Validation {
     seed: u64,
     fraction: f64,
     cap: usize,
+    /// Held-out cells are pooled into batches of the training size: a tenth of each training
+    /// batch on its own made the validation pass cost as much per cell as training.
+    batch_size: usize,
     cells: HashSet<u64>,
     batches: Vec<Converted>,
 }
@@ -455,7 +465,11 @@ impl Validation {
         }
         if epoch == 0 && !held.is_empty() {
             self.cells.extend(held.iter().map(|&r| mb.cells[r]));
-            self.batches.push(Converted::new(mb, inputs, &held));
+            let part = Converted::new(mb, inputs, &held);
+            match self.batches.last_mut() {
+                Some(last) if last.rows + part.rows <= self.batch_size => last.append(part),
+                _ => self.batches.push(part),
+            }
         }
         train
     }
@@ -513,6 +527,29 @@ struct Converted {
 }
 
 impl Converted {
+    /// `other`'s cells after this batch's.
+    fn append(&mut self, other: Converted) {
+        let (mine, theirs) = (self.rows, other.rows);
+        for ((_, csr, present), (_, more, more_present)) in self.counts.iter_mut().zip(other.counts) {
+            if present.is_some() || more_present.is_some() {
+                let mut merged = present.take().unwrap_or_else(|| vec![true; mine]);
+                merged.extend(more_present.unwrap_or_else(|| vec![true; theirs]));
+                *present = Some(merged);
+            }
+            let offset = csr.indices.len() as u64;
+            csr.indptr.extend(more.indptr[1..].iter().map(|&p| p + offset));
+            csr.indices.extend(more.indices);
+            csr.data.extend(more.data);
+            csr.n_rows += more.n_rows;
+        }
+        self.rows += theirs;
+        self.covariates.extend(other.covariates);
+        self.labels.extend(other.labels);
+        self.targets.extend(other.targets);
+        self.times.extend(other.times);
+        self.events.extend(other.events);
+    }
+
     fn new(mb: &MiniBatch, inputs: &Inputs, rows: &[usize]) -> Converted {
         let n_cov = inputs.n_cov;
         let counts = inputs
