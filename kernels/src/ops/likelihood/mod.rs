@@ -213,8 +213,8 @@ fn nb_rows<T: Real>(x: &[T], features: usize, mu: &[T], theta: &[T], weights: Op
                 dtheta[f] = w * (d + ratio[f] - (t + xv) * inv);
             }
             // The non-zero counts (a minority): x ln(μ+ε) - x ln(θ+μ+ε) and the count terms,
-            // their logarithms taken together.
-            // Branch-free compaction: a branch per entry would mispredict at count densities.
+            // their logarithms taken together. The compaction is branch-free: a branch per
+            // entry would mispredict at count densities.
             let mut k = 0;
             for (f, &v) in x.iter().enumerate() {
                 s.non_zero[k] = f;
