@@ -536,11 +536,7 @@ impl Converted {
                 merged.extend(more_present.unwrap_or_else(|| vec![true; theirs]));
                 *present = Some(merged);
             }
-            let offset = csr.indices.len() as u64;
-            csr.indptr.extend(more.indptr[1..].iter().map(|&p| p + offset));
-            csr.indices.extend(more.indices);
-            csr.data.extend(more.data);
-            csr.n_rows += more.n_rows;
+            csr.append_rows(more);
         }
         self.rows += theirs;
         self.covariates.extend(other.covariates);
