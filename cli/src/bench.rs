@@ -99,14 +99,8 @@ fn step(genes: usize, batch: usize, hidden: usize, nnz: usize, steps: usize, con
     let latent = config.n_latent;
     let n_targets = config.regression_keys.len();
     let mut trainer = Trainer::new(Vae::<f32, Cpu>::new(Cpu, config, &[("rna", genes)], Categories { n_batch, n_cov: n_batch, n_labels }, 0)?, TrainConfig::default())?;
-    // Counts 1-5 at `nnz` genes per cell spread over the genome.
     let nnz = nnz.min(genes);
-    let indptr: Vec<u64> = (0..=batch as u64).map(|r| r * nnz as u64).collect();
-    let mut indices: Vec<u32> = (0..batch).flat_map(|r| (0..nnz).map(move |k| ((k * genes / nnz + r * 7) % genes) as u32)).collect();
-    for row in indices.chunks_mut(nnz) {
-        row.sort_unstable();
-    }
-    let data: Vec<f32> = (0..batch * nnz).map(|i| (1 + i % 5) as f32).collect();
+    let (indptr, indices, data) = synthetic_counts(batch, genes, nnz);
     let covariates: Vec<f32> = (0..batch * n_batch).map(|i| f32::from(u8::from(i % n_batch == (i / n_batch) % n_batch))).collect();
     let modalities = [ModalityCounts { counts: CsrRef { rows: batch, cols: genes, indptr: &indptr, indices: &indices, data: &data }, present: None }];
     let labels: Vec<i32> = (0..batch as i32).map(|r| r % n_labels as i32).collect();
@@ -297,9 +291,20 @@ fn time(repeat: usize, mut f: impl FnMut()) -> f64 {
     )
 }
 
+/// CSR counts 1-5 at `nnz` genes per cell spread over the genome (sorted within a row).
+fn synthetic_counts(cells: usize, genes: usize, nnz: usize) -> (Vec<u64>, Vec<u32>, Vec<f32>) {
+    let indptr: Vec<u64> = (0..=cells as u64).map(|r| r * nnz as u64).collect();
+    let mut indices: Vec<u32> = (0..cells).flat_map(|r| (0..nnz).map(move |k| ((k * genes / nnz + r * 7) % genes) as u32)).collect();
+    for row in indices.chunks_mut(nnz) {
+        row.sort_unstable();
+    }
+    let data: Vec<f32> = (0..cells * nnz).map(|i| (1 + i % 5) as f32).collect();
+    (indptr, indices, data)
+}
+
 fn ops(repeat: usize) -> Result<()> {
-    use tessera_kernels::ops::likelihood::Likelihood;
-    use tessera_kernels::ops::linear::Gemm;
+    use tessera_kernels::ops::likelihood::{self, Likelihood};
+    use tessera_kernels::ops::linear::{self, CsrRef, Gemm};
     let values = |n: usize| -> Vec<f32> { (0..n).map(|i| ((i as f32) * 0.618).sin()).collect() };
     println!("CPU engine ops, {} threads, median of {repeat}", rayon::current_num_threads());
     println!("{:<44} {:>10} {:>10} {:>9} {:>10} {:>10}", "op (shape)", "GFLOP", "MB moved", "ms", "GFLOP/s", "GB/s");
@@ -320,7 +325,24 @@ fn ops(repeat: usize) -> Result<()> {
                 let bytes = 4.0 * (m * k + k * n + m * n) as f64;
                 println!("{:<44} {:>10.3} {:>10.1} {:>9.3} {:>10.1} {:>10.2}", format!("{name} [{m}x{k}]·[{k}x{n}]"), flops / 1e9, bytes / 1e6, seconds * 1e3, flops / seconds / 1e9, bytes / seconds / 1e9);
             }
+            // The encoder's first layer on sparse counts (a fifth of the genes non-zero).
+            let nnz = genes / 5;
+            let (indptr, indices, data) = synthetic_counts(batch, genes, nnz);
+            let counts = CsrRef { rows: batch, cols: genes, indptr: &indptr, indices: &indices, data: &data };
+            let (w, mut y) = (values(genes * hidden), vec![0.0f32; batch * hidden]);
+            let seconds = time(repeat, || linear::sparse_forward_values(counts, &data, &w, hidden, &mut y));
+            let flops = 2.0 * (batch * nnz * hidden) as f64;
+            let bytes = 4.0 * (batch * nnz * (2 + hidden) + batch * hidden) as f64; // each non-zero reads a weight row
+            println!("{:<44} {:>10.3} {:>10.1} {:>9.3} {:>10.1} {:>10.2}", format!("encoder fwd  X·W [{batch}x{genes}, {nnz} nz]·[{genes}x{hidden}]"), flops / 1e9, bytes / 1e6, seconds * 1e3, flops / seconds / 1e9, bytes / seconds / 1e9);
+            // scVI's reconstruction term in one pass: per entry read the logit, write its gradient.
             let n = batch * genes;
+            let logits = values(n);
+            let (library, weights) = (vec![2_000.0f32; batch], vec![-1.0f32; batch]);
+            let theta: Vec<f32> = values(genes).iter().map(|v| (v * 1.5).exp()).collect();
+            let (mut ll, mut dlogits, mut dtheta) = (vec![0.0f32; batch], vec![0.0f32; n], vec![0.0f32; genes]);
+            let seconds = time(repeat, || likelihood::softmax_nb(&logits, &library, counts, &theta, &weights, &mut ll, &mut dlogits, &mut dtheta));
+            let bytes = 8.0 * n as f64;
+            println!("{:<44} {:>10} {:>10.1} {:>9.3} {:>10} {:>10.2}  ({:.0} M entries/s)", format!("scVI NB term (softmax+NB fused) [{batch}x{genes}]"), "-", bytes / 1e6, seconds * 1e3, "-", bytes / seconds / 1e9, n as f64 / seconds / 1e6);
             let x: Vec<f32> = (0..n).map(|i| [0.0, 0.0, 1.0, 3.0, 0.0, 17.0][i % 6]).collect();
             let mu: Vec<f32> = values(n).iter().map(|v| (v * 2.0).exp()).collect();
             let theta: Vec<f32> = values(genes).iter().map(|v| (v * 1.5).exp()).collect();

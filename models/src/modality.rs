@@ -320,18 +320,20 @@ impl Decoder {
         assert_eq!((counts.rows, counts.cols), (n, g), "decoder {:?}: counts shape", self.spec.name);
         assert_eq!(weights.len(), n, "one weight per decoded cell");
 
-        // Host-side inputs: library sizes and the dense counts the likelihood reads.
-        let mut library = vec![T::zero(); n];
-        let mut dense = vec![T::zero(); n * g];
-        for r in 0..n {
-            for k in counts.indptr[r] as usize..counts.indptr[r + 1] as usize {
-                let v = counts.data[k];
-                library[r] = library[r] + v;
-                dense[r * g + counts.indices[k] as usize] = if kind == LikelihoodKind::Bernoulli && v > T::zero() { T::one() } else { v };
-            }
-        }
-        let x = Tensor { buf: b.upload_vec(dense)?, rows: n, cols: g };
+        // Host-side inputs: library sizes and, except for scVI's fused term (which reads the
+        // sparse rows), the dense counts the likelihood reads.
+        let library: Vec<T> = (0..n).map(|r| counts.data[counts.indptr[r] as usize..counts.indptr[r + 1] as usize].iter().fold(T::zero(), |sum, &v| sum + v)).collect();
         let library = Tensor { buf: b.upload_vec(library)?, rows: n, cols: 1 };
+        let fused = kind == LikelihoodKind::Nb && self.spec.dispersion == Dispersion::Gene;
+        let x = if fused {
+            None
+        } else {
+            let mut dense = counts.summed_dense();
+            if kind == LikelihoodKind::Bernoulli {
+                dense.iter_mut().filter(|v| **v > T::zero()).for_each(|v| *v = T::one());
+            }
+            Some(Tensor { buf: b.upload_vec(dense)?, rows: n, cols: g })
+        };
         let (cov, batch_onehot) = self.covariates(b, covariates, n)?;
 
         let hidden = self.hidden.forward(b, p, state, &Input::Dense(z), Some(&cov), mode)?;
@@ -339,11 +341,27 @@ impl Decoder {
         let main = self.heads.main.forward(b, p, state, &h, None, mode)?;
         let zero_inflation = self.heads.zero_inflation.as_ref().map(|d| d.forward(b, p, state, &h, None, mode)).transpose()?;
         let dispersion = self.heads.dispersion_head.as_ref().map(|d| d.forward(b, p, state, &h, None, mode)).transpose()?;
-        if kind == LikelihoodKind::NbMixture {
-            let (reconstruction, mixture) = self.mixture_forward(b, p, state, &h, main.output(), &x, batch_onehot.as_ref(), weights, mode)?;
+        let negative: Vec<T> = weights.iter().map(|&w| T::zero() - w).collect();
+        let ll_weights = b.upload(&negative)?;
+        let mut ll = b.zeros(n)?;
+        let reconstruction = |ll: &Buf<T, B>| -> Result<f64> { Ok(-b.download(In::all(ll))?.iter().zip(weights).map(|(l, w)| l.f64() * w.f64()).sum::<f64>()) };
+        if let Some(x) = &x
+            && kind == LikelihoodKind::NbMixture
+        {
+            let (reconstruction, mixture) = self.mixture_forward(b, p, state, &h, main.output(), x, batch_onehot.as_ref(), weights, mode)?;
             let acts = DecoderActs { cov, batch_onehot, library, hidden, main, zero_inflation, dispersion, proportions: None, log_theta_cells: None, theta: None, dparams: Vec::new(), mixture: Some(mixture) };
             return Ok((reconstruction, acts));
         }
+        if fused {
+            let mut theta = b.tensor(1, g)?;
+            b.activation_forward(Activation::Exp, p.get(self.heads.shared_slot()), theta.output())?;
+            let (mut dlogits, mut dtheta) = (b.tensor(n, g)?, b.tensor(1, g)?);
+            b.softmax_nb(main.output().input(), library.input(), counts, theta.input(), In::all(&ll_weights), Out::all(&mut ll), dlogits.output(), dtheta.output())?;
+            let reconstruction = reconstruction(&ll)?;
+            let acts = DecoderActs { cov, batch_onehot, library, hidden, main, zero_inflation, dispersion, proportions: None, log_theta_cells: None, theta: Some(theta), dparams: vec![dlogits, dtheta], mixture: None };
+            return Ok((reconstruction, acts));
+        }
+        let x = x.expect("dense counts for every unfused likelihood");
 
         let (proportions, mu) = if kind.scaled_by_library() {
             let mut rho = b.tensor(n, g)?;
@@ -371,9 +389,6 @@ impl Decoder {
             None
         };
 
-        let mut ll = b.zeros(n)?;
-        let negative: Vec<T> = weights.iter().map(|&w| T::zero() - w).collect();
-        let ll_weights = b.upload(&negative)?;
         let family = kind.family().expect("a fused likelihood family");
         let mut dparams: Vec<Tensor<Buf<T, B>>> = (0..family.n_params()).map(|_| b.tensor(n, g)).collect::<Result<_>>()?;
         {
@@ -398,8 +413,7 @@ impl Decoder {
             let mut outs: Vec<Out<'_, Buf<T, B>>> = dparams.iter_mut().map(|t| t.output()).collect();
             b.likelihood(family, x.input(), g, &params, Some(In::all(&ll_weights)), Out::all(&mut ll), &mut outs)?;
         }
-        let ll_host = b.download(In::all(&ll))?;
-        let reconstruction = -ll_host.iter().zip(weights).map(|(l, w)| l.f64() * w.f64()).sum::<f64>();
+        let reconstruction = reconstruction(&ll)?;
         let acts = DecoderActs { cov, batch_onehot, library, hidden, main, zero_inflation, dispersion, proportions, log_theta_cells, theta, dparams, mixture: None };
         Ok((reconstruction, acts))
     }
@@ -511,12 +525,13 @@ impl Decoder {
             return Ok(dz);
         }
 
-        // Main head: through μ = library · softmax(s) for the count likelihoods.
-        let dmain = if kind.scaled_by_library() {
+        // Main head: through μ = library · softmax(s) for the count likelihoods (the fused NB
+        // term gave the logits' gradient already).
+        let dmain = if let Some(proportions) = &f.proportions {
             let mut drho = b.tensor(n, g)?;
             b.scale_rows(take(0).input(), f.library.input(), drho.output())?;
             let mut ds = b.tensor(n, g)?;
-            b.softmax_backward(f.proportions.as_ref().expect("proportions").input(), drho.input(), g, ds.output())?;
+            b.softmax_backward(proportions.input(), drho.input(), g, ds.output())?;
             ds
         } else {
             take(0)
@@ -529,8 +544,14 @@ impl Decoder {
             let log_theta = heads.log_theta(self.spec.dispersion, p, f.log_theta_cells.as_ref(), f.dispersion.as_ref());
             match self.spec.dispersion {
                 Dispersion::Gene => {
-                    let mut sums = b.tensor(1, g)?;
-                    b.column_sums(dtheta.input(), sums.output())?;
+                    // Per gene from the fused NB term, per entry from the other likelihoods.
+                    let sums = if dtheta.rows == 1 {
+                        dtheta
+                    } else {
+                        let mut sums = b.tensor(1, g)?;
+                        b.column_sums(dtheta.input(), sums.output())?;
+                        sums
+                    };
                     b.activation_backward(Activation::Exp, log_theta, theta.input(), sums.input(), grads.get(heads.shared_slot()))?;
                 }
                 Dispersion::GeneBatch => {

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use super::{Backend, In, Out, Result};
 use crate::Real;
 use crate::ops::elementwise::{self, Activation};
-use crate::ops::likelihood::Likelihood;
+use crate::ops::likelihood::{self, Likelihood};
 use crate::ops::linear::{self, CountTransform, CsrRef, Gemm};
 use crate::ops::optim::{self, AdamW};
 use crate::ops::{dropout, gaussian, losses, norm};
@@ -237,6 +237,11 @@ impl<T: Gemm> Backend<T> for Cpu {
         let params: Vec<&[T]> = params.iter().map(r).collect();
         let mut grads: Vec<&mut [T]> = grads.iter_mut().map(|g| &mut g.buf[g.range.clone()]).collect();
         family.forward_backward(r(&x), features, &params, weights.as_ref().map(r), w(ll), &mut grads);
+        Ok(())
+    }
+
+    fn softmax_nb(&self, logits: In<'_, Vec<T>>, library: In<'_, Vec<T>>, counts: CsrRef<'_, T>, theta: In<'_, Vec<T>>, weights: In<'_, Vec<T>>, ll: Out<'_, Vec<T>>, dlogits: Out<'_, Vec<T>>, dtheta: Out<'_, Vec<T>>) -> Result<()> {
+        likelihood::softmax_nb(r(&logits), r(&library), counts, r(&theta), r(&weights), w(ll), w(dlogits), w(dtheta));
         Ok(())
     }
 

@@ -49,6 +49,12 @@ pub struct In<'a, S> {
     pub range: Range<usize>,
 }
 
+impl<S> Clone for In<'_, S> {
+    fn clone(&self) -> Self {
+        In { buf: self.buf, range: self.range.clone() }
+    }
+}
+
 /// A writable view: elements `range` of `buf`.
 #[derive(Debug)]
 pub struct Out<'a, S> {
@@ -179,6 +185,14 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     /// `Likelihood::forward_backward`: per-row log-likelihood and per-entry gradients.
     fn likelihood(&self, family: Likelihood, x: In<'_, Self::Buf>, features: usize, params: &[In<'_, Self::Buf>], weights: Option<In<'_, Self::Buf>>, ll: Out<'_, Self::Buf>, grads: &mut [Out<'_, Self::Buf>]) -> Result<()>;
 
+    /// `ops::likelihood::softmax_nb`: scVI's reconstruction term, μ = library · softmax(logits)
+    /// and NB(counts; μ, θ) with one θ per gene; `ll` per row, gradients of Σ w ll w.r.t. the
+    /// logits and θ (overwritten). `counts` are the batch's CSR rows on the host. The default
+    /// composes the tested ops ([`softmax_nb_composed`]); a backend overrides it with one pass.
+    fn softmax_nb(&self, logits: In<'_, Self::Buf>, library: In<'_, Self::Buf>, counts: CsrRef<'_, T>, theta: In<'_, Self::Buf>, weights: In<'_, Self::Buf>, ll: Out<'_, Self::Buf>, dlogits: Out<'_, Self::Buf>, dtheta: Out<'_, Self::Buf>) -> Result<()> {
+        softmax_nb_composed(self, logits, library, counts, theta, weights, ll, dlogits, dtheta)
+    }
+
     /// `ops::likelihood::nb_mixture`: totalVI's protein likelihood per row and its per-entry
     /// gradients w.r.t. μ_back, μ_fore, θ and the mixing logit (unweighted; overwritten).
     fn nb_mixture(&self, x: In<'_, Self::Buf>, mu_back: In<'_, Self::Buf>, mu_fore: In<'_, Self::Buf>, theta: In<'_, Self::Buf>, pi: In<'_, Self::Buf>, features: usize, ll: Out<'_, Self::Buf>, grads: [Out<'_, Self::Buf>; 4]) -> Result<()>;
@@ -206,4 +220,70 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     fn adamw_step(&self, opt: &AdamW, t: u64, params: Out<'_, Self::Buf>, grads: In<'_, Self::Buf>, m: Out<'_, Self::Buf>, v: Out<'_, Self::Buf>) -> Result<()>;
     /// `ops::optim::grad_norm`: the global L2 norm, accumulated in f64 in a fixed order.
     fn grad_norm(&self, grads: In<'_, Self::Buf>) -> Result<f64>;
+}
+
+/// [`Backend::softmax_nb`] from the separate ops: softmax, scaling by the library, the NB
+/// likelihood on dense counts, then the chain rule back through both and the column sums of
+/// the per-entry θ gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_nb_composed<T: Real, B: Backend<T> + ?Sized>(b: &B, logits: In<'_, B::Buf>, library: In<'_, B::Buf>, counts: CsrRef<'_, T>, theta: In<'_, B::Buf>, weights: In<'_, B::Buf>, ll: Out<'_, B::Buf>, dlogits: Out<'_, B::Buf>, dtheta: Out<'_, B::Buf>) -> Result<()> {
+    let (n, g) = (counts.rows, counts.cols);
+    let x = Tensor { buf: b.upload_vec(counts.summed_dense())?, rows: n, cols: g };
+    let mut rho = b.tensor(n, g)?;
+    b.softmax_forward(logits, g, rho.output())?;
+    let mut mu = b.tensor(n, g)?;
+    b.scale_rows(rho.input(), library.clone(), mu.output())?;
+    let (mut dmu, mut dtheta_entries) = (b.tensor(n, g)?, b.tensor(n, g)?);
+    b.likelihood(Likelihood::NegativeBinomial, x.input(), g, &[mu.input(), theta], Some(weights), ll, &mut [dmu.output(), dtheta_entries.output()])?;
+    let mut drho = b.tensor(n, g)?;
+    b.scale_rows(dmu.input(), library, drho.output())?;
+    b.softmax_backward(rho.input(), drho.input(), g, dlogits)?;
+    b.column_sums(dtheta_entries.input(), dtheta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::linear::Gemm;
+
+    /// The CPU's one-pass override against the composition every other backend runs, in f64
+    /// (same values up to rounding) and f32.
+    #[test]
+    fn cpu_softmax_nb_equals_the_composition() {
+        fn run<T: Gemm>(composed: bool) -> (Vec<T>, Vec<T>, Vec<T>) {
+            let (rows, genes) = (7, 203);
+            let (mut indptr, mut indices, mut data) = (vec![0u64], Vec::new(), Vec::new());
+            for r in 0..rows {
+                for f in (0..genes).filter(|f| (f * 5 + r) % 4 == 0) {
+                    indices.push(f as u32);
+                    data.push(T::of([1.0, 2.0, 9.0, 40.0][(f + r) % 4]));
+                }
+                indptr.push(indices.len() as u64);
+            }
+            let counts = CsrRef { rows, cols: genes, indptr: &indptr, indices: &indices, data: &data };
+            let logits: Vec<T> = crate::gradcheck::wave(rows * genes, 0.5).iter().map(|v| T::of(2.0 * v)).collect();
+            let library: Vec<T> = (0..rows).map(|r| T::of(500.0 + 100.0 * r as f64)).collect();
+            let theta: Vec<T> = crate::gradcheck::wave(genes, 3.0).iter().map(|v| T::of(v.exp() * 3.0)).collect();
+            let weights: Vec<T> = (0..rows).map(|r| T::of(-1.0 + 0.25 * r as f64)).collect();
+            let (mut ll, mut dlogits, mut dtheta) = (vec![T::zero(); rows], vec![T::zero(); rows * genes], vec![T::zero(); genes]);
+            let args = (In::all(&logits), In::all(&library), In::all(&theta), In::all(&weights));
+            if composed {
+                softmax_nb_composed(&Cpu, args.0, args.1, counts, args.2, args.3, Out::all(&mut ll), Out::all(&mut dlogits), Out::all(&mut dtheta)).unwrap();
+            } else {
+                Cpu.softmax_nb(args.0, args.1, counts, args.2, args.3, Out::all(&mut ll), Out::all(&mut dlogits), Out::all(&mut dtheta)).unwrap();
+            }
+            (ll, dlogits, dtheta)
+        }
+        fn compare<T: Gemm>(tol: f64) {
+            let (fused, composed) = (run::<T>(false), run::<T>(true));
+            for (what, a, b) in [("ll", &fused.0, &composed.0), ("dlogits", &fused.1, &composed.1), ("dtheta", &fused.2, &composed.2)] {
+                let scale = b.iter().fold(0.0f64, |m, v| m.max(v.f64().abs()));
+                for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                    assert!((x.f64() - y.f64()).abs() <= tol * scale, "{what}[{i}]: fused {x:?} vs composed {y:?}");
+                }
+            }
+        }
+        compare::<f64>(1e-12);
+        compare::<f32>(2e-5);
+    }
 }

@@ -17,6 +17,9 @@ use crate::real::{CountTerms, Real, count_gamma_parts, count_gamma_terms, lane_s
 pub const CUDA_SOURCE: &str = include_str!("likelihood.cu");
 
 pub mod gpu;
+mod softmax_nb;
+
+pub use softmax_nb::softmax_nb;
 
 pub const EPS: f64 = 1e-8;
 
@@ -167,16 +170,6 @@ impl Likelihood {
 fn nb_rows<T: Real>(x: &[T], features: usize, mu: &[T], theta: &[T], weights: Option<&[T]>, ll: &mut [T], dmu: &mut [T], dtheta: &mut [T]) {
     let eps = T::of(EPS);
     let shared = theta.len() == features;
-    // ln(θ+ε) and θ/(θ+ε); `ratio` holds θ+ε first, so no buffer is allocated per row.
-    let gene_terms = |theta: &[T], lt: &mut [T], ratio: &mut [T]| {
-        for (r, &t) in ratio.iter_mut().zip(theta) {
-            *r = t + eps;
-        }
-        T::ln_to(ratio, lt);
-        for (r, &t) in ratio.iter_mut().zip(theta) {
-            *r = t / *r;
-        }
-    };
     let (mut lt_shared, mut ratio_shared) = (vec![T::zero(); features], vec![T::zero(); features]);
     let table = shared.then(|| CountTable::new(theta));
     if shared {
@@ -222,15 +215,7 @@ fn nb_rows<T: Real>(x: &[T], features: usize, mu: &[T], theta: &[T], weights: Op
             }
             for (j, &f) in s.non_zero[..k].iter().enumerate() {
                 s.mu_nz[j] = mu[f] + eps;
-                if let Some((lg, dg)) = table.as_ref().and_then(|t| t.get(x[f], f)) {
-                    (s.count_arg[j], s.count_add[j], s.count_dg[j]) = (T::one(), lg, dg);
-                    continue;
-                }
-                (s.count_arg[j], s.count_add[j], s.count_dg[j]) = match count_gamma_parts(x[f].f64(), theta[f].f64()) {
-                    CountTerms::Product { ratio, dg } if T::of(ratio).is_normal() => (T::of(ratio), T::zero(), T::of(dg)),
-                    CountTerms::Product { ratio, dg } => (T::one(), T::of(ratio.ln()), T::of(dg)),
-                    CountTerms::Exact { lg, dg } => (T::one(), T::of(lg), T::of(dg)),
-                };
+                (s.count_arg[j], s.count_add[j], s.count_dg[j]) = count_parts(table.as_ref(), x[f], f, theta[f]);
             }
             T::ln_to(&s.mu_nz[..k], &mut s.ln_mu_nz[..k]);
             T::ln_to(&s.count_arg[..k], &mut s.ln_count_arg[..k]);
@@ -242,6 +227,33 @@ fn nb_rows<T: Real>(x: &[T], features: usize, mu: &[T], theta: &[T], weights: Op
             *ll = lane_sum(&s.a);
         },
     );
+}
+
+/// ln(θ+ε) and θ/(θ+ε) of every θ; `ratio` holds θ+ε first, so no buffer is allocated.
+fn gene_terms<T: Real>(theta: &[T], lt: &mut [T], ratio: &mut [T]) {
+    let eps = T::of(EPS);
+    for (r, &t) in ratio.iter_mut().zip(theta) {
+        *r = t + eps;
+    }
+    T::ln_to(ratio, lt);
+    for (r, &t) in ratio.iter_mut().zip(theta) {
+        *r = t / *r;
+    }
+}
+
+/// The count terms lnΓ(x+θ)−lnΓ(θ)−lnΓ(x+1) and ψ(x+θ)−ψ(θ) of a non-zero count `x` of feature
+/// `f`, as (a, b, dg) with lnΓ-terms = ln a + b, so that the rows take all their logarithms in
+/// one slice call: from the shared-θ table where it holds the count, else from a product of
+/// ratios (its logarithm taken later) or exactly.
+fn count_parts<T: Real>(table: Option<&CountTable<T>>, x: T, f: usize, theta: T) -> (T, T, T) {
+    if let Some((lg, dg)) = table.and_then(|t| t.get(x, f)) {
+        return (T::one(), lg, dg);
+    }
+    match count_gamma_parts(x.f64(), theta.f64()) {
+        CountTerms::Product { ratio, dg } if T::of(ratio).is_normal() => (T::of(ratio), T::zero(), T::of(dg)),
+        CountTerms::Product { ratio, dg } => (T::one(), T::of(ratio.ln()), T::of(dg)),
+        CountTerms::Exact { lg, dg } => (T::one(), T::of(lg), T::of(dg)),
+    }
 }
 
 /// The count terms of [`count_gamma_terms`] for the counts 1..=[`CountTable::MAX`] of every
