@@ -214,6 +214,23 @@ pub fn lane_sum<T: Real>(v: &[T]) -> T {
 }
 
 /// log(1 + exp(x)) without overflow.
+/// The largest of `v` (−∞ for none), in 16 lanes that vectorise: `max` with its NaN rule is a
+/// scalar dependency chain. A NaN is not propagated reliably; callers meet it downstream.
+pub fn lane_max<T: Real>(v: &[T]) -> T {
+    const LANES: usize = 16;
+    let mut acc = [T::neg_infinity(); LANES];
+    let mut blocks = v.chunks_exact(LANES);
+    for block in &mut blocks {
+        for (a, &x) in acc.iter_mut().zip(block) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(blocks.remainder()) {
+        *a = if x > *a { x } else { *a };
+    }
+    acc.iter().copied().fold(T::neg_infinity(), |m, x| if x > m { x } else { m })
+}
+
 pub fn softplus<T: Real>(x: T) -> T {
     if x > T::zero() { x + (-x).exp().ln_1p() } else { x.exp().ln_1p() }
 }

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::{CountTable, EPS, count_parts, gene_terms};
 use crate::ops::linear::CsrRef;
-use crate::real::{Real, lane_sum};
+use crate::real::{Real, lane_max, lane_sum};
 
 /// Rows per block of the θ gradient: a block sums its rows in order and the blocks are added in
 /// order, so the result does not depend on how many threads ran.
@@ -82,7 +82,7 @@ impl<T: Real> Row<'_, T> {
         let (rho, mu, b, ltm, a, q) = (&mut s.rho[..n], &mut s.mu[..n], &mut s.b[..n], &mut s.ltm[..n], &mut s.a[..n], &mut s.q[..n]);
         let (dlogits, dtheta) = (&mut dlogits[..n], &mut dtheta[..n]);
 
-        let max = logits.iter().copied().fold(T::neg_infinity(), T::max);
+        let max = lane_max(logits);
         for (p, &v) in rho.iter_mut().zip(logits) {
             *p = v - max;
         }
@@ -94,9 +94,11 @@ impl<T: Real> Row<'_, T> {
             b[f] = theta[f] + mu[f] + eps;
         }
         T::ln_to(b, ltm);
-        // Every entry's terms at x = 0: a ← its log-likelihood, q ← w μ ∂ll/∂μ.
+        // Every entry's terms at x = 0: a ← its log-likelihood, q ← w μ ∂ll/∂μ; b ← 1/(θ+μ+ε)
+        // for the non-zeros.
         for f in 0..n {
             let inv = T::one() / b[f];
+            b[f] = inv;
             let d = lt[f] - ltm[f];
             a[f] = theta[f] * d;
             q[f] = T::zero() - w * mu[f] * theta[f] * inv;
@@ -117,16 +119,24 @@ impl<T: Real> Row<'_, T> {
         }
         for j in 0..k {
             let (f, x) = (s.non_zero[j], s.x_nz[j]);
-            s.mu_nz[j] = mu[f] + eps;
+            s.mu_nz[j] = mu[f];
             (s.count_arg[j], s.count_add[j], s.count_dg[j]) = count_parts(Some(&shared.table), x, f, theta[f]);
         }
-        T::ln_to(&s.mu_nz[..k], &mut s.ln_mu_nz[..k]);
+        // Per non-zero in SIMD lanes: ln(μ+ε), μ/(μ+ε) and the count terms' logarithms.
+        let (mu_nz, ln_mu_nz, frac_nz) = (&mut s.mu_nz[..k], &mut s.ln_mu_nz[..k], &mut s.frac_nz[..k]);
+        for (m, fr) in mu_nz.iter_mut().zip(frac_nz.iter_mut()) {
+            *fr = *m;
+            *m = *m + eps;
+        }
+        T::ln_to(mu_nz, ln_mu_nz);
+        for (fr, &m) in frac_nz.iter_mut().zip(mu_nz.iter()) {
+            *fr = *fr / m;
+        }
         T::ln_to(&s.count_arg[..k], &mut s.ln_count_arg[..k]);
         for j in 0..k {
-            let (f, x) = (s.non_zero[j], s.x_nz[j]);
-            let inv = T::one() / b[f];
+            let (f, x, inv) = (s.non_zero[j], s.x_nz[j], b[s.non_zero[j]]);
             a[f] = a[f] + x * (s.ln_mu_nz[j] - ltm[f]) + (s.ln_count_arg[j] + s.count_add[j]);
-            q[f] = q[f] + w * x * (mu[f] / s.mu_nz[j] - mu[f] * inv);
+            q[f] = q[f] + w * x * (s.frac_nz[j] - mu[f] * inv);
             dtheta[f] = dtheta[f] + w * (s.count_dg[j] - x * inv);
         }
 
@@ -153,6 +163,8 @@ struct RowScratch<T> {
     x_nz: Vec<T>,
     mu_nz: Vec<T>,
     ln_mu_nz: Vec<T>,
+    /// μ/(μ+ε)
+    frac_nz: Vec<T>,
     count_arg: Vec<T>,
     ln_count_arg: Vec<T>,
     count_add: Vec<T>,
@@ -162,7 +174,7 @@ struct RowScratch<T> {
 impl<T: Real> RowScratch<T> {
     fn new(genes: usize) -> Self {
         let row = || vec![T::zero(); genes + 1];
-        RowScratch { rho: row(), mu: row(), b: row(), ltm: row(), a: row(), q: row(), x: row(), non_zero: vec![0; genes + 1], x_nz: row(), mu_nz: row(), ln_mu_nz: row(), count_arg: row(), ln_count_arg: row(), count_add: row(), count_dg: row() }
+        RowScratch { rho: row(), mu: row(), b: row(), ltm: row(), a: row(), q: row(), x: row(), non_zero: vec![0; genes + 1], x_nz: row(), mu_nz: row(), ln_mu_nz: row(), frac_nz: row(), count_arg: row(), ln_count_arg: row(), count_add: row(), count_dg: row() }
     }
 }
 

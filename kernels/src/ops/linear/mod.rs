@@ -205,34 +205,37 @@ pub fn sparse_input_forward<T: Real>(x: CsrRef<'_, T>, transform: CountTransform
 pub fn sparse_forward_values<T: Real>(x: CsrRef<'_, T>, values: &[T], w: &[T], d_out: usize, y: &mut [T]) {
     x.check();
     assert!(w.len() == x.cols * d_out && y.len() == x.rows * d_out && values.len() == x.data.len(), "sparse input: shapes");
-    // Outputs in blocks of BLOCK held in registers across the row's non-zeros (a block of
-    // accumulators in memory would be loaded and stored once per non-zero); each output is
-    // still the sum over the non-zeros in CSR order.
-    const BLOCK: usize = 32;
     y.par_chunks_mut(d_out).enumerate().for_each(|(r, yr)| {
         let span = x.indptr[r] as usize..x.indptr[r + 1] as usize;
-        let (indices, values) = (&x.indices[span.clone()], &values[span]);
-        let mut start = 0;
-        while start + BLOCK <= d_out {
-            let mut acc = [T::zero(); BLOCK];
-            for (&j, &v) in indices.iter().zip(values) {
-                let row: &[T; BLOCK] = w[j as usize * d_out + start..][..BLOCK].try_into().expect("a block of the weight row");
-                for (a, &wj) in acc.iter_mut().zip(row) {
-                    *a = *a + v * wj;
-                }
-            }
-            yr[start..start + BLOCK].copy_from_slice(&acc);
-            start += BLOCK;
-        }
-        let rest = &mut yr[start..];
-        rest.iter_mut().for_each(|o| *o = T::zero());
-        for (&j, &v) in indices.iter().zip(values) {
-            let j = j as usize;
-            for (o, &wj) in rest.iter_mut().zip(&w[j * d_out + start..(j + 1) * d_out]) {
-                *o = *o + v * wj;
-            }
-        }
+        weighted_row_sum(x.indices[span.clone()].iter().zip(&values[span]).map(|(&j, &v)| (j as usize, v)), w, yr);
     });
+}
+
+/// out = Σ_k v_k · row i_k of `m` (rows as wide as `out`), over `terms` (i_k, v_k), each output
+/// summed in the terms' order. Outputs go in blocks held in registers across the terms (a
+/// block of accumulators in memory would be loaded and stored once per term).
+fn weighted_row_sum<T: Real>(terms: impl Iterator<Item = (usize, T)> + Clone, m: &[T], out: &mut [T]) {
+    const BLOCK: usize = 32;
+    let width = out.len();
+    let mut start = 0;
+    while start + BLOCK <= width {
+        let mut acc = [T::zero(); BLOCK];
+        for (i, v) in terms.clone() {
+            let row: &[T; BLOCK] = m[i * width + start..][..BLOCK].try_into().expect("a block of the row");
+            for (a, &x) in acc.iter_mut().zip(row) {
+                *a = *a + v * x;
+            }
+        }
+        out[start..start + BLOCK].copy_from_slice(&acc);
+        start += BLOCK;
+    }
+    let rest = &mut out[start..];
+    rest.iter_mut().for_each(|o| *o = T::zero());
+    for (i, v) in terms {
+        for (o, &x) in rest.iter_mut().zip(&m[i * width + start..(i + 1) * width]) {
+            *o = *o + v * x;
+        }
+    }
 }
 
 /// The transformed non-zeros indexed by gene: `col_ptr` (cols + 1) and, per entry, its row and
@@ -275,14 +278,7 @@ pub fn sparse_input_backward<T: Real>(x: CsrRef<'_, T>, transform: CountTransfor
 /// dw from the transposed index of [`transposed`] / [`transposed_values`].
 pub fn sparse_backward_transposed<T: Real>(col_ptr: &[usize], entries: &[(usize, T)], dy: &[T], d_out: usize, dw: &mut [T]) {
     assert_eq!(dw.len(), (col_ptr.len() - 1) * d_out, "sparse input backward: shapes");
-    dw.par_chunks_mut(d_out).enumerate().for_each(|(j, dwj)| {
-        dwj.iter_mut().for_each(|v| *v = T::zero());
-        for &(r, v) in &entries[col_ptr[j]..col_ptr[j + 1]] {
-            for (o, &g) in dwj.iter_mut().zip(&dy[r * d_out..(r + 1) * d_out]) {
-                *o = *o + v * g;
-            }
-        }
-    });
+    dw.par_chunks_mut(d_out).enumerate().for_each(|(j, dwj)| weighted_row_sum(entries[col_ptr[j]..col_ptr[j + 1]].iter().copied(), dy, dwj));
 }
 
 #[cfg(test)]

@@ -9,14 +9,13 @@ use crate::cuda::{Gpu, Result, driver as failed, grid};
 
 /// As [`AdamW::step`], on the device.
 pub fn adamw_step(gpu: &Gpu, opt: &AdamW, t: u64, params: &mut CudaSlice<f32>, grads: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>) -> Result<()> {
-    assert!(t >= 1 && params.len() == grads.len() && grads.len() == m.len() && m.len() == v.len(), "AdamW: arguments");
+    assert!(params.len() == grads.len() && grads.len() == m.len() && m.len() == v.len(), "AdamW: arguments");
+    let k = opt.at(t);
     let f = gpu.function("optim", CUDA_SOURCE, "adamw_step")?;
     let n = params.len() as u64;
-    let (lr, b1, b2, eps) = (opt.lr as f32, opt.beta1 as f32, opt.beta2 as f32, opt.eps as f32);
-    let decay = (1.0 - opt.lr * opt.weight_decay) as f32;
-    let (c1, c2) = ((1.0 - opt.beta1.powi(t as i32)) as f32, (1.0 - opt.beta2.powi(t as i32)) as f32);
+    let (b1, b2, step_size, inv_c2, eps, decay) = (k.beta1 as f32, k.beta2 as f32, k.step_size as f32, k.inv_correction2 as f32, k.eps as f32, k.decay as f32);
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(params).arg(grads).arg(m).arg(v).arg(&n).arg(&lr).arg(&b1).arg(&b2).arg(&eps).arg(&decay).arg(&c1).arg(&c2);
+    b.arg(params).arg(grads).arg(m).arg(v).arg(&n).arg(&b1).arg(&b2).arg(&step_size).arg(&inv_c2).arg(&eps).arg(&decay);
     // SAFETY: the arguments match the kernel's signature; all four buffers hold n floats.
     unsafe { b.launch(grid(n as usize)) }.map(|_| ()).map_err(failed("adamw_step"))
 }

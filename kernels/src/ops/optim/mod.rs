@@ -29,22 +29,49 @@ impl Default for AdamW {
     }
 }
 
+/// The per-step scalars of [`AdamW`], shared by the CPU loop and the CUDA kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    pub beta1: f64,
+    pub beta2: f64,
+    /// lr / (1 - β1^t)
+    pub step_size: f64,
+    /// 1 / √(1 - β2^t)
+    pub inv_correction2: f64,
+    pub eps: f64,
+    /// 1 - lr · weight decay
+    pub decay: f64,
+}
+
 impl AdamW {
+    /// Step `t`'s scalars, in PyTorch's arrangement (bias corrections folded into the step
+    /// size and the denominator): one division and one square root per parameter.
+    pub fn at(&self, t: u64) -> AdamWStep {
+        assert!(t >= 1, "AdamW steps count from 1");
+        let t = i32::try_from(t).unwrap_or(i32::MAX);
+        AdamWStep {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            step_size: self.lr / (1.0 - self.beta1.powi(t)),
+            inv_correction2: 1.0 / (1.0 - self.beta2.powi(t)).sqrt(),
+            eps: self.eps,
+            decay: 1.0 - self.lr * self.weight_decay,
+        }
+    }
+
     /// One step `t` (1-based) for every parameter: p ← p(1 - lr·wd) - lr·m̂/(√v̂ + eps).
     pub fn step<T: Real>(&self, t: u64, params: &mut [T], grads: &[T], m: &mut [T], v: &mut [T]) {
-        assert!(t >= 1, "AdamW steps count from 1");
         assert!(params.len() == grads.len() && grads.len() == m.len() && m.len() == v.len(), "AdamW: buffer lengths");
-        let (b1, b2) = (T::of(self.beta1), T::of(self.beta2));
-        let c1 = T::of(1.0 - self.beta1.powi(t as i32));
-        let c2 = T::of(1.0 - self.beta2.powi(t as i32));
-        let (lr, eps, decay) = (T::of(self.lr), T::of(self.eps), T::of(1.0 - self.lr * self.weight_decay));
+        let k = self.at(t);
+        let (b1, b2, step_size, inv_c2, eps, decay) = (T::of(k.beta1), T::of(k.beta2), T::of(k.step_size), T::of(k.inv_correction2), T::of(k.eps), T::of(k.decay));
         let one = T::one();
         params.par_chunks_mut(GRAIN).zip(m.par_chunks_mut(GRAIN).zip(v.par_chunks_mut(GRAIN))).zip(grads.par_chunks(GRAIN)).for_each(|((p, (m, v)), g)| {
-            for i in 0..p.len() {
+            let n = p.len();
+            let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
+            for i in 0..n {
                 m[i] = b1 * m[i] + (one - b1) * g[i];
                 v[i] = b2 * v[i] + (one - b2) * g[i] * g[i];
-                let (mh, vh) = (m[i] / c1, v[i] / c2);
-                p[i] = p[i] * decay - lr * mh / (vh.sqrt() + eps);
+                p[i] = p[i] * decay - step_size * m[i] / (v[i].sqrt() * inv_c2 + eps);
             }
         });
     }

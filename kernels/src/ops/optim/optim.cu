@@ -1,14 +1,14 @@
 // Fused AdamW step and the pieces of global-norm clipping (f32), mirroring ops/optim/mod.rs.
 
 extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float* v, unsigned long long n,
-        float lr, float beta1, float beta2, float eps, float decay, float c1, float c2) {
+        float beta1, float beta2, float step_size, float inv_correction2, float eps, float decay) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
         float gi = g[i];
         float mi = beta1 * m[i] + (1.0f - beta1) * gi;
         float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
         m[i] = mi;
         v[i] = vi;
-        p[i] = p[i] * decay - lr * (mi / c1) / (sqrtf(vi / c2) + eps);
+        p[i] = p[i] * decay - step_size * mi / (sqrtf(vi) * inv_correction2 + eps);
     }
 }
 
