@@ -57,6 +57,10 @@ pub struct TrainArgs {
     /// `library_size`; 1 gives proportions).
     #[arg(long, default_value_t = 1e4)]
     denoised_library_size: f64,
+    /// MiB of decoded count blocks kept in memory for later epochs: a dataset that fits is read
+    /// from the store once; a larger one keeps what fits and streams the rest (0: stream all).
+    #[arg(long, default_value_t = tessera_worker::DEFAULT_CACHE_MIB)]
+    cache_mib: u64,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -79,7 +83,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => has_obs_column(&data, "batch").then(|| "batch".to_string()),
     };
     let label_key = args.label_key.or_else(|| has_obs_column(&data, DEFAULT_LABEL_KEY).then(|| DEFAULT_LABEL_KEY.to_string()));
-    let opts = FitOptions { data: data.clone(), modalities: args.modalities.clone(), batch_key: batch_key.clone(), label_key: label_key.clone(), config, out: args.out.clone(), embedding_key: args.embedding_key.clone(), overwrite: args.overwrite, resume: args.resume, denoised: args.denoised.then(|| Denoised { key: "tessera_denoised".into(), library_size: args.denoised_library_size }) };
+    let opts = FitOptions { data: data.clone(), modalities: args.modalities.clone(), batch_key: batch_key.clone(), label_key: label_key.clone(), config, out: args.out.clone(), embedding_key: args.embedding_key.clone(), overwrite: args.overwrite, resume: args.resume, denoised: args.denoised.then(|| Denoised { key: "tessera_denoised".into(), library_size: args.denoised_library_size }), cache_bytes: args.cache_mib << 20 };
 
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));

@@ -4,10 +4,13 @@
 //! shuffled with (seed, epoch), `blocks_per_fetch` blocks are read together (contiguous reads:
 //! few chunks, large requests), their cells shuffled, and cut into batches. A background thread
 //! reads ahead into a bounded channel of `prefetch` batches, so memory stays at about
-//! `prefetch` batches plus one fetch whatever the dataset size.
+//! `prefetch` batches plus one fetch whatever the dataset size, plus the decoded blocks kept
+//! for later epochs up to `cache_bytes` (a dataset that fits is decoded once, as scvi-tools
+//! holds its AnnData in memory; a larger one keeps the blocks that fit and reads the rest).
 
+use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, bounded};
@@ -38,6 +41,8 @@ pub struct LoaderConfig {
     pub numeric_keys: Vec<String>,
     /// Which matrix of each modality: "X", "raw/X" or "layers/<name>".
     pub matrix: String,
+    /// Decoded blocks kept for later epochs, at most this many bytes (0: none).
+    pub cache_bytes: u64,
 }
 
 impl Default for LoaderConfig {
@@ -53,6 +58,7 @@ impl Default for LoaderConfig {
             label_key: None,
             numeric_keys: Vec::new(),
             matrix: "X".into(),
+            cache_bytes: 0,
         }
     }
 }
@@ -131,6 +137,45 @@ pub struct Loader {
     pub label_categories: Vec<String>,
     shard: Range<u64>,
     config: LoaderConfig,
+    /// Shared by the clones that run epochs, so every epoch finds what earlier ones decoded.
+    cache: Arc<BlockCache>,
+}
+
+/// Decoded blocks by (modality, first cell), within a byte budget: a block that does not fit
+/// is not kept (blocks are not evicted, so a fixed set stays resident and the rest streams).
+#[derive(Default)]
+struct BlockCache {
+    budget: u64,
+    blocks: Mutex<(u64, HashMap<(usize, u64), Arc<BlockRead>>)>,
+}
+
+impl std::fmt::Debug for BlockCache {
+    /// The budget and what is held, not the cells.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockCache").field("budget", &self.budget).field("used", &self.used()).finish()
+    }
+}
+
+impl BlockCache {
+    fn get(&self, source: usize, start: u64) -> Option<Arc<BlockRead>> {
+        self.blocks.lock().unwrap_or_else(PoisonError::into_inner).1.get(&(source, start)).cloned()
+    }
+
+    fn offer(&self, source: usize, start: u64, block: &Arc<BlockRead>) {
+        let (csr, present) = &**block;
+        let bytes = (csr.indices.len() * 4 + csr.data.len() * 4 + csr.indptr.len() * 8 + present.len()) as u64;
+        let mut guard = self.blocks.lock().unwrap_or_else(PoisonError::into_inner);
+        let (used, map) = &mut *guard;
+        if *used + bytes <= self.budget && !map.contains_key(&(source, start)) {
+            *used += bytes;
+            map.insert((source, start), Arc::clone(block));
+        }
+    }
+
+    /// Bytes held.
+    fn used(&self) -> u64 {
+        self.blocks.lock().unwrap_or_else(PoisonError::into_inner).0
+    }
 }
 
 impl Loader {
@@ -187,7 +232,18 @@ impl Loader {
             })
             .collect::<Result<_>>()?;
         let numeric = (0..dataset.n_obs() as usize).flat_map(|r| columns.iter().map(move |c| c[r])).collect();
-        Ok(Loader { sources: Arc::new(sources), batch: Arc::new(batch), label: Arc::new(label), numeric: Arc::new(numeric), batch_categories, label_categories, shard, config })
+        let cache = Arc::new(BlockCache { budget: config.cache_bytes, ..BlockCache::default() });
+        Ok(Loader { sources: Arc::new(sources), batch: Arc::new(batch), label: Arc::new(label), numeric: Arc::new(numeric), batch_categories, label_categories, shard, config, cache })
+    }
+
+    /// This loader's cells in store order (no shuffling), sharing its decoded blocks.
+    pub fn ordered(&self) -> Loader {
+        Loader { config: LoaderConfig { shuffle: false, ..self.config.clone() }, ..self.clone() }
+    }
+
+    /// Bytes of decoded blocks kept for later epochs.
+    pub fn cached_bytes(&self) -> u64 {
+        self.cache.used()
     }
 
     pub fn n_cells(&self) -> u64 {
@@ -258,10 +314,23 @@ impl Loader {
         }
     }
 
-    /// Reads every block of every modality; blocks in parallel.
-    fn read_fetch(&self, blocks: &[Range<u64>]) -> Result<Vec<Vec<BlockRead>>> {
+    /// Every block of every modality, from the cache or read (blocks in parallel).
+    fn read_fetch(&self, blocks: &[Range<u64>]) -> Result<Vec<Vec<Arc<BlockRead>>>> {
         use rayon::prelude::*;
-        self.sources.iter().map(|s| blocks.par_iter().map(|b| s.read(b.clone())).collect::<Result<Vec<_>>>()).collect()
+        let read = |(i, s): (usize, &Source)| {
+            blocks
+                .par_iter()
+                .map(|b| {
+                    if let Some(hit) = self.cache.get(i, b.start) {
+                        return Ok(hit);
+                    }
+                    let block = Arc::new(s.read(b.clone())?);
+                    self.cache.offer(i, b.start, &block);
+                    Ok(block)
+                })
+                .collect::<Result<Vec<_>>>()
+        };
+        self.sources.iter().enumerate().map(read).collect()
     }
 
     /// Shuffles the cells of a fetch together and cuts them into batches (in parallel).
@@ -286,7 +355,7 @@ impl Loader {
                         counts.indptr.push(0);
                         let mut present = Vec::with_capacity(chunk.len());
                         for &(b, r) in chunk {
-                            let (csr, here) = &blocks_read[b];
+                            let (csr, here) = &*blocks_read[b];
                             let (idx, val) = csr.row(r);
                             counts.indices.extend_from_slice(idx);
                             counts.data.extend_from_slice(val);
@@ -318,7 +387,7 @@ type BlockRead = (Csr, Vec<bool>);
 struct Fetch {
     seed: u64,
     blocks: Vec<Range<u64>>,
-    parts: Vec<Vec<BlockRead>>,
+    parts: Vec<Vec<Arc<BlockRead>>>,
 }
 
 /// One epoch's batches, read ahead in the background.

@@ -134,3 +134,34 @@ fn shard_plan_over_a_stored_matrix_is_chunk_aligned() {
         assert!((k as f64 - total as f64 / 4.0).abs() <= chunk as f64, "{:?}", plan.nnz);
     }
 }
+
+#[test]
+fn cached_blocks_give_the_same_epochs_within_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = store(&dir, "cache.zarr", config());
+    let dataset = Dataset::open(&path).unwrap();
+    let cfg = |cache_bytes| LoaderConfig { batch_size: 100, block_cells: 64, blocks_per_fetch: 3, prefetch: 2, seed: 5, batch_key: Some("batch".into()), cache_bytes, ..Default::default() };
+    let epochs = |loader: &Loader| -> Vec<Vec<tessera_data::MiniBatch>> { (0..3).map(|e| loader.epoch(e).map(Result::unwrap).collect()).collect() };
+    let streamed = Loader::new(&dataset, 0..3000, cfg(0)).unwrap();
+    let expected = epochs(&streamed);
+    assert_eq!(streamed.cached_bytes(), 0, "no budget, nothing kept");
+
+    // All of it: decoded in the first epoch, then held (every later epoch reads from memory).
+    let everything = Loader::new(&dataset, 0..3000, cfg(u64::MAX)).unwrap();
+    let first: Vec<_> = everything.epoch(0).map(Result::unwrap).collect();
+    let held = everything.cached_bytes();
+    assert!(held > 3000 * 4, "decoded blocks are held ({held} bytes)");
+    assert_eq!(epochs(&everything), expected);
+    assert_eq!(first, expected[0]);
+    assert_eq!(everything.cached_bytes(), held, "nothing read twice");
+
+    // A third of it: those blocks stay, the rest streams; the batches do not change.
+    let part = Loader::new(&dataset, 0..3000, cfg(held / 3)).unwrap();
+    assert_eq!(epochs(&part), expected);
+    assert!(part.cached_bytes() > 0 && part.cached_bytes() <= held / 3, "{} of {held} bytes", part.cached_bytes());
+
+    // The ordered view shares the cache: store order, same rows.
+    let ordered: Vec<u64> = everything.ordered().epoch(0).flat_map(|b| b.unwrap().cells).collect();
+    assert_eq!(ordered, (0..3000).collect::<Vec<_>>());
+    assert_eq!(everything.cached_bytes(), held);
+}

@@ -14,4 +14,4 @@ pub mod fit;
 pub mod plot;
 
 pub use eval::{EvalError, EvalRequest, Evaluation, evaluate_store, write_evaluation};
-pub use fit::{Denoised, EpochRecord, FitConfig, FitError, FitOptions, FitReport, fit};
+pub use fit::{DEFAULT_CACHE_MIB, Denoised, EpochRecord, FitConfig, FitError, FitOptions, FitReport, fit};

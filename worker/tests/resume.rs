@@ -26,7 +26,7 @@ fn options(data: &str, out: &Path, epochs: usize, resume: bool) -> FitOptions {
     config.train.reduce_lr_on_plateau = true;
     config.train.lr_patience = 0;
     config.train.lr = 5e-2;
-    FitOptions { data: data.into(), modalities: Vec::new(), batch_key: Some("batch".into()), label_key: None, config, out: out.to_path_buf(), embedding_key: "X_tessera".into(), overwrite: resume, resume, denoised: None }
+    FitOptions { data: data.into(), modalities: Vec::new(), batch_key: Some("batch".into()), label_key: None, config, out: out.to_path_buf(), embedding_key: "X_tessera".into(), overwrite: resume, resume, denoised: None, cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20 }
 }
 
 #[test]

@@ -23,5 +23,5 @@ pub fn options(data: &str, out: &Path, epochs: usize) -> FitOptions {
     let mut config = FitConfig::default();
     config.train.max_epochs = Some(epochs);
     config.train.kl_warmup_epochs = epochs / 2;
-    FitOptions { data: data.into(), modalities: Vec::new(), batch_key: None, label_key: Some("cell_type".into()), config, out: out.to_path_buf(), embedding_key: "X_tessera".into(), overwrite: false, resume: false, denoised: None }
+    FitOptions { data: data.into(), modalities: Vec::new(), batch_key: None, label_key: Some("cell_type".into()), config, out: out.to_path_buf(), embedding_key: "X_tessera".into(), overwrite: false, resume: false, denoised: None, cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20 }
 }

@@ -211,22 +211,31 @@ pub fn sparse_forward_values<T: Real>(x: CsrRef<'_, T>, values: &[T], w: &[T], d
     });
 }
 
-/// out = Σ_k v_k · row i_k of `m` (rows as wide as `out`), over `terms` (i_k, v_k), each output
-/// summed in the terms' order. Outputs go in blocks held in registers across the terms (a
-/// block of accumulators in memory would be loaded and stored once per term).
+/// out = Σ_k v_k · row i_k of `m` (rows as wide as `out`), over `terms` (i_k, v_k), in a
+/// fixed order. Outputs go in blocks held in registers across the terms (a block of
+/// accumulators in memory would be loaded and stored once per term), and even and odd terms
+/// go to two sets of accumulators added at the end: one set would wait on the latency of each
+/// addition.
 fn weighted_row_sum<T: Real>(terms: impl Iterator<Item = (usize, T)> + Clone, m: &[T], out: &mut [T]) {
     const BLOCK: usize = 32;
     let width = out.len();
+    let block_of = |i: usize, start: usize| -> &[T; BLOCK] { m[i * width + start..][..BLOCK].try_into().expect("a block of the row") };
     let mut start = 0;
     while start + BLOCK <= width {
-        let mut acc = [T::zero(); BLOCK];
-        for (i, v) in terms.clone() {
-            let row: &[T; BLOCK] = m[i * width + start..][..BLOCK].try_into().expect("a block of the row");
-            for (a, &x) in acc.iter_mut().zip(row) {
+        let (mut even, mut odd) = ([T::zero(); BLOCK], [T::zero(); BLOCK]);
+        let mut pairs = terms.clone();
+        while let Some((i, v)) = pairs.next() {
+            for (a, &x) in even.iter_mut().zip(block_of(i, start)) {
+                *a = *a + v * x;
+            }
+            let Some((i, v)) = pairs.next() else { break };
+            for (a, &x) in odd.iter_mut().zip(block_of(i, start)) {
                 *a = *a + v * x;
             }
         }
-        out[start..start + BLOCK].copy_from_slice(&acc);
+        for ((o, &e), &d) in out[start..start + BLOCK].iter_mut().zip(&even).zip(&odd) {
+            *o = e + d;
+        }
         start += BLOCK;
     }
     let rest = &mut out[start..];
