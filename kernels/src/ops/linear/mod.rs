@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use crate::real::Real;
+use crate::real::{Real, mul_add};
 
 pub const CUDA_SOURCE: &str = include_str!("linear.cu");
 
@@ -226,11 +226,11 @@ fn weighted_row_sum<T: Real>(terms: impl Iterator<Item = (usize, T)> + Clone, m:
         let mut pairs = terms.clone();
         while let Some((i, v)) = pairs.next() {
             for (a, &x) in even.iter_mut().zip(block_of(i, start)) {
-                *a = *a + v * x;
+                *a = mul_add(v, x, *a);
             }
             let Some((i, v)) = pairs.next() else { break };
             for (a, &x) in odd.iter_mut().zip(block_of(i, start)) {
-                *a = *a + v * x;
+                *a = mul_add(v, x, *a);
             }
         }
         for ((o, &e), &d) in out[start..start + BLOCK].iter_mut().zip(&even).zip(&odd) {
