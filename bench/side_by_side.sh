@@ -5,17 +5,18 @@
 # embeddings. Installs scvi-tools (pinned, bench/requirements-scvi.txt; ~6 GB with torch) in
 # target/scvi-venv on first use.
 #
-#   bash bench/side_by_side.sh [--epochs 100] [--cells 10000] [--data STORE_OR_H5AD]
+#   bash bench/side_by_side.sh [--epochs 100] [--cells 10000] [--data STORE_OR_H5AD] [--seed 0]
 #
 # Without --data the store is simulated (3 batches, 8 cell types, the main job's default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-epochs=100 cells=10000 data=""
+epochs=100 cells=10000 data="" seed=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --epochs) epochs=$2; shift 2 ;;
     --cells) cells=$2; shift 2 ;;
     --data) data=$2; shift 2 ;;
+    --seed) seed=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -36,9 +37,10 @@ else
 fi
 export RAYON_NUM_THREADS=2 MATMUL_NUM_THREADS=2 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
 echo "== tessera ($epochs epochs)"
-"$tessera" train --data "$work/data.zarr" --epochs "$epochs" --out "$work/tessera" | tail -n +1
+printf '[train]\nseed = %d\n' "$seed" > "$work/seed.toml"
+"$tessera" train --data "$work/data.zarr" --config "$work/seed.toml" --epochs "$epochs" --out "$work/tessera" | tail -n +1
 echo "== scvi-tools ($epochs epochs)"
-"$venv/bin/python" bench/scvi_train.py --data "$work/data.zarr" --epochs "$epochs" --threads 2 > "$work/scvi.json"
+"$venv/bin/python" bench/scvi_train.py --data "$work/data.zarr" --epochs "$epochs" --threads 2 --seed "$seed" > "$work/scvi.json"
 "$tessera" eval --data "$work/data.zarr" --embedding-key X_scvi --out "$work/scvi" >/dev/null
 "$venv/bin/python" - "$work" <<'PY'
 import csv, json, sys
