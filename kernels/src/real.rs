@@ -189,8 +189,6 @@ pub fn count_gamma_parts(x: f64, theta: f64) -> CountTerms {
     CountTerms::Exact { lg: lgamma(x + theta) - lgamma(theta) - lgamma(x + 1.0), dg: digamma(x + theta) - digamma(theta) }
 }
 
-/// Σ v in a fixed order that vectorises: 16 interleaved partial sums, then combined pairwise.
-/// (A left-to-right sum is one long dependency chain of additions.)
 /// a·b + c in one fused instruction (one rounding) where the build target has FMA (x86-64-v3,
 /// our default), else as a product and a sum: `mul_add` without hardware FMA is a slow
 /// software call.
@@ -205,46 +203,44 @@ fn fma32(a: f32, b: f32, c: f32) -> f32 {
     mul_add(a, b, c)
 }
 
+/// Σ v in a fixed order that vectorises (a left-to-right sum is one long dependency chain of
+/// additions).
 pub fn lane_sum<T: Real>(v: &[T]) -> T {
+    lane_fold(v, T::zero(), |a, x| a + x)
+}
+
+/// The largest of `v` (−∞ for none), vectorised: `max` with its NaN rule is a scalar chain. A
+/// NaN is not propagated reliably; callers meet it downstream.
+pub fn lane_max<T: Real>(v: &[T]) -> T {
+    lane_fold(v, T::neg_infinity(), |a, x| if x > a { x } else { a })
+}
+
+/// `op` folded over `v` in 16 interleaved lanes (one chain per lane, so the loop runs in SIMD
+/// registers), then the lanes combined pairwise: a fixed order whatever the machine.
+#[inline(always)]
+fn lane_fold<T: Real>(v: &[T], init: T, op: impl Fn(T, T) -> T) -> T {
     const LANES: usize = 16;
-    let mut acc = [T::zero(); LANES];
+    let mut acc = [init; LANES];
     let mut blocks = v.chunks_exact(LANES);
     for block in &mut blocks {
         for (a, &x) in acc.iter_mut().zip(block) {
-            *a = *a + x;
+            *a = op(*a, x);
         }
     }
     for (a, &x) in acc.iter_mut().zip(blocks.remainder()) {
-        *a = *a + x;
+        *a = op(*a, x);
     }
     let mut width = LANES;
     while width > 1 {
         width /= 2;
         for i in 0..width {
-            acc[i] = acc[i] + acc[i + width];
+            acc[i] = op(acc[i], acc[i + width]);
         }
     }
     acc[0]
 }
 
 /// log(1 + exp(x)) without overflow.
-/// The largest of `v` (−∞ for none), in 16 lanes that vectorise: `max` with its NaN rule is a
-/// scalar dependency chain. A NaN is not propagated reliably; callers meet it downstream.
-pub fn lane_max<T: Real>(v: &[T]) -> T {
-    const LANES: usize = 16;
-    let mut acc = [T::neg_infinity(); LANES];
-    let mut blocks = v.chunks_exact(LANES);
-    for block in &mut blocks {
-        for (a, &x) in acc.iter_mut().zip(block) {
-            *a = if x > *a { x } else { *a };
-        }
-    }
-    for (a, &x) in acc.iter_mut().zip(blocks.remainder()) {
-        *a = if x > *a { x } else { *a };
-    }
-    acc.iter().copied().fold(T::neg_infinity(), |m, x| if x > m { x } else { m })
-}
-
 pub fn softplus<T: Real>(x: T) -> T {
     if x > T::zero() { x + (-x).exp().ln_1p() } else { x.exp().ln_1p() }
 }
@@ -353,6 +349,17 @@ mod tests {
         }
         // ψ(1) = -γ
         assert!((digamma(1.0f64) + 0.577_215_664_901_532_9).abs() < 1e-13);
+    }
+
+    #[test]
+    fn lane_folds_match_sequential_ones() {
+        for n in [0usize, 1, 15, 16, 17, 2000] {
+            let v: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.77).sin() * 50.0 - 20.0).collect();
+            assert_eq!(lane_max(&v), v.iter().copied().fold(f32::NEG_INFINITY, f32::max), "max of {n}");
+            let sum = lane_sum(&v);
+            let exact: f64 = v.iter().map(|&x| f64::from(x)).sum();
+            assert!((f64::from(sum) - exact).abs() <= 1e-5 * (1.0 + exact.abs()) * n as f64, "sum of {n}: {sum} vs {exact}");
+        }
     }
 
     #[test]
