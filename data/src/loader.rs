@@ -146,8 +146,11 @@ pub struct Loader {
 #[derive(Default)]
 struct BlockCache {
     budget: u64,
-    blocks: Mutex<(u64, HashMap<(usize, u64), Arc<BlockRead>>)>,
+    /// Bytes held, and the blocks.
+    blocks: Mutex<(u64, Blocks)>,
 }
+
+type Blocks = HashMap<(usize, u64), Arc<BlockRead>>;
 
 impl std::fmt::Debug for BlockCache {
     /// The budget and what is held, not the cells.

@@ -226,7 +226,7 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
 /// likelihood on dense counts, then the chain rule back through both and the column sums of
 /// the per-entry θ gradients.
 #[allow(clippy::too_many_arguments)]
-pub fn softmax_nb_composed<T: Real, B: Backend<T> + ?Sized>(b: &B, logits: In<'_, B::Buf>, library: In<'_, B::Buf>, counts: CsrRef<'_, T>, theta: In<'_, B::Buf>, weights: In<'_, B::Buf>, ll: Out<'_, B::Buf>, dlogits: Out<'_, B::Buf>, dtheta: Out<'_, B::Buf>) -> Result<()> {
+pub fn softmax_nb_composed<T: Real, B: Backend<T>>(b: &B, logits: In<'_, B::Buf>, library: In<'_, B::Buf>, counts: CsrRef<'_, T>, theta: In<'_, B::Buf>, weights: In<'_, B::Buf>, ll: Out<'_, B::Buf>, dlogits: Out<'_, B::Buf>, dtheta: Out<'_, B::Buf>) -> Result<()> {
     let (n, g) = (counts.rows, counts.cols);
     let x = Tensor { buf: b.upload_vec(counts.summed_dense())?, rows: n, cols: g };
     let mut rho = b.tensor(n, g)?;
