@@ -345,10 +345,10 @@ impl Decoder {
         let ll_weights = b.upload(&negative)?;
         let mut ll = b.zeros(n)?;
         let reconstruction = |ll: &Buf<T, B>| -> Result<f64> { Ok(-b.download(In::all(ll))?.iter().zip(weights).map(|(l, w)| l.f64() * w.f64()).sum::<f64>()) };
-        if let Some(x) = &x
-            && kind == LikelihoodKind::NbMixture
-        {
-            let (reconstruction, mixture) = self.mixture_forward(b, p, state, &h, main.output(), x, batch_onehot.as_ref(), weights, mode)?;
+        if kind == LikelihoodKind::NbMixture {
+            let x = x.as_ref().expect("dense counts for the NB mixture");
+            let mixture = self.mixture_forward(b, p, state, &h, main.output(), x, batch_onehot.as_ref(), &ll_weights, &mut ll, mode)?;
+            let reconstruction = reconstruction(&ll)?;
             let acts = DecoderActs { cov, batch_onehot, library, hidden, main, zero_inflation, dispersion, proportions: None, log_theta_cells: None, theta: None, dparams: Vec::new(), mixture: Some(mixture) };
             return Ok((reconstruction, acts));
         }
@@ -431,10 +431,11 @@ impl Decoder {
         Ok(log_back)
     }
 
-    /// totalVI's NB mixture: −Σ_r w_r log p(x_r) and the values its backward needs; `s` is the
-    /// main head's output (the foreground's log-scale logit).
+    /// totalVI's NB mixture: log p(x_r) per row into `ll` and the values its backward needs,
+    /// gradients weighted by `negative` (−w_r per row); `s` is the main head's output (the
+    /// foreground's log-scale logit).
     #[allow(clippy::too_many_arguments)]
-    fn mixture_forward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, state: &mut Slots<'_, Buf<T, B>>, h: &Input<'_, Buf<T, B>, B::Csr>, s: &Tensor<Buf<T, B>>, x: &Tensor<Buf<T, B>>, onehot: Option<&Tensor<Buf<T, B>>>, weights: &[T], mode: Mode) -> Result<(f64, MixtureActs<Buf<T, B>>)> {
+    fn mixture_forward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, state: &mut Slots<'_, Buf<T, B>>, h: &Input<'_, Buf<T, B>, B::Csr>, s: &Tensor<Buf<T, B>>, x: &Tensor<Buf<T, B>>, onehot: Option<&Tensor<Buf<T, B>>>, negative: &Buf<T, B>, ll: &mut Buf<T, B>, mode: Mode) -> Result<MixtureActs<Buf<T, B>>> {
         let (n, g) = (s.rows, self.spec.n_features);
         let log_back = self.log_background(b, p, onehot.expect("the mixture reads the batch one-hot"))?;
         let mut log_scale = b.tensor(n, g)?;
@@ -450,25 +451,22 @@ impl Decoder {
         let mut theta_cells = b.tensor(n, g)?;
         b.gather_rows(theta.input(), &vec![0; n], g, theta_cells.output())?;
         let mixing = self.heads.mixing.as_ref().expect("the mixture's mixing head").forward(b, p, state, h, None, mode)?;
-        let mut ll = b.zeros(n)?;
         let mut raw: Vec<Tensor<Buf<T, B>>> = (0..4).map(|_| b.tensor(n, g)).collect::<Result<_>>()?;
         {
             let [a, c, d, e] = &mut raw[..] else { unreachable!("four gradients") };
-            b.nb_mixture(x.input(), back.input(), fore.input(), theta_cells.input(), mixing.output().input(), g, Out::all(&mut ll), [a.output(), c.output(), d.output(), e.output()])?;
+            b.nb_mixture(x.input(), back.input(), fore.input(), theta_cells.input(), mixing.output().input(), g, Out::all(ll), [a.output(), c.output(), d.output(), e.output()])?;
         }
         // The op's gradients are of the unweighted log-likelihood: weight each row by −w.
-        let negative = b.upload(&weights.iter().map(|&w| T::zero() - w).collect::<Vec<T>>())?;
         let weighted: Vec<Tensor<Buf<T, B>>> = raw
             .into_iter()
             .map(|t| {
                 let mut out = b.tensor(n, g)?;
-                b.scale_rows(t.input(), In::all(&negative), out.output())?;
+                b.scale_rows(t.input(), In::all(negative), out.output())?;
                 Ok(out)
             })
             .collect::<Result<_>>()?;
         let Ok(grads) = <[Tensor<Buf<T, B>>; 4]>::try_from(weighted) else { unreachable!("four gradients") };
-        let reconstruction = -b.download(In::all(&ll))?.iter().zip(weights).map(|(l, w)| l.f64() * w.f64()).sum::<f64>();
-        Ok((reconstruction, MixtureActs { mixing, log_back, log_scale, log_fore, back, fore, theta, grads }))
+        Ok(MixtureActs { mixing, log_back, log_scale, log_fore, back, fore, theta, grads })
     }
 
     /// The NB mixture's backward to its head inputs and parameters; dL/dh is written to `dh`.
