@@ -26,7 +26,7 @@ pub use store::{Location, Store, ZarrVersion};
 pub use zarr::Values;
 pub use write::{CsrWriter, StoreWriter};
 pub use simulate::{SimConfig, SimSummary, simulate};
-pub use loader::{Epoch, Loader, LoaderConfig, MiniBatch, ModalityBatch};
+pub use loader::{Cells, Epoch, Holdout, Loader, LoaderConfig, MiniBatch, ModalityBatch};
 pub use shard::ShardPlan;
 pub use inspect::{StoreSummary, inspect};
 pub use convert::{ConvertSummary, convert};

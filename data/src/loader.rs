@@ -43,6 +43,75 @@ pub struct LoaderConfig {
     pub matrix: String,
     /// Decoded blocks kept for later epochs, at most this many bytes (0: none).
     pub cache_bytes: u64,
+    /// Which of the shard's cells the epochs yield; batches are cut from those cells only, so a
+    /// held-out split still gives full batches.
+    pub cells: Cells,
+}
+
+/// A split of cells into training and held-out cells that depends only on the cell indices and
+/// the seed, not on reading order: every epoch, resumed run and worker agrees on it. The held
+/// cells are exactly the ones with the smallest hashes of (cell, seed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holdout {
+    seed: u64,
+    /// The largest (hash, cell) held out; None holds nothing.
+    last: Option<(u64, u64)>,
+}
+
+impl Holdout {
+    /// Holds out `held` of `cells` (all of them when `held` is larger).
+    pub fn new(cells: Range<u64>, seed: u64, held: u64) -> Holdout {
+        let n = cells.end.saturating_sub(cells.start);
+        let held = held.min(n) as usize;
+        if held == 0 {
+            return Holdout { seed, last: None };
+        }
+        // Only hashes below a bound that should admit ~1.25x the held cells are kept for the
+        // selection (memory in the held cells, not the shard's); the rare short draw widens it.
+        let mut admitted = (1.25 * held as f64 + 64.0) / n as f64;
+        loop {
+            let bound = if admitted >= 1.0 { u64::MAX } else { (admitted * 2f64.powi(64)) as u64 };
+            let mut keys: Vec<(u64, u64)> = cells.clone().map(|c| (cell_hash(c, seed), c)).filter(|&(h, _)| h <= bound).collect();
+            if keys.len() >= held {
+                let (_, &mut last, _) = keys.select_nth_unstable(held - 1);
+                return Holdout { seed, last: Some(last) };
+            }
+            admitted *= 2.0;
+        }
+    }
+
+    pub fn holds(&self, cell: u64) -> bool {
+        self.last.is_some_and(|last| (cell_hash(cell, self.seed), cell) <= last)
+    }
+}
+
+/// SplitMix64 of (cell, seed): uniform, so the smallest hashes are a uniform sample of cells.
+fn cell_hash(cell: u64, seed: u64) -> u64 {
+    let mut x = cell.wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_add(0x632B_E59B_D9B4_E019);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The cells a loader yields.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Cells {
+    #[default]
+    All,
+    /// The cells the holdout does not hold.
+    Training(Holdout),
+    /// The cells it holds.
+    HeldOut(Holdout),
+}
+
+impl Cells {
+    pub fn includes(&self, cell: u64) -> bool {
+        match self {
+            Cells::All => true,
+            Cells::Training(h) => !h.holds(cell),
+            Cells::HeldOut(h) => h.holds(cell),
+        }
+    }
 }
 
 impl Default for LoaderConfig {
@@ -59,6 +128,7 @@ impl Default for LoaderConfig {
             numeric_keys: Vec::new(),
             matrix: "X".into(),
             cache_bytes: 0,
+            cells: Cells::All,
         }
     }
 }
@@ -244,6 +314,11 @@ impl Loader {
         Loader { config: LoaderConfig { shuffle: false, ..self.config.clone() }, ..self.clone() }
     }
 
+    /// This loader yielding `cells` of its shard, sharing its decoded blocks.
+    pub fn with_cells(&self, cells: Cells) -> Loader {
+        Loader { config: LoaderConfig { cells, ..self.config.clone() }, ..self.clone() }
+    }
+
     /// Bytes of decoded blocks kept for later epochs.
     pub fn cached_bytes(&self) -> u64 {
         self.cache.used()
@@ -340,7 +415,8 @@ impl Loader {
     fn assemble(&self, fetch: &Fetch) -> Vec<MiniBatch> {
         use rayon::prelude::*;
         let blocks = &fetch.blocks;
-        let mut order: Vec<(usize, usize)> = blocks.iter().enumerate().flat_map(|(bi, b)| (0..(b.end - b.start) as usize).map(move |r| (bi, r))).collect();
+        let cells = self.config.cells;
+        let mut order: Vec<(usize, usize)> = blocks.iter().enumerate().flat_map(|(bi, b)| (0..(b.end - b.start) as usize).filter(move |&r| cells.includes(b.start + r as u64)).map(move |r| (bi, r))).collect();
         if self.config.shuffle {
             order.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(fetch.seed));
         }

@@ -51,16 +51,6 @@ impl Csr {
         out
     }
 
-    /// `other`'s rows after these (same column count).
-    pub fn append_rows(&mut self, other: Csr) {
-        assert_eq!(self.n_cols, other.n_cols, "appending CSR rows of another width");
-        let offset = self.data.len() as u64;
-        self.indptr.extend(other.indptr[1..].iter().map(|&p| p + offset));
-        self.indices.extend(other.indices);
-        self.data.extend(other.data);
-        self.n_rows += other.n_rows;
-    }
-
     /// Builds CSR from dense row-major values, keeping non-zeros.
     pub fn from_dense(n_rows: usize, n_cols: usize, values: &[f32]) -> Csr {
         let mut out = Csr { n_rows, n_cols, indptr: Vec::with_capacity(n_rows + 1), ..Default::default() };
@@ -324,16 +314,6 @@ fn csc_rows_to_csr(indptr: &[i64], indices: &[u32], data: &[f32], rows: Range<u6
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn appended_rows_follow_the_originals() {
-        let mut a = Csr::from_dense(2, 3, &[1.0, 0.0, 2.0, 0.0, 0.0, 3.0]);
-        a.append_rows(Csr::from_dense(1, 3, &[0.0, 4.0, 5.0]));
-        assert_eq!(a.n_rows, 3);
-        assert_eq!(a.indptr, vec![0, 2, 3, 5]);
-        assert_eq!(a.row(2), (&[1u32, 2][..], &[4.0f32, 5.0][..]));
-        assert_eq!(a.row(0), (&[0u32, 2][..], &[1.0f32, 2.0][..]));
-    }
 
     #[test]
     fn indptr_validation_names_the_problem() {

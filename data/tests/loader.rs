@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use tessera_data::{AnnData, Dataset, Loader, LoaderConfig, ShardPlan, SimConfig, ZarrVersion, simulate};
+use tessera_data::{AnnData, Cells, Dataset, Holdout, Loader, LoaderConfig, ShardPlan, SimConfig, ZarrVersion, simulate};
 
 fn store(dir: &tempfile::TempDir, name: &str, config: SimConfig) -> String {
     let path = dir.path().join(name).to_str().unwrap().to_string();
@@ -64,6 +64,49 @@ fn unshuffled_epoch_is_in_order_and_early_drop_stops_the_reader() {
     let mut epoch = loader.epoch(1);
     assert!(epoch.next().is_some());
     drop(epoch); // must return: the background reader is unblocked and joined
+}
+
+#[test]
+fn holdout_holds_exactly_the_asked_cells_whatever_the_order() {
+    let held = |h: &Holdout, cells: std::ops::Range<u64>| -> HashSet<u64> { cells.filter(|&c| h.holds(c)).collect() };
+    let h = Holdout::new(100..5100, 7, 500);
+    let a = held(&h, 100..5100);
+    assert_eq!(a.len(), 500);
+    assert!(a.iter().all(|&c| (100..5100).contains(&c)));
+    // Spread over the shard, not a contiguous run: each fifth of the cells holds 100 ± 40.
+    for part in 0..5u64 {
+        let n = a.iter().filter(|&&c| (100 + part * 1000..100 + (part + 1) * 1000).contains(&c)).count();
+        assert!((60..=140).contains(&n), "fifth {part} holds {n}");
+    }
+    assert_eq!(Holdout::new(100..5100, 7, 500), h, "a function of cells and seed alone");
+    let other = held(&Holdout::new(100..5100, 8, 500), 100..5100);
+    assert!(a.intersection(&other).count() < 150, "another seed draws other cells");
+    assert!(held(&Holdout::new(0..50, 1, 0), 0..50).is_empty());
+    assert_eq!(held(&Holdout::new(0..50, 1, 80), 0..50).len(), 50, "more than the shard holds all of it");
+    assert_eq!(held(&Holdout::new(0..50, 1, 49), 0..50).len(), 49);
+}
+
+#[test]
+fn training_and_held_out_cells_split_the_shard_in_full_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = store(&dir, "h.zarr", config());
+    let dataset = Dataset::open(&path).unwrap();
+    let cfg = LoaderConfig { batch_size: 100, block_cells: 256, blocks_per_fetch: 4, prefetch: 2, seed: 5, ..Default::default() };
+    let loader = Loader::new(&dataset, 0..3000, cfg).unwrap();
+    let holdout = Holdout::new(0..3000, 5, 300);
+    let training = loader.with_cells(Cells::Training(holdout));
+    for epoch in 0..2 {
+        let batches: Vec<Vec<u64>> = training.epoch(epoch).map(|b| b.unwrap().cells).collect();
+        let cells: HashSet<u64> = batches.iter().flatten().copied().collect();
+        assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 2700, "each training cell once");
+        assert!(cells.iter().all(|&c| !holdout.holds(c)));
+        // 3000 cells in fetches of 1024: one short batch per fetch, the rest full.
+        assert_eq!(batches.iter().filter(|b| b.len() < 100).count(), 3, "epoch {epoch}: {:?}", batches.iter().map(Vec::len).collect::<Vec<_>>());
+    }
+    let held: Vec<u64> = loader.ordered().with_cells(Cells::HeldOut(holdout)).epoch(0).flat_map(|b| b.unwrap().cells).collect();
+    assert_eq!(held.len(), 300);
+    assert!(held.windows(2).all(|w| w[0] < w[1]), "held-out cells in store order");
+    assert!(held.iter().all(|&c| holdout.holds(c)));
 }
 
 #[test]

@@ -2,12 +2,11 @@
 //! early stopping, then the embedding written back into the store and the run's records
 //! (history CSV, weights as safetensors, resolved config as JSON) into the output folder.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use tessera_data::{AnnData, Dataset, Loader, LoaderConfig, MiniBatch};
+use tessera_data::{AnnData, Cells, Dataset, Holdout, Loader, LoaderConfig, MiniBatch};
 use tessera_kernels::backend::Cpu;
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::{Categories, LikelihoodKind, LossTerms, ModalityCounts, Supervision, Survival, Plateau, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
@@ -183,6 +182,10 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     let numeric_keys = head_columns(mc, opts.label_key.as_deref())?;
     let loader_config = LoaderConfig { batch_size: tc.batch_size, shuffle: true, seed: tc.seed, batch_key: opts.batch_key.clone(), label_key: opts.label_key.clone(), numeric_keys, cache_bytes: opts.cache_bytes, ..LoaderConfig::default() };
     let loader = Loader::new(&dataset, 0..n_obs, loader_config)?;
+    // scvi-tools' split: floor(fraction · n) cells held out (here at most the cap), the
+    // batches cut from the training cells alone.
+    let holdout = Holdout::new(0..n_obs, tc.seed, ((n_obs as f64 * tc.validation_fraction).floor() as u64).min(tc.max_validation_cells as u64));
+    let training = loader.with_cells(Cells::Training(holdout));
     let plan = OutputPlan::new(&dataset, &opts.modalities, &loader.modality_names(), &opts.data)?;
     // Refused now rather than after hours of training.
     let denoised_keys: Vec<(&str, String)> = match &opts.denoised {
@@ -217,32 +220,38 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     let epochs = tc.epochs(n_obs);
     let resolved = serde_json::json!({ "data": opts.data, "modalities": model_shapes(&trainer.model), "batch_key": opts.batch_key, "label_key": opts.label_key, "n_obs": n_obs, "batch_categories": loader.batch_categories, "label_categories": loader.label_categories, "model": opts.config.model, "train": opts.config.train, "epochs": epochs });
     let checkpoint_dir = opts.out.join("checkpoint");
-    let mut validation = Validation { seed: tc.seed, fraction: tc.validation_fraction, cap: tc.max_validation_cells, batch_size: tc.batch_size, cells: HashSet::new(), batches: Vec::new() };
+    // The held-out cells stay in memory as model batches for every epoch's validation pass.
+    let mut n_validation = 0;
+    let validation: Vec<Converted> = loader
+        .ordered()
+        .with_cells(Cells::HeldOut(holdout))
+        .epoch(0)
+        .map(|mb| {
+            let mb = mb?;
+            n_validation += mb.cells.len() as u64;
+            Ok(Converted::whole(&mb, &inputs))
+        })
+        .collect::<Result<_, FitError>>()?;
     let mut state = FitState { epochs_done: 0, step: 0, plateau: Plateau::new(tc.lr), best: f64::INFINITY, since_best: 0, n_train: 0, history: Vec::new(), run: resolved.clone() };
     if opts.resume {
         state = checkpoint::load(&checkpoint_dir, &resolved, &mut trainer)?;
-        // The held-out cells and their batches, exactly as the first epoch drew them.
-        for mb in loader.epoch(0) {
-            validation.split(&mb?, 0, &inputs);
-        }
         tracing::info!(epoch = state.epochs_done, step = state.step, "resuming from {}", checkpoint_dir.display());
     }
     let mut stopped_early = false;
     progress(Progress::Start { epochs, cells_per_epoch: n_obs });
 
-    let mut upcoming = (state.epochs_done < epochs).then(|| loader.epoch(state.epochs_done as u64));
+    let mut upcoming = (state.epochs_done < epochs).then(|| training.epoch(state.epochs_done as u64));
     for epoch in state.epochs_done..epochs {
         let started = Instant::now();
         let mut sums = Sums::default();
-        let batches = upcoming.take().unwrap_or_else(|| loader.epoch(epoch as u64));
+        let batches = upcoming.take().unwrap_or_else(|| training.epoch(epoch as u64));
         for mb in batches {
             let mb = mb?;
-            let train_rows = validation.split(&mb, epoch, &inputs);
             // BatchNorm needs two cells; a lone leftover cell waits for the next epoch's order.
-            if train_rows.len() < 2 {
+            if mb.cells.len() < 2 {
                 continue;
             }
-            let batch = Converted::new(&mb, &inputs, &train_rows);
+            let batch = Converted::whole(&mb, &inputs);
             let terms = on_pool(|| batch.with(|b| trainer.step(b, epoch)))?;
             sums.add(&terms);
             progress(Progress::Batch { cells: terms.cells, loss: &terms });
@@ -253,14 +262,14 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
         // The next epoch's first fetch is read while this one validates and records: otherwise
         // every epoch would open by waiting for it.
         if epoch + 1 < epochs {
-            upcoming = Some(loader.epoch(epoch as u64 + 1));
+            upcoming = Some(training.epoch(epoch as u64 + 1));
         }
         let kl_weight = trainer.config.kl_weight(epoch);
-        let validation_terms = if validation.batches.is_empty() {
+        let validation_terms = if validation.is_empty() {
             None
         } else {
             let mut v = Sums::default();
-            for b in &validation.batches {
+            for b in &validation {
                 v.add(&on_pool(|| b.with(|b| trainer.validate(b, epoch)))?);
             }
             Some(v.mean(kl_weight))
@@ -305,8 +314,7 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     let ordered = loader.ordered();
     for mb in ordered.epoch(0) {
         let mb = mb?;
-        let rows: Vec<usize> = (0..mb.cells.len()).collect();
-        let batch = Converted::new(&mb, &inputs, &rows);
+        let batch = Converted::whole(&mb, &inputs);
         let (z, expression) = match &opts.denoised {
             Some(d) => on_pool(|| batch.with(|b| trainer.model.latent_and_expression(b, d.library_size)))?,
             None => (on_pool(|| batch.with(|b| trainer.model.latent_mean(b)))?, Vec::new()),
@@ -350,7 +358,7 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     crate::plot::loss_plot(&state.history, &plot).map_err(|reason| FitError::Output { path: plot.display().to_string(), reason })?;
     checkpoint::write_weights(&opts.out.join("model.safetensors"), &trainer)?;
     write_file(&opts.out.join("config.json"), serde_json::to_string_pretty(&resolved).unwrap_or_default().as_bytes())?;
-    Ok(FitReport { history: state.history, stopped_early, n_train: state.n_train, n_validation: validation.cells.len() as u64, modalities: model_shapes(&trainer.model), batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element, denoised_elements, prediction_elements })
+    Ok(FitReport { history: state.history, stopped_early, n_train: state.n_train, n_validation, modalities: model_shapes(&trainer.model), batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element, denoised_elements, prediction_elements })
 }
 
 /// Cells read to start an NB mixture's background rates.
@@ -448,49 +456,6 @@ impl OutputPlan {
     }
 }
 
-/// The held-out cells: drawn in the first epoch (by cell hash, up to `cap`), kept in memory as
-/// model batches, and left out of training in every later epoch.
-struct Validation {
-    seed: u64,
-    fraction: f64,
-    cap: usize,
-    /// Held-out cells are pooled into batches of the training size: a tenth of each training
-    /// batch on its own made the validation pass cost as much per cell as training.
-    batch_size: usize,
-    cells: HashSet<u64>,
-    batches: Vec<Converted>,
-}
-
-impl Validation {
-    /// The rows of `mb` to train on; in epoch 0 the others join the validation set.
-    fn split(&mut self, mb: &MiniBatch, epoch: usize, inputs: &Inputs) -> Vec<usize> {
-        let mut train = Vec::with_capacity(mb.cells.len());
-        let mut held = Vec::new();
-        for (r, &cell) in mb.cells.iter().enumerate() {
-            let out = if epoch == 0 { unit_hash(cell, self.seed) < self.fraction && self.cells.len() + held.len() < self.cap } else { self.cells.contains(&cell) };
-            if out { held.push(r) } else { train.push(r) }
-        }
-        if epoch == 0 && !held.is_empty() {
-            self.cells.extend(held.iter().map(|&r| mb.cells[r]));
-            let part = Converted::new(mb, inputs, &held);
-            match self.batches.last_mut() {
-                Some(last) if last.rows + part.rows <= self.batch_size => last.append(part),
-                _ => self.batches.push(part),
-            }
-        }
-        train
-    }
-}
-
-/// A deterministic value in [0, 1) per cell (the validation split: independent of order).
-fn unit_hash(cell: u64, seed: u64) -> f64 {
-    let mut x = cell.wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_add(0x632B_E59B_D9B4_E019);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^= x >> 31;
-    (x >> 11) as f64 / (1u64 << 53) as f64
-}
-
 /// Cell-weighted sums of loss terms.
 #[derive(Debug, Default)]
 struct Sums {
@@ -534,23 +499,9 @@ struct Converted {
 }
 
 impl Converted {
-    /// `other`'s cells after this batch's.
-    fn append(&mut self, other: Converted) {
-        let (mine, theirs) = (self.rows, other.rows);
-        for ((_, csr, present), (_, more, more_present)) in self.counts.iter_mut().zip(other.counts) {
-            if present.is_some() || more_present.is_some() {
-                let mut merged = present.take().unwrap_or_else(|| vec![true; mine]);
-                merged.extend(more_present.unwrap_or_else(|| vec![true; theirs]));
-                *present = Some(merged);
-            }
-            csr.append_rows(more);
-        }
-        self.rows += theirs;
-        self.covariates.extend(other.covariates);
-        self.labels.extend(other.labels);
-        self.targets.extend(other.targets);
-        self.times.extend(other.times);
-        self.events.extend(other.events);
+    /// Every cell of `mb`.
+    fn whole(mb: &MiniBatch, inputs: &Inputs) -> Converted {
+        Converted::new(mb, inputs, &(0..mb.cells.len()).collect::<Vec<_>>())
     }
 
     fn new(mb: &MiniBatch, inputs: &Inputs, rows: &[usize]) -> Converted {
