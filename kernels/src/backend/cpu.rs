@@ -1,5 +1,5 @@
 //! The CPU backend: the reference ops of `crate::ops` on host vectors (rayon-parallel,
-//! matrixmultiply GEMM), for f32 training and f64 gradient checks.
+//! gemm crate), for f32 training and f64 gradient checks.
 
 use std::sync::OnceLock;
 
