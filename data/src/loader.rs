@@ -2,7 +2,8 @@
 //!
 //! Each epoch the shard is cut into blocks of `block_cells` contiguous cells; the block order is
 //! shuffled with (seed, epoch), `blocks_per_fetch` blocks are read together (contiguous reads:
-//! few chunks, large requests), their cells shuffled, and cut into batches. A background thread
+//! few chunks, large requests), their cells (those of `LoaderConfig::cells`: all, or one side of
+//! a train/validation `Holdout`) shuffled, and cut into batches. A background thread
 //! reads ahead into a bounded channel of `prefetch` batches, so memory stays at about
 //! `prefetch` batches plus one fetch whatever the dataset size, plus the decoded blocks kept
 //! for later epochs up to `cache_bytes` (a dataset that fits is decoded once, as scvi-tools

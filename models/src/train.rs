@@ -25,6 +25,7 @@ pub struct TrainConfig {
     /// KL weight rises linearly from 0 to `max_kl_weight` over this many epochs (0: no warm-up).
     pub kl_warmup_epochs: usize,
     pub max_kl_weight: f64,
+    /// floor(fraction · cells) are held out for validation (scvi-tools' split).
     pub validation_fraction: f64,
     /// Validation cells are held in memory: at most this many.
     pub max_validation_cells: usize,
