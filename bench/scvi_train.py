@@ -20,6 +20,7 @@ p.add_argument("--threads", type=int, default=2)
 p.add_argument("--batch-key", default="batch")
 p.add_argument("--key", default="X_scvi")
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--validation-cells", help="CSV with a `cell` column of obs rows to validate on (tessera's validation_cells.csv); default: scvi-tools' own random 10%%")
 args = p.parse_args()
 
 torch.set_num_threads(args.threads)
@@ -29,6 +30,12 @@ adata = ad.read_zarr(args.data)
 scvi.model.SCVI.setup_anndata(adata, batch_key=args.batch_key)
 # scVI's defaults: 128 hidden, 10 latent, 1 layer, NB, gene dispersion, batch 128, Adam 1e-3.
 model = scvi.model.SCVI(adata, n_hidden=128, n_latent=10, n_layers=1, gene_likelihood="nb")
+split = {}
+if args.validation_cells:
+    held = np.loadtxt(args.validation_cells, delimiter=",", skiprows=1, dtype=np.int64, ndmin=1)
+    train = np.setdiff1d(np.arange(adata.n_obs), held)
+    # Both tools validate on the same cells: their validation ELBOs are then comparable.
+    split = {"datasplitter_kwargs": {"external_indexing": [train, held]}}
 started = time.perf_counter()
 model.train(
     max_epochs=args.epochs,
@@ -38,6 +45,7 @@ model.train(
     check_val_every_n_epoch=1,
     accelerator="cpu",
     enable_progress_bar=False,
+    **split,
 )
 seconds = time.perf_counter() - started
 n_train = len(model.train_indices)

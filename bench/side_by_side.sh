@@ -40,7 +40,8 @@ echo "== tessera ($epochs epochs)"
 printf '[train]\nseed = %d\n' "$seed" > "$work/seed.toml"
 "$tessera" train --data "$work/data.zarr" --config "$work/seed.toml" --epochs "$epochs" --out "$work/tessera" | tail -n +1
 echo "== scvi-tools ($epochs epochs)"
-"$venv/bin/python" bench/scvi_train.py --data "$work/data.zarr" --epochs "$epochs" --threads 2 --seed "$seed" > "$work/scvi.json"
+# On tessera's held-out cells, so the two validation ELBOs are over the same cells.
+"$venv/bin/python" bench/scvi_train.py --data "$work/data.zarr" --epochs "$epochs" --threads 2 --seed "$seed" --validation-cells "$work/tessera/validation_cells.csv" > "$work/scvi.json"
 "$tessera" eval --data "$work/data.zarr" --embedding-key X_scvi --out "$work/scvi" >/dev/null
 "$venv/bin/python" - "$work" <<'PY'
 import csv, json, sys

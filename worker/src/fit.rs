@@ -221,14 +221,14 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     let resolved = serde_json::json!({ "data": opts.data, "modalities": model_shapes(&trainer.model), "batch_key": opts.batch_key, "label_key": opts.label_key, "n_obs": n_obs, "batch_categories": loader.batch_categories, "label_categories": loader.label_categories, "model": opts.config.model, "train": opts.config.train, "epochs": epochs });
     let checkpoint_dir = opts.out.join("checkpoint");
     // The held-out cells stay in memory as model batches for every epoch's validation pass.
-    let mut n_validation = 0;
+    let mut validation_cells = Vec::new();
     let validation: Vec<Converted> = loader
         .ordered()
         .with_cells(Cells::HeldOut(holdout))
         .epoch(0)
         .map(|mb| {
             let mb = mb?;
-            n_validation += mb.cells.len() as u64;
+            validation_cells.extend_from_slice(&mb.cells);
             Ok(Converted::whole(&mb, &inputs))
         })
         .collect::<Result<_, FitError>>()?;
@@ -354,11 +354,13 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
 
     std::fs::create_dir_all(&opts.out).map_err(|e| FitError::Output { path: opts.out.display().to_string(), reason: e.to_string() })?;
     write_history(&opts.out.join("history.csv"), &state.history)?;
+    // Which cells validated (obs rows, 0-based), so another tool can validate on the same ones.
+    write_file(&opts.out.join("validation_cells.csv"), validation_cells.iter().fold(String::from("cell\n"), |csv, c| csv + &c.to_string() + "\n").as_bytes())?;
     let plot = opts.out.join("loss.png");
     crate::plot::loss_plot(&state.history, &plot).map_err(|reason| FitError::Output { path: plot.display().to_string(), reason })?;
     checkpoint::write_weights(&opts.out.join("model.safetensors"), &trainer)?;
     write_file(&opts.out.join("config.json"), serde_json::to_string_pretty(&resolved).unwrap_or_default().as_bytes())?;
-    Ok(FitReport { history: state.history, stopped_early, n_train: state.n_train, n_validation, modalities: model_shapes(&trainer.model), batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element, denoised_elements, prediction_elements })
+    Ok(FitReport { history: state.history, stopped_early, n_train: state.n_train, n_validation: validation_cells.len() as u64, modalities: model_shapes(&trainer.model), batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element, denoised_elements, prediction_elements })
 }
 
 /// Cells read to start an NB mixture's background rates.

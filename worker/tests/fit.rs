@@ -41,6 +41,9 @@ fn pbmc_trains_and_separates_cell_types() {
     assert!(last < 0.8 * first, "validation loss {first} -> {last}");
     assert_eq!(report.n_train + report.n_validation, 700);
     assert_eq!(report.n_validation, 70, "scvi-tools' split: floor(10% of 700) held out");
+    let listed: Vec<u64> = std::fs::read_to_string(out.join("validation_cells.csv")).unwrap().lines().skip(1).map(|l| l.parse().unwrap()).collect();
+    assert_eq!(listed.len(), 70, "the held-out cells are listed");
+    assert!(listed.windows(2).all(|w| w[0] < w[1]) && listed.iter().all(|&c| c < 700), "distinct obs rows in order");
 
     // The embedding is in the store, equal to what fit returned.
     let adata = AnnData::open(&data).unwrap();
