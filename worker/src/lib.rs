@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod eval;
 pub mod fit;
 pub mod plot;
+pub mod ring;
 
 pub use eval::{EvalError, EvalRequest, Evaluation, evaluate_store, write_evaluation};
 pub use fit::{DEFAULT_CACHE_MIB, Denoised, EpochRecord, FitConfig, FitError, FitOptions, FitReport, fit};

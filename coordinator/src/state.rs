@@ -1,0 +1,443 @@
+//! The coordinator as a pure state machine: every input is a method call carrying the time
+//! (milliseconds on a monotonic clock the caller owns), every output a return value. No I/O,
+//! no clock, no threads, so a seeded simulation can drive it through crashes, delays and
+//! reordered messages and check its invariants after every event (`check`).
+//!
+//! Model: workers register and heartbeat; a job waits in a queue until `world_size` workers
+//! wait in `join`, then gets a *group*: those workers in rank order under a new generation
+//! number. Workers train and report progress; rank 0 announces checkpoints at epoch ends. A
+//! worker that misses its heartbeats is removed: its job's group is dissolved (generation
+//! bumped, survivors told to rejoin) and the job is re-formed from the waiting workers, with
+//! fewer ranks if no replacement comes within `regroup_grace_ms`, resuming from the last
+//! checkpoint. An epoch counts once all ranks of one generation report it done, with exactly
+//! the job's training cells between them.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+pub type Millis = u64;
+pub type WorkerId = u64;
+pub type JobId = u64;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub heartbeat_interval_ms: Millis,
+    /// A worker not heard from for this long is removed.
+    pub heartbeat_timeout_ms: Millis,
+    /// After losing a worker, how long a job waits for a replacement before re-forming with
+    /// the survivors alone.
+    pub regroup_grace_ms: Millis,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { heartbeat_interval_ms: 1_000, heartbeat_timeout_ms: 10_000, regroup_grace_ms: 5_000 }
+    }
+}
+
+/// What a job trains; the coordinator checks the data opens and counts its cells before
+/// submitting (I/O stays outside this module).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    pub data_url: String,
+    pub config_toml: String,
+    pub world_size: u32,
+    pub batch_key: String,
+    pub label_key: String,
+    pub output_url: String,
+    /// Training cells per epoch (the store's cells minus the held-out ones).
+    pub train_cells: u64,
+    pub epochs: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    /// Waiting for its workers to join (first time, or again after losing one).
+    Starting,
+    Running,
+    Recovering,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn ended(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    pub epochs_done: u32,
+    pub step: u64,
+    pub location: String,
+}
+
+/// A worker's place in a group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub job: JobId,
+    pub generation: u64,
+    pub rank: u32,
+    pub world_size: u32,
+    /// Ring addresses in rank order.
+    pub peers: Vec<String>,
+    pub spec: JobSpec,
+    pub resume_from: Option<Checkpoint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Directive {
+    Continue,
+    Rejoin,
+    Stop,
+    Register,
+}
+
+/// One worker's report on its part of an epoch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub job: JobId,
+    pub generation: u64,
+    pub epoch: u32,
+    pub step: u64,
+    /// Training cells this worker finished in the epoch so far.
+    pub cells: u64,
+    pub epoch_done: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum StateError {
+    #[error("unknown worker {0}")]
+    UnknownWorker(WorkerId),
+    #[error("unknown job {0}")]
+    UnknownJob(JobId),
+    #[error("job {job}: world_size {world} (needs at least 1)")]
+    BadWorldSize { job: JobId, world: u32 },
+    #[error("job {job}: {reason}")]
+    Stale { job: JobId, reason: String },
+}
+
+#[derive(Debug, Clone)]
+struct Worker {
+    ring_address: String,
+    device: String,
+    last_seen: Millis,
+    /// Waiting in `join` for a group.
+    waiting: bool,
+    /// (job, generation, rank) while in a group.
+    group: Option<(JobId, u64, u32)>,
+    /// Set when its group ended under it: what the next heartbeat says (Rejoin, or Stop when
+    /// the job ended).
+    pending: Option<Directive>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub spec: JobSpec,
+    pub state: JobState,
+    pub generation: u64,
+    /// The group's workers in rank order (empty while not running).
+    pub members: Vec<WorkerId>,
+    pub checkpoint: Option<Checkpoint>,
+    /// Completed epochs (all ranks of one generation reported them done).
+    pub epochs_done: u32,
+    /// (epoch, rank) → cells, for the current generation's ranks that finished an epoch the
+    /// job has not completed yet.
+    done: BTreeMap<(u32, u32), u64>,
+    /// Training cells counted for each completed epoch: the accounting invariant.
+    pub epoch_cells: BTreeMap<u32, u64>,
+    /// The group size when it was last formed (recovery may shrink it).
+    pub world: u32,
+    /// When the job lost a worker (recovery waits for a replacement until the grace ends).
+    lost_at: Option<Millis>,
+    pub message: String,
+    pub step: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Coordinator {
+    config: Config,
+    workers: BTreeMap<WorkerId, Worker>,
+    jobs: BTreeMap<JobId, Job>,
+    queue: VecDeque<JobId>,
+    next_worker: WorkerId,
+    next_job: JobId,
+}
+
+impl Coordinator {
+    pub fn new(config: Config) -> Coordinator {
+        Coordinator { config, next_worker: 1, next_job: 1, ..Coordinator::default() }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn register(&mut self, now: Millis, ring_address: String, device: String) -> WorkerId {
+        let id = self.next_worker;
+        self.next_worker += 1;
+        self.workers.insert(id, Worker { ring_address, device, last_seen: now, waiting: false, group: None, pending: None });
+        id
+    }
+
+    pub fn heartbeat(&mut self, now: Millis, worker: WorkerId, generation: u64) -> Directive {
+        let Some(w) = self.workers.get_mut(&worker) else { return Directive::Register };
+        w.last_seen = now;
+        if let Some(d) = w.pending.take() {
+            return d;
+        }
+        match w.group {
+            Some((job, g, _)) if g == generation => match self.jobs.get(&job).map(|j| j.state) {
+                Some(s) if s.ended() => Directive::Stop,
+                _ => Directive::Continue,
+            },
+            // It trains in a generation that is gone (or none was given): rejoin.
+            Some(_) => Directive::Rejoin,
+            None if generation != 0 => Directive::Rejoin,
+            None => Directive::Continue,
+        }
+    }
+
+    /// The worker waits for a group; returns its assignment when it has one (the service calls
+    /// this again after every state change until the wait ends). Leaving a group to join again
+    /// counts as losing that group's place.
+    pub fn join(&mut self, now: Millis, worker: WorkerId) -> Result<Option<Assignment>, StateError> {
+        let w = self.workers.get_mut(&worker).ok_or(StateError::UnknownWorker(worker))?;
+        w.last_seen = now;
+        if let Some((job, generation, rank)) = w.group {
+            // Already placed and the group stands: the same assignment again (a retried Join).
+            if self.jobs.get(&job).is_some_and(|j| j.generation == generation && !j.state.ended()) {
+                return Ok(Some(self.assignment(job, rank)));
+            }
+            w.group = None;
+        }
+        self.workers.get_mut(&worker).ok_or(StateError::UnknownWorker(worker))?.waiting = true;
+        self.form_groups(now);
+        let w = &self.workers[&worker];
+        Ok(w.group.map(|(job, _, rank)| self.assignment(job, rank)))
+    }
+
+    fn assignment(&self, job: JobId, rank: u32) -> Assignment {
+        let j = &self.jobs[&job];
+        Assignment {
+            job,
+            generation: j.generation,
+            rank,
+            world_size: j.members.len() as u32,
+            peers: j.members.iter().map(|m| self.workers.get(m).map(|w| w.ring_address.clone()).unwrap_or_default()).collect(),
+            spec: j.spec.clone(),
+            resume_from: j.checkpoint.clone(),
+        }
+    }
+
+    pub fn submit(&mut self, spec: JobSpec) -> Result<JobId, StateError> {
+        let id = self.next_job;
+        if spec.world_size == 0 {
+            return Err(StateError::BadWorldSize { job: id, world: 0 });
+        }
+        self.next_job += 1;
+        let world = spec.world_size;
+        self.jobs.insert(
+            id,
+            Job { spec, state: JobState::Queued, generation: 0, members: Vec::new(), checkpoint: None, epochs_done: 0, done: BTreeMap::new(), epoch_cells: BTreeMap::new(), world, lost_at: None, message: String::new(), step: 0 },
+        );
+        self.queue.push_back(id);
+        Ok(id)
+    }
+
+    pub fn cancel(&mut self, job: JobId) -> Result<(), StateError> {
+        let j = self.jobs.get_mut(&job).ok_or(StateError::UnknownJob(job))?;
+        if !j.state.ended() {
+            j.state = JobState::Cancelled;
+            j.message = "cancelled".into();
+            self.release(job);
+        }
+        Ok(())
+    }
+
+    pub fn job(&self, job: JobId) -> Result<&Job, StateError> {
+        self.jobs.get(&job).ok_or(StateError::UnknownJob(job))
+    }
+
+    /// (worker, ring address, device, ms since its last heartbeat) of a job's group, in rank order.
+    pub fn members(&self, now: Millis, job: JobId) -> Result<Vec<(WorkerId, String, Millis)>, StateError> {
+        let j = self.job(job)?;
+        Ok(j.members.iter().filter_map(|m| self.workers.get(m).map(|w| (*m, w.device.clone(), now.saturating_sub(w.last_seen)))).collect())
+    }
+
+    pub fn progress(&mut self, now: Millis, worker: WorkerId, p: &Progress) -> Result<(), StateError> {
+        let w = self.workers.get_mut(&worker).ok_or(StateError::UnknownWorker(worker))?;
+        w.last_seen = now;
+        let rank = match w.group {
+            Some((job, generation, rank)) if job == p.job && generation == p.generation => rank,
+            _ => return Err(StateError::Stale { job: p.job, reason: format!("worker {worker} is not in generation {} of the job", p.generation) }),
+        };
+        let j = self.jobs.get_mut(&p.job).ok_or(StateError::UnknownJob(p.job))?;
+        if j.state.ended() {
+            return Ok(());
+        }
+        j.state = JobState::Running;
+        j.step = j.step.max(p.step);
+        if p.epoch < j.epochs_done {
+            return Err(StateError::Stale { job: p.job, reason: format!("epoch {} was already completed", p.epoch) });
+        }
+        if p.epoch_done {
+            j.done.insert((p.epoch, rank), p.cells);
+        }
+        // Ranks run in lockstep but their reports arrive in any order: a rank's report of the
+        // next epoch may come before another's of this one, so completions are kept per epoch.
+        let world = j.members.len() as u32;
+        while let Some(cells) = (0..world).map(|r| j.done.get(&(j.epochs_done, r)).copied()).collect::<Option<Vec<u64>>>() {
+            let (epoch, total) = (j.epochs_done, cells.iter().sum::<u64>());
+            if total != j.spec.train_cells {
+                j.state = JobState::Failed;
+                j.message = format!("epoch {epoch}: the ranks trained {total} cells, the epoch has {}", j.spec.train_cells);
+                self.release(p.job);
+                return Ok(());
+            }
+            j.epoch_cells.insert(epoch, total);
+            j.epochs_done = epoch + 1;
+            j.done.retain(|&(e, _), _| e > epoch);
+            if j.epochs_done >= j.spec.epochs {
+                j.state = JobState::Succeeded;
+                self.release(p.job);
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn checkpoint(&mut self, now: Millis, worker: WorkerId, job: JobId, generation: u64, c: Checkpoint) -> Result<(), StateError> {
+        let w = self.workers.get_mut(&worker).ok_or(StateError::UnknownWorker(worker))?;
+        w.last_seen = now;
+        if w.group != Some((job, generation, 0)) {
+            return Err(StateError::Stale { job, reason: format!("worker {worker} is not rank 0 of generation {generation}") });
+        }
+        let j = self.jobs.get_mut(&job).ok_or(StateError::UnknownJob(job))?;
+        // A checkpoint may only hold completed epochs (resuming from it must not skip cells).
+        if c.epochs_done > j.epochs_done {
+            return Err(StateError::Stale { job, reason: format!("checkpoint after epoch {} but only {} epochs are complete", c.epochs_done, j.epochs_done) });
+        }
+        if j.checkpoint.as_ref().is_none_or(|old| old.epochs_done <= c.epochs_done) {
+            j.checkpoint = Some(c);
+        }
+        Ok(())
+    }
+
+    /// Time passes: workers past their heartbeat deadline are removed, groups re-formed.
+    pub fn tick(&mut self, now: Millis) {
+        let timeout = self.config.heartbeat_timeout_ms;
+        let dead: Vec<WorkerId> = self.workers.iter().filter(|(_, w)| now.saturating_sub(w.last_seen) > timeout).map(|(&id, _)| id).collect();
+        for id in dead {
+            self.remove_worker(now, id);
+        }
+        self.form_groups(now);
+    }
+
+    fn remove_worker(&mut self, now: Millis, id: WorkerId) {
+        let Some(w) = self.workers.remove(&id) else { return };
+        tracing::warn!(worker = id, "worker removed: no heartbeat");
+        let Some((job, generation, _)) = w.group else { return };
+        let Some(j) = self.jobs.get_mut(&job) else { return };
+        if j.generation != generation || j.state.ended() {
+            return;
+        }
+        // Dissolve the group: survivors rejoin and the job resumes from its last checkpoint.
+        j.state = JobState::Recovering;
+        j.message = format!("lost worker {id}; resuming from {}", j.checkpoint.as_ref().map_or("the start".to_string(), |c| format!("the checkpoint after epoch {}", c.epochs_done)));
+        j.lost_at = Some(now);
+        j.epochs_done = j.checkpoint.as_ref().map_or(0, |c| c.epochs_done);
+        j.epoch_cells.retain(|&e, _| e < j.epochs_done);
+        self.release(job);
+        self.queue.push_front(job);
+    }
+
+    /// Frees a job's workers (they will be told to rejoin or stop).
+    fn release(&mut self, job: JobId) {
+        let Some(j) = self.jobs.get_mut(&job) else { return };
+        j.generation += 1;
+        j.done.clear();
+        for m in std::mem::take(&mut j.members) {
+            if let Some(w) = self.workers.get_mut(&m) {
+                w.group = None;
+                w.pending = Some(if j.state.ended() { Directive::Stop } else { Directive::Rejoin });
+            }
+        }
+    }
+
+    /// Gives queued jobs, in order, groups from the waiting workers.
+    fn form_groups(&mut self, now: Millis) {
+        let grace = self.config.regroup_grace_ms;
+        let mut still_queued = VecDeque::new();
+        while let Some(job) = self.queue.pop_front() {
+            let Some(j) = self.jobs.get(&job) else { continue };
+            if j.state.ended() {
+                continue;
+            }
+            let waiting: BTreeSet<WorkerId> = self.workers.iter().filter(|(_, w)| w.waiting && w.group.is_none()).map(|(&id, _)| id).collect();
+            // A recovering job takes fewer ranks once the grace for a replacement is over.
+            let wanted = match j.lost_at {
+                Some(at) if now.saturating_sub(at) >= grace && !waiting.is_empty() => (waiting.len() as u32).min(j.world),
+                _ => j.world,
+            };
+            if (waiting.len() as u32) < wanted {
+                still_queued.push_back(job);
+                continue;
+            }
+            let members: Vec<WorkerId> = waiting.into_iter().take(wanted as usize).collect();
+            let j = self.jobs.get_mut(&job).expect("the job was found above");
+            j.generation += 1;
+            j.world = wanted;
+            j.lost_at = None;
+            j.state = JobState::Starting;
+            j.done.clear();
+            j.members = members.clone();
+            let generation = j.generation;
+            for (rank, m) in members.iter().enumerate() {
+                let w = self.workers.get_mut(m).expect("members are registered workers");
+                w.waiting = false;
+                w.pending = None;
+                w.group = Some((job, generation, rank as u32));
+            }
+        }
+        self.queue = still_queued;
+    }
+
+    /// The invariants, checked by the simulation after every event; returns what is violated.
+    pub fn check(&self) -> Result<(), String> {
+        let mut placed = BTreeSet::new();
+        for (&id, j) in &self.jobs {
+            if j.state.ended() && !j.members.is_empty() {
+                return Err(format!("job {id} ended with members"));
+            }
+            for (rank, m) in j.members.iter().enumerate() {
+                let w = self.workers.get(m).ok_or(format!("job {id}: member {m} is not registered"))?;
+                if w.group != Some((id, j.generation, rank as u32)) {
+                    return Err(format!("job {id}: member {m} thinks it is in {:?}", w.group));
+                }
+                if !placed.insert(*m) {
+                    return Err(format!("worker {m} is in two groups"));
+                }
+            }
+            if let Some((&e, &c)) = j.epoch_cells.iter().find(|&(_, &c)| c != j.spec.train_cells) {
+                return Err(format!("job {id}: epoch {e} counted {c} cells of {}", j.spec.train_cells));
+            }
+            if j.epoch_cells.len() as u32 != j.epochs_done || j.epoch_cells.keys().copied().ne(0..j.epochs_done) {
+                return Err(format!("job {id}: {} epochs done but cells counted for {:?}", j.epochs_done, j.epoch_cells.keys().collect::<Vec<_>>()));
+            }
+            if j.checkpoint.as_ref().is_some_and(|c| c.epochs_done > j.epochs_done) {
+                return Err(format!("job {id}: checkpoint ahead of the completed epochs"));
+            }
+        }
+        for (&id, w) in &self.workers {
+            if let Some((job, g, _)) = w.group
+                && self.jobs.get(&job).is_none_or(|j| j.generation != g || !j.members.contains(&id))
+            {
+                return Err(format!("worker {id} points at a group that is gone"));
+            }
+        }
+        Ok(())
+    }
+}
