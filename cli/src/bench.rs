@@ -1,5 +1,7 @@
-//! `tessera bench load`: streaming throughput of the data layer, side by side with Python
-//! anndata reading the same rows of the same stores.
+//! `tessera bench`: the hot paths with their floors. `load`: streaming throughput of the data
+//! layer, side by side with Python anndata reading the same rows of the same stores; `ops`,
+//! `step`, `eval`: the engine, one training step and the metrics; `allreduce`: the CPU ring
+//! all-reduce on loopback against the ring's ideal time.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,6 +47,18 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         dims: usize,
     },
+    /// The TCP ring all-reduce among in-process ranks on loopback, for gradient buffers of
+    /// the scVI-size model (~0.52M floats) and a Census-size one (8.7M): time per call, bus
+    /// bandwidth, and the ideal 2(N−1)/N × bytes / (one loopback stream's bandwidth).
+    Allreduce {
+        #[arg(long, value_delimiter = ',', default_values_t = vec![2usize, 4])]
+        world: Vec<usize>,
+        /// Buffer sizes in f32 elements.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![520_000usize, 8_700_000])]
+        floats: Vec<usize>,
+        #[arg(long, default_value_t = 20)]
+        repeat: usize,
+    },
     /// Stream all of X in mini-batches from local Zarr v2 and v3 stores (generated once).
     Load {
         #[arg(long, default_value_t = 100_000)]
@@ -75,6 +89,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Ops { repeat } => ops(repeat.max(1)),
         BenchCommand::Eval { cells, dims } => eval(&cells, dims),
+        BenchCommand::Allreduce { world, floats, repeat } => allreduce(&world, &floats, repeat.max(1)),
         BenchCommand::Step { genes, batch, hidden, nnz, steps, config } => step(genes, batch, hidden, nnz, steps, config.as_deref()),
         BenchCommand::Load { cells, genes, library, batch_size, dir, python, store, repeat } => {
             let stores = if store.is_empty() { generated_stores(cells, genes, library, &dir)? } else { store };
@@ -184,6 +199,80 @@ fn dir_bytes(path: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// Bytes per second of one loopback TCP stream (the link each ring step uses).
+fn loopback_bandwidth() -> Result<f64> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let (block, rounds) = (vec![1u8; 1 << 22], 32);
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        for _ in 0..rounds {
+            s.write_all(&block)?;
+        }
+        Ok(())
+    });
+    let (mut r, _) = listener.accept()?;
+    let mut sink = vec![0u8; 1 << 22];
+    let start = Instant::now();
+    for _ in 0..rounds {
+        r.read_exact(&mut sink)?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    sender.join().map_err(|_| anyhow::anyhow!("the loopback sender panicked"))??;
+    Ok((rounds << 22) as f64 / seconds)
+}
+
+fn allreduce(worlds: &[usize], sizes: &[usize], repeat: usize) -> Result<()> {
+    use tessera_worker::ring::Ring;
+    let bandwidth = loopback_bandwidth()?;
+    println!("ring all-reduce over loopback TCP, ranks as threads of one process on {} cores; one stream: {:.2} GB/s", std::thread::available_parallelism().map_or(1, |n| n.get()), bandwidth / 1e9);
+    println!("{:>5} {:>11} {:>10} {:>10} {:>12} {:>12} {:>9}", "ranks", "floats", "MB", "ms/call", "algbw GB/s", "busbw GB/s", "ideal ms");
+    for &world in worlds.iter().filter(|&&w| w >= 2) {
+        for &floats in sizes {
+            let listeners: Vec<std::net::TcpListener> = (0..world).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<_>>()?;
+            let addrs: Vec<std::net::SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect::<std::io::Result<_>>()?;
+            // Each rank times its calls after a warm-up; the slowest rank's median is the ring's.
+            let times: Vec<Vec<f64>> = std::thread::scope(|s| {
+                let ranks: Vec<_> = listeners
+                    .iter()
+                    .enumerate()
+                    .map(|(rank, l)| {
+                        let next = addrs[(rank + 1) % world];
+                        s.spawn(move || -> Result<Vec<f64>> {
+                            let mut ring = Ring::connect(rank, world, 0xbe_4c, l, next, std::time::Duration::from_secs(60))?;
+                            let mut buf = vec![1.0f32; floats];
+                            ring.all_reduce_sum(&mut buf)?;
+                            (0..repeat)
+                                .map(|_| {
+                                    let start = Instant::now();
+                                    ring.all_reduce_sum(&mut buf)?;
+                                    Ok(start.elapsed().as_secs_f64())
+                                })
+                                .collect()
+                        })
+                    })
+                    .collect();
+                ranks.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?).collect::<Result<Vec<_>>>()
+            })?;
+            let seconds = times.into_iter().map(median).fold(0.0, f64::max);
+            let bytes = 4.0 * floats as f64;
+            let ring_factor = 2.0 * (world - 1) as f64 / world as f64;
+            println!(
+                "{:>5} {:>11} {:>10.1} {:>10.3} {:>12.2} {:>12.2} {:>9.3}",
+                world,
+                floats,
+                bytes / 1e6,
+                seconds * 1e3,
+                bytes / seconds / 1e9,
+                ring_factor * bytes / seconds / 1e9,
+                ring_factor * bytes / bandwidth * 1e3
+            );
+        }
+    }
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
