@@ -6,6 +6,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
+mod coordinator;
 mod eval;
 mod inspect;
 mod train;
@@ -53,6 +54,8 @@ enum Command {
     Train(train::TrainArgs),
     /// scIB metrics (ASW, NMI/ARI, LISI, graph connectivity, aggregate) of an obsm embedding.
     Eval(eval::EvalArgs),
+    /// Serve the distributed-training coordinator (gRPC, with the gRPC health service).
+    Coordinator(coordinator::CoordinatorArgs),
     /// Benchmarks of hot paths.
     Bench {
         #[command(subcommand)]
@@ -207,6 +210,7 @@ fn main() -> Result<()> {
             inspect::run(&store, false)
         }
         Command::Bench { what } => bench::run(what),
+        Command::Coordinator(args) => coordinator::run(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Convert { input, output, zarr_format } => convert(&input, &output, zarr_format.into()),

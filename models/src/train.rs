@@ -58,6 +58,11 @@ impl TrainConfig {
         self.max_epochs.unwrap_or_else(|| ((400.0 * 20_000.0 / n_cells.max(1) as f64).round() as usize).clamp(1, 400))
     }
 
+    /// Cells held out for validation out of `n_cells`: floor(fraction · n), at most the cap.
+    pub fn validation_cells(&self, n_cells: u64) -> u64 {
+        ((n_cells as f64 * self.validation_fraction).floor() as u64).min(self.max_validation_cells as u64)
+    }
+
     /// The KL weight of an epoch (0-based), scvi-tools' linear warm-up.
     pub fn kl_weight(&self, epoch: usize) -> f64 {
         if self.kl_warmup_epochs == 0 {

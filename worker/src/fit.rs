@@ -28,6 +28,15 @@ impl FitConfig {
     }
 }
 
+/// A submitted job's checks, before any worker is given it: the store at `data` opens, the
+/// configuration parses. Returns the training cells of each epoch and the number of epochs.
+pub fn check_job(data: &str, config_toml: &str) -> Result<(u64, u32), FitError> {
+    let config = FitConfig::from_toml(config_toml, "config_toml")?;
+    let n_obs = Dataset::open(data)?.n_obs();
+    let tc = &config.train;
+    Ok((n_obs - tc.validation_cells(n_obs), tc.epochs(n_obs) as u32))
+}
+
 /// What to train on and where results go.
 #[derive(Debug, Clone)]
 pub struct FitOptions {
@@ -184,7 +193,7 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     let loader = Loader::new(&dataset, 0..n_obs, loader_config)?;
     // scvi-tools' split: floor(fraction · n) cells held out (here at most the cap), the
     // batches cut from the training cells alone.
-    let holdout = Holdout::new(0..n_obs, tc.seed, ((n_obs as f64 * tc.validation_fraction).floor() as u64).min(tc.max_validation_cells as u64));
+    let holdout = Holdout::new(0..n_obs, tc.seed, tc.validation_cells(n_obs));
     let training = loader.with_cells(Cells::Training(holdout));
     let plan = OutputPlan::new(&dataset, &opts.modalities, &loader.modality_names(), &opts.data)?;
     // Refused now rather than after hours of training.
