@@ -261,7 +261,7 @@ impl Coordinator {
         self.jobs.get(&job).ok_or(StateError::UnknownJob(job))
     }
 
-    /// (worker, ring address, device, ms since its last heartbeat) of a job's group, in rank order.
+    /// (worker, device, ms since its last heartbeat) of a job's group, in rank order.
     pub fn members(&self, now: Millis, job: JobId) -> Result<Vec<(WorkerId, String, Millis)>, StateError> {
         let j = self.job(job)?;
         Ok(j.members.iter().filter_map(|m| self.workers.get(m).map(|w| (*m, w.device.clone(), now.saturating_sub(w.last_seen)))).collect())
