@@ -157,6 +157,21 @@ pub struct MiniBatch {
     pub numeric: Vec<f64>,
 }
 
+impl MiniBatch {
+    /// Appends `other`'s cells (a batch of the same loader: same modalities and columns).
+    pub fn append(&mut self, other: &MiniBatch) {
+        self.cells.extend_from_slice(&other.cells);
+        for (mine, theirs) in self.modalities.iter_mut().zip(&other.modalities) {
+            mine.counts.append_rows(&theirs.counts);
+            mine.library.extend_from_slice(&theirs.library);
+            mine.present.extend_from_slice(&theirs.present);
+        }
+        self.batch.extend_from_slice(&other.batch);
+        self.label.extend_from_slice(&other.label);
+        self.numeric.extend_from_slice(&other.numeric);
+    }
+}
+
 /// A modality's matrix and, for MuData, the map from global cells to its rows.
 #[derive(Debug, Clone)]
 struct Source {
@@ -221,7 +236,8 @@ struct BlockCache {
     blocks: Mutex<(u64, Blocks)>,
 }
 
-type Blocks = HashMap<(usize, u64), Arc<BlockRead>>;
+/// Keyed by (modality, first cell, end): shards of one loader cut blocks at different ends.
+type Blocks = HashMap<(usize, u64, u64), Arc<BlockRead>>;
 
 impl std::fmt::Debug for BlockCache {
     /// The budget and what is held, not the cells.
@@ -231,18 +247,19 @@ impl std::fmt::Debug for BlockCache {
 }
 
 impl BlockCache {
-    fn get(&self, source: usize, start: u64) -> Option<Arc<BlockRead>> {
-        self.blocks.lock().unwrap_or_else(PoisonError::into_inner).1.get(&(source, start)).cloned()
+    fn get(&self, source: usize, cells: &Range<u64>) -> Option<Arc<BlockRead>> {
+        self.blocks.lock().unwrap_or_else(PoisonError::into_inner).1.get(&(source, cells.start, cells.end)).cloned()
     }
 
-    fn offer(&self, source: usize, start: u64, block: &Arc<BlockRead>) {
+    fn offer(&self, source: usize, cells: &Range<u64>, block: &Arc<BlockRead>) {
         let (csr, present) = &**block;
         let bytes = (csr.indices.len() * 4 + csr.data.len() * 4 + csr.indptr.len() * 8 + present.len()) as u64;
         let mut guard = self.blocks.lock().unwrap_or_else(PoisonError::into_inner);
         let (used, map) = &mut *guard;
-        if *used + bytes <= self.budget && !map.contains_key(&(source, start)) {
+        let key = (source, cells.start, cells.end);
+        if *used + bytes <= self.budget && !map.contains_key(&key) {
             *used += bytes;
-            map.insert((source, start), Arc::clone(block));
+            map.insert(key, Arc::clone(block));
         }
     }
 
@@ -318,6 +335,16 @@ impl Loader {
     /// This loader yielding `cells` of its shard, sharing its decoded blocks.
     pub fn with_cells(&self, cells: Cells) -> Loader {
         Loader { config: LoaderConfig { cells, ..self.config.clone() }, ..self.clone() }
+    }
+
+    /// A loader over `cells` (within this loader's shard) cutting batches of `batch_size`,
+    /// sharing its obs columns and decoded blocks: one part of a data-parallel epoch.
+    pub fn shard(&self, cells: Range<u64>, batch_size: usize) -> Result<Loader> {
+        if cells.start < self.shard.start || cells.end > self.shard.end || cells.start >= cells.end || batch_size == 0 {
+            let store = self.sources.first().map(|s| s.adata.store.name()).unwrap_or_default();
+            return Err(DataError::Invalid { store, path: "obs".into(), problem: format!("shard {}..{} with batches of {batch_size}: expected a non-empty part of cells {}..{} and a positive batch size", cells.start, cells.end, self.shard.start, self.shard.end) });
+        }
+        Ok(Loader { shard: cells, config: LoaderConfig { batch_size, ..self.config.clone() }, ..self.clone() })
     }
 
     /// Bytes of decoded blocks kept for later epochs.
@@ -400,11 +427,11 @@ impl Loader {
             blocks
                 .par_iter()
                 .map(|b| {
-                    if let Some(hit) = self.cache.get(i, b.start) {
+                    if let Some(hit) = self.cache.get(i, b) {
                         return Ok(hit);
                     }
                     let block = Arc::new(s.read(b.clone())?);
-                    self.cache.offer(i, b.start, &block);
+                    self.cache.offer(i, b, &block);
                     Ok(block)
                 })
                 .collect::<Result<Vec<_>>>()

@@ -34,6 +34,20 @@ impl Csr {
     }
 
     /// Sum of each row (the library size for counts).
+    /// Appends `other`'s rows (same columns).
+    pub fn append_rows(&mut self, other: &Csr) {
+        debug_assert_eq!(self.n_cols, other.n_cols);
+        let base = self.indptr.last().copied().unwrap_or(0);
+        if self.indptr.is_empty() {
+            self.indptr.push(0);
+        }
+        self.indptr.extend(other.indptr.iter().skip(1).map(|&p| base + p - other.indptr[0]));
+        let span = other.indptr[0] as usize..other.indptr.last().copied().unwrap_or(0) as usize;
+        self.indices.extend_from_slice(&other.indices[span.clone()]);
+        self.data.extend_from_slice(&other.data[span]);
+        self.n_rows += other.n_rows;
+    }
+
     pub fn row_sums(&self) -> Vec<f32> {
         (0..self.n_rows).map(|i| self.row(i).1.iter().sum()).collect()
     }

@@ -41,6 +41,12 @@ pub struct TrainConfig {
     pub lr_patience: usize,
     pub lr_threshold: f64,
     pub lr_min: f64,
+    /// Parts each step's batch is cut into, one per data shard (None: one part alone, the
+    /// job's world size in a cluster). The results depend on the parts, not on how many
+    /// workers share them, so a job keeps its parts when it loses or gains a worker.
+    /// BatchNorm normalises over each part (PyTorch DDP without SyncBatchNorm, at world size =
+    /// parts).
+    pub parts: Option<usize>,
     /// Write a resumable checkpoint every this many epochs (and always at the end; None: only
     /// at the end).
     pub checkpoint_every: Option<usize>,
@@ -49,7 +55,7 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { max_epochs: None, batch_size: 128, lr: 1e-3, weight_decay: 1e-6, adam_eps: 1e-2, kl_warmup_epochs: 400, max_kl_weight: 1.0, validation_fraction: 0.1, max_validation_cells: 10_000, early_stopping_patience: Some(45), clip_norm: None, reduce_lr_on_plateau: false, lr_factor: 0.6, lr_patience: 30, lr_threshold: 0.0, lr_min: 0.0, checkpoint_every: Some(10), seed: 0 }
+        TrainConfig { max_epochs: None, batch_size: 128, lr: 1e-3, weight_decay: 1e-6, adam_eps: 1e-2, kl_warmup_epochs: 400, max_kl_weight: 1.0, validation_fraction: 0.1, max_validation_cells: 10_000, early_stopping_patience: Some(45), clip_norm: None, reduce_lr_on_plateau: false, lr_factor: 0.6, lr_patience: 30, lr_threshold: 0.0, lr_min: 0.0, parts: None, checkpoint_every: Some(10), seed: 0 }
     }
 }
 
@@ -149,8 +155,17 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
 
     /// Loss terms and gradients (in `model.grads`) of the next step, checked for NaN/Inf.
     pub fn gradients(&mut self, batch: VaeBatch<'_, T>, epoch: usize) -> Result<LossTerms, TrainError> {
+        self.part_gradients(batch, epoch, 0)
+    }
+
+    /// [`Trainer::gradients`] of part `part` of a step's batch (data-parallel training cuts
+    /// each step's batch into parts): the part draws its own dropout masks and latent noise, so
+    /// a part's gradient is the same whichever worker computes it. Part 0 draws what a whole
+    /// batch does.
+    pub fn part_gradients(&mut self, batch: VaeBatch<'_, T>, epoch: usize, part: u64) -> Result<LossTerms, TrainError> {
         let step = self.step + 1;
-        let terms = self.model.loss_and_grad(batch, self.config.kl_weight(epoch), Mode::Train { seed: self.config.seed, step })?;
+        let seed = self.config.seed ^ part.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let terms = self.model.loss_and_grad(batch, self.config.kl_weight(epoch), Mode::Train { seed, step })?;
         for (term, value) in [("reconstruction loss", terms.reconstruction), ("KL divergence", terms.kl)] {
             if !value.is_finite() {
                 return Err(TrainError::NonFinite { step, term, value });

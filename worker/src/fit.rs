@@ -12,6 +12,7 @@ use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::{Categories, LikelihoodKind, LossTerms, ModalityCounts, Supervision, Survival, Plateau, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
 
 use crate::checkpoint::{self, FitState};
+use crate::parallel::{self, EpochEnd, PartStream, Placement, StepReducer, StepTimes, Sums};
 
 /// The run's configuration file: `[model]` and `[train]` tables, every key optional.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -89,6 +90,11 @@ pub enum FitError {
     Output { path: String, reason: String },
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: String, reason: String },
+    #[error(transparent)]
+    Ring(#[from] crate::ring::RingError),
+    /// The coordinator re-formed the group or ended the job: not a failure of training.
+    #[error("interrupted in epoch {epoch} after step {step}: the job's group changed")]
+    Interrupted { epoch: usize, step: u64 },
 }
 
 impl From<tessera_kernels::backend::EngineError> for FitError {
@@ -182,19 +188,29 @@ pub enum Progress<'a> {
     Epoch(&'a EpochRecord),
 }
 
-/// Trains on `opts.data` on the CPU backend (f32) and writes the outputs.
-pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<FitReport, FitError> {
+/// Trains on `opts.data` on the CPU backend (f32), alone, and writes the outputs.
+pub fn fit(opts: &FitOptions, progress: impl FnMut(Progress<'_>)) -> Result<FitReport, FitError> {
+    let report = train(opts, &mut Placement::alone(), progress)?;
+    report.ok_or_else(|| FitError::Output { path: opts.out.display().to_string(), reason: "rank 0 of one wrote no outputs".into() })
+}
+
+/// Trains on `opts.data` as one rank of `place` (alone: `Placement::alone()`). Rank 0 writes the
+/// checkpoints and the outputs and returns the report; the other ranks return None.
+pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(Progress<'_>)) -> Result<Option<FitReport>, FitError> {
     let dataset = Dataset::open(&opts.data)?;
     let n_obs = dataset.n_obs();
     let tc = opts.config.train.clone();
     let mc = &opts.config.model;
+    let rank = place.ring.rank();
     let numeric_keys = head_columns(mc, opts.label_key.as_deref())?;
     let loader_config = LoaderConfig { batch_size: tc.batch_size, shuffle: true, seed: tc.seed, batch_key: opts.batch_key.clone(), label_key: opts.label_key.clone(), numeric_keys, cache_bytes: opts.cache_bytes, ..LoaderConfig::default() };
     let loader = Loader::new(&dataset, 0..n_obs, loader_config)?;
     // scvi-tools' split: floor(fraction · n) cells held out (here at most the cap), the
     // batches cut from the training cells alone.
     let holdout = Holdout::new(0..n_obs, tc.seed, tc.validation_cells(n_obs));
-    let training = loader.with_cells(Cells::Training(holdout));
+    let ranges = if place.parts == 1 { vec![0..n_obs] } else { parallel::part_ranges(&dataset, place.parts, tc.batch_size)? };
+    let my_parts: Vec<usize> = place.my_parts().collect();
+    let part_loaders: Vec<(usize, Loader)> = my_parts.iter().map(|&k| Ok((k, loader.shard(ranges[k].clone(), parallel::part_batch_size(tc.batch_size, place.parts, k))?))).collect::<Result<_, FitError>>()?;
     let plan = OutputPlan::new(&dataset, &opts.modalities, &loader.modality_names(), &opts.data)?;
     // Refused now rather than after hours of training.
     let denoised_keys: Vec<(&str, String)> = match &opts.denoised {
@@ -217,8 +233,7 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     }
     let inputs = Inputs { modalities: plan.modalities.iter().map(|m| m.1).collect(), n_cov: n_batch, n_targets: mc.regression_keys.len() * usize::from(mc.regression_weight > 0.0), survival: mc.cox_weight > 0.0 };
 
-    let model = Vae::<f32, Cpu>::new(Cpu, mc.clone(), &shapes, Categories { n_batch, n_cov: inputs.n_cov, n_labels }, tc.seed)?;
-    let mut model = model;
+    let mut model = Vae::<f32, Cpu>::new(Cpu, mc.clone(), &shapes, Categories { n_batch, n_cov: inputs.n_cov, n_labels }, tc.seed)?;
     for (m, spec) in model.modalities.clone().iter().enumerate() {
         if spec.likelihood == LikelihoodKind::NbMixture {
             let rates = background_log_rates(&loader, inputs.modalities[m], spec.n_features, n_batch.max(1))?;
@@ -227,62 +242,79 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     }
     let mut trainer = Trainer::new(model, tc.clone())?;
     let epochs = tc.epochs(n_obs);
-    let resolved = serde_json::json!({ "data": opts.data, "modalities": model_shapes(&trainer.model), "batch_key": opts.batch_key, "label_key": opts.label_key, "n_obs": n_obs, "batch_categories": loader.batch_categories, "label_categories": loader.label_categories, "model": opts.config.model, "train": opts.config.train, "epochs": epochs });
+    let resolved = serde_json::json!({ "data": opts.data, "modalities": model_shapes(&trainer.model), "batch_key": opts.batch_key, "label_key": opts.label_key, "n_obs": n_obs, "batch_categories": loader.batch_categories, "label_categories": loader.label_categories, "model": opts.config.model, "train": opts.config.train, "parts": place.parts, "epochs": epochs });
     let checkpoint_dir = opts.out.join("checkpoint");
-    // The held-out cells stay in memory as model batches for every epoch's validation pass.
-    let mut validation_cells = Vec::new();
-    let validation: Vec<Converted> = loader
-        .ordered()
-        .with_cells(Cells::HeldOut(holdout))
-        .epoch(0)
-        .map(|mb| {
-            let mb = mb?;
-            validation_cells.extend_from_slice(&mb.cells);
-            Ok(Converted::whole(&mb, &inputs))
-        })
-        .collect::<Result<_, FitError>>()?;
+    // This rank's held-out cells stay in memory as model batches for every epoch's validation.
+    let mut validation = Vec::new();
+    for (_, part) in &part_loaders {
+        for mb in part.ordered().with_cells(Cells::HeldOut(holdout)).epoch(0) {
+            validation.push(Converted::whole(&mb?, &inputs));
+        }
+    }
     let mut state = FitState { epochs_done: 0, step: 0, plateau: Plateau::new(tc.lr), best: f64::INFINITY, since_best: 0, n_train: 0, history: Vec::new(), run: resolved.clone() };
     if opts.resume {
         state = checkpoint::load(&checkpoint_dir, &resolved, &mut trainer)?;
-        tracing::info!(epoch = state.epochs_done, step = state.step, "resuming from {}", checkpoint_dir.display());
+        tracing::info!(epoch = state.epochs_done, step = state.step, rank, "resuming from {}", checkpoint_dir.display());
     }
     let mut stopped_early = false;
     progress(Progress::Start { epochs, cells_per_epoch: n_obs });
 
-    let mut upcoming = (state.epochs_done < epochs).then(|| training.epoch(state.epochs_done as u64));
+    let training: Vec<(usize, Loader)> = part_loaders.iter().map(|(k, l)| (*k, l.with_cells(Cells::Training(holdout)))).collect();
+    let start_epoch = |epoch: usize| -> Result<Vec<PartStream>, FitError> { training.iter().map(|(k, l)| PartStream::new(*k, l.epoch(epoch as u64))).collect() };
+    let mut reducer = StepReducer::new(&trainer);
+    let mut upcoming = if state.epochs_done < epochs { Some(start_epoch(state.epochs_done)?) } else { None };
+    let mut last_end = None;
     for epoch in state.epochs_done..epochs {
         let started = Instant::now();
+        let mut times = StepTimes::default();
         let mut sums = Sums::default();
-        let batches = upcoming.take().unwrap_or_else(|| training.epoch(epoch as u64));
-        for mb in batches {
-            let mb = mb?;
-            // BatchNorm needs two cells; a lone leftover cell waits for the next epoch's order.
-            if mb.cells.len() < 2 {
-                continue;
+        let mut my_cells = 0u64;
+        let mut streams = match upcoming.take() {
+            Some(s) => s,
+            None => start_epoch(epoch)?,
+        };
+        let kl_weight = trainer.config.kl_weight(epoch);
+        loop {
+            if place.hooks.interrupted() {
+                return Err(FitError::Interrupted { epoch, step: trainer.step });
             }
-            let batch = Converted::whole(&mb, &inputs);
-            let terms = on_pool(|| batch.with(|b| trainer.step(b, epoch)))?;
-            sums.add(&terms);
-            progress(Progress::Batch { cells: terms.cells, loss: &terms });
+            let waiting = Instant::now();
+            let mut batches = Vec::with_capacity(streams.len());
+            for s in &mut streams {
+                if let Some(mb) = s.next_batch()? {
+                    my_cells += mb.cells.len() as u64;
+                    batches.push((s.part, Converted::whole(&mb, &inputs)));
+                }
+            }
+            let more = streams.iter().any(PartStream::more);
+            times.data += waiting.elapsed().as_secs_f64();
+            let parts: Vec<usize> = batches.iter().map(|(k, _)| *k).collect();
+            let stepped = reducer.step(&mut trainer, &mut place.ring, &parts, more, kl_weight, &mut times, |trainer, part| {
+                let (_, batch) = batches.iter().find(|(k, _)| *k == part).ok_or_else(|| FitError::Input { store: opts.data.clone(), reason: format!("part {part} has no batch") })?;
+                Ok(on_pool(|| batch.with(|b| trainer.part_gradients(b, epoch, part as u64)))?)
+            })?;
+            if let Some(terms) = stepped.terms {
+                sums.add(&terms);
+                progress(Progress::Batch { cells: terms.cells, loss: &terms });
+            }
+            if !stepped.more {
+                break;
+            }
         }
-        if epoch == 0 {
+        if epoch == 0 || state.n_train == 0 {
             state.n_train = sums.cells as u64;
         }
         // The next epoch's first fetch is read while this one validates and records: otherwise
         // every epoch would open by waiting for it.
         if epoch + 1 < epochs {
-            upcoming = Some(training.epoch(epoch as u64 + 1));
+            upcoming = Some(start_epoch(epoch + 1)?);
         }
-        let kl_weight = trainer.config.kl_weight(epoch);
-        let validation_terms = if validation.is_empty() {
-            None
-        } else {
-            let mut v = Sums::default();
-            for b in &validation {
-                v.add(&on_pool(|| b.with(|b| trainer.validate(b, epoch)))?);
-            }
-            Some(v.mean(kl_weight))
-        };
+        let mut v = Sums::default();
+        for b in &validation {
+            v.add(&on_pool(|| b.with(|b| trainer.validate(b, epoch)))?);
+        }
+        let v = v.all_reduce(&mut place.ring)?;
+        let validation_terms = (v.cells > 0).then(|| v.mean(kl_weight));
         // The epoch's wall time includes its validation pass (as scvi-tools' epochs do).
         let seconds = started.elapsed().as_secs_f64();
         let record = EpochRecord { epoch, kl_weight, lr: trainer.lr(), train: sums.mean(kl_weight), validation: validation_terms, seconds, cells_per_second: sums.cells as f64 / seconds.max(1e-9) };
@@ -306,30 +338,55 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
         state.epochs_done = epoch + 1;
         state.step = trainer.step;
         let last = stopped_early || epoch + 1 == epochs;
-        if last || tc.checkpoint_every.is_some_and(|k| k > 0 && (epoch + 1) % k == 0) {
+        let saved = rank == 0 && (last || tc.checkpoint_every.is_some_and(|k| k > 0 && (epoch + 1) % k == 0));
+        if saved {
             checkpoint::save(&checkpoint_dir, &state, &trainer)?;
         }
-        if stopped_early {
+        if last {
+            last_end = Some((epoch, my_cells, times));
             break;
         }
+        let record = state.history.last().cloned().ok_or_else(|| FitError::Output { path: checkpoint_dir.display().to_string(), reason: "no epoch record".into() })?;
+        place.hooks.epoch_done(&EpochEnd { epoch, step: trainer.step, cells: my_cells, last, record: &record, times })?;
+        // Every rank has said its epoch is done before rank 0 announces the checkpoint of it.
+        place.ring.all_reduce_sum(&mut [0.0])?;
+        if saved {
+            place.hooks.checkpoint_saved(state.epochs_done, trainer.step, &checkpoint_dir)?;
+        }
     }
+    let report = if rank == 0 { Some(write_outputs(opts, &loader, &plan, &inputs, &mut trainer, &state, stopped_early, &denoised_keys)?) } else { None };
+    if let (Some((epoch, cells, times)), Some(record)) = (last_end, state.history.last()) {
+        // The job ends when every rank has said so: rank 0 does after writing the outputs.
+        place.hooks.epoch_done(&EpochEnd { epoch, step: trainer.step, cells, last: true, record, times })?;
+    }
+    Ok(report)
+}
 
-    // Embedding (and expression) of every cell, in order, then the records.
+/// Rank 0's results: the embedding (and expression, predictions) of every cell written into the
+/// store, then the run's records in the output folder.
+#[allow(clippy::too_many_arguments)]
+fn write_outputs(opts: &FitOptions, loader: &Loader, plan: &OutputPlan, inputs: &Inputs, trainer: &mut Trainer<f32, Cpu>, state: &FitState, stopped_early: bool, denoised_keys: &[(&str, String)]) -> Result<FitReport, FitError> {
     let n_latent = opts.config.model.n_latent;
-    let n = n_obs as usize;
+    let n = loader.n_cells() as usize;
+    let classify = opts.config.model.classifier_weight > 0.0;
+    let n_labels = loader.label_categories.len();
     let mut embedding = vec![0f32; n * n_latent];
     let mut denoised: Vec<Vec<f32>> = if opts.denoised.is_some() { plan.modalities.iter().map(|(_, _, g)| vec![0f32; n * g]).collect() } else { Vec::new() };
     let mut probabilities = vec![0f32; if classify { n * n_labels } else { 0 }];
-    let ordered = loader.ordered();
-    for mb in ordered.epoch(0) {
+    let mut validation_cells = Vec::new();
+    let holdout = Holdout::new(0..n as u64, trainer.config.seed, trainer.config.validation_cells(n as u64));
+    for mb in loader.ordered().epoch(0) {
         let mb = mb?;
-        let batch = Converted::whole(&mb, &inputs);
+        let batch = Converted::whole(&mb, inputs);
         let (z, expression) = match &opts.denoised {
             Some(d) => on_pool(|| batch.with(|b| trainer.model.latent_and_expression(b, d.library_size)))?,
             None => (on_pool(|| batch.with(|b| trainer.model.latent_mean(b)))?, Vec::new()),
         };
         let p = on_pool(|| batch.with(|b| trainer.model.predict_labels(b)))?.unwrap_or_default();
         for (r, &cell) in mb.cells.iter().enumerate() {
+            if holdout.holds(cell) {
+                validation_cells.push(cell);
+            }
             let cell = cell as usize;
             embedding[cell * n_latent..(cell + 1) * n_latent].copy_from_slice(&z[r * n_latent..(r + 1) * n_latent]);
             if classify {
@@ -367,9 +424,9 @@ pub fn fit(opts: &FitOptions, mut progress: impl FnMut(Progress<'_>)) -> Result<
     write_file(&opts.out.join("validation_cells.csv"), validation_cells.iter().fold(String::from("cell\n"), |csv, c| csv + &c.to_string() + "\n").as_bytes())?;
     let plot = opts.out.join("loss.png");
     crate::plot::loss_plot(&state.history, &plot).map_err(|reason| FitError::Output { path: plot.display().to_string(), reason })?;
-    checkpoint::write_weights(&opts.out.join("model.safetensors"), &trainer)?;
-    write_file(&opts.out.join("config.json"), serde_json::to_string_pretty(&resolved).unwrap_or_default().as_bytes())?;
-    Ok(FitReport { history: state.history, stopped_early, n_train: state.n_train, n_validation: validation_cells.len() as u64, modalities: model_shapes(&trainer.model), batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element, denoised_elements, prediction_elements })
+    checkpoint::write_weights(&opts.out.join("model.safetensors"), trainer)?;
+    write_file(&opts.out.join("config.json"), serde_json::to_string_pretty(&state.run).unwrap_or_default().as_bytes())?;
+    Ok(FitReport { history: state.history.clone(), stopped_early, n_train: state.n_train, n_validation: validation_cells.len() as u64, modalities: model_shapes(&trainer.model), batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element, denoised_elements, prediction_elements })
 }
 
 /// Cells read to start an NB mixture's background rates.
@@ -464,33 +521,6 @@ impl OutputPlan {
                 Ok(OutputPlan { modalities, target: m.root(), layer: false })
             }
         }
-    }
-}
-
-/// Cell-weighted sums of loss terms.
-#[derive(Debug, Default)]
-struct Sums {
-    reconstruction: f64,
-    kl: f64,
-    regularization: f64,
-    supervised: f64,
-    cells: usize,
-}
-
-impl Sums {
-    fn add(&mut self, t: &LossTerms) {
-        let w = t.cells as f64;
-        self.reconstruction += t.reconstruction * w;
-        self.kl += t.kl * w;
-        self.regularization += t.regularization * w;
-        self.supervised += t.supervised * w;
-        self.cells += t.cells;
-    }
-
-    fn mean(&self, kl_weight: f64) -> LossTerms {
-        let n = self.cells.max(1) as f64;
-        let (reconstruction, kl, regularization, supervised) = (self.reconstruction / n, self.kl / n, self.regularization / n, self.supervised / n);
-        LossTerms { reconstruction, kl, regularization, supervised, loss: reconstruction + kl_weight * kl + regularization + supervised, cells: self.cells }
     }
 }
 

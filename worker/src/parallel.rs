@@ -1,0 +1,281 @@
+//! Data-parallel training. A job's cells are cut into `parts` contiguous shards; every step's
+//! batch is one batch from each shard (`batch_size / parts` cells each), and the job's workers
+//! share the parts (rank r takes parts r, r + world, ...). Each step every rank computes its
+//! parts' gradients, then one ring all-reduce sums the flat gradient (weighted by cells), the
+//! BatchNorm statistics and the loss sums; every rank applies the same update to the same
+//! weights. The data order, the random draws (per part) and BatchNorm's batches (per part)
+//! depend on the parts alone, so 1, 2 or 4 workers over the same parts train the same model up
+//! to the summation order of floating point.
+
+use std::ops::Range;
+use std::path::Path;
+use std::time::Instant;
+
+use tessera_data::{Dataset, Epoch, MiniBatch};
+use tessera_kernels::backend::Cpu;
+use tessera_models::{LossTerms, Trainer};
+
+use crate::fit::{EpochRecord, FitError};
+use crate::ring::Ring;
+
+/// Where this process trains: the ring between the job's workers (its rank and world size),
+/// the job's parts and what to tell the coordinator.
+pub struct Placement {
+    pub ring: Ring,
+    /// The job's parts (`TrainConfig::parts` resolved); every worker of a job has the same.
+    pub parts: usize,
+    pub hooks: Box<dyn EpochHooks + Send>,
+}
+
+impl std::fmt::Debug for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Placement").field("rank", &self.ring.rank()).field("world", &self.ring.world()).field("parts", &self.parts).finish()
+    }
+}
+
+impl Placement {
+    /// One process training alone, one part per step.
+    pub fn alone() -> Placement {
+        Placement { ring: Ring::single(), parts: 1, hooks: Box::new(Alone) }
+    }
+
+    /// The parts this rank trains.
+    pub fn my_parts(&self) -> impl Iterator<Item = usize> + '_ {
+        (self.ring.rank()..self.parts).step_by(self.ring.world())
+    }
+}
+
+/// Seconds of an epoch spent computing gradients and updates, in the all-reduce, and waiting
+/// for the loader.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTimes {
+    pub compute: f64,
+    pub allreduce: f64,
+    pub data: f64,
+}
+
+/// A rank's end of an epoch.
+#[derive(Debug)]
+pub struct EpochEnd<'a> {
+    pub epoch: usize,
+    pub step: u64,
+    /// Training cells this rank trained on in the epoch.
+    pub cells: u64,
+    /// Training ends with this epoch (the last, or early stopping).
+    pub last: bool,
+    /// The job's record (the same on every rank but for the timings).
+    pub record: &'a EpochRecord,
+    pub times: StepTimes,
+}
+
+/// What a trainer tells the world outside the ring.
+pub trait EpochHooks {
+    /// Whether to stop now (the group was re-formed or the job ended); asked before each step.
+    fn interrupted(&self) -> bool {
+        false
+    }
+    /// This rank finished an epoch. On the last epoch rank 0 says so after writing the outputs.
+    fn epoch_done(&mut self, _end: &EpochEnd<'_>) -> Result<(), FitError> {
+        Ok(())
+    }
+    /// Rank 0 saved a checkpoint after every rank said its epochs were done.
+    fn checkpoint_saved(&mut self, _epochs_done: usize, _step: u64, _location: &Path) -> Result<(), FitError> {
+        Ok(())
+    }
+}
+
+/// No one to tell.
+#[derive(Debug)]
+pub struct Alone;
+
+impl EpochHooks for Alone {}
+
+/// The job's cells cut into `parts` contiguous shards: where the count matrix's chunks begin,
+/// balancing non-zeros (AnnData), or evenly (MuData, whose modalities chunk differently). Each
+/// shard needs a batch's worth of cells.
+pub fn part_ranges(dataset: &Dataset, parts: usize, batch_size: usize) -> Result<Vec<Range<u64>>, FitError> {
+    let n = dataset.n_obs();
+    let invalid = |reason: String| FitError::Config { file: "[train]".into(), reason };
+    if parts == 0 || batch_size / parts < 2 {
+        return Err(invalid(format!("parts = {parts} with batch_size = {batch_size}: expected 1 <= parts <= batch_size / 2 (BatchNorm needs two cells of each part)")));
+    }
+    let ranges = match dataset {
+        Dataset::AnnData(a) => tessera_data::ShardPlan::for_matrix(&a.store, &a.matrix("X")?, parts)?.shards,
+        Dataset::MuData(_) => (0..parts as u64).map(|k| k * n / parts as u64..(k + 1) * n / parts as u64).collect(),
+    };
+    if ranges.len() != parts || ranges.iter().any(|r| r.end - r.start < batch_size as u64) {
+        return Err(invalid(format!("parts = {parts}: {n} cells cut into {:?}; every part needs at least batch_size = {batch_size} cells", ranges)));
+    }
+    Ok(ranges)
+}
+
+/// Cells of part `k` in each step's batch: the batch size shared out, the remainder to the
+/// first parts.
+pub fn part_batch_size(batch_size: usize, parts: usize, k: usize) -> usize {
+    batch_size / parts + usize::from(k < batch_size % parts)
+}
+
+/// One part's batches of an epoch, one batch ahead: a following batch of one cell (a fetch's
+/// remainder) joins the one before, since BatchNorm needs two cells and every cell is trained
+/// on once per epoch.
+pub(crate) struct PartStream {
+    pub part: usize,
+    batches: Epoch,
+    ahead: Option<MiniBatch>,
+}
+
+impl PartStream {
+    pub fn new(part: usize, mut batches: Epoch) -> Result<PartStream, FitError> {
+        let ahead = batches.next().transpose()?;
+        Ok(PartStream { part, batches, ahead })
+    }
+
+    pub fn next_batch(&mut self) -> Result<Option<MiniBatch>, FitError> {
+        let Some(mut batch) = self.ahead.take() else { return Ok(None) };
+        self.ahead = self.batches.next().transpose()?;
+        while let Some(small) = self.ahead.take_if(|a| a.cells.len() < 2) {
+            batch.append(&small);
+            self.ahead = self.batches.next().transpose()?;
+        }
+        Ok(Some(batch))
+    }
+
+    pub fn more(&self) -> bool {
+        self.ahead.is_some()
+    }
+}
+
+/// Cell-weighted sums of loss terms.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Sums {
+    pub reconstruction: f64,
+    pub kl: f64,
+    pub regularization: f64,
+    pub supervised: f64,
+    pub cells: usize,
+}
+
+impl Sums {
+    pub fn add(&mut self, t: &LossTerms) {
+        let w = t.cells as f64;
+        self.reconstruction += t.reconstruction * w;
+        self.kl += t.kl * w;
+        self.regularization += t.regularization * w;
+        self.supervised += t.supervised * w;
+        self.cells += t.cells;
+    }
+
+    pub fn mean(&self, kl_weight: f64) -> LossTerms {
+        let n = self.cells.max(1) as f64;
+        let (reconstruction, kl, regularization, supervised) = (self.reconstruction / n, self.kl / n, self.regularization / n, self.supervised / n);
+        LossTerms { reconstruction, kl, regularization, supervised, loss: reconstruction + kl_weight * kl + regularization + supervised, cells: self.cells }
+    }
+
+    const LEN: usize = 5;
+
+    fn write(&self, out: &mut [f32]) {
+        out[..Sums::LEN].copy_from_slice(&[self.reconstruction, self.kl, self.regularization, self.supervised, self.cells as f64].map(|v| v as f32));
+    }
+
+    fn read(from: &[f32]) -> Sums {
+        let v = |i: usize| f64::from(from[i]);
+        Sums { reconstruction: v(0), kl: v(1), regularization: v(2), supervised: v(3), cells: v(4).round() as usize }
+    }
+
+    /// The sums over every rank (as f32 on the ring: loss sums of up to ~10^7 keep 6 digits).
+    pub fn all_reduce(self, ring: &mut Ring) -> Result<Sums, FitError> {
+        if ring.world() == 1 {
+            return Ok(self);
+        }
+        let mut buf = [0f32; Sums::LEN];
+        self.write(&mut buf);
+        ring.all_reduce_sum(&mut buf)?;
+        Ok(Sums::read(&buf))
+    }
+}
+
+/// A step's result on every rank: the step's mean loss terms (None: no rank had cells), and
+/// whether any rank has another batch this epoch.
+pub(crate) struct Stepped {
+    pub terms: Option<LossTerms>,
+    pub more: bool,
+}
+
+/// The per-step reduction: one flat buffer [gradients × cells | BatchNorm statistics |
+/// parts, more, loss sums].
+pub(crate) struct StepReducer {
+    buf: Vec<f32>,
+    n_params: usize,
+    n_state: usize,
+    start_state: Vec<f32>,
+}
+
+const PARTS: usize = 0;
+const MORE: usize = 1;
+const SUMS: usize = 2;
+const TAIL: usize = SUMS + Sums::LEN;
+
+impl StepReducer {
+    pub fn new(trainer: &Trainer<f32, Cpu>) -> StepReducer {
+        let (n_params, n_state) = (trainer.model.grads.len(), trainer.model.state.len());
+        StepReducer { buf: vec![0.0; n_params + n_state + TAIL], n_params, n_state, start_state: vec![0.0; n_state] }
+    }
+
+    /// Gradients of this rank's parts of the step, summed with every other rank's, applied.
+    /// `gradients(trainer, part)` computes one part's loss terms and gradients (in the model).
+    pub fn step(&mut self, trainer: &mut Trainer<f32, Cpu>, ring: &mut Ring, parts: &[usize], more: bool, kl_weight: f64, times: &mut StepTimes, mut gradients: impl FnMut(&mut Trainer<f32, Cpu>, usize) -> Result<LossTerms, FitError>) -> Result<Stepped, FitError> {
+        let started = Instant::now();
+        // Alone with one part: the model's own buffers, no copies.
+        if ring.world() == 1 && parts.len() <= 1 {
+            let Some(&part) = parts.first() else { return Ok(Stepped { terms: None, more }) };
+            let terms = gradients(trainer, part)?;
+            trainer.apply()?;
+            times.compute += started.elapsed().as_secs_f64();
+            return Ok(Stepped { terms: Some(terms), more });
+        }
+        let (p, s) = (self.n_params, self.n_state);
+        self.buf.fill(0.0);
+        self.start_state.copy_from_slice(&trainer.model.state);
+        let mut sums = Sums::default();
+        for &part in parts {
+            // Each part's BatchNorm update starts from the step's statistics; the parts'
+            // results are averaged, so the update does not depend on which rank ran which part.
+            trainer.model.state.copy_from_slice(&self.start_state);
+            let terms = gradients(trainer, part)?;
+            let w = terms.cells as f32;
+            for (acc, g) in self.buf[..p].iter_mut().zip(&trainer.model.grads) {
+                *acc += g * w;
+            }
+            for (acc, v) in self.buf[p..p + s].iter_mut().zip(&trainer.model.state) {
+                *acc += v;
+            }
+            sums.add(&terms);
+        }
+        let tail = &mut self.buf[p + s..];
+        tail[PARTS] = parts.len() as f32;
+        tail[MORE] = f32::from(u8::from(more));
+        sums.write(&mut tail[SUMS..]);
+        let reducing = Instant::now();
+        times.compute += (reducing - started).as_secs_f64();
+        ring.all_reduce_sum(&mut self.buf)?;
+        let applying = Instant::now();
+        times.allreduce += (applying - reducing).as_secs_f64();
+        let tail = &self.buf[p + s..];
+        let (total_parts, more) = (tail[PARTS], tail[MORE] > 0.0);
+        let sums = Sums::read(&tail[SUMS..]);
+        if sums.cells == 0 {
+            trainer.model.state.copy_from_slice(&self.start_state);
+            return Ok(Stepped { terms: None, more });
+        }
+        let inv_cells = 1.0 / sums.cells as f32;
+        for (g, acc) in trainer.model.grads.iter_mut().zip(&self.buf[..p]) {
+            *g = acc * inv_cells;
+        }
+        for (v, acc) in trainer.model.state.iter_mut().zip(&self.buf[p..p + s]) {
+            *v = acc / total_parts;
+        }
+        trainer.apply()?;
+        times.compute += applying.elapsed().as_secs_f64();
+        Ok(Stepped { terms: Some(sums.mean(kl_weight)), more })
+    }
+}
