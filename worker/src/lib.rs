@@ -16,4 +16,4 @@ pub mod plot;
 pub mod ring;
 
 pub use eval::{EvalError, EvalRequest, Evaluation, evaluate_store, write_evaluation};
-pub use fit::{DEFAULT_CACHE_MIB, Denoised, check_job, EpochRecord, FitConfig, FitError, FitOptions, FitReport, fit};
+pub use fit::{DEFAULT_CACHE_MIB, Denoised, EpochRecord, FitConfig, FitError, FitOptions, FitReport, check_job, fit, train};
