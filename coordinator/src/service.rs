@@ -12,7 +12,7 @@ use tessera_proto::v1::coordinator_server::{Coordinator as CoordinatorRpc, Coord
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::state::{Checkpoint, Config, Coordinator, Directive, JobId, JobSpec, JobState, Millis, Progress, StateError, WorkerId};
+use crate::state::{Checkpoint, Config, Coordinator, Directive, EpochSummary, JobId, JobSpec, JobState, Millis, Progress, StateError, WorkerId};
 
 /// Requests larger than this are refused (a JobSpec carries a config, not data).
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
@@ -91,7 +91,7 @@ impl Service {
                 .map_err(status_of)?
                 .into_iter()
                 .enumerate()
-                .map(|(rank, (id, device, age))| pb::WorkerState { worker_id: worker_name(id), rank: rank as u32, device, heartbeat_age_seconds: age as f64 / 1e3, cells_this_epoch: 0 })
+                .map(|(rank, (id, device, age, cells))| pb::WorkerState { worker_id: worker_name(id), rank: rank as u32, device, heartbeat_age_seconds: age as f64 / 1e3, cells_this_epoch: cells })
                 .collect();
             Ok(pb::JobStatus {
                 job_id: job_name(job),
@@ -102,10 +102,20 @@ impl Service {
                 workers,
                 message: j.message.clone(),
                 last_checkpoint: j.checkpoint.as_ref().map(|c| c.location.clone()).unwrap_or_default(),
-                ..pb::JobStatus::default()
+                train: j.summary.map(|s| terms_of(&s.train)),
+                validation: j.summary.and_then(|s| s.validation).map(|v| terms_of(&v)),
+                cells_per_second: j.summary.map_or(0.0, |s| s.cells_per_second),
             })
         })
     }
+}
+
+fn terms_of(t: &[f64; 5]) -> pb::LossTerms {
+    pb::LossTerms { loss: t[0], reconstruction: t[1], kl: t[2], regularization: t[3], supervised: t[4] }
+}
+
+fn terms_from(t: &pb::LossTerms) -> [f64; 5] {
+    [t.loss, t.reconstruction, t.kl, t.regularization, t.supervised]
 }
 
 fn worker_name(id: WorkerId) -> String {
@@ -202,7 +212,7 @@ impl CoordinatorRpc for Service {
                     world_size: a.world_size,
                     peers: a.peers,
                     nccl_unique_id: Vec::new(),
-                    spec: Some(pb::JobSpec { data_url: a.spec.data_url, config_toml: a.spec.config_toml, world_size: a.spec.world_size, batch_key: a.spec.batch_key, label_key: a.spec.label_key, output_url: a.spec.output_url }),
+                    spec: Some(pb::JobSpec { data_url: a.spec.data_url, config_toml: a.spec.config_toml, world_size: a.spec.world_size, batch_key: a.spec.batch_key, label_key: a.spec.label_key, output_url: a.spec.output_url, modalities: a.spec.modalities, embedding_key: a.spec.embedding_key, overwrite: a.spec.overwrite }),
                     resume_from: resume.as_ref().map(|c| c.location.clone()).unwrap_or_default(),
                     start_epoch: resume.map_or(0, |c| c.epochs_done),
                 }));
@@ -218,7 +228,9 @@ impl CoordinatorRpc for Service {
         let r = request.into_inner();
         let worker = parse_worker("worker_id", &r.worker_id)?;
         let job = parse_job("job_id", &r.job_id)?;
-        let p = Progress { job, generation: r.generation, epoch: r.epoch, step: r.step, cells: r.cells, epoch_done: r.epoch_done };
+        let summary = r.train.as_ref().map(|t| EpochSummary { train: terms_from(t), validation: r.validation.as_ref().map(terms_from), cells_per_second: r.cells_per_second });
+        let failure = (!r.error.is_empty()).then_some(r.error);
+        let p = Progress { job, generation: r.generation, epoch: r.epoch, step: r.step, cells: r.cells, epoch_done: r.epoch_done, last: r.last, failure, summary };
         self.change(|c, now| c.progress(now, worker, &p)).map_err(status_of)?;
         Ok(Response::new(pb::Ack {}))
     }
@@ -254,6 +266,9 @@ impl CoordinatorRpc for Service {
             batch_key: spec.batch_key,
             label_key: spec.label_key,
             output_url: spec.output_url,
+            modalities: spec.modalities,
+            embedding_key: spec.embedding_key,
+            overwrite: spec.overwrite,
             train_cells: valid.train_cells,
             epochs: valid.epochs,
         };

@@ -36,7 +36,7 @@ impl Default for Config {
 
 /// What a job trains; the coordinator checks the data opens and counts its cells before
 /// submitting (I/O stays outside this module).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct JobSpec {
     pub data_url: String,
     pub config_toml: String,
@@ -44,6 +44,9 @@ pub struct JobSpec {
     pub batch_key: String,
     pub label_key: String,
     pub output_url: String,
+    pub modalities: Vec<String>,
+    pub embedding_key: String,
+    pub overwrite: bool,
     /// Training cells per epoch (the store's cells minus the held-out ones).
     pub train_cells: u64,
     pub epochs: u32,
@@ -95,8 +98,17 @@ pub enum Directive {
     Register,
 }
 
+/// Rank 0's summary of a finished epoch: mean loss terms (loss, reconstruction, KL,
+/// regularisers, supervised) and throughput, shown in the job's status.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct EpochSummary {
+    pub train: [f64; 5],
+    pub validation: Option<[f64; 5]>,
+    pub cells_per_second: f64,
+}
+
 /// One worker's report on its part of an epoch.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Progress {
     pub job: JobId,
     pub generation: u64,
@@ -105,6 +117,11 @@ pub struct Progress {
     /// Training cells this worker finished in the epoch so far.
     pub cells: u64,
     pub epoch_done: bool,
+    /// Training ends with this epoch (early stopping may end it before `JobSpec::epochs`).
+    pub last: bool,
+    /// Training failed in a way a retry would repeat: the job fails with this reason.
+    pub failure: Option<String>,
+    pub summary: Option<EpochSummary>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -128,6 +145,8 @@ struct Worker {
     waiting: bool,
     /// (job, generation, rank) while in a group.
     group: Option<(JobId, u64, u32)>,
+    /// Training cells of its last reported epoch.
+    cells: u64,
     /// Set when its group ended under it: what the next heartbeat says (Rejoin, or Stop when
     /// the job ended).
     pending: Option<Directive>,
@@ -154,6 +173,10 @@ pub struct Job {
     lost_at: Option<Millis>,
     pub message: String,
     pub step: u64,
+    /// Training ends after this many epochs (a rank reported early stopping).
+    ends_after: Option<u32>,
+    /// Rank 0's last epoch summary.
+    pub summary: Option<EpochSummary>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -178,7 +201,7 @@ impl Coordinator {
     pub fn register(&mut self, now: Millis, ring_address: String, device: String) -> WorkerId {
         let id = self.next_worker;
         self.next_worker += 1;
-        self.workers.insert(id, Worker { ring_address, device, last_seen: now, waiting: false, group: None, pending: None });
+        self.workers.insert(id, Worker { ring_address, device, last_seen: now, waiting: false, group: None, cells: 0, pending: None });
         id
     }
 
@@ -241,7 +264,7 @@ impl Coordinator {
         let world = spec.world_size;
         self.jobs.insert(
             id,
-            Job { spec, state: JobState::Queued, generation: 0, members: Vec::new(), checkpoint: None, epochs_done: 0, done: BTreeMap::new(), epoch_cells: BTreeMap::new(), world, lost_at: None, message: String::new(), step: 0 },
+            Job { spec, state: JobState::Queued, generation: 0, members: Vec::new(), checkpoint: None, epochs_done: 0, done: BTreeMap::new(), epoch_cells: BTreeMap::new(), world, lost_at: None, message: String::new(), step: 0, ends_after: None, summary: None },
         );
         self.queue.push_back(id);
         Ok(id)
@@ -261,10 +284,11 @@ impl Coordinator {
         self.jobs.get(&job).ok_or(StateError::UnknownJob(job))
     }
 
-    /// (worker, device, ms since its last heartbeat) of a job's group, in rank order.
-    pub fn members(&self, now: Millis, job: JobId) -> Result<Vec<(WorkerId, String, Millis)>, StateError> {
+    /// (worker, device, ms since its last heartbeat, cells of its last epoch) of a job's
+    /// group, in rank order.
+    pub fn members(&self, now: Millis, job: JobId) -> Result<Vec<(WorkerId, String, Millis, u64)>, StateError> {
         let j = self.job(job)?;
-        Ok(j.members.iter().filter_map(|m| self.workers.get(m).map(|w| (*m, w.device.clone(), now.saturating_sub(w.last_seen)))).collect())
+        Ok(j.members.iter().filter_map(|m| self.workers.get(m).map(|w| (*m, w.device.clone(), now.saturating_sub(w.last_seen), w.cells))).collect())
     }
 
     pub fn progress(&mut self, now: Millis, worker: WorkerId, p: &Progress) -> Result<(), StateError> {
@@ -274,17 +298,32 @@ impl Coordinator {
             Some((job, generation, rank)) if job == p.job && generation == p.generation => rank,
             _ => return Err(StateError::Stale { job: p.job, reason: format!("worker {worker} is not in generation {} of the job", p.generation) }),
         };
+        if p.epoch_done {
+            w.cells = p.cells;
+        }
         let j = self.jobs.get_mut(&p.job).ok_or(StateError::UnknownJob(p.job))?;
         if j.state.ended() {
             return Ok(());
         }
+        if let Some(reason) = &p.failure {
+            j.state = JobState::Failed;
+            j.message = format!("rank {rank}: {reason}");
+            self.release(p.job);
+            return Ok(());
+        }
         j.state = JobState::Running;
+        if rank == 0 && p.summary.is_some() {
+            j.summary = p.summary;
+        }
         j.step = j.step.max(p.step);
         if p.epoch < j.epochs_done {
             return Err(StateError::Stale { job: p.job, reason: format!("epoch {} was already completed", p.epoch) });
         }
         if p.epoch_done {
             j.done.insert((p.epoch, rank), p.cells);
+            if p.last {
+                j.ends_after = Some(j.ends_after.map_or(p.epoch + 1, |e| e.min(p.epoch + 1)));
+            }
         }
         // Ranks run in lockstep but their reports arrive in any order: a rank's report of the
         // next epoch may come before another's of this one, so completions are kept per epoch.
@@ -300,7 +339,7 @@ impl Coordinator {
             j.epoch_cells.insert(epoch, total);
             j.epochs_done = epoch + 1;
             j.done.retain(|&(e, _), _| e > epoch);
-            if j.epochs_done >= j.spec.epochs {
+            if j.epochs_done >= j.spec.epochs || j.ends_after.is_some_and(|e| j.epochs_done >= e) {
                 j.state = JobState::Succeeded;
                 self.release(p.job);
                 return Ok(());
@@ -348,6 +387,7 @@ impl Coordinator {
         j.state = JobState::Recovering;
         j.message = format!("lost worker {id}; resuming from {}", j.checkpoint.as_ref().map_or("the start".to_string(), |c| format!("the checkpoint after epoch {}", c.epochs_done)));
         j.lost_at = Some(now);
+        j.ends_after = None;
         j.epochs_done = j.checkpoint.as_ref().map_or(0, |c| c.epochs_done);
         j.epoch_cells.retain(|&e, _| e < j.epochs_done);
         self.release(job);

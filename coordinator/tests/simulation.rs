@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
-use tessera_coordinator::{Assignment, Checkpoint, Config, Coordinator, Directive, JobId, JobSpec, JobState, Millis, Progress, WorkerId};
+use tessera_coordinator::{Assignment, Checkpoint, Config, Coordinator, Directive, EpochSummary, JobId, JobSpec, JobState, Millis, Progress, WorkerId};
 
 const TRAIN_CELLS: u64 = 10_007;
 const EPOCHS: u32 = 6;
@@ -137,7 +137,7 @@ impl Sim {
         let mine = share(a.rank, a.world_size);
         ag.cells = (ag.cells + CHUNK).min(mine);
         let done = ag.cells == mine;
-        let p = Progress { job: a.job, generation: a.generation, epoch: ag.epoch, step: 0, cells: ag.cells, epoch_done: done };
+        let p = Progress { job: a.job, generation: a.generation, epoch: ag.epoch, step: 0, cells: ag.cells, epoch_done: done, ..Progress::default() };
         if done {
             ag.epoch += 1;
             ag.cells = 0;
@@ -168,7 +168,7 @@ impl Sim {
 fn run(seed: u64, workers: usize, world: u32) -> (Coordinator, JobId, usize) {
     let config = Config { heartbeat_interval_ms: 500, heartbeat_timeout_ms: 2_000, regroup_grace_ms: 1_500 };
     let mut coord = Coordinator::new(config);
-    let spec = JobSpec { data_url: "file:///data.zarr".into(), config_toml: String::new(), world_size: world, batch_key: "batch".into(), label_key: String::new(), output_url: "file:///out".into(), train_cells: TRAIN_CELLS, epochs: EPOCHS };
+    let spec = JobSpec { data_url: "file:///data.zarr".into(), config_toml: String::new(), world_size: world, batch_key: "batch".into(), label_key: String::new(), output_url: "file:///out".into(), train_cells: TRAIN_CELLS, epochs: EPOCHS, ..JobSpec::default() };
     let job = coord.submit(spec).unwrap();
     let mut sim = Sim { rng: Xoshiro256PlusPlus::seed_from_u64(seed), now: 0, coord, agents: (0..workers + 2).map(|i| Agent { alive: i < workers, ..Agent::default() }).collect(), inflight: BTreeMap::new(), seq: 0, job, crashes: 0 };
     let horizon: Millis = 600_000;
@@ -216,7 +216,7 @@ fn jobs_finish_with_every_epoch_counted_once_despite_crashes_and_reordering() {
 fn a_lost_worker_regroups_the_survivors_after_the_grace() {
     let config = Config { heartbeat_interval_ms: 100, heartbeat_timeout_ms: 300, regroup_grace_ms: 300 };
     let mut c = Coordinator::new(config);
-    let spec = JobSpec { data_url: String::new(), config_toml: String::new(), world_size: 2, batch_key: String::new(), label_key: String::new(), output_url: String::new(), train_cells: 10, epochs: 2 };
+    let spec = JobSpec { data_url: String::new(), config_toml: String::new(), world_size: 2, batch_key: String::new(), label_key: String::new(), output_url: String::new(), train_cells: 10, epochs: 2, ..JobSpec::default() };
     let job = c.submit(spec).unwrap();
     let (a, b) = (c.register(0, "a:1".into(), "cpu".into()), c.register(0, "b:1".into(), "cpu".into()));
     assert_eq!(c.join(0, a).unwrap(), None, "one of two workers: the job waits");
@@ -225,7 +225,7 @@ fn a_lost_worker_regroups_the_survivors_after_the_grace() {
     assert_eq!((first.rank, second.rank, first.world_size, first.generation), (0, 1, 2, second.generation));
     assert_eq!(first.peers, vec!["a:1".to_string(), "b:1".to_string()]);
     for (w, cells) in [(a, 5), (b, 5)] {
-        c.progress(3, w, &Progress { job, generation: first.generation, epoch: 0, step: 4, cells, epoch_done: true }).unwrap();
+        c.progress(3, w, &Progress { job, generation: first.generation, epoch: 0, step: 4, cells, epoch_done: true, ..Progress::default() }).unwrap();
     }
     assert_eq!(c.job(job).unwrap().epochs_done, 1);
     c.checkpoint(4, a, job, first.generation, Checkpoint { epochs_done: 1, step: 4, location: "ckpt/1".into() }).unwrap();
@@ -245,8 +245,8 @@ fn a_lost_worker_regroups_the_survivors_after_the_grace() {
     assert!(alone.generation > first.generation);
     assert_eq!(alone.resume_from.map(|c| c.epochs_done), Some(1), "resumes after the checkpointed epoch");
     // A late report from the old generation is refused and changes nothing.
-    assert!(c.progress(801, a, &Progress { job, generation: first.generation, epoch: 1, step: 5, cells: 10, epoch_done: true }).is_err());
-    c.progress(802, a, &Progress { job, generation: alone.generation, epoch: 1, step: 9, cells: 10, epoch_done: true }).unwrap();
+    assert!(c.progress(801, a, &Progress { job, generation: first.generation, epoch: 1, step: 5, cells: 10, epoch_done: true, ..Progress::default() }).is_err());
+    c.progress(802, a, &Progress { job, generation: alone.generation, epoch: 1, step: 9, cells: 10, epoch_done: true, ..Progress::default() }).unwrap();
     assert_eq!(c.job(job).unwrap().state, JobState::Succeeded);
     assert_eq!(c.heartbeat(803, a, alone.generation), Directive::Stop);
     c.check().unwrap();
@@ -255,17 +255,49 @@ fn a_lost_worker_regroups_the_survivors_after_the_grace() {
 #[test]
 fn wrong_cell_counts_fail_the_job_and_bad_requests_are_named() {
     let mut c = Coordinator::new(Config::default());
-    let spec = JobSpec { data_url: String::new(), config_toml: String::new(), world_size: 1, batch_key: String::new(), label_key: String::new(), output_url: String::new(), train_cells: 100, epochs: 3 };
+    let spec = JobSpec { data_url: String::new(), config_toml: String::new(), world_size: 1, batch_key: String::new(), label_key: String::new(), output_url: String::new(), train_cells: 100, epochs: 3, ..JobSpec::default() };
     assert!(c.submit(JobSpec { world_size: 0, ..spec.clone() }).unwrap_err().to_string().contains("world_size 0"));
     let job = c.submit(spec).unwrap();
     let w = c.register(0, "w:1".into(), "cpu".into());
     let g = c.join(0, w).unwrap().unwrap().generation;
     assert!(c.checkpoint(1, w, job, g, Checkpoint { epochs_done: 1, step: 1, location: "x".into() }).unwrap_err().to_string().contains("only 0 epochs are complete"));
-    c.progress(2, w, &Progress { job, generation: g, epoch: 0, step: 1, cells: 99, epoch_done: true }).unwrap();
+    c.progress(2, w, &Progress { job, generation: g, epoch: 0, step: 1, cells: 99, epoch_done: true, ..Progress::default() }).unwrap();
     let j = c.job(job).unwrap();
     assert_eq!(j.state, JobState::Failed);
     assert!(j.message.contains("trained 99 cells, the epoch has 100"), "{}", j.message);
     assert!(c.join(3, 999).unwrap_err().to_string().contains("unknown worker 999"));
     assert!(c.cancel(77).unwrap_err().to_string().contains("unknown job 77"));
+    c.check().unwrap();
+}
+
+#[test]
+fn early_stopping_ends_the_job_and_a_rank_failure_fails_it() {
+    let mut c = Coordinator::new(Config::default());
+    let spec = JobSpec { world_size: 2, train_cells: 100, epochs: 10, ..JobSpec::default() };
+    let job = c.submit(spec.clone()).unwrap();
+    let (a, b) = (c.register(0, "a:1".into(), "cpu".into()), c.register(0, "b:1".into(), "cpu".into()));
+    assert!(c.join(0, a).unwrap().is_none());
+    let g = c.join(0, b).unwrap().unwrap().generation;
+    let summary = EpochSummary { train: [5.0, 4.0, 1.0, 0.0, 0.0], validation: Some([6.0, 5.0, 1.0, 0.0, 0.0]), cells_per_second: 1e3 };
+    let done = |epoch, cells, last| Progress { job, generation: g, epoch, step: 1, cells, epoch_done: true, last, summary: Some(summary), ..Progress::default() };
+    c.progress(1, a, &done(0, 60, false)).unwrap();
+    c.progress(1, b, &done(0, 40, false)).unwrap();
+    // Both ranks stop early after epoch 1 (they share the validation loss): the job is done.
+    c.progress(2, b, &done(1, 40, true)).unwrap();
+    assert_eq!(c.job(job).unwrap().state, JobState::Running);
+    c.progress(2, a, &done(1, 60, true)).unwrap();
+    let j = c.job(job).unwrap();
+    assert_eq!((j.state, j.epochs_done, j.summary), (JobState::Succeeded, 2, Some(summary)));
+    assert_eq!(c.heartbeat(3, a, g), Directive::Stop);
+    c.check().unwrap();
+
+    // A rank that cannot train (bad data, non-finite loss) fails the job with its reason.
+    let job = c.submit(spec).unwrap();
+    assert!(c.join(4, a).unwrap().is_none());
+    let g = c.join(4, b).unwrap().unwrap().generation;
+    c.progress(5, b, &Progress { job, generation: g, failure: Some("step 7: the KL divergence is NaN".into()), ..Progress::default() }).unwrap();
+    let j = c.job(job).unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    assert_eq!(j.message, "rank 1: step 7: the KL divergence is NaN");
     c.check().unwrap();
 }
