@@ -7,9 +7,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod bench;
 mod coordinator;
+mod distributed;
 mod eval;
 mod inspect;
 mod train;
+mod worker;
 
 use std::path::PathBuf;
 
@@ -56,6 +58,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Serve the distributed-training coordinator (gRPC, with the gRPC health service).
     Coordinator(coordinator::CoordinatorArgs),
+    /// Serve as a data-parallel training worker of a coordinator.
+    Worker(worker::WorkerArgs),
     /// Benchmarks of hot paths.
     Bench {
         #[command(subcommand)]
@@ -211,6 +215,7 @@ fn main() -> Result<()> {
         }
         Command::Bench { what } => bench::run(what),
         Command::Coordinator(args) => coordinator::run(args),
+        Command::Worker(args) => worker::run(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Convert { input, output, zarr_format } => convert(&input, &output, zarr_format.into()),

@@ -61,6 +61,12 @@ pub struct TrainArgs {
     /// from the store once; a larger one keeps what fits and streams the rest (0: stream all).
     #[arg(long, default_value_t = tessera_worker::DEFAULT_CACHE_MIB)]
     cache_mib: u64,
+    /// Train data-parallel in this many worker processes on this machine, under a coordinator
+    /// in this process (the cluster path on one machine). Each step's batch is cut into
+    /// `train.parts` parts (default: the number of workers); the result depends on the parts,
+    /// not on the workers.
+    #[arg(long)]
+    workers: Option<usize>,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -85,28 +91,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let label_key = args.label_key.or_else(|| has_obs_column(&data, DEFAULT_LABEL_KEY).then(|| DEFAULT_LABEL_KEY.to_string()));
     let opts = FitOptions { data: data.clone(), modalities: args.modalities.clone(), batch_key: batch_key.clone(), label_key: label_key.clone(), config, out: args.out.clone(), embedding_key: args.embedding_key.clone(), overwrite: args.overwrite, resume: args.resume, denoised: args.denoised.then(|| Denoised { key: "tessera_denoised".into(), library_size: args.denoised_library_size }), cache_bytes: args.cache_mib << 20 };
 
-    let bar = ProgressBar::new(0);
-    bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
-    let (mut epoch, mut epochs, mut cells_per_epoch) = (0usize, 0usize, 0u64);
-    let report = tessera_worker::fit(&opts, |p| match p {
-        Progress::Start { epochs: e, cells_per_epoch: c } => {
-            (epochs, cells_per_epoch) = (e, c);
-            bar.set_length(e as u64 * c);
-        }
-        Progress::Batch { cells, loss } => {
-            bar.inc(cells as u64);
-            bar.set_message(format!("{}/{epochs} loss {:.1}", epoch + 1, loss.loss));
-        }
-        Progress::Epoch(r) => {
-            epoch = r.epoch + 1;
-            // Held-out cells never pass through a training step: a finished epoch is a full one.
-            bar.set_position(epoch as u64 * cells_per_epoch);
-            let val = r.validation.map_or(String::new(), |v| format!(" validation {:.2}", v.loss));
-            tracing::debug!(epoch = r.epoch, train = r.train.loss, cells_per_s = r.cells_per_second, "epoch{val}");
-        }
-    })
-    .with_context(|| format!("training on {data}"))?;
-    bar.finish_and_clear();
+    let report = match args.workers {
+        Some(n) => crate::distributed::train(&opts, n).with_context(|| format!("training on {data} with {n} workers"))?,
+        None => train_alone(&opts)?,
+    };
 
     let last = report.history.last();
     let seconds: f64 = report.history.iter().map(|r| r.seconds).sum();
@@ -139,6 +127,33 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let req = EvalRequest { data: data.clone(), modality, embedding_key: args.embedding_key, label_key, batch_key, max_cells: Some(DEFAULT_MAX_CELLS), options: EvalOptions::default() };
     let evaluation = tessera_worker::evaluate_store(&req).with_context(|| format!("evaluating the embedding in {data}"))?;
     crate::eval::report(&evaluation, &args.out)
+}
+
+/// Trains in this process, with a progress bar.
+fn train_alone(opts: &FitOptions) -> Result<tessera_worker::FitReport> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let (mut epoch, mut epochs, mut cells_per_epoch) = (0usize, 0usize, 0u64);
+    let report = tessera_worker::fit(opts, |p| match p {
+        Progress::Start { epochs: e, cells_per_epoch: c } => {
+            (epochs, cells_per_epoch) = (e, c);
+            bar.set_length(e as u64 * c);
+        }
+        Progress::Batch { cells, loss } => {
+            bar.inc(cells as u64);
+            bar.set_message(format!("{}/{epochs} loss {:.1}", epoch + 1, loss.loss));
+        }
+        Progress::Epoch(r) => {
+            epoch = r.epoch + 1;
+            // Held-out cells never pass through a training step: a finished epoch is a full one.
+            bar.set_position(epoch as u64 * cells_per_epoch);
+            let val = r.validation.map_or(String::new(), |v| format!(" validation {:.2}", v.loss));
+            tracing::debug!(epoch = r.epoch, train = r.train.loss, cells_per_s = r.cells_per_second, "epoch{val}");
+        }
+    })
+    .with_context(|| format!("training on {}", opts.data))?;
+    bar.finish_and_clear();
+    Ok(report)
 }
 
 /// The default demo: CITE-seq-size protein panel, a small accessibility panel, mosaic.

@@ -116,7 +116,9 @@ pub struct EpochRecord {
     pub cells_per_second: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// A run's summary; rank 0 also writes it (without the embedding) to `<out>/report.json`, where
+/// the launcher of a distributed run reads it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FitReport {
     pub history: Vec<EpochRecord>,
     pub stopped_early: bool,
@@ -126,6 +128,7 @@ pub struct FitReport {
     pub modalities: Vec<(String, usize)>,
     pub batch_categories: Vec<String>,
     /// Latent means, n_obs x n_latent, in cell order (also in the store's obsm).
+    #[serde(skip)]
     pub embedding: Vec<f32>,
     pub n_latent: usize,
     /// Where the embedding went: `<store>/obsm/<key>` (a MuData root's, or a modality's obsm).
@@ -136,6 +139,9 @@ pub struct FitReport {
     /// (`obsm/<key>_probabilities`).
     pub prediction_elements: Vec<String>,
 }
+
+/// The run's summary in the output folder.
+pub const REPORT_FILE: &str = "report.json";
 
 /// The obs column of predicted labels (and `<key>_probabilities` in obsm).
 pub const PREDICTION_KEY: &str = "tessera_prediction";
@@ -426,7 +432,9 @@ fn write_outputs(opts: &FitOptions, loader: &Loader, plan: &OutputPlan, inputs: 
     crate::plot::loss_plot(&state.history, &plot).map_err(|reason| FitError::Output { path: plot.display().to_string(), reason })?;
     checkpoint::write_weights(&opts.out.join("model.safetensors"), trainer)?;
     write_file(&opts.out.join("config.json"), serde_json::to_string_pretty(&state.run).unwrap_or_default().as_bytes())?;
-    Ok(FitReport { history: state.history.clone(), stopped_early, n_train: state.n_train, n_validation: validation_cells.len() as u64, modalities: model_shapes(&trainer.model), batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element, denoised_elements, prediction_elements })
+    let report = FitReport { history: state.history.clone(), stopped_early, n_train: state.n_train, n_validation: validation_cells.len() as u64, modalities: model_shapes(&trainer.model), batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element, denoised_elements, prediction_elements };
+    write_file(&opts.out.join(REPORT_FILE), serde_json::to_string_pretty(&report).unwrap_or_default().as_bytes())?;
+    Ok(report)
 }
 
 /// Cells read to start an NB mixture's background rates.

@@ -1,0 +1,261 @@
+//! A worker process under a coordinator: registers, heartbeats in the background, waits in
+//! `Join` for a place in a job's group, trains its parts there (`fit::train` with a ring to the
+//! group's other ranks), reports each epoch, and goes back to waiting when the job ends or its
+//! group is re-formed (a member was lost: the survivors resume from the last checkpoint).
+//!
+//! Training runs on the calling thread; the gRPC client and the heartbeat run on a small async
+//! runtime beside it, so a long epoch never delays a heartbeat.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::coordinator_client::CoordinatorClient;
+use tokio::runtime::Runtime;
+use tonic::transport::Channel;
+
+use crate::fit::{FitConfig, FitError, FitOptions, train};
+use crate::parallel::{EpochEnd, EpochHooks, Placement};
+use crate::ring::Ring;
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The coordinator's URL, e.g. `http://127.0.0.1:50051`.
+    pub coordinator: String,
+    /// Where this worker accepts its ring neighbour (port 0: any free port).
+    pub ring_listen: SocketAddr,
+    /// The host other workers reach this one at (default: the listen address's IP).
+    pub advertise_host: Option<String>,
+    pub cache_bytes: u64,
+    /// Bounds connecting to the coordinator at start and every ring read and write.
+    pub timeout: Duration,
+    /// Leave after this many jobs (None: serve until killed).
+    pub max_jobs: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("coordinator {url}: {reason}")]
+    Coordinator { url: String, reason: String },
+    #[error("ring listener {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+    #[error("starting the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// What the heartbeat task and the trainer share.
+#[derive(Debug, Default)]
+struct Shared {
+    worker_id: Mutex<String>,
+    /// The generation this worker trains in (0: none).
+    generation: AtomicU64,
+    /// The coordinator said to stop training (group re-formed, job ended).
+    interrupted: AtomicBool,
+    /// The coordinator does not know this worker any more: register again.
+    unknown: AtomicBool,
+}
+
+impl Shared {
+    fn worker_id(&self) -> String {
+        self.worker_id.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+/// Serves jobs until `max_jobs` have ended (or forever).
+pub fn run(config: &NodeConfig) -> Result<(), NodeError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(NodeError::Runtime)?;
+    let listener = TcpListener::bind(config.ring_listen).map_err(|e| NodeError::Listen { addr: config.ring_listen.to_string(), reason: e.to_string() })?;
+    let bound = listener.local_addr().map_err(|e| NodeError::Listen { addr: config.ring_listen.to_string(), reason: e.to_string() })?;
+    let host = config.advertise_host.clone().unwrap_or_else(|| bound.ip().to_string());
+    let ring_address = format!("{host}:{}", bound.port());
+    let url = config.coordinator.clone();
+    let coordinator_error = |reason: String| NodeError::Coordinator { url: url.clone(), reason };
+    let mut client = runtime.block_on(connect(&url, config.timeout)).map_err(coordinator_error)?;
+    let shared = Arc::new(Shared::default());
+    let (interval, heartbeat_timeout) = register(&runtime, &mut client, &shared, &ring_address).map_err(coordinator_error)?;
+    let _heartbeat = runtime.spawn(heartbeat(client.clone(), Arc::clone(&shared), interval));
+    let mut jobs = 0;
+    // A coordinator gone for longer than the timeout (its launcher exited) ends the worker.
+    let mut reached = Instant::now();
+    while config.max_jobs.is_none_or(|m| jobs < m) {
+        if shared.unknown.swap(false, Ordering::SeqCst) {
+            register(&runtime, &mut client, &shared, &ring_address).map_err(coordinator_error)?;
+        }
+        let request = pb::JoinRequest { worker_id: shared.worker_id(), wait_ms: 30_000 };
+        let assignment = match runtime.block_on(client.join(request)) {
+            Ok(a) => {
+                reached = Instant::now();
+                a.into_inner()
+            }
+            Err(status) if reached.elapsed() > config.timeout => return Err(coordinator_error(format!("unreachable for {:?}: {}", reached.elapsed(), status.message()))),
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), "join: {}", status.message());
+                if status.code() == tonic::Code::NotFound {
+                    shared.unknown.store(true, Ordering::SeqCst);
+                }
+                std::thread::sleep(interval);
+                continue;
+            }
+        };
+        if !assignment.assigned {
+            continue;
+        }
+        match run_assignment(&runtime, &client, &shared, &listener, &assignment, config) {
+            Ok(()) => jobs += 1,
+            Err(FitError::Interrupted { epoch, step }) => tracing::info!(job = assignment.job_id, epoch, step, "group re-formed: rejoining"),
+            Err(FitError::Ring(e)) => {
+                // A peer died or hung: wait until the coordinator notices and says so, then
+                // join the re-formed group (joining at once would rejoin the broken one).
+                tracing::warn!(job = assignment.job_id, "all-reduce failed: {e}");
+                let deadline = Instant::now() + 2 * heartbeat_timeout;
+                while !shared.interrupted.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    std::thread::sleep(interval / 4);
+                }
+            }
+            Err(e) => {
+                // The job's own fault (data, configuration, non-finite loss): the job fails.
+                tracing::error!(job = assignment.job_id, "training failed: {e}");
+                let report = pb::ProgressReport { worker_id: shared.worker_id(), job_id: assignment.job_id.clone(), generation: assignment.generation, error: e.to_string(), ..pb::ProgressReport::default() };
+                if let Err(status) = runtime.block_on(client.clone().report_progress(report)) {
+                    tracing::warn!("reporting the failure: {}", status.message());
+                }
+                jobs += 1;
+            }
+        }
+        shared.generation.store(0, Ordering::SeqCst);
+    }
+    Ok(())
+}
+
+/// Connects, retrying while the coordinator starts.
+async fn connect(url: &str, timeout: Duration) -> Result<CoordinatorClient<Channel>, String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match CoordinatorClient::connect(url.to_string()).await {
+            Ok(c) => return Ok(c),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(format!("not reachable within {timeout:?}: {e}")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Registers; returns the heartbeat interval and timeout.
+fn register(runtime: &Runtime, client: &mut CoordinatorClient<Channel>, shared: &Shared, ring_address: &str) -> Result<(Duration, Duration), String> {
+    let hostname = std::env::var("HOSTNAME").unwrap_or_default();
+    let reply = runtime.block_on(client.register(pb::RegisterRequest { ring_address: ring_address.into(), device: "cpu".into(), hostname })).map_err(|s| format!("register: {}", s.message()))?.into_inner();
+    tracing::info!(worker = reply.worker_id, ring = ring_address, "registered");
+    *shared.worker_id.lock().unwrap_or_else(PoisonError::into_inner) = reply.worker_id;
+    Ok((Duration::from_millis(reply.heartbeat_interval_ms.max(10)), Duration::from_millis(reply.heartbeat_timeout_ms)))
+}
+
+async fn heartbeat(mut client: CoordinatorClient<Channel>, shared: Arc<Shared>, interval: Duration) {
+    use pb::heartbeat_reply::Directive;
+    let mut every = tokio::time::interval(interval);
+    loop {
+        every.tick().await;
+        let request = pb::HeartbeatRequest { worker_id: shared.worker_id(), generation: shared.generation.load(Ordering::SeqCst) };
+        match client.heartbeat(request).await.map(|r| Directive::try_from(r.into_inner().directive)) {
+            Ok(Ok(Directive::Rejoin | Directive::Stop)) => shared.interrupted.store(true, Ordering::SeqCst),
+            Ok(Ok(Directive::Register)) => {
+                shared.unknown.store(true, Ordering::SeqCst);
+                shared.interrupted.store(true, Ordering::SeqCst);
+            }
+            Ok(_) => {}
+            Err(status) => tracing::warn!("heartbeat: {}", status.message()),
+        }
+    }
+}
+
+fn run_assignment(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared: &Arc<Shared>, listener: &TcpListener, a: &pb::Assignment, config: &NodeConfig) -> Result<(), FitError> {
+    let spec = a.spec.clone().unwrap_or_default();
+    let (rank, world) = (a.rank as usize, a.world_size as usize);
+    tracing::info!(job = a.job_id, generation = a.generation, rank, world, resume_from = a.resume_from, "assigned");
+    shared.interrupted.store(false, Ordering::SeqCst);
+    shared.generation.store(a.generation, Ordering::SeqCst);
+    let ring = if world <= 1 {
+        Ring::single()
+    } else {
+        let next = &a.peers[(rank + 1) % world];
+        let addr = next.parse::<SocketAddr>().or_else(|_| std::net::ToSocketAddrs::to_socket_addrs(next.as_str()).map_err(|e| e.to_string()).and_then(|mut it| it.next().ok_or_else(|| "no address".into()))).map_err(|reason| FitError::Config { file: "assignment.peers".into(), reason: format!("{next}: {reason}") })?;
+        Ring::connect(rank, world, a.generation, listener, addr, config.timeout)?
+    };
+    let fit_config = FitConfig::from_toml(&spec.config_toml, "JobSpec.config_toml")?;
+    let parts = fit_config.train.parts.unwrap_or(spec.world_size.max(1) as usize);
+    let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let opts = FitOptions {
+        data: spec.data_url.clone(),
+        modalities: spec.modalities.clone(),
+        batch_key: non_empty(&spec.batch_key),
+        label_key: non_empty(&spec.label_key),
+        config: fit_config,
+        out: PathBuf::from(&spec.output_url),
+        embedding_key: non_empty(&spec.embedding_key).unwrap_or_else(|| "X_tessera".into()),
+        overwrite: spec.overwrite,
+        resume: !a.resume_from.is_empty(),
+        denoised: None,
+        cache_bytes: config.cache_bytes,
+    };
+    let hooks = Reporter { runtime: runtime.handle().clone(), client: client.clone(), shared: Arc::clone(shared), job_id: a.job_id.clone(), generation: a.generation };
+    let mut place = Placement { ring, parts, hooks: Box::new(hooks) };
+    train(&opts, &mut place, |_| {}).map(|_| ())
+}
+
+/// Tells the coordinator about epochs and checkpoints, and listens for its interruptions.
+struct Reporter {
+    runtime: tokio::runtime::Handle,
+    client: CoordinatorClient<Channel>,
+    shared: Arc<Shared>,
+    job_id: String,
+    generation: u64,
+}
+
+impl Reporter {
+    /// A refused report (stale generation: the group was re-formed) interrupts training.
+    fn refused(&self, status: &tonic::Status, epoch: usize, step: u64) -> FitError {
+        tracing::warn!(code = ?status.code(), "coordinator refused a report: {}", status.message());
+        FitError::Interrupted { epoch, step }
+    }
+}
+
+fn terms(t: &tessera_models::LossTerms) -> pb::LossTerms {
+    pb::LossTerms { loss: t.loss, reconstruction: t.reconstruction, kl: t.kl, regularization: t.regularization, supervised: t.supervised }
+}
+
+impl EpochHooks for Reporter {
+    fn interrupted(&self) -> bool {
+        self.shared.interrupted.load(Ordering::SeqCst)
+    }
+
+    fn epoch_done(&mut self, end: &EpochEnd<'_>) -> Result<(), FitError> {
+        let r = end.record;
+        let report = pb::ProgressReport {
+            worker_id: self.shared.worker_id(),
+            job_id: self.job_id.clone(),
+            generation: self.generation,
+            epoch: end.epoch as u32,
+            step: end.step,
+            cells: end.cells,
+            epoch_done: true,
+            train: Some(terms(&r.train)),
+            validation: r.validation.as_ref().map(terms),
+            cells_per_second: r.cells_per_second,
+            compute_seconds: end.times.compute,
+            allreduce_seconds: end.times.allreduce,
+            data_seconds: end.times.data,
+            last: end.last,
+            error: String::new(),
+        };
+        tracing::info!(epoch = end.epoch, cells = end.cells, compute_s = end.times.compute, allreduce_s = end.times.allreduce, data_s = end.times.data, loss = r.train.loss, "epoch done");
+        let mut client = self.client.clone();
+        self.runtime.block_on(client.report_progress(report)).map(|_| ()).map_err(|s| self.refused(&s, end.epoch, end.step))
+    }
+
+    fn checkpoint_saved(&mut self, epochs_done: usize, step: u64, location: &std::path::Path) -> Result<(), FitError> {
+        let announcement = pb::CheckpointAnnouncement { worker_id: self.shared.worker_id(), job_id: self.job_id.clone(), generation: self.generation, epochs_done: epochs_done as u32, step, location: location.display().to_string() };
+        let mut client = self.client.clone();
+        self.runtime.block_on(client.announce_checkpoint(announcement)).map(|_| ()).map_err(|s| self.refused(&s, epochs_done, step))
+    }
+}
