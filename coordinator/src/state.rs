@@ -216,7 +216,9 @@ impl Coordinator {
                 Some(s) if s.ended() => Directive::Stop,
                 _ => Directive::Continue,
             },
-            // It trains in a generation that is gone (or none was given): rejoin.
+            // Placed but not training yet (its Join's reply and this heartbeat crossed).
+            Some(_) if generation == 0 => Directive::Continue,
+            // It trains in a generation that is gone: rejoin.
             Some(_) => Directive::Rejoin,
             None if generation != 0 => Directive::Rejoin,
             None => Directive::Continue,

@@ -151,12 +151,12 @@ impl Sim {
     fn chaos(&mut self) {
         let alive: Vec<usize> = (0..self.agents.len()).filter(|&i| self.agents[i].alive).collect();
         let roll: f64 = self.rng.random();
-        if roll < 0.004 && alive.len() > 1 && self.crashes < 6 {
+        if roll < 0.008 && alive.len() > 1 && self.crashes < 6 {
             // SIGKILL: no more messages from it; its in-flight ones still arrive.
             let victim = alive[self.rng.random_range(0..alive.len())];
             self.agents[victim] = Agent::default();
             self.crashes += 1;
-        } else if roll < 0.006 {
+        } else if roll < 0.011 {
             // A dead worker's pod restarts (a new registration), or a new one joins late.
             if let Some(i) = (0..self.agents.len()).find(|&i| !self.agents[i].alive) {
                 self.agents[i] = Agent { alive: true, ..Agent::default() };

@@ -56,6 +56,19 @@ pub fn save(dir: &Path, state: &FitState, trainer: &Trainer<f32, Cpu>) -> Result
     publish(&dir.join("state.json"), |p| std::fs::write(p, &json).map_err(|e| error(p, e)))
 }
 
+/// Removes the per-epoch checkpoints `<root>/epoch-<n>` with n < `keep_from`.
+pub fn remove_before(root: &Path, keep_from: usize) -> Result<(), FitError> {
+    let entries = std::fs::read_dir(root).map_err(|e| error(root, e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let epoch = name.to_str().and_then(|n| n.strip_prefix("epoch-")).and_then(|n| n.parse::<usize>().ok());
+        if epoch.is_some_and(|e| e < keep_from) {
+            std::fs::remove_dir_all(entry.path()).map_err(|e| error(&entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Every parameter and BatchNorm statistic under its layout name, f32, row-major.
 pub fn write_weights(path: &Path, trainer: &Trainer<f32, Cpu>) -> Result<(), FitError> {
     let model = &trainer.model;

@@ -250,6 +250,9 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
     let epochs = tc.epochs(n_obs);
     let resolved = serde_json::json!({ "data": opts.data, "modalities": model_shapes(&trainer.model), "batch_key": opts.batch_key, "label_key": opts.label_key, "n_obs": n_obs, "batch_categories": loader.batch_categories, "label_categories": loader.label_categories, "model": opts.config.model, "train": opts.config.train, "parts": place.parts, "epochs": epochs });
     let checkpoint_dir = opts.out.join("checkpoint");
+    // A job's checkpoints are kept per epoch, so a resume loads exactly the one the coordinator
+    // recorded, not a later one it never heard of.
+    let checkpoint_of = |epochs_done: usize| if place.checkpoint_per_epoch { checkpoint_dir.join(format!("epoch-{epochs_done:06}")) } else { checkpoint_dir.clone() };
     // This rank's held-out cells stay in memory as model batches for every epoch's validation.
     let mut validation = Vec::new();
     for (_, part) in &part_loaders {
@@ -258,9 +261,10 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
         }
     }
     let mut state = FitState { epochs_done: 0, step: 0, plateau: Plateau::new(tc.lr), best: f64::INFINITY, since_best: 0, n_train: 0, history: Vec::new(), run: resolved.clone() };
-    if opts.resume {
-        state = checkpoint::load(&checkpoint_dir, &resolved, &mut trainer)?;
-        tracing::info!(epoch = state.epochs_done, step = state.step, rank, "resuming from {}", checkpoint_dir.display());
+    let resume_from = place.resume_from.clone().or_else(|| opts.resume.then(|| checkpoint_dir.clone()));
+    if let Some(dir) = resume_from {
+        state = checkpoint::load(&dir, &resolved, &mut trainer)?;
+        tracing::info!(epoch = state.epochs_done, step = state.step, rank, "resuming from {}", dir.display());
     }
     let mut stopped_early = false;
     progress(Progress::Start { epochs, cells_per_epoch: n_obs });
@@ -346,7 +350,12 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
         let last = stopped_early || epoch + 1 == epochs;
         let saved = rank == 0 && (last || tc.checkpoint_every.is_some_and(|k| k > 0 && (epoch + 1) % k == 0));
         if saved {
-            checkpoint::save(&checkpoint_dir, &state, &trainer)?;
+            checkpoint::save(&checkpoint_of(state.epochs_done), &state, &trainer)?;
+            if place.checkpoint_per_epoch {
+                // The coordinator may still resume from the previous one until this one is
+                // announced; older ones are never needed again.
+                checkpoint::remove_before(&checkpoint_dir, state.epochs_done.saturating_sub(1))?;
+            }
         }
         if last {
             last_end = Some((epoch, my_cells, times));
@@ -357,7 +366,7 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
         // Every rank has said its epoch is done before rank 0 announces the checkpoint of it.
         place.ring.all_reduce_sum(&mut [0.0])?;
         if saved {
-            place.hooks.checkpoint_saved(state.epochs_done, trainer.step, &checkpoint_dir)?;
+            place.hooks.checkpoint_saved(state.epochs_done, trainer.step, &checkpoint_of(state.epochs_done))?;
         }
     }
     let report = if rank == 0 { Some(write_outputs(opts, &loader, &plan, &inputs, &mut trainer, &state, stopped_early, &denoised_keys)?) } else { None };

@@ -156,9 +156,12 @@ async fn heartbeat(mut client: CoordinatorClient<Channel>, shared: Arc<Shared>, 
     let mut every = tokio::time::interval(interval);
     loop {
         every.tick().await;
-        let request = pb::HeartbeatRequest { worker_id: shared.worker_id(), generation: shared.generation.load(Ordering::SeqCst) };
+        let generation = shared.generation.load(Ordering::SeqCst);
+        let request = pb::HeartbeatRequest { worker_id: shared.worker_id(), generation };
         match client.heartbeat(request).await.map(|r| Directive::try_from(r.into_inner().directive)) {
-            Ok(Ok(Directive::Rejoin | Directive::Stop)) => shared.interrupted.store(true, Ordering::SeqCst),
+            // Only about the generation it was asked about: a reply that crossed a new
+            // assignment must not stop the new group.
+            Ok(Ok(Directive::Rejoin | Directive::Stop)) if shared.generation.load(Ordering::SeqCst) == generation => shared.interrupted.store(true, Ordering::SeqCst),
             Ok(Ok(Directive::Register)) => {
                 shared.unknown.store(true, Ordering::SeqCst);
                 shared.interrupted.store(true, Ordering::SeqCst);
@@ -194,12 +197,13 @@ fn run_assignment(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared
         out: PathBuf::from(&spec.output_url),
         embedding_key: non_empty(&spec.embedding_key).unwrap_or_else(|| "X_tessera".into()),
         overwrite: spec.overwrite,
-        resume: !a.resume_from.is_empty(),
+        resume: false,
         denoised: None,
         cache_bytes: config.cache_bytes,
     };
     let hooks = Reporter { runtime: runtime.handle().clone(), client: client.clone(), shared: Arc::clone(shared), job_id: a.job_id.clone(), generation: a.generation };
-    let mut place = Placement { ring, parts, hooks: Box::new(hooks) };
+    let resume_from = (!a.resume_from.is_empty()).then(|| PathBuf::from(&a.resume_from));
+    let mut place = Placement { ring, parts, hooks: Box::new(hooks), checkpoint_per_epoch: true, resume_from };
     train(&opts, &mut place, |_| {}).map(|_| ())
 }
 

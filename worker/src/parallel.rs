@@ -25,6 +25,10 @@ pub struct Placement {
     /// The job's parts (`TrainConfig::parts` resolved); every worker of a job has the same.
     pub parts: usize,
     pub hooks: Box<dyn EpochHooks + Send>,
+    /// Checkpoints go to `<out>/checkpoint/epoch-<n>` rather than `<out>/checkpoint`.
+    pub checkpoint_per_epoch: bool,
+    /// Load this checkpoint before training (the coordinator's last recorded one).
+    pub resume_from: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Placement {
@@ -36,7 +40,7 @@ impl std::fmt::Debug for Placement {
 impl Placement {
     /// One process training alone, one part per step.
     pub fn alone() -> Placement {
-        Placement { ring: Ring::single(), parts: 1, hooks: Box::new(Alone) }
+        Placement { ring: Ring::single(), parts: 1, hooks: Box::new(Alone), checkpoint_per_epoch: false, resume_from: None }
     }
 
     /// The parts this rank trains.

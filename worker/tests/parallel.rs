@@ -61,7 +61,7 @@ fn train_group(dir: &Path, world: usize, parts: usize) -> (FitReport, Vec<(usize
                 let (data, out, ledger, next) = (data.clone(), out.clone(), ledger.clone(), addresses[(rank + 1) % world]);
                 s.spawn(move || {
                     let ring = if world == 1 { Ring::single() } else { Ring::connect(rank, world, 7, &listener, next, Duration::from_secs(30)).unwrap() };
-                    let mut place = Placement { ring, parts, hooks: Box::new(Recorder { rank, ledger }) };
+                    let mut place = Placement { ring, parts, hooks: Box::new(Recorder { rank, ledger }), checkpoint_per_epoch: false, resume_from: None };
                     train(&options(&data, &out), &mut place, |_| {}).unwrap()
                 })
             })
@@ -109,7 +109,7 @@ fn parts_that_do_not_fit_the_batch_or_the_cells_are_refused() {
         if parts == 30 {
             opts.config.train.batch_size = 64;
         }
-        let mut place = Placement { ring: Ring::single(), parts, hooks: Box::new(tessera_worker::parallel::Alone) };
+        let mut place = Placement { ring: Ring::single(), parts, hooks: Box::new(tessera_worker::parallel::Alone), checkpoint_per_epoch: false, resume_from: None };
         let err = train(&opts, &mut place, |_| {}).unwrap_err().to_string();
         assert!(err.contains(expected), "parts {parts}: {err}");
     }

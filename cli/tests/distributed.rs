@@ -1,0 +1,155 @@
+//! `tessera train --workers N` as processes on loopback: 1, 2 and 4 workers over the same 4
+//! parts train the same model, and a job whose worker is SIGKILLed mid-epoch recovers from its
+//! checkpoint on the survivors and ends where an uninterrupted run ends.
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A `tessera train` process; killed (with its workers, which exit when it does) when dropped.
+struct Run {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    deadline: Instant,
+    seen: Vec<String>,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Run {
+    fn start(args: &[&str], limit: Duration) -> Run {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera")).arg("train").args(args).env("TESSERA_LOG", "warn").stdout(Stdio::piped()).spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Run { child, lines, deadline: Instant::now() + limit, seen: Vec::new() }
+    }
+
+    /// The next stdout line (None at the end of output); panics past the deadline.
+    fn line(&mut self) -> Option<String> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        match self.lines.recv_timeout(left) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                Some(line)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("no end within the limit; output so far:\n{}", self.seen.join("\n")),
+        }
+    }
+
+    /// Reads to the end; the whole output, after checking the process succeeded.
+    fn finish(mut self) -> String {
+        while self.line().is_some() {}
+        let status = self.child.wait().unwrap();
+        let out = self.seen.join("\n");
+        assert!(status.success(), "tessera train failed:\n{out}");
+        out
+    }
+}
+
+fn simulate(store: &Path, cells: &str, genes: &str) {
+    let made = Command::new(env!("CARGO_BIN_EXE_tessera")).args(["simulate", store.to_str().unwrap(), "--cells", cells, "--genes", genes]).env("TESSERA_LOG", "warn").output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+}
+
+/// (train loss, validation loss) per epoch from history.csv.
+fn losses(out: &Path) -> Vec<(f64, f64)> {
+    let csv = std::fs::read_to_string(out.join("history.csv")).unwrap();
+    let mut rows = csv.lines();
+    let header: Vec<&str> = rows.next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let (t, v) = (col("train_loss"), col("validation_loss"));
+    rows.map(|r| {
+        let f: Vec<&str> = r.split(',').collect();
+        (f[t].parse().unwrap(), f[v].parse().unwrap())
+    })
+    .collect()
+}
+
+fn close(a: f64, b: f64, rel: f64) -> bool {
+    (a - b).abs() <= rel * a.abs().max(b.abs())
+}
+
+#[test]
+fn one_two_and_four_worker_processes_train_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, "[model]\nn_hidden = 16\n[train]\nmax_epochs = 3\nkl_warmup_epochs = 2\nbatch_size = 64\nlr = 0.01\nparts = 4\n").unwrap();
+    let mut results = Vec::new();
+    for workers in ["1", "2", "4"] {
+        let store = dir.path().join(format!("w{workers}.zarr"));
+        simulate(&store, "2000", "100");
+        let out = dir.path().join(format!("out{workers}"));
+        let run = Run::start(&["--data", store.to_str().unwrap(), "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap(), "--workers", workers], Duration::from_secs(240));
+        let text = run.finish();
+        assert_eq!(text.matches(": pid ").count(), workers.parse::<usize>().unwrap(), "{text}");
+        assert!(text.contains("SUCCEEDED") && text.contains("epoch 3/3"), "{text}");
+        results.push((workers, losses(&out)));
+    }
+    let (_, alone) = &results[0];
+    assert_eq!(alone.len(), 3);
+    for (workers, l) in &results[1..] {
+        for (epoch, (a, b)) in alone.iter().zip(l).enumerate() {
+            assert!(close(a.0, b.0, 1e-5) && close(a.1, b.1, 1e-5), "{workers} workers, epoch {epoch}: {b:?} vs {a:?} alone");
+        }
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_epoch_is_dropped_and_the_job_ends_where_an_uninterrupted_one_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, "[model]\nn_hidden = 64\n[train]\nmax_epochs = 5\nkl_warmup_epochs = 3\nparts = 3\ncheckpoint_every = 1\n").unwrap();
+    let run_args = |store: &Path, out: &Path| -> Vec<String> { ["--data", store.to_str().unwrap(), "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap(), "--workers", "3"].map(String::from).to_vec() };
+    let (store_a, store_b) = (dir.path().join("a.zarr"), dir.path().join("b.zarr"));
+    simulate(&store_a, "12000", "300");
+    simulate(&store_b, "12000", "300");
+    let (out_a, out_b) = (dir.path().join("out-a"), dir.path().join("out-b"));
+
+    let args = run_args(&store_a, &out_a);
+    let mut run = Run::start(&args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(300));
+    let mut pids = Vec::new();
+    // Kill a worker once epoch 2 is reported: the ranks are then inside epoch 3.
+    while let Some(line) = run.line() {
+        if let Some(pid) = line.split(": pid ").nth(1) {
+            pids.push(pid.trim().to_string());
+        }
+        if line.starts_with("epoch 2/5") {
+            let killed = Command::new("kill").args(["-KILL", &pids[1]]).status().unwrap();
+            assert!(killed.success());
+            break;
+        }
+    }
+    let text = run.finish();
+    assert!(text.contains("RECOVERING (lost worker"), "the coordinator noticed the lost worker:\n{text}");
+    // Epoch 2's checkpoint is announced just after the epoch ends: the kill may come first.
+    assert!(text.contains("resuming from the checkpoint after epoch 2") || text.contains("resuming from the checkpoint after epoch 1"), "{text}");
+    assert!(text.contains("SUCCEEDED") && text.contains("epoch 5/5"), "{text}");
+    let recovered = losses(&out_a);
+    assert_eq!(recovered.len(), 5, "every epoch once in the history");
+
+    let args = run_args(&store_b, &out_b);
+    let straight = losses(&{
+        Run::start(&args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(300)).finish();
+        out_b
+    });
+    // Same parts, so the same model whether 3 or 2 workers trained the last epochs.
+    for (epoch, (a, b)) in straight.iter().zip(&recovered).enumerate() {
+        assert!(close(a.0, b.0, 1e-4) && close(a.1, b.1, 1e-4), "epoch {epoch}: {b:?} after the kill vs {a:?} uninterrupted");
+    }
+}
