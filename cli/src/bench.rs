@@ -47,6 +47,19 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         dims: usize,
     },
+    /// Data-parallel training as `tessera train --workers N` runs it (coordinator, N worker
+    /// processes on loopback) on simulated scVI-size data: cells/s per worker count and rank
+    /// 0's step time split into compute, all-reduce and data wait (epochs after the first).
+    Workers {
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 2, 4])]
+        workers: Vec<usize>,
+        #[arg(long, default_value_t = 10_000)]
+        cells: usize,
+        #[arg(long, default_value_t = 2_000)]
+        genes: usize,
+        #[arg(long, default_value_t = 3)]
+        epochs: usize,
+    },
     /// The TCP ring all-reduce among in-process ranks on loopback, for gradient buffers of
     /// the scVI-size model (~0.52M floats) and a Census-size one (8.7M): time per call, bus
     /// bandwidth, and the ideal 2(N−1)/N × bytes / (one loopback stream's bandwidth).
@@ -89,6 +102,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Ops { repeat } => ops(repeat.max(1)),
         BenchCommand::Eval { cells, dims } => eval(&cells, dims),
+        BenchCommand::Workers { workers, cells, genes, epochs } => data_parallel(&workers, cells, genes, epochs.max(2)),
         BenchCommand::Allreduce { world, floats, repeat } => allreduce(&world, &floats, repeat.max(1)),
         BenchCommand::Step { genes, batch, hidden, nnz, steps, config } => step(genes, batch, hidden, nnz, steps, config.as_deref()),
         BenchCommand::Load { cells, genes, library, batch_size, dir, python, store, repeat } => {
@@ -96,6 +110,35 @@ pub fn run(command: BenchCommand) -> Result<()> {
             load(&stores, batch_size, python.as_deref(), repeat.max(1))
         }
     }
+}
+
+fn data_parallel(workers: &[usize], cells: usize, genes: usize, epochs: usize) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("tessera-bench-workers-{}", std::process::id()));
+    let mut rows = Vec::new();
+    for &n in workers {
+        let store = dir.join(format!("w{n}.zarr"));
+        let sim = tessera_data::SimConfig { n_cells: cells as u64, n_genes: genes, ..tessera_data::SimConfig::default() };
+        tessera_data::simulate(&store.display().to_string(), &sim, |_| {}).with_context(|| format!("simulating into {}", store.display()))?;
+        let mut config = tessera_worker::FitConfig::default();
+        config.train.max_epochs = Some(epochs);
+        let opts = tessera_worker::FitOptions { data: store.display().to_string(), modalities: Vec::new(), batch_key: Some("batch".into()), label_key: None, config, out: dir.join(format!("out{n}")), embedding_key: "X_tessera".into(), overwrite: false, resume: false, denoised: None, cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20 };
+        let report = crate::distributed::train(&opts, n)?;
+        // The first epoch fills the block cache; the rest is the steady state.
+        let steady = &report.history[1..];
+        let k = steady.len() as f64;
+        let mut rates: Vec<f64> = steady.iter().map(|r| r.cells_per_second).collect();
+        rates.sort_by(f64::total_cmp);
+        let mean = |f: fn(&tessera_worker::EpochRecord) -> f64| steady.iter().map(f).sum::<f64>() / k;
+        let step_count = (report.n_train as f64 / opts.config.train.batch_size as f64).ceil();
+        rows.push((n, rates[rates.len() / 2], mean(|r| r.steps.compute), mean(|r| r.steps.allreduce), mean(|r| r.steps.data), mean(|r| r.seconds), step_count));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("data-parallel training, {cells} cells x {genes} genes (scVI size, batch 128 cut into one part per worker), {epochs} epochs; medians/means over epochs 2-{epochs}, rank 0:");
+    println!("{:>7} {:>10} {:>10} {:>12} {:>13} {:>11} {:>14}", "workers", "cells/s", "epoch s", "compute s", "all-reduce s", "data s", "ms/all-reduce");
+    for (n, rate, compute, allreduce, data, epoch, steps) in rows {
+        println!("{n:>7} {rate:>10.0} {epoch:>10.2} {compute:>12.2} {allreduce:>13.2} {data:>11.3} {:>14.2}", 1e3 * allreduce / steps);
+    }
+    Ok(())
 }
 
 fn step(genes: usize, batch: usize, hidden: usize, nnz: usize, steps: usize, config: Option<&Path>) -> Result<()> {

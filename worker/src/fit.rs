@@ -114,6 +114,9 @@ pub struct EpochRecord {
     /// Wall time of the epoch: training steps and the validation pass.
     pub seconds: f64,
     pub cells_per_second: f64,
+    /// Where this rank's training steps spent the epoch (rank 0's, in a distributed job).
+    #[serde(default)]
+    pub steps: StepTimes,
 }
 
 /// A run's summary; rank 0 also writes it (without the embedding) to `<out>/report.json`, where
@@ -327,7 +330,7 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
         let validation_terms = (v.cells > 0).then(|| v.mean(kl_weight));
         // The epoch's wall time includes its validation pass (as scvi-tools' epochs do).
         let seconds = started.elapsed().as_secs_f64();
-        let record = EpochRecord { epoch, kl_weight, lr: trainer.lr(), train: sums.mean(kl_weight), validation: validation_terms, seconds, cells_per_second: sums.cells as f64 / seconds.max(1e-9) };
+        let record = EpochRecord { epoch, kl_weight, lr: trainer.lr(), train: sums.mean(kl_weight), validation: validation_terms, seconds, cells_per_second: sums.cells as f64 / seconds.max(1e-9), steps: times };
         progress(Progress::Epoch(&record));
         let monitored = record.validation.map_or(record.train, |v| v).negative_elbo();
         state.history.push(record);
@@ -607,10 +610,11 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), FitError> {
 
 fn write_history(path: &Path, history: &[EpochRecord]) -> Result<(), FitError> {
     let terms = |t: &LossTerms| [t.loss, t.reconstruction, t.kl, t.regularization, t.supervised].map(|v| v.to_string());
-    let mut csv = String::from("epoch,kl_weight,lr,train_loss,train_reconstruction,train_kl,train_regularization,train_supervised,validation_loss,validation_reconstruction,validation_kl,validation_regularization,validation_supervised,seconds,cells_per_second\n");
+    let mut csv = String::from("epoch,kl_weight,lr,train_loss,train_reconstruction,train_kl,train_regularization,train_supervised,validation_loss,validation_reconstruction,validation_kl,validation_regularization,validation_supervised,seconds,cells_per_second,compute_seconds,allreduce_seconds,data_seconds\n");
     for r in history {
         let v = r.validation.as_ref().map_or_else(|| [(); 5].map(|_| String::new()), terms);
-        csv.push_str(&format!("{},{},{},{},{},{:.4},{:.1}\n", r.epoch, r.kl_weight, r.lr, terms(&r.train).join(","), v.join(","), r.seconds, r.cells_per_second));
+        let t = &r.steps;
+        csv.push_str(&format!("{},{},{},{},{},{:.4},{:.1},{:.4},{:.4},{:.4}\n", r.epoch, r.kl_weight, r.lr, terms(&r.train).join(","), v.join(","), r.seconds, r.cells_per_second, t.compute, t.allreduce, t.data));
     }
     write_file(path, csv.as_bytes())
 }

@@ -51,7 +51,7 @@ impl Placement {
 
 /// Seconds of an epoch spent computing gradients and updates, in the all-reduce, and waiting
 /// for the loader.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StepTimes {
     pub compute: f64,
     pub allreduce: f64,
