@@ -1,6 +1,11 @@
 //! `tessera train --workers N`: a coordinator in this process and N `tessera worker` processes
 //! on loopback, so the distributed path is what a laptop runs too. The job is submitted like
 //! any other; the workers exit when it ends and are killed if this process leaves first.
+//!
+//! Under a launcher that sets `WORLD_SIZE`/`RANK`/`MASTER_ADDR`/`MASTER_PORT` (torchrun, a
+//! Kubeflow PyTorchJob, or `PET_*` of Kubeflow Trainer), every pod runs the same
+//! `tessera train ...`: rank 0 serves the coordinator on MASTER_PORT, submits the job and trains
+//! as one of its workers; the other ranks are workers of MASTER_ADDR:MASTER_PORT.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -15,7 +20,11 @@ use tessera_worker::{FitOptions, FitReport};
 
 /// Heartbeats on loopback: a killed worker is noticed within 2 s and replaced or dropped after
 /// 2 s more.
-const LOOPBACK: Config = Config { heartbeat_interval_ms: 250, heartbeat_timeout_ms: 2_000, regroup_grace_ms: 2_000 };
+const LOOPBACK: Config = Config {
+    heartbeat_interval_ms: 250,
+    heartbeat_timeout_ms: 2_000,
+    regroup_grace_ms: 2_000,
+};
 
 /// The worker processes; killed on drop unless they exited.
 #[derive(Default)]
@@ -25,7 +34,12 @@ impl Workers {
     /// Waits up to `limit` for every worker to exit.
     fn wait(&mut self, limit: Duration) {
         let deadline = Instant::now() + limit;
-        while Instant::now() < deadline && !self.0.iter_mut().all(|c| c.try_wait().is_ok_and(|s| s.is_some())) {
+        while Instant::now() < deadline
+            && !self
+                .0
+                .iter_mut()
+                .all(|c| c.try_wait().is_ok_and(|s| s.is_some()))
+        {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -47,20 +61,130 @@ fn absolute(path: &str) -> Result<String> {
     if path.contains("://") {
         return Ok(path.to_string());
     }
-    Ok(std::path::absolute(path).with_context(|| format!("resolving {path}"))?.display().to_string())
+    Ok(std::path::absolute(path)
+        .with_context(|| format!("resolving {path}"))?
+        .display()
+        .to_string())
+}
+
+/// The launcher's environment, when it asks for more than one rank.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub rank: usize,
+    pub world: usize,
+    master_addr: String,
+    master_port: u16,
+}
+
+impl Launch {
+    pub fn from_env() -> Result<Option<Launch>> {
+        use crate::worker::env_any;
+        let number = |names: &[&str]| -> Result<Option<usize>> {
+            env_any(names)
+                .map(|v| {
+                    v.parse::<usize>()
+                        .with_context(|| format!("{}={v:?}: expected a whole number", names[1]))
+                })
+                .transpose()
+        };
+        let Some(world) = number(&["PET_NNODES", "WORLD_SIZE"])?.filter(|&w| w > 1) else {
+            return Ok(None);
+        };
+        let rank = number(&["PET_NODE_RANK", "RANK"])?
+            .ok_or_else(|| anyhow!("WORLD_SIZE={world} without RANK"))?;
+        if rank >= world {
+            bail!("RANK={rank} with WORLD_SIZE={world}: expected a rank below the world size");
+        }
+        let master_addr = env_any(&["PET_MASTER_ADDR", "MASTER_ADDR"])
+            .ok_or_else(|| anyhow!("WORLD_SIZE={world} without MASTER_ADDR"))?;
+        let port = env_any(&["PET_MASTER_PORT", "MASTER_PORT"]).unwrap_or_else(|| "50051".into());
+        let master_port = port
+            .parse()
+            .with_context(|| format!("MASTER_PORT={port:?}: expected a port number"))?;
+        Ok(Some(Launch {
+            rank,
+            world,
+            master_addr,
+            master_port,
+        }))
+    }
+
+    /// A worker of rank 0's coordinator (ranks > 0); returns when its job ends.
+    pub fn serve_as_worker(&self, cache_bytes: u64) -> Result<()> {
+        let coordinator = format!("http://{}:{}", self.master_addr, self.master_port);
+        tessera_worker::node::run(&node_config(coordinator, cache_bytes))
+            .with_context(|| format!("rank {} of {}", self.rank, self.world))
+    }
+}
+
+/// A worker reachable from other pods: any free port, advertised at $POD_IP (else $HOSTNAME).
+fn node_config(coordinator: String, cache_bytes: u64) -> tessera_worker::node::NodeConfig {
+    use crate::worker::env_any;
+    tessera_worker::node::NodeConfig {
+        coordinator,
+        ring_listen: (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        advertise_host: env_any(&["POD_IP", "HOSTNAME"]),
+        cache_bytes,
+        timeout: Duration::from_secs(120),
+        max_jobs: Some(1),
+    }
+}
+
+/// Who trains a job started here.
+enum Trainers {
+    /// N `tessera worker` processes on loopback.
+    Local { n: usize, cache_bytes: u64 },
+    /// Rank 0 of a launcher's world: one worker in this process, the others in their pods.
+    Rank0 { cache_bytes: u64 },
 }
 
 pub fn train(opts: &FitOptions, workers: usize) -> Result<FitReport> {
     if workers == 0 {
         bail!("--workers 0: expected at least 1");
     }
+    let listen = (std::net::Ipv4Addr::LOCALHOST, 0).into();
+    train_with(
+        opts,
+        workers,
+        listen,
+        Trainers::Local {
+            n: workers,
+            cache_bytes: opts.cache_bytes,
+        },
+    )
+}
+
+/// Rank 0 under a launcher: the coordinator on MASTER_PORT, the job, and one of its workers.
+pub fn train_as_rank0(opts: &FitOptions, launch: &Launch) -> Result<FitReport> {
+    let listen = (std::net::Ipv4Addr::UNSPECIFIED, launch.master_port).into();
+    train_with(
+        opts,
+        launch.world,
+        listen,
+        Trainers::Rank0 {
+            cache_bytes: opts.cache_bytes,
+        },
+    )
+}
+
+fn train_with(
+    opts: &FitOptions,
+    workers: usize,
+    listen: std::net::SocketAddr,
+    trainers: Trainers,
+) -> Result<FitReport> {
     if opts.denoised.is_some() || opts.resume {
-        bail!("--denoised and --resume are not supported with --workers yet (a distributed job resumes by itself after losing a worker): train without --workers");
+        bail!(
+            "--denoised and --resume are not supported with --workers yet (a distributed job resumes by itself after losing a worker): train without --workers"
+        );
     }
     let mut config = opts.config.clone();
     config.train.parts.get_or_insert(workers);
     let config_toml = toml::to_string(&config).context("writing the configuration as TOML")?;
-    let (data, out) = (absolute(&opts.data)?, absolute(&opts.out.display().to_string())?);
+    let (data, out) = (
+        absolute(&opts.data)?,
+        absolute(&opts.out.display().to_string())?,
+    );
     std::fs::create_dir_all(&out).with_context(|| format!("creating {out}"))?;
     let (_, epochs) = tessera_worker::check_job(&data, &config_toml)?;
     let spec = pb::JobSpec {
@@ -74,61 +198,147 @@ pub fn train(opts: &FitOptions, workers: usize) -> Result<FitReport> {
         embedding_key: opts.embedding_key.clone(),
         overwrite: opts.overwrite,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(run_job(spec, workers, epochs, opts.cache_bytes))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_job(spec, listen, trainers, epochs))?;
     let path = Path::new(&out).join(REPORT_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-async fn run_job(spec: pb::JobSpec, n: usize, epochs: u32, cache_bytes: u64) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the coordinator on loopback")?;
-    let url = format!("http://{}", listener.local_addr().context("reading the coordinator's address")?);
+async fn run_job(
+    spec: pb::JobSpec,
+    listen: std::net::SocketAddr,
+    trainers: Trainers,
+    epochs: u32,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the coordinator on {listen}"))?;
+    let port = listener
+        .local_addr()
+        .context("reading the coordinator's address")?
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(crate::coordinator::serve(listener, LOOPBACK, async {
         let _ = stopped.await;
     }));
-    let exe = std::env::current_exe().context("locating the tessera executable")?;
     let mut workers = Workers::default();
-    for i in 0..n {
-        let child = Command::new(&exe)
-            .args(["worker", "--coordinator", &url, "--ring-listen", "127.0.0.1:0", "--max-jobs", "1", "--timeout-s", "30"])
-            .args(["--cache-mib", &(cache_bytes >> 20).to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting worker {i} ({})", exe.display()))?;
-        // The pids, so an operator (or a test) can see and kill a worker.
-        println!("worker {i}: pid {}", child.id());
-        workers.0.push(child);
+    let mut in_process = None;
+    match trainers {
+        Trainers::Local { n, cache_bytes } => {
+            let exe = std::env::current_exe().context("locating the tessera executable")?;
+            for i in 0..n {
+                let child = Command::new(&exe)
+                    .args([
+                        "worker",
+                        "--coordinator",
+                        &url,
+                        "--ring-listen",
+                        "127.0.0.1:0",
+                        "--max-jobs",
+                        "1",
+                        "--timeout-s",
+                        "30",
+                    ])
+                    .args(["--cache-mib", &(cache_bytes >> 20).to_string()])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .with_context(|| format!("starting worker {i} ({})", exe.display()))?;
+                // The pids, so an operator (or a test) can see and kill a worker.
+                println!("worker {i}: pid {}", child.id());
+                workers.0.push(child);
+            }
+        }
+        Trainers::Rank0 { cache_bytes } => {
+            let config = node_config(url.clone(), cache_bytes);
+            in_process = Some(
+                std::thread::Builder::new()
+                    .name("tessera-worker".into())
+                    .spawn(move || tessera_worker::node::run(&config))
+                    .context("starting the in-process worker")?,
+            );
+        }
     }
-    let mut client = CoordinatorClient::connect(url.clone()).await.with_context(|| format!("connecting to {url}"))?;
-    let job = client.submit_job(spec).await.map_err(|s| anyhow!("submitting the job: {}", s.message()))?.into_inner();
-    let mut statuses = client.watch_job(job.clone()).await.map_err(|s| anyhow!("watching {}: {}", job.job_id, s.message()))?.into_inner();
+    let mut client = CoordinatorClient::connect(url.clone())
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let job = client
+        .submit_job(spec)
+        .await
+        .map_err(|s| anyhow!("submitting the job: {}", s.message()))?
+        .into_inner();
+    let mut statuses = client
+        .watch_job(job.clone())
+        .await
+        .map_err(|s| anyhow!("watching {}: {}", job.job_id, s.message()))?
+        .into_inner();
     let (mut state, mut epoch) = (pb::job_status::State::Unspecified, 0);
     let outcome = loop {
-        let Some(status) = statuses.message().await.map_err(|s| anyhow!("watching {}: {}", job.job_id, s.message()))? else {
-            break Err(anyhow!("{}: the coordinator ended the status stream", job.job_id));
+        let Some(status) = statuses
+            .message()
+            .await
+            .map_err(|s| anyhow!("watching {}: {}", job.job_id, s.message()))?
+        else {
+            break Err(anyhow!(
+                "{}: the coordinator ended the status stream",
+                job.job_id
+            ));
         };
         if status.epoch > epoch {
             epoch = status.epoch;
-            let loss = |t: &Option<pb::LossTerms>| t.as_ref().map_or("-".to_string(), |t| format!("{:.2}", t.loss));
-            println!("epoch {epoch}/{epochs}: train loss {}, validation loss {}, {:.0} cells/s", loss(&status.train), loss(&status.validation), status.cells_per_second);
+            let loss = |t: &Option<pb::LossTerms>| {
+                t.as_ref()
+                    .map_or("-".to_string(), |t| format!("{:.2}", t.loss))
+            };
+            println!(
+                "epoch {epoch}/{epochs}: train loss {}, validation loss {}, {:.0} cells/s",
+                loss(&status.train),
+                loss(&status.validation),
+                status.cells_per_second
+            );
         }
         let now = status.state();
         if now != state {
             state = now;
-            let why = if status.message.is_empty() { String::new() } else { format!(" ({})", status.message) };
-            println!("{}: {}{why}, {} workers", job.job_id, now.as_str_name(), status.workers.len());
+            let why = if status.message.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", status.message)
+            };
+            println!(
+                "{}: {}{why}, {} workers",
+                job.job_id,
+                now.as_str_name(),
+                status.workers.len()
+            );
         }
         match now {
             pb::job_status::State::Succeeded => break Ok(()),
-            pb::job_status::State::Failed | pb::job_status::State::Cancelled => break Err(anyhow!("{} {}: {}", job.job_id, now.as_str_name(), status.message)),
+            pb::job_status::State::Failed | pb::job_status::State::Cancelled => {
+                break Err(anyhow!(
+                    "{} {}: {}",
+                    job.job_id,
+                    now.as_str_name(),
+                    status.message
+                ));
+            }
             _ => {}
         }
     };
     // Rank 0 reported the last epoch after writing the outputs; the workers leave on their own.
     workers.wait(Duration::from_secs(if outcome.is_ok() { 30 } else { 0 }));
+    if let Some(worker) = in_process.filter(|_| outcome.is_ok()) {
+        worker
+            .join()
+            .map_err(|_| anyhow!("the in-process worker panicked"))??;
+    }
     let _ = stop.send(());
     server.await.context("coordinator task")??;
     outcome

@@ -70,6 +70,13 @@ pub struct TrainArgs {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    let launch = if args.workers.is_none() { crate::distributed::Launch::from_env()? } else { None };
+    if let Some(l) = launch.as_ref().filter(|l| l.rank > 0) {
+        // Rank 0 submits the job with the data and configuration; this rank only trains.
+        l.serve_as_worker(args.cache_mib << 20)?;
+        println!("rank {} of {}: the job ended", l.rank, l.world);
+        return Ok(());
+    }
     let mut config = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -91,9 +98,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let label_key = args.label_key.or_else(|| has_obs_column(&data, DEFAULT_LABEL_KEY).then(|| DEFAULT_LABEL_KEY.to_string()));
     let opts = FitOptions { data: data.clone(), modalities: args.modalities.clone(), batch_key: batch_key.clone(), label_key: label_key.clone(), config, out: args.out.clone(), embedding_key: args.embedding_key.clone(), overwrite: args.overwrite, resume: args.resume, denoised: args.denoised.then(|| Denoised { key: "tessera_denoised".into(), library_size: args.denoised_library_size }), cache_bytes: args.cache_mib << 20 };
 
-    let report = match args.workers {
-        Some(n) => crate::distributed::train(&opts, n).with_context(|| format!("training on {data} with {n} workers"))?,
-        None => train_alone(&opts)?,
+    let report = match (args.workers, &launch) {
+        (Some(n), _) => crate::distributed::train(&opts, n).with_context(|| format!("training on {data} with {n} workers"))?,
+        (None, Some(l)) => crate::distributed::train_as_rank0(&opts, l).with_context(|| format!("training on {data} as rank 0 of {}", l.world))?,
+        (None, None) => train_alone(&opts)?,
     };
 
     let last = report.history.last();

@@ -26,7 +26,13 @@ impl Drop for Run {
 
 impl Run {
     fn start(args: &[&str], limit: Duration) -> Run {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera")).arg("train").args(args).env("TESSERA_LOG", "warn").stdout(Stdio::piped()).spawn().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .arg("train")
+            .args(args)
+            .env("TESSERA_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -36,7 +42,12 @@ impl Run {
                 }
             }
         });
-        Run { child, lines, deadline: Instant::now() + limit, seen: Vec::new() }
+        Run {
+            child,
+            lines,
+            deadline: Instant::now() + limit,
+            seen: Vec::new(),
+        }
     }
 
     /// The next stdout line (None at the end of output); panics past the deadline.
@@ -48,7 +59,10 @@ impl Run {
                 Some(line)
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => None,
-            Err(mpsc::RecvTimeoutError::Timeout) => panic!("no end within the limit; output so far:\n{}", self.seen.join("\n")),
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                "no end within the limit; output so far:\n{}",
+                self.seen.join("\n")
+            ),
         }
     }
 
@@ -63,8 +77,23 @@ impl Run {
 }
 
 fn simulate(store: &Path, cells: &str, genes: &str) {
-    let made = Command::new(env!("CARGO_BIN_EXE_tessera")).args(["simulate", store.to_str().unwrap(), "--cells", cells, "--genes", genes]).env("TESSERA_LOG", "warn").output().unwrap();
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let made = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args([
+            "simulate",
+            store.to_str().unwrap(),
+            "--cells",
+            cells,
+            "--genes",
+            genes,
+        ])
+        .env("TESSERA_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
 }
 
 /// (train loss, validation loss) per epoch from history.csv.
@@ -95,17 +124,39 @@ fn one_two_and_four_worker_processes_train_the_same_model() {
         let store = dir.path().join(format!("w{workers}.zarr"));
         simulate(&store, "2000", "100");
         let out = dir.path().join(format!("out{workers}"));
-        let run = Run::start(&["--data", store.to_str().unwrap(), "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap(), "--workers", workers], Duration::from_secs(240));
+        let run = Run::start(
+            &[
+                "--data",
+                store.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--workers",
+                workers,
+            ],
+            Duration::from_secs(240),
+        );
         let text = run.finish();
-        assert_eq!(text.matches(": pid ").count(), workers.parse::<usize>().unwrap(), "{text}");
-        assert!(text.contains("SUCCEEDED") && text.contains("epoch 3/3"), "{text}");
+        assert_eq!(
+            text.matches(": pid ").count(),
+            workers.parse::<usize>().unwrap(),
+            "{text}"
+        );
+        assert!(
+            text.contains("SUCCEEDED") && text.contains("epoch 3/3"),
+            "{text}"
+        );
         results.push((workers, losses(&out)));
     }
     let (_, alone) = &results[0];
     assert_eq!(alone.len(), 3);
     for (workers, l) in &results[1..] {
         for (epoch, (a, b)) in alone.iter().zip(l).enumerate() {
-            assert!(close(a.0, b.0, 1e-5) && close(a.1, b.1, 1e-5), "{workers} workers, epoch {epoch}: {b:?} vs {a:?} alone");
+            assert!(
+                close(a.0, b.0, 1e-5) && close(a.1, b.1, 1e-5),
+                "{workers} workers, epoch {epoch}: {b:?} vs {a:?} alone"
+            );
         }
     }
 }
@@ -115,14 +166,30 @@ fn a_worker_killed_mid_epoch_is_dropped_and_the_job_ends_where_an_uninterrupted_
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("c.toml");
     std::fs::write(&config, "[model]\nn_hidden = 64\n[train]\nmax_epochs = 5\nkl_warmup_epochs = 3\nparts = 3\ncheckpoint_every = 1\n").unwrap();
-    let run_args = |store: &Path, out: &Path| -> Vec<String> { ["--data", store.to_str().unwrap(), "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap(), "--workers", "3"].map(String::from).to_vec() };
+    let run_args = |store: &Path, out: &Path| -> Vec<String> {
+        [
+            "--data",
+            store.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--workers",
+            "3",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
     let (store_a, store_b) = (dir.path().join("a.zarr"), dir.path().join("b.zarr"));
     simulate(&store_a, "12000", "300");
     simulate(&store_b, "12000", "300");
     let (out_a, out_b) = (dir.path().join("out-a"), dir.path().join("out-b"));
 
     let args = run_args(&store_a, &out_a);
-    let mut run = Run::start(&args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(300));
+    let mut run = Run::start(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        Duration::from_secs(300),
+    );
     let mut pids = Vec::new();
     // Kill a worker once epoch 2 is reported: the ranks are then inside epoch 3.
     while let Some(line) = run.line() {
@@ -130,26 +197,140 @@ fn a_worker_killed_mid_epoch_is_dropped_and_the_job_ends_where_an_uninterrupted_
             pids.push(pid.trim().to_string());
         }
         if line.starts_with("epoch 2/5") {
-            let killed = Command::new("kill").args(["-KILL", &pids[1]]).status().unwrap();
+            let killed = Command::new("kill")
+                .args(["-KILL", &pids[1]])
+                .status()
+                .unwrap();
             assert!(killed.success());
             break;
         }
     }
     let text = run.finish();
-    assert!(text.contains("RECOVERING (lost worker"), "the coordinator noticed the lost worker:\n{text}");
+    assert!(
+        text.contains("RECOVERING (lost worker"),
+        "the coordinator noticed the lost worker:\n{text}"
+    );
     // Epoch 2's checkpoint is announced just after the epoch ends: the kill may come first.
-    assert!(text.contains("resuming from the checkpoint after epoch 2") || text.contains("resuming from the checkpoint after epoch 1"), "{text}");
-    assert!(text.contains("SUCCEEDED") && text.contains("epoch 5/5"), "{text}");
+    assert!(
+        text.contains("resuming from the checkpoint after epoch 2")
+            || text.contains("resuming from the checkpoint after epoch 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("SUCCEEDED") && text.contains("epoch 5/5"),
+        "{text}"
+    );
     let recovered = losses(&out_a);
     assert_eq!(recovered.len(), 5, "every epoch once in the history");
 
     let args = run_args(&store_b, &out_b);
     let straight = losses(&{
-        Run::start(&args.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(300)).finish();
+        Run::start(
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            Duration::from_secs(300),
+        )
+        .finish();
         out_b
     });
     // Same parts, so the same model whether 3 or 2 workers trained the last epochs.
     for (epoch, (a, b)) in straight.iter().zip(&recovered).enumerate() {
-        assert!(close(a.0, b.0, 1e-4) && close(a.1, b.1, 1e-4), "epoch {epoch}: {b:?} after the kill vs {a:?} uninterrupted");
+        assert!(
+            close(a.0, b.0, 1e-4) && close(a.1, b.1, 1e-4),
+            "epoch {epoch}: {b:?} after the kill vs {a:?} uninterrupted"
+        );
     }
+}
+
+#[test]
+fn ranks_of_a_launcher_environment_form_one_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.zarr");
+    simulate(&store, "1500", "80");
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "[model]\nn_hidden = 16\n[train]\nmax_epochs = 2\nbatch_size = 64\n",
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let out = dir.path().join("out");
+    // Every pod runs the same command; only RANK differs (torchrun / PyTorchJob environment).
+    let start = |rank: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args([
+                "train",
+                "--data",
+                store.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .envs([
+                ("WORLD_SIZE", "2"),
+                ("RANK", rank),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", &port),
+                ("POD_IP", "127.0.0.1"),
+                ("TESSERA_LOG", "warn"),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Run {
+            child,
+            lines,
+            deadline: Instant::now() + Duration::from_secs(180),
+            seen: Vec::new(),
+        }
+    };
+    let worker = start("1");
+    let rank0 = start("0");
+    let text = rank0.finish();
+    assert!(
+        text.contains("SUCCEEDED, ") && text.contains("epoch 2/2") && text.contains("trained on"),
+        "{text}"
+    );
+    let text = worker.finish();
+    assert_eq!(text.trim(), "rank 1 of 2: the job ended");
+    assert_eq!(losses(&out).len(), 2);
+}
+
+#[test]
+fn launcher_environment_errors_name_the_variable() {
+    let bad = |envs: &[(&str, &str)], expected: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["train", "--data", "/nonexistent.zarr"])
+            .envs(envs.iter().copied())
+            .env("TESSERA_LOG", "warn")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(expected),
+            "{envs:?}: {err}"
+        );
+    };
+    bad(&[("WORLD_SIZE", "2")], "WORLD_SIZE=2 without RANK");
+    bad(
+        &[("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "x")],
+        "RANK=2 with WORLD_SIZE=2",
+    );
+    bad(
+        &[("WORLD_SIZE", "two")],
+        "WORLD_SIZE=\"two\": expected a whole number",
+    );
+    bad(&[("WORLD_SIZE", "2"), ("RANK", "0")], "without MASTER_ADDR");
 }

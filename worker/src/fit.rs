@@ -217,7 +217,7 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
     // scvi-tools' split: floor(fraction · n) cells held out (here at most the cap), the
     // batches cut from the training cells alone.
     let holdout = Holdout::new(0..n_obs, tc.seed, tc.validation_cells(n_obs));
-    let ranges = if place.parts == 1 { vec![0..n_obs] } else { parallel::part_ranges(&dataset, place.parts, tc.batch_size)? };
+    let ranges = parallel::part_ranges(&dataset, place.parts, tc.batch_size)?;
     let my_parts: Vec<usize> = place.my_parts().collect();
     let part_loaders: Vec<(usize, Loader)> = my_parts.iter().map(|&k| Ok((k, loader.shard(ranges[k].clone(), parallel::part_batch_size(tc.batch_size, place.parts, k))?))).collect::<Result<_, FitError>>()?;
     let plan = OutputPlan::new(&dataset, &opts.modalities, &loader.modality_names(), &opts.data)?;

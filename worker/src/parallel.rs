@@ -100,6 +100,10 @@ impl EpochHooks for Alone {}
 pub fn part_ranges(dataset: &Dataset, parts: usize, batch_size: usize) -> Result<Vec<Range<u64>>, FitError> {
     let n = dataset.n_obs();
     let invalid = |reason: String| FitError::Config { file: "[train]".into(), reason };
+    if parts == 1 {
+        // One part: the whole store, whatever its size.
+        return Ok(std::iter::once(0..n).collect());
+    }
     if parts == 0 || batch_size / parts < 2 {
         return Err(invalid(format!("parts = {parts} with batch_size = {batch_size}: expected 1 <= parts <= batch_size / 2 (BatchNorm needs two cells of each part)")));
     }
@@ -227,6 +231,7 @@ impl StepReducer {
 
     /// Gradients of this rank's parts of the step, summed with every other rank's, applied.
     /// `gradients(trainer, part)` computes one part's loss terms and gradients (in the model).
+    #[allow(clippy::too_many_arguments)] // one step's inputs; bundling them would only rename them
     pub fn step(&mut self, trainer: &mut Trainer<f32, Cpu>, ring: &mut Ring, parts: &[usize], more: bool, kl_weight: f64, times: &mut StepTimes, mut gradients: impl FnMut(&mut Trainer<f32, Cpu>, usize) -> Result<LossTerms, FitError>) -> Result<Stepped, FitError> {
         let started = Instant::now();
         // Alone with one part: the model's own buffers, no copies.
