@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use tessera_coordinator::{Config, Service, ValidJob};
+use tessera_coordinator::{Config, Coordinator, Service, Snapshot, ValidJob};
+use tessera_data::Store;
 use tessera_proto::v1 as pb;
 
 #[derive(clap::Args, Debug)]
@@ -25,7 +26,14 @@ pub struct CoordinatorArgs {
     /// the survivors.
     #[arg(long, default_value_t = 30_000)]
     regroup_grace_ms: u64,
+    /// Where the coordinator keeps its jobs (spec, outcome, last checkpoint) so that a restart
+    /// resumes them: a directory or an object-store URL (s3://, gs://, az://).
+    #[arg(long, default_value = "tessera-coordinator-state")]
+    state: String,
 }
+
+/// The key of the persisted state under `--state`.
+const STATE_KEY: &str = "coordinator.json";
 
 /// The checks of a submitted job, with the error a user sees.
 fn check(spec: &pb::JobSpec) -> Result<ValidJob, String> {
@@ -33,11 +41,16 @@ fn check(spec: &pb::JobSpec) -> Result<ValidJob, String> {
     Ok(ValidJob { train_cells, epochs })
 }
 
-/// Serves the coordinator and health services on `listener` until `shutdown` completes.
-pub async fn serve(listener: tokio::net::TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
+/// Serves the coordinator and health services on `listener` until `shutdown` completes, from
+/// `state` (a persisted snapshot: jobs resume) or empty; `persist` keeps the state there.
+pub async fn serve(listener: tokio::net::TcpListener, config: Config, state: Option<Snapshot>, persist: Option<Store>, shutdown: impl Future<Output = ()>) -> Result<()> {
     let bound = listener.local_addr().context("reading the bound address")?;
-    let service = Service::new(config, Arc::new(check));
+    let service = match state {
+        Some(snapshot) => Service::restored(Coordinator::restore(config, 0, snapshot), Arc::new(check)),
+        None => Service::new(config, Arc::new(check)),
+    };
     let _ticker = service.spawn_ticker();
+    let _persister = persist.map(|store| tokio::spawn(persist_changes(service.clone(), store)));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<tessera_proto::v1::coordinator_server::CoordinatorServer<Service>>().await;
     tracing::info!(listen = %bound, "coordinator serving");
@@ -49,7 +62,47 @@ pub async fn serve(listener: tokio::net::TcpListener, config: Config, shutdown: 
         .with_context(|| format!("serving on {bound}"))
 }
 
+/// Writes the snapshot after every change that alters it (the latest one wins; writes are
+/// never concurrent). A failed write is logged and retried at the next change.
+async fn persist_changes(service: Service, store: Store) {
+    let mut changes = service.changes();
+    let mut saved = None;
+    while changes.changed().await.is_ok() {
+        let snapshot = service.snapshot();
+        if saved.as_ref() == Some(&snapshot) {
+            continue;
+        }
+        let bytes = match serde_json::to_vec_pretty(&snapshot) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!("serialising the coordinator state: {e}");
+                continue;
+            }
+        };
+        let target = store.clone();
+        // The data layer is synchronous (it drives object_store on its own runtime).
+        match tokio::task::spawn_blocking(move || target.set_bytes(STATE_KEY, bytes)).await {
+            Ok(Ok(())) => saved = Some(snapshot),
+            Ok(Err(e)) => tracing::error!("saving the coordinator state: {e}"),
+            Err(e) => tracing::error!("saving the coordinator state: {e}"),
+        }
+    }
+}
+
+/// The persisted snapshot under `location`, if any; a corrupt one is an error naming it.
+fn load_state(location: &str) -> Result<(Store, Option<Snapshot>)> {
+    let store = Store::connect(location).with_context(|| format!("opening the coordinator state at {location}"))?;
+    let Some(bytes) = store.get_bytes(STATE_KEY).with_context(|| format!("reading {location}/{STATE_KEY}"))? else { return Ok((store, None)) };
+    let snapshot = serde_json::from_slice(&bytes).with_context(|| format!("{location}/{STATE_KEY}: not a coordinator state"))?;
+    Ok((store, Some(snapshot)))
+}
+
 pub fn run(args: CoordinatorArgs) -> Result<()> {
+    let (store, state) = load_state(&args.state)?;
+    if let Some(s) = &state {
+        let open = s.jobs.iter().filter(|j| !j.state.ended()).count();
+        tracing::info!(state = args.state, jobs = s.jobs.len(), resuming = open, "restored");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     runtime.block_on(async move {
         let config = Config { heartbeat_interval_ms: args.heartbeat_ms, heartbeat_timeout_ms: args.heartbeat_timeout_ms, regroup_grace_ms: args.regroup_grace_ms };
@@ -57,7 +110,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         let bound = listener.local_addr().context("reading the bound address")?;
         // On stdout, so a launcher that asked for port 0 learns the port.
         println!("coordinator listening on {bound}");
-        serve(listener, config, async {
+        serve(listener, config, state, Some(store), async {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("shutting down");
         })

@@ -1,5 +1,6 @@
-//! `tessera coordinator` as a process: it reports its port, answers the gRPC health check, and
-//! checks submitted jobs against the real store and configuration before queueing them.
+//! `tessera coordinator` as a process: it reports its port, answers the gRPC health check,
+//! checks submitted jobs against the real store and configuration before queueing them, and
+//! resumes a job after it is killed and restarted from its state folder.
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use std::io::{BufRead, BufReader};
@@ -20,8 +21,9 @@ impl Drop for Coordinator {
     }
 }
 
-fn start() -> Coordinator {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera")).args(["coordinator", "--listen", "127.0.0.1:0"]).env("TESSERA_LOG", "warn").stdout(Stdio::piped()).spawn().unwrap();
+fn start(listen: &str, state: &std::path::Path) -> Coordinator {
+    let args = ["coordinator", "--listen", listen, "--state", state.to_str().unwrap(), "--heartbeat-ms", "200", "--heartbeat-timeout-ms", "2000", "--regroup-grace-ms", "2000"];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).env("TESSERA_LOG", "warn").stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addr = line.trim().strip_prefix("coordinator listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
@@ -34,7 +36,7 @@ async fn serves_health_and_checks_jobs_against_the_store() {
     let store = dir.path().join("s.zarr").to_string_lossy().into_owned();
     let made = Command::new(env!("CARGO_BIN_EXE_tessera")).args(["simulate", &store, "--cells", "300", "--genes", "50"]).env("TESSERA_LOG", "warn").output().unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    let coordinator = start();
+    let coordinator = start("127.0.0.1:0", &dir.path().join("state"));
     let endpoint = format!("http://{}", coordinator.1);
     let outcome = tokio::time::timeout(Duration::from_secs(60), async {
         let channel = tonic::transport::Channel::from_shared(endpoint.clone()).unwrap().connect().await.unwrap();
@@ -59,4 +61,63 @@ async fn serves_health_and_checks_jobs_against_the_store() {
     })
     .await;
     assert!(outcome.is_ok(), "the coordinator answered within a minute");
+}
+
+/// Worker processes, killed when dropped.
+struct Workers(Vec<Child>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_killed_and_restarted_coordinator_resumes_its_job_from_the_state_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.zarr").to_string_lossy().into_owned();
+    let made = Command::new(env!("CARGO_BIN_EXE_tessera")).args(["simulate", &store, "--cells", "12000", "--genes", "300"]).env("TESSERA_LOG", "warn").output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let state = dir.path().join("state");
+    let listen = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let endpoint = format!("http://{listen}");
+    let mut coordinator = start(&listen, &state);
+    let worker = || Command::new(env!("CARGO_BIN_EXE_tessera")).args(["worker", "--coordinator", &endpoint, "--ring-listen", "127.0.0.1:0", "--max-jobs", "1", "--timeout-s", "60"]).env("TESSERA_LOG", "warn").stdout(Stdio::null()).spawn().unwrap();
+    let workers = Workers(vec![worker(), worker()]);
+    let out = dir.path().join("out");
+    let outcome = tokio::time::timeout(Duration::from_secs(240), async {
+        let mut c = CoordinatorClient::connect(endpoint.clone()).await.unwrap();
+        let config = "[model]\nn_hidden = 64\n[train]\nmax_epochs = 5\nkl_warmup_epochs = 3\ncheckpoint_every = 1\n";
+        let spec = pb::JobSpec { data_url: store.clone(), config_toml: config.into(), world_size: 2, output_url: out.display().to_string(), ..pb::JobSpec::default() };
+        let job = c.submit_job(spec).await.unwrap().into_inner();
+        let mut watch = c.watch_job(job.clone()).await.unwrap().into_inner();
+        while let Some(s) = watch.message().await.unwrap() {
+            if s.epoch >= 2 {
+                break;
+            }
+        }
+        // SIGKILL: nothing is flushed; what the coordinator saved after each change is all.
+        coordinator.0.kill().unwrap();
+        coordinator.0.wait().unwrap();
+        let _restarted = start(&listen, &state);
+        let mut c = CoordinatorClient::connect(endpoint.clone()).await.unwrap();
+        let mut watch = c.watch_job(job).await.unwrap().into_inner();
+        let first = watch.message().await.unwrap().unwrap();
+        assert_eq!(first.state(), pb::job_status::State::Recovering, "{first:?}");
+        assert!(first.message.starts_with("coordinator restarted; resuming from the checkpoint after epoch"), "{}", first.message);
+        let mut last = first;
+        while let Some(s) = watch.message().await.unwrap() {
+            last = s;
+        }
+        assert_eq!(last.state(), pb::job_status::State::Succeeded, "{last:?}");
+        assert_eq!(last.epoch, 5);
+    })
+    .await;
+    assert!(outcome.is_ok(), "the job ended within 4 minutes");
+    let history = std::fs::read_to_string(out.join("history.csv")).unwrap();
+    assert_eq!(history.lines().count(), 6, "five epochs, each once:\n{history}");
+    drop(workers);
 }

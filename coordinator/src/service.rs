@@ -12,7 +12,7 @@ use tessera_proto::v1::coordinator_server::{Coordinator as CoordinatorRpc, Coord
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::state::{Checkpoint, Config, Coordinator, Directive, EpochSummary, JobId, JobSpec, JobState, Millis, Progress, StateError, WorkerId};
+use crate::state::{Checkpoint, Config, Coordinator, Directive, EpochSummary, JobId, JobSpec, JobState, Millis, Progress, Snapshot, StateError, WorkerId};
 
 /// Requests larger than this are refused (a JobSpec carries a config, not data).
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
@@ -45,7 +45,23 @@ impl std::fmt::Debug for Service {
 
 impl Service {
     pub fn new(config: Config, validate: Validate) -> Service {
-        Service { state: Arc::new(Mutex::new(Coordinator::new(config))), started: Instant::now(), changed: watch::channel(0).0, validate }
+        Service::restored(Coordinator::new(config), validate)
+    }
+
+    /// A service over a coordinator restored from its records (`Coordinator::restore`, with
+    /// the time 0: the service's clock starts now).
+    pub fn restored(coordinator: Coordinator, validate: Validate) -> Service {
+        Service { state: Arc::new(Mutex::new(coordinator)), started: Instant::now(), changed: watch::channel(0).0, validate }
+    }
+
+    /// The state to persist after changes.
+    pub fn snapshot(&self) -> Snapshot {
+        self.with(Coordinator::snapshot)
+    }
+
+    /// Notified after every change of the state.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// The tonic server for this service, with the request size limit.

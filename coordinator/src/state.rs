@@ -14,6 +14,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use serde::{Deserialize, Serialize};
+
 pub type Millis = u64;
 pub type WorkerId = u64;
 pub type JobId = u64;
@@ -36,7 +38,7 @@ impl Default for Config {
 
 /// What a job trains; the coordinator checks the data opens and counts its cells before
 /// submitting (I/O stays outside this module).
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct JobSpec {
     pub data_url: String,
     pub config_toml: String,
@@ -52,7 +54,7 @@ pub struct JobSpec {
     pub epochs: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobState {
     Queued,
     /// Waiting for its workers to join (first time, or again after losing one).
@@ -70,7 +72,7 @@ impl JobState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Checkpoint {
     pub epochs_done: u32,
     pub step: u64,
@@ -152,6 +154,30 @@ struct Worker {
     pending: Option<Directive>,
 }
 
+/// What survives a coordinator restart (the binary keeps it in an object store): every job,
+/// and where worker ids had got to (a restarted coordinator must not hand out an id a live
+/// worker still holds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub next_worker: WorkerId,
+    pub jobs: Vec<JobRecord>,
+}
+
+/// Ids a restarted coordinator skips: registrations after the last saved snapshot used some.
+const RESTART_ID_GAP: WorkerId = 1 << 20;
+
+/// A job's spec, how it ended, its last checkpoint and the epochs counted up to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub state: JobState,
+    pub message: String,
+    pub generation: u64,
+    pub checkpoint: Option<Checkpoint>,
+    pub epoch_cells: BTreeMap<u32, u64>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Job {
     pub spec: JobSpec,
@@ -196,6 +222,35 @@ impl Coordinator {
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// What the binary persists after changes.
+    pub fn snapshot(&self) -> Snapshot {
+        let jobs = self.jobs.iter().map(|(&id, j)| JobRecord { id, spec: j.spec.clone(), state: j.state, message: j.message.clone(), generation: j.generation, checkpoint: j.checkpoint.clone(), epoch_cells: j.epoch_cells.clone() }).collect();
+        Snapshot { next_worker: self.next_worker, jobs }
+    }
+
+    /// A coordinator restarted from its records: ended jobs stay as they ended; the others
+    /// recover from their last checkpoint with the workers that register again (as after a lost
+    /// worker, a smaller group after the grace), under a generation no old link can match.
+    pub fn restore(config: Config, now: Millis, snapshot: Snapshot) -> Coordinator {
+        let mut c = Coordinator::new(config);
+        c.next_worker = snapshot.next_worker.saturating_add(RESTART_ID_GAP);
+        for r in snapshot.jobs {
+            let ended = r.state.ended();
+            let epochs_done = if ended { r.epoch_cells.len() as u32 } else { r.checkpoint.as_ref().map_or(0, |k| k.epochs_done) };
+            let epoch_cells: BTreeMap<u32, u64> = r.epoch_cells.into_iter().filter(|&(e, _)| e < epochs_done).collect();
+            let message = if ended { r.message } else { format!("coordinator restarted; resuming from {}", r.checkpoint.as_ref().map_or("the start".to_string(), |k| format!("the checkpoint after epoch {}", k.epochs_done))) };
+            let world = r.spec.world_size;
+            let state = if ended { r.state } else { JobState::Recovering };
+            let job = Job { spec: r.spec, state, generation: r.generation + 1, members: Vec::new(), checkpoint: r.checkpoint, epochs_done, done: BTreeMap::new(), epoch_cells, world, lost_at: (!ended).then_some(now), message, step: 0, ends_after: None, summary: None };
+            c.next_job = c.next_job.max(r.id + 1);
+            c.jobs.insert(r.id, job);
+            if !ended {
+                c.queue.push_back(r.id);
+            }
+        }
+        c
     }
 
     pub fn register(&mut self, now: Millis, ring_address: String, device: String) -> WorkerId {

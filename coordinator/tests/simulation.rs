@@ -54,6 +54,7 @@ struct Sim {
     seq: u64,
     job: JobId,
     crashes: usize,
+    restarts: usize,
 }
 
 impl Sim {
@@ -161,6 +162,12 @@ impl Sim {
             if let Some(i) = (0..self.agents.len()).find(|&i| !self.agents[i].alive) {
                 self.agents[i] = Agent { alive: true, ..Agent::default() };
             }
+        } else if roll < 0.014 && self.restarts < 2 {
+            // The coordinator crashes and restarts from its last saved snapshot; the workers
+            // learn it from their next heartbeat (Register) or a refused report.
+            let config = self.coord.config().clone();
+            self.coord = Coordinator::restore(config, self.now, self.coord.snapshot());
+            self.restarts += 1;
         }
     }
 }
@@ -170,7 +177,7 @@ fn run(seed: u64, workers: usize, world: u32) -> (Coordinator, JobId, usize) {
     let mut coord = Coordinator::new(config);
     let spec = JobSpec { data_url: "file:///data.zarr".into(), config_toml: String::new(), world_size: world, batch_key: "batch".into(), label_key: String::new(), output_url: "file:///out".into(), train_cells: TRAIN_CELLS, epochs: EPOCHS, ..JobSpec::default() };
     let job = coord.submit(spec).unwrap();
-    let mut sim = Sim { rng: Xoshiro256PlusPlus::seed_from_u64(seed), now: 0, coord, agents: (0..workers + 2).map(|i| Agent { alive: i < workers, ..Agent::default() }).collect(), inflight: BTreeMap::new(), seq: 0, job, crashes: 0 };
+    let mut sim = Sim { rng: Xoshiro256PlusPlus::seed_from_u64(seed), now: 0, coord, agents: (0..workers + 2).map(|i| Agent { alive: i < workers, ..Agent::default() }).collect(), inflight: BTreeMap::new(), seq: 0, job, crashes: 0, restarts: 0 };
     let horizon: Millis = 600_000;
     while sim.now < horizon && !sim.coord.job(sim.job).unwrap().state.ended() {
         sim.now += 50;
@@ -192,22 +199,24 @@ fn run(seed: u64, workers: usize, world: u32) -> (Coordinator, JobId, usize) {
         sim.coord.tick(sim.now);
         sim.coord.check().unwrap_or_else(|e| panic!("seed {seed} at {} ms after a tick: {e}", sim.now));
     }
-    let crashes = sim.crashes;
+    let crashes = sim.crashes + 100 * sim.restarts;
     (sim.coord, job, crashes)
 }
 
 #[test]
 fn jobs_finish_with_every_epoch_counted_once_despite_crashes_and_reordering() {
-    let (mut crashed_runs, mut regrouped_smaller) = (0, 0);
+    let (mut crashed_runs, mut regrouped_smaller, mut restarted_runs) = (0, 0, 0);
     for seed in 0..60 {
         let (coord, job, crashes) = run(seed, 4, 4);
         let j = coord.job(job).unwrap();
         assert_eq!(j.state, JobState::Succeeded, "seed {seed}: {:?} ({}), {crashes} crashes", j.state, j.message);
         assert_eq!(j.epochs_done, EPOCHS);
         assert!(j.epoch_cells.values().all(|&c| c == TRAIN_CELLS), "seed {seed}: {:?}", j.epoch_cells);
-        crashed_runs += usize::from(crashes > 0);
+        crashed_runs += usize::from(crashes % 100 > 0);
+        restarted_runs += usize::from(crashes >= 100);
         regrouped_smaller += usize::from(j.world < 4);
     }
+    assert!(restarted_runs >= 10, "and coordinator restarts: {restarted_runs} of 60 runs");
     assert!(crashed_runs >= 20, "the simulation must exercise recovery: {crashed_runs} of 60 runs had a crash");
     assert!(regrouped_smaller >= 10, "and finishing with fewer ranks: {regrouped_smaller} of 60 runs");
 }
