@@ -1,6 +1,7 @@
 //! `tessera train --workers N` as processes on loopback: 1, 2 and 4 workers over the same 4
-//! parts train the same model, and a job whose worker is SIGKILLed mid-epoch recovers from its
-//! checkpoint on the survivors and ends where an uninterrupted run ends.
+//! parts train the same model; a job whose worker is SIGKILLed mid-epoch recovers from its
+//! checkpoint on the survivors and ends where an uninterrupted run ends; the ranks of a
+//! launcher's environment (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT) form one job.
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use std::io::{BufRead, BufReader};
@@ -25,14 +26,8 @@ impl Drop for Run {
 }
 
 impl Run {
-    fn start(args: &[&str], limit: Duration) -> Run {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .arg("train")
-            .args(args)
-            .env("TESSERA_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+    fn start(args: &[&str], envs: &[(&str, &str)], limit: Duration) -> Run {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera")).arg("train").args(args).envs(envs.iter().copied()).env("TESSERA_LOG", "warn").stdout(Stdio::piped()).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -42,12 +37,7 @@ impl Run {
                 }
             }
         });
-        Run {
-            child,
-            lines,
-            deadline: Instant::now() + limit,
-            seen: Vec::new(),
-        }
+        Run { child, lines, deadline: Instant::now() + limit, seen: Vec::new() }
     }
 
     /// The next stdout line (None at the end of output); panics past the deadline.
@@ -59,10 +49,7 @@ impl Run {
                 Some(line)
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => None,
-            Err(mpsc::RecvTimeoutError::Timeout) => panic!(
-                "no end within the limit; output so far:\n{}",
-                self.seen.join("\n")
-            ),
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("no end within the limit; output so far:\n{}", self.seen.join("\n")),
         }
     }
 
@@ -77,23 +64,13 @@ impl Run {
 }
 
 fn simulate(store: &Path, cells: &str, genes: &str) {
-    let made = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args([
-            "simulate",
-            store.to_str().unwrap(),
-            "--cells",
-            cells,
-            "--genes",
-            genes,
-        ])
-        .env("TESSERA_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    let made = Command::new(env!("CARGO_BIN_EXE_tessera")).args(["simulate", store.to_str().unwrap(), "--cells", cells, "--genes", genes]).env("TESSERA_LOG", "warn").output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+}
+
+/// `train` arguments for a store, a config file and an output folder.
+fn train_args<'a>(store: &'a Path, config: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    vec!["--data", store.to_str().unwrap(), "--config", config.to_str().unwrap(), "--out", out.to_str().unwrap()]
 }
 
 /// (train loss, validation loss) per epoch from history.csv.
@@ -110,8 +87,13 @@ fn losses(out: &Path) -> Vec<(f64, f64)> {
     .collect()
 }
 
-fn close(a: f64, b: f64, rel: f64) -> bool {
-    (a - b).abs() <= rel * a.abs().max(b.abs())
+/// Every epoch's train and validation loss within `rel` of the reference's.
+fn assert_same_losses(reference: &[(f64, f64)], other: &[(f64, f64)], rel: f64, what: &str) {
+    assert_eq!(reference.len(), other.len(), "{what}: epochs");
+    let close = |a: f64, b: f64| (a - b).abs() <= rel * a.abs().max(b.abs());
+    for (epoch, (a, b)) in reference.iter().zip(other).enumerate() {
+        assert!(close(a.0, b.0) && close(a.1, b.1), "{what}, epoch {epoch}: {b:?} vs {a:?}");
+    }
 }
 
 #[test]
@@ -121,44 +103,18 @@ fn one_two_and_four_worker_processes_train_the_same_model() {
     std::fs::write(&config, "[model]\nn_hidden = 16\n[train]\nmax_epochs = 3\nkl_warmup_epochs = 2\nbatch_size = 64\nlr = 0.01\nparts = 4\n").unwrap();
     let mut results = Vec::new();
     for workers in ["1", "2", "4"] {
-        let store = dir.path().join(format!("w{workers}.zarr"));
+        let (store, out) = (dir.path().join(format!("w{workers}.zarr")), dir.path().join(format!("out{workers}")));
         simulate(&store, "2000", "100");
-        let out = dir.path().join(format!("out{workers}"));
-        let run = Run::start(
-            &[
-                "--data",
-                store.to_str().unwrap(),
-                "--config",
-                config.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-                "--workers",
-                workers,
-            ],
-            Duration::from_secs(240),
-        );
-        let text = run.finish();
-        assert_eq!(
-            text.matches(": pid ").count(),
-            workers.parse::<usize>().unwrap(),
-            "{text}"
-        );
-        assert!(
-            text.contains("SUCCEEDED") && text.contains("epoch 3/3"),
-            "{text}"
-        );
-        results.push((workers, losses(&out)));
+        let mut args = train_args(&store, &config, &out);
+        args.extend(["--workers", workers]);
+        let text = Run::start(&args, &[], Duration::from_secs(240)).finish();
+        assert_eq!(text.matches(": pid ").count(), workers.parse::<usize>().unwrap(), "{text}");
+        assert!(text.contains("SUCCEEDED") && text.contains("epoch 3/3"), "{text}");
+        results.push(losses(&out));
     }
-    let (_, alone) = &results[0];
-    assert_eq!(alone.len(), 3);
-    for (workers, l) in &results[1..] {
-        for (epoch, (a, b)) in alone.iter().zip(l).enumerate() {
-            assert!(
-                close(a.0, b.0, 1e-5) && close(a.1, b.1, 1e-5),
-                "{workers} workers, epoch {epoch}: {b:?} vs {a:?} alone"
-            );
-        }
-    }
+    assert_eq!(results[0].len(), 3);
+    assert_same_losses(&results[0], &results[1], 1e-5, "2 workers vs 1");
+    assert_same_losses(&results[0], &results[2], 1e-5, "4 workers vs 1");
 }
 
 #[test]
@@ -166,30 +122,14 @@ fn a_worker_killed_mid_epoch_is_dropped_and_the_job_ends_where_an_uninterrupted_
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("c.toml");
     std::fs::write(&config, "[model]\nn_hidden = 64\n[train]\nmax_epochs = 5\nkl_warmup_epochs = 3\nparts = 3\ncheckpoint_every = 1\n").unwrap();
-    let run_args = |store: &Path, out: &Path| -> Vec<String> {
-        [
-            "--data",
-            store.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--workers",
-            "3",
-        ]
-        .map(String::from)
-        .to_vec()
-    };
     let (store_a, store_b) = (dir.path().join("a.zarr"), dir.path().join("b.zarr"));
     simulate(&store_a, "12000", "300");
     simulate(&store_b, "12000", "300");
     let (out_a, out_b) = (dir.path().join("out-a"), dir.path().join("out-b"));
 
-    let args = run_args(&store_a, &out_a);
-    let mut run = Run::start(
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-        Duration::from_secs(300),
-    );
+    let mut args = train_args(&store_a, &config, &out_a);
+    args.extend(["--workers", "3"]);
+    let mut run = Run::start(&args, &[], Duration::from_secs(300));
     let mut pids = Vec::new();
     // Kill a worker once epoch 2 is reported: the ranks are then inside epoch 3.
     while let Some(line) = run.line() {
@@ -197,140 +137,52 @@ fn a_worker_killed_mid_epoch_is_dropped_and_the_job_ends_where_an_uninterrupted_
             pids.push(pid.trim().to_string());
         }
         if line.starts_with("epoch 2/5") {
-            let killed = Command::new("kill")
-                .args(["-KILL", &pids[1]])
-                .status()
-                .unwrap();
-            assert!(killed.success());
+            assert!(Command::new("kill").args(["-KILL", &pids[1]]).status().unwrap().success());
             break;
         }
     }
     let text = run.finish();
-    assert!(
-        text.contains("RECOVERING (lost worker"),
-        "the coordinator noticed the lost worker:\n{text}"
-    );
+    assert!(text.contains("RECOVERING (lost worker"), "the coordinator noticed the lost worker:\n{text}");
     // Epoch 2's checkpoint is announced just after the epoch ends: the kill may come first.
-    assert!(
-        text.contains("resuming from the checkpoint after epoch 2")
-            || text.contains("resuming from the checkpoint after epoch 1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("SUCCEEDED") && text.contains("epoch 5/5"),
-        "{text}"
-    );
+    assert!(text.contains("resuming from the checkpoint after epoch 2") || text.contains("resuming from the checkpoint after epoch 1"), "{text}");
+    assert!(text.contains("SUCCEEDED") && text.contains("epoch 5/5"), "{text}");
     let recovered = losses(&out_a);
     assert_eq!(recovered.len(), 5, "every epoch once in the history");
 
-    let args = run_args(&store_b, &out_b);
-    let straight = losses(&{
-        Run::start(
-            &args.iter().map(String::as_str).collect::<Vec<_>>(),
-            Duration::from_secs(300),
-        )
-        .finish();
-        out_b
-    });
+    let mut args = train_args(&store_b, &config, &out_b);
+    args.extend(["--workers", "3"]);
+    Run::start(&args, &[], Duration::from_secs(300)).finish();
     // Same parts, so the same model whether 3 or 2 workers trained the last epochs.
-    for (epoch, (a, b)) in straight.iter().zip(&recovered).enumerate() {
-        assert!(
-            close(a.0, b.0, 1e-4) && close(a.1, b.1, 1e-4),
-            "epoch {epoch}: {b:?} after the kill vs {a:?} uninterrupted"
-        );
-    }
+    assert_same_losses(&losses(&out_b), &recovered, 1e-4, "after the kill vs uninterrupted");
 }
 
 #[test]
 fn ranks_of_a_launcher_environment_form_one_job() {
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("s.zarr");
+    let (store, config, out) = (dir.path().join("s.zarr"), dir.path().join("c.toml"), dir.path().join("out"));
     simulate(&store, "1500", "80");
-    let config = dir.path().join("c.toml");
-    std::fs::write(
-        &config,
-        "[model]\nn_hidden = 16\n[train]\nmax_epochs = 2\nbatch_size = 64\n",
-    )
-    .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
-    let out = dir.path().join("out");
+    std::fs::write(&config, "[model]\nn_hidden = 16\n[train]\nmax_epochs = 2\nbatch_size = 64\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
     // Every pod runs the same command; only RANK differs (torchrun / PyTorchJob environment).
-    let start = |rank: &str| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .args([
-                "train",
-                "--data",
-                store.to_str().unwrap(),
-                "--config",
-                config.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ])
-            .envs([
-                ("WORLD_SIZE", "2"),
-                ("RANK", rank),
-                ("MASTER_ADDR", "127.0.0.1"),
-                ("MASTER_PORT", &port),
-                ("POD_IP", "127.0.0.1"),
-                ("TESSERA_LOG", "warn"),
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Run {
-            child,
-            lines,
-            deadline: Instant::now() + Duration::from_secs(180),
-            seen: Vec::new(),
-        }
-    };
-    let worker = start("1");
-    let rank0 = start("0");
+    let args = train_args(&store, &config, &out);
+    let env = |rank| [("WORLD_SIZE", "2"), ("RANK", rank), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str()), ("POD_IP", "127.0.0.1")];
+    let worker = Run::start(&args, &env("1"), Duration::from_secs(180));
+    let rank0 = Run::start(&args, &env("0"), Duration::from_secs(180));
     let text = rank0.finish();
-    assert!(
-        text.contains("SUCCEEDED, ") && text.contains("epoch 2/2") && text.contains("trained on"),
-        "{text}"
-    );
-    let text = worker.finish();
-    assert_eq!(text.trim(), "rank 1 of 2: the job ended");
+    assert!(text.contains("SUCCEEDED, ") && text.contains("epoch 2/2") && text.contains("trained on"), "{text}");
+    assert_eq!(worker.finish().trim(), "rank 1 of 2: the job ended");
     assert_eq!(losses(&out).len(), 2);
 }
 
 #[test]
 fn launcher_environment_errors_name_the_variable() {
     let bad = |envs: &[(&str, &str)], expected: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .args(["train", "--data", "/nonexistent.zarr"])
-            .envs(envs.iter().copied())
-            .env("TESSERA_LOG", "warn")
-            .output()
-            .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_tessera")).args(["train", "--data", "/nonexistent.zarr"]).envs(envs.iter().copied()).env("TESSERA_LOG", "warn").output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains(expected),
-            "{envs:?}: {err}"
-        );
+        assert!(!out.status.success() && err.contains(expected), "{envs:?}: {err}");
     };
     bad(&[("WORLD_SIZE", "2")], "WORLD_SIZE=2 without RANK");
-    bad(
-        &[("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "x")],
-        "RANK=2 with WORLD_SIZE=2",
-    );
-    bad(
-        &[("WORLD_SIZE", "two")],
-        "WORLD_SIZE=\"two\": expected a whole number",
-    );
+    bad(&[("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "x")], "RANK=2 with WORLD_SIZE=2");
+    bad(&[("WORLD_SIZE", "two")], "WORLD_SIZE=\"two\": expected a whole number");
     bad(&[("WORLD_SIZE", "2"), ("RANK", "0")], "without MASTER_ADDR");
 }
