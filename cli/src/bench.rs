@@ -60,6 +60,14 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         epochs: usize,
     },
+    /// NCCL all-reduce at world size 1 on GPU 0 (what one GPU worker pays per step) for the
+    /// scVI-size and Census-size gradients; SKIPPED without a device or libnccl.
+    Nccl {
+        #[arg(long, value_delimiter = ',', default_values_t = vec![520_000usize, 8_700_000])]
+        floats: Vec<usize>,
+        #[arg(long, default_value_t = 50)]
+        repeat: usize,
+    },
     /// The TCP ring all-reduce among in-process ranks on loopback, for gradient buffers of
     /// the scVI-size model (~0.52M floats) and a Census-size one (8.7M): time per call, bus
     /// bandwidth, and the ideal 2(N−1)/N × bytes / (one loopback stream's bandwidth).
@@ -103,6 +111,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Ops { repeat } => ops(repeat.max(1)),
         BenchCommand::Eval { cells, dims } => eval(&cells, dims),
         BenchCommand::Workers { workers, cells, genes, epochs } => data_parallel(&workers, cells, genes, epochs.max(2)),
+        BenchCommand::Nccl { floats, repeat } => nccl(&floats, repeat.max(1)),
         BenchCommand::Allreduce { world, floats, repeat } => allreduce(&world, &floats, repeat.max(1)),
         BenchCommand::Step { genes, batch, hidden, nnz, steps, config } => step(genes, batch, hidden, nnz, steps, config.as_deref()),
         BenchCommand::Load { cells, genes, library, batch_size, dir, python, store, repeat } => {
@@ -110,6 +119,42 @@ pub fn run(command: BenchCommand) -> Result<()> {
             load(&stores, batch_size, python.as_deref(), repeat.max(1))
         }
     }
+}
+
+fn nccl(floats: &[usize], repeat: usize) -> Result<()> {
+    use tessera_worker::nccl::Nccl;
+    let gpu = match tessera_kernels::cuda::Gpu::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            println!("SKIPPED: NCCL all-reduce needs a CUDA device: {e}");
+            return Ok(());
+        }
+    };
+    let nccl = match Nccl::over_ring(&gpu, &mut tessera_worker::ring::Ring::single()) {
+        Ok(n) => n,
+        Err(e) => {
+            println!("SKIPPED: {e}");
+            return Ok(());
+        }
+    };
+    println!("NCCL all-reduce (sum, in place), world size 1 on GPU 0, median of {repeat}:");
+    println!("{:>12} {:>10} {:>10}", "floats", "MB", "ms/call");
+    for &n in floats {
+        let mut buf = gpu.zeros(n)?;
+        nccl.all_reduce_sum(&mut buf)?;
+        nccl.synchronize()?;
+        let mut times: Vec<f64> = (0..repeat)
+            .map(|_| {
+                let started = std::time::Instant::now();
+                nccl.all_reduce_sum(&mut buf)?;
+                nccl.synchronize()?;
+                Ok(started.elapsed().as_secs_f64())
+            })
+            .collect::<Result<_, tessera_worker::nccl::NcclError>>()?;
+        times.sort_by(f64::total_cmp);
+        println!("{n:>12} {:>10.1} {:>10.3}", n as f64 * 4e-6, 1e3 * times[times.len() / 2]);
+    }
+    Ok(())
 }
 
 fn data_parallel(workers: &[usize], cells: usize, genes: usize, epochs: usize) -> Result<()> {

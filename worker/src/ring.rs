@@ -112,6 +112,20 @@ impl Ring {
         self.world
     }
 
+    /// Gives every rank rank 0's `bytes` (same length everywhere): passed along the ring.
+    pub fn broadcast_from_rank0(&mut self, bytes: &mut [u8]) -> Result<(), RingError> {
+        let (rank, last) = (self.rank, self.world - 1);
+        let (Some(next), Some(prev)) = (self.next.as_mut(), self.prev.as_mut()) else { return Ok(()) };
+        let link_err = |op: &'static str, peer: &str, e: std::io::Error| RingError::Peer { rank, op, peer: peer.to_string(), reason: e.to_string() };
+        if rank > 0 {
+            prev.read_exact(bytes).map_err(|e| link_err("receiving from", &self.prev_name, e))?;
+        }
+        if rank < last {
+            next.write_all(bytes).map_err(|e| link_err("sending to", &self.next_name, e))?;
+        }
+        Ok(())
+    }
+
     /// Replaces `buf` on every rank by the element-wise sum of all ranks' `buf` (same length on
     /// every rank, or the ring fails).
     pub fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), RingError> {

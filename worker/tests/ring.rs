@@ -119,3 +119,19 @@ fn one_rank_is_the_identity() {
     assert_eq!(buf, contribution(0, 17));
     assert_eq!((ring.rank(), ring.world()), (0, 1));
 }
+
+#[test]
+fn broadcast_gives_every_rank_rank_zeros_bytes() {
+    for world in [2, 3, 4] {
+        let got = on_ring(world, 31, |ring| {
+            let mut bytes = [ring.rank() as u8; 128];
+            if ring.rank() == 0 {
+                bytes.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8 ^ 0xa5);
+            }
+            ring.broadcast_from_rank0(&mut bytes).unwrap();
+            bytes
+        });
+        let expected: Vec<u8> = (0..128).map(|i| i as u8 ^ 0xa5).collect();
+        assert!(got.iter().all(|b| b[..] == expected[..]), "world {world}");
+    }
+}

@@ -1,0 +1,89 @@
+//! GPU all-reduce through NCCL (cudarc, the library loaded at run time): the GPU counterpart of
+//! `ring.rs`, on its own stream so a trainer can overlap it with compute. Rank 0 makes the
+//! 128-byte unique id and the job's TCP ring carries it to the other ranks
+//! (`Ring::broadcast_from_rank0`), so forming the group needs no extra coordinator round trip.
+//!
+//! Without libnccl or a device every constructor returns `NcclError::Unavailable`, which tests
+//! and benchmarks report as SKIPPED. GPU training (the CUDA model backend) is issue 3; until
+//! it lands this is exercised by `tessera bench nccl` and the world-size-1 test.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::nccl::{Comm, Id, ReduceOp};
+use tessera_kernels::cuda::Gpu;
+
+use crate::ring::{Ring, RingError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NcclError {
+    #[error("NCCL unavailable: {0}")]
+    Unavailable(String),
+    #[error("NCCL {op}: {reason}")]
+    Call { op: &'static str, reason: String },
+    #[error(transparent)]
+    Ring(#[from] RingError),
+}
+
+fn call(op: &'static str) -> impl Fn(cudarc::nccl::result::NcclError) -> NcclError {
+    move |e| NcclError::Call { op, reason: format!("{e:?}") }
+}
+
+/// Whether libnccl can be loaded (cudarc looks for `libnccl.so`: symlink it beside the pip
+/// wheel's `libnccl.so.2`).
+#[allow(unsafe_code)]
+pub fn library_present() -> bool {
+    // SAFETY: only probes for the shared library.
+    unsafe { cudarc::nccl::sys::is_culib_present() }
+}
+
+/// This rank's member of the job's NCCL communicator.
+pub struct Nccl {
+    comm: Comm,
+    stream: Arc<CudaStream>,
+}
+
+impl std::fmt::Debug for Nccl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nccl").field("rank", &self.comm.rank()).field("world", &self.comm.world_size()).finish()
+    }
+}
+
+impl Nccl {
+    /// Joins the communicator of `ring`'s ranks on `gpu`: rank 0 makes the id, the ring
+    /// carries it.
+    pub fn over_ring(gpu: &Gpu, ring: &mut Ring) -> Result<Nccl, NcclError> {
+        if !library_present() {
+            return Err(NcclError::Unavailable("libnccl.so not found (set LD_LIBRARY_PATH)".into()));
+        }
+        let mut id = [0u8; 128];
+        if ring.rank() == 0 {
+            let made = Id::new().map_err(call("making the unique id"))?;
+            id.copy_from_slice(&made.internal().map(|c| c as u8));
+        }
+        ring.broadcast_from_rank0(&mut id)?;
+        let stream = gpu.stream().context().new_stream().map_err(|e| NcclError::Unavailable(format!("creating a stream: {e}")))?;
+        let comm = Comm::from_rank(Arc::clone(&stream), ring.rank(), ring.world(), Id::uninit(id.map(|b| b as _))).map_err(call("joining the communicator"))?;
+        Ok(Nccl { comm, stream })
+    }
+
+    /// The stream the collectives run on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Replaces `buf` on every rank by the ranks' mean, in place (queued on `stream`).
+    pub fn all_reduce_mean(&self, buf: &mut CudaSlice<f32>) -> Result<(), NcclError> {
+        self.comm.all_reduce_in_place(buf, &ReduceOp::Avg).map(|_| ()).map_err(call("all-reduce"))
+    }
+
+    /// Replaces `buf` on every rank by the ranks' sum, in place (queued on `stream`).
+    pub fn all_reduce_sum(&self, buf: &mut CudaSlice<f32>) -> Result<(), NcclError> {
+        self.comm.all_reduce_in_place(buf, &ReduceOp::Sum).map(|_| ()).map_err(call("all-reduce"))
+    }
+
+    /// Waits for the queued collectives.
+    pub fn synchronize(&self) -> Result<(), NcclError> {
+        self.stream.synchronize().map_err(|e| NcclError::Call { op: "synchronize", reason: e.to_string() })
+    }
+}

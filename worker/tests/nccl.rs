@@ -1,0 +1,25 @@
+//! NCCL on one GPU (world size 1, formed over a one-rank ring): sum and mean leave the buffer
+//! unchanged and the stream completes. Without libnccl or a device: SKIPPED, with the reason.
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use tessera_kernels::cuda::Gpu;
+use tessera_worker::nccl::Nccl;
+use tessera_worker::ring::Ring;
+
+#[test]
+fn world_size_one_all_reduce_is_the_identity() {
+    let gpu = match Gpu::new(0) {
+        Ok(gpu) => gpu,
+        Err(e) => return eprintln!("SKIPPED: NCCL needs a CUDA device: {e}"),
+    };
+    let nccl = match Nccl::over_ring(&gpu, &mut Ring::single()) {
+        Ok(n) => n,
+        Err(e) => return eprintln!("SKIPPED: {e}"),
+    };
+    let host: Vec<f32> = (0..100_003).map(|i| (i % 97) as f32 * 0.25 - 7.0).collect();
+    let mut buf = gpu.upload(&host).unwrap();
+    nccl.all_reduce_sum(&mut buf).unwrap();
+    nccl.all_reduce_mean(&mut buf).unwrap();
+    nccl.synchronize().unwrap();
+    assert_eq!(gpu.download(&buf).unwrap(), host);
+}
