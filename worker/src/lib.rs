@@ -1,6 +1,7 @@
-//! tessera-worker: training on a shard of a store. Today one worker trains alone (`fit`, what
-//! `tessera train` runs); issue 5 adds the all-reduce between [`Trainer::gradients`] and
-//! [`Trainer::apply`] and the coordinator's control.
+//! tessera-worker: training on a store, alone (`fit`, what `tessera train` runs) or as one rank
+//! of a data-parallel job (`train` with a `parallel::Placement`; `node` runs a worker process
+//! under the coordinator): each step's parts' gradients are summed over the ring
+//! (`ring`; `nccl` on GPUs) between [`Trainer::gradients`] and [`Trainer::apply`].
 //!
 //! Invariant: the worker owns the meeting of data and models (neither knows the other); it
 //! turns loader minibatches into model batches and model outputs into store elements.
