@@ -147,7 +147,7 @@ struct Worker {
     waiting: bool,
     /// (job, generation, rank) while in a group.
     group: Option<(JobId, u64, u32)>,
-    /// Training cells of its last reported epoch.
+    /// Training cells of its current epoch so far (the whole last epoch once it is done).
     cells: u64,
     /// Set when its group ended under it: what the next heartbeat says (Rejoin, or Stop when
     /// the job ended).
@@ -341,7 +341,7 @@ impl Coordinator {
         self.jobs.get(&job).ok_or(StateError::UnknownJob(job))
     }
 
-    /// (worker, device, ms since its last heartbeat, cells of its last epoch) of a job's
+    /// (worker, device, ms since its last heartbeat, cells of its epoch so far) of a job's
     /// group, in rank order.
     pub fn members(&self, now: Millis, job: JobId) -> Result<Vec<(WorkerId, String, Millis, u64)>, StateError> {
         let j = self.job(job)?;
@@ -355,9 +355,7 @@ impl Coordinator {
             Some((job, generation, rank)) if job == p.job && generation == p.generation => rank,
             _ => return Err(StateError::Stale { job: p.job, reason: format!("worker {worker} is not in generation {} of the job", p.generation) }),
         };
-        if p.epoch_done {
-            w.cells = p.cells;
-        }
+        w.cells = p.cells;
         let j = self.jobs.get_mut(&p.job).ok_or(StateError::UnknownJob(p.job))?;
         if j.state.ended() {
             return Ok(());

@@ -51,6 +51,17 @@ async fn a_worker_trains_a_job_to_the_end_and_watchers_see_it() {
     assert_eq!(a.peers, vec!["127.0.0.1:7100".to_string()]);
     assert_eq!(a.spec.as_ref().map(|s| s.data_url.as_str()), Some("good.zarr"));
 
+    // Mid-epoch progress shows live in the status: the step and the worker's cells so far.
+    let partial = pb::ProgressReport { worker_id: w.worker_id.clone(), job_id: a.job_id.clone(), generation: a.generation, epoch: 0, step: 3, cells: 384, ..pb::ProgressReport::default() };
+    c.report_progress(partial).await.unwrap();
+    let live = loop {
+        let s = watch.message().await.unwrap().unwrap();
+        if s.step == 3 {
+            break s;
+        }
+    };
+    assert_eq!((live.state(), live.epoch, live.workers[0].cells_this_epoch), (pb::job_status::State::Running, 0, 384), "{live:?}");
+
     for epoch in 0..2 {
         let report = pb::ProgressReport { worker_id: w.worker_id.clone(), job_id: a.job_id.clone(), generation: a.generation, epoch, step: u64::from(epoch + 1) * 8, cells: 1_000, epoch_done: true, ..pb::ProgressReport::default() };
         c.report_progress(report).await.unwrap();

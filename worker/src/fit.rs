@@ -310,6 +310,7 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
                 sums.add(&terms);
                 progress(Progress::Batch { cells: terms.cells, loss: &terms });
             }
+            place.hooks.step_done(epoch, trainer.step, my_cells);
             if !stepped.more {
                 break;
             }

@@ -201,7 +201,7 @@ fn run_assignment(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared
         denoised: None,
         cache_bytes: config.cache_bytes,
     };
-    let hooks = Reporter { runtime: runtime.handle().clone(), client: client.clone(), shared: Arc::clone(shared), job_id: a.job_id.clone(), generation: a.generation };
+    let hooks = Reporter { runtime: runtime.handle().clone(), client: client.clone(), shared: Arc::clone(shared), job_id: a.job_id.clone(), generation: a.generation, last_step_report: Instant::now() };
     let resume_from = (!a.resume_from.is_empty()).then(|| PathBuf::from(&a.resume_from));
     let mut place = Placement { ring, parts, hooks: Box::new(hooks), checkpoint_per_epoch: true, resume_from };
     train(&opts, &mut place, |_| {}).map(|_| ())
@@ -214,7 +214,11 @@ struct Reporter {
     shared: Arc<Shared>,
     job_id: String,
     generation: u64,
+    last_step_report: Instant,
 }
+
+/// How often a worker tells the coordinator its progress inside an epoch.
+const STEP_REPORT_EVERY: Duration = Duration::from_secs(1);
 
 impl Reporter {
     /// A refused report (stale generation: the group was re-formed) interrupts training.
@@ -233,7 +237,23 @@ impl EpochHooks for Reporter {
         self.shared.interrupted.load(Ordering::SeqCst)
     }
 
+    fn step_done(&mut self, epoch: usize, step: u64, cells: u64) {
+        if self.last_step_report.elapsed() < STEP_REPORT_EVERY {
+            return;
+        }
+        self.last_step_report = Instant::now();
+        let report = pb::ProgressReport { worker_id: self.shared.worker_id(), job_id: self.job_id.clone(), generation: self.generation, epoch: epoch as u32, step, cells, ..pb::ProgressReport::default() };
+        let mut client = self.client.clone();
+        // Not awaited: live status only, training does not wait for it.
+        self.runtime.spawn(async move {
+            if let Err(status) = client.report_progress(report).await {
+                tracing::debug!("step report: {}", status.message());
+            }
+        });
+    }
+
     fn epoch_done(&mut self, end: &EpochEnd<'_>) -> Result<(), FitError> {
+        self.last_step_report = Instant::now();
         let r = end.record;
         let report = pb::ProgressReport {
             worker_id: self.shared.worker_id(),

@@ -78,6 +78,8 @@ pub trait EpochHooks {
     fn interrupted(&self) -> bool {
         false
     }
+    /// This rank finished a step: `cells` of the epoch so far (for live status; may drop it).
+    fn step_done(&mut self, _epoch: usize, _step: u64, _cells: u64) {}
     /// This rank finished an epoch. On the last epoch rank 0 says so after writing the outputs.
     fn epoch_done(&mut self, _end: &EpochEnd<'_>) -> Result<(), FitError> {
         Ok(())
