@@ -169,7 +169,10 @@ fn data_parallel(workers: &[usize], cells: usize, genes: usize, epochs: usize) -
         let opts = tessera_worker::FitOptions { data: store.display().to_string(), modalities: Vec::new(), batch_key: Some("batch".into()), label_key: None, config, out: dir.join(format!("out{n}")), embedding_key: "X_tessera".into(), overwrite: false, resume: false, denoised: None, cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20 };
         let report = crate::distributed::train(&opts, n)?;
         // The first epoch fills the block cache; the rest is the steady state.
-        let steady = &report.history[1..];
+        let steady = report.history.get(1..).filter(|h| !h.is_empty()).unwrap_or(&report.history);
+        if steady.is_empty() {
+            bail!("{n} workers: no epoch trained");
+        }
         let k = steady.len() as f64;
         let mut rates: Vec<f64> = steady.iter().map(|r| r.cells_per_second).collect();
         rates.sort_by(f64::total_cmp);

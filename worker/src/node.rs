@@ -181,7 +181,7 @@ fn run_assignment(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared
     let ring = if world <= 1 {
         Ring::single()
     } else {
-        let next = &a.peers[(rank + 1) % world];
+        let next = a.peers.get((rank + 1) % world).ok_or_else(|| FitError::Config { file: "assignment.peers".into(), reason: format!("{} ring addresses for a world of {world}", a.peers.len()) })?;
         let addr = next.parse::<SocketAddr>().or_else(|_| std::net::ToSocketAddrs::to_socket_addrs(next.as_str()).map_err(|e| e.to_string()).and_then(|mut it| it.next().ok_or_else(|| "no address".into()))).map_err(|reason| FitError::Config { file: "assignment.peers".into(), reason: format!("{next}: {reason}") })?;
         Ring::connect(rank, world, a.generation, listener, addr, config.timeout)?
     };
