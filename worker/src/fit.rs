@@ -373,7 +373,7 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
             place.hooks.checkpoint_saved(state.epochs_done, trainer.step, &checkpoint_of(state.epochs_done))?;
         }
     }
-    let report = if rank == 0 { Some(write_outputs(opts, &loader, &plan, &inputs, &mut trainer, &state, stopped_early, &denoised_keys)?) } else { None };
+    let report = if rank == 0 { Some(write_outputs(opts, &loader, holdout, &plan, &inputs, &mut trainer, &state, stopped_early, &denoised_keys)?) } else { None };
     if let (Some((epoch, cells, times)), Some(record)) = (last_end, state.history.last()) {
         // The job ends when every rank has said so: rank 0 does after writing the outputs.
         place.hooks.epoch_done(&EpochEnd { epoch, step: trainer.step, cells, last: true, record, times })?;
@@ -384,7 +384,7 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
 /// Rank 0's results: the embedding (and expression, predictions) of every cell written into the
 /// store, then the run's records in the output folder.
 #[allow(clippy::too_many_arguments)]
-fn write_outputs(opts: &FitOptions, loader: &Loader, plan: &OutputPlan, inputs: &Inputs, trainer: &mut Trainer<f32, Cpu>, state: &FitState, stopped_early: bool, denoised_keys: &[(&str, String)]) -> Result<FitReport, FitError> {
+fn write_outputs(opts: &FitOptions, loader: &Loader, holdout: Holdout, plan: &OutputPlan, inputs: &Inputs, trainer: &mut Trainer<f32, Cpu>, state: &FitState, stopped_early: bool, denoised_keys: &[(&str, String)]) -> Result<FitReport, FitError> {
     let n_latent = opts.config.model.n_latent;
     let n = loader.n_cells() as usize;
     let classify = opts.config.model.classifier_weight > 0.0;
@@ -393,7 +393,6 @@ fn write_outputs(opts: &FitOptions, loader: &Loader, plan: &OutputPlan, inputs: 
     let mut denoised: Vec<Vec<f32>> = if opts.denoised.is_some() { plan.modalities.iter().map(|(_, _, g)| vec![0f32; n * g]).collect() } else { Vec::new() };
     let mut probabilities = vec![0f32; if classify { n * n_labels } else { 0 }];
     let mut validation_cells = Vec::new();
-    let holdout = Holdout::new(0..n as u64, trainer.config.seed, trainer.config.validation_cells(n as u64));
     for mb in loader.ordered().epoch(0) {
         let mb = mb?;
         let batch = Converted::whole(&mb, inputs);
