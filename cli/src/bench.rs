@@ -60,6 +60,19 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         epochs: usize,
     },
+    /// SNF (affinities of 3 views x 200 features, then 20 fusion iterations, K = 20) at each
+    /// sample count, and snfpy 0.2.2 on the same views with --python: seconds and the ratio.
+    Snf {
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1_000usize, 5_000])]
+        n: Vec<usize>,
+        #[arg(long, default_value_t = 200)]
+        features: usize,
+        #[arg(long, default_value_t = 3)]
+        views: usize,
+        /// A Python with snfpy 0.2.2 (tests/python/requirements.txt) to run it side by side.
+        #[arg(long)]
+        python: Option<PathBuf>,
+    },
     /// NCCL all-reduce at world size 1 on GPU 0 (what one GPU worker pays per step) for the
     /// scVI-size and Census-size gradients; SKIPPED without a device or libnccl.
     Nccl {
@@ -111,6 +124,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Ops { repeat } => ops(repeat.max(1)),
         BenchCommand::Eval { cells, dims } => eval(&cells, dims),
         BenchCommand::Workers { workers, cells, genes, epochs } => data_parallel(&workers, cells, genes, epochs.max(2)),
+        BenchCommand::Snf { n, features, views, python } => snf_side_by_side(&n, features, views.max(2), python.as_deref()),
         BenchCommand::Nccl { floats, repeat } => nccl(&floats, repeat.max(1)),
         BenchCommand::Allreduce { world, floats, repeat } => allreduce(&world, &floats, repeat.max(1)),
         BenchCommand::Step { genes, batch, hidden, nnz, steps, config } => step(genes, batch, hidden, nnz, steps, config.as_deref()),
@@ -119,6 +133,57 @@ pub fn run(command: BenchCommand) -> Result<()> {
             load(&stores, batch_size, python.as_deref(), repeat.max(1))
         }
     }
+}
+
+fn snf_side_by_side(sizes: &[usize], features: usize, views: usize, python: Option<&Path>) -> Result<()> {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+    use tessera_kernels::ops::affinity::{scaled_exponential, sq_euclidean, zscore_columns};
+    let dir = std::env::temp_dir().join(format!("tessera-bench-snf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    println!("SNF: {views} views x {features} features, K = 20, t = 20 (affinities included)");
+    println!("{:>7} {:>12} {:>12} {:>8}", "n", "tessera s", "snfpy s", "ratio");
+    for &n in sizes {
+        // Four clusters whose centres differ in every view.
+        let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(n as u64);
+        let noise = Normal::new(0.0f64, 1.0)?;
+        let data: Vec<Vec<f64>> = (0..views).map(|v| (0..n * features).map(|e| ((e / features) % 4) as f64 * (1.0 + v as f64) * 0.3 + noise.sample(&mut rng)).collect()).collect();
+        let started = Instant::now();
+        let affinities: Vec<Vec<f64>> = data
+            .iter()
+            .map(|x| {
+                let mut z = x.clone();
+                zscore_columns(&mut z, n, features);
+                let mut dist = vec![0.0; n * n];
+                sq_euclidean(&z, n, features, &mut dist);
+                let mut w = vec![0.0; n * n];
+                scaled_exponential(&dist, n, 20, 0.5, &mut w);
+                w
+            })
+            .collect();
+        tessera_network::snf(&affinities, n, tessera_network::SnfParams::default())?;
+        let ours = started.elapsed().as_secs_f64();
+        let theirs = match python {
+            Some(py) => {
+                let paths: Vec<PathBuf> = (0..views).map(|v| dir.join(format!("n{n}-view{v}.csv"))).collect();
+                for (x, path) in data.iter().zip(&paths) {
+                    let csv: String = x.chunks(features).map(|r| r.iter().map(|v| format!("{v:.17e}")).collect::<Vec<_>>().join(",") + "\n").collect();
+                    std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))?;
+                }
+                let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/snf_snfpy.py");
+                let out = Command::new(py).arg(&script).args(&paths).output().with_context(|| format!("running {}", script.display()))?;
+                if !out.status.success() {
+                    bail!("snfpy at n = {n}: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                String::from_utf8_lossy(&out.stdout).split_whitespace().next().and_then(|s| s.parse::<f64>().ok())
+            }
+            None => None,
+        };
+        let (t, r) = theirs.map_or(("-".to_string(), "-".to_string()), |t| (format!("{t:.2}"), format!("{:.1}x", t / ours)));
+        println!("{n:>7} {ours:>12.2} {t:>12} {r:>8}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 fn nccl(floats: &[usize], repeat: usize) -> Result<()> {

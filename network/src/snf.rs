@@ -87,23 +87,40 @@ fn dominate_set(p: &[f64], n: usize, k: usize) -> SparseRows {
         .collect()
 }
 
-/// S · M · Sᵀ / divisor for sparse S and dense M (n x n).
-fn sandwich(s: &SparseRows, m: &[f64], n: usize, divisor: f64) -> Vec<f64> {
-    // T = S M: row i is the weighted sum of M's rows at S's columns.
-    let mut t = vec![0.0; n * n];
-    t.par_chunks_mut(n).zip(s.par_iter()).for_each(|(out, row)| {
+/// Rows of `s` (sparse) times the dense n x n `m`: out row i = Σ_j s[i][j] · m row j, scaled.
+fn sparse_times_dense(s: &SparseRows, m: &[f64], n: usize, scale: f64) -> Vec<f64> {
+    let mut out = vec![0.0; n * n];
+    out.par_chunks_mut(n).zip(s.par_iter()).for_each(|(o, row)| {
         for &(j, w) in row {
-            out.iter_mut().zip(&m[j * n..(j + 1) * n]).for_each(|(o, &v)| *o += w * v);
+            let w = w * scale;
+            o.iter_mut().zip(&m[j * n..(j + 1) * n]).for_each(|(o, &v)| *o += w * v);
         }
     });
-    // A = T Sᵀ: A[i, l] = Σ_j T[i, j] S[l, j].
-    let mut a = vec![0.0; n * n];
-    a.par_chunks_mut(n).zip(t.par_chunks(n)).for_each(|(out, trow)| {
-        for (o, srow) in out.iter_mut().zip(s) {
-            *o = srow.iter().map(|&(j, w)| trow[j] * w).sum::<f64>() / divisor;
+    out
+}
+
+/// The transpose of the n x n `x`, in cache-sized tiles.
+fn transpose(x: &[f64], n: usize) -> Vec<f64> {
+    const TILE: usize = 64;
+    let mut out = vec![0.0; n * n];
+    out.par_chunks_mut(TILE * n).enumerate().for_each(|(tile_row, block)| {
+        let rows = tile_row * TILE..((tile_row + 1) * TILE).min(n);
+        for c0 in (0..n).step_by(TILE) {
+            for i in rows.clone() {
+                for j in c0..(c0 + TILE).min(n) {
+                    block[(i - rows.start) * n + j] = x[j * n + i];
+                }
+            }
         }
     });
-    a
+    out
+}
+
+/// (S · M · Sᵀ)ᵀ / divisor for sparse S and dense M (n x n): both products as sparse rows times
+/// dense rows (vectorised), S·(S·M)ᵀ. The caller symmetrises, so the transpose is free.
+fn sandwich(s: &SparseRows, m: &[f64], n: usize, divisor: f64) -> Vec<f64> {
+    let t = sparse_times_dense(s, m, n, 1.0);
+    sparse_times_dense(s, &transpose(&t, n), n, 1.0 / divisor)
 }
 
 /// Fuses the views' n x n affinity matrices (row-major, symmetric or not) into one network.
