@@ -46,6 +46,23 @@ fn symmetrise(x: &mut [f64], n: usize) {
     x.par_iter_mut().zip(t.par_iter()).for_each(|(v, &w)| *v = 0.5 * (*v + w));
 }
 
+/// The transpose of the n x n `x`, in cache-sized tiles.
+fn transpose(x: &[f64], n: usize) -> Vec<f64> {
+    const TILE: usize = 64;
+    let mut out = vec![0.0; n * n];
+    out.par_chunks_mut(TILE * n).enumerate().for_each(|(tile_row, block)| {
+        let rows = tile_row * TILE..((tile_row + 1) * TILE).min(n);
+        for c0 in (0..n).step_by(TILE) {
+            for i in rows.clone() {
+                for j in c0..(c0 + TILE).min(n) {
+                    block[(i - rows.start) * n + j] = x[j * n + i];
+                }
+            }
+        }
+    });
+    out
+}
+
 /// Each row divided by its sum (rows summing to 0 are left as they are).
 fn normalise_rows(x: &mut [f64], n: usize) {
     x.par_chunks_mut(n).for_each(|row| {
@@ -83,40 +100,40 @@ fn dominate_set(p: &[f64], n: usize, k: usize) -> SparseRows {
         .collect()
 }
 
-/// Rows of `s` (sparse) times the dense n x n `m`: out row i = Σ_j s[i][j] · m row j, scaled.
-fn sparse_times_dense(s: &SparseRows, m: &[f64], n: usize, scale: f64) -> Vec<f64> {
-    let mut out = vec![0.0; n * n];
-    out.par_chunks_mut(n).zip(s.par_iter()).for_each(|(o, row)| {
-        for &(j, w) in row {
-            let w = w * scale;
-            o.iter_mut().zip(&m[j * n..(j + 1) * n]).for_each(|(o, &v)| *o += w * v);
-        }
-    });
-    out
-}
+/// Rows fused per block: the block's rows of S·M are kept interleaved (n x BLOCK) so the second
+/// product is BLOCK-wide vector multiply-adds instead of scalar gathers.
+const BLOCK: usize = 8;
 
-/// The transpose of the n x n `x`, in cache-sized tiles.
-fn transpose(x: &[f64], n: usize) -> Vec<f64> {
-    const TILE: usize = 64;
-    let mut out = vec![0.0; n * n];
-    out.par_chunks_mut(TILE * n).enumerate().for_each(|(tile_row, block)| {
-        let rows = tile_row * TILE..((tile_row + 1) * TILE).min(n);
-        for c0 in (0..n).step_by(TILE) {
-            for i in rows.clone() {
-                for j in c0..(c0 + TILE).min(n) {
-                    block[(i - rows.start) * n + j] = x[j * n + i];
+/// S · M · Sᵀ / divisor for sparse S and dense M (n x n), row block by row block: each block's
+/// rows of S·M live only in a thread-local buffer, so the one n x n write is the result.
+/// Per row: K·n multiply-adds for S·M (K rows of M streamed) and K·n for the product with Sᵀ.
+fn sandwich_into(s: &SparseRows, m: &[f64], n: usize, divisor: f64, out: &mut [f64]) {
+    let scale = 1.0 / divisor;
+    out.par_chunks_mut(BLOCK * n).enumerate().for_each_init(
+        || (vec![0.0; n], vec![[0.0f64; BLOCK]; n]),
+        |(row, interleaved), (block, out_rows)| {
+            let rows = out_rows.len() / n;
+            for r in 0..rows {
+                row.iter_mut().for_each(|v| *v = 0.0);
+                for &(k, w) in &s[block * BLOCK + r] {
+                    row.iter_mut().zip(&m[k * n..(k + 1) * n]).for_each(|(o, &v)| *o += w * v);
+                }
+                interleaved.iter_mut().zip(row.iter()).for_each(|(lane, &v)| lane[r] = v);
+            }
+            for (j, s_j) in s.iter().enumerate() {
+                let mut acc = [0.0f64; BLOCK];
+                for &(l, w) in s_j {
+                    let lane = &interleaved[l];
+                    for r in 0..BLOCK {
+                        acc[r] += w * lane[r];
+                    }
+                }
+                for r in 0..rows {
+                    out_rows[r * n + j] = acc[r] * scale;
                 }
             }
-        }
-    });
-    out
-}
-
-/// (S · M · Sᵀ)ᵀ / divisor for sparse S and dense M (n x n): both products as sparse rows times
-/// dense rows (vectorised), S·(S·M)ᵀ. The caller symmetrises, so the transpose is free.
-fn sandwich(s: &SparseRows, m: &[f64], n: usize, divisor: f64) -> Vec<f64> {
-    let t = sparse_times_dense(s, m, n, 1.0);
-    sparse_times_dense(s, &transpose(&t, n), n, 1.0 / divisor)
+        },
+    );
 }
 
 /// Fuses the views' n x n affinity matrices (row-major, symmetric or not) into one network.
@@ -146,19 +163,29 @@ pub fn snf(views: &[Vec<f64>], n: usize, params: SnfParams) -> Result<Vec<f64>, 
         })
         .collect();
     let s: Vec<SparseRows> = p.iter().map(|x| dominate_set(x, n, params.k)).collect();
-    let sum = |p: &[Vec<f64>]| -> Vec<f64> { (0..n * n).into_par_iter().map(|e| p.iter().map(|x| x[e]).sum()).collect() };
-    let mut total = sum(&p);
+    let sum = |p: &[Vec<f64>], total: &mut [f64]| {
+        total.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+            row.copy_from_slice(&p[0][i * n..(i + 1) * n]);
+            for x in &p[1..] {
+                row.iter_mut().zip(&x[i * n..(i + 1) * n]).for_each(|(t, v)| *t += v);
+            }
+        })
+    };
+    let mut total = vec![0.0; n * n];
+    sum(&p, &mut total);
+    // P_v is needed only to form Σ_{other views} P = total − P_v, so that difference overwrites
+    // it and the new P_v goes to `spare`: m + 2 matrices of n x n in all.
+    let mut spare = vec![0.0; n * n];
     for _ in 0..params.t {
         for (pv, sv) in p.iter_mut().zip(&s) {
-            let others: Vec<f64> = total.par_iter().zip(pv.par_iter()).map(|(t, v)| t - v).collect();
-            let mut next = sandwich(sv, &others, n, (m - 1) as f64);
+            pv.par_iter_mut().zip(total.par_iter()).for_each(|(v, t)| *v = t - *v);
+            sandwich_into(sv, pv, n, (m - 1) as f64, &mut spare);
             for i in 0..n {
-                next[i * n + i] += params.alpha;
+                spare[i * n + i] += params.alpha;
             }
-            symmetrise(&mut next, n);
-            *pv = next;
+            std::mem::swap(pv, &mut spare);
         }
-        total = sum(&p);
+        sum(&p, &mut total);
     }
     let mut w: Vec<f64> = total.into_iter().map(|v| v / m as f64).collect();
     normalise_rows(&mut w, n);
