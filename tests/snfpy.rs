@@ -32,10 +32,9 @@ fn affinities_and_fused_network_equal_snfpy() {
         let (mut x, d) = read_csv(&dir.path().join(format!("view{v}.csv")));
         let n = x.len() / d;
         zscore_columns(&mut x, n, d);
-        let mut dist = vec![0.0; n * n];
-        sq_euclidean(&x, n, d, &mut dist);
         let mut w = vec![0.0; n * n];
-        scaled_exponential(&dist, n, 20, 0.5, &mut w);
+        sq_euclidean(&x, n, d, &mut w);
+        scaled_exponential(&mut w, n, 20, 0.5);
         let (reference, _) = read_csv(&dir.path().join(format!("affinity{v}.csv")));
         let diff = max_abs_diff(&w, &reference);
         let scale = reference.iter().fold(0.0f64, |m, v| m.max(v.abs()));
@@ -43,7 +42,7 @@ fn affinities_and_fused_network_equal_snfpy() {
         affinities.push(w);
     }
     let (reference, n) = read_csv(&dir.path().join("fused.csv"));
-    let fused = snf(&affinities, n, SnfParams::default()).unwrap();
+    let fused = snf(affinities, n, SnfParams::default()).unwrap();
     let diff = max_abs_diff(&fused, &reference);
     assert!(diff < 1e-6, "fused network differs from snfpy's by {diff}");
     eprintln!("snfpy parity: fused max |diff| = {diff:e} over {n} x {n}");

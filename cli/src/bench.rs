@@ -154,14 +154,13 @@ fn snf_side_by_side(sizes: &[usize], features: usize, views: usize, python: Opti
             .map(|x| {
                 let mut z = x.clone();
                 zscore_columns(&mut z, n, features);
-                let mut dist = vec![0.0; n * n];
-                sq_euclidean(&z, n, features, &mut dist);
                 let mut w = vec![0.0; n * n];
-                scaled_exponential(&dist, n, 20, 0.5, &mut w);
+                sq_euclidean(&z, n, features, &mut w);
+                scaled_exponential(&mut w, n, 20, 0.5);
                 w
             })
             .collect();
-        tessera_network::snf(&affinities, n, tessera_network::SnfParams::default())?;
+        tessera_network::snf(affinities, n, tessera_network::SnfParams::default())?;
         let ours = started.elapsed().as_secs_f64();
         let theirs = match python {
             Some(py) => {

@@ -1,12 +1,14 @@
 //! SNF: each view's affinity is row-normalised and symmetrised (P), its K strongest edges per
 //! row kept and row-normalised (S, sparse); then t times every view takes
-//! P ← S · (Σ_{other views} P) · Sᵀ / (m − 1), plus α on the diagonal, symmetrised; the fused
-//! network is the views' mean, row-normalised, symmetrised with ½ on the diagonal.
+//! P ← S · (Σ_{other views} P) · Sᵀ / (m − 1), plus α on the diagonal; the fused network is the
+//! views' mean, row-normalised, symmetrised with ½ on the diagonal. (snfpy also symmetrises P
+//! each iteration; S·M·Sᵀ with M symmetric is symmetric already, so that only averages rounding.)
 //!
 //! S has K entries per row, so each product is two sparse-dense passes: 2·K·n² multiply-adds
 //! per view and iteration instead of the dense 2·n³.
 
 use rayon::prelude::*;
+use tessera_kernels::ops::affinity::symmetrise;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SnfParams {
@@ -39,30 +41,6 @@ pub enum NetworkError {
 /// A sparse row-normalised kernel: per row, (column, weight) pairs.
 type SparseRows = Vec<Vec<(usize, f64)>>;
 
-/// (X + Xᵀ) / 2 in place (through a tiled transpose: walking columns directly misses the cache
-/// on every element).
-fn symmetrise(x: &mut [f64], n: usize) {
-    let t = transpose(x, n);
-    x.par_iter_mut().zip(t.par_iter()).for_each(|(v, &w)| *v = 0.5 * (*v + w));
-}
-
-/// The transpose of the n x n `x`, in cache-sized tiles.
-fn transpose(x: &[f64], n: usize) -> Vec<f64> {
-    const TILE: usize = 64;
-    let mut out = vec![0.0; n * n];
-    out.par_chunks_mut(TILE * n).enumerate().for_each(|(tile_row, block)| {
-        let rows = tile_row * TILE..((tile_row + 1) * TILE).min(n);
-        for c0 in (0..n).step_by(TILE) {
-            for i in rows.clone() {
-                for j in c0..(c0 + TILE).min(n) {
-                    block[(i - rows.start) * n + j] = x[j * n + i];
-                }
-            }
-        }
-    });
-    out
-}
-
 /// Each row divided by its sum (rows summing to 0 are left as they are).
 fn normalise_rows(x: &mut [f64], n: usize) {
     x.par_chunks_mut(n).for_each(|row| {
@@ -74,13 +52,14 @@ fn normalise_rows(x: &mut [f64], n: usize) {
 }
 
 /// numpy's `percentile(row, q)` with linear interpolation (its two-sided lerp, so the cut
-/// falls on the same side of every entry as numpy's does).
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    let pos = (q / 100.0).clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+/// falls on the same side of every entry as numpy's does). Reorders `row`: only the two order
+/// statistics around the position are selected, not the whole row sorted.
+fn percentile(row: &mut [f64], q: f64) -> f64 {
+    let pos = (q / 100.0).clamp(0.0, 1.0) * (row.len() - 1) as f64;
     let lo = pos.floor() as usize;
-    let hi = (lo + 1).min(sorted.len() - 1);
+    let (_, &mut a, above) = row.select_nth_unstable_by(lo, f64::total_cmp);
+    let b = above.iter().copied().min_by(f64::total_cmp).unwrap_or(a);
     let t = pos - lo as f64;
-    let (a, b) = (sorted[lo], sorted[hi]);
     if t >= 0.5 { b - (b - a) * (1.0 - t) } else { a + (b - a) * t }
 }
 
@@ -90,9 +69,7 @@ fn dominate_set(p: &[f64], n: usize, k: usize) -> SparseRows {
     let q = 100.0 - 100.0 * k as f64 / n as f64;
     p.par_chunks(n)
         .map(|row| {
-            let mut sorted = row.to_vec();
-            sorted.sort_by(f64::total_cmp);
-            let cut = percentile(&sorted, q);
+            let cut = percentile(&mut row.to_vec(), q);
             let kept: Vec<(usize, f64)> = row.iter().enumerate().filter(|&(_, &v)| v >= cut).map(|(j, &v)| (j, v)).collect();
             let s: f64 = kept.iter().map(|e| e.1).sum();
             kept.into_iter().map(|(j, v)| (j, v / s)).collect()
@@ -100,35 +77,31 @@ fn dominate_set(p: &[f64], n: usize, k: usize) -> SparseRows {
         .collect()
 }
 
-/// Rows fused per block: the block's rows of S·M are kept interleaved (n x BLOCK) so the second
-/// product is BLOCK-wide vector multiply-adds instead of scalar gathers.
-const BLOCK: usize = 8;
+/// Columns of X handled together: their n x BLOCK slab is gathered once (one cache line per
+/// row) and stays in L2 while every row of S reads it.
+const BLOCK: usize = 16;
 
-/// S · M · Sᵀ / divisor for sparse S and dense M (n x n), row block by row block: each block's
-/// rows of S·M live only in a thread-local buffer, so the one n x n write is the result.
-/// Per row: K·n multiply-adds for S·M (K rows of M streamed) and K·n for the product with Sᵀ.
-fn sandwich_into(s: &SparseRows, m: &[f64], n: usize, divisor: f64, out: &mut [f64]) {
-    let scale = 1.0 / divisor;
+/// out = (S · X)ᵀ · scale for sparse S and dense X (n x n), slab by slab of X's columns:
+/// out[c, j] = scale · Σ_{l ∈ S_j} s_jl X[l, c]. X is read once and out written once; the
+/// K·n² multiply-adds read only the slab (BLOCK-wide, vectorised). Two of these make
+/// S·M·Sᵀ = (S·(S·M)ᵀ)ᵀ without a transpose or an n x n temporary beyond the first product.
+fn sparse_times_dense_transposed(s: &SparseRows, x: &[f64], n: usize, scale: f64, out: &mut [f64]) {
     out.par_chunks_mut(BLOCK * n).enumerate().for_each_init(
-        || (vec![0.0; n], vec![[0.0f64; BLOCK]; n]),
-        |(row, interleaved), (block, out_rows)| {
-            let rows = out_rows.len() / n;
-            for r in 0..rows {
-                row.iter_mut().for_each(|v| *v = 0.0);
-                for &(k, w) in &s[block * BLOCK + r] {
-                    row.iter_mut().zip(&m[k * n..(k + 1) * n]).for_each(|(o, &v)| *o += w * v);
-                }
-                interleaved.iter_mut().zip(row.iter()).for_each(|(lane, &v)| lane[r] = v);
+        || vec![[0.0f64; BLOCK]; n],
+        |slab, (block, out_rows)| {
+            let (c0, cols) = (block * BLOCK, out_rows.len() / n);
+            for (l, lane) in slab.iter_mut().enumerate() {
+                lane[..cols].copy_from_slice(&x[l * n + c0..l * n + c0 + cols]);
             }
             for (j, s_j) in s.iter().enumerate() {
                 let mut acc = [0.0f64; BLOCK];
                 for &(l, w) in s_j {
-                    let lane = &interleaved[l];
+                    let lane = &slab[l];
                     for r in 0..BLOCK {
                         acc[r] += w * lane[r];
                     }
                 }
-                for r in 0..rows {
+                for r in 0..cols {
                     out_rows[r * n + j] = acc[r] * scale;
                 }
             }
@@ -137,7 +110,8 @@ fn sandwich_into(s: &SparseRows, m: &[f64], n: usize, divisor: f64, out: &mut [f
 }
 
 /// Fuses the views' n x n affinity matrices (row-major, symmetric or not) into one network.
-pub fn snf(views: &[Vec<f64>], n: usize, params: SnfParams) -> Result<Vec<f64>, NetworkError> {
+/// The views are consumed: each becomes its working matrix, so memory is m + 2 matrices.
+pub fn snf(views: Vec<Vec<f64>>, n: usize, params: SnfParams) -> Result<Vec<f64>, NetworkError> {
     let m = views.len();
     if m < 2 {
         return Err(NetworkError::TooFewViews(m));
@@ -154,9 +128,8 @@ pub fn snf(views: &[Vec<f64>], n: usize, params: SnfParams) -> Result<Vec<f64>, 
         }
     }
     let mut p: Vec<Vec<f64>> = views
-        .iter()
-        .map(|w| {
-            let mut x = w.clone();
+        .into_iter()
+        .map(|mut x| {
             normalise_rows(&mut x, n);
             symmetrise(&mut x, n);
             x
@@ -173,17 +146,17 @@ pub fn snf(views: &[Vec<f64>], n: usize, params: SnfParams) -> Result<Vec<f64>, 
     };
     let mut total = vec![0.0; n * n];
     sum(&p, &mut total);
-    // P_v is needed only to form Σ_{other views} P = total − P_v, so that difference overwrites
-    // it and the new P_v goes to `spare`: m + 2 matrices of n x n in all.
-    let mut spare = vec![0.0; n * n];
+    // P_v is needed only to form M = Σ_{other views} P = total − P_v, so M overwrites it, then
+    // (S·M)ᵀ goes to `half` and S·M·Sᵀ back over M: m + 2 matrices of n x n in all.
+    let mut half = vec![0.0; n * n];
     for _ in 0..params.t {
         for (pv, sv) in p.iter_mut().zip(&s) {
             pv.par_iter_mut().zip(total.par_iter()).for_each(|(v, t)| *v = t - *v);
-            sandwich_into(sv, pv, n, (m - 1) as f64, &mut spare);
+            sparse_times_dense_transposed(sv, pv, n, 1.0, &mut half);
+            sparse_times_dense_transposed(sv, &half, n, 1.0 / (m - 1) as f64, pv);
             for i in 0..n {
-                spare[i * n + i] += params.alpha;
+                pv[i * n + i] += params.alpha;
             }
-            std::mem::swap(pv, &mut spare);
         }
         sum(&p, &mut total);
     }

@@ -49,30 +49,56 @@ pub fn sq_euclidean<T: Gemm>(x: &[T], n: usize, d: usize, out: &mut [T]) {
     }
 }
 
-/// SNFtool's scaled exponential affinity of a symmetric n x n distance matrix (snfpy's
-/// `affinity_matrix`): with ρ̄ᵢ the mean distance from i to its `k` nearest others,
-/// σᵢⱼ = (ρ̄ᵢ + ρ̄ⱼ + ρᵢⱼ) / 3 (plus machine epsilon), W = N(ρᵢⱼ; 0, μ σᵢⱼ), symmetrised.
-pub fn scaled_exponential<T: Real>(dist: &[T], n: usize, k: usize, mu: f64, out: &mut [T]) {
+/// (X + Xᵀ) / 2 of the n x n `x` in place, tile pair by tile pair (column walks would miss the
+/// cache on every element).
+pub fn symmetrise<T: Real>(x: &mut [T], n: usize) {
+    assert_eq!(x.len(), n * n, "symmetrise: x is not n x n");
+    const TILE: usize = 64;
+    let half = T::of(0.5);
+    for i0 in (0..n).step_by(TILE) {
+        for j0 in (i0..n).step_by(TILE) {
+            for i in i0..(i0 + TILE).min(n) {
+                for j in j0.max(i + 1)..(j0 + TILE).min(n) {
+                    let v = half * (x[i * n + j] + x[j * n + i]);
+                    x[i * n + j] = v;
+                    x[j * n + i] = v;
+                }
+            }
+        }
+    }
+}
+
+/// SNFtool's scaled exponential affinity (snfpy's `affinity_matrix`), turning the n x n
+/// distance matrix in place into the affinity: distances symmetrised, the diagonal 0; with ρ̄ᵢ
+/// the mean distance from i to its `k` nearest others, σᵢⱼ = (ρ̄ᵢ + ρ̄ⱼ + ρᵢⱼ) / 3 (plus machine
+/// epsilon), W = N(ρᵢⱼ; 0, μ σᵢⱼ), symmetric.
+pub fn scaled_exponential<T: Real>(dist: &mut [T], n: usize, k: usize, mu: f64) {
     assert_eq!(dist.len(), n * n, "scaled_exponential: dist is not n x n");
-    assert_eq!(out.len(), n * n, "scaled_exponential: out is not n x n");
     let eps = f64::EPSILON;
-    let d = |i: usize, j: usize| if i == j { 0.0 } else { 0.5 * (dist[i * n + j].f64() + dist[j * n + i].f64()) };
-    // Mean distance to the k nearest others: sorted row, positions 1..=k (position 0 is the
-    // zero self-distance, as in snfpy's sort).
-    let near: Vec<f64> = (0..n)
-        .into_par_iter()
-        .map(|i| {
-            let mut row: Vec<f64> = (0..n).map(|j| d(i, j)).collect();
-            row.sort_by(f64::total_cmp);
-            let take = k.min(n.saturating_sub(1));
-            let mean = if take == 0 { 0.0 } else { row[1..=take].iter().sum::<f64>() / take as f64 };
-            mean + eps
+    symmetrise(dist, n);
+    for i in 0..n {
+        dist[i * n + i] = T::zero();
+    }
+    let take = k.min(n.saturating_sub(1));
+    // Mean distance to the k nearest others: positions 1..=k of the sorted row (position 0 is
+    // the zero self-distance, as in snfpy's sort); only those k + 1 are put in order.
+    let near: Vec<f64> = dist
+        .par_chunks(n)
+        .map(|row| {
+            if take == 0 {
+                return eps;
+            }
+            let mut row: Vec<f64> = row.iter().map(|v| v.f64()).collect();
+            row.select_nth_unstable_by(take, f64::total_cmp);
+            let nearest = &mut row[..=take];
+            nearest.sort_by(f64::total_cmp);
+            nearest[1..].iter().sum::<f64>() / take as f64 + eps
         })
         .collect();
     let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
-    out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+    dist.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
         for (j, w) in row.iter_mut().enumerate() {
-            let rho = d(i, j);
+            let rho = w.f64();
             let sigma = (near[i] + near[j] + rho) / 3.0;
             let sigma = if sigma > eps { sigma } else { 0.0 } + eps;
             let scale = mu * sigma;
@@ -116,8 +142,8 @@ mod tests {
     fn affinity_matches_the_formula_by_hand() {
         // Three points on a line at 0, 1, 3: squared distances 1, 9, 4.
         let dist = [0.0, 1.0, 9.0, 1.0, 0.0, 4.0, 9.0, 4.0, 0.0];
-        let mut w = [0.0; 9];
-        scaled_exponential(&dist, 3, 1, 0.5, &mut w);
+        let mut w = dist;
+        scaled_exponential(&mut w, 3, 1, 0.5);
         let eps = f64::EPSILON;
         let near = [1.0 + eps, 1.0 + eps, 4.0 + eps];
         let pdf = |x: f64, s: f64| (-0.5 * (x / s).powi(2)).exp() / (s * (2.0 * std::f64::consts::PI).sqrt());
