@@ -5,5 +5,7 @@
 //! n x n matrices in, a fused matrix out.
 
 pub mod snf;
+pub mod spectral;
 
 pub use snf::{NetworkError, SnfParams, snf};
+pub use spectral::{laplacian_eigenvalues, rank_by_eigengap, spectral_clustering};

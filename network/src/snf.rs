@@ -36,6 +36,8 @@ pub enum NetworkError {
     BadValue { view: usize, row: usize, col: usize, value: f64 },
     #[error("k = {k}: expected 1 <= k < {n} samples")]
     BadK { k: usize, n: usize },
+    #[error("{k} clusters: expected 1 <= clusters <= {n} samples")]
+    BadClusters { k: usize, n: usize },
 }
 
 /// A sparse row-normalised kernel: per row, (column, weight) pairs.
