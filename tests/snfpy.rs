@@ -8,7 +8,7 @@ use std::path::Path;
 
 use tessera_kernels::ops::affinity::{scaled_exponential, sq_euclidean, zscore_columns};
 use tessera_metrics::cluster::nmi;
-use tessera_network::{SnfParams, laplacian_eigenvalues, rank_by_eigengap, snf, spectral_clustering};
+use tessera_network::{SnfParams, View, laplacian_eigenvalues, nemo, rank_by_eigengap, snf, spectral_clustering};
 use tessera_tests::{python, run_python};
 
 /// A CSV of numbers: (values row-major, columns).
@@ -49,7 +49,7 @@ fn affinities_fused_network_and_clusters_equal_snfpy() {
             affinities.push(w);
         }
         let (reference, n) = read_csv(&dir.join("fused.csv"));
-        let fused = snf(affinities, n, SnfParams::default()).unwrap();
+        let fused = snf(affinities.into_iter().map(View::complete).collect(), n, SnfParams::default()).unwrap();
         let diff = max_abs_diff(&fused, &reference);
         assert!(diff < 1e-6, "{name}: fused network differs from snfpy's by {diff}");
 
@@ -70,4 +70,41 @@ fn affinities_fused_network_and_clusters_equal_snfpy() {
         assert!((ours - theirs).abs() < 1e-12, "{name}: spectral clustering NMI {ours} vs scikit-learn's {theirs}");
         eprintln!("{name}: fused max |diff| {diff:e}, eigenvalues max |diff| {eigen_diff:e}, best counts {best:?}, NMI {ours:.4}");
     }
+}
+
+/// A view's affinity over the samples it has (rows without NaN), as snfpy's make_affinity
+/// computes it when rows are NaN.
+fn partial_view(path: &Path) -> (View, usize) {
+    let (x, d) = read_csv(path);
+    let n = x.len() / d;
+    let samples: Vec<usize> = (0..n).filter(|&i| x[i * d..(i + 1) * d].iter().all(|v| !v.is_nan())).collect();
+    let mut present: Vec<f64> = samples.iter().flat_map(|&i| x[i * d..(i + 1) * d].to_vec()).collect();
+    let s = samples.len();
+    zscore_columns(&mut present, s, d);
+    let mut w = vec![0.0; s * s];
+    sq_euclidean(&present, s, d, &mut w);
+    scaled_exponential(&mut w, s, 20, 0.5);
+    (if s == n { View::complete(w) } else { View::partial(samples, w) }, n)
+}
+
+#[test]
+fn samples_missing_from_views_fuse_as_the_reference() {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let printed = run_python(&python, "snf_missing_reference.py", &[dir.path().to_str().unwrap()]);
+    let views: usize = printed.split_whitespace().next().unwrap().parse().unwrap();
+    let (views, sizes): (Vec<View>, Vec<usize>) = (0..views).map(|v| partial_view(&dir.path().join(format!("view{v}.csv")))).unzip();
+    let n = sizes[0];
+    assert_eq!(views.iter().filter(|v| v.samples.is_some()).count(), 2, "views 1 and 3 miss samples");
+
+    let (reference, _) = read_csv(&dir.path().join("nemo.csv"));
+    let network = nemo(&views, n, None).unwrap();
+    let nemo_diff = max_abs_diff(&network, &reference);
+    assert!(nemo_diff < 1e-12, "NEMO differs from the reference formula by {nemo_diff}");
+
+    let (reference, _) = read_csv(&dir.path().join("fused.csv"));
+    let fused = snf(views, n, SnfParams::default()).unwrap();
+    let diff = max_abs_diff(&fused, &reference);
+    assert!(diff < 1e-6, "fused network with missing samples differs from the reference by {diff}");
+    eprintln!("missing samples: SNF max |diff| {diff:e}, NEMO max |diff| {nemo_diff:e}");
 }

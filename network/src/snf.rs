@@ -10,6 +10,8 @@
 use rayon::prelude::*;
 use tessera_kernels::ops::affinity::symmetrise;
 
+use crate::view::View;
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SnfParams {
     /// Neighbours kept per sample in the sparse kernel S.
@@ -36,6 +38,10 @@ pub enum NetworkError {
     BadValue { view: usize, row: usize, col: usize, value: f64 },
     #[error("k = {k}: expected 1 <= k < {n} samples")]
     BadK { k: usize, n: usize },
+    #[error("view {view}: {problem}")]
+    Samples { view: usize, problem: String },
+    #[error("{0} views with missing samples: at most 64 are supported")]
+    TooManyViews(usize),
     #[error("{k} clusters: expected 1 <= clusters <= {n} samples")]
     BadClusters { k: usize, n: usize },
 }
@@ -111,33 +117,51 @@ fn sparse_times_dense_transposed(s: &SparseRows, x: &[f64], n: usize, scale: f64
     );
 }
 
-/// Fuses the views' n x n affinity matrices (row-major, symmetric or not) into one network.
-/// The views are consumed: each becomes its working matrix, so memory is m + 2 matrices.
-pub fn snf(views: Vec<Vec<f64>>, n: usize, params: SnfParams) -> Result<Vec<f64>, NetworkError> {
+/// Fuses the views into one n x n network. The views are consumed: each becomes its working
+/// matrix, so memory is m + 2 matrices of n x n.
+///
+/// Samples missing from a view (snfpy's NaN rows) take no part in its normalisation or its K
+/// neighbours, and each entry of a product is divided by the number of views sharing the pair
+/// minus one, as snfpy's `n_aff`. Two deliberate differences where snfpy 0.2.2 breaks: its
+/// percentile of a row containing NaN is NaN, which keeps every entry of the row instead of
+/// the K strongest (here: K among the present samples); and a pair shared by one view divides
+/// by zero (here: by one).
+pub fn snf(views: Vec<View>, n: usize, params: SnfParams) -> Result<Vec<f64>, NetworkError> {
     let m = views.len();
     if m < 2 {
         return Err(NetworkError::TooFewViews(m));
     }
-    if params.k == 0 || params.k >= n {
-        return Err(NetworkError::BadK { k: params.k, n });
-    }
-    for (view, w) in views.iter().enumerate() {
-        if w.len() != n * n {
-            return Err(NetworkError::Shape { view, n, found: w.len() });
-        }
-        if let Some((at, &value)) = w.iter().enumerate().find(|&(_, &v)| !(v.is_finite() && v >= 0.0)) {
-            return Err(NetworkError::BadValue { view, row: at / n, col: at % n, value });
+    for (index, view) in views.iter().enumerate() {
+        view.validate(index, n)?;
+        let s = view.size(n);
+        if params.k == 0 || params.k >= s {
+            return Err(NetworkError::BadK { k: params.k, n: s });
         }
     }
-    let mut p: Vec<Vec<f64>> = views
-        .into_iter()
-        .map(|mut x| {
-            normalise_rows(&mut x, n);
-            symmetrise(&mut x, n);
-            x
-        })
-        .collect();
-    let s: Vec<SparseRows> = p.iter().map(|x| dominate_set(x, n, params.k)).collect();
+    let partial = views.iter().any(|v| v.samples.is_some());
+    if partial && m > 64 {
+        return Err(NetworkError::TooManyViews(m));
+    }
+    // Bit v of a sample's mask: view v measured it (needed only with missing samples).
+    let mut masks = vec![0u64; if partial { n } else { 0 }];
+    for (v, view) in views.iter().enumerate().filter(|_| partial) {
+        (0..view.size(n)).for_each(|i| masks[view.global(i)] |= 1 << v);
+    }
+    let mut s: Vec<SparseRows> = Vec::with_capacity(m);
+    let mut p: Vec<Vec<f64>> = Vec::with_capacity(m);
+    for mut view in views {
+        let size = view.size(n);
+        let mut x = std::mem::take(&mut view.affinity);
+        normalise_rows(&mut x, size);
+        symmetrise(&mut x, size);
+        let local = dominate_set(&x, size, params.k);
+        let mut rows: SparseRows = vec![Vec::new(); n];
+        for (i, row) in local.into_iter().enumerate() {
+            rows[view.global(i)] = row.into_iter().map(|(j, w)| (view.global(j), w)).collect();
+        }
+        s.push(rows);
+        p.push(view.expand(x, n));
+    }
     let sum = |p: &[Vec<f64>], total: &mut [f64]| {
         total.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
             row.copy_from_slice(&p[0][i * n..(i + 1) * n]);
@@ -155,7 +179,14 @@ pub fn snf(views: Vec<Vec<f64>>, n: usize, params: SnfParams) -> Result<Vec<f64>
         for (pv, sv) in p.iter_mut().zip(&s) {
             pv.par_iter_mut().zip(total.par_iter()).for_each(|(v, t)| *v = t - *v);
             sparse_times_dense_transposed(sv, pv, n, 1.0, &mut half);
-            sparse_times_dense_transposed(sv, &half, n, 1.0 / (m - 1) as f64, pv);
+            if partial {
+                sparse_times_dense_transposed(sv, &half, n, 1.0, pv);
+                pv.par_chunks_mut(n).zip(&masks).for_each(|(row, &mi)| {
+                    row.iter_mut().zip(&masks).for_each(|(v, &mj)| *v /= ((mi & mj).count_ones() as f64 - 1.0).max(1.0));
+                });
+            } else {
+                sparse_times_dense_transposed(sv, &half, n, 1.0 / (m - 1) as f64, pv);
+            }
             for i in 0..n {
                 pv[i * n + i] += params.alpha;
             }
@@ -170,4 +201,46 @@ pub fn snf(views: Vec<Vec<f64>>, n: usize, params: SnfParams) -> Result<Vec<f64>
         w[i * n + i] += 0.5;
     }
     Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ones(s: usize) -> Vec<f64> {
+        vec![1.0; s * s]
+    }
+
+    #[test]
+    fn bad_inputs_name_the_view_and_the_problem() {
+        let params = SnfParams { k: 2, ..SnfParams::default() };
+        assert_eq!(snf(vec![View::complete(ones(4))], 4, params), Err(NetworkError::TooFewViews(1)));
+        assert_eq!(snf(vec![View::complete(ones(4)), View::complete(ones(3))], 4, params), Err(NetworkError::Shape { view: 1, n: 4, found: 9 }));
+        let mut nan = ones(4);
+        nan[6] = f64::NAN;
+        match snf(vec![View::complete(ones(4)), View::complete(nan)], 4, params) {
+            Err(NetworkError::BadValue { view: 1, row: 1, col: 2, value }) => assert!(value.is_nan()),
+            other => panic!("expected BadValue, got {other:?}"),
+        }
+        assert_eq!(snf(vec![View::complete(ones(4)), View::complete(ones(4))], 4, SnfParams { k: 4, ..params }), Err(NetworkError::BadK { k: 4, n: 4 }));
+        // A partial view's K must fit the samples it has.
+        assert_eq!(snf(vec![View::complete(ones(4)), View::partial(vec![0, 2], ones(2))], 4, params), Err(NetworkError::BadK { k: 2, n: 2 }));
+        assert!(matches!(snf(vec![View::complete(ones(4)), View::partial(vec![0, 5, 6], ones(3))], 4, params), Err(NetworkError::Samples { view: 1, .. })));
+    }
+
+    #[test]
+    fn identical_views_fuse_to_a_symmetric_row_stochastic_network() {
+        let n = 12;
+        let w: Vec<f64> = (0..n * n).map(|e| (-(((e / n) as f64 - (e % n) as f64).powi(2)) / 8.0).exp()).collect();
+        let fused = snf(vec![View::complete(w.clone()), View::complete(w)], n, SnfParams { k: 3, t: 5, alpha: 1.0 }).unwrap();
+        for i in 0..n {
+            for j in 0..n {
+                assert_eq!(fused[i * n + j], fused[j * n + i]);
+            }
+            // (W + Wᵀ + I) / 2 of a row-stochastic W: rows sum to 1 on average, the diagonal ≥ ½.
+            assert!(fused[i * n + i] >= 0.5);
+        }
+        let total: f64 = fused.iter().sum();
+        assert!((total - n as f64 * 1.5).abs() < 1e-9, "sum of (W + Wᵀ + I)/2 is (n + n + n)/2: {total}");
+    }
 }

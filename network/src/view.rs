@@ -1,0 +1,67 @@
+//! One view (modality) of the samples: its affinity matrix over the samples it measured.
+
+use crate::snf::NetworkError;
+
+/// A view's affinities. Samples missing from a view are left out of its matrix (`samples`
+/// lists those present); the methods then combine each pair over the views that have both.
+#[derive(Debug, Clone, PartialEq)]
+pub struct View {
+    /// Global indices (ascending, distinct, < n) of the samples the matrix covers; `None`: all.
+    pub samples: Option<Vec<usize>>,
+    /// Row-major s x s affinities, s = the number of samples covered; finite and >= 0.
+    pub affinity: Vec<f64>,
+}
+
+impl View {
+    pub fn complete(affinity: Vec<f64>) -> View {
+        View { samples: None, affinity }
+    }
+
+    pub fn partial(samples: Vec<usize>, affinity: Vec<f64>) -> View {
+        View { samples: Some(samples), affinity }
+    }
+
+    /// How many samples the matrix covers.
+    pub fn size(&self, n: usize) -> usize {
+        self.samples.as_ref().map_or(n, Vec::len)
+    }
+
+    /// The global index of the view's `i`-th sample.
+    pub fn global(&self, i: usize) -> usize {
+        self.samples.as_ref().map_or(i, |s| s[i])
+    }
+
+    /// Checks the sample list and the matrix (`view` names it in errors).
+    pub fn validate(&self, view: usize, n: usize) -> Result<(), NetworkError> {
+        if let Some(samples) = &self.samples {
+            if let Some(w) = samples.windows(2).find(|w| w[0] >= w[1]) {
+                return Err(NetworkError::Samples { view, problem: format!("sample indices must be ascending and distinct, found {} then {}", w[0], w[1]) });
+            }
+            if let Some(&last) = samples.last().filter(|&&last| last >= n) {
+                return Err(NetworkError::Samples { view, problem: format!("sample index {last} is out of range for {n} samples") });
+            }
+        }
+        let s = self.size(n);
+        if self.affinity.len() != s * s {
+            return Err(NetworkError::Shape { view, n: s, found: self.affinity.len() });
+        }
+        if let Some((at, &value)) = self.affinity.iter().enumerate().find(|&(_, &v)| !(v.is_finite() && v >= 0.0)) {
+            return Err(NetworkError::BadValue { view, row: self.global(at / s), col: self.global(at % s), value });
+        }
+        Ok(())
+    }
+
+    /// The view's s x s matrix `sub` placed in an n x n one, zero where a sample is missing.
+    pub fn expand(&self, sub: Vec<f64>, n: usize) -> Vec<f64> {
+        let Some(samples) = &self.samples else { return sub };
+        let s = samples.len();
+        let mut full = vec![0.0; n * n];
+        for (i, &gi) in samples.iter().enumerate() {
+            let row = &mut full[gi * n..(gi + 1) * n];
+            for (j, &gj) in samples.iter().enumerate() {
+                row[gj] = sub[i * s + j];
+            }
+        }
+        full
+    }
+}
