@@ -160,7 +160,7 @@ fn snf_side_by_side(sizes: &[usize], features: usize, views: usize, python: Opti
                 w
             })
             .collect();
-        tessera_network::snf(affinities, n, tessera_network::SnfParams::default())?;
+        tessera_network::snf(affinities.into_iter().map(tessera_network::View::complete).collect(), n, tessera_network::SnfParams::default())?;
         let ours = started.elapsed().as_secs_f64();
         let theirs = match python {
             Some(py) => {

@@ -10,6 +10,7 @@ mod coordinator;
 mod distributed;
 mod eval;
 mod inspect;
+mod snf;
 mod train;
 mod worker;
 
@@ -56,6 +57,9 @@ enum Command {
     Train(train::TrainArgs),
     /// scIB metrics (ASW, NMI/ARI, LISI, graph connectivity, aggregate) of an obsm embedding.
     Eval(eval::EvalArgs),
+    /// Similarity Network Fusion or NEMO across views (modalities/obsm), spectral clusters,
+    /// NMI/ARI against known labels; the network -> obsp, the clusters -> obs.
+    Snf(snf::SnfArgs),
     /// Serve the distributed-training coordinator (gRPC, with the gRPC health service).
     Coordinator(coordinator::CoordinatorArgs),
     /// Serve as a data-parallel training worker of a coordinator.
@@ -218,6 +222,7 @@ fn main() -> Result<()> {
         Command::Worker(args) => worker::run(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Snf(args) => snf::run(args),
         Command::Convert { input, output, zarr_format } => convert(&input, &output, zarr_format.into()),
     }
 }

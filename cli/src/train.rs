@@ -170,7 +170,7 @@ const DEFAULT_PEAKS: usize = 500;
 const DEFAULT_MISSING: f64 = 0.3;
 
 /// The simulated default store in the output folder, created if absent.
-fn default_data(out: &std::path::Path) -> Result<String> {
+pub(crate) fn default_data(out: &std::path::Path) -> Result<String> {
     let path = out.join("data.zarr");
     let location = path.display().to_string();
     if !path.exists() {

@@ -75,14 +75,20 @@ impl AnnData {
         Ok(Some((m, raw_vars)))
     }
 
-    /// A count matrix by its user-facing name: "X", "raw/X" or "layers/<name>".
+    /// A matrix by its user-facing name: "X", "raw/X", "layers/<name>" or the cell-cell
+    /// "obsp/<name>".
     pub fn matrix(&self, name: &str) -> Result<Matrix> {
         match name {
             "X" => self.x(),
             "raw/X" => self.raw_x()?.map(|(m, _)| m).ok_or_else(|| self.store.at(&self.element("raw/X")).missing("raw/X matrix")),
+            other if other.starts_with("obsp/") => {
+                let m = self.matrix_if_present(other)?.ok_or_else(|| self.store.at(&self.element(other)).missing("obsp matrix"))?;
+                self.check_shape(&m, self.n_obs())?;
+                Ok(m)
+            }
             other => match other.strip_prefix("layers/") {
                 Some(layer) => self.layer(layer),
-                None => Err(self.store.at(&self.element(other)).invalid("expected X, raw/X or layers/<name>")),
+                None => Err(self.store.at(&self.element(other)).invalid("expected X, raw/X, layers/<name> or obsp/<name>")),
             },
         }
     }

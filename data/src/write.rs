@@ -532,6 +532,24 @@ impl AnnData {
         })
     }
 
+    /// Adds `obsp/<key>`: a sparse n_obs x n_obs cell-cell graph (as scanpy's neighbour graphs).
+    pub fn write_obsp(&self, key: &str, graph: &Csr, overwrite: bool) -> Result<()> {
+        let n = self.n_obs();
+        if (graph.n_rows as u64, graph.n_cols as u64) != (n, n) {
+            return Err(self.store.at(&self.element(&format!("obsp/{key}"))).invalid(format!("shape ({}, {}) is not n_obs x n_obs = ({n}, {n})", graph.n_rows, graph.n_cols)));
+        }
+        self.publish("obsp", key, overwrite, |w, staging| {
+            let mut csr = w.csr(staging, n)?;
+            csr.push(graph)?;
+            csr.finish().map(|_| ())
+        })
+    }
+
+    /// Adds `obsp/<key>`: a dense n_obs x n_obs f32 cell-cell matrix, row-major.
+    pub fn write_obsp_dense(&self, key: &str, values: &[f32], overwrite: bool) -> Result<()> {
+        self.write_dense("obsp", key, values, self.n_obs() as usize, overwrite)
+    }
+
     /// Write aside, then publish: `write` fills a staging node; its keys are renamed into
     /// place (metadata last, so readers never see a half-written element), then the
     /// consolidated metadata is refreshed. A failed write leaves the store as it was.

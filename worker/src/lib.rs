@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod eval;
 pub mod fit;
 pub mod nccl;
+pub mod network;
 pub mod node;
 pub mod parallel;
 pub mod plot;

@@ -1,0 +1,111 @@
+//! `tessera snf`: a cell network across views (SNF or NEMO), its spectral clusters and their
+//! agreement with known labels; the network and clusters go into the store, the report to JSON.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use tessera_network::SnfParams;
+use tessera_worker::network::{Method, NetworkRequest, ViewSpec, network_store};
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum MethodArg {
+    /// Similarity Network Fusion (Wang et al. 2014; snfpy 0.2.2's arithmetic).
+    Snf,
+    /// NEMO (Rappoport & Shamir 2019): kNN relative similarities averaged over shared views.
+    Nemo,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SnfArgs {
+    /// AnnData/MuData Zarr store (path or URL). Default: the main job's `<out>/data.zarr`
+    /// (simulated on first use, as `tessera train` does).
+    #[arg(long)]
+    data: Option<String>,
+    /// A view: `rna` (a MuData modality's X), `X` (an AnnData's X), `obsm/KEY` (the root's
+    /// obsm) or `rna:obsm/KEY`. Repeat or comma-separate; default: every modality's X. Cells
+    /// without the modality (or with NaN in the obsm row) are missing from that view.
+    #[arg(long = "view", value_delimiter = ',')]
+    views: Vec<String>,
+    #[arg(long, value_enum, default_value_t = MethodArg::Snf)]
+    method: MethodArg,
+    /// Neighbours: SNF's K (also the affinity's); NEMO's k (default: a view's cells / 6).
+    #[arg(long)]
+    k: Option<usize>,
+    /// SNF fusion iterations.
+    #[arg(long, default_value_t = 20)]
+    t: usize,
+    /// Width of the scaled exponential kernel (snfpy's mu).
+    #[arg(long, default_value_t = 0.5)]
+    mu: f64,
+    /// Use counts in X as they are (default: scaled to 10^4 per cell and log1p'd, as
+    /// scanpy's normalize_total + log1p; obsm entries are always used as they are).
+    #[arg(long)]
+    raw_counts: bool,
+    /// Number of clusters (default: the best by snfpy's eigengap among 2..=15).
+    #[arg(long)]
+    clusters: Option<usize>,
+    /// obs column of true labels for NMI/ARI (default: cell_type when present).
+    #[arg(long)]
+    label_key: Option<String>,
+    /// The network goes to obsp/<key>, the clusters to obs/<key>_clusters.
+    #[arg(long, default_value = "snf")]
+    key: String,
+    /// Entries kept per row of the network written to obsp (sparse); 0 writes it dense.
+    #[arg(long, default_value_t = 20)]
+    top_k: usize,
+    /// Replace an existing obsp/<key> and obs/<key>_clusters.
+    #[arg(long)]
+    overwrite: bool,
+    /// Seed of the Lanczos start vector and of k-means.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Folder for the report (<method>.json) and, by default, the data.
+    #[arg(long, default_value = "tessera-out")]
+    out: PathBuf,
+}
+
+pub fn run(args: SnfArgs) -> Result<()> {
+    let data = match args.data {
+        Some(d) => d,
+        None => crate::train::default_data(&args.out)?,
+    };
+    let (method, name) = match args.method {
+        MethodArg::Snf => (Method::Snf, "snf"),
+        MethodArg::Nemo => (Method::Nemo, "nemo"),
+    };
+    let req = NetworkRequest {
+        data: data.clone(),
+        views: args.views.iter().map(|v| ViewSpec::parse(v)).collect(),
+        method,
+        snf: SnfParams { k: args.k.unwrap_or(SnfParams::default().k), t: args.t, ..SnfParams::default() },
+        nemo_k: args.k,
+        mu: args.mu,
+        log_normalise: !args.raw_counts,
+        clusters: args.clusters,
+        candidates: (2..=15).collect(),
+        label_key: args.label_key,
+        key: args.key,
+        top_k: (args.top_k > 0).then_some(args.top_k),
+        overwrite: args.overwrite,
+        seed: args.seed,
+    };
+    let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")?);
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let report = network_store(&req, |stage| bar.set_message(stage.to_string())).with_context(|| format!("{name} on {data}"));
+    bar.finish_and_clear();
+    let report = report?;
+    let views: Vec<String> = report.views.iter().map(|v| format!("{} ({} cells x {} features)", v.name, v.samples, v.features)).collect();
+    println!("{} over {} cells from {}: {}", name.to_uppercase(), report.n_obs, report.store, views.join(", "));
+    let ranking: Vec<String> = report.eigengap.iter().take(3).map(|(c, g)| format!("{c} ({g:.3})")).collect();
+    println!("  {} clusters (eigengap best: {})", report.clusters, ranking.join(", "));
+    if let (Some(key), Some(nmi), Some(ari)) = (&report.label_key, report.nmi, report.ari) {
+        println!("  against obs/{key}: NMI {nmi:.4}, ARI {ari:.4}");
+    }
+    println!("  seconds: affinities {:.2}, network {:.2}, clustering {:.2}, writing {:.2}", report.seconds_affinities, report.seconds_network, report.seconds_clustering, report.seconds_write);
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let json = args.out.join(format!("{name}.json"));
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", json.display()))?;
+    println!("  -> {} ({} entries), {}, {}", report.network, report.network_entries, report.cluster_column, json.display());
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! `tessera snf` as a user runs it: views from modalities and obsm, cells missing from views,
+//! the network in obsp and the clusters in obs, refusals that name what is wrong.
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use tessera_data::{AnnData, Column, MuData};
+
+fn tessera(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).env("TESSERA_LOG", "warn").env("RUST_BACKTRACE", "0").output().expect("tessera runs")
+}
+
+fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "tessera failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn failed(o: &Output) -> String {
+    assert!(!o.status.success(), "tessera should have failed: {}", String::from_utf8_lossy(&o.stdout));
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() { copy_dir(&entry.path(), &target) } else { std::fs::copy(entry.path(), target).unwrap(); }
+    }
+}
+
+/// A 600-cell mosaic MuData (RNA for all, protein and accessibility each missing in 30%).
+fn mosaic(dir: &Path) -> String {
+    let store = dir.join("mosaic.zarr").display().to_string();
+    ok(&tessera(&["simulate", &store, "--cells", "600", "--genes", "300", "--proteins", "20", "--peaks", "200", "--batches", "2", "--missing", "0.3", "--seed", "3"]));
+    store
+}
+
+fn report(out: &Path, name: &str) -> Value {
+    serde_json::from_slice(&std::fs::read(out.join(format!("{name}.json"))).unwrap()).unwrap()
+}
+
+#[test]
+fn snf_over_modalities_with_missing_cells_recovers_the_cell_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = mosaic(dir.path());
+    let out = dir.path().join("out");
+    let printed = ok(&tessera(&["snf", "--data", &store, "--out", out.to_str().unwrap()]));
+    let r = report(&out, "snf");
+    assert_eq!(r["n_obs"], 600);
+    let views = r["views"].as_array().unwrap();
+    assert_eq!(views.iter().map(|v| v["name"].as_str().unwrap()).collect::<Vec<_>>(), ["rna", "prot", "atac"]);
+    assert_eq!(views[0]["samples"], 600);
+    assert!(views[1]["samples"].as_u64().unwrap() < 500 && views[2]["samples"].as_u64().unwrap() < 500, "{views:?}");
+    // 8 simulated cell types, found by the eigengap and by the clusters.
+    assert_eq!(r["clusters"], 8, "{printed}");
+    assert!(r["nmi"].as_f64().unwrap() > 0.95 && r["ari"].as_f64().unwrap() > 0.9, "{printed}");
+
+    let mudata = MuData::open(&store).unwrap();
+    let root = mudata.root();
+    let graph = root.matrix("obsp/snf").unwrap();
+    assert_eq!(graph.shape, (600, 600));
+    assert_eq!(graph.nnz, 600 * 20, "top 20 entries per row");
+    let rows = graph.read_rows(&root.store, 0..600).unwrap();
+    // Each cell's strongest link is itself (the fused diagonal is at least one half).
+    for i in [0usize, 299, 599] {
+        let (cols, vals) = rows.row(i);
+        let best = cols[vals.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0];
+        assert_eq!(best as usize, i);
+    }
+    match root.obs_column("snf_clusters").unwrap() {
+        Column::Categorical { codes, categories, .. } => {
+            assert_eq!(categories.len(), 8);
+            assert!(codes.iter().all(|&c| (0..8).contains(&c)));
+        }
+        other => panic!("snf_clusters is {}", other.kind()),
+    }
+
+    // Written once: a second run names what it would overwrite; --overwrite replaces it.
+    let refused = failed(&tessera(&["snf", "--data", &store, "--out", out.to_str().unwrap()]));
+    assert!(refused.contains("obsp/snf") && refused.contains("--overwrite"), "{refused}");
+    ok(&tessera(&["snf", "--data", &store, "--out", out.to_str().unwrap(), "--overwrite", "--clusters", "4", "--top-k", "0"]));
+    let graph = MuData::open(&store).unwrap().root().matrix("obsp/snf").unwrap();
+    assert_eq!(graph.nnz, 600 * 600, "dense with --top-k 0");
+    assert_eq!(report(&out, "snf")["clusters"], 4);
+}
+
+#[test]
+fn nemo_over_obsm_and_x_of_an_anndata() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("ad.zarr");
+    copy_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/fixtures/ad013_v3.zarr"), &store);
+    let out = dir.path().join("out");
+    let store = store.display().to_string();
+    ok(&tessera(&["snf", "--data", &store, "--method", "nemo", "--view", "X,obsm/X_pca", "--key", "nemo", "--clusters", "3", "--out", out.to_str().unwrap()]));
+    let r = report(&out, "nemo");
+    assert_eq!(r["method"], "nemo");
+    assert_eq!(r["views"][1]["features"], 8);
+    assert_eq!(r["label_key"], "cell_type");
+    let nmi = r["nmi"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&nmi), "{r}");
+    let adata = AnnData::open(&store).unwrap();
+    assert_eq!(adata.matrix("obsp/nemo").unwrap().shape, (500, 500));
+    assert!(adata.obs_column("nemo_clusters").is_ok());
+}
+
+#[test]
+fn bad_views_and_parameters_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = mosaic(dir.path());
+    let out = dir.path().join("out");
+    let out = out.to_str().unwrap();
+    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--view", "rna,bogus"]));
+    assert!(e.contains("mod/bogus") && e.contains("rna, prot, atac"), "{e}");
+    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--view", "X"]));
+    assert!(e.contains("no root X"), "{e}");
+    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--view", "rna"]));
+    assert!(e.contains("at least 2 views"), "{e}");
+    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--view", "rna,obsm/nothing"]));
+    assert!(e.contains("obsm/nothing"), "{e}");
+    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--k", "5000"]));
+    assert!(e.contains("k = 5000"), "{e}");
+    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--label-key", "nope"]));
+    assert!(e.contains("obs/nope"), "{e}");
+    // Nothing was written by the refused runs.
+    assert!(MuData::open(&store).unwrap().root().matrix("obsp/snf").is_err());
+}
