@@ -6,6 +6,7 @@
 //! Invariant: like `metrics`, this crate knows nothing of stores or devices: dense row-major
 //! n x n matrices in, a fused matrix out.
 
+pub mod distributed;
 pub mod nemo;
 pub mod snf;
 pub mod spectral;

@@ -38,6 +38,8 @@ pub enum NetworkError {
     BadValue { view: usize, row: usize, col: usize, value: f64 },
     #[error("k = {k}: expected 1 <= k < {n} samples")]
     BadK { k: usize, n: usize },
+    #[error("rank {rank}: {problem}")]
+    Exchange { rank: usize, problem: String },
     #[error("view {view}: {problem}")]
     Samples { view: usize, problem: String },
     #[error("{0} views with missing samples: at most 64 are supported")]
@@ -47,10 +49,10 @@ pub enum NetworkError {
 }
 
 /// A sparse row-normalised kernel: per row, (column, weight) pairs.
-type SparseRows = Vec<Vec<(usize, f64)>>;
+pub(crate) type SparseRows = Vec<Vec<(usize, f64)>>;
 
 /// Each row divided by its sum (rows summing to 0 are left as they are).
-fn normalise_rows(x: &mut [f64], n: usize) {
+pub(crate) fn normalise_rows(x: &mut [f64], n: usize) {
     x.par_chunks_mut(n).for_each(|row| {
         let s: f64 = row.iter().sum();
         if s != 0.0 {
@@ -73,7 +75,7 @@ fn percentile(row: &mut [f64], q: f64) -> f64 {
 
 /// snfpy's `_find_dominate_set`: entries below the row's (100 − 100·K/n)th percentile are
 /// dropped, the rest row-normalised.
-fn dominate_set(p: &[f64], n: usize, k: usize) -> SparseRows {
+pub(crate) fn dominate_set(p: &[f64], n: usize, k: usize) -> SparseRows {
     let q = 100.0 - 100.0 * k as f64 / n as f64;
     p.par_chunks(n)
         .map(|row| {
@@ -85,22 +87,20 @@ fn dominate_set(p: &[f64], n: usize, k: usize) -> SparseRows {
         .collect()
 }
 
-/// Columns of X handled together: their n x BLOCK slab is gathered once (one cache line per
-/// row) and stays in L2 while every row of S reads it.
-const BLOCK: usize = 16;
+/// Rows of a product computed together: their n x BLOCK slab of the dense factor is gathered
+/// once and stays in L2 while every row of S reads it.
+pub(crate) const BLOCK: usize = 16;
 
-/// out = (S · X)ᵀ · scale for sparse S and dense X (n x n), slab by slab of X's columns:
-/// out[c, j] = scale · Σ_{l ∈ S_j} s_jl X[l, c]. X is read once and out written once; the
-/// K·n² multiply-adds read only the slab (BLOCK-wide, vectorised). Two of these make
-/// S·M·Sᵀ = (S·(S·M)ᵀ)ᵀ without a transpose or an n x n temporary beyond the first product.
-fn sparse_times_dense_transposed(s: &SparseRows, x: &[f64], n: usize, scale: f64, out: &mut [f64]) {
+/// Rows of `out` (each n long) in groups of BLOCK: `fill(slab, first, rows)` puts the dense
+/// factor's values for out rows first..first+rows into lanes 0..rows of `slab` (slab[l][r]
+/// pairs with S's column l), then out[first + r][j] = scale · Σ_{l ∈ S_j} s_jl · slab[l][r].
+/// The K·n² multiply-adds are BLOCK-wide vector operations on L2-resident data.
+pub(crate) fn sparse_product_rows(s: &SparseRows, n: usize, scale: f64, out: &mut [f64], fill: impl Fn(&mut [[f64; BLOCK]], usize, usize) + Sync) {
     out.par_chunks_mut(BLOCK * n).enumerate().for_each_init(
         || vec![[0.0f64; BLOCK]; n],
         |slab, (block, out_rows)| {
-            let (c0, cols) = (block * BLOCK, out_rows.len() / n);
-            for (l, lane) in slab.iter_mut().enumerate() {
-                lane[..cols].copy_from_slice(&x[l * n + c0..l * n + c0 + cols]);
-            }
+            let rows = out_rows.len() / n;
+            fill(slab, block * BLOCK, rows);
             for (j, s_j) in s.iter().enumerate() {
                 let mut acc = [0.0f64; BLOCK];
                 for &(l, w) in s_j {
@@ -109,12 +109,23 @@ fn sparse_times_dense_transposed(s: &SparseRows, x: &[f64], n: usize, scale: f64
                         acc[r] += w * lane[r];
                     }
                 }
-                for r in 0..cols {
+                for r in 0..rows {
                     out_rows[r * n + j] = acc[r] * scale;
                 }
             }
         },
     );
+}
+
+/// out = (S · X)ᵀ · scale for sparse S and dense X (n x n): out[c, j] = scale · Σ_{l ∈ S_j}
+/// s_jl X[l, c], slab by slab of X's columns (one cache line per row gathered). X is read
+/// once and out written once; two of these make S·M·Sᵀ = (S·(S·M)ᵀ)ᵀ without a transpose.
+fn sparse_times_dense_transposed(s: &SparseRows, x: &[f64], n: usize, scale: f64, out: &mut [f64]) {
+    sparse_product_rows(s, n, scale, out, |slab, c0, cols| {
+        for (l, lane) in slab.iter_mut().enumerate() {
+            lane[..cols].copy_from_slice(&x[l * n + c0..l * n + c0 + cols]);
+        }
+    });
 }
 
 /// Fuses the views into one n x n network. The views are consumed: each becomes its working
