@@ -179,18 +179,20 @@ pub fn snf_rows(views: Vec<Vec<f64>>, n: usize, params: SnfParams, ex: &mut impl
     Ok(total)
 }
 
+type Message = Vec<f64>;
+
 /// An in-process ring of `world` ranks over channels (one per thread).
 #[derive(Debug)]
 pub struct LocalRing {
     rank: usize,
     world: usize,
-    next: Sender<Vec<f64>>,
-    prev: Receiver<Vec<f64>>,
+    next: Sender<Message>,
+    prev: Receiver<Message>,
 }
 
 impl LocalRing {
     pub fn new(world: usize) -> Vec<LocalRing> {
-        let (senders, receivers): (Vec<Sender<Vec<f64>>>, Vec<Receiver<Vec<f64>>>) = (0..world).map(|_| channel()).unzip();
+        let (senders, receivers): (Vec<Sender<Message>>, Vec<Receiver<Message>>) = (0..world).map(|_| channel()).unzip();
         // Rank r sends on channel r + 1 and receives on channel r; only the ranks hold senders,
         // so a rank that drops out disconnects its neighbour instead of leaving it waiting.
         receivers.into_iter().enumerate().map(|(rank, prev)| LocalRing { rank, world, next: senders[(rank + 1) % world].clone(), prev }).collect()
