@@ -37,6 +37,11 @@ const STATE_KEY: &str = "coordinator.json";
 
 /// The checks of a submitted job, with the error a user sees.
 fn check(spec: &pb::JobSpec) -> Result<ValidJob, String> {
+    if !spec.network_toml.is_empty() {
+        // One pass over the cells, each rank counting its rows.
+        let cells = tessera_worker::network::check_network_job(&spec.data_url, &spec.network_toml)?;
+        return Ok(ValidJob { train_cells: cells, epochs: 1 });
+    }
     let (train_cells, epochs) = tessera_worker::check_job(&spec.data_url, &spec.config_toml).map_err(|e| e.to_string())?;
     Ok(ValidJob { train_cells, epochs })
 }

@@ -16,6 +16,7 @@ use tessera_coordinator::Config;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::coordinator_client::CoordinatorClient;
 use tessera_worker::fit::REPORT_FILE;
+use tessera_worker::network::{NetworkReport, NetworkRequest};
 use tessera_worker::{FitOptions, FitReport};
 
 /// Heartbeats on loopback: a killed worker is noticed within 2 s and replaced or dropped after
@@ -167,6 +168,23 @@ pub fn train_as_rank0(opts: &FitOptions, launch: &Launch) -> Result<FitReport> {
     )
 }
 
+/// `tessera snf --workers N`: SNF over row blocks on N local worker processes under an
+/// in-process coordinator; rank 0 writes the outputs and `<out>/snf.json`.
+pub fn network(req: &NetworkRequest, out: &Path, workers: usize) -> Result<NetworkReport> {
+    if workers == 0 {
+        bail!("--workers 0: expected at least 1");
+    }
+    let (data, out) = (absolute(&req.data)?, absolute(&out.display().to_string())?);
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {out}"))?;
+    let request = NetworkRequest { data: data.clone(), ..req.clone() };
+    let spec = pb::JobSpec { data_url: data, world_size: workers as u32, output_url: out.clone(), network_toml: toml::to_string(&request).context("writing the request as TOML")?, ..pb::JobSpec::default() };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(run_job(spec, (std::net::Ipv4Addr::LOCALHOST, 0).into(), Trainers::Local { n: workers, cache_bytes: 0 }, 1))?;
+    let path = Path::new(&out).join("snf.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
 fn train_with(
     opts: &FitOptions,
     workers: usize,
@@ -197,6 +215,7 @@ fn train_with(
         modalities: opts.modalities.clone(),
         embedding_key: opts.embedding_key.clone(),
         overwrite: opts.overwrite,
+        network_toml: String::new(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -60,6 +60,10 @@ pub struct SnfArgs {
     /// Seed of the Lanczos start vector and of k-means.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// SNF over row blocks on this many local worker processes (a coordinator in this
+    /// process; each worker holds 1/N of every n x n matrix). Every cell must be in every view.
+    #[arg(long)]
+    workers: Option<usize>,
     /// Folder for the report (<method>.json) and, by default, the data.
     #[arg(long, default_value = "tessera-out")]
     out: PathBuf,
@@ -90,11 +94,16 @@ pub fn run(args: SnfArgs) -> Result<()> {
         overwrite: args.overwrite,
         seed: args.seed,
     };
-    let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")?);
-    bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    let report = network_store(&req, |stage| bar.set_message(stage.to_string())).with_context(|| format!("{name} on {data}"));
-    bar.finish_and_clear();
-    let report = report?;
+    let report = match args.workers {
+        Some(workers) => crate::distributed::network(&req, &args.out, workers).with_context(|| format!("{name} on {data} across {workers} workers"))?,
+        None => {
+            let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")?);
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            let report = network_store(&req, |stage| bar.set_message(stage.to_string())).with_context(|| format!("{name} on {data}"));
+            bar.finish_and_clear();
+            report?
+        }
+    };
     let views: Vec<String> = report.views.iter().map(|v| format!("{} ({} cells x {} features)", v.name, v.samples, v.features)).collect();
     println!("{} over {} cells from {}: {}", name.to_uppercase(), report.n_obs, report.store, views.join(", "));
     let ranking: Vec<String> = report.eigengap.iter().take(3).map(|(c, g)| format!("{c} ({g:.3})")).collect();

@@ -126,3 +126,46 @@ fn bad_views_and_parameters_are_named() {
     // Nothing was written by the refused runs.
     assert!(MuData::open(&store).unwrap().root().matrix("obsp/snf").is_err());
 }
+
+/// The dense network written at obsp/<key> of a MuData root.
+fn dense_network(store: &str, key: &str) -> Vec<f32> {
+    let root = MuData::open(store).unwrap().root();
+    let m = root.matrix(&format!("obsp/{key}")).unwrap();
+    let csr = m.read_rows(&root.store, 0..m.shape.0).unwrap();
+    let n = m.shape.1 as usize;
+    let mut dense = vec![0f32; csr.n_rows * n];
+    for i in 0..csr.n_rows {
+        let (cols, vals) = csr.row(i);
+        cols.iter().zip(vals).for_each(|(&j, &v)| dense[i * n + j as usize] = v);
+    }
+    dense
+}
+
+#[test]
+fn snf_across_worker_processes_equals_one_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("complete.zarr").display().to_string();
+    ok(&tessera(&["simulate", &store, "--cells", "500", "--genes", "200", "--proteins", "15", "--batches", "2", "--missing", "0", "--seed", "5"]));
+    let out = dir.path().join("out");
+    let out = out.to_str().unwrap();
+    ok(&tessera(&["snf", "--data", &store, "--out", out, "--top-k", "0", "--key", "one"]));
+    let one = report(Path::new(out), "snf");
+    let printed = ok(&tessera(&["snf", "--data", &store, "--out", out, "--top-k", "0", "--key", "three", "--workers", "3"]));
+    assert!(printed.contains("SUCCEEDED"), "{printed}");
+    let three = report(Path::new(out), "snf");
+    // Row blocks change only summation order: the f32 networks written agree to the last bits.
+    let (a, b) = (dense_network(&store, "one"), dense_network(&store, "three"));
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(diff <= 1e-7, "3 workers differ from one machine by {diff}");
+    assert_eq!(one["clusters"], three["clusters"]);
+    assert_eq!(one["nmi"], three["nmi"]);
+    let root = MuData::open(&store).unwrap().root();
+    assert_eq!(root.obs_column("one_clusters").unwrap(), root.obs_column("three_clusters").unwrap());
+
+    // What the row-block path cannot do is refused up front, by name.
+    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--method", "nemo", "--workers", "2", "--key", "x"]));
+    assert!(e.contains("only SNF"), "{e}");
+    let mosaic = mosaic(dir.path());
+    let e = failed(&tessera(&["snf", "--data", &mosaic, "--out", out, "--workers", "2"]));
+    assert!(e.contains("every cell in every view"), "{e}");
+}

@@ -228,7 +228,7 @@ impl CoordinatorRpc for Service {
                     world_size: a.world_size,
                     peers: a.peers,
                     nccl_unique_id: Vec::new(),
-                    spec: Some(pb::JobSpec { data_url: a.spec.data_url, config_toml: a.spec.config_toml, world_size: a.spec.world_size, batch_key: a.spec.batch_key, label_key: a.spec.label_key, output_url: a.spec.output_url, modalities: a.spec.modalities, embedding_key: a.spec.embedding_key, overwrite: a.spec.overwrite }),
+                    spec: Some(pb::JobSpec { data_url: a.spec.data_url, config_toml: a.spec.config_toml, world_size: a.spec.world_size, batch_key: a.spec.batch_key, label_key: a.spec.label_key, output_url: a.spec.output_url, modalities: a.spec.modalities, embedding_key: a.spec.embedding_key, overwrite: a.spec.overwrite, network_toml: a.spec.network_toml }),
                     resume_from: resume.as_ref().map(|c| c.location.clone()).unwrap_or_default(),
                     start_epoch: resume.map_or(0, |c| c.epochs_done),
                 }));
@@ -285,6 +285,7 @@ impl CoordinatorRpc for Service {
             modalities: spec.modalities,
             embedding_key: spec.embedding_key,
             overwrite: spec.overwrite,
+            network_toml: spec.network_toml,
             train_cells: valid.train_cells,
             epochs: valid.epochs,
         };

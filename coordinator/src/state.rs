@@ -49,6 +49,9 @@ pub struct JobSpec {
     pub modalities: Vec<String>,
     pub embedding_key: String,
     pub overwrite: bool,
+    /// A network job's request (empty: training).
+    #[serde(default)]
+    pub network_toml: String,
     /// Training cells per epoch (the store's cells minus the held-out ones).
     pub train_cells: u64,
     pub epochs: u32,

@@ -67,6 +67,21 @@ fn all_to_all(ex: &mut impl Exchange, outgoing: Vec<Vec<f64>>) -> Result<Vec<Vec
     Ok(incoming)
 }
 
+/// Every rank's `mine`, concatenated in rank order.
+pub fn all_gather(ex: &mut impl Exchange, mine: Vec<f64>) -> Result<Vec<f64>, NetworkError> {
+    let world = ex.world();
+    Ok(all_to_all(ex, vec![mine; world])?.concat())
+}
+
+/// Every rank's `mine` concatenated in rank order at rank 0 (None elsewhere).
+pub fn gather_to_rank0(ex: &mut impl Exchange, mine: Vec<f64>) -> Result<Option<Vec<f64>>, NetworkError> {
+    let world = ex.world();
+    let mut outgoing = vec![Vec::new(); world];
+    outgoing[0] = mine;
+    let incoming = all_to_all(ex, outgoing)?;
+    Ok((ex.rank() == 0).then(|| incoming.concat()))
+}
+
 /// (X + Xᵀ)/2 of the row block `x` (rows `mine` of an n x n matrix), through one transpose.
 fn symmetrise_rows(ex: &mut impl Exchange, x: &mut [f64], n: usize) -> Result<(), NetworkError> {
     let world = ex.world();

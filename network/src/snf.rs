@@ -12,7 +12,7 @@ use tessera_kernels::ops::affinity::symmetrise;
 
 use crate::view::View;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SnfParams {
     /// Neighbours kept per sample in the sparse kernel S.
     pub k: usize,

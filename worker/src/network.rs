@@ -5,9 +5,10 @@
 use std::time::Instant;
 
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tessera_data::{AnnData, Column, Csr, Dataset, DataError};
-use tessera_kernels::ops::affinity::{scaled_exponential, sq_euclidean, zscore_columns};
+use tessera_kernels::ops::affinity::{exponential_rows, mean_nearest, scaled_exponential, sq_euclidean, sq_euclidean_rows, zscore_columns};
+use tessera_network::distributed::{Exchange, all_gather, gather_to_rank0, row_range, snf_rows};
 use tessera_metrics::cluster::{ari, nmi};
 use tessera_network::{NetworkError, SnfParams, View, laplacian_eigenvalues, rank_by_eigengap, spectral_clustering};
 
@@ -25,7 +26,7 @@ pub enum NetworkJobError {
     Output { path: String, reason: String },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Similarity Network Fusion (snfpy 0.2.2's arithmetic).
@@ -36,7 +37,7 @@ pub enum Method {
 
 /// Which cells' features form one view: `X` of the store or of a MuData modality (`rna`), or
 /// an `obsm` entry of either (`obsm/X_pca`, `rna:obsm/X_pca`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ViewSpec {
     pub modality: Option<String>,
     pub obsm: Option<String>,
@@ -64,7 +65,8 @@ impl ViewSpec {
     }
 }
 
-#[derive(Debug, Clone)]
+/// The job; as TOML it is a distributed job's `JobSpec.network_toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NetworkRequest {
     pub data: String,
     /// Empty: every modality's X (MuData) or X (AnnData).
@@ -92,14 +94,14 @@ pub struct NetworkRequest {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ViewSummary {
     pub name: String,
     pub samples: usize,
     pub features: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NetworkReport {
     pub store: String,
     pub method: Method,
@@ -235,8 +237,18 @@ fn top_k_rows(w: &[f64], n: usize, top_k: usize) -> Csr {
     csr
 }
 
-/// Runs the job; `progress` hears each stage as it starts.
-pub fn network_store(req: &NetworkRequest, mut progress: impl FnMut(&str)) -> Result<NetworkReport, NetworkJobError> {
+/// What every run needs before the expensive part: the store, the views, the outputs' names
+/// (refused at once if they exist and may not be replaced) and the true labels.
+struct Prepared {
+    dataset: Dataset,
+    n: usize,
+    root: AnnData,
+    specs: Vec<ViewSpec>,
+    cluster_column: String,
+    truth: Option<(String, Vec<i32>)>,
+}
+
+fn prepare(req: &NetworkRequest) -> Result<Prepared, NetworkJobError> {
     let dataset = Dataset::open(&req.data)?;
     let n = dataset.n_obs() as usize;
     let root = match &dataset {
@@ -248,9 +260,7 @@ pub fn network_store(req: &NetworkRequest, mut progress: impl FnMut(&str)) -> Re
         (Dataset::AnnData(_), true) => vec![ViewSpec { modality: None, obsm: None }],
         (Dataset::MuData(m), true) => m.modalities.iter().map(|(name, _)| ViewSpec { modality: Some(name.clone()), obsm: None }).collect(),
     };
-    let network_key = root.element(&format!("obsp/{}", req.key));
     let cluster_column = format!("{}_clusters", req.key);
-    // Refuse before the expensive part what the write would refuse after it.
     for (mapping, key) in [("obsp", req.key.as_str()), ("obs", cluster_column.as_str())] {
         if !req.overwrite && root.keys(mapping).unwrap_or_default().iter().any(|k| k == key) {
             return Err(DataError::Exists { store: root.store.name(), path: root.element(&format!("{mapping}/{key}")) }.into());
@@ -260,20 +270,33 @@ pub fn network_store(req: &NetworkRequest, mut progress: impl FnMut(&str)) -> Re
         Some(key) => Some((key.clone(), label_codes(&root, key, &req.data)?)),
         None => root.obs_column(DEFAULT_LABEL_KEY).ok().map(|_| label_codes(&root, DEFAULT_LABEL_KEY, &req.data).map(|c| (DEFAULT_LABEL_KEY.to_string(), c))).transpose()?,
     };
+    Ok(Prepared { dataset, n, root, specs, cluster_column, truth })
+}
 
+/// A view's features, checked: at least two cells, finite values.
+fn checked_view(job: &Prepared, spec: &ViewSpec, req: &NetworkRequest) -> Result<Features, NetworkJobError> {
+    let features = read_view(&job.dataset, spec, req)?;
+    let s = features.samples.len();
+    if s < 2 {
+        return Err(input(&req.data, format!("view {}: {s} cells have it, need at least 2", spec.name())));
+    }
+    if let Some(bad) = features.values.iter().position(|v| !v.is_finite()) {
+        return Err(input(&req.data, format!("view {}: cell {} has a non-finite value", spec.name(), features.samples[bad / features.cols.max(1)])));
+    }
+    Ok(features)
+}
+
+/// Runs the job on this machine; `progress` hears each stage as it starts.
+pub fn network_store(req: &NetworkRequest, mut progress: impl FnMut(&str)) -> Result<NetworkReport, NetworkJobError> {
+    let job = prepare(req)?;
+    let n = job.n;
     let started = Instant::now();
-    let mut views = Vec::with_capacity(specs.len());
-    let mut summaries = Vec::with_capacity(specs.len());
-    for spec in &specs {
+    let mut views = Vec::with_capacity(job.specs.len());
+    let mut summaries = Vec::with_capacity(job.specs.len());
+    for spec in &job.specs {
         progress(&format!("affinity of view {}", spec.name()));
-        let features = read_view(&dataset, spec, req)?;
+        let features = checked_view(&job, spec, req)?;
         let s = features.samples.len();
-        if s < 2 {
-            return Err(input(&req.data, format!("view {}: {s} cells have it, need at least 2", spec.name())));
-        }
-        if let Some(bad) = features.values.iter().position(|v| !v.is_finite()) {
-            return Err(input(&req.data, format!("view {}: cell {} has a non-finite value", spec.name(), features.samples[bad / features.cols.max(1)])));
-        }
         summaries.push(ViewSummary { name: spec.name(), samples: s, features: features.cols });
         let k = match req.method {
             Method::Snf => req.snf.k,
@@ -285,24 +308,68 @@ pub fn network_store(req: &NetworkRequest, mut progress: impl FnMut(&str)) -> Re
 
     let started = Instant::now();
     progress(&format!("{:?} of {} views over {n} cells", req.method, views.len()));
-    let network_error = |problem| NetworkJobError::Network { store: req.data.clone(), problem };
     let w = match req.method {
-        Method::Snf => tessera_network::snf(views, n, req.snf).map_err(network_error)?,
-        Method::Nemo => tessera_network::nemo(&views, n, req.nemo_k).map_err(network_error)?,
+        Method::Snf => tessera_network::snf(views, n, req.snf).map_err(|problem| network_error(req, problem))?,
+        Method::Nemo => tessera_network::nemo(&views, n, req.nemo_k).map_err(|problem| network_error(req, problem))?,
     };
-    let seconds_network = started.elapsed().as_secs_f64();
+    let timings = [seconds_affinities, started.elapsed().as_secs_f64()];
+    finish(req, &job, &w, summaries, timings, progress)
+}
 
+fn network_error(req: &NetworkRequest, problem: NetworkError) -> NetworkJobError {
+    NetworkJobError::Network { store: req.data.clone(), problem }
+}
+
+/// One rank of SNF over row blocks (`tessera snf --workers`): every rank reads the views'
+/// features and computes its rows of each affinity and of the fusion; rank 0 gathers the fused
+/// network, clusters it, writes it and returns the report (other ranks: None), with the number
+/// of rows this rank held. Every cell must be in every view.
+pub fn network_rank(req: &NetworkRequest, ex: &mut impl Exchange) -> Result<(usize, Option<NetworkReport>), NetworkJobError> {
+    if req.method != Method::Snf {
+        return Err(input(&req.data, "only SNF runs across workers (NEMO's network is one pass: run it on one machine)"));
+    }
+    let job = prepare(req)?;
+    let n = job.n;
+    let mine = row_range(n, ex.world(), ex.rank());
+    let started = Instant::now();
+    let mut views = Vec::with_capacity(job.specs.len());
+    let mut summaries = Vec::with_capacity(job.specs.len());
+    for spec in &job.specs {
+        let mut f = checked_view(&job, spec, req)?;
+        if f.samples.len() != n {
+            return Err(input(&req.data, format!("view {}: {} of {n} cells have it; SNF across workers needs every cell in every view (run on one machine)", spec.name(), f.samples.len())));
+        }
+        summaries.push(ViewSummary { name: spec.name(), samples: n, features: f.cols });
+        zscore_columns(&mut f.values, n, f.cols);
+        let mut rows = vec![0.0; mine.len() * n];
+        sq_euclidean_rows(&f.values, n, f.cols, mine.clone(), &mut rows);
+        let near = mean_nearest(&rows, n, req.snf.k.min(n - 1));
+        let near_all = all_gather(ex, near.clone()).map_err(|problem| network_error(req, problem))?;
+        exponential_rows(&mut rows, n, &near, &near_all, req.mu);
+        views.push(rows);
+    }
+    let seconds_affinities = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let fused = snf_rows(views, n, req.snf, ex).map_err(|problem| network_error(req, problem))?;
+    let whole = gather_to_rank0(ex, fused).map_err(|problem| network_error(req, problem))?;
+    let timings = [seconds_affinities, started.elapsed().as_secs_f64()];
+    Ok((mine.len(), whole.map(|w| finish(req, &job, &w, summaries, timings, |_| {})).transpose()?))
+}
+
+/// Clusters the network `w`, scores the clusters, writes both; [affinity, network] seconds.
+fn finish(req: &NetworkRequest, job: &Prepared, w: &[f64], summaries: Vec<ViewSummary>, [seconds_affinities, seconds_network]: [f64; 2], mut progress: impl FnMut(&str)) -> Result<NetworkReport, NetworkJobError> {
+    let (n, root) = (job.n, &job.root);
     let started = Instant::now();
     progress("spectral clustering");
     let most = req.candidates.iter().copied().max().unwrap_or(2);
-    let eigengap = rank_by_eigengap(&laplacian_eigenvalues(&w, n, (most + 1).min(n)), &req.candidates);
+    let eigengap = rank_by_eigengap(&laplacian_eigenvalues(w, n, (most + 1).min(n)), &req.candidates);
     let clusters = match (req.clusters, eigengap.first()) {
         (Some(c), _) => c,
         (None, Some(&(c, _))) => c,
         (None, None) => return Err(input(&req.data, format!("no candidate cluster count in {:?} fits {n} cells", req.candidates))),
     };
-    let labels = spectral_clustering(&w, n, clusters, req.seed).map_err(network_error)?;
-    let (nmi_score, ari_score) = match &truth {
+    let labels = spectral_clustering(w, n, clusters, req.seed).map_err(|problem| network_error(req, problem))?;
+    let (nmi_score, ari_score) = match &job.truth {
         Some((_, codes)) => {
             let known: Vec<usize> = (0..n).filter(|&i| codes[i] >= 0).collect();
             let t: Vec<u32> = known.iter().map(|&i| codes[i] as u32).collect();
@@ -317,7 +384,7 @@ pub fn network_store(req: &NetworkRequest, mut progress: impl FnMut(&str)) -> Re
     progress("writing the network and the clusters");
     let network_entries = match req.top_k {
         Some(top_k) => {
-            let graph = top_k_rows(&w, n, top_k);
+            let graph = top_k_rows(w, n, top_k);
             root.write_obsp(&req.key, &graph, req.overwrite)?;
             graph.nnz()
         }
@@ -329,7 +396,7 @@ pub fn network_store(req: &NetworkRequest, mut progress: impl FnMut(&str)) -> Re
     };
     let categories: Vec<String> = (0..clusters).map(|c| c.to_string()).collect();
     let column = Column::Categorical { codes: labels.iter().map(|&l| l as i32).collect(), categories, ordered: false };
-    root.write_obs_column(&cluster_column, &column, req.overwrite)?;
+    root.write_obs_column(&job.cluster_column, &column, req.overwrite)?;
     let seconds_write = started.elapsed().as_secs_f64();
 
     Ok(NetworkReport {
@@ -342,17 +409,27 @@ pub fn network_store(req: &NetworkRequest, mut progress: impl FnMut(&str)) -> Re
         mu: req.mu,
         clusters,
         eigengap,
-        label_key: truth.map(|t| t.0),
+        label_key: job.truth.as_ref().map(|t| t.0.clone()),
         nmi: nmi_score,
         ari: ari_score,
-        network: network_key,
+        network: root.element(&format!("obsp/{}", req.key)),
         network_entries,
-        cluster_column: root.element(&format!("obs/{cluster_column}")),
+        cluster_column: root.element(&format!("obs/{}", job.cluster_column)),
         seconds_affinities,
         seconds_network,
         seconds_clustering,
         seconds_write,
     })
+}
+
+/// The coordinator's check of a submitted network job (`JobSpec.network_toml`): the request
+/// parses, runs across workers, and the store opens; its cell count.
+pub fn check_network_job(data: &str, network_toml: &str) -> Result<u64, String> {
+    let req: NetworkRequest = toml::from_str(network_toml).map_err(|e| format!("network_toml: {e}"))?;
+    if req.method != Method::Snf {
+        return Err("network_toml: only SNF runs across workers".into());
+    }
+    Dataset::open(data).map(|d| d.n_obs()).map_err(|e| e.to_string())
 }
 
 /// Label codes of an obs column (-1 = missing).

@@ -19,7 +19,8 @@ use tonic::transport::Channel;
 
 use crate::fit::{FitConfig, FitError, FitOptions, train};
 use crate::parallel::{EpochEnd, EpochHooks, Placement};
-use crate::ring::Ring;
+use crate::network::{NetworkJobError, NetworkRequest, network_rank};
+use crate::ring::{Ring, RingError};
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -185,6 +186,9 @@ fn run_assignment(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared
         let addr = next.parse::<SocketAddr>().or_else(|_| std::net::ToSocketAddrs::to_socket_addrs(next.as_str()).map_err(|e| e.to_string()).and_then(|mut it| it.next().ok_or_else(|| "no address".into()))).map_err(|reason| FitError::Config { file: "assignment.peers".into(), reason: format!("{next}: {reason}") })?;
         Ring::connect(rank, world, a.generation, listener, addr, config.timeout)?
     };
+    if !spec.network_toml.is_empty() {
+        return run_network(runtime, client, shared, ring, a, &spec);
+    }
     let fit_config = FitConfig::from_toml(&spec.config_toml, "JobSpec.config_toml")?;
     let parts = fit_config.train.parts.unwrap_or(spec.world_size.max(1) as usize);
     let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
@@ -205,6 +209,32 @@ fn run_assignment(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared
     let resume_from = (!a.resume_from.is_empty()).then(|| PathBuf::from(&a.resume_from));
     let mut place = Placement { ring, parts, hooks: Box::new(hooks), checkpoint_per_epoch: true, resume_from };
     train(&opts, &mut place, |_| {}).map(|_| ())
+}
+
+/// A network job (`JobSpec.network_toml`): this rank's rows of SNF; rank 0 also writes the
+/// outputs and the report (`<output_url>/<method>.json`). One epoch, each rank counting its rows.
+fn run_network(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared: &Arc<Shared>, mut ring: Ring, a: &pb::Assignment, spec: &pb::JobSpec) -> Result<(), FitError> {
+    use tessera_network::NetworkError;
+    let mut req: NetworkRequest = toml::from_str(&spec.network_toml).map_err(|e| FitError::Config { file: "JobSpec.network_toml".into(), reason: e.to_string() })?;
+    req.data.clone_from(&spec.data_url);
+    let started = Instant::now();
+    let (rows, report) = network_rank(&req, &mut ring).map_err(|e| match e {
+        // A peer that died or hung: rejoin once the coordinator has re-formed the group.
+        NetworkJobError::Network { problem: NetworkError::Exchange { rank, problem }, .. } => FitError::Ring(RingError::Peer { rank, op: "exchanging row blocks with", peer: "its ring neighbours".into(), reason: problem }),
+        other => FitError::Input { store: "network job".into(), reason: other.to_string() },
+    })?;
+    if let Some(report) = &report {
+        let path = PathBuf::from(&spec.output_url).join(format!("{}.json", serde_json::to_value(report.method).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| "network".into())));
+        let json = serde_json::to_vec_pretty(report).map_err(|e| FitError::Output { path: path.display().to_string(), reason: e.to_string() })?;
+        std::fs::create_dir_all(&spec.output_url).and_then(|()| std::fs::write(&path, json)).map_err(|e| FitError::Output { path: path.display().to_string(), reason: e.to_string() })?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(job = a.job_id, rows, seconds, "network rows done");
+    let progress = pb::ProgressReport { worker_id: shared.worker_id(), job_id: a.job_id.clone(), generation: a.generation, cells: rows as u64, epoch_done: true, last: true, cells_per_second: rows as f64 / seconds.max(1e-9), compute_seconds: seconds, ..pb::ProgressReport::default() };
+    runtime.block_on(client.clone().report_progress(progress)).map(|_| ()).map_err(|status| {
+        tracing::warn!(code = ?status.code(), "coordinator refused the report: {}", status.message());
+        FitError::Interrupted { epoch: 0, step: 0 }
+    })
 }
 
 /// Tells the coordinator about epochs and checkpoints, and listens for its interruptions.

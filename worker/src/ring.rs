@@ -163,6 +163,37 @@ impl Ring {
     }
 }
 
+/// SNF over row blocks exchanges variable-length f64 messages around the same ring: each a
+/// length (u64) and the values, sent while the previous rank's is read.
+impl tessera_network::distributed::Exchange for Ring {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn shift(&mut self, message: Vec<f64>) -> Result<Vec<f64>, String> {
+        let (Some(next), Some(prev)) = (self.next.as_mut(), self.prev.as_mut()) else { return Ok(message) };
+        let (next_name, prev_name) = (&self.next_name, &self.prev_name);
+        std::thread::scope(|sc| {
+            let sending = sc.spawn(|| -> Result<(), String> {
+                next.write_all(&(message.len() as u64).to_le_bytes()).and_then(|()| next.write_all(bytemuck::cast_slice(&message))).map_err(|e| format!("sending to {next_name}: {e}"))
+            });
+            let received = (|| -> Result<Vec<f64>, String> {
+                let mut len = [0u8; 8];
+                prev.read_exact(&mut len).map_err(|e| format!("receiving from {prev_name}: {e}"))?;
+                let mut values = vec![0.0f64; u64::from_le_bytes(len) as usize];
+                prev.read_exact(bytemuck::cast_slice_mut(&mut values)).map_err(|e| format!("receiving from {prev_name}: {e}"))?;
+                Ok(values)
+            })();
+            let sent = sending.join().unwrap_or_else(|_| Err("the sending thread panicked".into()));
+            sent.and(received)
+        })
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Phase {
     ReduceScatter,

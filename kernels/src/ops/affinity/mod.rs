@@ -5,6 +5,8 @@
 //! Semantics follow snfpy 0.2.2 (`make_affinity`, `affinity_matrix`), so fused networks can be
 //! compared with it entry by entry.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::linear::Gemm;
@@ -29,18 +31,26 @@ pub fn zscore_columns<T: Real>(x: &mut [T], n: usize, d: usize) {
     }
 }
 
-/// out (n x n) = squared Euclidean distances between the rows of the n x d `x`:
-/// |xi|² + |xj|² − 2 xi·xj (one GEMM), clamped at 0, exactly 0 on the diagonal and symmetric.
-pub fn sq_euclidean<T: Gemm>(x: &[T], n: usize, d: usize, out: &mut [T]) {
-    assert_eq!(x.len(), n * d, "sq_euclidean: x is not n x d");
-    assert_eq!(out.len(), n * n, "sq_euclidean: out is not n x n");
-    T::gemm(false, true, n, d, n, T::of(-2.0), x, x, T::zero(), out);
+/// Rows `rows` of the squared Euclidean distances between the rows of the n x d `x`, into
+/// `out` (rows.len() x n): |xi|² + |xj|² − 2 xi·xj (one GEMM), clamped at 0, exactly 0 on the
+/// diagonal. A row block is what one rank of a distributed SNF holds.
+pub fn sq_euclidean_rows<T: Gemm>(x: &[T], n: usize, d: usize, rows: Range<usize>, out: &mut [T]) {
+    assert_eq!(x.len(), n * d, "sq_euclidean_rows: x is not n x d");
+    assert!(rows.end <= n, "sq_euclidean_rows: rows {rows:?} beyond {n}");
+    assert_eq!(out.len(), rows.len() * n, "sq_euclidean_rows: out is not rows x n");
+    T::gemm(false, true, rows.len(), d, n, T::of(-2.0), &x[rows.start * d..rows.end * d], x, T::zero(), out);
     let norms: Vec<T> = x.chunks(d.max(1)).take(n).map(|r| r.iter().fold(T::zero(), |s, &v| s + v * v)).collect();
-    out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+    out.par_chunks_mut(n).zip(rows).for_each(|(row, i)| {
         for (j, v) in row.iter_mut().enumerate() {
             *v = if i == j { T::zero() } else { (*v + norms[i] + norms[j]).max(T::zero()) };
         }
     });
+}
+
+/// out (n x n) = squared Euclidean distances between the rows of the n x d `x`
+/// ([`sq_euclidean_rows`] of every row), exactly symmetric.
+pub fn sq_euclidean<T: Gemm>(x: &[T], n: usize, d: usize, out: &mut [T]) {
+    sq_euclidean_rows(x, n, d, 0..n, out);
     // The GEMM's two triangles may round differently: keep the upper one.
     for i in 0..n {
         for j in 0..i {
@@ -74,32 +84,45 @@ pub fn symmetrise<T: Real>(x: &mut [T], n: usize) {
 /// epsilon), W = N(ρᵢⱼ; 0, μ σᵢⱼ), symmetric.
 pub fn scaled_exponential<T: Real>(dist: &mut [T], n: usize, k: usize, mu: f64) {
     assert_eq!(dist.len(), n * n, "scaled_exponential: dist is not n x n");
-    let eps = f64::EPSILON;
     symmetrise(dist, n);
     for i in 0..n {
         dist[i * n + i] = T::zero();
     }
+    let near = mean_nearest(dist, n, k);
+    exponential_rows(dist, n, &near, &near, mu);
+}
+
+/// For each row of distances (n long, its own entry 0): the mean of its `k` nearest others,
+/// positions 1..=k of the sorted row as in snfpy's sort (only those k + 1 are put in order),
+/// plus machine epsilon.
+pub fn mean_nearest<T: Real>(dist_rows: &[T], n: usize, k: usize) -> Vec<f64> {
     let take = k.min(n.saturating_sub(1));
-    // Mean distance to the k nearest others: positions 1..=k of the sorted row (position 0 is
-    // the zero self-distance, as in snfpy's sort); only those k + 1 are put in order.
-    let near: Vec<f64> = dist
+    dist_rows
         .par_chunks(n)
         .map(|row| {
             if take == 0 {
-                return eps;
+                return f64::EPSILON;
             }
             let mut row: Vec<f64> = row.iter().map(|v| v.f64()).collect();
             row.select_nth_unstable_by(take, f64::total_cmp);
             let nearest = &mut row[..=take];
             nearest.sort_by(f64::total_cmp);
-            nearest[1..].iter().sum::<f64>() / take as f64 + eps
+            nearest[1..].iter().sum::<f64>() / take as f64 + f64::EPSILON
         })
-        .collect();
+        .collect()
+}
+
+/// Rows of distances turned in place into scaled exponential affinities, given the rows' own
+/// [`mean_nearest`] values and every column's.
+pub fn exponential_rows<T: Real>(dist_rows: &mut [T], n: usize, near_rows: &[f64], near_all: &[f64], mu: f64) {
+    assert_eq!(dist_rows.len(), near_rows.len() * n, "exponential_rows: rows do not match their nearest means");
+    assert_eq!(near_all.len(), n, "exponential_rows: one nearest mean per column expected");
+    let eps = f64::EPSILON;
     let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
-    dist.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
-        for (j, w) in row.iter_mut().enumerate() {
+    dist_rows.par_chunks_mut(n).zip(near_rows).for_each(|(row, &near_i)| {
+        for (w, &near_j) in row.iter_mut().zip(near_all) {
             let rho = w.f64();
-            let sigma = (near[i] + near[j] + rho) / 3.0;
+            let sigma = (near_i + near_j + rho) / 3.0;
             let sigma = if sigma > eps { sigma } else { 0.0 } + eps;
             let scale = mu * sigma;
             *w = T::of((-0.5 * (rho / scale).powi(2)).exp() * inv_sqrt_2pi / scale);
