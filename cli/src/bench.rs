@@ -142,12 +142,14 @@ fn snf_side_by_side(sizes: &[usize], features: usize, views: usize, python: Opti
     let dir = std::env::temp_dir().join(format!("tessera-bench-snf-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     println!("SNF: {views} views x {features} features, K = 20, t = 20 (affinities included)");
-    println!("{:>7} {:>12} {:>12} {:>8}", "n", "tessera s", "snfpy s", "ratio");
+    println!("{:>7} {:>10} {:>12} {:>10} {:>12} {:>8}", "n", "tessera s", "tessera MiB", "snfpy s", "snfpy MiB", "ratio");
     for &n in sizes {
         // Four clusters whose centres differ in every view.
         let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(n as u64);
         let noise = Normal::new(0.0f64, 1.0)?;
         let data: Vec<Vec<f64>> = (0..views).map(|v| (0..n * features).map(|e| ((e / features) % 4) as f64 * (1.0 + v as f64) * 0.3 + noise.sample(&mut rng)).collect()).collect();
+        // Peak memory of this size alone: Linux resets the high-water mark on request.
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
         let started = Instant::now();
         let affinities: Vec<Vec<f64>> = data
             .iter()
@@ -162,6 +164,7 @@ fn snf_side_by_side(sizes: &[usize], features: usize, views: usize, python: Opti
             .collect();
         tessera_network::snf(affinities.into_iter().map(tessera_network::View::complete).collect(), n, tessera_network::SnfParams::default())?;
         let ours = started.elapsed().as_secs_f64();
+        let our_mib = peak_rss_mib().map_or("-".to_string(), |m| format!("{m:.0}"));
         let theirs = match python {
             Some(py) => {
                 let paths: Vec<PathBuf> = (0..views).map(|v| dir.join(format!("n{n}-view{v}.csv"))).collect();
@@ -174,15 +177,24 @@ fn snf_side_by_side(sizes: &[usize], features: usize, views: usize, python: Opti
                 if !out.status.success() {
                     bail!("snfpy at n = {n}: {}", String::from_utf8_lossy(&out.stderr));
                 }
-                String::from_utf8_lossy(&out.stdout).split_whitespace().next().and_then(|s| s.parse::<f64>().ok())
+                let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+                let mut fields = printed.split_whitespace().map(|s| s.parse::<f64>().ok());
+                fields.next().flatten().map(|seconds| (seconds, fields.next().flatten()))
             }
             None => None,
         };
-        let (t, r) = theirs.map_or(("-".to_string(), "-".to_string()), |t| (format!("{t:.2}"), format!("{:.1}x", t / ours)));
-        println!("{n:>7} {ours:>12.2} {t:>12} {r:>8}");
+        let (t, mib, r) = theirs.map_or(("-".to_string(), "-".to_string(), "-".to_string()), |(t, mib)| (format!("{t:.2}"), mib.map_or("-".to_string(), |m| format!("{m:.0}")), format!("{:.1}x", t / ours)));
+        println!("{n:>7} {ours:>10.2} {our_mib:>12} {t:>10} {mib:>12} {r:>8}");
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// This process's peak resident memory (Linux `VmHWM`), MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 fn nccl(floats: &[usize], repeat: usize) -> Result<()> {
