@@ -133,8 +133,9 @@ pub(crate) fn grid(n: usize) -> LaunchConfig {
 }
 
 /// Every CUDA source we ship, by module name: what NVRTC compiles in CI and on devices.
-pub fn sources() -> [(&'static str, &'static str); 8] {
+pub fn sources() -> [(&'static str, &'static str); 9] {
     [
+        ("affinity", crate::ops::affinity::CUDA_SOURCE),
         ("dropout", crate::ops::dropout::CUDA_SOURCE),
         ("elementwise", crate::ops::elementwise::CUDA_SOURCE),
         ("gaussian", crate::ops::gaussian::CUDA_SOURCE),

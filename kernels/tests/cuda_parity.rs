@@ -417,3 +417,52 @@ fn losses_match_cpu() {
     assert!((cox - gcox).abs() <= 1e-4 * cox.abs(), "cox {gcox} vs {cox}");
     assert_close("cox grad", &gpu.download(&ded).unwrap(), &de, 1e-6, 1e-3);
 }
+
+/// |gpu − cpu| <= tol · (1 + |cpu|), entry by entry, in f64.
+fn assert_close64(what: &str, gpu: &[f64], cpu: &[f64], tol: f64) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        assert!((g - c).abs() <= tol * (1.0 + c.abs()), "{what}[{i}]: gpu {g} vs cpu {c}");
+    }
+}
+
+#[test]
+fn snf_affinity_and_sparse_product_match_cpu() {
+    use tessera_kernels::ops::affinity::{self, gpu as agpu};
+    let Some(gpu) = gpu() else { return };
+    let stream = gpu.stream();
+    let (n, d, rows) = (300usize, 20usize, 120..270usize);
+    let x: Vec<f64> = (0..n * d).map(|e| ((e * 37 % 101) as f64 - 50.0) / 17.0).collect();
+    // Distances of a row block: the GEMM's −2 X_rows Xᵀ, then the epilogue on each side.
+    let mut cpu = vec![0.0; rows.len() * n];
+    affinity::sq_euclidean_rows(&x, n, d, rows.clone(), &mut cpu);
+    let mut raw = vec![0.0; rows.len() * n];
+    <f64 as Gemm>::gemm(false, true, rows.len(), d, n, -2.0, &x[rows.start * d..rows.end * d], &x, 0.0, &mut raw);
+    let norms: Vec<f64> = x.chunks(d).map(|r| r.iter().map(|v| v * v).sum()).collect();
+    let mut dd = stream.clone_htod(&raw).unwrap();
+    agpu::sq_distance_finish(&gpu, &mut dd, &stream.clone_htod(&norms).unwrap(), rows.start, n).unwrap();
+    assert_close64("squared distances", &stream.clone_dtoh(&dd).unwrap(), &cpu, 1e-13);
+    // The scaled exponential affinity of those rows.
+    let near_rows = affinity::mean_nearest(&cpu, n, 20);
+    let near_all: Vec<f64> = (0..n).map(|j| 1.0 + (j % 7) as f64).collect();
+    let mut dd = stream.clone_htod(&cpu).unwrap();
+    affinity::exponential_rows(&mut cpu, n, &near_rows, &near_all, 0.5);
+    agpu::exponential_rows(&gpu, &mut dd, &stream.clone_htod(&near_rows).unwrap(), &stream.clone_htod(&near_all).unwrap(), 0.5).unwrap();
+    assert_close64("affinity", &stream.clone_dtoh(&dd).unwrap(), &cpu, 1e-13);
+    // SNF's sparse product (S·X)ᵀ with 7 entries per row, n not a multiple of the 32-tile.
+    let n = 333;
+    let (mut indptr, mut cols, mut vals) = (vec![0u64], Vec::new(), Vec::new());
+    for j in 0..n {
+        for t in 0..7 {
+            cols.push(((j * 13 + t * 47) % n) as u32);
+            vals.push(1.0 / (1.0 + t as f64 + (j % 5) as f64));
+        }
+        indptr.push(cols.len() as u64);
+    }
+    let m: Vec<f64> = (0..n * n).map(|e| ((e * 7919 % 1009) as f64) / 1009.0).collect();
+    let mut cpu = vec![0.0; n * n];
+    affinity::sparse_times_dense_transposed(&indptr, &cols, &vals, &m, n, 0.5, &mut cpu);
+    let mut out = stream.alloc_zeros::<f64>(n * n).unwrap();
+    agpu::sparse_times_dense_transposed(&gpu, &stream.clone_htod(&indptr).unwrap(), &stream.clone_htod(&cols).unwrap(), &stream.clone_htod(&vals).unwrap(), &stream.clone_htod(&m).unwrap(), n, 0.5, &mut out).unwrap();
+    assert_close64("(S X)^T", &stream.clone_dtoh(&out).unwrap(), &cpu, 1e-13);
+}

@@ -240,6 +240,24 @@ mod tests {
     }
 
     #[test]
+    fn slab_product_equals_the_plain_reference() {
+        // 37 rows (two slabs and a short one), 5 entries per row.
+        let n = 37;
+        let s: SparseRows = (0..n).map(|j| (0..5).map(|t| ((j * 11 + t * 7) % n, 1.0 / (1.0 + t as f64))).collect()).collect();
+        let x: Vec<f64> = (0..n * n).map(|e| ((e * 31 % 17) as f64) - 8.0).collect();
+        let mut fast = vec![0.0; n * n];
+        sparse_times_dense_transposed(&s, &x, n, 0.25, &mut fast);
+        let indptr: Vec<u64> = std::iter::once(0).chain(s.iter().scan(0u64, |acc, row| { *acc += row.len() as u64; Some(*acc) })).collect();
+        let cols: Vec<u32> = s.iter().flatten().map(|e| e.0 as u32).collect();
+        let vals: Vec<f64> = s.iter().flatten().map(|e| e.1).collect();
+        let mut plain = vec![0.0; n * n];
+        tessera_kernels::ops::affinity::sparse_times_dense_transposed(&indptr, &cols, &vals, &x, n, 0.25, &mut plain);
+        for (a, b) in fast.iter().zip(&plain) {
+            assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+
+    #[test]
     fn identical_views_fuse_to_a_symmetric_row_stochastic_network() {
         let n = 12;
         let w: Vec<f64> = (0..n * n).map(|e| (-(((e / n) as f64 - (e % n) as f64).powi(2)) / 8.0).exp()).collect();

@@ -184,7 +184,12 @@ impl tessera_network::distributed::Exchange for Ring {
             let received = (|| -> Result<Vec<f64>, String> {
                 let mut len = [0u8; 8];
                 prev.read_exact(&mut len).map_err(|e| format!("receiving from {prev_name}: {e}"))?;
-                let mut values = vec![0.0f64; u64::from_le_bytes(len) as usize];
+                let len = u64::from_le_bytes(len);
+                // A corrupt length must not allocate the machine away: 2^33 values is 64 GiB.
+                if len > 1 << 33 {
+                    return Err(format!("{prev_name} announced {len} values: not a block message"));
+                }
+                let mut values = vec![0.0f64; len as usize];
                 prev.read_exact(bytemuck::cast_slice_mut(&mut values)).map_err(|e| format!("receiving from {prev_name}: {e}"))?;
                 Ok(values)
             })();

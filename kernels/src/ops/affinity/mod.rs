@@ -1,9 +1,12 @@
 //! Sample-similarity kernels for network methods (SNF, NEMO, kernel averaging): per-feature
 //! z-scores, pairwise squared Euclidean distances through one GEMM, and SNFtool's scaled
-//! exponential affinity. CPU reference; the CUDA kernels come with the distributed SNF.
+//! exponential affinity, and SNF's sparse product. CPU references; `affinity.cu` holds the CUDA
+//! kernels (`gpu.rs` their launchers).
 //!
 //! Semantics follow snfpy 0.2.2 (`make_affinity`, `affinity_matrix`), so fused networks can be
 //! compared with it entry by entry.
+
+pub mod gpu;
 
 use std::ops::Range;
 
@@ -11,6 +14,8 @@ use rayon::prelude::*;
 
 use super::linear::Gemm;
 use crate::real::Real;
+
+pub const CUDA_SOURCE: &str = include_str!("affinity.cu");
 
 /// Standardises each column of the row-major n x d `x` in place: mean 0, sample standard
 /// deviation 1 (ddof = 1, as `scipy.stats.zscore(ddof=1)`); a constant column becomes 0.
@@ -128,6 +133,19 @@ pub fn exponential_rows<T: Real>(dist_rows: &mut [T], n: usize, near_rows: &[f64
             *w = T::of((-0.5 * (rho / scale).powi(2)).exp() * inv_sqrt_2pi / scale);
         }
     });
+}
+
+/// out = (S·X)ᵀ·scale for the n-row CSR S (`indptr`, `cols`, `vals`) and the dense row-major
+/// n x n X: out[c][j] = scale · Σ_p vals[p]·X[cols[p]][c] over row j's entries. The plain
+/// reference of SNF's fusion product (tessera-network runs a slab-blocked version of it).
+pub fn sparse_times_dense_transposed(indptr: &[u64], cols: &[u32], vals: &[f64], x: &[f64], n: usize, scale: f64, out: &mut [f64]) {
+    assert!(indptr.len() == n + 1 && cols.len() == vals.len() && x.len() == n * n && out.len() == n * n, "sparse_times_dense_transposed: shapes");
+    for j in 0..n {
+        for c in 0..n {
+            let acc: f64 = (indptr[j] as usize..indptr[j + 1] as usize).map(|p| vals[p] * x[cols[p] as usize * n + c]).sum();
+            out[c * n + j] = scale * acc;
+        }
+    }
 }
 
 #[cfg(test)]
