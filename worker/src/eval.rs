@@ -146,7 +146,8 @@ fn target(dataset: &Dataset, req: &EvalRequest) -> Result<(AnnData, Vec<AnnData>
     }
 }
 
-fn codes(adata: &AnnData, key: &str, store: &str) -> Result<Vec<i32>, EvalError> {
+/// The label codes of an obs column (-1 = missing); categorical, string or boolean columns.
+pub(crate) fn codes(adata: &AnnData, key: &str, store: &str) -> Result<Vec<i32>, EvalError> {
     let column = adata.obs_column(key)?;
     column.codes().map(|(c, _)| c).ok_or_else(|| EvalError::Input {
         store: store.into(),

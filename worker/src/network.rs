@@ -432,8 +432,11 @@ pub fn check_network_job(data: &str, network_toml: &str) -> Result<u64, String> 
     Dataset::open(data).map(|d| d.n_obs()).map_err(|e| e.to_string())
 }
 
-/// Label codes of an obs column (-1 = missing).
+/// Label codes of an obs column (-1 = missing), as the evaluation reads them.
 fn label_codes(root: &AnnData, key: &str, store: &str) -> Result<Vec<i32>, NetworkJobError> {
-    let column = root.obs_column(key)?;
-    column.codes().map(|(codes, _)| codes).ok_or_else(|| input(store, format!("{}: a {} column, expected categories or strings for labels", root.element(&format!("obs/{key}")), column.kind())))
+    crate::eval::codes(root, key, store).map_err(|e| match e {
+        crate::EvalError::Data(d) => d.into(),
+        crate::EvalError::Input { store, reason } => NetworkJobError::Input { store, reason },
+        other => input(store, other.to_string()),
+    })
 }
