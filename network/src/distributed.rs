@@ -82,11 +82,23 @@ pub fn gather_to_rank0(ex: &mut impl Exchange, mine: Vec<f64>) -> Result<Option<
     Ok((ex.rank() == 0).then(|| incoming.concat()))
 }
 
+/// The row block `x` (n columns) cut by the ranks' column ranges: block q = x[:, rows of q].
+fn column_blocks(x: &[f64], n: usize, world: usize) -> Vec<Vec<f64>> {
+    (0..world)
+        .map(|q| {
+            let cols = row_range(n, world, q);
+            let mut block = Vec::with_capacity(x.len() / n.max(1) * cols.len());
+            x.chunks(n).for_each(|row| block.extend_from_slice(&row[cols.clone()]));
+            block
+        })
+        .collect()
+}
+
 /// (X + Xᵀ)/2 of the row block `x` (rows `mine` of an n x n matrix), through one transpose.
 fn symmetrise_rows(ex: &mut impl Exchange, x: &mut [f64], n: usize) -> Result<(), NetworkError> {
     let world = ex.world();
     let mine = row_range(n, world, ex.rank());
-    let blocks: Vec<Vec<f64>> = (0..world).map(|q| x.chunks(n).flat_map(|row| row[row_range(n, world, q)].to_vec()).collect()).collect();
+    let blocks = column_blocks(x, n, world);
     let theirs = all_to_all(ex, blocks)?;
     let width = mine.len();
     for (q, block) in theirs.iter().enumerate() {
@@ -151,11 +163,15 @@ pub fn snf_rows(views: Vec<Vec<f64>>, n: usize, params: SnfParams, ex: &mut impl
     let rows = mine.len();
     let mut total = vec![0.0; rows * n];
     let sum = |p: &[Vec<f64>], total: &mut [f64]| {
-        total.par_iter_mut().enumerate().for_each(|(e, t)| *t = p.iter().map(|x| x[e]).sum());
+        total.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+            row.copy_from_slice(&p[0][i * n..(i + 1) * n]);
+            for x in &p[1..] {
+                row.iter_mut().zip(&x[i * n..(i + 1) * n]).for_each(|(t, v)| *t += v);
+            }
+        })
     };
     sum(&p, &mut total);
     let mut half = vec![0.0; rows * n];
-    let mut columns = vec![0.0; n * rows];
     for _ in 0..params.t {
         for (pv, sv) in p.iter_mut().zip(&s) {
             pv.par_iter_mut().zip(total.par_iter()).for_each(|(v, t)| *v = t - *v);
@@ -167,16 +183,15 @@ pub fn snf_rows(views: Vec<Vec<f64>>, n: usize, params: SnfParams, ex: &mut impl
                     slab.iter_mut().zip(row).for_each(|(lane, &v)| lane[r] = v);
                 }
             });
-            // My columns of (S·M)ᵀ, rank by rank: n x rows.
-            let blocks: Vec<Vec<f64>> = (0..world).map(|q| half.chunks(n).flat_map(|row| row[row_range(n, world, q)].to_vec()).collect()).collect();
-            for (q, block) in all_to_all(ex, blocks)?.into_iter().enumerate() {
-                let from = row_range(n, world, q).start;
-                columns[from * rows..from * rows + block.len()].copy_from_slice(&block);
-            }
-            let cols: &[f64] = &columns;
+            // My columns of (S·M)ᵀ: from rank q, its rows x my columns (rows_q x rows).
+            let blocks = column_blocks(&half, n, world);
+            let columns = all_to_all(ex, blocks)?;
             sparse_product_rows(sv, n, 1.0 / (m - 1) as f64, pv, |slab, first, count| {
-                for (l, lane) in slab.iter_mut().enumerate() {
-                    lane[..count].copy_from_slice(&cols[l * rows + first..l * rows + first + count]);
+                for (q, block) in columns.iter().enumerate() {
+                    let from = row_range(n, world, q).start;
+                    for (l, row) in block.chunks(rows.max(1)).enumerate() {
+                        slab[from + l][..count].copy_from_slice(&row[first..first + count]);
+                    }
                 }
             });
             for (local, i) in mine.clone().enumerate() {

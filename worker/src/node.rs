@@ -231,11 +231,22 @@ fn run_network(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared: &
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(job = a.job_id, rows, seconds, "network rows done");
     let progress = pb::ProgressReport { worker_id: shared.worker_id(), job_id: a.job_id.clone(), generation: a.generation, cells: rows as u64, epoch_done: true, last: true, cells_per_second: rows as f64 / seconds.max(1e-9), compute_seconds: seconds, ..pb::ProgressReport::default() };
-    runtime.block_on(client.clone().report_progress(progress)).map(|_| ()).map_err(|status| {
+    runtime.block_on(client.clone().report_progress(progress)).map_err(|status| {
         tracing::warn!(code = ?status.code(), "coordinator refused the report: {}", status.message());
         FitError::Interrupted { epoch: 0, step: 0 }
-    })
+    })?;
+    // Rank 0 still clusters and writes: stay (heartbeating) until the job ends, or a worker
+    // that leaves now would be counted lost and the job run again. The heartbeat sets
+    // `interrupted` when the coordinator says Stop (ended) or Rejoin (re-formed).
+    let deadline = Instant::now() + NETWORK_FINISH_WAIT;
+    while !shared.interrupted.load(Ordering::SeqCst) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }
+
+/// How long a finished rank of a network job waits for rank 0's clustering and writing.
+const NETWORK_FINISH_WAIT: Duration = Duration::from_secs(3600);
 
 /// Tells the coordinator about epochs and checkpoints, and listens for its interruptions.
 struct Reporter {
