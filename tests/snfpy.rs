@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use tessera_kernels::ops::affinity::{scaled_exponential, sq_euclidean, zscore_columns};
+use tessera_kernels::ops::affinity::{Metric, distances, scaled_exponential, sq_euclidean, zscore_columns};
 use tessera_metrics::cluster::nmi;
 use tessera_network::{SnfParams, View, laplacian_eigenvalues, nemo, rank_by_eigengap, snf, spectral_clustering};
 use tessera_tests::{python, run_python};
@@ -47,6 +47,19 @@ fn affinities_fused_network_and_clusters_equal_snfpy() {
             let scale = reference.iter().fold(0.0f64, |m, v| m.max(v.abs()));
             assert!(diff <= 1e-12 * scale, "{name} view {v}: affinity differs by {diff} (largest entry {scale})");
             affinities.push(w);
+        }
+        let other_metrics = if name == "digits" { vec![("euclidean", Metric::Euclidean), ("cosine", Metric::Cosine), ("correlation", Metric::Correlation)] } else { Vec::new() };
+        for (name_of_metric, metric) in other_metrics {
+            let (mut x, d) = read_csv(&dir.join("view0.csv"));
+            let n = x.len() / d;
+            zscore_columns(&mut x, n, d);
+            let mut w = vec![0.0; n * n];
+            distances(&x, n, d, metric, &mut w);
+            scaled_exponential(&mut w, n, 20, 0.5);
+            let (reference, _) = read_csv(&dir.join(format!("affinity0-{name_of_metric}.csv")));
+            let diff = max_abs_diff(&w, &reference);
+            let scale = reference.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            assert!(diff <= 1e-10 * scale, "{name} view 0, {name_of_metric}: affinity differs by {diff} (largest entry {scale})");
         }
         let (reference, n) = read_csv(&dir.join("fused.csv"));
         let fused = snf(affinities.into_iter().map(View::complete).collect(), n, SnfParams::default()).unwrap();

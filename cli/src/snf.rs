@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use tessera_network::SnfParams;
-use tessera_worker::network::{Method, NetworkRequest, ViewSpec, network_store};
+use tessera_worker::network::{Distance, Method, NetworkRequest, ViewSpec, network_store};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum MethodArg {
@@ -14,6 +14,16 @@ enum MethodArg {
     Snf,
     /// NEMO (Rappoport & Shamir 2019): kNN relative similarities averaged over shared views.
     Nemo,
+    /// Kernel averaging: the unweighted mean of the views' affinities.
+    Average,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum MetricArg {
+    Sqeuclidean,
+    Euclidean,
+    Cosine,
+    Correlation,
 }
 
 #[derive(clap::Args, Debug)]
@@ -38,6 +48,9 @@ pub struct SnfArgs {
     /// Width of the scaled exponential kernel (snfpy's mu).
     #[arg(long, default_value_t = 0.5)]
     mu: f64,
+    /// Distance under each view's affinity (snfpy's metric, after per-feature z-scores).
+    #[arg(long, value_enum, default_value_t = MetricArg::Sqeuclidean)]
+    metric: MetricArg,
     /// Use counts in X as they are (default: scaled to 10^4 per cell and log1p'd, as
     /// scanpy's normalize_total + log1p; obsm entries are always used as they are).
     #[arg(long)]
@@ -77,6 +90,13 @@ pub fn run(args: SnfArgs) -> Result<()> {
     let (method, name) = match args.method {
         MethodArg::Snf => (Method::Snf, "snf"),
         MethodArg::Nemo => (Method::Nemo, "nemo"),
+        MethodArg::Average => (Method::Average, "average"),
+    };
+    let metric = match args.metric {
+        MetricArg::Sqeuclidean => Distance::SqEuclidean,
+        MetricArg::Euclidean => Distance::Euclidean,
+        MetricArg::Cosine => Distance::Cosine,
+        MetricArg::Correlation => Distance::Correlation,
     };
     let req = NetworkRequest {
         data: data.clone(),
@@ -85,6 +105,7 @@ pub fn run(args: SnfArgs) -> Result<()> {
         snf: SnfParams { k: args.k.unwrap_or(SnfParams::default().k), t: args.t, ..SnfParams::default() },
         nemo_k: args.k,
         mu: args.mu,
+        metric,
         log_normalise: !args.raw_counts,
         clusters: args.clusters,
         candidates: (2..=15).collect(),

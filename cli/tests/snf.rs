@@ -169,3 +169,15 @@ fn snf_across_worker_processes_equals_one_machine() {
     let e = failed(&tessera(&["snf", "--data", &mosaic, "--out", out, "--workers", "2"]));
     assert!(e.contains("every cell in every view"), "{e}");
 }
+
+#[test]
+fn kernel_averaging_over_correlation_distances() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = mosaic(dir.path());
+    let out = dir.path().join("out");
+    ok(&tessera(&["snf", "--data", &store, "--out", out.to_str().unwrap(), "--method", "average", "--metric", "correlation", "--key", "avg", "--clusters", "8"]));
+    let r = report(&out, "average");
+    assert_eq!(r["method"], "average");
+    assert!(r["nmi"].as_f64().unwrap() > 0.9, "{r}");
+    assert_eq!(MuData::open(&store).unwrap().root().matrix("obsp/avg").unwrap().shape, (600, 600));
+}

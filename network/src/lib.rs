@@ -6,6 +6,7 @@
 //! Invariant: like `metrics`, this crate knows nothing of stores or devices: dense row-major
 //! n x n matrices in, a fused matrix out.
 
+pub mod average;
 pub mod distributed;
 pub mod nemo;
 pub mod snf;
@@ -13,6 +14,7 @@ pub mod spectral;
 pub mod view;
 
 pub use snf::{NetworkError, SnfParams, snf};
+pub use average::kernel_average;
 pub use nemo::nemo;
 pub use view::View;
 pub use spectral::{laplacian_eigenvalues, rank_by_eigengap, spectral_clustering};

@@ -48,12 +48,7 @@ pub fn nemo(views: &[View], n: usize, k: Option<usize>) -> Result<Vec<f64>, Netw
                 total[gj * n + gi] += v;
             }
         }
-        for i in 0..s {
-            let gi = view.global(i);
-            for j in 0..s {
-                shared[gi * n + view.global(j)] += 1;
-            }
-        }
+        view.count_shared(n, &mut shared);
     }
     total.par_iter_mut().zip(shared.par_iter()).for_each(|(v, &c)| if c > 0 { *v /= f64::from(c) });
     if shared.contains(&0) {

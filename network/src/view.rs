@@ -64,4 +64,15 @@ impl View {
         }
         full
     }
+
+    /// Adds 1 to `shared` (n x n) at every pair of samples this view has.
+    pub(crate) fn count_shared(&self, n: usize, shared: &mut [u16]) {
+        let s = self.size(n);
+        for i in 0..s {
+            let row = &mut shared[self.global(i) * n..(self.global(i) + 1) * n];
+            for j in 0..s {
+                row[self.global(j)] += 1;
+            }
+        }
+    }
 }

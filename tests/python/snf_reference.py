@@ -1,6 +1,7 @@
 """snfpy 0.2.2 on its own example data: "sim" (2 views, 200 samples, 2 groups) and "digits"
 (4 views, 600 samples, 3 digits). For each, into <folder>/<name>/: the raw views, each view's
-affinity (make_affinity, K=20, mu=0.5), the fused network (snf, K=20, t=20), the true labels,
+affinity (make_affinity, K=20, mu=0.5; for digits' first view also with the euclidean, cosine and
+correlation metrics), the fused network (snf, K=20, t=20), the true labels,
 and spectral.json: the 6 smallest eigenvalues of the fused network's normalised Laplacian as
 get_n_clusters forms it, get_n_clusters' two best counts, and the NMI against the true labels of
 scikit-learn's spectral_clustering of the fused network (the snfpy README's recipe). CSV, for
@@ -34,6 +35,11 @@ for name, data in [("sim", datasets.load_simdata()), ("digits", datasets.load_di
         np.savetxt(out / f"view{i}.csv", view, delimiter=",", fmt="%.17g")
         np.savetxt(out / f"affinity{i}.csv", aff, delimiter=",", fmt="%.17g")
     np.savetxt(out / "fused.csv", fused, delimiter=",", fmt="%.17g")
+    # The other distances make_affinity takes (scipy's cdist metrics), on digits' first view
+    # (sim's views have 2 features: every correlation is +-1, the affinity degenerate).
+    for metric in ["euclidean", "cosine", "correlation"] if name == "digits" else []:
+        aff = snf.make_affinity(data.data[0], metric=metric, K=20, mu=0.5)
+        np.savetxt(out / f"affinity0-{metric}.csv", aff, delimiter=",", fmt="%.17g")
     np.savetxt(out / "labels.csv", data.labels, delimiter=",", fmt="%d")
     # get_n_clusters' Laplacian, its eigenvalues by a symmetric solver (eig's are the same
     # numbers, complex-typed).

@@ -7,7 +7,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tessera_data::{AnnData, Column, Csr, Dataset, DataError};
-use tessera_kernels::ops::affinity::{exponential_rows, mean_nearest, scaled_exponential, sq_euclidean, sq_euclidean_rows, zscore_columns};
+use tessera_kernels::ops::affinity::{Metric, distance_rows, distances, exponential_rows, mean_nearest, scaled_exponential, zscore_columns};
 use tessera_network::distributed::{Exchange, all_gather, gather_to_rank0, row_range, snf_rows};
 use tessera_metrics::cluster::{ari, nmi};
 use tessera_network::{NetworkError, SnfParams, View, laplacian_eigenvalues, rank_by_eigengap, spectral_clustering};
@@ -33,6 +33,30 @@ pub enum Method {
     Snf,
     /// NEMO (the authors' nemo.affinity.graph).
     Nemo,
+    /// The unweighted mean of the views' affinities (kernel averaging).
+    Average,
+}
+
+/// The distance each view's affinity is built on (snfpy's `metric`, scipy's names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Distance {
+    #[default]
+    SqEuclidean,
+    Euclidean,
+    Cosine,
+    Correlation,
+}
+
+impl From<Distance> for Metric {
+    fn from(d: Distance) -> Metric {
+        match d {
+            Distance::SqEuclidean => Metric::SqEuclidean,
+            Distance::Euclidean => Metric::Euclidean,
+            Distance::Cosine => Metric::Cosine,
+            Distance::Correlation => Metric::Correlation,
+        }
+    }
 }
 
 /// Which cells' features form one view: `X` of the store or of a MuData modality (`rna`), or
@@ -78,6 +102,9 @@ pub struct NetworkRequest {
     pub nemo_k: Option<usize>,
     /// Width of the scaled exponential kernel (snfpy's mu).
     pub mu: f64,
+    /// The distance under the affinities.
+    #[serde(default)]
+    pub metric: Distance,
     /// Count matrices (X) scaled to 10⁴ per cell and log1p'd before the z-scores, as scanpy's
     /// normalize_total + log1p; obsm entries are always used as they are.
     pub log_normalise: bool,
@@ -204,11 +231,11 @@ fn read_view(dataset: &Dataset, spec: &ViewSpec, req: &NetworkRequest) -> Result
 }
 
 /// The scaled exponential affinity of one view over its cells.
-fn affinity(mut f: Features, k: usize, mu: f64, n: usize) -> View {
+fn affinity(mut f: Features, k: usize, mu: f64, metric: Metric, n: usize) -> View {
     let s = f.samples.len();
     zscore_columns(&mut f.values, s, f.cols);
     let mut w = vec![0.0; s * s];
-    sq_euclidean(&f.values, s, f.cols, &mut w);
+    distances(&f.values, s, f.cols, metric, &mut w);
     scaled_exponential(&mut w, s, k, mu);
     if s == n { View::complete(w) } else { View::partial(f.samples, w) }
 }
@@ -299,10 +326,10 @@ pub fn network_store(req: &NetworkRequest, mut progress: impl FnMut(&str)) -> Re
         let s = features.samples.len();
         summaries.push(ViewSummary { name: spec.name(), samples: s, features: features.cols });
         let k = match req.method {
-            Method::Snf => req.snf.k,
+            Method::Snf | Method::Average => req.snf.k,
             Method::Nemo => req.nemo_k.unwrap_or_else(|| tessera_network::nemo::default_neighbours(s)),
         };
-        views.push(affinity(features, k.min(s - 1).max(1), req.mu, n));
+        views.push(affinity(features, k.min(s - 1).max(1), req.mu, req.metric.into(), n));
     }
     let seconds_affinities = started.elapsed().as_secs_f64();
 
@@ -311,6 +338,7 @@ pub fn network_store(req: &NetworkRequest, mut progress: impl FnMut(&str)) -> Re
     let w = match req.method {
         Method::Snf => tessera_network::snf(views, n, req.snf).map_err(|problem| network_error(req, problem))?,
         Method::Nemo => tessera_network::nemo(&views, n, req.nemo_k).map_err(|problem| network_error(req, problem))?,
+        Method::Average => tessera_network::kernel_average(&views, n).map_err(|problem| network_error(req, problem))?,
     };
     let timings = [seconds_affinities, started.elapsed().as_secs_f64()];
     finish(req, &job, &w, summaries, timings, progress)
@@ -326,7 +354,7 @@ fn network_error(req: &NetworkRequest, problem: NetworkError) -> NetworkJobError
 /// of rows this rank held. Every cell must be in every view.
 pub fn network_rank(req: &NetworkRequest, ex: &mut impl Exchange) -> Result<(usize, Option<NetworkReport>), NetworkJobError> {
     if req.method != Method::Snf {
-        return Err(input(&req.data, "only SNF runs across workers (NEMO's network is one pass: run it on one machine)"));
+        return Err(input(&req.data, "only SNF runs across workers (NEMO and kernel averaging are one pass: run them on one machine)"));
     }
     let job = prepare(req)?;
     let n = job.n;
@@ -342,7 +370,7 @@ pub fn network_rank(req: &NetworkRequest, ex: &mut impl Exchange) -> Result<(usi
         summaries.push(ViewSummary { name: spec.name(), samples: n, features: f.cols });
         zscore_columns(&mut f.values, n, f.cols);
         let mut rows = vec![0.0; mine.len() * n];
-        sq_euclidean_rows(&f.values, n, f.cols, mine.clone(), &mut rows);
+        distance_rows(&f.values, n, f.cols, mine.clone(), req.metric.into(), &mut rows);
         let near = mean_nearest(&rows, n, req.snf.k.min(n - 1));
         let near_all = all_gather(ex, near.clone()).map_err(|problem| network_error(req, problem))?;
         exponential_rows(&mut rows, n, &near, &near_all, req.mu);

@@ -52,16 +52,67 @@ pub fn sq_euclidean_rows<T: Gemm>(x: &[T], n: usize, d: usize, rows: Range<usize
     });
 }
 
-/// out (n x n) = squared Euclidean distances between the rows of the n x d `x`
-/// ([`sq_euclidean_rows`] of every row), exactly symmetric.
+/// out (n x n) = squared Euclidean distances between the rows of the n x d `x`, exactly
+/// symmetric (the GEMM's two triangles may round differently: the upper one is kept).
 pub fn sq_euclidean<T: Gemm>(x: &[T], n: usize, d: usize, out: &mut [T]) {
-    sq_euclidean_rows(x, n, d, 0..n, out);
-    // The GEMM's two triangles may round differently: keep the upper one.
+    distances(x, n, d, Metric::SqEuclidean, out);
+}
+
+/// A distance between samples, as scipy's `cdist` names it (snfpy's `metric`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    SqEuclidean,
+    Euclidean,
+    /// 1 − the cosine of the angle between the rows.
+    Cosine,
+    /// 1 − Pearson's correlation between the rows (the cosine of the centred rows).
+    Correlation,
+}
+
+/// Rows `rows` of the n x n distances between the rows of the n x d `x` under `metric`, into
+/// `out` (rows.len() x n), each by one GEMM; the diagonal is 0. A row without direction (all
+/// zero for cosine, constant for correlation) is at distance 1 from every other row, where
+/// scipy gives NaN.
+pub fn distance_rows<T: Gemm>(x: &[T], n: usize, d: usize, rows: Range<usize>, metric: Metric, out: &mut [T]) {
+    match metric {
+        Metric::SqEuclidean => sq_euclidean_rows(x, n, d, rows, out),
+        Metric::Euclidean => {
+            sq_euclidean_rows(x, n, d, rows, out);
+            out.par_iter_mut().for_each(|v| *v = T::of(v.f64().sqrt()));
+        }
+        Metric::Cosine | Metric::Correlation => {
+            assert_eq!(x.len(), n * d, "distance_rows: x is not n x d");
+            assert_eq!(out.len(), rows.len() * n, "distance_rows: out is not rows x n");
+            let mut unit = x.to_vec();
+            unit.par_chunks_mut(d.max(1)).for_each(|row| {
+                let mean = if metric == Metric::Correlation { row.iter().map(|v| v.f64()).sum::<f64>() / d as f64 } else { 0.0 };
+                let norm = row.iter().map(|v| (v.f64() - mean).powi(2)).sum::<f64>().sqrt();
+                row.iter_mut().for_each(|v| *v = T::of(if norm > 0.0 { (v.f64() - mean) / norm } else { 0.0 }));
+            });
+            let zero: Vec<bool> = unit.chunks(d.max(1)).map(|r| r.iter().all(|v| v.f64() == 0.0)).collect();
+            T::gemm(false, true, rows.len(), d, n, T::of(1.0), &unit[rows.start * d..rows.end * d], &unit, T::zero(), out);
+            out.par_chunks_mut(n).zip(rows).for_each(|(row, i)| {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = if i == j { T::zero() } else if zero[i] || zero[j] { T::of(1.0) } else { T::of((1.0 - v.f64()).max(0.0)) };
+                }
+            });
+        }
+    }
+}
+
+/// The n x n distances under `metric` ([`distance_rows`] of every row), exactly symmetric.
+pub fn distances<T: Gemm>(x: &[T], n: usize, d: usize, metric: Metric, out: &mut [T]) {
+    distance_rows(x, n, d, 0..n, metric, out);
     for i in 0..n {
         for j in 0..i {
             out[i * n + j] = out[j * n + i];
         }
     }
+}
+
+/// The RBF (Gaussian) kernel exp(−γ ρ) of squared distances ρ, in place.
+pub fn rbf<T: Real>(sq_dist: &mut [T], gamma: f64) {
+    sq_dist.par_iter_mut().for_each(|v| *v = T::of((-gamma * v.f64()).exp()));
 }
 
 /// (X + Xᵀ) / 2 of the n x n `x` in place, tile pair by tile pair (column walks would miss the
@@ -165,6 +216,25 @@ mod tests {
                 assert_eq!(out[i * n + j], out[j * n + i]);
             }
         }
+    }
+
+    #[test]
+    fn cosine_correlation_and_rbf_by_hand() {
+        // Rows (1, 0, 0), (1, 1, 0), (2, 2, 2), (0, 0, 0).
+        let x = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0];
+        let mut out = [0.0; 16];
+        distances(&x, 4, 3, Metric::Cosine, &mut out);
+        assert!((out[1] - (1.0 - 1.0 / 2f64.sqrt())).abs() < 1e-15 && (out[2] - (1.0 - 1.0 / 3f64.sqrt())).abs() < 1e-15, "{out:?}");
+        assert_eq!((out[3], out[12], out[15]), (1.0, 1.0, 0.0), "a zero row is at distance 1, itself at 0");
+        distances(&x, 4, 3, Metric::Correlation, &mut out);
+        // (1, 0, 0) and (1, 1, 0) centred: (2, -1, -1)/3 and (1, 1, -2)/3: correlation 3/6.
+        assert!((out[1] - 0.5).abs() < 1e-15, "{}", out[1]);
+        assert_eq!(out[2], 1.0, "a constant row has no direction");
+        distances(&x, 4, 3, Metric::Euclidean, &mut out);
+        assert!((out[2] - 3.0).abs() < 1e-14, "|(1, 2, 2)| = 3: {}", out[2]);
+        let mut k = [0.0, 2.0];
+        rbf(&mut k, 0.5);
+        assert_eq!(k, [1.0, (-1.0f64).exp()]);
     }
 
     #[test]
