@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use tessera_kernels::ops::affinity::{Metric, distances, scaled_exponential, sq_euclidean, zscore_columns};
+use tessera_kernels::ops::affinity::{Metric, feature_affinity};
 use tessera_metrics::cluster::nmi;
 use tessera_network::{SnfParams, View, laplacian_eigenvalues, nemo, rank_by_eigengap, snf, spectral_clustering};
 use tessera_tests::{python, run_python};
@@ -38,10 +38,7 @@ fn affinities_fused_network_and_clusters_equal_snfpy() {
         for v in 0..views {
             let (mut x, d) = read_csv(&dir.join(format!("view{v}.csv")));
             let n = x.len() / d;
-            zscore_columns(&mut x, n, d);
-            let mut w = vec![0.0; n * n];
-            sq_euclidean(&x, n, d, &mut w);
-            scaled_exponential(&mut w, n, 20, 0.5);
+            let w = feature_affinity(&mut x, n, d, Metric::SqEuclidean, 20, 0.5);
             let (reference, _) = read_csv(&dir.join(format!("affinity{v}.csv")));
             let diff = max_abs_diff(&w, &reference);
             let scale = reference.iter().fold(0.0f64, |m, v| m.max(v.abs()));
@@ -52,10 +49,7 @@ fn affinities_fused_network_and_clusters_equal_snfpy() {
         for (name_of_metric, metric) in other_metrics {
             let (mut x, d) = read_csv(&dir.join("view0.csv"));
             let n = x.len() / d;
-            zscore_columns(&mut x, n, d);
-            let mut w = vec![0.0; n * n];
-            distances(&x, n, d, metric, &mut w);
-            scaled_exponential(&mut w, n, 20, 0.5);
+            let w = feature_affinity(&mut x, n, d, metric, 20, 0.5);
             let (reference, _) = read_csv(&dir.join(format!("affinity0-{name_of_metric}.csv")));
             let diff = max_abs_diff(&w, &reference);
             let scale = reference.iter().fold(0.0f64, |m, v| m.max(v.abs()));
@@ -93,10 +87,7 @@ fn partial_view(path: &Path) -> (View, usize) {
     let samples: Vec<usize> = (0..n).filter(|&i| x[i * d..(i + 1) * d].iter().all(|v| !v.is_nan())).collect();
     let mut present: Vec<f64> = samples.iter().flat_map(|&i| x[i * d..(i + 1) * d].to_vec()).collect();
     let s = samples.len();
-    zscore_columns(&mut present, s, d);
-    let mut w = vec![0.0; s * s];
-    sq_euclidean(&present, s, d, &mut w);
-    scaled_exponential(&mut w, s, 20, 0.5);
+    let w = feature_affinity(&mut present, s, d, Metric::SqEuclidean, 20, 0.5);
     (if s == n { View::complete(w) } else { View::partial(samples, w) }, n)
 }
 

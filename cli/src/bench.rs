@@ -138,7 +138,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
 fn snf_side_by_side(sizes: &[usize], features: usize, views: usize, python: Option<&Path>) -> Result<()> {
     use rand::SeedableRng;
     use rand_distr::{Distribution, Normal};
-    use tessera_kernels::ops::affinity::{scaled_exponential, sq_euclidean, zscore_columns};
+    use tessera_kernels::ops::affinity::{Metric, feature_affinity};
     let dir = std::env::temp_dir().join(format!("tessera-bench-snf-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     println!("SNF: {views} views x {features} features, K = 20, t = 20 (affinities included)");
@@ -151,17 +151,7 @@ fn snf_side_by_side(sizes: &[usize], features: usize, views: usize, python: Opti
         // Peak memory of this size alone: Linux resets the high-water mark on request.
         let _ = std::fs::write("/proc/self/clear_refs", "5");
         let started = Instant::now();
-        let affinities: Vec<Vec<f64>> = data
-            .iter()
-            .map(|x| {
-                let mut z = x.clone();
-                zscore_columns(&mut z, n, features);
-                let mut w = vec![0.0; n * n];
-                sq_euclidean(&z, n, features, &mut w);
-                scaled_exponential(&mut w, n, 20, 0.5);
-                w
-            })
-            .collect();
+        let affinities: Vec<Vec<f64>> = data.iter().map(|x| feature_affinity(&mut x.clone(), n, features, Metric::SqEuclidean, 20, 0.5)).collect();
         tessera_network::snf(affinities.into_iter().map(tessera_network::View::complete).collect(), n, tessera_network::SnfParams::default())?;
         let ours = started.elapsed().as_secs_f64();
         let our_mib = peak_rss_mib().map_or("-".to_string(), |m| format!("{m:.0}"));

@@ -180,7 +180,7 @@ pub fn network(req: &NetworkRequest, out: &Path, workers: usize) -> Result<Netwo
     let spec = pb::JobSpec { data_url: data, world_size: workers as u32, output_url: out.clone(), network_toml: toml::to_string(&request).context("writing the request as TOML")?, ..pb::JobSpec::default() };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
     runtime.block_on(run_job(spec, (std::net::Ipv4Addr::LOCALHOST, 0).into(), Trainers::Local { n: workers, cache_bytes: 0 }, 1))?;
-    let path = Path::new(&out).join("snf.json");
+    let path = Path::new(&out).join(format!("{}.json", req.method.name()));
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }

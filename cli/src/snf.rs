@@ -87,11 +87,12 @@ pub fn run(args: SnfArgs) -> Result<()> {
         Some(d) => d,
         None => crate::train::default_data(&args.out)?,
     };
-    let (method, name) = match args.method {
-        MethodArg::Snf => (Method::Snf, "snf"),
-        MethodArg::Nemo => (Method::Nemo, "nemo"),
-        MethodArg::Average => (Method::Average, "average"),
+    let method = match args.method {
+        MethodArg::Snf => Method::Snf,
+        MethodArg::Nemo => Method::Nemo,
+        MethodArg::Average => Method::Average,
     };
+    let name = method.name();
     let metric = match args.metric {
         MetricArg::Sqeuclidean => Distance::SqEuclidean,
         MetricArg::Euclidean => Distance::Euclidean,

@@ -2,28 +2,19 @@
 //! combination (a baseline next to SNF and NEMO). Each pair is averaged over the views that
 //! have both samples; a pair no view shares is 0.
 
-use rayon::prelude::*;
-
 use crate::snf::NetworkError;
-use crate::view::View;
+use crate::view::{View, mean_over_views};
 
 pub fn kernel_average(views: &[View], n: usize) -> Result<Vec<f64>, NetworkError> {
-    if views.is_empty() {
-        return Err(NetworkError::TooFewViews(0));
-    }
-    let mut total = vec![0.0; n * n];
-    let mut shared = vec![0u16; n * n];
-    for (index, view) in views.iter().enumerate() {
-        view.validate(index, n)?;
+    let (mean, _) = mean_over_views(views, n, |view, total| {
         let s = view.size(n);
         for (i, row) in view.affinity.chunks(s.max(1)).enumerate() {
             let out = &mut total[view.global(i) * n..(view.global(i) + 1) * n];
             row.iter().enumerate().for_each(|(j, &v)| out[view.global(j)] += v);
         }
-        view.count_shared(n, &mut shared);
-    }
-    total.par_iter_mut().zip(shared.par_iter()).for_each(|(v, &c)| if c > 0 { *v /= f64::from(c) });
-    Ok(total)
+        Ok(())
+    })?;
+    Ok(mean)
 }
 
 #[cfg(test)]

@@ -17,4 +17,4 @@ pub use snf::{NetworkError, SnfParams, snf};
 pub use average::kernel_average;
 pub use nemo::nemo;
 pub use view::View;
-pub use spectral::{laplacian_eigenvalues, rank_by_eigengap, spectral_clustering};
+pub use spectral::{Spectrum, laplacian_eigenvalues, rank_by_eigengap, spectral_clustering};

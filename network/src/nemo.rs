@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use crate::snf::NetworkError;
-use crate::view::View;
+use crate::view::{View, mean_over_views};
 
 /// NEMO's default neighbour count: the view's samples / 6, rounded half to even as R does.
 pub fn default_neighbours(samples: usize) -> usize {
@@ -16,13 +16,7 @@ pub fn default_neighbours(samples: usize) -> usize {
 /// The NEMO network of the views over n samples; `k` neighbours per sample in every view, or
 /// each view's [`default_neighbours`].
 pub fn nemo(views: &[View], n: usize, k: Option<usize>) -> Result<Vec<f64>, NetworkError> {
-    if views.is_empty() {
-        return Err(NetworkError::TooFewViews(0));
-    }
-    let mut total = vec![0.0; n * n];
-    let mut shared = vec![0u16; n * n];
-    for (index, view) in views.iter().enumerate() {
-        view.validate(index, n)?;
+    let (mut total, shared) = mean_over_views(views, n, |view, total| {
         let s = view.size(n);
         let k = k.unwrap_or_else(|| default_neighbours(s));
         if k == 0 || k > s {
@@ -40,6 +34,7 @@ pub fn nemo(views: &[View], n: usize, k: Option<usize>) -> Result<Vec<f64>, Netw
                 kept.into_iter().map(|(j, v)| (j, if sum > 0.0 { v / sum } else { 0.0 })).collect()
             })
             .collect();
+        // Relative similarity: the normalised rows plus their transpose.
         for (i, row) in rows.iter().enumerate() {
             let gi = view.global(i);
             for &(j, v) in row {
@@ -48,9 +43,8 @@ pub fn nemo(views: &[View], n: usize, k: Option<usize>) -> Result<Vec<f64>, Netw
                 total[gj * n + gi] += v;
             }
         }
-        view.count_shared(n, &mut shared);
-    }
-    total.par_iter_mut().zip(shared.par_iter()).for_each(|(v, &c)| if c > 0 { *v /= f64::from(c) });
+        Ok(())
+    })?;
     if shared.contains(&0) {
         // The reference fills unshared pairs with the mean of the shared ones below the diagonal.
         let (sum, count) = (0..n).flat_map(|i| (0..i).map(move |j| i * n + j)).filter(|&e| shared[e] > 0).fold((0.0, 0usize), |(s, c), e| (s + total[e], c + 1));

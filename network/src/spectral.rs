@@ -154,23 +154,49 @@ pub fn rank_by_eigengap(laplacian_eigenvalues: &[f64], candidates: &[usize]) -> 
     ranked
 }
 
-/// The `count` smallest eigenvalues of the normalised Laplacian of `w`, ascending.
-pub fn laplacian_eigenvalues(w: &[f64], n: usize, count: usize) -> Vec<f64> {
-    let (a, _) = normalised_affinity(w, n);
-    top_eigenpairs(&a, n, count, 0).0.into_iter().map(|l| 1.0 - l).collect()
+/// The top of a network's spectrum, computed once for both the eigengap and the clustering.
+#[derive(Debug, Clone)]
+pub struct Spectrum {
+    /// The smallest eigenvalues of the normalised Laplacian, ascending.
+    pub laplacian: Vec<f64>,
+    /// Their eigenvectors (of the normalised affinity), in the same order.
+    vectors: Vec<Vec<f64>>,
+    sqrt_degree: Vec<f64>,
 }
 
-/// Spectral clustering of the network `w` into `k` clusters (scikit-learn's
-/// `spectral_clustering` with k-means labels): the top-k eigenvectors of the normalised
-/// affinity divided by √degree embed the samples, k-means (10 restarts) labels them.
+impl Spectrum {
+    /// The `count` smallest Laplacian eigenpairs of the n x n network `w`.
+    pub fn of(w: &[f64], n: usize, count: usize, seed: u64) -> Spectrum {
+        let (a, sqrt_degree) = normalised_affinity(w, n);
+        let (values, vectors) = top_eigenpairs(&a, n, count, seed);
+        Spectrum { laplacian: values.into_iter().map(|l| 1.0 - l).collect(), vectors, sqrt_degree }
+    }
+
+    /// Spectral clustering into `k` clusters (scikit-learn's `spectral_clustering` with k-means
+    /// labels): the first k eigenvectors divided by √degree embed the samples, k-means (10
+    /// restarts) labels them.
+    pub fn clusters(&self, k: usize, seed: u64) -> Result<Vec<u32>, NetworkError> {
+        let n = self.sqrt_degree.len();
+        if k == 0 || k > self.vectors.len() {
+            return Err(NetworkError::BadClusters { k, n: self.vectors.len().min(n) });
+        }
+        let vectors = &self.vectors[..k];
+        let embedding: Vec<f32> = (0..n).flat_map(|i| vectors.iter().map(|v| (v[i] / self.sqrt_degree[i]) as f32).collect::<Vec<_>>()).collect();
+        Ok(tessera_metrics::cluster::kmeans(&embedding, n, k, k, 10, seed).labels)
+    }
+}
+
+/// The `count` smallest eigenvalues of the normalised Laplacian of `w`, ascending.
+pub fn laplacian_eigenvalues(w: &[f64], n: usize, count: usize) -> Vec<f64> {
+    Spectrum::of(w, n, count, 0).laplacian
+}
+
+/// Spectral clustering of the network `w` into `k` clusters ([`Spectrum::clusters`]).
 pub fn spectral_clustering(w: &[f64], n: usize, k: usize, seed: u64) -> Result<Vec<u32>, NetworkError> {
     if k == 0 || k > n {
         return Err(NetworkError::BadClusters { k, n });
     }
-    let (a, sqrt_degree) = normalised_affinity(w, n);
-    let (_, vectors) = top_eigenpairs(&a, n, k, seed);
-    let embedding: Vec<f32> = (0..n).flat_map(|i| vectors.iter().map(|v| (v[i] / sqrt_degree[i]) as f32).collect::<Vec<_>>()).collect();
-    Ok(tessera_metrics::cluster::kmeans(&embedding, n, k, k, 10, seed).labels)
+    Spectrum::of(w, n, k, seed).clusters(k, seed)
 }
 
 #[cfg(test)]

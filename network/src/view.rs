@@ -1,5 +1,7 @@
 //! One view (modality) of the samples: its affinity matrix over the samples it measured.
 
+use rayon::prelude::*;
+
 use crate::snf::NetworkError;
 
 /// A view's affinities. Samples missing from a view are left out of its matrix (`samples`
@@ -64,15 +66,26 @@ impl View {
         }
         full
     }
+}
 
-    /// Adds 1 to `shared` (n x n) at every pair of samples this view has.
-    pub(crate) fn count_shared(&self, n: usize, shared: &mut [u16]) {
-        let s = self.size(n);
+/// Each pair's mean over the views that have both of its samples: `add(view, total)`
+/// adds a validated view's contribution into the n x n `total`. Returns the means and how many
+/// views share each pair (0: none, the mean left at 0).
+pub(crate) fn mean_over_views(views: &[View], n: usize, mut add: impl FnMut(&View, &mut [f64]) -> Result<(), NetworkError>) -> Result<(Vec<f64>, Vec<u16>), NetworkError> {
+    if views.is_empty() {
+        return Err(NetworkError::TooFewViews(0));
+    }
+    let mut total = vec![0.0; n * n];
+    let mut shared = vec![0u16; n * n];
+    for (index, view) in views.iter().enumerate() {
+        view.validate(index, n)?;
+        add(view, &mut total)?;
+        let s = view.size(n);
         for i in 0..s {
-            let row = &mut shared[self.global(i) * n..(self.global(i) + 1) * n];
-            for j in 0..s {
-                row[self.global(j)] += 1;
-            }
+            let row = &mut shared[view.global(i) * n..(view.global(i) + 1) * n];
+            (0..s).for_each(|j| row[view.global(j)] += 1);
         }
     }
+    total.par_iter_mut().zip(shared.par_iter()).for_each(|(v, &c)| if c > 0 { *v /= f64::from(c) });
+    Ok((total, shared))
 }

@@ -7,10 +7,10 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tessera_data::{AnnData, Column, Csr, Dataset, DataError};
-use tessera_kernels::ops::affinity::{Metric, distance_rows, distances, exponential_rows, mean_nearest, scaled_exponential, zscore_columns};
+use tessera_kernels::ops::affinity::{Metric, distance_rows, exponential_rows, feature_affinity, mean_nearest, zscore_columns};
 use tessera_network::distributed::{Exchange, all_gather, gather_to_rank0, row_range, snf_rows};
 use tessera_metrics::cluster::{ari, nmi};
-use tessera_network::{NetworkError, SnfParams, View, laplacian_eigenvalues, rank_by_eigengap, spectral_clustering};
+use tessera_network::{NetworkError, SnfParams, Spectrum, View, rank_by_eigengap};
 
 use crate::eval::DEFAULT_LABEL_KEY;
 
@@ -35,6 +35,17 @@ pub enum Method {
     Nemo,
     /// The unweighted mean of the views' affinities (kernel averaging).
     Average,
+}
+
+impl Method {
+    /// Its name in reports and file names (`<name>.json`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Snf => "snf",
+            Method::Nemo => "nemo",
+            Method::Average => "average",
+        }
+    }
 }
 
 /// The distance each view's affinity is built on (snfpy's `metric`, scipy's names).
@@ -233,10 +244,7 @@ fn read_view(dataset: &Dataset, spec: &ViewSpec, req: &NetworkRequest) -> Result
 /// The scaled exponential affinity of one view over its cells.
 fn affinity(mut f: Features, k: usize, mu: f64, metric: Metric, n: usize) -> View {
     let s = f.samples.len();
-    zscore_columns(&mut f.values, s, f.cols);
-    let mut w = vec![0.0; s * s];
-    distances(&f.values, s, f.cols, metric, &mut w);
-    scaled_exponential(&mut w, s, k, mu);
+    let w = feature_affinity(&mut f.values, s, f.cols, metric, k, mu);
     if s == n { View::complete(w) } else { View::partial(f.samples, w) }
 }
 
@@ -389,14 +397,16 @@ fn finish(req: &NetworkRequest, job: &Prepared, w: &[f64], summaries: Vec<ViewSu
     let (n, root) = (job.n, &job.root);
     let started = Instant::now();
     progress("spectral clustering");
+    // One Lanczos run serves the eigengap and the clustering.
     let most = req.candidates.iter().copied().max().unwrap_or(2);
-    let eigengap = rank_by_eigengap(&laplacian_eigenvalues(w, n, (most + 1).min(n)), &req.candidates);
+    let spectrum = Spectrum::of(w, n, (most + 1).max(req.clusters.unwrap_or(0)).min(n), req.seed);
+    let eigengap = rank_by_eigengap(&spectrum.laplacian, &req.candidates);
     let clusters = match (req.clusters, eigengap.first()) {
         (Some(c), _) => c,
         (None, Some(&(c, _))) => c,
         (None, None) => return Err(input(&req.data, format!("no candidate cluster count in {:?} fits {n} cells", req.candidates))),
     };
-    let labels = spectral_clustering(w, n, clusters, req.seed).map_err(|problem| network_error(req, problem))?;
+    let labels = spectrum.clusters(clusters, req.seed).map_err(|problem| network_error(req, problem))?;
     let (nmi_score, ari_score) = match &job.truth {
         Some((_, codes)) => {
             let known: Vec<usize> = (0..n).filter(|&i| codes[i] >= 0).collect();

@@ -224,7 +224,7 @@ fn run_network(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared: &
         other => FitError::Input { store: "network job".into(), reason: other.to_string() },
     })?;
     if let Some(report) = &report {
-        let path = PathBuf::from(&spec.output_url).join(format!("{}.json", serde_json::to_value(report.method).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_else(|| "network".into())));
+        let path = PathBuf::from(&spec.output_url).join(format!("{}.json", report.method.name()));
         let json = serde_json::to_vec_pretty(report).map_err(|e| FitError::Output { path: path.display().to_string(), reason: e.to_string() })?;
         std::fs::create_dir_all(&spec.output_url).and_then(|()| std::fs::write(&path, json)).map_err(|e| FitError::Output { path: path.display().to_string(), reason: e.to_string() })?;
     }

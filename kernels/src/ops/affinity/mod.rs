@@ -148,6 +148,16 @@ pub fn scaled_exponential<T: Real>(dist: &mut [T], n: usize, k: usize, mu: f64) 
     exponential_rows(dist, n, &near, &near, mu);
 }
 
+/// A view's affinity from its n x d features, as snfpy's `make_affinity`: the features are
+/// z-scored in place, then distances under `metric`, then [`scaled_exponential`] (k, mu).
+pub fn feature_affinity<T: Gemm>(x: &mut [T], n: usize, d: usize, metric: Metric, k: usize, mu: f64) -> Vec<T> {
+    zscore_columns(x, n, d);
+    let mut w = vec![T::zero(); n * n];
+    distances(x, n, d, metric, &mut w);
+    scaled_exponential(&mut w, n, k, mu);
+    w
+}
+
 /// For each row of distances (n long, its own entry 0): the mean of its `k` nearest others,
 /// positions 1..=k of the sorted row as in snfpy's sort (only those k + 1 are put in order),
 /// plus machine epsilon.
