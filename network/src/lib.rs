@@ -9,6 +9,7 @@
 pub mod average;
 pub mod distributed;
 pub mod nemo;
+pub mod out_of_core;
 pub mod snf;
 pub mod spectral;
 pub mod view;

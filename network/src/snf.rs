@@ -44,6 +44,8 @@ pub enum NetworkError {
     Samples { view: usize, problem: String },
     #[error("{0} views with missing samples: at most 64 are supported")]
     TooManyViews(usize),
+    #[error("tile store: {0}")]
+    Store(String),
     #[error("{k} clusters: expected 1 <= clusters <= {n} samples")]
     BadClusters { k: usize, n: usize },
 }
@@ -73,18 +75,38 @@ fn percentile(row: &mut [f64], q: f64) -> f64 {
     if t >= 0.5 { b - (b - a) * (1.0 - t) } else { a + (b - a) * t }
 }
 
-/// snfpy's `_find_dominate_set`: entries below the row's (100 − 100·K/n)th percentile are
-/// dropped, the rest row-normalised.
+/// snfpy's `_find_dominate_set` for one row: entries at or above the row's
+/// (100 − 100·K/len)th percentile, row-normalised; columns are positions in `row`.
+pub(crate) fn dominate_row(row: &[f64], k: usize) -> Vec<(usize, f64)> {
+    let cut = percentile(&mut row.to_vec(), 100.0 - 100.0 * k as f64 / row.len() as f64);
+    let kept: Vec<(usize, f64)> = row.iter().enumerate().filter(|&(_, &v)| v >= cut).map(|(j, &v)| (j, v)).collect();
+    let s: f64 = kept.iter().map(|e| e.1).sum();
+    kept.into_iter().map(|(j, v)| (j, v / s)).collect()
+}
+
+/// [`dominate_row`] of every row of the n x n `p`.
 pub(crate) fn dominate_set(p: &[f64], n: usize, k: usize) -> SparseRows {
-    let q = 100.0 - 100.0 * k as f64 / n as f64;
-    p.par_chunks(n)
-        .map(|row| {
-            let cut = percentile(&mut row.to_vec(), q);
-            let kept: Vec<(usize, f64)> = row.iter().enumerate().filter(|&(_, &v)| v >= cut).map(|(j, &v)| (j, v)).collect();
-            let s: f64 = kept.iter().map(|e| e.1).sum();
-            kept.into_iter().map(|(j, v)| (j, v / s)).collect()
-        })
-        .collect()
+    p.par_chunks(n).map(|row| dominate_row(row, k)).collect()
+}
+
+/// Bit v of a sample's mask: view v measured it. At most 64 views.
+pub(crate) fn sample_masks<'a>(samples: impl Iterator<Item = Option<&'a [usize]>>, n: usize) -> Vec<u64> {
+    let mut masks = vec![0u64; n];
+    for (v, present) in samples.enumerate() {
+        match present {
+            Some(list) => list.iter().for_each(|&i| masks[i] |= 1 << v),
+            None => masks.iter_mut().for_each(|m| *m |= 1 << v),
+        }
+    }
+    masks
+}
+
+/// snfpy's `n_aff`: each entry of rows `first..` divided by the number of views sharing its
+/// pair minus one (at least one).
+pub(crate) fn divide_by_shared(rows: &mut [f64], n: usize, first: usize, masks: &[u64]) {
+    rows.par_chunks_mut(n).zip(&masks[first..]).for_each(|(row, &mi)| {
+        row.iter_mut().zip(masks).for_each(|(v, &mj)| *v /= ((mi & mj).count_ones() as f64 - 1.0).max(1.0));
+    });
 }
 
 /// Rows of a product computed together: their n x BLOCK slab of the dense factor is gathered
@@ -153,11 +175,7 @@ pub fn snf(views: Vec<View>, n: usize, params: SnfParams) -> Result<Vec<f64>, Ne
     if partial && m > 64 {
         return Err(NetworkError::TooManyViews(m));
     }
-    // Bit v of a sample's mask: view v measured it (needed only with missing samples).
-    let mut masks = vec![0u64; if partial { n } else { 0 }];
-    for (v, view) in views.iter().enumerate().filter(|_| partial) {
-        (0..view.size(n)).for_each(|i| masks[view.global(i)] |= 1 << v);
-    }
+    let masks = if partial { sample_masks(views.iter().map(|v| v.samples.as_deref()), n) } else { Vec::new() };
     let mut s: Vec<SparseRows> = Vec::with_capacity(m);
     let mut p: Vec<Vec<f64>> = Vec::with_capacity(m);
     for mut view in views {
@@ -192,9 +210,7 @@ pub fn snf(views: Vec<View>, n: usize, params: SnfParams) -> Result<Vec<f64>, Ne
             sparse_times_dense_transposed(sv, pv, n, 1.0, &mut half);
             if partial {
                 sparse_times_dense_transposed(sv, &half, n, 1.0, pv);
-                pv.par_chunks_mut(n).zip(&masks).for_each(|(row, &mi)| {
-                    row.iter_mut().zip(&masks).for_each(|(v, &mj)| *v /= ((mi & mj).count_ones() as f64 - 1.0).max(1.0));
-                });
+                divide_by_shared(pv, n, 0, &masks);
             } else {
                 sparse_times_dense_transposed(sv, &half, n, 1.0 / (m - 1) as f64, pv);
             }

@@ -19,23 +19,36 @@ pub fn normalised_affinity(w: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
     for i in 0..n {
         g[i * n + i] = 0.0;
     }
-    // numpy's isclose(degree, 0) (atol 1e-8) guards isolated samples, as snfpy does.
-    let sqrt_degree: Vec<f64> = g.par_chunks(n).map(|row| row.iter().sum::<f64>()).map(|d| if d.abs() <= 1e-8 { d + f64::EPSILON } else { d }).map(f64::sqrt).collect();
+    let sqrt_degree: Vec<f64> = g.par_chunks(n).map(|row| sqrt_degree(row.iter().sum())).collect();
     g.par_chunks_mut(n).enumerate().for_each(|(i, row)| row.iter_mut().zip(&sqrt_degree).for_each(|(v, dj)| *v /= sqrt_degree[i] * dj));
     (g, sqrt_degree)
 }
 
+/// √degree, with numpy's isclose(degree, 0) (atol 1e-8) guarding isolated samples, as snfpy does.
+fn sqrt_degree(d: f64) -> f64 {
+    (if d.abs() <= 1e-8 { d + f64::EPSILON } else { d }).sqrt()
+}
+
 /// The `k` largest eigenvalues (descending) of the symmetric n x n `a` and their unit
-/// eigenvectors, by Lanczos with full reorthogonalisation; the Krylov space grows until every
-/// returned pair's residual |A v − λ v| is below 1e-9 (or spans everything).
+/// eigenvectors ([`top_eigenpairs_of`] the dense matrix).
 pub fn top_eigenpairs(a: &[f64], n: usize, k: usize, seed: u64) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let matvec = |v: &[f64]| -> Result<Vec<f64>, std::convert::Infallible> { Ok(a.par_chunks(n).map(|row| row.iter().zip(v).map(|(x, y)| x * y).sum()).collect()) };
+    match top_eigenpairs_of(n, k, seed, matvec) {
+        Ok(pairs) => pairs,
+        Err(never) => match never {},
+    }
+}
+
+/// The `k` largest eigenpairs of the symmetric operator `matvec` on n-vectors, by Lanczos with
+/// full reorthogonalisation; the Krylov space grows until every returned pair's residual
+/// |A v − λ v| is below 1e-9 (or spans everything). A failing product ends the search.
+pub fn top_eigenpairs_of<E>(n: usize, k: usize, seed: u64, matvec: impl Fn(&[f64]) -> Result<Vec<f64>, E>) -> Result<(Vec<f64>, Vec<Vec<f64>>), E> {
     let k = k.min(n);
-    let matvec = |v: &[f64]| -> Vec<f64> { a.par_chunks(n).map(|row| row.iter().zip(v).map(|(x, y)| x * y).sum()).collect() };
     let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
     let start: Vec<f64> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
     let mut steps = (2 * k + 40).min(n);
     loop {
-        let (basis, alpha, beta) = lanczos(&matvec, &start, steps);
+        let (basis, alpha, beta) = lanczos(&matvec, &start, steps)?;
         let m = alpha.len();
         let mut t = vec![0.0; m * m];
         for i in 0..m {
@@ -62,10 +75,13 @@ pub fn top_eigenpairs(a: &[f64], n: usize, k: usize, seed: u64) -> (Vec<f64>, Ve
                 (values[c], v)
             })
             .collect();
-        let converged = pairs.iter().all(|(lambda, v)| matvec(v).iter().zip(v).map(|(av, x)| (av - lambda * x).powi(2)).sum::<f64>().sqrt() < 1e-9);
+        let mut converged = true;
+        for (lambda, v) in &pairs {
+            converged &= matvec(v)?.iter().zip(v).map(|(av, x)| (av - lambda * x).powi(2)).sum::<f64>().sqrt() < 1e-9;
+        }
         // A Krylov space that stopped growing (invariant subspace) is exact as well.
         if converged || m < steps || steps == n {
-            return pairs.into_iter().unzip();
+            return Ok(pairs.into_iter().unzip());
         }
         steps = (steps * 2).min(n);
     }
@@ -73,13 +89,15 @@ pub fn top_eigenpairs(a: &[f64], n: usize, k: usize, seed: u64) -> (Vec<f64>, Ve
 
 /// `steps` Lanczos steps from `start`: the orthonormal basis and the tridiagonal's diagonal and
 /// off-diagonal. Stops early when the space becomes invariant.
-fn lanczos(matvec: &impl Fn(&[f64]) -> Vec<f64>, start: &[f64], steps: usize) -> (Vec<Vec<f64>>, Vec<f64>, Vec<f64>) {
+type Krylov = (Vec<Vec<f64>>, Vec<f64>, Vec<f64>);
+
+fn lanczos<E>(matvec: &impl Fn(&[f64]) -> Result<Vec<f64>, E>, start: &[f64], steps: usize) -> Result<Krylov, E> {
     let norm = start.iter().map(|x| x * x).sum::<f64>().sqrt();
     let mut basis = vec![start.iter().map(|x| x / norm).collect::<Vec<f64>>()];
     let (mut alpha, mut beta) = (Vec::new(), Vec::new());
     loop {
         let q = basis.last().map(Vec::as_slice).unwrap_or_default();
-        let mut w = matvec(q);
+        let mut w = matvec(q)?;
         alpha.push(w.iter().zip(q).map(|(a, b)| a * b).sum());
         // Full reorthogonalisation, twice (classical Gram-Schmidt loses orthogonality once).
         for _ in 0..2 {
@@ -90,7 +108,7 @@ fn lanczos(matvec: &impl Fn(&[f64]) -> Vec<f64>, start: &[f64], steps: usize) ->
         }
         let next = w.iter().map(|x| x * x).sum::<f64>().sqrt();
         if basis.len() == steps || next < 1e-12 {
-            return (basis, alpha, beta);
+            return Ok((basis, alpha, beta));
         }
         beta.push(next);
         basis.push(w.into_iter().map(|x| x / next).collect());
@@ -170,6 +188,20 @@ impl Spectrum {
         let (a, sqrt_degree) = normalised_affinity(w, n);
         let (values, vectors) = top_eigenpairs(&a, n, count, seed);
         Spectrum { laplacian: values.into_iter().map(|l| 1.0 - l).collect(), vectors, sqrt_degree }
+    }
+
+    /// The `count` smallest Laplacian eigenpairs of a network seen only through products:
+    /// `product(u)` = G·u for the symmetric network G with its diagonal left out, whose rows
+    /// sum to `degree` (diagonal left out too). For networks kept out of core.
+    pub fn of_operator<E>(degree: &[f64], count: usize, seed: u64, product: impl Fn(&[f64]) -> Result<Vec<f64>, E>) -> Result<Spectrum, E> {
+        let sqrt_degree: Vec<f64> = degree.iter().map(|&d| sqrt_degree(d)).collect();
+        // A = D^{-1/2} G D^{-1/2}: scale, multiply, scale.
+        let matvec = |v: &[f64]| -> Result<Vec<f64>, E> {
+            let u: Vec<f64> = v.iter().zip(&sqrt_degree).map(|(x, d)| x / d).collect();
+            Ok(product(&u)?.into_iter().zip(&sqrt_degree).map(|(x, d)| x / d).collect())
+        };
+        let (values, vectors) = top_eigenpairs_of(degree.len(), count, seed, matvec)?;
+        Ok(Spectrum { laplacian: values.into_iter().map(|l| 1.0 - l).collect(), vectors, sqrt_degree })
     }
 
     /// Spectral clustering into `k` clusters (scikit-learn's `spectral_clustering` with k-means

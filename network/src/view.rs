@@ -35,14 +35,7 @@ impl View {
 
     /// Checks the sample list and the matrix (`view` names it in errors).
     pub fn validate(&self, view: usize, n: usize) -> Result<(), NetworkError> {
-        if let Some(samples) = &self.samples {
-            if let Some(w) = samples.windows(2).find(|w| w[0] >= w[1]) {
-                return Err(NetworkError::Samples { view, problem: format!("sample indices must be ascending and distinct, found {} then {}", w[0], w[1]) });
-            }
-            if let Some(&last) = samples.last().filter(|&&last| last >= n) {
-                return Err(NetworkError::Samples { view, problem: format!("sample index {last} is out of range for {n} samples") });
-            }
-        }
+        check_samples(self.samples.as_deref(), view, n)?;
         let s = self.size(n);
         if self.affinity.len() != s * s {
             return Err(NetworkError::Shape { view, n: s, found: self.affinity.len() });
@@ -66,6 +59,18 @@ impl View {
         }
         full
     }
+}
+
+/// A view's sample list (None: all n) must be ascending, distinct and below n.
+pub(crate) fn check_samples(samples: Option<&[usize]>, view: usize, n: usize) -> Result<(), NetworkError> {
+    let Some(samples) = samples else { return Ok(()) };
+    if let Some(w) = samples.windows(2).find(|w| w[0] >= w[1]) {
+        return Err(NetworkError::Samples { view, problem: format!("sample indices must be ascending and distinct, found {} then {}", w[0], w[1]) });
+    }
+    if let Some(&last) = samples.last().filter(|&&last| last >= n) {
+        return Err(NetworkError::Samples { view, problem: format!("sample index {last} is out of range for {n} samples") });
+    }
+    Ok(())
 }
 
 /// Each pair's mean over the views that have both of its samples: `add(view, total)`
