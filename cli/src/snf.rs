@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use tessera_network::SnfParams;
-use tessera_worker::network::{Distance, Method, NetworkRequest, ViewSpec, network_store};
+use tessera_worker::network::{Distance, Method, NetworkRequest, OutOfCore, ViewSpec, network_store};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum MethodArg {
@@ -77,6 +77,18 @@ pub struct SnfArgs {
     /// process; each worker holds 1/N of every n x n matrix). Every cell must be in every view.
     #[arg(long)]
     workers: Option<usize>,
+    /// SNF with the n x n matrices on disk (2·views + 1 of them, n²·8 bytes each) instead of
+    /// in memory: about 3 blocks of rows are held at a time, so n is bounded by disk. Writes
+    /// the network as top-k rows.
+    #[arg(long)]
+    out_of_core: bool,
+    /// Scratch Zarr store (path or URL) for --out-of-core; must not exist; removed afterwards.
+    /// Default: <out>/snf-scratch.zarr.
+    #[arg(long)]
+    scratch: Option<String>,
+    /// Rows per block (and tile side) for --out-of-core: memory is about 3·block·n·8 bytes.
+    #[arg(long, default_value_t = 1024)]
+    block: usize,
     /// Folder for the report (<method>.json) and, by default, the data.
     #[arg(long, default_value = "tessera-out")]
     out: PathBuf,
@@ -115,7 +127,11 @@ pub fn run(args: SnfArgs) -> Result<()> {
         top_k: (args.top_k > 0).then_some(args.top_k),
         overwrite: args.overwrite,
         seed: args.seed,
+        out_of_core: args.out_of_core.then(|| OutOfCore { scratch: args.scratch.unwrap_or_else(|| args.out.join("snf-scratch.zarr").display().to_string()), block: args.block }),
     };
+    if req.out_of_core.is_some() && args.workers.is_some() {
+        anyhow::bail!("--out-of-core runs on one machine; --workers splits the matrices across workers instead: choose one");
+    }
     let report = match args.workers {
         Some(workers) => crate::distributed::network(&req, &args.out, workers).with_context(|| format!("{name} on {data} across {workers} workers"))?,
         None => {

@@ -181,3 +181,37 @@ fn kernel_averaging_over_correlation_distances() {
     assert!(r["nmi"].as_f64().unwrap() > 0.9, "{r}");
     assert_eq!(MuData::open(&store).unwrap().root().matrix("obsp/avg").unwrap().shape, (600, 600));
 }
+
+#[test]
+fn snf_out_of_core_equals_in_memory_with_missing_cells() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = mosaic(dir.path());
+    let out = dir.path().join("out");
+    let out = out.to_str().unwrap();
+    let scratch = dir.path().join("scratch.zarr");
+    let scratch = scratch.to_str().unwrap();
+    ok(&tessera(&["snf", "--data", &store, "--out", out, "--key", "memory"]));
+    let memory = report(Path::new(out), "snf");
+    // Blocks of 128 rows: 5 row blocks, the last one short.
+    let printed = ok(&tessera(&["snf", "--data", &store, "--out", out, "--key", "disk", "--out-of-core", "--block", "128", "--scratch", scratch]));
+    let disk = report(Path::new(out), "snf");
+    let (a, b) = (dense_network(&store, "memory"), dense_network(&store, "disk"));
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(diff <= 1e-7, "out of core differs from in memory by {diff}");
+    assert_eq!(memory["clusters"], disk["clusters"], "{printed}");
+    assert_eq!(memory["nmi"], disk["nmi"]);
+    let root = MuData::open(&store).unwrap().root();
+    assert_eq!(root.obs_column("memory_clusters").unwrap(), root.obs_column("disk_clusters").unwrap());
+    assert!(!Path::new(scratch).exists(), "the scratch store is removed after the run");
+
+    // Refused up front, by name: a dense network, other methods, workers, an existing scratch.
+    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--key", "x", "--out-of-core", "--top-k", "0"]));
+    assert!(e.contains("top-k rows"), "{e}");
+    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--key", "x", "--out-of-core", "--method", "nemo"]));
+    assert!(e.contains("only SNF runs out of core"), "{e}");
+    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--key", "x", "--out-of-core", "--workers", "2"]));
+    assert!(e.contains("choose one"), "{e}");
+    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--key", "x", "--out-of-core", "--scratch", &store]));
+    assert!(e.contains("scratch location") && e.contains("not empty"), "{e}");
+    assert!(root.obs_column("x_clusters").is_err() && MuData::open(&store).is_ok(), "nothing written, the data untouched");
+}

@@ -16,6 +16,7 @@ pub mod shard;
 pub mod simulate;
 pub mod store;
 pub mod write;
+pub mod tiles;
 mod zarr;
 
 pub use anndata::{AnnData, Dataset, MuData};
@@ -30,3 +31,4 @@ pub use loader::{Cells, Epoch, Holdout, Loader, LoaderConfig, MiniBatch, Modalit
 pub use shard::ShardPlan;
 pub use inspect::{StoreSummary, inspect};
 pub use convert::{ConvertSummary, convert};
+pub use tiles::TileMatrices;

@@ -33,7 +33,6 @@ impl Csr {
         (&self.indices[s..e], &self.data[s..e])
     }
 
-    /// Sum of each row (the library size for counts).
     /// Appends `other`'s rows (same columns).
     pub fn append_rows(&mut self, other: &Csr) {
         debug_assert_eq!(self.n_cols, other.n_cols);
@@ -48,6 +47,7 @@ impl Csr {
         self.n_rows += other.n_rows;
     }
 
+    /// Sum of each row (the library size for counts).
     pub fn row_sums(&self) -> Vec<f32> {
         (0..self.n_rows).map(|i| self.row(i).1.iter().sum()).collect()
     }

@@ -6,10 +6,13 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use tessera_data::{AnnData, Column, Csr, Dataset, DataError};
+use std::ops::Range;
+
+use tessera_data::{AnnData, Column, Csr, Dataset, DataError, TileMatrices};
 use tessera_kernels::ops::affinity::{Metric, distance_rows, exponential_rows, feature_affinity, mean_nearest, zscore_columns};
 use tessera_network::distributed::{Exchange, all_gather, gather_to_rank0, row_range, snf_rows};
 use tessera_metrics::cluster::{ari, nmi};
+use tessera_network::out_of_core::{TileStore, matrices_needed, row_blocks, snf_out_of_core, stored_spectrum};
 use tessera_network::{NetworkError, SnfParams, Spectrum, View, rank_by_eigengap};
 
 use crate::eval::DEFAULT_LABEL_KEY;
@@ -130,6 +133,19 @@ pub struct NetworkRequest {
     pub top_k: Option<usize>,
     pub overwrite: bool,
     pub seed: u64,
+    /// SNF with its n x n matrices in a scratch tile store instead of memory (one machine).
+    #[serde(default)]
+    pub out_of_core: Option<OutOfCore>,
+}
+
+/// Where out-of-core SNF keeps its matrices (2·views + 1 of n x n f64) and how many rows it
+/// holds in memory at a time (about 3 blocks of n f64).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutOfCore {
+    /// A new Zarr store (path or URL), removed when the job ends.
+    pub scratch: String,
+    /// Rows per block, and the side of the square tiles.
+    pub block: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -248,7 +264,7 @@ fn affinity(mut f: Features, k: usize, mu: f64, metric: Metric, n: usize) -> Vie
     if s == n { View::complete(w) } else { View::partial(f.samples, w) }
 }
 
-/// The `top_k` largest entries of each row as CSR (columns ascending).
+/// The `top_k` largest entries of each row (n long) of `w` as CSR (columns ascending).
 fn top_k_rows(w: &[f64], n: usize, top_k: usize) -> Csr {
     let rows: Vec<Vec<(u32, f32)>> = w
         .par_chunks(n)
@@ -263,7 +279,7 @@ fn top_k_rows(w: &[f64], n: usize, top_k: usize) -> Csr {
             kept
         })
         .collect();
-    let mut csr = Csr { n_rows: n, n_cols: n, indptr: vec![0], ..Csr::default() };
+    let mut csr = Csr { n_rows: rows.len(), n_cols: n, indptr: vec![0], ..Csr::default() };
     for row in rows {
         csr.indices.extend(row.iter().map(|e| e.0));
         csr.data.extend(row.iter().map(|e| e.1));
@@ -323,6 +339,9 @@ fn checked_view(job: &Prepared, spec: &ViewSpec, req: &NetworkRequest) -> Result
 
 /// Runs the job on this machine; `progress` hears each stage as it starts.
 pub fn network_store(req: &NetworkRequest, mut progress: impl FnMut(&str)) -> Result<NetworkReport, NetworkJobError> {
+    if let Some(out_of_core) = &req.out_of_core {
+        return network_out_of_core(req, out_of_core, progress);
+    }
     let job = prepare(req)?;
     let n = job.n;
     let started = Instant::now();
@@ -349,7 +368,118 @@ pub fn network_store(req: &NetworkRequest, mut progress: impl FnMut(&str)) -> Re
         Method::Average => tessera_network::kernel_average(&views, n).map_err(|problem| network_error(req, problem))?,
     };
     let timings = [seconds_affinities, started.elapsed().as_secs_f64()];
-    finish(req, &job, &w, summaries, timings, progress)
+    finish(req, &job, Fused::Memory(&w), summaries, timings, progress)
+}
+
+const DENSE_OUT_OF_CORE: &str = "out-of-core SNF writes the network as top-k rows (a dense obsp would hold it all in memory): give --top-k > 0";
+
+/// The out-of-core tile store: a scratch Zarr store ([`TileMatrices`]).
+struct ZarrTiles(TileMatrices);
+
+impl TileStore for ZarrTiles {
+    fn block(&self) -> usize {
+        self.0.block()
+    }
+
+    fn write_rows(&mut self, matrix: usize, rows: Range<usize>, values: &[f64]) -> Result<(), String> {
+        self.0.write_rows(matrix, rows, values).map_err(|e| e.to_string())
+    }
+
+    fn read_rows(&self, matrix: usize, rows: Range<usize>) -> Result<Vec<f64>, String> {
+        self.0.read_rows(matrix, rows).map_err(|e| e.to_string())
+    }
+
+    fn read_columns(&self, matrix: usize, cols: Range<usize>) -> Result<Vec<f64>, String> {
+        self.0.read_columns(matrix, cols).map_err(|e| e.to_string())
+    }
+}
+
+/// A view's scaled exponential affinity, row block by row block: the z-scored features and
+/// each present cell's mean distance to its K nearest are kept; rows are recomputed on demand.
+struct RowAffinity {
+    features: Features,
+    near: Vec<f64>,
+    metric: Metric,
+    mu: f64,
+    n: usize,
+}
+
+impl RowAffinity {
+    fn new(mut features: Features, k: usize, mu: f64, metric: Metric, n: usize, block: usize) -> RowAffinity {
+        let (s, d) = (features.samples.len(), features.cols);
+        zscore_columns(&mut features.values, s, d);
+        let mut near = Vec::with_capacity(s);
+        for rows in row_blocks(s, block) {
+            let mut dist = vec![0.0; rows.len() * s];
+            distance_rows(&features.values, s, d, rows, metric, &mut dist);
+            near.extend(mean_nearest(&dist, s, k));
+        }
+        RowAffinity { features, near, metric, mu, n }
+    }
+
+    /// Rows `rows` of the affinity over all n cells (zero where a cell lacks the view).
+    fn rows(&self, rows: Range<usize>) -> Vec<f64> {
+        let (samples, n) = (&self.features.samples, self.n);
+        let s = samples.len();
+        // The view's cells among `rows` are a contiguous run of its (ascending) samples.
+        let local = samples.partition_point(|&g| g < rows.start)..samples.partition_point(|&g| g < rows.end);
+        let mut w = vec![0.0; local.len() * s];
+        distance_rows(&self.features.values, s, self.features.cols, local.clone(), self.metric, &mut w);
+        exponential_rows(&mut w, s, &self.near[local.clone()], &self.near, self.mu);
+        if s == n {
+            return w;
+        }
+        let mut out = vec![0.0; rows.len() * n];
+        for (from, &g) in w.chunks(s).zip(&samples[local]) {
+            let row = &mut out[(g - rows.start) * n..(g - rows.start + 1) * n];
+            samples.iter().zip(from).for_each(|(&j, &v)| row[j] = v);
+        }
+        out
+    }
+}
+
+/// SNF with its n x n matrices in the scratch store of `out_of_core` (removed at the end,
+/// whatever the outcome); views may miss cells.
+fn network_out_of_core(req: &NetworkRequest, out_of_core: &OutOfCore, mut progress: impl FnMut(&str)) -> Result<NetworkReport, NetworkJobError> {
+    if req.method != Method::Snf {
+        return Err(input(&req.data, "only SNF runs out of core (NEMO and kernel averaging hold one n x n matrix: run them in memory)"));
+    }
+    if req.top_k.is_none() {
+        return Err(input(&req.data, DENSE_OUT_OF_CORE));
+    }
+    if out_of_core.block == 0 {
+        return Err(input(&req.data, "out-of-core block: expected at least 1 row"));
+    }
+    let job = prepare(req)?;
+    let n = job.n;
+    let started = Instant::now();
+    let mut views = Vec::with_capacity(job.specs.len());
+    let mut summaries = Vec::with_capacity(job.specs.len());
+    for spec in &job.specs {
+        progress(&format!("neighbour distances of view {}", spec.name()));
+        let features = checked_view(&job, spec, req)?;
+        let s = features.samples.len();
+        summaries.push(ViewSummary { name: spec.name(), samples: s, features: features.cols });
+        views.push(RowAffinity::new(features, req.snf.k.min(s - 1).max(1), req.mu, req.metric.into(), n, out_of_core.block));
+    }
+    let seconds_affinities = started.elapsed().as_secs_f64();
+    let samples: Vec<Option<Vec<usize>>> = views.iter().map(|v| (v.features.samples.len() < n).then(|| v.features.samples.clone())).collect();
+    let tiles = TileMatrices::create(&out_of_core.scratch, n, out_of_core.block, matrices_needed(views.len())).map_err(|e| match e {
+        DataError::Exists { store, .. } => input(&req.data, format!("the scratch location {store} is not empty: name a new one (the scratch store is removed after the run, with all it holds)")),
+        other => other.into(),
+    })?;
+    let mut tiles = ZarrTiles(tiles);
+    let result = (|| {
+        let started = Instant::now();
+        progress(&format!("SNF of {} views over {n} cells, out of core in {}", views.len(), tiles.0.name()));
+        let network = snf_out_of_core(&samples, n, req.snf, &mut tiles, |v, rows| Ok(views[v].rows(rows))).map_err(|problem| network_error(req, problem))?;
+        let timings = [seconds_affinities, started.elapsed().as_secs_f64()];
+        finish(req, &job, Fused::Stored(&tiles, network), summaries, timings, &mut progress)
+    })();
+    let removed = tiles.0.remove();
+    let report = result?;
+    removed?;
+    Ok(report)
 }
 
 fn network_error(req: &NetworkRequest, problem: NetworkError) -> NetworkJobError {
@@ -389,17 +519,46 @@ pub fn network_rank(req: &NetworkRequest, ex: &mut impl Exchange) -> Result<(usi
     let fused = snf_rows(views, n, req.snf, ex).map_err(|problem| network_error(req, problem))?;
     let whole = gather_to_rank0(ex, fused).map_err(|problem| network_error(req, problem))?;
     let timings = [seconds_affinities, started.elapsed().as_secs_f64()];
-    Ok((mine.len(), whole.map(|w| finish(req, &job, &w, summaries, timings, |_| {})).transpose()?))
+    Ok((mine.len(), whole.map(|w| finish(req, &job, Fused::Memory(&w), summaries, timings, |_| {})).transpose()?))
+}
+
+/// The fused network: in memory, or a matrix of the out-of-core tile store.
+#[derive(Clone, Copy)]
+enum Fused<'a> {
+    Memory(&'a [f64]),
+    Stored(&'a ZarrTiles, usize),
+}
+
+impl Fused<'_> {
+    fn spectrum(self, n: usize, count: usize, seed: u64) -> Result<Spectrum, NetworkError> {
+        match self {
+            Fused::Memory(w) => Ok(Spectrum::of(w, n, count, seed)),
+            Fused::Stored(tiles, matrix) => stored_spectrum(tiles, matrix, n, count, seed),
+        }
+    }
+
+    fn top_k(self, n: usize, top_k: usize) -> Result<Csr, NetworkError> {
+        match self {
+            Fused::Memory(w) => Ok(top_k_rows(w, n, top_k)),
+            Fused::Stored(tiles, matrix) => {
+                let mut graph = Csr { n_cols: n, indptr: vec![0], ..Csr::default() };
+                for rows in row_blocks(n, tiles.block()) {
+                    graph.append_rows(&top_k_rows(&tiles.read_rows(matrix, rows).map_err(NetworkError::Store)?, n, top_k));
+                }
+                Ok(graph)
+            }
+        }
+    }
 }
 
 /// Clusters the network `w`, scores the clusters, writes both; [affinity, network] seconds.
-fn finish(req: &NetworkRequest, job: &Prepared, w: &[f64], summaries: Vec<ViewSummary>, [seconds_affinities, seconds_network]: [f64; 2], mut progress: impl FnMut(&str)) -> Result<NetworkReport, NetworkJobError> {
+fn finish(req: &NetworkRequest, job: &Prepared, w: Fused<'_>, summaries: Vec<ViewSummary>, [seconds_affinities, seconds_network]: [f64; 2], mut progress: impl FnMut(&str)) -> Result<NetworkReport, NetworkJobError> {
     let (n, root) = (job.n, &job.root);
     let started = Instant::now();
     progress("spectral clustering");
     // One Lanczos run serves the eigengap and the clustering.
     let most = req.candidates.iter().copied().max().unwrap_or(2);
-    let spectrum = Spectrum::of(w, n, (most + 1).max(req.clusters.unwrap_or(0)).min(n), req.seed);
+    let spectrum = w.spectrum(n, (most + 1).max(req.clusters.unwrap_or(0)).min(n), req.seed).map_err(|problem| network_error(req, problem))?;
     let eigengap = rank_by_eigengap(&spectrum.laplacian, &req.candidates);
     let clusters = match (req.clusters, eigengap.first()) {
         (Some(c), _) => c,
@@ -422,11 +581,12 @@ fn finish(req: &NetworkRequest, job: &Prepared, w: &[f64], summaries: Vec<ViewSu
     progress("writing the network and the clusters");
     let network_entries = match req.top_k {
         Some(top_k) => {
-            let graph = top_k_rows(w, n, top_k);
+            let graph = w.top_k(n, top_k).map_err(|problem| network_error(req, problem))?;
             root.write_obsp(&req.key, &graph, req.overwrite)?;
             graph.nnz()
         }
         None => {
+            let Fused::Memory(w) = w else { return Err(input(&req.data, DENSE_OUT_OF_CORE)) };
             let dense: Vec<f32> = w.iter().map(|&v| v as f32).collect();
             root.write_obsp_dense(&req.key, &dense, req.overwrite)?;
             dense.len()
@@ -466,6 +626,9 @@ pub fn check_network_job(data: &str, network_toml: &str) -> Result<u64, String> 
     let req: NetworkRequest = toml::from_str(network_toml).map_err(|e| format!("network_toml: {e}"))?;
     if req.method != Method::Snf {
         return Err("network_toml: only SNF runs across workers".into());
+    }
+    if req.out_of_core.is_some() {
+        return Err("network_toml: out_of_core runs on one machine, not across workers".into());
     }
     Dataset::open(data).map(|d| d.n_obs()).map_err(|e| e.to_string())
 }
