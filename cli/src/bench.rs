@@ -72,6 +72,10 @@ pub enum BenchCommand {
         /// A Python with snfpy 0.2.2 (tests/python/requirements.txt) to run it side by side.
         #[arg(long)]
         python: Option<PathBuf>,
+        /// Also run the whole `tessera snf` job on the same views (as obsm entries of a
+        /// store) in memory and out of core with blocks of this many rows.
+        #[arg(long)]
+        out_of_core: Option<usize>,
     },
     /// NCCL all-reduce at world size 1 on GPU 0 (what one GPU worker pays per step) for the
     /// scVI-size and Census-size gradients; SKIPPED without a device or libnccl.
@@ -124,7 +128,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Ops { repeat } => ops(repeat.max(1)),
         BenchCommand::Eval { cells, dims } => eval(&cells, dims),
         BenchCommand::Workers { workers, cells, genes, epochs } => data_parallel(&workers, cells, genes, epochs.max(2)),
-        BenchCommand::Snf { n, features, views, python } => snf_side_by_side(&n, features, views.max(2), python.as_deref()),
+        BenchCommand::Snf { n, features, views, python, out_of_core } => snf_side_by_side(&n, features, views.max(2), python.as_deref(), out_of_core),
         BenchCommand::Nccl { floats, repeat } => nccl(&floats, repeat.max(1)),
         BenchCommand::Allreduce { world, floats, repeat } => allreduce(&world, &floats, repeat.max(1)),
         BenchCommand::Step { genes, batch, hidden, nnz, steps, config } => step(genes, batch, hidden, nnz, steps, config.as_deref()),
@@ -135,7 +139,7 @@ pub fn run(command: BenchCommand) -> Result<()> {
     }
 }
 
-fn snf_side_by_side(sizes: &[usize], features: usize, views: usize, python: Option<&Path>) -> Result<()> {
+fn snf_side_by_side(sizes: &[usize], features: usize, views: usize, python: Option<&Path>, out_of_core: Option<usize>) -> Result<()> {
     use rand::SeedableRng;
     use rand_distr::{Distribution, Normal};
     use tessera_kernels::ops::affinity::{Metric, feature_affinity};
@@ -154,7 +158,7 @@ fn snf_side_by_side(sizes: &[usize], features: usize, views: usize, python: Opti
         let affinities: Vec<Vec<f64>> = data.iter().map(|x| feature_affinity(&mut x.clone(), n, features, Metric::SqEuclidean, 20, 0.5)).collect();
         tessera_network::snf(affinities.into_iter().map(tessera_network::View::complete).collect(), n, tessera_network::SnfParams::default())?;
         let ours = started.elapsed().as_secs_f64();
-        let our_mib = peak_rss_mib().map_or("-".to_string(), |m| format!("{m:.0}"));
+        let our_mib = tessera_worker::peak_memory_mib().map_or("-".to_string(), |m| format!("{m:.0}"));
         let theirs = match python {
             Some(py) => {
                 let paths: Vec<PathBuf> = (0..views).map(|v| dir.join(format!("n{n}-view{v}.csv"))).collect();
@@ -175,16 +179,53 @@ fn snf_side_by_side(sizes: &[usize], features: usize, views: usize, python: Opti
         };
         let (t, mib, r) = theirs.map_or(("-".to_string(), "-".to_string(), "-".to_string()), |(t, mib)| (format!("{t:.2}"), mib.map_or("-".to_string(), |m| format!("{m:.0}")), format!("{:.1}x", t / ours)));
         println!("{n:>7} {ours:>10.2} {our_mib:>12} {t:>10} {mib:>12} {r:>8}");
+        if let Some(block) = out_of_core {
+            snf_job_in_memory_and_out_of_core(&dir, n, &data, features, block)?;
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
-/// This process's peak resident memory (Linux `VmHWM`), MiB.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kib / 1024.0)
+/// The whole `tessera snf` job (views read from obsm, SNF, 4 clusters, top-20 network written)
+/// as a child process out of core and in memory: seconds, peak MiB (from its report) and the
+/// scratch store's traffic.
+fn snf_job_in_memory_and_out_of_core(dir: &Path, n: usize, data: &[Vec<f64>], features: usize, block: usize) -> Result<()> {
+    let store = dir.join(format!("n{n}.zarr")).display().to_string();
+    tessera_data::simulate(&store, &SimConfig { n_cells: n as u64, n_genes: 20, ..SimConfig::default() }, |_| {}).with_context(|| format!("simulating into {store}"))?;
+    let adata = tessera_data::AnnData::open(&store)?;
+    for (v, x) in data.iter().enumerate() {
+        adata.write_obsm(&format!("view{v}"), &x.iter().map(|&v| v as f32).collect::<Vec<f32>>(), features, false)?;
+    }
+    let views: Vec<String> = (0..data.len()).map(|v| format!("obsm/view{v}")).collect();
+    let out = dir.join(format!("n{n}-out"));
+    let scratch = dir.join(format!("n{n}-scratch.zarr")).display().to_string();
+    let block = block.to_string();
+    let job = |key: &str, extra: &[&str]| -> Result<(f64, f64)> {
+        let exe = std::env::current_exe().context("finding the tessera executable")?;
+        let status = Command::new(exe)
+            .args(["snf", "--data", &store, "--view", &views.join(","), "--clusters", "4", "--key", key, "--out"])
+            .arg(&out)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("running tessera snf")?;
+        if !status.success() {
+            bail!("tessera snf ({key}) at n = {n} failed: {status}");
+        }
+        let report: tessera_worker::network::NetworkReport = serde_json::from_slice(&std::fs::read(out.join("snf.json"))?)?;
+        let seconds = report.seconds_affinities + report.seconds_network + report.seconds_clustering + report.seconds_write;
+        Ok((seconds, report.peak_memory_mib.unwrap_or(f64::NAN)))
+    };
+    let (disk_s, disk_mib) = job("disk", &["--out-of-core", "--block", &block, "--scratch", &scratch])?;
+    let (memory_s, memory_mib) = job("memory", &[])?;
+    // Fusion traffic: per iteration and view m − 1 + 1 matrices read, 2 written; set-up and the
+    // end add 5m + 4 (the clustering's passes over the network are not counted).
+    let m = data.len() as f64;
+    let moved = (n * n * 8) as f64 / 1e9 * (20.0 * m * (m + 2.0) + 5.0 * m + 4.0);
+    println!("        job in memory {memory_s:.2} s / {memory_mib:.0} MiB; out of core (block {block}) {disk_s:.2} s / {disk_mib:.0} MiB, {moved:.0} GB through the scratch store ({:.2} GB/s)", moved / disk_s);
+    std::fs::remove_dir_all(&store).with_context(|| format!("removing {store}"))?;
+    Ok(())
 }
 
 fn nccl(floats: &[usize], repeat: usize) -> Result<()> {

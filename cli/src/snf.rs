@@ -149,7 +149,8 @@ pub fn run(args: SnfArgs) -> Result<()> {
     if let (Some(key), Some(nmi), Some(ari)) = (&report.label_key, report.nmi, report.ari) {
         println!("  against obs/{key}: NMI {nmi:.4}, ARI {ari:.4}");
     }
-    println!("  seconds: affinities {:.2}, network {:.2}, clustering {:.2}, writing {:.2}", report.seconds_affinities, report.seconds_network, report.seconds_clustering, report.seconds_write);
+    let peak = report.peak_memory_mib.map_or(String::new(), |m| format!("; peak memory {m:.0} MiB"));
+    println!("  seconds: affinities {:.2}, network {:.2}, clustering {:.2}, writing {:.2}{peak}", report.seconds_affinities, report.seconds_network, report.seconds_clustering, report.seconds_write);
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let json = args.out.join(format!("{name}.json"));
     std::fs::write(&json, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", json.display()))?;

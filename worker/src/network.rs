@@ -177,6 +177,9 @@ pub struct NetworkReport {
     pub seconds_network: f64,
     pub seconds_clustering: f64,
     pub seconds_write: f64,
+    /// This process's peak resident memory at the end of the job (Linux), MiB.
+    #[serde(default)]
+    pub peak_memory_mib: Option<f64>,
 }
 
 /// One view's features: the global index of each present cell and its row-major f64 values.
@@ -617,6 +620,7 @@ fn finish(req: &NetworkRequest, job: &Prepared, w: Fused<'_>, summaries: Vec<Vie
         seconds_network,
         seconds_clustering,
         seconds_write,
+        peak_memory_mib: crate::peak_memory_mib(),
     })
 }
 
@@ -640,4 +644,22 @@ fn label_codes(root: &AnnData, key: &str, store: &str) -> Result<Vec<i32>, Netwo
         crate::EvalError::Input { store, reason } => NetworkJobError::Input { store, reason },
         other => input(store, other.to_string()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JOB: &str = "data = \"nowhere.zarr\"\nviews = []\nmethod = \"snf\"\nmu = 0.5\nlog_normalise = true\ncandidates = [2, 3]\nkey = \"snf\"\noverwrite = false\nseed = 0\n[snf]\nk = 20\nt = 20\nalpha = 1.0\n";
+
+    #[test]
+    fn jobs_that_cannot_run_across_workers_are_refused_at_submission() {
+        let nemo = JOB.replace("method = \"snf\"", "method = \"nemo\"");
+        assert_eq!(check_network_job("nowhere.zarr", &nemo), Err("network_toml: only SNF runs across workers".into()));
+        let on_disk = JOB.replace("seed = 0\n", "seed = 0\n[out_of_core]\nscratch = \"s.zarr\"\nblock = 64\n");
+        assert_eq!(check_network_job("nowhere.zarr", &on_disk), Err("network_toml: out_of_core runs on one machine, not across workers".into()));
+        let e = check_network_job("/nonexistent/nowhere.zarr", JOB).unwrap_err();
+        assert!(e.contains("nowhere.zarr"), "{e}");
+        assert!(check_network_job("x", "method = 3").unwrap_err().starts_with("network_toml:"));
+    }
 }
