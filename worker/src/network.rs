@@ -340,6 +340,21 @@ fn checked_view(job: &Prepared, spec: &ViewSpec, req: &NetworkRequest) -> Result
     Ok(features)
 }
 
+/// Every view's checked features turned into what the method needs by `make` (`progress`
+/// hears `stage` and the view's name first): those, the views' summaries and the seconds taken.
+fn build_views<T>(req: &NetworkRequest, job: &Prepared, stage: &str, progress: &mut impl FnMut(&str), mut make: impl FnMut(&ViewSpec, Features) -> Result<T, NetworkJobError>) -> Result<(Vec<T>, Vec<ViewSummary>, f64), NetworkJobError> {
+    let started = Instant::now();
+    let mut views = Vec::with_capacity(job.specs.len());
+    let mut summaries = Vec::with_capacity(job.specs.len());
+    for spec in &job.specs {
+        progress(&format!("{stage} of view {}", spec.name()));
+        let features = checked_view(job, spec, req)?;
+        summaries.push(ViewSummary { name: spec.name(), samples: features.samples.len(), features: features.cols });
+        views.push(make(spec, features)?);
+    }
+    Ok((views, summaries, started.elapsed().as_secs_f64()))
+}
+
 /// Runs the job on this machine; `progress` hears each stage as it starts.
 pub fn network_store(req: &NetworkRequest, mut progress: impl FnMut(&str)) -> Result<NetworkReport, NetworkJobError> {
     if let Some(out_of_core) = &req.out_of_core {
@@ -347,21 +362,14 @@ pub fn network_store(req: &NetworkRequest, mut progress: impl FnMut(&str)) -> Re
     }
     let job = prepare(req)?;
     let n = job.n;
-    let started = Instant::now();
-    let mut views = Vec::with_capacity(job.specs.len());
-    let mut summaries = Vec::with_capacity(job.specs.len());
-    for spec in &job.specs {
-        progress(&format!("affinity of view {}", spec.name()));
-        let features = checked_view(&job, spec, req)?;
+    let (views, summaries, seconds_affinities) = build_views(req, &job, "affinity", &mut progress, |_, features| {
         let s = features.samples.len();
-        summaries.push(ViewSummary { name: spec.name(), samples: s, features: features.cols });
         let k = match req.method {
             Method::Snf | Method::Average => req.snf.k,
             Method::Nemo => req.nemo_k.unwrap_or_else(|| tessera_network::nemo::default_neighbours(s)),
         };
-        views.push(affinity(features, k.min(s - 1).max(1), req.mu, req.metric.into(), n));
-    }
-    let seconds_affinities = started.elapsed().as_secs_f64();
+        Ok(affinity(features, k.min(s - 1).max(1), req.mu, req.metric.into(), n))
+    })?;
 
     let started = Instant::now();
     progress(&format!("{:?} of {} views over {n} cells", req.method, views.len()));
@@ -455,17 +463,10 @@ fn network_out_of_core(req: &NetworkRequest, out_of_core: &OutOfCore, mut progre
     }
     let job = prepare(req)?;
     let n = job.n;
-    let started = Instant::now();
-    let mut views = Vec::with_capacity(job.specs.len());
-    let mut summaries = Vec::with_capacity(job.specs.len());
-    for spec in &job.specs {
-        progress(&format!("neighbour distances of view {}", spec.name()));
-        let features = checked_view(&job, spec, req)?;
+    let (views, summaries, seconds_affinities) = build_views(req, &job, "neighbour distances", &mut progress, |_, features| {
         let s = features.samples.len();
-        summaries.push(ViewSummary { name: spec.name(), samples: s, features: features.cols });
-        views.push(RowAffinity::new(features, req.snf.k.min(s - 1).max(1), req.mu, req.metric.into(), n, out_of_core.block));
-    }
-    let seconds_affinities = started.elapsed().as_secs_f64();
+        Ok(RowAffinity::new(features, req.snf.k.min(s - 1).max(1), req.mu, req.metric.into(), n, out_of_core.block))
+    })?;
     let samples: Vec<Option<Vec<usize>>> = views.iter().map(|v| (v.features.samples.len() < n).then(|| v.features.samples.clone())).collect();
     let tiles = TileMatrices::create(&out_of_core.scratch, n, out_of_core.block, matrices_needed(views.len())).map_err(|e| match e {
         DataError::Exists { store, .. } => input(&req.data, format!("the scratch location {store} is not empty: name a new one (the scratch store is removed after the run, with all it holds)")),
@@ -500,24 +501,18 @@ pub fn network_rank(req: &NetworkRequest, ex: &mut impl Exchange) -> Result<(usi
     let job = prepare(req)?;
     let n = job.n;
     let mine = row_range(n, ex.world(), ex.rank());
-    let started = Instant::now();
-    let mut views = Vec::with_capacity(job.specs.len());
-    let mut summaries = Vec::with_capacity(job.specs.len());
-    for spec in &job.specs {
-        let mut f = checked_view(&job, spec, req)?;
+    let (views, summaries, seconds_affinities) = build_views(req, &job, "affinity rows", &mut |_| {}, |spec, mut f| {
         if f.samples.len() != n {
             return Err(input(&req.data, format!("view {}: {} of {n} cells have it; SNF across workers needs every cell in every view (run on one machine)", spec.name(), f.samples.len())));
         }
-        summaries.push(ViewSummary { name: spec.name(), samples: n, features: f.cols });
         zscore_columns(&mut f.values, n, f.cols);
         let mut rows = vec![0.0; mine.len() * n];
         distance_rows(&f.values, n, f.cols, mine.clone(), req.metric.into(), &mut rows);
         let near = mean_nearest(&rows, n, req.snf.k.min(n - 1));
         let near_all = all_gather(ex, near.clone()).map_err(|problem| network_error(req, problem))?;
         exponential_rows(&mut rows, n, &near, &near_all, req.mu);
-        views.push(rows);
-    }
-    let seconds_affinities = started.elapsed().as_secs_f64();
+        Ok(rows)
+    })?;
     let started = Instant::now();
     let fused = snf_rows(views, n, req.snf, ex).map_err(|problem| network_error(req, problem))?;
     let whole = gather_to_rank0(ex, fused).map_err(|problem| network_error(req, problem))?;
