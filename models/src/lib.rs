@@ -9,6 +9,7 @@
 mod heads;
 pub mod layers;
 mod modality;
+pub mod surgery;
 pub mod train;
 pub mod vae;
 
