@@ -88,6 +88,12 @@ pub fn unfrozen_ranges(layout: &Layout, unfreeze: Unfreeze) -> Vec<Range<usize>>
     layout.slots().iter().filter(|s| opened(&s.name)).map(|s| s.range.clone()).collect()
 }
 
+/// The ranges of every encoder tensor of `layout` (`{modality.}encoder.*`): in the state
+/// layout, the running statistics scArches keeps frozen.
+pub fn encoder_ranges(layout: &Layout) -> Vec<Range<usize>> {
+    layout.slots().iter().filter(|s| s.name.starts_with("encoder.") || s.name.contains(".encoder.")).map(|s| s.range.clone()).collect()
+}
+
 /// Sorted, merged ranges (what the optimiser walks).
 pub fn merge_ranges(mut ranges: Vec<Range<usize>>) -> Vec<Range<usize>> {
     ranges.sort_by_key(|r| r.start);

@@ -3,6 +3,8 @@
 //! on one node, the worker in a cluster), which hands minibatches to [`Trainer::step`] or, to
 //! all-reduce in between, to [`Trainer::gradients`] then [`Trainer::apply`].
 
+use std::ops::Range;
+
 use serde::{Deserialize, Serialize};
 use tessera_kernels::backend::{Backend, EngineError, In, Out};
 use tessera_kernels::ops::optim::AdamW;
@@ -126,6 +128,10 @@ pub struct Trainer<T: Real, B: Backend<T>> {
     pub v: B::Buf,
     /// Steps taken (the next step is `step + 1`).
     pub step: u64,
+    /// Sorted, disjoint ranges of the parameters the optimiser changes; None: all of them.
+    trainable: Option<Vec<Range<usize>>>,
+    /// Ranges of the BatchNorm state kept as they were (frozen layers), with their values.
+    kept_state: Vec<(Range<usize>, B::Buf)>,
 }
 
 impl<T: Real, B: Backend<T>> Trainer<T, B> {
@@ -134,7 +140,7 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
         let m = model.backend().zeros(n)?;
         let v = model.backend().zeros(n)?;
         let opt = AdamW { lr: config.lr, eps: config.adam_eps, weight_decay: config.weight_decay, ..AdamW::default() };
-        Ok(Trainer { model, config, opt, m, v, step: 0 })
+        Ok(Trainer { model, config, opt, m, v, step: 0, trainable: None, kept_state: Vec::new() })
     }
 
     pub fn lr(&self) -> f64 {
@@ -144,6 +150,28 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
     /// Sets the learning rate of the following steps (the schedule's decision).
     pub fn set_lr(&mut self, lr: f64) {
         self.opt.lr = lr;
+    }
+
+    /// From now on only `ranges` of the parameters change (query fine-tuning after surgery):
+    /// the others, and their Adam moments, stay as they are.
+    pub fn freeze_except(&mut self, ranges: Vec<Range<usize>>) {
+        self.trainable = Some(crate::surgery::merge_ranges(ranges));
+    }
+
+    /// Keeps `ranges` of the BatchNorm running statistics as they are now: training batches
+    /// still normalise by their own statistics, but the frozen layers' running statistics (what
+    /// evaluation uses) stay the reference's.
+    pub fn freeze_state(&mut self, ranges: Vec<Range<usize>>) -> Result<(), TrainError> {
+        let b = self.model.backend().clone();
+        self.kept_state = crate::surgery::merge_ranges(ranges)
+            .into_iter()
+            .map(|r| {
+                let mut kept = b.zeros(r.len())?;
+                b.copy(In::part(&self.model.state, r.clone()), Out::all(&mut kept))?;
+                Ok((r, kept))
+            })
+            .collect::<Result<_, EngineError>>()?;
+        Ok(())
     }
 
     /// One optimisation step on a minibatch.
@@ -166,6 +194,10 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
         let step = self.step + 1;
         let seed = self.config.seed ^ part.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let terms = self.model.loss_and_grad(batch, self.config.kl_weight(epoch), Mode::Train { seed, step })?;
+        let b = self.model.backend().clone();
+        for (r, kept) in &self.kept_state {
+            b.copy(In::all(kept), Out::part(&mut self.model.state, r.clone()))?;
+        }
         for (term, value) in [("reconstruction loss", terms.reconstruction), ("KL divergence", terms.kl)] {
             if !value.is_finite() {
                 return Err(TrainError::NonFinite { step, term, value });
@@ -178,7 +210,12 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
     pub fn apply(&mut self) -> Result<(), TrainError> {
         let step = self.step + 1;
         let b = self.model.backend().clone();
-        let norm = b.grad_norm(In::all(&self.model.grads))?;
+        let every = [0..self.model.layout.len()];
+        let ranges: &[Range<usize>] = self.trainable.as_deref().unwrap_or(&every);
+        let norm = match ranges {
+            [one] => b.grad_norm(In::part(&self.model.grads, one.clone()))?,
+            _ => ranges.iter().map(|r| b.grad_norm(In::part(&self.model.grads, r.clone())).map(|n| n * n)).sum::<Result<f64, _>>()?.sqrt(),
+        };
         if !norm.is_finite() {
             return Err(TrainError::NonFinite { step, term: "gradient norm", value: norm });
         }
@@ -187,7 +224,9 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
         {
             b.scale(Out::all(&mut self.model.grads), T::of(max / (norm + 1e-6)))?;
         }
-        b.adamw_step(&self.opt, step, Out::all(&mut self.model.values), In::all(&self.model.grads), Out::all(&mut self.m), Out::all(&mut self.v))?;
+        for r in ranges {
+            b.adamw_step(&self.opt, step, Out::part(&mut self.model.values, r.clone()), In::part(&self.model.grads, r.clone()), Out::part(&mut self.m, r.clone()), Out::part(&mut self.v, r.clone()))?;
+        }
         self.step = step;
         Ok(())
     }
