@@ -393,6 +393,7 @@ fn write_outputs(opts: &FitOptions, loader: &Loader, holdout: Holdout, plan: &Ou
     let mut denoised: Vec<Vec<f32>> = if opts.denoised.is_some() { plan.modalities.iter().map(|(_, _, g)| vec![0f32; n * g]).collect() } else { Vec::new() };
     let mut probabilities = vec![0f32; if classify { n * n_labels } else { 0 }];
     let mut validation_cells = Vec::new();
+    let mut labels = vec![-1i32; if opts.label_key.is_some() { n } else { 0 }];
     for mb in loader.ordered().epoch(0) {
         let mb = mb?;
         let batch = Converted::whole(&mb, inputs);
@@ -407,6 +408,9 @@ fn write_outputs(opts: &FitOptions, loader: &Loader, holdout: Holdout, plan: &Ou
             }
             let cell = cell as usize;
             embedding[cell * n_latent..(cell + 1) * n_latent].copy_from_slice(&z[r * n_latent..(r + 1) * n_latent]);
+            if let (Some(slot), Some(&code)) = (labels.get_mut(cell), mb.label.get(r)) {
+                *slot = code;
+            }
             if classify {
                 probabilities[cell * n_labels..(cell + 1) * n_labels].copy_from_slice(&p[r * n_labels..(r + 1) * n_labels]);
             }
@@ -443,6 +447,21 @@ fn write_outputs(opts: &FitOptions, loader: &Loader, holdout: Holdout, plan: &Ou
     let plot = opts.out.join("loss.png");
     crate::plot::loss_plot(&state.history, &plot).map_err(|reason| FitError::Output { path: plot.display().to_string(), reason })?;
     checkpoint::write_weights(&opts.out.join("model.safetensors"), trainer)?;
+    let dataset = Dataset::open(&opts.data)?;
+    let var_names = plan.modalities.iter().map(|(name, _, _)| Ok((name.clone(), crate::reference::var_names(&dataset, name)?))).collect::<Result<_, crate::reference::ReferenceError>>();
+    let reference_path = opts.out.join(crate::reference::REFERENCE_FILE);
+    let reference_error = |e: crate::reference::ReferenceError| FitError::Output { path: reference_path.display().to_string(), reason: e.to_string() };
+    let reference = crate::reference::Reference {
+        latent: embedding.clone(),
+        n_latent,
+        labels,
+        label_key: opts.label_key.clone(),
+        label_categories: loader.label_categories.clone(),
+        batch_key: opts.batch_key.clone(),
+        batch_categories: loader.batch_categories.clone(),
+        var_names: var_names.map_err(reference_error)?,
+    };
+    reference.write(&reference_path).map_err(reference_error)?;
     write_file(&opts.out.join("config.json"), serde_json::to_string_pretty(&state.run).unwrap_or_default().as_bytes())?;
     let report = FitReport { history: state.history.clone(), stopped_early, n_train: state.n_train, n_validation: validation_cells.len() as u64, modalities: model_shapes(&trainer.model), batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element, denoised_elements, prediction_elements };
     write_file(&opts.out.join(REPORT_FILE), serde_json::to_string_pretty(&report).unwrap_or_default().as_bytes())?;

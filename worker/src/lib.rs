@@ -17,6 +17,7 @@ pub mod network;
 pub mod node;
 pub mod parallel;
 pub mod plot;
+pub mod reference;
 pub mod ring;
 
 pub use eval::{EvalError, EvalRequest, Evaluation, evaluate_store, write_evaluation};

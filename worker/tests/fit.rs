@@ -66,6 +66,16 @@ fn pbmc_trains_and_separates_cell_types() {
     let tensors = safetensors::SafeTensors::deserialize(&weights).unwrap();
     assert_eq!(tensors.tensor("decoder.main.w").unwrap().shape(), &[128, 765]);
     assert_eq!(tensors.tensor("encoder.0.bn_running_var").unwrap().shape(), &[128]);
+    // What query mapping needs: the reference's latent, labels and gene names.
+    let reference = tessera_worker::reference::Reference::read(&out.join("reference.safetensors")).unwrap();
+    assert_eq!(reference.latent, report.embedding);
+    assert_eq!((reference.n_latent, reference.n_cells()), (10, 700));
+    let var = adata.var().unwrap().index;
+    assert_eq!(reference.var_names.values().next().unwrap(), &var);
+    if let Some(key) = reference.label_key.as_deref() {
+        let Column::Categorical { codes, categories, .. } = adata.obs_column(key).unwrap() else { panic!("{key} is categorical") };
+        assert_eq!((reference.labels.clone(), reference.label_categories.clone()), (codes, categories));
+    }
 
     // An existing embedding is not overwritten without being asked (refused before any
     // training step), and stays as it was.
