@@ -14,6 +14,7 @@ pub mod groups;
 pub mod lisi;
 pub mod neighbors;
 pub mod silhouette;
+pub mod transfer;
 
 use serde::Serialize;
 
