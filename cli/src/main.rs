@@ -97,6 +97,10 @@ struct SimulateArgs {
     /// Fraction of cells missing each non-RNA modality.
     #[arg(long, default_value_t = 0.0)]
     missing: f64,
+    /// Cells from these batches only (0-based, comma-separated; the batch column lists just
+    /// them): with one seed, stores of disjoint batches share their biology (reference/query).
+    #[arg(long, value_delimiter = ',')]
+    only_batches: Vec<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long, value_enum, default_value_t = Format::V3)]
@@ -149,6 +153,7 @@ fn simulate(args: &SimulateArgs) -> Result<()> {
         latent_dim: args.latent_dim,
         library: args.library,
         missing: args.missing,
+        only_batches: (!args.only_batches.is_empty()).then(|| args.only_batches.clone()),
         seed: args.seed,
         version: args.zarr_format.into(),
     };

@@ -42,6 +42,10 @@ pub struct SimConfig {
     pub library: f64,
     /// Fraction of cells missing each non-RNA modality.
     pub missing: f64,
+    /// Draw cells from these of the `n_batches` batches only (the batch column then lists just
+    /// them): stores simulated with one seed and disjoint lists share cell types, genes and batch
+    /// effects, so one can serve as a reference and the other as a query with new batches.
+    pub only_batches: Option<Vec<usize>>,
     pub seed: u64,
     pub version: ZarrVersion,
 }
@@ -58,6 +62,7 @@ impl Default for SimConfig {
             latent_dim: 10,
             library: 1_500.0,
             missing: 0.0,
+            only_batches: None,
             seed: 0,
             version: ZarrVersion::V3,
         }
@@ -167,7 +172,10 @@ fn simulate_block(c: &SimConfig, w: &World, block: u64) -> Block {
     let mut logits = vec![0.0f64; c.n_genes];
     for _ in 0..n {
         let t = rng.random_range(0..c.n_types);
-        let b = rng.random_range(0..c.n_batches);
+        let b = match &c.only_batches {
+            Some(list) => list[rng.random_range(0..list.len())],
+            None => rng.random_range(0..c.n_batches),
+        };
         let z: Vec<f64> = w.centres[t].iter().map(|m| m + normal(&mut rng, 0.5)).collect();
         out.types.push(t as i32);
         out.batches.push(b as i32);
@@ -237,6 +245,18 @@ fn simulate_block(c: &SimConfig, w: &World, block: u64) -> Block {
 /// Simulates and writes a store at `location` (which must not hold a store yet). Writes an
 /// AnnData store when only RNA is asked for, a MuData store otherwise. `progress` is called
 /// with the number of cells written so far.
+/// The batch column: every batch's name, or only the listed batches' (codes renumbered).
+fn batch_column(codes: Vec<i32>, names: &[String], only: Option<&[usize]>) -> Column {
+    match only {
+        None => Column::Categorical { codes, categories: names.to_vec(), ordered: false },
+        Some(list) => Column::Categorical {
+            codes: codes.iter().map(|&b| list.iter().position(|&l| l as i32 == b).map_or(-1, |p| p as i32)).collect(),
+            categories: list.iter().map(|&b| names[b].clone()).collect(),
+            ordered: false,
+        },
+    }
+}
+
 pub fn simulate(location: &str, c: &SimConfig, mut progress: impl FnMut(u64)) -> Result<SimSummary> {
     let invalid = |reason: &str| DataError::Invalid { store: location.into(), path: "simulate".into(), problem: reason.into() };
     if c.n_cells == 0 || c.n_genes == 0 || c.n_types == 0 || c.n_batches == 0 || c.latent_dim == 0 {
@@ -244,6 +264,11 @@ pub fn simulate(location: &str, c: &SimConfig, mut progress: impl FnMut(u64)) ->
     }
     if !(0.0..1.0).contains(&c.missing) || c.library.is_nan() || c.library <= 0.0 {
         return Err(invalid("missing must be in [0, 1) and library positive"));
+    }
+    if let Some(list) = &c.only_batches
+        && (list.is_empty() || list.iter().any(|&b| b >= c.n_batches) || list.windows(2).any(|w| w[0] >= w[1]))
+    {
+        return Err(invalid("only_batches must list ascending, distinct batches below n_batches"));
     }
     let mudata = c.n_proteins > 0 || c.n_peaks > 0;
     let w = World::new(c);
@@ -295,7 +320,7 @@ pub fn simulate(location: &str, c: &SimConfig, mut progress: impl FnMut(u64)) ->
     };
     let cell_names = names("cell", c.n_cells as usize);
     let obs_columns = vec![
-        ("batch".to_string(), Column::Categorical { codes: batches, categories: names("batch", c.n_batches), ordered: false }),
+        ("batch".to_string(), batch_column(batches, &names("batch", c.n_batches), c.only_batches.as_deref())),
         ("cell_type".to_string(), Column::Categorical { codes: types, categories: names("type", c.n_types), ordered: false }),
         ("n_counts".to_string(), Column::Float(n_counts)),
     ];

@@ -155,3 +155,26 @@ fn memory_store_round_trip() {
     assert!(matches!(err, DataError::Exists { .. }), "{err}");
     let _ = MuData::open(url).unwrap_err();
 }
+
+#[test]
+fn disjoint_batches_of_one_world_make_a_reference_and_a_query() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = |name: &str, only: Vec<usize>| {
+        let path = dir.path().join(name).to_str().unwrap().to_string();
+        simulate(&path, &SimConfig { n_cells: 400, n_genes: 50, n_batches: 3, only_batches: Some(only), ..small(ZarrVersion::V3) }, |_| {}).unwrap();
+        AnnData::open(&path).unwrap()
+    };
+    let (reference, query) = (store("ref.zarr", vec![0, 1]), store("query.zarr", vec![2]));
+    let batches = |a: &AnnData| match a.obs_column("batch").unwrap() {
+        Column::Categorical { codes, categories, .. } => (codes, categories),
+        other => panic!("batch is {}", other.kind()),
+    };
+    let ((ref_codes, ref_names), (query_codes, query_names)) = (batches(&reference), batches(&query));
+    assert_eq!((ref_names, query_names), (vec!["batch0".to_string(), "batch1".to_string()], vec!["batch2".to_string()]));
+    assert!(ref_codes.iter().all(|&c| c == 0 || c == 1) && ref_codes.contains(&0) && ref_codes.contains(&1));
+    assert!(query_codes.iter().all(|&c| c == 0));
+    assert_eq!(reference.var().unwrap().index, query.var().unwrap().index);
+    // Lists that are not ascending batches of the world are refused.
+    let bad = simulate(dir.path().join("bad.zarr").to_str().unwrap(), &SimConfig { n_batches: 3, only_batches: Some(vec![1, 3]), ..small(ZarrVersion::V3) }, |_| {}).unwrap_err();
+    assert!(bad.to_string().contains("only_batches"), "{bad}");
+}
