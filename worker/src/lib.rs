@@ -17,6 +17,7 @@ pub mod network;
 pub mod node;
 pub mod parallel;
 pub mod plot;
+pub mod query;
 pub mod reference;
 pub mod ring;
 
