@@ -10,6 +10,7 @@ mod coordinator;
 mod distributed;
 mod eval;
 mod inspect;
+mod map;
 mod snf;
 mod train;
 mod worker;
@@ -60,6 +61,9 @@ enum Command {
     /// Similarity Network Fusion or NEMO across views (modalities/obsm), spectral clusters,
     /// NMI/ARI against known labels; the network -> obsp, the clusters -> obs.
     Snf(snf::SnfArgs),
+    /// Map a query store onto a trained reference model (surgery for its new batches,
+    /// fine-tuning, kNN label transfer); embedding and labels -> the query store.
+    Map(map::MapArgs),
     /// Serve the distributed-training coordinator (gRPC, with the gRPC health service).
     Coordinator(coordinator::CoordinatorArgs),
     /// Serve as a data-parallel training worker of a coordinator.
@@ -228,6 +232,7 @@ fn main() -> Result<()> {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Snf(args) => snf::run(args),
+        Command::Map(args) => map::run(args),
         Command::Convert { input, output, zarr_format } => convert(&input, &output, zarr_format.into()),
     }
 }

@@ -2,33 +2,13 @@
 //! the network in obsp and the clusters in obs, refusals that name what is wrong.
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use common::{copy_dir, failed, ok, tessera};
 use serde_json::Value;
 use tessera_data::{AnnData, Column, MuData};
-
-fn tessera(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).env("TESSERA_LOG", "warn").env("RUST_BACKTRACE", "0").output().expect("tessera runs")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "tessera failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn failed(o: &Output) -> String {
-    assert!(!o.status.success(), "tessera should have failed: {}", String::from_utf8_lossy(&o.stdout));
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() { copy_dir(&entry.path(), &target) } else { std::fs::copy(entry.path(), target).unwrap(); }
-    }
-}
 
 /// A 600-cell mosaic MuData (RNA for all, protein and accessibility each missing in 30%).
 fn mosaic(dir: &Path) -> String {

@@ -1,0 +1,84 @@
+//! `tessera map`: a query store mapped onto a trained reference model (scArches surgery,
+//! fine-tuning of the new batches' parameters, weighted kNN label transfer); the embedding and
+//! labels go into the query store, the report to `<out>/map.json`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use tessera_models::surgery::Unfreeze;
+use tessera_worker::query::{QueryRequest, map_query};
+
+#[derive(clap::Args, Debug)]
+pub struct MapArgs {
+    /// The reference model's folder (`tessera train --out`): config.json, model.safetensors,
+    /// reference.safetensors.
+    #[arg(long)]
+    model: PathBuf,
+    /// The query AnnData/MuData Zarr store (path or URL).
+    #[arg(long)]
+    data: String,
+    /// The query's batch column (default: the reference's batch key).
+    #[arg(long)]
+    batch_key: Option<String>,
+    /// Fine-tuning epochs over the query.
+    #[arg(long, default_value_t = 100)]
+    epochs: usize,
+    /// Also fine-tune each modality's first encoder layer.
+    #[arg(long)]
+    unfreeze_encoder_input: bool,
+    /// Also fine-tune each modality's first decoder layer.
+    #[arg(long)]
+    unfreeze_decoder_input: bool,
+    /// Reference neighbours of the label transfer (scArches: 50).
+    #[arg(long, default_value_t = 50)]
+    neighbours: usize,
+    #[arg(long, default_value = "X_tessera")]
+    embedding_key: String,
+    /// Transferred labels -> obs/<key>, their uncertainty -> obs/<key>_uncertainty.
+    #[arg(long, default_value = "tessera_label")]
+    key: String,
+    /// Replace existing outputs in the query store.
+    #[arg(long)]
+    overwrite: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Folder for the report (map.json).
+    #[arg(long, default_value = "tessera-out")]
+    out: PathBuf,
+}
+
+pub fn run(args: MapArgs) -> Result<()> {
+    let req = QueryRequest {
+        model: args.model.clone(),
+        data: args.data.clone(),
+        batch_key: args.batch_key,
+        epochs: args.epochs,
+        unfreeze: Unfreeze { encoder_input: args.unfreeze_encoder_input, decoder_input: args.unfreeze_decoder_input },
+        neighbours: args.neighbours,
+        embedding_key: args.embedding_key,
+        label_key_out: args.key,
+        overwrite: args.overwrite,
+        seed: args.seed,
+    };
+    let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")?);
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let report = map_query(&req, |stage| bar.set_message(stage.to_string())).with_context(|| format!("mapping {} onto {}", args.data, args.model.display()));
+    bar.finish_and_clear();
+    let report = report?;
+    println!("mapped {} cells of {} onto {}", report.n_cells, report.data, report.model);
+    println!("  batches: {} new ({}), {} known", report.new_batches.len(), report.new_batches.join(", "), report.known_batches.len());
+    for m in &report.modalities {
+        println!("  {}: {} of {} reference features found ({} zero-filled, {} query features unused), {} cells", m.name, m.matched, m.reference_features, m.zero_filled, m.ignored, m.cells);
+    }
+    println!("  fine-tuned {} parameters for {} epochs in {:.1} s (final loss {})", report.trained_parameters, report.epochs, report.seconds_training, report.final_loss.map_or("-".into(), |l| format!("{l:.2}")));
+    if let Some(labels) = &report.labels {
+        let accuracy = report.label_accuracy.map_or(String::new(), |a| format!(", agreement with the query's own labels {a:.4}"));
+        println!("  labels -> {labels} (mean uncertainty {:.4}{accuracy})", report.mean_uncertainty.unwrap_or(f64::NAN));
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let json = args.out.join("map.json");
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", json.display()))?;
+    println!("  -> {}, {}", report.embedding, json.display());
+    Ok(())
+}

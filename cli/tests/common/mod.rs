@@ -1,0 +1,30 @@
+//! Running the `tessera` binary from the CLI's integration tests.
+#![allow(dead_code, clippy::unwrap_used)] // each test crate uses its own subset; test setup
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+pub fn tessera(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).env("TESSERA_LOG", "warn").env("RUST_BACKTRACE", "0").output().expect("tessera runs")
+}
+
+/// Stdout of a run that must succeed.
+pub fn ok(o: &Output) -> String {
+    assert!(o.status.success(), "tessera failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Stderr of a run that must fail.
+pub fn failed(o: &Output) -> String {
+    assert!(!o.status.success(), "tessera should have failed: {}", String::from_utf8_lossy(&o.stdout));
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A private copy of a store (commands write into their stores; shared data stays untouched).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() { copy_dir(&entry.path(), &target) } else { std::fs::copy(entry.path(), target).unwrap(); }
+    }
+}
