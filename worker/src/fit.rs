@@ -515,7 +515,7 @@ fn background_log_rates(loader: &Loader, modality: usize, features: usize, batch
 /// ~17% of a step on one core). Only the call goes to the pool, one hand-off per step: a pool
 /// thread must never wait on the loader, whose decoding needs the same pool (two concurrent
 /// fits, or a one-thread pool, would deadlock).
-fn on_pool<R: Send>(call: impl FnOnce() -> R + Send) -> R {
+pub(crate) fn on_pool<R: Send>(call: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| call())
 }
 

@@ -304,7 +304,8 @@ pub fn map_query(req: &QueryRequest, mut progress: impl FnMut(&str)) -> Result<Q
                 if mb.cells.len() < 2 {
                     continue;
                 }
-                let terms = alignment.with(&mb, |batch| trainer.step(batch, epoch))?;
+                // On a pool thread, as `fit` does: the ops' parallel loops then start in place.
+                let terms = crate::fit::on_pool(|| alignment.with(&mb, |batch| trainer.step(batch, epoch)))?;
                 sum += terms.loss * mb.cells.len() as f64;
                 cells += mb.cells.len();
             }
@@ -319,7 +320,7 @@ pub fn map_query(req: &QueryRequest, mut progress: impl FnMut(&str)) -> Result<Q
     let mut embedding = vec![0f32; n * d];
     for mb in loader.ordered().epoch(0) {
         let mb = mb?;
-        let z = alignment.with(&mb, |batch| trainer.model.latent_mean(batch))?;
+        let z = crate::fit::on_pool(|| alignment.with(&mb, |batch| trainer.model.latent_mean(batch)))?;
         for (r, &cell) in mb.cells.iter().enumerate() {
             embedding[cell as usize * d..(cell as usize + 1) * d].copy_from_slice(&z[r * d..(r + 1) * d]);
         }
