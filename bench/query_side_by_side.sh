@@ -45,7 +45,8 @@ echo "== scvi-tools"
 import json, sys
 work = sys.argv[1]
 ours = json.load(open(f"{work}/map/map.json"))
-theirs = json.load(open(f"{work}/scvi.json"))
+# scvi-tools logs to stdout too: its report is the last line.
+theirs = json.loads(open(f"{work}/scvi.json").read().strip().splitlines()[-1])
 # The whole `tessera map` process (reading, surgery, fine-tuning, transfer, writing) against
 # scvi-tools' load_query_data + train + latent + transfer (its reading not counted).
 tessera_s = float(open(f"{work}/tessera_map_seconds").read())
