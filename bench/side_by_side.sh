@@ -20,12 +20,8 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
-work=target/side-by-side venv=target/scvi-venv
-if ! "$venv/bin/python" -c 'import scvi' 2>/dev/null; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --upgrade pip
-  "$venv/bin/pip" install -q -r bench/requirements-scvi.txt
-fi
+work=target/side-by-side
+source bench/scvi_venv.sh
 cargo build --release -q -p tessera-cli
 tessera=target/release/tessera
 rm -rf "$work" && mkdir -p "$work"

@@ -116,10 +116,10 @@ fn model_error(path: &Path, reason: impl std::fmt::Display) -> QueryError {
     QueryError::Model { path: path.display().to_string(), reason: reason.to_string() }
 }
 
-/// The reference's record, tensors (by name) and latent space.
+/// The reference's record, tensors (by name: shape and values) and latent space.
 struct ReferenceModel {
     record: RunRecord,
-    tensors: Vec<u8>,
+    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
     reference: Reference,
 }
 
@@ -129,8 +129,15 @@ impl ReferenceModel {
         let text = std::fs::read_to_string(&config).map_err(|e| model_error(&config, e))?;
         let record: RunRecord = serde_json::from_str(&text).map_err(|e| model_error(&config, e))?;
         let weights = dir.join("model.safetensors");
-        let tensors = std::fs::read(&weights).map_err(|e| model_error(&weights, e))?;
-        SafeTensors::deserialize(&tensors).map_err(|e| model_error(&weights, e))?;
+        let bytes = std::fs::read(&weights).map_err(|e| model_error(&weights, e))?;
+        let file = SafeTensors::deserialize(&bytes).map_err(|e| model_error(&weights, e))?;
+        // Parsed once; surgery then looks every tensor up by name.
+        let tensors = file
+            .tensors()
+            .into_iter()
+            .filter(|(_, t)| t.dtype() == safetensors::Dtype::F32)
+            .map(|(name, t)| (name, (t.shape().to_vec(), t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())))
+            .collect();
         let reference = Reference::read(&dir.join(REFERENCE_FILE)).map_err(|e| match e {
             ReferenceError::File { path, reason } => QueryError::Model { path, reason: format!("{reason} (models trained before query mapping existed lack it: train again)") },
             ReferenceError::Data(d) => d.into(),
@@ -143,9 +150,7 @@ impl ReferenceModel {
 
     /// Shape and values of a named tensor (parameters and BatchNorm statistics alike).
     fn tensor(&self, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
-        let file = SafeTensors::deserialize(&self.tensors).ok()?;
-        let t = file.tensor(name).ok()?;
-        (t.dtype() == safetensors::Dtype::F32).then(|| (t.shape().to_vec(), t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
+        self.tensors.get(name).cloned()
     }
 }
 
