@@ -2,19 +2,20 @@
 //! fine-tuning of the new batches' parameters, weighted kNN label transfer); the embedding and
 //! labels go into the query store, the report to `<out>/map.json`.
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use tessera_models::surgery::Unfreeze;
-use tessera_worker::query::{QueryRequest, map_query};
+use tessera_worker::query::{Outputs, QueryRequest, ReferenceModel, map_query};
 
 #[derive(clap::Args, Debug)]
 pub struct MapArgs {
-    /// The reference model's folder (`tessera train --out`): config.json, model.safetensors,
-    /// reference.safetensors.
+    /// The reference model's folder (`tessera train --out`; path or URL): config.json,
+    /// model.safetensors, reference.safetensors.
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// The query AnnData/MuData Zarr store (path or URL).
     #[arg(long)]
     data: String,
@@ -49,23 +50,25 @@ pub struct MapArgs {
 }
 
 pub fn run(args: MapArgs) -> Result<()> {
+    let model = ReferenceModel::open(&args.model)?;
     let req = QueryRequest {
-        model: args.model.clone(),
         data: args.data.clone(),
         batch_key: args.batch_key,
         epochs: args.epochs,
         unfreeze: Unfreeze { encoder_input: args.unfreeze_encoder_input, decoder_input: args.unfreeze_decoder_input },
         neighbours: args.neighbours,
-        embedding_key: args.embedding_key,
-        label_key_out: args.key,
-        overwrite: args.overwrite,
+        write: Some(Outputs { embedding_key: args.embedding_key, label_key: args.key, overwrite: args.overwrite }),
         seed: args.seed,
     };
     let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")?);
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    let report = map_query(&req, |stage| bar.set_message(stage.to_string())).with_context(|| format!("mapping {} onto {}", args.data, args.model.display()));
+    let output = map_query(&model, &req, |stage| {
+        bar.set_message(stage.to_string());
+        ControlFlow::Continue(())
+    })
+    .with_context(|| format!("mapping {} onto {}", args.data, args.model));
     bar.finish_and_clear();
-    let report = report?;
+    let report = output?.report;
     println!("mapped {} cells of {} onto {}", report.n_cells, report.data, report.model);
     println!("  batches: {} new ({}), {} known", report.new_batches.len(), report.new_batches.join(", "), report.known_batches.len());
     for m in &report.modalities {
@@ -79,6 +82,6 @@ pub fn run(args: MapArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let json = args.out.join("map.json");
     std::fs::write(&json, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", json.display()))?;
-    println!("  -> {}, {}", report.embedding, json.display());
+    println!("  -> {}, {}", report.embedding.as_deref().unwrap_or_default(), json.display());
     Ok(())
 }

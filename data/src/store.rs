@@ -126,6 +126,11 @@ impl Store {
         Ok(store)
     }
 
+    /// Connects to an existing folder of plain files (a model's folder), not a Zarr store.
+    pub fn folder(text: &str) -> Result<Self> {
+        Self::connect_with(text, false)
+    }
+
     /// Connects to a location without requiring a store there yet (for writing); a missing
     /// local directory is created.
     pub fn connect(text: &str) -> Result<Self> {
@@ -208,7 +213,7 @@ fn object_store_for(location: &Location, text: &str, create: bool) -> Result<Arc
                 if !create {
                     return Err(DataError::Open {
                         store: text.to_string(),
-                        reason: "no such directory (expected a Zarr store)".into(),
+                        reason: "no such directory".into(),
                     });
                 }
                 std::fs::create_dir_all(&absolute)

@@ -9,16 +9,18 @@
 //! absent in every query cell (the mosaic model encodes the others).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
-use tessera_data::{AnnData, Column, Csr, Dataset, Loader, LoaderConfig, MiniBatch};
+use tessera_data::{AnnData, Column, Csr, Dataset, Loader, LoaderConfig, MiniBatch, ModalityBatch, Store};
 use tessera_kernels::backend::{Backend, Cpu, In};
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::surgery::{BatchExtension, SurgeryError, Unfreeze, encoder_ranges, transfer, unfrozen_ranges};
 use tessera_models::{Categories, ModalityCounts, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
+
+use tessera_metrics::transfer::Transferred;
 
 use crate::reference::{REFERENCE_FILE, Reference, ReferenceError, var_names};
 
@@ -34,6 +36,8 @@ pub enum QueryError {
     Input { store: String, reason: String },
     #[error(transparent)]
     Metrics(#[from] tessera_metrics::MetricsError),
+    #[error("cancelled")]
+    Cancelled,
 }
 
 impl From<tessera_kernels::backend::EngineError> for QueryError {
@@ -42,11 +46,9 @@ impl From<tessera_kernels::backend::EngineError> for QueryError {
     }
 }
 
-/// A query mapping job.
+/// A query mapping job (the reference model is loaded apart: see [`ReferenceModel::open`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QueryRequest {
-    /// The reference model's folder (what `tessera train` wrote to `--out`).
-    pub model: PathBuf,
     /// The query store.
     pub data: String,
     /// The query's batch column (default: the reference's batch key).
@@ -56,12 +58,39 @@ pub struct QueryRequest {
     pub unfreeze: Unfreeze,
     /// Reference neighbours of the kNN label transfer.
     pub neighbours: usize,
+    /// Where the results go in the query store; None: the store is only read (the caller takes
+    /// the results from [`QueryOutput`]).
+    pub write: Option<Outputs>,
+    pub seed: u64,
+}
+
+/// The elements `map_query` writes into the query store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Outputs {
     /// The query's embedding goes to obsm/<embedding_key>.
     pub embedding_key: String,
-    /// Transferred labels go to obs/<label_key_out>, uncertainties to obs/<..>_uncertainty.
-    pub label_key_out: String,
+    /// Transferred labels go to obs/<label_key>, uncertainties to obs/<label_key>_uncertainty.
+    pub label_key: String,
     pub overwrite: bool,
-    pub seed: u64,
+}
+
+/// How far a mapping has gone; the caller's answer to each decides whether it goes on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum QueryStage {
+    Surgery,
+    /// After each fine-tuning minibatch.
+    FineTuning { epoch: usize, epochs: usize, cells: usize, n_cells: usize },
+    Mapping,
+}
+
+impl std::fmt::Display for QueryStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QueryStage::Surgery => write!(f, "surgery"),
+            QueryStage::FineTuning { epoch, epochs, .. } => write!(f, "fine-tuning epoch {}/{epochs}", epoch + 1),
+            QueryStage::Mapping => write!(f, "embedding and label transfer"),
+        }
+    }
 }
 
 /// How one reference modality was found in the query.
@@ -93,7 +122,8 @@ pub struct QueryReport {
     /// Parameters fine-tuning changed (the rest stay the reference's).
     pub trained_parameters: usize,
     pub final_loss: Option<f64>,
-    pub embedding: String,
+    /// The elements written into the query store (none when it was only read).
+    pub embedding: Option<String>,
     pub labels: Option<String>,
     pub mean_uncertainty: Option<f64>,
     /// Share of query cells whose transferred label equals the query's own (when the query has
@@ -101,6 +131,19 @@ pub struct QueryReport {
     pub label_accuracy: Option<f64>,
     pub seconds_training: f64,
     pub seconds_mapping: f64,
+}
+
+/// What a mapping produced, whether or not it was written into the store.
+#[derive(Debug, Clone)]
+pub struct QueryOutput {
+    pub report: QueryReport,
+    /// Cells x `n_latent`, row-major, in the store's cell order.
+    pub embedding: Vec<f32>,
+    pub n_latent: usize,
+    /// Per cell, the transferred label (a code into `label_categories`, -1 none) and its
+    /// uncertainty; empty when the reference has no labels.
+    pub labels: Vec<Transferred>,
+    pub label_categories: Vec<String>,
 }
 
 /// What `tessera train` recorded of the run (`config.json`).
@@ -112,25 +155,77 @@ struct RunRecord {
     train: TrainConfig,
 }
 
-fn model_error(path: &Path, reason: impl std::fmt::Display) -> QueryError {
-    QueryError::Model { path: path.display().to_string(), reason: reason.to_string() }
+/// A trained model as a registry or `tessera map --model` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    /// Each modality's name and feature count, in the model's order.
+    pub modalities: Vec<(String, usize)>,
+    pub batch_key: Option<String>,
+    pub batches: Vec<String>,
+    pub label_key: Option<String>,
+    pub labels: Vec<String>,
+    pub n_latent: usize,
+    pub reference_cells: usize,
 }
 
-/// The reference's record, tensors (by name: shape and values) and latent space.
-struct ReferenceModel {
+/// Cells to embed with a reference model as it is (no surgery: their batches must be the
+/// reference's).
+#[derive(Debug, Clone, Default)]
+pub struct Cells {
+    pub modalities: Vec<CellsModality>,
+    /// One reference batch name per cell (empty when the reference has no batches).
+    pub batches: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CellsModality {
+    pub name: String,
+    /// Feature names of `counts`' columns; empty: the reference's features in its order.
+    pub var_names: Vec<String>,
+    pub counts: Csr,
+}
+
+fn model_error(path: impl std::fmt::Display, reason: impl std::fmt::Display) -> QueryError {
+    QueryError::Model { path: path.to_string(), reason: reason.to_string() }
+}
+
+/// The files of a trained model's folder.
+pub const MODEL_FILES: [&str; 3] = ["config.json", "model.safetensors", REFERENCE_FILE];
+
+/// A reference model: its run record, tensors (by name: shape and values) and latent space.
+pub struct ReferenceModel {
+    /// Where it was read from, for messages and reports.
+    pub source: String,
     record: RunRecord,
     tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
-    reference: Reference,
+    pub reference: Reference,
+}
+
+impl std::fmt::Debug for ReferenceModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReferenceModel").field("source", &self.source).field("tensors", &self.tensors.len()).finish_non_exhaustive()
+    }
 }
 
 impl ReferenceModel {
-    fn load(dir: &Path) -> Result<ReferenceModel, QueryError> {
-        let config = dir.join("config.json");
-        let text = std::fs::read_to_string(&config).map_err(|e| model_error(&config, e))?;
-        let record: RunRecord = serde_json::from_str(&text).map_err(|e| model_error(&config, e))?;
-        let weights = dir.join("model.safetensors");
-        let bytes = std::fs::read(&weights).map_err(|e| model_error(&weights, e))?;
-        let file = SafeTensors::deserialize(&bytes).map_err(|e| model_error(&weights, e))?;
+    /// Reads the model folder at `location` (a path or URL: what `tessera train --out` wrote).
+    pub fn open(location: &str) -> Result<ReferenceModel, QueryError> {
+        let folder = Store::folder(location).map_err(|e| model_error(location, e))?;
+        let location = location.trim_end_matches('/');
+        let mut files = Vec::with_capacity(MODEL_FILES.len());
+        for name in MODEL_FILES {
+            let path = format!("{location}/{name}");
+            let missing = if name == REFERENCE_FILE { "missing (models trained before query mapping existed lack it: train again)" } else { "missing" };
+            files.push(folder.get_bytes(name).map_err(|e| model_error(&path, e))?.ok_or_else(|| model_error(&path, missing))?);
+        }
+        ReferenceModel::from_files(location, &files[0], &files[1], &files[2])
+    }
+
+    /// A model from the contents of its three files (`source` names their folder).
+    pub fn from_files(source: &str, config: &[u8], weights: &[u8], reference: &[u8]) -> Result<ReferenceModel, QueryError> {
+        let [config_path, weights_path, reference_path] = MODEL_FILES.map(|f| format!("{source}/{f}"));
+        let record: RunRecord = serde_json::from_slice(config).map_err(|e| model_error(&config_path, e))?;
+        let file = SafeTensors::deserialize(weights).map_err(|e| model_error(&weights_path, e))?;
         // Parsed once; surgery then looks every tensor up by name.
         let tensors = file
             .tensors()
@@ -138,19 +233,121 @@ impl ReferenceModel {
             .filter(|(_, t)| t.dtype() == safetensors::Dtype::F32)
             .map(|(name, t)| (name, (t.shape().to_vec(), t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())))
             .collect();
-        let reference = Reference::read(&dir.join(REFERENCE_FILE)).map_err(|e| match e {
+        let reference = Reference::from_bytes(reference, &reference_path).map_err(|e| match e {
             ReferenceError::File { path, reason } => QueryError::Model { path, reason: format!("{reason} (models trained before query mapping existed lack it: train again)") },
             ReferenceError::Data(d) => d.into(),
         })?;
         if reference.n_latent != record.model.n_latent {
-            return Err(model_error(&dir.join(REFERENCE_FILE), format!("latent width {} but the model's is {}", reference.n_latent, record.model.n_latent)));
+            return Err(model_error(&reference_path, format!("latent width {} but the model's is {}", reference.n_latent, record.model.n_latent)));
         }
-        Ok(ReferenceModel { record, tensors, reference })
+        for (name, _) in &record.modalities {
+            if !reference.var_names.contains_key(name) {
+                return Err(model_error(&reference_path, format!("no feature names for modality {name:?}")));
+            }
+        }
+        Ok(ReferenceModel { source: source.to_string(), record, tensors, reference })
     }
 
     /// Shape and values of a named tensor (parameters and BatchNorm statistics alike).
     fn tensor(&self, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
         self.tensors.get(name).cloned()
+    }
+
+    pub fn summary(&self) -> ModelSummary {
+        let r = &self.reference;
+        ModelSummary {
+            modalities: self.record.modalities.clone(),
+            batch_key: r.batch_key.clone(),
+            batches: self.record.batch_categories.clone(),
+            label_key: r.label_key.clone(),
+            labels: r.label_categories.clone(),
+            n_latent: r.n_latent,
+            reference_cells: r.n_cells(),
+        }
+    }
+
+    /// The model with `ext`'s batches added (no batch added: the reference model itself),
+    /// heads that need the query's labels off, and the parameters surgery added.
+    fn build(&self, ext: BatchExtension, seed: u64) -> Result<(Vae<f32, Cpu>, Vec<std::ops::Range<usize>>), QueryError> {
+        let record = &self.record;
+        let config = VaeConfig { classifier_weight: 0.0, contrastive_weight: 0.0, regression_weight: 0.0, cox_weight: 0.0, adversarial_batch_weight: 0.0, ..record.model.clone() };
+        let shapes: Vec<(&str, usize)> = record.modalities.iter().map(|(m, g)| (m.as_str(), *g)).collect();
+        let n_cov = ext.reference_batches + ext.added;
+        let mut model = Vae::<f32, Cpu>::new(Cpu, config, &shapes, Categories { n_batch: n_cov, n_cov, n_labels: 0 }, seed)?;
+        let surgery = |e: SurgeryError| model_error(format!("{}/model.safetensors", self.source), e);
+        let mut values = Cpu.download(In::all(&model.values))?;
+        let added = transfer(&model.layout, &mut values, |name| self.tensor(name), ext).map_err(surgery)?;
+        let mut state = Cpu.download(In::all(&model.state))?;
+        transfer(&model.state_layout, &mut state, |name| self.tensor(name), ext).map_err(surgery)?;
+        model.values = Cpu.upload(&values)?;
+        model.state = Cpu.upload(&state)?;
+        Ok((model, added))
+    }
+
+    /// The reference model as trained, for [`ReferenceModel::encode`].
+    pub fn encoder(&self) -> Result<Vae<f32, Cpu>, QueryError> {
+        Ok(self.build(BatchExtension { reference_batches: self.record.batch_categories.len(), added: 0 }, 0)?.0)
+    }
+
+    /// Latent means (cells x `n_latent`) of cells whose batches the reference knows, with
+    /// `model` from [`ReferenceModel::encoder`]. Features are aligned by name as in `map_query`.
+    pub fn encode(&self, model: &mut Vae<f32, Cpu>, cells: &Cells) -> Result<Vec<f32>, QueryError> {
+        let request = "encode request";
+        let rows = cells.modalities.first().map_or(0, |m| m.counts.n_rows);
+        let refs = &self.record.batch_categories;
+        let batch = if refs.is_empty() {
+            if !cells.batches.is_empty() {
+                return Err(input(request, "the reference was trained without batches: send no batch names"));
+            }
+            vec![-1; rows]
+        } else {
+            if cells.batches.len() != rows {
+                return Err(input(request, format!("{} batch names for {rows} cells (one per cell expected)", cells.batches.len())));
+            }
+            cells.batches.iter().map(|b| refs.iter().position(|r| r == b).map(|p| p as i32).ok_or_else(|| input(request, format!("batch {b:?} is not one of the reference's ({}); map new batches with a query job", refs.join(", "))))).collect::<Result<_, _>>()?
+        };
+        let mut modalities = Vec::with_capacity(cells.modalities.len());
+        let mut sources = Vec::with_capacity(self.record.modalities.len());
+        for given in &cells.modalities {
+            let Some(g) = self.record.modalities.iter().find(|(name, _)| *name == given.name).map(|m| m.1) else {
+                return Err(input(request, format!("unknown modality {:?} (the reference has {})", given.name, self.modality_names())));
+            };
+            if given.counts.n_rows != rows || given.counts.indptr.len() != rows + 1 {
+                return Err(input(request, format!("modality {:?} has {} rows, the first modality {rows}", given.name, given.counts.n_rows)));
+            }
+            let columns = if given.var_names.is_empty() {
+                if given.counts.n_cols != g {
+                    return Err(input(request, format!("modality {:?} has {} columns and no feature names; without names the reference's {g} features are expected", given.name, given.counts.n_cols)));
+                }
+                (0..g as u32).map(Some).collect()
+            } else {
+                if given.var_names.len() != given.counts.n_cols {
+                    return Err(input(request, format!("modality {:?}: {} feature names for {} columns", given.name, given.var_names.len(), given.counts.n_cols)));
+                }
+                self.columns(&given.name, &given.var_names)
+            };
+            let library = given.counts.row_sums();
+            modalities.push(ModalityBatch { name: given.name.clone(), counts: given.counts.clone(), library, present: vec![true; rows] });
+            sources.push((given.name.as_str(), columns));
+        }
+        let alignment = Alignment {
+            modalities: self.record.modalities.iter().map(|(name, g)| match sources.iter().position(|(n, _)| n == name) { Some(m) => (Some(m), sources[m].1.clone(), *g), None => (None, Vec::new(), *g) }).collect(),
+            batches: (0..refs.len()).collect(),
+            n_cov: refs.len(),
+        };
+        let mb = MiniBatch { cells: (0..rows as u64).collect(), modalities, batch, label: vec![-1; rows], numeric: Vec::new() };
+        Ok(crate::fit::on_pool(|| alignment.with(&mb, |b| model.latent_mean(b)))?)
+    }
+
+    fn modality_names(&self) -> String {
+        self.record.modalities.iter().map(|m| m.0.as_str()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Per query feature, its column in the reference's `modality`.
+    fn columns(&self, modality: &str, query_vars: &[String]) -> Vec<Option<u32>> {
+        let ref_vars = self.reference.var_names.get(modality).map(Vec::as_slice).unwrap_or_default();
+        let position: HashMap<&str, u32> = ref_vars.iter().enumerate().map(|(i, v)| (v.as_str(), i as u32)).collect();
+        query_vars.iter().map(|v| position.get(v.as_str()).copied()).collect()
     }
 }
 
@@ -209,10 +406,16 @@ fn input(store: &str, reason: impl Into<String>) -> QueryError {
     QueryError::Input { store: store.to_string(), reason: reason.into() }
 }
 
-/// Maps the query of `req` onto its reference model and writes the embedding and transferred
-/// labels into the query store. `progress` hears each stage.
-pub fn map_query(req: &QueryRequest, mut progress: impl FnMut(&str)) -> Result<QueryReport, QueryError> {
-    let reference = ReferenceModel::load(&req.model)?;
+/// Maps the query of `req` onto `model`: the embedding and transferred labels are returned and,
+/// when `req.write` says where, written into the query store. `progress` hears each stage and
+/// each fine-tuning minibatch; answering `Break` cancels the job (`QueryError::Cancelled`, the
+/// store untouched).
+pub fn map_query(model: &ReferenceModel, req: &QueryRequest, mut progress: impl FnMut(QueryStage) -> ControlFlow<()>) -> Result<QueryOutput, QueryError> {
+    let mut stage = |s: QueryStage| match progress(s) {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(()) => Err(QueryError::Cancelled),
+    };
+    let reference = model;
     let record = &reference.record;
     let dataset = Dataset::open(&req.data)?;
     let n = dataset.n_obs() as usize;
@@ -220,12 +423,14 @@ pub fn map_query(req: &QueryRequest, mut progress: impl FnMut(&str)) -> Result<Q
         Dataset::AnnData(a) => a.clone(),
         Dataset::MuData(m) => m.root(),
     };
-    let uncertainty_key = format!("{}_uncertainty", req.label_key_out);
     let labelled = !reference.reference.labels.is_empty();
-    let outputs: Vec<(&str, &str)> = std::iter::once(("obsm", req.embedding_key.as_str())).chain(labelled.then_some([("obs", req.label_key_out.as_str()), ("obs", uncertainty_key.as_str())]).into_iter().flatten()).collect();
-    for (mapping, key) in &outputs {
-        if !req.overwrite && target.keys(mapping)?.iter().any(|k| k == key) {
-            return Err(tessera_data::DataError::Exists { store: req.data.clone(), path: target.element(&format!("{mapping}/{key}")) }.into());
+    if let Some(out) = &req.write {
+        let uncertainty_key = format!("{}_uncertainty", out.label_key);
+        let outputs: Vec<(&str, &str)> = std::iter::once(("obsm", out.embedding_key.as_str())).chain(labelled.then_some([("obs", out.label_key.as_str()), ("obs", uncertainty_key.as_str())]).into_iter().flatten()).collect();
+        for (mapping, key) in &outputs {
+            if !out.overwrite && target.keys(mapping)?.iter().any(|k| k == key) {
+                return Err(tessera_data::DataError::Exists { store: req.data.clone(), path: target.element(&format!("{mapping}/{key}")) }.into());
+            }
         }
     }
 
@@ -248,8 +453,6 @@ pub fn map_query(req: &QueryRequest, mut progress: impl FnMut(&str)) -> Result<Q
             Dataset::AnnData(_) => (r == 0).then_some(0),
             Dataset::MuData(_) => names.iter().position(|m| m == name),
         };
-        let ref_vars = reference.reference.var_names.get(name).ok_or_else(|| model_error(&req.model.join(REFERENCE_FILE), format!("no feature names for modality {name:?}")))?;
-        let position: HashMap<&str, u32> = ref_vars.iter().enumerate().map(|(i, v)| (v.as_str(), i as u32)).collect();
         let (columns, cells) = match source {
             Some(m) => {
                 let query_vars = var_names(&dataset, &names[m]).map_err(|e| input(&req.data, e.to_string()))?;
@@ -257,7 +460,7 @@ pub fn map_query(req: &QueryRequest, mut progress: impl FnMut(&str)) -> Result<Q
                     Dataset::AnnData(_) => n,
                     Dataset::MuData(md) => md.obsmap[md.modality(&names[m])?.0].iter().filter(|&&r| r > 0).count(),
                 };
-                (query_vars.iter().map(|v| position.get(v.as_str()).copied()).collect::<Vec<_>>(), cells)
+                (reference.columns(name, &query_vars), cells)
             }
             None => (Vec::new(), 0),
         };
@@ -266,7 +469,7 @@ pub fn map_query(req: &QueryRequest, mut progress: impl FnMut(&str)) -> Result<Q
         alignments.push((source, columns, *g));
     }
     if summaries.iter().all(|s| s.matched == 0 || s.cells == 0) {
-        return Err(input(&req.data, format!("no feature of the reference's modalities ({}) is in the query: nothing to map", record.modalities.iter().map(|m| m.0.as_str()).collect::<Vec<_>>().join(", "))));
+        return Err(input(&req.data, format!("no feature of the reference's modalities ({}) is in the query: nothing to map", reference.modality_names())));
     }
     for s in summaries.iter().filter(|s| s.zero_filled > 0 && s.cells > 0) {
         tracing::warn!(modality = %s.name, zero_filled = s.zero_filled, of = s.reference_features, "reference features missing from the query are zero");
@@ -276,19 +479,8 @@ pub fn map_query(req: &QueryRequest, mut progress: impl FnMut(&str)) -> Result<Q
 
     // Surgery: the reference model with the new batches' rows; heads that need labels or
     // batches of the query are off during fine-tuning.
-    progress("surgery");
-    let config = VaeConfig { classifier_weight: 0.0, contrastive_weight: 0.0, regression_weight: 0.0, cox_weight: 0.0, adversarial_batch_weight: 0.0, ..record.model.clone() };
-    let shapes: Vec<(&str, usize)> = record.modalities.iter().map(|(m, g)| (m.as_str(), *g)).collect();
-    let mut model = Vae::<f32, Cpu>::new(Cpu, config, &shapes, Categories { n_batch: n_cov, n_cov, n_labels: 0 }, req.seed)?;
-    let ext = BatchExtension { reference_batches: ref_batches.len(), added: new.len() };
-    let weights = req.model.join("model.safetensors");
-    let surgery = |e: SurgeryError| model_error(&weights, e);
-    let mut values = Cpu.download(In::all(&model.values))?;
-    let mut added = transfer(&model.layout, &mut values, |name| reference.tensor(name), ext).map_err(surgery)?;
-    let mut state = Cpu.download(In::all(&model.state))?;
-    transfer(&model.state_layout, &mut state, |name| reference.tensor(name), ext).map_err(surgery)?;
-    model.values = Cpu.upload(&values)?;
-    model.state = Cpu.upload(&state)?;
+    stage(QueryStage::Surgery)?;
+    let (model, mut added) = reference.build(BatchExtension { reference_batches: ref_batches.len(), added: new.len() }, req.seed)?;
     added.extend(unfrozen_ranges(&model.layout, req.unfreeze));
     let kept_state = encoder_ranges(&model.state_layout);
     // scArches fine-tunes without weight decay (it would shrink the frozen-by-design zeros).
@@ -302,7 +494,6 @@ pub fn map_query(req: &QueryRequest, mut progress: impl FnMut(&str)) -> Result<Q
     let mut final_loss = None;
     if trained_parameters > 0 {
         for epoch in 0..req.epochs {
-            progress(&format!("fine-tuning epoch {}/{}", epoch + 1, req.epochs));
             let (mut sum, mut cells) = (0.0, 0usize);
             for mb in loader.epoch(epoch as u64) {
                 let mb = mb?;
@@ -313,6 +504,7 @@ pub fn map_query(req: &QueryRequest, mut progress: impl FnMut(&str)) -> Result<Q
                 let terms = crate::fit::on_pool(|| alignment.with(&mb, |batch| trainer.step(batch, epoch)))?;
                 sum += terms.loss * mb.cells.len() as f64;
                 cells += mb.cells.len();
+                stage(QueryStage::FineTuning { epoch, epochs: req.epochs, cells, n_cells: n })?;
             }
             final_loss = (cells > 0).then(|| sum / cells as f64);
         }
@@ -320,7 +512,7 @@ pub fn map_query(req: &QueryRequest, mut progress: impl FnMut(&str)) -> Result<Q
     let seconds_training = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
-    progress("embedding and label transfer");
+    stage(QueryStage::Mapping)?;
     let d = record.model.n_latent;
     let mut embedding = vec![0f32; n * d];
     for mb in loader.ordered().epoch(0) {
@@ -330,26 +522,31 @@ pub fn map_query(req: &QueryRequest, mut progress: impl FnMut(&str)) -> Result<Q
             embedding[cell as usize * d..(cell as usize + 1) * d].copy_from_slice(&z[r * d..(r + 1) * d]);
         }
     }
-    target.write_obsm(&req.embedding_key, &embedding, d, req.overwrite)?;
-    let (mut labels_element, mut mean_uncertainty, mut label_accuracy) = (None, None, None);
-    if labelled {
-        let r = &reference.reference;
-        let transferred = tessera_metrics::transfer::knn_transfer(&r.latent, &r.labels, &embedding, d, req.neighbours)?;
-        let codes: Vec<i32> = transferred.iter().map(|t| t.label).collect();
-        let uncertainty: Vec<f64> = transferred.iter().map(|t| t.uncertainty).collect();
-        mean_uncertainty = Some(uncertainty.iter().sum::<f64>() / n.max(1) as f64);
-        // The query's own labels, where it has the reference's label column.
-        if let Some(Column::Categorical { codes: own, categories, .. }) = r.label_key.as_deref().and_then(|k| target.obs_column(k).ok()) {
-            let pairs: Vec<bool> = own.iter().zip(&codes).filter(|(o, _)| **o >= 0).map(|(&o, &c)| c >= 0 && categories[o as usize] == r.label_categories[c as usize]).collect();
-            label_accuracy = (!pairs.is_empty()).then(|| pairs.iter().filter(|&&ok| ok).count() as f64 / pairs.len() as f64);
+    let r = &reference.reference;
+    let transferred = if labelled { tessera_metrics::transfer::knn_transfer(&r.latent, &r.labels, &embedding, d, req.neighbours)? } else { Vec::new() };
+    let mean_uncertainty = labelled.then(|| transferred.iter().map(|t| t.uncertainty).sum::<f64>() / n.max(1) as f64);
+    // The query's own labels, where it has the reference's label column.
+    let label_accuracy = match r.label_key.as_deref().filter(|_| labelled).and_then(|k| target.obs_column(k).ok()) {
+        Some(Column::Categorical { codes: own, categories, .. }) => {
+            let pairs: Vec<bool> = own.iter().zip(&transferred).filter(|(o, _)| **o >= 0).map(|(&o, t)| t.label >= 0 && categories[o as usize] == r.label_categories[t.label as usize]).collect();
+            (!pairs.is_empty()).then(|| pairs.iter().filter(|&&ok| ok).count() as f64 / pairs.len() as f64)
         }
-        target.write_obs_column(&req.label_key_out, &Column::Categorical { codes, categories: r.label_categories.clone(), ordered: false }, req.overwrite)?;
-        target.write_obs_column(&uncertainty_key, &Column::Float(uncertainty), req.overwrite)?;
-        labels_element = Some(target.element(&format!("obs/{}", req.label_key_out)));
+        _ => None,
+    };
+    let (mut embedding_element, mut labels_element) = (None, None);
+    if let Some(out) = &req.write {
+        target.write_obsm(&out.embedding_key, &embedding, d, out.overwrite)?;
+        embedding_element = Some(target.element(&format!("obsm/{}", out.embedding_key)));
+        if labelled {
+            let codes = transferred.iter().map(|t| t.label).collect();
+            target.write_obs_column(&out.label_key, &Column::Categorical { codes, categories: r.label_categories.clone(), ordered: false }, out.overwrite)?;
+            target.write_obs_column(&format!("{}_uncertainty", out.label_key), &Column::Float(transferred.iter().map(|t| t.uncertainty).collect()), out.overwrite)?;
+            labels_element = Some(target.element(&format!("obs/{}", out.label_key)));
+        }
     }
-    Ok(QueryReport {
+    let report = QueryReport {
         data: req.data.clone(),
-        model: req.model.display().to_string(),
+        model: reference.source.clone(),
         n_cells: n,
         known_batches: known,
         new_batches: new,
@@ -357,11 +554,12 @@ pub fn map_query(req: &QueryRequest, mut progress: impl FnMut(&str)) -> Result<Q
         epochs: req.epochs,
         trained_parameters,
         final_loss,
-        embedding: target.element(&format!("obsm/{}", req.embedding_key)),
+        embedding: embedding_element,
         labels: labels_element,
         mean_uncertainty,
         label_accuracy,
         seconds_training,
         seconds_mapping: started.elapsed().as_secs_f64(),
-    })
+    };
+    Ok(QueryOutput { report, embedding, n_latent: d, labels: transferred, label_categories: r.label_categories.clone() })
 }

@@ -64,9 +64,14 @@ impl Reference {
 
     /// Reads a reference written by [`Reference::write`]; anything else is refused by name.
     pub fn read(path: &Path) -> Result<Reference, ReferenceError> {
-        let fail = |reason: String| ReferenceError::File { path: path.display().to_string(), reason };
-        let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
-        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| fail(e.to_string()))?;
+        let bytes = std::fs::read(path).map_err(|e| ReferenceError::File { path: path.display().to_string(), reason: e.to_string() })?;
+        Reference::from_bytes(&bytes, &path.display().to_string())
+    }
+
+    /// A reference from the bytes of its file (`name` is the file's location, for messages).
+    pub fn from_bytes(bytes: &[u8], name: &str) -> Result<Reference, ReferenceError> {
+        let fail = |reason: String| ReferenceError::File { path: name.to_string(), reason };
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| fail(e.to_string()))?;
         let meta = header.metadata().clone().unwrap_or_default();
         if meta.get("format").map(String::as_str) != Some(FORMAT) {
             return Err(fail(format!("not a tessera reference (metadata format {:?}, expected {FORMAT:?})", meta.get("format"))));
@@ -75,7 +80,7 @@ impl Reference {
             let text = meta.get(key).ok_or_else(|| format!("metadata has no {key:?}"))?;
             serde_json::from_str(text).map_err(|e| format!("metadata {key:?}: {e}"))
         }
-        let tensors = SafeTensors::deserialize(&bytes).map_err(|e| fail(e.to_string()))?;
+        let tensors = SafeTensors::deserialize(bytes).map_err(|e| fail(e.to_string()))?;
         let latent = tensors.tensor("latent").map_err(|e| fail(format!("tensor \"latent\": {e}")))?;
         let (&[n, n_latent], Dtype::F32) = (latent.shape(), latent.dtype()) else {
             return Err(fail(format!("tensor \"latent\" is {:?} {:?}, expected F32 [cells, latent]", latent.dtype(), latent.shape())));

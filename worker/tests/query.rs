@@ -4,12 +4,13 @@
 
 mod common;
 
+use std::ops::ControlFlow;
 use std::path::Path;
 
 use tessera_data::{AnnData, Column, SimConfig, Store, StoreWriter, simulate};
 use tessera_models::surgery::Unfreeze;
 use tessera_worker::fit;
-use tessera_worker::query::{QueryRequest, map_query};
+use tessera_worker::query::{Cells, CellsModality, Outputs, QueryError, QueryOutput, QueryRequest, QueryStage, ReferenceModel, map_query};
 
 fn world(path: &Path, cells: u64, only: Vec<usize>) -> String {
     let path = path.display().to_string();
@@ -17,8 +18,13 @@ fn world(path: &Path, cells: u64, only: Vec<usize>) -> String {
     path
 }
 
-fn request(model: &Path, data: &str) -> QueryRequest {
-    QueryRequest { model: model.to_path_buf(), data: data.into(), batch_key: None, epochs: 20, unfreeze: Unfreeze::default(), neighbours: 30, embedding_key: "X_tessera".into(), label_key_out: "tessera_label".into(), overwrite: false, seed: 0 }
+fn request(data: &str) -> QueryRequest {
+    let write = Some(Outputs { embedding_key: "X_tessera".into(), label_key: "tessera_label".into(), overwrite: false });
+    QueryRequest { data: data.into(), batch_key: None, epochs: 20, unfreeze: Unfreeze::default(), neighbours: 30, write, seed: 0 }
+}
+
+fn map(model: &Path, req: &QueryRequest) -> Result<QueryOutput, QueryError> {
+    map_query(&ReferenceModel::open(&model.display().to_string())?, req, |_| ControlFlow::Continue(()))
 }
 
 /// A reference trained on batches 0 and 1 with covariates in the encoder (scArches' setting).
@@ -37,7 +43,7 @@ fn a_query_with_a_new_batch_is_mapped_and_labelled() {
     let dir = tempfile::tempdir().unwrap();
     let model = reference(dir.path());
     let query = world(&dir.path().join("query.zarr"), 500, vec![2]);
-    let report = map_query(&request(&model, &query), |_| {}).unwrap();
+    let report = map(&model, &request(&query)).unwrap().report;
     assert_eq!(report.new_batches, ["batch2"]);
     assert!(report.known_batches.is_empty());
     assert_eq!((report.modalities[0].matched, report.modalities[0].zero_filled, report.modalities[0].cells), (200, 0, 500));
@@ -71,7 +77,7 @@ fn a_query_with_a_new_batch_is_mapped_and_labelled() {
     assert!(scores.nmi > 0.9 && scores.clisi.unwrap() > 0.9, "cell types kept apart {scores:?}");
 
     // Written once: a second mapping names what it would overwrite.
-    let again = map_query(&request(&model, &query), |_| {}).unwrap_err().to_string();
+    let again = map(&model, &request(&query)).unwrap_err().to_string();
     assert!(again.contains("obsm/X_tessera") && again.contains("already exists"), "{again}");
 }
 
@@ -79,11 +85,11 @@ fn a_query_with_a_new_batch_is_mapped_and_labelled() {
 fn bad_models_and_foreign_queries_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let query = world(&dir.path().join("query.zarr"), 100, vec![2]);
-    let e = map_query(&request(&dir.path().join("nowhere"), &query), |_| {}).unwrap_err().to_string();
-    assert!(e.contains("nowhere") && e.contains("config.json"), "{e}");
+    let e = map(&dir.path().join("nowhere"), &request(&query)).unwrap_err().to_string();
+    assert!(e.contains("nowhere") && e.contains("no such directory"), "{e}");
     let model = reference(dir.path());
     std::fs::remove_file(model.join("reference.safetensors")).unwrap();
-    let e = map_query(&request(&model, &query), |_| {}).unwrap_err().to_string();
+    let e = map(&model, &request(&query)).unwrap_err().to_string();
     assert!(e.contains("reference.safetensors") && e.contains("train again"), "{e}");
 }
 
@@ -99,7 +105,7 @@ fn genes_missing_from_the_query_are_zero_filled_and_counted() {
     let writer = StoreWriter::existing(Store::open(&query).unwrap()).unwrap();
     writer.dataframe("var", &names, &[]).unwrap();
     writer.consolidate().unwrap();
-    let report = map_query(&request(&model, &query), |_| {}).unwrap();
+    let report = map(&model, &request(&query)).unwrap().report;
     let m = &report.modalities[0];
     assert_eq!((m.reference_features, m.matched, m.zero_filled, m.ignored), (200, 170, 30, 30));
     let accuracy = report.label_accuracy.unwrap();
@@ -120,9 +126,94 @@ fn a_query_without_the_reference_proteins_maps_through_its_rna() {
     // RNA only: an AnnData; the reference's protein modality is absent in every query cell.
     let query = dir.path().join("rna.zarr").display().to_string();
     simulate(&query, &config(400, 0, vec![2]), |_| {}).unwrap();
-    let report = map_query(&request(&model, &query), |_| {}).unwrap();
+    let report = map(&model, &request(&query)).unwrap().report;
     let names: Vec<(&str, usize, usize)> = report.modalities.iter().map(|m| (m.name.as_str(), m.matched, m.cells)).collect();
     assert_eq!(names, [("rna", 200, 400), ("prot", 0, 0)]);
     let accuracy = report.label_accuracy.unwrap();
     assert!(accuracy > 0.8, "label transfer accuracy from RNA alone: {accuracy}");
+}
+
+#[test]
+fn a_cancelled_mapping_stops_and_leaves_the_store_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ReferenceModel::open(&reference(dir.path()).display().to_string()).unwrap();
+    let query = world(&dir.path().join("query.zarr"), 300, vec![2]);
+    let mut seen = Vec::new();
+    let e = map_query(&model, &request(&query), |stage| {
+        seen.push(stage);
+        if matches!(stage, QueryStage::FineTuning { epoch: 1, .. }) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    })
+    .unwrap_err();
+    assert!(matches!(e, QueryError::Cancelled), "{e}");
+    assert_eq!(seen[0], QueryStage::Surgery);
+    // Progress counts cells within each epoch of 20.
+    assert!(matches!(seen[1], QueryStage::FineTuning { epoch: 0, epochs: 20, n_cells: 300, .. }), "{:?}", seen[1]);
+    assert!(seen.contains(&QueryStage::FineTuning { epoch: 0, epochs: 20, cells: 300, n_cells: 300 }), "{seen:?}");
+    assert!(!AnnData::open(&query).unwrap().keys("obsm").unwrap().contains(&"X_tessera".to_string()));
+
+    // Read-only mapping: results come back, nothing is written.
+    let output = map_query(&model, &QueryRequest { write: None, ..request(&query) }, |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!((output.embedding.len(), output.n_latent, output.labels.len()), (3000, 10, 300));
+    assert!(output.report.embedding.is_none() && output.report.labels.is_none());
+    assert!(output.report.label_accuracy.unwrap() > 0.85, "{:?}", output.report);
+    assert!(!AnnData::open(&query).unwrap().keys("obsm").unwrap().contains(&"X_tessera".to_string()));
+}
+
+/// The reference store's cells (first 150) as an encode request.
+fn reference_cells(data: &str, names: bool) -> Cells {
+    let dataset = tessera_data::Dataset::open(data).unwrap();
+    let loader = tessera_data::Loader::new(&dataset, 0..150, tessera_data::LoaderConfig { batch_size: 150, batch_key: Some("batch".into()), ..Default::default() }).unwrap();
+    let mb = loader.ordered().epoch(0).next().unwrap().unwrap();
+    let var_names = if names { AnnData::open(data).unwrap().var().unwrap().index } else { Vec::new() };
+    let batches = mb.batch.iter().map(|&b| loader.batch_categories[b as usize].clone()).collect();
+    Cells { modalities: vec![CellsModality { name: mb.modalities[0].name.clone(), var_names, counts: mb.modalities[0].counts.clone() }], batches }
+}
+
+#[test]
+fn encode_reproduces_the_reference_latent_and_refuses_what_it_cannot_encode() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ReferenceModel::open(&reference(dir.path()).display().to_string()).unwrap();
+    let data = dir.path().join("reference.zarr").display().to_string();
+    let summary = model.summary();
+    assert_eq!((summary.batches.len(), summary.labels.len(), summary.n_latent, summary.reference_cells), (2, 5, 10, 1200));
+    let mut encoder = model.encoder().unwrap();
+    for names in [false, true] {
+        let z = model.encode(&mut encoder, &reference_cells(&data, names)).unwrap();
+        let worst = z.iter().zip(&model.reference.latent[..1500]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "encode differs from the reference latent by {worst}");
+    }
+    // Genes in another order, by name: the same latent.
+    let mut shuffled = reference_cells(&data, true);
+    let m = &mut shuffled.modalities[0];
+    let g = m.counts.n_cols;
+    let order: Vec<usize> = (0..g).rev().collect();
+    m.var_names = order.iter().map(|&j| m.var_names[j].clone()).collect();
+    let mut dense = vec![0f32; m.counts.n_rows * g];
+    for r in 0..m.counts.n_rows {
+        let (idx, val) = m.counts.row(r);
+        for (&j, &v) in idx.iter().zip(val) {
+            dense[r * g + (g - 1 - j as usize)] = v;
+        }
+    }
+    m.counts = tessera_data::Csr::from_dense(m.counts.n_rows, g, &dense);
+    let z = model.encode(&mut encoder, &shuffled).unwrap();
+    let worst = z.iter().zip(&model.reference.latent[..1500]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "reordered genes change the latent by {worst}");
+
+    let mut unknown = reference_cells(&data, false);
+    unknown.batches[3] = "batch7".into();
+    let e = model.encode(&mut encoder, &unknown).unwrap_err().to_string();
+    assert!(e.contains("\"batch7\"") && e.contains("batch0, batch1"), "{e}");
+    let mut few = reference_cells(&data, false);
+    few.batches.pop();
+    let e = model.encode(&mut encoder, &few).unwrap_err().to_string();
+    assert!(e.contains("149 batch names for 150 cells"), "{e}");
+    let mut atac = reference_cells(&data, false);
+    atac.modalities[0].name = "atac".into();
+    let e = model.encode(&mut encoder, &atac).unwrap_err().to_string();
+    assert!(e.contains("unknown modality \"atac\""), "{e}");
+    let mut narrow = reference_cells(&data, false);
+    narrow.modalities[0].counts.n_cols = 150;
+    let e = model.encode(&mut encoder, &narrow).unwrap_err().to_string();
+    assert!(e.contains("150 columns and no feature names") && e.contains("200 features"), "{e}");
 }
