@@ -189,6 +189,9 @@ fn model_error(path: impl std::fmt::Display, reason: impl std::fmt::Display) -> 
     QueryError::Model { path: path.to_string(), reason: reason.to_string() }
 }
 
+/// A model after surgery and the parameter ranges surgery added.
+type Surgered = (Vae<f32, Cpu>, Vec<std::ops::Range<usize>>);
+
 /// The files of a trained model's folder.
 pub const MODEL_FILES: [&str; 3] = ["config.json", "model.safetensors", REFERENCE_FILE];
 
@@ -268,7 +271,7 @@ impl ReferenceModel {
 
     /// The model with `ext`'s batches added (no batch added: the reference model itself),
     /// heads that need the query's labels off, and the parameters surgery added.
-    fn build(&self, ext: BatchExtension, seed: u64) -> Result<(Vae<f32, Cpu>, Vec<std::ops::Range<usize>>), QueryError> {
+    fn build(&self, ext: BatchExtension, seed: u64) -> Result<Surgered, QueryError> {
         let record = &self.record;
         let config = VaeConfig { classifier_weight: 0.0, contrastive_weight: 0.0, regression_weight: 0.0, cox_weight: 0.0, adversarial_batch_weight: 0.0, ..record.model.clone() };
         let shapes: Vec<(&str, usize)> = record.modalities.iter().map(|(m, g)| (m.as_str(), *g)).collect();
