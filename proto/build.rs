@@ -2,7 +2,7 @@
 //! compiler): a fresh machine builds it without `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["tessera/v1/coordinator.proto"];
+    let files = ["tessera/v1/coordinator.proto", "tessera/v1/atlas.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

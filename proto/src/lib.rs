@@ -1,5 +1,6 @@
-//! tessera's control-plane protocol: `tessera/v1/coordinator.proto` compiled by tonic/prost.
-//! The coordinator serves `Coordinator`; workers and users call it.
+//! tessera's gRPC protocols, compiled by tonic/prost: `tessera/v1/coordinator.proto` (the
+//! coordinator serves `Coordinator`; workers and users call it) and `tessera/v1/atlas.proto`
+//! (`tessera serve` serves `Atlas`: query mapping as a service).
 #![allow(missing_debug_implementations, clippy::all)] // generated code
 
 pub mod v1 {

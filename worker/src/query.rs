@@ -256,6 +256,11 @@ impl ReferenceModel {
         self.tensors.get(name).cloned()
     }
 
+    /// Values in the model's tensors (parameters and BatchNorm statistics).
+    pub fn parameter_count(&self) -> usize {
+        self.tensors.values().map(|(_, v)| v.len()).sum()
+    }
+
     pub fn summary(&self) -> ModelSummary {
         let r = &self.reference;
         ModelSummary {

@@ -1,0 +1,117 @@
+//! tessera-serve: reference-atlas query mapping as a gRPC service (`tessera serve`).
+//!
+//! - [`registry`]: trained models copied into a store under names, the recently used kept
+//!   loaded;
+//! - [`jobs`]: mapping jobs admitted within a job count and memory budget, watched, cancelled;
+//! - [`access`]: bearer tokens and the storage prefixes requests may name;
+//! - [`service`]: the `Atlas` gRPC service over them.
+//!
+//! Invariant: this crate checks and schedules; the mapping itself (surgery, fine-tuning, label
+//! transfer) is `tessera_worker::query`'s, the same code `tessera map` runs.
+
+pub mod access;
+pub mod jobs;
+pub mod registry;
+pub mod service;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tessera_proto::v1::atlas_server::AtlasServer;
+use tonic::Status;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+pub use access::{AllowList, Tokens};
+pub use jobs::{JobLimits, Jobs};
+pub use registry::Registry;
+pub use service::AtlasService;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Exists(String),
+    #[error("{0}")]
+    Exhausted(String),
+    #[error("{0}")]
+    Precondition(String),
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("serving: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+impl From<ServeError> for Status {
+    fn from(e: ServeError) -> Status {
+        let message = e.to_string();
+        match e {
+            ServeError::Invalid(_) => Status::invalid_argument(message),
+            ServeError::NotFound(_) => Status::not_found(message),
+            ServeError::Exists(_) => Status::already_exists(message),
+            ServeError::Exhausted(_) => Status::resource_exhausted(message),
+            ServeError::Precondition(_) => Status::failed_precondition(message),
+            ServeError::Config(_) | ServeError::Storage(_) | ServeError::Transport(_) => Status::internal(message),
+        }
+    }
+}
+
+/// Everything `tessera serve` is started with.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The registry's store: a directory or an object-store URL.
+    pub registry: String,
+    /// Models kept loaded.
+    pub cached_models: usize,
+    /// Uploads are written here (created when missing).
+    pub scratch: PathBuf,
+    pub allow_prefixes: Vec<String>,
+    pub tokens: Tokens,
+    /// PEM certificate chain and private key; both or neither.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// The largest request message (an Encode's counts, an upload chunk).
+    pub max_request_bytes: usize,
+    pub max_upload_bytes: u64,
+    pub jobs: JobLimits,
+    pub default_epochs: usize,
+}
+
+/// The service for `config` (registry opened, scratch created, prefixes checked).
+pub fn service(config: &ServeConfig) -> Result<AtlasService, ServeError> {
+    let registry = Arc::new(Registry::open(&config.registry, config.cached_models)?);
+    std::fs::create_dir_all(&config.scratch).map_err(|e| ServeError::Config(format!("scratch {}: {e}", config.scratch.display())))?;
+    let scratch = config.scratch.canonicalize().map_err(|e| ServeError::Config(format!("scratch {}: {e}", config.scratch.display())))?;
+    let allow = AllowList::new(&config.allow_prefixes)?.with_local(&scratch)?;
+    Ok(AtlasService::new(registry, Jobs::new(config.jobs.clone()), allow, scratch, config.max_upload_bytes, config.default_epochs))
+}
+
+/// Serves the Atlas and gRPC health services on `listener` until `shutdown` completes.
+pub async fn serve(listener: tokio::net::TcpListener, config: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let bound = listener.local_addr().map_err(|e| ServeError::Config(e.to_string()))?;
+    let atlas = service(&config)?;
+    let tokens = config.tokens.clone();
+    // The token is checked before the body is read; the size limits apply to the body.
+    let server = tonic::service::interceptor::InterceptedService::new(
+        AtlasServer::new(atlas).max_decoding_message_size(config.max_request_bytes).max_encoding_message_size(config.max_request_bytes),
+        move |request| tokens.check(request),
+    );
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AtlasServer<AtlasService>>().await;
+    let mut builder = Server::builder();
+    if let Some((cert, key)) = &config.tls {
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| ServeError::Config(format!("TLS {}: {e}", p.display())));
+        builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?)))?;
+    }
+    tracing::info!(listen = %bound, tls = config.tls.is_some(), registry = %config.registry, "atlas serving");
+    builder
+        .add_service(health_service)
+        .add_service(server)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

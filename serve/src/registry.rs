@@ -1,0 +1,150 @@
+//! The model registry: trained models' folders copied into one store (a directory or an
+//! object-store URL) under their names, with an index of names and sources (`index.json`), and
+//! an in-memory cache of the most recently used models, parsed and ready to encode.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde::{Deserialize, Serialize};
+use tessera_data::Store;
+use tessera_kernels::backend::Cpu;
+use tessera_models::Vae;
+use tessera_worker::query::{Cells, MODEL_FILES, ModelSummary, QueryError, ReferenceModel};
+
+use crate::ServeError;
+
+const INDEX: &str = "index.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub source_url: String,
+}
+
+/// A registered model, loaded: its parsed tensors and a pool of encoders (one per concurrent
+/// `Encode`, built on demand and kept).
+pub struct Loaded {
+    pub name: String,
+    pub model: ReferenceModel,
+    encoders: Mutex<Vec<Vae<f32, Cpu>>>,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded").field("name", &self.name).field("model", &self.model).finish_non_exhaustive()
+    }
+}
+
+impl Loaded {
+    /// Latent means of `cells` with the reference model as trained.
+    pub fn encode(&self, cells: &Cells) -> Result<Vec<f32>, QueryError> {
+        let pooled = self.encoders.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let mut encoder = match pooled {
+            Some(e) => e,
+            None => self.model.encoder()?,
+        };
+        let z = self.model.encode(&mut encoder, cells);
+        self.encoders.lock().unwrap_or_else(PoisonError::into_inner).push(encoder);
+        z
+    }
+}
+
+pub struct Registry {
+    store: Store,
+    location: String,
+    /// Serialises changes of the index (register while another registers or lists).
+    index: Mutex<()>,
+    /// Most recently used last.
+    cache: Mutex<Vec<Arc<Loaded>>>,
+    cache_size: usize,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("location", &self.location).field("cache_size", &self.cache_size).finish_non_exhaustive()
+    }
+}
+
+/// Names become keys in the registry's store: a closed alphabet keeps them from escaping it.
+fn check_name(name: &str) -> Result<(), ServeError> {
+    let ok = !name.is_empty() && name.len() <= 64 && !name.starts_with('.') && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok { Ok(()) } else { Err(ServeError::Invalid(format!("model name {name:?}: expected 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'"))) }
+}
+
+impl Registry {
+    /// The registry at `location` (created when missing), keeping up to `cache_size` models
+    /// loaded.
+    pub fn open(location: &str, cache_size: usize) -> Result<Registry, ServeError> {
+        let store = Store::connect(location).map_err(|e| ServeError::Config(format!("registry: {e}")))?;
+        Ok(Registry { store, location: location.to_string(), index: Mutex::new(()), cache: Mutex::new(Vec::new()), cache_size: cache_size.max(1) })
+    }
+
+    fn read_index(&self) -> Result<BTreeMap<String, Entry>, ServeError> {
+        match self.store.get_bytes(INDEX).map_err(|e| ServeError::Storage(e.to_string()))? {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| ServeError::Storage(format!("{}/{INDEX}: {e}", self.location))),
+            None => Ok(BTreeMap::new()),
+        }
+    }
+
+    /// Copies the model folder at `source` in as `name` after checking that it loads.
+    pub fn register(&self, name: &str, source: &str, replace: bool) -> Result<ModelSummary, ServeError> {
+        check_name(name)?;
+        let _guard = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut index = self.read_index()?;
+        if index.contains_key(name) && !replace {
+            return Err(ServeError::Exists(format!("model {name:?} is already registered (from {}); set replace to overwrite it", index[name].source_url)));
+        }
+        let folder = Store::folder(source).map_err(|e| ServeError::Invalid(format!("source_url: {e}")))?;
+        let mut files = Vec::with_capacity(MODEL_FILES.len());
+        for file in MODEL_FILES {
+            let bytes = folder.get_bytes(file).map_err(|e| ServeError::Invalid(format!("source_url: {e}")))?;
+            files.push(bytes.ok_or_else(|| ServeError::Invalid(format!("source_url {source:?} has no {file} (expected the folder `tessera train --out` wrote)")))?);
+        }
+        let model = ReferenceModel::from_files(source, &files[0], &files[1], &files[2]).map_err(|e| ServeError::Invalid(e.to_string()))?;
+        for (file, bytes) in MODEL_FILES.iter().zip(files) {
+            self.store.set_bytes(&format!("{name}/{file}"), bytes).map_err(|e| ServeError::Storage(e.to_string()))?;
+        }
+        index.insert(name.to_string(), Entry { source_url: source.to_string() });
+        let json = serde_json::to_vec_pretty(&index).map_err(|e| ServeError::Storage(e.to_string()))?;
+        self.store.set_bytes(INDEX, json).map_err(|e| ServeError::Storage(e.to_string()))?;
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner).retain(|l| l.name != name);
+        tracing::info!(name, source, "model registered");
+        Ok(model.summary())
+    }
+
+    pub fn list(&self) -> Result<BTreeMap<String, Entry>, ServeError> {
+        let _guard = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+        self.read_index()
+    }
+
+    /// The model `name`, from the cache or read from the registry (then cached, the least
+    /// recently used evicted).
+    pub fn get(&self, name: &str) -> Result<Arc<Loaded>, ServeError> {
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(i) = cache.iter().position(|l| l.name == name) {
+                let hit = cache.remove(i);
+                cache.push(Arc::clone(&hit));
+                return Ok(hit);
+            }
+        }
+        check_name(name)?;
+        if !self.list()?.contains_key(name) {
+            return Err(ServeError::NotFound(format!("no model named {name:?} is registered")));
+        }
+        let model = ReferenceModel::open(&format!("{}/{name}", self.location.trim_end_matches('/'))).map_err(|e| ServeError::Storage(e.to_string()))?;
+        let loaded = Arc::new(Loaded { name: name.to_string(), model, encoders: Mutex::new(Vec::new()) });
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.retain(|l| l.name != name);
+        cache.push(Arc::clone(&loaded));
+        if cache.len() > self.cache_size {
+            cache.remove(0);
+        }
+        tracing::info!(name, cached = cache.len(), "model loaded");
+        Ok(loaded)
+    }
+
+    /// Names of the models in memory, least recently used first.
+    pub fn cached(&self) -> Vec<String> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|l| l.name.clone()).collect()
+    }
+}
