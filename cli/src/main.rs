@@ -11,6 +11,7 @@ mod distributed;
 mod eval;
 mod inspect;
 mod map;
+mod serve;
 mod snf;
 mod train;
 mod worker;
@@ -64,6 +65,8 @@ enum Command {
     /// Map a query store onto a trained reference model (surgery for its new batches,
     /// fine-tuning, kNN label transfer); embedding and labels -> the query store.
     Map(map::MapArgs),
+    /// Serve reference-atlas query mapping over gRPC (model registry, mapping jobs, Encode).
+    Serve(serve::ServeArgs),
     /// Serve the distributed-training coordinator (gRPC, with the gRPC health service).
     Coordinator(coordinator::CoordinatorArgs),
     /// Serve as a data-parallel training worker of a coordinator.
@@ -233,6 +236,7 @@ fn main() -> Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Snf(args) => snf::run(args),
         Command::Map(args) => map::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Convert { input, output, zarr_format } => convert(&input, &output, zarr_format.into()),
     }
 }

@@ -66,6 +66,9 @@ impl From<ServeError> for Status {
 pub struct ServeConfig {
     /// The registry's store: a directory or an object-store URL.
     pub registry: String,
+    /// Models registered (or replaced) at start: (name, folder); the operator's choice, not
+    /// subject to the allow-list.
+    pub register: Vec<(String, String)>,
     /// Models kept loaded.
     pub cached_models: usize,
     /// Uploads are written here (created when missing).
@@ -81,19 +84,23 @@ pub struct ServeConfig {
     pub default_epochs: usize,
 }
 
-/// The service for `config` (registry opened, scratch created, prefixes checked).
+/// The service for `config` (registry opened and its start-up models registered, scratch
+/// created, prefixes checked). Blocking: call it outside async code.
 pub fn service(config: &ServeConfig) -> Result<AtlasService, ServeError> {
     let registry = Arc::new(Registry::open(&config.registry, config.cached_models)?);
+    for (name, folder) in &config.register {
+        registry.register(name, folder, true).map_err(|e| ServeError::Config(format!("--register {name}={folder}: {e}")))?;
+    }
     std::fs::create_dir_all(&config.scratch).map_err(|e| ServeError::Config(format!("scratch {}: {e}", config.scratch.display())))?;
     let scratch = config.scratch.canonicalize().map_err(|e| ServeError::Config(format!("scratch {}: {e}", config.scratch.display())))?;
     let allow = AllowList::new(&config.allow_prefixes)?.with_local(&scratch)?;
     Ok(AtlasService::new(registry, Jobs::new(config.jobs.clone()), allow, scratch, config.max_upload_bytes, config.default_epochs))
 }
 
-/// Serves the Atlas and gRPC health services on `listener` until `shutdown` completes.
-pub async fn serve(listener: tokio::net::TcpListener, config: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+/// Serves `atlas` (from [`service`]) and the gRPC health service on `listener` until
+/// `shutdown` completes.
+pub async fn serve(listener: tokio::net::TcpListener, atlas: AtlasService, config: &ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     let bound = listener.local_addr().map_err(|e| ServeError::Config(e.to_string()))?;
-    let atlas = service(&config)?;
     let tokens = config.tokens.clone();
     // The token is checked before the body is read; the size limits apply to the body.
     let server = tonic::service::interceptor::InterceptedService::new(
@@ -104,6 +111,8 @@ pub async fn serve(listener: tokio::net::TcpListener, config: ServeConfig, shutd
     health.set_serving::<AtlasServer<AtlasService>>().await;
     let mut builder = Server::builder();
     if let Some((cert, key)) = &config.tls {
+        // Already installed (a second server in this process) is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let read = |p: &PathBuf| std::fs::read(p).map_err(|e| ServeError::Config(format!("TLS {}: {e}", p.display())));
         builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?)))?;
     }
