@@ -1,0 +1,1 @@
+"""gRPC stubs generated from proto/tessera/v1/atlas.proto by ../generate.sh: do not edit."""
