@@ -97,6 +97,21 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 20)]
         repeat: usize,
     },
+    /// `tessera serve`'s Encode over loopback gRPC (a model trained briefly on simulated
+    /// data, features sent by name): requests/s, cells/s and latency for requests of each
+    /// size with --concurrency requests in flight.
+    Encode {
+        /// Cells per request.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 100, 1_000])]
+        cells: Vec<usize>,
+        #[arg(long, default_value_t = 2_000)]
+        genes: usize,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Seconds of requests per size.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
     /// Stream all of X in mini-batches from local Zarr v2 and v3 stores (generated once).
     Load {
         #[arg(long, default_value_t = 100_000)]
@@ -126,6 +141,7 @@ pub enum BenchCommand {
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Ops { repeat } => ops(repeat.max(1)),
+        BenchCommand::Encode { cells, genes, concurrency, seconds } => crate::serve::bench_encode(&cells, genes, concurrency.max(1), seconds),
         BenchCommand::Eval { cells, dims } => eval(&cells, dims),
         BenchCommand::Workers { workers, cells, genes, epochs } => data_parallel(&workers, cells, genes, epochs.max(2)),
         BenchCommand::Snf { n, features, views, python, out_of_core } => snf_side_by_side(&n, features, views.max(2), python.as_deref(), out_of_core),

@@ -130,3 +130,117 @@ pub fn run(args: ServeArgs) -> Result<()> {
         tessera_serve::serve(listener, service, &config, shutdown_signal()).await.context("serving")
     })
 }
+
+/// `tessera bench encode`: see `BenchCommand::Encode`.
+pub fn bench_encode(sizes: &[usize], genes: usize, concurrency: usize, seconds: f64) -> Result<()> {
+    use std::time::{Duration, Instant};
+
+    use tessera_data::{Dataset, Loader, LoaderConfig, SimConfig};
+    use tessera_proto::v1 as pb;
+
+    let dir = tempfile_dir()?;
+    let data = dir.join("reference.zarr").display().to_string();
+    let largest = sizes.iter().copied().max().unwrap_or(1).max(1);
+    let cells = (largest as u64).max(5_000);
+    println!("training a reference: {cells} simulated cells x {genes} genes, 3 batches, 5 epochs");
+    tessera_data::simulate(&data, &SimConfig { n_cells: cells, n_genes: genes, n_batches: 3, ..SimConfig::default() }, |_| {})?;
+    let model = dir.join("model");
+    let mut fit = tessera_worker::FitConfig::default();
+    fit.train.max_epochs = Some(5);
+    let opts = tessera_worker::FitOptions { data: data.clone(), modalities: Vec::new(), batch_key: Some("batch".into()), label_key: Some("cell_type".into()), config: fit, out: model.clone(), embedding_key: "X_tessera".into(), overwrite: true, resume: false, denoised: None, cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20 };
+    tessera_worker::fit(&opts, |_| {})?;
+    let (hidden, latent) = (128usize, 10usize);
+
+    // The requests: the store's first cells with their batches, features named.
+    let dataset = Dataset::open(&data)?;
+    let loader = Loader::new(&dataset, 0..largest as u64, LoaderConfig { batch_size: largest, batch_key: Some("batch".into()), ..LoaderConfig::default() })?;
+    let mb = loader.ordered().epoch(0).next().context("the store has no cells")??;
+    let var_names = match &dataset {
+        Dataset::AnnData(a) => a.var()?.index,
+        Dataset::MuData(_) => bail!("the simulated store is an AnnData"),
+    };
+    let counts = &mb.modalities[0].counts;
+    let request = |n: usize| {
+        let end = counts.indptr[n] as usize;
+        pb::EncodeRequest {
+            model: "bench".into(),
+            modalities: vec![pb::EncodeModality { name: mb.modalities[0].name.clone(), var_names: var_names.clone(), n_cells: n as u32, n_features: counts.n_cols as u32, indptr: counts.indptr[..=n].to_vec(), indices: counts.indices[..end].to_vec(), data: counts.data[..end].to_vec() }],
+            batches: mb.batch[..n].iter().map(|&b| loader.batch_categories[b as usize].clone()).collect(),
+            transfer_labels: false,
+            neighbours: 0,
+        }
+    };
+    let nnz_per_cell = counts.nnz() as f64 / largest as f64;
+
+    let config = ServeConfig {
+        registry: dir.join("registry").display().to_string(),
+        register: vec![("bench".into(), model.display().to_string())],
+        cached_models: 1,
+        scratch: dir.join("scratch"),
+        allow_prefixes: Vec::new(),
+        tokens: Tokens::none(),
+        tls: None,
+        max_request_bytes: 256 << 20,
+        max_upload_bytes: 0,
+        jobs: JobLimits { max_jobs: 1, memory_bytes: 1 << 30, finished_kept: 1 },
+        default_epochs: 1,
+    };
+    let service = tessera_serve::service(&config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            tessera_serve::serve(listener, service, &config, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        let channel = tonic::transport::Endpoint::from_shared(address)?.connect().await?;
+        let client = pb::atlas_client::AtlasClient::new(channel).max_encoding_message_size(256 << 20).max_decoding_message_size(256 << 20);
+        // Loads the model into the cache, as a first request in production would.
+        client.clone().encode(request(1)).await?;
+        println!("Encode over loopback gRPC, {concurrency} requests in flight, {:.0} non-zeros per cell; floor = the encoder's FLOPs (2 x nnz x {hidden} + 2 x {hidden} x {} per cell)", nnz_per_cell, 2 * latent);
+        println!("{:>10} {:>10} {:>12} {:>9} {:>9} {:>10}", "cells/req", "req/s", "cells/s", "p50 ms", "p99 ms", "GFLOP/s");
+        for &n in sizes {
+            let req = request(n.max(1));
+            let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for _ in 0..concurrency {
+                let (mut client, req) = (client.clone(), req.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    while Instant::now() < deadline {
+                        let sent = Instant::now();
+                        client.encode(req.clone()).await?;
+                        latencies.push(sent.elapsed().as_secs_f64());
+                    }
+                    Ok::<_, tonic::Status>(latencies)
+                }));
+            }
+            let mut latencies = Vec::new();
+            for t in tasks {
+                latencies.extend(t.await??);
+            }
+            let wall = started.elapsed().as_secs_f64();
+            latencies.sort_by(f64::total_cmp);
+            let pick = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or(f64::NAN) * 1e3;
+            let rate = latencies.len() as f64 / wall;
+            let flops = (2.0 * nnz_per_cell * hidden as f64 + 2.0 * (hidden * 2 * latent) as f64) * n as f64 * rate;
+            println!("{:>10} {:>10.0} {:>12.0} {:>9.2} {:>9.2} {:>10.2}", n, rate, rate * n as f64, pick(0.5), pick(0.99), flops / 1e9);
+        }
+        let _ = stop.send(());
+        server.await??;
+        anyhow::Ok(())
+    })?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("tessera-bench-encode-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}

@@ -120,7 +120,8 @@ pub async fn serve(listener: tokio::net::TcpListener, atlas: AtlasService, confi
     builder
         .add_service(health_service)
         .add_service(server)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        // Without TCP_NODELAY small answers wait for the client's delayed ACK (~40 ms each).
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await?;
     Ok(())
 }
