@@ -31,3 +31,66 @@ fn map_a_query_onto_a_trained_reference() {
     let e = String::from_utf8_lossy(&refused.stderr);
     assert!(e.contains("no feature of the reference's modalities"), "{e}");
 }
+
+/// `tessera serve` on an ephemeral port; killed when dropped.
+struct Served(std::process::Child, String);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_maps_a_query_submitted_over_grpc() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    use tessera_proto::v1 as pb;
+
+    let dir = tempfile::tempdir().unwrap();
+    let allowed = dir.path().join("allowed");
+    std::fs::create_dir_all(&allowed).unwrap();
+    let (reference, query, model) = (path(dir.path(), "ref.zarr"), path(&allowed, "query.zarr"), path(dir.path(), "model"));
+    tokio::task::block_in_place(|| {
+        ok(&tessera(&["simulate", &reference, "--cells", "800", "--genes", "150", "--types", "4", "--batches", "3", "--only-batches", "0,1", "--seed", "2"]));
+        ok(&tessera(&["simulate", &query, "--cells", "300", "--genes", "150", "--types", "4", "--batches", "3", "--only-batches", "2", "--seed", "2"]));
+        ok(&tessera(&["train", "--data", &reference, "--batch-key", "batch", "--label-key", "cell_type", "--epochs", "30", "--out", &model]));
+    });
+    // Without tokens it refuses to start, and says how to give them.
+    let registry = path(dir.path(), "registry");
+    let e = common::failed(&tessera(&["serve", "--listen", "127.0.0.1:0", "--registry", &registry]));
+    assert!(e.contains("no bearer tokens") && e.contains("TESSERA_SERVE_TOKENS"), "{e}");
+
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "# the lab's token\nsecret-1\n").unwrap();
+    let args = ["serve", "--listen", "127.0.0.1:0", "--registry", &registry, "--register", &format!("sim={model}"), "--allow-prefix", allowed.to_str().unwrap(), "--scratch", &path(dir.path(), "scratch"), "--tokens-file", tokens.to_str().unwrap(), "--max-jobs", "1"];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).env("TESSERA_LOG", "warn").stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let address = line.trim().strip_prefix("atlas listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+    let _served = Served(child, address.clone());
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+    let token: tonic::metadata::MetadataValue<_> = "Bearer secret-1".parse().unwrap();
+    let mut client = pb::atlas_client::AtlasClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", token.clone());
+        Ok(r)
+    });
+    let models = client.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner().models;
+    assert_eq!(models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(), ["sim"]);
+    let job = pb::QueryJob { model: "sim".into(), data_url: query.clone(), epochs: 10, neighbours: 20, write_back: Some(pb::WriteBack { embedding_key: "X_tessera".into(), label_key: "tessera_label".into(), overwrite: false }), ..Default::default() };
+    let id = client.submit_query(job).await.unwrap().into_inner().job_id;
+    let mut statuses = client.watch_query(pb::JobRef { job_id: id }).await.unwrap().into_inner();
+    let mut last = None;
+    while let Some(s) = statuses.message().await.unwrap() {
+        last = Some(s);
+    }
+    let last = last.unwrap();
+    assert_eq!(last.state(), pb::JobState::Succeeded, "{last:?}");
+    let report: serde_json::Value = serde_json::from_str(&last.report_json).unwrap();
+    assert!(report["label_accuracy"].as_f64().unwrap() > 0.85, "{report}");
+    let printed = tokio::task::block_in_place(|| ok(&tessera(&["inspect", &query])));
+    assert!(printed.contains("X_tessera") && printed.contains("tessera_label"), "{printed}");
+}
