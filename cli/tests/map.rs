@@ -33,7 +33,7 @@ fn map_a_query_onto_a_trained_reference() {
 }
 
 /// `tessera serve` on an ephemeral port; killed when dropped.
-struct Served(std::process::Child, String);
+struct Served(std::process::Child);
 
 impl Drop for Served {
     fn drop(&mut self) {
@@ -70,7 +70,7 @@ async fn serve_maps_a_query_submitted_over_grpc() {
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let address = line.trim().strip_prefix("atlas listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
-    let _served = Served(child, address.clone());
+    let _served = Served(child);
 
     let channel = tonic::transport::Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
     let token: tonic::metadata::MetadataValue<_> = "Bearer secret-1".parse().unwrap();
