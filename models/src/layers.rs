@@ -36,9 +36,23 @@ fn pair_range(layout: &Layout, first: usize) -> std::ops::Range<usize> {
 pub struct Slots<'a, S> {
     pub layout: &'a Layout,
     pub buf: &'a mut S,
+    /// Gradients only: the ranges anyone reads (query fine-tuning trains a few rows); a slot
+    /// outside them may be skipped and keeps a stale value. None: every slot.
+    pub needed: Option<&'a [std::ops::Range<usize>]>,
 }
 
-impl<S: tessera_kernels::backend::Storage> Slots<'_, S> {
+impl<'a, S: tessera_kernels::backend::Storage> Slots<'a, S> {
+    /// Every slot of `buf`.
+    pub fn all(layout: &'a Layout, buf: &'a mut S) -> Self {
+        Slots { layout, buf, needed: None }
+    }
+
+    /// Whether anyone reads `slot` (weight gradients of frozen layers are not computed).
+    pub fn needed(&self, slot: usize) -> bool {
+        let range = &self.layout.slots()[slot].range;
+        self.needed.is_none_or(|needed| needed.iter().any(|r| r.start < range.end && range.start < r.end))
+    }
+
     /// Two consecutive slots, read-only.
     pub fn read_pair(&self, first: usize) -> In<'_, S> {
         In::part(self.buf, pair_range(self.layout, first))
@@ -259,15 +273,20 @@ impl Dense {
             b.batch_norm_backward(xhat.input(), In::all(inv_std), p.get(bn.gamma), d.input(), dd.output(), grads.pair(bn.gamma))?;
             d = dd;
         }
-        match x {
-            Input::Dense(t) => b.gemm(true, false, self.d_in, n, self.d_out, T::one(), t.input(), d.input(), T::zero(), grads.get(self.w))?,
-            Input::Counts { csr, transform, .. } => b.sparse_input_backward(csr, *transform, d.input(), self.d_out, grads.get(self.w))?,
+        // A frozen layer's weight gradient is nobody's: only its input gradient is needed.
+        if grads.needed(self.w) {
+            match x {
+                Input::Dense(t) => b.gemm(true, false, self.d_in, n, self.d_out, T::one(), t.input(), d.input(), T::zero(), grads.get(self.w))?,
+                Input::Counts { csr, transform, .. } => b.sparse_input_backward(csr, *transform, d.input(), self.d_out, grads.get(self.w))?,
+            }
         }
-        if let Some(wc) = self.wc {
+        if let Some(wc) = self.wc.filter(|&wc| grads.needed(wc)) {
             let c = cov.expect("a layer with covariate weights needs the covariates");
             b.gemm(true, false, self.n_cov, n, self.d_out, T::one(), c.input(), d.input(), T::zero(), grads.get(wc))?;
         }
-        b.column_sums(d.input(), grads.get(self.b))?;
+        if grads.needed(self.b) {
+            b.column_sums(d.input(), grads.get(self.b))?;
+        }
         let (target, beta) = match dx {
             InputGrad::Skip => return Ok(()),
             InputGrad::Write(t) => (t, T::zero()),

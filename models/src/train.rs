@@ -155,7 +155,10 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
     /// From now on only `ranges` of the parameters change (query fine-tuning after surgery):
     /// the others, and their Adam moments, stay as they are.
     pub fn freeze_except(&mut self, ranges: Vec<Range<usize>>) {
-        self.trainable = Some(crate::surgery::merge_ranges(ranges));
+        let trainable = crate::surgery::merge_ranges(ranges);
+        // The backward then skips weight gradients of layers with nothing to train.
+        self.model.trained = Some(trainable.clone());
+        self.trainable = Some(trainable);
     }
 
     /// Keeps `ranges` of the BatchNorm running statistics as they are now: training batches

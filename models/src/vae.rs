@@ -255,6 +255,9 @@ pub struct Vae<T: Real, B: Backend<T>> {
     pub grads: B::Buf,
     /// BatchNorm running statistics.
     pub state: B::Buf,
+    /// The parameter ranges being trained (sorted, disjoint; `Trainer::freeze_except`): the
+    /// backward computes no weight gradient wholly outside them. None: all.
+    pub trained: Option<Vec<std::ops::Range<usize>>>,
     encoders: Vec<Encoder>,
     decoders: Vec<Decoder>,
     heads: Heads,
@@ -469,7 +472,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let values_buf = backend.upload(&values)?;
         let grads = backend.zeros(layout.len())?;
         let state_buf = backend.upload(&state_values)?;
-        Ok(Vae { config, modalities: specs, n_cov, n_batch, n_labels, layout, state_layout: state, values: values_buf, grads, state: state_buf, encoders, decoders, heads, backend })
+        Ok(Vae { config, modalities: specs, n_cov, n_batch, n_labels, layout, state_layout: state, values: values_buf, grads, state: state_buf, trained: None, encoders, decoders, heads, backend })
     }
 
     /// Starts modality `m`'s NB-mixture background rates from the data, as totalVI starts its
@@ -518,7 +521,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let m = self.joint_mean(batch)?;
         let b = &self.backend;
         let p = Weights { layout: &self.layout, values: &self.values };
-        let mut state = Slots { layout: &self.state_layout, buf: &mut self.state };
+        let mut state = Slots::all(&self.state_layout, &mut self.state);
         let expressions = self.decoders.iter().map(|d| b.download(d.expression(b, &p, &mut state, &m, batch.covariates, library_size)?.input())).collect::<Result<_>>()?;
         Ok((b.download(m.input())?, expressions))
     }
@@ -536,7 +539,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     /// Runs each encoder on the cells that measured its modality.
     fn encode(&mut self, batch: &VaeBatch<'_, T>, plan: &Plan, mode: Mode) -> Result<Encoded<T, B>> {
         let p = Weights { layout: &self.layout, values: &self.values };
-        let mut state = Slots { layout: &self.state_layout, buf: &mut self.state };
+        let mut state = Slots::all(&self.state_layout, &mut self.state);
         self.encoders
             .iter()
             .enumerate()
@@ -623,7 +626,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let m = self.joint_mean(batch)?;
         let b = &self.backend;
         let p = Weights { layout: &self.layout, values: &self.values };
-        let mut state = Slots { layout: &self.state_layout, buf: &mut self.state };
+        let mut state = Slots::all(&self.state_layout, &mut self.state);
         match self.heads.predict(b, &p, &mut state, &m)? {
             Some(t) => Ok(Some(b.download(t.input())?)),
             None => Ok(None),
@@ -710,7 +713,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         };
 
         let p = Weights { layout: &self.layout, values: &self.values };
-        let mut state = Slots { layout: &self.state_layout, buf: &mut self.state };
+        let mut state = Slots::all(&self.state_layout, &mut self.state);
         let mut reconstruction = 0.0;
         let mut dec = Vec::with_capacity(self.decoders.len());
         for ((j, decoder), (codes, cells, weights)) in self.decoders.iter().enumerate().zip(decode) {
@@ -753,7 +756,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         };
         let sample_batches: Vec<i32> = sample_cells.iter().map(|&r| self.batch_of(batch.covariates, r).map_or(-1, |k| k as i32)).collect();
         let p = Weights { layout: &self.layout, values: &self.values };
-        let mut state = Slots { layout: &self.state_layout, buf: &mut self.state };
+        let mut state = Slots::all(&self.state_layout, &mut self.state);
         let (head_terms, heads) = self.heads.forward(&b, &p, &mut state, mean, &batch.supervision, &zs, &sample_batches, mode)?;
         regularization += head_terms.regularization;
         let supervised = head_terms.supervised;
@@ -775,7 +778,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let mut scratch = b.zeros(self.state_layout.len())?;
         b.copy(In::all(&self.state), Out::all(&mut scratch))?;
         let p = Weights { layout: &self.layout, values: &self.values };
-        let mut state = Slots { layout: &self.state_layout, buf: &mut scratch };
+        let mut state = Slots::all(&self.state_layout, &mut scratch);
         let covariates: Vec<T> = sample_cells.iter().flat_map(|&r| batch.covariates[r * self.n_cov..(r + 1) * self.n_cov].iter().copied()).collect();
         let scale = 2.0 * weight / zs.rows as f64;
         let (mut value, mut passes) = (0.0, Vec::new());
@@ -924,7 +927,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let b = self.backend.clone();
         let d = self.config.n_latent;
         let p = Weights { layout: &self.layout, values: &self.values };
-        let mut grads = Slots { layout: &self.layout, buf: &mut self.grads };
+        let mut grads = Slots { layout: &self.layout, buf: &mut self.grads, needed: self.trained.as_deref() };
         let Forward { enc, latent, cells, zs, dec, dzs_regularization, dexperts, heads, cycle } = f;
 
         // The cycle passes go through decoders and encoders that the main pass's backward then

@@ -132,3 +132,28 @@ fn unfreezing_the_encoder_input_trains_it_too() {
     let w = trainer.model.layout.slot("decoder.main.w").unwrap().range.clone();
     assert_eq!(tuned[w.clone()], start[w], "the decoder stays frozen");
 }
+
+#[test]
+fn a_frozen_backward_gives_the_trained_rows_the_full_backward_gradient() {
+    let reference = reference();
+    let (full, added) = extended(&reference);
+    let (frozen, _) = extended(&reference);
+    let mut full = Trainer::new(full, TrainConfig::default()).unwrap();
+    let mut frozen = Trainer::new(frozen, TrainConfig::default()).unwrap();
+    frozen.freeze_except(added.clone());
+    let n = 10;
+    let data = counts(n, 2);
+    let cov = covariates(n, 3, |r| if r < 5 { 2 } else { r % 2 });
+    let modalities = [ModalityCounts { counts: CsrRef { rows: n, cols: GENES, indptr: &data.0, indices: &data.1, data: &data.2 }, present: None }];
+    let a = full.gradients(VaeBatch::new(&modalities, &cov), 0).unwrap();
+    let b = frozen.gradients(VaeBatch::new(&modalities, &cov), 0).unwrap();
+    assert_eq!(a.loss, b.loss);
+    let (ga, gb) = (Cpu.download(In::all(&full.model.grads)).unwrap(), Cpu.download(In::all(&frozen.model.grads)).unwrap());
+    for r in &added {
+        assert_eq!(ga[r.clone()], gb[r.clone()], "gradient of trained range {r:?}");
+    }
+    assert!(added.iter().flat_map(|r| r.clone()).any(|i| ga[i] != 0.0), "the new rows get a gradient");
+    // The frozen backward skipped something: the first encoder layer's weights (sparse input).
+    let w = frozen.model.layout.slots().iter().find(|s| s.name.ends_with("encoder.0.w")).unwrap().range.clone();
+    assert!(gb[w.clone()].iter().all(|&g| g == 0.0) && ga[w].iter().any(|&g| g != 0.0), "frozen weight gradients are not computed");
+}
