@@ -46,6 +46,7 @@ fn a_notebook_maps_a_query_through_the_python_client() {
     config.train.max_epochs = Some(40);
     config.train.kl_warmup_epochs = 20;
     config.model.encode_covariates = true;
+    config.model.classifier_weight = 1.0;
     let model = dir.path().join("model");
     let opts = tessera_worker::FitOptions { data: reference_store.clone(), modalities: Vec::new(), batch_key: Some("batch".into()), label_key: Some("cell_type".into()), config, out: model.clone(), embedding_key: "X_tessera".into(), overwrite: false, resume: false, denoised: None, cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20 };
     tessera_worker::fit(&opts, |_| {}).unwrap();
@@ -86,6 +87,7 @@ fn a_notebook_maps_a_query_through_the_python_client() {
     assert_eq!((r["n_obs"].as_u64(), r["n_latent"].as_u64()), (Some(500), Some(10)), "{r}");
     assert!(r["accuracy"].as_f64().unwrap() > 0.85, "{r}");
     assert!(r["url_accuracy"].as_f64().unwrap() > 0.85, "{r}");
+    assert!(r["classifier_accuracy"].as_f64().unwrap() > 0.85, "{r}");
     assert_eq!(r["url_cells"].as_u64(), Some(400));
     assert!(r["encode_agreement"].as_f64().unwrap() > 0.9, "{r}");
     assert_eq!(r["encoded_shape"], serde_json::json!([300, 10]));

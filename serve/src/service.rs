@@ -222,6 +222,7 @@ impl Atlas for AtlasService {
                 embedding: out.embedding[start * d..end * d].to_vec(),
                 labels: labels.iter().map(|t| t.label).collect(),
                 uncertainty: labels.iter().map(|t| t.uncertainty).collect(),
+                classifier_labels: out.classifier_labels.get(start..end).unwrap_or_default().to_vec(),
             })
         });
         Ok(Response::new(Box::pin(chunks)))

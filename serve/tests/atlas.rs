@@ -37,6 +37,7 @@ fn reference() -> &'static Path {
         config.train.max_epochs = Some(40);
         config.train.kl_warmup_epochs = 20;
         config.model.encode_covariates = true;
+        config.model.classifier_weight = 1.0;
         let out = dir.join("model");
         let opts = tessera_worker::FitOptions { data, modalities: Vec::new(), batch_key: Some("batch".into()), label_key: Some("cell_type".into()), config, out: out.clone(), embedding_key: "X_tessera".into(), overwrite: false, resume: false, denoised: None, cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20 };
         tessera_worker::fit(&opts, |_| {}).unwrap();
@@ -176,6 +177,12 @@ async fn a_query_job_maps_a_new_batch_with_progress_and_results() {
     let labels: Vec<i32> = chunks.iter().flat_map(|c| c.labels.clone()).collect();
     let names: Vec<String> = chunks.iter().flat_map(|c| c.obs_names.clone()).collect();
     assert_eq!((embedding.len(), labels.len(), names.len()), (5000, 500, 500));
+    // The reference's classifier is the second label source; it mostly agrees with the kNN.
+    let classified: Vec<i32> = chunks.iter().flat_map(|c| c.classifier_labels.clone()).collect();
+    assert_eq!(classified.len(), 500);
+    let agree = classified.iter().zip(&labels).filter(|(a, b)| a == b).count();
+    assert!(agree > 400, "classifier and kNN agree on {agree} of 500");
+    assert!(report["classifier_accuracy"].as_f64().unwrap() > 0.85, "{report}");
     // Written back into the store as asked, equal to what was streamed.
     let (written, index) = sync(|| {
         let adata = AnnData::open(&query).unwrap();

@@ -20,6 +20,7 @@ before = set(query.obsm)
 mapped = tc.map_query(query, model="sim", server=address, token=token, epochs=20, neighbours=30, progress=False)
 out["n_obs"], out["n_latent"] = mapped.obsm["X_tessera"].shape
 out["accuracy"] = float(np.mean(mapped.obs["tessera_label"].astype(str).values == query.obs["cell_type"].astype(str).values))
+out["classifier_accuracy"] = float(np.mean(mapped.obs["tessera_label_classifier"].astype(str).values == query.obs["cell_type"].astype(str).values))
 out["uncertainty_in_range"] = bool(((mapped.obs["tessera_label_uncertainty"] >= 0) & (mapped.obs["tessera_label_uncertainty"] <= 1)).all())
 out["input_untouched"] = set(query.obsm) == before and "tessera_label" not in query.obs
 out["same_cells"] = list(mapped.obs_names) == list(query.obs_names)

@@ -129,6 +129,8 @@ pub struct QueryReport {
     /// Share of query cells whose transferred label equals the query's own (when the query has
     /// the reference's label column).
     pub label_accuracy: Option<f64>,
+    /// The same for the reference's label classifier, when it has one.
+    pub classifier_accuracy: Option<f64>,
     pub seconds_training: f64,
     pub seconds_mapping: f64,
 }
@@ -144,6 +146,9 @@ pub struct QueryOutput {
     /// uncertainty; empty when the reference has no labels.
     pub labels: Vec<Transferred>,
     pub label_categories: Vec<String>,
+    /// Per cell, the reference's label classifier's prediction (a code into
+    /// `label_categories`); empty when the reference has no classifier.
+    pub classifier_labels: Vec<i32>,
 }
 
 /// What `tessera train` recorded of the run (`config.json`).
@@ -278,10 +283,14 @@ impl ReferenceModel {
     /// heads that need the query's labels off, and the parameters surgery added.
     fn build(&self, ext: BatchExtension, seed: u64) -> Result<Surgered, QueryError> {
         let record = &self.record;
-        let config = VaeConfig { classifier_weight: 0.0, contrastive_weight: 0.0, regression_weight: 0.0, cox_weight: 0.0, adversarial_batch_weight: 0.0, ..record.model.clone() };
+        // The label classifier stays (frozen; the query has no labels, so it adds no loss) to
+        // predict the query's labels; heads that read the query's batches or targets go.
+        let classifier = self.has_classifier();
+        let config = VaeConfig { classifier_weight: if classifier { record.model.classifier_weight } else { 0.0 }, contrastive_weight: 0.0, regression_weight: 0.0, cox_weight: 0.0, adversarial_batch_weight: 0.0, ..record.model.clone() };
         let shapes: Vec<(&str, usize)> = record.modalities.iter().map(|(m, g)| (m.as_str(), *g)).collect();
         let n_cov = ext.reference_batches + ext.added;
-        let mut model = Vae::<f32, Cpu>::new(Cpu, config, &shapes, Categories { n_batch: n_cov, n_cov, n_labels: 0 }, seed)?;
+        let n_labels = if classifier { self.reference.label_categories.len() } else { 0 };
+        let mut model = Vae::<f32, Cpu>::new(Cpu, config, &shapes, Categories { n_batch: n_cov, n_cov, n_labels }, seed)?;
         let surgery = |e: SurgeryError| model_error(format!("{}/model.safetensors", self.source), e);
         let mut values = Cpu.download(In::all(&model.values))?;
         let added = transfer(&model.layout, &mut values, |name| self.tensor(name), ext).map_err(surgery)?;
@@ -290,6 +299,12 @@ impl ReferenceModel {
         model.values = Cpu.upload(&values)?;
         model.state = Cpu.upload(&state)?;
         Ok((model, added))
+    }
+
+    /// Whether the reference trained a label classifier on its latent mean (its predictions
+    /// are a second label source beside the kNN transfer).
+    pub fn has_classifier(&self) -> bool {
+        self.record.model.classifier_weight > 0.0 && self.reference.label_categories.len() >= 2
     }
 
     /// The reference model as trained, for [`ReferenceModel::encode`].
@@ -434,7 +449,11 @@ pub fn map_query(model: &ReferenceModel, req: &QueryRequest, mut progress: impl 
     let labelled = !reference.reference.labels.is_empty();
     if let Some(out) = &req.write {
         let uncertainty_key = format!("{}_uncertainty", out.label_key);
-        let outputs: Vec<(&str, &str)> = std::iter::once(("obsm", out.embedding_key.as_str())).chain(labelled.then_some([("obs", out.label_key.as_str()), ("obs", uncertainty_key.as_str())]).into_iter().flatten()).collect();
+        let classifier_key = format!("{}_classifier", out.label_key);
+        let outputs: Vec<(&str, &str)> = std::iter::once(("obsm", out.embedding_key.as_str()))
+            .chain(labelled.then_some([("obs", out.label_key.as_str()), ("obs", uncertainty_key.as_str())]).into_iter().flatten())
+            .chain(reference.has_classifier().then_some(("obs", classifier_key.as_str())))
+            .collect();
         for (mapping, key) in &outputs {
             if !out.overwrite && target.keys(mapping)?.iter().any(|k| k == key) {
                 return Err(tessera_data::DataError::Exists { store: req.data.clone(), path: target.element(&format!("{mapping}/{key}")) }.into());
@@ -490,7 +509,10 @@ pub fn map_query(model: &ReferenceModel, req: &QueryRequest, mut progress: impl 
     stage(QueryStage::Surgery)?;
     let (model, mut added) = reference.build(BatchExtension { reference_batches: ref_batches.len(), added: new.len() }, req.seed)?;
     added.extend(unfrozen_ranges(&model.layout, req.unfreeze));
-    let kept_state = encoder_ranges(&model.state_layout);
+    // Running statistics of the encoder (scArches) and of the label classifier stay the
+    // reference's.
+    let mut kept_state = encoder_ranges(&model.state_layout);
+    kept_state.extend(model.state_layout.slots().iter().filter(|s| s.name.starts_with("heads.")).map(|s| s.range.clone()));
     // scArches fine-tunes without weight decay (it would shrink the frozen-by-design zeros).
     let train = TrainConfig { weight_decay: 0.0, seed: req.seed, ..record.train.clone() };
     let mut trainer = Trainer::new(model, train)?;
@@ -523,24 +545,37 @@ pub fn map_query(model: &ReferenceModel, req: &QueryRequest, mut progress: impl 
     stage(QueryStage::Mapping)?;
     let d = record.model.n_latent;
     let mut embedding = vec![0f32; n * d];
+    let classifier = reference.has_classifier();
+    let mut classifier_labels = vec![-1i32; if classifier { n } else { 0 }];
     for mb in loader.ordered().epoch(0) {
         let mb = mb?;
         let z = crate::fit::on_pool(|| alignment.with(&mb, |batch| trainer.model.latent_mean(batch)))?;
         for (r, &cell) in mb.cells.iter().enumerate() {
             embedding[cell as usize * d..(cell as usize + 1) * d].copy_from_slice(&z[r * d..(r + 1) * d]);
         }
+        if classifier && let Some(p) = crate::fit::on_pool(|| alignment.with(&mb, |batch| trainer.model.predict_labels(batch)))? {
+            let k = reference.reference.label_categories.len();
+            for (row, &cell) in p.chunks_exact(k).zip(&mb.cells) {
+                classifier_labels[cell as usize] = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (c, &v)| if v > best.1 { (c, v) } else { best }).0 as i32;
+            }
+        }
     }
     let r = &reference.reference;
     let transferred = if labelled { tessera_metrics::transfer::knn_transfer(&r.latent, &r.labels, &embedding, d, req.neighbours)? } else { Vec::new() };
     let mean_uncertainty = labelled.then(|| transferred.iter().map(|t| t.uncertainty).sum::<f64>() / n.max(1) as f64);
     // The query's own labels, where it has the reference's label column.
-    let label_accuracy = match r.label_key.as_deref().filter(|_| labelled).and_then(|k| target.obs_column(k).ok()) {
-        Some(Column::Categorical { codes: own, categories, .. }) => {
-            let pairs: Vec<bool> = own.iter().zip(&transferred).filter(|(o, _)| **o >= 0).map(|(&o, t)| t.label >= 0 && categories[o as usize] == r.label_categories[t.label as usize]).collect();
-            (!pairs.is_empty()).then(|| pairs.iter().filter(|&&ok| ok).count() as f64 / pairs.len() as f64)
-        }
+    let own = match r.label_key.as_deref().filter(|_| labelled).and_then(|k| target.obs_column(k).ok()) {
+        Some(Column::Categorical { codes, categories, .. }) => Some((codes, categories)),
         _ => None,
     };
+    // Agreement of predicted codes with the query's own labels, compared by name.
+    let accuracy = |predicted: &[i32]| {
+        let (codes, categories) = own.as_ref()?;
+        let pairs: Vec<bool> = codes.iter().zip(predicted).filter(|(o, _)| **o >= 0).map(|(&o, &p)| p >= 0 && categories[o as usize] == r.label_categories[p as usize]).collect();
+        (!pairs.is_empty()).then(|| pairs.iter().filter(|&&ok| ok).count() as f64 / pairs.len() as f64)
+    };
+    let label_accuracy = accuracy(&transferred.iter().map(|t| t.label).collect::<Vec<_>>());
+    let classifier_accuracy = if classifier { accuracy(&classifier_labels) } else { None };
     let (mut embedding_element, mut labels_element) = (None, None);
     if let Some(out) = &req.write {
         target.write_obsm(&out.embedding_key, &embedding, d, out.overwrite)?;
@@ -549,6 +584,9 @@ pub fn map_query(model: &ReferenceModel, req: &QueryRequest, mut progress: impl 
             let codes = transferred.iter().map(|t| t.label).collect();
             target.write_obs_column(&out.label_key, &Column::Categorical { codes, categories: r.label_categories.clone(), ordered: false }, out.overwrite)?;
             target.write_obs_column(&format!("{}_uncertainty", out.label_key), &Column::Float(transferred.iter().map(|t| t.uncertainty).collect()), out.overwrite)?;
+            if classifier {
+                target.write_obs_column(&format!("{}_classifier", out.label_key), &Column::Categorical { codes: classifier_labels.clone(), categories: r.label_categories.clone(), ordered: false }, out.overwrite)?;
+            }
             labels_element = Some(target.element(&format!("obs/{}", out.label_key)));
         }
     }
@@ -566,8 +604,9 @@ pub fn map_query(model: &ReferenceModel, req: &QueryRequest, mut progress: impl 
         labels: labels_element,
         mean_uncertainty,
         label_accuracy,
+        classifier_accuracy,
         seconds_training,
         seconds_mapping: started.elapsed().as_secs_f64(),
     };
-    Ok(QueryOutput { report, embedding, n_latent: d, labels: transferred, label_categories: r.label_categories.clone() })
+    Ok(QueryOutput { report, embedding, n_latent: d, labels: transferred, label_categories: r.label_categories.clone(), classifier_labels })
 }

@@ -34,6 +34,8 @@ fn reference(dir: &Path) -> std::path::PathBuf {
     let mut opts = common::options(&data, &model, 40);
     opts.batch_key = Some("batch".into());
     opts.config.model.encode_covariates = true;
+    // With a label classifier: its predictions are the second label source.
+    opts.config.model.classifier_weight = 1.0;
     fit(&opts, |_| {}).unwrap();
     model
 }
@@ -51,6 +53,8 @@ fn a_query_with_a_new_batch_is_mapped_and_labelled() {
     let accuracy = report.label_accuracy.unwrap();
     assert!(accuracy > 0.85, "label transfer accuracy {accuracy}");
     assert!(report.mean_uncertainty.unwrap() < 0.3, "{report:?}");
+    let classifier = report.classifier_accuracy.unwrap();
+    assert!(classifier > 0.85, "the reference classifier's accuracy on the query {classifier}");
 
     let adata = AnnData::open(&query).unwrap();
     let (embedding, d) = adata.obsm("X_tessera").unwrap();
@@ -59,6 +63,8 @@ fn a_query_with_a_new_batch_is_mapped_and_labelled() {
     assert_eq!(codes.len(), 500);
     assert_eq!(categories.len(), 5);
     let Column::Float(uncertainty) = adata.obs_column("tessera_label_uncertainty").unwrap() else { panic!("uncertainty is a float column") };
+    let Column::Categorical { codes: predicted, .. } = adata.obs_column("tessera_label_classifier").unwrap() else { panic!("classifier labels are categorical") };
+    assert_eq!(predicted.len(), 500);
     assert!(uncertainty.iter().all(|u| (0.0..=1.0).contains(u)));
 
     // Reference and query together: the new batch mixes into the reference's cell types.
@@ -122,6 +128,8 @@ fn a_query_without_the_reference_proteins_maps_through_its_rna() {
     let mut opts = common::options(&reference_data, &model, 40);
     opts.batch_key = Some("batch".into());
     opts.config.model.encode_covariates = true;
+    // With a label classifier: its predictions are the second label source.
+    opts.config.model.classifier_weight = 1.0;
     fit(&opts, |_| {}).unwrap();
     // RNA only: an AnnData; the reference's protein modality is absent in every query cell.
     let query = dir.path().join("rna.zarr").display().to_string();

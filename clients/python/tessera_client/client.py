@@ -151,9 +151,10 @@ class Atlas:
         return last
 
     def results(self, job_id: str) -> dict:
-        """A finished job's embedding (cells x n_latent), labels (categorical, NaN: none),
-        uncertainties and the query's cell names."""
-        embedding, codes, uncertainty, names, categories, n_latent = [], [], [], [], [], 0
+        """A finished job's embedding (cells x n_latent), kNN labels (categorical, NaN: none),
+        their uncertainties, the reference classifier's labels (when it has one) and the
+        query's cell names."""
+        embedding, codes, uncertainty, names, categories, n_latent, classified = [], [], [], [], [], 0, []
         try:
             for c in self._stub.QueryResults(pb.JobRef(job_id=job_id), metadata=self._metadata):
                 if c.offset == 0:
@@ -162,12 +163,15 @@ class Atlas:
                 codes.extend(c.labels)
                 uncertainty.extend(c.uncertainty)
                 names.extend(c.obs_names)
+                classified.extend(c.classifier_labels)
         except grpc.RpcError as e:
             raise TesseraError(e.code().name, e.details()) from None
         out = {"embedding": np.concatenate(embedding).reshape(-1, n_latent), "obs_names": names}
         if categories and codes:
             out["labels"] = pd.Categorical.from_codes(np.asarray(codes), categories=categories)
             out["uncertainty"] = np.asarray(uncertainty)
+        if categories and classified:
+            out["classifier_labels"] = pd.Categorical.from_codes(np.asarray(classified), categories=categories)
         return out
 
     def map_query(self, query: ad.AnnData | str, model: str, batch_key: str | None = None, epochs: int = 0, neighbours: int = 0, embedding_key: str = "X_tessera", label_key: str = "tessera_label", overwrite: bool = False, progress: Callable[[dict], None] | bool = True, seed: int = 0) -> ad.AnnData:
@@ -175,11 +179,14 @@ class Atlas:
         kNN label transfer) and returns an AnnData with obsm[embedding_key],
         obs[label_key] and obs[label_key + "_uncertainty"].
 
+        When the reference trained a label classifier its predictions go to
+        obs[label_key + "_classifier"].
+
         An AnnData (raw counts in X) is uploaded and a mapped copy returned (the input is not
         modified); a string is a store URL the server reads (under its allowed prefixes), and
         the result holds the query's cell names and the mapping only.
         """
-        outputs = [("obsm", embedding_key), ("obs", label_key), ("obs", f"{label_key}_uncertainty")]
+        outputs = [("obsm", embedding_key), ("obs", label_key), ("obs", f"{label_key}_uncertainty"), ("obs", f"{label_key}_classifier")]
         if isinstance(query, str):
             job = self.submit(model, query, batch_key=batch_key, epochs=epochs, neighbours=neighbours, seed=seed)
             self.wait(job, progress)
@@ -212,6 +219,8 @@ class Atlas:
         if "labels" in results:
             mapped.obs[label_key] = results["labels"]
             mapped.obs[f"{label_key}_uncertainty"] = results["uncertainty"]
+        if "classifier_labels" in results:
+            mapped.obs[f"{label_key}_classifier"] = results["classifier_labels"]
         return mapped
 
     def encode(self, cells: ad.AnnData, model: str, batch_key: str | None = None, transfer_labels: bool = False, neighbours: int = 0) -> dict:
