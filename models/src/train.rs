@@ -213,8 +213,8 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
     pub fn apply(&mut self) -> Result<(), TrainError> {
         let step = self.step + 1;
         let b = self.model.backend().clone();
-        let every = [0..self.model.layout.len()];
-        let ranges: &[Range<usize>] = self.trainable.as_deref().unwrap_or(&every);
+        let every = 0..self.model.layout.len();
+        let ranges: &[Range<usize>] = self.trainable.as_deref().unwrap_or(std::slice::from_ref(&every));
         let norm = match ranges {
             [one] => b.grad_norm(In::part(&self.model.grads, one.clone()))?,
             _ => ranges.iter().map(|r| b.grad_norm(In::part(&self.model.grads, r.clone())).map(|n| n * n)).sum::<Result<f64, _>>()?.sqrt(),
