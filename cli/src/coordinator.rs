@@ -30,6 +30,10 @@ pub struct CoordinatorArgs {
     /// resumes them: a directory or an object-store URL (s3://, gs://, az://).
     #[arg(long, default_value = "tessera-coordinator-state")]
     state: String,
+    /// Serve Prometheus metrics (GET /metrics) and a health check (GET /healthz) over plain
+    /// HTTP here.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// The key of the persisted state under `--state`.
@@ -48,12 +52,16 @@ fn check(spec: &pb::JobSpec) -> Result<ValidJob, String> {
 
 /// Serves the coordinator and health services on `listener` until `shutdown` completes, from
 /// `state` (a persisted snapshot: jobs resume) or empty; `persist` keeps the state there.
-pub async fn serve(listener: tokio::net::TcpListener, config: Config, state: Option<Snapshot>, persist: Option<Store>, shutdown: impl Future<Output = ()>) -> Result<()> {
+pub async fn serve(listener: tokio::net::TcpListener, config: Config, state: Option<Snapshot>, persist: Option<Store>, metrics: Option<SocketAddr>, shutdown: impl Future<Output = ()>) -> Result<()> {
     let bound = listener.local_addr().context("reading the bound address")?;
     let service = match state {
         Some(snapshot) => Service::restored(Coordinator::restore(config, 0, snapshot), Arc::new(check)),
         None => Service::new(config, Arc::new(check)),
     };
+    if let Some(at) = metrics {
+        let observed = service.clone();
+        crate::metrics::spawn(at, Arc::new(move || crate::metrics::coordinator_render(&observed.snapshot()))).await?;
+    }
     let _ticker = service.spawn_ticker();
     let _persister = persist.map(|store| tokio::spawn(persist_changes(service.clone(), store)));
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -116,7 +124,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         let bound = listener.local_addr().context("reading the bound address")?;
         // On stdout, so a launcher that asked for port 0 learns the port.
         println!("coordinator listening on {bound}");
-        serve(listener, config, state, Some(store), async {
+        serve(listener, config, state, Some(store), args.metrics_listen, async {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("shutting down");
         })

@@ -244,7 +244,7 @@ async fn run_job(
         .port();
     let url = format!("http://127.0.0.1:{port}");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::coordinator::serve(listener, LOOPBACK, None, None, async {
+    let server = tokio::spawn(crate::coordinator::serve(listener, LOOPBACK, None, None, None, async {
         let _ = stopped.await;
     }));
     let mut workers = Workers::default();

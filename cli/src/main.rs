@@ -11,6 +11,7 @@ mod distributed;
 mod eval;
 mod inspect;
 mod map;
+mod metrics;
 mod serve;
 mod snf;
 mod train;

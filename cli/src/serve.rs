@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// Fine-tuning epochs of jobs that do not say.
     #[arg(long, default_value_t = tessera_serve::service::DEFAULT_EPOCHS)]
     default_epochs: usize,
+    /// Serve Prometheus metrics (GET /metrics) and a health check (GET /healthz) over plain
+    /// HTTP here.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// 3/4 of MemTotal (Linux), else 8 GiB.
@@ -94,7 +98,7 @@ fn config(args: ServeArgs) -> Result<ServeConfig> {
 }
 
 /// Ctrl-C or SIGTERM (what Kubernetes sends before it kills a pod).
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -116,7 +120,7 @@ async fn shutdown_signal() {
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
-    let listen = args.listen;
+    let (listen, metrics_listen) = (args.listen, args.metrics_listen);
     let config = config(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     runtime.block_on(async move {
@@ -127,6 +131,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let (service, config) = service.with_context(|| format!("opening the registry {registry}"))?;
         // On stdout, so a launcher that asked for port 0 learns the port.
         println!("atlas listening on {bound}");
+        if let Some(at) = metrics_listen {
+            let telemetry = service.telemetry();
+            crate::metrics::spawn(at, std::sync::Arc::new(move || telemetry.render())).await?;
+        }
         tessera_serve::serve(listener, service, &config, shutdown_signal()).await.context("serving")
     })
 }

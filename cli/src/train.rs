@@ -67,9 +67,24 @@ pub struct TrainArgs {
     /// not on the workers.
     #[arg(long)]
     workers: Option<usize>,
+    /// Serve Prometheus metrics (GET /metrics: steps, cells, loss terms, time by phase) and a
+    /// health check (GET /healthz) over plain HTTP here. Steps are counted by a process that
+    /// trains alone; a distributed run's ranks serve the health check (their step metrics are
+    /// not reported yet).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
+    let metrics = std::sync::Arc::new(crate::metrics::TrainMetrics::default());
+    // Kept alive for the whole run: the metrics server's runtime.
+    let _metrics_server = match args.metrics_listen {
+        Some(at) => {
+            let observed = std::sync::Arc::clone(&metrics);
+            Some(crate::metrics::spawn_thread(at, std::sync::Arc::new(move || observed.render()))?)
+        }
+        None => None,
+    };
     let launch = if args.workers.is_none() { crate::distributed::Launch::from_env()? } else { None };
     if let Some(l) = launch.as_ref().filter(|l| l.rank > 0) {
         // Rank 0 submits the job with the data and configuration; this rank only trains.
@@ -101,7 +116,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let report = match (args.workers, &launch) {
         (Some(n), _) => crate::distributed::train(&opts, n).with_context(|| format!("training on {data} with {n} workers"))?,
         (None, Some(l)) => crate::distributed::train_as_rank0(&opts, l).with_context(|| format!("training on {data} as rank 0 of {}", l.world))?,
-        (None, None) => train_alone(&opts)?,
+        (None, None) => train_alone(&opts, &metrics)?,
     };
 
     let last = report.history.last();
@@ -138,26 +153,29 @@ pub fn run(args: TrainArgs) -> Result<()> {
 }
 
 /// Trains in this process, with a progress bar.
-fn train_alone(opts: &FitOptions) -> Result<tessera_worker::FitReport> {
+fn train_alone(opts: &FitOptions, metrics: &crate::metrics::TrainMetrics) -> Result<tessera_worker::FitReport> {
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
     let (mut epoch, mut epochs, mut cells_per_epoch) = (0usize, 0usize, 0u64);
-    let report = tessera_worker::fit(opts, |p| match p {
-        Progress::Start { epochs: e, cells_per_epoch: c } => {
-            (epochs, cells_per_epoch) = (e, c);
-            bar.set_length(e as u64 * c);
-        }
-        Progress::Batch { cells, loss } => {
-            bar.inc(cells as u64);
-            bar.set_message(format!("{}/{epochs} loss {:.1}", epoch + 1, loss.loss));
-        }
-        Progress::Epoch(r) => {
-            epoch = r.epoch + 1;
-            // Held-out cells never pass through a training step: a finished epoch is a full one.
-            bar.set_position(epoch as u64 * cells_per_epoch);
-            let val = r.validation.map_or(String::new(), |v| format!(" validation {:.2}", v.loss));
-            tracing::debug!(epoch = r.epoch, train = r.train.loss, cells_per_s = r.cells_per_second, "epoch{val}");
-        }
+    let report = tessera_worker::fit(opts, |p| {
+        metrics.observe(&p);
+        match p {
+            Progress::Start { epochs: e, cells_per_epoch: c } => {
+                (epochs, cells_per_epoch) = (e, c);
+                bar.set_length(e as u64 * c);
+            }
+            Progress::Batch { cells, loss } => {
+                bar.inc(cells as u64);
+                bar.set_message(format!("{}/{epochs} loss {:.1}", epoch + 1, loss.loss));
+            }
+            Progress::Epoch(r) => {
+                epoch = r.epoch + 1;
+                // Held-out cells never pass through a training step: a finished epoch is a full one.
+                bar.set_position(epoch as u64 * cells_per_epoch);
+                let val = r.validation.map_or(String::new(), |v| format!(" validation {:.2}", v.loss));
+                tracing::debug!(epoch = r.epoch, train = r.train.loss, cells_per_s = r.cells_per_second, "epoch{val}");
+            }
+            }
     })
     .with_context(|| format!("training on {}", opts.data))?;
     bar.finish_and_clear();

@@ -65,11 +65,15 @@ async fn serve_maps_a_query_submitted_over_grpc() {
 
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "# the lab's token\nsecret-1\n").unwrap();
-    let args = ["serve", "--listen", "127.0.0.1:0", "--registry", &registry, "--register", &format!("sim={model}"), "--allow-prefix", allowed.to_str().unwrap(), "--scratch", &path(dir.path(), "scratch"), "--tokens-file", tokens.to_str().unwrap(), "--max-jobs", "1"];
+    let args = ["serve", "--listen", "127.0.0.1:0", "--registry", &registry, "--register", &format!("sim={model}"), "--allow-prefix", allowed.to_str().unwrap(), "--scratch", &path(dir.path(), "scratch"), "--tokens-file", tokens.to_str().unwrap(), "--max-jobs", "1", "--metrics-listen", "127.0.0.1:0"];
     let mut child = Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).env("TESSERA_LOG", "warn").stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    stdout.read_line(&mut line).unwrap();
     let address = line.trim().strip_prefix("atlas listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    let metrics = line.trim().strip_prefix("metrics listening on ").unwrap_or_else(|| panic!("unexpected second line {line:?}")).to_string();
     let _served = Served(child);
 
     let channel = tonic::transport::Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
@@ -93,4 +97,26 @@ async fn serve_maps_a_query_submitted_over_grpc() {
     assert!(report["label_accuracy"].as_f64().unwrap() > 0.85, "{report}");
     let printed = tokio::task::block_in_place(|| ok(&tessera(&["inspect", &query])));
     assert!(printed.contains("X_tessera") && printed.contains("tessera_label"), "{printed}");
+
+    // The metrics port: plain HTTP, well-formed Prometheus text, a health check, 404 otherwise.
+    let (head, body) = http_get(&metrics, "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/plain; version=0.0.4"), "{head}");
+    let samples = tessera_serve::exposition::parse(&body).unwrap();
+    assert_eq!(tessera_serve::exposition::value(&samples, "tessera_serve_jobs", &[("state", "succeeded")]), Some(1.0), "{body}");
+    assert_eq!(tessera_serve::exposition::value(&samples, "tessera_serve_requests_total", &[("method", "SubmitQuery"), ("code", "OK")]), Some(1.0), "{body}");
+    let (head, body) = http_get(&metrics, "/healthz");
+    assert!(head.starts_with("HTTP/1.1 200") && body == "ok\n", "{head}{body}");
+    assert!(http_get(&metrics, "/other").0.starts_with("HTTP/1.1 404"));
+}
+
+/// A plain HTTP GET: (status line and headers, body).
+fn http_get(address: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: tessera\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    (head.to_string(), body.to_string())
 }

@@ -105,7 +105,7 @@ mod tests {
         // Many query cells (several blocks) against themselves: each finds its own label.
         let n = 150;
         let x: Vec<f32> = (0..n).map(|i| (i / 50) as f32 * 100.0 + (i % 50) as f32 * 0.01).collect();
-        let labels: Vec<i32> = (0..n).map(|i| (i / 50) as i32).collect();
+        let labels: Vec<i32> = (0..n).map(|i| i / 50).collect();
         let got = knn_transfer(&x, &labels, &x, 1, 15).unwrap();
         assert!(got.iter().zip(&labels).all(|(t, &l)| t.label == l && t.uncertainty < 1e-9));
     }

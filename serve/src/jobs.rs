@@ -3,7 +3,7 @@
 //! channel, cancelled between minibatches. Finished jobs keep their results (the most recent
 //! `finished_kept` of them) for `QueryResults`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -119,6 +119,7 @@ pub struct Jobs {
     slots: Arc<Semaphore>,
     /// In MiB.
     memory: Arc<Semaphore>,
+    memory_mib: usize,
     table: Arc<Mutex<Table>>,
     next: Arc<AtomicU64>,
 }
@@ -129,10 +130,36 @@ impl Jobs {
         Jobs {
             slots: Arc::new(Semaphore::new(limits.max_jobs.max(1))),
             memory: Arc::new(Semaphore::new(mib)),
+            memory_mib: mib,
             limits,
             table: Arc::new(Mutex::new(Table { jobs: HashMap::new(), finished: VecDeque::new() })),
             next: Arc::new(AtomicU64::new(1)),
         }
+    }
+
+    /// Jobs known (queued, running, and the finished ones kept) by state, every state listed.
+    pub fn states(&self) -> BTreeMap<&'static str, usize> {
+        let mut states: BTreeMap<&'static str, usize> = ["queued", "running", "succeeded", "failed", "cancelled"].into_iter().map(|s| (s, 0)).collect();
+        for job in self.table.lock().unwrap_or_else(PoisonError::into_inner).jobs.values() {
+            let state = match job.status().state() {
+                pb::JobState::Queued | pb::JobState::Unspecified => "queued",
+                pb::JobState::Running => "running",
+                pb::JobState::Succeeded => "succeeded",
+                pb::JobState::Failed => "failed",
+                pb::JobState::Cancelled => "cancelled",
+            };
+            *states.entry(state).or_default() += 1;
+        }
+        states
+    }
+
+    /// Memory held by the running jobs' estimates.
+    pub fn admitted_bytes(&self) -> u64 {
+        (self.memory_mib.saturating_sub(self.memory.available_permits()) as u64) * MIB
+    }
+
+    pub fn budget_bytes(&self) -> u64 {
+        self.memory_mib as u64 * MIB
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<Job>, ServeError> {
@@ -154,18 +181,22 @@ impl Jobs {
         let this = self.clone();
         let running = Arc::clone(&job);
         tokio::spawn(async move {
-            this.run(&running, model, req, mib as u32).await;
-            if let Some(dir) = scratch
-                && let Err(e) = tokio::fs::remove_dir_all(&dir).await
-            {
-                tracing::warn!(dir = %dir.display(), error = %e, "removing an upload");
-            }
+            this.run(&running, model, req, mib as u32, scratch).await;
             this.forget_old(&running.id);
         });
         Ok(job)
     }
 
-    async fn run(&self, job: &Arc<Job>, model: Arc<Loaded>, req: QueryRequest, mib: u32) {
+    /// Runs the job; its upload (`scratch`) is removed before its last status is published, so
+    /// a client that saw the job end finds the upload gone.
+    async fn run(&self, job: &Arc<Job>, model: Arc<Loaded>, req: QueryRequest, mib: u32, scratch: Option<PathBuf>) {
+        let remove_upload = || async {
+            if let Some(dir) = &scratch
+                && let Err(e) = tokio::fs::remove_dir_all(dir).await
+            {
+                tracing::warn!(dir = %dir.display(), error = %e, "removing an upload");
+            }
+        };
         // FIFO: tokio's semaphores serve waiters in order, so a large job is not starved.
         let admitted = async {
             let slot = Arc::clone(&self.slots).acquire_owned().await.ok()?;
@@ -177,6 +208,7 @@ impl Jobs {
             () = job.cancelled.notified() => None,
         };
         let Some(_permits) = permits.filter(|_| !job.cancel.load(Ordering::SeqCst)) else {
+            remove_upload().await;
             job.finish(pb::JobState::Cancelled, "cancelled", String::new());
             return;
         };
@@ -200,6 +232,7 @@ impl Jobs {
             Ok::<_, QueryError>(Results { output, obs_names })
         })
         .await;
+        remove_upload().await;
         match outcome {
             Ok(Ok(results)) => {
                 let report = serde_json::to_string(&results.output.report).unwrap_or_default();

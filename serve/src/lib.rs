@@ -4,13 +4,16 @@
 //!   loaded;
 //! - [`jobs`]: mapping jobs admitted within a job count and memory budget, watched, cancelled;
 //! - [`access`]: bearer tokens and the storage prefixes requests may name;
-//! - [`service`]: the `Atlas` gRPC service over them.
+//! - [`service`]: the `Atlas` gRPC service over them;
+//! - [`observe`], [`exposition`]: what it counts, and the Prometheus endpoint every role uses.
 //!
 //! Invariant: this crate checks and schedules; the mapping itself (surgery, fine-tuning, label
 //! transfer) is `tessera_worker::query`'s, the same code `tessera map` runs.
 
 pub mod access;
+pub mod exposition;
 pub mod jobs;
+pub mod observe;
 pub mod registry;
 pub mod service;
 
@@ -101,6 +104,7 @@ pub fn service(config: &ServeConfig) -> Result<AtlasService, ServeError> {
 /// `shutdown` completes.
 pub async fn serve(listener: tokio::net::TcpListener, atlas: AtlasService, config: &ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
     let bound = listener.local_addr().map_err(|e| ServeError::Config(e.to_string()))?;
+    let calls = atlas.telemetry().calls;
     let tokens = config.tokens.clone();
     // The token is checked before the body is read; the size limits apply to the body.
     let server = tonic::service::interceptor::InterceptedService::new(
@@ -109,7 +113,7 @@ pub async fn serve(listener: tokio::net::TcpListener, atlas: AtlasService, confi
     );
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AtlasServer<AtlasService>>().await;
-    let mut builder = Server::builder();
+    let mut builder = Server::builder().layer(observe::Observe(calls));
     if let Some((cert, key)) = &config.tls {
         // Already installed (a second server in this process) is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();

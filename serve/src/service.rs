@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::access::AllowList;
 use crate::jobs::{Jobs, estimate_bytes, is_terminal};
+use crate::observe::{CallStats, Telemetry};
 use crate::registry::Registry;
 use crate::ServeError;
 
@@ -38,11 +39,17 @@ pub struct AtlasService {
     pub max_upload_bytes: u64,
     pub default_epochs: usize,
     uploads: AtomicU64,
+    calls: Arc<CallStats>,
 }
 
 impl AtlasService {
     pub fn new(registry: Arc<Registry>, jobs: Jobs, allow: AllowList, scratch: PathBuf, max_upload_bytes: u64, default_epochs: usize) -> AtlasService {
-        AtlasService { registry, jobs, allow, scratch, max_upload_bytes, default_epochs, uploads: AtomicU64::new(0) }
+        AtlasService { registry, jobs, allow, scratch, max_upload_bytes, default_epochs, uploads: AtomicU64::new(0), calls: Arc::default() }
+    }
+
+    /// Handles on what the metrics endpoint reports (taken before the service is served).
+    pub fn telemetry(&self) -> Telemetry {
+        Telemetry { calls: Arc::clone(&self.calls), jobs: self.jobs.clone(), registry: Arc::clone(&self.registry) }
     }
 }
 

@@ -48,6 +48,7 @@ fn reference() -> &'static Path {
 struct Server {
     dir: tempfile::TempDir,
     address: String,
+    telemetry: tessera_serve::observe::Telemetry,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -92,6 +93,7 @@ async fn start(adjust: impl FnOnce(&mut ServeConfig)) -> Server {
     })
     .await
     .unwrap();
+    let telemetry = service.telemetry();
     tokio::spawn(async move {
         tessera_serve::serve(listener, service, &config, async {
             let _ = rx.await;
@@ -99,7 +101,7 @@ async fn start(adjust: impl FnOnce(&mut ServeConfig)) -> Server {
         .await
         .unwrap();
     });
-    Server { dir, address, _shutdown: tx }
+    Server { dir, address, telemetry, _shutdown: tx }
 }
 
 type Client = AtlasClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
@@ -170,6 +172,11 @@ async fn a_query_job_maps_a_new_batch_with_progress_and_results() {
     let accuracy = report["label_accuracy"].as_f64().unwrap();
     assert!(accuracy > 0.85, "label transfer accuracy {accuracy}");
 
+    let samples = tessera_serve::exposition::parse(&server.telemetry.render()).unwrap();
+    assert_eq!(tessera_serve::exposition::value(&samples, "tessera_serve_jobs", &[("state", "succeeded")]), Some(1.0));
+    assert_eq!(tessera_serve::exposition::value(&samples, "tessera_serve_models_loaded", &[]), Some(1.0));
+    assert_eq!(tessera_serve::exposition::value(&samples, "tessera_serve_memory_admitted_bytes", &[]), Some(0.0), "nothing runs now");
+    assert_eq!(tessera_serve::exposition::value(&samples, "tessera_serve_requests_total", &[("method", "SubmitQuery"), ("code", "OK")]), Some(1.0));
     let chunks = results(&mut client, &submitted.job_id).await;
     let first = &chunks[0];
     assert_eq!((first.n_cells, first.n_latent, first.label_categories.len()), (500, 10, 5));
@@ -258,6 +265,13 @@ async fn calls_without_a_valid_token_are_refused() {
         let e = client.submit_query(job("/etc")).await.unwrap_err();
         assert_eq!(e.code(), Code::Unauthenticated, "{token:?}");
     }
+    // Every call counted, refusals by their status; the text is what Prometheus parses.
+    let samples = tessera_serve::exposition::parse(&server.telemetry.render()).unwrap();
+    let refused = tessera_serve::exposition::value(&samples, "tessera_serve_requests_total", &[("method", "ListModels"), ("code", "UNAUTHENTICATED")]);
+    assert_eq!(refused, Some(3.0), "{samples:?}");
+    assert_eq!(tessera_serve::exposition::value(&samples, "tessera_serve_request_duration_seconds_count", &[("method", "SubmitQuery")]), Some(3.0));
+    assert_eq!(tessera_serve::exposition::value(&samples, "tessera_serve_jobs", &[("state", "queued")]), Some(0.0));
+    assert_eq!(tessera_serve::exposition::value(&samples, "tessera_serve_memory_budget_bytes", &[]), Some((4u64 << 30) as f64));
     // Health checks need no token (for load balancers and kubelets).
     let channel = Endpoint::from_shared(format!("http://{}", server.address)).unwrap().connect().await.unwrap();
     let health = tonic_health::pb::health_client::HealthClient::new(channel).check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
