@@ -175,7 +175,7 @@ fn train_alone(opts: &FitOptions, metrics: &crate::metrics::TrainMetrics) -> Res
                 let val = r.validation.map_or(String::new(), |v| format!(" validation {:.2}", v.loss));
                 tracing::debug!(epoch = r.epoch, train = r.train.loss, cells_per_s = r.cells_per_second, "epoch{val}");
             }
-            }
+        }
     })
     .with_context(|| format!("training on {}", opts.data))?;
     bar.finish_and_clear();
