@@ -18,6 +18,8 @@ const INDEX: &str = "index.json";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     pub source_url: String,
+    /// What list and describe answer, kept at registration so they load no model.
+    pub summary: ModelSummary,
 }
 
 /// A registered model, loaded: its parsed tensors and a pool of encoders (one per concurrent
@@ -103,12 +105,18 @@ impl Registry {
         for (file, bytes) in MODEL_FILES.iter().zip(files) {
             self.store.set_bytes(&format!("{name}/{file}"), bytes).map_err(|e| ServeError::Storage(e.to_string()))?;
         }
-        index.insert(name.to_string(), Entry { source_url: source.to_string() });
+        let summary = model.summary();
+        index.insert(name.to_string(), Entry { source_url: source.to_string(), summary: summary.clone() });
         let json = serde_json::to_vec_pretty(&index).map_err(|e| ServeError::Storage(e.to_string()))?;
         self.store.set_bytes(INDEX, json).map_err(|e| ServeError::Storage(e.to_string()))?;
         self.cache.lock().unwrap_or_else(PoisonError::into_inner).retain(|l| l.name != name);
         tracing::info!(name, source, "model registered");
-        Ok(model.summary())
+        Ok(summary)
+    }
+
+    /// A registered model's entry; unknown names are NotFound.
+    pub fn entry(&self, name: &str) -> Result<Entry, ServeError> {
+        self.list()?.remove(name).ok_or_else(|| ServeError::NotFound(format!("no model named {name:?} is registered")))
     }
 
     pub fn list(&self) -> Result<BTreeMap<String, Entry>, ServeError> {
@@ -128,9 +136,7 @@ impl Registry {
             }
         }
         check_name(name)?;
-        if !self.list()?.contains_key(name) {
-            return Err(ServeError::NotFound(format!("no model named {name:?} is registered")));
-        }
+        self.entry(name)?;
         let model = ReferenceModel::open(&format!("{}/{name}", self.location.trim_end_matches('/'))).map_err(|e| ServeError::Storage(e.to_string()))?;
         let loaded = Arc::new(Loaded { name: name.to_string(), model, encoders: Mutex::new(Vec::new()) });
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);

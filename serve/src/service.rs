@@ -115,8 +115,7 @@ impl Atlas for AtlasService {
     async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
         let registry = Arc::clone(&self.registry);
         let models = blocking(move || {
-            let index = registry.list()?;
-            index.into_iter().map(|(name, entry)| Ok(model_info(&name, &entry.source_url, registry.get(&name)?.model.summary()))).collect()
+            Ok(registry.list()?.into_iter().map(|(name, entry)| model_info(&name, &entry.source_url, entry.summary)).collect())
         })
         .await?;
         Ok(Response::new(pb::ListModelsResponse { models }))
@@ -126,8 +125,8 @@ impl Atlas for AtlasService {
         let name = request.into_inner().name;
         let registry = Arc::clone(&self.registry);
         let info = blocking(move || {
-            let source = registry.list()?.get(&name).map(|e| e.source_url.clone()).unwrap_or_default();
-            Ok(model_info(&name, &source, registry.get(&name)?.model.summary()))
+            let entry = registry.entry(&name)?;
+            Ok(model_info(&name, &entry.source_url, entry.summary))
         })
         .await?;
         Ok(Response::new(info))
