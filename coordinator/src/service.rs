@@ -263,6 +263,12 @@ impl CoordinatorRpc for Service {
         Ok(Response::new(pb::Ack {}))
     }
 
+    async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<Response<pb::Ack>, Status> {
+        let worker = parse_worker("worker_id", &request.into_inner().worker_id)?;
+        self.change(|s, now| s.leave(now, worker)).map_err(status_of)?;
+        Ok(Response::new(pb::Ack {}))
+    }
+
     async fn submit_job(&self, request: Request<pb::JobSpec>) -> Result<Response<pb::JobHandle>, Status> {
         let spec = request.into_inner();
         if spec.data_url.is_empty() {

@@ -95,6 +95,15 @@ pub struct Assignment {
     pub resume_from: Option<Checkpoint>,
 }
 
+/// Why a worker is removed from the coordinator.
+#[derive(Debug, Clone, Copy)]
+enum Departure {
+    /// Missed its heartbeats (crashed, killed, cut off).
+    Silent,
+    /// Said it was leaving.
+    Left,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Directive {
     Continue,
@@ -417,7 +426,8 @@ impl Coordinator {
         if c.epochs_done > j.epochs_done {
             return Err(StateError::Stale { job, reason: format!("checkpoint after epoch {} but only {} epochs are complete", c.epochs_done, j.epochs_done) });
         }
-        if j.checkpoint.as_ref().is_none_or(|old| old.epochs_done <= c.epochs_done) {
+        // A checkpoint within an epoch (a leaving worker's step) has the epochs done before it.
+        if j.checkpoint.as_ref().is_none_or(|old| (old.epochs_done, old.step) <= (c.epochs_done, c.step)) {
             j.checkpoint = Some(c);
         }
         Ok(())
@@ -428,14 +438,34 @@ impl Coordinator {
         let timeout = self.config.heartbeat_timeout_ms;
         let dead: Vec<WorkerId> = self.workers.iter().filter(|(_, w)| now.saturating_sub(w.last_seen) > timeout).map(|(&id, _)| id).collect();
         for id in dead {
-            self.remove_worker(now, id);
+            self.remove_worker(now, id, Departure::Silent);
         }
         self.form_groups(now);
     }
 
-    fn remove_worker(&mut self, now: Millis, id: WorkerId) {
+    /// The worker says it is going (its pod got SIGTERM, after rank 0 checkpointed the step):
+    /// removed at once, as a silent one is after its heartbeat timeout.
+    pub fn leave(&mut self, now: Millis, worker: WorkerId) -> Result<(), StateError> {
+        if !self.workers.contains_key(&worker) {
+            return Err(StateError::UnknownWorker(worker));
+        }
+        self.remove_worker(now, worker, Departure::Left);
+        self.form_groups(now);
+        Ok(())
+    }
+
+    fn remove_worker(&mut self, now: Millis, id: WorkerId, why: Departure) {
         let Some(w) = self.workers.remove(&id) else { return };
-        tracing::warn!(worker = id, "worker removed: no heartbeat");
+        let who = match why {
+            Departure::Silent => {
+                tracing::warn!(worker = id, "worker removed: no heartbeat");
+                format!("lost worker {id}")
+            }
+            Departure::Left => {
+                tracing::info!(worker = id, "worker left");
+                format!("worker {id} left")
+            }
+        };
         let Some((job, generation, _)) = w.group else { return };
         let Some(j) = self.jobs.get_mut(&job) else { return };
         if j.generation != generation || j.state.ended() {
@@ -443,7 +473,7 @@ impl Coordinator {
         }
         // Dissolve the group: survivors rejoin and the job resumes from its last checkpoint.
         j.state = JobState::Recovering;
-        j.message = format!("lost worker {id}; resuming from {}", j.checkpoint.as_ref().map_or("the start".to_string(), |c| format!("the checkpoint after epoch {}", c.epochs_done)));
+        j.message = format!("{who}; resuming from {}", j.checkpoint.as_ref().map_or("the start".to_string(), |c| format!("the checkpoint after epoch {} at step {}", c.epochs_done, c.step)));
         j.lost_at = Some(now);
         j.ends_after = None;
         j.epochs_done = j.checkpoint.as_ref().map_or(0, |c| c.epochs_done);

@@ -37,6 +37,7 @@ enum Msg {
     Join { agent: usize, worker: WorkerId },
     Progress { worker: WorkerId, p: Progress },
     Checkpoint { agent: usize, worker: WorkerId, job: JobId, generation: u64, c: Checkpoint },
+    Leave { worker: WorkerId },
 }
 
 /// This rank's cells of each epoch: the training cells split evenly over the world.
@@ -54,6 +55,7 @@ struct Sim {
     seq: u64,
     job: JobId,
     crashes: usize,
+    leaves: usize,
     restarts: usize,
 }
 
@@ -94,6 +96,9 @@ impl Sim {
             }
             // Reports of a dissolved generation are refused; that is the point of generations.
             Msg::Progress { worker, p } => drop(self.coord.progress(now, worker, &p)),
+            // Its agent is gone already; a Leave that comes after the coordinator dropped it is
+            // refused as unknown and changes nothing.
+            Msg::Leave { worker } => drop(self.coord.leave(now, worker)),
             Msg::Checkpoint { agent, worker, job, generation, c } => {
                 if self.coord.checkpoint(now, worker, job, generation, c.clone()).is_ok() && self.agents[agent].checkpoint.as_ref() == Some(&c) {
                     self.agents[agent].checkpoint = None;
@@ -153,8 +158,15 @@ impl Sim {
         let alive: Vec<usize> = (0..self.agents.len()).filter(|&i| self.agents[i].alive).collect();
         let roll: f64 = self.rng.random();
         if roll < 0.008 && alive.len() > 1 && self.crashes < 6 {
-            // SIGKILL: no more messages from it; its in-flight ones still arrive.
+            // SIGKILL: no more messages from it; its in-flight ones still arrive. Or SIGTERM:
+            // the same, after a Leave.
             let victim = alive[self.rng.random_range(0..alive.len())];
+            if self.rng.random::<bool>()
+                && let Some(worker) = self.agents[victim].id
+            {
+                self.send(Msg::Leave { worker });
+                self.leaves += 1;
+            }
             self.agents[victim] = Agent::default();
             self.crashes += 1;
         } else if roll < 0.011 {
@@ -172,12 +184,20 @@ impl Sim {
     }
 }
 
-fn run(seed: u64, workers: usize, world: u32) -> (Coordinator, JobId, usize) {
+/// What a run did: its crashes (a leave counts as one), leaves and coordinator restarts.
+#[derive(Debug, Clone, Copy)]
+struct Chaos {
+    crashes: usize,
+    leaves: usize,
+    restarts: usize,
+}
+
+fn run(seed: u64, workers: usize, world: u32) -> (Coordinator, JobId, Chaos) {
     let config = Config { heartbeat_interval_ms: 500, heartbeat_timeout_ms: 2_000, regroup_grace_ms: 1_500 };
     let mut coord = Coordinator::new(config);
     let spec = JobSpec { data_url: "file:///data.zarr".into(), config_toml: String::new(), world_size: world, batch_key: "batch".into(), label_key: String::new(), output_url: "file:///out".into(), train_cells: TRAIN_CELLS, epochs: EPOCHS, ..JobSpec::default() };
     let job = coord.submit(spec).unwrap();
-    let mut sim = Sim { rng: Xoshiro256PlusPlus::seed_from_u64(seed), now: 0, coord, agents: (0..workers + 2).map(|i| Agent { alive: i < workers, ..Agent::default() }).collect(), inflight: BTreeMap::new(), seq: 0, job, crashes: 0, restarts: 0 };
+    let mut sim = Sim { rng: Xoshiro256PlusPlus::seed_from_u64(seed), now: 0, coord, agents: (0..workers + 2).map(|i| Agent { alive: i < workers, ..Agent::default() }).collect(), inflight: BTreeMap::new(), seq: 0, job, crashes: 0, leaves: 0, restarts: 0 };
     let horizon: Millis = 600_000;
     while sim.now < horizon && !sim.coord.job(sim.job).unwrap().state.ended() {
         sim.now += 50;
@@ -199,24 +219,26 @@ fn run(seed: u64, workers: usize, world: u32) -> (Coordinator, JobId, usize) {
         sim.coord.tick(sim.now);
         sim.coord.check().unwrap_or_else(|e| panic!("seed {seed} at {} ms after a tick: {e}", sim.now));
     }
-    let crashes = sim.crashes + 100 * sim.restarts;
-    (sim.coord, job, crashes)
+    let chaos = Chaos { crashes: sim.crashes, leaves: sim.leaves, restarts: sim.restarts };
+    (sim.coord, job, chaos)
 }
 
 #[test]
 fn jobs_finish_with_every_epoch_counted_once_despite_crashes_and_reordering() {
-    let (mut crashed_runs, mut regrouped_smaller, mut restarted_runs) = (0, 0, 0);
+    let (mut crashed_runs, mut left_runs, mut regrouped_smaller, mut restarted_runs) = (0, 0, 0, 0);
     for seed in 0..60 {
-        let (coord, job, crashes) = run(seed, 4, 4);
+        let (coord, job, chaos) = run(seed, 4, 4);
         let j = coord.job(job).unwrap();
-        assert_eq!(j.state, JobState::Succeeded, "seed {seed}: {:?} ({}), {crashes} crashes", j.state, j.message);
+        assert_eq!(j.state, JobState::Succeeded, "seed {seed}: {:?} ({}), {chaos:?}", j.state, j.message);
         assert_eq!(j.epochs_done, EPOCHS);
         assert!(j.epoch_cells.values().all(|&c| c == TRAIN_CELLS), "seed {seed}: {:?}", j.epoch_cells);
-        crashed_runs += usize::from(crashes % 100 > 0);
-        restarted_runs += usize::from(crashes >= 100);
+        crashed_runs += usize::from(chaos.crashes > 0);
+        left_runs += usize::from(chaos.leaves > 0);
+        restarted_runs += usize::from(chaos.restarts > 0);
         regrouped_smaller += usize::from(j.world < 4);
     }
     assert!(restarted_runs >= 10, "and coordinator restarts: {restarted_runs} of 60 runs");
+    assert!(left_runs >= 10, "and workers leaving on SIGTERM: {left_runs} of 60 runs");
     assert!(crashed_runs >= 20, "the simulation must exercise recovery: {crashed_runs} of 60 runs had a crash");
     assert!(regrouped_smaller >= 10, "and finishing with fewer ranks: {regrouped_smaller} of 60 runs");
 }
@@ -258,6 +280,39 @@ fn a_lost_worker_regroups_the_survivors_after_the_grace() {
     c.progress(802, a, &Progress { job, generation: alone.generation, epoch: 1, step: 9, cells: 10, epoch_done: true, ..Progress::default() }).unwrap();
     assert_eq!(c.job(job).unwrap().state, JobState::Succeeded);
     assert_eq!(c.heartbeat(803, a, alone.generation), Directive::Stop);
+    c.check().unwrap();
+}
+
+#[test]
+fn a_leaving_worker_regroups_its_job_at_once_from_the_step_checkpoint() {
+    let config = Config { heartbeat_interval_ms: 100, heartbeat_timeout_ms: 10_000, regroup_grace_ms: 300 };
+    let mut c = Coordinator::new(config);
+    let spec = JobSpec { world_size: 2, train_cells: 10, epochs: 3, ..JobSpec::default() };
+    let job = c.submit(spec).unwrap();
+    let (a, b) = (c.register(0, "a:1".into(), "cpu".into()), c.register(0, "b:1".into(), "cpu".into()));
+    assert_eq!(c.join(0, a).unwrap(), None);
+    let g = c.join(1, b).unwrap().unwrap().generation;
+    for (w, cells) in [(a, 6), (b, 4)] {
+        c.progress(2, w, &Progress { job, generation: g, epoch: 0, step: 4, cells, epoch_done: true, ..Progress::default() }).unwrap();
+    }
+    c.checkpoint(3, a, job, g, Checkpoint { epochs_done: 1, step: 4, location: "ckpt/epoch-1".into() }).unwrap();
+    // b got SIGTERM in epoch 1: rank 0 checkpoints step 6 (one epoch done, part of the next),
+    // then b leaves. An older announcement arriving late does not replace it.
+    c.checkpoint(4, a, job, g, Checkpoint { epochs_done: 1, step: 6, location: "ckpt/epoch-1-step-6".into() }).unwrap();
+    c.checkpoint(5, a, job, g, Checkpoint { epochs_done: 1, step: 4, location: "ckpt/epoch-1".into() }).unwrap();
+    c.leave(6, b).unwrap();
+    let j = c.job(job).unwrap();
+    assert_eq!(j.state, JobState::Recovering, "no heartbeat timeout to wait for");
+    assert_eq!(j.message, format!("worker {b} left; resuming from the checkpoint after epoch 1 at step 6"));
+    assert_eq!(c.heartbeat(7, a, g), Directive::Rejoin);
+    assert!(c.leave(8, b).unwrap_err().to_string().contains(&format!("unknown worker {b}")), "leaving twice");
+    assert_eq!(c.heartbeat(8, b, g), Directive::Register);
+    c.tick(400);
+    let alone = c.join(400, a).unwrap().unwrap();
+    assert_eq!((alone.world_size, alone.resume_from.map(|r| (r.epochs_done, r.step, r.location))), (1, Some((1, 6, "ckpt/epoch-1-step-6".to_string()))));
+    // The resumed rank counts the whole epoch, the cells before the checkpoint included.
+    c.progress(401, a, &Progress { job, generation: alone.generation, epoch: 1, step: 8, cells: 10, epoch_done: true, ..Progress::default() }).unwrap();
+    assert_eq!(c.job(job).unwrap().epochs_done, 2);
     c.check().unwrap();
 }
 
