@@ -15,6 +15,7 @@ use tessera_kernels::params::Layout;
 use tessera_models::{Plateau, Trainer};
 
 use crate::fit::{EpochRecord, FitError};
+use crate::parallel::Sums;
 
 /// Everything besides tensors that a resumed run needs to continue bit for bit.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +30,20 @@ pub struct FitState {
     pub history: Vec<EpochRecord>,
     /// The resolved run (data, keys, shapes, configuration) the checkpoint belongs to.
     pub run: serde_json::Value,
+    /// Set when the run stopped within epoch `epochs_done` (SIGTERM): how far it got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) within_epoch: Option<WithinEpoch>,
+}
+
+/// How far into an epoch a checkpoint was taken.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct WithinEpoch {
+    /// Steps of the epoch done (each one batch of every part).
+    pub steps: u64,
+    /// The epoch's loss sums so far, over every rank.
+    pub sums: Sums,
+    /// Seconds spent on the epoch so far (its record's time and throughput include them).
+    pub seconds: f64,
 }
 
 fn error(path: &Path, reason: impl std::fmt::Display) -> FitError {
@@ -56,12 +71,13 @@ pub fn save(dir: &Path, state: &FitState, trainer: &Trainer<f32, Cpu>) -> Result
     publish(&dir.join("state.json"), |p| std::fs::write(p, &json).map_err(|e| error(p, e)))
 }
 
-/// Removes the per-epoch checkpoints `<root>/epoch-<n>` with n < `keep_from`.
+/// Removes the per-epoch checkpoints `<root>/epoch-<n>` (and those within an epoch,
+/// `<root>/epoch-<n>-step-<s>`) with n < `keep_from`.
 pub fn remove_before(root: &Path, keep_from: usize) -> Result<(), FitError> {
     let entries = std::fs::read_dir(root).map_err(|e| error(root, e))?;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let epoch = name.to_str().and_then(|n| n.strip_prefix("epoch-")).and_then(|n| n.parse::<usize>().ok());
+        let epoch = name.to_str().and_then(|n| n.strip_prefix("epoch-")).and_then(|n| n.split('-').next()).and_then(|n| n.parse::<usize>().ok());
         if epoch.is_some_and(|e| e < keep_from) {
             std::fs::remove_dir_all(entry.path()).map_err(|e| error(&entry.path(), e))?;
         }

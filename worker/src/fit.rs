@@ -11,8 +11,9 @@ use tessera_kernels::backend::Cpu;
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::{Categories, LikelihoodKind, LossTerms, ModalityCounts, Supervision, Survival, Plateau, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
 
-use crate::checkpoint::{self, FitState};
-use crate::parallel::{self, EpochEnd, PartStream, Placement, StepReducer, StepTimes, Sums};
+use crate::checkpoint::{self, FitState, WithinEpoch};
+use crate::parallel::{self, EpochEnd, EpochHooks, PartStream, Placement, StepReducer, StepTimes, Sums};
+use crate::ring::Ring;
 
 /// The run's configuration file: `[model]` and `[train]` tables, every key optional.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -95,6 +96,10 @@ pub enum FitError {
     /// The coordinator re-formed the group or ended the job: not a failure of training.
     #[error("interrupted in epoch {epoch} after step {step}: the job's group changed")]
     Interrupted { epoch: usize, step: u64 },
+    /// A rank was asked to stop (SIGTERM): every rank stopped after the same step and rank 0
+    /// checkpointed it. `here`: this rank was the one asked.
+    #[error("stopped on request in epoch {epoch} after step {step}; checkpoint {checkpoint}")]
+    Stopped { epoch: usize, step: u64, checkpoint: String, here: bool },
 }
 
 impl From<tessera_kernels::backend::EngineError> for FitError {
@@ -256,6 +261,7 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
     // A job's checkpoints are kept per epoch, so a resume loads exactly the one the coordinator
     // recorded, not a later one it never heard of.
     let checkpoint_of = |epochs_done: usize| if place.checkpoint_per_epoch { checkpoint_dir.join(format!("epoch-{epochs_done:06}")) } else { checkpoint_dir.clone() };
+    let checkpoint_within = |epochs_done: usize, step: u64| if place.checkpoint_per_epoch { checkpoint_dir.join(format!("epoch-{epochs_done:06}-step-{step}")) } else { checkpoint_dir.clone() };
     // This rank's held-out cells stay in memory as model batches for every epoch's validation.
     let mut validation = Vec::new();
     for (_, part) in &part_loaders {
@@ -263,7 +269,7 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
             validation.push(Converted::whole(&mb?, &inputs));
         }
     }
-    let mut state = FitState { epochs_done: 0, step: 0, plateau: Plateau::new(tc.lr), best: f64::INFINITY, since_best: 0, n_train: 0, history: Vec::new(), run: resolved.clone() };
+    let mut state = FitState { epochs_done: 0, step: 0, plateau: Plateau::new(tc.lr), best: f64::INFINITY, since_best: 0, n_train: 0, history: Vec::new(), run: resolved.clone(), within_epoch: None };
     let resume_from = place.resume_from.clone().or_else(|| opts.resume.then(|| checkpoint_dir.clone()));
     if let Some(dir) = resume_from {
         state = checkpoint::load(&dir, &resolved, &mut trainer)?;
@@ -276,16 +282,27 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
     let start_epoch = |epoch: usize| -> Result<Vec<PartStream>, FitError> { training.iter().map(|(k, l)| PartStream::new(*k, l.epoch(epoch as u64))).collect() };
     let mut reducer = StepReducer::new(&trainer);
     let mut upcoming = if state.epochs_done < epochs { Some(start_epoch(state.epochs_done)?) } else { None };
+    let mut resumed_within = state.within_epoch.take();
     let mut last_end = None;
     for epoch in state.epochs_done..epochs {
         let started = Instant::now();
         let mut times = StepTimes::default();
-        let mut sums = Sums::default();
+        let (mut sums, mut steps, mut seconds_before) = (Sums::default(), 0u64, 0.0);
         let mut my_cells = 0u64;
         let mut streams = match upcoming.take() {
             Some(s) => s,
             None => start_epoch(epoch)?,
         };
+        if let Some(within) = resumed_within.take() {
+            // The checkpoint's steps again without training (the batches depend on the parts
+            // alone), counting their cells: the coordinator counts every cell of the epoch.
+            for s in &mut streams {
+                for _ in 0..within.steps {
+                    my_cells += s.next_batch()?.map_or(0, |mb| mb.cells.len() as u64);
+                }
+            }
+            (sums, steps, seconds_before) = (within.sums, within.steps, within.seconds);
+        }
         let kl_weight = trainer.config.kl_weight(epoch);
         loop {
             if place.hooks.interrupted() {
@@ -302,7 +319,8 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
             let more = streams.iter().any(PartStream::more);
             times.data += waiting.elapsed().as_secs_f64();
             let parts: Vec<usize> = batches.iter().map(|(k, _)| *k).collect();
-            let stepped = reducer.step(&mut trainer, &mut place.ring, &parts, more, kl_weight, &mut times, |trainer, part| {
+            let stop = place.hooks.stop_requested();
+            let stepped = reducer.step(&mut trainer, &mut place.ring, &parts, (more, stop), kl_weight, &mut times, |trainer, part| {
                 let (_, batch) = batches.iter().find(|(k, _)| *k == part).ok_or_else(|| FitError::Input { store: opts.data.clone(), reason: format!("part {part} has no batch") })?;
                 Ok(on_pool(|| batch.with(|b| trainer.part_gradients(b, epoch, part as u64)))?)
             })?;
@@ -310,7 +328,14 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
                 sums.add(&terms);
                 progress(Progress::Batch { cells: terms.cells, loss: &terms });
             }
+            steps += 1;
             place.hooks.step_done(epoch, trainer.step, my_cells);
+            if stepped.stop {
+                state.within_epoch = Some(WithinEpoch { steps, sums, seconds: seconds_before + started.elapsed().as_secs_f64() });
+                state.step = trainer.step;
+                let location = checkpoint_within(state.epochs_done, trainer.step);
+                return Err(stop_after_step(&mut place.ring, place.hooks.as_mut(), &trainer, &state, &location, stop));
+            }
             if !stepped.more {
                 break;
             }
@@ -330,7 +355,7 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
         let v = v.all_reduce(&mut place.ring)?;
         let validation_terms = (v.cells > 0).then(|| v.mean(kl_weight));
         // The epoch's wall time includes its validation pass (as scvi-tools' epochs do).
-        let seconds = started.elapsed().as_secs_f64();
+        let seconds = seconds_before + started.elapsed().as_secs_f64();
         let record = EpochRecord { epoch, kl_weight, lr: trainer.lr(), train: sums.mean(kl_weight), validation: validation_terms, seconds, cells_per_second: sums.cells as f64 / seconds.max(1e-9), steps: times };
         progress(Progress::Epoch(&record));
         let monitored = record.validation.map_or(record.train, |v| v).negative_elbo();
@@ -379,6 +404,24 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
         place.hooks.epoch_done(&EpochEnd { epoch, step: trainer.step, cells, last: true, record, times })?;
     }
     Ok(report)
+}
+
+/// Every rank saw a stop request in the step's reduction: rank 0 checkpoints the step (state
+/// carries how far into the epoch it got) and announces it, then every rank returns
+/// `FitError::Stopped` together, so a rank that leaves does so after the announcement.
+fn stop_after_step(ring: &mut Ring, hooks: &mut (dyn EpochHooks + Send), trainer: &Trainer<f32, Cpu>, state: &FitState, location: &Path, here: bool) -> FitError {
+    let mut stopped = || -> Result<(), FitError> {
+        if ring.rank() == 0 {
+            checkpoint::save(location, state, trainer)?;
+            hooks.checkpoint_saved(state.epochs_done, trainer.step, location)?;
+        }
+        ring.all_reduce_sum(&mut [0.0])?;
+        Ok(())
+    };
+    match stopped() {
+        Ok(()) => FitError::Stopped { epoch: state.epochs_done, step: trainer.step, checkpoint: location.display().to_string(), here },
+        Err(e) => e,
+    }
 }
 
 /// Rank 0's results: the embedding (and expression, predictions) of every cell written into the

@@ -9,6 +9,8 @@
 
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use tessera_data::{Dataset, Epoch, MiniBatch};
@@ -40,7 +42,17 @@ impl std::fmt::Debug for Placement {
 impl Placement {
     /// One process training alone, one part per step.
     pub fn alone() -> Placement {
-        Placement { ring: Ring::single(), parts: 1, hooks: Box::new(Alone), checkpoint_per_epoch: false, resume_from: None }
+        Placement::alone_with(Box::new(Alone))
+    }
+
+    /// Alone, stopping after the step in which `stop` is set (`FitError::Stopped`, the step
+    /// checkpointed for `--resume`).
+    pub fn alone_until(stop: Arc<AtomicBool>) -> Placement {
+        Placement::alone_with(Box::new(StopOn(stop)))
+    }
+
+    fn alone_with(hooks: Box<dyn EpochHooks + Send>) -> Placement {
+        Placement { ring: Ring::single(), parts: 1, hooks, checkpoint_per_epoch: false, resume_from: None }
     }
 
     /// The parts this rank trains.
@@ -78,6 +90,11 @@ pub trait EpochHooks {
     fn interrupted(&self) -> bool {
         false
     }
+    /// This process was asked to stop (SIGTERM): the request rides in the step's reduction,
+    /// so every rank stops after the same step, which rank 0 checkpoints.
+    fn stop_requested(&self) -> bool {
+        false
+    }
     /// This rank finished a step: `cells` of the epoch so far (for live status; may drop it).
     fn step_done(&mut self, _epoch: usize, _step: u64, _cells: u64) {}
     /// This rank finished an epoch. On the last epoch rank 0 says so after writing the outputs.
@@ -95,6 +112,16 @@ pub trait EpochHooks {
 pub struct Alone;
 
 impl EpochHooks for Alone {}
+
+/// No one to tell; stops (checkpointing the step) once the flag is set, e.g. by SIGTERM.
+#[derive(Debug)]
+pub struct StopOn(pub Arc<AtomicBool>);
+
+impl EpochHooks for StopOn {
+    fn stop_requested(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
 
 /// The job's cells cut into `parts` contiguous shards: where the count matrix's chunks begin,
 /// balancing non-zeros (AnnData), or evenly (MuData, whose modalities chunk differently). Each
@@ -156,7 +183,7 @@ impl PartStream {
 }
 
 /// Cell-weighted sums of loss terms.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Sums {
     pub reconstruction: f64,
     pub kl: f64,
@@ -204,15 +231,16 @@ impl Sums {
     }
 }
 
-/// A step's result on every rank: the step's mean loss terms (None: no rank had cells), and
-/// whether any rank has another batch this epoch.
+/// A step's result on every rank: the step's mean loss terms (None: no rank had cells),
+/// whether any rank has another batch this epoch, and whether any rank was asked to stop.
 pub(crate) struct Stepped {
     pub terms: Option<LossTerms>,
     pub more: bool,
+    pub stop: bool,
 }
 
 /// The per-step reduction: one flat buffer [gradients × cells | BatchNorm statistics |
-/// parts, more, loss sums].
+/// parts, more, stop, loss sums].
 pub(crate) struct StepReducer {
     buf: Vec<f32>,
     n_params: usize,
@@ -222,7 +250,8 @@ pub(crate) struct StepReducer {
 
 const PARTS: usize = 0;
 const MORE: usize = 1;
-const SUMS: usize = 2;
+const STOP: usize = 2;
+const SUMS: usize = 3;
 const TAIL: usize = SUMS + Sums::LEN;
 
 impl StepReducer {
@@ -232,17 +261,18 @@ impl StepReducer {
     }
 
     /// Gradients of this rank's parts of the step, summed with every other rank's, applied.
-    /// `gradients(trainer, part)` computes one part's loss terms and gradients (in the model).
+    /// `(more, stop)`: this rank has another batch, was asked to stop. `gradients(trainer,
+    /// part)` computes one part's loss terms and gradients (in the model).
     #[allow(clippy::too_many_arguments)] // one step's inputs; bundling them would only rename them
-    pub fn step(&mut self, trainer: &mut Trainer<f32, Cpu>, ring: &mut Ring, parts: &[usize], more: bool, kl_weight: f64, times: &mut StepTimes, mut gradients: impl FnMut(&mut Trainer<f32, Cpu>, usize) -> Result<LossTerms, FitError>) -> Result<Stepped, FitError> {
+    pub fn step(&mut self, trainer: &mut Trainer<f32, Cpu>, ring: &mut Ring, parts: &[usize], (more, stop): (bool, bool), kl_weight: f64, times: &mut StepTimes, mut gradients: impl FnMut(&mut Trainer<f32, Cpu>, usize) -> Result<LossTerms, FitError>) -> Result<Stepped, FitError> {
         let started = Instant::now();
         // Alone with one part: the model's own buffers, no copies.
         if ring.world() == 1 && parts.len() <= 1 {
-            let Some(&part) = parts.first() else { return Ok(Stepped { terms: None, more }) };
+            let Some(&part) = parts.first() else { return Ok(Stepped { terms: None, more, stop }) };
             let terms = gradients(trainer, part)?;
             trainer.apply()?;
             times.compute += started.elapsed().as_secs_f64();
-            return Ok(Stepped { terms: Some(terms), more });
+            return Ok(Stepped { terms: Some(terms), more, stop });
         }
         let (p, s) = (self.n_params, self.n_state);
         self.buf.fill(0.0);
@@ -265,6 +295,7 @@ impl StepReducer {
         let tail = &mut self.buf[p + s..];
         tail[PARTS] = parts.len() as f32;
         tail[MORE] = f32::from(u8::from(more));
+        tail[STOP] = f32::from(u8::from(stop));
         sums.write(&mut tail[SUMS..]);
         let reducing = Instant::now();
         times.compute += (reducing - started).as_secs_f64();
@@ -272,11 +303,11 @@ impl StepReducer {
         let applying = Instant::now();
         times.allreduce += (applying - reducing).as_secs_f64();
         let tail = &self.buf[p + s..];
-        let (total_parts, more) = (tail[PARTS], tail[MORE] > 0.0);
+        let (total_parts, more, stop) = (tail[PARTS], tail[MORE] > 0.0, tail[STOP] > 0.0);
         let sums = Sums::read(&tail[SUMS..]);
         if sums.cells == 0 {
             trainer.model.state.copy_from_slice(&self.start_state);
-            return Ok(Stepped { terms: None, more });
+            return Ok(Stepped { terms: None, more, stop });
         }
         let inv_cells = 1.0 / sums.cells as f32;
         for (g, acc) in trainer.model.grads.iter_mut().zip(&self.buf[..p]) {
@@ -287,6 +318,6 @@ impl StepReducer {
         }
         trainer.apply()?;
         times.compute += applying.elapsed().as_secs_f64();
-        Ok(Stepped { terms: Some(sums.mean(kl_weight)), more })
+        Ok(Stepped { terms: Some(sums.mean(kl_weight)), more, stop })
     }
 }

@@ -1,12 +1,15 @@
 //! Checkpoint and resume: a run stopped after 3 epochs and resumed to 6 is bit for bit the run
 //! that went 6 epochs straight (weights, Adam moments, schedule, early stopping, validation set,
-//! loader order, dropout streams); checkpoints of another run or cut short are refused.
+//! loader order, dropout streams); so is one stopped on request in the middle of an epoch;
+//! checkpoints of another run or cut short are refused.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 
 use tessera_data::SimConfig;
-use tessera_worker::{FitConfig, FitError, FitOptions, fit};
+use tessera_worker::parallel::{Alone, EpochHooks, Placement};
+use tessera_worker::ring::Ring;
+use tessera_worker::{FitConfig, FitError, FitOptions, fit, train};
 
 fn simulated(dir: &Path, name: &str) -> String {
     let location = dir.join(name).display().to_string();
@@ -53,6 +56,53 @@ fn resumed_run_equals_uninterrupted_run() {
     let png = std::fs::read(out_b.join("loss.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     assert_eq!((u32::from_be_bytes(png[16..20].try_into().unwrap()), u32::from_be_bytes(png[20..24].try_into().unwrap())), (900, 520));
+}
+
+/// Asks to stop before global step `at` (as SIGTERM does in `tessera train`).
+struct StopAt {
+    at: u64,
+    done: u64,
+}
+
+impl EpochHooks for StopAt {
+    fn stop_requested(&self) -> bool {
+        self.done + 1 >= self.at
+    }
+    fn step_done(&mut self, _epoch: usize, step: u64, _cells: u64) {
+        self.done = step;
+    }
+}
+
+/// One process with two parts per step, so the stop request also rides in the reduction.
+fn two_parts(hooks: Box<dyn EpochHooks + Send>, resume_from: Option<std::path::PathBuf>) -> Placement {
+    Placement { ring: Ring::single(), parts: 2, hooks, checkpoint_per_epoch: false, resume_from }
+}
+
+#[test]
+fn run_stopped_within_an_epoch_resumes_to_the_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (simulated(dir.path(), "a.zarr"), simulated(dir.path(), "b.zarr"));
+    let (out_a, out_b) = (dir.path().join("out-a"), dir.path().join("out-b"));
+    let straight = train(&options(&a, &out_a, 5, false), &mut two_parts(Box::new(Alone), None), |_| {}).unwrap().unwrap();
+    let err = train(&options(&b, &out_b, 5, false), &mut two_parts(Box::new(StopAt { at: 20, done: 0 }), None), |_| {}).unwrap_err();
+    let checkpoint = out_b.join("checkpoint");
+    match &err {
+        FitError::Stopped { step, checkpoint: at, here, .. } => assert_eq!((*step, at.as_str(), *here), (20, checkpoint.to_str().unwrap(), true)),
+        other => panic!("expected a stop, got {other}"),
+    }
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(checkpoint.join("state.json")).unwrap()).unwrap();
+    let (epochs_done, within) = (state["epochs_done"].as_u64().unwrap(), state["within_epoch"]["steps"].as_u64().unwrap());
+    assert!(epochs_done >= 1 && within >= 1 && state["step"] == 20, "stopped inside an epoch after a whole one: {state}");
+    assert!(!out_b.join("history.csv").exists(), "a stopped run writes no outputs");
+
+    let resumed = train(&options(&b, &out_b, 5, true), &mut two_parts(Box::new(Alone), Some(checkpoint)), |_| {}).unwrap().unwrap();
+    assert_eq!(resumed.history.len(), 5);
+    for (s, r) in straight.history.iter().zip(&resumed.history) {
+        // The stopped epoch's train loss adds the checkpointed sums to the rest of the epoch.
+        assert_eq!((s.epoch, s.kl_weight, s.lr, s.train, s.validation), (r.epoch, r.kl_weight, r.lr, r.train, r.validation));
+    }
+    assert_eq!(straight.n_train, resumed.n_train);
+    assert!(straight.embedding.iter().zip(&resumed.embedding).all(|(x, y)| x.to_bits() == y.to_bits()), "embeddings differ");
 }
 
 #[test]
