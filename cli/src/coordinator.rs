@@ -124,10 +124,6 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
         let bound = listener.local_addr().context("reading the bound address")?;
         // On stdout, so a launcher that asked for port 0 learns the port.
         println!("coordinator listening on {bound}");
-        serve(listener, config, state, Some(store), args.metrics_listen, async {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("shutting down");
-        })
-        .await
+        serve(listener, config, state, Some(store), args.metrics_listen, crate::signals::terminated()).await
     })
 }

@@ -9,6 +9,8 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -16,6 +18,7 @@ use tessera_coordinator::Config;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::coordinator_client::CoordinatorClient;
 use tessera_worker::fit::REPORT_FILE;
+use tessera_worker::node::Ended;
 use tessera_worker::network::{NetworkReport, NetworkRequest};
 use tessera_worker::{FitOptions, FitReport};
 
@@ -110,16 +113,18 @@ impl Launch {
         }))
     }
 
-    /// A worker of rank 0's coordinator (ranks > 0); returns when its job ends.
+    /// A worker of rank 0's coordinator (ranks > 0); returns when its job ends, or stops
+    /// (checkpointing the step) on SIGTERM.
     pub fn serve_as_worker(&self, cache_bytes: u64) -> Result<()> {
         let coordinator = format!("http://{}:{}", self.master_addr, self.master_port);
-        tessera_worker::node::run(&node_config(coordinator, cache_bytes))
-            .with_context(|| format!("rank {} of {}", self.rank, self.world))
+        let ended = tessera_worker::node::run(&node_config(coordinator, cache_bytes, crate::signals::stop_flag()?))
+            .with_context(|| format!("rank {} of {}", self.rank, self.world))?;
+        crate::worker::stopped(ended, " (rank 0 resumes the job from it)")
     }
 }
 
 /// A worker reachable from other pods: any free port, advertised at $POD_IP (else $HOSTNAME).
-fn node_config(coordinator: String, cache_bytes: u64) -> tessera_worker::node::NodeConfig {
+fn node_config(coordinator: String, cache_bytes: u64, stop: Arc<AtomicBool>) -> tessera_worker::node::NodeConfig {
     use crate::worker::env_any;
     tessera_worker::node::NodeConfig {
         coordinator,
@@ -128,6 +133,7 @@ fn node_config(coordinator: String, cache_bytes: u64) -> tessera_worker::node::N
         cache_bytes,
         timeout: Duration::from_secs(120),
         max_jobs: Some(1),
+        stop,
     }
 }
 
@@ -249,6 +255,8 @@ async fn run_job(
     }));
     let mut workers = Workers::default();
     let mut in_process = None;
+    // Rank 0's own worker says whether it served the job (true) or stopped or failed first.
+    let mut rank0_ended = None;
     match trainers {
         Trainers::Local { n, cache_bytes } => {
             let exe = std::env::current_exe().context("locating the tessera executable")?;
@@ -276,11 +284,17 @@ async fn run_job(
             }
         }
         Trainers::Rank0 { cache_bytes } => {
-            let config = node_config(url.clone(), cache_bytes);
+            let config = node_config(url.clone(), cache_bytes, crate::signals::stop_flag()?);
+            let (ended, ended_rx) = tokio::sync::oneshot::channel();
+            rank0_ended = Some(ended_rx);
             in_process = Some(
                 std::thread::Builder::new()
                     .name("tessera-worker".into())
-                    .spawn(move || tessera_worker::node::run(&config))
+                    .spawn(move || {
+                        let result = tessera_worker::node::run(&config);
+                        let _ = ended.send(matches!(result, Ok(Ended::Served)));
+                        result
+                    })
                     .context("starting the in-process worker")?,
             );
         }
@@ -300,11 +314,23 @@ async fn run_job(
         .into_inner();
     let (mut state, mut epoch) = (pb::job_status::State::Unspecified, 0);
     let outcome = loop {
-        let Some(status) = statuses
-            .message()
-            .await
-            .map_err(|s| anyhow!("watching {}: {}", job.job_id, s.message()))?
-        else {
+        let next = tokio::select! {
+            message = statuses.message() => Some(message),
+            served = async {
+                match rank0_ended.as_mut() {
+                    Some(ended) => ended.await.unwrap_or(false),
+                    None => std::future::pending().await,
+                }
+            } => {
+                rank0_ended = None;
+                // Served: the job's end is on its way in the stream.
+                if served { continue } else { None }
+            }
+        };
+        let Some(message) = next else {
+            break Err(anyhow!("{}: rank 0's worker left before the job ended", job.job_id));
+        };
+        let Some(status) = message.map_err(|s| anyhow!("watching {}: {}", job.job_id, s.message()))? else {
             break Err(anyhow!(
                 "{}: the coordinator ended the status stream",
                 job.job_id
@@ -353,12 +379,16 @@ async fn run_job(
     };
     // Rank 0 reported the last epoch after writing the outputs; the workers leave on their own.
     workers.wait(Duration::from_secs(if outcome.is_ok() { 30 } else { 0 }));
-    if let Some(worker) = in_process.filter(|_| outcome.is_ok()) {
-        worker
-            .join()
-            .map_err(|_| anyhow!("the in-process worker panicked"))??;
-    }
+    // Joined when the job succeeded (it is leaving) or it already left (stopped or failed).
+    let rank0 = match in_process.filter(|w| outcome.is_ok() || w.is_finished()) {
+        Some(worker) => Some(worker.join().map_err(|_| anyhow!("the in-process worker panicked"))??),
+        None => None,
+    };
     let _ = stop.send(());
     server.await.context("coordinator task")??;
+    if let Some(Ended::Stopped { checkpoint }) = rank0 {
+        // This process held the job's coordinator: a restarted rank 0 submits the job anew.
+        return Err(crate::signals::Stopped { checkpoint, hint: " (the job's coordinator stopped with rank 0; a standing `tessera coordinator --state` resumes jobs)" }.into());
+    }
     outcome
 }

@@ -13,6 +13,7 @@ mod inspect;
 mod map;
 mod metrics;
 mod serve;
+mod signals;
 mod snf;
 mod train;
 mod worker;
@@ -212,10 +213,20 @@ fn keep_freed_memory() {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     keep_freed_memory();
     init_logging();
-    let cli = Cli::parse();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            // A stopped run is not a failed one: the code says SIGTERM, so a Job replaces the pod.
+            std::process::ExitCode::from(if e.is::<signals::Stopped>() { signals::EXIT_STOPPED } else { 1 })
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { store, json } => inspect::run(&store, json),
         Command::Simulate(args) => simulate(&args),

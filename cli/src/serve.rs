@@ -97,28 +97,6 @@ fn config(args: ServeArgs) -> Result<ServeConfig> {
     })
 }
 
-/// Ctrl-C or SIGTERM (what Kubernetes sends before it kills a pod).
-pub(crate) async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!("cannot listen for SIGTERM: {e}");
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-    tracing::info!("shutting down");
-}
-
 pub fn run(args: ServeArgs) -> Result<()> {
     let (listen, metrics_listen) = (args.listen, args.metrics_listen);
     let config = config(args)?;
@@ -135,7 +113,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             let telemetry = service.telemetry();
             crate::metrics::spawn(at, std::sync::Arc::new(move || telemetry.render())).await?;
         }
-        tessera_serve::serve(listener, service, &config, shutdown_signal()).await.context("serving")
+        tessera_serve::serve(listener, service, &config, crate::signals::terminated()).await.context("serving")
     })
 }
 

@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use tessera_metrics::EvalOptions;
 use tessera_worker::eval::{DEFAULT_LABEL_KEY, DEFAULT_MAX_CELLS, EvalRequest};
 use tessera_worker::fit::Progress;
-use tessera_worker::{Denoised, FitConfig, FitOptions};
+use tessera_worker::{Denoised, FitConfig, FitError, FitOptions};
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
@@ -157,7 +157,8 @@ fn train_alone(opts: &FitOptions, metrics: &crate::metrics::TrainMetrics) -> Res
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
     let (mut epoch, mut epochs, mut cells_per_epoch) = (0usize, 0usize, 0u64);
-    let report = tessera_worker::fit(opts, |p| {
+    let mut place = tessera_worker::parallel::Placement::alone_until(crate::signals::stop_flag()?);
+    let trained = tessera_worker::train(opts, &mut place, |p| {
         metrics.observe(&p);
         match p {
             Progress::Start { epochs: e, cells_per_epoch: c } => {
@@ -176,10 +177,14 @@ fn train_alone(opts: &FitOptions, metrics: &crate::metrics::TrainMetrics) -> Res
                 tracing::debug!(epoch = r.epoch, train = r.train.loss, cells_per_s = r.cells_per_second, "epoch{val}");
             }
         }
-    })
-    .with_context(|| format!("training on {}", opts.data))?;
+    });
     bar.finish_and_clear();
-    Ok(report)
+    match trained {
+        Ok(Some(report)) => Ok(report),
+        Ok(None) => bail!("training on {}: rank 0 of one wrote no outputs", opts.data),
+        Err(FitError::Stopped { checkpoint, .. }) => Err(crate::signals::Stopped { checkpoint: Some(checkpoint), hint: " (continue with --resume)" }.into()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("training on {}", opts.data))),
+    }
 }
 
 /// The default demo: CITE-seq-size protein panel, a small accessibility panel, mosaic.

@@ -47,6 +47,15 @@ pub fn master_url() -> Option<String> {
 pub fn run(args: WorkerArgs) -> Result<()> {
     let coordinator = args.coordinator.or_else(master_url).unwrap_or_else(|| "http://127.0.0.1:50051".into());
     let advertise_host = args.advertise_host.or_else(|| env_any(&["POD_IP"])).or_else(|| args.ring_listen.ip().is_unspecified().then(|| env_any(&["HOSTNAME"])).flatten());
-    let config = NodeConfig { coordinator: coordinator.clone(), ring_listen: args.ring_listen, advertise_host, cache_bytes: args.cache_mib << 20, timeout: Duration::from_secs(args.timeout_s), max_jobs: args.max_jobs };
-    node::run(&config).with_context(|| format!("worker of {coordinator}"))
+    let config = NodeConfig { coordinator: coordinator.clone(), ring_listen: args.ring_listen, advertise_host, cache_bytes: args.cache_mib << 20, timeout: Duration::from_secs(args.timeout_s), max_jobs: args.max_jobs, stop: crate::signals::stop_flag()? };
+    let ended = node::run(&config).with_context(|| format!("worker of {coordinator}"))?;
+    stopped(ended, " (the coordinator resumes the job from it)")
+}
+
+/// `Ended::Stopped` as the error `main` exits 143 for.
+pub fn stopped(ended: node::Ended, hint: &'static str) -> Result<()> {
+    match ended {
+        node::Ended::Served => Ok(()),
+        node::Ended::Stopped { checkpoint } => Err(crate::signals::Stopped { checkpoint, hint }.into()),
+    }
 }

@@ -63,6 +63,26 @@ async fn serves_health_and_checks_jobs_against_the_store() {
     assert!(outcome.is_ok(), "the coordinator answered within a minute");
 }
 
+#[test]
+fn sigterm_shuts_the_coordinator_down_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut coordinator = start("127.0.0.1:0", &dir.path().join("state"));
+    let pid = coordinator.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = std::thread::scope(|scope| {
+        let (tx, exited) = std::sync::mpsc::channel();
+        let child = &mut coordinator.0;
+        scope.spawn(move || tx.send(child.wait().unwrap()));
+        let status = exited.recv_timeout(Duration::from_secs(30));
+        if status.is_err() {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        }
+        status
+    });
+    let status = status.expect("the coordinator exits within 30 s of SIGTERM");
+    assert!(status.success(), "{status:?}");
+}
+
 /// Worker processes, killed when dropped.
 struct Workers(Vec<Child>);
 

@@ -1,6 +1,8 @@
 //! `tessera train --workers N` as processes on loopback: 1, 2 and 4 workers over the same 4
 //! parts train the same model; a job whose worker is SIGKILLed mid-epoch recovers from its
-//! checkpoint on the survivors and ends where an uninterrupted run ends; the ranks of a
+//! checkpoint on the survivors and ends where an uninterrupted run ends, and so does one whose
+//! worker gets SIGTERM (it checkpoints the step and leaves); `tessera train` alone stops on
+//! SIGTERM with exit code 143 and a checkpoint `--resume` continues from; the ranks of a
 //! launcher's environment (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT) form one job.
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -117,43 +119,105 @@ fn one_two_and_four_worker_processes_train_the_same_model() {
     assert_same_losses(&results[0], &results[2], 1e-5, "4 workers vs 1");
 }
 
-#[test]
-fn a_worker_killed_mid_epoch_is_dropped_and_the_job_ends_where_an_uninterrupted_one_does() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("c.toml");
-    std::fs::write(&config, "[model]\nn_hidden = 64\n[train]\nmax_epochs = 5\nkl_warmup_epochs = 3\nparts = 3\ncheckpoint_every = 1\n").unwrap();
-    let (store_a, store_b) = (dir.path().join("a.zarr"), dir.path().join("b.zarr"));
-    simulate(&store_a, "12000", "300");
-    simulate(&store_b, "12000", "300");
-    let (out_a, out_b) = (dir.path().join("out-a"), dir.path().join("out-b"));
-
-    let mut args = train_args(&store_a, &config, &out_a);
+/// Trains with 3 workers and sends `signal` to the second once epoch 2 is reported (the ranks
+/// are then inside epoch 3); returns the output and the (train, validation) loss per epoch.
+fn train_and_signal_a_worker(store: &Path, config: &Path, out: &Path, signal: &str) -> (String, Vec<(f64, f64)>) {
+    let mut args = train_args(store, config, out);
     args.extend(["--workers", "3"]);
     let mut run = Run::start(&args, &[], Duration::from_secs(300));
     let mut pids = Vec::new();
-    // Kill a worker once epoch 2 is reported: the ranks are then inside epoch 3.
     while let Some(line) = run.line() {
         if let Some(pid) = line.split(": pid ").nth(1) {
             pids.push(pid.trim().to_string());
         }
         if line.starts_with("epoch 2/5") {
-            assert!(Command::new("kill").args(["-KILL", &pids[1]]).status().unwrap().success());
+            assert!(Command::new("kill").args([signal, &pids[1]]).status().unwrap().success());
             break;
         }
     }
     let text = run.finish();
+    assert!(text.contains("SUCCEEDED") && text.contains("epoch 5/5"), "{text}");
+    let history = losses(out);
+    assert_eq!(history.len(), 5, "every epoch once in the history:\n{text}");
+    (text, history)
+}
+
+#[test]
+fn a_worker_killed_or_stopped_mid_epoch_leaves_the_job_ending_where_an_uninterrupted_one_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, "[model]\nn_hidden = 64\n[train]\nmax_epochs = 5\nkl_warmup_epochs = 3\nparts = 3\ncheckpoint_every = 1\n").unwrap();
+    let stores: Vec<_> = ["a", "b", "c"].iter().map(|n| dir.path().join(format!("{n}.zarr"))).collect();
+    for store in &stores {
+        simulate(store, "12000", "300");
+    }
+    let out_a = dir.path().join("out-a");
+    let mut args = train_args(&stores[0], &config, &out_a);
+    args.extend(["--workers", "3"]);
+    Run::start(&args, &[], Duration::from_secs(300)).finish();
+    let uninterrupted = losses(&out_a);
+
+    let (text, killed) = train_and_signal_a_worker(&stores[1], &config, &dir.path().join("out-b"), "-KILL");
     assert!(text.contains("RECOVERING (lost worker"), "the coordinator noticed the lost worker:\n{text}");
     // Epoch 2's checkpoint is announced just after the epoch ends: the kill may come first.
     assert!(text.contains("resuming from the checkpoint after epoch 2") || text.contains("resuming from the checkpoint after epoch 1"), "{text}");
-    assert!(text.contains("SUCCEEDED") && text.contains("epoch 5/5"), "{text}");
-    let recovered = losses(&out_a);
-    assert_eq!(recovered.len(), 5, "every epoch once in the history");
-
-    let mut args = train_args(&store_b, &config, &out_b);
-    args.extend(["--workers", "3"]);
-    Run::start(&args, &[], Duration::from_secs(300)).finish();
     // Same parts, so the same model whether 3 or 2 workers trained the last epochs.
-    assert_same_losses(&losses(&out_b), &recovered, 1e-4, "after the kill vs uninterrupted");
+    assert_same_losses(&uninterrupted, &killed, 1e-4, "after the kill vs uninterrupted");
+
+    // SIGTERM: the group finishes the step, rank 0 checkpoints it within epoch 3, the worker
+    // leaves at once and the survivors resume from that step (no epoch trained twice).
+    let (text, stopped) = train_and_signal_a_worker(&stores[2], &config, &dir.path().join("out-c"), "-TERM");
+    assert!(text.contains(" left; resuming from the checkpoint after epoch 2 at step"), "the worker left after rank 0 checkpointed its step:\n{text}");
+    assert!(!text.contains("lost worker"), "{text}");
+    let step_checkpoints: Vec<String> = std::fs::read_dir(dir.path().join("out-c/checkpoint")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.contains("-step-")).collect();
+    assert!(step_checkpoints.iter().any(|n| n.starts_with("epoch-000002-step-")), "{step_checkpoints:?}");
+    assert_same_losses(&uninterrupted, &stopped, 1e-4, "after the stop vs uninterrupted");
+}
+
+#[test]
+fn sigterm_stops_training_alone_with_a_checkpoint_that_resume_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, config, out) = (dir.path().join("s.zarr"), dir.path().join("c.toml"), dir.path().join("out"));
+    simulate(&store, "2000", "100");
+    // Epochs of milliseconds: enough of them that the signal comes long before the end.
+    std::fs::write(&config, "[model]\nn_hidden = 16\n[train]\nmax_epochs = 300\nearly_stopping_patience = 1000\nbatch_size = 64\n").unwrap();
+    let args = train_args(&store, &config, &out);
+    // Each finished epoch is logged at debug level on stderr: the signal comes after the first.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera")).arg("train").args(&args).env("TESSERA_LOG", "warn,tessera::train=debug").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let (tx, first_epoch) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let mut line = String::new();
+        while stderr.read_line(&mut line).unwrap() > 0 {
+            if line.contains("DEBUG") && line.contains("tessera::train") {
+                let _ = tx.send(());
+            }
+            text.push_str(&line);
+            line.clear();
+        }
+        text
+    });
+    let signalled = first_epoch.recv_timeout(Duration::from_secs(120)).is_ok();
+    if signalled {
+        assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    } else {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    let text = reader.join().unwrap();
+    assert!(signalled, "no epoch logged within 2 minutes:\n{text}");
+    assert_eq!(status.code(), Some(143), "{text}");
+    assert!(text.contains("stopped on request") && text.contains("continue with --resume"), "{text}");
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint/state.json")).unwrap()).unwrap();
+    assert!(state["epochs_done"].as_u64().unwrap() >= 1 && state["within_epoch"]["steps"].as_u64().unwrap() >= 1, "{state}");
+    assert!(!out.join("history.csv").exists(), "no outputs from a stopped run");
+
+    let mut resume = args.clone();
+    resume.extend(["--resume", "--overwrite"]);
+    let resumed = Command::new(env!("CARGO_BIN_EXE_tessera")).arg("train").args(&resume).env("TESSERA_LOG", "warn").output().unwrap();
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert_eq!(losses(&out).len(), 300, "the resumed run finishes every epoch once");
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! `Join` for a place in a job's group, trains its parts there (`fit::train` with a ring to the
 //! group's other ranks), reports each epoch, and goes back to waiting when the job ends or its
 //! group is re-formed (a member was lost: the survivors resume from the last checkpoint).
+//! Asked to stop (`NodeConfig::stop`, set on SIGTERM), it trains to the end of the step, which
+//! rank 0 checkpoints for the whole group, then leaves the coordinator and returns.
 //!
 //! Training runs on the calling thread; the gRPC client and the heartbeat run on a small async
 //! runtime beside it, so a long epoch never delays a heartbeat.
@@ -35,6 +37,19 @@ pub struct NodeConfig {
     pub timeout: Duration,
     /// Leave after this many jobs (None: serve until killed).
     pub max_jobs: Option<usize>,
+    /// Set when the process is asked to stop (SIGTERM): the job checkpoints after the current
+    /// step, this worker tells the coordinator it is leaving, and `run` returns
+    /// `Ended::Stopped`.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Why `run` returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// `max_jobs` jobs ended.
+    Served,
+    /// Asked to stop; the checkpoint of the step training stopped after, if it was training.
+    Stopped { checkpoint: Option<String> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,8 +80,8 @@ impl Shared {
     }
 }
 
-/// Serves jobs until `max_jobs` have ended (or forever).
-pub fn run(config: &NodeConfig) -> Result<(), NodeError> {
+/// Serves jobs until `max_jobs` have ended (or forever), or until asked to stop.
+pub fn run(config: &NodeConfig) -> Result<Ended, NodeError> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(NodeError::Runtime)?;
     let listener = TcpListener::bind(config.ring_listen).map_err(|e| NodeError::Listen { addr: config.ring_listen.to_string(), reason: e.to_string() })?;
     let bound = listener.local_addr().map_err(|e| NodeError::Listen { addr: config.ring_listen.to_string(), reason: e.to_string() })?;
@@ -82,11 +97,22 @@ pub fn run(config: &NodeConfig) -> Result<(), NodeError> {
     // A coordinator gone for longer than the timeout (its launcher exited) ends the worker.
     let mut reached = Instant::now();
     while config.max_jobs.is_none_or(|m| jobs < m) {
+        if config.stop.load(Ordering::SeqCst) {
+            leave(&runtime, &client, &shared);
+            return Ok(Ended::Stopped { checkpoint: None });
+        }
         if shared.unknown.swap(false, Ordering::SeqCst) {
             register(&runtime, &mut client, &shared, &ring_address).map_err(coordinator_error)?;
         }
         let request = pb::JoinRequest { worker_id: shared.worker_id(), wait_ms: 30_000 };
-        let assignment = match runtime.block_on(client.join(request)) {
+        let joined = runtime.block_on(async {
+            tokio::select! {
+                joined = client.join(request) => Some(joined),
+                () = stop_requested(&config.stop) => None,
+            }
+        });
+        let Some(joined) = joined else { continue };
+        let assignment = match joined {
             Ok(a) => {
                 reached = Instant::now();
                 a.into_inner()
@@ -107,10 +133,16 @@ pub fn run(config: &NodeConfig) -> Result<(), NodeError> {
         match run_assignment(&runtime, &client, &shared, &listener, &assignment, config) {
             Ok(()) => jobs += 1,
             Err(FitError::Interrupted { epoch, step }) => tracing::info!(job = assignment.job_id, epoch, step, "group re-formed: rejoining"),
-            Err(FitError::Ring(e)) => {
-                // A peer died or hung: wait until the coordinator notices and says so, then
-                // join the re-formed group (joining at once would rejoin the broken one).
-                tracing::warn!(job = assignment.job_id, "all-reduce failed: {e}");
+            Err(FitError::Stopped { epoch, step, checkpoint, here: true }) => {
+                tracing::info!(job = assignment.job_id, epoch, step, checkpoint, "stopped on request: leaving");
+                leave(&runtime, &client, &shared);
+                return Ok(Ended::Stopped { checkpoint: Some(checkpoint) });
+            }
+            // Another rank was asked to stop (and leaves), or a peer died or hung: wait until
+            // the coordinator says the group is gone, then join the re-formed one (joining at
+            // once would rejoin the broken one).
+            Err(e @ (FitError::Stopped { .. } | FitError::Ring(_))) => {
+                tracing::warn!(job = assignment.job_id, "{e}");
                 let deadline = Instant::now() + 2 * heartbeat_timeout;
                 while !shared.interrupted.load(Ordering::SeqCst) && Instant::now() < deadline {
                     std::thread::sleep(interval / 4);
@@ -128,8 +160,29 @@ pub fn run(config: &NodeConfig) -> Result<(), NodeError> {
         }
         shared.generation.store(0, Ordering::SeqCst);
     }
-    Ok(())
+    Ok(Ended::Served)
 }
+
+/// Resolves once `stop` is set.
+async fn stop_requested(stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Tells the coordinator this worker is going, so its job regroups now rather than after the
+/// heartbeat timeout. Best effort: a coordinator that does not answer learns it from silence.
+fn leave(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared: &Shared) {
+    let request = pb::LeaveRequest { worker_id: shared.worker_id() };
+    let mut client = client.clone();
+    match runtime.block_on(tokio::time::timeout(LEAVE_TIMEOUT, client.leave(request))) {
+        Ok(Ok(_)) => tracing::info!(worker = shared.worker_id(), "left the coordinator"),
+        Ok(Err(status)) => tracing::warn!("leaving: {}", status.message()),
+        Err(_) => tracing::warn!("leaving: no answer within {LEAVE_TIMEOUT:?}"),
+    }
+}
+
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connects, retrying while the coordinator starts.
 async fn connect(url: &str, timeout: Duration) -> Result<CoordinatorClient<Channel>, String> {
@@ -205,7 +258,7 @@ fn run_assignment(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared
         denoised: None,
         cache_bytes: config.cache_bytes,
     };
-    let hooks = Reporter { runtime: runtime.handle().clone(), client: client.clone(), shared: Arc::clone(shared), job_id: a.job_id.clone(), generation: a.generation, last_step_report: Instant::now() };
+    let hooks = Reporter { runtime: runtime.handle().clone(), client: client.clone(), shared: Arc::clone(shared), job_id: a.job_id.clone(), generation: a.generation, last_step_report: Instant::now(), stop: Arc::clone(&config.stop) };
     let resume_from = (!a.resume_from.is_empty()).then(|| PathBuf::from(&a.resume_from));
     let mut place = Placement { ring, parts, hooks: Box::new(hooks), checkpoint_per_epoch: true, resume_from };
     train(&opts, &mut place, |_| {}).map(|_| ())
@@ -256,6 +309,7 @@ struct Reporter {
     job_id: String,
     generation: u64,
     last_step_report: Instant,
+    stop: Arc<AtomicBool>,
 }
 
 /// How often a worker tells the coordinator its progress inside an epoch.
@@ -276,6 +330,10 @@ fn terms(t: &tessera_models::LossTerms) -> pb::LossTerms {
 impl EpochHooks for Reporter {
     fn interrupted(&self) -> bool {
         self.shared.interrupted.load(Ordering::SeqCst)
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
     }
 
     fn step_done(&mut self, epoch: usize, step: u64, cells: u64) {
