@@ -169,8 +169,6 @@ fn a_worker_killed_or_stopped_mid_epoch_leaves_the_job_ending_where_an_uninterru
     let (text, stopped) = train_and_signal_a_worker(&stores[2], &config, &dir.path().join("out-c"), "-TERM");
     assert!(text.contains(" left; resuming from the checkpoint after epoch 2 at step"), "the worker left after rank 0 checkpointed its step:\n{text}");
     assert!(!text.contains("lost worker"), "{text}");
-    let step_checkpoints: Vec<String> = std::fs::read_dir(dir.path().join("out-c/checkpoint")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.contains("-step-")).collect();
-    assert!(step_checkpoints.iter().any(|n| n.starts_with("epoch-000002-step-")), "{step_checkpoints:?}");
     assert_same_losses(&uninterrupted, &stopped, 1e-4, "after the stop vs uninterrupted");
 }
 

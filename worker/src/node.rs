@@ -175,7 +175,7 @@ async fn stop_requested(stop: &AtomicBool) {
 fn leave(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared: &Shared) {
     let request = pb::LeaveRequest { worker_id: shared.worker_id() };
     let mut client = client.clone();
-    match runtime.block_on(tokio::time::timeout(LEAVE_TIMEOUT, client.leave(request))) {
+    match runtime.block_on(async { tokio::time::timeout(LEAVE_TIMEOUT, client.leave(request)).await }) {
         Ok(Ok(_)) => tracing::info!(worker = shared.worker_id(), "left the coordinator"),
         Ok(Err(status)) => tracing::warn!("leaving: {}", status.message()),
         Err(_) => tracing::warn!("leaving: no answer within {LEAVE_TIMEOUT:?}"),
