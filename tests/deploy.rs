@@ -83,6 +83,9 @@ fn the_gpu_overlay_asks_for_one_gpu_per_rank_and_the_ranks_find_rank_0() {
     for needle in ["completionMode: Indexed", "batch.kubernetes.io/job-completion-index", "value: tessera-train-0.tessera-train", "clusterIP: None", "subdomain: tessera-train"] {
         assert!(cpu.contains(needle), "cpu overlay lacks {needle:?}");
     }
+    // A rank that exits 143 (SIGTERM: step checkpointed, left the coordinator) is replaced
+    // without using up its retries; the exit code is the one `tessera` uses.
+    assert!(cpu.contains("podFailurePolicy:") && cpu.contains("values:\n        - 143"), "{cpu}");
     // The world size is stated twice and must agree.
     assert!(cpu.contains("completions: 4") && cpu.contains("parallelism: 4") && cpu.contains("value: \"4\""));
 }
