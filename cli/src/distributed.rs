@@ -10,7 +10,6 @@
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -19,6 +18,8 @@ use tessera_proto::v1 as pb;
 use tessera_proto::v1::coordinator_client::CoordinatorClient;
 use tessera_worker::fit::REPORT_FILE;
 use tessera_worker::node::Ended;
+
+use crate::metrics::TrainMetrics;
 use tessera_worker::network::{NetworkReport, NetworkRequest};
 use tessera_worker::{FitOptions, FitReport};
 
@@ -115,26 +116,28 @@ impl Launch {
 
     /// A worker of rank 0's coordinator (ranks > 0); returns when its job ends, or stops
     /// (checkpointing the step) on SIGTERM.
-    pub fn serve_as_worker(&self, cache_bytes: u64) -> Result<()> {
+    pub fn serve_as_worker(&self, cache_bytes: u64, metrics: &Arc<TrainMetrics>) -> Result<()> {
         let coordinator = format!("http://{}:{}", self.master_addr, self.master_port);
-        let ended = tessera_worker::node::run(&node_config(coordinator, cache_bytes, crate::signals::stop_flag()?))
+        let ended = tessera_worker::node::run(&node_config(coordinator, cache_bytes, metrics)?)
             .with_context(|| format!("rank {} of {}", self.rank, self.world))?;
         crate::worker::stopped(ended, " (rank 0 resumes the job from it)")
     }
 }
 
-/// A worker reachable from other pods: any free port, advertised at $POD_IP (else $HOSTNAME).
-fn node_config(coordinator: String, cache_bytes: u64, stop: Arc<AtomicBool>) -> tessera_worker::node::NodeConfig {
+/// A worker reachable from other pods: any free port, advertised at $POD_IP (else $HOSTNAME);
+/// stops on SIGTERM, feeds `metrics`.
+fn node_config(coordinator: String, cache_bytes: u64, metrics: &Arc<TrainMetrics>) -> Result<tessera_worker::node::NodeConfig> {
     use crate::worker::env_any;
-    tessera_worker::node::NodeConfig {
+    Ok(tessera_worker::node::NodeConfig {
         coordinator,
         ring_listen: (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
         advertise_host: env_any(&["POD_IP", "HOSTNAME"]),
         cache_bytes,
         timeout: Duration::from_secs(120),
         max_jobs: Some(1),
-        stop,
-    }
+        stop: crate::signals::stop_flag()?,
+        progress: Some(metrics.sink()),
+    })
 }
 
 /// Who trains a job started here.
@@ -142,7 +145,7 @@ enum Trainers {
     /// N `tessera worker` processes on loopback.
     Local { n: usize, cache_bytes: u64 },
     /// Rank 0 of a launcher's world: one worker in this process, the others in their pods.
-    Rank0 { cache_bytes: u64 },
+    Rank0 { cache_bytes: u64, metrics: Arc<TrainMetrics> },
 }
 
 pub fn train(opts: &FitOptions, workers: usize) -> Result<FitReport> {
@@ -162,7 +165,7 @@ pub fn train(opts: &FitOptions, workers: usize) -> Result<FitReport> {
 }
 
 /// Rank 0 under a launcher: the coordinator on MASTER_PORT, the job, and one of its workers.
-pub fn train_as_rank0(opts: &FitOptions, launch: &Launch) -> Result<FitReport> {
+pub fn train_as_rank0(opts: &FitOptions, launch: &Launch, metrics: &Arc<TrainMetrics>) -> Result<FitReport> {
     let listen = (std::net::Ipv4Addr::UNSPECIFIED, launch.master_port).into();
     train_with(
         opts,
@@ -170,6 +173,7 @@ pub fn train_as_rank0(opts: &FitOptions, launch: &Launch) -> Result<FitReport> {
         listen,
         Trainers::Rank0 {
             cache_bytes: opts.cache_bytes,
+            metrics: Arc::clone(metrics),
         },
     )
 }
@@ -283,8 +287,8 @@ async fn run_job(
                 workers.0.push(child);
             }
         }
-        Trainers::Rank0 { cache_bytes } => {
-            let config = node_config(url.clone(), cache_bytes, crate::signals::stop_flag()?);
+        Trainers::Rank0 { cache_bytes, metrics } => {
+            let config = node_config(url.clone(), cache_bytes, &metrics)?;
             let (ended, ended_rx) = tokio::sync::oneshot::channel();
             rank0_ended = Some(ended_rx);
             in_process = Some(

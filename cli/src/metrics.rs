@@ -3,10 +3,11 @@
 //! server and holds what `tessera train` and `tessera coordinator` count.
 
 use std::net::SocketAddr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{Context, Result};
 use tessera_serve::exposition::{Exposition, Render, serve_metrics};
+use tessera_worker::node::ProgressSink;
 
 /// Binds `at`, says where on stdout ("metrics listening on ADDR": port 0 picks one), and serves
 /// until the process ends.
@@ -25,7 +26,14 @@ pub fn spawn_thread(at: SocketAddr, render: Render) -> Result<tokio::runtime::Ru
     Ok(runtime)
 }
 
-/// What a training process has done so far (rank 0's view in a distributed run).
+/// Serves `metrics` at `at` on a runtime of its own (kept alive by the caller).
+pub fn serve_train(at: SocketAddr, metrics: &Arc<TrainMetrics>) -> Result<tokio::runtime::Runtime> {
+    let observed = Arc::clone(metrics);
+    spawn_thread(at, Arc::new(move || observed.render()))
+}
+
+/// What a training process has done so far: its steps as the job's (every rank's cells and
+/// loss), its own time by phase.
 #[derive(Debug, Default)]
 pub struct TrainMetrics {
     inner: Mutex<TrainCounts>,
@@ -46,6 +54,12 @@ struct TrainCounts {
 }
 
 impl TrainMetrics {
+    /// A worker's progress sink that feeds these metrics.
+    pub fn sink(self: &Arc<Self>) -> ProgressSink {
+        let observed = Arc::clone(self);
+        ProgressSink(Arc::new(move |p| observed.observe(p)))
+    }
+
     pub fn observe(&self, progress: &tessera_worker::fit::Progress<'_>) {
         use tessera_worker::fit::Progress;
         let mut c = self.inner.lock().unwrap_or_else(PoisonError::into_inner);

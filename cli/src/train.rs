@@ -68,9 +68,8 @@ pub struct TrainArgs {
     #[arg(long)]
     workers: Option<usize>,
     /// Serve Prometheus metrics (GET /metrics: steps, cells, loss terms, time by phase) and a
-    /// health check (GET /healthz) over plain HTTP here. Steps are counted by a process that
-    /// trains alone; a distributed run's ranks serve the health check (their step metrics are
-    /// not reported yet).
+    /// health check (GET /healthz) over plain HTTP here: alone, or each rank under a launcher
+    /// (not the processes of --workers).
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
 }
@@ -78,17 +77,11 @@ pub struct TrainArgs {
 pub fn run(args: TrainArgs) -> Result<()> {
     let metrics = std::sync::Arc::new(crate::metrics::TrainMetrics::default());
     // Kept alive for the whole run: the metrics server's runtime.
-    let _metrics_server = match args.metrics_listen {
-        Some(at) => {
-            let observed = std::sync::Arc::clone(&metrics);
-            Some(crate::metrics::spawn_thread(at, std::sync::Arc::new(move || observed.render()))?)
-        }
-        None => None,
-    };
+    let _metrics_server = args.metrics_listen.map(|at| crate::metrics::serve_train(at, &metrics)).transpose()?;
     let launch = if args.workers.is_none() { crate::distributed::Launch::from_env()? } else { None };
     if let Some(l) = launch.as_ref().filter(|l| l.rank > 0) {
         // Rank 0 submits the job with the data and configuration; this rank only trains.
-        l.serve_as_worker(args.cache_mib << 20)?;
+        l.serve_as_worker(args.cache_mib << 20, &metrics)?;
         println!("rank {} of {}: the job ended", l.rank, l.world);
         return Ok(());
     }
@@ -115,7 +108,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
     let report = match (args.workers, &launch) {
         (Some(n), _) => crate::distributed::train(&opts, n).with_context(|| format!("training on {data} with {n} workers"))?,
-        (None, Some(l)) => crate::distributed::train_as_rank0(&opts, l).with_context(|| format!("training on {data} as rank 0 of {}", l.world))?,
+        (None, Some(l)) => crate::distributed::train_as_rank0(&opts, l, &metrics).with_context(|| format!("training on {data} as rank 0 of {}", l.world))?,
         (None, None) => train_alone(&opts, &metrics)?,
     };
 

@@ -30,6 +30,10 @@ pub struct WorkerArgs {
     /// Exit after this many jobs (default: serve until stopped).
     #[arg(long)]
     max_jobs: Option<usize>,
+    /// Serve Prometheus metrics (GET /metrics: this worker's steps, cells, loss terms, time by
+    /// phase) and a health check (GET /healthz) over plain HTTP here.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// The first of `names` set in the environment.
@@ -47,7 +51,10 @@ pub fn master_url() -> Option<String> {
 pub fn run(args: WorkerArgs) -> Result<()> {
     let coordinator = args.coordinator.or_else(master_url).unwrap_or_else(|| "http://127.0.0.1:50051".into());
     let advertise_host = args.advertise_host.or_else(|| env_any(&["POD_IP"])).or_else(|| args.ring_listen.ip().is_unspecified().then(|| env_any(&["HOSTNAME"])).flatten());
-    let config = NodeConfig { coordinator: coordinator.clone(), ring_listen: args.ring_listen, advertise_host, cache_bytes: args.cache_mib << 20, timeout: Duration::from_secs(args.timeout_s), max_jobs: args.max_jobs, stop: crate::signals::stop_flag()? };
+    let metrics = std::sync::Arc::new(crate::metrics::TrainMetrics::default());
+    // Kept alive for the whole run: the metrics server's runtime.
+    let _metrics_server = args.metrics_listen.map(|at| crate::metrics::serve_train(at, &metrics)).transpose()?;
+    let config = NodeConfig { coordinator: coordinator.clone(), ring_listen: args.ring_listen, advertise_host, cache_bytes: args.cache_mib << 20, timeout: Duration::from_secs(args.timeout_s), max_jobs: args.max_jobs, stop: crate::signals::stop_flag()?, progress: Some(metrics.sink()) };
     let ended = node::run(&config).with_context(|| format!("worker of {coordinator}"))?;
     stopped(ended, " (the coordinator resumes the job from it)")
 }

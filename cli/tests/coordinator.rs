@@ -1,7 +1,10 @@
 //! `tessera coordinator` as a process: it reports its port, answers the gRPC health check,
-//! checks submitted jobs against the real store and configuration before queueing them, and
-//! resumes a job after it is killed and restarted from its state folder.
+//! checks submitted jobs against the real store and configuration before queueing them,
+//! resumes a job after it is killed and restarted from its state folder, and shuts down on
+//! SIGTERM; a standing `tessera worker` serves its step metrics and leaves on SIGTERM.
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -69,18 +72,71 @@ fn sigterm_shuts_the_coordinator_down_cleanly() {
     let mut coordinator = start("127.0.0.1:0", &dir.path().join("state"));
     let pid = coordinator.0.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = exit_within(&mut coordinator.0, Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+}
+
+/// Waits up to `limit` for `child` to exit (killing it past that); its exit status.
+fn exit_within(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let pid = child.id().to_string();
     let status = std::thread::scope(|scope| {
         let (tx, exited) = std::sync::mpsc::channel();
-        let child = &mut coordinator.0;
         scope.spawn(move || tx.send(child.wait().unwrap()));
-        let status = exited.recv_timeout(Duration::from_secs(30));
+        let status = exited.recv_timeout(limit);
         if status.is_err() {
             let _ = Command::new("kill").args(["-KILL", &pid]).status();
         }
         status
     });
-    let status = status.expect("the coordinator exits within 30 s of SIGTERM");
-    assert!(status.success(), "{status:?}");
+    status.unwrap_or_else(|_| panic!("no exit within {limit:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standing_worker_serves_its_step_metrics_and_leaves_on_sigterm() {
+    use tessera_serve::exposition::{parse, value};
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.zarr").to_string_lossy().into_owned();
+    common::ok(&common::tessera(&["simulate", &store, "--cells", "2000", "--genes", "100"]));
+    let coordinator = start("127.0.0.1:0", &dir.path().join("state"));
+    let endpoint = format!("http://{}", coordinator.1);
+    // No --max-jobs: it serves until stopped.
+    let child = Command::new(env!("CARGO_BIN_EXE_tessera")).args(["worker", "--coordinator", &endpoint, "--ring-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--timeout-s", "60"]).env("TESSERA_LOG", "warn").stdout(Stdio::piped()).spawn().unwrap();
+    let mut worker = Workers(vec![child]);
+    let mut line = String::new();
+    BufReader::new(worker.0[0].stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let metrics = line.trim().strip_prefix("metrics listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+
+    let outcome = tokio::time::timeout(Duration::from_secs(120), async {
+        let mut c = CoordinatorClient::connect(endpoint.clone()).await.unwrap();
+        let spec = pb::JobSpec { data_url: store.clone(), config_toml: "[model]\nn_hidden = 16\n[train]\nmax_epochs = 3\nbatch_size = 128\n".into(), world_size: 1, output_url: dir.path().join("out").display().to_string(), ..pb::JobSpec::default() };
+        let job = c.submit_job(spec).await.unwrap().into_inner();
+        let mut watch = c.watch_job(job).await.unwrap().into_inner();
+        let mut last = None;
+        while let Some(s) = watch.message().await.unwrap() {
+            last = Some(s);
+        }
+        last.unwrap()
+    })
+    .await;
+    let last = outcome.expect("the job ended within 2 minutes");
+    assert_eq!(last.state(), pb::job_status::State::Succeeded, "{last:?}");
+
+    // The job is over and the worker waits for the next: its counters are final.
+    let (head, body) = tokio::task::block_in_place(|| common::http_get(&metrics, "/metrics"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let samples = parse(&body).unwrap();
+    let get = |name: &str, labels: &[(&str, &str)]| value(&samples, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in\n{body}"));
+    assert_eq!((get("tessera_train_epochs_total", &[]), get("tessera_train_epochs_planned", &[])), (3.0, 3.0));
+    // 2,000 cells less the 200 held out, three times.
+    assert_eq!(get("tessera_train_cells_total", &[]), 5400.0);
+    // At least ceil(1800 / 128) steps an epoch (a fetch's remainder may make one more).
+    assert!(get("tessera_train_steps_total", &[]) >= 3.0 * 15.0, "{body}");
+    assert!(get("tessera_train_loss", &[("term", "reconstruction")]) > 0.0 && get("tessera_train_step_seconds_total", &[("phase", "compute")]) > 0.0, "{body}");
+
+    // SIGTERM while idle: it leaves the coordinator and exits 143 at once.
+    assert!(Command::new("kill").args(["-TERM", &worker.0[0].id().to_string()]).status().unwrap().success());
+    let status = exit_within(&mut worker.0[0], Duration::from_secs(30));
+    assert_eq!(status.code(), Some(143), "{status:?}");
 }
 
 /// Worker processes, killed when dropped.

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{copy_dir, ok, tessera};
+use common::{copy_dir, http_get, ok, tessera};
 
 fn path(dir: &Path, name: &str) -> String {
     dir.join(name).display().to_string()
@@ -107,16 +107,4 @@ async fn serve_maps_a_query_submitted_over_grpc() {
     let (head, body) = http_get(&metrics, "/healthz");
     assert!(head.starts_with("HTTP/1.1 200") && body == "ok\n", "{head}{body}");
     assert!(http_get(&metrics, "/other").0.starts_with("HTTP/1.1 404"));
-}
-
-/// A plain HTTP GET: (status line and headers, body).
-fn http_get(address: &str, path: &str) -> (String, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(address).unwrap();
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: tessera\r\n\r\n").unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-    (head.to_string(), body.to_string())
 }

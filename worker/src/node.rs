@@ -19,7 +19,7 @@ use tessera_proto::v1::coordinator_client::CoordinatorClient;
 use tokio::runtime::Runtime;
 use tonic::transport::Channel;
 
-use crate::fit::{FitConfig, FitError, FitOptions, train};
+use crate::fit::{FitConfig, FitError, FitOptions, Progress, train};
 use crate::parallel::{EpochEnd, EpochHooks, Placement};
 use crate::network::{NetworkJobError, NetworkRequest, network_rank};
 use crate::ring::{Ring, RingError};
@@ -41,6 +41,18 @@ pub struct NodeConfig {
     /// step, this worker tells the coordinator it is leaving, and `run` returns
     /// `Ended::Stopped`.
     pub stop: Arc<AtomicBool>,
+    /// Told of every step and epoch this worker trains (a metrics endpoint).
+    pub progress: Option<ProgressSink>,
+}
+
+/// Somewhere to send training progress from the training thread.
+#[derive(Clone)]
+pub struct ProgressSink(pub Arc<dyn Fn(&Progress<'_>) + Send + Sync>);
+
+impl std::fmt::Debug for ProgressSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressSink")
+    }
 }
 
 /// Why `run` returned.
@@ -261,7 +273,12 @@ fn run_assignment(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared
     let hooks = Reporter { runtime: runtime.handle().clone(), client: client.clone(), shared: Arc::clone(shared), job_id: a.job_id.clone(), generation: a.generation, last_step_report: Instant::now(), stop: Arc::clone(&config.stop) };
     let resume_from = (!a.resume_from.is_empty()).then(|| PathBuf::from(&a.resume_from));
     let mut place = Placement { ring, parts, hooks: Box::new(hooks), checkpoint_per_epoch: true, resume_from };
-    train(&opts, &mut place, |_| {}).map(|_| ())
+    train(&opts, &mut place, |p| {
+        if let Some(sink) = &config.progress {
+            (sink.0)(&p);
+        }
+    })
+    .map(|_| ())
 }
 
 /// A network job (`JobSpec.network_toml`): this rank's rows of SNF; rank 0 also writes the
