@@ -67,13 +67,17 @@ pub async fn serve(listener: tokio::net::TcpListener, config: Config, state: Opt
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<tessera_proto::v1::coordinator_server::CoordinatorServer<Service>>().await;
     tracing::info!(listen = %bound, "coordinator serving");
-    tonic::transport::Server::builder()
+    // Workers long-poll Join and users watch jobs: open calls get DRAIN after the signal.
+    let (shutdown, deadline) = tessera_serve::drain_deadline(shutdown, tessera_serve::DRAIN);
+    let serving = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(service.server())
         // Without TCP_NODELAY small answers wait for the peer's delayed ACK (~40 ms each).
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
-        .await
-        .with_context(|| format!("serving on {bound}"))
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown);
+    tokio::select! {
+        served = serving => served.with_context(|| format!("serving on {bound}")),
+        () = deadline => Ok(()),
+    }
 }
 
 /// Writes the snapshot after every change that alters it (the latest one wins; writes are

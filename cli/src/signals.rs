@@ -77,7 +77,7 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
                     }
                     if first {
                         set.store(true, Ordering::SeqCst);
-                        tracing::warn!("stop requested: checkpointing after the current step (signal again to exit now)");
+                        tracing::warn!("stop requested: stopping after the current step, which is checkpointed (signal again to exit now)");
                     }
                 }
                 std::process::exit(i32::from(EXIT_STOPPED));

@@ -66,14 +66,23 @@ async fn serves_health_and_checks_jobs_against_the_store() {
     assert!(outcome.is_ok(), "the coordinator answered within a minute");
 }
 
-#[test]
-fn sigterm_shuts_the_coordinator_down_cleanly() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_the_coordinator_down_though_a_watch_stays_open() {
     let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.zarr").to_string_lossy().into_owned();
+    common::ok(&common::tessera(&["simulate", &store, "--cells", "300", "--genes", "50"]));
     let mut coordinator = start("127.0.0.1:0", &dir.path().join("state"));
-    let pid = coordinator.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let status = exit_within(&mut coordinator.0, Duration::from_secs(30));
+    let mut c = CoordinatorClient::connect(format!("http://{}", coordinator.1)).await.unwrap();
+    // Two workers wanted, none there: the job waits and its watch stays open.
+    let job = c.submit_job(pb::JobSpec { data_url: store, world_size: 2, ..pb::JobSpec::default() }).await.unwrap().into_inner();
+    let mut watch = c.watch_job(job).await.unwrap().into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().state(), pb::job_status::State::Queued);
+    assert!(Command::new("kill").args(["-TERM", &coordinator.0.id().to_string()]).status().unwrap().success());
+    // The open watch is cut after the 10 s drain.
+    let status = tokio::task::block_in_place(|| exit_within(&mut coordinator.0, Duration::from_secs(30)));
     assert!(status.success(), "{status:?}");
+    let end = watch.message().await;
+    assert!(end.as_ref().is_err() || end.as_ref().is_ok_and(Option::is_none), "the watch ended with the coordinator: {end:?}");
 }
 
 /// Waits up to `limit` for `child` to exit (killing it past that); its exit status.

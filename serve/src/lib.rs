@@ -20,6 +20,7 @@ pub mod service;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tessera_proto::v1::atlas_server::AtlasServer;
 use tonic::Status;
@@ -121,11 +122,39 @@ pub async fn serve(listener: tokio::net::TcpListener, atlas: AtlasService, confi
         builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?)))?;
     }
     tracing::info!(listen = %bound, tls = config.tls.is_some(), registry = %config.registry, "atlas serving");
-    builder
+    let (shutdown, deadline) = drain_deadline(shutdown, DRAIN);
+    let serving = builder
         .add_service(health_service)
         .add_service(server)
         // Without TCP_NODELAY small answers wait for the client's delayed ACK (~40 ms each).
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown);
+    tokio::select! {
+        served = serving => served?,
+        () = deadline => {}
+    }
     Ok(())
+}
+
+/// How long a server that was told to shut down waits for the calls still open.
+pub const DRAIN: Duration = Duration::from_secs(10);
+
+/// `shutdown` passed on to a server, and a future that completes `drain` after it: a server
+/// stops accepting at the first and finishes open calls, but a watch stream or a long poll
+/// would hold it (and the pod) open for good; at the second it is dropped with them.
+pub fn drain_deadline(shutdown: impl Future<Output = ()>, drain: Duration) -> (impl Future<Output = ()>, impl Future<Output = ()>) {
+    let (fired, mut seen) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        shutdown.await;
+        let _ = fired.send(true);
+    };
+    let deadline = async move {
+        if seen.wait_for(|&f| f).await.is_ok() {
+            tokio::time::sleep(drain).await;
+            tracing::warn!("calls still open {drain:?} after the shutdown signal: closing them");
+        } else {
+            // The server ended by itself: nothing to cut.
+            std::future::pending::<()>().await;
+        }
+    };
+    (signal, deadline)
 }
