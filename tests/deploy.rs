@@ -47,7 +47,7 @@ const CUSTOM_KINDS: [&str; 3] = ["TrainJob", "PodGroup", "LocalQueue"];
 fn every_overlay_renders_and_validates_against_the_kubernetes_schemas() {
     let (Some(kubectl), Some(validate)) = (tool("kubectl"), tool("kubernetes-validate")) else { return };
     let names: Vec<String> = overlays().iter().map(|o| o.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    assert_eq!(names, ["cpu", "gpu", "kubeflow", "kueue", "volcano"]);
+    assert_eq!(names, ["cpu", "gpu", "kubeflow", "kueue", "pool", "volcano"]);
     let dir = tempfile::tempdir().unwrap();
     for overlay in overlays() {
         let name = overlay.file_name().unwrap().to_string_lossy().into_owned();
@@ -57,6 +57,8 @@ fn every_overlay_renders_and_validates_against_the_kubernetes_schemas() {
         for kind in ["Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap"] {
             assert!(kinds.contains(&kind), "{name}: no {kind} in {kinds:?}");
         }
+        // Every image resolved to a registry's (an overlay's own resources need their rename).
+        assert!(rendered.lines().filter_map(|l| l.trim().strip_prefix("image: ")).all(|i| i.starts_with("ghcr.io/")), "{name}: an image without its registry");
         let training = if name == "kubeflow" { "TrainJob" } else { "Job" };
         assert!(kinds.contains(&training), "{name}: the ranks are a {training}: {kinds:?}");
         let file = dir.path().join(format!("{name}.yaml"));
@@ -88,6 +90,18 @@ fn the_gpu_overlay_asks_for_one_gpu_per_rank_and_the_ranks_find_rank_0() {
     assert!(cpu.contains("podFailurePolicy:") && cpu.contains("values:\n        - 143"), "{cpu}");
     // The world size is stated twice and must agree.
     assert!(cpu.contains("completions: 4") && cpu.contains("parallelism: 4") && cpu.contains("value: \"4\""));
+}
+
+#[test]
+fn the_pool_overlay_trains_on_the_standing_coordinator() {
+    let Some(kubectl) = tool("kubectl") else { return };
+    let pool = render(&kubectl, &repo().join("deploy/k8s/overlays/pool"));
+    // No per-job coordinator in rank 0: workers and the submitting Job reach the standing one.
+    assert!(!pool.contains("completionMode: Indexed") && !pool.contains("name: tessera-train\n"), "{pool}");
+    assert_eq!(pool.matches("http://tessera-coordinator:50051").count(), 2, "{pool}");
+    for needle in ["name: tessera-worker", "- worker", "- submit", "backoffLimit: 0", "maxUnavailable: 1", "path: /healthz"] {
+        assert!(pool.contains(needle), "pool overlay lacks {needle:?}");
+    }
 }
 
 #[test]

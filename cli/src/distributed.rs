@@ -61,7 +61,7 @@ impl Drop for Workers {
     }
 }
 
-fn absolute(path: &str) -> Result<String> {
+pub fn absolute(path: &str) -> Result<String> {
     // URLs pass as they are; local paths are made absolute for the workers.
     if path.contains("://") {
         return Ok(path.to_string());
@@ -178,6 +178,58 @@ pub fn train_as_rank0(opts: &FitOptions, launch: &Launch, metrics: &Arc<TrainMet
     )
 }
 
+/// Prints a job's statuses as they change: each new epoch with its losses, each new state.
+pub struct JobView {
+    id: String,
+    state: pb::job_status::State,
+    epoch: u32,
+}
+
+impl JobView {
+    pub fn new(id: &str) -> JobView {
+        JobView { id: id.to_string(), state: pb::job_status::State::Unspecified, epoch: 0 }
+    }
+
+    /// Prints what changed; the job's outcome once it has ended.
+    pub fn show(&mut self, status: &pb::JobStatus) -> Option<Result<()>> {
+        if status.epoch > self.epoch {
+            self.epoch = status.epoch;
+            let loss = |t: &Option<pb::LossTerms>| t.as_ref().map_or("-".to_string(), |t| format!("{:.2}", t.loss));
+            println!("epoch {}/{}: train loss {}, validation loss {}, {:.0} cells/s", self.epoch, status.epochs, loss(&status.train), loss(&status.validation), status.cells_per_second);
+        }
+        let now = status.state();
+        if now != self.state {
+            self.state = now;
+            let why = if status.message.is_empty() { String::new() } else { format!(" ({})", status.message) };
+            println!("{}: {}{why}, {} workers", self.id, now.as_str_name(), status.workers.len());
+        }
+        match now {
+            pb::job_status::State::Succeeded => Some(Ok(())),
+            pb::job_status::State::Failed | pb::job_status::State::Cancelled => Some(Err(anyhow!("{} {}: {}", self.id, now.as_str_name(), status.message))),
+            _ => None,
+        }
+    }
+}
+
+/// A training job's spec: the configuration with `train.parts` defaulting to the world size,
+/// local paths made absolute (the workers run elsewhere).
+pub fn job_spec(opts: &FitOptions, world: usize) -> Result<pb::JobSpec> {
+    let mut config = opts.config.clone();
+    config.train.parts.get_or_insert(world);
+    Ok(pb::JobSpec {
+        data_url: absolute(&opts.data)?,
+        config_toml: toml::to_string(&config).context("writing the configuration as TOML")?,
+        world_size: world as u32,
+        batch_key: opts.batch_key.clone().unwrap_or_default(),
+        label_key: opts.label_key.clone().unwrap_or_default(),
+        output_url: absolute(&opts.out.display().to_string())?,
+        modalities: opts.modalities.clone(),
+        embedding_key: opts.embedding_key.clone(),
+        overwrite: opts.overwrite,
+        network_toml: String::new(),
+    })
+}
+
 /// `tessera snf --workers N`: SNF over row blocks on N local worker processes under an
 /// in-process coordinator; rank 0 writes the outputs and `<out>/snf.json`.
 pub fn network(req: &NetworkRequest, out: &Path, workers: usize) -> Result<NetworkReport> {
@@ -189,7 +241,7 @@ pub fn network(req: &NetworkRequest, out: &Path, workers: usize) -> Result<Netwo
     let request = NetworkRequest { data: data.clone(), ..req.clone() };
     let spec = pb::JobSpec { data_url: data, world_size: workers as u32, output_url: out.clone(), network_toml: toml::to_string(&request).context("writing the request as TOML")?, ..pb::JobSpec::default() };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(run_job(spec, (std::net::Ipv4Addr::LOCALHOST, 0).into(), Trainers::Local { n: workers, cache_bytes: 0 }, 1))?;
+    runtime.block_on(run_job(spec, (std::net::Ipv4Addr::LOCALHOST, 0).into(), Trainers::Local { n: workers, cache_bytes: 0 }))?;
     let path = Path::new(&out).join(format!("{}.json", req.method.name()));
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
@@ -206,33 +258,16 @@ fn train_with(
             "--denoised and --resume are not supported with --workers yet (a distributed job resumes by itself after losing a worker): train without --workers"
         );
     }
-    let mut config = opts.config.clone();
-    config.train.parts.get_or_insert(workers);
-    let config_toml = toml::to_string(&config).context("writing the configuration as TOML")?;
-    let (data, out) = (
-        absolute(&opts.data)?,
-        absolute(&opts.out.display().to_string())?,
-    );
+    let spec = job_spec(opts, workers)?;
+    let out = spec.output_url.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {out}"))?;
-    let (_, epochs) = tessera_worker::check_job(&data, &config_toml)?;
-    let spec = pb::JobSpec {
-        data_url: data.clone(),
-        config_toml,
-        world_size: workers as u32,
-        batch_key: opts.batch_key.clone().unwrap_or_default(),
-        label_key: opts.label_key.clone().unwrap_or_default(),
-        output_url: out.clone(),
-        modalities: opts.modalities.clone(),
-        embedding_key: opts.embedding_key.clone(),
-        overwrite: opts.overwrite,
-        network_toml: String::new(),
-    };
+    tessera_worker::check_job(&spec.data_url, &spec.config_toml)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run_job(spec, listen, trainers, epochs))?;
+    runtime.block_on(run_job(spec, listen, trainers))?;
     let path = Path::new(&out).join(REPORT_FILE);
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -243,7 +278,6 @@ async fn run_job(
     spec: pb::JobSpec,
     listen: std::net::SocketAddr,
     trainers: Trainers,
-    epochs: u32,
 ) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -316,7 +350,7 @@ async fn run_job(
         .await
         .map_err(|s| anyhow!("watching {}: {}", job.job_id, s.message()))?
         .into_inner();
-    let (mut state, mut epoch) = (pb::job_status::State::Unspecified, 0);
+    let mut view = JobView::new(&job.job_id);
     let outcome = loop {
         let next = tokio::select! {
             message = statuses.message() => Some(message),
@@ -340,45 +374,8 @@ async fn run_job(
                 job.job_id
             ));
         };
-        if status.epoch > epoch {
-            epoch = status.epoch;
-            let loss = |t: &Option<pb::LossTerms>| {
-                t.as_ref()
-                    .map_or("-".to_string(), |t| format!("{:.2}", t.loss))
-            };
-            println!(
-                "epoch {epoch}/{epochs}: train loss {}, validation loss {}, {:.0} cells/s",
-                loss(&status.train),
-                loss(&status.validation),
-                status.cells_per_second
-            );
-        }
-        let now = status.state();
-        if now != state {
-            state = now;
-            let why = if status.message.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", status.message)
-            };
-            println!(
-                "{}: {}{why}, {} workers",
-                job.job_id,
-                now.as_str_name(),
-                status.workers.len()
-            );
-        }
-        match now {
-            pb::job_status::State::Succeeded => break Ok(()),
-            pb::job_status::State::Failed | pb::job_status::State::Cancelled => {
-                break Err(anyhow!(
-                    "{} {}: {}",
-                    job.job_id,
-                    now.as_str_name(),
-                    status.message
-                ));
-            }
-            _ => {}
+        if let Some(ended) = view.show(&status) {
+            break ended;
         }
     };
     // Rank 0 reported the last epoch after writing the outputs; the workers leave on their own.

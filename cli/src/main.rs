@@ -15,6 +15,7 @@ mod metrics;
 mod serve;
 mod signals;
 mod snf;
+mod submit;
 mod train;
 mod worker;
 
@@ -73,6 +74,10 @@ enum Command {
     Coordinator(coordinator::CoordinatorArgs),
     /// Serve as a data-parallel training worker of a coordinator.
     Worker(worker::WorkerArgs),
+    /// Submit a training job to a standing coordinator and follow it to its end.
+    Submit(submit::SubmitArgs),
+    /// Cancel a job of a standing coordinator.
+    Cancel(submit::CancelArgs),
     /// Benchmarks of hot paths.
     Bench {
         #[command(subcommand)]
@@ -244,6 +249,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { what } => bench::run(what),
         Command::Coordinator(args) => coordinator::run(args),
         Command::Worker(args) => worker::run(args),
+        Command::Submit(args) => submit::submit(args),
+        Command::Cancel(args) => submit::cancel(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Snf(args) => snf::run(args),

@@ -85,16 +85,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         println!("rank {} of {}: the job ended", l.rank, l.world);
         return Ok(());
     }
-    let mut config = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            FitConfig::from_toml(&text, &path.display().to_string())?
-        }
-        None => FitConfig::default(),
-    };
-    if let Some(e) = args.epochs {
-        config.train.max_epochs = Some(e);
-    }
+    let config = read_config(args.config.as_deref(), args.epochs)?;
     let data = match args.data {
         Some(d) => d,
         None => default_data(&args.out)?,
@@ -143,6 +134,22 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let req = EvalRequest { data: data.clone(), modality, embedding_key: args.embedding_key, label_key, batch_key, max_cells: Some(DEFAULT_MAX_CELLS), options: EvalOptions::default() };
     let evaluation = tessera_worker::evaluate_store(&req).with_context(|| format!("evaluating the embedding in {data}"))?;
     crate::eval::report(&evaluation, &args.out)
+}
+
+/// The run's configuration: the TOML file's (or the defaults), `--epochs` overriding
+/// `train.max_epochs`.
+pub(crate) fn read_config(path: Option<&std::path::Path>, epochs: Option<usize>) -> Result<FitConfig> {
+    let mut config = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            FitConfig::from_toml(&text, &path.display().to_string())?
+        }
+        None => FitConfig::default(),
+    };
+    if let Some(e) = epochs {
+        config.train.max_epochs = Some(e);
+    }
+    Ok(config)
 }
 
 /// Trains in this process, with a progress bar.

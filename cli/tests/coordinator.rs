@@ -1,7 +1,8 @@
 //! `tessera coordinator` as a process: it reports its port, answers the gRPC health check,
 //! checks submitted jobs against the real store and configuration before queueing them,
 //! resumes a job after it is killed and restarted from its state folder, and shuts down on
-//! SIGTERM; a standing `tessera worker` serves its step metrics and leaves on SIGTERM.
+//! SIGTERM; `tessera submit` runs a job on a standing `tessera worker`, which serves its step
+//! metrics and leaves on SIGTERM.
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 mod common;
@@ -101,7 +102,7 @@ fn exit_within(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standing_worker_serves_its_step_metrics_and_leaves_on_sigterm() {
+async fn a_submitted_job_runs_on_a_standing_worker_which_serves_its_metrics_and_leaves_on_sigterm() {
     use tessera_serve::exposition::{parse, value};
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s.zarr").to_string_lossy().into_owned();
@@ -115,20 +116,20 @@ async fn a_standing_worker_serves_its_step_metrics_and_leaves_on_sigterm() {
     BufReader::new(worker.0[0].stdout.take().unwrap()).read_line(&mut line).unwrap();
     let metrics = line.trim().strip_prefix("metrics listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
 
-    let outcome = tokio::time::timeout(Duration::from_secs(120), async {
-        let mut c = CoordinatorClient::connect(endpoint.clone()).await.unwrap();
-        let spec = pb::JobSpec { data_url: store.clone(), config_toml: "[model]\nn_hidden = 16\n[train]\nmax_epochs = 3\nbatch_size = 128\n".into(), world_size: 1, output_url: dir.path().join("out").display().to_string(), ..pb::JobSpec::default() };
-        let job = c.submit_job(spec).await.unwrap().into_inner();
-        let mut watch = c.watch_job(job).await.unwrap().into_inner();
-        let mut last = None;
-        while let Some(s) = watch.message().await.unwrap() {
-            last = Some(s);
-        }
-        last.unwrap()
-    })
-    .await;
-    let last = outcome.expect("the job ended within 2 minutes");
-    assert_eq!(last.state(), pb::job_status::State::Succeeded, "{last:?}");
+    // `tessera submit` follows the job to its end.
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, "[model]\nn_hidden = 16\n[train]\nmax_epochs = 3\nbatch_size = 128\n").unwrap();
+    let out = dir.path().join("out").display().to_string();
+    let submit = |data: &str| common::tessera(&["submit", "--coordinator", &endpoint, "--data", data, "--config", config.to_str().unwrap(), "--out", &out, "--world-size", "1"]);
+    let printed = tokio::task::block_in_place(|| common::ok(&submit(&store)));
+    assert!(printed.contains("job-1: submitted to") && printed.contains("epoch 3/3: train loss") && printed.contains("job-1: SUCCEEDED"), "{printed}");
+    assert!(std::path::Path::new(&out).join("model.safetensors").exists());
+    // What the coordinator refuses, and cancelling an unknown job, are named.
+    let missing = dir.path().join("absent.zarr").display().to_string();
+    let refused = tokio::task::block_in_place(|| common::failed(&submit(&missing)));
+    assert!(refused.contains("absent.zarr"), "{refused}");
+    let refused = tokio::task::block_in_place(|| common::failed(&common::tessera(&["cancel", "job-99", "--coordinator", &endpoint])));
+    assert!(refused.contains("job-99"), "{refused}");
 
     // The job is over and the worker waits for the next: its counters are final.
     let (head, body) = tokio::task::block_in_place(|| common::http_get(&metrics, "/metrics"));

@@ -113,6 +113,7 @@ impl Service {
                 job_id: job_name(job),
                 state: state_of(j.state) as i32,
                 epoch: j.epochs_done,
+                epochs: j.spec.epochs,
                 step: j.step,
                 generation: j.generation,
                 workers,
