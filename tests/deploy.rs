@@ -82,7 +82,8 @@ fn the_gpu_overlay_asks_for_one_gpu_per_rank_and_the_ranks_find_rank_0() {
     let cpu = render(&kubectl, &repo().join("deploy/k8s/overlays/cpu"));
     assert!(!cpu.contains("nvidia.com/gpu"));
     // Rank from the completion index; rank 0 through the headless Service.
-    for needle in ["completionMode: Indexed", "batch.kubernetes.io/job-completion-index", "value: tessera-train-0.tessera-train", "clusterIP: None", "subdomain: tessera-train"] {
+    // Every rank runs with --resume (a replaced rank 0 continues its job) and shares `out`.
+    for needle in ["completionMode: Indexed", "batch.kubernetes.io/job-completion-index", "value: tessera-train-0.tessera-train", "clusterIP: None", "subdomain: tessera-train", "- --resume", "claimName: tessera-shared", "out: /mnt/tessera/run-1", "mountPath: /mnt/tessera"] {
         assert!(cpu.contains(needle), "cpu overlay lacks {needle:?}");
     }
     // A rank that exits 143 (SIGTERM: step checkpointed, left the coordinator) is replaced

@@ -54,10 +54,10 @@ fn check(spec: &pb::JobSpec) -> Result<ValidJob, String> {
 /// `state` (a persisted snapshot: jobs resume) or empty; `persist` keeps the state there.
 pub async fn serve(listener: tokio::net::TcpListener, config: Config, state: Option<Snapshot>, persist: Option<Store>, metrics: Option<SocketAddr>, shutdown: impl Future<Output = ()>) -> Result<()> {
     let bound = listener.local_addr().context("reading the bound address")?;
-    let service = match state {
-        Some(snapshot) => Service::restored(Coordinator::restore(config, 0, snapshot), Arc::new(check)),
-        None => Service::new(config, Arc::new(check)),
-    };
+    // Without a saved state, worker ids start from the clock: workers of an earlier coordinator
+    // on this address (a restarted rank 0's) must not find their old ids handed to others.
+    let snapshot = state.unwrap_or_else(|| Snapshot { next_worker: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64), jobs: Vec::new() });
+    let service = Service::restored(Coordinator::restore(config, 0, snapshot), Arc::new(check));
     if let Some(at) = metrics {
         let observed = service.clone();
         crate::metrics::spawn(at, Arc::new(move || crate::metrics::coordinator_render(&observed.snapshot()))).await?;

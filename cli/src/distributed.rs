@@ -227,6 +227,7 @@ pub fn job_spec(opts: &FitOptions, world: usize) -> Result<pb::JobSpec> {
         embedding_key: opts.embedding_key.clone(),
         overwrite: opts.overwrite,
         network_toml: String::new(),
+        resume: None,
     })
 }
 
@@ -253,15 +254,25 @@ fn train_with(
     listen: std::net::SocketAddr,
     trainers: Trainers,
 ) -> Result<FitReport> {
-    if opts.denoised.is_some() || opts.resume {
-        bail!(
-            "--denoised and --resume are not supported with --workers yet (a distributed job resumes by itself after losing a worker): train without --workers"
-        );
+    if opts.denoised.is_some() {
+        bail!("--denoised is not supported with --workers yet: train without --workers");
     }
-    let spec = job_spec(opts, workers)?;
+    let mut spec = job_spec(opts, workers)?;
     let out = spec.output_url.clone();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {out}"))?;
     tessera_worker::check_job(&spec.data_url, &spec.config_toml)?;
+    if opts.resume {
+        // A restarted rank 0 (or a rerun) continues from the last checkpoint its job wrote;
+        // the first run has none and starts from the beginning.
+        let root = Path::new(&out).join("checkpoint");
+        match tessera_worker::checkpoint::latest(&root)? {
+            Some(c) => {
+                println!("resuming from {} ({} epochs done, step {})", c.location.display(), c.epochs_done, c.step);
+                spec.resume = Some(pb::CheckpointRef { location: c.location.display().to_string(), epochs_done: c.epochs_done as u32, step: c.step });
+            }
+            None => println!("no checkpoint in {}: starting from the beginning", root.display()),
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -378,6 +389,8 @@ async fn run_job(
             break ended;
         }
     };
+    // Our own watch must not be an open call the server waits for when it stops.
+    drop((statuses, client));
     // Rank 0 reported the last epoch after writing the outputs; the workers leave on their own.
     workers.wait(Duration::from_secs(if outcome.is_ok() { 30 } else { 0 }));
     // Joined when the job succeeded (it is leaving) or it already left (stopped or failed).
@@ -388,8 +401,8 @@ async fn run_job(
     let _ = stop.send(());
     server.await.context("coordinator task")??;
     if let Some(Ended::Stopped { checkpoint }) = rank0 {
-        // This process held the job's coordinator: a restarted rank 0 submits the job anew.
-        return Err(crate::signals::Stopped { checkpoint, hint: " (the job's coordinator stopped with rank 0; a standing `tessera coordinator --state` resumes jobs)" }.into());
+        // This process held the job's coordinator: a restarted rank 0 submits the job again.
+        return Err(crate::signals::Stopped { checkpoint, hint: " (the job's coordinator stopped with rank 0: run rank 0 again with --resume to continue from it)" }.into());
     }
     outcome
 }

@@ -44,7 +44,8 @@ pub struct TrainArgs {
     #[arg(long)]
     overwrite: bool,
     /// Continue the run checkpointed in <out>/checkpoint (same data and config; --epochs may
-    /// raise the epoch count).
+    /// raise the epoch count). With --workers or under a launcher: continue the job from its
+    /// furthest checkpoint if it wrote one (a restarted rank 0), else start from the beginning.
     #[arg(long)]
     resume: bool,
     /// Also write the denoised expression (decoder mean at each cell's latent mean): one

@@ -55,11 +55,15 @@ impl Run {
         }
     }
 
-    /// Reads to the end; the whole output, after checking the process succeeded.
-    fn finish(mut self) -> String {
+    /// Reads to the end; the exit status and the whole output.
+    fn ended(mut self) -> (std::process::ExitStatus, String) {
         while self.line().is_some() {}
-        let status = self.child.wait().unwrap();
-        let out = self.seen.join("\n");
+        (self.child.wait().unwrap(), self.seen.join("\n"))
+    }
+
+    /// Reads to the end; the whole output, after checking the process succeeded.
+    fn finish(self) -> String {
+        let (status, out) = self.ended();
         assert!(status.success(), "tessera train failed:\n{out}");
         out
     }
@@ -234,6 +238,37 @@ fn ranks_of_a_launcher_environment_form_one_job() {
     assert!(text.contains("SUCCEEDED, ") && text.contains("epoch 2/2") && text.contains("trained on"), "{text}");
     assert_eq!(worker.finish().trim(), "rank 1 of 2: the job ended");
     assert_eq!(losses(&out).len(), 2);
+}
+
+#[test]
+fn a_stopped_rank_0_restarted_with_resume_continues_the_job_from_its_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, config, out) = (dir.path().join("s.zarr"), dir.path().join("c.toml"), dir.path().join("out"));
+    simulate(&store, "12000", "300");
+    std::fs::write(&config, "[model]\nn_hidden = 64\n[train]\nmax_epochs = 5\nkl_warmup_epochs = 3\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let mut args = train_args(&store, &config, &out);
+    args.push("--resume");
+    let env = |rank| [("WORLD_SIZE", "2"), ("RANK", rank), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str()), ("POD_IP", "127.0.0.1")];
+    let worker = Run::start(&args, &env("1"), Duration::from_secs(300));
+    let mut rank0 = Run::start(&args, &env("0"), Duration::from_secs(300));
+    // Rank 0 (and the job's coordinator in it) gets SIGTERM inside epoch 3.
+    while let Some(line) = rank0.line() {
+        if line.starts_with("epoch 2/5") {
+            assert!(Command::new("kill").args(["-TERM", &rank0.child.id().to_string()]).status().unwrap().success());
+            break;
+        }
+    }
+    let (status, text) = rank0.ended();
+    assert_eq!(status.code(), Some(143), "{text}");
+    assert!(text.contains("starting from the beginning"), "the first run had no checkpoint:\n{text}");
+    // Its replacement (the same command) resubmits the job from the step it checkpointed; rank 1
+    // re-registers with the new coordinator and the job ends with every epoch once.
+    let text = Run::start(&args, &env("0"), Duration::from_secs(300)).finish();
+    assert!(text.contains("resuming from") && text.contains("epoch-000002-step-") && text.contains("(2 epochs done"), "{text}");
+    assert!(text.contains("SUCCEEDED") && text.contains("epoch 5/5"), "{text}");
+    assert_eq!(worker.finish().trim(), "rank 1 of 2: the job ended");
+    assert_eq!(losses(&out).len(), 5, "every epoch once in the history");
 }
 
 #[test]

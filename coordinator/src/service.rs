@@ -229,7 +229,7 @@ impl CoordinatorRpc for Service {
                     world_size: a.world_size,
                     peers: a.peers,
                     nccl_unique_id: Vec::new(),
-                    spec: Some(pb::JobSpec { data_url: a.spec.data_url, config_toml: a.spec.config_toml, world_size: a.spec.world_size, batch_key: a.spec.batch_key, label_key: a.spec.label_key, output_url: a.spec.output_url, modalities: a.spec.modalities, embedding_key: a.spec.embedding_key, overwrite: a.spec.overwrite, network_toml: a.spec.network_toml }),
+                    spec: Some(pb::JobSpec { data_url: a.spec.data_url, config_toml: a.spec.config_toml, world_size: a.spec.world_size, batch_key: a.spec.batch_key, label_key: a.spec.label_key, output_url: a.spec.output_url, modalities: a.spec.modalities, embedding_key: a.spec.embedding_key, overwrite: a.spec.overwrite, network_toml: a.spec.network_toml, resume: None }),
                     resume_from: resume.as_ref().map(|c| c.location.clone()).unwrap_or_default(),
                     start_epoch: resume.map_or(0, |c| c.epochs_done),
                 }));
@@ -282,6 +282,11 @@ impl CoordinatorRpc for Service {
         let validate = Arc::clone(&self.validate);
         let checked = spec.clone();
         let valid = tokio::task::spawn_blocking(move || validate(&checked)).await.map_err(|e| Status::internal(format!("validating the job: {e}")))?.map_err(Status::invalid_argument)?;
+        let resume = match spec.resume {
+            Some(r) if r.location.is_empty() => return Err(Status::invalid_argument("resume.location: expected the checkpoint's location, got an empty string")),
+            Some(r) => Some(Checkpoint { epochs_done: r.epochs_done, step: r.step, location: r.location }),
+            None => None,
+        };
         let job = JobSpec {
             data_url: spec.data_url,
             config_toml: spec.config_toml,
@@ -296,7 +301,7 @@ impl CoordinatorRpc for Service {
             train_cells: valid.train_cells,
             epochs: valid.epochs,
         };
-        let id = self.change(|c, _| c.submit(job)).map_err(status_of)?;
+        let id = self.change(|c, _| c.submit_from(job, resume)).map_err(status_of)?;
         tracing::info!(job = id, "submitted");
         Ok(Response::new(pb::JobHandle { job_id: job_name(id) }))
     }

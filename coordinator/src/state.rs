@@ -325,15 +325,27 @@ impl Coordinator {
     }
 
     pub fn submit(&mut self, spec: JobSpec) -> Result<JobId, StateError> {
+        self.submit_from(spec, None)
+    }
+
+    /// A job that starts from `resume`, a checkpoint of an earlier run of it (whose coordinator
+    /// is gone): its epochs count as done, each with the job's training cells.
+    pub fn submit_from(&mut self, spec: JobSpec, resume: Option<Checkpoint>) -> Result<JobId, StateError> {
         let id = self.next_job;
         if spec.world_size == 0 {
             return Err(StateError::BadWorldSize { job: id, world: 0 });
         }
+        let epochs_done = resume.as_ref().map_or(0, |c| c.epochs_done);
+        if epochs_done >= spec.epochs && resume.is_some() {
+            return Err(StateError::Stale { job: id, reason: format!("the checkpoint to resume from has {epochs_done} epochs done, the job trains {}: nothing left to train", spec.epochs) });
+        }
         self.next_job += 1;
         let world = spec.world_size;
+        let epoch_cells = (0..epochs_done).map(|e| (e, spec.train_cells)).collect();
+        let message = resume.as_ref().map_or(String::new(), |c| format!("resuming from the checkpoint after epoch {} at step {}", c.epochs_done, c.step));
         self.jobs.insert(
             id,
-            Job { spec, state: JobState::Queued, generation: 0, members: Vec::new(), checkpoint: None, epochs_done: 0, done: BTreeMap::new(), epoch_cells: BTreeMap::new(), world, lost_at: None, message: String::new(), step: 0, ends_after: None, summary: None },
+            Job { spec, state: JobState::Queued, generation: 0, members: Vec::new(), checkpoint: resume, epochs_done, done: BTreeMap::new(), epoch_cells, world, lost_at: None, message, step: 0, ends_after: None, summary: None },
         );
         self.queue.push_back(id);
         Ok(id)

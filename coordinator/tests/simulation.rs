@@ -317,6 +317,27 @@ fn a_leaving_worker_regroups_its_job_at_once_from_the_step_checkpoint() {
 }
 
 #[test]
+fn a_job_resubmitted_from_a_checkpoint_counts_its_epochs_and_hands_the_checkpoint_out() {
+    let mut c = Coordinator::new(Config::default());
+    let spec = JobSpec { world_size: 1, train_cells: 10, epochs: 4, ..JobSpec::default() };
+    let step = Checkpoint { epochs_done: 2, step: 9, location: "out/checkpoint/epoch-000002-step-9".into() };
+    let job = c.submit_from(spec.clone(), Some(step.clone())).unwrap();
+    let j = c.job(job).unwrap();
+    assert_eq!((j.epochs_done, j.epoch_cells.len(), j.message.as_str()), (2, 2, "resuming from the checkpoint after epoch 2 at step 9"));
+    c.check().unwrap();
+    let w = c.register(0, "w:1".into(), "cpu".into());
+    let a = c.join(0, w).unwrap().unwrap();
+    assert_eq!(a.resume_from, Some(step));
+    // The resumed epoch is counted whole (the rank counts the cells before the checkpoint too).
+    c.progress(1, w, &Progress { job, generation: a.generation, epoch: 2, step: 12, cells: 10, epoch_done: true, ..Progress::default() }).unwrap();
+    assert_eq!(c.job(job).unwrap().epochs_done, 3);
+    c.check().unwrap();
+    // A checkpoint that finished the job leaves nothing to train.
+    let done = Checkpoint { epochs_done: 4, step: 20, location: "x".into() };
+    assert!(c.submit_from(spec, Some(done)).unwrap_err().to_string().contains("nothing left to train"));
+}
+
+#[test]
 fn wrong_cell_counts_fail_the_job_and_bad_requests_are_named() {
     let mut c = Coordinator::new(Config::default());
     let spec = JobSpec { data_url: String::new(), config_toml: String::new(), world_size: 1, batch_key: String::new(), label_key: String::new(), output_url: String::new(), train_cells: 100, epochs: 3, ..JobSpec::default() };

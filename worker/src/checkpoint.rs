@@ -71,6 +71,38 @@ pub fn save(dir: &Path, state: &FitState, trainer: &Trainer<f32, Cpu>) -> Result
     publish(&dir.join("state.json"), |p| std::fs::write(p, &json).map_err(|e| error(p, e)))
 }
 
+/// A checkpoint found on disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Found {
+    pub location: std::path::PathBuf,
+    pub epochs_done: usize,
+    pub step: u64,
+}
+
+/// The furthest complete checkpoint among a job's `<root>/epoch-*` folders (the one with the
+/// most steps; folders without a readable `state.json` are cut short and skipped); None when
+/// `root` holds none or does not exist.
+pub fn latest(root: &Path) -> Result<Option<Found>, FitError> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(error(root, e)),
+    };
+    let mut best: Option<Found> = None;
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !entry.file_name().to_str().is_some_and(|n| n.starts_with("epoch-")) {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(dir.join("state.json")) else { continue };
+        let Ok(state) = serde_json::from_str::<FitState>(&text) else { continue };
+        if best.as_ref().is_none_or(|b| state.step > b.step) {
+            best = Some(Found { location: dir, epochs_done: state.epochs_done, step: state.step });
+        }
+    }
+    Ok(best)
+}
+
 /// Removes the per-epoch checkpoints `<root>/epoch-<n>` (and those within an epoch,
 /// `<root>/epoch-<n>-step-<s>`) with n < `keep_from`.
 pub fn remove_before(root: &Path, keep_from: usize) -> Result<(), FitError> {
