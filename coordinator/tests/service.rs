@@ -102,6 +102,9 @@ async fn bad_requests_get_the_right_codes_and_name_the_field() {
     expect(c.submit_job(pb::JobSpec { config_toml: "nonsense = 1".into(), ..spec("good.zarr", 1) }).await, Code::InvalidArgument, "config_toml");
     expect(c.submit_job(spec("", 1)).await, Code::InvalidArgument, "data_url");
     expect(c.submit_job(spec("good.zarr", 0)).await, Code::InvalidArgument, "world_size");
+    let resume = |location: &str, epochs_done| Some(pb::CheckpointRef { location: location.into(), epochs_done, step: 3 });
+    expect(c.submit_job(pb::JobSpec { resume: resume("", 1), ..spec("good.zarr", 1) }).await, Code::InvalidArgument, "resume.location");
+    expect(c.submit_job(pb::JobSpec { resume: resume("ckpt/epoch-99", 99), ..spec("good.zarr", 1) }).await, Code::FailedPrecondition, "nothing left to train");
     expect(c.cancel_job(pb::JobHandle { job_id: "job-99".into() }).await, Code::NotFound, "unknown job 99");
     expect(c.cancel_job(pb::JobHandle { job_id: "99".into() }).await, Code::InvalidArgument, "job_id");
     match c.watch_job(pb::JobHandle { job_id: "job-7".into() }).await {

@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use tessera_data::SimConfig;
+use tessera_worker::checkpoint;
 use tessera_worker::parallel::{Alone, EpochHooks, Placement};
 use tessera_worker::ring::Ring;
 use tessera_worker::{FitConfig, FitError, FitOptions, fit, train};
@@ -94,6 +95,22 @@ fn run_stopped_within_an_epoch_resumes_to_the_uninterrupted_run() {
     let (epochs_done, within) = (state["epochs_done"].as_u64().unwrap(), state["within_epoch"]["steps"].as_u64().unwrap());
     assert!(epochs_done >= 1 && within >= 1 && state["step"] == 20, "stopped inside an epoch after a whole one: {state}");
     assert!(!out_b.join("history.csv").exists(), "a stopped run writes no outputs");
+
+    // A restarted rank 0 looks for its job's furthest checkpoint among per-epoch folders: an
+    // earlier one, this one, and one cut short (no state.json) that must be passed over.
+    let job = dir.path().join("job-checkpoints");
+    assert_eq!(checkpoint::latest(&job).unwrap(), None, "no folder: nothing to resume");
+    let (earlier, stopped, torn) = (job.join("epoch-000001"), job.join(format!("epoch-{epochs_done:06}-step-20")), job.join("epoch-000009"));
+    for to in [&earlier, &stopped, &torn] {
+        std::fs::create_dir_all(to).unwrap();
+        std::fs::copy(checkpoint.join("state.json"), to.join("state.json")).unwrap();
+    }
+    let mut older = state.clone();
+    older["step"] = serde_json::json!(7);
+    std::fs::write(earlier.join("state.json"), older.to_string()).unwrap();
+    std::fs::remove_file(torn.join("state.json")).unwrap();
+    let found = checkpoint::latest(&job).unwrap().unwrap();
+    assert_eq!((found.location, found.epochs_done as u64, found.step), (stopped, epochs_done, 20));
 
     let resumed = train(&options(&b, &out_b, 5, true), &mut two_parts(Box::new(Alone), Some(checkpoint)), |_| {}).unwrap().unwrap();
     assert_eq!(resumed.history.len(), 5);
