@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use tessera_metrics::EvalOptions;
 use tessera_worker::eval::{DEFAULT_LABEL_KEY, DEFAULT_MAX_CELLS, EvalRequest};
@@ -158,8 +158,7 @@ fn train_alone(opts: &FitOptions, metrics: &crate::metrics::TrainMetrics) -> Res
     let bar = ProgressBar::new(0);
     bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
     let (mut epoch, mut epochs, mut cells_per_epoch) = (0usize, 0usize, 0u64);
-    let mut place = tessera_worker::parallel::Placement::alone_until(crate::signals::stop_flag()?);
-    let trained = tessera_worker::train(opts, &mut place, |p| {
+    let trained = tessera_worker::fit_until(opts, crate::signals::stop_flag()?, |p| {
         metrics.observe(&p);
         match p {
             Progress::Start { epochs: e, cells_per_epoch: c } => {
@@ -181,8 +180,7 @@ fn train_alone(opts: &FitOptions, metrics: &crate::metrics::TrainMetrics) -> Res
     });
     bar.finish_and_clear();
     match trained {
-        Ok(Some(report)) => Ok(report),
-        Ok(None) => bail!("training on {}: rank 0 of one wrote no outputs", opts.data),
+        Ok(report) => Ok(report),
         Err(FitError::Stopped { checkpoint, .. }) => Err(crate::signals::Stopped { checkpoint: Some(checkpoint), hint: " (continue with --resume)" }.into()),
         Err(e) => Err(anyhow::Error::new(e).context(format!("training on {}", opts.data))),
     }

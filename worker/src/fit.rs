@@ -204,11 +204,17 @@ pub enum Progress<'a> {
 
 /// Trains on `opts.data` on the CPU backend (f32), alone, and writes the outputs.
 pub fn fit(opts: &FitOptions, progress: impl FnMut(Progress<'_>)) -> Result<FitReport, FitError> {
-    let report = train(opts, &mut Placement::alone(), progress)?;
+    fit_until(opts, std::sync::Arc::default(), progress)
+}
+
+/// `fit`, stopping after the step in which `stop` is set (`FitError::Stopped`, the step
+/// checkpointed for `--resume`).
+pub fn fit_until(opts: &FitOptions, stop: std::sync::Arc<std::sync::atomic::AtomicBool>, progress: impl FnMut(Progress<'_>)) -> Result<FitReport, FitError> {
+    let report = train(opts, &mut Placement::alone_until(stop), progress)?;
     report.ok_or_else(|| FitError::Output { path: opts.out.display().to_string(), reason: "rank 0 of one wrote no outputs".into() })
 }
 
-/// Trains on `opts.data` as one rank of `place` (alone: `Placement::alone()`). Rank 0 writes the
+/// Trains on `opts.data` as one rank of `place` (alone: `Placement::alone_until`). Rank 0 writes the
 /// checkpoints and the outputs and returns the report; the other ranks return None.
 pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(Progress<'_>)) -> Result<Option<FitReport>, FitError> {
     let dataset = Dataset::open(&opts.data)?;

@@ -22,7 +22,7 @@ pub mod reference;
 pub mod ring;
 
 pub use eval::{EvalError, EvalRequest, Evaluation, evaluate_store, write_evaluation};
-pub use fit::{DEFAULT_CACHE_MIB, Denoised, EpochRecord, FitConfig, FitError, FitOptions, FitReport, check_job, fit, train};
+pub use fit::{DEFAULT_CACHE_MIB, Denoised, EpochRecord, FitConfig, FitError, FitOptions, FitReport, check_job, fit, fit_until, train};
 
 /// This process's peak resident memory so far (Linux `VmHWM`), MiB; None elsewhere.
 pub fn peak_memory_mib() -> Option<f64> {

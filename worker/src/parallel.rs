@@ -40,19 +40,10 @@ impl std::fmt::Debug for Placement {
 }
 
 impl Placement {
-    /// One process training alone, one part per step.
-    pub fn alone() -> Placement {
-        Placement::alone_with(Box::new(Alone))
-    }
-
-    /// Alone, stopping after the step in which `stop` is set (`FitError::Stopped`, the step
-    /// checkpointed for `--resume`).
+    /// One process training alone, one part per step, stopping after the step in which `stop`
+    /// is set (`FitError::Stopped`, the step checkpointed for `--resume`).
     pub fn alone_until(stop: Arc<AtomicBool>) -> Placement {
-        Placement::alone_with(Box::new(StopOn(stop)))
-    }
-
-    fn alone_with(hooks: Box<dyn EpochHooks + Send>) -> Placement {
-        Placement { ring: Ring::single(), parts: 1, hooks, checkpoint_per_epoch: false, resume_from: None }
+        Placement { ring: Ring::single(), parts: 1, hooks: Box::new(StopOn(stop)), checkpoint_per_epoch: false, resume_from: None }
     }
 
     /// The parts this rank trains.
