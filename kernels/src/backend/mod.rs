@@ -17,8 +17,10 @@ use crate::ops::optim::AdamW;
 use crate::real::Real;
 
 pub mod cpu;
+pub mod cuda;
 
 pub use cpu::Cpu;
+pub use cuda::Cuda;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -26,3 +26,13 @@ extern "C" __global__ void dropout_forward(const float* x, float p, unsigned lon
         y[i] = philox_uniform(seed, stream, i) >= p ? x[i] * scale : 0.0f;
     }
 }
+
+// out[i] = the standard normal of element i (Box-Muller on uniforms 2i and 2i + 1), as
+// ops::dropout::normal.
+extern "C" __global__ void normal_fill(unsigned long long seed, unsigned long long stream, float* out, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        float u1 = 1.0f - philox_uniform(seed, stream, 2 * i);
+        float u2 = philox_uniform(seed, stream, 2 * i + 1);
+        out[i] = sqrtf(-2.0f * logf(u1)) * cosf(6.28318530717958647692f * u2);
+    }
+}

@@ -1,17 +1,27 @@
-//! GPU entry point of dropout (kernel in `dropout.cu`); the backward is the same launch on dy.
+//! GPU entry points of dropout and the normal draws (kernels in `dropout.cu`); dropout's
+//! backward is the same launch on dy.
 #![allow(unsafe_code)] // kernel launches: argument types and lengths are checked before each
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
 use super::CUDA_SOURCE;
-use crate::cuda::{CudaError, Gpu, Result, grid};
+use crate::cuda::{Gpu, Result, View, ViewMut, launch};
 
-pub fn dropout_forward(gpu: &Gpu, x: &CudaSlice<f32>, p: f32, seed: u64, stream: u64, y: &mut CudaSlice<f32>) -> Result<()> {
+pub fn dropout_forward(gpu: &Gpu, x: &View<'_>, p: f32, seed: u64, stream: u64, y: &mut ViewMut<'_>) -> Result<()> {
     assert!((0.0..1.0).contains(&p) && x.len() == y.len(), "dropout: arguments");
     let f = gpu.function("dropout", CUDA_SOURCE, "dropout_forward")?;
     let n = x.len() as u64;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(x).arg(&p).arg(&seed).arg(&stream).arg(y).arg(&n);
-    // SAFETY: the arguments match the kernel's signature; x and y hold n floats.
-    unsafe { b.launch(grid(n as usize)) }.map(|_| ()).map_err(|e| CudaError::Driver { context: "dropout_forward".into(), reason: e.to_string() })
+    launch(b, x.len(), "dropout_forward")
+}
+
+/// As [`super::normal_fill`]: out_i = the standard normal of element i.
+pub fn normal_fill(gpu: &Gpu, seed: u64, stream: u64, out: &mut ViewMut<'_>) -> Result<()> {
+    let f = gpu.function("dropout", CUDA_SOURCE, "normal_fill")?;
+    let n = out.len();
+    let n64 = n as u64;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&seed).arg(&stream).arg(out).arg(&n64);
+    launch(b, n, "normal_fill")
 }

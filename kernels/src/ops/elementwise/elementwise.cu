@@ -1,6 +1,6 @@
-// Activations and bias add (f32). Formulas mirror ops/elementwise/mod.rs; kinds match
-// Activation::code(): 0 identity, 1 relu, 2 leaky relu(a), 3 elu(a), 4 softplus, 5 exp, 6 sigmoid,
-// 7 log1p.
+// Activations, bias add, axpy/scale, row scaling and row gather/scatter (f32). Formulas mirror
+// ops/elementwise/mod.rs; kinds match Activation::code(): 0 identity, 1 relu, 2 leaky relu(a),
+// 3 elu(a), 4 softplus, 5 exp, 6 sigmoid, 7 log1p.
 
 __device__ __forceinline__ float tsr_softplus(float x) {
     return x > 0.0f ? x + log1pf(expf(-x)) : log1pf(expf(x));
@@ -64,4 +64,48 @@ extern "C" __global__ void bias_add_backward(const float* dy, float* dbias, unsi
     float s = 0.0f;
     for (unsigned long long r = 0; r < rows; ++r) { s += dy[r * cols + c]; }
     dbias[c] = s;
+}
+
+// y += alpha x.
+extern "C" __global__ void axpy(float alpha, const float* x, float* y, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        y[i] += alpha * x[i];
+    }
+}
+
+// y *= alpha.
+extern "C" __global__ void scale(float* y, float alpha, unsigned long long n) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        y[i] *= alpha;
+    }
+}
+
+// y[r, c] = x[r, c] s[r].
+extern "C" __global__ void scale_rows(const float* x, const float* s, float* y, unsigned long long rows, unsigned long long cols) {
+    unsigned long long n = rows * cols;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        y[i] = x[i] * s[i / cols];
+    }
+}
+
+// out[r, c] = table[codes[r], c].
+extern "C" __global__ void gather_rows(const float* table, const unsigned long long* codes, float* out, unsigned long long rows, unsigned long long cols) {
+    unsigned long long n = rows * cols;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        out[i] = table[codes[i / cols] * cols + i % cols];
+    }
+}
+
+// table[g, c] = sum over rows r with codes[r] = g of x[r, c], rows in order (one thread per
+// table entry): the CPU reference's order, and no atomics, so a seed gives the same bits.
+extern "C" __global__ void scatter_add_rows(const float* x, const unsigned long long* codes, float* table, unsigned long long rows, unsigned long long groups, unsigned long long cols) {
+    unsigned long long n = groups * cols;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned long long g = i / cols, c = i % cols;
+        float s = 0.0f;
+        for (unsigned long long r = 0; r < rows; ++r) {
+            if (codes[r] == g) { s += x[r * cols + c]; }
+        }
+        table[i] = s;
+    }
 }

@@ -1,35 +1,32 @@
 //! GPU entry points of the elementwise ops (kernels in `elementwise.cu`).
 #![allow(unsafe_code)] // kernel launches: argument types and lengths are checked before each
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
 use super::{Activation, CUDA_SOURCE};
-use crate::cuda::{Gpu, Result, driver as failed, grid};
+use crate::cuda::{Gpu, Result, View, ViewMut, launch};
 
-
-pub fn activation_forward(gpu: &Gpu, act: Activation, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+pub fn activation_forward(gpu: &Gpu, act: Activation, x: &View<'_>, y: &mut ViewMut<'_>) -> Result<()> {
     assert_eq!(x.len(), y.len(), "activation: lengths");
     let f = gpu.function("elementwise", CUDA_SOURCE, "activation_forward")?;
     let (kind, a) = act.code();
     let n = x.len() as u64;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&kind).arg(&a).arg(x).arg(y).arg(&n);
-    // SAFETY: the argument list matches the kernel's signature; x and y hold n floats.
-    unsafe { b.launch(grid(x.len())) }.map(|_| ()).map_err(failed("activation_forward"))
+    launch(b, x.len(), "activation_forward")
 }
 
-pub fn activation_backward(gpu: &Gpu, act: Activation, x: &CudaSlice<f32>, y: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) -> Result<()> {
+pub fn activation_backward(gpu: &Gpu, act: Activation, x: &View<'_>, y: &View<'_>, dy: &View<'_>, dx: &mut ViewMut<'_>) -> Result<()> {
     assert!(x.len() == y.len() && y.len() == dy.len() && dy.len() == dx.len(), "activation backward: lengths");
     let f = gpu.function("elementwise", CUDA_SOURCE, "activation_backward")?;
     let (kind, a) = act.code();
     let n = x.len() as u64;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&kind).arg(&a).arg(x).arg(y).arg(dy).arg(dx).arg(&n);
-    // SAFETY: as above; all four buffers hold n floats.
-    unsafe { b.launch(grid(x.len())) }.map(|_| ()).map_err(failed("activation_backward"))
+    launch(b, x.len(), "activation_backward")
 }
 
-pub fn bias_add_forward(gpu: &Gpu, y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>) -> Result<()> {
+pub fn bias_add_forward(gpu: &Gpu, y: &mut ViewMut<'_>, bias: &View<'_>) -> Result<()> {
     let cols = bias.len();
     assert!(cols > 0 && y.len().is_multiple_of(cols), "bias add: shapes");
     let f = gpu.function("elementwise", CUDA_SOURCE, "bias_add_forward")?;
@@ -37,17 +34,84 @@ pub fn bias_add_forward(gpu: &Gpu, y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>
     let (rows, cols64) = ((n / cols) as u64, cols as u64);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(y).arg(bias).arg(&rows).arg(&cols64);
-    // SAFETY: y holds rows*cols floats, bias cols.
-    unsafe { b.launch(grid(n)) }.map(|_| ()).map_err(failed("bias_add_forward"))
+    launch(b, n, "bias_add_forward")
 }
 
-pub fn column_sums(gpu: &Gpu, m: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
+pub fn column_sums(gpu: &Gpu, m: &View<'_>, out: &mut ViewMut<'_>) -> Result<()> {
     let cols = out.len();
     assert!(cols > 0 && m.len().is_multiple_of(cols), "column sums: shapes");
     let f = gpu.function("elementwise", CUDA_SOURCE, "bias_add_backward")?;
     let (rows, cols64) = ((m.len() / cols) as u64, cols as u64);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(m).arg(out).arg(&rows).arg(&cols64);
-    // SAFETY: m holds rows*cols floats, out cols; one thread per column.
-    unsafe { b.launch(grid(cols)) }.map(|_| ()).map_err(failed("column_sums"))
+    launch(b, cols, "column_sums")
+}
+
+/// As [`super::axpy`]: y += alpha x.
+pub fn axpy(gpu: &Gpu, alpha: f32, x: &View<'_>, y: &mut ViewMut<'_>) -> Result<()> {
+    assert_eq!(x.len(), y.len(), "axpy: lengths");
+    let f = gpu.function("elementwise", CUDA_SOURCE, "axpy")?;
+    let n = x.len() as u64;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&alpha).arg(x).arg(y).arg(&n);
+    launch(b, x.len(), "axpy")
+}
+
+/// y *= alpha.
+pub fn scale(gpu: &Gpu, y: &mut ViewMut<'_>, alpha: f32) -> Result<()> {
+    let f = gpu.function("elementwise", CUDA_SOURCE, "scale")?;
+    let n = y.len();
+    let n64 = n as u64;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(y).arg(&alpha).arg(&n64);
+    launch(b, n, "scale")
+}
+
+/// As [`super::scale_rows`].
+pub fn scale_rows(gpu: &Gpu, x: &View<'_>, s: &View<'_>, y: &mut ViewMut<'_>) -> Result<()> {
+    assert!(x.len() == y.len() && (s.is_empty() && x.is_empty() || !s.is_empty() && x.len().is_multiple_of(s.len())), "scale rows: {} values are not {} rows", x.len(), s.len());
+    if x.is_empty() {
+        return Ok(());
+    }
+    let f = gpu.function("elementwise", CUDA_SOURCE, "scale_rows")?;
+    let (rows, cols) = (s.len() as u64, (x.len() / s.len()) as u64);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(x).arg(s).arg(y).arg(&rows).arg(&cols);
+    launch(b, x.len(), "scale_rows")
+}
+
+/// The host's row codes on the device, each checked against the table's rows.
+fn codes_on_device(gpu: &Gpu, codes: &[usize], table_rows: usize) -> Result<cudarc::driver::CudaSlice<u64>> {
+    assert!(codes.iter().all(|&c| c < table_rows), "row code out of range: the table has {table_rows} rows");
+    let codes: Vec<u64> = codes.iter().map(|&c| c as u64).collect();
+    gpu.upload_as(&codes)
+}
+
+/// As [`super::gather_rows`]: out row i = table row codes[i].
+pub fn gather_rows(gpu: &Gpu, table: &View<'_>, codes: &[usize], cols: usize, out: &mut ViewMut<'_>) -> Result<()> {
+    assert!(cols > 0 && out.len() == codes.len() * cols && table.len().is_multiple_of(cols), "gather: shapes");
+    if codes.is_empty() {
+        return Ok(());
+    }
+    let codes_d = codes_on_device(gpu, codes, table.len() / cols)?;
+    let f = gpu.function("elementwise", CUDA_SOURCE, "gather_rows")?;
+    let (rows, cols64) = (codes.len() as u64, cols as u64);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(table).arg(&codes_d).arg(out).arg(&rows).arg(&cols64);
+    launch(b, codes.len() * cols, "gather_rows")
+}
+
+/// As [`super::scatter_add_rows`]: table (overwritten) row g = Σ of the rows coded g.
+pub fn scatter_add_rows(gpu: &Gpu, x: &View<'_>, codes: &[usize], cols: usize, table: &mut ViewMut<'_>) -> Result<()> {
+    assert!(cols > 0 && x.len() == codes.len() * cols && table.len().is_multiple_of(cols), "scatter: shapes");
+    let (n, groups) = (table.len(), table.len() / cols);
+    if codes.is_empty() {
+        return gpu.stream().memset_zeros(table).map_err(crate::cuda::driver("zeroing the table"));
+    }
+    let codes_d = codes_on_device(gpu, codes, groups)?;
+    let f = gpu.function("elementwise", CUDA_SOURCE, "scatter_add_rows")?;
+    let (rows, groups64, cols64) = (codes.len() as u64, groups as u64, cols as u64);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(x).arg(&codes_d).arg(table).arg(&rows).arg(&groups64).arg(&cols64);
+    launch(b, n, "scatter_add_rows")
 }

@@ -54,15 +54,15 @@ extern "C" __global__ void jeffreys(const float* m1, const float* lv1, const flo
 }
 
 // Product of experts with the N(0, I) prior expert, one thread per latent entry. Experts are
-// stacked: means/logvars are (experts x n), present is (experts x rows) bytes.
-extern "C" __global__ void poe_forward(const float* means, const float* logvars, const unsigned char* present, unsigned long long experts,
+// stacked: means/logvars are (experts x n), present is (experts x rows), non-zero = present.
+extern "C" __global__ void poe_forward(const float* means, const float* logvars, const float* present, unsigned long long experts,
         unsigned long long n, unsigned long long dim, float* m, float* lv) {
     unsigned long long rows = n / dim;
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
         unsigned long long r = i / dim;
         float precision = 1.0f, weighted = 0.0f;
         for (unsigned long long e = 0; e < experts; ++e) {
-            if (present[e * rows + r]) {
+            if (present[e * rows + r] != 0.0f) {
                 float p = expf(-logvars[e * n + i]);
                 precision += p;
                 weighted += means[e * n + i] * p;
@@ -73,7 +73,7 @@ extern "C" __global__ void poe_forward(const float* means, const float* logvars,
     }
 }
 
-extern "C" __global__ void poe_backward(const float* means, const float* logvars, const unsigned char* present, unsigned long long experts,
+extern "C" __global__ void poe_backward(const float* means, const float* logvars, const float* present, unsigned long long experts,
         unsigned long long n, unsigned long long dim, const float* m, const float* lv, const float* dm, const float* dlv, float* dmeans, float* dlogvars) {
     unsigned long long rows = n / dim;
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
@@ -81,7 +81,7 @@ extern "C" __global__ void poe_backward(const float* means, const float* logvars
         float precision = expf(-lv[i]);
         for (unsigned long long e = 0; e < experts; ++e) {
             unsigned long long k = e * n + i;
-            if (!present[e * rows + r]) { dmeans[k] = 0.0f; dlogvars[k] = 0.0f; continue; }
+            if (present[e * rows + r] == 0.0f) { dmeans[k] = 0.0f; dlogvars[k] = 0.0f; continue; }
             float p = expf(-logvars[k]);
             dmeans[k] = dm[i] * p / precision;
             float dp = dm[i] * (means[k] - m[i]) / precision - dlv[i] / precision;

@@ -1,14 +1,14 @@
 //! GPU entry point of the fused likelihoods (kernels in `likelihood.cu`).
 #![allow(unsafe_code)] // kernel launches: argument types and lengths are checked before each
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
 use super::{CUDA_SOURCE, Likelihood};
-use crate::cuda::{CudaError, Gpu, Result, grid};
+use crate::cuda::{CudaError, Gpu, Result, View, ViewMut, grid};
 
 /// As [`Likelihood::forward_backward`], on the device.
 #[allow(clippy::too_many_arguments)] // mirrors the CPU signature plus the device
-pub fn forward_backward(gpu: &Gpu, family: Likelihood, x: &CudaSlice<f32>, features: usize, params: &[&CudaSlice<f32>], weights: Option<&CudaSlice<f32>>, ll: &mut CudaSlice<f32>, grads: &mut [&mut CudaSlice<f32>]) -> Result<()> {
+pub fn forward_backward(gpu: &Gpu, family: Likelihood, x: &View<'_>, features: usize, params: &[View<'_>], weights: Option<&View<'_>>, ll: &mut ViewMut<'_>, grads: &mut [ViewMut<'_>]) -> Result<()> {
     let k = family.n_params();
     let n = x.len();
     assert!(features > 0 && n.is_multiple_of(features), "likelihood: shapes");
@@ -28,7 +28,7 @@ pub fn forward_backward(gpu: &Gpu, family: Likelihood, x: &CudaSlice<f32>, featu
     b.arg(&code).arg(x).arg(&rows64).arg(&features64);
     for i in 0..3 {
         match params.get(i) {
-            Some(p) => b.arg(*p),
+            Some(p) => b.arg(p),
             None => b.arg(&null),
         };
     }
@@ -42,7 +42,7 @@ pub fn forward_backward(gpu: &Gpu, family: Likelihood, x: &CudaSlice<f32>, featu
     let (g0, g1, g2) = (grads.next(), grads.next(), grads.next());
     for g in [g0, g1, g2] {
         match g {
-            Some(g) => b.arg(&mut **g),
+            Some(g) => b.arg(g),
             None => b.arg(&null),
         };
     }
@@ -58,7 +58,7 @@ pub fn forward_backward(gpu: &Gpu, family: Likelihood, x: &CudaSlice<f32>, featu
 
 /// As [`super::nb_mixture`], on the device (per-entry values, then the same row sums).
 #[allow(clippy::too_many_arguments)] // the four mixture parameters, each per entry
-pub fn nb_mixture(gpu: &Gpu, x: &CudaSlice<f32>, mu_back: &CudaSlice<f32>, mu_fore: &CudaSlice<f32>, theta: &CudaSlice<f32>, pi: &CudaSlice<f32>, features: usize, ll: &mut CudaSlice<f32>, grads: [&mut CudaSlice<f32>; 4]) -> Result<()> {
+pub fn nb_mixture(gpu: &Gpu, x: &View<'_>, mu_back: &View<'_>, mu_fore: &View<'_>, theta: &View<'_>, pi: &View<'_>, features: usize, ll: &mut ViewMut<'_>, grads: [&mut ViewMut<'_>; 4]) -> Result<()> {
     let n = x.len();
     assert!(features > 0 && n.is_multiple_of(features) && ll.len() == n / features, "nb mixture: shapes");
     assert!([mu_back.len(), mu_fore.len(), theta.len(), pi.len()].iter().all(|&l| l == n) && grads.iter().all(|g| g.len() == n), "nb mixture: per-entry parameters");

@@ -5,26 +5,21 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::CUDA_SOURCE;
-use crate::cuda::{Gpu, Result, driver as failed, launch};
-
-
+use crate::cuda::{Gpu, Result, View, ViewMut, launch};
+use crate::ops::elementwise::gpu::{axpy, scale as scale_by};
 
 fn sum_on_host(gpu: &Gpu, v: &CudaSlice<f32>) -> Result<f32> {
     Ok(gpu.download(v)?.iter().sum())
 }
 
-fn upload_i32(gpu: &Gpu, v: &[i32]) -> Result<CudaSlice<i32>> {
-    gpu.stream().clone_htod(v).map_err(failed("upload"))
-}
-
 /// As [`super::cross_entropy`], on the device (labels come from the host batch).
-pub fn cross_entropy(gpu: &Gpu, logits: &CudaSlice<f32>, labels: &[i32], classes: usize, dlogits: &mut CudaSlice<f32>) -> Result<(f32, usize)> {
+pub fn cross_entropy(gpu: &Gpu, logits: &View<'_>, labels: &[i32], classes: usize, dlogits: &mut ViewMut<'_>) -> Result<(f32, usize)> {
     let rows = labels.len();
     assert!(classes > 0 && logits.len() == rows * classes && dlogits.len() == logits.len(), "cross entropy: shapes");
     assert!(labels.iter().all(|&l| l < classes as i32), "label out of range");
     let labelled = labels.iter().filter(|&&l| l >= 0).count();
     let scale = if labelled > 0 { 1.0 / labelled as f32 } else { 0.0 };
-    let (labels_d, row_loss) = (upload_i32(gpu, labels)?, gpu.zeros(rows)?);
+    let (labels_d, row_loss) = (gpu.upload_as(labels)?, gpu.zeros(rows)?);
     let (rows64, classes64) = (rows as u64, classes as u64);
     let f = gpu.function("losses", CUDA_SOURCE, "cross_entropy")?;
     let mut b = gpu.stream().launch_builder(&f);
@@ -34,12 +29,12 @@ pub fn cross_entropy(gpu: &Gpu, logits: &CudaSlice<f32>, labels: &[i32], classes
 }
 
 /// As [`super::masked_mse`], on the device (targets come from the host batch).
-pub fn masked_mse(gpu: &Gpu, pred: &CudaSlice<f32>, targets: &[f64], dpred: &mut CudaSlice<f32>) -> Result<(f32, usize)> {
+pub fn masked_mse(gpu: &Gpu, pred: &View<'_>, targets: &[f64], dpred: &mut ViewMut<'_>) -> Result<(f32, usize)> {
     let n = targets.len();
     assert!(pred.len() == n && dpred.len() == n, "mse: lengths");
     let observed = targets.iter().filter(|t| !t.is_nan()).count();
     let scale = if observed > 0 { 1.0 / observed as f32 } else { 0.0 };
-    let targets_d = gpu.stream().clone_htod(targets).map_err(failed("upload"))?;
+    let targets_d = gpu.upload_as(targets)?;
     let entry_loss = gpu.zeros(n)?;
     let n64 = n as u64;
     let f = gpu.function("losses", CUDA_SOURCE, "masked_mse")?;
@@ -50,13 +45,13 @@ pub fn masked_mse(gpu: &Gpu, pred: &CudaSlice<f32>, targets: &[f64], dpred: &mut
 }
 
 /// As [`super::mmd_rbf`], on the device.
-pub fn mmd_rbf(gpu: &Gpu, x: &CudaSlice<f32>, y: &CudaSlice<f32>, dim: usize, bandwidths: &[f64], dx: &mut CudaSlice<f32>, dy: &mut CudaSlice<f32>) -> Result<f32> {
+pub fn mmd_rbf(gpu: &Gpu, x: &View<'_>, y: &View<'_>, dim: usize, bandwidths: &[f64], dx: &mut ViewMut<'_>, dy: &mut ViewMut<'_>) -> Result<f32> {
     let (n, m) = (x.len() / dim, y.len() / dim);
     assert!(n > 0 && m > 0 && dx.len() == x.len() && dy.len() == y.len(), "mmd: shapes");
     let bw: Vec<f32> = bandwidths.iter().map(|&b| b as f32).collect();
     let bw_d = gpu.upload(&bw)?;
     let f = gpu.function("losses", CUDA_SOURCE, "mmd_side")?;
-    let side = |a: &CudaSlice<f32>, b_: &CudaSlice<f32>, na: usize, nb: usize, w: f32, grad: &mut CudaSlice<f32>| -> Result<f32> {
+    let side = |a: &View<'_>, b_: &View<'_>, na: usize, nb: usize, w: f32, grad: &mut ViewMut<'_>| -> Result<f32> {
         let partial = gpu.zeros(na)?;
         let (na64, nb64, d64, nbw) = (na as u64, nb as u64, dim as u64, bw.len() as i32);
         let mut b = gpu.stream().launch_builder(&f);
@@ -67,21 +62,19 @@ pub fn mmd_rbf(gpu: &Gpu, x: &CudaSlice<f32>, y: &CudaSlice<f32>, dim: usize, ba
     let mut cross_x = gpu.zeros(x.len())?;
     let mut cross_y = gpu.zeros(y.len())?;
     let kxx = side(x, x, n, n, 1.0 / (n * n) as f32, dx)?;
-    let kxy = side(x, y, n, m, 1.0 / (n * m) as f32, &mut cross_x)?;
+    let kxy = side(x, y, n, m, 1.0 / (n * m) as f32, &mut cross_x.as_view_mut())?;
     let kyy = side(y, y, m, m, 1.0 / (m * m) as f32, dy)?;
-    side(y, x, m, n, 1.0 / (n * m) as f32, &mut cross_y)?;
-    // Combine on the host: d = 2 · self-term - 2 · cross-term (as the CPU reference).
-    let combine = |own: &CudaSlice<f32>, cross: &CudaSlice<f32>| -> Result<Vec<f32>> {
-        Ok(gpu.download(own)?.iter().zip(gpu.download(cross)?).map(|(o, c)| 2.0 * o - 2.0 * c).collect())
-    };
-    let (new_dx, new_dy) = (combine(dx, &cross_x)?, combine(dy, &cross_y)?);
-    gpu.stream().memcpy_htod(&new_dx, dx).map_err(failed("upload"))?;
-    gpu.stream().memcpy_htod(&new_dy, dy).map_err(failed("upload"))?;
+    side(y, x, m, n, 1.0 / (n * m) as f32, &mut cross_y.as_view_mut())?;
+    // d = 2 · self-term - 2 · cross-term, as the CPU reference.
+    scale_by(gpu, dx, 2.0)?;
+    axpy(gpu, -2.0, &cross_x.as_view(), dx)?;
+    scale_by(gpu, dy, 2.0)?;
+    axpy(gpu, -2.0, &cross_y.as_view(), dy)?;
     Ok(kxx + kyy - 2.0 * kxy)
 }
 
 /// As [`super::cosine_margin`], on the device.
-pub fn cosine_margin(gpu: &Gpu, z: &CudaSlice<f32>, labels: &[i32], dim: usize, margin: f64, dz: &mut CudaSlice<f32>) -> Result<f32> {
+pub fn cosine_margin(gpu: &Gpu, z: &View<'_>, labels: &[i32], dim: usize, margin: f64, dz: &mut ViewMut<'_>) -> Result<f32> {
     let n = labels.len();
     assert!(z.len() == n * dim && dz.len() == z.len(), "cosine margin: shapes");
     let host = gpu.download(z)?;
@@ -89,7 +82,7 @@ pub fn cosine_margin(gpu: &Gpu, z: &CudaSlice<f32>, labels: &[i32], dim: usize, 
     let labelled = labels.iter().filter(|&&l| l >= 0).count();
     let pairs = labelled * labelled.saturating_sub(1) / 2;
     let scale = if pairs > 0 { 1.0 / pairs as f32 } else { 0.0 };
-    let (labels_d, norms_d, row_loss) = (upload_i32(gpu, labels)?, gpu.upload(&norms)?, gpu.zeros(n)?);
+    let (labels_d, norms_d, row_loss) = (gpu.upload_as(labels)?, gpu.upload(&norms)?, gpu.zeros(n)?);
     let (n64, d64, margin) = (n as u64, dim as u64, margin as f32);
     let f = gpu.function("losses", CUDA_SOURCE, "cosine_margin")?;
     let mut b = gpu.stream().launch_builder(&f);
@@ -99,7 +92,7 @@ pub fn cosine_margin(gpu: &Gpu, z: &CudaSlice<f32>, labels: &[i32], dim: usize, 
 }
 
 /// As [`super::cox_partial_likelihood`], on the device.
-pub fn cox_partial_likelihood(gpu: &Gpu, eta: &CudaSlice<f32>, times: &[f64], events: &[bool], deta: &mut CudaSlice<f32>) -> Result<f32> {
+pub fn cox_partial_likelihood(gpu: &Gpu, eta: &View<'_>, times: &[f64], events: &[bool], deta: &mut ViewMut<'_>) -> Result<f32> {
     let n = eta.len();
     assert!(times.len() == n && events.len() == n && deta.len() == n, "cox: lengths");
     let n_events = events.iter().filter(|&&e| e).count();
@@ -108,7 +101,7 @@ pub fn cox_partial_likelihood(gpu: &Gpu, eta: &CudaSlice<f32>, times: &[f64], ev
     let w: Vec<f32> = host.iter().map(|&e| (e - max).exp()).collect();
     let scale = if n_events > 0 { 1.0 / n_events as f32 } else { 0.0 };
     let ev: Vec<u8> = events.iter().map(|&e| u8::from(e)).collect();
-    let (w_d, t_d, e_d, risk) = (gpu.upload(&w)?, gpu.stream().clone_htod(times).map_err(failed("upload"))?, gpu.stream().clone_htod(&ev).map_err(failed("upload"))?, gpu.zeros(n)?);
+    let (w_d, t_d, e_d, risk) = (gpu.upload(&w)?, gpu.upload_as(times)?, gpu.upload_as(&ev)?, gpu.zeros(n)?);
     let n64 = n as u64;
     let f = gpu.function("losses", CUDA_SOURCE, "cox_risk_sums")?;
     let mut b = gpu.stream().launch_builder(&f);

@@ -4,29 +4,26 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::CUDA_SOURCE;
-use crate::cuda::{Gpu, Result, driver as failed, grid, launch};
+use crate::cuda::{Gpu, Result, View, ViewMut, launch};
+use crate::ops::elementwise::gpu::column_sums;
 
-
-pub fn softmax_forward(gpu: &Gpu, x: &CudaSlice<f32>, features: usize, y: &mut CudaSlice<f32>) -> Result<()> {
+pub fn softmax_forward(gpu: &Gpu, x: &View<'_>, features: usize, y: &mut ViewMut<'_>) -> Result<()> {
     assert!(features > 0 && x.len() == y.len() && x.len().is_multiple_of(features), "softmax: shapes");
     let f = gpu.function("norm", CUDA_SOURCE, "softmax_forward")?;
     let (rows, features64) = ((x.len() / features) as u64, features as u64);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(x).arg(y).arg(&rows).arg(&features64);
-    // SAFETY: one thread per row; x and y hold rows*features floats.
-    unsafe { b.launch(grid(rows as usize)) }.map(|_| ()).map_err(failed("softmax_forward"))
+    launch(b, rows as usize, "softmax_forward")
 }
 
-pub fn softmax_backward(gpu: &Gpu, y: &CudaSlice<f32>, dy: &CudaSlice<f32>, features: usize, dx: &mut CudaSlice<f32>) -> Result<()> {
-    assert!(y.len() == dy.len() && dy.len() == dx.len() && y.len().is_multiple_of(features), "softmax backward: shapes");
+pub fn softmax_backward(gpu: &Gpu, y: &View<'_>, dy: &View<'_>, features: usize, dx: &mut ViewMut<'_>) -> Result<()> {
+    assert!(features > 0 && y.len() == dy.len() && dy.len() == dx.len() && y.len().is_multiple_of(features), "softmax backward: shapes");
     let f = gpu.function("norm", CUDA_SOURCE, "softmax_backward")?;
     let (rows, features64) = ((y.len() / features) as u64, features as u64);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(y).arg(dy).arg(dx).arg(&rows).arg(&features64);
-    // SAFETY: as above.
-    unsafe { b.launch(grid(rows as usize)) }.map(|_| ()).map_err(failed("softmax_backward"))
+    launch(b, rows as usize, "softmax_backward")
 }
-
 
 /// Device copies of what [`super::NormCache`] holds on the host.
 #[derive(Debug)]
@@ -36,23 +33,21 @@ pub struct DeviceNormCache {
 }
 
 /// As [`super::layer_norm_forward`], on the device.
-pub fn layer_norm_forward(gpu: &Gpu, x: &CudaSlice<f32>, gamma: &CudaSlice<f32>, beta: &CudaSlice<f32>, eps: f64, y: &mut CudaSlice<f32>) -> Result<DeviceNormCache> {
+pub fn layer_norm_forward(gpu: &Gpu, x: &View<'_>, gamma: &View<'_>, beta: &View<'_>, eps: f64, y: &mut ViewMut<'_>) -> Result<DeviceNormCache> {
     let f = gamma.len();
     assert!(f > 0 && beta.len() == f && x.len() == y.len() && x.len().is_multiple_of(f), "layer norm: shapes");
     let rows = x.len() / f;
     let cache = DeviceNormCache { xhat: gpu.zeros(x.len())?, inv_std: gpu.zeros(rows)? };
     let (rows64, f64_, eps) = (rows as u64, f as u64, eps as f32);
-    {
-        let kernel = gpu.function("norm", CUDA_SOURCE, "layer_norm_forward")?;
-        let mut b = gpu.stream().launch_builder(&kernel);
-        b.arg(x).arg(gamma).arg(beta).arg(&rows64).arg(&f64_).arg(&eps).arg(y).arg(&cache.xhat).arg(&cache.inv_std);
-        launch(b, rows, "layer_norm_forward")
-    }?;
+    let kernel = gpu.function("norm", CUDA_SOURCE, "layer_norm_forward")?;
+    let mut b = gpu.stream().launch_builder(&kernel);
+    b.arg(x).arg(gamma).arg(beta).arg(&rows64).arg(&f64_).arg(&eps).arg(y).arg(&cache.xhat).arg(&cache.inv_std);
+    launch(b, rows, "layer_norm_forward")?;
     Ok(cache)
 }
 
 /// As [`super::layer_norm_backward`], on the device.
-pub fn layer_norm_backward(gpu: &Gpu, cache: &DeviceNormCache, gamma: &CudaSlice<f32>, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>, dgamma: &mut CudaSlice<f32>, dbeta: &mut CudaSlice<f32>) -> Result<()> {
+pub fn layer_norm_backward(gpu: &Gpu, cache: &DeviceNormCache, gamma: &View<'_>, dy: &View<'_>, dx: &mut ViewMut<'_>, dgamma: &mut ViewMut<'_>, dbeta: &mut ViewMut<'_>) -> Result<()> {
     let f = gamma.len();
     let rows = dy.len() / f;
     assert!(dy.len() == cache.xhat.len() && dx.len() == dy.len() && dgamma.len() == f && dbeta.len() == f, "layer norm backward: shapes");
@@ -70,61 +65,51 @@ pub fn layer_norm_backward(gpu: &Gpu, cache: &DeviceNormCache, gamma: &CudaSlice
         b.arg(dy).arg(&cache.xhat).arg(&prod).arg(&n64);
         launch(b, dy.len(), "multiply")
     }?;
-    crate::ops::elementwise::gpu::column_sums(gpu, &prod, dgamma)?;
-    crate::ops::elementwise::gpu::column_sums(gpu, dy, dbeta)
+    column_sums(gpu, &prod.as_view(), dgamma)?;
+    column_sums(gpu, dy, dbeta)
 }
 
-/// A BatchNorm layer's tensors on the device.
-#[derive(Debug)]
-pub struct DeviceBatchNorm {
-    pub gamma: CudaSlice<f32>,
-    pub beta: CudaSlice<f32>,
-    pub running_mean: CudaSlice<f32>,
-    pub running_var: CudaSlice<f32>,
-    pub momentum: f64,
-    pub eps: f64,
+/// The running statistics of a BatchNorm layer: mean then variance (2 x features, one view, as
+/// they sit in a model's state buffer).
+fn split_running<'a>(running: &'a mut ViewMut<'_>, f: usize) -> (ViewMut<'a>, ViewMut<'a>) {
+    assert_eq!(running.len(), 2 * f, "batch norm: running statistics are mean then variance");
+    running.split_at_mut(f)
 }
 
-impl DeviceBatchNorm {
-    pub fn upload(gpu: &Gpu, bn: &super::BatchNorm<f32>) -> Result<DeviceBatchNorm> {
-        Ok(DeviceBatchNorm { gamma: gpu.upload(&bn.gamma)?, beta: gpu.upload(&bn.beta)?, running_mean: gpu.upload(&bn.running_mean)?, running_var: gpu.upload(&bn.running_var)?, momentum: bn.momentum, eps: bn.eps })
-    }
+/// As [`super::batch_norm_train`]: batch statistics, the running statistics updated in place,
+/// x̂ and 1/σ kept for the backward.
+#[allow(clippy::too_many_arguments)] // mirrors the CPU signature plus the device
+pub fn batch_norm_train(gpu: &Gpu, x: &View<'_>, gamma: &View<'_>, beta: &View<'_>, running: &mut ViewMut<'_>, momentum: f64, eps: f64, y: &mut ViewMut<'_>, xhat: &mut ViewMut<'_>, inv_std: &mut ViewMut<'_>) -> Result<()> {
+    let f = gamma.len();
+    assert!(f > 0 && beta.len() == f && x.len() == y.len() && x.len() == xhat.len() && inv_std.len() == f && x.len().is_multiple_of(f) && x.len() / f > 1, "batch norm: shapes");
+    let (mut mean, mut var) = split_running(running, f);
+    let (rows64, f64_, eps, momentum) = ((x.len() / f) as u64, f as u64, eps as f32, momentum as f32);
+    let kernel = gpu.function("norm", CUDA_SOURCE, "batch_norm_forward_train")?;
+    let mut b = gpu.stream().launch_builder(&kernel);
+    b.arg(x).arg(gamma).arg(beta).arg(&rows64).arg(&f64_).arg(&eps).arg(&momentum).arg(&mut mean).arg(&mut var).arg(y).arg(xhat).arg(inv_std);
+    launch(b, f, "batch_norm_forward_train")
+}
 
-    pub fn forward_train(&mut self, gpu: &Gpu, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<DeviceNormCache> {
-        let f = self.gamma.len();
-        assert!(f > 0 && x.len() == y.len() && x.len().is_multiple_of(f) && x.len() / f > 1, "batch norm: shapes");
-        let cache = DeviceNormCache { xhat: gpu.zeros(x.len())?, inv_std: gpu.zeros(f)? };
-        let (rows64, f64_, eps, momentum) = ((x.len() / f) as u64, f as u64, self.eps as f32, self.momentum as f32);
-        {
-            let kernel = gpu.function("norm", CUDA_SOURCE, "batch_norm_forward_train")?;
-            let mut b = gpu.stream().launch_builder(&kernel);
-            b.arg(x).arg(&self.gamma).arg(&self.beta).arg(&rows64).arg(&f64_).arg(&eps).arg(&momentum).arg(&mut self.running_mean).arg(&mut self.running_var).arg(y).arg(&cache.xhat).arg(&cache.inv_std);
-            launch(b, f, "batch_norm_forward_train")
-        }?;
-        Ok(cache)
-    }
+/// As [`super::batch_norm_eval`], `running` as in [`batch_norm_train`].
+pub fn batch_norm_eval(gpu: &Gpu, x: &View<'_>, gamma: &View<'_>, beta: &View<'_>, running: &View<'_>, eps: f64, y: &mut ViewMut<'_>) -> Result<()> {
+    let f = gamma.len();
+    assert!(f > 0 && running.len() == 2 * f && x.len() == y.len() && x.len().is_multiple_of(f), "batch norm: shapes");
+    let (mean, var) = running.split_at(f);
+    let (rows64, f64_, eps) = ((x.len() / f) as u64, f as u64, eps as f32);
+    let kernel = gpu.function("norm", CUDA_SOURCE, "batch_norm_forward_eval")?;
+    let mut b = gpu.stream().launch_builder(&kernel);
+    b.arg(x).arg(gamma).arg(beta).arg(&mean).arg(&var).arg(&rows64).arg(&f64_).arg(&eps).arg(y);
+    launch(b, x.len(), "batch_norm_forward_eval")
+}
 
-    pub fn forward_eval(&self, gpu: &Gpu, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
-        let f = self.gamma.len();
-        assert!(x.len() == y.len() && x.len().is_multiple_of(f), "batch norm: shapes");
-        let (rows64, f64_, eps) = ((x.len() / f) as u64, f as u64, self.eps as f32);
-        {
-            let kernel = gpu.function("norm", CUDA_SOURCE, "batch_norm_forward_eval")?;
-            let mut b = gpu.stream().launch_builder(&kernel);
-            b.arg(x).arg(&self.gamma).arg(&self.beta).arg(&self.running_mean).arg(&self.running_var).arg(&rows64).arg(&f64_).arg(&eps).arg(y);
-            launch(b, x.len(), "batch_norm_forward_eval")
-        }
-    }
-
-    pub fn backward(&self, gpu: &Gpu, cache: &DeviceNormCache, dy: &CudaSlice<f32>, dx: &mut CudaSlice<f32>, dgamma: &mut CudaSlice<f32>, dbeta: &mut CudaSlice<f32>) -> Result<()> {
-        let f = self.gamma.len();
-        assert!(dy.len() == cache.xhat.len() && dx.len() == dy.len() && dgamma.len() == f && dbeta.len() == f, "batch norm backward: shapes");
-        let (rows64, f64_) = ((dy.len() / f) as u64, f as u64);
-        {
-            let kernel = gpu.function("norm", CUDA_SOURCE, "batch_norm_backward")?;
-            let mut b = gpu.stream().launch_builder(&kernel);
-            b.arg(&cache.xhat).arg(&cache.inv_std).arg(&self.gamma).arg(dy).arg(&rows64).arg(&f64_).arg(dx).arg(dgamma).arg(dbeta);
-            launch(b, f, "batch_norm_backward")
-        }
-    }
+/// As [`super::batch_norm_backward`]; `dgamma_beta` receives dγ then dβ.
+pub fn batch_norm_backward(gpu: &Gpu, xhat: &View<'_>, inv_std: &View<'_>, gamma: &View<'_>, dy: &View<'_>, dx: &mut ViewMut<'_>, dgamma_beta: &mut ViewMut<'_>) -> Result<()> {
+    let f = gamma.len();
+    assert!(f > 0 && dy.len() == xhat.len() && dx.len() == dy.len() && inv_std.len() == f && dgamma_beta.len() == 2 * f && dy.len().is_multiple_of(f), "batch norm backward: shapes");
+    let (mut dgamma, mut dbeta) = dgamma_beta.split_at_mut(f);
+    let (rows64, f64_) = ((dy.len() / f) as u64, f as u64);
+    let kernel = gpu.function("norm", CUDA_SOURCE, "batch_norm_backward")?;
+    let mut b = gpu.stream().launch_builder(&kernel);
+    b.arg(xhat).arg(inv_std).arg(gamma).arg(dy).arg(&rows64).arg(&f64_).arg(dx).arg(&mut dgamma).arg(&mut dbeta);
+    launch(b, f, "batch_norm_backward")
 }

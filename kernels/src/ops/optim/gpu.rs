@@ -1,14 +1,14 @@
 //! GPU entry points of the optimiser step and gradient clipping (kernels in `optim.cu`).
 #![allow(unsafe_code)] // kernel launches: argument types and lengths are checked before each
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
 use super::{AdamW, CUDA_SOURCE, GRAIN};
-use crate::cuda::{Gpu, Result, driver as failed, grid};
-
+use crate::cuda::{Gpu, Result, View, ViewMut, driver as failed, grid, launch};
+use crate::ops::elementwise::gpu::scale;
 
 /// As [`AdamW::step`], on the device.
-pub fn adamw_step(gpu: &Gpu, opt: &AdamW, t: u64, params: &mut CudaSlice<f32>, grads: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>) -> Result<()> {
+pub fn adamw_step(gpu: &Gpu, opt: &AdamW, t: u64, params: &mut ViewMut<'_>, grads: &View<'_>, m: &mut ViewMut<'_>, v: &mut ViewMut<'_>) -> Result<()> {
     assert!(params.len() == grads.len() && grads.len() == m.len() && m.len() == v.len(), "AdamW: arguments");
     let k = opt.at(t);
     let f = gpu.function("optim", CUDA_SOURCE, "adamw_step")?;
@@ -16,30 +16,30 @@ pub fn adamw_step(gpu: &Gpu, opt: &AdamW, t: u64, params: &mut CudaSlice<f32>, g
     let (b1, b2, step_size, inv_c2, eps, decay) = (k.beta1 as f32, k.beta2 as f32, k.step_size as f32, k.inv_correction2 as f32, k.eps as f32, k.decay as f32);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(params).arg(grads).arg(m).arg(v).arg(&n).arg(&b1).arg(&b2).arg(&step_size).arg(&inv_c2).arg(&eps).arg(&decay);
-    // SAFETY: the arguments match the kernel's signature; all four buffers hold n floats.
-    unsafe { b.launch(grid(n as usize)) }.map(|_| ()).map_err(failed("adamw_step"))
+    launch(b, n as usize, "adamw_step")
 }
 
-/// As [`super::clip_grad_norm`], on the device: returns the norm before clipping.
-pub fn clip_grad_norm(gpu: &Gpu, grads: &mut CudaSlice<f32>, max_norm: f64) -> Result<f64> {
+/// As [`super::grad_norm`]: squares summed in f64 per fixed chunk of `GRAIN` elements, the
+/// chunks added on the host in order: the CPU's partition and order, so the norms agree.
+pub fn grad_norm(gpu: &Gpu, grads: &View<'_>) -> Result<f64> {
     let n = grads.len();
     let chunks = n.div_ceil(GRAIN).max(1);
     let mut partial = gpu.stream().alloc_zeros::<f64>(chunks).map_err(failed("alloc"))?;
     let f = gpu.function("optim", CUDA_SOURCE, "chunk_sum_squares")?;
     let (n64, chunk64) = (n as u64, GRAIN as u64);
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&*grads).arg(&n64).arg(&chunk64).arg(&mut partial);
+    b.arg(grads).arg(&n64).arg(&chunk64).arg(&mut partial);
     // SAFETY: one thread per chunk of `GRAIN` elements; partial holds one double per chunk.
     unsafe { b.launch(grid(chunks)) }.map_err(failed("chunk_sum_squares"))?;
     let sums = gpu.stream().clone_dtoh(&partial).map_err(failed("download"))?;
-    let norm = sums.iter().sum::<f64>().sqrt();
+    Ok(sums.iter().sum::<f64>().sqrt())
+}
+
+/// As [`super::clip_grad_norm`], on the device: returns the norm before clipping.
+pub fn clip_grad_norm(gpu: &Gpu, grads: &mut ViewMut<'_>, max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(gpu, &grads.as_view())?;
     if norm.is_finite() && norm > max_norm {
-        let factor = (max_norm / (norm + 1e-6)) as f32;
-        let f = gpu.function("optim", CUDA_SOURCE, "scale")?;
-        let mut b = gpu.stream().launch_builder(&f);
-        b.arg(grads).arg(&n64).arg(&factor);
-        // SAFETY: grads holds n floats.
-        unsafe { b.launch(grid(n)) }.map_err(failed("scale"))?;
+        scale(gpu, grads, (max_norm / (norm + 1e-6)) as f32)?;
     }
     Ok(norm)
 }

@@ -1,4 +1,4 @@
-// Fused AdamW step and the pieces of global-norm clipping (f32), mirroring ops/optim/mod.rs.
+// Fused AdamW step and the sum of squares of global-norm clipping (f32), mirroring ops/optim/mod.rs.
 
 extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float* v, unsigned long long n,
         float beta1, float beta2, float step_size, float inv_correction2, float eps, float decay) {
@@ -22,10 +22,4 @@ extern "C" __global__ void chunk_sum_squares(const float* g, unsigned long long 
     double s = 0.0;
     for (unsigned long long i = start; i < end; ++i) { s += (double)g[i] * (double)g[i]; }
     partial[c] = s;
-}
-
-extern "C" __global__ void scale(float* g, unsigned long long n, float factor) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
-        g[i] *= factor;
-    }
 }
