@@ -1,0 +1,131 @@
+//! Whole models on the CUDA backend against the same models on the CPU backend: the same
+//! initial parameters, batch and seeds must give the same loss terms, gradients and (after a
+//! few AdamW steps) parameters, up to f32 rounding of different summation orders. This is what
+//! `train --device cuda` runs. Without a GPU the parity test says SKIPPED; the body still runs
+//! on the CPU (twice, bit for bit), so it cannot first fail on a borrowed GPU.
+#![allow(clippy::unwrap_used)]
+
+use tessera_kernels::backend::{Backend, Cpu, Cuda, In};
+use tessera_kernels::ops::linear::CsrRef;
+use tessera_models::layers::Mode;
+use tessera_models::{Categories, Joint, LikelihoodKind, ModalityConfig, ModalityCounts, Supervision, Survival, TrainConfig, Trainer, Vae, VaeBatch, VaeConfig};
+
+const CELLS: usize = 96;
+
+type Counts = (Vec<u64>, Vec<u32>, Vec<f32>);
+
+/// Counts of `genes` features with about one in `every` non-zero, every 13th cell empty;
+/// binary for accessibility.
+fn counts(genes: usize, every: usize, binary: bool) -> Counts {
+    let (mut indptr, mut indices, mut data) = (vec![0u64], Vec::new(), Vec::new());
+    for r in 0..CELLS {
+        if r % 13 != 5 {
+            for g in (0..genes).filter(|g| (g * 7 + r * 3) % every == 0) {
+                indices.push(g as u32);
+                data.push(if binary { 1.0 } else { ((g * 31 + r * 17) % 23) as f32 + 1.0 });
+            }
+        }
+        indptr.push(data.len() as u64);
+    }
+    (indptr, indices, data)
+}
+
+/// The model's outputs to compare: loss terms, gradients, then parameters after three steps.
+struct Run {
+    terms: Vec<f64>,
+    grads: Vec<f32>,
+    stepped: Vec<f32>,
+    latent: Vec<f32>,
+}
+
+/// One configuration on backend `b`: a mosaic batch (RNA everywhere, protein in two cells of
+/// three, accessibility in half) with labels, numeric targets and survival.
+fn run<B: Backend<f32>>(b: B, config: &VaeConfig, modalities: &[(&str, usize)]) -> Run {
+    let data: Vec<Counts> = modalities.iter().map(|&(name, genes)| counts(genes, if name == "protein" { 2 } else { 9 }, name == "atac")).collect();
+    let present: Vec<Vec<bool>> = modalities.iter().map(|&(name, _)| (0..CELLS).map(|r| match name { "protein" => r % 3 != 0, "atac" => r % 2 == 0, _ => true }).collect()).collect();
+    let counts: Vec<ModalityCounts<'_, f32>> = data.iter().zip(modalities).zip(&present).map(|((d, &(_, genes)), p)| ModalityCounts { counts: CsrRef { rows: CELLS, cols: genes, indptr: &d.0, indices: &d.1, data: &d.2 }, present: Some(p) }).collect();
+    // Batch one-hot (3 batches) then one more covariate.
+    let cov: Vec<f32> = (0..CELLS).flat_map(|r| [(r % 3 == 0) as u8, (r % 3 == 1) as u8, (r % 3 == 2) as u8, (r % 5 == 0) as u8].map(f32::from)).collect();
+    let labels: Vec<i32> = (0..CELLS as i32).map(|r| if r % 11 == 0 { -1 } else { r % 4 }).collect();
+    let targets: Vec<f64> = (0..CELLS * config.regression_keys.len()).map(|i| if i % 7 == 3 { f64::NAN } else { (i as f64 * 0.3).sin() }).collect();
+    let times: Vec<f64> = (0..CELLS).map(|r| ((r * 37) % 50) as f64 + 1.0).collect();
+    let events: Vec<bool> = (0..CELLS).map(|r| r % 4 != 0).collect();
+    let supervision = Supervision { labels: Some(&labels), targets: Some(&targets), survival: Some(Survival { times: &times, events: &events }) };
+    let batch = || VaeBatch::new(&counts, &cov).with_supervision(supervision);
+    let model = Vae::<f32, B>::new(b, config.clone(), modalities, Categories { n_batch: 3, n_cov: 4, n_labels: 4 }, 7).unwrap();
+    let mut trainer = Trainer::new(model, TrainConfig::default()).unwrap();
+    let t = trainer.model.loss_and_grad(batch(), 0.8, Mode::Train { seed: 3, step: 1 }).unwrap();
+    let grads = trainer.model.backend().download(In::all(&trainer.model.grads)).unwrap();
+    for _ in 0..3 {
+        trainer.step(batch(), 5).unwrap();
+    }
+    let stepped = trainer.model.backend().download(In::all(&trainer.model.values)).unwrap();
+    let latent = trainer.model.latent_mean(batch()).unwrap();
+    Run { terms: vec![t.loss, t.reconstruction, t.kl, t.regularization], grads, stepped, latent }
+}
+
+/// The configurations compared: scVI's defaults at 2,000 genes, and the mosaic model with every
+/// option a loss term can carry, for each joint posterior.
+fn configs() -> Vec<(String, VaeConfig, Vec<(&'static str, usize)>)> {
+    let mut out = vec![("scVI defaults".to_string(), VaeConfig::default(), vec![("rna", 2000)])];
+    for joint in [Joint::Poe, Joint::Moe, Joint::Concat] {
+        let config = VaeConfig {
+            joint,
+            n_hidden: 64,
+            n_latent: 8,
+            modalities: [("protein".to_string(), ModalityConfig { likelihood: Some(LikelihoodKind::NbMixture), dispersion: None })].into(),
+            mmd_batch_weight: 1.0,
+            jeffreys_weight: 0.5,
+            adversarial_batch_weight: 0.5,
+            classifier_weight: 1.0,
+            regression_keys: vec!["age".into()],
+            regression_weight: 0.5,
+            cox_weight: 0.3,
+            contrastive_weight: 0.5,
+            cycle_weight: 0.2,
+            ..VaeConfig::default()
+        };
+        out.push((format!("mosaic {joint:?}"), config, vec![("rna", 300), ("protein", 20), ("atac", 200)]));
+    }
+    out
+}
+
+/// |a - b| <= tol · max|b| entry by entry: gradients of different layers differ by orders of
+/// magnitude, and f32 sums in another order move each by a fraction of the largest.
+fn assert_near(what: &str, a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol * scale, "{what}[{i}]: {x} vs {y} (scale {scale})");
+    }
+}
+
+#[test]
+fn models_on_cuda_match_the_cpu() {
+    let gpu = match Cuda::open(0) {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            eprintln!("SKIPPED: model CPU/GPU parity needs a CUDA device: {e}");
+            return;
+        }
+    };
+    for (what, config, modalities) in configs() {
+        let (cpu, cuda) = (run(Cpu, &config, &modalities), run(gpu.clone(), &config, &modalities));
+        for (k, (g, c)) in cuda.terms.iter().zip(&cpu.terms).enumerate() {
+            assert!((g - c).abs() <= 1e-3 * (1.0 + c.abs()), "{what}: loss term {k}: cuda {g} vs cpu {c}");
+        }
+        assert_near(&format!("{what}: gradients"), &cuda.grads, &cpu.grads, 1e-3);
+        assert_near(&format!("{what}: parameters after 3 steps"), &cuda.stepped, &cpu.stepped, 1e-3);
+        assert_near(&format!("{what}: latent means"), &cuda.latent, &cpu.latent, 1e-2);
+    }
+}
+
+#[test]
+fn the_parity_body_runs_on_the_cpu_and_repeats_bit_for_bit() {
+    for (what, config, modalities) in configs() {
+        let (a, b) = (run(Cpu, &config, &modalities), run(Cpu, &config, &modalities));
+        assert!(a.terms.iter().all(|t| t.is_finite()) && a.terms[3] > 0.0 || what == "scVI defaults", "{what}: {:?}", a.terms);
+        assert!(a.grads.iter().any(|g| *g != 0.0) && a.stepped.iter().all(|v| v.is_finite()), "{what}");
+        assert_eq!((a.terms, a.grads, a.stepped, a.latent), (b.terms, b.grads, b.stepped, b.latent), "{what}");
+    }
+}
