@@ -9,15 +9,18 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
+use tessera_kernels::backend::{Backend, Cpu, Cuda, In, Out};
 use tessera_data::{Dataset, Loader, LoaderConfig, SimConfig, ZarrVersion};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
-    /// CPU engine ops at the shapes of 2,000- and 8,000-gene models: GEMM GFLOP/s and the
-    /// fused likelihood's throughput, each with its floor (FLOPs, bytes).
+    /// Engine ops at the shapes of 2,000- and 8,000-gene models: GEMM GFLOP/s and the fused
+    /// likelihood's throughput, each with its floor (FLOPs, bytes), on the CPU or a GPU.
     Ops {
         #[arg(long, default_value_t = 5)]
         repeat: usize,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
     /// One training step of the scVI-size VAE (sparse counts in, forward, backward, AdamW) on a
     /// synthetic batch, without the loader: cells/s against the GEMM floor.
@@ -38,6 +41,8 @@ pub enum BenchCommand {
         /// heads.
         #[arg(long)]
         config: Option<PathBuf>,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
     /// `tessera eval` on a synthetic embedding: the O(n² d) distance pass (kNN + silhouettes)
     /// against its FLOP floor, and the whole evaluation, for each cell count.
@@ -138,16 +143,67 @@ pub enum BenchCommand {
     },
 }
 
+/// Where a benchmark runs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeviceArgs {
+    /// `cpu`, `cuda` (GPU 0) or `cuda:N`.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: Device,
+    /// On a GPU, let cuBLAS use TF32 tensor cores for f32 GEMMs (faster, ~1e-3 relative error).
+    #[arg(long)]
+    tf32: bool,
+}
+
+/// The CPU (None) or GPU N.
+#[derive(Debug, Clone, Copy)]
+struct Device(Option<usize>);
+
+/// `cpu`, `cuda` (GPU 0) or `cuda:N`.
+fn parse_device(text: &str) -> Result<Device, String> {
+    match text {
+        "cpu" => Ok(Device(None)),
+        "cuda" => Ok(Device(Some(0))),
+        _ => text.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(|n| Device(Some(n))).ok_or_else(|| format!("expected cpu, cuda or cuda:N, not {text:?}")),
+    }
+}
+
+enum Engine {
+    Cpu,
+    Cuda(Cuda),
+}
+
+impl DeviceArgs {
+    fn open(&self) -> Result<Engine> {
+        match self.device.0 {
+            None if self.tf32 => bail!("--tf32 applies to --device cuda only"),
+            None => Ok(Engine::Cpu),
+            Some(ordinal) => {
+                let gpu = tessera_kernels::cuda::Gpu::new(ordinal).with_context(|| format!("--device cuda:{ordinal}"))?;
+                Ok(Engine::Cuda(Cuda::new(gpu.with_tf32(self.tf32))))
+            }
+        }
+    }
+}
+
 pub fn run(command: BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Ops { repeat } => ops(repeat.max(1)),
+        BenchCommand::Ops { repeat, device } => match device.open()? {
+            Engine::Cpu => ops(&Cpu, repeat.max(1)),
+            Engine::Cuda(gpu) => ops(&gpu, repeat.max(1)),
+        },
         BenchCommand::Encode { cells, genes, concurrency, seconds } => crate::serve::bench_encode(&cells, genes, concurrency.max(1), seconds),
         BenchCommand::Eval { cells, dims } => eval(&cells, dims),
         BenchCommand::Workers { workers, cells, genes, epochs } => data_parallel(&workers, cells, genes, epochs.max(2)),
         BenchCommand::Snf { n, features, views, python, out_of_core } => snf_side_by_side(&n, features, views.max(2), python.as_deref(), out_of_core),
         BenchCommand::Nccl { floats, repeat } => nccl(&floats, repeat.max(1)),
         BenchCommand::Allreduce { world, floats, repeat } => allreduce(&world, &floats, repeat.max(1)),
-        BenchCommand::Step { genes, batch, hidden, nnz, steps, config } => step(genes, batch, hidden, nnz, steps, config.as_deref()),
+        BenchCommand::Step { genes, batch, hidden, nnz, steps, config, device } => {
+            let shape = StepShape { genes, batch, hidden, nnz, steps };
+            match device.open()? {
+                Engine::Cpu => step(Cpu, shape, config.as_deref()),
+                Engine::Cuda(gpu) => step(gpu, shape, config.as_deref()),
+            }
+        }
         BenchCommand::Load { cells, genes, library, batch_size, dir, python, store, repeat } => {
             let stores = if store.is_empty() { generated_stores(cells, genes, library, &dir)? } else { store };
             load(&stores, batch_size, python.as_deref(), repeat.max(1))
@@ -312,9 +368,18 @@ fn data_parallel(workers: &[usize], cells: usize, genes: usize, epochs: usize) -
     Ok(())
 }
 
-fn step(genes: usize, batch: usize, hidden: usize, nnz: usize, steps: usize, config: Option<&Path>) -> Result<()> {
-    use tessera_kernels::backend::Cpu;
+/// The synthetic training step's sizes.
+struct StepShape {
+    genes: usize,
+    batch: usize,
+    hidden: usize,
+    nnz: usize,
+    steps: usize,
+}
+
+fn step<B: Backend<f32>>(backend: B, shape: StepShape, config: Option<&Path>) -> Result<()> {
     use tessera_kernels::ops::linear::CsrRef;
+    let StepShape { genes, batch, hidden, nnz, steps } = shape;
     use tessera_models::{Categories, ModalityCounts, Supervision, Survival, TrainConfig, Trainer, Vae, VaeBatch};
     let (n_batch, n_labels) = (3, 8);
     let model = match config {
@@ -327,7 +392,8 @@ fn step(genes: usize, batch: usize, hidden: usize, nnz: usize, steps: usize, con
     let config = tessera_models::VaeConfig { n_hidden: hidden, ..model };
     let latent = config.n_latent;
     let n_targets = config.regression_keys.len();
-    let mut trainer = Trainer::new(Vae::<f32, Cpu>::new(Cpu, config, &[("rna", genes)], Categories { n_batch, n_cov: n_batch, n_labels }, 0)?, TrainConfig::default())?;
+    let device = backend.name();
+    let mut trainer = Trainer::new(Vae::<f32, B>::new(backend, config, &[("rna", genes)], Categories { n_batch, n_cov: n_batch, n_labels }, 0)?, TrainConfig::default())?;
     let nnz = nnz.min(genes);
     let (indptr, indices, data) = synthetic_counts(batch, genes, nnz);
     let covariates: Vec<f32> = (0..batch * n_batch).map(|i| f32::from(u8::from(i % n_batch == (i / n_batch) % n_batch))).collect();
@@ -349,6 +415,7 @@ fn step(genes: usize, batch: usize, hidden: usize, nnz: usize, steps: usize, con
     for _ in 0..5 {
         let started = Instant::now();
         rayon::scope(|_| (0..per_round).try_for_each(|_| trainer.step(as_batch(), 10).map(|_| ())))?;
+        trainer.model.backend().synchronize()?;
         rounds.push(started.elapsed().as_secs_f64() / per_round as f64);
     }
     rounds.sort_by(f64::total_cmp);
@@ -358,7 +425,7 @@ fn step(genes: usize, batch: usize, hidden: usize, nnz: usize, steps: usize, con
     // counts its non-zeros.
     let dense = 2.0 * (batch * (latent + n_batch) * hidden + batch * (hidden + n_batch) * genes + batch * hidden * 2 * latent) as f64;
     let flops = 3.0 * dense + 2.0 * 2.0 * (batch * nnz * hidden) as f64;
-    println!("training step: {genes} genes, {hidden} hidden, {latent} latent, batch {batch}, {nnz} nnz/cell, {} threads", rayon::current_num_threads());
+    println!("training step on {device}: {genes} genes, {hidden} hidden, {latent} latent, batch {batch}, {nnz} nnz/cell, {} CPU threads", rayon::current_num_threads());
     println!("  {:.3} ms/step (median of 5 rounds of {per_round}; fastest {:.3}), {:.0} cells/s; {:.3} GFLOP/step of GEMM -> {:.1} GFLOP/s effective", seconds * 1e3, rounds[0] * 1e3, batch as f64 / seconds, flops / 1e9, flops / seconds / 1e9);
     Ok(())
 }
@@ -605,12 +672,27 @@ fn synthetic_counts(cells: usize, genes: usize, nnz: usize) -> (Vec<u64>, Vec<u3
     (indptr, indices, data)
 }
 
-fn ops(repeat: usize) -> Result<()> {
-    use tessera_kernels::ops::likelihood::{self, Likelihood};
-    use tessera_kernels::ops::linear::{self, CsrRef, Gemm};
+fn ops<B: Backend<f32>>(b: &B, repeat: usize) -> Result<()> {
+    use tessera_kernels::ops::likelihood::Likelihood;
+    use tessera_kernels::ops::linear::{CountTransform, CsrRef};
     let values = |n: usize| -> Vec<f32> { (0..n).map(|i| ((i as f32) * 0.618).sin()).collect() };
-    println!("CPU engine ops, {} threads, median of {repeat}", rayon::current_num_threads());
+    let up = |v: &[f32]| b.upload(v);
+    // Each timing ends when the device has finished (a no-op on the CPU).
+    let timed = |f: &mut dyn FnMut() -> tessera_kernels::backend::Result<()>| -> Result<f64> {
+        let mut failed = None;
+        let seconds = time(repeat, || {
+            if let Err(e) = f().and_then(|()| b.synchronize()) {
+                failed.get_or_insert(e);
+            }
+        });
+        failed.map_or(Ok(seconds), |e| Err(e.into()))
+    };
+    println!("engine ops on {}, {} CPU threads, median of {repeat}", b.name(), rayon::current_num_threads());
     println!("{:<44} {:>10} {:>10} {:>9} {:>10} {:>10}", "op (shape)", "GFLOP", "MB moved", "ms", "GFLOP/s", "GB/s");
+    let row = |what: String, flops: Option<f64>, bytes: f64, seconds: f64, extra: String| {
+        let (gflop, rate) = flops.map_or(("-".to_string(), "-".to_string()), |f| (format!("{:.3}", f / 1e9), format!("{:.1}", f / seconds / 1e9)));
+        println!("{what:<44} {gflop:>10} {:>10.1} {:>9.3} {rate:>10} {:>10.2}{extra}", bytes / 1e6, seconds * 1e3, bytes / seconds / 1e9);
+    };
     let hidden = 512;
     for genes in [2_000usize, 8_000] {
         for batch in [128usize, 1_024] {
@@ -621,53 +703,48 @@ fn ops(repeat: usize) -> Result<()> {
                 ("decoder dh   dY·Wᵀ", false, true, batch, genes, hidden),
                 ("hidden fwd   h·W", false, false, batch, hidden, hidden),
             ] {
-                let (a, b) = (values(m * k), values(k * n));
-                let mut c = vec![0.0f32; m * n];
-                let seconds = time(repeat, || f32::gemm(ta, tb, m, k, n, 1.0, &a, &b, 0.0, &mut c));
+                let (a, bm, mut c) = (up(&values(m * k))?, up(&values(k * n))?, b.zeros(m * n)?);
+                let seconds = timed(&mut || b.gemm(ta, tb, m, k, n, 1.0, In::all(&a), In::all(&bm), 0.0, Out::all(&mut c)))?;
                 let flops = 2.0 * (m * k * n) as f64;
                 let bytes = 4.0 * (m * k + k * n + m * n) as f64;
-                println!("{:<44} {:>10.3} {:>10.1} {:>9.3} {:>10.1} {:>10.2}", format!("{name} [{m}x{k}]·[{k}x{n}]"), flops / 1e9, bytes / 1e6, seconds * 1e3, flops / seconds / 1e9, bytes / seconds / 1e9);
+                row(format!("{name} [{m}x{k}]·[{k}x{n}]"), Some(flops), bytes, seconds, String::new());
             }
             // The encoder's first layer on sparse counts (a fifth of the genes non-zero).
             let nnz = genes / 5;
             let (indptr, indices, data) = synthetic_counts(batch, genes, nnz);
             let counts = CsrRef { rows: batch, cols: genes, indptr: &indptr, indices: &indices, data: &data };
-            let (w, mut y) = (values(genes * hidden), vec![0.0f32; batch * hidden]);
-            let seconds = time(repeat, || linear::sparse_forward_values(counts, &data, &w, hidden, &mut y));
+            let x = b.upload_csr(counts)?;
+            let (w, mut y) = (up(&values(genes * hidden))?, b.zeros(batch * hidden)?);
+            let seconds = timed(&mut || b.sparse_input_forward(&x, CountTransform::Log1p, In::all(&w), hidden, Out::all(&mut y)))?;
             let flops = 2.0 * (batch * nnz * hidden) as f64;
             let bytes = 4.0 * (batch * nnz * (2 + hidden) + batch * hidden) as f64; // each non-zero reads a weight row
-            println!("{:<44} {:>10.3} {:>10.1} {:>9.3} {:>10.1} {:>10.2}", format!("encoder fwd  X·W [{batch}x{genes}, {nnz} nz]·[{genes}x{hidden}]"), flops / 1e9, bytes / 1e6, seconds * 1e3, flops / seconds / 1e9, bytes / seconds / 1e9);
-            // scVI's reconstruction term in one pass: per entry read the logit, write its gradient.
+            row(format!("encoder fwd  X·W [{batch}x{genes}, {nnz} nz]·[{genes}x{hidden}]"), Some(flops), bytes, seconds, String::new());
+            // scVI's reconstruction term: per entry read the logit, write its gradient.
             let n = batch * genes;
-            let logits = values(n);
-            let (library, weights) = (vec![2_000.0f32; batch], vec![-1.0f32; batch]);
-            let theta: Vec<f32> = values(genes).iter().map(|v| (v * 1.5).exp()).collect();
-            let (mut ll, mut dlogits, mut dtheta) = (vec![0.0f32; batch], vec![0.0f32; n], vec![0.0f32; genes]);
-            let seconds = time(repeat, || likelihood::softmax_nb(&logits, &library, counts, &theta, &weights, &mut ll, &mut dlogits, &mut dtheta));
-            let bytes = 8.0 * n as f64;
-            println!("{:<44} {:>10} {:>10.1} {:>9.3} {:>10} {:>10.2}  ({:.0} M entries/s)", format!("scVI NB term (softmax+NB fused) [{batch}x{genes}]"), "-", bytes / 1e6, seconds * 1e3, "-", bytes / seconds / 1e9, n as f64 / seconds / 1e6);
-            let x: Vec<f32> = (0..n).map(|i| [0.0, 0.0, 1.0, 3.0, 0.0, 17.0][i % 6]).collect();
-            let mu: Vec<f32> = values(n).iter().map(|v| (v * 2.0).exp()).collect();
-            let theta: Vec<f32> = values(genes).iter().map(|v| (v * 1.5).exp()).collect();
-            let mut ll = vec![0.0f32; batch];
-            let (mut dmu, mut dtheta) = (vec![0.0f32; n], vec![0.0f32; n]);
-            let seconds = time(repeat, || Likelihood::NegativeBinomial.forward_backward(&x, genes, &[&mu, &theta], None, &mut ll, &mut [&mut dmu, &mut dtheta]));
+            let logits = up(&values(n))?;
+            let (library, weights) = (up(&vec![2_000.0f32; batch])?, up(&vec![-1.0f32; batch])?);
+            let theta = up(&values(genes).iter().map(|v| (v * 1.5).exp()).collect::<Vec<_>>())?;
+            let (mut ll, mut dlogits, mut dtheta) = (b.zeros(batch)?, b.zeros(n)?, b.zeros(genes)?);
+            let seconds = timed(&mut || b.softmax_nb(In::all(&logits), In::all(&library), counts, In::all(&theta), In::all(&weights), Out::all(&mut ll), Out::all(&mut dlogits), Out::all(&mut dtheta)))?;
+            row(format!("scVI NB term (softmax+NB) [{batch}x{genes}]"), None, 8.0 * n as f64, seconds, format!("  ({:.0} M entries/s)", n as f64 / seconds / 1e6));
+            let x = up(&(0..n).map(|i| [0.0, 0.0, 1.0, 3.0, 0.0, 17.0][i % 6]).collect::<Vec<f32>>())?;
+            let mu = up(&values(n).iter().map(|v| (v * 2.0).exp()).collect::<Vec<_>>())?;
+            let (mut dmu, mut dtheta) = (b.zeros(n)?, b.zeros(n)?);
+            let seconds = timed(&mut || b.likelihood(Likelihood::NegativeBinomial, In::all(&x), genes, &[In::all(&mu), In::all(&theta)], None, Out::all(&mut ll), &mut [Out::all(&mut dmu), Out::all(&mut dtheta)]))?;
             // Per entry: read x, mu; write dmu, dtheta (theta per gene stays in cache).
-            let bytes = 16.0 * n as f64;
-            println!("{:<44} {:>10} {:>10.1} {:>9.3} {:>10} {:>10.2}  ({:.0} M entries/s)", format!("NB value+grad [{batch}x{genes}]"), "-", bytes / 1e6, seconds * 1e3, "-", bytes / seconds / 1e9, n as f64 / seconds / 1e6);
+            row(format!("NB value+grad [{batch}x{genes}]"), None, 16.0 * n as f64, seconds, format!("  ({:.0} M entries/s)", n as f64 / seconds / 1e6));
         }
     }
     // AdamW over a Census-size scVI model's parameters (8,000 genes, 512 hidden, 2 layers):
     // about 8.7M parameters; per element it reads p, g, m, v and writes p, m, v.
     let n = 8_000 * 512 * 2 + 512 * 512 * 2;
     let opt = tessera_kernels::ops::optim::AdamW::default();
-    let (mut p, g, mut m, mut v) = (values(n), values(n), vec![0.0f32; n], vec![0.0f32; n]);
+    let (mut p, g, mut m, mut v) = (up(&values(n))?, up(&values(n))?, b.zeros(n)?, b.zeros(n)?);
     let mut t = 0;
-    let seconds = time(repeat, || {
+    let seconds = timed(&mut || {
         t += 1;
-        opt.step(t, &mut p, &g, &mut m, &mut v)
-    });
-    let bytes = 28.0 * n as f64;
-    println!("{:<44} {:>10} {:>10.1} {:>9.3} {:>10} {:>10.2}", format!("AdamW step [{n} params]"), "-", bytes / 1e6, seconds * 1e3, "-", bytes / seconds / 1e9);
+        b.adamw_step(&opt, t, Out::all(&mut p), In::all(&g), Out::all(&mut m), Out::all(&mut v))
+    })?;
+    row(format!("AdamW step [{n} params]"), None, 28.0 * n as f64, seconds, String::new());
     Ok(())
 }

@@ -87,3 +87,18 @@ fn bad_locations_fail_with_named_errors() {
     let err = String::from_utf8_lossy(&unreachable.stderr);
     assert!(err.contains("s3://bucket/atlas.zarr") && err.contains("storage error"), "{err}");
 }
+
+#[test]
+fn bench_step_runs_on_the_cpu_and_a_missing_gpu_is_named() {
+    let small = ["bench", "step", "--genes", "50", "--batch", "16", "--hidden", "8", "--nnz", "10", "--steps", "5"];
+    let out = stdout(&tessera(&small));
+    assert!(out.contains("training step on cpu: 50 genes, 8 hidden") && out.contains("cells/s"), "{out}");
+    // No machine here or on the GPU hosts has a ninth GPU: the error says which and why.
+    let missing = tessera(&[&small[..], &["--device", "cuda:8"]].concat());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && err.contains("--device cuda:8") && err.contains("no CUDA device"), "{err}");
+    let bad = tessera(&[&small[..], &["--device", "gpu"]].concat());
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("expected cpu, cuda or cuda:N"));
+    let tf32 = tessera(&[&small[..], &["--tf32"]].concat());
+    assert!(!tf32.status.success() && String::from_utf8_lossy(&tf32.stderr).contains("--tf32 applies to --device cuda only"));
+}

@@ -1,8 +1,9 @@
 //! Whole models on the CUDA backend against the same models on the CPU backend: the same
 //! initial parameters, batch and seeds must give the same loss terms, gradients and (after a
-//! few AdamW steps) parameters, up to f32 rounding of different summation orders. This is what
-//! `train --device cuda` runs. Without a GPU the parity test says SKIPPED; the body still runs
-//! on the CPU (twice, bit for bit), so it cannot first fail on a borrowed GPU.
+//! few AdamW steps) parameters, up to f32 rounding of different summation orders (`tessera
+//! bench step --device cuda` times the same step). Without a GPU the parity test says SKIPPED;
+//! the body still runs on the CPU (twice, bit for bit), so it cannot first fail on a borrowed
+//! GPU.
 #![allow(clippy::unwrap_used)]
 
 use tessera_kernels::backend::{Backend, Cpu, Cuda, In};

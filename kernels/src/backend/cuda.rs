@@ -35,11 +35,6 @@ impl Cuda {
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
     }
-
-    /// Waits for every op queued so far (for timing; results need no wait).
-    pub fn synchronize(&self) -> Result<()> {
-        Ok(self.gpu.stream().synchronize().map_err(driver("synchronize"))?)
-    }
 }
 
 impl Storage for CudaSlice<f32> {
@@ -66,6 +61,10 @@ impl Backend<f32> for Cuda {
 
     fn name(&self) -> String {
         format!("cuda:{}", self.gpu.ordinal())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(self.gpu.stream().synchronize().map_err(driver("synchronize"))?)
     }
 
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {

@@ -123,6 +123,12 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     /// "cpu" or "cuda:<ordinal>", for logs and benchmark tables.
     fn name(&self) -> String;
 
+    /// Waits until every op queued so far has finished (a no-op where ops run synchronously):
+    /// for timing; results need no wait, downloads are ordered after the ops before them.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
     fn upload(&self, host: &[T]) -> Result<Self::Buf>;
     /// [`Backend::upload`] of a vector the caller gives up (the CPU keeps it without a copy).
