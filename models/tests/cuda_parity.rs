@@ -67,7 +67,9 @@ fn run<B: Backend<f32>>(b: B, config: &VaeConfig, modalities: &[(&str, usize)]) 
 
 /// The configurations compared: scVI's defaults at 2,000 genes, and the mosaic model with every
 /// option a loss term can carry, for each joint posterior.
-fn configs() -> Vec<(String, VaeConfig, Vec<(&'static str, usize)>)> {
+type Modalities = Vec<(&'static str, usize)>;
+
+fn configs() -> Vec<(String, VaeConfig, Modalities)> {
     let mut out = vec![("scVI defaults".to_string(), VaeConfig::default(), vec![("rna", 2000)])];
     for joint in [Joint::Poe, Joint::Moe, Joint::Concat] {
         let config = VaeConfig {
