@@ -199,6 +199,10 @@ impl Backend<f32> for Cuda {
         Ok(likelihood::gpu::forward_backward(&self.gpu, family, &v(&x), features, &params, weights.as_ref(), &mut vm(ll), &mut grads)?)
     }
 
+    fn softmax_nb(&self, logits: In<'_, CudaSlice<f32>>, library: In<'_, CudaSlice<f32>>, counts: CsrRef<'_, f32>, theta: In<'_, CudaSlice<f32>>, weights: In<'_, CudaSlice<f32>>, ll: Out<'_, CudaSlice<f32>>, dlogits: Out<'_, CudaSlice<f32>>, dtheta: Out<'_, CudaSlice<f32>>) -> Result<()> {
+        Ok(likelihood::gpu::softmax_nb(&self.gpu, &v(&logits), &v(&library), counts, &v(&theta), &v(&weights), &mut vm(ll), &mut vm(dlogits), &mut vm(dtheta))?)
+    }
+
     fn nb_mixture(&self, x: In<'_, CudaSlice<f32>>, mu_back: In<'_, CudaSlice<f32>>, mu_fore: In<'_, CudaSlice<f32>>, theta: In<'_, CudaSlice<f32>>, pi: In<'_, CudaSlice<f32>>, features: usize, ll: Out<'_, CudaSlice<f32>>, grads: [Out<'_, CudaSlice<f32>>; 4]) -> Result<()> {
         let [a, b, c, d] = grads.map(vm);
         let (mut a, mut b, mut c, mut d) = (a, b, c, d);

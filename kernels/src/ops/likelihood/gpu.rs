@@ -1,9 +1,10 @@
 //! GPU entry point of the fused likelihoods (kernels in `likelihood.cu`).
 #![allow(unsafe_code)] // kernel launches: argument types and lengths are checked before each
 
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{CUDA_SOURCE, Likelihood};
+use crate::ops::linear::CsrRef;
 use crate::cuda::{CudaError, Gpu, Result, View, ViewMut, grid};
 
 /// As [`Likelihood::forward_backward`], on the device.
@@ -77,4 +78,73 @@ pub fn nb_mixture(gpu: &Gpu, x: &View<'_>, mu_back: &View<'_>, mu_fore: &View<'_
     b.arg(&values).arg(ll).arg(&rows64).arg(&features64);
     // SAFETY: values holds rows*features floats, ll rows.
     unsafe { b.launch(grid(n / features)) }.map(|_| ()).map_err(err("likelihood_row_sums"))
+}
+
+/// As [`super::softmax_nb`], on the device: one block per cell (the row's softmax, NB terms at
+/// x = 0 for every gene, then the row's non-zeros), the θ gradient as the column sums of a
+/// per-row scratch (no atomics: the same bits every run). The counts come from the host batch.
+#[allow(clippy::too_many_arguments)] // mirrors the CPU signature plus the device
+pub fn softmax_nb(gpu: &Gpu, logits: &View<'_>, library: &View<'_>, counts: CsrRef<'_, f32>, theta: &View<'_>, weights: &View<'_>, ll: &mut ViewMut<'_>, dlogits: &mut ViewMut<'_>, dtheta: &mut ViewMut<'_>) -> Result<()> {
+    counts.check();
+    let (rows, genes) = (counts.rows, counts.cols);
+    assert!(genes > 0 && logits.len() == rows * genes && dlogits.len() == rows * genes, "softmax nb: logits and their gradient are {rows} rows of {genes}");
+    assert!(theta.len() == genes && dtheta.len() == genes, "softmax nb: one θ per gene");
+    assert!(library.len() == rows && weights.len() == rows && ll.len() == rows, "softmax nb: one library size, weight and value per row");
+    let (indptr, indices, data) = unique_columns(counts);
+    let (indptr, indices, data) = (gpu.upload_as(&indptr)?, gpu.upload_as(&indices)?, gpu.upload(&data)?);
+    let per_row = gpu.zeros(rows * genes)?;
+    if rows > 0 {
+        let f = gpu.function("likelihood", CUDA_SOURCE, "softmax_nb")?;
+        let genes64 = genes as u64;
+        let mut b = gpu.stream().launch_builder(&f);
+        b.arg(logits).arg(library).arg(&indptr).arg(&indices).arg(&data).arg(theta).arg(weights).arg(&genes64).arg(ll).arg(dlogits).arg(&per_row);
+        let config = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: one block of 256 threads (a multiple of 32, as block_sum needs) per row; the
+        // CSR was checked and its columns made unique; every buffer has the asserted length.
+        unsafe { b.launch(config) }.map_err(err("softmax_nb"))?;
+    }
+    crate::ops::elementwise::gpu::column_sums(gpu, &per_row.as_view(), dtheta)
+}
+
+fn err(kernel: &'static str) -> impl Fn(cudarc::driver::DriverError) -> CudaError {
+    move |e| CudaError::Driver { context: kernel.into(), reason: e.to_string() }
+}
+
+/// The CSR with each row's repeated columns summed into one entry (the kernel adds each
+/// non-zero's change to its gene once), as owned arrays; a copy when nothing repeats.
+fn unique_columns(x: CsrRef<'_, f32>) -> (Vec<u64>, Vec<u32>, Vec<f32>) {
+    // The entry of column j in the current row, if any (u64::MAX for none).
+    let mut at = vec![u64::MAX; x.cols];
+    let (mut indptr, mut indices, mut data) = (Vec::with_capacity(x.rows + 1), Vec::with_capacity(x.indices.len()), Vec::with_capacity(x.data.len()));
+    indptr.push(0u64);
+    for r in 0..x.rows {
+        let start = indices.len();
+        for k in x.indptr[r] as usize..x.indptr[r + 1] as usize {
+            let j = x.indices[k] as usize;
+            match at[j] {
+                e if e != u64::MAX && e as usize >= start => data[e as usize] += x.data[k],
+                _ => {
+                    at[j] = indices.len() as u64;
+                    indices.push(x.indices[k]);
+                    data.push(x.data[k]);
+                }
+            }
+        }
+        indptr.push(indices.len() as u64);
+    }
+    (indptr, indices, data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_columns_of_a_row_are_summed_once() {
+        let (indptr, indices, data) = (vec![0u64, 3, 3, 6], vec![2u32, 0, 2, 1, 1, 2], vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let x = CsrRef { rows: 3, cols: 3, indptr: &indptr, indices: &indices, data: &data };
+        // Row 0: column 2 twice (1 + 3); row 1 empty; row 2: column 1 twice (4 + 5), column 2
+        // once (a column repeated only across rows stays per row).
+        assert_eq!(unique_columns(x), (vec![0, 2, 2, 4], vec![2, 0, 1, 2], vec![4.0, 2.0, 9.0, 6.0]));
+    }
 }

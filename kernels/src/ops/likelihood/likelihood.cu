@@ -4,6 +4,7 @@
 // the same algorithms as src/real.rs (in double, like the CPU reference).
 
 #define TSR_EPS 1e-8
+#define TSR_NEG_INF __int_as_float(0xff800000)
 
 __device__ double tsr_lgamma(double x) {
     double product = 1.0;
@@ -143,5 +144,94 @@ extern "C" __global__ void nb_mixture_entries(const float* x, const float* mu_ba
         g_fore[i] = rb * db_mu;
         g_theta[i] = ra * da_theta + rb * db_theta;
         g_pi[i] = ra * lk_sigmoid(-pi[i]) - rb * lk_sigmoid(pi[i]);
+    }
+}
+
+// The sum of v over the block (blockDim.x a multiple of 32, at most 1024), returned to every
+// thread; `scratch` holds 32 floats. Fixed order for a fixed block size: the same bits each run.
+__device__ float block_sum(float v, float* scratch) {
+    for (int o = 16; o > 0; o >>= 1) { v += __shfl_down_sync(0xffffffffu, v, o); }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { scratch[warp] = v; }
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)(blockDim.x >> 5) ? scratch[lane] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1) { v += __shfl_down_sync(0xffffffffu, v, o); }
+        if (lane == 0) { scratch[0] = v; }
+    }
+    __syncthreads();
+    float total = scratch[0];
+    __syncthreads();
+    return total;
+}
+
+__device__ float block_max(float v, float* scratch) {
+    for (int o = 16; o > 0; o >>= 1) { v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, o)); }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { scratch[warp] = v; }
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)(blockDim.x >> 5) ? scratch[lane] : TSR_NEG_INF;
+        for (int o = 16; o > 0; o >>= 1) { v = fmaxf(v, __shfl_down_sync(0xffffffffu, v, o)); }
+        if (lane == 0) { scratch[0] = v; }
+    }
+    __syncthreads();
+    float top = scratch[0];
+    __syncthreads();
+    return top;
+}
+
+// scVI's reconstruction term fused, one block per cell (ops/likelihood/softmax_nb.rs): μ =
+// library · softmax(logits), x ~ NB(μ, θ_gene) with x the row's CSR entries (unique columns).
+// Every gene is first taken at x = 0, then each non-zero adds what its count changes, so the
+// dense work never looks a count up. Writes ll[r], dlogits (gradient of Σ_r w_r ll_r) and the
+// row's θ gradients into dtheta_rows (rows x genes; their column sums are dθ, summed after).
+extern "C" __global__ void softmax_nb(const float* logits, const float* library, const unsigned long long* indptr, const unsigned int* indices,
+        const float* data, const float* theta, const float* weights, unsigned long long genes, float* ll, float* dlogits, float* dtheta_rows) {
+    __shared__ float scratch[32];
+    const float eps = (float)TSR_EPS;
+    unsigned long long r = blockIdx.x;
+    const float* z = logits + r * genes;
+    float* dz = dlogits + r * genes;
+    float* dt = dtheta_rows + r * genes;
+    float lib = library[r], w = weights[r];
+    float top = TSR_NEG_INF;
+    for (unsigned long long f = threadIdx.x; f < genes; f += blockDim.x) { top = fmaxf(top, z[f]); }
+    top = block_max(top, scratch);
+    float sum = 0.0f;
+    for (unsigned long long f = threadIdx.x; f < genes; f += blockDim.x) { sum += expf(z[f] - top); }
+    float inv_sum = 1.0f / block_sum(sum, scratch);
+    // x = 0 everywhere: ll = θ (ln(θ+ε) − ln(θ+μ+ε)); q = w μ ∂ll/∂μ; w ∂ll/∂θ.
+    float ll_part = 0.0f, q_part = 0.0f;
+    for (unsigned long long f = threadIdx.x; f < genes; f += blockDim.x) {
+        float t = theta[f], mu = lib * expf(z[f] - top) * inv_sum;
+        float lt = logf(t + eps), ltm = logf(t + mu + eps), inv = 1.0f / (t + mu + eps);
+        float q = -w * mu * t * inv;
+        ll_part += t * (lt - ltm);
+        q_part += q;
+        dz[f] = q;
+        dt[f] = w * (lt - ltm + t / (t + eps) - t * inv);
+    }
+    __syncthreads();
+    // The non-zeros: what x changes in each term (0 at x = 0; columns are unique in a row).
+    for (unsigned long long k = indptr[r] + threadIdx.x; k < indptr[r + 1]; k += blockDim.x) {
+        unsigned long long f = indices[k];
+        float x = data[k], t = theta[f], mu = lib * expf(z[f] - top) * inv_sum;
+        float ltm = logf(t + mu + eps), inv = 1.0f / (t + mu + eps);
+        float lg, dg;
+        gamma_terms(x, t, &lg, &dg);
+        float dq = w * x * (mu / (mu + eps) - mu * inv);
+        ll_part += x * (logf(mu + eps) - ltm) + lg;
+        q_part += dq;
+        dz[f] += dq;
+        dt[f] += w * (dg - x * inv);
+    }
+    float q_sum = block_sum(q_part, scratch);
+    float row_ll = block_sum(ll_part, scratch);
+    if (threadIdx.x == 0) { ll[r] = row_ll; }
+    // ∂/∂z_f = q_f − ρ_f Σ_g q_g (the softmax's Jacobian); each thread rereads only its own dz.
+    __syncthreads();
+    for (unsigned long long f = threadIdx.x; f < genes; f += blockDim.x) {
+        dz[f] -= expf(z[f] - top) * inv_sum * q_sum;
     }
 }
