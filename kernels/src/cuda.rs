@@ -102,6 +102,12 @@ impl Gpu {
         self.ctx.ordinal()
     }
 
+    /// Makes this GPU's context current on the calling thread: cudarc does it before its own
+    /// calls, cuBLAS calls need it done for them (a model may run on any thread).
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(driver("binding the context"))
+    }
+
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }

@@ -36,8 +36,10 @@ pub fn gemm(gpu: &Gpu, ta: bool, tb: bool, m: usize, k: usize, n: usize, alpha: 
         beta,
         ldc: n as i32,
     };
+    let blas = gpu.blas()?;
+    gpu.bind()?;
     // SAFETY: the leading dimensions describe exactly the asserted buffer sizes.
-    unsafe { gpu.blas()?.gemm(cfg, b, a, c) }.map_err(|e| CudaError::Driver { context: "cublasSgemm".into(), reason: e.to_string() })
+    unsafe { blas.gemm(cfg, b, a, c) }.map_err(|e| CudaError::Driver { context: "cublasSgemm".into(), reason: e.to_string() })
 }
 
 /// A CSR count matrix on the device, with its host copy: the backward's transposed index is
