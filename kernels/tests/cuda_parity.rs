@@ -49,10 +49,14 @@ fn scalar(what: impl Into<String>, value: f64, rtol: f32) -> Output {
     output(what, vec![value as f32], 1e-6, rtol)
 }
 
-/// Runs `body` on the CPU and on the GPU and compares every output (the CPU's tolerances).
-fn parity(body_cpu: impl FnOnce(&Cpu) -> Vec<Output>, body_gpu: impl FnOnce(&Cuda) -> Vec<Output>) {
+/// Runs `body` on the CPU and on the GPU and compares every output (the CPU's tolerances), then
+/// once more on the GPU: the same bits (no atomics, fixed reduction orders).
+fn parity(body_cpu: impl FnOnce(&Cpu) -> Vec<Output>, body_gpu: impl Fn(&Cuda) -> Vec<Output>) {
     let Some(gpu) = gpu() else { return };
-    compare(&body_cpu(&Cpu), &body_gpu(&Cuda::new(gpu)), false);
+    let gpu = Cuda::new(gpu);
+    let first = body_gpu(&gpu);
+    compare(&body_cpu(&Cpu), &first, false);
+    compare(&first, &body_gpu(&gpu), true);
 }
 
 /// Every output of `other` against the reference's, within the reference's tolerances, or
