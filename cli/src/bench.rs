@@ -390,7 +390,7 @@ fn step<B: Backend<f32>>(backend: B, shape: StepShape, config: Option<&Path>) ->
         None => tessera_worker::FitConfig::default().model,
     };
     let config = tessera_models::VaeConfig { n_hidden: hidden, ..model };
-    let latent = config.n_latent;
+    let (latent, layers) = (config.n_latent, config.n_layers.max(1));
     let n_targets = config.regression_keys.len();
     let device = backend.name();
     let mut trainer = Trainer::new(Vae::<f32, B>::new(backend, config, &[("rna", genes)], Categories { n_batch, n_cov: n_batch, n_labels }, 0)?, TrainConfig::default())?;
@@ -421,11 +421,13 @@ fn step<B: Backend<f32>>(backend: B, shape: StepShape, config: Option<&Path>) ->
     rounds.sort_by(f64::total_cmp);
     let seconds = rounds[2];
     // Dense GEMMs of one step (forward, input and weight gradients): encoder hidden→latent
-    // heads, decoder latent→hidden and hidden→genes (the big one); the sparse first layer
-    // counts its non-zeros.
-    let dense = 2.0 * (batch * (latent + n_batch) * hidden + batch * (hidden + n_batch) * genes + batch * hidden * 2 * latent) as f64;
+    // heads, decoder latent→hidden and hidden→genes (the big one), and with more than one
+    // layer the hidden→hidden ones on both sides (the decoder's also read the covariates); the
+    // sparse first layer counts its non-zeros.
+    let deeper = (layers - 1) * batch * hidden * (2 * hidden + n_batch);
+    let dense = 2.0 * (batch * (latent + n_batch) * hidden + batch * (hidden + n_batch) * genes + batch * hidden * 2 * latent + deeper) as f64;
     let flops = 3.0 * dense + 2.0 * 2.0 * (batch * nnz * hidden) as f64;
-    println!("training step on {device}: {genes} genes, {hidden} hidden, {latent} latent, batch {batch}, {nnz} nnz/cell, {} CPU threads", rayon::current_num_threads());
+    println!("training step on {device}: {genes} genes, {layers} x {hidden} hidden, {latent} latent, batch {batch}, {nnz} nnz/cell, {} CPU threads", rayon::current_num_threads());
     println!("  {:.3} ms/step (median of 5 rounds of {per_round}; fastest {:.3}), {:.0} cells/s; {:.3} GFLOP/step of GEMM -> {:.1} GFLOP/s effective", seconds * 1e3, rounds[0] * 1e3, batch as f64 / seconds, flops / 1e9, flops / seconds / 1e9);
     Ok(())
 }

@@ -92,7 +92,7 @@ fn bad_locations_fail_with_named_errors() {
 fn bench_step_runs_on_the_cpu_and_a_missing_gpu_is_named() {
     let small = ["bench", "step", "--genes", "50", "--batch", "16", "--hidden", "8", "--nnz", "10", "--steps", "5"];
     let out = stdout(&tessera(&small));
-    assert!(out.contains("training step on cpu: 50 genes, 8 hidden") && out.contains("cells/s"), "{out}");
+    assert!(out.contains("training step on cpu: 50 genes, 1 x 8 hidden") && out.contains("cells/s"), "{out}");
     // No machine here or on the GPU hosts has a ninth GPU: the error says which and why.
     let missing = tessera(&[&small[..], &["--device", "cuda:8"]].concat());
     let err = String::from_utf8_lossy(&missing.stderr);
