@@ -379,8 +379,8 @@ struct StepShape {
 
 fn step<B: Backend<f32>>(backend: B, shape: StepShape, config: Option<&Path>) -> Result<()> {
     use tessera_kernels::ops::linear::CsrRef;
-    let StepShape { genes, batch, hidden, nnz, steps } = shape;
     use tessera_models::{Categories, ModalityCounts, Supervision, Survival, TrainConfig, Trainer, Vae, VaeBatch};
+    let StepShape { genes, batch, hidden, nnz, steps } = shape;
     let (n_batch, n_labels) = (3, 8);
     let model = match config {
         Some(path) => {

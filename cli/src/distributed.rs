@@ -362,8 +362,6 @@ async fn run_job(
         .map_err(|s| anyhow!("watching {}: {}", job.job_id, s.message()))?
         .into_inner();
     let mut view = JobView::new(&job.job_id);
-    // Rank 0's worker said it ended without serving the job: its thread is returning its result.
-    let mut rank0_left = false;
     let outcome = loop {
         let next = tokio::select! {
             message = statuses.message() => Some(message),
@@ -375,7 +373,6 @@ async fn run_job(
             } => {
                 rank0_ended = None;
                 // Served: the job's end is on its way in the stream.
-                rank0_left = !served;
                 if served { continue } else { None }
             }
         };
@@ -396,9 +393,10 @@ async fn run_job(
     drop((statuses, client));
     // Rank 0 reported the last epoch after writing the outputs; the workers leave on their own.
     workers.wait(Duration::from_secs(if outcome.is_ok() { 30 } else { 0 }));
-    // Joined when the job succeeded (it is leaving) or it left (stopped or failed: it said so
-    // just before returning, so the join waits no longer than the thread's last statement).
-    let rank0 = match in_process.filter(|w| outcome.is_ok() || rank0_left || w.is_finished()) {
+    // Joined when the job succeeded (it is leaving) or it said it ended (served, stopped or
+    // failed: it says so just before returning, so the join waits no longer than that).
+    let rank0_said_it_ended = rank0_ended.is_none();
+    let rank0 = match in_process.filter(|w| outcome.is_ok() || rank0_said_it_ended || w.is_finished()) {
         Some(worker) => Some(worker.join().map_err(|_| anyhow!("the in-process worker panicked"))??),
         None => None,
     };

@@ -69,6 +69,16 @@ impl Run {
     }
 }
 
+/// A loopback port nothing listens on now (the launcher's MASTER_PORT).
+fn free_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string()
+}
+
+/// What a launcher (torchrun, PyTorchJob) sets for `rank` of 2 on this machine.
+fn launcher_env<'a>(port: &'a str, rank: &'a str) -> [(&'a str, &'a str); 5] {
+    [("WORLD_SIZE", "2"), ("RANK", rank), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port), ("POD_IP", "127.0.0.1")]
+}
+
 fn simulate(store: &Path, cells: &str, genes: &str) {
     let made = Command::new(env!("CARGO_BIN_EXE_tessera")).args(["simulate", store.to_str().unwrap(), "--cells", cells, "--genes", genes]).env("TESSERA_LOG", "warn").output().unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
@@ -228,10 +238,10 @@ fn ranks_of_a_launcher_environment_form_one_job() {
     let (store, config, out) = (dir.path().join("s.zarr"), dir.path().join("c.toml"), dir.path().join("out"));
     simulate(&store, "1500", "80");
     std::fs::write(&config, "[model]\nn_hidden = 16\n[train]\nmax_epochs = 2\nbatch_size = 64\n").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let port = free_port();
     // Every pod runs the same command; only RANK differs (torchrun / PyTorchJob environment).
     let args = train_args(&store, &config, &out);
-    let env = |rank| [("WORLD_SIZE", "2"), ("RANK", rank), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str()), ("POD_IP", "127.0.0.1")];
+    let env = |rank| launcher_env(&port, rank);
     let worker = Run::start(&args, &env("1"), Duration::from_secs(180));
     let rank0 = Run::start(&args, &env("0"), Duration::from_secs(180));
     let text = rank0.finish();
@@ -246,10 +256,10 @@ fn a_stopped_rank_0_restarted_with_resume_continues_the_job_from_its_step() {
     let (store, config, out) = (dir.path().join("s.zarr"), dir.path().join("c.toml"), dir.path().join("out"));
     simulate(&store, "12000", "300");
     std::fs::write(&config, "[model]\nn_hidden = 64\n[train]\nmax_epochs = 5\nkl_warmup_epochs = 3\n").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
+    let port = free_port();
     let mut args = train_args(&store, &config, &out);
     args.push("--resume");
-    let env = |rank| [("WORLD_SIZE", "2"), ("RANK", rank), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str()), ("POD_IP", "127.0.0.1")];
+    let env = |rank| launcher_env(&port, rank);
     let worker = Run::start(&args, &env("1"), Duration::from_secs(300));
     let mut rank0 = Run::start(&args, &env("0"), Duration::from_secs(300));
     // Rank 0 (and the job's coordinator in it) gets SIGTERM inside epoch 3.

@@ -94,10 +94,6 @@ impl Gpu {
         self
     }
 
-    pub fn tf32(&self) -> bool {
-        self.tf32
-    }
-
     pub fn ordinal(&self) -> usize {
         self.ctx.ordinal()
     }
@@ -143,12 +139,8 @@ impl Gpu {
         Ok(self.blas.get_or_init(|| handle))
     }
 
-    pub fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
-        self.stream.clone_htod(host).map_err(driver("upload"))
-    }
-
-    /// [`Gpu::upload`] of another element type (indices, masks, f64 operands).
-    pub fn upload_as<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+    /// Host values (f32, or indices, masks, f64 operands) into a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         self.stream.clone_htod(host).map_err(driver("upload"))
     }
 

@@ -204,8 +204,7 @@ impl Backend<f32> for Cuda {
     }
 
     fn nb_mixture(&self, x: In<'_, CudaSlice<f32>>, mu_back: In<'_, CudaSlice<f32>>, mu_fore: In<'_, CudaSlice<f32>>, theta: In<'_, CudaSlice<f32>>, pi: In<'_, CudaSlice<f32>>, features: usize, ll: Out<'_, CudaSlice<f32>>, grads: [Out<'_, CudaSlice<f32>>; 4]) -> Result<()> {
-        let [a, b, c, d] = grads.map(vm);
-        let (mut a, mut b, mut c, mut d) = (a, b, c, d);
+        let [mut a, mut b, mut c, mut d] = grads.map(vm);
         Ok(likelihood::gpu::nb_mixture(&self.gpu, &v(&x), &v(&mu_back), &v(&mu_fore), &v(&theta), &v(&pi), features, &mut vm(ll), [&mut a, &mut b, &mut c, &mut d])?)
     }
 
@@ -232,8 +231,7 @@ impl Backend<f32> for Cuda {
     }
 
     fn jeffreys(&self, m1: In<'_, CudaSlice<f32>>, lv1: In<'_, CudaSlice<f32>>, m2: In<'_, CudaSlice<f32>>, lv2: In<'_, CudaSlice<f32>>, dim: usize, weights: In<'_, CudaSlice<f32>>, value: Out<'_, CudaSlice<f32>>, grads: [Out<'_, CudaSlice<f32>>; 4]) -> Result<()> {
-        let [a, b, c, d] = grads.map(vm);
-        let (mut a, mut b, mut c, mut d) = (a, b, c, d);
+        let [mut a, mut b, mut c, mut d] = grads.map(vm);
         Ok(gaussian::gpu::jeffreys(&self.gpu, &v(&m1), &v(&lv1), &v(&m2), &v(&lv2), dim, &v(&weights), &mut vm(value), [&mut a, &mut b, &mut c, &mut d])?)
     }
 

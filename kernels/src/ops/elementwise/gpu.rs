@@ -84,7 +84,7 @@ pub fn scale_rows(gpu: &Gpu, x: &View<'_>, s: &View<'_>, y: &mut ViewMut<'_>) ->
 fn codes_on_device(gpu: &Gpu, codes: &[usize], table_rows: usize) -> Result<cudarc::driver::CudaSlice<u64>> {
     assert!(codes.iter().all(|&c| c < table_rows), "row code out of range: the table has {table_rows} rows");
     let codes: Vec<u64> = codes.iter().map(|&c| c as u64).collect();
-    gpu.upload_as(&codes)
+    gpu.upload(&codes)
 }
 
 /// As [`super::gather_rows`]: out row i = table row codes[i].

@@ -5,7 +5,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{CUDA_SOURCE, Likelihood};
 use crate::ops::linear::CsrRef;
-use crate::cuda::{CudaError, Gpu, Result, View, ViewMut, grid};
+use crate::cuda::{Gpu, Result, View, ViewMut, driver, launch};
 
 /// As [`Likelihood::forward_backward`], on the device.
 #[allow(clippy::too_many_arguments)] // mirrors the CPU signature plus the device
@@ -18,7 +18,6 @@ pub fn forward_backward(gpu: &Gpu, family: Likelihood, x: &View<'_>, features: u
     assert!(grads.iter().all(|g| g.len() == n), "gradients are per entry");
     let rows = n / features;
     assert_eq!(ll.len(), rows, "one log-likelihood per row");
-    let err = |kernel: &'static str| move |e: cudarc::driver::DriverError| CudaError::Driver { context: kernel.into(), reason: e.to_string() };
     let values = gpu.zeros(n)?;
     let null = 0u64;
     let (rows64, features64) = (rows as u64, features as u64);
@@ -47,14 +46,12 @@ pub fn forward_backward(gpu: &Gpu, family: Likelihood, x: &View<'_>, features: u
             None => b.arg(&null),
         };
     }
-    // SAFETY: argument order and types match likelihood_entries; absent parameters and
-    // gradients are null pointers, which the kernel checks; every buffer has the asserted length.
-    unsafe { b.launch(grid(n)) }.map_err(err("likelihood_entries"))?;
+    // Absent parameters and gradients are null pointers, which the kernel checks.
+    launch(b, n, "likelihood_entries")?;
     let sums = gpu.function("likelihood", CUDA_SOURCE, "likelihood_row_sums")?;
     let mut b = gpu.stream().launch_builder(&sums);
     b.arg(&values).arg(ll).arg(&rows64).arg(&features64);
-    // SAFETY: values holds rows*features floats, ll rows.
-    unsafe { b.launch(grid(rows)) }.map(|_| ()).map_err(err("likelihood_row_sums"))
+    launch(b, rows, "likelihood_row_sums")
 }
 
 /// As [`super::nb_mixture`], on the device (per-entry values, then the same row sums).
@@ -63,21 +60,18 @@ pub fn nb_mixture(gpu: &Gpu, x: &View<'_>, mu_back: &View<'_>, mu_fore: &View<'_
     let n = x.len();
     assert!(features > 0 && n.is_multiple_of(features) && ll.len() == n / features, "nb mixture: shapes");
     assert!([mu_back.len(), mu_fore.len(), theta.len(), pi.len()].iter().all(|&l| l == n) && grads.iter().all(|g| g.len() == n), "nb mixture: per-entry parameters");
-    let err = |kernel: &'static str| move |e: cudarc::driver::DriverError| CudaError::Driver { context: kernel.into(), reason: e.to_string() };
     let values = gpu.zeros(n)?;
     let f = gpu.function("likelihood", CUDA_SOURCE, "nb_mixture_entries")?;
     let n64 = n as u64;
     let [g0, g1, g2, g3] = grads;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(x).arg(mu_back).arg(mu_fore).arg(theta).arg(pi).arg(&n64).arg(&values).arg(g0).arg(g1).arg(g2).arg(g3);
-    // SAFETY: every buffer holds n floats (asserted).
-    unsafe { b.launch(grid(n)) }.map_err(err("nb_mixture_entries"))?;
+    launch(b, n, "nb_mixture_entries")?;
     let sums = gpu.function("likelihood", CUDA_SOURCE, "likelihood_row_sums")?;
     let (rows64, features64) = ((n / features) as u64, features as u64);
     let mut b = gpu.stream().launch_builder(&sums);
     b.arg(&values).arg(ll).arg(&rows64).arg(&features64);
-    // SAFETY: values holds rows*features floats, ll rows.
-    unsafe { b.launch(grid(n / features)) }.map(|_| ()).map_err(err("likelihood_row_sums"))
+    launch(b, n / features, "likelihood_row_sums")
 }
 
 /// As [`super::softmax_nb`], on the device: one block per cell (the row's softmax, NB terms at
@@ -85,13 +79,13 @@ pub fn nb_mixture(gpu: &Gpu, x: &View<'_>, mu_back: &View<'_>, mu_fore: &View<'_
 /// per-row scratch (no atomics: the same bits every run). The counts come from the host batch.
 #[allow(clippy::too_many_arguments)] // mirrors the CPU signature plus the device
 pub fn softmax_nb(gpu: &Gpu, logits: &View<'_>, library: &View<'_>, counts: CsrRef<'_, f32>, theta: &View<'_>, weights: &View<'_>, ll: &mut ViewMut<'_>, dlogits: &mut ViewMut<'_>, dtheta: &mut ViewMut<'_>) -> Result<()> {
-    counts.check();
+    counts.check_entries();
     let (rows, genes) = (counts.rows, counts.cols);
     assert!(genes > 0 && logits.len() == rows * genes && dlogits.len() == rows * genes, "softmax nb: logits and their gradient are {rows} rows of {genes}");
     assert!(theta.len() == genes && dtheta.len() == genes, "softmax nb: one θ per gene");
     assert!(library.len() == rows && weights.len() == rows && ll.len() == rows, "softmax nb: one library size, weight and value per row");
     let (indptr, indices, data) = unique_columns(counts);
-    let (indptr, indices, data) = (gpu.upload_as(&indptr)?, gpu.upload_as(&indices)?, gpu.upload(&data)?);
+    let (indptr, indices, data) = (gpu.upload(&indptr)?, gpu.upload(&indices)?, gpu.upload(&data)?);
     let per_row = gpu.zeros(rows * genes)?;
     if rows > 0 {
         let f = gpu.function("likelihood", CUDA_SOURCE, "softmax_nb")?;
@@ -101,13 +95,9 @@ pub fn softmax_nb(gpu: &Gpu, logits: &View<'_>, library: &View<'_>, counts: CsrR
         let config = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: one block of 256 threads (a multiple of 32, as block_sum needs) per row; the
         // CSR was checked and its columns made unique; every buffer has the asserted length.
-        unsafe { b.launch(config) }.map_err(err("softmax_nb"))?;
+        unsafe { b.launch(config) }.map_err(driver("softmax_nb"))?;
     }
     crate::ops::elementwise::gpu::column_sums(gpu, &per_row.as_view(), dtheta)
-}
-
-fn err(kernel: &'static str) -> impl Fn(cudarc::driver::DriverError) -> CudaError {
-    move |e| CudaError::Driver { context: kernel.into(), reason: e.to_string() }
 }
 
 /// The CSR with each row's repeated columns summed into one entry (the kernel adds each

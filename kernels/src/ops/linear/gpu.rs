@@ -65,12 +65,12 @@ struct DeviceTransposed {
 
 impl DeviceCsr {
     pub fn upload(gpu: &Gpu, x: CsrRef<'_, f32>) -> Result<DeviceCsr> {
-        x.check();
+        x.check_entries();
         Ok(DeviceCsr {
             rows: x.rows,
             cols: x.cols,
-            indptr: gpu.upload_as(x.indptr)?,
-            indices: gpu.upload_as(x.indices)?,
+            indptr: gpu.upload(x.indptr)?,
+            indices: gpu.upload(x.indices)?,
             data: gpu.upload(x.data)?,
             host: (x.indptr.to_vec(), x.indices.to_vec(), x.data.to_vec()),
             transposed: OnceLock::new(),
@@ -86,7 +86,7 @@ impl DeviceCsr {
         let col_ptr: Vec<u64> = col_ptr.into_iter().map(|c| c as u64).collect();
         let rows_of: Vec<u32> = entries.iter().map(|&(r, _)| r as u32).collect();
         let values: Vec<f32> = entries.iter().map(|&(_, v)| v).collect();
-        Ok(DeviceTransposed { col_ptr: gpu.upload_as(&col_ptr)?, rows_of: gpu.upload_as(&rows_of)?, values: gpu.upload(&values)? })
+        Ok(DeviceTransposed { col_ptr: gpu.upload(&col_ptr)?, rows_of: gpu.upload(&rows_of)?, values: gpu.upload(&values)? })
     }
 }
 

@@ -156,7 +156,13 @@ impl<T: Real> CsrRef<'_, T> {
         assert_eq!(self.indptr.len(), self.rows + 1, "csr: indptr length");
         assert_eq!(self.indices.len(), self.data.len(), "csr: indices and data lengths");
         assert_eq!(self.indptr[self.rows] as usize, self.data.len(), "csr: indptr end");
-        // Out-of-range entries would be a bounds panic on the CPU but an illegal address on a GPU.
+    }
+
+    /// [`CsrRef::check`] and every entry in range: what a device needs before it indexes with
+    /// them (an out-of-range entry is a bounds panic on the CPU but an illegal address on a
+    /// GPU). A pass over the non-zeros, so only where counts are uploaded.
+    pub(crate) fn check_entries(&self) {
+        self.check();
         assert!(self.indptr.windows(2).all(|w| w[0] <= w[1]), "csr: indptr decreases");
         assert!(self.indices.iter().all(|&j| (j as usize) < self.cols), "csr: a column index is not below {}", self.cols);
     }

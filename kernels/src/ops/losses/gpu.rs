@@ -19,7 +19,7 @@ pub fn cross_entropy(gpu: &Gpu, logits: &View<'_>, labels: &[i32], classes: usiz
     assert!(labels.iter().all(|&l| l < classes as i32), "label out of range");
     let labelled = labels.iter().filter(|&&l| l >= 0).count();
     let scale = if labelled > 0 { 1.0 / labelled as f32 } else { 0.0 };
-    let (labels_d, row_loss) = (gpu.upload_as(labels)?, gpu.zeros(rows)?);
+    let (labels_d, row_loss) = (gpu.upload(labels)?, gpu.zeros(rows)?);
     let (rows64, classes64) = (rows as u64, classes as u64);
     let f = gpu.function("losses", CUDA_SOURCE, "cross_entropy")?;
     let mut b = gpu.stream().launch_builder(&f);
@@ -34,7 +34,7 @@ pub fn masked_mse(gpu: &Gpu, pred: &View<'_>, targets: &[f64], dpred: &mut ViewM
     assert!(pred.len() == n && dpred.len() == n, "mse: lengths");
     let observed = targets.iter().filter(|t| !t.is_nan()).count();
     let scale = if observed > 0 { 1.0 / observed as f32 } else { 0.0 };
-    let targets_d = gpu.upload_as(targets)?;
+    let targets_d = gpu.upload(targets)?;
     let entry_loss = gpu.zeros(n)?;
     let n64 = n as u64;
     let f = gpu.function("losses", CUDA_SOURCE, "masked_mse")?;
@@ -82,7 +82,7 @@ pub fn cosine_margin(gpu: &Gpu, z: &View<'_>, labels: &[i32], dim: usize, margin
     let labelled = labels.iter().filter(|&&l| l >= 0).count();
     let pairs = labelled * labelled.saturating_sub(1) / 2;
     let scale = if pairs > 0 { 1.0 / pairs as f32 } else { 0.0 };
-    let (labels_d, norms_d, row_loss) = (gpu.upload_as(labels)?, gpu.upload(&norms)?, gpu.zeros(n)?);
+    let (labels_d, norms_d, row_loss) = (gpu.upload(labels)?, gpu.upload(&norms)?, gpu.zeros(n)?);
     let (n64, d64, margin) = (n as u64, dim as u64, margin as f32);
     let f = gpu.function("losses", CUDA_SOURCE, "cosine_margin")?;
     let mut b = gpu.stream().launch_builder(&f);
@@ -101,7 +101,7 @@ pub fn cox_partial_likelihood(gpu: &Gpu, eta: &View<'_>, times: &[f64], events: 
     let w: Vec<f32> = host.iter().map(|&e| (e - max).exp()).collect();
     let scale = if n_events > 0 { 1.0 / n_events as f32 } else { 0.0 };
     let ev: Vec<u8> = events.iter().map(|&e| u8::from(e)).collect();
-    let (w_d, t_d, e_d, risk) = (gpu.upload(&w)?, gpu.upload_as(times)?, gpu.upload_as(&ev)?, gpu.zeros(n)?);
+    let (w_d, t_d, e_d, risk) = (gpu.upload(&w)?, gpu.upload(times)?, gpu.upload(&ev)?, gpu.zeros(n)?);
     let n64 = n as u64;
     let f = gpu.function("losses", CUDA_SOURCE, "cox_risk_sums")?;
     let mut b = gpu.stream().launch_builder(&f);

@@ -1,11 +1,10 @@
-//! GPU entry points of the optimiser step and gradient clipping (kernels in `optim.cu`).
+//! GPU entry points of the optimiser step and the gradient norm (kernels in `optim.cu`).
 #![allow(unsafe_code)] // kernel launches: argument types and lengths are checked before each
 
 use cudarc::driver::PushKernelArg;
 
 use super::{AdamW, CUDA_SOURCE, GRAIN};
-use crate::cuda::{Gpu, Result, View, ViewMut, driver as failed, grid, launch};
-use crate::ops::elementwise::gpu::scale;
+use crate::cuda::{Gpu, Result, View, ViewMut, driver as failed, launch};
 
 /// As [`AdamW::step`], on the device.
 pub fn adamw_step(gpu: &Gpu, opt: &AdamW, t: u64, params: &mut ViewMut<'_>, grads: &View<'_>, m: &mut ViewMut<'_>, v: &mut ViewMut<'_>) -> Result<()> {
@@ -29,17 +28,8 @@ pub fn grad_norm(gpu: &Gpu, grads: &View<'_>) -> Result<f64> {
     let (n64, chunk64) = (n as u64, GRAIN as u64);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(grads).arg(&n64).arg(&chunk64).arg(&mut partial);
-    // SAFETY: one thread per chunk of `GRAIN` elements; partial holds one double per chunk.
-    unsafe { b.launch(grid(chunks)) }.map_err(failed("chunk_sum_squares"))?;
+    // One thread per chunk of `GRAIN` elements; partial holds one double per chunk.
+    launch(b, chunks, "chunk_sum_squares")?;
     let sums = gpu.stream().clone_dtoh(&partial).map_err(failed("download"))?;
     Ok(sums.iter().sum::<f64>().sqrt())
-}
-
-/// As [`super::clip_grad_norm`], on the device: returns the norm before clipping.
-pub fn clip_grad_norm(gpu: &Gpu, grads: &mut ViewMut<'_>, max_norm: f64) -> Result<f64> {
-    let norm = grad_norm(gpu, &grads.as_view())?;
-    if norm.is_finite() && norm > max_norm {
-        scale(gpu, grads, (max_norm / (norm + 1e-6)) as f32)?;
-    }
-    Ok(norm)
 }

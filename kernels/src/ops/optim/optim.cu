@@ -1,4 +1,4 @@
-// Fused AdamW step and the sum of squares of global-norm clipping (f32), mirroring ops/optim/mod.rs.
+// Fused AdamW step and the sums of squares of the global gradient norm (f32), mirroring ops/optim/mod.rs.
 
 extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float* v, unsigned long long n,
         float beta1, float beta2, float step_size, float inv_correction2, float eps, float decay) {
