@@ -20,20 +20,32 @@ pub fn python() -> Option<PathBuf> {
             panic!("TESSERA_REQUIRE_PYTHON=1 but TESSERA_PYTHON is not set")
         }
         None => {
-            eprintln!("SKIPPED: TESSERA_PYTHON is not set (run `bash .ci/run`, or point it at a Python with tests/python/requirements.txt)");
+            eprintln!(
+                "SKIPPED: TESSERA_PYTHON is not set (run `bash .ci/run`, or point it at a Python with tests/python/requirements.txt)"
+            );
             None
         }
     }
 }
 
 pub fn script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(name)
 }
 
 /// Runs a script of tests/python and returns its stdout; panics with stderr on failure.
 pub fn run_python(python: &Path, name: &str, args: &[&str]) -> String {
-    let output = Command::new(python).arg(script(name)).args(args).output().expect("python runs");
-    assert!(output.status.success(), "{name} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    let output = Command::new(python)
+        .arg(script(name))
+        .args(args)
+        .output()
+        .expect("python runs");
+    assert!(
+        output.status.success(),
+        "{name} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8(output.stdout).expect("utf-8 output")
 }
 

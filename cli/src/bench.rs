@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use tessera_kernels::backend::{Backend, Cpu, Cuda, In, Out};
 use tessera_data::{Dataset, Loader, LoaderConfig, SimConfig, ZarrVersion};
+use tessera_kernels::backend::{Backend, Cpu, Cuda, In, Out};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -163,7 +163,11 @@ fn parse_device(text: &str) -> Result<Device, String> {
     match text {
         "cpu" => Ok(Device(None)),
         "cuda" => Ok(Device(Some(0))),
-        _ => text.strip_prefix("cuda:").and_then(|n| n.parse().ok()).map(|n| Device(Some(n))).ok_or_else(|| format!("expected cpu, cuda or cuda:N, not {text:?}")),
+        _ => text
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(|n| Device(Some(n)))
+            .ok_or_else(|| format!("expected cpu, cuda or cuda:N, not {text:?}")),
     }
 }
 
@@ -178,7 +182,8 @@ impl DeviceArgs {
             None if self.tf32 => bail!("--tf32 applies to --device cuda only"),
             None => Ok(Engine::Cpu),
             Some(ordinal) => {
-                let gpu = tessera_kernels::cuda::Gpu::new(ordinal).with_context(|| format!("--device cuda:{ordinal}"))?;
+                let gpu = tessera_kernels::cuda::Gpu::new(ordinal)
+                    .with_context(|| format!("--device cuda:{ordinal}"))?;
                 Ok(Engine::Cuda(Cuda::new(gpu.with_tf32(self.tf32))))
             }
         }
@@ -191,65 +196,170 @@ pub fn run(command: BenchCommand) -> Result<()> {
             Engine::Cpu => ops(&Cpu, repeat.max(1)),
             Engine::Cuda(gpu) => ops(&gpu, repeat.max(1)),
         },
-        BenchCommand::Encode { cells, genes, concurrency, seconds } => crate::serve::bench_encode(&cells, genes, concurrency.max(1), seconds),
+        BenchCommand::Encode {
+            cells,
+            genes,
+            concurrency,
+            seconds,
+        } => crate::serve::bench_encode(&cells, genes, concurrency.max(1), seconds),
         BenchCommand::Eval { cells, dims } => eval(&cells, dims),
-        BenchCommand::Workers { workers, cells, genes, epochs } => data_parallel(&workers, cells, genes, epochs.max(2)),
-        BenchCommand::Snf { n, features, views, python, out_of_core } => snf_side_by_side(&n, features, views.max(2), python.as_deref(), out_of_core),
+        BenchCommand::Workers {
+            workers,
+            cells,
+            genes,
+            epochs,
+        } => data_parallel(&workers, cells, genes, epochs.max(2)),
+        BenchCommand::Snf {
+            n,
+            features,
+            views,
+            python,
+            out_of_core,
+        } => snf_side_by_side(&n, features, views.max(2), python.as_deref(), out_of_core),
         BenchCommand::Nccl { floats, repeat } => nccl(&floats, repeat.max(1)),
-        BenchCommand::Allreduce { world, floats, repeat } => allreduce(&world, &floats, repeat.max(1)),
-        BenchCommand::Step { genes, batch, hidden, nnz, steps, config, device } => {
-            let shape = StepShape { genes, batch, hidden, nnz, steps };
+        BenchCommand::Allreduce {
+            world,
+            floats,
+            repeat,
+        } => allreduce(&world, &floats, repeat.max(1)),
+        BenchCommand::Step {
+            genes,
+            batch,
+            hidden,
+            nnz,
+            steps,
+            config,
+            device,
+        } => {
+            let shape = StepShape {
+                genes,
+                batch,
+                hidden,
+                nnz,
+                steps,
+            };
             match device.open()? {
                 Engine::Cpu => step(Cpu, shape, config.as_deref()),
                 Engine::Cuda(gpu) => step(gpu, shape, config.as_deref()),
             }
         }
-        BenchCommand::Load { cells, genes, library, batch_size, dir, python, store, repeat } => {
-            let stores = if store.is_empty() { generated_stores(cells, genes, library, &dir)? } else { store };
+        BenchCommand::Load {
+            cells,
+            genes,
+            library,
+            batch_size,
+            dir,
+            python,
+            store,
+            repeat,
+        } => {
+            let stores = if store.is_empty() {
+                generated_stores(cells, genes, library, &dir)?
+            } else {
+                store
+            };
             load(&stores, batch_size, python.as_deref(), repeat.max(1))
         }
     }
 }
 
-fn snf_side_by_side(sizes: &[usize], features: usize, views: usize, python: Option<&Path>, out_of_core: Option<usize>) -> Result<()> {
+fn snf_side_by_side(
+    sizes: &[usize],
+    features: usize,
+    views: usize,
+    python: Option<&Path>,
+    out_of_core: Option<usize>,
+) -> Result<()> {
     use rand::SeedableRng;
     use rand_distr::{Distribution, Normal};
     use tessera_kernels::ops::affinity::{Metric, feature_affinity};
     let dir = std::env::temp_dir().join(format!("tessera-bench-snf-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     println!("SNF: {views} views x {features} features, K = 20, t = 20 (affinities included)");
-    println!("{:>7} {:>10} {:>12} {:>10} {:>12} {:>8}", "n", "tessera s", "tessera MiB", "snfpy s", "snfpy MiB", "ratio");
+    println!(
+        "{:>7} {:>10} {:>12} {:>10} {:>12} {:>8}",
+        "n", "tessera s", "tessera MiB", "snfpy s", "snfpy MiB", "ratio"
+    );
     for &n in sizes {
         // Four clusters whose centres differ in every view.
         let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(n as u64);
         let noise = Normal::new(0.0f64, 1.0)?;
-        let data: Vec<Vec<f64>> = (0..views).map(|v| (0..n * features).map(|e| ((e / features) % 4) as f64 * (1.0 + v as f64) * 0.3 + noise.sample(&mut rng)).collect()).collect();
+        let data: Vec<Vec<f64>> = (0..views)
+            .map(|v| {
+                (0..n * features)
+                    .map(|e| {
+                        ((e / features) % 4) as f64 * (1.0 + v as f64) * 0.3
+                            + noise.sample(&mut rng)
+                    })
+                    .collect()
+            })
+            .collect();
         // Peak memory of this size alone: Linux resets the high-water mark on request.
         let _ = std::fs::write("/proc/self/clear_refs", "5");
         let started = Instant::now();
-        let affinities: Vec<Vec<f64>> = data.iter().map(|x| feature_affinity(&mut x.clone(), n, features, Metric::SqEuclidean, 20, 0.5)).collect();
-        tessera_network::snf(affinities.into_iter().map(tessera_network::View::complete).collect(), n, tessera_network::SnfParams::default())?;
+        let affinities: Vec<Vec<f64>> = data
+            .iter()
+            .map(|x| feature_affinity(&mut x.clone(), n, features, Metric::SqEuclidean, 20, 0.5))
+            .collect();
+        tessera_network::snf(
+            affinities
+                .into_iter()
+                .map(tessera_network::View::complete)
+                .collect(),
+            n,
+            tessera_network::SnfParams::default(),
+        )?;
         let ours = started.elapsed().as_secs_f64();
-        let our_mib = tessera_worker::peak_memory_mib().map_or("-".to_string(), |m| format!("{m:.0}"));
+        let our_mib =
+            tessera_worker::peak_memory_mib().map_or("-".to_string(), |m| format!("{m:.0}"));
         let theirs = match python {
             Some(py) => {
-                let paths: Vec<PathBuf> = (0..views).map(|v| dir.join(format!("n{n}-view{v}.csv"))).collect();
+                let paths: Vec<PathBuf> = (0..views)
+                    .map(|v| dir.join(format!("n{n}-view{v}.csv")))
+                    .collect();
                 for (x, path) in data.iter().zip(&paths) {
-                    let csv: String = x.chunks(features).map(|r| r.iter().map(|v| format!("{v:.17e}")).collect::<Vec<_>>().join(",") + "\n").collect();
-                    std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))?;
+                    let csv: String = x
+                        .chunks(features)
+                        .map(|r| {
+                            r.iter()
+                                .map(|v| format!("{v:.17e}"))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                                + "\n"
+                        })
+                        .collect();
+                    std::fs::write(path, csv)
+                        .with_context(|| format!("writing {}", path.display()))?;
                 }
-                let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/snf_snfpy.py");
-                let out = Command::new(py).arg(&script).args(&paths).output().with_context(|| format!("running {}", script.display()))?;
+                let script =
+                    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/snf_snfpy.py");
+                let out = Command::new(py)
+                    .arg(&script)
+                    .args(&paths)
+                    .output()
+                    .with_context(|| format!("running {}", script.display()))?;
                 if !out.status.success() {
                     bail!("snfpy at n = {n}: {}", String::from_utf8_lossy(&out.stderr));
                 }
                 let printed = String::from_utf8_lossy(&out.stdout).into_owned();
                 let mut fields = printed.split_whitespace().map(|s| s.parse::<f64>().ok());
-                fields.next().flatten().map(|seconds| (seconds, fields.next().flatten()))
+                fields
+                    .next()
+                    .flatten()
+                    .map(|seconds| (seconds, fields.next().flatten()))
             }
             None => None,
         };
-        let (t, mib, r) = theirs.map_or(("-".to_string(), "-".to_string(), "-".to_string()), |(t, mib)| (format!("{t:.2}"), mib.map_or("-".to_string(), |m| format!("{m:.0}")), format!("{:.1}x", t / ours)));
+        let (t, mib, r) = theirs.map_or(
+            ("-".to_string(), "-".to_string(), "-".to_string()),
+            |(t, mib)| {
+                (
+                    format!("{t:.2}"),
+                    mib.map_or("-".to_string(), |m| format!("{m:.0}")),
+                    format!("{:.1}x", t / ours),
+                )
+            },
+        );
         println!("{n:>7} {ours:>10.2} {our_mib:>12} {t:>10} {mib:>12} {r:>8}");
         if let Some(block) = out_of_core {
             snf_job_in_memory_and_out_of_core(&dir, n, &data, features, block)?;
@@ -262,12 +372,32 @@ fn snf_side_by_side(sizes: &[usize], features: usize, views: usize, python: Opti
 /// The whole `tessera snf` job (views read from obsm, SNF, 4 clusters, top-20 network written)
 /// as a child process out of core and in memory: seconds, peak MiB (from its report) and the
 /// scratch store's traffic.
-fn snf_job_in_memory_and_out_of_core(dir: &Path, n: usize, data: &[Vec<f64>], features: usize, block: usize) -> Result<()> {
+fn snf_job_in_memory_and_out_of_core(
+    dir: &Path,
+    n: usize,
+    data: &[Vec<f64>],
+    features: usize,
+    block: usize,
+) -> Result<()> {
     let store = dir.join(format!("n{n}.zarr")).display().to_string();
-    tessera_data::simulate(&store, &SimConfig { n_cells: n as u64, n_genes: 20, ..SimConfig::default() }, |_| {}).with_context(|| format!("simulating into {store}"))?;
+    tessera_data::simulate(
+        &store,
+        &SimConfig {
+            n_cells: n as u64,
+            n_genes: 20,
+            ..SimConfig::default()
+        },
+        |_| {},
+    )
+    .with_context(|| format!("simulating into {store}"))?;
     let adata = tessera_data::AnnData::open(&store)?;
     for (v, x) in data.iter().enumerate() {
-        adata.write_obsm(&format!("view{v}"), &x.iter().map(|&v| v as f32).collect::<Vec<f32>>(), features, false)?;
+        adata.write_obsm(
+            &format!("view{v}"),
+            &x.iter().map(|&v| v as f32).collect::<Vec<f32>>(),
+            features,
+            false,
+        )?;
     }
     let views: Vec<String> = (0..data.len()).map(|v| format!("obsm/view{v}")).collect();
     let out = dir.join(format!("n{n}-out"));
@@ -276,7 +406,18 @@ fn snf_job_in_memory_and_out_of_core(dir: &Path, n: usize, data: &[Vec<f64>], fe
     let job = |key: &str, extra: &[&str]| -> Result<(f64, f64)> {
         let exe = std::env::current_exe().context("finding the tessera executable")?;
         let status = Command::new(exe)
-            .args(["snf", "--data", &store, "--view", &views.join(","), "--clusters", "4", "--key", key, "--out"])
+            .args([
+                "snf",
+                "--data",
+                &store,
+                "--view",
+                &views.join(","),
+                "--clusters",
+                "4",
+                "--key",
+                key,
+                "--out",
+            ])
             .arg(&out)
             .args(extra)
             .stdout(std::process::Stdio::null())
@@ -285,17 +426,27 @@ fn snf_job_in_memory_and_out_of_core(dir: &Path, n: usize, data: &[Vec<f64>], fe
         if !status.success() {
             bail!("tessera snf ({key}) at n = {n} failed: {status}");
         }
-        let report: tessera_worker::network::NetworkReport = serde_json::from_slice(&std::fs::read(out.join("snf.json"))?)?;
-        let seconds = report.seconds_affinities + report.seconds_network + report.seconds_clustering + report.seconds_write;
+        let report: tessera_worker::network::NetworkReport =
+            serde_json::from_slice(&std::fs::read(out.join("snf.json"))?)?;
+        let seconds = report.seconds_affinities
+            + report.seconds_network
+            + report.seconds_clustering
+            + report.seconds_write;
         Ok((seconds, report.peak_memory_mib.unwrap_or(f64::NAN)))
     };
-    let (disk_s, disk_mib) = job("disk", &["--out-of-core", "--block", &block, "--scratch", &scratch])?;
+    let (disk_s, disk_mib) = job(
+        "disk",
+        &["--out-of-core", "--block", &block, "--scratch", &scratch],
+    )?;
     let (memory_s, memory_mib) = job("memory", &[])?;
     // Fusion traffic: per iteration and view m − 1 + 1 matrices read, 2 written; set-up and the
     // end add 5m + 4 (the clustering's passes over the network are not counted).
     let m = data.len() as f64;
     let moved = (n * n * 8) as f64 / 1e9 * (20.0 * m * (m + 2.0) + 5.0 * m + 4.0);
-    println!("        job in memory {memory_s:.2} s / {memory_mib:.0} MiB; out of core (block {block}) {disk_s:.2} s / {disk_mib:.0} MiB, {moved:.0} GB through the scratch store ({:.2} GB/s)", moved / disk_s);
+    println!(
+        "        job in memory {memory_s:.2} s / {memory_mib:.0} MiB; out of core (block {block}) {disk_s:.2} s / {disk_mib:.0} MiB, {moved:.0} GB through the scratch store ({:.2} GB/s)",
+        moved / disk_s
+    );
     std::fs::remove_dir_all(&store).with_context(|| format!("removing {store}"))?;
     Ok(())
 }
@@ -331,7 +482,11 @@ fn nccl(floats: &[usize], repeat: usize) -> Result<()> {
             })
             .collect::<Result<_, tessera_worker::nccl::NcclError>>()?;
         times.sort_by(f64::total_cmp);
-        println!("{n:>12} {:>10.1} {:>10.3}", n as f64 * 4e-6, 1e3 * times[times.len() / 2]);
+        println!(
+            "{n:>12} {:>10.1} {:>10.3}",
+            n as f64 * 4e-6,
+            1e3 * times[times.len() / 2]
+        );
     }
     Ok(())
 }
@@ -341,29 +496,67 @@ fn data_parallel(workers: &[usize], cells: usize, genes: usize, epochs: usize) -
     let mut rows = Vec::new();
     for &n in workers {
         let store = dir.join(format!("w{n}.zarr"));
-        let sim = tessera_data::SimConfig { n_cells: cells as u64, n_genes: genes, ..tessera_data::SimConfig::default() };
-        tessera_data::simulate(&store.display().to_string(), &sim, |_| {}).with_context(|| format!("simulating into {}", store.display()))?;
+        let sim = tessera_data::SimConfig {
+            n_cells: cells as u64,
+            n_genes: genes,
+            ..tessera_data::SimConfig::default()
+        };
+        tessera_data::simulate(&store.display().to_string(), &sim, |_| {})
+            .with_context(|| format!("simulating into {}", store.display()))?;
         let mut config = tessera_worker::FitConfig::default();
         config.train.max_epochs = Some(epochs);
-        let opts = tessera_worker::FitOptions { data: store.display().to_string(), modalities: Vec::new(), batch_key: Some("batch".into()), label_key: None, config, out: dir.join(format!("out{n}")), embedding_key: "X_tessera".into(), overwrite: false, resume: false, denoised: None, cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20 };
+        let opts = tessera_worker::FitOptions {
+            data: store.display().to_string(),
+            modalities: Vec::new(),
+            batch_key: Some("batch".into()),
+            label_key: None,
+            config,
+            out: dir.join(format!("out{n}")),
+            embedding_key: "X_tessera".into(),
+            overwrite: false,
+            resume: false,
+            denoised: None,
+            cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
+        };
         let report = crate::distributed::train(&opts, n)?;
         // The first epoch fills the block cache; the rest is the steady state.
-        let steady = report.history.get(1..).filter(|h| !h.is_empty()).unwrap_or(&report.history);
+        let steady = report
+            .history
+            .get(1..)
+            .filter(|h| !h.is_empty())
+            .unwrap_or(&report.history);
         if steady.is_empty() {
             bail!("{n} workers: no epoch trained");
         }
         let k = steady.len() as f64;
         let mut rates: Vec<f64> = steady.iter().map(|r| r.cells_per_second).collect();
         rates.sort_by(f64::total_cmp);
-        let mean = |f: fn(&tessera_worker::EpochRecord) -> f64| steady.iter().map(f).sum::<f64>() / k;
+        let mean =
+            |f: fn(&tessera_worker::EpochRecord) -> f64| steady.iter().map(f).sum::<f64>() / k;
         let step_count = (report.n_train as f64 / opts.config.train.batch_size as f64).ceil();
-        rows.push((n, rates[rates.len() / 2], mean(|r| r.steps.compute), mean(|r| r.steps.allreduce), mean(|r| r.steps.data), mean(|r| r.seconds), step_count));
+        rows.push((
+            n,
+            rates[rates.len() / 2],
+            mean(|r| r.steps.compute),
+            mean(|r| r.steps.allreduce),
+            mean(|r| r.steps.data),
+            mean(|r| r.seconds),
+            step_count,
+        ));
     }
     let _ = std::fs::remove_dir_all(&dir);
-    println!("data-parallel training, {cells} cells x {genes} genes (scVI size, batch 128 cut into one part per worker), {epochs} epochs; medians/means over epochs 2-{epochs}, rank 0:");
-    println!("{:>7} {:>10} {:>10} {:>12} {:>13} {:>11} {:>14}", "workers", "cells/s", "epoch s", "compute s", "all-reduce s", "data s", "ms/all-reduce");
+    println!(
+        "data-parallel training, {cells} cells x {genes} genes (scVI size, batch 128 cut into one part per worker), {epochs} epochs; medians/means over epochs 2-{epochs}, rank 0:"
+    );
+    println!(
+        "{:>7} {:>10} {:>10} {:>12} {:>13} {:>11} {:>14}",
+        "workers", "cells/s", "epoch s", "compute s", "all-reduce s", "data s", "ms/all-reduce"
+    );
     for (n, rate, compute, allreduce, data, epoch, steps) in rows {
-        println!("{n:>7} {rate:>10.0} {epoch:>10.2} {compute:>12.2} {allreduce:>13.2} {data:>11.3} {:>14.2}", 1e3 * allreduce / steps);
+        println!(
+            "{n:>7} {rate:>10.0} {epoch:>10.2} {compute:>12.2} {allreduce:>13.2} {data:>11.3} {:>14.2}",
+            1e3 * allreduce / steps
+        );
     }
     Ok(())
 }
@@ -379,30 +572,73 @@ struct StepShape {
 
 fn step<B: Backend<f32>>(backend: B, shape: StepShape, config: Option<&Path>) -> Result<()> {
     use tessera_kernels::ops::linear::CsrRef;
-    use tessera_models::{Categories, ModalityCounts, Supervision, Survival, TrainConfig, Trainer, Vae, VaeBatch};
-    let StepShape { genes, batch, hidden, nnz, steps } = shape;
+    use tessera_models::{
+        Categories, ModalityCounts, Supervision, Survival, TrainConfig, Trainer, Vae, VaeBatch,
+    };
+    let StepShape {
+        genes,
+        batch,
+        hidden,
+        nnz,
+        steps,
+    } = shape;
     let (n_batch, n_labels) = (3, 8);
     let model = match config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             tessera_worker::FitConfig::from_toml(&text, &path.display().to_string())?.model
         }
         None => tessera_worker::FitConfig::default().model,
     };
-    let config = tessera_models::VaeConfig { n_hidden: hidden, ..model };
+    let config = tessera_models::VaeConfig {
+        n_hidden: hidden,
+        ..model
+    };
     let (latent, layers) = (config.n_latent, config.n_layers.max(1));
     let n_targets = config.regression_keys.len();
     let device = backend.name();
-    let mut trainer = Trainer::new(Vae::<f32, B>::new(backend, config, &[("rna", genes)], Categories { n_batch, n_cov: n_batch, n_labels }, 0)?, TrainConfig::default())?;
+    let mut trainer = Trainer::new(
+        Vae::<f32, B>::new(
+            backend,
+            config,
+            &[("rna", genes)],
+            Categories {
+                n_batch,
+                n_cov: n_batch,
+                n_labels,
+            },
+            0,
+        )?,
+        TrainConfig::default(),
+    )?;
     let nnz = nnz.min(genes);
     let (indptr, indices, data) = synthetic_counts(batch, genes, nnz);
-    let covariates: Vec<f32> = (0..batch * n_batch).map(|i| f32::from(u8::from(i % n_batch == (i / n_batch) % n_batch))).collect();
-    let modalities = [ModalityCounts { counts: CsrRef { rows: batch, cols: genes, indptr: &indptr, indices: &indices, data: &data }, present: None }];
+    let covariates: Vec<f32> = (0..batch * n_batch)
+        .map(|i| f32::from(u8::from(i % n_batch == (i / n_batch) % n_batch)))
+        .collect();
+    let modalities = [ModalityCounts {
+        counts: CsrRef {
+            rows: batch,
+            cols: genes,
+            indptr: &indptr,
+            indices: &indices,
+            data: &data,
+        },
+        present: None,
+    }];
     let labels: Vec<i32> = (0..batch as i32).map(|r| r % n_labels as i32).collect();
     let targets: Vec<f64> = (0..batch * n_targets).map(|i| (i % 7) as f64).collect();
     let times: Vec<f64> = (0..batch).map(|r| (r % 13) as f64).collect();
     let events: Vec<bool> = (0..batch).map(|r| r % 3 != 0).collect();
-    let supervision = Supervision { labels: Some(&labels), targets: Some(&targets), survival: Some(Survival { times: &times, events: &events }) };
+    let supervision = Supervision {
+        labels: Some(&labels),
+        targets: Some(&targets),
+        survival: Some(Survival {
+            times: &times,
+            events: &events,
+        }),
+    };
     let as_batch = || VaeBatch::new(&modalities, &covariates).with_supervision(supervision);
     for _ in 0..5 {
         trainer.step(as_batch(), 10)?;
@@ -414,7 +650,9 @@ fn step<B: Backend<f32>>(backend: B, shape: StepShape, config: Option<&Path>) ->
     let mut rounds = Vec::with_capacity(5);
     for _ in 0..5 {
         let started = Instant::now();
-        rayon::scope(|_| (0..per_round).try_for_each(|_| trainer.step(as_batch(), 10).map(|_| ())))?;
+        rayon::scope(|_| {
+            (0..per_round).try_for_each(|_| trainer.step(as_batch(), 10).map(|_| ()))
+        })?;
         trainer.model.backend().synchronize()?;
         rounds.push(started.elapsed().as_secs_f64() / per_round as f64);
     }
@@ -425,10 +663,24 @@ fn step<B: Backend<f32>>(backend: B, shape: StepShape, config: Option<&Path>) ->
     // layer the hidden→hidden ones on both sides (the decoder's also read the covariates); the
     // sparse first layer counts its non-zeros.
     let deeper = (layers - 1) * batch * hidden * (2 * hidden + n_batch);
-    let dense = 2.0 * (batch * (latent + n_batch) * hidden + batch * (hidden + n_batch) * genes + batch * hidden * 2 * latent + deeper) as f64;
+    let dense = 2.0
+        * (batch * (latent + n_batch) * hidden
+            + batch * (hidden + n_batch) * genes
+            + batch * hidden * 2 * latent
+            + deeper) as f64;
     let flops = 3.0 * dense + 2.0 * 2.0 * (batch * nnz * hidden) as f64;
-    println!("training step on {device}: {genes} genes, {layers} x {hidden} hidden, {latent} latent, batch {batch}, {nnz} nnz/cell, {} CPU threads", rayon::current_num_threads());
-    println!("  {:.3} ms/step (median of 5 rounds of {per_round}; fastest {:.3}), {:.0} cells/s; {:.3} GFLOP/step of GEMM -> {:.1} GFLOP/s effective", seconds * 1e3, rounds[0] * 1e3, batch as f64 / seconds, flops / 1e9, flops / seconds / 1e9);
+    println!(
+        "training step on {device}: {genes} genes, {layers} x {hidden} hidden, {latent} latent, batch {batch}, {nnz} nnz/cell, {} CPU threads",
+        rayon::current_num_threads()
+    );
+    println!(
+        "  {:.3} ms/step (median of 5 rounds of {per_round}; fastest {:.3}), {:.0} cells/s; {:.3} GFLOP/step of GEMM -> {:.1} GFLOP/s effective",
+        seconds * 1e3,
+        rounds[0] * 1e3,
+        batch as f64 / seconds,
+        flops / 1e9,
+        flops / seconds / 1e9
+    );
     Ok(())
 }
 
@@ -438,26 +690,45 @@ fn eval(cells: &[usize], d: usize) -> Result<()> {
     use tessera_metrics::distance::Columns;
     use tessera_metrics::neighbors::Neighbors;
     let normal = Normal::new(0.0f32, 1.0)?;
-    println!("{:>9} {:>4} {:>14} {:>12} {:>11} {:>14} {:>12}", "cells", "dims", "distance pass", "pairs/s", "GFLOP/s", "whole eval", "cells/s");
+    println!(
+        "{:>9} {:>4} {:>14} {:>12} {:>11} {:>14} {:>12}",
+        "cells", "dims", "distance pass", "pairs/s", "GFLOP/s", "whole eval", "cells/s"
+    );
     for &n in cells {
         // 12 types x 3 batches around random centres.
         let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(n as u64);
         let centres: Vec<f32> = (0..12 * d).map(|_| 3.0 * normal.sample(&mut rng)).collect();
         let labels: Vec<u32> = (0..n as u32).map(|i| i % 12).collect();
         let batches: Vec<u32> = (0..n as u32).map(|i| (i / 12) % 3).collect();
-        let x: Vec<f32> = (0..n * d).map(|p| centres[labels[p / d] as usize * d + p % d] + normal.sample(&mut rng)).collect();
+        let x: Vec<f32> = (0..n * d)
+            .map(|p| centres[labels[p / d] as usize * d + p % d] + normal.sample(&mut rng))
+            .collect();
         let started = Instant::now();
         let nn = Neighbors::exact(&Columns::new(&x, n, d), 90);
         let pass = started.elapsed().as_secs_f64();
         std::hint::black_box(nn);
         let started = Instant::now();
-        let scores = tessera_metrics::evaluate(&x, n, d, &labels, &batches, &tessera_metrics::EvalOptions::default())?;
+        let scores = tessera_metrics::evaluate(
+            &x,
+            n,
+            d,
+            &labels,
+            &batches,
+            &tessera_metrics::EvalOptions::default(),
+        )?;
         let whole = started.elapsed().as_secs_f64();
         std::hint::black_box(scores);
         // Floor of the pass: n² pairs x d x (sub, mul, add) + the sqrt; the data (n·d·8 bytes)
         // stays in cache, so the pass is compute-bound.
         let pairs = (n as f64) * (n as f64);
-        println!("{n:>9} {d:>4} {:>12.2} s {:>12.3e} {:>11.1} {:>12.2} s {:>12.0}", pass, pairs / pass, pairs * 3.0 * d as f64 / pass / 1e9, whole, n as f64 / whole);
+        println!(
+            "{n:>9} {d:>4} {:>12.2} s {:>12.3e} {:>11.1} {:>12.2} s {:>12.0}",
+            pass,
+            pairs / pass,
+            pairs * 3.0 * d as f64 / pass / 1e9,
+            whole,
+            n as f64 / whole
+        );
     }
     Ok(())
 }
@@ -504,19 +775,33 @@ fn loopback_bandwidth() -> Result<f64> {
         r.read_exact(&mut sink)?;
     }
     let seconds = start.elapsed().as_secs_f64();
-    sender.join().map_err(|_| anyhow::anyhow!("the loopback sender panicked"))??;
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("the loopback sender panicked"))??;
     Ok((rounds << 22) as f64 / seconds)
 }
 
 fn allreduce(worlds: &[usize], sizes: &[usize], repeat: usize) -> Result<()> {
     use tessera_worker::ring::Ring;
     let bandwidth = loopback_bandwidth()?;
-    println!("ring all-reduce over loopback TCP, ranks as threads of one process on {} cores; one stream: {:.2} GB/s", std::thread::available_parallelism().map_or(1, |n| n.get()), bandwidth / 1e9);
-    println!("{:>5} {:>11} {:>10} {:>10} {:>12} {:>12} {:>9}", "ranks", "floats", "MB", "ms/call", "algbw GB/s", "busbw GB/s", "ideal ms");
+    println!(
+        "ring all-reduce over loopback TCP, ranks as threads of one process on {} cores; one stream: {:.2} GB/s",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        bandwidth / 1e9
+    );
+    println!(
+        "{:>5} {:>11} {:>10} {:>10} {:>12} {:>12} {:>9}",
+        "ranks", "floats", "MB", "ms/call", "algbw GB/s", "busbw GB/s", "ideal ms"
+    );
     for &world in worlds.iter().filter(|&&w| w >= 2) {
         for &floats in sizes {
-            let listeners: Vec<std::net::TcpListener> = (0..world).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<_>>()?;
-            let addrs: Vec<std::net::SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect::<std::io::Result<_>>()?;
+            let listeners: Vec<std::net::TcpListener> = (0..world)
+                .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+                .collect::<std::io::Result<_>>()?;
+            let addrs: Vec<std::net::SocketAddr> = listeners
+                .iter()
+                .map(|l| l.local_addr())
+                .collect::<std::io::Result<_>>()?;
             // Each rank times its calls after a warm-up; the slowest rank's median is the ring's.
             let times: Vec<Vec<f64>> = std::thread::scope(|s| {
                 let ranks: Vec<_> = listeners
@@ -525,7 +810,14 @@ fn allreduce(worlds: &[usize], sizes: &[usize], repeat: usize) -> Result<()> {
                     .map(|(rank, l)| {
                         let next = addrs[(rank + 1) % world];
                         s.spawn(move || -> Result<Vec<f64>> {
-                            let mut ring = Ring::connect(rank, world, 0xbe_4c, l, next, std::time::Duration::from_secs(60))?;
+                            let mut ring = Ring::connect(
+                                rank,
+                                world,
+                                0xbe_4c,
+                                l,
+                                next,
+                                std::time::Duration::from_secs(60),
+                            )?;
                             let mut buf = vec![1.0f32; floats];
                             ring.all_reduce_sum(&mut buf)?;
                             (0..repeat)
@@ -538,7 +830,10 @@ fn allreduce(worlds: &[usize], sizes: &[usize], repeat: usize) -> Result<()> {
                         })
                     })
                     .collect();
-                ranks.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?).collect::<Result<Vec<_>>>()
+                ranks
+                    .into_iter()
+                    .map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?)
+                    .collect::<Result<Vec<_>>>()
             })?;
             let seconds = times.into_iter().map(median).fold(0.0, f64::max);
             let bytes = 4.0 * floats as f64;
@@ -568,13 +863,23 @@ fn generated_stores(cells: u64, genes: usize, library: f64, dir: &Path) -> Resul
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut stores = Vec::new();
     for version in [ZarrVersion::V2, ZarrVersion::V3] {
-        let path = dir.join(format!("load_{cells}x{genes}_lib{library}_v{}.zarr", version.number()));
+        let path = dir.join(format!(
+            "load_{cells}x{genes}_lib{library}_v{}.zarr",
+            version.number()
+        ));
         if !path.join("X").exists() {
             if path.exists() {
                 bail!("{} exists but holds no X; remove it", path.display());
             }
             eprintln!("generating {} ...", path.display());
-            let config = SimConfig { n_cells: cells, n_genes: genes, library, version, seed: 42, ..Default::default() };
+            let config = SimConfig {
+                n_cells: cells,
+                n_genes: genes,
+                library,
+                version,
+                seed: 42,
+                ..Default::default()
+            };
             tessera_data::simulate(&path.to_string_lossy(), &config, |_| {})?;
         }
         stores.push(path);
@@ -587,16 +892,39 @@ fn load(stores: &[PathBuf], batch_size: usize, python: Option<&Path>, repeat: us
     let mut described = Vec::new();
     for path in stores {
         let location = path.to_string_lossy().to_string();
-        let label = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| location.clone());
+        let label = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| location.clone());
         let stored = dir_bytes(&path.join("X")) as f64;
         let dataset = Dataset::open(&location)?;
-        let Dataset::AnnData(adata) = &dataset else { bail!("{location} is not an AnnData store") };
+        let Dataset::AnnData(adata) = &dataset else {
+            bail!("{location} is not an AnnData store")
+        };
         let x = adata.x()?;
         let cells = adata.n_obs();
-        described.push(format!("{label}: Zarr v{}, {cells} cells x {} genes, {:.0} nnz/cell, chunks {:?}{}", adata.version.number(), adata.n_vars(), x.nnz as f64 / cells as f64, x.inner_chunk_shape.as_ref().unwrap_or(&x.chunk_shape), x.inner_chunk_shape.as_ref().map(|_| format!(" in shards {:?}", x.chunk_shape)).unwrap_or_default()));
+        described.push(format!(
+            "{label}: Zarr v{}, {cells} cells x {} genes, {:.0} nnz/cell, chunks {:?}{}",
+            adata.version.number(),
+            adata.n_vars(),
+            x.nnz as f64 / cells as f64,
+            x.inner_chunk_shape.as_ref().unwrap_or(&x.chunk_shape),
+            x.inner_chunk_shape
+                .as_ref()
+                .map(|_| format!(" in shards {:?}", x.chunk_shape))
+                .unwrap_or_default()
+        ));
         let decoded = (x.nnz * 8 + cells * 8) as f64; // data f32 + indices u32, indptr u64
         for shuffle in [false, true] {
-            let loader = Loader::new(&dataset, 0..cells, LoaderConfig { batch_size, shuffle, ..Default::default() })?;
+            let loader = Loader::new(
+                &dataset,
+                0..cells,
+                LoaderConfig {
+                    batch_size,
+                    shuffle,
+                    ..Default::default()
+                },
+            )?;
             let mut times = Vec::with_capacity(repeat);
             for epoch in 0..repeat as u64 {
                 let start = Instant::now();
@@ -612,7 +940,14 @@ fn load(stores: &[PathBuf], batch_size: usize, python: Option<&Path>, repeat: us
             let seconds = median(times);
             rows.push(Row {
                 store: label.clone(),
-                reader: format!("tessera loader ({})", if shuffle { "block-shuffled" } else { "sequential" }),
+                reader: format!(
+                    "tessera loader ({})",
+                    if shuffle {
+                        "block-shuffled"
+                    } else {
+                        "sequential"
+                    }
+                ),
                 cells_per_s: cells as f64 / seconds,
                 decoded_mb_s: decoded / seconds / 1e6,
                 stored_mb_s: stored / seconds / 1e6,
@@ -620,11 +955,21 @@ fn load(stores: &[PathBuf], batch_size: usize, python: Option<&Path>, repeat: us
         }
         if let Some(python) = python {
             let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python/bench_load.py");
-            let output = Command::new(python).arg(script).arg(&location).arg(batch_size.to_string()).arg(repeat.to_string()).output().with_context(|| format!("running {}", python.display()))?;
+            let output = Command::new(python)
+                .arg(script)
+                .arg(&location)
+                .arg(batch_size.to_string())
+                .arg(repeat.to_string())
+                .output()
+                .with_context(|| format!("running {}", python.display()))?;
             if !output.status.success() {
-                bail!("python benchmark failed: {}", String::from_utf8_lossy(&output.stderr));
+                bail!(
+                    "python benchmark failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
             }
-            let results: serde_json::Value = serde_json::from_slice(&output.stdout).context("python benchmark output")?;
+            let results: serde_json::Value =
+                serde_json::from_slice(&output.stdout).context("python benchmark output")?;
             for (reader, seconds) in results.as_object().into_iter().flatten() {
                 let seconds = seconds.as_f64().unwrap_or(f64::NAN);
                 rows.push(Row {
@@ -637,14 +982,23 @@ fn load(stores: &[PathBuf], batch_size: usize, python: Option<&Path>, repeat: us
             }
         }
     }
-    println!("streaming all of X in batches of {batch_size}, {} threads, median of {repeat} passes", rayon::current_num_threads());
+    println!(
+        "streaming all of X in batches of {batch_size}, {} threads, median of {repeat} passes",
+        rayon::current_num_threads()
+    );
     for d in &described {
         println!("  {d}");
     }
     let width = rows.iter().map(|r| r.store.len()).max().unwrap_or(5).max(5);
-    println!("{:<width$} {:<42} {:>12} {:>14} {:>13}", "store", "reader", "cells/s", "decoded MB/s", "stored MB/s");
+    println!(
+        "{:<width$} {:<42} {:>12} {:>14} {:>13}",
+        "store", "reader", "cells/s", "decoded MB/s", "stored MB/s"
+    );
     for r in &rows {
-        println!("{:<width$} {:<42} {:>12.0} {:>14.1} {:>13.1}", r.store, r.reader, r.cells_per_s, r.decoded_mb_s, r.stored_mb_s);
+        println!(
+            "{:<width$} {:<42} {:>12.0} {:>14.1} {:>13.1}",
+            r.store, r.reader, r.cells_per_s, r.decoded_mb_s, r.stored_mb_s
+        );
     }
     Ok(())
 }
@@ -666,7 +1020,9 @@ fn time(repeat: usize, mut f: impl FnMut()) -> f64 {
 /// CSR counts 1-5 at `nnz` genes per cell spread over the genome (sorted within a row).
 fn synthetic_counts(cells: usize, genes: usize, nnz: usize) -> (Vec<u64>, Vec<u32>, Vec<f32>) {
     let indptr: Vec<u64> = (0..=cells as u64).map(|r| r * nnz as u64).collect();
-    let mut indices: Vec<u32> = (0..cells).flat_map(|r| (0..nnz).map(move |k| ((k * genes / nnz + r * 7) % genes) as u32)).collect();
+    let mut indices: Vec<u32> = (0..cells)
+        .flat_map(|r| (0..nnz).map(move |k| ((k * genes / nnz + r * 7) % genes) as u32))
+        .collect();
     for row in indices.chunks_mut(nnz) {
         row.sort_unstable();
     }
@@ -689,11 +1045,28 @@ fn ops<B: Backend<f32>>(b: &B, repeat: usize) -> Result<()> {
         });
         failed.map_or(Ok(seconds), |e| Err(e.into()))
     };
-    println!("engine ops on {}, {} CPU threads, median of {repeat}", b.name(), rayon::current_num_threads());
-    println!("{:<44} {:>10} {:>10} {:>9} {:>10} {:>10}", "op (shape)", "GFLOP", "MB moved", "ms", "GFLOP/s", "GB/s");
+    println!(
+        "engine ops on {}, {} CPU threads, median of {repeat}",
+        b.name(),
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:<44} {:>10} {:>10} {:>9} {:>10} {:>10}",
+        "op (shape)", "GFLOP", "MB moved", "ms", "GFLOP/s", "GB/s"
+    );
     let row = |what: String, flops: Option<f64>, bytes: f64, seconds: f64, extra: String| {
-        let (gflop, rate) = flops.map_or(("-".to_string(), "-".to_string()), |f| (format!("{:.3}", f / 1e9), format!("{:.1}", f / seconds / 1e9)));
-        println!("{what:<44} {gflop:>10} {:>10.1} {:>9.3} {rate:>10} {:>10.2}{extra}", bytes / 1e6, seconds * 1e3, bytes / seconds / 1e9);
+        let (gflop, rate) = flops.map_or(("-".to_string(), "-".to_string()), |f| {
+            (
+                format!("{:.3}", f / 1e9),
+                format!("{:.1}", f / seconds / 1e9),
+            )
+        });
+        println!(
+            "{what:<44} {gflop:>10} {:>10.1} {:>9.3} {rate:>10} {:>10.2}{extra}",
+            bytes / 1e6,
+            seconds * 1e3,
+            bytes / seconds / 1e9
+        );
     };
     let hidden = 512;
     for genes in [2_000usize, 8_000] {
@@ -706,35 +1079,116 @@ fn ops<B: Backend<f32>>(b: &B, repeat: usize) -> Result<()> {
                 ("hidden fwd   h·W", false, false, batch, hidden, hidden),
             ] {
                 let (a, bm, mut c) = (up(&values(m * k))?, up(&values(k * n))?, b.zeros(m * n)?);
-                let seconds = timed(&mut || b.gemm(ta, tb, m, k, n, 1.0, In::all(&a), In::all(&bm), 0.0, Out::all(&mut c)))?;
+                let seconds = timed(&mut || {
+                    b.gemm(
+                        ta,
+                        tb,
+                        m,
+                        k,
+                        n,
+                        1.0,
+                        In::all(&a),
+                        In::all(&bm),
+                        0.0,
+                        Out::all(&mut c),
+                    )
+                })?;
                 let flops = 2.0 * (m * k * n) as f64;
                 let bytes = 4.0 * (m * k + k * n + m * n) as f64;
-                row(format!("{name} [{m}x{k}]·[{k}x{n}]"), Some(flops), bytes, seconds, String::new());
+                row(
+                    format!("{name} [{m}x{k}]·[{k}x{n}]"),
+                    Some(flops),
+                    bytes,
+                    seconds,
+                    String::new(),
+                );
             }
             // The encoder's first layer on sparse counts (a fifth of the genes non-zero).
             let nnz = genes / 5;
             let (indptr, indices, data) = synthetic_counts(batch, genes, nnz);
-            let counts = CsrRef { rows: batch, cols: genes, indptr: &indptr, indices: &indices, data: &data };
+            let counts = CsrRef {
+                rows: batch,
+                cols: genes,
+                indptr: &indptr,
+                indices: &indices,
+                data: &data,
+            };
             let x = b.upload_csr(counts)?;
             let (w, mut y) = (up(&values(genes * hidden))?, b.zeros(batch * hidden)?);
-            let seconds = timed(&mut || b.sparse_input_forward(&x, CountTransform::Log1p, In::all(&w), hidden, Out::all(&mut y)))?;
+            let seconds = timed(&mut || {
+                b.sparse_input_forward(
+                    &x,
+                    CountTransform::Log1p,
+                    In::all(&w),
+                    hidden,
+                    Out::all(&mut y),
+                )
+            })?;
             let flops = 2.0 * (batch * nnz * hidden) as f64;
-            let bytes = 4.0 * (batch * nnz * (2 + hidden) + batch * hidden) as f64; // each non-zero reads a weight row
-            row(format!("encoder fwd  X·W [{batch}x{genes}, {nnz} nz]·[{genes}x{hidden}]"), Some(flops), bytes, seconds, String::new());
+            // Each non-zero reads a weight row.
+            let bytes = 4.0 * (batch * nnz * (2 + hidden) + batch * hidden) as f64;
+            row(
+                format!("encoder fwd  X·W [{batch}x{genes}, {nnz} nz]·[{genes}x{hidden}]"),
+                Some(flops),
+                bytes,
+                seconds,
+                String::new(),
+            );
             // scVI's reconstruction term: per entry read the logit, write its gradient.
             let n = batch * genes;
             let logits = up(&values(n))?;
             let (library, weights) = (up(&vec![2_000.0f32; batch])?, up(&vec![-1.0f32; batch])?);
-            let theta = up(&values(genes).iter().map(|v| (v * 1.5).exp()).collect::<Vec<_>>())?;
+            let theta = up(&values(genes)
+                .iter()
+                .map(|v| (v * 1.5).exp())
+                .collect::<Vec<_>>())?;
             let (mut ll, mut dlogits, mut dtheta) = (b.zeros(batch)?, b.zeros(n)?, b.zeros(genes)?);
-            let seconds = timed(&mut || b.softmax_nb(In::all(&logits), In::all(&library), counts, In::all(&theta), In::all(&weights), Out::all(&mut ll), Out::all(&mut dlogits), Out::all(&mut dtheta)))?;
-            row(format!("scVI NB term (softmax+NB) [{batch}x{genes}]"), None, 8.0 * n as f64, seconds, format!("  ({:.0} M entries/s)", n as f64 / seconds / 1e6));
-            let x = up(&(0..n).map(|i| [0.0, 0.0, 1.0, 3.0, 0.0, 17.0][i % 6]).collect::<Vec<f32>>())?;
-            let mu = up(&values(n).iter().map(|v| (v * 2.0).exp()).collect::<Vec<_>>())?;
+            let seconds = timed(&mut || {
+                b.softmax_nb(
+                    In::all(&logits),
+                    In::all(&library),
+                    counts,
+                    In::all(&theta),
+                    In::all(&weights),
+                    Out::all(&mut ll),
+                    Out::all(&mut dlogits),
+                    Out::all(&mut dtheta),
+                )
+            })?;
+            row(
+                format!("scVI NB term (softmax+NB) [{batch}x{genes}]"),
+                None,
+                8.0 * n as f64,
+                seconds,
+                format!("  ({:.0} M entries/s)", n as f64 / seconds / 1e6),
+            );
+            let x = up(&(0..n)
+                .map(|i| [0.0, 0.0, 1.0, 3.0, 0.0, 17.0][i % 6])
+                .collect::<Vec<f32>>())?;
+            let mu = up(&values(n)
+                .iter()
+                .map(|v| (v * 2.0).exp())
+                .collect::<Vec<_>>())?;
             let (mut dmu, mut dtheta) = (b.zeros(n)?, b.zeros(n)?);
-            let seconds = timed(&mut || b.likelihood(Likelihood::NegativeBinomial, In::all(&x), genes, &[In::all(&mu), In::all(&theta)], None, Out::all(&mut ll), &mut [Out::all(&mut dmu), Out::all(&mut dtheta)]))?;
+            let seconds = timed(&mut || {
+                b.likelihood(
+                    Likelihood::NegativeBinomial,
+                    In::all(&x),
+                    genes,
+                    &[In::all(&mu), In::all(&theta)],
+                    None,
+                    Out::all(&mut ll),
+                    &mut [Out::all(&mut dmu), Out::all(&mut dtheta)],
+                )
+            })?;
             // Per entry: read x, mu; write dmu, dtheta (theta per gene stays in cache).
-            row(format!("NB value+grad [{batch}x{genes}]"), None, 16.0 * n as f64, seconds, format!("  ({:.0} M entries/s)", n as f64 / seconds / 1e6));
+            row(
+                format!("NB value+grad [{batch}x{genes}]"),
+                None,
+                16.0 * n as f64,
+                seconds,
+                format!("  ({:.0} M entries/s)", n as f64 / seconds / 1e6),
+            );
         }
     }
     // AdamW over a Census-size scVI model's parameters (8,000 genes, 512 hidden, 2 layers):
@@ -745,8 +1199,21 @@ fn ops<B: Backend<f32>>(b: &B, repeat: usize) -> Result<()> {
     let mut t = 0;
     let seconds = timed(&mut || {
         t += 1;
-        b.adamw_step(&opt, t, Out::all(&mut p), In::all(&g), Out::all(&mut m), Out::all(&mut v))
+        b.adamw_step(
+            &opt,
+            t,
+            Out::all(&mut p),
+            In::all(&g),
+            Out::all(&mut m),
+            Out::all(&mut v),
+        )
     })?;
-    row(format!("AdamW step [{n} params]"), None, 28.0 * n as f64, seconds, String::new());
+    row(
+        format!("AdamW step [{n} params]"),
+        None,
+        28.0 * n as f64,
+        seconds,
+        String::new(),
+    );
     Ok(())
 }

@@ -44,28 +44,53 @@ fn check(spec: &pb::JobSpec) -> Result<ValidJob, String> {
     if !spec.network_toml.is_empty() {
         // One pass over the cells, each rank counting its rows.
         let cells = tessera_worker::network::check_network_job(&spec.data_url, &spec.network_toml)?;
-        return Ok(ValidJob { train_cells: cells, epochs: 1 });
+        return Ok(ValidJob {
+            train_cells: cells,
+            epochs: 1,
+        });
     }
-    let (train_cells, epochs) = tessera_worker::check_job(&spec.data_url, &spec.config_toml).map_err(|e| e.to_string())?;
-    Ok(ValidJob { train_cells, epochs })
+    let (train_cells, epochs) =
+        tessera_worker::check_job(&spec.data_url, &spec.config_toml).map_err(|e| e.to_string())?;
+    Ok(ValidJob {
+        train_cells,
+        epochs,
+    })
 }
 
 /// Serves the coordinator and health services on `listener` until `shutdown` completes, from
 /// `state` (a persisted snapshot: jobs resume) or empty; `persist` keeps the state there.
-pub async fn serve(listener: tokio::net::TcpListener, config: Config, state: Option<Snapshot>, persist: Option<Store>, metrics: Option<SocketAddr>, shutdown: impl Future<Output = ()>) -> Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    state: Option<Snapshot>,
+    persist: Option<Store>,
+    metrics: Option<SocketAddr>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     let bound = listener.local_addr().context("reading the bound address")?;
     // Without a saved state, worker ids start from the clock: workers of an earlier coordinator
     // on this address (a restarted rank 0's) must not find their old ids handed to others.
-    let snapshot = state.unwrap_or_else(|| Snapshot { next_worker: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64), jobs: Vec::new() });
+    let snapshot = state.unwrap_or_else(|| Snapshot {
+        next_worker: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        jobs: Vec::new(),
+    });
     let service = Service::restored(Coordinator::restore(config, 0, snapshot), Arc::new(check));
     if let Some(at) = metrics {
         let observed = service.clone();
-        crate::metrics::spawn(at, Arc::new(move || crate::metrics::coordinator_render(&observed.snapshot()))).await?;
+        crate::metrics::spawn(
+            at,
+            Arc::new(move || crate::metrics::coordinator_render(&observed.snapshot())),
+        )
+        .await?;
     }
     let _ticker = service.spawn_ticker();
     let _persister = persist.map(|store| tokio::spawn(persist_changes(service.clone(), store)));
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<tessera_proto::v1::coordinator_server::CoordinatorServer<Service>>().await;
+    health
+        .set_serving::<tessera_proto::v1::coordinator_server::CoordinatorServer<Service>>()
+        .await;
     tracing::info!(listen = %bound, "coordinator serving");
     // Workers long-poll Join and users watch jobs: open calls get DRAIN after the signal.
     let (shutdown, deadline) = tessera_serve::drain_deadline(shutdown, tessera_serve::DRAIN);
@@ -73,7 +98,10 @@ pub async fn serve(listener: tokio::net::TcpListener, config: Config, state: Opt
         .add_service(health_service)
         .add_service(service.server())
         // Without TCP_NODELAY small answers wait for the peer's delayed ACK (~40 ms each).
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown);
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        );
     tokio::select! {
         served = serving => served.with_context(|| format!("serving on {bound}")),
         () = deadline => Ok(()),
@@ -109,9 +137,16 @@ async fn persist_changes(service: Service, store: Store) {
 
 /// The persisted snapshot under `location`, if any; a corrupt one is an error naming it.
 fn load_state(location: &str) -> Result<(Store, Option<Snapshot>)> {
-    let store = Store::connect(location).with_context(|| format!("opening the coordinator state at {location}"))?;
-    let Some(bytes) = store.get_bytes(STATE_KEY).with_context(|| format!("reading {location}/{STATE_KEY}"))? else { return Ok((store, None)) };
-    let snapshot = serde_json::from_slice(&bytes).with_context(|| format!("{location}/{STATE_KEY}: not a coordinator state"))?;
+    let store = Store::connect(location)
+        .with_context(|| format!("opening the coordinator state at {location}"))?;
+    let Some(bytes) = store
+        .get_bytes(STATE_KEY)
+        .with_context(|| format!("reading {location}/{STATE_KEY}"))?
+    else {
+        return Ok((store, None));
+    };
+    let snapshot = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{location}/{STATE_KEY}: not a coordinator state"))?;
     Ok((store, Some(snapshot)))
 }
 
@@ -119,15 +154,37 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
     let (store, state) = load_state(&args.state)?;
     if let Some(s) = &state {
         let open = s.jobs.iter().filter(|j| !j.state.ended()).count();
-        tracing::info!(state = args.state, jobs = s.jobs.len(), resuming = open, "restored");
+        tracing::info!(
+            state = args.state,
+            jobs = s.jobs.len(),
+            resuming = open,
+            "restored"
+        );
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let config = Config { heartbeat_interval_ms: args.heartbeat_ms, heartbeat_timeout_ms: args.heartbeat_timeout_ms, regroup_grace_ms: args.regroup_grace_ms };
-        let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+        let config = Config {
+            heartbeat_interval_ms: args.heartbeat_ms,
+            heartbeat_timeout_ms: args.heartbeat_timeout_ms,
+            regroup_grace_ms: args.regroup_grace_ms,
+        };
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
         let bound = listener.local_addr().context("reading the bound address")?;
         // On stdout, so a launcher that asked for port 0 learns the port.
         println!("coordinator listening on {bound}");
-        serve(listener, config, state, Some(store), args.metrics_listen, crate::signals::terminated()).await
+        serve(
+            listener,
+            config,
+            state,
+            Some(store),
+            args.metrics_listen,
+            crate::signals::terminated(),
+        )
+        .await
     })
 }

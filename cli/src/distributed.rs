@@ -126,7 +126,11 @@ impl Launch {
 
 /// A worker reachable from other pods: any free port, advertised at $POD_IP (else $HOSTNAME);
 /// stops on SIGTERM, feeds `metrics`.
-fn node_config(coordinator: String, cache_bytes: u64, metrics: &Arc<TrainMetrics>) -> Result<tessera_worker::node::NodeConfig> {
+fn node_config(
+    coordinator: String,
+    cache_bytes: u64,
+    metrics: &Arc<TrainMetrics>,
+) -> Result<tessera_worker::node::NodeConfig> {
     use crate::worker::env_any;
     Ok(tessera_worker::node::NodeConfig {
         coordinator,
@@ -145,7 +149,10 @@ enum Trainers {
     /// N `tessera worker` processes on loopback.
     Local { n: usize, cache_bytes: u64 },
     /// Rank 0 of a launcher's world: one worker in this process, the others in their pods.
-    Rank0 { cache_bytes: u64, metrics: Arc<TrainMetrics> },
+    Rank0 {
+        cache_bytes: u64,
+        metrics: Arc<TrainMetrics>,
+    },
 }
 
 pub fn train(opts: &FitOptions, workers: usize) -> Result<FitReport> {
@@ -165,7 +172,11 @@ pub fn train(opts: &FitOptions, workers: usize) -> Result<FitReport> {
 }
 
 /// Rank 0 under a launcher: the coordinator on MASTER_PORT, the job, and one of its workers.
-pub fn train_as_rank0(opts: &FitOptions, launch: &Launch, metrics: &Arc<TrainMetrics>) -> Result<FitReport> {
+pub fn train_as_rank0(
+    opts: &FitOptions,
+    launch: &Launch,
+    metrics: &Arc<TrainMetrics>,
+) -> Result<FitReport> {
     let listen = (std::net::Ipv4Addr::UNSPECIFIED, launch.master_port).into();
     train_with(
         opts,
@@ -187,25 +198,53 @@ pub struct JobView {
 
 impl JobView {
     pub fn new(id: &str) -> JobView {
-        JobView { id: id.to_string(), state: pb::job_status::State::Unspecified, epoch: 0 }
+        JobView {
+            id: id.to_string(),
+            state: pb::job_status::State::Unspecified,
+            epoch: 0,
+        }
     }
 
     /// Prints what changed; the job's outcome once it has ended.
     pub fn show(&mut self, status: &pb::JobStatus) -> Option<Result<()>> {
         if status.epoch > self.epoch {
             self.epoch = status.epoch;
-            let loss = |t: &Option<pb::LossTerms>| t.as_ref().map_or("-".to_string(), |t| format!("{:.2}", t.loss));
-            println!("epoch {}/{}: train loss {}, validation loss {}, {:.0} cells/s", self.epoch, status.epochs, loss(&status.train), loss(&status.validation), status.cells_per_second);
+            let loss = |t: &Option<pb::LossTerms>| {
+                t.as_ref()
+                    .map_or("-".to_string(), |t| format!("{:.2}", t.loss))
+            };
+            println!(
+                "epoch {}/{}: train loss {}, validation loss {}, {:.0} cells/s",
+                self.epoch,
+                status.epochs,
+                loss(&status.train),
+                loss(&status.validation),
+                status.cells_per_second
+            );
         }
         let now = status.state();
         if now != self.state {
             self.state = now;
-            let why = if status.message.is_empty() { String::new() } else { format!(" ({})", status.message) };
-            println!("{}: {}{why}, {} workers", self.id, now.as_str_name(), status.workers.len());
+            let why = if status.message.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", status.message)
+            };
+            println!(
+                "{}: {}{why}, {} workers",
+                self.id,
+                now.as_str_name(),
+                status.workers.len()
+            );
         }
         match now {
             pb::job_status::State::Succeeded => Some(Ok(())),
-            pb::job_status::State::Failed | pb::job_status::State::Cancelled => Some(Err(anyhow!("{} {}: {}", self.id, now.as_str_name(), status.message))),
+            pb::job_status::State::Failed | pb::job_status::State::Cancelled => Some(Err(anyhow!(
+                "{} {}: {}",
+                self.id,
+                now.as_str_name(),
+                status.message
+            ))),
             _ => None,
         }
     }
@@ -239,12 +278,33 @@ pub fn network(req: &NetworkRequest, out: &Path, workers: usize) -> Result<Netwo
     }
     let (data, out) = (absolute(&req.data)?, absolute(&out.display().to_string())?);
     std::fs::create_dir_all(&out).with_context(|| format!("creating {out}"))?;
-    let request = NetworkRequest { data: data.clone(), ..req.clone() };
-    let spec = pb::JobSpec { data_url: data, world_size: workers as u32, output_url: out.clone(), network_toml: toml::to_string(&request).context("writing the request as TOML")?, ..pb::JobSpec::default() };
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")?;
-    runtime.block_on(run_job(spec, (std::net::Ipv4Addr::LOCALHOST, 0).into(), Trainers::Local { n: workers, cache_bytes: 0 }))?;
+    let request = NetworkRequest {
+        data: data.clone(),
+        ..req.clone()
+    };
+    let spec = pb::JobSpec {
+        data_url: data,
+        world_size: workers as u32,
+        output_url: out.clone(),
+        network_toml: toml::to_string(&request).context("writing the request as TOML")?,
+        ..pb::JobSpec::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_job(
+        spec,
+        (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+        Trainers::Local {
+            n: workers,
+            cache_bytes: 0,
+        },
+    ))?;
     let path = Path::new(&out).join(format!("{}.json", req.method.name()));
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -267,10 +327,22 @@ fn train_with(
         let root = Path::new(&out).join("checkpoint");
         match tessera_worker::checkpoint::latest(&root)? {
             Some(c) => {
-                println!("resuming from {} ({} epochs done, step {})", c.location.display(), c.epochs_done, c.step);
-                spec.resume = Some(pb::CheckpointRef { location: c.location.display().to_string(), epochs_done: c.epochs_done as u32, step: c.step });
+                println!(
+                    "resuming from {} ({} epochs done, step {})",
+                    c.location.display(),
+                    c.epochs_done,
+                    c.step
+                );
+                spec.resume = Some(pb::CheckpointRef {
+                    location: c.location.display().to_string(),
+                    epochs_done: c.epochs_done as u32,
+                    step: c.step,
+                });
             }
-            None => println!("no checkpoint in {}: starting from the beginning", root.display()),
+            None => println!(
+                "no checkpoint in {}: starting from the beginning",
+                root.display()
+            ),
         }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -299,9 +371,16 @@ async fn run_job(
         .port();
     let url = format!("http://127.0.0.1:{port}");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::coordinator::serve(listener, LOOPBACK, None, None, None, async {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(crate::coordinator::serve(
+        listener,
+        LOOPBACK,
+        None,
+        None,
+        None,
+        async {
+            let _ = stopped.await;
+        },
+    ));
     let mut workers = Workers::default();
     let mut in_process = None;
     // Rank 0's own worker says whether it served the job (true) or stopped or failed first.
@@ -332,7 +411,10 @@ async fn run_job(
                 workers.0.push(child);
             }
         }
-        Trainers::Rank0 { cache_bytes, metrics } => {
+        Trainers::Rank0 {
+            cache_bytes,
+            metrics,
+        } => {
             let config = node_config(url.clone(), cache_bytes, &metrics)?;
             let (ended, ended_rx) = tokio::sync::oneshot::channel();
             rank0_ended = Some(ended_rx);
@@ -377,9 +459,14 @@ async fn run_job(
             }
         };
         let Some(message) = next else {
-            break Err(anyhow!("{}: rank 0's worker left before the job ended", job.job_id));
+            break Err(anyhow!(
+                "{}: rank 0's worker left before the job ended",
+                job.job_id
+            ));
         };
-        let Some(status) = message.map_err(|s| anyhow!("watching {}: {}", job.job_id, s.message()))? else {
+        let Some(status) =
+            message.map_err(|s| anyhow!("watching {}: {}", job.job_id, s.message()))?
+        else {
             break Err(anyhow!(
                 "{}: the coordinator ended the status stream",
                 job.job_id
@@ -396,15 +483,22 @@ async fn run_job(
     // Joined when the job succeeded (it is leaving) or it said it ended (served, stopped or
     // failed: it says so just before returning, so the join waits no longer than that).
     let rank0_said_it_ended = rank0_ended.is_none();
-    let rank0 = match in_process.filter(|w| outcome.is_ok() || rank0_said_it_ended || w.is_finished()) {
-        Some(worker) => Some(worker.join().map_err(|_| anyhow!("the in-process worker panicked"))??),
-        None => None,
-    };
+    let rank0 =
+        match in_process.filter(|w| outcome.is_ok() || rank0_said_it_ended || w.is_finished()) {
+            Some(worker) => Some(
+                worker
+                    .join()
+                    .map_err(|_| anyhow!("the in-process worker panicked"))??,
+            ),
+            None => None,
+        };
     let _ = stop.send(());
     server.await.context("coordinator task")??;
     if let Some(Ended::Stopped { checkpoint }) = rank0 {
         // This process held the job's coordinator: a restarted rank 0 submits the job again.
-        return Err(crate::signals::Stopped { checkpoint, hint: " (the job's coordinator stopped with rank 0: run rank 0 again with --resume to continue from it)" }.into());
+        let hint = " (the job's coordinator stopped with rank 0: \
+                    run rank 0 again with --resume to continue from it)";
+        return Err(crate::signals::Stopped { checkpoint, hint }.into());
     }
     outcome
 }

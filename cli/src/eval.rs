@@ -36,7 +36,9 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let data = args.data.unwrap_or_else(|| args.out.join("data.zarr").display().to_string());
+    let data = args
+        .data
+        .unwrap_or_else(|| args.out.join("data.zarr").display().to_string());
     let req = EvalRequest {
         data: data.clone(),
         modality: args.modality,
@@ -44,19 +46,36 @@ pub fn run(args: EvalArgs) -> Result<()> {
         label_key: args.label_key,
         batch_key: args.batch_key,
         max_cells: (args.max_cells > 0).then_some(args.max_cells),
-        options: EvalOptions { seed: args.seed, ..EvalOptions::default() },
+        options: EvalOptions {
+            seed: args.seed,
+            ..EvalOptions::default()
+        },
     };
-    let evaluation = tessera_worker::evaluate_store(&req).with_context(|| format!("evaluating {data}"))?;
+    let evaluation =
+        tessera_worker::evaluate_store(&req).with_context(|| format!("evaluating {data}"))?;
     report(&evaluation, &args.out)
 }
 
 /// Prints the table and writes the files (shared with `tessera train`).
 pub fn report(evaluation: &Evaluation, out: &std::path::Path) -> Result<()> {
     let e = evaluation;
-    let subsample = if e.subsampled { format!(" (subsample of {})", e.n_obs) } else { String::new() };
-    let missing = if e.excluded_missing > 0 { format!(", {} without label/batch left out", e.excluded_missing) } else { String::new() };
-    let batches = e.batch_key.as_deref().map_or("none".to_string(), |k| format!("{k:?} ({})", e.scores.n_batches));
-    println!("scIB metrics of {} on {} cells{subsample}{missing}: labels {:?} ({}), batches {batches}, {:.1} s", e.embedding, e.n_evaluated, e.label_key, e.scores.n_labels, e.seconds);
+    let subsample = if e.subsampled {
+        format!(" (subsample of {})", e.n_obs)
+    } else {
+        String::new()
+    };
+    let missing = if e.excluded_missing > 0 {
+        format!(", {} without label/batch left out", e.excluded_missing)
+    } else {
+        String::new()
+    };
+    let batches = e.batch_key.as_deref().map_or("none".to_string(), |k| {
+        format!("{k:?} ({})", e.scores.n_batches)
+    });
+    println!(
+        "scIB metrics of {} on {} cells{subsample}{missing}: labels {:?} ({}), batches {batches}, {:.1} s",
+        e.embedding, e.n_evaluated, e.label_key, e.scores.n_labels, e.seconds
+    );
     print!("{}", format_table(&e.scores));
     let [json, csv] = tessera_worker::write_evaluation(out, e)?;
     println!("  -> {}, {}", json.display(), csv.display());

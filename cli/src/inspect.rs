@@ -21,11 +21,29 @@ fn shape(v: &[u64]) -> String {
 }
 
 pub fn table(s: &StoreSummary) -> String {
-    let mut out = format!("{}\n  {} (Zarr v{}), {} cells, {} modalit{}\n", s.location, s.kind, s.zarr_format, s.n_obs, s.modalities.len(), if s.modalities.len() == 1 { "y" } else { "ies" });
+    let mut out = format!(
+        "{}\n  {} (Zarr v{}), {} cells, {} modalit{}\n",
+        s.location,
+        s.kind,
+        s.zarr_format,
+        s.n_obs,
+        s.modalities.len(),
+        if s.modalities.len() == 1 { "y" } else { "ies" }
+    );
     for m in &s.modalities {
-        let path = if m.path.is_empty() { "/".to_string() } else { m.path.clone() };
-        out += &format!("\nmodality {} ({path}): {} cells x {} features\n", m.name, m.n_obs, m.n_vars);
-        out += &format!("  {:<16} {:<6} {:<8} {:>14} {:>12} {:>8}  {:<12} {}\n", "matrix", "format", "dtype", "shape", "nnz", "density", "chunks", "shards");
+        let path = if m.path.is_empty() {
+            "/".to_string()
+        } else {
+            m.path.clone()
+        };
+        out += &format!(
+            "\nmodality {} ({path}): {} cells x {} features\n",
+            m.name, m.n_obs, m.n_vars
+        );
+        out += &format!(
+            "  {:<16} {:<6} {:<8} {:>14} {:>12} {:>8}  {:<12} {}\n",
+            "matrix", "format", "dtype", "shape", "nnz", "density", "chunks", "shards"
+        );
         for x in &m.matrices {
             out += &format!(
                 "  {:<16} {:<6} {:<8} {:>14} {:>12} {:>8.4}  {:<12} {}\n",
@@ -50,9 +68,21 @@ pub fn table(s: &StoreSummary) -> String {
     for c in &s.obs {
         out += &format!("  {:<16} {:<12} missing {:>6}", c.name, c.kind, c.missing);
         if let Some(counts) = &c.counts {
-            let shown: Vec<String> = counts.iter().take(SHOWN_CATEGORIES).map(|(k, n)| format!("{k}={n}")).collect();
+            let shown: Vec<String> = counts
+                .iter()
+                .take(SHOWN_CATEGORIES)
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect();
             let more = counts.len().saturating_sub(SHOWN_CATEGORIES);
-            out += &format!("  {}{}", shown.join(" "), if more > 0 { format!(" (+{more} more)") } else { String::new() });
+            out += &format!(
+                "  {}{}",
+                shown.join(" "),
+                if more > 0 {
+                    format!(" (+{more} more)")
+                } else {
+                    String::new()
+                }
+            );
         }
         out += "\n";
     }

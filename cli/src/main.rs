@@ -27,7 +27,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tessera_data::{SimConfig, ZarrVersion};
 
 #[derive(Parser, Debug)]
-#[command(name = "tessera", version, about = "Single-cell multi-omics integration at atlas scale")]
+#[command(
+    name = "tessera",
+    version,
+    about = "Single-cell multi-omics integration at atlas scale"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -141,7 +145,9 @@ impl From<Format> for ZarrVersion {
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("TESSERA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("TESSERA_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {
@@ -151,8 +157,12 @@ fn init_logging() {
 
 pub(crate) fn progress(total: u64, unit: &str) -> ProgressBar {
     let bar = ProgressBar::new(total);
-    let template = format!("{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})");
-    bar.set_style(ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+    let template = format!(
+        "{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}})"
+    );
+    bar.set_style(
+        ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     bar
 }
 
@@ -173,12 +183,21 @@ fn simulate(args: &SimulateArgs) -> Result<()> {
     };
     let bar = progress(config.n_cells, "cells");
     let start = std::time::Instant::now();
-    let summary = tessera_data::simulate(&args.out, &config, |n| bar.set_position(n)).with_context(|| format!("simulating into {}", args.out))?;
+    let summary = tessera_data::simulate(&args.out, &config, |n| bar.set_position(n))
+        .with_context(|| format!("simulating into {}", args.out))?;
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
-    tracing::info!(cells = summary.n_cells, seconds, cells_per_s = summary.n_cells as f64 / seconds, "simulated");
+    tracing::info!(
+        cells = summary.n_cells,
+        seconds,
+        cells_per_s = summary.n_cells as f64 / seconds,
+        "simulated"
+    );
     let kind = if summary.mudata { "MuData" } else { "AnnData" };
-    println!("wrote {kind} store {} ({} cells, {:.1} s)", args.out, summary.n_cells, seconds);
+    println!(
+        "wrote {kind} store {} ({} cells, {:.1} s)",
+        args.out, summary.n_cells, seconds
+    );
     for (name, cells, features) in &summary.modalities {
         println!("  {name}: {cells} cells x {features} features");
     }
@@ -188,8 +207,10 @@ fn simulate(args: &SimulateArgs) -> Result<()> {
 fn convert(input: &str, output: &str, version: ZarrVersion) -> Result<()> {
     let spinner = ProgressBar::new_spinner();
     let start = std::time::Instant::now();
-    let summary = tessera_data::convert(input, output, version, |element| spinner.set_message(element.to_string()))
-        .with_context(|| format!("converting {input} into {output}"))?;
+    let summary = tessera_data::convert(input, output, version, |element| {
+        spinner.set_message(element.to_string())
+    })
+    .with_context(|| format!("converting {input} into {output}"))?;
     spinner.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
     println!(
@@ -226,7 +247,11 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("Error: {e:?}");
             // A stopped run is not a failed one: the code says SIGTERM, so a Job replaces the pod.
-            std::process::ExitCode::from(if e.is::<signals::Stopped>() { signals::EXIT_STOPPED } else { 1 })
+            std::process::ExitCode::from(if e.is::<signals::Stopped>() {
+                signals::EXIT_STOPPED
+            } else {
+                1
+            })
         }
     }
 }
@@ -239,7 +264,15 @@ fn run(cli: Cli) -> Result<()> {
             if !PathBuf::from(&store).exists() {
                 // The demo data: CITE-seq-like (RNA + protein), 3 batches, 20% of cells without
                 // protein; every other setting is simulate's default.
-                let demo = Cli::try_parse_from(["tessera", "simulate", &store, "--proteins", "30", "--missing", "0.2"])?;
+                let demo = Cli::try_parse_from([
+                    "tessera",
+                    "simulate",
+                    &store,
+                    "--proteins",
+                    "30",
+                    "--missing",
+                    "0.2",
+                ])?;
                 if let Command::Simulate(args) = demo.command {
                     simulate(&args)?;
                 }
@@ -256,6 +289,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Snf(args) => snf::run(args),
         Command::Map(args) => map::run(args),
         Command::Serve(args) => serve::run(args),
-        Command::Convert { input, output, zarr_format } => convert(&input, &output, zarr_format.into()),
+        Command::Convert {
+            input,
+            output,
+            zarr_format,
+        } => convert(&input, &output, zarr_format.into()),
     }
 }

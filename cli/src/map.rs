@@ -55,12 +55,21 @@ pub fn run(args: MapArgs) -> Result<()> {
         data: args.data.clone(),
         batch_key: args.batch_key,
         epochs: args.epochs,
-        unfreeze: Unfreeze { encoder_input: args.unfreeze_encoder_input, decoder_input: args.unfreeze_decoder_input },
+        unfreeze: Unfreeze {
+            encoder_input: args.unfreeze_encoder_input,
+            decoder_input: args.unfreeze_decoder_input,
+        },
         neighbours: args.neighbours,
-        write: Some(Outputs { embedding_key: args.embedding_key, label_key: args.key, overwrite: args.overwrite }),
+        write: Some(Outputs {
+            embedding_key: args.embedding_key,
+            label_key: args.key,
+            overwrite: args.overwrite,
+        }),
         seed: args.seed,
     };
-    let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")?);
+    let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {msg}",
+    )?);
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     let output = map_query(&model, &req, |stage| {
         bar.set_message(stage.to_string());
@@ -69,19 +78,47 @@ pub fn run(args: MapArgs) -> Result<()> {
     .with_context(|| format!("mapping {} onto {}", args.data, args.model));
     bar.finish_and_clear();
     let report = output?.report;
-    println!("mapped {} cells of {} onto {}", report.n_cells, report.data, report.model);
-    println!("  batches: {} new ({}), {} known", report.new_batches.len(), report.new_batches.join(", "), report.known_batches.len());
+    println!(
+        "mapped {} cells of {} onto {}",
+        report.n_cells, report.data, report.model
+    );
+    println!(
+        "  batches: {} new ({}), {} known",
+        report.new_batches.len(),
+        report.new_batches.join(", "),
+        report.known_batches.len()
+    );
     for m in &report.modalities {
-        println!("  {}: {} of {} reference features found ({} zero-filled, {} query features unused), {} cells", m.name, m.matched, m.reference_features, m.zero_filled, m.ignored, m.cells);
+        println!(
+            "  {}: {} of {} reference features found ({} zero-filled, {} query features unused), {} cells",
+            m.name, m.matched, m.reference_features, m.zero_filled, m.ignored, m.cells
+        );
     }
-    println!("  fine-tuned {} parameters for {} epochs in {:.1} s (final loss {})", report.trained_parameters, report.epochs, report.seconds_training, report.final_loss.map_or("-".into(), |l| format!("{l:.2}")));
+    println!(
+        "  fine-tuned {} parameters for {} epochs in {:.1} s (final loss {})",
+        report.trained_parameters,
+        report.epochs,
+        report.seconds_training,
+        report.final_loss.map_or("-".into(), |l| format!("{l:.2}"))
+    );
     if let Some(labels) = &report.labels {
-        let accuracy = report.label_accuracy.map_or(String::new(), |a| format!(", agreement with the query's own labels {a:.4}"));
-        println!("  labels -> {labels} (mean uncertainty {:.4}{accuracy})", report.mean_uncertainty.unwrap_or(f64::NAN));
+        let accuracy = report.label_accuracy.map_or(String::new(), |a| {
+            format!(", agreement with the query's own labels {a:.4}")
+        });
+        println!(
+            "  labels -> {labels} (mean uncertainty {:.4}{accuracy})",
+            report.mean_uncertainty.unwrap_or(f64::NAN)
+        );
     }
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let json = args.out.join("map.json");
-    std::fs::write(&json, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", json.display()))?;
-    println!("  -> {}, {}", report.embedding.as_deref().unwrap_or_default(), json.display());
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    println!(
+        "  -> {}, {}",
+        report.embedding.as_deref().unwrap_or_default(),
+        json.display()
+    );
     Ok(())
 }

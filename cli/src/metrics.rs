@@ -12,8 +12,12 @@ use tessera_worker::node::ProgressSink;
 /// Binds `at`, says where on stdout ("metrics listening on ADDR": port 0 picks one), and serves
 /// until the process ends.
 pub async fn spawn(at: SocketAddr, render: Render) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(at).await.with_context(|| format!("binding the metrics port {at}"))?;
-    let bound = listener.local_addr().context("reading the metrics address")?;
+    let listener = tokio::net::TcpListener::bind(at)
+        .await
+        .with_context(|| format!("binding the metrics port {at}"))?;
+    let bound = listener
+        .local_addr()
+        .context("reading the metrics address")?;
     println!("metrics listening on {bound}");
     tokio::spawn(serve_metrics(listener, render, std::future::pending()));
     Ok(())
@@ -21,7 +25,11 @@ pub async fn spawn(at: SocketAddr, render: Render) -> Result<()> {
 
 /// Starts the metrics server on its own small runtime (for roles without one, like training).
 pub fn spawn_thread(at: SocketAddr, render: Render) -> Result<tokio::runtime::Runtime> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().context("starting the metrics runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the metrics runtime")?;
     runtime.block_on(spawn(at, render))?;
     Ok(runtime)
 }
@@ -82,24 +90,78 @@ impl TrainMetrics {
     }
 
     pub fn render(&self) -> String {
-        let c = self.inner.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let c = self
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let mut e = Exposition::default();
-        e.counter("tessera_train_steps_total", "Optimisation steps taken.", c.steps as f64);
-        e.counter("tessera_train_cells_total", "Training cells passed through steps.", c.cells as f64);
-        e.counter("tessera_train_epochs_total", "Epochs finished.", c.epochs as f64);
-        e.gauge("tessera_train_epochs_planned", "Epochs the run will take at most.", c.epochs_planned as f64);
-        e.gauge("tessera_train_cells_per_second", "Training throughput of the last epoch.", c.cells_per_second);
+        e.counter(
+            "tessera_train_steps_total",
+            "Optimisation steps taken.",
+            c.steps as f64,
+        );
+        e.counter(
+            "tessera_train_cells_total",
+            "Training cells passed through steps.",
+            c.cells as f64,
+        );
+        e.counter(
+            "tessera_train_epochs_total",
+            "Epochs finished.",
+            c.epochs as f64,
+        );
+        e.gauge(
+            "tessera_train_epochs_planned",
+            "Epochs the run will take at most.",
+            c.epochs_planned as f64,
+        );
+        e.gauge(
+            "tessera_train_cells_per_second",
+            "Training throughput of the last epoch.",
+            c.cells_per_second,
+        );
         if let Some(l) = c.loss {
-            let terms = [("loss", l.loss), ("reconstruction", l.reconstruction), ("kl", l.kl), ("regularization", l.regularization), ("supervised", l.supervised)];
-            let samples: Vec<(Vec<(&str, &str)>, f64)> = terms.iter().map(|(t, v)| (vec![("term", *t)], *v)).collect();
-            e.family("tessera_train_loss", "The last step's loss terms (per cell).", "gauge", &samples);
+            let terms = [
+                ("loss", l.loss),
+                ("reconstruction", l.reconstruction),
+                ("kl", l.kl),
+                ("regularization", l.regularization),
+                ("supervised", l.supervised),
+            ];
+            let samples: Vec<(Vec<(&str, &str)>, f64)> = terms
+                .iter()
+                .map(|(t, v)| (vec![("term", *t)], *v))
+                .collect();
+            e.family(
+                "tessera_train_loss",
+                "The last step's loss terms (per cell).",
+                "gauge",
+                &samples,
+            );
         }
         if let Some(v) = c.validation_loss {
-            e.gauge("tessera_train_validation_loss", "The last epoch's validation loss (per cell).", v);
+            e.gauge(
+                "tessera_train_validation_loss",
+                "The last epoch's validation loss (per cell).",
+                v,
+            );
         }
-        let split = [("compute", c.compute_seconds), ("allreduce", c.allreduce_seconds), ("data", c.data_seconds)];
-        let samples: Vec<(Vec<(&str, &str)>, f64)> = split.iter().map(|(p, v)| (vec![("phase", *p)], *v)).collect();
-        e.family("tessera_train_step_seconds_total", "Time of the training steps by phase: compute, gradient all-reduce, waiting for data.", "counter", &samples);
+        let split = [
+            ("compute", c.compute_seconds),
+            ("allreduce", c.allreduce_seconds),
+            ("data", c.data_seconds),
+        ];
+        let samples: Vec<(Vec<(&str, &str)>, f64)> = split
+            .iter()
+            .map(|(p, v)| (vec![("phase", *p)], *v))
+            .collect();
+        e.family(
+            "tessera_train_step_seconds_total",
+            "Time of the training steps by phase: compute, gradient all-reduce, waiting for data.",
+            "counter",
+            &samples,
+        );
         e.finish()
     }
 }
@@ -107,21 +169,58 @@ impl TrainMetrics {
 /// The coordinator's jobs by state and the training cells it has counted.
 pub fn coordinator_render(snapshot: &tessera_coordinator::Snapshot) -> String {
     use tessera_coordinator::JobState;
-    let states = [JobState::Queued, JobState::Starting, JobState::Running, JobState::Recovering, JobState::Succeeded, JobState::Failed, JobState::Cancelled];
-    let names: Vec<String> = states.iter().map(|s| format!("{s:?}").to_lowercase()).collect();
-    let samples: Vec<(Vec<(&str, &str)>, f64)> = states.iter().zip(&names).map(|(s, name)| (vec![("state", name.as_str())], snapshot.jobs.iter().filter(|j| j.state == *s).count() as f64)).collect();
+    let states = [
+        JobState::Queued,
+        JobState::Starting,
+        JobState::Running,
+        JobState::Recovering,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+    let names: Vec<String> = states
+        .iter()
+        .map(|s| format!("{s:?}").to_lowercase())
+        .collect();
+    let samples: Vec<(Vec<(&str, &str)>, f64)> = states
+        .iter()
+        .zip(&names)
+        .map(|(s, name)| {
+            (
+                vec![("state", name.as_str())],
+                snapshot.jobs.iter().filter(|j| j.state == *s).count() as f64,
+            )
+        })
+        .collect();
     let mut e = Exposition::default();
-    e.family("tessera_coordinator_jobs", "Jobs by state.", "gauge", &samples);
+    e.family(
+        "tessera_coordinator_jobs",
+        "Jobs by state.",
+        "gauge",
+        &samples,
+    );
     let epochs: usize = snapshot.jobs.iter().map(|j| j.epoch_cells.len()).sum();
-    let cells: u64 = snapshot.jobs.iter().flat_map(|j| j.epoch_cells.values()).sum();
-    e.counter("tessera_coordinator_epochs_total", "Epochs counted complete (every rank of one generation reported them).", epochs as f64);
-    e.counter("tessera_coordinator_cells_total", "Training cells of the counted epochs.", cells as f64);
+    let cells: u64 = snapshot
+        .jobs
+        .iter()
+        .flat_map(|j| j.epoch_cells.values())
+        .sum();
+    e.counter(
+        "tessera_coordinator_epochs_total",
+        "Epochs counted complete (every rank of one generation reported them).",
+        epochs as f64,
+    );
+    e.counter(
+        "tessera_coordinator_cells_total",
+        "Training cells of the counted epochs.",
+        cells as f64,
+    );
     e.finish()
 }
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
     use tessera_models::LossTerms;
     use tessera_serve::exposition::{parse, value};
     use tessera_worker::fit::Progress;
@@ -131,24 +230,65 @@ mod tests {
     #[test]
     fn training_progress_becomes_prometheus_samples() {
         let metrics = TrainMetrics::default();
-        metrics.observe(&Progress::Start { epochs: 10, cells_per_epoch: 256 });
-        let loss = LossTerms { loss: 1200.5, reconstruction: 1190.0, kl: 10.5, cells: 128, ..LossTerms::default() };
+        metrics.observe(&Progress::Start {
+            epochs: 10,
+            cells_per_epoch: 256,
+        });
+        let loss = LossTerms {
+            loss: 1200.5,
+            reconstruction: 1190.0,
+            kl: 10.5,
+            cells: 128,
+            ..LossTerms::default()
+        };
         for _ in 0..2 {
-            metrics.observe(&Progress::Batch { cells: 128, loss: &loss });
+            metrics.observe(&Progress::Batch {
+                cells: 128,
+                loss: &loss,
+            });
         }
         let samples = parse(&metrics.render()).unwrap();
         assert_eq!(value(&samples, "tessera_train_steps_total", &[]), Some(2.0));
-        assert_eq!(value(&samples, "tessera_train_cells_total", &[]), Some(256.0));
-        assert_eq!(value(&samples, "tessera_train_epochs_planned", &[]), Some(10.0));
-        assert_eq!(value(&samples, "tessera_train_loss", &[("term", "kl")]), Some(10.5));
-        assert_eq!(value(&samples, "tessera_train_step_seconds_total", &[("phase", "allreduce")]), Some(0.0));
+        assert_eq!(
+            value(&samples, "tessera_train_cells_total", &[]),
+            Some(256.0)
+        );
+        assert_eq!(
+            value(&samples, "tessera_train_epochs_planned", &[]),
+            Some(10.0)
+        );
+        assert_eq!(
+            value(&samples, "tessera_train_loss", &[("term", "kl")]),
+            Some(10.5)
+        );
+        assert_eq!(
+            value(
+                &samples,
+                "tessera_train_step_seconds_total",
+                &[("phase", "allreduce")]
+            ),
+            Some(0.0)
+        );
     }
 
     #[test]
     fn the_coordinator_reports_jobs_by_state() {
-        let snapshot = tessera_coordinator::Snapshot { next_worker: 1, jobs: Vec::new() };
+        let snapshot = tessera_coordinator::Snapshot {
+            next_worker: 1,
+            jobs: Vec::new(),
+        };
         let samples = parse(&coordinator_render(&snapshot)).unwrap();
-        assert_eq!(value(&samples, "tessera_coordinator_jobs", &[("state", "running")]), Some(0.0));
-        assert_eq!(value(&samples, "tessera_coordinator_epochs_total", &[]), Some(0.0));
+        assert_eq!(
+            value(
+                &samples,
+                "tessera_coordinator_jobs",
+                &[("state", "running")]
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&samples, "tessera_coordinator_epochs_total", &[]),
+            Some(0.0)
+        );
     }
 }

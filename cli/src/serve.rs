@@ -63,7 +63,12 @@ pub struct ServeArgs {
 
 /// 3/4 of MemTotal (Linux), else 8 GiB.
 fn default_memory_mib() -> u64 {
-    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())));
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines().find_map(|l| {
+            l.strip_prefix("MemTotal:")
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+    });
     total_kib.map_or(8192, |k| k / 1024 * 3 / 4)
 }
 
@@ -75,12 +80,21 @@ fn config(args: ServeArgs) -> Result<ServeConfig> {
         tracing::warn!("serving without authentication: every caller is accepted");
         Tokens::none()
     } else {
-        Tokens::load(args.tokens_file.as_deref(), std::env::var(tessera_serve::access::TOKENS_ENV).ok().as_deref())?
+        Tokens::load(
+            args.tokens_file.as_deref(),
+            std::env::var(tessera_serve::access::TOKENS_ENV)
+                .ok()
+                .as_deref(),
+        )?
     };
     let register = args
         .register
         .iter()
-        .map(|r| r.split_once('=').map(|(n, f)| (n.to_string(), f.to_string())).with_context(|| format!("--register {r}: expected NAME=FOLDER")))
+        .map(|r| {
+            r.split_once('=')
+                .map(|(n, f)| (n.to_string(), f.to_string()))
+                .with_context(|| format!("--register {r}: expected NAME=FOLDER"))
+        })
         .collect::<Result<_>>()?;
     Ok(ServeConfig {
         registry: args.registry,
@@ -92,7 +106,11 @@ fn config(args: ServeArgs) -> Result<ServeConfig> {
         tls: args.tls_cert.zip(args.tls_key),
         max_request_bytes: args.max_request_mib << 20,
         max_upload_bytes: args.max_upload_mib << 20,
-        jobs: JobLimits { max_jobs: args.max_jobs, memory_bytes: args.memory_budget_mib.unwrap_or_else(default_memory_mib) << 20, finished_kept: 64 },
+        jobs: JobLimits {
+            max_jobs: args.max_jobs,
+            memory_bytes: args.memory_budget_mib.unwrap_or_else(default_memory_mib) << 20,
+            finished_kept: 64,
+        },
         default_epochs: args.default_epochs,
     })
 }
@@ -100,20 +118,32 @@ fn config(args: ServeArgs) -> Result<ServeConfig> {
 pub fn run(args: ServeArgs) -> Result<()> {
     let (listen, metrics_listen) = (args.listen, args.metrics_listen);
     let config = config(args)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
         let bound = listener.local_addr().context("reading the bound address")?;
         let registry = config.registry.clone();
-        let service = tokio::task::spawn_blocking(move || tessera_serve::service(&config).map(|s| (s, config))).await.context("starting the service")?;
-        let (service, config) = service.with_context(|| format!("opening the registry {registry}"))?;
+        let service = tokio::task::spawn_blocking(move || {
+            tessera_serve::service(&config).map(|s| (s, config))
+        })
+        .await
+        .context("starting the service")?;
+        let (service, config) =
+            service.with_context(|| format!("opening the registry {registry}"))?;
         // On stdout, so a launcher that asked for port 0 learns the port.
         println!("atlas listening on {bound}");
         if let Some(at) = metrics_listen {
             let telemetry = service.telemetry();
             crate::metrics::spawn(at, std::sync::Arc::new(move || telemetry.render())).await?;
         }
-        tessera_serve::serve(listener, service, &config, crate::signals::terminated()).await.context("serving")
+        tessera_serve::serve(listener, service, &config, crate::signals::terminated())
+            .await
+            .context("serving")
     })
 }
 
@@ -129,18 +159,51 @@ pub fn bench_encode(sizes: &[usize], genes: usize, concurrency: usize, seconds: 
     let largest = sizes.iter().copied().max().unwrap_or(1).max(1);
     let cells = (largest as u64).max(5_000);
     println!("training a reference: {cells} simulated cells x {genes} genes, 3 batches, 5 epochs");
-    tessera_data::simulate(&data, &SimConfig { n_cells: cells, n_genes: genes, n_batches: 3, ..SimConfig::default() }, |_| {})?;
+    tessera_data::simulate(
+        &data,
+        &SimConfig {
+            n_cells: cells,
+            n_genes: genes,
+            n_batches: 3,
+            ..SimConfig::default()
+        },
+        |_| {},
+    )?;
     let model = dir.join("model");
     let mut fit = tessera_worker::FitConfig::default();
     fit.train.max_epochs = Some(5);
-    let opts = tessera_worker::FitOptions { data: data.clone(), modalities: Vec::new(), batch_key: Some("batch".into()), label_key: Some("cell_type".into()), config: fit, out: model.clone(), embedding_key: "X_tessera".into(), overwrite: true, resume: false, denoised: None, cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20 };
+    let opts = tessera_worker::FitOptions {
+        data: data.clone(),
+        modalities: Vec::new(),
+        batch_key: Some("batch".into()),
+        label_key: Some("cell_type".into()),
+        config: fit,
+        out: model.clone(),
+        embedding_key: "X_tessera".into(),
+        overwrite: true,
+        resume: false,
+        denoised: None,
+        cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
+    };
     tessera_worker::fit(&opts, |_| {})?;
     let (hidden, latent) = (128usize, 10usize);
 
     // The requests: the store's first cells with their batches, features named.
     let dataset = Dataset::open(&data)?;
-    let loader = Loader::new(&dataset, 0..largest as u64, LoaderConfig { batch_size: largest, batch_key: Some("batch".into()), ..LoaderConfig::default() })?;
-    let mb = loader.ordered().epoch(0).next().context("the store has no cells")??;
+    let loader = Loader::new(
+        &dataset,
+        0..largest as u64,
+        LoaderConfig {
+            batch_size: largest,
+            batch_key: Some("batch".into()),
+            ..LoaderConfig::default()
+        },
+    )?;
+    let mb = loader
+        .ordered()
+        .epoch(0)
+        .next()
+        .context("the store has no cells")??;
     let var_names = match &dataset {
         Dataset::AnnData(a) => a.var()?.index,
         Dataset::MuData(_) => bail!("the simulated store is an AnnData"),
@@ -150,8 +213,19 @@ pub fn bench_encode(sizes: &[usize], genes: usize, concurrency: usize, seconds: 
         let end = counts.indptr[n] as usize;
         pb::EncodeRequest {
             model: "bench".into(),
-            modalities: vec![pb::EncodeModality { name: mb.modalities[0].name.clone(), var_names: var_names.clone(), n_cells: n as u32, n_features: counts.n_cols as u32, indptr: counts.indptr[..=n].to_vec(), indices: counts.indices[..end].to_vec(), data: counts.data[..end].to_vec() }],
-            batches: mb.batch[..n].iter().map(|&b| loader.batch_categories[b as usize].clone()).collect(),
+            modalities: vec![pb::EncodeModality {
+                name: mb.modalities[0].name.clone(),
+                var_names: var_names.clone(),
+                n_cells: n as u32,
+                n_features: counts.n_cols as u32,
+                indptr: counts.indptr[..=n].to_vec(),
+                indices: counts.indices[..end].to_vec(),
+                data: counts.data[..end].to_vec(),
+            }],
+            batches: mb.batch[..n]
+                .iter()
+                .map(|&b| loader.batch_categories[b as usize].clone())
+                .collect(),
             transfer_labels: false,
             neighbours: 0,
         }
@@ -168,11 +242,18 @@ pub fn bench_encode(sizes: &[usize], genes: usize, concurrency: usize, seconds: 
         tls: None,
         max_request_bytes: 256 << 20,
         max_upload_bytes: 0,
-        jobs: JobLimits { max_jobs: 1, memory_bytes: 1 << 30, finished_kept: 1 },
+        jobs: JobLimits {
+            max_jobs: 1,
+            memory_bytes: 1 << 30,
+            finished_kept: 1,
+        },
         default_epochs: 1,
     };
     let service = tessera_serve::service(&config)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = format!("http://{}", listener.local_addr()?);
@@ -183,12 +264,24 @@ pub fn bench_encode(sizes: &[usize], genes: usize, concurrency: usize, seconds: 
             })
             .await
         });
-        let channel = tonic::transport::Endpoint::from_shared(address)?.connect().await?;
-        let client = pb::atlas_client::AtlasClient::new(channel).max_encoding_message_size(256 << 20).max_decoding_message_size(256 << 20);
+        let channel = tonic::transport::Endpoint::from_shared(address)?
+            .connect()
+            .await?;
+        let client = pb::atlas_client::AtlasClient::new(channel)
+            .max_encoding_message_size(256 << 20)
+            .max_decoding_message_size(256 << 20);
         // Loads the model into the cache, as a first request in production would.
         client.clone().encode(request(1)).await?;
-        println!("Encode over loopback gRPC, {concurrency} requests in flight, {:.0} non-zeros per cell; floor = the encoder's FLOPs (2 x nnz x {hidden} + 2 x {hidden} x {} per cell)", nnz_per_cell, 2 * latent);
-        println!("{:>10} {:>10} {:>12} {:>9} {:>9} {:>10}", "cells/req", "req/s", "cells/s", "p50 ms", "p99 ms", "GFLOP/s");
+        println!(
+            "Encode over loopback gRPC, {concurrency} requests in flight, {nnz_per_cell:.0} \
+             non-zeros per cell; floor = the encoder's FLOPs \
+             (2 x nnz x {hidden} + 2 x {hidden} x {} per cell)",
+            2 * latent
+        );
+        println!(
+            "{:>10} {:>10} {:>12} {:>9} {:>9} {:>10}",
+            "cells/req", "req/s", "cells/s", "p50 ms", "p99 ms", "GFLOP/s"
+        );
         for &n in sizes {
             let req = request(n.max(1));
             let deadline = Instant::now() + Duration::from_secs_f64(seconds);
@@ -212,10 +305,24 @@ pub fn bench_encode(sizes: &[usize], genes: usize, concurrency: usize, seconds: 
             }
             let wall = started.elapsed().as_secs_f64();
             latencies.sort_by(f64::total_cmp);
-            let pick = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or(f64::NAN) * 1e3;
+            let pick = |q: f64| {
+                let at =
+                    ((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1));
+                latencies.get(at).copied().unwrap_or(f64::NAN) * 1e3
+            };
             let rate = latencies.len() as f64 / wall;
-            let flops = (2.0 * nnz_per_cell * hidden as f64 + 2.0 * (hidden * 2 * latent) as f64) * n as f64 * rate;
-            println!("{:>10} {:>10.0} {:>12.0} {:>9.2} {:>9.2} {:>10.2}", n, rate, rate * n as f64, pick(0.5), pick(0.99), flops / 1e9);
+            let flops = (2.0 * nnz_per_cell * hidden as f64 + 2.0 * (hidden * 2 * latent) as f64)
+                * n as f64
+                * rate;
+            println!(
+                "{:>10} {:>10.0} {:>12.0} {:>9.2} {:>9.2} {:>10.2}",
+                n,
+                rate,
+                rate * n as f64,
+                pick(0.5),
+                pick(0.99),
+                flops / 1e9
+            );
         }
         let _ = stop.send(());
         server.await??;

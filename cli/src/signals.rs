@@ -35,14 +35,15 @@ impl std::error::Error for Stopped {}
 pub async fn terminated() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!("cannot listen for SIGTERM: {e}");
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!("cannot listen for SIGTERM: {e}");
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -60,11 +61,17 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
     use tokio::signal::unix::{SignalKind, signal};
     let flag = Arc::new(AtomicBool::new(false));
     let set = Arc::clone(&flag);
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the signal listener")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the signal listener")?;
     // Registered before this returns: from here on a signal no longer kills the process.
     let (mut term, mut interrupt) = {
         let _entered = runtime.enter();
-        (signal(SignalKind::terminate()).context("listening for SIGTERM")?, signal(SignalKind::interrupt()).context("listening for SIGINT")?)
+        (
+            signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+            signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+        )
     };
     std::thread::Builder::new()
         .name("tessera-signals".into())
@@ -77,7 +84,10 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
                     }
                     if first {
                         set.store(true, Ordering::SeqCst);
-                        tracing::warn!("stop requested: stopping after the current step, which is checkpointed (signal again to exit now)");
+                        tracing::warn!(
+                            "stop requested: stopping after the current step, \
+                             which is checkpointed (signal again to exit now)"
+                        );
                     }
                 }
                 std::process::exit(i32::from(EXIT_STOPPED));

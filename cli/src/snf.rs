@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use tessera_network::SnfParams;
-use tessera_worker::network::{Distance, Method, NetworkRequest, OutOfCore, ViewSpec, network_store};
+use tessera_worker::network::{
+    Distance, Method, NetworkRequest, OutOfCore, ViewSpec, network_store,
+};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum MethodArg {
@@ -115,7 +117,11 @@ pub fn run(args: SnfArgs) -> Result<()> {
         data: data.clone(),
         views: args.views.iter().map(|v| ViewSpec::parse(v)).collect(),
         method,
-        snf: SnfParams { k: args.k.unwrap_or(SnfParams::default().k), t: args.t, ..SnfParams::default() },
+        snf: SnfParams {
+            k: args.k.unwrap_or(SnfParams::default().k),
+            t: args.t,
+            ..SnfParams::default()
+        },
         nemo_k: args.k,
         mu: args.mu,
         metric,
@@ -127,33 +133,79 @@ pub fn run(args: SnfArgs) -> Result<()> {
         top_k: (args.top_k > 0).then_some(args.top_k),
         overwrite: args.overwrite,
         seed: args.seed,
-        out_of_core: args.out_of_core.then(|| OutOfCore { scratch: args.scratch.unwrap_or_else(|| args.out.join("snf-scratch.zarr").display().to_string()), block: args.block }),
+        out_of_core: args.out_of_core.then(|| OutOfCore {
+            scratch: args
+                .scratch
+                .unwrap_or_else(|| args.out.join("snf-scratch.zarr").display().to_string()),
+            block: args.block,
+        }),
     };
     if req.out_of_core.is_some() && args.workers.is_some() {
-        anyhow::bail!("--out-of-core runs on one machine; --workers splits the matrices across workers instead: choose one");
+        anyhow::bail!(
+            "--out-of-core runs on one machine; --workers splits the matrices across workers instead: choose one"
+        );
     }
     let report = match args.workers {
-        Some(workers) => crate::distributed::network(&req, &args.out, workers).with_context(|| format!("{name} on {data} across {workers} workers"))?,
+        Some(workers) => crate::distributed::network(&req, &args.out, workers)
+            .with_context(|| format!("{name} on {data} across {workers} workers"))?,
         None => {
-            let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")?);
+            let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {msg}",
+            )?);
             bar.enable_steady_tick(std::time::Duration::from_millis(200));
-            let report = network_store(&req, |stage| bar.set_message(stage.to_string())).with_context(|| format!("{name} on {data}"));
+            let report = network_store(&req, |stage| bar.set_message(stage.to_string()))
+                .with_context(|| format!("{name} on {data}"));
             bar.finish_and_clear();
             report?
         }
     };
-    let views: Vec<String> = report.views.iter().map(|v| format!("{} ({} cells x {} features)", v.name, v.samples, v.features)).collect();
-    println!("{} over {} cells from {}: {}", name.to_uppercase(), report.n_obs, report.store, views.join(", "));
-    let ranking: Vec<String> = report.eigengap.iter().take(3).map(|(c, g)| format!("{c} ({g:.3})")).collect();
-    println!("  {} clusters (eigengap best: {})", report.clusters, ranking.join(", "));
+    let views: Vec<String> = report
+        .views
+        .iter()
+        .map(|v| format!("{} ({} cells x {} features)", v.name, v.samples, v.features))
+        .collect();
+    println!(
+        "{} over {} cells from {}: {}",
+        name.to_uppercase(),
+        report.n_obs,
+        report.store,
+        views.join(", ")
+    );
+    let ranking: Vec<String> = report
+        .eigengap
+        .iter()
+        .take(3)
+        .map(|(c, g)| format!("{c} ({g:.3})"))
+        .collect();
+    println!(
+        "  {} clusters (eigengap best: {})",
+        report.clusters,
+        ranking.join(", ")
+    );
     if let (Some(key), Some(nmi), Some(ari)) = (&report.label_key, report.nmi, report.ari) {
         println!("  against obs/{key}: NMI {nmi:.4}, ARI {ari:.4}");
     }
-    let peak = report.peak_memory_mib.map_or(String::new(), |m| format!("; peak memory {m:.0} MiB"));
-    println!("  seconds: affinities {:.2}, network {:.2}, clustering {:.2}, writing {:.2}{peak}", report.seconds_affinities, report.seconds_network, report.seconds_clustering, report.seconds_write);
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let peak = report
+        .peak_memory_mib
+        .map_or(String::new(), |m| format!("; peak memory {m:.0} MiB"));
+    println!(
+        "  seconds: affinities {:.2}, network {:.2}, clustering {:.2}, writing {:.2}{peak}",
+        report.seconds_affinities,
+        report.seconds_network,
+        report.seconds_clustering,
+        report.seconds_write
+    );
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     let json = args.out.join(format!("{name}.json"));
-    std::fs::write(&json, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", json.display()))?;
-    println!("  -> {} ({} entries), {}, {}", report.network, report.network_entries, report.cluster_column, json.display());
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    println!(
+        "  -> {} ({} entries), {}, {}",
+        report.network,
+        report.network_entries,
+        report.cluster_column,
+        json.display()
+    );
     Ok(())
 }

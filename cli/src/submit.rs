@@ -58,15 +58,22 @@ pub struct CancelArgs {
 }
 
 fn coordinator_url(given: Option<String>) -> String {
-    given.or_else(crate::worker::master_url).unwrap_or_else(|| "http://127.0.0.1:50051".into())
+    given
+        .or_else(crate::worker::master_url)
+        .unwrap_or_else(|| "http://127.0.0.1:50051".into())
 }
 
 async fn connect(url: &str) -> Result<CoordinatorClient<tonic::transport::Channel>> {
-    CoordinatorClient::connect(url.to_string()).await.with_context(|| format!("connecting to the coordinator at {url}"))
+    CoordinatorClient::connect(url.to_string())
+        .await
+        .with_context(|| format!("connecting to the coordinator at {url}"))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 pub fn submit(args: SubmitArgs) -> Result<()> {
@@ -91,20 +98,38 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
     runtime()?.block_on(async {
         let mut client = connect(&url).await?;
         // The coordinator checks the store and the configuration before it queues the job.
-        let job = client.submit_job(spec).await.map_err(|s| anyhow!("submitting to {url}: {}", s.message()))?.into_inner();
+        let job = client
+            .submit_job(spec)
+            .await
+            .map_err(|s| anyhow!("submitting to {url}: {}", s.message()))?
+            .into_inner();
         println!("{}: submitted to {url}", job.job_id);
         if args.detach {
             return Ok(());
         }
-        println!("following {0} (Ctrl-C stops following, not the job: `tessera cancel {0}` does)", job.job_id);
-        let mut statuses = client.watch_job(job.clone()).await.map_err(|s| anyhow!("watching {}: {}", job.job_id, s.message()))?.into_inner();
+        println!(
+            "following {0} (Ctrl-C stops following, not the job: `tessera cancel {0}` does)",
+            job.job_id
+        );
+        let mut statuses = client
+            .watch_job(job.clone())
+            .await
+            .map_err(|s| anyhow!("watching {}: {}", job.job_id, s.message()))?
+            .into_inner();
         let mut view = JobView::new(&job.job_id);
-        while let Some(status) = statuses.message().await.map_err(|s| anyhow!("watching {}: {}", job.job_id, s.message()))? {
+        while let Some(status) = statuses
+            .message()
+            .await
+            .map_err(|s| anyhow!("watching {}: {}", job.job_id, s.message()))?
+        {
             if let Some(ended) = view.show(&status) {
                 return ended;
             }
         }
-        Err(anyhow!("{}: the coordinator ended the status stream", job.job_id))
+        Err(anyhow!(
+            "{}: the coordinator ended the status stream",
+            job.job_id
+        ))
     })
 }
 
@@ -112,7 +137,12 @@ pub fn cancel(args: CancelArgs) -> Result<()> {
     let url = coordinator_url(args.coordinator);
     runtime()?.block_on(async {
         let mut client = connect(&url).await?;
-        client.cancel_job(pb::JobHandle { job_id: args.job.clone() }).await.map_err(|s| anyhow!("cancelling {} at {url}: {}", args.job, s.message()))?;
+        client
+            .cancel_job(pb::JobHandle {
+                job_id: args.job.clone(),
+            })
+            .await
+            .map_err(|s| anyhow!("cancelling {} at {url}: {}", args.job, s.message()))?;
         println!("{}: cancelled", args.job);
         Ok(())
     })

@@ -78,8 +78,15 @@ pub struct TrainArgs {
 pub fn run(args: TrainArgs) -> Result<()> {
     let metrics = std::sync::Arc::new(crate::metrics::TrainMetrics::default());
     // Kept alive for the whole run: the metrics server's runtime.
-    let _metrics_server = args.metrics_listen.map(|at| crate::metrics::serve_train(at, &metrics)).transpose()?;
-    let launch = if args.workers.is_none() { crate::distributed::Launch::from_env()? } else { None };
+    let _metrics_server = args
+        .metrics_listen
+        .map(|at| crate::metrics::serve_train(at, &metrics))
+        .transpose()?;
+    let launch = if args.workers.is_none() {
+        crate::distributed::Launch::from_env()?
+    } else {
+        None
+    };
     if let Some(l) = launch.as_ref().filter(|l| l.rank > 0) {
         // Rank 0 submits the job with the data and configuration; this rank only trains.
         l.serve_as_worker(args.cache_mib << 20, &metrics)?;
@@ -95,29 +102,76 @@ pub fn run(args: TrainArgs) -> Result<()> {
         Some(k) => Some(k),
         None => has_obs_column(&data, "batch").then(|| "batch".to_string()),
     };
-    let label_key = args.label_key.or_else(|| has_obs_column(&data, DEFAULT_LABEL_KEY).then(|| DEFAULT_LABEL_KEY.to_string()));
-    let opts = FitOptions { data: data.clone(), modalities: args.modalities.clone(), batch_key: batch_key.clone(), label_key: label_key.clone(), config, out: args.out.clone(), embedding_key: args.embedding_key.clone(), overwrite: args.overwrite, resume: args.resume, denoised: args.denoised.then(|| Denoised { key: "tessera_denoised".into(), library_size: args.denoised_library_size }), cache_bytes: args.cache_mib << 20 };
+    let label_key = args.label_key.or_else(|| {
+        has_obs_column(&data, DEFAULT_LABEL_KEY).then(|| DEFAULT_LABEL_KEY.to_string())
+    });
+    let opts = FitOptions {
+        data: data.clone(),
+        modalities: args.modalities.clone(),
+        batch_key: batch_key.clone(),
+        label_key: label_key.clone(),
+        config,
+        out: args.out.clone(),
+        embedding_key: args.embedding_key.clone(),
+        overwrite: args.overwrite,
+        resume: args.resume,
+        denoised: args.denoised.then(|| Denoised {
+            key: "tessera_denoised".into(),
+            library_size: args.denoised_library_size,
+        }),
+        cache_bytes: args.cache_mib << 20,
+    };
 
     let report = match (args.workers, &launch) {
-        (Some(n), _) => crate::distributed::train(&opts, n).with_context(|| format!("training on {data} with {n} workers"))?,
-        (None, Some(l)) => crate::distributed::train_as_rank0(&opts, l, &metrics).with_context(|| format!("training on {data} as rank 0 of {}", l.world))?,
+        (Some(n), _) => crate::distributed::train(&opts, n)
+            .with_context(|| format!("training on {data} with {n} workers"))?,
+        (None, Some(l)) => crate::distributed::train_as_rank0(&opts, l, &metrics)
+            .with_context(|| format!("training on {data} as rank 0 of {}", l.world))?,
         (None, None) => train_alone(&opts, &metrics)?,
     };
 
     let last = report.history.last();
     let seconds: f64 = report.history.iter().map(|r| r.seconds).sum();
     let cells: usize = report.history.iter().map(|r| r.train.cells).sum();
-    let modalities: Vec<String> = report.modalities.iter().map(|(name, g)| format!("{name} ({g} features)")).collect();
-    println!("trained on {data}: {} epochs{}, {} train / {} validation cells, {}, {} batches", report.history.len(), if report.stopped_early { " (stopped early)" } else { "" }, report.n_train, report.n_validation, modalities.join(" + "), report.batch_categories.len());
+    let modalities: Vec<String> = report
+        .modalities
+        .iter()
+        .map(|(name, g)| format!("{name} ({g} features)"))
+        .collect();
+    println!(
+        "trained on {data}: {} epochs{}, {} train / {} validation cells, {}, {} batches",
+        report.history.len(),
+        if report.stopped_early {
+            " (stopped early)"
+        } else {
+            ""
+        },
+        report.n_train,
+        report.n_validation,
+        modalities.join(" + "),
+        report.batch_categories.len()
+    );
     if let Some(r) = last {
-        let terms = |t: &tessera_models::LossTerms| format!("{:.2} (reconstruction {:.2}, KL {:.2}, regularisers {:.3}, supervised {:.3})", t.loss, t.reconstruction, t.kl, t.regularization, t.supervised);
+        let terms = |t: &tessera_models::LossTerms| {
+            format!(
+                "{:.2} (reconstruction {:.2}, KL {:.2}, regularisers {:.3}, supervised {:.3})",
+                t.loss, t.reconstruction, t.kl, t.regularization, t.supervised
+            )
+        };
         println!("  final train loss {}", terms(&r.train));
         if let Some(v) = &r.validation {
             println!("  final validation loss {}", terms(v));
         }
     }
-    println!("  {:.0} cells/s over {:.1} s of training", cells as f64 / seconds.max(1e-9), seconds);
-    println!("  embedding ({} dims) -> {}", report.n_latent, report.embedding_element);
+    println!(
+        "  {:.0} cells/s over {:.1} s of training",
+        cells as f64 / seconds.max(1e-9),
+        seconds
+    );
+    println!(
+        "  embedding ({} dims) -> {}",
+        report.n_latent, report.embedding_element
+    );
     for element in &report.denoised_elements {
         println!("  denoised expression -> {element}");
     }
@@ -127,22 +181,41 @@ pub fn run(args: TrainArgs) -> Result<()> {
     println!("  history, weights, config -> {}", args.out.display());
 
     if label_key.is_none() {
-        println!("no {DEFAULT_LABEL_KEY:?} obs column: evaluation skipped (run `tessera eval --label-key ...`)");
+        println!(
+            "no {DEFAULT_LABEL_KEY:?} obs column: evaluation skipped (run `tessera eval --label-key ...`)"
+        );
         return Ok(());
     }
     // The embedding sits where fit wrote it: a modality's obsm or the MuData root's.
-    let modality = report.embedding_element.strip_prefix("mod/").and_then(|rest| rest.split('/').next()).map(str::to_string);
-    let req = EvalRequest { data: data.clone(), modality, embedding_key: args.embedding_key, label_key, batch_key, max_cells: Some(DEFAULT_MAX_CELLS), options: EvalOptions::default() };
-    let evaluation = tessera_worker::evaluate_store(&req).with_context(|| format!("evaluating the embedding in {data}"))?;
+    let modality = report
+        .embedding_element
+        .strip_prefix("mod/")
+        .and_then(|rest| rest.split('/').next())
+        .map(str::to_string);
+    let req = EvalRequest {
+        data: data.clone(),
+        modality,
+        embedding_key: args.embedding_key,
+        label_key,
+        batch_key,
+        max_cells: Some(DEFAULT_MAX_CELLS),
+        options: EvalOptions::default(),
+    };
+    let evaluation = tessera_worker::evaluate_store(&req)
+        .with_context(|| format!("evaluating the embedding in {data}"))?;
     crate::eval::report(&evaluation, &args.out)
 }
 
 /// The run's configuration: the TOML file's (or the defaults), `--epochs` overriding
 /// `train.max_epochs`.
-pub(crate) fn read_config(path: Option<&std::path::Path>, epochs: Option<usize>) -> Result<FitConfig> {
+pub(crate) fn read_config(
+    path: Option<&std::path::Path>,
+    epochs: Option<usize>,
+) -> Result<FitConfig> {
     let mut config = match path {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             FitConfig::from_toml(&text, &path.display().to_string())?
         }
         None => FitConfig::default(),
@@ -154,14 +227,23 @@ pub(crate) fn read_config(path: Option<&std::path::Path>, epochs: Option<usize>)
 }
 
 /// Trains in this process, with a progress bar.
-fn train_alone(opts: &FitOptions, metrics: &crate::metrics::TrainMetrics) -> Result<tessera_worker::FitReport> {
+fn train_alone(
+    opts: &FitOptions,
+    metrics: &crate::metrics::TrainMetrics,
+) -> Result<tessera_worker::FitReport> {
     let bar = ProgressBar::new(0);
-    bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] epoch {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let (mut epoch, mut epochs, mut cells_per_epoch) = (0usize, 0usize, 0u64);
     let trained = tessera_worker::fit_until(opts, crate::signals::stop_flag()?, |p| {
         metrics.observe(&p);
         match p {
-            Progress::Start { epochs: e, cells_per_epoch: c } => {
+            Progress::Start {
+                epochs: e,
+                cells_per_epoch: c,
+            } => {
                 (epochs, cells_per_epoch) = (e, c);
                 bar.set_length(e as u64 * c);
             }
@@ -173,15 +255,26 @@ fn train_alone(opts: &FitOptions, metrics: &crate::metrics::TrainMetrics) -> Res
                 epoch = r.epoch + 1;
                 // Held-out cells never pass through a training step: a finished epoch is a full one.
                 bar.set_position(epoch as u64 * cells_per_epoch);
-                let val = r.validation.map_or(String::new(), |v| format!(" validation {:.2}", v.loss));
-                tracing::debug!(epoch = r.epoch, train = r.train.loss, cells_per_s = r.cells_per_second, "epoch{val}");
+                let val = r
+                    .validation
+                    .map_or(String::new(), |v| format!(" validation {:.2}", v.loss));
+                tracing::debug!(
+                    epoch = r.epoch,
+                    train = r.train.loss,
+                    cells_per_s = r.cells_per_second,
+                    "epoch{val}"
+                );
             }
         }
     });
     bar.finish_and_clear();
     match trained {
         Ok(report) => Ok(report),
-        Err(FitError::Stopped { checkpoint, .. }) => Err(crate::signals::Stopped { checkpoint: Some(checkpoint), hint: " (continue with --resume)" }.into()),
+        Err(FitError::Stopped { checkpoint, .. }) => Err(crate::signals::Stopped {
+            checkpoint: Some(checkpoint),
+            hint: " (continue with --resume)",
+        }
+        .into()),
         Err(e) => Err(anyhow::Error::new(e).context(format!("training on {}", opts.data))),
     }
 }
@@ -197,9 +290,23 @@ pub(crate) fn default_data(out: &std::path::Path) -> Result<String> {
     let location = path.display().to_string();
     if !path.exists() {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        let config = tessera_data::SimConfig { n_proteins: DEFAULT_PROTEINS, n_peaks: DEFAULT_PEAKS, missing: DEFAULT_MISSING, ..tessera_data::SimConfig::default() };
-        println!("simulating the default data into {location} ({} cells; {} genes, {} proteins, {} peaks, each non-RNA modality missing in {:.0}% of cells; {} batches)", config.n_cells, config.n_genes, config.n_proteins, config.n_peaks, 100.0 * config.missing, config.n_batches);
-        tessera_data::simulate(&location, &config, |_| {}).with_context(|| format!("simulating into {location}"))?;
+        let config = tessera_data::SimConfig {
+            n_proteins: DEFAULT_PROTEINS,
+            n_peaks: DEFAULT_PEAKS,
+            missing: DEFAULT_MISSING,
+            ..tessera_data::SimConfig::default()
+        };
+        println!(
+            "simulating the default data into {location} ({} cells; {} genes, {} proteins, {} peaks, each non-RNA modality missing in {:.0}% of cells; {} batches)",
+            config.n_cells,
+            config.n_genes,
+            config.n_proteins,
+            config.n_peaks,
+            100.0 * config.missing,
+            config.n_batches
+        );
+        tessera_data::simulate(&location, &config, |_| {})
+            .with_context(|| format!("simulating into {location}"))?;
     }
     Ok(location)
 }

@@ -38,7 +38,9 @@ pub struct WorkerArgs {
 
 /// The first of `names` set in the environment.
 pub fn env_any(names: &[&str]) -> Option<String> {
-    names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
+    names
+        .iter()
+        .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
 }
 
 /// http://MASTER_ADDR:MASTER_PORT from the launcher's environment.
@@ -49,12 +51,36 @@ pub fn master_url() -> Option<String> {
 }
 
 pub fn run(args: WorkerArgs) -> Result<()> {
-    let coordinator = args.coordinator.or_else(master_url).unwrap_or_else(|| "http://127.0.0.1:50051".into());
-    let advertise_host = args.advertise_host.or_else(|| env_any(&["POD_IP"])).or_else(|| args.ring_listen.ip().is_unspecified().then(|| env_any(&["HOSTNAME"])).flatten());
+    let coordinator = args
+        .coordinator
+        .or_else(master_url)
+        .unwrap_or_else(|| "http://127.0.0.1:50051".into());
+    let advertise_host = args
+        .advertise_host
+        .or_else(|| env_any(&["POD_IP"]))
+        .or_else(|| {
+            args.ring_listen
+                .ip()
+                .is_unspecified()
+                .then(|| env_any(&["HOSTNAME"]))
+                .flatten()
+        });
     let metrics = std::sync::Arc::new(crate::metrics::TrainMetrics::default());
     // Kept alive for the whole run: the metrics server's runtime.
-    let _metrics_server = args.metrics_listen.map(|at| crate::metrics::serve_train(at, &metrics)).transpose()?;
-    let config = NodeConfig { coordinator: coordinator.clone(), ring_listen: args.ring_listen, advertise_host, cache_bytes: args.cache_mib << 20, timeout: Duration::from_secs(args.timeout_s), max_jobs: args.max_jobs, stop: crate::signals::stop_flag()?, progress: Some(metrics.sink()) };
+    let _metrics_server = args
+        .metrics_listen
+        .map(|at| crate::metrics::serve_train(at, &metrics))
+        .transpose()?;
+    let config = NodeConfig {
+        coordinator: coordinator.clone(),
+        ring_listen: args.ring_listen,
+        advertise_host,
+        cache_bytes: args.cache_mib << 20,
+        timeout: Duration::from_secs(args.timeout_s),
+        max_jobs: args.max_jobs,
+        stop: crate::signals::stop_flag()?,
+        progress: Some(metrics.sink()),
+    };
     let ended = node::run(&config).with_context(|| format!("worker of {coordinator}"))?;
     stopped(ended, " (the coordinator resumes the job from it)")
 }
@@ -63,6 +89,8 @@ pub fn run(args: WorkerArgs) -> Result<()> {
 pub fn stopped(ended: node::Ended, hint: &'static str) -> Result<()> {
     match ended {
         node::Ended::Served => Ok(()),
-        node::Ended::Stopped { checkpoint } => Err(crate::signals::Stopped { checkpoint, hint }.into()),
+        node::Ended::Stopped { checkpoint } => {
+            Err(crate::signals::Stopped { checkpoint, hint }.into())
+        }
     }
 }

@@ -7,44 +7,101 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 fn tessera(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tessera")).args(args).env("TESSERA_LOG", "warn").output().expect("tessera runs")
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .env("TESSERA_LOG", "warn")
+        .output()
+        .expect("tessera runs")
 }
 
 fn fixture(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/fixtures").join(name).to_string_lossy().into_owned()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/fixtures")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn stdout(o: &Output) -> String {
-    assert!(o.status.success(), "tessera failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "tessera failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 #[test]
 fn inspect_table_tells_the_truth() {
     let out = stdout(&tessera(&["inspect", &fixture("ad013_v3.zarr")]));
-    assert!(out.contains("AnnData (Zarr v3), 500 cells, 1 modality"), "{out}");
+    assert!(
+        out.contains("AnnData (Zarr v3), 500 cells, 1 modality"),
+        "{out}"
+    );
     assert!(out.contains("500x200") && out.contains("42230"), "{out}");
-    assert!(out.contains("layers/counts") && out.contains("int32"), "{out}");
+    assert!(
+        out.contains("layers/counts") && out.contains("int32"),
+        "{out}"
+    );
     assert!(out.contains("obsm/X_pca: 8 columns"), "{out}");
-    let cell_type = out.lines().find(|l| l.trim_start().starts_with("cell_type")).unwrap();
-    assert!(cell_type.contains("missing      7") && cell_type.contains("alpha=181"), "{cell_type}");
+    let cell_type = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("cell_type"))
+        .unwrap();
+    assert!(
+        cell_type.contains("missing      7") && cell_type.contains("alpha=181"),
+        "{cell_type}"
+    );
 }
 
 #[test]
 fn inspect_json_for_both_zarr_versions_and_mudata() {
-    let v2: Value = serde_json::from_str(&stdout(&tessera(&["inspect", "--json", &fixture("ad013_v2_csc.zarr")]))).unwrap();
+    let v2: Value = serde_json::from_str(&stdout(&tessera(&[
+        "inspect",
+        "--json",
+        &fixture("ad013_v2_csc.zarr"),
+    ])))
+    .unwrap();
     assert_eq!(v2["zarr_format"], 2);
     assert_eq!(v2["modalities"][0]["matrices"][0]["format"], "csc");
     assert_eq!(v2["modalities"][0]["matrices"][0]["nnz"], 42230);
     assert!(v2["modalities"][0]["matrices"][0]["shards"].is_null());
-    let v3: Value = serde_json::from_str(&stdout(&tessera(&["inspect", "--json", &fixture("ad013_v3.zarr")]))).unwrap();
-    assert_eq!(v3["modalities"][0]["matrices"][0]["shards"], serde_json::json!([42230]));
-    let age = v3["obs"].as_array().unwrap().iter().find(|c| c["name"] == "age").unwrap();
-    assert_eq!((age["kind"].as_str(), age["missing"].as_u64()), (Some("int"), Some(63)));
-    let mu: Value = serde_json::from_str(&stdout(&tessera(&["inspect", "--json", &fixture("mu013_v3.zarr")]))).unwrap();
+    let v3: Value = serde_json::from_str(&stdout(&tessera(&[
+        "inspect",
+        "--json",
+        &fixture("ad013_v3.zarr"),
+    ])))
+    .unwrap();
+    assert_eq!(
+        v3["modalities"][0]["matrices"][0]["shards"],
+        serde_json::json!([42230])
+    );
+    let age = v3["obs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "age")
+        .unwrap();
+    assert_eq!(
+        (age["kind"].as_str(), age["missing"].as_u64()),
+        (Some("int"), Some(63))
+    );
+    let mu: Value = serde_json::from_str(&stdout(&tessera(&[
+        "inspect",
+        "--json",
+        &fixture("mu013_v3.zarr"),
+    ])))
+    .unwrap();
     assert_eq!(mu["kind"], "MuData");
     let prot = &mu["modalities"][1];
-    assert_eq!((prot["name"].as_str(), prot["n_obs"].as_u64(), prot["n_vars"].as_u64()), (Some("prot"), Some(380), Some(12)));
+    assert_eq!(
+        (
+            prot["name"].as_str(),
+            prot["n_obs"].as_u64(),
+            prot["n_vars"].as_u64()
+        ),
+        (Some("prot"), Some(380), Some(12))
+    );
 }
 
 #[test]
@@ -52,11 +109,35 @@ fn simulate_then_inspect_and_no_overwrite() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("sim.zarr");
     let store = store.to_str().unwrap();
-    let out = stdout(&tessera(&["simulate", store, "--cells", "2000", "--genes", "50", "--proteins", "8", "--peaks", "40", "--missing", "0.3", "--zarr-format", "2"]));
-    assert!(out.contains("MuData") && out.contains("rna: 2000 cells x 50 features"), "{out}");
-    let json: Value = serde_json::from_str(&stdout(&tessera(&["inspect", "--json", store]))).unwrap();
+    let out = stdout(&tessera(&[
+        "simulate",
+        store,
+        "--cells",
+        "2000",
+        "--genes",
+        "50",
+        "--proteins",
+        "8",
+        "--peaks",
+        "40",
+        "--missing",
+        "0.3",
+        "--zarr-format",
+        "2",
+    ]));
+    assert!(
+        out.contains("MuData") && out.contains("rna: 2000 cells x 50 features"),
+        "{out}"
+    );
+    let json: Value =
+        serde_json::from_str(&stdout(&tessera(&["inspect", "--json", store]))).unwrap();
     assert_eq!(json["zarr_format"], 2);
-    let names: Vec<&str> = json["modalities"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = json["modalities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["rna", "prot", "atac"]);
     assert_eq!(json["global_obsm"], serde_json::json!(["X_true_latent"]));
     let again = tessera(&["simulate", store, "--cells", "10"]);
@@ -70,7 +151,10 @@ fn bad_locations_fail_with_named_errors() {
     let missing = tessera(&["inspect", "/nonexistent/store.zarr"]);
     assert!(!missing.status.success());
     let err = String::from_utf8_lossy(&missing.stderr);
-    assert!(err.contains("/nonexistent/store.zarr") && err.contains("no such directory"), "{err}");
+    assert!(
+        err.contains("/nonexistent/store.zarr") && err.contains("no such directory"),
+        "{err}"
+    );
     // An S3 endpoint on a closed loopback port: a storage error naming the store, in bounded time
     // (object_store retries are capped in the data layer).
     let unreachable = Command::new(env!("CARGO_BIN_EXE_tessera"))
@@ -85,20 +169,41 @@ fn bad_locations_fail_with_named_errors() {
         .unwrap();
     assert!(!unreachable.status.success());
     let err = String::from_utf8_lossy(&unreachable.stderr);
-    assert!(err.contains("s3://bucket/atlas.zarr") && err.contains("storage error"), "{err}");
+    assert!(
+        err.contains("s3://bucket/atlas.zarr") && err.contains("storage error"),
+        "{err}"
+    );
 }
 
 #[test]
 fn bench_step_runs_on_the_cpu_and_a_missing_gpu_is_named() {
-    let small = ["bench", "step", "--genes", "50", "--batch", "16", "--hidden", "8", "--nnz", "10", "--steps", "5"];
+    let small = [
+        "bench", "step", "--genes", "50", "--batch", "16", "--hidden", "8", "--nnz", "10",
+        "--steps", "5",
+    ];
     let out = stdout(&tessera(&small));
-    assert!(out.contains("training step on cpu: 50 genes, 1 x 8 hidden") && out.contains("cells/s"), "{out}");
+    assert!(
+        out.contains("training step on cpu: 50 genes, 1 x 8 hidden") && out.contains("cells/s"),
+        "{out}"
+    );
     // No machine here or on the GPU hosts has a ninth GPU: the error says which and why.
     let missing = tessera(&[&small[..], &["--device", "cuda:8"]].concat());
     let err = String::from_utf8_lossy(&missing.stderr);
-    assert!(!missing.status.success() && err.contains("--device cuda:8") && err.contains("no CUDA device"), "{err}");
+    assert!(
+        !missing.status.success()
+            && err.contains("--device cuda:8")
+            && err.contains("no CUDA device"),
+        "{err}"
+    );
     let bad = tessera(&[&small[..], &["--device", "gpu"]].concat());
-    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("expected cpu, cuda or cuda:N"));
+    assert!(
+        !bad.status.success()
+            && String::from_utf8_lossy(&bad.stderr).contains("expected cpu, cuda or cuda:N")
+    );
     let tf32 = tessera(&[&small[..], &["--tf32"]].concat());
-    assert!(!tf32.status.success() && String::from_utf8_lossy(&tf32.stderr).contains("--tf32 applies to --device cuda only"));
+    assert!(
+        !tf32.status.success()
+            && String::from_utf8_lossy(&tf32.stderr)
+                .contains("--tf32 applies to --device cuda only")
+    );
 }

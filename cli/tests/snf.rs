@@ -13,7 +13,24 @@ use tessera_data::{AnnData, Column, MuData};
 /// A 600-cell mosaic MuData (RNA for all, protein and accessibility each missing in 30%).
 fn mosaic(dir: &Path) -> String {
     let store = dir.join("mosaic.zarr").display().to_string();
-    ok(&tessera(&["simulate", &store, "--cells", "600", "--genes", "300", "--proteins", "20", "--peaks", "200", "--batches", "2", "--missing", "0.3", "--seed", "3"]));
+    ok(&tessera(&[
+        "simulate",
+        &store,
+        "--cells",
+        "600",
+        "--genes",
+        "300",
+        "--proteins",
+        "20",
+        "--peaks",
+        "200",
+        "--batches",
+        "2",
+        "--missing",
+        "0.3",
+        "--seed",
+        "3",
+    ]));
     store
 }
 
@@ -26,16 +43,34 @@ fn snf_over_modalities_with_missing_cells_recovers_the_cell_types() {
     let dir = tempfile::tempdir().unwrap();
     let store = mosaic(dir.path());
     let out = dir.path().join("out");
-    let printed = ok(&tessera(&["snf", "--data", &store, "--out", out.to_str().unwrap()]));
+    let printed = ok(&tessera(&[
+        "snf",
+        "--data",
+        &store,
+        "--out",
+        out.to_str().unwrap(),
+    ]));
     let r = report(&out, "snf");
     assert_eq!(r["n_obs"], 600);
     let views = r["views"].as_array().unwrap();
-    assert_eq!(views.iter().map(|v| v["name"].as_str().unwrap()).collect::<Vec<_>>(), ["rna", "prot", "atac"]);
+    assert_eq!(
+        views
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["rna", "prot", "atac"]
+    );
     assert_eq!(views[0]["samples"], 600);
-    assert!(views[1]["samples"].as_u64().unwrap() < 500 && views[2]["samples"].as_u64().unwrap() < 500, "{views:?}");
+    assert!(
+        views[1]["samples"].as_u64().unwrap() < 500 && views[2]["samples"].as_u64().unwrap() < 500,
+        "{views:?}"
+    );
     // 8 simulated cell types, found by the eigengap and by the clusters.
     assert_eq!(r["clusters"], 8, "{printed}");
-    assert!(r["nmi"].as_f64().unwrap() > 0.95 && r["ari"].as_f64().unwrap() > 0.9, "{printed}");
+    assert!(
+        r["nmi"].as_f64().unwrap() > 0.95 && r["ari"].as_f64().unwrap() > 0.9,
+        "{printed}"
+    );
 
     let mudata = MuData::open(&store).unwrap();
     let root = mudata.root();
@@ -46,11 +81,18 @@ fn snf_over_modalities_with_missing_cells_recovers_the_cell_types() {
     // Each cell's strongest link is itself (the fused diagonal is at least one half).
     for i in [0usize, 299, 599] {
         let (cols, vals) = rows.row(i);
-        let best = cols[vals.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0];
+        let best = cols[vals
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0];
         assert_eq!(best as usize, i);
     }
     match root.obs_column("snf_clusters").unwrap() {
-        Column::Categorical { codes, categories, .. } => {
+        Column::Categorical {
+            codes, categories, ..
+        } => {
             assert_eq!(categories.len(), 8);
             assert!(codes.iter().all(|&c| (0..8).contains(&c)));
         }
@@ -58,10 +100,34 @@ fn snf_over_modalities_with_missing_cells_recovers_the_cell_types() {
     }
 
     // Written once: a second run names what it would overwrite; --overwrite replaces it.
-    let refused = failed(&tessera(&["snf", "--data", &store, "--out", out.to_str().unwrap()]));
-    assert!(refused.contains("obsp/snf") && refused.contains("--overwrite"), "{refused}");
-    ok(&tessera(&["snf", "--data", &store, "--out", out.to_str().unwrap(), "--overwrite", "--clusters", "4", "--top-k", "0"]));
-    let graph = MuData::open(&store).unwrap().root().matrix("obsp/snf").unwrap();
+    let refused = failed(&tessera(&[
+        "snf",
+        "--data",
+        &store,
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(
+        refused.contains("obsp/snf") && refused.contains("--overwrite"),
+        "{refused}"
+    );
+    ok(&tessera(&[
+        "snf",
+        "--data",
+        &store,
+        "--out",
+        out.to_str().unwrap(),
+        "--overwrite",
+        "--clusters",
+        "4",
+        "--top-k",
+        "0",
+    ]));
+    let graph = MuData::open(&store)
+        .unwrap()
+        .root()
+        .matrix("obsp/snf")
+        .unwrap();
     assert_eq!(graph.nnz, 600 * 600, "dense with --top-k 0");
     assert_eq!(report(&out, "snf")["clusters"], 4);
 }
@@ -70,10 +136,27 @@ fn snf_over_modalities_with_missing_cells_recovers_the_cell_types() {
 fn nemo_over_obsm_and_x_of_an_anndata() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("ad.zarr");
-    copy_dir(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/fixtures/ad013_v3.zarr"), &store);
+    copy_dir(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/fixtures/ad013_v3.zarr"),
+        &store,
+    );
     let out = dir.path().join("out");
     let store = store.display().to_string();
-    ok(&tessera(&["snf", "--data", &store, "--method", "nemo", "--view", "X,obsm/X_pca", "--key", "nemo", "--clusters", "3", "--out", out.to_str().unwrap()]));
+    ok(&tessera(&[
+        "snf",
+        "--data",
+        &store,
+        "--method",
+        "nemo",
+        "--view",
+        "X,obsm/X_pca",
+        "--key",
+        "nemo",
+        "--clusters",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
     let r = report(&out, "nemo");
     assert_eq!(r["method"], "nemo");
     assert_eq!(r["views"][1]["features"], 8);
@@ -91,20 +174,59 @@ fn bad_views_and_parameters_are_named() {
     let store = mosaic(dir.path());
     let out = dir.path().join("out");
     let out = out.to_str().unwrap();
-    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--view", "rna,bogus"]));
-    assert!(e.contains("mod/bogus") && e.contains("rna, prot, atac"), "{e}");
-    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--view", "X"]));
+    let e = failed(&tessera(&[
+        "snf",
+        "--data",
+        &store,
+        "--out",
+        out,
+        "--view",
+        "rna,bogus",
+    ]));
+    assert!(
+        e.contains("mod/bogus") && e.contains("rna, prot, atac"),
+        "{e}"
+    );
+    let e = failed(&tessera(&[
+        "snf", "--data", &store, "--out", out, "--view", "X",
+    ]));
     assert!(e.contains("no root X"), "{e}");
-    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--view", "rna"]));
+    let e = failed(&tessera(&[
+        "snf", "--data", &store, "--out", out, "--view", "rna",
+    ]));
     assert!(e.contains("at least 2 views"), "{e}");
-    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--view", "rna,obsm/nothing"]));
+    let e = failed(&tessera(&[
+        "snf",
+        "--data",
+        &store,
+        "--out",
+        out,
+        "--view",
+        "rna,obsm/nothing",
+    ]));
     assert!(e.contains("obsm/nothing"), "{e}");
-    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--k", "5000"]));
+    let e = failed(&tessera(&[
+        "snf", "--data", &store, "--out", out, "--k", "5000",
+    ]));
     assert!(e.contains("k = 5000"), "{e}");
-    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--label-key", "nope"]));
+    let e = failed(&tessera(&[
+        "snf",
+        "--data",
+        &store,
+        "--out",
+        out,
+        "--label-key",
+        "nope",
+    ]));
     assert!(e.contains("obs/nope"), "{e}");
     // Nothing was written by the refused runs.
-    assert!(MuData::open(&store).unwrap().root().matrix("obsp/snf").is_err());
+    assert!(
+        MuData::open(&store)
+            .unwrap()
+            .root()
+            .matrix("obsp/snf")
+            .is_err()
+    );
 }
 
 /// The dense network written at obsp/<key> of a MuData root.
@@ -116,7 +238,9 @@ fn dense_network(store: &str, key: &str) -> Vec<f32> {
     let mut dense = vec![0f32; csr.n_rows * n];
     for i in 0..csr.n_rows {
         let (cols, vals) = csr.row(i);
-        cols.iter().zip(vals).for_each(|(&j, &v)| dense[i * n + j as usize] = v);
+        cols.iter()
+            .zip(vals)
+            .for_each(|(&j, &v)| dense[i * n + j as usize] = v);
     }
     dense
 }
@@ -125,28 +249,84 @@ fn dense_network(store: &str, key: &str) -> Vec<f32> {
 fn snf_across_worker_processes_equals_one_machine() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("complete.zarr").display().to_string();
-    ok(&tessera(&["simulate", &store, "--cells", "500", "--genes", "200", "--proteins", "15", "--batches", "2", "--missing", "0", "--seed", "5"]));
+    ok(&tessera(&[
+        "simulate",
+        &store,
+        "--cells",
+        "500",
+        "--genes",
+        "200",
+        "--proteins",
+        "15",
+        "--batches",
+        "2",
+        "--missing",
+        "0",
+        "--seed",
+        "5",
+    ]));
     let out = dir.path().join("out");
     let out = out.to_str().unwrap();
-    ok(&tessera(&["snf", "--data", &store, "--out", out, "--top-k", "0", "--key", "one"]));
+    ok(&tessera(&[
+        "snf", "--data", &store, "--out", out, "--top-k", "0", "--key", "one",
+    ]));
     let one = report(Path::new(out), "snf");
-    let printed = ok(&tessera(&["snf", "--data", &store, "--out", out, "--top-k", "0", "--key", "three", "--workers", "3"]));
+    let printed = ok(&tessera(&[
+        "snf",
+        "--data",
+        &store,
+        "--out",
+        out,
+        "--top-k",
+        "0",
+        "--key",
+        "three",
+        "--workers",
+        "3",
+    ]));
     assert!(printed.contains("SUCCEEDED"), "{printed}");
     let three = report(Path::new(out), "snf");
     // Row blocks change only summation order: the f32 networks written agree to the last bits.
     let (a, b) = (dense_network(&store, "one"), dense_network(&store, "three"));
-    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     assert!(diff <= 1e-7, "3 workers differ from one machine by {diff}");
     assert_eq!(one["clusters"], three["clusters"]);
     assert_eq!(one["nmi"], three["nmi"]);
     let root = MuData::open(&store).unwrap().root();
-    assert_eq!(root.obs_column("one_clusters").unwrap(), root.obs_column("three_clusters").unwrap());
+    assert_eq!(
+        root.obs_column("one_clusters").unwrap(),
+        root.obs_column("three_clusters").unwrap()
+    );
 
     // What the row-block path cannot do is refused up front, by name.
-    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--method", "nemo", "--workers", "2", "--key", "x"]));
+    let e = failed(&tessera(&[
+        "snf",
+        "--data",
+        &store,
+        "--out",
+        out,
+        "--method",
+        "nemo",
+        "--workers",
+        "2",
+        "--key",
+        "x",
+    ]));
     assert!(e.contains("only SNF"), "{e}");
     let mosaic = mosaic(dir.path());
-    let e = failed(&tessera(&["snf", "--data", &mosaic, "--out", out, "--workers", "2"]));
+    let e = failed(&tessera(&[
+        "snf",
+        "--data",
+        &mosaic,
+        "--out",
+        out,
+        "--workers",
+        "2",
+    ]));
     assert!(e.contains("every cell in every view"), "{e}");
 }
 
@@ -155,11 +335,33 @@ fn kernel_averaging_over_correlation_distances() {
     let dir = tempfile::tempdir().unwrap();
     let store = mosaic(dir.path());
     let out = dir.path().join("out");
-    ok(&tessera(&["snf", "--data", &store, "--out", out.to_str().unwrap(), "--method", "average", "--metric", "correlation", "--key", "avg", "--clusters", "8"]));
+    ok(&tessera(&[
+        "snf",
+        "--data",
+        &store,
+        "--out",
+        out.to_str().unwrap(),
+        "--method",
+        "average",
+        "--metric",
+        "correlation",
+        "--key",
+        "avg",
+        "--clusters",
+        "8",
+    ]));
     let r = report(&out, "average");
     assert_eq!(r["method"], "average");
     assert!(r["nmi"].as_f64().unwrap() > 0.9, "{r}");
-    assert_eq!(MuData::open(&store).unwrap().root().matrix("obsp/avg").unwrap().shape, (600, 600));
+    assert_eq!(
+        MuData::open(&store)
+            .unwrap()
+            .root()
+            .matrix("obsp/avg")
+            .unwrap()
+            .shape,
+        (600, 600)
+    );
 }
 
 #[test]
@@ -170,28 +372,106 @@ fn snf_out_of_core_equals_in_memory_with_missing_cells() {
     let out = out.to_str().unwrap();
     let scratch = dir.path().join("scratch.zarr");
     let scratch = scratch.to_str().unwrap();
-    ok(&tessera(&["snf", "--data", &store, "--out", out, "--key", "memory"]));
+    ok(&tessera(&[
+        "snf", "--data", &store, "--out", out, "--key", "memory",
+    ]));
     let memory = report(Path::new(out), "snf");
     // Blocks of 128 rows: 5 row blocks, the last one short.
-    let printed = ok(&tessera(&["snf", "--data", &store, "--out", out, "--key", "disk", "--out-of-core", "--block", "128", "--scratch", scratch]));
+    let printed = ok(&tessera(&[
+        "snf",
+        "--data",
+        &store,
+        "--out",
+        out,
+        "--key",
+        "disk",
+        "--out-of-core",
+        "--block",
+        "128",
+        "--scratch",
+        scratch,
+    ]));
     let disk = report(Path::new(out), "snf");
-    let (a, b) = (dense_network(&store, "memory"), dense_network(&store, "disk"));
-    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let (a, b) = (
+        dense_network(&store, "memory"),
+        dense_network(&store, "disk"),
+    );
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     assert!(diff <= 1e-7, "out of core differs from in memory by {diff}");
     assert_eq!(memory["clusters"], disk["clusters"], "{printed}");
     assert_eq!(memory["nmi"], disk["nmi"]);
     let root = MuData::open(&store).unwrap().root();
-    assert_eq!(root.obs_column("memory_clusters").unwrap(), root.obs_column("disk_clusters").unwrap());
-    assert!(!Path::new(scratch).exists(), "the scratch store is removed after the run");
+    assert_eq!(
+        root.obs_column("memory_clusters").unwrap(),
+        root.obs_column("disk_clusters").unwrap()
+    );
+    assert!(
+        !Path::new(scratch).exists(),
+        "the scratch store is removed after the run"
+    );
 
     // Refused up front, by name: a dense network, other methods, workers, an existing scratch.
-    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--key", "x", "--out-of-core", "--top-k", "0"]));
+    let e = failed(&tessera(&[
+        "snf",
+        "--data",
+        &store,
+        "--out",
+        out,
+        "--key",
+        "x",
+        "--out-of-core",
+        "--top-k",
+        "0",
+    ]));
     assert!(e.contains("top-k rows"), "{e}");
-    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--key", "x", "--out-of-core", "--method", "nemo"]));
+    let e = failed(&tessera(&[
+        "snf",
+        "--data",
+        &store,
+        "--out",
+        out,
+        "--key",
+        "x",
+        "--out-of-core",
+        "--method",
+        "nemo",
+    ]));
     assert!(e.contains("only SNF runs out of core"), "{e}");
-    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--key", "x", "--out-of-core", "--workers", "2"]));
+    let e = failed(&tessera(&[
+        "snf",
+        "--data",
+        &store,
+        "--out",
+        out,
+        "--key",
+        "x",
+        "--out-of-core",
+        "--workers",
+        "2",
+    ]));
     assert!(e.contains("choose one"), "{e}");
-    let e = failed(&tessera(&["snf", "--data", &store, "--out", out, "--key", "x", "--out-of-core", "--scratch", &store]));
-    assert!(e.contains("scratch location") && e.contains("not empty"), "{e}");
-    assert!(root.obs_column("x_clusters").is_err() && MuData::open(&store).is_ok(), "nothing written, the data untouched");
+    let e = failed(&tessera(&[
+        "snf",
+        "--data",
+        &store,
+        "--out",
+        out,
+        "--key",
+        "x",
+        "--out-of-core",
+        "--scratch",
+        &store,
+    ]));
+    assert!(
+        e.contains("scratch location") && e.contains("not empty"),
+        "{e}"
+    );
+    assert!(
+        root.obs_column("x_clusters").is_err() && MuData::open(&store).is_ok(),
+        "nothing written, the data untouched"
+    );
 }

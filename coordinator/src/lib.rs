@@ -12,4 +12,7 @@ pub mod service;
 pub mod state;
 
 pub use service::{Service, ValidJob, Validate};
-pub use state::{Assignment, Checkpoint, Config, Coordinator, Directive, EpochSummary, Job, JobId, JobRecord, JobSpec, JobState, Millis, Progress, Snapshot, StateError, WorkerId};
+pub use state::{
+    Assignment, Checkpoint, Config, Coordinator, Directive, EpochSummary, Job, JobId, JobRecord,
+    JobSpec, JobState, Millis, Progress, Snapshot, StateError, WorkerId,
+};

@@ -32,7 +32,11 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { heartbeat_interval_ms: 1_000, heartbeat_timeout_ms: 10_000, regroup_grace_ms: 5_000 }
+        Config {
+            heartbeat_interval_ms: 1_000,
+            heartbeat_timeout_ms: 10_000,
+            regroup_grace_ms: 5_000,
+        }
     }
 }
 
@@ -71,7 +75,10 @@ pub enum JobState {
 
 impl JobState {
     pub fn ended(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 }
 
@@ -229,7 +236,12 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub fn new(config: Config) -> Coordinator {
-        Coordinator { config, next_worker: 1, next_job: 1, ..Coordinator::default() }
+        Coordinator {
+            config,
+            next_worker: 1,
+            next_job: 1,
+            ..Coordinator::default()
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -238,8 +250,23 @@ impl Coordinator {
 
     /// What the binary persists after changes.
     pub fn snapshot(&self) -> Snapshot {
-        let jobs = self.jobs.iter().map(|(&id, j)| JobRecord { id, spec: j.spec.clone(), state: j.state, message: j.message.clone(), generation: j.generation, checkpoint: j.checkpoint.clone(), epoch_cells: j.epoch_cells.clone() }).collect();
-        Snapshot { next_worker: self.next_worker, jobs }
+        let jobs = self
+            .jobs
+            .iter()
+            .map(|(&id, j)| JobRecord {
+                id,
+                spec: j.spec.clone(),
+                state: j.state,
+                message: j.message.clone(),
+                generation: j.generation,
+                checkpoint: j.checkpoint.clone(),
+                epoch_cells: j.epoch_cells.clone(),
+            })
+            .collect();
+        Snapshot {
+            next_worker: self.next_worker,
+            jobs,
+        }
     }
 
     /// A coordinator restarted from its records: ended jobs stay as they ended; the others
@@ -250,12 +277,47 @@ impl Coordinator {
         c.next_worker = snapshot.next_worker.saturating_add(RESTART_ID_GAP);
         for r in snapshot.jobs {
             let ended = r.state.ended();
-            let epochs_done = if ended { r.epoch_cells.len() as u32 } else { r.checkpoint.as_ref().map_or(0, |k| k.epochs_done) };
-            let epoch_cells: BTreeMap<u32, u64> = r.epoch_cells.into_iter().filter(|&(e, _)| e < epochs_done).collect();
-            let message = if ended { r.message } else { format!("coordinator restarted; resuming from {}", r.checkpoint.as_ref().map_or("the start".to_string(), |k| format!("the checkpoint after epoch {}", k.epochs_done))) };
+            let epochs_done = if ended {
+                r.epoch_cells.len() as u32
+            } else {
+                r.checkpoint.as_ref().map_or(0, |k| k.epochs_done)
+            };
+            let epoch_cells: BTreeMap<u32, u64> = r
+                .epoch_cells
+                .into_iter()
+                .filter(|&(e, _)| e < epochs_done)
+                .collect();
+            let message = if ended {
+                r.message
+            } else {
+                format!(
+                    "coordinator restarted; resuming from {}",
+                    r.checkpoint
+                        .as_ref()
+                        .map_or("the start".to_string(), |k| format!(
+                            "the checkpoint after epoch {}",
+                            k.epochs_done
+                        ))
+                )
+            };
             let world = r.spec.world_size;
             let state = if ended { r.state } else { JobState::Recovering };
-            let job = Job { spec: r.spec, state, generation: r.generation + 1, members: Vec::new(), checkpoint: r.checkpoint, epochs_done, done: BTreeMap::new(), epoch_cells, world, lost_at: (!ended).then_some(now), message, step: 0, ends_after: None, summary: None };
+            let job = Job {
+                spec: r.spec,
+                state,
+                generation: r.generation + 1,
+                members: Vec::new(),
+                checkpoint: r.checkpoint,
+                epochs_done,
+                done: BTreeMap::new(),
+                epoch_cells,
+                world,
+                lost_at: (!ended).then_some(now),
+                message,
+                step: 0,
+                ends_after: None,
+                summary: None,
+            };
             c.next_job = c.next_job.max(r.id + 1);
             c.jobs.insert(r.id, job);
             if !ended {
@@ -268,12 +330,25 @@ impl Coordinator {
     pub fn register(&mut self, now: Millis, ring_address: String, device: String) -> WorkerId {
         let id = self.next_worker;
         self.next_worker += 1;
-        self.workers.insert(id, Worker { ring_address, device, last_seen: now, waiting: false, group: None, cells: 0, pending: None });
+        self.workers.insert(
+            id,
+            Worker {
+                ring_address,
+                device,
+                last_seen: now,
+                waiting: false,
+                group: None,
+                cells: 0,
+                pending: None,
+            },
+        );
         id
     }
 
     pub fn heartbeat(&mut self, now: Millis, worker: WorkerId, generation: u64) -> Directive {
-        let Some(w) = self.workers.get_mut(&worker) else { return Directive::Register };
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return Directive::Register;
+        };
         w.last_seen = now;
         if let Some(d) = w.pending.take() {
             return d;
@@ -295,17 +370,31 @@ impl Coordinator {
     /// The worker waits for a group; returns its assignment when it has one (the service calls
     /// this again after every state change until the wait ends). Leaving a group to join again
     /// counts as losing that group's place.
-    pub fn join(&mut self, now: Millis, worker: WorkerId) -> Result<Option<Assignment>, StateError> {
-        let w = self.workers.get_mut(&worker).ok_or(StateError::UnknownWorker(worker))?;
+    pub fn join(
+        &mut self,
+        now: Millis,
+        worker: WorkerId,
+    ) -> Result<Option<Assignment>, StateError> {
+        let w = self
+            .workers
+            .get_mut(&worker)
+            .ok_or(StateError::UnknownWorker(worker))?;
         w.last_seen = now;
         if let Some((job, generation, rank)) = w.group {
             // Already placed and the group stands: the same assignment again (a retried Join).
-            if self.jobs.get(&job).is_some_and(|j| j.generation == generation && !j.state.ended()) {
+            if self
+                .jobs
+                .get(&job)
+                .is_some_and(|j| j.generation == generation && !j.state.ended())
+            {
                 return Ok(Some(self.assignment(job, rank)));
             }
             w.group = None;
         }
-        self.workers.get_mut(&worker).ok_or(StateError::UnknownWorker(worker))?.waiting = true;
+        self.workers
+            .get_mut(&worker)
+            .ok_or(StateError::UnknownWorker(worker))?
+            .waiting = true;
         self.form_groups(now);
         let w = &self.workers[&worker];
         Ok(w.group.map(|(job, _, rank)| self.assignment(job, rank)))
@@ -318,7 +407,16 @@ impl Coordinator {
             generation: j.generation,
             rank,
             world_size: j.members.len() as u32,
-            peers: j.members.iter().map(|m| self.workers.get(m).map(|w| w.ring_address.clone()).unwrap_or_default()).collect(),
+            peers: j
+                .members
+                .iter()
+                .map(|m| {
+                    self.workers
+                        .get(m)
+                        .map(|w| w.ring_address.clone())
+                        .unwrap_or_default()
+                })
+                .collect(),
             spec: j.spec.clone(),
             resume_from: j.checkpoint.clone(),
         }
@@ -330,22 +428,52 @@ impl Coordinator {
 
     /// A job that starts from `resume`, a checkpoint of an earlier run of it (whose coordinator
     /// is gone): its epochs count as done, each with the job's training cells.
-    pub fn submit_from(&mut self, spec: JobSpec, resume: Option<Checkpoint>) -> Result<JobId, StateError> {
+    pub fn submit_from(
+        &mut self,
+        spec: JobSpec,
+        resume: Option<Checkpoint>,
+    ) -> Result<JobId, StateError> {
         let id = self.next_job;
         if spec.world_size == 0 {
             return Err(StateError::BadWorldSize { job: id, world: 0 });
         }
         let epochs_done = resume.as_ref().map_or(0, |c| c.epochs_done);
         if epochs_done >= spec.epochs && resume.is_some() {
-            return Err(StateError::Stale { job: id, reason: format!("the checkpoint to resume from has {epochs_done} epochs done, the job trains {}: nothing left to train", spec.epochs) });
+            return Err(StateError::Stale {
+                job: id,
+                reason: format!(
+                    "the checkpoint to resume from has {epochs_done} epochs done, the job trains {}: nothing left to train",
+                    spec.epochs
+                ),
+            });
         }
         self.next_job += 1;
         let world = spec.world_size;
         let epoch_cells = (0..epochs_done).map(|e| (e, spec.train_cells)).collect();
-        let message = resume.as_ref().map_or(String::new(), |c| format!("resuming from the checkpoint after epoch {} at step {}", c.epochs_done, c.step));
+        let message = resume.as_ref().map_or(String::new(), |c| {
+            format!(
+                "resuming from the checkpoint after epoch {} at step {}",
+                c.epochs_done, c.step
+            )
+        });
         self.jobs.insert(
             id,
-            Job { spec, state: JobState::Queued, generation: 0, members: Vec::new(), checkpoint: resume, epochs_done, done: BTreeMap::new(), epoch_cells, world, lost_at: None, message, step: 0, ends_after: None, summary: None },
+            Job {
+                spec,
+                state: JobState::Queued,
+                generation: 0,
+                members: Vec::new(),
+                checkpoint: resume,
+                epochs_done,
+                done: BTreeMap::new(),
+                epoch_cells,
+                world,
+                lost_at: None,
+                message,
+                step: 0,
+                ends_after: None,
+                summary: None,
+            },
         );
         self.queue.push_back(id);
         Ok(id)
@@ -367,20 +495,55 @@ impl Coordinator {
 
     /// (worker, device, ms since its last heartbeat, cells of its epoch so far) of a job's
     /// group, in rank order.
-    pub fn members(&self, now: Millis, job: JobId) -> Result<Vec<(WorkerId, String, Millis, u64)>, StateError> {
+    pub fn members(
+        &self,
+        now: Millis,
+        job: JobId,
+    ) -> Result<Vec<(WorkerId, String, Millis, u64)>, StateError> {
         let j = self.job(job)?;
-        Ok(j.members.iter().filter_map(|m| self.workers.get(m).map(|w| (*m, w.device.clone(), now.saturating_sub(w.last_seen), w.cells))).collect())
+        Ok(j.members
+            .iter()
+            .filter_map(|m| {
+                self.workers.get(m).map(|w| {
+                    (
+                        *m,
+                        w.device.clone(),
+                        now.saturating_sub(w.last_seen),
+                        w.cells,
+                    )
+                })
+            })
+            .collect())
     }
 
-    pub fn progress(&mut self, now: Millis, worker: WorkerId, p: &Progress) -> Result<(), StateError> {
-        let w = self.workers.get_mut(&worker).ok_or(StateError::UnknownWorker(worker))?;
+    pub fn progress(
+        &mut self,
+        now: Millis,
+        worker: WorkerId,
+        p: &Progress,
+    ) -> Result<(), StateError> {
+        let w = self
+            .workers
+            .get_mut(&worker)
+            .ok_or(StateError::UnknownWorker(worker))?;
         w.last_seen = now;
         let rank = match w.group {
             Some((job, generation, rank)) if job == p.job && generation == p.generation => rank,
-            _ => return Err(StateError::Stale { job: p.job, reason: format!("worker {worker} is not in generation {} of the job", p.generation) }),
+            _ => {
+                return Err(StateError::Stale {
+                    job: p.job,
+                    reason: format!(
+                        "worker {worker} is not in generation {} of the job",
+                        p.generation
+                    ),
+                });
+            }
         };
         w.cells = p.cells;
-        let j = self.jobs.get_mut(&p.job).ok_or(StateError::UnknownJob(p.job))?;
+        let j = self
+            .jobs
+            .get_mut(&p.job)
+            .ok_or(StateError::UnknownJob(p.job))?;
         if j.state.ended() {
             return Ok(());
         }
@@ -396,7 +559,10 @@ impl Coordinator {
         }
         j.step = j.step.max(p.step);
         if p.epoch < j.epochs_done {
-            return Err(StateError::Stale { job: p.job, reason: format!("epoch {} was already completed", p.epoch) });
+            return Err(StateError::Stale {
+                job: p.job,
+                reason: format!("epoch {} was already completed", p.epoch),
+            });
         }
         if p.epoch_done {
             j.done.insert((p.epoch, rank), p.cells);
@@ -407,11 +573,17 @@ impl Coordinator {
         // Ranks run in lockstep but their reports arrive in any order: a rank's report of the
         // next epoch may come before another's of this one, so completions are kept per epoch.
         let world = j.members.len() as u32;
-        while let Some(cells) = (0..world).map(|r| j.done.get(&(j.epochs_done, r)).copied()).collect::<Option<Vec<u64>>>() {
+        while let Some(cells) = (0..world)
+            .map(|r| j.done.get(&(j.epochs_done, r)).copied())
+            .collect::<Option<Vec<u64>>>()
+        {
             let (epoch, total) = (j.epochs_done, cells.iter().sum::<u64>());
             if total != j.spec.train_cells {
                 j.state = JobState::Failed;
-                j.message = format!("epoch {epoch}: the ranks trained {total} cells, the epoch has {}", j.spec.train_cells);
+                j.message = format!(
+                    "epoch {epoch}: the ranks trained {total} cells, the epoch has {}",
+                    j.spec.train_cells
+                );
                 self.release(p.job);
                 return Ok(());
             }
@@ -427,19 +599,41 @@ impl Coordinator {
         Ok(())
     }
 
-    pub fn checkpoint(&mut self, now: Millis, worker: WorkerId, job: JobId, generation: u64, c: Checkpoint) -> Result<(), StateError> {
-        let w = self.workers.get_mut(&worker).ok_or(StateError::UnknownWorker(worker))?;
+    pub fn checkpoint(
+        &mut self,
+        now: Millis,
+        worker: WorkerId,
+        job: JobId,
+        generation: u64,
+        c: Checkpoint,
+    ) -> Result<(), StateError> {
+        let w = self
+            .workers
+            .get_mut(&worker)
+            .ok_or(StateError::UnknownWorker(worker))?;
         w.last_seen = now;
         if w.group != Some((job, generation, 0)) {
-            return Err(StateError::Stale { job, reason: format!("worker {worker} is not rank 0 of generation {generation}") });
+            return Err(StateError::Stale {
+                job,
+                reason: format!("worker {worker} is not rank 0 of generation {generation}"),
+            });
         }
         let j = self.jobs.get_mut(&job).ok_or(StateError::UnknownJob(job))?;
         // A checkpoint may only hold completed epochs (resuming from it must not skip cells).
         if c.epochs_done > j.epochs_done {
-            return Err(StateError::Stale { job, reason: format!("checkpoint after epoch {} but only {} epochs are complete", c.epochs_done, j.epochs_done) });
+            return Err(StateError::Stale {
+                job,
+                reason: format!(
+                    "checkpoint after epoch {} but only {} epochs are complete",
+                    c.epochs_done, j.epochs_done
+                ),
+            });
         }
         // A checkpoint within an epoch (a leaving worker's step) has the epochs done before it.
-        if j.checkpoint.as_ref().is_none_or(|old| (old.epochs_done, old.step) <= (c.epochs_done, c.step)) {
+        if j.checkpoint
+            .as_ref()
+            .is_none_or(|old| (old.epochs_done, old.step) <= (c.epochs_done, c.step))
+        {
             j.checkpoint = Some(c);
         }
         Ok(())
@@ -448,7 +642,12 @@ impl Coordinator {
     /// Time passes: workers past their heartbeat deadline are removed, groups re-formed.
     pub fn tick(&mut self, now: Millis) {
         let timeout = self.config.heartbeat_timeout_ms;
-        let dead: Vec<WorkerId> = self.workers.iter().filter(|(_, w)| now.saturating_sub(w.last_seen) > timeout).map(|(&id, _)| id).collect();
+        let dead: Vec<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| now.saturating_sub(w.last_seen) > timeout)
+            .map(|(&id, _)| id)
+            .collect();
         for id in dead {
             self.remove_worker(now, id, Departure::Silent);
         }
@@ -467,7 +666,9 @@ impl Coordinator {
     }
 
     fn remove_worker(&mut self, now: Millis, id: WorkerId, why: Departure) {
-        let Some(w) = self.workers.remove(&id) else { return };
+        let Some(w) = self.workers.remove(&id) else {
+            return;
+        };
         let who = match why {
             Departure::Silent => {
                 tracing::warn!(worker = id, "worker removed: no heartbeat");
@@ -478,14 +679,26 @@ impl Coordinator {
                 format!("worker {id} left")
             }
         };
-        let Some((job, generation, _)) = w.group else { return };
-        let Some(j) = self.jobs.get_mut(&job) else { return };
+        let Some((job, generation, _)) = w.group else {
+            return;
+        };
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         if j.generation != generation || j.state.ended() {
             return;
         }
         // Dissolve the group: survivors rejoin and the job resumes from its last checkpoint.
         j.state = JobState::Recovering;
-        j.message = format!("{who}; resuming from {}", j.checkpoint.as_ref().map_or("the start".to_string(), |c| format!("the checkpoint after epoch {} at step {}", c.epochs_done, c.step)));
+        j.message = format!(
+            "{who}; resuming from {}",
+            j.checkpoint
+                .as_ref()
+                .map_or("the start".to_string(), |c| format!(
+                    "the checkpoint after epoch {} at step {}",
+                    c.epochs_done, c.step
+                ))
+        );
         j.lost_at = Some(now);
         j.ends_after = None;
         j.epochs_done = j.checkpoint.as_ref().map_or(0, |c| c.epochs_done);
@@ -496,13 +709,19 @@ impl Coordinator {
 
     /// Frees a job's workers (they will be told to rejoin or stop).
     fn release(&mut self, job: JobId) {
-        let Some(j) = self.jobs.get_mut(&job) else { return };
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         j.generation += 1;
         j.done.clear();
         for m in std::mem::take(&mut j.members) {
             if let Some(w) = self.workers.get_mut(&m) {
                 w.group = None;
-                w.pending = Some(if j.state.ended() { Directive::Stop } else { Directive::Rejoin });
+                w.pending = Some(if j.state.ended() {
+                    Directive::Stop
+                } else {
+                    Directive::Rejoin
+                });
             }
         }
     }
@@ -512,14 +731,23 @@ impl Coordinator {
         let grace = self.config.regroup_grace_ms;
         let mut still_queued = VecDeque::new();
         while let Some(job) = self.queue.pop_front() {
-            let Some(j) = self.jobs.get(&job) else { continue };
+            let Some(j) = self.jobs.get(&job) else {
+                continue;
+            };
             if j.state.ended() {
                 continue;
             }
-            let waiting: BTreeSet<WorkerId> = self.workers.iter().filter(|(_, w)| w.waiting && w.group.is_none()).map(|(&id, _)| id).collect();
+            let waiting: BTreeSet<WorkerId> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.waiting && w.group.is_none())
+                .map(|(&id, _)| id)
+                .collect();
             // A recovering job takes fewer ranks once the grace for a replacement is over.
             let wanted = match j.lost_at {
-                Some(at) if now.saturating_sub(at) >= grace && !waiting.is_empty() => (waiting.len() as u32).min(j.world),
+                Some(at) if now.saturating_sub(at) >= grace && !waiting.is_empty() => {
+                    (waiting.len() as u32).min(j.world)
+                }
                 _ => j.world,
             };
             if (waiting.len() as u32) < wanted {
@@ -536,7 +764,10 @@ impl Coordinator {
             j.members = members.clone();
             let generation = j.generation;
             for (rank, m) in members.iter().enumerate() {
-                let w = self.workers.get_mut(m).expect("members are registered workers");
+                let w = self
+                    .workers
+                    .get_mut(m)
+                    .expect("members are registered workers");
                 w.waiting = false;
                 w.pending = None;
                 w.group = Some((job, generation, rank as u32));
@@ -553,27 +784,54 @@ impl Coordinator {
                 return Err(format!("job {id} ended with members"));
             }
             for (rank, m) in j.members.iter().enumerate() {
-                let w = self.workers.get(m).ok_or(format!("job {id}: member {m} is not registered"))?;
+                let w = self
+                    .workers
+                    .get(m)
+                    .ok_or(format!("job {id}: member {m} is not registered"))?;
                 if w.group != Some((id, j.generation, rank as u32)) {
-                    return Err(format!("job {id}: member {m} thinks it is in {:?}", w.group));
+                    return Err(format!(
+                        "job {id}: member {m} thinks it is in {:?}",
+                        w.group
+                    ));
                 }
                 if !placed.insert(*m) {
                     return Err(format!("worker {m} is in two groups"));
                 }
             }
-            if let Some((&e, &c)) = j.epoch_cells.iter().find(|&(_, &c)| c != j.spec.train_cells) {
-                return Err(format!("job {id}: epoch {e} counted {c} cells of {}", j.spec.train_cells));
+            if let Some((&e, &c)) = j
+                .epoch_cells
+                .iter()
+                .find(|&(_, &c)| c != j.spec.train_cells)
+            {
+                return Err(format!(
+                    "job {id}: epoch {e} counted {c} cells of {}",
+                    j.spec.train_cells
+                ));
             }
-            if j.epoch_cells.len() as u32 != j.epochs_done || j.epoch_cells.keys().copied().ne(0..j.epochs_done) {
-                return Err(format!("job {id}: {} epochs done but cells counted for {:?}", j.epochs_done, j.epoch_cells.keys().collect::<Vec<_>>()));
+            if j.epoch_cells.len() as u32 != j.epochs_done
+                || j.epoch_cells.keys().copied().ne(0..j.epochs_done)
+            {
+                return Err(format!(
+                    "job {id}: {} epochs done but cells counted for {:?}",
+                    j.epochs_done,
+                    j.epoch_cells.keys().collect::<Vec<_>>()
+                ));
             }
-            if j.checkpoint.as_ref().is_some_and(|c| c.epochs_done > j.epochs_done) {
-                return Err(format!("job {id}: checkpoint ahead of the completed epochs"));
+            if j.checkpoint
+                .as_ref()
+                .is_some_and(|c| c.epochs_done > j.epochs_done)
+            {
+                return Err(format!(
+                    "job {id}: checkpoint ahead of the completed epochs"
+                ));
             }
         }
         for (&id, w) in &self.workers {
             if let Some((job, g, _)) = w.group
-                && self.jobs.get(&job).is_none_or(|j| j.generation != g || !j.members.contains(&id))
+                && self
+                    .jobs
+                    .get(&job)
+                    .is_none_or(|j| j.generation != g || !j.members.contains(&id))
             {
                 return Err(format!("worker {id} points at a group that is gone"));
             }

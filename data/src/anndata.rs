@@ -1,7 +1,9 @@
 //! AnnData and MuData stores as anndata (0.10-0.13) and mudata write them, Zarr v2 or v3.
 //! Opening reads metadata and the obs/var indices only; matrices and columns are read on demand.
 
-use crate::dataframe::{Column, DataFrame, read_column, read_dataframe, read_index as read_dataframe_index};
+use crate::dataframe::{
+    Column, DataFrame, read_column, read_dataframe, read_index as read_dataframe_index,
+};
 use crate::error::{DataError, Result};
 use crate::matrix::Matrix;
 use crate::store::{Store, ZarrVersion};
@@ -28,14 +30,22 @@ impl AnnData {
 
     pub(crate) fn open_group(store: Store, version: ZarrVersion, path: &str) -> Result<AnnData> {
         let at = store.at(if path.is_empty() { "/" } else { path });
-        let Some((kind, attrs)) = store.node(version, path)? else { return Err(at.missing("AnnData group")) };
+        let Some((kind, attrs)) = store.node(version, path)? else {
+            return Err(at.missing("AnnData group"));
+        };
         match (kind, encoding_type(&attrs)) {
             (NodeKind::Group, Some("anndata")) => {}
             (_, found) => return Err(at.encoding(found.unwrap_or("<none>"), "'anndata' (a group)")),
         }
         let obs_names = read_dataframe_index(&store, version, &join(path, "obs"))?;
         let var_names = read_dataframe_index(&store, version, &join(path, "var"))?;
-        let adata = AnnData { store, version, path: path.to_string(), obs_names, var_names };
+        let adata = AnnData {
+            store,
+            version,
+            path: path.to_string(),
+            obs_names,
+            var_names,
+        };
         if let Some(x) = adata.matrix_if_present("X")? {
             adata.check_shape(&x, adata.n_vars())?;
         }
@@ -56,20 +66,25 @@ impl AnnData {
     }
 
     pub fn x(&self) -> Result<Matrix> {
-        self.matrix_if_present("X")?.ok_or_else(|| self.store.at(&self.element("X")).missing("X matrix"))
+        self.matrix_if_present("X")?
+            .ok_or_else(|| self.store.at(&self.element("X")).missing("X matrix"))
     }
 
     /// A layer (`layers/<name>`) with the shape of X.
     pub fn layer(&self, name: &str) -> Result<Matrix> {
         let path = format!("layers/{name}");
-        let m = self.matrix_if_present(&path)?.ok_or_else(|| self.store.at(&self.element(&path)).missing("layer"))?;
+        let m = self
+            .matrix_if_present(&path)?
+            .ok_or_else(|| self.store.at(&self.element(&path)).missing("layer"))?;
         self.check_shape(&m, self.n_vars())?;
         Ok(m)
     }
 
     /// `raw/X` with its own variables (`raw/var`).
     pub fn raw_x(&self) -> Result<Option<(Matrix, Vec<String>)>> {
-        let Some(m) = self.matrix_if_present("raw/X")? else { return Ok(None) };
+        let Some(m) = self.matrix_if_present("raw/X")? else {
+            return Ok(None);
+        };
         let raw_vars = read_dataframe_index(&self.store, self.version, &self.element("raw/var"))?;
         self.check_shape(&m, raw_vars.len() as u64)?;
         Ok(Some((m, raw_vars)))
@@ -80,15 +95,24 @@ impl AnnData {
     pub fn matrix(&self, name: &str) -> Result<Matrix> {
         match name {
             "X" => self.x(),
-            "raw/X" => self.raw_x()?.map(|(m, _)| m).ok_or_else(|| self.store.at(&self.element("raw/X")).missing("raw/X matrix")),
+            "raw/X" => self.raw_x()?.map(|(m, _)| m).ok_or_else(|| {
+                self.store
+                    .at(&self.element("raw/X"))
+                    .missing("raw/X matrix")
+            }),
             other if other.starts_with("obsp/") => {
-                let m = self.matrix_if_present(other)?.ok_or_else(|| self.store.at(&self.element(other)).missing("obsp matrix"))?;
+                let m = self
+                    .matrix_if_present(other)?
+                    .ok_or_else(|| self.store.at(&self.element(other)).missing("obsp matrix"))?;
                 self.check_shape(&m, self.n_obs())?;
                 Ok(m)
             }
             other => match other.strip_prefix("layers/") {
                 Some(layer) => self.layer(layer),
-                None => Err(self.store.at(&self.element(other)).invalid("expected X, raw/X, layers/<name> or obsp/<name>")),
+                None => Err(self
+                    .store
+                    .at(&self.element(other))
+                    .invalid("expected X, raw/X, layers/<name> or obsp/<name>")),
             },
         }
     }
@@ -121,7 +145,11 @@ impl AnnData {
     }
 
     pub fn obs_column(&self, name: &str) -> Result<Column> {
-        read_column(&self.store, self.version, &self.element(&format!("obs/{name}")))
+        read_column(
+            &self.store,
+            self.version,
+            &self.element(&format!("obs/{name}")),
+        )
     }
 
     /// Keys of a mapping group (`obsm`, `layers`, `varm`, ...), empty when the group is absent.
@@ -139,7 +167,9 @@ impl AnnData {
         let at = self.store.at(&path);
         match self.store.node(self.version, &path)? {
             None => Err(at.missing("obsm entry")),
-            Some((NodeKind::Array, attrs)) if matches!(encoding_type(&attrs), Some("array") | None) => {
+            Some((NodeKind::Array, attrs))
+                if matches!(encoding_type(&attrs), Some("array") | None) =>
+            {
                 match self.store.array(&path)?.shape() {
                     &[r, c] => Ok(Some((r, c as usize))),
                     &[r] => Ok(Some((r, 1))),
@@ -155,14 +185,22 @@ impl AnnData {
         let path = self.element(&format!("obsm/{key}"));
         let at = self.store.at(&path);
         let Some((rows, cols)) = self.obsm_shape(key)? else {
-            let (_, attrs) = self.store.node(self.version, &path)?.unwrap_or((NodeKind::Group, Default::default()));
+            let (_, attrs) = self
+                .store
+                .node(self.version, &path)?
+                .unwrap_or((NodeKind::Group, Default::default()));
             return Err(at.encoding(encoding_type(&attrs).unwrap_or("<none>"), "'array' (dense)"));
         };
         if rows != self.n_obs() {
-            return Err(at.invalid(format!("has {rows} rows, expected n_obs = {}", self.n_obs())));
+            return Err(at.invalid(format!(
+                "has {rows} rows, expected n_obs = {}",
+                self.n_obs()
+            )));
         }
         let array = self.store.array(&path)?;
-        let values = read_rows(&self.store, &path, &array, 0..rows)?.into_f32().map_err(|t| at.dtype(t, "numeric"))?;
+        let values = read_rows(&self.store, &path, &array, 0..rows)?
+            .into_f32()
+            .map_err(|t| at.dtype(t, "numeric"))?;
         Ok((values, cols))
     }
 }
@@ -187,14 +225,23 @@ impl MuData {
     }
 
     fn open_store(store: Store, version: ZarrVersion) -> Result<MuData> {
-        let Some((_, attrs)) = store.node(version, "")? else { return Err(store.at("/").missing("root group")) };
+        let Some((_, attrs)) = store.node(version, "")? else {
+            return Err(store.at("/").missing("root group"));
+        };
         if encoding_type(&attrs) != Some("MuData") {
-            return Err(store.at("/").encoding(encoding_type(&attrs).unwrap_or("<none>"), "'MuData'"));
+            return Err(store
+                .at("/")
+                .encoding(encoding_type(&attrs).unwrap_or("<none>"), "'MuData'"));
         }
         let obs_names = read_dataframe_index(&store, version, "obs")?;
-        let Some((_, mod_attrs)) = store.node(version, "mod")? else { return Err(store.at("mod").missing("modality group")) };
+        let Some((_, mod_attrs)) = store.node(version, "mod")? else {
+            return Err(store.at("mod").missing("modality group"));
+        };
         let names: Vec<String> = match mod_attrs.get("mod-order").and_then(|v| v.as_array()) {
-            Some(order) => order.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+            Some(order) => order
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
             None => store.children("mod")?,
         };
         let mut modalities = Vec::with_capacity(names.len());
@@ -206,16 +253,28 @@ impl MuData {
                 .into_i64()
                 .map_err(|t| store.at(&map_path).dtype(t, "an integer type"))?;
             if map.len() != obs_names.len() {
-                return Err(store.at(&map_path).invalid(format!("has {} entries, expected n_obs = {}", map.len(), obs_names.len())));
+                return Err(store.at(&map_path).invalid(format!(
+                    "has {} entries, expected n_obs = {}",
+                    map.len(),
+                    obs_names.len()
+                )));
             }
             let n_mod = adata.n_obs() as i64;
             if let Some(bad) = map.iter().find(|&&m| m < 0 || m > n_mod) {
-                return Err(store.at(&map_path).invalid(format!("entry {bad} out of range, expected 0..={n_mod} (1-based rows, 0 = absent)")));
+                return Err(store.at(&map_path).invalid(format!(
+                    "entry {bad} out of range, expected 0..={n_mod} (1-based rows, 0 = absent)"
+                )));
             }
             obsmap.push(map.into_iter().map(|m| m as u32).collect());
             modalities.push((name, adata));
         }
-        Ok(MuData { store, version, obs_names, modalities, obsmap })
+        Ok(MuData {
+            store,
+            version,
+            obs_names,
+            modalities,
+            obsmap,
+        })
     }
 
     pub fn n_obs(&self) -> u64 {
@@ -223,20 +282,31 @@ impl MuData {
     }
 
     pub fn modality(&self, name: &str) -> Result<(usize, &AnnData)> {
-        self.modalities.iter().enumerate().find(|(_, (n, _))| n == name).map(|(i, (_, a))| (i, a)).ok_or_else(|| {
-            let known: Vec<&str> = self.modalities.iter().map(|(n, _)| n.as_str()).collect();
-            DataError::Missing {
-                store: self.store.name(),
-                path: format!("mod/{name}"),
-                expected: format!("modality (the store has: {})", known.join(", ")),
-            }
-        })
+        self.modalities
+            .iter()
+            .enumerate()
+            .find(|(_, (n, _))| n == name)
+            .map(|(i, (_, a))| (i, a))
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.modalities.iter().map(|(n, _)| n.as_str()).collect();
+                DataError::Missing {
+                    store: self.store.name(),
+                    path: format!("mod/{name}"),
+                    expected: format!("modality (the store has: {})", known.join(", ")),
+                }
+            })
     }
 
     /// The root's global `obs` and `obsm` as an AnnData handle (no X, no var): where a joint
     /// embedding of every cell is read and written.
     pub fn root(&self) -> AnnData {
-        AnnData { store: self.store.clone(), version: self.version, path: String::new(), obs_names: self.obs_names.clone(), var_names: Vec::new() }
+        AnnData {
+            store: self.store.clone(),
+            version: self.version,
+            path: String::new(),
+            obs_names: self.obs_names.clone(),
+            var_names: Vec::new(),
+        }
     }
 
     /// Which global cells have data for modality `i`.
@@ -256,11 +326,15 @@ impl Dataset {
     pub fn open(location: &str) -> Result<Dataset> {
         let store = Store::open(location)?;
         let version = store.zarr_version()?.unwrap_or(ZarrVersion::V3);
-        let Some((_, attrs)) = store.node(version, "")? else { return Err(store.at("/").missing("root group")) };
+        let Some((_, attrs)) = store.node(version, "")? else {
+            return Err(store.at("/").missing("root group"));
+        };
         match encoding_type(&attrs) {
             Some("anndata") => AnnData::open_group(store, version, "").map(Dataset::AnnData),
             Some("MuData") => MuData::open_store(store, version).map(Dataset::MuData),
-            found => Err(store.at("/").encoding(found.unwrap_or("<none>"), "'anndata' or 'MuData'")),
+            found => Err(store
+                .at("/")
+                .encoding(found.unwrap_or("<none>"), "'anndata' or 'MuData'")),
         }
     }
 
@@ -280,5 +354,9 @@ impl Dataset {
 }
 
 fn join(base: &str, name: &str) -> String {
-    if base.is_empty() { name.to_string() } else { format!("{base}/{name}") }
+    if base.is_empty() {
+        name.to_string()
+    } else {
+        format!("{base}/{name}")
+    }
 }

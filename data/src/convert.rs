@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{DataError, Result};
 use crate::store::{Store, ZarrVersion};
-use crate::write::{CHUNK, DENSE_SHARD_ROWS, Elem, Stream1d, StoreWriter};
+use crate::write::{CHUNK, DENSE_SHARD_ROWS, Elem, StoreWriter, Stream1d};
 use crate::zarr::{NodeKind, Values, read_rows};
 
 /// What a source node is.
@@ -45,7 +45,12 @@ pub struct ConvertSummary {
 
 /// Converts `input` (a Zarr store path/URL, or with the `h5ad` feature an `.h5ad`/`.h5mu`
 /// file) into a new Zarr store at `output`. `progress` is told each array as it starts.
-pub fn convert(input: &str, output: &str, version: ZarrVersion, mut progress: impl FnMut(&str)) -> Result<ConvertSummary> {
+pub fn convert(
+    input: &str,
+    output: &str,
+    version: ZarrVersion,
+    mut progress: impl FnMut(&str),
+) -> Result<ConvertSummary> {
     let writer = StoreWriter::create(output, version)?;
     let mut summary = ConvertSummary::default();
     if is_hdf5(input) {
@@ -55,11 +60,20 @@ pub fn convert(input: &str, output: &str, version: ZarrVersion, mut progress: im
             copy(&source, &writer, "", &mut summary, &mut progress)?;
         }
         #[cfg(not(feature = "h5ad"))]
-        return Err(DataError::Open { store: input.into(), reason: "HDF5 input needs tessera built with the `h5ad` feature".into() });
+        return Err(DataError::Open {
+            store: input.into(),
+            reason: "HDF5 input needs tessera built with the `h5ad` feature".into(),
+        });
     } else {
         let store = Store::open(input)?;
         let version = store.zarr_version()?.unwrap_or(ZarrVersion::V3);
-        copy(&ZarrSource { store, version }, &writer, "", &mut summary, &mut progress)?;
+        copy(
+            &ZarrSource { store, version },
+            &writer,
+            "",
+            &mut summary,
+            &mut progress,
+        )?;
     }
     writer.consolidate()?;
     Ok(summary)
@@ -71,21 +85,35 @@ fn is_hdf5(input: &str) -> bool {
     const SIGNATURE: &[u8] = b"\x89HDF\r\n\x1a\n";
     use std::io::Read;
     let mut bytes = Vec::new();
-    let Ok(file) = std::fs::File::open(input) else { return false };
+    let Ok(file) = std::fs::File::open(input) else {
+        return false;
+    };
     if file.take(1 << 17).read_to_end(&mut bytes).is_err() {
         return false;
     }
-    std::iter::once(0).chain((9..17).map(|k| 1usize << k)).any(|offset| bytes.get(offset..offset + 8) == Some(SIGNATURE))
+    std::iter::once(0)
+        .chain((9..17).map(|k| 1usize << k))
+        .any(|offset| bytes.get(offset..offset + 8) == Some(SIGNATURE))
 }
 
-fn copy(source: &dyn Hierarchy, writer: &StoreWriter, path: &str, summary: &mut ConvertSummary, progress: &mut impl FnMut(&str)) -> Result<()> {
+fn copy(
+    source: &dyn Hierarchy,
+    writer: &StoreWriter,
+    path: &str,
+    summary: &mut ConvertSummary,
+    progress: &mut impl FnMut(&str),
+) -> Result<()> {
     let (node, attrs) = source.node(path)?;
     match node {
         Node::Group => {
             writer.group(path, Value::Object(attrs))?;
             summary.groups += 1;
             for child in source.children(path)? {
-                let child = if path.is_empty() { child } else { format!("{path}/{child}") };
+                let child = if path.is_empty() {
+                    child
+                } else {
+                    format!("{path}/{child}")
+                };
                 copy(source, writer, &child, summary, progress)?;
             }
         }
@@ -118,25 +146,66 @@ enum AnyStream<'w> {
 macro_rules! each_type {
     ($values:expr, |$v:ident, $variant:ident, $elem:ident| $body:expr) => {
         match $values {
-            Values::Bool($v) => { let ($variant, $elem) = (AnyStream::Bool as fn(_) -> _, Elem::Bool); $body }
-            Values::I8($v) => { let ($variant, $elem) = (AnyStream::I8 as fn(_) -> _, Elem::I8); $body }
-            Values::I16($v) => { let ($variant, $elem) = (AnyStream::I16 as fn(_) -> _, Elem::I16); $body }
-            Values::I32($v) => { let ($variant, $elem) = (AnyStream::I32 as fn(_) -> _, Elem::I32); $body }
-            Values::I64($v) => { let ($variant, $elem) = (AnyStream::I64 as fn(_) -> _, Elem::I64); $body }
-            Values::U8($v) => { let ($variant, $elem) = (AnyStream::U8 as fn(_) -> _, Elem::U8); $body }
-            Values::U16($v) => { let ($variant, $elem) = (AnyStream::U16 as fn(_) -> _, Elem::U16); $body }
-            Values::U32($v) => { let ($variant, $elem) = (AnyStream::U32 as fn(_) -> _, Elem::U32); $body }
-            Values::U64($v) => { let ($variant, $elem) = (AnyStream::U64 as fn(_) -> _, Elem::U64); $body }
-            Values::F32($v) => { let ($variant, $elem) = (AnyStream::F32 as fn(_) -> _, Elem::F32); $body }
-            Values::F64($v) => { let ($variant, $elem) = (AnyStream::F64 as fn(_) -> _, Elem::F64); $body }
-            Values::Str($v) => { let ($variant, $elem) = (AnyStream::Str as fn(_) -> _, Elem::Str); $body }
+            Values::Bool($v) => {
+                let ($variant, $elem) = (AnyStream::Bool as fn(_) -> _, Elem::Bool);
+                $body
+            }
+            Values::I8($v) => {
+                let ($variant, $elem) = (AnyStream::I8 as fn(_) -> _, Elem::I8);
+                $body
+            }
+            Values::I16($v) => {
+                let ($variant, $elem) = (AnyStream::I16 as fn(_) -> _, Elem::I16);
+                $body
+            }
+            Values::I32($v) => {
+                let ($variant, $elem) = (AnyStream::I32 as fn(_) -> _, Elem::I32);
+                $body
+            }
+            Values::I64($v) => {
+                let ($variant, $elem) = (AnyStream::I64 as fn(_) -> _, Elem::I64);
+                $body
+            }
+            Values::U8($v) => {
+                let ($variant, $elem) = (AnyStream::U8 as fn(_) -> _, Elem::U8);
+                $body
+            }
+            Values::U16($v) => {
+                let ($variant, $elem) = (AnyStream::U16 as fn(_) -> _, Elem::U16);
+                $body
+            }
+            Values::U32($v) => {
+                let ($variant, $elem) = (AnyStream::U32 as fn(_) -> _, Elem::U32);
+                $body
+            }
+            Values::U64($v) => {
+                let ($variant, $elem) = (AnyStream::U64 as fn(_) -> _, Elem::U64);
+                $body
+            }
+            Values::F32($v) => {
+                let ($variant, $elem) = (AnyStream::F32 as fn(_) -> _, Elem::F32);
+                $body
+            }
+            Values::F64($v) => {
+                let ($variant, $elem) = (AnyStream::F64 as fn(_) -> _, Elem::F64);
+                $body
+            }
+            Values::Str($v) => {
+                let ($variant, $elem) = (AnyStream::Str as fn(_) -> _, Elem::Str);
+                $body
+            }
         }
     };
 }
 
 impl AnyStream<'_> {
     fn push(&mut self, values: Values, at: &str, store: &str) -> Result<()> {
-        let mismatch = |found: &Values| DataError::DataType { store: store.into(), path: at.into(), found: found.type_name().into(), expected: "the type of the first slice".into() };
+        let mismatch = |found: &Values| DataError::DataType {
+            store: store.into(),
+            path: at.into(),
+            found: found.type_name().into(),
+            expected: "the type of the first slice".into(),
+        };
         match (self, values) {
             (AnyStream::Bool(s), Values::Bool(v)) => s.push(&v),
             (AnyStream::I8(s), Values::I8(v)) => s.push(&v),
@@ -181,7 +250,13 @@ fn element_bytes(values: &Values) -> u64 {
 }
 
 /// Copies one array in slices: 1-D by chunk, 2-D by shard-sized row blocks, 0-d whole.
-fn copy_array(source: &dyn Hierarchy, writer: &StoreWriter, path: &str, shape: &[u64], attrs: Value) -> Result<u64> {
+fn copy_array(
+    source: &dyn Hierarchy,
+    writer: &StoreWriter,
+    path: &str,
+    shape: &[u64],
+    attrs: Value,
+) -> Result<u64> {
     let store = writer.store.name();
     let mut bytes = 0;
     match *shape {
@@ -189,7 +264,11 @@ fn copy_array(source: &dyn Hierarchy, writer: &StoreWriter, path: &str, shape: &
             let values = source.read(path, 0..1)?;
             bytes += element_bytes(&values);
             each_type!(values, |v, _variant, elem| {
-                let value = v.into_iter().next().ok_or_else(|| DataError::Invalid { store: store.clone(), path: path.into(), problem: "empty scalar".into() })?;
+                let value = v.into_iter().next().ok_or_else(|| DataError::Invalid {
+                    store: store.clone(),
+                    path: path.into(),
+                    problem: "empty scalar".into(),
+                })?;
                 writer.array_0d(path, elem, value, attrs)?
             });
         }
@@ -199,7 +278,9 @@ fn copy_array(source: &dyn Hierarchy, writer: &StoreWriter, path: &str, shape: &
                 let values = source.read(path, start..(start + CHUNK).min(n))?;
                 bytes += element_bytes(&values);
                 if stream.is_none() {
-                    stream = Some(each_type!(&values, |_v, variant, elem| variant(writer.stream_1d(path, elem, attrs.clone())?)));
+                    stream = Some(each_type!(&values, |_v, variant, elem| variant(
+                        writer.stream_1d(path, elem, attrs.clone())?
+                    )));
                 }
                 if let Some(s) = stream.as_mut() {
                     s.push(values, path, &store)?;
@@ -221,15 +302,26 @@ fn copy_array(source: &dyn Hierarchy, writer: &StoreWriter, path: &str, shape: &
                         array = Some(writer.dense_2d(path, elem, rows, cols, attrs.clone())?);
                     }
                     if let (Some(a), true) = (array.as_ref(), end > start && cols > 0) {
-                        a.store_array_subset(&subset, v).map_err(|e| writer.store.at(path).write(e))?;
+                        a.store_array_subset(&subset, v)
+                            .map_err(|e| writer.store.at(path).write(e))?;
                     }
                 });
             }
             if let Some(a) = array {
-                a.store_metadata().map_err(|e| writer.store.at(path).write(e))?;
+                a.store_metadata()
+                    .map_err(|e| writer.store.at(path).write(e))?;
             }
         }
-        _ => return Err(DataError::Invalid { store, path: path.into(), problem: format!("{}-dimensional array; expected at most 2 dimensions", shape.len()) }),
+        _ => {
+            return Err(DataError::Invalid {
+                store,
+                path: path.into(),
+                problem: format!(
+                    "{}-dimensional array; expected at most 2 dimensions",
+                    shape.len()
+                ),
+            });
+        }
     }
     Ok(bytes)
 }
@@ -242,10 +334,18 @@ struct ZarrSource {
 
 impl Hierarchy for ZarrSource {
     fn node(&self, path: &str) -> Result<(Node, Map<String, Value>)> {
-        let (kind, attrs) = self.store.node(self.version, path)?.ok_or_else(|| self.store.at(path).missing("node"))?;
+        let (kind, attrs) = self
+            .store
+            .node(self.version, path)?
+            .ok_or_else(|| self.store.at(path).missing("node"))?;
         Ok(match kind {
             NodeKind::Group => (Node::Group, attrs),
-            NodeKind::Array => (Node::Array { shape: self.store.array(path)?.shape().to_vec() }, attrs),
+            NodeKind::Array => (
+                Node::Array {
+                    shape: self.store.array(path)?.shape().to_vec(),
+                },
+                attrs,
+            ),
         })
     }
 

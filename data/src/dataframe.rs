@@ -11,7 +11,11 @@ use crate::zarr::{NodeKind, Values, encoding_type, read_all};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Column {
     /// Codes index into `categories`; -1 marks a missing value (pandas NaN).
-    Categorical { codes: Vec<i32>, categories: Vec<String>, ordered: bool },
+    Categorical {
+        codes: Vec<i32>,
+        categories: Vec<String>,
+        ordered: bool,
+    },
     Strings(Vec<Option<String>>),
     /// Floating-point values; NaN is pandas' missing value.
     Float(Vec<f64>),
@@ -60,7 +64,11 @@ impl Column {
         match self {
             Column::Float(v) => Some(v.clone()),
             Column::Int(v) => Some(v.iter().map(|x| x.map_or(f64::NAN, |x| x as f64)).collect()),
-            Column::Bool(v) => Some(v.iter().map(|x| x.map_or(f64::NAN, |x| if x { 1.0 } else { 0.0 })).collect()),
+            Column::Bool(v) => Some(
+                v.iter()
+                    .map(|x| x.map_or(f64::NAN, |x| if x { 1.0 } else { 0.0 }))
+                    .collect(),
+            ),
             Column::Categorical { .. } | Column::Strings(_) => None,
         }
     }
@@ -69,7 +77,9 @@ impl Column {
     /// order otherwise; missing values are not counted. None for numeric columns.
     pub fn value_counts(&self) -> Option<Vec<(String, usize)>> {
         match self {
-            Column::Categorical { codes, categories, .. } => {
+            Column::Categorical {
+                codes, categories, ..
+            } => {
                 let mut counts = vec![0usize; categories.len()];
                 for &c in codes {
                     if let Some(slot) = usize::try_from(c).ok().and_then(|c| counts.get_mut(c)) {
@@ -104,12 +114,23 @@ impl Column {
     /// label covariates.
     pub fn codes(&self) -> Option<(Vec<i32>, Vec<String>)> {
         match self {
-            Column::Categorical { codes, categories, .. } => Some((codes.clone(), categories.clone())),
+            Column::Categorical {
+                codes, categories, ..
+            } => Some((codes.clone(), categories.clone())),
             Column::Strings(_) | Column::Bool(_) => {
                 let names: Vec<String> = self.value_counts()?.into_iter().map(|(n, _)| n).collect();
-                let lookup: std::collections::HashMap<&str, i32> =
-                    names.iter().enumerate().map(|(i, n)| (n.as_str(), i as i32)).collect();
-                let codes = (0..self.len()).map(|i| self.label(i).and_then(|s| lookup.get(s.as_str()).copied()).unwrap_or(-1)).collect();
+                let lookup: std::collections::HashMap<&str, i32> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| (n.as_str(), i as i32))
+                    .collect();
+                let codes = (0..self.len())
+                    .map(|i| {
+                        self.label(i)
+                            .and_then(|s| lookup.get(s.as_str()).copied())
+                            .unwrap_or(-1)
+                    })
+                    .collect();
                 Some((codes, names))
             }
             Column::Float(_) | Column::Int(_) => None,
@@ -138,7 +159,11 @@ impl DataFrame {
     }
 }
 
-fn dataframe_attrs(store: &Store, version: ZarrVersion, path: &str) -> Result<serde_json::Map<String, Value>> {
+fn dataframe_attrs(
+    store: &Store,
+    version: ZarrVersion,
+    path: &str,
+) -> Result<serde_json::Map<String, Value>> {
     let at = store.at(path);
     let Some((kind, attrs)) = store.node(version, path)? else {
         return Err(at.missing("dataframe group"));
@@ -149,16 +174,33 @@ fn dataframe_attrs(store: &Store, version: ZarrVersion, path: &str) -> Result<se
     }
 }
 
-fn index_of(store: &Store, version: ZarrVersion, path: &str, attrs: &serde_json::Map<String, Value>) -> Result<Vec<String>> {
-    let index_name = attrs.get("_index").and_then(Value::as_str).unwrap_or("_index");
-    Ok(match read_column(store, version, &format!("{path}/{index_name}"))? {
-        Column::Strings(v) => v.into_iter().map(Option::unwrap_or_default).collect(),
-        Column::Categorical { codes, categories, .. } => codes
-            .into_iter()
-            .map(|c| usize::try_from(c).ok().and_then(|c| categories.get(c).cloned()).unwrap_or_default())
-            .collect(),
-        other => (0..other.len()).map(|i| i.to_string()).collect(),
-    })
+fn index_of(
+    store: &Store,
+    version: ZarrVersion,
+    path: &str,
+    attrs: &serde_json::Map<String, Value>,
+) -> Result<Vec<String>> {
+    let index_name = attrs
+        .get("_index")
+        .and_then(Value::as_str)
+        .unwrap_or("_index");
+    Ok(
+        match read_column(store, version, &format!("{path}/{index_name}"))? {
+            Column::Strings(v) => v.into_iter().map(Option::unwrap_or_default).collect(),
+            Column::Categorical {
+                codes, categories, ..
+            } => codes
+                .into_iter()
+                .map(|c| {
+                    usize::try_from(c)
+                        .ok()
+                        .and_then(|c| categories.get(c).cloned())
+                        .unwrap_or_default()
+                })
+                .collect(),
+            other => (0..other.len()).map(|i| i.to_string()).collect(),
+        },
+    )
 }
 
 /// Reads only a dataframe's index (one array): the obs or var names.
@@ -176,7 +218,11 @@ pub(crate) fn read_dataframe(store: &Store, version: ZarrVersion, path: &str) ->
         None => Vec::new(),
         Some(Value::Array(names)) => names
             .iter()
-            .map(|n| n.as_str().map(str::to_string).ok_or_else(|| at.invalid("column-order must list strings")))
+            .map(|n| {
+                n.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| at.invalid("column-order must list strings"))
+            })
             .collect::<Result<_>>()?,
         Some(_) => return Err(at.invalid("column-order must be a list of column names")),
     };
@@ -196,6 +242,10 @@ pub(crate) fn read_dataframe(store: &Store, version: ZarrVersion, path: &str) ->
     Ok(DataFrame { index, columns })
 }
 
+/// The column encodings `read_column` understands, for its error.
+const COLUMN_ENCODINGS: &str = "one of 'array', 'string-array', 'categorical', \
+     'nullable-string-array', 'nullable-integer', 'nullable-boolean'";
+
 /// Reads one column element: an array or an encoded group.
 pub(crate) fn read_column(store: &Store, version: ZarrVersion, path: &str) -> Result<Column> {
     let at = store.at(path);
@@ -213,19 +263,41 @@ pub(crate) fn read_column(store: &Store, version: ZarrVersion, path: &str) -> Re
             Values::Bool(v) => Column::Bool(v.into_iter().map(Some).collect()),
             Values::F32(v) => Column::Float(v.into_iter().map(f64::from).collect()),
             Values::F64(v) => Column::Float(v),
-            other => Column::Int(other.into_i64().map_err(|t| at.dtype(t, "numeric"))?.into_iter().map(Some).collect()),
+            other => Column::Int(
+                other
+                    .into_i64()
+                    .map_err(|t| at.dtype(t, "numeric"))?
+                    .into_iter()
+                    .map(Some)
+                    .collect(),
+            ),
         }),
         (NodeKind::Group, "categorical") => {
             let codes = read_all(store, &format!("{path}/codes"))?
                 .into_i64()
-                .map_err(|t| store.at(&format!("{path}/codes")).dtype(t, "an integer type"))?;
+                .map_err(|t| {
+                    store
+                        .at(&format!("{path}/codes"))
+                        .dtype(t, "an integer type")
+                })?;
             let categories_path = format!("{path}/categories");
             let categories = match read_column(store, version, &categories_path)? {
-                Column::Strings(v) => v.into_iter().map(Option::unwrap_or_default).collect::<Vec<_>>(),
-                Column::Int(v) => v.into_iter().map(|x| x.map(|x| x.to_string()).unwrap_or_default()).collect(),
+                Column::Strings(v) => v
+                    .into_iter()
+                    .map(Option::unwrap_or_default)
+                    .collect::<Vec<_>>(),
+                Column::Int(v) => v
+                    .into_iter()
+                    .map(|x| x.map(|x| x.to_string()).unwrap_or_default())
+                    .collect(),
                 Column::Float(v) => v.into_iter().map(|x| x.to_string()).collect(),
-                Column::Bool(v) => v.into_iter().map(|x| format!("{}", x.unwrap_or_default())).collect(),
-                Column::Categorical { .. } => return Err(store.at(&categories_path).invalid("nested categorical")),
+                Column::Bool(v) => v
+                    .into_iter()
+                    .map(|x| format!("{}", x.unwrap_or_default()))
+                    .collect(),
+                Column::Categorical { .. } => {
+                    return Err(store.at(&categories_path).invalid("nested categorical"));
+                }
             };
             let n = categories.len() as i64;
             if let Some(bad) = codes.iter().find(|&&c| c < -1 || c >= n) {
@@ -233,38 +305,67 @@ pub(crate) fn read_column(store: &Store, version: ZarrVersion, path: &str) -> Re
                     "code {bad} out of range for {n} categories (expected -1..{n})"
                 )));
             }
-            let ordered = attrs.get("ordered").and_then(Value::as_bool).unwrap_or(false);
-            Ok(Column::Categorical { codes: codes.into_iter().map(|c| c as i32).collect(), categories, ordered })
+            let ordered = attrs
+                .get("ordered")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            Ok(Column::Categorical {
+                codes: codes.into_iter().map(|c| c as i32).collect(),
+                categories,
+                ordered,
+            })
         }
         (NodeKind::Group, "nullable-string-array" | "nullable-integer" | "nullable-boolean") => {
             let values_path = format!("{path}/values");
             let mask = match read_all(store, &format!("{path}/mask"))? {
                 Values::Bool(m) => m,
-                other => return Err(store.at(&format!("{path}/mask")).dtype(other.type_name(), "bool")),
+                other => {
+                    return Err(store
+                        .at(&format!("{path}/mask"))
+                        .dtype(other.type_name(), "bool"));
+                }
             };
             let values = read_all(store, &values_path)?;
             if values.len() != mask.len() {
-                return Err(at.invalid(format!("values has {} entries, mask has {}", values.len(), mask.len())));
+                return Err(at.invalid(format!(
+                    "values has {} entries, mask has {}",
+                    values.len(),
+                    mask.len()
+                )));
             }
             let keep = |i: usize| !mask[i];
             Ok(match (encoding, values) {
-                ("nullable-string-array", Values::Str(v)) => {
-                    Column::Strings(v.into_iter().enumerate().map(|(i, s)| keep(i).then_some(s)).collect())
-                }
-                ("nullable-boolean", Values::Bool(v)) => {
-                    Column::Bool(v.into_iter().enumerate().map(|(i, b)| keep(i).then_some(b)).collect())
-                }
+                ("nullable-string-array", Values::Str(v)) => Column::Strings(
+                    v.into_iter()
+                        .enumerate()
+                        .map(|(i, s)| keep(i).then_some(s))
+                        .collect(),
+                ),
+                ("nullable-boolean", Values::Bool(v)) => Column::Bool(
+                    v.into_iter()
+                        .enumerate()
+                        .map(|(i, b)| keep(i).then_some(b))
+                        .collect(),
+                ),
                 ("nullable-integer", v) => {
                     let found = v.type_name();
-                    let ints = v.into_i64().map_err(|_| store.at(&values_path).dtype(found, "an integer type"))?;
-                    Column::Int(ints.into_iter().enumerate().map(|(i, x)| keep(i).then_some(x)).collect())
+                    let ints = v
+                        .into_i64()
+                        .map_err(|_| store.at(&values_path).dtype(found, "an integer type"))?;
+                    Column::Int(
+                        ints.into_iter()
+                            .enumerate()
+                            .map(|(i, x)| keep(i).then_some(x))
+                            .collect(),
+                    )
                 }
-                (_, v) => return Err(store.at(&values_path).dtype(v.type_name(), format!("the type {encoding} holds"))),
+                (_, v) => {
+                    return Err(store
+                        .at(&values_path)
+                        .dtype(v.type_name(), format!("the type {encoding} holds")));
+                }
             })
         }
-        (_, found) => Err(at.encoding(
-            found,
-            "one of 'array', 'string-array', 'categorical', 'nullable-string-array', 'nullable-integer', 'nullable-boolean'",
-        )),
+        (_, found) => Err(at.encoding(found, COLUMN_ENCODINGS)),
     }
 }

@@ -12,25 +12,55 @@ pub enum DataError {
     Open { store: String, reason: String },
 
     #[error("{store}: {path}: storage error: {reason}")]
-    Storage { store: String, path: String, reason: String },
+    Storage {
+        store: String,
+        path: String,
+        reason: String,
+    },
 
     #[error("{store}: {path}: missing {expected}")]
-    Missing { store: String, path: String, expected: String },
+    Missing {
+        store: String,
+        path: String,
+        expected: String,
+    },
 
     #[error("{store}: {path}: unknown encoding-type '{found}', expected {expected}")]
-    Encoding { store: String, path: String, found: String, expected: String },
+    Encoding {
+        store: String,
+        path: String,
+        found: String,
+        expected: String,
+    },
 
     #[error("{store}: {path}: data type {found}, expected {expected}")]
-    DataType { store: String, path: String, found: String, expected: String },
+    DataType {
+        store: String,
+        path: String,
+        found: String,
+        expected: String,
+    },
 
     #[error("{store}: {path}: {problem}")]
-    Invalid { store: String, path: String, problem: String },
+    Invalid {
+        store: String,
+        path: String,
+        problem: String,
+    },
 
     #[error("{store}: {path}: cannot read array (truncated or corrupt chunk?): {reason}")]
-    Read { store: String, path: String, reason: String },
+    Read {
+        store: String,
+        path: String,
+        reason: String,
+    },
 
     #[error("{store}: {path}: cannot write: {reason}")]
-    Write { store: String, path: String, reason: String },
+    Write {
+        store: String,
+        path: String,
+        reason: String,
+    },
 
     #[error("{store}: {path}: already exists; pass --overwrite (overwrite=true) to replace it")]
     Exists { store: String, path: String },
@@ -48,7 +78,11 @@ pub(crate) struct At<'a> {
 
 impl At<'_> {
     pub fn missing(&self, expected: impl Into<String>) -> DataError {
-        DataError::Missing { store: self.store.into(), path: self.path.into(), expected: expected.into() }
+        DataError::Missing {
+            store: self.store.into(),
+            path: self.path.into(),
+            expected: expected.into(),
+        }
     }
     pub fn encoding(&self, found: impl Into<String>, expected: impl Into<String>) -> DataError {
         DataError::Encoding {
@@ -67,12 +101,24 @@ impl At<'_> {
         }
     }
     pub fn invalid(&self, problem: impl Into<String>) -> DataError {
-        DataError::Invalid { store: self.store.into(), path: self.path.into(), problem: problem.into() }
+        DataError::Invalid {
+            store: self.store.into(),
+            path: self.path.into(),
+            problem: problem.into(),
+        }
     }
     pub fn read(&self, reason: impl ToString) -> DataError {
-        DataError::Read { store: self.store.into(), path: self.path.into(), reason: reason.to_string() }
+        DataError::Read {
+            store: self.store.into(),
+            path: self.path.into(),
+            reason: reason.to_string(),
+        }
     }
     pub fn write(&self, reason: impl ToString) -> DataError {
-        DataError::Write { store: self.store.into(), path: self.path.into(), reason: reason.to_string() }
+        DataError::Write {
+            store: self.store.into(),
+            path: self.path.into(),
+            reason: reason.to_string(),
+        }
     }
 }

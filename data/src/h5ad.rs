@@ -20,22 +20,34 @@ pub(crate) struct H5Source {
 impl H5Source {
     pub(crate) fn open(input: &Path) -> Result<H5Source> {
         let name = input.display().to_string();
-        let file = hdf5::File::open(input).map_err(|e| DataError::Open { store: name.clone(), reason: format!("not a readable HDF5 file: {e}") })?;
+        let file = hdf5::File::open(input).map_err(|e| DataError::Open {
+            store: name.clone(),
+            reason: format!("not a readable HDF5 file: {e}"),
+        })?;
         Ok(H5Source { name, file })
     }
 
     fn err(&self, path: &str, e: impl std::fmt::Display) -> DataError {
-        DataError::Read { store: self.name.clone(), path: path.into(), reason: e.to_string() }
+        DataError::Read {
+            store: self.name.clone(),
+            path: path.into(),
+            reason: e.to_string(),
+        }
     }
 
     fn location(&self, path: &str) -> Result<Location> {
         if path.is_empty() {
-            return Ok(Location::Group(self.file.as_group().map_err(|e| self.err(path, e))?));
+            return Ok(Location::Group(
+                self.file.as_group().map_err(|e| self.err(path, e))?,
+            ));
         }
         if let Ok(group) = self.file.group(path) {
             return Ok(Location::Group(group));
         }
-        self.file.dataset(path).map(Location::Dataset).map_err(|e| self.err(path, e))
+        self.file
+            .dataset(path)
+            .map(Location::Dataset)
+            .map_err(|e| self.err(path, e))
     }
 }
 
@@ -48,7 +60,12 @@ impl Hierarchy for H5Source {
     fn node(&self, path: &str) -> Result<(Node, Map<String, Value>)> {
         match self.location(path)? {
             Location::Group(g) => Ok((Node::Group, self.attributes(path, &g)?)),
-            Location::Dataset(d) => Ok((Node::Array { shape: d.shape().into_iter().map(|n| n as u64).collect() }, self.attributes(path, &d)?)),
+            Location::Dataset(d) => Ok((
+                Node::Array {
+                    shape: d.shape().into_iter().map(|n| n as u64).collect(),
+                },
+                self.attributes(path, &d)?,
+            )),
         }
     }
 
@@ -60,12 +77,19 @@ impl Hierarchy for H5Source {
     }
 
     fn read(&self, path: &str, rows: Range<u64>) -> Result<Values> {
-        let Location::Dataset(ds) = self.location(path)? else { return Err(self.err(path, "a group, not a dataset")) };
-        let descriptor = ds.dtype().and_then(|t| t.to_descriptor()).map_err(|e| self.err(path, e))?;
+        let Location::Dataset(ds) = self.location(path)? else {
+            return Err(self.err(path, "a group, not a dataset"));
+        };
+        let descriptor = ds
+            .dtype()
+            .and_then(|t| t.to_descriptor())
+            .map_err(|e| self.err(path, e))?;
         let rows = rows.start as usize..rows.end as usize;
         macro_rules! read {
             ($t:ty, $variant:ident) => {
-                read_rows::<$t>(&ds, rows).map(Values::$variant).map_err(|e| self.err(path, e))
+                read_rows::<$t>(&ds, rows)
+                    .map(Values::$variant)
+                    .map_err(|e| self.err(path, e))
             };
         }
         match descriptor {
@@ -86,7 +110,12 @@ impl Hierarchy for H5Source {
             TypeDescriptor::VarLenAscii => read_rows::<VarLenAscii>(&ds, rows)
                 .map(|v| Values::Str(v.into_iter().map(|s| s.as_str().to_string()).collect()))
                 .map_err(|e| self.err(path, e)),
-            other => Err(DataError::DataType { store: self.name.clone(), path: path.into(), found: format!("HDF5 {other:?}"), expected: "numbers, booleans or variable-length strings".into() }),
+            other => Err(DataError::DataType {
+                store: self.name.clone(),
+                path: path.into(),
+                found: format!("HDF5 {other:?}"),
+                expected: "numbers, booleans or variable-length strings".into(),
+            }),
         }
     }
 }
@@ -107,20 +136,33 @@ impl H5Source {
         for name in location.attr_names().map_err(|e| self.err(path, e))? {
             let at = format!("{path}@{name}");
             let attr = location.attr(&name).map_err(|e| self.err(&at, e))?;
-            let descriptor = attr.dtype().and_then(|t| t.to_descriptor()).map_err(|e| self.err(&at, e))?;
+            let descriptor = attr
+                .dtype()
+                .and_then(|t| t.to_descriptor())
+                .map_err(|e| self.err(&at, e))?;
             let scalar = attr.shape().is_empty();
             macro_rules! read {
                 ($t:ty, $to:expr) => {{
                     if scalar {
                         $to(attr.read_scalar::<$t>().map_err(|e| self.err(&at, e))?)
                     } else {
-                        Value::Array(attr.read_raw::<$t>().map_err(|e| self.err(&at, e))?.into_iter().map($to).collect())
+                        Value::Array(
+                            attr.read_raw::<$t>()
+                                .map_err(|e| self.err(&at, e))?
+                                .into_iter()
+                                .map($to)
+                                .collect(),
+                        )
                     }
                 }};
             }
             let value = match descriptor {
-                TypeDescriptor::VarLenUnicode => read!(VarLenUnicode, |s: VarLenUnicode| json!(s.as_str())),
-                TypeDescriptor::VarLenAscii => read!(VarLenAscii, |s: VarLenAscii| json!(s.as_str())),
+                TypeDescriptor::VarLenUnicode => {
+                    read!(VarLenUnicode, |s: VarLenUnicode| json!(s.as_str()))
+                }
+                TypeDescriptor::VarLenAscii => {
+                    read!(VarLenAscii, |s: VarLenAscii| json!(s.as_str()))
+                }
                 TypeDescriptor::Boolean => read!(bool, |b: bool| json!(b)),
                 TypeDescriptor::Integer(_) => read!(i64, |x: i64| json!(x)),
                 TypeDescriptor::Unsigned(_) => read!(u64, |x: u64| json!(x)),

@@ -67,7 +67,16 @@ fn matrix_summary(element: &str, m: &Matrix) -> MatrixSummary {
         None => (m.chunk_shape.clone(), None),
     };
     let nnz = m.nnz;
-    MatrixSummary { element: element.into(), format: m.format, dtype: m.dtype.clone(), shape: m.shape, nnz, density: nnz as f64 / cells, chunks, shards }
+    MatrixSummary {
+        element: element.into(),
+        format: m.format,
+        dtype: m.dtype.clone(),
+        shape: m.shape,
+        nnz,
+        density: nnz as f64 / cells,
+        chunks,
+        shards,
+    }
 }
 
 fn modality_summary(name: &str, a: &AnnData) -> Result<ModalitySummary> {
@@ -76,7 +85,10 @@ fn modality_summary(name: &str, a: &AnnData) -> Result<ModalitySummary> {
         matrices.push(matrix_summary("X", &x));
     }
     for layer in a.keys("layers")? {
-        matrices.push(matrix_summary(&format!("layers/{layer}"), &a.layer(&layer)?));
+        matrices.push(matrix_summary(
+            &format!("layers/{layer}"),
+            &a.layer(&layer)?,
+        ));
     }
     if let Some((raw, _)) = a.raw_x()? {
         matrices.push(matrix_summary("raw/X", &raw));
@@ -87,13 +99,25 @@ fn modality_summary(name: &str, a: &AnnData) -> Result<ModalitySummary> {
         let columns = a.obsm_shape(&key)?.map(|(_, c)| c).unwrap_or(0);
         obsm.push(ObsmSummary { key, columns });
     }
-    Ok(ModalitySummary { name: name.into(), path: a.path.clone(), n_obs: a.n_obs(), n_vars: a.n_vars(), matrices, obsm })
+    Ok(ModalitySummary {
+        name: name.into(),
+        path: a.path.clone(),
+        n_obs: a.n_obs(),
+        n_vars: a.n_vars(),
+        matrices,
+        obsm,
+    })
 }
 
 fn columns(df: &DataFrame) -> Vec<ColumnSummary> {
     df.columns
         .iter()
-        .map(|(name, c): &(String, Column)| ColumnSummary { name: name.clone(), kind: c.kind(), missing: c.missing(), counts: c.value_counts() })
+        .map(|(name, c): &(String, Column)| ColumnSummary {
+            name: name.clone(),
+            kind: c.kind(),
+            missing: c.missing(),
+            counts: c.value_counts(),
+        })
         .collect()
 }
 
@@ -101,13 +125,35 @@ fn columns(df: &DataFrame) -> Vec<ColumnSummary> {
 pub fn inspect(location: &str) -> Result<StoreSummary> {
     let dataset = Dataset::open(location)?;
     let (kind, version, modalities, global_obsm, obs) = match &dataset {
-        Dataset::AnnData(a) => ("AnnData", a.version, vec![modality_summary("X", a)?], Vec::new(), columns(&a.obs()?)),
+        Dataset::AnnData(a) => (
+            "AnnData",
+            a.version,
+            vec![modality_summary("X", a)?],
+            Vec::new(),
+            columns(&a.obs()?),
+        ),
         Dataset::MuData(m) => {
-            let modalities = m.modalities.iter().map(|(n, a)| modality_summary(n, a)).collect::<Result<_>>()?;
+            let modalities = m
+                .modalities
+                .iter()
+                .map(|(n, a)| modality_summary(n, a))
+                .collect::<Result<_>>()?;
             let obs = crate::dataframe::read_dataframe(&m.store, m.version, "obs")?;
-            let obsm = if m.store.node(m.version, "obsm")?.is_some() { m.store.children("obsm")? } else { Vec::new() };
+            let obsm = if m.store.node(m.version, "obsm")?.is_some() {
+                m.store.children("obsm")?
+            } else {
+                Vec::new()
+            };
             ("MuData", m.version, modalities, obsm, columns(&obs))
         }
     };
-    Ok(StoreSummary { location: location.into(), kind, zarr_format: version.number(), n_obs: dataset.n_obs(), modalities, global_obsm, obs })
+    Ok(StoreSummary {
+        location: location.into(),
+        kind,
+        zarr_format: version.number(),
+        n_obs: dataset.n_obs(),
+        modalities,
+        global_obsm,
+        obs,
+    })
 }

@@ -71,24 +71,38 @@ impl Holdout {
         // selection (memory in the held cells, not the shard's); the rare short draw widens it.
         let mut admitted = (1.25 * held as f64 + 64.0) / n as f64;
         loop {
-            let bound = if admitted >= 1.0 { u64::MAX } else { (admitted * 2f64.powi(64)) as u64 };
-            let mut keys: Vec<(u64, u64)> = cells.clone().map(|c| (cell_hash(c, seed), c)).filter(|&(h, _)| h <= bound).collect();
+            let bound = if admitted >= 1.0 {
+                u64::MAX
+            } else {
+                (admitted * 2f64.powi(64)) as u64
+            };
+            let mut keys: Vec<(u64, u64)> = cells
+                .clone()
+                .map(|c| (cell_hash(c, seed), c))
+                .filter(|&(h, _)| h <= bound)
+                .collect();
             if keys.len() >= held {
                 let (_, &mut last, _) = keys.select_nth_unstable(held - 1);
-                return Holdout { seed, last: Some(last) };
+                return Holdout {
+                    seed,
+                    last: Some(last),
+                };
             }
             admitted *= 2.0;
         }
     }
 
     pub fn holds(&self, cell: u64) -> bool {
-        self.last.is_some_and(|last| (cell_hash(cell, self.seed), cell) <= last)
+        self.last
+            .is_some_and(|last| (cell_hash(cell, self.seed), cell) <= last)
     }
 }
 
 /// SplitMix64 of (cell, seed): uniform, so the smallest hashes are a uniform sample of cells.
 fn cell_hash(cell: u64, seed: u64) -> u64 {
-    let mut x = cell.wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_add(0x632B_E59B_D9B4_E019);
+    let mut x = cell
+        .wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add(0x632B_E59B_D9B4_E019);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^ (x >> 31)
@@ -189,15 +203,34 @@ impl Source {
             let csr = self.matrix.read_rows(&self.adata.store, range.clone())?;
             return Ok((csr, vec![true; (range.end - range.start) as usize]));
         };
-        let rows: Vec<Option<u64>> = map[range.start as usize..range.end as usize].iter().map(|&m| (m > 0).then(|| u64::from(m) - 1)).collect();
+        let rows: Vec<Option<u64>> = map[range.start as usize..range.end as usize]
+            .iter()
+            .map(|&m| (m > 0).then(|| u64::from(m) - 1))
+            .collect();
         let present: Vec<bool> = rows.iter().map(Option::is_some).collect();
-        let (lo, hi) = rows.iter().flatten().fold((u64::MAX, 0), |(lo, hi), &r| (lo.min(r), hi.max(r + 1)));
+        let (lo, hi) = rows
+            .iter()
+            .flatten()
+            .fold((u64::MAX, 0), |(lo, hi), &r| (lo.min(r), hi.max(r + 1)));
         let n_cols = self.matrix.shape.1 as usize;
         if lo >= hi {
-            return Ok((Csr { n_rows: rows.len(), n_cols, indptr: vec![0; rows.len() + 1], ..Default::default() }, present));
+            return Ok((
+                Csr {
+                    n_rows: rows.len(),
+                    n_cols,
+                    indptr: vec![0; rows.len() + 1],
+                    ..Default::default()
+                },
+                present,
+            ));
         }
         let span = self.matrix.read_rows(&self.adata.store, lo..hi)?;
-        let mut out = Csr { n_rows: rows.len(), n_cols, indptr: Vec::with_capacity(rows.len() + 1), ..Default::default() };
+        let mut out = Csr {
+            n_rows: rows.len(),
+            n_cols,
+            indptr: Vec::with_capacity(rows.len() + 1),
+            ..Default::default()
+        };
         out.indptr.push(0);
         for row in &rows {
             if let Some(r) = row {
@@ -242,18 +275,28 @@ type Blocks = HashMap<(usize, u64, u64), Arc<BlockRead>>;
 impl std::fmt::Debug for BlockCache {
     /// The budget and what is held, not the cells.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlockCache").field("budget", &self.budget).field("used", &self.used()).finish()
+        f.debug_struct("BlockCache")
+            .field("budget", &self.budget)
+            .field("used", &self.used())
+            .finish()
     }
 }
 
 impl BlockCache {
     fn get(&self, source: usize, cells: &Range<u64>) -> Option<Arc<BlockRead>> {
-        self.blocks.lock().unwrap_or_else(PoisonError::into_inner).1.get(&(source, cells.start, cells.end)).cloned()
+        self.blocks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .1
+            .get(&(source, cells.start, cells.end))
+            .cloned()
     }
 
     fn offer(&self, source: usize, cells: &Range<u64>, block: &Arc<BlockRead>) {
         let (csr, present) = &**block;
-        let bytes = (csr.indices.len() * 4 + csr.data.len() * 4 + csr.indptr.len() * 8 + present.len()) as u64;
+        let bytes =
+            (csr.indices.len() * 4 + csr.data.len() * 4 + csr.indptr.len() * 8 + present.len())
+                as u64;
         let mut guard = self.blocks.lock().unwrap_or_else(PoisonError::into_inner);
         let (used, map) = &mut *guard;
         let key = (source, cells.start, cells.end);
@@ -277,33 +320,67 @@ impl Loader {
             return Err(DataError::Invalid {
                 store: store.name(),
                 path: "obs".into(),
-                problem: format!("shard {}..{} is empty or outside the {} cells", shard.start, shard.end, dataset.n_obs()),
+                problem: format!(
+                    "shard {}..{} is empty or outside the {} cells",
+                    shard.start,
+                    shard.end,
+                    dataset.n_obs()
+                ),
             });
         }
-        if config.batch_size == 0 || config.block_cells == 0 || config.blocks_per_fetch == 0 || config.prefetch == 0 {
-            return Err(DataError::Invalid { store: store.name(), path: "loader".into(), problem: "batch size, block size, blocks per fetch and prefetch must be positive".into() });
+        if config.batch_size == 0
+            || config.block_cells == 0
+            || config.blocks_per_fetch == 0
+            || config.prefetch == 0
+        {
+            return Err(DataError::Invalid {
+                store: store.name(),
+                path: "loader".into(),
+                problem: "batch size, block size, blocks per fetch and prefetch must be positive"
+                    .into(),
+            });
         }
         let sources: Vec<Source> = match dataset {
-            Dataset::AnnData(a) => vec![Source { name: "X".into(), adata: a.clone(), matrix: a.matrix(&config.matrix)?, obsmap: None }],
+            Dataset::AnnData(a) => vec![Source {
+                name: "X".into(),
+                adata: a.clone(),
+                matrix: a.matrix(&config.matrix)?,
+                obsmap: None,
+            }],
             Dataset::MuData(m) => m
                 .modalities
                 .iter()
                 .zip(&m.obsmap)
-                .map(|((name, a), map)| Ok(Source { name: name.clone(), adata: a.clone(), matrix: a.matrix(&config.matrix)?, obsmap: Some(map.clone()) }))
+                .map(|((name, a), map)| {
+                    Ok(Source {
+                        name: name.clone(),
+                        adata: a.clone(),
+                        matrix: a.matrix(&config.matrix)?,
+                        obsmap: Some(map.clone()),
+                    })
+                })
                 .collect::<Result<_>>()?,
         };
         let obs_column = |key: &str| -> Result<crate::dataframe::Column> {
             let column = match dataset {
                 Dataset::AnnData(a) => a.obs_column(key)?,
-                Dataset::MuData(m) => crate::dataframe::read_column(&m.store, m.version, &format!("obs/{key}"))?,
+                Dataset::MuData(m) => {
+                    crate::dataframe::read_column(&m.store, m.version, &format!("obs/{key}"))?
+                }
             };
             if column.len() as u64 != dataset.n_obs() {
-                return Err(DataError::Invalid { store: store.name(), path: format!("obs/{key}"), problem: format!("{} values for {} cells", column.len(), dataset.n_obs()) });
+                return Err(DataError::Invalid {
+                    store: store.name(),
+                    path: format!("obs/{key}"),
+                    problem: format!("{} values for {} cells", column.len(), dataset.n_obs()),
+                });
             }
             Ok(column)
         };
         let codes = |key: &Option<String>| -> Result<(Vec<i32>, Vec<String>)> {
-            let Some(key) = key else { return Ok((vec![-1; dataset.n_obs() as usize], Vec::new())) };
+            let Some(key) = key else {
+                return Ok((vec![-1; dataset.n_obs() as usize], Vec::new()));
+            };
             let column = obs_column(key)?;
             column.codes().ok_or_else(|| DataError::DataType {
                 store: store.name(),
@@ -319,32 +396,86 @@ impl Loader {
             .iter()
             .map(|key| {
                 let column = obs_column(key)?;
-                column.numbers().ok_or_else(|| DataError::DataType { store: store.name(), path: format!("obs/{key}"), found: column.kind().into(), expected: "a numeric or boolean column".into() })
+                column.numbers().ok_or_else(|| DataError::DataType {
+                    store: store.name(),
+                    path: format!("obs/{key}"),
+                    found: column.kind().into(),
+                    expected: "a numeric or boolean column".into(),
+                })
             })
             .collect::<Result<_>>()?;
-        let numeric = (0..dataset.n_obs() as usize).flat_map(|r| columns.iter().map(move |c| c[r])).collect();
-        let cache = Arc::new(BlockCache { budget: config.cache_bytes, ..BlockCache::default() });
-        Ok(Loader { sources: Arc::new(sources), batch: Arc::new(batch), label: Arc::new(label), numeric: Arc::new(numeric), batch_categories, label_categories, shard, config, cache })
+        let numeric = (0..dataset.n_obs() as usize)
+            .flat_map(|r| columns.iter().map(move |c| c[r]))
+            .collect();
+        let cache = Arc::new(BlockCache {
+            budget: config.cache_bytes,
+            ..BlockCache::default()
+        });
+        Ok(Loader {
+            sources: Arc::new(sources),
+            batch: Arc::new(batch),
+            label: Arc::new(label),
+            numeric: Arc::new(numeric),
+            batch_categories,
+            label_categories,
+            shard,
+            config,
+            cache,
+        })
     }
 
     /// This loader's cells in store order (no shuffling), sharing its decoded blocks.
     pub fn ordered(&self) -> Loader {
-        Loader { config: LoaderConfig { shuffle: false, ..self.config.clone() }, ..self.clone() }
+        Loader {
+            config: LoaderConfig {
+                shuffle: false,
+                ..self.config.clone()
+            },
+            ..self.clone()
+        }
     }
 
     /// This loader yielding `cells` of its shard, sharing its decoded blocks.
     pub fn with_cells(&self, cells: Cells) -> Loader {
-        Loader { config: LoaderConfig { cells, ..self.config.clone() }, ..self.clone() }
+        Loader {
+            config: LoaderConfig {
+                cells,
+                ..self.config.clone()
+            },
+            ..self.clone()
+        }
     }
 
     /// A loader over `cells` (within this loader's shard) cutting batches of `batch_size`,
     /// sharing its obs columns and decoded blocks: one part of a data-parallel epoch.
     pub fn shard(&self, cells: Range<u64>, batch_size: usize) -> Result<Loader> {
-        if cells.start < self.shard.start || cells.end > self.shard.end || cells.start >= cells.end || batch_size == 0 {
-            let store = self.sources.first().map(|s| s.adata.store.name()).unwrap_or_default();
-            return Err(DataError::Invalid { store, path: "obs".into(), problem: format!("shard {}..{} with batches of {batch_size}: expected a non-empty part of cells {}..{} and a positive batch size", cells.start, cells.end, self.shard.start, self.shard.end) });
+        if cells.start < self.shard.start
+            || cells.end > self.shard.end
+            || cells.start >= cells.end
+            || batch_size == 0
+        {
+            let store = self
+                .sources
+                .first()
+                .map(|s| s.adata.store.name())
+                .unwrap_or_default();
+            return Err(DataError::Invalid {
+                store,
+                path: "obs".into(),
+                problem: format!(
+                    "shard {}..{} with batches of {batch_size}: expected a non-empty part of cells {}..{} and a positive batch size",
+                    cells.start, cells.end, self.shard.start, self.shard.end
+                ),
+            });
         }
-        Ok(Loader { shard: cells, config: LoaderConfig { batch_size, ..self.config.clone() }, ..self.clone() })
+        Ok(Loader {
+            shard: cells,
+            config: LoaderConfig {
+                batch_size,
+                ..self.config.clone()
+            },
+            ..self.clone()
+        })
     }
 
     /// Bytes of decoded blocks kept for later epochs.
@@ -368,9 +499,16 @@ impl Loader {
             .map(|s| s..(s + c.block_cells).min(self.shard.end))
             .collect();
         if c.shuffle {
-            blocks.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(mix(c.seed, epoch, u64::MAX)));
+            blocks.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(mix(
+                c.seed,
+                epoch,
+                u64::MAX,
+            )));
         }
-        blocks.chunks(c.blocks_per_fetch).map(<[_]>::to_vec).collect()
+        blocks
+            .chunks(c.blocks_per_fetch)
+            .map(<[_]>::to_vec)
+            .collect()
     }
 
     /// Starts the background pipeline for `epoch` and returns its batches in order: a reader
@@ -381,41 +519,58 @@ impl Loader {
         let (tx, rx) = bounded(self.config.prefetch);
         let reader = {
             let loader = self.clone();
-            std::thread::Builder::new().name("tessera-read".into()).spawn(move || {
-                for (i, blocks) in loader.fetches(epoch).into_iter().enumerate() {
-                    let fetched = loader.read_fetch(&blocks).map(|parts| Fetch { seed: mix(loader.config.seed, epoch, i as u64), blocks, parts });
-                    let failed = fetched.is_err();
-                    if fetch_tx.send(fetched).is_err() || failed {
-                        return;
+            std::thread::Builder::new()
+                .name("tessera-read".into())
+                .spawn(move || {
+                    for (i, blocks) in loader.fetches(epoch).into_iter().enumerate() {
+                        let fetched = loader.read_fetch(&blocks).map(|parts| Fetch {
+                            seed: mix(loader.config.seed, epoch, i as u64),
+                            blocks,
+                            parts,
+                        });
+                        let failed = fetched.is_err();
+                        if fetch_tx.send(fetched).is_err() || failed {
+                            return;
+                        }
                     }
-                }
-            })
+                })
         };
         let assembler = {
             let loader = self.clone();
-            std::thread::Builder::new().name("tessera-batch".into()).spawn(move || {
-                for fetched in fetch_rx {
-                    let batches = match fetched {
-                        Ok(fetch) => loader.assemble(&fetch),
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    for b in batches {
-                        if tx.send(Ok(b)).is_err() {
-                            return; // the consumer dropped the epoch
+            std::thread::Builder::new()
+                .name("tessera-batch".into())
+                .spawn(move || {
+                    for fetched in fetch_rx {
+                        let batches = match fetched {
+                            Ok(fetch) => loader.assemble(&fetch),
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                        };
+                        for b in batches {
+                            if tx.send(Ok(b)).is_err() {
+                                return; // the consumer dropped the epoch
+                            }
                         }
                     }
-                }
-            })
+                })
         };
         match (reader, assembler) {
-            (Ok(r), Ok(a)) => Epoch { rx, workers: vec![r, a] },
+            (Ok(r), Ok(a)) => Epoch {
+                rx,
+                workers: vec![r, a],
+            },
             (r, a) => {
                 let (tx, rx) = bounded(1);
-                let _ = tx.send(Err(DataError::Io { context: "loader".into(), reason: "cannot start loader threads".into() }));
-                Epoch { rx, workers: [r.ok(), a.ok()].into_iter().flatten().collect() }
+                let _ = tx.send(Err(DataError::Io {
+                    context: "loader".into(),
+                    reason: "cannot start loader threads".into(),
+                }));
+                Epoch {
+                    rx,
+                    workers: [r.ok(), a.ok()].into_iter().flatten().collect(),
+                }
             }
         }
     }
@@ -444,21 +599,41 @@ impl Loader {
         use rayon::prelude::*;
         let blocks = &fetch.blocks;
         let cells = self.config.cells;
-        let mut order: Vec<(usize, usize)> = blocks.iter().enumerate().flat_map(|(bi, b)| (0..(b.end - b.start) as usize).filter(move |&r| cells.includes(b.start + r as u64)).map(move |r| (bi, r))).collect();
+        let mut order: Vec<(usize, usize)> = blocks
+            .iter()
+            .enumerate()
+            .flat_map(|(bi, b)| {
+                (0..(b.end - b.start) as usize)
+                    .filter(move |&r| cells.includes(b.start + r as u64))
+                    .map(move |r| (bi, r))
+            })
+            .collect();
         if self.config.shuffle {
             order.shuffle(&mut Xoshiro256PlusPlus::seed_from_u64(fetch.seed));
         }
         order
             .par_chunks(self.config.batch_size)
             .map(|chunk| {
-                let cells: Vec<u64> = chunk.iter().map(|&(b, r)| blocks[b].start + r as u64).collect();
+                let cells: Vec<u64> = chunk
+                    .iter()
+                    .map(|&(b, r)| blocks[b].start + r as u64)
+                    .collect();
                 let modalities = self
                     .sources
                     .iter()
                     .zip(&fetch.parts)
                     .map(|(source, blocks_read)| {
-                        let nnz = chunk.iter().map(|&(b, r)| blocks_read[b].0.row(r).0.len()).sum();
-                        let mut counts = Csr { n_rows: chunk.len(), n_cols: source.matrix.shape.1 as usize, indptr: Vec::with_capacity(chunk.len() + 1), indices: Vec::with_capacity(nnz), data: Vec::with_capacity(nnz) };
+                        let nnz = chunk
+                            .iter()
+                            .map(|&(b, r)| blocks_read[b].0.row(r).0.len())
+                            .sum();
+                        let mut counts = Csr {
+                            n_rows: chunk.len(),
+                            n_cols: source.matrix.shape.1 as usize,
+                            indptr: Vec::with_capacity(chunk.len() + 1),
+                            indices: Vec::with_capacity(nnz),
+                            data: Vec::with_capacity(nnz),
+                        };
                         counts.indptr.push(0);
                         let mut present = Vec::with_capacity(chunk.len());
                         for &(b, r) in chunk {
@@ -469,7 +644,12 @@ impl Loader {
                             counts.indptr.push(counts.data.len() as u64);
                             present.push(here[r]);
                         }
-                        ModalityBatch { name: source.name.clone(), library: counts.row_sums(), counts, present }
+                        ModalityBatch {
+                            name: source.name.clone(),
+                            library: counts.row_sums(),
+                            counts,
+                            present,
+                        }
                     })
                     .collect();
                 MiniBatch {
@@ -477,7 +657,14 @@ impl Loader {
                     label: cells.iter().map(|&c| self.label[c as usize]).collect(),
                     numeric: {
                         let k = self.config.numeric_keys.len();
-                        cells.iter().flat_map(|&c| self.numeric[c as usize * k..(c as usize + 1) * k].iter().copied()).collect()
+                        cells
+                            .iter()
+                            .flat_map(|&c| {
+                                self.numeric[c as usize * k..(c as usize + 1) * k]
+                                    .iter()
+                                    .copied()
+                            })
+                            .collect()
                     },
                     cells,
                     modalities,
@@ -524,7 +711,8 @@ impl Drop for Epoch {
 }
 
 fn mix(seed: u64, epoch: u64, i: u64) -> u64 {
-    let mut x = seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    let mut x =
+        seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
     x ^= x >> 31;
     x.wrapping_mul(0xBF58_476D_1CE4_E5B9)
 }

@@ -40,7 +40,13 @@ impl Csr {
         if self.indptr.is_empty() {
             self.indptr.push(0);
         }
-        self.indptr.extend(other.indptr.iter().skip(1).map(|&p| base + p - other.indptr[0]));
+        self.indptr.extend(
+            other
+                .indptr
+                .iter()
+                .skip(1)
+                .map(|&p| base + p - other.indptr[0]),
+        );
         let span = other.indptr[0] as usize..other.indptr.last().copied().unwrap_or(0) as usize;
         self.indices.extend_from_slice(&other.indices[span.clone()]);
         self.data.extend_from_slice(&other.data[span]);
@@ -49,12 +55,19 @@ impl Csr {
 
     /// Sum of each row (the library size for counts).
     pub fn row_sums(&self) -> Vec<f32> {
-        (0..self.n_rows).map(|i| self.row(i).1.iter().sum()).collect()
+        (0..self.n_rows)
+            .map(|i| self.row(i).1.iter().sum())
+            .collect()
     }
 
     /// The rows at `rows`, in that order.
     pub fn select_rows(&self, rows: &[usize]) -> Csr {
-        let mut out = Csr { n_rows: rows.len(), n_cols: self.n_cols, indptr: Vec::with_capacity(rows.len() + 1), ..Default::default() };
+        let mut out = Csr {
+            n_rows: rows.len(),
+            n_cols: self.n_cols,
+            indptr: Vec::with_capacity(rows.len() + 1),
+            ..Default::default()
+        };
         out.indptr.push(0);
         for &r in rows {
             let (idx, val) = self.row(r);
@@ -67,7 +80,12 @@ impl Csr {
 
     /// Builds CSR from dense row-major values, keeping non-zeros.
     pub fn from_dense(n_rows: usize, n_cols: usize, values: &[f32]) -> Csr {
-        let mut out = Csr { n_rows, n_cols, indptr: Vec::with_capacity(n_rows + 1), ..Default::default() };
+        let mut out = Csr {
+            n_rows,
+            n_cols,
+            indptr: Vec::with_capacity(n_rows + 1),
+            ..Default::default()
+        };
         out.indptr.push(0);
         for row in values.chunks(n_cols.max(1)).take(n_rows) {
             for (j, &v) in row.iter().enumerate() {
@@ -128,14 +146,20 @@ impl std::ops::Deref for Handle {
 impl Matrix {
     pub(crate) fn open(store: &Store, version: ZarrVersion, path: &str) -> Result<Matrix> {
         let at = store.at(path);
-        let Some((kind, attrs)) = store.node(version, path)? else { return Err(at.missing("matrix")) };
+        let Some((kind, attrs)) = store.node(version, path)? else {
+            return Err(at.missing("matrix"));
+        };
         let encoding = encoding_type(&attrs).unwrap_or("<none>");
         match (kind, encoding) {
             (NodeKind::Array, "array") => {
                 let values = store.array(path)?;
                 let shape = match values.shape() {
                     &[r, c] => (r, c),
-                    other => return Err(at.invalid(format!("dense matrix has shape {other:?}, expected 2 dimensions"))),
+                    other => {
+                        return Err(at.invalid(format!(
+                            "dense matrix has shape {other:?}, expected 2 dimensions"
+                        )));
+                    }
                 };
                 check_numeric(store, path, &values)?;
                 let (chunk_shape, inner_chunk_shape) = chunking(&values);
@@ -153,10 +177,22 @@ impl Matrix {
                 })
             }
             (NodeKind::Group, "csr_matrix" | "csc_matrix") => {
-                let format = if encoding == "csr_matrix" { MatrixFormat::Csr } else { MatrixFormat::Csc };
-                let shape = match attrs.get("shape").and_then(Value::as_array).map(|s| s.iter().map(Value::as_u64).collect::<Option<Vec<_>>>()) {
+                let format = if encoding == "csr_matrix" {
+                    MatrixFormat::Csr
+                } else {
+                    MatrixFormat::Csc
+                };
+                let shape = match attrs
+                    .get("shape")
+                    .and_then(Value::as_array)
+                    .map(|s| s.iter().map(Value::as_u64).collect::<Option<Vec<_>>>())
+                {
                     Some(Some(s)) if s.len() == 2 => (s[0], s[1]),
-                    _ => return Err(at.invalid("attribute 'shape' missing or not two non-negative integers")),
+                    _ => {
+                        return Err(at.invalid(
+                            "attribute 'shape' missing or not two non-negative integers",
+                        ));
+                    }
                 };
                 let data_path = format!("{path}/data");
                 let indices_path = format!("{path}/indices");
@@ -172,8 +208,13 @@ impl Matrix {
                     )));
                 }
                 let indptr = read_i64(store, &indptr_path)?;
-                let major = if format == MatrixFormat::Csr { shape.0 } else { shape.1 };
-                validate_indptr(&indptr, major, nnz).map_err(|p| store.at(&indptr_path).invalid(p))?;
+                let major = if format == MatrixFormat::Csr {
+                    shape.0
+                } else {
+                    shape.1
+                };
+                validate_indptr(&indptr, major, nnz)
+                    .map_err(|p| store.at(&indptr_path).invalid(p))?;
                 let idx_dtype = dtype_name(&indices);
                 if !idx_dtype.contains("int") {
                     return Err(store.at(&indices_path).dtype(idx_dtype, "an integer type"));
@@ -203,7 +244,11 @@ impl Matrix {
     /// Non-zeros in each row, from the row pointers (CSR) or the chunk reads (others).
     pub fn row_nnz(&self, store: &Store) -> Result<Vec<u64>> {
         match self.format {
-            MatrixFormat::Csr => Ok(self.indptr.windows(2).map(|w| (w[1] - w[0]) as u64).collect()),
+            MatrixFormat::Csr => Ok(self
+                .indptr
+                .windows(2)
+                .map(|w| (w[1] - w[0]) as u64)
+                .collect()),
             _ => {
                 let all = self.read_rows(store, 0..self.shape.0)?;
                 Ok(all.indptr.windows(2).map(|w| w[1] - w[0]).collect())
@@ -217,7 +262,10 @@ impl Matrix {
     pub fn read_rows(&self, store: &Store, rows: Range<u64>) -> Result<Csr> {
         let at = store.at(&self.path);
         if rows.end > self.shape.0 || rows.start > rows.end {
-            return Err(at.invalid(format!("rows {}..{} requested, matrix has {}", rows.start, rows.end, self.shape.0)));
+            return Err(at.invalid(format!(
+                "rows {}..{} requested, matrix has {}",
+                rows.start, rows.end, self.shape.0
+            )));
         }
         let n_rows = (rows.end - rows.start) as usize;
         let n_cols = self.shape.1 as usize;
@@ -233,8 +281,17 @@ impl Matrix {
                 let end = self.indptr[rows.end as usize];
                 let span = start as u64..end as u64;
                 let (data, indices) = self.read_entries(store, span, self.shape.1)?;
-                let indptr = self.indptr[rows.start as usize..=rows.end as usize].iter().map(|&p| (p - start) as u64).collect();
-                Ok(Csr { n_rows, n_cols, indptr, indices, data })
+                let indptr = self.indptr[rows.start as usize..=rows.end as usize]
+                    .iter()
+                    .map(|&p| (p - start) as u64)
+                    .collect();
+                Ok(Csr {
+                    n_rows,
+                    n_cols,
+                    indptr,
+                    indices,
+                    data,
+                })
             }
             MatrixFormat::Csc => {
                 let (data, indices) = self.read_entries(store, 0..self.nnz, self.shape.0)?;
@@ -245,16 +302,27 @@ impl Matrix {
 
     /// Reads entries `span` of data and indices (concurrently), with every index checked
     /// against `bound` (columns for CSR, rows for CSC).
-    fn read_entries(&self, store: &Store, span: Range<u64>, bound: u64) -> Result<(Vec<f32>, Vec<u32>)> {
+    fn read_entries(
+        &self,
+        store: &Store,
+        span: Range<u64>,
+        bound: u64,
+    ) -> Result<(Vec<f32>, Vec<u32>)> {
         let data_path = format!("{}/data", self.path);
         let indices_path = format!("{}/indices", self.path);
-        let Some(indices) = &self.indices else { return Ok((Vec::new(), Vec::new())) };
+        let Some(indices) = &self.indices else {
+            return Ok((Vec::new(), Vec::new()));
+        };
         let (data, idx) = rayon::join(
             || read_rows(store, &data_path, &self.values, span.clone()),
             || read_rows(store, &indices_path, indices, span.clone()),
         );
-        let data = data?.into_f32().map_err(|t| store.at(&data_path).dtype(t, "numeric"))?;
-        let idx = idx?.into_indices(bound).map_err(|problem| store.at(&indices_path).invalid(problem))?;
+        let data = data?
+            .into_f32()
+            .map_err(|t| store.at(&data_path).dtype(t, "numeric"))?;
+        let idx = idx?
+            .into_indices(bound)
+            .map_err(|problem| store.at(&indices_path).invalid(problem))?;
         Ok((data, idx))
     }
 }
@@ -270,32 +338,56 @@ fn check_numeric(store: &Store, path: &str, array: &ZArray) -> Result<()> {
 
 /// Outer chunk shape, and the inner (sub)chunk shape when the array is sharded.
 fn chunking(array: &ZArray) -> (Vec<u64>, Option<Vec<u64>>) {
-    let outer = array.chunk_shape(&vec![0; array.dimensionality()]).map(|s| s.iter().map(|n| n.get()).collect()).unwrap_or_default();
+    let outer = array
+        .chunk_shape(&vec![0; array.dimensionality()])
+        .map(|s| s.iter().map(|n| n.get()).collect())
+        .unwrap_or_default();
     let inner = array
         .subchunk_shape()
         .map(|s| s.iter().map(|n| n.get()).collect());
     (outer, inner)
 }
 
-pub(crate) fn validate_indptr(indptr: &[i64], major: u64, nnz: u64) -> std::result::Result<(), String> {
+pub(crate) fn validate_indptr(
+    indptr: &[i64],
+    major: u64,
+    nnz: u64,
+) -> std::result::Result<(), String> {
     if indptr.len() as u64 != major + 1 {
-        return Err(format!("indptr has {} entries, expected {} (one more than the {major} rows/columns)", indptr.len(), major + 1));
+        return Err(format!(
+            "indptr has {} entries, expected {} (one more than the {major} rows/columns)",
+            indptr.len(),
+            major + 1
+        ));
     }
     if indptr.first().copied() != Some(0) {
         return Err(format!("indptr starts at {:?}, expected 0", indptr.first()));
     }
     if let Some(i) = indptr.windows(2).position(|w| w[1] < w[0]) {
-        return Err(format!("indptr is not monotone: entry {} is {} after {}", i + 1, indptr[i + 1], indptr[i]));
+        return Err(format!(
+            "indptr is not monotone: entry {} is {} after {}",
+            i + 1,
+            indptr[i + 1],
+            indptr[i]
+        ));
     }
     let last = indptr.last().copied().unwrap_or(0);
     if last as u64 != nnz {
-        return Err(format!("indptr ends at {last}, expected nnz = {nnz} (the length of data)"));
+        return Err(format!(
+            "indptr ends at {last}, expected nnz = {nnz} (the length of data)"
+        ));
     }
     Ok(())
 }
 
 /// Selects rows [a, b) of a CSC matrix into CSR (counting sort by row).
-fn csc_rows_to_csr(indptr: &[i64], indices: &[u32], data: &[f32], rows: Range<u64>, n_cols: usize) -> Csr {
+fn csc_rows_to_csr(
+    indptr: &[i64],
+    indices: &[u32],
+    data: &[f32],
+    rows: Range<u64>,
+    n_cols: usize,
+) -> Csr {
     let n_rows = (rows.end - rows.start) as usize;
     let (a, b) = (rows.start as u32, rows.end as u32);
     let mut counts = vec![0u64; n_rows + 1];
@@ -322,7 +414,13 @@ fn csc_rows_to_csr(indptr: &[i64], indices: &[u32], data: &[f32], rows: Range<u6
             }
         }
     }
-    Csr { n_rows, n_cols, indptr: counts, indices: out_idx, data: out_data }
+    Csr {
+        n_rows,
+        n_cols,
+        indptr: counts,
+        indices: out_idx,
+        data: out_data,
+    }
 }
 
 #[cfg(test)]
@@ -332,10 +430,26 @@ mod tests {
     #[test]
     fn indptr_validation_names_the_problem() {
         assert!(validate_indptr(&[0, 1, 3], 2, 3).is_ok());
-        assert!(validate_indptr(&[0, 1], 2, 1).unwrap_err().contains("expected 3"));
-        assert!(validate_indptr(&[1, 1, 3], 2, 3).unwrap_err().contains("expected 0"));
-        assert!(validate_indptr(&[0, 2, 1], 2, 1).unwrap_err().contains("not monotone"));
-        assert!(validate_indptr(&[0, 1, 2], 2, 5).unwrap_err().contains("nnz = 5"));
+        assert!(
+            validate_indptr(&[0, 1], 2, 1)
+                .unwrap_err()
+                .contains("expected 3")
+        );
+        assert!(
+            validate_indptr(&[1, 1, 3], 2, 3)
+                .unwrap_err()
+                .contains("expected 0")
+        );
+        assert!(
+            validate_indptr(&[0, 2, 1], 2, 1)
+                .unwrap_err()
+                .contains("not monotone")
+        );
+        assert!(
+            validate_indptr(&[0, 1, 2], 2, 5)
+                .unwrap_err()
+                .contains("nnz = 5")
+        );
     }
 
     #[test]

@@ -38,7 +38,11 @@ impl ShardPlan {
             prefix.push(prefix.last().copied().unwrap_or(0) + k);
         }
         let total = *prefix.last().unwrap_or(&0);
-        let mut points: Vec<u64> = candidates.iter().copied().filter(|&c| c > 0 && c < n).collect();
+        let mut points: Vec<u64> = candidates
+            .iter()
+            .copied()
+            .filter(|&c| c > 0 && c < n)
+            .collect();
         points.dedup();
         if points.len() + 1 < n_shards {
             points = (1..n).collect();
@@ -71,7 +75,10 @@ impl ShardPlan {
         }
         cuts.push(n);
         let shards: Vec<Range<u64>> = cuts.windows(2).map(|w| w[0]..w[1]).collect();
-        let nnz = shards.iter().map(|r| prefix[r.end as usize] - prefix[r.start as usize]).collect();
+        let nnz = shards
+            .iter()
+            .map(|r| prefix[r.end as usize] - prefix[r.start as usize])
+            .collect();
         ShardPlan { shards, nnz }
     }
 
@@ -79,7 +86,10 @@ impl ShardPlan {
     pub fn for_matrix(store: &Store, matrix: &Matrix, n_shards: usize) -> Result<ShardPlan> {
         let row_nnz = matrix.row_nnz(store)?;
         // The unit a reader fetches: the inner chunk of a sharded array, else the chunk.
-        let unit = matrix.inner_chunk_shape.as_ref().unwrap_or(&matrix.chunk_shape);
+        let unit = matrix
+            .inner_chunk_shape
+            .as_ref()
+            .unwrap_or(&matrix.chunk_shape);
         let chunk = unit.first().copied().unwrap_or(1).max(1);
         let candidates: Vec<u64> = match matrix.format {
             // First row whose values start in each new data chunk.
@@ -120,7 +130,11 @@ mod tests {
         let plan = ShardPlan::balanced(&row_nnz, &[], 4);
         assert_eq!(plan.shards.first().unwrap().start, 0);
         assert_eq!(plan.shards.last().unwrap().end, 1000);
-        assert!(plan.shards.windows(2).all(|w| w[0].end == w[1].start && w[0].start < w[0].end));
+        assert!(
+            plan.shards
+                .windows(2)
+                .all(|w| w[0].end == w[1].start && w[0].start < w[0].end)
+        );
         let total: u64 = row_nnz.iter().sum();
         assert_eq!(plan.nnz.iter().sum::<u64>(), total);
         for &k in &plan.nnz {

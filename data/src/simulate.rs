@@ -117,17 +117,35 @@ impl World {
         World {
             centres: (0..c.n_types).map(|_| vecn(&mut rng, d, 2.0)).collect(),
             gene_load: (0..c.n_genes).map(|_| vecn(&mut rng, d, load_sd)).collect(),
-            gene_batch: (0..c.n_batches).map(|_| vecn(&mut rng, c.n_genes, 0.3)).collect(),
-            gene_theta: (0..c.n_genes).map(|_| rng.random_range(2.0..20.0)).collect(),
+            gene_batch: (0..c.n_batches)
+                .map(|_| vecn(&mut rng, c.n_genes, 0.3))
+                .collect(),
+            gene_theta: (0..c.n_genes)
+                .map(|_| rng.random_range(2.0..20.0))
+                .collect(),
             gene_dropout: (0..c.n_genes).map(|_| rng.random_range(0.0..0.2)).collect(),
             ambient: exp.iter().map(|e| e / total).collect(),
             gene_base,
             batch_depth: vecn(&mut rng, c.n_batches, 0.3),
-            batch_ambient: (0..c.n_batches).map(|_| rng.random_range(0.0..0.05)).collect(),
-            prot_load: (0..c.n_proteins).map(|_| vecn(&mut rng, d, load_sd * 2.0)).collect(),
-            prot_background: (0..c.n_batches).map(|_| (0..c.n_proteins).map(|_| rng.random_range(5.0..40.0)).collect()).collect(),
-            peak_base: (0..c.n_peaks).map(|_| rng.random_range(-4.0..-1.0)).collect(),
-            peak_load: (0..c.n_peaks).map(|_| vecn(&mut rng, d, load_sd * 2.0)).collect(),
+            batch_ambient: (0..c.n_batches)
+                .map(|_| rng.random_range(0.0..0.05))
+                .collect(),
+            prot_load: (0..c.n_proteins)
+                .map(|_| vecn(&mut rng, d, load_sd * 2.0))
+                .collect(),
+            prot_background: (0..c.n_batches)
+                .map(|_| {
+                    (0..c.n_proteins)
+                        .map(|_| rng.random_range(5.0..40.0))
+                        .collect()
+                })
+                .collect(),
+            peak_base: (0..c.n_peaks)
+                .map(|_| rng.random_range(-4.0..-1.0))
+                .collect(),
+            peak_load: (0..c.n_peaks)
+                .map(|_| vecn(&mut rng, d, load_sd * 2.0))
+                .collect(),
             peak_batch: vecn(&mut rng, c.n_batches, 0.3),
         }
     }
@@ -138,8 +156,16 @@ fn nb(rng: &mut Xoshiro256PlusPlus, mean: f64, theta: f64) -> f32 {
     if mean <= 0.0 {
         return 0.0;
     }
-    let rate = Gamma::new(theta, mean / theta).map(|g| g.sample(rng)).unwrap_or(mean);
-    if rate <= 0.0 { 0.0 } else { Poisson::new(rate).map(|p| p.sample(rng) as f32).unwrap_or(0.0) }
+    let rate = Gamma::new(theta, mean / theta)
+        .map(|g| g.sample(rng))
+        .unwrap_or(mean);
+    if rate <= 0.0 {
+        0.0
+    } else {
+        Poisson::new(rate)
+            .map(|p| p.sample(rng) as f32)
+            .unwrap_or(0.0)
+    }
 }
 
 fn dot(a: &[f64], b: &[f64]) -> f64 {
@@ -159,14 +185,40 @@ struct Block {
 fn simulate_block(c: &SimConfig, w: &World, block: u64) -> Block {
     let start = block * BLOCK;
     let n = BLOCK.min(c.n_cells - start) as usize;
-    let mut rng = Xoshiro256PlusPlus::seed_from_u64(c.seed ^ (block + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng =
+        Xoshiro256PlusPlus::seed_from_u64(c.seed ^ (block + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut out = Block {
         types: Vec::with_capacity(n),
         batches: Vec::with_capacity(n),
         latent: Vec::with_capacity(n * c.latent_dim),
-        rna: Csr { n_rows: 0, n_cols: c.n_genes, indptr: vec![0], ..Default::default() },
-        prot: (c.n_proteins > 0).then(|| (Csr { n_rows: 0, n_cols: c.n_proteins, indptr: vec![0], ..Default::default() }, Vec::new())),
-        atac: (c.n_peaks > 0).then(|| (Csr { n_rows: 0, n_cols: c.n_peaks, indptr: vec![0], ..Default::default() }, Vec::new())),
+        rna: Csr {
+            n_rows: 0,
+            n_cols: c.n_genes,
+            indptr: vec![0],
+            ..Default::default()
+        },
+        prot: (c.n_proteins > 0).then(|| {
+            (
+                Csr {
+                    n_rows: 0,
+                    n_cols: c.n_proteins,
+                    indptr: vec![0],
+                    ..Default::default()
+                },
+                Vec::new(),
+            )
+        }),
+        atac: (c.n_peaks > 0).then(|| {
+            (
+                Csr {
+                    n_rows: 0,
+                    n_cols: c.n_peaks,
+                    indptr: vec![0],
+                    ..Default::default()
+                },
+                Vec::new(),
+            )
+        }),
     };
     let lib = LogNormal::new(c.library.ln(), 0.5).ok();
     let mut logits = vec![0.0f64; c.n_genes];
@@ -176,7 +228,10 @@ fn simulate_block(c: &SimConfig, w: &World, block: u64) -> Block {
             Some(list) => list[rng.random_range(0..list.len())],
             None => rng.random_range(0..c.n_batches),
         };
-        let z: Vec<f64> = w.centres[t].iter().map(|m| m + normal(&mut rng, 0.5)).collect();
+        let z: Vec<f64> = w.centres[t]
+            .iter()
+            .map(|m| m + normal(&mut rng, 0.5))
+            .collect();
         out.types.push(t as i32);
         out.batches.push(b as i32);
         out.latent.extend(z.iter().map(|&v| v as f32));
@@ -248,37 +303,76 @@ fn simulate_block(c: &SimConfig, w: &World, block: u64) -> Block {
 /// The batch column: every batch's name, or only the listed batches' (codes renumbered).
 fn batch_column(codes: Vec<i32>, names: &[String], only: Option<&[usize]>) -> Column {
     match only {
-        None => Column::Categorical { codes, categories: names.to_vec(), ordered: false },
+        None => Column::Categorical {
+            codes,
+            categories: names.to_vec(),
+            ordered: false,
+        },
         Some(list) => Column::Categorical {
-            codes: codes.iter().map(|&b| list.iter().position(|&l| l as i32 == b).map_or(-1, |p| p as i32)).collect(),
+            codes: codes
+                .iter()
+                .map(|&b| {
+                    list.iter()
+                        .position(|&l| l as i32 == b)
+                        .map_or(-1, |p| p as i32)
+                })
+                .collect(),
             categories: list.iter().map(|&b| names[b].clone()).collect(),
             ordered: false,
         },
     }
 }
 
-pub fn simulate(location: &str, c: &SimConfig, mut progress: impl FnMut(u64)) -> Result<SimSummary> {
-    let invalid = |reason: &str| DataError::Invalid { store: location.into(), path: "simulate".into(), problem: reason.into() };
+pub fn simulate(
+    location: &str,
+    c: &SimConfig,
+    mut progress: impl FnMut(u64),
+) -> Result<SimSummary> {
+    let invalid = |reason: &str| DataError::Invalid {
+        store: location.into(),
+        path: "simulate".into(),
+        problem: reason.into(),
+    };
     if c.n_cells == 0 || c.n_genes == 0 || c.n_types == 0 || c.n_batches == 0 || c.latent_dim == 0 {
-        return Err(invalid("cells, genes, types, batches and latent dimensions must be positive"));
+        return Err(invalid(
+            "cells, genes, types, batches and latent dimensions must be positive",
+        ));
     }
     if !(0.0..1.0).contains(&c.missing) || c.library.is_nan() || c.library <= 0.0 {
         return Err(invalid("missing must be in [0, 1) and library positive"));
     }
     if let Some(list) = &c.only_batches
-        && (list.is_empty() || list.iter().any(|&b| b >= c.n_batches) || list.windows(2).any(|w| w[0] >= w[1]))
+        && (list.is_empty()
+            || list.iter().any(|&b| b >= c.n_batches)
+            || list.windows(2).any(|w| w[0] >= w[1]))
     {
-        return Err(invalid("only_batches must list ascending, distinct batches below n_batches"));
+        return Err(invalid(
+            "only_batches must list ascending, distinct batches below n_batches",
+        ));
     }
     let mudata = c.n_proteins > 0 || c.n_peaks > 0;
     let w = World::new(c);
     let writer = StoreWriter::create(location, c.version)?;
     let rna_path = if mudata { "mod/rna" } else { "" };
-    let join = |base: &str, name: &str| if base.is_empty() { name.to_string() } else { format!("{base}/{name}") };
+    let join = |base: &str, name: &str| {
+        if base.is_empty() {
+            name.to_string()
+        } else {
+            format!("{base}/{name}")
+        }
+    };
 
     let mut rna = writer.csr(&join(rna_path, "X"), c.n_genes as u64)?;
-    let mut prot = if c.n_proteins > 0 { Some(writer.csr("mod/prot/X", c.n_proteins as u64)?) } else { None };
-    let mut atac = if c.n_peaks > 0 { Some(writer.csr("mod/atac/X", c.n_peaks as u64)?) } else { None };
+    let mut prot = if c.n_proteins > 0 {
+        Some(writer.csr("mod/prot/X", c.n_proteins as u64)?)
+    } else {
+        None
+    };
+    let mut atac = if c.n_peaks > 0 {
+        Some(writer.csr("mod/atac/X", c.n_peaks as u64)?)
+    } else {
+        None
+    };
     let mut types = Vec::with_capacity(c.n_cells as usize);
     let mut batches = Vec::with_capacity(c.n_cells as usize);
     let mut latent = Vec::with_capacity(c.n_cells as usize * c.latent_dim);
@@ -293,7 +387,10 @@ pub fn simulate(location: &str, c: &SimConfig, mut progress: impl FnMut(u64)) ->
     let mut next = 0;
     while next < n_blocks {
         let end = (next + wave).min(n_blocks);
-        let blocks: Vec<Block> = (next..end).into_par_iter().map(|b| simulate_block(c, &w, b)).collect();
+        let blocks: Vec<Block> = (next..end)
+            .into_par_iter()
+            .map(|b| simulate_block(c, &w, b))
+            .collect();
         for block in blocks {
             n_counts.extend(block.rna.row_sums().into_iter().map(f64::from));
             rna.push(&block.rna)?;
@@ -320,15 +417,36 @@ pub fn simulate(location: &str, c: &SimConfig, mut progress: impl FnMut(u64)) ->
     };
     let cell_names = names("cell", c.n_cells as usize);
     let obs_columns = vec![
-        ("batch".to_string(), batch_column(batches, &names("batch", c.n_batches), c.only_batches.as_deref())),
-        ("cell_type".to_string(), Column::Categorical { codes: types, categories: names("type", c.n_types), ordered: false }),
+        (
+            "batch".to_string(),
+            batch_column(
+                batches,
+                &names("batch", c.n_batches),
+                c.only_batches.as_deref(),
+            ),
+        ),
+        (
+            "cell_type".to_string(),
+            Column::Categorical {
+                codes: types,
+                categories: names("type", c.n_types),
+                ordered: false,
+            },
+        ),
         ("n_counts".to_string(), Column::Float(n_counts)),
     ];
     let gene_names = names("gene", c.n_genes);
     let mut modalities = vec![("rna".to_string(), c.n_cells, c.n_genes as u64)];
 
-    let write_anndata = |path: &str, obs_names: Vec<String>, obs: &[(String, Column)], var_names: &[String]| -> Result<()> {
-        writer.group(path, json!({"encoding-type": "anndata", "encoding-version": "0.1.0"}))?;
+    let write_anndata = |path: &str,
+                         obs_names: Vec<String>,
+                         obs: &[(String, Column)],
+                         var_names: &[String]|
+     -> Result<()> {
+        writer.group(
+            path,
+            json!({"encoding-type": "anndata", "encoding-version": "0.1.0"}),
+        )?;
         writer.dataframe(&join(path, "obs"), &obs_names, obs)?;
         writer.dataframe(&join(path, "var"), var_names, &[])?;
         for dict in ["obsm", "obsp", "varm", "varp", "layers", "uns"] {
@@ -340,7 +458,10 @@ pub fn simulate(location: &str, c: &SimConfig, mut progress: impl FnMut(u64)) ->
     if mudata {
         let mut order = vec!["rna".to_string()];
         write_anndata("mod/rna", cell_names.clone(), &[], &gene_names)?;
-        let mut obsmaps = vec![("rna".to_string(), (1..=c.n_cells as u32).collect::<Vec<u32>>())];
+        let mut obsmaps = vec![(
+            "rna".to_string(),
+            (1..=c.n_cells as u32).collect::<Vec<u32>>(),
+        )];
         let mut all_vars = gene_names.clone();
         let mut varmaps = vec![("rna".to_string(), c.n_genes)];
         for (name, present, writer_opt, n_vars, prefix) in [
@@ -348,18 +469,45 @@ pub fn simulate(location: &str, c: &SimConfig, mut progress: impl FnMut(u64)) ->
             ("atac", &atac_present, atac.take(), c.n_peaks, "peak"),
         ] {
             let Some(csr) = writer_opt else { continue };
-            let n_present = csr.finish().map(|_| present.iter().filter(|&&p| p).count())?;
-            let present_names: Vec<String> = cell_names.iter().zip(present).filter(|(_, p)| **p).map(|(n, _)| n.clone()).collect();
+            let n_present = csr
+                .finish()
+                .map(|_| present.iter().filter(|&&p| p).count())?;
+            let present_names: Vec<String> = cell_names
+                .iter()
+                .zip(present)
+                .filter(|(_, p)| **p)
+                .map(|(n, _)| n.clone())
+                .collect();
             let vars = names(prefix, n_vars);
             write_anndata(&format!("mod/{name}"), present_names, &[], &vars)?;
             let mut row = 0u32;
-            obsmaps.push((name.to_string(), present.iter().map(|&p| if p { row += 1; row } else { 0 }).collect()));
+            obsmaps.push((
+                name.to_string(),
+                present
+                    .iter()
+                    .map(|&p| {
+                        if p {
+                            row += 1;
+                            row
+                        } else {
+                            0
+                        }
+                    })
+                    .collect(),
+            ));
             all_vars.extend(vars);
             varmaps.push((name.to_string(), n_vars));
             modalities.push((name.to_string(), n_present as u64, n_vars as u64));
             order.push(name.to_string());
         }
-        writer.group("", json!({"encoding-type": "MuData", "encoding-version": "0.1.0", "encoder": "tessera", "encoder-version": env!("CARGO_PKG_VERSION"), "axis": 0}))?;
+        let root = json!({
+            "encoding-type": "MuData",
+            "encoding-version": "0.1.0",
+            "encoder": "tessera",
+            "encoder-version": env!("CARGO_PKG_VERSION"),
+            "axis": 0,
+        });
+        writer.group("", root)?;
         writer.group("mod", json!({"mod-order": order}))?;
         writer.dataframe("obs", &cell_names, &obs_columns)?;
         writer.dataframe("var", &all_vars, &[])?;
@@ -370,7 +518,15 @@ pub fn simulate(location: &str, c: &SimConfig, mut progress: impl FnMut(u64)) ->
         writer.group("varmap", json!({}))?;
         let mut offset = 0u32;
         for (name, n) in &varmaps {
-            let map: Vec<u32> = (0..all_vars.len() as u32).map(|j| if j >= offset && j < offset + *n as u32 { j - offset + 1 } else { 0 }).collect();
+            let map: Vec<u32> = (0..all_vars.len() as u32)
+                .map(|j| {
+                    if j >= offset && j < offset + *n as u32 {
+                        j - offset + 1
+                    } else {
+                        0
+                    }
+                })
+                .collect();
             writer.array_1d(&format!("varmap/{name}"), Elem::U32, map, json!({}))?;
             offset += *n as u32;
         }
@@ -380,7 +536,18 @@ pub fn simulate(location: &str, c: &SimConfig, mut progress: impl FnMut(u64)) ->
     } else {
         write_anndata("", cell_names, &obs_columns, &gene_names)?;
     }
-    writer.array_2d("obsm/X_true_latent", Elem::F32, c.n_cells, c.latent_dim as u64, latent, json!({"encoding-type": "array", "encoding-version": "0.2.0"}))?;
+    writer.array_2d(
+        "obsm/X_true_latent",
+        Elem::F32,
+        c.n_cells,
+        c.latent_dim as u64,
+        latent,
+        json!({"encoding-type": "array", "encoding-version": "0.2.0"}),
+    )?;
     writer.consolidate()?;
-    Ok(SimSummary { n_cells: c.n_cells, modalities, mudata })
+    Ok(SimSummary {
+        n_cells: c.n_cells,
+        modalities,
+        mudata,
+    })
 }

@@ -32,7 +32,10 @@ pub enum Location {
 impl Location {
     /// Parses a local path or URL. Unknown schemes are an error, never a guess.
     pub fn parse(text: &str) -> Result<Self> {
-        let unsupported = |reason: String| DataError::Location { location: text.to_string(), reason };
+        let unsupported = |reason: String| DataError::Location {
+            location: text.to_string(),
+            reason,
+        };
         if !text.contains("://") {
             return Ok(Location::Local(PathBuf::from(text)));
         }
@@ -72,8 +75,13 @@ fn memory_stores() -> &'static Mutex<HashMap<String, Arc<InMemory>>> {
 }
 
 fn memory_store(name: &str) -> Arc<InMemory> {
-    let mut stores = memory_stores().lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    stores.entry(name.to_string()).or_insert_with(|| Arc::new(InMemory::new())).clone()
+    let mut stores = memory_stores()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    stores
+        .entry(name.to_string())
+        .or_insert_with(|| Arc::new(InMemory::new()))
+        .clone()
 }
 
 /// The runtime that drives object_store futures for the sync zarrs API. One per process:
@@ -109,7 +117,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("location", &self.location).finish()
+        f.debug_struct("Store")
+            .field("location", &self.location)
+            .finish()
     }
 }
 
@@ -120,7 +130,8 @@ impl Store {
         if store.zarr_version()?.is_none() {
             return Err(DataError::Open {
                 store: store.name(),
-                reason: "no Zarr root here (expected zarr.json for Zarr v3 or .zgroup for v2)".into(),
+                reason: "no Zarr root here (expected zarr.json for Zarr v3 or .zgroup for v2)"
+                    .into(),
             });
         }
         Ok(store)
@@ -144,7 +155,11 @@ impl Store {
             Arc::new(AsyncObjectStore::new(object_store)),
             BlockOnRuntime,
         ));
-        Ok(Store { location, storage, display: text.to_string() })
+        Ok(Store {
+            location,
+            storage,
+            display: text.to_string(),
+        })
     }
 
     pub fn name(&self) -> String {
@@ -169,14 +184,22 @@ impl Store {
         self.storage
             .get(&store_key)
             .map(|b| b.map(|b| b.to_vec()))
-            .map_err(|e| DataError::Storage { store: self.name(), path: key.into(), reason: e.to_string() })
+            .map_err(|e| DataError::Storage {
+                store: self.name(),
+                path: key.into(),
+                reason: e.to_string(),
+            })
     }
 
     pub fn set_bytes(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
         let store_key = self.key(key)?;
         self.storage
             .set(&store_key, bytes.into())
-            .map_err(|e| DataError::Storage { store: self.name(), path: key.into(), reason: e.to_string() })
+            .map_err(|e| DataError::Storage {
+                store: self.name(),
+                path: key.into(),
+                reason: e.to_string(),
+            })
     }
 
     pub(crate) fn key(&self, key: &str) -> Result<StoreKey> {
@@ -205,7 +228,10 @@ impl ZarrVersion {
 }
 
 fn object_store_for(location: &Location, text: &str, create: bool) -> Result<Arc<dyn ObjectStore>> {
-    let failed = |reason: String| DataError::Location { location: text.to_string(), reason };
+    let failed = |reason: String| DataError::Location {
+        location: text.to_string(),
+        reason,
+    };
     match location {
         Location::Local(path) => {
             let absolute = absolute(path).map_err(|e| failed(e.to_string()))?;
@@ -236,8 +262,8 @@ fn object_store_for(location: &Location, text: &str, create: bool) -> Result<Arc
             };
             // Builders from_env() pick up the usual credential variables (AWS_*, GOOGLE_*,
             // AZURE_*); the URL supplies bucket/container and the path becomes a prefix.
-            let (scheme, path) = object_store::ObjectStoreScheme::parse(url)
-                .map_err(|e| failed(e.to_string()))?;
+            let (scheme, path) =
+                object_store::ObjectStoreScheme::parse(url).map_err(|e| failed(e.to_string()))?;
             let store: Arc<dyn ObjectStore> = match scheme {
                 object_store::ObjectStoreScheme::AmazonS3 => Arc::new(
                     object_store::aws::AmazonS3Builder::from_env()
@@ -268,7 +294,11 @@ fn object_store_for(location: &Location, text: &str, create: bool) -> Result<Arc
 }
 
 fn absolute(path: &Path) -> std::io::Result<PathBuf> {
-    if path.is_absolute() { Ok(path.to_path_buf()) } else { Ok(std::env::current_dir()?.join(path)) }
+    if path.is_absolute() {
+        Ok(path.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()?.join(path))
+    }
 }
 
 #[cfg(test)]
@@ -277,21 +307,42 @@ mod tests {
 
     #[test]
     fn parses_every_supported_location() {
-        assert_eq!(Location::parse("a/b.zarr").unwrap(), Location::Local("a/b.zarr".into()));
-        assert_eq!(Location::parse("file:///x/y.zarr").unwrap(), Location::Local("/x/y.zarr".into()));
+        assert_eq!(
+            Location::parse("a/b.zarr").unwrap(),
+            Location::Local("a/b.zarr".into())
+        );
+        assert_eq!(
+            Location::parse("file:///x/y.zarr").unwrap(),
+            Location::Local("/x/y.zarr".into())
+        );
         assert_eq!(
             Location::parse("memory://t1/p/q.zarr").unwrap(),
-            Location::Memory { name: "t1".into(), prefix: "p/q.zarr".into() }
+            Location::Memory {
+                name: "t1".into(),
+                prefix: "p/q.zarr".into()
+            }
         );
-        for url in ["s3://bucket/x.zarr", "gs://bucket/x.zarr", "az://container/x.zarr"] {
-            assert!(matches!(Location::parse(url).unwrap(), Location::Cloud(_)), "{url}");
+        for url in [
+            "s3://bucket/x.zarr",
+            "gs://bucket/x.zarr",
+            "az://container/x.zarr",
+        ] {
+            assert!(
+                matches!(Location::parse(url).unwrap(), Location::Cloud(_)),
+                "{url}"
+            );
         }
     }
 
     #[test]
     fn unknown_scheme_is_named() {
-        let err = Location::parse("ftp://host/x.zarr").unwrap_err().to_string();
-        assert!(err.contains("ftp://host/x.zarr") && err.contains("'ftp'"), "{err}");
+        let err = Location::parse("ftp://host/x.zarr")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ftp://host/x.zarr") && err.contains("'ftp'"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -299,7 +350,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nothing.zarr");
         let err = Store::open(path.to_str().unwrap()).unwrap_err().to_string();
-        assert!(err.contains("nothing.zarr") && err.contains("no such directory"), "{err}");
+        assert!(
+            err.contains("nothing.zarr") && err.contains("no such directory"),
+            "{err}"
+        );
         assert!(!path.exists(), "opening must not create the store");
         std::fs::create_dir(&path).unwrap();
         let err = Store::open(path.to_str().unwrap()).unwrap_err().to_string();
@@ -309,7 +363,11 @@ mod tests {
     #[test]
     fn memory_stores_are_shared_by_name() {
         let a = Store::connect("memory://shared-test/s.zarr").unwrap();
-        a.set_bytes("zarr.json", br#"{"zarr_format":3,"node_type":"group"}"#.to_vec()).unwrap();
+        a.set_bytes(
+            "zarr.json",
+            br#"{"zarr_format":3,"node_type":"group"}"#.to_vec(),
+        )
+        .unwrap();
         let b = Store::open("memory://shared-test/s.zarr").unwrap();
         assert_eq!(b.zarr_version().unwrap(), Some(ZarrVersion::V3));
     }

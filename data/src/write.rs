@@ -87,7 +87,14 @@ impl Elem {
     fn fill(self) -> Value {
         match self {
             Elem::F32 | Elem::F64 => json!(0.0),
-            Elem::I8 | Elem::I16 | Elem::I32 | Elem::I64 | Elem::U8 | Elem::U16 | Elem::U32 | Elem::U64 => json!(0),
+            Elem::I8
+            | Elem::I16
+            | Elem::I32
+            | Elem::I64
+            | Elem::U8
+            | Elem::U16
+            | Elem::U32
+            | Elem::U64 => json!(0),
             Elem::Bool => json!(false),
             Elem::Str => json!(""),
         }
@@ -96,13 +103,22 @@ impl Elem {
 
 /// Zarr array metadata for `shape` with `chunk` (v2 chunk or v3 inner chunk) and, for v3,
 /// `shard` as the outer chunk (sharding codec, crc32c on the index).
-fn array_metadata(version: ZarrVersion, elem: Elem, shape: &[u64], chunk: &[u64], shard: &[u64], attrs: Value) -> Value {
+fn array_metadata(
+    version: ZarrVersion,
+    elem: Elem,
+    shape: &[u64],
+    chunk: &[u64],
+    shard: &[u64],
+    attrs: Value,
+) -> Value {
     match version {
         ZarrVersion::V3 => {
             // Numbers: blosc (lz4, byte shuffle) inside each shard, which decodes ~2x faster
             // than zstd for count data at a similar size; strings: vlen-utf8 + zstd.
             let inner = match elem {
-                Elem::Str => json!([{"name": "vlen-utf8", "configuration": {}}, {"name": "zstd", "configuration": {"level": 3, "checksum": false}}]),
+                Elem::Str => {
+                    json!([{"name": "vlen-utf8", "configuration": {}}, {"name": "zstd", "configuration": {"level": 3, "checksum": false}}])
+                }
                 _ => json!([
                     {"name": "bytes", "configuration": {"endian": "little"}},
                     {"name": "blosc", "configuration": {"cname": "lz4", "clevel": 5, "shuffle": "shuffle", "typesize": elem.size(), "blocksize": 0}}
@@ -156,29 +172,46 @@ impl StoreWriter {
     pub fn create(location: &str, version: ZarrVersion) -> Result<StoreWriter> {
         let store = Store::connect(location)?;
         if store.zarr_version()?.is_some() {
-            return Err(DataError::Exists { store: store.name(), path: "/".into() });
+            return Err(DataError::Exists {
+                store: store.name(),
+                path: "/".into(),
+            });
         }
         Ok(StoreWriter { store, version })
     }
 
     /// Writes into an existing store, in the version it already uses.
     pub fn existing(store: Store) -> Result<StoreWriter> {
-        let version = store.zarr_version()?.ok_or_else(|| store.at("/").missing("Zarr root"))?;
+        let version = store
+            .zarr_version()?
+            .ok_or_else(|| store.at("/").missing("Zarr root"))?;
         Ok(StoreWriter { store, version })
     }
 
     pub fn group(&self, path: &str, attrs: Value) -> Result<()> {
         let at = self.store.at(path);
         let attrs = if attrs.is_null() { json!({}) } else { attrs };
-        let key = |name: &str| if path.is_empty() { name.to_string() } else { format!("{path}/{name}") };
+        let key = |name: &str| {
+            if path.is_empty() {
+                name.to_string()
+            } else {
+                format!("{path}/{name}")
+            }
+        };
         match self.version {
             ZarrVersion::V3 => {
                 let meta = json!({"zarr_format": 3, "node_type": "group", "attributes": attrs});
-                self.store.set_bytes(&key("zarr.json"), to_json(&meta)).map_err(|e| at.write(e))
+                self.store
+                    .set_bytes(&key("zarr.json"), to_json(&meta))
+                    .map_err(|e| at.write(e))
             }
             ZarrVersion::V2 => {
-                self.store.set_bytes(&key(".zgroup"), to_json(&json!({"zarr_format": 2}))).map_err(|e| at.write(e))?;
-                self.store.set_bytes(&key(".zattrs"), to_json(&attrs)).map_err(|e| at.write(e))
+                self.store
+                    .set_bytes(&key(".zgroup"), to_json(&json!({"zarr_format": 2})))
+                    .map_err(|e| at.write(e))?;
+                self.store
+                    .set_bytes(&key(".zattrs"), to_json(&attrs))
+                    .map_err(|e| at.write(e))
             }
         }
     }
@@ -188,15 +221,37 @@ impl StoreWriter {
         self.group(path, encoding("dict", "0.1.0"))
     }
 
-    fn new_array(&self, path: &str, elem: Elem, shape: &[u64], chunk: &[u64], shard: &[u64], attrs: Value) -> Result<ZArray> {
+    fn new_array(
+        &self,
+        path: &str,
+        elem: Elem,
+        shape: &[u64],
+        chunk: &[u64],
+        shard: &[u64],
+        attrs: Value,
+    ) -> Result<ZArray> {
         let at = self.store.at(path);
-        let meta: ArrayMetadata = serde_json::from_value(array_metadata(self.version, elem, shape, chunk, shard, attrs))
-            .map_err(|e| at.write(format!("array metadata: {e}")))?;
-        Array::new_with_metadata(self.store.storage.clone(), &format!("/{path}"), meta).map_err(|e| at.write(e))
+        let meta: ArrayMetadata = serde_json::from_value(array_metadata(
+            self.version,
+            elem,
+            shape,
+            chunk,
+            shard,
+            attrs,
+        ))
+        .map_err(|e| at.write(format!("array metadata: {e}")))?;
+        Array::new_with_metadata(self.store.storage.clone(), &format!("/{path}"), meta)
+            .map_err(|e| at.write(e))
     }
 
     /// Writes a whole 1-D array.
-    pub(crate) fn array_1d<T: Element>(&self, path: &str, elem: Elem, values: Vec<T>, attrs: Value) -> Result<()> {
+    pub(crate) fn array_1d<T: Element>(
+        &self,
+        path: &str,
+        elem: Elem,
+        values: Vec<T>,
+        attrs: Value,
+    ) -> Result<()> {
         let n = values.len() as u64;
         let array = self.sized_1d(path, elem, n, attrs)?;
         self.store_all(path, &array, std::slice::from_ref(&(0..n)), values)
@@ -205,47 +260,101 @@ impl StoreWriter {
     /// A 1-D array of known length `n`: chunks of `CHUNK`, shards no larger than the data.
     fn sized_1d(&self, path: &str, elem: Elem, n: u64, attrs: Value) -> Result<ZArray> {
         let chunk = CHUNK.min(n).max(1);
-        let shard = if n <= CHUNK { chunk } else { SHARD.min(n.div_ceil(chunk) * chunk) };
+        let shard = if n <= CHUNK {
+            chunk
+        } else {
+            SHARD.min(n.div_ceil(chunk) * chunk)
+        };
         self.new_array(path, elem, &[n], &[chunk], &[shard], attrs)
     }
 
     /// Writes a whole dense 2-D array (row-major).
-    pub(crate) fn array_2d<T: Element>(&self, path: &str, elem: Elem, rows: u64, cols: u64, values: Vec<T>, attrs: Value) -> Result<()> {
+    pub(crate) fn array_2d<T: Element>(
+        &self,
+        path: &str,
+        elem: Elem,
+        rows: u64,
+        cols: u64,
+        values: Vec<T>,
+        attrs: Value,
+    ) -> Result<()> {
         let array = self.dense_2d(path, elem, rows, cols, attrs)?;
         self.store_all(path, &array, &[0..rows, 0..cols], values)
     }
 
     /// Creates a dense 2-D array chunked by rows; the caller stores row blocks (whole shards
     /// of `DENSE_SHARD_ROWS` rows avoid re-encoding) and then its metadata.
-    pub(crate) fn dense_2d(&self, path: &str, elem: Elem, rows: u64, cols: u64, attrs: Value) -> Result<ZArray> {
+    pub(crate) fn dense_2d(
+        &self,
+        path: &str,
+        elem: Elem,
+        rows: u64,
+        cols: u64,
+        attrs: Value,
+    ) -> Result<ZArray> {
         let chunk_rows = DENSE_ROWS.min(rows).max(1);
-        let shard_rows = if rows <= DENSE_ROWS { chunk_rows } else { DENSE_SHARD_ROWS.min(rows.div_ceil(chunk_rows) * chunk_rows) };
+        let shard_rows = if rows <= DENSE_ROWS {
+            chunk_rows
+        } else {
+            DENSE_SHARD_ROWS.min(rows.div_ceil(chunk_rows) * chunk_rows)
+        };
         let c = cols.max(1);
-        self.new_array(path, elem, &[rows, cols], &[chunk_rows, c], &[shard_rows, c], attrs)
+        self.new_array(
+            path,
+            elem,
+            &[rows, cols],
+            &[chunk_rows, c],
+            &[shard_rows, c],
+            attrs,
+        )
     }
 
     /// Writes a 0-dimensional array (a scalar, as anndata stores them in `uns`).
-    pub(crate) fn array_0d<T: Element>(&self, path: &str, elem: Elem, value: T, attrs: Value) -> Result<()> {
+    pub(crate) fn array_0d<T: Element>(
+        &self,
+        path: &str,
+        elem: Elem,
+        value: T,
+        attrs: Value,
+    ) -> Result<()> {
         let array = self.new_array(path, elem, &[], &[], &[], attrs)?;
         self.store_all(path, &array, &[], vec![value])
     }
 
-    fn store_all<T: Element>(&self, path: &str, array: &ZArray, subset: &[std::ops::Range<u64>], values: Vec<T>) -> Result<()> {
+    fn store_all<T: Element>(
+        &self,
+        path: &str,
+        array: &ZArray,
+        subset: &[std::ops::Range<u64>],
+        values: Vec<T>,
+    ) -> Result<()> {
         let at = self.store.at(path);
         if subset.iter().all(|r| r.end > r.start) {
-            array.store_array_subset(&subset.to_vec(), values).map_err(|e| at.write(e))?;
+            array
+                .store_array_subset(&subset.to_vec(), values)
+                .map_err(|e| at.write(e))?;
         }
         array.store_metadata().map_err(|e| at.write(e))
     }
 
     /// Writes a dataframe group with its index and columns in order.
-    pub fn dataframe(&self, path: &str, index: &[String], columns: &[(String, Column)]) -> Result<()> {
+    pub fn dataframe(
+        &self,
+        path: &str,
+        index: &[String],
+        columns: &[(String, Column)],
+    ) -> Result<()> {
         let order: Vec<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
         let mut attrs = encoding("dataframe", "0.2.0");
         attrs["_index"] = json!("_index");
         attrs["column-order"] = json!(order);
         self.group(path, attrs)?;
-        self.array_1d(&format!("{path}/_index"), Elem::Str, index.to_vec(), encoding("string-array", "0.2.0"))?;
+        self.array_1d(
+            &format!("{path}/_index"),
+            Elem::Str,
+            index.to_vec(),
+            encoding("string-array", "0.2.0"),
+        )?;
         for (name, column) in columns {
             self.column(&format!("{path}/{name}"), column)?;
         }
@@ -255,51 +364,131 @@ impl StoreWriter {
     fn column(&self, path: &str, column: &Column) -> Result<()> {
         let nullable = |mask: Vec<bool>, kind: &str| -> Result<()> {
             self.group(path, encoding(kind, "0.1.0"))?;
-            self.array_1d(&format!("{path}/mask"), Elem::Bool, mask, encoding("array", "0.2.0"))
+            self.array_1d(
+                &format!("{path}/mask"),
+                Elem::Bool,
+                mask,
+                encoding("array", "0.2.0"),
+            )
         };
         let array = encoding("array", "0.2.0");
         match column {
-            Column::Categorical { codes, categories, ordered } => {
+            Column::Categorical {
+                codes,
+                categories,
+                ordered,
+            } => {
                 let mut attrs = encoding("categorical", "0.2.0");
                 attrs["ordered"] = json!(ordered);
                 self.group(path, attrs)?;
                 self.array_1d(&format!("{path}/codes"), Elem::I32, codes.clone(), array)?;
-                self.array_1d(&format!("{path}/categories"), Elem::Str, categories.clone(), encoding("string-array", "0.2.0"))
+                self.array_1d(
+                    &format!("{path}/categories"),
+                    Elem::Str,
+                    categories.clone(),
+                    encoding("string-array", "0.2.0"),
+                )
             }
             Column::Float(v) => self.array_1d(path, Elem::F64, v.clone(), array),
-            Column::Strings(v) if v.iter().all(Option::is_some) => {
-                self.array_1d(path, Elem::Str, v.iter().flatten().cloned().collect(), encoding("string-array", "0.2.0"))
-            }
+            Column::Strings(v) if v.iter().all(Option::is_some) => self.array_1d(
+                path,
+                Elem::Str,
+                v.iter().flatten().cloned().collect(),
+                encoding("string-array", "0.2.0"),
+            ),
             Column::Strings(v) => {
-                nullable(v.iter().map(Option::is_none).collect(), "nullable-string-array")?;
-                self.array_1d(&format!("{path}/values"), Elem::Str, v.iter().map(|s| s.clone().unwrap_or_default()).collect(), encoding("string-array", "0.2.0"))
+                nullable(
+                    v.iter().map(Option::is_none).collect(),
+                    "nullable-string-array",
+                )?;
+                self.array_1d(
+                    &format!("{path}/values"),
+                    Elem::Str,
+                    v.iter().map(|s| s.clone().unwrap_or_default()).collect(),
+                    encoding("string-array", "0.2.0"),
+                )
             }
-            Column::Int(v) if v.iter().all(Option::is_some) => self.array_1d(path, Elem::I64, v.iter().flatten().copied().collect(), array),
+            Column::Int(v) if v.iter().all(Option::is_some) => self.array_1d(
+                path,
+                Elem::I64,
+                v.iter().flatten().copied().collect(),
+                array,
+            ),
             Column::Int(v) => {
                 nullable(v.iter().map(Option::is_none).collect(), "nullable-integer")?;
-                self.array_1d(&format!("{path}/values"), Elem::I64, v.iter().map(|x| x.unwrap_or(0)).collect(), array)
+                self.array_1d(
+                    &format!("{path}/values"),
+                    Elem::I64,
+                    v.iter().map(|x| x.unwrap_or(0)).collect(),
+                    array,
+                )
             }
-            Column::Bool(v) if v.iter().all(Option::is_some) => self.array_1d(path, Elem::Bool, v.iter().flatten().copied().collect(), array),
+            Column::Bool(v) if v.iter().all(Option::is_some) => self.array_1d(
+                path,
+                Elem::Bool,
+                v.iter().flatten().copied().collect(),
+                array,
+            ),
             Column::Bool(v) => {
                 nullable(v.iter().map(Option::is_none).collect(), "nullable-boolean")?;
-                self.array_1d(&format!("{path}/values"), Elem::Bool, v.iter().map(|x| x.unwrap_or(false)).collect(), array)
+                self.array_1d(
+                    &format!("{path}/values"),
+                    Elem::Bool,
+                    v.iter().map(|x| x.unwrap_or(false)).collect(),
+                    array,
+                )
             }
         }
     }
 
     /// Starts a CSR matrix group written row block by row block (bounded memory).
     pub fn csr(&self, path: &str, n_cols: u64) -> Result<CsrWriter<'_>> {
-        let data = self.stream_1d(&format!("{path}/data"), Elem::F32, encoding("array", "0.2.0"))?;
-        let indices = self.stream_1d(&format!("{path}/indices"), Elem::I32, encoding("array", "0.2.0"))?;
-        Ok(CsrWriter { writer: self, path: path.into(), n_cols, data, indices, indptr: vec![0] })
+        let data = self.stream_1d(
+            &format!("{path}/data"),
+            Elem::F32,
+            encoding("array", "0.2.0"),
+        )?;
+        let indices = self.stream_1d(
+            &format!("{path}/indices"),
+            Elem::I32,
+            encoding("array", "0.2.0"),
+        )?;
+        Ok(CsrWriter {
+            writer: self,
+            path: path.into(),
+            n_cols,
+            data,
+            indices,
+            indptr: vec![0],
+        })
     }
 
     /// Starts a 1-D array whose length is known only at the end.
-    pub(crate) fn stream_1d<T: Element + Clone + Default + Send>(&self, path: &str, elem: Elem, attrs: Value) -> Result<Stream1d<'_, T>> {
+    pub(crate) fn stream_1d<T: Element + Clone + Default + Send>(
+        &self,
+        path: &str,
+        elem: Elem,
+        attrs: Value,
+    ) -> Result<Stream1d<'_, T>> {
         // Sized for the largest possible length while streaming; the real shape is set at the end.
         let capacity = u64::MAX / 2;
-        let array = self.new_array(path, elem, &[capacity], &[CHUNK], &[self.chunk_unit()], attrs.clone())?;
-        Ok(Stream1d { writer: self, path: path.into(), elem, attrs, array, pending: Vec::new(), chunks_written: 0 })
+        let array = self.new_array(
+            path,
+            elem,
+            &[capacity],
+            &[CHUNK],
+            &[self.chunk_unit()],
+            attrs.clone(),
+        )?;
+        Ok(Stream1d {
+            writer: self,
+            path: path.into(),
+            elem,
+            attrs,
+            array,
+            pending: Vec::new(),
+            chunks_written: 0,
+        })
     }
 
     /// Elements per stored object of a streamed 1-D array.
@@ -318,13 +507,21 @@ impl StoreWriter {
         let at = self.store.at("/");
         match self.version {
             ZarrVersion::V3 => {
-                let mut root = self.store.json("zarr.json")?.ok_or_else(|| at.missing("zarr.json"))?;
-                root["consolidated_metadata"] = json!({"kind": "inline", "must_understand": false, "metadata": nodes});
-                self.store.set_bytes("zarr.json", to_json(&root)).map_err(|e| at.write(e))
+                let mut root = self
+                    .store
+                    .json("zarr.json")?
+                    .ok_or_else(|| at.missing("zarr.json"))?;
+                root["consolidated_metadata"] =
+                    json!({"kind": "inline", "must_understand": false, "metadata": nodes});
+                self.store
+                    .set_bytes("zarr.json", to_json(&root))
+                    .map_err(|e| at.write(e))
             }
             ZarrVersion::V2 => {
                 let doc = json!({"metadata": nodes, "zarr_consolidated_format": 1});
-                self.store.set_bytes(".zmetadata", to_json(&doc)).map_err(|e| at.write(e))
+                self.store
+                    .set_bytes(".zmetadata", to_json(&doc))
+                    .map_err(|e| at.write(e))
             }
         }
     }
@@ -332,9 +529,22 @@ impl StoreWriter {
 
 /// Gathers node metadata below `path` in the consolidated layout of each version: v3 maps
 /// "a/b" to the node's zarr.json; v2 maps "a/b/.zarray" (".zgroup", ".zattrs") to file contents.
-fn collect_nodes(store: &Store, version: ZarrVersion, path: &str, out: &mut Map<String, Value>) -> Result<()> {
-    let key = |name: &str| if path.is_empty() { name.to_string() } else { format!("{path}/{name}") };
-    let Some((kind, _)) = store.node(version, path)? else { return Ok(()) };
+fn collect_nodes(
+    store: &Store,
+    version: ZarrVersion,
+    path: &str,
+    out: &mut Map<String, Value>,
+) -> Result<()> {
+    let key = |name: &str| {
+        if path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{path}/{name}")
+        }
+    };
+    let Some((kind, _)) = store.node(version, path)? else {
+        return Ok(());
+    };
     match version {
         ZarrVersion::V3 => {
             if !path.is_empty()
@@ -386,7 +596,9 @@ impl<T: Element + Clone + Default + Send> Stream1d<'_, T> {
 
     fn flush_full_chunk(&mut self, unit: usize) -> Result<()> {
         let chunk: Vec<T> = self.pending.drain(..unit).collect();
-        self.array.store_chunk(&[self.chunks_written], chunk).map_err(|e| self.writer.store.at(&self.path).write(e))?;
+        self.array
+            .store_chunk(&[self.chunks_written], chunk)
+            .map_err(|e| self.writer.store.at(&self.path).write(e))?;
         self.chunks_written += 1;
         Ok(())
     }
@@ -400,13 +612,18 @@ impl<T: Element + Clone + Default + Send> Stream1d<'_, T> {
         let at = self.writer.store.at(&self.path);
         let tail = std::mem::take(&mut self.pending);
         if self.chunks_written == 0 {
-            return self.writer.array_1d(&self.path, self.elem, tail, self.attrs).map(|()| len);
+            return self
+                .writer
+                .array_1d(&self.path, self.elem, tail, self.attrs)
+                .map(|()| len);
         }
         self.array.set_shape(vec![len]).map_err(|e| at.write(e))?;
         if !tail.is_empty() {
             #[allow(clippy::single_range_in_vec_init)] // a 1-D subset, not a range of indices
             let subset = [start..len];
-            self.array.store_array_subset(&subset, tail).map_err(|e| at.write(e))?;
+            self.array
+                .store_array_subset(&subset, tail)
+                .map_err(|e| at.write(e))?;
         }
         self.array.store_metadata().map_err(|e| at.write(e))?;
         Ok(len)
@@ -426,7 +643,10 @@ pub struct CsrWriter<'w> {
 
 impl std::fmt::Debug for CsrWriter<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CsrWriter").field("path", &self.path).field("rows", &(self.indptr.len() - 1)).finish()
+        f.debug_struct("CsrWriter")
+            .field("path", &self.path)
+            .field("rows", &(self.indptr.len() - 1))
+            .finish()
     }
 }
 
@@ -434,12 +654,19 @@ impl CsrWriter<'_> {
     pub fn push(&mut self, rows: &Csr) -> Result<()> {
         if rows.n_cols as u64 != self.n_cols {
             let at = self.writer.store.at(&self.path);
-            return Err(at.invalid(format!("rows have {} columns, the matrix has {}", rows.n_cols, self.n_cols)));
+            return Err(at.invalid(format!(
+                "rows have {} columns, the matrix has {}",
+                rows.n_cols, self.n_cols
+            )));
         }
         let base = *self.indptr.last().unwrap_or(&0);
-        self.indptr.extend(rows.indptr[1..].iter().map(|&p| base + p as i64));
+        self.indptr
+            .extend(rows.indptr[1..].iter().map(|&p| base + p as i64));
         let indices: Vec<i32> = rows.indices.iter().map(|&i| i as i32).collect();
-        let (a, b) = rayon::join(|| self.data.push(&rows.data), || self.indices.push(&indices));
+        let (a, b) = rayon::join(
+            || self.data.push(&rows.data),
+            || self.indices.push(&indices),
+        );
         a.and(b)
     }
 
@@ -448,7 +675,12 @@ impl CsrWriter<'_> {
         let nnz = self.data.finish()?;
         self.indices.finish()?;
         let n_rows = self.indptr.len() as u64 - 1;
-        self.writer.array_1d(&format!("{}/indptr", self.path), Elem::I64, self.indptr, encoding("array", "0.2.0"))?;
+        self.writer.array_1d(
+            &format!("{}/indptr", self.path),
+            Elem::I64,
+            self.indptr,
+            encoding("array", "0.2.0"),
+        )?;
         let mut attrs = encoding("csr_matrix", "0.1.0");
         attrs["shape"] = json!([n_rows, self.n_cols]);
         self.writer.group(&self.path, attrs)?;
@@ -463,7 +695,13 @@ fn to_json(v: &Value) -> Vec<u8> {
 /// Adds elements to an existing AnnData (a store root or a MuData modality).
 impl AnnData {
     /// Adds `obsm/<key>`: a dense (n_obs x cols) f32 matrix, row-major.
-    pub fn write_obsm(&self, key: &str, values: &[f32], cols: usize, overwrite: bool) -> Result<()> {
+    pub fn write_obsm(
+        &self,
+        key: &str,
+        values: &[f32],
+        cols: usize,
+        overwrite: bool,
+    ) -> Result<()> {
         self.write_dense("obsm", key, values, cols, overwrite)
     }
 
@@ -472,19 +710,39 @@ impl AnnData {
         self.write_dense("layers", key, values, self.n_vars() as usize, overwrite)
     }
 
-    fn write_dense(&self, mapping: &str, key: &str, values: &[f32], cols: usize, overwrite: bool) -> Result<()> {
+    fn write_dense(
+        &self,
+        mapping: &str,
+        key: &str,
+        values: &[f32],
+        cols: usize,
+        overwrite: bool,
+    ) -> Result<()> {
         let path = self.element(&format!("{mapping}/{key}"));
         let at = self.store.at(&path);
-        if values.len() as u64 != self.n_obs() * cols as u64 || values.iter().any(|v| !v.is_finite()) {
+        if values.len() as u64 != self.n_obs() * cols as u64
+            || values.iter().any(|v| !v.is_finite())
+        {
             return Err(at.invalid(format!(
                 "expected {} x {cols} finite values, got {} values{}",
                 self.n_obs(),
                 values.len(),
-                if values.iter().any(|v| !v.is_finite()) { " with NaN/Inf" } else { "" }
+                if values.iter().any(|v| !v.is_finite()) {
+                    " with NaN/Inf"
+                } else {
+                    ""
+                }
             )));
         }
         self.publish(mapping, key, overwrite, |w, staging| {
-            w.array_2d(staging, Elem::F32, self.n_obs(), cols as u64, values.to_vec(), encoding("array", "0.2.0"))
+            w.array_2d(
+                staging,
+                Elem::F32,
+                self.n_obs(),
+                cols as u64,
+                values.to_vec(),
+                encoding("array", "0.2.0"),
+            )
         })
     }
 
@@ -494,21 +752,37 @@ impl AnnData {
         let obs = self.element("obs");
         let at = self.store.at(&obs);
         if column.len() as u64 != self.n_obs() {
-            return Err(self.store.at(&format!("{obs}/{key}")).invalid(format!("expected {} values, got {}", self.n_obs(), column.len())));
+            return Err(self.store.at(&format!("{obs}/{key}")).invalid(format!(
+                "expected {} values, got {}",
+                self.n_obs(),
+                column.len()
+            )));
         }
         let Some((_, mut attrs)) = self.store.node(self.version, &obs)? else {
             return Err(at.invalid("no obs dataframe to add a column to"));
         };
         if key == "_index" || attrs.get("_index").and_then(Value::as_str) == Some(key) {
-            return Err(self.store.at(&format!("{obs}/{key}")).invalid("the obs index cannot be replaced by a column"));
+            return Err(self
+                .store
+                .at(&format!("{obs}/{key}"))
+                .invalid("the obs index cannot be replaced by a column"));
         }
-        self.publish("obs", key, overwrite, |w, staging| w.column(staging, column))?;
-        let mut order: Vec<Value> = attrs.get("column-order").and_then(Value::as_array).cloned().unwrap_or_default();
+        self.publish("obs", key, overwrite, |w, staging| {
+            w.column(staging, column)
+        })?;
+        let mut order: Vec<Value> = attrs
+            .get("column-order")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         if !order.iter().any(|v| v.as_str() == Some(key)) {
             order.push(json!(key));
         }
         attrs.insert("column-order".into(), json!(order));
-        let writer = StoreWriter { store: self.store.clone(), version: self.version };
+        let writer = StoreWriter {
+            store: self.store.clone(),
+            version: self.version,
+        };
         writer.group(&obs, Value::Object(attrs))?;
         writer.consolidate()
     }
@@ -536,7 +810,13 @@ impl AnnData {
     pub fn write_obsp(&self, key: &str, graph: &Csr, overwrite: bool) -> Result<()> {
         let n = self.n_obs();
         if (graph.n_rows as u64, graph.n_cols as u64) != (n, n) {
-            return Err(self.store.at(&self.element(&format!("obsp/{key}"))).invalid(format!("shape ({}, {}) is not n_obs x n_obs = ({n}, {n})", graph.n_rows, graph.n_cols)));
+            return Err(self
+                .store
+                .at(&self.element(&format!("obsp/{key}")))
+                .invalid(format!(
+                    "shape ({}, {}) is not n_obs x n_obs = ({n}, {n})",
+                    graph.n_rows, graph.n_cols
+                )));
         }
         self.publish("obsp", key, overwrite, |w, staging| {
             let mut csr = w.csr(staging, n)?;
@@ -553,18 +833,32 @@ impl AnnData {
     /// Write aside, then publish: `write` fills a staging node; its keys are renamed into
     /// place (metadata last, so readers never see a half-written element), then the
     /// consolidated metadata is refreshed. A failed write leaves the store as it was.
-    fn publish(&self, mapping: &str, key: &str, overwrite: bool, write: impl FnOnce(&StoreWriter, &str) -> Result<()>) -> Result<()> {
+    fn publish(
+        &self,
+        mapping: &str,
+        key: &str,
+        overwrite: bool,
+        write: impl FnOnce(&StoreWriter, &str) -> Result<()>,
+    ) -> Result<()> {
         if key.is_empty() || key.contains('/') || key.starts_with('.') {
-            return Err(self.store.at(&self.element(mapping)).invalid(format!("invalid key '{key}': expected a name without '/' or leading '.'")));
+            return Err(self.store.at(&self.element(mapping)).invalid(format!(
+                "invalid key '{key}': expected a name without '/' or leading '.'"
+            )));
         }
         let parent = self.element(mapping);
         let target = format!("{parent}/{key}");
         let staging = format!("{parent}/.tessera-staging-{key}");
-        let writer = StoreWriter { store: self.store.clone(), version: self.version };
+        let writer = StoreWriter {
+            store: self.store.clone(),
+            version: self.version,
+        };
         let at = self.store.at(&target);
         let exists = self.store.node(self.version, &target)?.is_some();
         if exists && !overwrite {
-            return Err(DataError::Exists { store: self.store.name(), path: target });
+            return Err(DataError::Exists {
+                store: self.store.name(),
+                path: target,
+            });
         }
         if self.store.node(self.version, &parent)?.is_none() {
             writer.dict(&parent)?;
@@ -578,15 +872,31 @@ impl AnnData {
             erase(&self.store, &target)?;
         }
         let prefix = StorePrefix::new(format!("{staging}/")).map_err(|e| at.write(e))?;
-        let mut keys = self.store.storage.list_prefix(&prefix).map_err(|e| at.write(e))?;
-        let is_metadata = |k: &str| [".zarray", ".zgroup", ".zattrs", "zarr.json"].iter().any(|m| k.ends_with(m));
+        let mut keys = self
+            .store
+            .storage
+            .list_prefix(&prefix)
+            .map_err(|e| at.write(e))?;
+        let is_metadata = |k: &str| {
+            [".zarray", ".zgroup", ".zattrs", "zarr.json"]
+                .iter()
+                .any(|m| k.ends_with(m))
+        };
         keys.sort_by_key(|k| is_metadata(k.as_str()));
         for key in keys {
             let to = format!("{target}{}", &key.as_str()[staging.len()..]);
             // Copy then erase: object stores have no directory rename, and the adapter offers
             // no per-key rename either. Metadata goes last, so the element appears complete.
-            let bytes = self.store.storage.get(&key).map_err(|e| at.write(e))?.ok_or_else(|| at.write(format!("staged key {key} vanished")))?;
-            self.store.storage.set(&self.store.key(&to)?, bytes).map_err(|e| at.write(e))?;
+            let bytes = self
+                .store
+                .storage
+                .get(&key)
+                .map_err(|e| at.write(e))?
+                .ok_or_else(|| at.write(format!("staged key {key} vanished")))?;
+            self.store
+                .storage
+                .set(&self.store.key(&to)?, bytes)
+                .map_err(|e| at.write(e))?;
             self.store.storage.erase(&key).map_err(|e| at.write(e))?;
         }
         erase(&self.store, &staging)?;
@@ -596,7 +906,10 @@ impl AnnData {
 
 fn erase(store: &Store, path: &str) -> Result<()> {
     let prefix = StorePrefix::new(format!("{path}/")).map_err(|e| store.at(path).write(e))?;
-    store.storage.erase_prefix(&prefix).map_err(|e| store.at(path).write(e))?;
+    store
+        .storage
+        .erase_prefix(&prefix)
+        .map_err(|e| store.at(path).write(e))?;
     // Object stores have no directories; a local store keeps empty ones, which we remove.
     if let crate::store::Location::Local(root) = &store.location {
         let dir = root.join(path);

@@ -106,7 +106,10 @@ impl Values {
             Values::U8(v) => v.into_iter().map(i64::from).collect(),
             Values::U16(v) => v.into_iter().map(i64::from).collect(),
             Values::U32(v) => v.into_iter().map(i64::from).collect(),
-            Values::U64(v) => v.into_iter().map(|x| i64::try_from(x).unwrap_or(i64::MAX)).collect(),
+            Values::U64(v) => v
+                .into_iter()
+                .map(|x| i64::try_from(x).unwrap_or(i64::MAX))
+                .collect(),
             other => return Err(other.type_name()),
         })
     }
@@ -116,7 +119,10 @@ impl Values {
     /// Integer values as u32 indices, each checked to be in `0..bound`, in one pass (the hot
     /// path of sparse reads: no intermediate widening).
     pub fn into_indices(self, bound: u64) -> std::result::Result<Vec<u32>, String> {
-        fn convert<T: Copy + TryInto<i64>>(v: Vec<T>, bound: u64) -> std::result::Result<Vec<u32>, String> {
+        fn convert<T: Copy + TryInto<i64>>(
+            v: Vec<T>,
+            bound: u64,
+        ) -> std::result::Result<Vec<u32>, String> {
             let mut out = Vec::with_capacity(v.len());
             let mut bad = None;
             for x in v {
@@ -128,7 +134,9 @@ impl Values {
             }
             match bad {
                 None => Ok(out),
-                Some(i) => Err(format!("index {i} out of range, expected 0 <= index < {bound}")),
+                Some(i) => Err(format!(
+                    "index {i} out of range, expected 0 <= index < {bound}"
+                )),
             }
         }
         match self {
@@ -144,12 +152,20 @@ impl Values {
             }
             Values::I64(v) => convert(v, bound),
             Values::U32(v) => convert(v, bound),
-            Values::U64(v) => convert(v.into_iter().map(|x| i64::try_from(x).unwrap_or(-1)).collect(), bound),
+            Values::U64(v) => convert(
+                v.into_iter()
+                    .map(|x| i64::try_from(x).unwrap_or(-1))
+                    .collect(),
+                bound,
+            ),
             Values::I16(v) => convert(v, bound),
             Values::U16(v) => convert(v, bound),
             Values::I8(v) => convert(v, bound),
             Values::U8(v) => convert(v, bound),
-            other => Err(format!("data type {}, expected an integer type", other.type_name())),
+            other => Err(format!(
+                "data type {}, expected an integer type",
+                other.type_name()
+            )),
         }
     }
 
@@ -159,7 +175,9 @@ impl Values {
             Values::F32(v) => Ok(v),
             Values::Bool(v) => Ok(v.into_iter().map(|b| if b { 1.0 } else { 0.0 }).collect()),
             Values::Str(_) => Err("string"),
-            other => each_numeric!(other, v => Ok(v.into_iter().map(|x| x as f32).collect()), _ => Err("string")),
+            other => {
+                each_numeric!(other, v => Ok(v.into_iter().map(|x| x as f32).collect()), _ => Err("string"))
+            }
         }
     }
 
@@ -169,22 +187,39 @@ impl Values {
             Values::F64(v) => Ok(v),
             Values::Bool(v) => Ok(v.into_iter().map(|b| if b { 1.0 } else { 0.0 }).collect()),
             Values::Str(_) => Err("string"),
-            other => each_numeric!(other, v => Ok(v.into_iter().map(|x| x as f64).collect()), _ => Err("string")),
+            other => {
+                each_numeric!(other, v => Ok(v.into_iter().map(|x| x as f64).collect()), _ => Err("string"))
+            }
         }
     }
 }
 
 impl Store {
     pub(crate) fn at<'a>(&'a self, path: &'a str) -> At<'a> {
-        At { store: &self.display, path }
+        At {
+            store: &self.display,
+            path,
+        }
     }
 
     /// The node at `path` ("" is the root): its kind and attributes, None if nothing is there.
-    pub(crate) fn node(&self, version: ZarrVersion, path: &str) -> Result<Option<(NodeKind, Map<String, Value>)>> {
-        let key = |name: &str| if path.is_empty() { name.to_string() } else { format!("{path}/{name}") };
+    pub(crate) fn node(
+        &self,
+        version: ZarrVersion,
+        path: &str,
+    ) -> Result<Option<(NodeKind, Map<String, Value>)>> {
+        let key = |name: &str| {
+            if path.is_empty() {
+                name.to_string()
+            } else {
+                format!("{path}/{name}")
+            }
+        };
         match version {
             ZarrVersion::V3 => {
-                let Some(meta) = self.json(&key("zarr.json"))? else { return Ok(None) };
+                let Some(meta) = self.json(&key("zarr.json"))? else {
+                    return Ok(None);
+                };
                 let kind = match meta.get("node_type").and_then(Value::as_str) {
                     Some("group") => NodeKind::Group,
                     Some("array") => NodeKind::Array,
@@ -194,7 +229,11 @@ impl Store {
                         )));
                     }
                 };
-                let attrs = meta.get("attributes").and_then(Value::as_object).cloned().unwrap_or_default();
+                let attrs = meta
+                    .get("attributes")
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .unwrap_or_default();
                 Ok(Some((kind, attrs)))
             }
             ZarrVersion::V2 => {
@@ -217,26 +256,40 @@ impl Store {
     pub(crate) fn json(&self, key: &str) -> Result<Option<Value>> {
         match self.get_bytes(key)? {
             None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| self.at(key).invalid(format!("malformed JSON metadata: {e}"))),
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                self.at(key)
+                    .invalid(format!("malformed JSON metadata: {e}"))
+            }),
         }
     }
 
     /// Names of the child nodes of a group, sorted.
     pub(crate) fn children(&self, path: &str) -> Result<Vec<String>> {
-        let prefix = if path.is_empty() { String::new() } else { format!("{path}/") };
+        let prefix = if path.is_empty() {
+            String::new()
+        } else {
+            format!("{path}/")
+        };
         let prefix = zarrs::storage::StorePrefix::new(prefix)
             .map_err(|e| self.at(path).invalid(format!("invalid group path: {e}")))?;
-        let listing = self.storage.list_dir(&prefix).map_err(|e| DataError::Storage {
-            store: self.display.clone(),
-            path: path.into(),
-            reason: e.to_string(),
-        })?;
+        let listing = self
+            .storage
+            .list_dir(&prefix)
+            .map_err(|e| DataError::Storage {
+                store: self.display.clone(),
+                path: path.into(),
+                reason: e.to_string(),
+            })?;
         let mut names: Vec<String> = listing
             .prefixes()
             .iter()
-            .filter_map(|p| p.as_str().trim_end_matches('/').rsplit('/').next().map(str::to_string))
+            .filter_map(|p| {
+                p.as_str()
+                    .trim_end_matches('/')
+                    .rsplit('/')
+                    .next()
+                    .map(str::to_string)
+            })
             .filter(|n| !n.starts_with('.'))
             .collect();
         names.sort();
@@ -246,7 +299,9 @@ impl Store {
     pub(crate) fn array(&self, path: &str) -> Result<ZArray> {
         Array::open(self.storage.clone(), &format!("/{path}")).map_err(|e| match e {
             zarrs::array::ArrayCreateError::MissingMetadata => self.at(path).missing("array"),
-            other => self.at(path).invalid(format!("not a readable Zarr array: {other}")),
+            other => self
+                .at(path)
+                .invalid(format!("not a readable Zarr array: {other}")),
         })
     }
 }
@@ -259,7 +314,12 @@ pub(crate) fn dtype_name(array: &ZArray) -> String {
 }
 
 /// Reads elements `range` of a 1-D array, or whole rows `range` of a 2-D array (row-major).
-pub(crate) fn read_rows(store: &Store, path: &str, array: &ZArray, range: Range<u64>) -> Result<Values> {
+pub(crate) fn read_rows(
+    store: &Store,
+    path: &str,
+    array: &ZArray,
+    range: Range<u64>,
+) -> Result<Values> {
     let shape = array.shape().to_vec();
     let at = store.at(path);
     // A 0-d array (a scalar) has no rows: it is read whole.
@@ -267,9 +327,14 @@ pub(crate) fn read_rows(store: &Store, path: &str, array: &ZArray, range: Range<
         None => Vec::new(),
         Some((&end, rest)) => {
             if range.end > end || range.start > range.end {
-                return Err(at.invalid(format!("rows {}..{} requested, array has {end}", range.start, range.end)));
+                return Err(at.invalid(format!(
+                    "rows {}..{} requested, array has {end}",
+                    range.start, range.end
+                )));
             }
-            std::iter::once(range).chain(rest.iter().map(|&n| 0..n)).collect()
+            std::iter::once(range)
+                .chain(rest.iter().map(|&n| 0..n))
+                .collect()
         }
     };
     macro_rules! get {
@@ -319,7 +384,9 @@ pub(crate) fn read_all(store: &Store, path: &str) -> Result<Values> {
 
 /// Reads a whole 1-D integer array widened to i64.
 pub(crate) fn read_i64(store: &Store, path: &str) -> Result<Vec<i64>> {
-    read_all(store, path)?.into_i64().map_err(|found| store.at(path).dtype(found, "an integer type"))
+    read_all(store, path)?
+        .into_i64()
+        .map_err(|found| store.at(path).dtype(found, "an integer type"))
 }
 
 pub(crate) fn encoding_type(attrs: &Map<String, Value>) -> Option<&str> {

@@ -14,7 +14,15 @@ const GENES: usize = 20;
 fn fresh() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.zarr");
-    let config = SimConfig { n_cells: CELLS, n_genes: GENES, n_types: 2, n_batches: 2, library: 200.0, version: ZarrVersion::V2, ..Default::default() };
+    let config = SimConfig {
+        n_cells: CELLS,
+        n_genes: GENES,
+        n_types: 2,
+        n_batches: 2,
+        library: 200.0,
+        version: ZarrVersion::V2,
+        ..Default::default()
+    };
     simulate(path.to_str().unwrap(), &config, |_| {}).unwrap();
     (dir, path)
 }
@@ -26,7 +34,11 @@ fn raw_array(store: &Path, element: &str, dtype: &str, len: usize, bytes: Vec<u8
     std::fs::create_dir_all(&dir).unwrap();
     let meta = json!({"zarr_format": 2, "shape": [len], "chunks": [len.max(1)], "dtype": dtype, "compressor": null, "fill_value": 0, "order": "C", "filters": null});
     std::fs::write(dir.join(".zarray"), meta.to_string()).unwrap();
-    std::fs::write(dir.join(".zattrs"), json!({"encoding-type": "array", "encoding-version": "0.2.0"}).to_string()).unwrap();
+    std::fs::write(
+        dir.join(".zattrs"),
+        json!({"encoding-type": "array", "encoding-version": "0.2.0"}).to_string(),
+    )
+    .unwrap();
     std::fs::write(dir.join("0"), bytes).unwrap();
 }
 
@@ -42,7 +54,9 @@ fn read_indptr(store: &Path) -> Vec<i64> {
 }
 
 fn open_err(store: &Path) -> String {
-    AnnData::open(store.to_str().unwrap()).unwrap_err().to_string()
+    AnnData::open(store.to_str().unwrap())
+        .unwrap_err()
+        .to_string()
 }
 
 fn read_err(store: &Path) -> String {
@@ -74,12 +88,29 @@ fn missing_array() {
 #[test]
 fn unknown_encoding_type() {
     let (_d, s) = fresh();
-    std::fs::write(s.join("X/.zattrs"), json!({"encoding-type": "fancy_matrix", "shape": [CELLS, GENES]}).to_string()).unwrap();
-    assert_names(&open_err(&s), &["X", "unknown encoding-type 'fancy_matrix'", "csr_matrix"]);
+    std::fs::write(
+        s.join("X/.zattrs"),
+        json!({"encoding-type": "fancy_matrix", "shape": [CELLS, GENES]}).to_string(),
+    )
+    .unwrap();
+    assert_names(
+        &open_err(&s),
+        &["X", "unknown encoding-type 'fancy_matrix'", "csr_matrix"],
+    );
     let (_d, s) = fresh();
-    std::fs::write(s.join(".zattrs"), json!({"encoding-type": "spatialdata"}).to_string()).unwrap();
-    assert_names(&Dataset::open(s.to_str().unwrap()).unwrap_err().to_string(), &["spatialdata", "'anndata' or 'MuData'"]);
-    assert_names(&MuData::open(s.to_str().unwrap()).unwrap_err().to_string(), &["spatialdata", "'MuData'"]);
+    std::fs::write(
+        s.join(".zattrs"),
+        json!({"encoding-type": "spatialdata"}).to_string(),
+    )
+    .unwrap();
+    assert_names(
+        &Dataset::open(s.to_str().unwrap()).unwrap_err().to_string(),
+        &["spatialdata", "'anndata' or 'MuData'"],
+    );
+    assert_names(
+        &MuData::open(s.to_str().unwrap()).unwrap_err().to_string(),
+        &["spatialdata", "'MuData'"],
+    );
 }
 
 #[test]
@@ -89,7 +120,13 @@ fn wrong_dtype() {
     raw_array(&s, "X/indices", "<f4", n, vec![0u8; n * 4]);
     assert_names(&open_err(&s), &["X/indices", "float32", "integer"]);
     let (_d, s) = fresh();
-    raw_array(&s, "X/indptr", "<f8", CELLS as usize + 1, vec![0u8; (CELLS as usize + 1) * 8]);
+    raw_array(
+        &s,
+        "X/indptr",
+        "<f8",
+        CELLS as usize + 1,
+        vec![0u8; (CELLS as usize + 1) * 8],
+    );
     assert_names(&open_err(&s), &["X/indptr", "float64", "integer"]);
 }
 
@@ -109,7 +146,14 @@ fn indptr_not_ending_at_nnz() {
     let nnz = *indptr.last().unwrap();
     *indptr.last_mut().unwrap() = nnz - 1;
     raw_array(&s, "X/indptr", "<i8", indptr.len(), i64_bytes(&indptr));
-    assert_names(&open_err(&s), &["X/indptr", &format!("ends at {}", nnz - 1), &format!("nnz = {nnz}")]);
+    assert_names(
+        &open_err(&s),
+        &[
+            "X/indptr",
+            &format!("ends at {}", nnz - 1),
+            &format!("nnz = {nnz}"),
+        ],
+    );
     let (_d, s) = fresh();
     let short = &read_indptr(&s)[..30];
     raw_array(&s, "X/indptr", "<i8", short.len(), i64_bytes(short));
@@ -122,17 +166,42 @@ fn indices_out_of_range() {
     let n = AnnData::open(s.to_str().unwrap()).unwrap().x().unwrap().nnz as usize;
     let mut idx = vec![0i32; n];
     idx[n / 2] = GENES as i32 + 5;
-    raw_array(&s, "X/indices", "<i4", n, idx.iter().flat_map(|x| x.to_le_bytes()).collect());
-    assert_names(&read_err(&s), &["X/indices", &format!("index {} out of range", GENES + 5), &format!("< {GENES}")]);
+    raw_array(
+        &s,
+        "X/indices",
+        "<i4",
+        n,
+        idx.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    );
+    assert_names(
+        &read_err(&s),
+        &[
+            "X/indices",
+            &format!("index {} out of range", GENES + 5),
+            &format!("< {GENES}"),
+        ],
+    );
 }
 
 #[test]
 fn shape_mismatch_between_x_and_obs_var() {
     let (_d, s) = fresh();
     std::fs::write(s.join("X/.zattrs"), json!({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": [CELLS, GENES + 3]}).to_string()).unwrap();
-    assert_names(&open_err(&s), &["X", &format!("shape ({CELLS}, {})", GENES + 3), &format!("({CELLS}, {GENES})")]);
+    assert_names(
+        &open_err(&s),
+        &[
+            "X",
+            &format!("shape ({CELLS}, {})", GENES + 3),
+            &format!("({CELLS}, {GENES})"),
+        ],
+    );
     let (_d, s) = fresh();
-    std::fs::write(s.join("X/.zattrs"), json!({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": "wide"}).to_string()).unwrap();
+    std::fs::write(
+        s.join("X/.zattrs"),
+        json!({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": "wide"})
+            .to_string(),
+    )
+    .unwrap();
     assert_names(&open_err(&s), &["X", "attribute 'shape'"]);
 }
 
@@ -164,9 +233,18 @@ fn malformed_metadata_json() {
 #[test]
 fn bad_categorical_codes() {
     let (_d, s) = fresh();
-    raw_array(&s, "obs/batch/codes", "<i4", CELLS as usize, (0..CELLS as i32).flat_map(|x| x.to_le_bytes()).collect());
+    raw_array(
+        &s,
+        "obs/batch/codes",
+        "<i4",
+        CELLS as usize,
+        (0..CELLS as i32).flat_map(|x| x.to_le_bytes()).collect(),
+    );
     let a = AnnData::open(s.to_str().unwrap()).unwrap();
-    assert_names(&a.obs().unwrap_err().to_string(), &["obs/batch/codes", "out of range for 2 categories"]);
+    assert_names(
+        &a.obs().unwrap_err().to_string(),
+        &["obs/batch/codes", "out of range for 2 categories"],
+    );
 }
 
 #[test]
@@ -174,12 +252,23 @@ fn column_length_mismatch() {
     let (_d, s) = fresh();
     raw_array(&s, "obs/n_counts", "<f8", 7, vec![0u8; 56]);
     let a = AnnData::open(s.to_str().unwrap()).unwrap();
-    assert_names(&a.obs().unwrap_err().to_string(), &["obs/n_counts", "7 values", &format!("index has {CELLS}")]);
+    assert_names(
+        &a.obs().unwrap_err().to_string(),
+        &["obs/n_counts", "7 values", &format!("index has {CELLS}")],
+    );
 }
 
 #[test]
 fn not_a_store() {
     let dir = tempfile::tempdir().unwrap();
-    assert_names(&AnnData::open(dir.path().to_str().unwrap()).unwrap_err().to_string(), &["no Zarr root"]);
-    assert_names(&AnnData::open("gopher://x/y.zarr").unwrap_err().to_string(), &["gopher", "not supported"]);
+    assert_names(
+        &AnnData::open(dir.path().to_str().unwrap())
+            .unwrap_err()
+            .to_string(),
+        &["no Zarr root"],
+    );
+    assert_names(
+        &AnnData::open("gopher://x/y.zarr").unwrap_err().to_string(),
+        &["gopher", "not supported"],
+    );
 }

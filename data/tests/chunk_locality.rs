@@ -8,7 +8,14 @@ use tessera_data::{AnnData, SimConfig, ZarrVersion, simulate};
 fn row_range_reads_only_its_chunks() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.zarr");
-    let config = SimConfig { n_cells: 6000, n_genes: 400, library: 1500.0, version: ZarrVersion::V2, seed: 1, ..Default::default() };
+    let config = SimConfig {
+        n_cells: 6000,
+        n_genes: 400,
+        library: 1500.0,
+        version: ZarrVersion::V2,
+        seed: 1,
+        ..Default::default()
+    };
     simulate(path.to_str().unwrap(), &config, |_| {}).unwrap();
     let adata = AnnData::open(path.to_str().unwrap()).unwrap();
     let x = adata.x().unwrap();
@@ -17,7 +24,10 @@ fn row_range_reads_only_its_chunks() {
     assert!(n_chunks >= 6, "need several chunks, have {n_chunks}");
     let all = x.read_rows(&adata.store, 0..6000).unwrap();
     let rows = 2500..2600u64;
-    let (first, last) = (all.indptr[rows.start as usize], all.indptr[rows.end as usize] - 1);
+    let (first, last) = (
+        all.indptr[rows.start as usize],
+        all.indptr[rows.end as usize] - 1,
+    );
     let needed = (first / chunk)..=(last / chunk);
     let mut corrupted = 0;
     for array in ["data", "indices"] {

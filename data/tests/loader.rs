@@ -4,7 +4,10 @@
 
 use std::collections::HashSet;
 
-use tessera_data::{AnnData, Cells, Dataset, Holdout, Loader, LoaderConfig, ShardPlan, SimConfig, ZarrVersion, simulate};
+use tessera_data::{
+    AnnData, Cells, Dataset, Holdout, Loader, LoaderConfig, ShardPlan, SimConfig, ZarrVersion,
+    simulate,
+};
 
 fn store(dir: &tempfile::TempDir, name: &str, config: SimConfig) -> String {
     let path = dir.path().join(name).to_str().unwrap().to_string();
@@ -13,7 +16,16 @@ fn store(dir: &tempfile::TempDir, name: &str, config: SimConfig) -> String {
 }
 
 fn config() -> SimConfig {
-    SimConfig { n_cells: 3000, n_genes: 100, n_types: 3, n_batches: 2, library: 500.0, seed: 3, version: ZarrVersion::V3, ..Default::default() }
+    SimConfig {
+        n_cells: 3000,
+        n_genes: 100,
+        n_types: 3,
+        n_batches: 2,
+        library: 500.0,
+        seed: 3,
+        version: ZarrVersion::V3,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -21,7 +33,16 @@ fn every_cell_once_per_epoch_and_reproducible() {
     let dir = tempfile::tempdir().unwrap();
     let path = store(&dir, "a.zarr", config());
     let dataset = Dataset::open(&path).unwrap();
-    let cfg = LoaderConfig { batch_size: 100, block_cells: 64, blocks_per_fetch: 3, prefetch: 2, seed: 11, batch_key: Some("batch".into()), label_key: Some("cell_type".into()), ..Default::default() };
+    let cfg = LoaderConfig {
+        batch_size: 100,
+        block_cells: 64,
+        blocks_per_fetch: 3,
+        prefetch: 2,
+        seed: 11,
+        batch_key: Some("batch".into()),
+        label_key: Some("cell_type".into()),
+        ..Default::default()
+    };
     let loader = Loader::new(&dataset, 500..2700, cfg.clone()).unwrap();
     let adata = AnnData::open(&path).unwrap();
     let x = adata.x().unwrap().read_rows(&adata.store, 0..3000).unwrap();
@@ -49,7 +70,11 @@ fn every_cell_once_per_epoch_and_reproducible() {
         orders.push(seen);
     }
     assert_ne!(orders[0], orders[1], "epochs are shuffled differently");
-    let again: Vec<u64> = Loader::new(&dataset, 500..2700, cfg).unwrap().epoch(0).flat_map(|b| b.unwrap().cells).collect();
+    let again: Vec<u64> = Loader::new(&dataset, 500..2700, cfg)
+        .unwrap()
+        .epoch(0)
+        .flat_map(|b| b.unwrap().cells)
+        .collect();
     assert_eq!(again, orders[0], "same seed, same order");
 }
 
@@ -58,7 +83,17 @@ fn unshuffled_epoch_is_in_order_and_early_drop_stops_the_reader() {
     let dir = tempfile::tempdir().unwrap();
     let path = store(&dir, "b.zarr", config());
     let dataset = Dataset::open(&path).unwrap();
-    let loader = Loader::new(&dataset, 0..3000, LoaderConfig { shuffle: false, batch_size: 256, prefetch: 1, ..Default::default() }).unwrap();
+    let loader = Loader::new(
+        &dataset,
+        0..3000,
+        LoaderConfig {
+            shuffle: false,
+            batch_size: 256,
+            prefetch: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let cells: Vec<u64> = loader.epoch(0).flat_map(|b| b.unwrap().cells).collect();
     assert_eq!(cells, (0..3000).collect::<Vec<_>>());
     let mut epoch = loader.epoch(1);
@@ -68,21 +103,37 @@ fn unshuffled_epoch_is_in_order_and_early_drop_stops_the_reader() {
 
 #[test]
 fn holdout_holds_exactly_the_asked_cells_whatever_the_order() {
-    let held = |h: &Holdout, cells: std::ops::Range<u64>| -> HashSet<u64> { cells.filter(|&c| h.holds(c)).collect() };
+    let held = |h: &Holdout, cells: std::ops::Range<u64>| -> HashSet<u64> {
+        cells.filter(|&c| h.holds(c)).collect()
+    };
     let h = Holdout::new(100..5100, 7, 500);
     let a = held(&h, 100..5100);
     assert_eq!(a.len(), 500);
     assert!(a.iter().all(|&c| (100..5100).contains(&c)));
     // Spread over the shard, not a contiguous run: each fifth of the cells holds 100 ± 40.
     for part in 0..5u64 {
-        let n = a.iter().filter(|&&c| (100 + part * 1000..100 + (part + 1) * 1000).contains(&c)).count();
+        let n = a
+            .iter()
+            .filter(|&&c| (100 + part * 1000..100 + (part + 1) * 1000).contains(&c))
+            .count();
         assert!((60..=140).contains(&n), "fifth {part} holds {n}");
     }
-    assert_eq!(Holdout::new(100..5100, 7, 500), h, "a function of cells and seed alone");
+    assert_eq!(
+        Holdout::new(100..5100, 7, 500),
+        h,
+        "a function of cells and seed alone"
+    );
     let other = held(&Holdout::new(100..5100, 8, 500), 100..5100);
-    assert!(a.intersection(&other).count() < 150, "another seed draws other cells");
+    assert!(
+        a.intersection(&other).count() < 150,
+        "another seed draws other cells"
+    );
     assert!(held(&Holdout::new(0..50, 1, 0), 0..50).is_empty());
-    assert_eq!(held(&Holdout::new(0..50, 1, 80), 0..50).len(), 50, "more than the shard holds all of it");
+    assert_eq!(
+        held(&Holdout::new(0..50, 1, 80), 0..50).len(),
+        50,
+        "more than the shard holds all of it"
+    );
     assert_eq!(held(&Holdout::new(0..50, 1, 49), 0..50).len(), 49);
 }
 
@@ -91,33 +142,79 @@ fn training_and_held_out_cells_split_the_shard_in_full_batches() {
     let dir = tempfile::tempdir().unwrap();
     let path = store(&dir, "h.zarr", config());
     let dataset = Dataset::open(&path).unwrap();
-    let cfg = LoaderConfig { batch_size: 100, block_cells: 256, blocks_per_fetch: 4, prefetch: 2, seed: 5, ..Default::default() };
+    let cfg = LoaderConfig {
+        batch_size: 100,
+        block_cells: 256,
+        blocks_per_fetch: 4,
+        prefetch: 2,
+        seed: 5,
+        ..Default::default()
+    };
     let loader = Loader::new(&dataset, 0..3000, cfg).unwrap();
     let holdout = Holdout::new(0..3000, 5, 300);
     let training = loader.with_cells(Cells::Training(holdout));
     for epoch in 0..2 {
         let batches: Vec<Vec<u64>> = training.epoch(epoch).map(|b| b.unwrap().cells).collect();
         let cells: HashSet<u64> = batches.iter().flatten().copied().collect();
-        assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 2700, "each training cell once");
+        assert_eq!(
+            batches.iter().map(Vec::len).sum::<usize>(),
+            2700,
+            "each training cell once"
+        );
         assert!(cells.iter().all(|&c| !holdout.holds(c)));
         // 3000 cells in fetches of 1024: one short batch per fetch, the rest full.
-        assert_eq!(batches.iter().filter(|b| b.len() < 100).count(), 3, "epoch {epoch}: {:?}", batches.iter().map(Vec::len).collect::<Vec<_>>());
+        assert_eq!(
+            batches.iter().filter(|b| b.len() < 100).count(),
+            3,
+            "epoch {epoch}: {:?}",
+            batches.iter().map(Vec::len).collect::<Vec<_>>()
+        );
     }
-    let held: Vec<u64> = loader.ordered().with_cells(Cells::HeldOut(holdout)).epoch(0).flat_map(|b| b.unwrap().cells).collect();
+    let held: Vec<u64> = loader
+        .ordered()
+        .with_cells(Cells::HeldOut(holdout))
+        .epoch(0)
+        .flat_map(|b| b.unwrap().cells)
+        .collect();
     assert_eq!(held.len(), 300);
-    assert!(held.windows(2).all(|w| w[0] < w[1]), "held-out cells in store order");
+    assert!(
+        held.windows(2).all(|w| w[0] < w[1]),
+        "held-out cells in store order"
+    );
     assert!(held.iter().all(|&c| holdout.holds(c)));
 }
 
 #[test]
 fn mudata_batches_carry_presence_masks() {
     let dir = tempfile::tempdir().unwrap();
-    let path = store(&dir, "m.zarr", SimConfig { n_proteins: 10, missing: 0.4, ..config() });
-    let Dataset::MuData(mdata) = Dataset::open(&path).unwrap() else { panic!() };
+    let path = store(
+        &dir,
+        "m.zarr",
+        SimConfig {
+            n_proteins: 10,
+            missing: 0.4,
+            ..config()
+        },
+    );
+    let Dataset::MuData(mdata) = Dataset::open(&path).unwrap() else {
+        panic!()
+    };
     let (p, prot) = mdata.modality("prot").unwrap();
     let present = mdata.presence(p);
-    let prot_x = prot.x().unwrap().read_rows(&prot.store, 0..prot.n_obs()).unwrap();
-    let loader = Loader::new(&Dataset::MuData(mdata.clone()), 0..3000, LoaderConfig { batch_key: Some("batch".into()), ..Default::default() }).unwrap();
+    let prot_x = prot
+        .x()
+        .unwrap()
+        .read_rows(&prot.store, 0..prot.n_obs())
+        .unwrap();
+    let loader = Loader::new(
+        &Dataset::MuData(mdata.clone()),
+        0..3000,
+        LoaderConfig {
+            batch_key: Some("batch".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(loader.modality_names(), ["rna", "prot"]);
     let mut n = 0;
     for b in loader.epoch(0) {
@@ -141,22 +238,70 @@ fn mudata_batches_carry_presence_masks() {
 #[test]
 fn bad_loader_inputs_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let path = store(&dir, "c.zarr", SimConfig { n_cells: 200, ..config() });
+    let path = store(
+        &dir,
+        "c.zarr",
+        SimConfig {
+            n_cells: 200,
+            ..config()
+        },
+    );
     let dataset = Dataset::open(&path).unwrap();
-    let err = Loader::new(&dataset, 100..300, LoaderConfig::default()).unwrap_err().to_string();
+    let err = Loader::new(&dataset, 100..300, LoaderConfig::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("outside the 200 cells"), "{err}");
-    let err = Loader::new(&dataset, 0..200, LoaderConfig { batch_key: Some("nope".into()), ..Default::default() }).unwrap_err().to_string();
+    let err = Loader::new(
+        &dataset,
+        0..200,
+        LoaderConfig {
+            batch_key: Some("nope".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("obs/nope") && err.contains("missing"), "{err}");
-    let err = Loader::new(&dataset, 0..200, LoaderConfig { label_key: Some("n_counts".into()), ..Default::default() }).unwrap_err().to_string();
-    assert!(err.contains("obs/n_counts") && err.contains("categorical"), "{err}");
-    let err = Loader::new(&dataset, 0..200, LoaderConfig { matrix: "layers/none".into(), ..Default::default() }).unwrap_err().to_string();
+    let err = Loader::new(
+        &dataset,
+        0..200,
+        LoaderConfig {
+            label_key: Some("n_counts".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("obs/n_counts") && err.contains("categorical"),
+        "{err}"
+    );
+    let err = Loader::new(
+        &dataset,
+        0..200,
+        LoaderConfig {
+            matrix: "layers/none".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("layers/none"), "{err}");
 }
 
 #[test]
 fn shard_plan_over_a_stored_matrix_is_chunk_aligned() {
     let dir = tempfile::tempdir().unwrap();
-    let path = store(&dir, "d.zarr", SimConfig { n_cells: 4000, n_genes: 400, library: 2000.0, ..config() });
+    let path = store(
+        &dir,
+        "d.zarr",
+        SimConfig {
+            n_cells: 4000,
+            n_genes: 400,
+            library: 2000.0,
+            ..config()
+        },
+    );
     let adata = AnnData::open(&path).unwrap();
     let x = adata.x().unwrap();
     let plan = ShardPlan::for_matrix(&adata.store, &x, 4).unwrap();
@@ -171,10 +316,18 @@ fn shard_plan_over_a_stored_matrix_is_chunk_aligned() {
         // The cut row is the first whose values start in a new chunk.
         let start: u64 = row_nnz[..shard.start as usize].iter().sum();
         let prev_start = start - row_nnz[shard.start as usize - 1];
-        assert!(start / chunk > prev_start / chunk || start.is_multiple_of(chunk), "cut at {} is not chunk-aligned", shard.start);
+        assert!(
+            start / chunk > prev_start / chunk || start.is_multiple_of(chunk),
+            "cut at {} is not chunk-aligned",
+            shard.start
+        );
     }
     for &k in &plan.nnz {
-        assert!((k as f64 - total as f64 / 4.0).abs() <= chunk as f64, "{:?}", plan.nnz);
+        assert!(
+            (k as f64 - total as f64 / 4.0).abs() <= chunk as f64,
+            "{:?}",
+            plan.nnz
+        );
     }
 }
 
@@ -183,8 +336,21 @@ fn cached_blocks_give_the_same_epochs_within_the_budget() {
     let dir = tempfile::tempdir().unwrap();
     let path = store(&dir, "cache.zarr", config());
     let dataset = Dataset::open(&path).unwrap();
-    let cfg = |cache_bytes| LoaderConfig { batch_size: 100, block_cells: 64, blocks_per_fetch: 3, prefetch: 2, seed: 5, batch_key: Some("batch".into()), cache_bytes, ..Default::default() };
-    let epochs = |loader: &Loader| -> Vec<Vec<tessera_data::MiniBatch>> { (0..3).map(|e| loader.epoch(e).map(Result::unwrap).collect()).collect() };
+    let cfg = |cache_bytes| LoaderConfig {
+        batch_size: 100,
+        block_cells: 64,
+        blocks_per_fetch: 3,
+        prefetch: 2,
+        seed: 5,
+        batch_key: Some("batch".into()),
+        cache_bytes,
+        ..Default::default()
+    };
+    let epochs = |loader: &Loader| -> Vec<Vec<tessera_data::MiniBatch>> {
+        (0..3)
+            .map(|e| loader.epoch(e).map(Result::unwrap).collect())
+            .collect()
+    };
     let streamed = Loader::new(&dataset, 0..3000, cfg(0)).unwrap();
     let expected = epochs(&streamed);
     assert_eq!(streamed.cached_bytes(), 0, "no budget, nothing kept");
@@ -201,10 +367,18 @@ fn cached_blocks_give_the_same_epochs_within_the_budget() {
     // A third of it: those blocks stay, the rest streams; the batches do not change.
     let part = Loader::new(&dataset, 0..3000, cfg(held / 3)).unwrap();
     assert_eq!(epochs(&part), expected);
-    assert!(part.cached_bytes() > 0 && part.cached_bytes() <= held / 3, "{} of {held} bytes", part.cached_bytes());
+    assert!(
+        part.cached_bytes() > 0 && part.cached_bytes() <= held / 3,
+        "{} of {held} bytes",
+        part.cached_bytes()
+    );
 
     // The ordered view shares the cache: store order, same rows.
-    let ordered: Vec<u64> = everything.ordered().epoch(0).flat_map(|b| b.unwrap().cells).collect();
+    let ordered: Vec<u64> = everything
+        .ordered()
+        .epoch(0)
+        .flat_map(|b| b.unwrap().cells)
+        .collect();
     assert_eq!(ordered, (0..3000).collect::<Vec<_>>());
     assert_eq!(everything.cached_bytes(), held);
 }

@@ -5,10 +5,21 @@
 mod common;
 use common::copy_dir;
 
-use tessera_data::{AnnData, Column, Csr, DataError, Dataset, MuData, SimConfig, Store, ZarrVersion, simulate};
+use tessera_data::{
+    AnnData, Column, Csr, DataError, Dataset, MuData, SimConfig, Store, ZarrVersion, simulate,
+};
 
 fn small(version: ZarrVersion) -> SimConfig {
-    SimConfig { n_cells: 5000, n_genes: 300, n_types: 4, n_batches: 2, library: 800.0, version, seed: 7, ..Default::default() }
+    SimConfig {
+        n_cells: 5000,
+        n_genes: 300,
+        n_types: 4,
+        n_batches: 2,
+        library: 800.0,
+        version,
+        seed: 7,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -25,19 +36,33 @@ fn simulated_anndata_reads_back_in_both_versions() {
         let x = adata.x().unwrap();
         let all = x.read_rows(&adata.store, 0..5000).unwrap();
         let obs = adata.obs().unwrap();
-        let Some(Column::Float(n_counts)) = obs.column("n_counts") else { panic!("n_counts") };
+        let Some(Column::Float(n_counts)) = obs.column("n_counts") else {
+            panic!("n_counts")
+        };
         let sums: Vec<f64> = all.row_sums().into_iter().map(f64::from).collect();
         assert_eq!(&sums, n_counts, "obs n_counts equals the row sums of X");
-        let median = { let mut s = sums.clone(); s.sort_by(f64::total_cmp); s[2500] };
+        let median = {
+            let mut s = sums.clone();
+            s.sort_by(f64::total_cmp);
+            s[2500]
+        };
         assert!((300.0..2000.0).contains(&median), "median library {median}");
-        let Some(Column::Categorical { codes, categories, .. }) = obs.column("batch") else { panic!("batch") };
+        let Some(Column::Categorical {
+            codes, categories, ..
+        }) = obs.column("batch")
+        else {
+            panic!("batch")
+        };
         assert_eq!(categories, &["batch0", "batch1"]);
         assert!(codes.iter().all(|&c| c == 0 || c == 1));
         let (latent, d) = adata.obsm("X_true_latent").unwrap();
         assert_eq!((latent.len(), d), (5000 * 10, 10));
         // A streamed store crosses chunk boundaries: a range read equals the same rows of the whole.
         let rows: Vec<usize> = (1234..4321).collect();
-        assert_eq!(x.read_rows(&adata.store, 1234..4321).unwrap(), all.select_rows(&rows));
+        assert_eq!(
+            x.read_rows(&adata.store, 1234..4321).unwrap(),
+            all.select_rows(&rows)
+        );
     }
 }
 
@@ -46,7 +71,15 @@ fn simulation_is_deterministic_for_a_seed() {
     let dir = tempfile::tempdir().unwrap();
     let read = |name: &str, seed: u64| {
         let p = dir.path().join(name);
-        simulate(p.to_str().unwrap(), &SimConfig { seed, ..small(ZarrVersion::V3) }, |_| {}).unwrap();
+        simulate(
+            p.to_str().unwrap(),
+            &SimConfig {
+                seed,
+                ..small(ZarrVersion::V3)
+            },
+            |_| {},
+        )
+        .unwrap();
         let a = AnnData::open(p.to_str().unwrap()).unwrap();
         a.x().unwrap().read_rows(&a.store, 0..5000).unwrap()
     };
@@ -60,10 +93,17 @@ fn simulated_mudata_has_mosaic_obsmap() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mu.zarr");
     let path = path.to_str().unwrap();
-    let config = SimConfig { n_proteins: 20, n_peaks: 100, missing: 0.3, ..small(ZarrVersion::V3) };
+    let config = SimConfig {
+        n_proteins: 20,
+        n_peaks: 100,
+        missing: 0.3,
+        ..small(ZarrVersion::V3)
+    };
     let summary = simulate(path, &config, |_| {}).unwrap();
     assert!(summary.mudata);
-    let Dataset::MuData(mdata) = Dataset::open(path).unwrap() else { panic!("expected MuData") };
+    let Dataset::MuData(mdata) = Dataset::open(path).unwrap() else {
+        panic!("expected MuData")
+    };
     let names: Vec<&str> = mdata.modalities.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["rna", "prot", "atac"]);
     for m in ["prot", "atac"] {
@@ -73,14 +113,21 @@ fn simulated_mudata_has_mosaic_obsmap() {
         assert_eq!(n_present as u64, adata.n_obs());
         let frac = 1.0 - n_present as f64 / 5000.0;
         assert!((0.25..0.35).contains(&frac), "{m} missing fraction {frac}");
-        let x = adata.x().unwrap().read_rows(&adata.store, 0..adata.n_obs()).unwrap();
+        let x = adata
+            .x()
+            .unwrap()
+            .read_rows(&adata.store, 0..adata.n_obs())
+            .unwrap();
         assert!(x.row_sums().iter().all(|&s| s > 0.0) || m == "atac");
     }
     let (_, atac) = mdata.modality("atac").unwrap();
-    let x = atac.x().unwrap().read_rows(&atac.store, 0..atac.n_obs()).unwrap();
+    let x = atac
+        .x()
+        .unwrap()
+        .read_rows(&atac.store, 0..atac.n_obs())
+        .unwrap();
     assert!(x.data.iter().all(|&v| v == 1.0), "ATAC is binary");
 }
-
 
 #[test]
 fn add_obsm_and_layer_publish_without_touching_anything_else() {
@@ -88,41 +135,86 @@ fn add_obsm_and_layer_publish_without_touching_anything_else() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.zarr");
         let path = path.to_str().unwrap();
-        simulate(path, &SimConfig { n_cells: 300, n_genes: 50, ..small(version) }, |_| {}).unwrap();
+        simulate(
+            path,
+            &SimConfig {
+                n_cells: 300,
+                n_genes: 50,
+                ..small(version)
+            },
+            |_| {},
+        )
+        .unwrap();
         let adata = AnnData::open(path).unwrap();
         let before = adata.x().unwrap().read_rows(&adata.store, 0..300).unwrap();
         let emb: Vec<f32> = (0..300 * 4).map(|i| i as f32 * 0.5).collect();
         adata.write_obsm("X_tessera", &emb, 4, false).unwrap();
         let again = AnnData::open(path).unwrap();
         assert_eq!(again.obsm("X_tessera").unwrap(), (emb.clone(), 4));
-        assert_eq!(again.x().unwrap().read_rows(&again.store, 0..300).unwrap(), before);
+        assert_eq!(
+            again.x().unwrap().read_rows(&again.store, 0..300).unwrap(),
+            before
+        );
         // An existing key is refused without overwrite, and the old values survive.
-        let err = again.write_obsm("X_tessera", &vec![1.0; 1200], 4, false).unwrap_err();
+        let err = again
+            .write_obsm("X_tessera", &vec![1.0; 1200], 4, false)
+            .unwrap_err();
         assert!(matches!(err, DataError::Exists { .. }), "{err}");
-        assert!(err.to_string().contains("obsm/X_tessera") && err.to_string().contains("--overwrite"));
+        assert!(
+            err.to_string().contains("obsm/X_tessera") && err.to_string().contains("--overwrite")
+        );
         assert_eq!(again.obsm("X_tessera").unwrap().0, emb);
-        again.write_obsm("X_tessera", &vec![1.0; 1200], 4, true).unwrap();
+        again
+            .write_obsm("X_tessera", &vec![1.0; 1200], 4, true)
+            .unwrap();
         assert_eq!(again.obsm("X_tessera").unwrap().0, vec![1.0; 1200]);
         // Bad values are refused before anything is written.
-        let err = again.write_obsm("bad", &vec![f32::NAN; 1200], 4, false).unwrap_err().to_string();
+        let err = again
+            .write_obsm("bad", &vec![f32::NAN; 1200], 4, false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("obsm/bad") && err.contains("NaN"), "{err}");
         assert!(again.obsm("bad").is_err());
-        let err = again.write_obsm("short", &[1.0; 7], 4, false).unwrap_err().to_string();
+        let err = again
+            .write_obsm("short", &[1.0; 7], 4, false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("expected 300 x 4"), "{err}");
         // A layer.
-        let doubled = Csr { data: before.data.iter().map(|v| v * 2.0).collect(), ..before.clone() };
+        let doubled = Csr {
+            data: before.data.iter().map(|v| v * 2.0).collect(),
+            ..before.clone()
+        };
         again.write_layer("doubled", &doubled, false).unwrap();
         let reread = AnnData::open(path).unwrap();
-        assert_eq!(reread.layer("doubled").unwrap().read_rows(&reread.store, 0..300).unwrap(), doubled);
+        assert_eq!(
+            reread
+                .layer("doubled")
+                .unwrap()
+                .read_rows(&reread.store, 0..300)
+                .unwrap(),
+            doubled
+        );
         // Consolidated metadata lists the new elements, and no staging node is left.
         let store = Store::open(path).unwrap();
         let consolidated = match version {
-            ZarrVersion::V3 => String::from_utf8(store.get_bytes("zarr.json").unwrap().unwrap()).unwrap(),
-            ZarrVersion::V2 => String::from_utf8(store.get_bytes(".zmetadata").unwrap().unwrap()).unwrap(),
+            ZarrVersion::V3 => {
+                String::from_utf8(store.get_bytes("zarr.json").unwrap().unwrap()).unwrap()
+            }
+            ZarrVersion::V2 => {
+                String::from_utf8(store.get_bytes(".zmetadata").unwrap().unwrap()).unwrap()
+            }
         };
-        assert!(consolidated.contains("obsm/X_tessera") && consolidated.contains("layers/doubled/indptr"));
+        assert!(
+            consolidated.contains("obsm/X_tessera")
+                && consolidated.contains("layers/doubled/indptr")
+        );
         assert!(!consolidated.contains("staging"));
-        assert!(!dir.path().join("s.zarr/obsm/.tessera-staging-X_tessera").exists());
+        assert!(
+            !dir.path()
+                .join("s.zarr/obsm/.tessera-staging-X_tessera")
+                .exists()
+        );
     }
 }
 
@@ -146,12 +238,38 @@ fn add_obsm_to_a_python_written_store() {
 #[test]
 fn memory_store_round_trip() {
     let url = "memory://write-test/sim.zarr";
-    simulate(url, &SimConfig { n_cells: 200, n_genes: 30, ..small(ZarrVersion::V3) }, |_| {}).unwrap();
+    simulate(
+        url,
+        &SimConfig {
+            n_cells: 200,
+            n_genes: 30,
+            ..small(ZarrVersion::V3)
+        },
+        |_| {},
+    )
+    .unwrap();
     let adata = AnnData::open(url).unwrap();
     assert_eq!(adata.n_obs(), 200);
-    assert!(adata.x().unwrap().read_rows(&adata.store, 0..200).unwrap().nnz() > 0);
+    assert!(
+        adata
+            .x()
+            .unwrap()
+            .read_rows(&adata.store, 0..200)
+            .unwrap()
+            .nnz()
+            > 0
+    );
     // A second simulate into the same location refuses to overwrite.
-    let err = simulate(url, &SimConfig { n_cells: 200, n_genes: 30, ..small(ZarrVersion::V3) }, |_| {}).unwrap_err();
+    let err = simulate(
+        url,
+        &SimConfig {
+            n_cells: 200,
+            n_genes: 30,
+            ..small(ZarrVersion::V3)
+        },
+        |_| {},
+    )
+    .unwrap_err();
     assert!(matches!(err, DataError::Exists { .. }), "{err}");
     let _ = MuData::open(url).unwrap_err();
 }
@@ -161,20 +279,53 @@ fn disjoint_batches_of_one_world_make_a_reference_and_a_query() {
     let dir = tempfile::tempdir().unwrap();
     let store = |name: &str, only: Vec<usize>| {
         let path = dir.path().join(name).to_str().unwrap().to_string();
-        simulate(&path, &SimConfig { n_cells: 400, n_genes: 50, n_batches: 3, only_batches: Some(only), ..small(ZarrVersion::V3) }, |_| {}).unwrap();
+        simulate(
+            &path,
+            &SimConfig {
+                n_cells: 400,
+                n_genes: 50,
+                n_batches: 3,
+                only_batches: Some(only),
+                ..small(ZarrVersion::V3)
+            },
+            |_| {},
+        )
+        .unwrap();
         AnnData::open(&path).unwrap()
     };
     let (reference, query) = (store("ref.zarr", vec![0, 1]), store("query.zarr", vec![2]));
     let batches = |a: &AnnData| match a.obs_column("batch").unwrap() {
-        Column::Categorical { codes, categories, .. } => (codes, categories),
+        Column::Categorical {
+            codes, categories, ..
+        } => (codes, categories),
         other => panic!("batch is {}", other.kind()),
     };
-    let ((ref_codes, ref_names), (query_codes, query_names)) = (batches(&reference), batches(&query));
-    assert_eq!((ref_names, query_names), (vec!["batch0".to_string(), "batch1".to_string()], vec!["batch2".to_string()]));
-    assert!(ref_codes.iter().all(|&c| c == 0 || c == 1) && ref_codes.contains(&0) && ref_codes.contains(&1));
+    let ((ref_codes, ref_names), (query_codes, query_names)) =
+        (batches(&reference), batches(&query));
+    assert_eq!(
+        (ref_names, query_names),
+        (
+            vec!["batch0".to_string(), "batch1".to_string()],
+            vec!["batch2".to_string()]
+        )
+    );
+    assert!(
+        ref_codes.iter().all(|&c| c == 0 || c == 1)
+            && ref_codes.contains(&0)
+            && ref_codes.contains(&1)
+    );
     assert!(query_codes.iter().all(|&c| c == 0));
     assert_eq!(reference.var().unwrap().index, query.var().unwrap().index);
     // Lists that are not ascending batches of the world are refused.
-    let bad = simulate(dir.path().join("bad.zarr").to_str().unwrap(), &SimConfig { n_batches: 3, only_batches: Some(vec![1, 3]), ..small(ZarrVersion::V3) }, |_| {}).unwrap_err();
+    let bad = simulate(
+        dir.path().join("bad.zarr").to_str().unwrap(),
+        &SimConfig {
+            n_batches: 3,
+            only_batches: Some(vec![1, 3]),
+            ..small(ZarrVersion::V3)
+        },
+        |_| {},
+    )
+    .unwrap_err();
     assert!(bad.to_string().contains("only_batches"), "{bad}");
 }

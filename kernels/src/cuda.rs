@@ -7,7 +7,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut,
+    DeviceRepr, LaunchConfig,
+};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +32,10 @@ pub type ViewMut<'a> = CudaViewMut<'a, f32>;
 
 /// Maps a driver error to ours, naming what was being done.
 pub(crate) fn driver(context: &str) -> impl FnOnce(cudarc::driver::DriverError) -> CudaError + '_ {
-    move |e| CudaError::Driver { context: context.into(), reason: e.to_string() }
+    move |e| CudaError::Driver {
+        context: context.into(),
+        reason: e.to_string(),
+    }
 }
 
 /// Whether the NVRTC library can be loaded (it panics inside cudarc when it cannot).
@@ -43,10 +49,18 @@ pub fn nvrtc_present() -> bool {
 /// for the device). Needs only NVRTC, no GPU.
 pub fn compile(module: &str, source: &str) -> Result<Ptx> {
     if !nvrtc_present() {
-        return Err(CudaError::Unavailable("libnvrtc not found (set LD_LIBRARY_PATH)".into()));
+        return Err(CudaError::Unavailable(
+            "libnvrtc not found (set LD_LIBRARY_PATH)".into(),
+        ));
     }
-    let options = CompileOptions { use_fast_math: Some(false), ..Default::default() };
-    cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| CudaError::Compile { module: module.into(), log: e.to_string() })
+    let options = CompileOptions {
+        use_fast_math: Some(false),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| CudaError::Compile {
+        module: module.into(),
+        log: e.to_string(),
+    })
 }
 
 /// One GPU: its context, the stream our ops run on, and the modules compiled for it.
@@ -70,11 +84,16 @@ impl Gpu {
     pub fn new(ordinal: usize) -> Result<Gpu> {
         // SAFETY: only probes for the shared library. CudaContext::new panics without it.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(CudaError::Unavailable("libcuda not found (no NVIDIA driver)".into()));
+            return Err(CudaError::Unavailable(
+                "libcuda not found (no NVIDIA driver)".into(),
+            ));
         }
-        let count = CudaContext::device_count().map_err(|e| CudaError::Unavailable(e.to_string()))?;
+        let count =
+            CudaContext::device_count().map_err(|e| CudaError::Unavailable(e.to_string()))?;
         if ordinal as i32 >= count {
-            return Err(CudaError::Unavailable(format!("device {ordinal} requested, {count} present")));
+            return Err(CudaError::Unavailable(format!(
+                "device {ordinal} requested, {count} present"
+            )));
         }
         let ctx = CudaContext::new(ordinal).map_err(driver("creating the context"))?;
         if let Err(e) = keep_freed_memory(&ctx) {
@@ -82,14 +101,23 @@ impl Gpu {
             tracing::warn!("device {ordinal}: the memory pool keeps no freed memory: {e}");
         }
         let stream = ctx.default_stream();
-        Ok(Gpu { ctx, stream, modules: Mutex::new(HashMap::new()), blas: std::sync::OnceLock::new(), tf32: false })
+        Ok(Gpu {
+            ctx,
+            stream,
+            modules: Mutex::new(HashMap::new()),
+            blas: std::sync::OnceLock::new(),
+            tf32: false,
+        })
     }
 
     /// Lets cuBLAS run f32 GEMMs on TF32 tensor cores (10-bit mantissa inputs, f32 accumulate):
     /// several times the f32 rate on A100/H100, at ~1e-3 relative error per product. Off by
     /// default; call before the first GEMM.
     pub fn with_tf32(mut self, on: bool) -> Gpu {
-        assert!(self.blas.get().is_none(), "TF32 must be chosen before the first GEMM");
+        assert!(
+            self.blas.get().is_none(),
+            "TF32 must be chosen before the first GEMM"
+        );
         self.tf32 = on;
         self
     }
@@ -101,7 +129,9 @@ impl Gpu {
     /// Makes this GPU's context current on the calling thread: cudarc does it before its own
     /// calls, cuBLAS calls need it done for them (a model may run on any thread).
     pub fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(driver("binding the context"))
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("binding the context"))
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -109,13 +139,21 @@ impl Gpu {
     }
 
     /// A kernel of one of our modules, compiling the module on first use.
-    pub fn function(&self, module: &'static str, source: &str, kernel: &str) -> Result<CudaFunction> {
+    pub fn function(
+        &self,
+        module: &'static str,
+        source: &str,
+        kernel: &str,
+    ) -> Result<CudaFunction> {
         let loaded = {
             let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
             match modules.get(module) {
                 Some(m) => m.clone(),
                 None => {
-                    let m = self.ctx.load_module(compile(module, source)?).map_err(driver(module))?;
+                    let m = self
+                        .ctx
+                        .load_module(compile(module, source)?)
+                        .map_err(driver(module))?;
                     modules.insert(module, m.clone());
                     m
                 }
@@ -129,12 +167,22 @@ impl Gpu {
         if let Some(b) = self.blas.get() {
             return Ok(b);
         }
-        let failed = |e: cudarc::cublas::result::CublasError| CudaError::Driver { context: "cuBLAS".into(), reason: e.to_string() };
+        let failed = |e: cudarc::cublas::result::CublasError| CudaError::Driver {
+            context: "cuBLAS".into(),
+            reason: e.to_string(),
+        };
         let handle = cudarc::cublas::CudaBlas::new(self.stream.clone()).map_err(failed)?;
         if self.tf32 {
             // SAFETY: the handle is live; setting its math mode touches nothing else.
             #[allow(unsafe_code)]
-            unsafe { cudarc::cublas::sys::cublasSetMathMode(*handle.handle(), cudarc::cublas::sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH) }.result().map_err(failed)?;
+            unsafe {
+                cudarc::cublas::sys::cublasSetMathMode(
+                    *handle.handle(),
+                    cudarc::cublas::sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
+                )
+            }
+            .result()
+            .map_err(failed)?;
         }
         Ok(self.blas.get_or_init(|| handle))
     }
@@ -164,19 +212,34 @@ fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
     let mut threshold = u64::MAX;
     // SAFETY: the context is current (just created) and both out-pointers are valid locals.
     unsafe {
-        ctx.bind_to_thread().map_err(driver("binding the context"))?;
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result().map_err(driver("the default memory pool"))?;
-        sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&raw mut threshold).cast()).result().map_err(driver("the memory pool's release threshold"))?;
+        ctx.bind_to_thread()
+            .map_err(driver("binding the context"))?;
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(driver("the default memory pool"))?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&raw mut threshold).cast(),
+        )
+        .result()
+        .map_err(driver("the memory pool's release threshold"))?;
     }
     Ok(())
 }
 
 /// Launches a prepared kernel call over `threads` threads (grid-stride kernels loop beyond).
 #[allow(unsafe_code)]
-pub(crate) fn launch(mut call: cudarc::driver::LaunchArgs<'_>, threads: usize, kernel: &'static str) -> Result<()> {
+pub(crate) fn launch(
+    mut call: cudarc::driver::LaunchArgs<'_>,
+    threads: usize,
+    kernel: &'static str,
+) -> Result<()> {
     // SAFETY: every caller asserts the sizes of the buffers its kernel touches and pushes the
     // arguments in the kernel's order.
-    unsafe { call.launch(grid(threads)) }.map(|_| ()).map_err(driver(kernel))
+    unsafe { call.launch(grid(threads)) }
+        .map(|_| ())
+        .map_err(driver(kernel))
 }
 
 /// A grid-stride launch over `n` elements: enough blocks to fill the device, not one per
@@ -184,7 +247,11 @@ pub(crate) fn launch(mut call: cudarc::driver::LaunchArgs<'_>, threads: usize, k
 pub(crate) fn grid(n: usize) -> LaunchConfig {
     let threads = 256u32;
     let blocks = n.div_ceil(threads as usize).clamp(1, 65_535) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// Every CUDA source we ship, by module name: what NVRTC compiles in CI and on devices.

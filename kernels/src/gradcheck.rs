@@ -3,7 +3,9 @@
 
 /// Deterministic, smooth, sign-changing test inputs: sin((i + seed) · φ⁻¹) for i < n.
 pub fn wave(n: usize, seed: f64) -> Vec<f64> {
-    (0..n).map(|i| ((i as f64 + seed) * 0.618_034).sin()).collect()
+    (0..n)
+        .map(|i| ((i as f64 + seed) * 0.618_034).sin())
+        .collect()
 }
 
 /// Coordinates to probe in an input of `n`: all of them when small, else ~`k` spread evenly
@@ -19,14 +21,31 @@ pub fn spread(n: usize, k: usize) -> Vec<usize> {
 
 /// Compares `analytic` with the central difference of `f` at `x`, entry by entry:
 /// |analytic - numeric| <= tol * (1 + |numeric|). Returns the worst entry on failure.
-pub fn check(f: impl Fn(&[f64]) -> f64, x: &[f64], analytic: &[f64], eps: f64, tol: f64) -> Result<(), String> {
+pub fn check(
+    f: impl Fn(&[f64]) -> f64,
+    x: &[f64],
+    analytic: &[f64],
+    eps: f64,
+    tol: f64,
+) -> Result<(), String> {
     check_at(f, x, analytic, 0..x.len(), eps, tol)
 }
 
 /// [`check`] at the coordinates `at` only: for large inputs, where each coordinate costs a
 /// full evaluation of `f`.
-pub fn check_at(f: impl Fn(&[f64]) -> f64, x: &[f64], analytic: &[f64], at: impl IntoIterator<Item = usize>, eps: f64, tol: f64) -> Result<(), String> {
-    assert_eq!(x.len(), analytic.len(), "one analytic gradient entry per input");
+pub fn check_at(
+    f: impl Fn(&[f64]) -> f64,
+    x: &[f64],
+    analytic: &[f64],
+    at: impl IntoIterator<Item = usize>,
+    eps: f64,
+    tol: f64,
+) -> Result<(), String> {
+    assert_eq!(
+        x.len(),
+        analytic.len(),
+        "one analytic gradient entry per input"
+    );
     let mut worst: Option<(usize, f64, f64, f64)> = None;
     let mut probe = x.to_vec();
     for i in at {
@@ -44,7 +63,9 @@ pub fn check_at(f: impl Fn(&[f64]) -> f64, x: &[f64], analytic: &[f64], at: impl
     }
     match worst {
         None => Ok(()),
-        Some((i, err, a, n)) => Err(format!("entry {i}: analytic {a:.9e} vs numeric {n:.9e} (relative error {err:.2e} > {tol:.0e})")),
+        Some((i, err, a, n)) => Err(format!(
+            "entry {i}: analytic {a:.9e} vs numeric {n:.9e} (relative error {err:.2e} > {tol:.0e})"
+        )),
     }
 }
 

@@ -21,9 +21,16 @@ pub struct Layout {
 impl Layout {
     /// Adds a tensor; returns its index. Names must be unique.
     pub fn add(&mut self, name: &str, shape: &[usize]) -> usize {
-        assert!(self.slots.iter().all(|s| s.name != name), "parameter {name} registered twice");
+        assert!(
+            self.slots.iter().all(|s| s.name != name),
+            "parameter {name} registered twice"
+        );
         let n: usize = shape.iter().product();
-        self.slots.push(Slot { name: name.into(), shape: shape.to_vec(), range: self.len..self.len + n });
+        self.slots.push(Slot {
+            name: name.into(),
+            shape: shape.to_vec(),
+            range: self.len..self.len + n,
+        });
         self.len += n;
         self.slots.len() - 1
     }
@@ -69,7 +76,11 @@ pub struct Params<T> {
 impl<T: Copy + Default> Params<T> {
     pub fn new(layout: Layout) -> Self {
         let n = layout.len();
-        Params { layout, values: vec![T::default(); n], grads: vec![T::default(); n] }
+        Params {
+            layout,
+            values: vec![T::default(); n],
+            grads: vec![T::default(); n],
+        }
     }
 
     pub fn value(&self, index: usize) -> &[T] {

@@ -45,7 +45,16 @@ impl Real for f32 {
             m = if small { m + m } else { m } - 1.0;
             let z = m * m;
             let mut y = 7.037_683_6e-2f32;
-            for c in [-1.151_461_1e-1f32, 1.167_699_9e-1, -1.242_014_1e-1, 1.424_932_3e-1, -1.666_805_8e-1, 2.000_071_5e-1, -2.499_999_4e-1, 3.333_333e-1] {
+            for c in [
+                -1.151_461_1e-1f32,
+                1.167_699_9e-1,
+                -1.242_014_1e-1,
+                1.424_932_3e-1,
+                -1.666_805_8e-1,
+                2.000_071_5e-1,
+                -2.499_999_4e-1,
+                3.333_333e-1,
+            ] {
                 y = fma32(y, m, c);
             }
             let ef = e as f32;
@@ -89,7 +98,13 @@ fn exp_f32(src: &[f32], dst: &mut [f32]) {
         let n = shifted - SHIFTER;
         let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
         let mut y = 1.987_569_1e-4f32;
-        for c in [1.398_199_9e-3f32, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+        for c in [
+            1.398_199_9e-3f32,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
             y = fma32(y, r, c);
         }
         y = y * r * r + r + 1.0;
@@ -131,7 +146,11 @@ pub fn lgamma<T: Real>(x: T) -> T {
     let shift = -product.ln();
     let inv = 1.0 / x;
     let inv2 = inv * inv;
-    let series = inv * (1.0 / 12.0 - inv2 * (1.0 / 360.0 - inv2 * (1.0 / 1260.0 - inv2 * (1.0 / 1680.0 - inv2 * (1.0 / 1188.0)))));
+    let series = inv
+        * (1.0 / 12.0
+            - inv2
+                * (1.0 / 360.0
+                    - inv2 * (1.0 / 1260.0 - inv2 * (1.0 / 1680.0 - inv2 * (1.0 / 1188.0)))));
     T::of(shift + (x - 0.5) * x.ln() - x + 0.5 * (2.0 * std::f64::consts::PI).ln() + series)
 }
 
@@ -144,7 +163,11 @@ pub fn digamma<T: Real>(x: T) -> T {
         x += 1.0;
     }
     let inv2 = 1.0 / (x * x);
-    let series = inv2 * (1.0 / 12.0 - inv2 * (1.0 / 120.0 - inv2 * (1.0 / 252.0 - inv2 * (1.0 / 240.0 - inv2 * (1.0 / 132.0)))));
+    let series = inv2
+        * (1.0 / 12.0
+            - inv2
+                * (1.0 / 120.0
+                    - inv2 * (1.0 / 252.0 - inv2 * (1.0 / 240.0 - inv2 * (1.0 / 132.0)))));
     T::of(shift + x.ln() - 0.5 / x - series)
 }
 
@@ -166,8 +189,14 @@ pub fn count_gamma_terms(x: f64, theta: f64) -> (f64, f64) {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum CountTerms {
     /// lg = ln(ratio).
-    Product { ratio: f64, dg: f64 },
-    Exact { lg: f64, dg: f64 },
+    Product {
+        ratio: f64,
+        dg: f64,
+    },
+    Exact {
+        lg: f64,
+        dg: f64,
+    },
 }
 
 pub fn count_gamma_parts(x: f64, theta: f64) -> CountTerms {
@@ -184,9 +213,15 @@ pub fn count_gamma_parts(x: f64, theta: f64) -> CountTerms {
             p *= tk;
             factorial *= k as f64 + 1.0;
         }
-        return CountTerms::Product { ratio: p / factorial, dg: dp / p };
+        return CountTerms::Product {
+            ratio: p / factorial,
+            dg: dp / p,
+        };
     }
-    CountTerms::Exact { lg: lgamma(x + theta) - lgamma(theta) - lgamma(x + 1.0), dg: digamma(x + theta) - digamma(theta) }
+    CountTerms::Exact {
+        lg: lgamma(x + theta) - lgamma(theta) - lgamma(x + 1.0),
+        dg: digamma(x + theta) - digamma(theta),
+    }
 }
 
 /// a·b + c in one fused instruction (one rounding) where the build target has FMA (x86-64-v3,
@@ -194,7 +229,11 @@ pub fn count_gamma_parts(x: f64, theta: f64) -> CountTerms {
 /// software call.
 #[inline(always)]
 pub fn mul_add<T: Real>(a: T, b: T, c: T) -> T {
-    if cfg!(target_feature = "fma") { a.mul_add(b, c) } else { a * b + c }
+    if cfg!(target_feature = "fma") {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
 }
 
 /// [`mul_add`] for f32 (the polynomials of the SIMD logarithm and exponential).
@@ -242,7 +281,11 @@ fn lane_fold<T: Real>(v: &[T], init: T, op: impl Fn(T, T) -> T) -> T {
 
 /// log(1 + exp(x)) without overflow.
 pub fn softplus<T: Real>(x: T) -> T {
-    if x > T::zero() { x + (-x).exp().ln_1p() } else { x.exp().ln_1p() }
+    if x > T::zero() {
+        x + (-x).exp().ln_1p()
+    } else {
+        x.exp().ln_1p()
+    }
 }
 
 pub fn sigmoid<T: Real>(x: T) -> T {
@@ -261,14 +304,22 @@ mod ln_tests {
     #[test]
     fn vectorised_logf_is_within_two_ulp() {
         // Log-spaced over the whole normal range, plus the neighbourhood of 1 (where ln → 0).
-        let mut xs: Vec<f32> = (0..200_000).map(|i| 10f64.powf(-37.5 + 75.9 * i as f64 / 200_000.0) as f32).collect();
+        let mut xs: Vec<f32> = (0..200_000)
+            .map(|i| 10f64.powf(-37.5 + 75.9 * i as f64 / 200_000.0) as f32)
+            .collect();
         xs.extend((0..10_000).map(|i| 0.99 + 0.02 * i as f32 / 10_000.0));
         let mut ys = vec![0f32; xs.len()];
         f32::ln_to(&xs, &mut ys);
         for (&x, &y) in xs.iter().zip(&ys) {
             let exact = f64::from(x).ln();
-            let ulp = f64::from(f32::from_bits((exact as f32).abs().to_bits() + 1) - (exact as f32).abs()).max(1e-45);
-            assert!((f64::from(y) - exact).abs() <= 2.0 * ulp, "ln({x}) = {y}, exact {exact}");
+            let ulp = f64::from(
+                f32::from_bits((exact as f32).abs().to_bits() + 1) - (exact as f32).abs(),
+            )
+            .max(1e-45);
+            assert!(
+                (f64::from(y) - exact).abs() <= 2.0 * ulp,
+                "ln({x}) = {y}, exact {exact}"
+            );
         }
         let special = [0.0f32, -1.0, f32::INFINITY, f32::NAN, 1e-40, 1.0];
         let mut out = [0f32; 6];
@@ -282,18 +333,35 @@ mod ln_tests {
 
     #[test]
     fn vectorised_expf_is_within_two_ulp() {
-        let xs: Vec<f32> = (0..200_001).map(|i| -87.0 + 174.0 * i as f32 / 200_000.0).collect();
+        let xs: Vec<f32> = (0..200_001)
+            .map(|i| -87.0 + 174.0 * i as f32 / 200_000.0)
+            .collect();
         let mut ys = xs.clone();
         f32::exp_in_place(&mut ys);
         for (&x, &y) in xs.iter().zip(&ys) {
             let exact = f64::from(x).exp();
             let ulp = f64::from(f32::from_bits((exact as f32).to_bits() + 1) - exact as f32);
-            assert!((f64::from(y) - exact).abs() <= 2.0 * ulp, "exp({x}) = {y}, exact {exact}");
+            assert!(
+                (f64::from(y) - exact).abs() <= 2.0 * ulp,
+                "exp({x}) = {y}, exact {exact}"
+            );
         }
-        let special = [f32::NEG_INFINITY, -100.0, -87.5, 0.0, 88.0, 89.0, f32::INFINITY, f32::NAN];
+        let special = [
+            f32::NEG_INFINITY,
+            -100.0,
+            -87.5,
+            0.0,
+            88.0,
+            89.0,
+            f32::INFINITY,
+            f32::NAN,
+        ];
         let mut out = special;
         f32::exp_in_place(&mut out);
-        assert_eq!(out[..7], special[..7].iter().map(|x| x.exp()).collect::<Vec<_>>()[..]);
+        assert_eq!(
+            out[..7],
+            special[..7].iter().map(|x| x.exp()).collect::<Vec<_>>()[..]
+        );
         assert!(out[7].is_nan());
         assert_eq!(out[3], 1.0);
     }
@@ -313,8 +381,14 @@ mod count_tests {
                 let dg_ref = digamma(x + theta) - digamma(theta);
                 // The reference cancels two lnΓ of size ~θ ln θ: its own error scales with them.
                 let tol = 1e-12 + 1e-14 * (lgamma(x + theta).abs() + lgamma(theta).abs());
-                assert!((lg - lg_ref).abs() <= tol, "lg θ={theta} n={n}: {lg} vs {lg_ref}");
-                assert!((dg - dg_ref).abs() <= 1e-11 * (1.0 + dg_ref.abs()), "dg θ={theta} n={n}: {dg} vs {dg_ref}");
+                assert!(
+                    (lg - lg_ref).abs() <= tol,
+                    "lg θ={theta} n={n}: {lg} vs {lg_ref}"
+                );
+                assert!(
+                    (dg - dg_ref).abs() <= 1e-11 * (1.0 + dg_ref.abs()),
+                    "dg θ={theta} n={n}: {dg} vs {dg_ref}"
+                );
             }
         }
         assert_eq!(count_gamma_terms(0.0, 3.0), (0.0, 0.0));
@@ -345,7 +419,11 @@ mod tests {
         for &x in &[1e-3, 0.3, 1.0, 2.5, 7.0, 150.0] {
             let h = 1e-6 * x;
             let numeric = (lgamma(x + h) - lgamma(x - h)) / (2.0 * h);
-            assert!((digamma(x) - numeric).abs() < 1e-6 * (1.0 + numeric.abs()), "x={x}: {} vs {numeric}", digamma(x));
+            assert!(
+                (digamma(x) - numeric).abs() < 1e-6 * (1.0 + numeric.abs()),
+                "x={x}: {} vs {numeric}",
+                digamma(x)
+            );
         }
         // ψ(1) = -γ
         assert!((digamma(1.0f64) + 0.577_215_664_901_532_9).abs() < 1e-13);
@@ -354,11 +432,20 @@ mod tests {
     #[test]
     fn lane_folds_match_sequential_ones() {
         for n in [0usize, 1, 15, 16, 17, 2000] {
-            let v: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.77).sin() * 50.0 - 20.0).collect();
-            assert_eq!(lane_max(&v), v.iter().copied().fold(f32::NEG_INFINITY, f32::max), "max of {n}");
+            let v: Vec<f32> = (0..n)
+                .map(|i| ((i as f32) * 0.77).sin() * 50.0 - 20.0)
+                .collect();
+            assert_eq!(
+                lane_max(&v),
+                v.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                "max of {n}"
+            );
             let sum = lane_sum(&v);
             let exact: f64 = v.iter().map(|&x| f64::from(x)).sum();
-            assert!((f64::from(sum) - exact).abs() <= 1e-5 * (1.0 + exact.abs()) * n as f64, "sum of {n}: {sum} vs {exact}");
+            assert!(
+                (f64::from(sum) - exact).abs() <= 1e-5 * (1.0 + exact.abs()) * n as f64,
+                "sum of {n}: {sum} vs {exact}"
+            );
         }
     }
 

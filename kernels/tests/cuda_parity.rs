@@ -28,7 +28,10 @@ fn gpu() -> Option<Gpu> {
 fn assert_close(what: &str, gpu: &[f32], cpu: &[f32], atol: f32, rtol: f32) {
     assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
     for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
-        assert!((g - c).abs() <= atol + rtol * c.abs(), "{what}[{i}]: gpu {g} vs cpu {c}");
+        assert!(
+            (g - c).abs() <= atol + rtol * c.abs(),
+            "{what}[{i}]: gpu {g} vs cpu {c}"
+        );
     }
 }
 
@@ -41,7 +44,12 @@ struct Output {
 }
 
 fn output(what: impl Into<String>, values: Vec<f32>, atol: f32, rtol: f32) -> Output {
-    Output { what: what.into(), values, atol, rtol }
+    Output {
+        what: what.into(),
+        values,
+        atol,
+        rtol,
+    }
 }
 
 /// A scalar result (a loss) as an output.
@@ -62,7 +70,11 @@ fn parity(body_cpu: impl FnOnce(&Cpu) -> Vec<Output>, body_gpu: impl Fn(&Cuda) -
 /// Every output of `other` against the reference's, within the reference's tolerances, or
 /// bit for bit when `exact`.
 fn compare(reference: &[Output], other: &[Output], exact: bool) {
-    assert_eq!(reference.len(), other.len(), "the same outputs on both devices");
+    assert_eq!(
+        reference.len(),
+        other.len(),
+        "the same outputs on both devices"
+    );
     for (c, g) in reference.iter().zip(other) {
         assert_eq!(c.what, g.what);
         let (atol, rtol) = if exact { (0.0, 0.0) } else { (c.atol, c.rtol) };
@@ -90,7 +102,10 @@ fn every_test_body_runs_on_the_cpu_and_repeats_bit_for_bit() {
     ];
     for (name, body) in bodies {
         let (first, second) = (body(&Cpu), body(&Cpu));
-        assert!(!first.is_empty() && first.iter().all(|o| !o.values.is_empty()), "{name}: outputs");
+        assert!(
+            !first.is_empty() && first.iter().all(|o| !o.values.is_empty()),
+            "{name}: outputs"
+        );
         compare(&first, &second, true);
     }
 }
@@ -110,7 +125,10 @@ fn zeros<B: Backend<f32>>(b: &B, n: usize) -> B::Buf {
 #[test]
 fn every_cuda_source_compiles_with_nvrtc() {
     if !nvrtc_present() {
-        assert!(std::env::var("TESSERA_REQUIRE_NVRTC").as_deref() != Ok("1"), "TESSERA_REQUIRE_NVRTC=1 but libnvrtc is not on LD_LIBRARY_PATH");
+        assert!(
+            std::env::var("TESSERA_REQUIRE_NVRTC").as_deref() != Ok("1"),
+            "TESSERA_REQUIRE_NVRTC=1 but libnvrtc is not on LD_LIBRARY_PATH"
+        );
         eprintln!("SKIPPED: libnvrtc not found; the .cu sources were not compiled");
         return;
     }
@@ -118,12 +136,22 @@ fn every_cuda_source_compiles_with_nvrtc() {
         compile(name, source).unwrap_or_else(|e| panic!("{e}"));
     }
     // The check can fail: a broken source is an error carrying NVRTC's log.
-    let err = compile("broken", "extern \"C\" __global__ void k() { undeclared(); }").unwrap_err().to_string();
-    assert!(err.contains("broken.cu") && err.contains("undeclared"), "{err}");
+    let err = compile(
+        "broken",
+        "extern \"C\" __global__ void k() { undeclared(); }",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("broken.cu") && err.contains("undeclared"),
+        "{err}"
+    );
 }
 
 fn inputs(n: usize) -> Vec<f32> {
-    (0..n).map(|i| ((i as f32 * 0.7311).sin() * 4.0) + 0.01).collect()
+    (0..n)
+        .map(|i| ((i as f32 * 0.7311).sin() * 4.0) + 0.01)
+        .collect()
 }
 
 /// Sizes that are not multiples of anything: 1, 31, 1,025 and a million-odd.
@@ -133,15 +161,45 @@ fn activations<B: Backend<f32>>(b: &B) -> Vec<Output> {
     let mut out = Vec::new();
     for n in AWKWARD {
         let dy: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).cos()).collect();
-        for act in [Activation::Relu, Activation::LeakyRelu(0.2), Activation::Elu(1.0), Activation::Softplus, Activation::Exp, Activation::Sigmoid, Activation::Log1p] {
+        for act in [
+            Activation::Relu,
+            Activation::LeakyRelu(0.2),
+            Activation::Elu(1.0),
+            Activation::Softplus,
+            Activation::Exp,
+            Activation::Sigmoid,
+            Activation::Log1p,
+        ] {
             // log1p is defined above -1: its inputs are folded to [0, ∞).
-            let x: Vec<f32> = if act == Activation::Log1p { inputs(n).iter().map(|v| v.abs()).collect() } else { inputs(n) };
+            let x: Vec<f32> = if act == Activation::Log1p {
+                inputs(n).iter().map(|v| v.abs()).collect()
+            } else {
+                inputs(n)
+            };
             let (x, dy) = (up(b, &x), up(b, &dy));
             let (mut y, mut dx) = (zeros(b, n), zeros(b, n));
-            b.activation_forward(act, In::all(&x), Out::all(&mut y)).unwrap();
-            b.activation_backward(act, In::all(&x), In::all(&y), In::all(&dy), Out::all(&mut dx)).unwrap();
-            out.push(output(format!("{act:?} forward n={n}"), down(b, &y), 1e-6, 1e-5));
-            out.push(output(format!("{act:?} backward n={n}"), down(b, &dx), 1e-6, 1e-5));
+            b.activation_forward(act, In::all(&x), Out::all(&mut y))
+                .unwrap();
+            b.activation_backward(
+                act,
+                In::all(&x),
+                In::all(&y),
+                In::all(&dy),
+                Out::all(&mut dx),
+            )
+            .unwrap();
+            out.push(output(
+                format!("{act:?} forward n={n}"),
+                down(b, &y),
+                1e-6,
+                1e-5,
+            ));
+            out.push(output(
+                format!("{act:?} backward n={n}"),
+                down(b, &dx),
+                1e-6,
+                1e-5,
+            ));
         }
     }
     out
@@ -159,31 +217,68 @@ fn elementwise<B: Backend<f32>>(b: &B) -> Vec<Output> {
     for (rows, cols) in [(1, 1), (7, 31), (1024, 1025)] {
         let n = rows * cols;
         let flat = up(b, &inputs(n + cols + 5));
-        let (bias, m) = (In::part(&flat, 5..5 + cols), In::part(&flat, 5 + cols..5 + cols + n));
+        let (bias, m) = (
+            In::part(&flat, 5..5 + cols),
+            In::part(&flat, 5 + cols..5 + cols + n),
+        );
         let mut y = up(b, &inputs(n + 3));
         b.copy(m.clone(), Out::part(&mut y, 3..n + 3)).unwrap();
-        b.bias_add(Out::part(&mut y, 3..n + 3), bias.clone()).unwrap();
-        out.push(output(format!("bias add {rows}x{cols}"), down(b, &y), 1e-6, 1e-6));
+        b.bias_add(Out::part(&mut y, 3..n + 3), bias.clone())
+            .unwrap();
+        out.push(output(
+            format!("bias add {rows}x{cols}"),
+            down(b, &y),
+            1e-6,
+            1e-6,
+        ));
         let mut sums = zeros(b, cols);
         b.column_sums(m.clone(), Out::all(&mut sums)).unwrap();
         // Same summation order on both sides: equal up to f32 rounding of the loop itself.
-        out.push(output(format!("column sums {rows}x{cols}"), down(b, &sums), 1e-4, 1e-5));
+        out.push(output(
+            format!("column sums {rows}x{cols}"),
+            down(b, &sums),
+            1e-4,
+            1e-5,
+        ));
         let mut acc = up(b, &inputs(n).iter().rev().copied().collect::<Vec<_>>());
         b.axpy(-0.75, m.clone(), Out::all(&mut acc)).unwrap();
         b.scale(Out::part(&mut acc, 0..n / 2), 3.0).unwrap();
-        out.push(output(format!("axpy + scale {rows}x{cols}"), down(b, &acc), 1e-6, 1e-6));
+        out.push(output(
+            format!("axpy + scale {rows}x{cols}"),
+            down(b, &acc),
+            1e-6,
+            1e-6,
+        ));
         let s = up(b, &(0..rows).map(|r| 1.0 + r as f32).collect::<Vec<_>>());
         let mut scaled = zeros(b, n);
-        b.scale_rows(m.clone(), In::all(&s), Out::all(&mut scaled)).unwrap();
-        out.push(output(format!("scale rows {rows}x{cols}"), down(b, &scaled), 0.0, 1e-7));
+        b.scale_rows(m.clone(), In::all(&s), Out::all(&mut scaled))
+            .unwrap();
+        out.push(output(
+            format!("scale rows {rows}x{cols}"),
+            down(b, &scaled),
+            0.0,
+            1e-7,
+        ));
         let codes: Vec<usize> = (0..rows).map(|r| (r * 7) % 3).collect();
         let table = up(b, &inputs(3 * cols));
         let mut gathered = zeros(b, n);
-        b.gather_rows(In::all(&table), &codes, cols, Out::all(&mut gathered)).unwrap();
-        out.push(output(format!("gather {rows}x{cols}"), down(b, &gathered), 0.0, 0.0));
+        b.gather_rows(In::all(&table), &codes, cols, Out::all(&mut gathered))
+            .unwrap();
+        out.push(output(
+            format!("gather {rows}x{cols}"),
+            down(b, &gathered),
+            0.0,
+            0.0,
+        ));
         let mut scattered = up(b, &inputs(3 * cols));
-        b.scatter_add_rows(m, &codes, cols, Out::all(&mut scattered)).unwrap();
-        out.push(output(format!("scatter-add {rows}x{cols}"), down(b, &scattered), 1e-5, 1e-6));
+        b.scatter_add_rows(m, &codes, cols, Out::all(&mut scattered))
+            .unwrap();
+        out.push(output(
+            format!("scatter-add {rows}x{cols}"),
+            down(b, &scattered),
+            1e-5,
+            1e-6,
+        ));
     }
     out
 }
@@ -197,36 +292,70 @@ fn likelihoods<B: Backend<f32>>(b: &B) -> Vec<Output> {
     let (rows, features) = (64, 1025);
     let n = rows * features;
     let mut out = Vec::new();
-    for family in [Likelihood::NegativeBinomial, Likelihood::ZeroInflatedNegativeBinomial, Likelihood::Poisson, Likelihood::Gaussian, Likelihood::Bernoulli] {
-        let x: Vec<f32> = (0..n).map(|i| match family {
-            Likelihood::Gaussian => (i as f32 * 0.37).sin(),
-            Likelihood::Bernoulli => (i % 3 == 0) as i32 as f32,
-            _ => [0.0, 0.0, 1.0, 3.0, 0.0, 17.0, 250.0][i % 7],
-        }).collect();
+    for family in [
+        Likelihood::NegativeBinomial,
+        Likelihood::ZeroInflatedNegativeBinomial,
+        Likelihood::Poisson,
+        Likelihood::Gaussian,
+        Likelihood::Bernoulli,
+    ] {
+        let x: Vec<f32> = (0..n)
+            .map(|i| match family {
+                Likelihood::Gaussian => (i as f32 * 0.37).sin(),
+                Likelihood::Bernoulli => (i % 3 == 0) as i32 as f32,
+                _ => [0.0, 0.0, 1.0, 3.0, 0.0, 17.0, 250.0][i % 7],
+            })
+            .collect();
         // The second parameter is per feature (a gene's dispersion), the others per entry.
-        let params: Vec<B::Buf> = (0..family.n_params()).map(|k| up(b, &(0..if k == 1 { features } else { n }).map(|i| {
-            let t = (i as f32 * 0.913 + k as f32).sin();
-            match (family, k) {
-                (Likelihood::Gaussian | Likelihood::Bernoulli, _) | (Likelihood::ZeroInflatedNegativeBinomial, 2) => t,
-                _ => (t * 1.5).exp() * 2.0,
-            }
-        }).collect::<Vec<_>>())).collect();
+        let params: Vec<B::Buf> = (0..family.n_params())
+            .map(|k| {
+                up(
+                    b,
+                    &(0..if k == 1 { features } else { n })
+                        .map(|i| {
+                            let t = (i as f32 * 0.913 + k as f32).sin();
+                            match (family, k) {
+                                (Likelihood::Gaussian | Likelihood::Bernoulli, _)
+                                | (Likelihood::ZeroInflatedNegativeBinomial, 2) => t,
+                                _ => (t * 1.5).exp() * 2.0,
+                            }
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
         let weights = up(b, &(0..rows).map(|r| (r % 2) as f32).collect::<Vec<_>>());
         let x = up(b, &x);
         let mut ll = zeros(b, rows);
         let mut grads: Vec<B::Buf> = params.iter().map(|_| zeros(b, n)).collect();
         let ins: Vec<_> = params.iter().map(In::all).collect();
         let mut outs: Vec<_> = grads.iter_mut().map(Out::all).collect();
-        b.likelihood(family, In::all(&x), features, &ins, Some(In::all(&weights)), Out::all(&mut ll), &mut outs).unwrap();
+        b.likelihood(
+            family,
+            In::all(&x),
+            features,
+            &ins,
+            Some(In::all(&weights)),
+            Out::all(&mut ll),
+            &mut outs,
+        )
+        .unwrap();
         out.push(output(format!("{family:?} ll"), down(b, &ll), 1e-2, 1e-4));
         for (k, g) in grads.iter().enumerate() {
-            out.push(output(format!("{family:?} grad {k}"), down(b, g), 1e-5, 1e-4));
+            out.push(output(
+                format!("{family:?} grad {k}"),
+                down(b, g),
+                1e-5,
+                1e-4,
+            ));
         }
     }
     // totalVI's protein mixture.
     let (rows, features) = (256, 14);
     let n = rows * features;
-    let x: Vec<f32> = (0..n).map(|i| [0.0, 3.0, 40.0, 7.0, 150.0][i % 5]).collect();
+    let x: Vec<f32> = (0..n)
+        .map(|i| [0.0, 3.0, 40.0, 7.0, 150.0][i % 5])
+        .collect();
     let back: Vec<f32> = inputs(n).iter().map(|v| v.exp() * 3.0).collect();
     let fore: Vec<f32> = inputs(n).iter().rev().map(|v| v.exp() * 20.0).collect();
     let theta: Vec<f32> = inputs(n).iter().map(|v| (v * 0.3).exp() * 5.0).collect();
@@ -236,7 +365,17 @@ fn likelihoods<B: Backend<f32>>(b: &B) -> Vec<Output> {
     let mut g: [B::Buf; 4] = std::array::from_fn(|_| zeros(b, n));
     {
         let [g0, g1, g2, g3] = &mut g;
-        b.nb_mixture(In::all(&x), In::all(&back), In::all(&fore), In::all(&theta), In::all(&pi), features, Out::all(&mut ll), [Out::all(g0), Out::all(g1), Out::all(g2), Out::all(g3)]).unwrap();
+        b.nb_mixture(
+            In::all(&x),
+            In::all(&back),
+            In::all(&fore),
+            In::all(&theta),
+            In::all(&pi),
+            features,
+            Out::all(&mut ll),
+            [Out::all(g0), Out::all(g1), Out::all(g2), Out::all(g3)],
+        )
+        .unwrap();
     }
     out.push(output("mixture ll", down(b, &ll), 1e-3, 1e-4));
     for (k, g) in g.iter().enumerate() {
@@ -271,17 +410,38 @@ fn sparse_layer_and_softmax<B: Backend<f32>>(b: &B) -> Vec<Output> {
     let mut out = Vec::new();
     let (rows, cols, d_out) = (1024, 2000, 128);
     let (indptr, indices, data) = counts(rows, cols);
-    let x = CsrRef { rows, cols, indptr: &indptr, indices: &indices, data: &data };
+    let x = CsrRef {
+        rows,
+        cols,
+        indptr: &indptr,
+        indices: &indices,
+        data: &data,
+    };
     let xd = b.upload_csr(x).unwrap();
     let (w, dy) = (up(b, &inputs(cols * d_out)), up(b, &inputs(rows * d_out)));
-    for transform in [CountTransform::Log1p, CountTransform::NormalizedLog1p { scale: 1e4 }] {
+    for transform in [
+        CountTransform::Log1p,
+        CountTransform::NormalizedLog1p { scale: 1e4 },
+    ] {
         let (mut y, mut dw) = (zeros(b, rows * d_out), zeros(b, cols * d_out));
-        b.sparse_input_forward(&xd, transform, In::all(&w), d_out, Out::all(&mut y)).unwrap();
+        b.sparse_input_forward(&xd, transform, In::all(&w), d_out, Out::all(&mut y))
+            .unwrap();
         for round in 0..2 {
-            b.sparse_input_backward(&xd, transform, In::all(&dy), d_out, Out::all(&mut dw)).unwrap();
-            out.push(output(format!("{transform:?} dW, round {round}"), down(b, &dw), 1e-4, 1e-5));
+            b.sparse_input_backward(&xd, transform, In::all(&dy), d_out, Out::all(&mut dw))
+                .unwrap();
+            out.push(output(
+                format!("{transform:?} dW, round {round}"),
+                down(b, &dw),
+                1e-4,
+                1e-5,
+            ));
         }
-        out.push(output(format!("{transform:?} forward"), down(b, &y), 1e-4, 1e-5));
+        out.push(output(
+            format!("{transform:?} forward"),
+            down(b, &y),
+            1e-4,
+            1e-5,
+        ));
     }
     let (rows, genes) = (128, 2000);
     let (mut indptr, mut indices, mut data) = counts(rows, genes);
@@ -294,23 +454,79 @@ fn sparse_layer_and_softmax<B: Backend<f32>>(b: &B) -> Vec<Output> {
             indptr[r + 1..].iter_mut().for_each(|p| *p += 1);
         }
     }
-    let x = CsrRef { rows, cols: genes, indptr: &indptr, indices: &indices, data: &data };
-    let logits = up(b, &inputs(rows * genes).iter().map(|v| v * 0.5).collect::<Vec<_>>());
-    let library = up(b, &(0..rows).map(|r| 300.0 + 50.0 * r as f32).collect::<Vec<_>>());
-    let theta = up(b, &inputs(genes).iter().map(|v| (v * 0.4).exp() * 3.0).collect::<Vec<_>>());
-    let weights = up(b, &(0..rows).map(|r| if r % 5 == 0 { 0.0 } else { 1.0 }).collect::<Vec<_>>());
-    let (mut ll, mut dlogits, mut dtheta) = (zeros(b, rows), zeros(b, rows * genes), zeros(b, genes));
-    b.softmax_nb(In::all(&logits), In::all(&library), x, In::all(&theta), In::all(&weights), Out::all(&mut ll), Out::all(&mut dlogits), Out::all(&mut dtheta)).unwrap();
+    let x = CsrRef {
+        rows,
+        cols: genes,
+        indptr: &indptr,
+        indices: &indices,
+        data: &data,
+    };
+    let logits = up(
+        b,
+        &inputs(rows * genes)
+            .iter()
+            .map(|v| v * 0.5)
+            .collect::<Vec<_>>(),
+    );
+    let library = up(
+        b,
+        &(0..rows)
+            .map(|r| 300.0 + 50.0 * r as f32)
+            .collect::<Vec<_>>(),
+    );
+    let theta = up(
+        b,
+        &inputs(genes)
+            .iter()
+            .map(|v| (v * 0.4).exp() * 3.0)
+            .collect::<Vec<_>>(),
+    );
+    let weights = up(
+        b,
+        &(0..rows)
+            .map(|r| if r % 5 == 0 { 0.0 } else { 1.0 })
+            .collect::<Vec<_>>(),
+    );
+    let (mut ll, mut dlogits, mut dtheta) =
+        (zeros(b, rows), zeros(b, rows * genes), zeros(b, genes));
+    b.softmax_nb(
+        In::all(&logits),
+        In::all(&library),
+        x,
+        In::all(&theta),
+        In::all(&weights),
+        Out::all(&mut ll),
+        Out::all(&mut dlogits),
+        Out::all(&mut dtheta),
+    )
+    .unwrap();
     out.push(output("softmax NB ll", down(b, &ll), 1e-2, 1e-4));
     out.push(output("softmax NB dlogits", down(b, &dlogits), 1e-5, 1e-3));
     out.push(output("softmax NB dtheta", down(b, &dtheta), 1e-4, 1e-3));
     for (rows, f) in [(1, 1), (64, 31), (1024, 2000)] {
-        let (x, dy) = (up(b, &inputs(rows * f)), up(b, &inputs(rows * f).iter().map(|v| v * 0.5).collect::<Vec<_>>()));
+        let (x, dy) = (
+            up(b, &inputs(rows * f)),
+            up(
+                b,
+                &inputs(rows * f).iter().map(|v| v * 0.5).collect::<Vec<_>>(),
+            ),
+        );
         let (mut y, mut dx) = (zeros(b, rows * f), zeros(b, rows * f));
         b.softmax_forward(In::all(&x), f, Out::all(&mut y)).unwrap();
-        b.softmax_backward(In::all(&y), In::all(&dy), f, Out::all(&mut dx)).unwrap();
-        out.push(output(format!("softmax {rows}x{f}"), down(b, &y), 1e-7, 1e-5));
-        out.push(output(format!("softmax backward {rows}x{f}"), down(b, &dx), 1e-7, 1e-4));
+        b.softmax_backward(In::all(&y), In::all(&dy), f, Out::all(&mut dx))
+            .unwrap();
+        out.push(output(
+            format!("softmax {rows}x{f}"),
+            down(b, &y),
+            1e-7,
+            1e-5,
+        ));
+        out.push(output(
+            format!("softmax backward {rows}x{f}"),
+            down(b, &dx),
+            1e-7,
+            1e-4,
+        ));
     }
     out
 }
@@ -326,9 +542,26 @@ fn gemms<B: Backend<f32>>(b: &B) -> Vec<Output> {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
             let (a, bb) = (up(b, &inputs(m * k)), up(b, &inputs(k * n)));
             let mut c = up(b, &inputs(m * n));
-            b.gemm(ta, tb, m, k, n, 1.5, In::all(&a), In::all(&bb), 0.5, Out::all(&mut c)).unwrap();
+            b.gemm(
+                ta,
+                tb,
+                m,
+                k,
+                n,
+                1.5,
+                In::all(&a),
+                In::all(&bb),
+                0.5,
+                Out::all(&mut c),
+            )
+            .unwrap();
             // Different summation orders: tolerance grows with k.
-            out.push(output(format!("gemm ta={ta} tb={tb} {m}x{k}x{n}"), down(b, &c), 1e-3 * (k.max(1) as f32).sqrt(), 1e-4));
+            out.push(output(
+                format!("gemm ta={ta} tb={tb} {m}x{k}x{n}"),
+                down(b, &c),
+                1e-3 * (k.max(1) as f32).sqrt(),
+                1e-4,
+            ));
         }
     }
     out
@@ -341,15 +574,34 @@ fn gemm_matches_cpu_for_every_transpose() {
 
 fn optimiser<B: Backend<f32>>(b: &B) -> Vec<Output> {
     let n = (1 << 20) + 5;
-    let opt = AdamW { lr: 1e-2, weight_decay: 1e-2, ..AdamW::default() };
+    let opt = AdamW {
+        lr: 1e-2,
+        weight_decay: 1e-2,
+        ..AdamW::default()
+    };
     let (mut p, mut m, mut v) = (up(b, &inputs(n)), zeros(b, n), zeros(b, n));
     for t in 1..=3u64 {
-        let g = up(b, &inputs(n).iter().map(|x| x * t as f32).collect::<Vec<_>>());
-        b.adamw_step(&opt, t, Out::all(&mut p), In::all(&g), Out::all(&mut m), Out::all(&mut v)).unwrap();
+        let g = up(
+            b,
+            &inputs(n).iter().map(|x| x * t as f32).collect::<Vec<_>>(),
+        );
+        b.adamw_step(
+            &opt,
+            t,
+            Out::all(&mut p),
+            In::all(&g),
+            Out::all(&mut m),
+            Out::all(&mut v),
+        )
+        .unwrap();
     }
     let norm = b.grad_norm(In::all(&up(b, &inputs(n)))).unwrap();
     // The norm is summed in f64 over the same chunks in the same order on both sides.
-    vec![output("adamw params", down(b, &p), 1e-6, 1e-5), output("adamw v", down(b, &v), 1e-9, 1e-5), output("gradient norm", vec![norm as f32], 0.0, 1e-7)]
+    vec![
+        output("adamw params", down(b, &p), 1e-6, 1e-5),
+        output("adamw v", down(b, &v), 1e-9, 1e-5),
+        output("gradient norm", vec![norm as f32], 0.0, 1e-7),
+    ]
 }
 
 #[test]
@@ -362,11 +614,15 @@ fn random<B: Backend<f32>>(b: &B) -> Vec<Output> {
     let n = (1 << 20) + 3;
     let x = up(b, &inputs(n));
     let mut y = zeros(b, n);
-    b.dropout(In::all(&x), 0.25, 42, 3, Out::all(&mut y)).unwrap();
+    b.dropout(In::all(&x), 0.25, 42, 3, Out::all(&mut y))
+        .unwrap();
     let mut eps = zeros(b, n + 10);
     b.normal(42, 7, Out::part(&mut eps, 10..n + 10)).unwrap();
     // The same elements dropped, the same scaled values; normals differ only by log/cos rounding.
-    vec![output("dropout", down(b, &y), 0.0, 1e-7), output("normal", down(b, &eps), 1e-5, 1e-5)]
+    vec![
+        output("dropout", down(b, &y), 0.0, 1e-7),
+        output("normal", down(b, &eps), 1e-5, 1e-5),
+    ]
 }
 
 #[test]
@@ -378,53 +634,149 @@ fn gaussians<B: Backend<f32>>(b: &B) -> Vec<Output> {
     let (rows, dim) = (1024, 50);
     let n = rows * dim;
     let mut out = Vec::new();
-    let (m, lv) = (up(b, &inputs(n)), up(b, &inputs(n).iter().map(|v| v * 0.5).collect::<Vec<_>>()));
-    let (eps, dz) = (up(b, &inputs(n).iter().rev().copied().collect::<Vec<_>>()), up(b, &inputs(n)));
+    let (m, lv) = (
+        up(b, &inputs(n)),
+        up(b, &inputs(n).iter().map(|v| v * 0.5).collect::<Vec<_>>()),
+    );
+    let (eps, dz) = (
+        up(b, &inputs(n).iter().rev().copied().collect::<Vec<_>>()),
+        up(b, &inputs(n)),
+    );
     let w = up(b, &(0..rows).map(|r| (r % 3) as f32).collect::<Vec<_>>());
     let (mut z, mut dm, mut dlv) = (zeros(b, n), zeros(b, n), zeros(b, n));
-    b.reparameterize_forward(In::all(&m), In::all(&lv), In::all(&eps), Out::all(&mut z)).unwrap();
-    b.reparameterize_backward(In::all(&lv), In::all(&eps), In::all(&dz), Out::all(&mut dm), Out::all(&mut dlv)).unwrap();
+    b.reparameterize_forward(In::all(&m), In::all(&lv), In::all(&eps), Out::all(&mut z))
+        .unwrap();
+    b.reparameterize_backward(
+        In::all(&lv),
+        In::all(&eps),
+        In::all(&dz),
+        Out::all(&mut dm),
+        Out::all(&mut dlv),
+    )
+    .unwrap();
     out.push(output("z", down(b, &z), 1e-6, 1e-5));
     out.push(output("dlv", down(b, &dlv), 1e-6, 1e-5));
     let (mut kl, mut km, mut klv) = (zeros(b, rows), zeros(b, n), zeros(b, n));
-    b.kl_standard_normal(In::all(&m), In::all(&lv), dim, Some(In::all(&w)), Out::all(&mut kl), Out::all(&mut km), Out::all(&mut klv)).unwrap();
+    b.kl_standard_normal(
+        In::all(&m),
+        In::all(&lv),
+        dim,
+        Some(In::all(&w)),
+        Out::all(&mut kl),
+        Out::all(&mut km),
+        Out::all(&mut klv),
+    )
+    .unwrap();
     out.push(output("kl", down(b, &kl), 1e-5, 1e-5));
     out.push(output("kl dlv", down(b, &klv), 1e-6, 1e-5));
-    let (m2, lv2) = (up(b, &inputs(n).iter().rev().map(|v| v * 0.7).collect::<Vec<_>>()), up(b, &inputs(n).iter().map(|v| v * -0.3).collect::<Vec<_>>()));
+    let (m2, lv2) = (
+        up(
+            b,
+            &inputs(n).iter().rev().map(|v| v * 0.7).collect::<Vec<_>>(),
+        ),
+        up(b, &inputs(n).iter().map(|v| v * -0.3).collect::<Vec<_>>()),
+    );
     let mut jv = zeros(b, rows);
     let mut jg: [B::Buf; 4] = std::array::from_fn(|_| zeros(b, n));
     {
         let [a, c, d, e] = &mut jg;
-        b.jeffreys(In::all(&m), In::all(&lv), In::all(&m2), In::all(&lv2), dim, In::all(&w), Out::all(&mut jv), [Out::all(a), Out::all(c), Out::all(d), Out::all(e)]).unwrap();
+        b.jeffreys(
+            In::all(&m),
+            In::all(&lv),
+            In::all(&m2),
+            In::all(&lv2),
+            dim,
+            In::all(&w),
+            Out::all(&mut jv),
+            [Out::all(a), Out::all(c), Out::all(d), Out::all(e)],
+        )
+        .unwrap();
     }
     out.push(output("jeffreys", down(b, &jv), 1e-4, 1e-5));
     for (k, g) in jg.iter().enumerate() {
-        out.push(output(format!("jeffreys gradient {k}"), down(b, g), 1e-5, 1e-5));
+        out.push(output(
+            format!("jeffreys gradient {k}"),
+            down(b, g),
+            1e-5,
+            1e-5,
+        ));
     }
     // Product of two experts and the prior, each expert missing for some cells.
     let (rows, dim) = (777, 20);
     let n = rows * dim;
-    let means = [up(b, &inputs(n)), up(b, &inputs(n).iter().rev().copied().collect::<Vec<_>>())];
-    let logvars = [up(b, &inputs(n).iter().map(|v| v * 0.5).collect::<Vec<_>>()), up(b, &inputs(n).iter().map(|v| -v).collect::<Vec<_>>())];
-    let present = [up(b, &(0..rows).map(|r| f32::from(u8::from(r % 3 != 0))).collect::<Vec<_>>()), up(b, &(0..rows).map(|r| f32::from(u8::from(r % 5 != 0))).collect::<Vec<_>>())];
+    let means = [
+        up(b, &inputs(n)),
+        up(b, &inputs(n).iter().rev().copied().collect::<Vec<_>>()),
+    ];
+    let logvars = [
+        up(b, &inputs(n).iter().map(|v| v * 0.5).collect::<Vec<_>>()),
+        up(b, &inputs(n).iter().map(|v| -v).collect::<Vec<_>>()),
+    ];
+    let present = [
+        up(
+            b,
+            &(0..rows)
+                .map(|r| f32::from(u8::from(r % 3 != 0)))
+                .collect::<Vec<_>>(),
+        ),
+        up(
+            b,
+            &(0..rows)
+                .map(|r| f32::from(u8::from(r % 5 != 0)))
+                .collect::<Vec<_>>(),
+        ),
+    ];
     fn ins<S: tessera_kernels::backend::Storage>(xs: &[S; 2]) -> [In<'_, S>; 2] {
         [In::all(&xs[0]), In::all(&xs[1])]
     }
     let (mut pm, mut plv) = (zeros(b, n), zeros(b, n));
-    b.poe_forward(&ins(&means), &ins(&logvars), &ins(&present), dim, Out::all(&mut pm), Out::all(&mut plv)).unwrap();
-    let (gm, gl) = (up(b, &inputs(n)), up(b, &inputs(n).iter().map(|v| v * 2.0).collect::<Vec<_>>()));
+    b.poe_forward(
+        &ins(&means),
+        &ins(&logvars),
+        &ins(&present),
+        dim,
+        Out::all(&mut pm),
+        Out::all(&mut plv),
+    )
+    .unwrap();
+    let (gm, gl) = (
+        up(b, &inputs(n)),
+        up(b, &inputs(n).iter().map(|v| v * 2.0).collect::<Vec<_>>()),
+    );
     let mut dmeans: [B::Buf; 2] = std::array::from_fn(|_| zeros(b, n));
     let mut dlogvars: [B::Buf; 2] = std::array::from_fn(|_| zeros(b, n));
     {
         let [a, c] = &mut dmeans;
         let [d, e] = &mut dlogvars;
-        b.poe_backward(&ins(&means), &ins(&logvars), &ins(&present), dim, In::all(&pm), In::all(&plv), In::all(&gm), In::all(&gl), &mut [Out::all(a), Out::all(c)], &mut [Out::all(d), Out::all(e)]).unwrap();
+        b.poe_backward(
+            &ins(&means),
+            &ins(&logvars),
+            &ins(&present),
+            dim,
+            In::all(&pm),
+            In::all(&plv),
+            In::all(&gm),
+            In::all(&gl),
+            &mut [Out::all(a), Out::all(c)],
+            &mut [Out::all(d), Out::all(e)],
+        )
+        .unwrap();
     }
     out.push(output("poe m", down(b, &pm), 1e-6, 1e-5));
     out.push(output("poe lv", down(b, &plv), 1e-6, 1e-5));
     for e in 0..2 {
-        out.push(output(format!("poe dmean {e}"), down(b, &dmeans[e]), 1e-6, 1e-5));
-        out.push(output(format!("poe dlogvar {e}"), down(b, &dlogvars[e]), 1e-6, 1e-5));
+        out.push(output(
+            format!("poe dmean {e}"),
+            down(b, &dmeans[e]),
+            1e-6,
+            1e-5,
+        ));
+        out.push(output(
+            format!("poe dlogvar {e}"),
+            down(b, &dlogvars[e]),
+            1e-6,
+            1e-5,
+        ));
     }
     out
 }
@@ -436,17 +788,57 @@ fn gaussian_ops_match_cpu() {
 
 fn batch_norm<B: Backend<f32>>(b: &B) -> Vec<Output> {
     let (rows, f) = (512, 128);
-    let (x, dy) = (up(b, &inputs(rows * f)), up(b, &inputs(rows * f).iter().rev().copied().collect::<Vec<_>>()));
+    let (x, dy) = (
+        up(b, &inputs(rows * f)),
+        up(
+            b,
+            &inputs(rows * f).iter().rev().copied().collect::<Vec<_>>(),
+        ),
+    );
     // γ and β side by side, as in a parameter buffer; running mean 0 and variance 1.
-    let gamma_beta = up(b, &[inputs(f).iter().map(|v| v + 1.0).collect::<Vec<_>>(), inputs(f)].concat());
+    let gamma_beta = up(
+        b,
+        &[
+            inputs(f).iter().map(|v| v + 1.0).collect::<Vec<_>>(),
+            inputs(f),
+        ]
+        .concat(),
+    );
     let (gamma, beta) = (In::part(&gamma_beta, 0..f), In::part(&gamma_beta, f..2 * f));
     let mut running = up(b, &[vec![0.0; f], vec![1.0; f]].concat());
     let (mut y, mut xhat, mut inv_std) = (zeros(b, rows * f), zeros(b, rows * f), zeros(b, f));
-    b.batch_norm_train(In::all(&x), gamma.clone(), beta.clone(), Out::all(&mut running), 0.1, 1e-3, Out::all(&mut y), Out::all(&mut xhat), Out::all(&mut inv_std)).unwrap();
+    b.batch_norm_train(
+        In::all(&x),
+        gamma.clone(),
+        beta.clone(),
+        Out::all(&mut running),
+        0.1,
+        1e-3,
+        Out::all(&mut y),
+        Out::all(&mut xhat),
+        Out::all(&mut inv_std),
+    )
+    .unwrap();
     let (mut dx, mut dgb) = (zeros(b, rows * f), zeros(b, 2 * f));
-    b.batch_norm_backward(In::all(&xhat), In::all(&inv_std), gamma.clone(), In::all(&dy), Out::all(&mut dx), Out::all(&mut dgb)).unwrap();
+    b.batch_norm_backward(
+        In::all(&xhat),
+        In::all(&inv_std),
+        gamma.clone(),
+        In::all(&dy),
+        Out::all(&mut dx),
+        Out::all(&mut dgb),
+    )
+    .unwrap();
     let mut ye = zeros(b, rows * f);
-    b.batch_norm_eval(In::all(&x), gamma, beta, In::all(&running), 1e-3, Out::all(&mut ye)).unwrap();
+    b.batch_norm_eval(
+        In::all(&x),
+        gamma,
+        beta,
+        In::all(&running),
+        1e-3,
+        Out::all(&mut ye),
+    )
+    .unwrap();
     vec![
         output("batch norm y", down(b, &y), 1e-5, 1e-4),
         output("batch norm dx", down(b, &dx), 1e-4, 1e-3),
@@ -466,8 +858,14 @@ fn batch_norm_matches_cpu() {
 fn layer_norm_matches_cpu() {
     let Some(gpu) = gpu() else { return };
     let (rows, f) = (512, 128);
-    let (x, dy) = (inputs(rows * f), inputs(rows * f).iter().rev().copied().collect::<Vec<_>>());
-    let (gamma, beta) = (inputs(f).iter().map(|v| v + 1.0).collect::<Vec<_>>(), inputs(f));
+    let (x, dy) = (
+        inputs(rows * f),
+        inputs(rows * f).iter().rev().copied().collect::<Vec<_>>(),
+    );
+    let (gamma, beta) = (
+        inputs(f).iter().map(|v| v + 1.0).collect::<Vec<_>>(),
+        inputs(f),
+    );
     let mut y = vec![0.0; rows * f];
     let cache = norm::layer_norm_forward(&x, &gamma, &beta, 1e-5, &mut y);
     let (mut dx, mut dg, mut db) = (vec![0.0; rows * f], vec![0.0; f], vec![0.0; f]);
@@ -475,13 +873,52 @@ fn layer_norm_matches_cpu() {
     let up = |v: &[f32]| gpu.upload(v).unwrap();
     let (xd, gd, bd, dyd) = (up(&x), up(&gamma), up(&beta), up(&dy));
     let mut yd = gpu.zeros(rows * f).unwrap();
-    let cd = norm::gpu::layer_norm_forward(&gpu, &xd.as_view(), &gd.as_view(), &bd.as_view(), 1e-5, &mut yd.as_view_mut()).unwrap();
-    let (mut dxd, mut dgd, mut dbd) = (gpu.zeros(rows * f).unwrap(), gpu.zeros(f).unwrap(), gpu.zeros(f).unwrap());
-    norm::gpu::layer_norm_backward(&gpu, &cd, &gd.as_view(), &dyd.as_view(), &mut dxd.as_view_mut(), &mut dgd.as_view_mut(), &mut dbd.as_view_mut()).unwrap();
+    let cd = norm::gpu::layer_norm_forward(
+        &gpu,
+        &xd.as_view(),
+        &gd.as_view(),
+        &bd.as_view(),
+        1e-5,
+        &mut yd.as_view_mut(),
+    )
+    .unwrap();
+    let (mut dxd, mut dgd, mut dbd) = (
+        gpu.zeros(rows * f).unwrap(),
+        gpu.zeros(f).unwrap(),
+        gpu.zeros(f).unwrap(),
+    );
+    norm::gpu::layer_norm_backward(
+        &gpu,
+        &cd,
+        &gd.as_view(),
+        &dyd.as_view(),
+        &mut dxd.as_view_mut(),
+        &mut dgd.as_view_mut(),
+        &mut dbd.as_view_mut(),
+    )
+    .unwrap();
     assert_close("layer norm y", &gpu.download(&yd).unwrap(), &y, 1e-5, 1e-4);
-    assert_close("layer norm dx", &gpu.download(&dxd).unwrap(), &dx, 1e-4, 1e-3);
-    assert_close("layer norm dgamma", &gpu.download(&dgd).unwrap(), &dg, 1e-3, 1e-4);
-    assert_close("layer norm dbeta", &gpu.download(&dbd).unwrap(), &db, 1e-3, 1e-4);
+    assert_close(
+        "layer norm dx",
+        &gpu.download(&dxd).unwrap(),
+        &dx,
+        1e-4,
+        1e-3,
+    );
+    assert_close(
+        "layer norm dgamma",
+        &gpu.download(&dgd).unwrap(),
+        &dg,
+        1e-3,
+        1e-4,
+    );
+    assert_close(
+        "layer norm dbeta",
+        &gpu.download(&dbd).unwrap(),
+        &db,
+        1e-3,
+        1e-4,
+    );
 }
 
 fn losses<B: Backend<f32>>(b: &B) -> Vec<Output> {
@@ -489,31 +926,71 @@ fn losses<B: Backend<f32>>(b: &B) -> Vec<Output> {
     // Cross-entropy with unlabelled rows.
     let (rows, classes) = (1000, 12);
     let logits = up(b, &inputs(rows * classes));
-    let labels: Vec<i32> = (0..rows as i32).map(|r| if r % 7 == 0 { -1 } else { r % 12 }).collect();
+    let labels: Vec<i32> = (0..rows as i32)
+        .map(|r| if r % 7 == 0 { -1 } else { r % 12 })
+        .collect();
     let mut d = zeros(b, rows * classes);
-    let (loss, labelled) = b.cross_entropy(In::all(&logits), &labels, classes, Out::all(&mut d)).unwrap();
-    out.push(scalar(format!("cross entropy, {labelled} labelled"), loss, 1e-5));
+    let (loss, labelled) = b
+        .cross_entropy(In::all(&logits), &labels, classes, Out::all(&mut d))
+        .unwrap();
+    out.push(scalar(
+        format!("cross entropy, {labelled} labelled"),
+        loss,
+        1e-5,
+    ));
     out.push(output("cross entropy grad", down(b, &d), 1e-7, 1e-5));
     // Masked squared error.
     let pred = up(b, &inputs(500));
-    let targets: Vec<f64> = (0..500).map(|i| if i % 9 == 0 { f64::NAN } else { (i % 13) as f64 * 0.1 }).collect();
+    let targets: Vec<f64> = (0..500)
+        .map(|i| {
+            if i % 9 == 0 {
+                f64::NAN
+            } else {
+                (i % 13) as f64 * 0.1
+            }
+        })
+        .collect();
     let mut dp = zeros(b, 500);
-    let (mse, observed) = b.masked_mse(In::all(&pred), &targets, Out::all(&mut dp)).unwrap();
+    let (mse, observed) = b
+        .masked_mse(In::all(&pred), &targets, Out::all(&mut dp))
+        .unwrap();
     out.push(scalar(format!("mse, {observed} observed"), mse, 1e-5));
     out.push(output("mse grad", down(b, &dp), 1e-7, 1e-5));
     // MMD between two groups of latents.
     let dim = 10;
-    let (x, y) = (up(b, &inputs(200 * dim)), up(b, &inputs(150 * dim).iter().map(|v| v + 0.3).collect::<Vec<_>>()));
+    let (x, y) = (
+        up(b, &inputs(200 * dim)),
+        up(
+            b,
+            &inputs(150 * dim)
+                .iter()
+                .map(|v| v + 0.3)
+                .collect::<Vec<_>>(),
+        ),
+    );
     let (mut dx, mut dy) = (zeros(b, 200 * dim), zeros(b, 150 * dim));
-    let mmd = b.mmd_rbf(In::all(&x), In::all(&y), dim, &[0.5, 1.0, 2.0, 4.0], Out::all(&mut dx), Out::all(&mut dy)).unwrap();
+    let mmd = b
+        .mmd_rbf(
+            In::all(&x),
+            In::all(&y),
+            dim,
+            &[0.5, 1.0, 2.0, 4.0],
+            Out::all(&mut dx),
+            Out::all(&mut dy),
+        )
+        .unwrap();
     out.push(output("mmd", vec![mmd as f32], 1e-6, 1e-4));
     out.push(output("mmd dx", down(b, &dx), 1e-6, 1e-3));
     out.push(output("mmd dy", down(b, &dy), 1e-6, 1e-3));
     // Cosine margin.
     let z = up(b, &inputs(128 * 16));
-    let lab: Vec<i32> = (0..128).map(|i| if i % 11 == 0 { -1 } else { i % 4 }).collect();
+    let lab: Vec<i32> = (0..128)
+        .map(|i| if i % 11 == 0 { -1 } else { i % 4 })
+        .collect();
     let mut dz = zeros(b, 128 * 16);
-    let cos = b.cosine_margin(In::all(&z), &lab, 16, 0.1, Out::all(&mut dz)).unwrap();
+    let cos = b
+        .cosine_margin(In::all(&z), &lab, 16, 0.1, Out::all(&mut dz))
+        .unwrap();
     out.push(scalar("cosine margin", cos, 1e-4));
     out.push(output("cosine grad", down(b, &dz), 1e-6, 1e-3));
     // Cox.
@@ -521,7 +998,9 @@ fn losses<B: Backend<f32>>(b: &B) -> Vec<Output> {
     let times: Vec<f64> = (0..300).map(|i| ((i * 37) % 101) as f64).collect();
     let events: Vec<bool> = (0..300).map(|i| i % 3 != 0).collect();
     let mut de = zeros(b, 300);
-    let cox = b.cox_partial_likelihood(In::all(&eta), &times, &events, Out::all(&mut de)).unwrap();
+    let cox = b
+        .cox_partial_likelihood(In::all(&eta), &times, &events, Out::all(&mut de))
+        .unwrap();
     out.push(scalar("cox", cox, 1e-4));
     out.push(output("cox grad", down(b, &de), 1e-6, 1e-3));
     out
@@ -536,7 +1015,10 @@ fn losses_match_cpu() {
 fn assert_close64(what: &str, gpu: &[f64], cpu: &[f64], tol: f64) {
     assert_eq!(gpu.len(), cpu.len(), "{what}: lengths");
     for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
-        assert!((g - c).abs() <= tol * (1.0 + c.abs()), "{what}[{i}]: gpu {g} vs cpu {c}");
+        assert!(
+            (g - c).abs() <= tol * (1.0 + c.abs()),
+            "{what}[{i}]: gpu {g} vs cpu {c}"
+        );
     }
 }
 
@@ -546,22 +1028,54 @@ fn snf_affinity_and_sparse_product_match_cpu() {
     let Some(gpu) = gpu() else { return };
     let stream = gpu.stream();
     let (n, d, rows) = (300usize, 20usize, 120..270usize);
-    let x: Vec<f64> = (0..n * d).map(|e| ((e * 37 % 101) as f64 - 50.0) / 17.0).collect();
+    let x: Vec<f64> = (0..n * d)
+        .map(|e| ((e * 37 % 101) as f64 - 50.0) / 17.0)
+        .collect();
     // Distances of a row block: the GEMM's −2 X_rows Xᵀ, then the epilogue on each side.
     let mut cpu = vec![0.0; rows.len() * n];
     affinity::sq_euclidean_rows(&x, n, d, rows.clone(), &mut cpu);
     let mut raw = vec![0.0; rows.len() * n];
-    <f64 as Gemm>::gemm(false, true, rows.len(), d, n, -2.0, &x[rows.start * d..rows.end * d], &x, 0.0, &mut raw);
+    <f64 as Gemm>::gemm(
+        false,
+        true,
+        rows.len(),
+        d,
+        n,
+        -2.0,
+        &x[rows.start * d..rows.end * d],
+        &x,
+        0.0,
+        &mut raw,
+    );
     let norms: Vec<f64> = x.chunks(d).map(|r| r.iter().map(|v| v * v).sum()).collect();
     let mut dd = stream.clone_htod(&raw).unwrap();
-    agpu::sq_distance_finish(&gpu, &mut dd, &stream.clone_htod(&norms).unwrap(), rows.start, n).unwrap();
-    assert_close64("squared distances", &stream.clone_dtoh(&dd).unwrap(), &cpu, 1e-13);
+    agpu::sq_distance_finish(
+        &gpu,
+        &mut dd,
+        &stream.clone_htod(&norms).unwrap(),
+        rows.start,
+        n,
+    )
+    .unwrap();
+    assert_close64(
+        "squared distances",
+        &stream.clone_dtoh(&dd).unwrap(),
+        &cpu,
+        1e-13,
+    );
     // The scaled exponential affinity of those rows.
     let near_rows = affinity::mean_nearest(&cpu, n, 20);
     let near_all: Vec<f64> = (0..n).map(|j| 1.0 + (j % 7) as f64).collect();
     let mut dd = stream.clone_htod(&cpu).unwrap();
     affinity::exponential_rows(&mut cpu, n, &near_rows, &near_all, 0.5);
-    agpu::exponential_rows(&gpu, &mut dd, &stream.clone_htod(&near_rows).unwrap(), &stream.clone_htod(&near_all).unwrap(), 0.5).unwrap();
+    agpu::exponential_rows(
+        &gpu,
+        &mut dd,
+        &stream.clone_htod(&near_rows).unwrap(),
+        &stream.clone_htod(&near_all).unwrap(),
+        0.5,
+    )
+    .unwrap();
     assert_close64("affinity", &stream.clone_dtoh(&dd).unwrap(), &cpu, 1e-13);
     // SNF's sparse product (S·X)ᵀ with 7 entries per row, n not a multiple of the 32-tile.
     let n = 333;
@@ -573,10 +1087,22 @@ fn snf_affinity_and_sparse_product_match_cpu() {
         }
         indptr.push(cols.len() as u64);
     }
-    let m: Vec<f64> = (0..n * n).map(|e| ((e * 7919 % 1009) as f64) / 1009.0).collect();
+    let m: Vec<f64> = (0..n * n)
+        .map(|e| ((e * 7919 % 1009) as f64) / 1009.0)
+        .collect();
     let mut cpu = vec![0.0; n * n];
     affinity::sparse_times_dense_transposed(&indptr, &cols, &vals, &m, n, 0.5, &mut cpu);
     let mut out = stream.alloc_zeros::<f64>(n * n).unwrap();
-    agpu::sparse_times_dense_transposed(&gpu, &stream.clone_htod(&indptr).unwrap(), &stream.clone_htod(&cols).unwrap(), &stream.clone_htod(&vals).unwrap(), &stream.clone_htod(&m).unwrap(), n, 0.5, &mut out).unwrap();
+    agpu::sparse_times_dense_transposed(
+        &gpu,
+        &stream.clone_htod(&indptr).unwrap(),
+        &stream.clone_htod(&cols).unwrap(),
+        &stream.clone_htod(&vals).unwrap(),
+        &stream.clone_htod(&m).unwrap(),
+        n,
+        0.5,
+        &mut out,
+    )
+    .unwrap();
     assert_close64("(S X)^T", &stream.clone_dtoh(&out).unwrap(), &cpu, 1e-13);
 }

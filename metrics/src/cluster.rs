@@ -32,11 +32,20 @@ fn nearest(point: &[f64], centroids: &[f64], d: usize) -> (u32, f64) {
 
 /// Greedy k-means++ seeding: each new centre is the best (lowest potential) of 2 + ⌊ln k⌋
 /// candidates drawn with probability ∝ squared distance to the nearest chosen centre.
-fn seed_centroids(x: &[f64], n: usize, d: usize, k: usize, rng: &mut Xoshiro256PlusPlus) -> Vec<f64> {
+fn seed_centroids(
+    x: &[f64],
+    n: usize,
+    d: usize,
+    k: usize,
+    rng: &mut Xoshiro256PlusPlus,
+) -> Vec<f64> {
     let mut centroids = Vec::with_capacity(k * d);
     let first = rng.random_range(0..n);
     centroids.extend_from_slice(&x[first * d..(first + 1) * d]);
-    let mut min_sq: Vec<f64> = x.par_chunks_exact(d).map(|p| squared_distance(p, &centroids[..d])).collect();
+    let mut min_sq: Vec<f64> = x
+        .par_chunks_exact(d)
+        .map(|p| squared_distance(p, &centroids[..d]))
+        .collect();
     let trials = 2 + (k as f64).ln() as usize;
     for _ in 1..k {
         let total: f64 = min_sq.iter().sum();
@@ -57,7 +66,11 @@ fn seed_centroids(x: &[f64], n: usize, d: usize, k: usize, rng: &mut Xoshiro256P
                 rng.random_range(0..n)
             };
             let c = &x[candidate * d..(candidate + 1) * d];
-            let updated: Vec<f64> = x.par_chunks_exact(d).zip(&min_sq).map(|(p, &m)| m.min(squared_distance(p, c))).collect();
+            let updated: Vec<f64> = x
+                .par_chunks_exact(d)
+                .zip(&min_sq)
+                .map(|(p, &m)| m.min(squared_distance(p, c)))
+                .collect();
             let potential: f64 = updated.iter().sum();
             if best.as_ref().is_none_or(|(b, _, _)| potential < *b) {
                 best = Some((potential, candidate, updated));
@@ -78,10 +91,15 @@ pub fn kmeans(x: &[f32], n: usize, d: usize, k: usize, n_init: usize, seed: u64)
     // Centred for accuracy, as scib-metrics does; the clustering is unchanged by the shift.
     let mut mean = vec![0f64; d];
     for p in x.chunks_exact(d) {
-        mean.iter_mut().zip(p).for_each(|(m, &v)| *m += f64::from(v));
+        mean.iter_mut()
+            .zip(p)
+            .for_each(|(m, &v)| *m += f64::from(v));
     }
     mean.iter_mut().for_each(|m| *m /= n as f64);
-    let xc: Vec<f64> = x.chunks_exact(d).flat_map(|p| p.iter().zip(&mean).map(|(&v, m)| f64::from(v) - m)).collect();
+    let xc: Vec<f64> = x
+        .chunks_exact(d)
+        .flat_map(|p| p.iter().zip(&mean).map(|(&v, m)| f64::from(v) - m))
+        .collect();
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
     let mut best: Option<KMeans> = None;
     for _ in 0..n_init.max(1) {
@@ -90,7 +108,11 @@ pub fn kmeans(x: &[f32], n: usize, d: usize, k: usize, n_init: usize, seed: u64)
             best = Some(run);
         }
     }
-    best.unwrap_or(KMeans { labels: vec![0; n], inertia: 0.0, iterations: 0 })
+    best.unwrap_or(KMeans {
+        labels: vec![0; n],
+        inertia: 0.0,
+        iterations: 0,
+    })
 }
 
 fn lloyd(x: &[f64], n: usize, d: usize, mut centroids: Vec<f64>, k: usize) -> KMeans {
@@ -98,7 +120,10 @@ fn lloyd(x: &[f64], n: usize, d: usize, mut centroids: Vec<f64>, k: usize) -> KM
     let mut iterations = 0;
     let mut inertia;
     loop {
-        let assigned: Vec<(u32, f64)> = x.par_chunks_exact(d).map(|p| nearest(p, &centroids, d)).collect();
+        let assigned: Vec<(u32, f64)> = x
+            .par_chunks_exact(d)
+            .map(|p| nearest(p, &centroids, d))
+            .collect();
         inertia = assigned.iter().map(|a| a.1).sum();
         let changed = assigned.iter().zip(&labels).any(|(a, &l)| a.0 != l);
         labels = assigned.into_iter().map(|a| a.0).collect();
@@ -109,7 +134,10 @@ fn lloyd(x: &[f64], n: usize, d: usize, mut centroids: Vec<f64>, k: usize) -> KM
         let mut counts = vec![0usize; k];
         for (p, &l) in x.chunks_exact(d).zip(&labels) {
             counts[l as usize] += 1;
-            sums[l as usize * d..(l as usize + 1) * d].iter_mut().zip(p).for_each(|(s, v)| *s += v);
+            sums[l as usize * d..(l as usize + 1) * d]
+                .iter_mut()
+                .zip(p)
+                .for_each(|(s, v)| *s += v);
         }
         for c in 0..k {
             if counts[c] > 0 {
@@ -120,7 +148,11 @@ fn lloyd(x: &[f64], n: usize, d: usize, mut centroids: Vec<f64>, k: usize) -> KM
         }
         iterations += 1;
     }
-    KMeans { labels, inertia, iterations }
+    KMeans {
+        labels,
+        inertia,
+        iterations,
+    }
 }
 
 /// Contingency table of two labelings (dense codes), with row and column sums.
@@ -135,7 +167,13 @@ fn dense(codes: &[u32]) -> (Vec<usize>, usize) {
     let mut present: Vec<u32> = codes.to_vec();
     present.sort_unstable();
     present.dedup();
-    (codes.iter().map(|c| present.partition_point(|p| p < c)).collect(), present.len())
+    (
+        codes
+            .iter()
+            .map(|c| present.partition_point(|p| p < c))
+            .collect(),
+        present.len(),
+    )
 }
 
 impl Contingency {
@@ -147,13 +185,22 @@ impl Contingency {
         }
         let rows = counts.iter().map(|r| r.iter().sum()).collect();
         let cols = (0..nb).map(|j| counts.iter().map(|r| r[j]).sum()).collect();
-        Contingency { counts, rows, cols, n: a.len() as u64 }
+        Contingency {
+            counts,
+            rows,
+            cols,
+            n: a.len() as u64,
+        }
     }
 }
 
 fn entropy(sizes: &[u64], n: u64) -> f64 {
     let n = n as f64;
-    -sizes.iter().filter(|&&s| s > 0).map(|&s| s as f64 / n * (s as f64 / n).ln()).sum::<f64>()
+    -sizes
+        .iter()
+        .filter(|&&s| s > 0)
+        .map(|&s| s as f64 / n * (s as f64 / n).ln())
+        .sum::<f64>()
 }
 
 /// Normalised mutual information, MI / mean(H(a), H(b)) (scikit-learn's "arithmetic").

@@ -15,7 +15,16 @@ pub fn graph_connectivity(neighbors: &Neighbors, labels: &[u32]) -> f64 {
         }
         let edges: Vec<Vec<usize>> = cells
             .iter()
-            .map(|&c| neighbors.row(c).0.iter().map(|&j| j as usize).filter(|&j| labels[j] == labels[c]).map(|j| local[j]).collect())
+            .map(|&c| {
+                neighbors
+                    .row(c)
+                    .0
+                    .iter()
+                    .map(|&j| j as usize)
+                    .filter(|&j| labels[j] == labels[c])
+                    .map(|j| local[j])
+                    .collect()
+            })
             .collect();
         fractions.push(largest_strong_component(&edges) as f64 / cells.len() as f64);
     }
@@ -98,7 +107,11 @@ mod tests {
     fn connectivity_per_label() {
         // Label 0: cells 0,1 point at each other (one component, fraction 1).
         // Label 1: cells 2 → 3 only (components {2},{3}: fraction 1/2).
-        let nn = Neighbors { k: 2, indices: vec![0, 1, 1, 0, 2, 3, 3, 0], distances: vec![0.0; 8] };
+        let nn = Neighbors {
+            k: 2,
+            indices: vec![0, 1, 1, 0, 2, 3, 3, 0],
+            distances: vec![0.0; 8],
+        };
         assert_eq!(graph_connectivity(&nn, &[0, 0, 1, 1]), 0.75);
     }
 }

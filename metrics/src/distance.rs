@@ -30,7 +30,10 @@ impl Columns {
 
     /// The rows `cells` (in that order) of a row-major `x`.
     pub fn subset(x: &[f32], d: usize, cells: &[usize]) -> Columns {
-        let picked: Vec<f32> = cells.iter().flat_map(|&c| x[c * d..(c + 1) * d].iter().copied()).collect();
+        let picked: Vec<f32> = cells
+            .iter()
+            .flat_map(|&c| x[c * d..(c + 1) * d].iter().copied())
+            .collect();
         Columns::new(&picked, cells.len(), d)
     }
 
@@ -58,14 +61,19 @@ impl Columns {
                 let column = &self.values[k * n + cells.start..k * n + cells.end];
                 for (q, point) in points.iter().enumerate() {
                     let p = point[k];
-                    for (o, &v) in out[q * n + cells.start..q * n + cells.end].iter_mut().zip(column) {
+                    for (o, &v) in out[q * n + cells.start..q * n + cells.end]
+                        .iter_mut()
+                        .zip(column)
+                    {
                         let t = v - p;
                         *o += t * t;
                     }
                 }
             }
             for q in 0..points.len() {
-                out[q * n + cells.start..q * n + cells.end].iter_mut().for_each(|o| *o = o.sqrt());
+                out[q * n + cells.start..q * n + cells.end]
+                    .iter_mut()
+                    .for_each(|o| *o = o.sqrt());
             }
         }
     }
@@ -81,7 +89,10 @@ const CELL_TILE: usize = 256;
 /// O(n²d) work is done once.
 pub fn scan<T: Send>(columns: &Columns, f: impl Fn(usize, &[f64]) -> T + Sync) -> Vec<T> {
     let n = columns.n;
-    let blocks: Vec<Range<usize>> = (0..n).step_by(QUERY_BLOCK).map(|s| s..(s + QUERY_BLOCK).min(n)).collect();
+    let blocks: Vec<Range<usize>> = (0..n)
+        .step_by(QUERY_BLOCK)
+        .map(|s| s..(s + QUERY_BLOCK).min(n))
+        .collect();
     blocks
         .into_par_iter()
         .map_init(
@@ -89,7 +100,11 @@ pub fn scan<T: Send>(columns: &Columns, f: impl Fn(usize, &[f64]) -> T + Sync) -
             |rows, block| {
                 let rows = &mut rows[..block.len() * n];
                 columns.distances(block.clone(), rows);
-                block.clone().zip(rows.chunks_exact(n)).map(|(i, row)| f(i, row)).collect::<Vec<T>>()
+                block
+                    .clone()
+                    .zip(rows.chunks_exact(n))
+                    .map(|(i, row)| f(i, row))
+                    .collect::<Vec<T>>()
             },
         )
         .flat_map_iter(|results| results)
@@ -106,15 +121,30 @@ mod tests {
         let c = Columns::new(&x, 3, 2);
         let mut out = [0.0; 6];
         c.distances(1..3, &mut out);
-        assert_eq!(out, [5.0, 0.0, (16.0f64 + 9.0).sqrt(), 2f64.sqrt(), 25f64.sqrt(), 0.0]);
+        assert_eq!(
+            out,
+            [
+                5.0,
+                0.0,
+                (16.0f64 + 9.0).sqrt(),
+                2f64.sqrt(),
+                25f64.sqrt(),
+                0.0
+            ]
+        );
         let s = Columns::subset(&x, 2, &[2, 0]);
         assert_eq!(s.point(0), vec![-1.0, 1.0]);
         // Rows beyond a tile and a query block, against the definition.
-        let big: Vec<f32> = (0..600 * 3).map(|v| ((v * 37) % 101) as f32 / 7.0).collect();
+        let big: Vec<f32> = (0..600 * 3)
+            .map(|v| ((v * 37) % 101) as f32 / 7.0)
+            .collect();
         let rows = scan(&Columns::new(&big, 600, 3), |i, row| (i, row.to_vec()));
         for (i, row) in rows {
             for j in [0, 255, 256, 599] {
-                let expected: f64 = (0..3).map(|k| (f64::from(big[i * 3 + k]) - f64::from(big[j * 3 + k])).powi(2)).sum::<f64>().sqrt();
+                let expected: f64 = (0..3)
+                    .map(|k| (f64::from(big[i * 3 + k]) - f64::from(big[j * 3 + k])).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
                 assert_eq!(row[j], expected, "{i} {j}");
             }
         }

@@ -27,7 +27,11 @@ impl Groups {
             }
             group_of.push(ranges.len() - 1);
         }
-        Groups { order, ranges, group_of }
+        Groups {
+            order,
+            ranges,
+            group_of,
+        }
     }
 
     /// How many distinct categories `codes` holds.

@@ -27,10 +27,16 @@ use crate::silhouette::silhouette_from_row;
 pub enum MetricsError {
     #[error("embedding has {len} values, expected {n} cells x {d} dimensions")]
     Shape { len: usize, n: usize, d: usize },
-    #[error("embedding value at cell {cell}, dimension {dim} is {value} (expected a finite number)")]
+    #[error(
+        "embedding value at cell {cell}, dimension {dim} is {value} (expected a finite number)"
+    )]
     NonFinite { cell: usize, dim: usize, value: f32 },
     #[error("{what} has {len} entries, expected one per cell ({n})")]
-    Length { what: &'static str, len: usize, n: usize },
+    Length {
+        what: &'static str,
+        len: usize,
+        n: usize,
+    },
     #[error("need at least 3 cells and 1 dimension, got {n} x {d}")]
     TooSmall { n: usize, d: usize },
 }
@@ -50,7 +56,12 @@ pub struct EvalOptions {
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        EvalOptions { lisi_neighbors: 90, connectivity_neighbors: 15, kmeans_init: 10, seed: 0 }
+        EvalOptions {
+            lisi_neighbors: 90,
+            connectivity_neighbors: 15,
+            kmeans_init: 10,
+            seed: 0,
+        }
     }
 }
 
@@ -107,13 +118,25 @@ impl Scores {
 }
 
 fn mean_defined(values: &[Option<f64>]) -> Option<f64> {
-    let defined: Vec<f64> = values.iter().flatten().copied().filter(|v| !v.is_nan()).collect();
+    let defined: Vec<f64> = values
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|v| !v.is_nan())
+        .collect();
     (!defined.is_empty()).then(|| defined.iter().sum::<f64>() / defined.len() as f64)
 }
 
 /// All metrics of the row-major `n x d` embedding `x` with cell-type codes `labels` and batch
 /// codes `batches` (any u32 values; only equality matters).
-pub fn evaluate(x: &[f32], n: usize, d: usize, labels: &[u32], batches: &[u32], options: &EvalOptions) -> Result<Scores, MetricsError> {
+pub fn evaluate(
+    x: &[f32],
+    n: usize,
+    d: usize,
+    labels: &[u32],
+    batches: &[u32],
+    options: &EvalOptions,
+) -> Result<Scores, MetricsError> {
     if x.len() != n * d {
         return Err(MetricsError::Shape { len: x.len(), n, d });
     }
@@ -121,11 +144,19 @@ pub fn evaluate(x: &[f32], n: usize, d: usize, labels: &[u32], batches: &[u32], 
         return Err(MetricsError::TooSmall { n, d });
     }
     if let Some(p) = x.iter().position(|v| !v.is_finite()) {
-        return Err(MetricsError::NonFinite { cell: p / d, dim: p % d, value: x[p] });
+        return Err(MetricsError::NonFinite {
+            cell: p / d,
+            dim: p % d,
+            value: x[p],
+        });
     }
     for (what, codes) in [("labels", labels), ("batches", batches)] {
         if codes.len() != n {
-            return Err(MetricsError::Length { what, len: codes.len(), n });
+            return Err(MetricsError::Length {
+                what,
+                len: codes.len(),
+                n,
+            });
         }
     }
 
@@ -133,8 +164,16 @@ pub fn evaluate(x: &[f32], n: usize, d: usize, labels: &[u32], batches: &[u32], 
     // its nearest neighbours (positions in that order; every kNN metric is order-free).
     let by_label = Groups::new(labels, 0..n);
     let columns = Columns::subset(x, d, &by_label.order);
-    let k = options.lisi_neighbors.max(options.connectivity_neighbors).min(n);
-    let rows = scan(&columns, |p, row| (silhouette_from_row(row, by_label.group_of[p], &by_label), nearest_in_row(row, k, p)));
+    let k = options
+        .lisi_neighbors
+        .max(options.connectivity_neighbors)
+        .min(n);
+    let rows = scan(&columns, |p, row| {
+        (
+            silhouette_from_row(row, by_label.group_of[p], &by_label),
+            nearest_in_row(row, k, p),
+        )
+    });
     let (silhouettes, nearest): (Vec<f64>, Vec<_>) = rows.into_iter().unzip();
     let neighbors = Neighbors::from_rows(nearest, k);
     let sorted_labels: Vec<u32> = by_label.order.iter().map(|&c| labels[c]).collect();
@@ -150,12 +189,34 @@ pub fn evaluate(x: &[f32], n: usize, d: usize, labels: &[u32], batches: &[u32], 
     let clisi = lisi::clisi(&lisi_graph, &sorted_labels);
     let silhouette_batch = silhouette::silhouette_batch(x, d, labels, batches);
     let ilisi = lisi::ilisi(&lisi_graph, &sorted_batches);
-    let graph_connectivity = connectivity::graph_connectivity(&neighbors.first(options.connectivity_neighbors), &sorted_labels);
+    let graph_connectivity = connectivity::graph_connectivity(
+        &neighbors.first(options.connectivity_neighbors),
+        &sorted_labels,
+    );
 
-    let bio_conservation = mean_defined(&[Some(silhouette_label), Some(nmi), Some(ari), clisi]).unwrap_or(f64::NAN);
-    let batch_correction = if n_batches > 1 { mean_defined(&[silhouette_batch, ilisi, Some(graph_connectivity)]) } else { None };
+    let bio_conservation =
+        mean_defined(&[Some(silhouette_label), Some(nmi), Some(ari), clisi]).unwrap_or(f64::NAN);
+    let batch_correction = if n_batches > 1 {
+        mean_defined(&[silhouette_batch, ilisi, Some(graph_connectivity)])
+    } else {
+        None
+    };
     let total = batch_correction.map(|b| 0.6 * bio_conservation + 0.4 * b);
-    Ok(Scores { n_cells: n, n_labels, n_batches, silhouette_label, nmi, ari, clisi, silhouette_batch, ilisi, graph_connectivity, bio_conservation, batch_correction, total })
+    Ok(Scores {
+        n_cells: n,
+        n_labels,
+        n_batches,
+        silhouette_label,
+        nmi,
+        ari,
+        clisi,
+        silhouette_batch,
+        ilisi,
+        graph_connectivity,
+        bio_conservation,
+        batch_correction,
+        total,
+    })
 }
 
 #[cfg(test)]
@@ -166,22 +227,66 @@ mod tests {
     fn bad_inputs_are_named() {
         let o = EvalOptions::default();
         let x = [0.0f32, 1.0, 2.0, 3.0, 4.0, 5.0];
-        assert_eq!(evaluate(&x, 3, 3, &[0; 3], &[0; 3], &o), Err(MetricsError::Shape { len: 6, n: 3, d: 3 }));
-        assert_eq!(evaluate(&x[..4], 2, 2, &[0; 2], &[0; 2], &o), Err(MetricsError::TooSmall { n: 2, d: 2 }));
+        assert_eq!(
+            evaluate(&x, 3, 3, &[0; 3], &[0; 3], &o),
+            Err(MetricsError::Shape { len: 6, n: 3, d: 3 })
+        );
+        assert_eq!(
+            evaluate(&x[..4], 2, 2, &[0; 2], &[0; 2], &o),
+            Err(MetricsError::TooSmall { n: 2, d: 2 })
+        );
         let mut nan = x;
         nan[3] = f32::NAN;
         let err = evaluate(&nan, 3, 2, &[0; 3], &[0; 3], &o).unwrap_err();
-        assert!(matches!(err, MetricsError::NonFinite { cell: 1, dim: 1, .. }), "{err}");
-        assert_eq!(evaluate(&x, 3, 2, &[0; 2], &[0; 3], &o), Err(MetricsError::Length { what: "labels", len: 2, n: 3 }));
-        assert_eq!(evaluate(&x, 3, 2, &[0; 3], &[0; 4], &o), Err(MetricsError::Length { what: "batches", len: 4, n: 3 }));
+        assert!(
+            matches!(
+                err,
+                MetricsError::NonFinite {
+                    cell: 1,
+                    dim: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            evaluate(&x, 3, 2, &[0; 2], &[0; 3], &o),
+            Err(MetricsError::Length {
+                what: "labels",
+                len: 2,
+                n: 3
+            })
+        );
+        assert_eq!(
+            evaluate(&x, 3, 2, &[0; 3], &[0; 4], &o),
+            Err(MetricsError::Length {
+                what: "batches",
+                len: 4,
+                n: 3
+            })
+        );
     }
 
     #[test]
     fn one_batch_leaves_batch_scores_undefined() {
         let x = [0.0f32, 0.1, 5.0, 5.1, 10.0, 10.1];
-        let s = evaluate(&x, 6, 1, &[0, 0, 1, 1, 2, 2], &[7; 6], &EvalOptions::default()).unwrap();
-        assert_eq!((s.silhouette_batch, s.ilisi, s.batch_correction, s.total), (None, None, None, None));
+        let s = evaluate(
+            &x,
+            6,
+            1,
+            &[0, 0, 1, 1, 2, 2],
+            &[7; 6],
+            &EvalOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (s.silhouette_batch, s.ilisi, s.batch_correction, s.total),
+            (None, None, None, None)
+        );
         assert_eq!((s.nmi, s.ari, s.graph_connectivity), (1.0, 1.0, 1.0));
-        assert_eq!(s.bio_conservation, (s.silhouette_label + 2.0 + s.clisi.unwrap()) / 4.0);
+        assert_eq!(
+            s.bio_conservation,
+            (s.silhouette_label + 2.0 + s.clisi.unwrap()) / 4.0
+        );
     }
 }

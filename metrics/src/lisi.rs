@@ -29,7 +29,14 @@ fn kernel(distances: &[f64], is_other: &[bool], beta: f64, p: &mut [f64]) -> f64
 }
 
 /// Simpson's index of one cell; −1 where the kernel degenerates (scib-metrics' convention).
-fn simpson(cell: usize, indices: &[u32], distances: &[f64], codes: &[u32], n_categories: usize, perplexity: f64) -> f64 {
+fn simpson(
+    cell: usize,
+    indices: &[u32],
+    distances: &[f64],
+    codes: &[u32],
+    n_categories: usize,
+    perplexity: f64,
+) -> f64 {
     let is_other: Vec<bool> = indices.iter().map(|&j| j as usize != cell).collect();
     let mut p = vec![0.0; distances.len()];
     let target = perplexity.ln();
@@ -39,10 +46,18 @@ fn simpson(cell: usize, indices: &[u32], distances: &[f64], codes: &[u32], n_cat
     while (h - target).abs() >= TOLERANCE && tries < MAX_TRIES {
         if h > target {
             beta_min = beta;
-            beta = if beta_max == f64::INFINITY { beta * 2.0 } else { (beta + beta_max) / 2.0 };
+            beta = if beta_max == f64::INFINITY {
+                beta * 2.0
+            } else {
+                (beta + beta_max) / 2.0
+            };
         } else {
             beta_max = beta;
-            beta = if beta_min == f64::NEG_INFINITY { beta / 2.0 } else { (beta + beta_min) / 2.0 };
+            beta = if beta_min == f64::NEG_INFINITY {
+                beta / 2.0
+            } else {
+                (beta + beta_min) / 2.0
+            };
         }
         h = kernel(distances, &is_other, beta, &mut p);
         tries += 1;
@@ -78,7 +93,11 @@ pub fn nan_median(values: &[f64]) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     let m = v.len() / 2;
-    if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 }
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
 }
 
 /// iLISI scaled to [0, 1]: (median − 1) / (batches − 1); None with a single batch.
@@ -113,7 +132,11 @@ mod tests {
                 distances.push(0.0);
             }
         }
-        let nn = Neighbors { k, indices, distances };
+        let nn = Neighbors {
+            k,
+            indices,
+            distances,
+        };
         let codes: Vec<u32> = (0..n as u32).map(|i| i % 3).collect();
         let l = lisi(&nn, &codes);
         // Cell 0 (category 0) sees categories [1,2,0,1,2,0] → 1/3 each.

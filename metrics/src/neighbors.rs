@@ -55,13 +55,19 @@ pub fn nearest_in_row(row: &[f64], k: usize, near: usize) -> Vec<(u32, f64)> {
             worst = heap.peek().map_or(f64::INFINITY, |t| t.0);
         }
     }
-    heap.into_sorted_vec().into_iter().map(|Candidate(d, j)| (j, d)).collect()
+    heap.into_sorted_vec()
+        .into_iter()
+        .map(|Candidate(d, j)| (j, d))
+        .collect()
 }
 
 impl Neighbors {
     /// Exact kNN of every cell (k is capped at the number of cells).
     pub fn exact(columns: &Columns, k: usize) -> Neighbors {
-        Neighbors::from_rows(scan(columns, |i, row| nearest_in_row(row, k, i)), k.min(columns.n()))
+        Neighbors::from_rows(
+            scan(columns, |i, row| nearest_in_row(row, k, i)),
+            k.min(columns.n()),
+        )
     }
 
     /// Assembles per-cell neighbour lists (each of length `k`).
@@ -75,7 +81,11 @@ impl Neighbors {
                 distances.push(d);
             }
         }
-        Neighbors { k, indices, distances }
+        Neighbors {
+            k,
+            indices,
+            distances,
+        }
     }
 
     pub fn n(&self) -> usize {
@@ -85,16 +95,25 @@ impl Neighbors {
     /// The first `k` neighbours of each cell.
     pub fn first(&self, k: usize) -> Neighbors {
         let k = k.min(self.k);
-        Neighbors { k, indices: first_columns(&self.indices, self.k, k), distances: first_columns(&self.distances, self.k, k) }
+        Neighbors {
+            k,
+            indices: first_columns(&self.indices, self.k, k),
+            distances: first_columns(&self.distances, self.k, k),
+        }
     }
 
     pub fn row(&self, i: usize) -> (&[u32], &[f64]) {
-        (&self.indices[i * self.k..(i + 1) * self.k], &self.distances[i * self.k..(i + 1) * self.k])
+        (
+            &self.indices[i * self.k..(i + 1) * self.k],
+            &self.distances[i * self.k..(i + 1) * self.k],
+        )
     }
 }
 
 fn first_columns<T: Copy>(v: &[T], width: usize, k: usize) -> Vec<T> {
-    v.chunks_exact(width).flat_map(|r| r[..k].iter().copied()).collect()
+    v.chunks_exact(width)
+        .flat_map(|r| r[..k].iter().copied())
+        .collect()
 }
 
 #[cfg(test)]

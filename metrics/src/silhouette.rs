@@ -28,7 +28,9 @@ pub fn silhouette_samples(x: &[f32], d: usize, codes: &[u32], cells: &[usize]) -
     let groups = Groups::new(&local, 0..cells.len());
     let sorted: Vec<usize> = groups.order.iter().map(|&p| cells[p]).collect();
     let columns = Columns::subset(x, d, &sorted);
-    let by_position = scan(&columns, |p, row| silhouette_from_row(row, groups.group_of[p], &groups));
+    let by_position = scan(&columns, |p, row| {
+        silhouette_from_row(row, groups.group_of[p], &groups)
+    });
     let mut out = vec![0.0; cells.len()];
     for (p, &local_index) in groups.order.iter().enumerate() {
         out[local_index] = by_position[p];
@@ -83,7 +85,10 @@ mod tests {
     fn singletons_and_a_single_group_score_zero() {
         let x = [0.0f32, 1.0, 5.0];
         assert_eq!(silhouette_samples(&x, 1, &[0, 0, 1], &[0, 1, 2])[2], 0.0);
-        assert_eq!(silhouette_samples(&x, 1, &[3, 3, 3], &[0, 1, 2]), vec![0.0; 3]);
+        assert_eq!(
+            silhouette_samples(&x, 1, &[3, 3, 3], &[0, 1, 2]),
+            vec![0.0; 3]
+        );
     }
 
     #[test]

@@ -24,20 +24,36 @@ fn check(x: &[f32], n: usize, d: usize) -> Result<(), MetricsError> {
         return Err(MetricsError::Shape { len: x.len(), n, d });
     }
     match x.iter().position(|v| !v.is_finite()) {
-        Some(at) => Err(MetricsError::NonFinite { cell: at / d.max(1), dim: at % d.max(1), value: x[at] }),
+        Some(at) => Err(MetricsError::NonFinite {
+            cell: at / d.max(1),
+            dim: at % d.max(1),
+            value: x[at],
+        }),
         None => Ok(()),
     }
 }
 
 /// Labels for the `query` cells (row-major, `d` columns) from the `reference` cells and their
 /// `labels` (one code per reference cell, −1 unlabelled) through their `k` nearest neighbours.
-pub fn knn_transfer(reference: &[f32], labels: &[i32], query: &[f32], d: usize, k: usize) -> Result<Vec<Transferred>, MetricsError> {
+pub fn knn_transfer(
+    reference: &[f32],
+    labels: &[i32],
+    query: &[f32],
+    d: usize,
+    k: usize,
+) -> Result<Vec<Transferred>, MetricsError> {
     let n_ref = labels.len();
     check(reference, n_ref, d)?;
     let n_query = query.len() / d.max(1);
     check(query, n_query, d)?;
     if n_ref == 0 || n_query == 0 {
-        return Ok(vec![Transferred { label: -1, uncertainty: 1.0 }; n_query]);
+        return Ok(vec![
+            Transferred {
+                label: -1,
+                uncertainty: 1.0
+            };
+            n_query
+        ]);
     }
     let k = k.clamp(1, n_ref);
     let n_labels = labels.iter().copied().max().unwrap_or(-1).max(-1) + 1;
@@ -51,7 +67,15 @@ pub fn knn_transfer(reference: &[f32], labels: &[i32], query: &[f32], d: usize, 
             let rows = first..(first + BLOCK).min(n_query);
             let mut dist = vec![0.0; rows.len() * (n_ref + n_query)];
             all.distances(n_ref + rows.start..n_ref + rows.end, &mut dist);
-            dist.chunks(n_ref + n_query).map(|row| vote(&nearest_in_row(&row[..n_ref], k, 0), labels, n_labels as usize)).collect()
+            dist.chunks(n_ref + n_query)
+                .map(|row| {
+                    vote(
+                        &nearest_in_row(&row[..n_ref], k, 0),
+                        labels,
+                        n_labels as usize,
+                    )
+                })
+                .collect()
         })
         .collect();
     Ok(per_block.concat())
@@ -67,12 +91,23 @@ fn vote(neighbours: &[(u32, f64)], labels: &[i32], n_labels: usize) -> Transferr
     let total: f64 = raw.iter().sum();
     let mut mass = vec![0.0; n_labels];
     for (&(j, _), w) in neighbours.iter().zip(&raw) {
-        if let Some(m) = usize::try_from(labels[j as usize]).ok().and_then(|l| mass.get_mut(l)) {
+        if let Some(m) = usize::try_from(labels[j as usize])
+            .ok()
+            .and_then(|l| mass.get_mut(l))
+        {
             *m += w / total;
         }
     }
-    let (label, best) = mass.iter().enumerate().fold((-1i32, 0.0f64), |(bl, bm), (l, &m)| if m > bm { (l as i32, m) } else { (bl, bm) });
-    Transferred { label, uncertainty: (1.0 - best).max(0.0) }
+    let (label, best) = mass
+        .iter()
+        .enumerate()
+        .fold((-1i32, 0.0f64), |(bl, bm), (l, &m)| {
+            if m > bm { (l as i32, m) } else { (bl, bm) }
+        });
+    Transferred {
+        label,
+        uncertainty: (1.0 - best).max(0.0),
+    }
 }
 
 #[cfg(test)]
@@ -92,27 +127,61 @@ mod tests {
         let w: Vec<f64> = d.iter().map(|x| (-x / (2.0 / sd).powi(2)).exp()).collect();
         let p0 = (w[0] + w[1]) / w.iter().sum::<f64>();
         assert_eq!(got[0].label, 0);
-        assert!((got[0].uncertainty - (1.0 - p0)).abs() < 1e-6, "{} vs {}", got[0].uncertainty, 1.0 - p0);
+        assert!(
+            (got[0].uncertainty - (1.0 - p0)).abs() < 1e-6,
+            "{} vs {}",
+            got[0].uncertainty,
+            1.0 - p0
+        );
     }
 
     #[test]
     fn equal_distances_vote_evenly_and_unlabelled_neighbours_add_uncertainty() {
         let got = knn_transfer(&[1.0f32, -1.0, 5.0], &[1, 0, 0], &[0.0], 1, 2).unwrap();
         // Both neighbours at distance 1 (σ = 0, weights equal): labels 1 and 0 tie → code 0.
-        assert_eq!(got[0], Transferred { label: 0, uncertainty: 0.5 });
+        assert_eq!(
+            got[0],
+            Transferred {
+                label: 0,
+                uncertainty: 0.5
+            }
+        );
         let got = knn_transfer(&[0.0f32, 0.1, 3.0], &[-1, -1, 2], &[0.05], 1, 2).unwrap();
-        assert_eq!(got[0], Transferred { label: -1, uncertainty: 1.0 }, "no labelled neighbour");
+        assert_eq!(
+            got[0],
+            Transferred {
+                label: -1,
+                uncertainty: 1.0
+            },
+            "no labelled neighbour"
+        );
         // Many query cells (several blocks) against themselves: each finds its own label.
         let n = 150;
-        let x: Vec<f32> = (0..n).map(|i| (i / 50) as f32 * 100.0 + (i % 50) as f32 * 0.01).collect();
+        let x: Vec<f32> = (0..n)
+            .map(|i| (i / 50) as f32 * 100.0 + (i % 50) as f32 * 0.01)
+            .collect();
         let labels: Vec<i32> = (0..n).map(|i| i / 50).collect();
         let got = knn_transfer(&x, &labels, &x, 1, 15).unwrap();
-        assert!(got.iter().zip(&labels).all(|(t, &l)| t.label == l && t.uncertainty < 1e-9));
+        assert!(
+            got.iter()
+                .zip(&labels)
+                .all(|(t, &l)| t.label == l && t.uncertainty < 1e-9)
+        );
     }
 
     #[test]
     fn bad_embeddings_are_refused() {
-        assert_eq!(knn_transfer(&[0.0, 1.0, 2.0], &[0, 1], &[0.0, 0.0], 2, 1), Err(MetricsError::Shape { len: 3, n: 2, d: 2 }));
-        assert!(matches!(knn_transfer(&[0.0, 1.0], &[0, 1], &[f32::NAN], 1, 1), Err(MetricsError::NonFinite { cell: 0, dim: 0, .. })));
+        assert_eq!(
+            knn_transfer(&[0.0, 1.0, 2.0], &[0, 1], &[0.0, 0.0], 2, 1),
+            Err(MetricsError::Shape { len: 3, n: 2, d: 2 })
+        );
+        assert!(matches!(
+            knn_transfer(&[0.0, 1.0], &[0, 1], &[f32::NAN], 1, 1),
+            Err(MetricsError::NonFinite {
+                cell: 0,
+                dim: 0,
+                ..
+            })
+        ));
     }
 }

@@ -11,12 +11,14 @@
 //! Every head that exists writes its parameter gradients on every step (zero when the batch
 //! carries none of its targets), so no gradient is left from an earlier step.
 
+use tessera_kernels::Real;
 use tessera_kernels::backend::{Backend, Result, Tensor};
 use tessera_kernels::ops::elementwise::Activation;
 use tessera_kernels::params::Layout;
-use tessera_kernels::Real;
 
-use crate::layers::{Buf, Dense, DenseActs, DenseSpec, Input, InputGrad, Mlp, MlpSpec, Mode, Slots, Weights};
+use crate::layers::{
+    Buf, Dense, DenseActs, DenseSpec, Input, InputGrad, Mlp, MlpSpec, Mode, Slots, Weights,
+};
 
 /// What a minibatch carries for the supervised heads, in its cell order (host memory).
 #[derive(Debug, Clone, Copy, Default)]
@@ -66,33 +68,111 @@ struct ClassifierActs<S> {
 }
 
 fn linear(d_in: usize, d_out: usize) -> DenseSpec {
-    DenseSpec { d_in, d_out, n_cov: 0, batch_norm: false, act: Activation::Identity, dropout: 0.0 }
+    DenseSpec {
+        d_in,
+        d_out,
+        n_cov: 0,
+        batch_norm: false,
+        act: Activation::Identity,
+        dropout: 0.0,
+    }
 }
 
 impl Classifier {
-    fn register(name: &str, d_in: usize, n_hidden: usize, classes: usize, layout: &mut Layout, state: &mut Layout) -> Classifier {
-        let spec = MlpSpec { d_in, n_hidden, n_layers: 1, n_cov: 0, inject_every_layer: false, batch_norm: false, dropout: 0.0 };
-        Classifier { hidden: Mlp::register(spec, name, layout, state, 0), logits: Dense::register(linear(n_hidden, classes), &format!("{name}.logits"), layout, state, 0) }
+    fn register(
+        name: &str,
+        d_in: usize,
+        n_hidden: usize,
+        classes: usize,
+        layout: &mut Layout,
+        state: &mut Layout,
+    ) -> Classifier {
+        let spec = MlpSpec {
+            d_in,
+            n_hidden,
+            n_layers: 1,
+            n_cov: 0,
+            inject_every_layer: false,
+            batch_norm: false,
+            dropout: 0.0,
+        };
+        Classifier {
+            hidden: Mlp::register(spec, name, layout, state, 0),
+            logits: Dense::register(
+                linear(n_hidden, classes),
+                &format!("{name}.logits"),
+                layout,
+                state,
+                0,
+            ),
+        }
     }
 
-    fn init<T: Real>(&self, layout: &Layout, state: &Layout, values: &mut [T], state_values: &mut [T], rng: &mut impl rand::Rng) {
+    fn init<T: Real>(
+        &self,
+        layout: &Layout,
+        state: &Layout,
+        values: &mut [T],
+        state_values: &mut [T],
+        rng: &mut impl rand::Rng,
+    ) {
         self.hidden.init(layout, state, values, state_values, rng);
         self.logits.init(layout, state, values, state_values, rng);
     }
 
-    fn forward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, state: &mut Slots<'_, Buf<T, B>>, x: &Tensor<Buf<T, B>>, mode: Mode) -> Result<ClassifierActs<Buf<T, B>>> {
-        let hidden = self.hidden.forward(b, p, state, &Input::Dense(x), None, mode)?;
-        let logits = self.logits.forward(b, p, state, &Input::Dense(Mlp::output(&hidden)), None, mode)?;
+    fn forward<T: Real, B: Backend<T>>(
+        &self,
+        b: &B,
+        p: &Weights<'_, Buf<T, B>>,
+        state: &mut Slots<'_, Buf<T, B>>,
+        x: &Tensor<Buf<T, B>>,
+        mode: Mode,
+    ) -> Result<ClassifierActs<Buf<T, B>>> {
+        let hidden = self
+            .hidden
+            .forward(b, p, state, &Input::Dense(x), None, mode)?;
+        let logits =
+            self.logits
+                .forward(b, p, state, &Input::Dense(Mlp::output(&hidden)), None, mode)?;
         Ok(ClassifierActs { hidden, logits })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn backward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, grads: &mut Slots<'_, Buf<T, B>>, x: &Tensor<Buf<T, B>>, acts: &ClassifierActs<Buf<T, B>>, dlogits: Tensor<Buf<T, B>>, mode: Mode) -> Result<Tensor<Buf<T, B>>> {
+    #[allow(clippy::too_many_arguments)] // the pass's inputs, saved activations and the views it writes
+    fn backward<T: Real, B: Backend<T>>(
+        &self,
+        b: &B,
+        p: &Weights<'_, Buf<T, B>>,
+        grads: &mut Slots<'_, Buf<T, B>>,
+        x: &Tensor<Buf<T, B>>,
+        acts: &ClassifierActs<Buf<T, B>>,
+        dlogits: Tensor<Buf<T, B>>,
+        mode: Mode,
+    ) -> Result<Tensor<Buf<T, B>>> {
         let h = Mlp::output(&acts.hidden);
         let mut dh = b.tensor(h.rows, h.cols)?;
-        self.logits.backward(b, p, grads, &Input::Dense(h), None, &acts.logits, dlogits, mode, InputGrad::Write(&mut dh))?;
+        self.logits.backward(
+            b,
+            p,
+            grads,
+            &Input::Dense(h),
+            None,
+            &acts.logits,
+            dlogits,
+            mode,
+            InputGrad::Write(&mut dh),
+        )?;
         let mut dx = b.tensor(x.rows, x.cols)?;
-        self.hidden.backward(b, p, grads, &Input::Dense(x), None, &acts.hidden, dh, mode, InputGrad::Write(&mut dx))?;
+        self.hidden.backward(
+            b,
+            p,
+            grads,
+            &Input::Dense(x),
+            None,
+            &acts.hidden,
+            dh,
+            mode,
+            InputGrad::Write(&mut dx),
+        )?;
         Ok(dx)
     }
 }
@@ -132,17 +212,47 @@ pub(crate) struct HeadTerms {
 impl Heads {
     /// Registers `heads.*` for every head whose weight is positive.
     pub fn register(spec: HeadsSpec, layout: &mut Layout, state: &mut Layout) -> Heads {
-        assert!(spec.classifier_weight <= 0.0 && spec.contrastive_weight <= 0.0 || spec.n_labels > 0, "label heads need label categories");
-        assert!(spec.regression_weight <= 0.0 || spec.n_targets > 0, "a regression head needs targets");
+        assert!(
+            spec.classifier_weight <= 0.0 && spec.contrastive_weight <= 0.0 || spec.n_labels > 0,
+            "label heads need label categories"
+        );
+        assert!(
+            spec.regression_weight <= 0.0 || spec.n_targets > 0,
+            "a regression head needs targets"
+        );
         let (d, h) = (spec.n_latent, spec.n_hidden);
-        let classifier = (spec.classifier_weight > 0.0).then(|| Classifier::register("heads.classifier", d, h, spec.n_labels, layout, state));
-        let regression = (spec.regression_weight > 0.0).then(|| Dense::register(linear(d, spec.n_targets), "heads.regression", layout, state, 0));
-        let cox = (spec.cox_weight > 0.0).then(|| Dense::register(linear(d, 1), "heads.cox", layout, state, 0));
-        let adversary = (spec.adversarial_weight > 0.0 && spec.n_batch > 1).then(|| Classifier::register("heads.adversary", d, h, spec.n_batch, layout, state));
-        Heads { spec, classifier, regression, cox, adversary }
+        let classifier = (spec.classifier_weight > 0.0)
+            .then(|| Classifier::register("heads.classifier", d, h, spec.n_labels, layout, state));
+        let regression = (spec.regression_weight > 0.0).then(|| {
+            Dense::register(
+                linear(d, spec.n_targets),
+                "heads.regression",
+                layout,
+                state,
+                0,
+            )
+        });
+        let cox = (spec.cox_weight > 0.0)
+            .then(|| Dense::register(linear(d, 1), "heads.cox", layout, state, 0));
+        let adversary = (spec.adversarial_weight > 0.0 && spec.n_batch > 1)
+            .then(|| Classifier::register("heads.adversary", d, h, spec.n_batch, layout, state));
+        Heads {
+            spec,
+            classifier,
+            regression,
+            cox,
+            adversary,
+        }
     }
 
-    pub fn init<T: Real>(&self, layout: &Layout, state: &Layout, values: &mut [T], state_values: &mut [T], rng: &mut impl rand::Rng) {
+    pub fn init<T: Real>(
+        &self,
+        layout: &Layout,
+        state: &Layout,
+        values: &mut [T],
+        state_values: &mut [T],
+        rng: &mut impl rand::Rng,
+    ) {
         for c in [&self.classifier, &self.adversary].into_iter().flatten() {
             c.init(layout, state, values, state_values, rng);
         }
@@ -153,7 +263,10 @@ impl Heads {
 
     /// Whether any head reads the joint posterior mean.
     pub fn read_mean(&self) -> bool {
-        self.classifier.is_some() || self.regression.is_some() || self.cox.is_some() || self.spec.contrastive_weight > 0.0
+        self.classifier.is_some()
+            || self.regression.is_some()
+            || self.cox.is_some()
+            || self.spec.contrastive_weight > 0.0
     }
 
     pub fn has_classifier(&self) -> bool {
@@ -163,11 +276,28 @@ impl Heads {
     /// The heads' losses: those on the joint mean `mean` (n × latent, None when no head reads
     /// it) with `sup`, the adversary on the latent samples `zs` whose batch codes are
     /// `sample_batches` (-1: unknown).
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, state: &mut Slots<'_, Buf<T, B>>, mean: Option<Tensor<Buf<T, B>>>, sup: &Supervision<'_>, zs: &Tensor<Buf<T, B>>, sample_batches: &[i32], mode: Mode) -> Result<(HeadTerms, HeadActs<Buf<T, B>>)> {
+    #[allow(clippy::too_many_arguments)] // the pass's inputs, saved activations and the views it writes
+    pub fn forward<T: Real, B: Backend<T>>(
+        &self,
+        b: &B,
+        p: &Weights<'_, Buf<T, B>>,
+        state: &mut Slots<'_, Buf<T, B>>,
+        mean: Option<Tensor<Buf<T, B>>>,
+        sup: &Supervision<'_>,
+        zs: &Tensor<Buf<T, B>>,
+        sample_batches: &[i32],
+        mode: Mode,
+    ) -> Result<(HeadTerms, HeadActs<Buf<T, B>>)> {
         let s = &self.spec;
         let mut terms = HeadTerms::default();
-        let mut acts = HeadActs { mean: None, classifier: None, regression: None, cox: None, contrastive: None, adversary: None };
+        let mut acts = HeadActs {
+            mean: None,
+            classifier: None,
+            regression: None,
+            cox: None,
+            contrastive: None,
+            adversary: None,
+        };
         if let Some(m) = &mean {
             let n = m.rows;
             let unlabelled = vec![-1; n];
@@ -176,7 +306,8 @@ impl Heads {
             if let Some(c) = &self.classifier {
                 let a = c.forward(b, p, state, m, mode)?;
                 let mut d = b.tensor(n, s.n_labels)?;
-                let (loss, _) = b.cross_entropy(a.logits.output().input(), labels, s.n_labels, d.output())?;
+                let (loss, _) =
+                    b.cross_entropy(a.logits.output().input(), labels, s.n_labels, d.output())?;
                 b.scale(d.output(), T::of(s.classifier_weight))?;
                 terms.supervised += s.classifier_weight * loss;
                 acts.classifier = Some((a, d));
@@ -185,7 +316,12 @@ impl Heads {
                 let a = r.forward(b, p, state, &Input::Dense(m), None, mode)?;
                 let missing = vec![f64::NAN; n * s.n_targets];
                 let targets = sup.targets.unwrap_or(&missing);
-                assert_eq!(targets.len(), n * s.n_targets, "regression targets: {n} rows of {}", s.n_targets);
+                assert_eq!(
+                    targets.len(),
+                    n * s.n_targets,
+                    "regression targets: {n} rows of {}",
+                    s.n_targets
+                );
                 let mut d = b.tensor(n, s.n_targets)?;
                 let (loss, _) = b.masked_mse(a.output().input(), targets, d.output())?;
                 b.scale(d.output(), T::of(s.regression_weight))?;
@@ -196,18 +332,35 @@ impl Heads {
                 let a = c.forward(b, p, state, &Input::Dense(m), None, mode)?;
                 let (times, events) = match sup.survival {
                     // A cell without a time is never at risk and has no event.
-                    Some(sv) => (sv.times.iter().map(|t| if t.is_nan() { f64::NEG_INFINITY } else { *t }).collect(), sv.times.iter().zip(sv.events).map(|(t, e)| *e && !t.is_nan()).collect()),
+                    Some(sv) => (
+                        sv.times
+                            .iter()
+                            .map(|t| if t.is_nan() { f64::NEG_INFINITY } else { *t })
+                            .collect(),
+                        sv.times
+                            .iter()
+                            .zip(sv.events)
+                            .map(|(t, e)| *e && !t.is_nan())
+                            .collect(),
+                    ),
                     None => (vec![f64::NEG_INFINITY; n], vec![false; n]),
                 };
                 let mut d = b.tensor(n, 1)?;
-                let loss = b.cox_partial_likelihood(a.output().input(), &times, &events, d.output())?;
+                let loss =
+                    b.cox_partial_likelihood(a.output().input(), &times, &events, d.output())?;
                 b.scale(d.output(), T::of(s.cox_weight))?;
                 terms.supervised += s.cox_weight * loss;
                 acts.cox = Some((a, d));
             }
             if s.contrastive_weight > 0.0 {
                 let mut d = b.tensor(n, s.n_latent)?;
-                let loss = b.cosine_margin(m.input(), labels, s.n_latent, s.contrastive_margin, d.output())?;
+                let loss = b.cosine_margin(
+                    m.input(),
+                    labels,
+                    s.n_latent,
+                    s.contrastive_margin,
+                    d.output(),
+                )?;
                 b.scale(d.output(), T::of(s.contrastive_weight))?;
                 terms.regularization += s.contrastive_weight * loss;
                 acts.contrastive = Some(d);
@@ -215,10 +368,19 @@ impl Heads {
         }
         acts.mean = mean;
         if let Some(c) = &self.adversary {
-            assert_eq!(sample_batches.len(), zs.rows, "one batch code per latent sample");
+            assert_eq!(
+                sample_batches.len(),
+                zs.rows,
+                "one batch code per latent sample"
+            );
             let a = c.forward(b, p, state, zs, mode)?;
             let mut d = b.tensor(zs.rows, s.n_batch)?;
-            let (loss, _) = b.cross_entropy(a.logits.output().input(), sample_batches, s.n_batch, d.output())?;
+            let (loss, _) = b.cross_entropy(
+                a.logits.output().input(),
+                sample_batches,
+                s.n_batch,
+                d.output(),
+            )?;
             b.scale(d.output(), T::of(s.adversarial_weight))?;
             terms.regularization += s.adversarial_weight * loss;
             acts.adversary = Some((a, d));
@@ -228,9 +390,24 @@ impl Heads {
 
     /// Parameter gradients, and the gradients the heads send to the joint mean and (reversed)
     /// to the latent samples.
-    #[allow(clippy::type_complexity)]
-    pub fn backward<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, grads: &mut Slots<'_, Buf<T, B>>, zs: &Tensor<Buf<T, B>>, acts: HeadActs<Buf<T, B>>, mode: Mode) -> Result<(Option<Tensor<Buf<T, B>>>, Option<Tensor<Buf<T, B>>>)> {
-        let HeadActs { mean, classifier, regression, cox, contrastive, adversary } = acts;
+    #[allow(clippy::type_complexity)] // views returned together to one caller; a named type would be used once
+    pub fn backward<T: Real, B: Backend<T>>(
+        &self,
+        b: &B,
+        p: &Weights<'_, Buf<T, B>>,
+        grads: &mut Slots<'_, Buf<T, B>>,
+        zs: &Tensor<Buf<T, B>>,
+        acts: HeadActs<Buf<T, B>>,
+        mode: Mode,
+    ) -> Result<(Option<Tensor<Buf<T, B>>>, Option<Tensor<Buf<T, B>>>)> {
+        let HeadActs {
+            mean,
+            classifier,
+            regression,
+            cox,
+            contrastive,
+            adversary,
+        } = acts;
         let dmean = match &mean {
             Some(m) => {
                 let mut dm = match contrastive {
@@ -243,7 +420,17 @@ impl Heads {
                 }
                 for (head, scored) in [(&self.regression, regression), (&self.cox, cox)] {
                     if let (Some(h), Some((a, d))) = (head, scored) {
-                        h.backward(b, p, grads, &Input::Dense(m), None, &a, d, mode, InputGrad::Add(&mut dm))?;
+                        h.backward(
+                            b,
+                            p,
+                            grads,
+                            &Input::Dense(m),
+                            None,
+                            &a,
+                            d,
+                            mode,
+                            InputGrad::Add(&mut dm),
+                        )?;
                     }
                 }
                 Some(dm)
@@ -262,11 +449,23 @@ impl Heads {
     }
 
     /// Class probabilities of the classifier at `mean` (evaluation mode), n × labels.
-    pub fn predict<T: Real, B: Backend<T>>(&self, b: &B, p: &Weights<'_, Buf<T, B>>, state: &mut Slots<'_, Buf<T, B>>, mean: &Tensor<Buf<T, B>>) -> Result<Option<Tensor<Buf<T, B>>>> {
-        let Some(c) = &self.classifier else { return Ok(None) };
+    pub fn predict<T: Real, B: Backend<T>>(
+        &self,
+        b: &B,
+        p: &Weights<'_, Buf<T, B>>,
+        state: &mut Slots<'_, Buf<T, B>>,
+        mean: &Tensor<Buf<T, B>>,
+    ) -> Result<Option<Tensor<Buf<T, B>>>> {
+        let Some(c) = &self.classifier else {
+            return Ok(None);
+        };
         let a = c.forward(b, p, state, mean, Mode::Eval)?;
         let mut probabilities = b.tensor(mean.rows, self.spec.n_labels)?;
-        b.softmax_forward(a.logits.output().input(), self.spec.n_labels, probabilities.output())?;
+        b.softmax_forward(
+            a.logits.output().input(),
+            self.spec.n_labels,
+            probabilities.output(),
+        )?;
         Ok(Some(probabilities))
     }
 }

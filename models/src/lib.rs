@@ -13,5 +13,8 @@ pub mod surgery;
 pub mod train;
 pub mod vae;
 
-pub use vae::{Categories, Dispersion, Joint, LikelihoodKind, LossTerms, ModalityConfig, ModalityCounts, ModalitySpec, Prior, Supervision, Survival, Vae, VaeBatch, VaeConfig};
 pub use train::{Plateau, TrainConfig, TrainError, Trainer};
+pub use vae::{
+    Categories, Dispersion, Joint, LikelihoodKind, LossTerms, ModalityConfig, ModalityCounts,
+    ModalitySpec, Prior, Supervision, Survival, Vae, VaeBatch, VaeConfig,
+};

@@ -31,10 +31,19 @@ pub struct Unfreeze {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SurgeryError {
-    #[error("the reference model has no tensor {0:?} that the query model needs (another architecture?)")]
+    #[error(
+        "the reference model has no tensor {0:?} that the query model needs (another architecture?)"
+    )]
     Missing(String),
-    #[error("tensor {name:?}: the reference's shape {reference:?} cannot become the query model's {query:?} by adding {added} batches")]
-    Shape { name: String, reference: Vec<usize>, query: Vec<usize>, added: usize },
+    #[error(
+        "tensor {name:?}: the reference's shape {reference:?} cannot become the query model's {query:?} by adding {added} batches"
+    )]
+    Shape {
+        name: String,
+        reference: Vec<usize>,
+        query: Vec<usize>,
+        added: usize,
+    },
 }
 
 /// Tables with one row per batch.
@@ -45,24 +54,46 @@ fn batch_indexed(name: &str) -> bool {
 /// Fills `values` (laid out by the query model's `layout`) from the reference's tensors
 /// (`reference(name)` = shape and row-major values) and returns the ranges of `values` that the
 /// surgery added (the new batch rows), in layout order.
-pub fn transfer<T: Real>(layout: &Layout, values: &mut [T], reference: impl Fn(&str) -> Option<(Vec<usize>, Vec<T>)>, ext: BatchExtension) -> Result<Vec<Range<usize>>, SurgeryError> {
+pub fn transfer<T: Real>(
+    layout: &Layout,
+    values: &mut [T],
+    reference: impl Fn(&str) -> Option<(Vec<usize>, Vec<T>)>,
+    ext: BatchExtension,
+) -> Result<Vec<Range<usize>>, SurgeryError> {
     let mut added = Vec::new();
     for slot in layout.slots() {
-        let (shape, source) = reference(&slot.name).ok_or_else(|| SurgeryError::Missing(slot.name.clone()))?;
+        let (shape, source) =
+            reference(&slot.name).ok_or_else(|| SurgeryError::Missing(slot.name.clone()))?;
         let target = &mut values[slot.range.clone()];
         if shape == slot.shape && source.len() == target.len() {
             target.copy_from_slice(&source);
             continue;
         }
-        let mismatch = || SurgeryError::Shape { name: slot.name.clone(), reference: shape.clone(), query: slot.shape.clone(), added: ext.added };
-        let [rows, cols] = shape[..] else { return Err(mismatch()) };
-        let grows = slot.shape.len() == 2 && slot.shape[1] == cols && slot.shape[0] == rows + ext.added && source.len() == rows * cols && ext.reference_batches <= rows;
+        let mismatch = || SurgeryError::Shape {
+            name: slot.name.clone(),
+            reference: shape.clone(),
+            query: slot.shape.clone(),
+            added: ext.added,
+        };
+        let [rows, cols] = shape[..] else {
+            return Err(mismatch());
+        };
+        let grows = slot.shape.len() == 2
+            && slot.shape[1] == cols
+            && slot.shape[0] == rows + ext.added
+            && source.len() == rows * cols
+            && ext.reference_batches <= rows;
         let b = ext.reference_batches;
-        let new_rows = (b * cols..(b + ext.added) * cols, slot.range.start + b * cols..slot.range.start + (b + ext.added) * cols);
+        let new_rows = (
+            b * cols..(b + ext.added) * cols,
+            slot.range.start + b * cols..slot.range.start + (b + ext.added) * cols,
+        );
         if grows && slot.name.ends_with(".wc") {
             // Reference batch rows, zero rows for the new batches, then the other covariates.
             target[..b * cols].copy_from_slice(&source[..b * cols]);
-            target[new_rows.0.clone()].iter_mut().for_each(|v| *v = T::zero());
+            target[new_rows.0.clone()]
+                .iter_mut()
+                .for_each(|v| *v = T::zero());
             target[(b + ext.added) * cols..].copy_from_slice(&source[b * cols..]);
         } else if grows && batch_indexed(&slot.name) && rows == b && b > 0 {
             target[..b * cols].copy_from_slice(&source);
@@ -83,15 +114,26 @@ pub fn transfer<T: Real>(layout: &Layout, values: &mut [T], reference: impl Fn(&
 pub fn unfrozen_ranges(layout: &Layout, unfreeze: Unfreeze) -> Vec<Range<usize>> {
     let opened = |name: &str| {
         let layer = name.rsplit_once('.').map_or(name, |(layer, _)| layer);
-        (unfreeze.encoder_input && layer.ends_with("encoder.0")) || (unfreeze.decoder_input && layer.ends_with("decoder.0"))
+        (unfreeze.encoder_input && layer.ends_with("encoder.0"))
+            || (unfreeze.decoder_input && layer.ends_with("decoder.0"))
     };
-    layout.slots().iter().filter(|s| opened(&s.name)).map(|s| s.range.clone()).collect()
+    layout
+        .slots()
+        .iter()
+        .filter(|s| opened(&s.name))
+        .map(|s| s.range.clone())
+        .collect()
 }
 
 /// The ranges of every encoder tensor of `layout` (`{modality.}encoder.*`): in the state
 /// layout, the running statistics scArches keeps frozen.
 pub fn encoder_ranges(layout: &Layout) -> Vec<Range<usize>> {
-    layout.slots().iter().filter(|s| s.name.starts_with("encoder.") || s.name.contains(".encoder.")).map(|s| s.range.clone()).collect()
+    layout
+        .slots()
+        .iter()
+        .filter(|s| s.name.starts_with("encoder.") || s.name.contains(".encoder."))
+        .map(|s| s.range.clone())
+        .collect()
 }
 
 /// Sorted, merged ranges (what the optimiser walks).
@@ -115,9 +157,18 @@ mod tests {
     fn reference() -> HashMap<String, (Vec<usize>, Vec<f64>)> {
         HashMap::from([
             // 2 batches + 1 other covariate, 3 outputs.
-            ("decoder.0.wc".to_string(), (vec![3, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])),
+            (
+                "decoder.0.wc".to_string(),
+                (
+                    vec![3, 3],
+                    vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0],
+                ),
+            ),
             ("decoder.0.w".to_string(), (vec![2, 3], vec![0.5; 6])),
-            ("log_theta".to_string(), (vec![2, 2], vec![1.0, 3.0, 2.0, 5.0])),
+            (
+                "log_theta".to_string(),
+                (vec![2, 2], vec![1.0, 3.0, 2.0, 5.0]),
+            ),
         ])
     }
 
@@ -129,8 +180,22 @@ mod tests {
         layout.add("log_theta", &[4, 2]);
         let mut values = vec![f64::NAN; layout.len()];
         let r = reference();
-        let added = transfer(&layout, &mut values, |name| r.get(name).cloned(), BatchExtension { reference_batches: 2, added: 2 }).unwrap();
-        assert_eq!(values[..15], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 7.0, 8.0, 9.0]);
+        let added = transfer(
+            &layout,
+            &mut values,
+            |name| r.get(name).cloned(),
+            BatchExtension {
+                reference_batches: 2,
+                added: 2,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            values[..15],
+            [
+                1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 7.0, 8.0, 9.0
+            ]
+        );
         assert_eq!(values[15..21], [0.5; 6]);
         assert_eq!(values[21..], [1.0, 3.0, 2.0, 5.0, 1.5, 4.0, 1.5, 4.0]);
         assert_eq!(added, vec![6..12, 25..29]);
@@ -138,7 +203,18 @@ mod tests {
         let mut same = Layout::default();
         same.add("decoder.0.wc", &[3, 3]);
         let mut v = vec![0.0; 9];
-        assert_eq!(transfer(&same, &mut v, |name| r.get(name).cloned(), BatchExtension { reference_batches: 2, added: 0 }), Ok(vec![]));
+        assert_eq!(
+            transfer(
+                &same,
+                &mut v,
+                |name| r.get(name).cloned(),
+                BatchExtension {
+                    reference_batches: 2,
+                    added: 0
+                }
+            ),
+            Ok(vec![])
+        );
         assert_eq!(v, r["decoder.0.wc"].1);
     }
 
@@ -148,11 +224,27 @@ mod tests {
         let mut missing = Layout::default();
         missing.add("encoder.0.w", &[2, 3]);
         let mut v = vec![0.0; 6];
-        assert_eq!(transfer(&missing, &mut v, |name| r.get(name).cloned(), BatchExtension { reference_batches: 2, added: 1 }), Err(SurgeryError::Missing("encoder.0.w".into())));
+        assert_eq!(
+            transfer(
+                &missing,
+                &mut v,
+                |name| r.get(name).cloned(),
+                BatchExtension {
+                    reference_batches: 2,
+                    added: 1
+                }
+            ),
+            Err(SurgeryError::Missing("encoder.0.w".into()))
+        );
         let mut wider = Layout::default();
         wider.add("decoder.0.w", &[3, 3]);
         let mut v = vec![0.0; 9];
-        assert!(matches!(transfer(&wider, &mut v, |name| r.get(name).cloned(), BatchExtension { reference_batches: 2, added: 1 }), Err(SurgeryError::Shape { name, .. }) if name == "decoder.0.w"));
+        let extension = BatchExtension {
+            reference_batches: 2,
+            added: 1,
+        };
+        let result = transfer(&wider, &mut v, |name| r.get(name).cloned(), extension);
+        assert!(matches!(result, Err(SurgeryError::Shape { name, .. }) if name == "decoder.0.w"));
     }
 
     #[test]
@@ -164,8 +256,29 @@ mod tests {
         layout.add("rna.decoder.0.wc", &[3, 2]);
         layout.add("rna.decoder.main.w", &[2, 4]);
         assert!(unfrozen_ranges(&layout, Unfreeze::default()).is_empty());
-        assert_eq!(unfrozen_ranges(&layout, Unfreeze { encoder_input: true, decoder_input: false }), vec![0..8, 8..10]);
-        assert_eq!(unfrozen_ranges(&layout, Unfreeze { encoder_input: false, decoder_input: true }), vec![14..20]);
-        assert_eq!(merge_ranges(vec![8..10, 0..8, 16..18, 14..17, 3..3]), vec![0..10, 14..18]);
+        assert_eq!(
+            unfrozen_ranges(
+                &layout,
+                Unfreeze {
+                    encoder_input: true,
+                    decoder_input: false
+                }
+            ),
+            vec![0..8, 8..10]
+        );
+        assert_eq!(
+            unfrozen_ranges(
+                &layout,
+                Unfreeze {
+                    encoder_input: false,
+                    decoder_input: true
+                }
+            ),
+            vec![14..20]
+        );
+        assert_eq!(
+            merge_ranges(vec![8..10, 0..8, 16..18, 14..17, 3..3]),
+            vec![0..10, 14..18]
+        );
     }
 }

@@ -6,9 +6,9 @@
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
+use tessera_kernels::Real;
 use tessera_kernels::backend::{Backend, EngineError, In, Out};
 use tessera_kernels::ops::optim::AdamW;
-use tessera_kernels::Real;
 
 use crate::layers::Mode;
 use crate::vae::{LossTerms, Vae, VaeBatch};
@@ -57,18 +57,41 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { max_epochs: None, batch_size: 128, lr: 1e-3, weight_decay: 1e-6, adam_eps: 1e-2, kl_warmup_epochs: 400, max_kl_weight: 1.0, validation_fraction: 0.1, max_validation_cells: 10_000, early_stopping_patience: Some(45), clip_norm: None, reduce_lr_on_plateau: false, lr_factor: 0.6, lr_patience: 30, lr_threshold: 0.0, lr_min: 0.0, parts: None, checkpoint_every: Some(10), seed: 0 }
+        TrainConfig {
+            max_epochs: None,
+            batch_size: 128,
+            lr: 1e-3,
+            weight_decay: 1e-6,
+            adam_eps: 1e-2,
+            kl_warmup_epochs: 400,
+            max_kl_weight: 1.0,
+            validation_fraction: 0.1,
+            max_validation_cells: 10_000,
+            early_stopping_patience: Some(45),
+            clip_norm: None,
+            reduce_lr_on_plateau: false,
+            lr_factor: 0.6,
+            lr_patience: 30,
+            lr_threshold: 0.0,
+            lr_min: 0.0,
+            parts: None,
+            checkpoint_every: Some(10),
+            seed: 0,
+        }
     }
 }
 
 impl TrainConfig {
     pub fn epochs(&self, n_cells: u64) -> usize {
-        self.max_epochs.unwrap_or_else(|| ((400.0 * 20_000.0 / n_cells.max(1) as f64).round() as usize).clamp(1, 400))
+        self.max_epochs.unwrap_or_else(|| {
+            ((400.0 * 20_000.0 / n_cells.max(1) as f64).round() as usize).clamp(1, 400)
+        })
     }
 
     /// Cells held out for validation out of `n_cells`: floor(fraction · n), at most the cap.
     pub fn validation_cells(&self, n_cells: u64) -> u64 {
-        ((n_cells as f64 * self.validation_fraction).floor() as u64).min(self.max_validation_cells as u64)
+        ((n_cells as f64 * self.validation_fraction).floor() as u64)
+            .min(self.max_validation_cells as u64)
     }
 
     /// The KL weight of an epoch (0-based), scvi-tools' linear warm-up.
@@ -90,7 +113,11 @@ pub struct Plateau {
 
 impl Plateau {
     pub fn new(lr: f64) -> Plateau {
-        Plateau { best: f64::INFINITY, bad_epochs: 0, lr }
+        Plateau {
+            best: f64::INFINITY,
+            bad_epochs: 0,
+            lr,
+        }
     }
 
     /// Records an epoch's monitored value; returns the (possibly reduced) learning rate.
@@ -113,8 +140,14 @@ impl Plateau {
 pub enum TrainError {
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error("step {step}: the {term} is {value} (not finite); lower the learning rate, enable clip_norm, or check the input for NaN/Inf")]
-    NonFinite { step: u64, term: &'static str, value: f64 },
+    #[error(
+        "step {step}: the {term} is {value} (not finite); lower the learning rate, enable clip_norm, or check the input for NaN/Inf"
+    )]
+    NonFinite {
+        step: u64,
+        term: &'static str,
+        value: f64,
+    },
 }
 
 /// A model and its optimiser state, on the model's backend.
@@ -139,8 +172,22 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
         let n = model.layout.len();
         let m = model.backend().zeros(n)?;
         let v = model.backend().zeros(n)?;
-        let opt = AdamW { lr: config.lr, eps: config.adam_eps, weight_decay: config.weight_decay, ..AdamW::default() };
-        Ok(Trainer { model, config, opt, m, v, step: 0, trainable: None, kept_state: Vec::new() })
+        let opt = AdamW {
+            lr: config.lr,
+            eps: config.adam_eps,
+            weight_decay: config.weight_decay,
+            ..AdamW::default()
+        };
+        Ok(Trainer {
+            model,
+            config,
+            opt,
+            m,
+            v,
+            step: 0,
+            trainable: None,
+            kept_state: Vec::new(),
+        })
     }
 
     pub fn lr(&self) -> f64 {
@@ -185,7 +232,11 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
     }
 
     /// Loss terms and gradients (in `model.grads`) of the next step, checked for NaN/Inf.
-    pub fn gradients(&mut self, batch: VaeBatch<'_, T>, epoch: usize) -> Result<LossTerms, TrainError> {
+    pub fn gradients(
+        &mut self,
+        batch: VaeBatch<'_, T>,
+        epoch: usize,
+    ) -> Result<LossTerms, TrainError> {
         self.part_gradients(batch, epoch, 0)
     }
 
@@ -193,15 +244,27 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
     /// each step's batch into parts): the part draws its own dropout masks and latent noise, so
     /// a part's gradient is the same whichever worker computes it. Part 0 draws what a whole
     /// batch does.
-    pub fn part_gradients(&mut self, batch: VaeBatch<'_, T>, epoch: usize, part: u64) -> Result<LossTerms, TrainError> {
+    pub fn part_gradients(
+        &mut self,
+        batch: VaeBatch<'_, T>,
+        epoch: usize,
+        part: u64,
+    ) -> Result<LossTerms, TrainError> {
         let step = self.step + 1;
         let seed = self.config.seed ^ part.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let terms = self.model.loss_and_grad(batch, self.config.kl_weight(epoch), Mode::Train { seed, step })?;
+        let terms = self.model.loss_and_grad(
+            batch,
+            self.config.kl_weight(epoch),
+            Mode::Train { seed, step },
+        )?;
         let b = self.model.backend().clone();
         for (r, kept) in &self.kept_state {
             b.copy(In::all(kept), Out::part(&mut self.model.state, r.clone()))?;
         }
-        for (term, value) in [("reconstruction loss", terms.reconstruction), ("KL divergence", terms.kl)] {
+        for (term, value) in [
+            ("reconstruction loss", terms.reconstruction),
+            ("KL divergence", terms.kl),
+        ] {
             if !value.is_finite() {
                 return Err(TrainError::NonFinite { step, term, value });
             }
@@ -214,13 +277,27 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
         let step = self.step + 1;
         let b = self.model.backend().clone();
         let every = 0..self.model.layout.len();
-        let ranges: &[Range<usize>] = self.trainable.as_deref().unwrap_or(std::slice::from_ref(&every));
+        let ranges: &[Range<usize>] = self
+            .trainable
+            .as_deref()
+            .unwrap_or(std::slice::from_ref(&every));
         let norm = match ranges {
             [one] => b.grad_norm(In::part(&self.model.grads, one.clone()))?,
-            _ => ranges.iter().map(|r| b.grad_norm(In::part(&self.model.grads, r.clone())).map(|n| n * n)).sum::<Result<f64, _>>()?.sqrt(),
+            _ => ranges
+                .iter()
+                .map(|r| {
+                    b.grad_norm(In::part(&self.model.grads, r.clone()))
+                        .map(|n| n * n)
+                })
+                .sum::<Result<f64, _>>()?
+                .sqrt(),
         };
         if !norm.is_finite() {
-            return Err(TrainError::NonFinite { step, term: "gradient norm", value: norm });
+            return Err(TrainError::NonFinite {
+                step,
+                term: "gradient norm",
+                value: norm,
+            });
         }
         if let Some(max) = self.config.clip_norm
             && norm > max
@@ -228,15 +305,33 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
             b.scale(Out::all(&mut self.model.grads), T::of(max / (norm + 1e-6)))?;
         }
         for r in ranges {
-            b.adamw_step(&self.opt, step, Out::part(&mut self.model.values, r.clone()), In::part(&self.model.grads, r.clone()), Out::part(&mut self.m, r.clone()), Out::part(&mut self.v, r.clone()))?;
+            b.adamw_step(
+                &self.opt,
+                step,
+                Out::part(&mut self.model.values, r.clone()),
+                In::part(&self.model.grads, r.clone()),
+                Out::part(&mut self.m, r.clone()),
+                Out::part(&mut self.v, r.clone()),
+            )?;
         }
         self.step = step;
         Ok(())
     }
 
     /// Validation loss terms of a batch (running statistics, no dropout, sampled latent).
-    pub fn validate(&mut self, batch: VaeBatch<'_, T>, epoch: usize) -> Result<LossTerms, TrainError> {
-        Ok(self.model.loss(batch, self.config.kl_weight(epoch), Mode::Validate { seed: self.config.seed ^ 0x5eed, step: 0 })?)
+    pub fn validate(
+        &mut self,
+        batch: VaeBatch<'_, T>,
+        epoch: usize,
+    ) -> Result<LossTerms, TrainError> {
+        Ok(self.model.loss(
+            batch,
+            self.config.kl_weight(epoch),
+            Mode::Validate {
+                seed: self.config.seed ^ 0x5eed,
+                step: 0,
+            },
+        )?)
     }
 }
 
@@ -246,15 +341,31 @@ mod tests {
 
     #[test]
     fn plateau_reduces_after_more_than_patience_bad_epochs() {
-        let config = TrainConfig { reduce_lr_on_plateau: true, lr_patience: 2, lr_factor: 0.5, lr_min: 0.2, ..TrainConfig::default() };
+        let config = TrainConfig {
+            reduce_lr_on_plateau: true,
+            lr_patience: 2,
+            lr_factor: 0.5,
+            lr_min: 0.2,
+            ..TrainConfig::default()
+        };
         let mut p = Plateau::new(1.0);
         // 10 is best; 3 epochs not better (> patience 2) → halve, counter restarts.
-        let lrs: Vec<f64> = [10.0, 10.0, 11.0, 10.5, 9.0, 9.5, 9.5, 9.5, 9.5, 9.5, 9.5].iter().map(|&v| p.observe(v, &config)).collect();
-        assert_eq!(lrs, vec![1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.2]);
+        let lrs: Vec<f64> = [10.0, 10.0, 11.0, 10.5, 9.0, 9.5, 9.5, 9.5, 9.5, 9.5, 9.5]
+            .iter()
+            .map(|&v| p.observe(v, &config))
+            .collect();
+        assert_eq!(
+            lrs,
+            vec![1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.2]
+        );
         assert_eq!(p.best, 9.0);
         // Switched off, the state is still tracked but the rate never changes.
         let mut off = Plateau::new(1.0);
-        let config = TrainConfig { reduce_lr_on_plateau: false, lr_patience: 0, ..config };
+        let config = TrainConfig {
+            reduce_lr_on_plateau: false,
+            lr_patience: 0,
+            ..config
+        };
         assert_eq!([5.0, 6.0, 7.0].map(|v| off.observe(v, &config)), [1.0; 3]);
         assert_eq!(off.bad_epochs, 2);
     }

@@ -18,14 +18,14 @@ use std::collections::BTreeMap;
 use rand::SeedableRng;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::{Deserialize, Serialize};
+use tessera_kernels::Real;
 use tessera_kernels::backend::{Backend, In, Out, Result, Tensor};
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_kernels::params::Layout;
-use tessera_kernels::Real;
 
 use crate::heads::{HeadActs, Heads, HeadsSpec};
 pub use crate::heads::{Supervision, Survival};
-use crate::layers::{copy_of, Buf, Mode, Slots, Weights};
+use crate::layers::{Buf, Mode, Slots, Weights, copy_of};
 use crate::modality::{CycleActs, Decoder, DecoderActs, Encoder, EncoderActs, Shape};
 pub use crate::modality::{Dispersion, LikelihoodKind, ModalitySpec};
 
@@ -172,7 +172,12 @@ impl VaeConfig {
         } else {
             self.likelihood
         };
-        ModalitySpec { name: name.to_string(), n_features, likelihood: o.likelihood.unwrap_or(default), dispersion: o.dispersion.unwrap_or(self.dispersion) }
+        ModalitySpec {
+            name: name.to_string(),
+            n_features,
+            likelihood: o.likelihood.unwrap_or(default),
+            dispersion: o.dispersion.unwrap_or(self.dispersion),
+        }
     }
 }
 
@@ -198,11 +203,18 @@ pub struct VaeBatch<'a, T> {
 impl<'a, T> VaeBatch<'a, T> {
     /// A batch without supervision.
     pub fn new(modalities: &'a [ModalityCounts<'a, T>], covariates: &'a [T]) -> Self {
-        VaeBatch { modalities, covariates, supervision: Supervision::default() }
+        VaeBatch {
+            modalities,
+            covariates,
+            supervision: Supervision::default(),
+        }
     }
 
     pub fn with_supervision(self, supervision: Supervision<'a>) -> Self {
-        VaeBatch { supervision, ..self }
+        VaeBatch {
+            supervision,
+            ..self
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -298,15 +310,29 @@ impl Plan {
     /// it, as if absent: training BatchNorm needs two rows.
     fn new<T>(batch: &VaeBatch<'_, T>, min_cells: usize) -> Plan {
         let n = batch.rows();
-        let mut present: Vec<Vec<bool>> = batch.modalities.iter().map(|m| m.present.map_or_else(|| vec![true; n], <[bool]>::to_vec)).collect();
+        let mut present: Vec<Vec<bool>> = batch
+            .modalities
+            .iter()
+            .map(|m| m.present.map_or_else(|| vec![true; n], <[bool]>::to_vec))
+            .collect();
         for p in &mut present {
             if p.iter().filter(|&&x| x).count() < min_cells {
                 p.iter_mut().for_each(|x| *x = false);
             }
         }
-        let cells = present.iter().map(|p| (0..n).filter(|&r| p[r]).collect()).collect();
-        let n_present = (0..n).map(|r| present.iter().filter(|p| p[r]).count()).collect();
-        Plan { n, cells, present, n_present }
+        let cells = present
+            .iter()
+            .map(|p| (0..n).filter(|&r| p[r]).collect())
+            .collect();
+        let n_present = (0..n)
+            .map(|r| present.iter().filter(|p| p[r]).count())
+            .collect();
+        Plan {
+            n,
+            cells,
+            present,
+            n_present,
+        }
     }
 }
 
@@ -318,11 +344,22 @@ fn is_identity(codes: &[usize], n: usize) -> bool {
 /// otherwise (a subset, or with repeats for a mixture's decoders).
 enum Rows<'a, T> {
     All(CsrRef<'a, T>, &'a [T]),
-    Selected { cols: usize, indptr: Vec<u64>, indices: Vec<u32>, data: Vec<T>, covariates: Vec<T> },
+    Selected {
+        cols: usize,
+        indptr: Vec<u64>,
+        indices: Vec<u32>,
+        data: Vec<T>,
+        covariates: Vec<T>,
+    },
 }
 
 impl<'a, T: Real> Rows<'a, T> {
-    fn select(counts: CsrRef<'a, T>, covariates: &'a [T], n_cov: usize, cells: &[usize]) -> Rows<'a, T> {
+    fn select(
+        counts: CsrRef<'a, T>,
+        covariates: &'a [T],
+        n_cov: usize,
+        cells: &[usize],
+    ) -> Rows<'a, T> {
         if is_identity(cells, counts.rows) {
             return Rows::All(counts, covariates);
         }
@@ -335,13 +372,31 @@ impl<'a, T: Real> Rows<'a, T> {
             indptr.push(data.len() as u64);
             cov.extend_from_slice(&covariates[r * n_cov..(r + 1) * n_cov]);
         }
-        Rows::Selected { cols: counts.cols, indptr, indices, data, covariates: cov }
+        Rows::Selected {
+            cols: counts.cols,
+            indptr,
+            indices,
+            data,
+            covariates: cov,
+        }
     }
 
     fn counts(&self) -> CsrRef<'_, T> {
         match self {
             Rows::All(c, _) => *c,
-            Rows::Selected { cols, indptr, indices, data, .. } => CsrRef { rows: indptr.len() - 1, cols: *cols, indptr, indices, data },
+            Rows::Selected {
+                cols,
+                indptr,
+                indices,
+                data,
+                ..
+            } => CsrRef {
+                rows: indptr.len() - 1,
+                cols: *cols,
+                indptr,
+                indices,
+                data,
+            },
         }
     }
 
@@ -356,10 +411,24 @@ impl<'a, T: Real> Rows<'a, T> {
 /// The latent side of one forward.
 enum Latent<S> {
     /// One joint posterior (PoE or concat) over every cell, sampled once.
-    Joint { means: Vec<Tensor<S>>, logvars: Vec<Tensor<S>>, masks: Option<Vec<S>>, m: Tensor<S>, lv: Tensor<S>, eps: Tensor<S>, dm_kl: Tensor<S>, dlv_kl: Tensor<S> },
+    Joint {
+        means: Vec<Tensor<S>>,
+        logvars: Vec<Tensor<S>>,
+        masks: Option<Vec<S>>,
+        m: Tensor<S>,
+        lv: Tensor<S>,
+        eps: Tensor<S>,
+        dm_kl: Tensor<S>,
+        dlv_kl: Tensor<S>,
+    },
     /// Each expert sampled on its own cells; `zs` stacks the samples (expert e's rows from
     /// `offsets[e]`).
-    Mixture { eps: Vec<Tensor<S>>, offsets: Vec<usize>, dm_kl: Vec<Tensor<S>>, dlv_kl: Vec<Tensor<S>> },
+    Mixture {
+        eps: Vec<Tensor<S>>,
+        offsets: Vec<usize>,
+        dm_kl: Vec<Tensor<S>>,
+        dlv_kl: Vec<Tensor<S>>,
+    },
 }
 
 /// One decoder's share of a forward: which rows of the stacked latent it decoded.
@@ -410,14 +479,33 @@ fn inputs<S: tessera_kernels::backend::Storage>(ts: &[Tensor<S>]) -> Vec<In<'_, 
 
 /// 1 / (number of present experts) per cell of `n` (0 for a cell with none), from each
 /// expert's cells.
-fn inverse_present<T: Real, B: Backend<T>>(b: &B, cells: &[Vec<usize>], n: usize) -> Result<B::Buf> {
+fn inverse_present<T: Real, B: Backend<T>>(
+    b: &B,
+    cells: &[Vec<usize>],
+    n: usize,
+) -> Result<B::Buf> {
     let mut count = vec![0usize; n];
     cells.iter().flatten().for_each(|&r| count[r] += 1);
-    b.upload(&count.iter().map(|&k| if k == 0 { T::zero() } else { T::of(1.0 / k as f64) }).collect::<Vec<T>>())
+    b.upload(
+        &count
+            .iter()
+            .map(|&k| {
+                if k == 0 {
+                    T::zero()
+                } else {
+                    T::of(1.0 / k as f64)
+                }
+            })
+            .collect::<Vec<T>>(),
+    )
 }
 
 /// acc += x, where either may be absent.
-fn add_into<T: Real, B: Backend<T>>(b: &B, acc: &mut Option<Tensor<B::Buf>>, x: Option<Tensor<B::Buf>>) -> Result<()> {
+fn add_into<T: Real, B: Backend<T>>(
+    b: &B,
+    acc: &mut Option<Tensor<B::Buf>>,
+    x: Option<Tensor<B::Buf>>,
+) -> Result<()> {
     match (acc.as_mut(), x) {
         (Some(a), Some(x)) => b.axpy(T::one(), x.input(), a.output()),
         (None, x) => {
@@ -430,18 +518,83 @@ fn add_into<T: Real, B: Backend<T>>(b: &B, acc: &mut Option<Tensor<B::Buf>>, x: 
 
 impl<T: Real, B: Backend<T>> Vae<T, B> {
     /// A freshly initialised model for `modalities` (name, features) and the data's categories.
-    pub fn new(backend: B, config: VaeConfig, modalities: &[(&str, usize)], categories: Categories, seed: u64) -> Result<Self> {
-        let Categories { n_batch, n_cov, n_labels } = categories;
-        assert!(!modalities.is_empty() && modalities.iter().all(|m| m.1 > 0) && config.n_layers > 0 && config.n_hidden > 0 && config.n_latent > 0, "model sizes must be positive");
-        assert!(n_batch <= n_cov, "the batch one-hot is part of the covariates");
+    pub fn new(
+        backend: B,
+        config: VaeConfig,
+        modalities: &[(&str, usize)],
+        categories: Categories,
+        seed: u64,
+    ) -> Result<Self> {
+        let Categories {
+            n_batch,
+            n_cov,
+            n_labels,
+        } = categories;
+        assert!(
+            !modalities.is_empty()
+                && modalities.iter().all(|m| m.1 > 0)
+                && config.n_layers > 0
+                && config.n_hidden > 0
+                && config.n_latent > 0,
+            "model sizes must be positive"
+        );
+        assert!(
+            n_batch <= n_cov,
+            "the batch one-hot is part of the covariates"
+        );
         let c = &config;
-        let shape = Shape { n_hidden: c.n_hidden, n_latent: c.n_latent, n_layers: c.n_layers, dropout: c.dropout, batch_norm: c.batch_norm, encode_covariates: c.encode_covariates, deeply_inject_covariates: c.deeply_inject_covariates, n_cov, n_batch };
-        let specs: Vec<ModalitySpec> = modalities.iter().map(|(name, g)| c.modality(name, *g)).collect();
+        let shape = Shape {
+            n_hidden: c.n_hidden,
+            n_latent: c.n_latent,
+            n_layers: c.n_layers,
+            dropout: c.dropout,
+            batch_norm: c.batch_norm,
+            encode_covariates: c.encode_covariates,
+            deeply_inject_covariates: c.deeply_inject_covariates,
+            n_cov,
+            n_batch,
+        };
+        let specs: Vec<ModalitySpec> = modalities
+            .iter()
+            .map(|(name, g)| c.modality(name, *g))
+            .collect();
         // One modality keeps scVI's tensor names; several are prefixed with their modality.
-        let prefix = |m: &ModalitySpec| if specs.len() == 1 { String::new() } else { format!("{}.", m.name) };
+        let prefix = |m: &ModalitySpec| {
+            if specs.len() == 1 {
+                String::new()
+            } else {
+                format!("{}.", m.name)
+            }
+        };
         let (mut layout, mut state) = (Layout::default(), Layout::default());
-        let encoders: Vec<Encoder> = specs.iter().enumerate().map(|(i, m)| Encoder::register(&prefix(m), m.n_features, &shape, &mut layout, &mut state, i as u64 * SITES_PER_MODALITY)).collect();
-        let decoders: Vec<Decoder> = specs.iter().enumerate().map(|(i, m)| Decoder::register(&prefix(m), m, &shape, &mut layout, &mut state, i as u64 * SITES_PER_MODALITY + SITES_PER_MODALITY / 2)).collect();
+        let encoders: Vec<Encoder> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                Encoder::register(
+                    &prefix(m),
+                    m.n_features,
+                    &shape,
+                    &mut layout,
+                    &mut state,
+                    i as u64 * SITES_PER_MODALITY,
+                )
+            })
+            .collect();
+        let decoders: Vec<Decoder> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                Decoder::register(
+                    &prefix(m),
+                    m,
+                    &shape,
+                    &mut layout,
+                    &mut state,
+                    i as u64 * SITES_PER_MODALITY + SITES_PER_MODALITY / 2,
+                )
+            })
+            .collect();
         let heads_spec = HeadsSpec {
             n_latent: c.n_latent,
             n_hidden: c.n_hidden,
@@ -472,18 +625,41 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let values_buf = backend.upload(&values)?;
         let grads = backend.zeros(layout.len())?;
         let state_buf = backend.upload(&state_values)?;
-        Ok(Vae { config, modalities: specs, n_cov, n_batch, n_labels, layout, state_layout: state, values: values_buf, grads, state: state_buf, trained: None, encoders, decoders, heads, backend })
+        Ok(Vae {
+            config,
+            modalities: specs,
+            n_cov,
+            n_batch,
+            n_labels,
+            layout,
+            state_layout: state,
+            values: values_buf,
+            grads,
+            state: state_buf,
+            trained: None,
+            encoders,
+            decoders,
+            heads,
+            backend,
+        })
     }
 
     /// Starts modality `m`'s NB-mixture background rates from the data, as totalVI starts its
     /// background prior: `log_rates` is batches × features (the table's shape). False when the
     /// modality has no mixture.
     pub fn initialise_background(&mut self, m: usize, log_rates: &[T]) -> Result<bool> {
-        let Some(slot) = self.decoders[m].background_slot() else { return Ok(false) };
+        let Some(slot) = self.decoders[m].background_slot() else {
+            return Ok(false);
+        };
         let range = self.layout.slots()[slot].range.clone();
-        assert_eq!(log_rates.len(), range.len(), "one log rate per batch and feature");
+        assert_eq!(
+            log_rates.len(),
+            range.len(),
+            "one log rate per batch and feature"
+        );
         let staged = self.backend.upload(log_rates)?;
-        self.backend.copy(In::all(&staged), Out::part(&mut self.values, range))?;
+        self.backend
+            .copy(In::all(&staged), Out::part(&mut self.values, range))?;
         Ok(true)
     }
 
@@ -493,18 +669,32 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
 
     /// The joint rule in effect: one modality's posterior is its encoder's (no prior expert).
     fn joint(&self) -> Joint {
-        if self.modalities.len() == 1 { Joint::Concat } else { self.config.joint }
+        if self.modalities.len() == 1 {
+            Joint::Concat
+        } else {
+            self.config.joint
+        }
     }
 
     /// Loss terms of a batch and the gradients of `loss` in `self.grads` (overwritten).
-    pub fn loss_and_grad(&mut self, batch: VaeBatch<'_, T>, kl_weight: f64, mode: Mode) -> Result<LossTerms> {
+    pub fn loss_and_grad(
+        &mut self,
+        batch: VaeBatch<'_, T>,
+        kl_weight: f64,
+        mode: Mode,
+    ) -> Result<LossTerms> {
         let (terms, fwd) = self.forward(batch, kl_weight, mode)?;
         self.backward(fwd, mode)?;
         Ok(terms)
     }
 
     /// Loss terms only (validation: `Mode::Validate`).
-    pub fn loss(&mut self, batch: VaeBatch<'_, T>, kl_weight: f64, mode: Mode) -> Result<LossTerms> {
+    pub fn loss(
+        &mut self,
+        batch: VaeBatch<'_, T>,
+        kl_weight: f64,
+        mode: Mode,
+    ) -> Result<LossTerms> {
         Ok(self.forward(batch, kl_weight, mode)?.0)
     }
 
@@ -517,43 +707,107 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     /// Latent means and each decoder's expression at them, in each cell's own batch, for every
     /// cell (a modality a cell lacks is imputed): see `Decoder::expression`. Returns (n ×
     /// latent, per modality n × features).
-    pub fn latent_and_expression(&mut self, batch: VaeBatch<'_, T>, library_size: f64) -> Result<(Vec<T>, Vec<Vec<T>>)> {
+    pub fn latent_and_expression(
+        &mut self,
+        batch: VaeBatch<'_, T>,
+        library_size: f64,
+    ) -> Result<(Vec<T>, Vec<Vec<T>>)> {
         let m = self.joint_mean(batch)?;
         let b = &self.backend;
-        let p = Weights { layout: &self.layout, values: &self.values };
+        let p = Weights {
+            layout: &self.layout,
+            values: &self.values,
+        };
         let mut state = Slots::all(&self.state_layout, &mut self.state);
-        let expressions = self.decoders.iter().map(|d| b.download(d.expression(b, &p, &mut state, &m, batch.covariates, library_size)?.input())).collect::<Result<_>>()?;
+        let expressions = self
+            .decoders
+            .iter()
+            .map(|d| {
+                b.download(
+                    d.expression(b, &p, &mut state, &m, batch.covariates, library_size)?
+                        .input(),
+                )
+            })
+            .collect::<Result<_>>()?;
         Ok((b.download(m.input())?, expressions))
     }
 
     fn check_batch(&self, batch: &VaeBatch<'_, T>) {
         let n = batch.rows();
-        assert_eq!(batch.modalities.len(), self.modalities.len(), "batch has {} modalities, the model {}", batch.modalities.len(), self.modalities.len());
+        assert_eq!(
+            batch.modalities.len(),
+            self.modalities.len(),
+            "batch has {} modalities, the model {}",
+            batch.modalities.len(),
+            self.modalities.len()
+        );
         for (m, spec) in batch.modalities.iter().zip(&self.modalities) {
-            assert_eq!((m.counts.rows, m.counts.cols), (n, spec.n_features), "modality {:?}: counts shape", spec.name);
-            assert!(m.present.is_none_or(|p| p.len() == n), "modality {:?}: one presence flag per cell", spec.name);
+            assert_eq!(
+                (m.counts.rows, m.counts.cols),
+                (n, spec.n_features),
+                "modality {:?}: counts shape",
+                spec.name
+            );
+            assert!(
+                m.present.is_none_or(|p| p.len() == n),
+                "modality {:?}: one presence flag per cell",
+                spec.name
+            );
         }
-        assert_eq!(batch.covariates.len(), n * self.n_cov, "covariates: {n} rows of {}", self.n_cov);
+        assert_eq!(
+            batch.covariates.len(),
+            n * self.n_cov,
+            "covariates: {n} rows of {}",
+            self.n_cov
+        );
     }
 
     /// Runs each encoder on the cells that measured its modality.
-    fn encode(&mut self, batch: &VaeBatch<'_, T>, plan: &Plan, mode: Mode) -> Result<Encoded<T, B>> {
-        let p = Weights { layout: &self.layout, values: &self.values };
+    fn encode(
+        &mut self,
+        batch: &VaeBatch<'_, T>,
+        plan: &Plan,
+        mode: Mode,
+    ) -> Result<Encoded<T, B>> {
+        let p = Weights {
+            layout: &self.layout,
+            values: &self.values,
+        };
         let mut state = Slots::all(&self.state_layout, &mut self.state);
         self.encoders
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                let rows = Rows::select(batch.modalities[i].counts, batch.covariates, self.n_cov, &plan.cells[i]);
-                e.forward(&self.backend, &p, &mut state, rows.counts(), rows.covariates(), mode)
+                let rows = Rows::select(
+                    batch.modalities[i].counts,
+                    batch.covariates,
+                    self.n_cov,
+                    &plan.cells[i],
+                );
+                e.forward(
+                    &self.backend,
+                    &p,
+                    &mut state,
+                    rows.counts(),
+                    rows.covariates(),
+                    mode,
+                )
             })
             .collect()
     }
 
     /// Experts' means and log-variances over every cell of the batch (zero rows where absent),
     /// and for a product of experts their 0/1 presence masks.
-    #[allow(clippy::type_complexity)]
-    fn experts(&self, enc: &[EncoderActs<Buf<T, B>, B::Csr>], plan: &Plan) -> Result<(Vec<Tensor<Buf<T, B>>>, Vec<Tensor<Buf<T, B>>>, Option<Vec<Buf<T, B>>>)> {
+    #[allow(clippy::type_complexity)] // views returned together to one caller; a named type would be used once
+    fn experts(
+        &self,
+        enc: &[EncoderActs<Buf<T, B>, B::Csr>],
+        plan: &Plan,
+    ) -> Result<(
+        Vec<Tensor<Buf<T, B>>>,
+        Vec<Tensor<Buf<T, B>>>,
+        Option<Vec<Buf<T, B>>>,
+    )> {
         let b = &self.backend;
         let d = self.config.n_latent;
         let expand = |x: &Tensor<Buf<T, B>>, cells: &[usize]| -> Result<Tensor<Buf<T, B>>> {
@@ -565,21 +819,57 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             }
             Ok(full)
         };
-        let means = enc.iter().zip(&plan.cells).map(|(a, c)| expand(a.mean.output(), c)).collect::<Result<_>>()?;
-        let logvars = enc.iter().zip(&plan.cells).map(|(a, c)| expand(a.logvar.output(), c)).collect::<Result<_>>()?;
-        let masks = if self.joint() == Joint::Poe { Some(plan.present.iter().map(|p| b.upload(&p.iter().map(|&x| if x { T::one() } else { T::zero() }).collect::<Vec<T>>())).collect::<Result<_>>()?) } else { None };
+        let means = enc
+            .iter()
+            .zip(&plan.cells)
+            .map(|(a, c)| expand(a.mean.output(), c))
+            .collect::<Result<_>>()?;
+        let logvars = enc
+            .iter()
+            .zip(&plan.cells)
+            .map(|(a, c)| expand(a.logvar.output(), c))
+            .collect::<Result<_>>()?;
+        let masks = if self.joint() == Joint::Poe {
+            Some(
+                plan.present
+                    .iter()
+                    .map(|p| {
+                        b.upload(
+                            &p.iter()
+                                .map(|&x| if x { T::one() } else { T::zero() })
+                                .collect::<Vec<T>>(),
+                        )
+                    })
+                    .collect::<Result<_>>()?,
+            )
+        } else {
+            None
+        };
         Ok((means, logvars, masks))
     }
 
     /// The joint posterior's mean and log-variance from the experts (PoE or concat).
-    fn combine(&self, means: &[Tensor<Buf<T, B>>], logvars: &[Tensor<Buf<T, B>>], masks: Option<&[Buf<T, B>]>, n: usize) -> Result<Pair<Buf<T, B>>> {
+    fn combine(
+        &self,
+        means: &[Tensor<Buf<T, B>>],
+        logvars: &[Tensor<Buf<T, B>>],
+        masks: Option<&[Buf<T, B>]>,
+        n: usize,
+    ) -> Result<Pair<Buf<T, B>>> {
         let b = &self.backend;
         let d = self.config.n_latent;
         let (mut m, mut lv) = (b.tensor(n, d)?, b.tensor(n, d)?);
         match masks {
             Some(masks) => {
                 let masks: Vec<In<'_, Buf<T, B>>> = masks.iter().map(In::all).collect();
-                b.poe_forward(&inputs(means), &inputs(logvars), &masks, d, m.output(), lv.output())?;
+                b.poe_forward(
+                    &inputs(means),
+                    &inputs(logvars),
+                    &masks,
+                    d,
+                    m.output(),
+                    lv.output(),
+                )?;
             }
             None => {
                 for (me, lve) in means.iter().zip(logvars) {
@@ -613,7 +903,11 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             b.axpy(T::one(), m.input(), sum.output())?;
         }
         let mut mean = b.tensor(plan.n, self.config.n_latent)?;
-        b.scale_rows(sum.input(), In::all(&inverse_present(b, &plan.cells, plan.n)?), mean.output())?;
+        b.scale_rows(
+            sum.input(),
+            In::all(&inverse_present(b, &plan.cells, plan.n)?),
+            mean.output(),
+        )?;
         Ok(mean)
     }
 
@@ -625,7 +919,10 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         }
         let m = self.joint_mean(batch)?;
         let b = &self.backend;
-        let p = Weights { layout: &self.layout, values: &self.values };
+        let p = Weights {
+            layout: &self.layout,
+            values: &self.values,
+        };
         let mut state = Slots::all(&self.state_layout, &mut self.state);
         match self.heads.predict(b, &p, &mut state, &m)? {
             Some(t) => Ok(Some(b.download(t.input())?)),
@@ -633,19 +930,29 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn forward(&mut self, batch: VaeBatch<'_, T>, kl_weight: f64, mode: Mode) -> Result<(LossTerms, Forward<Buf<T, B>, B::Csr>)> {
+    #[allow(clippy::type_complexity)] // views returned together to one caller; a named type would be used once
+    fn forward(
+        &mut self,
+        batch: VaeBatch<'_, T>,
+        kl_weight: f64,
+        mode: Mode,
+    ) -> Result<(LossTerms, Forward<Buf<T, B>, B::Csr>)> {
         self.check_batch(&batch);
         let training_batch_norm = matches!(mode, Mode::Train { .. }) && self.config.batch_norm;
         let plan = Plan::new(&batch, if training_batch_norm { 2 } else { 1 });
         let (n, d) = (plan.n, self.config.n_latent);
-        assert!(n > 1 || !matches!(mode, Mode::Train { .. }) || !self.config.batch_norm, "BatchNorm training needs at least two cells");
+        assert!(
+            n > 1 || !matches!(mode, Mode::Train { .. }) || !self.config.batch_norm,
+            "BatchNorm training needs at least two cells"
+        );
         let enc = self.encode(&batch, &plan, mode)?;
         let b = self.backend.clone();
         let inv_n = 1.0 / n as f64;
         let noise = |eps: &mut Tensor<Buf<T, B>>, site: u64| -> Result<()> {
             match mode {
-                Mode::Train { seed, step } | Mode::Validate { seed, step } => b.normal(seed, Mode::stream(step, site), eps.output()),
+                Mode::Train { seed, step } | Mode::Validate { seed, step } => {
+                    b.normal(seed, Mode::stream(step, site), eps.output())
+                }
                 Mode::Eval => Ok(()),
             }
         };
@@ -654,10 +961,18 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         // the cell's weight) and the KL (an MMD prior acts on the samples below instead).
         let mut kl_total = 0.0;
         let use_kl = self.config.prior == Prior::Kl;
-        let (latent, zs, decode): (Latent<Buf<T, B>>, Tensor<Buf<T, B>>, Vec<(Vec<usize>, Vec<usize>, Vec<T>)>) = if self.joint() == Joint::Moe {
+        let (latent, zs, decode): (
+            Latent<Buf<T, B>>,
+            Tensor<Buf<T, B>>,
+            Vec<(Vec<usize>, Vec<usize>, Vec<T>)>,
+        ) = if self.joint() == Joint::Moe {
             // Each present expert's sample decodes every modality the cell has; a cell's terms
             // are averaged over its experts (the stratified mixture ELBO).
-            let offsets: Vec<usize> = plan.cells.iter().scan(0, |at, c| Some(std::mem::replace(at, *at + c.len()))).collect();
+            let offsets: Vec<usize> = plan
+                .cells
+                .iter()
+                .scan(0, |at, c| Some(std::mem::replace(at, *at + c.len())))
+                .collect();
             let total = plan.cells.iter().map(Vec::len).sum::<usize>();
             let mut zs = b.tensor(total, d)?;
             let (mut eps_all, mut dm_kl, mut dlv_kl) = (Vec::new(), Vec::new(), Vec::new());
@@ -667,13 +982,40 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 let mut eps = b.tensor(rows, d)?;
                 noise(&mut eps, SITE_LATENT - e as u64)?;
                 let part = offsets[e] * d..(offsets[e] + rows) * d;
-                b.reparameterize_forward(a.mean.output().input(), a.logvar.output().input(), eps.input(), Out::part(&mut zs.buf, part))?;
-                let share: Vec<f64> = cells.iter().map(|&r| inv_n / plan.n_present[r] as f64).collect();
-                let weights = b.upload(&share.iter().map(|&w| T::of(kl_weight * w)).collect::<Vec<T>>())?;
-                let (mut kl, mut dm, mut dlv) = (b.zeros(rows)?, b.tensor(rows, d)?, b.tensor(rows, d)?);
+                b.reparameterize_forward(
+                    a.mean.output().input(),
+                    a.logvar.output().input(),
+                    eps.input(),
+                    Out::part(&mut zs.buf, part),
+                )?;
+                let share: Vec<f64> = cells
+                    .iter()
+                    .map(|&r| inv_n / plan.n_present[r] as f64)
+                    .collect();
+                let weights = b.upload(
+                    &share
+                        .iter()
+                        .map(|&w| T::of(kl_weight * w))
+                        .collect::<Vec<T>>(),
+                )?;
+                let (mut kl, mut dm, mut dlv) =
+                    (b.zeros(rows)?, b.tensor(rows, d)?, b.tensor(rows, d)?);
                 if use_kl {
-                    b.kl_standard_normal(a.mean.output().input(), a.logvar.output().input(), d, Some(In::all(&weights)), Out::all(&mut kl), dm.output(), dlv.output())?;
-                    kl_total += b.download(In::all(&kl))?.iter().zip(&share).map(|(k, w)| k.f64() * w).sum::<f64>();
+                    b.kl_standard_normal(
+                        a.mean.output().input(),
+                        a.logvar.output().input(),
+                        d,
+                        Some(In::all(&weights)),
+                        Out::all(&mut kl),
+                        dm.output(),
+                        dlv.output(),
+                    )?;
+                    kl_total += b
+                        .download(In::all(&kl))?
+                        .iter()
+                        .zip(&share)
+                        .map(|(k, w)| k.f64() * w)
+                        .sum::<f64>();
                 }
                 eps_all.push(eps);
                 dm_kl.push(dm);
@@ -694,7 +1036,16 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                     rows
                 })
                 .collect();
-            (Latent::Mixture { eps: eps_all, offsets, dm_kl, dlv_kl }, zs, decode)
+            (
+                Latent::Mixture {
+                    eps: eps_all,
+                    offsets,
+                    dm_kl,
+                    dlv_kl,
+                },
+                zs,
+                decode,
+            )
         } else {
             let (means, logvars, masks) = self.experts(&enc, &plan)?;
             let (m, lv) = self.combine(&means, &logvars, masks.as_deref(), n)?;
@@ -705,18 +1056,52 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             let weights = b.upload(&vec![T::of(kl_weight * inv_n); n])?;
             let (mut kl, mut dm_kl, mut dlv_kl) = (b.zeros(n)?, b.tensor(n, d)?, b.tensor(n, d)?);
             if use_kl {
-                b.kl_standard_normal(m.input(), lv.input(), d, Some(In::all(&weights)), Out::all(&mut kl), dm_kl.output(), dlv_kl.output())?;
-                kl_total = b.download(In::all(&kl))?.iter().map(|k| k.f64()).sum::<f64>() * inv_n;
+                b.kl_standard_normal(
+                    m.input(),
+                    lv.input(),
+                    d,
+                    Some(In::all(&weights)),
+                    Out::all(&mut kl),
+                    dm_kl.output(),
+                    dlv_kl.output(),
+                )?;
+                kl_total = b
+                    .download(In::all(&kl))?
+                    .iter()
+                    .map(|k| k.f64())
+                    .sum::<f64>()
+                    * inv_n;
             }
-            let decode = plan.cells.iter().map(|c| (c.clone(), c.clone(), vec![T::of(inv_n); c.len()])).collect();
-            (Latent::Joint { means, logvars, masks, m, lv, eps, dm_kl, dlv_kl }, z, decode)
+            let decode = plan
+                .cells
+                .iter()
+                .map(|c| (c.clone(), c.clone(), vec![T::of(inv_n); c.len()]))
+                .collect();
+            (
+                Latent::Joint {
+                    means,
+                    logvars,
+                    masks,
+                    m,
+                    lv,
+                    eps,
+                    dm_kl,
+                    dlv_kl,
+                },
+                z,
+                decode,
+            )
         };
 
-        let p = Weights { layout: &self.layout, values: &self.values };
+        let p = Weights {
+            layout: &self.layout,
+            values: &self.values,
+        };
         let mut state = Slots::all(&self.state_layout, &mut self.state);
         let mut reconstruction = 0.0;
         let mut dec = Vec::with_capacity(self.decoders.len());
-        for ((j, decoder), (codes, cells, weights)) in self.decoders.iter().enumerate().zip(decode) {
+        for ((j, decoder), (codes, cells, weights)) in self.decoders.iter().enumerate().zip(decode)
+        {
             let z = if is_identity(&codes, zs.rows) {
                 None
             } else {
@@ -724,8 +1109,22 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 b.gather_rows(zs.input(), &codes, d, t.output())?;
                 Some(t)
             };
-            let rows = Rows::select(batch.modalities[j].counts, batch.covariates, self.n_cov, &cells);
-            let (r, acts) = decoder.forward(&b, &p, &mut state, z.as_ref().unwrap_or(&zs), rows.counts(), rows.covariates(), &weights, mode)?;
+            let rows = Rows::select(
+                batch.modalities[j].counts,
+                batch.covariates,
+                self.n_cov,
+                &cells,
+            );
+            let (r, acts) = decoder.forward(
+                &b,
+                &p,
+                &mut state,
+                z.as_ref().unwrap_or(&zs),
+                rows.counts(),
+                rows.covariates(),
+                &weights,
+                mode,
+            )?;
             reconstruction += r;
             dec.push(Decoded { codes, z, acts });
         }
@@ -734,7 +1133,8 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             Latent::Joint { .. } => (0..n).collect(),
             Latent::Mixture { .. } => plan.cells.concat(),
         };
-        let (mut regularization, mut dzs_regularization) = self.batch_mmd(&zs, &sample_cells, batch.covariates)?;
+        let (mut regularization, mut dzs_regularization) =
+            self.batch_mmd(&zs, &sample_cells, batch.covariates)?;
         if !use_kl {
             let (value, dzs) = self.prior_mmd(&zs, kl_weight, mode)?;
             kl_total = value;
@@ -749,27 +1149,71 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let mean = if self.heads.read_mean() {
             Some(match &latent {
                 Latent::Joint { m, .. } => copy_of(&b, m)?,
-                Latent::Mixture { .. } => self.mixture_mean(&self.experts(&enc, &plan)?.0, &plan)?,
+                Latent::Mixture { .. } => {
+                    self.mixture_mean(&self.experts(&enc, &plan)?.0, &plan)?
+                }
             })
         } else {
             None
         };
-        let sample_batches: Vec<i32> = sample_cells.iter().map(|&r| self.batch_of(batch.covariates, r).map_or(-1, |k| k as i32)).collect();
-        let p = Weights { layout: &self.layout, values: &self.values };
+        let sample_batches: Vec<i32> = sample_cells
+            .iter()
+            .map(|&r| self.batch_of(batch.covariates, r).map_or(-1, |k| k as i32))
+            .collect();
+        let p = Weights {
+            layout: &self.layout,
+            values: &self.values,
+        };
         let mut state = Slots::all(&self.state_layout, &mut self.state);
-        let (head_terms, heads) = self.heads.forward(&b, &p, &mut state, mean, &batch.supervision, &zs, &sample_batches, mode)?;
+        let (head_terms, heads) = self.heads.forward(
+            &b,
+            &p,
+            &mut state,
+            mean,
+            &batch.supervision,
+            &zs,
+            &sample_batches,
+            mode,
+        )?;
         regularization += head_terms.regularization;
         let supervised = head_terms.supervised;
-        let terms = LossTerms { reconstruction, kl: kl_total, regularization, supervised, loss: reconstruction + kl_weight * kl_total + regularization + supervised, cells: n };
-        Ok((terms, Forward { enc, latent, cells: plan.cells, zs, dec, dzs_regularization, dexperts, heads, cycle }))
+        let terms = LossTerms {
+            reconstruction,
+            kl: kl_total,
+            regularization,
+            supervised,
+            loss: reconstruction + kl_weight * kl_total + regularization + supervised,
+            cells: n,
+        };
+        Ok((
+            terms,
+            Forward {
+                enc,
+                latent,
+                cells: plan.cells,
+                zs,
+                dec,
+                dzs_regularization,
+                dexperts,
+                heads,
+                cycle,
+            },
+        ))
     }
 
     /// Cross-modal cycle consistency: weight × the mean over latent samples of Σ_m |μ_m(x̂_m(z))
     /// − z|², x̂_m the expected expression of modality m decoded at z and μ_m its encoder's mean
     /// (log1p space). The pass runs in the step's mode on a scratch copy of the BatchNorm
     /// statistics, so decoded inputs never enter the running statistics.
-    #[allow(clippy::type_complexity)]
-    fn cycle(&mut self, zs: &Tensor<Buf<T, B>>, sample_cells: &[usize], batch: &VaeBatch<'_, T>, plan: &Plan, mode: Mode) -> Result<(f64, Vec<CyclePass<Buf<T, B>, B::Csr>>)> {
+    #[allow(clippy::type_complexity)] // views returned together to one caller; a named type would be used once
+    fn cycle(
+        &mut self,
+        zs: &Tensor<Buf<T, B>>,
+        sample_cells: &[usize],
+        batch: &VaeBatch<'_, T>,
+        plan: &Plan,
+        mode: Mode,
+    ) -> Result<(f64, Vec<CyclePass<Buf<T, B>, B::Csr>>)> {
         let weight = self.config.cycle_weight;
         if weight == 0.0 || self.modalities.len() < 2 || zs.rows == 0 {
             return Ok((0.0, Vec::new()));
@@ -777,9 +1221,19 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let b = self.backend.clone();
         let mut scratch = b.zeros(self.state_layout.len())?;
         b.copy(In::all(&self.state), Out::all(&mut scratch))?;
-        let p = Weights { layout: &self.layout, values: &self.values };
+        let p = Weights {
+            layout: &self.layout,
+            values: &self.values,
+        };
         let mut state = Slots::all(&self.state_layout, &mut scratch);
-        let covariates: Vec<T> = sample_cells.iter().flat_map(|&r| batch.covariates[r * self.n_cov..(r + 1) * self.n_cov].iter().copied()).collect();
+        let covariates: Vec<T> = sample_cells
+            .iter()
+            .flat_map(|&r| {
+                batch.covariates[r * self.n_cov..(r + 1) * self.n_cov]
+                    .iter()
+                    .copied()
+            })
+            .collect();
         let scale = 2.0 * weight / zs.rows as f64;
         let (mut value, mut passes) = (0.0, Vec::new());
         for (m, decoder) in self.decoders.iter().enumerate() {
@@ -788,58 +1242,112 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             }
             // Library-scaled expression at the mean library of the cells that measured it.
             let counts = batch.modalities[m].counts;
-            let libraries: Vec<f64> = plan.cells[m].iter().map(|&r| counts.data[counts.indptr[r] as usize..counts.indptr[r + 1] as usize].iter().map(|v| v.f64()).sum()).collect();
-            let library = if libraries.is_empty() { 1e4 } else { (libraries.iter().sum::<f64>() / libraries.len() as f64).max(1.0) };
-            let (x, decoded) = decoder.cycle_forward(&b, &p, &mut state, zs, &covariates, library, mode)?;
-            let encoded = self.encoders[m].forward_log1p(&b, &p, &mut state, x, &covariates, mode)?;
+            let libraries: Vec<f64> = plan.cells[m]
+                .iter()
+                .map(|&r| {
+                    counts.data[counts.indptr[r] as usize..counts.indptr[r + 1] as usize]
+                        .iter()
+                        .map(|v| v.f64())
+                        .sum()
+                })
+                .collect();
+            let library = if libraries.is_empty() {
+                1e4
+            } else {
+                (libraries.iter().sum::<f64>() / libraries.len() as f64).max(1.0)
+            };
+            let (x, decoded) =
+                decoder.cycle_forward(&b, &p, &mut state, zs, &covariates, library, mode)?;
+            let encoded =
+                self.encoders[m].forward_log1p(&b, &p, &mut state, x, &covariates, mode)?;
             let mut dmean = copy_of(&b, encoded.mean.output())?;
             b.axpy(T::zero() - T::one(), zs.input(), dmean.output())?;
             let norm = b.grad_norm(dmean.input())?;
             value += weight * norm * norm / zs.rows as f64;
             b.scale(dmean.output(), T::of(scale))?;
-            passes.push(CyclePass { modality: m, decoded, encoded, dmean });
+            passes.push(CyclePass {
+                modality: m,
+                decoded,
+                encoded,
+                dmean,
+            });
         }
         Ok((value, passes))
     }
 
     /// The batch of cell `r` from its one-hot covariates (None: no batch column set).
     fn batch_of(&self, covariates: &[T], r: usize) -> Option<usize> {
-        covariates[r * self.n_cov..r * self.n_cov + self.n_batch].iter().position(|&v| v > T::zero())
+        covariates[r * self.n_cov..r * self.n_cov + self.n_batch]
+            .iter()
+            .position(|&v| v > T::zero())
     }
 
     /// An MMD prior (MMD-VAE): weight × squared MMD between the latent samples and as many
     /// N(0, I) draws, and the gradient of kl_weight × that with respect to the samples.
-    fn prior_mmd(&self, zs: &Tensor<Buf<T, B>>, kl_weight: f64, mode: Mode) -> Result<Penalty<Buf<T, B>>> {
+    fn prior_mmd(
+        &self,
+        zs: &Tensor<Buf<T, B>>,
+        kl_weight: f64,
+        mode: Mode,
+    ) -> Result<Penalty<Buf<T, B>>> {
         let b = &self.backend;
         let d = self.config.n_latent;
         let mut prior = b.tensor(zs.rows, d)?;
         match mode {
-            Mode::Train { seed, step } | Mode::Validate { seed, step } => b.normal(seed, Mode::stream(step, SITE_PRIOR), prior.output())?,
+            Mode::Train { seed, step } | Mode::Validate { seed, step } => {
+                b.normal(seed, Mode::stream(step, SITE_PRIOR), prior.output())?
+            }
             Mode::Eval => {}
         }
         let (mut dzs, mut dprior) = (b.tensor(zs.rows, d)?, b.tensor(zs.rows, d)?);
-        let mmd = b.mmd_rbf(zs.input(), prior.input(), d, &self.config.mmd_bandwidths, dzs.output(), dprior.output())?;
-        b.scale(dzs.output(), T::of(kl_weight * self.config.prior_mmd_weight))?;
+        let mmd = b.mmd_rbf(
+            zs.input(),
+            prior.input(),
+            d,
+            &self.config.mmd_bandwidths,
+            dzs.output(),
+            dprior.output(),
+        )?;
+        b.scale(
+            dzs.output(),
+            T::of(kl_weight * self.config.prior_mmd_weight),
+        )?;
         Ok((self.config.prior_mmd_weight * mmd, Some(dzs)))
     }
 
     /// MultiVI's alignment of the modality posteriors: weight × the mean over cells of the
     /// Jeffreys divergences between every pair of experts a cell has, and each expert's
     /// gradients on its cells (None when off or with one modality).
-    #[allow(clippy::type_complexity)]
-    fn jeffreys(&self, enc: &Encoded<T, B>, plan: &Plan) -> Result<(f64, Option<Vec<Pair<Buf<T, B>>>>)> {
+    #[allow(clippy::type_complexity)] // views returned together to one caller; a named type would be used once
+    fn jeffreys(
+        &self,
+        enc: &Encoded<T, B>,
+        plan: &Plan,
+    ) -> Result<(f64, Option<Vec<Pair<Buf<T, B>>>>)> {
         let weight = self.config.jeffreys_weight;
         if weight == 0.0 || enc.len() < 2 {
             return Ok((0.0, None));
         }
         let b = &self.backend;
         let d = self.config.n_latent;
-        let mut grads: Vec<Pair<Buf<T, B>>> = plan.cells.iter().map(|c| Ok((b.tensor(c.len(), d)?, b.tensor(c.len(), d)?))).collect::<Result<_>>()?;
+        let mut grads: Vec<Pair<Buf<T, B>>> = plan
+            .cells
+            .iter()
+            .map(|c| Ok((b.tensor(c.len(), d)?, b.tensor(c.len(), d)?)))
+            .collect::<Result<_>>()?;
         // Each cell's row within each expert's rows.
-        let position: Vec<Vec<usize>> = plan.cells.iter().map(|c| c.iter().enumerate().fold(vec![usize::MAX; plan.n], |mut at, (k, &r)| {
-            at[r] = k;
-            at
-        })).collect();
+        let position: Vec<Vec<usize>> = plan
+            .cells
+            .iter()
+            .map(|c| {
+                c.iter()
+                    .enumerate()
+                    .fold(vec![usize::MAX; plan.n], |mut at, (k, &r)| {
+                        at[r] = k;
+                        at
+                    })
+            })
+            .collect();
         let gather = |x: &Tensor<Buf<T, B>>, rows: &[usize]| -> Result<Tensor<Buf<T, B>>> {
             let mut t = b.tensor(rows.len(), d)?;
             b.gather_rows(x.input(), rows, d, t.output())?;
@@ -848,26 +1356,62 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let mut total = 0.0;
         for i in 0..enc.len() {
             for j in i + 1..enc.len() {
-                let both: Vec<usize> = (0..plan.n).filter(|&r| plan.present[i][r] && plan.present[j][r]).collect();
+                let both: Vec<usize> = (0..plan.n)
+                    .filter(|&r| plan.present[i][r] && plan.present[j][r])
+                    .collect();
                 if both.is_empty() {
                     continue;
                 }
-                let (rows_i, rows_j): (Vec<usize>, Vec<usize>) = both.iter().map(|&r| (position[i][r], position[j][r])).unzip();
-                let (m1, lv1) = (gather(enc[i].mean.output(), &rows_i)?, gather(enc[i].logvar.output(), &rows_i)?);
-                let (m2, lv2) = (gather(enc[j].mean.output(), &rows_j)?, gather(enc[j].logvar.output(), &rows_j)?);
+                let (rows_i, rows_j): (Vec<usize>, Vec<usize>) = both
+                    .iter()
+                    .map(|&r| (position[i][r], position[j][r]))
+                    .unzip();
+                let (m1, lv1) = (
+                    gather(enc[i].mean.output(), &rows_i)?,
+                    gather(enc[i].logvar.output(), &rows_i)?,
+                );
+                let (m2, lv2) = (
+                    gather(enc[j].mean.output(), &rows_j)?,
+                    gather(enc[j].logvar.output(), &rows_j)?,
+                );
                 let weights = b.upload(&vec![T::of(weight / plan.n as f64); both.len()])?;
                 let mut value = b.zeros(both.len())?;
-                let mut g: Vec<Tensor<Buf<T, B>>> = (0..4).map(|_| b.tensor(both.len(), d)).collect::<Result<_>>()?;
+                let mut g: Vec<Tensor<Buf<T, B>>> = (0..4)
+                    .map(|_| b.tensor(both.len(), d))
+                    .collect::<Result<_>>()?;
                 {
-                    let [g0, g1, g2, g3] = &mut g[..] else { unreachable!("four gradients") };
-                    b.jeffreys(m1.input(), lv1.input(), m2.input(), lv2.input(), d, In::all(&weights), Out::all(&mut value), [g0.output(), g1.output(), g2.output(), g3.output()])?;
+                    let [g0, g1, g2, g3] = &mut g[..] else {
+                        unreachable!("four gradients")
+                    };
+                    b.jeffreys(
+                        m1.input(),
+                        lv1.input(),
+                        m2.input(),
+                        lv2.input(),
+                        d,
+                        In::all(&weights),
+                        Out::all(&mut value),
+                        [g0.output(), g1.output(), g2.output(), g3.output()],
+                    )?;
                 }
-                total += b.download(In::all(&value))?.iter().map(|v| v.f64()).sum::<f64>() * weight / plan.n as f64;
-                for (expert, rows, (dm, dlv)) in [(i, &rows_i, (&g[0], &g[1])), (j, &rows_j, (&g[2], &g[3]))] {
+                total += b
+                    .download(In::all(&value))?
+                    .iter()
+                    .map(|v| v.f64())
+                    .sum::<f64>()
+                    * weight
+                    / plan.n as f64;
+                for (expert, rows, (dm, dlv)) in
+                    [(i, &rows_i, (&g[0], &g[1])), (j, &rows_j, (&g[2], &g[3]))]
+                {
                     for (source, target) in [(dm, 0), (dlv, 1)] {
                         let mut scattered = b.tensor(plan.cells[expert].len(), d)?;
                         b.scatter_add_rows(source.input(), rows, d, scattered.output())?;
-                        let t = if target == 0 { &mut grads[expert].0 } else { &mut grads[expert].1 };
+                        let t = if target == 0 {
+                            &mut grads[expert].0
+                        } else {
+                            &mut grads[expert].1
+                        };
                         b.axpy(T::one(), scattered.input(), t.output())?;
                     }
                 }
@@ -879,7 +1423,12 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     /// Multigrate's integration loss: weight × Σ over pairs of batches of the squared MMD
     /// between their latent samples, and its gradient with respect to `zs` (None when off or
     /// when the batch holds fewer than two batches). `cells[i]` is the cell of sample i.
-    fn batch_mmd(&self, zs: &Tensor<Buf<T, B>>, cells: &[usize], covariates: &[T]) -> Result<Penalty<Buf<T, B>>> {
+    fn batch_mmd(
+        &self,
+        zs: &Tensor<Buf<T, B>>,
+        cells: &[usize],
+        covariates: &[T],
+    ) -> Result<Penalty<Buf<T, B>>> {
         let weight = self.config.mmd_batch_weight;
         if weight == 0.0 || self.n_batch < 2 {
             return Ok((0.0, None));
@@ -904,12 +1453,23 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 Ok(t)
             })
             .collect::<Result<_>>()?;
-        let mut grads: Vec<Tensor<Buf<T, B>>> = groups.iter().map(|g| b.tensor(g.len(), d)).collect::<Result<_>>()?;
+        let mut grads: Vec<Tensor<Buf<T, B>>> = groups
+            .iter()
+            .map(|g| b.tensor(g.len(), d))
+            .collect::<Result<_>>()?;
         let mut total = 0.0;
         for i in 0..groups.len() {
             for j in i + 1..groups.len() {
-                let (mut dx, mut dy) = (b.tensor(groups[i].len(), d)?, b.tensor(groups[j].len(), d)?);
-                total += b.mmd_rbf(gathered[i].input(), gathered[j].input(), d, &self.config.mmd_bandwidths, dx.output(), dy.output())?;
+                let (mut dx, mut dy) =
+                    (b.tensor(groups[i].len(), d)?, b.tensor(groups[j].len(), d)?);
+                total += b.mmd_rbf(
+                    gathered[i].input(),
+                    gathered[j].input(),
+                    d,
+                    &self.config.mmd_bandwidths,
+                    dx.output(),
+                    dy.output(),
+                )?;
                 b.axpy(T::of(weight), dx.input(), grads[i].output())?;
                 b.axpy(T::of(weight), dy.input(), grads[j].output())?;
             }
@@ -926,9 +1486,26 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     fn backward(&mut self, f: Forward<Buf<T, B>, B::Csr>, mode: Mode) -> Result<()> {
         let b = self.backend.clone();
         let d = self.config.n_latent;
-        let p = Weights { layout: &self.layout, values: &self.values };
-        let mut grads = Slots { layout: &self.layout, buf: &mut self.grads, needed: self.trained.as_deref() };
-        let Forward { enc, latent, cells, zs, dec, dzs_regularization, dexperts, heads, cycle } = f;
+        let p = Weights {
+            layout: &self.layout,
+            values: &self.values,
+        };
+        let mut grads = Slots {
+            layout: &self.layout,
+            buf: &mut self.grads,
+            needed: self.trained.as_deref(),
+        };
+        let Forward {
+            enc,
+            latent,
+            cells,
+            zs,
+            dec,
+            dzs_regularization,
+            dexperts,
+            heads,
+            cycle,
+        } = f;
 
         // The cycle passes go through decoders and encoders that the main pass's backward then
         // overwrites (one writer per gradient): their gradients are taken first, from zero, kept
@@ -938,11 +1515,20 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         if !cycle.is_empty() {
             b.scale(Out::all(grads.buf), T::zero())?;
             let mut dz = b.tensor(zs.rows, d)?;
-            for CyclePass { modality, decoded, encoded, dmean } in cycle {
+            for CyclePass {
+                modality,
+                decoded,
+                encoded,
+                dmean,
+            } in cycle
+            {
                 b.axpy(T::zero() - T::one(), dmean.input(), dz.output())?;
                 let dlv = b.tensor(zs.rows, d)?;
-                let dx = self.encoders[modality].backward(&b, &p, &mut grads, &encoded, dmean, dlv, mode)?.expect("a log1p-space input has a gradient");
-                let dz_decoder = self.decoders[modality].cycle_backward(&b, &p, &mut grads, &zs, decoded, dx, mode)?;
+                let dx = self.encoders[modality]
+                    .backward(&b, &p, &mut grads, &encoded, dmean, dlv, mode)?
+                    .expect("a log1p-space input has a gradient");
+                let dz_decoder = self.decoders[modality]
+                    .cycle_backward(&b, &p, &mut grads, &zs, decoded, dx, mode)?;
                 b.axpy(T::one(), dz_decoder.input(), dz.output())?;
             }
             let mut kept = b.zeros(self.layout.len())?;
@@ -978,9 +1564,24 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             Latent::Mixture { .. } => 0,
         };
         let expert_grads: Vec<Pair<Buf<T, B>>> = match latent {
-            Latent::Joint { means, logvars, masks, m, lv, eps, dm_kl, dlv_kl } => {
+            Latent::Joint {
+                means,
+                logvars,
+                masks,
+                m,
+                lv,
+                eps,
+                dm_kl,
+                dlv_kl,
+            } => {
                 let (mut dm, mut dlv) = (b.tensor(n, d)?, b.tensor(n, d)?);
-                b.reparameterize_backward(lv.input(), eps.input(), dzs.input(), dm.output(), dlv.output())?;
+                b.reparameterize_backward(
+                    lv.input(),
+                    eps.input(),
+                    dzs.input(),
+                    dm.output(),
+                    dlv.output(),
+                )?;
                 b.axpy(T::one(), dm_kl.input(), dm.output())?;
                 b.axpy(T::one(), dlv_kl.input(), dlv.output())?;
                 if let Some(t) = &dmean {
@@ -988,18 +1589,40 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 }
                 let full: Vec<Pair<Buf<T, B>>> = match masks {
                     Some(masks) => {
-                        let mut dms: Vec<Tensor<Buf<T, B>>> = means.iter().map(|_| b.tensor(n, d)).collect::<Result<_>>()?;
-                        let mut dlvs: Vec<Tensor<Buf<T, B>>> = means.iter().map(|_| b.tensor(n, d)).collect::<Result<_>>()?;
+                        let mut dms: Vec<Tensor<Buf<T, B>>> = means
+                            .iter()
+                            .map(|_| b.tensor(n, d))
+                            .collect::<Result<_>>()?;
+                        let mut dlvs: Vec<Tensor<Buf<T, B>>> = means
+                            .iter()
+                            .map(|_| b.tensor(n, d))
+                            .collect::<Result<_>>()?;
                         {
                             let masks: Vec<In<'_, Buf<T, B>>> = masks.iter().map(In::all).collect();
-                            let mut dm_outs: Vec<Out<'_, Buf<T, B>>> = dms.iter_mut().map(Tensor::output).collect();
-                            let mut dlv_outs: Vec<Out<'_, Buf<T, B>>> = dlvs.iter_mut().map(Tensor::output).collect();
-                            b.poe_backward(&inputs(&means), &inputs(&logvars), &masks, d, m.input(), lv.input(), dm.input(), dlv.input(), &mut dm_outs, &mut dlv_outs)?;
+                            let mut dm_outs: Vec<Out<'_, Buf<T, B>>> =
+                                dms.iter_mut().map(Tensor::output).collect();
+                            let mut dlv_outs: Vec<Out<'_, Buf<T, B>>> =
+                                dlvs.iter_mut().map(Tensor::output).collect();
+                            b.poe_backward(
+                                &inputs(&means),
+                                &inputs(&logvars),
+                                &masks,
+                                d,
+                                m.input(),
+                                lv.input(),
+                                dm.input(),
+                                dlv.input(),
+                                &mut dm_outs,
+                                &mut dlv_outs,
+                            )?;
                         }
                         dms.into_iter().zip(dlvs).collect()
                     }
                     // Concat: every expert's head output adds into the joint.
-                    None => means.iter().map(|_| Ok((copy_of(&b, &dm)?, copy_of(&b, &dlv)?))).collect::<Result<_>>()?,
+                    None => means
+                        .iter()
+                        .map(|_| Ok((copy_of(&b, &dm)?, copy_of(&b, &dlv)?)))
+                        .collect::<Result<_>>()?,
                 };
                 let pick = |t: Tensor<Buf<T, B>>, cells: &[usize]| -> Result<Tensor<Buf<T, B>>> {
                     if cells.len() == n {
@@ -1009,36 +1632,53 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                     b.gather_rows(t.input(), cells, d, out.output())?;
                     Ok(out)
                 };
-                full.into_iter().zip(&cells).map(|((dm, dlv), c)| Ok((pick(dm, c)?, pick(dlv, c)?))).collect::<Result<_>>()?
+                full.into_iter()
+                    .zip(&cells)
+                    .map(|((dm, dlv), c)| Ok((pick(dm, c)?, pick(dlv, c)?)))
+                    .collect::<Result<_>>()?
             }
-            Latent::Mixture { eps, offsets, dm_kl, dlv_kl } => {
+            Latent::Mixture {
+                eps,
+                offsets,
+                dm_kl,
+                dlv_kl,
+            } => {
                 // The mixture's mean averages the present experts: each gets 1/k of its gradient.
                 let dmean_shared = match &dmean {
                     Some(t) => {
                         let mut shared = b.tensor(t.rows, d)?;
-                        b.scale_rows(t.input(), In::all(&inverse_present(&b, &cells, t.rows)?), shared.output())?;
+                        b.scale_rows(
+                            t.input(),
+                            In::all(&inverse_present(&b, &cells, t.rows)?),
+                            shared.output(),
+                        )?;
                         Some(shared)
                     }
                     None => None,
                 };
-                enc
-                .iter()
-                .enumerate()
-                .map(|(e, a)| {
-                    let rows = a.mean.output().rows;
-                    let (mut dm, mut dlv) = (b.tensor(rows, d)?, b.tensor(rows, d)?);
-                    let part = offsets[e] * d..(offsets[e] + rows) * d;
-                    b.reparameterize_backward(a.logvar.output().input(), eps[e].input(), In::part(&dzs.buf, part), dm.output(), dlv.output())?;
-                    b.axpy(T::one(), dm_kl[e].input(), dm.output())?;
-                    b.axpy(T::one(), dlv_kl[e].input(), dlv.output())?;
-                    if let Some(shared) = &dmean_shared {
-                        let mut mine = b.tensor(rows, d)?;
-                        b.gather_rows(shared.input(), &cells[e], d, mine.output())?;
-                        b.axpy(T::one(), mine.input(), dm.output())?;
-                    }
-                    Ok((dm, dlv))
-                })
-                .collect::<Result<_>>()?
+                enc.iter()
+                    .enumerate()
+                    .map(|(e, a)| {
+                        let rows = a.mean.output().rows;
+                        let (mut dm, mut dlv) = (b.tensor(rows, d)?, b.tensor(rows, d)?);
+                        let part = offsets[e] * d..(offsets[e] + rows) * d;
+                        b.reparameterize_backward(
+                            a.logvar.output().input(),
+                            eps[e].input(),
+                            In::part(&dzs.buf, part),
+                            dm.output(),
+                            dlv.output(),
+                        )?;
+                        b.axpy(T::one(), dm_kl[e].input(), dm.output())?;
+                        b.axpy(T::one(), dlv_kl[e].input(), dlv.output())?;
+                        if let Some(shared) = &dmean_shared {
+                            let mut mine = b.tensor(rows, d)?;
+                            b.gather_rows(shared.input(), &cells[e], d, mine.output())?;
+                            b.axpy(T::one(), mine.input(), dm.output())?;
+                        }
+                        Ok((dm, dlv))
+                    })
+                    .collect::<Result<_>>()?
             }
         };
         let expert_grads: Vec<Pair<Buf<T, B>>> = match dexperts {

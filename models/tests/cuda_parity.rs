@@ -4,12 +4,15 @@
 //! bench step --device cuda` times the same step). Without a GPU the parity test says SKIPPED;
 //! the body still runs on the CPU (twice, bit for bit), so it cannot first fail on a borrowed
 //! GPU.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use tessera_kernels::backend::{Backend, Cpu, Cuda, In};
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::layers::Mode;
-use tessera_models::{Categories, Joint, LikelihoodKind, ModalityConfig, ModalityCounts, Supervision, Survival, TrainConfig, Trainer, Vae, VaeBatch, VaeConfig};
+use tessera_models::{
+    Categories, Joint, LikelihoodKind, ModalityConfig, ModalityCounts, Supervision, Survival,
+    TrainConfig, Trainer, Vae, VaeBatch, VaeConfig,
+};
 
 const CELLS: usize = 96;
 
@@ -23,7 +26,11 @@ fn counts(genes: usize, every: usize, binary: bool) -> Counts {
         if r % 13 != 5 {
             for g in (0..genes).filter(|g| (g * 7 + r * 3) % every == 0) {
                 indices.push(g as u32);
-                data.push(if binary { 1.0 } else { ((g * 31 + r * 17) % 23) as f32 + 1.0 });
+                data.push(if binary {
+                    1.0
+                } else {
+                    ((g * 31 + r * 17) % 23) as f32 + 1.0
+                });
             }
         }
         indptr.push(data.len() as u64);
@@ -42,27 +49,109 @@ struct Run {
 /// One configuration on backend `b`: a mosaic batch (RNA everywhere, protein in two cells of
 /// three, accessibility in half) with labels, numeric targets and survival.
 fn run<B: Backend<f32>>(b: B, config: &VaeConfig, modalities: &[(&str, usize)]) -> Run {
-    let data: Vec<Counts> = modalities.iter().map(|&(name, genes)| counts(genes, if name == "protein" { 2 } else { 9 }, name == "atac")).collect();
-    let present: Vec<Vec<bool>> = modalities.iter().map(|&(name, _)| (0..CELLS).map(|r| match name { "protein" => r % 3 != 0, "atac" => r % 2 == 0, _ => true }).collect()).collect();
-    let counts: Vec<ModalityCounts<'_, f32>> = data.iter().zip(modalities).zip(&present).map(|((d, &(_, genes)), p)| ModalityCounts { counts: CsrRef { rows: CELLS, cols: genes, indptr: &d.0, indices: &d.1, data: &d.2 }, present: Some(p) }).collect();
+    let data: Vec<Counts> = modalities
+        .iter()
+        .map(|&(name, genes)| counts(genes, if name == "protein" { 2 } else { 9 }, name == "atac"))
+        .collect();
+    let present: Vec<Vec<bool>> = modalities
+        .iter()
+        .map(|&(name, _)| {
+            (0..CELLS)
+                .map(|r| match name {
+                    "protein" => r % 3 != 0,
+                    "atac" => r % 2 == 0,
+                    _ => true,
+                })
+                .collect()
+        })
+        .collect();
+    let counts: Vec<ModalityCounts<'_, f32>> = data
+        .iter()
+        .zip(modalities)
+        .zip(&present)
+        .map(|((d, &(_, genes)), p)| ModalityCounts {
+            counts: CsrRef {
+                rows: CELLS,
+                cols: genes,
+                indptr: &d.0,
+                indices: &d.1,
+                data: &d.2,
+            },
+            present: Some(p),
+        })
+        .collect();
     // Batch one-hot (3 batches) then one more covariate.
-    let cov: Vec<f32> = (0..CELLS).flat_map(|r| [(r % 3 == 0) as u8, (r % 3 == 1) as u8, (r % 3 == 2) as u8, (r % 5 == 0) as u8].map(f32::from)).collect();
-    let labels: Vec<i32> = (0..CELLS as i32).map(|r| if r % 11 == 0 { -1 } else { r % 4 }).collect();
-    let targets: Vec<f64> = (0..CELLS * config.regression_keys.len()).map(|i| if i % 7 == 3 { f64::NAN } else { (i as f64 * 0.3).sin() }).collect();
+    let cov: Vec<f32> = (0..CELLS)
+        .flat_map(|r| {
+            [
+                (r % 3 == 0) as u8,
+                (r % 3 == 1) as u8,
+                (r % 3 == 2) as u8,
+                (r % 5 == 0) as u8,
+            ]
+            .map(f32::from)
+        })
+        .collect();
+    let labels: Vec<i32> = (0..CELLS as i32)
+        .map(|r| if r % 11 == 0 { -1 } else { r % 4 })
+        .collect();
+    let targets: Vec<f64> = (0..CELLS * config.regression_keys.len())
+        .map(|i| {
+            if i % 7 == 3 {
+                f64::NAN
+            } else {
+                (i as f64 * 0.3).sin()
+            }
+        })
+        .collect();
     let times: Vec<f64> = (0..CELLS).map(|r| ((r * 37) % 50) as f64 + 1.0).collect();
     let events: Vec<bool> = (0..CELLS).map(|r| r % 4 != 0).collect();
-    let supervision = Supervision { labels: Some(&labels), targets: Some(&targets), survival: Some(Survival { times: &times, events: &events }) };
+    let supervision = Supervision {
+        labels: Some(&labels),
+        targets: Some(&targets),
+        survival: Some(Survival {
+            times: &times,
+            events: &events,
+        }),
+    };
     let batch = || VaeBatch::new(&counts, &cov).with_supervision(supervision);
-    let model = Vae::<f32, B>::new(b, config.clone(), modalities, Categories { n_batch: 3, n_cov: 4, n_labels: 4 }, 7).unwrap();
+    let model = Vae::<f32, B>::new(
+        b,
+        config.clone(),
+        modalities,
+        Categories {
+            n_batch: 3,
+            n_cov: 4,
+            n_labels: 4,
+        },
+        7,
+    )
+    .unwrap();
     let mut trainer = Trainer::new(model, TrainConfig::default()).unwrap();
-    let t = trainer.model.loss_and_grad(batch(), 0.8, Mode::Train { seed: 3, step: 1 }).unwrap();
-    let grads = trainer.model.backend().download(In::all(&trainer.model.grads)).unwrap();
+    let t = trainer
+        .model
+        .loss_and_grad(batch(), 0.8, Mode::Train { seed: 3, step: 1 })
+        .unwrap();
+    let grads = trainer
+        .model
+        .backend()
+        .download(In::all(&trainer.model.grads))
+        .unwrap();
     for _ in 0..3 {
         trainer.step(batch(), 5).unwrap();
     }
-    let stepped = trainer.model.backend().download(In::all(&trainer.model.values)).unwrap();
+    let stepped = trainer
+        .model
+        .backend()
+        .download(In::all(&trainer.model.values))
+        .unwrap();
     let latent = trainer.model.latent_mean(batch()).unwrap();
-    Run { terms: vec![t.loss, t.reconstruction, t.kl, t.regularization], grads, stepped, latent }
+    Run {
+        terms: vec![t.loss, t.reconstruction, t.kl, t.regularization],
+        grads,
+        stepped,
+        latent,
+    }
 }
 
 /// The configurations compared: scVI's defaults at 2,000 genes, and the mosaic model with every
@@ -70,13 +159,24 @@ fn run<B: Backend<f32>>(b: B, config: &VaeConfig, modalities: &[(&str, usize)]) 
 type Modalities = Vec<(&'static str, usize)>;
 
 fn configs() -> Vec<(String, VaeConfig, Modalities)> {
-    let mut out = vec![("scVI defaults".to_string(), VaeConfig::default(), vec![("rna", 2000)])];
+    let mut out = vec![(
+        "scVI defaults".to_string(),
+        VaeConfig::default(),
+        vec![("rna", 2000)],
+    )];
     for joint in [Joint::Poe, Joint::Moe, Joint::Concat] {
         let config = VaeConfig {
             joint,
             n_hidden: 64,
             n_latent: 8,
-            modalities: [("protein".to_string(), ModalityConfig { likelihood: Some(LikelihoodKind::NbMixture), dispersion: None })].into(),
+            modalities: [(
+                "protein".to_string(),
+                ModalityConfig {
+                    likelihood: Some(LikelihoodKind::NbMixture),
+                    dispersion: None,
+                },
+            )]
+            .into(),
             mmd_batch_weight: 1.0,
             jeffreys_weight: 0.5,
             adversarial_batch_weight: 0.5,
@@ -88,7 +188,11 @@ fn configs() -> Vec<(String, VaeConfig, Modalities)> {
             cycle_weight: 0.2,
             ..VaeConfig::default()
         };
-        out.push((format!("mosaic {joint:?}"), config, vec![("rna", 300), ("protein", 20), ("atac", 200)]));
+        out.push((
+            format!("mosaic {joint:?}"),
+            config,
+            vec![("rna", 300), ("protein", 20), ("atac", 200)],
+        ));
     }
     out
 }
@@ -99,7 +203,10 @@ fn assert_near(what: &str, a: &[f32], b: &[f32], tol: f32) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
     let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= tol * scale, "{what}[{i}]: {x} vs {y} (scale {scale})");
+        assert!(
+            (x - y).abs() <= tol * scale,
+            "{what}[{i}]: {x} vs {y} (scale {scale})"
+        );
     }
 }
 
@@ -113,22 +220,52 @@ fn models_on_cuda_match_the_cpu() {
         }
     };
     for (what, config, modalities) in configs() {
-        let (cpu, cuda) = (run(Cpu, &config, &modalities), run(gpu.clone(), &config, &modalities));
+        let (cpu, cuda) = (
+            run(Cpu, &config, &modalities),
+            run(gpu.clone(), &config, &modalities),
+        );
         for (k, (g, c)) in cuda.terms.iter().zip(&cpu.terms).enumerate() {
-            assert!((g - c).abs() <= 1e-3 * (1.0 + c.abs()), "{what}: loss term {k}: cuda {g} vs cpu {c}");
+            assert!(
+                (g - c).abs() <= 1e-3 * (1.0 + c.abs()),
+                "{what}: loss term {k}: cuda {g} vs cpu {c}"
+            );
         }
         assert_near(&format!("{what}: gradients"), &cuda.grads, &cpu.grads, 1e-3);
-        assert_near(&format!("{what}: parameters after 3 steps"), &cuda.stepped, &cpu.stepped, 1e-3);
-        assert_near(&format!("{what}: latent means"), &cuda.latent, &cpu.latent, 1e-2);
+        assert_near(
+            &format!("{what}: parameters after 3 steps"),
+            &cuda.stepped,
+            &cpu.stepped,
+            1e-3,
+        );
+        assert_near(
+            &format!("{what}: latent means"),
+            &cuda.latent,
+            &cpu.latent,
+            1e-2,
+        );
     }
 }
 
 #[test]
 fn the_parity_body_runs_on_the_cpu_and_repeats_bit_for_bit() {
     for (what, config, modalities) in configs() {
-        let (a, b) = (run(Cpu, &config, &modalities), run(Cpu, &config, &modalities));
-        assert!(a.terms.iter().all(|t| t.is_finite()) && a.terms[3] > 0.0 || what == "scVI defaults", "{what}: {:?}", a.terms);
-        assert!(a.grads.iter().any(|g| *g != 0.0) && a.stepped.iter().all(|v| v.is_finite()), "{what}");
-        assert_eq!((a.terms, a.grads, a.stepped, a.latent), (b.terms, b.grads, b.stepped, b.latent), "{what}");
+        let (a, b) = (
+            run(Cpu, &config, &modalities),
+            run(Cpu, &config, &modalities),
+        );
+        assert!(
+            a.terms.iter().all(|t| t.is_finite()) && a.terms[3] > 0.0 || what == "scVI defaults",
+            "{what}: {:?}",
+            a.terms
+        );
+        assert!(
+            a.grads.iter().any(|g| *g != 0.0) && a.stepped.iter().all(|v| v.is_finite()),
+            "{what}"
+        );
+        assert_eq!(
+            (a.terms, a.grads, a.stepped, a.latent),
+            (b.terms, b.grads, b.stepped, b.latent),
+            "{what}"
+        );
     }
 }

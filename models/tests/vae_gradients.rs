@@ -1,12 +1,15 @@
 //! Whole-model gradient checks: every likelihood, dispersion and covariate option of the VAE,
 //! in f64 on the CPU backend, against central finite differences of the same loss.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use tessera_kernels::backend::Cpu;
 use tessera_kernels::gradcheck::{check_at, spread};
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::layers::Mode;
-use tessera_models::{Categories, Dispersion, Joint, LikelihoodKind, ModalityConfig, ModalityCounts, Prior, Supervision, Survival, Vae, VaeBatch, VaeConfig};
+use tessera_models::{
+    Categories, Dispersion, Joint, LikelihoodKind, ModalityConfig, ModalityCounts, Prior,
+    Supervision, Survival, Vae, VaeBatch, VaeConfig,
+};
 
 /// Counts for `n` cells x `g` genes with an all-zero cell, as CSR.
 fn counts(n: usize, g: usize, binary: bool) -> (Vec<u64>, Vec<u32>, Vec<f64>) {
@@ -27,18 +30,39 @@ fn counts(n: usize, g: usize, binary: bool) -> (Vec<u64>, Vec<u32>, Vec<f64>) {
 }
 
 /// Two batches, one more covariate column, three label categories.
-const CATEGORIES: Categories = Categories { n_batch: 2, n_cov: 3, n_labels: 3 };
+const CATEGORIES: Categories = Categories {
+    n_batch: 2,
+    n_cov: 3,
+    n_labels: 3,
+};
 
 /// Batch one-hot (2 batches) then a second covariate (1 column).
 fn covariates(n: usize) -> Vec<f64> {
-    (0..n).flat_map(|r| [if r % 2 == 0 { 1.0 } else { 0.0 }, if r % 2 == 1 { 1.0 } else { 0.0 }, if r % 3 == 0 { 1.0 } else { 0.0 }]).collect()
+    (0..n)
+        .flat_map(|r| {
+            [
+                if r % 2 == 0 { 1.0 } else { 0.0 },
+                if r % 2 == 1 { 1.0 } else { 0.0 },
+                if r % 3 == 0 { 1.0 } else { 0.0 },
+            ]
+        })
+        .collect()
 }
 
 fn check_model(config: VaeConfig) {
     let (n, g) = (6, 7);
     let (indptr, indices, data) = counts(n, g, config.likelihood == LikelihoodKind::Bernoulli);
     let cov = covariates(n);
-    let modalities = [ModalityCounts { counts: CsrRef { rows: n, cols: g, indptr: &indptr, indices: &indices, data: &data }, present: None }];
+    let modalities = [ModalityCounts {
+        counts: CsrRef {
+            rows: n,
+            cols: g,
+            indptr: &indptr,
+            indices: &indices,
+            data: &data,
+        },
+        present: None,
+    }];
     let batch = VaeBatch::new(&modalities, &cov);
     let model = Vae::<f64, Cpu>::new(Cpu, config.clone(), &[("rna", g)], CATEGORIES, 11).unwrap();
     check_gradients(model, batch, &format!("{config:?}"));
@@ -54,7 +78,10 @@ fn check_gradients(mut model: Vae<f64, Cpu>, batch: VaeBatch<'_, f64>, what: &st
     let mode = Mode::Train { seed: 5, step: 3 };
     let kl_weight = 0.7;
     let terms = model.loss_and_grad(batch, kl_weight, mode).unwrap();
-    assert!(terms.loss.is_finite() && terms.reconstruction > 0.0 && terms.kl >= 0.0, "{what}: {terms:?}");
+    assert!(
+        terms.loss.is_finite() && terms.reconstruction > 0.0 && terms.kl >= 0.0,
+        "{what}: {terms:?}"
+    );
     let analytic = model.grads.clone();
     let x0 = model.values.clone();
     let loss = |v: &[f64]| {
@@ -63,7 +90,15 @@ fn check_gradients(mut model: Vae<f64, Cpu>, batch: VaeBatch<'_, f64>, what: &st
     };
     let loss = std::cell::RefCell::new(loss);
     let at = spread(x0.len(), 400);
-    check_at(|v| (loss.borrow_mut())(v), &x0, &analytic, at.clone(), 1e-6, 1e-6).unwrap_or_else(|e| panic!("{what}: {e}"));
+    check_at(
+        |v| (loss.borrow_mut())(v),
+        &x0,
+        &analytic,
+        at.clone(),
+        1e-6,
+        1e-6,
+    )
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
     // Not vacuous: gradients off by 1% are caught.
     let off: Vec<f64> = analytic.iter().map(|g| g * 1.01).collect();
     assert!(check_at(|v| (loss.borrow_mut())(v), &x0, &off, at, 1e-6, 1e-6).is_err());
@@ -71,7 +106,12 @@ fn check_gradients(mut model: Vae<f64, Cpu>, batch: VaeBatch<'_, f64>, what: &st
 
 #[test]
 fn scvi_defaults_nb_gene_dispersion() {
-    check_model(VaeConfig { n_hidden: 5, n_latent: 2, n_layers: 2, ..VaeConfig::default() });
+    check_model(VaeConfig {
+        n_hidden: 5,
+        n_latent: 2,
+        n_layers: 2,
+        ..VaeConfig::default()
+    });
 }
 
 #[test]
@@ -87,28 +127,58 @@ fn every_likelihood_and_dispersion() {
         (LikelihoodKind::NbMixture, Dispersion::Gene),
         (LikelihoodKind::Nb, Dispersion::GeneBatch),
     ] {
-        check_model(VaeConfig { n_hidden: 4, n_latent: 3, n_layers: 1, likelihood, dispersion, ..VaeConfig::default() });
+        check_model(VaeConfig {
+            n_hidden: 4,
+            n_latent: 3,
+            n_layers: 1,
+            likelihood,
+            dispersion,
+            ..VaeConfig::default()
+        });
     }
 }
 
 #[test]
 fn batch_mmd_regulariser() {
-    check_model(VaeConfig { n_hidden: 4, n_latent: 2, n_layers: 1, mmd_batch_weight: 3.0, mmd_bandwidths: vec![0.5, 2.0], ..VaeConfig::default() });
+    check_model(VaeConfig {
+        n_hidden: 4,
+        n_latent: 2,
+        n_layers: 1,
+        mmd_batch_weight: 3.0,
+        mmd_bandwidths: vec![0.5, 2.0],
+        ..VaeConfig::default()
+    });
     let mosaic = Mosaic::new();
     let modalities = mosaic.modalities();
     for joint in [Joint::Poe, Joint::Moe] {
         let mut model = mosaic.model(joint);
         model.config.mmd_batch_weight = 2.0;
         let batch = VaeBatch::new(&modalities, &mosaic.cov);
-        let terms = model.loss(batch, 1.0, Mode::Train { seed: 1, step: 1 }).unwrap();
-        assert!(terms.regularization > 0.0 && (terms.loss - terms.reconstruction - terms.kl - terms.regularization).abs() < 1e-9, "{terms:?}");
+        let terms = model
+            .loss(batch, 1.0, Mode::Train { seed: 1, step: 1 })
+            .unwrap();
+        assert!(
+            terms.regularization > 0.0
+                && (terms.loss - terms.reconstruction - terms.kl - terms.regularization).abs()
+                    < 1e-9,
+            "{terms:?}"
+        );
         check_gradients(model, batch, &format!("{joint:?} + batch MMD"));
     }
 }
 
 #[test]
 fn covariates_everywhere_without_batch_norm_or_dropout() {
-    check_model(VaeConfig { n_hidden: 4, n_latent: 2, n_layers: 2, encode_covariates: true, deeply_inject_covariates: true, batch_norm: false, dropout: 0.0, ..VaeConfig::default() });
+    check_model(VaeConfig {
+        n_hidden: 4,
+        n_latent: 2,
+        n_layers: 2,
+        encode_covariates: true,
+        deeply_inject_covariates: true,
+        batch_norm: false,
+        dropout: 0.0,
+        ..VaeConfig::default()
+    });
 }
 
 #[test]
@@ -117,24 +187,63 @@ fn non_finite_input_stops_training_naming_the_step_and_term() {
     let (n, g) = (4, 5);
     let (indptr, indices, mut data) = counts(n, g, false);
     let cov = covariates(n);
-    let model = Vae::<f64, Cpu>::new(Cpu, VaeConfig { n_hidden: 4, n_latent: 2, ..VaeConfig::default() }, &[("rna", g)], CATEGORIES, 1).unwrap();
+    let model = Vae::<f64, Cpu>::new(
+        Cpu,
+        VaeConfig {
+            n_hidden: 4,
+            n_latent: 2,
+            ..VaeConfig::default()
+        },
+        &[("rna", g)],
+        CATEGORIES,
+        1,
+    )
+    .unwrap();
     let mut trainer = Trainer::new(model, TrainConfig::default()).unwrap();
-    let modalities = [ModalityCounts { counts: CsrRef { rows: n, cols: g, indptr: &indptr, indices: &indices, data: &data }, present: None }];
+    let modalities = [ModalityCounts {
+        counts: CsrRef {
+            rows: n,
+            cols: g,
+            indptr: &indptr,
+            indices: &indices,
+            data: &data,
+        },
+        present: None,
+    }];
     trainer.step(VaeBatch::new(&modalities, &cov), 0).unwrap();
     let before = trainer.model.values.clone();
     data[0] = f64::NAN;
-    let modalities = [ModalityCounts { counts: CsrRef { rows: n, cols: g, indptr: &indptr, indices: &indices, data: &data }, present: None }];
+    let modalities = [ModalityCounts {
+        counts: CsrRef {
+            rows: n,
+            cols: g,
+            indptr: &indptr,
+            indices: &indices,
+            data: &data,
+        },
+        present: None,
+    }];
     match trainer.step(VaeBatch::new(&modalities, &cov), 0) {
         Err(TrainError::NonFinite { step: 2, term, .. }) => assert_eq!(term, "reconstruction loss"),
         other => panic!("expected a non-finite error at step 2, got {other:?}"),
     }
-    assert_eq!(trainer.model.values, before, "a failed step changes no parameter");
+    assert_eq!(
+        trainer.model.values, before,
+        "a failed step changes no parameter"
+    );
     assert_eq!(trainer.step, 1);
 }
 
 #[test]
 fn early_stopping_watches_the_unweighted_elbo() {
-    let t = tessera_models::LossTerms { reconstruction: 100.0, kl: 20.0, regularization: 3.0, supervised: 1.0, loss: 109.0, cells: 8 };
+    let t = tessera_models::LossTerms {
+        reconstruction: 100.0,
+        kl: 20.0,
+        regularization: 3.0,
+        supervised: 1.0,
+        loss: 109.0,
+        cells: 8,
+    };
     assert_eq!(t.negative_elbo(), 120.0);
 }
 
@@ -157,22 +266,68 @@ impl Mosaic {
         let (rna_p, rna_i, rna_d) = counts(n, 7, false);
         let (prot_p, prot_i, prot_d) = counts(n, 4, false);
         let (atac_p, atac_i, atac_d) = counts(n, 5, true);
-        let present = vec![vec![true; n], [0, 2, 3, 5].iter().fold(vec![false; n], |mut v, &r| { v[r] = true; v }), [1, 2, 4, 5, 6].iter().fold(vec![false; n], |mut v, &r| { v[r] = true; v })];
-        Mosaic { counts: vec![(rna_p, rna_i, rna_d, 7), (prot_p, prot_i, prot_d, 4), (atac_p, atac_i, atac_d, 5)], present, cov: covariates(n) }
+        let present = vec![
+            vec![true; n],
+            [0, 2, 3, 5].iter().fold(vec![false; n], |mut v, &r| {
+                v[r] = true;
+                v
+            }),
+            [1, 2, 4, 5, 6].iter().fold(vec![false; n], |mut v, &r| {
+                v[r] = true;
+                v
+            }),
+        ];
+        Mosaic {
+            counts: vec![
+                (rna_p, rna_i, rna_d, 7),
+                (prot_p, prot_i, prot_d, 4),
+                (atac_p, atac_i, atac_d, 5),
+            ],
+            present,
+            cov: covariates(n),
+        }
     }
 
     fn modalities(&self) -> Vec<ModalityCounts<'_, f64>> {
-        self.counts.iter().zip(&self.present).map(|((p, i, d, g), present)| ModalityCounts { counts: CsrRef { rows: MOSAIC_CELLS, cols: *g, indptr: p, indices: i, data: d }, present: Some(present) }).collect()
+        self.counts
+            .iter()
+            .zip(&self.present)
+            .map(|((p, i, d, g), present)| ModalityCounts {
+                counts: CsrRef {
+                    rows: MOSAIC_CELLS,
+                    cols: *g,
+                    indptr: p,
+                    indices: i,
+                    data: d,
+                },
+                present: Some(present),
+            })
+            .collect()
     }
 
     fn model(&self, joint: Joint) -> Vae<f64, Cpu> {
-        self.model_with(VaeConfig { joint, ..VaeConfig::default() })
+        self.model_with(VaeConfig {
+            joint,
+            ..VaeConfig::default()
+        })
     }
 
     /// A model of the three modalities with `config`'s options at test sizes.
     fn model_with(&self, config: VaeConfig) -> Vae<f64, Cpu> {
-        let config = VaeConfig { n_hidden: 4, n_latent: 3, n_layers: 1, ..config };
-        Vae::<f64, Cpu>::new(Cpu, config, &[("rna", 7), ("protein", 4), ("atac", 5)], CATEGORIES, 17).unwrap()
+        let config = VaeConfig {
+            n_hidden: 4,
+            n_latent: 3,
+            n_layers: 1,
+            ..config
+        };
+        Vae::<f64, Cpu>::new(
+            Cpu,
+            config,
+            &[("rna", 7), ("protein", 4), ("atac", 5)],
+            CATEGORIES,
+            17,
+        )
+        .unwrap()
     }
 
     /// The same batch with every absent cell's counts replaced by large garbage.
@@ -199,7 +354,11 @@ impl Mosaic {
                 (indptr, indices, data, *g)
             })
             .collect();
-        Mosaic { counts, present: self.present.clone(), cov: self.cov.clone() }
+        Mosaic {
+            counts,
+            present: self.present.clone(),
+            cov: self.cov.clone(),
+        }
     }
 }
 
@@ -207,9 +366,25 @@ impl Mosaic {
 fn multimodal_gradients_for_every_joint_posterior() {
     let mosaic = Mosaic::new();
     let modalities = mosaic.modalities();
-    assert_eq!(mosaic.model(Joint::Poe).modalities.iter().map(|m| m.likelihood).collect::<Vec<_>>(), [LikelihoodKind::Nb, LikelihoodKind::NbMixture, LikelihoodKind::Bernoulli]);
+    assert_eq!(
+        mosaic
+            .model(Joint::Poe)
+            .modalities
+            .iter()
+            .map(|m| m.likelihood)
+            .collect::<Vec<_>>(),
+        [
+            LikelihoodKind::Nb,
+            LikelihoodKind::NbMixture,
+            LikelihoodKind::Bernoulli
+        ]
+    );
     for joint in [Joint::Poe, Joint::Moe, Joint::Concat] {
-        check_gradients(mosaic.model(joint), VaeBatch::new(&modalities, &mosaic.cov), &format!("{joint:?}"));
+        check_gradients(
+            mosaic.model(joint),
+            VaeBatch::new(&modalities, &mosaic.cov),
+            &format!("{joint:?}"),
+        );
     }
 }
 
@@ -225,7 +400,12 @@ fn absent_modalities_are_ignored_by_loss_gradients_and_embedding() {
             let modalities = m.modalities();
             let batch = VaeBatch::new(&modalities, &m.cov);
             let terms = model.loss_and_grad(batch, 0.5, mode).unwrap();
-            (terms, model.grads.clone(), model.latent_mean(batch).unwrap(), model.latent_and_expression(batch, 1e4).unwrap().1)
+            (
+                terms,
+                model.grads.clone(),
+                model.latent_mean(batch).unwrap(),
+                model.latent_and_expression(batch, 1e4).unwrap().1,
+            )
         };
         let (a, b) = (run(&clean), run(&garbage));
         assert_eq!(a.0, b.0, "{joint:?}: loss terms");
@@ -248,18 +428,44 @@ fn joint_posteriors_combine_experts_as_documented() {
     let single = |i: usize| {
         // Each expert alone: the same parameters, other modalities marked absent.
         let absent = vec![false; MOSAIC_CELLS];
-        let masks: Vec<&[bool]> = (0..3).map(|k| if k == i { mosaic.present[k].as_slice() } else { absent.as_slice() }).collect();
-        let mods: Vec<ModalityCounts<'_, f64>> = modalities.iter().zip(&masks).map(|(m, p)| ModalityCounts { present: Some(p), ..*m }).collect();
+        let masks: Vec<&[bool]> = (0..3)
+            .map(|k| {
+                if k == i {
+                    mosaic.present[k].as_slice()
+                } else {
+                    absent.as_slice()
+                }
+            })
+            .collect();
+        let mods: Vec<ModalityCounts<'_, f64>> = modalities
+            .iter()
+            .zip(&masks)
+            .map(|(m, p)| ModalityCounts {
+                present: Some(p),
+                ..*m
+            })
+            .collect();
         let mut model = mosaic.model(Joint::Concat);
-        model.latent_mean(VaeBatch::new(&mods, &mosaic.cov)).unwrap()
+        model
+            .latent_mean(VaeBatch::new(&mods, &mosaic.cov))
+            .unwrap()
     };
     let (rna, protein) = (single(0), single(1));
     let mut concat = mosaic.model(Joint::Concat);
     let mut moe = mosaic.model(Joint::Moe);
-    let (c, m) = (concat.latent_mean(batch).unwrap(), moe.latent_mean(batch).unwrap());
+    let (c, m) = (
+        concat.latent_mean(batch).unwrap(),
+        moe.latent_mean(batch).unwrap(),
+    );
     for k in 0..3 {
-        assert!((c[k] - (rna[k] + protein[k])).abs() < 1e-12, "concat sums the present heads");
-        assert!((m[k] - 0.5 * (rna[k] + protein[k])).abs() < 1e-12, "a mixture's mean averages its experts");
+        assert!(
+            (c[k] - (rna[k] + protein[k])).abs() < 1e-12,
+            "concat sums the present heads"
+        );
+        assert!(
+            (m[k] - 0.5 * (rna[k] + protein[k])).abs() < 1e-12,
+            "a mixture's mean averages its experts"
+        );
     }
 }
 
@@ -277,19 +483,43 @@ impl Targets {
         let n = MOSAIC_CELLS;
         Targets {
             labels: vec![0, 1, 2, -1, 0, 1, 2],
-            targets: (0..2 * n).map(|i| if i % 5 == 3 { f64::NAN } else { (i as f64 * 0.7).sin() }).collect(),
+            targets: (0..2 * n)
+                .map(|i| {
+                    if i % 5 == 3 {
+                        f64::NAN
+                    } else {
+                        (i as f64 * 0.7).sin()
+                    }
+                })
+                .collect(),
             times: vec![3.0, 1.0, f64::NAN, 5.0, 2.0, 4.0, 2.5],
             events: vec![true, false, true, true, true, false, true],
         }
     }
 
     fn supervision(&self) -> Supervision<'_> {
-        Supervision { labels: Some(&self.labels), targets: Some(&self.targets), survival: Some(Survival { times: &self.times, events: &self.events }) }
+        Supervision {
+            labels: Some(&self.labels),
+            targets: Some(&self.targets),
+            survival: Some(Survival {
+                times: &self.times,
+                events: &self.events,
+            }),
+        }
     }
 }
 
 fn supervised_config(joint: Joint) -> VaeConfig {
-    VaeConfig { joint, classifier_weight: 2.0, regression_keys: vec!["age".into(), "score".into()], regression_weight: 1.5, cox_weight: 0.8, contrastive_weight: 3.0, contrastive_margin: 0.1, ..VaeConfig::default() }
+    VaeConfig {
+        joint,
+        classifier_weight: 2.0,
+        regression_keys: vec!["age".into(), "score".into()],
+        regression_weight: 1.5,
+        cox_weight: 0.8,
+        contrastive_weight: 3.0,
+        contrastive_margin: 0.1,
+        ..VaeConfig::default()
+    }
 }
 
 #[test]
@@ -300,13 +530,35 @@ fn supervised_heads_and_contrastive_loss_on_the_latent_mean() {
     for joint in [Joint::Poe, Joint::Moe, Joint::Concat] {
         let batch = VaeBatch::new(&modalities, &mosaic.cov).with_supervision(targets.supervision());
         let mut model = mosaic.model_with(supervised_config(joint));
-        let terms = model.loss(batch, 1.0, Mode::Train { seed: 1, step: 1 }).unwrap();
-        assert!(terms.supervised > 0.0 && terms.regularization > 0.0, "{joint:?}: {terms:?}");
-        assert!((terms.loss - terms.reconstruction - terms.kl - terms.regularization - terms.supervised).abs() < 1e-9);
+        let terms = model
+            .loss(batch, 1.0, Mode::Train { seed: 1, step: 1 })
+            .unwrap();
+        assert!(
+            terms.supervised > 0.0 && terms.regularization > 0.0,
+            "{joint:?}: {terms:?}"
+        );
+        assert!(
+            (terms.loss
+                - terms.reconstruction
+                - terms.kl
+                - terms.regularization
+                - terms.supervised)
+                .abs()
+                < 1e-9
+        );
         // The heads see only the latent: the unsupervised terms are those of the same model
         // without supervision.
-        let plain = model.loss(VaeBatch::new(&modalities, &mosaic.cov), 1.0, Mode::Train { seed: 1, step: 1 }).unwrap();
-        assert_eq!((plain.reconstruction, plain.kl), (terms.reconstruction, terms.kl));
+        let plain = model
+            .loss(
+                VaeBatch::new(&modalities, &mosaic.cov),
+                1.0,
+                Mode::Train { seed: 1, step: 1 },
+            )
+            .unwrap();
+        assert_eq!(
+            (plain.reconstruction, plain.kl),
+            (terms.reconstruction, terms.kl)
+        );
         check_gradients(model, batch, &format!("{joint:?} + supervised heads"));
     }
 }
@@ -319,24 +571,55 @@ fn classifier_predicts_probabilities_per_cell() {
     let mut model = mosaic.model_with(supervised_config(Joint::Poe));
     let p = model.predict_labels(batch).unwrap().expect("a classifier");
     assert_eq!(p.len(), MOSAIC_CELLS * 3);
-    assert!(p.chunks(3).all(|row| (row.iter().sum::<f64>() - 1.0).abs() < 1e-12 && row.iter().all(|&v| v > 0.0)));
-    assert!(mosaic.model(Joint::Poe).predict_labels(batch).unwrap().is_none(), "no classifier, no predictions");
+    assert!(
+        p.chunks(3).all(
+            |row| (row.iter().sum::<f64>() - 1.0).abs() < 1e-12 && row.iter().all(|&v| v > 0.0)
+        )
+    );
+    assert!(
+        mosaic
+            .model(Joint::Poe)
+            .predict_labels(batch)
+            .unwrap()
+            .is_none(),
+        "no classifier, no predictions"
+    );
 }
 
 #[test]
 fn mmd_prior_replaces_the_kl() {
-    check_model(VaeConfig { n_hidden: 4, n_latent: 2, n_layers: 1, prior: Prior::Mmd, prior_mmd_weight: 50.0, mmd_bandwidths: vec![0.5, 2.0], ..VaeConfig::default() });
+    check_model(VaeConfig {
+        n_hidden: 4,
+        n_latent: 2,
+        n_layers: 1,
+        prior: Prior::Mmd,
+        prior_mmd_weight: 50.0,
+        mmd_bandwidths: vec![0.5, 2.0],
+        ..VaeConfig::default()
+    });
     let mosaic = Mosaic::new();
     let modalities = mosaic.modalities();
     for joint in [Joint::Poe, Joint::Moe] {
         let batch = VaeBatch::new(&modalities, &mosaic.cov);
-        let mut model = mosaic.model_with(VaeConfig { joint, prior: Prior::Mmd, ..VaeConfig::default() });
+        let mut model = mosaic.model_with(VaeConfig {
+            joint,
+            prior: Prior::Mmd,
+            ..VaeConfig::default()
+        });
         let mode = Mode::Train { seed: 1, step: 1 };
         let mmd = model.loss(batch, 0.5, mode).unwrap();
         let mut kl_model = mosaic.model(joint);
         let kl = kl_model.loss(batch, 0.5, mode).unwrap();
-        assert_eq!(mmd.reconstruction, kl.reconstruction, "{joint:?}: same samples decoded");
-        assert!(mmd.kl > 0.0 && mmd.kl != kl.kl && (mmd.loss - mmd.reconstruction - 0.5 * mmd.kl).abs() < 1e-9, "{joint:?}: {mmd:?}");
+        assert_eq!(
+            mmd.reconstruction, kl.reconstruction,
+            "{joint:?}: same samples decoded"
+        );
+        assert!(
+            mmd.kl > 0.0
+                && mmd.kl != kl.kl
+                && (mmd.loss - mmd.reconstruction - 0.5 * mmd.kl).abs() < 1e-9,
+            "{joint:?}: {mmd:?}"
+        );
         check_gradients(model, batch, &format!("{joint:?} + MMD prior"));
     }
 }
@@ -347,16 +630,48 @@ fn jeffreys_divergence_between_modality_posteriors() {
     let modalities = mosaic.modalities();
     let batch = VaeBatch::new(&modalities, &mosaic.cov);
     for joint in [Joint::Poe, Joint::Moe, Joint::Concat] {
-        let mut model = mosaic.model_with(VaeConfig { joint, jeffreys_weight: 2.0, ..VaeConfig::default() });
-        let terms = model.loss(batch, 1.0, Mode::Train { seed: 1, step: 1 }).unwrap();
+        let mut model = mosaic.model_with(VaeConfig {
+            joint,
+            jeffreys_weight: 2.0,
+            ..VaeConfig::default()
+        });
+        let terms = model
+            .loss(batch, 1.0, Mode::Train { seed: 1, step: 1 })
+            .unwrap();
         assert!(terms.regularization > 0.0, "{joint:?}: {terms:?}");
         check_gradients(model, batch, &format!("{joint:?} + Jeffreys"));
     }
     // Cells with one modality contribute nothing: RNA alone in every cell gives 0.
     let rna_only = vec![false; MOSAIC_CELLS];
-    let mods: Vec<ModalityCounts<'_, f64>> = modalities.iter().enumerate().map(|(i, m)| if i == 0 { *m } else { ModalityCounts { present: Some(&rna_only), ..*m } }).collect();
-    let mut model = mosaic.model_with(VaeConfig { jeffreys_weight: 2.0, ..VaeConfig::default() });
-    assert_eq!(model.loss(VaeBatch::new(&mods, &mosaic.cov), 1.0, Mode::Train { seed: 1, step: 1 }).unwrap().regularization, 0.0);
+    let mods: Vec<ModalityCounts<'_, f64>> = modalities
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if i == 0 {
+                *m
+            } else {
+                ModalityCounts {
+                    present: Some(&rna_only),
+                    ..*m
+                }
+            }
+        })
+        .collect();
+    let mut model = mosaic.model_with(VaeConfig {
+        jeffreys_weight: 2.0,
+        ..VaeConfig::default()
+    });
+    assert_eq!(
+        model
+            .loss(
+                VaeBatch::new(&mods, &mosaic.cov),
+                1.0,
+                Mode::Train { seed: 1, step: 1 }
+            )
+            .unwrap()
+            .regularization,
+        0.0
+    );
 }
 
 #[test]
@@ -365,12 +680,23 @@ fn adversarial_batch_classifier_reverses_the_encoders_gradient() {
     let modalities = mosaic.modalities();
     let batch = VaeBatch::new(&modalities, &mosaic.cov);
     for joint in [Joint::Poe, Joint::Moe] {
-        let config = |reversal: f64| VaeConfig { joint, adversarial_batch_weight: 1.5, adversarial_reversal: reversal, ..VaeConfig::default() };
+        let config = |reversal: f64| VaeConfig {
+            joint,
+            adversarial_batch_weight: 1.5,
+            adversarial_reversal: reversal,
+            ..VaeConfig::default()
+        };
         // λ = -1 is plain joint minimisation of the classifier's loss: an ordinary gradient.
-        check_gradients(mosaic.model_with(config(-1.0)), batch, &format!("{joint:?} + adversary without reversal"));
+        check_gradients(
+            mosaic.model_with(config(-1.0)),
+            batch,
+            &format!("{joint:?} + adversary without reversal"),
+        );
         let grads = |reversal: f64| {
             let mut model = mosaic.model_with(config(reversal));
-            let terms = model.loss_and_grad(batch, 1.0, Mode::Train { seed: 2, step: 1 }).unwrap();
+            let terms = model
+                .loss_and_grad(batch, 1.0, Mode::Train { seed: 2, step: 1 })
+                .unwrap();
             assert!(terms.regularization > 0.0);
             (model.grads.clone(), model.layout.clone())
         };
@@ -382,15 +708,31 @@ fn adversarial_batch_classifier_reverses_the_encoders_gradient() {
                 let classifier_part = g_plus[i] - g0[i];
                 // The classifier's own parameters train on its loss; everything else receives
                 // -λ times the gradient it would get from minimising that loss.
-                let expected = if adversary { g_plus[i] } else { g0[i] - 0.7 * classifier_part };
-                assert!((g_rev[i] - expected).abs() <= 1e-9 * (1.0 + expected.abs()), "{joint:?} {}: {} vs {expected}", slot.name, g_rev[i]);
+                let expected = if adversary {
+                    g_plus[i]
+                } else {
+                    g0[i] - 0.7 * classifier_part
+                };
+                assert!(
+                    (g_rev[i] - expected).abs() <= 1e-9 * (1.0 + expected.abs()),
+                    "{joint:?} {}: {} vs {expected}",
+                    slot.name,
+                    g_rev[i]
+                );
                 encoder_changed |= !adversary && classifier_part.abs() > 1e-6;
                 if slot.name.contains("decoder") {
-                    assert_eq!(classifier_part, 0.0, "{joint:?}: the adversary does not reach {}", slot.name);
+                    assert_eq!(
+                        classifier_part, 0.0,
+                        "{joint:?}: the adversary does not reach {}",
+                        slot.name
+                    );
                 }
             }
         }
-        assert!(encoder_changed, "{joint:?}: the adversary reaches the encoders");
+        assert!(
+            encoder_changed,
+            "{joint:?}: the adversary reaches the encoders"
+        );
     }
 }
 
@@ -402,16 +744,41 @@ fn a_modality_measured_in_under_two_cells_of_a_training_batch_sits_the_step_out(
     one[2] = true;
     let mode = Mode::Train { seed: 4, step: 1 };
     let run = |protein: &[bool]| {
-        let mods: Vec<ModalityCounts<'_, f64>> = modalities.iter().enumerate().map(|(i, m)| if i == 1 { ModalityCounts { present: Some(protein), ..*m } } else { *m }).collect();
+        let mods: Vec<ModalityCounts<'_, f64>> = modalities
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                if i == 1 {
+                    ModalityCounts {
+                        present: Some(protein),
+                        ..*m
+                    }
+                } else {
+                    *m
+                }
+            })
+            .collect();
         let mut model = mosaic.model(Joint::Poe);
-        let terms = model.loss_and_grad(VaeBatch::new(&mods, &mosaic.cov), 1.0, mode).unwrap();
+        let terms = model
+            .loss_and_grad(VaeBatch::new(&mods, &mosaic.cov), 1.0, mode)
+            .unwrap();
         (terms, model.grads.clone(), model.state.clone())
     };
     let (absent, lone) = (run(&none), run(&one));
     assert!(absent.0.loss.is_finite());
     assert_eq!(absent, lone, "one protein cell trains like none");
-    let protein = mosaic.model(Joint::Poe).layout.slots().iter().filter(|s| s.name.starts_with("protein.")).flat_map(|s| s.range.clone()).collect::<Vec<_>>();
-    assert!(protein.iter().all(|&i| absent.1[i] == 0.0), "an unmeasured modality's parameters get zero gradients");
+    let protein = mosaic
+        .model(Joint::Poe)
+        .layout
+        .slots()
+        .iter()
+        .filter(|s| s.name.starts_with("protein."))
+        .flat_map(|s| s.range.clone())
+        .collect::<Vec<_>>();
+    assert!(
+        protein.iter().all(|&i| absent.1[i] == 0.0),
+        "an unmeasured modality's parameters get zero gradients"
+    );
 }
 
 #[test]
@@ -419,11 +786,22 @@ fn totalvi_protein_mixture_in_the_mosaic_model() {
     let mosaic = Mosaic::new();
     let modalities = mosaic.modalities();
     let batch = VaeBatch::new(&modalities, &mosaic.cov);
-    let protein = ModalityConfig { likelihood: Some(LikelihoodKind::NbMixture), dispersion: None };
+    let protein = ModalityConfig {
+        likelihood: Some(LikelihoodKind::NbMixture),
+        dispersion: None,
+    };
     for joint in [Joint::Poe, Joint::Moe] {
-        let mut model = mosaic.model_with(VaeConfig { joint, modalities: [("protein".to_string(), protein.clone())].into(), ..VaeConfig::default() });
+        let mut model = mosaic.model_with(VaeConfig {
+            joint,
+            modalities: [("protein".to_string(), protein.clone())].into(),
+            ..VaeConfig::default()
+        });
         assert_eq!(model.modalities[1].likelihood, LikelihoodKind::NbMixture);
-        assert_eq!(model.layout.slot("protein.log_background").unwrap().shape, vec![2, 4], "one background rate per batch and protein");
+        assert_eq!(
+            model.layout.slot("protein.log_background").unwrap().shape,
+            vec![2, 4],
+            "one background rate per batch and protein"
+        );
         // The denoised protein is the expected foreground: positive, and below the foreground
         // rate (σ(−π) < 1) which is at least the background rate.
         let (_, expression) = model.latent_and_expression(batch, 1e4).unwrap();
@@ -436,17 +814,41 @@ fn totalvi_protein_mixture_in_the_mosaic_model() {
 fn per_batch_tables_without_a_batch_covariate_have_one_row() {
     let (n, g) = (6, 5);
     let (indptr, indices, data) = counts(n, g, false);
-    let modalities = [ModalityCounts { counts: CsrRef { rows: n, cols: g, indptr: &indptr, indices: &indices, data: &data }, present: None }];
+    let modalities = [ModalityCounts {
+        counts: CsrRef {
+            rows: n,
+            cols: g,
+            indptr: &indptr,
+            indices: &indices,
+            data: &data,
+        },
+        present: None,
+    }];
     let batch = VaeBatch::new(&modalities, &[]);
     for likelihood in [LikelihoodKind::NbMixture, LikelihoodKind::Nb] {
-        let config = VaeConfig { n_hidden: 4, n_latent: 2, likelihood, dispersion: Dispersion::GeneBatch, ..VaeConfig::default() };
-        let model = Vae::<f64, Cpu>::new(Cpu, config, &[("rna", g)], Categories::default(), 3).unwrap();
-        let table = if likelihood == LikelihoodKind::Nb { "log_theta" } else { "log_background" };
+        let config = VaeConfig {
+            n_hidden: 4,
+            n_latent: 2,
+            likelihood,
+            dispersion: Dispersion::GeneBatch,
+            ..VaeConfig::default()
+        };
+        let model =
+            Vae::<f64, Cpu>::new(Cpu, config, &[("rna", g)], Categories::default(), 3).unwrap();
+        let table = if likelihood == LikelihoodKind::Nb {
+            "log_theta"
+        } else {
+            "log_background"
+        };
         let slot = model.layout.slot(table).unwrap().clone();
         assert_eq!(slot.shape, vec![1, g]);
         let mut m = model;
-        m.loss_and_grad(batch, 1.0, Mode::Train { seed: 1, step: 1 }).unwrap();
-        assert!(m.grads[slot.range.clone()].iter().any(|&v| v != 0.0), "{likelihood:?}: the table learns");
+        m.loss_and_grad(batch, 1.0, Mode::Train { seed: 1, step: 1 })
+            .unwrap();
+        assert!(
+            m.grads[slot.range.clone()].iter().any(|&v| v != 0.0),
+            "{likelihood:?}: the table learns"
+        );
         check_gradients(m, batch, &format!("{likelihood:?} without batches"));
     }
 }
@@ -457,14 +859,26 @@ fn cross_modal_cycle_consistency() {
     let modalities = mosaic.modalities();
     let batch = VaeBatch::new(&modalities, &mosaic.cov);
     for joint in [Joint::Poe, Joint::Moe, Joint::Concat] {
-        let mut model = mosaic.model_with(VaeConfig { joint, cycle_weight: 1.5, ..VaeConfig::default() });
+        let mut model = mosaic.model_with(VaeConfig {
+            joint,
+            cycle_weight: 1.5,
+            ..VaeConfig::default()
+        });
         let mode = Mode::Train { seed: 1, step: 1 };
         let terms = model.loss(batch, 1.0, mode).unwrap();
         let plain = mosaic.model(joint).loss(batch, 1.0, mode).unwrap();
         assert!(terms.regularization > 0.0, "{joint:?}: {terms:?}");
-        assert_eq!((terms.reconstruction, terms.kl), (plain.reconstruction, plain.kl), "{joint:?}: the cycle adds a term only");
+        assert_eq!(
+            (terms.reconstruction, terms.kl),
+            (plain.reconstruction, plain.kl),
+            "{joint:?}: the cycle adds a term only"
+        );
         // The cycle pass leaves the BatchNorm running statistics as the main pass sets them.
-        let mut with = mosaic.model_with(VaeConfig { joint, cycle_weight: 1.5, ..VaeConfig::default() });
+        let mut with = mosaic.model_with(VaeConfig {
+            joint,
+            cycle_weight: 1.5,
+            ..VaeConfig::default()
+        });
         let mut without = mosaic.model(joint);
         with.loss_and_grad(batch, 1.0, mode).unwrap();
         without.loss_and_grad(batch, 1.0, mode).unwrap();

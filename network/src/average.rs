@@ -10,7 +10,9 @@ pub fn kernel_average(views: &[View], n: usize) -> Result<Vec<f64>, NetworkError
         let s = view.size(n);
         for (i, row) in view.affinity.chunks(s.max(1)).enumerate() {
             let out = &mut total[view.global(i) * n..(view.global(i) + 1) * n];
-            row.iter().enumerate().for_each(|(j, &v)| out[view.global(j)] += v);
+            row.iter()
+                .enumerate()
+                .for_each(|(j, &v)| out[view.global(j)] += v);
         }
         Ok(())
     })?;
@@ -31,6 +33,9 @@ mod tests {
         assert_eq!(at(0, 1), 0.2, "(0, 1) only in view 0");
         assert_eq!(at(1, 1), 0.9);
         assert_eq!(at(1, 2), 0.3);
-        assert!(matches!(kernel_average(&[], 3), Err(NetworkError::TooFewViews(0))));
+        assert!(matches!(
+            kernel_average(&[], 3),
+            Err(NetworkError::TooFewViews(0))
+        ));
     }
 }

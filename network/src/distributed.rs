@@ -16,7 +16,9 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 
 use rayon::prelude::*;
 
-use crate::snf::{NetworkError, SnfParams, SparseRows, dominate_set, normalise_rows, sparse_product_rows};
+use crate::snf::{
+    NetworkError, SnfParams, SparseRows, dominate_set, normalise_rows, sparse_product_rows,
+};
 
 /// A ring of ranks exchanging f64 messages.
 pub trait Exchange {
@@ -37,16 +39,24 @@ fn exchange_error(rank: usize, problem: String) -> NetworkError {
 
 /// Delivers `outgoing[q]` to rank q and returns `incoming[q]` from each rank q (store and
 /// forward around the ring: W − 1 shifts).
-fn all_to_all(ex: &mut impl Exchange, outgoing: Vec<Vec<f64>>) -> Result<Vec<Vec<f64>>, NetworkError> {
+fn all_to_all(
+    ex: &mut impl Exchange,
+    outgoing: Vec<Vec<f64>>,
+) -> Result<Vec<Vec<f64>>, NetworkError> {
     let (rank, world) = (ex.rank(), ex.world());
     let mut incoming = vec![Vec::new(); world];
     // In transit: (destination, source, values).
     let mut transit: Vec<(usize, usize, Vec<f64>)> = Vec::new();
     for (dest, values) in outgoing.into_iter().enumerate() {
-        if dest == rank { incoming[rank] = values } else { transit.push((dest, rank, values)) }
+        if dest == rank {
+            incoming[rank] = values
+        } else {
+            transit.push((dest, rank, values))
+        }
     }
     for _ in 1..world {
-        let mut message = Vec::with_capacity(1 + transit.iter().map(|t| t.2.len() + 3).sum::<usize>());
+        let mut message =
+            Vec::with_capacity(1 + transit.iter().map(|t| t.2.len() + 3).sum::<usize>());
         message.push(transit.len() as f64);
         for (dest, source, values) in transit.drain(..) {
             message.extend([dest as f64, source as f64, values.len() as f64]);
@@ -59,9 +69,16 @@ fn all_to_all(ex: &mut impl Exchange, outgoing: Vec<Vec<f64>>) -> Result<Vec<Vec
         for _ in 0..count {
             let header = received.get(at..at + 3).ok_or_else(malformed)?;
             let (dest, source, len) = (header[0] as usize, header[1] as usize, header[2] as usize);
-            let values = received.get(at + 3..at + 3 + len).ok_or_else(malformed)?.to_vec();
+            let values = received
+                .get(at + 3..at + 3 + len)
+                .ok_or_else(malformed)?
+                .to_vec();
             at += 3 + len;
-            if dest == rank { incoming[source] = values } else { transit.push((dest, source, values)) }
+            if dest == rank {
+                incoming[source] = values
+            } else {
+                transit.push((dest, source, values))
+            }
         }
     }
     Ok(incoming)
@@ -74,7 +91,10 @@ pub fn all_gather(ex: &mut impl Exchange, mine: Vec<f64>) -> Result<Vec<f64>, Ne
 }
 
 /// Every rank's `mine` concatenated in rank order at rank 0 (None elsewhere).
-pub fn gather_to_rank0(ex: &mut impl Exchange, mine: Vec<f64>) -> Result<Option<Vec<f64>>, NetworkError> {
+pub fn gather_to_rank0(
+    ex: &mut impl Exchange,
+    mine: Vec<f64>,
+) -> Result<Option<Vec<f64>>, NetworkError> {
     let world = ex.world();
     let mut outgoing = vec![Vec::new(); world];
     outgoing[0] = mine;
@@ -88,7 +108,8 @@ fn column_blocks(x: &[f64], n: usize, world: usize) -> Vec<Vec<f64>> {
         .map(|q| {
             let cols = row_range(n, world, q);
             let mut block = Vec::with_capacity(x.len() / n.max(1) * cols.len());
-            x.chunks(n).for_each(|row| block.extend_from_slice(&row[cols.clone()]));
+            x.chunks(n)
+                .for_each(|row| block.extend_from_slice(&row[cols.clone()]));
             block
         })
         .collect()
@@ -116,14 +137,21 @@ fn symmetrise_rows(ex: &mut impl Exchange, x: &mut [f64], n: usize) -> Result<()
 /// Every rank's sparse rows, gathered (S is n·K entries: small next to the dense blocks).
 fn gather_sparse(ex: &mut impl Exchange, mine: SparseRows) -> Result<SparseRows, NetworkError> {
     let world = ex.world();
-    let encoded: Vec<f64> = mine.iter().flat_map(|row| std::iter::once(row.len() as f64).chain(row.iter().flat_map(|&(j, w)| [j as f64, w]))).collect();
+    let encoded: Vec<f64> = mine
+        .iter()
+        .flat_map(|row| {
+            std::iter::once(row.len() as f64).chain(row.iter().flat_map(|&(j, w)| [j as f64, w]))
+        })
+        .collect();
     let parts = all_to_all(ex, vec![encoded; world])?;
     let mut rows = Vec::new();
     for part in parts {
         let mut at = 0;
         while at < part.len() {
             let len = part[at] as usize;
-            let pairs = part.get(at + 1..at + 1 + 2 * len).ok_or_else(|| exchange_error(ex.rank(), "a malformed sparse row arrived".into()))?;
+            let pairs = part.get(at + 1..at + 1 + 2 * len).ok_or_else(|| {
+                exchange_error(ex.rank(), "a malformed sparse row arrived".into())
+            })?;
             rows.push(pairs.chunks(2).map(|p| (p[0] as usize, p[1])).collect());
             at += 1 + 2 * len;
         }
@@ -134,7 +162,12 @@ fn gather_sparse(ex: &mut impl Exchange, mine: SparseRows) -> Result<SparseRows,
 /// This rank's rows of the fused network, from its rows (`row_range`) of every view's n x n
 /// affinity; equal to [`crate::snf`] on the whole matrices up to summation order. Views must
 /// cover every sample.
-pub fn snf_rows(views: Vec<Vec<f64>>, n: usize, params: SnfParams, ex: &mut impl Exchange) -> Result<Vec<f64>, NetworkError> {
+pub fn snf_rows(
+    views: Vec<Vec<f64>>,
+    n: usize,
+    params: SnfParams,
+    ex: &mut impl Exchange,
+) -> Result<Vec<f64>, NetworkError> {
     let m = views.len();
     let (rank, world) = (ex.rank(), ex.world());
     let mine = row_range(n, world, rank);
@@ -146,10 +179,23 @@ pub fn snf_rows(views: Vec<Vec<f64>>, n: usize, params: SnfParams, ex: &mut impl
     }
     for (view, w) in views.iter().enumerate() {
         if w.len() != mine.len() * n {
-            return Err(NetworkError::Shape { view, n, found: w.len() });
+            return Err(NetworkError::Shape {
+                view,
+                n,
+                found: w.len(),
+            });
         }
-        if let Some((at, &value)) = w.iter().enumerate().find(|&(_, &v)| !(v.is_finite() && v >= 0.0)) {
-            return Err(NetworkError::BadValue { view, row: mine.start + at / n, col: at % n, value });
+        if let Some((at, &value)) = w
+            .iter()
+            .enumerate()
+            .find(|&(_, &v)| !(v.is_finite() && v >= 0.0))
+        {
+            return Err(NetworkError::BadValue {
+                view,
+                row: mine.start + at / n,
+                col: at % n,
+                value,
+            });
         }
     }
     let mut p = Vec::with_capacity(m);
@@ -166,7 +212,9 @@ pub fn snf_rows(views: Vec<Vec<f64>>, n: usize, params: SnfParams, ex: &mut impl
         total.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
             row.copy_from_slice(&p[0][i * n..(i + 1) * n]);
             for x in &p[1..] {
-                row.iter_mut().zip(&x[i * n..(i + 1) * n]).for_each(|(t, v)| *t += v);
+                row.iter_mut()
+                    .zip(&x[i * n..(i + 1) * n])
+                    .for_each(|(t, v)| *t += v);
             }
         })
     };
@@ -174,7 +222,9 @@ pub fn snf_rows(views: Vec<Vec<f64>>, n: usize, params: SnfParams, ex: &mut impl
     let mut half = vec![0.0; rows * n];
     for _ in 0..params.t {
         for (pv, sv) in p.iter_mut().zip(&s) {
-            pv.par_iter_mut().zip(total.par_iter()).for_each(|(v, t)| *v = t - *v);
+            pv.par_iter_mut()
+                .zip(total.par_iter())
+                .for_each(|(v, t)| *v = t - *v);
             // My rows of (S·M)ᵀ from my rows of M (M symmetric): lanes are my rows.
             let m_rows: &[f64] = pv;
             sparse_product_rows(sv, n, 1.0, &mut half, |slab, first, count| {
@@ -222,10 +272,20 @@ pub struct LocalRing {
 
 impl LocalRing {
     pub fn new(world: usize) -> Vec<LocalRing> {
-        let (senders, receivers): (Vec<Sender<Message>>, Vec<Receiver<Message>>) = (0..world).map(|_| channel()).unzip();
+        let (senders, receivers): (Vec<Sender<Message>>, Vec<Receiver<Message>>) =
+            (0..world).map(|_| channel()).unzip();
         // Rank r sends on channel r + 1 and receives on channel r; only the ranks hold senders,
         // so a rank that drops out disconnects its neighbour instead of leaving it waiting.
-        receivers.into_iter().enumerate().map(|(rank, prev)| LocalRing { rank, world, next: senders[(rank + 1) % world].clone(), prev }).collect()
+        receivers
+            .into_iter()
+            .enumerate()
+            .map(|(rank, prev)| LocalRing {
+                rank,
+                world,
+                next: senders[(rank + 1) % world].clone(),
+                prev,
+            })
+            .collect()
     }
 }
 
@@ -239,8 +299,15 @@ impl Exchange for LocalRing {
     }
 
     fn shift(&mut self, message: Vec<f64>) -> Result<Vec<f64>, String> {
-        self.next.send(message).map_err(|_| format!("rank {} left the ring", (self.rank + 1) % self.world))?;
-        self.prev.recv().map_err(|_| format!("rank {} left the ring", (self.rank + self.world - 1) % self.world))
+        self.next
+            .send(message)
+            .map_err(|_| format!("rank {} left the ring", (self.rank + 1) % self.world))?;
+        self.prev.recv().map_err(|_| {
+            format!(
+                "rank {} left the ring",
+                (self.rank + self.world - 1) % self.world
+            )
+        })
     }
 }
 
@@ -252,8 +319,12 @@ mod tests {
     fn views(n: usize, m: usize) -> Vec<Vec<f64>> {
         (0..m)
             .map(|v| {
-                let x: Vec<f64> = (0..n).map(|i| ((i * (7 + v) % 13) as f64) + (i % 3) as f64 * 5.0).collect();
-                (0..n * n).map(|e| (-((x[e / n] - x[e % n]).powi(2)) / (4.0 + v as f64)).exp() + 1e-3).collect()
+                let x: Vec<f64> = (0..n)
+                    .map(|i| ((i * (7 + v) % 13) as f64) + (i % 3) as f64 * 5.0)
+                    .collect();
+                (0..n * n)
+                    .map(|e| (-((x[e / n] - x[e % n]).powi(2)) / (4.0 + v as f64)).exp() + 1e-3)
+                    .collect()
             })
             .collect()
     }
@@ -261,8 +332,17 @@ mod tests {
     #[test]
     fn row_blocks_fuse_to_the_single_node_network() {
         let (n, m) = (61, 3);
-        let params = SnfParams { k: 6, t: 8, alpha: 1.0 };
-        let whole = crate::snf(views(n, m).into_iter().map(View::complete).collect(), n, params).unwrap();
+        let params = SnfParams {
+            k: 6,
+            t: 8,
+            alpha: 1.0,
+        };
+        let whole = crate::snf(
+            views(n, m).into_iter().map(View::complete).collect(),
+            n,
+            params,
+        )
+        .unwrap();
         for world in [1, 2, 3] {
             let blocks: Vec<Vec<f64>> = std::thread::scope(|sc| {
                 let handles: Vec<_> = LocalRing::new(world)
@@ -270,7 +350,10 @@ mod tests {
                     .map(|mut ring| {
                         sc.spawn(move || {
                             let mine = row_range(n, world, ring.rank());
-                            let rows: Vec<Vec<f64>> = views(n, m).into_iter().map(|w| w[mine.start * n..mine.end * n].to_vec()).collect();
+                            let rows: Vec<Vec<f64>> = views(n, m)
+                                .into_iter()
+                                .map(|w| w[mine.start * n..mine.end * n].to_vec())
+                                .collect();
                             snf_rows(rows, n, params, &mut ring).unwrap()
                         })
                     })
@@ -278,7 +361,11 @@ mod tests {
                 handles.into_iter().map(|h| h.join().unwrap()).collect()
             });
             let joined = blocks.concat();
-            let diff = joined.iter().zip(&whole).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            let diff = joined
+                .iter()
+                .zip(&whole)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
             assert!(diff < 1e-13, "{world} ranks differ from one node by {diff}");
         }
     }
@@ -290,8 +377,19 @@ mod tests {
         drop(rings);
         let mut alone = alone;
         let rows = vec![vec![1.0; 5 * 10]; 2];
-        match snf_rows(rows, 10, SnfParams { k: 2, t: 1, alpha: 1.0 }, &mut alone) {
-            Err(NetworkError::Exchange { rank: 1, problem }) => assert!(problem.contains("left the ring"), "{problem}"),
+        match snf_rows(
+            rows,
+            10,
+            SnfParams {
+                k: 2,
+                t: 1,
+                alpha: 1.0,
+            },
+            &mut alone,
+        ) {
+            Err(NetworkError::Exchange { rank: 1, problem }) => {
+                assert!(problem.contains("left the ring"), "{problem}")
+            }
             other => panic!("expected an exchange error, got {other:?}"),
         }
     }

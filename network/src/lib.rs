@@ -14,8 +14,8 @@ pub mod snf;
 pub mod spectral;
 pub mod view;
 
-pub use snf::{NetworkError, SnfParams, snf};
 pub use average::kernel_average;
 pub use nemo::nemo;
-pub use view::View;
+pub use snf::{NetworkError, SnfParams, snf};
 pub use spectral::{Spectrum, laplacian_eigenvalues, rank_by_eigengap, spectral_clustering};
+pub use view::View;

@@ -28,10 +28,18 @@ pub fn nemo(views: &[View], n: usize, k: Option<usize>) -> Result<Vec<f64>, Netw
             .par_chunks(s)
             .map(|row| {
                 let mut sorted = row.to_vec();
-                let (_, &mut threshold, _) = sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-                let kept: Vec<(usize, f64)> = row.iter().enumerate().filter(|&(_, &v)| v >= threshold).map(|(j, &v)| (j, v)).collect();
+                let (_, &mut threshold, _) =
+                    sorted.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+                let kept: Vec<(usize, f64)> = row
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &v)| v >= threshold)
+                    .map(|(j, &v)| (j, v))
+                    .collect();
                 let sum: f64 = kept.iter().map(|e| e.1).sum();
-                kept.into_iter().map(|(j, v)| (j, if sum > 0.0 { v / sum } else { 0.0 })).collect()
+                kept.into_iter()
+                    .map(|(j, v)| (j, if sum > 0.0 { v / sum } else { 0.0 }))
+                    .collect()
             })
             .collect();
         // Relative similarity: the normalised rows plus their transpose.
@@ -47,9 +55,16 @@ pub fn nemo(views: &[View], n: usize, k: Option<usize>) -> Result<Vec<f64>, Netw
     })?;
     if shared.contains(&0) {
         // The reference fills unshared pairs with the mean of the shared ones below the diagonal.
-        let (sum, count) = (0..n).flat_map(|i| (0..i).map(move |j| i * n + j)).filter(|&e| shared[e] > 0).fold((0.0, 0usize), |(s, c), e| (s + total[e], c + 1));
+        let (sum, count) = (0..n)
+            .flat_map(|i| (0..i).map(move |j| i * n + j))
+            .filter(|&e| shared[e] > 0)
+            .fold((0.0, 0usize), |(s, c), e| (s + total[e], c + 1));
         let fill = if count > 0 { sum / count as f64 } else { 0.0 };
-        total.iter_mut().zip(&shared).filter(|(_, c)| **c == 0).for_each(|(v, _)| *v = fill);
+        total
+            .iter_mut()
+            .zip(&shared)
+            .filter(|(_, c)| **c == 0)
+            .for_each(|(v, _)| *v = fill);
     }
     Ok(total)
 }
@@ -64,7 +79,17 @@ mod tests {
         let w = vec![1.0, 0.5, 0.1, 0.5, 1.0, 0.2, 0.1, 0.2, 1.0];
         let got = nemo(&[View::complete(w)], 3, Some(2)).unwrap();
         // Normalised rows: [2/3, 1/3, 0], [1/3, 2/3, 0], [0, 1/6, 5/6]; plus the transpose.
-        let expected = [4.0 / 3.0, 2.0 / 3.0, 0.0, 2.0 / 3.0, 4.0 / 3.0, 1.0 / 6.0, 0.0, 1.0 / 6.0, 5.0 / 3.0];
+        let expected = [
+            4.0 / 3.0,
+            2.0 / 3.0,
+            0.0,
+            2.0 / 3.0,
+            4.0 / 3.0,
+            1.0 / 6.0,
+            0.0,
+            1.0 / 6.0,
+            5.0 / 3.0,
+        ];
         for (g, e) in got.iter().zip(expected) {
             assert!((g - e).abs() < 1e-15, "{got:?}");
         }
@@ -87,7 +112,13 @@ mod tests {
         assert_eq!(at(2, 0), 1.25);
         assert_eq!(default_neighbours(15), 2, "2.5 rounds to even");
         assert_eq!(default_neighbours(21), 4, "3.5 rounds to even");
-        assert!(matches!(nemo(&[View::complete(vec![1.0; 4])], 2, Some(3)), Err(NetworkError::BadK { k: 3, n: 2 })));
-        assert!(matches!(nemo(&[View::partial(vec![1, 0], vec![1.0; 4])], 2, None), Err(NetworkError::Samples { view: 0, .. })));
+        assert!(matches!(
+            nemo(&[View::complete(vec![1.0; 4])], 2, Some(3)),
+            Err(NetworkError::BadK { k: 3, n: 2 })
+        ));
+        assert!(matches!(
+            nemo(&[View::partial(vec![1, 0], vec![1.0; 4])], 2, None),
+            Err(NetworkError::Samples { view: 0, .. })
+        ));
     }
 }

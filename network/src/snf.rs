@@ -24,7 +24,11 @@ pub struct SnfParams {
 
 impl Default for SnfParams {
     fn default() -> Self {
-        SnfParams { k: 20, t: 20, alpha: 1.0 }
+        SnfParams {
+            k: 20,
+            t: 20,
+            alpha: 1.0,
+        }
     }
 }
 
@@ -35,7 +39,12 @@ pub enum NetworkError {
     #[error("SNF needs at least 2 views, got {0}")]
     TooFewViews(usize),
     #[error("view {view}: entry ({row}, {col}) is {value}: affinities must be finite and >= 0")]
-    BadValue { view: usize, row: usize, col: usize, value: f64 },
+    BadValue {
+        view: usize,
+        row: usize,
+        col: usize,
+        value: f64,
+    },
     #[error("k = {k}: expected 1 <= k < {n} samples")]
     BadK { k: usize, n: usize },
     #[error("rank {rank}: {problem}")]
@@ -72,14 +81,26 @@ fn percentile(row: &mut [f64], q: f64) -> f64 {
     let (_, &mut a, above) = row.select_nth_unstable_by(lo, f64::total_cmp);
     let b = above.iter().copied().min_by(f64::total_cmp).unwrap_or(a);
     let t = pos - lo as f64;
-    if t >= 0.5 { b - (b - a) * (1.0 - t) } else { a + (b - a) * t }
+    if t >= 0.5 {
+        b - (b - a) * (1.0 - t)
+    } else {
+        a + (b - a) * t
+    }
 }
 
 /// snfpy's `_find_dominate_set` for one row: entries at or above the row's
 /// (100 − 100·K/len)th percentile, row-normalised; columns are positions in `row`.
 pub(crate) fn dominate_row(row: &[f64], k: usize) -> Vec<(usize, f64)> {
-    let cut = percentile(&mut row.to_vec(), 100.0 - 100.0 * k as f64 / row.len() as f64);
-    let kept: Vec<(usize, f64)> = row.iter().enumerate().filter(|&(_, &v)| v >= cut).map(|(j, &v)| (j, v)).collect();
+    let cut = percentile(
+        &mut row.to_vec(),
+        100.0 - 100.0 * k as f64 / row.len() as f64,
+    );
+    let kept: Vec<(usize, f64)> = row
+        .iter()
+        .enumerate()
+        .filter(|&(_, &v)| v >= cut)
+        .map(|(j, &v)| (j, v))
+        .collect();
     let s: f64 = kept.iter().map(|e| e.1).sum();
     kept.into_iter().map(|(j, v)| (j, v / s)).collect()
 }
@@ -90,7 +111,10 @@ pub(crate) fn dominate_set(p: &[f64], n: usize, k: usize) -> SparseRows {
 }
 
 /// Bit v of a sample's mask: view v measured it. At most 64 views.
-pub(crate) fn sample_masks<'a>(samples: impl Iterator<Item = Option<&'a [usize]>>, n: usize) -> Vec<u64> {
+pub(crate) fn sample_masks<'a>(
+    samples: impl Iterator<Item = Option<&'a [usize]>>,
+    n: usize,
+) -> Vec<u64> {
     let mut masks = vec![0u64; n];
     for (v, present) in samples.enumerate() {
         match present {
@@ -104,9 +128,13 @@ pub(crate) fn sample_masks<'a>(samples: impl Iterator<Item = Option<&'a [usize]>
 /// snfpy's `n_aff`: each entry of rows `first..` divided by the number of views sharing its
 /// pair minus one (at least one).
 pub(crate) fn divide_by_shared(rows: &mut [f64], n: usize, first: usize, masks: &[u64]) {
-    rows.par_chunks_mut(n).zip(&masks[first..]).for_each(|(row, &mi)| {
-        row.iter_mut().zip(masks).for_each(|(v, &mj)| *v /= ((mi & mj).count_ones() as f64 - 1.0).max(1.0));
-    });
+    rows.par_chunks_mut(n)
+        .zip(&masks[first..])
+        .for_each(|(row, &mi)| {
+            row.iter_mut()
+                .zip(masks)
+                .for_each(|(v, &mj)| *v /= ((mi & mj).count_ones() as f64 - 1.0).max(1.0));
+        });
 }
 
 /// Rows of a product computed together: their n x BLOCK slab of the dense factor is gathered
@@ -117,7 +145,13 @@ pub(crate) const BLOCK: usize = 16;
 /// factor's values for out rows first..first+rows into lanes 0..rows of `slab` (slab[l][r]
 /// pairs with S's column l), then out[first + r][j] = scale · Σ_{l ∈ S_j} s_jl · slab[l][r].
 /// The K·n² multiply-adds are BLOCK-wide vector operations on L2-resident data.
-pub(crate) fn sparse_product_rows(s: &SparseRows, n: usize, scale: f64, out: &mut [f64], fill: impl Fn(&mut [[f64; BLOCK]], usize, usize) + Sync) {
+pub(crate) fn sparse_product_rows(
+    s: &SparseRows,
+    n: usize,
+    scale: f64,
+    out: &mut [f64],
+    fill: impl Fn(&mut [[f64; BLOCK]], usize, usize) + Sync,
+) {
     out.par_chunks_mut(BLOCK * n).enumerate().for_each_init(
         || vec![[0.0f64; BLOCK]; n],
         |slab, (block, out_rows)| {
@@ -175,7 +209,11 @@ pub fn snf(views: Vec<View>, n: usize, params: SnfParams) -> Result<Vec<f64>, Ne
     if partial && m > 64 {
         return Err(NetworkError::TooManyViews(m));
     }
-    let masks = if partial { sample_masks(views.iter().map(|v| v.samples.as_deref()), n) } else { Vec::new() };
+    let masks = if partial {
+        sample_masks(views.iter().map(|v| v.samples.as_deref()), n)
+    } else {
+        Vec::new()
+    };
     let mut s: Vec<SparseRows> = Vec::with_capacity(m);
     let mut p: Vec<Vec<f64>> = Vec::with_capacity(m);
     for mut view in views {
@@ -195,7 +233,9 @@ pub fn snf(views: Vec<View>, n: usize, params: SnfParams) -> Result<Vec<f64>, Ne
         total.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
             row.copy_from_slice(&p[0][i * n..(i + 1) * n]);
             for x in &p[1..] {
-                row.iter_mut().zip(&x[i * n..(i + 1) * n]).for_each(|(t, v)| *t += v);
+                row.iter_mut()
+                    .zip(&x[i * n..(i + 1) * n])
+                    .for_each(|(t, v)| *t += v);
             }
         })
     };
@@ -206,7 +246,9 @@ pub fn snf(views: Vec<View>, n: usize, params: SnfParams) -> Result<Vec<f64>, Ne
     let mut half = vec![0.0; n * n];
     for _ in 0..params.t {
         for (pv, sv) in p.iter_mut().zip(&s) {
-            pv.par_iter_mut().zip(total.par_iter()).for_each(|(v, t)| *v = t - *v);
+            pv.par_iter_mut()
+                .zip(total.par_iter())
+                .for_each(|(v, t)| *v = t - *v);
             sparse_times_dense_transposed(sv, pv, n, 1.0, &mut half);
             if partial {
                 sparse_times_dense_transposed(sv, &half, n, 1.0, pv);
@@ -240,34 +282,97 @@ mod tests {
 
     #[test]
     fn bad_inputs_name_the_view_and_the_problem() {
-        let params = SnfParams { k: 2, ..SnfParams::default() };
-        assert_eq!(snf(vec![View::complete(ones(4))], 4, params), Err(NetworkError::TooFewViews(1)));
-        assert_eq!(snf(vec![View::complete(ones(4)), View::complete(ones(3))], 4, params), Err(NetworkError::Shape { view: 1, n: 4, found: 9 }));
+        let params = SnfParams {
+            k: 2,
+            ..SnfParams::default()
+        };
+        assert_eq!(
+            snf(vec![View::complete(ones(4))], 4, params),
+            Err(NetworkError::TooFewViews(1))
+        );
+        assert_eq!(
+            snf(
+                vec![View::complete(ones(4)), View::complete(ones(3))],
+                4,
+                params
+            ),
+            Err(NetworkError::Shape {
+                view: 1,
+                n: 4,
+                found: 9
+            })
+        );
         let mut nan = ones(4);
         nan[6] = f64::NAN;
-        match snf(vec![View::complete(ones(4)), View::complete(nan)], 4, params) {
-            Err(NetworkError::BadValue { view: 1, row: 1, col: 2, value }) => assert!(value.is_nan()),
+        match snf(
+            vec![View::complete(ones(4)), View::complete(nan)],
+            4,
+            params,
+        ) {
+            Err(NetworkError::BadValue {
+                view: 1,
+                row: 1,
+                col: 2,
+                value,
+            }) => assert!(value.is_nan()),
             other => panic!("expected BadValue, got {other:?}"),
         }
-        assert_eq!(snf(vec![View::complete(ones(4)), View::complete(ones(4))], 4, SnfParams { k: 4, ..params }), Err(NetworkError::BadK { k: 4, n: 4 }));
+        assert_eq!(
+            snf(
+                vec![View::complete(ones(4)), View::complete(ones(4))],
+                4,
+                SnfParams { k: 4, ..params }
+            ),
+            Err(NetworkError::BadK { k: 4, n: 4 })
+        );
         // A partial view's K must fit the samples it has.
-        assert_eq!(snf(vec![View::complete(ones(4)), View::partial(vec![0, 2], ones(2))], 4, params), Err(NetworkError::BadK { k: 2, n: 2 }));
-        assert!(matches!(snf(vec![View::complete(ones(4)), View::partial(vec![0, 5, 6], ones(3))], 4, params), Err(NetworkError::Samples { view: 1, .. })));
+        assert_eq!(
+            snf(
+                vec![View::complete(ones(4)), View::partial(vec![0, 2], ones(2))],
+                4,
+                params
+            ),
+            Err(NetworkError::BadK { k: 2, n: 2 })
+        );
+        assert!(matches!(
+            snf(
+                vec![
+                    View::complete(ones(4)),
+                    View::partial(vec![0, 5, 6], ones(3))
+                ],
+                4,
+                params
+            ),
+            Err(NetworkError::Samples { view: 1, .. })
+        ));
     }
 
     #[test]
     fn slab_product_equals_the_plain_reference() {
         // 37 rows (two slabs and a short one), 5 entries per row.
         let n = 37;
-        let s: SparseRows = (0..n).map(|j| (0..5).map(|t| ((j * 11 + t * 7) % n, 1.0 / (1.0 + t as f64))).collect()).collect();
+        let s: SparseRows = (0..n)
+            .map(|j| {
+                (0..5)
+                    .map(|t| ((j * 11 + t * 7) % n, 1.0 / (1.0 + t as f64)))
+                    .collect()
+            })
+            .collect();
         let x: Vec<f64> = (0..n * n).map(|e| ((e * 31 % 17) as f64) - 8.0).collect();
         let mut fast = vec![0.0; n * n];
         sparse_times_dense_transposed(&s, &x, n, 0.25, &mut fast);
-        let indptr: Vec<u64> = std::iter::once(0).chain(s.iter().scan(0u64, |acc, row| { *acc += row.len() as u64; Some(*acc) })).collect();
+        let indptr: Vec<u64> = std::iter::once(0)
+            .chain(s.iter().scan(0u64, |acc, row| {
+                *acc += row.len() as u64;
+                Some(*acc)
+            }))
+            .collect();
         let cols: Vec<u32> = s.iter().flatten().map(|e| e.0 as u32).collect();
         let vals: Vec<f64> = s.iter().flatten().map(|e| e.1).collect();
         let mut plain = vec![0.0; n * n];
-        tessera_kernels::ops::affinity::sparse_times_dense_transposed(&indptr, &cols, &vals, &x, n, 0.25, &mut plain);
+        tessera_kernels::ops::affinity::sparse_times_dense_transposed(
+            &indptr, &cols, &vals, &x, n, 0.25, &mut plain,
+        );
         for (a, b) in fast.iter().zip(&plain) {
             assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()), "{a} vs {b}");
         }
@@ -276,8 +381,19 @@ mod tests {
     #[test]
     fn identical_views_fuse_to_a_symmetric_row_stochastic_network() {
         let n = 12;
-        let w: Vec<f64> = (0..n * n).map(|e| (-(((e / n) as f64 - (e % n) as f64).powi(2)) / 8.0).exp()).collect();
-        let fused = snf(vec![View::complete(w.clone()), View::complete(w)], n, SnfParams { k: 3, t: 5, alpha: 1.0 }).unwrap();
+        let w: Vec<f64> = (0..n * n)
+            .map(|e| (-(((e / n) as f64 - (e % n) as f64).powi(2)) / 8.0).exp())
+            .collect();
+        let fused = snf(
+            vec![View::complete(w.clone()), View::complete(w)],
+            n,
+            SnfParams {
+                k: 3,
+                t: 5,
+                alpha: 1.0,
+            },
+        )
+        .unwrap();
         for i in 0..n {
             for j in 0..n {
                 assert_eq!(fused[i * n + j], fused[j * n + i]);
@@ -286,6 +402,9 @@ mod tests {
             assert!(fused[i * n + i] >= 0.5);
         }
         let total: f64 = fused.iter().sum();
-        assert!((total - n as f64 * 1.5).abs() < 1e-9, "sum of (W + Wᵀ + I)/2 is (n + n + n)/2: {total}");
+        assert!(
+            (total - n as f64 * 1.5).abs() < 1e-9,
+            "sum of (W + Wᵀ + I)/2 is (n + n + n)/2: {total}"
+        );
     }
 }

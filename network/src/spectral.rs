@@ -19,8 +19,15 @@ pub fn normalised_affinity(w: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
     for i in 0..n {
         g[i * n + i] = 0.0;
     }
-    let sqrt_degree: Vec<f64> = g.par_chunks(n).map(|row| sqrt_degree(row.iter().sum())).collect();
-    g.par_chunks_mut(n).enumerate().for_each(|(i, row)| row.iter_mut().zip(&sqrt_degree).for_each(|(v, dj)| *v /= sqrt_degree[i] * dj));
+    let sqrt_degree: Vec<f64> = g
+        .par_chunks(n)
+        .map(|row| sqrt_degree(row.iter().sum()))
+        .collect();
+    g.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        row.iter_mut()
+            .zip(&sqrt_degree)
+            .for_each(|(v, dj)| *v /= sqrt_degree[i] * dj)
+    });
     (g, sqrt_degree)
 }
 
@@ -32,7 +39,11 @@ fn sqrt_degree(d: f64) -> f64 {
 /// The `k` largest eigenvalues (descending) of the symmetric n x n `a` and their unit
 /// eigenvectors ([`top_eigenpairs_of`] the dense matrix).
 pub fn top_eigenpairs(a: &[f64], n: usize, k: usize, seed: u64) -> (Vec<f64>, Vec<Vec<f64>>) {
-    let matvec = |v: &[f64]| -> Result<Vec<f64>, std::convert::Infallible> { Ok(a.par_chunks(n).map(|row| row.iter().zip(v).map(|(x, y)| x * y).sum()).collect()) };
+    let matvec = |v: &[f64]| -> Result<Vec<f64>, std::convert::Infallible> {
+        Ok(a.par_chunks(n)
+            .map(|row| row.iter().zip(v).map(|(x, y)| x * y).sum())
+            .collect())
+    };
     match top_eigenpairs_of(n, k, seed, matvec) {
         Ok(pairs) => pairs,
         Err(never) => match never {},
@@ -42,7 +53,12 @@ pub fn top_eigenpairs(a: &[f64], n: usize, k: usize, seed: u64) -> (Vec<f64>, Ve
 /// The `k` largest eigenpairs of the symmetric operator `matvec` on n-vectors, by Lanczos with
 /// full reorthogonalisation; the Krylov space grows until every returned pair's residual
 /// |A v − λ v| is below 1e-9 (or spans everything). A failing product ends the search.
-pub fn top_eigenpairs_of<E>(n: usize, k: usize, seed: u64, matvec: impl Fn(&[f64]) -> Result<Vec<f64>, E>) -> Result<(Vec<f64>, Vec<Vec<f64>>), E> {
+pub fn top_eigenpairs_of<E>(
+    n: usize,
+    k: usize,
+    seed: u64,
+    matvec: impl Fn(&[f64]) -> Result<Vec<f64>, E>,
+) -> Result<(Vec<f64>, Vec<Vec<f64>>), E> {
     let k = k.min(n);
     let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
     let start: Vec<f64> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
@@ -77,7 +93,13 @@ pub fn top_eigenpairs_of<E>(n: usize, k: usize, seed: u64, matvec: impl Fn(&[f64
             .collect();
         let mut converged = true;
         for (lambda, v) in &pairs {
-            converged &= matvec(v)?.iter().zip(v).map(|(av, x)| (av - lambda * x).powi(2)).sum::<f64>().sqrt() < 1e-9;
+            converged &= matvec(v)?
+                .iter()
+                .zip(v)
+                .map(|(av, x)| (av - lambda * x).powi(2))
+                .sum::<f64>()
+                .sqrt()
+                < 1e-9;
         }
         // A Krylov space that stopped growing (invariant subspace) is exact as well.
         if converged || m < steps || steps == n {
@@ -91,7 +113,11 @@ pub fn top_eigenpairs_of<E>(n: usize, k: usize, seed: u64, matvec: impl Fn(&[f64
 /// off-diagonal. Stops early when the space becomes invariant.
 type Krylov = (Vec<Vec<f64>>, Vec<f64>, Vec<f64>);
 
-fn lanczos<E>(matvec: &impl Fn(&[f64]) -> Result<Vec<f64>, E>, start: &[f64], steps: usize) -> Result<Krylov, E> {
+fn lanczos<E>(
+    matvec: &impl Fn(&[f64]) -> Result<Vec<f64>, E>,
+    start: &[f64],
+    steps: usize,
+) -> Result<Krylov, E> {
     let norm = start.iter().map(|x| x * x).sum::<f64>().sqrt();
     let mut basis = vec![start.iter().map(|x| x / norm).collect::<Vec<f64>>()];
     let (mut alpha, mut beta) = (Vec::new(), Vec::new());
@@ -122,9 +148,18 @@ fn jacobi_eigen(t: &mut [f64], m: usize) -> (Vec<f64>, Vec<f64>) {
     for i in 0..m {
         v[i * m + i] = 1.0;
     }
-    let scale: f64 = t.iter().map(|x| x * x).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
+    let scale: f64 = t
+        .iter()
+        .map(|x| x * x)
+        .sum::<f64>()
+        .sqrt()
+        .max(f64::MIN_POSITIVE);
     for _sweep in 0..100 {
-        let off: f64 = (0..m).flat_map(|i| (0..m).filter(move |&j| j != i).map(move |j| (i, j))).map(|(i, j)| t[i * m + j].powi(2)).sum::<f64>().sqrt();
+        let off: f64 = (0..m)
+            .flat_map(|i| (0..m).filter(move |&j| j != i).map(move |j| (i, j)))
+            .map(|(i, j)| t[i * m + j].powi(2))
+            .sum::<f64>()
+            .sqrt();
         if off <= 1e-15 * scale {
             break;
         }
@@ -165,7 +200,11 @@ fn jacobi_eigen(t: &mut [f64], m: usize) -> (Vec<f64>, Vec<f64>) {
 /// candidates come back best first.
 pub fn rank_by_eigengap(laplacian_eigenvalues: &[f64], candidates: &[usize]) -> Vec<(usize, f64)> {
     let e = laplacian_eigenvalues;
-    let mut ranked: Vec<(usize, f64)> = candidates.iter().filter(|&&c| c > 1 && c < e.len()).map(|&c| (c, (e[c] - e[c - 1]).abs() * (1.0 - e[c - 1]) / (1.0 - e[c]))).collect();
+    let mut ranked: Vec<(usize, f64)> = candidates
+        .iter()
+        .filter(|&&c| c > 1 && c < e.len())
+        .map(|&c| (c, (e[c] - e[c - 1]).abs() * (1.0 - e[c - 1]) / (1.0 - e[c])))
+        .collect();
     // numpy's argsort()[::-1]: descending gap, ties to the later candidate.
     ranked.reverse();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -187,21 +226,38 @@ impl Spectrum {
     pub fn of(w: &[f64], n: usize, count: usize, seed: u64) -> Spectrum {
         let (a, sqrt_degree) = normalised_affinity(w, n);
         let (values, vectors) = top_eigenpairs(&a, n, count, seed);
-        Spectrum { laplacian: values.into_iter().map(|l| 1.0 - l).collect(), vectors, sqrt_degree }
+        Spectrum {
+            laplacian: values.into_iter().map(|l| 1.0 - l).collect(),
+            vectors,
+            sqrt_degree,
+        }
     }
 
     /// The `count` smallest Laplacian eigenpairs of a network seen only through products:
     /// `product(u)` = G·u for the symmetric network G with its diagonal left out, whose rows
     /// sum to `degree` (diagonal left out too). For networks kept out of core.
-    pub fn of_operator<E>(degree: &[f64], count: usize, seed: u64, product: impl Fn(&[f64]) -> Result<Vec<f64>, E>) -> Result<Spectrum, E> {
+    pub fn of_operator<E>(
+        degree: &[f64],
+        count: usize,
+        seed: u64,
+        product: impl Fn(&[f64]) -> Result<Vec<f64>, E>,
+    ) -> Result<Spectrum, E> {
         let sqrt_degree: Vec<f64> = degree.iter().map(|&d| sqrt_degree(d)).collect();
         // A = D^{-1/2} G D^{-1/2}: scale, multiply, scale.
         let matvec = |v: &[f64]| -> Result<Vec<f64>, E> {
             let u: Vec<f64> = v.iter().zip(&sqrt_degree).map(|(x, d)| x / d).collect();
-            Ok(product(&u)?.into_iter().zip(&sqrt_degree).map(|(x, d)| x / d).collect())
+            Ok(product(&u)?
+                .into_iter()
+                .zip(&sqrt_degree)
+                .map(|(x, d)| x / d)
+                .collect())
         };
         let (values, vectors) = top_eigenpairs_of(degree.len(), count, seed, matvec)?;
-        Ok(Spectrum { laplacian: values.into_iter().map(|l| 1.0 - l).collect(), vectors, sqrt_degree })
+        Ok(Spectrum {
+            laplacian: values.into_iter().map(|l| 1.0 - l).collect(),
+            vectors,
+            sqrt_degree,
+        })
     }
 
     /// Spectral clustering into `k` clusters (scikit-learn's `spectral_clustering` with k-means
@@ -210,10 +266,20 @@ impl Spectrum {
     pub fn clusters(&self, k: usize, seed: u64) -> Result<Vec<u32>, NetworkError> {
         let n = self.sqrt_degree.len();
         if k == 0 || k > self.vectors.len() {
-            return Err(NetworkError::BadClusters { k, n: self.vectors.len().min(n) });
+            return Err(NetworkError::BadClusters {
+                k,
+                n: self.vectors.len().min(n),
+            });
         }
         let vectors = &self.vectors[..k];
-        let embedding: Vec<f32> = (0..n).flat_map(|i| vectors.iter().map(|v| (v[i] / self.sqrt_degree[i]) as f32).collect::<Vec<_>>()).collect();
+        let embedding: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                vectors
+                    .iter()
+                    .map(|v| (v[i] / self.sqrt_degree[i]) as f32)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         Ok(tessera_metrics::cluster::kmeans(&embedding, n, k, k, 10, seed).labels)
     }
 }
@@ -224,7 +290,12 @@ pub fn laplacian_eigenvalues(w: &[f64], n: usize, count: usize) -> Vec<f64> {
 }
 
 /// Spectral clustering of the network `w` into `k` clusters ([`Spectrum::clusters`]).
-pub fn spectral_clustering(w: &[f64], n: usize, k: usize, seed: u64) -> Result<Vec<u32>, NetworkError> {
+pub fn spectral_clustering(
+    w: &[f64],
+    n: usize,
+    k: usize,
+    seed: u64,
+) -> Result<Vec<u32>, NetworkError> {
     if k == 0 || k > n {
         return Err(NetworkError::BadClusters { k, n });
     }
@@ -241,7 +312,10 @@ mod tests {
         let mut t = vec![2.0, 1.0, 1.0, 2.0];
         let (mut values, _) = jacobi_eigen(&mut t, 2);
         values.sort_by(f64::total_cmp);
-        assert!((values[0] - 1.0).abs() < 1e-14 && (values[1] - 3.0).abs() < 1e-14, "{values:?}");
+        assert!(
+            (values[0] - 1.0).abs() < 1e-14 && (values[1] - 3.0).abs() < 1e-14,
+            "{values:?}"
+        );
     }
 
     #[test]
@@ -254,8 +328,14 @@ mod tests {
         }
         let (values, vectors) = top_eigenpairs(&a, n, 4, 3);
         for (c, (value, vector)) in values.iter().zip(&vectors).enumerate() {
-            assert!((value - 1.0 / (c + 1) as f64).abs() < 1e-10, "eigenvalue {c}: {value}");
-            assert!((vector[c].abs() - 1.0).abs() < 1e-8, "eigenvector {c} is not e_{c}");
+            assert!(
+                (value - 1.0 / (c + 1) as f64).abs() < 1e-10,
+                "eigenvalue {c}: {value}"
+            );
+            assert!(
+                (vector[c].abs() - 1.0).abs() < 1e-8,
+                "eigenvector {c} is not e_{c}"
+            );
         }
     }
 
@@ -263,12 +343,28 @@ mod tests {
     fn two_disconnected_blocks_are_two_clusters() {
         // Two cliques of 10 with weak links: Laplacian eigenvalues 0, ~0, then a gap.
         let n = 20;
-        let w: Vec<f64> = (0..n * n).map(|e| if (e / n < 10) == (e % n < 10) { 1.0 } else { 1e-3 }).collect();
+        let w: Vec<f64> = (0..n * n)
+            .map(|e| {
+                if (e / n < 10) == (e % n < 10) {
+                    1.0
+                } else {
+                    1e-3
+                }
+            })
+            .collect();
         let e = laplacian_eigenvalues(&w, n, 6);
         assert!(e[0].abs() < 1e-10 && e[1] < 0.05 && e[2] > 0.9, "{e:?}");
         assert_eq!(rank_by_eigengap(&e, &[2, 3, 4, 5])[0].0, 2);
         let labels = spectral_clustering(&w, n, 2, 0).unwrap();
-        assert!(labels[..10].iter().all(|&l| l == labels[0]) && labels[10..].iter().all(|&l| l == labels[10]) && labels[0] != labels[10], "{labels:?}");
-        assert_eq!(spectral_clustering(&w, n, 0, 0), Err(NetworkError::BadClusters { k: 0, n }));
+        assert!(
+            labels[..10].iter().all(|&l| l == labels[0])
+                && labels[10..].iter().all(|&l| l == labels[10])
+                && labels[0] != labels[10],
+            "{labels:?}"
+        );
+        assert_eq!(
+            spectral_clustering(&w, n, 0, 0),
+            Err(NetworkError::BadClusters { k: 0, n })
+        );
     }
 }

@@ -23,7 +23,11 @@ mod tests {
             world_size: 4,
             peers: vec!["10.0.0.1:7000".into(), "10.0.0.2:7000".into()],
             nccl_unique_id: vec![7; 128],
-            spec: Some(JobSpec { data_url: "s3://atlas/x.zarr".into(), world_size: 4, ..JobSpec::default() }),
+            spec: Some(JobSpec {
+                data_url: "s3://atlas/x.zarr".into(),
+                world_size: 4,
+                ..JobSpec::default()
+            }),
             resume_from: "ckpt/epoch-10".into(),
             start_epoch: 10,
         };

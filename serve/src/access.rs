@@ -24,37 +24,59 @@ pub struct Tokens {
 impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the tokens themselves.
-        f.debug_struct("Tokens").field("count", &self.accepted.len()).field("required", &self.required).finish()
+        f.debug_struct("Tokens")
+            .field("count", &self.accepted.len())
+            .field("required", &self.required)
+            .finish()
     }
 }
 
 impl Tokens {
     /// Tokens from `text`: one per line or comma-separated, blank lines and `#` comments ignored.
     pub fn parse(text: &str) -> Tokens {
-        let accepted = text.lines().map(|l| l.split('#').next().unwrap_or_default()).flat_map(|l| l.split(',')).map(str::trim).filter(|t| !t.is_empty()).map(|t| t.as_bytes().to_vec()).collect();
-        Tokens { accepted, required: true }
+        let accepted = text
+            .lines()
+            .map(|l| l.split('#').next().unwrap_or_default())
+            .flat_map(|l| l.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| t.as_bytes().to_vec())
+            .collect();
+        Tokens {
+            accepted,
+            required: true,
+        }
     }
 
     /// Tokens from a file and/or [`TOKENS_ENV`]; none found is an error (a server that accepts
     /// everyone must say so with [`Tokens::none`]).
     pub fn load(file: Option<&Path>, env: Option<&str>) -> Result<Tokens, ServeError> {
-        let mut tokens = Tokens { accepted: Vec::new(), required: true };
+        let mut tokens = Tokens {
+            accepted: Vec::new(),
+            required: true,
+        };
         if let Some(file) = file {
-            let text = std::fs::read_to_string(file).map_err(|e| ServeError::Config(format!("tokens file {}: {e}", file.display())))?;
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| ServeError::Config(format!("tokens file {}: {e}", file.display())))?;
             tokens.accepted.extend(Tokens::parse(&text).accepted);
         }
         if let Some(env) = env {
             tokens.accepted.extend(Tokens::parse(env).accepted);
         }
         if tokens.accepted.is_empty() {
-            return Err(ServeError::Config(format!("no bearer tokens: give --tokens-file or set {TOKENS_ENV} (or start with --allow-unauthenticated on a trusted network)")));
+            return Err(ServeError::Config(format!(
+                "no bearer tokens: give --tokens-file or set {TOKENS_ENV} (or start with --allow-unauthenticated on a trusted network)"
+            )));
         }
         Ok(tokens)
     }
 
     /// Every call accepted (a trusted network, tests).
     pub fn none() -> Tokens {
-        Tokens { accepted: Vec::new(), required: false }
+        Tokens {
+            accepted: Vec::new(),
+            required: false,
+        }
     }
 
     /// Checks a request's `authorization: Bearer <token>` header.
@@ -62,12 +84,33 @@ impl Tokens {
         if !self.required {
             return Ok(request);
         }
-        let header = request.metadata().get("authorization").ok_or_else(|| Status::unauthenticated("missing the authorization header (expected \"Bearer <token>\")"))?;
-        let token = header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).ok_or_else(|| Status::unauthenticated("malformed authorization header (expected \"Bearer <token>\")"))?;
+        let header = request.metadata().get("authorization").ok_or_else(|| {
+            Status::unauthenticated(
+                "missing the authorization header (expected \"Bearer <token>\")",
+            )
+        })?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "malformed authorization header (expected \"Bearer <token>\")",
+                )
+            })?;
         // Compared with every accepted token in constant time: no early exit tells how close a
         // guess came.
-        let matched = self.accepted.iter().fold(subtle::Choice::from(0), |any, t| any | t.as_slice().ct_eq(token.as_bytes()));
-        if bool::from(matched) { Ok(request) } else { Err(Status::unauthenticated("invalid bearer token")) }
+        let matched = self
+            .accepted
+            .iter()
+            .fold(subtle::Choice::from(0), |any, t| {
+                any | t.as_slice().ct_eq(token.as_bytes())
+            });
+        if bool::from(matched) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated("invalid bearer token"))
+        }
     }
 }
 
@@ -82,11 +125,22 @@ pub struct AllowList {
 /// A URL's scheme, host and path segments (an s3://bucket/a/b URL: "s3", "bucket", [a, b]).
 fn url_parts(location: &Location) -> Option<(String, String, Vec<String>)> {
     let (scheme, host, path) = match location {
-        Location::Cloud(url) => (url.scheme().to_string(), url.host_str().unwrap_or_default().to_string(), url.path().to_string()),
+        Location::Cloud(url) => (
+            url.scheme().to_string(),
+            url.host_str().unwrap_or_default().to_string(),
+            url.path().to_string(),
+        ),
         Location::Memory { name, prefix } => ("memory".to_string(), name.clone(), prefix.clone()),
         Location::Local(_) => return None,
     };
-    Some((scheme, host, path.split('/').filter(|s| !s.is_empty()).map(str::to_string).collect()))
+    Some((
+        scheme,
+        host,
+        path.split('/')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+    ))
 }
 
 impl AllowList {
@@ -94,12 +148,17 @@ impl AllowList {
     pub fn new(prefixes: &[String]) -> Result<AllowList, ServeError> {
         let mut list = AllowList::default();
         for text in prefixes {
-            let location = Location::parse(text).map_err(|e| ServeError::Config(format!("--allow-prefix {text}: {e}")))?;
+            let location = Location::parse(text)
+                .map_err(|e| ServeError::Config(format!("--allow-prefix {text}: {e}")))?;
             match url_parts(&location) {
                 Some(parts) => list.urls.push(parts),
                 None => {
-                    let Location::Local(path) = location else { continue };
-                    let canonical = path.canonicalize().map_err(|e| ServeError::Config(format!("--allow-prefix {text}: {e}")))?;
+                    let Location::Local(path) = location else {
+                        continue;
+                    };
+                    let canonical = path
+                        .canonicalize()
+                        .map_err(|e| ServeError::Config(format!("--allow-prefix {text}: {e}")))?;
                     list.local.push(canonical);
                 }
             }
@@ -109,7 +168,10 @@ impl AllowList {
 
     /// Adds a local directory the server itself owns (its scratch space).
     pub fn with_local(mut self, dir: &Path) -> Result<AllowList, ServeError> {
-        self.local.push(dir.canonicalize().map_err(|e| ServeError::Config(format!("{}: {e}", dir.display())))?);
+        self.local.push(
+            dir.canonicalize()
+                .map_err(|e| ServeError::Config(format!("{}: {e}", dir.display())))?,
+        );
         Ok(self)
     }
 
@@ -117,23 +179,43 @@ impl AllowList {
     /// location and why.
     pub fn check(&self, field: &str, text: &str) -> Result<(), Status> {
         let denied = |why: &str| Status::permission_denied(format!("{field} {text:?}: {why}"));
-        let location = Location::parse(text).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))?;
-        if text.split(['/', '\\']).any(|s| s == ".." || s.eq_ignore_ascii_case("%2e%2e")) {
+        let location =
+            Location::parse(text).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))?;
+        if text
+            .split(['/', '\\'])
+            .any(|s| s == ".." || s.eq_ignore_ascii_case("%2e%2e"))
+        {
             return Err(denied("'..' is not allowed in storage locations"));
         }
         match (&location, url_parts(&location)) {
             (_, Some((scheme, host, segments))) => {
-                let under = self.urls.iter().any(|(s, h, prefix)| *s == scheme && *h == host && segments.len() >= prefix.len() && segments[..prefix.len()] == prefix[..]);
-                if under { Ok(()) } else { Err(denied("not under an allowed storage prefix")) }
+                let under = self.urls.iter().any(|(s, h, prefix)| {
+                    *s == scheme
+                        && *h == host
+                        && segments.len() >= prefix.len()
+                        && segments[..prefix.len()] == prefix[..]
+                });
+                if under {
+                    Ok(())
+                } else {
+                    Err(denied("not under an allowed storage prefix"))
+                }
             }
             (Location::Local(path), None) => {
                 let absolute = std::path::absolute(path).map_err(|e| denied(&e.to_string()))?;
-                if absolute.components().any(|c| matches!(c, Component::ParentDir)) {
+                if absolute
+                    .components()
+                    .any(|c| matches!(c, Component::ParentDir))
+                {
                     return Err(denied("'..' is not allowed in storage locations"));
                 }
                 // Symlinks resolved: a link inside an allowed folder cannot lead out of it.
                 let real = absolute.canonicalize().unwrap_or(absolute);
-                if self.local.iter().any(|p| real.starts_with(p)) { Ok(()) } else { Err(denied("not under an allowed storage prefix")) }
+                if self.local.iter().any(|p| real.starts_with(p)) {
+                    Ok(())
+                } else {
+                    Err(denied("not under an allowed storage prefix"))
+                }
             }
             _ => Err(denied("not under an allowed storage prefix")),
         }
@@ -142,12 +224,13 @@ impl AllowList {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
     use super::*;
 
     fn bearer(token: &str) -> Request<()> {
         let mut r = Request::new(());
-        r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
         r
     }
 
@@ -157,18 +240,37 @@ mod tests {
         for t in ["alpha", "beta", "gamma"] {
             assert!(tokens.check(bearer(t)).is_ok(), "{t}");
         }
-        for (request, why) in [(bearer("alph"), "invalid bearer token"), (bearer("alphaa"), "invalid bearer token"), (bearer(""), "invalid bearer token"), (Request::new(()), "missing the authorization header")] {
+        for (request, why) in [
+            (bearer("alph"), "invalid bearer token"),
+            (bearer("alphaa"), "invalid bearer token"),
+            (bearer(""), "invalid bearer token"),
+            (Request::new(()), "missing the authorization header"),
+        ] {
             let e = tokens.check(request).unwrap_err();
             assert_eq!(e.code(), tonic::Code::Unauthenticated);
             assert!(e.message().contains(why), "{}", e.message());
         }
         let mut basic = Request::new(());
-        basic.metadata_mut().insert("authorization", "Basic YWxwaGE=".parse().unwrap());
-        assert!(tokens.check(basic).unwrap_err().message().contains("malformed"));
+        basic
+            .metadata_mut()
+            .insert("authorization", "Basic YWxwaGE=".parse().unwrap());
+        assert!(
+            tokens
+                .check(basic)
+                .unwrap_err()
+                .message()
+                .contains("malformed")
+        );
         assert!(Tokens::none().check(Request::new(())).is_ok());
         let e = Tokens::load(None, Some(" , ")).unwrap_err().to_string();
-        assert!(e.contains("no bearer tokens") && e.contains(TOKENS_ENV), "{e}");
-        assert_eq!(format!("{:?}", Tokens::parse("secret")), "Tokens { count: 1, required: true }");
+        assert!(
+            e.contains("no bearer tokens") && e.contains(TOKENS_ENV),
+            "{e}"
+        );
+        assert_eq!(
+            format!("{:?}", Tokens::parse("secret")),
+            "Tokens { count: 1, required: true }"
+        );
     }
 
     #[test]
@@ -177,8 +279,18 @@ mod tests {
         let allowed = dir.path().join("allowed");
         std::fs::create_dir_all(allowed.join("q.zarr")).unwrap();
         std::fs::create_dir_all(dir.path().join("secret")).unwrap();
-        let list = AllowList::new(&[allowed.display().to_string(), "s3://atlas/queries".into(), "memory://tests".into()]).unwrap();
-        let ok = [allowed.join("q.zarr").display().to_string(), format!("file://{}", allowed.join("q.zarr").display()), "s3://atlas/queries/lab1/q.zarr".into(), "memory://tests/x".into()];
+        let list = AllowList::new(&[
+            allowed.display().to_string(),
+            "s3://atlas/queries".into(),
+            "memory://tests".into(),
+        ])
+        .unwrap();
+        let ok = [
+            allowed.join("q.zarr").display().to_string(),
+            format!("file://{}", allowed.join("q.zarr").display()),
+            "s3://atlas/queries/lab1/q.zarr".into(),
+            "memory://tests/x".into(),
+        ];
         for text in ok {
             assert!(list.check("data_url", &text).is_ok(), "{text}");
         }
@@ -196,15 +308,30 @@ mod tests {
         for text in refused {
             let e = list.check("data_url", &text).unwrap_err();
             assert_eq!(e.code(), tonic::Code::PermissionDenied, "{text}");
-            assert!(e.message().starts_with("data_url") && e.message().contains(&text), "{}", e.message());
+            assert!(
+                e.message().starts_with("data_url") && e.message().contains(&text),
+                "{}",
+                e.message()
+            );
         }
         // A link inside the allowed folder that leads out of it.
         #[cfg(unix)]
         {
             std::os::unix::fs::symlink(dir.path().join("secret"), allowed.join("escape")).unwrap();
-            assert!(list.check("data_url", &allowed.join("escape").display().to_string()).is_err());
+            assert!(
+                list.check("data_url", &allowed.join("escape").display().to_string())
+                    .is_err()
+            );
         }
-        assert_eq!(list.check("data_url", "ftp://x/y").unwrap_err().code(), tonic::Code::InvalidArgument);
-        assert!(AllowList::new(&["/no/such/prefix".into()]).unwrap_err().to_string().contains("/no/such/prefix"));
+        assert_eq!(
+            list.check("data_url", "ftp://x/y").unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert!(
+            AllowList::new(&["/no/such/prefix".into()])
+                .unwrap_err()
+                .to_string()
+                .contains("/no/such/prefix")
+        );
     }
 }

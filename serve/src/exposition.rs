@@ -12,7 +12,9 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Latency buckets (seconds) of request histograms: 1 ms to 10 s.
-pub const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
 
 /// A histogram with fixed upper bounds (cumulative counts are computed when written).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -35,14 +37,20 @@ impl Histogram {
 
 /// Label values escaped as the format asks (backslash, quote, newline).
 fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn labels(pairs: &[(&str, &str)]) -> String {
     if pairs.is_empty() {
         return String::new();
     }
-    let inner: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect();
+    let inner: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+        .collect();
     format!("{{{}}}", inner.join(","))
 }
 
@@ -51,7 +59,11 @@ fn number(v: f64) -> String {
     if v.is_nan() {
         "NaN".into()
     } else if v.is_infinite() {
-        if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
+        if v > 0.0 {
+            "+Inf".into()
+        } else {
+            "-Inf".into()
+        }
     } else {
         format!("{v}")
     }
@@ -65,12 +77,22 @@ pub struct Exposition {
 
 impl Exposition {
     fn header(&mut self, name: &str, help: &str, kind: &str) {
-        let _ = writeln!(self.text, "# HELP {name} {}", help.replace('\\', "\\\\").replace('\n', "\\n"));
+        let _ = writeln!(
+            self.text,
+            "# HELP {name} {}",
+            help.replace('\\', "\\\\").replace('\n', "\\n")
+        );
         let _ = writeln!(self.text, "# TYPE {name} {kind}");
     }
 
     /// A family of samples (`kind` "counter" or "gauge"), one per label set.
-    pub fn family(&mut self, name: &str, help: &str, kind: &str, samples: &[(Vec<(&str, &str)>, f64)]) {
+    pub fn family(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: &str,
+        samples: &[(Vec<(&str, &str)>, f64)],
+    ) {
         self.header(name, help, kind);
         for (pairs, value) in samples {
             let _ = writeln!(self.text, "{name}{} {}", labels(pairs), number(*value));
@@ -86,7 +108,12 @@ impl Exposition {
     }
 
     /// A histogram family over [`LATENCY_BUCKETS`], one per label set.
-    pub fn histograms(&mut self, name: &str, help: &str, series: &[(Vec<(&str, &str)>, &Histogram)]) {
+    pub fn histograms(
+        &mut self,
+        name: &str,
+        help: &str,
+        series: &[(Vec<(&str, &str)>, &Histogram)],
+    ) {
         self.header(name, help, "histogram");
         for (pairs, h) in series {
             let mut cumulative = 0;
@@ -115,7 +142,11 @@ pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Serves `GET /metrics` and `GET /healthz` on `listener` until `shutdown` completes. Requests are
 /// read up to their headers (at most 8 KiB); anything else gets 404.
-pub async fn serve_metrics(listener: tokio::net::TcpListener, render: Render, shutdown: impl Future<Output = ()>) {
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    render: Render,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     loop {
         let (mut stream, _) = tokio::select! {
@@ -141,11 +172,22 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, render: Render, sh
             let line = String::from_utf8_lossy(&request);
             let path = line.split_whitespace().nth(1).unwrap_or_default();
             let (status, kind, body) = match (line.starts_with("GET "), path) {
-                (true, "/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", render()),
+                (true, "/metrics") => (
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    render(),
+                ),
                 (true, "/healthz") => ("200 OK", "text/plain; charset=utf-8", "ok\n".to_string()),
-                _ => ("404 Not Found", "text/plain; charset=utf-8", "not found: GET /metrics or /healthz\n".to_string()),
+                _ => (
+                    "404 Not Found",
+                    "text/plain; charset=utf-8",
+                    "not found: GET /metrics or /healthz\n".to_string(),
+                ),
             };
-            let head = format!("HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
             let _ = stream.write_all(head.as_bytes()).await;
             let _ = stream.write_all(body.as_bytes()).await;
             let _ = stream.shutdown().await;
@@ -165,7 +207,10 @@ pub struct Sample {
 
 fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
 }
 
 /// Parses exposition text strictly (what a scraper and a probe test need): every sample belongs
@@ -184,7 +229,13 @@ pub fn parse(text: &str) -> Result<Vec<Sample>, String> {
             let mut parts = rest.splitn(3, ' ');
             match (parts.next(), parts.next(), parts.next()) {
                 (Some("HELP"), Some(name), Some(_)) if valid_name(name) => {}
-                (Some("TYPE"), Some(name), Some(kind)) if valid_name(name) && ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind) => families.push((name.to_string(), kind.to_string())),
+                (Some("TYPE"), Some(name), Some(kind))
+                    if valid_name(name)
+                        && ["counter", "gauge", "histogram", "summary", "untyped"]
+                            .contains(&kind) =>
+                {
+                    families.push((name.to_string(), kind.to_string()))
+                }
                 _ => return Err(bad("malformed HELP or TYPE")),
             }
             continue;
@@ -197,11 +248,15 @@ pub fn parse(text: &str) -> Result<Vec<Sample>, String> {
         };
         let (name, labels) = match series.split_once('{') {
             Some((name, rest)) => {
-                let inner = rest.strip_suffix('}').ok_or_else(|| bad("unclosed labels"))?;
+                let inner = rest
+                    .strip_suffix('}')
+                    .ok_or_else(|| bad("unclosed labels"))?;
                 let mut labels = Vec::new();
                 let mut rest = inner;
                 while !rest.is_empty() {
-                    let (key, after) = rest.split_once("=\"").ok_or_else(|| bad("label without =\""))?;
+                    let (key, after) = rest
+                        .split_once("=\"")
+                        .ok_or_else(|| bad("label without =\""))?;
                     let mut end = None;
                     let mut escaped = false;
                     for (j, c) in after.char_indices() {
@@ -220,7 +275,9 @@ pub fn parse(text: &str) -> Result<Vec<Sample>, String> {
                         return Err(bad("bad label name"));
                     }
                     labels.push((key.to_string(), after[..end].to_string()));
-                    rest = after[end + 1..].strip_prefix(',').unwrap_or(&after[end + 1..]);
+                    rest = after[end + 1..]
+                        .strip_prefix(',')
+                        .unwrap_or(&after[end + 1..]);
                 }
                 (name, labels)
             }
@@ -229,30 +286,65 @@ pub fn parse(text: &str) -> Result<Vec<Sample>, String> {
         if !valid_name(name) {
             return Err(bad("bad metric name"));
         }
-        let family = families.iter().rev().find(|(f, kind)| name == f || (kind == "histogram" && [format!("{f}_bucket"), format!("{f}_sum"), format!("{f}_count")].iter().any(|n| n == name)));
+        let family = families.iter().rev().find(|(f, kind)| {
+            name == f
+                || (kind == "histogram"
+                    && [
+                        format!("{f}_bucket"),
+                        format!("{f}_sum"),
+                        format!("{f}_count"),
+                    ]
+                    .iter()
+                    .any(|n| n == name))
+        });
         if family.is_none() {
             return Err(bad("sample before its family's # TYPE"));
         }
-        samples.push(Sample { name: name.to_string(), labels, value });
+        samples.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
     }
     // Histograms: cumulative buckets ending at +Inf = count, per label set.
     for (family, _) in families.iter().filter(|(_, kind)| kind == "histogram") {
         let bucket = format!("{family}_bucket");
         let mut series: Vec<(Labels, Vec<(f64, f64)>)> = Vec::new();
         for s in samples.iter().filter(|s| s.name == bucket) {
-            let le = s.labels.iter().find(|(k, _)| k == "le").ok_or_else(|| format!("{bucket} without le"))?;
-            let bound = if le.1 == "+Inf" { f64::INFINITY } else { le.1.parse().map_err(|_| format!("{bucket}: le {:?}", le.1))? };
-            let key: Labels = s.labels.iter().filter(|(k, _)| k != "le").cloned().collect();
+            let le = s
+                .labels
+                .iter()
+                .find(|(k, _)| k == "le")
+                .ok_or_else(|| format!("{bucket} without le"))?;
+            let bound = if le.1 == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.1.parse()
+                    .map_err(|_| format!("{bucket}: le {:?}", le.1))?
+            };
+            let key: Labels = s
+                .labels
+                .iter()
+                .filter(|(k, _)| k != "le")
+                .cloned()
+                .collect();
             match series.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, points)) => points.push((bound, s.value)),
                 None => series.push((key, vec![(bound, s.value)])),
             }
         }
         for (key, points) in &series {
-            if points.windows(2).any(|w| w[0].0 >= w[1].0 || w[0].1 > w[1].1) || points.last().is_none_or(|p| p.0 != f64::INFINITY) {
+            if points
+                .windows(2)
+                .any(|w| w[0].0 >= w[1].0 || w[0].1 > w[1].1)
+                || points.last().is_none_or(|p| p.0 != f64::INFINITY)
+            {
                 return Err(format!("{family}{key:?}: buckets must rise to le=\"+Inf\""));
             }
-            let count = samples.iter().find(|s| s.name == format!("{family}_count") && s.labels == *key).ok_or_else(|| format!("{family}{key:?}: no _count"))?;
+            let count = samples
+                .iter()
+                .find(|s| s.name == format!("{family}_count") && s.labels == *key)
+                .ok_or_else(|| format!("{family}{key:?}: no _count"))?;
             if points.last().map(|p| p.1) != Some(count.value) {
                 return Err(format!("{family}{key:?}: +Inf bucket differs from _count"));
             }
@@ -263,7 +355,15 @@ pub fn parse(text: &str) -> Result<Vec<Sample>, String> {
 
 /// The value of the sample `name` whose labels include all of `labels`.
 pub fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    samples.iter().find(|s| s.name == name && labels.iter().all(|(k, v)| s.labels.iter().any(|(a, b)| a == k && b == v))).map(|s| s.value)
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.iter().any(|(a, b)| a == k && b == v))
+        })
+        .map(|s| s.value)
 }
 
 #[cfg(test)]
@@ -278,20 +378,57 @@ mod tests {
         }
         let mut e = Exposition::default();
         e.counter("x_total", "Things.", 3.0);
-        e.family("jobs", "Jobs by state.", "gauge", &[(vec![("state", "running")], 2.0), (vec![("state", "a\"b")], 0.0)]);
-        e.histograms("lat_seconds", "Latency.", &[(vec![("method", "Encode")], &h)]);
+        e.family(
+            "jobs",
+            "Jobs by state.",
+            "gauge",
+            &[
+                (vec![("state", "running")], 2.0),
+                (vec![("state", "a\"b")], 0.0),
+            ],
+        );
+        e.histograms(
+            "lat_seconds",
+            "Latency.",
+            &[(vec![("method", "Encode")], &h)],
+        );
         let text = e.finish();
-        assert!(text.starts_with("# HELP x_total Things.\n# TYPE x_total counter\nx_total 3\n"), "{text}");
-        assert!(text.contains("jobs{state=\"running\"} 2\n") && text.contains("jobs{state=\"a\\\"b\"} 0\n"), "{text}");
-        assert!(text.contains("lat_seconds_bucket{method=\"Encode\",le=\"0.001\"} 1\n"), "{text}");
-        assert!(text.contains("lat_seconds_bucket{method=\"Encode\",le=\"0.005\"} 3\n"), "{text}");
-        assert!(text.contains("lat_seconds_bucket{method=\"Encode\",le=\"10\"} 3\n"), "{text}");
-        assert!(text.contains("lat_seconds_bucket{method=\"Encode\",le=\"+Inf\"} 4\n"), "{text}");
-        assert!(text.contains("lat_seconds_count{method=\"Encode\"} 4\n"), "{text}");
+        assert!(
+            text.starts_with("# HELP x_total Things.\n# TYPE x_total counter\nx_total 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("jobs{state=\"running\"} 2\n")
+                && text.contains("jobs{state=\"a\\\"b\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_bucket{method=\"Encode\",le=\"0.001\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_bucket{method=\"Encode\",le=\"0.005\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_bucket{method=\"Encode\",le=\"10\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_bucket{method=\"Encode\",le=\"+Inf\"} 4\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("lat_seconds_count{method=\"Encode\"} 4\n"),
+            "{text}"
+        );
         assert_eq!(number(f64::INFINITY), "+Inf");
         let samples = parse(&text).unwrap();
         assert_eq!(value(&samples, "jobs", &[("state", "a\\\"b")]), Some(0.0));
-        assert_eq!(value(&samples, "lat_seconds_count", &[("method", "Encode")]), Some(4.0));
+        assert_eq!(
+            value(&samples, "lat_seconds_count", &[("method", "Encode")]),
+            Some(4.0)
+        );
     }
 
     #[test]
@@ -301,8 +438,14 @@ mod tests {
             ("# TYPE x gauge\nx one\n", "not a number"),
             ("# TYPE x gauge\nx{a=\"1} 1\n", "unterminated"),
             ("# TYPE 1x gauge\n", "malformed"),
-            ("# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_count 1\n", "rise"),
-            ("# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_count 1\n", "differs"),
+            (
+                "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_count 1\n",
+                "rise",
+            ),
+            (
+                "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_count 1\n",
+                "differs",
+            ),
         ] {
             let e = parse(text).unwrap_err();
             assert!(e.contains(why), "{text:?}: {e}");

@@ -55,7 +55,10 @@ impl Job {
     }
 
     pub fn results(&self) -> Option<Arc<Results>> {
-        self.results.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.results
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Asks the job to stop: a queued job ends at once, a running one after its current minibatch.
@@ -81,14 +84,25 @@ impl Job {
 }
 
 pub fn is_terminal(state: pb::JobState) -> bool {
-    matches!(state, pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled)
+    matches!(
+        state,
+        pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled
+    )
 }
 
 /// Share of a mapping done at `stage`: fine-tuning is most of it.
 fn progress(stage: &QueryStage) -> f64 {
     match *stage {
         QueryStage::Surgery => 0.02,
-        QueryStage::FineTuning { epoch, epochs, cells, n_cells } => 0.05 + 0.85 * (epoch as f64 + cells as f64 / n_cells.max(1) as f64) / epochs.max(1) as f64,
+        QueryStage::FineTuning {
+            epoch,
+            epochs,
+            cells,
+            n_cells,
+        } => {
+            0.05 + 0.85 * (epoch as f64 + cells as f64 / n_cells.max(1) as f64)
+                / epochs.max(1) as f64
+        }
         QueryStage::Mapping => 0.92,
     }
 }
@@ -99,7 +113,12 @@ fn progress(stage: &QueryStage) -> f64 {
 pub fn estimate_bytes(dataset: &Dataset, model: &Loaded) -> Result<u64, ServeError> {
     let nnz: u64 = match dataset {
         Dataset::AnnData(a) => a.x().map_err(|e| ServeError::Invalid(e.to_string()))?.nnz,
-        Dataset::MuData(m) => m.modalities.iter().map(|(_, a)| a.x().map(|x| x.nnz)).sum::<Result<u64, _>>().map_err(|e| ServeError::Invalid(e.to_string()))?,
+        Dataset::MuData(m) => m
+            .modalities
+            .iter()
+            .map(|(_, a)| a.x().map(|x| x.nnz))
+            .sum::<Result<u64, _>>()
+            .map_err(|e| ServeError::Invalid(e.to_string()))?,
     };
     let n = dataset.n_obs();
     let d = model.model.reference.n_latent as u64;
@@ -126,21 +145,36 @@ pub struct Jobs {
 
 impl Jobs {
     pub fn new(limits: JobLimits) -> Jobs {
-        let mib = usize::try_from(limits.memory_bytes / MIB).unwrap_or(usize::MAX).min(Semaphore::MAX_PERMITS);
+        let mib = usize::try_from(limits.memory_bytes / MIB)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
         Jobs {
             slots: Arc::new(Semaphore::new(limits.max_jobs.max(1))),
             memory: Arc::new(Semaphore::new(mib)),
             memory_mib: mib,
             limits,
-            table: Arc::new(Mutex::new(Table { jobs: HashMap::new(), finished: VecDeque::new() })),
+            table: Arc::new(Mutex::new(Table {
+                jobs: HashMap::new(),
+                finished: VecDeque::new(),
+            })),
             next: Arc::new(AtomicU64::new(1)),
         }
     }
 
     /// Jobs known (queued, running, and the finished ones kept) by state, every state listed.
     pub fn states(&self) -> BTreeMap<&'static str, usize> {
-        let mut states: BTreeMap<&'static str, usize> = ["queued", "running", "succeeded", "failed", "cancelled"].into_iter().map(|s| (s, 0)).collect();
-        for job in self.table.lock().unwrap_or_else(PoisonError::into_inner).jobs.values() {
+        let mut states: BTreeMap<&'static str, usize> =
+            ["queued", "running", "succeeded", "failed", "cancelled"]
+                .into_iter()
+                .map(|s| (s, 0))
+                .collect();
+        for job in self
+            .table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .jobs
+            .values()
+        {
             let state = match job.status().state() {
                 pb::JobState::Queued | pb::JobState::Unspecified => "queued",
                 pb::JobState::Running => "running",
@@ -155,7 +189,10 @@ impl Jobs {
 
     /// Memory held by the running jobs' estimates.
     pub fn admitted_bytes(&self) -> u64 {
-        (self.memory_mib.saturating_sub(self.memory.available_permits()) as u64) * MIB
+        (self
+            .memory_mib
+            .saturating_sub(self.memory.available_permits()) as u64)
+            * MIB
     }
 
     pub fn budget_bytes(&self) -> u64 {
@@ -163,20 +200,55 @@ impl Jobs {
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<Job>, ServeError> {
-        self.table.lock().unwrap_or_else(PoisonError::into_inner).jobs.get(id).cloned().ok_or_else(|| ServeError::NotFound(format!("no job {id:?} (finished jobs are kept for a while, then forgotten)")))
+        self.table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .jobs
+            .get(id)
+            .cloned()
+            .ok_or_else(|| {
+                ServeError::NotFound(format!(
+                    "no job {id:?} (finished jobs are kept for a while, then forgotten)"
+                ))
+            })
     }
 
     /// Queues `req` on `model`; `estimate` bytes are held while it runs; `scratch` (an upload)
     /// is deleted when it ends.
-    pub fn submit(&self, model: Arc<Loaded>, req: QueryRequest, estimate: u64, scratch: Option<PathBuf>) -> Result<Arc<Job>, ServeError> {
+    pub fn submit(
+        &self,
+        model: Arc<Loaded>,
+        req: QueryRequest,
+        estimate: u64,
+        scratch: Option<PathBuf>,
+    ) -> Result<Arc<Job>, ServeError> {
         let mib = estimate.div_ceil(MIB);
         if estimate > self.limits.memory_bytes {
-            return Err(ServeError::Exhausted(format!("the job needs about {mib} MiB, more than the server's memory budget of {} MiB", self.limits.memory_bytes / MIB)));
+            return Err(ServeError::Exhausted(format!(
+                "the job needs about {mib} MiB, more than the server's memory budget of {} MiB",
+                self.limits.memory_bytes / MIB
+            )));
         }
         let id = format!("query-{}", self.next.fetch_add(1, Ordering::SeqCst));
-        let status = pb::QueryJobStatus { job_id: id.clone(), state: pb::JobState::Queued as i32, stage: "queued".into(), memory_bytes: estimate, ..Default::default() };
-        let job = Arc::new(Job { id: id.clone(), status: watch::channel(status).0, cancel: AtomicBool::new(false), cancelled: Notify::new(), results: Mutex::new(None) });
-        self.table.lock().unwrap_or_else(PoisonError::into_inner).jobs.insert(id.clone(), Arc::clone(&job));
+        let status = pb::QueryJobStatus {
+            job_id: id.clone(),
+            state: pb::JobState::Queued as i32,
+            stage: "queued".into(),
+            memory_bytes: estimate,
+            ..Default::default()
+        };
+        let job = Arc::new(Job {
+            id: id.clone(),
+            status: watch::channel(status).0,
+            cancel: AtomicBool::new(false),
+            cancelled: Notify::new(),
+            results: Mutex::new(None),
+        });
+        self.table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .jobs
+            .insert(id.clone(), Arc::clone(&job));
         tracing::info!(job = %id, model = %model.name, data = %req.data, estimate_mib = mib, "query job queued");
         let this = self.clone();
         let running = Arc::clone(&job);
@@ -189,7 +261,14 @@ impl Jobs {
 
     /// Runs the job; its upload (`scratch`) is removed before its last status is published, so
     /// a client that saw the job end finds the upload gone.
-    async fn run(&self, job: &Arc<Job>, model: Arc<Loaded>, req: QueryRequest, mib: u32, scratch: Option<PathBuf>) {
+    async fn run(
+        &self,
+        job: &Arc<Job>,
+        model: Arc<Loaded>,
+        req: QueryRequest,
+        mib: u32,
+        scratch: Option<PathBuf>,
+    ) {
         let remove_upload = || async {
             if let Some(dir) = &scratch
                 && let Err(e) = tokio::fs::remove_dir_all(dir).await
@@ -200,7 +279,10 @@ impl Jobs {
         // FIFO: tokio's semaphores serve waiters in order, so a large job is not starved.
         let admitted = async {
             let slot = Arc::clone(&self.slots).acquire_owned().await.ok()?;
-            let memory = Arc::clone(&self.memory).acquire_many_owned(mib).await.ok()?;
+            let memory = Arc::clone(&self.memory)
+                .acquire_many_owned(mib)
+                .await
+                .ok()?;
             Some((slot, memory))
         };
         let permits = tokio::select! {
@@ -223,7 +305,11 @@ impl Jobs {
                     s.stage = stage.to_string();
                     s.progress = progress(&stage);
                 });
-                if worker.cancel.load(Ordering::SeqCst) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+                if worker.cancel.load(Ordering::SeqCst) {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
             })?;
             let obs_names = match Dataset::open(&req.data)? {
                 Dataset::AnnData(a) => a.obs()?.index,
@@ -236,17 +322,24 @@ impl Jobs {
         match outcome {
             Ok(Ok(results)) => {
                 let report = serde_json::to_string(&results.output.report).unwrap_or_default();
-                *job.results.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(results));
+                *job.results.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some(Arc::new(results));
                 job.update(|s| s.report_json = report);
                 job.finish(pb::JobState::Succeeded, "done", String::new());
                 tracing::info!(job = %job.id, "query job succeeded");
             }
-            Ok(Err(QueryError::Cancelled)) => job.finish(pb::JobState::Cancelled, "cancelled", String::new()),
+            Ok(Err(QueryError::Cancelled)) => {
+                job.finish(pb::JobState::Cancelled, "cancelled", String::new())
+            }
             Ok(Err(e)) => {
                 tracing::warn!(job = %job.id, error = %e, "query job failed");
                 job.finish(pb::JobState::Failed, "failed", e.to_string());
             }
-            Err(e) => job.finish(pb::JobState::Failed, "failed", format!("the job's thread ended abnormally: {e}")),
+            Err(e) => job.finish(
+                pb::JobState::Failed,
+                "failed",
+                format!("the job's thread ended abnormally: {e}"),
+            ),
         }
     }
 

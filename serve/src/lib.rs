@@ -60,7 +60,9 @@ impl From<ServeError> for Status {
             ServeError::Exists(_) => Status::already_exists(message),
             ServeError::Exhausted(_) => Status::resource_exhausted(message),
             ServeError::Precondition(_) => Status::failed_precondition(message),
-            ServeError::Config(_) | ServeError::Storage(_) | ServeError::Transport(_) => Status::internal(message),
+            ServeError::Config(_) | ServeError::Storage(_) | ServeError::Transport(_) => {
+                Status::internal(message)
+            }
         }
     }
 }
@@ -93,23 +95,45 @@ pub struct ServeConfig {
 pub fn service(config: &ServeConfig) -> Result<AtlasService, ServeError> {
     let registry = Arc::new(Registry::open(&config.registry, config.cached_models)?);
     for (name, folder) in &config.register {
-        registry.register(name, folder, true).map_err(|e| ServeError::Config(format!("--register {name}={folder}: {e}")))?;
+        registry
+            .register(name, folder, true)
+            .map_err(|e| ServeError::Config(format!("--register {name}={folder}: {e}")))?;
     }
-    std::fs::create_dir_all(&config.scratch).map_err(|e| ServeError::Config(format!("scratch {}: {e}", config.scratch.display())))?;
-    let scratch = config.scratch.canonicalize().map_err(|e| ServeError::Config(format!("scratch {}: {e}", config.scratch.display())))?;
+    std::fs::create_dir_all(&config.scratch)
+        .map_err(|e| ServeError::Config(format!("scratch {}: {e}", config.scratch.display())))?;
+    let scratch = config
+        .scratch
+        .canonicalize()
+        .map_err(|e| ServeError::Config(format!("scratch {}: {e}", config.scratch.display())))?;
     let allow = AllowList::new(&config.allow_prefixes)?.with_local(&scratch)?;
-    Ok(AtlasService::new(registry, Jobs::new(config.jobs.clone()), allow, scratch, config.max_upload_bytes, config.default_epochs))
+    Ok(AtlasService::new(
+        registry,
+        Jobs::new(config.jobs.clone()),
+        allow,
+        scratch,
+        config.max_upload_bytes,
+        config.default_epochs,
+    ))
 }
 
 /// Serves `atlas` (from [`service`]) and the gRPC health service on `listener` until
 /// `shutdown` completes.
-pub async fn serve(listener: tokio::net::TcpListener, atlas: AtlasService, config: &ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
-    let bound = listener.local_addr().map_err(|e| ServeError::Config(e.to_string()))?;
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    atlas: AtlasService,
+    config: &ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let bound = listener
+        .local_addr()
+        .map_err(|e| ServeError::Config(e.to_string()))?;
     let calls = atlas.telemetry().calls;
     let tokens = config.tokens.clone();
     // The token is checked before the body is read; the size limits apply to the body.
     let server = tonic::service::interceptor::InterceptedService::new(
-        AtlasServer::new(atlas).max_decoding_message_size(config.max_request_bytes).max_encoding_message_size(config.max_request_bytes),
+        AtlasServer::new(atlas)
+            .max_decoding_message_size(config.max_request_bytes)
+            .max_encoding_message_size(config.max_request_bytes),
         move |request| tokens.check(request),
     );
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -118,8 +142,12 @@ pub async fn serve(listener: tokio::net::TcpListener, atlas: AtlasService, confi
     if let Some((cert, key)) = &config.tls {
         // Already installed (a second server in this process) is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| ServeError::Config(format!("TLS {}: {e}", p.display())));
-        builder = builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?)))?;
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|e| ServeError::Config(format!("TLS {}: {e}", p.display())))
+        };
+        builder = builder.tls_config(
+            ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?)),
+        )?;
     }
     tracing::info!(listen = %bound, tls = config.tls.is_some(), registry = %config.registry, "atlas serving");
     let (shutdown, deadline) = drain_deadline(shutdown, DRAIN);
@@ -127,7 +155,10 @@ pub async fn serve(listener: tokio::net::TcpListener, atlas: AtlasService, confi
         .add_service(health_service)
         .add_service(server)
         // Without TCP_NODELAY small answers wait for the client's delayed ACK (~40 ms each).
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown);
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        );
     tokio::select! {
         served = serving => served?,
         () = deadline => {}
@@ -141,7 +172,10 @@ pub const DRAIN: Duration = Duration::from_secs(10);
 /// `shutdown` passed on to a server, and a future that completes `drain` after it: a server
 /// stops accepting at the first and finishes open calls, but a watch stream or a long poll
 /// would hold it (and the pod) open for good; at the second it is dropped with them.
-pub fn drain_deadline(shutdown: impl Future<Output = ()>, drain: Duration) -> (impl Future<Output = ()>, impl Future<Output = ()>) {
+pub fn drain_deadline(
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) -> (impl Future<Output = ()>, impl Future<Output = ()>) {
     let (fired, mut seen) = tokio::sync::watch::channel(false);
     let signal = async move {
         shutdown.await;

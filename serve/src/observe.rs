@@ -20,18 +20,49 @@ pub struct CallStats {
 
 /// gRPC status codes by number, as their canonical names.
 fn code_name(code: &str) -> &'static str {
-    const NAMES: [&str; 17] = ["OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"];
-    code.parse::<usize>().ok().and_then(|c| NAMES.get(c).copied()).unwrap_or("UNKNOWN")
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    code.parse::<usize>()
+        .ok()
+        .and_then(|c| NAMES.get(c).copied())
+        .unwrap_or("UNKNOWN")
 }
 
 impl CallStats {
     pub fn observe(&self, method: &str, code: &str, seconds: f64) {
-        self.calls.lock().unwrap_or_else(PoisonError::into_inner).entry((method.to_string(), code.to_string())).or_default().observe(seconds);
+        self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry((method.to_string(), code.to_string()))
+            .or_default()
+            .observe(seconds);
     }
 
     /// (method, code) → calls so far.
     pub fn counts(&self) -> BTreeMap<(String, String), u64> {
-        self.calls.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(k, h)| (k.clone(), h.count)).collect()
+        self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, h)| (k.clone(), h.count))
+            .collect()
     }
 }
 
@@ -45,7 +76,10 @@ impl<S> tower_layer::Layer<S> for Observe {
     type Service = Observed<S>;
 
     fn layer(&self, inner: S) -> Observed<S> {
-        Observed { inner, stats: Arc::clone(&self.0) }
+        Observed {
+            inner,
+            stats: Arc::clone(&self.0),
+        }
     }
 }
 
@@ -71,14 +105,24 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let method = request.uri().path().rsplit('/').next().unwrap_or_default().to_string();
+        let method = request
+            .uri()
+            .path()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         let stats = Arc::clone(&self.stats);
         let started = Instant::now();
         let answer = self.inner.call(request);
         Box::pin(async move {
             let answer = answer.await;
             let code = match &answer {
-                Ok(response) => response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).map_or("OK", code_name),
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .map_or("OK", code_name),
                 Err(_) => "TRANSPORT_ERROR",
             };
             stats.observe(&method, code, started.elapsed().as_secs_f64());
@@ -98,9 +142,27 @@ pub struct Telemetry {
 impl Telemetry {
     pub fn render(&self) -> String {
         let mut e = Exposition::default();
-        let calls = self.calls.calls.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        let totals: Vec<(Vec<(&str, &str)>, f64)> = calls.iter().map(|((m, c), h)| (vec![("method", m.as_str()), ("code", c.as_str())], h.count as f64)).collect();
-        e.family("tessera_serve_requests_total", "gRPC calls answered, by method and status.", "counter", &totals);
+        let calls = self
+            .calls
+            .calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let totals: Vec<(Vec<(&str, &str)>, f64)> = calls
+            .iter()
+            .map(|((m, c), h)| {
+                (
+                    vec![("method", m.as_str()), ("code", c.as_str())],
+                    h.count as f64,
+                )
+            })
+            .collect();
+        e.family(
+            "tessera_serve_requests_total",
+            "gRPC calls answered, by method and status.",
+            "counter",
+            &totals,
+        );
         // Latency by method, whatever the status.
         let mut by_method: BTreeMap<&str, Histogram> = BTreeMap::new();
         for ((m, _), h) in &calls {
@@ -111,14 +173,41 @@ impl Telemetry {
             all.count += h.count;
             all.sum += h.sum;
         }
-        let series: Vec<(Vec<(&str, &str)>, &Histogram)> = by_method.iter().map(|(m, h)| (vec![("method", *m)], h)).collect();
-        e.histograms("tessera_serve_request_duration_seconds", "Time to answer a gRPC call (to the start of a streamed answer).", &series);
+        let series: Vec<(Vec<(&str, &str)>, &Histogram)> = by_method
+            .iter()
+            .map(|(m, h)| (vec![("method", *m)], h))
+            .collect();
+        e.histograms(
+            "tessera_serve_request_duration_seconds",
+            "Time to answer a gRPC call (to the start of a streamed answer).",
+            &series,
+        );
         let states = self.jobs.states();
-        let jobs: Vec<(Vec<(&str, &str)>, f64)> = states.iter().map(|(s, n)| (vec![("state", *s)], *n as f64)).collect();
-        e.family("tessera_serve_jobs", "Mapping jobs known to this replica, by state.", "gauge", &jobs);
-        e.gauge("tessera_serve_memory_admitted_bytes", "Memory estimates of the running jobs.", self.jobs.admitted_bytes() as f64);
-        e.gauge("tessera_serve_memory_budget_bytes", "The jobs' memory budget.", self.jobs.budget_bytes() as f64);
-        e.gauge("tessera_serve_models_loaded", "Registered models held in memory.", self.registry.cached().len() as f64);
+        let jobs: Vec<(Vec<(&str, &str)>, f64)> = states
+            .iter()
+            .map(|(s, n)| (vec![("state", *s)], *n as f64))
+            .collect();
+        e.family(
+            "tessera_serve_jobs",
+            "Mapping jobs known to this replica, by state.",
+            "gauge",
+            &jobs,
+        );
+        e.gauge(
+            "tessera_serve_memory_admitted_bytes",
+            "Memory estimates of the running jobs.",
+            self.jobs.admitted_bytes() as f64,
+        );
+        e.gauge(
+            "tessera_serve_memory_budget_bytes",
+            "The jobs' memory budget.",
+            self.jobs.budget_bytes() as f64,
+        );
+        e.gauge(
+            "tessera_serve_models_loaded",
+            "Registered models held in memory.",
+            self.registry.cached().len() as f64,
+        );
         e.finish()
     }
 }

@@ -32,20 +32,30 @@ pub struct Loaded {
 
 impl std::fmt::Debug for Loaded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Loaded").field("name", &self.name).field("model", &self.model).finish_non_exhaustive()
+        f.debug_struct("Loaded")
+            .field("name", &self.name)
+            .field("model", &self.model)
+            .finish_non_exhaustive()
     }
 }
 
 impl Loaded {
     /// Latent means of `cells` with the reference model as trained.
     pub fn encode(&self, cells: &Cells) -> Result<Vec<f32>, QueryError> {
-        let pooled = self.encoders.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let pooled = self
+            .encoders
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
         let mut encoder = match pooled {
             Some(e) => e,
             None => self.model.encoder()?,
         };
         let z = self.model.encode(&mut encoder, cells);
-        self.encoders.lock().unwrap_or_else(PoisonError::into_inner).push(encoder);
+        self.encoders
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(encoder);
         z
     }
 }
@@ -62,61 +72,121 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry").field("location", &self.location).field("cache_size", &self.cache_size).finish_non_exhaustive()
+        f.debug_struct("Registry")
+            .field("location", &self.location)
+            .field("cache_size", &self.cache_size)
+            .finish_non_exhaustive()
     }
 }
 
 /// Names become keys in the registry's store: a closed alphabet keeps them from escaping it.
 fn check_name(name: &str) -> Result<(), ServeError> {
-    let ok = !name.is_empty() && name.len() <= 64 && !name.starts_with('.') && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok { Ok(()) } else { Err(ServeError::Invalid(format!("model name {name:?}: expected 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'"))) }
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ServeError::Invalid(format!(
+            "model name {name:?}: expected 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'"
+        )))
+    }
 }
 
 impl Registry {
     /// The registry at `location` (created when missing), keeping up to `cache_size` models
     /// loaded.
     pub fn open(location: &str, cache_size: usize) -> Result<Registry, ServeError> {
-        let store = Store::connect(location).map_err(|e| ServeError::Config(format!("registry: {e}")))?;
-        Ok(Registry { store, location: location.to_string(), index: Mutex::new(()), cache: Mutex::new(Vec::new()), cache_size: cache_size.max(1) })
+        let store =
+            Store::connect(location).map_err(|e| ServeError::Config(format!("registry: {e}")))?;
+        Ok(Registry {
+            store,
+            location: location.to_string(),
+            index: Mutex::new(()),
+            cache: Mutex::new(Vec::new()),
+            cache_size: cache_size.max(1),
+        })
     }
 
     fn read_index(&self) -> Result<BTreeMap<String, Entry>, ServeError> {
-        match self.store.get_bytes(INDEX).map_err(|e| ServeError::Storage(e.to_string()))? {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| ServeError::Storage(format!("{}/{INDEX}: {e}", self.location))),
+        match self
+            .store
+            .get_bytes(INDEX)
+            .map_err(|e| ServeError::Storage(e.to_string()))?
+        {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| ServeError::Storage(format!("{}/{INDEX}: {e}", self.location))),
             None => Ok(BTreeMap::new()),
         }
     }
 
     /// Copies the model folder at `source` in as `name` after checking that it loads.
-    pub fn register(&self, name: &str, source: &str, replace: bool) -> Result<ModelSummary, ServeError> {
+    pub fn register(
+        &self,
+        name: &str,
+        source: &str,
+        replace: bool,
+    ) -> Result<ModelSummary, ServeError> {
         check_name(name)?;
         let _guard = self.index.lock().unwrap_or_else(PoisonError::into_inner);
         let mut index = self.read_index()?;
         if index.contains_key(name) && !replace {
-            return Err(ServeError::Exists(format!("model {name:?} is already registered (from {}); set replace to overwrite it", index[name].source_url)));
+            return Err(ServeError::Exists(format!(
+                "model {name:?} is already registered (from {}); set replace to overwrite it",
+                index[name].source_url
+            )));
         }
-        let folder = Store::folder(source).map_err(|e| ServeError::Invalid(format!("source_url: {e}")))?;
+        let folder =
+            Store::folder(source).map_err(|e| ServeError::Invalid(format!("source_url: {e}")))?;
         let mut files = Vec::with_capacity(MODEL_FILES.len());
         for file in MODEL_FILES {
-            let bytes = folder.get_bytes(file).map_err(|e| ServeError::Invalid(format!("source_url: {e}")))?;
-            files.push(bytes.ok_or_else(|| ServeError::Invalid(format!("source_url {source:?} has no {file} (expected the folder `tessera train --out` wrote)")))?);
+            let bytes = folder
+                .get_bytes(file)
+                .map_err(|e| ServeError::Invalid(format!("source_url: {e}")))?;
+            let missing = || {
+                ServeError::Invalid(format!(
+                    "source_url {source:?} has no {file} \
+                     (expected the folder `tessera train --out` wrote)"
+                ))
+            };
+            files.push(bytes.ok_or_else(missing)?);
         }
-        let model = ReferenceModel::from_files(source, &files[0], &files[1], &files[2]).map_err(|e| ServeError::Invalid(e.to_string()))?;
+        let model = ReferenceModel::from_files(source, &files[0], &files[1], &files[2])
+            .map_err(|e| ServeError::Invalid(e.to_string()))?;
         for (file, bytes) in MODEL_FILES.iter().zip(files) {
-            self.store.set_bytes(&format!("{name}/{file}"), bytes).map_err(|e| ServeError::Storage(e.to_string()))?;
+            self.store
+                .set_bytes(&format!("{name}/{file}"), bytes)
+                .map_err(|e| ServeError::Storage(e.to_string()))?;
         }
         let summary = model.summary();
-        index.insert(name.to_string(), Entry { source_url: source.to_string(), summary: summary.clone() });
-        let json = serde_json::to_vec_pretty(&index).map_err(|e| ServeError::Storage(e.to_string()))?;
-        self.store.set_bytes(INDEX, json).map_err(|e| ServeError::Storage(e.to_string()))?;
-        self.cache.lock().unwrap_or_else(PoisonError::into_inner).retain(|l| l.name != name);
+        index.insert(
+            name.to_string(),
+            Entry {
+                source_url: source.to_string(),
+                summary: summary.clone(),
+            },
+        );
+        let json =
+            serde_json::to_vec_pretty(&index).map_err(|e| ServeError::Storage(e.to_string()))?;
+        self.store
+            .set_bytes(INDEX, json)
+            .map_err(|e| ServeError::Storage(e.to_string()))?;
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|l| l.name != name);
         tracing::info!(name, source, "model registered");
         Ok(summary)
     }
 
     /// A registered model's entry; unknown names are NotFound.
     pub fn entry(&self, name: &str) -> Result<Entry, ServeError> {
-        self.list()?.remove(name).ok_or_else(|| ServeError::NotFound(format!("no model named {name:?} is registered")))
+        self.list()?
+            .remove(name)
+            .ok_or_else(|| ServeError::NotFound(format!("no model named {name:?} is registered")))
     }
 
     pub fn list(&self) -> Result<BTreeMap<String, Entry>, ServeError> {
@@ -137,8 +207,14 @@ impl Registry {
         }
         check_name(name)?;
         self.entry(name)?;
-        let model = ReferenceModel::open(&format!("{}/{name}", self.location.trim_end_matches('/'))).map_err(|e| ServeError::Storage(e.to_string()))?;
-        let loaded = Arc::new(Loaded { name: name.to_string(), model, encoders: Mutex::new(Vec::new()) });
+        let model =
+            ReferenceModel::open(&format!("{}/{name}", self.location.trim_end_matches('/')))
+                .map_err(|e| ServeError::Storage(e.to_string()))?;
+        let loaded = Arc::new(Loaded {
+            name: name.to_string(),
+            model,
+            encoders: Mutex::new(Vec::new()),
+        });
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         cache.retain(|l| l.name != name);
         cache.push(Arc::clone(&loaded));
@@ -151,6 +227,11 @@ impl Registry {
 
     /// Names of the models in memory, least recently used first.
     pub fn cached(&self) -> Vec<String> {
-        self.cache.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|l| l.name.clone()).collect()
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|l| l.name.clone())
+            .collect()
     }
 }

@@ -16,11 +16,11 @@ use tessera_worker::query::{Cells, CellsModality, ModelSummary, Outputs, QueryRe
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::ServeError;
 use crate::access::AllowList;
 use crate::jobs::{Jobs, estimate_bytes, is_terminal};
 use crate::observe::{CallStats, Telemetry};
 use crate::registry::Registry;
-use crate::ServeError;
 
 /// Fine-tuning epochs when a job does not say (scArches fine-tunes for a few hundred; our
 /// quick default maps simulated and PBMC queries at full accuracy).
@@ -43,26 +43,58 @@ pub struct AtlasService {
 }
 
 impl AtlasService {
-    pub fn new(registry: Arc<Registry>, jobs: Jobs, allow: AllowList, scratch: PathBuf, max_upload_bytes: u64, default_epochs: usize) -> AtlasService {
-        AtlasService { registry, jobs, allow, scratch, max_upload_bytes, default_epochs, uploads: AtomicU64::new(0), calls: Arc::default() }
+    pub fn new(
+        registry: Arc<Registry>,
+        jobs: Jobs,
+        allow: AllowList,
+        scratch: PathBuf,
+        max_upload_bytes: u64,
+        default_epochs: usize,
+    ) -> AtlasService {
+        AtlasService {
+            registry,
+            jobs,
+            allow,
+            scratch,
+            max_upload_bytes,
+            default_epochs,
+            uploads: AtomicU64::new(0),
+            calls: Arc::default(),
+        }
     }
 
     /// Handles on what the metrics endpoint reports (taken before the service is served).
     pub fn telemetry(&self) -> Telemetry {
-        Telemetry { calls: Arc::clone(&self.calls), jobs: self.jobs.clone(), registry: Arc::clone(&self.registry) }
+        Telemetry {
+            calls: Arc::clone(&self.calls),
+            jobs: self.jobs.clone(),
+            registry: Arc::clone(&self.registry),
+        }
     }
 }
 
 /// Runs blocking work (store reads, model loading, encoding) off the async threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ServeError> + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker thread: {e}")))?.map_err(Status::from)
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ServeError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("worker thread: {e}")))?
+        .map_err(Status::from)
 }
 
 fn model_info(name: &str, source_url: &str, s: ModelSummary) -> pb::ModelInfo {
     pb::ModelInfo {
         name: name.to_string(),
         source_url: source_url.to_string(),
-        modalities: s.modalities.into_iter().map(|(name, g)| pb::ModalityInfo { name, n_features: g as u32 }).collect(),
+        modalities: s
+            .modalities
+            .into_iter()
+            .map(|(name, g)| pb::ModalityInfo {
+                name,
+                n_features: g as u32,
+            })
+            .collect(),
         batch_key: s.batch_key.unwrap_or_default(),
         batches: s.batches,
         label_key: s.label_key.unwrap_or_default(),
@@ -75,8 +107,16 @@ fn model_info(name: &str, source_url: &str, s: ModelSummary) -> pb::ModelInfo {
 /// A relative path inside an uploaded store: plain segments only.
 fn upload_path(path: &str) -> Result<&Path, Status> {
     let p = Path::new(path);
-    let plain = !path.is_empty() && !path.contains('\\') && p.components().all(|c| matches!(c, Component::Normal(_)));
-    if plain { Ok(p) } else { Err(Status::invalid_argument(format!("upload path {path:?}: expected a relative path inside the store (no '..', no leading '/')"))) }
+    let plain = !path.is_empty()
+        && !path.contains('\\')
+        && p.components().all(|c| matches!(c, Component::Normal(_)));
+    if plain {
+        Ok(p)
+    } else {
+        Err(Status::invalid_argument(format!(
+            "upload path {path:?}: expected a relative path inside the store (no '..', no leading '/')"
+        )))
+    }
 }
 
 /// An Encode modality as CSR counts, every index and value checked.
@@ -84,18 +124,37 @@ fn csr(m: &pb::EncodeModality) -> Result<Csr, Status> {
     let bad = |what: String| Status::invalid_argument(format!("modalities[{:?}]: {what}", m.name));
     let (rows, cols) = (m.n_cells as usize, m.n_features as usize);
     if m.indptr.len() != rows + 1 || m.indptr.first() != Some(&0) {
-        return Err(bad(format!("indptr has {} entries, expected n_cells + 1 = {} starting at 0", m.indptr.len(), rows + 1)));
+        return Err(bad(format!(
+            "indptr has {} entries, expected n_cells + 1 = {} starting at 0",
+            m.indptr.len(),
+            rows + 1
+        )));
     }
-    if m.indptr.windows(2).any(|w| w[0] > w[1]) || m.indptr.last().copied() != Some(m.indices.len() as u64) || m.indices.len() != m.data.len() {
-        return Err(bad(format!("indptr must rise to the number of indices ({}) and data ({})", m.indices.len(), m.data.len())));
+    if m.indptr.windows(2).any(|w| w[0] > w[1])
+        || m.indptr.last().copied() != Some(m.indices.len() as u64)
+        || m.indices.len() != m.data.len()
+    {
+        return Err(bad(format!(
+            "indptr must rise to the number of indices ({}) and data ({})",
+            m.indices.len(),
+            m.data.len()
+        )));
     }
     if let Some(j) = m.indices.iter().find(|&&j| j as usize >= cols) {
         return Err(bad(format!("column index {j} outside n_features = {cols}")));
     }
     if let Some(v) = m.data.iter().find(|v| !v.is_finite() || **v < 0.0) {
-        return Err(bad(format!("count {v}: expected finite, non-negative counts")));
+        return Err(bad(format!(
+            "count {v}: expected finite, non-negative counts"
+        )));
     }
-    Ok(Csr { n_rows: rows, n_cols: cols, indptr: m.indptr.clone(), indices: m.indices.clone(), data: m.data.clone() })
+    Ok(Csr {
+        n_rows: rows,
+        n_cols: cols,
+        indptr: m.indptr.clone(),
+        indices: m.indices.clone(),
+        data: m.data.clone(),
+    })
 }
 
 type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::QueryJobStatus, Status>> + Send>>;
@@ -103,7 +162,10 @@ type ResultsStream = Pin<Box<dyn Stream<Item = Result<pb::QueryResultsChunk, Sta
 
 #[tonic::async_trait]
 impl Atlas for AtlasService {
-    async fn register_model(&self, request: Request<pb::RegisterModelRequest>) -> Result<Response<pb::ModelInfo>, Status> {
+    async fn register_model(
+        &self,
+        request: Request<pb::RegisterModelRequest>,
+    ) -> Result<Response<pb::ModelInfo>, Status> {
         let r = request.into_inner();
         self.allow.check("source_url", &r.source_url)?;
         let registry = Arc::clone(&self.registry);
@@ -112,16 +174,26 @@ impl Atlas for AtlasService {
         Ok(Response::new(model_info(&r.name, &r.source_url, summary)))
     }
 
-    async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+    async fn list_models(
+        &self,
+        _: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let registry = Arc::clone(&self.registry);
         let models = blocking(move || {
-            Ok(registry.list()?.into_iter().map(|(name, entry)| model_info(&name, &entry.source_url, entry.summary)).collect())
+            Ok(registry
+                .list()?
+                .into_iter()
+                .map(|(name, entry)| model_info(&name, &entry.source_url, entry.summary))
+                .collect())
         })
         .await?;
         Ok(Response::new(pb::ListModelsResponse { models }))
     }
 
-    async fn describe_model(&self, request: Request<pb::DescribeModelRequest>) -> Result<Response<pb::ModelInfo>, Status> {
+    async fn describe_model(
+        &self,
+        request: Request<pb::DescribeModelRequest>,
+    ) -> Result<Response<pb::ModelInfo>, Status> {
         let name = request.into_inner().name;
         let registry = Arc::clone(&self.registry);
         let info = blocking(move || {
@@ -132,14 +204,23 @@ impl Atlas for AtlasService {
         Ok(Response::new(info))
     }
 
-    async fn upload(&self, request: Request<Streaming<pb::UploadChunk>>) -> Result<Response<pb::UploadResponse>, Status> {
+    async fn upload(
+        &self,
+        request: Request<Streaming<pb::UploadChunk>>,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
         let id = self.uploads.fetch_add(1, Ordering::SeqCst);
-        let dir = self.scratch.join(format!("upload-{}-{id}", std::process::id()));
+        let dir = self
+            .scratch
+            .join(format!("upload-{}-{id}", std::process::id()));
         let received = receive(request.into_inner(), &dir, self.max_upload_bytes).await;
         match received {
             Ok((bytes, files)) => {
                 tracing::info!(dir = %dir.display(), bytes, files, "query store uploaded");
-                Ok(Response::new(pb::UploadResponse { data_url: dir.display().to_string(), bytes, files }))
+                Ok(Response::new(pb::UploadResponse {
+                    data_url: dir.display().to_string(),
+                    bytes,
+                    files,
+                }))
             }
             Err(status) => {
                 // Nothing half-written stays behind.
@@ -149,41 +230,67 @@ impl Atlas for AtlasService {
         }
     }
 
-    async fn submit_query(&self, request: Request<pb::QueryJob>) -> Result<Response<pb::QueryJobStatus>, Status> {
+    async fn submit_query(
+        &self,
+        request: Request<pb::QueryJob>,
+    ) -> Result<Response<pb::QueryJobStatus>, Status> {
         let r = request.into_inner();
         self.allow.check("data_url", &r.data_url)?;
         if let Some(w) = &r.write_back
             && (w.embedding_key.is_empty() || w.label_key.is_empty())
         {
-            return Err(Status::invalid_argument("write_back: embedding_key and label_key must both be named"));
+            return Err(Status::invalid_argument(
+                "write_back: embedding_key and label_key must both be named",
+            ));
         }
         let req = QueryRequest {
             data: r.data_url.clone(),
             batch_key: (!r.batch_key.is_empty()).then(|| r.batch_key.clone()),
-            epochs: if r.epochs == 0 { self.default_epochs } else { r.epochs as usize },
-            unfreeze: Unfreeze { encoder_input: r.unfreeze_encoder_input, decoder_input: r.unfreeze_decoder_input },
-            neighbours: if r.neighbours == 0 { DEFAULT_NEIGHBOURS } else { r.neighbours as usize },
-            write: r.write_back.map(|w| Outputs { embedding_key: w.embedding_key, label_key: w.label_key, overwrite: w.overwrite }),
+            epochs: if r.epochs == 0 {
+                self.default_epochs
+            } else {
+                r.epochs as usize
+            },
+            unfreeze: Unfreeze {
+                encoder_input: r.unfreeze_encoder_input,
+                decoder_input: r.unfreeze_decoder_input,
+            },
+            neighbours: if r.neighbours == 0 {
+                DEFAULT_NEIGHBOURS
+            } else {
+                r.neighbours as usize
+            },
+            write: r.write_back.map(|w| Outputs {
+                embedding_key: w.embedding_key,
+                label_key: w.label_key,
+                overwrite: w.overwrite,
+            }),
             seed: r.seed,
         };
         let registry = Arc::clone(&self.registry);
         let (model_name, data) = (r.model.clone(), r.data_url.clone());
         let (model, estimate) = blocking(move || {
             let model = registry.get(&model_name)?;
-            let dataset = Dataset::open(&data).map_err(|e| ServeError::Invalid(format!("data_url: {e}")))?;
+            let dataset =
+                Dataset::open(&data).map_err(|e| ServeError::Invalid(format!("data_url: {e}")))?;
             let estimate = estimate_bytes(&dataset, &model)?;
             Ok((model, estimate))
         })
         .await?;
         // An uploaded store is the job's own: removed when it ends.
-        let scratch = Path::new(&r.data_url).starts_with(&self.scratch).then(|| PathBuf::from(&r.data_url));
+        let scratch = Path::new(&r.data_url)
+            .starts_with(&self.scratch)
+            .then(|| PathBuf::from(&r.data_url));
         let job = self.jobs.submit(model, req, estimate, scratch)?;
         Ok(Response::new(job.status()))
     }
 
     type WatchQueryStream = StatusStream;
 
-    async fn watch_query(&self, request: Request<pb::JobRef>) -> Result<Response<StatusStream>, Status> {
+    async fn watch_query(
+        &self,
+        request: Request<pb::JobRef>,
+    ) -> Result<Response<StatusStream>, Status> {
         let job = self.jobs.get(&request.into_inner().job_id)?;
         let updates = futures::stream::unfold((job.watch(), false), |(mut rx, done)| async move {
             if done {
@@ -199,7 +306,10 @@ impl Atlas for AtlasService {
         Ok(Response::new(Box::pin(updates)))
     }
 
-    async fn cancel_query(&self, request: Request<pb::JobRef>) -> Result<Response<pb::QueryJobStatus>, Status> {
+    async fn cancel_query(
+        &self,
+        request: Request<pb::JobRef>,
+    ) -> Result<Response<pb::QueryJobStatus>, Status> {
         let job = self.jobs.get(&request.into_inner().job_id)?;
         job.cancel();
         Ok(Response::new(job.status()))
@@ -207,11 +317,19 @@ impl Atlas for AtlasService {
 
     type QueryResultsStream = ResultsStream;
 
-    async fn query_results(&self, request: Request<pb::JobRef>) -> Result<Response<ResultsStream>, Status> {
+    async fn query_results(
+        &self,
+        request: Request<pb::JobRef>,
+    ) -> Result<Response<ResultsStream>, Status> {
         let job = self.jobs.get(&request.into_inner().job_id)?;
         let status = job.status();
         let Some(results) = job.results() else {
-            return Err(Status::failed_precondition(format!("job {} is {} ({}): results exist once it has succeeded", job.id, status.state().as_str_name(), status.stage)));
+            return Err(Status::failed_precondition(format!(
+                "job {} is {} ({}): results exist once it has succeeded",
+                job.id,
+                status.state().as_str_name(),
+                status.stage
+            )));
         };
         let n = results.output.report.n_cells;
         let starts: Vec<usize> = (0..n.max(1)).step_by(RESULT_CHUNK_CELLS).collect();
@@ -222,44 +340,101 @@ impl Atlas for AtlasService {
             Ok(pb::QueryResultsChunk {
                 n_cells: n as u64,
                 n_latent: d as u32,
-                label_categories: if start == 0 { out.label_categories.clone() } else { Vec::new() },
+                label_categories: if start == 0 {
+                    out.label_categories.clone()
+                } else {
+                    Vec::new()
+                },
                 offset: start as u64,
-                obs_names: results.obs_names.get(start..end).unwrap_or_default().to_vec(),
+                obs_names: results
+                    .obs_names
+                    .get(start..end)
+                    .unwrap_or_default()
+                    .to_vec(),
                 embedding: out.embedding[start * d..end * d].to_vec(),
                 labels: labels.iter().map(|t| t.label).collect(),
                 uncertainty: labels.iter().map(|t| t.uncertainty).collect(),
-                classifier_labels: out.classifier_labels.get(start..end).unwrap_or_default().to_vec(),
+                classifier_labels: out
+                    .classifier_labels
+                    .get(start..end)
+                    .unwrap_or_default()
+                    .to_vec(),
             })
         });
         Ok(Response::new(Box::pin(chunks)))
     }
 
-    async fn encode(&self, request: Request<pb::EncodeRequest>) -> Result<Response<pb::EncodeResponse>, Status> {
+    async fn encode(
+        &self,
+        request: Request<pb::EncodeRequest>,
+    ) -> Result<Response<pb::EncodeResponse>, Status> {
         let r = request.into_inner();
         if r.modalities.is_empty() {
-            return Err(Status::invalid_argument("modalities: at least one modality's counts expected"));
+            return Err(Status::invalid_argument(
+                "modalities: at least one modality's counts expected",
+            ));
         }
-        let mut cells = Cells { modalities: Vec::with_capacity(r.modalities.len()), batches: r.batches };
+        let mut cells = Cells {
+            modalities: Vec::with_capacity(r.modalities.len()),
+            batches: r.batches,
+        };
         for m in &r.modalities {
-            cells.modalities.push(CellsModality { name: m.name.clone(), var_names: m.var_names.clone(), counts: csr(m)? });
+            cells.modalities.push(CellsModality {
+                name: m.name.clone(),
+                var_names: m.var_names.clone(),
+                counts: csr(m)?,
+            });
         }
         let registry = Arc::clone(&self.registry);
-        let (transfer, neighbours) = (r.transfer_labels, if r.neighbours == 0 { DEFAULT_NEIGHBOURS } else { r.neighbours as usize });
+        let (transfer, neighbours) = (
+            r.transfer_labels,
+            if r.neighbours == 0 {
+                DEFAULT_NEIGHBOURS
+            } else {
+                r.neighbours as usize
+            },
+        );
         let response = blocking(move || {
             let loaded = registry.get(&r.model)?;
-            let latent = loaded.encode(&cells).map_err(|e| ServeError::Invalid(e.to_string()))?;
+            let latent = loaded
+                .encode(&cells)
+                .map_err(|e| ServeError::Invalid(e.to_string()))?;
             let reference = &loaded.model.reference;
             let d = reference.n_latent;
             let (mut labels, mut uncertainty) = (Vec::new(), Vec::new());
             if transfer {
                 if reference.labels.is_empty() {
-                    return Err(ServeError::Precondition(format!("model {:?} has no reference labels to transfer", r.model)));
+                    return Err(ServeError::Precondition(format!(
+                        "model {:?} has no reference labels to transfer",
+                        r.model
+                    )));
                 }
-                let transferred = tessera_metrics::transfer::knn_transfer(&reference.latent, &reference.labels, &latent, d, neighbours).map_err(|e| ServeError::Invalid(e.to_string()))?;
-                labels = transferred.iter().map(|t| usize::try_from(t.label).ok().and_then(|c| reference.label_categories.get(c)).cloned().unwrap_or_default()).collect();
+                let transferred = tessera_metrics::transfer::knn_transfer(
+                    &reference.latent,
+                    &reference.labels,
+                    &latent,
+                    d,
+                    neighbours,
+                )
+                .map_err(|e| ServeError::Invalid(e.to_string()))?;
+                labels = transferred
+                    .iter()
+                    .map(|t| {
+                        usize::try_from(t.label)
+                            .ok()
+                            .and_then(|c| reference.label_categories.get(c))
+                            .cloned()
+                            .unwrap_or_default()
+                    })
+                    .collect();
                 uncertainty = transferred.iter().map(|t| t.uncertainty).collect();
             }
-            Ok(pb::EncodeResponse { n_latent: d as u32, latent, labels, uncertainty })
+            Ok(pb::EncodeResponse {
+                n_latent: d as u32,
+                latent,
+                labels,
+                uncertainty,
+            })
         })
         .await?;
         Ok(Response::new(response))
@@ -267,39 +442,67 @@ impl Atlas for AtlasService {
 }
 
 /// Writes an upload's chunks under `dir`; (bytes, files) received.
-async fn receive(mut chunks: Streaming<pb::UploadChunk>, dir: &Path, limit: u64) -> Result<(u64, u32), Status> {
-    tokio::fs::create_dir_all(dir).await.map_err(|e| Status::internal(format!("creating the upload folder: {e}")))?;
+async fn receive(
+    mut chunks: Streaming<pb::UploadChunk>,
+    dir: &Path,
+    limit: u64,
+) -> Result<(u64, u32), Status> {
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| Status::internal(format!("creating the upload folder: {e}")))?;
     let (mut bytes, mut files) = (0u64, 0u32);
     let mut current: Option<(String, tokio::fs::File)> = None;
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk?;
         bytes += chunk.data.len() as u64;
         if bytes > limit {
-            return Err(Status::resource_exhausted(format!("upload larger than the server's limit of {limit} bytes")));
+            return Err(Status::resource_exhausted(format!(
+                "upload larger than the server's limit of {limit} bytes"
+            )));
         }
         if current.as_ref().is_none_or(|(path, _)| *path != chunk.path) {
             let relative = upload_path(&chunk.path)?;
             let path = dir.join(relative);
             if let Some(parent) = path.parent() {
-                tokio::fs::create_dir_all(parent).await.map_err(|e| Status::internal(format!("upload {}: {e}", chunk.path)))?;
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .map_err(|e| Status::internal(format!("upload {}: {e}", chunk.path)))?;
             }
             // A path sent twice, not in a row, would be overwritten: refused instead.
-            let file = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&path).await.map_err(|e| Status::invalid_argument(format!("upload path {:?}: {e} (each file's chunks must come in a row)", chunk.path)))?;
+            let file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .await
+                .map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "upload path {:?}: {e} (each file's chunks must come in a row)",
+                        chunk.path
+                    ))
+                })?;
             if let Some((_, mut done)) = current.take() {
-                done.flush().await.map_err(|e| Status::internal(e.to_string()))?;
+                done.flush()
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?;
             }
             current = Some((chunk.path.clone(), file));
             files += 1;
         }
         if let Some((_, file)) = current.as_mut() {
-            file.write_all(&chunk.data).await.map_err(|e| Status::internal(format!("upload {}: {e}", chunk.path)))?;
+            file.write_all(&chunk.data)
+                .await
+                .map_err(|e| Status::internal(format!("upload {}: {e}", chunk.path)))?;
         }
     }
     if let Some((_, mut done)) = current.take() {
-        done.flush().await.map_err(|e| Status::internal(e.to_string()))?;
+        done.flush()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
     }
     if files == 0 {
-        return Err(Status::invalid_argument("empty upload: expected the files of a Zarr store"));
+        return Err(Status::invalid_argument(
+            "empty upload: expected the files of a Zarr store",
+        ));
     }
     Ok((bytes, files))
 }

@@ -47,7 +47,10 @@ pub(crate) struct WithinEpoch {
 }
 
 fn error(path: &Path, reason: impl std::fmt::Display) -> FitError {
-    FitError::Checkpoint { path: path.display().to_string(), reason: reason.to_string() }
+    FitError::Checkpoint {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 /// Writes `bytes` beside `path` and renames it into place.
@@ -59,16 +62,30 @@ fn publish(path: &Path, write: impl FnOnce(&Path) -> Result<(), FitError>) -> Re
 
 pub fn save(dir: &Path, state: &FitState, trainer: &Trainer<f32, Cpu>) -> Result<(), FitError> {
     std::fs::create_dir_all(dir).map_err(|e| error(dir, e))?;
-    publish(&dir.join("model.safetensors"), |p| write_weights(p, trainer))?;
+    publish(&dir.join("model.safetensors"), |p| {
+        write_weights(p, trainer)
+    })?;
     let model = &trainer.model;
     let shape = vec![model.layout.len()];
     let optimizer = vec![
-        ("adam.m".to_string(), shape.clone(), model.backend().download(In::all(&trainer.m))?),
-        ("adam.v".to_string(), shape, model.backend().download(In::all(&trainer.v))?),
+        (
+            "adam.m".to_string(),
+            shape.clone(),
+            model.backend().download(In::all(&trainer.m))?,
+        ),
+        (
+            "adam.v".to_string(),
+            shape,
+            model.backend().download(In::all(&trainer.v))?,
+        ),
     ];
-    publish(&dir.join("optimizer.safetensors"), |p| write_tensors(p, &optimizer, trainer.step))?;
+    publish(&dir.join("optimizer.safetensors"), |p| {
+        write_tensors(p, &optimizer, trainer.step)
+    })?;
     let json = serde_json::to_string_pretty(state).map_err(|e| error(dir, e))?;
-    publish(&dir.join("state.json"), |p| std::fs::write(p, &json).map_err(|e| error(p, e)))
+    publish(&dir.join("state.json"), |p| {
+        std::fs::write(p, &json).map_err(|e| error(p, e))
+    })
 }
 
 /// A checkpoint found on disk.
@@ -91,13 +108,25 @@ pub fn latest(root: &Path) -> Result<Option<Found>, FitError> {
     let mut best: Option<Found> = None;
     for entry in entries.flatten() {
         let dir = entry.path();
-        if !entry.file_name().to_str().is_some_and(|n| n.starts_with("epoch-")) {
+        if !entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with("epoch-"))
+        {
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(dir.join("state.json")) else { continue };
-        let Ok(state) = serde_json::from_str::<FitState>(&text) else { continue };
+        let Ok(text) = std::fs::read_to_string(dir.join("state.json")) else {
+            continue;
+        };
+        let Ok(state) = serde_json::from_str::<FitState>(&text) else {
+            continue;
+        };
         if best.as_ref().is_none_or(|b| state.step > b.step) {
-            best = Some(Found { location: dir, epochs_done: state.epochs_done, step: state.step });
+            best = Some(Found {
+                location: dir,
+                epochs_done: state.epochs_done,
+                step: state.step,
+            });
         }
     }
     Ok(best)
@@ -109,7 +138,11 @@ pub fn remove_before(root: &Path, keep_from: usize) -> Result<(), FitError> {
     let entries = std::fs::read_dir(root).map_err(|e| error(root, e))?;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let epoch = name.to_str().and_then(|n| n.strip_prefix("epoch-")).and_then(|n| n.split('-').next()).and_then(|n| n.parse::<usize>().ok());
+        let epoch = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("epoch-"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|n| n.parse::<usize>().ok());
         if epoch.is_some_and(|e| e < keep_from) {
             std::fs::remove_dir_all(entry.path()).map_err(|e| error(&entry.path(), e))?;
         }
@@ -121,42 +154,87 @@ pub fn remove_before(root: &Path, keep_from: usize) -> Result<(), FitError> {
 pub fn write_weights(path: &Path, trainer: &Trainer<f32, Cpu>) -> Result<(), FitError> {
     let model = &trainer.model;
     let mut tensors = Vec::new();
-    for (layout, buf) in [(&model.layout, &model.values), (&model.state_layout, &model.state)] {
+    for (layout, buf) in [
+        (&model.layout, &model.values),
+        (&model.state_layout, &model.state),
+    ] {
         let host = model.backend().download(In::all(buf))?;
         for slot in layout.slots() {
-            tensors.push((slot.name.clone(), slot.shape.clone(), host[slot.range.clone()].to_vec()));
+            tensors.push((
+                slot.name.clone(),
+                slot.shape.clone(),
+                host[slot.range.clone()].to_vec(),
+            ));
         }
     }
     write_tensors(path, &tensors, trainer.step)
 }
 
-fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)], step: u64) -> Result<(), FitError> {
-    let out = |e: &dyn std::fmt::Display| FitError::Output { path: path.display().to_string(), reason: e.to_string() };
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+fn write_tensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    step: u64,
+) -> Result<(), FitError> {
+    let out = |e: &dyn std::fmt::Display| FitError::Output {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .zip(&bytes)
-        .map(|((name, shape, _), b)| TensorView::new(safetensors::Dtype::F32, shape.clone(), b).map(|v| (name.clone(), v)))
+        .map(|((name, shape, _), b)| {
+            TensorView::new(safetensors::Dtype::F32, shape.clone(), b).map(|v| (name.clone(), v))
+        })
         .collect::<Result<_, _>>()
         .map_err(|e| out(&e))?;
-    let metadata = HashMap::from([("format".to_string(), "tessera-vae".to_string()), ("step".to_string(), step.to_string())]);
+    let metadata = HashMap::from([
+        ("format".to_string(), "tessera-vae".to_string()),
+        ("step".to_string(), step.to_string()),
+    ]);
     safetensors::tensor::serialize_to_file(views, Some(metadata), path).map_err(|e| out(&e))
 }
 
 /// Reads the checkpoint into `trainer` and returns the run state. Refuses a checkpoint of
 /// another run (data, shapes or configuration other than `max_epochs`) or an inconsistent one.
-pub fn load(dir: &Path, run: &serde_json::Value, trainer: &mut Trainer<f32, Cpu>) -> Result<FitState, FitError> {
+pub fn load(
+    dir: &Path,
+    run: &serde_json::Value,
+    trainer: &mut Trainer<f32, Cpu>,
+) -> Result<FitState, FitError> {
     let state_path = dir.join("state.json");
-    let text = std::fs::read_to_string(&state_path).map_err(|e| error(&state_path, format!("{e} (nothing to resume: train without --resume first)")))?;
+    let text = std::fs::read_to_string(&state_path).map_err(|e| {
+        error(
+            &state_path,
+            format!("{e} (nothing to resume: train without --resume first)"),
+        )
+    })?;
     let state: FitState = serde_json::from_str(&text).map_err(|e| error(&state_path, e))?;
     if let Some(field) = first_difference(&state.run, run, "") {
-        return Err(error(&state_path, format!("belongs to another run: {field} differs (only train.max_epochs may change on resume)")));
+        return Err(error(
+            &state_path,
+            format!(
+                "belongs to another run: {field} differs (only train.max_epochs may change on resume)"
+            ),
+        ));
     }
     let model_file = read(&dir.join("model.safetensors"), state.step)?;
-    let model_tensors = SafeTensors::deserialize(&model_file.1).map_err(|e| error(&model_file.0, e))?;
+    let model_tensors =
+        SafeTensors::deserialize(&model_file.1).map_err(|e| error(&model_file.0, e))?;
     let backend = *trainer.model.backend();
-    trainer.model.values = backend.upload(&gather(&model_tensors, &trainer.model.layout, &model_file.0)?)?;
-    trainer.model.state = backend.upload(&gather(&model_tensors, &trainer.model.state_layout, &model_file.0)?)?;
+    trainer.model.values = backend.upload(&gather(
+        &model_tensors,
+        &trainer.model.layout,
+        &model_file.0,
+    )?)?;
+    trainer.model.state = backend.upload(&gather(
+        &model_tensors,
+        &trainer.model.state_layout,
+        &model_file.0,
+    )?)?;
     let opt_file = read(&dir.join("optimizer.safetensors"), state.step)?;
     let opt_tensors = SafeTensors::deserialize(&opt_file.1).map_err(|e| error(&opt_file.0, e))?;
     let n = trainer.model.layout.len();
@@ -171,19 +249,46 @@ pub fn load(dir: &Path, run: &serde_json::Value, trainer: &mut Trainer<f32, Cpu>
 fn read(path: &Path, step: u64) -> Result<(std::path::PathBuf, Vec<u8>), FitError> {
     let bytes = std::fs::read(path).map_err(|e| error(path, e))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| error(path, e))?;
-    let found = meta.metadata().as_ref().and_then(|m| m.get("step")).cloned().unwrap_or_default();
+    let found = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("step"))
+        .cloned()
+        .unwrap_or_default();
     if found != step.to_string() {
-        return Err(error(path, format!("holds step {found:?} but state.json step {step}: the checkpoint was cut short; resume from an earlier copy or start again")));
+        return Err(error(
+            path,
+            format!(
+                "holds step {found:?} but state.json step {step}: the checkpoint was cut short; resume from an earlier copy or start again"
+            ),
+        ));
     }
     Ok((path.to_path_buf(), bytes))
 }
 
-fn tensor(file: &SafeTensors<'_>, name: &str, shape: &[usize], path: &Path) -> Result<Vec<f32>, FitError> {
-    let t = file.tensor(name).map_err(|e| error(path, format!("tensor {name:?}: {e}")))?;
+fn tensor(
+    file: &SafeTensors<'_>,
+    name: &str,
+    shape: &[usize],
+    path: &Path,
+) -> Result<Vec<f32>, FitError> {
+    let t = file
+        .tensor(name)
+        .map_err(|e| error(path, format!("tensor {name:?}: {e}")))?;
     if t.dtype() != safetensors::Dtype::F32 || t.shape() != shape {
-        return Err(error(path, format!("tensor {name:?} is {:?} {:?}, expected F32 {shape:?}", t.dtype(), t.shape())));
+        return Err(error(
+            path,
+            format!(
+                "tensor {name:?} is {:?} {:?}, expected F32 {shape:?}",
+                t.dtype(),
+                t.shape()
+            ),
+        ));
     }
-    Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    Ok(t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
 }
 
 /// The flat buffer of `layout` from its named tensors.
@@ -204,7 +309,11 @@ fn first_difference(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> O
         (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
             let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
             keys.into_iter().find_map(|k| {
-                let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                let path = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
                 match (x.get(k), y.get(k)) {
                     (Some(p), Some(q)) => first_difference(p, q, &path),
                     _ => Some(path),

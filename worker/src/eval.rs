@@ -37,7 +37,10 @@ pub enum EvalError {
     #[error(transparent)]
     Data(#[from] tessera_data::DataError),
     #[error("{element}: {source}")]
-    Metrics { element: String, source: MetricsError },
+    Metrics {
+        element: String,
+        source: MetricsError,
+    },
     #[error("{store}: {reason}")]
     Input { store: String, reason: String },
     #[error("writing {path}: {reason}")]
@@ -71,36 +74,73 @@ pub fn evaluate_store(req: &EvalRequest) -> Result<Evaluation, EvalError> {
     let (x, d) = embedded.obsm(&req.embedding_key)?;
     let n_obs = embedded.n_obs() as usize;
     // A column is read where it is, the embedding's own obs first.
-    let obs_of = |key: &str| std::iter::once(&embedded).chain(&columns).find(|a| a.obs_column(key).is_ok()).unwrap_or(&embedded);
+    let obs_of = |key: &str| {
+        std::iter::once(&embedded)
+            .chain(&columns)
+            .find(|a| a.obs_column(key).is_ok())
+            .unwrap_or(&embedded)
+    };
     let has = |key: &str| obs_of(key).obs_column(key).is_ok();
     let adata = &embedded;
     let label_key = match &req.label_key {
         Some(k) => k.clone(),
         None if has(DEFAULT_LABEL_KEY) => DEFAULT_LABEL_KEY.to_string(),
-        None => return Err(EvalError::Input { store: req.data.clone(), reason: format!("{}: no {DEFAULT_LABEL_KEY:?} column; name the cell-type column (--label-key)", adata.element("obs")) }),
+        None => {
+            return Err(EvalError::Input {
+                store: req.data.clone(),
+                reason: format!(
+                    "{}: no {DEFAULT_LABEL_KEY:?} column; name the cell-type column (--label-key)",
+                    adata.element("obs")
+                ),
+            });
+        }
     };
-    let batch_key = req.batch_key.clone().or_else(|| has(DEFAULT_BATCH_KEY).then(|| DEFAULT_BATCH_KEY.to_string()));
+    let batch_key = req
+        .batch_key
+        .clone()
+        .or_else(|| has(DEFAULT_BATCH_KEY).then(|| DEFAULT_BATCH_KEY.to_string()));
     let labels = codes(obs_of(&label_key), &label_key, &req.data)?;
     let batches = match &batch_key {
         Some(key) => codes(obs_of(key), key, &req.data)?,
         None => vec![0; n_obs],
     };
-    let mut keep: Vec<usize> = (0..n_obs).filter(|&i| labels[i] >= 0 && batches[i] >= 0).collect();
+    let mut keep: Vec<usize> = (0..n_obs)
+        .filter(|&i| labels[i] >= 0 && batches[i] >= 0)
+        .collect();
     let excluded_missing = n_obs - keep.len();
     if excluded_missing > 0 {
-        tracing::warn!(excluded_missing, "cells without a label or batch are left out of the evaluation");
+        tracing::warn!(
+            excluded_missing,
+            "cells without a label or batch are left out of the evaluation"
+        );
     }
     let subsampled = req.max_cells.is_some_and(|m| keep.len() > m);
     if let Some(m) = req.max_cells.filter(|_| subsampled) {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(req.options.seed);
-        let mut picked: Vec<usize> = sample(&mut rng, keep.len(), m).into_iter().map(|p| keep[p]).collect();
+        let mut picked: Vec<usize> = sample(&mut rng, keep.len(), m)
+            .into_iter()
+            .map(|p| keep[p])
+            .collect();
         picked.sort_unstable();
         keep = picked;
     }
-    let xs: Vec<f32> = keep.iter().flat_map(|&i| x[i * d..(i + 1) * d].iter().copied()).collect();
+    let xs: Vec<f32> = keep
+        .iter()
+        .flat_map(|&i| x[i * d..(i + 1) * d].iter().copied())
+        .collect();
     let pick = |c: &[i32]| -> Vec<u32> { keep.iter().map(|&i| c[i] as u32).collect() };
-    let scores = tessera_metrics::evaluate(&xs, keep.len(), d, &pick(&labels), &pick(&batches), &req.options)
-        .map_err(|source| EvalError::Metrics { element: format!("{}: {embedding}", req.data), source })?;
+    let scores = tessera_metrics::evaluate(
+        &xs,
+        keep.len(),
+        d,
+        &pick(&labels),
+        &pick(&batches),
+        &req.options,
+    )
+    .map_err(|source| EvalError::Metrics {
+        element: format!("{}: {embedding}", req.data),
+        source,
+    })?;
     Ok(Evaluation {
         store: req.data.clone(),
         embedding,
@@ -124,8 +164,15 @@ fn target(dataset: &Dataset, req: &EvalRequest) -> Result<(AnnData, Vec<AnnData>
         Dataset::AnnData(a) => Ok((a.clone(), Vec::new())),
         Dataset::MuData(m) => {
             let with_root = |i: usize, a: &AnnData| {
-                let in_order = a.n_obs() == m.n_obs() && m.obsmap[i].iter().enumerate().all(|(r, &row)| row as usize == r + 1);
-                (a.clone(), if in_order { vec![m.root()] } else { Vec::new() })
+                let in_order = a.n_obs() == m.n_obs()
+                    && m.obsmap[i]
+                        .iter()
+                        .enumerate()
+                        .all(|(r, &row)| row as usize == r + 1);
+                (
+                    a.clone(),
+                    if in_order { vec![m.root()] } else { Vec::new() },
+                )
             };
             if let Some(name) = &req.modality {
                 let (i, a) = m.modality(name)?;
@@ -141,7 +188,13 @@ fn target(dataset: &Dataset, req: &EvalRequest) -> Result<(AnnData, Vec<AnnData>
                 }
             }
             let names: Vec<&str> = m.modalities.iter().map(|(n, _)| n.as_str()).collect();
-            Err(EvalError::Input { store: req.data.clone(), reason: format!("neither the root nor a modality of {names:?} has obsm/{}", req.embedding_key) })
+            Err(EvalError::Input {
+                store: req.data.clone(),
+                reason: format!(
+                    "neither the root nor a modality of {names:?} has obsm/{}",
+                    req.embedding_key
+                ),
+            })
         }
     }
 }
@@ -149,15 +202,26 @@ fn target(dataset: &Dataset, req: &EvalRequest) -> Result<(AnnData, Vec<AnnData>
 /// The label codes of an obs column (-1 = missing); categorical, string or boolean columns.
 pub(crate) fn codes(adata: &AnnData, key: &str, store: &str) -> Result<Vec<i32>, EvalError> {
     let column = adata.obs_column(key)?;
-    column.codes().map(|(c, _)| c).ok_or_else(|| EvalError::Input {
-        store: store.into(),
-        reason: format!("{}: obs column {key:?} is {}, expected categories (categorical, strings or booleans)", adata.element("obs"), column.kind()),
-    })
+    column
+        .codes()
+        .map(|(c, _)| c)
+        .ok_or_else(|| EvalError::Input {
+            store: store.into(),
+            reason: format!(
+                "{}: obs column {key:?} is {}, expected categories \
+             (categorical, strings or booleans)",
+                adata.element("obs"),
+                column.kind()
+            ),
+        })
 }
 
 /// `eval.json` (everything) and `eval.csv` (metric, kind, value) into `dir`; returns their paths.
 pub fn write_evaluation(dir: &Path, evaluation: &Evaluation) -> Result<[PathBuf; 2], EvalError> {
-    let out = |path: &Path, e: &dyn std::fmt::Display| EvalError::Output { path: path.display().to_string(), reason: e.to_string() };
+    let out = |path: &Path, e: &dyn std::fmt::Display| EvalError::Output {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
     std::fs::create_dir_all(dir).map_err(|e| out(dir, &e))?;
     let json = dir.join("eval.json");
     let text = serde_json::to_string_pretty(evaluation).map_err(|e| out(&json, &e))?;
@@ -165,7 +229,10 @@ pub fn write_evaluation(dir: &Path, evaluation: &Evaluation) -> Result<[PathBuf;
     let csv = dir.join("eval.csv");
     let mut table = String::from("metric,type,value\n");
     for ((name, kind), value) in METRIC_NAMES.iter().zip(evaluation.scores.values()) {
-        table.push_str(&format!("{name},{kind},{}\n", value.map_or(String::new(), |v| v.to_string())));
+        table.push_str(&format!(
+            "{name},{kind},{}\n",
+            value.map_or(String::new(), |v| v.to_string())
+        ));
     }
     std::fs::write(&csv, table).map_err(|e| out(&csv, &e))?;
     Ok([json, csv])

@@ -9,10 +9,15 @@ use serde::{Deserialize, Serialize};
 use tessera_data::{AnnData, Cells, Dataset, Holdout, Loader, LoaderConfig, MiniBatch};
 use tessera_kernels::backend::Cpu;
 use tessera_kernels::ops::linear::CsrRef;
-use tessera_models::{Categories, LikelihoodKind, LossTerms, ModalityCounts, Supervision, Survival, Plateau, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
+use tessera_models::{
+    Categories, LikelihoodKind, LossTerms, ModalityCounts, Plateau, Supervision, Survival,
+    TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig,
+};
 
 use crate::checkpoint::{self, FitState, WithinEpoch};
-use crate::parallel::{self, EpochEnd, EpochHooks, PartStream, Placement, StepReducer, StepTimes, Sums};
+use crate::parallel::{
+    self, EpochEnd, EpochHooks, PartStream, Placement, StepReducer, StepTimes, Sums,
+};
 use crate::ring::Ring;
 
 /// The run's configuration file: `[model]` and `[train]` tables, every key optional.
@@ -26,7 +31,10 @@ pub struct FitConfig {
 impl FitConfig {
     /// Parses a TOML configuration; `source` names it in errors.
     pub fn from_toml(text: &str, source: &str) -> Result<FitConfig, FitError> {
-        toml::from_str(text).map_err(|e| FitError::Config { file: source.into(), reason: e.to_string() })
+        toml::from_str(text).map_err(|e| FitError::Config {
+            file: source.into(),
+            reason: e.to_string(),
+        })
     }
 }
 
@@ -99,7 +107,12 @@ pub enum FitError {
     /// A rank was asked to stop (SIGTERM): every rank stopped after the same step and rank 0
     /// checkpointed it. `here`: this rank was the one asked.
     #[error("stopped on request in epoch {epoch} after step {step}; checkpoint {checkpoint}")]
-    Stopped { epoch: usize, step: u64, checkpoint: String, here: bool },
+    Stopped {
+        epoch: usize,
+        step: u64,
+        checkpoint: String,
+        here: bool,
+    },
 }
 
 impl From<tessera_kernels::backend::EngineError> for FitError {
@@ -169,26 +182,52 @@ struct Inputs {
 /// The obs columns the configured heads read, and each weight checked: a head with a positive
 /// weight needs its columns, every weight must be finite and non-negative.
 fn head_columns(model: &VaeConfig, label_key: Option<&str>) -> Result<Vec<String>, FitError> {
-    let invalid = |reason: String| FitError::Config { file: "[model]".into(), reason };
-    for (name, w) in [("mmd_batch_weight", model.mmd_batch_weight), ("prior_mmd_weight", model.prior_mmd_weight), ("jeffreys_weight", model.jeffreys_weight), ("adversarial_batch_weight", model.adversarial_batch_weight), ("contrastive_weight", model.contrastive_weight), ("classifier_weight", model.classifier_weight), ("regression_weight", model.regression_weight), ("cox_weight", model.cox_weight), ("cycle_weight", model.cycle_weight)] {
+    let invalid = |reason: String| FitError::Config {
+        file: "[model]".into(),
+        reason,
+    };
+    for (name, w) in [
+        ("mmd_batch_weight", model.mmd_batch_weight),
+        ("prior_mmd_weight", model.prior_mmd_weight),
+        ("jeffreys_weight", model.jeffreys_weight),
+        ("adversarial_batch_weight", model.adversarial_batch_weight),
+        ("contrastive_weight", model.contrastive_weight),
+        ("classifier_weight", model.classifier_weight),
+        ("regression_weight", model.regression_weight),
+        ("cox_weight", model.cox_weight),
+        ("cycle_weight", model.cycle_weight),
+    ] {
         if !(w.is_finite() && w >= 0.0) {
-            return Err(invalid(format!("{name} = {w}: expected a finite weight >= 0")));
+            return Err(invalid(format!(
+                "{name} = {w}: expected a finite weight >= 0"
+            )));
         }
     }
     if (model.classifier_weight > 0.0 || model.contrastive_weight > 0.0) && label_key.is_none() {
-        return Err(invalid("classifier_weight and contrastive_weight need labels: pass --label-key (an obs column of cell labels)".into()));
+        return Err(invalid(
+            "classifier_weight and contrastive_weight need labels: \
+             pass --label-key (an obs column of cell labels)"
+                .into(),
+        ));
     }
     let mut columns = Vec::new();
     if model.regression_weight > 0.0 {
         if model.regression_keys.is_empty() {
-            return Err(invalid("regression_weight > 0 needs regression_keys (numeric obs columns)".into()));
+            return Err(invalid(
+                "regression_weight > 0 needs regression_keys (numeric obs columns)".into(),
+            ));
         }
         columns.extend(model.regression_keys.iter().cloned());
     }
     if model.cox_weight > 0.0 {
         match (&model.survival_time_key, &model.survival_event_key) {
             (Some(t), Some(e)) => columns.extend([t.clone(), e.clone()]),
-            _ => return Err(invalid("cox_weight > 0 needs survival_time_key and survival_event_key (obs columns)".into())),
+            _ => {
+                return Err(invalid(
+                    "cox_weight > 0 needs survival_time_key and survival_event_key (obs columns)"
+                        .into(),
+                ));
+            }
         }
     }
     Ok(columns)
@@ -209,65 +248,173 @@ pub fn fit(opts: &FitOptions, progress: impl FnMut(Progress<'_>)) -> Result<FitR
 
 /// `fit`, stopping after the step in which `stop` is set (`FitError::Stopped`, the step
 /// checkpointed for `--resume`).
-pub fn fit_until(opts: &FitOptions, stop: std::sync::Arc<std::sync::atomic::AtomicBool>, progress: impl FnMut(Progress<'_>)) -> Result<FitReport, FitError> {
+pub fn fit_until(
+    opts: &FitOptions,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    progress: impl FnMut(Progress<'_>),
+) -> Result<FitReport, FitError> {
     let report = train(opts, &mut Placement::alone_until(stop), progress)?;
-    report.ok_or_else(|| FitError::Output { path: opts.out.display().to_string(), reason: "rank 0 of one wrote no outputs".into() })
+    report.ok_or_else(|| FitError::Output {
+        path: opts.out.display().to_string(),
+        reason: "rank 0 of one wrote no outputs".into(),
+    })
 }
 
 /// Trains on `opts.data` as one rank of `place` (alone: `Placement::alone_until`). Rank 0 writes the
 /// checkpoints and the outputs and returns the report; the other ranks return None.
-pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(Progress<'_>)) -> Result<Option<FitReport>, FitError> {
+pub fn train(
+    opts: &FitOptions,
+    place: &mut Placement,
+    mut progress: impl FnMut(Progress<'_>),
+) -> Result<Option<FitReport>, FitError> {
     let dataset = Dataset::open(&opts.data)?;
     let n_obs = dataset.n_obs();
     let tc = opts.config.train.clone();
     let mc = &opts.config.model;
     let rank = place.ring.rank();
     let numeric_keys = head_columns(mc, opts.label_key.as_deref())?;
-    let loader_config = LoaderConfig { batch_size: tc.batch_size, shuffle: true, seed: tc.seed, batch_key: opts.batch_key.clone(), label_key: opts.label_key.clone(), numeric_keys, cache_bytes: opts.cache_bytes, ..LoaderConfig::default() };
+    let loader_config = LoaderConfig {
+        batch_size: tc.batch_size,
+        shuffle: true,
+        seed: tc.seed,
+        batch_key: opts.batch_key.clone(),
+        label_key: opts.label_key.clone(),
+        numeric_keys,
+        cache_bytes: opts.cache_bytes,
+        ..LoaderConfig::default()
+    };
     let loader = Loader::new(&dataset, 0..n_obs, loader_config)?;
     // scvi-tools' split: floor(fraction · n) cells held out (here at most the cap), the
     // batches cut from the training cells alone.
     let holdout = Holdout::new(0..n_obs, tc.seed, tc.validation_cells(n_obs));
     let ranges = parallel::part_ranges(&dataset, place.parts, tc.batch_size)?;
     let my_parts: Vec<usize> = place.my_parts().collect();
-    let part_loaders: Vec<(usize, Loader)> = my_parts.iter().map(|&k| Ok((k, loader.shard(ranges[k].clone(), parallel::part_batch_size(tc.batch_size, place.parts, k))?))).collect::<Result<_, FitError>>()?;
-    let plan = OutputPlan::new(&dataset, &opts.modalities, &loader.modality_names(), &opts.data)?;
+    let part_loaders: Vec<(usize, Loader)> = my_parts
+        .iter()
+        .map(|&k| {
+            Ok((
+                k,
+                loader.shard(
+                    ranges[k].clone(),
+                    parallel::part_batch_size(tc.batch_size, place.parts, k),
+                )?,
+            ))
+        })
+        .collect::<Result<_, FitError>>()?;
+    let plan = OutputPlan::new(
+        &dataset,
+        &opts.modalities,
+        &loader.modality_names(),
+        &opts.data,
+    )?;
     // Refused now rather than after hours of training.
     let denoised_keys: Vec<(&str, String)> = match &opts.denoised {
         None => Vec::new(),
         Some(d) if plan.layer => vec![("layers", d.key.clone())],
-        Some(d) => plan.modalities.iter().map(|(name, _, _)| ("obsm", format!("{}_{name}", d.key))).collect(),
+        Some(d) => plan
+            .modalities
+            .iter()
+            .map(|(name, _, _)| ("obsm", format!("{}_{name}", d.key)))
+            .collect(),
     };
     let classify = mc.classifier_weight > 0.0;
-    let prediction_keys: Vec<(&str, String)> = if classify { vec![("obs", PREDICTION_KEY.to_string()), ("obsm", format!("{PREDICTION_KEY}_probabilities"))] } else { Vec::new() };
-    for (mapping, key) in std::iter::once(("obsm", opts.embedding_key.clone())).chain(denoised_keys.iter().cloned()).chain(prediction_keys.iter().cloned()) {
+    let prediction_keys: Vec<(&str, String)> = if classify {
+        vec![
+            ("obs", PREDICTION_KEY.to_string()),
+            ("obsm", format!("{PREDICTION_KEY}_probabilities")),
+        ]
+    } else {
+        Vec::new()
+    };
+    for (mapping, key) in std::iter::once(("obsm", opts.embedding_key.clone()))
+        .chain(denoised_keys.iter().cloned())
+        .chain(prediction_keys.iter().cloned())
+    {
         if !opts.overwrite && plan.target.keys(mapping)?.contains(&key) {
-            return Err(tessera_data::DataError::Exists { store: opts.data.clone(), path: plan.target.element(&format!("{mapping}/{key}")) }.into());
+            return Err(tessera_data::DataError::Exists {
+                store: opts.data.clone(),
+                path: plan.target.element(&format!("{mapping}/{key}")),
+            }
+            .into());
         }
     }
-    let shapes: Vec<(&str, usize)> = plan.modalities.iter().map(|(name, _, g)| (name.as_str(), *g)).collect();
+    let shapes: Vec<(&str, usize)> = plan
+        .modalities
+        .iter()
+        .map(|(name, _, g)| (name.as_str(), *g))
+        .collect();
     let n_batch = loader.batch_categories.len();
     let n_labels = loader.label_categories.len();
     if (classify || mc.contrastive_weight > 0.0) && n_labels < 2 {
-        return Err(FitError::Input { store: opts.data.clone(), reason: format!("obs/{}: {n_labels} label categories; the classifier and contrastive loss need at least 2", opts.label_key.as_deref().unwrap_or_default()) });
+        return Err(FitError::Input {
+            store: opts.data.clone(),
+            reason: format!(
+                "obs/{}: {n_labels} label categories; the classifier and contrastive loss need at least 2",
+                opts.label_key.as_deref().unwrap_or_default()
+            ),
+        });
     }
-    let inputs = Inputs { modalities: plan.modalities.iter().map(|m| m.1).collect(), n_cov: n_batch, n_targets: mc.regression_keys.len() * usize::from(mc.regression_weight > 0.0), survival: mc.cox_weight > 0.0 };
+    let inputs = Inputs {
+        modalities: plan.modalities.iter().map(|m| m.1).collect(),
+        n_cov: n_batch,
+        n_targets: mc.regression_keys.len() * usize::from(mc.regression_weight > 0.0),
+        survival: mc.cox_weight > 0.0,
+    };
 
-    let mut model = Vae::<f32, Cpu>::new(Cpu, mc.clone(), &shapes, Categories { n_batch, n_cov: inputs.n_cov, n_labels }, tc.seed)?;
+    let mut model = Vae::<f32, Cpu>::new(
+        Cpu,
+        mc.clone(),
+        &shapes,
+        Categories {
+            n_batch,
+            n_cov: inputs.n_cov,
+            n_labels,
+        },
+        tc.seed,
+    )?;
     for (m, spec) in model.modalities.clone().iter().enumerate() {
         if spec.likelihood == LikelihoodKind::NbMixture {
-            let rates = background_log_rates(&loader, inputs.modalities[m], spec.n_features, n_batch.max(1))?;
+            let rates = background_log_rates(
+                &loader,
+                inputs.modalities[m],
+                spec.n_features,
+                n_batch.max(1),
+            )?;
             model.initialise_background(m, &rates)?;
         }
     }
     let mut trainer = Trainer::new(model, tc.clone())?;
     let epochs = tc.epochs(n_obs);
-    let resolved = serde_json::json!({ "data": opts.data, "modalities": model_shapes(&trainer.model), "batch_key": opts.batch_key, "label_key": opts.label_key, "n_obs": n_obs, "batch_categories": loader.batch_categories, "label_categories": loader.label_categories, "model": opts.config.model, "train": opts.config.train, "parts": place.parts, "epochs": epochs });
+    let resolved = serde_json::json!({
+        "data": opts.data,
+        "modalities": model_shapes(&trainer.model),
+        "batch_key": opts.batch_key,
+        "label_key": opts.label_key,
+        "n_obs": n_obs,
+        "batch_categories": loader.batch_categories,
+        "label_categories": loader.label_categories,
+        "model": opts.config.model,
+        "train": opts.config.train,
+        "parts": place.parts,
+        "epochs": epochs,
+    });
     let checkpoint_dir = opts.out.join("checkpoint");
     // A job's checkpoints are kept per epoch, so a resume loads exactly the one the coordinator
     // recorded, not a later one it never heard of.
-    let checkpoint_of = |epochs_done: usize| if place.checkpoint_per_epoch { checkpoint_dir.join(format!("epoch-{epochs_done:06}")) } else { checkpoint_dir.clone() };
-    let checkpoint_within = |epochs_done: usize, step: u64| if place.checkpoint_per_epoch { checkpoint_dir.join(format!("epoch-{epochs_done:06}-step-{step}")) } else { checkpoint_dir.clone() };
+    let checkpoint_of = |epochs_done: usize| {
+        if place.checkpoint_per_epoch {
+            checkpoint_dir.join(format!("epoch-{epochs_done:06}"))
+        } else {
+            checkpoint_dir.clone()
+        }
+    };
+    let checkpoint_within = |epochs_done: usize, step: u64| {
+        if place.checkpoint_per_epoch {
+            checkpoint_dir.join(format!("epoch-{epochs_done:06}-step-{step}"))
+        } else {
+            checkpoint_dir.clone()
+        }
+    };
     // This rank's held-out cells stay in memory as model batches for every epoch's validation.
     let mut validation = Vec::new();
     for (_, part) in &part_loaders {
@@ -275,19 +422,53 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
             validation.push(Converted::whole(&mb?, &inputs));
         }
     }
-    let mut state = FitState { epochs_done: 0, step: 0, plateau: Plateau::new(tc.lr), best: f64::INFINITY, since_best: 0, n_train: 0, history: Vec::new(), run: resolved.clone(), within_epoch: None };
-    let resume_from = place.resume_from.clone().or_else(|| opts.resume.then(|| checkpoint_dir.clone()));
+    let mut state = FitState {
+        epochs_done: 0,
+        step: 0,
+        plateau: Plateau::new(tc.lr),
+        best: f64::INFINITY,
+        since_best: 0,
+        n_train: 0,
+        history: Vec::new(),
+        run: resolved.clone(),
+        within_epoch: None,
+    };
+    let resume_from = place
+        .resume_from
+        .clone()
+        .or_else(|| opts.resume.then(|| checkpoint_dir.clone()));
     if let Some(dir) = resume_from {
         state = checkpoint::load(&dir, &resolved, &mut trainer)?;
-        tracing::info!(epoch = state.epochs_done, step = state.step, rank, "resuming from {}", dir.display());
+        tracing::info!(
+            epoch = state.epochs_done,
+            step = state.step,
+            rank,
+            "resuming from {}",
+            dir.display()
+        );
     }
     let mut stopped_early = false;
-    progress(Progress::Start { epochs, cells_per_epoch: n_obs });
+    progress(Progress::Start {
+        epochs,
+        cells_per_epoch: n_obs,
+    });
 
-    let training: Vec<(usize, Loader)> = part_loaders.iter().map(|(k, l)| (*k, l.with_cells(Cells::Training(holdout)))).collect();
-    let start_epoch = |epoch: usize| -> Result<Vec<PartStream>, FitError> { training.iter().map(|(k, l)| PartStream::new(*k, l.epoch(epoch as u64))).collect() };
+    let training: Vec<(usize, Loader)> = part_loaders
+        .iter()
+        .map(|(k, l)| (*k, l.with_cells(Cells::Training(holdout))))
+        .collect();
+    let start_epoch = |epoch: usize| -> Result<Vec<PartStream>, FitError> {
+        training
+            .iter()
+            .map(|(k, l)| PartStream::new(*k, l.epoch(epoch as u64)))
+            .collect()
+    };
     let mut reducer = StepReducer::new(&trainer);
-    let mut upcoming = if state.epochs_done < epochs { Some(start_epoch(state.epochs_done)?) } else { None };
+    let mut upcoming = if state.epochs_done < epochs {
+        Some(start_epoch(state.epochs_done)?)
+    } else {
+        None
+    };
     let mut resumed_within = state.within_epoch.take();
     let mut last_end = None;
     for epoch in state.epochs_done..epochs {
@@ -312,7 +493,10 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
         let kl_weight = trainer.config.kl_weight(epoch);
         loop {
             if place.hooks.interrupted() {
-                return Err(FitError::Interrupted { epoch, step: trainer.step });
+                return Err(FitError::Interrupted {
+                    epoch,
+                    step: trainer.step,
+                });
             }
             let waiting = Instant::now();
             let mut batches = Vec::with_capacity(streams.len());
@@ -326,21 +510,50 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
             times.data += waiting.elapsed().as_secs_f64();
             let parts: Vec<usize> = batches.iter().map(|(k, _)| *k).collect();
             let stop = place.hooks.stop_requested();
-            let stepped = reducer.step(&mut trainer, &mut place.ring, &parts, (more, stop), kl_weight, &mut times, |trainer, part| {
-                let (_, batch) = batches.iter().find(|(k, _)| *k == part).ok_or_else(|| FitError::Input { store: opts.data.clone(), reason: format!("part {part} has no batch") })?;
-                Ok(on_pool(|| batch.with(|b| trainer.part_gradients(b, epoch, part as u64)))?)
-            })?;
+            let stepped = reducer.step(
+                &mut trainer,
+                &mut place.ring,
+                &parts,
+                (more, stop),
+                kl_weight,
+                &mut times,
+                |trainer, part| {
+                    let (_, batch) = batches.iter().find(|(k, _)| *k == part).ok_or_else(|| {
+                        FitError::Input {
+                            store: opts.data.clone(),
+                            reason: format!("part {part} has no batch"),
+                        }
+                    })?;
+                    Ok(on_pool(|| {
+                        batch.with(|b| trainer.part_gradients(b, epoch, part as u64))
+                    })?)
+                },
+            )?;
             if let Some(terms) = stepped.terms {
                 sums.add(&terms);
-                progress(Progress::Batch { cells: terms.cells, loss: &terms });
+                progress(Progress::Batch {
+                    cells: terms.cells,
+                    loss: &terms,
+                });
             }
             steps += 1;
             place.hooks.step_done(epoch, trainer.step, my_cells);
             if stepped.stop {
-                state.within_epoch = Some(WithinEpoch { steps, sums, seconds: seconds_before + started.elapsed().as_secs_f64() });
+                state.within_epoch = Some(WithinEpoch {
+                    steps,
+                    sums,
+                    seconds: seconds_before + started.elapsed().as_secs_f64(),
+                });
                 state.step = trainer.step;
                 let location = checkpoint_within(state.epochs_done, trainer.step);
-                return Err(stop_after_step(&mut place.ring, place.hooks.as_mut(), &trainer, &state, &location, stop));
+                return Err(stop_after_step(
+                    &mut place.ring,
+                    place.hooks.as_mut(),
+                    &trainer,
+                    &state,
+                    &location,
+                    stop,
+                ));
             }
             if !stepped.more {
                 break;
@@ -362,9 +575,21 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
         let validation_terms = (v.cells > 0).then(|| v.mean(kl_weight));
         // The epoch's wall time includes its validation pass (as scvi-tools' epochs do).
         let seconds = seconds_before + started.elapsed().as_secs_f64();
-        let record = EpochRecord { epoch, kl_weight, lr: trainer.lr(), train: sums.mean(kl_weight), validation: validation_terms, seconds, cells_per_second: sums.cells as f64 / seconds.max(1e-9), steps: times };
+        let record = EpochRecord {
+            epoch,
+            kl_weight,
+            lr: trainer.lr(),
+            train: sums.mean(kl_weight),
+            validation: validation_terms,
+            seconds,
+            cells_per_second: sums.cells as f64 / seconds.max(1e-9),
+            steps: times,
+        };
         progress(Progress::Epoch(&record));
-        let monitored = record.validation.map_or(record.train, |v| v).negative_elbo();
+        let monitored = record
+            .validation
+            .map_or(record.train, |v| v)
+            .negative_elbo();
         state.history.push(record);
         let lr = state.plateau.observe(monitored, &tc);
         if lr != trainer.lr() {
@@ -375,15 +600,27 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
             (state.best, state.since_best) = (monitored, 0);
         } else {
             state.since_best += 1;
-            if tc.early_stopping_patience.is_some_and(|p| state.since_best >= p) {
+            if tc
+                .early_stopping_patience
+                .is_some_and(|p| state.since_best >= p)
+            {
                 stopped_early = true;
-                tracing::info!(epoch, best = state.best, "early stopping: no lower validation ELBO for {} epochs", state.since_best);
+                tracing::info!(
+                    epoch,
+                    best = state.best,
+                    "early stopping: no lower validation ELBO for {} epochs",
+                    state.since_best
+                );
             }
         }
         state.epochs_done = epoch + 1;
         state.step = trainer.step;
         let last = stopped_early || epoch + 1 == epochs;
-        let saved = rank == 0 && (last || tc.checkpoint_every.is_some_and(|k| k > 0 && (epoch + 1) % k == 0));
+        let saved = rank == 0
+            && (last
+                || tc
+                    .checkpoint_every
+                    .is_some_and(|k| k > 0 && (epoch + 1) % k == 0));
         if saved {
             checkpoint::save(&checkpoint_of(state.epochs_done), &state, &trainer)?;
             if place.checkpoint_per_epoch {
@@ -396,18 +633,57 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
             last_end = Some((epoch, my_cells, times));
             break;
         }
-        let record = state.history.last().cloned().ok_or_else(|| FitError::Output { path: checkpoint_dir.display().to_string(), reason: "no epoch record".into() })?;
-        place.hooks.epoch_done(&EpochEnd { epoch, step: trainer.step, cells: my_cells, last, record: &record, times })?;
+        let record = state
+            .history
+            .last()
+            .cloned()
+            .ok_or_else(|| FitError::Output {
+                path: checkpoint_dir.display().to_string(),
+                reason: "no epoch record".into(),
+            })?;
+        place.hooks.epoch_done(&EpochEnd {
+            epoch,
+            step: trainer.step,
+            cells: my_cells,
+            last,
+            record: &record,
+            times,
+        })?;
         // Every rank has said its epoch is done before rank 0 announces the checkpoint of it.
         place.ring.all_reduce_sum(&mut [0.0])?;
         if saved {
-            place.hooks.checkpoint_saved(state.epochs_done, trainer.step, &checkpoint_of(state.epochs_done))?;
+            place.hooks.checkpoint_saved(
+                state.epochs_done,
+                trainer.step,
+                &checkpoint_of(state.epochs_done),
+            )?;
         }
     }
-    let report = if rank == 0 { Some(write_outputs(opts, &loader, holdout, &plan, &inputs, &mut trainer, &state, stopped_early, &denoised_keys)?) } else { None };
+    let report = if rank == 0 {
+        Some(write_outputs(
+            opts,
+            &loader,
+            holdout,
+            &plan,
+            &inputs,
+            &mut trainer,
+            &state,
+            stopped_early,
+            &denoised_keys,
+        )?)
+    } else {
+        None
+    };
     if let (Some((epoch, cells, times)), Some(record)) = (last_end, state.history.last()) {
         // The job ends when every rank has said so: rank 0 does after writing the outputs.
-        place.hooks.epoch_done(&EpochEnd { epoch, step: trainer.step, cells, last: true, record, times })?;
+        place.hooks.epoch_done(&EpochEnd {
+            epoch,
+            step: trainer.step,
+            cells,
+            last: true,
+            record,
+            times,
+        })?;
     }
     Ok(report)
 }
@@ -415,7 +691,14 @@ pub fn train(opts: &FitOptions, place: &mut Placement, mut progress: impl FnMut(
 /// Every rank saw a stop request in the step's reduction: rank 0 checkpoints the step (state
 /// carries how far into the epoch it got) and announces it, then every rank returns
 /// `FitError::Stopped` together, so a rank that leaves does so after the announcement.
-fn stop_after_step(ring: &mut Ring, hooks: &mut (dyn EpochHooks + Send), trainer: &Trainer<f32, Cpu>, state: &FitState, location: &Path, here: bool) -> FitError {
+fn stop_after_step(
+    ring: &mut Ring,
+    hooks: &mut (dyn EpochHooks + Send),
+    trainer: &Trainer<f32, Cpu>,
+    state: &FitState,
+    location: &Path,
+    here: bool,
+) -> FitError {
     let mut stopped = || -> Result<(), FitError> {
         if ring.rank() == 0 {
             checkpoint::save(location, state, trainer)?;
@@ -425,21 +708,43 @@ fn stop_after_step(ring: &mut Ring, hooks: &mut (dyn EpochHooks + Send), trainer
         Ok(())
     };
     match stopped() {
-        Ok(()) => FitError::Stopped { epoch: state.epochs_done, step: trainer.step, checkpoint: location.display().to_string(), here },
+        Ok(()) => FitError::Stopped {
+            epoch: state.epochs_done,
+            step: trainer.step,
+            checkpoint: location.display().to_string(),
+            here,
+        },
         Err(e) => e,
     }
 }
 
 /// Rank 0's results: the embedding (and expression, predictions) of every cell written into the
 /// store, then the run's records in the output folder.
-#[allow(clippy::too_many_arguments)]
-fn write_outputs(opts: &FitOptions, loader: &Loader, holdout: Holdout, plan: &OutputPlan, inputs: &Inputs, trainer: &mut Trainer<f32, Cpu>, state: &FitState, stopped_early: bool, denoised_keys: &[(&str, String)]) -> Result<FitReport, FitError> {
+#[allow(clippy::too_many_arguments)] // what a finished run writes, each from its own stage
+fn write_outputs(
+    opts: &FitOptions,
+    loader: &Loader,
+    holdout: Holdout,
+    plan: &OutputPlan,
+    inputs: &Inputs,
+    trainer: &mut Trainer<f32, Cpu>,
+    state: &FitState,
+    stopped_early: bool,
+    denoised_keys: &[(&str, String)],
+) -> Result<FitReport, FitError> {
     let n_latent = opts.config.model.n_latent;
     let n = loader.n_cells() as usize;
     let classify = opts.config.model.classifier_weight > 0.0;
     let n_labels = loader.label_categories.len();
     let mut embedding = vec![0f32; n * n_latent];
-    let mut denoised: Vec<Vec<f32>> = if opts.denoised.is_some() { plan.modalities.iter().map(|(_, _, g)| vec![0f32; n * g]).collect() } else { Vec::new() };
+    let mut denoised: Vec<Vec<f32>> = if opts.denoised.is_some() {
+        plan.modalities
+            .iter()
+            .map(|(_, _, g)| vec![0f32; n * g])
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut probabilities = vec![0f32; if classify { n * n_labels } else { 0 }];
     let mut validation_cells = Vec::new();
     let mut labels = vec![-1i32; if opts.label_key.is_some() { n } else { 0 }];
@@ -447,8 +752,13 @@ fn write_outputs(opts: &FitOptions, loader: &Loader, holdout: Holdout, plan: &Ou
         let mb = mb?;
         let batch = Converted::whole(&mb, inputs);
         let (z, expression) = match &opts.denoised {
-            Some(d) => on_pool(|| batch.with(|b| trainer.model.latent_and_expression(b, d.library_size)))?,
-            None => (on_pool(|| batch.with(|b| trainer.model.latent_mean(b)))?, Vec::new()),
+            Some(d) => {
+                on_pool(|| batch.with(|b| trainer.model.latent_and_expression(b, d.library_size)))?
+            }
+            None => (
+                on_pool(|| batch.with(|b| trainer.model.latent_mean(b)))?,
+                Vec::new(),
+            ),
         };
         let p = on_pool(|| batch.with(|b| trainer.model.predict_labels(b)))?.unwrap_or_default();
         for (r, &cell) in mb.cells.iter().enumerate() {
@@ -456,21 +766,28 @@ fn write_outputs(opts: &FitOptions, loader: &Loader, holdout: Holdout, plan: &Ou
                 validation_cells.push(cell);
             }
             let cell = cell as usize;
-            embedding[cell * n_latent..(cell + 1) * n_latent].copy_from_slice(&z[r * n_latent..(r + 1) * n_latent]);
+            embedding[cell * n_latent..(cell + 1) * n_latent]
+                .copy_from_slice(&z[r * n_latent..(r + 1) * n_latent]);
             if let (Some(slot), Some(&code)) = (labels.get_mut(cell), mb.label.get(r)) {
                 *slot = code;
             }
             if classify {
-                probabilities[cell * n_labels..(cell + 1) * n_labels].copy_from_slice(&p[r * n_labels..(r + 1) * n_labels]);
+                probabilities[cell * n_labels..(cell + 1) * n_labels]
+                    .copy_from_slice(&p[r * n_labels..(r + 1) * n_labels]);
             }
-            for ((all, e), (_, _, g)) in denoised.iter_mut().zip(&expression).zip(&plan.modalities) {
+            for ((all, e), (_, _, g)) in denoised.iter_mut().zip(&expression).zip(&plan.modalities)
+            {
                 all[cell * g..(cell + 1) * g].copy_from_slice(&e[r * g..(r + 1) * g]);
             }
         }
     }
-    plan.target.write_obsm(&opts.embedding_key, &embedding, n_latent, opts.overwrite)?;
+    plan.target
+        .write_obsm(&opts.embedding_key, &embedding, n_latent, opts.overwrite)?;
     let mut denoised_elements = Vec::new();
-    for ((mapping, key), (values, (_, _, g))) in denoised_keys.iter().zip(denoised.iter().zip(&plan.modalities)) {
+    for ((mapping, key), (values, (_, _, g))) in denoised_keys
+        .iter()
+        .zip(denoised.iter().zip(&plan.modalities))
+    {
         if *mapping == "layers" {
             plan.target.write_dense_layer(key, values, opts.overwrite)?;
         } else {
@@ -481,25 +798,63 @@ fn write_outputs(opts: &FitOptions, loader: &Loader, holdout: Holdout, plan: &Ou
     let embedding_element = plan.target.element(&format!("obsm/{}", opts.embedding_key));
     let mut prediction_elements = Vec::new();
     if classify {
-        let codes: Vec<i32> = probabilities.chunks(n_labels).map(|p| p.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (k, &v)| if v > best.1 { (k, v) } else { best }).0 as i32).collect();
-        let column = tessera_data::Column::Categorical { codes, categories: loader.label_categories.clone(), ordered: false };
-        plan.target.write_obs_column(PREDICTION_KEY, &column, opts.overwrite)?;
+        let codes: Vec<i32> = probabilities
+            .chunks(n_labels)
+            .map(|p| {
+                p.iter()
+                    .enumerate()
+                    .fold((0, f32::NEG_INFINITY), |best, (k, &v)| {
+                        if v > best.1 { (k, v) } else { best }
+                    })
+                    .0 as i32
+            })
+            .collect();
+        let column = tessera_data::Column::Categorical {
+            codes,
+            categories: loader.label_categories.clone(),
+            ordered: false,
+        };
+        plan.target
+            .write_obs_column(PREDICTION_KEY, &column, opts.overwrite)?;
         let key = format!("{PREDICTION_KEY}_probabilities");
-        plan.target.write_obsm(&key, &probabilities, n_labels, opts.overwrite)?;
-        prediction_elements = vec![plan.target.element(&format!("obs/{PREDICTION_KEY}")), plan.target.element(&format!("obsm/{key}"))];
+        plan.target
+            .write_obsm(&key, &probabilities, n_labels, opts.overwrite)?;
+        prediction_elements = vec![
+            plan.target.element(&format!("obs/{PREDICTION_KEY}")),
+            plan.target.element(&format!("obsm/{key}")),
+        ];
     }
 
-    std::fs::create_dir_all(&opts.out).map_err(|e| FitError::Output { path: opts.out.display().to_string(), reason: e.to_string() })?;
+    std::fs::create_dir_all(&opts.out).map_err(|e| FitError::Output {
+        path: opts.out.display().to_string(),
+        reason: e.to_string(),
+    })?;
     write_history(&opts.out.join("history.csv"), &state.history)?;
     // Which cells validated (obs rows, 0-based), so another tool can validate on the same ones.
-    write_file(&opts.out.join("validation_cells.csv"), validation_cells.iter().fold(String::from("cell\n"), |csv, c| csv + &c.to_string() + "\n").as_bytes())?;
+    write_file(
+        &opts.out.join("validation_cells.csv"),
+        validation_cells
+            .iter()
+            .fold(String::from("cell\n"), |csv, c| csv + &c.to_string() + "\n")
+            .as_bytes(),
+    )?;
     let plot = opts.out.join("loss.png");
-    crate::plot::loss_plot(&state.history, &plot).map_err(|reason| FitError::Output { path: plot.display().to_string(), reason })?;
+    crate::plot::loss_plot(&state.history, &plot).map_err(|reason| FitError::Output {
+        path: plot.display().to_string(),
+        reason,
+    })?;
     checkpoint::write_weights(&opts.out.join("model.safetensors"), trainer)?;
     let dataset = Dataset::open(&opts.data)?;
-    let var_names = plan.modalities.iter().map(|(name, _, _)| Ok((name.clone(), crate::reference::var_names(&dataset, name)?))).collect::<Result<_, crate::reference::ReferenceError>>();
+    let var_names = plan
+        .modalities
+        .iter()
+        .map(|(name, _, _)| Ok((name.clone(), crate::reference::var_names(&dataset, name)?)))
+        .collect::<Result<_, crate::reference::ReferenceError>>();
     let reference_path = opts.out.join(crate::reference::REFERENCE_FILE);
-    let reference_error = |e: crate::reference::ReferenceError| FitError::Output { path: reference_path.display().to_string(), reason: e.to_string() };
+    let reference_error = |e: crate::reference::ReferenceError| FitError::Output {
+        path: reference_path.display().to_string(),
+        reason: e.to_string(),
+    };
     let reference = crate::reference::Reference {
         latent: embedding.clone(),
         n_latent,
@@ -511,9 +866,31 @@ fn write_outputs(opts: &FitOptions, loader: &Loader, holdout: Holdout, plan: &Ou
         var_names: var_names.map_err(reference_error)?,
     };
     reference.write(&reference_path).map_err(reference_error)?;
-    write_file(&opts.out.join("config.json"), serde_json::to_string_pretty(&state.run).unwrap_or_default().as_bytes())?;
-    let report = FitReport { history: state.history.clone(), stopped_early, n_train: state.n_train, n_validation: validation_cells.len() as u64, modalities: model_shapes(&trainer.model), batch_categories: loader.batch_categories.clone(), embedding, n_latent, embedding_element, denoised_elements, prediction_elements };
-    write_file(&opts.out.join(REPORT_FILE), serde_json::to_string_pretty(&report).unwrap_or_default().as_bytes())?;
+    write_file(
+        &opts.out.join("config.json"),
+        serde_json::to_string_pretty(&state.run)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+    let report = FitReport {
+        history: state.history.clone(),
+        stopped_early,
+        n_train: state.n_train,
+        n_validation: validation_cells.len() as u64,
+        modalities: model_shapes(&trainer.model),
+        batch_categories: loader.batch_categories.clone(),
+        embedding,
+        n_latent,
+        embedding_element,
+        denoised_elements,
+        prediction_elements,
+    };
+    write_file(
+        &opts.out.join(REPORT_FILE),
+        serde_json::to_string_pretty(&report)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
     Ok(report)
 }
 
@@ -524,7 +901,12 @@ const BACKGROUND_SAMPLE_CELLS: usize = 20_000;
 /// counts (up to the first `BACKGROUND_SAMPLE_CELLS` cells): the background component of
 /// bimodal protein counts, where totalVI starts its background prior (there from a two-component
 /// Gaussian mixture). Batches without cells get the pooled value.
-fn background_log_rates(loader: &Loader, modality: usize, features: usize, batches: usize) -> Result<Vec<f32>, FitError> {
+fn background_log_rates(
+    loader: &Loader,
+    modality: usize,
+    features: usize,
+    batches: usize,
+) -> Result<Vec<f32>, FitError> {
     let mut values: Vec<Vec<Vec<f32>>> = vec![vec![Vec::new(); features]; batches + 1];
     let mut seen = 0;
     for mb in loader.epoch(0) {
@@ -533,10 +915,16 @@ fn background_log_rates(loader: &Loader, modality: usize, features: usize, batch
         for r in (0..mb.cells.len()).filter(|&r| counts.present[r]) {
             let mut row = vec![0f32; features];
             let span = counts.counts.indptr[r] as usize..counts.counts.indptr[r + 1] as usize;
-            for (&c, &v) in counts.counts.indices[span.clone()].iter().zip(&counts.counts.data[span]) {
+            for (&c, &v) in counts.counts.indices[span.clone()]
+                .iter()
+                .zip(&counts.counts.data[span])
+            {
                 row[c as usize] = v;
             }
-            let batch = usize::try_from(mb.batch[r]).ok().filter(|&b| b < batches).unwrap_or(0);
+            let batch = usize::try_from(mb.batch[r])
+                .ok()
+                .filter(|&b| b < batches)
+                .unwrap_or(0);
             for (g, &v) in row.iter().enumerate() {
                 values[batch][g].push(v.max(0.0).ln_1p());
                 values[batches][g].push(v.max(0.0).ln_1p());
@@ -555,8 +943,17 @@ fn background_log_rates(loader: &Loader, modality: usize, features: usize, batch
         let half = &v[..v.len().div_ceil(2)];
         Some(half.iter().sum::<f32>() / half.len() as f32)
     };
-    let pooled: Vec<f32> = values[batches].iter_mut().map(|v| lower_mean(v).unwrap_or(0.0)).collect();
-    Ok((0..batches).flat_map(|b| (0..features).map(|g| lower_mean(&mut values[b][g]).unwrap_or(pooled[g])).collect::<Vec<_>>()).collect())
+    let pooled: Vec<f32> = values[batches]
+        .iter_mut()
+        .map(|v| lower_mean(v).unwrap_or(0.0))
+        .collect();
+    Ok((0..batches)
+        .flat_map(|b| {
+            (0..features)
+                .map(|g| lower_mean(&mut values[b][g]).unwrap_or(pooled[g]))
+                .collect::<Vec<_>>()
+        })
+        .collect())
 }
 
 /// Runs one model call on a thread of the compute pool, so each op's parallel loop starts where
@@ -569,7 +966,11 @@ pub(crate) fn on_pool<R: Send>(call: impl FnOnce() -> R + Send) -> R {
 }
 
 fn model_shapes(model: &Vae<f32, Cpu>) -> Vec<(String, usize)> {
-    model.modalities.iter().map(|m| (m.name.clone(), m.n_features)).collect()
+    model
+        .modalities
+        .iter()
+        .map(|m| (m.name.clone(), m.n_features))
+        .collect()
 }
 
 /// The modalities to model and where the outputs go.
@@ -584,29 +985,68 @@ struct OutputPlan {
 }
 
 impl OutputPlan {
-    fn new(dataset: &Dataset, wanted: &[String], loaded: &[String], store: &str) -> Result<OutputPlan, FitError> {
-        let index = |name: &str| loaded.iter().position(|n| n == name).ok_or_else(|| FitError::Input { store: store.into(), reason: format!("no modality {name:?}; the store has {loaded:?}") });
+    fn new(
+        dataset: &Dataset,
+        wanted: &[String],
+        loaded: &[String],
+        store: &str,
+    ) -> Result<OutputPlan, FitError> {
+        let index = |name: &str| {
+            loaded
+                .iter()
+                .position(|n| n == name)
+                .ok_or_else(|| FitError::Input {
+                    store: store.into(),
+                    reason: format!("no modality {name:?}; the store has {loaded:?}"),
+                })
+        };
         match dataset {
             Dataset::AnnData(a) => {
                 if let Some(other) = wanted.iter().find(|w| !loaded.contains(w)) {
-                    return Err(FitError::Input { store: store.into(), reason: format!("no modality {other:?}: an AnnData store has one matrix, X") });
+                    return Err(FitError::Input {
+                        store: store.into(),
+                        reason: format!(
+                            "no modality {other:?}: an AnnData store has one matrix, X"
+                        ),
+                    });
                 }
-                Ok(OutputPlan { modalities: vec![(loaded[0].clone(), 0, a.n_vars() as usize)], target: a.clone(), layer: true })
+                Ok(OutputPlan {
+                    modalities: vec![(loaded[0].clone(), 0, a.n_vars() as usize)],
+                    target: a.clone(),
+                    layer: true,
+                })
             }
             Dataset::MuData(m) => {
-                let names: Vec<String> = if wanted.is_empty() { m.modalities.iter().map(|(n, _)| n.clone()).collect() } else { wanted.to_vec() };
+                let names: Vec<String> = if wanted.is_empty() {
+                    m.modalities.iter().map(|(n, _)| n.clone()).collect()
+                } else {
+                    wanted.to_vec()
+                };
                 if names.is_empty() {
-                    return Err(FitError::Input { store: store.into(), reason: "MuData store has no modalities".into() });
+                    return Err(FitError::Input {
+                        store: store.into(),
+                        reason: "MuData store has no modalities".into(),
+                    });
                 }
                 let mut modalities = Vec::with_capacity(names.len());
                 for name in &names {
                     let (i, adata) = m.modality(name)?;
                     modalities.push((name.clone(), index(name)?, adata.n_vars() as usize));
-                    if names.len() == 1 && (adata.n_obs() == m.n_obs() && m.presence(i).iter().all(|&p| p)) {
-                        return Ok(OutputPlan { modalities, target: adata.clone(), layer: true });
+                    if names.len() == 1
+                        && (adata.n_obs() == m.n_obs() && m.presence(i).iter().all(|&p| p))
+                    {
+                        return Ok(OutputPlan {
+                            modalities,
+                            target: adata.clone(),
+                            layer: true,
+                        });
                     }
                 }
-                Ok(OutputPlan { modalities, target: m.root(), layer: false })
+                Ok(OutputPlan {
+                    modalities,
+                    target: m.root(),
+                    layer: false,
+                })
             }
         }
     }
@@ -641,7 +1081,11 @@ impl Converted {
             .map(|&m| {
                 let modality = &mb.modalities[m];
                 let present: Vec<bool> = rows.iter().map(|&r| modality.present[r]).collect();
-                (modality.counts.n_cols, modality.counts.select_rows(rows), (!present.iter().all(|&p| p)).then_some(present))
+                (
+                    modality.counts.n_cols,
+                    modality.counts.select_rows(rows),
+                    (!present.iter().all(|&p| p)).then_some(present),
+                )
             })
             .collect();
         let mut covariates = vec![0f32; rows.len() * n_cov];
@@ -655,34 +1099,96 @@ impl Converted {
         }
         let k = inputs.n_targets + if inputs.survival { 2 } else { 0 };
         let numeric = |r: usize, j: usize| mb.numeric[r * k + j];
-        let targets = rows.iter().flat_map(|&r| (0..inputs.n_targets).map(move |j| numeric(r, j))).collect();
-        let (times, events) = if inputs.survival { rows.iter().map(|&r| (numeric(r, k - 2), numeric(r, k - 1) > 0.0)).unzip() } else { (Vec::new(), Vec::new()) };
-        Converted { rows: rows.len(), counts, covariates, labels: rows.iter().map(|&r| mb.label[r]).collect(), targets, times, events }
+        let targets = rows
+            .iter()
+            .flat_map(|&r| (0..inputs.n_targets).map(move |j| numeric(r, j)))
+            .collect();
+        let (times, events) = if inputs.survival {
+            rows.iter()
+                .map(|&r| (numeric(r, k - 2), numeric(r, k - 1) > 0.0))
+                .unzip()
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Converted {
+            rows: rows.len(),
+            counts,
+            covariates,
+            labels: rows.iter().map(|&r| mb.label[r]).collect(),
+            targets,
+            times,
+            events,
+        }
     }
 
     /// Calls `f` with the model's view of these rows.
     fn with<R>(&self, f: impl FnOnce(VaeBatch<'_, f32>) -> R) -> R {
-        let modalities: Vec<ModalityCounts<'_, f32>> = self.counts.iter().map(|(cols, c, present)| ModalityCounts { counts: CsrRef { rows: self.rows, cols: *cols, indptr: &c.indptr, indices: &c.indices, data: &c.data }, present: present.as_deref() }).collect();
+        let modalities: Vec<ModalityCounts<'_, f32>> = self
+            .counts
+            .iter()
+            .map(|(cols, c, present)| ModalityCounts {
+                counts: CsrRef {
+                    rows: self.rows,
+                    cols: *cols,
+                    indptr: &c.indptr,
+                    indices: &c.indices,
+                    data: &c.data,
+                },
+                present: present.as_deref(),
+            })
+            .collect();
         let supervision = Supervision {
             labels: Some(&self.labels),
             targets: (!self.targets.is_empty()).then_some(self.targets.as_slice()),
-            survival: (!self.times.is_empty()).then_some(Survival { times: &self.times, events: &self.events }),
+            survival: (!self.times.is_empty()).then_some(Survival {
+                times: &self.times,
+                events: &self.events,
+            }),
         };
         f(VaeBatch::new(&modalities, &self.covariates).with_supervision(supervision))
     }
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), FitError> {
-    std::fs::write(path, bytes).map_err(|e| FitError::Output { path: path.display().to_string(), reason: e.to_string() })
+    std::fs::write(path, bytes).map_err(|e| FitError::Output {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
 }
 
 fn write_history(path: &Path, history: &[EpochRecord]) -> Result<(), FitError> {
-    let terms = |t: &LossTerms| [t.loss, t.reconstruction, t.kl, t.regularization, t.supervised].map(|v| v.to_string());
-    let mut csv = String::from("epoch,kl_weight,lr,train_loss,train_reconstruction,train_kl,train_regularization,train_supervised,validation_loss,validation_reconstruction,validation_kl,validation_regularization,validation_supervised,seconds,cells_per_second,compute_seconds,allreduce_seconds,data_seconds\n");
+    let terms = |t: &LossTerms| {
+        [
+            t.loss,
+            t.reconstruction,
+            t.kl,
+            t.regularization,
+            t.supervised,
+        ]
+        .map(|v| v.to_string())
+    };
+    let mut csv = String::from(
+        "epoch,kl_weight,lr,train_loss,train_reconstruction,train_kl,train_regularization,train_supervised,validation_loss,validation_reconstruction,validation_kl,validation_regularization,validation_supervised,seconds,cells_per_second,compute_seconds,allreduce_seconds,data_seconds\n",
+    );
     for r in history {
-        let v = r.validation.as_ref().map_or_else(|| [(); 5].map(|_| String::new()), terms);
+        let v = r
+            .validation
+            .as_ref()
+            .map_or_else(|| [(); 5].map(|_| String::new()), terms);
         let t = &r.steps;
-        csv.push_str(&format!("{},{},{},{},{},{:.4},{:.1},{:.4},{:.4},{:.4}\n", r.epoch, r.kl_weight, r.lr, terms(&r.train).join(","), v.join(","), r.seconds, r.cells_per_second, t.compute, t.allreduce, t.data));
+        csv.push_str(&format!(
+            "{},{},{},{},{},{:.4},{:.1},{:.4},{:.4},{:.4}\n",
+            r.epoch,
+            r.kl_weight,
+            r.lr,
+            terms(&r.train).join(","),
+            v.join(","),
+            r.seconds,
+            r.cells_per_second,
+            t.compute,
+            t.allreduce,
+            t.data
+        ));
     }
     write_file(path, csv.as_bytes())
 }

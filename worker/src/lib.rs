@@ -22,11 +22,21 @@ pub mod reference;
 pub mod ring;
 
 pub use eval::{EvalError, EvalRequest, Evaluation, evaluate_store, write_evaluation};
-pub use fit::{DEFAULT_CACHE_MIB, Denoised, EpochRecord, FitConfig, FitError, FitOptions, FitReport, check_job, fit, fit_until, train};
+pub use fit::{
+    DEFAULT_CACHE_MIB, Denoised, EpochRecord, FitConfig, FitError, FitOptions, FitReport,
+    check_job, fit, fit_until, train,
+};
 
 /// This process's peak resident memory so far (Linux `VmHWM`), MiB; None elsewhere.
 pub fn peak_memory_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
     Some(kib / 1024.0)
 }

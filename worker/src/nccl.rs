@@ -26,7 +26,10 @@ pub enum NcclError {
 }
 
 fn call(op: &'static str) -> impl Fn(cudarc::nccl::result::NcclError) -> NcclError {
-    move |e| NcclError::Call { op, reason: format!("{e:?}") }
+    move |e| NcclError::Call {
+        op,
+        reason: format!("{e:?}"),
+    }
 }
 
 /// Whether libnccl can be loaded (cudarc looks for `libnccl.so`: symlink it beside the pip
@@ -45,7 +48,10 @@ pub struct Nccl {
 
 impl std::fmt::Debug for Nccl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Nccl").field("rank", &self.comm.rank()).field("world", &self.comm.world_size()).finish()
+        f.debug_struct("Nccl")
+            .field("rank", &self.comm.rank())
+            .field("world", &self.comm.world_size())
+            .finish()
     }
 }
 
@@ -54,7 +60,9 @@ impl Nccl {
     /// carries it.
     pub fn over_ring(gpu: &Gpu, ring: &mut Ring) -> Result<Nccl, NcclError> {
         if !library_present() {
-            return Err(NcclError::Unavailable("libnccl.so not found (set LD_LIBRARY_PATH)".into()));
+            return Err(NcclError::Unavailable(
+                "libnccl.so not found (set LD_LIBRARY_PATH)".into(),
+            ));
         }
         let mut id = [0u8; 128];
         if ring.rank() == 0 {
@@ -62,8 +70,18 @@ impl Nccl {
             id.copy_from_slice(&made.internal().map(|c| c as u8));
         }
         ring.broadcast_from_rank0(&mut id)?;
-        let stream = gpu.stream().context().new_stream().map_err(|e| NcclError::Unavailable(format!("creating a stream: {e}")))?;
-        let comm = Comm::from_rank(Arc::clone(&stream), ring.rank(), ring.world(), Id::uninit(id.map(|b| b as _))).map_err(call("joining the communicator"))?;
+        let stream = gpu
+            .stream()
+            .context()
+            .new_stream()
+            .map_err(|e| NcclError::Unavailable(format!("creating a stream: {e}")))?;
+        let comm = Comm::from_rank(
+            Arc::clone(&stream),
+            ring.rank(),
+            ring.world(),
+            Id::uninit(id.map(|b| b as _)),
+        )
+        .map_err(call("joining the communicator"))?;
         Ok(Nccl { comm, stream })
     }
 
@@ -74,16 +92,25 @@ impl Nccl {
 
     /// Replaces `buf` on every rank by the ranks' mean, in place (queued on `stream`).
     pub fn all_reduce_mean(&self, buf: &mut CudaSlice<f32>) -> Result<(), NcclError> {
-        self.comm.all_reduce_in_place(buf, &ReduceOp::Avg).map(|_| ()).map_err(call("all-reduce"))
+        self.comm
+            .all_reduce_in_place(buf, &ReduceOp::Avg)
+            .map(|_| ())
+            .map_err(call("all-reduce"))
     }
 
     /// Replaces `buf` on every rank by the ranks' sum, in place (queued on `stream`).
     pub fn all_reduce_sum(&self, buf: &mut CudaSlice<f32>) -> Result<(), NcclError> {
-        self.comm.all_reduce_in_place(buf, &ReduceOp::Sum).map(|_| ()).map_err(call("all-reduce"))
+        self.comm
+            .all_reduce_in_place(buf, &ReduceOp::Sum)
+            .map(|_| ())
+            .map_err(call("all-reduce"))
     }
 
     /// Waits for the queued collectives.
     pub fn synchronize(&self) -> Result<(), NcclError> {
-        self.stream.synchronize().map_err(|e| NcclError::Call { op: "synchronize", reason: e.to_string() })
+        self.stream.synchronize().map_err(|e| NcclError::Call {
+            op: "synchronize",
+            reason: e.to_string(),
+        })
     }
 }

@@ -8,11 +8,15 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
-use tessera_data::{AnnData, Column, Csr, Dataset, DataError, TileMatrices};
-use tessera_kernels::ops::affinity::{Metric, distance_rows, exponential_rows, feature_affinity, mean_nearest, zscore_columns};
-use tessera_network::distributed::{Exchange, all_gather, gather_to_rank0, row_range, snf_rows};
+use tessera_data::{AnnData, Column, Csr, DataError, Dataset, TileMatrices};
+use tessera_kernels::ops::affinity::{
+    Metric, distance_rows, exponential_rows, feature_affinity, mean_nearest, zscore_columns,
+};
 use tessera_metrics::cluster::{ari, nmi};
-use tessera_network::out_of_core::{TileStore, matrices_needed, row_blocks, snf_out_of_core, stored_spectrum};
+use tessera_network::distributed::{Exchange, all_gather, gather_to_rank0, row_range, snf_rows};
+use tessera_network::out_of_core::{
+    TileStore, matrices_needed, row_blocks, snf_out_of_core, stored_spectrum,
+};
 use tessera_network::{NetworkError, SnfParams, Spectrum, View, rank_by_eigengap};
 
 use crate::eval::DEFAULT_LABEL_KEY;
@@ -22,7 +26,10 @@ pub enum NetworkJobError {
     #[error(transparent)]
     Data(#[from] DataError),
     #[error("{store}: {problem}")]
-    Network { store: String, problem: NetworkError },
+    Network {
+        store: String,
+        problem: NetworkError,
+    },
     #[error("{store}: {reason}")]
     Input { store: String, reason: String },
     #[error("writing {path}: {reason}")]
@@ -190,22 +197,36 @@ struct Features {
 }
 
 fn input(store: &str, reason: impl Into<String>) -> NetworkJobError {
-    NetworkJobError::Input { store: store.to_string(), reason: reason.into() }
+    NetworkJobError::Input {
+        store: store.to_string(),
+        reason: reason.into(),
+    }
 }
 
 /// Dense rows of a count matrix, optionally scaled to 10⁴ per cell and log1p'd.
-fn dense_rows(adata: &AnnData, rows: &[usize], log_normalise: bool) -> Result<(Vec<f64>, usize), DataError> {
+fn dense_rows(
+    adata: &AnnData,
+    rows: &[usize],
+    log_normalise: bool,
+) -> Result<(Vec<f64>, usize), DataError> {
     let x = adata.x()?;
     let csr: Csr = x.read_rows(&adata.store, 0..adata.n_obs())?;
     let cols = csr.n_cols;
     let mut values = vec![0.0f64; rows.len() * cols];
-    values.par_chunks_mut(cols.max(1)).zip(rows.par_iter()).for_each(|(out, &r)| {
-        let (idx, val) = csr.row(r);
-        let total: f64 = val.iter().map(|&v| f64::from(v)).sum();
-        for (&j, &v) in idx.iter().zip(val) {
-            out[j as usize] = if log_normalise && total > 0.0 { (f64::from(v) * 1e4 / total).ln_1p() } else { f64::from(v) };
-        }
-    });
+    values
+        .par_chunks_mut(cols.max(1))
+        .zip(rows.par_iter())
+        .for_each(|(out, &r)| {
+            let (idx, val) = csr.row(r);
+            let total: f64 = val.iter().map(|&v| f64::from(v)).sum();
+            for (&j, &v) in idx.iter().zip(val) {
+                out[j as usize] = if log_normalise && total > 0.0 {
+                    (f64::from(v) * 1e4 / total).ln_1p()
+                } else {
+                    f64::from(v)
+                };
+            }
+        });
     Ok((values, cols))
 }
 
@@ -219,10 +240,18 @@ fn obsm_rows(adata: &AnnData, key: &str, cells: &[usize]) -> Result<Features, Da
         .filter(|(_, row)| row.iter().all(|v| !v.is_nan()))
         .map(|(g, row)| (g, row.iter().map(|&v| f64::from(v)).collect()))
         .unzip();
-    Ok(Features { samples, values: values.concat(), cols })
+    Ok(Features {
+        samples,
+        values: values.concat(),
+        cols,
+    })
 }
 
-fn read_view(dataset: &Dataset, spec: &ViewSpec, req: &NetworkRequest) -> Result<Features, NetworkJobError> {
+fn read_view(
+    dataset: &Dataset,
+    spec: &ViewSpec,
+    req: &NetworkRequest,
+) -> Result<Features, NetworkJobError> {
     match (dataset, &spec.modality) {
         (Dataset::AnnData(a), None) => {
             let all: Vec<usize> = (0..a.n_obs() as usize).collect();
@@ -230,30 +259,74 @@ fn read_view(dataset: &Dataset, spec: &ViewSpec, req: &NetworkRequest) -> Result
                 Some(key) => Ok(obsm_rows(a, key, &all)?),
                 None => {
                     let (values, cols) = dense_rows(a, &all, req.log_normalise)?;
-                    Ok(Features { samples: all, values, cols })
+                    Ok(Features {
+                        samples: all,
+                        values,
+                        cols,
+                    })
                 }
             }
         }
-        (Dataset::AnnData(_), Some(m)) => Err(input(&req.data, format!("view {:?}: the store is an AnnData, it has no modality {m:?} (use X or obsm/<key>)", spec.name()))),
+        (Dataset::AnnData(_), Some(m)) => Err(input(
+            &req.data,
+            format!(
+                "view {:?}: the store is an AnnData, it has no modality {m:?} (use X or obsm/<key>)",
+                spec.name()
+            ),
+        )),
         (Dataset::MuData(md), None) => match &spec.obsm {
-            Some(key) => Ok(obsm_rows(&md.root(), key, &(0..md.n_obs() as usize).collect::<Vec<_>>())?),
-            None => Err(input(&req.data, "view \"X\": a MuData store has no root X; name a modality (rna) or obsm/<key>")),
+            Some(key) => Ok(obsm_rows(
+                &md.root(),
+                key,
+                &(0..md.n_obs() as usize).collect::<Vec<_>>(),
+            )?),
+            None => Err(input(
+                &req.data,
+                "view \"X\": a MuData store has no root X; name a modality (rna) or obsm/<key>",
+            )),
         },
         (Dataset::MuData(md), Some(m)) => {
             let (index, adata) = md.modality(m)?;
             // obsmap: 1-based row of each global cell in the modality, 0 = absent.
-            let (samples, rows): (Vec<usize>, Vec<usize>) = md.obsmap[index].iter().enumerate().filter(|&(_, &r)| r > 0).map(|(g, &r)| (g, r as usize - 1)).unzip();
+            let (samples, rows): (Vec<usize>, Vec<usize>) = md.obsmap[index]
+                .iter()
+                .enumerate()
+                .filter(|&(_, &r)| r > 0)
+                .map(|(g, &r)| (g, r as usize - 1))
+                .unzip();
             match &spec.obsm {
                 Some(key) => {
-                    let local = obsm_rows(adata, key, &(0..adata.n_obs() as usize).collect::<Vec<_>>())?;
+                    let local =
+                        obsm_rows(adata, key, &(0..adata.n_obs() as usize).collect::<Vec<_>>())?;
                     // Back from modality rows to global cells, in global order.
-                    let position: std::collections::HashMap<usize, usize> = local.samples.iter().enumerate().map(|(p, &r)| (r, p)).collect();
-                    let (samples, values): (Vec<usize>, Vec<&[f64]>) = samples.iter().zip(&rows).filter_map(|(&g, r)| position.get(r).map(|&p| (g, &local.values[p * local.cols..(p + 1) * local.cols]))).unzip();
-                    Ok(Features { samples, values: values.concat(), cols: local.cols })
+                    let position: std::collections::HashMap<usize, usize> = local
+                        .samples
+                        .iter()
+                        .enumerate()
+                        .map(|(p, &r)| (r, p))
+                        .collect();
+                    let (samples, values): (Vec<usize>, Vec<&[f64]>) = samples
+                        .iter()
+                        .zip(&rows)
+                        .filter_map(|(&g, r)| {
+                            position
+                                .get(r)
+                                .map(|&p| (g, &local.values[p * local.cols..(p + 1) * local.cols]))
+                        })
+                        .unzip();
+                    Ok(Features {
+                        samples,
+                        values: values.concat(),
+                        cols: local.cols,
+                    })
                 }
                 None => {
                     let (values, cols) = dense_rows(adata, &rows, req.log_normalise)?;
-                    Ok(Features { samples, values, cols })
+                    Ok(Features {
+                        samples,
+                        values,
+                        cols,
+                    })
                 }
             }
         }
@@ -264,7 +337,11 @@ fn read_view(dataset: &Dataset, spec: &ViewSpec, req: &NetworkRequest) -> Result
 fn affinity(mut f: Features, k: usize, mu: f64, metric: Metric, n: usize) -> View {
     let s = f.samples.len();
     let w = feature_affinity(&mut f.values, s, f.cols, metric, k, mu);
-    if s == n { View::complete(w) } else { View::partial(f.samples, w) }
+    if s == n {
+        View::complete(w)
+    } else {
+        View::partial(f.samples, w)
+    }
 }
 
 /// The `top_k` largest entries of each row (n long) of `w` as CSR (columns ascending).
@@ -277,12 +354,20 @@ fn top_k_rows(w: &[f64], n: usize, top_k: usize) -> Csr {
             if keep < n {
                 order.select_nth_unstable_by(keep, |&a, &b| row[b].total_cmp(&row[a]));
             }
-            let mut kept: Vec<(u32, f32)> = order[..keep].iter().map(|&j| (j as u32, row[j] as f32)).collect();
+            let mut kept: Vec<(u32, f32)> = order[..keep]
+                .iter()
+                .map(|&j| (j as u32, row[j] as f32))
+                .collect();
             kept.sort_unstable_by_key(|e| e.0);
             kept
         })
         .collect();
-    let mut csr = Csr { n_rows: rows.len(), n_cols: n, indptr: vec![0], ..Csr::default() };
+    let mut csr = Csr {
+        n_rows: rows.len(),
+        n_cols: n,
+        indptr: vec![0],
+        ..Csr::default()
+    };
     for row in rows {
         csr.indices.extend(row.iter().map(|e| e.0));
         csr.data.extend(row.iter().map(|e| e.1));
@@ -311,78 +396,156 @@ fn prepare(req: &NetworkRequest) -> Result<Prepared, NetworkJobError> {
     };
     let specs: Vec<ViewSpec> = match (&dataset, req.views.is_empty()) {
         (_, false) => req.views.clone(),
-        (Dataset::AnnData(_), true) => vec![ViewSpec { modality: None, obsm: None }],
-        (Dataset::MuData(m), true) => m.modalities.iter().map(|(name, _)| ViewSpec { modality: Some(name.clone()), obsm: None }).collect(),
+        (Dataset::AnnData(_), true) => vec![ViewSpec {
+            modality: None,
+            obsm: None,
+        }],
+        (Dataset::MuData(m), true) => m
+            .modalities
+            .iter()
+            .map(|(name, _)| ViewSpec {
+                modality: Some(name.clone()),
+                obsm: None,
+            })
+            .collect(),
     };
     let cluster_column = format!("{}_clusters", req.key);
     for (mapping, key) in [("obsp", req.key.as_str()), ("obs", cluster_column.as_str())] {
-        if !req.overwrite && root.keys(mapping).unwrap_or_default().iter().any(|k| k == key) {
-            return Err(DataError::Exists { store: root.store.name(), path: root.element(&format!("{mapping}/{key}")) }.into());
+        if !req.overwrite
+            && root
+                .keys(mapping)
+                .unwrap_or_default()
+                .iter()
+                .any(|k| k == key)
+        {
+            return Err(DataError::Exists {
+                store: root.store.name(),
+                path: root.element(&format!("{mapping}/{key}")),
+            }
+            .into());
         }
     }
     let truth = match &req.label_key {
         Some(key) => Some((key.clone(), label_codes(&root, key, &req.data)?)),
-        None => root.obs_column(DEFAULT_LABEL_KEY).ok().map(|_| label_codes(&root, DEFAULT_LABEL_KEY, &req.data).map(|c| (DEFAULT_LABEL_KEY.to_string(), c))).transpose()?,
+        None => root
+            .obs_column(DEFAULT_LABEL_KEY)
+            .ok()
+            .map(|_| {
+                label_codes(&root, DEFAULT_LABEL_KEY, &req.data)
+                    .map(|c| (DEFAULT_LABEL_KEY.to_string(), c))
+            })
+            .transpose()?,
     };
-    Ok(Prepared { dataset, n, root, specs, cluster_column, truth })
+    Ok(Prepared {
+        dataset,
+        n,
+        root,
+        specs,
+        cluster_column,
+        truth,
+    })
 }
 
 /// A view's features, checked: at least two cells, finite values.
-fn checked_view(job: &Prepared, spec: &ViewSpec, req: &NetworkRequest) -> Result<Features, NetworkJobError> {
+fn checked_view(
+    job: &Prepared,
+    spec: &ViewSpec,
+    req: &NetworkRequest,
+) -> Result<Features, NetworkJobError> {
     let features = read_view(&job.dataset, spec, req)?;
     let s = features.samples.len();
     if s < 2 {
-        return Err(input(&req.data, format!("view {}: {s} cells have it, need at least 2", spec.name())));
+        return Err(input(
+            &req.data,
+            format!("view {}: {s} cells have it, need at least 2", spec.name()),
+        ));
     }
     if let Some(bad) = features.values.iter().position(|v| !v.is_finite()) {
-        return Err(input(&req.data, format!("view {}: cell {} has a non-finite value", spec.name(), features.samples[bad / features.cols.max(1)])));
+        return Err(input(
+            &req.data,
+            format!(
+                "view {}: cell {} has a non-finite value",
+                spec.name(),
+                features.samples[bad / features.cols.max(1)]
+            ),
+        ));
     }
     Ok(features)
 }
 
 /// Every view's checked features turned into what the method needs by `make` (`progress`
 /// hears `stage` and the view's name first): those, the views' summaries and the seconds taken.
-fn build_views<T>(req: &NetworkRequest, job: &Prepared, stage: &str, progress: &mut impl FnMut(&str), mut make: impl FnMut(&ViewSpec, Features) -> Result<T, NetworkJobError>) -> Result<(Vec<T>, Vec<ViewSummary>, f64), NetworkJobError> {
+fn build_views<T>(
+    req: &NetworkRequest,
+    job: &Prepared,
+    stage: &str,
+    progress: &mut impl FnMut(&str),
+    mut make: impl FnMut(&ViewSpec, Features) -> Result<T, NetworkJobError>,
+) -> Result<(Vec<T>, Vec<ViewSummary>, f64), NetworkJobError> {
     let started = Instant::now();
     let mut views = Vec::with_capacity(job.specs.len());
     let mut summaries = Vec::with_capacity(job.specs.len());
     for spec in &job.specs {
         progress(&format!("{stage} of view {}", spec.name()));
         let features = checked_view(job, spec, req)?;
-        summaries.push(ViewSummary { name: spec.name(), samples: features.samples.len(), features: features.cols });
+        summaries.push(ViewSummary {
+            name: spec.name(),
+            samples: features.samples.len(),
+            features: features.cols,
+        });
         views.push(make(spec, features)?);
     }
     Ok((views, summaries, started.elapsed().as_secs_f64()))
 }
 
 /// Runs the job on this machine; `progress` hears each stage as it starts.
-pub fn network_store(req: &NetworkRequest, mut progress: impl FnMut(&str)) -> Result<NetworkReport, NetworkJobError> {
+pub fn network_store(
+    req: &NetworkRequest,
+    mut progress: impl FnMut(&str),
+) -> Result<NetworkReport, NetworkJobError> {
     if let Some(out_of_core) = &req.out_of_core {
         return network_out_of_core(req, out_of_core, progress);
     }
     let job = prepare(req)?;
     let n = job.n;
-    let (views, summaries, seconds_affinities) = build_views(req, &job, "affinity", &mut progress, |_, features| {
-        let s = features.samples.len();
-        let k = match req.method {
-            Method::Snf | Method::Average => req.snf.k,
-            Method::Nemo => req.nemo_k.unwrap_or_else(|| tessera_network::nemo::default_neighbours(s)),
-        };
-        Ok(affinity(features, k.min(s - 1).max(1), req.mu, req.metric.into(), n))
-    })?;
+    let (views, summaries, seconds_affinities) =
+        build_views(req, &job, "affinity", &mut progress, |_, features| {
+            let s = features.samples.len();
+            let k = match req.method {
+                Method::Snf | Method::Average => req.snf.k,
+                Method::Nemo => req
+                    .nemo_k
+                    .unwrap_or_else(|| tessera_network::nemo::default_neighbours(s)),
+            };
+            Ok(affinity(
+                features,
+                k.min(s - 1).max(1),
+                req.mu,
+                req.metric.into(),
+                n,
+            ))
+        })?;
 
     let started = Instant::now();
-    progress(&format!("{:?} of {} views over {n} cells", req.method, views.len()));
+    progress(&format!(
+        "{:?} of {} views over {n} cells",
+        req.method,
+        views.len()
+    ));
     let w = match req.method {
-        Method::Snf => tessera_network::snf(views, n, req.snf).map_err(|problem| network_error(req, problem))?,
-        Method::Nemo => tessera_network::nemo(&views, n, req.nemo_k).map_err(|problem| network_error(req, problem))?,
-        Method::Average => tessera_network::kernel_average(&views, n).map_err(|problem| network_error(req, problem))?,
+        Method::Snf => tessera_network::snf(views, n, req.snf)
+            .map_err(|problem| network_error(req, problem))?,
+        Method::Nemo => tessera_network::nemo(&views, n, req.nemo_k)
+            .map_err(|problem| network_error(req, problem))?,
+        Method::Average => tessera_network::kernel_average(&views, n)
+            .map_err(|problem| network_error(req, problem))?,
     };
     let timings = [seconds_affinities, started.elapsed().as_secs_f64()];
     finish(req, &job, Fused::Memory(&w), summaries, timings, progress)
 }
 
-const DENSE_OUT_OF_CORE: &str = "out-of-core SNF writes the network as top-k rows (a dense obsp would hold it all in memory): give --top-k > 0";
+const DENSE_OUT_OF_CORE: &str = "out-of-core SNF writes the network as top-k rows \
+     (a dense obsp would hold it all in memory): give --top-k > 0";
 
 /// The out-of-core tile store: a scratch Zarr store ([`TileMatrices`]).
 struct ZarrTiles(TileMatrices);
@@ -392,8 +555,15 @@ impl TileStore for ZarrTiles {
         self.0.block()
     }
 
-    fn write_rows(&mut self, matrix: usize, rows: Range<usize>, values: &[f64]) -> Result<(), String> {
-        self.0.write_rows(matrix, rows, values).map_err(|e| e.to_string())
+    fn write_rows(
+        &mut self,
+        matrix: usize,
+        rows: Range<usize>,
+        values: &[f64],
+    ) -> Result<(), String> {
+        self.0
+            .write_rows(matrix, rows, values)
+            .map_err(|e| e.to_string())
     }
 
     fn read_rows(&self, matrix: usize, rows: Range<usize>) -> Result<Vec<f64>, String> {
@@ -416,7 +586,14 @@ struct RowAffinity {
 }
 
 impl RowAffinity {
-    fn new(mut features: Features, k: usize, mu: f64, metric: Metric, n: usize, block: usize) -> RowAffinity {
+    fn new(
+        mut features: Features,
+        k: usize,
+        mu: f64,
+        metric: Metric,
+        n: usize,
+        block: usize,
+    ) -> RowAffinity {
         let (s, d) = (features.samples.len(), features.cols);
         zscore_columns(&mut features.values, s, d);
         let mut near = Vec::with_capacity(s);
@@ -425,7 +602,13 @@ impl RowAffinity {
             distance_rows(&features.values, s, d, rows, metric, &mut dist);
             near.extend(mean_nearest(&dist, s, k));
         }
-        RowAffinity { features, near, metric, mu, n }
+        RowAffinity {
+            features,
+            near,
+            metric,
+            mu,
+            n,
+        }
     }
 
     /// Rows `rows` of the affinity over all n cells (zero where a cell lacks the view).
@@ -433,9 +616,17 @@ impl RowAffinity {
         let (samples, n) = (&self.features.samples, self.n);
         let s = samples.len();
         // The view's cells among `rows` are a contiguous run of its (ascending) samples.
-        let local = samples.partition_point(|&g| g < rows.start)..samples.partition_point(|&g| g < rows.end);
+        let local = samples.partition_point(|&g| g < rows.start)
+            ..samples.partition_point(|&g| g < rows.end);
         let mut w = vec![0.0; local.len() * s];
-        distance_rows(&self.features.values, s, self.features.cols, local.clone(), self.metric, &mut w);
+        distance_rows(
+            &self.features.values,
+            s,
+            self.features.cols,
+            local.clone(),
+            self.metric,
+            &mut w,
+        );
         exponential_rows(&mut w, s, &self.near[local.clone()], &self.near, self.mu);
         if s == n {
             return w;
@@ -451,34 +642,82 @@ impl RowAffinity {
 
 /// SNF with its n x n matrices in the scratch store of `out_of_core` (removed at the end,
 /// whatever the outcome); views may miss cells.
-fn network_out_of_core(req: &NetworkRequest, out_of_core: &OutOfCore, mut progress: impl FnMut(&str)) -> Result<NetworkReport, NetworkJobError> {
+fn network_out_of_core(
+    req: &NetworkRequest,
+    out_of_core: &OutOfCore,
+    mut progress: impl FnMut(&str),
+) -> Result<NetworkReport, NetworkJobError> {
     if req.method != Method::Snf {
-        return Err(input(&req.data, "only SNF runs out of core (NEMO and kernel averaging hold one n x n matrix: run them in memory)"));
+        return Err(input(
+            &req.data,
+            "only SNF runs out of core (NEMO and kernel averaging hold one n x n matrix: run them in memory)",
+        ));
     }
     if req.top_k.is_none() {
         return Err(input(&req.data, DENSE_OUT_OF_CORE));
     }
     if out_of_core.block == 0 {
-        return Err(input(&req.data, "out-of-core block: expected at least 1 row"));
+        return Err(input(
+            &req.data,
+            "out-of-core block: expected at least 1 row",
+        ));
     }
     let job = prepare(req)?;
     let n = job.n;
-    let (views, summaries, seconds_affinities) = build_views(req, &job, "neighbour distances", &mut progress, |_, features| {
-        let s = features.samples.len();
-        Ok(RowAffinity::new(features, req.snf.k.min(s - 1).max(1), req.mu, req.metric.into(), n, out_of_core.block))
-    })?;
-    let samples: Vec<Option<Vec<usize>>> = views.iter().map(|v| (v.features.samples.len() < n).then(|| v.features.samples.clone())).collect();
-    let tiles = TileMatrices::create(&out_of_core.scratch, n, out_of_core.block, matrices_needed(views.len())).map_err(|e| match e {
-        DataError::Exists { store, .. } => input(&req.data, format!("the scratch location {store} is not empty: name a new one (the scratch store is removed after the run, with all it holds)")),
+    let (views, summaries, seconds_affinities) = build_views(
+        req,
+        &job,
+        "neighbour distances",
+        &mut progress,
+        |_, features| {
+            let s = features.samples.len();
+            Ok(RowAffinity::new(
+                features,
+                req.snf.k.min(s - 1).max(1),
+                req.mu,
+                req.metric.into(),
+                n,
+                out_of_core.block,
+            ))
+        },
+    )?;
+    let samples: Vec<Option<Vec<usize>>> = views
+        .iter()
+        .map(|v| (v.features.samples.len() < n).then(|| v.features.samples.clone()))
+        .collect();
+    let matrices = matrices_needed(views.len());
+    let created = TileMatrices::create(&out_of_core.scratch, n, out_of_core.block, matrices);
+    let tiles = created.map_err(|e| match e {
+        DataError::Exists { store, .. } => input(
+            &req.data,
+            format!(
+                "the scratch location {store} is not empty: name a new one \
+                 (the scratch store is removed after the run, with all it holds)"
+            ),
+        ),
         other => other.into(),
     })?;
     let mut tiles = ZarrTiles(tiles);
     let result = (|| {
         let started = Instant::now();
-        progress(&format!("SNF of {} views over {n} cells, out of core in {}", views.len(), tiles.0.name()));
-        let network = snf_out_of_core(&samples, n, req.snf, &mut tiles, |v, rows| Ok(views[v].rows(rows))).map_err(|problem| network_error(req, problem))?;
+        progress(&format!(
+            "SNF of {} views over {n} cells, out of core in {}",
+            views.len(),
+            tiles.0.name()
+        ));
+        let network = snf_out_of_core(&samples, n, req.snf, &mut tiles, |v, rows| {
+            Ok(views[v].rows(rows))
+        })
+        .map_err(|problem| network_error(req, problem))?;
         let timings = [seconds_affinities, started.elapsed().as_secs_f64()];
-        finish(req, &job, Fused::Stored(&tiles, network), summaries, timings, &mut progress)
+        finish(
+            req,
+            &job,
+            Fused::Stored(&tiles, network),
+            summaries,
+            timings,
+            &mut progress,
+        )
     })();
     let removed = tiles.0.remove();
     let report = result?;
@@ -487,37 +726,72 @@ fn network_out_of_core(req: &NetworkRequest, out_of_core: &OutOfCore, mut progre
 }
 
 fn network_error(req: &NetworkRequest, problem: NetworkError) -> NetworkJobError {
-    NetworkJobError::Network { store: req.data.clone(), problem }
+    NetworkJobError::Network {
+        store: req.data.clone(),
+        problem,
+    }
 }
 
 /// One rank of SNF over row blocks (`tessera snf --workers`): every rank reads the views'
 /// features and computes its rows of each affinity and of the fusion; rank 0 gathers the fused
 /// network, clusters it, writes it and returns the report (other ranks: None), with the number
 /// of rows this rank held. Every cell must be in every view.
-pub fn network_rank(req: &NetworkRequest, ex: &mut impl Exchange) -> Result<(usize, Option<NetworkReport>), NetworkJobError> {
+pub fn network_rank(
+    req: &NetworkRequest,
+    ex: &mut impl Exchange,
+) -> Result<(usize, Option<NetworkReport>), NetworkJobError> {
     if req.method != Method::Snf {
-        return Err(input(&req.data, "only SNF runs across workers (NEMO and kernel averaging are one pass: run them on one machine)"));
+        return Err(input(
+            &req.data,
+            "only SNF runs across workers (NEMO and kernel averaging are one pass: run them on one machine)",
+        ));
     }
     let job = prepare(req)?;
     let n = job.n;
     let mine = row_range(n, ex.world(), ex.rank());
-    let (views, summaries, seconds_affinities) = build_views(req, &job, "affinity rows", &mut |_| {}, |spec, mut f| {
-        if f.samples.len() != n {
-            return Err(input(&req.data, format!("view {}: {} of {n} cells have it; SNF across workers needs every cell in every view (run on one machine)", spec.name(), f.samples.len())));
-        }
-        zscore_columns(&mut f.values, n, f.cols);
-        let mut rows = vec![0.0; mine.len() * n];
-        distance_rows(&f.values, n, f.cols, mine.clone(), req.metric.into(), &mut rows);
-        let near = mean_nearest(&rows, n, req.snf.k.min(n - 1));
-        let near_all = all_gather(ex, near.clone()).map_err(|problem| network_error(req, problem))?;
-        exponential_rows(&mut rows, n, &near, &near_all, req.mu);
-        Ok(rows)
-    })?;
+    let (views, summaries, seconds_affinities) = build_views(
+        req,
+        &job,
+        "affinity rows",
+        &mut |_| {},
+        |spec, mut f| {
+            if f.samples.len() != n {
+                return Err(input(
+                    &req.data,
+                    format!(
+                        "view {}: {} of {n} cells have it; SNF across workers needs every cell in every view (run on one machine)",
+                        spec.name(),
+                        f.samples.len()
+                    ),
+                ));
+            }
+            zscore_columns(&mut f.values, n, f.cols);
+            let mut rows = vec![0.0; mine.len() * n];
+            distance_rows(
+                &f.values,
+                n,
+                f.cols,
+                mine.clone(),
+                req.metric.into(),
+                &mut rows,
+            );
+            let near = mean_nearest(&rows, n, req.snf.k.min(n - 1));
+            let near_all =
+                all_gather(ex, near.clone()).map_err(|problem| network_error(req, problem))?;
+            exponential_rows(&mut rows, n, &near, &near_all, req.mu);
+            Ok(rows)
+        },
+    )?;
     let started = Instant::now();
     let fused = snf_rows(views, n, req.snf, ex).map_err(|problem| network_error(req, problem))?;
     let whole = gather_to_rank0(ex, fused).map_err(|problem| network_error(req, problem))?;
     let timings = [seconds_affinities, started.elapsed().as_secs_f64()];
-    Ok((mine.len(), whole.map(|w| finish(req, &job, Fused::Memory(&w), summaries, timings, |_| {})).transpose()?))
+    Ok((
+        mine.len(),
+        whole
+            .map(|w| finish(req, &job, Fused::Memory(&w), summaries, timings, |_| {}))
+            .transpose()?,
+    ))
 }
 
 /// The fused network: in memory, or a matrix of the out-of-core tile store.
@@ -539,9 +813,17 @@ impl Fused<'_> {
         match self {
             Fused::Memory(w) => Ok(top_k_rows(w, n, top_k)),
             Fused::Stored(tiles, matrix) => {
-                let mut graph = Csr { n_cols: n, indptr: vec![0], ..Csr::default() };
+                let mut graph = Csr {
+                    n_cols: n,
+                    indptr: vec![0],
+                    ..Csr::default()
+                };
                 for rows in row_blocks(n, tiles.block()) {
-                    graph.append_rows(&top_k_rows(&tiles.read_rows(matrix, rows).map_err(NetworkError::Store)?, n, top_k));
+                    graph.append_rows(&top_k_rows(
+                        &tiles.read_rows(matrix, rows).map_err(NetworkError::Store)?,
+                        n,
+                        top_k,
+                    ));
                 }
                 Ok(graph)
             }
@@ -550,20 +832,43 @@ impl Fused<'_> {
 }
 
 /// Clusters the network `w`, scores the clusters, writes both; [affinity, network] seconds.
-fn finish(req: &NetworkRequest, job: &Prepared, w: Fused<'_>, summaries: Vec<ViewSummary>, [seconds_affinities, seconds_network]: [f64; 2], mut progress: impl FnMut(&str)) -> Result<NetworkReport, NetworkJobError> {
+fn finish(
+    req: &NetworkRequest,
+    job: &Prepared,
+    w: Fused<'_>,
+    summaries: Vec<ViewSummary>,
+    [seconds_affinities, seconds_network]: [f64; 2],
+    mut progress: impl FnMut(&str),
+) -> Result<NetworkReport, NetworkJobError> {
     let (n, root) = (job.n, &job.root);
     let started = Instant::now();
     progress("spectral clustering");
     // One Lanczos run serves the eigengap and the clustering.
     let most = req.candidates.iter().copied().max().unwrap_or(2);
-    let spectrum = w.spectrum(n, (most + 1).max(req.clusters.unwrap_or(0)).min(n), req.seed).map_err(|problem| network_error(req, problem))?;
+    let spectrum = w
+        .spectrum(
+            n,
+            (most + 1).max(req.clusters.unwrap_or(0)).min(n),
+            req.seed,
+        )
+        .map_err(|problem| network_error(req, problem))?;
     let eigengap = rank_by_eigengap(&spectrum.laplacian, &req.candidates);
     let clusters = match (req.clusters, eigengap.first()) {
         (Some(c), _) => c,
         (None, Some(&(c, _))) => c,
-        (None, None) => return Err(input(&req.data, format!("no candidate cluster count in {:?} fits {n} cells", req.candidates))),
+        (None, None) => {
+            return Err(input(
+                &req.data,
+                format!(
+                    "no candidate cluster count in {:?} fits {n} cells",
+                    req.candidates
+                ),
+            ));
+        }
     };
-    let labels = spectrum.clusters(clusters, req.seed).map_err(|problem| network_error(req, problem))?;
+    let labels = spectrum
+        .clusters(clusters, req.seed)
+        .map_err(|problem| network_error(req, problem))?;
     let (nmi_score, ari_score) = match &job.truth {
         Some((_, codes)) => {
             let known: Vec<usize> = (0..n).filter(|&i| codes[i] >= 0).collect();
@@ -579,19 +884,27 @@ fn finish(req: &NetworkRequest, job: &Prepared, w: Fused<'_>, summaries: Vec<Vie
     progress("writing the network and the clusters");
     let network_entries = match req.top_k {
         Some(top_k) => {
-            let graph = w.top_k(n, top_k).map_err(|problem| network_error(req, problem))?;
+            let graph = w
+                .top_k(n, top_k)
+                .map_err(|problem| network_error(req, problem))?;
             root.write_obsp(&req.key, &graph, req.overwrite)?;
             graph.nnz()
         }
         None => {
-            let Fused::Memory(w) = w else { return Err(input(&req.data, DENSE_OUT_OF_CORE)) };
+            let Fused::Memory(w) = w else {
+                return Err(input(&req.data, DENSE_OUT_OF_CORE));
+            };
             let dense: Vec<f32> = w.iter().map(|&v| v as f32).collect();
             root.write_obsp_dense(&req.key, &dense, req.overwrite)?;
             dense.len()
         }
     };
     let categories: Vec<String> = (0..clusters).map(|c| c.to_string()).collect();
-    let column = Column::Categorical { codes: labels.iter().map(|&l| l as i32).collect(), categories, ordered: false };
+    let column = Column::Categorical {
+        codes: labels.iter().map(|&l| l as i32).collect(),
+        categories,
+        ordered: false,
+    };
     root.write_obs_column(&job.cluster_column, &column, req.overwrite)?;
     let seconds_write = started.elapsed().as_secs_f64();
 
@@ -622,14 +935,17 @@ fn finish(req: &NetworkRequest, job: &Prepared, w: Fused<'_>, summaries: Vec<Vie
 /// The coordinator's check of a submitted network job (`JobSpec.network_toml`): the request
 /// parses, runs across workers, and the store opens; its cell count.
 pub fn check_network_job(data: &str, network_toml: &str) -> Result<u64, String> {
-    let req: NetworkRequest = toml::from_str(network_toml).map_err(|e| format!("network_toml: {e}"))?;
+    let req: NetworkRequest =
+        toml::from_str(network_toml).map_err(|e| format!("network_toml: {e}"))?;
     if req.method != Method::Snf {
         return Err("network_toml: only SNF runs across workers".into());
     }
     if req.out_of_core.is_some() {
         return Err("network_toml: out_of_core runs on one machine, not across workers".into());
     }
-    Dataset::open(data).map(|d| d.n_obs()).map_err(|e| e.to_string())
+    Dataset::open(data)
+        .map(|d| d.n_obs())
+        .map_err(|e| e.to_string())
 }
 
 /// Label codes of an obs column (-1 = missing), as the evaluation reads them.
@@ -650,11 +966,24 @@ mod tests {
     #[test]
     fn jobs_that_cannot_run_across_workers_are_refused_at_submission() {
         let nemo = JOB.replace("method = \"snf\"", "method = \"nemo\"");
-        assert_eq!(check_network_job("nowhere.zarr", &nemo), Err("network_toml: only SNF runs across workers".into()));
-        let on_disk = JOB.replace("seed = 0\n", "seed = 0\n[out_of_core]\nscratch = \"s.zarr\"\nblock = 64\n");
-        assert_eq!(check_network_job("nowhere.zarr", &on_disk), Err("network_toml: out_of_core runs on one machine, not across workers".into()));
+        assert_eq!(
+            check_network_job("nowhere.zarr", &nemo),
+            Err("network_toml: only SNF runs across workers".into())
+        );
+        let on_disk = JOB.replace(
+            "seed = 0\n",
+            "seed = 0\n[out_of_core]\nscratch = \"s.zarr\"\nblock = 64\n",
+        );
+        assert_eq!(
+            check_network_job("nowhere.zarr", &on_disk),
+            Err("network_toml: out_of_core runs on one machine, not across workers".into())
+        );
         let e = check_network_job("/nonexistent/nowhere.zarr", JOB).unwrap_err();
         assert!(e.contains("nowhere.zarr"), "{e}");
-        assert!(check_network_job("x", "method = 3").unwrap_err().starts_with("network_toml:"));
+        assert!(
+            check_network_job("x", "method = 3")
+                .unwrap_err()
+                .starts_with("network_toml:")
+        );
     }
 }

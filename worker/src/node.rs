@@ -20,8 +20,8 @@ use tokio::runtime::Runtime;
 use tonic::transport::Channel;
 
 use crate::fit::{FitConfig, FitError, FitOptions, Progress, train};
-use crate::parallel::{EpochEnd, EpochHooks, Placement};
 use crate::network::{NetworkJobError, NetworkRequest, network_rank};
+use crate::parallel::{EpochEnd, EpochHooks, Placement};
 use crate::ring::{Ring, RingError};
 
 #[derive(Debug, Clone)]
@@ -88,22 +88,44 @@ struct Shared {
 
 impl Shared {
     fn worker_id(&self) -> String {
-        self.worker_id.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.worker_id
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
 /// Serves jobs until `max_jobs` have ended (or forever), or until asked to stop.
 pub fn run(config: &NodeConfig) -> Result<Ended, NodeError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(NodeError::Runtime)?;
-    let listener = TcpListener::bind(config.ring_listen).map_err(|e| NodeError::Listen { addr: config.ring_listen.to_string(), reason: e.to_string() })?;
-    let bound = listener.local_addr().map_err(|e| NodeError::Listen { addr: config.ring_listen.to_string(), reason: e.to_string() })?;
-    let host = config.advertise_host.clone().unwrap_or_else(|| bound.ip().to_string());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(NodeError::Runtime)?;
+    let listener = TcpListener::bind(config.ring_listen).map_err(|e| NodeError::Listen {
+        addr: config.ring_listen.to_string(),
+        reason: e.to_string(),
+    })?;
+    let bound = listener.local_addr().map_err(|e| NodeError::Listen {
+        addr: config.ring_listen.to_string(),
+        reason: e.to_string(),
+    })?;
+    let host = config
+        .advertise_host
+        .clone()
+        .unwrap_or_else(|| bound.ip().to_string());
     let ring_address = format!("{host}:{}", bound.port());
     let url = config.coordinator.clone();
-    let coordinator_error = |reason: String| NodeError::Coordinator { url: url.clone(), reason };
-    let mut client = runtime.block_on(connect(&url, config.timeout)).map_err(coordinator_error)?;
+    let coordinator_error = |reason: String| NodeError::Coordinator {
+        url: url.clone(),
+        reason,
+    };
+    let mut client = runtime
+        .block_on(connect(&url, config.timeout))
+        .map_err(coordinator_error)?;
     let shared = Arc::new(Shared::default());
-    let (interval, heartbeat_timeout) = register(&runtime, &mut client, &shared, &ring_address).map_err(coordinator_error)?;
+    let (interval, heartbeat_timeout) =
+        register(&runtime, &mut client, &shared, &ring_address).map_err(coordinator_error)?;
     let _heartbeat = runtime.spawn(heartbeat(client.clone(), Arc::clone(&shared), interval));
     let mut jobs = 0;
     // A coordinator gone for longer than the timeout (its launcher exited) ends the worker.
@@ -116,7 +138,10 @@ pub fn run(config: &NodeConfig) -> Result<Ended, NodeError> {
         if shared.unknown.swap(false, Ordering::SeqCst) {
             register(&runtime, &mut client, &shared, &ring_address).map_err(coordinator_error)?;
         }
-        let request = pb::JoinRequest { worker_id: shared.worker_id(), wait_ms: 30_000 };
+        let request = pb::JoinRequest {
+            worker_id: shared.worker_id(),
+            wait_ms: 30_000,
+        };
         let joined = runtime.block_on(async {
             tokio::select! {
                 joined = client.join(request) => Some(joined),
@@ -129,7 +154,13 @@ pub fn run(config: &NodeConfig) -> Result<Ended, NodeError> {
                 reached = Instant::now();
                 a.into_inner()
             }
-            Err(status) if reached.elapsed() > config.timeout => return Err(coordinator_error(format!("unreachable for {:?}: {}", reached.elapsed(), status.message()))),
+            Err(status) if reached.elapsed() > config.timeout => {
+                return Err(coordinator_error(format!(
+                    "unreachable for {:?}: {}",
+                    reached.elapsed(),
+                    status.message()
+                )));
+            }
             Err(status) => {
                 tracing::warn!(code = ?status.code(), "join: {}", status.message());
                 if status.code() == tonic::Code::NotFound {
@@ -144,11 +175,29 @@ pub fn run(config: &NodeConfig) -> Result<Ended, NodeError> {
         }
         match run_assignment(&runtime, &client, &shared, &listener, &assignment, config) {
             Ok(()) => jobs += 1,
-            Err(FitError::Interrupted { epoch, step }) => tracing::info!(job = assignment.job_id, epoch, step, "group re-formed: rejoining"),
-            Err(FitError::Stopped { epoch, step, checkpoint, here: true }) => {
-                tracing::info!(job = assignment.job_id, epoch, step, checkpoint, "stopped on request: leaving");
+            Err(FitError::Interrupted { epoch, step }) => tracing::info!(
+                job = assignment.job_id,
+                epoch,
+                step,
+                "group re-formed: rejoining"
+            ),
+            Err(FitError::Stopped {
+                epoch,
+                step,
+                checkpoint,
+                here: true,
+            }) => {
+                tracing::info!(
+                    job = assignment.job_id,
+                    epoch,
+                    step,
+                    checkpoint,
+                    "stopped on request: leaving"
+                );
                 leave(&runtime, &client, &shared);
-                return Ok(Ended::Stopped { checkpoint: Some(checkpoint) });
+                return Ok(Ended::Stopped {
+                    checkpoint: Some(checkpoint),
+                });
             }
             // Another rank was asked to stop (and leaves), or a peer died or hung: wait until
             // the coordinator says the group is gone, then join the re-formed one (joining at
@@ -163,7 +212,13 @@ pub fn run(config: &NodeConfig) -> Result<Ended, NodeError> {
             Err(e) => {
                 // The job's own fault (data, configuration, non-finite loss): the job fails.
                 tracing::error!(job = assignment.job_id, "training failed: {e}");
-                let report = pb::ProgressReport { worker_id: shared.worker_id(), job_id: assignment.job_id.clone(), generation: assignment.generation, error: e.to_string(), ..pb::ProgressReport::default() };
+                let report = pb::ProgressReport {
+                    worker_id: shared.worker_id(),
+                    job_id: assignment.job_id.clone(),
+                    generation: assignment.generation,
+                    error: e.to_string(),
+                    ..pb::ProgressReport::default()
+                };
                 if let Err(status) = runtime.block_on(client.clone().report_progress(report)) {
                     tracing::warn!("reporting the failure: {}", status.message());
                 }
@@ -185,9 +240,13 @@ async fn stop_requested(stop: &AtomicBool) {
 /// Tells the coordinator this worker is going, so its job regroups now rather than after the
 /// heartbeat timeout. Best effort: a coordinator that does not answer learns it from silence.
 fn leave(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared: &Shared) {
-    let request = pb::LeaveRequest { worker_id: shared.worker_id() };
+    let request = pb::LeaveRequest {
+        worker_id: shared.worker_id(),
+    };
     let mut client = client.clone();
-    match runtime.block_on(async { tokio::time::timeout(LEAVE_TIMEOUT, client.leave(request)).await }) {
+    match runtime
+        .block_on(async { tokio::time::timeout(LEAVE_TIMEOUT, client.leave(request)).await })
+    {
         Ok(Ok(_)) => tracing::info!(worker = shared.worker_id(), "left the coordinator"),
         Ok(Err(status)) => tracing::warn!("leaving: {}", status.message()),
         Err(_) => tracing::warn!("leaving: no answer within {LEAVE_TIMEOUT:?}"),
@@ -202,32 +261,67 @@ async fn connect(url: &str, timeout: Duration) -> Result<CoordinatorClient<Chann
     loop {
         match CoordinatorClient::connect(url.to_string()).await {
             Ok(c) => return Ok(c),
-            Err(e) if tokio::time::Instant::now() >= deadline => return Err(format!("not reachable within {timeout:?}: {e}")),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(format!("not reachable within {timeout:?}: {e}"));
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }
 
 /// Registers; returns the heartbeat interval and timeout.
-fn register(runtime: &Runtime, client: &mut CoordinatorClient<Channel>, shared: &Shared, ring_address: &str) -> Result<(Duration, Duration), String> {
+fn register(
+    runtime: &Runtime,
+    client: &mut CoordinatorClient<Channel>,
+    shared: &Shared,
+    ring_address: &str,
+) -> Result<(Duration, Duration), String> {
     let hostname = std::env::var("HOSTNAME").unwrap_or_default();
-    let reply = runtime.block_on(client.register(pb::RegisterRequest { ring_address: ring_address.into(), device: "cpu".into(), hostname })).map_err(|s| format!("register: {}", s.message()))?.into_inner();
+    let reply = runtime
+        .block_on(client.register(pb::RegisterRequest {
+            ring_address: ring_address.into(),
+            device: "cpu".into(),
+            hostname,
+        }))
+        .map_err(|s| format!("register: {}", s.message()))?
+        .into_inner();
     tracing::info!(worker = reply.worker_id, ring = ring_address, "registered");
-    *shared.worker_id.lock().unwrap_or_else(PoisonError::into_inner) = reply.worker_id;
-    Ok((Duration::from_millis(reply.heartbeat_interval_ms.max(10)), Duration::from_millis(reply.heartbeat_timeout_ms)))
+    *shared
+        .worker_id
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = reply.worker_id;
+    Ok((
+        Duration::from_millis(reply.heartbeat_interval_ms.max(10)),
+        Duration::from_millis(reply.heartbeat_timeout_ms),
+    ))
 }
 
-async fn heartbeat(mut client: CoordinatorClient<Channel>, shared: Arc<Shared>, interval: Duration) {
+async fn heartbeat(
+    mut client: CoordinatorClient<Channel>,
+    shared: Arc<Shared>,
+    interval: Duration,
+) {
     use pb::heartbeat_reply::Directive;
     let mut every = tokio::time::interval(interval);
     loop {
         every.tick().await;
         let generation = shared.generation.load(Ordering::SeqCst);
-        let request = pb::HeartbeatRequest { worker_id: shared.worker_id(), generation };
-        match client.heartbeat(request).await.map(|r| Directive::try_from(r.into_inner().directive)) {
+        let request = pb::HeartbeatRequest {
+            worker_id: shared.worker_id(),
+            generation,
+        };
+        match client
+            .heartbeat(request)
+            .await
+            .map(|r| Directive::try_from(r.into_inner().directive))
+        {
             // Only about the generation it was asked about: a reply that crossed a new
             // assignment must not stop the new group.
-            Ok(Ok(Directive::Rejoin | Directive::Stop)) if shared.generation.load(Ordering::SeqCst) == generation => shared.interrupted.store(true, Ordering::SeqCst),
+            Ok(Ok(Directive::Rejoin | Directive::Stop))
+                if shared.generation.load(Ordering::SeqCst) == generation =>
+            {
+                shared.interrupted.store(true, Ordering::SeqCst)
+            }
             Ok(Ok(Directive::Register)) => {
                 shared.unknown.store(true, Ordering::SeqCst);
                 shared.interrupted.store(true, Ordering::SeqCst);
@@ -238,24 +332,57 @@ async fn heartbeat(mut client: CoordinatorClient<Channel>, shared: Arc<Shared>, 
     }
 }
 
-fn run_assignment(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared: &Arc<Shared>, listener: &TcpListener, a: &pb::Assignment, config: &NodeConfig) -> Result<(), FitError> {
+fn run_assignment(
+    runtime: &Runtime,
+    client: &CoordinatorClient<Channel>,
+    shared: &Arc<Shared>,
+    listener: &TcpListener,
+    a: &pb::Assignment,
+    config: &NodeConfig,
+) -> Result<(), FitError> {
     let spec = a.spec.clone().unwrap_or_default();
     let (rank, world) = (a.rank as usize, a.world_size as usize);
-    tracing::info!(job = a.job_id, generation = a.generation, rank, world, resume_from = a.resume_from, "assigned");
+    tracing::info!(
+        job = a.job_id,
+        generation = a.generation,
+        rank,
+        world,
+        resume_from = a.resume_from,
+        "assigned"
+    );
     shared.interrupted.store(false, Ordering::SeqCst);
     shared.generation.store(a.generation, Ordering::SeqCst);
     let ring = if world <= 1 {
         Ring::single()
     } else {
-        let next = a.peers.get((rank + 1) % world).ok_or_else(|| FitError::Config { file: "assignment.peers".into(), reason: format!("{} ring addresses for a world of {world}", a.peers.len()) })?;
-        let addr = next.parse::<SocketAddr>().or_else(|_| std::net::ToSocketAddrs::to_socket_addrs(next.as_str()).map_err(|e| e.to_string()).and_then(|mut it| it.next().ok_or_else(|| "no address".into()))).map_err(|reason| FitError::Config { file: "assignment.peers".into(), reason: format!("{next}: {reason}") })?;
+        let next = a
+            .peers
+            .get((rank + 1) % world)
+            .ok_or_else(|| FitError::Config {
+                file: "assignment.peers".into(),
+                reason: format!("{} ring addresses for a world of {world}", a.peers.len()),
+            })?;
+        let addr = next
+            .parse::<SocketAddr>()
+            .or_else(|_| {
+                std::net::ToSocketAddrs::to_socket_addrs(next.as_str())
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut it| it.next().ok_or_else(|| "no address".into()))
+            })
+            .map_err(|reason| FitError::Config {
+                file: "assignment.peers".into(),
+                reason: format!("{next}: {reason}"),
+            })?;
         Ring::connect(rank, world, a.generation, listener, addr, config.timeout)?
     };
     if !spec.network_toml.is_empty() {
         return run_network(runtime, client, shared, ring, a, &spec);
     }
     let fit_config = FitConfig::from_toml(&spec.config_toml, "JobSpec.config_toml")?;
-    let parts = fit_config.train.parts.unwrap_or(spec.world_size.max(1) as usize);
+    let parts = fit_config
+        .train
+        .parts
+        .unwrap_or(spec.world_size.max(1) as usize);
     let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
     let opts = FitOptions {
         data: spec.data_url.clone(),
@@ -270,9 +397,23 @@ fn run_assignment(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared
         denoised: None,
         cache_bytes: config.cache_bytes,
     };
-    let hooks = Reporter { runtime: runtime.handle().clone(), client: client.clone(), shared: Arc::clone(shared), job_id: a.job_id.clone(), generation: a.generation, last_step_report: Instant::now(), stop: Arc::clone(&config.stop) };
+    let hooks = Reporter {
+        runtime: runtime.handle().clone(),
+        client: client.clone(),
+        shared: Arc::clone(shared),
+        job_id: a.job_id.clone(),
+        generation: a.generation,
+        last_step_report: Instant::now(),
+        stop: Arc::clone(&config.stop),
+    };
     let resume_from = (!a.resume_from.is_empty()).then(|| PathBuf::from(&a.resume_from));
-    let mut place = Placement { ring, parts, hooks: Box::new(hooks), checkpoint_per_epoch: true, resume_from };
+    let mut place = Placement {
+        ring,
+        parts,
+        hooks: Box::new(hooks),
+        checkpoint_per_epoch: true,
+        resume_from,
+    };
     train(&opts, &mut place, |p| {
         if let Some(sink) = &config.progress {
             (sink.0)(&p);
@@ -283,24 +424,64 @@ fn run_assignment(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared
 
 /// A network job (`JobSpec.network_toml`): this rank's rows of SNF; rank 0 also writes the
 /// outputs and the report (`<output_url>/<method>.json`). One epoch, each rank counting its rows.
-fn run_network(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared: &Arc<Shared>, mut ring: Ring, a: &pb::Assignment, spec: &pb::JobSpec) -> Result<(), FitError> {
+fn run_network(
+    runtime: &Runtime,
+    client: &CoordinatorClient<Channel>,
+    shared: &Arc<Shared>,
+    mut ring: Ring,
+    a: &pb::Assignment,
+    spec: &pb::JobSpec,
+) -> Result<(), FitError> {
     use tessera_network::NetworkError;
-    let mut req: NetworkRequest = toml::from_str(&spec.network_toml).map_err(|e| FitError::Config { file: "JobSpec.network_toml".into(), reason: e.to_string() })?;
+    let mut req: NetworkRequest =
+        toml::from_str(&spec.network_toml).map_err(|e| FitError::Config {
+            file: "JobSpec.network_toml".into(),
+            reason: e.to_string(),
+        })?;
     req.data.clone_from(&spec.data_url);
     let started = Instant::now();
     let (rows, report) = network_rank(&req, &mut ring).map_err(|e| match e {
         // A peer that died or hung: rejoin once the coordinator has re-formed the group.
-        NetworkJobError::Network { problem: NetworkError::Exchange { rank, problem }, .. } => FitError::Ring(RingError::Peer { rank, op: "exchanging row blocks with", peer: "its ring neighbours".into(), reason: problem }),
-        other => FitError::Input { store: "network job".into(), reason: other.to_string() },
+        NetworkJobError::Network {
+            problem: NetworkError::Exchange { rank, problem },
+            ..
+        } => FitError::Ring(RingError::Peer {
+            rank,
+            op: "exchanging row blocks with",
+            peer: "its ring neighbours".into(),
+            reason: problem,
+        }),
+        other => FitError::Input {
+            store: "network job".into(),
+            reason: other.to_string(),
+        },
     })?;
     if let Some(report) = &report {
         let path = PathBuf::from(&spec.output_url).join(format!("{}.json", report.method.name()));
-        let json = serde_json::to_vec_pretty(report).map_err(|e| FitError::Output { path: path.display().to_string(), reason: e.to_string() })?;
-        std::fs::create_dir_all(&spec.output_url).and_then(|()| std::fs::write(&path, json)).map_err(|e| FitError::Output { path: path.display().to_string(), reason: e.to_string() })?;
+        let json = serde_json::to_vec_pretty(report).map_err(|e| FitError::Output {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        std::fs::create_dir_all(&spec.output_url)
+            .and_then(|()| std::fs::write(&path, json))
+            .map_err(|e| FitError::Output {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
     }
     let seconds = started.elapsed().as_secs_f64();
     tracing::info!(job = a.job_id, rows, seconds, "network rows done");
-    let progress = pb::ProgressReport { worker_id: shared.worker_id(), job_id: a.job_id.clone(), generation: a.generation, cells: rows as u64, epoch_done: true, last: true, cells_per_second: rows as f64 / seconds.max(1e-9), compute_seconds: seconds, ..pb::ProgressReport::default() };
+    let progress = pb::ProgressReport {
+        worker_id: shared.worker_id(),
+        job_id: a.job_id.clone(),
+        generation: a.generation,
+        cells: rows as u64,
+        epoch_done: true,
+        last: true,
+        cells_per_second: rows as f64 / seconds.max(1e-9),
+        compute_seconds: seconds,
+        ..pb::ProgressReport::default()
+    };
     runtime.block_on(client.clone().report_progress(progress)).map_err(|status| {
         tracing::warn!(code = ?status.code(), "coordinator refused the report: {}", status.message());
         FitError::Interrupted { epoch: 0, step: 0 }
@@ -341,7 +522,13 @@ impl Reporter {
 }
 
 fn terms(t: &tessera_models::LossTerms) -> pb::LossTerms {
-    pb::LossTerms { loss: t.loss, reconstruction: t.reconstruction, kl: t.kl, regularization: t.regularization, supervised: t.supervised }
+    pb::LossTerms {
+        loss: t.loss,
+        reconstruction: t.reconstruction,
+        kl: t.kl,
+        regularization: t.regularization,
+        supervised: t.supervised,
+    }
 }
 
 impl EpochHooks for Reporter {
@@ -358,7 +545,15 @@ impl EpochHooks for Reporter {
             return;
         }
         self.last_step_report = Instant::now();
-        let report = pb::ProgressReport { worker_id: self.shared.worker_id(), job_id: self.job_id.clone(), generation: self.generation, epoch: epoch as u32, step, cells, ..pb::ProgressReport::default() };
+        let report = pb::ProgressReport {
+            worker_id: self.shared.worker_id(),
+            job_id: self.job_id.clone(),
+            generation: self.generation,
+            epoch: epoch as u32,
+            step,
+            cells,
+            ..pb::ProgressReport::default()
+        };
         let mut client = self.client.clone();
         // Not awaited: live status only, training does not wait for it.
         self.runtime.spawn(async move {
@@ -388,14 +583,40 @@ impl EpochHooks for Reporter {
             last: end.last,
             error: String::new(),
         };
-        tracing::info!(epoch = end.epoch, cells = end.cells, compute_s = end.times.compute, allreduce_s = end.times.allreduce, data_s = end.times.data, loss = r.train.loss, "epoch done");
+        tracing::info!(
+            epoch = end.epoch,
+            cells = end.cells,
+            compute_s = end.times.compute,
+            allreduce_s = end.times.allreduce,
+            data_s = end.times.data,
+            loss = r.train.loss,
+            "epoch done"
+        );
         let mut client = self.client.clone();
-        self.runtime.block_on(client.report_progress(report)).map(|_| ()).map_err(|s| self.refused(&s, end.epoch, end.step))
+        self.runtime
+            .block_on(client.report_progress(report))
+            .map(|_| ())
+            .map_err(|s| self.refused(&s, end.epoch, end.step))
     }
 
-    fn checkpoint_saved(&mut self, epochs_done: usize, step: u64, location: &std::path::Path) -> Result<(), FitError> {
-        let announcement = pb::CheckpointAnnouncement { worker_id: self.shared.worker_id(), job_id: self.job_id.clone(), generation: self.generation, epochs_done: epochs_done as u32, step, location: location.display().to_string() };
+    fn checkpoint_saved(
+        &mut self,
+        epochs_done: usize,
+        step: u64,
+        location: &std::path::Path,
+    ) -> Result<(), FitError> {
+        let announcement = pb::CheckpointAnnouncement {
+            worker_id: self.shared.worker_id(),
+            job_id: self.job_id.clone(),
+            generation: self.generation,
+            epochs_done: epochs_done as u32,
+            step,
+            location: location.display().to_string(),
+        };
         let mut client = self.client.clone();
-        self.runtime.block_on(client.announce_checkpoint(announcement)).map(|_| ()).map_err(|s| self.refused(&s, epochs_done, step))
+        self.runtime
+            .block_on(client.announce_checkpoint(announcement))
+            .map(|_| ())
+            .map_err(|s| self.refused(&s, epochs_done, step))
     }
 }

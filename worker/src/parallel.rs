@@ -35,7 +35,11 @@ pub struct Placement {
 
 impl std::fmt::Debug for Placement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Placement").field("rank", &self.ring.rank()).field("world", &self.ring.world()).field("parts", &self.parts).finish()
+        f.debug_struct("Placement")
+            .field("rank", &self.ring.rank())
+            .field("world", &self.ring.world())
+            .field("parts", &self.parts)
+            .finish()
     }
 }
 
@@ -43,7 +47,13 @@ impl Placement {
     /// One process training alone, one part per step, stopping after the step in which `stop`
     /// is set (`FitError::Stopped`, the step checkpointed for `--resume`).
     pub fn alone_until(stop: Arc<AtomicBool>) -> Placement {
-        Placement { ring: Ring::single(), parts: 1, hooks: Box::new(StopOn(stop)), checkpoint_per_epoch: false, resume_from: None }
+        Placement {
+            ring: Ring::single(),
+            parts: 1,
+            hooks: Box::new(StopOn(stop)),
+            checkpoint_per_epoch: false,
+            resume_from: None,
+        }
     }
 
     /// The parts this rank trains.
@@ -93,7 +103,12 @@ pub trait EpochHooks {
         Ok(())
     }
     /// Rank 0 saved a checkpoint after every rank said its epochs were done.
-    fn checkpoint_saved(&mut self, _epochs_done: usize, _step: u64, _location: &Path) -> Result<(), FitError> {
+    fn checkpoint_saved(
+        &mut self,
+        _epochs_done: usize,
+        _step: u64,
+        _location: &Path,
+    ) -> Result<(), FitError> {
         Ok(())
     }
 }
@@ -117,22 +132,38 @@ impl EpochHooks for StopOn {
 /// The job's cells cut into `parts` contiguous shards: where the count matrix's chunks begin,
 /// balancing non-zeros (AnnData), or evenly (MuData, whose modalities chunk differently). Each
 /// shard needs a batch's worth of cells.
-pub fn part_ranges(dataset: &Dataset, parts: usize, batch_size: usize) -> Result<Vec<Range<u64>>, FitError> {
+pub fn part_ranges(
+    dataset: &Dataset,
+    parts: usize,
+    batch_size: usize,
+) -> Result<Vec<Range<u64>>, FitError> {
     let n = dataset.n_obs();
-    let invalid = |reason: String| FitError::Config { file: "[train]".into(), reason };
+    let invalid = |reason: String| FitError::Config {
+        file: "[train]".into(),
+        reason,
+    };
     if parts == 1 {
         // One part: the whole store, whatever its size.
         return Ok(std::iter::once(0..n).collect());
     }
     if parts == 0 || batch_size / parts < 2 {
-        return Err(invalid(format!("parts = {parts} with batch_size = {batch_size}: expected 1 <= parts <= batch_size / 2 (BatchNorm needs two cells of each part)")));
+        return Err(invalid(format!(
+            "parts = {parts} with batch_size = {batch_size}: expected 1 <= parts <= batch_size / 2 (BatchNorm needs two cells of each part)"
+        )));
     }
     let ranges = match dataset {
-        Dataset::AnnData(a) => tessera_data::ShardPlan::for_matrix(&a.store, &a.matrix("X")?, parts)?.shards,
-        Dataset::MuData(_) => (0..parts as u64).map(|k| k * n / parts as u64..(k + 1) * n / parts as u64).collect(),
+        Dataset::AnnData(a) => {
+            tessera_data::ShardPlan::for_matrix(&a.store, &a.matrix("X")?, parts)?.shards
+        }
+        Dataset::MuData(_) => (0..parts as u64)
+            .map(|k| k * n / parts as u64..(k + 1) * n / parts as u64)
+            .collect(),
     };
     if ranges.len() != parts || ranges.iter().any(|r| r.end - r.start < batch_size as u64) {
-        return Err(invalid(format!("parts = {parts}: {n} cells cut into {:?}; every part needs at least batch_size = {batch_size} cells", ranges)));
+        return Err(invalid(format!(
+            "parts = {parts}: {n} cells cut into {:?}; every part needs at least batch_size = {batch_size} cells",
+            ranges
+        )));
     }
     Ok(ranges)
 }
@@ -155,11 +186,17 @@ pub(crate) struct PartStream {
 impl PartStream {
     pub fn new(part: usize, mut batches: Epoch) -> Result<PartStream, FitError> {
         let ahead = batches.next().transpose()?;
-        Ok(PartStream { part, batches, ahead })
+        Ok(PartStream {
+            part,
+            batches,
+            ahead,
+        })
     }
 
     pub fn next_batch(&mut self) -> Result<Option<MiniBatch>, FitError> {
-        let Some(mut batch) = self.ahead.take() else { return Ok(None) };
+        let Some(mut batch) = self.ahead.take() else {
+            return Ok(None);
+        };
         self.ahead = self.batches.next().transpose()?;
         while let Some(small) = self.ahead.take_if(|a| a.cells.len() < 2) {
             batch.append(&small);
@@ -195,19 +232,46 @@ impl Sums {
 
     pub fn mean(&self, kl_weight: f64) -> LossTerms {
         let n = self.cells.max(1) as f64;
-        let (reconstruction, kl, regularization, supervised) = (self.reconstruction / n, self.kl / n, self.regularization / n, self.supervised / n);
-        LossTerms { reconstruction, kl, regularization, supervised, loss: reconstruction + kl_weight * kl + regularization + supervised, cells: self.cells }
+        let (reconstruction, kl, regularization, supervised) = (
+            self.reconstruction / n,
+            self.kl / n,
+            self.regularization / n,
+            self.supervised / n,
+        );
+        LossTerms {
+            reconstruction,
+            kl,
+            regularization,
+            supervised,
+            loss: reconstruction + kl_weight * kl + regularization + supervised,
+            cells: self.cells,
+        }
     }
 
     const LEN: usize = 5;
 
     fn write(&self, out: &mut [f32]) {
-        out[..Sums::LEN].copy_from_slice(&[self.reconstruction, self.kl, self.regularization, self.supervised, self.cells as f64].map(|v| v as f32));
+        out[..Sums::LEN].copy_from_slice(
+            &[
+                self.reconstruction,
+                self.kl,
+                self.regularization,
+                self.supervised,
+                self.cells as f64,
+            ]
+            .map(|v| v as f32),
+        );
     }
 
     fn read(from: &[f32]) -> Sums {
         let v = |i: usize| f64::from(from[i]);
-        Sums { reconstruction: v(0), kl: v(1), regularization: v(2), supervised: v(3), cells: v(4).round() as usize }
+        Sums {
+            reconstruction: v(0),
+            kl: v(1),
+            regularization: v(2),
+            supervised: v(3),
+            cells: v(4).round() as usize,
+        }
     }
 
     /// The sums over every rank (as f32 on the ring: loss sums of up to ~10^7 keep 6 digits).
@@ -248,22 +312,46 @@ const TAIL: usize = SUMS + Sums::LEN;
 impl StepReducer {
     pub fn new(trainer: &Trainer<f32, Cpu>) -> StepReducer {
         let (n_params, n_state) = (trainer.model.grads.len(), trainer.model.state.len());
-        StepReducer { buf: vec![0.0; n_params + n_state + TAIL], n_params, n_state, start_state: vec![0.0; n_state] }
+        StepReducer {
+            buf: vec![0.0; n_params + n_state + TAIL],
+            n_params,
+            n_state,
+            start_state: vec![0.0; n_state],
+        }
     }
 
     /// Gradients of this rank's parts of the step, summed with every other rank's, applied.
     /// `(more, stop)`: this rank has another batch, was asked to stop. `gradients(trainer,
     /// part)` computes one part's loss terms and gradients (in the model).
     #[allow(clippy::too_many_arguments)] // one step's inputs; bundling them would only rename them
-    pub fn step(&mut self, trainer: &mut Trainer<f32, Cpu>, ring: &mut Ring, parts: &[usize], (more, stop): (bool, bool), kl_weight: f64, times: &mut StepTimes, mut gradients: impl FnMut(&mut Trainer<f32, Cpu>, usize) -> Result<LossTerms, FitError>) -> Result<Stepped, FitError> {
+    pub fn step(
+        &mut self,
+        trainer: &mut Trainer<f32, Cpu>,
+        ring: &mut Ring,
+        parts: &[usize],
+        (more, stop): (bool, bool),
+        kl_weight: f64,
+        times: &mut StepTimes,
+        mut gradients: impl FnMut(&mut Trainer<f32, Cpu>, usize) -> Result<LossTerms, FitError>,
+    ) -> Result<Stepped, FitError> {
         let started = Instant::now();
         // Alone with one part: the model's own buffers, no copies.
         if ring.world() == 1 && parts.len() <= 1 {
-            let Some(&part) = parts.first() else { return Ok(Stepped { terms: None, more, stop }) };
+            let Some(&part) = parts.first() else {
+                return Ok(Stepped {
+                    terms: None,
+                    more,
+                    stop,
+                });
+            };
             let terms = gradients(trainer, part)?;
             trainer.apply()?;
             times.compute += started.elapsed().as_secs_f64();
-            return Ok(Stepped { terms: Some(terms), more, stop });
+            return Ok(Stepped {
+                terms: Some(terms),
+                more,
+                stop,
+            });
         }
         let (p, s) = (self.n_params, self.n_state);
         self.buf.fill(0.0);
@@ -298,7 +386,11 @@ impl StepReducer {
         let sums = Sums::read(&tail[SUMS..]);
         if sums.cells == 0 {
             trainer.model.state.copy_from_slice(&self.start_state);
-            return Ok(Stepped { terms: None, more, stop });
+            return Ok(Stepped {
+                terms: None,
+                more,
+                stop,
+            });
         }
         let inv_cells = 1.0 / sums.cells as f32;
         for (g, acc) in trainer.model.grads.iter_mut().zip(&self.buf[..p]) {
@@ -309,6 +401,10 @@ impl StepReducer {
         }
         trainer.apply()?;
         times.compute += applying.elapsed().as_secs_f64();
-        Ok(Stepped { terms: Some(sums.mean(kl_weight)), more, stop })
+        Ok(Stepped {
+            terms: Some(sums.mean(kl_weight)),
+            more,
+            stop,
+        })
     }
 }

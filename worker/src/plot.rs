@@ -28,7 +28,9 @@ struct Canvas {
 
 impl Canvas {
     fn new() -> Canvas {
-        Canvas { pixels: vec![255; WIDTH * HEIGHT * 3] }
+        Canvas {
+            pixels: vec![255; WIDTH * HEIGHT * 3],
+        }
     }
 
     fn set(&mut self, x: i64, y: i64, c: Rgb) {
@@ -72,7 +74,11 @@ impl Canvas {
                 for col in 0..8 {
                     if bits >> col & 1 == 1 {
                         for (ox, oy) in (0..scale).flat_map(|a| (0..scale).map(move |b| (a, b))) {
-                            self.set(x + (i as i64 * 8 + col) * scale + ox, y + row as i64 * scale + oy, c);
+                            self.set(
+                                x + (i as i64 * 8 + col) * scale + ox,
+                                y + row as i64 * scale + oy,
+                                c,
+                            );
                         }
                     }
                 }
@@ -86,7 +92,9 @@ impl Canvas {
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
         let mut writer = encoder.write_header().map_err(|e| e.to_string())?;
-        writer.write_image_data(&self.pixels).map_err(|e| e.to_string())
+        writer
+            .write_image_data(&self.pixels)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -94,14 +102,22 @@ impl Canvas {
 fn ticks(lo: f64, hi: f64) -> Vec<f64> {
     let raw = (hi - lo).max(1e-12) / 5.0;
     let magnitude = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * magnitude).find(|s| *s >= raw).unwrap_or(10.0 * magnitude);
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * magnitude)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * magnitude);
     let first = (lo / step).ceil() as i64;
     let last = (hi / step).floor() as i64;
     (first..=last).map(|k| k as f64 * step).collect()
 }
 
 fn label(v: f64, step: f64) -> String {
-    let decimals = if step >= 1.0 { 0 } else { (-step.log10()).ceil() as usize };
+    let decimals = if step >= 1.0 {
+        0
+    } else {
+        (-step.log10()).ceil() as usize
+    };
     format!("{v:.decimals$}")
 }
 
@@ -109,9 +125,30 @@ fn label(v: f64, step: f64) -> String {
 /// objective, KL weighted by the warm-up) and validation negative ELBO.
 pub fn loss_plot(history: &[EpochRecord], path: &Path) -> Result<(), String> {
     let series: Vec<Series<'_>> = vec![
-        ("train loss", [31, 119, 180], history.iter().map(|r| (r.epoch as f64, r.train.loss)).collect()),
-        ("validation loss", [255, 127, 14], history.iter().filter_map(|r| r.validation.map(|v| (r.epoch as f64, v.loss))).collect()),
-        ("validation -ELBO", [44, 160, 44], history.iter().filter_map(|r| r.validation.map(|v| (r.epoch as f64, v.negative_elbo()))).collect()),
+        (
+            "train loss",
+            [31, 119, 180],
+            history
+                .iter()
+                .map(|r| (r.epoch as f64, r.train.loss))
+                .collect(),
+        ),
+        (
+            "validation loss",
+            [255, 127, 14],
+            history
+                .iter()
+                .filter_map(|r| r.validation.map(|v| (r.epoch as f64, v.loss)))
+                .collect(),
+        ),
+        (
+            "validation -ELBO",
+            [44, 160, 44],
+            history
+                .iter()
+                .filter_map(|r| r.validation.map(|v| (r.epoch as f64, v.negative_elbo())))
+                .collect(),
+        ),
     ];
     let points = || series.iter().flat_map(|s| s.2.iter());
     let finite: Vec<(f64, f64)> = points().copied().filter(|p| p.1.is_finite()).collect();
@@ -127,33 +164,89 @@ pub fn loss_plot(history: &[EpochRecord], path: &Path) -> Result<(), String> {
     let y_hi = ys[(ys.len() * 95 / 100).min(ys.len() - 1)].max(y_lo + 1e-9);
     let pad = (y_hi - y_lo) * 0.05;
     let (y_lo, y_hi) = (y_lo - pad, y_hi + pad);
-    let (plot_w, plot_h) = ((WIDTH - LEFT - RIGHT) as f64, (HEIGHT - TOP - BOTTOM) as f64);
+    let (plot_w, plot_h) = (
+        (WIDTH - LEFT - RIGHT) as f64,
+        (HEIGHT - TOP - BOTTOM) as f64,
+    );
     let px = |x: f64| (LEFT as f64 + (x - x_lo) / (x_hi - x_lo) * plot_w).round() as i64;
-    let py = |y: f64| (TOP as f64 + (1.0 - (y.clamp(y_lo, y_hi) - y_lo) / (y_hi - y_lo)) * plot_h).round() as i64;
+    let py = |y: f64| {
+        (TOP as f64 + (1.0 - (y.clamp(y_lo, y_hi) - y_lo) / (y_hi - y_lo)) * plot_h).round() as i64
+    };
 
     let mut c = Canvas::new();
     let y_ticks = ticks(y_lo, y_hi);
-    let y_step = y_ticks.get(1).zip(y_ticks.first()).map_or(1.0, |(b, a)| b - a);
+    let y_step = y_ticks
+        .get(1)
+        .zip(y_ticks.first())
+        .map_or(1.0, |(b, a)| b - a);
     for &t in &y_ticks {
-        c.line((LEFT as i64, py(t)), ((WIDTH - RIGHT) as i64, py(t)), GREY, 1);
+        c.line(
+            (LEFT as i64, py(t)),
+            ((WIDTH - RIGHT) as i64, py(t)),
+            GREY,
+            1,
+        );
         let text = label(t, y_step);
-        c.text(LEFT as i64 - 8 - 8 * text.len() as i64, py(t) - 4, &text, BLACK, 1);
+        c.text(
+            LEFT as i64 - 8 - 8 * text.len() as i64,
+            py(t) - 4,
+            &text,
+            BLACK,
+            1,
+        );
     }
     for &t in &ticks(x_lo, x_hi) {
-        c.line((px(t), (HEIGHT - BOTTOM) as i64), (px(t), (HEIGHT - BOTTOM + 5) as i64), BLACK, 1);
+        c.line(
+            (px(t), (HEIGHT - BOTTOM) as i64),
+            (px(t), (HEIGHT - BOTTOM + 5) as i64),
+            BLACK,
+            1,
+        );
         let text = label(t, 1.0);
-        c.text(px(t) - 4 * text.len() as i64, (HEIGHT - BOTTOM + 10) as i64, &text, BLACK, 1);
+        c.text(
+            px(t) - 4 * text.len() as i64,
+            (HEIGHT - BOTTOM + 10) as i64,
+            &text,
+            BLACK,
+            1,
+        );
     }
-    c.line((LEFT as i64, TOP as i64), (LEFT as i64, (HEIGHT - BOTTOM) as i64), BLACK, 1);
-    c.line((LEFT as i64, (HEIGHT - BOTTOM) as i64), ((WIDTH - RIGHT) as i64, (HEIGHT - BOTTOM) as i64), BLACK, 1);
-    c.text((LEFT + (WIDTH - LEFT - RIGHT) / 2 - 20) as i64, (HEIGHT - 25) as i64, "epoch", BLACK, 1);
+    c.line(
+        (LEFT as i64, TOP as i64),
+        (LEFT as i64, (HEIGHT - BOTTOM) as i64),
+        BLACK,
+        1,
+    );
+    c.line(
+        (LEFT as i64, (HEIGHT - BOTTOM) as i64),
+        ((WIDTH - RIGHT) as i64, (HEIGHT - BOTTOM) as i64),
+        BLACK,
+        1,
+    );
+    c.text(
+        (LEFT + (WIDTH - LEFT - RIGHT) / 2 - 20) as i64,
+        (HEIGHT - 25) as i64,
+        "epoch",
+        BLACK,
+        1,
+    );
     c.text(LEFT as i64, 12, "loss per cell", BLACK, 2);
     for (i, (name, colour, pts)) in series.iter().enumerate() {
         for w in pts.windows(2) {
-            c.line((px(w[0].0), py(w[0].1)), (px(w[1].0), py(w[1].1)), *colour, 2);
+            c.line(
+                (px(w[0].0), py(w[0].1)),
+                (px(w[1].0), py(w[1].1)),
+                *colour,
+                2,
+            );
         }
         if let [only] = pts.as_slice() {
-            c.line((px(only.0) - 3, py(only.1)), (px(only.0) + 3, py(only.1)), *colour, 3);
+            c.line(
+                (px(only.0) - 3, py(only.1)),
+                (px(only.0) + 3, py(only.1)),
+                *colour,
+                3,
+            );
         }
         let (lx, ly) = ((WIDTH - RIGHT - 190) as i64, (TOP + 12 + 16 * i) as i64);
         c.line((lx, ly + 4), (lx + 24, ly + 4), *colour, 3);

@@ -14,11 +14,17 @@ use std::time::Instant;
 
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
-use tessera_data::{AnnData, Column, Csr, Dataset, Loader, LoaderConfig, MiniBatch, ModalityBatch, Store};
+use tessera_data::{
+    AnnData, Column, Csr, Dataset, Loader, LoaderConfig, MiniBatch, ModalityBatch, Store,
+};
 use tessera_kernels::backend::{Backend, Cpu, In};
 use tessera_kernels::ops::linear::CsrRef;
-use tessera_models::surgery::{BatchExtension, SurgeryError, Unfreeze, encoder_ranges, transfer, unfrozen_ranges};
-use tessera_models::{Categories, ModalityCounts, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
+use tessera_models::surgery::{
+    BatchExtension, SurgeryError, Unfreeze, encoder_ranges, transfer, unfrozen_ranges,
+};
+use tessera_models::{
+    Categories, ModalityCounts, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig,
+};
 
 use tessera_metrics::transfer::Transferred;
 
@@ -79,7 +85,12 @@ pub struct Outputs {
 pub enum QueryStage {
     Surgery,
     /// After each fine-tuning minibatch.
-    FineTuning { epoch: usize, epochs: usize, cells: usize, n_cells: usize },
+    FineTuning {
+        epoch: usize,
+        epochs: usize,
+        cells: usize,
+        n_cells: usize,
+    },
     Mapping,
 }
 
@@ -87,7 +98,9 @@ impl std::fmt::Display for QueryStage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             QueryStage::Surgery => write!(f, "surgery"),
-            QueryStage::FineTuning { epoch, epochs, .. } => write!(f, "fine-tuning epoch {}/{epochs}", epoch + 1),
+            QueryStage::FineTuning { epoch, epochs, .. } => {
+                write!(f, "fine-tuning epoch {}/{epochs}", epoch + 1)
+            }
             QueryStage::Mapping => write!(f, "embedding and label transfer"),
         }
     }
@@ -191,7 +204,10 @@ pub struct CellsModality {
 }
 
 fn model_error(path: impl std::fmt::Display, reason: impl std::fmt::Display) -> QueryError {
-    QueryError::Model { path: path.to_string(), reason: reason.to_string() }
+    QueryError::Model {
+        path: path.to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 /// A model after surgery and the parameter ranges surgery added.
@@ -211,7 +227,10 @@ pub struct ReferenceModel {
 
 impl std::fmt::Debug for ReferenceModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReferenceModel").field("source", &self.source).field("tensors", &self.tensors.len()).finish_non_exhaustive()
+        f.debug_struct("ReferenceModel")
+            .field("source", &self.source)
+            .field("tensors", &self.tensors.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -223,37 +242,83 @@ impl ReferenceModel {
         let mut files = Vec::with_capacity(MODEL_FILES.len());
         for name in MODEL_FILES {
             let path = format!("{location}/{name}");
-            let missing = if name == REFERENCE_FILE { "missing (models trained before query mapping existed lack it: train again)" } else { "missing" };
-            files.push(folder.get_bytes(name).map_err(|e| model_error(&path, e))?.ok_or_else(|| model_error(&path, missing))?);
+            let missing = if name == REFERENCE_FILE {
+                "missing (models trained before query mapping existed lack it: train again)"
+            } else {
+                "missing"
+            };
+            files.push(
+                folder
+                    .get_bytes(name)
+                    .map_err(|e| model_error(&path, e))?
+                    .ok_or_else(|| model_error(&path, missing))?,
+            );
         }
         ReferenceModel::from_files(location, &files[0], &files[1], &files[2])
     }
 
     /// A model from the contents of its three files (`source` names their folder).
-    pub fn from_files(source: &str, config: &[u8], weights: &[u8], reference: &[u8]) -> Result<ReferenceModel, QueryError> {
-        let [config_path, weights_path, reference_path] = MODEL_FILES.map(|f| format!("{source}/{f}"));
-        let record: RunRecord = serde_json::from_slice(config).map_err(|e| model_error(&config_path, e))?;
+    pub fn from_files(
+        source: &str,
+        config: &[u8],
+        weights: &[u8],
+        reference: &[u8],
+    ) -> Result<ReferenceModel, QueryError> {
+        let [config_path, weights_path, reference_path] =
+            MODEL_FILES.map(|f| format!("{source}/{f}"));
+        let record: RunRecord =
+            serde_json::from_slice(config).map_err(|e| model_error(&config_path, e))?;
         let file = SafeTensors::deserialize(weights).map_err(|e| model_error(&weights_path, e))?;
         // Parsed once; surgery then looks every tensor up by name.
         let tensors = file
             .tensors()
             .into_iter()
             .filter(|(_, t)| t.dtype() == safetensors::Dtype::F32)
-            .map(|(name, t)| (name, (t.shape().to_vec(), t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())))
+            .map(|(name, t)| {
+                (
+                    name,
+                    (
+                        t.shape().to_vec(),
+                        t.data()
+                            .chunks_exact(4)
+                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                            .collect(),
+                    ),
+                )
+            })
             .collect();
         let reference = Reference::from_bytes(reference, &reference_path).map_err(|e| match e {
-            ReferenceError::File { path, reason } => QueryError::Model { path, reason: format!("{reason} (models trained before query mapping existed lack it: train again)") },
+            ReferenceError::File { path, reason } => QueryError::Model {
+                path,
+                reason: format!(
+                    "{reason} (models trained before query mapping existed lack it: train again)"
+                ),
+            },
             ReferenceError::Data(d) => d.into(),
         })?;
         if reference.n_latent != record.model.n_latent {
-            return Err(model_error(&reference_path, format!("latent width {} but the model's is {}", reference.n_latent, record.model.n_latent)));
+            return Err(model_error(
+                &reference_path,
+                format!(
+                    "latent width {} but the model's is {}",
+                    reference.n_latent, record.model.n_latent
+                ),
+            ));
         }
         for (name, _) in &record.modalities {
             if !reference.var_names.contains_key(name) {
-                return Err(model_error(&reference_path, format!("no feature names for modality {name:?}")));
+                return Err(model_error(
+                    &reference_path,
+                    format!("no feature names for modality {name:?}"),
+                ));
             }
         }
-        Ok(ReferenceModel { source: source.to_string(), record, tensors, reference })
+        Ok(ReferenceModel {
+            source: source.to_string(),
+            record,
+            tensors,
+            reference,
+        })
     }
 
     /// Shape and values of a named tensor (parameters and BatchNorm statistics alike).
@@ -286,16 +351,53 @@ impl ReferenceModel {
         // The label classifier stays (frozen; the query has no labels, so it adds no loss) to
         // predict the query's labels; heads that read the query's batches or targets go.
         let classifier = self.has_classifier();
-        let config = VaeConfig { classifier_weight: if classifier { record.model.classifier_weight } else { 0.0 }, contrastive_weight: 0.0, regression_weight: 0.0, cox_weight: 0.0, adversarial_batch_weight: 0.0, ..record.model.clone() };
-        let shapes: Vec<(&str, usize)> = record.modalities.iter().map(|(m, g)| (m.as_str(), *g)).collect();
+        let config = VaeConfig {
+            classifier_weight: if classifier {
+                record.model.classifier_weight
+            } else {
+                0.0
+            },
+            contrastive_weight: 0.0,
+            regression_weight: 0.0,
+            cox_weight: 0.0,
+            adversarial_batch_weight: 0.0,
+            ..record.model.clone()
+        };
+        let shapes: Vec<(&str, usize)> = record
+            .modalities
+            .iter()
+            .map(|(m, g)| (m.as_str(), *g))
+            .collect();
         let n_cov = ext.reference_batches + ext.added;
-        let n_labels = if classifier { self.reference.label_categories.len() } else { 0 };
-        let mut model = Vae::<f32, Cpu>::new(Cpu, config, &shapes, Categories { n_batch: n_cov, n_cov, n_labels }, seed)?;
-        let surgery = |e: SurgeryError| model_error(format!("{}/model.safetensors", self.source), e);
+        let n_labels = if classifier {
+            self.reference.label_categories.len()
+        } else {
+            0
+        };
+        let mut model = Vae::<f32, Cpu>::new(
+            Cpu,
+            config,
+            &shapes,
+            Categories {
+                n_batch: n_cov,
+                n_cov,
+                n_labels,
+            },
+            seed,
+        )?;
+        let surgery =
+            |e: SurgeryError| model_error(format!("{}/model.safetensors", self.source), e);
         let mut values = Cpu.download(In::all(&model.values))?;
-        let added = transfer(&model.layout, &mut values, |name| self.tensor(name), ext).map_err(surgery)?;
+        let added =
+            transfer(&model.layout, &mut values, |name| self.tensor(name), ext).map_err(surgery)?;
         let mut state = Cpu.download(In::all(&model.state))?;
-        transfer(&model.state_layout, &mut state, |name| self.tensor(name), ext).map_err(surgery)?;
+        transfer(
+            &model.state_layout,
+            &mut state,
+            |name| self.tensor(name),
+            ext,
+        )
+        .map_err(surgery)?;
         model.values = Cpu.upload(&values)?;
         model.state = Cpu.upload(&state)?;
         Ok((model, added))
@@ -309,7 +411,15 @@ impl ReferenceModel {
 
     /// The reference model as trained, for [`ReferenceModel::encode`].
     pub fn encoder(&self) -> Result<Vae<f32, Cpu>, QueryError> {
-        Ok(self.build(BatchExtension { reference_batches: self.record.batch_categories.len(), added: 0 }, 0)?.0)
+        Ok(self
+            .build(
+                BatchExtension {
+                    reference_batches: self.record.batch_categories.len(),
+                    added: 0,
+                },
+                0,
+            )?
+            .0)
     }
 
     /// Latent means (cells x `n_latent`) of cells whose batches the reference knows, with
@@ -320,57 +430,151 @@ impl ReferenceModel {
         let refs = &self.record.batch_categories;
         let batch = if refs.is_empty() {
             if !cells.batches.is_empty() {
-                return Err(input(request, "the reference was trained without batches: send no batch names"));
+                return Err(input(
+                    request,
+                    "the reference was trained without batches: send no batch names",
+                ));
             }
             vec![-1; rows]
         } else {
             if cells.batches.len() != rows {
-                return Err(input(request, format!("{} batch names for {rows} cells (one per cell expected)", cells.batches.len())));
+                return Err(input(
+                    request,
+                    format!(
+                        "{} batch names for {rows} cells (one per cell expected)",
+                        cells.batches.len()
+                    ),
+                ));
             }
-            cells.batches.iter().map(|b| refs.iter().position(|r| r == b).map(|p| p as i32).ok_or_else(|| input(request, format!("batch {b:?} is not one of the reference's ({}); map new batches with a query job", refs.join(", "))))).collect::<Result<_, _>>()?
+            let code = |b: &String| {
+                let unknown = || {
+                    let message = format!(
+                        "batch {b:?} is not one of the reference's ({}); \
+                         map new batches with a query job",
+                        refs.join(", ")
+                    );
+                    input(request, message)
+                };
+                let position = refs.iter().position(|r| r == b);
+                position.map(|p| p as i32).ok_or_else(unknown)
+            };
+            cells.batches.iter().map(code).collect::<Result<_, _>>()?
         };
         let mut modalities = Vec::with_capacity(cells.modalities.len());
         let mut sources = Vec::with_capacity(self.record.modalities.len());
         for given in &cells.modalities {
-            let Some(g) = self.record.modalities.iter().find(|(name, _)| *name == given.name).map(|m| m.1) else {
-                return Err(input(request, format!("unknown modality {:?} (the reference has {})", given.name, self.modality_names())));
+            let Some(g) = self
+                .record
+                .modalities
+                .iter()
+                .find(|(name, _)| *name == given.name)
+                .map(|m| m.1)
+            else {
+                return Err(input(
+                    request,
+                    format!(
+                        "unknown modality {:?} (the reference has {})",
+                        given.name,
+                        self.modality_names()
+                    ),
+                ));
             };
             if given.counts.n_rows != rows || given.counts.indptr.len() != rows + 1 {
-                return Err(input(request, format!("modality {:?} has {} rows, the first modality {rows}", given.name, given.counts.n_rows)));
+                return Err(input(
+                    request,
+                    format!(
+                        "modality {:?} has {} rows, the first modality {rows}",
+                        given.name, given.counts.n_rows
+                    ),
+                ));
             }
             let columns = if given.var_names.is_empty() {
                 if given.counts.n_cols != g {
-                    return Err(input(request, format!("modality {:?} has {} columns and no feature names; without names the reference's {g} features are expected", given.name, given.counts.n_cols)));
+                    return Err(input(
+                        request,
+                        format!(
+                            "modality {:?} has {} columns and no feature names; without names the reference's {g} features are expected",
+                            given.name, given.counts.n_cols
+                        ),
+                    ));
                 }
                 (0..g as u32).map(Some).collect()
             } else {
                 if given.var_names.len() != given.counts.n_cols {
-                    return Err(input(request, format!("modality {:?}: {} feature names for {} columns", given.name, given.var_names.len(), given.counts.n_cols)));
+                    return Err(input(
+                        request,
+                        format!(
+                            "modality {:?}: {} feature names for {} columns",
+                            given.name,
+                            given.var_names.len(),
+                            given.counts.n_cols
+                        ),
+                    ));
                 }
                 self.columns(&given.name, &given.var_names)
             };
             let library = given.counts.row_sums();
-            modalities.push(ModalityBatch { name: given.name.clone(), counts: given.counts.clone(), library, present: vec![true; rows] });
+            modalities.push(ModalityBatch {
+                name: given.name.clone(),
+                counts: given.counts.clone(),
+                library,
+                present: vec![true; rows],
+            });
             sources.push((given.name.as_str(), columns));
         }
         let alignment = Alignment {
-            modalities: self.record.modalities.iter().map(|(name, g)| match sources.iter().position(|(n, _)| n == name) { Some(m) => (Some(m), sources[m].1.clone(), *g), None => (None, Vec::new(), *g) }).collect(),
+            modalities: self
+                .record
+                .modalities
+                .iter()
+                .map(
+                    |(name, g)| match sources.iter().position(|(n, _)| n == name) {
+                        Some(m) => (Some(m), sources[m].1.clone(), *g),
+                        None => (None, Vec::new(), *g),
+                    },
+                )
+                .collect(),
             batches: (0..refs.len()).collect(),
             n_cov: refs.len(),
         };
-        let mb = MiniBatch { cells: (0..rows as u64).collect(), modalities, batch, label: vec![-1; rows], numeric: Vec::new() };
-        Ok(crate::fit::on_pool(|| alignment.with(&mb, |b| model.latent_mean(b)))?)
+        let mb = MiniBatch {
+            cells: (0..rows as u64).collect(),
+            modalities,
+            batch,
+            label: vec![-1; rows],
+            numeric: Vec::new(),
+        };
+        Ok(crate::fit::on_pool(|| {
+            alignment.with(&mb, |b| model.latent_mean(b))
+        })?)
     }
 
     fn modality_names(&self) -> String {
-        self.record.modalities.iter().map(|m| m.0.as_str()).collect::<Vec<_>>().join(", ")
+        self.record
+            .modalities
+            .iter()
+            .map(|m| m.0.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Per query feature, its column in the reference's `modality`.
     fn columns(&self, modality: &str, query_vars: &[String]) -> Vec<Option<u32>> {
-        let ref_vars = self.reference.var_names.get(modality).map(Vec::as_slice).unwrap_or_default();
-        let position: HashMap<&str, u32> = ref_vars.iter().enumerate().map(|(i, v)| (v.as_str(), i as u32)).collect();
-        query_vars.iter().map(|v| position.get(v.as_str()).copied()).collect()
+        let ref_vars = self
+            .reference
+            .var_names
+            .get(modality)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let position: HashMap<&str, u32> = ref_vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.as_str(), i as u32))
+            .collect();
+        query_vars
+            .iter()
+            .map(|v| position.get(v.as_str()).copied())
+            .collect()
     }
 }
 
@@ -390,13 +594,24 @@ impl Alignment {
         let rows = mb.cells.len();
         let mut counts = Vec::with_capacity(self.modalities.len());
         for (source, columns, g) in &self.modalities {
-            let mut csr = Csr { n_rows: rows, n_cols: *g, indptr: vec![0], ..Csr::default() };
+            let mut csr = Csr {
+                n_rows: rows,
+                n_cols: *g,
+                indptr: vec![0],
+                ..Csr::default()
+            };
             let present: Vec<bool> = match source {
                 Some(m) => {
                     let modality = &mb.modalities[*m];
                     for r in 0..rows {
                         let (idx, val) = modality.counts.row(r);
-                        let mut row: Vec<(u32, f32)> = idx.iter().zip(val).filter_map(|(&j, &v)| columns.get(j as usize).copied().flatten().map(|c| (c, v))).collect();
+                        let mut row: Vec<(u32, f32)> = idx
+                            .iter()
+                            .zip(val)
+                            .filter_map(|(&j, &v)| {
+                                columns.get(j as usize).copied().flatten().map(|c| (c, v))
+                            })
+                            .collect();
                         row.sort_unstable_by_key(|e| e.0);
                         csr.indices.extend(row.iter().map(|e| e.0));
                         csr.data.extend(row.iter().map(|e| e.1));
@@ -419,21 +634,37 @@ impl Alignment {
         }
         let modalities: Vec<ModalityCounts<'_, f32>> = counts
             .iter()
-            .map(|(c, present)| ModalityCounts { counts: CsrRef { rows, cols: c.n_cols, indptr: &c.indptr, indices: &c.indices, data: &c.data }, present: (!present.iter().all(|&p| p)).then_some(present.as_slice()) })
+            .map(|(c, present)| ModalityCounts {
+                counts: CsrRef {
+                    rows,
+                    cols: c.n_cols,
+                    indptr: &c.indptr,
+                    indices: &c.indices,
+                    data: &c.data,
+                },
+                present: (!present.iter().all(|&p| p)).then_some(present.as_slice()),
+            })
             .collect();
         f(VaeBatch::new(&modalities, &covariates))
     }
 }
 
 fn input(store: &str, reason: impl Into<String>) -> QueryError {
-    QueryError::Input { store: store.to_string(), reason: reason.into() }
+    QueryError::Input {
+        store: store.to_string(),
+        reason: reason.into(),
+    }
 }
 
 /// Maps the query of `req` onto `model`: the embedding and transferred labels are returned and,
 /// when `req.write` says where, written into the query store. `progress` hears each stage and
 /// each fine-tuning minibatch; answering `Break` cancels the job (`QueryError::Cancelled`, the
 /// store untouched).
-pub fn map_query(model: &ReferenceModel, req: &QueryRequest, mut progress: impl FnMut(QueryStage) -> ControlFlow<()>) -> Result<QueryOutput, QueryError> {
+pub fn map_query(
+    model: &ReferenceModel,
+    req: &QueryRequest,
+    mut progress: impl FnMut(QueryStage) -> ControlFlow<()>,
+) -> Result<QueryOutput, QueryError> {
     let mut stage = |s: QueryStage| match progress(s) {
         ControlFlow::Continue(()) => Ok(()),
         ControlFlow::Break(()) => Err(QueryError::Cancelled),
@@ -451,24 +682,69 @@ pub fn map_query(model: &ReferenceModel, req: &QueryRequest, mut progress: impl 
         let uncertainty_key = format!("{}_uncertainty", out.label_key);
         let classifier_key = format!("{}_classifier", out.label_key);
         let outputs: Vec<(&str, &str)> = std::iter::once(("obsm", out.embedding_key.as_str()))
-            .chain(labelled.then_some([("obs", out.label_key.as_str()), ("obs", uncertainty_key.as_str())]).into_iter().flatten())
-            .chain(reference.has_classifier().then_some(("obs", classifier_key.as_str())))
+            .chain(
+                labelled
+                    .then_some([
+                        ("obs", out.label_key.as_str()),
+                        ("obs", uncertainty_key.as_str()),
+                    ])
+                    .into_iter()
+                    .flatten(),
+            )
+            .chain(
+                reference
+                    .has_classifier()
+                    .then_some(("obs", classifier_key.as_str())),
+            )
             .collect();
         for (mapping, key) in &outputs {
             if !out.overwrite && target.keys(mapping)?.iter().any(|k| k == key) {
-                return Err(tessera_data::DataError::Exists { store: req.data.clone(), path: target.element(&format!("{mapping}/{key}")) }.into());
+                return Err(tessera_data::DataError::Exists {
+                    store: req.data.clone(),
+                    path: target.element(&format!("{mapping}/{key}")),
+                }
+                .into());
             }
         }
     }
 
     // The query's batches: the reference's where it knew them, new ones appended.
-    let batch_key = req.batch_key.clone().or_else(|| reference.reference.batch_key.clone());
-    let loader = Loader::new(&dataset, 0..n as u64, LoaderConfig { batch_size: record.train.batch_size, shuffle: true, seed: req.seed, batch_key: batch_key.clone(), ..LoaderConfig::default() })?;
+    let batch_key = req
+        .batch_key
+        .clone()
+        .or_else(|| reference.reference.batch_key.clone());
+    let loader = Loader::new(
+        &dataset,
+        0..n as u64,
+        LoaderConfig {
+            batch_size: record.train.batch_size,
+            shuffle: true,
+            seed: req.seed,
+            batch_key: batch_key.clone(),
+            ..LoaderConfig::default()
+        },
+    )?;
     let ref_batches = &record.batch_categories;
-    let (known, new): (Vec<String>, Vec<String>) = loader.batch_categories.iter().cloned().partition(|b| ref_batches.contains(b));
-    let batches: Vec<usize> = loader.batch_categories.iter().map(|b| ref_batches.iter().position(|r| r == b).unwrap_or_else(|| ref_batches.len() + new.iter().position(|x| x == b).unwrap_or(0))).collect();
+    let (known, new): (Vec<String>, Vec<String>) = loader
+        .batch_categories
+        .iter()
+        .cloned()
+        .partition(|b| ref_batches.contains(b));
+    let batches: Vec<usize> = loader
+        .batch_categories
+        .iter()
+        .map(|b| {
+            ref_batches
+                .iter()
+                .position(|r| r == b)
+                .unwrap_or_else(|| ref_batches.len() + new.iter().position(|x| x == b).unwrap_or(0))
+        })
+        .collect();
     if ref_batches.is_empty() && !new.is_empty() {
-        return Err(input(&req.data, "the reference was trained without batches, so the query's batches have no covariate to extend: map without --batch-key"));
+        return Err(input(
+            &req.data,
+            "the reference was trained without batches, so the query's batches have no covariate to extend: map without --batch-key",
+        ));
     }
 
     // The query's modalities and features, aligned by name to the reference's.
@@ -482,43 +758,91 @@ pub fn map_query(model: &ReferenceModel, req: &QueryRequest, mut progress: impl 
         };
         let (columns, cells) = match source {
             Some(m) => {
-                let query_vars = var_names(&dataset, &names[m]).map_err(|e| input(&req.data, e.to_string()))?;
+                let query_vars =
+                    var_names(&dataset, &names[m]).map_err(|e| input(&req.data, e.to_string()))?;
                 let cells = match &dataset {
                     Dataset::AnnData(_) => n,
-                    Dataset::MuData(md) => md.obsmap[md.modality(&names[m])?.0].iter().filter(|&&r| r > 0).count(),
+                    Dataset::MuData(md) => md.obsmap[md.modality(&names[m])?.0]
+                        .iter()
+                        .filter(|&&r| r > 0)
+                        .count(),
                 };
                 (reference.columns(name, &query_vars), cells)
             }
             None => (Vec::new(), 0),
         };
-        let matched = columns.iter().flatten().collect::<std::collections::HashSet<_>>().len();
-        summaries.push(ModalityAlignment { name: name.clone(), reference_features: *g, matched, zero_filled: g - matched, ignored: columns.iter().filter(|c| c.is_none()).count(), cells });
+        let matched = columns
+            .iter()
+            .flatten()
+            .collect::<std::collections::HashSet<_>>()
+            .len();
+        summaries.push(ModalityAlignment {
+            name: name.clone(),
+            reference_features: *g,
+            matched,
+            zero_filled: g - matched,
+            ignored: columns.iter().filter(|c| c.is_none()).count(),
+            cells,
+        });
         alignments.push((source, columns, *g));
     }
     if summaries.iter().all(|s| s.matched == 0 || s.cells == 0) {
-        return Err(input(&req.data, format!("no feature of the reference's modalities ({}) is in the query: nothing to map", reference.modality_names())));
+        return Err(input(
+            &req.data,
+            format!(
+                "no feature of the reference's modalities ({}) is in the query: nothing to map",
+                reference.modality_names()
+            ),
+        ));
     }
-    for s in summaries.iter().filter(|s| s.zero_filled > 0 && s.cells > 0) {
+    for s in summaries
+        .iter()
+        .filter(|s| s.zero_filled > 0 && s.cells > 0)
+    {
         tracing::warn!(modality = %s.name, zero_filled = s.zero_filled, of = s.reference_features, "reference features missing from the query are zero");
     }
     let n_cov = ref_batches.len() + new.len();
-    let alignment = Alignment { modalities: alignments, batches, n_cov };
+    let alignment = Alignment {
+        modalities: alignments,
+        batches,
+        n_cov,
+    };
 
     // Surgery: the reference model with the new batches' rows; heads that need labels or
     // batches of the query are off during fine-tuning.
     stage(QueryStage::Surgery)?;
-    let (model, mut added) = reference.build(BatchExtension { reference_batches: ref_batches.len(), added: new.len() }, req.seed)?;
+    let (model, mut added) = reference.build(
+        BatchExtension {
+            reference_batches: ref_batches.len(),
+            added: new.len(),
+        },
+        req.seed,
+    )?;
     added.extend(unfrozen_ranges(&model.layout, req.unfreeze));
     // Running statistics of the encoder (scArches) and of the label classifier stay the
     // reference's.
     let mut kept_state = encoder_ranges(&model.state_layout);
-    kept_state.extend(model.state_layout.slots().iter().filter(|s| s.name.starts_with("heads.")).map(|s| s.range.clone()));
+    kept_state.extend(
+        model
+            .state_layout
+            .slots()
+            .iter()
+            .filter(|s| s.name.starts_with("heads."))
+            .map(|s| s.range.clone()),
+    );
     // scArches fine-tunes without weight decay (it would shrink the frozen-by-design zeros).
-    let train = TrainConfig { weight_decay: 0.0, seed: req.seed, ..record.train.clone() };
+    let train = TrainConfig {
+        weight_decay: 0.0,
+        seed: req.seed,
+        ..record.train.clone()
+    };
     let mut trainer = Trainer::new(model, train)?;
     trainer.freeze_except(added.clone());
     trainer.freeze_state(kept_state)?;
-    let trained_parameters = tessera_models::surgery::merge_ranges(added).iter().map(|r| r.len()).sum();
+    let trained_parameters = tessera_models::surgery::merge_ranges(added)
+        .iter()
+        .map(|r| r.len())
+        .sum();
 
     let started = Instant::now();
     let mut final_loss = None;
@@ -531,10 +855,17 @@ pub fn map_query(model: &ReferenceModel, req: &QueryRequest, mut progress: impl 
                     continue;
                 }
                 // On a pool thread, as `fit` does: the ops' parallel loops then start in place.
-                let terms = crate::fit::on_pool(|| alignment.with(&mb, |batch| trainer.step(batch, epoch)))?;
+                let terms = crate::fit::on_pool(|| {
+                    alignment.with(&mb, |batch| trainer.step(batch, epoch))
+                })?;
                 sum += terms.loss * mb.cells.len() as f64;
                 cells += mb.cells.len();
-                stage(QueryStage::FineTuning { epoch, epochs: req.epochs, cells, n_cells: n })?;
+                stage(QueryStage::FineTuning {
+                    epoch,
+                    epochs: req.epochs,
+                    cells,
+                    n_cells: n,
+                })?;
             }
             final_loss = (cells > 0).then(|| sum / cells as f64);
         }
@@ -549,43 +880,103 @@ pub fn map_query(model: &ReferenceModel, req: &QueryRequest, mut progress: impl 
     let mut classifier_labels = vec![-1i32; if classifier { n } else { 0 }];
     for mb in loader.ordered().epoch(0) {
         let mb = mb?;
-        let z = crate::fit::on_pool(|| alignment.with(&mb, |batch| trainer.model.latent_mean(batch)))?;
+        let z =
+            crate::fit::on_pool(|| alignment.with(&mb, |batch| trainer.model.latent_mean(batch)))?;
         for (r, &cell) in mb.cells.iter().enumerate() {
-            embedding[cell as usize * d..(cell as usize + 1) * d].copy_from_slice(&z[r * d..(r + 1) * d]);
+            embedding[cell as usize * d..(cell as usize + 1) * d]
+                .copy_from_slice(&z[r * d..(r + 1) * d]);
         }
-        if classifier && let Some(p) = crate::fit::on_pool(|| alignment.with(&mb, |batch| trainer.model.predict_labels(batch)))? {
+        if classifier
+            && let Some(p) = crate::fit::on_pool(|| {
+                alignment.with(&mb, |batch| trainer.model.predict_labels(batch))
+            })?
+        {
             let k = reference.reference.label_categories.len();
             for (row, &cell) in p.chunks_exact(k).zip(&mb.cells) {
-                classifier_labels[cell as usize] = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (c, &v)| if v > best.1 { (c, v) } else { best }).0 as i32;
+                classifier_labels[cell as usize] = row
+                    .iter()
+                    .enumerate()
+                    .fold((0, f32::NEG_INFINITY), |best, (c, &v)| {
+                        if v > best.1 { (c, v) } else { best }
+                    })
+                    .0 as i32;
             }
         }
     }
     let r = &reference.reference;
-    let transferred = if labelled { tessera_metrics::transfer::knn_transfer(&r.latent, &r.labels, &embedding, d, req.neighbours)? } else { Vec::new() };
-    let mean_uncertainty = labelled.then(|| transferred.iter().map(|t| t.uncertainty).sum::<f64>() / n.max(1) as f64);
+    let transferred = if labelled {
+        tessera_metrics::transfer::knn_transfer(
+            &r.latent,
+            &r.labels,
+            &embedding,
+            d,
+            req.neighbours,
+        )?
+    } else {
+        Vec::new()
+    };
+    let mean_uncertainty =
+        labelled.then(|| transferred.iter().map(|t| t.uncertainty).sum::<f64>() / n.max(1) as f64);
     // The query's own labels, where it has the reference's label column.
-    let own = match r.label_key.as_deref().filter(|_| labelled).and_then(|k| target.obs_column(k).ok()) {
-        Some(Column::Categorical { codes, categories, .. }) => Some((codes, categories)),
+    let own = match r
+        .label_key
+        .as_deref()
+        .filter(|_| labelled)
+        .and_then(|k| target.obs_column(k).ok())
+    {
+        Some(Column::Categorical {
+            codes, categories, ..
+        }) => Some((codes, categories)),
         _ => None,
     };
     // Agreement of predicted codes with the query's own labels, compared by name.
     let accuracy = |predicted: &[i32]| {
         let (codes, categories) = own.as_ref()?;
-        let pairs: Vec<bool> = codes.iter().zip(predicted).filter(|(o, _)| **o >= 0).map(|(&o, &p)| p >= 0 && categories[o as usize] == r.label_categories[p as usize]).collect();
-        (!pairs.is_empty()).then(|| pairs.iter().filter(|&&ok| ok).count() as f64 / pairs.len() as f64)
+        let pairs: Vec<bool> = codes
+            .iter()
+            .zip(predicted)
+            .filter(|(o, _)| **o >= 0)
+            .map(|(&o, &p)| p >= 0 && categories[o as usize] == r.label_categories[p as usize])
+            .collect();
+        (!pairs.is_empty())
+            .then(|| pairs.iter().filter(|&&ok| ok).count() as f64 / pairs.len() as f64)
     };
     let label_accuracy = accuracy(&transferred.iter().map(|t| t.label).collect::<Vec<_>>());
-    let classifier_accuracy = if classifier { accuracy(&classifier_labels) } else { None };
+    let classifier_accuracy = if classifier {
+        accuracy(&classifier_labels)
+    } else {
+        None
+    };
     let (mut embedding_element, mut labels_element) = (None, None);
     if let Some(out) = &req.write {
         target.write_obsm(&out.embedding_key, &embedding, d, out.overwrite)?;
         embedding_element = Some(target.element(&format!("obsm/{}", out.embedding_key)));
         if labelled {
             let codes = transferred.iter().map(|t| t.label).collect();
-            target.write_obs_column(&out.label_key, &Column::Categorical { codes, categories: r.label_categories.clone(), ordered: false }, out.overwrite)?;
-            target.write_obs_column(&format!("{}_uncertainty", out.label_key), &Column::Float(transferred.iter().map(|t| t.uncertainty).collect()), out.overwrite)?;
+            target.write_obs_column(
+                &out.label_key,
+                &Column::Categorical {
+                    codes,
+                    categories: r.label_categories.clone(),
+                    ordered: false,
+                },
+                out.overwrite,
+            )?;
+            target.write_obs_column(
+                &format!("{}_uncertainty", out.label_key),
+                &Column::Float(transferred.iter().map(|t| t.uncertainty).collect()),
+                out.overwrite,
+            )?;
             if classifier {
-                target.write_obs_column(&format!("{}_classifier", out.label_key), &Column::Categorical { codes: classifier_labels.clone(), categories: r.label_categories.clone(), ordered: false }, out.overwrite)?;
+                target.write_obs_column(
+                    &format!("{}_classifier", out.label_key),
+                    &Column::Categorical {
+                        codes: classifier_labels.clone(),
+                        categories: r.label_categories.clone(),
+                        ordered: false,
+                    },
+                    out.overwrite,
+                )?;
             }
             labels_element = Some(target.element(&format!("obs/{}", out.label_key)));
         }
@@ -608,5 +999,12 @@ pub fn map_query(model: &ReferenceModel, req: &QueryRequest, mut progress: impl 
         seconds_training,
         seconds_mapping: started.elapsed().as_secs_f64(),
     };
-    Ok(QueryOutput { report, embedding, n_latent: d, labels: transferred, label_categories: r.label_categories.clone(), classifier_labels })
+    Ok(QueryOutput {
+        report,
+        embedding,
+        n_latent: d,
+        labels: transferred,
+        label_categories: r.label_categories.clone(),
+        classifier_labels,
+    })
 }

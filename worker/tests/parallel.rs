@@ -1,7 +1,7 @@
 //! Data-parallel training in one process: 1, 2 and 4 ranks (threads joined by loopback rings)
 //! over the same 4 parts train the same model, and every epoch the ranks' cells add up to the
 //! training cells exactly once.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -15,7 +15,13 @@ use tessera_worker::{FitConfig, FitError, FitOptions, FitReport, train};
 
 fn simulated(dir: &Path, name: &str) -> String {
     let location = dir.join(name).display().to_string();
-    let config = SimConfig { n_cells: 1_500, n_genes: 60, n_types: 4, n_batches: 2, ..SimConfig::default() };
+    let config = SimConfig {
+        n_cells: 1_500,
+        n_genes: 60,
+        n_types: 4,
+        n_batches: 2,
+        ..SimConfig::default()
+    };
     tessera_data::simulate(&location, &config, |_| {}).unwrap();
     location
 }
@@ -27,7 +33,19 @@ fn options(data: &str, out: &Path) -> FitOptions {
     config.train.kl_warmup_epochs = 2;
     config.train.batch_size = 64;
     config.train.lr = 1e-2;
-    FitOptions { data: data.into(), modalities: Vec::new(), batch_key: Some("batch".into()), label_key: None, config, out: out.to_path_buf(), embedding_key: "X_tessera".into(), overwrite: false, resume: false, denoised: None, cache_bytes: 64 << 20 }
+    FitOptions {
+        data: data.into(),
+        modalities: Vec::new(),
+        batch_key: Some("batch".into()),
+        label_key: None,
+        config,
+        out: out.to_path_buf(),
+        embedding_key: "X_tessera".into(),
+        overwrite: false,
+        resume: false,
+        denoised: None,
+        cache_bytes: 64 << 20,
+    }
 }
 
 /// (rank, epoch, cells) of every epoch end.
@@ -41,7 +59,11 @@ struct Recorder {
 
 impl EpochHooks for Recorder {
     fn epoch_done(&mut self, end: &EpochEnd<'_>) -> Result<(), FitError> {
-        self.ledger.0.lock().unwrap().push((self.rank, end.epoch, end.cells));
+        self.ledger
+            .0
+            .lock()
+            .unwrap()
+            .push((self.rank, end.epoch, end.cells));
         Ok(())
     }
 }
@@ -50,7 +72,9 @@ impl EpochHooks for Recorder {
 fn train_group(dir: &Path, world: usize, parts: usize) -> (FitReport, Vec<(usize, usize, u64)>) {
     let data = simulated(dir, &format!("w{world}.zarr"));
     let out = dir.join(format!("out-{world}"));
-    let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let listeners: Vec<TcpListener> = (0..world)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
     let addresses: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
     let ledger = Ledger::default();
     let reports: Vec<Option<FitReport>> = std::thread::scope(|s| {
@@ -58,17 +82,36 @@ fn train_group(dir: &Path, world: usize, parts: usize) -> (FitReport, Vec<(usize
             .into_iter()
             .enumerate()
             .map(|(rank, listener)| {
-                let (data, out, ledger, next) = (data.clone(), out.clone(), ledger.clone(), addresses[(rank + 1) % world]);
+                let (data, out, ledger, next) = (
+                    data.clone(),
+                    out.clone(),
+                    ledger.clone(),
+                    addresses[(rank + 1) % world],
+                );
                 s.spawn(move || {
-                    let ring = if world == 1 { Ring::single() } else { Ring::connect(rank, world, 7, &listener, next, Duration::from_secs(30)).unwrap() };
-                    let mut place = Placement { ring, parts, hooks: Box::new(Recorder { rank, ledger }), checkpoint_per_epoch: false, resume_from: None };
+                    let ring = if world == 1 {
+                        Ring::single()
+                    } else {
+                        Ring::connect(rank, world, 7, &listener, next, Duration::from_secs(30))
+                            .unwrap()
+                    };
+                    let mut place = Placement {
+                        ring,
+                        parts,
+                        hooks: Box::new(Recorder { rank, ledger }),
+                        checkpoint_per_epoch: false,
+                        resume_from: None,
+                    };
                     train(&options(&data, &out), &mut place, |_| {}).unwrap()
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert!(reports.iter().skip(1).all(Option::is_none), "only rank 0 reports");
+    assert!(
+        reports.iter().skip(1).all(Option::is_none),
+        "only rank 0 reports"
+    );
     let report = reports.into_iter().next().flatten().unwrap();
     let ledger = ledger.0.lock().unwrap().clone();
     (report, ledger)
@@ -83,33 +126,69 @@ fn one_two_and_four_ranks_over_four_parts_train_the_same_model() {
         assert_eq!(many.n_train, one.n_train);
         for (a, b) in one.history.iter().zip(&many.history) {
             let (ta, tb) = (a.train.negative_elbo(), b.train.negative_elbo());
-            assert!((ta - tb).abs() <= 1e-6 * ta.abs(), "world {world} epoch {}: train -ELBO {tb} vs {ta} alone", a.epoch);
-            let (va, vb) = (a.validation.unwrap().negative_elbo(), b.validation.unwrap().negative_elbo());
-            assert!((va - vb).abs() <= 1e-6 * va.abs(), "world {world} epoch {}: validation -ELBO {vb} vs {va} alone", a.epoch);
+            assert!(
+                (ta - tb).abs() <= 1e-6 * ta.abs(),
+                "world {world} epoch {}: train -ELBO {tb} vs {ta} alone",
+                a.epoch
+            );
+            let (va, vb) = (
+                a.validation.unwrap().negative_elbo(),
+                b.validation.unwrap().negative_elbo(),
+            );
+            assert!(
+                (va - vb).abs() <= 1e-6 * va.abs(),
+                "world {world} epoch {}: validation -ELBO {vb} vs {va} alone",
+                a.epoch
+            );
         }
-        let worst = one.embedding.iter().zip(&many.embedding).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let worst = one
+            .embedding
+            .iter()
+            .zip(&many.embedding)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         // Measured: 2.6e-6 (world 2), 2.3e-6 (world 4): the ring's summation order alone.
-        assert!(worst <= 1e-4, "world {world}: embeddings differ by up to {worst}");
+        assert!(
+            worst <= 1e-4,
+            "world {world}: embeddings differ by up to {worst}"
+        );
         // Cell accounting: per epoch the ranks' cells add up to the training cells.
         for epoch in 0..3 {
             let cells: u64 = ledger.iter().filter(|e| e.1 == epoch).map(|e| e.2).sum();
             assert_eq!(cells, one.n_train, "world {world} epoch {epoch}");
-            assert_eq!(ledger.iter().filter(|e| e.1 == epoch).count(), world, "every rank reports epoch {epoch}");
+            assert_eq!(
+                ledger.iter().filter(|e| e.1 == epoch).count(),
+                world,
+                "every rank reports epoch {epoch}"
+            );
         }
     }
-    assert_eq!(ledger_one.iter().map(|e| e.2).collect::<Vec<_>>(), vec![one.n_train; 3]);
+    assert_eq!(
+        ledger_one.iter().map(|e| e.2).collect::<Vec<_>>(),
+        vec![one.n_train; 3]
+    );
 }
 
 #[test]
 fn parts_that_do_not_fit_the_batch_or_the_cells_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = simulated(dir.path(), "p.zarr");
-    for (parts, expected) in [(0, "expected 1 <= parts <= batch_size / 2"), (40, "expected 1 <= parts <= batch_size / 2"), (30, "every part needs at least batch_size")] {
+    for (parts, expected) in [
+        (0, "expected 1 <= parts <= batch_size / 2"),
+        (40, "expected 1 <= parts <= batch_size / 2"),
+        (30, "every part needs at least batch_size"),
+    ] {
         let mut opts = options(&data, &dir.path().join("out"));
         if parts == 30 {
             opts.config.train.batch_size = 64;
         }
-        let mut place = Placement { ring: Ring::single(), parts, hooks: Box::new(tessera_worker::parallel::Alone), checkpoint_per_epoch: false, resume_from: None };
+        let mut place = Placement {
+            ring: Ring::single(),
+            parts,
+            hooks: Box::new(tessera_worker::parallel::Alone),
+            checkpoint_per_epoch: false,
+            resume_from: None,
+        };
         let err = train(&opts, &mut place, |_| {}).unwrap_err().to_string();
         assert!(err.contains(expected), "parts {parts}: {err}");
     }

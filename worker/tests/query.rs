@@ -10,21 +10,53 @@ use std::path::Path;
 use tessera_data::{AnnData, Column, SimConfig, Store, StoreWriter, simulate};
 use tessera_models::surgery::Unfreeze;
 use tessera_worker::fit;
-use tessera_worker::query::{Cells, CellsModality, Outputs, QueryError, QueryOutput, QueryRequest, QueryStage, ReferenceModel, map_query};
+use tessera_worker::query::{
+    Cells, CellsModality, Outputs, QueryError, QueryOutput, QueryRequest, QueryStage,
+    ReferenceModel, map_query,
+};
 
 fn world(path: &Path, cells: u64, only: Vec<usize>) -> String {
     let path = path.display().to_string();
-    simulate(&path, &SimConfig { n_cells: cells, n_genes: 200, n_types: 5, n_batches: 3, only_batches: Some(only), seed: 4, ..SimConfig::default() }, |_| {}).unwrap();
+    simulate(
+        &path,
+        &SimConfig {
+            n_cells: cells,
+            n_genes: 200,
+            n_types: 5,
+            n_batches: 3,
+            only_batches: Some(only),
+            seed: 4,
+            ..SimConfig::default()
+        },
+        |_| {},
+    )
+    .unwrap();
     path
 }
 
 fn request(data: &str) -> QueryRequest {
-    let write = Some(Outputs { embedding_key: "X_tessera".into(), label_key: "tessera_label".into(), overwrite: false });
-    QueryRequest { data: data.into(), batch_key: None, epochs: 20, unfreeze: Unfreeze::default(), neighbours: 30, write, seed: 0 }
+    let write = Some(Outputs {
+        embedding_key: "X_tessera".into(),
+        label_key: "tessera_label".into(),
+        overwrite: false,
+    });
+    QueryRequest {
+        data: data.into(),
+        batch_key: None,
+        epochs: 20,
+        unfreeze: Unfreeze::default(),
+        neighbours: 30,
+        write,
+        seed: 0,
+    }
 }
 
 fn map(model: &Path, req: &QueryRequest) -> Result<QueryOutput, QueryError> {
-    map_query(&ReferenceModel::open(&model.display().to_string())?, req, |_| ControlFlow::Continue(()))
+    map_query(
+        &ReferenceModel::open(&model.display().to_string())?,
+        req,
+        |_| ControlFlow::Continue(()),
+    )
 }
 
 /// A reference trained on batches 0 and 1 with covariates in the encoder (scArches' setting).
@@ -48,55 +80,124 @@ fn a_query_with_a_new_batch_is_mapped_and_labelled() {
     let report = map(&model, &request(&query)).unwrap().report;
     assert_eq!(report.new_batches, ["batch2"]);
     assert!(report.known_batches.is_empty());
-    assert_eq!((report.modalities[0].matched, report.modalities[0].zero_filled, report.modalities[0].cells), (200, 0, 500));
-    assert!(report.trained_parameters > 0 && report.final_loss.is_some_and(f64::is_finite), "{report:?}");
+    assert_eq!(
+        (
+            report.modalities[0].matched,
+            report.modalities[0].zero_filled,
+            report.modalities[0].cells
+        ),
+        (200, 0, 500)
+    );
+    assert!(
+        report.trained_parameters > 0 && report.final_loss.is_some_and(f64::is_finite),
+        "{report:?}"
+    );
     let accuracy = report.label_accuracy.unwrap();
     assert!(accuracy > 0.85, "label transfer accuracy {accuracy}");
     assert!(report.mean_uncertainty.unwrap() < 0.3, "{report:?}");
     let classifier = report.classifier_accuracy.unwrap();
-    assert!(classifier > 0.85, "the reference classifier's accuracy on the query {classifier}");
+    assert!(
+        classifier > 0.85,
+        "the reference classifier's accuracy on the query {classifier}"
+    );
 
     let adata = AnnData::open(&query).unwrap();
     let (embedding, d) = adata.obsm("X_tessera").unwrap();
     assert_eq!((d, embedding.len()), (10, 5000));
-    let Column::Categorical { codes, categories, .. } = adata.obs_column("tessera_label").unwrap() else { panic!("labels are categorical") };
+    let Column::Categorical {
+        codes, categories, ..
+    } = adata.obs_column("tessera_label").unwrap()
+    else {
+        panic!("labels are categorical")
+    };
     assert_eq!(codes.len(), 500);
     assert_eq!(categories.len(), 5);
-    let Column::Float(uncertainty) = adata.obs_column("tessera_label_uncertainty").unwrap() else { panic!("uncertainty is a float column") };
-    let Column::Categorical { codes: predicted, .. } = adata.obs_column("tessera_label_classifier").unwrap() else { panic!("classifier labels are categorical") };
+    let Column::Float(uncertainty) = adata.obs_column("tessera_label_uncertainty").unwrap() else {
+        panic!("uncertainty is a float column")
+    };
+    let Column::Categorical {
+        codes: predicted, ..
+    } = adata.obs_column("tessera_label_classifier").unwrap()
+    else {
+        panic!("classifier labels are categorical")
+    };
     assert_eq!(predicted.len(), 500);
     assert!(uncertainty.iter().all(|u| (0.0..=1.0).contains(u)));
 
     // Reference and query together: the new batch mixes into the reference's cell types.
-    let reference = tessera_worker::reference::Reference::read(&model.join("reference.safetensors")).unwrap();
-    let ref_batches = match AnnData::open(&dir.path().join("reference.zarr").display().to_string()).unwrap().obs_column("batch").unwrap() {
+    let reference =
+        tessera_worker::reference::Reference::read(&model.join("reference.safetensors")).unwrap();
+    let ref_batches = match AnnData::open(&dir.path().join("reference.zarr").display().to_string())
+        .unwrap()
+        .obs_column("batch")
+        .unwrap()
+    {
         Column::Categorical { codes, .. } => codes,
         other => panic!("batch is {}", other.kind()),
     };
-    let Column::Categorical { codes: query_types, .. } = adata.obs_column("cell_type").unwrap() else { panic!("cell_type is categorical") };
+    let Column::Categorical {
+        codes: query_types, ..
+    } = adata.obs_column("cell_type").unwrap()
+    else {
+        panic!("cell_type is categorical")
+    };
     let both = [reference.latent.clone(), embedding.clone()].concat();
-    let labels: Vec<u32> = reference.labels.iter().chain(&query_types).map(|&c| c as u32).collect();
-    let batches: Vec<u32> = ref_batches.iter().map(|&b| b as u32).chain(std::iter::repeat_n(2, 500)).collect();
-    let scores = tessera_metrics::evaluate(&both, labels.len(), 10, &labels, &batches, &tessera_metrics::EvalOptions::default()).unwrap();
+    let labels: Vec<u32> = reference
+        .labels
+        .iter()
+        .chain(&query_types)
+        .map(|&c| c as u32)
+        .collect();
+    let batches: Vec<u32> = ref_batches
+        .iter()
+        .map(|&b| b as u32)
+        .chain(std::iter::repeat_n(2, 500))
+        .collect();
+    let scores = tessera_metrics::evaluate(
+        &both,
+        labels.len(),
+        10,
+        &labels,
+        &batches,
+        &tessera_metrics::EvalOptions::default(),
+    )
+    .unwrap();
     // Measured: iLISI 0.73, batch ASW 0.94, NMI 1.0, cLISI 1.0 (scIB's normalised scores).
-    assert!(scores.ilisi.unwrap() > 0.5 && scores.silhouette_batch.unwrap() > 0.8, "batch mixing {scores:?}");
-    assert!(scores.nmi > 0.9 && scores.clisi.unwrap() > 0.9, "cell types kept apart {scores:?}");
+    assert!(
+        scores.ilisi.unwrap() > 0.5 && scores.silhouette_batch.unwrap() > 0.8,
+        "batch mixing {scores:?}"
+    );
+    assert!(
+        scores.nmi > 0.9 && scores.clisi.unwrap() > 0.9,
+        "cell types kept apart {scores:?}"
+    );
 
     // Written once: a second mapping names what it would overwrite.
     let again = map(&model, &request(&query)).unwrap_err().to_string();
-    assert!(again.contains("obsm/X_tessera") && again.contains("already exists"), "{again}");
+    assert!(
+        again.contains("obsm/X_tessera") && again.contains("already exists"),
+        "{again}"
+    );
 }
 
 #[test]
 fn bad_models_and_foreign_queries_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let query = world(&dir.path().join("query.zarr"), 100, vec![2]);
-    let e = map(&dir.path().join("nowhere"), &request(&query)).unwrap_err().to_string();
-    assert!(e.contains("nowhere") && e.contains("no such directory"), "{e}");
+    let e = map(&dir.path().join("nowhere"), &request(&query))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("nowhere") && e.contains("no such directory"),
+        "{e}"
+    );
     let model = reference(dir.path());
     std::fs::remove_file(model.join("reference.safetensors")).unwrap();
     let e = map(&model, &request(&query)).unwrap_err().to_string();
-    assert!(e.contains("reference.safetensors") && e.contains("train again"), "{e}");
+    assert!(
+        e.contains("reference.safetensors") && e.contains("train again"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -107,21 +208,39 @@ fn genes_missing_from_the_query_are_zero_filled_and_counted() {
     // The query's last 30 genes carry names the reference never saw: 30 reference genes are
     // missing from the query (zero) and 30 query genes are unknown to the reference (ignored).
     let mut names = AnnData::open(&query).unwrap().var().unwrap().index;
-    names.iter_mut().skip(170).for_each(|n| *n = format!("novel-{n}"));
+    names
+        .iter_mut()
+        .skip(170)
+        .for_each(|n| *n = format!("novel-{n}"));
     let writer = StoreWriter::existing(Store::open(&query).unwrap()).unwrap();
     writer.dataframe("var", &names, &[]).unwrap();
     writer.consolidate().unwrap();
     let report = map(&model, &request(&query)).unwrap().report;
     let m = &report.modalities[0];
-    assert_eq!((m.reference_features, m.matched, m.zero_filled, m.ignored), (200, 170, 30, 30));
+    assert_eq!(
+        (m.reference_features, m.matched, m.zero_filled, m.ignored),
+        (200, 170, 30, 30)
+    );
     let accuracy = report.label_accuracy.unwrap();
-    assert!(accuracy > 0.8, "label transfer accuracy with 15% of the genes missing: {accuracy}");
+    assert!(
+        accuracy > 0.8,
+        "label transfer accuracy with 15% of the genes missing: {accuracy}"
+    );
 }
 
 #[test]
 fn a_query_without_the_reference_proteins_maps_through_its_rna() {
     let dir = tempfile::tempdir().unwrap();
-    let config = |cells: u64, proteins: usize, only: Vec<usize>| SimConfig { n_cells: cells, n_genes: 200, n_proteins: proteins, n_types: 5, n_batches: 3, only_batches: Some(only), seed: 4, ..SimConfig::default() };
+    let config = |cells: u64, proteins: usize, only: Vec<usize>| SimConfig {
+        n_cells: cells,
+        n_genes: 200,
+        n_proteins: proteins,
+        n_types: 5,
+        n_batches: 3,
+        only_batches: Some(only),
+        seed: 4,
+        ..SimConfig::default()
+    };
     let reference_data = dir.path().join("cite.zarr").display().to_string();
     simulate(&reference_data, &config(1200, 20, vec![0, 1]), |_| {}).unwrap();
     let model = dir.path().join("model");
@@ -135,10 +254,17 @@ fn a_query_without_the_reference_proteins_maps_through_its_rna() {
     let query = dir.path().join("rna.zarr").display().to_string();
     simulate(&query, &config(400, 0, vec![2]), |_| {}).unwrap();
     let report = map(&model, &request(&query)).unwrap().report;
-    let names: Vec<(&str, usize, usize)> = report.modalities.iter().map(|m| (m.name.as_str(), m.matched, m.cells)).collect();
+    let names: Vec<(&str, usize, usize)> = report
+        .modalities
+        .iter()
+        .map(|m| (m.name.as_str(), m.matched, m.cells))
+        .collect();
     assert_eq!(names, [("rna", 200, 400), ("prot", 0, 0)]);
     let accuracy = report.label_accuracy.unwrap();
-    assert!(accuracy > 0.8, "label transfer accuracy from RNA alone: {accuracy}");
+    assert!(
+        accuracy > 0.8,
+        "label transfer accuracy from RNA alone: {accuracy}"
+    );
 }
 
 #[test]
@@ -149,32 +275,107 @@ fn a_cancelled_mapping_stops_and_leaves_the_store_untouched() {
     let mut seen = Vec::new();
     let e = map_query(&model, &request(&query), |stage| {
         seen.push(stage);
-        if matches!(stage, QueryStage::FineTuning { epoch: 1, .. }) { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        if matches!(stage, QueryStage::FineTuning { epoch: 1, .. }) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
     })
     .unwrap_err();
     assert!(matches!(e, QueryError::Cancelled), "{e}");
     assert_eq!(seen[0], QueryStage::Surgery);
     // Progress counts cells within each epoch of 20.
-    assert!(matches!(seen[1], QueryStage::FineTuning { epoch: 0, epochs: 20, n_cells: 300, .. }), "{:?}", seen[1]);
-    assert!(seen.contains(&QueryStage::FineTuning { epoch: 0, epochs: 20, cells: 300, n_cells: 300 }), "{seen:?}");
-    assert!(!AnnData::open(&query).unwrap().keys("obsm").unwrap().contains(&"X_tessera".to_string()));
+    assert!(
+        matches!(
+            seen[1],
+            QueryStage::FineTuning {
+                epoch: 0,
+                epochs: 20,
+                n_cells: 300,
+                ..
+            }
+        ),
+        "{:?}",
+        seen[1]
+    );
+    assert!(
+        seen.contains(&QueryStage::FineTuning {
+            epoch: 0,
+            epochs: 20,
+            cells: 300,
+            n_cells: 300
+        }),
+        "{seen:?}"
+    );
+    assert!(
+        !AnnData::open(&query)
+            .unwrap()
+            .keys("obsm")
+            .unwrap()
+            .contains(&"X_tessera".to_string())
+    );
 
     // Read-only mapping: results come back, nothing is written.
-    let output = map_query(&model, &QueryRequest { write: None, ..request(&query) }, |_| ControlFlow::Continue(())).unwrap();
-    assert_eq!((output.embedding.len(), output.n_latent, output.labels.len()), (3000, 10, 300));
+    let output = map_query(
+        &model,
+        &QueryRequest {
+            write: None,
+            ..request(&query)
+        },
+        |_| ControlFlow::Continue(()),
+    )
+    .unwrap();
+    assert_eq!(
+        (output.embedding.len(), output.n_latent, output.labels.len()),
+        (3000, 10, 300)
+    );
     assert!(output.report.embedding.is_none() && output.report.labels.is_none());
-    assert!(output.report.label_accuracy.unwrap() > 0.85, "{:?}", output.report);
-    assert!(!AnnData::open(&query).unwrap().keys("obsm").unwrap().contains(&"X_tessera".to_string()));
+    assert!(
+        output.report.label_accuracy.unwrap() > 0.85,
+        "{:?}",
+        output.report
+    );
+    assert!(
+        !AnnData::open(&query)
+            .unwrap()
+            .keys("obsm")
+            .unwrap()
+            .contains(&"X_tessera".to_string())
+    );
 }
 
 /// The reference store's cells (first 150) as an encode request.
 fn reference_cells(data: &str, names: bool) -> Cells {
     let dataset = tessera_data::Dataset::open(data).unwrap();
-    let loader = tessera_data::Loader::new(&dataset, 0..150, tessera_data::LoaderConfig { batch_size: 150, batch_key: Some("batch".into()), ..Default::default() }).unwrap();
+    let loader = tessera_data::Loader::new(
+        &dataset,
+        0..150,
+        tessera_data::LoaderConfig {
+            batch_size: 150,
+            batch_key: Some("batch".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mb = loader.ordered().epoch(0).next().unwrap().unwrap();
-    let var_names = if names { AnnData::open(data).unwrap().var().unwrap().index } else { Vec::new() };
-    let batches = mb.batch.iter().map(|&b| loader.batch_categories[b as usize].clone()).collect();
-    Cells { modalities: vec![CellsModality { name: mb.modalities[0].name.clone(), var_names, counts: mb.modalities[0].counts.clone() }], batches }
+    let var_names = if names {
+        AnnData::open(data).unwrap().var().unwrap().index
+    } else {
+        Vec::new()
+    };
+    let batches = mb
+        .batch
+        .iter()
+        .map(|&b| loader.batch_categories[b as usize].clone())
+        .collect();
+    Cells {
+        modalities: vec![CellsModality {
+            name: mb.modalities[0].name.clone(),
+            var_names,
+            counts: mb.modalities[0].counts.clone(),
+        }],
+        batches,
+    }
 }
 
 #[test]
@@ -183,12 +384,29 @@ fn encode_reproduces_the_reference_latent_and_refuses_what_it_cannot_encode() {
     let model = ReferenceModel::open(&reference(dir.path()).display().to_string()).unwrap();
     let data = dir.path().join("reference.zarr").display().to_string();
     let summary = model.summary();
-    assert_eq!((summary.batches.len(), summary.labels.len(), summary.n_latent, summary.reference_cells), (2, 5, 10, 1200));
+    assert_eq!(
+        (
+            summary.batches.len(),
+            summary.labels.len(),
+            summary.n_latent,
+            summary.reference_cells
+        ),
+        (2, 5, 10, 1200)
+    );
     let mut encoder = model.encoder().unwrap();
     for names in [false, true] {
-        let z = model.encode(&mut encoder, &reference_cells(&data, names)).unwrap();
-        let worst = z.iter().zip(&model.reference.latent[..1500]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(worst < 1e-4, "encode differs from the reference latent by {worst}");
+        let z = model
+            .encode(&mut encoder, &reference_cells(&data, names))
+            .unwrap();
+        let worst = z
+            .iter()
+            .zip(&model.reference.latent[..1500])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst < 1e-4,
+            "encode differs from the reference latent by {worst}"
+        );
     }
     // Genes in another order, by name: the same latent.
     let mut shuffled = reference_cells(&data, true);
@@ -205,13 +423,23 @@ fn encode_reproduces_the_reference_latent_and_refuses_what_it_cannot_encode() {
     }
     m.counts = tessera_data::Csr::from_dense(m.counts.n_rows, g, &dense);
     let z = model.encode(&mut encoder, &shuffled).unwrap();
-    let worst = z.iter().zip(&model.reference.latent[..1500]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let worst = z
+        .iter()
+        .zip(&model.reference.latent[..1500])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(worst < 1e-4, "reordered genes change the latent by {worst}");
 
     let mut unknown = reference_cells(&data, false);
     unknown.batches[3] = "batch7".into();
-    let e = model.encode(&mut encoder, &unknown).unwrap_err().to_string();
-    assert!(e.contains("\"batch7\"") && e.contains("batch0, batch1"), "{e}");
+    let e = model
+        .encode(&mut encoder, &unknown)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("\"batch7\"") && e.contains("batch0, batch1"),
+        "{e}"
+    );
     let mut few = reference_cells(&data, false);
     few.batches.pop();
     let e = model.encode(&mut encoder, &few).unwrap_err().to_string();
@@ -223,5 +451,8 @@ fn encode_reproduces_the_reference_latent_and_refuses_what_it_cannot_encode() {
     let mut narrow = reference_cells(&data, false);
     narrow.modalities[0].counts.n_cols = 150;
     let e = model.encode(&mut encoder, &narrow).unwrap_err().to_string();
-    assert!(e.contains("150 columns and no feature names") && e.contains("200 features"), "{e}");
+    assert!(
+        e.contains("150 columns and no feature names") && e.contains("200 features"),
+        "{e}"
+    );
 }

@@ -12,7 +12,9 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// One listener per rank on an ephemeral loopback port, bound before anyone connects.
 fn listeners(world: usize) -> Vec<TcpListener> {
-    (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect()
+    (0..world)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect()
 }
 
 /// Runs `f(ring)` on `world` ranks (threads), ring `id`, and returns each rank's result.
@@ -33,7 +35,9 @@ fn on_ring<R: Send>(world: usize, id: u64, f: impl Fn(&mut Ring) -> R + Sync) ->
 }
 
 fn contribution(rank: usize, len: usize) -> Vec<f32> {
-    (0..len).map(|i| ((i * 7 + rank * 13) % 29) as f32 * 0.37 - 3.0 + rank as f32 * 1e-3).collect()
+    (0..len)
+        .map(|i| ((i * 7 + rank * 13) % 29) as f32 * 0.37 - 3.0 + rank as f32 * 1e-3)
+        .collect()
 }
 
 #[test]
@@ -46,14 +50,25 @@ fn sums_match_the_sequential_sum_on_every_rank() {
                 buf
             });
             let parts: Vec<Vec<f32>> = (0..world).map(|r| contribution(r, len)).collect();
-            let expect: Vec<f64> = (0..len).map(|i| parts.iter().map(|p| f64::from(p[i])).sum()).collect();
+            let expect: Vec<f64> = (0..len)
+                .map(|i| parts.iter().map(|p| f64::from(p[i])).sum())
+                .collect();
             for (rank, got) in results.iter().enumerate() {
                 assert_eq!(got.len(), len);
                 for (i, (&g, &e)) in got.iter().zip(&expect).enumerate() {
-                    assert!((f64::from(g) - e).abs() <= 1e-5 * (1.0 + e.abs()), "world {world}, len {len}, rank {rank}, element {i}: {g} vs {e}");
+                    assert!(
+                        (f64::from(g) - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "world {world}, len {len}, rank {rank}, element {i}: {g} vs {e}"
+                    );
                 }
-                let same_bits = got.iter().zip(&results[0]).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same_bits, "world {world}, len {len}: rank {rank} differs from rank 0");
+                let same_bits = got
+                    .iter()
+                    .zip(&results[0])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same_bits,
+                    "world {world}, len {len}: rank {rank} differs from rank 0"
+                );
             }
         }
     }
@@ -75,7 +90,13 @@ fn repeated_calls_reuse_the_links_and_reproduce_bits() {
         ring.all_reduce_sum(&mut buf).unwrap();
         buf
     });
-    assert!(runs[0][4].iter().zip(&again[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "a fresh ring reproduces the bits");
+    assert!(
+        runs[0][4]
+            .iter()
+            .zip(&again[1])
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "a fresh ring reproduces the bits"
+    );
 }
 
 #[test]
@@ -90,25 +111,56 @@ fn a_dead_peer_fails_the_call_with_the_link_named() {
     });
     // Rank 2 receives from rank 1 and rank 0 sends to it: both see the dead link. The error
     // names the peer.
-    let errors: Vec<String> = results.into_iter().flatten().filter_map(Result::err).collect();
+    let errors: Vec<String> = results
+        .into_iter()
+        .flatten()
+        .filter_map(Result::err)
+        .collect();
     assert!(!errors.is_empty(), "the survivors' next call fails");
-    assert!(errors.iter().all(|e| e.contains("rank 1") || e.contains("rank 2") || e.contains("rank 0")), "{errors:?}");
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.contains("rank 1") || e.contains("rank 2") || e.contains("rank 0")),
+        "{errors:?}"
+    );
 }
 
 #[test]
 fn a_stranger_or_a_bad_rank_is_refused() {
-    let e = Ring::connect(2, 2, 9, &TcpListener::bind("127.0.0.1:0").unwrap(), "127.0.0.1:9".parse().unwrap(), TIMEOUT).unwrap_err();
-    assert!(matches!(e, RingError::Setup { .. }) && e.to_string().contains("rank 2 of a ring of 2"), "{e}");
+    let e = Ring::connect(
+        2,
+        2,
+        9,
+        &TcpListener::bind("127.0.0.1:0").unwrap(),
+        "127.0.0.1:9".parse().unwrap(),
+        TIMEOUT,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, RingError::Setup { .. }) && e.to_string().contains("rank 2 of a ring of 2"),
+        "{e}"
+    );
     // Two rings with different ids cross-wired: the greeting check refuses the link.
     let ls = listeners(2);
     let addrs: Vec<_> = ls.iter().map(|l| l.local_addr().unwrap()).collect();
     let errors: Vec<String> = std::thread::scope(|s| {
-        let a = s.spawn(|| Ring::connect(0, 2, 10, &ls[0], addrs[1], Duration::from_secs(5)).map(|_| ()));
-        let b = s.spawn(|| Ring::connect(1, 2, 11, &ls[1], addrs[0], Duration::from_secs(5)).map(|_| ()));
-        [a.join().unwrap(), b.join().unwrap()].into_iter().filter_map(Result::err).map(|e| e.to_string()).collect()
+        let a = s.spawn(|| {
+            Ring::connect(0, 2, 10, &ls[0], addrs[1], Duration::from_secs(5)).map(|_| ())
+        });
+        let b = s.spawn(|| {
+            Ring::connect(1, 2, 11, &ls[1], addrs[0], Duration::from_secs(5)).map(|_| ())
+        });
+        [a.join().unwrap(), b.join().unwrap()]
+            .into_iter()
+            .filter_map(Result::err)
+            .map(|e| e.to_string())
+            .collect()
     });
     assert_eq!(errors.len(), 2, "{errors:?}");
-    assert!(errors.iter().all(|e| e.contains("is not rank")), "{errors:?}");
+    assert!(
+        errors.iter().all(|e| e.contains("is not rank")),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -126,7 +178,10 @@ fn broadcast_gives_every_rank_rank_zeros_bytes() {
         let got = on_ring(world, 31, |ring| {
             let mut bytes = [ring.rank() as u8; 128];
             if ring.rank() == 0 {
-                bytes.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8 ^ 0xa5);
+                bytes
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, b)| *b = i as u8 ^ 0xa5);
             }
             ring.broadcast_from_rank0(&mut bytes).unwrap();
             bytes

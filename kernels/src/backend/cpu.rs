@@ -34,17 +34,40 @@ pub struct HostCsr<T> {
 
 impl<T: Real> HostCsr<T> {
     pub fn new(x: CsrRef<'_, T>) -> HostCsr<T> {
-        HostCsr { rows: x.rows, cols: x.cols, indptr: x.indptr.to_vec(), indices: x.indices.to_vec(), data: x.data.to_vec(), transformed: OnceLock::new(), transposed: OnceLock::new() }
+        HostCsr {
+            rows: x.rows,
+            cols: x.cols,
+            indptr: x.indptr.to_vec(),
+            indices: x.indices.to_vec(),
+            data: x.data.to_vec(),
+            transformed: OnceLock::new(),
+            transposed: OnceLock::new(),
+        }
     }
 
     pub fn as_ref(&self) -> CsrRef<'_, T> {
-        CsrRef { rows: self.rows, cols: self.cols, indptr: &self.indptr, indices: &self.indices, data: &self.data }
+        CsrRef {
+            rows: self.rows,
+            cols: self.cols,
+            indptr: &self.indptr,
+            indices: &self.indices,
+            data: &self.data,
+        }
     }
 
     /// t(X)'s non-zeros, cached for `transform` (recomputed, uncached, for another one).
     fn values(&self, transform: CountTransform) -> std::borrow::Cow<'_, [T]> {
-        let (t, v) = self.transformed.get_or_init(|| (transform, linear::transformed_values(self.as_ref(), transform)));
-        if *t == transform { std::borrow::Cow::Borrowed(v) } else { std::borrow::Cow::Owned(linear::transformed_values(self.as_ref(), transform)) }
+        let (t, v) = self.transformed.get_or_init(|| {
+            (
+                transform,
+                linear::transformed_values(self.as_ref(), transform),
+            )
+        });
+        if *t == transform {
+            std::borrow::Cow::Borrowed(v)
+        } else {
+            std::borrow::Cow::Owned(linear::transformed_values(self.as_ref(), transform))
+        }
     }
 }
 
@@ -57,10 +80,21 @@ fn w<'a, T>(x: Out<'a, Vec<T>>) -> &'a mut [T] {
 }
 
 /// The experts of a product of experts as the reference op takes them (0/1 masks as booleans).
-#[allow(clippy::type_complexity)]
-fn experts<'a, T: Real>(means: &[In<'a, Vec<T>>], logvars: &[In<'a, Vec<T>>], present: &[In<'a, Vec<T>>]) -> (Vec<&'a [T]>, Vec<&'a [T]>, Vec<Vec<bool>>) {
-    let masks = present.iter().map(|p| r(p).iter().map(|v| *v != T::zero()).collect()).collect();
-    (means.iter().map(r).collect(), logvars.iter().map(r).collect(), masks)
+#[allow(clippy::type_complexity)] // views returned together to one caller; a named type would be used once
+fn experts<'a, T: Real>(
+    means: &[In<'a, Vec<T>>],
+    logvars: &[In<'a, Vec<T>>],
+    present: &[In<'a, Vec<T>>],
+) -> (Vec<&'a [T]>, Vec<&'a [T]>, Vec<Vec<bool>>) {
+    let masks = present
+        .iter()
+        .map(|p| r(p).iter().map(|v| *v != T::zero()).collect())
+        .collect();
+    (
+        means.iter().map(r).collect(),
+        logvars.iter().map(r).collect(),
+        masks,
+    )
 }
 
 impl<T: Gemm> Backend<T> for Cpu {
@@ -106,17 +140,43 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(HostCsr::new(x))
     }
 
-    fn gemm(&self, ta: bool, tb: bool, m: usize, k: usize, n: usize, alpha: T, a: In<'_, Vec<T>>, b: In<'_, Vec<T>>, beta: T, c: Out<'_, Vec<T>>) -> Result<()> {
+    fn gemm(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: T,
+        a: In<'_, Vec<T>>,
+        b: In<'_, Vec<T>>,
+        beta: T,
+        c: Out<'_, Vec<T>>,
+    ) -> Result<()> {
         T::gemm(ta, tb, m, k, n, alpha, r(&a), r(&b), beta, w(c));
         Ok(())
     }
 
-    fn sparse_input_forward(&self, x: &HostCsr<T>, transform: CountTransform, wt: In<'_, Vec<T>>, d_out: usize, y: Out<'_, Vec<T>>) -> Result<()> {
+    fn sparse_input_forward(
+        &self,
+        x: &HostCsr<T>,
+        transform: CountTransform,
+        wt: In<'_, Vec<T>>,
+        d_out: usize,
+        y: Out<'_, Vec<T>>,
+    ) -> Result<()> {
         linear::sparse_forward_values(x.as_ref(), &x.values(transform), r(&wt), d_out, w(y));
         Ok(())
     }
 
-    fn sparse_input_backward(&self, x: &HostCsr<T>, transform: CountTransform, dy: In<'_, Vec<T>>, d_out: usize, dw: Out<'_, Vec<T>>) -> Result<()> {
+    fn sparse_input_backward(
+        &self,
+        x: &HostCsr<T>,
+        transform: CountTransform,
+        dy: In<'_, Vec<T>>,
+        d_out: usize,
+        dw: Out<'_, Vec<T>>,
+    ) -> Result<()> {
         let (t, col_ptr, entries) = x.transposed.get_or_init(|| {
             let (col_ptr, entries) = linear::transposed_values(x.as_ref(), &x.values(transform));
             (transform, col_ptr, entries)
@@ -129,12 +189,24 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(())
     }
 
-    fn activation_forward(&self, act: Activation, x: In<'_, Vec<T>>, y: Out<'_, Vec<T>>) -> Result<()> {
+    fn activation_forward(
+        &self,
+        act: Activation,
+        x: In<'_, Vec<T>>,
+        y: Out<'_, Vec<T>>,
+    ) -> Result<()> {
         act.forward(r(&x), w(y));
         Ok(())
     }
 
-    fn activation_backward(&self, act: Activation, x: In<'_, Vec<T>>, y: In<'_, Vec<T>>, dy: In<'_, Vec<T>>, dx: Out<'_, Vec<T>>) -> Result<()> {
+    fn activation_backward(
+        &self,
+        act: Activation,
+        x: In<'_, Vec<T>>,
+        y: In<'_, Vec<T>>,
+        dy: In<'_, Vec<T>>,
+        dx: Out<'_, Vec<T>>,
+    ) -> Result<()> {
         act.backward(r(&x), r(&y), r(&dy), w(dx));
         Ok(())
     }
@@ -154,17 +226,36 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(())
     }
 
-    fn gather_rows(&self, table: In<'_, Vec<T>>, codes: &[usize], cols: usize, out: Out<'_, Vec<T>>) -> Result<()> {
+    fn gather_rows(
+        &self,
+        table: In<'_, Vec<T>>,
+        codes: &[usize],
+        cols: usize,
+        out: Out<'_, Vec<T>>,
+    ) -> Result<()> {
         elementwise::gather_rows(r(&table), codes, cols, w(out));
         Ok(())
     }
 
-    fn scatter_add_rows(&self, x: In<'_, Vec<T>>, codes: &[usize], cols: usize, table: Out<'_, Vec<T>>) -> Result<()> {
+    fn scatter_add_rows(
+        &self,
+        x: In<'_, Vec<T>>,
+        codes: &[usize],
+        cols: usize,
+        table: Out<'_, Vec<T>>,
+    ) -> Result<()> {
         elementwise::scatter_add_rows(r(&x), codes, cols, w(table));
         Ok(())
     }
 
-    fn dropout(&self, x: In<'_, Vec<T>>, p: f32, seed: u64, stream: u64, y: Out<'_, Vec<T>>) -> Result<()> {
+    fn dropout(
+        &self,
+        x: In<'_, Vec<T>>,
+        p: f32,
+        seed: u64,
+        stream: u64,
+        y: Out<'_, Vec<T>>,
+    ) -> Result<()> {
         dropout::dropout_forward(r(&x), p, seed, stream, w(y));
         Ok(())
     }
@@ -174,112 +265,354 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(())
     }
 
-    fn batch_norm_train(&self, x: In<'_, Vec<T>>, gamma: In<'_, Vec<T>>, beta: In<'_, Vec<T>>, running: Out<'_, Vec<T>>, momentum: f64, eps: f64, y: Out<'_, Vec<T>>, xhat: Out<'_, Vec<T>>, inv_std: Out<'_, Vec<T>>) -> Result<()> {
+    fn batch_norm_train(
+        &self,
+        x: In<'_, Vec<T>>,
+        gamma: In<'_, Vec<T>>,
+        beta: In<'_, Vec<T>>,
+        running: Out<'_, Vec<T>>,
+        momentum: f64,
+        eps: f64,
+        y: Out<'_, Vec<T>>,
+        xhat: Out<'_, Vec<T>>,
+        inv_std: Out<'_, Vec<T>>,
+    ) -> Result<()> {
         let (mean, var) = w(running).split_at_mut(gamma.len());
-        norm::batch_norm_train(r(&x), r(&gamma), r(&beta), norm::Running { mean, var, momentum, eps }, w(y), w(xhat), w(inv_std));
+        norm::batch_norm_train(
+            r(&x),
+            r(&gamma),
+            r(&beta),
+            norm::Running {
+                mean,
+                var,
+                momentum,
+                eps,
+            },
+            w(y),
+            w(xhat),
+            w(inv_std),
+        );
         Ok(())
     }
 
-    fn batch_norm_eval(&self, x: In<'_, Vec<T>>, gamma: In<'_, Vec<T>>, beta: In<'_, Vec<T>>, running: In<'_, Vec<T>>, eps: f64, y: Out<'_, Vec<T>>) -> Result<()> {
+    fn batch_norm_eval(
+        &self,
+        x: In<'_, Vec<T>>,
+        gamma: In<'_, Vec<T>>,
+        beta: In<'_, Vec<T>>,
+        running: In<'_, Vec<T>>,
+        eps: f64,
+        y: Out<'_, Vec<T>>,
+    ) -> Result<()> {
         let (mean, var) = r(&running).split_at(gamma.len());
         norm::batch_norm_eval(r(&x), r(&gamma), r(&beta), mean, var, eps, w(y));
         Ok(())
     }
 
-    fn batch_norm_backward(&self, xhat: In<'_, Vec<T>>, inv_std: In<'_, Vec<T>>, gamma: In<'_, Vec<T>>, dy: In<'_, Vec<T>>, dx: Out<'_, Vec<T>>, dgamma_beta: Out<'_, Vec<T>>) -> Result<()> {
+    fn batch_norm_backward(
+        &self,
+        xhat: In<'_, Vec<T>>,
+        inv_std: In<'_, Vec<T>>,
+        gamma: In<'_, Vec<T>>,
+        dy: In<'_, Vec<T>>,
+        dx: Out<'_, Vec<T>>,
+        dgamma_beta: Out<'_, Vec<T>>,
+    ) -> Result<()> {
         let (dgamma, dbeta) = w(dgamma_beta).split_at_mut(gamma.len());
-        norm::batch_norm_backward(r(&xhat), r(&inv_std), r(&gamma), r(&dy), w(dx), dgamma, dbeta);
+        norm::batch_norm_backward(
+            r(&xhat),
+            r(&inv_std),
+            r(&gamma),
+            r(&dy),
+            w(dx),
+            dgamma,
+            dbeta,
+        );
         Ok(())
     }
 
-    fn softmax_forward(&self, x: In<'_, Vec<T>>, features: usize, y: Out<'_, Vec<T>>) -> Result<()> {
+    fn softmax_forward(
+        &self,
+        x: In<'_, Vec<T>>,
+        features: usize,
+        y: Out<'_, Vec<T>>,
+    ) -> Result<()> {
         norm::softmax_forward(r(&x), features, w(y));
         Ok(())
     }
 
-    fn softmax_backward(&self, y: In<'_, Vec<T>>, dy: In<'_, Vec<T>>, features: usize, dx: Out<'_, Vec<T>>) -> Result<()> {
+    fn softmax_backward(
+        &self,
+        y: In<'_, Vec<T>>,
+        dy: In<'_, Vec<T>>,
+        features: usize,
+        dx: Out<'_, Vec<T>>,
+    ) -> Result<()> {
         norm::softmax_backward(r(&y), r(&dy), features, w(dx));
         Ok(())
     }
 
-    fn reparameterize_forward(&self, m: In<'_, Vec<T>>, lv: In<'_, Vec<T>>, eps: In<'_, Vec<T>>, z: Out<'_, Vec<T>>) -> Result<()> {
+    fn reparameterize_forward(
+        &self,
+        m: In<'_, Vec<T>>,
+        lv: In<'_, Vec<T>>,
+        eps: In<'_, Vec<T>>,
+        z: Out<'_, Vec<T>>,
+    ) -> Result<()> {
         gaussian::reparameterize_forward(r(&m), r(&lv), r(&eps), w(z));
         Ok(())
     }
 
-    fn reparameterize_backward(&self, lv: In<'_, Vec<T>>, eps: In<'_, Vec<T>>, dz: In<'_, Vec<T>>, dm: Out<'_, Vec<T>>, dlv: Out<'_, Vec<T>>) -> Result<()> {
+    fn reparameterize_backward(
+        &self,
+        lv: In<'_, Vec<T>>,
+        eps: In<'_, Vec<T>>,
+        dz: In<'_, Vec<T>>,
+        dm: Out<'_, Vec<T>>,
+        dlv: Out<'_, Vec<T>>,
+    ) -> Result<()> {
         gaussian::reparameterize_backward(r(&lv), r(&eps), r(&dz), w(dm), w(dlv));
         Ok(())
     }
 
-    fn kl_standard_normal(&self, m: In<'_, Vec<T>>, lv: In<'_, Vec<T>>, dim: usize, weights: Option<In<'_, Vec<T>>>, kl: Out<'_, Vec<T>>, dm: Out<'_, Vec<T>>, dlv: Out<'_, Vec<T>>) -> Result<()> {
-        gaussian::kl_standard_normal(r(&m), r(&lv), dim, weights.as_ref().map(r), w(kl), w(dm), w(dlv));
+    fn kl_standard_normal(
+        &self,
+        m: In<'_, Vec<T>>,
+        lv: In<'_, Vec<T>>,
+        dim: usize,
+        weights: Option<In<'_, Vec<T>>>,
+        kl: Out<'_, Vec<T>>,
+        dm: Out<'_, Vec<T>>,
+        dlv: Out<'_, Vec<T>>,
+    ) -> Result<()> {
+        gaussian::kl_standard_normal(
+            r(&m),
+            r(&lv),
+            dim,
+            weights.as_ref().map(r),
+            w(kl),
+            w(dm),
+            w(dlv),
+        );
         Ok(())
     }
 
-    fn poe_forward(&self, means: &[In<'_, Vec<T>>], logvars: &[In<'_, Vec<T>>], present: &[In<'_, Vec<T>>], dim: usize, m: Out<'_, Vec<T>>, lv: Out<'_, Vec<T>>) -> Result<()> {
+    fn poe_forward(
+        &self,
+        means: &[In<'_, Vec<T>>],
+        logvars: &[In<'_, Vec<T>>],
+        present: &[In<'_, Vec<T>>],
+        dim: usize,
+        m: Out<'_, Vec<T>>,
+        lv: Out<'_, Vec<T>>,
+    ) -> Result<()> {
         let (means, logvars, masks) = experts(means, logvars, present);
         let masks: Vec<&[bool]> = masks.iter().map(Vec::as_slice).collect();
         gaussian::poe_forward(&means, &logvars, &masks, dim, w(m), w(lv));
         Ok(())
     }
 
-    fn poe_backward(&self, means: &[In<'_, Vec<T>>], logvars: &[In<'_, Vec<T>>], present: &[In<'_, Vec<T>>], dim: usize, m: In<'_, Vec<T>>, lv: In<'_, Vec<T>>, dm: In<'_, Vec<T>>, dlv: In<'_, Vec<T>>, dmeans: &mut [Out<'_, Vec<T>>], dlogvars: &mut [Out<'_, Vec<T>>]) -> Result<()> {
+    fn poe_backward(
+        &self,
+        means: &[In<'_, Vec<T>>],
+        logvars: &[In<'_, Vec<T>>],
+        present: &[In<'_, Vec<T>>],
+        dim: usize,
+        m: In<'_, Vec<T>>,
+        lv: In<'_, Vec<T>>,
+        dm: In<'_, Vec<T>>,
+        dlv: In<'_, Vec<T>>,
+        dmeans: &mut [Out<'_, Vec<T>>],
+        dlogvars: &mut [Out<'_, Vec<T>>],
+    ) -> Result<()> {
         let (means, logvars, masks) = experts(means, logvars, present);
         let masks: Vec<&[bool]> = masks.iter().map(Vec::as_slice).collect();
-        let mut dmeans: Vec<&mut [T]> = dmeans.iter_mut().map(|g| &mut g.buf[g.range.clone()]).collect();
-        let mut dlogvars: Vec<&mut [T]> = dlogvars.iter_mut().map(|g| &mut g.buf[g.range.clone()]).collect();
-        gaussian::poe_backward(&means, &logvars, &masks, dim, r(&m), r(&lv), r(&dm), r(&dlv), &mut dmeans, &mut dlogvars);
+        let mut dmeans: Vec<&mut [T]> = dmeans
+            .iter_mut()
+            .map(|g| &mut g.buf[g.range.clone()])
+            .collect();
+        let mut dlogvars: Vec<&mut [T]> = dlogvars
+            .iter_mut()
+            .map(|g| &mut g.buf[g.range.clone()])
+            .collect();
+        gaussian::poe_backward(
+            &means,
+            &logvars,
+            &masks,
+            dim,
+            r(&m),
+            r(&lv),
+            r(&dm),
+            r(&dlv),
+            &mut dmeans,
+            &mut dlogvars,
+        );
         Ok(())
     }
 
-    fn likelihood(&self, family: Likelihood, x: In<'_, Vec<T>>, features: usize, params: &[In<'_, Vec<T>>], weights: Option<In<'_, Vec<T>>>, ll: Out<'_, Vec<T>>, grads: &mut [Out<'_, Vec<T>>]) -> Result<()> {
+    fn likelihood(
+        &self,
+        family: Likelihood,
+        x: In<'_, Vec<T>>,
+        features: usize,
+        params: &[In<'_, Vec<T>>],
+        weights: Option<In<'_, Vec<T>>>,
+        ll: Out<'_, Vec<T>>,
+        grads: &mut [Out<'_, Vec<T>>],
+    ) -> Result<()> {
         let params: Vec<&[T]> = params.iter().map(r).collect();
-        let mut grads: Vec<&mut [T]> = grads.iter_mut().map(|g| &mut g.buf[g.range.clone()]).collect();
-        family.forward_backward(r(&x), features, &params, weights.as_ref().map(r), w(ll), &mut grads);
+        let mut grads: Vec<&mut [T]> = grads
+            .iter_mut()
+            .map(|g| &mut g.buf[g.range.clone()])
+            .collect();
+        family.forward_backward(
+            r(&x),
+            features,
+            &params,
+            weights.as_ref().map(r),
+            w(ll),
+            &mut grads,
+        );
         Ok(())
     }
 
-    fn softmax_nb(&self, logits: In<'_, Vec<T>>, library: In<'_, Vec<T>>, counts: CsrRef<'_, T>, theta: In<'_, Vec<T>>, weights: In<'_, Vec<T>>, ll: Out<'_, Vec<T>>, dlogits: Out<'_, Vec<T>>, dtheta: Out<'_, Vec<T>>) -> Result<()> {
-        likelihood::softmax_nb(r(&logits), r(&library), counts, r(&theta), r(&weights), w(ll), w(dlogits), w(dtheta));
+    fn softmax_nb(
+        &self,
+        logits: In<'_, Vec<T>>,
+        library: In<'_, Vec<T>>,
+        counts: CsrRef<'_, T>,
+        theta: In<'_, Vec<T>>,
+        weights: In<'_, Vec<T>>,
+        ll: Out<'_, Vec<T>>,
+        dlogits: Out<'_, Vec<T>>,
+        dtheta: Out<'_, Vec<T>>,
+    ) -> Result<()> {
+        likelihood::softmax_nb(
+            r(&logits),
+            r(&library),
+            counts,
+            r(&theta),
+            r(&weights),
+            w(ll),
+            w(dlogits),
+            w(dtheta),
+        );
         Ok(())
     }
 
-    fn nb_mixture(&self, x: In<'_, Vec<T>>, mu_back: In<'_, Vec<T>>, mu_fore: In<'_, Vec<T>>, theta: In<'_, Vec<T>>, pi: In<'_, Vec<T>>, features: usize, ll: Out<'_, Vec<T>>, grads: [Out<'_, Vec<T>>; 4]) -> Result<()> {
+    fn nb_mixture(
+        &self,
+        x: In<'_, Vec<T>>,
+        mu_back: In<'_, Vec<T>>,
+        mu_fore: In<'_, Vec<T>>,
+        theta: In<'_, Vec<T>>,
+        pi: In<'_, Vec<T>>,
+        features: usize,
+        ll: Out<'_, Vec<T>>,
+        grads: [Out<'_, Vec<T>>; 4],
+    ) -> Result<()> {
         let [a, b, c, d] = grads;
-        crate::ops::likelihood::nb_mixture(r(&x), r(&mu_back), r(&mu_fore), r(&theta), r(&pi), features, w(ll), [w(a), w(b), w(c), w(d)]);
+        crate::ops::likelihood::nb_mixture(
+            r(&x),
+            r(&mu_back),
+            r(&mu_fore),
+            r(&theta),
+            r(&pi),
+            features,
+            w(ll),
+            [w(a), w(b), w(c), w(d)],
+        );
         Ok(())
     }
 
-    fn mmd_rbf(&self, x: In<'_, Vec<T>>, y: In<'_, Vec<T>>, dim: usize, bandwidths: &[f64], dx: Out<'_, Vec<T>>, dy: Out<'_, Vec<T>>) -> Result<f64> {
+    fn mmd_rbf(
+        &self,
+        x: In<'_, Vec<T>>,
+        y: In<'_, Vec<T>>,
+        dim: usize,
+        bandwidths: &[f64],
+        dx: Out<'_, Vec<T>>,
+        dy: Out<'_, Vec<T>>,
+    ) -> Result<f64> {
         Ok(losses::mmd_rbf(r(&x), r(&y), dim, bandwidths, w(dx), w(dy)).f64())
     }
 
-    fn cross_entropy(&self, logits: In<'_, Vec<T>>, labels: &[i32], classes: usize, dlogits: Out<'_, Vec<T>>) -> Result<(f64, usize)> {
+    fn cross_entropy(
+        &self,
+        logits: In<'_, Vec<T>>,
+        labels: &[i32],
+        classes: usize,
+        dlogits: Out<'_, Vec<T>>,
+    ) -> Result<(f64, usize)> {
         let (loss, labelled) = losses::cross_entropy(r(&logits), labels, classes, w(dlogits));
         Ok((loss.f64(), labelled))
     }
 
-    fn masked_mse(&self, pred: In<'_, Vec<T>>, targets: &[f64], dpred: Out<'_, Vec<T>>) -> Result<(f64, usize)> {
+    fn masked_mse(
+        &self,
+        pred: In<'_, Vec<T>>,
+        targets: &[f64],
+        dpred: Out<'_, Vec<T>>,
+    ) -> Result<(f64, usize)> {
         let (loss, observed) = losses::masked_mse(r(&pred), targets, w(dpred));
         Ok((loss.f64(), observed))
     }
 
-    fn cosine_margin(&self, z: In<'_, Vec<T>>, labels: &[i32], dim: usize, margin: f64, dz: Out<'_, Vec<T>>) -> Result<f64> {
+    fn cosine_margin(
+        &self,
+        z: In<'_, Vec<T>>,
+        labels: &[i32],
+        dim: usize,
+        margin: f64,
+        dz: Out<'_, Vec<T>>,
+    ) -> Result<f64> {
         Ok(losses::cosine_margin(r(&z), labels, dim, margin, w(dz)).f64())
     }
 
-    fn cox_partial_likelihood(&self, eta: In<'_, Vec<T>>, times: &[f64], events: &[bool], deta: Out<'_, Vec<T>>) -> Result<f64> {
+    fn cox_partial_likelihood(
+        &self,
+        eta: In<'_, Vec<T>>,
+        times: &[f64],
+        events: &[bool],
+        deta: Out<'_, Vec<T>>,
+    ) -> Result<f64> {
         Ok(losses::cox_partial_likelihood(r(&eta), times, events, w(deta)).f64())
     }
 
-    fn jeffreys(&self, m1: In<'_, Vec<T>>, lv1: In<'_, Vec<T>>, m2: In<'_, Vec<T>>, lv2: In<'_, Vec<T>>, dim: usize, weights: In<'_, Vec<T>>, value: Out<'_, Vec<T>>, grads: [Out<'_, Vec<T>>; 4]) -> Result<()> {
+    fn jeffreys(
+        &self,
+        m1: In<'_, Vec<T>>,
+        lv1: In<'_, Vec<T>>,
+        m2: In<'_, Vec<T>>,
+        lv2: In<'_, Vec<T>>,
+        dim: usize,
+        weights: In<'_, Vec<T>>,
+        value: Out<'_, Vec<T>>,
+        grads: [Out<'_, Vec<T>>; 4],
+    ) -> Result<()> {
         let [a, b, c, d] = grads;
-        gaussian::jeffreys(r(&m1), r(&lv1), r(&m2), r(&lv2), dim, r(&weights), w(value), [w(a), w(b), w(c), w(d)]);
+        gaussian::jeffreys(
+            r(&m1),
+            r(&lv1),
+            r(&m2),
+            r(&lv2),
+            dim,
+            r(&weights),
+            w(value),
+            [w(a), w(b), w(c), w(d)],
+        );
         Ok(())
     }
 
-    fn adamw_step(&self, opt: &AdamW, t: u64, params: Out<'_, Vec<T>>, grads: In<'_, Vec<T>>, m: Out<'_, Vec<T>>, v: Out<'_, Vec<T>>) -> Result<()> {
+    fn adamw_step(
+        &self,
+        opt: &AdamW,
+        t: u64,
+        params: Out<'_, Vec<T>>,
+        grads: In<'_, Vec<T>>,
+        m: Out<'_, Vec<T>>,
+        v: Out<'_, Vec<T>>,
+    ) -> Result<()> {
         opt.step(t, w(params), r(&grads), w(m), w(v));
         Ok(())
     }

@@ -64,7 +64,11 @@ impl Backend<f32> for Cuda {
     }
 
     fn synchronize(&self) -> Result<()> {
-        Ok(self.gpu.stream().synchronize().map_err(driver("synchronize"))?)
+        Ok(self
+            .gpu
+            .stream()
+            .synchronize()
+            .map_err(driver("synchronize"))?)
     }
 
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
@@ -81,11 +85,25 @@ impl Backend<f32> for Cuda {
 
     fn copy(&self, x: In<'_, CudaSlice<f32>>, y: Out<'_, CudaSlice<f32>>) -> Result<()> {
         assert_eq!(x.len(), y.range.len(), "copy: lengths");
-        Ok(self.gpu.stream().memcpy_dtod(&v(&x), &mut vm(y)).map_err(driver("copy"))?)
+        Ok(self
+            .gpu
+            .stream()
+            .memcpy_dtod(&v(&x), &mut vm(y))
+            .map_err(driver("copy"))?)
     }
 
-    fn axpy(&self, alpha: f32, x: In<'_, CudaSlice<f32>>, y: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(elementwise::gpu::axpy(&self.gpu, alpha, &v(&x), &mut vm(y))?)
+    fn axpy(
+        &self,
+        alpha: f32,
+        x: In<'_, CudaSlice<f32>>,
+        y: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(elementwise::gpu::axpy(
+            &self.gpu,
+            alpha,
+            &v(&x),
+            &mut vm(y),
+        )?)
     }
 
     fn scale(&self, y: Out<'_, CudaSlice<f32>>, alpha: f32) -> Result<()> {
@@ -96,147 +114,590 @@ impl Backend<f32> for Cuda {
         Ok(DeviceCsr::upload(&self.gpu, x)?)
     }
 
-    fn gemm(&self, ta: bool, tb: bool, m: usize, k: usize, n: usize, alpha: f32, a: In<'_, CudaSlice<f32>>, b: In<'_, CudaSlice<f32>>, beta: f32, c: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(linear::gpu::gemm(&self.gpu, ta, tb, m, k, n, alpha, &v(&a), &v(&b), beta, &mut vm(c))?)
+    fn gemm(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: In<'_, CudaSlice<f32>>,
+        b: In<'_, CudaSlice<f32>>,
+        beta: f32,
+        c: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(linear::gpu::gemm(
+            &self.gpu,
+            ta,
+            tb,
+            m,
+            k,
+            n,
+            alpha,
+            &v(&a),
+            &v(&b),
+            beta,
+            &mut vm(c),
+        )?)
     }
 
-    fn sparse_input_forward(&self, x: &DeviceCsr, transform: CountTransform, w: In<'_, CudaSlice<f32>>, d_out: usize, y: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(linear::gpu::sparse_input_forward(&self.gpu, x, transform, &v(&w), d_out, &mut vm(y))?)
+    fn sparse_input_forward(
+        &self,
+        x: &DeviceCsr,
+        transform: CountTransform,
+        w: In<'_, CudaSlice<f32>>,
+        d_out: usize,
+        y: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(linear::gpu::sparse_input_forward(
+            &self.gpu,
+            x,
+            transform,
+            &v(&w),
+            d_out,
+            &mut vm(y),
+        )?)
     }
 
-    fn sparse_input_backward(&self, x: &DeviceCsr, transform: CountTransform, dy: In<'_, CudaSlice<f32>>, d_out: usize, dw: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(linear::gpu::sparse_input_backward(&self.gpu, x, transform, &v(&dy), d_out, &mut vm(dw))?)
+    fn sparse_input_backward(
+        &self,
+        x: &DeviceCsr,
+        transform: CountTransform,
+        dy: In<'_, CudaSlice<f32>>,
+        d_out: usize,
+        dw: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(linear::gpu::sparse_input_backward(
+            &self.gpu,
+            x,
+            transform,
+            &v(&dy),
+            d_out,
+            &mut vm(dw),
+        )?)
     }
 
-    fn activation_forward(&self, act: Activation, x: In<'_, CudaSlice<f32>>, y: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(elementwise::gpu::activation_forward(&self.gpu, act, &v(&x), &mut vm(y))?)
+    fn activation_forward(
+        &self,
+        act: Activation,
+        x: In<'_, CudaSlice<f32>>,
+        y: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(elementwise::gpu::activation_forward(
+            &self.gpu,
+            act,
+            &v(&x),
+            &mut vm(y),
+        )?)
     }
 
-    fn activation_backward(&self, act: Activation, x: In<'_, CudaSlice<f32>>, y: In<'_, CudaSlice<f32>>, dy: In<'_, CudaSlice<f32>>, dx: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(elementwise::gpu::activation_backward(&self.gpu, act, &v(&x), &v(&y), &v(&dy), &mut vm(dx))?)
+    fn activation_backward(
+        &self,
+        act: Activation,
+        x: In<'_, CudaSlice<f32>>,
+        y: In<'_, CudaSlice<f32>>,
+        dy: In<'_, CudaSlice<f32>>,
+        dx: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(elementwise::gpu::activation_backward(
+            &self.gpu,
+            act,
+            &v(&x),
+            &v(&y),
+            &v(&dy),
+            &mut vm(dx),
+        )?)
     }
 
     fn bias_add(&self, y: Out<'_, CudaSlice<f32>>, bias: In<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(elementwise::gpu::bias_add_forward(&self.gpu, &mut vm(y), &v(&bias))?)
+        Ok(elementwise::gpu::bias_add_forward(
+            &self.gpu,
+            &mut vm(y),
+            &v(&bias),
+        )?)
     }
 
     fn column_sums(&self, m: In<'_, CudaSlice<f32>>, out: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(elementwise::gpu::column_sums(&self.gpu, &v(&m), &mut vm(out))?)
+        Ok(elementwise::gpu::column_sums(
+            &self.gpu,
+            &v(&m),
+            &mut vm(out),
+        )?)
     }
 
-    fn scale_rows(&self, x: In<'_, CudaSlice<f32>>, s: In<'_, CudaSlice<f32>>, y: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(elementwise::gpu::scale_rows(&self.gpu, &v(&x), &v(&s), &mut vm(y))?)
+    fn scale_rows(
+        &self,
+        x: In<'_, CudaSlice<f32>>,
+        s: In<'_, CudaSlice<f32>>,
+        y: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(elementwise::gpu::scale_rows(
+            &self.gpu,
+            &v(&x),
+            &v(&s),
+            &mut vm(y),
+        )?)
     }
 
-    fn gather_rows(&self, table: In<'_, CudaSlice<f32>>, codes: &[usize], cols: usize, out: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(elementwise::gpu::gather_rows(&self.gpu, &v(&table), codes, cols, &mut vm(out))?)
+    fn gather_rows(
+        &self,
+        table: In<'_, CudaSlice<f32>>,
+        codes: &[usize],
+        cols: usize,
+        out: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(elementwise::gpu::gather_rows(
+            &self.gpu,
+            &v(&table),
+            codes,
+            cols,
+            &mut vm(out),
+        )?)
     }
 
-    fn scatter_add_rows(&self, x: In<'_, CudaSlice<f32>>, codes: &[usize], cols: usize, table: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(elementwise::gpu::scatter_add_rows(&self.gpu, &v(&x), codes, cols, &mut vm(table))?)
+    fn scatter_add_rows(
+        &self,
+        x: In<'_, CudaSlice<f32>>,
+        codes: &[usize],
+        cols: usize,
+        table: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(elementwise::gpu::scatter_add_rows(
+            &self.gpu,
+            &v(&x),
+            codes,
+            cols,
+            &mut vm(table),
+        )?)
     }
 
-    fn dropout(&self, x: In<'_, CudaSlice<f32>>, p: f32, seed: u64, stream: u64, y: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(dropout::gpu::dropout_forward(&self.gpu, &v(&x), p, seed, stream, &mut vm(y))?)
+    fn dropout(
+        &self,
+        x: In<'_, CudaSlice<f32>>,
+        p: f32,
+        seed: u64,
+        stream: u64,
+        y: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(dropout::gpu::dropout_forward(
+            &self.gpu,
+            &v(&x),
+            p,
+            seed,
+            stream,
+            &mut vm(y),
+        )?)
     }
 
     fn normal(&self, seed: u64, stream: u64, out: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(dropout::gpu::normal_fill(&self.gpu, seed, stream, &mut vm(out))?)
+        Ok(dropout::gpu::normal_fill(
+            &self.gpu,
+            seed,
+            stream,
+            &mut vm(out),
+        )?)
     }
 
-    fn batch_norm_train(&self, x: In<'_, CudaSlice<f32>>, gamma: In<'_, CudaSlice<f32>>, beta: In<'_, CudaSlice<f32>>, running: Out<'_, CudaSlice<f32>>, momentum: f64, eps: f64, y: Out<'_, CudaSlice<f32>>, xhat: Out<'_, CudaSlice<f32>>, inv_std: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(norm::gpu::batch_norm_train(&self.gpu, &v(&x), &v(&gamma), &v(&beta), &mut vm(running), momentum, eps, &mut vm(y), &mut vm(xhat), &mut vm(inv_std))?)
+    fn batch_norm_train(
+        &self,
+        x: In<'_, CudaSlice<f32>>,
+        gamma: In<'_, CudaSlice<f32>>,
+        beta: In<'_, CudaSlice<f32>>,
+        running: Out<'_, CudaSlice<f32>>,
+        momentum: f64,
+        eps: f64,
+        y: Out<'_, CudaSlice<f32>>,
+        xhat: Out<'_, CudaSlice<f32>>,
+        inv_std: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(norm::gpu::batch_norm_train(
+            &self.gpu,
+            &v(&x),
+            &v(&gamma),
+            &v(&beta),
+            &mut vm(running),
+            momentum,
+            eps,
+            &mut vm(y),
+            &mut vm(xhat),
+            &mut vm(inv_std),
+        )?)
     }
 
-    fn batch_norm_eval(&self, x: In<'_, CudaSlice<f32>>, gamma: In<'_, CudaSlice<f32>>, beta: In<'_, CudaSlice<f32>>, running: In<'_, CudaSlice<f32>>, eps: f64, y: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(norm::gpu::batch_norm_eval(&self.gpu, &v(&x), &v(&gamma), &v(&beta), &v(&running), eps, &mut vm(y))?)
+    fn batch_norm_eval(
+        &self,
+        x: In<'_, CudaSlice<f32>>,
+        gamma: In<'_, CudaSlice<f32>>,
+        beta: In<'_, CudaSlice<f32>>,
+        running: In<'_, CudaSlice<f32>>,
+        eps: f64,
+        y: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(norm::gpu::batch_norm_eval(
+            &self.gpu,
+            &v(&x),
+            &v(&gamma),
+            &v(&beta),
+            &v(&running),
+            eps,
+            &mut vm(y),
+        )?)
     }
 
-    fn batch_norm_backward(&self, xhat: In<'_, CudaSlice<f32>>, inv_std: In<'_, CudaSlice<f32>>, gamma: In<'_, CudaSlice<f32>>, dy: In<'_, CudaSlice<f32>>, dx: Out<'_, CudaSlice<f32>>, dgamma_beta: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(norm::gpu::batch_norm_backward(&self.gpu, &v(&xhat), &v(&inv_std), &v(&gamma), &v(&dy), &mut vm(dx), &mut vm(dgamma_beta))?)
+    fn batch_norm_backward(
+        &self,
+        xhat: In<'_, CudaSlice<f32>>,
+        inv_std: In<'_, CudaSlice<f32>>,
+        gamma: In<'_, CudaSlice<f32>>,
+        dy: In<'_, CudaSlice<f32>>,
+        dx: Out<'_, CudaSlice<f32>>,
+        dgamma_beta: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(norm::gpu::batch_norm_backward(
+            &self.gpu,
+            &v(&xhat),
+            &v(&inv_std),
+            &v(&gamma),
+            &v(&dy),
+            &mut vm(dx),
+            &mut vm(dgamma_beta),
+        )?)
     }
 
-    fn softmax_forward(&self, x: In<'_, CudaSlice<f32>>, features: usize, y: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(norm::gpu::softmax_forward(&self.gpu, &v(&x), features, &mut vm(y))?)
+    fn softmax_forward(
+        &self,
+        x: In<'_, CudaSlice<f32>>,
+        features: usize,
+        y: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(norm::gpu::softmax_forward(
+            &self.gpu,
+            &v(&x),
+            features,
+            &mut vm(y),
+        )?)
     }
 
-    fn softmax_backward(&self, y: In<'_, CudaSlice<f32>>, dy: In<'_, CudaSlice<f32>>, features: usize, dx: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(norm::gpu::softmax_backward(&self.gpu, &v(&y), &v(&dy), features, &mut vm(dx))?)
+    fn softmax_backward(
+        &self,
+        y: In<'_, CudaSlice<f32>>,
+        dy: In<'_, CudaSlice<f32>>,
+        features: usize,
+        dx: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(norm::gpu::softmax_backward(
+            &self.gpu,
+            &v(&y),
+            &v(&dy),
+            features,
+            &mut vm(dx),
+        )?)
     }
 
-    fn reparameterize_forward(&self, m: In<'_, CudaSlice<f32>>, lv: In<'_, CudaSlice<f32>>, eps: In<'_, CudaSlice<f32>>, z: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(gaussian::gpu::reparameterize_forward(&self.gpu, &v(&m), &v(&lv), &v(&eps), &mut vm(z))?)
+    fn reparameterize_forward(
+        &self,
+        m: In<'_, CudaSlice<f32>>,
+        lv: In<'_, CudaSlice<f32>>,
+        eps: In<'_, CudaSlice<f32>>,
+        z: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(gaussian::gpu::reparameterize_forward(
+            &self.gpu,
+            &v(&m),
+            &v(&lv),
+            &v(&eps),
+            &mut vm(z),
+        )?)
     }
 
-    fn reparameterize_backward(&self, lv: In<'_, CudaSlice<f32>>, eps: In<'_, CudaSlice<f32>>, dz: In<'_, CudaSlice<f32>>, dm: Out<'_, CudaSlice<f32>>, dlv: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(gaussian::gpu::reparameterize_backward(&self.gpu, &v(&lv), &v(&eps), &v(&dz), &mut vm(dm), &mut vm(dlv))?)
+    fn reparameterize_backward(
+        &self,
+        lv: In<'_, CudaSlice<f32>>,
+        eps: In<'_, CudaSlice<f32>>,
+        dz: In<'_, CudaSlice<f32>>,
+        dm: Out<'_, CudaSlice<f32>>,
+        dlv: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(gaussian::gpu::reparameterize_backward(
+            &self.gpu,
+            &v(&lv),
+            &v(&eps),
+            &v(&dz),
+            &mut vm(dm),
+            &mut vm(dlv),
+        )?)
     }
 
-    fn kl_standard_normal(&self, m: In<'_, CudaSlice<f32>>, lv: In<'_, CudaSlice<f32>>, dim: usize, weights: Option<In<'_, CudaSlice<f32>>>, kl: Out<'_, CudaSlice<f32>>, dm: Out<'_, CudaSlice<f32>>, dlv: Out<'_, CudaSlice<f32>>) -> Result<()> {
+    fn kl_standard_normal(
+        &self,
+        m: In<'_, CudaSlice<f32>>,
+        lv: In<'_, CudaSlice<f32>>,
+        dim: usize,
+        weights: Option<In<'_, CudaSlice<f32>>>,
+        kl: Out<'_, CudaSlice<f32>>,
+        dm: Out<'_, CudaSlice<f32>>,
+        dlv: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
         let weights = weights.as_ref().map(v);
-        Ok(gaussian::gpu::kl_standard_normal(&self.gpu, &v(&m), &v(&lv), dim, weights.as_ref(), &mut vm(kl), &mut vm(dm), &mut vm(dlv))?)
+        Ok(gaussian::gpu::kl_standard_normal(
+            &self.gpu,
+            &v(&m),
+            &v(&lv),
+            dim,
+            weights.as_ref(),
+            &mut vm(kl),
+            &mut vm(dm),
+            &mut vm(dlv),
+        )?)
     }
 
-    fn poe_forward(&self, means: &[In<'_, CudaSlice<f32>>], logvars: &[In<'_, CudaSlice<f32>>], present: &[In<'_, CudaSlice<f32>>], dim: usize, m: Out<'_, CudaSlice<f32>>, lv: Out<'_, CudaSlice<f32>>) -> Result<()> {
+    fn poe_forward(
+        &self,
+        means: &[In<'_, CudaSlice<f32>>],
+        logvars: &[In<'_, CudaSlice<f32>>],
+        present: &[In<'_, CudaSlice<f32>>],
+        dim: usize,
+        m: Out<'_, CudaSlice<f32>>,
+        lv: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
         let experts = stack(&self.gpu, means, logvars, present, dim)?;
-        Ok(gaussian::gpu::poe_forward(&self.gpu, &experts, &mut vm(m), &mut vm(lv))?)
+        Ok(gaussian::gpu::poe_forward(
+            &self.gpu,
+            &experts,
+            &mut vm(m),
+            &mut vm(lv),
+        )?)
     }
 
-    fn poe_backward(&self, means: &[In<'_, CudaSlice<f32>>], logvars: &[In<'_, CudaSlice<f32>>], present: &[In<'_, CudaSlice<f32>>], dim: usize, m: In<'_, CudaSlice<f32>>, lv: In<'_, CudaSlice<f32>>, dm: In<'_, CudaSlice<f32>>, dlv: In<'_, CudaSlice<f32>>, dmeans: &mut [Out<'_, CudaSlice<f32>>], dlogvars: &mut [Out<'_, CudaSlice<f32>>]) -> Result<()> {
+    fn poe_backward(
+        &self,
+        means: &[In<'_, CudaSlice<f32>>],
+        logvars: &[In<'_, CudaSlice<f32>>],
+        present: &[In<'_, CudaSlice<f32>>],
+        dim: usize,
+        m: In<'_, CudaSlice<f32>>,
+        lv: In<'_, CudaSlice<f32>>,
+        dm: In<'_, CudaSlice<f32>>,
+        dlv: In<'_, CudaSlice<f32>>,
+        dmeans: &mut [Out<'_, CudaSlice<f32>>],
+        dlogvars: &mut [Out<'_, CudaSlice<f32>>],
+    ) -> Result<()> {
         let experts = stack(&self.gpu, means, logvars, present, dim)?;
-        let (mut dm_stack, mut dlv_stack) = (self.gpu.zeros(experts.means.len())?, self.gpu.zeros(experts.means.len())?);
-        gaussian::gpu::poe_backward(&self.gpu, &experts, &v(&m), &v(&lv), &v(&dm), &v(&dlv), &mut dm_stack, &mut dlv_stack)?;
+        let (mut dm_stack, mut dlv_stack) = (
+            self.gpu.zeros(experts.means.len())?,
+            self.gpu.zeros(experts.means.len())?,
+        );
+        gaussian::gpu::poe_backward(
+            &self.gpu,
+            &experts,
+            &v(&m),
+            &v(&lv),
+            &v(&dm),
+            &v(&dlv),
+            &mut dm_stack,
+            &mut dlv_stack,
+        )?;
         let mut outs: Vec<ViewMut<'_>> = dmeans.iter_mut().map(vm_ref).collect();
         gaussian::gpu::unstack(&self.gpu, &dm_stack, &mut outs)?;
         let mut outs: Vec<ViewMut<'_>> = dlogvars.iter_mut().map(vm_ref).collect();
         Ok(gaussian::gpu::unstack(&self.gpu, &dlv_stack, &mut outs)?)
     }
 
-    fn likelihood(&self, family: Likelihood, x: In<'_, CudaSlice<f32>>, features: usize, params: &[In<'_, CudaSlice<f32>>], weights: Option<In<'_, CudaSlice<f32>>>, ll: Out<'_, CudaSlice<f32>>, grads: &mut [Out<'_, CudaSlice<f32>>]) -> Result<()> {
+    fn likelihood(
+        &self,
+        family: Likelihood,
+        x: In<'_, CudaSlice<f32>>,
+        features: usize,
+        params: &[In<'_, CudaSlice<f32>>],
+        weights: Option<In<'_, CudaSlice<f32>>>,
+        ll: Out<'_, CudaSlice<f32>>,
+        grads: &mut [Out<'_, CudaSlice<f32>>],
+    ) -> Result<()> {
         let params: Vec<View<'_>> = params.iter().map(v).collect();
         let weights = weights.as_ref().map(v);
         let mut grads: Vec<ViewMut<'_>> = grads.iter_mut().map(vm_ref).collect();
-        Ok(likelihood::gpu::forward_backward(&self.gpu, family, &v(&x), features, &params, weights.as_ref(), &mut vm(ll), &mut grads)?)
+        Ok(likelihood::gpu::forward_backward(
+            &self.gpu,
+            family,
+            &v(&x),
+            features,
+            &params,
+            weights.as_ref(),
+            &mut vm(ll),
+            &mut grads,
+        )?)
     }
 
-    fn softmax_nb(&self, logits: In<'_, CudaSlice<f32>>, library: In<'_, CudaSlice<f32>>, counts: CsrRef<'_, f32>, theta: In<'_, CudaSlice<f32>>, weights: In<'_, CudaSlice<f32>>, ll: Out<'_, CudaSlice<f32>>, dlogits: Out<'_, CudaSlice<f32>>, dtheta: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(likelihood::gpu::softmax_nb(&self.gpu, &v(&logits), &v(&library), counts, &v(&theta), &v(&weights), &mut vm(ll), &mut vm(dlogits), &mut vm(dtheta))?)
+    fn softmax_nb(
+        &self,
+        logits: In<'_, CudaSlice<f32>>,
+        library: In<'_, CudaSlice<f32>>,
+        counts: CsrRef<'_, f32>,
+        theta: In<'_, CudaSlice<f32>>,
+        weights: In<'_, CudaSlice<f32>>,
+        ll: Out<'_, CudaSlice<f32>>,
+        dlogits: Out<'_, CudaSlice<f32>>,
+        dtheta: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(likelihood::gpu::softmax_nb(
+            &self.gpu,
+            &v(&logits),
+            &v(&library),
+            counts,
+            &v(&theta),
+            &v(&weights),
+            &mut vm(ll),
+            &mut vm(dlogits),
+            &mut vm(dtheta),
+        )?)
     }
 
-    fn nb_mixture(&self, x: In<'_, CudaSlice<f32>>, mu_back: In<'_, CudaSlice<f32>>, mu_fore: In<'_, CudaSlice<f32>>, theta: In<'_, CudaSlice<f32>>, pi: In<'_, CudaSlice<f32>>, features: usize, ll: Out<'_, CudaSlice<f32>>, grads: [Out<'_, CudaSlice<f32>>; 4]) -> Result<()> {
+    fn nb_mixture(
+        &self,
+        x: In<'_, CudaSlice<f32>>,
+        mu_back: In<'_, CudaSlice<f32>>,
+        mu_fore: In<'_, CudaSlice<f32>>,
+        theta: In<'_, CudaSlice<f32>>,
+        pi: In<'_, CudaSlice<f32>>,
+        features: usize,
+        ll: Out<'_, CudaSlice<f32>>,
+        grads: [Out<'_, CudaSlice<f32>>; 4],
+    ) -> Result<()> {
         let [mut a, mut b, mut c, mut d] = grads.map(vm);
-        Ok(likelihood::gpu::nb_mixture(&self.gpu, &v(&x), &v(&mu_back), &v(&mu_fore), &v(&theta), &v(&pi), features, &mut vm(ll), [&mut a, &mut b, &mut c, &mut d])?)
+        Ok(likelihood::gpu::nb_mixture(
+            &self.gpu,
+            &v(&x),
+            &v(&mu_back),
+            &v(&mu_fore),
+            &v(&theta),
+            &v(&pi),
+            features,
+            &mut vm(ll),
+            [&mut a, &mut b, &mut c, &mut d],
+        )?)
     }
 
-    fn mmd_rbf(&self, x: In<'_, CudaSlice<f32>>, y: In<'_, CudaSlice<f32>>, dim: usize, bandwidths: &[f64], dx: Out<'_, CudaSlice<f32>>, dy: Out<'_, CudaSlice<f32>>) -> Result<f64> {
-        Ok(f64::from(losses::gpu::mmd_rbf(&self.gpu, &v(&x), &v(&y), dim, bandwidths, &mut vm(dx), &mut vm(dy))?))
+    fn mmd_rbf(
+        &self,
+        x: In<'_, CudaSlice<f32>>,
+        y: In<'_, CudaSlice<f32>>,
+        dim: usize,
+        bandwidths: &[f64],
+        dx: Out<'_, CudaSlice<f32>>,
+        dy: Out<'_, CudaSlice<f32>>,
+    ) -> Result<f64> {
+        Ok(f64::from(losses::gpu::mmd_rbf(
+            &self.gpu,
+            &v(&x),
+            &v(&y),
+            dim,
+            bandwidths,
+            &mut vm(dx),
+            &mut vm(dy),
+        )?))
     }
 
-    fn cross_entropy(&self, logits: In<'_, CudaSlice<f32>>, labels: &[i32], classes: usize, dlogits: Out<'_, CudaSlice<f32>>) -> Result<(f64, usize)> {
-        let (loss, labelled) = losses::gpu::cross_entropy(&self.gpu, &v(&logits), labels, classes, &mut vm(dlogits))?;
+    fn cross_entropy(
+        &self,
+        logits: In<'_, CudaSlice<f32>>,
+        labels: &[i32],
+        classes: usize,
+        dlogits: Out<'_, CudaSlice<f32>>,
+    ) -> Result<(f64, usize)> {
+        let (loss, labelled) =
+            losses::gpu::cross_entropy(&self.gpu, &v(&logits), labels, classes, &mut vm(dlogits))?;
         Ok((f64::from(loss), labelled))
     }
 
-    fn masked_mse(&self, pred: In<'_, CudaSlice<f32>>, targets: &[f64], dpred: Out<'_, CudaSlice<f32>>) -> Result<(f64, usize)> {
-        let (loss, observed) = losses::gpu::masked_mse(&self.gpu, &v(&pred), targets, &mut vm(dpred))?;
+    fn masked_mse(
+        &self,
+        pred: In<'_, CudaSlice<f32>>,
+        targets: &[f64],
+        dpred: Out<'_, CudaSlice<f32>>,
+    ) -> Result<(f64, usize)> {
+        let (loss, observed) =
+            losses::gpu::masked_mse(&self.gpu, &v(&pred), targets, &mut vm(dpred))?;
         Ok((f64::from(loss), observed))
     }
 
-    fn cosine_margin(&self, z: In<'_, CudaSlice<f32>>, labels: &[i32], dim: usize, margin: f64, dz: Out<'_, CudaSlice<f32>>) -> Result<f64> {
-        Ok(f64::from(losses::gpu::cosine_margin(&self.gpu, &v(&z), labels, dim, margin, &mut vm(dz))?))
+    fn cosine_margin(
+        &self,
+        z: In<'_, CudaSlice<f32>>,
+        labels: &[i32],
+        dim: usize,
+        margin: f64,
+        dz: Out<'_, CudaSlice<f32>>,
+    ) -> Result<f64> {
+        Ok(f64::from(losses::gpu::cosine_margin(
+            &self.gpu,
+            &v(&z),
+            labels,
+            dim,
+            margin,
+            &mut vm(dz),
+        )?))
     }
 
-    fn cox_partial_likelihood(&self, eta: In<'_, CudaSlice<f32>>, times: &[f64], events: &[bool], deta: Out<'_, CudaSlice<f32>>) -> Result<f64> {
-        Ok(f64::from(losses::gpu::cox_partial_likelihood(&self.gpu, &v(&eta), times, events, &mut vm(deta))?))
+    fn cox_partial_likelihood(
+        &self,
+        eta: In<'_, CudaSlice<f32>>,
+        times: &[f64],
+        events: &[bool],
+        deta: Out<'_, CudaSlice<f32>>,
+    ) -> Result<f64> {
+        Ok(f64::from(losses::gpu::cox_partial_likelihood(
+            &self.gpu,
+            &v(&eta),
+            times,
+            events,
+            &mut vm(deta),
+        )?))
     }
 
-    fn jeffreys(&self, m1: In<'_, CudaSlice<f32>>, lv1: In<'_, CudaSlice<f32>>, m2: In<'_, CudaSlice<f32>>, lv2: In<'_, CudaSlice<f32>>, dim: usize, weights: In<'_, CudaSlice<f32>>, value: Out<'_, CudaSlice<f32>>, grads: [Out<'_, CudaSlice<f32>>; 4]) -> Result<()> {
+    fn jeffreys(
+        &self,
+        m1: In<'_, CudaSlice<f32>>,
+        lv1: In<'_, CudaSlice<f32>>,
+        m2: In<'_, CudaSlice<f32>>,
+        lv2: In<'_, CudaSlice<f32>>,
+        dim: usize,
+        weights: In<'_, CudaSlice<f32>>,
+        value: Out<'_, CudaSlice<f32>>,
+        grads: [Out<'_, CudaSlice<f32>>; 4],
+    ) -> Result<()> {
         let [mut a, mut b, mut c, mut d] = grads.map(vm);
-        Ok(gaussian::gpu::jeffreys(&self.gpu, &v(&m1), &v(&lv1), &v(&m2), &v(&lv2), dim, &v(&weights), &mut vm(value), [&mut a, &mut b, &mut c, &mut d])?)
+        Ok(gaussian::gpu::jeffreys(
+            &self.gpu,
+            &v(&m1),
+            &v(&lv1),
+            &v(&m2),
+            &v(&lv2),
+            dim,
+            &v(&weights),
+            &mut vm(value),
+            [&mut a, &mut b, &mut c, &mut d],
+        )?)
     }
 
-    fn adamw_step(&self, opt: &AdamW, t: u64, params: Out<'_, CudaSlice<f32>>, grads: In<'_, CudaSlice<f32>>, m: Out<'_, CudaSlice<f32>>, v_: Out<'_, CudaSlice<f32>>) -> Result<()> {
-        Ok(optim::gpu::adamw_step(&self.gpu, opt, t, &mut vm(params), &v(&grads), &mut vm(m), &mut vm(v_))?)
+    fn adamw_step(
+        &self,
+        opt: &AdamW,
+        t: u64,
+        params: Out<'_, CudaSlice<f32>>,
+        grads: In<'_, CudaSlice<f32>>,
+        m: Out<'_, CudaSlice<f32>>,
+        v_: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(optim::gpu::adamw_step(
+            &self.gpu,
+            opt,
+            t,
+            &mut vm(params),
+            &v(&grads),
+            &mut vm(m),
+            &mut vm(v_),
+        )?)
     }
 
     fn grad_norm(&self, grads: In<'_, CudaSlice<f32>>) -> Result<f64> {
@@ -245,7 +706,13 @@ impl Backend<f32> for Cuda {
 }
 
 /// The PoE's experts copied into the stacks the kernels read.
-fn stack(gpu: &Gpu, means: &[In<'_, CudaSlice<f32>>], logvars: &[In<'_, CudaSlice<f32>>], present: &[In<'_, CudaSlice<f32>>], dim: usize) -> crate::cuda::Result<gaussian::gpu::DeviceExperts> {
+fn stack(
+    gpu: &Gpu,
+    means: &[In<'_, CudaSlice<f32>>],
+    logvars: &[In<'_, CudaSlice<f32>>],
+    present: &[In<'_, CudaSlice<f32>>],
+    dim: usize,
+) -> crate::cuda::Result<gaussian::gpu::DeviceExperts> {
     fn views<'a>(xs: &[In<'a, CudaSlice<f32>>]) -> Vec<View<'a>> {
         xs.iter().map(v).collect()
     }

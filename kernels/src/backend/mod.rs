@@ -53,7 +53,10 @@ pub struct In<'a, S> {
 
 impl<S> Clone for In<'_, S> {
     fn clone(&self) -> Self {
-        In { buf: self.buf, range: self.range.clone() }
+        In {
+            buf: self.buf,
+            range: self.range.clone(),
+        }
     }
 }
 
@@ -66,11 +69,18 @@ pub struct Out<'a, S> {
 
 impl<'a, S: Storage> In<'a, S> {
     pub fn all(buf: &'a S) -> Self {
-        In { range: 0..buf.len(), buf }
+        In {
+            range: 0..buf.len(),
+            buf,
+        }
     }
 
     pub fn part(buf: &'a S, range: Range<usize>) -> Self {
-        assert!(range.end <= buf.len(), "view {range:?} of a buffer of {}", buf.len());
+        assert!(
+            range.end <= buf.len(),
+            "view {range:?} of a buffer of {}",
+            buf.len()
+        );
         In { buf, range }
     }
 
@@ -85,11 +95,18 @@ impl<'a, S: Storage> In<'a, S> {
 
 impl<'a, S: Storage> Out<'a, S> {
     pub fn all(buf: &'a mut S) -> Self {
-        Out { range: 0..buf.len(), buf }
+        Out {
+            range: 0..buf.len(),
+            buf,
+        }
     }
 
     pub fn part(buf: &'a mut S, range: Range<usize>) -> Self {
-        assert!(range.end <= buf.len(), "view {range:?} of a buffer of {}", buf.len());
+        assert!(
+            range.end <= buf.len(),
+            "view {range:?} of a buffer of {}",
+            buf.len()
+        );
         Out { buf, range }
     }
 }
@@ -114,7 +131,7 @@ impl<S: Storage> Tensor<S> {
 
 /// The op set, with the CPU reference semantics of `crate::ops` (each method names the function
 /// it mirrors). Shapes are asserted: a mismatch is a programming error, not a data error.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // an op's operands, outputs and shape, as its kernel takes them
 pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     type Buf: Storage + Send + Sync + std::fmt::Debug;
     /// A count matrix uploaded for the sparse first layer.
@@ -143,89 +160,316 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     fn scale(&self, y: Out<'_, Self::Buf>, alpha: T) -> Result<()>;
 
     fn tensor(&self, rows: usize, cols: usize) -> Result<Tensor<Self::Buf>> {
-        Ok(Tensor { buf: self.zeros(rows * cols)?, rows, cols })
+        Ok(Tensor {
+            buf: self.zeros(rows * cols)?,
+            rows,
+            cols,
+        })
     }
 
     fn upload_csr(&self, x: CsrRef<'_, T>) -> Result<Self::Csr>;
 
     /// `ops::linear::Gemm::gemm`: C = alpha op(A) op(B) + beta C, row-major.
-    fn gemm(&self, ta: bool, tb: bool, m: usize, k: usize, n: usize, alpha: T, a: In<'_, Self::Buf>, b: In<'_, Self::Buf>, beta: T, c: Out<'_, Self::Buf>) -> Result<()>;
+    fn gemm(
+        &self,
+        ta: bool,
+        tb: bool,
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: T,
+        a: In<'_, Self::Buf>,
+        b: In<'_, Self::Buf>,
+        beta: T,
+        c: Out<'_, Self::Buf>,
+    ) -> Result<()>;
     /// `ops::linear::sparse_input_forward`.
-    fn sparse_input_forward(&self, x: &Self::Csr, transform: CountTransform, w: In<'_, Self::Buf>, d_out: usize, y: Out<'_, Self::Buf>) -> Result<()>;
+    fn sparse_input_forward(
+        &self,
+        x: &Self::Csr,
+        transform: CountTransform,
+        w: In<'_, Self::Buf>,
+        d_out: usize,
+        y: Out<'_, Self::Buf>,
+    ) -> Result<()>;
     /// `ops::linear::sparse_input_backward` (overwrites dw).
-    fn sparse_input_backward(&self, x: &Self::Csr, transform: CountTransform, dy: In<'_, Self::Buf>, d_out: usize, dw: Out<'_, Self::Buf>) -> Result<()>;
+    fn sparse_input_backward(
+        &self,
+        x: &Self::Csr,
+        transform: CountTransform,
+        dy: In<'_, Self::Buf>,
+        d_out: usize,
+        dw: Out<'_, Self::Buf>,
+    ) -> Result<()>;
 
-    fn activation_forward(&self, act: Activation, x: In<'_, Self::Buf>, y: Out<'_, Self::Buf>) -> Result<()>;
-    fn activation_backward(&self, act: Activation, x: In<'_, Self::Buf>, y: In<'_, Self::Buf>, dy: In<'_, Self::Buf>, dx: Out<'_, Self::Buf>) -> Result<()>;
+    fn activation_forward(
+        &self,
+        act: Activation,
+        x: In<'_, Self::Buf>,
+        y: Out<'_, Self::Buf>,
+    ) -> Result<()>;
+    fn activation_backward(
+        &self,
+        act: Activation,
+        x: In<'_, Self::Buf>,
+        y: In<'_, Self::Buf>,
+        dy: In<'_, Self::Buf>,
+        dx: Out<'_, Self::Buf>,
+    ) -> Result<()>;
     fn bias_add(&self, y: Out<'_, Self::Buf>, bias: In<'_, Self::Buf>) -> Result<()>;
     fn column_sums(&self, m: In<'_, Self::Buf>, out: Out<'_, Self::Buf>) -> Result<()>;
-    fn scale_rows(&self, x: In<'_, Self::Buf>, s: In<'_, Self::Buf>, y: Out<'_, Self::Buf>) -> Result<()>;
+    fn scale_rows(
+        &self,
+        x: In<'_, Self::Buf>,
+        s: In<'_, Self::Buf>,
+        y: Out<'_, Self::Buf>,
+    ) -> Result<()>;
     /// `ops::elementwise::gather_rows`: out[i] = table[codes[i]] (rows of `cols`).
-    fn gather_rows(&self, table: In<'_, Self::Buf>, codes: &[usize], cols: usize, out: Out<'_, Self::Buf>) -> Result<()>;
+    fn gather_rows(
+        &self,
+        table: In<'_, Self::Buf>,
+        codes: &[usize],
+        cols: usize,
+        out: Out<'_, Self::Buf>,
+    ) -> Result<()>;
     /// `ops::elementwise::scatter_add_rows`: table (overwritten) row c = Σ_{i: codes[i] = c} x[i].
-    fn scatter_add_rows(&self, x: In<'_, Self::Buf>, codes: &[usize], cols: usize, table: Out<'_, Self::Buf>) -> Result<()>;
+    fn scatter_add_rows(
+        &self,
+        x: In<'_, Self::Buf>,
+        codes: &[usize],
+        cols: usize,
+        table: Out<'_, Self::Buf>,
+    ) -> Result<()>;
     /// `ops::dropout::dropout_forward`; the backward is the same call on dy.
-    fn dropout(&self, x: In<'_, Self::Buf>, p: f32, seed: u64, stream: u64, y: Out<'_, Self::Buf>) -> Result<()>;
+    fn dropout(
+        &self,
+        x: In<'_, Self::Buf>,
+        p: f32,
+        seed: u64,
+        stream: u64,
+        y: Out<'_, Self::Buf>,
+    ) -> Result<()>;
     /// `ops::dropout::normal_fill`.
     fn normal(&self, seed: u64, stream: u64, out: Out<'_, Self::Buf>) -> Result<()>;
 
     /// `ops::norm::batch_norm_train`. `running` holds the running mean then the running variance
     /// (2 x features, updated in place); one view, because both usually sit in one state buffer.
-    fn batch_norm_train(&self, x: In<'_, Self::Buf>, gamma: In<'_, Self::Buf>, beta: In<'_, Self::Buf>, running: Out<'_, Self::Buf>, momentum: f64, eps: f64, y: Out<'_, Self::Buf>, xhat: Out<'_, Self::Buf>, inv_std: Out<'_, Self::Buf>) -> Result<()>;
+    fn batch_norm_train(
+        &self,
+        x: In<'_, Self::Buf>,
+        gamma: In<'_, Self::Buf>,
+        beta: In<'_, Self::Buf>,
+        running: Out<'_, Self::Buf>,
+        momentum: f64,
+        eps: f64,
+        y: Out<'_, Self::Buf>,
+        xhat: Out<'_, Self::Buf>,
+        inv_std: Out<'_, Self::Buf>,
+    ) -> Result<()>;
     /// `ops::norm::batch_norm_eval`, `running` as above.
-    fn batch_norm_eval(&self, x: In<'_, Self::Buf>, gamma: In<'_, Self::Buf>, beta: In<'_, Self::Buf>, running: In<'_, Self::Buf>, eps: f64, y: Out<'_, Self::Buf>) -> Result<()>;
+    fn batch_norm_eval(
+        &self,
+        x: In<'_, Self::Buf>,
+        gamma: In<'_, Self::Buf>,
+        beta: In<'_, Self::Buf>,
+        running: In<'_, Self::Buf>,
+        eps: f64,
+        y: Out<'_, Self::Buf>,
+    ) -> Result<()>;
     /// `ops::norm::batch_norm_backward`; `dgamma_beta` receives dγ then dβ (2 x features: one
     /// view, because both sit in the one gradient buffer).
-    fn batch_norm_backward(&self, xhat: In<'_, Self::Buf>, inv_std: In<'_, Self::Buf>, gamma: In<'_, Self::Buf>, dy: In<'_, Self::Buf>, dx: Out<'_, Self::Buf>, dgamma_beta: Out<'_, Self::Buf>) -> Result<()>;
-    fn softmax_forward(&self, x: In<'_, Self::Buf>, features: usize, y: Out<'_, Self::Buf>) -> Result<()>;
-    fn softmax_backward(&self, y: In<'_, Self::Buf>, dy: In<'_, Self::Buf>, features: usize, dx: Out<'_, Self::Buf>) -> Result<()>;
+    fn batch_norm_backward(
+        &self,
+        xhat: In<'_, Self::Buf>,
+        inv_std: In<'_, Self::Buf>,
+        gamma: In<'_, Self::Buf>,
+        dy: In<'_, Self::Buf>,
+        dx: Out<'_, Self::Buf>,
+        dgamma_beta: Out<'_, Self::Buf>,
+    ) -> Result<()>;
+    fn softmax_forward(
+        &self,
+        x: In<'_, Self::Buf>,
+        features: usize,
+        y: Out<'_, Self::Buf>,
+    ) -> Result<()>;
+    fn softmax_backward(
+        &self,
+        y: In<'_, Self::Buf>,
+        dy: In<'_, Self::Buf>,
+        features: usize,
+        dx: Out<'_, Self::Buf>,
+    ) -> Result<()>;
 
-    fn reparameterize_forward(&self, m: In<'_, Self::Buf>, lv: In<'_, Self::Buf>, eps: In<'_, Self::Buf>, z: Out<'_, Self::Buf>) -> Result<()>;
-    fn reparameterize_backward(&self, lv: In<'_, Self::Buf>, eps: In<'_, Self::Buf>, dz: In<'_, Self::Buf>, dm: Out<'_, Self::Buf>, dlv: Out<'_, Self::Buf>) -> Result<()>;
+    fn reparameterize_forward(
+        &self,
+        m: In<'_, Self::Buf>,
+        lv: In<'_, Self::Buf>,
+        eps: In<'_, Self::Buf>,
+        z: Out<'_, Self::Buf>,
+    ) -> Result<()>;
+    fn reparameterize_backward(
+        &self,
+        lv: In<'_, Self::Buf>,
+        eps: In<'_, Self::Buf>,
+        dz: In<'_, Self::Buf>,
+        dm: Out<'_, Self::Buf>,
+        dlv: Out<'_, Self::Buf>,
+    ) -> Result<()>;
     /// `ops::gaussian::kl_standard_normal`: per-row KL, and gradients of Σ_r w_r KL_r
     /// (overwritten).
-    fn kl_standard_normal(&self, m: In<'_, Self::Buf>, lv: In<'_, Self::Buf>, dim: usize, weights: Option<In<'_, Self::Buf>>, kl: Out<'_, Self::Buf>, dm: Out<'_, Self::Buf>, dlv: Out<'_, Self::Buf>) -> Result<()>;
+    fn kl_standard_normal(
+        &self,
+        m: In<'_, Self::Buf>,
+        lv: In<'_, Self::Buf>,
+        dim: usize,
+        weights: Option<In<'_, Self::Buf>>,
+        kl: Out<'_, Self::Buf>,
+        dm: Out<'_, Self::Buf>,
+        dlv: Out<'_, Self::Buf>,
+    ) -> Result<()>;
     /// `ops::gaussian::poe_forward`; `present[e]` holds 1 (0) per row where expert e is
     /// present (absent).
-    fn poe_forward(&self, means: &[In<'_, Self::Buf>], logvars: &[In<'_, Self::Buf>], present: &[In<'_, Self::Buf>], dim: usize, m: Out<'_, Self::Buf>, lv: Out<'_, Self::Buf>) -> Result<()>;
+    fn poe_forward(
+        &self,
+        means: &[In<'_, Self::Buf>],
+        logvars: &[In<'_, Self::Buf>],
+        present: &[In<'_, Self::Buf>],
+        dim: usize,
+        m: Out<'_, Self::Buf>,
+        lv: Out<'_, Self::Buf>,
+    ) -> Result<()>;
     /// `ops::gaussian::poe_backward` (overwrites every expert's gradients).
-    fn poe_backward(&self, means: &[In<'_, Self::Buf>], logvars: &[In<'_, Self::Buf>], present: &[In<'_, Self::Buf>], dim: usize, m: In<'_, Self::Buf>, lv: In<'_, Self::Buf>, dm: In<'_, Self::Buf>, dlv: In<'_, Self::Buf>, dmeans: &mut [Out<'_, Self::Buf>], dlogvars: &mut [Out<'_, Self::Buf>]) -> Result<()>;
+    fn poe_backward(
+        &self,
+        means: &[In<'_, Self::Buf>],
+        logvars: &[In<'_, Self::Buf>],
+        present: &[In<'_, Self::Buf>],
+        dim: usize,
+        m: In<'_, Self::Buf>,
+        lv: In<'_, Self::Buf>,
+        dm: In<'_, Self::Buf>,
+        dlv: In<'_, Self::Buf>,
+        dmeans: &mut [Out<'_, Self::Buf>],
+        dlogvars: &mut [Out<'_, Self::Buf>],
+    ) -> Result<()>;
     /// `Likelihood::forward_backward`: per-row log-likelihood and per-entry gradients.
-    fn likelihood(&self, family: Likelihood, x: In<'_, Self::Buf>, features: usize, params: &[In<'_, Self::Buf>], weights: Option<In<'_, Self::Buf>>, ll: Out<'_, Self::Buf>, grads: &mut [Out<'_, Self::Buf>]) -> Result<()>;
+    fn likelihood(
+        &self,
+        family: Likelihood,
+        x: In<'_, Self::Buf>,
+        features: usize,
+        params: &[In<'_, Self::Buf>],
+        weights: Option<In<'_, Self::Buf>>,
+        ll: Out<'_, Self::Buf>,
+        grads: &mut [Out<'_, Self::Buf>],
+    ) -> Result<()>;
 
     /// `ops::likelihood::softmax_nb`: scVI's reconstruction term, μ = library · softmax(logits)
     /// and NB(counts; μ, θ) with one θ per gene; `ll` per row, gradients of Σ w ll w.r.t. the
     /// logits and θ (overwritten). `counts` are the batch's CSR rows on the host. The default
     /// composes the tested ops ([`softmax_nb_composed`]); a backend overrides it with one pass.
-    fn softmax_nb(&self, logits: In<'_, Self::Buf>, library: In<'_, Self::Buf>, counts: CsrRef<'_, T>, theta: In<'_, Self::Buf>, weights: In<'_, Self::Buf>, ll: Out<'_, Self::Buf>, dlogits: Out<'_, Self::Buf>, dtheta: Out<'_, Self::Buf>) -> Result<()> {
-        softmax_nb_composed(self, logits, library, counts, theta, weights, ll, dlogits, dtheta)
+    fn softmax_nb(
+        &self,
+        logits: In<'_, Self::Buf>,
+        library: In<'_, Self::Buf>,
+        counts: CsrRef<'_, T>,
+        theta: In<'_, Self::Buf>,
+        weights: In<'_, Self::Buf>,
+        ll: Out<'_, Self::Buf>,
+        dlogits: Out<'_, Self::Buf>,
+        dtheta: Out<'_, Self::Buf>,
+    ) -> Result<()> {
+        softmax_nb_composed(
+            self, logits, library, counts, theta, weights, ll, dlogits, dtheta,
+        )
     }
 
     /// `ops::likelihood::nb_mixture`: totalVI's protein likelihood per row and its per-entry
     /// gradients w.r.t. μ_back, μ_fore, θ and the mixing logit (unweighted; overwritten).
-    fn nb_mixture(&self, x: In<'_, Self::Buf>, mu_back: In<'_, Self::Buf>, mu_fore: In<'_, Self::Buf>, theta: In<'_, Self::Buf>, pi: In<'_, Self::Buf>, features: usize, ll: Out<'_, Self::Buf>, grads: [Out<'_, Self::Buf>; 4]) -> Result<()>;
+    fn nb_mixture(
+        &self,
+        x: In<'_, Self::Buf>,
+        mu_back: In<'_, Self::Buf>,
+        mu_fore: In<'_, Self::Buf>,
+        theta: In<'_, Self::Buf>,
+        pi: In<'_, Self::Buf>,
+        features: usize,
+        ll: Out<'_, Self::Buf>,
+        grads: [Out<'_, Self::Buf>; 4],
+    ) -> Result<()>;
 
     /// `ops::losses::mmd_rbf`: squared MMD between the rows of `x` and of `y` (sum of RBF
     /// kernels), and its gradients (overwritten).
-    fn mmd_rbf(&self, x: In<'_, Self::Buf>, y: In<'_, Self::Buf>, dim: usize, bandwidths: &[f64], dx: Out<'_, Self::Buf>, dy: Out<'_, Self::Buf>) -> Result<f64>;
+    fn mmd_rbf(
+        &self,
+        x: In<'_, Self::Buf>,
+        y: In<'_, Self::Buf>,
+        dim: usize,
+        bandwidths: &[f64],
+        dx: Out<'_, Self::Buf>,
+        dy: Out<'_, Self::Buf>,
+    ) -> Result<f64>;
 
     /// `ops::losses::cross_entropy`: mean softmax cross-entropy of `logits` (rows x classes)
     /// against host labels (-1 = unlabelled, skipped) and its gradient (overwritten). Returns
     /// (loss, labelled rows).
-    fn cross_entropy(&self, logits: In<'_, Self::Buf>, labels: &[i32], classes: usize, dlogits: Out<'_, Self::Buf>) -> Result<(f64, usize)>;
+    fn cross_entropy(
+        &self,
+        logits: In<'_, Self::Buf>,
+        labels: &[i32],
+        classes: usize,
+        dlogits: Out<'_, Self::Buf>,
+    ) -> Result<(f64, usize)>;
     /// `ops::losses::masked_mse`: mean squared error over the non-NaN host targets. Returns
     /// (loss, observed entries).
-    fn masked_mse(&self, pred: In<'_, Self::Buf>, targets: &[f64], dpred: Out<'_, Self::Buf>) -> Result<(f64, usize)>;
+    fn masked_mse(
+        &self,
+        pred: In<'_, Self::Buf>,
+        targets: &[f64],
+        dpred: Out<'_, Self::Buf>,
+    ) -> Result<(f64, usize)>;
     /// `ops::losses::cosine_margin`: the contrastive cosine loss of rows of `z` on host labels.
-    fn cosine_margin(&self, z: In<'_, Self::Buf>, labels: &[i32], dim: usize, margin: f64, dz: Out<'_, Self::Buf>) -> Result<f64>;
+    fn cosine_margin(
+        &self,
+        z: In<'_, Self::Buf>,
+        labels: &[i32],
+        dim: usize,
+        margin: f64,
+        dz: Out<'_, Self::Buf>,
+    ) -> Result<f64>;
     /// `ops::losses::cox_partial_likelihood`: negative Cox partial log-likelihood of risk scores.
-    fn cox_partial_likelihood(&self, eta: In<'_, Self::Buf>, times: &[f64], events: &[bool], deta: Out<'_, Self::Buf>) -> Result<f64>;
+    fn cox_partial_likelihood(
+        &self,
+        eta: In<'_, Self::Buf>,
+        times: &[f64],
+        events: &[bool],
+        deta: Out<'_, Self::Buf>,
+    ) -> Result<f64>;
     /// `ops::gaussian::jeffreys`: per-row Jeffreys divergence of two diagonal Gaussians and the
     /// gradients of Σ_r w_r J_r (dm1, dlv1, dm2, dlv2; overwritten).
-    fn jeffreys(&self, m1: In<'_, Self::Buf>, lv1: In<'_, Self::Buf>, m2: In<'_, Self::Buf>, lv2: In<'_, Self::Buf>, dim: usize, weights: In<'_, Self::Buf>, value: Out<'_, Self::Buf>, grads: [Out<'_, Self::Buf>; 4]) -> Result<()>;
+    fn jeffreys(
+        &self,
+        m1: In<'_, Self::Buf>,
+        lv1: In<'_, Self::Buf>,
+        m2: In<'_, Self::Buf>,
+        lv2: In<'_, Self::Buf>,
+        dim: usize,
+        weights: In<'_, Self::Buf>,
+        value: Out<'_, Self::Buf>,
+        grads: [Out<'_, Self::Buf>; 4],
+    ) -> Result<()>;
 
     /// `AdamW::step` (step `t` counts from 1).
-    fn adamw_step(&self, opt: &AdamW, t: u64, params: Out<'_, Self::Buf>, grads: In<'_, Self::Buf>, m: Out<'_, Self::Buf>, v: Out<'_, Self::Buf>) -> Result<()>;
+    fn adamw_step(
+        &self,
+        opt: &AdamW,
+        t: u64,
+        params: Out<'_, Self::Buf>,
+        grads: In<'_, Self::Buf>,
+        m: Out<'_, Self::Buf>,
+        v: Out<'_, Self::Buf>,
+    ) -> Result<()>;
     /// `ops::optim::grad_norm`: the global L2 norm, accumulated in f64 in a fixed order.
     fn grad_norm(&self, grads: In<'_, Self::Buf>) -> Result<f64>;
 }
@@ -233,16 +477,38 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
 /// [`Backend::softmax_nb`] from the separate ops: softmax, scaling by the library, the NB
 /// likelihood on dense counts, then the chain rule back through both and the column sums of
 /// the per-entry θ gradients.
-#[allow(clippy::too_many_arguments)]
-pub fn softmax_nb_composed<T: Real, B: Backend<T>>(b: &B, logits: In<'_, B::Buf>, library: In<'_, B::Buf>, counts: CsrRef<'_, T>, theta: In<'_, B::Buf>, weights: In<'_, B::Buf>, ll: Out<'_, B::Buf>, dlogits: Out<'_, B::Buf>, dtheta: Out<'_, B::Buf>) -> Result<()> {
+#[allow(clippy::too_many_arguments)] // an op's operands, outputs and shape, as its kernel takes them
+pub fn softmax_nb_composed<T: Real, B: Backend<T>>(
+    b: &B,
+    logits: In<'_, B::Buf>,
+    library: In<'_, B::Buf>,
+    counts: CsrRef<'_, T>,
+    theta: In<'_, B::Buf>,
+    weights: In<'_, B::Buf>,
+    ll: Out<'_, B::Buf>,
+    dlogits: Out<'_, B::Buf>,
+    dtheta: Out<'_, B::Buf>,
+) -> Result<()> {
     let (n, g) = (counts.rows, counts.cols);
-    let x = Tensor { buf: b.upload_vec(counts.summed_dense())?, rows: n, cols: g };
+    let x = Tensor {
+        buf: b.upload_vec(counts.summed_dense())?,
+        rows: n,
+        cols: g,
+    };
     let mut rho = b.tensor(n, g)?;
     b.softmax_forward(logits, g, rho.output())?;
     let mut mu = b.tensor(n, g)?;
     b.scale_rows(rho.input(), library.clone(), mu.output())?;
     let (mut dmu, mut dtheta_entries) = (b.tensor(n, g)?, b.tensor(n, g)?);
-    b.likelihood(Likelihood::NegativeBinomial, x.input(), g, &[mu.input(), theta], Some(weights), ll, &mut [dmu.output(), dtheta_entries.output()])?;
+    b.likelihood(
+        Likelihood::NegativeBinomial,
+        x.input(),
+        g,
+        &[mu.input(), theta],
+        Some(weights),
+        ll,
+        &mut [dmu.output(), dtheta_entries.output()],
+    )?;
     let mut drho = b.tensor(n, g)?;
     b.scale_rows(dmu.input(), library, drho.output())?;
     b.softmax_backward(rho.input(), drho.input(), g, dlogits)?;
@@ -268,26 +534,75 @@ mod tests {
                 }
                 indptr.push(indices.len() as u64);
             }
-            let counts = CsrRef { rows, cols: genes, indptr: &indptr, indices: &indices, data: &data };
-            let logits: Vec<T> = crate::gradcheck::wave(rows * genes, 0.5).iter().map(|v| T::of(2.0 * v)).collect();
+            let counts = CsrRef {
+                rows,
+                cols: genes,
+                indptr: &indptr,
+                indices: &indices,
+                data: &data,
+            };
+            let logits: Vec<T> = crate::gradcheck::wave(rows * genes, 0.5)
+                .iter()
+                .map(|v| T::of(2.0 * v))
+                .collect();
             let library: Vec<T> = (0..rows).map(|r| T::of(500.0 + 100.0 * r as f64)).collect();
-            let theta: Vec<T> = crate::gradcheck::wave(genes, 3.0).iter().map(|v| T::of(v.exp() * 3.0)).collect();
+            let theta: Vec<T> = crate::gradcheck::wave(genes, 3.0)
+                .iter()
+                .map(|v| T::of(v.exp() * 3.0))
+                .collect();
             let weights: Vec<T> = (0..rows).map(|r| T::of(-1.0 + 0.25 * r as f64)).collect();
-            let (mut ll, mut dlogits, mut dtheta) = (vec![T::zero(); rows], vec![T::zero(); rows * genes], vec![T::zero(); genes]);
-            let args = (In::all(&logits), In::all(&library), In::all(&theta), In::all(&weights));
+            let (mut ll, mut dlogits, mut dtheta) = (
+                vec![T::zero(); rows],
+                vec![T::zero(); rows * genes],
+                vec![T::zero(); genes],
+            );
+            let args = (
+                In::all(&logits),
+                In::all(&library),
+                In::all(&theta),
+                In::all(&weights),
+            );
             if composed {
-                softmax_nb_composed(&Cpu, args.0, args.1, counts, args.2, args.3, Out::all(&mut ll), Out::all(&mut dlogits), Out::all(&mut dtheta)).unwrap();
+                softmax_nb_composed(
+                    &Cpu,
+                    args.0,
+                    args.1,
+                    counts,
+                    args.2,
+                    args.3,
+                    Out::all(&mut ll),
+                    Out::all(&mut dlogits),
+                    Out::all(&mut dtheta),
+                )
+                .unwrap();
             } else {
-                Cpu.softmax_nb(args.0, args.1, counts, args.2, args.3, Out::all(&mut ll), Out::all(&mut dlogits), Out::all(&mut dtheta)).unwrap();
+                Cpu.softmax_nb(
+                    args.0,
+                    args.1,
+                    counts,
+                    args.2,
+                    args.3,
+                    Out::all(&mut ll),
+                    Out::all(&mut dlogits),
+                    Out::all(&mut dtheta),
+                )
+                .unwrap();
             }
             (ll, dlogits, dtheta)
         }
         fn compare<T: Gemm>(tol: f64) {
             let (fused, composed) = (run::<T>(false), run::<T>(true));
-            for (what, a, b) in [("ll", &fused.0, &composed.0), ("dlogits", &fused.1, &composed.1), ("dtheta", &fused.2, &composed.2)] {
+            for (what, a, b) in [
+                ("ll", &fused.0, &composed.0),
+                ("dlogits", &fused.1, &composed.1),
+                ("dtheta", &fused.2, &composed.2),
+            ] {
                 let scale = b.iter().fold(0.0f64, |m, v| m.max(v.f64().abs()));
                 for (i, (x, y)) in a.iter().zip(b).enumerate() {
-                    assert!((x.f64() - y.f64()).abs() <= tol * scale, "{what}[{i}]: fused {x:?} vs composed {y:?}");
+                    assert!(
+                        (x.f64() - y.f64()).abs() <= tol * scale,
+                        "{what}[{i}]: fused {x:?} vs composed {y:?}"
+                    );
                 }
             }
         }

@@ -7,8 +7,18 @@ use cudarc::driver::PushKernelArg;
 use super::CUDA_SOURCE;
 use crate::cuda::{Gpu, Result, View, ViewMut, launch};
 
-pub fn dropout_forward(gpu: &Gpu, x: &View<'_>, p: f32, seed: u64, stream: u64, y: &mut ViewMut<'_>) -> Result<()> {
-    assert!((0.0..1.0).contains(&p) && x.len() == y.len(), "dropout: arguments");
+pub fn dropout_forward(
+    gpu: &Gpu,
+    x: &View<'_>,
+    p: f32,
+    seed: u64,
+    stream: u64,
+    y: &mut ViewMut<'_>,
+) -> Result<()> {
+    assert!(
+        (0.0..1.0).contains(&p) && x.len() == y.len(),
+        "dropout: arguments"
+    );
     let f = gpu.function("dropout", CUDA_SOURCE, "dropout_forward")?;
     let n = x.len() as u64;
     let mut b = gpu.stream().launch_builder(&f);

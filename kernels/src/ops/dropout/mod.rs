@@ -42,7 +42,15 @@ pub fn uniform(seed: u64, stream: u64, i: u64) -> f32 {
 
 /// The uniforms of elements 4q..4q+4: one Philox call yields all four.
 fn uniform4(seed: u64, stream: u64, q: u64) -> [f32; 4] {
-    let words = philox4x32_10([q as u32, (q >> 32) as u32, stream as u32, (stream >> 32) as u32], [seed as u32, (seed >> 32) as u32]);
+    let words = philox4x32_10(
+        [
+            q as u32,
+            (q >> 32) as u32,
+            stream as u32,
+            (stream >> 32) as u32,
+        ],
+        [seed as u32, (seed >> 32) as u32],
+    );
     words.map(|w| (w >> 8) as f32 * (1.0 / 16_777_216.0))
 }
 
@@ -57,19 +65,28 @@ pub fn normal(seed: u64, stream: u64, i: u64) -> f32 {
 
 /// out_i = normal(seed, stream, i).
 pub fn normal_fill<T: Real>(seed: u64, stream: u64, out: &mut [T]) {
-    out.par_iter_mut().enumerate().for_each(|(i, v)| *v = T::of(f64::from(normal(seed, stream, i as u64))));
+    out.par_iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v = T::of(f64::from(normal(seed, stream, i as u64))));
 }
 
 /// y = x ⊙ mask / (1 - p), mask_i = uniform(seed, stream, i) >= p.
 pub fn dropout_forward<T: Real>(x: &[T], p: f32, seed: u64, stream: u64, y: &mut [T]) {
-    assert!((0.0..1.0).contains(&p), "dropout probability must be in [0, 1)");
+    assert!(
+        (0.0..1.0).contains(&p),
+        "dropout probability must be in [0, 1)"
+    );
     assert_eq!(x.len(), y.len(), "dropout: lengths");
     let scale = T::of(1.0 / (1.0 - f64::from(p)));
-    y.par_chunks_mut(4).zip(x.par_chunks(4)).enumerate().with_min_len(256).for_each(|(q, (y, x))| {
-        for ((y, &x), u) in y.iter_mut().zip(x).zip(uniform4(seed, stream, q as u64)) {
-            *y = if u >= p { x * scale } else { T::zero() };
-        }
-    });
+    y.par_chunks_mut(4)
+        .zip(x.par_chunks(4))
+        .enumerate()
+        .with_min_len(256)
+        .for_each(|(q, (y, x))| {
+            for ((y, &x), u) in y.iter_mut().zip(x).zip(uniform4(seed, stream, q as u64)) {
+                *y = if u >= p { x * scale } else { T::zero() };
+            }
+        });
 }
 
 /// dx = dy ⊙ mask / (1 - p), regenerating the same mask.
@@ -84,10 +101,19 @@ mod tests {
     #[test]
     fn philox_known_answers() {
         // Random123's known-answer vectors for philox4x32-10.
-        assert_eq!(philox4x32_10([0, 0, 0, 0], [0, 0]), [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]);
-        assert_eq!(philox4x32_10([u32::MAX; 4], [u32::MAX; 2]), [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]);
         assert_eq!(
-            philox4x32_10([0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344], [0xa409_3822, 0x299f_31d0]),
+            philox4x32_10([0, 0, 0, 0], [0, 0]),
+            [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]
+        );
+        assert_eq!(
+            philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
+            [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]
+        );
+        assert_eq!(
+            philox4x32_10(
+                [0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344],
+                [0xa409_3822, 0x299f_31d0]
+            ),
             [0xd16c_fe09, 0x94fd_cceb, 0x5001_e420, 0x2412_6ea1]
         );
     }
@@ -99,7 +125,10 @@ mod tests {
         normal_fill(3, 0, &mut z);
         let mean = z.iter().sum::<f64>() / n as f64;
         let var = z.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64;
-        assert!(mean.abs() < 0.01 && (var - 1.0).abs() < 0.01, "mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.01 && (var - 1.0).abs() < 0.01,
+            "mean {mean} var {var}"
+        );
         assert!(z.iter().all(|v| v.is_finite()));
         let mut again = vec![0.0f64; n];
         normal_fill(3, 0, &mut again);

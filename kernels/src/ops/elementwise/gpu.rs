@@ -6,7 +6,12 @@ use cudarc::driver::PushKernelArg;
 use super::{Activation, CUDA_SOURCE};
 use crate::cuda::{Gpu, Result, View, ViewMut, launch};
 
-pub fn activation_forward(gpu: &Gpu, act: Activation, x: &View<'_>, y: &mut ViewMut<'_>) -> Result<()> {
+pub fn activation_forward(
+    gpu: &Gpu,
+    act: Activation,
+    x: &View<'_>,
+    y: &mut ViewMut<'_>,
+) -> Result<()> {
     assert_eq!(x.len(), y.len(), "activation: lengths");
     let f = gpu.function("elementwise", CUDA_SOURCE, "activation_forward")?;
     let (kind, a) = act.code();
@@ -16,8 +21,18 @@ pub fn activation_forward(gpu: &Gpu, act: Activation, x: &View<'_>, y: &mut View
     launch(b, x.len(), "activation_forward")
 }
 
-pub fn activation_backward(gpu: &Gpu, act: Activation, x: &View<'_>, y: &View<'_>, dy: &View<'_>, dx: &mut ViewMut<'_>) -> Result<()> {
-    assert!(x.len() == y.len() && y.len() == dy.len() && dy.len() == dx.len(), "activation backward: lengths");
+pub fn activation_backward(
+    gpu: &Gpu,
+    act: Activation,
+    x: &View<'_>,
+    y: &View<'_>,
+    dy: &View<'_>,
+    dx: &mut ViewMut<'_>,
+) -> Result<()> {
+    assert!(
+        x.len() == y.len() && y.len() == dy.len() && dy.len() == dx.len(),
+        "activation backward: lengths"
+    );
     let f = gpu.function("elementwise", CUDA_SOURCE, "activation_backward")?;
     let (kind, a) = act.code();
     let n = x.len() as u64;
@@ -39,7 +54,10 @@ pub fn bias_add_forward(gpu: &Gpu, y: &mut ViewMut<'_>, bias: &View<'_>) -> Resu
 
 pub fn column_sums(gpu: &Gpu, m: &View<'_>, out: &mut ViewMut<'_>) -> Result<()> {
     let cols = out.len();
-    assert!(cols > 0 && m.len().is_multiple_of(cols), "column sums: shapes");
+    assert!(
+        cols > 0 && m.len().is_multiple_of(cols),
+        "column sums: shapes"
+    );
     let f = gpu.function("elementwise", CUDA_SOURCE, "bias_add_backward")?;
     let (rows, cols64) = ((m.len() / cols) as u64, cols as u64);
     let mut b = gpu.stream().launch_builder(&f);
@@ -69,7 +87,13 @@ pub fn scale(gpu: &Gpu, y: &mut ViewMut<'_>, alpha: f32) -> Result<()> {
 
 /// As [`super::scale_rows`].
 pub fn scale_rows(gpu: &Gpu, x: &View<'_>, s: &View<'_>, y: &mut ViewMut<'_>) -> Result<()> {
-    assert!(x.len() == y.len() && (s.is_empty() && x.is_empty() || !s.is_empty() && x.len().is_multiple_of(s.len())), "scale rows: {} values are not {} rows", x.len(), s.len());
+    assert!(
+        x.len() == y.len()
+            && (s.is_empty() && x.is_empty() || !s.is_empty() && x.len().is_multiple_of(s.len())),
+        "scale rows: {} values are not {} rows",
+        x.len(),
+        s.len()
+    );
     if x.is_empty() {
         return Ok(());
     }
@@ -81,15 +105,31 @@ pub fn scale_rows(gpu: &Gpu, x: &View<'_>, s: &View<'_>, y: &mut ViewMut<'_>) ->
 }
 
 /// The host's row codes on the device, each checked against the table's rows.
-fn codes_on_device(gpu: &Gpu, codes: &[usize], table_rows: usize) -> Result<cudarc::driver::CudaSlice<u64>> {
-    assert!(codes.iter().all(|&c| c < table_rows), "row code out of range: the table has {table_rows} rows");
+fn codes_on_device(
+    gpu: &Gpu,
+    codes: &[usize],
+    table_rows: usize,
+) -> Result<cudarc::driver::CudaSlice<u64>> {
+    assert!(
+        codes.iter().all(|&c| c < table_rows),
+        "row code out of range: the table has {table_rows} rows"
+    );
     let codes: Vec<u64> = codes.iter().map(|&c| c as u64).collect();
     gpu.upload(&codes)
 }
 
 /// As [`super::gather_rows`]: out row i = table row codes[i].
-pub fn gather_rows(gpu: &Gpu, table: &View<'_>, codes: &[usize], cols: usize, out: &mut ViewMut<'_>) -> Result<()> {
-    assert!(cols > 0 && out.len() == codes.len() * cols && table.len().is_multiple_of(cols), "gather: shapes");
+pub fn gather_rows(
+    gpu: &Gpu,
+    table: &View<'_>,
+    codes: &[usize],
+    cols: usize,
+    out: &mut ViewMut<'_>,
+) -> Result<()> {
+    assert!(
+        cols > 0 && out.len() == codes.len() * cols && table.len().is_multiple_of(cols),
+        "gather: shapes"
+    );
     if codes.is_empty() {
         return Ok(());
     }
@@ -102,16 +142,33 @@ pub fn gather_rows(gpu: &Gpu, table: &View<'_>, codes: &[usize], cols: usize, ou
 }
 
 /// As [`super::scatter_add_rows`]: table (overwritten) row g = Σ of the rows coded g.
-pub fn scatter_add_rows(gpu: &Gpu, x: &View<'_>, codes: &[usize], cols: usize, table: &mut ViewMut<'_>) -> Result<()> {
-    assert!(cols > 0 && x.len() == codes.len() * cols && table.len().is_multiple_of(cols), "scatter: shapes");
+pub fn scatter_add_rows(
+    gpu: &Gpu,
+    x: &View<'_>,
+    codes: &[usize],
+    cols: usize,
+    table: &mut ViewMut<'_>,
+) -> Result<()> {
+    assert!(
+        cols > 0 && x.len() == codes.len() * cols && table.len().is_multiple_of(cols),
+        "scatter: shapes"
+    );
     let (n, groups) = (table.len(), table.len() / cols);
     if codes.is_empty() {
-        return gpu.stream().memset_zeros(table).map_err(crate::cuda::driver("zeroing the table"));
+        return gpu
+            .stream()
+            .memset_zeros(table)
+            .map_err(crate::cuda::driver("zeroing the table"));
     }
     let codes_d = codes_on_device(gpu, codes, groups)?;
     let f = gpu.function("elementwise", CUDA_SOURCE, "scatter_add_rows")?;
     let (rows, groups64, cols64) = (codes.len() as u64, groups as u64, cols as u64);
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(x).arg(&codes_d).arg(table).arg(&rows).arg(&groups64).arg(&cols64);
+    b.arg(x)
+        .arg(&codes_d)
+        .arg(table)
+        .arg(&rows)
+        .arg(&groups64)
+        .arg(&cols64);
     launch(b, n, "scatter_add_rows")
 }

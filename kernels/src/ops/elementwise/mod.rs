@@ -46,8 +46,20 @@ impl Activation {
         match self {
             Activation::Identity => x,
             Activation::Relu => x.max(zero),
-            Activation::LeakyRelu(a) => if x > zero { x } else { T::of(f64::from(a)) * x },
-            Activation::Elu(a) => if x > zero { x } else { T::of(f64::from(a)) * x.exp_m1() },
+            Activation::LeakyRelu(a) => {
+                if x > zero {
+                    x
+                } else {
+                    T::of(f64::from(a)) * x
+                }
+            }
+            Activation::Elu(a) => {
+                if x > zero {
+                    x
+                } else {
+                    T::of(f64::from(a)) * x.exp_m1()
+                }
+            }
             Activation::Softplus => softplus(x),
             Activation::Exp => x.exp(),
             Activation::Sigmoid => sigmoid(x),
@@ -60,9 +72,27 @@ impl Activation {
         let (zero, one) = (T::zero(), T::one());
         match self {
             Activation::Identity => one,
-            Activation::Relu => if x > zero { one } else { zero },
-            Activation::LeakyRelu(a) => if x > zero { one } else { T::of(f64::from(a)) },
-            Activation::Elu(a) => if x > zero { one } else { y + T::of(f64::from(a)) },
+            Activation::Relu => {
+                if x > zero {
+                    one
+                } else {
+                    zero
+                }
+            }
+            Activation::LeakyRelu(a) => {
+                if x > zero {
+                    one
+                } else {
+                    T::of(f64::from(a))
+                }
+            }
+            Activation::Elu(a) => {
+                if x > zero {
+                    one
+                } else {
+                    y + T::of(f64::from(a))
+                }
+            }
             Activation::Softplus => sigmoid(x),
             Activation::Exp => y,
             Activation::Sigmoid => y * (one - y),
@@ -72,16 +102,21 @@ impl Activation {
 
     pub fn forward<T: Real>(self, x: &[T], y: &mut [T]) {
         assert_eq!(x.len(), y.len(), "activation: input and output lengths");
-        y.par_chunks_mut(GRAIN).zip(x.par_chunks(GRAIN)).for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = self.apply(x);
-            }
-        });
+        y.par_chunks_mut(GRAIN)
+            .zip(x.par_chunks(GRAIN))
+            .for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = self.apply(x);
+                }
+            });
     }
 
     /// dx = dy * f'(x), given the forward's input and output.
     pub fn backward<T: Real>(self, x: &[T], y: &[T], dy: &[T], dx: &mut [T]) {
-        assert!(x.len() == y.len() && y.len() == dy.len() && dy.len() == dx.len(), "activation backward: lengths");
+        assert!(
+            x.len() == y.len() && y.len() == dy.len() && dy.len() == dx.len(),
+            "activation backward: lengths"
+        );
         dx.par_chunks_mut(GRAIN).enumerate().for_each(|(c, dx)| {
             let base = c * GRAIN;
             for (i, dx) in dx.iter_mut().enumerate() {
@@ -95,7 +130,11 @@ impl Activation {
 /// y[r, c] += bias[c] for a row-major (rows x cols) matrix.
 pub fn bias_add_forward<T: Real>(y: &mut [T], bias: &[T]) {
     let cols = bias.len();
-    assert!(cols > 0 && y.len().is_multiple_of(cols), "bias add: {} values are not rows of {cols}", y.len());
+    assert!(
+        cols > 0 && y.len().is_multiple_of(cols),
+        "bias add: {} values are not rows of {cols}",
+        y.len()
+    );
     y.par_chunks_mut(cols).for_each(|row| {
         for (v, &b) in row.iter_mut().zip(bias) {
             *v = *v + b;
@@ -112,7 +151,11 @@ pub fn bias_add_backward<T: Real>(dy: &[T], dbias: &mut [T]) {
 /// with `out.len()` columns. Also reduces per-entry gradients of shared (per-feature) parameters.
 pub fn column_sums<T: Real>(m: &[T], out: &mut [T]) {
     let cols = out.len();
-    assert!(cols > 0 && m.len().is_multiple_of(cols), "column sums: {} values are not rows of {cols}", m.len());
+    assert!(
+        cols > 0 && m.len().is_multiple_of(cols),
+        "column sums: {} values are not rows of {cols}",
+        m.len()
+    );
     // Blocks of columns, each summed down the rows in row order: contiguous (vectorised) reads
     // and the same order of additions as a column-by-column sum.
     const BLOCK: usize = 256;
@@ -130,46 +173,65 @@ pub fn column_sums<T: Real>(m: &[T], out: &mut [T]) {
 /// y += alpha x.
 pub fn axpy<T: Real>(alpha: T, x: &[T], y: &mut [T]) {
     assert_eq!(x.len(), y.len(), "axpy: lengths");
-    y.par_chunks_mut(GRAIN).zip(x.par_chunks(GRAIN)).for_each(|(y, x)| {
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = *y + alpha * x;
-        }
-    });
+    y.par_chunks_mut(GRAIN)
+        .zip(x.par_chunks(GRAIN))
+        .for_each(|(y, x)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = *y + alpha * x;
+            }
+        });
 }
 
 /// y[r, c] = x[r, c] · s[r] (library-size scaling of decoder proportions). Its own backward:
 /// dx = scale_rows(dy, s).
 pub fn scale_rows<T: Real>(x: &[T], s: &[T], y: &mut [T]) {
-    assert!(x.len() == y.len() && (s.is_empty() && x.is_empty() || !s.is_empty() && x.len().is_multiple_of(s.len())), "scale rows: {} values are not {} rows", x.len(), s.len());
+    assert!(
+        x.len() == y.len()
+            && (s.is_empty() && x.is_empty() || !s.is_empty() && x.len().is_multiple_of(s.len())),
+        "scale rows: {} values are not {} rows",
+        x.len(),
+        s.len()
+    );
     let cols = if s.is_empty() { 0 } else { x.len() / s.len() };
     if cols == 0 {
         return;
     }
-    y.par_chunks_mut(cols).zip(x.par_chunks(cols)).zip(s.par_iter()).for_each(|((y, x), &s)| {
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = x * s;
-        }
-    });
+    y.par_chunks_mut(cols)
+        .zip(x.par_chunks(cols))
+        .zip(s.par_iter())
+        .for_each(|((y, x), &s)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = x * s;
+            }
+        });
 }
 
 /// Concatenates row-major blocks along features: rows x (w_1 + ... + w_k). The backward is
 /// [`split_columns`] of the upstream gradient.
 pub fn concat_columns<T: Real>(blocks: &[(&[T], usize)], rows: usize, out: &mut [T]) {
     let width: usize = blocks.iter().map(|(_, w)| w).sum();
-    assert!(out.len() == rows * width && blocks.iter().all(|(b, w)| b.len() == rows * w), "concat: shapes");
-    out.par_chunks_mut(width.max(1)).enumerate().for_each(|(r, row)| {
-        let mut at = 0;
-        for (b, w) in blocks {
-            row[at..at + w].copy_from_slice(&b[r * w..(r + 1) * w]);
-            at += w;
-        }
-    });
+    assert!(
+        out.len() == rows * width && blocks.iter().all(|(b, w)| b.len() == rows * w),
+        "concat: shapes"
+    );
+    out.par_chunks_mut(width.max(1))
+        .enumerate()
+        .for_each(|(r, row)| {
+            let mut at = 0;
+            for (b, w) in blocks {
+                row[at..at + w].copy_from_slice(&b[r * w..(r + 1) * w]);
+                at += w;
+            }
+        });
 }
 
 /// Splits rows x (w_1 + ... + w_k) into its blocks (the backward of [`concat_columns`]).
 pub fn split_columns<T: Real>(m: &[T], rows: usize, outs: &mut [(&mut [T], usize)]) {
     let width: usize = outs.iter().map(|(_, w)| w).sum();
-    assert!(m.len() == rows * width && outs.iter().all(|(b, w)| b.len() == rows * w), "split: shapes");
+    assert!(
+        m.len() == rows * width && outs.iter().all(|(b, w)| b.len() == rows * w),
+        "split: shapes"
+    );
     for r in 0..rows {
         let mut at = r * width;
         for (b, w) in outs.iter_mut() {
@@ -183,21 +245,29 @@ pub fn split_columns<T: Real>(m: &[T], rows: usize, outs: &mut [(&mut [T], usize
 /// each cell gets its batch's row).
 pub fn gather_rows<T: Real>(table: &[T], codes: &[usize], cols: usize, out: &mut [T]) {
     assert!(out.len() == codes.len() * cols, "gather: shapes");
-    out.par_chunks_mut(cols).zip(codes.par_iter()).for_each(|(row, &c)| row.copy_from_slice(&table[c * cols..(c + 1) * cols]));
+    out.par_chunks_mut(cols)
+        .zip(codes.par_iter())
+        .for_each(|(row, &c)| row.copy_from_slice(&table[c * cols..(c + 1) * cols]));
 }
 
 /// The backward of [`gather_rows`]: table rows accumulate the gradients of their cells, in cell
 /// order (deterministic).
 pub fn scatter_add_rows<T: Real>(grads: &[T], codes: &[usize], cols: usize, table_grad: &mut [T]) {
-    assert!(grads.len() == codes.len() * cols && table_grad.len().is_multiple_of(cols), "scatter: shapes");
-    table_grad.par_chunks_mut(cols).enumerate().for_each(|(group, acc)| {
-        acc.iter_mut().for_each(|v| *v = T::zero());
-        for (r, _) in codes.iter().enumerate().filter(|(_, c)| **c == group) {
-            for (a, &g) in acc.iter_mut().zip(&grads[r * cols..(r + 1) * cols]) {
-                *a = *a + g;
+    assert!(
+        grads.len() == codes.len() * cols && table_grad.len().is_multiple_of(cols),
+        "scatter: shapes"
+    );
+    table_grad
+        .par_chunks_mut(cols)
+        .enumerate()
+        .for_each(|(group, acc)| {
+            acc.iter_mut().for_each(|v| *v = T::zero());
+            for (r, _) in codes.iter().enumerate().filter(|(_, c)| **c == group) {
+                for (a, &g) in acc.iter_mut().zip(&grads[r * cols..(r + 1) * cols]) {
+                    *a = *a + g;
+                }
             }
-        }
-    });
+        });
 }
 
 #[cfg(test)]
@@ -217,7 +287,9 @@ mod tests {
 
     /// Inputs away from the kinks of ReLU-like functions, where finite differences are exact.
     fn inputs(n: usize) -> Vec<f64> {
-        (0..n).map(|i| ((i as f64 * 0.7311).sin() * 3.0) + if i % 2 == 0 { 0.05 } else { -0.05 }).collect()
+        (0..n)
+            .map(|i| ((i as f64 * 0.7311).sin() * 3.0) + if i % 2 == 0 { 0.05 } else { -0.05 })
+            .collect()
     }
 
     #[test]
@@ -229,7 +301,10 @@ mod tests {
         let loss = |x: &[f64]| {
             let mut y = vec![0.0; x.len()];
             Activation::Log1p.forward(x, &mut y);
-            y.iter().enumerate().map(|(i, v)| v * (1.0 + i as f64 * 0.1)).sum::<f64>()
+            y.iter()
+                .enumerate()
+                .map(|(i, v)| v * (1.0 + i as f64 * 0.1))
+                .sum::<f64>()
         };
         let dy: Vec<f64> = (0..31).map(|i| 1.0 + i as f64 * 0.1).collect();
         let mut dx = vec![0.0; 31];
@@ -316,7 +391,10 @@ mod tests {
             act.forward(&x, &mut y);
             act.forward(&x32, &mut y32);
             for (a, b) in y.iter().zip(&y32) {
-                assert!((a - f64::from(*b)).abs() <= 1e-6 + 1e-6 * a.abs(), "{act:?}: {a} vs {b}");
+                assert!(
+                    (a - f64::from(*b)).abs() <= 1e-6 + 1e-6 * a.abs(),
+                    "{act:?}: {a} vs {b}"
+                );
             }
         }
     }

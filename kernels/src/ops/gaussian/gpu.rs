@@ -6,9 +6,17 @@ use cudarc::driver::{CudaSlice, PushKernelArg};
 use super::CUDA_SOURCE;
 use crate::cuda::{Gpu, Result, View, ViewMut, driver as failed, launch};
 
-
-pub fn reparameterize_forward(gpu: &Gpu, m: &View<'_>, lv: &View<'_>, eps: &View<'_>, z: &mut ViewMut<'_>) -> Result<()> {
-    assert!(m.len() == lv.len() && lv.len() == eps.len() && eps.len() == z.len(), "reparameterize: lengths");
+pub fn reparameterize_forward(
+    gpu: &Gpu,
+    m: &View<'_>,
+    lv: &View<'_>,
+    eps: &View<'_>,
+    z: &mut ViewMut<'_>,
+) -> Result<()> {
+    assert!(
+        m.len() == lv.len() && lv.len() == eps.len() && eps.len() == z.len(),
+        "reparameterize: lengths"
+    );
     let f = gpu.function("gaussian", CUDA_SOURCE, "reparameterize_forward")?;
     let n = m.len() as u64;
     let mut b = gpu.stream().launch_builder(&f);
@@ -16,8 +24,21 @@ pub fn reparameterize_forward(gpu: &Gpu, m: &View<'_>, lv: &View<'_>, eps: &View
     launch(b, n as usize, "reparameterize_forward")
 }
 
-pub fn reparameterize_backward(gpu: &Gpu, lv: &View<'_>, eps: &View<'_>, dz: &View<'_>, dm: &mut ViewMut<'_>, dlv: &mut ViewMut<'_>) -> Result<()> {
-    assert!(lv.len() == eps.len() && eps.len() == dz.len() && dz.len() == dm.len() && dm.len() == dlv.len(), "reparameterize backward: lengths");
+pub fn reparameterize_backward(
+    gpu: &Gpu,
+    lv: &View<'_>,
+    eps: &View<'_>,
+    dz: &View<'_>,
+    dm: &mut ViewMut<'_>,
+    dlv: &mut ViewMut<'_>,
+) -> Result<()> {
+    assert!(
+        lv.len() == eps.len()
+            && eps.len() == dz.len()
+            && dz.len() == dm.len()
+            && dm.len() == dlv.len(),
+        "reparameterize backward: lengths"
+    );
     let f = gpu.function("gaussian", CUDA_SOURCE, "reparameterize_backward")?;
     let n = lv.len() as u64;
     let mut b = gpu.stream().launch_builder(&f);
@@ -27,9 +48,25 @@ pub fn reparameterize_backward(gpu: &Gpu, lv: &View<'_>, eps: &View<'_>, dz: &Vi
 
 /// As [`super::kl_standard_normal`], on the device.
 #[allow(clippy::too_many_arguments)] // mirrors the CPU signature plus the device
-pub fn kl_standard_normal(gpu: &Gpu, m: &View<'_>, lv: &View<'_>, dim: usize, weights: Option<&View<'_>>, kl: &mut ViewMut<'_>, dm: &mut ViewMut<'_>, dlv: &mut ViewMut<'_>) -> Result<()> {
+pub fn kl_standard_normal(
+    gpu: &Gpu,
+    m: &View<'_>,
+    lv: &View<'_>,
+    dim: usize,
+    weights: Option<&View<'_>>,
+    kl: &mut ViewMut<'_>,
+    dm: &mut ViewMut<'_>,
+    dlv: &mut ViewMut<'_>,
+) -> Result<()> {
     let rows = kl.len();
-    assert!(dim > 0 && m.len() == rows * dim && lv.len() == m.len() && dm.len() == m.len() && dlv.len() == m.len(), "kl: shapes");
+    assert!(
+        dim > 0
+            && m.len() == rows * dim
+            && lv.len() == m.len()
+            && dm.len() == m.len()
+            && dlv.len() == m.len(),
+        "kl: shapes"
+    );
     let f = gpu.function("gaussian", CUDA_SOURCE, "kl_standard_normal")?;
     let (rows64, dim64, null) = (rows as u64, dim as u64, 0u64);
     let mut b = gpu.stream().launch_builder(&f);
@@ -44,14 +81,42 @@ pub fn kl_standard_normal(gpu: &Gpu, m: &View<'_>, lv: &View<'_>, dim: usize, we
 
 /// As [`super::jeffreys`], on the device.
 #[allow(clippy::too_many_arguments)] // mirrors the CPU signature plus the device
-pub fn jeffreys(gpu: &Gpu, m1: &View<'_>, lv1: &View<'_>, m2: &View<'_>, lv2: &View<'_>, dim: usize, weights: &View<'_>, value: &mut ViewMut<'_>, grads: [&mut ViewMut<'_>; 4]) -> Result<()> {
+pub fn jeffreys(
+    gpu: &Gpu,
+    m1: &View<'_>,
+    lv1: &View<'_>,
+    m2: &View<'_>,
+    lv2: &View<'_>,
+    dim: usize,
+    weights: &View<'_>,
+    value: &mut ViewMut<'_>,
+    grads: [&mut ViewMut<'_>; 4],
+) -> Result<()> {
     let (rows, n) = (value.len(), m1.len());
-    assert!(dim > 0 && n == rows * dim && [lv1.len(), m2.len(), lv2.len()].iter().all(|&l| l == n) && weights.len() == rows && grads.iter().all(|g| g.len() == n), "jeffreys: shapes");
+    assert!(
+        dim > 0
+            && n == rows * dim
+            && [lv1.len(), m2.len(), lv2.len()].iter().all(|&l| l == n)
+            && weights.len() == rows
+            && grads.iter().all(|g| g.len() == n),
+        "jeffreys: shapes"
+    );
     let f = gpu.function("gaussian", CUDA_SOURCE, "jeffreys")?;
     let (rows64, dim64) = (rows as u64, dim as u64);
     let [dm1, dlv1, dm2, dlv2] = grads;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(m1).arg(lv1).arg(m2).arg(lv2).arg(&rows64).arg(&dim64).arg(weights).arg(value).arg(dm1).arg(dlv1).arg(dm2).arg(dlv2);
+    b.arg(m1)
+        .arg(lv1)
+        .arg(m2)
+        .arg(lv2)
+        .arg(&rows64)
+        .arg(&dim64)
+        .arg(weights)
+        .arg(value)
+        .arg(dm1)
+        .arg(dlv1)
+        .arg(dm2)
+        .arg(dlv2);
     launch(b, rows, "jeffreys")
 }
 
@@ -68,11 +133,33 @@ pub struct DeviceExperts {
 
 impl DeviceExperts {
     /// Copies each expert's views into the stacks (device to device).
-    pub fn stack(gpu: &Gpu, means: &[View<'_>], logvars: &[View<'_>], present: &[View<'_>], dim: usize) -> Result<DeviceExperts> {
+    pub fn stack(
+        gpu: &Gpu,
+        means: &[View<'_>],
+        logvars: &[View<'_>],
+        present: &[View<'_>],
+        dim: usize,
+    ) -> Result<DeviceExperts> {
         let (experts, n) = (means.len(), means.first().map_or(0, View::len));
-        assert!(dim > 0 && n.is_multiple_of(dim) && logvars.len() == experts && present.len() == experts, "poe: one mean, log-variance and mask per expert");
-        assert!(means.iter().chain(logvars).all(|v| v.len() == n) && present.iter().all(|p| p.len() == n / dim), "poe: shapes");
-        Ok(DeviceExperts { experts, dim, means: concat(gpu, means)?, logvars: concat(gpu, logvars)?, present: concat(gpu, present)? })
+        assert!(
+            dim > 0
+                && n.is_multiple_of(dim)
+                && logvars.len() == experts
+                && present.len() == experts,
+            "poe: one mean, log-variance and mask per expert"
+        );
+        assert!(
+            means.iter().chain(logvars).all(|v| v.len() == n)
+                && present.iter().all(|p| p.len() == n / dim),
+            "poe: shapes"
+        );
+        Ok(DeviceExperts {
+            experts,
+            dim,
+            means: concat(gpu, means)?,
+            logvars: concat(gpu, logvars)?,
+            present: concat(gpu, present)?,
+        })
     }
 }
 
@@ -81,7 +168,9 @@ fn concat(gpu: &Gpu, parts: &[View<'_>]) -> Result<CudaSlice<f32>> {
     let mut out = gpu.zeros(parts.iter().map(View::len).sum())?;
     let mut at = 0;
     for part in parts {
-        gpu.stream().memcpy_dtod(part, &mut out.slice_mut(at..at + part.len())).map_err(failed("stacking experts"))?;
+        gpu.stream()
+            .memcpy_dtod(part, &mut out.slice_mut(at..at + part.len()))
+            .map_err(failed("stacking experts"))?;
         at += part.len();
     }
     Ok(out)
@@ -89,35 +178,85 @@ fn concat(gpu: &Gpu, parts: &[View<'_>]) -> Result<CudaSlice<f32>> {
 
 /// Copies consecutive blocks of `stacked` into `outs`, in order (the inverse of [`concat`]).
 pub fn unstack(gpu: &Gpu, stacked: &CudaSlice<f32>, outs: &mut [ViewMut<'_>]) -> Result<()> {
-    assert_eq!(stacked.len(), outs.iter().map(|o| o.len()).sum::<usize>(), "unstack: lengths");
+    assert_eq!(
+        stacked.len(),
+        outs.iter().map(|o| o.len()).sum::<usize>(),
+        "unstack: lengths"
+    );
     let mut at = 0;
     for out in outs {
         let len = out.len();
-        gpu.stream().memcpy_dtod(&stacked.slice(at..at + len), out).map_err(failed("unstacking expert gradients"))?;
+        gpu.stream()
+            .memcpy_dtod(&stacked.slice(at..at + len), out)
+            .map_err(failed("unstacking expert gradients"))?;
         at += len;
     }
     Ok(())
 }
 
 /// As [`super::poe_forward`], on the device.
-pub fn poe_forward(gpu: &Gpu, experts: &DeviceExperts, m: &mut ViewMut<'_>, lv: &mut ViewMut<'_>) -> Result<()> {
+pub fn poe_forward(
+    gpu: &Gpu,
+    experts: &DeviceExperts,
+    m: &mut ViewMut<'_>,
+    lv: &mut ViewMut<'_>,
+) -> Result<()> {
     let n = m.len();
-    assert!(lv.len() == n && experts.means.len() == experts.experts * n && n.is_multiple_of(experts.dim), "poe: shapes");
+    assert!(
+        lv.len() == n
+            && experts.means.len() == experts.experts * n
+            && n.is_multiple_of(experts.dim),
+        "poe: shapes"
+    );
     let f = gpu.function("gaussian", CUDA_SOURCE, "poe_forward")?;
     let (e64, n64, d64) = (experts.experts as u64, n as u64, experts.dim as u64);
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&experts.means).arg(&experts.logvars).arg(&experts.present).arg(&e64).arg(&n64).arg(&d64).arg(m).arg(lv);
+    b.arg(&experts.means)
+        .arg(&experts.logvars)
+        .arg(&experts.present)
+        .arg(&e64)
+        .arg(&n64)
+        .arg(&d64)
+        .arg(m)
+        .arg(lv);
     launch(b, n, "poe_forward")
 }
 
 /// As [`super::poe_backward`], on the device: gradients stacked like the experts.
 #[allow(clippy::too_many_arguments)] // mirrors the CPU signature plus the device
-pub fn poe_backward(gpu: &Gpu, experts: &DeviceExperts, m: &View<'_>, lv: &View<'_>, dm: &View<'_>, dlv: &View<'_>, dmeans: &mut CudaSlice<f32>, dlogvars: &mut CudaSlice<f32>) -> Result<()> {
+pub fn poe_backward(
+    gpu: &Gpu,
+    experts: &DeviceExperts,
+    m: &View<'_>,
+    lv: &View<'_>,
+    dm: &View<'_>,
+    dlv: &View<'_>,
+    dmeans: &mut CudaSlice<f32>,
+    dlogvars: &mut CudaSlice<f32>,
+) -> Result<()> {
     let n = m.len();
-    assert!(lv.len() == n && dm.len() == n && dlv.len() == n && dmeans.len() == experts.experts * n && dlogvars.len() == dmeans.len(), "poe backward: shapes");
+    assert!(
+        lv.len() == n
+            && dm.len() == n
+            && dlv.len() == n
+            && dmeans.len() == experts.experts * n
+            && dlogvars.len() == dmeans.len(),
+        "poe backward: shapes"
+    );
     let f = gpu.function("gaussian", CUDA_SOURCE, "poe_backward")?;
     let (e64, n64, d64) = (experts.experts as u64, n as u64, experts.dim as u64);
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&experts.means).arg(&experts.logvars).arg(&experts.present).arg(&e64).arg(&n64).arg(&d64).arg(m).arg(lv).arg(dm).arg(dlv).arg(dmeans).arg(dlogvars);
+    b.arg(&experts.means)
+        .arg(&experts.logvars)
+        .arg(&experts.present)
+        .arg(&e64)
+        .arg(&n64)
+        .arg(&d64)
+        .arg(m)
+        .arg(lv)
+        .arg(dm)
+        .arg(dlv)
+        .arg(dmeans)
+        .arg(dlogvars);
     launch(b, n, "poe_backward")
 }

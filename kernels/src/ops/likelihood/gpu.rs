@@ -4,24 +4,51 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{CUDA_SOURCE, Likelihood};
-use crate::ops::linear::CsrRef;
 use crate::cuda::{Gpu, Result, View, ViewMut, driver, launch};
+use crate::ops::linear::CsrRef;
 
 /// As [`Likelihood::forward_backward`], on the device.
 #[allow(clippy::too_many_arguments)] // mirrors the CPU signature plus the device
-pub fn forward_backward(gpu: &Gpu, family: Likelihood, x: &View<'_>, features: usize, params: &[View<'_>], weights: Option<&View<'_>>, ll: &mut ViewMut<'_>, grads: &mut [ViewMut<'_>]) -> Result<()> {
+pub fn forward_backward(
+    gpu: &Gpu,
+    family: Likelihood,
+    x: &View<'_>,
+    features: usize,
+    params: &[View<'_>],
+    weights: Option<&View<'_>>,
+    ll: &mut ViewMut<'_>,
+    grads: &mut [ViewMut<'_>],
+) -> Result<()> {
     let k = family.n_params();
     let n = x.len();
-    assert!(features > 0 && n.is_multiple_of(features), "likelihood: shapes");
-    assert!(params.len() == k && grads.len() == k, "{family:?} takes {k} parameters");
-    assert!(params.iter().all(|p| p.len() == n || p.len() == features), "parameter lengths");
-    assert!(grads.iter().all(|g| g.len() == n), "gradients are per entry");
+    assert!(
+        features > 0 && n.is_multiple_of(features),
+        "likelihood: shapes"
+    );
+    assert!(
+        params.len() == k && grads.len() == k,
+        "{family:?} takes {k} parameters"
+    );
+    assert!(
+        params.iter().all(|p| p.len() == n || p.len() == features),
+        "parameter lengths"
+    );
+    assert!(
+        grads.iter().all(|g| g.len() == n),
+        "gradients are per entry"
+    );
     let rows = n / features;
     assert_eq!(ll.len(), rows, "one log-likelihood per row");
     let values = gpu.zeros(n)?;
     let null = 0u64;
     let (rows64, features64) = (rows as u64, features as u64);
-    let shared: Vec<i32> = (0..3).map(|i| params.get(i).is_some_and(|p| p.len() == features && features != n) as i32).collect();
+    let shared: Vec<i32> = (0..3)
+        .map(|i| {
+            params
+                .get(i)
+                .is_some_and(|p| p.len() == features && features != n) as i32
+        })
+        .collect();
     let entries = gpu.function("likelihood", CUDA_SOURCE, "likelihood_entries")?;
     let code = family.code();
     let mut b = gpu.stream().launch_builder(&entries);
@@ -56,16 +83,45 @@ pub fn forward_backward(gpu: &Gpu, family: Likelihood, x: &View<'_>, features: u
 
 /// As [`super::nb_mixture`], on the device (per-entry values, then the same row sums).
 #[allow(clippy::too_many_arguments)] // the four mixture parameters, each per entry
-pub fn nb_mixture(gpu: &Gpu, x: &View<'_>, mu_back: &View<'_>, mu_fore: &View<'_>, theta: &View<'_>, pi: &View<'_>, features: usize, ll: &mut ViewMut<'_>, grads: [&mut ViewMut<'_>; 4]) -> Result<()> {
+pub fn nb_mixture(
+    gpu: &Gpu,
+    x: &View<'_>,
+    mu_back: &View<'_>,
+    mu_fore: &View<'_>,
+    theta: &View<'_>,
+    pi: &View<'_>,
+    features: usize,
+    ll: &mut ViewMut<'_>,
+    grads: [&mut ViewMut<'_>; 4],
+) -> Result<()> {
     let n = x.len();
-    assert!(features > 0 && n.is_multiple_of(features) && ll.len() == n / features, "nb mixture: shapes");
-    assert!([mu_back.len(), mu_fore.len(), theta.len(), pi.len()].iter().all(|&l| l == n) && grads.iter().all(|g| g.len() == n), "nb mixture: per-entry parameters");
+    assert!(
+        features > 0 && n.is_multiple_of(features) && ll.len() == n / features,
+        "nb mixture: shapes"
+    );
+    assert!(
+        [mu_back.len(), mu_fore.len(), theta.len(), pi.len()]
+            .iter()
+            .all(|&l| l == n)
+            && grads.iter().all(|g| g.len() == n),
+        "nb mixture: per-entry parameters"
+    );
     let values = gpu.zeros(n)?;
     let f = gpu.function("likelihood", CUDA_SOURCE, "nb_mixture_entries")?;
     let n64 = n as u64;
     let [g0, g1, g2, g3] = grads;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(x).arg(mu_back).arg(mu_fore).arg(theta).arg(pi).arg(&n64).arg(&values).arg(g0).arg(g1).arg(g2).arg(g3);
+    b.arg(x)
+        .arg(mu_back)
+        .arg(mu_fore)
+        .arg(theta)
+        .arg(pi)
+        .arg(&n64)
+        .arg(&values)
+        .arg(g0)
+        .arg(g1)
+        .arg(g2)
+        .arg(g3);
     launch(b, n, "nb_mixture_entries")?;
     let sums = gpu.function("likelihood", CUDA_SOURCE, "likelihood_row_sums")?;
     let (rows64, features64) = ((n / features) as u64, features as u64);
@@ -78,21 +134,58 @@ pub fn nb_mixture(gpu: &Gpu, x: &View<'_>, mu_back: &View<'_>, mu_fore: &View<'_
 /// x = 0 for every gene, then the row's non-zeros), the θ gradient as the column sums of a
 /// per-row scratch (no atomics: the same bits every run). The counts come from the host batch.
 #[allow(clippy::too_many_arguments)] // mirrors the CPU signature plus the device
-pub fn softmax_nb(gpu: &Gpu, logits: &View<'_>, library: &View<'_>, counts: CsrRef<'_, f32>, theta: &View<'_>, weights: &View<'_>, ll: &mut ViewMut<'_>, dlogits: &mut ViewMut<'_>, dtheta: &mut ViewMut<'_>) -> Result<()> {
+pub fn softmax_nb(
+    gpu: &Gpu,
+    logits: &View<'_>,
+    library: &View<'_>,
+    counts: CsrRef<'_, f32>,
+    theta: &View<'_>,
+    weights: &View<'_>,
+    ll: &mut ViewMut<'_>,
+    dlogits: &mut ViewMut<'_>,
+    dtheta: &mut ViewMut<'_>,
+) -> Result<()> {
     counts.check_entries();
     let (rows, genes) = (counts.rows, counts.cols);
-    assert!(genes > 0 && logits.len() == rows * genes && dlogits.len() == rows * genes, "softmax nb: logits and their gradient are {rows} rows of {genes}");
-    assert!(theta.len() == genes && dtheta.len() == genes, "softmax nb: one θ per gene");
-    assert!(library.len() == rows && weights.len() == rows && ll.len() == rows, "softmax nb: one library size, weight and value per row");
+    assert!(
+        genes > 0 && logits.len() == rows * genes && dlogits.len() == rows * genes,
+        "softmax nb: logits and their gradient are {rows} rows of {genes}"
+    );
+    assert!(
+        theta.len() == genes && dtheta.len() == genes,
+        "softmax nb: one θ per gene"
+    );
+    assert!(
+        library.len() == rows && weights.len() == rows && ll.len() == rows,
+        "softmax nb: one library size, weight and value per row"
+    );
     let (indptr, indices, data) = unique_columns(counts);
-    let (indptr, indices, data) = (gpu.upload(&indptr)?, gpu.upload(&indices)?, gpu.upload(&data)?);
+    let (indptr, indices, data) = (
+        gpu.upload(&indptr)?,
+        gpu.upload(&indices)?,
+        gpu.upload(&data)?,
+    );
     let per_row = gpu.zeros(rows * genes)?;
     if rows > 0 {
         let f = gpu.function("likelihood", CUDA_SOURCE, "softmax_nb")?;
         let genes64 = genes as u64;
         let mut b = gpu.stream().launch_builder(&f);
-        b.arg(logits).arg(library).arg(&indptr).arg(&indices).arg(&data).arg(theta).arg(weights).arg(&genes64).arg(ll).arg(dlogits).arg(&per_row);
-        let config = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        b.arg(logits)
+            .arg(library)
+            .arg(&indptr)
+            .arg(&indices)
+            .arg(&data)
+            .arg(theta)
+            .arg(weights)
+            .arg(&genes64)
+            .arg(ll)
+            .arg(dlogits)
+            .arg(&per_row);
+        let config = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: one block of 256 threads (a multiple of 32, as block_sum needs) per row; the
         // CSR was checked and its columns made unique; every buffer has the asserted length.
         unsafe { b.launch(config) }.map_err(driver("softmax_nb"))?;
@@ -105,7 +198,11 @@ pub fn softmax_nb(gpu: &Gpu, logits: &View<'_>, library: &View<'_>, counts: CsrR
 fn unique_columns(x: CsrRef<'_, f32>) -> (Vec<u64>, Vec<u32>, Vec<f32>) {
     // The entry of column j in the current row, if any (u64::MAX for none).
     let mut at = vec![u64::MAX; x.cols];
-    let (mut indptr, mut indices, mut data) = (Vec::with_capacity(x.rows + 1), Vec::with_capacity(x.indices.len()), Vec::with_capacity(x.data.len()));
+    let (mut indptr, mut indices, mut data) = (
+        Vec::with_capacity(x.rows + 1),
+        Vec::with_capacity(x.indices.len()),
+        Vec::with_capacity(x.data.len()),
+    );
     indptr.push(0u64);
     for r in 0..x.rows {
         let start = indices.len();
@@ -131,10 +228,23 @@ mod tests {
 
     #[test]
     fn repeated_columns_of_a_row_are_summed_once() {
-        let (indptr, indices, data) = (vec![0u64, 3, 3, 6], vec![2u32, 0, 2, 1, 1, 2], vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]);
-        let x = CsrRef { rows: 3, cols: 3, indptr: &indptr, indices: &indices, data: &data };
+        let (indptr, indices, data) = (
+            vec![0u64, 3, 3, 6],
+            vec![2u32, 0, 2, 1, 1, 2],
+            vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0],
+        );
+        let x = CsrRef {
+            rows: 3,
+            cols: 3,
+            indptr: &indptr,
+            indices: &indices,
+            data: &data,
+        };
         // Row 0: column 2 twice (1 + 3); row 1 empty; row 2: column 1 twice (4 + 5), column 2
         // once (a column repeated only across rows stays per row).
-        assert_eq!(unique_columns(x), (vec![0, 2, 2, 4], vec![2, 0, 1, 2], vec![4.0, 2.0, 9.0, 6.0]));
+        assert_eq!(
+            unique_columns(x),
+            (vec![0, 2, 2, 4], vec![2, 0, 1, 2], vec![4.0, 2.0, 9.0, 6.0])
+        );
     }
 }

@@ -12,7 +12,9 @@
 
 use rayon::prelude::*;
 
-use crate::real::{CountTerms, Real, count_gamma_parts, count_gamma_terms, lane_sum, lgamma, sigmoid, softplus};
+use crate::real::{
+    CountTerms, Real, count_gamma_parts, count_gamma_terms, lane_sum, lgamma, sigmoid, softplus,
+};
 
 pub const CUDA_SOURCE: &str = include_str!("likelihood.cu");
 
@@ -72,7 +74,8 @@ impl Likelihood {
                 let (lg, dg) = gamma_terms(x, theta);
                 let ll = theta * (lt - ltm) + x * ((mu + eps).ln() - ltm) + lg;
                 let dmu = x / (mu + eps) - (theta + x) / (theta + mu + eps);
-                let dtheta = lt - ltm + theta / (theta + eps) - (theta + x) / (theta + mu + eps) + dg;
+                let dtheta =
+                    lt - ltm + theta / (theta + eps) - (theta + x) / (theta + mu + eps) + dg;
                 (ll, [dmu, dtheta, zero])
             }
             Likelihood::ZeroInflatedNegativeBinomial => {
@@ -85,7 +88,10 @@ impl Likelihood {
                 let dpt_mu = -theta / (theta + mu + eps);
                 if x < eps {
                     let s = sigmoid(pt);
-                    (softplus(pt) - sp, [s * dpt_mu, s * dpt_theta, sigmoid(-pi) - s])
+                    (
+                        softplus(pt) - sp,
+                        [s * dpt_mu, s * dpt_theta, sigmoid(-pi) - s],
+                    )
                 } else {
                     let (lg, dg) = gamma_terms(x, theta);
                     let ll = -sp + pt + x * ((mu + eps).ln() - ltm) + lg;
@@ -96,7 +102,10 @@ impl Likelihood {
             }
             Likelihood::Poisson => {
                 let mu = p[0];
-                (x * (mu + eps).ln() - mu - lgamma(x + one), [x / (mu + eps) - one, zero, zero])
+                (
+                    x * (mu + eps).ln() - mu - lgamma(x + one),
+                    [x / (mu + eps) - one, zero, zero],
+                )
             }
             Likelihood::Gaussian => {
                 let (m, v) = (p[0], p[1]);
@@ -116,15 +125,32 @@ impl Likelihood {
     ///
     /// `params[k]` has `x.len()` entries or `features` (shared across rows); `grads[k]` always has
     /// `x.len()`. Panics on inconsistent lengths (a programming error, not a data error).
-    pub fn forward_backward<T: Real>(self, x: &[T], features: usize, params: &[&[T]], weights: Option<&[T]>, ll: &mut [T], grads: &mut [&mut [T]]) {
+    pub fn forward_backward<T: Real>(
+        self,
+        x: &[T],
+        features: usize,
+        params: &[&[T]],
+        weights: Option<&[T]>,
+        ll: &mut [T],
+        grads: &mut [&mut [T]],
+    ) {
         let k = self.n_params();
-        assert!(features > 0 && x.len().is_multiple_of(features), "likelihood: {} values are not rows of {features}", x.len());
+        assert!(
+            features > 0 && x.len().is_multiple_of(features),
+            "likelihood: {} values are not rows of {features}",
+            x.len()
+        );
         let rows = x.len() / features;
         assert_eq!(params.len(), k, "{self:?} takes {k} parameters");
         assert_eq!(grads.len(), k, "{self:?} returns {k} gradients");
         assert_eq!(ll.len(), rows, "one log-likelihood per row");
         for p in params {
-            assert!(p.len() == x.len() || p.len() == features, "parameter has {} entries, expected {} or {features}", p.len(), x.len());
+            assert!(
+                p.len() == x.len() || p.len() == features,
+                "parameter has {} entries, expected {} or {features}",
+                p.len(),
+                x.len()
+            );
         }
         for g in grads.iter() {
             assert_eq!(g.len(), x.len(), "gradients are per entry");
@@ -132,7 +158,9 @@ impl Likelihood {
         if let Some(w) = weights {
             assert_eq!(w.len(), rows, "one weight per row");
         }
-        if let (Likelihood::NegativeBinomial, [mu, theta], [dmu, dtheta]) = (self, params, &mut *grads) {
+        if let (Likelihood::NegativeBinomial, [mu, theta], [dmu, dtheta]) =
+            (self, params, &mut *grads)
+        {
             nb_rows(x, features, mu, theta, weights, ll, dmu, dtheta);
             return;
         }
@@ -142,23 +170,31 @@ impl Likelihood {
                 per_row[r].push(chunk);
             }
         }
-        per_row.into_par_iter().zip(ll.par_iter_mut()).enumerate().for_each(|(r, (mut out, ll))| {
-            let w = weights.map_or(T::one(), |w| w[r]);
-            let mut sum = T::zero();
-            for f in 0..features {
-                let i = r * features + f;
-                let mut p = [T::zero(); 3];
-                for (slot, param) in p.iter_mut().zip(params) {
-                    *slot = if param.len() == features { param[f] } else { param[i] };
+        per_row
+            .into_par_iter()
+            .zip(ll.par_iter_mut())
+            .enumerate()
+            .for_each(|(r, (mut out, ll))| {
+                let w = weights.map_or(T::one(), |w| w[r]);
+                let mut sum = T::zero();
+                for f in 0..features {
+                    let i = r * features + f;
+                    let mut p = [T::zero(); 3];
+                    for (slot, param) in p.iter_mut().zip(params) {
+                        *slot = if param.len() == features {
+                            param[f]
+                        } else {
+                            param[i]
+                        };
+                    }
+                    let (value, grad) = self.entry(x[i], p);
+                    sum = sum + value;
+                    for (g, d) in out.iter_mut().zip(grad) {
+                        g[f] = w * d;
+                    }
                 }
-                let (value, grad) = self.entry(x[i], p);
-                sum = sum + value;
-                for (g, d) in out.iter_mut().zip(grad) {
-                    g[f] = w * d;
-                }
-            }
-            *ll = sum;
-        });
+                *ll = sum;
+            });
     }
 }
 
@@ -167,7 +203,16 @@ impl Likelihood {
 /// and ln(μ+ε) and the count terms only at the non-zero counts. A shared (per-gene) θ
 /// has its ln θ and θ/(θ+ε) computed once for all rows.
 #[allow(clippy::too_many_arguments)] // the likelihood's inputs and its two gradients
-fn nb_rows<T: Real>(x: &[T], features: usize, mu: &[T], theta: &[T], weights: Option<&[T]>, ll: &mut [T], dmu: &mut [T], dtheta: &mut [T]) {
+fn nb_rows<T: Real>(
+    x: &[T],
+    features: usize,
+    mu: &[T],
+    theta: &[T],
+    weights: Option<&[T]>,
+    ll: &mut [T],
+    dmu: &mut [T],
+    dtheta: &mut [T],
+) {
     let eps = T::of(EPS);
     let shared = theta.len() == features;
     let (mut lt_shared, mut ratio_shared) = (vec![T::zero(); features], vec![T::zero(); features]);
@@ -175,58 +220,74 @@ fn nb_rows<T: Real>(x: &[T], features: usize, mu: &[T], theta: &[T], weights: Op
     if shared {
         gene_terms(theta, &mut lt_shared, &mut ratio_shared);
     }
-    ll.par_iter_mut().zip(dmu.par_chunks_mut(features).zip(dtheta.par_chunks_mut(features))).enumerate().for_each_init(
-        || NbScratch::new(features),
-        |s, (r, (ll, (dmu, dtheta)))| {
-            let span = r * features..(r + 1) * features;
-            let (x, mu) = (&x[span.clone()], &mu[span.clone()]);
-            let theta = if shared { theta } else { &theta[span] };
-            let (lt, ratio): (&[T], &[T]) = if shared {
-                (&lt_shared, &ratio_shared)
-            } else {
-                gene_terms(theta, &mut s.lt_row, &mut s.ratio_row);
-                (&s.lt_row, &s.ratio_row)
-            };
-            for ((b, &m), &t) in s.b.iter_mut().zip(mu).zip(theta) {
-                *b = t + m + eps;
-            }
-            T::ln_to(&s.b, &mut s.ltm);
-            let w = weights.map_or(T::one(), |w| w[r]);
-            // a ← each entry's terms that do not vanish at x = 0 (every entry pays these). Every
-            // slice cut to the row's length, so the loop has no bounds checks and vectorises.
-            let n = features;
-            let (x, mu, theta, lt, ratio, b, ltm, a) = (&x[..n], &mu[..n], &theta[..n], &lt[..n], &ratio[..n], &s.b[..n], &s.ltm[..n], &mut s.a[..n]);
-            let (dmu, dtheta) = (&mut dmu[..n], &mut dtheta[..n]);
-            for f in 0..n {
-                let (xv, m, t) = (x[f], mu[f], theta[f]);
-                let inv = T::one() / b[f];
-                let d = lt[f] - ltm[f];
-                a[f] = t * d;
-                dmu[f] = w * (xv / (m + eps) - (t + xv) * inv);
-                dtheta[f] = w * (d + ratio[f] - (t + xv) * inv);
-            }
-            // The non-zero counts (a minority): x ln(μ+ε) - x ln(θ+μ+ε) and the count terms,
-            // their logarithms taken together. The compaction is branch-free: a branch per
-            // entry would mispredict at count densities.
-            let mut k = 0;
-            for (f, &v) in x.iter().enumerate() {
-                s.non_zero[k] = f;
-                k += usize::from(v != T::zero());
-            }
-            for (j, &f) in s.non_zero[..k].iter().enumerate() {
-                s.mu_nz[j] = mu[f] + eps;
-                (s.count_arg[j], s.count_add[j], s.count_dg[j]) = count_parts(table.as_ref(), x[f], f, theta[f]);
-            }
-            T::ln_to(&s.mu_nz[..k], &mut s.ln_mu_nz[..k]);
-            T::ln_to(&s.count_arg[..k], &mut s.ln_count_arg[..k]);
-            for (j, &f) in s.non_zero[..k].iter().enumerate() {
-                s.a[f] = s.a[f] + x[f] * (s.ln_mu_nz[j] - s.ltm[f]);
-                s.a[f] = s.a[f] + (s.ln_count_arg[j] + s.count_add[j]);
-                dtheta[f] = dtheta[f] + w * s.count_dg[j];
-            }
-            *ll = lane_sum(&s.a);
-        },
-    );
+    ll.par_iter_mut()
+        .zip(
+            dmu.par_chunks_mut(features)
+                .zip(dtheta.par_chunks_mut(features)),
+        )
+        .enumerate()
+        .for_each_init(
+            || NbScratch::new(features),
+            |s, (r, (ll, (dmu, dtheta)))| {
+                let span = r * features..(r + 1) * features;
+                let (x, mu) = (&x[span.clone()], &mu[span.clone()]);
+                let theta = if shared { theta } else { &theta[span] };
+                let (lt, ratio): (&[T], &[T]) = if shared {
+                    (&lt_shared, &ratio_shared)
+                } else {
+                    gene_terms(theta, &mut s.lt_row, &mut s.ratio_row);
+                    (&s.lt_row, &s.ratio_row)
+                };
+                for ((b, &m), &t) in s.b.iter_mut().zip(mu).zip(theta) {
+                    *b = t + m + eps;
+                }
+                T::ln_to(&s.b, &mut s.ltm);
+                let w = weights.map_or(T::one(), |w| w[r]);
+                // a ← each entry's terms that do not vanish at x = 0 (every entry pays these). Every
+                // slice cut to the row's length, so the loop has no bounds checks and vectorises.
+                let n = features;
+                let (x, mu, theta, lt, ratio, b, ltm, a) = (
+                    &x[..n],
+                    &mu[..n],
+                    &theta[..n],
+                    &lt[..n],
+                    &ratio[..n],
+                    &s.b[..n],
+                    &s.ltm[..n],
+                    &mut s.a[..n],
+                );
+                let (dmu, dtheta) = (&mut dmu[..n], &mut dtheta[..n]);
+                for f in 0..n {
+                    let (xv, m, t) = (x[f], mu[f], theta[f]);
+                    let inv = T::one() / b[f];
+                    let d = lt[f] - ltm[f];
+                    a[f] = t * d;
+                    dmu[f] = w * (xv / (m + eps) - (t + xv) * inv);
+                    dtheta[f] = w * (d + ratio[f] - (t + xv) * inv);
+                }
+                // The non-zero counts (a minority): x ln(μ+ε) - x ln(θ+μ+ε) and the count terms,
+                // their logarithms taken together. The compaction is branch-free: a branch per
+                // entry would mispredict at count densities.
+                let mut k = 0;
+                for (f, &v) in x.iter().enumerate() {
+                    s.non_zero[k] = f;
+                    k += usize::from(v != T::zero());
+                }
+                for (j, &f) in s.non_zero[..k].iter().enumerate() {
+                    s.mu_nz[j] = mu[f] + eps;
+                    (s.count_arg[j], s.count_add[j], s.count_dg[j]) =
+                        count_parts(table.as_ref(), x[f], f, theta[f]);
+                }
+                T::ln_to(&s.mu_nz[..k], &mut s.ln_mu_nz[..k]);
+                T::ln_to(&s.count_arg[..k], &mut s.ln_count_arg[..k]);
+                for (j, &f) in s.non_zero[..k].iter().enumerate() {
+                    s.a[f] = s.a[f] + x[f] * (s.ln_mu_nz[j] - s.ltm[f]);
+                    s.a[f] = s.a[f] + (s.ln_count_arg[j] + s.count_add[j]);
+                    dtheta[f] = dtheta[f] + w * s.count_dg[j];
+                }
+                *ll = lane_sum(&s.a);
+            },
+        );
 }
 
 /// ln(θ+ε) and θ/(θ+ε) of every θ; `ratio` holds θ+ε first, so no buffer is allocated.
@@ -250,7 +311,9 @@ fn count_parts<T: Real>(table: Option<&CountTable<T>>, x: T, f: usize, theta: T)
         return (T::one(), lg, dg);
     }
     match count_gamma_parts(x.f64(), theta.f64()) {
-        CountTerms::Product { ratio, dg } if T::of(ratio).is_normal() => (T::of(ratio), T::zero(), T::of(dg)),
+        CountTerms::Product { ratio, dg } if T::of(ratio).is_normal() => {
+            (T::of(ratio), T::zero(), T::of(dg))
+        }
         CountTerms::Product { ratio, dg } => (T::one(), T::of(ratio.ln()), T::of(dg)),
         CountTerms::Exact { lg, dg } => (T::one(), T::of(lg), T::of(dg)),
     }
@@ -272,7 +335,10 @@ impl<T: Real> CountTable<T> {
 
     fn new(theta: &[T]) -> Self {
         let features = theta.len();
-        let (mut ratio, mut dg) = (vec![T::zero(); Self::MAX * features], vec![T::zero(); Self::MAX * features]);
+        let (mut ratio, mut dg) = (
+            vec![T::zero(); Self::MAX * features],
+            vec![T::zero(); Self::MAX * features],
+        );
         for k in 0..Self::MAX {
             let (kt, next) = (T::of(k as f64), T::of(k as f64 + 1.0));
             let span = k * features..(k + 1) * features;
@@ -298,7 +364,9 @@ impl<T: Real> CountTable<T> {
 
     /// (lg, dg) of count `x` at feature `f`, if the table holds it.
     fn get(&self, x: T, f: usize) -> Option<(T, T)> {
-        let n = x.to_usize().filter(|&n| (1..=Self::MAX).contains(&n) && T::of(n as f64) == x)?;
+        let n = x
+            .to_usize()
+            .filter(|&n| (1..=Self::MAX).contains(&n) && T::of(n as f64) == x)?;
         let i = (n - 1) * self.features + f;
         Some((self.lg[i], self.dg[i]))
     }
@@ -323,7 +391,20 @@ struct NbScratch<T> {
 impl<T: Real> NbScratch<T> {
     fn new(features: usize) -> Self {
         let row = || vec![T::zero(); features];
-        NbScratch { a: row(), b: row(), ltm: row(), lt_row: row(), ratio_row: row(), non_zero: vec![0; features], mu_nz: row(), ln_mu_nz: row(), count_arg: row(), ln_count_arg: row(), count_add: row(), count_dg: row() }
+        NbScratch {
+            a: row(),
+            b: row(),
+            ltm: row(),
+            lt_row: row(),
+            ratio_row: row(),
+            non_zero: vec![0; features],
+            mu_nz: row(),
+            ln_mu_nz: row(),
+            count_arg: row(),
+            ln_count_arg: row(),
+            count_add: row(),
+            count_dg: row(),
+        }
     }
 }
 
@@ -331,20 +412,46 @@ impl<T: Real> NbScratch<T> {
 /// entry (π = the background mixing logit), summed per row; gradients per entry w.r.t.
 /// μ_back, μ_fore, θ and π.
 #[allow(clippy::too_many_arguments)] // the four mixture parameters, each per entry
-pub fn nb_mixture<T: Real>(x: &[T], mu_back: &[T], mu_fore: &[T], theta: &[T], pi: &[T], features: usize, ll: &mut [T], grads: [&mut [T]; 4]) {
+pub fn nb_mixture<T: Real>(
+    x: &[T],
+    mu_back: &[T],
+    mu_fore: &[T],
+    theta: &[T],
+    pi: &[T],
+    features: usize,
+    ll: &mut [T],
+    grads: [&mut [T]; 4],
+) {
     let n = x.len();
-    assert!(features > 0 && n.is_multiple_of(features) && ll.len() == n / features, "nb mixture: shapes");
-    assert!([mu_back.len(), mu_fore.len(), theta.len(), pi.len()].iter().all(|&l| l == n) && grads.iter().all(|g| g.len() == n), "nb mixture: parameters are per entry");
+    assert!(
+        features > 0 && n.is_multiple_of(features) && ll.len() == n / features,
+        "nb mixture: shapes"
+    );
+    assert!(
+        [mu_back.len(), mu_fore.len(), theta.len(), pi.len()]
+            .iter()
+            .all(|&l| l == n)
+            && grads.iter().all(|g| g.len() == n),
+        "nb mixture: parameters are per entry"
+    );
     let [g_back, g_fore, g_theta, g_pi] = grads;
     let nb = Likelihood::NegativeBinomial;
     let values: Vec<T> = (0..n)
         .into_par_iter()
-        .zip(g_back.par_iter_mut().zip(g_fore.par_iter_mut()).zip(g_theta.par_iter_mut().zip(g_pi.par_iter_mut())))
+        .zip(
+            g_back
+                .par_iter_mut()
+                .zip(g_fore.par_iter_mut())
+                .zip(g_theta.par_iter_mut().zip(g_pi.par_iter_mut())),
+        )
         .map(|(i, ((gb, gf), (gt, gp)))| {
             let (a, da) = nb.entry(x[i], [mu_back[i], theta[i], T::zero()]);
             let (b, db) = nb.entry(x[i], [mu_fore[i], theta[i], T::zero()]);
             // log(σ(π)e^a + σ(-π)e^b) = logsumexp(a - softplus(-π), b - softplus(π)).
-            let (la, lb) = (a - crate::real::softplus(-pi[i]), b - crate::real::softplus(pi[i]));
+            let (la, lb) = (
+                a - crate::real::softplus(-pi[i]),
+                b - crate::real::softplus(pi[i]),
+            );
             let top = la.max(lb);
             let (ea, eb) = ((la - top).exp(), (lb - top).exp());
             let value = top + (ea + eb).ln();
@@ -357,7 +464,9 @@ pub fn nb_mixture<T: Real>(x: &[T], mu_back: &[T], mu_fore: &[T], theta: &[T], p
             value
         })
         .collect();
-    ll.par_iter_mut().zip(values.par_chunks(features)).for_each(|(l, v)| *l = v.iter().copied().sum());
+    ll.par_iter_mut()
+        .zip(values.par_chunks(features))
+        .for_each(|(l, v)| *l = v.iter().copied().sum());
 }
 
 #[cfg(test)]
@@ -381,9 +490,11 @@ mod tests {
                     .map(|i| {
                         let t = (i as f64 * 0.913 + k as f64).sin();
                         match (family, k) {
-                            (Likelihood::Gaussian, _) | (Likelihood::Bernoulli, _) | (Likelihood::ZeroInflatedNegativeBinomial, 2) => t * 1.5,
+                            (Likelihood::Gaussian, _)
+                            | (Likelihood::Bernoulli, _)
+                            | (Likelihood::ZeroInflatedNegativeBinomial, 2) => t * 1.5,
                             (_, 0) => (t * 2.0).exp() * 3.0, // mean
-                            _ => (t * 1.5).exp() * 2.0,       // inverse dispersion
+                            _ => (t * 1.5).exp() * 2.0,      // inverse dispersion
                         }
                     })
                     .collect()
@@ -424,7 +535,9 @@ mod tests {
                     };
                     // The loss sums many entries, so round-off in the difference quotient is
                     // ~1e-16 * |loss| / h: a larger step keeps it below the tolerance.
-                    check_at(f, &params[k], &grads[k], spread(n, 97), 1e-5, 1e-5).unwrap_or_else(|e| panic!("{family:?} param {k} ({rows}x{features}): {e}"));
+                    check_at(f, &params[k], &grads[k], spread(n, 97), 1e-5, 1e-5).unwrap_or_else(
+                        |e| panic!("{family:?} param {k} ({rows}x{features}): {e}"),
+                    );
                 }
             }
         }
@@ -438,26 +551,45 @@ mod tests {
         let (x, params) = case(rows, features, Likelihood::NegativeBinomial);
         let weights = [1.0, 0.0, 2.5, 1.0, 0.3];
         for shared in [false, true] {
-            let theta: Vec<f64> = if shared { params[1][..features].to_vec() } else { params[1].clone() };
+            let theta: Vec<f64> = if shared {
+                params[1][..features].to_vec()
+            } else {
+                params[1].clone()
+            };
             let f32s = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
             let (x32, mu32, th32, w32) = (f32s(&x), f32s(&params[0]), f32s(&theta), f32s(&weights));
             let mut ll = vec![0f32; rows];
             let (mut dmu, mut dth) = (vec![0f32; x.len()], vec![0f32; x.len()]);
-            Likelihood::NegativeBinomial.forward_backward(&x32, features, &[&mu32, &th32], Some(&w32), &mut ll, &mut [&mut dmu, &mut dth]);
+            Likelihood::NegativeBinomial.forward_backward(
+                &x32,
+                features,
+                &[&mu32, &th32],
+                Some(&w32),
+                &mut ll,
+                &mut [&mut dmu, &mut dth],
+            );
             for r in 0..rows {
                 let mut expected = 0.0;
                 for f in 0..features {
                     let i = r * features + f;
                     // The reference at the f32-rounded inputs.
                     let t = f64::from(th32[if shared { f } else { i }]);
-                    let (l, g) = Likelihood::NegativeBinomial.entry(f64::from(x32[i]), [f64::from(mu32[i]), t, 0.0]);
+                    let (l, g) = Likelihood::NegativeBinomial
+                        .entry(f64::from(x32[i]), [f64::from(mu32[i]), t, 0.0]);
                     expected += l;
                     for (got, want) in [(dmu[i], g[0]), (dth[i], g[1])] {
                         let want = f64::from(w32[r]) * want;
-                        assert!((f64::from(got) - want).abs() <= 1e-5 * (1.0 + want.abs()), "shared {shared} entry {i}: {got} vs {want}");
+                        assert!(
+                            (f64::from(got) - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "shared {shared} entry {i}: {got} vs {want}"
+                        );
                     }
                 }
-                assert!((f64::from(ll[r]) - expected).abs() <= 2e-6 * (1.0 + expected.abs()), "shared {shared} row {r}: {} vs {expected}", ll[r]);
+                assert!(
+                    (f64::from(ll[r]) - expected).abs() <= 2e-6 * (1.0 + expected.abs()),
+                    "shared {shared} row {r}: {} vs {expected}",
+                    ll[r]
+                );
             }
         }
     }
@@ -490,46 +622,100 @@ mod tests {
         let run = |theta: &[f64], w: &[f64]| {
             let mut ll = [0.0; 2];
             let (mut dmu, mut dth) = ([0.0; 4], [0.0; 4]);
-            family.forward_backward(&x, 2, &[&mu, theta], Some(w), &mut ll, &mut [&mut dmu, &mut dth]);
+            family.forward_backward(
+                &x,
+                2,
+                &[&mu, theta],
+                Some(w),
+                &mut ll,
+                &mut [&mut dmu, &mut dth],
+            );
             (ll, dmu, dth)
         };
         // A shared θ takes its count terms from a per-gene table (sums of logarithms), a
         // per-entry θ from products: equal up to rounding.
-        let (shared, per_entry) = (run(&theta_gene, &[1.0, 1.0]), run(&theta_entry, &[1.0, 1.0]));
-        let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(a, b)| (a - b).abs() <= 1e-12 * (1.0 + b.abs()));
-        assert!(close(&shared.0, &per_entry.0) && close(&shared.1, &per_entry.1) && close(&shared.2, &per_entry.2), "{shared:?} vs {per_entry:?}");
+        let (shared, per_entry) = (
+            run(&theta_gene, &[1.0, 1.0]),
+            run(&theta_entry, &[1.0, 1.0]),
+        );
+        let close = |a: &[f64], b: &[f64]| {
+            a.iter()
+                .zip(b)
+                .all(|(a, b)| (a - b).abs() <= 1e-12 * (1.0 + b.abs()))
+        };
+        assert!(
+            close(&shared.0, &per_entry.0)
+                && close(&shared.1, &per_entry.1)
+                && close(&shared.2, &per_entry.2),
+            "{shared:?} vs {per_entry:?}"
+        );
         let (ll, dmu, dth) = run(&theta_gene, &[1.0, 0.0]);
         assert!(ll[1] != 0.0, "the value is still reported");
-        assert_eq!((&dmu[2..], &dth[2..]), (&[0.0, 0.0][..], &[0.0, 0.0][..]), "no gradient from a masked row");
+        assert_eq!(
+            (&dmu[2..], &dth[2..]),
+            (&[0.0, 0.0][..], &[0.0, 0.0][..]),
+            "no gradient from a masked row"
+        );
     }
 
     fn values(n: usize, seed: f64) -> Vec<f64> {
-        crate::gradcheck::wave(n, seed).into_iter().map(|v| v * 1.5).collect()
+        crate::gradcheck::wave(n, seed)
+            .into_iter()
+            .map(|v| v * 1.5)
+            .collect()
     }
 
     #[test]
     fn nb_mixture_gradients_and_limits() {
         let n = 12;
         let x: Vec<f64> = (0..n).map(|i| [0.0, 3.0, 40.0, 7.0][i % 4]).collect();
-        let (back, fore) = (values(n, 0.0).iter().map(|v| v.exp() * 3.0).collect::<Vec<_>>(), values(n, 3.0).iter().map(|v| v.exp() * 20.0).collect::<Vec<_>>());
-        let (theta, pi) = (values(n, 5.0).iter().map(|v| v.exp() * 5.0).collect::<Vec<_>>(), values(n, 7.0));
+        let (back, fore) = (
+            values(n, 0.0)
+                .iter()
+                .map(|v| v.exp() * 3.0)
+                .collect::<Vec<_>>(),
+            values(n, 3.0)
+                .iter()
+                .map(|v| v.exp() * 20.0)
+                .collect::<Vec<_>>(),
+        );
+        let (theta, pi) = (
+            values(n, 5.0)
+                .iter()
+                .map(|v| v.exp() * 5.0)
+                .collect::<Vec<_>>(),
+            values(n, 7.0),
+        );
         let run = |b: &[f64], f: &[f64], t: &[f64], p: &[f64]| {
             let mut ll = vec![0.0; 3];
             let mut g: Vec<Vec<f64>> = vec![vec![0.0; n]; 4];
-            let [g0, g1, g2, g3] = &mut g[..] else { unreachable!() };
+            let [g0, g1, g2, g3] = &mut g[..] else {
+                unreachable!()
+            };
             nb_mixture(&x, b, f, t, p, 4, &mut ll, [g0, g1, g2, g3]);
             (ll.iter().sum::<f64>(), g)
         };
         let (_, g) = run(&back, &fore, &theta, &pi);
-        crate::gradcheck::check(|p| run(p, &fore, &theta, &pi).0, &back, &g[0], 1e-6, 1e-6).unwrap();
-        crate::gradcheck::check(|p| run(&back, p, &theta, &pi).0, &fore, &g[1], 1e-6, 1e-6).unwrap();
-        crate::gradcheck::check(|p| run(&back, &fore, p, &pi).0, &theta, &g[2], 1e-6, 1e-6).unwrap();
-        crate::gradcheck::check(|p| run(&back, &fore, &theta, p).0, &pi, &g[3], 1e-6, 1e-6).unwrap();
+        crate::gradcheck::check(|p| run(p, &fore, &theta, &pi).0, &back, &g[0], 1e-6, 1e-6)
+            .unwrap();
+        crate::gradcheck::check(|p| run(&back, p, &theta, &pi).0, &fore, &g[1], 1e-6, 1e-6)
+            .unwrap();
+        crate::gradcheck::check(|p| run(&back, &fore, p, &pi).0, &theta, &g[2], 1e-6, 1e-6)
+            .unwrap();
+        crate::gradcheck::check(|p| run(&back, &fore, &theta, p).0, &pi, &g[3], 1e-6, 1e-6)
+            .unwrap();
         // π → +∞ (200 outweighs any likelihood ratio here): all background, the NB of the background mean.
         let (ll, _) = run(&back, &fore, &theta, &vec![200.0; n]);
         let mut nb_ll = vec![0.0; 3];
         let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
-        Likelihood::NegativeBinomial.forward_backward(&x, 4, &[&back, &theta], None, &mut nb_ll, &mut [&mut a, &mut b]);
+        Likelihood::NegativeBinomial.forward_backward(
+            &x,
+            4,
+            &[&back, &theta],
+            None,
+            &mut nb_ll,
+            &mut [&mut a, &mut b],
+        );
         assert!((ll - nb_ll.iter().sum::<f64>()).abs() < 1e-9);
     }
 }

@@ -19,15 +19,38 @@ const ROWS_PER_BLOCK: usize = 8;
 /// Gradients are of Σ_r `weights[r]` · ll_r: `dlogits` per entry, `dtheta` per gene (both
 /// overwritten). Panics on inconsistent shapes (a programming error, not a data error).
 #[allow(clippy::too_many_arguments)] // the term's inputs and its two gradients
-pub fn softmax_nb<T: Real>(logits: &[T], library: &[T], counts: CsrRef<'_, T>, theta: &[T], weights: &[T], ll: &mut [T], dlogits: &mut [T], dtheta: &mut [T]) {
+pub fn softmax_nb<T: Real>(
+    logits: &[T],
+    library: &[T],
+    counts: CsrRef<'_, T>,
+    theta: &[T],
+    weights: &[T],
+    ll: &mut [T],
+    dlogits: &mut [T],
+    dtheta: &mut [T],
+) {
     counts.check();
     let (rows, genes) = (counts.rows, counts.cols);
-    assert!(genes > 0 && logits.len() == rows * genes && dlogits.len() == rows * genes, "softmax nb: logits and their gradient are {rows} rows of {genes}");
-    assert!(theta.len() == genes && dtheta.len() == genes, "softmax nb: one θ per gene");
-    assert!(library.len() == rows && weights.len() == rows && ll.len() == rows, "softmax nb: one library size, weight and value per row");
+    assert!(
+        genes > 0 && logits.len() == rows * genes && dlogits.len() == rows * genes,
+        "softmax nb: logits and their gradient are {rows} rows of {genes}"
+    );
+    assert!(
+        theta.len() == genes && dtheta.len() == genes,
+        "softmax nb: one θ per gene"
+    );
+    assert!(
+        library.len() == rows && weights.len() == rows && ll.len() == rows,
+        "softmax nb: one library size, weight and value per row"
+    );
     let (mut lt, mut ratio) = (vec![T::zero(); genes], vec![T::zero(); genes]);
     gene_terms(theta, &mut lt, &mut ratio);
-    let shared = Shared { theta, lt: &lt, ratio: &ratio, table: CountTable::new(theta) };
+    let shared = Shared {
+        theta,
+        lt: &lt,
+        ratio: &ratio,
+        table: CountTable::new(theta),
+    };
     let blocks: Vec<Vec<T>> = dlogits
         .par_chunks_mut(ROWS_PER_BLOCK * genes)
         .zip(ll.par_chunks_mut(ROWS_PER_BLOCK))
@@ -39,7 +62,13 @@ pub fn softmax_nb<T: Real>(logits: &[T], library: &[T], counts: CsrRef<'_, T>, t
                 for (i, (dlogits, ll)) in dlogits.chunks_mut(genes).zip(ll.iter_mut()).enumerate() {
                     let r = block * ROWS_PER_BLOCK + i;
                     let span = counts.indptr[r] as usize..counts.indptr[r + 1] as usize;
-                    let row = Row { logits: &logits[r * genes..(r + 1) * genes], library: library[r], weight: weights[r], indices: &counts.indices[span.clone()], counts: &counts.data[span] };
+                    let row = Row {
+                        logits: &logits[r * genes..(r + 1) * genes],
+                        library: library[r],
+                        weight: weights[r],
+                        indices: &counts.indices[span.clone()],
+                        counts: &counts.data[span],
+                    };
                     *ll = row.run(&shared, s, dlogits, &mut dtheta);
                 }
                 dtheta
@@ -75,11 +104,29 @@ struct Row<'a, T> {
 
 impl<T: Real> Row<'_, T> {
     /// The row's log-likelihood; writes its logit gradients and adds its θ gradients.
-    fn run(&self, shared: &Shared<'_, T>, s: &mut RowScratch<T>, dlogits: &mut [T], dtheta: &mut [T]) -> T {
+    fn run(
+        &self,
+        shared: &Shared<'_, T>,
+        s: &mut RowScratch<T>,
+        dlogits: &mut [T],
+        dtheta: &mut [T],
+    ) -> T {
         let (eps, w, n) = (T::of(EPS), self.weight, self.logits.len());
         // Every slice cut to the row's length: the dense loops have no bounds checks and vectorise.
-        let (theta, lt, ratio, logits) = (&shared.theta[..n], &shared.lt[..n], &shared.ratio[..n], &self.logits[..n]);
-        let (rho, mu, b, ltm, a, q) = (&mut s.rho[..n], &mut s.mu[..n], &mut s.b[..n], &mut s.ltm[..n], &mut s.a[..n], &mut s.q[..n]);
+        let (theta, lt, ratio, logits) = (
+            &shared.theta[..n],
+            &shared.lt[..n],
+            &shared.ratio[..n],
+            &self.logits[..n],
+        );
+        let (rho, mu, b, ltm, a, q) = (
+            &mut s.rho[..n],
+            &mut s.mu[..n],
+            &mut s.b[..n],
+            &mut s.ltm[..n],
+            &mut s.a[..n],
+            &mut s.q[..n],
+        );
         let (dlogits, dtheta) = (&mut dlogits[..n], &mut dtheta[..n]);
 
         let max = lane_max(logits);
@@ -120,10 +167,12 @@ impl<T: Real> Row<'_, T> {
         for j in 0..k {
             let (f, x) = (s.non_zero[j], s.x_nz[j]);
             s.mu_nz[j] = mu[f];
-            (s.count_arg[j], s.count_add[j], s.count_dg[j]) = count_parts(Some(&shared.table), x, f, theta[f]);
+            (s.count_arg[j], s.count_add[j], s.count_dg[j]) =
+                count_parts(Some(&shared.table), x, f, theta[f]);
         }
         // Per non-zero in SIMD lanes: ln(μ+ε), μ/(μ+ε) and the count terms' logarithms.
-        let (mu_nz, ln_mu_nz, frac_nz) = (&mut s.mu_nz[..k], &mut s.ln_mu_nz[..k], &mut s.frac_nz[..k]);
+        let (mu_nz, ln_mu_nz, frac_nz) =
+            (&mut s.mu_nz[..k], &mut s.ln_mu_nz[..k], &mut s.frac_nz[..k]);
         for (m, fr) in mu_nz.iter_mut().zip(frac_nz.iter_mut()) {
             *fr = *m;
             *m = *m + eps;
@@ -174,7 +223,24 @@ struct RowScratch<T> {
 impl<T: Real> RowScratch<T> {
     fn new(genes: usize) -> Self {
         let row = || vec![T::zero(); genes + 1];
-        RowScratch { rho: row(), mu: row(), b: row(), ltm: row(), a: row(), q: row(), x: row(), non_zero: vec![0; genes + 1], x_nz: row(), mu_nz: row(), ln_mu_nz: row(), frac_nz: row(), count_arg: row(), ln_count_arg: row(), count_add: row(), count_dg: row() }
+        RowScratch {
+            rho: row(),
+            mu: row(),
+            b: row(),
+            ltm: row(),
+            a: row(),
+            q: row(),
+            x: row(),
+            non_zero: vec![0; genes + 1],
+            x_nz: row(),
+            mu_nz: row(),
+            ln_mu_nz: row(),
+            frac_nz: row(),
+            count_arg: row(),
+            ln_count_arg: row(),
+            count_add: row(),
+            count_dg: row(),
+        }
     }
 }
 
@@ -210,11 +276,23 @@ mod tests {
                 }
                 indptr.push(indices.len() as u64);
             }
-            Case { rows, genes, indptr, indices, data }
+            Case {
+                rows,
+                genes,
+                indptr,
+                indices,
+                data,
+            }
         }
 
         fn csr<'a, T>(&'a self, data: &'a [T]) -> CsrRef<'a, T> {
-            CsrRef { rows: self.rows, cols: self.genes, indptr: &self.indptr, indices: &self.indices, data }
+            CsrRef {
+                rows: self.rows,
+                cols: self.genes,
+                indptr: &self.indptr,
+                indices: &self.indices,
+                data,
+            }
         }
 
         fn dense(&self) -> Vec<f64> {
@@ -228,17 +306,44 @@ mod tests {
         }
 
         fn inputs(&self) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
-            let logits = crate::gradcheck::wave(self.rows * self.genes, 1.0).iter().map(|v| v * 3.0).collect();
+            let logits = crate::gradcheck::wave(self.rows * self.genes, 1.0)
+                .iter()
+                .map(|v| v * 3.0)
+                .collect();
             let library = (0..self.rows).map(|r| 300.0 + 900.0 * r as f64).collect();
-            let theta = crate::gradcheck::wave(self.genes, 2.0).iter().map(|v| (v * 1.5).exp() * 2.0).collect();
-            let weights = (0..self.rows).map(|r| if r == 3 { 0.0 } else { 0.5 + r as f64 }).collect();
+            let theta = crate::gradcheck::wave(self.genes, 2.0)
+                .iter()
+                .map(|v| (v * 1.5).exp() * 2.0)
+                .collect();
+            let weights = (0..self.rows)
+                .map(|r| if r == 3 { 0.0 } else { 0.5 + r as f64 })
+                .collect();
             (logits, library, theta, weights)
         }
 
-        fn run<T: Real>(&self, logits: &[T], library: &[T], theta: &[T], weights: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
+        fn run<T: Real>(
+            &self,
+            logits: &[T],
+            library: &[T],
+            theta: &[T],
+            weights: &[T],
+        ) -> (Vec<T>, Vec<T>, Vec<T>) {
             let data: Vec<T> = self.data.iter().map(|&v| T::of(v)).collect();
-            let (mut ll, mut dlogits, mut dtheta) = (vec![T::zero(); self.rows], vec![T::zero(); logits.len()], vec![T::zero(); self.genes]);
-            softmax_nb(logits, library, self.csr(&data), theta, weights, &mut ll, &mut dlogits, &mut dtheta);
+            let (mut ll, mut dlogits, mut dtheta) = (
+                vec![T::zero(); self.rows],
+                vec![T::zero(); logits.len()],
+                vec![T::zero(); self.genes],
+            );
+            softmax_nb(
+                logits,
+                library,
+                self.csr(&data),
+                theta,
+                weights,
+                &mut ll,
+                &mut dlogits,
+                &mut dtheta,
+            );
             (ll, dlogits, dtheta)
         }
     }
@@ -248,10 +353,33 @@ mod tests {
         for (rows, genes) in [(1, 1), (5, 13), (11, 1025)] {
             let case = Case::new(rows, genes);
             let (logits, library, theta, weights) = case.inputs();
-            let total = |logits: &[f64], theta: &[f64]| case.run(logits, &library, theta, &weights).0.iter().zip(&weights).map(|(l, w)| l * w).sum::<f64>();
+            let total = |logits: &[f64], theta: &[f64]| {
+                case.run(logits, &library, theta, &weights)
+                    .0
+                    .iter()
+                    .zip(&weights)
+                    .map(|(l, w)| l * w)
+                    .sum::<f64>()
+            };
             let (_, dlogits, dtheta) = case.run(&logits, &library, &theta, &weights);
-            check_at(|p| total(p, &theta), &logits, &dlogits, spread(logits.len(), 97), 1e-5, 1e-5).unwrap_or_else(|e| panic!("logits ({rows}x{genes}): {e}"));
-            check_at(|p| total(&logits, p), &theta, &dtheta, spread(theta.len(), 97), 1e-5, 1e-5).unwrap_or_else(|e| panic!("theta ({rows}x{genes}): {e}"));
+            check_at(
+                |p| total(p, &theta),
+                &logits,
+                &dlogits,
+                spread(logits.len(), 97),
+                1e-5,
+                1e-5,
+            )
+            .unwrap_or_else(|e| panic!("logits ({rows}x{genes}): {e}"));
+            check_at(
+                |p| total(&logits, p),
+                &theta,
+                &dtheta,
+                spread(theta.len(), 97),
+                1e-5,
+                1e-5,
+            )
+            .unwrap_or_else(|e| panic!("theta ({rows}x{genes}): {e}"));
         }
     }
 
@@ -278,17 +406,33 @@ mod tests {
                 q[f] = weights[r] * mu * d[0];
                 want_dtheta[f] += weights[r] * d[1];
             }
-            assert!((ll[r] - want_ll).abs() <= 1e-10 * want_ll.abs(), "row {r}: {} vs {want_ll}", ll[r]);
+            assert!(
+                (ll[r] - want_ll).abs() <= 1e-10 * want_ll.abs(),
+                "row {r}: {} vs {want_ll}",
+                ll[r]
+            );
             let total: f64 = q.iter().sum();
             for f in 0..g {
                 let want = q[f] - rho[f] * total;
-                assert!((dlogits[r * g + f] - want).abs() <= 1e-10 * (1.0 + want.abs()), "dlogits {r},{f}: {} vs {want}", dlogits[r * g + f]);
+                assert!(
+                    (dlogits[r * g + f] - want).abs() <= 1e-10 * (1.0 + want.abs()),
+                    "dlogits {r},{f}: {} vs {want}",
+                    dlogits[r * g + f]
+                );
             }
         }
         for f in 0..g {
-            assert!((dtheta[f] - want_dtheta[f]).abs() <= 1e-10 * (1.0 + want_dtheta[f].abs()), "dtheta {f}: {} vs {}", dtheta[f], want_dtheta[f]);
+            assert!(
+                (dtheta[f] - want_dtheta[f]).abs() <= 1e-10 * (1.0 + want_dtheta[f].abs()),
+                "dtheta {f}: {} vs {}",
+                dtheta[f],
+                want_dtheta[f]
+            );
         }
-        assert!(dlogits[3 * g..4 * g].iter().all(|&d| d == 0.0), "a zero weight masks the row's gradient");
+        assert!(
+            dlogits[3 * g..4 * g].iter().all(|&d| d == 0.0),
+            "a zero weight masks the row's gradient"
+        );
     }
 
     /// f32 (vectorised logarithms and exponentials, count table) against the f64 pass at the
@@ -301,16 +445,26 @@ mod tests {
         let back = |v: &[f32]| v.iter().map(|&a| f64::from(a)).collect::<Vec<f64>>();
         let (l32, lib32, th32, w32) = (f32s(&logits), f32s(&library), f32s(&theta), f32s(&weights));
         let (ll, dlogits, dtheta) = case.run(&l32, &lib32, &th32, &w32);
-        let (ll64, dlogits64, dtheta64) = case.run(&back(&l32), &back(&lib32), &back(&th32), &back(&w32));
+        let (ll64, dlogits64, dtheta64) =
+            case.run(&back(&l32), &back(&lib32), &back(&th32), &back(&w32));
         for (r, (&got, &want)) in ll.iter().zip(&ll64).enumerate() {
-            assert!((f64::from(got) - want).abs() <= 2e-6 * want.abs(), "row {r}: {got} vs {want}");
+            assert!(
+                (f64::from(got) - want).abs() <= 2e-6 * want.abs(),
+                "row {r}: {got} vs {want}"
+            );
         }
         let scale = dlogits64.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         for (i, (&got, &want)) in dlogits.iter().zip(&dlogits64).enumerate() {
-            assert!((f64::from(got) - want).abs() <= 1e-5 * scale, "dlogits {i}: {got} vs {want}");
+            assert!(
+                (f64::from(got) - want).abs() <= 1e-5 * scale,
+                "dlogits {i}: {got} vs {want}"
+            );
         }
         for (f, (&got, &want)) in dtheta.iter().zip(&dtheta64).enumerate() {
-            assert!((f64::from(got) - want).abs() <= 1e-4 * (1.0 + want.abs()), "dtheta {f}: {got} vs {want}");
+            assert!(
+                (f64::from(got) - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                "dtheta {f}: {got} vs {want}"
+            );
         }
     }
 }

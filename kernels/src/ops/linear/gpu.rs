@@ -13,9 +13,24 @@ use crate::cuda::{CudaError, Gpu, Result, View, ViewMut, driver as failed};
 
 /// C (m x n, row-major) = alpha · op(A) op(B) + beta · C, as [`super::Gemm::gemm`].
 /// cuBLAS is column-major, so it computes Cᵀ = op(B)ᵀ op(A)ᵀ on the same buffers.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm(gpu: &Gpu, ta: bool, tb: bool, m: usize, k: usize, n: usize, alpha: f32, a: &View<'_>, b: &View<'_>, beta: f32, c: &mut ViewMut<'_>) -> Result<()> {
-    assert!(a.len() == m * k && b.len() == k * n && c.len() == m * n, "gemm: buffer sizes do not match {m}x{k} * {k}x{n}");
+#[allow(clippy::too_many_arguments)] // an op's operands, outputs and shape, as its kernel takes them
+pub fn gemm(
+    gpu: &Gpu,
+    ta: bool,
+    tb: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &View<'_>,
+    b: &View<'_>,
+    beta: f32,
+    c: &mut ViewMut<'_>,
+) -> Result<()> {
+    assert!(
+        a.len() == m * k && b.len() == k * n && c.len() == m * n,
+        "gemm: buffer sizes do not match {m}x{k} * {k}x{n}"
+    );
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -23,7 +38,13 @@ pub fn gemm(gpu: &Gpu, ta: bool, tb: bool, m: usize, k: usize, n: usize, alpha: 
         // cuBLAS refuses k = 0; C = beta C is what the product means then.
         return crate::ops::elementwise::gpu::scale(gpu, c, beta);
     }
-    let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+    let op = |t: bool| {
+        if t {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        }
+    };
     let cfg = GemmConfig {
         transa: op(tb),
         transb: op(ta),
@@ -39,7 +60,10 @@ pub fn gemm(gpu: &Gpu, ta: bool, tb: bool, m: usize, k: usize, n: usize, alpha: 
     let blas = gpu.blas()?;
     gpu.bind()?;
     // SAFETY: the leading dimensions describe exactly the asserted buffer sizes.
-    unsafe { blas.gemm(cfg, b, a, c) }.map_err(|e| CudaError::Driver { context: "cublasSgemm".into(), reason: e.to_string() })
+    unsafe { blas.gemm(cfg, b, a, c) }.map_err(|e| CudaError::Driver {
+        context: "cublasSgemm".into(),
+        reason: e.to_string(),
+    })
 }
 
 /// A CSR count matrix on the device, with its host copy: the backward's transposed index is
@@ -78,7 +102,13 @@ impl DeviceCsr {
     }
 
     pub fn host(&self) -> CsrRef<'_, f32> {
-        CsrRef { rows: self.rows, cols: self.cols, indptr: &self.host.0, indices: &self.host.1, data: &self.host.2 }
+        CsrRef {
+            rows: self.rows,
+            cols: self.cols,
+            indptr: &self.host.0,
+            indices: &self.host.1,
+            data: &self.host.2,
+        }
     }
 
     fn transpose(&self, gpu: &Gpu, transform: CountTransform) -> Result<DeviceTransposed> {
@@ -86,18 +116,40 @@ impl DeviceCsr {
         let col_ptr: Vec<u64> = col_ptr.into_iter().map(|c| c as u64).collect();
         let rows_of: Vec<u32> = entries.iter().map(|&(r, _)| r as u32).collect();
         let values: Vec<f32> = entries.iter().map(|&(_, v)| v).collect();
-        Ok(DeviceTransposed { col_ptr: gpu.upload(&col_ptr)?, rows_of: gpu.upload(&rows_of)?, values: gpu.upload(&values)? })
+        Ok(DeviceTransposed {
+            col_ptr: gpu.upload(&col_ptr)?,
+            rows_of: gpu.upload(&rows_of)?,
+            values: gpu.upload(&values)?,
+        })
     }
 }
 
 fn tiles(outer: usize, d_out: usize) -> LaunchConfig {
     let threads = d_out.clamp(1, 256) as u32;
-    LaunchConfig { grid_dim: (outer.max(1) as u32, d_out.div_ceil(threads as usize).max(1) as u32, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (
+            outer.max(1) as u32,
+            d_out.div_ceil(threads as usize).max(1) as u32,
+            1,
+        ),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// As [`super::sparse_input_forward`], on the device.
-pub fn sparse_input_forward(gpu: &Gpu, x: &DeviceCsr, transform: CountTransform, w: &View<'_>, d_out: usize, y: &mut ViewMut<'_>) -> Result<()> {
-    assert!(w.len() == x.cols * d_out && y.len() == x.rows * d_out, "sparse input: shapes");
+pub fn sparse_input_forward(
+    gpu: &Gpu,
+    x: &DeviceCsr,
+    transform: CountTransform,
+    w: &View<'_>,
+    d_out: usize,
+    y: &mut ViewMut<'_>,
+) -> Result<()> {
+    assert!(
+        w.len() == x.cols * d_out && y.len() == x.rows * d_out,
+        "sparse input: shapes"
+    );
     if y.is_empty() {
         return Ok(());
     }
@@ -105,15 +157,35 @@ pub fn sparse_input_forward(gpu: &Gpu, x: &DeviceCsr, transform: CountTransform,
     let (kind, scale) = transform.code();
     let (rows, d_out64) = (x.rows as u64, d_out as u64);
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&x.indptr).arg(&x.indices).arg(&x.data).arg(&rows).arg(&kind).arg(&scale).arg(w).arg(&d_out64).arg(y);
+    b.arg(&x.indptr)
+        .arg(&x.indices)
+        .arg(&x.data)
+        .arg(&rows)
+        .arg(&kind)
+        .arg(&scale)
+        .arg(w)
+        .arg(&d_out64)
+        .arg(y);
     // SAFETY: the CSR arrays were validated at upload; w and y have the asserted sizes.
-    unsafe { b.launch(tiles(x.rows, d_out)) }.map(|_| ()).map_err(failed("sparse_input_forward"))
+    unsafe { b.launch(tiles(x.rows, d_out)) }
+        .map(|_| ())
+        .map_err(failed("sparse_input_forward"))
 }
 
 /// As [`super::sparse_input_backward`] (overwrites dw): the products run on the device over
 /// the transposed index, made once per batch (again if another transform is asked for).
-pub fn sparse_input_backward(gpu: &Gpu, x: &DeviceCsr, transform: CountTransform, dy: &View<'_>, d_out: usize, dw: &mut ViewMut<'_>) -> Result<()> {
-    assert!(dw.len() == x.cols * d_out && dy.len() == x.rows * d_out, "sparse input backward: shapes");
+pub fn sparse_input_backward(
+    gpu: &Gpu,
+    x: &DeviceCsr,
+    transform: CountTransform,
+    dy: &View<'_>,
+    d_out: usize,
+    dw: &mut ViewMut<'_>,
+) -> Result<()> {
+    assert!(
+        dw.len() == x.cols * d_out && dy.len() == x.rows * d_out,
+        "sparse input backward: shapes"
+    );
     if dw.is_empty() {
         return Ok(());
     }
@@ -132,7 +204,15 @@ pub fn sparse_input_backward(gpu: &Gpu, x: &DeviceCsr, transform: CountTransform
     let f = gpu.function("linear", CUDA_SOURCE, "sparse_input_backward")?;
     let (genes, d_out64) = (x.cols as u64, d_out as u64);
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(&t.col_ptr).arg(&t.rows_of).arg(&t.values).arg(&genes).arg(dy).arg(&d_out64).arg(dw);
+    b.arg(&t.col_ptr)
+        .arg(&t.rows_of)
+        .arg(&t.values)
+        .arg(&genes)
+        .arg(dy)
+        .arg(&d_out64)
+        .arg(dw);
     // SAFETY: col_ptr has genes+1 entries ending at the entry count; dy and dw have the asserted sizes.
-    unsafe { b.launch(tiles(x.cols, d_out)) }.map(|_| ()).map_err(failed("sparse_input_backward"))
+    unsafe { b.launch(tiles(x.cols, d_out)) }
+        .map(|_| ())
+        .map_err(failed("sparse_input_backward"))
 }

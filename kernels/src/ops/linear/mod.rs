@@ -18,13 +18,28 @@ pub mod gpu;
 /// Scalar types the CPU GEMM multiplies.
 pub trait Gemm: Real {
     /// C (m x n, row-major) = alpha * op(A) op(B) + beta * C with op(A) m x k, op(B) k x n.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm(ta: bool, tb: bool, m: usize, k: usize, n: usize, alpha: Self, a: &[Self], b: &[Self], beta: Self, c: &mut [Self]);
+    #[allow(clippy::too_many_arguments)] // an op's operands, outputs and shape, as its kernel takes them
+    fn gemm(
+        ta: bool,
+        tb: bool,
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: Self,
+        a: &[Self],
+        b: &[Self],
+        beta: Self,
+        c: &mut [Self],
+    );
 }
 
 /// Row/column strides of a row-major matrix stored as `rows x cols`, read transposed or not.
 fn strides(transposed: bool, stored_cols: usize) -> (isize, isize) {
-    if transposed { (1, stored_cols as isize) } else { (stored_cols as isize, 1) }
+    if transposed {
+        (1, stored_cols as isize)
+    } else {
+        (stored_cols as isize, 1)
+    }
 }
 
 /// Below this many multiply-adds a GEMM runs on the calling thread: splitting costs more than
@@ -38,10 +53,46 @@ const PARALLEL_GEMM_MACS: usize = 1 << 18;
 /// Every element the strides address must lie inside its allocation, and C's must not be
 /// written by anyone else during the call.
 #[allow(unsafe_code, clippy::too_many_arguments)]
-unsafe fn product<T: Real>(m: usize, k: usize, n: usize, alpha: T, a: *const T, rsa: isize, csa: isize, b: *const T, rsb: isize, csb: isize, beta: T, c: *mut T, rsc: isize) {
+unsafe fn product<T: Real>(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: T,
+    a: *const T,
+    rsa: isize,
+    csa: isize,
+    b: *const T,
+    rsb: isize,
+    csb: isize,
+    beta: T,
+    c: *mut T,
+    rsc: isize,
+) {
     // gemm's `alpha` scales the destination and its `beta` the product: BLAS' names swapped.
     // SAFETY: forwarded from the caller.
-    unsafe { gemm::gemm(m, n, k, c, 1, rsc, beta != T::zero(), a, csa, rsa, b, csb, rsb, beta, alpha, false, false, false, gemm::Parallelism::None) }
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            rsc,
+            beta != T::zero(),
+            a,
+            csa,
+            rsa,
+            b,
+            csb,
+            rsb,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 impl<T: Real> Gemm for T {
@@ -51,14 +102,44 @@ impl<T: Real> Gemm for T {
     /// B instead of all of it. Each element of C is still one call's dot product over all of k,
     /// so results do not depend on the split.
     #[allow(unsafe_code)]
-    fn gemm(ta: bool, tb: bool, m: usize, k: usize, n: usize, alpha: T, a: &[T], b: &[T], beta: T, c: &mut [T]) {
-        assert!(a.len() == m * k && b.len() == k * n && c.len() == m * n, "gemm: buffer sizes do not match {m}x{k} * {k}x{n}");
+    fn gemm(
+        ta: bool,
+        tb: bool,
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: T,
+        a: &[T],
+        b: &[T],
+        beta: T,
+        c: &mut [T],
+    ) {
+        assert!(
+            a.len() == m * k && b.len() == k * n && c.len() == m * n,
+            "gemm: buffer sizes do not match {m}x{k} * {k}x{n}"
+        );
         let (rsa, csa) = strides(ta, if ta { m } else { k });
         let (rsb, csb) = strides(tb, if tb { k } else { n });
         let threads = rayon::current_num_threads();
         if m * k * n < PARALLEL_GEMM_MACS || threads == 1 || m.max(n) < 2 {
             // SAFETY: the assert above bounds every index of the product inside a, b, c.
-            unsafe { product(m, k, n, alpha, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize) };
+            unsafe {
+                product(
+                    m,
+                    k,
+                    n,
+                    alpha,
+                    a.as_ptr(),
+                    rsa,
+                    csa,
+                    b.as_ptr(),
+                    rsb,
+                    csb,
+                    beta,
+                    c.as_mut_ptr(),
+                    n as isize,
+                )
+            };
             return;
         }
         if n > m {
@@ -72,25 +153,67 @@ impl<T: Real> Gemm for T {
                 // columns first..first+cols and writes only C's columns first..first+cols of
                 // every row (row stride n), which no other block writes, while `c` stays
                 // mutably borrowed by this call.
-                unsafe { product(m, k, cols, alpha, a.as_ptr(), rsa, csa, b.as_ptr().offset(first as isize * csb), rsb, csb, beta, (c_at as *mut T).add(first), n as isize) }
+                unsafe {
+                    product(
+                        m,
+                        k,
+                        cols,
+                        alpha,
+                        a.as_ptr(),
+                        rsa,
+                        csa,
+                        b.as_ptr().offset(first as isize * csb),
+                        rsb,
+                        csb,
+                        beta,
+                        (c_at as *mut T).add(first),
+                        n as isize,
+                    )
+                }
             });
             return;
         }
         let rows_per = m.div_ceil(threads);
-        c.par_chunks_mut(rows_per * n.max(1)).enumerate().for_each(|(block, c)| {
-            let first = block * rows_per;
-            let rows = c.len() / n.max(1);
-            // SAFETY: the assert above bounds every index of the full product inside a, b and
-            // c; this block reads op(A)'s rows first..first+rows (offset first·rsa with the
-            // full matrix's strides) and writes exactly its own chunk of c, which no other
-            // block touches.
-            unsafe { product(rows, k, n, alpha, a.as_ptr().offset(first as isize * rsa), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize) }
-        });
+        c.par_chunks_mut(rows_per * n.max(1))
+            .enumerate()
+            .for_each(|(block, c)| {
+                let first = block * rows_per;
+                let rows = c.len() / n.max(1);
+                // SAFETY: the assert above bounds every index of the full product inside a, b and
+                // c; this block reads op(A)'s rows first..first+rows (offset first·rsa with the
+                // full matrix's strides) and writes exactly its own chunk of c, which no other
+                // block touches.
+                unsafe {
+                    product(
+                        rows,
+                        k,
+                        n,
+                        alpha,
+                        a.as_ptr().offset(first as isize * rsa),
+                        rsa,
+                        csa,
+                        b.as_ptr(),
+                        rsb,
+                        csb,
+                        beta,
+                        c.as_mut_ptr(),
+                        n as isize,
+                    )
+                }
+            });
     }
 }
 
 /// y (n x out) = x (n x in) · w (in x out) + bias.
-pub fn linear_forward<T: Gemm>(x: &[T], w: &[T], bias: Option<&[T]>, n: usize, d_in: usize, d_out: usize, y: &mut [T]) {
+pub fn linear_forward<T: Gemm>(
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+    y: &mut [T],
+) {
     T::gemm(false, false, n, d_in, d_out, T::one(), x, w, T::zero(), y);
     if let Some(b) = bias {
         crate::ops::elementwise::bias_add_forward(y, b);
@@ -99,8 +222,18 @@ pub fn linear_forward<T: Gemm>(x: &[T], w: &[T], bias: Option<&[T]>, n: usize, d
 
 /// Gradients of a linear layer: dw = xᵀ dy, dbias = column sums of dy, dx = dy wᵀ (when asked:
 /// the first layer has no input gradient).
-#[allow(clippy::too_many_arguments)]
-pub fn linear_backward<T: Gemm>(x: &[T], w: &[T], dy: &[T], n: usize, d_in: usize, d_out: usize, dx: Option<&mut [T]>, dw: &mut [T], dbias: Option<&mut [T]>) {
+#[allow(clippy::too_many_arguments)] // an op's operands, outputs and shape, as its kernel takes them
+pub fn linear_backward<T: Gemm>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    n: usize,
+    d_in: usize,
+    d_out: usize,
+    dx: Option<&mut [T]>,
+    dw: &mut [T],
+    dbias: Option<&mut [T]>,
+) {
     T::gemm(true, false, d_in, n, d_out, T::one(), x, dy, T::zero(), dw);
     if let Some(db) = dbias {
         crate::ops::elementwise::column_sums(dy, db);
@@ -135,7 +268,11 @@ impl CountTransform {
         match self {
             CountTransform::Log1p => x,
             CountTransform::NormalizedLog1p { scale } => {
-                if library > T::zero() { x / library * T::of(f64::from(scale)) } else { T::zero() }
+                if library > T::zero() {
+                    x / library * T::of(f64::from(scale))
+                } else {
+                    T::zero()
+                }
             }
         }
     }
@@ -154,8 +291,16 @@ pub struct CsrRef<'a, T> {
 impl<T: Real> CsrRef<'_, T> {
     pub(crate) fn check(&self) {
         assert_eq!(self.indptr.len(), self.rows + 1, "csr: indptr length");
-        assert_eq!(self.indices.len(), self.data.len(), "csr: indices and data lengths");
-        assert_eq!(self.indptr[self.rows] as usize, self.data.len(), "csr: indptr end");
+        assert_eq!(
+            self.indices.len(),
+            self.data.len(),
+            "csr: indices and data lengths"
+        );
+        assert_eq!(
+            self.indptr[self.rows] as usize,
+            self.data.len(),
+            "csr: indptr end"
+        );
     }
 
     /// [`CsrRef::check`] and every entry in range: what a device needs before it indexes with
@@ -163,8 +308,15 @@ impl<T: Real> CsrRef<'_, T> {
     /// GPU). A pass over the non-zeros, so only where counts are uploaded.
     pub(crate) fn check_entries(&self) {
         self.check();
-        assert!(self.indptr.windows(2).all(|w| w[0] <= w[1]), "csr: indptr decreases");
-        assert!(self.indices.iter().all(|&j| (j as usize) < self.cols), "csr: a column index is not below {}", self.cols);
+        assert!(
+            self.indptr.windows(2).all(|w| w[0] <= w[1]),
+            "csr: indptr decreases"
+        );
+        assert!(
+            self.indices.iter().all(|&j| (j as usize) < self.cols),
+            "csr: a column index is not below {}",
+            self.cols
+        );
     }
 
     /// The rows as a dense row-major matrix, duplicate entries summed (scipy's canonical form).
@@ -182,7 +334,10 @@ impl<T: Real> CsrRef<'_, T> {
     }
 
     fn library(&self, r: usize) -> T {
-        self.data[self.indptr[r] as usize..self.indptr[r + 1] as usize].iter().copied().sum()
+        self.data[self.indptr[r] as usize..self.indptr[r + 1] as usize]
+            .iter()
+            .copied()
+            .sum()
     }
 }
 
@@ -198,7 +353,11 @@ pub fn transformed_values<T: Real>(x: CsrRef<'_, T>, transform: CountTransform) 
             CountTransform::Log1p => T::zero(), // unused: only the normalised transform needs it
             CountTransform::NormalizedLog1p { .. } => x.library(r),
         };
-        args.extend(x.data[x.indptr[r] as usize..x.indptr[r + 1] as usize].iter().map(|&v| transform.argument(v, library)));
+        args.extend(
+            x.data[x.indptr[r] as usize..x.indptr[r + 1] as usize]
+                .iter()
+                .map(|&v| transform.argument(v, library)),
+        );
     }
     let one_plus: Vec<T> = args.iter().map(|&a| T::one() + a).collect();
     let mut values = vec![T::zero(); args.len()];
@@ -212,17 +371,39 @@ pub fn transformed_values<T: Real>(x: CsrRef<'_, T>, transform: CountTransform) 
 }
 
 /// y (rows x d_out) = t(X) · w, X sparse (rows x cols = d_in), t the count transform.
-pub fn sparse_input_forward<T: Real>(x: CsrRef<'_, T>, transform: CountTransform, w: &[T], d_out: usize, y: &mut [T]) {
+pub fn sparse_input_forward<T: Real>(
+    x: CsrRef<'_, T>,
+    transform: CountTransform,
+    w: &[T],
+    d_out: usize,
+    y: &mut [T],
+) {
     sparse_forward_values(x, &transformed_values(x, transform), w, d_out, y);
 }
 
 /// y = V · w where V has X's sparsity pattern and the already transformed `values`.
-pub fn sparse_forward_values<T: Real>(x: CsrRef<'_, T>, values: &[T], w: &[T], d_out: usize, y: &mut [T]) {
+pub fn sparse_forward_values<T: Real>(
+    x: CsrRef<'_, T>,
+    values: &[T],
+    w: &[T],
+    d_out: usize,
+    y: &mut [T],
+) {
     x.check();
-    assert!(w.len() == x.cols * d_out && y.len() == x.rows * d_out && values.len() == x.data.len(), "sparse input: shapes");
+    assert!(
+        w.len() == x.cols * d_out && y.len() == x.rows * d_out && values.len() == x.data.len(),
+        "sparse input: shapes"
+    );
     y.par_chunks_mut(d_out).enumerate().for_each(|(r, yr)| {
         let span = x.indptr[r] as usize..x.indptr[r + 1] as usize;
-        weighted_row_sum(x.indices[span.clone()].iter().zip(&values[span]).map(|(&j, &v)| (j as usize, v)), w, yr);
+        weighted_row_sum(
+            x.indices[span.clone()]
+                .iter()
+                .zip(&values[span])
+                .map(|(&j, &v)| (j as usize, v)),
+            w,
+            yr,
+        );
     });
 }
 
@@ -231,10 +412,18 @@ pub fn sparse_forward_values<T: Real>(x: CsrRef<'_, T>, values: &[T], w: &[T], d
 /// accumulators in memory would be loaded and stored once per term), and even and odd terms
 /// go to two sets of accumulators added at the end: one set would wait on the latency of each
 /// addition.
-fn weighted_row_sum<T: Real>(terms: impl Iterator<Item = (usize, T)> + Clone, m: &[T], out: &mut [T]) {
+fn weighted_row_sum<T: Real>(
+    terms: impl Iterator<Item = (usize, T)> + Clone,
+    m: &[T],
+    out: &mut [T],
+) {
     const BLOCK: usize = 32;
     let width = out.len();
-    let block_of = |i: usize, start: usize| -> &[T; BLOCK] { m[i * width + start..][..BLOCK].try_into().expect("a block of the row") };
+    let block_of = |i: usize, start: usize| -> &[T; BLOCK] {
+        m[i * width + start..][..BLOCK]
+            .try_into()
+            .expect("a block of the row")
+    };
     let mut start = 0;
     while start + BLOCK <= width {
         let (mut even, mut odd) = ([T::zero(); BLOCK], [T::zero(); BLOCK]);
@@ -265,7 +454,10 @@ fn weighted_row_sum<T: Real>(terms: impl Iterator<Item = (usize, T)> + Clone, m:
 /// The transformed non-zeros indexed by gene: `col_ptr` (cols + 1) and, per entry, its row and
 /// transformed value, rows ascending within a gene (the fixed accumulation order of the weight
 /// gradient, on CPU and GPU).
-pub fn transposed<T: Real>(x: CsrRef<'_, T>, transform: CountTransform) -> (Vec<usize>, Vec<(usize, T)>) {
+pub fn transposed<T: Real>(
+    x: CsrRef<'_, T>,
+    transform: CountTransform,
+) -> (Vec<usize>, Vec<(usize, T)>) {
     transposed_values(x, &transformed_values(x, transform))
 }
 
@@ -292,17 +484,38 @@ pub fn transposed_values<T: Real>(x: CsrRef<'_, T>, values: &[T]) -> (Vec<usize>
 
 /// dw (d_in x d_out) = t(X)ᵀ · dy. Rows of dw are computed in parallel, each accumulating its
 /// cells in row order (a transposed index is built first), so the result is deterministic.
-pub fn sparse_input_backward<T: Real>(x: CsrRef<'_, T>, transform: CountTransform, dy: &[T], d_out: usize, dw: &mut [T]) {
+pub fn sparse_input_backward<T: Real>(
+    x: CsrRef<'_, T>,
+    transform: CountTransform,
+    dy: &[T],
+    d_out: usize,
+    dw: &mut [T],
+) {
     x.check();
-    assert!(dw.len() == x.cols * d_out && dy.len() == x.rows * d_out, "sparse input backward: shapes");
+    assert!(
+        dw.len() == x.cols * d_out && dy.len() == x.rows * d_out,
+        "sparse input backward: shapes"
+    );
     let (counts, entries) = transposed(x, transform);
     sparse_backward_transposed(&counts, &entries, dy, d_out, dw);
 }
 
 /// dw from the transposed index of [`transposed`] / [`transposed_values`].
-pub fn sparse_backward_transposed<T: Real>(col_ptr: &[usize], entries: &[(usize, T)], dy: &[T], d_out: usize, dw: &mut [T]) {
-    assert_eq!(dw.len(), (col_ptr.len() - 1) * d_out, "sparse input backward: shapes");
-    dw.par_chunks_mut(d_out).enumerate().for_each(|(j, dwj)| weighted_row_sum(entries[col_ptr[j]..col_ptr[j + 1]].iter().copied(), dy, dwj));
+pub fn sparse_backward_transposed<T: Real>(
+    col_ptr: &[usize],
+    entries: &[(usize, T)],
+    dy: &[T],
+    d_out: usize,
+    dw: &mut [T],
+) {
+    assert_eq!(
+        dw.len(),
+        (col_ptr.len() - 1) * d_out,
+        "sparse input backward: shapes"
+    );
+    dw.par_chunks_mut(d_out).enumerate().for_each(|(j, dwj)| {
+        weighted_row_sum(entries[col_ptr[j]..col_ptr[j + 1]].iter().copied(), dy, dwj)
+    });
 }
 
 #[cfg(test)]
@@ -318,18 +531,34 @@ mod tests {
     fn f32_transformed_values_match_log1p_in_f64() {
         // Integer counts, then a library-normalised row whose arguments span 1e-7 to 1e4 (both
         // sides of the 1/2 switch between ln(1 + a) and log1p).
-        let data: Vec<f32> = (1..=300).map(|v| v as f32).chain((0..40).map(|i| 10f32.powf(-3.0 + 0.2 * i as f32))).collect();
+        let data: Vec<f32> = (1..=300)
+            .map(|v| v as f32)
+            .chain((0..40).map(|i| 10f32.powf(-3.0 + 0.2 * i as f32)))
+            .collect();
         let indptr = [0u64, 300, 340];
         let indices: Vec<u32> = (0..300).chain(0..40).collect();
-        let x = CsrRef { rows: 2, cols: 300, indptr: &indptr, indices: &indices, data: &data };
-        for transform in [CountTransform::Log1p, CountTransform::NormalizedLog1p { scale: 1e4 }] {
+        let x = CsrRef {
+            rows: 2,
+            cols: 300,
+            indptr: &indptr,
+            indices: &indices,
+            data: &data,
+        };
+        for transform in [
+            CountTransform::Log1p,
+            CountTransform::NormalizedLog1p { scale: 1e4 },
+        ] {
             let got = transformed_values(x, transform);
             for r in 0..2 {
                 let span = indptr[r] as usize..indptr[r + 1] as usize;
                 let library: f64 = data[span.clone()].iter().map(|&v| f64::from(v)).sum();
                 for k in span {
                     let want = transform.argument(f64::from(data[k]), library).ln_1p();
-                    assert!((f64::from(got[k]) - want).abs() <= 3e-7 * want.abs().max(1e-30), "{transform:?} entry {k}: {} vs {want}", got[k]);
+                    assert!(
+                        (f64::from(got[k]) - want).abs() <= 3e-7 * want.abs().max(1e-30),
+                        "{transform:?} entry {k}: {} vs {want}",
+                        got[k]
+                    );
                 }
             }
         }
@@ -340,7 +569,11 @@ mod tests {
         // Small (one block) and above the parallel threshold: blocks of rows, and blocks of
         // columns (wider than tall, uneven last block) on 3 threads.
         for (m, k, n) in [(5, 7, 3), (67, 70, 60), (40, 50, 300)] {
-            rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(|| gemm_case(m, k, n));
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(3)
+                .build()
+                .unwrap()
+                .install(|| gemm_case(m, k, n));
         }
     }
 
@@ -350,7 +583,9 @@ mod tests {
         let naive = |ta: bool, tb: bool| {
             let at = |i: usize, p: usize| if ta { a[p * m + i] } else { a[i * k + p] };
             let bt = |p: usize, j: usize| if tb { b[j * k + p] } else { b[p * n + j] };
-            (0..m * n).map(|ij| (0..k).map(|p| at(ij / n, p) * bt(p, ij % n)).sum::<f64>()).collect::<Vec<_>>()
+            (0..m * n)
+                .map(|ij| (0..k).map(|p| at(ij / n, p) * bt(p, ij % n)).sum::<f64>())
+                .collect::<Vec<_>>()
         };
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
             let mut c = vec![1.0; m * n];
@@ -361,26 +596,77 @@ mod tests {
             }
             // The split does not change a bit: the same product on one thread.
             let mut serial = vec![1.0; m * n];
-            rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| f64::gemm(ta, tb, m, k, n, 2.0, &a, &b, 0.5, &mut serial));
-            assert!(c.iter().zip(&serial).all(|(x, y)| x.to_bits() == y.to_bits()), "ta={ta} tb={tb}: split changed bits");
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap()
+                .install(|| f64::gemm(ta, tb, m, k, n, 2.0, &a, &b, 0.5, &mut serial));
+            assert!(
+                c.iter()
+                    .zip(&serial)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "ta={ta} tb={tb}: split changed bits"
+            );
         }
     }
 
     #[test]
     fn linear_gradients_match_finite_differences() {
         for (n, d_in, d_out) in [(1, 1, 1), (3, 31, 5), (4, 1025, 2)] {
-            let (x, w, b) = (values(n * d_in, 0.0), values(d_in * d_out, 3.0), values(d_out, 7.0));
+            let (x, w, b) = (
+                values(n * d_in, 0.0),
+                values(d_in * d_out, 3.0),
+                values(d_out, 7.0),
+            );
             let g = values(n * d_out, 11.0); // upstream gradient: loss = Σ y ⊙ g
             let loss = |x: &[f64], w: &[f64], b: &[f64]| {
                 let mut y = vec![0.0; n * d_out];
                 linear_forward(x, w, Some(b), n, d_in, d_out, &mut y);
                 y.iter().zip(&g).map(|(a, b)| a * b).sum::<f64>()
             };
-            let (mut dx, mut dw, mut db) = (vec![0.0; n * d_in], vec![0.0; d_in * d_out], vec![0.0; d_out]);
-            linear_backward(&x, &w, &g, n, d_in, d_out, Some(&mut dx), &mut dw, Some(&mut db));
-            check_at(|p| loss(p, &w, &b), &x, &dx, spread(x.len(), 64), 1e-6, 1e-7).unwrap();
-            check_at(|p| loss(&x, p, &b), &w, &dw, spread(w.len(), 64), 1e-6, 1e-7).unwrap();
-            check_at(|p| loss(&x, &w, p), &b, &db, spread(b.len(), 64), 1e-6, 1e-7).unwrap();
+            let (mut dx, mut dw, mut db) = (
+                vec![0.0; n * d_in],
+                vec![0.0; d_in * d_out],
+                vec![0.0; d_out],
+            );
+            linear_backward(
+                &x,
+                &w,
+                &g,
+                n,
+                d_in,
+                d_out,
+                Some(&mut dx),
+                &mut dw,
+                Some(&mut db),
+            );
+            check_at(
+                |p| loss(p, &w, &b),
+                &x,
+                &dx,
+                spread(x.len(), 64),
+                1e-6,
+                1e-7,
+            )
+            .unwrap();
+            check_at(
+                |p| loss(&x, p, &b),
+                &w,
+                &dw,
+                spread(w.len(), 64),
+                1e-6,
+                1e-7,
+            )
+            .unwrap();
+            check_at(
+                |p| loss(&x, &w, p),
+                &b,
+                &db,
+                spread(b.len(), 64),
+                1e-6,
+                1e-7,
+            )
+            .unwrap();
         }
     }
 
@@ -389,7 +675,11 @@ mod tests {
         let (mut indptr, mut indices, mut data) = (vec![0u64], Vec::new(), Vec::new());
         for r in 0..rows {
             for j in 0..cols {
-                let keep = match r % 3 { 0 => false, 1 => j == cols / 2, _ => (j * 7 + r) % 3 != 0 };
+                let keep = match r % 3 {
+                    0 => false,
+                    1 => j == cols / 2,
+                    _ => (j * 7 + r) % 3 != 0,
+                };
                 if keep {
                     indices.push(j as u32);
                     data.push(((j * 13 + r * 5) % 40) as f64 + 1.0);
@@ -402,20 +692,32 @@ mod tests {
 
     #[test]
     fn sparse_input_equals_dense_and_its_gradient_checks() {
-        for transform in [CountTransform::Log1p, CountTransform::NormalizedLog1p { scale: 1e4 }] {
+        for transform in [
+            CountTransform::Log1p,
+            CountTransform::NormalizedLog1p { scale: 1e4 },
+        ] {
             // d_out 70: two register blocks of outputs and a remainder.
             for (rows, cols, d_out) in [(1, 1, 1), (6, 31, 4), (3, 1025, 2), (5, 200, 70)] {
                 let (indptr, indices, data) = counts(rows, cols);
-                let x = CsrRef { rows, cols, indptr: &indptr, indices: &indices, data: &data };
+                let x = CsrRef {
+                    rows,
+                    cols,
+                    indptr: &indptr,
+                    indices: &indices,
+                    data: &data,
+                };
                 let w = values(cols * d_out, 5.0);
                 let mut y = vec![0.0; rows * d_out];
                 sparse_input_forward(x, transform, &w, d_out, &mut y);
                 // Same as the dense transform followed by GEMM.
                 let mut dense = vec![0.0; rows * cols];
                 for r in 0..rows {
-                    let lib: f64 = data[indptr[r] as usize..indptr[r + 1] as usize].iter().sum();
+                    let lib: f64 = data[indptr[r] as usize..indptr[r + 1] as usize]
+                        .iter()
+                        .sum();
                     for k in indptr[r] as usize..indptr[r + 1] as usize {
-                        dense[r * cols + indices[k] as usize] = transform.argument(data[k], lib).ln_1p();
+                        dense[r * cols + indices[k] as usize] =
+                            transform.argument(data[k], lib).ln_1p();
                     }
                 }
                 let mut y_dense = vec![0.0; rows * d_out];
@@ -431,7 +733,8 @@ mod tests {
                     sparse_input_forward(x, transform, w, d_out, &mut y);
                     y.iter().zip(&g).map(|(a, b)| a * b).sum::<f64>()
                 };
-                check_at(loss, &w, &dw, spread(w.len(), 64), 1e-6, 1e-7).unwrap_or_else(|e| panic!("{transform:?} {rows}x{cols}: {e}"));
+                check_at(loss, &w, &dw, spread(w.len(), 64), 1e-6, 1e-7)
+                    .unwrap_or_else(|e| panic!("{transform:?} {rows}x{cols}: {e}"));
             }
         }
     }
@@ -440,7 +743,13 @@ mod tests {
     fn reductions_are_deterministic() {
         let (indptr, indices, data) = counts(200, 300);
         let data32: Vec<f32> = data.iter().map(|&v| v as f32).collect();
-        let x = CsrRef { rows: 200, cols: 300, indptr: &indptr, indices: &indices, data: &data32 };
+        let x = CsrRef {
+            rows: 200,
+            cols: 300,
+            indptr: &indptr,
+            indices: &indices,
+            data: &data32,
+        };
         let g: Vec<f32> = values(200 * 16, 1.0).iter().map(|&v| v as f32).collect();
         let run = || {
             let mut dw = vec![0.0f32; 300 * 16];

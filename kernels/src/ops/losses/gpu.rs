@@ -13,49 +13,111 @@ fn sum_on_host(gpu: &Gpu, v: &CudaSlice<f32>) -> Result<f32> {
 }
 
 /// As [`super::cross_entropy`], on the device (labels come from the host batch).
-pub fn cross_entropy(gpu: &Gpu, logits: &View<'_>, labels: &[i32], classes: usize, dlogits: &mut ViewMut<'_>) -> Result<(f32, usize)> {
+pub fn cross_entropy(
+    gpu: &Gpu,
+    logits: &View<'_>,
+    labels: &[i32],
+    classes: usize,
+    dlogits: &mut ViewMut<'_>,
+) -> Result<(f32, usize)> {
     let rows = labels.len();
-    assert!(classes > 0 && logits.len() == rows * classes && dlogits.len() == logits.len(), "cross entropy: shapes");
-    assert!(labels.iter().all(|&l| l < classes as i32), "label out of range");
+    assert!(
+        classes > 0 && logits.len() == rows * classes && dlogits.len() == logits.len(),
+        "cross entropy: shapes"
+    );
+    assert!(
+        labels.iter().all(|&l| l < classes as i32),
+        "label out of range"
+    );
     let labelled = labels.iter().filter(|&&l| l >= 0).count();
-    let scale = if labelled > 0 { 1.0 / labelled as f32 } else { 0.0 };
+    let scale = if labelled > 0 {
+        1.0 / labelled as f32
+    } else {
+        0.0
+    };
     let (labels_d, row_loss) = (gpu.upload(labels)?, gpu.zeros(rows)?);
     let (rows64, classes64) = (rows as u64, classes as u64);
     let f = gpu.function("losses", CUDA_SOURCE, "cross_entropy")?;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(logits).arg(&labels_d).arg(&rows64).arg(&classes64).arg(&scale).arg(&row_loss).arg(dlogits);
+    b.arg(logits)
+        .arg(&labels_d)
+        .arg(&rows64)
+        .arg(&classes64)
+        .arg(&scale)
+        .arg(&row_loss)
+        .arg(dlogits);
     launch(b, rows, "cross_entropy")?;
     Ok((sum_on_host(gpu, &row_loss)? * scale, labelled))
 }
 
 /// As [`super::masked_mse`], on the device (targets come from the host batch).
-pub fn masked_mse(gpu: &Gpu, pred: &View<'_>, targets: &[f64], dpred: &mut ViewMut<'_>) -> Result<(f32, usize)> {
+pub fn masked_mse(
+    gpu: &Gpu,
+    pred: &View<'_>,
+    targets: &[f64],
+    dpred: &mut ViewMut<'_>,
+) -> Result<(f32, usize)> {
     let n = targets.len();
     assert!(pred.len() == n && dpred.len() == n, "mse: lengths");
     let observed = targets.iter().filter(|t| !t.is_nan()).count();
-    let scale = if observed > 0 { 1.0 / observed as f32 } else { 0.0 };
+    let scale = if observed > 0 {
+        1.0 / observed as f32
+    } else {
+        0.0
+    };
     let targets_d = gpu.upload(targets)?;
     let entry_loss = gpu.zeros(n)?;
     let n64 = n as u64;
     let f = gpu.function("losses", CUDA_SOURCE, "masked_mse")?;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(pred).arg(&targets_d).arg(&n64).arg(&scale).arg(&entry_loss).arg(dpred);
+    b.arg(pred)
+        .arg(&targets_d)
+        .arg(&n64)
+        .arg(&scale)
+        .arg(&entry_loss)
+        .arg(dpred);
     launch(b, n, "masked_mse")?;
     Ok((sum_on_host(gpu, &entry_loss)? * scale, observed))
 }
 
 /// As [`super::mmd_rbf`], on the device.
-pub fn mmd_rbf(gpu: &Gpu, x: &View<'_>, y: &View<'_>, dim: usize, bandwidths: &[f64], dx: &mut ViewMut<'_>, dy: &mut ViewMut<'_>) -> Result<f32> {
+pub fn mmd_rbf(
+    gpu: &Gpu,
+    x: &View<'_>,
+    y: &View<'_>,
+    dim: usize,
+    bandwidths: &[f64],
+    dx: &mut ViewMut<'_>,
+    dy: &mut ViewMut<'_>,
+) -> Result<f32> {
     let (n, m) = (x.len() / dim, y.len() / dim);
-    assert!(n > 0 && m > 0 && dx.len() == x.len() && dy.len() == y.len(), "mmd: shapes");
+    assert!(
+        n > 0 && m > 0 && dx.len() == x.len() && dy.len() == y.len(),
+        "mmd: shapes"
+    );
     let bw: Vec<f32> = bandwidths.iter().map(|&b| b as f32).collect();
     let bw_d = gpu.upload(&bw)?;
     let f = gpu.function("losses", CUDA_SOURCE, "mmd_side")?;
-    let side = |a: &View<'_>, b_: &View<'_>, na: usize, nb: usize, w: f32, grad: &mut ViewMut<'_>| -> Result<f32> {
+    let side = |a: &View<'_>,
+                b_: &View<'_>,
+                na: usize,
+                nb: usize,
+                w: f32,
+                grad: &mut ViewMut<'_>|
+     -> Result<f32> {
         let partial = gpu.zeros(na)?;
         let (na64, nb64, d64, nbw) = (na as u64, nb as u64, dim as u64, bw.len() as i32);
         let mut b = gpu.stream().launch_builder(&f);
-        b.arg(a).arg(b_).arg(&na64).arg(&nb64).arg(&d64).arg(&bw_d).arg(&nbw).arg(&w).arg(&partial).arg(grad);
+        b.arg(a)
+            .arg(b_)
+            .arg(&na64)
+            .arg(&nb64)
+            .arg(&d64)
+            .arg(&bw_d)
+            .arg(&nbw)
+            .arg(&w)
+            .arg(&partial)
+            .arg(grad);
         launch(b, na, "mmd_side")?;
         Ok(sum_on_host(gpu, &partial)? * w)
     };
@@ -74,11 +136,24 @@ pub fn mmd_rbf(gpu: &Gpu, x: &View<'_>, y: &View<'_>, dim: usize, bandwidths: &[
 }
 
 /// As [`super::cosine_margin`], on the device.
-pub fn cosine_margin(gpu: &Gpu, z: &View<'_>, labels: &[i32], dim: usize, margin: f64, dz: &mut ViewMut<'_>) -> Result<f32> {
+pub fn cosine_margin(
+    gpu: &Gpu,
+    z: &View<'_>,
+    labels: &[i32],
+    dim: usize,
+    margin: f64,
+    dz: &mut ViewMut<'_>,
+) -> Result<f32> {
     let n = labels.len();
-    assert!(z.len() == n * dim && dz.len() == z.len(), "cosine margin: shapes");
+    assert!(
+        z.len() == n * dim && dz.len() == z.len(),
+        "cosine margin: shapes"
+    );
     let host = gpu.download(z)?;
-    let norms: Vec<f32> = host.chunks(dim).map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12)).collect();
+    let norms: Vec<f32> = host
+        .chunks(dim)
+        .map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12))
+        .collect();
     let labelled = labels.iter().filter(|&&l| l >= 0).count();
     let pairs = labelled * labelled.saturating_sub(1) / 2;
     let scale = if pairs > 0 { 1.0 / pairs as f32 } else { 0.0 };
@@ -86,22 +161,48 @@ pub fn cosine_margin(gpu: &Gpu, z: &View<'_>, labels: &[i32], dim: usize, margin
     let (n64, d64, margin) = (n as u64, dim as u64, margin as f32);
     let f = gpu.function("losses", CUDA_SOURCE, "cosine_margin")?;
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(z).arg(&labels_d).arg(&norms_d).arg(&n64).arg(&d64).arg(&margin).arg(&scale).arg(&row_loss).arg(dz);
+    b.arg(z)
+        .arg(&labels_d)
+        .arg(&norms_d)
+        .arg(&n64)
+        .arg(&d64)
+        .arg(&margin)
+        .arg(&scale)
+        .arg(&row_loss)
+        .arg(dz);
     launch(b, n, "cosine_margin")?;
     Ok(sum_on_host(gpu, &row_loss)? * scale)
 }
 
 /// As [`super::cox_partial_likelihood`], on the device.
-pub fn cox_partial_likelihood(gpu: &Gpu, eta: &View<'_>, times: &[f64], events: &[bool], deta: &mut ViewMut<'_>) -> Result<f32> {
+pub fn cox_partial_likelihood(
+    gpu: &Gpu,
+    eta: &View<'_>,
+    times: &[f64],
+    events: &[bool],
+    deta: &mut ViewMut<'_>,
+) -> Result<f32> {
     let n = eta.len();
-    assert!(times.len() == n && events.len() == n && deta.len() == n, "cox: lengths");
+    assert!(
+        times.len() == n && events.len() == n && deta.len() == n,
+        "cox: lengths"
+    );
     let n_events = events.iter().filter(|&&e| e).count();
     let host = gpu.download(eta)?;
     let max = host.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let w: Vec<f32> = host.iter().map(|&e| (e - max).exp()).collect();
-    let scale = if n_events > 0 { 1.0 / n_events as f32 } else { 0.0 };
+    let scale = if n_events > 0 {
+        1.0 / n_events as f32
+    } else {
+        0.0
+    };
     let ev: Vec<u8> = events.iter().map(|&e| u8::from(e)).collect();
-    let (w_d, t_d, e_d, risk) = (gpu.upload(&w)?, gpu.upload(times)?, gpu.upload(&ev)?, gpu.zeros(n)?);
+    let (w_d, t_d, e_d, risk) = (
+        gpu.upload(&w)?,
+        gpu.upload(times)?,
+        gpu.upload(&ev)?,
+        gpu.zeros(n)?,
+    );
     let n64 = n as u64;
     let f = gpu.function("losses", CUDA_SOURCE, "cox_risk_sums")?;
     let mut b = gpu.stream().launch_builder(&f);
@@ -109,9 +210,18 @@ pub fn cox_partial_likelihood(gpu: &Gpu, eta: &View<'_>, times: &[f64], events: 
     launch(b, n, "cox_risk_sums")?;
     let g = gpu.function("losses", CUDA_SOURCE, "cox_gradient")?;
     let mut b = gpu.stream().launch_builder(&g);
-    b.arg(&w_d).arg(&t_d).arg(&e_d).arg(&risk).arg(&n64).arg(&scale).arg(deta);
+    b.arg(&w_d)
+        .arg(&t_d)
+        .arg(&e_d)
+        .arg(&risk)
+        .arg(&n64)
+        .arg(&scale)
+        .arg(deta);
     launch(b, n, "cox_gradient")?;
     let sums = gpu.download(&risk)?;
-    let loss: f32 = (0..n).filter(|&i| events[i]).map(|i| -(host[i] - (sums[i].ln() + max))).sum();
+    let loss: f32 = (0..n)
+        .filter(|&i| events[i])
+        .map(|i| -(host[i] - (sums[i].ln() + max)))
+        .sum();
     Ok(loss * scale)
 }

@@ -14,10 +14,22 @@ pub mod gpu;
 
 /// Mean cross-entropy of softmax(logits) against `labels` (rows with -1 are skipped), and its
 /// gradient w.r.t. the logits. Returns (loss, number of labelled rows).
-pub fn cross_entropy<T: Real>(logits: &[T], labels: &[i32], classes: usize, dlogits: &mut [T]) -> (T, usize) {
-    assert!(classes > 0 && logits.len() == labels.len() * classes && dlogits.len() == logits.len(), "cross entropy: shapes");
+pub fn cross_entropy<T: Real>(
+    logits: &[T],
+    labels: &[i32],
+    classes: usize,
+    dlogits: &mut [T],
+) -> (T, usize) {
+    assert!(
+        classes > 0 && logits.len() == labels.len() * classes && dlogits.len() == logits.len(),
+        "cross entropy: shapes"
+    );
     let labelled = labels.iter().filter(|&&l| l >= 0).count();
-    let scale = if labelled > 0 { T::one() / T::of(labelled as f64) } else { T::zero() };
+    let scale = if labelled > 0 {
+        T::one() / T::of(labelled as f64)
+    } else {
+        T::zero()
+    };
     let losses: Vec<T> = dlogits
         .par_chunks_mut(classes)
         .zip(logits.par_chunks(classes))
@@ -27,13 +39,21 @@ pub fn cross_entropy<T: Real>(logits: &[T], labels: &[i32], classes: usize, dlog
                 d.iter_mut().for_each(|v| *v = T::zero());
                 return T::zero();
             }
-            assert!((label as usize) < classes, "label {label} out of range for {classes} classes");
+            assert!(
+                (label as usize) < classes,
+                "label {label} out of range for {classes} classes"
+            );
             let max = z.iter().copied().fold(T::neg_infinity(), T::max);
             let sum: T = z.iter().map(|&v| (v - max).exp()).sum();
             let log_sum = sum.ln() + max;
             for (k, d) in d.iter_mut().enumerate() {
                 let p = (z[k] - log_sum).exp();
-                *d = scale * (p - if k == label as usize { T::one() } else { T::zero() });
+                *d = scale
+                    * (p - if k == label as usize {
+                        T::one()
+                    } else {
+                        T::zero()
+                    });
             }
             log_sum - z[label as usize]
         })
@@ -44,9 +64,16 @@ pub fn cross_entropy<T: Real>(logits: &[T], labels: &[i32], classes: usize, dlog
 /// Mean squared error of `pred` against `targets` over the entries whose target is not NaN
 /// (a missing value), and its gradient (zero at missing entries). Returns (loss, observed).
 pub fn masked_mse<T: Real>(pred: &[T], targets: &[f64], dpred: &mut [T]) -> (T, usize) {
-    assert!(pred.len() == targets.len() && dpred.len() == pred.len(), "mse: lengths");
+    assert!(
+        pred.len() == targets.len() && dpred.len() == pred.len(),
+        "mse: lengths"
+    );
     let observed = targets.iter().filter(|t| !t.is_nan()).count();
-    let scale = if observed > 0 { T::one() / T::of(observed as f64) } else { T::zero() };
+    let scale = if observed > 0 {
+        T::one() / T::of(observed as f64)
+    } else {
+        T::zero()
+    };
     let sum: T = dpred
         .par_iter_mut()
         .zip(pred.par_iter().zip(targets.par_iter()))
@@ -69,7 +96,9 @@ pub fn masked_mse<T: Real>(pred: &[T], targets: &[f64], dpred: &mut [T]) -> (T, 
 /// learns to fool the classifier the loss trains.
 pub fn gradient_reversal_backward<T: Real>(dy: &[T], lambda: f64, dx: &mut [T]) {
     let f = T::of(-lambda);
-    dx.par_iter_mut().zip(dy.par_iter()).for_each(|(dx, &dy)| *dx = f * dy);
+    dx.par_iter_mut()
+        .zip(dy.par_iter())
+        .for_each(|(dx, &dy)| *dx = f * dy);
 }
 
 /// Sum over bandwidths of exp(-|a - b|² / (2 σ²)), and d/d(|a-b|²).
@@ -86,9 +115,24 @@ fn rbf<T: Real>(d2: T, bandwidths: &[f64]) -> (T, T) {
 
 /// Squared MMD between samples `x` (n x dim) and `y` (m x dim) with a sum of RBF kernels
 /// (biased estimator: means over all pairs), and its gradients.
-pub fn mmd_rbf<T: Real>(x: &[T], y: &[T], dim: usize, bandwidths: &[f64], dx: &mut [T], dy: &mut [T]) -> T {
+pub fn mmd_rbf<T: Real>(
+    x: &[T],
+    y: &[T],
+    dim: usize,
+    bandwidths: &[f64],
+    dx: &mut [T],
+    dy: &mut [T],
+) -> T {
     let (n, m) = (x.len() / dim, y.len() / dim);
-    assert!(n > 0 && m > 0 && x.len() == n * dim && y.len() == m * dim && dx.len() == x.len() && dy.len() == y.len(), "mmd: shapes");
+    assert!(
+        n > 0
+            && m > 0
+            && x.len() == n * dim
+            && y.len() == m * dim
+            && dx.len() == x.len()
+            && dy.len() == y.len(),
+        "mmd: shapes"
+    );
     // One side's contribution: for each row of `a`, Σ over rows of `b` with weight w, and the
     // gradient w.r.t. that row of a (and, for the same set, symmetric).
     let side = |a: &[T], b: &[T], w: T, grad: &mut [T]| -> T {
@@ -113,7 +157,11 @@ pub fn mmd_rbf<T: Real>(x: &[T], y: &[T], dim: usize, bandwidths: &[f64], dx: &m
     };
     dx.iter_mut().for_each(|v| *v = T::zero());
     dy.iter_mut().for_each(|v| *v = T::zero());
-    let (nn, mm, nm) = (T::of((n * n) as f64), T::of((m * m) as f64), T::of((n * m) as f64));
+    let (nn, mm, nm) = (
+        T::of((n * n) as f64),
+        T::of((m * m) as f64),
+        T::of((n * m) as f64),
+    );
     let two = T::of(2.0);
     // k(x,x) terms: each pair appears twice in the double sum, so the row gradient doubles.
     let kxx = side(x, x, T::one() / nn, dx);
@@ -137,8 +185,14 @@ pub fn mmd_rbf<T: Real>(x: &[T], y: &[T], dim: usize, bandwidths: &[f64], dx: &m
 /// same label → 1 - cos(z_i, z_j); different → max(0, cos(z_i, z_j) - margin).
 pub fn cosine_margin<T: Real>(z: &[T], labels: &[i32], dim: usize, margin: f64, dz: &mut [T]) -> T {
     let n = labels.len();
-    assert!(z.len() == n * dim && dz.len() == z.len(), "cosine margin: shapes");
-    let norms: Vec<T> = z.chunks(dim).map(|r| r.iter().map(|&v| v * v).sum::<T>().sqrt().max(T::of(1e-12))).collect();
+    assert!(
+        z.len() == n * dim && dz.len() == z.len(),
+        "cosine margin: shapes"
+    );
+    let norms: Vec<T> = z
+        .chunks(dim)
+        .map(|r| r.iter().map(|&v| v * v).sum::<T>().sqrt().max(T::of(1e-12)))
+        .collect();
     let pairs = {
         let l = labels.iter().filter(|&&l| l >= 0).count();
         l * l.saturating_sub(1) / 2
@@ -183,9 +237,17 @@ pub fn cosine_margin<T: Real>(z: &[T], labels: &[i32], dim: usize, margin: f64, 
 /// Negative Cox partial log-likelihood (Breslow ties) of risk scores `eta`, with survival or
 /// censoring `times` and `events` (true = the event was observed), averaged over events; and
 /// its gradient.
-pub fn cox_partial_likelihood<T: Real>(eta: &[T], times: &[f64], events: &[bool], deta: &mut [T]) -> T {
+pub fn cox_partial_likelihood<T: Real>(
+    eta: &[T],
+    times: &[f64],
+    events: &[bool],
+    deta: &mut [T],
+) -> T {
     let n = eta.len();
-    assert!(times.len() == n && events.len() == n && deta.len() == n, "cox: lengths");
+    assert!(
+        times.len() == n && events.len() == n && deta.len() == n,
+        "cox: lengths"
+    );
     let n_events = events.iter().filter(|&&e| e).count();
     deta.iter_mut().for_each(|v| *v = T::zero());
     if n_events == 0 {
@@ -214,7 +276,10 @@ mod tests {
     use crate::gradcheck::check;
 
     fn values(n: usize, seed: f64) -> Vec<f64> {
-        crate::gradcheck::wave(n, seed).into_iter().map(|v| v * 1.5).collect()
+        crate::gradcheck::wave(n, seed)
+            .into_iter()
+            .map(|v| v * 1.5)
+            .collect()
     }
 
     #[test]
@@ -228,7 +293,10 @@ mod tests {
         let mut d = vec![0.0; 15];
         let (value, labelled) = cross_entropy(&z, &labels, 3, &mut d);
         assert_eq!(labelled, 4);
-        assert!(d[3..6].iter().all(|&v| v == 0.0), "unlabelled row has no gradient");
+        assert!(
+            d[3..6].iter().all(|&v| v == 0.0),
+            "unlabelled row has no gradient"
+        );
         // Uniform logits: loss = ln(classes).
         let mut d2 = vec![0.0; 3];
         assert!((cross_entropy(&[0.0f64; 3], &[1], 3, &mut d2).0 - 3f64.ln()).abs() < 1e-15);
@@ -246,10 +314,21 @@ mod tests {
         let mut d = vec![0.0; 6];
         let (value, observed) = masked_mse(&pred, &targets, &mut d);
         assert_eq!(observed, 4);
-        let expected: f64 = [0, 2, 3, 5].iter().map(|&i| (pred[i] - targets[i]).powi(2)).sum::<f64>() / 4.0;
+        let expected: f64 = [0, 2, 3, 5]
+            .iter()
+            .map(|&i| (pred[i] - targets[i]).powi(2))
+            .sum::<f64>()
+            / 4.0;
         assert!((value - expected).abs() < 1e-15);
         assert!(d[1] == 0.0 && d[4] == 0.0);
-        check(|p| masked_mse(p, &targets, &mut [0.0; 6]).0, &pred, &d, 1e-6, 1e-8).unwrap();
+        check(
+            |p| masked_mse(p, &targets, &mut [0.0; 6]).0,
+            &pred,
+            &d,
+            1e-6,
+            1e-8,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -262,7 +341,16 @@ mod tests {
         assert!(same.abs() < 1e-12);
         let value = mmd_rbf(&x, &y, dim, &bw, &mut dx, &mut dy);
         assert!(value > 0.0);
-        let f = |x: &[f64], y: &[f64]| mmd_rbf(x, y, dim, &bw, &mut vec![0.0; x.len()], &mut vec![0.0; y.len()]);
+        let f = |x: &[f64], y: &[f64]| {
+            mmd_rbf(
+                x,
+                y,
+                dim,
+                &bw,
+                &mut vec![0.0; x.len()],
+                &mut vec![0.0; y.len()],
+            )
+        };
         check(|p| f(p, &y), &x, &dx, 1e-6, 1e-7).unwrap();
         check(|p| f(&x, p), &y, &dy, 1e-6, 1e-7).unwrap();
     }
@@ -283,7 +371,11 @@ mod tests {
     fn cox_gradient_and_value() {
         // One event among two at risk with equal risk: loss = ln 2.
         let mut d = [0.0f64; 2];
-        assert!((cox_partial_likelihood(&[0.3, 0.3], &[1.0, 2.0], &[true, false], &mut d) - 2f64.ln()).abs() < 1e-15);
+        assert!(
+            (cox_partial_likelihood(&[0.3, 0.3], &[1.0, 2.0], &[true, false], &mut d) - 2f64.ln())
+                .abs()
+                < 1e-15
+        );
         let eta = values(7, 2.0);
         let times = [5.0, 1.0, 3.0, 3.0, 8.0, 2.0, 6.0];
         let events = [true, false, true, true, false, true, true];

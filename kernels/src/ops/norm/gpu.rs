@@ -7,8 +7,16 @@ use super::CUDA_SOURCE;
 use crate::cuda::{Gpu, Result, View, ViewMut, launch};
 use crate::ops::elementwise::gpu::column_sums;
 
-pub fn softmax_forward(gpu: &Gpu, x: &View<'_>, features: usize, y: &mut ViewMut<'_>) -> Result<()> {
-    assert!(features > 0 && x.len() == y.len() && x.len().is_multiple_of(features), "softmax: shapes");
+pub fn softmax_forward(
+    gpu: &Gpu,
+    x: &View<'_>,
+    features: usize,
+    y: &mut ViewMut<'_>,
+) -> Result<()> {
+    assert!(
+        features > 0 && x.len() == y.len() && x.len().is_multiple_of(features),
+        "softmax: shapes"
+    );
     let f = gpu.function("norm", CUDA_SOURCE, "softmax_forward")?;
     let (rows, features64) = ((x.len() / features) as u64, features as u64);
     let mut b = gpu.stream().launch_builder(&f);
@@ -16,8 +24,20 @@ pub fn softmax_forward(gpu: &Gpu, x: &View<'_>, features: usize, y: &mut ViewMut
     launch(b, rows as usize, "softmax_forward")
 }
 
-pub fn softmax_backward(gpu: &Gpu, y: &View<'_>, dy: &View<'_>, features: usize, dx: &mut ViewMut<'_>) -> Result<()> {
-    assert!(features > 0 && y.len() == dy.len() && dy.len() == dx.len() && y.len().is_multiple_of(features), "softmax backward: shapes");
+pub fn softmax_backward(
+    gpu: &Gpu,
+    y: &View<'_>,
+    dy: &View<'_>,
+    features: usize,
+    dx: &mut ViewMut<'_>,
+) -> Result<()> {
+    assert!(
+        features > 0
+            && y.len() == dy.len()
+            && dy.len() == dx.len()
+            && y.len().is_multiple_of(features),
+        "softmax backward: shapes"
+    );
     let f = gpu.function("norm", CUDA_SOURCE, "softmax_backward")?;
     let (rows, features64) = ((y.len() / features) as u64, features as u64);
     let mut b = gpu.stream().launch_builder(&f);
@@ -33,29 +53,70 @@ pub struct DeviceNormCache {
 }
 
 /// As [`super::layer_norm_forward`], on the device.
-pub fn layer_norm_forward(gpu: &Gpu, x: &View<'_>, gamma: &View<'_>, beta: &View<'_>, eps: f64, y: &mut ViewMut<'_>) -> Result<DeviceNormCache> {
+pub fn layer_norm_forward(
+    gpu: &Gpu,
+    x: &View<'_>,
+    gamma: &View<'_>,
+    beta: &View<'_>,
+    eps: f64,
+    y: &mut ViewMut<'_>,
+) -> Result<DeviceNormCache> {
     let f = gamma.len();
-    assert!(f > 0 && beta.len() == f && x.len() == y.len() && x.len().is_multiple_of(f), "layer norm: shapes");
+    assert!(
+        f > 0 && beta.len() == f && x.len() == y.len() && x.len().is_multiple_of(f),
+        "layer norm: shapes"
+    );
     let rows = x.len() / f;
-    let cache = DeviceNormCache { xhat: gpu.zeros(x.len())?, inv_std: gpu.zeros(rows)? };
+    let cache = DeviceNormCache {
+        xhat: gpu.zeros(x.len())?,
+        inv_std: gpu.zeros(rows)?,
+    };
     let (rows64, f64_, eps) = (rows as u64, f as u64, eps as f32);
     let kernel = gpu.function("norm", CUDA_SOURCE, "layer_norm_forward")?;
     let mut b = gpu.stream().launch_builder(&kernel);
-    b.arg(x).arg(gamma).arg(beta).arg(&rows64).arg(&f64_).arg(&eps).arg(y).arg(&cache.xhat).arg(&cache.inv_std);
+    b.arg(x)
+        .arg(gamma)
+        .arg(beta)
+        .arg(&rows64)
+        .arg(&f64_)
+        .arg(&eps)
+        .arg(y)
+        .arg(&cache.xhat)
+        .arg(&cache.inv_std);
     launch(b, rows, "layer_norm_forward")?;
     Ok(cache)
 }
 
 /// As [`super::layer_norm_backward`], on the device.
-pub fn layer_norm_backward(gpu: &Gpu, cache: &DeviceNormCache, gamma: &View<'_>, dy: &View<'_>, dx: &mut ViewMut<'_>, dgamma: &mut ViewMut<'_>, dbeta: &mut ViewMut<'_>) -> Result<()> {
+pub fn layer_norm_backward(
+    gpu: &Gpu,
+    cache: &DeviceNormCache,
+    gamma: &View<'_>,
+    dy: &View<'_>,
+    dx: &mut ViewMut<'_>,
+    dgamma: &mut ViewMut<'_>,
+    dbeta: &mut ViewMut<'_>,
+) -> Result<()> {
     let f = gamma.len();
     let rows = dy.len() / f;
-    assert!(dy.len() == cache.xhat.len() && dx.len() == dy.len() && dgamma.len() == f && dbeta.len() == f, "layer norm backward: shapes");
+    assert!(
+        dy.len() == cache.xhat.len()
+            && dx.len() == dy.len()
+            && dgamma.len() == f
+            && dbeta.len() == f,
+        "layer norm backward: shapes"
+    );
     let (rows64, f64_, n64) = (rows as u64, f as u64, dy.len() as u64);
     {
         let kernel = gpu.function("norm", CUDA_SOURCE, "layer_norm_backward")?;
         let mut b = gpu.stream().launch_builder(&kernel);
-        b.arg(&cache.xhat).arg(&cache.inv_std).arg(gamma).arg(dy).arg(&rows64).arg(&f64_).arg(dx);
+        b.arg(&cache.xhat)
+            .arg(&cache.inv_std)
+            .arg(gamma)
+            .arg(dy)
+            .arg(&rows64)
+            .arg(&f64_)
+            .arg(dx);
         launch(b, rows, "layer_norm_backward")
     }?;
     let prod = gpu.zeros(dy.len())?;
@@ -72,44 +133,123 @@ pub fn layer_norm_backward(gpu: &Gpu, cache: &DeviceNormCache, gamma: &View<'_>,
 /// The running statistics of a BatchNorm layer: mean then variance (2 x features, one view, as
 /// they sit in a model's state buffer).
 fn split_running<'a>(running: &'a mut ViewMut<'_>, f: usize) -> (ViewMut<'a>, ViewMut<'a>) {
-    assert_eq!(running.len(), 2 * f, "batch norm: running statistics are mean then variance");
+    assert_eq!(
+        running.len(),
+        2 * f,
+        "batch norm: running statistics are mean then variance"
+    );
     running.split_at_mut(f)
 }
 
 /// As [`super::batch_norm_train`]: batch statistics, the running statistics updated in place,
 /// x̂ and 1/σ kept for the backward.
 #[allow(clippy::too_many_arguments)] // mirrors the CPU signature plus the device
-pub fn batch_norm_train(gpu: &Gpu, x: &View<'_>, gamma: &View<'_>, beta: &View<'_>, running: &mut ViewMut<'_>, momentum: f64, eps: f64, y: &mut ViewMut<'_>, xhat: &mut ViewMut<'_>, inv_std: &mut ViewMut<'_>) -> Result<()> {
+pub fn batch_norm_train(
+    gpu: &Gpu,
+    x: &View<'_>,
+    gamma: &View<'_>,
+    beta: &View<'_>,
+    running: &mut ViewMut<'_>,
+    momentum: f64,
+    eps: f64,
+    y: &mut ViewMut<'_>,
+    xhat: &mut ViewMut<'_>,
+    inv_std: &mut ViewMut<'_>,
+) -> Result<()> {
     let f = gamma.len();
-    assert!(f > 0 && beta.len() == f && x.len() == y.len() && x.len() == xhat.len() && inv_std.len() == f && x.len().is_multiple_of(f) && x.len() / f > 1, "batch norm: shapes");
+    assert!(
+        f > 0
+            && beta.len() == f
+            && x.len() == y.len()
+            && x.len() == xhat.len()
+            && inv_std.len() == f
+            && x.len().is_multiple_of(f)
+            && x.len() / f > 1,
+        "batch norm: shapes"
+    );
     let (mut mean, mut var) = split_running(running, f);
-    let (rows64, f64_, eps, momentum) = ((x.len() / f) as u64, f as u64, eps as f32, momentum as f32);
+    let (rows64, f64_, eps, momentum) =
+        ((x.len() / f) as u64, f as u64, eps as f32, momentum as f32);
     let kernel = gpu.function("norm", CUDA_SOURCE, "batch_norm_forward_train")?;
     let mut b = gpu.stream().launch_builder(&kernel);
-    b.arg(x).arg(gamma).arg(beta).arg(&rows64).arg(&f64_).arg(&eps).arg(&momentum).arg(&mut mean).arg(&mut var).arg(y).arg(xhat).arg(inv_std);
+    b.arg(x)
+        .arg(gamma)
+        .arg(beta)
+        .arg(&rows64)
+        .arg(&f64_)
+        .arg(&eps)
+        .arg(&momentum)
+        .arg(&mut mean)
+        .arg(&mut var)
+        .arg(y)
+        .arg(xhat)
+        .arg(inv_std);
     launch(b, f, "batch_norm_forward_train")
 }
 
 /// As [`super::batch_norm_eval`], `running` as in [`batch_norm_train`].
-pub fn batch_norm_eval(gpu: &Gpu, x: &View<'_>, gamma: &View<'_>, beta: &View<'_>, running: &View<'_>, eps: f64, y: &mut ViewMut<'_>) -> Result<()> {
+pub fn batch_norm_eval(
+    gpu: &Gpu,
+    x: &View<'_>,
+    gamma: &View<'_>,
+    beta: &View<'_>,
+    running: &View<'_>,
+    eps: f64,
+    y: &mut ViewMut<'_>,
+) -> Result<()> {
     let f = gamma.len();
-    assert!(f > 0 && running.len() == 2 * f && x.len() == y.len() && x.len().is_multiple_of(f), "batch norm: shapes");
+    assert!(
+        f > 0 && running.len() == 2 * f && x.len() == y.len() && x.len().is_multiple_of(f),
+        "batch norm: shapes"
+    );
     let (mean, var) = running.split_at(f);
     let (rows64, f64_, eps) = ((x.len() / f) as u64, f as u64, eps as f32);
     let kernel = gpu.function("norm", CUDA_SOURCE, "batch_norm_forward_eval")?;
     let mut b = gpu.stream().launch_builder(&kernel);
-    b.arg(x).arg(gamma).arg(beta).arg(&mean).arg(&var).arg(&rows64).arg(&f64_).arg(&eps).arg(y);
+    b.arg(x)
+        .arg(gamma)
+        .arg(beta)
+        .arg(&mean)
+        .arg(&var)
+        .arg(&rows64)
+        .arg(&f64_)
+        .arg(&eps)
+        .arg(y);
     launch(b, x.len(), "batch_norm_forward_eval")
 }
 
 /// As [`super::batch_norm_backward`]; `dgamma_beta` receives dγ then dβ.
-pub fn batch_norm_backward(gpu: &Gpu, xhat: &View<'_>, inv_std: &View<'_>, gamma: &View<'_>, dy: &View<'_>, dx: &mut ViewMut<'_>, dgamma_beta: &mut ViewMut<'_>) -> Result<()> {
+pub fn batch_norm_backward(
+    gpu: &Gpu,
+    xhat: &View<'_>,
+    inv_std: &View<'_>,
+    gamma: &View<'_>,
+    dy: &View<'_>,
+    dx: &mut ViewMut<'_>,
+    dgamma_beta: &mut ViewMut<'_>,
+) -> Result<()> {
     let f = gamma.len();
-    assert!(f > 0 && dy.len() == xhat.len() && dx.len() == dy.len() && inv_std.len() == f && dgamma_beta.len() == 2 * f && dy.len().is_multiple_of(f), "batch norm backward: shapes");
+    assert!(
+        f > 0
+            && dy.len() == xhat.len()
+            && dx.len() == dy.len()
+            && inv_std.len() == f
+            && dgamma_beta.len() == 2 * f
+            && dy.len().is_multiple_of(f),
+        "batch norm backward: shapes"
+    );
     let (mut dgamma, mut dbeta) = dgamma_beta.split_at_mut(f);
     let (rows64, f64_) = ((dy.len() / f) as u64, f as u64);
     let kernel = gpu.function("norm", CUDA_SOURCE, "batch_norm_backward")?;
     let mut b = gpu.stream().launch_builder(&kernel);
-    b.arg(xhat).arg(inv_std).arg(gamma).arg(dy).arg(&rows64).arg(&f64_).arg(dx).arg(&mut dgamma).arg(&mut dbeta);
+    b.arg(xhat)
+        .arg(inv_std)
+        .arg(gamma)
+        .arg(dy)
+        .arg(&rows64)
+        .arg(&f64_)
+        .arg(dx)
+        .arg(&mut dgamma)
+        .arg(&mut dbeta);
     launch(b, f, "batch_norm_backward")
 }

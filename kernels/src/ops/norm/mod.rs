@@ -12,27 +12,37 @@ pub mod gpu;
 
 /// y = softmax(x) over each row of `features`.
 pub fn softmax_forward<T: Real>(x: &[T], features: usize, y: &mut [T]) {
-    assert!(features > 0 && x.len() == y.len() && x.len().is_multiple_of(features), "softmax: shapes");
-    y.par_chunks_mut(features).zip(x.par_chunks(features)).for_each(|(y, x)| {
-        let max = x.iter().copied().fold(T::neg_infinity(), T::max);
-        for (y, &x) in y.iter_mut().zip(x) {
-            *y = x - max;
-        }
-        T::exp_in_place(y);
-        let sum: T = y.iter().copied().sum();
-        y.iter_mut().for_each(|v| *v = *v / sum);
-    });
+    assert!(
+        features > 0 && x.len() == y.len() && x.len().is_multiple_of(features),
+        "softmax: shapes"
+    );
+    y.par_chunks_mut(features)
+        .zip(x.par_chunks(features))
+        .for_each(|(y, x)| {
+            let max = x.iter().copied().fold(T::neg_infinity(), T::max);
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = x - max;
+            }
+            T::exp_in_place(y);
+            let sum: T = y.iter().copied().sum();
+            y.iter_mut().for_each(|v| *v = *v / sum);
+        });
 }
 
 /// dx = y ⊙ (dy - Σ dy ⊙ y), per row.
 pub fn softmax_backward<T: Real>(y: &[T], dy: &[T], features: usize, dx: &mut [T]) {
-    assert!(y.len() == dy.len() && dy.len() == dx.len() && y.len().is_multiple_of(features), "softmax backward: shapes");
-    dx.par_chunks_mut(features).zip(y.par_chunks(features).zip(dy.par_chunks(features))).for_each(|(dx, (y, dy))| {
-        let dot: T = y.iter().zip(dy).map(|(&a, &b)| a * b).sum();
-        for i in 0..dx.len() {
-            dx[i] = y[i] * (dy[i] - dot);
-        }
-    });
+    assert!(
+        y.len() == dy.len() && dy.len() == dx.len() && y.len().is_multiple_of(features),
+        "softmax backward: shapes"
+    );
+    dx.par_chunks_mut(features)
+        .zip(y.par_chunks(features).zip(dy.par_chunks(features)))
+        .for_each(|(dx, (y, dy))| {
+            let dot: T = y.iter().zip(dy).map(|(&a, &b)| a * b).sum();
+            for i in 0..dx.len() {
+                dx[i] = y[i] * (dy[i] - dot);
+            }
+        });
 }
 
 /// Normalised values and 1/σ per group, kept from the forward for the backward.
@@ -43,42 +53,75 @@ pub struct NormCache<T> {
 }
 
 /// LayerNorm: each row normalised to mean 0, variance 1 (biased), then y = γ x̂ + β.
-pub fn layer_norm_forward<T: Real>(x: &[T], gamma: &[T], beta: &[T], eps: f64, y: &mut [T]) -> NormCache<T> {
+pub fn layer_norm_forward<T: Real>(
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    eps: f64,
+    y: &mut [T],
+) -> NormCache<T> {
     let f = gamma.len();
-    assert!(f > 0 && beta.len() == f && x.len() == y.len() && x.len().is_multiple_of(f), "layer norm: shapes");
+    assert!(
+        f > 0 && beta.len() == f && x.len() == y.len() && x.len().is_multiple_of(f),
+        "layer norm: shapes"
+    );
     let rows = x.len() / f;
-    let mut cache = NormCache { xhat: vec![T::zero(); x.len()], inv_std: vec![T::zero(); rows] };
+    let mut cache = NormCache {
+        xhat: vec![T::zero(); x.len()],
+        inv_std: vec![T::zero(); rows],
+    };
     let nf = T::of(f as f64);
-    cache.xhat.par_chunks_mut(f).zip(cache.inv_std.par_iter_mut()).zip(x.par_chunks(f).zip(y.par_chunks_mut(f))).for_each(|((xhat, inv), (x, y))| {
-        let mean = x.iter().copied().sum::<T>() / nf;
-        let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / nf;
-        *inv = T::one() / (var + T::of(eps)).sqrt();
-        for i in 0..f {
-            xhat[i] = (x[i] - mean) * *inv;
-            y[i] = gamma[i] * xhat[i] + beta[i];
-        }
-    });
+    cache
+        .xhat
+        .par_chunks_mut(f)
+        .zip(cache.inv_std.par_iter_mut())
+        .zip(x.par_chunks(f).zip(y.par_chunks_mut(f)))
+        .for_each(|((xhat, inv), (x, y))| {
+            let mean = x.iter().copied().sum::<T>() / nf;
+            let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / nf;
+            *inv = T::one() / (var + T::of(eps)).sqrt();
+            for i in 0..f {
+                xhat[i] = (x[i] - mean) * *inv;
+                y[i] = gamma[i] * xhat[i] + beta[i];
+            }
+        });
     cache
 }
 
 /// dx per row; dγ = Σ_rows dy ⊙ x̂, dβ = Σ_rows dy (rows in order).
-pub fn layer_norm_backward<T: Real>(cache: &NormCache<T>, gamma: &[T], dy: &[T], dx: &mut [T], dgamma: &mut [T], dbeta: &mut [T]) {
+pub fn layer_norm_backward<T: Real>(
+    cache: &NormCache<T>,
+    gamma: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    dgamma: &mut [T],
+    dbeta: &mut [T],
+) {
     let f = gamma.len();
-    assert!(dy.len() == cache.xhat.len() && dx.len() == dy.len() && dgamma.len() == f && dbeta.len() == f, "layer norm backward: shapes");
+    assert!(
+        dy.len() == cache.xhat.len()
+            && dx.len() == dy.len()
+            && dgamma.len() == f
+            && dbeta.len() == f,
+        "layer norm backward: shapes"
+    );
     let nf = T::of(f as f64);
-    dx.par_chunks_mut(f).zip(dy.par_chunks(f).zip(cache.xhat.par_chunks(f))).zip(cache.inv_std.par_iter()).for_each(|((dx, (dy, xhat)), &inv)| {
-        let (mut mean_g, mut mean_gx) = (T::zero(), T::zero());
-        for i in 0..f {
-            let g = dy[i] * gamma[i];
-            mean_g = mean_g + g;
-            mean_gx = mean_gx + g * xhat[i];
-        }
-        mean_g = mean_g / nf;
-        mean_gx = mean_gx / nf;
-        for i in 0..f {
-            dx[i] = inv * (dy[i] * gamma[i] - mean_g - xhat[i] * mean_gx);
-        }
-    });
+    dx.par_chunks_mut(f)
+        .zip(dy.par_chunks(f).zip(cache.xhat.par_chunks(f)))
+        .zip(cache.inv_std.par_iter())
+        .for_each(|((dx, (dy, xhat)), &inv)| {
+            let (mut mean_g, mut mean_gx) = (T::zero(), T::zero());
+            for i in 0..f {
+                let g = dy[i] * gamma[i];
+                mean_g = mean_g + g;
+                mean_gx = mean_gx + g * xhat[i];
+            }
+            mean_g = mean_g / nf;
+            mean_gx = mean_gx / nf;
+            for i in 0..f {
+                dx[i] = inv * (dy[i] * gamma[i] - mean_g - xhat[i] * mean_gx);
+            }
+        });
     let prod: Vec<T> = dy.iter().zip(&cache.xhat).map(|(&a, &b)| a * b).collect();
     crate::ops::elementwise::column_sums(&prod, dgamma);
     crate::ops::elementwise::column_sums(dy, dbeta);
@@ -96,11 +139,30 @@ pub struct Running<'a, T> {
 
 /// Training forward over slices (γ, β and the statistics may live in a model's flat buffers):
 /// batch statistics, running statistics updated, x̂ and 1/σ kept for the backward.
-#[allow(clippy::too_many_arguments)]
-pub fn batch_norm_train<T: Real>(x: &[T], gamma: &[T], beta: &[T], running: Running<'_, T>, y: &mut [T], xhat: &mut [T], inv_std: &mut [T]) {
+#[allow(clippy::too_many_arguments)] // an op's operands, outputs and shape, as its kernel takes them
+pub fn batch_norm_train<T: Real>(
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    running: Running<'_, T>,
+    y: &mut [T],
+    xhat: &mut [T],
+    inv_std: &mut [T],
+) {
     let f = gamma.len();
-    assert!(f > 0 && beta.len() == f && x.len() == y.len() && x.len() == xhat.len() && inv_std.len() == f && x.len().is_multiple_of(f), "batch norm: shapes");
-    assert!(running.mean.len() == f && running.var.len() == f, "batch norm: running statistics");
+    assert!(
+        f > 0
+            && beta.len() == f
+            && x.len() == y.len()
+            && x.len() == xhat.len()
+            && inv_std.len() == f
+            && x.len().is_multiple_of(f),
+        "batch norm: shapes"
+    );
+    assert!(
+        running.mean.len() == f && running.var.len() == f,
+        "batch norm: running statistics"
+    );
     let rows = x.len() / f;
     assert!(rows != 1, "batch norm needs more than one row in training");
     if rows == 0 {
@@ -111,7 +173,11 @@ pub fn batch_norm_train<T: Real>(x: &[T], gamma: &[T], beta: &[T], running: Runn
     let mut mean = vec![T::zero(); f];
     crate::ops::elementwise::column_sums(x, &mut mean);
     mean.iter_mut().for_each(|m| *m = *m / n);
-    let centered: Vec<T> = x.iter().enumerate().map(|(i, &v)| (v - mean[i % f]) * (v - mean[i % f])).collect();
+    let centered: Vec<T> = x
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v - mean[i % f]) * (v - mean[i % f]))
+        .collect();
     let mut var = vec![T::zero(); f];
     crate::ops::elementwise::column_sums(&centered, &mut var);
     var.iter_mut().for_each(|v| *v = *v / n);
@@ -125,18 +191,34 @@ pub fn batch_norm_train<T: Real>(x: &[T], gamma: &[T], beta: &[T], running: Runn
         running.var[c] = (T::one() - m) * running.var[c] + m * var[c] * unbias;
     }
     let inv_std = &*inv_std;
-    xhat.par_chunks_mut(f).zip(x.par_chunks(f).zip(y.par_chunks_mut(f))).for_each(|(xh, (x, y))| {
-        for c in 0..f {
-            xh[c] = (x[c] - mean[c]) * inv_std[c];
-            y[c] = gamma[c] * xh[c] + beta[c];
-        }
-    });
+    xhat.par_chunks_mut(f)
+        .zip(x.par_chunks(f).zip(y.par_chunks_mut(f)))
+        .for_each(|(xh, (x, y))| {
+            for c in 0..f {
+                xh[c] = (x[c] - mean[c]) * inv_std[c];
+                y[c] = gamma[c] * xh[c] + beta[c];
+            }
+        });
 }
 
 /// Evaluation forward: running statistics.
-pub fn batch_norm_eval<T: Real>(x: &[T], gamma: &[T], beta: &[T], running_mean: &[T], running_var: &[T], eps: f64, y: &mut [T]) {
+pub fn batch_norm_eval<T: Real>(
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    running_mean: &[T],
+    running_var: &[T],
+    eps: f64,
+    y: &mut [T],
+) {
     let f = gamma.len();
-    assert!(f > 0 && x.len() == y.len() && x.len().is_multiple_of(f) && [beta.len(), running_mean.len(), running_var.len()] == [f; 3], "batch norm: shapes");
+    assert!(
+        f > 0
+            && x.len() == y.len()
+            && x.len().is_multiple_of(f)
+            && [beta.len(), running_mean.len(), running_var.len()] == [f; 3],
+        "batch norm: shapes"
+    );
     y.par_chunks_mut(f).zip(x.par_chunks(f)).for_each(|(y, x)| {
         for c in 0..f {
             let inv = T::one() / (running_var[c] + T::of(eps)).sqrt();
@@ -146,20 +228,37 @@ pub fn batch_norm_eval<T: Real>(x: &[T], gamma: &[T], beta: &[T], running_mean: 
 }
 
 /// Training backward: dx, dγ, dβ from the forward's x̂ and 1/σ.
-pub fn batch_norm_backward<T: Real>(xhat: &[T], inv_std: &[T], gamma: &[T], dy: &[T], dx: &mut [T], dgamma: &mut [T], dbeta: &mut [T]) {
+pub fn batch_norm_backward<T: Real>(
+    xhat: &[T],
+    inv_std: &[T],
+    gamma: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    dgamma: &mut [T],
+    dbeta: &mut [T],
+) {
     let f = gamma.len();
-    assert!(dy.len() == xhat.len() && dx.len() == dy.len() && inv_std.len() == f && dgamma.len() == f && dbeta.len() == f, "batch norm backward: shapes");
+    assert!(
+        dy.len() == xhat.len()
+            && dx.len() == dy.len()
+            && inv_std.len() == f
+            && dgamma.len() == f
+            && dbeta.len() == f,
+        "batch norm backward: shapes"
+    );
     let n = T::of((dy.len() / f) as f64);
     let prod: Vec<T> = dy.iter().zip(xhat).map(|(&a, &b)| a * b).collect();
     crate::ops::elementwise::column_sums(&prod, dgamma);
     crate::ops::elementwise::column_sums(dy, dbeta);
     let (dgamma, dbeta) = (&*dgamma, &*dbeta);
-    dx.par_chunks_mut(f).zip(dy.par_chunks(f).zip(xhat.par_chunks(f))).for_each(|(dx, (dy, xh))| {
-        for c in 0..f {
-            // dx = γ/σ (dy - mean(dy) - x̂ mean(dy x̂)), means over rows.
-            dx[c] = gamma[c] * inv_std[c] * (dy[c] - dbeta[c] / n - xh[c] * dgamma[c] / n);
-        }
-    });
+    dx.par_chunks_mut(f)
+        .zip(dy.par_chunks(f).zip(xhat.par_chunks(f)))
+        .for_each(|(dx, (dy, xh))| {
+            for c in 0..f {
+                // dx = γ/σ (dy - mean(dy) - x̂ mean(dy x̂)), means over rows.
+                dx[c] = gamma[c] * inv_std[c] * (dy[c] - dbeta[c] / n - xh[c] * dgamma[c] / n);
+            }
+        });
 }
 
 /// A standalone BatchNorm layer owning its parameters and running statistics.
@@ -176,26 +275,72 @@ pub struct BatchNorm<T> {
 impl<T: Real> BatchNorm<T> {
     /// scvi-tools' setting: momentum 0.01, eps 1e-3.
     pub fn new(features: usize) -> Self {
-        BatchNorm { gamma: vec![T::one(); features], beta: vec![T::zero(); features], running_mean: vec![T::zero(); features], running_var: vec![T::one(); features], momentum: 0.01, eps: 1e-3 }
+        BatchNorm {
+            gamma: vec![T::one(); features],
+            beta: vec![T::zero(); features],
+            running_mean: vec![T::zero(); features],
+            running_var: vec![T::one(); features],
+            momentum: 0.01,
+            eps: 1e-3,
+        }
     }
 
     /// Training forward: batch statistics, running statistics updated.
     pub fn forward_train(&mut self, x: &[T], y: &mut [T]) -> NormCache<T> {
         let f = self.gamma.len();
-        let mut cache = NormCache { xhat: vec![T::zero(); x.len()], inv_std: vec![T::zero(); f] };
-        let running = Running { mean: &mut self.running_mean, var: &mut self.running_var, momentum: self.momentum, eps: self.eps };
-        batch_norm_train(x, &self.gamma, &self.beta, running, y, &mut cache.xhat, &mut cache.inv_std);
+        let mut cache = NormCache {
+            xhat: vec![T::zero(); x.len()],
+            inv_std: vec![T::zero(); f],
+        };
+        let running = Running {
+            mean: &mut self.running_mean,
+            var: &mut self.running_var,
+            momentum: self.momentum,
+            eps: self.eps,
+        };
+        batch_norm_train(
+            x,
+            &self.gamma,
+            &self.beta,
+            running,
+            y,
+            &mut cache.xhat,
+            &mut cache.inv_std,
+        );
         cache
     }
 
     /// Evaluation forward: running statistics.
     pub fn forward_eval(&self, x: &[T], y: &mut [T]) {
-        batch_norm_eval(x, &self.gamma, &self.beta, &self.running_mean, &self.running_var, self.eps, y);
+        batch_norm_eval(
+            x,
+            &self.gamma,
+            &self.beta,
+            &self.running_mean,
+            &self.running_var,
+            self.eps,
+            y,
+        );
     }
 
     /// Training backward: dx, dγ, dβ.
-    pub fn backward(&self, cache: &NormCache<T>, dy: &[T], dx: &mut [T], dgamma: &mut [T], dbeta: &mut [T]) {
-        batch_norm_backward(&cache.xhat, &cache.inv_std, &self.gamma, dy, dx, dgamma, dbeta);
+    pub fn backward(
+        &self,
+        cache: &NormCache<T>,
+        dy: &[T],
+        dx: &mut [T],
+        dgamma: &mut [T],
+        dbeta: &mut [T],
+    ) {
+        batch_norm_backward(
+            &cache.xhat,
+            &cache.inv_std,
+            &self.gamma,
+            dy,
+            dx,
+            dgamma,
+            dbeta,
+        );
     }
 }
 
@@ -205,7 +350,10 @@ mod tests {
     use crate::gradcheck::{check_at, spread};
 
     fn values(n: usize, seed: f64) -> Vec<f64> {
-        crate::gradcheck::wave(n, seed).into_iter().map(|v| v * 2.0).collect()
+        crate::gradcheck::wave(n, seed)
+            .into_iter()
+            .map(|v| v * 2.0)
+            .collect()
     }
 
     fn weighted(y: &[f64], g: &[f64]) -> f64 {
@@ -240,7 +388,12 @@ mod tests {
     #[test]
     fn layer_norm_gradients() {
         for (rows, f) in [(1, 2), (3, 31), (2, 1025)] {
-            let (x, gamma, beta, g) = (values(rows * f, 0.0), values(f, 1.0), values(f, 2.0), values(rows * f, 3.0));
+            let (x, gamma, beta, g) = (
+                values(rows * f, 0.0),
+                values(f, 1.0),
+                values(f, 2.0),
+                values(rows * f, 3.0),
+            );
             let loss = |x: &[f64], gamma: &[f64], beta: &[f64]| {
                 let mut y = vec![0.0; x.len()];
                 layer_norm_forward(x, gamma, beta, 1e-5, &mut y);
@@ -250,9 +403,33 @@ mod tests {
             let cache = layer_norm_forward(&x, &gamma, &beta, 1e-5, &mut y);
             let (mut dx, mut dgamma, mut dbeta) = (vec![0.0; rows * f], vec![0.0; f], vec![0.0; f]);
             layer_norm_backward(&cache, &gamma, &g, &mut dx, &mut dgamma, &mut dbeta);
-            check_at(|p| loss(p, &gamma, &beta), &x, &dx, spread(x.len(), 64), 1e-5, 1e-5).unwrap();
-            check_at(|p| loss(&x, p, &beta), &gamma, &dgamma, spread(f, 64), 1e-5, 1e-5).unwrap();
-            check_at(|p| loss(&x, &gamma, p), &beta, &dbeta, spread(f, 64), 1e-5, 1e-5).unwrap();
+            check_at(
+                |p| loss(p, &gamma, &beta),
+                &x,
+                &dx,
+                spread(x.len(), 64),
+                1e-5,
+                1e-5,
+            )
+            .unwrap();
+            check_at(
+                |p| loss(&x, p, &beta),
+                &gamma,
+                &dgamma,
+                spread(f, 64),
+                1e-5,
+                1e-5,
+            )
+            .unwrap();
+            check_at(
+                |p| loss(&x, &gamma, p),
+                &beta,
+                &dbeta,
+                spread(f, 64),
+                1e-5,
+                1e-5,
+            )
+            .unwrap();
         }
     }
 
@@ -264,7 +441,11 @@ mod tests {
             bn.gamma = values(f, 1.0);
             bn.beta = values(f, 2.0);
             let loss = |x: &[f64], gamma: &[f64], beta: &[f64]| {
-                let mut b = BatchNorm { gamma: gamma.to_vec(), beta: beta.to_vec(), ..BatchNorm::new(f) };
+                let mut b = BatchNorm {
+                    gamma: gamma.to_vec(),
+                    beta: beta.to_vec(),
+                    ..BatchNorm::new(f)
+                };
                 let mut y = vec![0.0; x.len()];
                 b.forward_train(x, &mut y);
                 weighted(&y, &g)
@@ -273,9 +454,33 @@ mod tests {
             let cache = bn.forward_train(&x, &mut y);
             let (mut dx, mut dgamma, mut dbeta) = (vec![0.0; rows * f], vec![0.0; f], vec![0.0; f]);
             bn.backward(&cache, &g, &mut dx, &mut dgamma, &mut dbeta);
-            check_at(|p| loss(p, &bn.gamma, &bn.beta), &x, &dx, spread(x.len(), 64), 1e-5, 1e-5).unwrap();
-            check_at(|p| loss(&x, p, &bn.beta), &bn.gamma, &dgamma, spread(f, 64), 1e-5, 1e-5).unwrap();
-            check_at(|p| loss(&x, &bn.gamma, p), &bn.beta, &dbeta, spread(f, 64), 1e-5, 1e-5).unwrap();
+            check_at(
+                |p| loss(p, &bn.gamma, &bn.beta),
+                &x,
+                &dx,
+                spread(x.len(), 64),
+                1e-5,
+                1e-5,
+            )
+            .unwrap();
+            check_at(
+                |p| loss(&x, p, &bn.beta),
+                &bn.gamma,
+                &dgamma,
+                spread(f, 64),
+                1e-5,
+                1e-5,
+            )
+            .unwrap();
+            check_at(
+                |p| loss(&x, &bn.gamma, p),
+                &bn.beta,
+                &dbeta,
+                spread(f, 64),
+                1e-5,
+                1e-5,
+            )
+            .unwrap();
             // Running statistics after one step: 0.99·init + 0.01·batch (unbiased variance).
             let col0: Vec<f64> = (0..rows).map(|r| x[r * f]).collect();
             let mean = col0.iter().sum::<f64>() / rows as f64;

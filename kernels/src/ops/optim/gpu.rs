@@ -7,14 +7,42 @@ use super::{AdamW, CUDA_SOURCE, GRAIN};
 use crate::cuda::{Gpu, Result, View, ViewMut, driver as failed, launch};
 
 /// As [`AdamW::step`], on the device.
-pub fn adamw_step(gpu: &Gpu, opt: &AdamW, t: u64, params: &mut ViewMut<'_>, grads: &View<'_>, m: &mut ViewMut<'_>, v: &mut ViewMut<'_>) -> Result<()> {
-    assert!(params.len() == grads.len() && grads.len() == m.len() && m.len() == v.len(), "AdamW: arguments");
+pub fn adamw_step(
+    gpu: &Gpu,
+    opt: &AdamW,
+    t: u64,
+    params: &mut ViewMut<'_>,
+    grads: &View<'_>,
+    m: &mut ViewMut<'_>,
+    v: &mut ViewMut<'_>,
+) -> Result<()> {
+    assert!(
+        params.len() == grads.len() && grads.len() == m.len() && m.len() == v.len(),
+        "AdamW: arguments"
+    );
     let k = opt.at(t);
     let f = gpu.function("optim", CUDA_SOURCE, "adamw_step")?;
     let n = params.len() as u64;
-    let (b1, b2, step_size, inv_c2, eps, decay) = (k.beta1 as f32, k.beta2 as f32, k.step_size as f32, k.inv_correction2 as f32, k.eps as f32, k.decay as f32);
+    let (b1, b2, step_size, inv_c2, eps, decay) = (
+        k.beta1 as f32,
+        k.beta2 as f32,
+        k.step_size as f32,
+        k.inv_correction2 as f32,
+        k.eps as f32,
+        k.decay as f32,
+    );
     let mut b = gpu.stream().launch_builder(&f);
-    b.arg(params).arg(grads).arg(m).arg(v).arg(&n).arg(&b1).arg(&b2).arg(&step_size).arg(&inv_c2).arg(&eps).arg(&decay);
+    b.arg(params)
+        .arg(grads)
+        .arg(m)
+        .arg(v)
+        .arg(&n)
+        .arg(&b1)
+        .arg(&b2)
+        .arg(&step_size)
+        .arg(&inv_c2)
+        .arg(&eps)
+        .arg(&decay);
     launch(b, n as usize, "adamw_step")
 }
 
@@ -23,13 +51,19 @@ pub fn adamw_step(gpu: &Gpu, opt: &AdamW, t: u64, params: &mut ViewMut<'_>, grad
 pub fn grad_norm(gpu: &Gpu, grads: &View<'_>) -> Result<f64> {
     let n = grads.len();
     let chunks = n.div_ceil(GRAIN).max(1);
-    let mut partial = gpu.stream().alloc_zeros::<f64>(chunks).map_err(failed("alloc"))?;
+    let mut partial = gpu
+        .stream()
+        .alloc_zeros::<f64>(chunks)
+        .map_err(failed("alloc"))?;
     let f = gpu.function("optim", CUDA_SOURCE, "chunk_sum_squares")?;
     let (n64, chunk64) = (n as u64, GRAIN as u64);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(grads).arg(&n64).arg(&chunk64).arg(&mut partial);
     // One thread per chunk of `GRAIN` elements; partial holds one double per chunk.
     launch(b, chunks, "chunk_sum_squares")?;
-    let sums = gpu.stream().clone_dtoh(&partial).map_err(failed("download"))?;
+    let sums = gpu
+        .stream()
+        .clone_dtoh(&partial)
+        .map_err(failed("download"))?;
     Ok(sums.iter().sum::<f64>().sqrt())
 }

@@ -25,7 +25,13 @@ pub struct AdamW {
 impl Default for AdamW {
     /// scvi-tools' defaults: lr 1e-3, eps 1e-2 (sic; scvi uses a large eps), weight decay 1e-6.
     fn default() -> Self {
-        AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-2, weight_decay: 1e-6 }
+        AdamW {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-2,
+            weight_decay: 1e-6,
+        }
     }
 }
 
@@ -61,26 +67,43 @@ impl AdamW {
 
     /// One step `t` (1-based) for every parameter: p ← p(1 - lr·wd) - lr·m̂/(√v̂ + eps).
     pub fn step<T: Real>(&self, t: u64, params: &mut [T], grads: &[T], m: &mut [T], v: &mut [T]) {
-        assert!(params.len() == grads.len() && grads.len() == m.len() && m.len() == v.len(), "AdamW: buffer lengths");
+        assert!(
+            params.len() == grads.len() && grads.len() == m.len() && m.len() == v.len(),
+            "AdamW: buffer lengths"
+        );
         let k = self.at(t);
-        let (b1, b2, step_size, inv_c2, eps, decay) = (T::of(k.beta1), T::of(k.beta2), T::of(k.step_size), T::of(k.inv_correction2), T::of(k.eps), T::of(k.decay));
+        let (b1, b2, step_size, inv_c2, eps, decay) = (
+            T::of(k.beta1),
+            T::of(k.beta2),
+            T::of(k.step_size),
+            T::of(k.inv_correction2),
+            T::of(k.eps),
+            T::of(k.decay),
+        );
         let one = T::one();
-        params.par_chunks_mut(GRAIN).zip(m.par_chunks_mut(GRAIN).zip(v.par_chunks_mut(GRAIN))).zip(grads.par_chunks(GRAIN)).for_each(|((p, (m, v)), g)| {
-            let n = p.len();
-            let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
-            for i in 0..n {
-                m[i] = b1 * m[i] + (one - b1) * g[i];
-                v[i] = b2 * v[i] + (one - b2) * g[i] * g[i];
-                p[i] = p[i] * decay - step_size * m[i] / (v[i].sqrt() * inv_c2 + eps);
-            }
-        });
+        params
+            .par_chunks_mut(GRAIN)
+            .zip(m.par_chunks_mut(GRAIN).zip(v.par_chunks_mut(GRAIN)))
+            .zip(grads.par_chunks(GRAIN))
+            .for_each(|((p, (m, v)), g)| {
+                let n = p.len();
+                let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
+                for i in 0..n {
+                    m[i] = b1 * m[i] + (one - b1) * g[i];
+                    v[i] = b2 * v[i] + (one - b2) * g[i] * g[i];
+                    p[i] = p[i] * decay - step_size * m[i] / (v[i].sqrt() * inv_c2 + eps);
+                }
+            });
     }
 }
 
 /// The global L2 norm of the gradients, accumulated in f64 over fixed-size chunks in order
 /// (deterministic, and accurate for millions of parameters).
 pub fn grad_norm<T: Real>(grads: &[T]) -> f64 {
-    let partial: Vec<f64> = grads.par_chunks(GRAIN).map(|c| c.iter().map(|&g| g.f64() * g.f64()).sum::<f64>()).collect();
+    let partial: Vec<f64> = grads
+        .par_chunks(GRAIN)
+        .map(|c| c.iter().map(|&g| g.f64() * g.f64()).sum::<f64>())
+        .collect();
     partial.iter().sum::<f64>().sqrt()
 }
 
@@ -102,7 +125,13 @@ mod tests {
 
     #[test]
     fn adamw_matches_the_closed_form_of_its_first_steps() {
-        let opt = AdamW { lr: 0.1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.01 };
+        let opt = AdamW {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
         let (mut p, mut m, mut v) = (vec![1.0f64, -2.0], vec![0.0; 2], vec![0.0; 2]);
         let g = [0.5, -4.0];
         opt.step(1, &mut p, &g, &mut m, &mut v);
@@ -125,14 +154,23 @@ mod tests {
 
     #[test]
     fn adamw_minimises_a_quadratic() {
-        let opt = AdamW { lr: 0.05, eps: 1e-8, weight_decay: 0.0, ..Default::default() };
+        let opt = AdamW {
+            lr: 0.05,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
         let target: Vec<f32> = (0..1025).map(|i| (i as f32 * 0.1).sin()).collect();
         let (mut p, mut m, mut v) = (vec![0.0f32; 1025], vec![0.0; 1025], vec![0.0; 1025]);
         for t in 1..=400 {
             let g: Vec<f32> = p.iter().zip(&target).map(|(a, b)| 2.0 * (a - b)).collect();
             opt.step(t, &mut p, &g, &mut m, &mut v);
         }
-        let err = p.iter().zip(&target).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let err = p
+            .iter()
+            .zip(&target)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(err < 1e-2, "max error {err}");
     }
 
