@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{Context, Result};
-use tessera_serve::exposition::{Exposition, Render, serve_metrics};
+use tessera_telemetry::{Exposition, Render, serve_metrics};
 use tessera_worker::node::ProgressSink;
 
 /// Binds `at`, says where on stdout ("metrics listening on ADDR": port 0 picks one), and serves
@@ -222,7 +222,7 @@ pub fn coordinator_render(snapshot: &tessera_coordinator::Snapshot) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
     use tessera_models::LossTerms;
-    use tessera_serve::exposition::{parse, value};
+    use tessera_telemetry::{parse, value};
     use tessera_worker::fit::Progress;
 
     use super::*;

@@ -197,7 +197,7 @@ fn exit_within(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_submitted_job_runs_on_a_standing_worker_which_serves_its_metrics_and_leaves_on_sigterm()
 {
-    use tessera_serve::exposition::{parse, value};
+    use tessera_telemetry::{parse, value};
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("s.zarr").to_string_lossy().into_owned();
     common::ok(&common::tessera(&[

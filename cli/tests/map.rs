@@ -308,14 +308,14 @@ async fn serve_maps_a_query_submitted_over_grpc() {
         head.starts_with("HTTP/1.1 200") && head.contains("text/plain; version=0.0.4"),
         "{head}"
     );
-    let samples = tessera_serve::exposition::parse(&body).unwrap();
+    let samples = tessera_telemetry::parse(&body).unwrap();
     assert_eq!(
-        tessera_serve::exposition::value(&samples, "tessera_serve_jobs", &[("state", "succeeded")]),
+        tessera_telemetry::value(&samples, "tessera_serve_jobs", &[("state", "succeeded")]),
         Some(1.0),
         "{body}"
     );
     assert_eq!(
-        tessera_serve::exposition::value(
+        tessera_telemetry::value(
             &samples,
             "tessera_serve_requests_total",
             &[("method", "SubmitQuery"), ("code", "OK")]

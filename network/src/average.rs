@@ -2,7 +2,7 @@
 //! combination (a baseline next to SNF and NEMO). Each pair is averaged over the views that
 //! have both samples; a pair no view shares is 0.
 
-use crate::snf::NetworkError;
+use crate::error::NetworkError;
 use crate::view::{View, mean_over_views};
 
 pub fn kernel_average(views: &[View], n: usize) -> Result<Vec<f64>, NetworkError> {

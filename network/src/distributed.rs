@@ -16,9 +16,8 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 
 use rayon::prelude::*;
 
-use crate::snf::{
-    NetworkError, SnfParams, SparseRows, dominate_set, normalise_rows, sparse_product_rows,
-};
+use crate::error::NetworkError;
+use crate::snf::{SnfParams, SparseRows, dominate_set, normalise_rows, sparse_product_rows};
 
 /// A ring of ranks exchanging f64 messages.
 pub trait Exchange {

@@ -8,6 +8,7 @@
 
 pub mod average;
 pub mod distributed;
+pub mod error;
 pub mod nemo;
 pub mod out_of_core;
 pub mod snf;
@@ -15,7 +16,8 @@ pub mod spectral;
 pub mod view;
 
 pub use average::kernel_average;
+pub use error::NetworkError;
 pub use nemo::nemo;
-pub use snf::{NetworkError, SnfParams, snf};
+pub use snf::{SnfParams, snf};
 pub use spectral::{Spectrum, laplacian_eigenvalues, rank_by_eigengap, spectral_clustering};
 pub use view::View;

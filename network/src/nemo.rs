@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use crate::snf::NetworkError;
+use crate::error::NetworkError;
 use crate::view::{View, mean_over_views};
 
 /// NEMO's default neighbour count: the view's samples / 6, rounded half to even as R does.

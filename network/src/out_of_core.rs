@@ -12,9 +12,10 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use crate::error::NetworkError;
 use crate::snf::{
-    NetworkError, SnfParams, SparseRows, divide_by_shared, dominate_row, normalise_rows,
-    sample_masks, sparse_product_rows,
+    SnfParams, SparseRows, divide_by_shared, dominate_row, normalise_rows, sample_masks,
+    sparse_product_rows,
 };
 use crate::spectral::Spectrum;
 use crate::view::check_samples;

@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 
-use crate::snf::NetworkError;
+use crate::error::NetworkError;
 
 /// The normalised affinity of the n x n network `w` and each sample's √degree.
 pub fn normalised_affinity(w: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {

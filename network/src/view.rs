@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::snf::NetworkError;
+use crate::error::NetworkError;
 
 /// A view's affinities. Samples missing from a view are left out of its matrix (`samples`
 /// lists those present); the methods then combine each pair over the views that have both.

@@ -121,8 +121,8 @@ pub fn estimate_bytes(dataset: &Dataset, model: &Loaded) -> Result<u64, ServeErr
             .map_err(|e| ServeError::Invalid(e.to_string()))?,
     };
     let n = dataset.n_obs();
-    let d = model.model.reference.n_latent as u64;
-    let parameters = model.model.parameter_count() as u64;
+    let d = model.model().reference.n_latent as u64;
+    let parameters = model.model().parameter_count() as u64;
     Ok(nnz * 16 + n * (d * 4 + 64) + parameters * 4 * 6 + 64 * MIB)
 }
 
@@ -300,7 +300,7 @@ impl Jobs {
         });
         let worker = Arc::clone(job);
         let outcome = tokio::task::spawn_blocking(move || {
-            let output = map_query(&model.model, &req, |stage| {
+            let output = map_query(model.model(), &req, |stage| {
                 worker.update(|s| {
                     s.stage = stage.to_string();
                     s.progress = progress(&stage);

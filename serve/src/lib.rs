@@ -5,13 +5,12 @@
 //! - [`jobs`]: mapping jobs admitted within a job count and memory budget, watched, cancelled;
 //! - [`access`]: bearer tokens and the storage prefixes requests may name;
 //! - [`service`]: the `Atlas` gRPC service over them;
-//! - [`observe`], [`exposition`]: what it counts, and the Prometheus endpoint every role uses.
+//! - [`observe`]: what it counts (exposed through `tessera_telemetry`, as every role's metrics).
 //!
 //! Invariant: this crate checks and schedules; the mapping itself (surgery, fine-tuning, label
 //! transfer) is `tessera_worker::query`'s, the same code `tessera map` runs.
 
 pub mod access;
-pub mod exposition;
 pub mod jobs;
 pub mod observe;
 pub mod registry;

@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use crate::exposition::{Exposition, Histogram};
 use crate::jobs::Jobs;
 use crate::registry::Registry;
+use tessera_telemetry::{Exposition, Histogram};
 
 /// Latency histograms by (method, gRPC status name).
 #[derive(Debug, Default)]

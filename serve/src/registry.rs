@@ -7,9 +7,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use tessera_data::Store;
-use tessera_kernels::backend::Cpu;
-use tessera_models::Vae;
-use tessera_worker::query::{Cells, MODEL_FILES, ModelSummary, QueryError, ReferenceModel};
+use tessera_worker::encode::EncoderPool;
+use tessera_worker::query::{MODEL_FILES, ModelSummary, ReferenceModel};
 
 use crate::ServeError;
 
@@ -22,41 +21,16 @@ pub struct Entry {
     pub summary: ModelSummary,
 }
 
-/// A registered model, loaded: its parsed tensors and a pool of encoders (one per concurrent
-/// `Encode`, built on demand and kept).
+/// A registered model, loaded: its parsed tensors and a pool of encoders.
+#[derive(Debug)]
 pub struct Loaded {
     pub name: String,
-    pub model: ReferenceModel,
-    encoders: Mutex<Vec<Vae<f32, Cpu>>>,
-}
-
-impl std::fmt::Debug for Loaded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Loaded")
-            .field("name", &self.name)
-            .field("model", &self.model)
-            .finish_non_exhaustive()
-    }
+    pub pool: EncoderPool,
 }
 
 impl Loaded {
-    /// Latent means of `cells` with the reference model as trained.
-    pub fn encode(&self, cells: &Cells) -> Result<Vec<f32>, QueryError> {
-        let pooled = self
-            .encoders
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
-        let mut encoder = match pooled {
-            Some(e) => e,
-            None => self.model.encoder()?,
-        };
-        let z = self.model.encode(&mut encoder, cells);
-        self.encoders
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(encoder);
-        z
+    pub fn model(&self) -> &ReferenceModel {
+        &self.pool.model
     }
 }
 
@@ -212,8 +186,7 @@ impl Registry {
                 .map_err(|e| ServeError::Storage(e.to_string()))?;
         let loaded = Arc::new(Loaded {
             name: name.to_string(),
-            model,
-            encoders: Mutex::new(Vec::new()),
+            pool: EncoderPool::new(model),
         });
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         cache.retain(|l| l.name != name);

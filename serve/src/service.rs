@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::{Stream, StreamExt};
 use tessera_data::{Csr, Dataset};
-use tessera_models::surgery::Unfreeze;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::atlas_server::Atlas;
-use tessera_worker::query::{Cells, CellsModality, ModelSummary, Outputs, QueryRequest};
+use tessera_worker::encode::EncodeError;
+use tessera_worker::query::{Cells, CellsModality, ModelSummary, Outputs, QueryRequest, Unfreeze};
 use tokio::io::AsyncWriteExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -386,54 +386,26 @@ impl Atlas for AtlasService {
             });
         }
         let registry = Arc::clone(&self.registry);
-        let (transfer, neighbours) = (
-            r.transfer_labels,
-            if r.neighbours == 0 {
-                DEFAULT_NEIGHBOURS
-            } else {
-                r.neighbours as usize
-            },
-        );
+        let neighbours = if r.neighbours == 0 {
+            DEFAULT_NEIGHBOURS
+        } else {
+            r.neighbours as usize
+        };
+        let transfer = r.transfer_labels.then_some(neighbours);
         let response = blocking(move || {
             let loaded = registry.get(&r.model)?;
-            let latent = loaded
-                .encode(&cells)
-                .map_err(|e| ServeError::Invalid(e.to_string()))?;
-            let reference = &loaded.model.reference;
-            let d = reference.n_latent;
-            let (mut labels, mut uncertainty) = (Vec::new(), Vec::new());
-            if transfer {
-                if reference.labels.is_empty() {
-                    return Err(ServeError::Precondition(format!(
-                        "model {:?} has no reference labels to transfer",
-                        r.model
-                    )));
-                }
-                let transferred = tessera_metrics::transfer::knn_transfer(
-                    &reference.latent,
-                    &reference.labels,
-                    &latent,
-                    d,
-                    neighbours,
-                )
-                .map_err(|e| ServeError::Invalid(e.to_string()))?;
-                labels = transferred
-                    .iter()
-                    .map(|t| {
-                        usize::try_from(t.label)
-                            .ok()
-                            .and_then(|c| reference.label_categories.get(c))
-                            .cloned()
-                            .unwrap_or_default()
-                    })
-                    .collect();
-                uncertainty = transferred.iter().map(|t| t.uncertainty).collect();
-            }
+            let encoded = loaded.pool.encode(&cells, transfer).map_err(|e| match e {
+                EncodeError::NoReferenceLabels => ServeError::Precondition(format!(
+                    "model {:?} has no reference labels to transfer",
+                    r.model
+                )),
+                EncodeError::Query(e) => ServeError::Invalid(e.to_string()),
+            })?;
             Ok(pb::EncodeResponse {
-                n_latent: d as u32,
-                latent,
-                labels,
-                uncertainty,
+                n_latent: encoded.n_latent as u32,
+                latent: encoded.latent,
+                labels: encoded.labels,
+                uncertainty: encoded.uncertainty,
             })
         })
         .await?;

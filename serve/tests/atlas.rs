@@ -250,22 +250,22 @@ async fn a_query_job_maps_a_new_batch_with_progress_and_results() {
     let accuracy = report["label_accuracy"].as_f64().unwrap();
     assert!(accuracy > 0.85, "label transfer accuracy {accuracy}");
 
-    let samples = tessera_serve::exposition::parse(&server.telemetry.render()).unwrap();
+    let samples = tessera_telemetry::parse(&server.telemetry.render()).unwrap();
     assert_eq!(
-        tessera_serve::exposition::value(&samples, "tessera_serve_jobs", &[("state", "succeeded")]),
+        tessera_telemetry::value(&samples, "tessera_serve_jobs", &[("state", "succeeded")]),
         Some(1.0)
     );
     assert_eq!(
-        tessera_serve::exposition::value(&samples, "tessera_serve_models_loaded", &[]),
+        tessera_telemetry::value(&samples, "tessera_serve_models_loaded", &[]),
         Some(1.0)
     );
     assert_eq!(
-        tessera_serve::exposition::value(&samples, "tessera_serve_memory_admitted_bytes", &[]),
+        tessera_telemetry::value(&samples, "tessera_serve_memory_admitted_bytes", &[]),
         Some(0.0),
         "nothing runs now"
     );
     assert_eq!(
-        tessera_serve::exposition::value(
+        tessera_telemetry::value(
             &samples,
             "tessera_serve_requests_total",
             &[("method", "SubmitQuery"), ("code", "OK")]
@@ -465,15 +465,15 @@ async fn calls_without_a_valid_token_are_refused() {
         assert_eq!(e.code(), Code::Unauthenticated, "{token:?}");
     }
     // Every call counted, refusals by their status; the text is what Prometheus parses.
-    let samples = tessera_serve::exposition::parse(&server.telemetry.render()).unwrap();
-    let refused = tessera_serve::exposition::value(
+    let samples = tessera_telemetry::parse(&server.telemetry.render()).unwrap();
+    let refused = tessera_telemetry::value(
         &samples,
         "tessera_serve_requests_total",
         &[("method", "ListModels"), ("code", "UNAUTHENTICATED")],
     );
     assert_eq!(refused, Some(3.0), "{samples:?}");
     assert_eq!(
-        tessera_serve::exposition::value(
+        tessera_telemetry::value(
             &samples,
             "tessera_serve_request_duration_seconds_count",
             &[("method", "SubmitQuery")]
@@ -481,11 +481,11 @@ async fn calls_without_a_valid_token_are_refused() {
         Some(3.0)
     );
     assert_eq!(
-        tessera_serve::exposition::value(&samples, "tessera_serve_jobs", &[("state", "queued")]),
+        tessera_telemetry::value(&samples, "tessera_serve_jobs", &[("state", "queued")]),
         Some(0.0)
     );
     assert_eq!(
-        tessera_serve::exposition::value(&samples, "tessera_serve_memory_budget_bytes", &[]),
+        tessera_telemetry::value(&samples, "tessera_serve_memory_budget_bytes", &[]),
         Some((4u64 << 30) as f64)
     );
     // Health checks need no token (for load balancers and kubelets).

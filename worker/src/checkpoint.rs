@@ -14,8 +14,8 @@ use tessera_kernels::backend::{Backend, Cpu, In};
 use tessera_kernels::params::Layout;
 use tessera_models::{Plateau, Trainer};
 
-use crate::fit::{EpochRecord, FitError};
 use crate::parallel::Sums;
+use crate::records::{EpochRecord, FitError};
 
 /// Everything besides tensors that a resumed run needs to continue bit for bit.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -8,16 +8,15 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use tessera_data::{AnnData, Cells, Dataset, Holdout, Loader, LoaderConfig, MiniBatch};
 use tessera_kernels::backend::Cpu;
-use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::{
-    Categories, LikelihoodKind, LossTerms, ModalityCounts, Plateau, Supervision, Survival,
-    TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig,
+    Categories, LikelihoodKind, LossTerms, Plateau, TrainConfig, Trainer, Vae, VaeConfig,
 };
 
+use crate::batch::{ModalityRows, ModelBatch, one_hot};
 use crate::checkpoint::{self, FitState, WithinEpoch};
-use crate::parallel::{
-    self, EpochEnd, EpochHooks, PartStream, Placement, StepReducer, StepTimes, Sums,
-};
+use crate::parallel::{self, EpochEnd, EpochHooks, PartStream, Placement, StepReducer, Sums};
+use crate::policy;
+use crate::records::{EpochRecord, FitError, StepTimes};
 use crate::ring::Ring;
 
 /// The run's configuration file: `[model]` and `[train]` tables, every key optional.
@@ -83,58 +82,6 @@ pub const DEFAULT_CACHE_MIB: u64 = 4096;
 pub struct Denoised {
     pub key: String,
     pub library_size: f64,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum FitError {
-    #[error(transparent)]
-    Data(#[from] tessera_data::DataError),
-    #[error(transparent)]
-    Train(#[from] TrainError),
-    #[error("configuration {file}: {reason}")]
-    Config { file: String, reason: String },
-    #[error("{store}: {reason}")]
-    Input { store: String, reason: String },
-    #[error("writing {path}: {reason}")]
-    Output { path: String, reason: String },
-    #[error("checkpoint {path}: {reason}")]
-    Checkpoint { path: String, reason: String },
-    #[error(transparent)]
-    Ring(#[from] crate::ring::RingError),
-    /// The coordinator re-formed the group or ended the job: not a failure of training.
-    #[error("interrupted in epoch {epoch} after step {step}: the job's group changed")]
-    Interrupted { epoch: usize, step: u64 },
-    /// A rank was asked to stop (SIGTERM): every rank stopped after the same step and rank 0
-    /// checkpointed it. `here`: this rank was the one asked.
-    #[error("stopped on request in epoch {epoch} after step {step}; checkpoint {checkpoint}")]
-    Stopped {
-        epoch: usize,
-        step: u64,
-        checkpoint: String,
-        here: bool,
-    },
-}
-
-impl From<tessera_kernels::backend::EngineError> for FitError {
-    fn from(e: tessera_kernels::backend::EngineError) -> Self {
-        FitError::Train(e.into())
-    }
-}
-
-/// One epoch's record (losses are means over cells).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochRecord {
-    pub epoch: usize,
-    pub kl_weight: f64,
-    pub lr: f64,
-    pub train: LossTerms,
-    pub validation: Option<LossTerms>,
-    /// Wall time of the epoch: training steps and the validation pass.
-    pub seconds: f64,
-    pub cells_per_second: f64,
-    /// Where this rank's training steps spent the epoch (rank 0's, in a distributed job).
-    #[serde(default)]
-    pub steps: StepTimes,
 }
 
 /// A run's summary; rank 0 also writes it (without the embedding) to `<out>/report.json`, where
@@ -419,7 +366,7 @@ pub fn train(
     let mut validation = Vec::new();
     for (_, part) in &part_loaders {
         for mb in part.ordered().with_cells(Cells::HeldOut(holdout)).epoch(0) {
-            validation.push(Converted::whole(&mb?, &inputs));
+            validation.push(inputs.batch(&mb?));
         }
     }
     let mut state = FitState {
@@ -503,7 +450,7 @@ pub fn train(
             for s in &mut streams {
                 if let Some(mb) = s.next_batch()? {
                     my_cells += mb.cells.len() as u64;
-                    batches.push((s.part, Converted::whole(&mb, &inputs)));
+                    batches.push((s.part, inputs.batch(&mb)));
                 }
             }
             let more = streams.iter().any(PartStream::more);
@@ -591,36 +538,24 @@ pub fn train(
             .map_or(record.train, |v| v)
             .negative_elbo();
         state.history.push(record);
-        let lr = state.plateau.observe(monitored, &tc);
-        if lr != trainer.lr() {
-            tracing::info!(epoch, lr, "learning rate reduced on plateau");
-            trainer.set_lr(lr);
+        let decision = policy::end_of_epoch(&mut state, monitored, epoch, epochs, &tc);
+        if decision.lr != trainer.lr() {
+            tracing::info!(epoch, lr = decision.lr, "learning rate reduced on plateau");
+            trainer.set_lr(decision.lr);
         }
-        if monitored < state.best {
-            (state.best, state.since_best) = (monitored, 0);
-        } else {
-            state.since_best += 1;
-            if tc
-                .early_stopping_patience
-                .is_some_and(|p| state.since_best >= p)
-            {
-                stopped_early = true;
-                tracing::info!(
-                    epoch,
-                    best = state.best,
-                    "early stopping: no lower validation ELBO for {} epochs",
-                    state.since_best
-                );
-            }
+        if decision.stop_early {
+            stopped_early = true;
+            tracing::info!(
+                epoch,
+                best = state.best,
+                "early stopping: no lower validation ELBO for {} epochs",
+                state.since_best
+            );
         }
         state.epochs_done = epoch + 1;
         state.step = trainer.step;
-        let last = stopped_early || epoch + 1 == epochs;
-        let saved = rank == 0
-            && (last
-                || tc
-                    .checkpoint_every
-                    .is_some_and(|k| k > 0 && (epoch + 1) % k == 0));
+        let last = decision.last;
+        let saved = rank == 0 && decision.checkpoint;
         if saved {
             checkpoint::save(&checkpoint_of(state.epochs_done), &state, &trainer)?;
             if place.checkpoint_per_epoch {
@@ -750,7 +685,7 @@ fn write_outputs(
     let mut labels = vec![-1i32; if opts.label_key.is_some() { n } else { 0 }];
     for mb in loader.ordered().epoch(0) {
         let mb = mb?;
-        let batch = Converted::whole(&mb, inputs);
+        let batch = inputs.batch(&mb);
         let (z, expression) = match &opts.denoised {
             Some(d) => {
                 on_pool(|| batch.with(|b| trainer.model.latent_and_expression(b, d.library_size)))?
@@ -1052,51 +987,25 @@ impl OutputPlan {
     }
 }
 
-/// Rows of a loader minibatch in the model's input form.
-#[derive(Debug)]
-struct Converted {
-    rows: usize,
-    /// Per modality: features, CSR rows, and which cells were measured (None: all).
-    counts: Vec<(usize, tessera_data::Csr, Option<Vec<bool>>)>,
-    covariates: Vec<f32>,
-    labels: Vec<i32>,
-    /// rows × targets, row-major.
-    targets: Vec<f64>,
-    /// Survival times and events (empty without a Cox head).
-    times: Vec<f64>,
-    events: Vec<bool>,
-}
-
-impl Converted {
-    /// Every cell of `mb`.
-    fn whole(mb: &MiniBatch, inputs: &Inputs) -> Converted {
-        Converted::new(mb, inputs, &(0..mb.cells.len()).collect::<Vec<_>>())
-    }
-
-    fn new(mb: &MiniBatch, inputs: &Inputs, rows: &[usize]) -> Converted {
-        let n_cov = inputs.n_cov;
-        let counts = inputs
+impl Inputs {
+    /// Every cell of a training minibatch in the model's input form: every modality of the
+    /// model, the batch covariates and the heads' labels and numeric targets.
+    fn batch(&self, mb: &MiniBatch) -> ModelBatch {
+        let inputs = self;
+        let rows: &[usize] = &(0..mb.cells.len()).collect::<Vec<_>>();
+        let modalities = inputs
             .modalities
             .iter()
             .map(|&m| {
                 let modality = &mb.modalities[m];
-                let present: Vec<bool> = rows.iter().map(|&r| modality.present[r]).collect();
-                (
-                    modality.counts.n_cols,
-                    modality.counts.select_rows(rows),
-                    (!present.iter().all(|&p| p)).then_some(present),
-                )
+                let present = rows.iter().map(|&r| modality.present[r]).collect();
+                ModalityRows::new(modality.counts.select_rows(rows), present)
             })
             .collect();
-        let mut covariates = vec![0f32; rows.len() * n_cov];
-        for (i, &r) in rows.iter().enumerate() {
-            // An unknown batch (-1) leaves the row all-zero.
-            if let Ok(code) = usize::try_from(mb.batch[r])
-                && code < n_cov
-            {
-                covariates[i * n_cov + code] = 1.0;
-            }
-        }
+        // An unknown batch (-1) leaves the row all-zero.
+        let covariates = one_hot(rows.len(), inputs.n_cov, |i| {
+            usize::try_from(mb.batch[rows[i]]).ok()
+        });
         let k = inputs.n_targets + if inputs.survival { 2 } else { 0 };
         let numeric = |r: usize, j: usize| mb.numeric[r * k + j];
         let targets = rows
@@ -1110,42 +1019,15 @@ impl Converted {
         } else {
             (Vec::new(), Vec::new())
         };
-        Converted {
+        ModelBatch {
             rows: rows.len(),
-            counts,
+            modalities,
             covariates,
-            labels: rows.iter().map(|&r| mb.label[r]).collect(),
+            labels: Some(rows.iter().map(|&r| mb.label[r]).collect()),
             targets,
             times,
             events,
         }
-    }
-
-    /// Calls `f` with the model's view of these rows.
-    fn with<R>(&self, f: impl FnOnce(VaeBatch<'_, f32>) -> R) -> R {
-        let modalities: Vec<ModalityCounts<'_, f32>> = self
-            .counts
-            .iter()
-            .map(|(cols, c, present)| ModalityCounts {
-                counts: CsrRef {
-                    rows: self.rows,
-                    cols: *cols,
-                    indptr: &c.indptr,
-                    indices: &c.indices,
-                    data: &c.data,
-                },
-                present: present.as_deref(),
-            })
-            .collect();
-        let supervision = Supervision {
-            labels: Some(&self.labels),
-            targets: (!self.targets.is_empty()).then_some(self.targets.as_slice()),
-            survival: (!self.times.is_empty()).then_some(Survival {
-                times: &self.times,
-                events: &self.events,
-            }),
-        };
-        f(VaeBatch::new(&modalities, &self.covariates).with_supervision(supervision))
     }
 }
 

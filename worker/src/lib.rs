@@ -9,7 +9,9 @@
 //! [`Trainer::gradients`]: tessera_models::Trainer::gradients
 //! [`Trainer::apply`]: tessera_models::Trainer::apply
 
+mod batch;
 pub mod checkpoint;
+pub mod encode;
 pub mod eval;
 pub mod fit;
 pub mod nccl;
@@ -17,15 +19,17 @@ pub mod network;
 pub mod node;
 pub mod parallel;
 pub mod plot;
+mod policy;
 pub mod query;
+pub mod records;
 pub mod reference;
 pub mod ring;
 
 pub use eval::{EvalError, EvalRequest, Evaluation, evaluate_store, write_evaluation};
 pub use fit::{
-    DEFAULT_CACHE_MIB, Denoised, EpochRecord, FitConfig, FitError, FitOptions, FitReport,
-    check_job, fit, fit_until, train,
+    DEFAULT_CACHE_MIB, Denoised, FitConfig, FitOptions, FitReport, check_job, fit, fit_until, train,
 };
+pub use records::{EpochRecord, FitError, StepTimes};
 
 /// This process's peak resident memory so far (Linux `VmHWM`), MiB; None elsewhere.
 pub fn peak_memory_mib() -> Option<f64> {

@@ -19,9 +19,10 @@ use tessera_proto::v1::coordinator_client::CoordinatorClient;
 use tokio::runtime::Runtime;
 use tonic::transport::Channel;
 
-use crate::fit::{FitConfig, FitError, FitOptions, Progress, train};
+use crate::fit::{FitConfig, FitOptions, Progress, train};
 use crate::network::{NetworkJobError, NetworkRequest, network_rank};
 use crate::parallel::{EpochEnd, EpochHooks, Placement};
+use crate::records::FitError;
 use crate::ring::{Ring, RingError};
 
 #[derive(Debug, Clone)]

@@ -17,7 +17,7 @@ use tessera_data::{Dataset, Epoch, MiniBatch};
 use tessera_kernels::backend::Cpu;
 use tessera_models::{LossTerms, Trainer};
 
-use crate::fit::{EpochRecord, FitError};
+use crate::records::{EpochRecord, FitError, StepTimes};
 use crate::ring::Ring;
 
 /// Where this process trains: the ring between the job's workers (its rank and world size),
@@ -60,15 +60,6 @@ impl Placement {
     pub fn my_parts(&self) -> impl Iterator<Item = usize> + '_ {
         (self.ring.rank()..self.parts).step_by(self.ring.world())
     }
-}
-
-/// Seconds of an epoch spent computing gradients and updates, in the all-reduce, and waiting
-/// for the loader.
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct StepTimes {
-    pub compute: f64,
-    pub allreduce: f64,
-    pub data: f64,
 }
 
 /// A rank's end of an epoch.

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use font8x8::legacy::BASIC_LEGACY;
 
-use crate::fit::EpochRecord;
+use crate::records::EpochRecord;
 
 const WIDTH: usize = 900;
 const HEIGHT: usize = 520;

@@ -18,16 +18,16 @@ use tessera_data::{
     AnnData, Column, Csr, Dataset, Loader, LoaderConfig, MiniBatch, ModalityBatch, Store,
 };
 use tessera_kernels::backend::{Backend, Cpu, In};
-use tessera_kernels::ops::linear::CsrRef;
+/// Which layers a query job fine-tunes besides the new batches' (part of [`QueryRequest`]).
+pub use tessera_models::surgery::Unfreeze;
 use tessera_models::surgery::{
-    BatchExtension, SurgeryError, Unfreeze, encoder_ranges, transfer, unfrozen_ranges,
+    BatchExtension, SurgeryError, encoder_ranges, transfer, unfrozen_ranges,
 };
-use tessera_models::{
-    Categories, ModalityCounts, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig,
-};
+use tessera_models::{Categories, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
 
 use tessera_metrics::transfer::Transferred;
 
+use crate::batch::{ModalityRows, ModelBatch, one_hot};
 use crate::reference::{REFERENCE_FILE, Reference, ReferenceError, var_names};
 
 #[derive(Debug, thiserror::Error)]
@@ -589,10 +589,11 @@ struct Alignment {
 }
 
 impl Alignment {
-    /// The model's input for every cell of `mb`; `f` sees it as a `VaeBatch`.
-    fn with<R>(&self, mb: &MiniBatch, f: impl FnOnce(VaeBatch<'_, f32>) -> R) -> R {
+    /// The model's input for every cell of `mb`, its features and batches in the reference's
+    /// order (no head's labels: a query trains none).
+    fn batch(&self, mb: &MiniBatch) -> ModelBatch {
         let rows = mb.cells.len();
-        let mut counts = Vec::with_capacity(self.modalities.len());
+        let mut modalities = Vec::with_capacity(self.modalities.len());
         for (source, columns, g) in &self.modalities {
             let mut csr = Csr {
                 n_rows: rows,
@@ -624,28 +625,27 @@ impl Alignment {
                     vec![false; rows]
                 }
             };
-            counts.push((csr, present));
+            modalities.push(ModalityRows::new(csr, present));
         }
-        let mut covariates = vec![0f32; rows * self.n_cov];
-        for (r, &code) in mb.batch.iter().enumerate() {
-            if let Some(&column) = usize::try_from(code).ok().and_then(|c| self.batches.get(c)) {
-                covariates[r * self.n_cov + column] = 1.0;
-            }
+        let covariates = one_hot(rows, self.n_cov, |r| {
+            usize::try_from(mb.batch[r])
+                .ok()
+                .and_then(|c| self.batches.get(c).copied())
+        });
+        ModelBatch {
+            rows,
+            modalities,
+            covariates,
+            labels: None,
+            targets: Vec::new(),
+            times: Vec::new(),
+            events: Vec::new(),
         }
-        let modalities: Vec<ModalityCounts<'_, f32>> = counts
-            .iter()
-            .map(|(c, present)| ModalityCounts {
-                counts: CsrRef {
-                    rows,
-                    cols: c.n_cols,
-                    indptr: &c.indptr,
-                    indices: &c.indices,
-                    data: &c.data,
-                },
-                present: (!present.iter().all(|&p| p)).then_some(present.as_slice()),
-            })
-            .collect();
-        f(VaeBatch::new(&modalities, &covariates))
+    }
+
+    /// Calls `f` with the model's view of every cell of `mb`.
+    fn with<R>(&self, mb: &MiniBatch, f: impl FnOnce(VaeBatch<'_, f32>) -> R) -> R {
+        self.batch(mb).with(f)
     }
 }
 

@@ -1,15 +1,7 @@
-//! Prometheus text exposition (format 0.0.4) for every role's `--metrics-listen` port: a writer
-//! for counters, gauges and histograms, and a small HTTP server answering `GET /metrics` (the
-//! text a closure renders at scrape time) and `GET /healthz`.
-//!
-//! Plain HTTP on its own port: scrapers and kubelet probes reach it even when the gRPC port
-//! speaks TLS only.
+//! Prometheus text exposition (format 0.0.4): a writer for counters, gauges and histograms, and
+//! a strict parser (what scrapers and the tests read back).
 
 use std::fmt::Write as _;
-use std::future::Future;
-use std::sync::Arc;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Latency buckets (seconds) of request histograms: 1 ms to 10 s.
 pub const LATENCY_BUCKETS: [f64; 12] = [
@@ -134,64 +126,6 @@ impl Exposition {
 
     pub fn finish(self) -> String {
         self.text
-    }
-}
-
-/// What a role exposes: its metrics rendered at scrape time.
-pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
-
-/// Serves `GET /metrics` and `GET /healthz` on `listener` until `shutdown` completes. Requests are
-/// read up to their headers (at most 8 KiB); anything else gets 404.
-pub async fn serve_metrics(
-    listener: tokio::net::TcpListener,
-    render: Render,
-    shutdown: impl Future<Output = ()>,
-) {
-    tokio::pin!(shutdown);
-    loop {
-        let (mut stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics listener");
-                    continue;
-                }
-            },
-            () = &mut shutdown => return,
-        };
-        let render = Arc::clone(&render);
-        tokio::spawn(async move {
-            let mut request = Vec::with_capacity(1024);
-            let mut buf = [0u8; 1024];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-                match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => request.extend_from_slice(&buf[..n]),
-                }
-            }
-            let line = String::from_utf8_lossy(&request);
-            let path = line.split_whitespace().nth(1).unwrap_or_default();
-            let (status, kind, body) = match (line.starts_with("GET "), path) {
-                (true, "/metrics") => (
-                    "200 OK",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    render(),
-                ),
-                (true, "/healthz") => ("200 OK", "text/plain; charset=utf-8", "ok\n".to_string()),
-                _ => (
-                    "404 Not Found",
-                    "text/plain; charset=utf-8",
-                    "not found: GET /metrics or /healthz\n".to_string(),
-                ),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
     }
 }
 
