@@ -6,6 +6,7 @@
 //! Invariant: models know nothing of stores or the network; they take host minibatches (CSR
 //! counts + one-hot covariates) and return loss terms, gradients and embeddings.
 
+pub mod config;
 mod heads;
 pub mod layers;
 mod modality;
@@ -13,6 +14,7 @@ pub mod surgery;
 pub mod train;
 pub mod vae;
 
+pub use config::ConfigError;
 pub use train::{Plateau, TrainConfig, TrainError, Trainer};
 pub use vae::{
     Categories, Dispersion, Joint, LikelihoodKind, LossTerms, ModalityConfig, ModalityCounts,

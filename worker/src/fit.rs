@@ -3,7 +3,6 @@
 //! (history CSV, weights as safetensors, resolved config as JSON) into the output folder.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tessera_data::{AnnData, Cells, Dataset, Holdout, Loader, LoaderConfig, MiniBatch};
@@ -14,6 +13,7 @@ use tessera_models::{
 
 use crate::batch::{ModalityRows, ModelBatch, one_hot};
 use crate::checkpoint::{self, FitState, WithinEpoch};
+use crate::epoch::{EpochSteps, Stepper};
 use crate::parallel::{self, EpochEnd, EpochHooks, PartStream, Placement, StepReducer, Sums};
 use crate::policy;
 use crate::records::{EpochRecord, FitError, StepTimes};
@@ -126,58 +126,22 @@ struct Inputs {
     survival: bool,
 }
 
-/// The obs columns the configured heads read, and each weight checked: a head with a positive
-/// weight needs its columns, every weight must be finite and non-negative.
+/// The obs columns the configured heads read, once the configuration is checked
+/// (`VaeConfig::validate`) and a label key is given where a head needs labels.
 fn head_columns(model: &VaeConfig, label_key: Option<&str>) -> Result<Vec<String>, FitError> {
     let invalid = |reason: String| FitError::Config {
         file: "[model]".into(),
         reason,
     };
-    for (name, w) in [
-        ("mmd_batch_weight", model.mmd_batch_weight),
-        ("prior_mmd_weight", model.prior_mmd_weight),
-        ("jeffreys_weight", model.jeffreys_weight),
-        ("adversarial_batch_weight", model.adversarial_batch_weight),
-        ("contrastive_weight", model.contrastive_weight),
-        ("classifier_weight", model.classifier_weight),
-        ("regression_weight", model.regression_weight),
-        ("cox_weight", model.cox_weight),
-        ("cycle_weight", model.cycle_weight),
-    ] {
-        if !(w.is_finite() && w >= 0.0) {
-            return Err(invalid(format!(
-                "{name} = {w}: expected a finite weight >= 0"
-            )));
-        }
-    }
-    if (model.classifier_weight > 0.0 || model.contrastive_weight > 0.0) && label_key.is_none() {
+    model.validate().map_err(|e| invalid(e.0))?;
+    if model.needs_labels() && label_key.is_none() {
         return Err(invalid(
             "classifier_weight and contrastive_weight need labels: \
              pass --label-key (an obs column of cell labels)"
                 .into(),
         ));
     }
-    let mut columns = Vec::new();
-    if model.regression_weight > 0.0 {
-        if model.regression_keys.is_empty() {
-            return Err(invalid(
-                "regression_weight > 0 needs regression_keys (numeric obs columns)".into(),
-            ));
-        }
-        columns.extend(model.regression_keys.iter().cloned());
-    }
-    if model.cox_weight > 0.0 {
-        match (&model.survival_time_key, &model.survival_event_key) {
-            (Some(t), Some(e)) => columns.extend([t.clone(), e.clone()]),
-            _ => {
-                return Err(invalid(
-                    "cox_weight > 0 needs survival_time_key and survival_event_key (obs columns)"
-                        .into(),
-                ));
-            }
-        }
-    }
-    Ok(columns)
+    Ok(model.head_columns())
 }
 
 /// Progress events for a bar or logs.
@@ -214,318 +178,383 @@ pub fn train(
     place: &mut Placement,
     mut progress: impl FnMut(Progress<'_>),
 ) -> Result<Option<FitReport>, FitError> {
-    let dataset = Dataset::open(&opts.data)?;
-    let n_obs = dataset.n_obs();
-    let tc = opts.config.train.clone();
-    let mc = &opts.config.model;
-    let rank = place.ring.rank();
-    let numeric_keys = head_columns(mc, opts.label_key.as_deref())?;
-    let loader_config = LoaderConfig {
-        batch_size: tc.batch_size,
-        shuffle: true,
-        seed: tc.seed,
-        batch_key: opts.batch_key.clone(),
-        label_key: opts.label_key.clone(),
-        numeric_keys,
-        cache_bytes: opts.cache_bytes,
-        ..LoaderConfig::default()
-    };
-    let loader = Loader::new(&dataset, 0..n_obs, loader_config)?;
-    // scvi-tools' split: floor(fraction · n) cells held out (here at most the cap), the
-    // batches cut from the training cells alone.
-    let holdout = Holdout::new(0..n_obs, tc.seed, tc.validation_cells(n_obs));
-    let ranges = parallel::part_ranges(&dataset, place.parts, tc.batch_size)?;
-    let my_parts: Vec<usize> = place.my_parts().collect();
-    let part_loaders: Vec<(usize, Loader)> = my_parts
-        .iter()
-        .map(|&k| {
-            Ok((
-                k,
-                loader.shard(
-                    ranges[k].clone(),
-                    parallel::part_batch_size(tc.batch_size, place.parts, k),
-                )?,
-            ))
-        })
-        .collect::<Result<_, FitError>>()?;
-    let plan = OutputPlan::new(
-        &dataset,
-        &opts.modalities,
-        &loader.modality_names(),
-        &opts.data,
-    )?;
-    // Refused now rather than after hours of training.
-    let denoised_keys: Vec<(&str, String)> = match &opts.denoised {
-        None => Vec::new(),
-        Some(d) if plan.layer => vec![("layers", d.key.clone())],
-        Some(d) => plan
-            .modalities
-            .iter()
-            .map(|(name, _, _)| ("obsm", format!("{}_{name}", d.key)))
-            .collect(),
-    };
-    let classify = mc.classifier_weight > 0.0;
-    let prediction_keys: Vec<(&str, String)> = if classify {
-        vec![
-            ("obs", PREDICTION_KEY.to_string()),
-            ("obsm", format!("{PREDICTION_KEY}_probabilities")),
-        ]
-    } else {
-        Vec::new()
-    };
-    for (mapping, key) in std::iter::once(("obsm", opts.embedding_key.clone()))
-        .chain(denoised_keys.iter().cloned())
-        .chain(prediction_keys.iter().cloned())
-    {
-        if !opts.overwrite && plan.target.keys(mapping)?.contains(&key) {
-            return Err(tessera_data::DataError::Exists {
-                store: opts.data.clone(),
-                path: plan.target.element(&format!("{mapping}/{key}")),
-            }
-            .into());
-        }
-    }
-    let shapes: Vec<(&str, usize)> = plan
-        .modalities
-        .iter()
-        .map(|(name, _, g)| (name.as_str(), *g))
-        .collect();
-    let n_batch = loader.batch_categories.len();
-    let n_labels = loader.label_categories.len();
-    if (classify || mc.contrastive_weight > 0.0) && n_labels < 2 {
-        return Err(FitError::Input {
-            store: opts.data.clone(),
-            reason: format!(
-                "obs/{}: {n_labels} label categories; the classifier and contrastive loss need at least 2",
-                opts.label_key.as_deref().unwrap_or_default()
-            ),
-        });
-    }
-    let inputs = Inputs {
-        modalities: plan.modalities.iter().map(|m| m.1).collect(),
-        n_cov: n_batch,
-        n_targets: mc.regression_keys.len() * usize::from(mc.regression_weight > 0.0),
-        survival: mc.cox_weight > 0.0,
-    };
-
-    let mut model = Vae::<f32, Cpu>::new(
-        Cpu,
-        mc.clone(),
-        &shapes,
-        Categories {
-            n_batch,
-            n_cov: inputs.n_cov,
-            n_labels,
-        },
-        tc.seed,
-    )?;
-    for (m, spec) in model.modalities.clone().iter().enumerate() {
-        if spec.likelihood == LikelihoodKind::NbMixture {
-            let rates = background_log_rates(
-                &loader,
-                inputs.modalities[m],
-                spec.n_features,
-                n_batch.max(1),
-            )?;
-            model.initialise_background(m, &rates)?;
-        }
-    }
-    let mut trainer = Trainer::new(model, tc.clone())?;
-    let epochs = tc.epochs(n_obs);
-    let resolved = serde_json::json!({
-        "data": opts.data,
-        "modalities": model_shapes(&trainer.model),
-        "batch_key": opts.batch_key,
-        "label_key": opts.label_key,
-        "n_obs": n_obs,
-        "batch_categories": loader.batch_categories,
-        "label_categories": loader.label_categories,
-        "model": opts.config.model,
-        "train": opts.config.train,
-        "parts": place.parts,
-        "epochs": epochs,
-    });
-    let checkpoint_dir = opts.out.join("checkpoint");
-    // A job's checkpoints are kept per epoch, so a resume loads exactly the one the coordinator
-    // recorded, not a later one it never heard of.
-    let checkpoint_of = |epochs_done: usize| {
-        if place.checkpoint_per_epoch {
-            checkpoint_dir.join(format!("epoch-{epochs_done:06}"))
-        } else {
-            checkpoint_dir.clone()
-        }
-    };
-    let checkpoint_within = |epochs_done: usize, step: u64| {
-        if place.checkpoint_per_epoch {
-            checkpoint_dir.join(format!("epoch-{epochs_done:06}-step-{step}"))
-        } else {
-            checkpoint_dir.clone()
-        }
-    };
-    // This rank's held-out cells stay in memory as model batches for every epoch's validation.
-    let mut validation = Vec::new();
-    for (_, part) in &part_loaders {
-        for mb in part.ordered().with_cells(Cells::HeldOut(holdout)).epoch(0) {
-            validation.push(inputs.batch(&mb?));
-        }
-    }
-    let mut state = FitState {
-        epochs_done: 0,
-        step: 0,
-        plateau: Plateau::new(tc.lr),
-        best: f64::INFINITY,
-        since_best: 0,
-        n_train: 0,
-        history: Vec::new(),
-        run: resolved.clone(),
-        within_epoch: None,
-    };
-    let resume_from = place
-        .resume_from
-        .clone()
-        .or_else(|| opts.resume.then(|| checkpoint_dir.clone()));
-    if let Some(dir) = resume_from {
-        state = checkpoint::load(&dir, &resolved, &mut trainer)?;
-        tracing::info!(
-            epoch = state.epochs_done,
-            step = state.step,
-            rank,
-            "resuming from {}",
-            dir.display()
-        );
-    }
-    let mut stopped_early = false;
+    let mut run = Run::prepare(opts, place)?;
     progress(Progress::Start {
-        epochs,
-        cells_per_epoch: n_obs,
+        epochs: run.epochs,
+        cells_per_epoch: run.n_obs,
     });
-
-    let training: Vec<(usize, Loader)> = part_loaders
-        .iter()
-        .map(|(k, l)| (*k, l.with_cells(Cells::Training(holdout))))
-        .collect();
-    let start_epoch = |epoch: usize| -> Result<Vec<PartStream>, FitError> {
-        training
-            .iter()
-            .map(|(k, l)| PartStream::new(*k, l.epoch(epoch as u64)))
-            .collect()
-    };
-    let mut reducer = StepReducer::new(&trainer);
-    let mut upcoming = if state.epochs_done < epochs {
-        Some(start_epoch(state.epochs_done)?)
+    let mut upcoming = if run.state.epochs_done < run.epochs {
+        Some(run.start_epoch(run.state.epochs_done)?)
     } else {
         None
     };
-    let mut resumed_within = state.within_epoch.take();
+    let mut resumed_within = run.state.within_epoch.take();
     let mut last_end = None;
-    for epoch in state.epochs_done..epochs {
-        let started = Instant::now();
-        let mut times = StepTimes::default();
-        let (mut sums, mut steps, mut seconds_before) = (Sums::default(), 0u64, 0.0);
-        let mut my_cells = 0u64;
-        let mut streams = match upcoming.take() {
+    for epoch in run.state.epochs_done..run.epochs {
+        let streams = match upcoming.take() {
             Some(s) => s,
-            None => start_epoch(epoch)?,
+            None => run.start_epoch(epoch)?,
         };
-        if let Some(within) = resumed_within.take() {
-            // The checkpoint's steps again without training (the batches depend on the parts
-            // alone), counting their cells: the coordinator counts every cell of the epoch.
-            for s in &mut streams {
-                for _ in 0..within.steps {
-                    my_cells += s.next_batch()?.map_or(0, |mb| mb.cells.len() as u64);
-                }
-            }
-            (sums, steps, seconds_before) = (within.sums, within.steps, within.seconds);
-        }
-        let kl_weight = trainer.config.kl_weight(epoch);
-        loop {
-            if place.hooks.interrupted() {
-                return Err(FitError::Interrupted {
-                    epoch,
-                    step: trainer.step,
-                });
-            }
-            let waiting = Instant::now();
-            let mut batches = Vec::with_capacity(streams.len());
-            for s in &mut streams {
-                if let Some(mb) = s.next_batch()? {
-                    my_cells += mb.cells.len() as u64;
-                    batches.push((s.part, inputs.batch(&mb)));
-                }
-            }
-            let more = streams.iter().any(PartStream::more);
-            times.data += waiting.elapsed().as_secs_f64();
-            let parts: Vec<usize> = batches.iter().map(|(k, _)| *k).collect();
-            let stop = place.hooks.stop_requested();
-            let stepped = reducer.step(
-                &mut trainer,
-                &mut place.ring,
-                &parts,
-                (more, stop),
-                kl_weight,
-                &mut times,
-                |trainer, part| {
-                    let (_, batch) = batches.iter().find(|(k, _)| *k == part).ok_or_else(|| {
-                        FitError::Input {
-                            store: opts.data.clone(),
-                            reason: format!("part {part} has no batch"),
-                        }
-                    })?;
-                    Ok(on_pool(|| {
-                        batch.with(|b| trainer.part_gradients(b, epoch, part as u64))
-                    })?)
-                },
-            )?;
-            if let Some(terms) = stepped.terms {
-                sums.add(&terms);
-                progress(Progress::Batch {
-                    cells: terms.cells,
-                    loss: &terms,
-                });
-            }
-            steps += 1;
-            place.hooks.step_done(epoch, trainer.step, my_cells);
-            if stepped.stop {
-                state.within_epoch = Some(WithinEpoch {
-                    steps,
-                    sums,
-                    seconds: seconds_before + started.elapsed().as_secs_f64(),
-                });
-                state.step = trainer.step;
-                let location = checkpoint_within(state.epochs_done, trainer.step);
-                return Err(stop_after_step(
-                    &mut place.ring,
-                    place.hooks.as_mut(),
-                    &trainer,
-                    &state,
-                    &location,
-                    stop,
-                ));
-            }
-            if !stepped.more {
-                break;
-            }
-        }
-        if epoch == 0 || state.n_train == 0 {
-            state.n_train = sums.cells as u64;
+        let steps = run.steps(epoch, streams, resumed_within.take(), &mut progress)?;
+        if epoch == 0 || run.state.n_train == 0 {
+            run.state.n_train = steps.sums.cells as u64;
         }
         // The next epoch's first fetch is read while this one validates and records: otherwise
         // every epoch would open by waiting for it.
-        if epoch + 1 < epochs {
-            upcoming = Some(start_epoch(epoch + 1)?);
+        if epoch + 1 < run.epochs {
+            upcoming = Some(run.start_epoch(epoch + 1)?);
         }
+        if let Some(end) = run.end_of_epoch(epoch, steps, &mut progress)? {
+            last_end = Some(end);
+            break;
+        }
+    }
+    run.finish(last_end)
+}
+
+/// Where a run's checkpoints go: `<out>/checkpoint`, or for a job one folder per epoch (and per
+/// stopped step), so a resume loads exactly the one the coordinator recorded, not a later one
+/// it never heard of.
+#[derive(Debug)]
+struct Checkpoints {
+    dir: PathBuf,
+    per_epoch: bool,
+}
+
+impl Checkpoints {
+    /// The checkpoint after `epochs_done` whole epochs.
+    fn after(&self, epochs_done: usize) -> PathBuf {
+        if self.per_epoch {
+            self.dir.join(format!("epoch-{epochs_done:06}"))
+        } else {
+            self.dir.clone()
+        }
+    }
+
+    /// The checkpoint of a run stopped at `step`, within epoch `epochs_done`.
+    fn within(&self, epochs_done: usize, step: u64) -> PathBuf {
+        if self.per_epoch {
+            self.dir.join(format!("epoch-{epochs_done:06}-step-{step}"))
+        } else {
+            self.dir.clone()
+        }
+    }
+}
+
+/// How a run's last epoch ended on this rank: (epoch, training cells read, step times).
+type LastEpoch = (usize, u64, StepTimes);
+
+/// One rank's training run. [`Run::prepare`] reads the data's shape, builds the model and
+/// resumes; then each epoch is [`Run::steps`] (the training steps, all-reduced) and
+/// [`Run::end_of_epoch`] (validation, record, [`policy`], checkpoint, reports); [`Run::finish`]
+/// writes the outputs on rank 0.
+struct Run<'a> {
+    opts: &'a FitOptions,
+    place: &'a mut Placement,
+    tc: TrainConfig,
+    n_obs: u64,
+    epochs: usize,
+    loader: Loader,
+    holdout: Holdout,
+    plan: OutputPlan,
+    inputs: Inputs,
+    denoised_keys: Vec<(&'static str, String)>,
+    trainer: Trainer<f32, Cpu>,
+    checkpoints: Checkpoints,
+    /// This rank's held-out cells as model batches, kept for every epoch's validation.
+    validation: Vec<ModelBatch>,
+    /// This rank's parts and their training cells.
+    training: Vec<(usize, Loader)>,
+    state: FitState,
+    reducer: StepReducer,
+    stopped_early: bool,
+}
+
+impl<'a> Run<'a> {
+    /// Everything before the first step: the loaders of this rank's parts, the output plan
+    /// (existing outputs refused now rather than after hours of training), the model, the
+    /// validation batches and, when asked, the checkpoint to resume from.
+    fn prepare(opts: &'a FitOptions, place: &'a mut Placement) -> Result<Run<'a>, FitError> {
+        let dataset = Dataset::open(&opts.data)?;
+        let n_obs = dataset.n_obs();
+        let tc = opts.config.train.clone();
+        let mc = &opts.config.model;
+        let rank = place.ring.rank();
+        let numeric_keys = head_columns(mc, opts.label_key.as_deref())?;
+        let loader_config = LoaderConfig {
+            batch_size: tc.batch_size,
+            shuffle: true,
+            seed: tc.seed,
+            batch_key: opts.batch_key.clone(),
+            label_key: opts.label_key.clone(),
+            numeric_keys,
+            cache_bytes: opts.cache_bytes,
+            ..LoaderConfig::default()
+        };
+        let loader = Loader::new(&dataset, 0..n_obs, loader_config)?;
+        // scvi-tools' split: floor(fraction · n) cells held out (here at most the cap), the
+        // batches cut from the training cells alone.
+        let holdout = Holdout::new(0..n_obs, tc.seed, tc.validation_cells(n_obs));
+        let ranges = parallel::part_ranges(&dataset, place.parts, tc.batch_size)?;
+        let my_parts: Vec<usize> = place.my_parts().collect();
+        let part_loaders: Vec<(usize, Loader)> = my_parts
+            .iter()
+            .map(|&k| {
+                Ok((
+                    k,
+                    loader.shard(
+                        ranges[k].clone(),
+                        parallel::part_batch_size(tc.batch_size, place.parts, k),
+                    )?,
+                ))
+            })
+            .collect::<Result<_, FitError>>()?;
+        let plan = OutputPlan::new(
+            &dataset,
+            &opts.modalities,
+            &loader.modality_names(),
+            &opts.data,
+        )?;
+        // Refused now rather than after hours of training.
+        let denoised_keys: Vec<(&str, String)> = match &opts.denoised {
+            None => Vec::new(),
+            Some(d) if plan.layer => vec![("layers", d.key.clone())],
+            Some(d) => plan
+                .modalities
+                .iter()
+                .map(|(name, _, _)| ("obsm", format!("{}_{name}", d.key)))
+                .collect(),
+        };
+        let classify = mc.classifier_weight > 0.0;
+        let prediction_keys: Vec<(&str, String)> = if classify {
+            vec![
+                ("obs", PREDICTION_KEY.to_string()),
+                ("obsm", format!("{PREDICTION_KEY}_probabilities")),
+            ]
+        } else {
+            Vec::new()
+        };
+        for (mapping, key) in std::iter::once(("obsm", opts.embedding_key.clone()))
+            .chain(denoised_keys.iter().cloned())
+            .chain(prediction_keys.iter().cloned())
+        {
+            if !opts.overwrite && plan.target.keys(mapping)?.contains(&key) {
+                return Err(tessera_data::DataError::Exists {
+                    store: opts.data.clone(),
+                    path: plan.target.element(&format!("{mapping}/{key}")),
+                }
+                .into());
+            }
+        }
+        let shapes: Vec<(&str, usize)> = plan
+            .modalities
+            .iter()
+            .map(|(name, _, g)| (name.as_str(), *g))
+            .collect();
+        let n_batch = loader.batch_categories.len();
+        let n_labels = loader.label_categories.len();
+        if mc.needs_labels() && n_labels < 2 {
+            return Err(FitError::Input {
+                store: opts.data.clone(),
+                reason: format!(
+                    "obs/{}: {n_labels} label categories; the classifier and contrastive loss need at least 2",
+                    opts.label_key.as_deref().unwrap_or_default()
+                ),
+            });
+        }
+        let inputs = Inputs {
+            modalities: plan.modalities.iter().map(|m| m.1).collect(),
+            n_cov: n_batch,
+            n_targets: mc.regression_keys.len() * usize::from(mc.regression_weight > 0.0),
+            survival: mc.cox_weight > 0.0,
+        };
+
+        let mut model = Vae::<f32, Cpu>::new(
+            Cpu,
+            mc.clone(),
+            &shapes,
+            Categories {
+                n_batch,
+                n_cov: inputs.n_cov,
+                n_labels,
+            },
+            tc.seed,
+        )?;
+        for (m, spec) in model.modalities.clone().iter().enumerate() {
+            if spec.likelihood == LikelihoodKind::NbMixture {
+                let rates = background_log_rates(
+                    &loader,
+                    inputs.modalities[m],
+                    spec.n_features,
+                    n_batch.max(1),
+                )?;
+                model.initialise_background(m, &rates)?;
+            }
+        }
+        let mut trainer = Trainer::new(model, tc.clone())?;
+        let epochs = tc.epochs(n_obs);
+        let resolved = serde_json::json!({
+            "data": opts.data,
+            "modalities": model_shapes(&trainer.model),
+            "batch_key": opts.batch_key,
+            "label_key": opts.label_key,
+            "n_obs": n_obs,
+            "batch_categories": loader.batch_categories,
+            "label_categories": loader.label_categories,
+            "model": opts.config.model,
+            "train": opts.config.train,
+            "parts": place.parts,
+            "epochs": epochs,
+        });
+        let checkpoints = Checkpoints {
+            dir: opts.out.join("checkpoint"),
+            per_epoch: place.checkpoint_per_epoch,
+        };
+        // This rank's held-out cells stay in memory as model batches for every epoch's validation.
+        let mut validation = Vec::new();
+        for (_, part) in &part_loaders {
+            for mb in part.ordered().with_cells(Cells::HeldOut(holdout)).epoch(0) {
+                validation.push(inputs.batch(&mb?));
+            }
+        }
+        let mut state = FitState {
+            epochs_done: 0,
+            step: 0,
+            plateau: Plateau::new(tc.lr),
+            best: f64::INFINITY,
+            since_best: 0,
+            n_train: 0,
+            history: Vec::new(),
+            run: resolved.clone(),
+            within_epoch: None,
+        };
+        let resume_from = place
+            .resume_from
+            .clone()
+            .or_else(|| opts.resume.then(|| checkpoints.dir.clone()));
+        if let Some(dir) = resume_from {
+            state = checkpoint::load(&dir, &resolved, &mut trainer)?;
+            tracing::info!(
+                epoch = state.epochs_done,
+                step = state.step,
+                rank,
+                "resuming from {}",
+                dir.display()
+            );
+        }
+        let training = part_loaders
+            .iter()
+            .map(|(k, l)| (*k, l.with_cells(Cells::Training(holdout))))
+            .collect();
+        let reducer = StepReducer::new(&trainer);
+        Ok(Run {
+            opts,
+            place,
+            tc,
+            n_obs,
+            epochs,
+            loader,
+            holdout,
+            plan,
+            inputs,
+            denoised_keys,
+            trainer,
+            checkpoints,
+            validation,
+            training,
+            state,
+            reducer,
+            stopped_early: false,
+        })
+    }
+
+    /// The streams of epoch `epoch`'s batches, one per part of this rank.
+    fn start_epoch(&self, epoch: usize) -> Result<Vec<PartStream>, FitError> {
+        self.training
+            .iter()
+            .map(|(k, l)| PartStream::new(*k, l.epoch(epoch as u64)))
+            .collect()
+    }
+
+    /// The training steps of epoch `epoch` until every part's stream ends. `within`: a resume
+    /// inside this epoch. A stop request (in the step's reduction) checkpoints the step and
+    /// returns `FitError::Stopped`.
+    fn steps(
+        &mut self,
+        epoch: usize,
+        streams: Vec<PartStream>,
+        within: Option<WithinEpoch>,
+        progress: &mut impl FnMut(Progress<'_>),
+    ) -> Result<EpochSteps, FitError> {
+        let inputs = &self.inputs;
+        let mut stepper = Stepper {
+            trainer: &mut self.trainer,
+            place: self.place,
+            reducer: &mut self.reducer,
+            store: &self.opts.data,
+        };
+        let steps = stepper.epoch(
+            epoch,
+            streams,
+            within,
+            |mb| inputs.batch(mb),
+            |terms| {
+                progress(Progress::Batch {
+                    cells: terms.cells,
+                    loss: terms,
+                });
+                Ok::<_, FitError>(())
+            },
+        )?;
+        let Some(here) = steps.stopped else {
+            return Ok(steps);
+        };
+        self.state.within_epoch = Some(steps.within());
+        self.state.step = self.trainer.step;
+        let location = self
+            .checkpoints
+            .within(self.state.epochs_done, self.trainer.step);
+        Err(stop_after_step(
+            &mut self.place.ring,
+            self.place.hooks.as_mut(),
+            &self.trainer,
+            &self.state,
+            &location,
+            here,
+        ))
+    }
+
+    /// The end of epoch `epoch`: validation (all-reduced), the epoch's record, the policy's
+    /// decision (learning rate, early stopping, checkpoint), then the reports to the
+    /// coordinator. Returns how the last epoch ended when training ends here.
+    fn end_of_epoch(
+        &mut self,
+        epoch: usize,
+        steps: EpochSteps,
+        progress: &mut impl FnMut(Progress<'_>),
+    ) -> Result<Option<LastEpoch>, FitError> {
+        let EpochSteps {
+            started,
+            times,
+            sums,
+            seconds_before,
+            my_cells,
+            ..
+        } = steps;
+        let kl_weight = self.trainer.config.kl_weight(epoch);
         let mut v = Sums::default();
-        for b in &validation {
+        for b in &self.validation {
+            let trainer = &mut self.trainer;
             v.add(&on_pool(|| b.with(|b| trainer.validate(b, epoch)))?);
         }
-        let v = v.all_reduce(&mut place.ring)?;
+        let v = v.all_reduce(&mut self.place.ring)?;
         let validation_terms = (v.cells > 0).then(|| v.mean(kl_weight));
         // The epoch's wall time includes its validation pass (as scvi-tools' epochs do).
         let seconds = seconds_before + started.elapsed().as_secs_f64();
         let record = EpochRecord {
             epoch,
             kl_weight,
-            lr: trainer.lr(),
+            lr: self.trainer.lr(),
             train: sums.mean(kl_weight),
             validation: validation_terms,
             seconds,
@@ -537,14 +566,15 @@ pub fn train(
             .validation
             .map_or(record.train, |v| v)
             .negative_elbo();
-        state.history.push(record);
-        let decision = policy::end_of_epoch(&mut state, monitored, epoch, epochs, &tc);
-        if decision.lr != trainer.lr() {
+        self.state.history.push(record);
+        let state = &mut self.state;
+        let decision = policy::end_of_epoch(state, monitored, epoch, self.epochs, &self.tc);
+        if decision.lr != self.trainer.lr() {
             tracing::info!(epoch, lr = decision.lr, "learning rate reduced on plateau");
-            trainer.set_lr(decision.lr);
+            self.trainer.set_lr(decision.lr);
         }
         if decision.stop_early {
-            stopped_early = true;
+            self.stopped_early = true;
             tracing::info!(
                 epoch,
                 best = state.best,
@@ -553,74 +583,68 @@ pub fn train(
             );
         }
         state.epochs_done = epoch + 1;
-        state.step = trainer.step;
-        let last = decision.last;
-        let saved = rank == 0 && decision.checkpoint;
+        state.step = self.trainer.step;
+        let saved = self.place.ring.rank() == 0 && decision.checkpoint;
         if saved {
-            checkpoint::save(&checkpoint_of(state.epochs_done), &state, &trainer)?;
-            if place.checkpoint_per_epoch {
+            checkpoint::save(
+                &self.checkpoints.after(state.epochs_done),
+                state,
+                &self.trainer,
+            )?;
+            if self.checkpoints.per_epoch {
                 // The coordinator may still resume from the previous one until this one is
                 // announced; older ones are never needed again.
-                checkpoint::remove_before(&checkpoint_dir, state.epochs_done.saturating_sub(1))?;
+                let keep_from = state.epochs_done.saturating_sub(1);
+                checkpoint::remove_before(&self.checkpoints.dir, keep_from)?;
             }
         }
-        if last {
-            last_end = Some((epoch, my_cells, times));
-            break;
+        if decision.last {
+            return Ok(Some((epoch, my_cells, times)));
         }
-        let record = state
-            .history
-            .last()
-            .cloned()
-            .ok_or_else(|| FitError::Output {
-                path: checkpoint_dir.display().to_string(),
-                reason: "no epoch record".into(),
-            })?;
-        place.hooks.epoch_done(&EpochEnd {
-            epoch,
-            step: trainer.step,
-            cells: my_cells,
-            last,
-            record: &record,
-            times,
+        let record = state.history.last().ok_or_else(|| FitError::Output {
+            path: self.checkpoints.dir.display().to_string(),
+            reason: "no epoch record".into(),
         })?;
-        // Every rank has said its epoch is done before rank 0 announces the checkpoint of it.
-        place.ring.all_reduce_sum(&mut [0.0])?;
-        if saved {
-            place.hooks.checkpoint_saved(
-                state.epochs_done,
-                trainer.step,
-                &checkpoint_of(state.epochs_done),
-            )?;
-        }
-    }
-    let report = if rank == 0 {
-        Some(write_outputs(
-            opts,
-            &loader,
-            holdout,
-            &plan,
-            &inputs,
-            &mut trainer,
-            &state,
-            stopped_early,
-            &denoised_keys,
-        )?)
-    } else {
-        None
-    };
-    if let (Some((epoch, cells, times)), Some(record)) = (last_end, state.history.last()) {
-        // The job ends when every rank has said so: rank 0 does after writing the outputs.
-        place.hooks.epoch_done(&EpochEnd {
+        self.place.hooks.epoch_done(&EpochEnd {
             epoch,
-            step: trainer.step,
-            cells,
-            last: true,
+            step: self.trainer.step,
+            cells: my_cells,
+            last: false,
             record,
             times,
         })?;
+        // Every rank has said its epoch is done before rank 0 announces the checkpoint of it.
+        self.place.ring.all_reduce_sum(&mut [0.0])?;
+        if saved {
+            self.place.hooks.checkpoint_saved(
+                state.epochs_done,
+                self.trainer.step,
+                &self.checkpoints.after(state.epochs_done),
+            )?;
+        }
+        Ok(None)
     }
-    Ok(report)
+
+    /// Rank 0 writes the outputs; then the job's last epoch is reported (the job ends when every
+    /// rank has said so: rank 0 does after writing the outputs).
+    fn finish(mut self, last_end: Option<LastEpoch>) -> Result<Option<FitReport>, FitError> {
+        let report = if self.place.ring.rank() == 0 {
+            Some(write_outputs(&mut self)?)
+        } else {
+            None
+        };
+        if let (Some((epoch, cells, times)), Some(record)) = (last_end, self.state.history.last()) {
+            self.place.hooks.epoch_done(&EpochEnd {
+                epoch,
+                step: self.trainer.step,
+                cells,
+                last: true,
+                record,
+                times,
+            })?;
+        }
+        Ok(report)
+    }
 }
 
 /// Every rank saw a stop request in the step's reduction: rank 0 checkpoints the step (state
@@ -655,18 +679,18 @@ fn stop_after_step(
 
 /// Rank 0's results: the embedding (and expression, predictions) of every cell written into the
 /// store, then the run's records in the output folder.
-#[allow(clippy::too_many_arguments)] // what a finished run writes, each from its own stage
-fn write_outputs(
-    opts: &FitOptions,
-    loader: &Loader,
-    holdout: Holdout,
-    plan: &OutputPlan,
-    inputs: &Inputs,
-    trainer: &mut Trainer<f32, Cpu>,
-    state: &FitState,
-    stopped_early: bool,
-    denoised_keys: &[(&str, String)],
-) -> Result<FitReport, FitError> {
+fn write_outputs(run: &mut Run<'_>) -> Result<FitReport, FitError> {
+    let (holdout, stopped_early) = (run.holdout, run.stopped_early);
+    let Run {
+        opts,
+        loader,
+        plan,
+        inputs,
+        trainer,
+        state,
+        denoised_keys,
+        ..
+    } = run;
     let n_latent = opts.config.model.n_latent;
     let n = loader.n_cells() as usize;
     let classify = opts.config.model.classifier_weight > 0.0;

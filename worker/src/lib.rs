@@ -12,6 +12,7 @@
 mod batch;
 pub mod checkpoint;
 pub mod encode;
+mod epoch;
 pub mod eval;
 pub mod fit;
 pub mod nccl;

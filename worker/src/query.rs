@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::time::Instant;
 
 use safetensors::SafeTensors;
@@ -23,11 +24,15 @@ pub use tessera_models::surgery::Unfreeze;
 use tessera_models::surgery::{
     BatchExtension, SurgeryError, encoder_ranges, transfer, unfrozen_ranges,
 };
-use tessera_models::{Categories, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig};
+use tessera_models::{
+    Categories, LossTerms, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig,
+};
 
 use tessera_metrics::transfer::Transferred;
 
 use crate::batch::{ModalityRows, ModelBatch, one_hot};
+use crate::epoch::Stepper;
+use crate::parallel::{PartStream, Placement, StepReducer};
 use crate::reference::{REFERENCE_FILE, Reference, ReferenceError, var_names};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +47,8 @@ pub enum QueryError {
     Input { store: String, reason: String },
     #[error(transparent)]
     Metrics(#[from] tessera_metrics::MetricsError),
+    #[error(transparent)]
+    Fit(#[from] crate::records::FitError),
     #[error("cancelled")]
     Cancelled,
 }
@@ -579,6 +586,7 @@ impl ReferenceModel {
 }
 
 /// How a query minibatch becomes the reference model's input.
+#[derive(Debug)]
 struct Alignment {
     /// Per reference modality: the loader's modality index (None: the query lacks it) and, per
     /// query feature, its reference column.
@@ -670,13 +678,87 @@ pub fn map_query(
         ControlFlow::Break(()) => Err(QueryError::Cancelled),
     };
     let reference = model;
-    let record = &reference.record;
     let dataset = Dataset::open(&req.data)?;
     let n = dataset.n_obs() as usize;
     let target: AnnData = match &dataset {
         Dataset::AnnData(a) => a.clone(),
         Dataset::MuData(m) => m.root(),
     };
+    refuse_existing_outputs(reference, req, &target)?;
+    let (loader, aligned) = align(reference, req, &dataset)?;
+
+    stage(QueryStage::Surgery)?;
+    let (mut trainer, trained_parameters) = surgery(reference, req, aligned.new.len())?;
+    let started = Instant::now();
+    let final_loss = if trained_parameters > 0 {
+        fine_tune(&mut trainer, &loader, &aligned.alignment, req, &mut stage)?
+    } else {
+        None
+    };
+    let seconds_training = started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    stage(QueryStage::Mapping)?;
+    let (embedding, classifier_labels) =
+        embed(reference, &mut trainer, &loader, &aligned.alignment)?;
+    let r = &reference.reference;
+    let d = r.n_latent;
+    let labelled = !r.labels.is_empty();
+    let transferred = if labelled {
+        tessera_metrics::transfer::knn_transfer(
+            &r.latent,
+            &r.labels,
+            &embedding,
+            d,
+            req.neighbours,
+        )?
+    } else {
+        Vec::new()
+    };
+    let mean_uncertainty =
+        labelled.then(|| transferred.iter().map(|t| t.uncertainty).sum::<f64>() / n.max(1) as f64);
+    let (label_accuracy, classifier_accuracy) =
+        agreement(reference, &target, &transferred, &classifier_labels);
+    let mut output = QueryOutput {
+        report: QueryReport {
+            data: req.data.clone(),
+            model: reference.source.clone(),
+            n_cells: n,
+            known_batches: aligned.known,
+            new_batches: aligned.new,
+            modalities: aligned.summaries,
+            epochs: req.epochs,
+            trained_parameters,
+            final_loss,
+            embedding: None,
+            labels: None,
+            mean_uncertainty,
+            label_accuracy,
+            classifier_accuracy,
+            seconds_training,
+            seconds_mapping: 0.0,
+        },
+        embedding,
+        n_latent: d,
+        labels: transferred,
+        label_categories: r.label_categories.clone(),
+        classifier_labels,
+    };
+    if let Some(out) = &req.write {
+        (output.report.embedding, output.report.labels) =
+            write_results(reference, &target, out, &output)?;
+    }
+    output.report.seconds_mapping = started.elapsed().as_secs_f64();
+    Ok(output)
+}
+
+/// The outputs a mapping would write, refused up front when they exist and may not be
+/// replaced.
+fn refuse_existing_outputs(
+    reference: &ReferenceModel,
+    req: &QueryRequest,
+    target: &AnnData,
+) -> Result<(), QueryError> {
     let labelled = !reference.reference.labels.is_empty();
     if let Some(out) = &req.write {
         let uncertainty_key = format!("{}_uncertainty", out.label_key);
@@ -707,14 +789,34 @@ pub fn map_query(
             }
         }
     }
+    Ok(())
+}
 
+/// The query aligned to the reference: its batches (the reference's where it knew them, new
+/// ones appended) and its modalities' features, by name.
+#[derive(Debug)]
+struct Aligned {
+    alignment: Alignment,
+    summaries: Vec<ModalityAlignment>,
+    known: Vec<String>,
+    new: Vec<String>,
+}
+
+/// The query's loader and its alignment to the reference.
+fn align(
+    reference: &ReferenceModel,
+    req: &QueryRequest,
+    dataset: &Dataset,
+) -> Result<(Loader, Aligned), QueryError> {
+    let record = &reference.record;
+    let n = dataset.n_obs() as usize;
     // The query's batches: the reference's where it knew them, new ones appended.
     let batch_key = req
         .batch_key
         .clone()
         .or_else(|| reference.reference.batch_key.clone());
     let loader = Loader::new(
-        &dataset,
+        dataset,
         0..n as u64,
         LoaderConfig {
             batch_size: record.train.batch_size,
@@ -759,7 +861,7 @@ pub fn map_query(
         let (columns, cells) = match source {
             Some(m) => {
                 let query_vars =
-                    var_names(&dataset, &names[m]).map_err(|e| input(&req.data, e.to_string()))?;
+                    var_names(dataset, &names[m]).map_err(|e| input(&req.data, e.to_string()))?;
                 let cells = match &dataset {
                     Dataset::AnnData(_) => n,
                     Dataset::MuData(md) => md.obsmap[md.modality(&names[m])?.0]
@@ -807,14 +909,30 @@ pub fn map_query(
         batches,
         n_cov,
     };
+    let aligned = Aligned {
+        alignment,
+        summaries,
+        known,
+        new,
+    };
+    Ok((loader, aligned))
+}
 
+/// The trainer of the query model: the reference with `new_batches` more batches, everything
+/// frozen but the new batches' rows (and the layers `req.unfreeze` opens); the parameters
+/// fine-tuning changes.
+fn surgery(
+    reference: &ReferenceModel,
+    req: &QueryRequest,
+    new_batches: usize,
+) -> Result<(Trainer<f32, Cpu>, usize), QueryError> {
+    let record = &reference.record;
     // Surgery: the reference model with the new batches' rows; heads that need labels or
     // batches of the query are off during fine-tuning.
-    stage(QueryStage::Surgery)?;
     let (model, mut added) = reference.build(
         BatchExtension {
-            reference_batches: ref_batches.len(),
-            added: new.len(),
+            reference_batches: reference.record.batch_categories.len(),
+            added: new_batches,
         },
         req.seed,
     )?;
@@ -843,37 +961,58 @@ pub fn map_query(
         .iter()
         .map(|r| r.len())
         .sum();
+    Ok((trainer, trained_parameters))
+}
 
-    let started = Instant::now();
+/// Fine-tunes the query model for `req.epochs`: the training loop `fit` runs, alone over one
+/// part (the query's whole batches; a last cell left over joins the batch before it), the
+/// frozen ranges the only difference. The last epoch's mean loss.
+fn fine_tune(
+    trainer: &mut Trainer<f32, Cpu>,
+    loader: &Loader,
+    alignment: &Alignment,
+    req: &QueryRequest,
+    stage: &mut impl FnMut(QueryStage) -> Result<(), QueryError>,
+) -> Result<Option<f64>, QueryError> {
+    let n_cells = loader.n_cells() as usize;
+    let mut place = Placement::alone_until(Arc::default());
+    let mut reducer = StepReducer::new(trainer);
+    let mut stepper = Stepper {
+        trainer,
+        place: &mut place,
+        reducer: &mut reducer,
+        store: &req.data,
+    };
     let mut final_loss = None;
-    if trained_parameters > 0 {
-        for epoch in 0..req.epochs {
-            let (mut sum, mut cells) = (0.0, 0usize);
-            for mb in loader.epoch(epoch as u64) {
-                let mb = mb?;
-                if mb.cells.len() < 2 {
-                    continue;
-                }
-                // On a pool thread, as `fit` does: the ops' parallel loops then start in place.
-                let terms = crate::fit::on_pool(|| {
-                    alignment.with(&mb, |batch| trainer.step(batch, epoch))
-                })?;
-                sum += terms.loss * mb.cells.len() as f64;
-                cells += mb.cells.len();
-                stage(QueryStage::FineTuning {
-                    epoch,
-                    epochs: req.epochs,
-                    cells,
-                    n_cells: n,
-                })?;
-            }
-            final_loss = (cells > 0).then(|| sum / cells as f64);
-        }
+    for epoch in 0..req.epochs {
+        let (mut sum, mut cells) = (0.0, 0usize);
+        let streams = vec![PartStream::new(0, loader.epoch(epoch as u64))?];
+        let on_step = |terms: &LossTerms| {
+            sum += terms.loss * terms.cells as f64;
+            cells += terms.cells;
+            stage(QueryStage::FineTuning {
+                epoch,
+                epochs: req.epochs,
+                cells,
+                n_cells,
+            })
+        };
+        stepper.epoch(epoch, streams, None, |mb| alignment.batch(mb), on_step)?;
+        final_loss = (cells > 0).then(|| sum / cells as f64);
     }
-    let seconds_training = started.elapsed().as_secs_f64();
+    Ok(final_loss)
+}
 
-    let started = Instant::now();
-    stage(QueryStage::Mapping)?;
+/// Every query cell's latent mean (cells x n_latent, in store order) and, when the reference
+/// has a label classifier, its predicted label code per cell.
+fn embed(
+    reference: &ReferenceModel,
+    trainer: &mut Trainer<f32, Cpu>,
+    loader: &Loader,
+    alignment: &Alignment,
+) -> Result<(Vec<f32>, Vec<i32>), QueryError> {
+    let record = &reference.record;
+    let n = loader.n_cells() as usize;
     let d = record.model.n_latent;
     let mut embedding = vec![0f32; n * d];
     let classifier = reference.has_classifier();
@@ -903,20 +1042,19 @@ pub fn map_query(
             }
         }
     }
+    Ok((embedding, classifier_labels))
+}
+
+/// Agreement of the transferred labels and of the classifier's predictions with the query's
+/// own labels, where it has the reference's label column (compared by name).
+fn agreement(
+    reference: &ReferenceModel,
+    target: &AnnData,
+    transferred: &[Transferred],
+    classifier_labels: &[i32],
+) -> (Option<f64>, Option<f64>) {
     let r = &reference.reference;
-    let transferred = if labelled {
-        tessera_metrics::transfer::knn_transfer(
-            &r.latent,
-            &r.labels,
-            &embedding,
-            d,
-            req.neighbours,
-        )?
-    } else {
-        Vec::new()
-    };
-    let mean_uncertainty =
-        labelled.then(|| transferred.iter().map(|t| t.uncertainty).sum::<f64>() / n.max(1) as f64);
+    let labelled = !r.labels.is_empty();
     // The query's own labels, where it has the reference's label column.
     let own = match r
         .label_key
@@ -942,69 +1080,61 @@ pub fn map_query(
             .then(|| pairs.iter().filter(|&&ok| ok).count() as f64 / pairs.len() as f64)
     };
     let label_accuracy = accuracy(&transferred.iter().map(|t| t.label).collect::<Vec<_>>());
-    let classifier_accuracy = if classifier {
-        accuracy(&classifier_labels)
+    let classifier_accuracy = if reference.has_classifier() {
+        accuracy(classifier_labels)
     } else {
         None
     };
-    let (mut embedding_element, mut labels_element) = (None, None);
-    if let Some(out) = &req.write {
-        target.write_obsm(&out.embedding_key, &embedding, d, out.overwrite)?;
-        embedding_element = Some(target.element(&format!("obsm/{}", out.embedding_key)));
-        if labelled {
-            let codes = transferred.iter().map(|t| t.label).collect();
+    (label_accuracy, classifier_accuracy)
+}
+
+/// Writes the embedding, the transferred labels and their uncertainty (and the classifier's
+/// labels) into the query store; the embedding's and the labels' elements.
+fn write_results(
+    reference: &ReferenceModel,
+    target: &AnnData,
+    out: &Outputs,
+    output: &QueryOutput,
+) -> Result<(Option<String>, Option<String>), QueryError> {
+    let (embedding, d, transferred, classifier_labels) = (
+        &output.embedding,
+        output.n_latent,
+        &output.labels,
+        &output.classifier_labels,
+    );
+    let r = &reference.reference;
+    let (labelled, classifier) = (!r.labels.is_empty(), reference.has_classifier());
+    target.write_obsm(&out.embedding_key, embedding, d, out.overwrite)?;
+    let embedding_element = Some(target.element(&format!("obsm/{}", out.embedding_key)));
+    let mut labels_element = None;
+    if labelled {
+        let codes = transferred.iter().map(|t| t.label).collect();
+        target.write_obs_column(
+            &out.label_key,
+            &Column::Categorical {
+                codes,
+                categories: r.label_categories.clone(),
+                ordered: false,
+            },
+            out.overwrite,
+        )?;
+        target.write_obs_column(
+            &format!("{}_uncertainty", out.label_key),
+            &Column::Float(transferred.iter().map(|t| t.uncertainty).collect()),
+            out.overwrite,
+        )?;
+        if classifier {
             target.write_obs_column(
-                &out.label_key,
+                &format!("{}_classifier", out.label_key),
                 &Column::Categorical {
-                    codes,
+                    codes: classifier_labels.clone(),
                     categories: r.label_categories.clone(),
                     ordered: false,
                 },
                 out.overwrite,
             )?;
-            target.write_obs_column(
-                &format!("{}_uncertainty", out.label_key),
-                &Column::Float(transferred.iter().map(|t| t.uncertainty).collect()),
-                out.overwrite,
-            )?;
-            if classifier {
-                target.write_obs_column(
-                    &format!("{}_classifier", out.label_key),
-                    &Column::Categorical {
-                        codes: classifier_labels.clone(),
-                        categories: r.label_categories.clone(),
-                        ordered: false,
-                    },
-                    out.overwrite,
-                )?;
-            }
-            labels_element = Some(target.element(&format!("obs/{}", out.label_key)));
         }
+        labels_element = Some(target.element(&format!("obs/{}", out.label_key)));
     }
-    let report = QueryReport {
-        data: req.data.clone(),
-        model: reference.source.clone(),
-        n_cells: n,
-        known_batches: known,
-        new_batches: new,
-        modalities: summaries,
-        epochs: req.epochs,
-        trained_parameters,
-        final_loss,
-        embedding: embedding_element,
-        labels: labels_element,
-        mean_uncertainty,
-        label_accuracy,
-        classifier_accuracy,
-        seconds_training,
-        seconds_mapping: started.elapsed().as_secs_f64(),
-    };
-    Ok(QueryOutput {
-        report,
-        embedding,
-        n_latent: d,
-        labels: transferred,
-        label_categories: r.label_categories.clone(),
-        classifier_labels,
-    })
+    Ok((embedding_element, labels_element))
 }
