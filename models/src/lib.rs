@@ -9,6 +9,7 @@
 pub mod config;
 mod heads;
 pub mod layers;
+pub mod likelihood;
 mod modality;
 pub mod surgery;
 pub mod train;
