@@ -15,7 +15,7 @@ use super::{
     LikelihoodKind, Rows, Site, dense_counts, head, main_backward, per_batch_gradient,
     per_batch_rows,
 };
-use crate::layers::{Buf, Dense, DenseActs, InputGrad, Slots};
+use crate::layers::{Buf, Dense, DenseActs, InputGrad, Slots, Weights};
 use crate::modality::{ModalitySpec, Shape};
 
 /// Where the NB inverse dispersion θ comes from (scvi-tools' `dispersion`).
@@ -33,29 +33,54 @@ pub enum Dispersion {
 #[derive(Debug, Clone)]
 pub(crate) struct Counts {
     kind: LikelihoodKind,
-    dispersion: Dispersion,
     /// ZINB dropout logits.
     zero_inflation: Option<Dense>,
-    /// GeneCell log θ.
-    dispersion_head: Option<Dense>,
-    /// Gene (features) or GeneBatch (batches × features) log θ.
-    log_theta: Option<usize>,
+    /// Where log θ lives (None: Poisson).
+    theta: Option<Theta>,
+}
+
+/// Where log θ lives.
+#[derive(Debug, Clone)]
+enum Theta {
+    /// A table of one log θ per feature.
+    Gene(usize),
+    /// A table of batches × features, read per cell through the batch one-hot.
+    GeneBatch(usize),
+    /// A head on the hidden layer: log θ per cell and feature.
+    GeneCell(Dense),
+}
+
+/// log θ as one forward read it.
+enum LogTheta<S> {
+    Gene(usize),
+    /// The table's slot and each cell's row of it.
+    GeneBatch(usize, Tensor<S>),
+    GeneCell(DenseActs<S>),
+}
+
+impl<S: tessera_kernels::backend::Storage> LogTheta<S> {
+    fn input<'a>(&'a self, p: &Weights<'a, S>) -> In<'a, S> {
+        match self {
+            LogTheta::Gene(slot) => p.get(*slot),
+            LogTheta::GeneBatch(_, cells) => cells.input(),
+            LogTheta::GeneCell(acts) => acts.output().input(),
+        }
+    }
 }
 
 /// What the backward needs from the forward.
 pub(crate) struct Acts<S> {
     library: Tensor<S>,
     zero_inflation: Option<DenseActs<S>>,
-    dispersion: Option<DenseActs<S>>,
     /// softmax of the main head (absent in the fused NB term, which gives the logits' gradient).
     proportions: Option<Tensor<S>>,
-    /// Gene-batch log θ per cell (the other dispersions read it from where it lives).
-    log_theta_cells: Option<Tensor<S>>,
-    /// θ: per feature (1 × G) or per cell (n × G); None for Poisson.
-    theta: Option<Tensor<S>>,
+    /// θ (per feature 1 × G, or per cell n × G) and where its log came from; None for Poisson.
+    theta: Option<(Tensor<S>, LogTheta<S>)>,
     /// Per-entry gradients of the weighted log-likelihood: μ (the fused term: the logits), θ,
     /// the dropout logits.
-    dparams: Vec<Option<Tensor<S>>>,
+    dmu: Tensor<S>,
+    dtheta: Option<Tensor<S>>,
+    dzero_inflation: Option<Tensor<S>>,
 }
 
 impl Counts {
@@ -68,7 +93,6 @@ impl Counts {
         site: u64,
     ) -> Counts {
         let g = spec.n_features;
-        let has_dispersion = matches!(spec.likelihood, LikelihoodKind::Nb | LikelihoodKind::Zinb);
         let zero_inflation = (spec.likelihood == LikelihoodKind::Zinb).then(|| {
             Dense::register(
                 head(s.n_hidden, g),
@@ -78,29 +102,22 @@ impl Counts {
                 site,
             )
         });
-        let dispersion_head =
-            (has_dispersion && spec.dispersion == Dispersion::GeneCell).then(|| {
-                Dense::register(
-                    head(s.n_hidden, g),
-                    &format!("{prefix}decoder.log_theta"),
-                    layout,
-                    state,
-                    site,
-                )
-            });
-        let log_theta = match (has_dispersion, spec.dispersion) {
-            (true, Dispersion::Gene) => Some(layout.add(&format!("{prefix}log_theta"), &[g])),
-            (true, Dispersion::GeneBatch) => {
-                Some(layout.add(&format!("{prefix}log_theta"), &[s.n_batch.max(1), g]))
-            }
-            _ => None,
-        };
+        let name = format!("{prefix}log_theta");
+        let theta = (spec.likelihood != LikelihoodKind::Poisson).then(|| match spec.dispersion {
+            Dispersion::GeneCell => Theta::GeneCell(Dense::register(
+                head(s.n_hidden, g),
+                &format!("{prefix}decoder.log_theta"),
+                layout,
+                state,
+                site,
+            )),
+            Dispersion::Gene => Theta::Gene(layout.add(&name, &[g])),
+            Dispersion::GeneBatch => Theta::GeneBatch(layout.add(&name, &[s.n_batch.max(1), g])),
+        });
         Counts {
             kind: spec.likelihood,
-            dispersion: spec.dispersion,
             zero_inflation,
-            dispersion_head,
-            log_theta,
+            theta,
         }
     }
 
@@ -112,45 +129,17 @@ impl Counts {
         state_values: &mut [T],
         rng: &mut impl rand::Rng,
     ) {
-        for d in [self.zero_inflation.as_ref(), self.dispersion_head.as_ref()]
-            .into_iter()
-            .flatten()
-        {
+        let head = match &self.theta {
+            Some(Theta::GeneCell(head)) => Some(head),
+            _ => None,
+        };
+        for d in [self.zero_inflation.as_ref(), head].into_iter().flatten() {
             d.init(layout, state, values, state_values, rng);
         }
     }
 
-    fn has_dispersion(&self) -> bool {
-        self.kind != LikelihoodKind::Poisson
-    }
-
     pub fn reads_onehot(&self) -> bool {
-        self.has_dispersion() && self.dispersion == Dispersion::GeneBatch
-    }
-
-    fn log_theta_slot(&self) -> usize {
-        self.log_theta
-            .expect("a per-gene or per-batch θ has its table")
-    }
-
-    /// Where log θ lives: the parameter (gene), the batch one-hot times the table (gene-batch,
-    /// computed per batch), or the dispersion head's output (gene-cell).
-    fn log_theta<'a, T: Real, B: Backend<T>>(
-        &self,
-        site: &Site<'a, T, B>,
-        per_cell: Option<&'a Tensor<Buf<T, B>>>,
-        head: Option<&'a DenseActs<Buf<T, B>>>,
-    ) -> In<'a, Buf<T, B>> {
-        match self.dispersion {
-            Dispersion::Gene => site.p.get(self.log_theta_slot()),
-            Dispersion::GeneBatch => per_cell
-                .expect("gene-batch log θ is computed per batch")
-                .input(),
-            Dispersion::GeneCell => head
-                .expect("gene-cell dispersion has a head")
-                .output()
-                .input(),
-        }
+        matches!(self.theta, Some(Theta::GeneBatch(_)))
     }
 
     pub fn forward<T: Real, B: Backend<T>>(
@@ -177,29 +166,29 @@ impl Counts {
             rows: n,
             cols: 1,
         };
-        let fused = self.kind == LikelihoodKind::Nb && self.dispersion == Dispersion::Gene;
-        let x = if fused {
-            None
-        } else {
-            Some(dense_counts(b, counts, false)?)
-        };
         let zero_inflation = self
             .zero_inflation
             .as_ref()
             .map(|d| d.forward(b, p, state, site.h, None, mode))
             .transpose()?;
-        let dispersion = self
-            .dispersion_head
-            .as_ref()
-            .map(|d| d.forward(b, p, state, site.h, None, mode))
-            .transpose()?;
-        if fused {
+        let log_theta = match &self.theta {
+            None => None,
+            Some(Theta::Gene(slot)) => Some(LogTheta::Gene(*slot)),
+            Some(Theta::GeneBatch(slot)) => {
+                let onehot = rows
+                    .onehot
+                    .expect("gene-batch dispersion reads the batch one-hot");
+                let cells = per_batch_rows(b, onehot, p.get(*slot), g)?;
+                Some(LogTheta::GeneBatch(*slot, cells))
+            }
+            Some(Theta::GeneCell(head)) => Some(LogTheta::GeneCell(
+                head.forward(b, p, state, site.h, None, mode)?,
+            )),
+        };
+        if let (LikelihoodKind::Nb, Some(LogTheta::Gene(slot))) = (self.kind, &log_theta) {
+            // scVI: one fused pass over the sparse rows.
             let mut theta = b.tensor(1, g)?;
-            b.activation_forward(
-                Activation::Exp,
-                p.get(self.log_theta_slot()),
-                theta.output(),
-            )?;
+            b.activation_forward(Activation::Exp, p.get(*slot), theta.output())?;
             let (mut dlogits, mut dtheta) = (b.tensor(n, g)?, b.tensor(1, g)?);
             b.softmax_nb(
                 main.output().input(),
@@ -214,56 +203,54 @@ impl Counts {
             return Ok(Acts {
                 library,
                 zero_inflation,
-                dispersion,
                 proportions: None,
-                log_theta_cells: None,
-                theta: Some(theta),
-                dparams: vec![Some(dlogits), Some(dtheta)],
+                theta: log_theta.map(|l| (theta, l)),
+                dmu: dlogits,
+                dtheta: Some(dtheta),
+                dzero_inflation: None,
             });
         }
-        let x = x.expect("dense counts for every unfused likelihood");
+        let x = dense_counts(b, counts, false)?;
         let mut rho = b.tensor(n, g)?;
         b.softmax_forward(main.output().input(), g, rho.output())?;
         let mut mu = b.tensor(n, g)?;
         b.scale_rows(rho.input(), library.input(), mu.output())?;
-        let log_theta_cells = match rows.onehot.filter(|_| self.reads_onehot()) {
-            Some(onehot) => Some(per_batch_rows(b, onehot, p.get(self.log_theta_slot()), g)?),
+        let theta = match log_theta {
+            Some(log) => {
+                let rows = if matches!(log, LogTheta::Gene(_)) {
+                    1
+                } else {
+                    n
+                };
+                let mut th = b.tensor(rows, g)?;
+                b.activation_forward(Activation::Exp, log.input(p), th.output())?;
+                Some((th, log))
+            }
             None => None,
-        };
-        let theta = if self.has_dispersion() {
-            let rows = if self.dispersion == Dispersion::Gene {
-                1
-            } else {
-                n
-            };
-            let mut th = b.tensor(rows, g)?;
-            b.activation_forward(
-                Activation::Exp,
-                self.log_theta(site, log_theta_cells.as_ref(), dispersion.as_ref()),
-                th.output(),
-            )?;
-            Some(th)
-        } else {
-            None
         };
         let family = match self.kind {
             LikelihoodKind::Zinb => Likelihood::ZeroInflatedNegativeBinomial,
             LikelihoodKind::Poisson => Likelihood::Poisson,
             _ => Likelihood::NegativeBinomial,
         };
-        let mut dparams: Vec<Tensor<Buf<T, B>>> = (0..family.n_params())
+        // The family's parameters in its order: μ, then θ and the dropout logits where it has them.
+        let mut dmu = b.tensor(n, g)?;
+        let mut dtheta = theta.as_ref().map(|_| b.tensor(n, g)).transpose()?;
+        let mut dzero_inflation = zero_inflation
+            .as_ref()
             .map(|_| b.tensor(n, g))
-            .collect::<Result<_>>()?;
+            .transpose()?;
         {
             let mut params: Vec<In<'_, Buf<T, B>>> = vec![mu.input()];
-            if let Some(th) = &theta {
+            let mut outs: Vec<Out<'_, Buf<T, B>>> = vec![dmu.output()];
+            if let (Some((th, _)), Some(d)) = (&theta, &mut dtheta) {
                 params.push(th.input());
+                outs.push(d.output());
             }
-            if let Some(zi) = &zero_inflation {
+            if let (Some(zi), Some(d)) = (&zero_inflation, &mut dzero_inflation) {
                 params.push(zi.output().input());
+                outs.push(d.output());
             }
-            let mut outs: Vec<Out<'_, Buf<T, B>>> =
-                dparams.iter_mut().map(|t| t.output()).collect();
             b.likelihood(
                 family,
                 x.input(),
@@ -277,11 +264,11 @@ impl Counts {
         Ok(Acts {
             library,
             zero_inflation,
-            dispersion,
             proportions: Some(rho),
-            log_theta_cells,
             theta,
-            dparams: dparams.into_iter().map(Some).collect(),
+            dmu,
+            dtheta,
+            dzero_inflation,
         })
     }
 
@@ -293,35 +280,26 @@ impl Counts {
         site: &Site<'_, T, B>,
         grads: &mut Slots<'_, Buf<T, B>>,
         main: &DenseActs<Buf<T, B>>,
-        mut f: Acts<Buf<T, B>>,
+        f: Acts<Buf<T, B>>,
         onehot: Option<&Tensor<Buf<T, B>>>,
         dh: &mut Tensor<Buf<T, B>>,
     ) -> Result<()> {
         let (b, p, mode) = (site.b, site.p, site.mode);
-        let mut take = |k: usize| {
-            f.dparams[k]
-                .take()
-                .expect("one gradient per likelihood parameter, each used once")
-        };
-        let (dmu, dtheta, dzi) = (take(0), self.has_dispersion().then(|| take(1)), {
-            let k = if self.has_dispersion() { 2 } else { 1 };
-            self.zero_inflation.as_ref().map(|_| take(k))
-        });
-        let (n, g) = (dmu.rows, dmu.cols);
+        let (n, g) = (f.dmu.rows, f.dmu.cols);
         let dmain = if let Some(proportions) = &f.proportions {
             let mut drho = b.tensor(n, g)?;
-            b.scale_rows(dmu.input(), f.library.input(), drho.output())?;
+            b.scale_rows(f.dmu.input(), f.library.input(), drho.output())?;
             let mut ds = b.tensor(n, g)?;
             b.softmax_backward(proportions.input(), drho.input(), g, ds.output())?;
             ds
         } else {
-            dmu
+            f.dmu
         };
         main_backward(site, grads, main, dmain, dh)?;
-        if let (Some(theta), Some(dtheta)) = (&f.theta, dtheta) {
-            let log_theta = self.log_theta(site, f.log_theta_cells.as_ref(), f.dispersion.as_ref());
-            match self.dispersion {
-                Dispersion::Gene => {
+        if let (Some((theta, log)), Some(dtheta)) = (&f.theta, f.dtheta) {
+            let log_theta = log.input(p);
+            match log {
+                LogTheta::Gene(slot) => {
                     // Per gene from the fused NB term, per entry from the other likelihoods.
                     let sums = if dtheta.rows == 1 {
                         dtheta
@@ -335,10 +313,10 @@ impl Counts {
                         log_theta,
                         theta.input(),
                         sums.input(),
-                        grads.get(self.log_theta_slot()),
+                        grads.get(*slot),
                     )?;
                 }
-                Dispersion::GeneBatch => {
+                LogTheta::GeneBatch(slot, _) => {
                     let mut dlog = b.tensor(n, g)?;
                     b.activation_backward(
                         Activation::Exp,
@@ -347,10 +325,10 @@ impl Counts {
                         dtheta.input(),
                         dlog.output(),
                     )?;
-                    let onehot = onehot.expect("gene-batch dispersion has the batch one-hot");
-                    per_batch_gradient(b, onehot, &dlog, grads.get(self.log_theta_slot()))?;
+                    let onehot = onehot.expect("gene-batch dispersion reads the batch one-hot");
+                    per_batch_gradient(b, onehot, &dlog, grads.get(*slot))?;
                 }
-                Dispersion::GeneCell => {
+                LogTheta::GeneCell(acts) => {
                     let mut dlog = b.tensor(n, g)?;
                     b.activation_backward(
                         Activation::Exp,
@@ -359,22 +337,24 @@ impl Counts {
                         dtheta.input(),
                         dlog.output(),
                     )?;
-                    let head = self.dispersion_head.as_ref().expect("gene-cell head");
-                    head.backward(
-                        b,
-                        p,
-                        grads,
-                        site.h,
-                        None,
-                        f.dispersion.as_ref().expect("head acts"),
-                        dlog,
-                        mode,
-                        InputGrad::Add(dh),
-                    )?;
+                    if let Some(Theta::GeneCell(head)) = &self.theta {
+                        head.backward(
+                            b,
+                            p,
+                            grads,
+                            site.h,
+                            None,
+                            acts,
+                            dlog,
+                            mode,
+                            InputGrad::Add(dh),
+                        )?;
+                    }
                 }
             }
         }
-        if let (Some(head), Some(acts), Some(dzi)) = (&self.zero_inflation, &f.zero_inflation, dzi)
+        if let (Some(head), Some(acts), Some(dzi)) =
+            (&self.zero_inflation, &f.zero_inflation, f.dzero_inflation)
         {
             head.backward(
                 b,
