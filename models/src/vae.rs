@@ -440,6 +440,15 @@ struct Decoded<S> {
 }
 
 /// Everything the backward needs from one forward.
+/// The latent samples of one forward: what the backward needs of them, the samples, the rows
+/// each decoder reads (codes into the samples, the decoded cell, the cell's weight), the KL.
+struct Sampled<T, S> {
+    latent: Latent<S>,
+    zs: Tensor<S>,
+    decode: Vec<(Vec<usize>, Vec<usize>, Vec<T>)>,
+    kl: f64,
+}
+
 struct Forward<S, C> {
     enc: Vec<EncoderActs<S, C>>,
     latent: Latent<S>,
@@ -930,6 +939,172 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         }
     }
 
+    /// The standard normal draws of one latent site (none in evaluation: the mean).
+    fn noise(&self, eps: &mut Tensor<Buf<T, B>>, site: u64, mode: Mode) -> Result<()> {
+        match mode {
+            Mode::Train { seed, step } | Mode::Validate { seed, step } => {
+                self.backend
+                    .normal(seed, Mode::stream(step, site), eps.output())
+            }
+            Mode::Eval => Ok(()),
+        }
+    }
+
+    /// A mixture of experts' samples: each present expert's sample decodes every modality the
+    /// cell has, a cell's terms averaged over its experts (the stratified mixture ELBO).
+    fn sample_mixture(
+        &self,
+        enc: &[EncoderActs<Buf<T, B>, B::Csr>],
+        plan: &Plan,
+        kl_weight: f64,
+        mode: Mode,
+    ) -> Result<Sampled<T, Buf<T, B>>> {
+        let b = &self.backend;
+        let (n, d) = (plan.n, self.config.n_latent);
+        let inv_n = 1.0 / n as f64;
+        let use_kl = self.config.prior == Prior::Kl;
+        let mut kl_total = 0.0;
+        let offsets: Vec<usize> = plan
+            .cells
+            .iter()
+            .scan(0, |at, c| Some(std::mem::replace(at, *at + c.len())))
+            .collect();
+        let total = plan.cells.iter().map(Vec::len).sum::<usize>();
+        let mut zs = b.tensor(total, d)?;
+        let (mut eps_all, mut dm_kl, mut dlv_kl) = (Vec::new(), Vec::new(), Vec::new());
+        for (e, a) in enc.iter().enumerate() {
+            let cells = &plan.cells[e];
+            let rows = cells.len();
+            let mut eps = b.tensor(rows, d)?;
+            self.noise(&mut eps, SITE_LATENT - e as u64, mode)?;
+            let part = offsets[e] * d..(offsets[e] + rows) * d;
+            b.reparameterize_forward(
+                a.mean.output().input(),
+                a.logvar.output().input(),
+                eps.input(),
+                Out::part(&mut zs.buf, part),
+            )?;
+            let share: Vec<f64> = cells
+                .iter()
+                .map(|&r| inv_n / plan.n_present[r] as f64)
+                .collect();
+            let weights = b.upload(
+                &share
+                    .iter()
+                    .map(|&w| T::of(kl_weight * w))
+                    .collect::<Vec<T>>(),
+            )?;
+            let (mut kl, mut dm, mut dlv) =
+                (b.zeros(rows)?, b.tensor(rows, d)?, b.tensor(rows, d)?);
+            if use_kl {
+                b.kl_standard_normal(
+                    a.mean.output().input(),
+                    a.logvar.output().input(),
+                    d,
+                    Some(In::all(&weights)),
+                    Out::all(&mut kl),
+                    dm.output(),
+                    dlv.output(),
+                )?;
+                kl_total += b
+                    .download(In::all(&kl))?
+                    .iter()
+                    .zip(&share)
+                    .map(|(k, w)| k.f64() * w)
+                    .sum::<f64>();
+            }
+            eps_all.push(eps);
+            dm_kl.push(dm);
+            dlv_kl.push(dlv);
+        }
+        let decode = (0..self.decoders.len())
+            .map(|j| {
+                let mut rows = (Vec::new(), Vec::new(), Vec::new());
+                for (e, cells) in plan.cells.iter().enumerate() {
+                    for (k, &r) in cells.iter().enumerate() {
+                        if plan.present[j][r] {
+                            rows.0.push(offsets[e] + k);
+                            rows.1.push(r);
+                            rows.2.push(T::of(inv_n / plan.n_present[r] as f64));
+                        }
+                    }
+                }
+                rows
+            })
+            .collect();
+        Ok(Sampled {
+            latent: Latent::Mixture {
+                eps: eps_all,
+                offsets,
+                dm_kl,
+                dlv_kl,
+            },
+            zs,
+            decode,
+            kl: kl_total,
+        })
+    }
+
+    /// One joint posterior (PoE or concat) over every cell, sampled once.
+    fn sample_joint(
+        &self,
+        enc: &[EncoderActs<Buf<T, B>, B::Csr>],
+        plan: &Plan,
+        kl_weight: f64,
+        mode: Mode,
+    ) -> Result<Sampled<T, Buf<T, B>>> {
+        let b = &self.backend;
+        let (n, d) = (plan.n, self.config.n_latent);
+        let inv_n = 1.0 / n as f64;
+        let use_kl = self.config.prior == Prior::Kl;
+        let mut kl_total = 0.0;
+        let (means, logvars, masks) = self.experts(enc, plan)?;
+        let (m, lv) = self.combine(&means, &logvars, masks.as_deref(), n)?;
+        let mut eps = b.tensor(n, d)?;
+        self.noise(&mut eps, SITE_LATENT, mode)?;
+        let mut z = b.tensor(n, d)?;
+        b.reparameterize_forward(m.input(), lv.input(), eps.input(), z.output())?;
+        let weights = b.upload(&vec![T::of(kl_weight * inv_n); n])?;
+        let (mut kl, mut dm_kl, mut dlv_kl) = (b.zeros(n)?, b.tensor(n, d)?, b.tensor(n, d)?);
+        if use_kl {
+            b.kl_standard_normal(
+                m.input(),
+                lv.input(),
+                d,
+                Some(In::all(&weights)),
+                Out::all(&mut kl),
+                dm_kl.output(),
+                dlv_kl.output(),
+            )?;
+            kl_total = b
+                .download(In::all(&kl))?
+                .iter()
+                .map(|k| k.f64())
+                .sum::<f64>()
+                * inv_n;
+        }
+        let decode = plan
+            .cells
+            .iter()
+            .map(|c| (c.clone(), c.clone(), vec![T::of(inv_n); c.len()]))
+            .collect();
+        Ok(Sampled {
+            latent: Latent::Joint {
+                means,
+                logvars,
+                masks,
+                m,
+                lv,
+                eps,
+                dm_kl,
+                dlv_kl,
+            },
+            zs: z,
+            decode,
+            kl: kl_total,
+        })
+    }
+
     #[allow(clippy::type_complexity)] // views returned together to one caller; a named type would be used once
     fn forward(
         &mut self,
@@ -947,151 +1122,21 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         );
         let enc = self.encode(&batch, &plan, mode)?;
         let b = self.backend.clone();
-        let inv_n = 1.0 / n as f64;
-        let noise = |eps: &mut Tensor<Buf<T, B>>, site: u64| -> Result<()> {
-            match mode {
-                Mode::Train { seed, step } | Mode::Validate { seed, step } => {
-                    b.normal(seed, Mode::stream(step, site), eps.output())
-                }
-                Mode::Eval => Ok(()),
-            }
-        };
 
         // The latent samples, the rows each decoder reads (codes into them, the decoded cell,
         // the cell's weight) and the KL (an MMD prior acts on the samples below instead).
-        let mut kl_total = 0.0;
         let use_kl = self.config.prior == Prior::Kl;
-        let (latent, zs, decode): (
-            Latent<Buf<T, B>>,
-            Tensor<Buf<T, B>>,
-            Vec<(Vec<usize>, Vec<usize>, Vec<T>)>,
-        ) = if self.joint() == Joint::Moe {
-            // Each present expert's sample decodes every modality the cell has; a cell's terms
-            // are averaged over its experts (the stratified mixture ELBO).
-            let offsets: Vec<usize> = plan
-                .cells
-                .iter()
-                .scan(0, |at, c| Some(std::mem::replace(at, *at + c.len())))
-                .collect();
-            let total = plan.cells.iter().map(Vec::len).sum::<usize>();
-            let mut zs = b.tensor(total, d)?;
-            let (mut eps_all, mut dm_kl, mut dlv_kl) = (Vec::new(), Vec::new(), Vec::new());
-            for (e, a) in enc.iter().enumerate() {
-                let cells = &plan.cells[e];
-                let rows = cells.len();
-                let mut eps = b.tensor(rows, d)?;
-                noise(&mut eps, SITE_LATENT - e as u64)?;
-                let part = offsets[e] * d..(offsets[e] + rows) * d;
-                b.reparameterize_forward(
-                    a.mean.output().input(),
-                    a.logvar.output().input(),
-                    eps.input(),
-                    Out::part(&mut zs.buf, part),
-                )?;
-                let share: Vec<f64> = cells
-                    .iter()
-                    .map(|&r| inv_n / plan.n_present[r] as f64)
-                    .collect();
-                let weights = b.upload(
-                    &share
-                        .iter()
-                        .map(|&w| T::of(kl_weight * w))
-                        .collect::<Vec<T>>(),
-                )?;
-                let (mut kl, mut dm, mut dlv) =
-                    (b.zeros(rows)?, b.tensor(rows, d)?, b.tensor(rows, d)?);
-                if use_kl {
-                    b.kl_standard_normal(
-                        a.mean.output().input(),
-                        a.logvar.output().input(),
-                        d,
-                        Some(In::all(&weights)),
-                        Out::all(&mut kl),
-                        dm.output(),
-                        dlv.output(),
-                    )?;
-                    kl_total += b
-                        .download(In::all(&kl))?
-                        .iter()
-                        .zip(&share)
-                        .map(|(k, w)| k.f64() * w)
-                        .sum::<f64>();
-                }
-                eps_all.push(eps);
-                dm_kl.push(dm);
-                dlv_kl.push(dlv);
-            }
-            let decode = (0..self.decoders.len())
-                .map(|j| {
-                    let mut rows = (Vec::new(), Vec::new(), Vec::new());
-                    for (e, cells) in plan.cells.iter().enumerate() {
-                        for (k, &r) in cells.iter().enumerate() {
-                            if plan.present[j][r] {
-                                rows.0.push(offsets[e] + k);
-                                rows.1.push(r);
-                                rows.2.push(T::of(inv_n / plan.n_present[r] as f64));
-                            }
-                        }
-                    }
-                    rows
-                })
-                .collect();
-            (
-                Latent::Mixture {
-                    eps: eps_all,
-                    offsets,
-                    dm_kl,
-                    dlv_kl,
-                },
-                zs,
-                decode,
-            )
+        let sampled = if self.joint() == Joint::Moe {
+            self.sample_mixture(&enc, &plan, kl_weight, mode)?
         } else {
-            let (means, logvars, masks) = self.experts(&enc, &plan)?;
-            let (m, lv) = self.combine(&means, &logvars, masks.as_deref(), n)?;
-            let mut eps = b.tensor(n, d)?;
-            noise(&mut eps, SITE_LATENT)?;
-            let mut z = b.tensor(n, d)?;
-            b.reparameterize_forward(m.input(), lv.input(), eps.input(), z.output())?;
-            let weights = b.upload(&vec![T::of(kl_weight * inv_n); n])?;
-            let (mut kl, mut dm_kl, mut dlv_kl) = (b.zeros(n)?, b.tensor(n, d)?, b.tensor(n, d)?);
-            if use_kl {
-                b.kl_standard_normal(
-                    m.input(),
-                    lv.input(),
-                    d,
-                    Some(In::all(&weights)),
-                    Out::all(&mut kl),
-                    dm_kl.output(),
-                    dlv_kl.output(),
-                )?;
-                kl_total = b
-                    .download(In::all(&kl))?
-                    .iter()
-                    .map(|k| k.f64())
-                    .sum::<f64>()
-                    * inv_n;
-            }
-            let decode = plan
-                .cells
-                .iter()
-                .map(|c| (c.clone(), c.clone(), vec![T::of(inv_n); c.len()]))
-                .collect();
-            (
-                Latent::Joint {
-                    means,
-                    logvars,
-                    masks,
-                    m,
-                    lv,
-                    eps,
-                    dm_kl,
-                    dlv_kl,
-                },
-                z,
-                decode,
-            )
+            self.sample_joint(&enc, &plan, kl_weight, mode)?
         };
+        let Sampled {
+            latent,
+            zs,
+            decode,
+            kl: mut kl_total,
+        } = sampled;
 
         let p = Weights {
             layout: &self.layout,
