@@ -197,15 +197,7 @@ impl Mixture {
             d_fore.input(),
             dlog_fore.output(),
         )?;
-        let mut ds = b.tensor(n, g)?;
-        b.activation_backward(
-            Activation::Softplus,
-            main.output().input(),
-            log_scale.input(),
-            dlog_fore.input(),
-            ds.output(),
-        )?;
-        main_backward(site, grads, main, ds, dh)?;
+        main_through_softplus(site, grads, main, &log_scale, &dlog_fore, dh)?;
         let mut dlog_back = b.tensor(n, g)?;
         b.activation_backward(
             Activation::Exp,
@@ -310,15 +302,7 @@ impl Mixture {
         let b = site.b;
         let (n, g) = (dexpected.rows, dexpected.cols);
         let (sp_s, sp_pi) = &a.softplus;
-        let mut ds = b.tensor(n, g)?;
-        b.activation_backward(
-            Activation::Softplus,
-            main.output().input(),
-            sp_s.input(),
-            dexpected.input(),
-            ds.output(),
-        )?;
-        main_backward(site, grads, main, ds, dh)?;
+        main_through_softplus(site, grads, main, sp_s, &dexpected, dh)?;
         let mut dpi = b.tensor(n, g)?;
         b.activation_backward(
             Activation::Softplus,
@@ -341,4 +325,26 @@ impl Mixture {
         )?;
         per_batch_gradient(b, onehot, &dexpected, grads.get(self.background))
     }
+}
+
+/// The main head's backward through its log scale softplus(s): `d` is the gradient w.r.t.
+/// softplus(s), dL/dh is written into `dh`.
+fn main_through_softplus<T: Real, B: Backend<T>>(
+    site: &Site<'_, T, B>,
+    grads: &mut Slots<'_, Buf<T, B>>,
+    main: &DenseActs<Buf<T, B>>,
+    softplus: &Tensor<Buf<T, B>>,
+    d: &Tensor<Buf<T, B>>,
+    dh: &mut Tensor<Buf<T, B>>,
+) -> Result<()> {
+    let b = site.b;
+    let mut ds = b.tensor(d.rows, d.cols)?;
+    b.activation_backward(
+        Activation::Softplus,
+        main.output().input(),
+        softplus.input(),
+        d.input(),
+        ds.output(),
+    )?;
+    main_backward(site, grads, main, ds, dh)
 }
