@@ -1,25 +1,15 @@
 //! The `tessera` binary as a user runs it.
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::{Command, Output};
 
+use common::tessera;
 use serde_json::Value;
 
-fn tessera(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(args)
-        .env("TESSERA_LOG", "warn")
-        .output()
-        .expect("tessera runs")
-}
-
 fn fixture(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data/fixtures")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
+    common::fixture(name).to_string_lossy().into_owned()
 }
 
 fn stdout(o: &Output) -> String {

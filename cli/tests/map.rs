@@ -91,10 +91,7 @@ fn map_a_query_onto_a_trained_reference() {
     // A store whose genes the reference never saw cannot be mapped, and says so.
     // (A private copy: a mapping writes into its query store.)
     let foreign = path(dir.path(), "foreign.zarr");
-    copy_dir(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/fixtures/ad013_v3.zarr"),
-        Path::new(&foreign),
-    );
+    copy_dir(&common::fixture("ad013_v3.zarr"), Path::new(&foreign));
     let refused = tessera(&[
         "map",
         "--model",

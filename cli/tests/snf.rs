@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::{copy_dir, failed, ok, tessera};
 use serde_json::Value;
@@ -136,10 +136,7 @@ fn snf_over_modalities_with_missing_cells_recovers_the_cell_types() {
 fn nemo_over_obsm_and_x_of_an_anndata() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("ad.zarr");
-    copy_dir(
-        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/fixtures/ad013_v3.zarr"),
-        &store,
-    );
+    copy_dir(&common::fixture("ad013_v3.zarr"), &store);
     let out = dir.path().join("out");
     let store = store.display().to_string();
     ok(&tessera(&[

@@ -1,8 +1,18 @@
 //! Running the `tessera` binary from the CLI's integration tests.
 #![allow(dead_code, clippy::unwrap_used)] // each test crate uses its own subset; test setup
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+/// A fixture store of `shared/data/fixtures` beside the checkout (or under
+/// `TESSERA_SHARED_DATA`, as the other crates' tests read it).
+pub fn fixture(name: &str) -> PathBuf {
+    std::env::var_os("TESSERA_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"))
+        .join("fixtures")
+        .join(name)
+}
 
 pub fn tessera(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tessera"))
