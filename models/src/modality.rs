@@ -277,12 +277,19 @@ impl Encoder {
     }
 }
 
-/// The cycle pass through a decoder: activations and its expected expression.
-pub(crate) struct CycleActs<S> {
+/// What every pass through a decoder computes first: the covariates on the device (and the
+/// batch one-hot where the likelihood reads a per-batch table), the hidden layers, the main
+/// head.
+pub(crate) struct Trunk<S> {
     cov: Tensor<S>,
     onehot: Option<Tensor<S>>,
     hidden: Vec<DenseActs<S>>,
     main: DenseActs<S>,
+}
+
+/// The cycle pass through a decoder: activations and its expected expression.
+pub(crate) struct CycleActs<S> {
+    trunk: Trunk<S>,
     expected: Expected<S>,
 }
 
@@ -303,10 +310,7 @@ pub(crate) struct Decoder {
 
 /// Everything the decoder's backward needs from its forward.
 pub(crate) struct DecoderActs<S> {
-    cov: Tensor<S>,
-    batch_onehot: Option<Tensor<S>>,
-    hidden: Vec<DenseActs<S>>,
-    main: DenseActs<S>,
+    trunk: Trunk<S>,
     observation: ObservationActs<S>,
 }
 
@@ -393,12 +397,8 @@ impl Decoder {
             self.spec.name
         );
         assert_eq!(weights.len(), n, "one weight per decoded cell");
-        let (cov, batch_onehot) = self.covariates(b, covariates, n)?;
-        let hidden = self
-            .hidden
-            .forward(b, p, state, &Input::Dense(z), Some(&cov), mode)?;
-        let h = Input::Dense(Mlp::output(&hidden));
-        let main = self.main.forward(b, p, state, &h, None, mode)?;
+        let trunk = self.trunk(b, p, state, z, covariates, mode)?;
+        let h = Input::Dense(Mlp::output(&trunk.hidden));
         let negative: Vec<T> = weights.iter().map(|&w| T::zero() - w).collect();
         let negative = b.upload(&negative)?;
         let mut ll = b.zeros(n)?;
@@ -411,26 +411,72 @@ impl Decoder {
         };
         let rows = Rows {
             counts,
-            onehot: batch_onehot.as_ref(),
+            onehot: trunk.onehot.as_ref(),
             negative: &negative,
         };
         let observation = self
             .observation
-            .forward(&site, state, &main, &rows, &mut ll)?;
+            .forward(&site, state, &trunk.main, &rows, &mut ll)?;
         let reconstruction = -b
             .download(In::all(&ll))?
             .iter()
             .zip(weights)
             .map(|(l, w)| l.f64() * w.f64())
             .sum::<f64>();
-        let acts = DecoderActs {
+        Ok((reconstruction, DecoderActs { trunk, observation }))
+    }
+
+    /// Covariates → hidden layers → the main head, at `z`.
+    fn trunk<T: Real, B: Backend<T>>(
+        &self,
+        b: &B,
+        p: &Weights<'_, Buf<T, B>>,
+        state: &mut Slots<'_, Buf<T, B>>,
+        z: &Tensor<Buf<T, B>>,
+        covariates: &[T],
+        mode: Mode,
+    ) -> Result<Trunk<Buf<T, B>>> {
+        let (cov, onehot) = self.covariates(b, covariates, z.rows)?;
+        let hidden = self
+            .hidden
+            .forward(b, p, state, &Input::Dense(z), Some(&cov), mode)?;
+        let main =
+            self.main
+                .forward(b, p, state, &Input::Dense(Mlp::output(&hidden)), None, mode)?;
+        Ok(Trunk {
             cov,
-            batch_onehot,
+            onehot,
             hidden,
             main,
-            observation,
-        };
-        Ok((reconstruction, acts))
+        })
+    }
+
+    /// The hidden layers' backward from dL/dh (the heads' input): their parameter gradients,
+    /// and dL/dz.
+    #[allow(clippy::too_many_arguments)] // the pass's inputs, saved activations and the views it writes
+    fn trunk_backward<T: Real, B: Backend<T>>(
+        &self,
+        b: &B,
+        p: &Weights<'_, Buf<T, B>>,
+        grads: &mut Slots<'_, Buf<T, B>>,
+        z: &Tensor<Buf<T, B>>,
+        trunk: &Trunk<Buf<T, B>>,
+        dh: Tensor<Buf<T, B>>,
+        mode: Mode,
+    ) -> Result<Tensor<Buf<T, B>>> {
+        let mut dz = b.tensor(z.rows, z.cols)?;
+        self.hidden.backward(
+            b,
+            p,
+            grads,
+            &Input::Dense(z),
+            Some(&trunk.cov),
+            &trunk.hidden,
+            dh,
+            mode,
+            InputGrad::Write(&mut dz),
+        )?;
+        Ok(dz)
     }
 
     /// The NB mixture's log background table (batches × features), if this decoder has one.
@@ -489,9 +535,8 @@ impl Decoder {
         f: DecoderActs<Buf<T, B>>,
         mode: Mode,
     ) -> Result<Tensor<Buf<T, B>>> {
-        let n = z.rows;
-        let h = Input::Dense(Mlp::output(&f.hidden));
-        let mut dh = b.tensor(n, self.n_hidden)?;
+        let h = Input::Dense(Mlp::output(&f.trunk.hidden));
+        let mut dh = b.tensor(z.rows, self.n_hidden)?;
         let site = Site {
             b,
             p,
@@ -502,24 +547,12 @@ impl Decoder {
         self.observation.backward(
             &site,
             grads,
-            &f.main,
+            &f.trunk.main,
             f.observation,
-            f.batch_onehot.as_ref(),
+            f.trunk.onehot.as_ref(),
             &mut dh,
         )?;
-        let mut dz = b.tensor(n, z.cols)?;
-        self.hidden.backward(
-            b,
-            p,
-            grads,
-            &Input::Dense(z),
-            Some(&f.cov),
-            &f.hidden,
-            dh,
-            mode,
-            InputGrad::Write(&mut dz),
-        )?;
-        Ok(dz)
+        self.trunk_backward(b, p, grads, z, &f.trunk, dh, mode)
     }
 
     /// Whether the cycle-consistency pass can re-encode this modality's expected expression
@@ -542,18 +575,13 @@ impl Decoder {
         library: f64,
         mode: Mode,
     ) -> Result<(Tensor<Buf<T, B>>, CycleActs<Buf<T, B>>)> {
-        let n = z.rows;
         assert!(
             self.cycles(),
             "decoder {:?}: no log1p expression",
             self.spec.name
         );
-        let (cov, onehot) = self.covariates(b, covariates, n)?;
-        let hidden = self
-            .hidden
-            .forward(b, p, state, &Input::Dense(z), Some(&cov), mode)?;
-        let h = Input::Dense(Mlp::output(&hidden));
-        let main = self.main.forward(b, p, state, &h, None, mode)?;
+        let trunk = self.trunk(b, p, state, z, covariates, mode)?;
+        let h = Input::Dense(Mlp::output(&trunk.hidden));
         let site = Site {
             b,
             p,
@@ -561,20 +589,15 @@ impl Decoder {
             main: &self.main,
             mode,
         };
-        let expected =
-            self.observation
-                .cycle_forward(&site, state, &main, onehot.as_ref(), library)?;
+        let expected = self.observation.cycle_forward(
+            &site,
+            state,
+            &trunk.main,
+            trunk.onehot.as_ref(),
+            library,
+        )?;
         let out = copy_of(b, &expected.log1p)?;
-        Ok((
-            out,
-            CycleActs {
-                cov,
-                onehot,
-                hidden,
-                main,
-                expected,
-            },
-        ))
+        Ok((out, CycleActs { trunk, expected }))
     }
 
     /// The cycle pass' gradients: parameters (overwritten), and d/dz from d/d log(1 + x̂).
@@ -589,9 +612,8 @@ impl Decoder {
         dlog1p: Tensor<Buf<T, B>>,
         mode: Mode,
     ) -> Result<Tensor<Buf<T, B>>> {
-        let n = z.rows;
-        let h = Input::Dense(Mlp::output(&a.hidden));
-        let mut dh = b.tensor(n, self.n_hidden)?;
+        let h = Input::Dense(Mlp::output(&a.trunk.hidden));
+        let mut dh = b.tensor(z.rows, self.n_hidden)?;
         let site = Site {
             b,
             p,
@@ -602,25 +624,13 @@ impl Decoder {
         self.observation.cycle_backward(
             &site,
             grads,
-            &a.main,
-            a.onehot.as_ref(),
+            &a.trunk.main,
+            a.trunk.onehot.as_ref(),
             a.expected,
             dlog1p,
             &mut dh,
         )?;
-        let mut dz = b.tensor(n, z.cols)?;
-        self.hidden.backward(
-            b,
-            p,
-            grads,
-            &Input::Dense(z),
-            Some(&a.cov),
-            &a.hidden,
-            dh,
-            mode,
-            InputGrad::Write(&mut dz),
-        )?;
-        Ok(dz)
+        self.trunk_backward(b, p, grads, z, &a.trunk, dh, mode)
     }
 
     /// The decoder's expression at `z` (evaluation mode); see [`Observation::expression`].
@@ -633,13 +643,8 @@ impl Decoder {
         covariates: &[T],
         library_size: f64,
     ) -> Result<Tensor<Buf<T, B>>> {
-        let n = z.rows;
-        let (cov, onehot) = self.covariates(b, covariates, n)?;
-        let hidden = self
-            .hidden
-            .forward(b, p, state, &Input::Dense(z), Some(&cov), Mode::Eval)?;
-        let h = Input::Dense(Mlp::output(&hidden));
-        let main = self.main.forward(b, p, state, &h, None, Mode::Eval)?;
+        let trunk = self.trunk(b, p, state, z, covariates, Mode::Eval)?;
+        let h = Input::Dense(Mlp::output(&trunk.hidden));
         let site = Site {
             b,
             p,
@@ -647,7 +652,12 @@ impl Decoder {
             main: &self.main,
             mode: Mode::Eval,
         };
-        self.observation
-            .expression(&site, state, &main, onehot.as_ref(), library_size)
+        self.observation.expression(
+            &site,
+            state,
+            &trunk.main,
+            trunk.onehot.as_ref(),
+            library_size,
+        )
     }
 }
