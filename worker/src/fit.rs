@@ -251,7 +251,6 @@ type LastEpoch = (usize, u64, StepTimes);
 struct Run<'a> {
     opts: &'a FitOptions,
     place: &'a mut Placement,
-    tc: TrainConfig,
     n_obs: u64,
     epochs: usize,
     loader: Loader,
@@ -450,7 +449,6 @@ impl<'a> Run<'a> {
         Ok(Run {
             opts,
             place,
-            tc,
             n_obs,
             epochs,
             loader,
@@ -568,7 +566,13 @@ impl<'a> Run<'a> {
             .negative_elbo();
         self.state.history.push(record);
         let state = &mut self.state;
-        let decision = policy::end_of_epoch(state, monitored, epoch, self.epochs, &self.tc);
+        let decision = policy::end_of_epoch(
+            state,
+            monitored,
+            epoch,
+            self.epochs,
+            &self.opts.config.train,
+        );
         if decision.lr != self.trainer.lr() {
             tracing::info!(epoch, lr = decision.lr, "learning rate reduced on plateau");
             self.trainer.set_lr(decision.lr);
