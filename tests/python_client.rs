@@ -82,6 +82,7 @@ fn a_notebook_maps_a_query_through_the_python_client() {
         resume: false,
         denoised: None,
         cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
+        device: Default::default(),
     };
     tessera_worker::fit(&opts, |_| {}).unwrap();
     let query = world(&dir.path().join("query.zarr"), 500, vec![2]);
@@ -103,6 +104,7 @@ fn a_notebook_maps_a_query_through_the_python_client() {
             finished_kept: 16,
         },
         default_epochs: 20,
+        device: Default::default(),
     };
     let service = tessera_serve::service(&serve).unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -41,6 +41,11 @@ const STATE_KEY: &str = "coordinator.json";
 
 /// The checks of a submitted job, with the error a user sees.
 fn check(spec: &pb::JobSpec) -> Result<ValidJob, String> {
+    if !spec.device.is_empty() {
+        spec.device
+            .parse::<tessera_worker::device::Device>()
+            .map_err(|e| format!("JobSpec.device: {e}"))?;
+    }
     if !spec.network_toml.is_empty() {
         // One pass over the cells, each rank counting its rows.
         let cells = tessera_worker::network::check_network_job(&spec.data_url, &spec.network_toml)?;

@@ -16,6 +16,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use tessera_coordinator::Config;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::coordinator_client::CoordinatorClient;
+use tessera_worker::device::Device;
 use tessera_worker::fit::REPORT_FILE;
 use tessera_worker::node::Ended;
 
@@ -116,9 +117,15 @@ impl Launch {
 
     /// A worker of rank 0's coordinator (ranks > 0); returns when its job ends, or stops
     /// (checkpointing the step) on SIGTERM.
-    pub fn serve_as_worker(&self, cache_bytes: u64, metrics: &Arc<TrainMetrics>) -> Result<()> {
+    pub fn serve_as_worker(
+        &self,
+        cache_bytes: u64,
+        device: Device,
+        metrics: &Arc<TrainMetrics>,
+    ) -> Result<()> {
         let coordinator = format!("http://{}:{}", self.master_addr, self.master_port);
-        let ended = tessera_worker::node::run(&node_config(coordinator, cache_bytes, metrics)?)
+        let config = node_config(coordinator, cache_bytes, device, metrics)?;
+        let ended = tessera_worker::node::run(&config)
             .with_context(|| format!("rank {} of {}", self.rank, self.world))?;
         crate::worker::stopped(ended, " (rank 0 resumes the job from it)")
     }
@@ -129,6 +136,7 @@ impl Launch {
 fn node_config(
     coordinator: String,
     cache_bytes: u64,
+    device: Device,
     metrics: &Arc<TrainMetrics>,
 ) -> Result<tessera_worker::node::NodeConfig> {
     use crate::worker::env_any;
@@ -139,6 +147,7 @@ fn node_config(
         cache_bytes,
         timeout: Duration::from_secs(120),
         max_jobs: Some(1),
+        device,
         stop: crate::signals::stop_flag()?,
         progress: Some(metrics.sink()),
     })
@@ -146,11 +155,16 @@ fn node_config(
 
 /// Who trains a job started here.
 enum Trainers {
-    /// N `tessera worker` processes on loopback.
-    Local { n: usize, cache_bytes: u64 },
+    /// N `tessera worker` processes on loopback (on a bare `cuda`, worker i on GPU i).
+    Local {
+        n: usize,
+        cache_bytes: u64,
+        device: Device,
+    },
     /// Rank 0 of a launcher's world: one worker in this process, the others in their pods.
     Rank0 {
         cache_bytes: u64,
+        device: Device,
         metrics: Arc<TrainMetrics>,
     },
 }
@@ -167,6 +181,7 @@ pub fn train(opts: &FitOptions, workers: usize) -> Result<FitReport> {
         Trainers::Local {
             n: workers,
             cache_bytes: opts.cache_bytes,
+            device: opts.device,
         },
     )
 }
@@ -184,6 +199,7 @@ pub fn train_as_rank0(
         listen,
         Trainers::Rank0 {
             cache_bytes: opts.cache_bytes,
+            device: opts.device,
             metrics: Arc::clone(metrics),
         },
     )
@@ -267,6 +283,7 @@ pub fn job_spec(opts: &FitOptions, world: usize) -> Result<pb::JobSpec> {
         overwrite: opts.overwrite,
         network_toml: String::new(),
         resume: None,
+        device: opts.device.to_string(),
     })
 }
 
@@ -300,12 +317,21 @@ pub fn network(req: &NetworkRequest, out: &Path, workers: usize) -> Result<Netwo
         Trainers::Local {
             n: workers,
             cache_bytes: 0,
+            device: Device::Cpu,
         },
     ))?;
     let path = Path::new(&out).join(format!("{}.json", req.method.name()));
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Worker `i`'s device among local workers: a bare `cuda` spreads them one per GPU.
+fn local_device(device: Device, i: usize) -> Device {
+    match device {
+        Device::Cuda(None) => Device::Cuda(Some(i)),
+        other => other,
+    }
 }
 
 fn train_with(
@@ -386,7 +412,11 @@ async fn run_job(
     // Rank 0's own worker says whether it served the job (true) or stopped or failed first.
     let mut rank0_ended = None;
     match trainers {
-        Trainers::Local { n, cache_bytes } => {
+        Trainers::Local {
+            n,
+            cache_bytes,
+            device,
+        } => {
             let exe = std::env::current_exe().context("locating the tessera executable")?;
             for i in 0..n {
                 let child = Command::new(&exe)
@@ -402,6 +432,7 @@ async fn run_job(
                         "30",
                     ])
                     .args(["--cache-mib", &(cache_bytes >> 20).to_string()])
+                    .args(["--device", &local_device(device, i).to_string()])
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .spawn()
@@ -413,9 +444,10 @@ async fn run_job(
         }
         Trainers::Rank0 {
             cache_bytes,
+            device,
             metrics,
         } => {
-            let config = node_config(url.clone(), cache_bytes, &metrics)?;
+            let config = node_config(url.clone(), cache_bytes, device, &metrics)?;
             let (ended, ended_rx) = tokio::sync::oneshot::channel();
             rank0_ended = Some(ended_rx);
             in_process = Some(

@@ -239,7 +239,50 @@ fn keep_freed_memory() {
     }
 }
 
+/// `TESSERA_CUDA_LIBS` set: restarts this process once with the CUDA libraries it names on the
+/// loader's path, under the names cudarc loads (`tessera_kernels::cuda_libs`). Returns only when
+/// there is nothing to do or the restart failed (then GPU work reports the missing library).
+fn find_cuda_libraries() {
+    use std::os::unix::process::CommandExt;
+    use tessera_kernels::cuda_libs;
+    const DONE: &str = "TESSERA_CUDA_LIBS_LINKED";
+    let Ok(value) = std::env::var(cuda_libs::LIBS_VAR) else {
+        return;
+    };
+    if std::env::var_os(DONE).is_some() || value.trim().is_empty() {
+        return;
+    }
+    let folders = cuda_libs::folders(&value);
+    let links = cuda_libs::link_folder_for(&value);
+    if let Err(e) = cuda_libs::link_folder(&folders, &links) {
+        eprintln!(
+            "{}: cannot link the CUDA libraries into {}: {e}",
+            cuda_libs::LIBS_VAR,
+            links.display()
+        );
+        return;
+    }
+    let mut path = std::env::join_paths(std::iter::once(links).chain(folders)).unwrap_or_default();
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH").filter(|p| !p.is_empty()) {
+        path.push(":");
+        path.push(old);
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let e = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("LD_LIBRARY_PATH", path)
+        .env(DONE, "1")
+        .exec();
+    eprintln!(
+        "{}: restarting with the CUDA libraries failed: {e}",
+        cuda_libs::LIBS_VAR
+    );
+}
+
 fn main() -> std::process::ExitCode {
+    find_cuda_libraries();
     keep_freed_memory();
     init_logging();
     match run(Cli::parse()) {

@@ -47,6 +47,9 @@ pub struct MapArgs {
     /// Folder for the report (map.json).
     #[arg(long, default_value = "tessera-out")]
     out: PathBuf,
+    /// Where the query model is fine-tuned: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: tessera_worker::device::Device,
 }
 
 pub fn run(args: MapArgs) -> Result<()> {
@@ -66,6 +69,7 @@ pub fn run(args: MapArgs) -> Result<()> {
             overwrite: args.overwrite,
         }),
         seed: args.seed,
+        device: args.device,
     };
     let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template(
         "{spinner} [{elapsed_precise}] {msg}",

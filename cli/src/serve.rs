@@ -59,6 +59,9 @@ pub struct ServeArgs {
     /// HTTP here.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Where models encode and mapping jobs fine-tune: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: tessera_worker::device::Device,
 }
 
 /// 3/4 of MemTotal (Linux), else 8 GiB.
@@ -112,6 +115,7 @@ fn config(args: ServeArgs) -> Result<ServeConfig> {
             finished_kept: 64,
         },
         default_epochs: args.default_epochs,
+        device: args.device,
     })
 }
 
@@ -184,6 +188,7 @@ pub fn bench_encode(sizes: &[usize], genes: usize, concurrency: usize, seconds: 
         resume: false,
         denoised: None,
         cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
+        device: tessera_worker::device::Device::Cpu,
     };
     tessera_worker::fit(&opts, |_| {})?;
     let (hidden, latent) = (128usize, 10usize);
@@ -248,6 +253,7 @@ pub fn bench_encode(sizes: &[usize], genes: usize, concurrency: usize, seconds: 
             finished_kept: 1,
         },
         default_epochs: 1,
+        device: tessera_worker::device::Device::Cpu,
     };
     let service = tessera_serve::service(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -46,6 +46,10 @@ pub struct SubmitArgs {
     /// Print the job's id and return instead of following it to its end.
     #[arg(long)]
     detach: bool,
+    /// Where the job's ranks train: cpu, cuda (each worker's GPU) or cuda:N (default: each
+    /// worker's own --device).
+    #[arg(long)]
+    device: Option<tessera_worker::device::Device>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -92,8 +96,10 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
         resume: false,
         denoised: None,
         cache_bytes: 0,
+        device: args.device.unwrap_or_default(),
     };
-    let spec = job_spec(&opts, args.world_size)?;
+    let mut spec = job_spec(&opts, args.world_size)?;
+    spec.device = args.device.map(|d| d.to_string()).unwrap_or_default();
     let url = coordinator_url(args.coordinator);
     runtime()?.block_on(async {
         let mut client = connect(&url).await?;

@@ -73,6 +73,11 @@ pub struct TrainArgs {
     /// (not the processes of --workers).
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Where to train: cpu, cuda (GPU 0; with --workers N, worker i on GPU i; under a launcher,
+    /// the GPU of LOCAL_RANK) or cuda:N. The CUDA libraries are loaded at run time: set
+    /// TESSERA_CUDA_LIBS to the folders holding them where the loader does not find them.
+    #[arg(long, default_value = "cpu")]
+    device: tessera_worker::device::Device,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -89,7 +94,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     if let Some(l) = launch.as_ref().filter(|l| l.rank > 0) {
         // Rank 0 submits the job with the data and configuration; this rank only trains.
-        l.serve_as_worker(args.cache_mib << 20, &metrics)?;
+        l.serve_as_worker(args.cache_mib << 20, args.device, &metrics)?;
         println!("rank {} of {}: the job ended", l.rank, l.world);
         return Ok(());
     }
@@ -120,6 +125,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             library_size: args.denoised_library_size,
         }),
         cache_bytes: args.cache_mib << 20,
+        device: args.device,
     };
 
     let report = match (args.workers, &launch) {

@@ -34,6 +34,10 @@ pub struct WorkerArgs {
     /// phase) and a health check (GET /healthz) over plain HTTP here.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Where this worker trains jobs that name no device, and the GPU it uses for jobs that ask
+    /// for "cuda": cpu, cuda (the GPU of LOCAL_RANK, else 0) or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: tessera_worker::device::Device,
 }
 
 /// The first of `names` set in the environment.
@@ -78,6 +82,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         cache_bytes: args.cache_mib << 20,
         timeout: Duration::from_secs(args.timeout_s),
         max_jobs: args.max_jobs,
+        device: args.device,
         stop: crate::signals::stop_flag()?,
         progress: Some(metrics.sink()),
     };

@@ -329,6 +329,7 @@ impl CoordinatorRpc for Service {
                         overwrite: a.spec.overwrite,
                         network_toml: a.spec.network_toml,
                         resume: None,
+                        device: a.spec.device,
                     }),
                     resume_from: resume
                         .as_ref()
@@ -454,6 +455,7 @@ impl CoordinatorRpc for Service {
             embedding_key: spec.embedding_key,
             overwrite: spec.overwrite,
             network_toml: spec.network_toml,
+            device: spec.device,
             train_cells: valid.train_cells,
             epochs: valid.epochs,
         };

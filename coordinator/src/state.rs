@@ -56,6 +56,9 @@ pub struct JobSpec {
     /// A network job's request (empty: training).
     #[serde(default)]
     pub network_toml: String,
+    /// Where the ranks train ("cpu", "cuda", "cuda:N"; empty: each worker's own device).
+    #[serde(default)]
+    pub device: String,
     /// Training cells per epoch (the store's cells minus the held-out ones).
     pub train_cells: u64,
     pub epochs: u32,

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod cuda;
+pub mod cuda_libs;
 pub mod gradcheck;
 pub mod ops;
 pub mod params;

@@ -263,10 +263,10 @@ pub struct Vae<T: Real, B: Backend<T>> {
     pub n_labels: usize,
     pub layout: Layout,
     pub state_layout: Layout,
-    pub values: B::Buf,
-    pub grads: B::Buf,
+    pub(crate) values: B::Buf,
+    pub(crate) grads: B::Buf,
     /// BatchNorm running statistics.
-    pub state: B::Buf,
+    pub(crate) state: B::Buf,
     /// The parameter ranges being trained (sorted, disjoint; `Trainer::freeze_except`): the
     /// backward computes no weight gradient wholly outside them. None: all.
     pub trained: Option<Vec<std::ops::Range<usize>>>,
@@ -674,6 +674,33 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
 
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    /// The parameters, one flat buffer in `layout`'s order.
+    pub fn values(&self) -> &B::Buf {
+        &self.values
+    }
+
+    pub fn values_mut(&mut self) -> &mut B::Buf {
+        &mut self.values
+    }
+
+    /// The last backward's gradients, in `layout`'s order.
+    pub fn grads(&self) -> &B::Buf {
+        &self.grads
+    }
+
+    pub fn grads_mut(&mut self) -> &mut B::Buf {
+        &mut self.grads
+    }
+
+    /// BatchNorm running statistics, in `state_layout`'s order.
+    pub fn state(&self) -> &B::Buf {
+        &self.state
+    }
+
+    pub fn state_mut(&mut self) -> &mut B::Buf {
+        &mut self.state
     }
 
     /// The joint rule in effect: one modality's posterior is its encoder's (no prior expert).

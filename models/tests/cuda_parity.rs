@@ -135,7 +135,7 @@ fn run<B: Backend<f32>>(b: B, config: &VaeConfig, modalities: &[(&str, usize)]) 
     let grads = trainer
         .model
         .backend()
-        .download(In::all(&trainer.model.grads))
+        .download(In::all(trainer.model.grads()))
         .unwrap();
     for _ in 0..3 {
         trainer.step(batch(), 5).unwrap();
@@ -143,7 +143,7 @@ fn run<B: Backend<f32>>(b: B, config: &VaeConfig, modalities: &[(&str, usize)]) 
     let stepped = trainer
         .model
         .backend()
-        .download(In::all(&trainer.model.values))
+        .download(In::all(trainer.model.values()))
         .unwrap();
     let latent = trainer.model.latent_mean(batch()).unwrap();
     Run {

@@ -4,6 +4,7 @@
 
 use tessera_kernels::backend::{Backend, Cpu, In};
 use tessera_kernels::ops::linear::CsrRef;
+use tessera_kernels::params::Layout;
 use tessera_models::surgery::{
     BatchExtension, Unfreeze, encoder_ranges, transfer, unfrozen_ranges,
 };
@@ -122,30 +123,31 @@ fn extended(reference: &Vae<f64, Cpu>) -> (Vae<f64, Cpu>, Vec<std::ops::Range<us
         added: 1,
     };
     let mut added = Vec::new();
-    for (ref_layout, ref_buf, layout, buf) in [
-        (
-            &reference.layout,
-            &reference.values,
-            &query.layout,
-            &mut query.values,
-        ),
-        (
-            &reference.state_layout,
-            &reference.state,
-            &query.state_layout,
-            &mut query.state,
-        ),
-    ] {
-        let host = Cpu.download(In::all(ref_buf)).unwrap();
-        let mut values = Cpu.download(In::all(buf)).unwrap();
-        let lookup = |name: &str| {
-            ref_layout
-                .slot(name)
-                .map(|s| (s.shape.clone(), host[s.range.clone()].to_vec()))
+    let mut extend =
+        |ref_layout: &Layout, ref_buf: &Vec<f64>, layout: &Layout, buf: &mut Vec<f64>| {
+            let host = Cpu.download(In::all(ref_buf)).unwrap();
+            let mut values = Cpu.download(In::all(buf)).unwrap();
+            let lookup = |name: &str| {
+                ref_layout
+                    .slot(name)
+                    .map(|s| (s.shape.clone(), host[s.range.clone()].to_vec()))
+            };
+            added.extend(transfer(layout, &mut values, lookup, ext).unwrap());
+            *buf = Cpu.upload(&values).unwrap();
         };
-        added.extend(transfer(layout, &mut values, lookup, ext).unwrap());
-        *buf = Cpu.upload(&values).unwrap();
-    }
+    let (layout, state_layout) = (query.layout.clone(), query.state_layout.clone());
+    extend(
+        &reference.layout,
+        reference.values(),
+        &layout,
+        query.values_mut(),
+    );
+    extend(
+        &reference.state_layout,
+        reference.state(),
+        &state_layout,
+        query.state_mut(),
+    );
     (query, added)
 }
 
@@ -173,12 +175,12 @@ fn fine_tuning_changes_only_the_new_batch_and_keeps_the_reference_embedding() {
     let mut reference = reference();
     let (query, added) = extended(&reference);
     assert!(!added.is_empty());
-    let frozen_values = Cpu.download(In::all(&query.values)).unwrap();
+    let frozen_values = Cpu.download(In::all(query.values())).unwrap();
     let state_ranges = encoder_ranges(&query.state_layout);
     let mut trainer = Trainer::new(query, TrainConfig::default()).unwrap();
     trainer.freeze_except(added.clone());
     trainer.freeze_state(state_ranges.clone()).unwrap();
-    let state_before = Cpu.download(In::all(&trainer.model.state)).unwrap();
+    let state_before = Cpu.download(In::all(trainer.model.state())).unwrap();
     // Query cells: batch 2 only, other counts.
     let n = 10;
     let data = counts(n, 2);
@@ -196,7 +198,7 @@ fn fine_tuning_changes_only_the_new_batch_and_keeps_the_reference_embedding() {
         }];
         trainer.step(VaeBatch::new(&modalities, &cov), 0).unwrap();
     }
-    let tuned = Cpu.download(In::all(&trainer.model.values)).unwrap();
+    let tuned = Cpu.download(In::all(trainer.model.values())).unwrap();
     let inside = |i: usize| added.iter().any(|r| r.contains(&i));
     assert!(
         (0..tuned.len())
@@ -210,7 +212,7 @@ fn fine_tuning_changes_only_the_new_batch_and_keeps_the_reference_embedding() {
             .any(|i| tuned[i] != frozen_values[i]),
         "no new parameter was trained"
     );
-    let state = Cpu.download(In::all(&trainer.model.state)).unwrap();
+    let state = Cpu.download(In::all(trainer.model.state())).unwrap();
     assert!(
         state_ranges
             .iter()
@@ -246,7 +248,7 @@ fn unfreezing_the_encoder_input_trains_it_too() {
         },
     );
     assert!(!opened.is_empty());
-    let start = Cpu.download(In::all(&query.values)).unwrap();
+    let start = Cpu.download(In::all(query.values())).unwrap();
     let mut trainer = Trainer::new(query, TrainConfig::default()).unwrap();
     trainer.freeze_except(added.into_iter().chain(opened.clone()).collect());
     let n = 10;
@@ -263,7 +265,7 @@ fn unfreezing_the_encoder_input_trains_it_too() {
         present: None,
     }];
     trainer.step(VaeBatch::new(&modalities, &cov), 0).unwrap();
-    let tuned = Cpu.download(In::all(&trainer.model.values)).unwrap();
+    let tuned = Cpu.download(In::all(trainer.model.values())).unwrap();
     assert!(
         opened
             .iter()
@@ -308,8 +310,8 @@ fn a_frozen_backward_gives_the_trained_rows_the_full_backward_gradient() {
         .unwrap();
     assert_eq!(a.loss, b.loss);
     let (ga, gb) = (
-        Cpu.download(In::all(&full.model.grads)).unwrap(),
-        Cpu.download(In::all(&frozen.model.grads)).unwrap(),
+        Cpu.download(In::all(full.model.grads())).unwrap(),
+        Cpu.download(In::all(frozen.model.grads())).unwrap(),
     );
     for r in &added {
         assert_eq!(

@@ -72,7 +72,7 @@ fn check_model(config: VaeConfig) {
 /// layout, and a 1% error in it caught.
 fn check_gradients(mut model: Vae<f64, Cpu>, batch: VaeBatch<'_, f64>, what: &str) {
     // Move off the initial point so log θ / log σ² gradients are generic.
-    for (i, v) in model.values.iter_mut().enumerate() {
+    for (i, v) in model.values_mut().iter_mut().enumerate() {
         *v += 0.05 * ((i as f64) * 0.37).sin();
     }
     let mode = Mode::Train { seed: 5, step: 3 };
@@ -82,10 +82,10 @@ fn check_gradients(mut model: Vae<f64, Cpu>, batch: VaeBatch<'_, f64>, what: &st
         terms.loss.is_finite() && terms.reconstruction > 0.0 && terms.kl >= 0.0,
         "{what}: {terms:?}"
     );
-    let analytic = model.grads.clone();
-    let x0 = model.values.clone();
+    let analytic = model.grads().clone();
+    let x0 = model.values().clone();
     let loss = |v: &[f64]| {
-        model.values.copy_from_slice(v);
+        model.values_mut().copy_from_slice(v);
         model.loss(batch, kl_weight, mode).unwrap().loss
     };
     let loss = std::cell::RefCell::new(loss);
@@ -211,7 +211,7 @@ fn non_finite_input_stops_training_naming_the_step_and_term() {
         present: None,
     }];
     trainer.step(VaeBatch::new(&modalities, &cov), 0).unwrap();
-    let before = trainer.model.values.clone();
+    let before = trainer.model.values().clone();
     data[0] = f64::NAN;
     let modalities = [ModalityCounts {
         counts: CsrRef {
@@ -228,7 +228,8 @@ fn non_finite_input_stops_training_naming_the_step_and_term() {
         other => panic!("expected a non-finite error at step 2, got {other:?}"),
     }
     assert_eq!(
-        trainer.model.values, before,
+        *trainer.model.values(),
+        before,
         "a failed step changes no parameter"
     );
     assert_eq!(trainer.step, 1);
@@ -402,7 +403,7 @@ fn absent_modalities_are_ignored_by_loss_gradients_and_embedding() {
             let terms = model.loss_and_grad(batch, 0.5, mode).unwrap();
             (
                 terms,
-                model.grads.clone(),
+                model.grads().clone(),
                 model.latent_mean(batch).unwrap(),
                 model.latent_and_expression(batch, 1e4).unwrap().1,
             )
@@ -698,7 +699,7 @@ fn adversarial_batch_classifier_reverses_the_encoders_gradient() {
                 .loss_and_grad(batch, 1.0, Mode::Train { seed: 2, step: 1 })
                 .unwrap();
             assert!(terms.regularization > 0.0);
-            (model.grads.clone(), model.layout.clone())
+            (model.grads().clone(), model.layout.clone())
         };
         let ((g0, layout), (g_plus, _), (g_rev, _)) = (grads(0.0), grads(-1.0), grads(0.7));
         let mut encoder_changed = false;
@@ -762,7 +763,7 @@ fn a_modality_measured_in_under_two_cells_of_a_training_batch_sits_the_step_out(
         let terms = model
             .loss_and_grad(VaeBatch::new(&mods, &mosaic.cov), 1.0, mode)
             .unwrap();
-        (terms, model.grads.clone(), model.state.clone())
+        (terms, model.grads().clone(), model.state().clone())
     };
     let (absent, lone) = (run(&none), run(&one));
     assert!(absent.0.loss.is_finite());
@@ -846,7 +847,7 @@ fn per_batch_tables_without_a_batch_covariate_have_one_row() {
         m.loss_and_grad(batch, 1.0, Mode::Train { seed: 1, step: 1 })
             .unwrap();
         assert!(
-            m.grads[slot.range.clone()].iter().any(|&v| v != 0.0),
+            m.grads()[slot.range.clone()].iter().any(|&v| v != 0.0),
             "{likelihood:?}: the table learns"
         );
         check_gradients(m, batch, &format!("{likelihood:?} without batches"));
@@ -882,7 +883,11 @@ fn cross_modal_cycle_consistency() {
         let mut without = mosaic.model(joint);
         with.loss_and_grad(batch, 1.0, mode).unwrap();
         without.loss_and_grad(batch, 1.0, mode).unwrap();
-        assert_eq!(with.state, without.state, "{joint:?}: running statistics");
+        assert_eq!(
+            with.state(),
+            without.state(),
+            "{joint:?}: running statistics"
+        );
         check_gradients(model, batch, &format!("{joint:?} + cycle"));
     }
 }

@@ -87,12 +87,15 @@ pub struct ServeConfig {
     pub max_upload_bytes: u64,
     pub jobs: JobLimits,
     pub default_epochs: usize,
+    /// Where models encode and mapping jobs fine-tune.
+    pub device: tessera_worker::device::Device,
 }
 
 /// The service for `config` (registry opened and its start-up models registered, scratch
 /// created, prefixes checked). Blocking: call it outside async code.
 pub fn service(config: &ServeConfig) -> Result<AtlasService, ServeError> {
-    let registry = Arc::new(Registry::open(&config.registry, config.cached_models)?);
+    let registry =
+        Arc::new(Registry::open(&config.registry, config.cached_models)?.on(config.device));
     for (name, folder) in &config.register {
         registry
             .register(name, folder, true)

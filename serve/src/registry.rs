@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use tessera_data::Store;
+use tessera_worker::device::Device;
 use tessera_worker::encode::EncoderPool;
 use tessera_worker::query::{MODEL_FILES, ModelSummary, ReferenceModel};
 
@@ -42,6 +43,8 @@ pub struct Registry {
     /// Most recently used last.
     cache: Mutex<Vec<Arc<Loaded>>>,
     cache_size: usize,
+    /// Where loaded models encode and mapping jobs fine-tune.
+    device: Device,
 }
 
 impl std::fmt::Debug for Registry {
@@ -82,7 +85,17 @@ impl Registry {
             index: Mutex::new(()),
             cache: Mutex::new(Vec::new()),
             cache_size: cache_size.max(1),
+            device: Device::Cpu,
         })
+    }
+
+    /// The registry with its models loaded onto `device`.
+    pub fn on(self, device: Device) -> Registry {
+        Registry { device, ..self }
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     fn read_index(&self) -> Result<BTreeMap<String, Entry>, ServeError> {
@@ -186,7 +199,8 @@ impl Registry {
                 .map_err(|e| ServeError::Storage(e.to_string()))?;
         let loaded = Arc::new(Loaded {
             name: name.to_string(),
-            pool: EncoderPool::new(model),
+            pool: EncoderPool::on(model, self.device)
+                .map_err(|e| ServeError::Config(e.to_string()))?,
         });
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
         cache.retain(|l| l.name != name);

@@ -266,6 +266,7 @@ impl Atlas for AtlasService {
                 overwrite: w.overwrite,
             }),
             seed: r.seed,
+            device: self.registry.device(),
         };
         let registry = Arc::clone(&self.registry);
         let (model_name, data) = (r.model.clone(), r.data_url.clone());

@@ -67,6 +67,7 @@ fn reference() -> &'static Path {
                 resume: false,
                 denoised: None,
                 cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
+                device: Default::default(),
             };
             tessera_worker::fit(&opts, |_| {}).unwrap();
             out
@@ -109,6 +110,7 @@ fn config(dir: &Path) -> ServeConfig {
             finished_kept: 16,
         },
         default_epochs: 20,
+        device: Default::default(),
     }
 }
 

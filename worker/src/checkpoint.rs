@@ -10,7 +10,7 @@ use std::path::Path;
 use safetensors::SafeTensors;
 use safetensors::tensor::TensorView;
 use serde::{Deserialize, Serialize};
-use tessera_kernels::backend::{Backend, Cpu, In};
+use tessera_kernels::backend::{Backend, In};
 use tessera_kernels::params::Layout;
 use tessera_models::{Plateau, Trainer};
 
@@ -60,7 +60,11 @@ fn publish(path: &Path, write: impl FnOnce(&Path) -> Result<(), FitError>) -> Re
     std::fs::rename(&staged, path).map_err(|e| error(path, e))
 }
 
-pub fn save(dir: &Path, state: &FitState, trainer: &Trainer<f32, Cpu>) -> Result<(), FitError> {
+pub fn save<B: Backend<f32>>(
+    dir: &Path,
+    state: &FitState,
+    trainer: &Trainer<f32, B>,
+) -> Result<(), FitError> {
     std::fs::create_dir_all(dir).map_err(|e| error(dir, e))?;
     publish(&dir.join("model.safetensors"), |p| {
         write_weights(p, trainer)
@@ -151,12 +155,15 @@ pub fn remove_before(root: &Path, keep_from: usize) -> Result<(), FitError> {
 }
 
 /// Every parameter and BatchNorm statistic under its layout name, f32, row-major.
-pub fn write_weights(path: &Path, trainer: &Trainer<f32, Cpu>) -> Result<(), FitError> {
+pub fn write_weights<B: Backend<f32>>(
+    path: &Path,
+    trainer: &Trainer<f32, B>,
+) -> Result<(), FitError> {
     let model = &trainer.model;
     let mut tensors = Vec::new();
     for (layout, buf) in [
-        (&model.layout, &model.values),
-        (&model.state_layout, &model.state),
+        (&model.layout, model.values()),
+        (&model.state_layout, model.state()),
     ] {
         let host = model.backend().download(In::all(buf))?;
         for slot in layout.slots() {
@@ -200,10 +207,10 @@ fn write_tensors(
 
 /// Reads the checkpoint into `trainer` and returns the run state. Refuses a checkpoint of
 /// another run (data, shapes or configuration other than `max_epochs`) or an inconsistent one.
-pub fn load(
+pub fn load<B: Backend<f32>>(
     dir: &Path,
     run: &serde_json::Value,
-    trainer: &mut Trainer<f32, Cpu>,
+    trainer: &mut Trainer<f32, B>,
 ) -> Result<FitState, FitError> {
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path).map_err(|e| {
@@ -224,13 +231,13 @@ pub fn load(
     let model_file = read(&dir.join("model.safetensors"), state.step)?;
     let model_tensors =
         SafeTensors::deserialize(&model_file.1).map_err(|e| error(&model_file.0, e))?;
-    let backend = *trainer.model.backend();
-    trainer.model.values = backend.upload(&gather(
+    let backend = trainer.model.backend().clone();
+    *trainer.model.values_mut() = backend.upload(&gather(
         &model_tensors,
         &trainer.model.layout,
         &model_file.0,
     )?)?;
-    trainer.model.state = backend.upload(&gather(
+    *trainer.model.state_mut() = backend.upload(&gather(
         &model_tensors,
         &trainer.model.state_layout,
         &model_file.0,

@@ -5,9 +5,11 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use tessera_kernels::backend::Cpu;
+use tessera_kernels::backend::{Cpu, Cuda};
 use tessera_models::Vae;
 
+use crate::collective::TrainBackend;
+use crate::device::Device;
 use crate::query::{Cells, QueryError, ReferenceModel};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,10 +32,17 @@ pub struct Encoded {
     pub uncertainty: Vec<f64>,
 }
 
-/// A reference model with a pool of encoders (one per concurrent call, built on demand, kept).
+/// A reference model with a pool of encoders (one per concurrent call, built on demand, kept)
+/// on one device.
 pub struct EncoderPool {
     pub model: ReferenceModel,
-    encoders: Mutex<Vec<Vae<f32, Cpu>>>,
+    encoders: Encoders,
+}
+
+/// The pooled encoders, on the device chosen when the pool was made.
+enum Encoders {
+    Cpu(Mutex<Vec<Vae<f32, Cpu>>>),
+    Cuda(Cuda, Mutex<Vec<Vae<f32, Cuda>>>),
 }
 
 impl std::fmt::Debug for EncoderPool {
@@ -45,27 +54,46 @@ impl std::fmt::Debug for EncoderPool {
 }
 
 impl EncoderPool {
+    /// Encoders on the CPU.
     pub fn new(model: ReferenceModel) -> EncoderPool {
         EncoderPool {
             model,
-            encoders: Mutex::new(Vec::new()),
+            encoders: Encoders::Cpu(Mutex::default()),
         }
+    }
+
+    /// Encoders on `device` (a GPU is opened now: a missing one is an error here, not at the
+    /// first call).
+    pub fn on(model: ReferenceModel, device: Device) -> Result<EncoderPool, QueryError> {
+        let encoders = match device {
+            Device::Cpu => Encoders::Cpu(Mutex::default()),
+            Device::Cuda(_) => Encoders::Cuda(device.cuda()?, Mutex::default()),
+        };
+        Ok(EncoderPool { model, encoders })
     }
 
     /// Latent means of `cells` with the reference model as trained.
     pub fn latent(&self, cells: &Cells) -> Result<Vec<f32>, QueryError> {
-        let pooled = self
-            .encoders
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
+        match &self.encoders {
+            Encoders::Cpu(pool) => self.pooled(Cpu, pool, cells),
+            Encoders::Cuda(gpu, pool) => self.pooled(gpu.clone(), pool, cells),
+        }
+    }
+
+    /// `latent` with an encoder taken from `pool` (or built) and given back.
+    fn pooled<B: TrainBackend>(
+        &self,
+        device: B,
+        pool: &Mutex<Vec<Vae<f32, B>>>,
+        cells: &Cells,
+    ) -> Result<Vec<f32>, QueryError> {
+        let pooled = pool.lock().unwrap_or_else(PoisonError::into_inner).pop();
         let mut encoder = match pooled {
             Some(e) => e,
-            None => self.model.encoder()?,
+            None => self.model.encoder(device)?,
         };
         let z = self.model.encode(&mut encoder, cells);
-        self.encoders
-            .lock()
+        pool.lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(encoder);
         z

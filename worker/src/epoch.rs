@@ -7,11 +7,11 @@
 use std::time::Instant;
 
 use tessera_data::MiniBatch;
-use tessera_kernels::backend::Cpu;
 use tessera_models::{LossTerms, Trainer};
 
 use crate::batch::ModelBatch;
 use crate::checkpoint::WithinEpoch;
+use crate::collective::TrainBackend;
 use crate::fit::on_pool;
 use crate::parallel::{PartStream, Placement, StepReducer, Sums};
 use crate::records::{FitError, StepTimes};
@@ -44,15 +44,15 @@ impl EpochSteps {
 }
 
 /// The trainer, where it trains and its step's reduction: what every step needs.
-pub(crate) struct Stepper<'a> {
-    pub trainer: &'a mut Trainer<f32, Cpu>,
-    pub place: &'a mut Placement,
-    pub reducer: &'a mut StepReducer,
+pub(crate) struct Stepper<'a, B: TrainBackend> {
+    pub trainer: &'a mut Trainer<f32, B>,
+    pub place: &'a mut Placement<B>,
+    pub reducer: &'a mut StepReducer<B>,
     /// The data's location, for errors.
     pub store: &'a str,
 }
 
-impl Stepper<'_> {
+impl<B: TrainBackend> Stepper<'_, B> {
     /// The steps of epoch `epoch` over `streams` (one per part of this rank), each minibatch
     /// turned into the model's input by `convert`; `on_step` sees every step's all-reduced loss
     /// terms. `within`: a resume inside this epoch, whose steps are read again without
@@ -108,7 +108,7 @@ impl Stepper<'_> {
             let store = self.store;
             let stepped = self.reducer.step(
                 self.trainer,
-                &mut self.place.ring,
+                self.place.comm.as_mut(),
                 &parts,
                 (more, stop),
                 kl_weight,

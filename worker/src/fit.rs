@@ -13,11 +13,12 @@ use tessera_models::{
 
 use crate::batch::{ModalityRows, ModelBatch, one_hot};
 use crate::checkpoint::{self, FitState, WithinEpoch};
+use crate::collective::{Collective, TrainBackend};
+use crate::device::Device;
 use crate::epoch::{EpochSteps, Stepper};
 use crate::parallel::{self, EpochEnd, EpochHooks, PartStream, Placement, StepReducer, Sums};
 use crate::policy;
 use crate::records::{EpochRecord, FitError, StepTimes};
-use crate::ring::Ring;
 
 /// The run's configuration file: `[model]` and `[train]` tables, every key optional.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -71,6 +72,8 @@ pub struct FitOptions {
     /// Decoded count blocks kept in memory for later epochs, in bytes (0: every epoch reads
     /// the store).
     pub cache_bytes: u64,
+    /// Where the model trains (`fit`; a job's ranks are placed by their `Placement`).
+    pub device: Device,
 }
 
 /// `tessera train`'s default block cache: a 10^6-cell, 2,000-gene dataset at ~400 counts per
@@ -152,7 +155,7 @@ pub enum Progress<'a> {
     Epoch(&'a EpochRecord),
 }
 
-/// Trains on `opts.data` on the CPU backend (f32), alone, and writes the outputs.
+/// Trains on `opts.data` alone on `opts.device` (f32) and writes the outputs.
 pub fn fit(opts: &FitOptions, progress: impl FnMut(Progress<'_>)) -> Result<FitReport, FitError> {
     fit_until(opts, std::sync::Arc::default(), progress)
 }
@@ -164,7 +167,14 @@ pub fn fit_until(
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     progress: impl FnMut(Progress<'_>),
 ) -> Result<FitReport, FitError> {
-    let report = train(opts, &mut Placement::alone_until(stop), progress)?;
+    let report = match opts.device {
+        Device::Cpu => train(opts, &mut Placement::alone_until(Cpu, stop), progress)?,
+        Device::Cuda(_) => train(
+            opts,
+            &mut Placement::alone_until(opts.device.cuda()?, stop),
+            progress,
+        )?,
+    };
     report.ok_or_else(|| FitError::Output {
         path: opts.out.display().to_string(),
         reason: "rank 0 of one wrote no outputs".into(),
@@ -173,9 +183,9 @@ pub fn fit_until(
 
 /// Trains on `opts.data` as one rank of `place` (alone: `Placement::alone_until`). Rank 0 writes the
 /// checkpoints and the outputs and returns the report; the other ranks return None.
-pub fn train(
+pub fn train<B: TrainBackend>(
     opts: &FitOptions,
-    place: &mut Placement,
+    place: &mut Placement<B>,
     mut progress: impl FnMut(Progress<'_>),
 ) -> Result<Option<FitReport>, FitError> {
     let mut run = Run::prepare(opts, place)?;
@@ -248,9 +258,9 @@ type LastEpoch = (usize, u64, StepTimes);
 /// resumes; then each epoch is [`Run::steps`] (the training steps, all-reduced) and
 /// [`Run::end_of_epoch`] (validation, record, [`policy`], checkpoint, reports); [`Run::finish`]
 /// writes the outputs on rank 0.
-struct Run<'a> {
+struct Run<'a, B: TrainBackend> {
     opts: &'a FitOptions,
-    place: &'a mut Placement,
+    place: &'a mut Placement<B>,
     n_obs: u64,
     epochs: usize,
     loader: Loader,
@@ -258,27 +268,27 @@ struct Run<'a> {
     plan: OutputPlan,
     inputs: Inputs,
     denoised_keys: Vec<(&'static str, String)>,
-    trainer: Trainer<f32, Cpu>,
+    trainer: Trainer<f32, B>,
     checkpoints: Checkpoints,
     /// This rank's held-out cells as model batches, kept for every epoch's validation.
     validation: Vec<ModelBatch>,
     /// This rank's parts and their training cells.
     training: Vec<(usize, Loader)>,
     state: FitState,
-    reducer: StepReducer,
+    reducer: StepReducer<B>,
     stopped_early: bool,
 }
 
-impl<'a> Run<'a> {
+impl<'a, B: TrainBackend> Run<'a, B> {
     /// Everything before the first step: the loaders of this rank's parts, the output plan
     /// (existing outputs refused now rather than after hours of training), the model, the
     /// validation batches and, when asked, the checkpoint to resume from.
-    fn prepare(opts: &'a FitOptions, place: &'a mut Placement) -> Result<Run<'a>, FitError> {
+    fn prepare(opts: &'a FitOptions, place: &'a mut Placement<B>) -> Result<Run<'a, B>, FitError> {
         let dataset = Dataset::open(&opts.data)?;
         let n_obs = dataset.n_obs();
         let tc = opts.config.train.clone();
         let mc = &opts.config.model;
-        let rank = place.ring.rank();
+        let rank = place.comm.rank();
         let numeric_keys = head_columns(mc, opts.label_key.as_deref())?;
         let loader_config = LoaderConfig {
             batch_size: tc.batch_size,
@@ -368,8 +378,8 @@ impl<'a> Run<'a> {
             survival: mc.cox_weight > 0.0,
         };
 
-        let mut model = Vae::<f32, Cpu>::new(
-            Cpu,
+        let mut model = Vae::<f32, B>::new(
+            place.device.clone(),
             mc.clone(),
             &shapes,
             Categories {
@@ -445,7 +455,7 @@ impl<'a> Run<'a> {
             .iter()
             .map(|(k, l)| (*k, l.with_cells(Cells::Training(holdout))))
             .collect();
-        let reducer = StepReducer::new(&trainer);
+        let reducer = StepReducer::new(&trainer)?;
         Ok(Run {
             opts,
             place,
@@ -513,7 +523,7 @@ impl<'a> Run<'a> {
             .checkpoints
             .within(self.state.epochs_done, self.trainer.step);
         Err(stop_after_step(
-            &mut self.place.ring,
+            self.place.comm.as_mut(),
             self.place.hooks.as_mut(),
             &self.trainer,
             &self.state,
@@ -545,7 +555,7 @@ impl<'a> Run<'a> {
             let trainer = &mut self.trainer;
             v.add(&on_pool(|| b.with(|b| trainer.validate(b, epoch)))?);
         }
-        let v = v.all_reduce(&mut self.place.ring)?;
+        let v = v.all_reduce(self.place.comm.as_mut())?;
         let validation_terms = (v.cells > 0).then(|| v.mean(kl_weight));
         // The epoch's wall time includes its validation pass (as scvi-tools' epochs do).
         let seconds = seconds_before + started.elapsed().as_secs_f64();
@@ -588,7 +598,7 @@ impl<'a> Run<'a> {
         }
         state.epochs_done = epoch + 1;
         state.step = self.trainer.step;
-        let saved = self.place.ring.rank() == 0 && decision.checkpoint;
+        let saved = self.place.comm.rank() == 0 && decision.checkpoint;
         if saved {
             checkpoint::save(
                 &self.checkpoints.after(state.epochs_done),
@@ -618,7 +628,7 @@ impl<'a> Run<'a> {
             times,
         })?;
         // Every rank has said its epoch is done before rank 0 announces the checkpoint of it.
-        self.place.ring.all_reduce_sum(&mut [0.0])?;
+        self.place.comm.barrier()?;
         if saved {
             self.place.hooks.checkpoint_saved(
                 state.epochs_done,
@@ -632,7 +642,7 @@ impl<'a> Run<'a> {
     /// Rank 0 writes the outputs; then the job's last epoch is reported (the job ends when every
     /// rank has said so: rank 0 does after writing the outputs).
     fn finish(mut self, last_end: Option<LastEpoch>) -> Result<Option<FitReport>, FitError> {
-        let report = if self.place.ring.rank() == 0 {
+        let report = if self.place.comm.rank() == 0 {
             Some(write_outputs(&mut self)?)
         } else {
             None
@@ -654,20 +664,20 @@ impl<'a> Run<'a> {
 /// Every rank saw a stop request in the step's reduction: rank 0 checkpoints the step (state
 /// carries how far into the epoch it got) and announces it, then every rank returns
 /// `FitError::Stopped` together, so a rank that leaves does so after the announcement.
-fn stop_after_step(
-    ring: &mut Ring,
+fn stop_after_step<B: TrainBackend>(
+    comm: &mut dyn Collective<B>,
     hooks: &mut (dyn EpochHooks + Send),
-    trainer: &Trainer<f32, Cpu>,
+    trainer: &Trainer<f32, B>,
     state: &FitState,
     location: &Path,
     here: bool,
 ) -> FitError {
     let mut stopped = || -> Result<(), FitError> {
-        if ring.rank() == 0 {
+        if comm.rank() == 0 {
             checkpoint::save(location, state, trainer)?;
             hooks.checkpoint_saved(state.epochs_done, trainer.step, location)?;
         }
-        ring.all_reduce_sum(&mut [0.0])?;
+        comm.barrier()?;
         Ok(())
     };
     match stopped() {
@@ -683,7 +693,7 @@ fn stop_after_step(
 
 /// Rank 0's results: the embedding (and expression, predictions) of every cell written into the
 /// store, then the run's records in the output folder.
-fn write_outputs(run: &mut Run<'_>) -> Result<FitReport, FitError> {
+fn write_outputs<B: TrainBackend>(run: &mut Run<'_, B>) -> Result<FitReport, FitError> {
     let (holdout, stopped_early) = (run.holdout, run.stopped_early);
     let Run {
         opts,
@@ -928,7 +938,7 @@ pub(crate) fn on_pool<R: Send>(call: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| call())
 }
 
-fn model_shapes(model: &Vae<f32, Cpu>) -> Vec<(String, usize)> {
+fn model_shapes<B: TrainBackend>(model: &Vae<f32, B>) -> Vec<(String, usize)> {
     model
         .modalities
         .iter()

@@ -11,6 +11,8 @@
 
 mod batch;
 pub mod checkpoint;
+pub mod collective;
+pub mod device;
 pub mod encode;
 mod epoch;
 pub mod eval;

@@ -1,18 +1,22 @@
 //! GPU all-reduce through NCCL (cudarc, the library loaded at run time): the GPU counterpart of
-//! `ring.rs`, on its own stream so a trainer can overlap it with compute. Rank 0 makes the
-//! 128-byte unique id and the job's TCP ring carries it to the other ranks
-//! (`Ring::broadcast_from_rank0`), so forming the group needs no extra coordinator round trip.
+//! `ring.rs`. Rank 0 makes the 128-byte unique id and the job's TCP ring carries it to the other
+//! ranks (`Ring::broadcast_from_rank0`), so forming the group needs no extra coordinator round
+//! trip; a new group (generation) makes a new communicator. The collectives run on the GPU's
+//! compute stream, so they are ordered after the backward that wrote the gradients and before
+//! the update that reads them, without events.
 //!
 //! Without libnccl or a device every constructor returns `NcclError::Unavailable`, which tests
-//! and benchmarks report as SKIPPED. GPU training (the CUDA model backend) is issue 3; until
-//! it lands this is exercised by `tessera bench nccl` and the world-size-1 test.
+//! and benchmarks report as SKIPPED.
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
 use cudarc::nccl::{Comm, Id, ReduceOp};
+use tessera_kernels::backend::{Cuda, Out};
 use tessera_kernels::cuda::Gpu;
 
+use crate::collective::Collective;
+use crate::records::FitError;
 use crate::ring::{Ring, RingError};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,8 +36,8 @@ fn call(op: &'static str) -> impl Fn(cudarc::nccl::result::NcclError) -> NcclErr
     }
 }
 
-/// Whether libnccl can be loaded (cudarc looks for `libnccl.so`: symlink it beside the pip
-/// wheel's `libnccl.so.2`).
+/// Whether libnccl can be loaded (cudarc looks for `libnccl.so`; `TESSERA_CUDA_LIBS` names the
+/// pip wheel's folder, see `tessera_kernels::cuda::libraries`).
 #[allow(unsafe_code)]
 pub fn library_present() -> bool {
     // SAFETY: only probes for the shared library.
@@ -61,7 +65,9 @@ impl Nccl {
     pub fn over_ring(gpu: &Gpu, ring: &mut Ring) -> Result<Nccl, NcclError> {
         if !library_present() {
             return Err(NcclError::Unavailable(
-                "libnccl.so not found (set LD_LIBRARY_PATH)".into(),
+                "libnccl.so not found (set TESSERA_CUDA_LIBS to the folder of libnccl.so.2, e.g. \
+                 site-packages/nvidia/nccl/lib)"
+                    .into(),
             ));
         }
         let mut id = [0u8; 128];
@@ -70,11 +76,7 @@ impl Nccl {
             id.copy_from_slice(&made.internal().map(|c| c as u8));
         }
         ring.broadcast_from_rank0(&mut id)?;
-        let stream = gpu
-            .stream()
-            .context()
-            .new_stream()
-            .map_err(|e| NcclError::Unavailable(format!("creating a stream: {e}")))?;
+        let stream = Arc::clone(gpu.stream());
         let comm = Comm::from_rank(
             Arc::clone(&stream),
             ring.rank(),
@@ -90,16 +92,11 @@ impl Nccl {
         &self.stream
     }
 
-    /// Replaces `buf` on every rank by the ranks' mean, in place (queued on `stream`).
-    pub fn all_reduce_mean(&self, buf: &mut CudaSlice<f32>) -> Result<(), NcclError> {
-        self.comm
-            .all_reduce_in_place(buf, &ReduceOp::Avg)
-            .map(|_| ())
-            .map_err(call("all-reduce"))
-    }
-
     /// Replaces `buf` on every rank by the ranks' sum, in place (queued on `stream`).
-    pub fn all_reduce_sum(&self, buf: &mut CudaSlice<f32>) -> Result<(), NcclError> {
+    pub fn all_reduce_sum(
+        &self,
+        buf: &mut impl cudarc::driver::DevicePtrMut<f32>,
+    ) -> Result<(), NcclError> {
         self.comm
             .all_reduce_in_place(buf, &ReduceOp::Sum)
             .map(|_| ())
@@ -112,5 +109,37 @@ impl Nccl {
             op: "synchronize",
             reason: e.to_string(),
         })
+    }
+}
+
+/// The collective of a GPU job: NCCL for the step's device buffer, the TCP ring it was formed
+/// over for host messages (validation sums, barriers, broadcasts).
+#[derive(Debug)]
+pub struct NcclGroup {
+    pub nccl: Nccl,
+    pub ring: Ring,
+}
+
+impl Collective<Cuda> for NcclGroup {
+    fn rank(&self) -> usize {
+        self.ring.rank()
+    }
+
+    fn world(&self) -> usize {
+        self.ring.world()
+    }
+
+    fn reduce_sum(&mut self, _device: &Cuda, buf: Out<'_, CudaSlice<f32>>) -> Result<(), FitError> {
+        Ok(self
+            .nccl
+            .all_reduce_sum(&mut buf.buf.slice_mut(buf.range))?)
+    }
+
+    fn reduce_sum_host(&mut self, buf: &mut [f32]) -> Result<(), FitError> {
+        Ok(self.ring.all_reduce_sum(buf)?)
+    }
+
+    fn broadcast_from_rank0(&mut self, bytes: &mut [u8]) -> Result<(), FitError> {
+        Ok(self.ring.broadcast_from_rank0(bytes)?)
     }
 }

@@ -19,6 +19,8 @@ use tessera_proto::v1::coordinator_client::CoordinatorClient;
 use tokio::runtime::Runtime;
 use tonic::transport::Channel;
 
+use crate::collective::TrainBackend;
+use crate::device::Device;
 use crate::fit::{FitConfig, FitOptions, Progress, train};
 use crate::network::{NetworkJobError, NetworkRequest, network_rank};
 use crate::parallel::{EpochEnd, EpochHooks, Placement};
@@ -36,6 +38,9 @@ pub struct NodeConfig {
     pub cache_bytes: u64,
     /// Bounds connecting to the coordinator at start and every ring read and write.
     pub timeout: Duration,
+    /// Where this worker trains a job that names no device (`JobSpec.device` empty), and which
+    /// GPU it uses for one that asks for "cuda".
+    pub device: Device,
     /// Leave after this many jobs (None: serve until killed).
     pub max_jobs: Option<usize>,
     /// Set when the process is asked to stop (SIGTERM): the job checkpoints after the current
@@ -397,6 +402,7 @@ fn run_assignment(
         resume: false,
         denoised: None,
         cache_bytes: config.cache_bytes,
+        device: job_device(&spec.device, config.device)?,
     };
     let hooks = Reporter {
         runtime: runtime.handle().clone(),
@@ -408,19 +414,63 @@ fn run_assignment(
         stop: Arc::clone(&config.stop),
     };
     let resume_from = (!a.resume_from.is_empty()).then(|| PathBuf::from(&a.resume_from));
-    let mut place = Placement {
-        ring,
+    let placed = Placed {
         parts,
         hooks: Box::new(hooks),
-        checkpoint_per_epoch: true,
         resume_from,
     };
-    train(&opts, &mut place, |p| {
+    let progress = |p: Progress<'_>| {
         if let Some(sink) = &config.progress {
             (sink.0)(&p);
         }
+    };
+    match opts.device {
+        Device::Cpu => train_placed(&opts, tessera_kernels::backend::Cpu, ring, placed, progress),
+        Device::Cuda(_) => train_placed(&opts, opts.device.cuda()?, ring, placed, progress),
+    }
+}
+
+/// What a job's rank is placed with, whatever its device.
+struct Placed {
+    parts: usize,
+    hooks: Box<dyn EpochHooks + Send>,
+    resume_from: Option<PathBuf>,
+}
+
+/// One rank of a training job on `device`: its collective over `ring` (NCCL between GPUs),
+/// then `train`.
+fn train_placed<B: TrainBackend>(
+    opts: &FitOptions,
+    device: B,
+    ring: Ring,
+    placed: Placed,
+    progress: impl FnMut(Progress<'_>),
+) -> Result<(), FitError> {
+    let mut place = Placement {
+        comm: device.collective(ring)?,
+        device,
+        parts: placed.parts,
+        hooks: placed.hooks,
+        checkpoint_per_epoch: true,
+        resume_from: placed.resume_from,
+    };
+    train(opts, &mut place, progress).map(|_| ())
+}
+
+/// The device a job trains on here: the job's choice ("cpu", "cuda", "cuda:N"), a bare "cuda"
+/// taking this worker's GPU; none: this worker's own.
+fn job_device(spec: &str, own: Device) -> Result<Device, FitError> {
+    if spec.trim().is_empty() {
+        return Ok(own);
+    }
+    let asked: Device = spec.parse().map_err(|reason| FitError::Config {
+        file: "JobSpec.device".into(),
+        reason,
+    })?;
+    Ok(match (asked, own) {
+        (Device::Cuda(None), Device::Cuda(Some(n))) => Device::Cuda(Some(n)),
+        (asked, _) => asked,
     })
-    .map(|_| ())
 }
 
 /// A network job (`JobSpec.network_toml`): this rank's rows of SNF; rank 0 also writes the
@@ -619,5 +669,23 @@ impl EpochHooks for Reporter {
             .block_on(client.announce_checkpoint(announcement))
             .map(|_| ())
             .map_err(|s| self.refused(&s, epochs_done, step))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_trains_where_it_asks_a_bare_cuda_taking_this_workers_gpu() {
+        let gpu2 = Device::Cuda(Some(2));
+        assert_eq!(job_device("", gpu2).unwrap(), gpu2);
+        assert_eq!(job_device("", Device::Cpu).unwrap(), Device::Cpu);
+        assert_eq!(job_device("cuda", gpu2).unwrap(), gpu2);
+        assert_eq!(job_device("cuda", Device::Cpu).unwrap(), Device::Cuda(None));
+        assert_eq!(job_device("cpu", gpu2).unwrap(), Device::Cpu);
+        assert_eq!(job_device("cuda:0", gpu2).unwrap(), Device::Cuda(Some(0)));
+        let e = job_device("tpu", Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("JobSpec.device") && e.contains("tpu"), "{e}");
     }
 }

@@ -14,16 +14,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use tessera_data::{Dataset, Epoch, MiniBatch};
-use tessera_kernels::backend::Cpu;
+use tessera_kernels::backend::{In, Out, Storage};
 use tessera_models::{LossTerms, Trainer};
 
+use crate::collective::{Collective, TrainBackend};
 use crate::records::{EpochRecord, FitError, StepTimes};
 use crate::ring::Ring;
 
-/// Where this process trains: the ring between the job's workers (its rank and world size),
-/// the job's parts and what to tell the coordinator.
-pub struct Placement {
-    pub ring: Ring,
+/// Where this process trains: its device, the collective between the job's workers (its rank
+/// and world size), the job's parts and what to tell the coordinator.
+pub struct Placement<B: TrainBackend> {
+    pub device: B,
+    pub comm: Box<dyn Collective<B>>,
     /// The job's parts (`TrainConfig::parts` resolved); every worker of a job has the same.
     pub parts: usize,
     pub hooks: Box<dyn EpochHooks + Send>,
@@ -33,22 +35,24 @@ pub struct Placement {
     pub resume_from: Option<std::path::PathBuf>,
 }
 
-impl std::fmt::Debug for Placement {
+impl<B: TrainBackend> std::fmt::Debug for Placement<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Placement")
-            .field("rank", &self.ring.rank())
-            .field("world", &self.ring.world())
+            .field("device", &self.device.name())
+            .field("rank", &self.comm.rank())
+            .field("world", &self.comm.world())
             .field("parts", &self.parts)
             .finish()
     }
 }
 
-impl Placement {
-    /// One process training alone, one part per step, stopping after the step in which `stop`
-    /// is set (`FitError::Stopped`, the step checkpointed for `--resume`).
-    pub fn alone_until(stop: Arc<AtomicBool>) -> Placement {
+impl<B: TrainBackend> Placement<B> {
+    /// One process training alone on `device`, one part per step, stopping after the step in
+    /// which `stop` is set (`FitError::Stopped`, the step checkpointed for `--resume`).
+    pub fn alone_until(device: B, stop: Arc<AtomicBool>) -> Placement<B> {
         Placement {
-            ring: Ring::single(),
+            device,
+            comm: Box::new(Ring::single()),
             parts: 1,
             hooks: Box::new(StopOn(stop)),
             checkpoint_per_epoch: false,
@@ -58,7 +62,7 @@ impl Placement {
 
     /// The parts this rank trains.
     pub fn my_parts(&self) -> impl Iterator<Item = usize> + '_ {
-        (self.ring.rank()..self.parts).step_by(self.ring.world())
+        (self.comm.rank()..self.parts).step_by(self.comm.world())
     }
 }
 
@@ -266,13 +270,16 @@ impl Sums {
     }
 
     /// The sums over every rank (as f32 on the ring: loss sums of up to ~10^7 keep 6 digits).
-    pub fn all_reduce(self, ring: &mut Ring) -> Result<Sums, FitError> {
-        if ring.world() == 1 {
+    pub fn all_reduce<B: TrainBackend>(
+        self,
+        comm: &mut dyn Collective<B>,
+    ) -> Result<Sums, FitError> {
+        if comm.world() == 1 {
             return Ok(self);
         }
         let mut buf = [0f32; Sums::LEN];
         self.write(&mut buf);
-        ring.all_reduce_sum(&mut buf)?;
+        comm.reduce_sum_host(&mut buf)?;
         Ok(Sums::read(&buf))
     }
 }
@@ -285,13 +292,14 @@ pub(crate) struct Stepped {
     pub stop: bool,
 }
 
-/// The per-step reduction: one flat buffer [gradients × cells | BatchNorm statistics |
-/// parts, more, stop, loss sums].
-pub(crate) struct StepReducer {
-    buf: Vec<f32>,
+/// The per-step reduction: one flat device buffer [gradients × cells | BatchNorm statistics |
+/// parts, more, stop, loss sums], one collective call, and one download of its small tail
+/// (with the statistics) per step.
+pub(crate) struct StepReducer<B: TrainBackend> {
+    buf: B::Buf,
     n_params: usize,
     n_state: usize,
-    start_state: Vec<f32>,
+    start_state: B::Buf,
 }
 
 const PARTS: usize = 0;
@@ -300,15 +308,17 @@ const STOP: usize = 2;
 const SUMS: usize = 3;
 const TAIL: usize = SUMS + Sums::LEN;
 
-impl StepReducer {
-    pub fn new(trainer: &Trainer<f32, Cpu>) -> StepReducer {
-        let (n_params, n_state) = (trainer.model.grads.len(), trainer.model.state.len());
-        StepReducer {
-            buf: vec![0.0; n_params + n_state + TAIL],
+impl<B: TrainBackend> StepReducer<B> {
+    pub fn new(trainer: &Trainer<f32, B>) -> Result<StepReducer<B>, FitError> {
+        let model = &trainer.model;
+        let (n_params, n_state) = (model.grads().len(), model.state().len());
+        let device = model.backend();
+        Ok(StepReducer {
+            buf: device.zeros(n_params + n_state + TAIL)?,
             n_params,
             n_state,
-            start_state: vec![0.0; n_state],
-        }
+            start_state: device.zeros(n_state)?,
+        })
     }
 
     /// Gradients of this rank's parts of the step, summed with every other rank's, applied.
@@ -317,17 +327,17 @@ impl StepReducer {
     #[allow(clippy::too_many_arguments)] // one step's inputs; bundling them would only rename them
     pub fn step(
         &mut self,
-        trainer: &mut Trainer<f32, Cpu>,
-        ring: &mut Ring,
+        trainer: &mut Trainer<f32, B>,
+        comm: &mut dyn Collective<B>,
         parts: &[usize],
         (more, stop): (bool, bool),
         kl_weight: f64,
         times: &mut StepTimes,
-        mut gradients: impl FnMut(&mut Trainer<f32, Cpu>, usize) -> Result<LossTerms, FitError>,
+        mut gradients: impl FnMut(&mut Trainer<f32, B>, usize) -> Result<LossTerms, FitError>,
     ) -> Result<Stepped, FitError> {
         let started = Instant::now();
         // Alone with one part: the model's own buffers, no copies.
-        if ring.world() == 1 && parts.len() <= 1 {
+        if comm.world() == 1 && parts.len() <= 1 {
             let Some(&part) = parts.first() else {
                 return Ok(Stepped {
                     terms: None,
@@ -344,52 +354,40 @@ impl StepReducer {
                 stop,
             });
         }
+        let sums = self.accumulate(trainer, parts, &mut gradients)?;
         let (p, s) = (self.n_params, self.n_state);
-        self.buf.fill(0.0);
-        self.start_state.copy_from_slice(&trainer.model.state);
-        let mut sums = Sums::default();
-        for &part in parts {
-            // Each part's BatchNorm update starts from the step's statistics; the parts'
-            // results are averaged, so the update does not depend on which rank ran which part.
-            trainer.model.state.copy_from_slice(&self.start_state);
-            let terms = gradients(trainer, part)?;
-            let w = terms.cells as f32;
-            for (acc, g) in self.buf[..p].iter_mut().zip(&trainer.model.grads) {
-                *acc += g * w;
-            }
-            for (acc, v) in self.buf[p..p + s].iter_mut().zip(&trainer.model.state) {
-                *acc += v;
-            }
-            sums.add(&terms);
-        }
-        let tail = &mut self.buf[p + s..];
+        let device = trainer.model.backend().clone();
+        let mut tail = [0f32; TAIL];
         tail[PARTS] = parts.len() as f32;
         tail[MORE] = f32::from(u8::from(more));
         tail[STOP] = f32::from(u8::from(stop));
         sums.write(&mut tail[SUMS..]);
+        device.write(&tail, Out::part(&mut self.buf, p + s..p + s + TAIL))?;
         let reducing = Instant::now();
         times.compute += (reducing - started).as_secs_f64();
-        ring.all_reduce_sum(&mut self.buf)?;
+        comm.reduce_sum(&device, Out::all(&mut self.buf))?;
+        // The statistics and the tail in one read back: the step's only wait for the device.
+        let mut host = device.download(In::part(&self.buf, p..p + s + TAIL))?;
         let applying = Instant::now();
         times.allreduce += (applying - reducing).as_secs_f64();
-        let tail = &self.buf[p + s..];
+        let (state, tail) = host.split_at_mut(s);
         let (total_parts, more, stop) = (tail[PARTS], tail[MORE] > 0.0, tail[STOP] > 0.0);
         let sums = Sums::read(&tail[SUMS..]);
+        let model = &mut trainer.model;
         if sums.cells == 0 {
-            trainer.model.state.copy_from_slice(&self.start_state);
+            device.copy(In::all(&self.start_state), Out::all(model.state_mut()))?;
             return Ok(Stepped {
                 terms: None,
                 more,
                 stop,
             });
         }
-        let inv_cells = 1.0 / sums.cells as f32;
-        for (g, acc) in trainer.model.grads.iter_mut().zip(&self.buf[..p]) {
-            *g = acc * inv_cells;
-        }
-        for (v, acc) in trainer.model.state.iter_mut().zip(&self.buf[p..p + s]) {
-            *v = acc / total_parts;
-        }
+        device.copy(In::part(&self.buf, 0..p), Out::all(model.grads_mut()))?;
+        device.scale(Out::all(model.grads_mut()), 1.0 / sums.cells as f32)?;
+        // A division, not a product with the reciprocal: the parts' mean in the bits the CPU
+        // ring path has always produced.
+        state.iter_mut().for_each(|v| *v /= total_parts);
+        device.write(state, Out::all(model.state_mut()))?;
         trainer.apply()?;
         times.compute += applying.elapsed().as_secs_f64();
         Ok(Stepped {
@@ -397,5 +395,125 @@ impl StepReducer {
             more,
             stop,
         })
+    }
+
+    /// This rank's parts, one after another, each from the step's BatchNorm statistics:
+    /// Σ cells × gradient and Σ statistics into the buffer; returns the parts' loss sums.
+    fn accumulate(
+        &mut self,
+        trainer: &mut Trainer<f32, B>,
+        parts: &[usize],
+        gradients: &mut impl FnMut(&mut Trainer<f32, B>, usize) -> Result<LossTerms, FitError>,
+    ) -> Result<Sums, FitError> {
+        let (p, s) = (self.n_params, self.n_state);
+        let device = trainer.model.backend().clone();
+        device.zero(Out::part(&mut self.buf, 0..p + s))?;
+        device.copy(
+            In::all(trainer.model.state()),
+            Out::all(&mut self.start_state),
+        )?;
+        let mut sums = Sums::default();
+        for &part in parts {
+            // Each part's BatchNorm update starts from the step's statistics; the parts'
+            // results are averaged, so the update does not depend on which rank ran which part.
+            device.copy(
+                In::all(&self.start_state),
+                Out::all(trainer.model.state_mut()),
+            )?;
+            let terms = gradients(trainer, part)?;
+            let model = &trainer.model;
+            device.axpy(
+                terms.cells as f32,
+                In::all(model.grads()),
+                Out::part(&mut self.buf, 0..p),
+            )?;
+            device.axpy(
+                1.0,
+                In::all(model.state()),
+                Out::part(&mut self.buf, p..p + s),
+            )?;
+            sums.add(&terms);
+        }
+        Ok(sums)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tessera_kernels::backend::Cpu;
+    use tessera_models::{Categories, TrainConfig, Vae, VaeConfig};
+
+    use super::*;
+
+    fn trainer() -> Trainer<f32, Cpu> {
+        let model = Vae::new(
+            Cpu,
+            VaeConfig::default(),
+            &[("rna", 12)],
+            Categories::default(),
+            3,
+        )
+        .unwrap();
+        Trainer::new(model, TrainConfig::default()).unwrap()
+    }
+
+    /// Part k's synthetic gradient and BatchNorm statistics (what a backward would leave).
+    fn part_values(k: usize, n: usize, salt: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7 + k * 13) % 11) as f32 / (3.0 + salt) - 1.3)
+            .collect()
+    }
+
+    /// The reduction through the device ops is, bit for bit, the host arithmetic the CPU ring
+    /// path always did: grad = Σ cells_k · g_k / Σ cells_k, state = Σ s_k / parts (a division).
+    #[test]
+    fn a_step_over_three_parts_applies_the_cell_weighted_mean_in_the_host_bits() {
+        let parts = [0usize, 1, 2];
+        let cells = |k: usize| 5 + 3 * k;
+        let (mut reduced, mut reference) = (trainer(), trainer());
+        let (p, s) = (reduced.model.grads().len(), reduced.model.state().len());
+        let mut reducer = StepReducer::new(&reduced).unwrap();
+        let stepped = reducer
+            .step(
+                &mut reduced,
+                &mut Ring::single(),
+                &parts,
+                (true, false),
+                1.0,
+                &mut StepTimes::default(),
+                |t, k| {
+                    t.model.grads_mut().copy_from_slice(&part_values(k, p, 0.0));
+                    t.model.state_mut().copy_from_slice(&part_values(k, s, 1.0));
+                    Ok(LossTerms {
+                        reconstruction: k as f64,
+                        cells: cells(k),
+                        ..LossTerms::default()
+                    })
+                },
+            )
+            .unwrap();
+        assert!(stepped.more && !stepped.stop);
+        let terms = stepped.terms.unwrap();
+        assert_eq!(terms.cells, 5 + 8 + 11);
+        assert!((terms.reconstruction - (8.0 + 22.0) / 24.0).abs() < 1e-6);
+
+        let (mut grad, mut state) = (vec![0f32; p], vec![0f32; s]);
+        for &k in &parts {
+            let w = cells(k) as f32;
+            for (acc, g) in grad.iter_mut().zip(part_values(k, p, 0.0)) {
+                *acc += g * w;
+            }
+            for (acc, v) in state.iter_mut().zip(part_values(k, s, 1.0)) {
+                *acc += v;
+            }
+        }
+        let inv = 1.0 / 24f32;
+        grad.iter_mut().for_each(|g| *g *= inv);
+        state.iter_mut().for_each(|v| *v /= 3.0);
+        reference.model.grads_mut().copy_from_slice(&grad);
+        reference.model.state_mut().copy_from_slice(&state);
+        reference.apply().unwrap();
+        assert_eq!(reduced.model.state(), reference.model.state());
+        assert_eq!(reduced.model.values(), reference.model.values());
     }
 }

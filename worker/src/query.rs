@@ -18,7 +18,10 @@ use serde::{Deserialize, Serialize};
 use tessera_data::{
     AnnData, Column, Csr, Dataset, Loader, LoaderConfig, MiniBatch, ModalityBatch, Store,
 };
-use tessera_kernels::backend::{Backend, Cpu, In};
+use tessera_kernels::backend::{Cpu, In};
+
+use crate::collective::TrainBackend;
+use crate::device::Device;
 /// Which layers a query job fine-tunes besides the new batches' (part of [`QueryRequest`]).
 pub use tessera_models::surgery::Unfreeze;
 use tessera_models::surgery::{
@@ -75,6 +78,9 @@ pub struct QueryRequest {
     /// the results from [`QueryOutput`]).
     pub write: Option<Outputs>,
     pub seed: u64,
+    /// Where the query model is fine-tuned and encodes.
+    #[serde(default)]
+    pub device: Device,
 }
 
 /// The elements `map_query` writes into the query store.
@@ -218,7 +224,7 @@ fn model_error(path: impl std::fmt::Display, reason: impl std::fmt::Display) -> 
 }
 
 /// A model after surgery and the parameter ranges surgery added.
-type Surgered = (Vae<f32, Cpu>, Vec<std::ops::Range<usize>>);
+type Surgered<B> = (Vae<f32, B>, Vec<std::ops::Range<usize>>);
 
 /// The files of a trained model's folder.
 pub const MODEL_FILES: [&str; 3] = ["config.json", "model.safetensors", REFERENCE_FILE];
@@ -353,7 +359,12 @@ impl ReferenceModel {
 
     /// The model with `ext`'s batches added (no batch added: the reference model itself),
     /// heads that need the query's labels off, and the parameters surgery added.
-    fn build(&self, ext: BatchExtension, seed: u64) -> Result<Surgered, QueryError> {
+    fn build<B: TrainBackend>(
+        &self,
+        device: B,
+        ext: BatchExtension,
+        seed: u64,
+    ) -> Result<Surgered<B>, QueryError> {
         let record = &self.record;
         // The label classifier stays (frozen; the query has no labels, so it adds no loss) to
         // predict the query's labels; heads that read the query's batches or targets go.
@@ -381,8 +392,8 @@ impl ReferenceModel {
         } else {
             0
         };
-        let mut model = Vae::<f32, Cpu>::new(
-            Cpu,
+        let mut model = Vae::<f32, B>::new(
+            device.clone(),
             config,
             &shapes,
             Categories {
@@ -394,10 +405,11 @@ impl ReferenceModel {
         )?;
         let surgery =
             |e: SurgeryError| model_error(format!("{}/model.safetensors", self.source), e);
-        let mut values = Cpu.download(In::all(&model.values))?;
+        // Surgery works on host copies; the model's buffers are replaced once.
+        let mut values = device.download(In::all(model.values()))?;
         let added =
             transfer(&model.layout, &mut values, |name| self.tensor(name), ext).map_err(surgery)?;
-        let mut state = Cpu.download(In::all(&model.state))?;
+        let mut state = device.download(In::all(model.state()))?;
         transfer(
             &model.state_layout,
             &mut state,
@@ -405,8 +417,8 @@ impl ReferenceModel {
             ext,
         )
         .map_err(surgery)?;
-        model.values = Cpu.upload(&values)?;
-        model.state = Cpu.upload(&state)?;
+        *model.values_mut() = device.upload_vec(values)?;
+        *model.state_mut() = device.upload_vec(state)?;
         Ok((model, added))
     }
 
@@ -416,10 +428,11 @@ impl ReferenceModel {
         self.record.model.classifier_weight > 0.0 && self.reference.label_categories.len() >= 2
     }
 
-    /// The reference model as trained, for [`ReferenceModel::encode`].
-    pub fn encoder(&self) -> Result<Vae<f32, Cpu>, QueryError> {
+    /// The reference model as trained on `device`, for [`ReferenceModel::encode`].
+    pub fn encoder<B: TrainBackend>(&self, device: B) -> Result<Vae<f32, B>, QueryError> {
         Ok(self
             .build(
+                device,
                 BatchExtension {
                     reference_batches: self.record.batch_categories.len(),
                     added: 0,
@@ -431,7 +444,11 @@ impl ReferenceModel {
 
     /// Latent means (cells x `n_latent`) of cells whose batches the reference knows, with
     /// `model` from [`ReferenceModel::encoder`]. Features are aligned by name as in `map_query`.
-    pub fn encode(&self, model: &mut Vae<f32, Cpu>, cells: &Cells) -> Result<Vec<f32>, QueryError> {
+    pub fn encode<B: TrainBackend>(
+        &self,
+        model: &mut Vae<f32, B>,
+        cells: &Cells,
+    ) -> Result<Vec<f32>, QueryError> {
         let request = "encode request";
         let rows = cells.modalities.first().map_or(0, |m| m.counts.n_rows);
         let refs = &self.record.batch_categories;
@@ -671,6 +688,19 @@ fn input(store: &str, reason: impl Into<String>) -> QueryError {
 pub fn map_query(
     model: &ReferenceModel,
     req: &QueryRequest,
+    progress: impl FnMut(QueryStage) -> ControlFlow<()>,
+) -> Result<QueryOutput, QueryError> {
+    match req.device {
+        Device::Cpu => map_on(Cpu, model, req, progress),
+        Device::Cuda(_) => map_on(req.device.cuda()?, model, req, progress),
+    }
+}
+
+/// [`map_query`] on `device`.
+fn map_on<B: TrainBackend>(
+    device: B,
+    model: &ReferenceModel,
+    req: &QueryRequest,
     mut progress: impl FnMut(QueryStage) -> ControlFlow<()>,
 ) -> Result<QueryOutput, QueryError> {
     let mut stage = |s: QueryStage| match progress(s) {
@@ -688,7 +718,7 @@ pub fn map_query(
     let (loader, aligned) = align(reference, req, &dataset)?;
 
     stage(QueryStage::Surgery)?;
-    let (mut trainer, trained_parameters) = surgery(reference, req, aligned.new.len())?;
+    let (mut trainer, trained_parameters) = surgery(device, reference, req, aligned.new.len())?;
     let started = Instant::now();
     let final_loss = if trained_parameters > 0 {
         fine_tune(&mut trainer, &loader, &aligned.alignment, req, &mut stage)?
@@ -921,15 +951,17 @@ fn align(
 /// The trainer of the query model: the reference with `new_batches` more batches, everything
 /// frozen but the new batches' rows (and the layers `req.unfreeze` opens); the parameters
 /// fine-tuning changes.
-fn surgery(
+fn surgery<B: TrainBackend>(
+    device: B,
     reference: &ReferenceModel,
     req: &QueryRequest,
     new_batches: usize,
-) -> Result<(Trainer<f32, Cpu>, usize), QueryError> {
+) -> Result<(Trainer<f32, B>, usize), QueryError> {
     let record = &reference.record;
     // Surgery: the reference model with the new batches' rows; heads that need labels or
     // batches of the query are off during fine-tuning.
     let (model, mut added) = reference.build(
+        device,
         BatchExtension {
             reference_batches: reference.record.batch_categories.len(),
             added: new_batches,
@@ -967,16 +999,17 @@ fn surgery(
 /// Fine-tunes the query model for `req.epochs`: the training loop `fit` runs, alone over one
 /// part (the query's whole batches; a last cell left over joins the batch before it), the
 /// frozen ranges the only difference. The last epoch's mean loss.
-fn fine_tune(
-    trainer: &mut Trainer<f32, Cpu>,
+fn fine_tune<B: TrainBackend>(
+    trainer: &mut Trainer<f32, B>,
     loader: &Loader,
     alignment: &Alignment,
     req: &QueryRequest,
     stage: &mut impl FnMut(QueryStage) -> Result<(), QueryError>,
 ) -> Result<Option<f64>, QueryError> {
     let n_cells = loader.n_cells() as usize;
-    let mut place = Placement::alone_until(Arc::default());
-    let mut reducer = StepReducer::new(trainer);
+    let device = trainer.model.backend().clone();
+    let mut place = Placement::alone_until(device, Arc::default());
+    let mut reducer = StepReducer::new(trainer)?;
     let mut stepper = Stepper {
         trainer,
         place: &mut place,
@@ -1005,9 +1038,9 @@ fn fine_tune(
 
 /// Every query cell's latent mean (cells x n_latent, in store order) and, when the reference
 /// has a label classifier, its predicted label code per cell.
-fn embed(
+fn embed<B: TrainBackend>(
     reference: &ReferenceModel,
-    trainer: &mut Trainer<f32, Cpu>,
+    trainer: &mut Trainer<f32, B>,
     loader: &Loader,
     alignment: &Alignment,
 ) -> Result<(Vec<f32>, Vec<i32>), QueryError> {

@@ -13,6 +13,9 @@ pub enum FitError {
     Train(#[from] TrainError),
     #[error("configuration {file}: {reason}")]
     Config { file: String, reason: String },
+    /// The device asked for cannot be used: what was looked for and not found.
+    #[error("device {device}: {reason}")]
+    Device { device: String, reason: String },
     #[error("{store}: {reason}")]
     Input { store: String, reason: String },
     #[error("writing {path}: {reason}")]
@@ -21,6 +24,9 @@ pub enum FitError {
     Checkpoint { path: String, reason: String },
     #[error(transparent)]
     Ring(#[from] crate::ring::RingError),
+    /// The GPUs' collective failed (a lost peer, a missing library).
+    #[error(transparent)]
+    Nccl(#[from] crate::nccl::NcclError),
     /// The coordinator re-formed the group or ended the job: not a failure of training.
     #[error("interrupted in epoch {epoch} after step {step}: the job's group changed")]
     Interrupted { epoch: usize, step: u64 },

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tessera_data::SimConfig;
+use tessera_kernels::backend::Cpu;
 use tessera_worker::parallel::{EpochEnd, EpochHooks, Placement};
 use tessera_worker::ring::Ring;
 use tessera_worker::{FitConfig, FitError, FitOptions, FitReport, train};
@@ -45,6 +46,7 @@ fn options(data: &str, out: &Path) -> FitOptions {
         resume: false,
         denoised: None,
         cache_bytes: 64 << 20,
+        device: Default::default(),
     }
 }
 
@@ -96,7 +98,8 @@ fn train_group(dir: &Path, world: usize, parts: usize) -> (FitReport, Vec<(usize
                             .unwrap()
                     };
                     let mut place = Placement {
-                        ring,
+                        device: Cpu,
+                        comm: Box::new(ring),
                         parts,
                         hooks: Box::new(Recorder { rank, ledger }),
                         checkpoint_per_epoch: false,
@@ -183,7 +186,8 @@ fn parts_that_do_not_fit_the_batch_or_the_cells_are_refused() {
             opts.config.train.batch_size = 64;
         }
         let mut place = Placement {
-            ring: Ring::single(),
+            device: Cpu,
+            comm: Box::new(Ring::single()),
             parts,
             hooks: Box::new(tessera_worker::parallel::Alone),
             checkpoint_per_epoch: false,

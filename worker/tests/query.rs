@@ -48,6 +48,7 @@ fn request(data: &str) -> QueryRequest {
         neighbours: 30,
         write,
         seed: 0,
+        device: Default::default(),
     }
 }
 
@@ -393,7 +394,7 @@ fn encode_reproduces_the_reference_latent_and_refuses_what_it_cannot_encode() {
         ),
         (2, 5, 10, 1200)
     );
-    let mut encoder = model.encoder().unwrap();
+    let mut encoder = model.encoder(tessera_kernels::backend::Cpu).unwrap();
     for names in [false, true] {
         let z = model
             .encode(&mut encoder, &reference_cells(&data, names))

@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use tessera_data::SimConfig;
+use tessera_kernels::backend::Cpu;
 use tessera_worker::checkpoint;
 use tessera_worker::parallel::{Alone, EpochHooks, Placement};
 use tessera_worker::ring::Ring;
@@ -48,6 +49,7 @@ fn options(data: &str, out: &Path, epochs: usize, resume: bool) -> FitOptions {
         resume,
         denoised: None,
         cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
+        device: Default::default(),
     }
 }
 
@@ -123,9 +125,10 @@ impl EpochHooks for StopAt {
 fn two_parts(
     hooks: Box<dyn EpochHooks + Send>,
     resume_from: Option<std::path::PathBuf>,
-) -> Placement {
+) -> Placement<Cpu> {
     Placement {
-        ring: Ring::single(),
+        device: Cpu,
+        comm: Box::new(Ring::single()),
         parts: 2,
         hooks,
         checkpoint_per_epoch: false,

@@ -121,6 +121,20 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(r(&x).to_vec())
     }
 
+    fn zero(&self, y: Out<'_, Vec<T>>) -> Result<()> {
+        w(y).fill(T::of(0.0));
+        Ok(())
+    }
+
+    fn write(&self, host: &[T], y: Out<'_, Vec<T>>) -> Result<()> {
+        w(y).copy_from_slice(host);
+        Ok(())
+    }
+
+    fn host_mut<'a>(&self, buf: &'a mut Vec<T>) -> Option<&'a mut [T]> {
+        Some(buf)
+    }
+
     fn copy(&self, x: In<'_, Vec<T>>, y: Out<'_, Vec<T>>) -> Result<()> {
         w(y).copy_from_slice(r(&x));
         Ok(())

@@ -83,6 +83,23 @@ impl Backend<f32> for Cuda {
         Ok(self.gpu.download(&v(&x))?)
     }
 
+    fn zero(&self, y: Out<'_, CudaSlice<f32>>) -> Result<()> {
+        Ok(self
+            .gpu
+            .stream()
+            .memset_zeros(&mut vm(y))
+            .map_err(driver("zero"))?)
+    }
+
+    fn write(&self, host: &[f32], y: Out<'_, CudaSlice<f32>>) -> Result<()> {
+        assert_eq!(host.len(), y.range.len(), "write: lengths");
+        Ok(self
+            .gpu
+            .stream()
+            .memcpy_htod(host, &mut vm(y))
+            .map_err(driver("write"))?)
+    }
+
     fn copy(&self, x: In<'_, CudaSlice<f32>>, y: Out<'_, CudaSlice<f32>>) -> Result<()> {
         assert_eq!(x.len(), y.range.len(), "copy: lengths");
         Ok(self

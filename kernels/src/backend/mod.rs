@@ -153,6 +153,15 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
         self.upload(&host)
     }
     fn download(&self, x: In<'_, Self::Buf>) -> Result<Vec<T>>;
+    /// Zeros into a view.
+    fn zero(&self, y: Out<'_, Self::Buf>) -> Result<()>;
+    /// Host values into an existing view (a step's small control values, a staged reduction).
+    fn write(&self, host: &[T], y: Out<'_, Self::Buf>) -> Result<()>;
+    /// The buffer as host memory, where it is host memory (the CPU): the TCP all-reduce then
+    /// works in place instead of staging through a download and an upload.
+    fn host_mut<'a>(&self, _buf: &'a mut Self::Buf) -> Option<&'a mut [T]> {
+        None
+    }
     fn copy(&self, x: In<'_, Self::Buf>, y: Out<'_, Self::Buf>) -> Result<()>;
     /// y += alpha x (gradients of a tensor read by several consumers).
     fn axpy(&self, alpha: T, x: In<'_, Self::Buf>, y: Out<'_, Self::Buf>) -> Result<()>;

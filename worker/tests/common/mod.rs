@@ -47,5 +47,6 @@ pub fn options(data: &str, out: &Path, epochs: usize) -> FitOptions {
         resume: false,
         denoised: None,
         cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
+        device: Default::default(),
     }
 }
