@@ -39,6 +39,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The compute devices this process can use: the CUDA libraries found (see
+    /// TESSERA_CUDA_LIBS) and each GPU with its memory.
+    Devices,
     /// Summarise an AnnData/MuData Zarr store: cells, modalities, matrices, chunks, obs columns.
     Inspect {
         /// Store path or URL (file://, s3://, gs://, az://, memory://).
@@ -239,6 +242,23 @@ fn keep_freed_memory() {
     }
 }
 
+/// `tessera devices`: what `--device` can name here.
+fn devices() {
+    use tessera_kernels::cuda::Gpu;
+    println!("cpu: {} threads", rayon::current_num_threads());
+    println!("CUDA libraries: {}", tessera_kernels::cuda_libs::found());
+    let n = Gpu::count();
+    if n == 0 {
+        println!("no GPU (--device cuda needs the NVIDIA driver and a device)");
+    }
+    for ordinal in 0..n {
+        match Gpu::new(ordinal).and_then(|g| g.describe()) {
+            Ok(d) => println!("cuda:{ordinal}: {d}"),
+            Err(e) => println!("cuda:{ordinal}: unusable: {e}"),
+        }
+    }
+}
+
 /// `TESSERA_CUDA_LIBS` set: restarts this process once with the CUDA libraries it names on the
 /// loader's path, under the names cudarc loads (`tessera_kernels::cuda_libs`). Returns only when
 /// there is nothing to do or the restart failed (then GPU work reports the missing library).
@@ -302,6 +322,10 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { store, json } => inspect::run(&store, json),
+        Command::Devices => {
+            devices();
+            Ok(())
+        }
         Command::Simulate(args) => simulate(&args),
         Command::Demo { store } => {
             if !PathBuf::from(&store).exists() {

@@ -126,6 +126,32 @@ impl Gpu {
         self.ctx.ordinal()
     }
 
+    /// Name, compute capability and memory (free of total), for logs and `tessera devices`.
+    pub fn describe(&self) -> Result<String> {
+        let name = self.ctx.name().map_err(driver("the device name"))?;
+        let (major, minor) = self
+            .ctx
+            .compute_capability()
+            .map_err(driver("the compute capability"))?;
+        let (free, total) = self.ctx.mem_get_info().map_err(driver("the memory"))?;
+        let gib = |b: usize| b as f64 / f64::from(1u32 << 30);
+        Ok(format!(
+            "{name}, compute {major}.{minor}, {:.1} GiB free of {:.1} GiB",
+            gib(free),
+            gib(total)
+        ))
+    }
+
+    /// GPUs the driver reports (0 without a driver).
+    #[allow(unsafe_code)]
+    pub fn count() -> usize {
+        // SAFETY: only probes for the shared library. CudaContext::device_count panics without it.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return 0;
+        }
+        CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+    }
+
     /// Makes this GPU's context current on the calling thread: cudarc does it before its own
     /// calls, cuBLAS calls need it done for them (a model may run on any thread).
     pub fn bind(&self) -> Result<()> {

@@ -1,0 +1,74 @@
+//! `--device` and `TESSERA_CUDA_LIBS` as a user meets them on a machine without a GPU (CI): the
+//! libraries named by the variable are found under the names cudarc loads, a GPU asked for
+//! where there is none is an error naming what was looked for, a bad device name is refused.
+//! On a GPU host the GPU paths run in `bench/gpu/check.sh`.
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{failed, ok, tessera};
+
+/// The folder of NVIDIA's NVRTC wheel that CI installs (found on LD_LIBRARY_PATH, as `.ci/run`
+/// sets it).
+fn nvrtc_folder() -> Option<PathBuf> {
+    std::env::var("LD_LIBRARY_PATH")
+        .ok()?
+        .split(':')
+        .map(PathBuf::from)
+        .find(|d| d.join("libnvrtc.so.12").is_file() || d.join("libnvrtc.so.13").is_file())
+}
+
+fn devices(env: &[(&str, &str)]) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
+    cmd.arg("devices").env_remove("LD_LIBRARY_PATH");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    ok(&cmd.output().unwrap())
+}
+
+#[test]
+fn cuda_libraries_named_by_the_variable_are_found() {
+    let Some(folder) = nvrtc_folder() else {
+        assert!(
+            std::env::var_os("TESSERA_REQUIRE_NVRTC").is_none(),
+            "TESSERA_REQUIRE_NVRTC is set but no libnvrtc folder is on LD_LIBRARY_PATH"
+        );
+        return eprintln!("SKIPPED: no NVRTC wheel on LD_LIBRARY_PATH (bash .ci/setup installs it)");
+    };
+    let folder = folder.display().to_string();
+    // With `pip install nvidia-cuda-nvrtc-cu12` a `libnvrtc.so` link may also exist; the
+    // point is the folder is searched because the variable names it.
+    let without = devices(&[]);
+    assert!(without.contains("libnvrtc not found"), "{without}");
+    let with = devices(&[("TESSERA_CUDA_LIBS", &folder)]);
+    assert!(with.contains("libnvrtc found"), "{with}");
+    assert!(with.contains("tessera-cuda-libs-"), "the link folder leads the path: {with}");
+}
+
+#[test]
+fn a_gpu_where_there_is_none_is_an_error_naming_what_was_looked_for() {
+    let listing = devices(&[]);
+    if !listing.contains("no GPU") {
+        return eprintln!("SKIPPED: this machine has a GPU:\n{listing}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out").display().to_string();
+    let data = dir.path().join("data.zarr");
+    common::copy_dir(&common::fixture("ad013_v3.zarr"), &data);
+    let err = failed(&tessera(&[
+        "train",
+        "--data",
+        &data.display().to_string(),
+        "--out",
+        &out,
+        "--device",
+        "cuda:0",
+    ]));
+    assert!(err.contains("device cuda:0") && err.contains("libcuda"), "{err}");
+    let err = failed(&tessera(&["map", "--model", &out, "--data", "x.zarr", "--device", "tpu"]));
+    assert!(err.contains("expected cpu, cuda or cuda:N"), "{err}");
+}
