@@ -41,7 +41,12 @@ struct Cli {
 enum Command {
     /// The compute devices this process can use: the CUDA libraries found (see
     /// TESSERA_CUDA_LIBS) and each GPU with its memory.
-    Devices,
+    Devices {
+        /// Print only the loader path the CUDA libraries are found on (TESSERA_CUDA_LIBS's link
+        /// folder first), for programs that load them without tessera's restart.
+        #[arg(long)]
+        library_path: bool,
+    },
     /// Summarise an AnnData/MuData Zarr store: cells, modalities, matrices, chunks, obs columns.
     Inspect {
         /// Store path or URL (file://, s3://, gs://, az://, memory://).
@@ -322,8 +327,12 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { store, json } => inspect::run(&store, json),
-        Command::Devices => {
-            devices();
+        Command::Devices { library_path } => {
+            if library_path {
+                println!("{}", std::env::var("LD_LIBRARY_PATH").unwrap_or_default());
+            } else {
+                devices();
+            }
             Ok(())
         }
         Command::Simulate(args) => simulate(&args),

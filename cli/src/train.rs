@@ -78,6 +78,10 @@ pub struct TrainArgs {
     /// TESSERA_CUDA_LIBS to the folders holding them where the loader does not find them.
     #[arg(long, default_value = "cpu")]
     device: tessera_worker::device::Device,
+    /// Write the first N training steps' loss terms to <out>/steps.csv (one process: to compare
+    /// devices step by step, as bench/gpu/check.sh does).
+    #[arg(long, default_value_t = 0)]
+    step_log: usize,
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -133,7 +137,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             .with_context(|| format!("training on {data} with {n} workers"))?,
         (None, Some(l)) => crate::distributed::train_as_rank0(&opts, l, &metrics)
             .with_context(|| format!("training on {data} as rank 0 of {}", l.world))?,
-        (None, None) => train_alone(&opts, &metrics)?,
+        (None, None) => train_alone(&opts, &metrics, args.step_log)?,
     };
 
     let last = report.history.last();
@@ -233,9 +237,28 @@ pub(crate) fn read_config(
 }
 
 /// Trains in this process, with a progress bar.
+/// The logged steps' loss terms, one row per step.
+fn write_steps(path: &std::path::Path, steps: &[tessera_models::LossTerms]) -> Result<()> {
+    let mut csv = String::from("step,loss,reconstruction,kl,regularization,supervised,cells\n");
+    for (i, t) in steps.iter().enumerate() {
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{}\n",
+            i + 1,
+            t.loss,
+            t.reconstruction,
+            t.kl,
+            t.regularization,
+            t.supervised,
+            t.cells
+        ));
+    }
+    std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))
+}
+
 fn train_alone(
     opts: &FitOptions,
     metrics: &crate::metrics::TrainMetrics,
+    step_log: usize,
 ) -> Result<tessera_worker::FitReport> {
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -243,6 +266,7 @@ fn train_alone(
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let (mut epoch, mut epochs, mut cells_per_epoch) = (0usize, 0usize, 0u64);
+    let mut steps = Vec::with_capacity(step_log);
     let trained = tessera_worker::fit_until(opts, crate::signals::stop_flag()?, |p| {
         metrics.observe(&p);
         match p {
@@ -254,6 +278,9 @@ fn train_alone(
                 bar.set_length(e as u64 * c);
             }
             Progress::Batch { cells, loss } => {
+                if steps.len() < step_log {
+                    steps.push(*loss);
+                }
                 bar.inc(cells as u64);
                 bar.set_message(format!("{}/{epochs} loss {:.1}", epoch + 1, loss.loss));
             }
@@ -274,6 +301,9 @@ fn train_alone(
         }
     });
     bar.finish_and_clear();
+    if step_log > 0 && trained.is_ok() {
+        write_steps(&opts.out.join("steps.csv"), &steps)?;
+    }
     match trained {
         Ok(report) => Ok(report),
         Err(FitError::Stopped { checkpoint, .. }) => Err(crate::signals::Stopped {

@@ -37,7 +37,9 @@ fn cuda_libraries_named_by_the_variable_are_found() {
             std::env::var_os("TESSERA_REQUIRE_NVRTC").is_none(),
             "TESSERA_REQUIRE_NVRTC is set but no libnvrtc folder is on LD_LIBRARY_PATH"
         );
-        return eprintln!("SKIPPED: no NVRTC wheel on LD_LIBRARY_PATH (bash .ci/setup installs it)");
+        return eprintln!(
+            "SKIPPED: no NVRTC wheel on LD_LIBRARY_PATH (bash .ci/setup installs it)"
+        );
     };
     let folder = folder.display().to_string();
     // With `pip install nvidia-cuda-nvrtc-cu12` a `libnvrtc.so` link may also exist; the
@@ -46,7 +48,10 @@ fn cuda_libraries_named_by_the_variable_are_found() {
     assert!(without.contains("libnvrtc not found"), "{without}");
     let with = devices(&[("TESSERA_CUDA_LIBS", &folder)]);
     assert!(with.contains("libnvrtc found"), "{with}");
-    assert!(with.contains("tessera-cuda-libs-"), "the link folder leads the path: {with}");
+    assert!(
+        with.contains("tessera-cuda-libs-"),
+        "the link folder leads the path: {with}"
+    );
 }
 
 #[test]
@@ -68,7 +73,66 @@ fn a_gpu_where_there_is_none_is_an_error_naming_what_was_looked_for() {
         "--device",
         "cuda:0",
     ]));
-    assert!(err.contains("device cuda:0") && err.contains("libcuda"), "{err}");
-    let err = failed(&tessera(&["map", "--model", &out, "--data", "x.zarr", "--device", "tpu"]));
+    assert!(
+        err.contains("device cuda:0") && err.contains("libcuda"),
+        "{err}"
+    );
+    let err = failed(&tessera(&[
+        "map", "--model", &out, "--data", "x.zarr", "--device", "tpu",
+    ]));
     assert!(err.contains("expected cpu, cuda or cuda:N"), "{err}");
+}
+
+/// The device check script's CPU fallback, what CI can run of it: every stage on the CPU at
+/// small sizes, the parity binaries reported missing (cargo keeps them elsewhere), the summary
+/// table last; on a GPU host the same script runs the CUDA stages.
+#[test]
+fn the_device_check_script_runs_its_cpu_fallback_to_a_passing_table() {
+    if !devices(&[]).contains("no GPU") {
+        return eprintln!("SKIPPED: this machine has a GPU: run bench/gpu/check.sh itself");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_tessera"), bin.join("tessera")).unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../bench/gpu/check.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&bin)
+        .env("TESSERA_CHECK_DIR", dir.path().join("work"))
+        .env("TESSERA_CHECK_CELLS", "2000")
+        .env("TESSERA_LOG", "warn")
+        .output()
+        .unwrap();
+    let table = ok(&out);
+    let row = |stage: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("| {stage}")))
+            .unwrap_or_else(|| panic!("no {stage:?} row in:\n{table}"))
+            .to_string()
+    };
+    assert!(row("devices").contains("| cpu "), "{table}");
+    assert!(row("kernels_cuda_parity").contains("missing"), "{table}");
+    for stage in [
+        "bench ops --device cpu",
+        "step scVI size",
+        "step Census size",
+        "train --device cpu (2000 cells)",
+    ] {
+        assert!(row(stage).contains("| ok "), "{stage}: {table}");
+    }
+    assert!(row("step Census size").contains("cells/s"), "{table}");
+    // The same device twice: the step losses agree to the bit.
+    let steps = row("first 50 steps vs the CPU");
+    assert!(
+        steps.contains("| ok ") && steps.contains("difference 0.00e+00"),
+        "{table}"
+    );
+    assert!(row("bench nccl").contains("SKIPPED"), "{table}");
+    let csv = std::fs::read_to_string(dir.path().join("work/train-cpu/steps.csv")).unwrap();
+    assert!(csv.starts_with("step,loss,reconstruction,kl"), "{csv}");
+    // 1,800 training cells (10% held out) in batches of 128: 14 full and one of 8, twice.
+    assert_eq!(csv.lines().count(), 1 + 30, "{csv}");
+    assert!(csv.lines().nth(30).unwrap().ends_with(",8"), "{csv}");
 }

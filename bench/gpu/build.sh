@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds what bench/gpu/check.sh runs on a bare GPU host (no Rust, no HDF5, no network): the
+# tessera binary without default features (no HDF5) and the test binaries that touch a GPU,
+# stripped, into bench/gpu/bin (git-ignored; the device tool carries it). Prints their sizes:
+# together they must stay under 64 MiB.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=bench/gpu/bin
+rm -rf "$out"; mkdir -p "$out"
+cargo build --release --locked --no-default-features -p tessera-cli
+cp target/release/tessera "$out/tessera"
+# The test binaries: their paths from cargo's JSON messages (the hash in the name changes).
+cargo test --release --locked --no-default-features --no-run \
+  -p tessera-kernels --test cuda_parity -p tessera-models --test cuda_parity \
+  -p tessera-worker --test nccl --message-format=json 2>/dev/null |
+  python3 -c '
+import json, sys, shutil
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        crate = m["package_id"].split("#")[0].rsplit("/", 1)[-1].replace("tessera-", "")
+        name = m["target"]["name"]
+        shutil.copy(m["executable"], "'"$out"'/" + crate + "_" + name)
+'
+strip "$out"/*
+ls -la "$out"
+du -ch "$out"/* | tail -1

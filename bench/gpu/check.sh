@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# One-command device check, for a bare GPU host (driver, CUDA libraries in Python wheels, no
+# Rust): every CUDA parity test, the op benchmark, a training step at scVI and Census size,
+# `tessera train --device cuda` against the CPU step by step, NCCL; one summary table last.
+#
+#   bench/gpu/build.sh              # here: stripped binaries into bench/gpu/bin (< 64 MiB)
+#   bench/gpu/check.sh [BIN]        # there: BIN defaults to bench/gpu/bin
+#
+# Without a GPU it runs the same stages on the CPU at small sizes (CI does, through
+# tests/gpu_check.rs), so the script itself is tested where no GPU is. TESSERA_CUDA_LIBS
+# defaults to every `nvidia/*/lib` folder of the host's Python. TESSERA_CHECK_CELLS sets the
+# training store's size (default 200,000 on a GPU). Exit status: 0 when every stage passed.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+bin=$(cd "${1:-$here/bin}" && pwd) || { echo "no binaries in ${1:-$here/bin}: run bench/gpu/build.sh"; exit 2; }
+tessera=$bin/tessera
+work=${TESSERA_CHECK_DIR:-$(mktemp -d)}
+mkdir -p "$work"
+started=$(date +%s)
+rows=()
+failed=0
+row() { rows+=("$(printf '| %-32s | %-7s | %s |' "$1" "$2" "$3")"); [ "$2" = FAIL ] && failed=1; true; }
+
+if [ -z "${TESSERA_CUDA_LIBS:-}" ] && command -v python3 >/dev/null; then
+  TESSERA_CUDA_LIBS=$(python3 -c '
+import glob, os, site
+roots = site.getsitepackages() + [site.getusersitepackages()]
+print(":".join(sorted({d for r in roots for d in glob.glob(os.path.join(r, "nvidia", "*", "lib"))})))' 2>/dev/null)
+  export TESSERA_CUDA_LIBS
+fi
+# The test binaries load the libraries themselves: the path tessera restarts itself with.
+LD_LIBRARY_PATH=$("$tessera" devices --library-path)
+export LD_LIBRARY_PATH
+"$tessera" devices | tee "$work/devices.log"
+if grep -q '^cuda:0: ' "$work/devices.log"; then
+  device=cuda cells=${TESSERA_CHECK_CELLS:-200000} steps=200 census_steps=50
+  row devices ok "$(grep '^cuda:0: ' "$work/devices.log" | cut -c9-)"
+else
+  device=cpu cells=${TESSERA_CHECK_CELLS:-3000} steps=5 census_steps=2
+  row devices "cpu" "no GPU: every stage on the CPU at small sizes"
+fi
+
+# 1. Parity tests (kernels, whole models, NCCL): compiled here, run there.
+for t in kernels_cuda_parity models_cuda_parity worker_nccl; do
+  if [ ! -x "$bin/$t" ]; then row "$t" missing "not in $bin (bench/gpu/build.sh builds it)"; continue; fi
+  if "$bin/$t" --test-threads=1 --nocapture >"$work/$t.log" 2>&1; then
+    passed=$(grep -o '[0-9]* passed' "$work/$t.log" | tail -1)
+    skipped=$(grep -c 'SKIPPED' "$work/$t.log")
+    row "$t" ok "$passed, $skipped SKIPPED"
+  else
+    row "$t" FAIL "$(grep -m1 -E 'panicked|FAILED|error' "$work/$t.log") (log: $work/$t.log)"
+  fi
+done
+
+# 2. Op benchmark.
+if "$tessera" bench ops --device "$device" >"$work/ops.log" 2>&1; then
+  row "bench ops --device $device" ok "$(grep -c . "$work/ops.log") lines (log: $work/ops.log)"
+else
+  row "bench ops --device $device" FAIL "$(tail -1 "$work/ops.log")"
+fi
+
+# 3. A training step at scVI size and at Census size (8,000 genes, 2 x 512 hidden, 50 latent,
+# batch 1,024): cells/s against the GEMM floor.
+step() { # name, args...
+  local name=$1; shift
+  if "$tessera" bench step --device "$device" "$@" >"$work/$name.log" 2>&1; then
+    row "$name" ok "$(grep -m1 'cells/s' "$work/$name.log" | sed 's/^ *//')"
+  else
+    row "$name" FAIL "$(tail -1 "$work/$name.log")"
+  fi
+}
+step "step scVI size" --steps "$steps"
+printf '[model]\nn_layers = 2\nn_latent = 50\n' >"$work/census.toml"
+step "step Census size" --genes 8000 --hidden 512 --batch 1024 --nnz 1500 --steps "$census_steps" --config "$work/census.toml"
+[ "$device" = cuda ] && step "step Census size, TF32" --genes 8000 --hidden 512 --batch 1024 --nnz 1500 --steps "$census_steps" --config "$work/census.toml" --tf32
+
+# 4. `tessera train` on a simulated store: the device's first 50 steps against the CPU's.
+store=$work/sim.zarr
+rm -rf "$store" "$work/sim-cpu.zarr" "$work/train-"*
+if "$tessera" simulate "$store" --cells "$cells" --genes 2000 >"$work/simulate.log" 2>&1; then
+  cp -r "$store" "$work/sim-cpu.zarr"
+  t0=$SECONDS
+  if "$tessera" train --data "$store" --out "$work/train-$device" --device "$device" --epochs 2 --step-log 50 >"$work/train-$device.log" 2>&1; then
+    rate=$(python3 -c "import csv; r=list(csv.DictReader(open('$work/train-$device/history.csv'))); print(', '.join(f\"epoch {x['epoch']}: {float(x['cells_per_second']):.0f} cells/s\" for x in r))" 2>/dev/null)
+    row "train --device $device ($cells cells)" ok "$((SECONDS - t0)) s; $rate"
+    if "$tessera" train --data "$work/sim-cpu.zarr" --out "$work/train-cpu-ref" --device cpu --epochs 2 --step-log 50 >"$work/train-cpu-ref.log" 2>&1; then
+      diff=$(python3 - "$work/train-$device/steps.csv" "$work/train-cpu-ref/steps.csv" <<'PY'
+import csv, sys
+a, b = (list(csv.DictReader(open(p))) for p in sys.argv[1:3])
+worst = max(abs(float(x["loss"]) - float(y["loss"])) / max(abs(float(y["loss"])), 1e-12) for x, y in zip(a, b))
+print(f"{len(a)} steps, max relative loss difference {worst:.2e}", "ok" if worst <= 1e-3 and len(a) == len(b) else "FAIL")
+PY
+)
+      row "first 50 steps vs the CPU" "${diff##* }" "${diff% *}"
+    else
+      row "first 50 steps vs the CPU" FAIL "the CPU run failed: $(tail -1 "$work/train-cpu-ref.log")"
+    fi
+  else
+    row "train --device $device ($cells cells)" FAIL "$(grep -m1 -A2 Error "$work/train-$device.log" | tr '\n' ' ')"
+  fi
+else
+  row "simulate $cells cells" FAIL "$(tail -1 "$work/simulate.log")"
+fi
+
+# 5. NCCL all-reduce bandwidth.
+if "$tessera" bench nccl >"$work/nccl.log" 2>&1; then
+  if grep -q SKIPPED "$work/nccl.log"; then
+    row "bench nccl" SKIPPED "$(grep -m1 SKIPPED "$work/nccl.log" | cut -c1-100)"
+  else
+    row "bench nccl" ok "$(grep -m1 -i 'GB/s' "$work/nccl.log" | sed 's/^ *//')"
+  fi
+else
+  row "bench nccl" FAIL "$(tail -1 "$work/nccl.log")"
+fi
+
+echo
+echo "tessera device check: $device, $(( $(date +%s) - started )) s, logs in $work"
+printf '| %-32s | %-7s | %s |\n' stage result detail
+printf '|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..34})" "$(printf -- '-%.0s' {1..9})" "--------"
+printf '%s\n' "${rows[@]}"
+exit $failed
