@@ -1148,7 +1148,7 @@ fn ops<B: Backend<f32>>(b: &B, repeat: usize) -> Result<()> {
                 b.softmax_nb(
                     In::all(&logits),
                     In::all(&library),
-                    counts,
+                    &x,
                     In::all(&theta),
                     In::all(&weights),
                     Out::all(&mut ll),

@@ -63,6 +63,17 @@ pub(crate) struct EncoderActs<S, C> {
     pub logvar: DenseActs<S>,
 }
 
+impl<S, C> EncoderActs<S, C> {
+    /// The counts as uploaded for the sparse first layer (None: the pass read log1p values):
+    /// the decoder of the same rows reads them too, so a batch's counts cross once.
+    pub fn counts(&self) -> Option<&C> {
+        match &self.input {
+            EncoderInput::Counts(c) => Some(c),
+            EncoderInput::Log1p(_) => None,
+        }
+    }
+}
+
 impl Encoder {
     /// Registers `{prefix}encoder.*`; dropout draws from sites `site..`.
     pub fn register(
@@ -385,6 +396,7 @@ impl Decoder {
         state: &mut Slots<'_, Buf<T, B>>,
         z: &Tensor<Buf<T, B>>,
         counts: CsrRef<'_, T>,
+        uploaded: Option<&B::Csr>,
         covariates: &[T],
         weights: &[T],
         mode: Mode,
@@ -411,6 +423,7 @@ impl Decoder {
         };
         let rows = Rows {
             counts,
+            uploaded,
             onehot: trunk.onehot.as_ref(),
             negative: &negative,
         };

@@ -1187,12 +1187,15 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 self.n_cov,
                 &cells,
             );
+            // The encoder read exactly these rows: its upload serves the likelihood too.
+            let uploaded = (cells == plan.cells[j]).then(|| enc[j].counts()).flatten();
             let (r, acts) = decoder.forward(
                 &b,
                 &p,
                 &mut state,
                 z.as_ref().unwrap_or(&zs),
                 rows.counts(),
+                uploaded,
                 rows.covariates(),
                 &weights,
                 mode,

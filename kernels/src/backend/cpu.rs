@@ -154,6 +154,10 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(HostCsr::new(x))
     }
 
+    fn csr_rows<'a>(&self, x: &'a HostCsr<T>) -> CsrRef<'a, T> {
+        x.as_ref()
+    }
+
     fn gemm(
         &self,
         ta: bool,
@@ -494,7 +498,7 @@ impl<T: Gemm> Backend<T> for Cpu {
         &self,
         logits: In<'_, Vec<T>>,
         library: In<'_, Vec<T>>,
-        counts: CsrRef<'_, T>,
+        counts: &HostCsr<T>,
         theta: In<'_, Vec<T>>,
         weights: In<'_, Vec<T>>,
         ll: Out<'_, Vec<T>>,
@@ -504,7 +508,7 @@ impl<T: Gemm> Backend<T> for Cpu {
         likelihood::softmax_nb(
             r(&logits),
             r(&library),
-            counts,
+            counts.as_ref(),
             r(&theta),
             r(&weights),
             w(ll),

@@ -131,6 +131,10 @@ impl Backend<f32> for Cuda {
         Ok(DeviceCsr::upload(&self.gpu, x)?)
     }
 
+    fn csr_rows<'a>(&self, x: &'a DeviceCsr) -> CsrRef<'a, f32> {
+        x.host()
+    }
+
     fn gemm(
         &self,
         ta: bool,
@@ -550,7 +554,7 @@ impl Backend<f32> for Cuda {
         &self,
         logits: In<'_, CudaSlice<f32>>,
         library: In<'_, CudaSlice<f32>>,
-        counts: CsrRef<'_, f32>,
+        counts: &DeviceCsr,
         theta: In<'_, CudaSlice<f32>>,
         weights: In<'_, CudaSlice<f32>>,
         ll: Out<'_, CudaSlice<f32>>,

@@ -177,6 +177,8 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     }
 
     fn upload_csr(&self, x: CsrRef<'_, T>) -> Result<Self::Csr>;
+    /// The host rows an uploaded count matrix was made from (library sizes, dense copies).
+    fn csr_rows<'a>(&self, x: &'a Self::Csr) -> CsrRef<'a, T>;
 
     /// `ops::linear::Gemm::gemm`: C = alpha op(A) op(B) + beta C, row-major.
     fn gemm(
@@ -376,13 +378,14 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
 
     /// `ops::likelihood::softmax_nb`: scVI's reconstruction term, μ = library · softmax(logits)
     /// and NB(counts; μ, θ) with one θ per gene; `ll` per row, gradients of Σ w ll w.r.t. the
-    /// logits and θ (overwritten). `counts` are the batch's CSR rows on the host. The default
+    /// logits and θ (overwritten). `counts` are the batch's rows as uploaded for the encoder's
+    /// sparse first layer ([`Backend::upload_csr`]): one upload serves both. The default
     /// composes the tested ops ([`softmax_nb_composed`]); a backend overrides it with one pass.
     fn softmax_nb(
         &self,
         logits: In<'_, Self::Buf>,
         library: In<'_, Self::Buf>,
-        counts: CsrRef<'_, T>,
+        counts: &Self::Csr,
         theta: In<'_, Self::Buf>,
         weights: In<'_, Self::Buf>,
         ll: Out<'_, Self::Buf>,
@@ -390,7 +393,15 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
         dtheta: Out<'_, Self::Buf>,
     ) -> Result<()> {
         softmax_nb_composed(
-            self, logits, library, counts, theta, weights, ll, dlogits, dtheta,
+            self,
+            logits,
+            library,
+            self.csr_rows(counts),
+            theta,
+            weights,
+            ll,
+            dlogits,
+            dtheta,
         )
     }
 
@@ -588,7 +599,7 @@ mod tests {
                 Cpu.softmax_nb(
                     args.0,
                     args.1,
-                    counts,
+                    &Cpu.upload_csr(counts).unwrap(),
                     args.2,
                     args.3,
                     Out::all(&mut ll),

@@ -190,10 +190,18 @@ impl Counts {
             let mut theta = b.tensor(1, g)?;
             b.activation_forward(Activation::Exp, p.get(*slot), theta.output())?;
             let (mut dlogits, mut dtheta) = (b.tensor(n, g)?, b.tensor(1, g)?);
+            let uploaded_here;
+            let uploaded = match rows.uploaded {
+                Some(c) => c,
+                None => {
+                    uploaded_here = b.upload_csr(counts)?;
+                    &uploaded_here
+                }
+            };
             b.softmax_nb(
                 main.output().input(),
                 library.input(),
-                counts,
+                uploaded,
                 theta.input(),
                 In::all(rows.negative),
                 Out::all(ll),

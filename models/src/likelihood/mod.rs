@@ -75,6 +75,8 @@ pub(crate) struct Site<'a, T: Real, B: Backend<T>> {
 /// the ops write gradients of the log-likelihood, the loss is its negative).
 pub(crate) struct Rows<'a, T: Real, B: Backend<T>> {
     pub counts: CsrRef<'a, T>,
+    /// The same rows as the encoder uploaded them, when it read exactly these rows.
+    pub uploaded: Option<&'a B::Csr>,
     pub onehot: Option<&'a Tensor<Buf<T, B>>>,
     pub negative: &'a Buf<T, B>,
 }

@@ -5,7 +5,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{CUDA_SOURCE, Likelihood};
 use crate::cuda::{Gpu, Result, View, ViewMut, driver, launch};
-use crate::ops::linear::CsrRef;
+use crate::ops::linear::gpu::DeviceCsr;
 
 /// As [`Likelihood::forward_backward`], on the device.
 #[allow(clippy::too_many_arguments)] // mirrors the CPU signature plus the device
@@ -138,14 +138,13 @@ pub fn softmax_nb(
     gpu: &Gpu,
     logits: &View<'_>,
     library: &View<'_>,
-    counts: CsrRef<'_, f32>,
+    counts: &DeviceCsr,
     theta: &View<'_>,
     weights: &View<'_>,
     ll: &mut ViewMut<'_>,
     dlogits: &mut ViewMut<'_>,
     dtheta: &mut ViewMut<'_>,
 ) -> Result<()> {
-    counts.check_entries();
     let (rows, genes) = (counts.rows, counts.cols);
     assert!(
         genes > 0 && logits.len() == rows * genes && dlogits.len() == rows * genes,
@@ -159,12 +158,8 @@ pub fn softmax_nb(
         library.len() == rows && weights.len() == rows && ll.len() == rows,
         "softmax nb: one library size, weight and value per row"
     );
-    let (indptr, indices, data) = unique_columns(counts);
-    let (indptr, indices, data) = (
-        gpu.upload(&indptr)?,
-        gpu.upload(&indices)?,
-        gpu.upload(&data)?,
-    );
+    // The encoder's upload, unless a row repeats a column (then a summed copy, once).
+    let (indptr, indices, data) = counts.unique_columns(gpu)?;
     let per_row = gpu.zeros(rows * genes)?;
     if rows > 0 {
         let f = gpu.function("likelihood", CUDA_SOURCE, "softmax_nb")?;
@@ -172,9 +167,9 @@ pub fn softmax_nb(
         let mut b = gpu.stream().launch_builder(&f);
         b.arg(logits)
             .arg(library)
-            .arg(&indptr)
-            .arg(&indices)
-            .arg(&data)
+            .arg(indptr)
+            .arg(indices)
+            .arg(data)
             .arg(theta)
             .arg(weights)
             .arg(&genes64)
@@ -191,60 +186,4 @@ pub fn softmax_nb(
         unsafe { b.launch(config) }.map_err(driver("softmax_nb"))?;
     }
     crate::ops::elementwise::gpu::column_sums(gpu, &per_row.as_view(), dtheta)
-}
-
-/// The CSR with each row's repeated columns summed into one entry (the kernel adds each
-/// non-zero's change to its gene once), as owned arrays; a copy when nothing repeats.
-fn unique_columns(x: CsrRef<'_, f32>) -> (Vec<u64>, Vec<u32>, Vec<f32>) {
-    // The entry of column j in the current row, if any (u64::MAX for none).
-    let mut at = vec![u64::MAX; x.cols];
-    let (mut indptr, mut indices, mut data) = (
-        Vec::with_capacity(x.rows + 1),
-        Vec::with_capacity(x.indices.len()),
-        Vec::with_capacity(x.data.len()),
-    );
-    indptr.push(0u64);
-    for r in 0..x.rows {
-        let start = indices.len();
-        for k in x.indptr[r] as usize..x.indptr[r + 1] as usize {
-            let j = x.indices[k] as usize;
-            match at[j] {
-                e if e != u64::MAX && e as usize >= start => data[e as usize] += x.data[k],
-                _ => {
-                    at[j] = indices.len() as u64;
-                    indices.push(x.indices[k]);
-                    data.push(x.data[k]);
-                }
-            }
-        }
-        indptr.push(indices.len() as u64);
-    }
-    (indptr, indices, data)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn repeated_columns_of_a_row_are_summed_once() {
-        let (indptr, indices, data) = (
-            vec![0u64, 3, 3, 6],
-            vec![2u32, 0, 2, 1, 1, 2],
-            vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0],
-        );
-        let x = CsrRef {
-            rows: 3,
-            cols: 3,
-            indptr: &indptr,
-            indices: &indices,
-            data: &data,
-        };
-        // Row 0: column 2 twice (1 + 3); row 1 empty; row 2: column 1 twice (4 + 5), column 2
-        // once (a column repeated only across rows stays per row).
-        assert_eq!(
-            unique_columns(x),
-            (vec![0, 2, 2, 4], vec![2, 0, 1, 2], vec![4.0, 2.0, 9.0, 6.0])
-        );
-    }
 }

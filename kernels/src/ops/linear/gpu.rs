@@ -77,7 +77,12 @@ pub struct DeviceCsr {
     pub data: CudaSlice<f32>,
     host: (Vec<u64>, Vec<u32>, Vec<f32>),
     transposed: OnceLock<(CountTransform, DeviceTransposed)>,
+    /// With each row's repeated columns summed, when a row repeats one (None: it is itself).
+    unique: OnceLock<Option<UniqueRows>>,
 }
+
+/// A CSR's arrays on the device.
+type UniqueRows = (CudaSlice<u64>, CudaSlice<u32>, CudaSlice<f32>);
 
 /// t(X) by columns: column pointers, the row of each entry and its transformed value.
 #[derive(Debug)]
@@ -98,6 +103,36 @@ impl DeviceCsr {
             data: gpu.upload(x.data)?,
             host: (x.indptr.to_vec(), x.indices.to_vec(), x.data.to_vec()),
             transposed: OnceLock::new(),
+            unique: OnceLock::new(),
+        })
+    }
+
+    /// The matrix with each row's repeated columns summed into one entry (what scVI's fused
+    /// term reads: it adds each non-zero's change to its gene once): the uploaded arrays
+    /// themselves when no row repeats a column, the usual case, else a summed copy uploaded at
+    /// the first call.
+    #[allow(clippy::type_complexity)] // the three arrays the kernel takes
+    pub fn unique_columns(
+        &self,
+        gpu: &Gpu,
+    ) -> Result<(&CudaSlice<u64>, &CudaSlice<u32>, &CudaSlice<f32>)> {
+        if self.unique.get().is_none() {
+            let (indptr, indices, data) = unique_columns(self.host());
+            let copy = if indices.len() == self.host.1.len() {
+                None
+            } else {
+                Some((
+                    gpu.upload(&indptr)?,
+                    gpu.upload(&indices)?,
+                    gpu.upload(&data)?,
+                ))
+            };
+            // A racing call made the same copy; either is right.
+            let _ = self.unique.set(copy);
+        }
+        Ok(match self.unique.get() {
+            Some(Some((p, i, d))) => (p, i, d),
+            _ => (&self.indptr, &self.indices, &self.data),
         })
     }
 
@@ -122,6 +157,35 @@ impl DeviceCsr {
             values: gpu.upload(&values)?,
         })
     }
+}
+
+/// The CSR with each row's repeated columns summed into one entry (the kernel adds each
+/// non-zero's change to its gene once), as owned arrays; a copy when nothing repeats.
+fn unique_columns(x: CsrRef<'_, f32>) -> (Vec<u64>, Vec<u32>, Vec<f32>) {
+    // The entry of column j in the current row, if any (u64::MAX for none).
+    let mut at = vec![u64::MAX; x.cols];
+    let (mut indptr, mut indices, mut data) = (
+        Vec::with_capacity(x.rows + 1),
+        Vec::with_capacity(x.indices.len()),
+        Vec::with_capacity(x.data.len()),
+    );
+    indptr.push(0u64);
+    for r in 0..x.rows {
+        let start = indices.len();
+        for k in x.indptr[r] as usize..x.indptr[r + 1] as usize {
+            let j = x.indices[k] as usize;
+            match at[j] {
+                e if e != u64::MAX && e as usize >= start => data[e as usize] += x.data[k],
+                _ => {
+                    at[j] = indices.len() as u64;
+                    indices.push(x.indices[k]);
+                    data.push(x.data[k]);
+                }
+            }
+        }
+        indptr.push(indices.len() as u64);
+    }
+    (indptr, indices, data)
 }
 
 fn tiles(outer: usize, d_out: usize) -> LaunchConfig {
@@ -215,4 +279,31 @@ pub fn sparse_input_backward(
     unsafe { b.launch(tiles(x.cols, d_out)) }
         .map(|_| ())
         .map_err(failed("sparse_input_backward"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_columns_of_a_row_are_summed_once() {
+        let (indptr, indices, data) = (
+            vec![0u64, 3, 3, 6],
+            vec![2u32, 0, 2, 1, 1, 2],
+            vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0],
+        );
+        let x = CsrRef {
+            rows: 3,
+            cols: 3,
+            indptr: &indptr,
+            indices: &indices,
+            data: &data,
+        };
+        // Row 0: column 2 twice (1 + 3); row 1 empty; row 2: column 1 twice (4 + 5), column 2
+        // once (a column repeated only across rows stays per row).
+        assert_eq!(
+            unique_columns(x),
+            (vec![0, 2, 2, 4], vec![2, 0, 1, 2], vec![4.0, 2.0, 9.0, 6.0])
+        );
+    }
 }
