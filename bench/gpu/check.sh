@@ -102,7 +102,38 @@ else
   row "simulate $cells cells" FAIL "$(tail -1 "$work/simulate.log")"
 fi
 
-# 5. NCCL all-reduce bandwidth.
+# 5. Data-parallel: two workers against one process over the same two parts (the result
+# depends on the parts, not on the workers). Two GPUs: NCCL; one: both workers on it, reducing
+# over the TCP ring (NCCL refuses two ranks on one GPU); no GPU: CPU workers.
+small=$work/small.zarr
+gpus=$(grep -c '^cuda:[0-9]*: ' "$work/devices.log")
+if [ "$device" = cuda ] && [ "$gpus" -ge 2 ]; then
+  dp_device=cuda dp_env="" dp_name="2 GPUs, NCCL"
+elif [ "$device" = cuda ]; then
+  dp_device=cuda:0 dp_env="TESSERA_NCCL=0" dp_name="2 workers on 1 GPU, TCP ring"
+else
+  dp_device=cpu dp_env="" dp_name="2 CPU workers"
+fi
+rm -rf "$small" "$work/small-one.zarr" "$work/dp-"*
+printf '[train]\nparts = 2\n' >"$work/parts2.toml"
+if "$tessera" simulate "$small" --cells 20000 --genes 2000 >"$work/simulate-small.log" 2>&1 &&
+  cp -r "$small" "$work/small-one.zarr" &&
+  env $dp_env "$tessera" train --data "$small" --out "$work/dp-workers" --device "$dp_device" --workers 2 --epochs 2 --config "$work/parts2.toml" >"$work/dp-workers.log" 2>&1 &&
+  "$tessera" train --data "$work/small-one.zarr" --out "$work/dp-one" --device "${dp_device%%:*}" --epochs 2 --config "$work/parts2.toml" >"$work/dp-one.log" 2>&1; then
+  diff=$(python3 - "$work/dp-workers/history.csv" "$work/dp-one/history.csv" <<'PY'
+import csv, sys
+a, b = (list(csv.DictReader(open(p))) for p in sys.argv[1:3])
+worst = max(abs(float(x["train_loss"]) - float(y["train_loss"])) / abs(float(y["train_loss"])) for x, y in zip(a, b))
+rate = float(a[-1]["cells_per_second"])
+print(f"epoch losses within {worst:.1e} of one process; {rate:.0f} cells/s", "ok" if worst <= 1e-4 and len(a) == len(b) == 2 else "FAIL")
+PY
+)
+  row "train --workers 2 ($dp_name)" "${diff##* }" "${diff% *}"
+else
+  row "train --workers 2 ($dp_name)" FAIL "$(grep -h -m1 -A2 Error "$work"/dp-*.log | tr '\n' ' ')"
+fi
+
+# 6. NCCL all-reduce bandwidth.
 if "$tessera" bench nccl >"$work/nccl.log" 2>&1; then
   if grep -q SKIPPED "$work/nccl.log"; then
     row "bench nccl" SKIPPED "$(grep -m1 SKIPPED "$work/nccl.log" | cut -c1-100)"

@@ -80,10 +80,22 @@ impl TrainBackend for Cpu {
     }
 }
 
+/// Set to 0, GPU ranks reduce over the TCP ring (staged through host memory) instead of NCCL:
+/// for ranks sharing one GPU, which NCCL refuses, or a host without libnccl. Every rank of a
+/// job must see the same value (launchers and `--workers` pass the environment on).
+pub const NCCL_VAR: &str = "TESSERA_NCCL";
+
 impl TrainBackend for Cuda {
-    /// NCCL between GPUs; alone, the ring of one (every reduction a no-op, no libnccl needed).
+    /// NCCL between GPUs (unless `TESSERA_NCCL=0`); alone, the ring of one (every reduction a
+    /// no-op, no libnccl needed).
     fn collective(&self, mut ring: Ring) -> Result<Box<dyn Collective<Cuda>>, FitError> {
         if Ring::world(&ring) == 1 {
+            return Ok(Box::new(ring));
+        }
+        if std::env::var(NCCL_VAR).is_ok_and(|v| v.trim() == "0") {
+            tracing::warn!(
+                "{NCCL_VAR}=0: the GPUs' gradients go through host memory and the TCP ring"
+            );
             return Ok(Box::new(ring));
         }
         let nccl = crate::nccl::Nccl::over_ring(self.gpu(), &mut ring)?;

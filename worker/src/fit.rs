@@ -167,11 +167,18 @@ pub fn fit_until(
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     progress: impl FnMut(Progress<'_>),
 ) -> Result<FitReport, FitError> {
+    // Alone, the step still has the configured parts (default one): the model is the one a
+    // job of as many parts on any number of workers trains.
+    let parts = opts.config.train.parts.unwrap_or(1);
     let report = match opts.device {
-        Device::Cpu => train(opts, &mut Placement::alone_until(Cpu, stop), progress)?,
+        Device::Cpu => train(
+            opts,
+            &mut Placement::alone_until(Cpu, stop).with_parts(parts),
+            progress,
+        )?,
         Device::Cuda(_) => train(
             opts,
-            &mut Placement::alone_until(opts.device.cuda()?, stop),
+            &mut Placement::alone_until(opts.device.cuda()?, stop).with_parts(parts),
             progress,
         )?,
     };

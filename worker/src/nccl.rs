@@ -66,7 +66,7 @@ impl Nccl {
         if !library_present() {
             return Err(NcclError::Unavailable(
                 "libnccl.so not found (set TESSERA_CUDA_LIBS to the folder of libnccl.so.2, e.g. \
-                 site-packages/nvidia/nccl/lib)"
+                 site-packages/nvidia/nccl/lib; or TESSERA_NCCL=0 to reduce over the TCP ring)"
                     .into(),
             ));
         }

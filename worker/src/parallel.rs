@@ -60,6 +60,11 @@ impl<B: TrainBackend> Placement<B> {
         }
     }
 
+    /// The same placement with each step cut into `parts` parts.
+    pub fn with_parts(self, parts: usize) -> Placement<B> {
+        Placement { parts, ..self }
+    }
+
     /// The parts this rank trains.
     pub fn my_parts(&self) -> impl Iterator<Item = usize> + '_ {
         (self.comm.rank()..self.parts).step_by(self.comm.world())

@@ -197,3 +197,22 @@ fn parts_that_do_not_fit_the_batch_or_the_cells_are_refused() {
         assert!(err.contains(expected), "parts {parts}: {err}");
     }
 }
+
+/// `fit` (what `tessera train` runs alone) honours `train.parts`: alone over four parts it
+/// trains the model one rank of a four-part job trains (before, alone ignored the setting and
+/// trained one part per step while recording the configured parts).
+#[test]
+fn training_alone_cuts_each_step_into_the_configured_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (job, _) = train_group(dir.path(), 1, 4);
+    let data = simulated(dir.path(), "alone.zarr");
+    let mut opts = options(&data, &dir.path().join("alone"));
+    opts.config.train.parts = Some(4);
+    let alone = tessera_worker::fit(&opts, |_| {}).unwrap();
+    assert_eq!(alone.embedding, job.embedding, "same parts, same bits");
+    let resolved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("alone/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(resolved["parts"], 4);
+}
