@@ -21,11 +21,15 @@ rows=()
 failed=0
 row() { rows+=("$(printf '| %-32s | %-7s | %s |' "$1" "$2" "$3")"); [ "$2" = FAIL ] && failed=1; true; }
 
-if [ -z "${TESSERA_CUDA_LIBS:-}" ] && command -v python3 >/dev/null; then
-  TESSERA_CUDA_LIBS=$(python3 -c '
+if [ -z "${TESSERA_CUDA_LIBS:-}" ]; then
+  # The toolkit's folders, then NVIDIA's wheels in the host Python (nvidia/cu13/lib,
+  # nvidia/nccl/lib, ...).
+  wheels=$(python3 -c '
 import glob, os, site
 roots = site.getsitepackages() + [site.getusersitepackages()]
 print(":".join(sorted({d for r in roots for d in glob.glob(os.path.join(r, "nvidia", "*", "lib"))})))' 2>/dev/null)
+  TESSERA_CUDA_LIBS=$(for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -d "$d" ] && printf '%s:' "$d"; done)$wheels
   export TESSERA_CUDA_LIBS
 fi
 # The test binaries load the libraries themselves: the path tessera restarts itself with.
@@ -38,6 +42,15 @@ if grep -q '^cuda:0: ' "$work/devices.log"; then
 else
   device=cpu cells=${TESSERA_CHECK_CELLS:-3000} steps=5 census_steps=2
   row devices "cpu" "no GPU: every stage on the CPU at small sizes"
+fi
+
+# 0. Every kernel source compiles with this host's NVRTC (no GPU needed).
+if "$tessera" devices --compile >"$work/compile.log" 2>&1; then
+  row "NVRTC compiles the kernels" ok "$(tail -1 "$work/compile.log")"
+elif [ "$device" = cpu ] && grep -q 'libnvrtc not found' "$work/compile.log"; then
+  row "NVRTC compiles the kernels" SKIPPED "no libnvrtc here (see TESSERA_CUDA_LIBS)"
+else
+  row "NVRTC compiles the kernels" FAIL "$(grep -m1 -i error "$work/compile.log")"
 fi
 
 # 1. Parity tests (kernels, whole models, NCCL): compiled here, run there.

@@ -46,6 +46,9 @@ enum Command {
         /// folder first), for programs that load them without tessera's restart.
         #[arg(long)]
         library_path: bool,
+        /// Also compile every CUDA source with the NVRTC found (no GPU needed).
+        #[arg(long)]
+        compile: bool,
     },
     /// Summarise an AnnData/MuData Zarr store: cells, modalities, matrices, chunks, obs columns.
     Inspect {
@@ -327,11 +330,18 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { store, json } => inspect::run(&store, json),
-        Command::Devices { library_path } => {
+        Command::Devices {
+            library_path,
+            compile,
+        } => {
             if library_path {
                 println!("{}", std::env::var("LD_LIBRARY_PATH").unwrap_or_default());
-            } else {
-                devices();
+                return Ok(());
+            }
+            devices();
+            if compile {
+                let ((major, minor), n) = tessera_kernels::cuda::compile_all()?;
+                println!("NVRTC {major}.{minor}: {n} CUDA sources compiled");
             }
             Ok(())
         }

@@ -54,6 +54,48 @@ fn cuda_libraries_named_by_the_variable_are_found() {
     );
 }
 
+/// The host's CUDA 12 and CUDA 13 NVRTC (NVIDIA's wheels, which CI installs) each compile every
+/// kernel source, found through TESSERA_CUDA_LIBS; the GPU hosts run CUDA 13.
+#[test]
+fn every_cuda_source_compiles_with_the_nvrtc_of_cuda_12_and_13() {
+    let Some(folder) = nvrtc_folder() else {
+        assert!(
+            std::env::var_os("TESSERA_REQUIRE_NVRTC").is_none(),
+            "no NVRTC wheel found"
+        );
+        return eprintln!(
+            "SKIPPED: no NVRTC wheel on LD_LIBRARY_PATH (bash .ci/setup installs it)"
+        );
+    };
+    // site-packages/nvidia/cuda_nvrtc/lib (CUDA 12) and site-packages/nvidia/cu13/lib (CUDA 13).
+    let nvidia = folder
+        .parent()
+        .and_then(|p| p.parent())
+        .unwrap()
+        .to_path_buf();
+    for (major, lib) in [(12, "cuda_nvrtc/lib"), (13, "cu13/lib")] {
+        let lib = nvidia.join(lib);
+        if !lib.is_dir() {
+            assert!(
+                std::env::var_os("TESSERA_REQUIRE_NVRTC").is_none(),
+                "{} missing (bash .ci/setup installs it)",
+                lib.display()
+            );
+            eprintln!("SKIPPED: no CUDA {major} NVRTC at {}", lib.display());
+            continue;
+        }
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
+        cmd.args(["devices", "--compile"])
+            .env_remove("LD_LIBRARY_PATH")
+            .env("TESSERA_CUDA_LIBS", &lib);
+        let out = ok(&cmd.output().unwrap());
+        assert!(
+            out.contains(&format!("NVRTC {major}.")) && out.contains("9 CUDA sources compiled"),
+            "{out}"
+        );
+    }
+}
+
 #[test]
 fn a_gpu_where_there_is_none_is_an_error_naming_what_was_looked_for() {
     let listing = devices(&[]);
@@ -113,6 +155,12 @@ fn the_device_check_script_runs_its_cpu_fallback_to_a_passing_table() {
             .to_string()
     };
     assert!(row("devices").contains("| cpu "), "{table}");
+    if nvrtc_folder().is_some() {
+        assert!(
+            row("NVRTC compiles the kernels").contains("9 CUDA sources compiled"),
+            "{table}"
+        );
+    }
     assert!(row("kernels_cuda_parity").contains("missing"), "{table}");
     for stage in [
         "bench ops --device cpu",

@@ -45,6 +45,33 @@ pub fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
+/// NVRTC's version (major, minor), where the library loads.
+#[allow(unsafe_code)]
+pub fn nvrtc_version() -> Option<(i32, i32)> {
+    if !nvrtc_present() {
+        return None;
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is present; both out-pointers are valid locals.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .ok()
+        .map(|()| (major, minor))
+}
+
+/// Compiles every CUDA source we ship (what `tessera devices --compile` checks on a host):
+/// NVRTC's version and the number of modules, or the first failure.
+pub fn compile_all() -> Result<((i32, i32), usize)> {
+    let version = nvrtc_version().ok_or_else(|| {
+        CudaError::Unavailable("libnvrtc not found (see TESSERA_CUDA_LIBS)".into())
+    })?;
+    let sources = sources();
+    for (name, source) in sources {
+        compile(name, source)?;
+    }
+    Ok((version, sources.len()))
+}
+
 /// Compiles one of our CUDA sources to PTX (portable across architectures; the driver JITs it
 /// for the device). Needs only NVRTC, no GPU.
 pub fn compile(module: &str, source: &str) -> Result<Ptx> {
