@@ -11,6 +11,7 @@ mod heads;
 pub mod layers;
 pub mod likelihood;
 mod modality;
+mod pending;
 pub mod surgery;
 pub mod train;
 pub mod vae;

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use tessera_kernels::Real;
-use tessera_kernels::backend::{Backend, In, Result, Tensor};
+use tessera_kernels::backend::{Backend, Result, Tensor};
 use tessera_kernels::ops::linear::{CountTransform, CsrRef};
 use tessera_kernels::params::Layout;
 
@@ -13,6 +13,7 @@ use crate::layers::{
 };
 pub use crate::likelihood::{Dispersion, LikelihoodKind};
 use crate::likelihood::{Expected, Observation, ObservationActs, Rows, Site, head};
+use crate::pending::{Reduce, Share};
 
 /// One modality as the model sees it: its name, width and observation model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -319,6 +320,9 @@ pub(crate) struct Decoder {
     observation: Observation,
 }
 
+/// A decoder pass: its reconstruction share (on the device) and what its backward needs.
+pub(crate) type DecoderPass<S> = (Share<S>, DecoderActs<S>);
+
 /// Everything the decoder's backward needs from its forward.
 pub(crate) struct DecoderActs<S> {
     trunk: Trunk<S>,
@@ -400,7 +404,7 @@ impl Decoder {
         covariates: &[T],
         weights: &[T],
         mode: Mode,
-    ) -> Result<(f64, DecoderActs<Buf<T, B>>)> {
+    ) -> Result<DecoderPass<Buf<T, B>>> {
         let (n, g) = (z.rows, self.spec.n_features);
         assert_eq!(
             (counts.rows, counts.cols),
@@ -430,12 +434,11 @@ impl Decoder {
         let observation = self
             .observation
             .forward(&site, state, &trunk.main, &rows, &mut ll)?;
-        let reconstruction = -b
-            .download(In::all(&ll))?
-            .iter()
-            .zip(weights)
-            .map(|(l, w)| l.f64() * w.f64())
-            .sum::<f64>();
+        // The reconstruction stays on the device until the step reads its terms together.
+        let reconstruction = Share {
+            values: ll,
+            reduce: Reduce::NegativeDot(weights.iter().map(|w| w.f64()).collect()),
+        };
         Ok((reconstruction, DecoderActs { trunk, observation }))
     }
 

@@ -28,6 +28,7 @@ pub use crate::heads::{Supervision, Survival};
 use crate::layers::{Buf, Mode, Slots, Weights, copy_of};
 use crate::modality::{CycleActs, Decoder, DecoderActs, Encoder, EncoderActs, Shape};
 pub use crate::modality::{Dispersion, LikelihoodKind, ModalitySpec};
+use crate::pending::{PendingLoss, Reduce, Share, Term};
 
 /// How the modalities' posteriors combine into q(z | x_1..x_M).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -446,7 +447,7 @@ struct Sampled<T, S> {
     latent: Latent<S>,
     zs: Tensor<S>,
     decode: Vec<(Vec<usize>, Vec<usize>, Vec<T>)>,
-    kl: f64,
+    kl: Term<S>,
 }
 
 struct Forward<S, C> {
@@ -721,7 +722,8 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     ) -> Result<LossTerms> {
         let (terms, fwd) = self.forward(batch, kl_weight, mode)?;
         self.backward(fwd, mode)?;
-        Ok(terms)
+        // Read after the backward is queued: the step's one wait for the device.
+        terms.resolve(&self.backend)
     }
 
     /// Loss terms only (validation: `Mode::Validate`).
@@ -731,7 +733,9 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         kl_weight: f64,
         mode: Mode,
     ) -> Result<LossTerms> {
-        Ok(self.forward(batch, kl_weight, mode)?.0)
+        self.forward(batch, kl_weight, mode)?
+            .0
+            .resolve(&self.backend)
     }
 
     /// The latent means of a batch (evaluation mode: running statistics, no dropout), n × latent.
@@ -990,7 +994,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let (n, d) = (plan.n, self.config.n_latent);
         let inv_n = 1.0 / n as f64;
         let use_kl = self.config.prior == Prior::Kl;
-        let mut kl_total = 0.0;
+        let mut kl_total = Term::default();
         let offsets: Vec<usize> = plan
             .cells
             .iter()
@@ -1033,12 +1037,10 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                     dm.output(),
                     dlv.output(),
                 )?;
-                kl_total += b
-                    .download(In::all(&kl))?
-                    .iter()
-                    .zip(&share)
-                    .map(|(k, w)| k.f64() * w)
-                    .sum::<f64>();
+                kl_total.add(Share {
+                    values: kl,
+                    reduce: Reduce::Dot(share),
+                });
             }
             eps_all.push(eps);
             dm_kl.push(dm);
@@ -1084,7 +1086,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let (n, d) = (plan.n, self.config.n_latent);
         let inv_n = 1.0 / n as f64;
         let use_kl = self.config.prior == Prior::Kl;
-        let mut kl_total = 0.0;
+        let mut kl_total = Term::default();
         let (means, logvars, masks) = self.experts(enc, plan)?;
         let (m, lv) = self.combine(&means, &logvars, masks.as_deref(), n)?;
         let mut eps = b.tensor(n, d)?;
@@ -1103,12 +1105,10 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 dm_kl.output(),
                 dlv_kl.output(),
             )?;
-            kl_total = b
-                .download(In::all(&kl))?
-                .iter()
-                .map(|k| k.f64())
-                .sum::<f64>()
-                * inv_n;
+            kl_total.add(Share {
+                values: kl,
+                reduce: Reduce::ScaledSum(inv_n),
+            });
         }
         let decode = plan
             .cells
@@ -1138,7 +1138,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         batch: VaeBatch<'_, T>,
         kl_weight: f64,
         mode: Mode,
-    ) -> Result<(LossTerms, Forward<Buf<T, B>, B::Csr>)> {
+    ) -> Result<(PendingLoss<Buf<T, B>>, Forward<Buf<T, B>, B::Csr>)> {
         self.check_batch(&batch);
         let training_batch_norm = matches!(mode, Mode::Train { .. }) && self.config.batch_norm;
         let plan = Plan::new(&batch, if training_batch_norm { 2 } else { 1 });
@@ -1170,7 +1170,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             values: &self.values,
         };
         let mut state = Slots::all(&self.state_layout, &mut self.state);
-        let mut reconstruction = 0.0;
+        let mut reconstruction = Term::default();
         let mut dec = Vec::with_capacity(self.decoders.len());
         for ((j, decoder), (codes, cells, weights)) in self.decoders.iter().enumerate().zip(decode)
         {
@@ -1200,7 +1200,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 &weights,
                 mode,
             )?;
-            reconstruction += r;
+            reconstruction.add(r);
             dec.push(Decoded { codes, z, acts });
         }
         // The batch of each latent sample (a mixture stacks its experts' samples).
@@ -1212,7 +1212,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             self.batch_mmd(&zs, &sample_cells, batch.covariates)?;
         if !use_kl {
             let (value, dzs) = self.prior_mmd(&zs, kl_weight, mode)?;
-            kl_total = value;
+            kl_total.set(value);
             add_into(&b, &mut dzs_regularization, dzs)?;
         }
         let (jeffreys, dexperts) = self.jeffreys(&enc, &plan)?;
@@ -1252,12 +1252,12 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         )?;
         regularization += head_terms.regularization;
         let supervised = head_terms.supervised;
-        let terms = LossTerms {
+        let terms = PendingLoss {
             reconstruction,
             kl: kl_total,
+            kl_weight,
             regularization,
             supervised,
-            loss: reconstruction + kl_weight * kl_total + regularization + supervised,
             cells: n,
         };
         Ok((

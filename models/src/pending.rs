@@ -1,0 +1,133 @@
+//! Loss sums the device computes and the host reads once per step. A forward leaves each term
+//! as per-row values on the device and how the host reduces them; the step reads them all in
+//! one transfer after the backward is queued, so a GPU step waits for the device once instead of
+//! once per term. The host arithmetic is the one an immediate read did (same order, f64), so the
+//! values keep their bits.
+
+use tessera_kernels::Real;
+use tessera_kernels::backend::{Backend, In, Out, Result, Storage};
+
+use crate::vae::LossTerms;
+
+/// How the host turns one device vector into a term's share.
+#[derive(Debug)]
+pub(crate) enum Reduce {
+    /// −Σ v_r w_r: log-likelihoods per row and the rows' weights (the loss is the negative).
+    NegativeDot(Vec<f64>),
+    /// Σ v_r s_r.
+    Dot(Vec<f64>),
+    /// (Σ v_r) × f.
+    ScaledSum(f64),
+}
+
+impl Reduce {
+    fn apply<T: Real>(&self, values: &[T]) -> f64 {
+        match self {
+            Reduce::NegativeDot(w) => -values.iter().zip(w).map(|(v, w)| v.f64() * w).sum::<f64>(),
+            Reduce::Dot(s) => values.iter().zip(s).map(|(v, s)| v.f64() * s).sum::<f64>(),
+            Reduce::ScaledSum(f) => values.iter().map(|v| v.f64()).sum::<f64>() * f,
+        }
+    }
+}
+
+/// One share of a term: values on the device and their reduction.
+#[derive(Debug)]
+pub(crate) struct Share<S> {
+    pub values: S,
+    pub reduce: Reduce,
+}
+
+/// A loss term: shares added in the order they were made, or a value the host already has
+/// (it replaces the shares).
+#[derive(Debug)]
+pub(crate) struct Term<S> {
+    shares: Vec<Share<S>>,
+    known: Option<f64>,
+}
+
+impl<S> Default for Term<S> {
+    fn default() -> Self {
+        Term {
+            shares: Vec::new(),
+            known: None,
+        }
+    }
+}
+
+impl<S> Term<S> {
+    pub fn add(&mut self, share: Share<S>) {
+        self.shares.push(share);
+    }
+
+    /// The term is `value`, whatever was added.
+    pub fn set(&mut self, value: f64) {
+        self.known = Some(value);
+    }
+}
+
+/// A forward's loss terms, reconstruction and KL still on the device.
+#[derive(Debug)]
+pub(crate) struct PendingLoss<S> {
+    pub reconstruction: Term<S>,
+    pub kl: Term<S>,
+    pub kl_weight: f64,
+    pub regularization: f64,
+    pub supervised: f64,
+    pub cells: usize,
+}
+
+impl<S: Storage> PendingLoss<S> {
+    /// The terms, read in one transfer.
+    pub fn resolve<T: Real, B: Backend<T, Buf = S>>(self, b: &B) -> Result<LossTerms> {
+        let shares: Vec<&Share<S>> = [&self.reconstruction, &self.kl]
+            .into_iter()
+            .filter(|t| t.known.is_none())
+            .flat_map(|t| &t.shares)
+            .collect();
+        let host = read_together(b, &shares)?;
+        let mut at = host.iter();
+        let mut value = |term: &Term<S>| -> f64 {
+            if let Some(known) = term.known {
+                return known;
+            }
+            term.shares.iter().fold(0.0, |acc, s| {
+                acc + s.reduce.apply(at.next().map_or(&[][..], Vec::as_slice))
+            })
+        };
+        let (reconstruction, kl) = (value(&self.reconstruction), value(&self.kl));
+        Ok(LossTerms {
+            reconstruction,
+            kl,
+            regularization: self.regularization,
+            supervised: self.supervised,
+            loss: reconstruction + self.kl_weight * kl + self.regularization + self.supervised,
+            cells: self.cells,
+        })
+    }
+}
+
+/// The shares' values on the host: gathered into one device buffer, downloaded once.
+fn read_together<T: Real, B: Backend<T>>(b: &B, shares: &[&Share<B::Buf>]) -> Result<Vec<Vec<T>>> {
+    let total: usize = shares.iter().map(|s| s.values.len()).sum();
+    if total == 0 {
+        return Ok(shares.iter().map(|_| Vec::new()).collect());
+    }
+    let mut all = b.zeros(total)?;
+    let mut start = 0;
+    for s in shares {
+        let end = start + s.values.len();
+        b.copy(In::all(&s.values), Out::part(&mut all, start..end))?;
+        start = end;
+    }
+    let host = b.download(In::all(&all))?;
+    let mut start = 0;
+    Ok(shares
+        .iter()
+        .map(|s| {
+            let end = start + s.values.len();
+            let part = host[start..end].to_vec();
+            start = end;
+            part
+        })
+        .collect())
+}
