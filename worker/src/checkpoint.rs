@@ -307,9 +307,10 @@ fn gather(file: &SafeTensors<'_>, layout: &Layout, path: &Path) -> Result<Vec<f3
     Ok(flat)
 }
 
-/// The first key path where two resolved runs differ, ignoring the epoch count.
+/// The first key path where two resolved runs differ, ignoring the epoch count and TF32 (a
+/// precision mode a resume may change; checkpoints from before it existed lack the key).
 fn first_difference(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> Option<String> {
-    if matches!(at, "train.max_epochs" | "epochs") {
+    if matches!(at, "train.max_epochs" | "epochs" | "train.tf32") {
         return None;
     }
     match (a, b) {
@@ -328,5 +329,31 @@ fn first_difference(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> O
             })
         }
         _ => (a != b).then(|| at.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_difference;
+
+    #[test]
+    fn a_resume_may_change_the_epochs_and_tf32_but_nothing_else() {
+        let saved = serde_json::json!({"epochs": 5, "train": {"max_epochs": 5, "lr": 0.001}});
+        let now = serde_json::json!({
+            "epochs": 9,
+            "train": {"max_epochs": 9, "lr": 0.001, "tf32": true}
+        });
+        assert_eq!(first_difference(&saved, &now, ""), None);
+        let other = serde_json::json!({"epochs": 5, "train": {"max_epochs": 5, "lr": 0.01}});
+        assert_eq!(
+            first_difference(&saved, &other, ""),
+            Some("train.lr".into())
+        );
+        let more =
+            serde_json::json!({"epochs": 5, "train": {"max_epochs": 5, "lr": 0.001, "parts": 2}});
+        assert_eq!(
+            first_difference(&saved, &more, ""),
+            Some("train.parts".into())
+        );
     }
 }

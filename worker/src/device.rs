@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use tessera_kernels::backend::Cuda;
+use tessera_kernels::cuda::Gpu;
 
 use crate::records::FitError;
 
@@ -74,18 +75,20 @@ impl Device {
         }
     }
 
-    /// Opens the GPU, or says what was looked for and not found (driver, device, libraries).
-    pub fn cuda(&self) -> Result<Cuda, FitError> {
+    /// Opens the GPU (f32 GEMMs on TF32 tensor cores with `tf32`), or says what was looked for
+    /// and not found (driver, device, libraries).
+    pub fn cuda(&self, tf32: bool) -> Result<Cuda, FitError> {
         let ordinal = self.ordinal().ok_or_else(|| FitError::Device {
             device: self.to_string(),
             reason: "not a GPU".into(),
         })?;
-        let cuda = Cuda::open(ordinal).map_err(|e| FitError::Device {
+        let gpu = Gpu::new(ordinal).map_err(|e| FitError::Device {
             device: format!("cuda:{ordinal}"),
             reason: format!("{e}; {}", tessera_kernels::cuda_libs::found()),
         })?;
-        tracing::info!(device = %format!("cuda:{ordinal}"), "training on the GPU");
-        Ok(cuda)
+        let described = gpu.describe().unwrap_or_else(|e| e.to_string());
+        tracing::info!(device = %format!("cuda:{ordinal}"), tf32, "{described}");
+        Ok(Cuda::new(gpu.with_tf32(tf32)))
     }
 }
 
@@ -124,10 +127,10 @@ mod tests {
             eprintln!("SKIPPED: a GPU is present; the missing-device error is not reachable");
             return;
         }
-        let e = Device::Cuda(Some(0)).cuda().unwrap_err().to_string();
+        let e = Device::Cuda(Some(0)).cuda(false).unwrap_err().to_string();
         assert!(e.contains("cuda:0"), "{e}");
         assert!(e.contains("libcuda") || e.contains("device"), "{e}");
-        let e = Device::Cpu.cuda().unwrap_err().to_string();
+        let e = Device::Cpu.cuda(false).unwrap_err().to_string();
         assert!(e.contains("cpu") && e.contains("not a GPU"), "{e}");
     }
 }

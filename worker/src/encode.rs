@@ -67,7 +67,7 @@ impl EncoderPool {
     pub fn on(model: ReferenceModel, device: Device) -> Result<EncoderPool, QueryError> {
         let encoders = match device {
             Device::Cpu => Encoders::Cpu(Mutex::default()),
-            Device::Cuda(_) => Encoders::Cuda(device.cuda()?, Mutex::default()),
+            Device::Cuda(_) => Encoders::Cuda(device.cuda(false)?, Mutex::default()),
         };
         Ok(EncoderPool { model, encoders })
     }

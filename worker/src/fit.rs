@@ -178,7 +178,8 @@ pub fn fit_until(
         )?,
         Device::Cuda(_) => train(
             opts,
-            &mut Placement::alone_until(opts.device.cuda()?, stop).with_parts(parts),
+            &mut Placement::alone_until(opts.device.cuda(opts.config.train.tf32)?, stop)
+                .with_parts(parts),
             progress,
         )?,
     };

@@ -426,7 +426,13 @@ fn run_assignment(
     };
     match opts.device {
         Device::Cpu => train_placed(&opts, tessera_kernels::backend::Cpu, ring, placed, progress),
-        Device::Cuda(_) => train_placed(&opts, opts.device.cuda()?, ring, placed, progress),
+        Device::Cuda(_) => train_placed(
+            &opts,
+            opts.device.cuda(opts.config.train.tf32)?,
+            ring,
+            placed,
+            progress,
+        ),
     }
 }
 

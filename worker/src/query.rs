@@ -692,7 +692,12 @@ pub fn map_query(
 ) -> Result<QueryOutput, QueryError> {
     match req.device {
         Device::Cpu => map_on(Cpu, model, req, progress),
-        Device::Cuda(_) => map_on(req.device.cuda()?, model, req, progress),
+        Device::Cuda(_) => map_on(
+            req.device.cuda(model.record.train.tf32)?,
+            model,
+            req,
+            progress,
+        ),
     }
 }
 
