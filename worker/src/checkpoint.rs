@@ -310,7 +310,8 @@ fn gather(file: &SafeTensors<'_>, layout: &Layout, path: &Path) -> Result<Vec<f3
 /// The first key path where two resolved runs differ, ignoring the epoch count and TF32 (a
 /// precision mode a resume may change; checkpoints from before it existed lack the key).
 fn first_difference(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> Option<String> {
-    if matches!(at, "train.max_epochs" | "epochs" | "train.tf32") {
+    let may_change = |at: &str| matches!(at, "train.max_epochs" | "epochs" | "train.tf32");
+    if may_change(at) {
         return None;
     }
     match (a, b) {
@@ -324,7 +325,7 @@ fn first_difference(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> O
                 };
                 match (x.get(k), y.get(k)) {
                     (Some(p), Some(q)) => first_difference(p, q, &path),
-                    _ => Some(path),
+                    _ => (!may_change(&path)).then_some(path),
                 }
             })
         }
