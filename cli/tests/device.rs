@@ -21,6 +21,19 @@ fn nvrtc_folder() -> Option<PathBuf> {
         .find(|d| d.join("libnvrtc.so.12").is_file() || d.join("libnvrtc.so.13").is_file())
 }
 
+/// [`nvrtc_folder`], or None after saying SKIPPED (an error where CI requires NVRTC).
+fn nvrtc_or_skip() -> Option<PathBuf> {
+    let folder = nvrtc_folder();
+    if folder.is_none() {
+        assert!(
+            std::env::var_os("TESSERA_REQUIRE_NVRTC").is_none(),
+            "TESSERA_REQUIRE_NVRTC is set but no libnvrtc folder is on LD_LIBRARY_PATH"
+        );
+        eprintln!("SKIPPED: no NVRTC wheel on LD_LIBRARY_PATH (bash .ci/setup installs it)");
+    }
+    folder
+}
+
 fn devices(env: &[(&str, &str)]) -> String {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
     cmd.arg("devices").env_remove("LD_LIBRARY_PATH");
@@ -32,14 +45,8 @@ fn devices(env: &[(&str, &str)]) -> String {
 
 #[test]
 fn cuda_libraries_named_by_the_variable_are_found() {
-    let Some(folder) = nvrtc_folder() else {
-        assert!(
-            std::env::var_os("TESSERA_REQUIRE_NVRTC").is_none(),
-            "TESSERA_REQUIRE_NVRTC is set but no libnvrtc folder is on LD_LIBRARY_PATH"
-        );
-        return eprintln!(
-            "SKIPPED: no NVRTC wheel on LD_LIBRARY_PATH (bash .ci/setup installs it)"
-        );
+    let Some(folder) = nvrtc_or_skip() else {
+        return;
     };
     let folder = folder.display().to_string();
     // With `pip install nvidia-cuda-nvrtc-cu12` a `libnvrtc.so` link may also exist; the
@@ -58,14 +65,8 @@ fn cuda_libraries_named_by_the_variable_are_found() {
 /// kernel source, found through TESSERA_CUDA_LIBS; the GPU hosts run CUDA 13.
 #[test]
 fn every_cuda_source_compiles_with_the_nvrtc_of_cuda_12_and_13() {
-    let Some(folder) = nvrtc_folder() else {
-        assert!(
-            std::env::var_os("TESSERA_REQUIRE_NVRTC").is_none(),
-            "no NVRTC wheel found"
-        );
-        return eprintln!(
-            "SKIPPED: no NVRTC wheel on LD_LIBRARY_PATH (bash .ci/setup installs it)"
-        );
+    let Some(folder) = nvrtc_or_skip() else {
+        return;
     };
     // site-packages/nvidia/cuda_nvrtc/lib (CUDA 12) and site-packages/nvidia/cu13/lib (CUDA 13).
     let nvidia = folder
