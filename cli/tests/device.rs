@@ -168,6 +168,9 @@ fn the_device_check_script_runs_its_cpu_fallback_to_a_passing_table() {
         "step scVI size",
         "step Census size",
         "train --device cpu (2000 cells)",
+        "train the default data",
+        "train the Census-size model",
+        "train --workers 2 (2 CPU workers)",
     ] {
         assert!(row(stage).contains("| ok "), "{stage}: {table}");
     }
