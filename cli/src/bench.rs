@@ -1135,6 +1135,24 @@ fn ops<B: Backend<f32>>(b: &B, repeat: usize) -> Result<()> {
                 seconds,
                 String::new(),
             );
+            // The backward's transposed index, built on the host for every batch on both
+            // devices: per entry a log1p and a counting-sort move.
+            let seconds = timed(&mut || {
+                std::hint::black_box(tessera_kernels::ops::linear::transposed(
+                    counts,
+                    CountTransform::Log1p,
+                ));
+                Ok(())
+            })?;
+            let entries = (batch * nnz) as f64;
+            row(
+                format!("encoder bwd  host index [{batch}x{genes}, {nnz} nz]"),
+                None,
+                // Read the CSR (4 + 4 bytes per entry), write (row, value) pairs (16 bytes).
+                24.0 * entries,
+                seconds,
+                format!("  ({:.0} M entries/s)", entries / seconds / 1e6),
+            );
             // scVI's reconstruction term: per entry read the logit, write its gradient.
             let n = batch * genes;
             let logits = up(&values(n))?;

@@ -7,6 +7,8 @@
 //! Determinism: every output element is accumulated by one thread in a fixed order, so a seed
 //! reproduces a run bit for bit on one machine.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use crate::real::{Real, mul_add};
@@ -341,14 +343,65 @@ impl<T: Real> CsrRef<'_, T> {
     }
 }
 
-/// The transformed non-zeros t(X) in CSR order (the values both passes of the layer multiply).
+/// The transformed non-zeros t(X) in CSR order (the values both passes of the layer multiply),
+/// row blocks in parallel (each value depends on its row alone, so the bits are the same).
 pub fn transformed_values<T: Real>(x: CsrRef<'_, T>, transform: CountTransform) -> Vec<T> {
     x.check();
+    let mut values = vec![T::zero(); x.data.len()];
+    let blocks = row_blocks(x);
+    let mut pieces = Vec::with_capacity(blocks.len());
+    let mut rest = values.as_mut_slice();
+    for rows in &blocks {
+        let len = (x.indptr[rows.end] - x.indptr[rows.start]) as usize;
+        let (piece, tail) = rest.split_at_mut(len);
+        pieces.push((rows.clone(), piece));
+        rest = tail;
+    }
+    pieces
+        .into_par_iter()
+        .for_each(|(rows, out)| transform_rows(x, transform, rows, out));
+    values
+}
+
+/// Rows of at least this many non-zeros go to one task: below, splitting costs more than it saves.
+const BLOCK_ENTRIES: usize = 1 << 16;
+
+/// Contiguous row ranges of about equal non-zeros, a few per thread (one for a small batch).
+fn row_blocks<T>(x: CsrRef<'_, T>) -> Vec<Range<usize>> {
+    let nnz = x.data.len();
+    let wanted = (nnz / BLOCK_ENTRIES).clamp(1, 4 * rayon::current_num_threads());
+    let mut blocks = Vec::with_capacity(wanted);
+    let mut start = 0;
+    for b in 1..=wanted {
+        let target = (nnz * b / wanted) as u64;
+        let end = if b == wanted {
+            x.rows
+        } else {
+            start + x.indptr[start..=x.rows].partition_point(|&p| p < target)
+        };
+        if end > start {
+            blocks.push(start..end);
+            start = end;
+        }
+    }
+    if blocks.is_empty() {
+        blocks.push(0..x.rows);
+    }
+    blocks
+}
+
+/// [`transformed_values`] of `rows` into `out` (their non-zeros).
+fn transform_rows<T: Real>(
+    x: CsrRef<'_, T>,
+    transform: CountTransform,
+    rows: Range<usize>,
+    out: &mut [T],
+) {
     // The log1p arguments first, then their logarithms as one slice (SIMD lanes): ln(1 + a) is
     // as accurate as log1p where 1 + a keeps a's digits (a ≥ 1/2, every count); smaller
     // arguments are redone with log1p.
-    let mut args = Vec::with_capacity(x.data.len());
-    for r in 0..x.rows {
+    let mut args = Vec::with_capacity(out.len());
+    for r in rows {
         let library = match transform {
             CountTransform::Log1p => T::zero(), // unused: only the normalised transform needs it
             CountTransform::NormalizedLog1p { .. } => x.library(r),
@@ -360,14 +413,12 @@ pub fn transformed_values<T: Real>(x: CsrRef<'_, T>, transform: CountTransform) 
         );
     }
     let one_plus: Vec<T> = args.iter().map(|&a| T::one() + a).collect();
-    let mut values = vec![T::zero(); args.len()];
-    T::ln_to(&one_plus, &mut values);
-    for (v, &a) in values.iter_mut().zip(&args) {
+    T::ln_to(&one_plus, out);
+    for (v, &a) in out.iter_mut().zip(&args) {
         if a < T::of(0.5) {
             *v = a.ln_1p();
         }
     }
-    values
 }
 
 /// y (rows x d_out) = t(X) · w, X sparse (rows x cols = d_in), t the count transform.
@@ -454,27 +505,78 @@ fn weighted_row_sum<T: Real>(
 /// The transformed non-zeros indexed by gene: `col_ptr` (cols + 1) and, per entry, its row and
 /// transformed value, rows ascending within a gene (the fixed accumulation order of the weight
 /// gradient, on CPU and GPU).
-pub fn transposed<T: Real>(
-    x: CsrRef<'_, T>,
-    transform: CountTransform,
-) -> (Vec<usize>, Vec<(usize, T)>) {
+pub fn transposed<T: Real>(x: CsrRef<'_, T>, transform: CountTransform) -> ColumnIndex<T> {
     transposed_values(x, &transformed_values(x, transform))
 }
 
-/// [`transposed`] of already transformed values.
-pub fn transposed_values<T: Real>(x: CsrRef<'_, T>, values: &[T]) -> (Vec<usize>, Vec<(usize, T)>) {
+/// A count matrix by columns: column pointers, then each column's (row, value) in row order.
+pub type ColumnIndex<T> = (Vec<usize>, Vec<(usize, T)>);
+
+/// [`transposed`] of already transformed values: the column pointers and, column by column,
+/// each entry's (row, value) in row order. Row blocks sort their own entries by column in
+/// parallel; then column ranges gather the blocks' runs in block order, so the index is the one
+/// a single pass makes.
+pub fn transposed_values<T: Real>(x: CsrRef<'_, T>, values: &[T]) -> ColumnIndex<T> {
+    let blocks = row_blocks(x);
+    if blocks.len() == 1 {
+        return block_transposed(x, values, 0..x.rows);
+    }
+    let local: Vec<ColumnIndex<T>> = blocks
+        .par_iter()
+        .map(|rows| block_transposed(x, values, rows.clone()))
+        .collect();
+    let mut col_ptr = vec![0usize; x.cols + 1];
+    for j in 0..x.cols {
+        let n: usize = local.iter().map(|(p, _)| p[j + 1] - p[j]).sum();
+        col_ptr[j + 1] = col_ptr[j] + n;
+    }
+    // Column ranges of about equal entries, each a contiguous piece of the output.
+    let pieces_wanted = 4 * rayon::current_num_threads();
+    let mut entries = vec![(0usize, T::zero()); values.len()];
+    let mut pieces = Vec::with_capacity(pieces_wanted);
+    let (mut rest, mut start) = (entries.as_mut_slice(), 0usize);
+    for k in 1..=pieces_wanted {
+        let end = if k == pieces_wanted {
+            x.cols
+        } else {
+            let target = values.len() * k / pieces_wanted;
+            start + col_ptr[start..=x.cols].partition_point(|&p| p < target)
+        };
+        if end > start {
+            let (piece, tail) = rest.split_at_mut(col_ptr[end] - col_ptr[start]);
+            pieces.push((start..end, piece));
+            rest = tail;
+            start = end;
+        }
+    }
+    pieces.into_par_iter().for_each(|(cols, out)| {
+        let mut at = 0;
+        for j in cols {
+            for (p, e) in &local {
+                let run = &e[p[j]..p[j + 1]];
+                out[at..at + run.len()].copy_from_slice(run);
+                at += run.len();
+            }
+        }
+    });
+    (col_ptr, entries)
+}
+
+/// The counting sort by column of the entries of `rows` (rows keep their global numbers).
+fn block_transposed<T: Real>(x: CsrRef<'_, T>, values: &[T], rows: Range<usize>) -> ColumnIndex<T> {
+    let span = x.indptr[rows.start] as usize..x.indptr[rows.end] as usize;
     let mut counts = vec![0usize; x.cols + 1];
-    for &j in x.indices {
+    for &j in &x.indices[span.clone()] {
         counts[j as usize + 1] += 1;
     }
     for j in 0..x.cols {
         counts[j + 1] += counts[j];
     }
     let mut next = counts.clone();
-    let mut entries = vec![(0usize, T::zero()); x.data.len()];
-    for r in 0..x.rows {
-        let span = x.indptr[r] as usize..x.indptr[r + 1] as usize;
-        for (&j, &v) in x.indices[span.clone()].iter().zip(&values[span]) {
+    let mut entries = vec![(0usize, T::zero()); span.len()];
+    for r in rows {
+        let row = x.indptr[r] as usize..x.indptr[r + 1] as usize;
+        for (&j, &v) in x.indices[row.clone()].iter().zip(&values[row]) {
             entries[next[j as usize]] = (r, v);
             next[j as usize] += 1;
         }
@@ -521,6 +623,59 @@ pub fn sparse_backward_transposed<T: Real>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch big enough for several row blocks and column pieces: empty rows, a column no
+    /// row has, repeated columns within a row, uneven rows.
+    fn big_batch() -> (Vec<u64>, Vec<u32>, Vec<f64>) {
+        let (rows, cols) = (700usize, 3000usize);
+        let (mut indptr, mut indices, mut data) = (vec![0u64], Vec::new(), Vec::new());
+        for r in 0..rows {
+            if r % 13 != 0 {
+                let step = 1 + r % 7;
+                for j in (r % 5..cols).step_by(step) {
+                    if j != 17 {
+                        indices.push(j as u32);
+                        data.push(((r * 31 + j) % 40) as f64 * 0.5);
+                    }
+                }
+                indices.push((r % cols) as u32);
+                data.push(3.0);
+            }
+            indptr.push(indices.len() as u64);
+        }
+        (indptr, indices, data)
+    }
+
+    #[test]
+    fn the_parallel_index_and_values_are_the_single_pass_ones() {
+        let (indptr, indices, data) = big_batch();
+        let x = CsrRef {
+            rows: indptr.len() - 1,
+            cols: 3000,
+            indptr: &indptr,
+            indices: &indices,
+            data: &data,
+        };
+        assert!(row_blocks(x).len() > 1, "the test needs several blocks");
+        for transform in [
+            CountTransform::Log1p,
+            CountTransform::NormalizedLog1p { scale: 1e4 },
+        ] {
+            let values = transformed_values(x, transform);
+            let single = {
+                let mut out = vec![0.0; data.len()];
+                transform_rows(x, transform, 0..x.rows, &mut out);
+                out
+            };
+            assert_eq!(values, single, "{transform:?}: values");
+            let (col_ptr, entries) = transposed_values(x, &values);
+            assert_eq!(
+                (col_ptr, entries),
+                block_transposed(x, &values, 0..x.rows),
+                "{transform:?}: index"
+            );
+        }
+    }
     use crate::gradcheck::{check_at, spread};
 
     fn values(n: usize, seed: f64) -> Vec<f64> {
