@@ -102,6 +102,8 @@ fn every_overlay_renders_and_validates_against_the_kubernetes_schemas() {
             "{name}: an image without its registry"
         );
         let training = if name == "kubeflow" {
+            // Its ranks ask for GPUs: they train on them.
+            assert!(rendered.contains("- --device\n"), "{name}: no --device");
             "TrainJob"
         } else {
             "Job"
@@ -143,6 +145,15 @@ fn the_gpu_overlay_asks_for_one_gpu_per_rank_and_the_ranks_find_rank_0() {
     let gpu = render(&kubectl, &repo().join("deploy/k8s/overlays/gpu"));
     assert!(gpu.contains("nvidia.com/gpu: \"1\""), "{gpu}");
     assert!(gpu.contains("image: ghcr.io/example/tessera:cuda"), "{gpu}");
+    // The ranks train on their GPU (`--device` from TESSERA_DEVICE), not on the pod's CPUs.
+    assert!(
+        gpu.lines()
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .windows(2)
+            .any(|w| w == ["- name: TESSERA_DEVICE", "value: cuda"]),
+        "{gpu}"
+    );
     let cpu = render(&kubectl, &repo().join("deploy/k8s/overlays/cpu"));
     assert!(!cpu.contains("nvidia.com/gpu"));
     // Rank from the completion index; rank 0 through the headless Service.

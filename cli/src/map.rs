@@ -48,7 +48,7 @@ pub struct MapArgs {
     #[arg(long, default_value = "tessera-out")]
     out: PathBuf,
     /// Where the query model is fine-tuned: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "TESSERA_DEVICE", default_value = "cpu")]
     device: tessera_worker::device::Device,
 }
 

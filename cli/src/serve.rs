@@ -60,7 +60,7 @@ pub struct ServeArgs {
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
     /// Where models encode and mapping jobs fine-tune: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "TESSERA_DEVICE", default_value = "cpu")]
     device: tessera_worker::device::Device,
 }
 

@@ -76,7 +76,7 @@ pub struct TrainArgs {
     /// Where to train: cpu, cuda (GPU 0; with --workers N, worker i on GPU i; under a launcher,
     /// the GPU of LOCAL_RANK) or cuda:N. The CUDA libraries are loaded at run time: set
     /// TESSERA_CUDA_LIBS to the folders holding them where the loader does not find them.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "TESSERA_DEVICE", default_value = "cpu")]
     device: tessera_worker::device::Device,
     /// On a GPU, run the f32 GEMMs on TF32 tensor cores (`train.tf32`; faster, ~1e-3 relative
     /// error per product).

@@ -36,7 +36,7 @@ pub struct WorkerArgs {
     metrics_listen: Option<SocketAddr>,
     /// Where this worker trains jobs that name no device, and the GPU it uses for jobs that ask
     /// for "cuda": cpu, cuda (the GPU of LOCAL_RANK, else 0) or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, env = "TESSERA_DEVICE", default_value = "cpu")]
     device: tessera_worker::device::Device,
 }
 

@@ -120,6 +120,21 @@ fn a_gpu_where_there_is_none_is_an_error_naming_what_was_looked_for() {
         err.contains("device cuda:0") && err.contains("libcuda"),
         "{err}"
     );
+    // The same from the environment (what the GPU manifests set).
+    let from_env = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args([
+            "train",
+            "--data",
+            &data.display().to_string(),
+            "--out",
+            &out,
+        ])
+        .env("TESSERA_DEVICE", "cuda:1")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = failed(&from_env);
+    assert!(err.contains("device cuda:1"), "{err}");
     let err = failed(&tessera(&[
         "map", "--model", &out, "--data", "x.zarr", "--device", "tpu",
     ]));
