@@ -6,6 +6,7 @@
 //! shapes and device buffers.
 
 pub mod backend;
+mod background;
 pub mod cuda;
 pub mod cuda_libs;
 pub mod gradcheck;

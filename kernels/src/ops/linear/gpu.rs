@@ -2,13 +2,14 @@
 //! first layer (kernels in `linear.cu`).
 #![allow(unsafe_code)] // cuBLAS and kernel launches: dimensions and sizes are checked before each
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{CUDA_SOURCE, CountTransform, CsrRef};
+use crate::background::Background;
 use crate::cuda::{CudaError, Gpu, Result, View, ViewMut, driver as failed};
 
 /// C (m x n, row-major) = alpha · op(A) op(B) + beta · C, as [`super::Gemm::gemm`].
@@ -75,14 +76,22 @@ pub struct DeviceCsr {
     pub indptr: CudaSlice<u64>,
     pub indices: CudaSlice<u32>,
     pub data: CudaSlice<f32>,
-    host: (Vec<u64>, Vec<u32>, Vec<f32>),
+    host: Arc<HostRows>,
     transposed: OnceLock<(CountTransform, DeviceTransposed)>,
+    /// The backward's transposed index, being built on the host since the forward was queued.
+    building: Mutex<Option<(CountTransform, Background<HostTransposed>)>>,
     /// With each row's repeated columns summed, when a row repeats one (None: it is itself).
     unique: OnceLock<Option<UniqueRows>>,
 }
 
 /// A CSR's arrays on the device.
 type UniqueRows = (CudaSlice<u64>, CudaSlice<u32>, CudaSlice<f32>);
+
+/// A CSR's arrays on the host: indptr, indices, data.
+type HostRows = (Vec<u64>, Vec<u32>, Vec<f32>);
+
+/// The transposed index's arrays on the host: column pointers, rows, transformed values.
+type HostTransposed = (Vec<u64>, Vec<u32>, Vec<f32>);
 
 /// t(X) by columns: column pointers, the row of each entry and its transformed value.
 #[derive(Debug)]
@@ -101,8 +110,9 @@ impl DeviceCsr {
             indptr: gpu.upload(x.indptr)?,
             indices: gpu.upload(x.indices)?,
             data: gpu.upload(x.data)?,
-            host: (x.indptr.to_vec(), x.indices.to_vec(), x.data.to_vec()),
+            host: Arc::new((x.indptr.to_vec(), x.indices.to_vec(), x.data.to_vec())),
             transposed: OnceLock::new(),
+            building: Mutex::new(None),
             unique: OnceLock::new(),
         })
     }
@@ -137,26 +147,64 @@ impl DeviceCsr {
     }
 
     pub fn host(&self) -> CsrRef<'_, f32> {
-        CsrRef {
-            rows: self.rows,
-            cols: self.cols,
-            indptr: &self.host.0,
-            indices: &self.host.1,
-            data: &self.host.2,
+        rows_of(&self.host, self.rows, self.cols)
+    }
+
+    /// Starts building the backward's transposed index on the host pool, so it overlaps the
+    /// kernels the forward and backward queue (the backward's sparse layer waits for it).
+    pub(crate) fn start_transpose(&self, transform: CountTransform) {
+        if self.transposed.get().is_some() {
+            return;
+        }
+        let mut building = self.building.lock().unwrap_or_else(|p| p.into_inner());
+        if building.is_none() {
+            let host = Arc::clone(&self.host);
+            let (rows, cols) = (self.rows, self.cols);
+            let task =
+                Background::spawn(move || host_transposed(rows_of(&host, rows, cols), transform));
+            *building = Some((transform, task));
         }
     }
 
     fn transpose(&self, gpu: &Gpu, transform: CountTransform) -> Result<DeviceTransposed> {
-        let (col_ptr, entries) = super::transposed(self.host(), transform);
-        let col_ptr: Vec<u64> = col_ptr.into_iter().map(|c| c as u64).collect();
-        let rows_of: Vec<u32> = entries.iter().map(|&(r, _)| r as u32).collect();
-        let values: Vec<f32> = entries.iter().map(|&(_, v)| v).collect();
+        let started = self
+            .building
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let built = match started {
+            Some((t, task)) if t == transform => task.wait(),
+            _ => None,
+        };
+        let (col_ptr, rows_of, values) =
+            built.unwrap_or_else(|| host_transposed(self.host(), transform));
         Ok(DeviceTransposed {
             col_ptr: gpu.upload(&col_ptr)?,
             rows_of: gpu.upload(&rows_of)?,
             values: gpu.upload(&values)?,
         })
     }
+}
+
+/// The host arrays as a CSR view.
+fn rows_of(host: &HostRows, rows: usize, cols: usize) -> CsrRef<'_, f32> {
+    CsrRef {
+        rows,
+        cols,
+        indptr: &host.0,
+        indices: &host.1,
+        data: &host.2,
+    }
+}
+
+/// The backward's transposed index as the arrays the kernel reads.
+fn host_transposed(x: CsrRef<'_, f32>, transform: CountTransform) -> HostTransposed {
+    let (col_ptr, entries) = super::transposed(x, transform);
+    (
+        col_ptr.into_iter().map(|c| c as u64).collect(),
+        entries.iter().map(|&(r, _)| r as u32).collect(),
+        entries.iter().map(|&(_, v)| v).collect(),
+    )
 }
 
 /// The CSR with each row's repeated columns summed into one entry (the kernel adds each
@@ -230,6 +278,7 @@ pub fn sparse_input_forward(
         .arg(w)
         .arg(&d_out64)
         .arg(y);
+    x.start_transpose(transform);
     // SAFETY: the CSR arrays were validated at upload; w and y have the asserted sizes.
     unsafe { b.launch(tiles(x.rows, d_out)) }
         .map(|_| ())
