@@ -8,13 +8,20 @@
 #
 # Without a GPU it runs the same stages on the CPU at small sizes (CI does, through
 # tests/gpu_check.rs), so the script itself is tested where no GPU is. TESSERA_CUDA_LIBS
-# defaults to every `nvidia/*/lib` folder of the host's Python. TESSERA_CHECK_CELLS sets the
-# training store's size (default 200,000 on a GPU). Exit status: 0 when every stage passed.
+# defaults to the toolkit's and every `nvidia/*/lib` folder of the host's Python.
+# TESSERA_CHECK_CELLS sets the training store's size (default 200,000 on a GPU);
+# TESSERA_CHECK_STAGE_S bounds each stage (default 300 s). Exit status: 0 when every stage passed.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$(cd "${1:-$here/bin}" && pwd) || { echo "no binaries in ${1:-$here/bin}: run bench/gpu/build.sh"; exit 2; }
 tessera=$bin/tessera
-work=${TESSERA_CHECK_DIR:-$(mktemp -d)}
+# Logs and the table: TESSERA_CHECK_DIR, else $OUT/check (what a device runner brings back).
+work=${TESSERA_CHECK_DIR:-${OUT:+$OUT/check}}
+work=${work:-$(mktemp -d)}
+# Stores and training outputs (gigabytes at GPU sizes) go elsewhere: only logs come back.
+scratch=${TESSERA_CHECK_SCRATCH:-$(mktemp -d)}
+# Every stage is bounded: a hung collective or kernel fails its row instead of the whole run.
+limit="timeout -k 10 ${TESSERA_CHECK_STAGE_S:-300}"
 mkdir -p "$work"
 started=$(date +%s)
 rows=()
@@ -45,7 +52,7 @@ else
 fi
 
 # 0. Every kernel source compiles with this host's NVRTC (no GPU needed).
-if "$tessera" devices --compile >"$work/compile.log" 2>&1; then
+if $limit "$tessera" devices --compile >"$work/compile.log" 2>&1; then
   row "NVRTC compiles the kernels" ok "$(tail -1 "$work/compile.log")"
 elif [ "$device" = cpu ] && grep -q 'libnvrtc not found' "$work/compile.log"; then
   row "NVRTC compiles the kernels" SKIPPED "no libnvrtc here (see TESSERA_CUDA_LIBS)"
@@ -56,7 +63,7 @@ fi
 # 1. Parity tests (kernels, whole models, NCCL): compiled here, run there.
 for t in kernels_cuda_parity models_cuda_parity worker_nccl; do
   if [ ! -x "$bin/$t" ]; then row "$t" missing "not in $bin (bench/gpu/build.sh builds it)"; continue; fi
-  if "$bin/$t" --test-threads=1 --nocapture >"$work/$t.log" 2>&1; then
+  if $limit "$bin/$t" --test-threads=1 --nocapture >"$work/$t.log" 2>&1; then
     passed=$(grep -o '[0-9]* passed' "$work/$t.log" | tail -1)
     skipped=$(grep -c 'SKIPPED' "$work/$t.log")
     row "$t" ok "$passed, $skipped SKIPPED"
@@ -66,7 +73,7 @@ for t in kernels_cuda_parity models_cuda_parity worker_nccl; do
 done
 
 # 2. Op benchmark.
-if "$tessera" bench ops --device "$device" >"$work/ops.log" 2>&1; then
+if $limit "$tessera" bench ops --device "$device" >"$work/ops.log" 2>&1; then
   row "bench ops --device $device" ok "$(grep -c . "$work/ops.log") lines (log: $work/ops.log)"
 else
   row "bench ops --device $device" FAIL "$(tail -1 "$work/ops.log")"
@@ -78,7 +85,7 @@ logfile() { echo "$work/$(echo "$1" | tr ' ,' '__').log"; }
 step() { # name, args...
   local name=$1 log; shift
   log=$(logfile "$name")
-  if "$tessera" bench step --device "$device" "$@" >"$log" 2>&1; then
+  if $limit "$tessera" bench step --device "$device" "$@" >"$log" 2>&1; then
     row "$name" ok "$(grep -m1 'cells/s' "$log" | sed 's/^ *//')"
   else
     row "$name" FAIL "$(tail -1 "$log")"
@@ -90,16 +97,16 @@ step "step Census size" --genes 8000 --hidden 512 --batch 1024 --nnz 1500 --step
 [ "$device" = cuda ] && step "step Census size, TF32" --genes 8000 --hidden 512 --batch 1024 --nnz 1500 --steps "$census_steps" --config "$work/census.toml" --tf32
 
 # 4. `tessera train` on a simulated store: the device's first 50 steps against the CPU's.
-store=$work/sim.zarr
-rm -rf "$store" "$work/sim-cpu.zarr" "$work/train-"*
-if "$tessera" simulate "$store" --cells "$cells" --genes 2000 >"$work/simulate.log" 2>&1; then
-  cp -r "$store" "$work/sim-cpu.zarr"
+store=$scratch/sim.zarr
+rm -rf "$store" "$scratch/sim-cpu.zarr" "$scratch/train-"*
+if $limit "$tessera" simulate "$store" --cells "$cells" --genes 2000 >"$work/simulate.log" 2>&1; then
+  cp -r "$store" "$scratch/sim-cpu.zarr"
   t0=$SECONDS
-  if "$tessera" train --data "$store" --out "$work/train-$device" --device "$device" --epochs 2 --step-log 50 >"$work/train-$device.log" 2>&1; then
-    rate=$(python3 -c "import csv; r=list(csv.DictReader(open('$work/train-$device/history.csv'))); c=float(r[-1]['cells_per_second']); print(', '.join(f\"epoch {x['epoch']}: {float(x['cells_per_second']):.0f} cells/s\" for x in r) + f'; one epoch of 1M cells: {1e6 / c:.1f} s')" 2>/dev/null)
+  if $limit "$tessera" train --data "$store" --out "$scratch/train-$device" --device "$device" --epochs 2 --step-log 50 >"$work/train-$device.log" 2>&1; then
+    rate=$(python3 -c "import csv; r=list(csv.DictReader(open('$scratch/train-$device/history.csv'))); c=float(r[-1]['cells_per_second']); print(', '.join(f\"epoch {x['epoch']}: {float(x['cells_per_second']):.0f} cells/s\" for x in r) + f'; one epoch of 1M cells: {1e6 / c:.1f} s')" 2>/dev/null)
     row "train --device $device ($cells cells)" ok "$((SECONDS - t0)) s; $rate"
-    if "$tessera" train --data "$work/sim-cpu.zarr" --out "$work/train-cpu-ref" --device cpu --epochs 2 --step-log 50 >"$work/train-cpu-ref.log" 2>&1; then
-      diff=$(python3 - "$work/train-$device/steps.csv" "$work/train-cpu-ref/steps.csv" <<'PY'
+    if $limit "$tessera" train --data "$scratch/sim-cpu.zarr" --out "$scratch/train-cpu-ref" --device cpu --epochs 2 --step-log 50 >"$work/train-cpu-ref.log" 2>&1; then
+      diff=$(python3 - "$scratch/train-$device/steps.csv" "$scratch/train-cpu-ref/steps.csv" <<'PY'
 import csv, sys
 a, b = (list(csv.DictReader(open(p))) for p in sys.argv[1:3])
 worst = max(abs(float(x["loss"]) - float(y["loss"])) / max(abs(float(y["loss"])), 1e-12) for x, y in zip(a, b))
@@ -122,17 +129,17 @@ fi
 train_stage() { # name, args...
   local name=$1 log; shift
   log=$(logfile "$name")
-  if "$tessera" train --device "$device" "$@" >"$log" 2>&1; then
+  if $limit "$tessera" train --device "$device" "$@" >"$log" 2>&1; then
     row "$name" ok "$(grep -m1 'cells/s over' "$log" | sed 's/^ *//'); $(grep -m1 -o 'final validation loss [0-9.]*' "$log")"
   else
     row "$name" FAIL "$(grep -m1 -A2 Error "$log" | tr '\n' ' ' | cut -c1-160)"
   fi
 }
-rm -rf "$work/demo" "$work/census.zarr" "$work/census-out"
-train_stage "train the default data" --out "$work/demo" --epochs "$([ "$device" = cuda ] && echo 20 || echo 1)"
+rm -rf "$scratch/demo" "$scratch/census.zarr" "$scratch/census-out"
+train_stage "train the default data" --out "$scratch/demo" --epochs "$([ "$device" = cuda ] && echo 20 || echo 1)"
 printf '[model]\nn_hidden = 512\nn_layers = 2\nn_latent = 50\n[train]\nbatch_size = 1024\n' >"$work/census-train.toml"
-if "$tessera" simulate "$work/census.zarr" --genes 8000 --cells "$([ "$device" = cuda ] && echo 100000 || echo 2500)" >"$work/simulate-census.log" 2>&1; then
-  train_stage "train the Census-size model" --data "$work/census.zarr" --out "$work/census-out" --config "$work/census-train.toml" --epochs 2
+if $limit "$tessera" simulate "$scratch/census.zarr" --genes 8000 --cells "$([ "$device" = cuda ] && echo 100000 || echo 2500)" >"$work/simulate-census.log" 2>&1; then
+  train_stage "train the Census-size model" --data "$scratch/census.zarr" --out "$scratch/census-out" --config "$work/census-train.toml" --epochs 2
 else
   row "train the Census-size model" FAIL "$(tail -1 "$work/simulate-census.log")"
 fi
@@ -140,7 +147,7 @@ fi
 # 5. Data-parallel: two workers against one process over the same two parts (the result
 # depends on the parts, not on the workers). Two GPUs: NCCL; one: both workers on it, reducing
 # over the TCP ring (NCCL refuses two ranks on one GPU); no GPU: CPU workers.
-small=$work/small.zarr
+small=$scratch/small.zarr
 gpus=$(grep -c '^cuda:[0-9]*: ' "$work/devices.log")
 if [ "$device" = cuda ] && [ "$gpus" -ge 2 ]; then
   dp_device=cuda dp_env="" dp_name="2 GPUs, NCCL"
@@ -149,13 +156,13 @@ elif [ "$device" = cuda ]; then
 else
   dp_device=cpu dp_env="" dp_name="2 CPU workers"
 fi
-rm -rf "$small" "$work/small-one.zarr" "$work/dp-"*
+rm -rf "$small" "$scratch/small-one.zarr" "$scratch/dp-"*
 printf '[train]\nparts = 2\n' >"$work/parts2.toml"
-if "$tessera" simulate "$small" --cells 20000 --genes 2000 >"$work/simulate-small.log" 2>&1 &&
-  cp -r "$small" "$work/small-one.zarr" &&
-  env $dp_env "$tessera" train --data "$small" --out "$work/dp-workers" --device "$dp_device" --workers 2 --epochs 2 --config "$work/parts2.toml" >"$work/dp-workers.log" 2>&1 &&
-  "$tessera" train --data "$work/small-one.zarr" --out "$work/dp-one" --device "${dp_device%%:*}" --epochs 2 --config "$work/parts2.toml" >"$work/dp-one.log" 2>&1; then
-  diff=$(python3 - "$work/dp-workers/history.csv" "$work/dp-one/history.csv" <<'PY'
+if $limit "$tessera" simulate "$small" --cells 20000 --genes 2000 >"$work/simulate-small.log" 2>&1 &&
+  cp -r "$small" "$scratch/small-one.zarr" &&
+  $limit env $dp_env "$tessera" train --data "$small" --out "$scratch/dp-workers" --device "$dp_device" --workers 2 --epochs 2 --config "$work/parts2.toml" >"$work/dp-workers.log" 2>&1 &&
+  $limit "$tessera" train --data "$scratch/small-one.zarr" --out "$scratch/dp-one" --device "${dp_device%%:*}" --epochs 2 --config "$work/parts2.toml" >"$work/dp-one.log" 2>&1; then
+  diff=$(python3 - "$scratch/dp-workers/history.csv" "$scratch/dp-one/history.csv" <<'PY'
 import csv, sys
 a, b = (list(csv.DictReader(open(p))) for p in sys.argv[1:3])
 worst = max(abs(float(x["train_loss"]) - float(y["train_loss"])) / abs(float(y["train_loss"])) for x, y in zip(a, b))
@@ -169,7 +176,7 @@ else
 fi
 
 # 6. NCCL all-reduce bandwidth.
-if "$tessera" bench nccl >"$work/nccl.log" 2>&1; then
+if $limit "$tessera" bench nccl >"$work/nccl.log" 2>&1; then
   if grep -q SKIPPED "$work/nccl.log"; then
     row "bench nccl" SKIPPED "$(grep -m1 SKIPPED "$work/nccl.log" | cut -c1-100)"
   else
@@ -180,8 +187,9 @@ else
 fi
 
 echo
-echo "tessera device check: $device, $(( $(date +%s) - started )) s, logs in $work"
+echo "tessera device check: $device, $(( $(date +%s) - started )) s, logs in $work, stores in $scratch"
 printf '| %-32s | %-7s | %s |\n' stage result detail
 printf '|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..34})" "$(printf -- '-%.0s' {1..9})" "--------"
 printf '%s\n' "${rows[@]}"
+printf '%s\n' "${rows[@]}" >"$work/summary.md"
 exit $failed

@@ -158,6 +158,7 @@ fn the_device_check_script_runs_its_cpu_fallback_to_a_passing_table() {
         .arg(&script)
         .arg(&bin)
         .env("TESSERA_CHECK_DIR", dir.path().join("work"))
+        .env("TESSERA_CHECK_SCRATCH", dir.path().join("scratch"))
         .env("TESSERA_CHECK_CELLS", "2000")
         .env("TESSERA_LOG", "warn")
         .output()
@@ -197,7 +198,9 @@ fn the_device_check_script_runs_its_cpu_fallback_to_a_passing_table() {
         "{table}"
     );
     assert!(row("bench nccl").contains("SKIPPED"), "{table}");
-    let csv = std::fs::read_to_string(dir.path().join("work/train-cpu/steps.csv")).unwrap();
+    let csv = std::fs::read_to_string(dir.path().join("scratch/train-cpu/steps.csv")).unwrap();
+    let summary = std::fs::read_to_string(dir.path().join("work/summary.md")).unwrap();
+    assert!(summary.contains("| first 50 steps vs the CPU"), "{summary}");
     assert!(csv.starts_with("step,loss,reconstruction,kl"), "{csv}");
     // 1,800 training cells (10% held out) in batches of 128: 14 full and one of 8, twice.
     assert_eq!(csv.lines().count(), 1 + 30, "{csv}");
