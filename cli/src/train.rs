@@ -241,7 +241,6 @@ pub(crate) fn read_config(
     Ok(config)
 }
 
-/// Trains in this process, with a progress bar.
 /// The logged steps' loss terms, one row per step.
 fn write_steps(path: &std::path::Path, steps: &[tessera_models::LossTerms]) -> Result<()> {
     let mut csv = String::from("step,loss,reconstruction,kl,regularization,supervised,cells\n");
@@ -260,6 +259,7 @@ fn write_steps(path: &std::path::Path, steps: &[tessera_models::LossTerms]) -> R
     std::fs::write(path, csv).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Trains in this process, with a progress bar.
 fn train_alone(
     opts: &FitOptions,
     metrics: &crate::metrics::TrainMetrics,

@@ -133,7 +133,12 @@ fn simulate_then_inspect_and_no_overwrite() {
     let again = tessera(&["simulate", store, "--cells", "10"]);
     assert!(!again.status.success());
     let err = String::from_utf8_lossy(&again.stderr);
-    assert!(err.contains("already exists"), "{err}");
+    // simulate has no --overwrite: the advice is one the user can follow.
+    assert!(
+        err.contains("already exists") && err.contains("write to a new location"),
+        "{err}"
+    );
+    assert!(!err.contains("--overwrite"), "{err}");
 }
 
 #[test]
@@ -195,5 +200,66 @@ fn bench_step_runs_on_the_cpu_and_a_missing_gpu_is_named() {
         !tf32.status.success()
             && String::from_utf8_lossy(&tf32.stderr)
                 .contains("--tf32 applies to --device cuda only")
+    );
+}
+
+/// Every file under `dir`, with its bytes, in path order.
+fn snapshot(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push((path.clone(), std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// Zero epochs would have replaced a trained embedding with an untrained model's (and then
+/// failed drawing the loss): refused before the store or the output folder is touched.
+#[test]
+fn zero_epochs_are_refused_and_nothing_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, out) = (dir.path().join("s.zarr"), dir.path().join("out"));
+    let (store, out) = (store.to_str().unwrap(), out.to_str().unwrap());
+    stdout(&tessera(&[
+        "simulate", store, "--cells", "600", "--genes", "40",
+    ]));
+    stdout(&tessera(&[
+        "train", "--data", store, "--out", out, "--epochs", "1",
+    ]));
+    let (before, out_before) = (
+        snapshot(std::path::Path::new(store)),
+        snapshot(std::path::Path::new(out)),
+    );
+    let o = tessera(&[
+        "train",
+        "--data",
+        store,
+        "--out",
+        out,
+        "--epochs",
+        "0",
+        "--overwrite",
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("max_epochs = 0") && err.contains("expected at least 1"),
+        "{err}"
+    );
+    assert!(
+        snapshot(std::path::Path::new(store)) == before,
+        "the store changed"
+    );
+    assert!(
+        snapshot(std::path::Path::new(out)) == out_before,
+        "the outputs changed"
     );
 }

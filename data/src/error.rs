@@ -65,6 +65,12 @@ pub enum DataError {
     #[error("{store}: {path}: already exists; pass --overwrite (overwrite=true) to replace it")]
     Exists { store: String, path: String },
 
+    /// A new store was to be written where something already is (no flag replaces it).
+    #[error(
+        "{store}: already exists (a store or other files); write to a new location or remove it first"
+    )]
+    Occupied { store: String },
+
     #[error("{context}: {reason}")]
     Io { context: String, reason: String },
 }

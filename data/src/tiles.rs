@@ -46,9 +46,8 @@ impl TileMatrices {
             .list_dir(&StorePrefix::root())
             .map_err(|e| writer.store.at("/").read(e))?;
         if !listing.keys().is_empty() || !listing.prefixes().is_empty() {
-            return Err(DataError::Exists {
+            return Err(DataError::Occupied {
                 store: writer.store.name(),
-                path: "/".into(),
             });
         }
         let block = block.clamp(1, n.max(1));
@@ -205,12 +204,12 @@ mod tests {
         // (removing the scratch store removes everything under it).
         assert!(matches!(
             TileMatrices::create(location, n, 4, 2),
-            Err(DataError::Exists { .. })
+            Err(DataError::Occupied { .. })
         ));
         std::fs::write(dir.path().join("notes.txt"), b"mine").unwrap();
         assert!(matches!(
             TileMatrices::create(dir.path().to_str().unwrap(), n, 4, 2),
-            Err(DataError::Exists { .. })
+            Err(DataError::Occupied { .. })
         ));
         assert!(dir.path().join("notes.txt").exists());
         // Bad requests name the store, the matrix and the problem.

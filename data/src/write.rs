@@ -172,9 +172,8 @@ impl StoreWriter {
     pub fn create(location: &str, version: ZarrVersion) -> Result<StoreWriter> {
         let store = Store::connect(location)?;
         if store.zarr_version()?.is_some() {
-            return Err(DataError::Exists {
+            return Err(DataError::Occupied {
                 store: store.name(),
-                path: "/".into(),
             });
         }
         Ok(StoreWriter { store, version })

@@ -87,7 +87,7 @@ fn bad_inputs_are_named() {
         |_| {},
     )
     .unwrap_err();
-    assert!(matches!(err, DataError::Exists { .. }), "{err}");
+    assert!(matches!(err, DataError::Occupied { .. }), "{err}");
 }
 
 #[test]

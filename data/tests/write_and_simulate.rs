@@ -270,7 +270,7 @@ fn memory_store_round_trip() {
         |_| {},
     )
     .unwrap_err();
-    assert!(matches!(err, DataError::Exists { .. }), "{err}");
+    assert!(matches!(err, DataError::Occupied { .. }), "{err}");
     let _ = MuData::open(url).unwrap_err();
 }
 

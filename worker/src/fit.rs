@@ -42,6 +42,7 @@ impl FitConfig {
 /// configuration parses. Returns the training cells of each epoch and the number of epochs.
 pub fn check_job(data: &str, config_toml: &str) -> Result<(u64, u32), FitError> {
     let config = FitConfig::from_toml(config_toml, "config_toml")?;
+    check_epochs(&config.train)?;
     let n_obs = Dataset::open(data)?.n_obs();
     let tc = &config.train;
     Ok((n_obs - tc.validation_cells(n_obs), tc.epochs(n_obs) as u32))
@@ -127,6 +128,19 @@ struct Inputs {
     n_targets: usize,
     /// Survival time and event: the two numeric obs columns after them.
     survival: bool,
+}
+
+/// Zero epochs would write an untrained model's embedding over the store's: refused before
+/// anything is read or written.
+fn check_epochs(train: &TrainConfig) -> Result<(), FitError> {
+    if train.max_epochs == Some(0) {
+        return Err(FitError::Config {
+            file: "[train]".into(),
+            reason: "max_epochs = 0 (--epochs 0): expected at least 1; no outputs were touched"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 /// The obs columns the configured heads read, once the configuration is checked
@@ -292,6 +306,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
     /// (existing outputs refused now rather than after hours of training), the model, the
     /// validation batches and, when asked, the checkpoint to resume from.
     fn prepare(opts: &'a FitOptions, place: &'a mut Placement<B>) -> Result<Run<'a, B>, FitError> {
+        check_epochs(&opts.config.train)?;
         let dataset = Dataset::open(&opts.data)?;
         let n_obs = dataset.n_obs();
         let tc = opts.config.train.clone();
@@ -1119,4 +1134,20 @@ fn write_history(path: &Path, history: &[EpochRecord]) -> Result<(), FitError> {
         ));
     }
     write_file(path, csv.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_of_zero_epochs_is_refused_before_its_store_is_opened() {
+        let e = check_job("/nonexistent.zarr", "[train]\nmax_epochs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("max_epochs = 0") && e.contains("expected at least 1"),
+            "{e}"
+        );
+    }
 }

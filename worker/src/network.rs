@@ -688,7 +688,7 @@ fn network_out_of_core(
     let matrices = matrices_needed(views.len());
     let created = TileMatrices::create(&out_of_core.scratch, n, out_of_core.block, matrices);
     let tiles = created.map_err(|e| match e {
-        DataError::Exists { store, .. } => input(
+        DataError::Occupied { store } => input(
             &req.data,
             format!(
                 "the scratch location {store} is not empty: name a new one \
