@@ -263,3 +263,35 @@ fn zero_epochs_are_refused_and_nothing_is_replaced() {
         "the outputs changed"
     );
 }
+
+/// The weights, the reference and the checkpoint are readable as the other outputs are (they
+/// were created 0600 while history.csv followed the umask: a shared volume's readers failed).
+#[test]
+fn every_output_file_takes_the_same_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, out) = (dir.path().join("s.zarr"), dir.path().join("out"));
+    let (store_s, out_s) = (store.to_str().unwrap(), out.to_str().unwrap());
+    stdout(&tessera(&[
+        "simulate", store_s, "--cells", "400", "--genes", "30",
+    ]));
+    stdout(&tessera(&[
+        "train", "--data", store_s, "--out", out_s, "--epochs", "1",
+    ]));
+    let mode = |p: &str| std::fs::metadata(out.join(p)).unwrap().permissions().mode() & 0o777;
+    let expected = mode("history.csv");
+    for file in [
+        "model.safetensors",
+        "reference.safetensors",
+        "checkpoint/model.safetensors",
+        "checkpoint/optimizer.safetensors",
+        "config.json",
+    ] {
+        assert_eq!(
+            mode(file),
+            expected,
+            "{file}: {:o} vs {expected:o}",
+            mode(file)
+        );
+    }
+}

@@ -202,7 +202,10 @@ fn write_tensors(
         ("format".to_string(), "tessera-vae".to_string()),
         ("step".to_string(), step.to_string()),
     ]);
-    safetensors::tensor::serialize_to_file(views, Some(metadata), path).map_err(|e| out(&e))
+    // Written through std::fs, so the file takes the umask's mode like every other output
+    // (serialize_to_file creates it 0600: a shared volume's readers could not load it).
+    let bytes = safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| out(&e))?;
+    std::fs::write(path, bytes).map_err(|e| out(&e))
 }
 
 /// Reads the checkpoint into `trainer` and returns the run state. Refuses a checkpoint of

@@ -85,8 +85,10 @@ impl Reference {
                 json(serde_json::json!(self.batch_categories)),
             ),
         ]);
-        safetensors::tensor::serialize_to_file(views, Some(metadata), path)
-            .map_err(|e| fail(e.to_string()))
+        // Through std::fs: the umask's mode, like every other output (see checkpoint.rs).
+        let bytes = safetensors::tensor::serialize(views, Some(metadata))
+            .map_err(|e| fail(e.to_string()))?;
+        std::fs::write(path, bytes).map_err(|e| fail(e.to_string()))
     }
 
     /// Reads a reference written by [`Reference::write`]; anything else is refused by name.
