@@ -54,14 +54,6 @@ impl std::fmt::Debug for EncoderPool {
 }
 
 impl EncoderPool {
-    /// Encoders on the CPU.
-    pub fn new(model: ReferenceModel) -> EncoderPool {
-        EncoderPool {
-            model,
-            encoders: Encoders::Cpu(Mutex::default()),
-        }
-    }
-
     /// Encoders on `device` (a GPU is opened now: a missing one is an error here, not at the
     /// first call).
     pub fn on(model: ReferenceModel, device: Device) -> Result<EncoderPool, QueryError> {

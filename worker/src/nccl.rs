@@ -87,11 +87,6 @@ impl Nccl {
         Ok(Nccl { comm, stream })
     }
 
-    /// The stream the collectives run on.
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
-    }
-
     /// Replaces `buf` on every rank by the ranks' sum, in place (queued on `stream`).
     pub fn all_reduce_sum(
         &self,

@@ -306,6 +306,18 @@ impl Counts {
         main_backward(site, grads, main, dmain, dh)?;
         if let (Some((theta, log)), Some(dtheta)) = (&f.theta, f.dtheta) {
             let log_theta = log.input(p);
+            // dlog θ = θ ⊙ dθ per entry (where log θ is per batch or per cell).
+            let per_entry = || -> Result<Tensor<Buf<T, B>>> {
+                let mut dlog = b.tensor(n, g)?;
+                b.activation_backward(
+                    Activation::Exp,
+                    log_theta.clone(),
+                    theta.input(),
+                    dtheta.input(),
+                    dlog.output(),
+                )?;
+                Ok(dlog)
+            };
             match log {
                 LogTheta::Gene(slot) => {
                     // Per gene from the fused NB term, per entry from the other likelihoods.
@@ -325,26 +337,12 @@ impl Counts {
                     )?;
                 }
                 LogTheta::GeneBatch(slot, _) => {
-                    let mut dlog = b.tensor(n, g)?;
-                    b.activation_backward(
-                        Activation::Exp,
-                        log_theta,
-                        theta.input(),
-                        dtheta.input(),
-                        dlog.output(),
-                    )?;
+                    let dlog = per_entry()?;
                     let onehot = onehot.expect("gene-batch dispersion reads the batch one-hot");
                     per_batch_gradient(b, onehot, &dlog, grads.get(*slot))?;
                 }
                 LogTheta::GeneCell(acts) => {
-                    let mut dlog = b.tensor(n, g)?;
-                    b.activation_backward(
-                        Activation::Exp,
-                        log_theta,
-                        theta.input(),
-                        dtheta.input(),
-                        dlog.output(),
-                    )?;
+                    let dlog = per_entry()?;
                     if let Some(Theta::GeneCell(head)) = &self.theta {
                         head.backward(
                             b,
