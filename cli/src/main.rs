@@ -114,15 +114,21 @@ struct SimulateArgs {
     /// ATAC-like binary peaks (0 = no ATAC modality).
     #[arg(long, default_value_t = 0)]
     peaks: usize,
-    #[arg(long, default_value_t = 8)]
-    types: usize,
-    #[arg(long, default_value_t = 3)]
-    batches: usize,
+    /// Population structure: `standard` (balanced batches, 8 separated types) or `hard` (4
+    /// lineages x 3 subtypes, unbalanced batches and compositions, batch x lineage effects).
+    #[arg(long, value_enum, default_value_t = ScenarioArg::Standard)]
+    scenario: ScenarioArg,
+    /// Cell types (default: 8; hard: 12).
+    #[arg(long)]
+    types: Option<usize>,
+    /// Batches (default: 3; hard: 4).
+    #[arg(long)]
+    batches: Option<usize>,
     #[arg(long, default_value_t = 10)]
     latent_dim: usize,
-    /// Median RNA library size (UMIs per cell).
-    #[arg(long, default_value_t = 1_500.0)]
-    library: f64,
+    /// Median RNA library size, UMIs per cell (default: 1,500; hard: 6,000).
+    #[arg(long)]
+    library: Option<f64>,
     /// Fraction of cells missing each non-RNA modality.
     #[arg(long, default_value_t = 0.0)]
     missing: f64,
@@ -134,6 +140,12 @@ struct SimulateArgs {
     seed: u64,
     #[arg(long, value_enum, default_value_t = Format::V3)]
     zarr_format: Format,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum ScenarioArg {
+    Standard,
+    Hard,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -178,19 +190,24 @@ pub(crate) fn progress(total: u64, unit: &str) -> ProgressBar {
 }
 
 fn simulate(args: &SimulateArgs) -> Result<()> {
+    let base = match args.scenario {
+        ScenarioArg::Standard => SimConfig::default(),
+        ScenarioArg::Hard => SimConfig::hard(),
+    };
     let config = SimConfig {
         n_cells: args.cells,
         n_genes: args.genes,
         n_proteins: args.proteins,
         n_peaks: args.peaks,
-        n_types: args.types,
-        n_batches: args.batches,
+        n_types: args.types.unwrap_or(base.n_types),
+        n_batches: args.batches.unwrap_or(base.n_batches),
         latent_dim: args.latent_dim,
-        library: args.library,
+        library: args.library.unwrap_or(base.library),
         missing: args.missing,
         only_batches: (!args.only_batches.is_empty()).then(|| args.only_batches.clone()),
         seed: args.seed,
         version: args.zarr_format.into(),
+        ..base
     };
     let bar = progress(config.n_cells, "cells");
     let start = std::time::Instant::now();

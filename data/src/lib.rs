@@ -27,7 +27,7 @@ pub use inspect::{StoreSummary, inspect};
 pub use loader::{Cells, Epoch, Holdout, Loader, LoaderConfig, MiniBatch, ModalityBatch};
 pub use matrix::{Csr, Matrix, MatrixFormat};
 pub use shard::ShardPlan;
-pub use simulate::{SimConfig, SimSummary, simulate};
+pub use simulate::{Scenario, SimConfig, SimSummary, simulate};
 pub use store::{Location, Store, ZarrVersion};
 pub use tiles::TileMatrices;
 pub use write::{CsrWriter, StoreWriter};

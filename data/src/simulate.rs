@@ -14,6 +14,14 @@
 //!   per-batch background (totalVI's background/foreground mixture).
 //! - ATAC-like (R peaks): binary accessibility ~ Bernoulli(sigmoid(c_r + U_r z + depth_c + batch)).
 //! - each non-RNA modality is missing for a `missing` fraction of cells (MuData obsmap = 0).
+//!
+//! The hard scenario ([`Scenario::Hard`], `SimConfig::hard`) adds what makes real atlases hard
+//! to integrate: types are lineages of [`SUBTYPES`] weakly separated subtypes (subtype centre =
+//! lineage centre + N(0, 0.5^2 I)), batches of unequal size (weights B, B-1, ..., 1) and
+//! composition (random type weights; the last batch lacks two types, the last type lives in
+//! batch 0 only), stronger gene-wise batch effects plus batch x lineage interactions
+//! (N(0, 0.3^2) each), and library depths spread over 1.8x between batches. The lineage is
+//! written to `obs/lineage`.
 
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Gamma, LogNormal, Normal, Poisson};
@@ -46,9 +54,25 @@ pub struct SimConfig {
     /// them): stores simulated with one seed and disjoint lists share cell types, genes and batch
     /// effects, so one can serve as a reference and the other as a query with new batches.
     pub only_batches: Option<Vec<usize>>,
+    pub scenario: Scenario,
     pub seed: u64,
     pub version: ZarrVersion,
 }
+
+/// The structure of the simulated population (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Balanced batches with every type, well-separated types, gene-wise batch effects.
+    #[default]
+    Standard,
+    /// Lineages of weakly separated subtypes, unbalanced batches and compositions, batch x
+    /// lineage interactions, batch-dependent depth.
+    Hard,
+}
+
+/// Subtypes per lineage in the hard scenario.
+pub const SUBTYPES: usize = 3;
 
 impl Default for SimConfig {
     fn default() -> Self {
@@ -63,8 +87,23 @@ impl Default for SimConfig {
             library: 1_500.0,
             missing: 0.0,
             only_batches: None,
+            scenario: Scenario::Standard,
             seed: 0,
             version: ZarrVersion::V3,
+        }
+    }
+}
+
+impl SimConfig {
+    /// The hard scenario at its benchmark size: 12 types (4 lineages x 3 subtypes), 4 batches,
+    /// ~600 non-zeros per cell of 2,000 genes.
+    pub fn hard() -> SimConfig {
+        SimConfig {
+            n_types: 12,
+            n_batches: 4,
+            library: 6_000.0,
+            scenario: Scenario::Hard,
+            ..SimConfig::default()
         }
     }
 }
@@ -95,6 +134,73 @@ struct World {
     peak_base: Vec<f64>,
     peak_load: Vec<Vec<f64>>,
     peak_batch: Vec<f64>,
+    hard: Option<Hard>,
+}
+
+/// The hard scenario's extra structure, drawn after the standard world so the standard
+/// scenario's draws are unchanged.
+struct Hard {
+    /// Cumulative batch weights (over `only_batches` when given), for inverse-CDF draws.
+    batch_cdf: Vec<f64>,
+    /// Per batch, cumulative type weights.
+    type_cdf: Vec<Vec<f64>>,
+    /// [batch][lineage][gene] log-scale interaction.
+    interaction: Vec<Vec<Vec<f64>>>,
+}
+
+fn cumulative(weights: impl Iterator<Item = f64>) -> Vec<f64> {
+    let mut total = 0.0;
+    weights
+        .map(|w| {
+            total += w;
+            total
+        })
+        .collect()
+}
+
+/// Index i with cdf[i-1] <= u·total < cdf[i] (zero weights are never drawn).
+fn pick(rng: &mut Xoshiro256PlusPlus, cdf: &[f64]) -> usize {
+    let u = rng.random::<f64>() * cdf.last().copied().unwrap_or(0.0);
+    cdf.iter().position(|&c| u < c).unwrap_or(cdf.len() - 1)
+}
+
+impl Hard {
+    fn new(c: &SimConfig, rng: &mut Xoshiro256PlusPlus, w: &mut World) -> Hard {
+        let (k, nb) = (c.n_types, c.n_batches);
+        for lineage in 0..k / SUBTYPES {
+            let centre = w.centres[lineage * SUBTYPES].clone();
+            for t in lineage * SUBTYPES..(lineage + 1) * SUBTYPES {
+                w.centres[t] = centre.iter().map(|m| m + normal(rng, 0.5)).collect();
+            }
+        }
+        for (b, effect) in w.gene_batch.iter_mut().enumerate() {
+            effect.iter_mut().for_each(|e| *e += normal(rng, 0.3));
+            w.batch_depth[b] += 0.6 * (b as f64 / (nb - 1) as f64 - 0.5);
+        }
+        let interaction = (0..nb)
+            .map(|_| {
+                (0..k / SUBTYPES)
+                    .map(|_| vecn(rng, c.n_genes, 0.3))
+                    .collect()
+            })
+            .collect();
+        let type_cdf = (0..nb)
+            .map(|b| {
+                let weights: Vec<f64> = (0..k).map(|_| rng.random_range(0.5..1.5)).collect();
+                cumulative(weights.into_iter().enumerate().map(|(t, w)| {
+                    let absent =
+                        (b == nb - 1 && (t == 1 || t == SUBTYPES + 1)) || (b > 0 && t == k - 1);
+                    if absent { 0.0 } else { w }
+                }))
+            })
+            .collect();
+        let batches: Vec<usize> = c.only_batches.clone().unwrap_or((0..nb).collect());
+        Hard {
+            batch_cdf: cumulative(batches.iter().map(|&b| (nb - b) as f64)),
+            type_cdf,
+            interaction,
+        }
+    }
 }
 
 fn normal(rng: &mut Xoshiro256PlusPlus, sd: f64) -> f64 {
@@ -114,7 +220,7 @@ impl World {
         let max = gene_base.iter().cloned().fold(f64::MIN, f64::max);
         let exp: Vec<f64> = gene_base.iter().map(|b| (b - max).exp()).collect();
         let total: f64 = exp.iter().sum();
-        World {
+        let mut world = World {
             centres: (0..c.n_types).map(|_| vecn(&mut rng, d, 2.0)).collect(),
             gene_load: (0..c.n_genes).map(|_| vecn(&mut rng, d, load_sd)).collect(),
             gene_batch: (0..c.n_batches)
@@ -147,7 +253,35 @@ impl World {
                 .map(|_| vecn(&mut rng, d, load_sd * 2.0))
                 .collect(),
             peak_batch: vecn(&mut rng, c.n_batches, 0.3),
+            hard: None,
+        };
+        if c.scenario == Scenario::Hard {
+            world.hard = Some(Hard::new(c, &mut rng, &mut world));
         }
+        world
+    }
+
+    /// A cell's (type, batch).
+    fn draw_cell(&self, c: &SimConfig, rng: &mut Xoshiro256PlusPlus) -> (usize, usize) {
+        if let Some(h) = &self.hard {
+            let batches = c.only_batches.as_deref();
+            let i = pick(rng, &h.batch_cdf);
+            let b = batches.map_or(i, |list| list[i]);
+            return (pick(rng, &h.type_cdf[b]), b);
+        }
+        let t = rng.random_range(0..c.n_types);
+        let b = match &c.only_batches {
+            Some(list) => list[rng.random_range(0..list.len())],
+            None => rng.random_range(0..c.n_batches),
+        };
+        (t, b)
+    }
+
+    /// The log-scale expression shift of gene g beyond the gene-wise batch effect.
+    fn interaction(&self, t: usize, b: usize, g: usize) -> f64 {
+        self.hard
+            .as_ref()
+            .map_or(0.0, |h| h.interaction[b][t / SUBTYPES][g])
     }
 }
 
@@ -223,11 +357,7 @@ fn simulate_block(c: &SimConfig, w: &World, block: u64) -> Block {
     let lib = LogNormal::new(c.library.ln(), 0.5).ok();
     let mut logits = vec![0.0f64; c.n_genes];
     for _ in 0..n {
-        let t = rng.random_range(0..c.n_types);
-        let b = match &c.only_batches {
-            Some(list) => list[rng.random_range(0..list.len())],
-            None => rng.random_range(0..c.n_batches),
-        };
+        let (t, b) = w.draw_cell(c, &mut rng);
         let z: Vec<f64> = w.centres[t]
             .iter()
             .map(|m| m + normal(&mut rng, 0.5))
@@ -238,7 +368,10 @@ fn simulate_block(c: &SimConfig, w: &World, block: u64) -> Block {
 
         // RNA
         for (g, l) in logits.iter_mut().enumerate() {
-            *l = w.gene_base[g] + dot(&w.gene_load[g], &z) + w.gene_batch[b][g];
+            *l = w.gene_base[g]
+                + dot(&w.gene_load[g], &z)
+                + w.gene_batch[b][g]
+                + w.interaction(t, b, g);
         }
         let max = logits.iter().cloned().fold(f64::MIN, f64::max);
         let total: f64 = logits.iter().map(|l| (l - max).exp()).sum();
@@ -341,6 +474,14 @@ pub fn simulate(
     if !(0.0..1.0).contains(&c.missing) || c.library.is_nan() || c.library <= 0.0 {
         return Err(invalid("missing must be in [0, 1) and library positive"));
     }
+    if c.scenario == Scenario::Hard
+        && (c.n_types % SUBTYPES != 0 || c.n_types < 2 * SUBTYPES || c.n_batches < 2)
+    {
+        return Err(invalid(&format!(
+            "the hard scenario needs types in lineages of {SUBTYPES} (a multiple of {SUBTYPES}, at least {}) and at least 2 batches",
+            2 * SUBTYPES
+        )));
+    }
     if let Some(list) = &c.only_batches
         && (list.is_empty()
             || list.iter().any(|&b| b >= c.n_batches)
@@ -416,7 +557,12 @@ pub fn simulate(
         (0..n).map(|i| format!("{prefix}{i:0width$}")).collect()
     };
     let cell_names = names("cell", c.n_cells as usize);
-    let obs_columns = vec![
+    let lineages = (c.scenario == Scenario::Hard).then(|| Column::Categorical {
+        codes: types.iter().map(|&t| t / SUBTYPES as i32).collect(),
+        categories: names("lineage", c.n_types / SUBTYPES),
+        ordered: false,
+    });
+    let mut obs_columns = vec![
         (
             "batch".to_string(),
             batch_column(
@@ -435,6 +581,7 @@ pub fn simulate(
         ),
         ("n_counts".to_string(), Column::Float(n_counts)),
     ];
+    obs_columns.extend(lineages.map(|l| ("lineage".to_string(), l)));
     let gene_names = names("gene", c.n_genes);
     let mut modalities = vec![("rna".to_string(), c.n_cells, c.n_genes as u64)];
 

@@ -329,3 +329,124 @@ fn disjoint_batches_of_one_world_make_a_reference_and_a_query() {
     .unwrap_err();
     assert!(bad.to_string().contains("only_batches"), "{bad}");
 }
+
+/// Cells per (type, batch) of a simulated store.
+fn composition(adata: &AnnData, n_types: usize, n_batches: usize) -> Vec<Vec<usize>> {
+    let obs = adata.obs().unwrap();
+    let codes = |key: &str| match obs.column(key) {
+        Some(Column::Categorical { codes, .. }) => codes.clone(),
+        _ => panic!("{key} is categorical"),
+    };
+    let mut table = vec![vec![0; n_batches]; n_types];
+    for (t, b) in codes("cell_type").into_iter().zip(codes("batch")) {
+        table[t as usize][b as usize] += 1;
+    }
+    table
+}
+
+#[test]
+fn hard_scenario_has_unbalanced_batches_missing_types_and_lineages() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hard.zarr");
+    let path = path.to_str().unwrap();
+    let config = SimConfig {
+        n_cells: 6000,
+        seed: 3,
+        ..SimConfig::hard()
+    };
+    simulate(path, &config, |_| {}).unwrap();
+    let adata = AnnData::open(path).unwrap();
+    let table = composition(&adata, 12, 4);
+    let per_batch: Vec<usize> = (0..4).map(|b| table.iter().map(|r| r[b]).sum()).collect();
+    // Batch weights 4:3:2:1.
+    for (b, &n) in per_batch.iter().enumerate() {
+        let expected = 6000.0 * (4 - b) as f64 / 10.0;
+        assert!(
+            (n as f64 - expected).abs() < 0.1 * expected,
+            "batch {b}: {n} cells"
+        );
+    }
+    assert_eq!(
+        (table[1][3], table[4][3]),
+        (0, 0),
+        "types 1 and 4 absent from the last batch"
+    );
+    assert_eq!(
+        &table[11][1..],
+        &[0, 0, 0],
+        "the last type lives in batch 0 only"
+    );
+    assert!(table[11][0] > 0);
+    let present = table.iter().flatten().filter(|&&n| n > 0).count();
+    assert_eq!(
+        present,
+        12 * 4 - 2 - 3,
+        "every other (type, batch) pair has cells"
+    );
+    let obs = adata.obs().unwrap();
+    let (
+        Some(Column::Categorical {
+            codes: lineage,
+            categories,
+            ..
+        }),
+        Some(Column::Categorical { codes: types, .. }),
+    ) = (obs.column("lineage"), obs.column("cell_type"))
+    else {
+        panic!("lineage and cell_type columns")
+    };
+    assert_eq!(categories.len(), 4);
+    assert!(lineage.iter().zip(types).all(|(&l, &t)| l == t / 3));
+    let x = adata.x().unwrap().read_rows(&adata.store, 0..6000).unwrap();
+    let nnz_per_cell = x.data.len() as f64 / 6000.0;
+    assert!(
+        (500.0..800.0).contains(&nnz_per_cell),
+        "{nnz_per_cell} non-zeros per cell"
+    );
+    // Depth differs by batch: the medians of the batches' library sizes spread over > 1.2x.
+    let Some(Column::Float(n_counts)) = obs.column("n_counts") else {
+        panic!("n_counts")
+    };
+    let Some(Column::Categorical { codes: batch, .. }) = obs.column("batch") else {
+        panic!("batch")
+    };
+    let medians: Vec<f64> = (0..4)
+        .map(|b| {
+            let mut v: Vec<f64> = n_counts
+                .iter()
+                .zip(batch)
+                .filter(|&(_, &c)| c == b)
+                .map(|(&n, _)| n)
+                .collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        })
+        .collect();
+    let (lo, hi) = medians
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), &m| (lo.min(m), hi.max(m)));
+    assert!(hi / lo > 1.2, "batch median libraries {medians:?}");
+}
+
+#[test]
+fn hard_scenario_refuses_types_outside_lineages() {
+    let dir = tempfile::tempdir().unwrap();
+    for (n_types, n_batches) in [(10, 4), (3, 4), (12, 1)] {
+        let path = dir.path().join(format!("bad{n_types}_{n_batches}.zarr"));
+        let config = SimConfig {
+            n_cells: 100,
+            n_types,
+            n_batches,
+            ..SimConfig::hard()
+        };
+        let err = simulate(path.to_str().unwrap(), &config, |_| {}).unwrap_err();
+        assert!(
+            matches!(&err, DataError::Invalid { problem, .. } if problem.contains("lineages of 3")),
+            "{err}"
+        );
+        assert!(
+            !path.exists(),
+            "nothing written for a refused configuration"
+        );
+    }
+}
