@@ -475,7 +475,7 @@ pub fn simulate(
         return Err(invalid("missing must be in [0, 1) and library positive"));
     }
     if c.scenario == Scenario::Hard
-        && (c.n_types % SUBTYPES != 0 || c.n_types < 2 * SUBTYPES || c.n_batches < 2)
+        && (!c.n_types.is_multiple_of(SUBTYPES) || c.n_types < 2 * SUBTYPES || c.n_batches < 2)
     {
         return Err(invalid(&format!(
             "the hard scenario needs types in lineages of {SUBTYPES} (a multiple of {SUBTYPES}, at least {}) and at least 2 batches",
