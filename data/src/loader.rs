@@ -1,11 +1,12 @@
 //! Mini-batches over a shard of cells, for training.
 //!
 //! Each epoch the shard is cut into blocks of `block_cells` contiguous cells; the block order is
-//! shuffled with (seed, epoch), `blocks_per_fetch` blocks are read together (contiguous reads:
+//! shuffled with (seed, epoch), and fetches of blocks (about `fetch_bytes` decoded, at least
+//! `blocks_per_fetch` blocks; a small shard is one fetch) are read together (contiguous reads:
 //! few chunks, large requests), their cells (those of `LoaderConfig::cells`: all, or one side of
 //! a train/validation `Holdout`) shuffled, and cut into batches. A background thread
 //! reads ahead into a bounded channel of `prefetch` batches, so memory stays at about
-//! `prefetch` batches plus one fetch whatever the dataset size, plus the decoded blocks kept
+//! `prefetch` batches plus two fetches whatever the dataset size, plus the decoded blocks kept
 //! for later epochs up to `cache_bytes` (a dataset that fits is decoded once, as scvi-tools
 //! holds its AnnData in memory; a larger one keeps the blocks that fit and reads the rest).
 
@@ -28,7 +29,13 @@ pub struct LoaderConfig {
     pub batch_size: usize,
     /// Contiguous cells per shuffle block.
     pub block_cells: u64,
+    /// Blocks read together, at least; a fetch takes more blocks, up to about `fetch_bytes`.
     pub blocks_per_fetch: usize,
+    /// Decoded bytes a fetch gathers (at least `blocks_per_fetch` blocks): its cells are
+    /// shuffled together, so the larger, the closer to a shuffle of the whole shard. A shard
+    /// within it is one fetch, shuffled whole as scvi-tools does. Independent of the cache, so
+    /// the cache budget never changes the batches.
+    pub fetch_bytes: u64,
     /// Batches buffered ahead of the consumer.
     pub prefetch: usize,
     pub shuffle: bool,
@@ -135,6 +142,7 @@ impl Default for LoaderConfig {
             batch_size: 128,
             block_cells: 1024,
             blocks_per_fetch: 8,
+            fetch_bytes: 512 << 20,
             prefetch: 8,
             shuffle: true,
             seed: 0,
@@ -491,7 +499,27 @@ impl Loader {
         self.sources.iter().map(|s| s.name.clone()).collect()
     }
 
-    /// The fetches of an epoch: groups of blocks, in shuffled order when shuffling.
+    /// Decoded bytes of this loader's cells, estimated from the modalities' non-zeros (exact
+    /// for CSR row pointers over the shard; pro rata otherwise), as the cache counts them.
+    fn shard_bytes(&self) -> u64 {
+        let cells = self.shard.end - self.shard.start;
+        let nnz: u64 = self
+            .sources
+            .iter()
+            .map(|s| match &s.obsmap {
+                None => s.matrix.nnz_in(self.shard.clone()),
+                // A modality's rows are not the global cells: its share of the cells.
+                Some(map) => s.matrix.nnz * cells / map.len().max(1) as u64,
+            })
+            .sum();
+        nnz * 8 + cells * (9 * self.sources.len() as u64)
+    }
+
+    /// The fetches of an epoch: groups of blocks, in shuffled order when shuffling, each of about
+    /// `fetch_bytes` (at least `blocks_per_fetch` blocks) and of equal size (±1 block), so no
+    /// fetch is a small remainder. Large fetches mix cells from across the store however it is
+    /// ordered: a store sorted by batch would otherwise give minibatches, and BatchNorm
+    /// statistics, of one or two batches, and a validation ELBO that jumps between epochs.
     fn fetches(&self, epoch: u64) -> Vec<Vec<Range<u64>>> {
         let c = &self.config;
         let mut blocks: Vec<Range<u64>> = (self.shard.start..self.shard.end)
@@ -505,9 +533,15 @@ impl Loader {
                 u64::MAX,
             )));
         }
-        blocks
-            .chunks(c.blocks_per_fetch)
-            .map(<[_]>::to_vec)
+        let n = blocks.len();
+        let block_bytes = (self.shard_bytes() / n as u64).max(1);
+        let per_fetch = c
+            .blocks_per_fetch
+            .max(usize::try_from(c.fetch_bytes / block_bytes).unwrap_or(usize::MAX))
+            .min(n);
+        let fetches = n.div_ceil(per_fetch);
+        (0..fetches)
+            .map(|i| blocks[i * n / fetches..(i + 1) * n / fetches].to_vec())
             .collect()
     }
 

@@ -241,6 +241,16 @@ impl Matrix {
         self.shape.0
     }
 
+    /// Non-zeros in rows `rows` (clamped to the matrix): exact from the row pointers of CSR,
+    /// pro rata of the whole for other formats.
+    pub fn nnz_in(&self, rows: Range<u64>) -> u64 {
+        let (start, end) = (rows.start.min(self.shape.0), rows.end.min(self.shape.0));
+        match self.format {
+            MatrixFormat::Csr => (self.indptr[end as usize] - self.indptr[start as usize]) as u64,
+            _ => self.nnz * end.saturating_sub(start) / self.shape.0.max(1),
+        }
+    }
+
     /// Non-zeros in each row, from the row pointers (CSR) or the chunk reads (others).
     pub fn row_nnz(&self, store: &Store) -> Result<Vec<u64>> {
         match self.format {

@@ -148,9 +148,10 @@ fn training_and_held_out_cells_split_the_shard_in_full_batches() {
         blocks_per_fetch: 4,
         prefetch: 2,
         seed: 5,
+        fetch_bytes: 0,
         ..Default::default()
     };
-    let loader = Loader::new(&dataset, 0..3000, cfg).unwrap();
+    let loader = Loader::new(&dataset, 0..3000, cfg.clone()).unwrap();
     let holdout = Holdout::new(0..3000, 5, 300);
     let training = loader.with_cells(Cells::Training(holdout));
     for epoch in 0..2 {
@@ -170,6 +171,19 @@ fn training_and_held_out_cells_split_the_shard_in_full_batches() {
             batches.iter().map(Vec::len).collect::<Vec<_>>()
         );
     }
+    // One fetch (the default fetch_bytes holds the whole shard): every batch full.
+    let whole = Loader::new(
+        &dataset,
+        0..3000,
+        LoaderConfig {
+            fetch_bytes: LoaderConfig::default().fetch_bytes,
+            ..cfg
+        },
+    )
+    .unwrap()
+    .with_cells(Cells::Training(holdout));
+    let sizes: Vec<usize> = whole.epoch(0).map(|b| b.unwrap().cells.len()).collect();
+    assert_eq!(sizes, vec![100; 27]);
     let held: Vec<u64> = loader
         .ordered()
         .with_cells(Cells::HeldOut(holdout))
@@ -381,4 +395,42 @@ fn cached_blocks_give_the_same_epochs_within_the_budget() {
         .collect();
     assert_eq!(ordered, (0..3000).collect::<Vec<_>>());
     assert_eq!(everything.cached_bytes(), held);
+}
+
+/// Quarters of the shard 0..3000 that a batch's cells come from.
+fn quarters(cells: &[u64]) -> HashSet<u64> {
+    cells.iter().map(|&c| c * 4 / 3000).collect()
+}
+
+#[test]
+fn a_shard_within_fetch_bytes_is_shuffled_whole_whatever_the_store_order() {
+    // Store order is the worst case of a store sorted by batch: contiguous cells are alike. A
+    // small shard is one fetch, so every batch draws from all of it (scvi-tools' shuffle)...
+    let dir = tempfile::tempdir().unwrap();
+    let path = store(&dir, "mix.zarr", config());
+    let dataset = Dataset::open(&path).unwrap();
+    let cfg = |fetch_bytes| LoaderConfig {
+        batch_size: 100,
+        block_cells: 64,
+        blocks_per_fetch: 3,
+        seed: 2,
+        fetch_bytes,
+        ..Default::default()
+    };
+    let whole = Loader::new(&dataset, 0..3000, cfg(LoaderConfig::default().fetch_bytes)).unwrap();
+    for b in whole.epoch(0) {
+        let cells = b.unwrap().cells;
+        assert_eq!(
+            quarters(&cells).len(),
+            4,
+            "a batch from every quarter: {cells:?}"
+        );
+    }
+    // ... while fetches of 3 blocks (192 cells) give batches from at most 3 blocks.
+    let blocks = Loader::new(&dataset, 0..3000, cfg(0)).unwrap();
+    for b in blocks.epoch(0) {
+        let cells = b.unwrap().cells;
+        let spanned: HashSet<u64> = cells.iter().map(|c| c / 64).collect();
+        assert!(spanned.len() <= 3, "{} blocks in one batch", spanned.len());
+    }
 }
