@@ -20,6 +20,8 @@ p.add_argument("--threads", type=int, default=2)
 p.add_argument("--batch-key", default="batch")
 p.add_argument("--key", default="X_scvi")
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--layers", type=int, default=1)
+p.add_argument("--history", help="CSV to write the per-epoch validation ELBO terms to")
 p.add_argument("--validation-cells", help="CSV with a `cell` column of obs rows to validate on (tessera's validation_cells.csv); default: scvi-tools' own random 10%%")
 args = p.parse_args()
 
@@ -27,9 +29,10 @@ torch.set_num_threads(args.threads)
 scvi.settings.seed = args.seed
 scvi.settings.dl_num_workers = 0
 adata = ad.read_zarr(args.data)
-scvi.model.SCVI.setup_anndata(adata, batch_key=args.batch_key)
+batch_key = args.batch_key if args.batch_key in adata.obs else None
+scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key)
 # scVI's defaults: 128 hidden, 10 latent, 1 layer, NB, gene dispersion, batch 128, Adam 1e-3.
-model = scvi.model.SCVI(adata, n_hidden=128, n_latent=10, n_layers=1, gene_likelihood="nb")
+model = scvi.model.SCVI(adata, n_hidden=128, n_latent=10, n_layers=args.layers, gene_likelihood="nb")
 split = {}
 if args.validation_cells:
     held = np.loadtxt(args.validation_cells, delimiter=",", skiprows=1, dtype=np.int64, ndmin=1)
@@ -51,6 +54,13 @@ seconds = time.perf_counter() - started
 n_train = len(model.train_indices)
 history = model.history
 last = lambda key: float(np.asarray(history[key]).ravel()[-1])
+if args.history:
+    keys = ["elbo_validation", "reconstruction_loss_validation", "kl_local_validation"]
+    table = {k: np.asarray(history[k]).ravel() for k in keys}
+    with open(args.history, "w") as f:
+        f.write("epoch," + ",".join(keys) + "\n")
+        for e in range(len(table[keys[0]])):
+            f.write(f"{e}," + ",".join(f"{table[k][e]:.6f}" for k in keys) + "\n")
 latent = model.get_latent_representation().astype(np.float32)
 
 group = zarr.open_group(args.data, mode="r+", use_consolidated=False)

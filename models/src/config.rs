@@ -29,6 +29,12 @@ impl VaeConfig {
                 )));
             }
         }
+        if !(self.var_eps.is_finite() && self.var_eps >= 0.0) {
+            return Err(ConfigError(format!(
+                "var_eps = {}: expected a finite variance floor >= 0",
+                self.var_eps
+            )));
+        }
         if self.regression_weight > 0.0 && self.regression_keys.is_empty() {
             return Err(ConfigError(
                 "regression_weight > 0 needs regression_keys (numeric obs columns)".into(),

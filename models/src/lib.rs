@@ -17,7 +17,7 @@ pub mod train;
 pub mod vae;
 
 pub use config::ConfigError;
-pub use train::{Plateau, TrainConfig, TrainError, Trainer};
+pub use train::{Optimizer, Plateau, TrainConfig, TrainError, Trainer};
 pub use vae::{
     Categories, Dispersion, Joint, LikelihoodKind, LossTerms, ModalityConfig, ModalityCounts,
     ModalitySpec, Prior, Supervision, Survival, Vae, VaeBatch, VaeConfig,

@@ -5,11 +5,12 @@
 use serde::{Deserialize, Serialize};
 use tessera_kernels::Real;
 use tessera_kernels::backend::{Backend, Result, Tensor};
+use tessera_kernels::ops::elementwise::Activation;
 use tessera_kernels::ops::linear::{CountTransform, CsrRef};
 use tessera_kernels::params::Layout;
 
 use crate::layers::{
-    Buf, Dense, DenseActs, Input, InputGrad, Mlp, MlpSpec, Mode, Slots, Weights, copy_of,
+    Buf, Dense, DenseActs, DenseSpec, Input, InputGrad, Mlp, MlpSpec, Mode, Slots, Weights, copy_of,
 };
 pub use crate::likelihood::{Dispersion, LikelihoodKind};
 use crate::likelihood::{Expected, Observation, ObservationActs, Rows, Site, head};
@@ -31,6 +32,7 @@ pub(crate) struct Shape {
     pub n_latent: usize,
     pub n_layers: usize,
     pub dropout: f32,
+    pub var_eps: f64,
     pub batch_norm: bool,
     pub encode_covariates: bool,
     pub deeply_inject_covariates: bool,
@@ -102,8 +104,17 @@ impl Encoder {
             state,
             site,
         );
+        // The log-variance head outputs ln(exp(·) + var_eps): scvi-tools' floored variance.
+        let floor = if s.var_eps > 0.0 {
+            Activation::LogAddExp(s.var_eps.ln() as f32)
+        } else {
+            Activation::Identity
+        };
         let logvar = Dense::register(
-            head(s.n_hidden, s.n_latent),
+            DenseSpec {
+                act: floor,
+                ..head(s.n_hidden, s.n_latent)
+            },
             &format!("{prefix}encoder.logvar"),
             layout,
             state,
@@ -374,8 +385,8 @@ impl Decoder {
         }
     }
 
-    /// log θ and the Gaussian log-variances start at 0 (θ = 1, σ² = 1) like scvi-tools' px_r
-    /// (which draws N(0, 1); a constant start is as good and reproducible across backends).
+    /// A per-feature (or per-batch) log θ starts N(0, 1) like scvi-tools' px_r; the Gaussian
+    /// log-variances start at 0 (σ² = 1).
     pub fn init<T: Real>(
         &self,
         layout: &Layout,

@@ -1,4 +1,4 @@
-//! The optimisation loop's step: KL warm-up, AdamW, gradient clipping and NaN/Inf detection
+//! The optimisation loop's step: KL warm-up, Adam or AdamW, gradient clipping and NaN/Inf detection
 //! that names the step and the term. Epochs, data and validation live with the caller (the CLI
 //! on one node, the worker in a cluster), which hands minibatches to [`Trainer::step`] or, to
 //! all-reduce in between, to [`Trainer::gradients`] then [`Trainer::apply`].
@@ -13,7 +13,7 @@ use tessera_kernels::ops::optim::AdamW;
 use crate::layers::Mode;
 use crate::vae::{LossTerms, Vae, VaeBatch};
 
-/// Optimisation settings; defaults are scvi-tools' (`Adam`, lr 1e-3, eps 1e-2, weight decay
+/// Optimisation settings; defaults are scvi-tools' (Adam with L2 weight decay, lr 1e-3, eps 1e-2, weight decay
 /// 1e-6, batch 128, KL warm-up over 400 epochs, 10% validation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -22,6 +22,8 @@ pub struct TrainConfig {
     pub max_epochs: Option<usize>,
     pub batch_size: usize,
     pub lr: f64,
+    /// Adam (weight decay as an L2 term in the gradient: scvi-tools' default) or AdamW.
+    pub optimizer: Optimizer,
     pub weight_decay: f64,
     pub adam_eps: f64,
     /// KL weight rises linearly from 0 to `max_kl_weight` over this many epochs (0: no warm-up).
@@ -59,12 +61,21 @@ pub struct TrainConfig {
     pub tf32: bool,
 }
 
+/// scvi-tools' `optimizer` choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Optimizer {
+    Adam,
+    AdamW,
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             max_epochs: None,
             batch_size: 128,
             lr: 1e-3,
+            optimizer: Optimizer::Adam,
             weight_decay: 1e-6,
             adam_eps: 1e-2,
             kl_warmup_epochs: 400,
@@ -181,6 +192,7 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
             lr: config.lr,
             eps: config.adam_eps,
             weight_decay: config.weight_decay,
+            decoupled: config.optimizer == Optimizer::AdamW,
             ..AdamW::default()
         };
         Ok(Trainer {
@@ -277,7 +289,7 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
         Ok(terms)
     }
 
-    /// Clips (if configured) and applies the gradients in `model.grads`: AdamW.
+    /// Clips (if configured) and applies the gradients in `model.grads`: Adam or AdamW.
     pub fn apply(&mut self) -> Result<(), TrainError> {
         let step = self.step + 1;
         let b = self.model.backend().clone();

@@ -71,6 +71,9 @@ pub struct VaeConfig {
     pub n_layers: usize,
     /// Encoder dropout (the decoder has none, as in scvi-tools).
     pub dropout: f32,
+    /// Floor of the posterior variances: σ² = exp(encoder output) + var_eps (scvi-tools'
+    /// `var_eps`); 0 = none.
+    pub var_eps: f64,
     /// The likelihood of RNA-like modalities (accessibility defaults to Bernoulli, proteins to
     /// the NB mixture).
     pub likelihood: LikelihoodKind,
@@ -78,7 +81,7 @@ pub struct VaeConfig {
     pub batch_norm: bool,
     /// Give the encoder the covariates too (scvi-tools' `encode_covariates`).
     pub encode_covariates: bool,
-    /// Inject covariates into every decoder layer, not only the first.
+    /// Inject covariates into every decoder layer, not only the first (scvi-tools' default).
     pub deeply_inject_covariates: bool,
     /// The joint posterior of several modalities.
     pub joint: Joint,
@@ -128,11 +131,12 @@ impl Default for VaeConfig {
             n_latent: 10,
             n_layers: 1,
             dropout: 0.1,
+            var_eps: 1e-4,
             likelihood: LikelihoodKind::Nb,
             dispersion: Dispersion::Gene,
             batch_norm: true,
             encode_covariates: false,
-            deeply_inject_covariates: false,
+            deeply_inject_covariates: true,
             joint: Joint::Poe,
             modalities: BTreeMap::new(),
             mmd_batch_weight: 0.0,
@@ -558,6 +562,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             n_latent: c.n_latent,
             n_layers: c.n_layers,
             dropout: c.dropout,
+            var_eps: c.var_eps,
             batch_norm: c.batch_norm,
             encode_covariates: c.encode_covariates,
             deeply_inject_covariates: c.deeply_inject_covariates,

@@ -4,6 +4,7 @@
 //! is one fused op over the sparse rows (`Backend::softmax_nb`); the others go through the
 //! dense likelihood op.
 
+use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 use tessera_kernels::Real;
 use tessera_kernels::backend::{Backend, In, Out, Result, Tensor};
@@ -131,7 +132,14 @@ impl Counts {
     ) {
         let head = match &self.theta {
             Some(Theta::GeneCell(head)) => Some(head),
-            _ => None,
+            Some(Theta::Gene(slot) | Theta::GeneBatch(slot)) => {
+                // scvi-tools' px_r: log θ ~ N(0, 1).
+                for v in &mut values[layout.slots()[*slot].range.clone()] {
+                    *v = T::of(StandardNormal.sample(rng));
+                }
+                None
+            }
+            None => None,
         };
         for d in [self.zero_inflation.as_ref(), head].into_iter().flatten() {
             d.init(layout, state, values, state_values, rng);

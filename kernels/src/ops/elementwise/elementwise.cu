@@ -1,6 +1,6 @@
 // Activations, bias add, axpy/scale, row scaling and row gather/scatter (f32). Formulas mirror
 // ops/elementwise/mod.rs; kinds match Activation::code(): 0 identity, 1 relu, 2 leaky relu(a),
-// 3 elu(a), 4 softplus, 5 exp, 6 sigmoid, 7 log1p.
+// 3 elu(a), 4 softplus, 5 exp, 6 sigmoid, 7 log1p, 8 log-add-exp(a) = ln(e^x + e^a).
 
 __device__ __forceinline__ float tsr_softplus(float x) {
     return x > 0.0f ? x + log1pf(expf(-x)) : log1pf(expf(x));
@@ -21,6 +21,7 @@ __device__ __forceinline__ float tsr_act(int kind, float a, float x) {
         case 5: return expf(x);
         case 6: return tsr_sigmoid(x);
         case 7: return log1pf(x);
+        case 8: return a + tsr_softplus(x - a);
         default: return x;
     }
 }
@@ -34,6 +35,7 @@ __device__ __forceinline__ float tsr_act_grad(int kind, float a, float x, float 
         case 5: return y;
         case 6: return y * (1.0f - y);
         case 7: return 1.0f / (1.0f + x);
+        case 8: return tsr_sigmoid(x - a);
         default: return 1.0f;
     }
 }

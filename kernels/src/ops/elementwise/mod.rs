@@ -24,6 +24,9 @@ pub enum Activation {
     Sigmoid,
     /// ln(1 + x), for x > -1 (expected counts into the encoders' log1p space).
     Log1p,
+    /// ln(eˣ + eᵇ) = b + softplus(x − b): a log-variance floored at eᵇ (scvi-tools' posterior
+    /// variance exp(·) + var_eps, carried as its logarithm).
+    LogAddExp(f32),
 }
 
 impl Activation {
@@ -38,6 +41,7 @@ impl Activation {
             Activation::Exp => (5, 0.0),
             Activation::Sigmoid => (6, 0.0),
             Activation::Log1p => (7, 0.0),
+            Activation::LogAddExp(b) => (8, b),
         }
     }
 
@@ -64,6 +68,10 @@ impl Activation {
             Activation::Exp => x.exp(),
             Activation::Sigmoid => sigmoid(x),
             Activation::Log1p => x.ln_1p(),
+            Activation::LogAddExp(b) => {
+                let b = T::of(f64::from(b));
+                b + softplus(x - b)
+            }
         }
     }
 
@@ -97,6 +105,7 @@ impl Activation {
             Activation::Exp => y,
             Activation::Sigmoid => y * (one - y),
             Activation::Log1p => one / (one + x),
+            Activation::LogAddExp(b) => sigmoid(x - T::of(f64::from(b))),
         }
     }
 
@@ -275,7 +284,7 @@ mod tests {
     use super::*;
     use crate::gradcheck::check;
 
-    const ALL: [Activation; 7] = [
+    const ALL: [Activation; 9] = [
         Activation::Identity,
         Activation::Relu,
         Activation::LeakyRelu(0.1),
@@ -283,6 +292,8 @@ mod tests {
         Activation::Softplus,
         Activation::Exp,
         Activation::Sigmoid,
+        Activation::LogAddExp(-9.21),
+        Activation::LogAddExp(1.5),
     ];
 
     /// Inputs away from the kinks of ReLU-like functions, where finite differences are exact.
@@ -310,6 +321,27 @@ mod tests {
         let mut dx = vec![0.0; 31];
         Activation::Log1p.backward(&x, &y, &dy, &mut dx);
         check(loss, &x, &dx, 1e-6, 1e-8).unwrap();
+    }
+
+    #[test]
+    fn log_add_exp_floors_the_variance_at_eps() {
+        let b = 1e-4f64.ln();
+        let x: [f64; 5] = [-40.0, -9.21, 0.0, 3.0, 60.0];
+        let mut y = [0.0f64; 5];
+        Activation::LogAddExp(b as f32).forward(&x, &mut y);
+        for (&x, &y) in x.iter().zip(&y) {
+            // The f32 parameter rounds b: compare with eᵇ as the op sees it.
+            let expected = (x.exp() + f64::from(b as f32).exp()).ln();
+            assert!(
+                (y - expected).abs() < 1e-12,
+                "ln(e^{x} + 1e-4) = {y}, not {expected}"
+            );
+        }
+        assert!(
+            (y[0].exp() - 1e-4).abs() < 1e-9,
+            "large negative inputs give the floor"
+        );
+        assert_eq!(y[4], 60.0, "large inputs pass through");
     }
 
     #[test]

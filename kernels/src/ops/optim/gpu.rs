@@ -23,13 +23,14 @@ pub fn adamw_step(
     let k = opt.at(t);
     let f = gpu.function("optim", CUDA_SOURCE, "adamw_step")?;
     let n = params.len() as u64;
-    let (b1, b2, step_size, inv_c2, eps, decay) = (
+    let (b1, b2, step_size, inv_c2, eps, decay, l2) = (
         k.beta1 as f32,
         k.beta2 as f32,
         k.step_size as f32,
         k.inv_correction2 as f32,
         k.eps as f32,
         k.decay as f32,
+        k.l2 as f32,
     );
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(params)
@@ -42,7 +43,8 @@ pub fn adamw_step(
         .arg(&step_size)
         .arg(&inv_c2)
         .arg(&eps)
-        .arg(&decay);
+        .arg(&decay)
+        .arg(&l2);
     launch(b, n as usize, "adamw_step")
 }
 

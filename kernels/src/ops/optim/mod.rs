@@ -1,5 +1,6 @@
-//! Optimiser steps over the flat parameter buffer: fused AdamW (PyTorch semantics: decoupled
-//! weight decay, bias-corrected moments) and global gradient-norm clipping. Both touch each
+//! Optimiser steps over the flat parameter buffer: fused Adam/AdamW (PyTorch semantics:
+//! bias-corrected moments; weight decay as an L2 term in the gradient for Adam, decoupled for
+//! AdamW) and global gradient-norm clipping. Both touch each
 //! element once, so they run at memory bandwidth.
 
 use rayon::prelude::*;
@@ -20,10 +21,14 @@ pub struct AdamW {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Decay the parameters apart from the moments (AdamW); false: add weight_decay · p to the
+    /// gradient (PyTorch's Adam, scvi-tools' default optimiser).
+    pub decoupled: bool,
 }
 
 impl Default for AdamW {
-    /// scvi-tools' defaults: lr 1e-3, eps 1e-2 (sic; scvi uses a large eps), weight decay 1e-6.
+    /// scvi-tools' defaults: Adam, lr 1e-3, eps 1e-2 (sic; scvi uses a large eps), weight decay
+    /// 1e-6.
     fn default() -> Self {
         AdamW {
             lr: 1e-3,
@@ -31,6 +36,7 @@ impl Default for AdamW {
             beta2: 0.999,
             eps: 1e-2,
             weight_decay: 1e-6,
+            decoupled: false,
         }
     }
 }
@@ -45,8 +51,10 @@ pub struct AdamWStep {
     /// 1 / √(1 - β2^t)
     pub inv_correction2: f64,
     pub eps: f64,
-    /// 1 - lr · weight decay
+    /// 1 - lr · weight decay (AdamW), else 1
     pub decay: f64,
+    /// weight decay (Adam's L2 term in the gradient), else 0
+    pub l2: f64,
 }
 
 impl AdamW {
@@ -61,24 +69,35 @@ impl AdamW {
             step_size: self.lr / (1.0 - self.beta1.powi(t)),
             inv_correction2: 1.0 / (1.0 - self.beta2.powi(t)).sqrt(),
             eps: self.eps,
-            decay: 1.0 - self.lr * self.weight_decay,
+            decay: if self.decoupled {
+                1.0 - self.lr * self.weight_decay
+            } else {
+                1.0
+            },
+            l2: if self.decoupled {
+                0.0
+            } else {
+                self.weight_decay
+            },
         }
     }
 
-    /// One step `t` (1-based) for every parameter: p ← p(1 - lr·wd) - lr·m̂/(√v̂ + eps).
+    /// One step `t` (1-based) for every parameter: g ← g + l2·p, then
+    /// p ← p·decay - lr·m̂/(√v̂ + eps) (see [`AdamWStep`]).
     pub fn step<T: Real>(&self, t: u64, params: &mut [T], grads: &[T], m: &mut [T], v: &mut [T]) {
         assert!(
             params.len() == grads.len() && grads.len() == m.len() && m.len() == v.len(),
             "AdamW: buffer lengths"
         );
         let k = self.at(t);
-        let (b1, b2, step_size, inv_c2, eps, decay) = (
+        let (b1, b2, step_size, inv_c2, eps, decay, l2) = (
             T::of(k.beta1),
             T::of(k.beta2),
             T::of(k.step_size),
             T::of(k.inv_correction2),
             T::of(k.eps),
             T::of(k.decay),
+            T::of(k.l2),
         );
         let one = T::one();
         params
@@ -89,8 +108,9 @@ impl AdamW {
                 let n = p.len();
                 let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
                 for i in 0..n {
-                    m[i] = b1 * m[i] + (one - b1) * g[i];
-                    v[i] = b2 * v[i] + (one - b2) * g[i] * g[i];
+                    let g = g[i] + l2 * p[i];
+                    m[i] = b1 * m[i] + (one - b1) * g;
+                    v[i] = b2 * v[i] + (one - b2) * g * g;
                     p[i] = p[i] * decay - step_size * m[i] / (v[i].sqrt() * inv_c2 + eps);
                 }
             });
@@ -131,6 +151,7 @@ mod tests {
             beta2: 0.99,
             eps: 1e-8,
             weight_decay: 0.01,
+            decoupled: true,
         };
         let (mut p, mut m, mut v) = (vec![1.0f64, -2.0], vec![0.0; 2], vec![0.0; 2]);
         let g = [0.5, -4.0];
@@ -149,6 +170,31 @@ mod tests {
             let (mh, vh) = (m2 / (1.0 - 0.81), v2 / (1.0 - 0.9801));
             let expect = before[i] * (1.0 - 0.001) - 0.1 * mh / (vh.sqrt() + 1e-8);
             assert!((p[i] - expect).abs() < 1e-12, "step 2, param {i}");
+        }
+    }
+
+    #[test]
+    fn adam_adds_the_l2_term_to_the_gradient_before_the_moments() {
+        let opt = AdamW {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.5,
+            decoupled: false,
+        };
+        let (mut p, mut m, mut v) = (vec![1.0f64, -2.0], vec![0.0; 2], vec![0.0; 2]);
+        let g = [0.5, -4.0];
+        opt.step(1, &mut p, &g, &mut m, &mut v);
+        for (i, &start) in [1.0f64, -2.0].iter().enumerate() {
+            // g' = g + wd·p: 1.0 and -5.0; step 1 moves by lr·sign(g'), with no decay of p.
+            let gl2 = g[i] + 0.5 * start;
+            assert!(
+                (m[i] - 0.1 * gl2).abs() < 1e-12,
+                "first moment of g + wd·p, param {i}"
+            );
+            let expect = start - 0.1 * gl2 / (gl2.abs() + 1e-8);
+            assert!((p[i] - expect).abs() < 1e-12, "step 1, param {i}");
         }
     }
 
