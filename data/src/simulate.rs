@@ -20,8 +20,8 @@
 //! lineage centre + N(0, 0.5^2 I)), batches of unequal size (weights B, B-1, ..., 1) and
 //! composition (random type weights; the last batch lacks two types, the last type lives in
 //! batch 0 only), stronger gene-wise batch effects plus batch x lineage interactions
-//! (N(0, 0.3^2) each), and library depths spread over 1.8x between batches. The lineage is
-//! written to `obs/lineage`.
+//! (N(0, 0.3^2) each), and library depths spread over 1.8x between batches. Cells are stored
+//! grouped by batch, as a concatenation of batches is. The lineage is written to `obs/lineage`.
 
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Gamma, LogNormal, Normal, Poisson};
@@ -140,8 +140,8 @@ struct World {
 /// The hard scenario's extra structure, drawn after the standard world so the standard
 /// scenario's draws are unchanged.
 struct Hard {
-    /// Cumulative batch weights (over `only_batches` when given), for inverse-CDF draws.
-    batch_cdf: Vec<f64>,
+    /// The batches in store order (`only_batches` when given) and the cell each one ends at.
+    batches: Vec<(usize, u64)>,
     /// Per batch, cumulative type weights.
     type_cdf: Vec<Vec<f64>>,
     /// [batch][lineage][gene] log-scale interaction.
@@ -194,9 +194,16 @@ impl Hard {
                 }))
             })
             .collect();
-        let batches: Vec<usize> = c.only_batches.clone().unwrap_or((0..nb).collect());
+        let listed: Vec<usize> = c.only_batches.clone().unwrap_or((0..nb).collect());
+        let cdf = cumulative(listed.iter().map(|&b| (nb - b) as f64));
+        let total = cdf.last().copied().unwrap_or(1.0);
+        let batches = listed
+            .iter()
+            .zip(&cdf)
+            .map(|(&b, &upto)| (b, (c.n_cells as f64 * upto / total).round() as u64))
+            .collect();
         Hard {
-            batch_cdf: cumulative(batches.iter().map(|&b| (nb - b) as f64)),
+            batches,
             type_cdf,
             interaction,
         }
@@ -261,12 +268,14 @@ impl World {
         world
     }
 
-    /// A cell's (type, batch).
-    fn draw_cell(&self, c: &SimConfig, rng: &mut Xoshiro256PlusPlus) -> (usize, usize) {
+    /// Cell `cell`'s (type, batch).
+    fn draw_cell(&self, c: &SimConfig, cell: u64, rng: &mut Xoshiro256PlusPlus) -> (usize, usize) {
         if let Some(h) = &self.hard {
-            let batches = c.only_batches.as_deref();
-            let i = pick(rng, &h.batch_cdf);
-            let b = batches.map_or(i, |list| list[i]);
+            let b = h
+                .batches
+                .iter()
+                .find(|&&(_, end)| cell < end)
+                .map_or(h.batches[h.batches.len() - 1].0, |&(b, _)| b);
             return (pick(rng, &h.type_cdf[b]), b);
         }
         let t = rng.random_range(0..c.n_types);
@@ -356,8 +365,8 @@ fn simulate_block(c: &SimConfig, w: &World, block: u64) -> Block {
     };
     let lib = LogNormal::new(c.library.ln(), 0.5).ok();
     let mut logits = vec![0.0f64; c.n_genes];
-    for _ in 0..n {
-        let (t, b) = w.draw_cell(c, &mut rng);
+    for i in 0..n {
+        let (t, b) = w.draw_cell(c, start + i as u64, &mut rng);
         let z: Vec<f64> = w.centres[t]
             .iter()
             .map(|m| m + normal(&mut rng, 0.5))
