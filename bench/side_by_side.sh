@@ -14,6 +14,7 @@
 # anew per seed; with --data the same store is trained with each seed. --layers 2 is the Census
 # architecture; --config adds tessera settings (a recipe) on top of the seed.
 set -euo pipefail
+# Each tool's log goes to its run folder (seedN/tessera.log, seedN/scvi.log).
 cd "$(dirname "$0")/.."
 epochs=100 cells=10000 data="" seeds=0,1,2 scenario=hard layers=1 batch_key=batch extra="" work=target/side-by-side
 while [ $# -gt 0 ]; do
@@ -40,18 +41,18 @@ for seed in ${seeds//,/ }; do
   mkdir -p "$run"
   # A private copy per seed: both tools write their embedding into it.
   if [ -z "$data" ]; then
-    "$tessera" simulate "$run/data.zarr" --scenario "$scenario" --cells "$cells" --seed "$seed" >/dev/null
+    "$tessera" simulate "$run/data.zarr" --scenario "$scenario" --cells "$cells" --seed "$seed" >/dev/null 2>&1
   else
-    "$tessera" convert "$data" "$run/data.zarr" >/dev/null
+    "$tessera" convert "$data" "$run/data.zarr" >/dev/null 2>&1
   fi
   "$venv/bin/python" bench/side_by_side_report.py config "$seed" "$layers" "$extra" > "$run/config.toml"
   echo "== seed $seed: tessera ($epochs epochs, $layers layer(s))"
-  "$tessera" train --data "$run/data.zarr" --config "$run/config.toml" --epochs "$epochs" --out "$run/tessera" >/dev/null
+  "$tessera" train --data "$run/data.zarr" --config "$run/config.toml" --epochs "$epochs" --out "$run/tessera" >/dev/null 2>"$run/tessera.log"
   echo "== seed $seed: scvi-tools"
   # On tessera's held-out cells, so the two validation ELBOs are over the same cells.
   "$venv/bin/python" bench/scvi_train.py --data "$run/data.zarr" --epochs "$epochs" --threads 2 --seed "$seed" \
     --layers "$layers" --batch-key "$batch_key" --validation-cells "$run/tessera/validation_cells.csv" \
-    --history "$run/scvi_history.csv" > "$run/scvi.json"
-  "$tessera" eval --data "$run/data.zarr" --embedding-key X_scvi --out "$run/scvi" >/dev/null
+    --history "$run/scvi_history.csv" > "$run/scvi.json" 2>"$run/scvi.log"
+  "$tessera" eval --data "$run/data.zarr" --embedding-key X_scvi --out "$run/scvi" >/dev/null 2>&1
 done
 "$venv/bin/python" bench/side_by_side_report.py report "$work" ${seeds//,/ }

@@ -87,8 +87,8 @@ def report(work, seeds):
             ("validation_reconstruction", "  reconstruction", "{:.2f}"), ("validation_kl", "  KL", "{:.2f}"),
             ("jumpiness", "  |Δ| per epoch, last 20", "{:.2f}")] + [(k, n, "{:.4f}") for k, n in SCIB]
     fmt = lambda f, v: "n/a" if v is None else f.format(v)
-    print(f"\n{'':26}" + "".join(f"{'seed ' + s:>22}" for s in seeds) + f"{'mean ± sd':>26}")
-    print(f"{'':26}" + "".join(f"{'tessera / scvi-tools':>22}" for _ in seeds) + f"{'tessera / scvi-tools':>26}")
+    print(f"\n{'':26}" + "".join(f"{'seed ' + s:>22}" for s in seeds) + f"{'mean ± sd':>36}")
+    print(f"{'':26}" + "".join(f"{'tessera / scvi-tools':>22}" for _ in seeds) + f"{'tessera / scvi-tools':>36}")
     summary = {}
     for key, name, f in rows:
         cells, stats = [], {}
@@ -98,9 +98,12 @@ def report(work, seeds):
             stats[tool] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
         for s in seeds:
             cells.append(f"{fmt(f, results[s]['tessera'][key])} / {fmt(f, results[s]['scvi'][key])}")
-        ms = lambda t: "n/a" if stats[t] is None else f"{f.format(stats[t][0])}±{f.format(stats[t][1])}"
-        print(f"{name:26}" + "".join(f"{c:>22}" for c in cells) + f"{ms('tessera') + ' / ' + ms('scvi'):>26}")
+        ms = lambda t: "n/a" if stats[t] is None else f"{f.format(stats[t][0])} ± {f.format(stats[t][1])}"
+        print(f"{name:26}" + "".join(f"{c:>22}" for c in cells) + f"{ms('tessera') + ' / ' + ms('scvi'):>36}")
         summary[key] = stats
+    gaps = [100 * (results[s]["tessera"]["validation_elbo"] / results[s]["scvi"]["validation_elbo"] - 1) for s in seeds]
+    print(f"{'-ELBO gap, tessera (%)':26}" + "".join(f"{g:>+22.3f}" for g in gaps) + f"{statistics.fmean(gaps):>+36.3f}")
+    summary["validation_elbo_gap_percent"] = gaps
     tool = json.load(open(f"{work}/seed{seeds[0]}/scvi.json"))["tool"]
     json.dump({"seeds": results, "mean_sd": summary, "anchor": tool}, open(f"{work}/summary.json", "w"), indent=1)
     print(f"\n{tool}; results in {work}/ (summary.json)")
