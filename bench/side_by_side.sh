@@ -2,21 +2,22 @@
 # Side by side on the same stores and 2 threads: scvi-tools' SCVI and tessera's VAE at scVI's
 # size (128 hidden, 10 latent, NB, batch 128, Adam 1e-3, KL warm-up 400 epochs), over several
 # seeds: training cells/s, the validation ELBO terms (both over tessera's held-out cells) and
-# `tessera eval`'s scIB metrics of both embeddings, per seed and as mean ± sd. Installs
+# `tessera eval`'s scIB metrics of every embedding, per seed and as mean ± sd. Installs
 # scvi-tools (pinned, bench/requirements-scvi.txt; ~6 GB with torch) in target/scvi-venv on
 # first use.
 #
 #   bash bench/side_by_side.sh [--scenario hard|standard] [--data STORE_OR_H5AD] [--seeds 0,1,2]
 #                              [--epochs 100] [--cells 10000] [--layers 1] [--batch-key batch]
-#                              [--config EXTRA.toml] [--out DIR]
+#                              [--recipe RECIPE.toml] [--out DIR]
 #
 # Simulated stores (default: the hard scenario, `tessera simulate --scenario hard`) are drawn
 # anew per seed; with --data the same store is trained with each seed. --layers 2 is the Census
-# architecture; --config adds tessera settings (a recipe) on top of the seed.
+# architecture. --recipe adds a third arm: tessera with the recipe's settings merged over the
+# seed's (e.g. bench/recipes/hard.toml).
 set -euo pipefail
-# Each tool's log goes to its run folder (seedN/tessera.log, seedN/scvi.log).
+# Each tool's log goes to its run folder (seedN/<arm>.log).
 cd "$(dirname "$0")/.."
-epochs=100 cells=10000 data="" seeds=0,1,2 scenario=hard layers=1 batch_key=batch extra="" work=target/side-by-side
+epochs=100 cells=10000 data="" seeds=0,1,2 scenario=hard layers=1 batch_key=batch recipe="" work=target/side-by-side
 while [ $# -gt 0 ]; do
   case "$1" in
     --epochs) epochs=$2; shift 2 ;;
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
     --scenario) scenario=$2; shift 2 ;;
     --layers) layers=$2; shift 2 ;;
     --batch-key) batch_key=$2; shift 2 ;;
-    --config) extra=$2; shift 2 ;;
+    --recipe) recipe=$2; shift 2 ;;
     --out) work=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -34,25 +35,34 @@ done
 source bench/scvi_venv.sh
 cargo build --release -q -p tessera-cli
 tessera=target/release/tessera
+report=bench/side_by_side_report.py
 rm -rf "$work" && mkdir -p "$work"
 export RAYON_NUM_THREADS=2 MATMUL_NUM_THREADS=2 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
+arms=tessera
+[ -z "$recipe" ] || arms=tessera,recipe
 for seed in ${seeds//,/ }; do
   run="$work/seed$seed"
   mkdir -p "$run"
-  # A private copy per seed: both tools write their embedding into it.
+  # A private copy per seed: every arm writes its embedding into it.
   if [ -z "$data" ]; then
     "$tessera" simulate "$run/data.zarr" --scenario "$scenario" --cells "$cells" --seed "$seed" >/dev/null 2>&1
   else
     "$tessera" convert "$data" "$run/data.zarr" >/dev/null 2>&1
   fi
-  "$venv/bin/python" bench/side_by_side_report.py config "$seed" "$layers" "$extra" > "$run/config.toml"
-  echo "== seed $seed: tessera ($epochs epochs, $layers layer(s))"
-  "$tessera" train --data "$run/data.zarr" --config "$run/config.toml" --epochs "$epochs" --out "$run/tessera" >/dev/null 2>"$run/tessera.log"
+  for arm in ${arms//,/ }; do
+    extra=""
+    [ "$arm" = tessera ] || extra=$recipe
+    "$venv/bin/python" "$report" config "$seed" "$layers" "$extra" > "$run/$arm.toml"
+    echo "== seed $seed: $arm ($epochs epochs, $layers layer(s))"
+    "$tessera" train --data "$run/data.zarr" --config "$run/$arm.toml" --epochs "$epochs" --out "$run/$arm" \
+      --embedding-key "X_$arm" >/dev/null 2>"$run/$arm.log"
+  done
   echo "== seed $seed: scvi-tools"
-  # On tessera's held-out cells, so the two validation ELBOs are over the same cells.
+  # On tessera's held-out cells (the same for every arm: they depend on the seed), so the
+  # validation ELBOs are over the same cells.
   "$venv/bin/python" bench/scvi_train.py --data "$run/data.zarr" --epochs "$epochs" --threads 2 --seed "$seed" \
     --layers "$layers" --batch-key "$batch_key" --validation-cells "$run/tessera/validation_cells.csv" \
     --history "$run/scvi_history.csv" > "$run/scvi.json" 2>"$run/scvi.log"
   "$tessera" eval --data "$run/data.zarr" --embedding-key X_scvi --out "$run/scvi" >/dev/null 2>&1
 done
-"$venv/bin/python" bench/side_by_side_report.py report "$work" ${seeds//,/ }
+"$venv/bin/python" "$report" report "$work" "$arms,scvi" ${seeds//,/ }

@@ -2,8 +2,10 @@
 
   config SEED LAYERS [EXTRA.toml]   prints tessera's run configuration: the seed and the layers,
                                     with the settings of EXTRA (a recipe) merged over them
-  report WORK SEED...               prints the per-seed results of both tools and their mean ± sd,
-                                    and writes WORK/summary.json
+  report WORK ARMS SEED...          prints each arm's per-seed results (ARMS: comma-separated run
+                                    folders of each seed, `scvi` for scvi-tools, the first arm
+                                    tessera's), their mean ± sd and the -ELBO gap of each tessera
+                                    arm to scvi-tools; writes WORK/summary.json
 """
 
 import csv
@@ -15,6 +17,10 @@ import tomllib
 SCIB = [("silhouette_label", "cell-type ASW"), ("nmi", "NMI"), ("ari", "ARI"), ("clisi", "cLISI"),
         ("silhouette_batch", "batch ASW"), ("ilisi", "iLISI"), ("graph_connectivity", "graph connectivity"),
         ("bio_conservation", "bio conservation"), ("batch_correction", "batch correction"), ("total", "scIB total")]
+ROWS = [("cells_per_s", "training cells/s", "{:.0f}"), ("validation_elbo", "validation -ELBO", "{:.2f}"),
+        ("validation_elbo_last10", "  mean of last 10 epochs", "{:.2f}"),
+        ("validation_reconstruction", "  reconstruction", "{:.2f}"), ("validation_kl", "  KL", "{:.2f}"),
+        ("jumpiness", "  |Δ| per epoch, last 20", "{:.2f}")] + [(k, n, "{:.4f}") for k, n in SCIB]
 
 
 def toml_value(v):
@@ -32,9 +38,8 @@ def write_toml(tables, prefix=""):
     out = []
     for name, table in tables.items():
         path = f"{prefix}{name}"
-        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
         out.append(f"[{path}]")
-        out += [f"{k} = {toml_value(v)}" for k, v in scalars.items()]
+        out += [f"{k} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
         subs = {k: v for k, v in table.items() if isinstance(v, dict)}
         if subs:
             out.append(write_toml(subs, f"{path}."))
@@ -50,20 +55,20 @@ def config(seed, layers, extra=""):
     print(write_toml(tables))
 
 
-def tessera_run(run):
-    rows = list(csv.DictReader(open(f"{run}/tessera/history.csv")))
+def tessera_run(run, arm):
+    rows = list(csv.DictReader(open(f"{run}/{arm}/history.csv")))
     seconds = sum(float(r["seconds"]) for r in rows)
     cells = sum(float(r["cells_per_second"]) * float(r["seconds"]) for r in rows)
-    elbo = [float(r["validation_reconstruction"]) + float(r["validation_kl"]) for r in rows]
+    curve = [float(r["validation_reconstruction"]) + float(r["validation_kl"]) for r in rows]
     last = rows[-1]
-    return {"cells_per_s": cells / seconds, "validation_elbo": elbo[-1],
+    return {"cells_per_s": cells / seconds, "validation_elbo": curve[-1],
             "validation_reconstruction": float(last["validation_reconstruction"]),
-            "validation_kl": float(last["validation_kl"]), "elbo_curve": elbo}
+            "validation_kl": float(last["validation_kl"]), "curve": curve}
 
 
 def scvi_run(run):
     out = json.load(open(f"{run}/scvi.json"))
-    out["elbo_curve"] = [float(r["elbo_validation"]) for r in csv.DictReader(open(f"{run}/scvi_history.csv"))]
+    out["curve"] = [float(r["elbo_validation"]) for r in csv.DictReader(open(f"{run}/scvi_history.csv"))]
     return out
 
 
@@ -73,39 +78,51 @@ def jumpiness(curve, tail=20):
     return statistics.fmean(abs(b - a) for a, b in zip(c, c[1:])) if len(c) > 1 else float("nan")
 
 
-def report(work, seeds):
-    results = {}
-    for seed in seeds:
-        run = f"{work}/seed{seed}"
-        tools = {"tessera": tessera_run(run), "scvi": scvi_run(run)}
-        for tool, key in (("tessera", "tessera"), ("scvi", "scvi")):
-            scores = json.load(open(f"{run}/{key}/eval.json"))["scores"]
-            tools[tool].update({k: scores.get(k) for k, _ in SCIB})
-            tools[tool]["jumpiness"] = jumpiness(tools[tool].pop("elbo_curve"))
-        results[seed] = tools
-    rows = [("cells_per_s", "training cells/s", "{:.0f}"), ("validation_elbo", "validation -ELBO", "{:.2f}"),
-            ("validation_reconstruction", "  reconstruction", "{:.2f}"), ("validation_kl", "  KL", "{:.2f}"),
-            ("jumpiness", "  |Δ| per epoch, last 20", "{:.2f}")] + [(k, n, "{:.4f}") for k, n in SCIB]
+def arm_run(run, arm):
+    out = scvi_run(run) if arm == "scvi" else tessera_run(run, arm)
+    scores = json.load(open(f"{run}/{arm}/eval.json"))["scores"]
+    out.update({k: scores.get(k) for k, _ in SCIB})
+    curve = out.pop("curve")
+    out["jumpiness"] = jumpiness(curve)
+    out["validation_elbo_last10"] = statistics.fmean(curve[-10:])
+    return out
+
+
+def mean_sd(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def report(work, arms, seeds):
+    results = {s: {a: arm_run(f"{work}/seed{s}", a) for a in arms} for s in seeds}
     fmt = lambda f, v: "n/a" if v is None else f.format(v)
-    print(f"\n{'':26}" + "".join(f"{'seed ' + s:>22}" for s in seeds) + f"{'mean ± sd':>36}")
-    print(f"{'':26}" + "".join(f"{'tessera / scvi-tools':>22}" for _ in seeds) + f"{'tessera / scvi-tools':>36}")
+    width = 12 * len(arms)
+    label = " / ".join(arms)
+    print(f"\n{'':26}" + "".join(f"{'seed ' + s:>{width}}" for s in seeds) + f"{'mean ± sd':>{width + 8 * len(arms)}}")
+    print(f"{'':26}" + "".join(f"{label:>{width}}" for _ in seeds) + f"{label:>{width + 8 * len(arms)}}")
     summary = {}
-    for key, name, f in rows:
-        cells, stats = [], {}
-        for tool in ("tessera", "scvi"):
-            values = [results[s][tool][key] for s in seeds]
-            values = [v for v in values if v is not None]
-            stats[tool] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
-        for s in seeds:
-            cells.append(f"{fmt(f, results[s]['tessera'][key])} / {fmt(f, results[s]['scvi'][key])}")
-        ms = lambda t: "n/a" if stats[t] is None else f"{f.format(stats[t][0])} ± {f.format(stats[t][1])}"
-        print(f"{name:26}" + "".join(f"{c:>22}" for c in cells) + f"{ms('tessera') + ' / ' + ms('scvi'):>36}")
+    for key, name, f in ROWS:
+        stats = {a: mean_sd([results[s][a][key] for s in seeds]) for a in arms}
+        cells = [" / ".join(fmt(f, results[s][a][key]) for a in arms) for s in seeds]
+        ms = lambda a: "n/a" if stats[a] is None else f"{f.format(stats[a][0])} ± {f.format(stats[a][1])}"
+        print(f"{name:26}" + "".join(f"{c:>{width}}" for c in cells) + f"{' / '.join(ms(a) for a in arms):>{width + 8 * len(arms)}}")
         summary[key] = stats
-    gaps = [100 * (results[s]["tessera"]["validation_elbo"] / results[s]["scvi"]["validation_elbo"] - 1) for s in seeds]
-    print(f"{'-ELBO gap, tessera (%)':26}" + "".join(f"{g:>+22.3f}" for g in gaps) + f"{statistics.fmean(gaps):>+36.3f}")
-    summary["validation_elbo_gap_percent"] = gaps
-    tool = json.load(open(f"{work}/seed{seeds[0]}/scvi.json"))["tool"]
-    json.dump({"seeds": results, "mean_sd": summary, "anchor": tool}, open(f"{work}/summary.json", "w"), indent=1)
+    if "scvi" in arms:
+        for a in arms:
+            if a == "scvi":
+                continue
+            for key, what in (("validation_elbo", "last"), ("validation_elbo_last10", "last 10")):
+                gaps = [100 * (results[s][a][key] / results[s]["scvi"][key] - 1) for s in seeds]
+                print(f"{'Δ -ELBO % ' + a + ', ' + what:26.26}" + "".join(f"{g:>+{width - 1}.3f}%" for g in gaps)
+                      + f"{statistics.fmean(gaps):>+{width + 8 * len(arms) - 1}.3f}%")
+                summary[f"{key}_gap_percent_{a}"] = gaps
+        tool = json.load(open(f"{work}/seed{seeds[0]}/scvi.json"))["tool"]
+    else:
+        tool = "tessera only"
+    json.dump({"arms": arms, "seeds": results, "mean_sd": summary, "anchor": tool},
+              open(f"{work}/summary.json", "w"), indent=1)
     print(f"\n{tool}; results in {work}/ (summary.json)")
 
 
@@ -113,4 +130,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "config":
         config(*sys.argv[2:])
     else:
-        report(sys.argv[2], sys.argv[3:])
+        report(sys.argv[2], sys.argv[3].split(","), sys.argv[4:])
