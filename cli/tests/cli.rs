@@ -95,6 +95,53 @@ fn inspect_json_for_both_zarr_versions_and_mudata() {
 }
 
 #[test]
+fn simulate_hard_scenario_defaults_and_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("hard.zarr");
+    let store = store.to_str().unwrap();
+    tessera(&[
+        "simulate",
+        store,
+        "--scenario",
+        "hard",
+        "--cells",
+        "600",
+        "--genes",
+        "50",
+    ]);
+    let json: Value =
+        serde_json::from_str(&stdout(&tessera(&["inspect", "--json", store]))).unwrap();
+    let column = |name: &str| -> Vec<(String, u64)> {
+        let obs = json["obs"].as_array().unwrap();
+        let c = obs.iter().find(|c| c["name"] == name).unwrap();
+        c["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|kv| (kv[0].as_str().unwrap().into(), kv[1].as_u64().unwrap()))
+            .collect()
+    };
+    // 4 batches weighted 4:3:2:1, 12 types in 4 lineages.
+    let batches: Vec<u64> = column("batch").into_iter().map(|(_, n)| n).collect();
+    assert_eq!(batches, [240, 180, 120, 60]);
+    assert_eq!(column("cell_type").len(), 12);
+    assert_eq!(column("lineage").len(), 4);
+    // Types outside lineages of 3 are refused, naming the rule.
+    let bad = dir.path().join("bad.zarr");
+    let out = tessera(&[
+        "simulate",
+        bad.to_str().unwrap(),
+        "--scenario",
+        "hard",
+        "--types",
+        "8",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lineages of 3"), "{err}");
+}
+
+#[test]
 fn simulate_then_inspect_and_no_overwrite() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("sim.zarr");
