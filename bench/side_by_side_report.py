@@ -47,7 +47,9 @@ def write_toml(tables, prefix=""):
 
 
 def config(seed, layers, extra=""):
-    tables = {"train": {"seed": int(seed)}, "model": {"n_layers": int(layers)}}
+    # Every epoch, as scvi-tools trains here (early_stopping=False).
+    tables = {"train": {"seed": int(seed), "early_stopping_patience": 1_000_000},
+              "model": {"n_layers": int(layers)}}
     if extra:
         with open(extra, "rb") as f:
             for name, table in tomllib.load(f).items():
