@@ -291,6 +291,13 @@ fn python_reads_what_we_write() {
     };
     let r = &report[mu.as_str()];
     assert_eq!(r["kind"], "MuData");
+    // Every element carries its encoding: mudata reads the store without OldFormatWarnings.
+    assert_eq!(
+        r["format_warnings"],
+        serde_json::json!([]),
+        "{}",
+        r["format_warnings"]
+    );
     for (i, (name, a)) in m.modalities.iter().enumerate() {
         assert_eq!(
             r["mods"][name.as_str()],

@@ -667,11 +667,13 @@ pub fn simulate(
         writer.group("mod", json!({"mod-order": order}))?;
         writer.dataframe("obs", &cell_names, &obs_columns)?;
         writer.dataframe("var", &all_vars, &[])?;
-        writer.group("obsmap", json!({}))?;
+        // Encoded like mudata writes them (a dict of arrays), so readers see no old format.
+        let array = json!({"encoding-type": "array", "encoding-version": "0.2.0"});
+        writer.dict("obsmap")?;
         for (name, map) in obsmaps {
-            writer.array_1d(&format!("obsmap/{name}"), Elem::U32, map, json!({}))?;
+            writer.array_1d(&format!("obsmap/{name}"), Elem::U32, map, array.clone())?;
         }
-        writer.group("varmap", json!({}))?;
+        writer.dict("varmap")?;
         let mut offset = 0u32;
         for (name, n) in &varmaps {
             let map: Vec<u32> = (0..all_vars.len() as u32)
@@ -683,7 +685,7 @@ pub fn simulate(
                     }
                 })
                 .collect();
-            writer.array_1d(&format!("varmap/{name}"), Elem::U32, map, json!({}))?;
+            writer.array_1d(&format!("varmap/{name}"), Elem::U32, map, array.clone())?;
             offset += *n as u32;
         }
         for dict in ["obsm", "obsp", "varm", "varp", "uns"] {

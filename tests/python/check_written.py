@@ -12,8 +12,12 @@ report = {}
 for path in sys.argv[1:]:
     kind = zarr.open_group(path, mode="r").attrs.get("encoding-type")
     if kind == "MuData":
-        m = md.read_zarr(path)
+        # Warnings about how the store was written (not mudata's own FutureWarnings).
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m = md.read_zarr(path)
         report[path] = {
+            "format_warnings": [str(w.message) for w in caught if w.category.__name__ == "OldFormatWarning"],
             "kind": "MuData", "n_obs": int(m.n_obs),
             "mods": {k: [int(v.n_obs), int(v.n_vars)] for k, v in m.mod.items()},
             "obsmap": {k: np.asarray(m.obsmap[k]).astype(int).tolist() for k in m.mod},
