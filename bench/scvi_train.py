@@ -1,7 +1,12 @@
 """scvi-tools' SCVI on an AnnData Zarr store, timed like `tessera train`: trains on the same
 threads, writes the latent mean to obsm/<key> (consolidated, so every reader sees it) and
 prints one JSON line: cells/s over the training call (validation each epoch included, as in
-tessera's epoch times) and the last epoch's validation ELBO terms."""
+tessera's epoch times) and the last epoch's validation ELBO terms.
+
+With --labels-key (a partly labelled obs column, missing = unlabelled), scvi-tools' scANVI
+workflow follows: SCANVI.from_scvi_model on the trained SCVI, trained for scvi-tools' default
+epochs after pretraining (10 here); its latent goes to obsm/<key> and its predicted labels to
+obs/<prediction-key>."""
 
 import argparse
 import json
@@ -9,6 +14,7 @@ import time
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scvi
 import torch
 import zarr
@@ -23,6 +29,8 @@ p.add_argument("--seed", type=int, default=0)
 p.add_argument("--layers", type=int, default=1)
 p.add_argument("--history", help="CSV to write the per-epoch validation ELBO terms to")
 p.add_argument("--validation-cells", help="CSV with a `cell` column of obs rows to validate on (tessera's validation_cells.csv); default: scvi-tools' own random 10%%")
+p.add_argument("--labels-key", help="partly labelled obs column: train scANVI after scVI")
+p.add_argument("--prediction-key", default="prediction_scvi")
 args = p.parse_args()
 
 torch.set_num_threads(args.threads)
@@ -39,17 +47,19 @@ if args.validation_cells:
     train = np.setdiff1d(np.arange(adata.n_obs), held)
     # Both tools validate on the same cells: their validation ELBOs are then comparable.
     split = {"datasplitter_kwargs": {"external_indexing": [train, held]}}
+common = dict(batch_size=128, train_size=0.9, early_stopping=False, check_val_every_n_epoch=1,
+              accelerator="cpu", enable_progress_bar=False, **split)
 started = time.perf_counter()
-model.train(
-    max_epochs=args.epochs,
-    batch_size=128,
-    train_size=0.9,
-    early_stopping=False,
-    check_val_every_n_epoch=1,
-    accelerator="cpu",
-    enable_progress_bar=False,
-    **split,
-)
+model.train(max_epochs=args.epochs, **common)
+epochs = args.epochs
+if args.labels_key:
+    # scvi-tools marks unlabelled cells with a category; the store has missing values.
+    labels = adata.obs[args.labels_key].astype("category")
+    adata.obs[args.labels_key] = labels.cat.add_categories("Unknown").fillna("Unknown")
+    model = scvi.model.SCANVI.from_scvi_model(model, unlabeled_category="Unknown", labels_key=args.labels_key)
+    scanvi_epochs = 10  # scvi-tools' default after pretraining: min(10, max(2, heuristic / 3))
+    model.train(max_epochs=scanvi_epochs, **common)
+    epochs += scanvi_epochs
 seconds = time.perf_counter() - started
 n_train = len(model.train_indices)
 history = model.history
@@ -65,13 +75,20 @@ latent = model.get_latent_representation().astype(np.float32)
 
 group = zarr.open_group(args.data, mode="r+", use_consolidated=False)
 ad.io.write_elem(group["obsm"], args.key, latent)
+if args.labels_key:
+    obs = ad.io.read_elem(group["obs"])
+    obs[args.prediction_key] = pd.Categorical(model.predict(), categories=model._label_mapping)
+    obs[args.prediction_key] = obs[args.prediction_key].cat.remove_categories(
+        [c for c in ["Unknown"] if c in obs[args.prediction_key].cat.categories])
+    ad.io.write_elem(group, "obs", obs)
 zarr.consolidate_metadata(args.data)
 print(json.dumps({
     "tool": f"scvi-tools {scvi.__version__} (torch {torch.__version__}, {args.threads} threads)",
-    "epochs": args.epochs,
+    "model": "SCANVI" if args.labels_key else "SCVI",
+    "epochs": epochs,
     "train_cells": n_train,
     "seconds": seconds,
-    "cells_per_s": n_train * args.epochs / seconds,
+    "cells_per_s": n_train * epochs / seconds,
     "validation_elbo": last("elbo_validation"),
     "validation_reconstruction": last("reconstruction_loss_validation"),
     "validation_kl": last("kl_local_validation"),

@@ -1,11 +1,17 @@
 """Helpers of bench/side_by_side.sh.
 
-  config SEED LAYERS [EXTRA.toml]   prints tessera's run configuration: the seed and the layers,
-                                    with the settings of EXTRA (a recipe) merged over them
+  config SEED LAYERS [EXTRA.toml]...
+                                    prints tessera's run configuration: the seed and the layers,
+                                    with the settings of each EXTRA (a recipe) merged over them
+  partial-labels STORE FRACTION SEED
+                                    writes obs/cell_type_partial: cell_type kept in FRACTION of
+                                    the cells (drawn with SEED), missing elsewhere
   report WORK ARMS SEED...          prints each arm's per-seed results (ARMS: comma-separated run
                                     folders of each seed, `scvi` for scvi-tools, the first arm
                                     tessera's), their mean ± sd and the -ELBO gap of each tessera
-                                    arm to scvi-tools; writes WORK/summary.json
+                                    arm to scvi-tools (and, where the store has
+                                    cell_type_partial, each arm's accuracy of obs/prediction_<arm>
+                                    on the unlabelled cells); writes WORK/summary.json
 """
 
 import csv
@@ -20,7 +26,38 @@ SCIB = [("silhouette_label", "cell-type ASW"), ("nmi", "NMI"), ("ari", "ARI"), (
 ROWS = [("cells_per_s", "training cells/s", "{:.0f}"), ("validation_elbo", "validation -ELBO", "{:.2f}"),
         ("validation_elbo_last10", "  mean of last 10 epochs", "{:.2f}"),
         ("validation_reconstruction", "  reconstruction", "{:.2f}"), ("validation_kl", "  KL", "{:.2f}"),
-        ("jumpiness", "  |Δ| per epoch, last 20", "{:.2f}")] + [(k, n, "{:.4f}") for k, n in SCIB]
+        ("jumpiness", "  |Δ| per epoch, last 20", "{:.2f}")] + [(k, n, "{:.4f}") for k, n in SCIB] + [
+        ("label_accuracy", "accuracy, unlabelled cells", "{:.4f}")]
+PARTIAL = "cell_type_partial"
+
+
+def read_obs(store):
+    import anndata as ad
+    import zarr
+    return ad.io.read_elem(zarr.open_group(store, mode="r")["obs"])
+
+
+def partial_labels(store, fraction, seed):
+    """Keeps cell_type in a seeded uniform `fraction` of the cells; the rest are missing."""
+    import anndata as ad
+    import numpy as np
+    import zarr
+    group = zarr.open_group(store, mode="r+", use_consolidated=False)
+    obs = ad.io.read_elem(group["obs"])
+    keep = np.random.default_rng(int(seed)).random(len(obs)) < float(fraction)
+    obs[PARTIAL] = obs["cell_type"].where(keep)
+    ad.io.write_elem(group, "obs", obs)
+    zarr.consolidate_metadata(store)
+
+
+def label_accuracy(run, arm):
+    """Accuracy of the arm's predictions on the cells whose label was hidden; None without them."""
+    obs = read_obs(f"{run}/data.zarr")
+    if PARTIAL not in obs or f"prediction_{arm}" not in obs:
+        return None
+    hidden = obs[PARTIAL].isna()
+    truth = obs["cell_type"][hidden].astype(str)
+    return float((obs[f"prediction_{arm}"][hidden].astype(str) == truth).mean())
 
 
 def toml_value(v):
@@ -46,11 +83,11 @@ def write_toml(tables, prefix=""):
     return "\n".join(out)
 
 
-def config(seed, layers, extra=""):
+def config(seed, layers, *extras):
     # Every epoch, as scvi-tools trains here (early_stopping=False).
     tables = {"train": {"seed": int(seed), "early_stopping_patience": 1_000_000},
               "model": {"n_layers": int(layers)}}
-    if extra:
+    for extra in filter(None, extras):
         with open(extra, "rb") as f:
             for name, table in tomllib.load(f).items():
                 tables.setdefault(name, {}).update(table)
@@ -69,7 +106,8 @@ def tessera_run(run, arm):
 
 
 def scvi_run(run):
-    out = json.load(open(f"{run}/scvi.json"))
+    # The last line: scvi-tools logs to stdout too.
+    out = json.loads(open(f"{run}/scvi.json").read().strip().splitlines()[-1])
     out["curve"] = [float(r["elbo_validation"]) for r in csv.DictReader(open(f"{run}/scvi_history.csv"))]
     return out
 
@@ -84,6 +122,7 @@ def arm_run(run, arm):
     out = scvi_run(run) if arm == "scvi" else tessera_run(run, arm)
     scores = json.load(open(f"{run}/{arm}/eval.json"))["scores"]
     out.update({k: scores.get(k) for k, _ in SCIB})
+    out["label_accuracy"] = label_accuracy(run, arm)
     curve = out.pop("curve")
     out["jumpiness"] = jumpiness(curve)
     out["validation_elbo_last10"] = statistics.fmean(curve[-10:])
@@ -120,7 +159,8 @@ def report(work, arms, seeds):
                 print(f"{'Δ -ELBO % ' + a + ', ' + what:26.26}" + "".join(f"{g:>+{width - 1}.3f}%" for g in gaps)
                       + f"{statistics.fmean(gaps):>+{width + 8 * len(arms) - 1}.3f}%")
                 summary[f"{key}_gap_percent_{a}"] = gaps
-        tool = json.load(open(f"{work}/seed{seeds[0]}/scvi.json"))["tool"]
+        tool = json.loads(open(f"{work}/seed{seeds[0]}/scvi.json").read().strip().splitlines()[-1])
+        tool = f"{tool['tool']}, {tool.get('model', 'SCVI')}"
     else:
         tool = "tessera only"
     json.dump({"arms": arms, "seeds": results, "mean_sd": summary, "anchor": tool},
@@ -131,5 +171,7 @@ def report(work, arms, seeds):
 if __name__ == "__main__":
     if sys.argv[1] == "config":
         config(*sys.argv[2:])
+    elif sys.argv[1] == "partial-labels":
+        partial_labels(*sys.argv[2:])
     else:
         report(sys.argv[2], sys.argv[3].split(","), sys.argv[4:])

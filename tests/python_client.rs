@@ -78,6 +78,7 @@ fn a_notebook_maps_a_query_through_the_python_client() {
         config,
         out: model.clone(),
         embedding_key: "X_tessera".into(),
+        prediction_key: tessera_worker::fit::PREDICTION_KEY.into(),
         overwrite: false,
         resume: false,
         denoised: None,

@@ -513,6 +513,7 @@ fn data_parallel(workers: &[usize], cells: usize, genes: usize, epochs: usize) -
             config,
             out: dir.join(format!("out{n}")),
             embedding_key: "X_tessera".into(),
+            prediction_key: tessera_worker::fit::PREDICTION_KEY.into(),
             overwrite: false,
             resume: false,
             denoised: None,

@@ -280,6 +280,7 @@ pub fn job_spec(opts: &FitOptions, world: usize) -> Result<pb::JobSpec> {
         output_url: absolute(&opts.out.display().to_string())?,
         modalities: opts.modalities.clone(),
         embedding_key: opts.embedding_key.clone(),
+        prediction_key: opts.prediction_key.clone(),
         overwrite: opts.overwrite,
         network_toml: String::new(),
         resume: None,

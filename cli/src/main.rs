@@ -132,6 +132,11 @@ struct SimulateArgs {
     /// Fraction of cells missing each non-RNA modality.
     #[arg(long, default_value_t = 0.0)]
     missing: f64,
+    /// Batches (0-based, comma-separated) in which every cell misses each non-RNA modality
+    /// (e.g. a batch without CITE-seq, as totalVI handles). Missing cells' counts are drawn and
+    /// dropped: the store without missing cells (same seed) holds their ground truth.
+    #[arg(long, value_delimiter = ',')]
+    missing_batches: Vec<usize>,
     /// Cells from these batches only (0-based, comma-separated; the batch column lists just
     /// them): with one seed, stores of disjoint batches share their biology (reference/query).
     #[arg(long, value_delimiter = ',')]
@@ -204,6 +209,7 @@ fn simulate(args: &SimulateArgs) -> Result<()> {
         latent_dim: args.latent_dim,
         library: args.library.unwrap_or(base.library),
         missing: args.missing,
+        missing_batches: args.missing_batches.clone(),
         only_batches: (!args.only_batches.is_empty()).then(|| args.only_batches.clone()),
         seed: args.seed,
         version: args.zarr_format.into(),

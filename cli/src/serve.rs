@@ -184,6 +184,7 @@ pub fn bench_encode(sizes: &[usize], genes: usize, concurrency: usize, seconds: 
         config: fit,
         out: model.clone(),
         embedding_key: "X_tessera".into(),
+        prediction_key: tessera_worker::fit::PREDICTION_KEY.into(),
         overwrite: true,
         resume: false,
         denoised: None,

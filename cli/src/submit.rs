@@ -40,7 +40,10 @@ pub struct SubmitArgs {
     label_key: Option<String>,
     #[arg(long, default_value = "X_tessera")]
     embedding_key: String,
-    /// Replace an existing obsm/<embedding-key>.
+    /// obs key of the label classifier's predictions (and obsm <key>_probabilities).
+    #[arg(long, default_value = tessera_worker::fit::PREDICTION_KEY)]
+    prediction_key: String,
+    /// Replace existing outputs (obsm/<embedding-key>, the predictions).
     #[arg(long)]
     overwrite: bool,
     /// Print the job's id and return instead of following it to its end.
@@ -92,6 +95,7 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
         config: crate::train::read_config(args.config.as_deref(), args.epochs)?,
         out: args.out,
         embedding_key: args.embedding_key,
+        prediction_key: args.prediction_key,
         overwrite: args.overwrite,
         resume: false,
         denoised: None,

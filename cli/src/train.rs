@@ -40,7 +40,12 @@ pub struct TrainArgs {
     /// obsm key of the embedding written into the store.
     #[arg(long, default_value = "X_tessera")]
     embedding_key: String,
-    /// Replace an existing obsm/<embedding-key>.
+    /// obs key of the label classifier's predictions (`classifier_weight > 0`), and obsm
+    /// <key>_probabilities of its class probabilities.
+    #[arg(long, default_value = tessera_worker::fit::PREDICTION_KEY)]
+    prediction_key: String,
+    /// Replace existing outputs (obsm/<embedding-key>, the predictions, the denoised
+    /// expression).
     #[arg(long)]
     overwrite: bool,
     /// Continue the run checkpointed in <out>/checkpoint (same data and config; --epochs may
@@ -127,6 +132,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         config,
         out: args.out.clone(),
         embedding_key: args.embedding_key.clone(),
+        prediction_key: args.prediction_key.clone(),
         overwrite: args.overwrite,
         resume: args.resume,
         denoised: args.denoised.then(|| Denoised {

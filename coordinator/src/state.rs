@@ -52,6 +52,9 @@ pub struct JobSpec {
     pub output_url: String,
     pub modalities: Vec<String>,
     pub embedding_key: String,
+    /// Where the classifier's predictions go (empty: the default key).
+    #[serde(default)]
+    pub prediction_key: String,
     pub overwrite: bool,
     /// A network job's request (empty: training).
     #[serde(default)]

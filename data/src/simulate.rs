@@ -13,7 +13,10 @@
 //! - protein (P, ADT-like): counts ~ NB(background_bp + foreground_p(z)), theta = 10, with a
 //!   per-batch background (totalVI's background/foreground mixture).
 //! - ATAC-like (R peaks): binary accessibility ~ Bernoulli(sigmoid(c_r + U_r z + depth_c + batch)).
-//! - each non-RNA modality is missing for a `missing` fraction of cells (MuData obsmap = 0).
+//! - each non-RNA modality is missing for a `missing` fraction of cells and in every cell of
+//!   the `missing_batches` (MuData obsmap = 0). A missing cell's counts are drawn all the same
+//!   and dropped, so a store with missing cells holds exactly the measured cells of the store
+//!   simulated without (same seed and sizes): the ground truth of imputation.
 //!
 //! The hard scenario ([`Scenario::Hard`], `SimConfig::hard`) adds what makes real atlases hard
 //! to integrate: types are lineages of [`SUBTYPES`] weakly separated subtypes (subtype centre =
@@ -50,6 +53,9 @@ pub struct SimConfig {
     pub library: f64,
     /// Fraction of cells missing each non-RNA modality.
     pub missing: f64,
+    /// Batches in which every cell misses each non-RNA modality (totalVI's case: a batch
+    /// without CITE-seq).
+    pub missing_batches: Vec<usize>,
     /// Draw cells from these of the `n_batches` batches only (the batch column then lists just
     /// them): stores simulated with one seed and disjoint lists share cell types, genes and batch
     /// effects, so one can serve as a reference and the other as a query with new batches.
@@ -86,6 +92,7 @@ impl Default for SimConfig {
             latent_dim: 10,
             library: 1_500.0,
             missing: 0.0,
+            missing_batches: Vec::new(),
             only_batches: None,
             scenario: Scenario::Standard,
             seed: 0,
@@ -401,42 +408,54 @@ fn simulate_block(c: &SimConfig, w: &World, block: u64) -> Block {
         out.rna.n_rows += 1;
 
         // Protein
+        let missing_batch = c.missing_batches.contains(&b);
         if let Some((csr, present)) = &mut out.prot {
-            let here = rng.random::<f64>() >= c.missing;
-            present.push(here);
-            if here {
-                for (p, load) in w.prot_load.iter().enumerate() {
+            let here = rng.random::<f64>() >= c.missing && !missing_batch;
+            let counts: Vec<f32> = w
+                .prot_load
+                .iter()
+                .enumerate()
+                .map(|(p, load)| {
                     let fore = 20.0 * dot(load, &z).exp().min(1e3);
-                    let count = nb(&mut rng, w.prot_background[b][p] + fore, 10.0);
-                    if count > 0.0 {
-                        csr.indices.push(p as u32);
-                        csr.data.push(count);
-                    }
-                }
-                csr.indptr.push(csr.data.len() as u64);
-                csr.n_rows += 1;
-            }
+                    nb(&mut rng, w.prot_background[b][p] + fore, 10.0)
+                })
+                .collect();
+            push_present(csr, present, here, &counts);
         }
 
         // ATAC
         if let Some((csr, present)) = &mut out.atac {
-            let here = rng.random::<f64>() >= c.missing;
-            present.push(here);
-            if here {
-                let depth = normal(&mut rng, 0.5);
-                for (r, load) in w.peak_load.iter().enumerate() {
+            let here = rng.random::<f64>() >= c.missing && !missing_batch;
+            let depth = normal(&mut rng, 0.5);
+            let open: Vec<f32> = w
+                .peak_load
+                .iter()
+                .enumerate()
+                .map(|(r, load)| {
                     let logit = w.peak_base[r] + dot(load, &z) + depth + w.peak_batch[b];
-                    if rng.random::<f64>() < 1.0 / (1.0 + (-logit).exp()) {
-                        csr.indices.push(r as u32);
-                        csr.data.push(1.0);
-                    }
-                }
-                csr.indptr.push(csr.data.len() as u64);
-                csr.n_rows += 1;
-            }
+                    f32::from(u8::from(rng.random::<f64>() < 1.0 / (1.0 + (-logit).exp())))
+                })
+                .collect();
+            push_present(csr, present, here, &open);
         }
     }
     out
+}
+
+/// Appends a cell's row of a non-RNA modality when it was measured (`here`), and its presence.
+fn push_present(csr: &mut Csr, present: &mut Vec<bool>, here: bool, values: &[f32]) {
+    present.push(here);
+    if !here {
+        return;
+    }
+    for (j, &v) in values.iter().enumerate() {
+        if v > 0.0 {
+            csr.indices.push(j as u32);
+            csr.data.push(v);
+        }
+    }
+    csr.indptr.push(csr.data.len() as u64);
+    csr.n_rows += 1;
 }
 
 /// Simulates and writes a store at `location` (which must not hold a store yet). Writes an
@@ -490,6 +509,9 @@ pub fn simulate(
             "the hard scenario needs types in lineages of {SUBTYPES} (a multiple of {SUBTYPES}, at least {}) and at least 2 batches",
             2 * SUBTYPES
         )));
+    }
+    if c.missing_batches.iter().any(|&b| b >= c.n_batches) {
+        return Err(invalid("missing_batches must be batches below n_batches"));
     }
     if let Some(list) = &c.only_batches
         && (list.is_empty()

@@ -129,6 +129,95 @@ fn simulated_mudata_has_mosaic_obsmap() {
     assert!(x.data.iter().all(|&v| v == 1.0), "ATAC is binary");
 }
 
+/// Each non-RNA modality's rows, in global cell order (None where the cell lacks it), and the
+/// global batch codes.
+fn modality_rows(path: &str) -> (Vec<Vec<Option<(Vec<u32>, Vec<f32>)>>>, Vec<i32>) {
+    let Dataset::MuData(mdata) = Dataset::open(path).unwrap() else {
+        panic!("expected MuData")
+    };
+    let rows = ["prot", "atac"]
+        .iter()
+        .map(|m| {
+            let (i, adata) = mdata.modality(m).unwrap();
+            let x = adata
+                .x()
+                .unwrap()
+                .read_rows(&adata.store, 0..adata.n_obs())
+                .unwrap();
+            mdata.obsmap[i]
+                .iter()
+                .map(|&r| {
+                    (r > 0).then(|| {
+                        let (j, v) = x.row(r as usize - 1);
+                        (j.to_vec(), v.to_vec())
+                    })
+                })
+                .collect()
+        })
+        .collect();
+    let Column::Categorical { codes, .. } = mdata.root().obs_column("batch").unwrap() else {
+        panic!("batch is categorical")
+    };
+    (rows, codes)
+}
+
+#[test]
+fn missing_cells_are_the_full_stores_cells_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = SimConfig {
+        n_cells: 1200,
+        n_proteins: 20,
+        n_peaks: 100,
+        ..small(ZarrVersion::V3)
+    };
+    let holey = SimConfig {
+        missing: 0.3,
+        missing_batches: vec![1],
+        ..full.clone()
+    };
+    let paths = ["full.zarr", "holey.zarr"].map(|p| dir.path().join(p).display().to_string());
+    simulate(&paths[0], &full, |_| {}).unwrap();
+    simulate(&paths[1], &holey, |_| {}).unwrap();
+    let (truth, batches) = modality_rows(&paths[0]);
+    let (kept, same_batches) = modality_rows(&paths[1]);
+    assert_eq!(batches, same_batches);
+    for (m, (truth, kept)) in truth.iter().zip(&kept).enumerate() {
+        assert!(
+            truth.iter().all(Option::is_some),
+            "modality {m}: all measured"
+        );
+        let mut present = [0usize; 2];
+        for ((t, k), &b) in truth.iter().zip(kept).zip(&batches) {
+            if let Some(k) = k {
+                assert_eq!(
+                    Some(k),
+                    t.as_ref(),
+                    "a kept cell has the full store's counts"
+                );
+                present[b as usize] += 1;
+            }
+        }
+        let in_batch0 = batches.iter().filter(|&&b| b == 0).count();
+        let frac = present[0] as f64 / in_batch0 as f64;
+        assert_eq!(present[1], 0, "modality {m}: batch 1 lacks it");
+        assert!(
+            (0.62..0.78).contains(&frac),
+            "modality {m}: {frac} of batch 0 kept"
+        );
+    }
+    let bad = SimConfig {
+        missing_batches: vec![2],
+        ..holey
+    };
+    let err = simulate(
+        &dir.path().join("bad.zarr").display().to_string(),
+        &bad,
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("missing_batches"), "{err}");
+}
+
 #[test]
 fn add_obsm_and_layer_publish_without_touching_anything_else() {
     for version in [ZarrVersion::V2, ZarrVersion::V3] {

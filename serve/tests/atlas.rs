@@ -63,6 +63,7 @@ fn reference() -> &'static Path {
                 config,
                 out: out.clone(),
                 embedding_key: "X_tessera".into(),
+                prediction_key: tessera_worker::fit::PREDICTION_KEY.into(),
                 overwrite: false,
                 resume: false,
                 denoised: None,

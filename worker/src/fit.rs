@@ -61,7 +61,10 @@ pub struct FitOptions {
     pub out: PathBuf,
     /// Key of the embedding written to the store's `obsm`.
     pub embedding_key: String,
-    /// Replace an existing `obsm/<embedding_key>`.
+    /// Key of the classifier's predicted labels (`obs/<key>`) and probabilities
+    /// (`obsm/<key>_probabilities`), written when the classifier trains.
+    pub prediction_key: String,
+    /// Replace an existing `obsm/<embedding_key>` (and the other outputs).
     pub overwrite: bool,
     /// Continue from `<out>/checkpoint` (same data and configuration; `max_epochs` may grow).
     pub resume: bool,
@@ -115,7 +118,7 @@ pub struct FitReport {
 /// The run's summary in the output folder.
 pub const REPORT_FILE: &str = "report.json";
 
-/// The obs column of predicted labels (and `<key>_probabilities` in obsm).
+/// The default obs column of predicted labels (and `<key>_probabilities` in obsm).
 pub const PREDICTION_KEY: &str = "tessera_prediction";
 
 /// What a minibatch carries besides counts: the model's modalities (indices into the loader's),
@@ -360,8 +363,8 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         let classify = mc.classifier_weight > 0.0;
         let prediction_keys: Vec<(&str, String)> = if classify {
             vec![
-                ("obs", PREDICTION_KEY.to_string()),
-                ("obsm", format!("{PREDICTION_KEY}_probabilities")),
+                ("obs", opts.prediction_key.clone()),
+                ("obsm", format!("{}_probabilities", opts.prediction_key)),
             ]
         } else {
             Vec::new()
@@ -811,12 +814,12 @@ fn write_outputs<B: TrainBackend>(run: &mut Run<'_, B>) -> Result<FitReport, Fit
             ordered: false,
         };
         plan.target
-            .write_obs_column(PREDICTION_KEY, &column, opts.overwrite)?;
-        let key = format!("{PREDICTION_KEY}_probabilities");
+            .write_obs_column(&opts.prediction_key, &column, opts.overwrite)?;
+        let key = format!("{}_probabilities", opts.prediction_key);
         plan.target
             .write_obsm(&key, &probabilities, n_labels, opts.overwrite)?;
         prediction_elements = vec![
-            plan.target.element(&format!("obs/{PREDICTION_KEY}")),
+            plan.target.element(&format!("obs/{}", opts.prediction_key)),
             plan.target.element(&format!("obsm/{key}")),
         ];
     }

@@ -398,6 +398,8 @@ fn run_assignment(
         config: fit_config,
         out: PathBuf::from(&spec.output_url),
         embedding_key: non_empty(&spec.embedding_key).unwrap_or_else(|| "X_tessera".into()),
+        prediction_key: non_empty(&spec.prediction_key)
+            .unwrap_or_else(|| crate::fit::PREDICTION_KEY.into()),
         overwrite: spec.overwrite,
         resume: false,
         denoised: None,

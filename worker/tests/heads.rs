@@ -118,6 +118,28 @@ fn classifier_trained_on_two_thirds_of_the_labels_predicts_the_rest() {
             && err.to_string().contains("already exists"),
         "{err}"
     );
+    // Under another key, a second run's predictions sit beside the first's.
+    opts.prediction_key = "again_prediction".into();
+    let again = fit(&opts, |_| {}).unwrap();
+    assert_eq!(
+        again.prediction_elements,
+        vec![
+            "obs/again_prediction".to_string(),
+            "obsm/again_prediction_probabilities".to_string()
+        ]
+    );
+    let adata = AnnData::open(&data).unwrap();
+    assert_eq!(
+        adata.obs_column("tessera_prediction").unwrap(),
+        Column::Categorical {
+            codes: predicted,
+            categories: categories.clone(),
+            ordered: false
+        },
+        "the first run's predictions are kept"
+    );
+    assert!(adata.obs().unwrap().column("again_prediction").is_some());
+    assert_eq!(adata.obsm("again_prediction_probabilities").unwrap().1, k);
 }
 
 #[test]

@@ -45,6 +45,7 @@ fn options(data: &str, out: &Path, epochs: usize, resume: bool) -> FitOptions {
         config,
         out: out.to_path_buf(),
         embedding_key: "X_tessera".into(),
+        prediction_key: tessera_worker::fit::PREDICTION_KEY.into(),
         overwrite: resume,
         resume,
         denoised: None,

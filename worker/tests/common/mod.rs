@@ -43,6 +43,7 @@ pub fn options(data: &str, out: &Path, epochs: usize) -> FitOptions {
         config,
         out: out.to_path_buf(),
         embedding_key: "X_tessera".into(),
+        prediction_key: tessera_worker::fit::PREDICTION_KEY.into(),
         overwrite: false,
         resume: false,
         denoised: None,
