@@ -12,6 +12,10 @@
                                     arm to scvi-tools (and, where the store has
                                     cell_type_partial, each arm's accuracy of obs/prediction_<arm>
                                     on the unlabelled cells); writes WORK/summary.json
+  multimodal WORK SEED...           the same for bench/multimodal_side_by_side.sh: per store
+                                    (cite, multiome), tessera against totalVI / MultiVI: cells/s,
+                                    scIB metrics, imputation of the missing modality; writes
+                                    WORK/summary.json
 """
 
 import csv
@@ -106,8 +110,7 @@ def tessera_run(run, arm):
 
 
 def scvi_run(run):
-    # The last line: scvi-tools logs to stdout too.
-    out = json.loads(open(f"{run}/scvi.json").read().strip().splitlines()[-1])
+    out = last_json(f"{run}/scvi.json")
     out["curve"] = [float(r["elbo_validation"]) for r in csv.DictReader(open(f"{run}/scvi_history.csv"))]
     return out
 
@@ -159,7 +162,7 @@ def report(work, arms, seeds):
                 print(f"{'Δ -ELBO % ' + a + ', ' + what:26.26}" + "".join(f"{g:>+{width - 1}.3f}%" for g in gaps)
                       + f"{statistics.fmean(gaps):>+{width + 8 * len(arms) - 1}.3f}%")
                 summary[f"{key}_gap_percent_{a}"] = gaps
-        tool = json.loads(open(f"{work}/seed{seeds[0]}/scvi.json").read().strip().splitlines()[-1])
+        tool = last_json(f"{work}/seed{seeds[0]}/scvi.json")
         tool = f"{tool['tool']}, {tool.get('model', 'SCVI')}"
     else:
         tool = "tessera only"
@@ -168,10 +171,57 @@ def report(work, arms, seeds):
     print(f"\n{tool}; results in {work}/ (summary.json)")
 
 
+def last_json(path):
+    """The last line of a tool's output as JSON (scvi-tools also logs to stdout)."""
+    return json.loads(open(path).read().strip().splitlines()[-1])
+
+
+def multimodal_run(run, anchor, modality):
+    impute = json.load(open(f"{run}/impute.json"))
+    out = {}
+    for arm in ("tessera", anchor):
+        row = {"cells_per_s": tessera_run(run, "tessera")["cells_per_s"] if arm == "tessera"
+               else last_json(f"{run}/{arm}.json")["cells_per_s"]}
+        scores = json.load(open(f"{run}/{arm}/eval.json"))["scores"]
+        row.update({k: scores.get(k) for k, _ in SCIB})
+        row.update({f"imputed_{k}": v for k, v in impute[f"{arm}_denoised_{modality}"].items()})
+        out[arm] = row
+    return out
+
+
+def multimodal(work, seeds):
+    rows = [("cells_per_s", "training cells/s", "{:.0f}")] + [(k, n, "{:.4f}") for k, n in SCIB] + [
+        ("imputed_pearson", "imputed: Pearson, log1p", "{:.4f}"), ("imputed_auroc", "imputed: AUROC", "{:.4f}")]
+    summary = {}
+    for kind, anchor, modality in (("cite", "totalvi", "prot"), ("multiome", "multivi", "atac")):
+        results = {s: multimodal_run(f"{work}/seed{s}/{kind}", anchor, modality) for s in seeds}
+        arms = ["tessera", anchor]
+        label = " / ".join(arms)
+        print(f"\n{kind}: tessera / {anchor}, missing {modality} imputed on "
+              f"{json.load(open(f'{work}/seed{seeds[0]}/{kind}/impute.json'))['cells']} cells")
+        print(f"{'':26}" + "".join(f"{'seed ' + s:>24}" for s in seeds) + f"{'mean ± sd':>36}")
+        for key, name, f in rows:
+            values = {a: [results[s][a].get(key) for s in seeds] for a in arms}
+            if all(v is None for a in arms for v in values[a]):
+                continue
+            fmt = lambda v: "n/a" if v is None else f.format(v)
+            cells = [" / ".join(fmt(results[s][a].get(key)) for a in arms) for s in seeds]
+            stats = {a: mean_sd(values[a]) for a in arms}
+            ms = lambda a: "n/a" if stats[a] is None else f"{f.format(stats[a][0])} ± {f.format(stats[a][1])}"
+            print(f"{name:26}" + "".join(f"{c:>24}" for c in cells) + f"{' / '.join(ms(a) for a in arms):>36}")
+            summary.setdefault(kind, {})[key] = stats
+        summary.setdefault(kind, {})["seeds"] = results
+        summary[kind]["anchor"] = last_json(f"{work}/seed{seeds[0]}/{kind}/{anchor}.json")["tool"]
+    json.dump(summary, open(f"{work}/summary.json", "w"), indent=1)
+    print(f"\nresults in {work}/ (summary.json)")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "config":
         config(*sys.argv[2:])
     elif sys.argv[1] == "partial-labels":
         partial_labels(*sys.argv[2:])
+    elif sys.argv[1] == "multimodal":
+        multimodal(sys.argv[2], sys.argv[3:])
     else:
         report(sys.argv[2], sys.argv[3].split(","), sys.argv[4:])
