@@ -129,9 +129,11 @@ fn simulated_mudata_has_mosaic_obsmap() {
     assert!(x.data.iter().all(|&v| v == 1.0), "ATAC is binary");
 }
 
-/// Each non-RNA modality's rows, in global cell order (None where the cell lacks it), and the
-/// global batch codes.
-fn modality_rows(path: &str) -> (Vec<Vec<Option<(Vec<u32>, Vec<f32>)>>>, Vec<i32>) {
+/// A cell's sparse row (column indices, values); None where the cell lacks the modality.
+type Row = Option<(Vec<u32>, Vec<f32>)>;
+
+/// Each non-RNA modality's rows, in global cell order, and the global batch codes.
+fn modality_rows(path: &str) -> (Vec<Vec<Row>>, Vec<i32>) {
     let Dataset::MuData(mdata) = Dataset::open(path).unwrap() else {
         panic!("expected MuData")
     };
