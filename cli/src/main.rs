@@ -63,8 +63,11 @@ enum Command {
     /// Copy an AnnData/MuData store (.h5ad/.h5mu file or Zarr v2/v3 store) into a new Zarr
     /// store chunked and sharded for streaming.
     Convert {
+        /// The AnnData/MuData to copy: an .h5ad or .h5mu file, or a Zarr store (path or URL).
         input: String,
+        /// Where to write the Zarr store (must not exist yet).
         output: String,
+        /// Zarr format of the output store.
         #[arg(long, value_enum, default_value_t = Format::V3)]
         zarr_format: Format,
     },

@@ -26,18 +26,26 @@ pub struct SubmitArgs {
     /// Override `train.max_epochs`.
     #[arg(long)]
     epochs: Option<usize>,
+    /// Override `train.seed` (initialisation, shuffling, the validation split).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Folder rank 0 writes the checkpoints and outputs to, shared by the workers.
     #[arg(long)]
     out: PathBuf,
     /// Workers to train with: the job waits until this many are free.
     #[arg(long, default_value_t = 1)]
     world_size: usize,
+    /// The MuData modalities to model, comma-separated (default: all).
     #[arg(long, value_delimiter = ',')]
     modalities: Vec<String>,
+    /// obs column with the batch (default: none).
     #[arg(long)]
     batch_key: Option<String>,
+    /// obs column with cell types: labels of the classifier and contrastive heads (missing
+    /// values = unlabelled cells).
     #[arg(long)]
     label_key: Option<String>,
+    /// obsm key of the embedding written into the store.
     #[arg(long, default_value = "X_tessera")]
     embedding_key: String,
     /// obs key of the label classifier's predictions (and obsm <key>_probabilities).
@@ -92,7 +100,7 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
         modalities: args.modalities,
         batch_key: args.batch_key,
         label_key: args.label_key,
-        config: crate::train::read_config(args.config.as_deref(), args.epochs)?,
+        config: crate::train::read_config(args.config.as_deref(), args.epochs, args.seed)?,
         out: args.out,
         embedding_key: args.embedding_key,
         prediction_key: args.prediction_key,

@@ -37,6 +37,9 @@ pub struct TrainArgs {
     /// Override `train.max_epochs`.
     #[arg(long)]
     epochs: Option<usize>,
+    /// Override `train.seed` (initialisation, shuffling, the validation split).
+    #[arg(long)]
+    seed: Option<u64>,
     /// obsm key of the embedding written into the store.
     #[arg(long, default_value = "X_tessera")]
     embedding_key: String,
@@ -111,7 +114,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         println!("rank {} of {}: the job ended", l.rank, l.world);
         return Ok(());
     }
-    let mut config = read_config(args.config.as_deref(), args.epochs)?;
+    let mut config = read_config(args.config.as_deref(), args.epochs, args.seed)?;
     config.train.tf32 |= args.tf32;
     let data = match args.data {
         Some(d) => d,
@@ -232,6 +235,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 pub(crate) fn read_config(
     path: Option<&std::path::Path>,
     epochs: Option<usize>,
+    seed: Option<u64>,
 ) -> Result<FitConfig> {
     let mut config = match path {
         Some(path) => {
@@ -243,6 +247,9 @@ pub(crate) fn read_config(
     };
     if let Some(e) = epochs {
         config.train.max_epochs = Some(e);
+    }
+    if let Some(s) = seed {
+        config.train.seed = s;
     }
     Ok(config)
 }

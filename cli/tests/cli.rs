@@ -342,3 +342,65 @@ fn every_output_file_takes_the_same_mode() {
         );
     }
 }
+
+/// Every option says what it does, and `train --seed` overrides the configuration's seed (it
+/// was only settable in a config file, while map and snf took --seed).
+#[test]
+fn options_are_described_and_train_takes_a_seed() {
+    let help = |args: &[&str]| stdout(&tessera(args));
+    let submit = help(&["submit", "-h"]);
+    for text in [
+        "The MuData modalities to model",
+        "obs column with the batch",
+        "obs column with cell types",
+        "obsm key of the embedding",
+        "Override `train.seed`",
+    ] {
+        assert!(submit.contains(text), "submit -h lacks {text:?}:\n{submit}");
+    }
+    let convert = help(&["convert", "-h"]);
+    for text in [
+        "an .h5ad or .h5mu file",
+        "Where to write the Zarr store",
+        "Zarr format",
+    ] {
+        assert!(
+            convert.contains(text),
+            "convert -h lacks {text:?}:\n{convert}"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.zarr");
+    let store = store.to_str().unwrap();
+    stdout(&tessera(&[
+        "simulate", store, "--cells", "600", "--genes", "40",
+    ]));
+    let config = dir.path().join("seed.toml");
+    std::fs::write(&config, "[train]\nseed = 5\n").unwrap();
+    let config = config.to_str().unwrap();
+    let held_out = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let out = out.to_str().unwrap();
+        let key = format!("X_{name}");
+        let mut args = vec![
+            "train",
+            "--data",
+            store,
+            "--out",
+            out,
+            "--epochs",
+            "1",
+            "--embedding-key",
+            &key,
+        ];
+        args.extend_from_slice(extra);
+        stdout(&tessera(&args));
+        std::fs::read_to_string(dir.path().join(name).join("validation_cells.csv")).unwrap()
+    };
+    let flag = held_out("flag", &["--seed", "5"]);
+    let file = held_out("file", &["--config", config]);
+    let other = held_out("other", &["--config", config, "--seed", "6"]);
+    assert_eq!(flag, file, "--seed 5 splits as train.seed = 5 does");
+    assert_ne!(flag, other, "--seed overrides the file's seed");
+}

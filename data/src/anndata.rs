@@ -297,6 +297,32 @@ impl MuData {
             })
     }
 
+    /// An obs column over every cell: the root's, else that of the first modality whose obs has
+    /// it, mapped to the global cells through the obsmap (missing where a cell lacks that
+    /// modality). mudata copies modality columns to the root only on `update()`; stores written
+    /// without it keep them in the modality alone.
+    pub fn obs_column(&self, key: &str) -> Result<Column> {
+        match read_column(&self.store, self.version, &format!("obs/{key}")) {
+            Err(DataError::Missing { .. }) => {}
+            found => return found,
+        }
+        for (i, (_, adata)) in self.modalities.iter().enumerate() {
+            match adata.obs_column(key) {
+                Err(DataError::Missing { .. }) => {}
+                found => return found.map(|c| c.gather(&self.obsmap[i])),
+            }
+        }
+        let names: Vec<&str> = self.modalities.iter().map(|(n, _)| n.as_str()).collect();
+        Err(DataError::Missing {
+            store: self.store.name(),
+            path: format!("obs/{key}"),
+            expected: format!(
+                "dataframe column (looked in obs and in mod/{{{}}}/obs)",
+                names.join(",")
+            ),
+        })
+    }
+
     /// The root's global `obs` and `obsm` as an AnnData handle (no X, no var): where a joint
     /// embedding of every cell is read and written.
     pub fn root(&self) -> AnnData {

@@ -110,13 +110,23 @@ impl Column {
     }
 
     /// Integer codes for a categorical-like column (categoricals as stored; strings and bools
-    /// by first appearance) with -1 for missing, and the category names. Used for batch and
-    /// label covariates.
+    /// by first appearance; integers in ascending order, as pandas' `astype("category")` orders
+    /// them) with -1 for missing, and the category names. Used for batch and label covariates.
     pub fn codes(&self) -> Option<(Vec<i32>, Vec<String>)> {
         match self {
             Column::Categorical {
                 codes, categories, ..
             } => Some((codes.clone(), categories.clone())),
+            Column::Int(v) => {
+                let mut values: Vec<i64> = v.iter().flatten().copied().collect();
+                values.sort_unstable();
+                values.dedup();
+                let codes = v
+                    .iter()
+                    .map(|x| x.map_or(-1, |x| values.binary_search(&x).map_or(-1, |i| i as i32)))
+                    .collect();
+                Some((codes, values.iter().map(i64::to_string).collect()))
+            }
             Column::Strings(_) | Column::Bool(_) => {
                 let names: Vec<String> = self.value_counts()?.into_iter().map(|(n, _)| n).collect();
                 let lookup: std::collections::HashMap<&str, i32> = names
@@ -133,7 +143,35 @@ impl Column {
                     .collect();
                 Some((codes, names))
             }
-            Column::Float(_) | Column::Int(_) => None,
+            Column::Float(_) => None,
+        }
+    }
+
+    /// The column at other rows: `rows[i]` is the 1-based row of entry i, 0 for a missing
+    /// value (a MuData obsmap).
+    pub fn gather(&self, rows: &[u32]) -> Column {
+        fn take<T: Clone>(v: &[T], rows: &[u32], missing: T) -> Vec<T> {
+            rows.iter()
+                .map(|&r| match r {
+                    0 => missing.clone(),
+                    r => v[r as usize - 1].clone(),
+                })
+                .collect()
+        }
+        match self {
+            Column::Categorical {
+                codes,
+                categories,
+                ordered,
+            } => Column::Categorical {
+                codes: take(codes, rows, -1),
+                categories: categories.clone(),
+                ordered: *ordered,
+            },
+            Column::Strings(v) => Column::Strings(take(v, rows, None)),
+            Column::Float(v) => Column::Float(take(v, rows, f64::NAN)),
+            Column::Int(v) => Column::Int(take(v, rows, None)),
+            Column::Bool(v) => Column::Bool(take(v, rows, None)),
         }
     }
 

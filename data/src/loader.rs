@@ -372,9 +372,7 @@ impl Loader {
         let obs_column = |key: &str| -> Result<crate::dataframe::Column> {
             let column = match dataset {
                 Dataset::AnnData(a) => a.obs_column(key)?,
-                Dataset::MuData(m) => {
-                    crate::dataframe::read_column(&m.store, m.version, &format!("obs/{key}"))?
-                }
+                Dataset::MuData(m) => m.obs_column(key)?,
             };
             if column.len() as u64 != dataset.n_obs() {
                 return Err(DataError::Invalid {
@@ -394,7 +392,7 @@ impl Loader {
                 store: store.name(),
                 path: format!("obs/{key}"),
                 found: column.kind().into(),
-                expected: "a categorical, string or boolean column".into(),
+                expected: "a categorical, string, integer or boolean column".into(),
             })
         };
         let (batch, batch_categories) = codes(&config.batch_key)?;

@@ -434,3 +434,113 @@ fn a_shard_within_fetch_bytes_is_shuffled_whole_whatever_the_store_order() {
         assert!(spanned.len() <= 3, "{} blocks in one batch", spanned.len());
     }
 }
+
+/// An integer batch column is a covariate like a categorical one (it was refused with "data
+/// type int"): categories in ascending numeric order, as pandas' `astype("category")` gives,
+/// missing values uncoded.
+#[test]
+fn integer_batch_columns_are_categories() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = store(&dir, "i.zarr", config());
+    let adata = AnnData::open(&path).unwrap();
+    let (codes, _) = adata
+        .obs()
+        .unwrap()
+        .column("batch")
+        .unwrap()
+        .codes()
+        .unwrap();
+    // Batch 0 -> 17, batch 1 -> 9 (so numeric order differs from the stored one), cell 5 missing.
+    let numbers: Vec<Option<i64>> = codes
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| (i != 5).then_some(if c == 0 { 17 } else { 9 }))
+        .collect();
+    adata
+        .write_obs_column("plate", &tessera_data::Column::Int(numbers), false)
+        .unwrap();
+    let dataset = Dataset::open(&path).unwrap();
+    let loader = Loader::new(
+        &dataset,
+        0..3000,
+        LoaderConfig {
+            batch_key: Some("plate".into()),
+            shuffle: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(loader.batch_categories, ["9", "17"]);
+    for b in loader.epoch(0) {
+        let b = b.unwrap();
+        for (i, &c) in b.cells.iter().enumerate() {
+            let expected = match (c, codes[c as usize]) {
+                (5, _) => -1,
+                (_, 0) => 1,
+                _ => 0,
+            };
+            assert_eq!(b.batch[i], expected, "cell {c}");
+        }
+    }
+}
+
+/// A MuData covariate kept only in a modality's obs (mudata copies it to the root only on
+/// `update()`) is found there and mapped to every cell; one found nowhere says where it looked.
+#[test]
+fn mudata_covariates_are_found_in_a_modalitys_obs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = store(
+        &dir,
+        "m.zarr",
+        SimConfig {
+            n_cells: 1000,
+            n_proteins: 10,
+            missing: 0.3,
+            ..config()
+        },
+    );
+    let Dataset::MuData(mdata) = Dataset::open(&path).unwrap() else {
+        panic!("expected MuData")
+    };
+    let (p, prot) = mdata.modality("prot").unwrap();
+    let n = prot.n_obs() as usize;
+    let donors: Vec<Option<String>> = (0..n).map(|r| Some(format!("d{}", r % 3))).collect();
+    prot.write_obs_column("donor", &tessera_data::Column::Strings(donors), false)
+        .unwrap();
+    let obsmap = mdata.obsmap[p].clone();
+    let dataset = Dataset::open(&path).unwrap();
+    let loader = |key: &str| {
+        Loader::new(
+            &dataset,
+            0..1000,
+            LoaderConfig {
+                batch_key: Some(key.into()),
+                shuffle: false,
+                ..Default::default()
+            },
+        )
+    };
+    let with_donor = loader("donor").unwrap();
+    assert_eq!(with_donor.batch_categories, ["d0", "d1", "d2"]);
+    let mut absent = 0;
+    for b in with_donor.epoch(0) {
+        let b = b.unwrap();
+        for (i, &c) in b.cells.iter().enumerate() {
+            let expected = match obsmap[c as usize] {
+                0 => -1,
+                r => ((r - 1) % 3) as i32,
+            };
+            absent += usize::from(expected < 0);
+            assert_eq!(b.batch[i], expected, "cell {c}");
+        }
+    }
+    assert!(
+        absent > 200,
+        "cells without protein have no donor ({absent})"
+    );
+    let err = loader("plate").unwrap_err().to_string();
+    assert!(
+        err.contains("obs/plate") && err.contains("mod/{rna,prot}/obs"),
+        "{err}"
+    );
+}

@@ -199,7 +199,8 @@ fn target(dataset: &Dataset, req: &EvalRequest) -> Result<(AnnData, Vec<AnnData>
     }
 }
 
-/// The label codes of an obs column (-1 = missing); categorical, string or boolean columns.
+/// The label codes of an obs column (-1 = missing); categorical, string, integer or boolean
+/// columns.
 pub(crate) fn codes(adata: &AnnData, key: &str, store: &str) -> Result<Vec<i32>, EvalError> {
     let column = adata.obs_column(key)?;
     column
@@ -209,7 +210,7 @@ pub(crate) fn codes(adata: &AnnData, key: &str, store: &str) -> Result<Vec<i32>,
             store: store.into(),
             reason: format!(
                 "{}: obs column {key:?} is {}, expected categories \
-             (categorical, strings or booleans)",
+             (categorical, strings, integers or booleans)",
                 adata.element("obs"),
                 column.kind()
             ),
