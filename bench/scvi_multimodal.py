@@ -1,7 +1,7 @@
 """scvi-tools' multimodal models on tessera's simulated MuData stores, and the scores of the
 multimodal side by side (bench/multimodal_side_by_side.sh).
 
-  totalvi  --data STORE --epochs E --seed S --validation-cells CSV
+  totalvi  --data STORE --epochs E --seed S --validation-cells CSV [--defaults]
       TOTALVI on mod/rna with mod/prot as its protein matrix (zeros where a cell lacks it:
       totalVI treats a batch without protein as missing). Writes the latent mean to the root's
       obsm/X_totalvi and the imputed proteins, (1 - pi) alpha beta at each cell's own batch, to
@@ -9,14 +9,15 @@ multimodal side by side (bench/multimodal_side_by_side.sh).
   multivi  --data STORE --epochs E --seed S --validation-cells CSV
       MULTIVI on mod/rna and mod/atac (zeros where a cell lacks accessibility: MultiVI's mask).
       Writes obsm/X_multivi and obsm/multivi_denoised_atac (accessibility probabilities).
-  impute   --data STORE --truth FULL --modality M --keys K1,K2,...
-      Scores each root obsm/<K> (every cell's imputed modality M) on the cells that lack M in
+  impute   --data STORE --truth FULL --modality M --key K
+      Scores the root's obsm/<K> (every cell's imputed modality M) on the cells that lack M in
       STORE against their counts in FULL (the same simulation without missing cells): the mean
       over features of the Pearson correlation of log(1 + x) with the imputation, and, for
       binary accessibility, the AUROC over all (cell, peak) entries. Prints one JSON object.
 
 Both models train at scvi-tools' defaults except the epochs (every epoch, no early stopping, as
-tessera trains here) and the validation cells (tessera's, so the split is the same).
+tessera trains here; --defaults: the model's own default epochs and early stopping) and the
+validation cells (tessera's, so the split is the same).
 """
 
 import argparse
@@ -62,14 +63,16 @@ def rna_anndata(mdata):
     return adata
 
 
-def train(model, epochs, indexing, **split_kwargs):
-    """Trains every epoch on the given split (TOTALVI takes it as its own argument, MULTIVI
-    through its data splitter)."""
+def train(model, args, indexing, **split_kwargs):
+    """Trains on the given split (TOTALVI takes it as its own argument, MULTIVI through its data
+    splitter): every one of --epochs, or with --defaults the model's own epochs and stopping."""
+    schedule = {} if args.defaults else {"max_epochs": args.epochs, "early_stopping": False}
     started = time.perf_counter()
-    model.train(max_epochs=epochs, early_stopping=False, check_val_every_n_epoch=1, accelerator="cpu",
-                enable_progress_bar=False, **split_kwargs)
+    model.train(check_val_every_n_epoch=1, accelerator="cpu", enable_progress_bar=False, **schedule,
+                **split_kwargs)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "cells_per_s": len(indexing[0]) * epochs / seconds}
+    epochs = len(model.history["elbo_validation"])
+    return {"seconds": seconds, "epochs": epochs, "cells_per_s": len(indexing[0]) * epochs / seconds}
 
 
 def totalvi(args):
@@ -80,7 +83,7 @@ def totalvi(args):
     scvi.model.TOTALVI.setup_anndata(adata, batch_key="batch", protein_expression_obsm_key="protein_expression")
     model = scvi.model.TOTALVI(adata)
     indexing = split(adata.n_obs, args.validation_cells)
-    out = train(model, args.epochs, indexing, external_indexing=indexing)
+    out = train(model, args, indexing, external_indexing=indexing)
     _, proteins = model.get_normalized_expression(n_samples=1, return_mean=True, return_numpy=True)
     write_root_obsm(args.data, {"X_totalvi": model.get_latent_representation(),
                                 "totalvi_denoised_prot": proteins})
@@ -102,7 +105,7 @@ def multivi(args):
     scvi.model.MULTIVI.setup_mudata(mdata, batch_key="batch", modalities={"rna_layer": "rna", "atac_layer": "atac"})
     model = scvi.model.MULTIVI(mdata)
     indexing = split(mdata.n_obs, args.validation_cells)
-    out = train(model, args.epochs, indexing, datasplitter_kwargs={"external_indexing": indexing})
+    out = train(model, args, indexing, datasplitter_kwargs={"external_indexing": indexing})
     accessibility = model.get_normalized_accessibility(return_numpy=True)
     write_root_obsm(args.data, {"X_multivi": model.get_latent_representation(),
                                 "multivi_denoised_atac": np.asarray(accessibility)})
@@ -131,13 +134,10 @@ def impute(args):
     _, present = modality_dense(mdata, args.modality)
     missing = ~present
     target = np.log1p(truth[missing])
-    scores = {"cells": int(missing.sum())}
-    for key in args.keys.split(","):
-        imputed = np.asarray(mdata.obsm[key], dtype=np.float64)[missing]
-        score = {"pearson": mean_feature_correlation(np.log1p(imputed), target)}
-        if args.modality == "atac":
-            score["auroc"] = auroc(imputed.ravel(), truth[missing].ravel() > 0)
-        scores[key] = score
+    imputed = np.asarray(mdata.obsm[args.key], dtype=np.float64)[missing]
+    scores = {"cells": int(missing.sum()), "pearson": mean_feature_correlation(np.log1p(imputed), target)}
+    if args.modality == "atac":
+        scores["auroc"] = auroc(imputed.ravel(), truth[missing].ravel() > 0)
     return scores
 
 
@@ -151,7 +151,8 @@ def main():
     p.add_argument("--validation-cells")
     p.add_argument("--truth")
     p.add_argument("--modality")
-    p.add_argument("--keys")
+    p.add_argument("--key")
+    p.add_argument("--defaults", action="store_true")
     args = p.parse_args()
     if args.command == "impute":
         print(json.dumps(impute(args)))

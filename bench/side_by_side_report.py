@@ -12,14 +12,15 @@
                                     arm to scvi-tools (and, where the store has
                                     cell_type_partial, each arm's accuracy of obs/prediction_<arm>
                                     on the unlabelled cells); writes WORK/summary.json
-  multimodal WORK SEED...           the same for bench/multimodal_side_by_side.sh: per store
-                                    (cite, multiome), tessera against totalVI / MultiVI: cells/s,
-                                    scIB metrics, imputation of the missing modality; writes
-                                    WORK/summary.json
+  multimodal WORK KINDS SEED...     the same for bench/multimodal_side_by_side.sh: per store
+                                    (KINDS: cite,multiome), tessera (and its recipe arm) against
+                                    totalVI / MultiVI: cells/s, scIB metrics, imputation of the
+                                    missing modality; writes WORK/summary.json
 """
 
 import csv
 import json
+import os
 import statistics
 import sys
 import tomllib
@@ -176,30 +177,34 @@ def last_json(path):
     return json.loads(open(path).read().strip().splitlines()[-1])
 
 
-def multimodal_run(run, anchor, modality):
-    impute = json.load(open(f"{run}/impute.json"))
+def multimodal_run(run, arms):
     out = {}
-    for arm in ("tessera", anchor):
-        row = {"cells_per_s": tessera_run(run, "tessera")["cells_per_s"] if arm == "tessera"
-               else last_json(f"{run}/{arm}.json")["cells_per_s"]}
+    for arm in arms:
+        anchor = arm in ("totalvi", "multivi")
+        row = {"cells_per_s": last_json(f"{run}/{arm}.json")["cells_per_s"] if anchor
+               else tessera_run(run, arm)["cells_per_s"]}
         scores = json.load(open(f"{run}/{arm}/eval.json"))["scores"]
         row.update({k: scores.get(k) for k, _ in SCIB})
-        row.update({f"imputed_{k}": v for k, v in impute[f"{arm}_denoised_{modality}"].items()})
+        row.update({f"imputed_{k}": v for k, v in json.load(open(f"{run}/{arm}/impute.json")).items()})
         out[arm] = row
     return out
 
 
-def multimodal(work, seeds):
+def multimodal(work, kinds, seeds):
     rows = [("cells_per_s", "training cells/s", "{:.0f}")] + [(k, n, "{:.4f}") for k, n in SCIB] + [
         ("imputed_pearson", "imputed: Pearson, log1p", "{:.4f}"), ("imputed_auroc", "imputed: AUROC", "{:.4f}")]
     summary = {}
     for kind, anchor, modality in (("cite", "totalvi", "prot"), ("multiome", "multivi", "atac")):
-        results = {s: multimodal_run(f"{work}/seed{s}/{kind}", anchor, modality) for s in seeds}
-        arms = ["tessera", anchor]
+        if kind not in kinds.split(","):
+            continue
+        first = f"{work}/seed{seeds[0]}/{kind}"
+        arms = ["tessera"] + (["recipe"] if os.path.exists(f"{first}/recipe/eval.json") else []) + [anchor]
+        results = {s: multimodal_run(f"{work}/seed{s}/{kind}", arms) for s in seeds}
         label = " / ".join(arms)
-        print(f"\n{kind}: tessera / {anchor}, missing {modality} imputed on "
-              f"{json.load(open(f'{work}/seed{seeds[0]}/{kind}/impute.json'))['cells']} cells")
-        print(f"{'':26}" + "".join(f"{'seed ' + s:>24}" for s in seeds) + f"{'mean ± sd':>36}")
+        width = 12 * len(arms)
+        print(f"\n{kind}: {label}, missing {modality} imputed on "
+              f"{json.load(open(f'{first}/tessera/impute.json'))['cells']} cells")
+        print(f"{'':26}" + "".join(f"{'seed ' + s:>{width}}" for s in seeds) + f"{'mean ± sd':>{width + 8 * len(arms)}}")
         for key, name, f in rows:
             values = {a: [results[s][a].get(key) for s in seeds] for a in arms}
             if all(v is None for a in arms for v in values[a]):
@@ -208,7 +213,8 @@ def multimodal(work, seeds):
             cells = [" / ".join(fmt(results[s][a].get(key)) for a in arms) for s in seeds]
             stats = {a: mean_sd(values[a]) for a in arms}
             ms = lambda a: "n/a" if stats[a] is None else f"{f.format(stats[a][0])} ± {f.format(stats[a][1])}"
-            print(f"{name:26}" + "".join(f"{c:>24}" for c in cells) + f"{' / '.join(ms(a) for a in arms):>36}")
+            print(f"{name:26}" + "".join(f"{c:>{width}}" for c in cells)
+                  + f"{' / '.join(ms(a) for a in arms):>{width + 8 * len(arms)}}")
             summary.setdefault(kind, {})[key] = stats
         summary.setdefault(kind, {})["seeds"] = results
         summary[kind]["anchor"] = last_json(f"{work}/seed{seeds[0]}/{kind}/{anchor}.json")["tool"]
@@ -222,6 +228,6 @@ if __name__ == "__main__":
     elif sys.argv[1] == "partial-labels":
         partial_labels(*sys.argv[2:])
     elif sys.argv[1] == "multimodal":
-        multimodal(sys.argv[2], sys.argv[3:])
+        multimodal(sys.argv[2], sys.argv[3], sys.argv[4:])
     else:
         report(sys.argv[2], sys.argv[3].split(","), sys.argv[4:])
