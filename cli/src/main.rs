@@ -173,17 +173,27 @@ impl From<Format> for ZarrVersion {
     }
 }
 
-fn init_logging() {
+/// Log lines to stderr: text (coloured only on a terminal) or, with `TESSERA_LOG_FORMAT=json`,
+/// one JSON object per line. Returns whether the format is JSON; an unknown format is an error.
+fn init_logging() -> Result<bool> {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
+    let json = match std::env::var("TESSERA_LOG_FORMAT").as_deref() {
+        Err(_) | Ok("" | "text") => false,
+        Ok("json") => true,
+        Ok(other) => anyhow::bail!("TESSERA_LOG_FORMAT={other:?}: expected \"text\" or \"json\""),
+    };
     let filter = EnvFilter::try_from_env("TESSERA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    if std::env::var("TESSERA_LOG_FORMAT").as_deref() == Ok("json") {
+    if json {
         builder.json().init();
     } else {
         builder.init();
     }
+    Ok(json)
 }
 
 pub(crate) fn progress(total: u64, unit: &str) -> ProgressBar {
@@ -338,11 +348,22 @@ fn find_cuda_libraries() {
 fn main() -> std::process::ExitCode {
     find_cuda_libraries();
     keep_freed_memory();
-    init_logging();
+    let json_logs = match init_logging() {
+        Ok(json) => json,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("Error: {e:?}");
+            // A log collector reading JSON lines gets the fatal error as one of them too.
+            if json_logs {
+                tracing::error!(error = format!("{e:?}"), "fatal");
+            } else {
+                eprintln!("Error: {e:?}");
+            }
             // A stopped run is not a failed one: the code says SIGTERM, so a Job replaces the pod.
             std::process::ExitCode::from(if e.is::<signals::Stopped>() {
                 signals::EXIT_STOPPED

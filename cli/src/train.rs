@@ -176,12 +176,17 @@ pub fn run(args: TrainArgs) -> Result<()> {
         report.batch_categories.len()
     );
     if let Some(r) = last {
+        // The loss weighs the KL by the warm-up's weight; the KL is shown as it is.
         let terms = |t: &tessera_models::LossTerms| {
             format!(
-                "{:.2} (reconstruction {:.2}, KL {:.2}, regularisers {:.3}, supervised {:.3})",
-                t.loss, t.reconstruction, t.kl, t.regularization, t.supervised
+                "{:.2} (reconstruction {:.2}, KL {:.2} unweighted x weight {:.3}, regularisers {:.3}, supervised {:.3})",
+                t.loss, t.reconstruction, t.kl, r.kl_weight, t.regularization, t.supervised
             )
         };
+        println!(
+            "  epoch {} (history.csv counts epochs from 0, as scvi-tools' history does)",
+            r.epoch
+        );
         println!("  final train loss {}", terms(&r.train));
         if let Some(v) = &r.validation {
             println!("  final validation loss {}", terms(v));

@@ -395,7 +395,14 @@ fn options_are_described_and_train_takes_a_seed() {
             &key,
         ];
         args.extend_from_slice(extra);
-        stdout(&tessera(&args));
+        let summary = stdout(&tessera(&args));
+        // The summary says the KL is shown unweighted, and which epoch it reports.
+        assert!(
+            summary.contains("KL ")
+                && summary.contains("unweighted x weight 0.000")
+                && summary.contains("epoch 0 (history.csv counts epochs from 0"),
+            "{summary}"
+        );
         std::fs::read_to_string(dir.path().join(name).join("validation_cells.csv")).unwrap()
     };
     let flag = held_out("flag", &["--seed", "5"]);
@@ -403,4 +410,48 @@ fn options_are_described_and_train_takes_a_seed() {
     let other = held_out("other", &["--config", config, "--seed", "6"]);
     assert_eq!(flag, file, "--seed 5 splits as train.seed = 5 does");
     assert_ne!(flag, other, "--seed overrides the file's seed");
+}
+
+/// Log lines carry no colour codes when stderr is not a terminal; with JSON logs a fatal error
+/// is a JSON line too; an unknown log format is refused (it was ignored).
+#[test]
+fn logs_fit_the_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.zarr");
+    let store = store.to_str().unwrap();
+    let with_format = |format: &str, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(args)
+            .env("TESSERA_LOG", "info")
+            .env("TESSERA_LOG_FORMAT", format)
+            .output()
+            .unwrap()
+    };
+    let o = with_format(
+        "text",
+        &["simulate", store, "--cells", "300", "--genes", "20"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("simulated"), "{err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "colour codes in a piped log: {err:?}"
+    );
+
+    let o = with_format("json", &["inspect", &format!("{store}-absent")]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let last: Value = serde_json::from_str(err.trim().lines().last().unwrap()).unwrap();
+    assert_eq!(last["level"], "ERROR", "{err}");
+    assert!(
+        last["fields"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("-absent"),
+        "{err}"
+    );
+    let o = with_format("xml", &["inspect", store]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("TESSERA_LOG_FORMAT=\"xml\""), "{err}");
 }
