@@ -152,6 +152,9 @@ fn a_notebook_maps_a_query_through_the_python_client() {
         "{r}"
     );
     assert!(r["accuracy"].as_f64().unwrap() > 0.85, "{r}");
+    assert_eq!(r["progress_lines"], 3, "{r}");
+    assert_eq!(r["progress_carriage_returns"], 0, "{r}");
+    assert_eq!(r["future_warnings"], serde_json::json!([]), "{r}");
     assert!(r["url_accuracy"].as_f64().unwrap() > 0.85, "{r}");
     assert!(r["classifier_accuracy"].as_f64().unwrap() > 0.85, "{r}");
     assert_eq!(r["url_cells"].as_u64(), Some(400));

@@ -51,13 +51,16 @@ pub fn convert(
     version: ZarrVersion,
     mut progress: impl FnMut(&str),
 ) -> Result<ConvertSummary> {
-    let writer = StoreWriter::create(output, version)?;
+    refuse_hdf5_name(output)?;
     let mut summary = ConvertSummary::default();
     if is_hdf5(input) {
         #[cfg(feature = "h5ad")]
         {
             let source = crate::h5ad::H5Source::open(std::path::Path::new(input))?;
+            check_anndata(&source, input)?;
+            let writer = StoreWriter::create(output, version)?;
             copy(&source, &writer, "", &mut summary, &mut progress)?;
+            writer.consolidate()?;
         }
         #[cfg(not(feature = "h5ad"))]
         return Err(DataError::Open {
@@ -66,17 +69,78 @@ pub fn convert(
         });
     } else {
         let store = Store::open(input)?;
-        let version = store.zarr_version()?.unwrap_or(ZarrVersion::V3);
-        copy(
-            &ZarrSource { store, version },
-            &writer,
-            "",
-            &mut summary,
-            &mut progress,
-        )?;
+        let source_version = store.zarr_version()?.unwrap_or(ZarrVersion::V3);
+        let source = ZarrSource {
+            store,
+            version: source_version,
+        };
+        check_anndata(&source, input)?;
+        let writer = StoreWriter::create(output, version)?;
+        copy(&source, &writer, "", &mut summary, &mut progress)?;
+        writer.consolidate()?;
     }
-    writer.consolidate()?;
     Ok(summary)
+}
+
+/// The output is a Zarr store: a name that promises HDF5 would give a directory anndata's
+/// `read_h5ad` cannot open.
+fn refuse_hdf5_name(output: &str) -> Result<()> {
+    let lower = output.trim_end_matches('/').to_ascii_lowercase();
+    match [".h5ad", ".h5mu", ".h5", ".hdf5"]
+        .iter()
+        .find(|ext| lower.ends_with(*ext))
+    {
+        Some(ext) => Err(DataError::Invalid {
+            store: output.into(),
+            path: "/".into(),
+            problem: format!(
+                "tessera writes Zarr stores, not HDF5 ({ext}): name the output .zarr \
+                 (anndata.read_zarr(...).write_h5ad(...) makes an .h5ad from it)"
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The source's root is an AnnData (obs and var) or a MuData (mod and obs), by its
+/// `encoding-type` or, for files older than anndata 0.8 that lack one, by its groups; checked
+/// before anything is written.
+fn check_anndata(source: &dyn Hierarchy, input: &str) -> Result<()> {
+    let (_, attrs) = source.node("")?;
+    let children = source.children("")?;
+    let kind = attrs.get("encoding-type").and_then(Value::as_str);
+    let needed: &[&str] = match kind {
+        Some("mudata") => &["mod", "obs"],
+        Some("anndata") | None => &["obs", "var"],
+        Some(other) => {
+            return Err(DataError::Invalid {
+                store: input.into(),
+                path: "/".into(),
+                problem: format!("encoding-type {other:?}: expected an AnnData or MuData root"),
+            });
+        }
+    };
+    let missing: Vec<&str> = needed
+        .iter()
+        .filter(|n| !children.iter().any(|c| c == *n))
+        .copied()
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(DataError::Invalid {
+        store: input.into(),
+        path: "/".into(),
+        problem: format!(
+            "not {} (the root lacks {}); nothing was written",
+            if kind == Some("mudata") {
+                "MuData"
+            } else {
+                "AnnData"
+            },
+            missing.join(" and ")
+        ),
+    })
 }
 
 /// HDF5 files start with a signature at offset 0 or, after a user block (mudata writes one),

@@ -272,3 +272,31 @@ fn not_a_store() {
         &["gopher", "not supported"],
     );
 }
+
+/// `convert` refuses, before writing anything, a source that is not AnnData/MuData (it wrote a
+/// store `inspect` then rejected) and an output named like an HDF5 file (it wrote a Zarr
+/// directory called `out.h5ad` that `anndata.read_h5ad` could not open).
+#[test]
+fn convert_refuses_non_anndata_and_hdf5_names() {
+    let (dir, path) = fresh();
+    let source = path.to_str().unwrap();
+    for name in ["out.h5ad", "out.H5MU", "out.h5ad/"] {
+        let out = dir.path().join(name);
+        let err = tessera_data::convert(source, out.to_str().unwrap(), ZarrVersion::V3, |_| {})
+            .unwrap_err()
+            .to_string();
+        assert_names(&err, &[name.trim_end_matches('/'), "Zarr", ".zarr"]);
+        assert!(!out.exists(), "{name} was written");
+    }
+    // Only an obs group: not AnnData.
+    std::fs::remove_dir_all(path.join("var")).unwrap();
+    let out = dir.path().join("o.zarr");
+    let err = tessera_data::convert(source, out.to_str().unwrap(), ZarrVersion::V3, |_| {})
+        .unwrap_err()
+        .to_string();
+    assert_names(
+        &err,
+        &["s.zarr", "not AnnData", "var", "nothing was written"],
+    );
+    assert!(!out.exists(), "the output was written");
+}

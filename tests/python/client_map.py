@@ -4,8 +4,10 @@ usage: client_map.py ADDRESS TOKEN QUERY_STORE REFERENCE_STORE ALLOWED_QUERY_URL
 Prints one JSON line with what the Rust side asserts.
 """
 
+import io
 import json
 import sys
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -15,9 +17,21 @@ import tessera_client as tc
 address, token, query_store, reference_store, allowed_url = sys.argv[1:6]
 out = {}
 
+# Progress into a log (not a terminal): a line per state or stage, no carriage returns.
+log = io.StringIO()
+printer = tc.client._ProgressPrinter(log)
+for i in range(100):
+    printer({"job_id": "j", "state": "running", "progress": i / 100, "stage": "fine-tuning" if i < 60 else "labels"})
+printer({"job_id": "j", "state": "succeeded", "progress": 1.0, "stage": "done"})
+out["progress_lines"] = log.getvalue().count("\n")
+out["progress_carriage_returns"] = log.getvalue().count("\r")
+
 query = ad.read_zarr(query_store)
 before = set(query.obsm)
-mapped = tc.map_query(query, model="sim", server=address, token=token, epochs=20, neighbours=30, progress=False)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    mapped = tc.map_query(query, model="sim", server=address, token=token, epochs=20, neighbours=30, progress=False)
+out["future_warnings"] = sorted({str(w.message) for w in caught if issubclass(w.category, FutureWarning)})
 out["n_obs"], out["n_latent"] = mapped.obsm["X_tessera"].shape
 out["accuracy"] = float(np.mean(mapped.obs["tessera_label"].astype(str).values == query.obs["cell_type"].astype(str).values))
 out["classifier_accuracy"] = float(np.mean(mapped.obs["tessera_label_classifier"].astype(str).values == query.obs["cell_type"].astype(str).values))

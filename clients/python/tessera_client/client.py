@@ -63,10 +63,23 @@ def _model(m: pb.ModelInfo) -> dict:
     }
 
 
-def _print_progress(status: dict) -> None:
-    print(f"\r[{status['job_id']}] {status['state']:>9} {100 * status['progress']:5.1f}% {status['stage']:<40}", end="", file=sys.stderr, flush=True)
-    if status["state"] in ("succeeded", "failed", "cancelled"):
-        print(file=sys.stderr)
+class _ProgressPrinter:
+    """One status line rewritten in place on a terminal; in a log (not a TTY), a line only when
+    the state or stage changes, so a notebook's or job's log gets a handful of lines."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+        self.last = None
+
+    def __call__(self, status: dict) -> None:
+        line = f"[{status['job_id']}] {status['state']:>9} {100 * status['progress']:5.1f}% {status['stage']:<40}"
+        done = status["state"] in ("succeeded", "failed", "cancelled")
+        if self.live:
+            print("\r" + line, end="\n" if done else "", file=self.stream, flush=True)
+        elif (status["state"], status["stage"]) != self.last:
+            print(line.rstrip(), file=self.stream, flush=True)
+        self.last = (status["state"], status["stage"])
 
 
 class Atlas:
@@ -142,7 +155,7 @@ class Atlas:
 
     def wait(self, job_id: str, progress: Callable[[dict], None] | bool = True) -> dict:
         """Follows the job to its end; raises TesseraError when it failed or was cancelled."""
-        report = _print_progress if progress is True else (progress or (lambda s: None))
+        report = _ProgressPrinter() if progress is True else (progress or (lambda s: None))
         last = None
         for last in self.watch(job_id):
             report(last)
