@@ -131,14 +131,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding {listen}"))?;
         let bound = listener.local_addr().context("reading the bound address")?;
-        let registry = config.registry.clone();
         let service = tokio::task::spawn_blocking(move || {
             tessera_serve::service(&config).map(|s| (s, config))
         })
         .await
         .context("starting the service")?;
-        let (service, config) =
-            service.with_context(|| format!("opening the registry {registry}"))?;
+        // The error names what failed: the registry, a --register, a prefix or the scratch.
+        let (service, config) = service.context("starting the service")?;
         // On stdout, so a launcher that asked for port 0 learns the port.
         println!("atlas listening on {bound}");
         if let Some(at) = metrics_listen {

@@ -199,6 +199,29 @@ async fn serve_maps_a_query_submitted_over_grpc() {
 
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "# the lab's token\nsecret-1\n").unwrap();
+    // A prefix that does not exist is named, and nothing was copied into the registry first.
+    let absent = path(dir.path(), "no-such-dir");
+    let e = common::failed(&tessera(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--registry",
+        &registry,
+        "--register",
+        &format!("sim={model}"),
+        "--allow-prefix",
+        &absent,
+        "--tokens-file",
+        tokens.to_str().unwrap(),
+    ]));
+    assert!(
+        e.contains(&format!("--allow-prefix {absent}")) && !e.contains("opening the registry"),
+        "{e}"
+    );
+    assert!(
+        !std::path::Path::new(&registry).join("sim").exists(),
+        "the model was registered before the prefix was checked"
+    );
     let args = [
         "serve",
         "--listen",

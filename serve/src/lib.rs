@@ -94,13 +94,7 @@ pub struct ServeConfig {
 /// The service for `config` (registry opened and its start-up models registered, scratch
 /// created, prefixes checked). Blocking: call it outside async code.
 pub fn service(config: &ServeConfig) -> Result<AtlasService, ServeError> {
-    let registry =
-        Arc::new(Registry::open(&config.registry, config.cached_models)?.on(config.device));
-    for (name, folder) in &config.register {
-        registry
-            .register(name, folder, true)
-            .map_err(|e| ServeError::Config(format!("--register {name}={folder}: {e}")))?;
-    }
+    // The cheap checks first: a bad prefix must not leave models copied into the registry.
     std::fs::create_dir_all(&config.scratch)
         .map_err(|e| ServeError::Config(format!("scratch {}: {e}", config.scratch.display())))?;
     let scratch = config
@@ -108,6 +102,13 @@ pub fn service(config: &ServeConfig) -> Result<AtlasService, ServeError> {
         .canonicalize()
         .map_err(|e| ServeError::Config(format!("scratch {}: {e}", config.scratch.display())))?;
     let allow = AllowList::new(&config.allow_prefixes)?.with_local(&scratch)?;
+    let registry =
+        Arc::new(Registry::open(&config.registry, config.cached_models)?.on(config.device));
+    for (name, folder) in &config.register {
+        registry
+            .register(name, folder, true)
+            .map_err(|e| ServeError::Config(format!("--register {name}={folder}: {e}")))?;
+    }
     Ok(AtlasService::new(
         registry,
         Jobs::new(config.jobs.clone()),
