@@ -199,21 +199,29 @@ async fn serve_maps_a_query_submitted_over_grpc() {
 
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "# the lab's token\nsecret-1\n").unwrap();
+    let register = format!("sim={model}");
+    let serving = |prefix: &'_ str| {
+        let tokens = tokens.to_str().unwrap();
+        let args = [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--registry",
+            &registry,
+            "--register",
+            &register,
+            "--allow-prefix",
+            prefix,
+            "--tokens-file",
+            tokens,
+        ];
+        args.map(str::to_string).to_vec()
+    };
     // A prefix that does not exist is named, and nothing was copied into the registry first.
     let absent = path(dir.path(), "no-such-dir");
-    let e = common::failed(&tessera(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--registry",
-        &registry,
-        "--register",
-        &format!("sim={model}"),
-        "--allow-prefix",
-        &absent,
-        "--tokens-file",
-        tokens.to_str().unwrap(),
-    ]));
+    let refused: Vec<String> = serving(&absent);
+    let refused: Vec<&str> = refused.iter().map(String::as_str).collect();
+    let e = common::failed(&tessera(&refused));
     assert!(
         e.contains(&format!("--allow-prefix {absent}")) && !e.contains("opening the registry"),
         "{e}"
@@ -222,25 +230,18 @@ async fn serve_maps_a_query_submitted_over_grpc() {
         !std::path::Path::new(&registry).join("sim").exists(),
         "the model was registered before the prefix was checked"
     );
-    let args = [
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--registry",
-        &registry,
-        "--register",
-        &format!("sim={model}"),
-        "--allow-prefix",
-        allowed.to_str().unwrap(),
-        "--scratch",
-        &path(dir.path(), "scratch"),
-        "--tokens-file",
-        tokens.to_str().unwrap(),
-        "--max-jobs",
-        "1",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ];
+    let mut args = serving(allowed.to_str().unwrap());
+    args.extend(
+        [
+            "--scratch",
+            &path(dir.path(), "scratch"),
+            "--max-jobs",
+            "1",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ]
+        .map(str::to_string),
+    );
     let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(args)
         .env("TESSERA_LOG", "warn")
