@@ -108,8 +108,12 @@ fn refuse_hdf5_name(output: &str) -> Result<()> {
 fn check_anndata(source: &dyn Hierarchy, input: &str) -> Result<()> {
     let (_, attrs) = source.node("")?;
     let children = source.children("")?;
-    let kind = attrs.get("encoding-type").and_then(Value::as_str);
-    let needed: &[&str] = match kind {
+    // mudata writes "MuData" in .h5mu files and "mudata" in Zarr.
+    let kind = attrs
+        .get("encoding-type")
+        .and_then(Value::as_str)
+        .map(str::to_ascii_lowercase);
+    let needed: &[&str] = match kind.as_deref() {
         Some("mudata") => &["mod", "obs"],
         Some("anndata") | None => &["obs", "var"],
         Some(other) => {
@@ -133,7 +137,7 @@ fn check_anndata(source: &dyn Hierarchy, input: &str) -> Result<()> {
         path: "/".into(),
         problem: format!(
             "not {} (the root lacks {}); nothing was written",
-            if kind == Some("mudata") {
+            if kind.as_deref() == Some("mudata") {
                 "MuData"
             } else {
                 "AnnData"
