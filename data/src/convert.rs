@@ -57,10 +57,7 @@ pub fn convert(
         #[cfg(feature = "h5ad")]
         {
             let source = crate::h5ad::H5Source::open(std::path::Path::new(input))?;
-            check_anndata(&source, input)?;
-            let writer = StoreWriter::create(output, version)?;
-            copy(&source, &writer, "", &mut summary, &mut progress)?;
-            writer.consolidate()?;
+            copy_checked(&source, input, output, version, &mut summary, &mut progress)?;
         }
         #[cfg(not(feature = "h5ad"))]
         return Err(DataError::Open {
@@ -74,12 +71,24 @@ pub fn convert(
             store,
             version: source_version,
         };
-        check_anndata(&source, input)?;
-        let writer = StoreWriter::create(output, version)?;
-        copy(&source, &writer, "", &mut summary, &mut progress)?;
-        writer.consolidate()?;
+        copy_checked(&source, input, output, version, &mut summary, &mut progress)?;
     }
     Ok(summary)
+}
+
+/// Checks the source is AnnData/MuData, then creates the output and copies the whole hierarchy.
+fn copy_checked(
+    source: &dyn Hierarchy,
+    input: &str,
+    output: &str,
+    version: ZarrVersion,
+    summary: &mut ConvertSummary,
+    progress: &mut impl FnMut(&str),
+) -> Result<()> {
+    check_anndata(source, input)?;
+    let writer = StoreWriter::create(output, version)?;
+    copy(source, &writer, "", summary, progress)?;
+    writer.consolidate()
 }
 
 /// The output is a Zarr store: a name that promises HDF5 would give a directory anndata's
