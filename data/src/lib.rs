@@ -28,7 +28,7 @@ pub use loader::{Cells, Epoch, Holdout, Loader, LoaderConfig, MiniBatch, Modalit
 pub use matrix::{Csr, Matrix, MatrixFormat};
 pub use shard::ShardPlan;
 pub use simulate::{Scenario, SimConfig, SimSummary, simulate};
-pub use store::{Location, Store, ZarrVersion};
+pub use store::{Location, Store, ZarrVersion, forget_memory_store};
 pub use tiles::TileMatrices;
 pub use write::{CsrWriter, StoreWriter};
 pub use zarr::Values;

@@ -616,26 +616,9 @@ pub fn simulate(
     let gene_names = names("gene", c.n_genes);
     let mut modalities = vec![("rna".to_string(), c.n_cells, c.n_genes as u64)];
 
-    let write_anndata = |path: &str,
-                         obs_names: Vec<String>,
-                         obs: &[(String, Column)],
-                         var_names: &[String]|
-     -> Result<()> {
-        writer.group(
-            path,
-            json!({"encoding-type": "anndata", "encoding-version": "0.1.0"}),
-        )?;
-        writer.dataframe(&join(path, "obs"), &obs_names, obs)?;
-        writer.dataframe(&join(path, "var"), var_names, &[])?;
-        for dict in ["obsm", "obsp", "varm", "varp", "layers", "uns"] {
-            writer.dict(&join(path, dict))?;
-        }
-        Ok(())
-    };
-
     if mudata {
         let mut order = vec!["rna".to_string()];
-        write_anndata("mod/rna", cell_names.clone(), &[], &gene_names)?;
+        writer.anndata("mod/rna", &cell_names, &[], &gene_names)?;
         let mut obsmaps = vec![(
             "rna".to_string(),
             (1..=c.n_cells as u32).collect::<Vec<u32>>(),
@@ -657,7 +640,7 @@ pub fn simulate(
                 .map(|(n, _)| n.clone())
                 .collect();
             let vars = names(prefix, n_vars);
-            write_anndata(&format!("mod/{name}"), present_names, &[], &vars)?;
+            writer.anndata(&format!("mod/{name}"), &present_names, &[], &vars)?;
             let mut row = 0u32;
             obsmaps.push((
                 name.to_string(),
@@ -714,7 +697,7 @@ pub fn simulate(
             writer.dict(dict)?;
         }
     } else {
-        write_anndata("", cell_names, &obs_columns, &gene_names)?;
+        writer.anndata("", &cell_names, &obs_columns, &gene_names)?;
     }
     writer.array_2d(
         "obsm/X_true_latent",

@@ -84,6 +84,16 @@ fn memory_store(name: &str) -> Arc<InMemory> {
         .clone()
 }
 
+/// Drops the in-memory store behind `memory://NAME/...` and everything in it (a Python session
+/// that trained on an in-memory AnnData frees its copy this way). Returns whether it existed.
+pub fn forget_memory_store(name: &str) -> bool {
+    memory_stores()
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .remove(name)
+        .is_some()
+}
+
 /// The runtime that drives object_store futures for the sync zarrs API. One per process:
 /// object_store clients hold connection pools bound to the runtime that created them.
 fn runtime() -> &'static tokio::runtime::Runtime {

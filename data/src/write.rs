@@ -336,6 +336,31 @@ impl StoreWriter {
         array.store_metadata().map_err(|e| at.write(e))
     }
 
+    /// An AnnData group at `path` ("" for the root) with its obs and var dataframes and empty
+    /// obsm/obsp/varm/varp/layers/uns; X is written apart (`csr`).
+    pub fn anndata(
+        &self,
+        path: &str,
+        obs_names: &[String],
+        obs: &[(String, Column)],
+        var_names: &[String],
+    ) -> Result<()> {
+        let join = |name: &str| {
+            if path.is_empty() {
+                name.to_string()
+            } else {
+                format!("{path}/{name}")
+            }
+        };
+        self.group(path, encoding("anndata", "0.1.0"))?;
+        self.dataframe(&join("obs"), obs_names, obs)?;
+        self.dataframe(&join("var"), var_names, &[])?;
+        for dict in ["obsm", "obsp", "varm", "varp", "layers", "uns"] {
+            self.dict(&join(dict))?;
+        }
+        Ok(())
+    }
+
     /// Writes a dataframe group with its index and columns in order.
     pub fn dataframe(
         &self,

@@ -1,0 +1,331 @@
+//! `tessera._tessera`: the few entry points the Python package (`python/tessera/`) calls. Each
+//! converts its arguments, calls the library function the CLI calls (`worker::fit_until`,
+//! `worker::encode::EncoderPool`, the data layer's writer) and converts the result back; the
+//! scvi-tools-shaped API (setup, keywords, history tables, save/load) is Python around them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
+use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use tessera_data::{Column, Csr, StoreWriter, ZarrVersion};
+use tessera_worker::device::Device;
+use tessera_worker::encode::EncoderPool;
+use tessera_worker::fit::{PREDICTION_KEY, Progress};
+use tessera_worker::query::{Cells, CellsModality, ReferenceModel};
+use tessera_worker::{FitConfig, FitError, FitOptions};
+
+/// A count matrix handed over from scipy/numpy: CSR in tessera's integer widths.
+struct CsrArgs<'py> {
+    indptr: PyReadonlyArray1<'py, i64>,
+    indices: PyReadonlyArray1<'py, i32>,
+    data: PyReadonlyArray1<'py, f32>,
+    n_vars: usize,
+}
+
+impl CsrArgs<'_> {
+    /// The matrix checked (row pointers, column indices, values) and copied; `name` names it
+    /// in errors ("X", "layers/counts").
+    fn to_csr(&self, name: &str) -> PyResult<Csr> {
+        let invalid = |what: String| PyValueError::new_err(format!("{name}: {what}"));
+        let contiguous = |e: numpy::NotContiguousError| invalid(e.to_string());
+        let indptr = self.indptr.as_slice().map_err(contiguous)?;
+        let indices = self.indices.as_slice().map_err(contiguous)?;
+        let data = self.data.as_slice().map_err(contiguous)?;
+        let (Some(&first), Some(&last)) = (indptr.first(), indptr.last()) else {
+            return Err(invalid(
+                "indptr is empty (expected n_obs + 1 entries)".into(),
+            ));
+        };
+        if first != 0 || last as usize != data.len() || indices.len() != data.len() {
+            return Err(invalid(format!(
+                "indptr runs {first}..{last} over {} indices and {} values (expected 0..nnz, as many of each)",
+                indices.len(),
+                data.len()
+            )));
+        }
+        if indptr.windows(2).any(|w| w[1] < w[0]) {
+            return Err(invalid("indptr decreases (expected row pointers)".into()));
+        }
+        if let Some(bad) = indices
+            .iter()
+            .find(|&&j| j < 0 || j as usize >= self.n_vars)
+        {
+            return Err(invalid(format!(
+                "column index {bad} outside 0..{} (n_vars)",
+                self.n_vars
+            )));
+        }
+        if let Some(bad) = data.iter().find(|v| !v.is_finite()) {
+            return Err(invalid(format!("holds {bad} (expected finite counts)")));
+        }
+        Ok(Csr {
+            n_rows: indptr.len() - 1,
+            n_cols: self.n_vars,
+            indptr: indptr.iter().map(|&p| p as u64).collect(),
+            indices: indices.iter().map(|&j| j as u32).collect(),
+            data: data.to_vec(),
+        })
+    }
+}
+
+fn data_error(e: impl std::fmt::Display) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+/// Writes a new AnnData store at `location` (a path or `memory://NAME/...`) holding X, the obs
+/// names and columns and the var names. `categoricals`: (name, codes, categories) with -1 for
+/// missing; `floats`: (name, values).
+#[pyfunction]
+#[pyo3(signature = (location, indptr, indices, data, n_vars, obs_names, var_names, categoricals, floats))]
+#[allow(clippy::too_many_arguments)] // one flat call from Python, the fields of an AnnData
+fn write_anndata(
+    py: Python<'_>,
+    location: &str,
+    indptr: PyReadonlyArray1<'_, i64>,
+    indices: PyReadonlyArray1<'_, i32>,
+    data: PyReadonlyArray1<'_, f32>,
+    n_vars: usize,
+    obs_names: Vec<String>,
+    var_names: Vec<String>,
+    categoricals: Vec<(String, Vec<i32>, Vec<String>)>,
+    floats: Vec<(String, Vec<f64>)>,
+) -> PyResult<()> {
+    let x = CsrArgs {
+        indptr,
+        indices,
+        data,
+        n_vars,
+    }
+    .to_csr("X")?;
+    if x.n_rows != obs_names.len() || n_vars != var_names.len() {
+        return Err(PyValueError::new_err(format!(
+            "X is {} x {n_vars} but obs_names has {} and var_names {} entries",
+            x.n_rows,
+            obs_names.len(),
+            var_names.len()
+        )));
+    }
+    let mut columns: Vec<(String, Column)> = categoricals
+        .into_iter()
+        .map(|(name, codes, categories)| {
+            let column = Column::Categorical {
+                codes,
+                categories,
+                ordered: false,
+            };
+            (name, column)
+        })
+        .collect();
+    columns.extend(floats.into_iter().map(|(n, v)| (n, Column::Float(v))));
+    py.detach(|| {
+        let writer = StoreWriter::create(location, ZarrVersion::V3)?;
+        writer.anndata("", &obs_names, &columns, &var_names)?;
+        let mut csr = writer.csr("X", n_vars as u64)?;
+        csr.push(&x)?;
+        csr.finish()?;
+        writer.consolidate()
+    })
+    .map_err(data_error)
+}
+
+/// Frees the in-memory store `memory://NAME/...`; returns whether it existed.
+#[pyfunction]
+fn forget_memory_store(name: &str) -> bool {
+    tessera_data::forget_memory_store(name)
+}
+
+/// The `[model]`/`[train]` tables as JSON, parsed and checked as `tessera train` checks its
+/// TOML: an unknown key is a TypeError naming it (as an unknown keyword is in Python), a bad
+/// value a ValueError.
+fn parse_config(config_json: &str) -> PyResult<FitConfig> {
+    let config: FitConfig = serde_json::from_str(config_json).map_err(|e| {
+        let message = format!("model/train keywords: {e}");
+        if e.to_string().starts_with("unknown field") {
+            PyTypeError::new_err(message)
+        } else {
+            PyValueError::new_err(message)
+        }
+    })?;
+    config
+        .model
+        .validate()
+        .map_err(|e| PyValueError::new_err(format!("model keywords: {}", e.0)))?;
+    Ok(config)
+}
+
+/// Checks a configuration before anything trains (see `parse_config`).
+#[pyfunction]
+fn check_config(config_json: &str) -> PyResult<()> {
+    parse_config(config_json).map(drop)
+}
+
+/// What the training thread sends the Python thread.
+enum Message {
+    Start { epochs: usize, cells: u64 },
+    Epoch(String),
+    Done(Box<Result<tessera_worker::FitReport, FitError>>),
+}
+
+/// Trains like `tessera train` on the store at `data` with `config_json` (the `[model]` and
+/// `[train]` tables as JSON) and writes the model into the folder `out`. The GIL is released
+/// while training; `progress(kind, value)` is called from this thread with ("start", (epochs,
+/// cells)) and ("epoch", record as JSON). Ctrl-C (or an exception from `progress`) stops after
+/// the running step and is raised once training has stopped. Returns (embedding, report JSON).
+#[pyfunction]
+#[pyo3(signature = (data, config_json, out, batch_key, label_key, embedding_key, device, progress))]
+#[allow(clippy::too_many_arguments)] // the options of `tessera train`, flat
+fn fit<'py>(
+    py: Python<'py>,
+    data: String,
+    config_json: &str,
+    out: String,
+    batch_key: Option<String>,
+    label_key: Option<String>,
+    embedding_key: String,
+    device: &str,
+    progress: Bound<'py, PyAny>,
+) -> PyResult<(Bound<'py, PyAny>, String)> {
+    let config = parse_config(config_json)?;
+    let device: Device = device.parse().map_err(data_error)?;
+    let opts = FitOptions {
+        data,
+        modalities: Vec::new(),
+        batch_key,
+        label_key,
+        config,
+        out: out.into(),
+        embedding_key,
+        prediction_key: PREDICTION_KEY.into(),
+        overwrite: true,
+        resume: false,
+        denoised: None,
+        cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
+        device,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let trainer = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("tessera-fit".into())
+            .spawn(move || {
+                let send = |m| {
+                    // The Python side outlives training: a closed channel only drops progress.
+                    let _ = tx.send(m);
+                };
+                let report = tessera_worker::fit_until(&opts, stop, |p| match p {
+                    Progress::Start {
+                        epochs,
+                        cells_per_epoch,
+                    } => send(Message::Start {
+                        epochs,
+                        cells: cells_per_epoch,
+                    }),
+                    Progress::Epoch(record) => send(Message::Epoch(
+                        serde_json::to_string(record).unwrap_or_default(),
+                    )),
+                    Progress::Batch { .. } => {}
+                });
+                send(Message::Done(Box::new(report)));
+            })
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot start training: {e}")))?
+    };
+    let mut interrupted: Option<PyErr> = None;
+    let report = loop {
+        let message = py.detach(|| rx.recv_timeout(Duration::from_millis(100)));
+        let handled = match message {
+            Ok(Message::Done(report)) => break *report,
+            Ok(Message::Start { epochs, cells }) => {
+                progress.call1(("start", (epochs, cells))).map(drop)
+            }
+            Ok(Message::Epoch(record)) => progress.call1(("epoch", record)).map(drop),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => py.check_signals(),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                break Err(FitError::Output {
+                    path: "training thread".into(),
+                    reason: "ended without a result".into(),
+                });
+            }
+        };
+        if let Err(e) = handled {
+            stop.store(true, Ordering::Relaxed);
+            interrupted.get_or_insert(e);
+        }
+    };
+    // The thread has sent its last message; joining only reaps it.
+    let _ = trainer.join();
+    if let Some(e) = interrupted {
+        return Err(e);
+    }
+    let report = report.map_err(|e| match e {
+        FitError::Stopped { .. } => PyKeyboardInterrupt::new_err(e.to_string()),
+        FitError::Config { .. } => PyValueError::new_err(e.to_string()),
+        other => PyRuntimeError::new_err(other.to_string()),
+    })?;
+    let n_obs = report.embedding.len() / report.n_latent.max(1);
+    let embedding = PyArray1::from_vec(py, report.embedding.clone())
+        .reshape([n_obs, report.n_latent])?
+        .into_any();
+    let json = serde_json::to_string(&report).map_err(data_error)?;
+    Ok((embedding, json))
+}
+
+/// Latent means of the cells in a CSR count matrix under the model saved in `model_dir`
+/// (`var_names` in the matrix's column order; `batches`: each cell's batch, which the model
+/// must know; empty for a model without batches).
+#[pyfunction]
+#[pyo3(signature = (model_dir, indptr, indices, data, var_names, batches))]
+fn latent<'py>(
+    py: Python<'py>,
+    model_dir: &str,
+    indptr: PyReadonlyArray1<'py, i64>,
+    indices: PyReadonlyArray1<'py, i32>,
+    data: PyReadonlyArray1<'py, f32>,
+    var_names: Vec<String>,
+    batches: Vec<String>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let counts = CsrArgs {
+        indptr,
+        indices,
+        data,
+        n_vars: var_names.len(),
+    }
+    .to_csr("X")?;
+    let n_obs = counts.n_rows;
+    let model = ReferenceModel::open(model_dir).map_err(data_error)?;
+    let name = model
+        .summary()
+        .modalities
+        .first()
+        .map(|(name, _)| name.clone())
+        .unwrap_or_default();
+    let cells = Cells {
+        modalities: vec![CellsModality {
+            name,
+            var_names,
+            counts,
+        }],
+        batches,
+    };
+    let z = py
+        .detach(|| EncoderPool::on(model, Device::Cpu)?.latent(&cells))
+        .map_err(data_error)?;
+    let n_latent = z.len() / n_obs.max(1);
+    Ok(PyArray1::from_vec(py, z)
+        .reshape([n_obs, n_latent])?
+        .into_any())
+}
+
+#[pymodule]
+fn _tessera(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(write_anndata, m)?)?;
+    m.add_function(wrap_pyfunction!(forget_memory_store, m)?)?;
+    m.add_function(wrap_pyfunction!(check_config, m)?)?;
+    m.add_function(wrap_pyfunction!(fit, m)?)?;
+    m.add_function(wrap_pyfunction!(latent, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,18 @@
+"""tessera: single-cell integration with scvi-tools' API on a Rust engine.
+
+``tessera.model.SCVI`` is used like ``scvi.model.SCVI``::
+
+    import tessera
+    tessera.model.SCVI.setup_anndata(adata, batch_key="batch")
+    model = tessera.model.SCVI(adata)
+    model.train()
+    adata.obsm["X_tessera"] = model.get_latent_representation()
+
+The model trains in the same engine as the ``tessera`` command line (``tessera train``), on
+the AnnData in memory or on a Zarr store.
+"""
+
+from . import model
+from ._tessera import __version__
+
+__all__ = ["model", "__version__"]

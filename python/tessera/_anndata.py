@@ -1,0 +1,106 @@
+"""What the engine needs from an AnnData: counts as CSR in tessera's widths, covariates as
+categorical codes. Registration (``setup_anndata``) lives in ``adata.uns``, as scvi-tools keeps
+its own there."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+SETUP_KEY = "_tessera_setup"
+
+
+def setup_of(adata: Any) -> dict[str, Any]:
+    """The registration ``setup_anndata`` stored, or a ValueError saying to call it."""
+    setup = adata.uns.get(SETUP_KEY)
+    if setup is None:
+        raise ValueError(
+            "this AnnData is not set up for tessera: call "
+            "tessera.model.SCVI.setup_anndata(adata, ...) first"
+        )
+    return dict(setup)
+
+
+def register(adata: Any, setup: dict[str, Any]) -> None:
+    """Checks every key against the AnnData, then stores the registration (None left out)."""
+    layer = setup.get("layer")
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(
+            f"layer {layer!r} is not in adata.layers (it has {sorted(adata.layers.keys())})"
+        )
+    for field in ("batch_key", "labels_key"):
+        key = setup.get(field)
+        if key is not None and key not in adata.obs:
+            raise KeyError(f"{field} {key!r} is not a column of adata.obs")
+    counts_matrix(adata, layer)  # NaN, shape and the count-data warning, now rather than later
+    adata.uns[SETUP_KEY] = {k: v for k, v in setup.items() if v is not None}
+
+
+def field_name(layer: str | None) -> str:
+    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+
+
+def counts_matrix(adata: Any, layer: str | None) -> sp.csr_matrix:
+    """X (or the layer) as a float32 CSR matrix: scipy CSR of that dtype is used as it is,
+    anything else is converted. NaN and infinity are errors; negative or non-integer values warn
+    as scvi-tools does, since the count likelihoods expect raw counts."""
+    x = adata.X if layer is None else adata.layers[layer]
+    name = field_name(layer)
+    if x is None:
+        raise ValueError(f"{name} is empty (expected a cells x genes count matrix)")
+    if sp.issparse(x):
+        csr = sp.csr_matrix(x, dtype=np.float32) if x.format != "csr" else x
+        if csr.dtype != np.float32:
+            csr = csr.astype(np.float32)
+    else:
+        dense = np.asarray(x)
+        if dense.ndim != 2:
+            raise ValueError(f"{name} has {dense.ndim} dimensions (expected 2)")
+        csr = sp.csr_matrix(dense.astype(np.float32, copy=False))
+    if csr.shape != (adata.n_obs, adata.n_vars):
+        raise ValueError(f"{name} is {csr.shape}, adata is {(adata.n_obs, adata.n_vars)}")
+    values = csr.data
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name} holds NaN or infinite values (expected counts)")
+    if values.size and (values.min() < 0 or np.any(values != np.round(values))):
+        warnings.warn(
+            f"{name} does not look like counts (negative or non-integer values); "
+            "the count likelihoods expect unnormalised counts: register a layer of raw counts",
+            UserWarning,
+            stacklevel=3,
+        )
+    return csr
+
+
+def csr_arrays(csr: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """indptr (int64), indices (int32), data (float32), contiguous; copies only to widen or
+    narrow an index array."""
+    return (
+        np.ascontiguousarray(csr.indptr, dtype=np.int64),
+        np.ascontiguousarray(csr.indices, dtype=np.int32),
+        np.ascontiguousarray(csr.data, dtype=np.float32),
+    )
+
+
+def categorical(adata: Any, key: str) -> tuple[list[int], list[str]]:
+    """An obs column as codes (-1: missing) and category names; numbers become categories in
+    numeric order, as they do in ``tessera train``."""
+    column = adata.obs[key]
+    values = pd.Categorical(column)  # keeps a categorical's own categories and order
+    categories = [str(c) for c in values.categories]
+    return values.codes.astype(int).tolist(), categories
+
+
+def batch_names(adata: Any, setup: dict[str, Any]) -> list[str]:
+    """Each cell's batch as its category name (empty without a batch key)."""
+    key = setup.get("batch_key")
+    if key is None:
+        return []
+    codes, categories = categorical(adata, key)
+    if any(c < 0 for c in codes):
+        raise ValueError(f"adata.obs[{key!r}] has missing values (every cell needs a batch)")
+    return [categories[c] for c in codes]

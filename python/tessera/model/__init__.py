@@ -1,0 +1,5 @@
+"""Models with scvi-tools' interface: setup, construct, train, embed, save and load."""
+
+from ._scvi import SCVI
+
+__all__ = ["SCVI"]

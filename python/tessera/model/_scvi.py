@@ -1,0 +1,418 @@
+"""``tessera.model.SCVI``: scvi-tools' SCVI interface over tessera's engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .. import _anndata, _tessera
+from .._progress import EpochProgress
+
+# scvi-tools' keyword → tessera's `[model]` key, where the names differ.
+_MODEL_NAMES = {"dropout_rate": "dropout", "gene_likelihood": "likelihood"}
+# scvi-tools' `plan_kwargs` → tessera's `[train]` key.
+_PLAN_NAMES = {"eps": "adam_eps", "n_epochs_kl_warmup": "kl_warmup_epochs"}
+# scvi-tools' keywords that have no equivalent here: refused rather than ignored.
+_UNSUPPORTED = {
+    "n_steps_kl_warmup": "use n_epochs_kl_warmup",
+}
+# The files of a saved model besides the engine's (`tessera train --out`).
+_SETUP_FILE = "tessera_setup.json"
+_HISTORY_FILE = "history.json"
+# scvi-tools' default patience when early_stopping=True.
+_EARLY_STOPPING_PATIENCE = 45
+
+
+class SCVI:
+    """scVI (Lopez et al. 2018) trained by tessera's engine, with scvi-tools' interface.
+
+    A variational autoencoder with a negative binomial (or ZINB, Poisson) likelihood over
+    counts, the batch as a covariate of the decoder, and a 10-dimensional latent space by
+    default. Every keyword of scvi-tools' ``scvi.model.SCVI`` below means what it means there;
+    any other key of ``tessera train``'s ``[model]`` table (``mmd_batch_weight``,
+    ``encode_covariates``, ``adversarial_batch_weight``, ...) is accepted as a keyword too, and
+    an unknown one is a TypeError.
+
+    Parameters
+    ----------
+    adata
+        An AnnData registered with :meth:`setup_anndata`.
+    n_hidden, n_latent, n_layers, dropout_rate
+        Width of the hidden layers, latent dimensions, hidden layers, dropout.
+    dispersion
+        ``"gene"`` (one inverse dispersion per gene), ``"gene-batch"`` or ``"gene-cell"``.
+    gene_likelihood
+        ``"nb"``, ``"zinb"`` or ``"poisson"``.
+    **model_kwargs
+        Further ``[model]`` keys.
+
+    Examples
+    --------
+    >>> tessera.model.SCVI.setup_anndata(adata, batch_key="batch")
+    >>> model = tessera.model.SCVI(adata)
+    >>> model.train(max_epochs=100)
+    >>> adata.obsm["X_scVI"] = model.get_latent_representation()
+    """
+
+    def __init__(
+        self,
+        adata: Any,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: str = "gene",
+        gene_likelihood: str = "nb",
+        **model_kwargs: Any,
+    ) -> None:
+        self.adata = adata
+        self._setup = _anndata.setup_of(adata)
+        init = dict(
+            n_hidden=n_hidden,
+            n_latent=n_latent,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            dispersion=dispersion,
+            gene_likelihood=gene_likelihood,
+            **model_kwargs,
+        )
+        self.init_params_ = init
+        self._model = {_MODEL_NAMES.get(k, k): v for k, v in init.items()}
+        if dispersion == "gene-label":
+            raise ValueError("dispersion='gene-label' is not supported: use 'gene', 'gene-batch' or 'gene-cell'")
+        _tessera.check_config(json.dumps({"model": self._model}))
+        self.is_trained_ = False
+        self.history_: dict[str, pd.DataFrame] = {}
+        self._train: dict[str, Any] = {}
+        self._folder = tempfile.TemporaryDirectory(prefix="tessera-model-")
+        self._embedding: np.ndarray | None = None
+
+    # -- registration ----------------------------------------------------------------------
+
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: Any,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+    ) -> None:
+        """Registers which fields of ``adata`` the model reads (stored in ``adata.uns``).
+
+        Parameters
+        ----------
+        layer
+            The layer of counts (``None``: ``adata.X``). Negative or non-integer values warn.
+        batch_key
+            obs column of batches (categorical, strings or integers).
+        labels_key
+            obs column of cell labels (used by label-aware models; kept for SCVI).
+        categorical_covariate_keys, continuous_covariate_keys
+            Extra covariates: not supported yet (the batch is the one covariate); giving any
+            is a ValueError rather than a silently different model.
+        """
+        if categorical_covariate_keys or continuous_covariate_keys:
+            raise ValueError(
+                "categorical_covariate_keys and continuous_covariate_keys are not supported yet "
+                "by tessera: the batch (batch_key) is the model's one covariate"
+            )
+        _anndata.register(
+            adata, {"layer": layer, "batch_key": batch_key, "labels_key": labels_key}
+        )
+
+    # -- training --------------------------------------------------------------------------
+
+    def train(
+        self,
+        max_epochs: int | None = None,
+        accelerator: str = "auto",
+        devices: Any = "auto",
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        batch_size: int = 128,
+        early_stopping: bool = False,
+        plan_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+        progress_bar: bool = True,
+        **trainer_kwargs: Any,
+    ) -> None:
+        """Trains the model on the registered AnnData (in memory: no file is written).
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs; ``None``: scvi-tools' rule, min(400, round(400 · 20,000 / cells)).
+        accelerator
+            ``"cpu"``, or ``"gpu"``/``"cuda"`` for the first GPU; ``"auto"`` is the CPU.
+        devices
+            A GPU index when ``accelerator`` is a GPU (``"auto"``: the first).
+        train_size, validation_size
+            Shares of cells trained on and held out (default 0.9 and the rest).
+        batch_size
+            Cells per minibatch.
+        early_stopping
+            Stop after 45 epochs (``early_stopping_patience``) without a lower validation ELBO.
+        plan_kwargs
+            scvi-tools' training-plan keywords: ``lr``, ``weight_decay``, ``eps``,
+            ``optimizer``, ``n_epochs_kl_warmup``, ``max_kl_weight``, ``reduce_lr_on_plateau``,
+            ``lr_factor``, ``lr_patience``, ``lr_threshold``, ``lr_min``; or any key of
+            ``tessera train``'s ``[train]`` table.
+        seed
+            Seeds initialisation, the split, minibatches and dropout: the same seed gives the
+            same model as ``tessera train --seed``.
+        progress_bar
+            Show a bar (tqdm, when installed) or a line per tenth of the epochs.
+        **trainer_kwargs
+            ``early_stopping_patience``, or any other ``[train]`` key.
+        """
+        train = self._train_config(
+            max_epochs, train_size, validation_size, batch_size, early_stopping, seed
+        )
+        for key, value in {**(plan_kwargs or {}), **trainer_kwargs}.items():
+            if key in _UNSUPPORTED:
+                raise TypeError(f"{key} is not supported: {_UNSUPPORTED[key]}")
+            if key == "optimizer" and isinstance(value, str):
+                value = value.lower()
+            train[_PLAN_NAMES.get(key, key)] = value
+        config = json.dumps({"model": self._model, "train": train})
+        _tessera.check_config(config)
+        embedding, report = self._fit(config, _device(accelerator, devices), progress_bar)
+        self._embedding = embedding
+        self._train = train
+        self._report = json.loads(report)
+        self.history_ = _history(self._report["history"])
+        self.is_trained_ = True
+
+    def _train_config(
+        self,
+        max_epochs: int | None,
+        train_size: float | None,
+        validation_size: float | None,
+        batch_size: int,
+        early_stopping: bool,
+        seed: int,
+    ) -> dict[str, Any]:
+        train_size = 0.9 if train_size is None else float(train_size)
+        held_out = 1.0 - train_size if validation_size is None else float(validation_size)
+        if not 0.0 < train_size <= 1.0 or not 0.0 <= held_out < 1.0:
+            raise ValueError(
+                f"train_size {train_size} and validation_size {held_out}: expected shares in (0, 1]"
+            )
+        return {
+            "max_epochs": max_epochs,
+            "batch_size": batch_size,
+            "validation_fraction": held_out,
+            "early_stopping_patience": _EARLY_STOPPING_PATIENCE if early_stopping else None,
+            "seed": seed,
+        }
+
+    def _fit(self, config: str, device: str, progress_bar: bool) -> tuple[np.ndarray, str]:
+        """Copies the AnnData's counts and covariates into an in-memory store, trains on it,
+        frees it."""
+        name = f"tessera-{uuid.uuid4().hex}"
+        location = f"memory://{name}/adata.zarr"
+        setup = self._setup
+        csr = _anndata.counts_matrix(self.adata, setup.get("layer"))
+        categoricals = [
+            (key, *_anndata.categorical(self.adata, key))
+            for key in dict.fromkeys(
+                k for k in (setup.get("batch_key"), setup.get("labels_key")) if k
+            )
+        ]
+        progress = EpochProgress(progress_bar)
+        try:
+            _tessera.write_anndata(
+                location,
+                *_anndata.csr_arrays(csr),
+                self.adata.n_vars,
+                [str(n) for n in self.adata.obs_names],
+                [str(n) for n in self.adata.var_names],
+                categoricals,
+                [],
+            )
+            return _tessera.fit(
+                location,
+                config,
+                self._folder.name,
+                setup.get("batch_key"),
+                None,
+                "X_tessera",
+                device,
+                progress,
+            )
+        finally:
+            progress.close()
+            _tessera.forget_memory_store(name)
+
+    # -- results ---------------------------------------------------------------------------
+
+    @property
+    def history(self) -> dict[str, pd.DataFrame]:
+        """Per-epoch values under scvi-tools' keys (``elbo_train``, ``elbo_validation``,
+        ``reconstruction_loss_train``, ``kl_local_train``, ``train_loss_epoch``,
+        ``validation_loss``, ``kl_weight``, ``lr``...), each a one-column DataFrame indexed by
+        epoch."""
+        return self.history_
+
+    def get_latent_representation(
+        self,
+        adata: Any | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """The latent mean of each cell (cells x n_latent, float32).
+
+        ``adata`` defaults to the AnnData the model trained on; another AnnData must be set
+        up the same way, have the model's genes and only batches the model knows (map new
+        batches with ``tessera map``). ``give_mean=False`` (a posterior sample) is not
+        supported yet. ``batch_size`` is accepted for compatibility and not needed.
+        """
+        self._check_trained()
+        if not give_mean:
+            raise ValueError("give_mean=False (posterior samples) is not supported yet")
+        if adata is None and self._embedding is not None:
+            z = self._embedding
+        else:
+            z = self._encode(self.adata if adata is None else adata)
+        return z if indices is None else z[np.asarray(indices)]
+
+    def _encode(self, adata: Any) -> np.ndarray:
+        setup = _anndata.setup_of(adata)
+        csr = _anndata.counts_matrix(adata, setup.get("layer"))
+        return _tessera.latent(
+            self._folder.name,
+            *_anndata.csr_arrays(csr),
+            [str(n) for n in adata.var_names],
+            _anndata.batch_names(adata, self._setup_for(adata)),
+        )
+
+    def _setup_for(self, adata: Any) -> dict[str, Any]:
+        """The model's batch key read from ``adata`` (which must have that column)."""
+        key = self._setup.get("batch_key")
+        if key is not None and key not in adata.obs:
+            raise KeyError(f"the model's batch_key {key!r} is not a column of adata.obs")
+        return self._setup
+
+    def _check_trained(self) -> None:
+        if not self.is_trained_:
+            raise RuntimeError("the model is not trained yet: call .train() first")
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def save(
+        self,
+        dir_path: str | os.PathLike[str],
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+    ) -> None:
+        """Writes the trained model into ``dir_path``: the engine's files (``model.safetensors``,
+        ``config.json``, the reference embedding ``tessera load`` and ``tessera map`` read,
+        ``history.csv``, ``loss.png``), the registration and the history; with
+        ``save_anndata``, ``adata.h5ad`` too. An existing folder is refused unless
+        ``overwrite``."""
+        self._check_trained()
+        if prefix:
+            raise ValueError("prefix is not supported: save each model into its own folder")
+        target = Path(dir_path)
+        if target.exists() and not overwrite:
+            raise ValueError(
+                f"{target} already exists: pass overwrite=True or another directory"
+            )
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(self._folder.name, target, dirs_exist_ok=True)
+        saved = {"setup": self._setup, "init_params": self.init_params_, "train": self._train}
+        (target / _SETUP_FILE).write_text(json.dumps(saved, indent=2))
+        (target / _HISTORY_FILE).write_text(json.dumps(self._report["history"]))
+        if save_anndata:
+            self.adata.write_h5ad(target / "adata.h5ad")
+
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike[str], adata: Any | None = None) -> "SCVI":
+        """A model saved by :meth:`save`, on ``adata`` (default: the ``adata.h5ad`` saved
+        with it). ``adata`` must have the model's genes in order; it is registered with the
+        model's setup when it is not registered yet."""
+        source = Path(dir_path)
+        setup_file = source / _SETUP_FILE
+        if not setup_file.is_file():
+            raise ValueError(f"{setup_file} is missing: {source} is not a saved tessera model")
+        saved = json.loads(setup_file.read_text())
+        if adata is None:
+            adata = _read_saved_anndata(source)
+        if _anndata.SETUP_KEY not in adata.uns:
+            cls.setup_anndata(adata, **saved["setup"])
+        model = cls(adata, **saved["init_params"])
+        _check_genes(source, adata)
+        shutil.copytree(source, model._folder.name, dirs_exist_ok=True)
+        model._train = saved["train"]
+        model._report = {"history": json.loads((source / _HISTORY_FILE).read_text())}
+        model.history_ = _history(model._report["history"])
+        model.is_trained_ = True
+        return model
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}: {v}" for k, v in self.init_params_.items())
+        status = "trained" if self.is_trained_ else "not trained"
+        return f"SCVI model (tessera) with {params}; {status}"
+
+
+def _device(accelerator: str, devices: Any) -> str:
+    if accelerator in ("auto", "cpu"):
+        return "cpu"
+    if accelerator in ("gpu", "cuda"):
+        return "cuda" if devices in ("auto", None, 1, -1) else f"cuda:{int(devices)}"
+    raise ValueError(f"accelerator {accelerator!r}: expected 'auto', 'cpu', 'gpu' or 'cuda'")
+
+
+def _history(records: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
+    """scvi-tools' history tables from the engine's epoch records."""
+    columns: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        columns.setdefault(key, []).append(value)
+
+    for r in records:
+        for split, terms in (("train", r["train"]), ("validation", r.get("validation"))):
+            if terms is None:
+                continue
+            add(f"elbo_{split}", terms["reconstruction"] + terms["kl"])
+            add(f"reconstruction_loss_{split}", terms["reconstruction"])
+            add(f"kl_local_{split}", terms["kl"])
+            add("train_loss_epoch" if split == "train" else "validation_loss", terms["loss"])
+        add("kl_weight", r["kl_weight"])
+        add("lr", r["lr"])
+    epochs = [r["epoch"] for r in records]
+    return {
+        key: pd.DataFrame({key: values}, index=pd.Index(epochs[: len(values)], name="epoch"))
+        for key, values in columns.items()
+    }
+
+
+def _read_saved_anndata(source: Path) -> Any:
+    path = source / "adata.h5ad"
+    if not path.is_file():
+        raise ValueError(f"pass adata: {source} holds no adata.h5ad (saved without save_anndata)")
+    import anndata
+
+    return anndata.read_h5ad(path)
+
+
+def _check_genes(source: Path, adata: Any) -> None:
+    """The model's genes (from its config) against ``adata``'s, in order."""
+    config = json.loads((source / "config.json").read_text())
+    expected = [n for _, n in config.get("modalities", [])]
+    if expected and expected[0] != adata.n_vars:
+        raise ValueError(
+            f"adata has {adata.n_vars} genes, the model in {source} was trained on {expected[0]}"
+        )
