@@ -203,7 +203,10 @@ class SCVI:
         seed: int,
     ) -> dict[str, Any]:
         train_size = 0.9 if train_size is None else float(train_size)
-        held_out = 1.0 - train_size if validation_size is None else float(validation_size)
+        # Rounded so that train_size=0.9 holds out floor(0.1 · n) cells, as `tessera train`
+        # does, not one fewer (1 - 0.9 is 0.09999999999999998).
+        held_out = round(1.0 - train_size, 12) if validation_size is None else validation_size
+        held_out = float(held_out)
         if not 0.0 < train_size <= 1.0 or not 0.0 <= held_out < 1.0:
             raise ValueError(
                 f"train_size {train_size} and validation_size {held_out}: expected shares in (0, 1]"
