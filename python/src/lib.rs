@@ -273,9 +273,45 @@ fn fit<'py>(
     Ok((embedding, json))
 }
 
-/// Latent means of the cells in a CSR count matrix under the model saved in `model_dir`
-/// (`var_names` in the matrix's column order; `batches`: each cell's batch, which the model
-/// must know; empty for a model without batches).
+/// Cells for the model saved in `model_dir`: a CSR count matrix of its one modality
+/// (`var_names` in the matrix's column order) and each cell's batch, which the model must know
+/// (empty for a model without batches).
+fn model_and_cells(
+    model_dir: &str,
+    counts: CsrArgs<'_>,
+    var_names: Vec<String>,
+    batches: Vec<String>,
+) -> PyResult<(ReferenceModel, Cells)> {
+    let counts = counts.to_csr("X")?;
+    let model = ReferenceModel::open(model_dir).map_err(data_error)?;
+    let name = model
+        .summary()
+        .modalities
+        .first()
+        .map(|(name, _)| name.clone())
+        .unwrap_or_default();
+    Ok((
+        model,
+        Cells {
+            modalities: vec![CellsModality {
+                name,
+                var_names,
+                counts,
+            }],
+            batches,
+        },
+    ))
+}
+
+/// A row-major `rows x (values / rows)` matrix as a 2-D numpy array.
+fn matrix(py: Python<'_>, values: Vec<f32>, rows: usize) -> PyResult<Bound<'_, PyAny>> {
+    let cols = values.len() / rows.max(1);
+    Ok(PyArray1::from_vec(py, values)
+        .reshape([rows, cols])?
+        .into_any())
+}
+
+/// Latent means of the cells (see `model_and_cells`).
 #[pyfunction]
 #[pyo3(signature = (model_dir, indptr, indices, data, var_names, batches))]
 fn latent<'py>(
@@ -287,36 +323,49 @@ fn latent<'py>(
     var_names: Vec<String>,
     batches: Vec<String>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let n_vars = var_names.len();
     let counts = CsrArgs {
         indptr,
         indices,
         data,
-        n_vars: var_names.len(),
-    }
-    .to_csr("X")?;
-    let n_obs = counts.n_rows;
-    let model = ReferenceModel::open(model_dir).map_err(data_error)?;
-    let name = model
-        .summary()
-        .modalities
-        .first()
-        .map(|(name, _)| name.clone())
-        .unwrap_or_default();
-    let cells = Cells {
-        modalities: vec![CellsModality {
-            name,
-            var_names,
-            counts,
-        }],
-        batches,
+        n_vars,
     };
+    let (model, cells) = model_and_cells(model_dir, counts, var_names, batches)?;
+    let rows = cells.modalities[0].counts.n_rows;
     let z = py
         .detach(|| EncoderPool::on(model, Device::Cpu)?.latent(&cells))
         .map_err(data_error)?;
-    let n_latent = z.len() / n_obs.max(1);
-    Ok(PyArray1::from_vec(py, z)
-        .reshape([n_obs, n_latent])?
-        .into_any())
+    matrix(py, z, rows)
+}
+
+/// The decoder's expression at each cell's latent mean, scaled to `library_size` counts, as
+/// cells x the model's genes (see `model_and_cells`).
+#[pyfunction]
+#[pyo3(signature = (model_dir, indptr, indices, data, var_names, batches, library_size))]
+#[allow(clippy::too_many_arguments)] // latent's arguments and the library size
+fn expression<'py>(
+    py: Python<'py>,
+    model_dir: &str,
+    indptr: PyReadonlyArray1<'py, i64>,
+    indices: PyReadonlyArray1<'py, i32>,
+    data: PyReadonlyArray1<'py, f32>,
+    var_names: Vec<String>,
+    batches: Vec<String>,
+    library_size: f64,
+) -> PyResult<Bound<'py, PyAny>> {
+    let n_vars = var_names.len();
+    let counts = CsrArgs {
+        indptr,
+        indices,
+        data,
+        n_vars,
+    };
+    let (model, cells) = model_and_cells(model_dir, counts, var_names, batches)?;
+    let rows = cells.modalities[0].counts.n_rows;
+    let (_, expression) = py
+        .detach(|| EncoderPool::on(model, Device::Cpu)?.expression(&cells, library_size))
+        .map_err(data_error)?;
+    matrix(py, expression.into_iter().next().unwrap_or_default(), rows)
 }
 
 #[pymodule]
@@ -326,6 +375,7 @@ fn _tessera(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_config, m)?)?;
     m.add_function(wrap_pyfunction!(fit, m)?)?;
     m.add_function(wrap_pyfunction!(latent, m)?)?;
+    m.add_function(wrap_pyfunction!(expression, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -85,14 +85,48 @@ def test_the_same_seed_gives_the_command_lines_embedding_bit_for_bit(pbmc, tmp_p
     pbmc.write_zarr(store)
     subprocess.run(
         [binary, "train", "--data", str(store), "--epochs", "6", "--seed", "4",
-         "--batch-key", "batch", "--out", str(tmp_path / "out"), "--embedding-key", "X_cli"],
+         "--batch-key", "batch", "--out", str(tmp_path / "out"), "--embedding-key", "X_cli",
+         "--denoised", "--denoised-library-size", "1000"],
         check=True, capture_output=True,
     )
-    cli = ad.read_zarr(store).obsm["X_cli"]
+    written = ad.read_zarr(store)
     SCVI.setup_anndata(pbmc, batch_key="batch")
     model = SCVI(pbmc)
     model.train(max_epochs=6, seed=4, progress_bar=False)
-    np.testing.assert_array_equal(model.get_latent_representation(), cli)
+    np.testing.assert_array_equal(model.get_latent_representation(), written.obsm["X_cli"])
+    np.testing.assert_array_equal(
+        model.get_normalized_expression(library_size=1000, return_numpy=True),
+        written.layers["tessera_denoised"],
+    )
+
+
+def test_normalized_expression_is_a_gene_table_per_cell_and_batch(trained):
+    adata, model = trained
+    proportions = model.get_normalized_expression()
+    assert list(proportions.columns) == list(adata.var_names)
+    assert list(proportions.index) == list(adata.obs_names)
+    np.testing.assert_allclose(proportions.sum(axis=1), 1.0, rtol=1e-4)
+    scaled = model.get_normalized_expression(library_size=1e4, return_numpy=True)
+    np.testing.assert_allclose(scaled, proportions.to_numpy() * 1e4, rtol=1e-4)
+    as_a = model.get_normalized_expression(transform_batch="a", return_numpy=True)
+    as_b = model.get_normalized_expression(transform_batch="b", return_numpy=True)
+    assert np.abs(as_a - as_b).max() > 1e-4  # the batch is a covariate of the decoder
+    a_cells = (adata.obs["batch"] == "a").to_numpy()
+    np.testing.assert_array_equal(as_a[a_cells], proportions.to_numpy()[a_cells])
+    np.testing.assert_allclose(
+        model.get_normalized_expression(transform_batch=["a", "b"], return_numpy=True),
+        (as_a + as_b) / 2, rtol=1e-6,
+    )
+    genes = list(adata.var_names[[7, 3]])
+    subset = model.get_normalized_expression(indices=[0, 2], gene_list=genes)
+    assert list(subset.columns) == genes and subset.shape == (2, 2)
+    np.testing.assert_array_equal(subset.to_numpy(), proportions.iloc[[0, 2]][genes].to_numpy())
+    with pytest.raises(KeyError, match="not_a_gene"):
+        model.get_normalized_expression(gene_list=["not_a_gene"])
+    with pytest.raises(ValueError, match="zz"):
+        model.get_normalized_expression(transform_batch="zz")
+    with pytest.raises(ValueError, match="n_samples"):
+        model.get_normalized_expression(n_samples=5)
 
 
 def test_dense_csc_and_csr_inputs_train_the_same_model(pbmc):

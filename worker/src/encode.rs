@@ -67,28 +67,47 @@ impl EncoderPool {
     /// Latent means of `cells` with the reference model as trained.
     pub fn latent(&self, cells: &Cells) -> Result<Vec<f32>, QueryError> {
         match &self.encoders {
-            Encoders::Cpu(pool) => self.pooled(Cpu, pool, cells),
-            Encoders::Cuda(gpu, pool) => self.pooled(gpu.clone(), pool, cells),
+            Encoders::Cpu(pool) => self.pooled(Cpu, pool, |e| self.model.encode(e, cells)),
+            Encoders::Cuda(gpu, pool) => {
+                self.pooled(gpu.clone(), pool, |e| self.model.encode(e, cells))
+            }
         }
     }
 
-    /// `latent` with an encoder taken from `pool` (or built) and given back.
-    fn pooled<B: TrainBackend>(
+    /// Latent means of `cells` and each modality's expression at them
+    /// ([`ReferenceModel::expression`]).
+    pub fn expression(
+        &self,
+        cells: &Cells,
+        library_size: f64,
+    ) -> Result<(Vec<f32>, Vec<Vec<f32>>), QueryError> {
+        match &self.encoders {
+            Encoders::Cpu(pool) => {
+                self.pooled(Cpu, pool, |e| self.model.expression(e, cells, library_size))
+            }
+            Encoders::Cuda(gpu, pool) => self.pooled(gpu.clone(), pool, |e| {
+                self.model.expression(e, cells, library_size)
+            }),
+        }
+    }
+
+    /// `run` with a model taken from `pool` (or built) and given back.
+    fn pooled<B: TrainBackend, R>(
         &self,
         device: B,
         pool: &Mutex<Vec<Vae<f32, B>>>,
-        cells: &Cells,
-    ) -> Result<Vec<f32>, QueryError> {
+        run: impl FnOnce(&mut Vae<f32, B>) -> Result<R, QueryError>,
+    ) -> Result<R, QueryError> {
         let pooled = pool.lock().unwrap_or_else(PoisonError::into_inner).pop();
         let mut encoder = match pooled {
             Some(e) => e,
             None => self.model.encoder(device)?,
         };
-        let z = self.model.encode(&mut encoder, cells);
+        let result = run(&mut encoder);
         pool.lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(encoder);
-        z
+        result
     }
 
     /// Latent means of `cells`, and with `transfer = Some(k)` the reference label of each cell

@@ -449,6 +449,29 @@ impl ReferenceModel {
         model: &mut Vae<f32, B>,
         cells: &Cells,
     ) -> Result<Vec<f32>, QueryError> {
+        let (alignment, mb) = self.aligned(cells)?;
+        Ok(crate::fit::on_pool(|| {
+            alignment.with(&mb, |b| model.latent_mean(b))
+        })?)
+    }
+
+    /// `encode`'s latent means and what each modality's decoder expects at them (cells x
+    /// features, row-major, the reference's modalities and features in order; count
+    /// likelihoods scaled to `library_size` per cell), decoded with each cell's batch.
+    pub fn expression<B: TrainBackend>(
+        &self,
+        model: &mut Vae<f32, B>,
+        cells: &Cells,
+        library_size: f64,
+    ) -> Result<(Vec<f32>, Vec<Vec<f32>>), QueryError> {
+        let (alignment, mb) = self.aligned(cells)?;
+        Ok(crate::fit::on_pool(|| {
+            alignment.with(&mb, |b| model.latent_and_expression(b, library_size))
+        })?)
+    }
+
+    /// `cells` as one minibatch in the reference's features and batch codes.
+    fn aligned(&self, cells: &Cells) -> Result<(Alignment, MiniBatch), QueryError> {
         let request = "encode request";
         let rows = cells.modalities.first().map_or(0, |m| m.counts.n_rows);
         let refs = &self.record.batch_categories;
@@ -568,9 +591,7 @@ impl ReferenceModel {
             label: vec![-1; rows],
             numeric: Vec::new(),
         };
-        Ok(crate::fit::on_pool(|| {
-            alignment.with(&mb, |b| model.latent_mean(b))
-        })?)
+        Ok((alignment, mb))
     }
 
     fn modality_names(&self) -> String {

@@ -290,6 +290,70 @@ class SCVI:
             z = self._encode(self.adata if adata is None else adata)
         return z if indices is None else z[np.asarray(indices)]
 
+    def get_normalized_expression(
+        self,
+        adata: Any | None = None,
+        indices: Sequence[int] | None = None,
+        transform_batch: str | Sequence[str] | None = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float = 1.0,
+        n_samples: int = 1,
+        return_numpy: bool | None = None,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame | np.ndarray:
+        """The decoder's expected expression of every gene at each cell's latent mean, scaled
+        to ``library_size`` counts per cell (1: proportions), as a cells x genes DataFrame
+        (``return_numpy=True``: an array).
+
+        ``transform_batch``: decode every cell as if it came from this batch (a list: the mean
+        over those batches), scvi-tools' batch-corrected expression; ``None``: each cell's own
+        batch. ``gene_list``: only these genes, in this order. scvi-tools decodes a posterior
+        sample of the latent when ``n_samples=1``; tessera decodes the mean (the expression
+        ``tessera train --denoised`` writes), so the values are deterministic; ``n_samples > 1``
+        is not supported yet.
+        """
+        self._check_trained()
+        if n_samples != 1:
+            raise ValueError("n_samples > 1 is not supported yet: the latent mean is decoded")
+        if not isinstance(library_size, (int, float)):
+            raise ValueError(f"library_size={library_size!r}: expected a number")
+        adata = self.adata if adata is None else adata
+        if indices is not None:
+            adata = adata[np.asarray(indices)]
+        csr = _anndata.counts_matrix(adata, _anndata.setup_of(adata).get("layer"))
+        arrays = _anndata.csr_arrays(csr)
+        var_names = [str(n) for n in adata.var_names]
+        own = _anndata.batch_names(adata, self._setup_for(adata))
+        runs = [own] if transform_batch is None else [
+            [b] * adata.n_obs for b in _as_list(transform_batch, own)
+        ]
+        if transform_batch is not None and self._model.get("encode_covariates"):
+            raise ValueError(
+                "transform_batch with encode_covariates=True is not supported yet: the encoder "
+                "would see the transformed batch too"
+            )
+        values = np.mean(
+            [
+                _tessera.expression(
+                    self._folder.name, *arrays, var_names, batches, float(library_size)
+                )
+                for batches in runs
+            ],
+            axis=0,
+        ).astype(np.float32)
+        genes = self._genes()
+        frame = pd.DataFrame(values, index=adata.obs_names.copy(), columns=genes)
+        if gene_list is not None:
+            missing = [g for g in gene_list if g not in frame.columns]
+            if missing:
+                raise KeyError(f"gene_list names genes the model does not have: {missing[:5]}")
+            frame = frame[list(gene_list)]
+        return frame.to_numpy() if return_numpy else frame
+
+    def _genes(self) -> pd.Index:
+        """The model's genes in its order (from the reference it saved)."""
+        return pd.Index(self.adata.var_names.copy())
+
     def _encode(self, adata: Any) -> np.ndarray:
         setup = _anndata.setup_of(adata)
         csr = _anndata.counts_matrix(adata, setup.get("layer"))
@@ -376,6 +440,13 @@ def _device(accelerator: str, devices: Any) -> str:
     if accelerator in ("gpu", "cuda"):
         return "cuda" if devices in ("auto", None, 1, -1) else f"cuda:{int(devices)}"
     raise ValueError(f"accelerator {accelerator!r}: expected 'auto', 'cpu', 'gpu' or 'cuda'")
+
+
+def _as_list(batches: str | Sequence[str], own: list[str]) -> list[str]:
+    names = [batches] if isinstance(batches, str) else list(batches)
+    if not own:
+        raise ValueError("transform_batch: the model was trained without batches")
+    return names
 
 
 def _history(records: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
