@@ -273,36 +273,6 @@ fn fit<'py>(
     Ok((embedding, json))
 }
 
-/// Cells for the model saved in `model_dir`: a CSR count matrix of its one modality
-/// (`var_names` in the matrix's column order) and each cell's batch, which the model must know
-/// (empty for a model without batches).
-fn model_and_cells(
-    model_dir: &str,
-    counts: CsrArgs<'_>,
-    var_names: Vec<String>,
-    batches: Vec<String>,
-) -> PyResult<(ReferenceModel, Cells)> {
-    let counts = counts.to_csr("X")?;
-    let model = ReferenceModel::open(model_dir).map_err(data_error)?;
-    let name = model
-        .summary()
-        .modalities
-        .first()
-        .map(|(name, _)| name.clone())
-        .unwrap_or_default();
-    Ok((
-        model,
-        Cells {
-            modalities: vec![CellsModality {
-                name,
-                var_names,
-                counts,
-            }],
-            batches,
-        },
-    ))
-}
-
 /// A row-major `rows x (values / rows)` matrix as a 2-D numpy array.
 fn matrix(py: Python<'_>, values: Vec<f32>, rows: usize) -> PyResult<Bound<'_, PyAny>> {
     let cols = values.len() / rows.max(1);
@@ -311,61 +281,131 @@ fn matrix(py: Python<'_>, values: Vec<f32>, rows: usize) -> PyResult<Bound<'_, P
         .into_any())
 }
 
-/// Latent means of the cells (see `model_and_cells`).
-#[pyfunction]
-#[pyo3(signature = (model_dir, indptr, indices, data, var_names, batches))]
-fn latent<'py>(
-    py: Python<'py>,
-    model_dir: &str,
-    indptr: PyReadonlyArray1<'py, i64>,
-    indices: PyReadonlyArray1<'py, i32>,
-    data: PyReadonlyArray1<'py, f32>,
-    var_names: Vec<String>,
-    batches: Vec<String>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let n_vars = var_names.len();
-    let counts = CsrArgs {
-        indptr,
-        indices,
-        data,
-        n_vars,
-    };
-    let (model, cells) = model_and_cells(model_dir, counts, var_names, batches)?;
-    let rows = cells.modalities[0].counts.n_rows;
-    let z = py
-        .detach(|| EncoderPool::on(model, Device::Cpu)?.latent(&cells))
-        .map_err(data_error)?;
-    matrix(py, z, rows)
+/// A trained model (the folder `tessera train --out` or `fit` wrote), loaded once, that
+/// embeds, decodes and classifies cells given as a CSR count matrix of its one modality with
+/// the matrix's `var_names` (aligned to the model's by name) and each cell's batch, which the
+/// model must know (empty for a model without batches).
+#[pyclass(frozen)]
+struct Model {
+    pool: EncoderPool,
 }
 
-/// The decoder's expression at each cell's latent mean, scaled to `library_size` counts, as
-/// cells x the model's genes (see `model_and_cells`).
-#[pyfunction]
-#[pyo3(signature = (model_dir, indptr, indices, data, var_names, batches, library_size))]
-#[allow(clippy::too_many_arguments)] // latent's arguments and the library size
-fn expression<'py>(
-    py: Python<'py>,
-    model_dir: &str,
-    indptr: PyReadonlyArray1<'py, i64>,
-    indices: PyReadonlyArray1<'py, i32>,
-    data: PyReadonlyArray1<'py, f32>,
-    var_names: Vec<String>,
-    batches: Vec<String>,
-    library_size: f64,
-) -> PyResult<Bound<'py, PyAny>> {
-    let n_vars = var_names.len();
-    let counts = CsrArgs {
-        indptr,
-        indices,
-        data,
-        n_vars,
-    };
-    let (model, cells) = model_and_cells(model_dir, counts, var_names, batches)?;
-    let rows = cells.modalities[0].counts.n_rows;
-    let (_, expression) = py
-        .detach(|| EncoderPool::on(model, Device::Cpu)?.expression(&cells, library_size))
-        .map_err(data_error)?;
-    matrix(py, expression.into_iter().next().unwrap_or_default(), rows)
+impl Model {
+    fn cells(
+        &self,
+        counts: CsrArgs<'_>,
+        var_names: Vec<String>,
+        batches: Vec<String>,
+    ) -> PyResult<Cells> {
+        let name = self
+            .pool
+            .model
+            .summary()
+            .modalities
+            .first()
+            .map(|m| m.0.clone());
+        Ok(Cells {
+            modalities: vec![CellsModality {
+                name: name.unwrap_or_default(),
+                counts: counts.to_csr("X")?,
+                var_names,
+            }],
+            batches,
+        })
+    }
+}
+
+#[pymethods]
+impl Model {
+    #[new]
+    fn new(model_dir: &str, device: &str) -> PyResult<Model> {
+        let device: Device = device.parse().map_err(data_error)?;
+        let model = ReferenceModel::open(model_dir).map_err(data_error)?;
+        let pool = EncoderPool::on(model, device).map_err(data_error)?;
+        Ok(Model { pool })
+    }
+
+    /// The label classifier's classes (empty without one).
+    #[getter]
+    fn label_categories(&self) -> Vec<String> {
+        self.pool.model.reference.label_categories.clone()
+    }
+
+    /// Latent means (cells x n_latent).
+    fn latent<'py>(
+        &self,
+        py: Python<'py>,
+        indptr: PyReadonlyArray1<'py, i64>,
+        indices: PyReadonlyArray1<'py, i32>,
+        data: PyReadonlyArray1<'py, f32>,
+        var_names: Vec<String>,
+        batches: Vec<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let n_vars = var_names.len();
+        let counts = CsrArgs {
+            indptr,
+            indices,
+            data,
+            n_vars,
+        };
+        let cells = self.cells(counts, var_names, batches)?;
+        let z = py.detach(|| self.pool.latent(&cells)).map_err(data_error)?;
+        matrix(py, z, cells.modalities[0].counts.n_rows)
+    }
+
+    /// The decoder's expression at each cell's latent mean, scaled to `library_size` counts
+    /// (cells x the model's genes).
+    #[allow(clippy::too_many_arguments)] // latent's arguments and the library size
+    fn expression<'py>(
+        &self,
+        py: Python<'py>,
+        indptr: PyReadonlyArray1<'py, i64>,
+        indices: PyReadonlyArray1<'py, i32>,
+        data: PyReadonlyArray1<'py, f32>,
+        var_names: Vec<String>,
+        batches: Vec<String>,
+        library_size: f64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let n_vars = var_names.len();
+        let counts = CsrArgs {
+            indptr,
+            indices,
+            data,
+            n_vars,
+        };
+        let cells = self.cells(counts, var_names, batches)?;
+        let (_, expression) = py
+            .detach(|| self.pool.expression(&cells, library_size))
+            .map_err(data_error)?;
+        let first = expression.into_iter().next().unwrap_or_default();
+        matrix(py, first, cells.modalities[0].counts.n_rows)
+    }
+
+    /// The label classifier's class probabilities (cells x `label_categories`); None without
+    /// a classifier.
+    fn probabilities<'py>(
+        &self,
+        py: Python<'py>,
+        indptr: PyReadonlyArray1<'py, i64>,
+        indices: PyReadonlyArray1<'py, i32>,
+        data: PyReadonlyArray1<'py, f32>,
+        var_names: Vec<String>,
+        batches: Vec<String>,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let n_vars = var_names.len();
+        let counts = CsrArgs {
+            indptr,
+            indices,
+            data,
+            n_vars,
+        };
+        let cells = self.cells(counts, var_names, batches)?;
+        let p = py
+            .detach(|| self.pool.probabilities(&cells))
+            .map_err(data_error)?;
+        let rows = cells.modalities[0].counts.n_rows;
+        p.map(|p| matrix(py, p, rows)).transpose()
+    }
 }
 
 #[pymodule]
@@ -374,8 +414,7 @@ fn _tessera(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forget_memory_store, m)?)?;
     m.add_function(wrap_pyfunction!(check_config, m)?)?;
     m.add_function(wrap_pyfunction!(fit, m)?)?;
-    m.add_function(wrap_pyfunction!(latent, m)?)?;
-    m.add_function(wrap_pyfunction!(expression, m)?)?;
+    m.add_class::<Model>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -95,6 +95,19 @@ def categorical(adata: Any, key: str) -> tuple[list[int], list[str]]:
     return values.codes.astype(int).tolist(), categories
 
 
+def labels(adata: Any, key: str, unlabeled: str | None) -> tuple[list[int], list[str]]:
+    """Label codes and classes with ``unlabeled`` (scANVI's ``unlabeled_category``) and missing
+    values as -1, outside the classes."""
+    codes, categories = categorical(adata, key)
+    if unlabeled is None or unlabeled not in categories:
+        return codes, categories
+    dropped = categories.index(unlabeled)
+    remap = [c - (c > dropped) if c != dropped else -1 for c in range(len(categories))]
+    return [remap[c] if c >= 0 else -1 for c in codes], [
+        c for c in categories if c != unlabeled
+    ]
+
+
 def batch_names(adata: Any, setup: dict[str, Any]) -> list[str]:
     """Each cell's batch as its category name (empty without a batch key)."""
     key = setup.get("batch_key")

@@ -91,6 +91,16 @@ impl EncoderPool {
         }
     }
 
+    /// The label classifier's probabilities for `cells` ([`ReferenceModel::probabilities`]).
+    pub fn probabilities(&self, cells: &Cells) -> Result<Option<Vec<f32>>, QueryError> {
+        match &self.encoders {
+            Encoders::Cpu(pool) => self.pooled(Cpu, pool, |e| self.model.probabilities(e, cells)),
+            Encoders::Cuda(gpu, pool) => {
+                self.pooled(gpu.clone(), pool, |e| self.model.probabilities(e, cells))
+            }
+        }
+    }
+
     /// `run` with a model taken from `pool` (or built) and given back.
     fn pooled<B: TrainBackend, R>(
         &self,

@@ -470,6 +470,19 @@ impl ReferenceModel {
         })?)
     }
 
+    /// The label classifier's class probabilities for `cells` (cells x the reference's label
+    /// categories, row-major); None when the model trained no classifier.
+    pub fn probabilities<B: TrainBackend>(
+        &self,
+        model: &mut Vae<f32, B>,
+        cells: &Cells,
+    ) -> Result<Option<Vec<f32>>, QueryError> {
+        let (alignment, mb) = self.aligned(cells)?;
+        Ok(crate::fit::on_pool(|| {
+            alignment.with(&mb, |b| model.predict_labels(b))
+        })?)
+    }
+
     /// `cells` as one minibatch in the reference's features and batch codes.
     fn aligned(&self, cells: &Cells) -> Result<(Alignment, MiniBatch), QueryError> {
         let request = "encode request";

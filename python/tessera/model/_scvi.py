@@ -94,6 +94,8 @@ class SCVI:
         self._train: dict[str, Any] = {}
         self._folder = tempfile.TemporaryDirectory(prefix="tessera-model-")
         self._embedding: np.ndarray | None = None
+        self._engine: Any = None
+        self._device = "cpu"
 
     # -- registration ----------------------------------------------------------------------
 
@@ -186,8 +188,11 @@ class SCVI:
             train[_PLAN_NAMES.get(key, key)] = value
         config = json.dumps({"model": self._model, "train": train})
         _tessera.check_config(config)
-        embedding, report = self._fit(config, _device(accelerator, devices), progress_bar)
+        device = _device(accelerator, devices)
+        embedding, report = self._fit(config, device, progress_bar)
         self._embedding = embedding
+        self._engine = None
+        self._device = device
         self._train = train
         self._report = json.loads(report)
         self.history_ = _history(self._report["history"])
@@ -226,12 +231,13 @@ class SCVI:
         location = f"memory://{name}/adata.zarr"
         setup = self._setup
         csr = _anndata.counts_matrix(self.adata, setup.get("layer"))
-        categoricals = [
-            (key, *_anndata.categorical(self.adata, key))
-            for key in dict.fromkeys(
-                k for k in (setup.get("batch_key"), setup.get("labels_key")) if k
-            )
-        ]
+        batch_key, label_key = setup.get("batch_key"), self._label_key()
+        categoricals = []
+        if batch_key:
+            categoricals.append((batch_key, *_anndata.categorical(self.adata, batch_key)))
+        if label_key and label_key != batch_key:
+            labels = _anndata.labels(self.adata, label_key, setup.get("unlabeled_category"))
+            categoricals.append((label_key, *labels))
         progress = EpochProgress(progress_bar)
         try:
             _tessera.write_anndata(
@@ -247,8 +253,8 @@ class SCVI:
                 location,
                 config,
                 self._folder.name,
-                setup.get("batch_key"),
-                None,
+                batch_key,
+                label_key,
                 "X_tessera",
                 device,
                 progress,
@@ -256,6 +262,10 @@ class SCVI:
         finally:
             progress.close()
             _tessera.forget_memory_store(name)
+
+    def _label_key(self) -> str | None:
+        """The obs column the engine trains labels from (none for SCVI, which ignores them)."""
+        return None
 
     # -- results ---------------------------------------------------------------------------
 
@@ -320,10 +330,7 @@ class SCVI:
         adata = self.adata if adata is None else adata
         if indices is not None:
             adata = adata[np.asarray(indices)]
-        csr = _anndata.counts_matrix(adata, _anndata.setup_of(adata).get("layer"))
-        arrays = _anndata.csr_arrays(csr)
-        var_names = [str(n) for n in adata.var_names]
-        own = _anndata.batch_names(adata, self._setup_for(adata))
+        *arrays, var_names, own = self._cells(adata)
         runs = [own] if transform_batch is None else [
             [b] * adata.n_obs for b in _as_list(transform_batch, own)
         ]
@@ -334,9 +341,7 @@ class SCVI:
             )
         values = np.mean(
             [
-                _tessera.expression(
-                    self._folder.name, *arrays, var_names, batches, float(library_size)
-                )
+                self._loaded().expression(*arrays, var_names, batches, float(library_size))
                 for batches in runs
             ],
             axis=0,
@@ -355,10 +360,18 @@ class SCVI:
         return pd.Index(self.adata.var_names.copy())
 
     def _encode(self, adata: Any) -> np.ndarray:
-        setup = _anndata.setup_of(adata)
-        csr = _anndata.counts_matrix(adata, setup.get("layer"))
-        return _tessera.latent(
-            self._folder.name,
+        return self._loaded().latent(*self._cells(adata))
+
+    def _loaded(self) -> Any:
+        """The trained model in the engine, loaded once."""
+        if self._engine is None:
+            self._engine = _tessera.Model(self._folder.name, self._device)
+        return self._engine
+
+    def _cells(self, adata: Any) -> tuple[Any, ...]:
+        """``adata``'s counts (CSR arrays), gene names and batches, as the engine takes them."""
+        csr = _anndata.counts_matrix(adata, _anndata.setup_of(adata).get("layer"))
+        return (
             *_anndata.csr_arrays(csr),
             [str(n) for n in adata.var_names],
             _anndata.batch_names(adata, self._setup_for(adata)),
@@ -431,7 +444,7 @@ class SCVI:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}: {v}" for k, v in self.init_params_.items())
         status = "trained" if self.is_trained_ else "not trained"
-        return f"SCVI model (tessera) with {params}; {status}"
+        return f"{type(self).__name__} model (tessera) with {params}; {status}"
 
 
 def _device(accelerator: str, devices: Any) -> str:
