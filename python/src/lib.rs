@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use tessera_data::{Column, Csr, StoreWriter, ZarrVersion};
@@ -408,6 +408,30 @@ impl Model {
     }
 }
 
+/// scIB metrics of an embedding (cells x dims, float32, C order) with each cell's label and
+/// batch codes, as `tessera eval` computes them: (name, kind, value or None) in scib-metrics'
+/// Benchmarker order.
+#[pyfunction]
+fn scib(
+    py: Python<'_>,
+    embedding: PyReadonlyArray2<'_, f32>,
+    labels: Vec<u32>,
+    batches: Vec<u32>,
+) -> PyResult<Vec<(String, String, Option<f64>)>> {
+    let [n, d] = [embedding.shape()[0], embedding.shape()[1]];
+    let x = embedding
+        .as_slice()
+        .map_err(|e| PyValueError::new_err(format!("embedding: {e}")))?;
+    let scores = py
+        .detach(|| tessera_metrics::evaluate(x, n, d, &labels, &batches, &Default::default()))
+        .map_err(data_error)?;
+    Ok(tessera_metrics::METRIC_NAMES
+        .iter()
+        .zip(scores.values())
+        .map(|((name, kind), v)| (name.to_string(), kind.to_string(), v))
+        .collect())
+}
+
 #[pymodule]
 fn _tessera(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_anndata, m)?)?;
@@ -415,6 +439,7 @@ fn _tessera(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_config, m)?)?;
     m.add_function(wrap_pyfunction!(fit, m)?)?;
     m.add_class::<Model>()?;
+    m.add_function(wrap_pyfunction!(scib, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
