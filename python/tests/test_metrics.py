@@ -42,8 +42,8 @@ def test_scores_are_tessera_evals(embedded, tmp_path):
     binary = os.environ.get("TESSERA_BIN")
     if not binary:
         pytest.skip("TESSERA_BIN (the tessera binary) is not set")
-    ad.settings.allow_write_nullable_strings = True
-    embedded.write_zarr(tmp_path / "e.zarr")
+    with ad.settings.override(allow_write_nullable_strings=True):
+        embedded.write_zarr(tmp_path / "e.zarr")
     subprocess.run(
         [binary, "eval", "--data", str(tmp_path / "e.zarr"), "--embedding-key", "X_test",
          "--label-key", "cell_type", "--batch-key", "batch", "--out", str(tmp_path / "out")],

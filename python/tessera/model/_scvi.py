@@ -24,6 +24,17 @@ _PLAN_NAMES = {"eps": "adam_eps", "n_epochs_kl_warmup": "kl_warmup_epochs"}
 _UNSUPPORTED = {
     "n_steps_kl_warmup": "use n_epochs_kl_warmup",
 }
+# Lightning Trainer keywords scvi-tools scripts pass whose effect tessera has anyway: validation
+# every epoch, logging every step, checkpoints in the model's folder, shuffled split, sparse
+# minibatches.
+_LIGHTNING_SAME = (
+    "check_val_every_n_epoch",
+    "log_every_n_steps",
+    "enable_checkpointing",
+    "shuffle_set_split",
+    "load_sparse_tensor",
+    "enable_model_summary",
+)
 # The files of a saved model besides the engine's (`tessera train --out`).
 _SETUP_FILE = "tessera_setup.json"
 _HISTORY_FILE = "history.json"
@@ -175,11 +186,18 @@ class SCVI:
         progress_bar
             Show a bar (tqdm, when installed) or a line per tenth of the epochs.
         **trainer_kwargs
-            ``early_stopping_patience``, or any other ``[train]`` key.
+            ``early_stopping_patience``, or any other ``[train]`` key; ``enable_progress_bar``
+            (as ``progress_bar``); Lightning's ``check_val_every_n_epoch``,
+            ``log_every_n_steps``, ``enable_checkpointing``, ``enable_model_summary``,
+            ``shuffle_set_split`` and ``load_sparse_tensor`` are accepted and change nothing
+            (tessera validates every epoch and always reads sparse minibatches).
         """
         train = self._train_config(
             max_epochs, train_size, validation_size, batch_size, early_stopping, seed
         )
+        progress_bar = trainer_kwargs.pop("enable_progress_bar", progress_bar)
+        for key in _LIGHTNING_SAME:
+            trainer_kwargs.pop(key, None)
         for key, value in {**(plan_kwargs or {}), **trainer_kwargs}.items():
             if key in _UNSUPPORTED:
                 raise TypeError(f"{key} is not supported: {_UNSUPPORTED[key]}")
@@ -416,7 +434,12 @@ class SCVI:
         (target / _SETUP_FILE).write_text(json.dumps(saved, indent=2))
         (target / _HISTORY_FILE).write_text(json.dumps(self._report["history"]))
         if save_anndata:
-            self.adata.write_h5ad(target / "adata.h5ad")
+            import anndata
+
+            # An AnnData read from a recent store may hold pandas' string arrays; they are
+            # written as they are rather than refused.
+            with anndata.settings.override(allow_write_nullable_strings=True):
+                self.adata.write_h5ad(target / "adata.h5ad")
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike[str], adata: Any | None = None) -> "SCVI":
