@@ -3,6 +3,7 @@
 //! `worker::encode::EncoderPool`, the data layer's writer) and converts the result back; the
 //! scvi-tools-shaped API (setup, keywords, history tables, save/load) is Python around them.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -14,7 +15,7 @@ use tessera_data::{Column, Csr, StoreWriter, ZarrVersion};
 use tessera_worker::device::Device;
 use tessera_worker::encode::EncoderPool;
 use tessera_worker::fit::{PREDICTION_KEY, Progress};
-use tessera_worker::query::{Cells, CellsModality, ReferenceModel};
+use tessera_worker::query::{Cells, CellsModality, QueryRequest, ReferenceModel, Unfreeze};
 use tessera_worker::{FitConfig, FitError, FitOptions};
 
 /// A count matrix handed over from scipy/numpy: CSR in tessera's integer widths.
@@ -408,6 +409,76 @@ impl Model {
     }
 }
 
+/// Maps the query store at `data` onto the model saved in `model_dir` as `tessera map` does
+/// (architecture surgery for new batches, `epochs` of fine-tuning the new rows and the layers
+/// `unfreeze` opens, the latent means of every query cell, kNN label transfer when the
+/// reference has labels) and writes nothing. Returns (embedding, transferred labels,
+/// their uncertainties, the classifier's labels, report JSON); the label lists are empty when
+/// the model has no labels or no classifier.
+#[pyfunction]
+#[pyo3(signature = (model_dir, data, batch_key, epochs, encoder_input, decoder_input, neighbours, seed, device))]
+#[allow(clippy::too_many_arguments)] // the options of `tessera map`, flat
+fn map_query<'py>(
+    py: Python<'py>,
+    model_dir: &str,
+    data: String,
+    batch_key: Option<String>,
+    epochs: usize,
+    encoder_input: bool,
+    decoder_input: bool,
+    neighbours: usize,
+    seed: u64,
+    device: &str,
+) -> PyResult<MappedQuery<'py>> {
+    let request = QueryRequest {
+        data,
+        batch_key,
+        epochs,
+        unfreeze: Unfreeze {
+            encoder_input,
+            decoder_input,
+        },
+        neighbours,
+        write: None,
+        seed,
+        device: device.parse().map_err(data_error)?,
+    };
+    let model = ReferenceModel::open(model_dir).map_err(data_error)?;
+    let output = py
+        .detach(|| {
+            tessera_worker::query::map_query(&model, &request, |_| ControlFlow::Continue(()))
+        })
+        .map_err(data_error)?;
+    let name = |code: i32| {
+        usize::try_from(code)
+            .ok()
+            .and_then(|c| output.label_categories.get(c))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let transferred = output.labels.iter().map(|t| name(t.label)).collect();
+    let uncertainty = output.labels.iter().map(|t| t.uncertainty).collect();
+    let classifier = output.classifier_labels.iter().map(|&c| name(c)).collect();
+    let report = serde_json::to_string(&output.report).map_err(data_error)?;
+    let rows = output.report.n_cells;
+    Ok((
+        matrix(py, output.embedding, rows)?,
+        transferred,
+        uncertainty,
+        classifier,
+        report,
+    ))
+}
+
+/// What `map_query` returns to Python.
+type MappedQuery<'py> = (
+    Bound<'py, PyAny>,
+    Vec<String>,
+    Vec<f64>,
+    Vec<String>,
+    String,
+);
+
 /// scIB metrics of an embedding (cells x dims, float32, C order) with each cell's label and
 /// batch codes, as `tessera eval` computes them: (name, kind, value or None) in scib-metrics'
 /// Benchmarker order.
@@ -440,6 +511,7 @@ fn _tessera(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fit, m)?)?;
     m.add_class::<Model>()?;
     m.add_function(wrap_pyfunction!(scib, m)?)?;
+    m.add_function(wrap_pyfunction!(map_query, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -117,3 +117,32 @@ def batch_names(adata: Any, setup: dict[str, Any]) -> list[str]:
     if any(c < 0 for c in codes):
         raise ValueError(f"adata.obs[{key!r}] has missing values (every cell needs a batch)")
     return [categories[c] for c in codes]
+
+
+def with_genes(adata: Any, genes: pd.Index) -> Any:
+    """A copy of ``adata`` with exactly ``genes`` as columns, in that order: its own where it
+    has them, zeros (in X and every layer) where not."""
+    import anndata
+
+    position = pd.Index(adata.var_names).get_indexer(genes)
+    have = position >= 0
+    # Column j of the result is column position[j] of adata, or nothing.
+    pick = sp.csr_matrix(
+        (np.ones(int(have.sum()), dtype=np.float32),
+         (position[have], np.flatnonzero(have))),
+        shape=(adata.n_vars, len(genes)),
+    )
+
+    def aligned(x: Any) -> Any:
+        product = sp.csr_matrix(x, dtype=np.float32) @ pick
+        return product if sp.issparse(x) else product.toarray()
+
+    layers = {key: aligned(value) for key, value in adata.layers.items()}
+    return anndata.AnnData(
+        X=None if adata.X is None else aligned(adata.X),
+        obs=adata.obs.copy(),
+        var=pd.DataFrame(index=pd.Index(genes, name=adata.var_names.name)),
+        uns=dict(adata.uns),
+        obsm=dict(adata.obsm),
+        layers=layers,
+    )

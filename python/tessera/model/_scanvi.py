@@ -69,9 +69,31 @@ class SCANVI(SCVI):
         """Registers the fields the model reads, as :meth:`SCVI.setup_anndata`, with the obs
         column of labels and the value in it that marks an unlabelled cell (missing values are
         unlabelled too)."""
+        cls._register(
+            adata, labels_key, unlabeled_category, layer, batch_key, categorical_covariate_keys,
+            continuous_covariate_keys,
+        )
+        _, classes = _anndata.labels(adata, labels_key, str(unlabeled_category))
+        if len(classes) < 2:
+            raise ValueError(
+                f"adata.obs[{labels_key!r}] has {len(classes)} labelled classes besides "
+                f"{unlabeled_category!r} (the classifier needs at least 2)"
+            )
+
+    @classmethod
+    def _register(
+        cls,
+        adata: Any,
+        labels_key: str,
+        unlabeled_category: str,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+    ) -> None:
         if labels_key is None or labels_key not in adata.obs:
             raise KeyError(f"labels_key {labels_key!r} is not a column of adata.obs")
-        super().setup_anndata(
+        SCVI.setup_anndata(
             adata, layer=layer, batch_key=batch_key, labels_key=labels_key,
             categorical_covariate_keys=categorical_covariate_keys,
             continuous_covariate_keys=continuous_covariate_keys,
@@ -79,12 +101,6 @@ class SCANVI(SCVI):
         setup = _anndata.setup_of(adata)
         setup["unlabeled_category"] = str(unlabeled_category)
         adata.uns[_anndata.SETUP_KEY] = setup
-        _, classes = _anndata.labels(adata, labels_key, str(unlabeled_category))
-        if len(classes) < 2:
-            raise ValueError(
-                f"adata.obs[{labels_key!r}] has {len(classes)} labelled classes besides "
-                f"{unlabeled_category!r} (the classifier needs at least 2)"
-            )
 
     @classmethod
     def from_scvi_model(
@@ -120,7 +136,15 @@ class SCANVI(SCVI):
         super().train(*args, plan_kwargs=plan_kwargs, **kwargs)
 
     def _label_key(self) -> str | None:
-        return self._setup["labels_key"]
+        # A query's cells train no classifier (surgery freezes it): no labels go to the engine.
+        return None if self._query is not None else self._setup["labels_key"]
+
+    @classmethod
+    def _transfer_setup(cls, adata: Any, setup: dict[str, Any]) -> None:
+        # A query without the label column is unlabelled throughout, as in scvi-tools.
+        if setup["labels_key"] not in adata.obs:
+            adata.obs[setup["labels_key"]] = setup["unlabeled_category"]
+        cls._register(adata, **setup)
 
     def predict(
         self,
@@ -132,6 +156,11 @@ class SCANVI(SCVI):
         """Each cell's most probable label (an array of class names), or with ``soft=True`` the
         class probabilities as a DataFrame with the classes as columns."""
         self._check_trained()
+        if self._query_predictions is not None and adata is None:
+            if soft:
+                raise ValueError("soft=True is not supported for a query model yet")
+            p = self._query_predictions
+            return p if indices is None else p[np.asarray(indices)]
         adata = self.adata if adata is None else adata
         if indices is not None:
             adata = adata[np.asarray(indices)]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -107,6 +108,11 @@ class SCVI:
         self._embedding: np.ndarray | None = None
         self._engine: Any = None
         self._device = "cpu"
+        # Set by load_query_data: the reference's folder and what fine-tuning may change.
+        self._query: dict[str, Any] | None = None
+        self.query_report_: dict[str, Any] | None = None
+        self.transferred_labels_: pd.DataFrame | None = None
+        self._query_predictions: np.ndarray | None = None
 
     # -- registration ----------------------------------------------------------------------
 
@@ -192,6 +198,9 @@ class SCVI:
             ``shuffle_set_split`` and ``load_sparse_tensor`` are accepted and change nothing
             (tessera validates every epoch and always reads sparse minibatches).
         """
+        if self._query is not None:
+            self._train_query(max_epochs, seed)
+            return
         train = self._train_config(
             max_epochs, train_size, validation_size, batch_size, early_stopping, seed
         )
@@ -243,8 +252,27 @@ class SCVI:
         }
 
     def _fit(self, config: str, device: str, progress_bar: bool) -> tuple[np.ndarray, str]:
-        """Copies the AnnData's counts and covariates into an in-memory store, trains on it,
-        frees it."""
+        """Trains on an in-memory copy of the AnnData."""
+        progress = EpochProgress(progress_bar)
+        try:
+            with self._memory_store() as location:
+                return _tessera.fit(
+                    location,
+                    config,
+                    self._folder.name,
+                    self._setup.get("batch_key"),
+                    self._label_key(),
+                    "X_tessera",
+                    device,
+                    progress,
+                )
+        finally:
+            progress.close()
+
+    @contextlib.contextmanager
+    def _memory_store(self) -> Iterator[str]:
+        """The AnnData's counts, batches and labels copied into an in-memory store (freed on
+        exit): what the engine reads, with no file written."""
         name = f"tessera-{uuid.uuid4().hex}"
         location = f"memory://{name}/adata.zarr"
         setup = self._setup
@@ -256,7 +284,6 @@ class SCVI:
         if label_key and label_key != batch_key:
             labels = _anndata.labels(self.adata, label_key, setup.get("unlabeled_category"))
             categoricals.append((label_key, *labels))
-        progress = EpochProgress(progress_bar)
         try:
             _tessera.write_anndata(
                 location,
@@ -267,18 +294,8 @@ class SCVI:
                 categoricals,
                 [],
             )
-            return _tessera.fit(
-                location,
-                config,
-                self._folder.name,
-                batch_key,
-                label_key,
-                "X_tessera",
-                device,
-                progress,
-            )
+            yield location
         finally:
-            progress.close()
             _tessera.forget_memory_store(name)
 
     def _label_key(self) -> str | None:
@@ -382,6 +399,11 @@ class SCVI:
 
     def _loaded(self) -> Any:
         """The trained model in the engine, loaded once."""
+        if self._query is not None:
+            raise ValueError(
+                "a query model answers for the query it was trained on: call "
+                "get_latent_representation() (or predict()) without adata"
+            )
         if self._engine is None:
             self._engine = _tessera.Model(self._folder.name, self._device)
         return self._engine
@@ -421,6 +443,8 @@ class SCVI:
         ``save_anndata``, ``adata.h5ad`` too. An existing folder is refused unless
         ``overwrite``."""
         self._check_trained()
+        if self._query is not None:
+            raise ValueError("saving a query model is not supported yet: save the reference")
         if prefix:
             raise ValueError("prefix is not supported: save each model into its own folder")
         target = Path(dir_path)
@@ -430,7 +454,12 @@ class SCVI:
             )
         target.mkdir(parents=True, exist_ok=True)
         shutil.copytree(self._folder.name, target, dirs_exist_ok=True)
-        saved = {"setup": self._setup, "init_params": self.init_params_, "train": self._train}
+        saved = {
+            "setup": self._setup,
+            "init_params": self.init_params_,
+            "train": self._train,
+            "var_names": [str(n) for n in self.adata.var_names],
+        }
         (target / _SETUP_FILE).write_text(json.dumps(saved, indent=2))
         (target / _HISTORY_FILE).write_text(json.dumps(self._report["history"]))
         if save_anndata:
@@ -463,6 +492,105 @@ class SCVI:
         model.history_ = _history(model._report["history"])
         model.is_trained_ = True
         return model
+
+    # -- query mapping (scArches) ---------------------------------------------------------
+
+    @classmethod
+    def prepare_query_anndata(
+        cls,
+        adata: Any,
+        reference_model: "SCVI | str | os.PathLike[str]",
+        return_reference_var_names: bool = False,
+        inplace: bool = True,
+    ) -> Any:
+        """Puts ``adata``'s genes in the reference's order, with zero columns for the genes it
+        lacks and its other genes dropped, as scvi-tools does (tessera's mapping also aligns
+        by name, so this is optional). ``reference_model``: a trained model or its saved
+        folder. Returns the reference's gene names with ``return_reference_var_names``, the
+        new AnnData with ``inplace=False``, else None."""
+        genes = pd.Index(_reference(reference_model)[1]["var_names"])
+        if return_reference_var_names:
+            return genes
+        padded = _anndata.with_genes(adata, genes)
+        if not inplace:
+            return padded
+        adata._init_as_actual(
+            X=padded.X, obs=padded.obs, var=padded.var, uns=padded.uns, obsm=padded.obsm,
+            layers=padded.layers,
+        )
+        return None
+
+    @classmethod
+    def load_query_data(
+        cls,
+        adata: Any,
+        reference_model: "SCVI | str | os.PathLike[str]",
+        inplace_subset_query_vars: bool = False,
+        accelerator: str = "auto",
+        device: Any = "auto",
+        unfrozen: bool = False,
+        freeze_dropout: bool = False,
+        freeze_expression: bool = True,
+        freeze_decoder_first_layer: bool = True,
+        freeze_batchnorm_encoder: bool = True,
+        freeze_batchnorm_decoder: bool = False,
+        freeze_classifier: bool = True,
+    ) -> "SCVI":
+        """A query model for ``adata`` from a trained reference (a model or its saved folder),
+        as scArches' architecture surgery: the query's new batches get covariate rows; with
+        the defaults only those rows train (``freeze_expression=False`` also opens the first
+        encoder and decoder layers, ``freeze_decoder_first_layer=False`` the first decoder
+        layer). Then ``.train(max_epochs)`` fine-tunes and embeds the query (``tessera map``'s
+        engine); the reference's labels are transferred to ``transferred_labels_`` by its
+        cells' nearest neighbours. ``adata`` gets the reference's registration when it has
+        none."""
+        defaults = {
+            "unfrozen": (unfrozen, False),
+            "freeze_dropout": (freeze_dropout, False),
+            "freeze_batchnorm_encoder": (freeze_batchnorm_encoder, True),
+            "freeze_batchnorm_decoder": (freeze_batchnorm_decoder, False),
+            "freeze_classifier": (freeze_classifier, True),
+        }
+        for name, (value, default) in defaults.items():
+            if value != default:
+                raise ValueError(f"{name}={value} is not supported yet (only {default})")
+        folder, saved = _reference(reference_model)
+        if _anndata.SETUP_KEY not in adata.uns:
+            cls._transfer_setup(adata, saved["setup"])
+        model = cls(adata, **saved["init_params"])
+        model._query = {
+            "reference": folder,
+            "encoder_input": not freeze_expression,
+            "decoder_input": not (freeze_expression and freeze_decoder_first_layer),
+            "device": _device(accelerator, device),
+        }
+        return model
+
+    @classmethod
+    def _transfer_setup(cls, adata: Any, setup: dict[str, Any]) -> None:
+        cls.setup_anndata(adata, **setup)
+
+    def _train_query(self, max_epochs: int | None, seed: int) -> None:
+        assert self._query is not None
+        epochs = max_epochs
+        if epochs is None:  # scvi-tools' rule, as for training
+            epochs = int(min(400, max(1, round(400 * 20_000 / max(1, self.adata.n_obs)))))
+        q = self._query
+        with self._memory_store() as location:
+            z, transferred, uncertainty, classifier, report = _tessera.map_query(
+                q["reference"], location, self._setup.get("batch_key"), epochs,
+                q["encoder_input"], q["decoder_input"], 50, seed, q["device"],
+            )
+        self._embedding = z
+        self.query_report_ = json.loads(report)
+        index = self.adata.obs_names.copy()
+        self.transferred_labels_ = (
+            pd.DataFrame({"label": transferred, "uncertainty": uncertainty}, index=index)
+            if transferred
+            else None
+        )
+        self._query_predictions = np.asarray(classifier, dtype=object) if classifier else None
+        self.is_trained_ = True
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}: {v}" for k, v in self.init_params_.items())
@@ -507,6 +635,22 @@ def _history(records: list[dict[str, Any]]) -> dict[str, pd.DataFrame]:
         key: pd.DataFrame({key: values}, index=pd.Index(epochs[: len(values)], name="epoch"))
         for key, values in columns.items()
     }
+
+
+def _reference(model: "SCVI | str | os.PathLike[str]") -> tuple[str, dict[str, Any]]:
+    """A reference's engine folder and its saved setup, init parameters and genes."""
+    if isinstance(model, SCVI):
+        model._check_trained()
+        saved = {
+            "setup": model._setup,
+            "init_params": model.init_params_,
+            "var_names": [str(n) for n in model.adata.var_names],
+        }
+        return model._folder.name, saved
+    setup_file = Path(model) / _SETUP_FILE
+    if not setup_file.is_file():
+        raise ValueError(f"{setup_file} is missing: {model} is not a saved tessera model")
+    return str(model), json.loads(setup_file.read_text())
 
 
 def _read_saved_anndata(source: Path) -> Any:
