@@ -455,3 +455,65 @@ fn logs_fit_the_reader() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("TESSERA_LOG_FORMAT=\"xml\""), "{err}");
 }
+
+/// A 60-cell store whose X is `scale` times small integer counts.
+fn scaled_counts_store(path: &std::path::Path, scale: f32) {
+    use tessera_data::{Csr, StoreWriter, ZarrVersion};
+    let (cells, genes) = (60usize, 8usize);
+    let mut x = Csr {
+        n_rows: cells,
+        n_cols: genes,
+        indptr: vec![0],
+        ..Csr::default()
+    };
+    for c in 0..cells {
+        for g in 0..genes {
+            x.indices.push(g as u32);
+            x.data.push(((c * 7 + g * 3) % 5 + 1) as f32 * scale);
+        }
+        x.indptr.push(x.data.len() as u64);
+    }
+    let writer = StoreWriter::create(path.to_str().unwrap(), ZarrVersion::V3).unwrap();
+    let names = |prefix: &str, n: usize| (0..n).map(|i| format!("{prefix}{i}")).collect::<Vec<_>>();
+    writer
+        .anndata("", &names("cell", cells), &[], &names("gene", genes))
+        .unwrap();
+    let mut csr = writer.csr("X", genes as u64).unwrap();
+    csr.push(&x).unwrap();
+    csr.finish().unwrap();
+    writer.consolidate().unwrap();
+}
+
+#[test]
+fn training_on_values_that_are_not_counts_warns_naming_the_cell_and_gene() {
+    let dir = tempfile::tempdir().unwrap();
+    for (scale, warned) in [(1.0, false), (0.5, true)] {
+        let store = dir.path().join(format!("x{scale}.zarr"));
+        scaled_counts_store(&store, scale);
+        let out = dir.path().join(format!("out{scale}"));
+        let run = tessera(&[
+            "train",
+            "--data",
+            store.to_str().unwrap(),
+            "--epochs",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{stderr}");
+        assert_eq!(
+            stderr.contains("does not look like counts"),
+            warned,
+            "{stderr}"
+        );
+        if warned {
+            // Cell 0, gene 0 holds (0 + 0) % 5 + 1 = 1, times 0.5.
+            assert!(
+                stderr.contains("cell=cell0") && stderr.contains("gene=gene0"),
+                "{stderr}"
+            );
+            assert!(stderr.contains("value=0.5"), "{stderr}");
+        }
+    }
+}

@@ -70,6 +70,26 @@ impl AnnData {
             .ok_or_else(|| self.store.at(&self.element("X")).missing("X matrix"))
     }
 
+    /// The first value of X's first `rows` cells that is not a count (negative or not an
+    /// integer), with its cell and gene: count likelihoods expect raw counts, and scvi-tools
+    /// warns on the same check. None when every value read is a count.
+    pub fn first_non_count(&self, rows: u64) -> Result<Option<(String, String, f32)>> {
+        let x = self.x()?;
+        let csr = x.read_rows(&self.store, 0..rows.min(x.shape.0))?;
+        let found = (0..csr.n_rows).find_map(|r| {
+            let (genes, values) = csr.row(r);
+            genes
+                .iter()
+                .zip(values)
+                .find(|(_, v)| **v < 0.0 || v.fract() != 0.0)
+                .map(|(&g, &v)| (r, g as usize, v))
+        });
+        Ok(found.map(|(r, g, v)| {
+            let name = |names: &[String], i: usize| names.get(i).cloned().unwrap_or_default();
+            (name(&self.obs_names, r), name(&self.var_names, g), v)
+        }))
+    }
+
     /// A layer (`layers/<name>`) with the shape of X.
     pub fn layer(&self, name: &str) -> Result<Matrix> {
         let path = format!("layers/{name}");

@@ -300,3 +300,31 @@ fn convert_refuses_non_anndata_and_hdf5_names() {
     );
     assert!(!out.exists(), "the output was written");
 }
+
+#[test]
+fn values_that_are_not_counts_are_found_with_their_cell_and_gene() {
+    let (_dir, path) = fresh();
+    let location = path.to_str().unwrap();
+    let adata = AnnData::open(location).unwrap();
+    assert_eq!(adata.first_non_count(1_000).unwrap(), None);
+    let csr = adata
+        .x()
+        .unwrap()
+        .read_rows(&adata.store, 0..CELLS)
+        .unwrap();
+    for (value, at) in [(2.5f32, 7usize), (-1.0, 0)] {
+        let mut data = csr.data.clone();
+        data[at] = value;
+        let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        raw_array(&path, "X/data", "<f4", data.len(), bytes);
+        let row = csr.indptr.iter().rposition(|&p| p as usize <= at).unwrap();
+        let (cell, gene, found) = AnnData::open(location)
+            .unwrap()
+            .first_non_count(1_000)
+            .unwrap()
+            .unwrap();
+        assert_eq!(cell, adata.obs_names[row]);
+        assert_eq!(gene, adata.var_names[csr.indices[at] as usize]);
+        assert_eq!(found, value);
+    }
+}

@@ -164,6 +164,40 @@ fn head_columns(model: &VaeConfig, label_key: Option<&str>) -> Result<Vec<String
     Ok(model.head_columns())
 }
 
+/// Cells read for the count check: enough to catch normalised or log-transformed data, which
+/// is non-integer in almost every cell, at the cost of one block read.
+const COUNT_CHECK_CELLS: u64 = 1_000;
+
+/// Warns, as scvi-tools does, when a modality modelled by a count likelihood holds values that
+/// are not counts in its first cells (training goes on: the user may mean it).
+fn warn_unless_counts(
+    dataset: &Dataset,
+    modalities: &[(String, usize, usize)],
+    specs: &[tessera_models::ModalitySpec],
+) -> Result<(), FitError> {
+    for ((name, _, _), spec) in modalities.iter().zip(specs) {
+        if !spec.likelihood.expects_counts() {
+            continue;
+        }
+        let adata = match dataset {
+            Dataset::AnnData(a) => a.clone(),
+            Dataset::MuData(m) => m.modality(name)?.1.clone(),
+        };
+        if let Some((cell, gene, value)) = adata.first_non_count(COUNT_CHECK_CELLS)? {
+            tracing::warn!(
+                element = %adata.element("X"),
+                cell = %cell,
+                gene = %gene,
+                value,
+                likelihood = ?spec.likelihood,
+                "X does not look like counts (negative or non-integer values); the count \
+                 likelihoods expect unnormalised counts"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Progress events for a bar or logs.
 #[derive(Debug, Clone)]
 pub enum Progress<'a> {
@@ -415,6 +449,9 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             },
             tc.seed,
         )?;
+        if rank == 0 {
+            warn_unless_counts(&dataset, &plan.modalities, &model.modalities)?;
+        }
         for (m, spec) in model.modalities.clone().iter().enumerate() {
             if spec.likelihood == LikelihoodKind::NbMixture {
                 let rates = background_log_rates(

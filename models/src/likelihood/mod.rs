@@ -47,6 +47,20 @@ pub enum LikelihoodKind {
     NbMixture,
 }
 
+impl LikelihoodKind {
+    /// Whether the likelihood models raw counts (the NB family and Poisson): values that are
+    /// negative or not integers are then a mistake worth a warning.
+    pub fn expects_counts(self) -> bool {
+        matches!(
+            self,
+            LikelihoodKind::Nb
+                | LikelihoodKind::Zinb
+                | LikelihoodKind::Poisson
+                | LikelihoodKind::NbMixture
+        )
+    }
+}
+
 /// A head on the decoder's hidden layer (no covariates, no normalisation, identity).
 pub(crate) fn head(d_in: usize, d_out: usize) -> DenseSpec {
     DenseSpec {
