@@ -30,5 +30,5 @@ pub use shard::ShardPlan;
 pub use simulate::{Scenario, SimConfig, SimSummary, simulate};
 pub use store::{Location, Store, ZarrVersion, forget_memory_store};
 pub use tiles::TileMatrices;
-pub use write::{CsrWriter, StoreWriter};
+pub use write::{CsrWriter, ModalityLayout, StoreWriter};
 pub use zarr::Values;

@@ -37,7 +37,7 @@ use crate::dataframe::Column;
 use crate::error::{DataError, Result};
 use crate::matrix::Csr;
 use crate::store::ZarrVersion;
-use crate::write::{Elem, StoreWriter};
+use crate::write::{Elem, ModalityLayout, StoreWriter};
 
 /// What to simulate. Defaults: 10,000 cells, 2,000 genes, 8 types, 3 batches, RNA only.
 #[derive(Debug, Clone, Serialize)]
@@ -617,85 +617,26 @@ pub fn simulate(
     let mut modalities = vec![("rna".to_string(), c.n_cells, c.n_genes as u64)];
 
     if mudata {
-        let mut order = vec!["rna".to_string()];
-        writer.anndata("mod/rna", &cell_names, &[], &gene_names)?;
-        let mut obsmaps = vec![(
-            "rna".to_string(),
-            (1..=c.n_cells as u32).collect::<Vec<u32>>(),
-        )];
-        let mut all_vars = gene_names.clone();
-        let mut varmaps = vec![("rna".to_string(), c.n_genes)];
+        let mut layouts = vec![ModalityLayout {
+            name: "rna".into(),
+            present: None,
+            var_names: gene_names,
+        }];
         for (name, present, writer_opt, n_vars, prefix) in [
             ("prot", &prot_present, prot.take(), c.n_proteins, "prot"),
             ("atac", &atac_present, atac.take(), c.n_peaks, "peak"),
         ] {
             let Some(csr) = writer_opt else { continue };
-            let n_present = csr
-                .finish()
-                .map(|_| present.iter().filter(|&&p| p).count())?;
-            let present_names: Vec<String> = cell_names
-                .iter()
-                .zip(present)
-                .filter(|(_, p)| **p)
-                .map(|(n, _)| n.clone())
-                .collect();
-            let vars = names(prefix, n_vars);
-            writer.anndata(&format!("mod/{name}"), &present_names, &[], &vars)?;
-            let mut row = 0u32;
-            obsmaps.push((
-                name.to_string(),
-                present
-                    .iter()
-                    .map(|&p| {
-                        if p {
-                            row += 1;
-                            row
-                        } else {
-                            0
-                        }
-                    })
-                    .collect(),
-            ));
-            all_vars.extend(vars);
-            varmaps.push((name.to_string(), n_vars));
+            csr.finish()?;
+            let n_present = present.iter().filter(|&&p| p).count();
             modalities.push((name.to_string(), n_present as u64, n_vars as u64));
-            order.push(name.to_string());
+            layouts.push(ModalityLayout {
+                name: name.into(),
+                present: Some(present.clone()),
+                var_names: names(prefix, n_vars),
+            });
         }
-        let root = json!({
-            "encoding-type": "MuData",
-            "encoding-version": "0.1.0",
-            "encoder": "tessera",
-            "encoder-version": env!("CARGO_PKG_VERSION"),
-            "axis": 0,
-        });
-        writer.group("", root)?;
-        writer.group("mod", json!({"mod-order": order}))?;
-        writer.dataframe("obs", &cell_names, &obs_columns)?;
-        writer.dataframe("var", &all_vars, &[])?;
-        // Encoded like mudata writes them (a dict of arrays), so readers see no old format.
-        let array = json!({"encoding-type": "array", "encoding-version": "0.2.0"});
-        writer.dict("obsmap")?;
-        for (name, map) in obsmaps {
-            writer.array_1d(&format!("obsmap/{name}"), Elem::U32, map, array.clone())?;
-        }
-        writer.dict("varmap")?;
-        let mut offset = 0u32;
-        for (name, n) in &varmaps {
-            let map: Vec<u32> = (0..all_vars.len() as u32)
-                .map(|j| {
-                    if j >= offset && j < offset + *n as u32 {
-                        j - offset + 1
-                    } else {
-                        0
-                    }
-                })
-                .collect();
-            writer.array_1d(&format!("varmap/{name}"), Elem::U32, map, array.clone())?;
-            offset += *n as u32;
-        }
-        for dict in ["obsm", "obsp", "varm", "varp", "uns"] {
-            writer.dict(dict)?;
-        }
+        writer.mudata(&cell_names, &obs_columns, &layouts)?;
     } else {
         writer.anndata("", &cell_names, &obs_columns, &gene_names)?;
     }

@@ -160,6 +160,15 @@ fn encoding(kind: &str, version: &str) -> Value {
     json!({"encoding-type": kind, "encoding-version": version})
 }
 
+/// One modality of a MuData store for [`StoreWriter::mudata`]: the cells that measured it (a
+/// mask over the MuData's cells; None: every cell) and its features.
+#[derive(Debug, Clone)]
+pub struct ModalityLayout {
+    pub name: String,
+    pub present: Option<Vec<bool>>,
+    pub var_names: Vec<String>,
+}
+
 /// Writes nodes into one store of one Zarr version.
 #[derive(Debug)]
 pub struct StoreWriter {
@@ -357,6 +366,88 @@ impl StoreWriter {
         self.dataframe(&join("var"), var_names, &[])?;
         for dict in ["obsm", "obsp", "varm", "varp", "layers", "uns"] {
             self.dict(&join(dict))?;
+        }
+        Ok(())
+    }
+
+    /// A MuData root: each modality's AnnData group (`mod/<name>`, its obs the cells it
+    /// measured, in order), `mod-order`, the joint obs and var, `obsmap` (row + 1 in the
+    /// modality, 0 where absent) and `varmap`, and empty obsm/obsp/varm/varp/uns. Each
+    /// modality's X is written apart (`csr("mod/<name>/X")`, one row per measured cell).
+    pub fn mudata(
+        &self,
+        obs_names: &[String],
+        obs: &[(String, Column)],
+        modalities: &[ModalityLayout],
+    ) -> Result<()> {
+        let mut all_vars = Vec::new();
+        let mut obsmaps = Vec::with_capacity(modalities.len());
+        for m in modalities {
+            let present = m
+                .present
+                .clone()
+                .unwrap_or_else(|| vec![true; obs_names.len()]);
+            if present.len() != obs_names.len() {
+                return Err(self.store.at(&format!("mod/{}", m.name)).invalid(format!(
+                    "a presence mask of {} cells for a MuData of {}",
+                    present.len(),
+                    obs_names.len()
+                )));
+            }
+            let names: Vec<String> = obs_names
+                .iter()
+                .zip(&present)
+                .filter(|(_, p)| **p)
+                .map(|(n, _)| n.clone())
+                .collect();
+            self.anndata(&format!("mod/{}", m.name), &names, &[], &m.var_names)?;
+            all_vars.extend(m.var_names.iter().cloned());
+            let mut row = 0u32;
+            let map: Vec<u32> = present
+                .iter()
+                .map(|&p| {
+                    row += u32::from(p);
+                    if p { row } else { 0 }
+                })
+                .collect();
+            obsmaps.push((m.name.as_str(), map));
+        }
+        let root = json!({
+            "encoding-type": "MuData",
+            "encoding-version": "0.1.0",
+            "encoder": "tessera",
+            "encoder-version": env!("CARGO_PKG_VERSION"),
+            "axis": 0,
+        });
+        self.group("", root)?;
+        let order: Vec<&str> = modalities.iter().map(|m| m.name.as_str()).collect();
+        self.group("mod", json!({"mod-order": order}))?;
+        self.dataframe("obs", obs_names, obs)?;
+        self.dataframe("var", &all_vars, &[])?;
+        // Encoded like mudata writes them (a dict of arrays), so readers see no old format.
+        let array = encoding("array", "0.2.0");
+        self.dict("obsmap")?;
+        for (name, map) in obsmaps {
+            self.array_1d(&format!("obsmap/{name}"), Elem::U32, map, array.clone())?;
+        }
+        self.dict("varmap")?;
+        let mut offset = 0usize;
+        for m in modalities {
+            let n = m.var_names.len();
+            let map: Vec<u32> = (0..all_vars.len())
+                .map(|j| {
+                    if (offset..offset + n).contains(&j) {
+                        (j - offset + 1) as u32
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            self.array_1d(&format!("varmap/{}", m.name), Elem::U32, map, array.clone())?;
+            offset += n;
+        }
+        for dict in ["obsm", "obsp", "varm", "varp", "uns"] {
+            self.dict(dict)?;
         }
         Ok(())
     }
