@@ -11,12 +11,13 @@ use std::time::Duration;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use tessera_data::{Column, Csr, StoreWriter, ZarrVersion};
+use tessera_data::{Column, Csr, ModalityLayout, StoreWriter, ZarrVersion};
+use tessera_models::LikelihoodKind;
 use tessera_worker::device::Device;
 use tessera_worker::encode::EncoderPool;
 use tessera_worker::fit::{PREDICTION_KEY, Progress};
 use tessera_worker::query::{Cells, CellsModality, QueryRequest, ReferenceModel, Unfreeze};
-use tessera_worker::{FitConfig, FitError, FitOptions};
+use tessera_worker::{Denoised, FitConfig, FitError, FitOptions};
 
 /// A count matrix handed over from scipy/numpy: CSR in tessera's integer widths.
 struct CsrArgs<'py> {
@@ -109,6 +110,24 @@ fn write_anndata(
             var_names.len()
         )));
     }
+    let columns = obs_columns(categoricals, floats);
+    py.detach(|| {
+        let writer = StoreWriter::create(location, ZarrVersion::V3)?;
+        writer.anndata("", &obs_names, &columns, &var_names)?;
+        let mut csr = writer.csr("X", n_vars as u64)?;
+        csr.push(&x)?;
+        csr.finish()?;
+        writer.consolidate()
+    })
+    .map_err(data_error)
+}
+
+/// obs columns from Python: categoricals as (name, codes with -1 missing, categories), numbers
+/// as (name, values).
+fn obs_columns(
+    categoricals: Vec<(String, Vec<i32>, Vec<String>)>,
+    floats: Vec<(String, Vec<f64>)>,
+) -> Vec<(String, Column)> {
     let mut columns: Vec<(String, Column)> = categoricals
         .into_iter()
         .map(|(name, codes, categories)| {
@@ -121,12 +140,69 @@ fn write_anndata(
         })
         .collect();
     columns.extend(floats.into_iter().map(|(n, v)| (n, Column::Float(v))));
+    columns
+}
+
+/// One modality handed over for `write_mudata`: name, CSR counts of the cells that measured
+/// it (indptr, indices, data), feature names, and which of the MuData's cells those are
+/// (None: all).
+type ModalityArgs<'py> = (
+    String,
+    PyReadonlyArray1<'py, i64>,
+    PyReadonlyArray1<'py, i32>,
+    PyReadonlyArray1<'py, f32>,
+    Vec<String>,
+    Option<Vec<bool>>,
+);
+
+/// Writes a new MuData store at `location` (a path or `memory://NAME/...`): the cells' names
+/// and obs columns (as `write_anndata`), and per modality its counts over the cells that
+/// measured it.
+#[pyfunction]
+fn write_mudata(
+    py: Python<'_>,
+    location: &str,
+    obs_names: Vec<String>,
+    categoricals: Vec<(String, Vec<i32>, Vec<String>)>,
+    floats: Vec<(String, Vec<f64>)>,
+    modalities: Vec<ModalityArgs<'_>>,
+) -> PyResult<()> {
+    let mut layouts = Vec::with_capacity(modalities.len());
+    let mut matrices = Vec::with_capacity(modalities.len());
+    for (name, indptr, indices, data, var_names, present) in modalities {
+        let n_vars = var_names.len();
+        let x = CsrArgs {
+            indptr,
+            indices,
+            data,
+            n_vars,
+        }
+        .to_csr(&format!("mod/{name}/X"))?;
+        let cells = present
+            .as_ref()
+            .map_or(obs_names.len(), |p| p.iter().filter(|&&c| c).count());
+        if x.n_rows != cells {
+            return Err(PyValueError::new_err(format!(
+                "mod/{name}/X has {} rows for the {cells} cells that measured it",
+                x.n_rows
+            )));
+        }
+        matrices.push(x);
+        layouts.push(ModalityLayout {
+            name,
+            present,
+            var_names,
+        });
+    }
+    let columns = obs_columns(categoricals, floats);
     py.detach(|| {
         let writer = StoreWriter::create(location, ZarrVersion::V3)?;
-        writer.anndata("", &obs_names, &columns, &var_names)?;
-        let mut csr = writer.csr("X", n_vars as u64)?;
-        csr.push(&x)?;
-        csr.finish()?;
+        writer.mudata(&obs_names, &columns, &layouts)?;
+        for (layout, x) in layouts.iter().zip(&matrices) {
+            let mut csr = writer.csr(&format!("mod/{}/X", layout.name), x.n_cols as u64)?;
+            csr.push(x)?;
+            csr.finish()?;
+        }
         writer.consolidate()
     })
     .map_err(data_error)
@@ -142,9 +218,11 @@ fn forget_memory_store(name: &str) -> bool {
 /// TOML: an unknown key is a TypeError naming it (as an unknown keyword is in Python), a bad
 /// value a ValueError.
 fn parse_config(config_json: &str) -> PyResult<FitConfig> {
-    let config: FitConfig = serde_json::from_str(config_json).map_err(|e| {
+    let mut json = serde_json::Deserializer::from_str(config_json);
+    // The path names the keyword: "model.joint: unknown variant `sum`, expected ...".
+    let config: FitConfig = serde_path_to_error::deserialize(&mut json).map_err(|e| {
         let message = format!("model/train keywords: {e}");
-        if e.to_string().starts_with("unknown field") {
+        if e.inner().to_string().starts_with("unknown field") {
             PyTypeError::new_err(message)
         } else {
             PyValueError::new_err(message)
@@ -176,24 +254,27 @@ enum Message {
 /// cells)) and ("epoch", record as JSON). Ctrl-C (or an exception from `progress`) stops after
 /// the running step and is raised once training has stopped. Returns (embedding, report JSON).
 #[pyfunction]
-#[pyo3(signature = (data, config_json, out, batch_key, label_key, embedding_key, device, progress))]
+#[pyo3(signature = (data, config_json, out, modalities, batch_key, label_key, embedding_key, denoised_library_size, device, progress))]
 #[allow(clippy::too_many_arguments)] // the options of `tessera train`, flat
 fn fit<'py>(
     py: Python<'py>,
     data: String,
     config_json: &str,
     out: String,
+    modalities: Vec<String>,
     batch_key: Option<String>,
     label_key: Option<String>,
     embedding_key: String,
+    denoised_library_size: Option<f64>,
     device: &str,
     progress: Bound<'py, PyAny>,
-) -> PyResult<(Bound<'py, PyAny>, String)> {
+) -> PyResult<Fitted<'py>> {
     let config = parse_config(config_json)?;
+    let config_model = config.model.clone();
     let device: Device = device.parse().map_err(data_error)?;
     let opts = FitOptions {
         data,
-        modalities: Vec::new(),
+        modalities,
         batch_key,
         label_key,
         config,
@@ -202,7 +283,10 @@ fn fit<'py>(
         prediction_key: PREDICTION_KEY.into(),
         overwrite: true,
         resume: false,
-        denoised: None,
+        denoised: denoised_library_size.map(|library_size| Denoised {
+            key: "tessera_denoised".into(),
+            library_size,
+        }),
         cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
         device,
     };
@@ -266,13 +350,28 @@ fn fit<'py>(
         FitError::Config { .. } => PyValueError::new_err(e.to_string()),
         other => PyRuntimeError::new_err(other.to_string()),
     })?;
-    let n_obs = report.embedding.len() / report.n_latent.max(1);
-    let embedding = PyArray1::from_vec(py, report.embedding.clone())
-        .reshape([n_obs, report.n_latent])?
-        .into_any();
     let json = serde_json::to_string(&report).map_err(data_error)?;
-    Ok((embedding, json))
+    let n_obs = report.embedding.len() / report.n_latent.max(1);
+    let mut denoised = Vec::with_capacity(report.denoised.len());
+    for ((name, g), values) in report.modalities.iter().zip(report.denoised) {
+        // Only the count likelihoods' expression scales with the library size.
+        let kind = config_model.modality(name, *g).likelihood;
+        let scales = matches!(
+            kind,
+            LikelihoodKind::Nb | LikelihoodKind::Zinb | LikelihoodKind::Poisson
+        );
+        denoised.push((name.clone(), scales, matrix(py, values, n_obs)?));
+    }
+    Ok((matrix(py, report.embedding, n_obs)?, json, denoised))
 }
+
+/// What `fit` returns: the embedding, the report as JSON and, when asked for, each modality's
+/// denoised expression with whether it scales with the library size.
+type Fitted<'py> = (
+    Bound<'py, PyAny>,
+    String,
+    Vec<(String, bool, Bound<'py, PyAny>)>,
+);
 
 /// A row-major `rows x (values / rows)` matrix as a 2-D numpy array.
 fn matrix(py: Python<'_>, values: Vec<f32>, rows: usize) -> PyResult<Bound<'_, PyAny>> {
@@ -506,6 +605,7 @@ fn scib(
 #[pymodule]
 fn _tessera(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_anndata, m)?)?;
+    m.add_function(wrap_pyfunction!(write_mudata, m)?)?;
     m.add_function(wrap_pyfunction!(forget_memory_store, m)?)?;
     m.add_function(wrap_pyfunction!(check_config, m)?)?;
     m.add_function(wrap_pyfunction!(fit, m)?)?;

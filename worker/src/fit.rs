@@ -110,6 +110,10 @@ pub struct FitReport {
     pub embedding_element: String,
     /// Where the denoised/imputed expression went.
     pub denoised_elements: Vec<String>,
+    /// The denoised/imputed expression itself, per modelled modality (cells x features,
+    /// row-major; also in the store), when it was asked for.
+    #[serde(skip)]
+    pub denoised: Vec<Vec<f32>>,
     /// Where the classifier's predicted labels went (`obs/<key>`), and its probabilities
     /// (`obsm/<key>_probabilities`).
     pub prediction_elements: Vec<String>,
@@ -919,6 +923,7 @@ fn write_outputs<B: TrainBackend>(run: &mut Run<'_, B>) -> Result<FitReport, Fit
         n_latent,
         embedding_element,
         denoised_elements,
+        denoised,
         prediction_elements,
     };
     write_file(

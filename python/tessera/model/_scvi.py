@@ -113,6 +113,7 @@ class SCVI:
         self.query_report_: dict[str, Any] | None = None
         self.transferred_labels_: pd.DataFrame | None = None
         self._query_predictions: np.ndarray | None = None
+        self._denoised: dict[str, tuple[bool, np.ndarray]] = {}
 
     # -- registration ----------------------------------------------------------------------
 
@@ -256,16 +257,20 @@ class SCVI:
         progress = EpochProgress(progress_bar)
         try:
             with self._memory_store() as location:
-                return _tessera.fit(
+                embedding, report, denoised = _tessera.fit(
                     location,
                     config,
                     self._folder.name,
+                    self._setup.get("modalities", []),
                     self._setup.get("batch_key"),
                     self._label_key(),
                     "X_tessera",
+                    self._denoised_library_size(),
                     device,
                     progress,
                 )
+                self._denoised = {name: (scales, values) for name, scales, values in denoised}
+                return embedding, report
         finally:
             progress.close()
 
@@ -300,6 +305,11 @@ class SCVI:
 
     def _label_key(self) -> str | None:
         """The obs column the engine trains labels from (none for SCVI, which ignores them)."""
+        return None
+
+    def _denoised_library_size(self) -> float | None:
+        """The library size of the expression the engine returns after training (None: none;
+        SCVI decodes on demand instead)."""
         return None
 
     # -- results ---------------------------------------------------------------------------

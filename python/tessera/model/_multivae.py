@@ -1,0 +1,227 @@
+"""``tessera.model.MULTIVAE`` and ``TOTALVI``: one joint embedding of every modality of a
+MuData, cells missing a modality included, with each modality's expression imputed."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .. import _anndata, _tessera
+from ._scvi import SCVI
+
+
+class MULTIVAE(SCVI):
+    """A multimodal VAE over the modalities of a MuData (tessera's joint model).
+
+    Each modality has its encoder and decoder and its likelihood (NB for RNA; Bernoulli for
+    accessibility, ``atac``/``peaks``; totalVI's background/foreground NB mixture for proteins,
+    ``prot``/``adt``; any modality's can be set with ``modalities={"name": {"likelihood":
+    ...}}``); the experts are joined by a product (``joint="poe"``), a mixture (``"moe"``) or
+    concatenation. A cell that lacks a modality (``mdata.obsmap[name] == 0``) is encoded from
+    the ones it has, and its missing modality is imputed. Trained on the MuData in memory (no
+    file is written).
+
+    Examples
+    --------
+    >>> tessera.model.MULTIVAE.setup_mudata(mdata, modalities=["rna", "atac"], batch_key="batch")
+    >>> model = tessera.model.MULTIVAE(mdata)
+    >>> model.train(max_epochs=100)
+    >>> mdata.obsm["X_tessera"] = model.get_latent_representation()
+    >>> peaks = model.get_normalized_expression(modality="atac")  # every cell, imputed
+    """
+
+    def __init__(
+        self,
+        mdata: Any,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        joint: str = "poe",
+        **model_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            mdata, n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers,
+            dropout_rate=dropout_rate, joint=joint, **model_kwargs,
+        )
+
+    @classmethod
+    def setup_anndata(cls, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        raise TypeError(f"{cls.__name__} models a MuData: use {cls.__name__}.setup_mudata")
+
+    @classmethod
+    def setup_mudata(
+        cls,
+        mdata: Any,
+        modalities: Sequence[str] | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+    ) -> None:
+        """Registers the modalities to model (default: every one, in ``mdata.mod`` order) and
+        the batch column of ``mdata.obs``. Each modality's X must hold counts (a warning
+        otherwise)."""
+        names = list(mdata.mod) if modalities is None else list(modalities)
+        for name in names:
+            if name not in mdata.mod:
+                raise KeyError(f"modality {name!r} is not in mdata.mod (it has {list(mdata.mod)})")
+            _anndata.counts_matrix(mdata.mod[name], None)
+            if name not in mdata.obsmap:
+                raise ValueError(f"mdata.obsmap has no {name!r}: call mdata.update() first")
+        if not names:
+            raise ValueError("no modalities to model")
+        for field, key in (("batch_key", batch_key), ("labels_key", labels_key)):
+            if key is not None and key not in mdata.obs:
+                raise KeyError(f"{field} {key!r} is not a column of mdata.obs")
+        setup = {"modalities": names, "batch_key": batch_key, "labels_key": labels_key}
+        mdata.uns[_anndata.SETUP_KEY] = {k: v for k, v in setup.items() if v is not None}
+
+    def _denoised_library_size(self) -> float | None:
+        return 1.0
+
+    @contextlib.contextmanager
+    def _memory_store(self) -> Iterator[str]:
+        """The MuData's registered modalities (each over the cells that measured it, in the
+        MuData's cell order) and batches copied into an in-memory store."""
+        mdata, setup = self.adata, self._setup
+        name = f"tessera-{uuid.uuid4().hex}"
+        location = f"memory://{name}/mdata.zarr"
+        categoricals = []
+        if setup.get("batch_key"):
+            categoricals.append((setup["batch_key"], *_anndata.categorical(mdata, setup["batch_key"])))
+        modalities = []
+        for modality in setup["modalities"]:
+            rows = np.asarray(mdata.obsmap[modality]).astype(np.int64)
+            present = rows > 0
+            csr = _anndata.counts_matrix(mdata.mod[modality], None)[rows[present] - 1]
+            modalities.append((
+                modality, *_anndata.csr_arrays(sp.csr_matrix(csr)),
+                [str(v) for v in mdata.mod[modality].var_names],
+                None if present.all() else present.tolist(),
+            ))
+        try:
+            _tessera.write_mudata(
+                location, [str(n) for n in mdata.obs_names], categoricals, [], modalities
+            )
+            yield location
+        finally:
+            _tessera.forget_memory_store(name)
+
+    def get_latent_representation(
+        self,
+        adata: Any | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """The joint latent mean of every cell of the MuData the model trained on (cells x
+        n_latent); another MuData is not supported yet."""
+        if adata is not None and adata is not self.adata:
+            raise ValueError(f"{type(self).__name__} embeds the MuData it trained on (adata=None)")
+        return super().get_latent_representation(None, indices, give_mean, batch_size)
+
+    def get_normalized_expression(  # type: ignore[override]
+        self,
+        adata: Any | None = None,
+        indices: Sequence[int] | None = None,
+        modality: str | None = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float = 1.0,
+        return_numpy: bool | None = None,
+    ) -> pd.DataFrame | np.ndarray:
+        """One modality's expression decoded at every cell's joint latent mean (cells x
+        features), imputed for the cells that lack the modality: RNA proportions × 
+        ``library_size``, accessibility probabilities, proteins' expected foreground counts
+        (``library_size`` applies to count likelihoods only). Cells of the training MuData, each
+        decoded with its own batch."""
+        self._check_trained()
+        if adata is not None and adata is not self.adata:
+            raise ValueError(f"{type(self).__name__} decodes the MuData it trained on (adata=None)")
+        names = list(self._denoised)
+        modality = names[0] if modality is None else modality
+        if modality not in self._denoised:
+            raise KeyError(f"modality {modality!r} is not one the model has ({names})")
+        scales, values = self._denoised[modality]
+        values = values * np.float32(library_size) if scales else values
+        frame = pd.DataFrame(
+            values,
+            index=self.adata.obs_names.copy(),
+            columns=self.adata.mod[modality].var_names.copy(),
+        )
+        if gene_list is not None:
+            frame = frame[list(gene_list)]
+        if indices is not None:
+            frame = frame.iloc[np.asarray(indices)]
+        return frame.to_numpy() if return_numpy else frame
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            f"saving a {type(self).__name__} from Python is not supported yet; "
+            "`tessera train --data STORE --out DIR` writes a loadable model of the same kind"
+        )
+
+
+class TOTALVI(MULTIVAE):
+    """totalVI's setup (RNA + surface proteins of a CITE-seq MuData) on tessera's joint model:
+    NB for RNA and totalVI's background/foreground NB mixture for the proteins, a product of
+    experts, so cells without protein data are embedded from RNA and get imputed proteins.
+
+    >>> tessera.model.TOTALVI.setup_mudata(mdata, batch_key="batch",
+    ...     modalities={"rna_layer": "rna", "protein_layer": "prot"})
+    >>> model = tessera.model.TOTALVI(mdata)
+    >>> model.train(max_epochs=100)
+    >>> rna, protein = model.get_normalized_expression()
+    """
+
+    def __init__(self, mdata: Any, n_latent: int = 20, **model_kwargs: Any) -> None:
+        setup = _anndata.setup_of(mdata)
+        protein = setup["modalities"][1]
+        overrides = dict(model_kwargs.pop("modalities", {}))
+        overrides.setdefault(protein, {"likelihood": "nb-mixture"})
+        super().__init__(mdata, n_latent=n_latent, modalities=overrides, **model_kwargs)
+
+    @classmethod
+    def setup_mudata(  # type: ignore[override]
+        cls,
+        mdata: Any,
+        rna_layer: str | None = None,
+        protein_layer: str | None = None,
+        batch_key: str | None = None,
+        modalities: dict[str, str] | None = None,
+    ) -> None:
+        """``modalities`` names the RNA and protein modalities as in scvi-tools
+        (``{"rna_layer": "rna", "protein_layer": "prot"}``); layers other than X are not
+        supported yet."""
+        if rna_layer is not None or protein_layer is not None:
+            raise ValueError("rna_layer/protein_layer are not supported yet: put counts in X")
+        names = modalities or {}
+        if "rna_layer" not in names or "protein_layer" not in names:
+            raise ValueError(
+                "modalities must name the RNA and protein modalities: "
+                '{"rna_layer": "rna", "protein_layer": "prot"}'
+            )
+        super().setup_mudata(
+            mdata, modalities=[names["rna_layer"], names["protein_layer"]], batch_key=batch_key
+        )
+
+    def get_normalized_expression(  # type: ignore[override]
+        self,
+        adata: Any | None = None,
+        indices: Sequence[int] | None = None,
+        library_size: float = 1.0,
+        return_numpy: bool | None = None,
+        **kwargs: Any,
+    ) -> tuple[pd.DataFrame | np.ndarray, pd.DataFrame | np.ndarray]:
+        """(RNA, protein) expression of every cell, as totalVI returns them; proteins without
+        their background, imputed for cells without protein data."""
+        rna, protein = self._setup["modalities"]
+        return tuple(  # type: ignore[return-value]
+            super(TOTALVI, self).get_normalized_expression(
+                adata, indices, modality=m, library_size=library_size, return_numpy=return_numpy
+            )
+            for m in (rna, protein)
+        )
