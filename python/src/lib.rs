@@ -12,10 +12,13 @@ use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUnty
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use tessera_data::{Column, Csr, ModalityLayout, StoreWriter, ZarrVersion};
+use tessera_kernels::ops::affinity::feature_affinity;
 use tessera_models::LikelihoodKind;
+use tessera_network::{SnfParams, View};
 use tessera_worker::device::Device;
 use tessera_worker::encode::EncoderPool;
 use tessera_worker::fit::{PREDICTION_KEY, Progress};
+use tessera_worker::network::Distance;
 use tessera_worker::query::{Cells, CellsModality, QueryRequest, ReferenceModel, Unfreeze};
 use tessera_worker::{Denoised, FitConfig, FitError, FitOptions};
 
@@ -602,6 +605,114 @@ fn scib(
         .collect())
 }
 
+/// A row-major n x n f64 matrix from numpy (C order), or a ValueError naming `what`.
+fn square(matrix: &PyReadonlyArray2<'_, f64>, what: &str) -> PyResult<(Vec<f64>, usize)> {
+    let [rows, cols] = [matrix.shape()[0], matrix.shape()[1]];
+    if rows != cols {
+        return Err(PyValueError::new_err(format!(
+            "{what} is {rows} x {cols} (expected a square affinity matrix)"
+        )));
+    }
+    let values = matrix
+        .as_slice()
+        .map_err(|e| PyValueError::new_err(format!("{what}: {e}")))?;
+    Ok((values.to_vec(), rows))
+}
+
+/// snfpy's `make_affinity` for one view: z-scored columns, `metric` distances, the scaled
+/// exponential kernel with `k` neighbours and `mu` (n x n, f64).
+#[pyfunction]
+fn affinity<'py>(
+    py: Python<'py>,
+    data: PyReadonlyArray2<'py, f64>,
+    metric: &str,
+    k: usize,
+    mu: f64,
+) -> PyResult<Bound<'py, PyAny>> {
+    let distance: Distance = serde_json::from_value(serde_json::Value::from(metric))
+        .map_err(|e| PyValueError::new_err(format!("metric {metric:?}: {e}")))?;
+    let [n, d] = [data.shape()[0], data.shape()[1]];
+    if k == 0 || k >= n {
+        return Err(PyValueError::new_err(format!(
+            "K={k}: expected 1..{n} (the samples)"
+        )));
+    }
+    let mut x = data
+        .as_slice()
+        .map_err(|e| PyValueError::new_err(format!("data: {e}")))?
+        .to_vec();
+    if let Some(bad) = x.iter().position(|v| !v.is_finite()) {
+        return Err(PyValueError::new_err(format!(
+            "data holds {} at sample {}, feature {} (expected finite values)",
+            x[bad],
+            bad / d.max(1),
+            bad % d.max(1)
+        )));
+    }
+    let w = py.detach(|| feature_affinity(&mut x, n, d, distance.into(), k, mu));
+    Ok(PyArray1::from_vec(py, w).reshape([n, n])?.into_any())
+}
+
+/// Similarity network fusion of complete views' affinities (snfpy's `snf`).
+#[pyfunction]
+fn snf<'py>(
+    py: Python<'py>,
+    affinities: Vec<PyReadonlyArray2<'py, f64>>,
+    k: usize,
+    t: usize,
+    alpha: f64,
+) -> PyResult<Bound<'py, PyAny>> {
+    let mut views = Vec::with_capacity(affinities.len());
+    let mut n = 0;
+    for (i, a) in affinities.iter().enumerate() {
+        let (w, size) = square(a, &format!("affinity {i}"))?;
+        if i > 0 && size != n {
+            return Err(PyValueError::new_err(format!(
+                "affinity {i} is {size} x {size}, affinity 0 {n} x {n} (expected the same samples)"
+            )));
+        }
+        n = size;
+        views.push(View::complete(w));
+    }
+    let params = SnfParams { k, t, alpha };
+    let fused = py
+        .detach(|| tessera_network::snf(views, n, params))
+        .map_err(data_error)?;
+    Ok(PyArray1::from_vec(py, fused).reshape([n, n])?.into_any())
+}
+
+/// Spectral clustering of a network into `n_clusters` (labels 0..n_clusters).
+#[pyfunction]
+fn spectral_clustering(
+    py: Python<'_>,
+    network: PyReadonlyArray2<'_, f64>,
+    n_clusters: usize,
+    seed: u64,
+) -> PyResult<Vec<u32>> {
+    let (w, n) = square(&network, "network")?;
+    py.detach(|| tessera_network::spectral_clustering(&w, n, n_clusters, seed))
+        .map_err(data_error)
+}
+
+/// The candidate cluster counts ranked by the eigengap of the network's normalised Laplacian
+/// (best first), each with its gap.
+#[pyfunction]
+fn eigengap(
+    py: Python<'_>,
+    network: PyReadonlyArray2<'_, f64>,
+    candidates: Vec<usize>,
+) -> PyResult<Vec<(usize, f64)>> {
+    let (w, n) = square(&network, "network")?;
+    let most = candidates.iter().copied().max().unwrap_or(0);
+    if most == 0 || most >= n {
+        return Err(PyValueError::new_err(format!(
+            "n_clusters up to {most}: expected 1..{n} (the samples)"
+        )));
+    }
+    let eigenvalues = py.detach(|| tessera_network::laplacian_eigenvalues(&w, n, most + 1));
+    Ok(tessera_network::rank_by_eigengap(&eigenvalues, &candidates))
+}
+
 #[pymodule]
 fn _tessera(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_anndata, m)?)?;
@@ -612,6 +723,10 @@ fn _tessera(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Model>()?;
     m.add_function(wrap_pyfunction!(scib, m)?)?;
     m.add_function(wrap_pyfunction!(map_query, m)?)?;
+    m.add_function(wrap_pyfunction!(affinity, m)?)?;
+    m.add_function(wrap_pyfunction!(snf, m)?)?;
+    m.add_function(wrap_pyfunction!(spectral_clustering, m)?)?;
+    m.add_function(wrap_pyfunction!(eigengap, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

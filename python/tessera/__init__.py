@@ -12,7 +12,7 @@ The model trains in the same engine as the ``tessera`` command line (``tessera t
 the AnnData in memory or on a Zarr store.
 """
 
-from . import metrics, model
+from . import metrics, model, snf
 from ._tessera import __version__
 
-__all__ = ["metrics", "model", "__version__"]
+__all__ = ["metrics", "model", "snf", "__version__"]
