@@ -396,10 +396,19 @@ struct Model {
 impl Model {
     fn cells(
         &self,
-        counts: CsrArgs<'_>,
+        indptr: PyReadonlyArray1<'_, i64>,
+        indices: PyReadonlyArray1<'_, i32>,
+        data: PyReadonlyArray1<'_, f32>,
         var_names: Vec<String>,
         batches: Vec<String>,
     ) -> PyResult<Cells> {
+        let n_vars = var_names.len();
+        let counts = CsrArgs {
+            indptr,
+            indices,
+            data,
+            n_vars,
+        };
         let name = self
             .pool
             .model
@@ -444,14 +453,7 @@ impl Model {
         var_names: Vec<String>,
         batches: Vec<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let n_vars = var_names.len();
-        let counts = CsrArgs {
-            indptr,
-            indices,
-            data,
-            n_vars,
-        };
-        let cells = self.cells(counts, var_names, batches)?;
+        let cells = self.cells(indptr, indices, data, var_names, batches)?;
         let z = py.detach(|| self.pool.latent(&cells)).map_err(data_error)?;
         matrix(py, z, cells.modalities[0].counts.n_rows)
     }
@@ -469,14 +471,7 @@ impl Model {
         batches: Vec<String>,
         library_size: f64,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let n_vars = var_names.len();
-        let counts = CsrArgs {
-            indptr,
-            indices,
-            data,
-            n_vars,
-        };
-        let cells = self.cells(counts, var_names, batches)?;
+        let cells = self.cells(indptr, indices, data, var_names, batches)?;
         let (_, expression) = py
             .detach(|| self.pool.expression(&cells, library_size))
             .map_err(data_error)?;
@@ -495,14 +490,7 @@ impl Model {
         var_names: Vec<String>,
         batches: Vec<String>,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let n_vars = var_names.len();
-        let counts = CsrArgs {
-            indptr,
-            indices,
-            data,
-            n_vars,
-        };
-        let cells = self.cells(counts, var_names, batches)?;
+        let cells = self.cells(indptr, indices, data, var_names, batches)?;
         let p = py
             .detach(|| self.pool.probabilities(&cells))
             .map_err(data_error)?;
