@@ -56,6 +56,11 @@ pub struct TrainArgs {
     /// furthest checkpoint if it wrote one (a restarted rank 0), else start from the beginning.
     #[arg(long)]
     resume: bool,
+    /// Start from the model trained into this folder (another run's --out): every tensor of the
+    /// same name and shape is copied, new heads (a classifier) start fresh. The data's batches
+    /// and features must be that model's. scvi-tools' SCANVI.from_scvi_model. One process only.
+    #[arg(long, value_name = "DIR")]
+    init_from: Option<String>,
     /// Also write the denoised expression (decoder mean at each cell's latent mean): one
     /// modality → layers/tessera_denoised; several → obsm/tessera_denoised_<modality> in the
     /// MuData root for every cell, imputed where the cell lacks the modality. Dense, held in
@@ -144,7 +149,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }),
         cache_bytes: args.cache_mib << 20,
         device: args.device,
+        init_from: args.init_from.clone(),
     };
+    if opts.init_from.is_some() && (args.workers.is_some() || launch.is_some()) {
+        anyhow::bail!(
+            "--init-from trains in one process: it is not supported with --workers or under a launcher yet"
+        );
+    }
 
     let report = match (args.workers, &launch) {
         (Some(n), _) => crate::distributed::train(&opts, n)

@@ -5,7 +5,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::tessera;
+use common::{ok, tessera};
 use serde_json::Value;
 
 fn fixture(name: &str) -> String {
@@ -516,4 +516,58 @@ fn training_on_values_that_are_not_counts_warns_naming_the_cell_and_gene() {
             assert!(stderr.contains("value=0.5"), "{stderr}");
         }
     }
+}
+
+#[test]
+fn init_from_starts_from_a_trained_model_of_the_same_data_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("x.zarr");
+    scaled_counts_store(&store, 1.0);
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let train = |extra: &[&str], data: &str, out: &str| {
+        let mut args = vec![
+            "train",
+            "--data",
+            data,
+            "--epochs",
+            "1",
+            "--out",
+            out,
+            "--overwrite",
+        ];
+        args.extend_from_slice(extra);
+        tessera(&args)
+    };
+    let data = store.to_string_lossy().into_owned();
+    ok(&train(&[], &data, &path("first")));
+    ok(&train(
+        &["--init-from", &path("first")],
+        &data,
+        &path("second"),
+    ));
+    // Another store (its batches and genes): refused, naming the folder, before any training.
+    let other = fixture("ad013_v3.zarr");
+    let copy = dir.path().join("ad013.zarr");
+    common::copy_dir(std::path::Path::new(&other), &copy);
+    let refused = train(
+        &["--init-from", &path("first")],
+        &copy.to_string_lossy(),
+        &path("third"),
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("differ from the data's") && stderr.contains("first"),
+        "{stderr}"
+    );
+    let workers = train(
+        &["--init-from", &path("first"), "--workers", "2"],
+        &data,
+        &path("fourth"),
+    );
+    let stderr = String::from_utf8_lossy(&workers.stderr);
+    assert!(
+        !workers.status.success() && stderr.contains("one process"),
+        "{stderr}"
+    );
 }

@@ -109,6 +109,38 @@ pub fn transfer<T: Real>(
     Ok(added)
 }
 
+/// Starts `values` (laid out by `layout`) from another model's tensors of the same names and
+/// shapes, as scvi-tools' `SCANVI.from_scvi_model` starts from a trained SCVI: every tensor
+/// must be there with its shape, except the heads (`heads.*`), which a model may add and which
+/// keep their initial values. Returns how many values were copied.
+pub fn warm_start<T: Real>(
+    layout: &Layout,
+    values: &mut [T],
+    source: impl Fn(&str) -> Option<(Vec<usize>, Vec<T>)>,
+) -> Result<usize, SurgeryError> {
+    let mut copied = 0;
+    for slot in layout.slots() {
+        let Some((shape, from)) = source(&slot.name) else {
+            if slot.name.starts_with("heads.") {
+                continue;
+            }
+            return Err(SurgeryError::Missing(slot.name.clone()));
+        };
+        let target = &mut values[slot.range.clone()];
+        if shape != slot.shape || from.len() != target.len() {
+            return Err(SurgeryError::Shape {
+                name: slot.name.clone(),
+                reference: shape,
+                query: slot.shape.clone(),
+                added: 0,
+            });
+        }
+        target.copy_from_slice(&from);
+        copied += target.len();
+    }
+    Ok(copied)
+}
+
 /// The ranges of the input layers `unfreeze` opens (`{modality.}encoder.0.*`,
 /// `{modality.}decoder.0.*`; the covariate weights' new rows are added by [`transfer`]).
 pub fn unfrozen_ranges(layout: &Layout, unfreeze: Unfreeze) -> Vec<Range<usize>> {
@@ -170,6 +202,32 @@ mod tests {
                 (vec![2, 2], vec![1.0, 3.0, 2.0, 5.0]),
             ),
         ])
+    }
+
+    #[test]
+    fn a_warm_start_copies_every_tensor_and_leaves_new_heads_alone() {
+        let mut layout = Layout::default();
+        layout.add("decoder.0.w", &[2, 3]);
+        layout.add("heads.classifier.0.w", &[2, 2]);
+        layout.add("log_theta", &[2, 2]);
+        let mut values = vec![-7.0f64; layout.len()];
+        let r = reference();
+        let copied = warm_start(&layout, &mut values, |n| r.get(n).cloned()).unwrap();
+        assert_eq!(copied, 10);
+        assert_eq!(&values[..6], &[0.5; 6]);
+        assert_eq!(&values[6..10], &[-7.0; 4]); // the new head keeps its initial values
+        assert_eq!(&values[10..], &[1.0, 3.0, 2.0, 5.0]);
+
+        let mut other = Layout::default();
+        other.add("encoder.0.w", &[2, 3]);
+        assert_eq!(
+            warm_start(&other, &mut vec![0.0; 6], |n| r.get(n).cloned()),
+            Err(SurgeryError::Missing("encoder.0.w".into()))
+        );
+        let mut wider = Layout::default();
+        wider.add("decoder.0.w", &[2, 4]);
+        let err = warm_start(&wider, &mut vec![0.0; 8], |n| r.get(n).cloned()).unwrap_err();
+        assert!(err.to_string().contains("decoder.0.w"), "{err}");
     }
 
     #[test]

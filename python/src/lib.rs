@@ -257,7 +257,7 @@ enum Message {
 /// cells)) and ("epoch", record as JSON). Ctrl-C (or an exception from `progress`) stops after
 /// the running step and is raised once training has stopped. Returns (embedding, report JSON).
 #[pyfunction]
-#[pyo3(signature = (data, config_json, out, modalities, batch_key, label_key, embedding_key, denoised_library_size, device, progress))]
+#[pyo3(signature = (data, config_json, out, modalities, batch_key, label_key, embedding_key, denoised_library_size, init_from, device, progress))]
 #[allow(clippy::too_many_arguments)] // the options of `tessera train`, flat
 fn fit<'py>(
     py: Python<'py>,
@@ -269,6 +269,7 @@ fn fit<'py>(
     label_key: Option<String>,
     embedding_key: String,
     denoised_library_size: Option<f64>,
+    init_from: Option<String>,
     device: &str,
     progress: Bound<'py, PyAny>,
 ) -> PyResult<Fitted<'py>> {
@@ -292,6 +293,7 @@ fn fit<'py>(
         }),
         cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
         device,
+        init_from,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::unbounded();
@@ -350,7 +352,7 @@ fn fit<'py>(
     }
     let report = report.map_err(|e| match e {
         FitError::Stopped { .. } => PyKeyboardInterrupt::new_err(e.to_string()),
-        FitError::Config { .. } => PyValueError::new_err(e.to_string()),
+        FitError::Config { .. } | FitError::Input { .. } => PyValueError::new_err(e.to_string()),
         other => PyRuntimeError::new_err(other.to_string()),
     })?;
     let json = serde_json::to_string(&report).map_err(data_error)?;

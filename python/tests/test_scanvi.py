@@ -94,3 +94,44 @@ def test_bad_label_setups_are_refused():
         scvi_adata = adata.copy()
         tessera.model.SCVI.setup_anndata(scvi_adata)
         SCANVI.from_scvi_model(tessera.model.SCVI(scvi_adata), "Unknown")
+
+
+def test_from_a_trained_scvi_model_the_weights_carry_over():
+    adata, truth, hidden = partially_labelled()
+    tessera.model.SCVI.setup_anndata(adata)
+    scvi_model = tessera.model.SCVI(adata)
+    scvi_model.train(max_epochs=100, seed=0, progress_bar=False)
+    warm = SCANVI.from_scvi_model(scvi_model, "Unknown", labels_key="labels")
+    warm.train(seed=0, progress_bar=False)
+    # scvi-tools' rule after pretraining: min(10, max(2, round(400 / 3))) = 10 epochs here.
+    assert len(warm.history["elbo_train"]) == 10
+    cold_adata, _, _ = partially_labelled()
+    SCANVI.setup_anndata(cold_adata, "labels", "Unknown")
+    cold = SCANVI(cold_adata)
+    cold.train(max_epochs=10, seed=0, progress_bar=False)
+    # The pretrained encoder and decoder start where SCVI's 100 epochs left them: the first
+    # epoch's reconstruction is far below a fresh model's.
+    first = {m: m.history["reconstruction_loss_train"].iloc[0, 0] for m in (warm, cold)}
+    assert first[warm] < first[cold] - 50, first
+    accuracy = (warm.predict()[hidden] == truth[hidden]).mean()
+    assert accuracy > 0.7, accuracy
+
+
+def test_a_warm_start_refuses_other_batches():
+    adata, truth, hidden = partially_labelled()
+    tessera.model.SCVI.setup_anndata(adata)
+    scvi_model = tessera.model.SCVI(adata)
+    scvi_model.train(max_epochs=2, seed=0, progress_bar=False)
+    other = adata.copy()
+    other.obs["batch"] = np.where(np.arange(other.n_obs) % 2 == 0, "x", "y")
+    SCANVI.setup_anndata(other, "labels", "Unknown", batch_key="batch")
+    model = SCANVI(other)
+    model._init_from, model._init_owner = scvi_model._folder.name, scvi_model
+    with pytest.raises(ValueError, match="batches differ"):
+        model.train(max_epochs=1, progress_bar=False)
+    fewer_genes = adata[:, 1:].copy()
+    SCANVI.setup_anndata(fewer_genes, "labels", "Unknown")
+    model = SCANVI(fewer_genes)
+    model._init_from, model._init_owner = scvi_model._folder.name, scvi_model
+    with pytest.raises(ValueError, match="features of modality"):
+        model.train(max_epochs=1, progress_bar=False)

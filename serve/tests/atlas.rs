@@ -69,6 +69,7 @@ fn reference() -> &'static Path {
                 denoised: None,
                 cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
                 device: Default::default(),
+                init_from: None,
             };
             tessera_worker::fit(&opts, |_| {}).unwrap();
             out

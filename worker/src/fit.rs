@@ -78,6 +78,10 @@ pub struct FitOptions {
     pub cache_bytes: u64,
     /// Where the model trains (`fit`; a job's ranks are placed by their `Placement`).
     pub device: Device,
+    /// A trained model's folder to start from (scvi-tools' `SCANVI.from_scvi_model`): every
+    /// tensor of the same name and shape is copied; the data's batches and features must be
+    /// the model's. Heads it lacks (a new classifier) start as usual.
+    pub init_from: Option<String>,
 }
 
 /// `tessera train`'s default block cache: a 10^6-cell, 2,000-gene dataset at ~400 counts per
@@ -166,6 +170,40 @@ fn head_columns(model: &VaeConfig, label_key: Option<&str>) -> Result<Vec<String
         ));
     }
     Ok(model.head_columns())
+}
+
+/// `FitOptions::init_from`: the trained model at `folder` copied into `model` (a resumed run's
+/// checkpoint replaces it later).
+fn warm_start<B: TrainBackend>(
+    folder: &str,
+    model: &mut Vae<f32, B>,
+    dataset: &Dataset,
+    loader: &Loader,
+    modalities: &[(String, usize, usize)],
+) -> Result<(), FitError> {
+    // The error names the folder already.
+    let failed = |e: crate::query::QueryError| FitError::Input {
+        store: "init_from (--init-from)".into(),
+        reason: e.to_string(),
+    };
+    let trained = crate::query::ReferenceModel::open(folder).map_err(failed)?;
+    let var_names = modalities
+        .iter()
+        .map(|(name, _, _)| Ok((name.clone(), crate::reference::var_names(dataset, name)?)))
+        .collect::<Result<Vec<_>, crate::reference::ReferenceError>>()
+        .map_err(|e| FitError::Input {
+            store: dataset.store().name(),
+            reason: e.to_string(),
+        })?;
+    let copied = trained
+        .warm_start(model, &loader.batch_categories, &var_names)
+        .map_err(failed)?;
+    tracing::info!(
+        from = folder,
+        values = copied,
+        "started from a trained model"
+    );
+    Ok(())
 }
 
 /// Cells read for the count check: enough to catch normalised or log-transformed data, which
@@ -466,6 +504,9 @@ impl<'a, B: TrainBackend> Run<'a, B> {
                 )?;
                 model.initialise_background(m, &rates)?;
             }
+        }
+        if let Some(folder) = &opts.init_from {
+            warm_start(folder, &mut model, &dataset, &loader, &plan.modalities)?;
         }
         let mut trainer = Trainer::new(model, tc.clone())?;
         let epochs = tc.epochs(n_obs);

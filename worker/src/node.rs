@@ -405,6 +405,7 @@ fn run_assignment(
         denoised: None,
         cache_bytes: config.cache_bytes,
         device: job_device(&spec.device, config.device)?,
+        init_from: None,
     };
     let hooks = Reporter {
         runtime: runtime.handle().clone(),

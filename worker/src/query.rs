@@ -25,7 +25,7 @@ use crate::device::Device;
 /// Which layers a query job fine-tunes besides the new batches' (part of [`QueryRequest`]).
 pub use tessera_models::surgery::Unfreeze;
 use tessera_models::surgery::{
-    BatchExtension, SurgeryError, encoder_ranges, transfer, unfrozen_ranges,
+    BatchExtension, SurgeryError, encoder_ranges, transfer, unfrozen_ranges, warm_start,
 };
 use tessera_models::{
     Categories, LossTerms, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig,
@@ -420,6 +420,42 @@ impl ReferenceModel {
         *model.values_mut() = device.upload_vec(values)?;
         *model.state_mut() = device.upload_vec(state)?;
         Ok((model, added))
+    }
+
+    /// Starts `model` (a new model's, for the same data) from this model's tensors
+    /// ([`tessera_models::surgery::warm_start`]): its batches (in order) and each modality's
+    /// features (by name, in order) must be this model's. Returns the values copied.
+    pub fn warm_start<B: TrainBackend>(
+        &self,
+        model: &mut Vae<f32, B>,
+        batches: &[String],
+        var_names: &[(String, Vec<String>)],
+    ) -> Result<usize, QueryError> {
+        let record = &self.record;
+        let differs = |what: &str| {
+            model_error(
+                &self.source,
+                format!("{what} differ from the data's: a warm start needs the same data layout"),
+            )
+        };
+        if record.batch_categories != batches {
+            return Err(differs("its batches"));
+        }
+        for (name, vars) in var_names {
+            if self.reference.var_names.get(name) != Some(vars) {
+                return Err(differs(&format!("the features of modality {name:?}")));
+            }
+        }
+        let device = model.backend().clone();
+        let failed = |e: SurgeryError| model_error(format!("{}/model.safetensors", self.source), e);
+        let mut values = device.download(In::all(model.values()))?;
+        let copied =
+            warm_start(&model.layout, &mut values, |name| self.tensor(name)).map_err(failed)?;
+        let mut state = device.download(In::all(model.state()))?;
+        warm_start(&model.state_layout, &mut state, |name| self.tensor(name)).map_err(failed)?;
+        *model.values_mut() = device.upload_vec(values)?;
+        *model.state_mut() = device.upload_vec(state)?;
+        Ok(copied)
     }
 
     /// Whether the reference trained a label classifier on its latent mean (its predictions

@@ -48,6 +48,7 @@ fn options(data: &str, out: &Path) -> FitOptions {
         denoised: None,
         cache_bytes: 64 << 20,
         device: Default::default(),
+        init_from: None,
     }
 }
 

@@ -51,6 +51,7 @@ fn options(data: &str, out: &Path, epochs: usize, resume: bool) -> FitOptions {
         denoised: None,
         cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
         device: Default::default(),
+        init_from: None,
     }
 }
 

@@ -114,6 +114,10 @@ class SCVI:
         self.transferred_labels_: pd.DataFrame | None = None
         self._query_predictions: np.ndarray | None = None
         self._denoised: dict[str, tuple[bool, np.ndarray]] = {}
+        # A trained model's folder to start from (SCANVI.from_scvi_model), and its owner,
+        # kept alive with it.
+        self._init_from: str | None = None
+        self._init_owner: Any = None
 
     # -- registration ----------------------------------------------------------------------
 
@@ -266,6 +270,7 @@ class SCVI:
                     self._label_key(),
                     "X_tessera",
                     self._denoised_library_size(),
+                    self._init_from,
                     device,
                     progress,
                 )
@@ -584,7 +589,7 @@ class SCVI:
         assert self._query is not None
         epochs = max_epochs
         if epochs is None:  # scvi-tools' rule, as for training
-            epochs = int(min(400, max(1, round(400 * 20_000 / max(1, self.adata.n_obs)))))
+            epochs = _epoch_rule(self.adata.n_obs)
         q = self._query
         with self._memory_store() as location:
             z, transferred, uncertainty, classifier, report = _tessera.map_query(
@@ -606,6 +611,11 @@ class SCVI:
         params = ", ".join(f"{k}: {v}" for k, v in self.init_params_.items())
         status = "trained" if self.is_trained_ else "not trained"
         return f"{type(self).__name__} model (tessera) with {params}; {status}"
+
+
+def _epoch_rule(n_cells: int) -> int:
+    """scvi-tools' default epochs: min(400, round(400 · 20,000 / cells))."""
+    return int(min(400, max(1, round(400 * 20_000 / max(1, n_cells)))))
 
 
 def _device(accelerator: str, devices: Any) -> str:

@@ -49,5 +49,6 @@ pub fn options(data: &str, out: &Path, epochs: usize) -> FitOptions {
         denoised: None,
         cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
         device: Default::default(),
+        init_from: None,
     }
 }
