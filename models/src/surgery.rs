@@ -221,12 +221,12 @@ mod tests {
         let mut other = Layout::default();
         other.add("encoder.0.w", &[2, 3]);
         assert_eq!(
-            warm_start(&other, &mut vec![0.0; 6], |n| r.get(n).cloned()),
+            warm_start(&other, &mut [0.0; 6], |n| r.get(n).cloned()),
             Err(SurgeryError::Missing("encoder.0.w".into()))
         );
         let mut wider = Layout::default();
         wider.add("decoder.0.w", &[2, 4]);
-        let err = warm_start(&wider, &mut vec![0.0; 8], |n| r.get(n).cloned()).unwrap_err();
+        let err = warm_start(&wider, &mut [0.0; 8], |n| r.get(n).cloned()).unwrap_err();
         assert!(err.to_string().contains("decoder.0.w"), "{err}");
     }
 
