@@ -3,7 +3,8 @@ store and threads (run by bench/python_api.sh, in the scvi-tools venv with tesse
 
 - tessera.model.SCVI(adata).train() and scvi.model.SCVI(adata).train() on the same AnnData
   (scVI's defaults, early_stopping=False, the given epochs): training cells/s, from the call's
-  wall time, data setup included;
+  wall time, data setup included, and the scIB scores of both embeddings (tessera.metrics.scib,
+  the engine of `tessera eval`, against cell_type and batch);
 - `tessera train` on the same store and settings: the wall time of the process (start-up and
   reading the store included), so the Python call's overhead is the difference.
 
@@ -54,7 +55,11 @@ for name, module in (("tessera.model.SCVI", tessera.model), ("scvi.model.SCVI", 
     model = module.SCVI(copy, n_hidden=128, n_latent=10, gene_likelihood="nb")
     kwargs = dict(common, seed=args.seed) if module is tessera.model else common
     seconds = timed(lambda: model.train(**kwargs))
-    results[name] = {"seconds": seconds, "cells_per_s": n_train * args.epochs / seconds}
+    copy.obsm["X_embedding"] = model.get_latent_representation()
+    scores = tessera.metrics.scib(copy, "X_embedding", "cell_type", "batch")["value"]
+    results[name] = {"seconds": seconds, "cells_per_s": n_train * args.epochs / seconds,
+                     "scib_total": scores["Total"], "bio": scores["Bio conservation"],
+                     "batch": scores["Batch correction"]}
 
 with tempfile.TemporaryDirectory() as tmp:
     config = Path(tmp) / "config.toml"
@@ -71,10 +76,11 @@ with tempfile.TemporaryDirectory() as tmp:
 
 anchor = results["scvi.model.SCVI"]["cells_per_s"]
 print(f"{adata.n_obs} cells ({n_train} trained), {args.epochs} epochs, {args.threads} threads")
-print(f"{'':24} {'seconds':>9} {'cells/s':>10} {'vs scvi-tools':>14}")
+print(f"{'':24} {'seconds':>9} {'cells/s':>10} {'vs scvi-tools':>14} {'scIB total':>11}")
 for name, r in results.items():
+    total = f"{r['scib_total']:.4f}" if "scib_total" in r else "-"
     print(f"{name:24} {r['seconds']:9.2f} {r['cells_per_s']:10.0f} "
-          f"{r['cells_per_s'] / anchor:13.1f}x")
+          f"{r['cells_per_s'] / anchor:13.1f}x {total:>11}")
 overhead = results["tessera.model.SCVI"]["seconds"] - results["tessera train (CLI)"]["seconds"]
 print(f"Python call - CLI process: {overhead:+.2f} s")
 print(json.dumps({"cells": adata.n_obs, "epochs": args.epochs, "results": results,
