@@ -396,14 +396,8 @@ struct Model {
 }
 
 impl Model {
-    fn cells(
-        &self,
-        indptr: PyReadonlyArray1<'_, i64>,
-        indices: PyReadonlyArray1<'_, i32>,
-        data: PyReadonlyArray1<'_, f32>,
-        var_names: Vec<String>,
-        batches: Vec<String>,
-    ) -> PyResult<Cells> {
+    fn cells(&self, given: CellsArgs<'_>) -> PyResult<Cells> {
+        let CellsArgs(indptr, indices, data, var_names, batches) = given;
         let n_vars = var_names.len();
         let counts = CsrArgs {
             indptr,
@@ -429,6 +423,17 @@ impl Model {
     }
 }
 
+/// Cells as Python hands them to `Model`: one tuple of CSR counts (indptr, indices, data), the
+/// matrix's feature names and each cell's batch.
+#[derive(FromPyObject)]
+struct CellsArgs<'py>(
+    PyReadonlyArray1<'py, i64>,
+    PyReadonlyArray1<'py, i32>,
+    PyReadonlyArray1<'py, f32>,
+    Vec<String>,
+    Vec<String>,
+);
+
 #[pymethods]
 impl Model {
     #[new]
@@ -446,34 +451,21 @@ impl Model {
     }
 
     /// Latent means (cells x n_latent).
-    fn latent<'py>(
-        &self,
-        py: Python<'py>,
-        indptr: PyReadonlyArray1<'py, i64>,
-        indices: PyReadonlyArray1<'py, i32>,
-        data: PyReadonlyArray1<'py, f32>,
-        var_names: Vec<String>,
-        batches: Vec<String>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let cells = self.cells(indptr, indices, data, var_names, batches)?;
+    fn latent<'py>(&self, py: Python<'py>, cells: CellsArgs<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let cells = self.cells(cells)?;
         let z = py.detach(|| self.pool.latent(&cells)).map_err(data_error)?;
         matrix(py, z, cells.modalities[0].counts.n_rows)
     }
 
     /// The decoder's expression at each cell's latent mean, scaled to `library_size` counts
     /// (cells x the model's genes).
-    #[allow(clippy::too_many_arguments)] // latent's arguments and the library size
     fn expression<'py>(
         &self,
         py: Python<'py>,
-        indptr: PyReadonlyArray1<'py, i64>,
-        indices: PyReadonlyArray1<'py, i32>,
-        data: PyReadonlyArray1<'py, f32>,
-        var_names: Vec<String>,
-        batches: Vec<String>,
+        cells: CellsArgs<'py>,
         library_size: f64,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let cells = self.cells(indptr, indices, data, var_names, batches)?;
+        let cells = self.cells(cells)?;
         let (_, expression) = py
             .detach(|| self.pool.expression(&cells, library_size))
             .map_err(data_error)?;
@@ -486,13 +478,9 @@ impl Model {
     fn probabilities<'py>(
         &self,
         py: Python<'py>,
-        indptr: PyReadonlyArray1<'py, i64>,
-        indices: PyReadonlyArray1<'py, i32>,
-        data: PyReadonlyArray1<'py, f32>,
-        var_names: Vec<String>,
-        batches: Vec<String>,
+        cells: CellsArgs<'py>,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let cells = self.cells(indptr, indices, data, var_names, batches)?;
+        let cells = self.cells(cells)?;
         let p = py
             .detach(|| self.pool.probabilities(&cells))
             .map_err(data_error)?;

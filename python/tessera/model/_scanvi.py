@@ -170,7 +170,7 @@ class SCANVI(SCVI):
         if indices is not None:
             adata = adata[np.asarray(indices)]
         engine = self._loaded()
-        p = engine.probabilities(*self._cells(adata))
+        p = engine.probabilities(self._cells(adata))
         classes = list(engine.label_categories)
         if soft:
             return pd.DataFrame(p, index=adata.obs_names.copy(), columns=classes)

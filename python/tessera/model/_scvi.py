@@ -391,7 +391,7 @@ class SCVI:
             )
         values = np.mean(
             [
-                self._loaded().expression(*arrays, var_names, batches, float(library_size))
+                self._loaded().expression((*arrays, var_names, batches), float(library_size))
                 for batches in runs
             ],
             axis=0,
@@ -410,7 +410,7 @@ class SCVI:
         return pd.Index(self.adata.var_names.copy())
 
     def _encode(self, adata: Any) -> np.ndarray:
-        return self._loaded().latent(*self._cells(adata))
+        return self._loaded().latent(self._cells(adata))
 
     def _loaded(self) -> Any:
         """The trained model in the engine, loaded once."""
