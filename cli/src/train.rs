@@ -219,6 +219,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
         println!("  predicted labels -> {element}");
     }
     println!("  history, weights, config -> {}", args.out.display());
+    if !report.stale_elements.is_empty() {
+        println!(
+            "  left from an earlier run, not rewritten: {} (uns/tessera_provenance says which run wrote each)",
+            report.stale_elements.join(", ")
+        );
+    }
 
     if label_key.is_none() {
         println!(

@@ -571,3 +571,44 @@ fn init_from_starts_from_a_trained_model_of_the_same_data_only() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_retrain_names_the_outputs_an_earlier_run_left_and_records_who_wrote_what() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("x.zarr");
+    scaled_counts_store(&store, 1.0);
+    let data = store.to_string_lossy().into_owned();
+    let out = dir.path().join("out").to_string_lossy().into_owned();
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", "--data", &data, "--epochs", "1", "--out", &out];
+        args.extend_from_slice(extra);
+        tessera(&args)
+    };
+    let first = ok(&train(&["--denoised"]));
+    assert!(!first.contains("left from an earlier run"), "{first}");
+    let again = ok(&train(&["--overwrite"]));
+    assert!(
+        again.contains("left from an earlier run, not rewritten: layers/tessera_denoised"),
+        "{again}"
+    );
+    let adata = tessera_data::AnnData::open(&data).unwrap();
+    let records: Vec<Value> = adata
+        .uns_strings("tessera_provenance")
+        .unwrap()
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::from_str(r).unwrap())
+        .collect();
+    let elements: Vec<&str> = records
+        .iter()
+        .map(|r| r["element"].as_str().unwrap())
+        .collect();
+    // The denoised layer keeps the first run's record; the embedding has the second's.
+    assert_eq!(elements, ["layers/tessera_denoised", "obsm/X_tessera"]);
+    assert!(records[0]["unix_time"].as_u64().unwrap() <= records[1]["unix_time"].as_u64().unwrap());
+    for r in &records {
+        assert_eq!(r["tool"], format!("tessera {}", env!("CARGO_PKG_VERSION")));
+        assert_eq!(r["data"], data.as_str());
+        assert_eq!(r["config"]["train"]["max_epochs"], 1);
+    }
+}

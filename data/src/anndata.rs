@@ -7,7 +7,7 @@ use crate::dataframe::{
 use crate::error::{DataError, Result};
 use crate::matrix::Matrix;
 use crate::store::{Store, ZarrVersion};
-use crate::zarr::{NodeKind, encoding_type, read_all, read_rows};
+use crate::zarr::{NodeKind, Values, encoding_type, read_all, read_rows};
 
 /// One AnnData object: a whole store, or a modality group `mod/<name>` of a MuData store.
 #[derive(Debug, Clone)]
@@ -68,6 +68,26 @@ impl AnnData {
     pub fn x(&self) -> Result<Matrix> {
         self.matrix_if_present("X")?
             .ok_or_else(|| self.store.at(&self.element("X")).missing("X matrix"))
+    }
+
+    /// Whether the element `name` (relative to this AnnData: "obsm/X_tessera") exists.
+    pub fn has_element(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .store
+            .node(self.version, &self.element(name))?
+            .is_some())
+    }
+
+    /// `uns/<key>` as strings, when it is a 1-D array of strings (None when absent).
+    pub fn uns_strings(&self, key: &str) -> Result<Option<Vec<String>>> {
+        let path = self.element(&format!("uns/{key}"));
+        if self.store.node(self.version, &path)?.is_none() {
+            return Ok(None);
+        }
+        match read_all(&self.store, &path)? {
+            Values::Str(v) => Ok(Some(v)),
+            _ => Err(self.store.at(&path).invalid("expected an array of strings")),
+        }
     }
 
     /// The first value of X's first `rows` cells that is not a count (negative or not an

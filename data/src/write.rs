@@ -861,6 +861,23 @@ impl AnnData {
         })
     }
 
+    /// Adds `uns/<key>`: a 1-D array of strings (anndata reads it as a numpy array of str).
+    pub fn write_uns_strings(&self, key: &str, values: &[String], overwrite: bool) -> Result<()> {
+        self.publish("uns", key, overwrite, |w, staging| {
+            w.array_1d(
+                staging,
+                Elem::Str,
+                values.to_vec(),
+                encoding("string-array", "0.2.0"),
+            )
+        })?;
+        StoreWriter {
+            store: self.store.clone(),
+            version: self.version,
+        }
+        .consolidate()
+    }
+
     /// Adds the column `obs/<key>` (listed last in the dataframe's `column-order`, so pandas
     /// and anndata show it).
     pub fn write_obs_column(&self, key: &str, column: &Column, overwrite: bool) -> Result<()> {

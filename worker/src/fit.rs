@@ -118,6 +118,11 @@ pub struct FitReport {
     /// row-major; also in the store), when it was asked for.
     #[serde(skip)]
     pub denoised: Vec<Vec<f32>>,
+    /// Outputs an earlier run wrote into the store that this run did not rewrite (a retrain
+    /// without `--denoised` or the classifier leaves them; `uns/tessera_provenance` says which
+    /// run wrote each).
+    #[serde(default)]
+    pub stale_elements: Vec<String>,
     /// Where the classifier's predicted labels went (`obs/<key>`), and its probabilities
     /// (`obsm/<key>_probabilities`).
     pub prediction_elements: Vec<String>,
@@ -906,6 +911,25 @@ fn write_outputs<B: TrainBackend>(run: &mut Run<'_, B>) -> Result<FitReport, Fit
         ];
     }
 
+    let mut written = vec![format!("obsm/{}", opts.embedding_key)];
+    written.extend(
+        denoised_keys
+            .iter()
+            .map(|(mapping, key)| format!("{mapping}/{key}")),
+    );
+    if classify {
+        written.push(format!("obs/{}", opts.prediction_key));
+        written.push(format!("obsm/{}_probabilities", opts.prediction_key));
+    }
+    let stale_elements = crate::provenance::record(&plan.target, &written, opts)?;
+    for element in &stale_elements {
+        tracing::warn!(
+            element = %plan.target.element(element),
+            "left from an earlier run: this run did not rewrite it (uns/tessera_provenance \
+             says which run wrote it)"
+        );
+    }
+
     std::fs::create_dir_all(&opts.out).map_err(|e| FitError::Output {
         path: opts.out.display().to_string(),
         reason: e.to_string(),
@@ -965,6 +989,10 @@ fn write_outputs<B: TrainBackend>(run: &mut Run<'_, B>) -> Result<FitReport, Fit
         embedding_element,
         denoised_elements,
         denoised,
+        stale_elements: stale_elements
+            .iter()
+            .map(|e| plan.target.element(e))
+            .collect(),
         prediction_elements,
     };
     write_file(

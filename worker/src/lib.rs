@@ -23,6 +23,7 @@ pub mod node;
 pub mod parallel;
 pub mod plot;
 mod policy;
+pub mod provenance;
 pub mod query;
 pub mod records;
 pub mod reference;
