@@ -85,6 +85,7 @@ fn a_notebook_maps_a_query_through_the_python_client() {
         cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
         device: Default::default(),
         init_from: None,
+        layer: None,
     };
     tessera_worker::fit(&opts, |_| {}).unwrap();
     let query = world(&dir.path().join("query.zarr"), 500, vec![2]);

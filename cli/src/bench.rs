@@ -520,6 +520,7 @@ fn data_parallel(workers: &[usize], cells: usize, genes: usize, epochs: usize) -
             cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
             device: tessera_worker::device::Device::Cpu,
             init_from: None,
+            layer: None,
         };
         let report = crate::distributed::train(&opts, n)?;
         // The first epoch fills the block cache; the rest is the steady state.

@@ -190,6 +190,7 @@ pub fn bench_encode(sizes: &[usize], genes: usize, concurrency: usize, seconds: 
         cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
         device: tessera_worker::device::Device::Cpu,
         init_from: None,
+        layer: None,
     };
     tessera_worker::fit(&opts, |_| {})?;
     let (hidden, latent) = (128usize, 10usize);

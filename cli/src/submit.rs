@@ -110,6 +110,7 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
         cache_bytes: 0,
         device: args.device.unwrap_or_default(),
         init_from: None,
+        layer: None,
     };
     let mut spec = job_spec(&opts, args.world_size)?;
     spec.device = args.device.map(|d| d.to_string()).unwrap_or_default();

@@ -61,6 +61,10 @@ pub struct TrainArgs {
     /// and features must be that model's. scvi-tools' SCANVI.from_scvi_model. One process only.
     #[arg(long, value_name = "DIR")]
     init_from: Option<String>,
+    /// Train on layers/<NAME> of each modality instead of X (raw counts for the count
+    /// likelihoods; scvi-tools' `layer`).
+    #[arg(long, value_name = "NAME")]
+    layer: Option<String>,
     /// Also write the denoised expression (decoder mean at each cell's latent mean): one
     /// modality → layers/tessera_denoised; several → obsm/tessera_denoised_<modality> in the
     /// MuData root for every cell, imputed where the cell lacks the modality. Dense, held in
@@ -150,6 +154,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         cache_bytes: args.cache_mib << 20,
         device: args.device,
         init_from: args.init_from.clone(),
+        layer: args.layer.clone(),
     };
     if opts.init_from.is_some() && (args.workers.is_some() || launch.is_some()) {
         anyhow::bail!(

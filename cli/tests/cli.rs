@@ -456,15 +456,14 @@ fn logs_fit_the_reader() {
     assert!(err.contains("TESSERA_LOG_FORMAT=\"xml\""), "{err}");
 }
 
-/// A 60-cell store whose X is `scale` times small integer counts.
-fn scaled_counts_store(path: &std::path::Path, scale: f32) {
-    use tessera_data::{Csr, StoreWriter, ZarrVersion};
+/// 60 cells x 8 genes of small integer counts times `scale`.
+fn scaled_counts(scale: f32) -> tessera_data::Csr {
     let (cells, genes) = (60usize, 8usize);
-    let mut x = Csr {
+    let mut x = tessera_data::Csr {
         n_rows: cells,
         n_cols: genes,
         indptr: vec![0],
-        ..Csr::default()
+        ..Default::default()
     };
     for c in 0..cells {
         for g in 0..genes {
@@ -473,12 +472,19 @@ fn scaled_counts_store(path: &std::path::Path, scale: f32) {
         }
         x.indptr.push(x.data.len() as u64);
     }
+    x
+}
+
+/// A store whose X is `scaled_counts(scale)`.
+fn scaled_counts_store(path: &std::path::Path, scale: f32) {
+    use tessera_data::{StoreWriter, ZarrVersion};
+    let x = scaled_counts(scale);
     let writer = StoreWriter::create(path.to_str().unwrap(), ZarrVersion::V3).unwrap();
     let names = |prefix: &str, n: usize| (0..n).map(|i| format!("{prefix}{i}")).collect::<Vec<_>>();
     writer
-        .anndata("", &names("cell", cells), &[], &names("gene", genes))
+        .anndata("", &names("cell", x.n_rows), &[], &names("gene", x.n_cols))
         .unwrap();
-    let mut csr = writer.csr("X", genes as u64).unwrap();
+    let mut csr = writer.csr("X", x.n_cols as u64).unwrap();
     csr.push(&x).unwrap();
     csr.finish().unwrap();
     writer.consolidate().unwrap();
@@ -611,4 +617,38 @@ fn a_retrain_names_the_outputs_an_earlier_run_left_and_records_who_wrote_what() 
         assert_eq!(r["data"], data.as_str());
         assert_eq!(r["config"]["train"]["max_epochs"], 1);
     }
+}
+
+#[test]
+fn layer_trains_on_a_layer_of_counts_instead_of_a_normalised_x() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("x.zarr");
+    scaled_counts_store(&store, 0.5);
+    let data = store.to_string_lossy().into_owned();
+    tessera_data::AnnData::open(&data)
+        .unwrap()
+        .write_layer("counts", &scaled_counts(1.0), false)
+        .unwrap();
+    let out = dir.path().join("out").to_string_lossy().into_owned();
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", "--data", &data, "--epochs", "1", "--out", &out];
+        args.extend_from_slice(extra);
+        tessera(&args)
+    };
+    let run = train(&["--layer", "counts"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(!stderr.contains("does not look like counts"), "{stderr}");
+    let run = train(&["--overwrite"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("does not look like counts") && stderr.contains("element=X"),
+        "{stderr}"
+    );
+    let missing = train(&["--layer", "nope", "--overwrite"]);
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        !missing.status.success() && stderr.contains("layers/nope"),
+        "{stderr}"
+    );
 }

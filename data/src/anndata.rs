@@ -90,11 +90,15 @@ impl AnnData {
         }
     }
 
-    /// The first value of X's first `rows` cells that is not a count (negative or not an
+    /// The first value of `matrix`'s (X, layers/<name>) first `rows` cells that is not a count (negative or not an
     /// integer), with its cell and gene: count likelihoods expect raw counts, and scvi-tools
     /// warns on the same check. None when every value read is a count.
-    pub fn first_non_count(&self, rows: u64) -> Result<Option<(String, String, f32)>> {
-        let x = self.x()?;
+    pub fn first_non_count(
+        &self,
+        matrix: &str,
+        rows: u64,
+    ) -> Result<Option<(String, String, f32)>> {
+        let x = self.matrix(matrix)?;
         let csr = x.read_rows(&self.store, 0..rows.min(x.shape.0))?;
         let found = (0..csr.n_rows).find_map(|r| {
             let (genes, values) = csr.row(r);

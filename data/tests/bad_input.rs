@@ -306,7 +306,7 @@ fn values_that_are_not_counts_are_found_with_their_cell_and_gene() {
     let (_dir, path) = fresh();
     let location = path.to_str().unwrap();
     let adata = AnnData::open(location).unwrap();
-    assert_eq!(adata.first_non_count(1_000).unwrap(), None);
+    assert_eq!(adata.first_non_count("X", 1_000).unwrap(), None);
     let csr = adata
         .x()
         .unwrap()
@@ -320,7 +320,7 @@ fn values_that_are_not_counts_are_found_with_their_cell_and_gene() {
         let row = csr.indptr.iter().rposition(|&p| p as usize <= at).unwrap();
         let (cell, gene, found) = AnnData::open(location)
             .unwrap()
-            .first_non_count(1_000)
+            .first_non_count("X", 1_000)
             .unwrap()
             .unwrap();
         assert_eq!(cell, adata.obs_names[row]);

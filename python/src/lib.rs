@@ -294,6 +294,7 @@ fn fit<'py>(
         cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
         device,
         init_from,
+        layer: None,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::unbounded();

@@ -70,6 +70,7 @@ fn reference() -> &'static Path {
                 cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
                 device: Default::default(),
                 init_from: None,
+                layer: None,
             };
             tessera_worker::fit(&opts, |_| {}).unwrap();
             out

@@ -82,6 +82,9 @@ pub struct FitOptions {
     /// tensor of the same name and shape is copied; the data's batches and features must be
     /// the model's. Heads it lacks (a new classifier) start as usual.
     pub init_from: Option<String>,
+    /// Train on `layers/<name>` of each modality instead of X (it must hold counts for the
+    /// count likelihoods).
+    pub layer: Option<String>,
 }
 
 /// `tessera train`'s default block cache: a 10^6-cell, 2,000-gene dataset at ~400 counts per
@@ -211,6 +214,11 @@ fn warm_start<B: TrainBackend>(
     Ok(())
 }
 
+/// The loader's matrix of each modality: X, or `layers/<name>`.
+fn matrix_of(layer: Option<&str>) -> String {
+    layer.map_or_else(|| "X".to_string(), |l| format!("layers/{l}"))
+}
+
 /// Cells read for the count check: enough to catch normalised or log-transformed data, which
 /// is non-integer in almost every cell, at the cost of one block read.
 const COUNT_CHECK_CELLS: u64 = 1_000;
@@ -219,6 +227,7 @@ const COUNT_CHECK_CELLS: u64 = 1_000;
 /// are not counts in its first cells (training goes on: the user may mean it).
 fn warn_unless_counts(
     dataset: &Dataset,
+    matrix: &str,
     modalities: &[(String, usize, usize)],
     specs: &[tessera_models::ModalitySpec],
 ) -> Result<(), FitError> {
@@ -230,15 +239,15 @@ fn warn_unless_counts(
             Dataset::AnnData(a) => a.clone(),
             Dataset::MuData(m) => m.modality(name)?.1.clone(),
         };
-        if let Some((cell, gene, value)) = adata.first_non_count(COUNT_CHECK_CELLS)? {
+        if let Some((cell, gene, value)) = adata.first_non_count(matrix, COUNT_CHECK_CELLS)? {
             tracing::warn!(
-                element = %adata.element("X"),
+                element = %adata.element(matrix),
                 cell = %cell,
                 gene = %gene,
                 value,
                 likelihood = ?spec.likelihood,
-                "X does not look like counts (negative or non-integer values); the count \
-                 likelihoods expect unnormalised counts"
+                "the matrix does not look like counts (negative or non-integer values); the \
+                 count likelihoods expect unnormalised counts (--layer picks another matrix)"
             );
         }
     }
@@ -405,6 +414,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             label_key: opts.label_key.clone(),
             numeric_keys,
             cache_bytes: opts.cache_bytes,
+            matrix: matrix_of(opts.layer.as_deref()),
             ..LoaderConfig::default()
         };
         let loader = Loader::new(&dataset, 0..n_obs, loader_config)?;
@@ -497,7 +507,8 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             tc.seed,
         )?;
         if rank == 0 {
-            warn_unless_counts(&dataset, &plan.modalities, &model.modalities)?;
+            let matrix = matrix_of(opts.layer.as_deref());
+            warn_unless_counts(&dataset, &matrix, &plan.modalities, &model.modalities)?;
         }
         for (m, spec) in model.modalities.clone().iter().enumerate() {
             if spec.likelihood == LikelihoodKind::NbMixture {

@@ -406,6 +406,7 @@ fn run_assignment(
         cache_bytes: config.cache_bytes,
         device: job_device(&spec.device, config.device)?,
         init_from: None,
+        layer: None,
     };
     let hooks = Reporter {
         runtime: runtime.handle().clone(),

@@ -49,6 +49,7 @@ fn options(data: &str, out: &Path) -> FitOptions {
         cache_bytes: 64 << 20,
         device: Default::default(),
         init_from: None,
+        layer: None,
     }
 }
 

@@ -52,6 +52,7 @@ fn options(data: &str, out: &Path, epochs: usize, resume: bool) -> FitOptions {
         cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
         device: Default::default(),
         init_from: None,
+        layer: None,
     }
 }
 

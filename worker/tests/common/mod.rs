@@ -50,5 +50,6 @@ pub fn options(data: &str, out: &Path, epochs: usize) -> FitOptions {
         cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
         device: Default::default(),
         init_from: None,
+        layer: None,
     }
 }
