@@ -3,13 +3,10 @@ MuData, cells missing a modality included, with each modality's expression imput
 
 from __future__ import annotations
 
-import contextlib
-import uuid
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from .. import _anndata, _tessera
 from ._scvi import SCVI
@@ -83,13 +80,10 @@ class MULTIVAE(SCVI):
     def _denoised_library_size(self) -> float | None:
         return 1.0
 
-    @contextlib.contextmanager
-    def _memory_store(self) -> Iterator[str]:
+    def _write_store(self, location: str) -> None:
         """The MuData's registered modalities (each over the cells that measured it, in the
-        MuData's cell order) and batches copied into an in-memory store."""
+        MuData's cell order) and batches as a new store at ``location``."""
         mdata, setup = self.adata, self._setup
-        name = f"tessera-{uuid.uuid4().hex}"
-        location = f"memory://{name}/mdata.zarr"
         categoricals = []
         if setup.get("batch_key"):
             categoricals.append((setup["batch_key"], *_anndata.categorical(mdata, setup["batch_key"])))
@@ -99,17 +93,13 @@ class MULTIVAE(SCVI):
             present = rows > 0
             csr = _anndata.counts_matrix(mdata.mod[modality], None)[rows[present] - 1]
             modalities.append((
-                modality, *_anndata.csr_arrays(sp.csr_matrix(csr)),
+                modality, *_anndata.csr_arrays(csr),
                 [str(v) for v in mdata.mod[modality].var_names],
                 None if present.all() else present.tolist(),
             ))
-        try:
-            _tessera.write_mudata(
-                location, [str(n) for n in mdata.obs_names], categoricals, [], modalities
-            )
-            yield location
-        finally:
-            _tessera.forget_memory_store(name)
+        _tessera.write_mudata(
+            location, [str(n) for n in mdata.obs_names], categoricals, [], modalities
+        )
 
     def get_latent_representation(
         self,

@@ -281,10 +281,18 @@ class SCVI:
 
     @contextlib.contextmanager
     def _memory_store(self) -> Iterator[str]:
-        """The AnnData's counts, batches and labels copied into an in-memory store (freed on
-        exit): what the engine reads, with no file written."""
+        """The registered data copied into an in-memory store (freed on exit): what the engine
+        reads, with no file written."""
         name = f"tessera-{uuid.uuid4().hex}"
-        location = f"memory://{name}/adata.zarr"
+        location = f"memory://{name}/data.zarr"
+        try:
+            self._write_store(location)
+            yield location
+        finally:
+            _tessera.forget_memory_store(name)
+
+    def _write_store(self, location: str) -> None:
+        """The AnnData's counts, batches and labels as a new store at ``location``."""
         setup = self._setup
         csr = _anndata.counts_matrix(self.adata, setup.get("layer"))
         batch_key, label_key = setup.get("batch_key"), self._label_key()
@@ -294,19 +302,15 @@ class SCVI:
         if label_key and label_key != batch_key:
             labels = _anndata.labels(self.adata, label_key, setup.get("unlabeled_category"))
             categoricals.append((label_key, *labels))
-        try:
-            _tessera.write_anndata(
-                location,
-                *_anndata.csr_arrays(csr),
-                self.adata.n_vars,
-                [str(n) for n in self.adata.obs_names],
-                [str(n) for n in self.adata.var_names],
-                categoricals,
-                [],
-            )
-            yield location
-        finally:
-            _tessera.forget_memory_store(name)
+        _tessera.write_anndata(
+            location,
+            *_anndata.csr_arrays(csr),
+            self.adata.n_vars,
+            [str(n) for n in self.adata.obs_names],
+            [str(n) for n in self.adata.var_names],
+            categoricals,
+            [],
+        )
 
     def _label_key(self) -> str | None:
         """The obs column the engine trains labels from (none for SCVI, which ignores them)."""
