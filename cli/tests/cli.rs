@@ -490,6 +490,13 @@ fn scaled_counts_store(path: &std::path::Path, scale: f32) {
     writer.consolidate().unwrap();
 }
 
+/// `tessera train` for one epoch on `data` into `out`, with `extra` arguments.
+fn train_one_epoch(data: &str, out: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--data", data, "--epochs", "1", "--out", out];
+    args.extend_from_slice(extra);
+    tessera(&args)
+}
+
 #[test]
 fn training_on_values_that_are_not_counts_warns_naming_the_cell_and_gene() {
     let dir = tempfile::tempdir().unwrap();
@@ -497,15 +504,7 @@ fn training_on_values_that_are_not_counts_warns_naming_the_cell_and_gene() {
         let store = dir.path().join(format!("x{scale}.zarr"));
         scaled_counts_store(&store, scale);
         let out = dir.path().join(format!("out{scale}"));
-        let run = tessera(&[
-            "train",
-            "--data",
-            store.to_str().unwrap(),
-            "--epochs",
-            "1",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let run = train_one_epoch(store.to_str().unwrap(), out.to_str().unwrap(), &[]);
         let stderr = String::from_utf8_lossy(&run.stderr);
         assert!(run.status.success(), "{stderr}");
         assert_eq!(
@@ -531,18 +530,7 @@ fn init_from_starts_from_a_trained_model_of_the_same_data_only() {
     scaled_counts_store(&store, 1.0);
     let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
     let train = |extra: &[&str], data: &str, out: &str| {
-        let mut args = vec![
-            "train",
-            "--data",
-            data,
-            "--epochs",
-            "1",
-            "--out",
-            out,
-            "--overwrite",
-        ];
-        args.extend_from_slice(extra);
-        tessera(&args)
+        train_one_epoch(data, out, &[extra, &["--overwrite"]].concat())
     };
     let data = store.to_string_lossy().into_owned();
     ok(&train(&[], &data, &path("first")));
@@ -585,11 +573,7 @@ fn a_retrain_names_the_outputs_an_earlier_run_left_and_records_who_wrote_what() 
     scaled_counts_store(&store, 1.0);
     let data = store.to_string_lossy().into_owned();
     let out = dir.path().join("out").to_string_lossy().into_owned();
-    let train = |extra: &[&str]| {
-        let mut args = vec!["train", "--data", &data, "--epochs", "1", "--out", &out];
-        args.extend_from_slice(extra);
-        tessera(&args)
-    };
+    let train = |extra: &[&str]| train_one_epoch(&data, &out, extra);
     let first = ok(&train(&["--denoised"]));
     assert!(!first.contains("left from an earlier run"), "{first}");
     let again = ok(&train(&["--overwrite"]));
@@ -630,11 +614,7 @@ fn layer_trains_on_a_layer_of_counts_instead_of_a_normalised_x() {
         .write_layer("counts", &scaled_counts(1.0), false)
         .unwrap();
     let out = dir.path().join("out").to_string_lossy().into_owned();
-    let train = |extra: &[&str]| {
-        let mut args = vec!["train", "--data", &data, "--epochs", "1", "--out", &out];
-        args.extend_from_slice(extra);
-        tessera(&args)
-    };
+    let train = |extra: &[&str]| train_one_epoch(&data, &out, extra);
     let run = train(&["--layer", "counts"]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
