@@ -285,6 +285,9 @@ pub fn job_spec(opts: &FitOptions, world: usize) -> Result<pb::JobSpec> {
         network_toml: String::new(),
         resume: None,
         device: opts.device.to_string(),
+        layer: opts.layer.clone().unwrap_or_default(),
+        categorical_covariate_keys: opts.covariates.categorical.clone(),
+        continuous_covariate_keys: opts.covariates.continuous.clone(),
     })
 }
 

@@ -51,6 +51,8 @@ pub struct SubmitArgs {
     /// obs key of the label classifier's predictions (and obsm <key>_probabilities).
     #[arg(long, default_value = tessera_worker::fit::PREDICTION_KEY)]
     prediction_key: String,
+    #[command(flatten)]
+    inputs: crate::train::InputArgs,
     /// Replace existing outputs (obsm/<embedding-key>, the predictions).
     #[arg(long)]
     overwrite: bool,
@@ -100,6 +102,7 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
         modalities: args.modalities,
         batch_key: args.batch_key,
         label_key: args.label_key,
+        covariates: args.inputs.covariates(),
         config: crate::train::read_config(args.config.as_deref(), args.epochs, args.seed)?,
         out: args.out,
         embedding_key: args.embedding_key,
@@ -110,7 +113,7 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
         cache_bytes: 0,
         device: args.device.unwrap_or_default(),
         init_from: None,
-        layer: None,
+        layer: args.inputs.layer,
     };
     let mut spec = job_spec(&opts, args.world_size)?;
     spec.device = args.device.map(|d| d.to_string()).unwrap_or_default();

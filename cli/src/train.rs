@@ -61,10 +61,8 @@ pub struct TrainArgs {
     /// and features must be that model's. scvi-tools' SCANVI.from_scvi_model. One process only.
     #[arg(long, value_name = "DIR")]
     init_from: Option<String>,
-    /// Train on layers/<NAME> of each modality instead of X (raw counts for the count
-    /// likelihoods; scvi-tools' `layer`).
-    #[arg(long, value_name = "NAME")]
-    layer: Option<String>,
+    #[command(flatten)]
+    inputs: InputArgs,
     /// Also write the denoised expression (decoder mean at each cell's latent mean): one
     /// modality → layers/tessera_denoised; several → obsm/tessera_denoised_<modality> in the
     /// MuData root for every cell, imputed where the cell lacks the modality. Dense, held in
@@ -105,6 +103,35 @@ pub struct TrainArgs {
     step_log: usize,
 }
 
+/// Which matrix and obs columns the model reads besides the batch and labels (`train` and
+/// `submit`).
+#[derive(clap::Args, Debug)]
+pub struct InputArgs {
+    /// Train on layers/<NAME> of each modality instead of X (raw counts for the count
+    /// likelihoods; scvi-tools' `layer`).
+    #[arg(long, value_name = "NAME")]
+    pub layer: Option<String>,
+    /// obs columns of categorical covariates beside the batch (donor, technology...),
+    /// comma-separated: each one-hot, injected where the batch is (scvi-tools'
+    /// `categorical_covariate_keys`).
+    #[arg(long, value_delimiter = ',', value_name = "KEYS")]
+    pub categorical_covariate_keys: Vec<String>,
+    /// Numeric obs columns given to the model as they are (percent mitochondrial counts...),
+    /// comma-separated; every cell needs a finite value (scvi-tools'
+    /// `continuous_covariate_keys`).
+    #[arg(long, value_delimiter = ',', value_name = "KEYS")]
+    pub continuous_covariate_keys: Vec<String>,
+}
+
+impl InputArgs {
+    pub fn covariates(&self) -> tessera_worker::CovariateKeys {
+        tessera_worker::CovariateKeys {
+            categorical: self.categorical_covariate_keys.clone(),
+            continuous: self.continuous_covariate_keys.clone(),
+        }
+    }
+}
+
 pub fn run(args: TrainArgs) -> Result<()> {
     let metrics = std::sync::Arc::new(crate::metrics::TrainMetrics::default());
     // Kept alive for the whole run: the metrics server's runtime.
@@ -141,6 +168,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         modalities: args.modalities.clone(),
         batch_key: batch_key.clone(),
         label_key: label_key.clone(),
+        covariates: args.inputs.covariates(),
         config,
         out: args.out.clone(),
         embedding_key: args.embedding_key.clone(),
@@ -154,7 +182,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         cache_bytes: args.cache_mib << 20,
         device: args.device,
         init_from: args.init_from.clone(),
-        layer: args.layer.clone(),
+        layer: args.inputs.layer.clone(),
     };
     if opts.init_from.is_some() && (args.workers.is_some() || launch.is_some()) {
         anyhow::bail!(

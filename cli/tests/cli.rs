@@ -477,12 +477,17 @@ fn scaled_counts(scale: f32) -> tessera_data::Csr {
 
 /// A store whose X is `scaled_counts(scale)`.
 fn scaled_counts_store(path: &std::path::Path, scale: f32) {
+    store_with_obs(path, scale, &[]);
+}
+
+/// A store whose X is `scaled_counts(scale)`, with these obs columns.
+fn store_with_obs(path: &std::path::Path, scale: f32, obs: &[(String, tessera_data::Column)]) {
     use tessera_data::{StoreWriter, ZarrVersion};
     let x = scaled_counts(scale);
     let writer = StoreWriter::create(path.to_str().unwrap(), ZarrVersion::V3).unwrap();
     let names = |prefix: &str, n: usize| (0..n).map(|i| format!("{prefix}{i}")).collect::<Vec<_>>();
     writer
-        .anndata("", &names("cell", x.n_rows), &[], &names("gene", x.n_cols))
+        .anndata("", &names("cell", x.n_rows), obs, &names("gene", x.n_cols))
         .unwrap();
     let mut csr = writer.csr("X", x.n_cols as u64).unwrap();
     csr.push(&x).unwrap();
@@ -629,6 +634,84 @@ fn layer_trains_on_a_layer_of_counts_instead_of_a_normalised_x() {
     let stderr = String::from_utf8_lossy(&missing.stderr);
     assert!(
         !missing.status.success() && stderr.contains("layers/nope"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn covariates_reach_the_model_and_bad_columns_are_refused_by_name() {
+    use tessera_data::Column;
+    let dir = tempfile::tempdir().unwrap();
+    let cells = 60;
+    let depth: Vec<f64> = (0..cells).map(|c| c as f64 / 60.0).collect();
+    let mut with_nan = depth.clone();
+    with_nan[7] = f64::NAN;
+    let columns = |donors: i64| {
+        vec![
+            (
+                "donor".to_string(),
+                Column::Int((0..cells).map(|c| Some(c as i64 % donors)).collect()),
+            ),
+            ("depth".to_string(), Column::Float(depth.clone())),
+            ("depth_nan".to_string(), Column::Float(with_nan.clone())),
+        ]
+    };
+    let store = dir.path().join("x.zarr");
+    store_with_obs(&store, 1.0, &columns(3));
+    let data = store.to_string_lossy().into_owned();
+    let out = dir.path().join("out").to_string_lossy().into_owned();
+    let train = |extra: &[&str]| train_one_epoch(&data, &out, extra);
+    let run = train(&[
+        "--categorical-covariate-keys",
+        "donor",
+        "--continuous-covariate-keys",
+        "depth",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(format!("{out}/config.json")).unwrap()).unwrap();
+    // Integer categories in numeric order, one-hot after the (absent) batch, then the value.
+    assert_eq!(
+        config["covariates"],
+        serde_json::json!({"categorical": [["donor", ["0", "1", "2"]]], "continuous": ["depth"]})
+    );
+    for (args, expected) in [
+        (
+            ["--continuous-covariate-keys", "depth_nan"],
+            "obs/depth_nan: 1 missing or infinite values",
+        ),
+        (["--categorical-covariate-keys", "nope"], "obs/nope"),
+        (["--continuous-covariate-keys", "nope"], "obs/nope"),
+    ] {
+        let refused = train(&[args[0], args[1], "--overwrite"]);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && stderr.contains(expected),
+            "{stderr}"
+        );
+    }
+    // Mapping keeps the reference's covariates; a donor it never saw is refused.
+    let query = dir.path().join("q.zarr");
+    store_with_obs(&query, 1.0, &columns(4));
+    let mapped = tessera(&[
+        "map",
+        "--model",
+        &out,
+        "--data",
+        query.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--out",
+        dir.path().join("map").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&mapped.stderr);
+    assert!(
+        !mapped.status.success()
+            && stderr.contains("obs/donor: category \"3\" is not one of the reference's (0, 1, 2)"),
         "{stderr}"
     );
 }

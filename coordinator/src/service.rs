@@ -331,6 +331,9 @@ impl CoordinatorRpc for Service {
                         network_toml: a.spec.network_toml,
                         resume: None,
                         device: a.spec.device,
+                        layer: a.spec.layer,
+                        categorical_covariate_keys: a.spec.categorical_covariate_keys,
+                        continuous_covariate_keys: a.spec.continuous_covariate_keys,
                     }),
                     resume_from: resume
                         .as_ref()
@@ -458,6 +461,9 @@ impl CoordinatorRpc for Service {
             overwrite: spec.overwrite,
             network_toml: spec.network_toml,
             device: spec.device,
+            layer: spec.layer,
+            categorical_covariate_keys: spec.categorical_covariate_keys,
+            continuous_covariate_keys: spec.continuous_covariate_keys,
             train_cells: valid.train_cells,
             epochs: valid.epochs,
         };

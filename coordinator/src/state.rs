@@ -62,6 +62,14 @@ pub struct JobSpec {
     /// Where the ranks train ("cpu", "cuda", "cuda:N"; empty: each worker's own device).
     #[serde(default)]
     pub device: String,
+    /// layers/<layer> instead of X (empty: X).
+    #[serde(default)]
+    pub layer: String,
+    /// obs columns read as covariates beside the batch.
+    #[serde(default)]
+    pub categorical_covariate_keys: Vec<String>,
+    #[serde(default)]
+    pub continuous_covariate_keys: Vec<String>,
     /// Training cells per epoch (the store's cells minus the held-out ones).
     pub train_cells: u64,
     pub epochs: u32,

@@ -24,7 +24,9 @@ pub use convert::{ConvertSummary, convert};
 pub use dataframe::{Column, DataFrame};
 pub use error::{DataError, Result};
 pub use inspect::{StoreSummary, inspect};
-pub use loader::{Cells, Epoch, Holdout, Loader, LoaderConfig, MiniBatch, ModalityBatch};
+pub use loader::{
+    Cells, Epoch, Holdout, Loader, LoaderConfig, MiniBatch, ModalityBatch, row_major,
+};
 pub use matrix::{Csr, Matrix, MatrixFormat};
 pub use shard::ShardPlan;
 pub use simulate::{Scenario, SimConfig, SimSummary, simulate};

@@ -44,6 +44,9 @@ pub struct LoaderConfig {
     pub batch_key: Option<String>,
     /// obs column with cell labels (cell type), -1 for unlabelled cells.
     pub label_key: Option<String>,
+    /// Categorical obs columns carried with each batch as codes (covariates beside the batch;
+    /// -1 where a cell's value is missing).
+    pub categorical_keys: Vec<String>,
     /// Numeric obs columns carried with each batch (regression targets, survival time and
     /// event); missing values are NaN.
     pub numeric_keys: Vec<String>,
@@ -148,6 +151,7 @@ impl Default for LoaderConfig {
             seed: 0,
             batch_key: None,
             label_key: None,
+            categorical_keys: Vec::new(),
             numeric_keys: Vec::new(),
             matrix: "X".into(),
             cache_bytes: 0,
@@ -175,6 +179,8 @@ pub struct MiniBatch {
     pub modalities: Vec<ModalityBatch>,
     pub batch: Vec<i32>,
     pub label: Vec<i32>,
+    /// rows × `categorical_keys` codes, row-major (-1 = missing).
+    pub categorical: Vec<i32>,
     /// rows × `numeric_keys` values, row-major (NaN = missing).
     pub numeric: Vec<f64>,
 }
@@ -190,6 +196,7 @@ impl MiniBatch {
         }
         self.batch.extend_from_slice(&other.batch);
         self.label.extend_from_slice(&other.label);
+        self.categorical.extend_from_slice(&other.categorical);
         self.numeric.extend_from_slice(&other.numeric);
     }
 }
@@ -258,10 +265,14 @@ pub struct Loader {
     sources: Arc<Vec<Source>>,
     batch: Arc<Vec<i32>>,
     label: Arc<Vec<i32>>,
+    /// n_obs × categorical keys, row-major.
+    categorical: Arc<Vec<i32>>,
     /// n_obs × numeric keys, row-major.
     numeric: Arc<Vec<f64>>,
     pub batch_categories: Vec<String>,
     pub label_categories: Vec<String>,
+    /// Per categorical key, its categories (codes index them).
+    pub categorical_categories: Vec<Vec<String>>,
     shard: Range<u64>,
     config: LoaderConfig,
     /// Shared by the clones that run epochs, so every epoch finds what earlier ones decoded.
@@ -397,6 +408,14 @@ impl Loader {
         };
         let (batch, batch_categories) = codes(&config.batch_key)?;
         let (label, label_categories) = codes(&config.label_key)?;
+        let (categorical, categorical_categories): (Vec<Vec<i32>>, Vec<Vec<String>>) = config
+            .categorical_keys
+            .iter()
+            .map(|key| codes(&Some(key.clone())))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
+        let categorical = row_major(dataset.n_obs() as usize, &categorical);
         let columns: Vec<Vec<f64>> = config
             .numeric_keys
             .iter()
@@ -410,9 +429,7 @@ impl Loader {
                 })
             })
             .collect::<Result<_>>()?;
-        let numeric = (0..dataset.n_obs() as usize)
-            .flat_map(|r| columns.iter().map(move |c| c[r]))
-            .collect();
+        let numeric = row_major(dataset.n_obs() as usize, &columns);
         let cache = Arc::new(BlockCache {
             budget: config.cache_bytes,
             ..BlockCache::default()
@@ -421,13 +438,30 @@ impl Loader {
             sources: Arc::new(sources),
             batch: Arc::new(batch),
             label: Arc::new(label),
+            categorical: Arc::new(categorical),
             numeric: Arc::new(numeric),
             batch_categories,
             label_categories,
+            categorical_categories,
             shard,
             config,
             cache,
         })
+    }
+
+    /// Cells whose value of the numeric column `key` (one of `numeric_keys`) is NaN or
+    /// infinite; 0 for a key the loader does not carry.
+    pub fn numeric_missing(&self, key: &str) -> usize {
+        let k = self.config.numeric_keys.len();
+        let Some(j) = self.config.numeric_keys.iter().position(|n| n == key) else {
+            return 0;
+        };
+        self.numeric
+            .iter()
+            .skip(j)
+            .step_by(k)
+            .filter(|v| !v.is_finite())
+            .count()
     }
 
     /// This loader's cells in store order (no shuffling), sharing its decoded blocks.
@@ -687,23 +721,33 @@ impl Loader {
                 MiniBatch {
                     batch: cells.iter().map(|&c| self.batch[c as usize]).collect(),
                     label: cells.iter().map(|&c| self.label[c as usize]).collect(),
-                    numeric: {
-                        let k = self.config.numeric_keys.len();
-                        cells
-                            .iter()
-                            .flat_map(|&c| {
-                                self.numeric[c as usize * k..(c as usize + 1) * k]
-                                    .iter()
-                                    .copied()
-                            })
-                            .collect()
-                    },
+                    categorical: rows_of(
+                        &self.categorical,
+                        self.config.categorical_keys.len(),
+                        &cells,
+                    ),
+                    numeric: rows_of(&self.numeric, self.config.numeric_keys.len(), &cells),
                     cells,
                     modalities,
                 }
             })
             .collect()
     }
+}
+
+/// Columns of n values each as one row-major n × columns table.
+pub fn row_major<V: Copy>(n: usize, columns: &[Vec<V>]) -> Vec<V> {
+    (0..n)
+        .flat_map(|r| columns.iter().map(move |c| c[r]))
+        .collect()
+}
+
+/// The rows of `cells` from a row-major table of `k` columns.
+fn rows_of<V: Copy>(table: &[V], k: usize, cells: &[u64]) -> Vec<V> {
+    cells
+        .iter()
+        .flat_map(|&c| table[c as usize * k..(c as usize + 1) * k].iter().copied())
+        .collect()
 }
 
 /// One block of one modality: its rows and which cells were measured.

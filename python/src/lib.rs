@@ -20,7 +20,7 @@ use tessera_worker::encode::EncoderPool;
 use tessera_worker::fit::{PREDICTION_KEY, Progress};
 use tessera_worker::network::Distance;
 use tessera_worker::query::{Cells, CellsModality, QueryRequest, ReferenceModel, Unfreeze};
-use tessera_worker::{Denoised, FitConfig, FitError, FitOptions};
+use tessera_worker::{CovariateKeys, Denoised, FitConfig, FitError, FitOptions};
 
 /// A count matrix handed over from scipy/numpy: CSR in tessera's integer widths.
 struct CsrArgs<'py> {
@@ -257,7 +257,7 @@ enum Message {
 /// cells)) and ("epoch", record as JSON). Ctrl-C (or an exception from `progress`) stops after
 /// the running step and is raised once training has stopped. Returns (embedding, report JSON).
 #[pyfunction]
-#[pyo3(signature = (data, config_json, out, modalities, batch_key, label_key, embedding_key, denoised_library_size, init_from, device, progress))]
+#[pyo3(signature = (data, config_json, out, modalities, batch_key, label_key, categorical_covariate_keys, continuous_covariate_keys, embedding_key, denoised_library_size, init_from, device, progress))]
 #[allow(clippy::too_many_arguments)] // the options of `tessera train`, flat
 fn fit<'py>(
     py: Python<'py>,
@@ -267,6 +267,8 @@ fn fit<'py>(
     modalities: Vec<String>,
     batch_key: Option<String>,
     label_key: Option<String>,
+    categorical_covariate_keys: Vec<String>,
+    continuous_covariate_keys: Vec<String>,
     embedding_key: String,
     denoised_library_size: Option<f64>,
     init_from: Option<String>,
@@ -281,6 +283,10 @@ fn fit<'py>(
         modalities,
         batch_key,
         label_key,
+        covariates: CovariateKeys {
+            categorical: categorical_covariate_keys,
+            continuous: continuous_covariate_keys,
+        },
         config,
         out: out.into(),
         embedding_key,
@@ -394,11 +400,13 @@ fn matrix(py: Python<'_>, values: Vec<f32>, rows: usize) -> PyResult<Bound<'_, P
 #[pyclass(frozen)]
 struct Model {
     pool: EncoderPool,
+    /// The model's first modality, the one `CellsArgs` counts are of.
+    modality: String,
 }
 
 impl Model {
     fn cells(&self, given: CellsArgs<'_>) -> PyResult<Cells> {
-        let CellsArgs(indptr, indices, data, var_names, batches) = given;
+        let CellsArgs(indptr, indices, data, var_names, batches, categorical, continuous) = given;
         let n_vars = var_names.len();
         let counts = CsrArgs {
             indptr,
@@ -406,26 +414,22 @@ impl Model {
             data,
             n_vars,
         };
-        let name = self
-            .pool
-            .model
-            .summary()
-            .modalities
-            .first()
-            .map(|m| m.0.clone());
         Ok(Cells {
             modalities: vec![CellsModality {
-                name: name.unwrap_or_default(),
+                name: self.modality.clone(),
                 counts: counts.to_csr("X")?,
                 var_names,
             }],
             batches,
+            categorical,
+            continuous,
         })
     }
 }
 
 /// Cells as Python hands them to `Model`: one tuple of CSR counts (indptr, indices, data), the
-/// matrix's feature names and each cell's batch.
+/// matrix's feature names, each cell's batch, and per covariate of the model each cell's
+/// category (categorical) or value (continuous).
 #[derive(FromPyObject)]
 struct CellsArgs<'py>(
     PyReadonlyArray1<'py, i64>,
@@ -433,6 +437,8 @@ struct CellsArgs<'py>(
     PyReadonlyArray1<'py, f32>,
     Vec<String>,
     Vec<String>,
+    Vec<Vec<String>>,
+    Vec<Vec<f64>>,
 );
 
 #[pymethods]
@@ -441,8 +447,12 @@ impl Model {
     fn new(model_dir: &str, device: &str) -> PyResult<Model> {
         let device: Device = device.parse().map_err(data_error)?;
         let model = ReferenceModel::open(model_dir).map_err(data_error)?;
+        let modality = model.summary().modalities.first().map(|m| m.0.clone());
         let pool = EncoderPool::on(model, device).map_err(data_error)?;
-        Ok(Model { pool })
+        Ok(Model {
+            pool,
+            modality: modality.unwrap_or_default(),
+        })
     }
 
     /// The label classifier's classes (empty without one).

@@ -36,8 +36,62 @@ def register(adata: Any, setup: dict[str, Any]) -> None:
         key = setup.get(field)
         if key is not None and key not in adata.obs:
             raise KeyError(f"{field} {key!r} is not a column of adata.obs")
+    for field in COVARIATE_FIELDS:
+        keys = setup.get(field)
+        if isinstance(keys, str):
+            raise TypeError(f"{field} is a list of obs columns, got the string {keys!r}")
+        setup[field] = None if not keys else [str(k) for k in keys]
+        for key in setup[field] or []:
+            if key not in adata.obs:
+                raise KeyError(f"{field}: {key!r} is not a column of adata.obs")
+    for key in setup.get("continuous_covariate_keys") or []:
+        continuous(adata, key)
     counts_matrix(adata, layer)  # NaN, shape and the count-data warning, now rather than later
     adata.uns[SETUP_KEY] = {k: v for k, v in setup.items() if v is not None}
+
+
+COVARIATE_FIELDS = ("categorical_covariate_keys", "continuous_covariate_keys")
+
+
+def covariate_keys(setup: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The registered categorical and continuous covariate columns (empty lists if none)."""
+    return tuple([str(k) for k in (setup.get(f) or [])] for f in COVARIATE_FIELDS)
+
+
+def continuous(adata: Any, key: str) -> list[float]:
+    """A numeric obs column as floats; every cell needs a finite value."""
+    column = adata.obs[key]
+    if not pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+        raise TypeError(
+            f"continuous_covariate_keys: adata.obs[{key!r}] has dtype {column.dtype} "
+            "(expected numbers; pass a categorical column as categorical_covariate_keys)"
+        )
+    values = column.to_numpy(dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(
+            f"continuous_covariate_keys: adata.obs[{key!r}] has missing or infinite values "
+            "(every cell needs one)"
+        )
+    return values.tolist()
+
+
+def covariates(adata: Any, setup: dict[str, Any]) -> tuple[list[list[str]], list[list[float]]]:
+    """Each cell's registered covariates, as the engine takes them for new cells: per
+    categorical key the category names (a missing value is an error), per continuous key the
+    values."""
+    categorical_keys, continuous_keys = covariate_keys(setup)
+    names = []
+    for key in categorical_keys:
+        if key not in adata.obs:
+            raise KeyError(f"the model's covariate {key!r} is not a column of adata.obs")
+        codes, categories = categorical(adata, key)
+        if any(c < 0 for c in codes):
+            raise ValueError(f"adata.obs[{key!r}] has missing values (every cell needs one)")
+        names.append([categories[c] for c in codes])
+    for key in continuous_keys:
+        if key not in adata.obs:
+            raise KeyError(f"the model's covariate {key!r} is not a column of adata.obs")
+    return names, [continuous(adata, key) for key in continuous_keys]
 
 
 def field_name(layer: str | None) -> str:

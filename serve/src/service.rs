@@ -378,6 +378,9 @@ impl Atlas for AtlasService {
         let mut cells = Cells {
             modalities: Vec::with_capacity(r.modalities.len()),
             batches: r.batches,
+            // Encode carries no covariates beside the batch yet: a model trained with them
+            // refuses the request, naming them.
+            ..Cells::default()
         };
         for m in &r.modalities {
             cells.modalities.push(CellsModality {

@@ -11,7 +11,7 @@ use tessera_models::{
     Categories, LikelihoodKind, LossTerms, Plateau, TrainConfig, Trainer, Vae, VaeConfig,
 };
 
-use crate::batch::{ModalityRows, ModelBatch, one_hot};
+use crate::batch::{CovariateKeys, Covariates, ModalityRows, ModelBatch};
 use crate::checkpoint::{self, FitState, WithinEpoch};
 use crate::collective::{Collective, TrainBackend};
 use crate::device::Device;
@@ -56,6 +56,8 @@ pub struct FitOptions {
     pub modalities: Vec<String>,
     pub batch_key: Option<String>,
     pub label_key: Option<String>,
+    /// obs columns the model reads as covariates beside the batch.
+    pub covariates: CovariateKeys,
     pub config: FitConfig,
     /// Output folder for history, weights and config (created; files in it are replaced).
     pub out: PathBuf,
@@ -142,11 +144,42 @@ pub const PREDICTION_KEY: &str = "tessera_prediction";
 #[derive(Debug, Clone)]
 struct Inputs {
     modalities: Vec<usize>,
-    n_cov: usize,
+    n_batch: usize,
+    /// The covariates after the batch; their continuous values are the last numeric columns.
+    covariates: Covariates,
     /// Regression targets: the first `n_targets` numeric obs columns.
     n_targets: usize,
     /// Survival time and event: the two numeric obs columns after them.
     survival: bool,
+}
+
+/// The covariates `keys` name, with the categories the loader found; a continuous column must
+/// have a finite value for every cell (a missing one would poison every step it is in).
+fn covariates_of(
+    loader: &Loader,
+    keys: &CovariateKeys,
+    store: &str,
+) -> Result<Covariates, FitError> {
+    for key in &keys.continuous {
+        let missing = loader.numeric_missing(key);
+        if missing > 0 {
+            return Err(FitError::Input {
+                store: store.into(),
+                reason: format!(
+                    "obs/{key}: {missing} missing or infinite values; a continuous covariate needs a finite value in every cell"
+                ),
+            });
+        }
+    }
+    Ok(Covariates {
+        categorical: keys
+            .categorical
+            .iter()
+            .cloned()
+            .zip(loader.categorical_categories.iter().cloned())
+            .collect(),
+        continuous: keys.continuous.clone(),
+    })
 }
 
 /// Zero epochs would write an untrained model's embedding over the store's: refused before
@@ -405,13 +438,15 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         let tc = opts.config.train.clone();
         let mc = &opts.config.model;
         let rank = place.comm.rank();
-        let numeric_keys = head_columns(mc, opts.label_key.as_deref())?;
+        let mut numeric_keys = head_columns(mc, opts.label_key.as_deref())?;
+        numeric_keys.extend(opts.covariates.continuous.iter().cloned());
         let loader_config = LoaderConfig {
             batch_size: tc.batch_size,
             shuffle: true,
             seed: tc.seed,
             batch_key: opts.batch_key.clone(),
             label_key: opts.label_key.clone(),
+            categorical_keys: opts.covariates.categorical.clone(),
             numeric_keys,
             cache_bytes: opts.cache_bytes,
             matrix: matrix_of(opts.layer.as_deref()),
@@ -490,7 +525,8 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         }
         let inputs = Inputs {
             modalities: plan.modalities.iter().map(|m| m.1).collect(),
-            n_cov: n_batch,
+            n_batch,
+            covariates: covariates_of(&loader, &opts.covariates, &opts.data)?,
             n_targets: mc.regression_keys.len() * usize::from(mc.regression_weight > 0.0),
             survival: mc.cox_weight > 0.0,
         };
@@ -501,7 +537,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             &shapes,
             Categories {
                 n_batch,
-                n_cov: inputs.n_cov,
+                n_cov: n_batch + inputs.covariates.width(),
                 n_labels,
             },
             tc.seed,
@@ -534,6 +570,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             "n_obs": n_obs,
             "batch_categories": loader.batch_categories,
             "label_categories": loader.label_categories,
+            "covariates": inputs.covariates,
             "model": opts.config.model,
             "train": opts.config.train,
             "parts": place.parts,
@@ -1188,19 +1225,28 @@ impl Inputs {
                 ModalityRows::new(modality.counts.select_rows(rows), present)
             })
             .collect();
-        // An unknown batch (-1) leaves the row all-zero.
-        let covariates = one_hot(rows.len(), inputs.n_cov, |i| {
-            usize::try_from(mb.batch[rows[i]]).ok()
-        });
-        let k = inputs.n_targets + if inputs.survival { 2 } else { 0 };
+        let heads = inputs.n_targets + if inputs.survival { 2 } else { 0 };
+        let k = heads + inputs.covariates.continuous.len();
         let numeric = |r: usize, j: usize| mb.numeric[r * k + j];
+        let continuous: Vec<f64> = rows
+            .iter()
+            .flat_map(|&r| (heads..k).map(move |j| numeric(r, j)))
+            .collect();
+        // An unknown batch (-1) leaves the row all-zero.
+        let covariates = inputs.covariates.rows(
+            rows.len(),
+            inputs.n_batch,
+            |i| usize::try_from(mb.batch[rows[i]]).ok(),
+            &mb.categorical,
+            &continuous,
+        );
         let targets = rows
             .iter()
             .flat_map(|&r| (0..inputs.n_targets).map(move |j| numeric(r, j)))
             .collect();
         let (times, events) = if inputs.survival {
             rows.iter()
-                .map(|&r| (numeric(r, k - 2), numeric(r, k - 1) > 0.0))
+                .map(|&r| (numeric(r, heads - 2), numeric(r, heads - 1) > 0.0))
                 .unzip()
         } else {
             (Vec::new(), Vec::new())

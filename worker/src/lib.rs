@@ -29,6 +29,7 @@ pub mod records;
 pub mod reference;
 pub mod ring;
 
+pub use batch::{CovariateKeys, Covariates};
 pub use eval::{EvalError, EvalRequest, Evaluation, evaluate_store, write_evaluation};
 pub use fit::{
     DEFAULT_CACHE_MIB, Denoised, FitConfig, FitOptions, FitReport, check_job, fit, fit_until, train,

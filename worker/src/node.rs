@@ -395,6 +395,10 @@ fn run_assignment(
         modalities: spec.modalities.clone(),
         batch_key: non_empty(&spec.batch_key),
         label_key: non_empty(&spec.label_key),
+        covariates: crate::CovariateKeys {
+            categorical: spec.categorical_covariate_keys.clone(),
+            continuous: spec.continuous_covariate_keys.clone(),
+        },
         config: fit_config,
         out: PathBuf::from(&spec.output_url),
         embedding_key: non_empty(&spec.embedding_key).unwrap_or_else(|| "X_tessera".into()),
@@ -406,7 +410,7 @@ fn run_assignment(
         cache_bytes: config.cache_bytes,
         device: job_device(&spec.device, config.device)?,
         init_from: None,
-        layer: None,
+        layer: non_empty(&spec.layer),
     };
     let hooks = Reporter {
         runtime: runtime.handle().clone(),

@@ -33,7 +33,7 @@ use tessera_models::{
 
 use tessera_metrics::transfer::Transferred;
 
-use crate::batch::{ModalityRows, ModelBatch, one_hot};
+use crate::batch::{Covariates, ModalityRows, ModelBatch};
 use crate::epoch::Stepper;
 use crate::parallel::{PartStream, Placement, StepReducer};
 use crate::reference::{REFERENCE_FILE, Reference, ReferenceError, var_names};
@@ -182,6 +182,9 @@ pub struct QueryOutput {
 struct RunRecord {
     modalities: Vec<(String, usize)>,
     batch_categories: Vec<String>,
+    /// Absent in models trained before covariates beside the batch existed.
+    #[serde(default)]
+    covariates: Covariates,
     model: VaeConfig,
     train: TrainConfig,
 }
@@ -206,6 +209,10 @@ pub struct Cells {
     pub modalities: Vec<CellsModality>,
     /// One reference batch name per cell (empty when the reference has no batches).
     pub batches: Vec<String>,
+    /// Per categorical covariate of the reference (in its order), one category per cell.
+    pub categorical: Vec<Vec<String>>,
+    /// Per continuous covariate of the reference (in its order), one value per cell.
+    pub continuous: Vec<Vec<f64>>,
 }
 
 #[derive(Debug, Clone)]
@@ -386,7 +393,7 @@ impl ReferenceModel {
             .iter()
             .map(|(m, g)| (m.as_str(), *g))
             .collect();
-        let n_cov = ext.reference_batches + ext.added;
+        let n_batch = ext.reference_batches + ext.added;
         let n_labels = if classifier {
             self.reference.label_categories.len()
         } else {
@@ -397,8 +404,8 @@ impl ReferenceModel {
             config,
             &shapes,
             Categories {
-                n_batch: n_cov,
-                n_cov,
+                n_batch,
+                n_cov: n_batch + record.covariates.width(),
                 n_labels,
             },
             seed,
@@ -631,16 +638,82 @@ impl ReferenceModel {
                 )
                 .collect(),
             batches: (0..refs.len()).collect(),
-            n_cov: refs.len(),
+            n_batch: refs.len(),
+            covariates: self.record.covariates.clone(),
+            categories: self
+                .record
+                .covariates
+                .categorical
+                .iter()
+                .map(|(_, c)| (0..c.len() as i32).collect())
+                .collect(),
         };
+        let (categorical, numeric) = self.covariate_values(cells, rows)?;
         let mb = MiniBatch {
             cells: (0..rows as u64).collect(),
             modalities,
             batch,
             label: vec![-1; rows],
-            numeric: Vec::new(),
+            categorical,
+            numeric,
         };
         Ok((alignment, mb))
+    }
+
+    /// The covariates of `cells` as a minibatch carries them: codes into the reference's
+    /// categories (rows × categorical) and values (rows × continuous).
+    fn covariate_values(
+        &self,
+        cells: &Cells,
+        rows: usize,
+    ) -> Result<(Vec<i32>, Vec<f64>), QueryError> {
+        let request = "encode request";
+        let ours = &self.record.covariates;
+        if cells.categorical.len() != ours.categorical.len()
+            || cells.continuous.len() != ours.continuous.len()
+        {
+            return Err(input(
+                request,
+                format!(
+                    "{} categorical and {} continuous covariates given; the reference has {} ({}) and {} ({})",
+                    cells.categorical.len(),
+                    cells.continuous.len(),
+                    ours.categorical.len(),
+                    ours.keys().categorical.join(", "),
+                    ours.continuous.len(),
+                    ours.continuous.join(", ")
+                ),
+            ));
+        }
+        let mut codes = Vec::with_capacity(ours.categorical.len());
+        for ((key, categories), given) in ours.categorical.iter().zip(&cells.categorical) {
+            check_rows(key, given.len(), rows)?;
+            let code = |v: &String| {
+                categories.iter().position(|c| c == v).map(|p| p as i32).ok_or_else(|| {
+                    input(
+                        request,
+                        format!(
+                            "covariate {key}: category {v:?} is not one of the reference's ({})",
+                            categories.join(", ")
+                        ),
+                    )
+                })
+            };
+            codes.push(given.iter().map(code).collect::<Result<Vec<_>, _>>()?);
+        }
+        for (key, given) in ours.continuous.iter().zip(&cells.continuous) {
+            check_rows(key, given.len(), rows)?;
+            if let Some(v) = given.iter().find(|v| !v.is_finite()) {
+                return Err(input(
+                    request,
+                    format!("covariate {key}: {v} is not a finite number"),
+                ));
+            }
+        }
+        Ok((
+            tessera_data::row_major(rows, &codes),
+            tessera_data::row_major(rows, &cells.continuous),
+        ))
     }
 
     fn modality_names(&self) -> String {
@@ -672,6 +745,17 @@ impl ReferenceModel {
     }
 }
 
+/// A covariate column of `given` values where one per cell was expected.
+fn check_rows(key: &str, given: usize, rows: usize) -> Result<(), QueryError> {
+    if given == rows {
+        return Ok(());
+    }
+    Err(input(
+        "encode request",
+        format!("covariate {key}: {given} values for {rows} cells (one per cell expected)"),
+    ))
+}
+
 /// How a query minibatch becomes the reference model's input.
 #[derive(Debug)]
 struct Alignment {
@@ -680,7 +764,12 @@ struct Alignment {
     modalities: Vec<(Option<usize>, Vec<Option<u32>>, usize)>,
     /// Per query batch code, its covariate column in the extended model.
     batches: Vec<usize>,
-    n_cov: usize,
+    /// The extended model's batches.
+    n_batch: usize,
+    /// The reference's covariates beside the batch.
+    covariates: Covariates,
+    /// Per categorical covariate, each query code's code in the reference's categories.
+    categories: Vec<Vec<i32>>,
 }
 
 impl Alignment {
@@ -722,11 +811,29 @@ impl Alignment {
             };
             modalities.push(ModalityRows::new(csr, present));
         }
-        let covariates = one_hot(rows, self.n_cov, |r| {
-            usize::try_from(mb.batch[r])
-                .ok()
-                .and_then(|c| self.batches.get(c).copied())
-        });
+        let kc = self.categories.len();
+        let codes: Vec<i32> = mb
+            .categorical
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| {
+                usize::try_from(c)
+                    .ok()
+                    .and_then(|c| self.categories[i % kc].get(c).copied())
+                    .unwrap_or(-1)
+            })
+            .collect();
+        let covariates = self.covariates.rows(
+            rows,
+            self.n_batch,
+            |r| {
+                usize::try_from(mb.batch[r])
+                    .ok()
+                    .and_then(|c| self.batches.get(c).copied())
+            },
+            &codes,
+            &mb.numeric,
+        );
         ModelBatch {
             rows,
             modalities,
@@ -928,9 +1035,12 @@ fn align(
             shuffle: true,
             seed: req.seed,
             batch_key: batch_key.clone(),
+            categorical_keys: record.covariates.keys().categorical,
+            numeric_keys: record.covariates.continuous.clone(),
             ..LoaderConfig::default()
         },
     )?;
+    let categories = covariate_codes(&record.covariates, &loader, &req.data)?;
     let ref_batches = &record.batch_categories;
     let (known, new): (Vec<String>, Vec<String>) = loader
         .batch_categories
@@ -1008,11 +1118,12 @@ fn align(
     {
         tracing::warn!(modality = %s.name, zero_filled = s.zero_filled, of = s.reference_features, "reference features missing from the query are zero");
     }
-    let n_cov = ref_batches.len() + new.len();
     let alignment = Alignment {
         modalities: alignments,
         batches,
-        n_cov,
+        n_batch: ref_batches.len() + new.len(),
+        covariates: record.covariates.clone(),
+        categories,
     };
     let aligned = Aligned {
         alignment,
@@ -1021,6 +1132,48 @@ fn align(
         new,
     };
     Ok((loader, aligned))
+}
+
+/// Per categorical covariate of the reference, each of the query's categories' code in the
+/// reference's: surgery extends the batch alone, so a covariate category the reference never saw
+/// (or a missing continuous value) is refused.
+fn covariate_codes(
+    covariates: &Covariates,
+    loader: &Loader,
+    store: &str,
+) -> Result<Vec<Vec<i32>>, QueryError> {
+    for key in &covariates.continuous {
+        let missing = loader.numeric_missing(key);
+        if missing > 0 {
+            return Err(input(
+                store,
+                format!(
+                    "obs/{key}: {missing} missing or infinite values; the reference's continuous covariate needs one in every cell"
+                ),
+            ));
+        }
+    }
+    covariates
+        .categorical
+        .iter()
+        .zip(&loader.categorical_categories)
+        .map(|((key, ours), theirs)| {
+            theirs
+                .iter()
+                .map(|c| {
+                    ours.iter().position(|o| o == c).map(|p| p as i32).ok_or_else(|| {
+                        input(
+                            store,
+                            format!(
+                                "obs/{key}: category {c:?} is not one of the reference's ({}); only new batches can be added to a reference",
+                                ours.join(", ")
+                            ),
+                        )
+                    })
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// The trainer of the query model: the reference with `new_batches` more batches, everything

@@ -376,6 +376,7 @@ fn reference_cells(data: &str, names: bool) -> Cells {
             counts: mb.modalities[0].counts.clone(),
         }],
         batches,
+        ..Cells::default()
     }
 }
 

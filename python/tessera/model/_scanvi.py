@@ -123,6 +123,8 @@ class SCANVI(SCVI):
         cls.setup_anndata(
             adata, labels_key, unlabeled_category, layer=setup.get("layer"),
             batch_key=setup.get("batch_key"),
+            categorical_covariate_keys=setup.get("categorical_covariate_keys"),
+            continuous_covariate_keys=setup.get("continuous_covariate_keys"),
         )
         init = {**scvi_model.init_params_, **scanvi_kwargs}
         model = cls(adata, **init)

@@ -141,17 +141,21 @@ class SCVI:
             obs column of batches (categorical, strings or integers).
         labels_key
             obs column of cell labels (used by label-aware models; kept for SCVI).
-        categorical_covariate_keys, continuous_covariate_keys
-            Extra covariates: not supported yet (the batch is the one covariate); giving any
-            is a ValueError rather than a silently different model.
+        categorical_covariate_keys
+            obs columns of further categorical covariates (donor, technology...): each one-hot
+            and injected where the batch is. New cells must have categories the model saw.
+        continuous_covariate_keys
+            Numeric obs columns given to the model as they are (every cell needs a value).
         """
-        if categorical_covariate_keys or continuous_covariate_keys:
-            raise ValueError(
-                "categorical_covariate_keys and continuous_covariate_keys are not supported yet "
-                "by tessera: the batch (batch_key) is the model's one covariate"
-            )
         _anndata.register(
-            adata, {"layer": layer, "batch_key": batch_key, "labels_key": labels_key}
+            adata,
+            {
+                "layer": layer,
+                "batch_key": batch_key,
+                "labels_key": labels_key,
+                "categorical_covariate_keys": categorical_covariate_keys,
+                "continuous_covariate_keys": continuous_covariate_keys,
+            },
         )
 
     # -- training --------------------------------------------------------------------------
@@ -268,6 +272,7 @@ class SCVI:
                     self._setup.get("modalities", []),
                     self._setup.get("batch_key"),
                     self._label_key(),
+                    *_anndata.covariate_keys(self._setup),
                     "X_tessera",
                     self._denoised_library_size(),
                     self._init_from,
@@ -302,6 +307,12 @@ class SCVI:
         if label_key and label_key != batch_key:
             labels = _anndata.labels(self.adata, label_key, setup.get("unlabeled_category"))
             categoricals.append((label_key, *labels))
+        categorical_keys, continuous_keys = _anndata.covariate_keys(setup)
+        written = {name for name, _, _ in categoricals}
+        for key in categorical_keys:
+            if key not in written:
+                categoricals.append((key, *_anndata.categorical(self.adata, key)))
+        floats = [(key, _anndata.continuous(self.adata, key)) for key in continuous_keys]
         _tessera.write_anndata(
             location,
             *_anndata.csr_arrays(csr),
@@ -309,7 +320,7 @@ class SCVI:
             [str(n) for n in self.adata.obs_names],
             [str(n) for n in self.adata.var_names],
             categoricals,
-            [],
+            floats,
         )
 
     def _label_key(self) -> str | None:
@@ -384,7 +395,7 @@ class SCVI:
         adata = self.adata if adata is None else adata
         if indices is not None:
             adata = adata[np.asarray(indices)]
-        *arrays, var_names, own = self._cells(adata)
+        *arrays, var_names, own, categorical, continuous = self._cells(adata)
         runs = [own] if transform_batch is None else [
             [b] * adata.n_obs for b in _as_list(transform_batch, own)
         ]
@@ -395,7 +406,9 @@ class SCVI:
             )
         values = np.mean(
             [
-                self._loaded().expression((*arrays, var_names, batches), float(library_size))
+                self._loaded().expression(
+                    (*arrays, var_names, batches, categorical, continuous), float(library_size)
+                )
                 for batches in runs
             ],
             axis=0,
@@ -428,12 +441,15 @@ class SCVI:
         return self._engine
 
     def _cells(self, adata: Any) -> tuple[Any, ...]:
-        """``adata``'s counts (CSR arrays), gene names and batches, as the engine takes them."""
+        """``adata``'s counts (CSR arrays), gene names, batches and covariates, as the engine
+        takes them."""
         csr = _anndata.counts_matrix(adata, _anndata.setup_of(adata).get("layer"))
+        setup = self._setup_for(adata)
         return (
             *_anndata.csr_arrays(csr),
             [str(n) for n in adata.var_names],
-            _anndata.batch_names(adata, self._setup_for(adata)),
+            _anndata.batch_names(adata, setup),
+            *_anndata.covariates(adata, setup),
         )
 
     def _setup_for(self, adata: Any) -> dict[str, Any]:
