@@ -81,6 +81,7 @@ fn a_notebook_maps_a_query_through_the_python_client() {
         embedding_key: "X_tessera".into(),
         prediction_key: tessera_worker::fit::PREDICTION_KEY.into(),
         overwrite: false,
+        store_outputs: true,
         resume: false,
         denoised: None,
         cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,

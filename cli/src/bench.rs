@@ -516,6 +516,7 @@ fn data_parallel(workers: &[usize], cells: usize, genes: usize, epochs: usize) -
             embedding_key: "X_tessera".into(),
             prediction_key: tessera_worker::fit::PREDICTION_KEY.into(),
             overwrite: false,
+            store_outputs: true,
             resume: false,
             denoised: None,
             cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,

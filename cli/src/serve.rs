@@ -186,6 +186,7 @@ pub fn bench_encode(sizes: &[usize], genes: usize, concurrency: usize, seconds: 
         embedding_key: "X_tessera".into(),
         prediction_key: tessera_worker::fit::PREDICTION_KEY.into(),
         overwrite: true,
+        store_outputs: true,
         resume: false,
         denoised: None,
         cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,

@@ -108,6 +108,7 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
         embedding_key: args.embedding_key,
         prediction_key: args.prediction_key,
         overwrite: args.overwrite,
+        store_outputs: true,
         resume: false,
         denoised: None,
         cache_bytes: 0,

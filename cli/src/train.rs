@@ -174,6 +174,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         embedding_key: args.embedding_key.clone(),
         prediction_key: args.prediction_key.clone(),
         overwrite: args.overwrite,
+        store_outputs: true,
         resume: args.resume,
         denoised: args.denoised.then(|| Denoised {
             key: "tessera_denoised".into(),

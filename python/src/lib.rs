@@ -251,17 +251,19 @@ enum Message {
     Done(Box<Result<tessera_worker::FitReport, FitError>>),
 }
 
-/// Trains like `tessera train` on the store at `data` with `config_json` (the `[model]` and
-/// `[train]` tables as JSON) and writes the model into the folder `out`. The GIL is released
+/// Trains like `tessera train` on the store at `data` (its `layers/<layer>`, or X) with
+/// `config_json` (the `[model]` and `[train]` tables as JSON) and writes the model into the
+/// folder `out`; the store is only read (the embedding is returned). The GIL is released
 /// while training; `progress(kind, value)` is called from this thread with ("start", (epochs,
 /// cells)) and ("epoch", record as JSON). Ctrl-C (or an exception from `progress`) stops after
 /// the running step and is raised once training has stopped. Returns (embedding, report JSON).
 #[pyfunction]
-#[pyo3(signature = (data, config_json, out, modalities, batch_key, label_key, categorical_covariate_keys, continuous_covariate_keys, embedding_key, denoised_library_size, init_from, device, progress))]
+#[pyo3(signature = (data, layer, config_json, out, modalities, batch_key, label_key, categorical_covariate_keys, continuous_covariate_keys, embedding_key, denoised_library_size, init_from, device, progress))]
 #[allow(clippy::too_many_arguments)] // the options of `tessera train`, flat
 fn fit<'py>(
     py: Python<'py>,
     data: String,
+    layer: Option<String>,
     config_json: &str,
     out: String,
     modalities: Vec<String>,
@@ -292,6 +294,7 @@ fn fit<'py>(
         embedding_key,
         prediction_key: PREDICTION_KEY.into(),
         overwrite: true,
+        store_outputs: false,
         resume: false,
         denoised: denoised_library_size.map(|library_size| Denoised {
             key: "tessera_denoised".into(),
@@ -300,7 +303,7 @@ fn fit<'py>(
         cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,
         device,
         init_from,
-        layer: None,
+        layer,
     };
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::unbounded();

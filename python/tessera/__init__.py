@@ -9,10 +9,13 @@
     adata.obsm["X_tessera"] = model.get_latent_representation()
 
 The model trains in the same engine as the ``tessera`` command line (``tessera train``), on
-the AnnData in memory or on a Zarr store.
+the AnnData in memory or, for data larger than memory, streamed from a Zarr store::
+
+    adata = tessera.read_zarr("atlas.zarr")   # obs and var in memory, the counts stay on disk
 """
 
 from . import metrics, model, snf
+from ._anndata import read_zarr
 from ._tessera import __version__
 
-__all__ = ["metrics", "model", "snf", "__version__"]
+__all__ = ["metrics", "model", "snf", "read_zarr", "__version__"]

@@ -4,6 +4,7 @@ its own there."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -12,6 +13,71 @@ import pandas as pd
 import scipy.sparse as sp
 
 SETUP_KEY = "_tessera_setup"
+# uns key of an AnnData from `read_zarr`: the store its matrices stay in.
+STORE_KEY = "_tessera_store"
+# Stored values a store-backed AnnData's count check reads (the first ones of X or the layer).
+COUNT_SAMPLE = 200_000
+
+
+def _read_elem(element: Any) -> Any:
+    try:
+        from anndata.io import read_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem
+    return read_elem(element)
+
+
+def _open_group(path: str) -> Any:
+    import zarr
+
+    try:
+        return zarr.open_group(path, mode="r")
+    except Exception as e:  # zarr raises several types for a missing or foreign path
+        raise ValueError(f"{path}: not a readable Zarr store ({e})") from e
+
+
+def read_zarr(path: str | os.PathLike[str]) -> Any:
+    """The AnnData Zarr store at ``path`` with its obs and var in memory and its matrices left
+    in the store: a model set up on it trains by streaming the store through the engine's
+    loader (for atlases larger than memory) and writes nothing into it. Its obs columns are the
+    store's: registered keys must be columns of the store. Encoding or decoding its cells later
+    (``get_latent_representation(adata)``, ``get_normalized_expression``) reads the registered
+    matrix into memory."""
+    import anndata
+
+    location = str(path)
+    if "://" not in location:
+        location = os.path.abspath(location)
+    group = _open_group(location)
+    if "mod" in group:
+        raise ValueError(
+            f"{location} is a MuData store: read it into memory (mudata.read_zarr) for MULTIVAE"
+        )
+    for element in ("obs", "var", "X"):
+        if element not in group:
+            raise ValueError(f"{location} has no {element}: not an AnnData Zarr store")
+    adata = anndata.AnnData(obs=_read_elem(group["obs"]), var=_read_elem(group["var"]))
+    adata.uns[STORE_KEY] = location
+    return adata
+
+
+def check_store_columns(store: str, setup: dict[str, Any]) -> None:
+    """The registered obs columns must be the store's: the engine reads them there."""
+    columns = set(_open_group(store)["obs"].keys())
+    categorical, continuous = covariate_keys(setup)
+    keys = [setup.get("batch_key"), setup.get("labels_key"), *categorical, *continuous]
+    for key in filter(None, keys):
+        if key not in columns:
+            raise KeyError(
+                f"obs column {key!r} is not in {store}/obs: a store-backed AnnData trains on "
+                "the store's columns (write it into the store, or read the AnnData into memory)"
+            )
+
+
+def store_of(adata: Any) -> str | None:
+    """The store a ``read_zarr`` AnnData's matrices are in (None: in memory)."""
+    location = adata.uns.get(STORE_KEY) if hasattr(adata, "uns") else None
+    return None if location is None else str(location)
 
 
 def setup_of(adata: Any) -> dict[str, Any]:
@@ -28,10 +94,10 @@ def setup_of(adata: Any) -> dict[str, Any]:
 def register(adata: Any, setup: dict[str, Any]) -> None:
     """Checks every key against the AnnData, then stores the registration (None left out)."""
     layer = setup.get("layer")
-    if layer is not None and layer not in adata.layers:
-        raise KeyError(
-            f"layer {layer!r} is not in adata.layers (it has {sorted(adata.layers.keys())})"
-        )
+    store = store_of(adata)
+    layers = sorted(adata.layers.keys()) if store is None else _store_layers(store)
+    if layer is not None and layer not in layers:
+        raise KeyError(f"layer {layer!r} is not in adata.layers (it has {layers})")
     for field in ("batch_key", "labels_key"):
         key = setup.get(field)
         if key is not None and key not in adata.obs:
@@ -46,7 +112,10 @@ def register(adata: Any, setup: dict[str, Any]) -> None:
                 raise KeyError(f"{field}: {key!r} is not a column of adata.obs")
     for key in setup.get("continuous_covariate_keys") or []:
         continuous(adata, key)
-    counts_matrix(adata, layer)  # NaN, shape and the count-data warning, now rather than later
+    if store is None:
+        counts_matrix(adata, layer)  # NaN, shape and the count warning, now rather than later
+    else:
+        check_counts(_stored_sample(store, layer), f"{store}: {field_name(layer)}")
     adata.uns[SETUP_KEY] = {k: v for k, v in setup.items() if v is not None}
 
 
@@ -98,11 +167,63 @@ def field_name(layer: str | None) -> str:
     return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
 
 
+def _store_layers(store: str) -> list[str]:
+    group = _open_group(store)
+    return sorted(group["layers"].keys()) if "layers" in group else []
+
+
+def _stored_matrix(store: str, layer: str | None) -> Any:
+    group = _open_group(store)
+    return group["X"] if layer is None else group["layers"][layer]
+
+
+def _stored_sample(store: str, layer: str | None) -> np.ndarray:
+    """The first stored values of X or the layer (CSR/CSC data, or a dense matrix's first
+    rows), for the count check."""
+    import zarr
+
+    element = _stored_matrix(store, layer)
+    if isinstance(element, zarr.Group):
+        return np.asarray(element["data"][:COUNT_SAMPLE])
+    rows = max(1, COUNT_SAMPLE // max(1, element.shape[1]))
+    return np.asarray(element[:rows]).ravel()
+
+
+def _store_rows(adata: Any, layer: str | None, store: str) -> Any:
+    """A store-backed AnnData's matrix read into memory, its rows those of ``adata`` (which
+    may be a subset of the store's cells)."""
+    x = _read_elem(_stored_matrix(store, layer))
+    stored = pd.Index(_read_elem(_open_group(store)["obs"]).index)
+    if stored.equals(pd.Index(adata.obs_names)):
+        return x
+    rows = stored.get_indexer(adata.obs_names)
+    if np.any(rows < 0):
+        raise KeyError(f"cells of this AnnData are not in {store}: {list(adata.obs_names[rows < 0][:3])}")
+    return x[rows]
+
+
+def check_counts(values: np.ndarray, name: str) -> None:
+    """NaN and infinity are errors; negative or non-integer values warn as scvi-tools does,
+    since the count likelihoods expect raw counts."""
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name} holds NaN or infinite values (expected counts)")
+    if values.size and (values.min() < 0 or np.any(values != np.round(values))):
+        warnings.warn(
+            f"{name} does not look like counts (negative or non-integer values); "
+            "the count likelihoods expect unnormalised counts: register a layer of raw counts",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def counts_matrix(adata: Any, layer: str | None) -> sp.csr_matrix:
     """X (or the layer) as a float32 CSR matrix: scipy CSR of that dtype is used as it is,
-    anything else is converted. NaN and infinity are errors; negative or non-integer values warn
-    as scvi-tools does, since the count likelihoods expect raw counts."""
-    x = adata.X if layer is None else adata.layers[layer]
+    anything else is converted (a store-backed AnnData's is read from its store). Values are
+    checked by ``check_counts``."""
+    store = store_of(adata)
+    x = _store_rows(adata, layer, store) if store else (
+        adata.X if layer is None else adata.layers[layer]
+    )
     name = field_name(layer)
     if x is None:
         raise ValueError(f"{name} is empty (expected a cells x genes count matrix)")
@@ -117,16 +238,7 @@ def counts_matrix(adata: Any, layer: str | None) -> sp.csr_matrix:
         csr = sp.csr_matrix(dense.astype(np.float32, copy=False))
     if csr.shape != (adata.n_obs, adata.n_vars):
         raise ValueError(f"{name} is {csr.shape}, adata is {(adata.n_obs, adata.n_vars)}")
-    values = csr.data
-    if not np.all(np.isfinite(values)):
-        raise ValueError(f"{name} holds NaN or infinite values (expected counts)")
-    if values.size and (values.min() < 0 or np.any(values != np.round(values))):
-        warnings.warn(
-            f"{name} does not look like counts (negative or non-integer values); "
-            "the count likelihoods expect unnormalised counts: register a layer of raw counts",
-            UserWarning,
-            stacklevel=3,
-        )
+    check_counts(csr.data, name)
     return csr
 
 

@@ -68,6 +68,9 @@ pub struct FitOptions {
     pub prediction_key: String,
     /// Replace an existing `obsm/<embedding_key>` (and the other outputs).
     pub overwrite: bool,
+    /// Write the embedding, expression and predictions into the store (off: only the report
+    /// and the output folder have them; the store is only read).
+    pub store_outputs: bool,
     /// Continue from `<out>/checkpoint` (same data and configuration; `max_epochs` may grow).
     pub resume: bool,
     /// Also write the decoders' expression at each cell's latent mean (dense, held in memory
@@ -499,7 +502,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             .chain(denoised_keys.iter().cloned())
             .chain(prediction_keys.iter().cloned())
         {
-            if !opts.overwrite && plan.target.keys(mapping)?.contains(&key) {
+            if opts.store_outputs && !opts.overwrite && plan.target.keys(mapping)?.contains(&key) {
                 return Err(tessera_data::DataError::Exists {
                     store: opts.data.clone(),
                     path: plan.target.element(&format!("{mapping}/{key}")),
@@ -852,36 +855,49 @@ fn stop_after_step<B: TrainBackend>(
     }
 }
 
-/// Rank 0's results: the embedding (and expression, predictions) of every cell written into the
-/// store, then the run's records in the output folder.
-fn write_outputs<B: TrainBackend>(run: &mut Run<'_, B>) -> Result<FitReport, FitError> {
-    let (holdout, stopped_early) = (run.holdout, run.stopped_early);
+/// What the trained model gives every cell, in store order, for rank 0's outputs.
+struct Decoded {
+    /// Latent means, cells x n_latent.
+    embedding: Vec<f32>,
+    /// Per modelled modality, cells x features (empty unless `FitOptions::denoised`).
+    denoised: Vec<Vec<f32>>,
+    /// Classifier probabilities, cells x labels (empty without a classifier).
+    probabilities: Vec<f32>,
+    /// The held-out cells (obs rows).
+    validation_cells: Vec<u64>,
+    /// Label codes per cell (empty without a label key).
+    labels: Vec<i32>,
+}
+
+/// Every cell of the store through the trained model, in store order.
+fn decode_all<B: TrainBackend>(run: &mut Run<'_, B>) -> Result<Decoded, FitError> {
     let Run {
         opts,
         loader,
         plan,
         inputs,
         trainer,
-        state,
-        denoised_keys,
+        holdout,
         ..
     } = run;
     let n_latent = opts.config.model.n_latent;
     let n = loader.n_cells() as usize;
     let classify = opts.config.model.classifier_weight > 0.0;
     let n_labels = loader.label_categories.len();
-    let mut embedding = vec![0f32; n * n_latent];
-    let mut denoised: Vec<Vec<f32>> = if opts.denoised.is_some() {
-        plan.modalities
-            .iter()
-            .map(|(_, _, g)| vec![0f32; n * g])
-            .collect()
-    } else {
-        Vec::new()
+    let mut out = Decoded {
+        embedding: vec![0f32; n * n_latent],
+        denoised: if opts.denoised.is_some() {
+            plan.modalities
+                .iter()
+                .map(|(_, _, g)| vec![0f32; n * g])
+                .collect()
+        } else {
+            Vec::new()
+        },
+        probabilities: vec![0f32; if classify { n * n_labels } else { 0 }],
+        validation_cells: Vec::new(),
+        labels: vec![-1i32; if opts.label_key.is_some() { n } else { 0 }],
     };
-    let mut probabilities = vec![0f32; if classify { n * n_labels } else { 0 }];
-    let mut validation_cells = Vec::new();
-    let mut labels = vec![-1i32; if opts.label_key.is_some() { n } else { 0 }];
     for mb in loader.ordered().epoch(0) {
         let mb = mb?;
         let batch = inputs.batch(&mb);
@@ -897,42 +913,83 @@ fn write_outputs<B: TrainBackend>(run: &mut Run<'_, B>) -> Result<FitReport, Fit
         let p = on_pool(|| batch.with(|b| trainer.model.predict_labels(b)))?.unwrap_or_default();
         for (r, &cell) in mb.cells.iter().enumerate() {
             if holdout.holds(cell) {
-                validation_cells.push(cell);
+                out.validation_cells.push(cell);
             }
             let cell = cell as usize;
-            embedding[cell * n_latent..(cell + 1) * n_latent]
+            out.embedding[cell * n_latent..(cell + 1) * n_latent]
                 .copy_from_slice(&z[r * n_latent..(r + 1) * n_latent]);
-            if let (Some(slot), Some(&code)) = (labels.get_mut(cell), mb.label.get(r)) {
+            if let (Some(slot), Some(&code)) = (out.labels.get_mut(cell), mb.label.get(r)) {
                 *slot = code;
             }
             if classify {
-                probabilities[cell * n_labels..(cell + 1) * n_labels]
+                out.probabilities[cell * n_labels..(cell + 1) * n_labels]
                     .copy_from_slice(&p[r * n_labels..(r + 1) * n_labels]);
             }
-            for ((all, e), (_, _, g)) in denoised.iter_mut().zip(&expression).zip(&plan.modalities)
+            for ((all, e), (_, _, g)) in out
+                .denoised
+                .iter_mut()
+                .zip(&expression)
+                .zip(&plan.modalities)
             {
                 all[cell * g..(cell + 1) * g].copy_from_slice(&e[r * g..(r + 1) * g]);
             }
         }
     }
-    plan.target
-        .write_obsm(&opts.embedding_key, &embedding, n_latent, opts.overwrite)?;
-    let mut denoised_elements = Vec::new();
+    Ok(out)
+}
+
+/// Where rank 0 wrote into the store, as `FitReport` names them.
+#[derive(Default)]
+struct StoreElements {
+    embedding: String,
+    denoised: Vec<String>,
+    predictions: Vec<String>,
+    /// Earlier runs' outputs this run did not rewrite.
+    stale: Vec<String>,
+}
+
+/// The embedding, expression and predictions written into the store, with their provenance.
+fn write_into_store(
+    opts: &FitOptions,
+    plan: &OutputPlan,
+    denoised_keys: &[(&'static str, String)],
+    label_categories: &[String],
+    decoded: &Decoded,
+) -> Result<StoreElements, FitError> {
+    let n_latent = opts.config.model.n_latent;
+    plan.target.write_obsm(
+        &opts.embedding_key,
+        &decoded.embedding,
+        n_latent,
+        opts.overwrite,
+    )?;
+    let mut elements = StoreElements {
+        embedding: plan.target.element(&format!("obsm/{}", opts.embedding_key)),
+        ..StoreElements::default()
+    };
     for ((mapping, key), (values, (_, _, g))) in denoised_keys
         .iter()
-        .zip(denoised.iter().zip(&plan.modalities))
+        .zip(decoded.denoised.iter().zip(&plan.modalities))
     {
         if *mapping == "layers" {
             plan.target.write_dense_layer(key, values, opts.overwrite)?;
         } else {
             plan.target.write_obsm(key, values, *g, opts.overwrite)?;
         }
-        denoised_elements.push(plan.target.element(&format!("{mapping}/{key}")));
+        elements
+            .denoised
+            .push(plan.target.element(&format!("{mapping}/{key}")));
     }
-    let embedding_element = plan.target.element(&format!("obsm/{}", opts.embedding_key));
-    let mut prediction_elements = Vec::new();
-    if classify {
-        let codes: Vec<i32> = probabilities
+    let mut written = vec![format!("obsm/{}", opts.embedding_key)];
+    written.extend(
+        denoised_keys
+            .iter()
+            .map(|(mapping, key)| format!("{mapping}/{key}")),
+    );
+    if opts.config.model.classifier_weight > 0.0 {
+        let n_labels = label_categories.len();
+        let codes: Vec<i32> = decoded
+            .probabilities
             .chunks(n_labels)
             .map(|p| {
                 p.iter()
@@ -945,38 +1002,67 @@ fn write_outputs<B: TrainBackend>(run: &mut Run<'_, B>) -> Result<FitReport, Fit
             .collect();
         let column = tessera_data::Column::Categorical {
             codes,
-            categories: loader.label_categories.clone(),
+            categories: label_categories.to_vec(),
             ordered: false,
         };
         plan.target
             .write_obs_column(&opts.prediction_key, &column, opts.overwrite)?;
         let key = format!("{}_probabilities", opts.prediction_key);
         plan.target
-            .write_obsm(&key, &probabilities, n_labels, opts.overwrite)?;
-        prediction_elements = vec![
-            plan.target.element(&format!("obs/{}", opts.prediction_key)),
-            plan.target.element(&format!("obsm/{key}")),
-        ];
-    }
-
-    let mut written = vec![format!("obsm/{}", opts.embedding_key)];
-    written.extend(
-        denoised_keys
-            .iter()
-            .map(|(mapping, key)| format!("{mapping}/{key}")),
-    );
-    if classify {
+            .write_obsm(&key, &decoded.probabilities, n_labels, opts.overwrite)?;
         written.push(format!("obs/{}", opts.prediction_key));
-        written.push(format!("obsm/{}_probabilities", opts.prediction_key));
+        written.push(format!("obsm/{key}"));
     }
-    let stale_elements = crate::provenance::record(&plan.target, &written, opts)?;
-    for element in &stale_elements {
+    elements.predictions = written[1 + denoised_keys.len()..]
+        .iter()
+        .map(|e| plan.target.element(e))
+        .collect();
+    let stale = crate::provenance::record(&plan.target, &written, opts)?;
+    for element in &stale {
         tracing::warn!(
             element = %plan.target.element(element),
             "left from an earlier run: this run did not rewrite it (uns/tessera_provenance \
              says which run wrote it)"
         );
     }
+    elements.stale = stale.iter().map(|e| plan.target.element(e)).collect();
+    Ok(elements)
+}
+
+/// Rank 0's results: the embedding (and expression, predictions) of every cell written into the
+/// store (unless `FitOptions::store_outputs` is off), then the run's records in the output
+/// folder.
+fn write_outputs<B: TrainBackend>(run: &mut Run<'_, B>) -> Result<FitReport, FitError> {
+    let decoded = decode_all(run)?;
+    let stopped_early = run.stopped_early;
+    let Run {
+        opts,
+        loader,
+        plan,
+        trainer,
+        state,
+        denoised_keys,
+        ..
+    } = run;
+    let elements = if opts.store_outputs {
+        write_into_store(
+            opts,
+            plan,
+            denoised_keys,
+            &loader.label_categories,
+            &decoded,
+        )?
+    } else {
+        StoreElements::default()
+    };
+    let Decoded {
+        embedding,
+        denoised,
+        validation_cells,
+        labels,
+        ..
+    } = decoded;
+    let n_latent = opts.config.model.n_latent;
 
     std::fs::create_dir_all(&opts.out).map_err(|e| FitError::Output {
         path: opts.out.display().to_string(),
@@ -1034,14 +1120,11 @@ fn write_outputs<B: TrainBackend>(run: &mut Run<'_, B>) -> Result<FitReport, Fit
         batch_categories: loader.batch_categories.clone(),
         embedding,
         n_latent,
-        embedding_element,
-        denoised_elements,
+        embedding_element: elements.embedding,
+        denoised_elements: elements.denoised,
         denoised,
-        stale_elements: stale_elements
-            .iter()
-            .map(|e| plan.target.element(e))
-            .collect(),
-        prediction_elements,
+        stale_elements: elements.stale,
+        prediction_elements: elements.predictions,
     };
     write_file(
         &opts.out.join(REPORT_FILE),

@@ -405,6 +405,7 @@ fn run_assignment(
         prediction_key: non_empty(&spec.prediction_key)
             .unwrap_or_else(|| crate::fit::PREDICTION_KEY.into()),
         overwrite: spec.overwrite,
+        store_outputs: true,
         resume: false,
         denoised: None,
         cache_bytes: config.cache_bytes,

@@ -45,6 +45,7 @@ fn options(data: &str, out: &Path) -> FitOptions {
         embedding_key: "X_tessera".into(),
         prediction_key: tessera_worker::fit::PREDICTION_KEY.into(),
         overwrite: false,
+        store_outputs: true,
         resume: false,
         denoised: None,
         cache_bytes: 64 << 20,

@@ -48,6 +48,7 @@ fn options(data: &str, out: &Path, epochs: usize, resume: bool) -> FitOptions {
         embedding_key: "X_tessera".into(),
         prediction_key: tessera_worker::fit::PREDICTION_KEY.into(),
         overwrite: resume,
+        store_outputs: true,
         resume,
         denoised: None,
         cache_bytes: tessera_worker::DEFAULT_CACHE_MIB << 20,

@@ -1,0 +1,80 @@
+"""A store-backed AnnData (tessera.read_zarr): training streams the Zarr store through the
+engine's loader and writes nothing into it, with the same model as the in-memory AnnData."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import zarr
+
+import tessera
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = Path(os.environ.get("TESSERA_SHARED_DATA", ROOT.parent / "shared" / "data"))
+PBMC = SHARED / "pbmc68k_counts.zarr"
+SCVI = tessera.model.SCVI
+
+
+@pytest.fixture()
+def store(tmp_path) -> Path:
+    """PBMC with a batch column, its counts in a layer and X log-normalised (as atlases ship)."""
+    adata = ad.read_zarr(PBMC)
+    adata.obs["batch"] = np.where(np.arange(adata.n_obs) % 3 == 0, "b", "a")
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = adata.X.log1p()
+    path = tmp_path / "pbmc.zarr"
+    with ad.settings.override(allow_write_nullable_strings=True):
+        adata.write_zarr(path)
+    return path
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_a_store_backed_anndata_trains_the_in_memory_model_and_leaves_the_store_alone(store):
+    before = listing(store)
+    backed = tessera.read_zarr(store)
+    assert backed.X is None and backed.shape == (700, 765)
+    SCVI.setup_anndata(backed, layer="counts", batch_key="batch")
+    streamed = SCVI(backed, n_latent=6)
+    streamed.train(max_epochs=5, seed=3, progress_bar=False)
+
+    memory = ad.read_zarr(store)
+    SCVI.setup_anndata(memory, layer="counts", batch_key="batch")
+    in_memory = SCVI(memory, n_latent=6)
+    in_memory.train(max_epochs=5, seed=3, progress_bar=False)
+
+    z = streamed.get_latent_representation()
+    np.testing.assert_array_equal(z, in_memory.get_latent_representation())
+    # Cells encoded again read the layer from the store, a subset included.
+    np.testing.assert_array_equal(streamed.get_latent_representation(backed), z)
+    np.testing.assert_array_equal(
+        streamed.get_latent_representation(backed[[4, 2]].copy()), z[[4, 2]]
+    )
+    np.testing.assert_array_equal(
+        streamed.get_normalized_expression(return_numpy=True),
+        in_memory.get_normalized_expression(return_numpy=True),
+    )
+    assert listing(store) == before, "training wrote into the user's store"
+
+
+def test_store_backed_setup_checks_the_store(store, tmp_path):
+    backed = tessera.read_zarr(store)
+    with pytest.warns(UserWarning, match=r"pbmc.zarr: adata.X does not look like counts"):
+        SCVI.setup_anndata(backed, batch_key="batch")  # X holds log1p values
+    with pytest.raises(KeyError, match="raw"):
+        SCVI.setup_anndata(backed, layer="raw")
+    backed.obs["donor"] = "d0"  # in memory only: the engine reads the store's obs
+    SCVI.setup_anndata(backed, layer="counts", categorical_covariate_keys=["donor"])
+    with pytest.raises(KeyError, match=r"'donor' is not in .*/obs"):
+        SCVI(backed).train(max_epochs=1, progress_bar=False)
+    with pytest.raises(ValueError, match="not a readable Zarr store"):
+        tessera.read_zarr(tmp_path / "missing.zarr")
+    zarr.open_group(tmp_path / "empty.zarr", mode="w")
+    with pytest.raises(ValueError, match="has no obs: not an AnnData"):
+        tessera.read_zarr(tmp_path / "empty.zarr")
