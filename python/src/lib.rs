@@ -409,20 +409,33 @@ struct Model {
 
 impl Model {
     fn cells(&self, given: CellsArgs<'_>) -> PyResult<Cells> {
-        let CellsArgs(indptr, indices, data, var_names, batches, categorical, continuous) = given;
-        let n_vars = var_names.len();
-        let counts = CsrArgs {
-            indptr,
-            indices,
-            data,
-            n_vars,
-        };
-        Ok(Cells {
-            modalities: vec![CellsModality {
-                name: self.modality.clone(),
-                counts: counts.to_csr("X")?,
+        let CellsArgs(given, batches, categorical, continuous) = given;
+        let mut modalities = Vec::with_capacity(given.len());
+        for (name, indptr, indices, data, var_names, present) in given {
+            let name = if name.is_empty() {
+                self.modality.clone()
+            } else {
+                name
+            };
+            let counts = CsrArgs {
+                indptr,
+                indices,
+                data,
+                n_vars: var_names.len(),
+            }
+            .to_csr(&name)?;
+            modalities.push(CellsModality {
+                name,
+                counts,
                 var_names,
-            }],
+                present: present.unwrap_or_default(),
+            });
+        }
+        if modalities.is_empty() {
+            return Err(PyValueError::new_err("no modality's counts given"));
+        }
+        Ok(Cells {
+            modalities,
             batches,
             categorical,
             continuous,
@@ -430,15 +443,13 @@ impl Model {
     }
 }
 
-/// Cells as Python hands them to `Model`: one tuple of CSR counts (indptr, indices, data), the
-/// matrix's feature names, each cell's batch, and per covariate of the model each cell's
-/// category (categorical) or value (continuous).
+/// Cells as Python hands them to `Model`: the counts of one or more of the model's modalities
+/// (a `ModalityArgs` each, but with a row for every cell, empty where the cell lacks the
+/// modality; the name "" is the model's first modality), each cell's batch, and per covariate of the model each cell's category (categorical) or value
+/// (continuous).
 #[derive(FromPyObject)]
 struct CellsArgs<'py>(
-    PyReadonlyArray1<'py, i64>,
-    PyReadonlyArray1<'py, i32>,
-    PyReadonlyArray1<'py, f32>,
-    Vec<String>,
+    Vec<ModalityArgs<'py>>,
     Vec<String>,
     Vec<Vec<String>>,
     Vec<Vec<f64>>,
@@ -471,20 +482,24 @@ impl Model {
         matrix(py, z, cells.modalities[0].counts.n_rows)
     }
 
-    /// The decoder's expression at each cell's latent mean, scaled to `library_size` counts
-    /// (cells x the model's genes).
+    /// Each decoder's expression at each cell's latent mean (count likelihoods scaled to
+    /// `library_size` counts): one cells x features matrix per modality of the model, in its
+    /// order, imputed for cells that lack the modality.
     fn expression<'py>(
         &self,
         py: Python<'py>,
         cells: CellsArgs<'py>,
         library_size: f64,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let cells = self.cells(cells)?;
         let (_, expression) = py
             .detach(|| self.pool.expression(&cells, library_size))
             .map_err(data_error)?;
-        let first = expression.into_iter().next().unwrap_or_default();
-        matrix(py, first, cells.modalities[0].counts.n_rows)
+        let rows = cells.modalities[0].counts.n_rows;
+        expression
+            .into_iter()
+            .map(|values| matrix(py, values, rows))
+            .collect()
     }
 
     /// The label classifier's class probabilities (cells x `label_categories`); None without

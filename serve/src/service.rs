@@ -387,6 +387,7 @@ impl Atlas for AtlasService {
                 name: m.name.clone(),
                 var_names: m.var_names.clone(),
                 counts: csr(m)?,
+                present: Vec::new(),
             });
         }
         let registry = Arc::clone(&self.registry);

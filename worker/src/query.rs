@@ -220,7 +220,10 @@ pub struct CellsModality {
     pub name: String,
     /// Feature names of `counts`' columns; empty: the reference's features in its order.
     pub var_names: Vec<String>,
+    /// One row per cell (empty rows for the cells that lack the modality).
     pub counts: Csr,
+    /// Which cells measured the modality; empty: all of them.
+    pub present: Vec<bool>,
 }
 
 fn model_error(path: impl std::fmt::Display, reason: impl std::fmt::Display) -> QueryError {
@@ -616,12 +619,25 @@ impl ReferenceModel {
                 }
                 self.columns(&given.name, &given.var_names)
             };
+            let present = match given.present.len() {
+                0 => vec![true; rows],
+                n if n == rows => given.present.clone(),
+                n => {
+                    return Err(input(
+                        request,
+                        format!(
+                            "modality {:?}: {n} presence flags for {rows} cells",
+                            given.name
+                        ),
+                    ));
+                }
+            };
             let library = given.counts.row_sums();
             modalities.push(ModalityBatch {
                 name: given.name.clone(),
                 counts: given.counts.clone(),
                 library,
-                present: vec![true; rows],
+                present,
             });
             sources.push((given.name.as_str(), columns));
         }

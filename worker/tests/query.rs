@@ -374,6 +374,7 @@ fn reference_cells(data: &str, names: bool) -> Cells {
             name: mb.modalities[0].name.clone(),
             var_names,
             counts: mb.modalities[0].counts.clone(),
+            present: Vec::new(),
         }],
         batches,
         ..Cells::default()

@@ -414,7 +414,7 @@ class SCVI:
         adata = self.adata if adata is None else adata
         if indices is not None:
             adata = adata[np.asarray(indices)]
-        *arrays, var_names, own, categorical, continuous = self._cells(adata)
+        modalities, own, categorical, continuous = self._cells(adata)
         runs = [own] if transform_batch is None else [
             [b] * adata.n_obs for b in _as_list(transform_batch, own)
         ]
@@ -426,8 +426,8 @@ class SCVI:
         values = np.mean(
             [
                 self._loaded().expression(
-                    (*arrays, var_names, batches, categorical, continuous), float(library_size)
-                )
+                    (modalities, batches, categorical, continuous), float(library_size)
+                )[0]
                 for batches in runs
             ],
             axis=0,
@@ -464,9 +464,9 @@ class SCVI:
         takes them."""
         csr = _anndata.counts_matrix(adata, _anndata.setup_of(adata).get("layer"))
         setup = self._setup_for(adata)
+        modality = ("", *_anndata.csr_arrays(csr), [str(n) for n in adata.var_names], None)
         return (
-            *_anndata.csr_arrays(csr),
-            [str(n) for n in adata.var_names],
+            [modality],
             _anndata.batch_names(adata, setup),
             *_anndata.covariates(adata, setup),
         )
