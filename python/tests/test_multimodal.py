@@ -78,6 +78,31 @@ def test_totalvi_embeds_every_cell_and_imputes_missing_proteins(totalvi):
     assert scores["Bio conservation"] > 0.5, scores
 
 
+def test_a_saved_totalvi_loads_and_embeds_and_imputes_another_mudata(totalvi, tmp_path):
+    mdata, _, present, model = totalvi
+    z = model.get_latent_representation()
+    rna, protein = model.get_normalized_expression(return_numpy=True)
+    model.save(tmp_path / "totalvi")
+    with pytest.raises(ValueError, match="already exists"):
+        model.save(tmp_path / "totalvi")
+    other = mdata.copy()
+    del other.uns[tessera._anndata.SETUP_KEY]
+    loaded = tessera.model.TOTALVI.load(tmp_path / "totalvi", other)
+    # Encoded and decoded again from the MuData: what training gave for the same cells.
+    np.testing.assert_array_equal(loaded.get_latent_representation(), z)
+    rna_again, protein_again = loaded.get_normalized_expression(return_numpy=True)
+    np.testing.assert_allclose(protein_again, protein, rtol=1e-5)
+    np.testing.assert_allclose(rna_again, rna, rtol=1e-5)
+    # RNA alone (a MuData without proteins): the cells that had none embed as before.
+    rna_only = md.MuData({"rna": mdata.mod["rna"].copy()})
+    rna_only.obs["batch"] = mdata.obs["batch"].to_numpy()
+    z_rna = loaded.get_latent_representation(rna_only)
+    np.testing.assert_allclose(z_rna[~present], z[~present], rtol=1e-5, atol=1e-6)
+    assert np.abs(z_rna[present] - z[present]).max() > 1e-3
+    with pytest.raises(KeyError, match="none of the model's modalities"):
+        loaded.get_latent_representation(mdata.mod["rna"])
+
+
 def test_multivae_takes_any_modalities_and_joint(totalvi):
     mdata, expected, present, _ = totalvi
     tessera.model.MULTIVAE.setup_mudata(mdata, modalities=["rna", "prot"], batch_key="batch")
@@ -88,10 +113,11 @@ def test_multivae_takes_any_modalities_and_joint(totalvi):
     assert list(prot.columns) == ["P3", "P1"] and prot.shape[0] == mdata.n_obs
     with pytest.raises(KeyError, match="atac"):
         model.get_normalized_expression(modality="atac")
-    with pytest.raises(ValueError, match="trained on"):
-        model.get_latent_representation(mdata.copy())
-    with pytest.raises(NotImplementedError, match="tessera train"):
-        model.save("anywhere")
+    # A mixture of experts encodes another MuData as it encoded the training one.
+    np.testing.assert_allclose(
+        model.get_latent_representation(mdata.copy()), model.get_latent_representation(),
+        rtol=1e-6, atol=1e-6,
+    )
 
 
 def test_bad_multimodal_setups_are_refused():

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .. import _anndata, _tessera
 from ._scvi import SCVI
@@ -77,8 +78,42 @@ class MULTIVAE(SCVI):
         setup = {"modalities": names, "batch_key": batch_key, "labels_key": labels_key}
         mdata.uns[_anndata.SETUP_KEY] = {k: v for k, v in setup.items() if v is not None}
 
+    @classmethod
+    def _transfer_setup(cls, adata: Any, setup: dict[str, Any]) -> None:
+        MULTIVAE.setup_mudata(adata, **setup)
+
     def _denoised_library_size(self) -> float | None:
         return 1.0
+
+    def _cells(self, adata: Any) -> tuple[Any, ...]:
+        """The model's modalities that the MuData ``adata`` has, each with a row per cell (empty
+        where ``obsmap`` says the cell lacks it), and its batches, as the engine takes them. A
+        modality the MuData lacks is missing in every cell (encoded from the others, imputed)."""
+        modalities = []
+        names = [n for n in self._setup["modalities"] if n in getattr(adata, "mod", {})]
+        if not names:
+            raise KeyError(
+                f"this {type(adata).__name__} has none of the model's modalities "
+                f"({self._setup['modalities']}): pass a MuData"
+            )
+        for name in names:
+            if name not in adata.obsmap:
+                raise ValueError(f"mdata.obsmap has no {name!r}: call mdata.update() first")
+            rows = np.asarray(adata.obsmap[name]).astype(np.int64)
+            present = rows > 0
+            csr = _anndata.counts_matrix(adata.mod[name], None)
+            # Row i of the result is row rows[i] - 1 of the modality, or empty.
+            pick = sp.csr_matrix(
+                (np.ones(int(present.sum()), dtype=np.float32),
+                 (np.flatnonzero(present), rows[present] - 1)),
+                shape=(adata.n_obs, csr.shape[0]),
+            )
+            modalities.append((
+                name, *_anndata.csr_arrays(sp.csr_matrix(pick @ csr)),
+                [str(v) for v in adata.mod[name].var_names],
+                None if present.all() else present.tolist(),
+            ))
+        return modalities, _anndata.batch_names(adata, self._setup_for(adata)), [], []
 
     def _write_store(self, location: str) -> None:
         """The MuData's registered modalities (each over the cells that measured it, in the
@@ -108,11 +143,11 @@ class MULTIVAE(SCVI):
         give_mean: bool = True,
         batch_size: int | None = None,
     ) -> np.ndarray:
-        """The joint latent mean of every cell of the MuData the model trained on (cells x
-        n_latent); another MuData is not supported yet."""
-        if adata is not None and adata is not self.adata:
-            raise ValueError(f"{type(self).__name__} embeds the MuData it trained on (adata=None)")
-        return super().get_latent_representation(None, indices, give_mean, batch_size)
+        """The joint latent mean of every cell (cells x n_latent) of the MuData the model
+        trained on, or of another MuData with the model's modalities (by name; features
+        aligned by name, zero where missing) and known batches; cells missing a modality are
+        encoded from the ones they have."""
+        return super().get_latent_representation(adata, indices, give_mean, batch_size)
 
     def get_normalized_expression(  # type: ignore[override]
         self,
@@ -126,20 +161,25 @@ class MULTIVAE(SCVI):
         """One modality's expression decoded at every cell's joint latent mean (cells x
         features), imputed for the cells that lack the modality: RNA proportions × 
         ``library_size``, accessibility probabilities, proteins' expected foreground counts
-        (``library_size`` applies to count likelihoods only). Cells of the training MuData, each
-        decoded with its own batch."""
+        (``library_size`` applies to count likelihoods only). Cells of the training MuData (by
+        default) or of another with the model's modalities, each decoded with its own batch."""
         self._check_trained()
-        if adata is not None and adata is not self.adata:
-            raise ValueError(f"{type(self).__name__} decodes the MuData it trained on (adata=None)")
-        names = list(self._denoised)
+        names = list(self._setup["modalities"])
         modality = names[0] if modality is None else modality
-        if modality not in self._denoised:
+        if modality not in names:
             raise KeyError(f"modality {modality!r} is not one the model has ({names})")
-        scales, values = self._denoised[modality]
-        values = values * np.float32(library_size) if scales else values
+        if (adata is None or adata is self.adata) and modality in self._denoised:
+            # What training decoded (at library size 1) for the cells it trained on.
+            scales, values = self._denoised[modality]
+            values = values * np.float32(library_size) if scales else values
+        else:
+            values = self._loaded().expression(
+                self._cells(self.adata if adata is None else adata), float(library_size)
+            )[names.index(modality)]
+        adata = self.adata if adata is None else adata
         frame = pd.DataFrame(
             values,
-            index=self.adata.obs_names.copy(),
+            index=adata.obs_names.copy(),
             columns=self.adata.mod[modality].var_names.copy(),
         )
         if gene_list is not None:
@@ -147,12 +187,6 @@ class MULTIVAE(SCVI):
         if indices is not None:
             frame = frame.iloc[np.asarray(indices)]
         return frame.to_numpy() if return_numpy else frame
-
-    def save(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            f"saving a {type(self).__name__} from Python is not supported yet; "
-            "`tessera train --data STORE --out DIR` writes a loadable model of the same kind"
-        )
 
 
 class TOTALVI(MULTIVAE):

@@ -522,7 +522,10 @@ class SCVI:
             # An AnnData read from a recent store may hold pandas' string arrays; they are
             # written as they are rather than refused.
             with anndata.settings.override(allow_write_nullable_strings=True):
-                self.adata.write_h5ad(target / "adata.h5ad")
+                if hasattr(self.adata, "mod"):
+                    self.adata.write_h5mu(target / "mdata.h5mu")
+                else:
+                    self.adata.write_h5ad(target / "adata.h5ad")
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike[str], adata: Any | None = None) -> "SCVI":
@@ -537,7 +540,7 @@ class SCVI:
         if adata is None:
             adata = _read_saved_anndata(source)
         if _anndata.SETUP_KEY not in adata.uns:
-            cls.setup_anndata(adata, **saved["setup"])
+            cls._transfer_setup(adata, saved["setup"])
         model = cls(adata, **saved["init_params"])
         _check_genes(source, adata)
         shutil.copytree(source, model._folder.name, dirs_exist_ok=True)
@@ -713,6 +716,10 @@ def _reference(model: "SCVI | str | os.PathLike[str]") -> tuple[str, dict[str, A
 
 
 def _read_saved_anndata(source: Path) -> Any:
+    if (source / "mdata.h5mu").is_file():
+        import mudata
+
+        return mudata.read_h5mu(source / "mdata.h5mu")
     path = source / "adata.h5ad"
     if not path.is_file():
         raise ValueError(f"pass adata: {source} holds no adata.h5ad (saved without save_anndata)")
@@ -722,10 +729,13 @@ def _read_saved_anndata(source: Path) -> Any:
 
 
 def _check_genes(source: Path, adata: Any) -> None:
-    """The model's genes (from its config) against ``adata``'s, in order."""
+    """The model's features per modality (from its config) against ``adata``'s (a MuData's
+    modalities by name)."""
     config = json.loads((source / "config.json").read_text())
-    expected = [n for _, n in config.get("modalities", [])]
-    if expected and expected[0] != adata.n_vars:
-        raise ValueError(
-            f"adata has {adata.n_vars} genes, the model in {source} was trained on {expected[0]}"
-        )
+    for name, expected in config.get("modalities", [])[: None if hasattr(adata, "mod") else 1]:
+        given = adata.mod[name] if hasattr(adata, "mod") else adata
+        if given.n_vars != expected:
+            what = f"modality {name!r} has {given.n_vars} features" if hasattr(adata, "mod") else (
+                f"adata has {given.n_vars} genes"
+            )
+            raise ValueError(f"{what}, the model in {source} was trained on {expected}")
