@@ -47,12 +47,27 @@ pub struct MapArgs {
     /// Folder for the report (map.json).
     #[arg(long, default_value = "tessera-out")]
     out: PathBuf,
+    /// Also save the fine-tuned query model here (a model folder, loadable as any trained
+    /// model: the reference's batches and the query's; the query's cells as its reference).
+    /// A folder holding a model is refused unless --overwrite.
+    #[arg(long, value_name = "DIR")]
+    save_model: Option<PathBuf>,
     /// Where the query model is fine-tuned: cpu, cuda or cuda:N.
     #[arg(long, env = "TESSERA_DEVICE", default_value = "cpu")]
     device: tessera_worker::device::Device,
 }
 
 pub fn run(args: MapArgs) -> Result<()> {
+    if let Some(dir) = &args.save_model {
+        let existing = dir.join("model.safetensors");
+        if existing.exists() && !args.overwrite {
+            anyhow::bail!(
+                "--save-model {}: a model is already there ({}); pass --overwrite to replace it",
+                dir.display(),
+                existing.display()
+            );
+        }
+    }
     let model = ReferenceModel::open(&args.model)?;
     let req = QueryRequest {
         data: args.data.clone(),
@@ -70,6 +85,7 @@ pub fn run(args: MapArgs) -> Result<()> {
         }),
         seed: args.seed,
         device: args.device,
+        model_out: args.save_model.as_ref().map(|d| d.display().to_string()),
     };
     let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template(
         "{spinner} [{elapsed_precise}] {msg}",

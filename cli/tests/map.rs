@@ -77,10 +77,34 @@ fn map_a_query_onto_a_trained_reference() {
         "20",
         "--out",
         &out,
+        "--save-model",
+        &path(dir.path(), "query_model"),
     ]));
     assert!(
         printed.contains("1 new (batch2)") && printed.contains("150 of 150 reference features"),
         "{printed}"
+    );
+    // The saved query model is a model folder; another mapping will not replace it unasked.
+    assert!(
+        Path::new(&path(dir.path(), "query_model"))
+            .join("model.safetensors")
+            .exists()
+    );
+    let again = tessera(&[
+        "map",
+        "--model",
+        &model,
+        "--data",
+        &query,
+        "--out",
+        &out,
+        "--save-model",
+        &path(dir.path(), "query_model"),
+    ]);
+    let e = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && e.contains("pass --overwrite"),
+        "{e}"
     );
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(Path::new(&out).join("map.json")).unwrap()).unwrap();

@@ -521,11 +521,12 @@ impl Model {
 /// Maps the query store at `data` onto the model saved in `model_dir` as `tessera map` does
 /// (architecture surgery for new batches, `epochs` of fine-tuning the new rows and the layers
 /// `unfreeze` opens, the latent means of every query cell, kNN label transfer when the
-/// reference has labels) and writes nothing. Returns (embedding, transferred labels,
+/// reference has labels) and writes nothing into the store; the fine-tuned query model goes to
+/// the folder `model_out` when given. Returns (embedding, transferred labels,
 /// their uncertainties, the classifier's labels, report JSON); the label lists are empty when
 /// the model has no labels or no classifier.
 #[pyfunction]
-#[pyo3(signature = (model_dir, data, batch_key, epochs, encoder_input, decoder_input, neighbours, seed, device))]
+#[pyo3(signature = (model_dir, data, batch_key, epochs, encoder_input, decoder_input, neighbours, seed, device, model_out))]
 #[allow(clippy::too_many_arguments)] // the options of `tessera map`, flat
 fn map_query<'py>(
     py: Python<'py>,
@@ -538,6 +539,7 @@ fn map_query<'py>(
     neighbours: usize,
     seed: u64,
     device: &str,
+    model_out: Option<String>,
 ) -> PyResult<MappedQuery<'py>> {
     let request = QueryRequest {
         data,
@@ -551,6 +553,7 @@ fn map_query<'py>(
         write: None,
         seed,
         device: device.parse().map_err(data_error)?,
+        model_out,
     };
     let model = ReferenceModel::open(model_dir).map_err(data_error)?;
     let output = py

@@ -3,6 +3,8 @@ query of the others mapped onto it (tessera map's engine)."""
 
 from __future__ import annotations
 
+import json
+
 import os
 from pathlib import Path
 
@@ -54,10 +56,15 @@ def test_a_query_of_a_new_batch_is_mapped_and_labelled(reference, tmp_path):
     transferred = mapped.transferred_labels_
     assert (transferred["label"].to_numpy() == truth).mean() > 0.7
     assert transferred["uncertainty"].between(0, 1).all()
-    with pytest.raises(ValueError, match="query"):
-        mapped.get_latent_representation(query)
-    with pytest.raises(ValueError, match="query model"):
-        mapped.save(tmp_path / "q")
+    # The fine-tuned query model encodes and classifies the query's cells again, and saves
+    # and loads like any model (the reference's batches and the query's).
+    np.testing.assert_array_equal(mapped.get_latent_representation(query.copy()), z)
+    assert (mapped.predict(query.copy()) == predicted).all()
+    mapped.save(tmp_path / "q")
+    loaded = tessera.model.SCANVI.load(tmp_path / "q", query.copy())
+    np.testing.assert_array_equal(loaded.get_latent_representation(), z)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["batch_categories"] == ["a", "b", "c"] and "query_of" in config
 
 
 def test_a_saved_reference_maps_the_same_as_the_live_one(reference, tmp_path):

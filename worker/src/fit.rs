@@ -1346,7 +1346,7 @@ impl Inputs {
     }
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), FitError> {
+pub(crate) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), FitError> {
     std::fs::write(path, bytes).map_err(|e| FitError::Output {
         path: path.display().to_string(),
         reason: e.to_string(),

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -81,6 +82,11 @@ pub struct QueryRequest {
     /// Where the query model is fine-tuned and encodes.
     #[serde(default)]
     pub device: Device,
+    /// Also write the fine-tuned query model into this folder: a model folder like `tessera
+    /// train --out`'s, with the query's new batches added and the query's latent as its
+    /// reference cells, so it loads like any trained model (scvi-tools saves a query model too).
+    #[serde(default)]
+    pub model_out: Option<String>,
 }
 
 /// The elements `map_query` writes into the query store.
@@ -244,6 +250,8 @@ pub struct ReferenceModel {
     /// Where it was read from, for messages and reports.
     pub source: String,
     record: RunRecord,
+    /// `config.json` as it was read, for the query models saved from this one.
+    config: serde_json::Value,
     tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
     pub reference: Reference,
 }
@@ -290,6 +298,8 @@ impl ReferenceModel {
         let [config_path, weights_path, reference_path] =
             MODEL_FILES.map(|f| format!("{source}/{f}"));
         let record: RunRecord =
+            serde_json::from_slice(config).map_err(|e| model_error(&config_path, e))?;
+        let config: serde_json::Value =
             serde_json::from_slice(config).map_err(|e| model_error(&config_path, e))?;
         let file = SafeTensors::deserialize(weights).map_err(|e| model_error(&weights_path, e))?;
         // Parsed once; surgery then looks every tensor up by name.
@@ -339,6 +349,7 @@ impl ReferenceModel {
         Ok(ReferenceModel {
             source: source.to_string(),
             record,
+            config,
             tensors,
             reference,
         })
@@ -972,12 +983,65 @@ fn map_on<B: TrainBackend>(
         label_categories: r.label_categories.clone(),
         classifier_labels,
     };
+    if let Some(folder) = &req.model_out {
+        save_query_model(Path::new(folder), reference, req, &trainer, &output)?;
+    }
     if let Some(out) = &req.write {
         (output.report.embedding, output.report.labels) =
             write_results(reference, &target, out, &output)?;
     }
     output.report.seconds_mapping = started.elapsed().as_secs_f64();
     Ok(output)
+}
+
+/// `QueryRequest::model_out`: the fine-tuned query model as a model folder (weights,
+/// `config.json` with the reference's batches then the query's new ones, `reference.safetensors`
+/// with the query's latent and transferred labels).
+fn save_query_model<B: TrainBackend>(
+    folder: &Path,
+    reference: &ReferenceModel,
+    req: &QueryRequest,
+    trainer: &Trainer<f32, B>,
+    output: &QueryOutput,
+) -> Result<(), QueryError> {
+    let output_error = |path: &Path, reason: String| crate::records::FitError::Output {
+        path: path.display().to_string(),
+        reason,
+    };
+    std::fs::create_dir_all(folder).map_err(|e| output_error(folder, e.to_string()))?;
+    let batches: Vec<String> = reference
+        .record
+        .batch_categories
+        .iter()
+        .chain(&output.report.new_batches)
+        .cloned()
+        .collect();
+    crate::checkpoint::write_weights(&folder.join("model.safetensors"), trainer)?;
+    let mut config = reference.config.clone();
+    config["batch_categories"] = serde_json::json!(batches);
+    // The heads surgery switched off stay off when the folder is loaded.
+    config["model"] = serde_json::to_value(&trainer.model.config)
+        .map_err(|e| output_error(folder, e.to_string()))?;
+    config["query_of"] = serde_json::json!({"reference": reference.source, "data": req.data});
+    let config_path = folder.join("config.json");
+    let text = serde_json::to_string_pretty(&config).unwrap_or_default();
+    crate::fit::write_file(&config_path, text.as_bytes())?;
+    let r = &reference.reference;
+    let query = Reference {
+        latent: output.embedding.clone(),
+        n_latent: output.n_latent,
+        labels: output.labels.iter().map(|t| t.label).collect(),
+        label_key: r.label_key.clone(),
+        label_categories: r.label_categories.clone(),
+        batch_key: req.batch_key.clone().or_else(|| r.batch_key.clone()),
+        batch_categories: batches,
+        var_names: r.var_names.clone(),
+    };
+    let path = folder.join(REFERENCE_FILE);
+    query
+        .write(&path)
+        .map_err(|e| output_error(&path, e.to_string()))?;
+    Ok(())
 }
 
 /// The outputs a mapping would write, refused up front when they exist and may not be

@@ -49,6 +49,7 @@ fn request(data: &str) -> QueryRequest {
         write,
         seed: 0,
         device: Default::default(),
+        model_out: None,
     }
 }
 
@@ -316,11 +317,14 @@ fn a_cancelled_mapping_stops_and_leaves_the_store_untouched() {
             .contains(&"X_tessera".to_string())
     );
 
-    // Read-only mapping: results come back, nothing is written.
+    // Read-only mapping: results come back, nothing is written into the store; the query
+    // model is saved when asked.
+    let saved = dir.path().join("query_model");
     let output = map_query(
         &model,
         &QueryRequest {
             write: None,
+            model_out: Some(saved.display().to_string()),
             ..request(&query)
         },
         |_| ControlFlow::Continue(()),
@@ -331,6 +335,24 @@ fn a_cancelled_mapping_stops_and_leaves_the_store_untouched() {
         (3000, 10, 300)
     );
     assert!(output.report.embedding.is_none() && output.report.labels.is_none());
+    // The saved query model knows the reference's batches and the query's, and encodes the
+    // query's cells where the mapping put them.
+    let query_model = ReferenceModel::open(&saved.display().to_string()).unwrap();
+    let summary = query_model.summary();
+    let mut batches = model.summary().batches;
+    batches.extend(output.report.new_batches.iter().cloned());
+    assert_eq!(summary.batches, batches);
+    assert_eq!(summary.reference_cells, 300);
+    let mut encoder = query_model.encoder(tessera_kernels::backend::Cpu).unwrap();
+    let z = query_model
+        .encode(&mut encoder, &reference_cells(&query, true))
+        .unwrap();
+    let worst = z
+        .iter()
+        .zip(&output.embedding[..1500])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "the saved query model encodes {worst} away");
     assert!(
         output.report.label_accuracy.unwrap() > 0.85,
         "{:?}",

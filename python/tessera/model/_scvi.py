@@ -450,11 +450,6 @@ class SCVI:
 
     def _loaded(self) -> Any:
         """The trained model in the engine, loaded once."""
-        if self._query is not None:
-            raise ValueError(
-                "a query model answers for the query it was trained on: call "
-                "get_latent_representation() (or predict()) without adata"
-            )
         if self._engine is None:
             self._engine = _tessera.Model(self._folder.name, self._device)
         return self._engine
@@ -493,12 +488,12 @@ class SCVI:
     ) -> None:
         """Writes the trained model into ``dir_path``: the engine's files (``model.safetensors``,
         ``config.json``, the reference embedding ``tessera load`` and ``tessera map`` read,
-        ``history.csv``, ``loss.png``), the registration and the history; with
+        ``history.csv``, ``loss.png``), the registration and the history; a query model
+        (``load_query_data`` + ``train``) saves with the query's batches added and loads like
+        any model; with
         ``save_anndata``, ``adata.h5ad`` too. An existing folder is refused unless
         ``overwrite``."""
         self._check_trained()
-        if self._query is not None:
-            raise ValueError("saving a query model is not supported yet: save the reference")
         if prefix:
             raise ValueError("prefix is not supported: save each model into its own folder")
         target = Path(dir_path)
@@ -637,7 +632,10 @@ class SCVI:
             z, transferred, uncertainty, classifier, report = _tessera.map_query(
                 q["reference"], location, self._setup.get("batch_key"), epochs,
                 q["encoder_input"], q["decoder_input"], 50, seed, q["device"],
+                self._folder.name,
             )
+        self._device = q["device"]
+        self._engine = None
         self._embedding = z
         self.query_report_ = json.loads(report)
         index = self.adata.obs_names.copy()
@@ -647,6 +645,8 @@ class SCVI:
             else None
         )
         self._query_predictions = np.asarray(classifier, dtype=object) if classifier else None
+        # Fine-tuning keeps no per-epoch history (query_report_ has its final loss).
+        self._report = {"history": []}
         self.is_trained_ = True
 
     def __repr__(self) -> str:
