@@ -749,6 +749,22 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         self.backend.download(m.input())
     }
 
+    /// The joint posterior of a batch (evaluation mode): its means and variances, n × latent
+    /// each; None for a mixture of experts, whose posterior is not one Gaussian.
+    pub fn latent_posterior(&mut self, batch: VaeBatch<'_, T>) -> Result<Option<(Vec<T>, Vec<T>)>> {
+        if self.joint() == Joint::Moe {
+            return Ok(None);
+        }
+        self.check_batch(&batch);
+        let plan = Plan::new(&batch, 1);
+        let enc = self.encode(&batch, &plan, Mode::Eval)?;
+        let (means, logvars, masks) = self.experts(&enc, &plan)?;
+        let (m, lv) = self.combine(&means, &logvars, masks.as_deref(), plan.n)?;
+        let b = &self.backend;
+        let variances = b.download(lv.input())?.iter().map(|v| v.exp()).collect();
+        Ok(Some((b.download(m.input())?, variances)))
+    }
+
     /// Latent means and each decoder's expression at them, in each cell's own batch, for every
     /// cell (a modality a cell lacks is imputed): see `Decoder::expression`. Returns (n ×
     /// latent, per modality n × features).
@@ -758,23 +774,49 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         library_size: f64,
     ) -> Result<(Vec<T>, Vec<Vec<T>>)> {
         let m = self.joint_mean(batch)?;
+        let expressions = self.decode(&m, batch.covariates, library_size)?;
+        Ok((self.backend.download(m.input())?, expressions))
+    }
+
+    /// Each decoder's expression at the latent points `z` (n × latent, e.g. posterior
+    /// samples), with the covariates of `batch`'s cells: per modality n × features.
+    pub fn expression_at(
+        &mut self,
+        z: &[T],
+        batch: VaeBatch<'_, T>,
+        library_size: f64,
+    ) -> Result<Vec<Vec<T>>> {
+        self.check_batch(&batch);
+        let d = self.config.n_latent;
+        assert_eq!(z.len(), batch.rows() * d, "z: {} rows of {d}", batch.rows());
+        let b = &self.backend;
+        let mut latent = b.tensor(batch.rows(), d)?;
+        b.copy(In::all(&b.upload(z)?), latent.output())?;
+        self.decode(&latent, batch.covariates, library_size)
+    }
+
+    /// Each decoder's expected expression at `m` (evaluation mode).
+    fn decode(
+        &mut self,
+        m: &Tensor<Buf<T, B>>,
+        covariates: &[T],
+        library_size: f64,
+    ) -> Result<Vec<Vec<T>>> {
         let b = &self.backend;
         let p = Weights {
             layout: &self.layout,
             values: &self.values,
         };
         let mut state = Slots::all(&self.state_layout, &mut self.state);
-        let expressions = self
-            .decoders
+        self.decoders
             .iter()
             .map(|d| {
                 b.download(
-                    d.expression(b, &p, &mut state, &m, batch.covariates, library_size)?
+                    d.expression(b, &p, &mut state, m, covariates, library_size)?
                         .input(),
                 )
             })
-            .collect::<Result<_>>()?;
-        Ok((b.download(m.input())?, expressions))
+            .collect()
     }
 
     fn check_batch(&self, batch: &VaeBatch<'_, T>) {

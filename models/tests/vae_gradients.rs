@@ -891,3 +891,35 @@ fn cross_modal_cycle_consistency() {
         check_gradients(model, batch, &format!("{joint:?} + cycle"));
     }
 }
+
+#[test]
+fn the_posterior_is_the_embeddings_mean_and_decoding_it_is_the_expression() {
+    let mosaic = Mosaic::new();
+    let modalities = mosaic.modalities();
+    let batch = VaeBatch::new(&modalities, &mosaic.cov);
+    for joint in [Joint::Poe, Joint::Concat] {
+        let mut model = mosaic.model(joint);
+        let (mean, variance) = model.latent_posterior(batch).unwrap().unwrap();
+        assert_eq!(mean, model.latent_mean(batch).unwrap(), "{joint:?}");
+        assert!(
+            variance.iter().all(|&v| v > 0.0 && v.is_finite()),
+            "{joint:?}"
+        );
+        let (_, expression) = model.latent_and_expression(batch, 1e4).unwrap();
+        assert_eq!(
+            model.expression_at(&mean, batch, 1e4).unwrap(),
+            expression,
+            "{joint:?}"
+        );
+        let moved: Vec<f64> = mean.iter().map(|m| m + 0.5).collect();
+        assert_ne!(model.expression_at(&moved, batch, 1e4).unwrap(), expression);
+    }
+    // A mixture's posterior is no single Gaussian.
+    assert!(
+        mosaic
+            .model(Joint::Moe)
+            .latent_posterior(batch)
+            .unwrap()
+            .is_none()
+    );
+}

@@ -502,6 +502,46 @@ impl Model {
             .collect()
     }
 
+    /// `n_samples` draws from each cell's posterior (each cells x n_latent), seeded.
+    fn posterior_samples<'py>(
+        &self,
+        py: Python<'py>,
+        cells: CellsArgs<'py>,
+        n_samples: usize,
+        seed: u64,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let cells = self.cells(cells)?;
+        let draws = py
+            .detach(|| self.pool.posterior_samples(&cells, n_samples, seed))
+            .map_err(data_error)?;
+        let rows = cells.modalities[0].counts.n_rows;
+        draws.into_iter().map(|z| matrix(py, z, rows)).collect()
+    }
+
+    /// Each modality's expression (as `expression`) averaged over `n_samples` seeded draws
+    /// from each cell's posterior.
+    fn expression_sampled<'py>(
+        &self,
+        py: Python<'py>,
+        cells: CellsArgs<'py>,
+        library_size: f64,
+        n_samples: usize,
+        seed: u64,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let cells = self.cells(cells)?;
+        let expression = py
+            .detach(|| {
+                self.pool
+                    .expression_sampled(&cells, library_size, n_samples, seed)
+            })
+            .map_err(data_error)?;
+        let rows = cells.modalities[0].counts.n_rows;
+        expression
+            .into_iter()
+            .map(|values| matrix(py, values, rows))
+            .collect()
+    }
+
     /// The label classifier's class probabilities (cells x `label_categories`); None without
     /// a classifier.
     fn probabilities<'py>(

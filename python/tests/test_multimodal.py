@@ -113,6 +113,8 @@ def test_multivae_takes_any_modalities_and_joint(totalvi):
     assert list(prot.columns) == ["P3", "P1"] and prot.shape[0] == mdata.n_obs
     with pytest.raises(KeyError, match="atac"):
         model.get_normalized_expression(modality="atac")
+    with pytest.raises(ValueError, match="mixture of experts"):
+        model.get_latent_representation(give_mean=False)
     # A mixture of experts encodes another MuData as it encoded the training one.
     np.testing.assert_allclose(
         model.get_latent_representation(mdata.copy()), model.get_latent_representation(),

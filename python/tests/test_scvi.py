@@ -142,8 +142,34 @@ def test_normalized_expression_is_a_gene_table_per_cell_and_batch(trained):
         model.get_normalized_expression(gene_list=["not_a_gene"])
     with pytest.raises(ValueError, match="zz"):
         model.get_normalized_expression(transform_batch="zz")
-    with pytest.raises(ValueError, match="n_samples"):
-        model.get_normalized_expression(n_samples=5)
+
+
+def test_posterior_draws_scatter_around_the_mean_and_average_back(trained):
+    adata, model = trained
+    mean = model.get_latent_representation()
+    np.random.seed(0)
+    draws = np.stack([model.get_latent_representation(give_mean=False) for _ in range(50)])
+    np.random.seed(0)
+    np.testing.assert_array_equal(model.get_latent_representation(give_mean=False), draws[0])
+    assert not np.array_equal(draws[0], draws[1])
+    spread = draws.std(axis=0)
+    assert spread.min() > 0 and spread.mean() < mean.std()
+    # The draws' average is the posterior mean to within its standard error.
+    assert np.all(np.abs(draws.mean(axis=0) - mean) < 5 * spread / np.sqrt(50) + 1e-6)
+    sample = model.get_latent_representation(give_mean=False, indices=[3, 1])
+    assert sample.shape == (2, 8)
+    at_mean = model.get_normalized_expression(return_numpy=True)
+    np.random.seed(1)
+    averaged = model.get_normalized_expression(n_samples=20, return_numpy=True)
+    np.testing.assert_allclose(averaged.sum(axis=1), 1.0, rtol=1e-4)
+    assert np.corrcoef(np.log(averaged).ravel(), np.log(at_mean).ravel())[0, 1] > 0.99
+    assert not np.allclose(averaged, at_mean)
+    np.random.seed(1)
+    np.testing.assert_array_equal(model.get_normalized_expression(n_samples=20, return_numpy=True), averaged)
+    with pytest.raises(ValueError, match="n_samples=0"):
+        model.get_normalized_expression(n_samples=0)
+    with pytest.raises(ValueError, match="return_mean=False"):
+        model.get_normalized_expression(n_samples=5, return_mean=False)
 
 
 def test_dense_csc_and_csr_inputs_train_the_same_model(pbmc):

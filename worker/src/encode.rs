@@ -32,6 +32,16 @@ pub struct Encoded {
     pub uncertainty: Vec<f64>,
 }
 
+/// `$body` with a pooled model `$e` of the pool's device.
+macro_rules! on_device {
+    ($pool:ident, |$e:ident| $body:expr) => {
+        match &$pool.encoders {
+            Encoders::Cpu(pool) => $pool.pooled(Cpu, pool, |$e| $body),
+            Encoders::Cuda(gpu, pool) => $pool.pooled(gpu.clone(), pool, |$e| $body),
+        }
+    };
+}
+
 /// A reference model with a pool of encoders (one per concurrent call, built on demand, kept)
 /// on one device.
 pub struct EncoderPool {
@@ -66,12 +76,7 @@ impl EncoderPool {
 
     /// Latent means of `cells` with the reference model as trained.
     pub fn latent(&self, cells: &Cells) -> Result<Vec<f32>, QueryError> {
-        match &self.encoders {
-            Encoders::Cpu(pool) => self.pooled(Cpu, pool, |e| self.model.encode(e, cells)),
-            Encoders::Cuda(gpu, pool) => {
-                self.pooled(gpu.clone(), pool, |e| self.model.encode(e, cells))
-            }
-        }
+        on_device!(self, |e| self.model.encode(e, cells))
     }
 
     /// Latent means of `cells` and each modality's expression at them
@@ -81,24 +86,43 @@ impl EncoderPool {
         cells: &Cells,
         library_size: f64,
     ) -> Result<(Vec<f32>, Vec<Vec<f32>>), QueryError> {
-        match &self.encoders {
-            Encoders::Cpu(pool) => {
-                self.pooled(Cpu, pool, |e| self.model.expression(e, cells, library_size))
-            }
-            Encoders::Cuda(gpu, pool) => self.pooled(gpu.clone(), pool, |e| {
-                self.model.expression(e, cells, library_size)
-            }),
-        }
+        on_device!(self, |e| self.model.expression(e, cells, library_size))
+    }
+
+    /// `n_samples` seeded draws from each cell's posterior
+    /// ([`ReferenceModel::posterior_samples`]).
+    pub fn posterior_samples(
+        &self,
+        cells: &Cells,
+        n_samples: usize,
+        seed: u64,
+    ) -> Result<Vec<Vec<f32>>, QueryError> {
+        on_device!(self, |e| self
+            .model
+            .posterior_samples(e, cells, n_samples, seed))
+    }
+
+    /// Each modality's expression averaged over posterior draws
+    /// ([`ReferenceModel::expression_sampled`]).
+    pub fn expression_sampled(
+        &self,
+        cells: &Cells,
+        library_size: f64,
+        n_samples: usize,
+        seed: u64,
+    ) -> Result<Vec<Vec<f32>>, QueryError> {
+        on_device!(self, |e| self.model.expression_sampled(
+            e,
+            cells,
+            library_size,
+            n_samples,
+            seed
+        ))
     }
 
     /// The label classifier's probabilities for `cells` ([`ReferenceModel::probabilities`]).
     pub fn probabilities(&self, cells: &Cells) -> Result<Option<Vec<f32>>, QueryError> {
-        match &self.encoders {
-            Encoders::Cpu(pool) => self.pooled(Cpu, pool, |e| self.model.probabilities(e, cells)),
-            Encoders::Cuda(gpu, pool) => {
-                self.pooled(gpu.clone(), pool, |e| self.model.probabilities(e, cells))
-            }
-        }
+        on_device!(self, |e| self.model.probabilities(e, cells))
     }
 
     /// `run` with a model taken from `pool` (or built) and given back.

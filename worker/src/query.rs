@@ -527,6 +527,51 @@ impl ReferenceModel {
         })?)
     }
 
+    /// `n_samples` draws from each cell's joint posterior (each cells x `n_latent`, row-major),
+    /// seeded by `seed` (scvi-tools' `give_mean=False`); a mixture of experts is refused.
+    pub fn posterior_samples<B: TrainBackend>(
+        &self,
+        model: &mut Vae<f32, B>,
+        cells: &Cells,
+        n_samples: usize,
+        seed: u64,
+    ) -> Result<Vec<Vec<f32>>, QueryError> {
+        let (alignment, mb) = self.aligned(cells)?;
+        let batch = alignment.batch(&mb);
+        let (mean, variance) = posterior(model, &batch)?;
+        Ok(draws(&mean, &variance, n_samples, seed))
+    }
+
+    /// Each modality's expression (as [`ReferenceModel::expression`]) averaged over
+    /// `n_samples` seeded draws from each cell's posterior (scvi-tools' `n_samples`).
+    pub fn expression_sampled<B: TrainBackend>(
+        &self,
+        model: &mut Vae<f32, B>,
+        cells: &Cells,
+        library_size: f64,
+        n_samples: usize,
+        seed: u64,
+    ) -> Result<Vec<Vec<f32>>, QueryError> {
+        let (alignment, mb) = self.aligned(cells)?;
+        let batch = alignment.batch(&mb);
+        let (mean, variance) = posterior(model, &batch)?;
+        let mut sums: Vec<Vec<f64>> = Vec::new();
+        for z in draws(&mean, &variance, n_samples, seed) {
+            let expression =
+                crate::fit::on_pool(|| batch.with(|b| model.expression_at(&z, b, library_size)))?;
+            sums.resize_with(expression.len(), Vec::new);
+            for (sum, e) in sums.iter_mut().zip(&expression) {
+                sum.resize(e.len(), 0.0);
+                sum.iter_mut().zip(e).for_each(|(s, &v)| *s += f64::from(v));
+            }
+        }
+        let n = n_samples.max(1) as f64;
+        Ok(sums
+            .into_iter()
+            .map(|s| s.into_iter().map(|v| (v / n) as f32).collect())
+            .collect())
+    }
+
     /// The label classifier's class probabilities for `cells` (cells x the reference's label
     /// categories, row-major); None when the model trained no classifier.
     pub fn probabilities<B: TrainBackend>(
@@ -770,6 +815,37 @@ impl ReferenceModel {
             .map(|v| position.get(v.as_str()).copied())
             .collect()
     }
+}
+
+/// The joint posterior's means and variances of `batch`'s cells; a mixture of experts has no
+/// single Gaussian posterior and is refused.
+fn posterior<B: TrainBackend>(
+    model: &mut Vae<f32, B>,
+    batch: &ModelBatch,
+) -> Result<(Vec<f32>, Vec<f32>), QueryError> {
+    crate::fit::on_pool(|| batch.with(|b| model.latent_posterior(b)))?.ok_or_else(|| {
+        input(
+            "encode request",
+            "posterior samples of a mixture of experts (joint = \"moe\") are not supported",
+        )
+    })
+}
+
+/// `n` draws of mean + sqrt(variance) · ε, ε ~ N(0, 1), from one seeded stream.
+fn draws(mean: &[f32], variance: &[f32], n: usize, seed: u64) -> Vec<Vec<f32>> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            mean.iter()
+                .zip(variance)
+                .map(|(m, v)| {
+                    let e: f32 = rng.sample(rand_distr::StandardNormal);
+                    m + v.sqrt() * e
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// A covariate column of `given` values where one per cell was expected.

@@ -368,16 +368,20 @@ class SCVI:
         give_mean: bool = True,
         batch_size: int | None = None,
     ) -> np.ndarray:
-        """The latent mean of each cell (cells x n_latent, float32).
+        """The latent mean of each cell (cells x n_latent, float32); ``give_mean=False``: one
+        draw from each cell's posterior instead (seeded from numpy's global generator, so
+        ``np.random.seed`` makes it repeatable).
 
         ``adata`` defaults to the AnnData the model trained on; another AnnData must be set
         up the same way, have the model's genes and only batches the model knows (map new
-        batches with ``tessera map``). ``give_mean=False`` (a posterior sample) is not
-        supported yet. ``batch_size`` is accepted for compatibility and not needed.
+        batches with ``tessera map``). ``batch_size`` is accepted for compatibility and not
+        needed.
         """
         self._check_trained()
         if not give_mean:
-            raise ValueError("give_mean=False (posterior samples) is not supported yet")
+            cells = self._cells(self.adata if adata is None else adata)
+            z = self._loaded().posterior_samples(cells, 1, _engine_seed())[0]
+            return z if indices is None else z[np.asarray(indices)]
         if adata is None and self._embedding is not None:
             z = self._embedding
         else:
@@ -394,6 +398,7 @@ class SCVI:
         n_samples: int = 1,
         return_numpy: bool | None = None,
         batch_size: int | None = None,
+        return_mean: bool = True,
     ) -> pd.DataFrame | np.ndarray:
         """The decoder's expected expression of every gene at each cell's latent mean, scaled
         to ``library_size`` counts per cell (1: proportions), as a cells x genes DataFrame
@@ -401,14 +406,17 @@ class SCVI:
 
         ``transform_batch``: decode every cell as if it came from this batch (a list: the mean
         over those batches), scvi-tools' batch-corrected expression; ``None``: each cell's own
-        batch. ``gene_list``: only these genes, in this order. scvi-tools decodes a posterior
-        sample of the latent when ``n_samples=1``; tessera decodes the mean (the expression
-        ``tessera train --denoised`` writes), so the values are deterministic; ``n_samples > 1``
-        is not supported yet.
+        batch. ``gene_list``: only these genes, in this order. ``n_samples=1`` decodes the latent
+        mean (the expression ``tessera train --denoised`` writes; deterministic), where
+        scvi-tools decodes one posterior sample; ``n_samples > 1`` averages the expression
+        decoded at that many posterior draws per cell (seeded from numpy's global generator).
+        ``return_mean=False`` (each draw's values) is not supported yet.
         """
         self._check_trained()
-        if n_samples != 1:
-            raise ValueError("n_samples > 1 is not supported yet: the latent mean is decoded")
+        if not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples={n_samples!r}: expected a positive integer")
+        if not return_mean:
+            raise ValueError("return_mean=False is not supported yet: the draws are averaged")
         if not isinstance(library_size, (int, float)):
             raise ValueError(f"library_size={library_size!r}: expected a number")
         adata = self.adata if adata is None else adata
@@ -423,15 +431,15 @@ class SCVI:
                 "transform_batch with encode_covariates=True is not supported yet: the encoder "
                 "would see the transformed batch too"
             )
-        values = np.mean(
-            [
-                self._loaded().expression(
-                    (modalities, batches, categorical, continuous), float(library_size)
-                )[0]
-                for batches in runs
-            ],
-            axis=0,
-        ).astype(np.float32)
+        def decoded(batches: list[str]) -> np.ndarray:
+            cells = (modalities, batches, categorical, continuous)
+            if n_samples == 1:
+                return self._loaded().expression(cells, float(library_size))[0]
+            return self._loaded().expression_sampled(
+                cells, float(library_size), n_samples, _engine_seed()
+            )[0]
+
+        values = np.mean([decoded(batches) for batches in runs], axis=0).astype(np.float32)
         genes = self._genes()
         frame = pd.DataFrame(values, index=adata.obs_names.copy(), columns=genes)
         if gene_list is not None:
@@ -653,6 +661,11 @@ class SCVI:
         params = ", ".join(f"{k}: {v}" for k, v in self.init_params_.items())
         status = "trained" if self.is_trained_ else "not trained"
         return f"{type(self).__name__} model (tessera) with {params}; {status}"
+
+
+def _engine_seed() -> int:
+    """A seed for the engine's draws from numpy's global generator (``np.random.seed``)."""
+    return int(np.random.randint(0, 2**63 - 1, dtype=np.int64))
 
 
 def _epoch_rule(n_cells: int) -> int:
