@@ -19,7 +19,9 @@ use tessera_worker::device::Device;
 use tessera_worker::encode::EncoderPool;
 use tessera_worker::fit::{PREDICTION_KEY, Progress};
 use tessera_worker::network::Distance;
-use tessera_worker::query::{Cells, CellsModality, QueryRequest, ReferenceModel, Unfreeze};
+use tessera_worker::query::{
+    Cells, CellsModality, QueryError, QueryRequest, ReferenceModel, Unfreeze,
+};
 use tessera_worker::{CovariateKeys, Denoised, FitConfig, FitError, FitOptions};
 
 /// A count matrix handed over from scipy/numpy: CSR in tessera's integer widths.
@@ -408,6 +410,20 @@ struct Model {
 }
 
 impl Model {
+    /// `run` on the cells of `given` with the GIL released; each cells x k buffer it returns
+    /// as a numpy matrix.
+    fn matrices<'py>(
+        &self,
+        py: Python<'py>,
+        given: CellsArgs<'py>,
+        run: impl FnOnce(&EncoderPool, &Cells) -> Result<Vec<Vec<f32>>, QueryError> + Send,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let cells = self.cells(given)?;
+        let values = py.detach(|| run(&self.pool, &cells)).map_err(data_error)?;
+        let rows = cells.modalities[0].counts.n_rows;
+        values.into_iter().map(|v| matrix(py, v, rows)).collect()
+    }
+
     fn cells(&self, given: CellsArgs<'_>) -> PyResult<Cells> {
         let CellsArgs(given, batches, categorical, continuous) = given;
         let mut modalities = Vec::with_capacity(given.len());
@@ -491,15 +507,9 @@ impl Model {
         cells: CellsArgs<'py>,
         library_size: f64,
     ) -> PyResult<Vec<Bound<'py, PyAny>>> {
-        let cells = self.cells(cells)?;
-        let (_, expression) = py
-            .detach(|| self.pool.expression(&cells, library_size))
-            .map_err(data_error)?;
-        let rows = cells.modalities[0].counts.n_rows;
-        expression
-            .into_iter()
-            .map(|values| matrix(py, values, rows))
-            .collect()
+        self.matrices(py, cells, |pool, c| {
+            pool.expression(c, library_size).map(|(_, e)| e)
+        })
     }
 
     /// `n_samples` draws from each cell's posterior (each cells x n_latent), seeded.
@@ -510,12 +520,9 @@ impl Model {
         n_samples: usize,
         seed: u64,
     ) -> PyResult<Vec<Bound<'py, PyAny>>> {
-        let cells = self.cells(cells)?;
-        let draws = py
-            .detach(|| self.pool.posterior_samples(&cells, n_samples, seed))
-            .map_err(data_error)?;
-        let rows = cells.modalities[0].counts.n_rows;
-        draws.into_iter().map(|z| matrix(py, z, rows)).collect()
+        self.matrices(py, cells, |pool, c| {
+            pool.posterior_samples(c, n_samples, seed)
+        })
     }
 
     /// Each modality's expression (as `expression`) averaged over `n_samples` seeded draws
@@ -528,18 +535,9 @@ impl Model {
         n_samples: usize,
         seed: u64,
     ) -> PyResult<Vec<Bound<'py, PyAny>>> {
-        let cells = self.cells(cells)?;
-        let expression = py
-            .detach(|| {
-                self.pool
-                    .expression_sampled(&cells, library_size, n_samples, seed)
-            })
-            .map_err(data_error)?;
-        let rows = cells.modalities[0].counts.n_rows;
-        expression
-            .into_iter()
-            .map(|values| matrix(py, values, rows))
-            .collect()
+        self.matrices(py, cells, |pool, c| {
+            pool.expression_sampled(c, library_size, n_samples, seed)
+        })
     }
 
     /// The label classifier's class probabilities (cells x `label_categories`); None without

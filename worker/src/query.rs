@@ -536,9 +536,7 @@ impl ReferenceModel {
         n_samples: usize,
         seed: u64,
     ) -> Result<Vec<Vec<f32>>, QueryError> {
-        let (alignment, mb) = self.aligned(cells)?;
-        let batch = alignment.batch(&mb);
-        let (mean, variance) = posterior(model, &batch)?;
+        let (_, mean, variance) = self.posterior(model, cells)?;
         Ok(draws(&mean, &variance, n_samples, seed))
     }
 
@@ -552,9 +550,7 @@ impl ReferenceModel {
         n_samples: usize,
         seed: u64,
     ) -> Result<Vec<Vec<f32>>, QueryError> {
-        let (alignment, mb) = self.aligned(cells)?;
-        let batch = alignment.batch(&mb);
-        let (mean, variance) = posterior(model, &batch)?;
+        let (batch, mean, variance) = self.posterior(model, cells)?;
         let mut sums: Vec<Vec<f64>> = Vec::new();
         for z in draws(&mean, &variance, n_samples, seed) {
             let expression =
@@ -570,6 +566,25 @@ impl ReferenceModel {
             .into_iter()
             .map(|s| s.into_iter().map(|v| (v / n) as f32).collect())
             .collect())
+    }
+
+    /// `cells` in the model's input form with their joint posterior's means and variances; a
+    /// mixture of experts has no single Gaussian posterior and is refused.
+    fn posterior<B: TrainBackend>(
+        &self,
+        model: &mut Vae<f32, B>,
+        cells: &Cells,
+    ) -> Result<(ModelBatch, Vec<f32>, Vec<f32>), QueryError> {
+        let (alignment, mb) = self.aligned(cells)?;
+        let batch = alignment.batch(&mb);
+        let posterior = crate::fit::on_pool(|| batch.with(|b| model.latent_posterior(b)))?;
+        let (mean, variance) = posterior.ok_or_else(|| {
+            input(
+                "encode request",
+                "posterior samples of a mixture of experts (joint = \"moe\") are not supported",
+            )
+        })?;
+        Ok((batch, mean, variance))
     }
 
     /// The label classifier's class probabilities for `cells` (cells x the reference's label
@@ -815,20 +830,6 @@ impl ReferenceModel {
             .map(|v| position.get(v.as_str()).copied())
             .collect()
     }
-}
-
-/// The joint posterior's means and variances of `batch`'s cells; a mixture of experts has no
-/// single Gaussian posterior and is refused.
-fn posterior<B: TrainBackend>(
-    model: &mut Vae<f32, B>,
-    batch: &ModelBatch,
-) -> Result<(Vec<f32>, Vec<f32>), QueryError> {
-    crate::fit::on_pool(|| batch.with(|b| model.latent_posterior(b)))?.ok_or_else(|| {
-        input(
-            "encode request",
-            "posterior samples of a mixture of experts (joint = \"moe\") are not supported",
-        )
-    })
 }
 
 /// `n` draws of mean + sqrt(variance) · ε, ε ~ N(0, 1), from one seeded stream.
