@@ -22,6 +22,9 @@ pub struct MapArgs {
     /// The query's batch column (default: the reference's batch key).
     #[arg(long)]
     batch_key: Option<String>,
+    /// Read layers/<NAME> of the query instead of X (its raw counts).
+    #[arg(long, value_name = "NAME")]
+    layer: Option<String>,
     /// Fine-tuning epochs over the query.
     #[arg(long, default_value_t = 100)]
     epochs: usize,
@@ -72,6 +75,7 @@ pub fn run(args: MapArgs) -> Result<()> {
     let req = QueryRequest {
         data: args.data.clone(),
         batch_key: args.batch_key,
+        layer: args.layer,
         epochs: args.epochs,
         unfreeze: Unfreeze {
             encoder_input: args.unfreeze_encoder_input,

@@ -715,3 +715,41 @@ fn covariates_reach_the_model_and_bad_columns_are_refused_by_name() {
         "{stderr}"
     );
 }
+
+#[test]
+fn map_reads_the_query_from_a_layer_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let reference = path("reference.zarr");
+    scaled_counts_store(std::path::Path::new(&reference), 1.0);
+    let model = path("model");
+    let run = train_one_epoch(&reference, &model, &[]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // The same counts in X of one query and in layers/counts (X halved) of the other.
+    let (plain, layered) = (path("plain.zarr"), path("layered.zarr"));
+    scaled_counts_store(std::path::Path::new(&plain), 1.0);
+    scaled_counts_store(std::path::Path::new(&layered), 0.5);
+    tessera_data::AnnData::open(&layered)
+        .unwrap()
+        .write_layer("counts", &scaled_counts(1.0), false)
+        .unwrap();
+    let map = |data: &str, extra: &[&str]| {
+        let mut args = vec!["map", "--model", &model, "--data", data, "--epochs", "2"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--out", dir.path().to_str().unwrap(), "--overwrite"]);
+        let o = tessera(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        tessera_data::AnnData::open(data)
+            .unwrap()
+            .obsm("X_tessera")
+            .unwrap()
+            .0
+    };
+    let from_x = map(&plain, &[]);
+    assert_eq!(map(&layered, &["--layer", "counts"]), from_x);
+    assert_ne!(map(&layered, &[]), from_x);
+}

@@ -564,12 +564,13 @@ impl Model {
 /// their uncertainties, the classifier's labels, report JSON); the label lists are empty when
 /// the model has no labels or no classifier.
 #[pyfunction]
-#[pyo3(signature = (model_dir, data, batch_key, epochs, encoder_input, decoder_input, neighbours, seed, device, model_out))]
+#[pyo3(signature = (model_dir, data, layer, batch_key, epochs, encoder_input, decoder_input, neighbours, seed, device, model_out))]
 #[allow(clippy::too_many_arguments)] // the options of `tessera map`, flat
 fn map_query<'py>(
     py: Python<'py>,
     model_dir: &str,
     data: String,
+    layer: Option<String>,
     batch_key: Option<String>,
     epochs: usize,
     encoder_input: bool,
@@ -581,6 +582,7 @@ fn map_query<'py>(
 ) -> PyResult<MappedQuery<'py>> {
     let request = QueryRequest {
         data,
+        layer,
         batch_key,
         epochs,
         unfreeze: Unfreeze {

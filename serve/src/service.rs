@@ -245,6 +245,7 @@ impl Atlas for AtlasService {
         }
         let req = QueryRequest {
             model_out: None,
+            layer: None,
             data: r.data_url.clone(),
             batch_key: (!r.batch_key.is_empty()).then(|| r.batch_key.clone()),
             epochs: if r.epochs == 0 {

@@ -251,7 +251,7 @@ fn warm_start<B: TrainBackend>(
 }
 
 /// The loader's matrix of each modality: X, or `layers/<name>`.
-fn matrix_of(layer: Option<&str>) -> String {
+pub(crate) fn matrix_of(layer: Option<&str>) -> String {
     layer.map_or_else(|| "X".to_string(), |l| format!("layers/{l}"))
 }
 

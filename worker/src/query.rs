@@ -70,6 +70,9 @@ pub struct QueryRequest {
     pub data: String,
     /// The query's batch column (default: the reference's batch key).
     pub batch_key: Option<String>,
+    /// Read `layers/<layer>` of each query modality instead of X (its counts).
+    #[serde(default)]
+    pub layer: Option<String>,
     /// Fine-tuning epochs over the query.
     pub epochs: usize,
     pub unfreeze: Unfreeze,
@@ -1194,6 +1197,7 @@ fn align(
             batch_key: batch_key.clone(),
             categorical_keys: record.covariates.keys().categorical,
             numeric_keys: record.covariates.continuous.clone(),
+            matrix: crate::fit::matrix_of(req.layer.as_deref()),
             ..LoaderConfig::default()
         },
     )?;

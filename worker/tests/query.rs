@@ -50,6 +50,7 @@ fn request(data: &str) -> QueryRequest {
         seed: 0,
         device: Default::default(),
         model_out: None,
+        layer: None,
     }
 }
 

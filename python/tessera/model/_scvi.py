@@ -636,9 +636,9 @@ class SCVI:
         if epochs is None:  # scvi-tools' rule, as for training
             epochs = _epoch_rule(self.adata.n_obs)
         q = self._query
-        with self._data_location() as (location, _):
+        with self._data_location() as (location, layer):
             z, transferred, uncertainty, classifier, report = _tessera.map_query(
-                q["reference"], location, self._setup.get("batch_key"), epochs,
+                q["reference"], location, layer, self._setup.get("batch_key"), epochs,
                 q["encoder_input"], q["decoder_input"], 50, seed, q["device"],
                 self._folder.name,
             )
