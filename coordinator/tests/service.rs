@@ -63,7 +63,12 @@ fn spec(url: &str, world: u32) -> pb::JobSpec {
 async fn a_worker_trains_a_job_to_the_end_and_watchers_see_it() {
     let mut c = start().await;
     let job = c
-        .submit_job(spec("good.zarr", 1))
+        .submit_job(pb::JobSpec {
+            layer: "counts".into(),
+            categorical_covariate_keys: vec!["donor".into()],
+            continuous_covariate_keys: vec!["pct_mito".into()],
+            ..spec("good.zarr", 1)
+        })
         .await
         .unwrap()
         .into_inner();
@@ -98,6 +103,20 @@ async fn a_worker_trains_a_job_to_the_end_and_watchers_see_it() {
     assert_eq!(
         a.spec.as_ref().map(|s| s.data_url.as_str()),
         Some("good.zarr")
+    );
+    // What the model reads travels with the job to its workers.
+    let given = a.spec.clone().unwrap();
+    assert_eq!(
+        (
+            given.layer.as_str(),
+            given.categorical_covariate_keys,
+            given.continuous_covariate_keys
+        ),
+        (
+            "counts",
+            vec!["donor".to_string()],
+            vec!["pct_mito".to_string()]
+        )
     );
 
     // Mid-epoch progress shows live in the status: the step and the worker's cells so far.
