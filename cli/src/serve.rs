@@ -237,6 +237,7 @@ pub fn bench_encode(sizes: &[usize], genes: usize, concurrency: usize, seconds: 
                 .collect(),
             transfer_labels: false,
             neighbours: 0,
+            covariates: Vec::new(),
         }
     };
     let nnz_per_cell = counts.nnz() as f64 / largest as f64;

@@ -11,6 +11,7 @@ use futures::{Stream, StreamExt};
 use tessera_data::{Csr, Dataset};
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::atlas_server::Atlas;
+use tessera_worker::Covariates;
 use tessera_worker::encode::EncodeError;
 use tessera_worker::query::{Cells, CellsModality, ModelSummary, Outputs, QueryRequest, Unfreeze};
 use tokio::io::AsyncWriteExt;
@@ -101,7 +102,56 @@ fn model_info(name: &str, source_url: &str, s: ModelSummary) -> pb::ModelInfo {
         labels: s.labels,
         n_latent: s.n_latent as u32,
         reference_cells: s.reference_cells as u64,
+        covariates: s
+            .covariates
+            .categorical
+            .into_iter()
+            .map(|(key, categories)| pb::CovariateInfo {
+                key,
+                categories,
+                continuous: false,
+            })
+            .chain(
+                s.covariates
+                    .continuous
+                    .into_iter()
+                    .map(|key| pb::CovariateInfo {
+                        key,
+                        categories: Vec::new(),
+                        continuous: true,
+                    }),
+            )
+            .collect(),
     }
+}
+
+/// Per categorical covariate each cell's category, per continuous one each cell's value.
+type CovariateColumns = (Vec<Vec<String>>, Vec<Vec<f64>>);
+
+/// The request's covariates in the model's order (`Cells::categorical`, `Cells::continuous`):
+/// each of the model's by key, of the right kind.
+fn covariate_columns(
+    model: &Covariates,
+    given: &[pb::Covariate],
+) -> Result<CovariateColumns, ServeError> {
+    let find = |key: &str| {
+        given.iter().find(|c| c.key == key).ok_or_else(|| {
+            ServeError::Invalid(format!(
+                "covariates: the model needs {key:?} (DescribeModel lists its covariates)"
+            ))
+        })
+    };
+    let categorical = model
+        .categorical
+        .iter()
+        .map(|(key, _)| find(key).map(|c| c.categories.clone()))
+        .collect::<Result<_, _>>()?;
+    let continuous = model
+        .continuous
+        .iter()
+        .map(|key| find(key).map(|c| c.values.clone()))
+        .collect::<Result<_, _>>()?;
+    Ok((categorical, continuous))
 }
 
 /// A relative path inside an uploaded store: plain segments only.
@@ -380,8 +430,6 @@ impl Atlas for AtlasService {
         let mut cells = Cells {
             modalities: Vec::with_capacity(r.modalities.len()),
             batches: r.batches,
-            // Encode carries no covariates beside the batch yet: a model trained with them
-            // refuses the request, naming them.
             ..Cells::default()
         };
         for m in &r.modalities {
@@ -401,6 +449,8 @@ impl Atlas for AtlasService {
         let transfer = r.transfer_labels.then_some(neighbours);
         let response = blocking(move || {
             let loaded = registry.get(&r.model)?;
+            (cells.categorical, cells.continuous) =
+                covariate_columns(&loaded.pool.model.summary().covariates, &r.covariates)?;
             let encoded = loaded.pool.encode(&cells, transfer).map_err(|e| match e {
                 EncodeError::NoReferenceLabels => ServeError::Precondition(format!(
                     "model {:?} has no reference labels to transfer",
@@ -484,4 +534,38 @@ async fn receive(
         ));
     }
     Ok((bytes, files))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_covariates_are_taken_by_key_in_the_models_order() {
+        let model = Covariates {
+            categorical: vec![("donor".into(), vec!["d0".into(), "d1".into()])],
+            continuous: vec!["pct".into()],
+        };
+        let given = vec![
+            pb::Covariate {
+                key: "pct".into(),
+                values: vec![0.5, 1.5],
+                ..Default::default()
+            },
+            pb::Covariate {
+                key: "donor".into(),
+                categories: vec!["d1".into(), "d0".into()],
+                ..Default::default()
+            },
+        ];
+        let (categorical, continuous) = covariate_columns(&model, &given).unwrap();
+        assert_eq!(categorical, vec![vec!["d1".to_string(), "d0".to_string()]]);
+        assert_eq!(continuous, vec![vec![0.5, 1.5]]);
+        let e = covariate_columns(&model, &given[..1]).unwrap_err();
+        assert!(e.to_string().contains("the model needs \"donor\""), "{e}");
+        assert_eq!(
+            covariate_columns(&Covariates::default(), &given).unwrap(),
+            (Vec::new(), Vec::new())
+        );
+    }
 }

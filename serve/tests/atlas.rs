@@ -887,6 +887,7 @@ fn encode_request_of_reference_cells(transfer_labels: bool) -> pb::EncodeRequest
         batches,
         transfer_labels,
         neighbours: 30,
+        covariates: Vec::new(),
     }
 }
 

@@ -209,6 +209,9 @@ pub struct ModelSummary {
     pub labels: Vec<String>,
     pub n_latent: usize,
     pub reference_cells: usize,
+    /// Covariates beside the batch, with their categories.
+    #[serde(default)]
+    pub covariates: Covariates,
 }
 
 /// Cells to embed with a reference model as it is (no surgery: their batches must be the
@@ -378,6 +381,7 @@ impl ReferenceModel {
             labels: r.label_categories.clone(),
             n_latent: r.n_latent,
             reference_cells: r.n_cells(),
+            covariates: self.record.covariates.clone(),
         }
     }
 

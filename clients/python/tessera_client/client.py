@@ -49,6 +49,20 @@ def _status(s: pb.QueryJobStatus) -> dict:
     }
 
 
+def _covariates(cells: ad.AnnData, model: dict, rows: slice) -> list:
+    """The model's covariates beside the batch, from the obs columns of the same names."""
+    out = []
+    for key, categories in model.items():
+        if key not in cells.obs:
+            raise KeyError(f"the model reads the covariate {key!r}: it is not a column of cells.obs")
+        column = cells.obs[key].iloc[rows]
+        if categories is None:
+            out.append(pb.Covariate(key=key, values=column.astype(float).tolist()))
+        else:
+            out.append(pb.Covariate(key=key, categories=column.astype(str).tolist()))
+    return out
+
+
 def _model(m: pb.ModelInfo) -> dict:
     return {
         "name": m.name,
@@ -60,6 +74,8 @@ def _model(m: pb.ModelInfo) -> dict:
         "labels": list(m.labels),
         "n_latent": m.n_latent,
         "reference_cells": m.reference_cells,
+        # Covariates beside the batch: key -> categories, or None for a continuous one.
+        "covariates": {c.key: None if c.continuous else list(c.categories) for c in m.covariates},
     }
 
 
@@ -239,8 +255,8 @@ class Atlas:
     def encode(self, cells: ad.AnnData, model: str, batch_key: str | None = None, transfer_labels: bool = False, neighbours: int = 0) -> dict:
         """Latent means of cells whose batches the reference knows (no fine-tuning), and kNN
         labels when asked. Sent in requests of ENCODE_CELLS_PER_REQUEST cells."""
-        modality = self.describe_model(model)["modalities"]
-        name = next(iter(modality))
+        described = self.describe_model(model)
+        name = next(iter(described["modalities"]))
         batches = [] if batch_key is None else cells.obs[batch_key].astype(str).tolist()
         x = sp.csr_matrix(cells.X, dtype=np.float32)
         var_names = cells.var_names.astype(str).tolist()
@@ -248,7 +264,8 @@ class Atlas:
         for start in range(0, cells.n_obs, ENCODE_CELLS_PER_REQUEST):
             part = x[start : start + ENCODE_CELLS_PER_REQUEST]
             counts = pb.EncodeModality(name=name, var_names=var_names, n_cells=part.shape[0], n_features=part.shape[1], indptr=part.indptr.astype(np.uint64), indices=part.indices.astype(np.uint32), data=part.data)
-            answer = _call(self._stub.Encode, pb.EncodeRequest(model=model, modalities=[counts], batches=batches[start : start + ENCODE_CELLS_PER_REQUEST], transfer_labels=transfer_labels, neighbours=neighbours), metadata=self._metadata)
+            rows = slice(start, start + ENCODE_CELLS_PER_REQUEST)
+            answer = _call(self._stub.Encode, pb.EncodeRequest(model=model, modalities=[counts], batches=batches[rows], transfer_labels=transfer_labels, neighbours=neighbours, covariates=_covariates(cells, described["covariates"], rows)), metadata=self._metadata)
             latent.append(np.asarray(answer.latent, dtype=np.float32).reshape(-1, answer.n_latent))
             labels.extend(answer.labels)
             uncertainty.extend(answer.uncertainty)

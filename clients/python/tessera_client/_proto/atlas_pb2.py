@@ -24,47 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61tlas.proto\x12\ntessera.v1\"I\n\x14RegisterModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsource_url\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"0\n\x0cModalityInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nn_features\x18\x02 \x01(\r\"\xcd\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsource_url\x18\x02 \x01(\t\x12,\n\nmodalities\x18\x03 \x03(\x0b\x32\x18.tessera.v1.ModalityInfo\x12\x11\n\tbatch_key\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61tches\x18\x05 \x03(\t\x12\x11\n\tlabel_key\x18\x06 \x01(\t\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\x10\n\x08n_latent\x18\x08 \x01(\r\x12\x17\n\x0freference_cells\x18\t \x01(\x04\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.tessera.v1.ModelInfo\"$\n\x14\x44\x65scribeModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\")\n\x0bUploadChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"@\n\x0eUploadResponse\x12\x10\n\x08\x64\x61ta_url\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\r\n\x05\x66iles\x18\x03 \x01(\r\"H\n\tWriteBack\x12\x15\n\rembedding_key\x18\x01 \x01(\t\x12\x11\n\tlabel_key\x18\x02 \x01(\t\x12\x11\n\toverwrite\x18\x03 \x01(\x08\"\xdb\x01\n\x08QueryJob\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61ta_url\x18\x02 \x01(\t\x12\x11\n\tbatch_key\x18\x03 \x01(\t\x12\x0e\n\x06\x65pochs\x18\x04 \x01(\r\x12\x1e\n\x16unfreeze_encoder_input\x18\x05 \x01(\x08\x12\x1e\n\x16unfreeze_decoder_input\x18\x06 \x01(\x08\x12\x12\n\nneighbours\x18\x07 \x01(\r\x12)\n\nwrite_back\x18\x08 \x01(\x0b\x32\x15.tessera.v1.WriteBack\x12\x0c\n\x04seed\x18\t \x01(\x04\"\x18\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xa0\x01\n\x0eQueryJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.tessera.v1.JobState\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x13\n\x0breport_json\x18\x06 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x04\"\xc6\x01\n\x11QueryResultsChunk\x12\x0f\n\x07n_cells\x18\x01 \x01(\x04\x12\x10\n\x08n_latent\x18\x02 \x01(\r\x12\x18\n\x10label_categories\x18\x03 \x03(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x11\n\tobs_names\x18\x05 \x03(\t\x12\x11\n\tembedding\x18\x06 \x03(\x02\x12\x0e\n\x06labels\x18\x07 \x03(\x05\x12\x13\n\x0buncertainty\x18\x08 \x03(\x01\x12\x19\n\x11\x63lassifier_labels\x18\t \x03(\x05\"\x85\x01\n\x0e\x45ncodeModality\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tvar_names\x18\x02 \x03(\t\x12\x0f\n\x07n_cells\x18\x03 \x01(\r\x12\x12\n\nn_features\x18\x04 \x01(\r\x12\x0e\n\x06indptr\x18\x05 \x03(\x04\x12\x0f\n\x07indices\x18\x06 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x07 \x03(\x02\"\x8c\x01\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\nmodalities\x18\x02 \x03(\x0b\x32\x1a.tessera.v1.EncodeModality\x12\x0f\n\x07\x62\x61tches\x18\x03 \x03(\t\x12\x17\n\x0ftransfer_labels\x18\x04 \x01(\x08\x12\x12\n\nneighbours\x18\x05 \x01(\r\"W\n\x0e\x45ncodeResponse\x12\x10\n\x08n_latent\x18\x01 \x01(\r\x12\x0e\n\x06latent\x18\x02 \x03(\x02\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x13\n\x0buncertainty\x18\x04 \x03(\x01*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xef\x04\n\x05\x41tlas\x12H\n\rRegisterModel\x12 .tessera.v1.RegisterModelRequest\x1a\x15.tessera.v1.ModelInfo\x12K\n\nListModels\x12\x1d.tessera.v1.ListModelsRequest\x1a\x1e.tessera.v1.ListModelsResponse\x12H\n\rDescribeModel\x12 .tessera.v1.DescribeModelRequest\x1a\x15.tessera.v1.ModelInfo\x12?\n\x06Upload\x12\x17.tessera.v1.UploadChunk\x1a\x1a.tessera.v1.UploadResponse(\x01\x12?\n\x0bSubmitQuery\x12\x14.tessera.v1.QueryJob\x1a\x1a.tessera.v1.QueryJobStatus\x12>\n\nWatchQuery\x12\x12.tessera.v1.JobRef\x1a\x1a.tessera.v1.QueryJobStatus0\x01\x12=\n\x0b\x43\x61ncelQuery\x12\x12.tessera.v1.JobRef\x1a\x1a.tessera.v1.QueryJobStatus\x12\x43\n\x0cQueryResults\x12\x12.tessera.v1.JobRef\x1a\x1d.tessera.v1.QueryResultsChunk0\x01\x12?\n\x06\x45ncode\x12\x19.tessera.v1.EncodeRequest\x1a\x1a.tessera.v1.EncodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x61tlas.proto\x12\ntessera.v1\"I\n\x14RegisterModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsource_url\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"0\n\x0cModalityInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nn_features\x18\x02 \x01(\r\"\xfc\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsource_url\x18\x02 \x01(\t\x12,\n\nmodalities\x18\x03 \x03(\x0b\x32\x18.tessera.v1.ModalityInfo\x12\x11\n\tbatch_key\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61tches\x18\x05 \x03(\t\x12\x11\n\tlabel_key\x18\x06 \x01(\t\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\x10\n\x08n_latent\x18\x08 \x01(\r\x12\x17\n\x0freference_cells\x18\t \x01(\x04\x12-\n\ncovariates\x18\n \x03(\x0b\x32\x19.tessera.v1.CovariateInfo\"D\n\rCovariateInfo\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\ncategories\x18\x02 \x03(\t\x12\x12\n\ncontinuous\x18\x03 \x01(\x08\"<\n\tCovariate\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\ncategories\x18\x02 \x03(\t\x12\x0e\n\x06values\x18\x03 \x03(\x01\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.tessera.v1.ModelInfo\"$\n\x14\x44\x65scribeModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\")\n\x0bUploadChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"@\n\x0eUploadResponse\x12\x10\n\x08\x64\x61ta_url\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\r\n\x05\x66iles\x18\x03 \x01(\r\"H\n\tWriteBack\x12\x15\n\rembedding_key\x18\x01 \x01(\t\x12\x11\n\tlabel_key\x18\x02 \x01(\t\x12\x11\n\toverwrite\x18\x03 \x01(\x08\"\xdb\x01\n\x08QueryJob\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61ta_url\x18\x02 \x01(\t\x12\x11\n\tbatch_key\x18\x03 \x01(\t\x12\x0e\n\x06\x65pochs\x18\x04 \x01(\r\x12\x1e\n\x16unfreeze_encoder_input\x18\x05 \x01(\x08\x12\x1e\n\x16unfreeze_decoder_input\x18\x06 \x01(\x08\x12\x12\n\nneighbours\x18\x07 \x01(\r\x12)\n\nwrite_back\x18\x08 \x01(\x0b\x32\x15.tessera.v1.WriteBack\x12\x0c\n\x04seed\x18\t \x01(\x04\"\x18\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xa0\x01\n\x0eQueryJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.tessera.v1.JobState\x12\r\n\x05stage\x18\x03 \x01(\t\x12\x10\n\x08progress\x18\x04 \x01(\x01\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x13\n\x0breport_json\x18\x06 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x04\"\xc6\x01\n\x11QueryResultsChunk\x12\x0f\n\x07n_cells\x18\x01 \x01(\x04\x12\x10\n\x08n_latent\x18\x02 \x01(\r\x12\x18\n\x10label_categories\x18\x03 \x03(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x11\n\tobs_names\x18\x05 \x03(\t\x12\x11\n\tembedding\x18\x06 \x03(\x02\x12\x0e\n\x06labels\x18\x07 \x03(\x05\x12\x13\n\x0buncertainty\x18\x08 \x03(\x01\x12\x19\n\x11\x63lassifier_labels\x18\t \x03(\x05\"\x85\x01\n\x0e\x45ncodeModality\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tvar_names\x18\x02 \x03(\t\x12\x0f\n\x07n_cells\x18\x03 \x01(\r\x12\x12\n\nn_features\x18\x04 \x01(\r\x12\x0e\n\x06indptr\x18\x05 \x03(\x04\x12\x0f\n\x07indices\x18\x06 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x07 \x03(\x02\"\xb7\x01\n\rEncodeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12.\n\nmodalities\x18\x02 \x03(\x0b\x32\x1a.tessera.v1.EncodeModality\x12\x0f\n\x07\x62\x61tches\x18\x03 \x03(\t\x12\x17\n\x0ftransfer_labels\x18\x04 \x01(\x08\x12\x12\n\nneighbours\x18\x05 \x01(\r\x12)\n\ncovariates\x18\x06 \x03(\x0b\x32\x15.tessera.v1.Covariate\"W\n\x0e\x45ncodeResponse\x12\x10\n\x08n_latent\x18\x01 \x01(\r\x12\x0e\n\x06latent\x18\x02 \x03(\x02\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x13\n\x0buncertainty\x18\x04 \x03(\x01*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xef\x04\n\x05\x41tlas\x12H\n\rRegisterModel\x12 .tessera.v1.RegisterModelRequest\x1a\x15.tessera.v1.ModelInfo\x12K\n\nListModels\x12\x1d.tessera.v1.ListModelsRequest\x1a\x1e.tessera.v1.ListModelsResponse\x12H\n\rDescribeModel\x12 .tessera.v1.DescribeModelRequest\x1a\x15.tessera.v1.ModelInfo\x12?\n\x06Upload\x12\x17.tessera.v1.UploadChunk\x1a\x1a.tessera.v1.UploadResponse(\x01\x12?\n\x0bSubmitQuery\x12\x14.tessera.v1.QueryJob\x1a\x1a.tessera.v1.QueryJobStatus\x12>\n\nWatchQuery\x12\x12.tessera.v1.JobRef\x1a\x1a.tessera.v1.QueryJobStatus0\x01\x12=\n\x0b\x43\x61ncelQuery\x12\x12.tessera.v1.JobRef\x1a\x1a.tessera.v1.QueryJobStatus\x12\x43\n\x0cQueryResults\x12\x12.tessera.v1.JobRef\x1a\x1d.tessera.v1.QueryResultsChunk0\x01\x12?\n\x06\x45ncode\x12\x19.tessera.v1.EncodeRequest\x1a\x1a.tessera.v1.EncodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'atlas_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=1644
-  _globals['_JOBSTATE']._serialized_end=1798
+  _globals['_JOBSTATE']._serialized_start=1866
+  _globals['_JOBSTATE']._serialized_end=2020
   _globals['_REGISTERMODELREQUEST']._serialized_start=27
   _globals['_REGISTERMODELREQUEST']._serialized_end=100
   _globals['_MODALITYINFO']._serialized_start=102
   _globals['_MODALITYINFO']._serialized_end=150
   _globals['_MODELINFO']._serialized_start=153
-  _globals['_MODELINFO']._serialized_end=358
-  _globals['_LISTMODELSREQUEST']._serialized_start=360
-  _globals['_LISTMODELSREQUEST']._serialized_end=379
-  _globals['_LISTMODELSRESPONSE']._serialized_start=381
-  _globals['_LISTMODELSRESPONSE']._serialized_end=440
-  _globals['_DESCRIBEMODELREQUEST']._serialized_start=442
-  _globals['_DESCRIBEMODELREQUEST']._serialized_end=478
-  _globals['_UPLOADCHUNK']._serialized_start=480
-  _globals['_UPLOADCHUNK']._serialized_end=521
-  _globals['_UPLOADRESPONSE']._serialized_start=523
-  _globals['_UPLOADRESPONSE']._serialized_end=587
-  _globals['_WRITEBACK']._serialized_start=589
-  _globals['_WRITEBACK']._serialized_end=661
-  _globals['_QUERYJOB']._serialized_start=664
-  _globals['_QUERYJOB']._serialized_end=883
-  _globals['_JOBREF']._serialized_start=885
-  _globals['_JOBREF']._serialized_end=909
-  _globals['_QUERYJOBSTATUS']._serialized_start=912
-  _globals['_QUERYJOBSTATUS']._serialized_end=1072
-  _globals['_QUERYRESULTSCHUNK']._serialized_start=1075
-  _globals['_QUERYRESULTSCHUNK']._serialized_end=1273
-  _globals['_ENCODEMODALITY']._serialized_start=1276
-  _globals['_ENCODEMODALITY']._serialized_end=1409
-  _globals['_ENCODEREQUEST']._serialized_start=1412
-  _globals['_ENCODEREQUEST']._serialized_end=1552
-  _globals['_ENCODERESPONSE']._serialized_start=1554
-  _globals['_ENCODERESPONSE']._serialized_end=1641
-  _globals['_ATLAS']._serialized_start=1801
-  _globals['_ATLAS']._serialized_end=2424
+  _globals['_MODELINFO']._serialized_end=405
+  _globals['_COVARIATEINFO']._serialized_start=407
+  _globals['_COVARIATEINFO']._serialized_end=475
+  _globals['_COVARIATE']._serialized_start=477
+  _globals['_COVARIATE']._serialized_end=537
+  _globals['_LISTMODELSREQUEST']._serialized_start=539
+  _globals['_LISTMODELSREQUEST']._serialized_end=558
+  _globals['_LISTMODELSRESPONSE']._serialized_start=560
+  _globals['_LISTMODELSRESPONSE']._serialized_end=619
+  _globals['_DESCRIBEMODELREQUEST']._serialized_start=621
+  _globals['_DESCRIBEMODELREQUEST']._serialized_end=657
+  _globals['_UPLOADCHUNK']._serialized_start=659
+  _globals['_UPLOADCHUNK']._serialized_end=700
+  _globals['_UPLOADRESPONSE']._serialized_start=702
+  _globals['_UPLOADRESPONSE']._serialized_end=766
+  _globals['_WRITEBACK']._serialized_start=768
+  _globals['_WRITEBACK']._serialized_end=840
+  _globals['_QUERYJOB']._serialized_start=843
+  _globals['_QUERYJOB']._serialized_end=1062
+  _globals['_JOBREF']._serialized_start=1064
+  _globals['_JOBREF']._serialized_end=1088
+  _globals['_QUERYJOBSTATUS']._serialized_start=1091
+  _globals['_QUERYJOBSTATUS']._serialized_end=1251
+  _globals['_QUERYRESULTSCHUNK']._serialized_start=1254
+  _globals['_QUERYRESULTSCHUNK']._serialized_end=1452
+  _globals['_ENCODEMODALITY']._serialized_start=1455
+  _globals['_ENCODEMODALITY']._serialized_end=1588
+  _globals['_ENCODEREQUEST']._serialized_start=1591
+  _globals['_ENCODEREQUEST']._serialized_end=1774
+  _globals['_ENCODERESPONSE']._serialized_start=1776
+  _globals['_ENCODERESPONSE']._serialized_end=1863
+  _globals['_ATLAS']._serialized_start=2023
+  _globals['_ATLAS']._serialized_end=2646
 # @@protoc_insertion_point(module_scope)
