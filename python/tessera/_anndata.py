@@ -102,6 +102,20 @@ def register(adata: Any, setup: dict[str, Any]) -> None:
         key = setup.get(field)
         if key is not None and key not in adata.obs:
             raise KeyError(f"{field} {key!r} is not a column of adata.obs")
+    check_covariates(adata, setup)
+    if store is None:
+        counts_matrix(adata, layer)  # NaN, shape and the count warning, now rather than later
+    else:
+        check_counts(_stored_sample(store, layer), f"{store}: {field_name(layer)}")
+    adata.uns[SETUP_KEY] = {k: v for k, v in setup.items() if v is not None}
+
+
+COVARIATE_FIELDS = ("categorical_covariate_keys", "continuous_covariate_keys")
+
+
+def check_covariates(adata: Any, setup: dict[str, Any]) -> None:
+    """The covariate keys of ``setup`` as lists (None when empty), each a column of
+    ``adata.obs`` (an AnnData's or a MuData's), the continuous ones numbers in every cell."""
     for field in COVARIATE_FIELDS:
         keys = setup.get(field)
         if isinstance(keys, str):
@@ -112,14 +126,16 @@ def register(adata: Any, setup: dict[str, Any]) -> None:
                 raise KeyError(f"{field}: {key!r} is not a column of adata.obs")
     for key in setup.get("continuous_covariate_keys") or []:
         continuous(adata, key)
-    if store is None:
-        counts_matrix(adata, layer)  # NaN, shape and the count warning, now rather than later
-    else:
-        check_counts(_stored_sample(store, layer), f"{store}: {field_name(layer)}")
-    adata.uns[SETUP_KEY] = {k: v for k, v in setup.items() if v is not None}
 
 
-COVARIATE_FIELDS = ("categorical_covariate_keys", "continuous_covariate_keys")
+def covariate_columns(adata: Any, setup: dict[str, Any]) -> tuple[list, list]:
+    """The registered covariates as ``write_anndata``/``write_mudata`` take obs columns:
+    (name, codes, categories) and (name, values)."""
+    categorical_keys, continuous_keys = covariate_keys(setup)
+    return (
+        [(key, *categorical(adata, key)) for key in categorical_keys],
+        [(key, continuous(adata, key)) for key in continuous_keys],
+    )
 
 
 def covariate_keys(setup: dict[str, Any]) -> tuple[list[str], list[str]]:

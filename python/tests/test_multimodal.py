@@ -3,6 +3,7 @@ RNA for every cell, 12 proteins drawn from each cell type's rates for 70% of the
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -135,3 +136,27 @@ def test_bad_multimodal_setups_are_refused():
     tessera.model.MULTIVAE.setup_mudata(mdata)
     with pytest.raises(ValueError, match="joint"):
         tessera.model.MULTIVAE(mdata, joint="sum")
+
+
+def test_multivae_reads_covariates_beside_the_batch(tmp_path):
+    mdata, _, _ = cite_like()
+    mdata.obs["donor"] = np.array(["d0", "d1", "d2"])[np.arange(mdata.n_obs) % 3]
+    mdata.obs["depth"] = np.linspace(-1.0, 1.0, mdata.n_obs)
+    tessera.model.MULTIVAE.setup_mudata(
+        mdata, batch_key="batch", categorical_covariate_keys=["donor"],
+        continuous_covariate_keys=["depth"],
+    )
+    model = tessera.model.MULTIVAE(mdata, n_latent=6, encode_covariates=True)
+    model.train(max_epochs=4, seed=0, progress_bar=False)
+    model.save(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["covariates"] == {
+        "categorical": [["donor", ["d0", "d1", "d2"]]], "continuous": ["depth"]
+    }
+    z = model.get_latent_representation()
+    np.testing.assert_array_equal(model.get_latent_representation(mdata.copy()), z)
+    shifted = mdata.copy()
+    shifted.obs["depth"] = shifted.obs["depth"] + 1.0
+    assert np.abs(model.get_latent_representation(shifted) - z).max() > 1e-4
+    with pytest.raises(KeyError, match="nope"):
+        tessera.model.MULTIVAE.setup_mudata(mdata, categorical_covariate_keys=["nope"])

@@ -59,9 +59,12 @@ class MULTIVAE(SCVI):
         modalities: Sequence[str] | None = None,
         batch_key: str | None = None,
         labels_key: str | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
     ) -> None:
-        """Registers the modalities to model (default: every one, in ``mdata.mod`` order) and
-        the batch column of ``mdata.obs``. Each modality's X must hold counts (a warning
+        """Registers the modalities to model (default: every one, in ``mdata.mod`` order), the
+        batch column of ``mdata.obs`` and further covariates of ``mdata.obs`` (as
+        :meth:`SCVI.setup_anndata`'s). Each modality's X must hold counts (a warning
         otherwise)."""
         names = list(mdata.mod) if modalities is None else list(modalities)
         for name in names:
@@ -75,7 +78,14 @@ class MULTIVAE(SCVI):
         for field, key in (("batch_key", batch_key), ("labels_key", labels_key)):
             if key is not None and key not in mdata.obs:
                 raise KeyError(f"{field} {key!r} is not a column of mdata.obs")
-        setup = {"modalities": names, "batch_key": batch_key, "labels_key": labels_key}
+        setup = {
+            "modalities": names,
+            "batch_key": batch_key,
+            "labels_key": labels_key,
+            "categorical_covariate_keys": categorical_covariate_keys,
+            "continuous_covariate_keys": continuous_covariate_keys,
+        }
+        _anndata.check_covariates(mdata, setup)
         mdata.uns[_anndata.SETUP_KEY] = {k: v for k, v in setup.items() if v is not None}
 
     @classmethod
@@ -113,14 +123,15 @@ class MULTIVAE(SCVI):
                 [str(v) for v in adata.mod[name].var_names],
                 None if present.all() else present.tolist(),
             ))
-        return modalities, _anndata.batch_names(adata, self._setup_for(adata)), [], []
+        setup = self._setup_for(adata)
+        return modalities, _anndata.batch_names(adata, setup), *_anndata.covariates(adata, setup)
 
     def _write_store(self, location: str) -> None:
         """The MuData's registered modalities (each over the cells that measured it, in the
         MuData's cell order) and batches as a new store at ``location``."""
         mdata, setup = self.adata, self._setup
-        categoricals = []
-        if setup.get("batch_key"):
+        categoricals, floats = _anndata.covariate_columns(mdata, setup)
+        if setup.get("batch_key") and setup["batch_key"] not in {c[0] for c in categoricals}:
             categoricals.append((setup["batch_key"], *_anndata.categorical(mdata, setup["batch_key"])))
         modalities = []
         for modality in setup["modalities"]:
@@ -133,7 +144,7 @@ class MULTIVAE(SCVI):
                 None if present.all() else present.tolist(),
             ))
         _tessera.write_mudata(
-            location, [str(n) for n in mdata.obs_names], categoricals, [], modalities
+            location, [str(n) for n in mdata.obs_names], categoricals, floats, modalities
         )
 
     def get_latent_representation(
@@ -216,6 +227,8 @@ class TOTALVI(MULTIVAE):
         protein_layer: str | None = None,
         batch_key: str | None = None,
         modalities: dict[str, str] | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
     ) -> None:
         """``modalities`` names the RNA and protein modalities as in scvi-tools
         (``{"rna_layer": "rna", "protein_layer": "prot"}``); layers other than X are not
@@ -229,7 +242,9 @@ class TOTALVI(MULTIVAE):
                 '{"rna_layer": "rna", "protein_layer": "prot"}'
             )
         super().setup_mudata(
-            mdata, modalities=[names["rna_layer"], names["protein_layer"]], batch_key=batch_key
+            mdata, modalities=[names["rna_layer"], names["protein_layer"]], batch_key=batch_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
         )
 
     def get_normalized_expression(  # type: ignore[override]

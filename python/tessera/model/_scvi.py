@@ -326,12 +326,9 @@ class SCVI:
         if label_key and label_key != batch_key:
             labels = _anndata.labels(self.adata, label_key, setup.get("unlabeled_category"))
             categoricals.append((label_key, *labels))
-        categorical_keys, continuous_keys = _anndata.covariate_keys(setup)
         written = {name for name, _, _ in categoricals}
-        for key in categorical_keys:
-            if key not in written:
-                categoricals.append((key, *_anndata.categorical(self.adata, key)))
-        floats = [(key, _anndata.continuous(self.adata, key)) for key in continuous_keys]
+        covariates, floats = _anndata.covariate_columns(self.adata, setup)
+        categoricals += [c for c in covariates if c[0] not in written]
         _tessera.write_anndata(
             location,
             *_anndata.csr_arrays(csr),
