@@ -75,6 +75,7 @@ fn a_notebook_maps_a_query_through_the_python_client() {
         modalities: Vec::new(),
         batch_key: Some("batch".into()),
         label_key: Some("cell_type".into()),
+        unlabeled_category: None,
         covariates: Default::default(),
         config,
         out: model.clone(),

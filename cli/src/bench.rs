@@ -510,6 +510,7 @@ fn data_parallel(workers: &[usize], cells: usize, genes: usize, epochs: usize) -
             modalities: Vec::new(),
             batch_key: Some("batch".into()),
             label_key: None,
+            unlabeled_category: None,
             covariates: Default::default(),
             config,
             out: dir.join(format!("out{n}")),

@@ -288,6 +288,7 @@ pub fn job_spec(opts: &FitOptions, world: usize) -> Result<pb::JobSpec> {
         layer: opts.layer.clone().unwrap_or_default(),
         categorical_covariate_keys: opts.covariates.categorical.clone(),
         continuous_covariate_keys: opts.covariates.continuous.clone(),
+        unlabeled_category: opts.unlabeled_category.clone().unwrap_or_default(),
     })
 }
 

@@ -180,6 +180,7 @@ pub fn bench_encode(sizes: &[usize], genes: usize, concurrency: usize, seconds: 
         modalities: Vec::new(),
         batch_key: Some("batch".into()),
         label_key: Some("cell_type".into()),
+        unlabeled_category: None,
         covariates: Default::default(),
         config: fit,
         out: model.clone(),

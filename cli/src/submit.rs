@@ -45,6 +45,9 @@ pub struct SubmitArgs {
     /// values = unlabelled cells).
     #[arg(long)]
     label_key: Option<String>,
+    /// The --label-key value that marks an unlabelled cell (e.g. Unknown).
+    #[arg(long, value_name = "LABEL")]
+    unlabeled_category: Option<String>,
     /// obsm key of the embedding written into the store.
     #[arg(long, default_value = "X_tessera")]
     embedding_key: String,
@@ -102,6 +105,7 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
         modalities: args.modalities,
         batch_key: args.batch_key,
         label_key: args.label_key,
+        unlabeled_category: args.unlabeled_category,
         covariates: args.inputs.covariates(),
         config: crate::train::read_config(args.config.as_deref(), args.epochs, args.seed)?,
         out: args.out,

@@ -34,6 +34,10 @@ pub struct TrainArgs {
     /// cell_type when present; without one the evaluation is skipped).
     #[arg(long)]
     label_key: Option<String>,
+    /// The --label-key value that marks an unlabelled cell (scANVI's `unlabeled_category`,
+    /// e.g. Unknown); missing values are unlabelled too.
+    #[arg(long, value_name = "LABEL")]
+    unlabeled_category: Option<String>,
     /// Override `train.max_epochs`.
     #[arg(long)]
     epochs: Option<usize>,
@@ -168,6 +172,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         modalities: args.modalities.clone(),
         batch_key: batch_key.clone(),
         label_key: label_key.clone(),
+        unlabeled_category: args.unlabeled_category.clone(),
         covariates: args.inputs.covariates(),
         config,
         out: args.out.clone(),

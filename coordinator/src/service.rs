@@ -334,6 +334,7 @@ impl CoordinatorRpc for Service {
                         layer: a.spec.layer,
                         categorical_covariate_keys: a.spec.categorical_covariate_keys,
                         continuous_covariate_keys: a.spec.continuous_covariate_keys,
+                        unlabeled_category: a.spec.unlabeled_category,
                     }),
                     resume_from: resume
                         .as_ref()
@@ -464,6 +465,7 @@ impl CoordinatorRpc for Service {
             layer: spec.layer,
             categorical_covariate_keys: spec.categorical_covariate_keys,
             continuous_covariate_keys: spec.continuous_covariate_keys,
+            unlabeled_category: spec.unlabeled_category,
             train_cells: valid.train_cells,
             epochs: valid.epochs,
         };

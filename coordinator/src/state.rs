@@ -70,6 +70,9 @@ pub struct JobSpec {
     pub categorical_covariate_keys: Vec<String>,
     #[serde(default)]
     pub continuous_covariate_keys: Vec<String>,
+    /// The label that marks an unlabelled cell (empty: none).
+    #[serde(default)]
+    pub unlabeled_category: String,
     /// Training cells per epoch (the store's cells minus the held-out ones).
     pub train_cells: u64,
     pub epochs: u32,

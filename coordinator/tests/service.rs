@@ -67,6 +67,7 @@ async fn a_worker_trains_a_job_to_the_end_and_watchers_see_it() {
             layer: "counts".into(),
             categorical_covariate_keys: vec!["donor".into()],
             continuous_covariate_keys: vec!["pct_mito".into()],
+            unlabeled_category: "Unknown".into(),
             ..spec("good.zarr", 1)
         })
         .await
@@ -110,12 +111,14 @@ async fn a_worker_trains_a_job_to_the_end_and_watchers_see_it() {
         (
             given.layer.as_str(),
             given.categorical_covariate_keys,
-            given.continuous_covariate_keys
+            given.continuous_covariate_keys,
+            given.unlabeled_category.as_str()
         ),
         (
             "counts",
             vec!["donor".to_string()],
-            vec!["pct_mito".to_string()]
+            vec!["pct_mito".to_string()],
+            "Unknown"
         )
     );
 

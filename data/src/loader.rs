@@ -44,6 +44,9 @@ pub struct LoaderConfig {
     pub batch_key: Option<String>,
     /// obs column with cell labels (cell type), -1 for unlabelled cells.
     pub label_key: Option<String>,
+    /// The label value that marks an unlabelled cell (scANVI's `unlabeled_category`): its
+    /// cells get -1 and it is not a label category.
+    pub unlabeled_category: Option<String>,
     /// Categorical obs columns carried with each batch as codes (covariates beside the batch;
     /// -1 where a cell's value is missing).
     pub categorical_keys: Vec<String>,
@@ -151,6 +154,7 @@ impl Default for LoaderConfig {
             seed: 0,
             batch_key: None,
             label_key: None,
+            unlabeled_category: None,
             categorical_keys: Vec::new(),
             numeric_keys: Vec::new(),
             matrix: "X".into(),
@@ -407,7 +411,10 @@ impl Loader {
             })
         };
         let (batch, batch_categories) = codes(&config.batch_key)?;
-        let (label, label_categories) = codes(&config.label_key)?;
+        let (label, label_categories) = without_category(
+            codes(&config.label_key)?,
+            config.unlabeled_category.as_deref(),
+        );
         let (categorical, categorical_categories): (Vec<Vec<i32>>, Vec<Vec<String>>) = config
             .categorical_keys
             .iter()
@@ -735,6 +742,33 @@ impl Loader {
     }
 }
 
+/// `codes` over `categories` with `dropped` (when it is one) taken out: its cells get -1 and the
+/// later categories' codes move down by one.
+fn without_category(
+    (codes, categories): (Vec<i32>, Vec<String>),
+    dropped: Option<&str>,
+) -> (Vec<i32>, Vec<String>) {
+    let Some(d) = dropped.and_then(|name| categories.iter().position(|c| c == name)) else {
+        return (codes, categories);
+    };
+    let d = d as i32;
+    let codes = codes
+        .into_iter()
+        .map(|c| match c.cmp(&d) {
+            std::cmp::Ordering::Less => c,
+            std::cmp::Ordering::Equal => -1,
+            std::cmp::Ordering::Greater => c - 1,
+        })
+        .collect();
+    let categories = categories
+        .into_iter()
+        .enumerate()
+        .filter(|&(i, _)| i as i32 != d)
+        .map(|(_, c)| c)
+        .collect();
+    (codes, categories)
+}
+
 /// Columns of n values each as one row-major n × columns table.
 pub fn row_major<V: Copy>(n: usize, columns: &[Vec<V>]) -> Vec<V> {
     (0..n)
@@ -791,4 +825,22 @@ fn mix(seed: u64, epoch: u64, i: u64) -> u64 {
         seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
     x ^= x >> 31;
     x.wrapping_mul(0xBF58_476D_1CE4_E5B9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_unlabeled_category_becomes_missing_and_leaves_the_categories() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let column = (vec![0, 1, 2, -1, 1], names(&["B", "Unknown", "T"]));
+        assert_eq!(
+            without_category(column.clone(), Some("Unknown")),
+            (vec![0, -1, 1, -1, -1], names(&["B", "T"]))
+        );
+        // A value the column does not have, or none: unchanged.
+        assert_eq!(without_category(column.clone(), Some("NK")), column);
+        assert_eq!(without_category(column.clone(), None), column);
+    }
 }

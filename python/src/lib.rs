@@ -260,7 +260,7 @@ enum Message {
 /// cells)) and ("epoch", record as JSON). Ctrl-C (or an exception from `progress`) stops after
 /// the running step and is raised once training has stopped. Returns (embedding, report JSON).
 #[pyfunction]
-#[pyo3(signature = (data, layer, config_json, out, modalities, batch_key, label_key, categorical_covariate_keys, continuous_covariate_keys, embedding_key, denoised_library_size, init_from, device, progress))]
+#[pyo3(signature = (data, layer, config_json, out, modalities, batch_key, label_key, unlabeled_category, categorical_covariate_keys, continuous_covariate_keys, embedding_key, denoised_library_size, init_from, device, progress))]
 #[allow(clippy::too_many_arguments)] // the options of `tessera train`, flat
 fn fit<'py>(
     py: Python<'py>,
@@ -271,6 +271,7 @@ fn fit<'py>(
     modalities: Vec<String>,
     batch_key: Option<String>,
     label_key: Option<String>,
+    unlabeled_category: Option<String>,
     categorical_covariate_keys: Vec<String>,
     continuous_covariate_keys: Vec<String>,
     embedding_key: String,
@@ -287,6 +288,7 @@ fn fit<'py>(
         modalities,
         batch_key,
         label_key,
+        unlabeled_category,
         covariates: CovariateKeys {
             categorical: categorical_covariate_keys,
             continuous: continuous_covariate_keys,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import zarr
 
@@ -24,6 +25,9 @@ def store(tmp_path) -> Path:
     """PBMC with a batch column, its counts in a layer and X log-normalised (as atlases ship)."""
     adata = ad.read_zarr(PBMC)
     adata.obs["batch"] = np.where(np.arange(adata.n_obs) % 3 == 0, "b", "a")
+    partial = adata.obs["cell_type"].astype(str).to_numpy().copy()
+    partial[np.arange(adata.n_obs) % 3 == 1] = "Unknown"
+    adata.obs["partial"] = pd.Categorical(partial)
     adata.layers["counts"] = adata.X.copy()
     adata.X = adata.X.log1p()
     path = tmp_path / "pbmc.zarr"
@@ -61,6 +65,24 @@ def test_a_store_backed_anndata_trains_the_in_memory_model_and_leaves_the_store_
         in_memory.get_normalized_expression(return_numpy=True),
     )
     assert listing(store) == before, "training wrote into the user's store"
+
+
+def test_scanvi_on_a_store_leaves_out_the_unlabeled_category_as_in_memory(store):
+    models = []
+    for adata in (tessera.read_zarr(store), ad.read_zarr(store)):
+        tessera.model.SCANVI.setup_anndata(
+            adata, "partial", "Unknown", layer="counts", batch_key="batch"
+        )
+        model = tessera.model.SCANVI(adata, n_latent=6)
+        model.train(max_epochs=4, seed=1, progress_bar=False)
+        models.append(model)
+    streamed, in_memory = models
+    np.testing.assert_array_equal(
+        streamed.get_latent_representation(), in_memory.get_latent_representation()
+    )
+    predicted = streamed.predict()
+    assert "Unknown" not in set(predicted)
+    np.testing.assert_array_equal(predicted, in_memory.predict())
 
 
 def test_store_backed_setup_checks_the_store(store, tmp_path):

@@ -60,6 +60,7 @@ fn reference() -> &'static Path {
                 modalities: Vec::new(),
                 batch_key: Some("batch".into()),
                 label_key: Some("cell_type".into()),
+                unlabeled_category: None,
                 covariates: Default::default(),
                 config,
                 out: out.clone(),

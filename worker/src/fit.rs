@@ -56,6 +56,9 @@ pub struct FitOptions {
     pub modalities: Vec<String>,
     pub batch_key: Option<String>,
     pub label_key: Option<String>,
+    /// The label that marks an unlabelled cell (scANVI's `unlabeled_category`; missing values
+    /// are unlabelled too).
+    pub unlabeled_category: Option<String>,
     /// obs columns the model reads as covariates beside the batch.
     pub covariates: CovariateKeys,
     pub config: FitConfig,
@@ -449,6 +452,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             seed: tc.seed,
             batch_key: opts.batch_key.clone(),
             label_key: opts.label_key.clone(),
+            unlabeled_category: opts.unlabeled_category.clone(),
             categorical_keys: opts.covariates.categorical.clone(),
             numeric_keys,
             cache_bytes: opts.cache_bytes,

@@ -395,6 +395,7 @@ fn run_assignment(
         modalities: spec.modalities.clone(),
         batch_key: non_empty(&spec.batch_key),
         label_key: non_empty(&spec.label_key),
+        unlabeled_category: non_empty(&spec.unlabeled_category),
         covariates: crate::CovariateKeys {
             categorical: spec.categorical_covariate_keys.clone(),
             continuous: spec.continuous_covariate_keys.clone(),

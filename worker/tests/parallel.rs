@@ -39,6 +39,7 @@ fn options(data: &str, out: &Path) -> FitOptions {
         modalities: Vec::new(),
         batch_key: Some("batch".into()),
         label_key: None,
+        unlabeled_category: None,
         covariates: Default::default(),
         config,
         out: out.to_path_buf(),

@@ -42,6 +42,7 @@ fn options(data: &str, out: &Path, epochs: usize, resume: bool) -> FitOptions {
         modalities: Vec::new(),
         batch_key: Some("batch".into()),
         label_key: None,
+        unlabeled_category: None,
         covariates: Default::default(),
         config,
         out: out.to_path_buf(),

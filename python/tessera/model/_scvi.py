@@ -264,7 +264,7 @@ class SCVI:
         """Trains on an in-memory copy of the AnnData."""
         progress = EpochProgress(progress_bar)
         try:
-            with self._data_location() as (location, layer):
+            with self._data_location() as (location, layer, unlabeled):
                 embedding, report, denoised = _tessera.fit(
                     location,
                     layer,
@@ -273,6 +273,7 @@ class SCVI:
                     self._setup.get("modalities", []),
                     self._setup.get("batch_key"),
                     self._label_key(),
+                    unlabeled,
                     *_anndata.covariate_keys(self._setup),
                     "X_tessera",
                     self._denoised_library_size(),
@@ -286,22 +287,18 @@ class SCVI:
             progress.close()
 
     @contextlib.contextmanager
-    def _data_location(self) -> Iterator[tuple[str, str | None]]:
-        """Where the engine reads the registered data and which layer: a store-backed
-        AnnData's own store (``tessera.read_zarr``: streamed, never written), else an in-memory
-        copy whose X is the registered matrix."""
+    def _data_location(self) -> Iterator[tuple[str, str | None, str | None]]:
+        """Where the engine reads the registered data, which layer and which label marks an
+        unlabelled cell: a store-backed AnnData's own store (``tessera.read_zarr``: streamed,
+        never written), else an in-memory copy whose X is the registered matrix and whose
+        labels are already coded without the unlabelled category."""
         store = _anndata.store_of(self.adata)
         if store is None:
             with self._memory_store() as location:
-                yield location, None
+                yield location, None, None
             return
-        if self._setup.get("unlabeled_category") is not None:
-            raise ValueError(
-                "unlabeled_category on a store-backed AnnData is not supported yet: read the "
-                "AnnData into memory, or mark unlabelled cells as missing values in the store"
-            )
         _anndata.check_store_columns(store, self._setup)
-        yield store, self._setup.get("layer")
+        yield store, self._setup.get("layer"), self._setup.get("unlabeled_category")
 
     @contextlib.contextmanager
     def _memory_store(self) -> Iterator[str]:
@@ -633,7 +630,7 @@ class SCVI:
         if epochs is None:  # scvi-tools' rule, as for training
             epochs = _epoch_rule(self.adata.n_obs)
         q = self._query
-        with self._data_location() as (location, layer):
+        with self._data_location() as (location, layer, _):
             z, transferred, uncertainty, classifier, report = _tessera.map_query(
                 q["reference"], location, layer, self._setup.get("batch_key"), epochs,
                 q["encoder_input"], q["decoder_input"], 50, seed, q["device"],

@@ -40,6 +40,7 @@ pub fn options(data: &str, out: &Path, epochs: usize) -> FitOptions {
         modalities: Vec::new(),
         batch_key: None,
         label_key: Some("cell_type".into()),
+        unlabeled_category: None,
         covariates: Default::default(),
         config,
         out: out.to_path_buf(),
