@@ -289,6 +289,12 @@ pub fn job_spec(opts: &FitOptions, world: usize) -> Result<pb::JobSpec> {
         categorical_covariate_keys: opts.covariates.categorical.clone(),
         continuous_covariate_keys: opts.covariates.continuous.clone(),
         unlabeled_category: opts.unlabeled_category.clone().unwrap_or_default(),
+        init_from: opts
+            .init_from
+            .as_deref()
+            .map(absolute)
+            .transpose()?
+            .unwrap_or_default(),
     })
 }
 

@@ -62,7 +62,8 @@ pub struct TrainArgs {
     resume: bool,
     /// Start from the model trained into this folder (another run's --out): every tensor of the
     /// same name and shape is copied, new heads (a classifier) start fresh. The data's batches
-    /// and features must be that model's. scvi-tools' SCANVI.from_scvi_model. One process only.
+    /// and features must be that model's. scvi-tools' SCANVI.from_scvi_model. With --workers or
+    /// a launcher every rank reads the folder.
     #[arg(long, value_name = "DIR")]
     init_from: Option<String>,
     #[command(flatten)]
@@ -190,11 +191,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         init_from: args.init_from.clone(),
         layer: args.inputs.layer.clone(),
     };
-    if opts.init_from.is_some() && (args.workers.is_some() || launch.is_some()) {
-        anyhow::bail!(
-            "--init-from trains in one process: it is not supported with --workers or under a launcher yet"
-        );
-    }
 
     let report = match (args.workers, &launch) {
         (Some(n), _) => crate::distributed::train(&opts, n)

@@ -559,16 +559,34 @@ fn init_from_starts_from_a_trained_model_of_the_same_data_only() {
         stderr.contains("differ from the data's") && stderr.contains("first"),
         "{stderr}"
     );
-    let workers = train(
-        &["--init-from", &path("first"), "--workers", "2"],
-        &data,
-        &path("fourth"),
-    );
-    let stderr = String::from_utf8_lossy(&workers.stderr);
-    assert!(
-        !workers.status.success() && stderr.contains("one process"),
-        "{stderr}"
-    );
+    // Two worker processes start from it too: the same model as one process over the same
+    // two parts.
+    let parts = path("parts.toml");
+    std::fs::write(&parts, "[train]\nparts = 2\nbatch_size = 16\n").unwrap();
+    let embedding = |extra: &[&str], out: &str| {
+        ok(&train(
+            &[&["--init-from", &path("first")], extra].concat(),
+            &data,
+            out,
+        ));
+        tessera_data::AnnData::open(&data)
+            .unwrap()
+            .obsm("X_tessera")
+            .unwrap()
+            .0
+    };
+    let alone = embedding(&["--config", &parts], &path("fourth"));
+    let workers = embedding(&["--config", &parts, "--workers", "2"], &path("fifth"));
+    assert_eq!(alone, workers);
+    let fresh = {
+        ok(&train(&["--config", &parts], &data, &path("sixth")));
+        tessera_data::AnnData::open(&data)
+            .unwrap()
+            .obsm("X_tessera")
+            .unwrap()
+            .0
+    };
+    assert_ne!(fresh, workers, "--init-from made no difference");
 }
 
 #[test]

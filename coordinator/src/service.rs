@@ -335,6 +335,7 @@ impl CoordinatorRpc for Service {
                         categorical_covariate_keys: a.spec.categorical_covariate_keys,
                         continuous_covariate_keys: a.spec.continuous_covariate_keys,
                         unlabeled_category: a.spec.unlabeled_category,
+                        init_from: a.spec.init_from,
                     }),
                     resume_from: resume
                         .as_ref()
@@ -466,6 +467,7 @@ impl CoordinatorRpc for Service {
             categorical_covariate_keys: spec.categorical_covariate_keys,
             continuous_covariate_keys: spec.continuous_covariate_keys,
             unlabeled_category: spec.unlabeled_category,
+            init_from: spec.init_from,
             train_cells: valid.train_cells,
             epochs: valid.epochs,
         };

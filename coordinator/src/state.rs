@@ -73,6 +73,9 @@ pub struct JobSpec {
     /// The label that marks an unlabelled cell (empty: none).
     #[serde(default)]
     pub unlabeled_category: String,
+    /// A trained model's folder to start from (empty: none).
+    #[serde(default)]
+    pub init_from: String,
     /// Training cells per epoch (the store's cells minus the held-out ones).
     pub train_cells: u64,
     pub epochs: u32,

@@ -411,7 +411,7 @@ fn run_assignment(
         denoised: None,
         cache_bytes: config.cache_bytes,
         device: job_device(&spec.device, config.device)?,
-        init_from: None,
+        init_from: non_empty(&spec.init_from),
         layer: non_empty(&spec.layer),
     };
     let hooks = Reporter {
