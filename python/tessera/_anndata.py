@@ -104,7 +104,7 @@ def register(adata: Any, setup: dict[str, Any]) -> None:
             raise KeyError(f"{field} {key!r} is not a column of adata.obs")
     check_covariates(adata, setup)
     if store is None:
-        counts_matrix(adata, layer)  # NaN, shape and the count warning, now rather than later
+        check_matrix(adata, layer)  # NaN, shape and the count warning, now rather than later
     else:
         check_counts(_stored_sample(store, layer), f"{store}: {field_name(layer)}")
     adata.uns[SETUP_KEY] = {k: v for k, v in setup.items() if v is not None}
@@ -230,6 +230,21 @@ def check_counts(values: np.ndarray, name: str) -> None:
             UserWarning,
             stacklevel=4,
         )
+
+
+def check_matrix(adata: Any, layer: str | None) -> None:
+    """An in-memory AnnData's X (or layer): its shape and values (``check_counts``), read
+    where they are, without the conversion ``counts_matrix`` makes when training starts."""
+    x = adata.X if layer is None else adata.layers[layer]
+    name = field_name(layer)
+    if x is None:
+        raise ValueError(f"{name} is empty (expected a cells x genes count matrix)")
+    values = x.data if sp.issparse(x) else np.asarray(x)
+    if len(x.shape) != 2:
+        raise ValueError(f"{name} has {len(x.shape)} dimensions (expected 2)")
+    if tuple(x.shape) != (adata.n_obs, adata.n_vars):
+        raise ValueError(f"{name} is {tuple(x.shape)}, adata is {(adata.n_obs, adata.n_vars)}")
+    check_counts(values, name)
 
 
 def counts_matrix(adata: Any, layer: str | None) -> sp.csr_matrix:

@@ -70,7 +70,7 @@ class MULTIVAE(SCVI):
         for name in names:
             if name not in mdata.mod:
                 raise KeyError(f"modality {name!r} is not in mdata.mod (it has {list(mdata.mod)})")
-            _anndata.counts_matrix(mdata.mod[name], None)
+            _anndata.check_matrix(mdata.mod[name], None)
             if name not in mdata.obsmap:
                 raise ValueError(f"mdata.obsmap has no {name!r}: call mdata.update() first")
         if not names:
