@@ -527,8 +527,9 @@ impl Model {
         })
     }
 
-    /// Each modality's expression (as `expression`) averaged over `n_samples` seeded draws
-    /// from each cell's posterior.
+    /// Each modality's expression (as `expression`) at `n_samples` seeded draws from each
+    /// cell's posterior: averaged (`mean`), else every draw's rows one draw after another
+    /// ((n_samples * cells) x features).
     fn expression_sampled<'py>(
         &self,
         py: Python<'py>,
@@ -536,9 +537,10 @@ impl Model {
         library_size: f64,
         n_samples: usize,
         seed: u64,
+        mean: bool,
     ) -> PyResult<Vec<Bound<'py, PyAny>>> {
         self.matrices(py, cells, |pool, c| {
-            pool.expression_sampled(c, library_size, n_samples, seed)
+            pool.expression_sampled(c, library_size, n_samples, seed, mean)
         })
     }
 

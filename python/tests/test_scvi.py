@@ -168,8 +168,15 @@ def test_posterior_draws_scatter_around_the_mean_and_average_back(trained):
     np.testing.assert_array_equal(model.get_normalized_expression(n_samples=20, return_numpy=True), averaged)
     with pytest.raises(ValueError, match="n_samples=0"):
         model.get_normalized_expression(n_samples=0)
-    with pytest.raises(ValueError, match="return_mean=False"):
-        model.get_normalized_expression(n_samples=5, return_mean=False)
+    np.random.seed(1)
+    each = model.get_normalized_expression(n_samples=20, return_mean=False, gene_list=["CD3D"])
+    assert each.shape == (20, adata.n_obs, 1)
+    # The same draws as the average above, one by one.
+    np.testing.assert_allclose(
+        each.mean(axis=0)[:, 0],
+        averaged[:, list(adata.var_names).index("CD3D")],
+        rtol=1e-5,
+    )
 
 
 def test_dense_csc_and_csr_inputs_train_the_same_model(pbmc):

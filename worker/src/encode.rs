@@ -102,7 +102,7 @@ impl EncoderPool {
             .posterior_samples(e, cells, n_samples, seed))
     }
 
-    /// Each modality's expression averaged over posterior draws
+    /// Each modality's expression at posterior draws, averaged or each draw's
     /// ([`ReferenceModel::expression_sampled`]).
     pub fn expression_sampled(
         &self,
@@ -110,13 +110,15 @@ impl EncoderPool {
         library_size: f64,
         n_samples: usize,
         seed: u64,
+        mean: bool,
     ) -> Result<Vec<Vec<f32>>, QueryError> {
         on_device!(self, |e| self.model.expression_sampled(
             e,
             cells,
             library_size,
             n_samples,
-            seed
+            seed,
+            mean
         ))
     }
 

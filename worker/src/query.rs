@@ -547,8 +547,9 @@ impl ReferenceModel {
         Ok(draws(&mean, &variance, n_samples, seed))
     }
 
-    /// Each modality's expression (as [`ReferenceModel::expression`]) averaged over
-    /// `n_samples` seeded draws from each cell's posterior (scvi-tools' `n_samples`).
+    /// Each modality's expression (as [`ReferenceModel::expression`]) at `n_samples` seeded
+    /// draws from each cell's posterior (scvi-tools' `n_samples`): averaged over the draws
+    /// (`mean`), else every draw's, one after another (n_samples x cells x features).
     pub fn expression_sampled<B: TrainBackend>(
         &self,
         model: &mut Vae<f32, B>,
@@ -556,17 +557,29 @@ impl ReferenceModel {
         library_size: f64,
         n_samples: usize,
         seed: u64,
+        mean: bool,
     ) -> Result<Vec<Vec<f32>>, QueryError> {
-        let (batch, mean, variance) = self.posterior(model, cells)?;
+        let (batch, centre, variance) = self.posterior(model, cells)?;
         let mut sums: Vec<Vec<f64>> = Vec::new();
-        for z in draws(&mean, &variance, n_samples, seed) {
+        let mut all: Vec<Vec<f32>> = Vec::new();
+        for z in draws(&centre, &variance, n_samples, seed) {
             let expression =
                 crate::fit::on_pool(|| batch.with(|b| model.expression_at(&z, b, library_size)))?;
+            if !mean {
+                all.resize_with(expression.len(), Vec::new);
+                all.iter_mut()
+                    .zip(&expression)
+                    .for_each(|(a, e)| a.extend_from_slice(e));
+                continue;
+            }
             sums.resize_with(expression.len(), Vec::new);
             for (sum, e) in sums.iter_mut().zip(&expression) {
                 sum.resize(e.len(), 0.0);
                 sum.iter_mut().zip(e).for_each(|(s, &v)| *s += f64::from(v));
             }
+        }
+        if !mean {
+            return Ok(all);
         }
         let n = n_samples.max(1) as f64;
         Ok(sums

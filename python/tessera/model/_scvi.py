@@ -404,13 +404,12 @@ class SCVI:
         mean (the expression ``tessera train --denoised`` writes; deterministic), where
         scvi-tools decodes one posterior sample; ``n_samples > 1`` averages the expression
         decoded at that many posterior draws per cell (seeded from numpy's global generator).
-        ``return_mean=False`` (each draw's values) is not supported yet.
+        With ``n_samples > 1`` and ``return_mean=False``, each draw's values instead: an array
+        of n_samples x cells x genes, as scvi-tools returns.
         """
         self._check_trained()
         if not isinstance(n_samples, int) or n_samples < 1:
             raise ValueError(f"n_samples={n_samples!r}: expected a positive integer")
-        if not return_mean:
-            raise ValueError("return_mean=False is not supported yet: the draws are averaged")
         if not isinstance(library_size, (int, float)):
             raise ValueError(f"library_size={library_size!r}: expected a number")
         adata = self.adata if adata is None else adata
@@ -425,22 +424,31 @@ class SCVI:
                 "transform_batch with encode_covariates=True is not supported yet: the encoder "
                 "would see the transformed batch too"
             )
+        draws = n_samples > 1 and not return_mean
+
         def decoded(batches: list[str]) -> np.ndarray:
             cells = (modalities, batches, categorical, continuous)
             if n_samples == 1:
                 return self._loaded().expression(cells, float(library_size))[0]
-            return self._loaded().expression_sampled(
-                cells, float(library_size), n_samples, _engine_seed()
+            values = self._loaded().expression_sampled(
+                cells, float(library_size), n_samples, _engine_seed(), return_mean
             )[0]
+            return values.reshape(n_samples, adata.n_obs, -1) if draws else values
 
         values = np.mean([decoded(batches) for batches in runs], axis=0).astype(np.float32)
         genes = self._genes()
-        frame = pd.DataFrame(values, index=adata.obs_names.copy(), columns=genes)
+        columns = np.arange(len(genes))
         if gene_list is not None:
-            missing = [g for g in gene_list if g not in frame.columns]
+            missing = [g for g in gene_list if g not in genes]
             if missing:
                 raise KeyError(f"gene_list names genes the model does not have: {missing[:5]}")
-            frame = frame[list(gene_list)]
+            columns = genes.get_indexer(list(gene_list))
+        if draws:
+            # scvi-tools' return_mean=False: one cells x genes array per draw.
+            return values[:, :, columns]
+        frame = pd.DataFrame(
+            values[:, columns], index=adata.obs_names.copy(), columns=genes[columns]
+        )
         return frame.to_numpy() if return_numpy else frame
 
     def _genes(self) -> pd.Index:
