@@ -56,6 +56,10 @@ pub struct SubmitArgs {
     prediction_key: String,
     #[command(flatten)]
     inputs: crate::train::InputArgs,
+    /// Start from the model trained into this folder (as `tessera train --init-from`); every
+    /// worker reads it, so it must be on storage they share (a local path is made absolute).
+    #[arg(long, value_name = "DIR")]
+    init_from: Option<String>,
     /// Replace existing outputs (obsm/<embedding-key>, the predictions).
     #[arg(long)]
     overwrite: bool,
@@ -117,7 +121,7 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
         denoised: None,
         cache_bytes: 0,
         device: args.device.unwrap_or_default(),
-        init_from: None,
+        init_from: args.init_from,
         layer: args.inputs.layer,
     };
     let mut spec = job_spec(&opts, args.world_size)?;
