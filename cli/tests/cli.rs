@@ -771,3 +771,33 @@ fn map_reads_the_query_from_a_layer_when_asked() {
     assert_eq!(map(&layered, &["--layer", "counts"]), from_x);
     assert_ne!(map(&layered, &[]), from_x);
 }
+
+#[test]
+fn model_sizes_and_dropout_out_of_range_are_named_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("x.zarr");
+    scaled_counts_store(&store, 1.0);
+    let config = dir.path().join("c.toml");
+    for (line, expected) in [
+        ("n_latent = 0", "n_latent = 0: expected 1 to 65536"),
+        ("n_layers = 0", "n_layers = 0: expected 1 to 64"),
+        ("n_hidden = 1000000000", "n_hidden = 1000000000"),
+        (
+            "dropout = 1.5",
+            "dropout = 1.5: expected a probability in [0, 1)",
+        ),
+    ] {
+        std::fs::write(&config, format!("[model]\n{line}\n")).unwrap();
+        let run = train_one_epoch(
+            store.to_str().unwrap(),
+            dir.path().join("out").to_str().unwrap(),
+            &["--config", config.to_str().unwrap()],
+        );
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "{line}: {stderr}");
+        assert!(
+            stderr.contains(expected) && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
+}

@@ -8,6 +8,11 @@ use crate::vae::VaeConfig;
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+/// Widest hidden or latent layer a configuration may ask for (scvi-tools' models use 128-1,024).
+pub const MAX_WIDTH: usize = 1 << 16;
+/// Deepest encoder/decoder a configuration may ask for.
+pub const MAX_LAYERS: usize = 64;
+
 impl VaeConfig {
     /// Checks every loss weight (finite, >= 0) and that each head with a positive weight names
     /// its obs columns.
@@ -29,6 +34,7 @@ impl VaeConfig {
                 )));
             }
         }
+        self.validate_sizes()?;
         if !(self.var_eps.is_finite() && self.var_eps >= 0.0) {
             return Err(ConfigError(format!(
                 "var_eps = {}: expected a finite variance floor >= 0",
@@ -47,6 +53,29 @@ impl VaeConfig {
                 "cox_weight > 0 needs survival_time_key and survival_event_key (obs columns)"
                     .into(),
             ));
+        }
+        Ok(())
+    }
+
+    /// Layer widths and depth within 1..=their limit (a width of 10^9 would try to allocate
+    /// terabytes), dropout a probability below 1.
+    fn validate_sizes(&self) -> Result<(), ConfigError> {
+        for (name, value, limit) in [
+            ("n_hidden", self.n_hidden, MAX_WIDTH),
+            ("n_latent", self.n_latent, MAX_WIDTH),
+            ("n_layers", self.n_layers, MAX_LAYERS),
+        ] {
+            if !(1..=limit).contains(&value) {
+                return Err(ConfigError(format!(
+                    "{name} = {value}: expected 1 to {limit}"
+                )));
+            }
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(ConfigError(format!(
+                "dropout = {}: expected a probability in [0, 1)",
+                self.dropout
+            )));
         }
         Ok(())
     }
@@ -90,6 +119,46 @@ mod tests {
                 )))
             );
         }
+    }
+
+    #[test]
+    fn sizes_and_dropout_out_of_range_are_refused_by_name() {
+        let refused = |c: VaeConfig| c.validate().unwrap_err().0;
+        let base = VaeConfig::default;
+        assert_eq!(
+            refused(VaeConfig {
+                n_latent: 0,
+                ..base()
+            }),
+            "n_latent = 0: expected 1 to 65536"
+        );
+        assert!(
+            refused(VaeConfig {
+                n_layers: 0,
+                ..base()
+            })
+            .starts_with("n_layers = 0")
+        );
+        assert!(
+            refused(VaeConfig {
+                n_hidden: 1_000_000_000,
+                ..base()
+            })
+            .starts_with("n_hidden = 1000000000")
+        );
+        for dropout in [1.5, 1.0, -0.1, f32::NAN] {
+            assert!(refused(VaeConfig { dropout, ..base() }).starts_with("dropout"));
+        }
+        assert_eq!(
+            VaeConfig {
+                n_hidden: MAX_WIDTH,
+                n_layers: MAX_LAYERS,
+                dropout: 0.0,
+                ..base()
+            }
+            .validate(),
+            Ok(())
+        );
     }
 
     #[test]

@@ -43,6 +43,10 @@ impl FitConfig {
 pub fn check_job(data: &str, config_toml: &str) -> Result<(u64, u32), FitError> {
     let config = FitConfig::from_toml(config_toml, "config_toml")?;
     check_epochs(&config.train)?;
+    config.model.validate().map_err(|e| FitError::Config {
+        file: "config_toml [model]".into(),
+        reason: e.0,
+    })?;
     let n_obs = Dataset::open(data)?.n_obs();
     let tc = &config.train;
     Ok((n_obs - tc.validation_cells(n_obs), tc.epochs(n_obs) as u32))
