@@ -450,7 +450,7 @@ impl Atlas for AtlasService {
         let response = blocking(move || {
             let loaded = registry.get(&r.model)?;
             (cells.categorical, cells.continuous) =
-                covariate_columns(&loaded.pool.model.summary().covariates, &r.covariates)?;
+                covariate_columns(loaded.pool.model.covariates(), &r.covariates)?;
             let encoded = loaded.pool.encode(&cells, transfer).map_err(|e| match e {
                 EncodeError::NoReferenceLabels => ServeError::Precondition(format!(
                     "model {:?} has no reference labels to transfer",

@@ -69,6 +69,18 @@ impl Covariates {
         self.categorical.iter().map(|(_, c)| c.len()).sum::<usize>() + self.continuous.len()
     }
 
+    /// The first continuous covariate with cells lacking a finite value, and how many: a
+    /// missing value would poison every step it is in.
+    pub(crate) fn first_incomplete<'a>(
+        continuous: &'a [String],
+        loader: &tessera_data::Loader,
+    ) -> Option<(&'a str, usize)> {
+        continuous
+            .iter()
+            .map(|key| (key.as_str(), loader.numeric_missing(key)))
+            .find(|&(_, missing)| missing > 0)
+    }
+
     pub fn keys(&self) -> CovariateKeys {
         CovariateKeys {
             categorical: self.categorical.iter().map(|(k, _)| k.clone()).collect(),

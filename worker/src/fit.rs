@@ -170,16 +170,13 @@ fn covariates_of(
     keys: &CovariateKeys,
     store: &str,
 ) -> Result<Covariates, FitError> {
-    for key in &keys.continuous {
-        let missing = loader.numeric_missing(key);
-        if missing > 0 {
-            return Err(FitError::Input {
-                store: store.into(),
-                reason: format!(
-                    "obs/{key}: {missing} missing or infinite values; a continuous covariate needs a finite value in every cell"
-                ),
-            });
-        }
+    if let Some((key, missing)) = Covariates::first_incomplete(&keys.continuous, loader) {
+        return Err(FitError::Input {
+            store: store.into(),
+            reason: format!(
+                "obs/{key}: {missing} missing or infinite values; a continuous covariate needs a finite value in every cell"
+            ),
+        });
     }
     Ok(Covariates {
         categorical: keys

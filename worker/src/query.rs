@@ -366,6 +366,11 @@ impl ReferenceModel {
         self.tensors.get(name).cloned()
     }
 
+    /// The covariates beside the batch the model trained with (what `Cells` must carry).
+    pub fn covariates(&self) -> &Covariates {
+        &self.record.covariates
+    }
+
     /// Values in the model's tensors (parameters and BatchNorm statistics).
     pub fn parameter_count(&self) -> usize {
         self.tensors.values().map(|(_, v)| v.len()).sum()
@@ -1320,16 +1325,13 @@ fn covariate_codes(
     loader: &Loader,
     store: &str,
 ) -> Result<Vec<Vec<i32>>, QueryError> {
-    for key in &covariates.continuous {
-        let missing = loader.numeric_missing(key);
-        if missing > 0 {
-            return Err(input(
-                store,
-                format!(
-                    "obs/{key}: {missing} missing or infinite values; the reference's continuous covariate needs one in every cell"
-                ),
-            ));
-        }
+    if let Some((key, missing)) = Covariates::first_incomplete(&covariates.continuous, loader) {
+        return Err(input(
+            store,
+            format!(
+                "obs/{key}: {missing} missing or infinite values; the reference's continuous covariate needs one in every cell"
+            ),
+        ));
     }
     covariates
         .categorical
