@@ -163,7 +163,7 @@ impl AnnData {
 
     fn matrix_if_present(&self, name: &str) -> Result<Option<Matrix>> {
         let path = self.element(name);
-        if self.store.node(self.version, &path)?.is_none() {
+        if self.store.node(self.version, &path)?.is_none() && !self.store.has_attached(&path) {
             return Ok(None);
         }
         Matrix::open(&self.store, self.version, &path).map(Some)

@@ -9,6 +9,7 @@ pub mod dataframe;
 pub mod error;
 #[cfg(feature = "h5ad")]
 mod h5ad;
+pub mod host;
 pub mod inspect;
 pub mod loader;
 pub mod matrix;
@@ -23,6 +24,7 @@ pub use anndata::{AnnData, Dataset, MuData};
 pub use convert::{ConvertSummary, convert};
 pub use dataframe::{Column, DataFrame};
 pub use error::{DataError, Result};
+pub use host::{HostArrays, HostCsr, attach_csr};
 pub use inspect::{StoreSummary, inspect};
 pub use loader::{
     Cells, Epoch, Holdout, Loader, LoaderConfig, MiniBatch, ModalityBatch, row_major,

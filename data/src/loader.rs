@@ -437,8 +437,10 @@ impl Loader {
             })
             .collect::<Result<_>>()?;
         let numeric = row_major(dataset.n_obs() as usize, &columns);
+        // Attached matrices are in memory already: a cache would only copy them.
+        let in_memory = sources.iter().all(|s| s.matrix.in_memory());
         let cache = Arc::new(BlockCache {
-            budget: config.cache_bytes,
+            budget: if in_memory { 0 } else { config.cache_bytes },
             ..BlockCache::default()
         });
         Ok(Loader {

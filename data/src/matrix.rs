@@ -1,13 +1,16 @@
 //! Count matrices (X, layers, raw/X) as AnnData stores them: `csr_matrix`, `csc_matrix` or a
 //! dense `array`. Opening validates the structure once (indptr monotone, starts at 0, ends at
-//! nnz; shapes); reading a row range of CSR touches only the chunks that hold those rows.
+//! nnz; shapes); reading a row range of CSR touches only the chunks that hold those rows. A CSR
+//! matrix attached to an in-memory store (`host`) is read in place instead.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::Result;
+use crate::host::{HostCsr, attached};
 use crate::store::{Store, ZarrVersion};
 use zarrs::array::ArrayShardedExt;
 
@@ -121,9 +124,20 @@ pub struct Matrix {
     /// Inner chunk shape when the values array is sharded (Zarr v3 sharding codec).
     pub inner_chunk_shape: Option<Vec<u64>>,
     /// The compressed pointer array (rows for CSR, columns for CSC), validated.
-    indptr: Vec<i64>,
-    values: Handle,
-    indices: Option<Handle>,
+    indptr: Arc<[i64]>,
+    source: Source,
+}
+
+/// Where a matrix's entries are read from.
+#[derive(Debug, Clone)]
+enum Source {
+    /// Stored arrays: the values (`data`, or the dense array) and, when sparse, `indices`.
+    Stored {
+        values: Handle,
+        indices: Option<Handle>,
+    },
+    /// A CSR matrix attached to an in-memory store (`host::attach_csr`), read in place.
+    Host(HostCsr),
 }
 
 /// An opened zarrs array shared between clones of a [`Matrix`].
@@ -145,6 +159,9 @@ impl std::ops::Deref for Handle {
 
 impl Matrix {
     pub(crate) fn open(store: &Store, version: ZarrVersion, path: &str) -> Result<Matrix> {
+        if let Some(host) = attached(store, path) {
+            return Ok(Matrix::host(path, host));
+        }
         let at = store.at(path);
         let Some((kind, attrs)) = store.node(version, path)? else {
             return Err(at.missing("matrix"));
@@ -171,9 +188,11 @@ impl Matrix {
                     nnz: shape.0 * shape.1,
                     chunk_shape,
                     inner_chunk_shape,
-                    indptr: Vec::new(),
-                    values: Handle(values.into()),
-                    indices: None,
+                    indptr: Arc::new([]),
+                    source: Source::Stored {
+                        values: Handle(values.into()),
+                        indices: None,
+                    },
                 })
             }
             (NodeKind::Group, "csr_matrix" | "csc_matrix") => {
@@ -228,13 +247,37 @@ impl Matrix {
                     nnz,
                     chunk_shape,
                     inner_chunk_shape,
-                    indptr,
-                    values: Handle(values.into()),
-                    indices: Some(Handle(indices.into())),
+                    indptr: indptr.into(),
+                    source: Source::Stored {
+                        values: Handle(values.into()),
+                        indices: Some(Handle(indices.into())),
+                    },
                 })
             }
             (_, found) => Err(at.encoding(found, "'csr_matrix', 'csc_matrix' (groups) or 'array'")),
         }
+    }
+
+    /// An attached in-memory CSR matrix as an element: one "chunk" per row, since any row
+    /// range is read without waste.
+    fn host(path: &str, host: HostCsr) -> Matrix {
+        Matrix {
+            path: path.into(),
+            format: MatrixFormat::Csr,
+            shape: (host.n_rows(), host.n_cols),
+            dtype: "float32".into(),
+            nnz: host.nnz(),
+            chunk_shape: vec![1],
+            inner_chunk_shape: None,
+            indptr: host.indptr.clone(),
+            source: Source::Host(host),
+        }
+    }
+
+    /// Whether the entries are in memory already (attached), so caching decoded rows would
+    /// only copy them.
+    pub fn in_memory(&self) -> bool {
+        matches!(self.source, Source::Host(_))
     }
 
     pub fn n_rows(&self) -> u64 {
@@ -279,9 +322,13 @@ impl Matrix {
         }
         let n_rows = (rows.end - rows.start) as usize;
         let n_cols = self.shape.1 as usize;
+        let values = match &self.source {
+            Source::Host(host) => return Ok(host.rows(rows)),
+            Source::Stored { values, .. } => values,
+        };
         match self.format {
             MatrixFormat::Dense => {
-                let values = read_rows(store, &self.path, &self.values, rows)?
+                let values = read_rows(store, &self.path, values, rows)?
                     .into_f32()
                     .map_err(|t| at.dtype(t, "numeric"))?;
                 Ok(Csr::from_dense(n_rows, n_cols, &values))
@@ -320,11 +367,15 @@ impl Matrix {
     ) -> Result<(Vec<f32>, Vec<u32>)> {
         let data_path = format!("{}/data", self.path);
         let indices_path = format!("{}/indices", self.path);
-        let Some(indices) = &self.indices else {
+        let Source::Stored {
+            values,
+            indices: Some(indices),
+        } = &self.source
+        else {
             return Ok((Vec::new(), Vec::new()));
         };
         let (data, idx) = rayon::join(
-            || read_rows(store, &data_path, &self.values, span.clone()),
+            || read_rows(store, &data_path, values, span.clone()),
             || read_rows(store, &indices_path, indices, span.clone()),
         );
         let data = data?

@@ -85,8 +85,10 @@ fn memory_store(name: &str) -> Arc<InMemory> {
 }
 
 /// Drops the in-memory store behind `memory://NAME/...` and everything in it (a Python session
-/// that trained on an in-memory AnnData frees its copy this way). Returns whether it existed.
+/// that trained on an in-memory AnnData frees its copy this way), with the matrices attached to
+/// it (`host::attach_csr`). Returns whether it existed.
 pub fn forget_memory_store(name: &str) -> bool {
+    crate::host::detach_all(name);
     memory_stores()
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -544,3 +544,77 @@ fn mudata_covariates_are_found_in_a_modalitys_obs() {
         "{err}"
     );
 }
+
+/// The index and value arrays of a matrix "owned elsewhere" (here: by the test).
+struct Arrays(Vec<i32>, Vec<f32>);
+
+impl tessera_data::HostArrays for Arrays {
+    fn indices(&self) -> &[i32] {
+        &self.0
+    }
+    fn data(&self) -> &[f32] {
+        &self.1
+    }
+}
+
+#[test]
+fn an_attached_matrix_gives_the_stored_batches_without_a_copy_or_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = store(&dir, "stored.zarr", config());
+    let adata = AnnData::open(&path).unwrap();
+    let x = adata.x().unwrap().read_rows(&adata.store, 0..3000).unwrap();
+    // The same cells and columns in memory, X attached instead of written.
+    let location = "memory://loader-attached/data.zarr";
+    let writer = tessera_data::StoreWriter::create(location, ZarrVersion::V3).unwrap();
+    let obs = adata.obs().unwrap();
+    let batch = obs.column("batch").unwrap().clone();
+    writer
+        .anndata(
+            "",
+            &adata.obs_names,
+            &[("batch".into(), batch)],
+            &adata.var_names,
+        )
+        .unwrap();
+    writer.consolidate().unwrap();
+    let arrays = Arrays(
+        x.indices.iter().map(|&j| j as i32).collect(),
+        x.data.clone(),
+    );
+    let indptr = x.indptr.iter().map(|&p| p as i64).collect();
+    let host = tessera_data::HostCsr::new(indptr, 100, std::sync::Arc::new(arrays)).unwrap();
+    tessera_data::attach_csr(location, "X", host).unwrap();
+
+    let cfg = LoaderConfig {
+        batch_size: 100,
+        block_cells: 64,
+        blocks_per_fetch: 3,
+        seed: 5,
+        batch_key: Some("batch".into()),
+        cache_bytes: u64::MAX,
+        ..Default::default()
+    };
+    let epochs = |loader: &Loader| -> Vec<Vec<tessera_data::MiniBatch>> {
+        (0..2)
+            .map(|e| loader.epoch(e).map(Result::unwrap).collect())
+            .collect()
+    };
+    let stored = Loader::new(&Dataset::open(&path).unwrap(), 0..3000, cfg.clone()).unwrap();
+    let attached = Loader::new(&Dataset::open(location).unwrap(), 0..3000, cfg).unwrap();
+    assert_eq!(epochs(&attached), epochs(&stored));
+    assert!(stored.cached_bytes() > 0);
+    assert_eq!(
+        attached.cached_bytes(),
+        0,
+        "attached rows are not cached again"
+    );
+    let memory = AnnData::open(location).unwrap();
+    assert!(memory.x().unwrap().in_memory());
+    assert!(!memory.has_element("X").unwrap(), "nothing stored under X");
+
+    tessera_data::forget_memory_store("loader-attached");
+    assert!(
+        Dataset::open(location).is_err(),
+        "the store and its matrix are gone"
+    );
+}

@@ -11,7 +11,10 @@ use std::time::Duration;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use tessera_data::{Column, Csr, ModalityLayout, StoreWriter, ZarrVersion};
+use tessera_data::{Column, Csr, HostCsr, ModalityLayout, StoreWriter, ZarrVersion};
+
+mod host;
+use host::NumpyArrays;
 use tessera_kernels::ops::affinity::feature_affinity;
 use tessera_models::LikelihoodKind;
 use tessera_network::{SnfParams, View};
@@ -33,48 +36,42 @@ struct CsrArgs<'py> {
 }
 
 impl CsrArgs<'_> {
-    /// The matrix checked (row pointers, column indices, values) and copied; `name` names it
-    /// in errors ("X", "layers/counts").
-    fn to_csr(&self, name: &str) -> PyResult<Csr> {
+    /// The matrix checked (row pointers, column indices, values) over the arrays themselves
+    /// (only the row pointers are copied); `name` names it in errors ("X", "mod/rna/X").
+    fn host(&self, name: &str) -> PyResult<HostCsr> {
         let invalid = |what: String| PyValueError::new_err(format!("{name}: {what}"));
-        let contiguous = |e: numpy::NotContiguousError| invalid(e.to_string());
-        let indptr = self.indptr.as_slice().map_err(contiguous)?;
-        let indices = self.indices.as_slice().map_err(contiguous)?;
-        let data = self.data.as_slice().map_err(contiguous)?;
-        let (Some(&first), Some(&last)) = (indptr.first(), indptr.last()) else {
-            return Err(invalid(
-                "indptr is empty (expected n_obs + 1 entries)".into(),
-            ));
-        };
-        if first != 0 || last as usize != data.len() || indices.len() != data.len() {
-            return Err(invalid(format!(
-                "indptr runs {first}..{last} over {} indices and {} values (expected 0..nnz, as many of each)",
-                indices.len(),
-                data.len()
-            )));
+        let indptr = self
+            .indptr
+            .as_slice()
+            .map_err(|e| invalid(e.to_string()))?
+            .to_vec();
+        let arrays = NumpyArrays::new(&self.indices, &self.data).map_err(invalid)?;
+        HostCsr::new(indptr, self.n_vars as u64, Arc::new(arrays)).map_err(invalid)
+    }
+
+    /// The matrix checked and copied.
+    fn to_csr(&self, name: &str) -> PyResult<Csr> {
+        let host = self.host(name)?;
+        Ok(host.rows(0..host.n_rows()))
+    }
+
+    /// The matrix checked and attached as element `path` of the in-memory store at
+    /// `location`, read in place by training: its index and value arrays must be read-only
+    /// (Python marks them so for as long as they are attached).
+    fn attach(&self, location: &str, path: &str) -> PyResult<()> {
+        for (array, what) in [
+            (self.indices.as_any(), "indices"),
+            (self.data.as_any(), "data"),
+        ] {
+            let writeable: bool = array.getattr("flags")?.getattr("writeable")?.extract()?;
+            if writeable {
+                return Err(PyValueError::new_err(format!(
+                    "{path}: {what} must be read-only while attached (flags.writeable = False)"
+                )));
+            }
         }
-        if indptr.windows(2).any(|w| w[1] < w[0]) {
-            return Err(invalid("indptr decreases (expected row pointers)".into()));
-        }
-        if let Some(bad) = indices
-            .iter()
-            .find(|&&j| j < 0 || j as usize >= self.n_vars)
-        {
-            return Err(invalid(format!(
-                "column index {bad} outside 0..{} (n_vars)",
-                self.n_vars
-            )));
-        }
-        if let Some(bad) = data.iter().find(|v| !v.is_finite()) {
-            return Err(invalid(format!("holds {bad} (expected finite counts)")));
-        }
-        Ok(Csr {
-            n_rows: indptr.len() - 1,
-            n_cols: self.n_vars,
-            indptr: indptr.iter().map(|&p| p as u64).collect(),
-            indices: indices.iter().map(|&j| j as u32).collect(),
-            data: data.to_vec(),
-        })
+        let host = self.host(path)?;
+        tessera_data::attach_csr(location, path, host).map_err(data_error)
     }
 }
 
@@ -82,13 +79,14 @@ fn data_error(e: impl std::fmt::Display) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
 
-/// Writes a new AnnData store at `location` (a path or `memory://NAME/...`) holding X, the obs
-/// names and columns and the var names. `categoricals`: (name, codes, categories) with -1 for
-/// missing; `floats`: (name, values).
+/// A new in-memory AnnData store at `location` (`memory://NAME/...`): the obs names and
+/// columns and the var names written, X attached in place (`CsrArgs::attach`: no copy).
+/// `categoricals`: (name, codes, categories) with -1 for missing; `floats`: (name, values).
+/// Nothing is created when the matrix or the names are malformed.
 #[pyfunction]
 #[pyo3(signature = (location, indptr, indices, data, n_vars, obs_names, var_names, categoricals, floats))]
 #[allow(clippy::too_many_arguments)] // one flat call from Python, the fields of an AnnData
-fn write_anndata(
+fn attach_anndata(
     py: Python<'_>,
     location: &str,
     indptr: PyReadonlyArray1<'_, i64>,
@@ -105,23 +103,20 @@ fn write_anndata(
         indices,
         data,
         n_vars,
-    }
-    .to_csr("X")?;
-    if x.n_rows != obs_names.len() || n_vars != var_names.len() {
+    };
+    let n_obs = x.host("X")?.n_rows() as usize;
+    if n_obs != obs_names.len() || n_vars != var_names.len() {
         return Err(PyValueError::new_err(format!(
-            "X is {} x {n_vars} but obs_names has {} and var_names {} entries",
-            x.n_rows,
+            "X is {n_obs} x {n_vars} but obs_names has {} and var_names {} entries",
             obs_names.len(),
             var_names.len()
         )));
     }
+    x.attach(location, "X")?;
     let columns = obs_columns(categoricals, floats);
     py.detach(|| {
         let writer = StoreWriter::create(location, ZarrVersion::V3)?;
         writer.anndata("", &obs_names, &columns, &var_names)?;
-        let mut csr = writer.csr("X", n_vars as u64)?;
-        csr.push(&x)?;
-        csr.finish()?;
         writer.consolidate()
     })
     .map_err(data_error)
@@ -148,7 +143,7 @@ fn obs_columns(
     columns
 }
 
-/// One modality handed over for `write_mudata`: name, CSR counts of the cells that measured
+/// One modality handed over for `attach_mudata`: name, CSR counts of the cells that measured
 /// it (indptr, indices, data), feature names, and which of the MuData's cells those are
 /// (None: all).
 type ModalityArgs<'py> = (
@@ -160,11 +155,11 @@ type ModalityArgs<'py> = (
     Option<Vec<bool>>,
 );
 
-/// Writes a new MuData store at `location` (a path or `memory://NAME/...`): the cells' names
-/// and obs columns (as `write_anndata`), and per modality its counts over the cells that
-/// measured it.
+/// A new in-memory MuData store at `location` (`memory://NAME/...`): the cells' names and obs
+/// columns (as `attach_anndata`), per modality its layout written and its counts over the
+/// cells that measured it (in the MuData's cell order) attached in place.
 #[pyfunction]
-fn write_mudata(
+fn attach_mudata(
     py: Python<'_>,
     location: &str,
     obs_names: Vec<String>,
@@ -175,39 +170,36 @@ fn write_mudata(
     let mut layouts = Vec::with_capacity(modalities.len());
     let mut matrices = Vec::with_capacity(modalities.len());
     for (name, indptr, indices, data, var_names, present) in modalities {
-        let n_vars = var_names.len();
+        let path = format!("mod/{name}/X");
         let x = CsrArgs {
             indptr,
             indices,
             data,
-            n_vars,
-        }
-        .to_csr(&format!("mod/{name}/X"))?;
+            n_vars: var_names.len(),
+        };
+        let rows = x.host(&path)?.n_rows() as usize;
         let cells = present
             .as_ref()
             .map_or(obs_names.len(), |p| p.iter().filter(|&&c| c).count());
-        if x.n_rows != cells {
+        if rows != cells {
             return Err(PyValueError::new_err(format!(
-                "mod/{name}/X has {} rows for the {cells} cells that measured it",
-                x.n_rows
+                "{path} has {rows} rows for the {cells} cells that measured it"
             )));
         }
-        matrices.push(x);
+        matrices.push((path, x));
         layouts.push(ModalityLayout {
             name,
             present,
             var_names,
         });
     }
+    for (path, x) in &matrices {
+        x.attach(location, path)?;
+    }
     let columns = obs_columns(categoricals, floats);
     py.detach(|| {
         let writer = StoreWriter::create(location, ZarrVersion::V3)?;
         writer.mudata(&obs_names, &columns, &layouts)?;
-        for (layout, x) in layouts.iter().zip(&matrices) {
-            let mut csr = writer.csr(&format!("mod/{}/X", layout.name), x.n_cols as u64)?;
-            csr.push(x)?;
-            csr.finish()?;
-        }
         writer.consolidate()
     })
     .map_err(data_error)
@@ -769,8 +761,8 @@ fn eigengap(
 
 #[pymodule]
 fn _tessera(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_function(wrap_pyfunction!(write_anndata, m)?)?;
-    m.add_function(wrap_pyfunction!(write_mudata, m)?)?;
+    m.add_function(wrap_pyfunction!(attach_anndata, m)?)?;
+    m.add_function(wrap_pyfunction!(attach_mudata, m)?)?;
     m.add_function(wrap_pyfunction!(forget_memory_store, m)?)?;
     m.add_function(wrap_pyfunction!(check_config, m)?)?;
     m.add_function(wrap_pyfunction!(fit, m)?)?;

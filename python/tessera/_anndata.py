@@ -4,8 +4,10 @@ its own there."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -129,7 +131,7 @@ def check_covariates(adata: Any, setup: dict[str, Any]) -> None:
 
 
 def covariate_columns(adata: Any, setup: dict[str, Any]) -> tuple[list, list]:
-    """The registered covariates as ``write_anndata``/``write_mudata`` take obs columns:
+    """The registered covariates as ``attach_anndata``/``attach_mudata`` take obs columns:
     (name, codes, categories) and (name, values)."""
     categorical_keys, continuous_keys = covariate_keys(setup)
     return (
@@ -274,13 +276,37 @@ def counts_matrix(adata: Any, layer: str | None) -> sp.csr_matrix:
 
 
 def csr_arrays(csr: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """indptr (int64), indices (int32), data (float32), contiguous; copies only to widen or
-    narrow an index array."""
+    """indptr (int64), indices (int32), data (float32), contiguous: the matrix's own arrays
+    where they already are (so the engine reads them in place), else converted copies."""
     return (
-        np.ascontiguousarray(csr.indptr, dtype=np.int64),
-        np.ascontiguousarray(csr.indices, dtype=np.int32),
-        np.ascontiguousarray(csr.data, dtype=np.float32),
+        _contiguous(csr.indptr, np.int64),
+        _contiguous(csr.indices, np.int32),
+        _contiguous(csr.data, np.float32),
     )
+
+
+def _contiguous(array: np.ndarray, dtype: Any) -> np.ndarray:
+    # np.asarray and np.ascontiguousarray may return a new view even when nothing changes
+    # (an array read by zarr), but the engine must read, and Python mark read-only, the
+    # array itself.
+    if array.dtype == dtype and array.flags.c_contiguous:
+        return array
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+@contextlib.contextmanager
+def read_only(*arrays: np.ndarray) -> Iterator[None]:
+    """The arrays marked read-only while the engine reads them in place from its threads (a
+    write would raise instead of changing what training sees); restored on exit."""
+    writeable = [a.flags.writeable for a in arrays]
+    for a in arrays:
+        a.flags.writeable = False
+    try:
+        yield
+    finally:
+        for a, was in zip(arrays, writeable):
+            if was:
+                a.flags.writeable = True
 
 
 def categorical(adata: Any, key: str) -> tuple[list[int], list[str]]:

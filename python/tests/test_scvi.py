@@ -288,22 +288,56 @@ def test_bad_inputs_raise_errors_that_name_the_field(pbmc):
         model.train(max_epochs=1, accelerator="tpu")
 
 
-def test_malformed_matrices_are_refused_before_anything_is_written(tmp_path):
+def test_malformed_matrices_are_refused_before_anything_is_attached():
     indices = np.array([0, 1], dtype=np.int32)
     data = np.array([1.0, 2.0], dtype=np.float32)
-    location = str(tmp_path / "bad.zarr")
+    indices.flags.writeable = data.flags.writeable = False
+    name = "tessera-test-malformed"
+    location = f"memory://{name}/bad.zarr"
     for indptr, n_vars, match in (
-        (np.array([0, 2, 1], dtype=np.int64), 3, "indptr"),
-        (np.array([0, 1, 2], dtype=np.int64), 1, "column index 1 outside 0..1"),
-        (np.array([0, 1], dtype=np.int64), 3, "0..nnz"),
+        (np.array([0, 2, 1], dtype=np.int64), 3, "X: indptr is not monotone"),
+        (np.array([0, 1, 2], dtype=np.int64), 1, "X: column index 1 outside 0..1"),
+        (np.array([0, 1], dtype=np.int64), 3, "X: indptr ends at 1, expected nnz = 2"),
     ):
         with pytest.raises(ValueError, match=match):
-            _tessera.write_anndata(location, indptr, indices, data, n_vars,
-                                   ["c0", "c1"], [f"g{j}" for j in range(n_vars)], [], [])
+            _tessera.attach_anndata(location, indptr, indices, data, n_vars,
+                                    ["c0", "c1"], [f"g{j}" for j in range(n_vars)], [], [])
     with pytest.raises(ValueError, match="obs_names"):
-        _tessera.write_anndata(location, np.array([0, 1, 2], dtype=np.int64), indices, data, 3,
-                               ["c0"], ["g0", "g1", "g2"], [], [])
-    assert not (tmp_path / "bad.zarr").exists()
+        _tessera.attach_anndata(location, np.array([0, 1, 2], dtype=np.int64), indices, data, 3,
+                                ["c0"], ["g0", "g1", "g2"], [], [])
+    # The engine reads attached arrays from its threads: writeable ones are refused.
+    with pytest.raises(ValueError, match="read-only while attached"):
+        _tessera.attach_anndata(location, np.array([0, 1, 2], dtype=np.int64), indices,
+                                np.array([1.0, 2.0], dtype=np.float32), 3,
+                                ["c0", "c1"], ["g0", "g1", "g2"], [], [])
+    with pytest.raises(Exception, match="only to memory://"):
+        _tessera.attach_anndata("/tmp/tessera-test-not-memory.zarr",
+                                np.array([0, 1, 2], dtype=np.int64), indices, data, 3,
+                                ["c0", "c1"], ["g0", "g1", "g2"], [], [])
+    assert not _tessera.forget_memory_store(name), "nothing was created"
+    assert not os.path.exists("/tmp/tessera-test-not-memory.zarr")
+
+
+def test_an_in_memory_matrix_is_read_in_place_and_left_as_it_was(pbmc, monkeypatch):
+    """Training reads the user's own scipy arrays (no copy of X): they are read-only while
+    training runs and writeable again after, with the same values."""
+    pbmc = pbmc.copy()
+    pbmc.X = sp.csr_matrix(pbmc.X, dtype=np.float32)
+    before = pbmc.X.copy()
+    SCVI.setup_anndata(pbmc)
+    model = SCVI(pbmc)
+    during = []
+
+    def watch(self, record):
+        during.append((pbmc.X.data.flags.writeable, pbmc.X.indices.flags.writeable))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(EpochProgress, "epoch", watch)
+        model.train(max_epochs=2)
+    assert during == [(False, False)] * 2
+    assert pbmc.X.data.flags.writeable and pbmc.X.indices.flags.writeable
+    assert (pbmc.X != before).nnz == 0
+    pbmc.X.data[0] += 1  # the user's matrix is theirs again
 
 
 def test_an_interrupt_stops_training_and_leaves_the_model_usable(pbmc, monkeypatch):

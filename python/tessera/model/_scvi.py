@@ -261,7 +261,7 @@ class SCVI:
         }
 
     def _fit(self, config: str, device: str, progress_bar: bool) -> tuple[np.ndarray, str]:
-        """Trains on an in-memory copy of the AnnData."""
+        """Trains on the registered AnnData (in memory, or streamed from its store)."""
         progress = EpochProgress(progress_bar)
         try:
             with self._data_location() as (location, layer, unlabeled):
@@ -290,8 +290,8 @@ class SCVI:
     def _data_location(self) -> Iterator[tuple[str, str | None, str | None]]:
         """Where the engine reads the registered data, which layer and which label marks an
         unlabelled cell: a store-backed AnnData's own store (``tessera.read_zarr``: streamed,
-        never written), else an in-memory copy whose X is the registered matrix and whose
-        labels are already coded without the unlabelled category."""
+        never written), else an in-memory store whose X is the registered matrix (read in place)
+        and whose labels are already coded without the unlabelled category."""
         store = _anndata.store_of(self.adata)
         if store is None:
             with self._memory_store() as location:
@@ -302,18 +302,21 @@ class SCVI:
 
     @contextlib.contextmanager
     def _memory_store(self) -> Iterator[str]:
-        """The registered data copied into an in-memory store (freed on exit): what the engine
-        reads, with no file written."""
+        """The registered data as an in-memory store (freed on exit): what the engine reads,
+        with no file written. The count matrix is attached, not copied: read in place, and
+        read-only until the store is freed."""
         name = f"tessera-{uuid.uuid4().hex}"
         location = f"memory://{name}/data.zarr"
-        try:
-            self._write_store(location)
-            yield location
-        finally:
-            _tessera.forget_memory_store(name)
+        with contextlib.ExitStack() as attached:
+            try:
+                self._write_store(location, attached)
+                yield location
+            finally:
+                _tessera.forget_memory_store(name)
 
-    def _write_store(self, location: str) -> None:
-        """The AnnData's counts, batches and labels as a new store at ``location``."""
+    def _write_store(self, location: str, attached: contextlib.ExitStack) -> None:
+        """The AnnData's counts (attached, read-only while ``attached`` is open), batches and
+        labels as a new in-memory store at ``location``."""
         setup = self._setup
         csr = _anndata.counts_matrix(self.adata, setup.get("layer"))
         batch_key, label_key = setup.get("batch_key"), self._label_key()
@@ -326,9 +329,11 @@ class SCVI:
         written = {name for name, _, _ in categoricals}
         covariates, floats = _anndata.covariate_columns(self.adata, setup)
         categoricals += [c for c in covariates if c[0] not in written]
-        _tessera.write_anndata(
+        arrays = _anndata.csr_arrays(csr)
+        attached.enter_context(_anndata.read_only(*arrays[1:]))
+        _tessera.attach_anndata(
             location,
-            *_anndata.csr_arrays(csr),
+            *arrays,
             self.adata.n_vars,
             [str(n) for n in self.adata.obs_names],
             [str(n) for n in self.adata.var_names],
