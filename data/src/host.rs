@@ -1,7 +1,7 @@
-//! Matrices that live in someone else's memory (a Python session's scipy CSR matrix), attached
-//! to an in-memory store (`memory://NAME/...`) in place of a stored element, so the loader reads
-//! them where they are instead of from a Zarr copy. The rest of the store (obs, var, obsmap) is
-//! written as usual; only the big arrays are borrowed.
+//! Matrices that live outside the store: a Python session's scipy CSR matrix (in memory) or a
+//! backed `.h5ad`'s (read through h5py), attached to an in-memory store (`memory://NAME/...`)
+//! in place of a stored element, so the loader reads them where they are instead of from a
+//! Zarr copy. The rest of the store (obs, var, obsmap) is written as usual.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -12,14 +12,23 @@ use crate::matrix::{Csr, validate_indptr};
 use crate::store::{Location, Store};
 
 /// The column indices and values of a CSR matrix, owned elsewhere and not changed while they
-/// are attached (the owner guarantees it; the Python package marks its arrays read-only).
+/// are attached (the owner guarantees it; the Python package marks in-memory arrays read-only).
 pub trait HostArrays: Send + Sync {
-    fn indices(&self) -> &[i32];
-    fn data(&self) -> &[f32];
+    /// How many entries (nnz).
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Column indices and values of entries `span` (within `len`), copied out.
+    fn entries(&self, span: Range<usize>) -> std::result::Result<(Vec<i32>, Vec<f32>), String>;
+    /// Whether the entries are in this process's memory: caching decoded rows would only copy
+    /// them.
+    fn in_memory(&self) -> bool;
 }
 
-/// A validated CSR matrix over [`HostArrays`]: row pointers (copied, one per cell), the
-/// borrowed indices and values, and the column count.
+/// A CSR matrix over [`HostArrays`]: row pointers (copied and validated, one per cell), the
+/// owner's indices and values, and the column count. Entries are checked as they are read
+/// (and all at once by `check_entries`).
 #[derive(Clone)]
 pub struct HostCsr {
     pub(crate) indptr: Arc<[i64]>,
@@ -39,36 +48,34 @@ impl std::fmt::Debug for HostCsr {
     }
 }
 
+/// Entries a check or a read takes at a time.
+const CHECK_SPAN: usize = 1 << 20;
+
 impl HostCsr {
-    /// Checks the matrix once, as a stored one is checked at open: row pointers from 0 to
-    /// nnz and never decreasing, as many indices as values, every column index in
-    /// 0..n_cols, every value finite. The error says what is wrong, without the element's
-    /// name (the caller knows it).
+    /// The row pointers checked as a stored matrix's are at open: from 0 to nnz, never
+    /// decreasing. The error says what is wrong, without the element's name (the caller
+    /// knows it).
     pub fn new(
         indptr: Vec<i64>,
         n_cols: u64,
         arrays: Arc<dyn HostArrays>,
     ) -> std::result::Result<HostCsr, String> {
-        let (indices, data) = (arrays.indices(), arrays.data());
-        if indices.len() != data.len() {
-            return Err(format!(
-                "{} column indices for {} values (expected as many)",
-                indices.len(),
-                data.len()
-            ));
-        }
         let rows = indptr.len().saturating_sub(1) as u64;
-        validate_indptr(&indptr, rows, data.len() as u64)?;
-        if let Some(bad) = indices.iter().find(|&&j| j < 0 || j as u64 >= n_cols) {
-            return Err(format!("column index {bad} outside 0..{n_cols} (n_vars)"));
-        }
-        if let Some(bad) = data.iter().find(|v| !v.is_finite()) {
-            return Err(format!("holds {bad} (expected finite counts)"));
-        }
+        validate_indptr(&indptr, rows, arrays.len() as u64)?;
         Ok(HostCsr {
             indptr: indptr.into(),
             n_cols,
             arrays,
+        })
+    }
+
+    /// Every entry checked now, a span at a time (`rows` checks what it reads): for a matrix
+    /// in memory, whose errors are better raised before training than during it.
+    pub fn check_entries(&self) -> std::result::Result<(), String> {
+        let nnz = self.arrays.len();
+        (0..nnz).step_by(CHECK_SPAN).try_for_each(|start| {
+            let (indices, data) = self.arrays.entries(start..nnz.min(start + CHECK_SPAN))?;
+            check(&indices, &data, self.n_cols)
         })
     }
 
@@ -77,26 +84,45 @@ impl HostCsr {
     }
 
     pub fn nnz(&self) -> u64 {
-        self.arrays.data().len() as u64
+        self.arrays.len() as u64
     }
 
-    /// Rows [a, b) (within the matrix: the caller checks) copied out; the indices were checked
-    /// when the matrix was made.
-    pub fn rows(&self, rows: Range<u64>) -> Csr {
+    pub fn in_memory(&self) -> bool {
+        self.arrays.in_memory()
+    }
+
+    /// Rows [a, b) (within the matrix: the caller checks), copied out, their entries checked.
+    pub fn rows(&self, rows: Range<u64>) -> std::result::Result<Csr, String> {
         let pointers = &self.indptr[rows.start as usize..=rows.end as usize];
         let (start, end) = (pointers[0], pointers[pointers.len() - 1]);
-        let entries = start as usize..end as usize;
-        Csr {
+        let (indices, data) = self.arrays.entries(start as usize..end as usize)?;
+        if indices.len() as i64 != end - start || data.len() as i64 != end - start {
+            return Err(format!(
+                "entries {start}..{end} read as {} indices and {} values",
+                indices.len(),
+                data.len()
+            ));
+        }
+        check(&indices, &data, self.n_cols)?;
+        Ok(Csr {
             n_rows: pointers.len() - 1,
             n_cols: self.n_cols as usize,
             indptr: pointers.iter().map(|&p| (p - start) as u64).collect(),
-            indices: self.arrays.indices()[entries.clone()]
-                .iter()
-                .map(|&j| j as u32)
-                .collect(),
-            data: self.arrays.data()[entries].to_vec(),
-        }
+            indices: indices.into_iter().map(|j| j as u32).collect(),
+            data,
+        })
     }
+}
+
+/// Column indices within 0..n_cols and finite values.
+fn check(indices: &[i32], data: &[f32], n_cols: u64) -> std::result::Result<(), String> {
+    if let Some(bad) = indices.iter().find(|&&j| j < 0 || j as u64 >= n_cols) {
+        return Err(format!("column index {bad} outside 0..{n_cols} (n_vars)"));
+    }
+    if let Some(bad) = data.iter().find(|v| !v.is_finite()) {
+        return Err(format!("holds {bad} (expected finite counts)"));
+    }
+    Ok(())
 }
 
 /// Attached matrices by (memory store name, element path from the store's root).
@@ -168,11 +194,23 @@ mod tests {
     struct Owned(Vec<i32>, Vec<f32>);
 
     impl HostArrays for Owned {
-        fn indices(&self) -> &[i32] {
-            &self.0
+        fn len(&self) -> usize {
+            self.1.len()
         }
-        fn data(&self) -> &[f32] {
-            &self.1
+        fn entries(&self, span: Range<usize>) -> Result<(Vec<i32>, Vec<f32>), String> {
+            // What is there (a short array gives short entries, as a faulty reader could).
+            let take = |v: &[i32]| {
+                v.iter()
+                    .skip(span.start)
+                    .take(span.len())
+                    .copied()
+                    .collect()
+            };
+            let values = self.1.iter().skip(span.start).take(span.len()).copied();
+            Ok((take(&self.0), values.collect()))
+        }
+        fn in_memory(&self) -> bool {
+            true
         }
     }
 
@@ -182,18 +220,20 @@ mod tests {
         indices: Vec<i32>,
         data: Vec<f32>,
     ) -> Result<HostCsr, String> {
-        HostCsr::new(indptr, n_cols, Arc::new(Owned(indices, data)))
+        let m = HostCsr::new(indptr, n_cols, Arc::new(Owned(indices, data)))?;
+        m.check_entries()?;
+        Ok(m)
     }
 
     #[test]
     fn malformed_matrices_are_refused_with_the_reason() {
         let m = host(vec![0, 1, 1, 3], 3, vec![0, 1, 2], vec![1.0, 2.0, 3.0]).unwrap();
         assert_eq!(
-            m.rows(0..3),
+            m.rows(0..3).unwrap(),
             Csr::from_dense(3, 3, &[1., 0., 0., 0., 0., 0., 0., 2., 3.])
         );
         assert_eq!(
-            m.rows(1..3),
+            m.rows(1..3).unwrap(),
             Csr::from_dense(2, 3, &[0., 0., 0., 0., 2., 3.])
         );
         let cases = [
@@ -211,10 +251,6 @@ mod tests {
             ),
             (host(vec![0, 1], 3, vec![0, 1], vec![1.0, 2.0]), "nnz = 2"),
             (
-                host(vec![0, 1, 2], 3, vec![0], vec![1.0, 2.0]),
-                "1 column indices for 2",
-            ),
-            (
                 host(vec![0, 1, 2], 3, vec![0, 1], vec![1.0, f32::NAN]),
                 "finite",
             ),
@@ -224,6 +260,18 @@ mod tests {
             let err = result.unwrap_err();
             assert!(err.contains(expected), "{err} lacks {expected}");
         }
+        // Unchecked at attach time (a backed file), a bad entry is found when its row is read.
+        let lazy = HostCsr::new(
+            vec![0, 1, 2],
+            3,
+            Arc::new(Owned(vec![0, 7], vec![1.0, 2.0])),
+        );
+        let lazy = lazy.unwrap();
+        assert!(lazy.rows(0..1).is_ok());
+        assert!(lazy.rows(1..2).unwrap_err().contains("column index 7"));
+        // A reader returning the wrong number of entries is an error, not a short row.
+        let short = HostCsr::new(vec![0, 2], 3, Arc::new(Owned(vec![0], vec![1.0, 2.0])));
+        assert!(short.unwrap().rows(0..1).is_err());
     }
 
     #[test]

@@ -274,10 +274,10 @@ impl Matrix {
         }
     }
 
-    /// Whether the entries are in memory already (attached), so caching decoded rows would
-    /// only copy them.
+    /// Whether the entries are in this process's memory already (an attached in-memory
+    /// matrix), so caching decoded rows would only copy them.
     pub fn in_memory(&self) -> bool {
-        matches!(self.source, Source::Host(_))
+        matches!(&self.source, Source::Host(host) if host.in_memory())
     }
 
     pub fn n_rows(&self) -> u64 {
@@ -323,7 +323,7 @@ impl Matrix {
         let n_rows = (rows.end - rows.start) as usize;
         let n_cols = self.shape.1 as usize;
         let values = match &self.source {
-            Source::Host(host) => return Ok(host.rows(rows)),
+            Source::Host(host) => return host.rows(rows).map_err(|problem| at.read(problem)),
             Source::Stored { values, .. } => values,
         };
         match self.format {

@@ -549,11 +549,14 @@ fn mudata_covariates_are_found_in_a_modalitys_obs() {
 struct Arrays(Vec<i32>, Vec<f32>);
 
 impl tessera_data::HostArrays for Arrays {
-    fn indices(&self) -> &[i32] {
-        &self.0
+    fn len(&self) -> usize {
+        self.1.len()
     }
-    fn data(&self) -> &[f32] {
-        &self.1
+    fn entries(&self, span: std::ops::Range<usize>) -> Result<(Vec<i32>, Vec<f32>), String> {
+        Ok((self.0[span.clone()].to_vec(), self.1[span].to_vec()))
+    }
+    fn in_memory(&self) -> bool {
+        true
     }
 }
 

@@ -1,6 +1,9 @@
-//! numpy arrays read in place by the engine's threads (the scipy matrix of an in-memory
-//! AnnData attached to a `memory://` store instead of copied into it).
+//! Count matrices the engine's threads read where they are, attached to a `memory://` store
+//! instead of copied into it: an in-memory AnnData's numpy arrays (`NumpyArrays`, read in
+//! place) and a backed `.h5ad`'s (`PyReader`, entries read through a Python callable).
 #![allow(unsafe_code)] // slices over numpy buffers: kept alive by their references, read-only
+
+use std::ops::Range;
 
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::prelude::*;
@@ -28,6 +31,13 @@ impl NumpyArrays {
     ) -> Result<NumpyArrays, String> {
         let index_slice = indices.as_slice().map_err(|e| e.to_string())?;
         let data_slice = data.as_slice().map_err(|e| e.to_string())?;
+        if index_slice.len() != data_slice.len() {
+            return Err(format!(
+                "{} column indices for {} values (expected as many)",
+                index_slice.len(),
+                data_slice.len()
+            ));
+        }
         Ok(NumpyArrays {
             indices: (index_slice.as_ptr(), index_slice.len()),
             data: (data_slice.as_ptr(), data_slice.len()),
@@ -37,15 +47,72 @@ impl NumpyArrays {
             ),
         })
     }
-}
 
-impl HostArrays for NumpyArrays {
     fn indices(&self) -> &[i32] {
         // SAFETY: see `NumpyArrays`; the pointer and length came from a slice of the array.
         unsafe { std::slice::from_raw_parts(self.indices.0, self.indices.1) }
     }
+
     fn data(&self) -> &[f32] {
         // SAFETY: as `indices`.
         unsafe { std::slice::from_raw_parts(self.data.0, self.data.1) }
+    }
+}
+
+impl HostArrays for NumpyArrays {
+    fn len(&self) -> usize {
+        self.data.1
+    }
+
+    fn entries(&self, span: Range<usize>) -> Result<(Vec<i32>, Vec<f32>), String> {
+        let (indices, data) = (self.indices(), self.data());
+        match (indices.get(span.clone()), data.get(span.clone())) {
+            (Some(i), Some(d)) => Ok((i.to_vec(), d.to_vec())),
+            _ => Err(format!(
+                "entries {span:?} outside the {} stored",
+                data.len()
+            )),
+        }
+    }
+
+    fn in_memory(&self) -> bool {
+        true
+    }
+}
+
+/// Entries read by a Python callable `read(start, stop) -> (indices int32, data float32)`, e.g.
+/// slices of a backed `.h5ad`'s h5py datasets. Reading takes the GIL: the thread that
+/// started training has released it.
+pub(crate) struct PyReader {
+    read: Py<PyAny>,
+    nnz: usize,
+}
+
+impl PyReader {
+    pub(crate) fn new(read: Bound<'_, PyAny>, nnz: usize) -> PyReader {
+        PyReader {
+            read: read.unbind(),
+            nnz,
+        }
+    }
+}
+
+impl HostArrays for PyReader {
+    fn len(&self) -> usize {
+        self.nnz
+    }
+
+    fn entries(&self, span: Range<usize>) -> Result<(Vec<i32>, Vec<f32>), String> {
+        Python::attach(|py| {
+            let read = self.read.bind(py).call1((span.start, span.end))?;
+            let (indices, data): (PyReadonlyArray1<'_, i32>, PyReadonlyArray1<'_, f32>) =
+                read.extract()?;
+            Ok::<_, PyErr>((indices.as_slice()?.to_vec(), data.as_slice()?.to_vec()))
+        })
+        .map_err(|e| format!("reading entries {span:?}: {e}"))
+    }
+
+    fn in_memory(&self) -> bool {
+        false
     }
 }

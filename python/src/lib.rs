@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use tessera_data::{Column, Csr, HostCsr, ModalityLayout, StoreWriter, ZarrVersion};
 
 mod host;
-use host::NumpyArrays;
+use host::{NumpyArrays, PyReader};
 use tessera_kernels::ops::affinity::feature_affinity;
 use tessera_models::LikelihoodKind;
 use tessera_network::{SnfParams, View};
@@ -46,19 +46,22 @@ impl CsrArgs<'_> {
             .map_err(|e| invalid(e.to_string()))?
             .to_vec();
         let arrays = NumpyArrays::new(&self.indices, &self.data).map_err(invalid)?;
-        HostCsr::new(indptr, self.n_vars as u64, Arc::new(arrays)).map_err(invalid)
+        let host = HostCsr::new(indptr, self.n_vars as u64, Arc::new(arrays)).map_err(invalid)?;
+        host.check_entries().map_err(invalid)?;
+        Ok(host)
     }
 
     /// The matrix checked and copied.
     fn to_csr(&self, name: &str) -> PyResult<Csr> {
         let host = self.host(name)?;
-        Ok(host.rows(0..host.n_rows()))
+        host.rows(0..host.n_rows())
+            .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))
     }
 
-    /// The matrix checked and attached as element `path` of the in-memory store at
-    /// `location`, read in place by training: its index and value arrays must be read-only
-    /// (Python marks them so for as long as they are attached).
-    fn attach(&self, location: &str, path: &str) -> PyResult<()> {
+    /// `host`, attached as element `path` of the in-memory store at `location`, read in place
+    /// by training: the index and value arrays must be read-only (Python marks them so for as
+    /// long as they are attached).
+    fn attach(&self, location: &str, path: &str, host: HostCsr) -> PyResult<()> {
         for (array, what) in [
             (self.indices.as_any(), "indices"),
             (self.data.as_any(), "data"),
@@ -70,8 +73,58 @@ impl CsrArgs<'_> {
                 )));
             }
         }
-        let host = self.host(path)?;
         tessera_data::attach_csr(location, path, host).map_err(data_error)
+    }
+}
+
+/// X as Python hands it to `attach_anndata`: an in-memory scipy CSR matrix's arrays (indptr,
+/// indices, data), or a backed file's row pointers, number of entries and
+/// `read(start, stop) -> (indices, data)` (`host::PyReader`).
+#[derive(FromPyObject)]
+enum MatrixArgs<'py> {
+    Arrays(
+        PyReadonlyArray1<'py, i64>,
+        PyReadonlyArray1<'py, i32>,
+        PyReadonlyArray1<'py, f32>,
+    ),
+    Reader(PyReadonlyArray1<'py, i64>, usize, Bound<'py, PyAny>),
+}
+
+impl MatrixArgs<'_> {
+    /// The matrix checked (all of it when in memory, its row pointers when read from a file),
+    /// then attached as `path` of the in-memory store at `location` once `n_rows` agrees.
+    fn attach(self, location: &str, path: &str, n_vars: usize, n_rows: usize) -> PyResult<()> {
+        let same_rows = |host: &HostCsr| {
+            if host.n_rows() as usize == n_rows {
+                Ok(())
+            } else {
+                Err(PyValueError::new_err(format!(
+                    "{path} has {} rows for {n_rows} cells (obs_names)",
+                    host.n_rows()
+                )))
+            }
+        };
+        match self {
+            MatrixArgs::Arrays(indptr, indices, data) => {
+                let x = CsrArgs {
+                    indptr,
+                    indices,
+                    data,
+                    n_vars,
+                };
+                let host = x.host(path)?;
+                same_rows(&host)?;
+                x.attach(location, path, host)
+            }
+            MatrixArgs::Reader(indptr, nnz, read) => {
+                let invalid = |what: String| PyValueError::new_err(format!("{path}: {what}"));
+                let indptr = indptr.as_slice().map_err(|e| invalid(e.to_string()))?;
+                let reader = Arc::new(PyReader::new(read, nnz));
+                let host = HostCsr::new(indptr.to_vec(), n_vars as u64, reader).map_err(invalid)?;
+                same_rows(&host)?;
+                tessera_data::attach_csr(location, path, host).map_err(data_error)
+            }
+        }
     }
 }
 
@@ -80,39 +133,29 @@ fn data_error(e: impl std::fmt::Display) -> PyErr {
 }
 
 /// A new in-memory AnnData store at `location` (`memory://NAME/...`): the obs names and
-/// columns and the var names written, X attached in place (`CsrArgs::attach`: no copy).
-/// `categoricals`: (name, codes, categories) with -1 for missing; `floats`: (name, values).
-/// Nothing is created when the matrix or the names are malformed.
+/// columns and the var names written, X attached (`MatrixArgs`: an in-memory matrix read in
+/// place, or a backed file's read through its reader; no copy either way). `categoricals`:
+/// (name, codes, categories) with -1 for missing; `floats`: (name, values). Nothing is
+/// created when the matrix or the names are malformed.
 #[pyfunction]
-#[pyo3(signature = (location, indptr, indices, data, n_vars, obs_names, var_names, categoricals, floats))]
 #[allow(clippy::too_many_arguments)] // one flat call from Python, the fields of an AnnData
 fn attach_anndata(
     py: Python<'_>,
     location: &str,
-    indptr: PyReadonlyArray1<'_, i64>,
-    indices: PyReadonlyArray1<'_, i32>,
-    data: PyReadonlyArray1<'_, f32>,
+    x: MatrixArgs<'_>,
     n_vars: usize,
     obs_names: Vec<String>,
     var_names: Vec<String>,
     categoricals: Vec<(String, Vec<i32>, Vec<String>)>,
     floats: Vec<(String, Vec<f64>)>,
 ) -> PyResult<()> {
-    let x = CsrArgs {
-        indptr,
-        indices,
-        data,
-        n_vars,
-    };
-    let n_obs = x.host("X")?.n_rows() as usize;
-    if n_obs != obs_names.len() || n_vars != var_names.len() {
+    if n_vars != var_names.len() {
         return Err(PyValueError::new_err(format!(
-            "X is {n_obs} x {n_vars} but obs_names has {} and var_names {} entries",
-            obs_names.len(),
+            "X has {n_vars} columns but var_names {} entries",
             var_names.len()
         )));
     }
-    x.attach(location, "X")?;
+    x.attach(location, "X", n_vars, obs_names.len())?;
     let columns = obs_columns(categoricals, floats);
     py.detach(|| {
         let writer = StoreWriter::create(location, ZarrVersion::V3)?;
@@ -177,7 +220,8 @@ fn attach_mudata(
             data,
             n_vars: var_names.len(),
         };
-        let rows = x.host(&path)?.n_rows() as usize;
+        let host = x.host(&path)?;
+        let rows = host.n_rows() as usize;
         let cells = present
             .as_ref()
             .map_or(obs_names.len(), |p| p.iter().filter(|&&c| c).count());
@@ -186,15 +230,15 @@ fn attach_mudata(
                 "{path} has {rows} rows for the {cells} cells that measured it"
             )));
         }
-        matrices.push((path, x));
+        matrices.push((path, x, host));
         layouts.push(ModalityLayout {
             name,
             present,
             var_names,
         });
     }
-    for (path, x) in &matrices {
-        x.attach(location, path)?;
+    for (path, x, host) in matrices {
+        x.attach(location, &path, host)?;
     }
     let columns = obs_columns(categoricals, floats);
     py.detach(|| {

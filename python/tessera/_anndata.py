@@ -234,13 +234,43 @@ def check_counts(values: np.ndarray, name: str) -> None:
         )
 
 
+def backed_reader(adata: Any, layer: str | None) -> tuple[np.ndarray, int, Any] | None:
+    """A backed AnnData's X (``anndata.read_h5ad(path, backed="r")``) as the engine streams it
+    from the file: (indptr, nnz, ``read(start, stop) -> (indices, data)``); None when X is in
+    memory or a layer is registered (layers of a backed AnnData are in memory)."""
+    if layer is not None or not getattr(adata, "isbacked", False) or adata.is_view:
+        return None
+    x = adata.X
+    group = getattr(x, "group", None)
+    if getattr(x, "format", None) != "csr" or group is None:
+        kind = getattr(x, "format", type(x).__name__)
+        raise ValueError(
+            f"{adata.filename}: backed X is {kind}; tessera streams CSR from a backed file "
+            "(read it into memory with adata.to_memory(), or `tessera convert` it to Zarr "
+            "and use tessera.read_zarr)"
+        )
+    indices, data = group["indices"], group["data"]
+
+    def read(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return (
+            np.asarray(indices[start:stop], dtype=np.int32),
+            np.asarray(data[start:stop], dtype=np.float32),
+        )
+
+    return np.asarray(group["indptr"][:], dtype=np.int64), int(data.shape[0]), read
+
+
 def check_matrix(adata: Any, layer: str | None) -> None:
-    """An in-memory AnnData's X (or layer): its shape and values (``check_counts``), read
-    where they are, without the conversion ``counts_matrix`` makes when training starts."""
+    """An in-memory or backed AnnData's X (or layer): its shape and values (``check_counts``;
+    of a backed X, the first stored values), read where they are, without the conversion
+    ``counts_matrix`` makes when training starts."""
     x = adata.X if layer is None else adata.layers[layer]
     name = field_name(layer)
     if x is None:
         raise ValueError(f"{name} is empty (expected a cells x genes count matrix)")
+    if backed_reader(adata, layer) is not None:
+        check_counts(np.asarray(x.group["data"][:COUNT_SAMPLE]), f"{adata.filename}: {name}")
+        return
     values = x.data if sp.issparse(x) else np.asarray(x)
     if len(x.shape) != 2:
         raise ValueError(f"{name} has {len(x.shape)} dimensions (expected 2)")
@@ -260,6 +290,8 @@ def counts_matrix(adata: Any, layer: str | None) -> sp.csr_matrix:
     name = field_name(layer)
     if x is None:
         raise ValueError(f"{name} is empty (expected a cells x genes count matrix)")
+    if hasattr(x, "to_memory"):  # a backed AnnData's sparse dataset
+        x = x.to_memory()
     if sp.issparse(x):
         csr = sp.csr_matrix(x, dtype=np.float32) if x.format != "csr" else x
         if csr.dtype != np.float32:

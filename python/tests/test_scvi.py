@@ -300,19 +300,20 @@ def test_malformed_matrices_are_refused_before_anything_is_attached():
         (np.array([0, 1], dtype=np.int64), 3, "X: indptr ends at 1, expected nnz = 2"),
     ):
         with pytest.raises(ValueError, match=match):
-            _tessera.attach_anndata(location, indptr, indices, data, n_vars,
+            _tessera.attach_anndata(location, (indptr, indices, data), n_vars,
                                     ["c0", "c1"], [f"g{j}" for j in range(n_vars)], [], [])
     with pytest.raises(ValueError, match="obs_names"):
-        _tessera.attach_anndata(location, np.array([0, 1, 2], dtype=np.int64), indices, data, 3,
-                                ["c0"], ["g0", "g1", "g2"], [], [])
+        _tessera.attach_anndata(location, (np.array([0, 1, 2], dtype=np.int64), indices, data),
+                                3, ["c0"], ["g0", "g1", "g2"], [], [])
     # The engine reads attached arrays from its threads: writeable ones are refused.
     with pytest.raises(ValueError, match="read-only while attached"):
-        _tessera.attach_anndata(location, np.array([0, 1, 2], dtype=np.int64), indices,
-                                np.array([1.0, 2.0], dtype=np.float32), 3,
+        writeable = np.array([1.0, 2.0], dtype=np.float32)
+        _tessera.attach_anndata(location, (np.array([0, 1, 2], dtype=np.int64), indices,
+                                           writeable), 3,
                                 ["c0", "c1"], ["g0", "g1", "g2"], [], [])
     with pytest.raises(Exception, match="only to memory://"):
         _tessera.attach_anndata("/tmp/tessera-test-not-memory.zarr",
-                                np.array([0, 1, 2], dtype=np.int64), indices, data, 3,
+                                (np.array([0, 1, 2], dtype=np.int64), indices, data), 3,
                                 ["c0", "c1"], ["g0", "g1", "g2"], [], [])
     assert not _tessera.forget_memory_store(name), "nothing was created"
     assert not os.path.exists("/tmp/tessera-test-not-memory.zarr")

@@ -10,6 +10,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import zarr
 
 import tessera
@@ -17,6 +18,7 @@ import tessera
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("TESSERA_SHARED_DATA", ROOT.parent / "shared" / "data"))
 PBMC = SHARED / "pbmc68k_counts.zarr"
+PBMC_H5AD = SHARED / "pbmc68k_counts.h5ad"
 SCVI = tessera.model.SCVI
 
 
@@ -100,3 +102,54 @@ def test_store_backed_setup_checks_the_store(store, tmp_path):
     zarr.open_group(tmp_path / "empty.zarr", mode="w")
     with pytest.raises(ValueError, match="has no obs: not an AnnData"):
         tessera.read_zarr(tmp_path / "empty.zarr")
+
+
+def test_a_backed_h5ad_streams_from_the_file_and_trains_the_in_memory_model(monkeypatch):
+    """``anndata.read_h5ad(path, backed="r")``: X is read from the file by the engine's loader
+    (entries through h5py, never converted into a copy of the file), with the in-memory
+    model."""
+    before = PBMC_H5AD.stat().st_mtime_ns, PBMC_H5AD.stat().st_size
+    reads: list[tuple[int, int]] = []
+    original = tessera._anndata.backed_reader
+
+    def spy(adata, layer):
+        found = original(adata, layer)
+        if found is None:
+            return None
+        indptr, nnz, read = found
+
+        def counted(start, stop):
+            reads.append((start, stop))
+            return read(start, stop)
+
+        return indptr, nnz, counted
+
+    monkeypatch.setattr(tessera._anndata, "backed_reader", spy)
+    backed = ad.read_h5ad(PBMC_H5AD, backed="r")
+    SCVI.setup_anndata(backed)
+    streamed = SCVI(backed, n_latent=6)
+    streamed.train(max_epochs=3, seed=2, progress_bar=False)
+    nnz = backed.X.group["data"].shape[0]
+    # Every entry went through the reader (once here: the loader keeps what fits its cache
+    # budget, as it does for a Zarr store; an atlas streams fetch by fetch every epoch).
+    assert reads and sum(stop - start for start, stop in reads) >= nnz
+    assert backed.isbacked and not sp.issparse(backed.X), "X was left in the file"
+
+    memory = ad.read_h5ad(PBMC_H5AD)
+    SCVI.setup_anndata(memory)
+    in_memory = SCVI(memory, n_latent=6)
+    in_memory.train(max_epochs=3, seed=2, progress_bar=False)
+    z = streamed.get_latent_representation()
+    np.testing.assert_array_equal(z, in_memory.get_latent_representation())
+    # Encoding the backed AnnData again reads its X into memory: the same embedding.
+    np.testing.assert_array_equal(streamed.get_latent_representation(backed), z)
+    assert (PBMC_H5AD.stat().st_mtime_ns, PBMC_H5AD.stat().st_size) == before
+
+
+def test_a_backed_x_that_is_not_csr_is_refused_with_the_way_out(tmp_path):
+    path = tmp_path / "csc.h5ad"
+    counts = sp.csc_matrix(np.arange(12, dtype=np.float32).reshape(4, 3))
+    ad.AnnData(X=counts).write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    with pytest.raises(ValueError, match=r"backed X is csc.*to_memory"):
+        SCVI.setup_anndata(backed)

@@ -318,7 +318,6 @@ class SCVI:
         """The AnnData's counts (attached, read-only while ``attached`` is open), batches and
         labels as a new in-memory store at ``location``."""
         setup = self._setup
-        csr = _anndata.counts_matrix(self.adata, setup.get("layer"))
         batch_key, label_key = setup.get("batch_key"), self._label_key()
         categoricals = []
         if batch_key:
@@ -329,17 +328,26 @@ class SCVI:
         written = {name for name, _, _ in categoricals}
         covariates, floats = _anndata.covariate_columns(self.adata, setup)
         categoricals += [c for c in covariates if c[0] not in written]
-        arrays = _anndata.csr_arrays(csr)
-        attached.enter_context(_anndata.read_only(*arrays[1:]))
         _tessera.attach_anndata(
             location,
-            *arrays,
+            self._counts(attached),
             self.adata.n_vars,
             [str(n) for n in self.adata.obs_names],
             [str(n) for n in self.adata.var_names],
             categoricals,
             floats,
         )
+
+    def _counts(self, attached: contextlib.ExitStack) -> tuple[Any, ...]:
+        """The registered matrix as ``attach_anndata`` takes it: a backed file's reader, or the
+        in-memory CSR arrays, read-only while ``attached`` is open."""
+        layer = self._setup.get("layer")
+        backed = _anndata.backed_reader(self.adata, layer)
+        if backed is not None:
+            return backed
+        arrays = _anndata.csr_arrays(_anndata.counts_matrix(self.adata, layer))
+        attached.enter_context(_anndata.read_only(*arrays[1:]))
+        return arrays
 
     def _label_key(self) -> str | None:
         """The obs column the engine trains labels from (none for SCVI, which ignores them)."""
