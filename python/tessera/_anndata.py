@@ -39,22 +39,25 @@ def _open_group(path: str) -> Any:
 
 
 def read_zarr(path: str | os.PathLike[str]) -> Any:
-    """The AnnData Zarr store at ``path`` with its obs and var in memory and its matrices left
-    in the store: a model set up on it trains by streaming the store through the engine's
-    loader (for atlases larger than memory) and writes nothing into it. Its obs columns are the
-    store's: registered keys must be columns of the store. Encoding or decoding its cells later
-    (``get_latent_representation(adata)``, ``get_normalized_expression``) reads the registered
-    matrix into memory."""
-    import anndata
-
+    """The AnnData (or MuData) Zarr store at ``path`` with its obs and var in memory and its
+    matrices left in the store: a model set up on it trains by streaming the store through
+    the engine's loader (for atlases larger than memory) and writes nothing into it. Its obs
+    columns are the store's: registered keys must be columns of the store. Encoding or
+    decoding its cells later (``get_latent_representation(adata)``,
+    ``get_normalized_expression``) reads the registered matrix into memory."""
     location = str(path)
     if "://" not in location:
         location = os.path.abspath(location)
     group = _open_group(location)
     if "mod" in group:
-        raise ValueError(
-            f"{location} is a MuData store: read it into memory (mudata.read_zarr) for MULTIVAE"
-        )
+        return _read_mudata(location, group)
+    return _store_anndata(location, group)
+
+
+def _store_anndata(location: str, group: Any) -> Any:
+    """An AnnData of the group's obs and var, its matrices left at ``location``."""
+    import anndata
+
     for element in ("obs", "var", "X"):
         if element not in group:
             raise ValueError(f"{location} has no {element}: not an AnnData Zarr store")
@@ -63,9 +66,31 @@ def read_zarr(path: str | os.PathLike[str]) -> Any:
     return adata
 
 
+def _read_mudata(location: str, group: Any) -> Any:
+    """A MuData of the store's obs, var and obsmap, each modality a store-backed AnnData (its
+    own location ``<store>/mod/<name>``), in the store's modality order."""
+    import mudata
+
+    mods_group = group["mod"]
+    order = [str(m) for m in mods_group.attrs.get("mod-order", sorted(mods_group.keys()))]
+    mods = {name: _store_anndata(f"{location}/mod/{name}", mods_group[name]) for name in order}
+    if "obsmap" not in group:
+        raise ValueError(f"{location} has no obsmap: not a MuData Zarr store")
+    obsmap = {name: np.asarray(group["obsmap"][name][:]) for name in order}
+    mdata = mudata.MuData._init_from_dict_(
+        mod=mods, obs=_read_elem(group["obs"]), var=_read_elem(group["var"]), obsmap=obsmap
+    )
+    mdata.uns[STORE_KEY] = location
+    return mdata
+
+
 def check_store_columns(store: str, setup: dict[str, Any]) -> None:
-    """The registered obs columns must be the store's: the engine reads them there."""
-    columns = set(_open_group(store)["obs"].keys())
+    """The registered obs columns must be the store's (its root obs, or for a MuData a
+    modality's, where the engine also looks): the engine reads them there."""
+    group = _open_group(store)
+    columns = set(group["obs"].keys())
+    for name in group["mod"].keys() if "mod" in group else []:
+        columns |= set(group["mod"][name]["obs"].keys())
     categorical, continuous = covariate_keys(setup)
     keys = [setup.get("batch_key"), setup.get("labels_key"), *categorical, *continuous]
     for key in filter(None, keys):
@@ -105,11 +130,18 @@ def register(adata: Any, setup: dict[str, Any]) -> None:
         if key is not None and key not in adata.obs:
             raise KeyError(f"{field} {key!r} is not a column of adata.obs")
     check_covariates(adata, setup)
+    check_registered_matrix(adata, layer)
+    adata.uns[SETUP_KEY] = {k: v for k, v in setup.items() if v is not None}
+
+
+def check_registered_matrix(adata: Any, layer: str | None) -> None:
+    """NaN, shape and the count warning, at setup rather than when training starts: of the
+    matrix in memory, or of the first stored values of a store-backed one."""
+    store = store_of(adata)
     if store is None:
-        check_matrix(adata, layer)  # NaN, shape and the count warning, now rather than later
+        check_matrix(adata, layer)
     else:
         check_counts(_stored_sample(store, layer), f"{store}: {field_name(layer)}")
-    adata.uns[SETUP_KEY] = {k: v for k, v in setup.items() if v is not None}
 
 
 COVARIATE_FIELDS = ("categorical_covariate_keys", "continuous_covariate_keys")

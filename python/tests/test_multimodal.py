@@ -160,3 +160,34 @@ def test_multivae_reads_covariates_beside_the_batch(tmp_path):
     assert np.abs(model.get_latent_representation(shifted) - z).max() > 1e-4
     with pytest.raises(KeyError, match="nope"):
         tessera.model.MULTIVAE.setup_mudata(mdata, categorical_covariate_keys=["nope"])
+
+
+def test_a_mudata_store_streams_and_trains_the_in_memory_model(tmp_path):
+    """``tessera.read_zarr`` of a MuData store: obs, var and obsmap in memory, every modality's
+    X left in the store and streamed by training, with the model the in-memory MuData gives."""
+    mdata, _, present = cite_like()
+    del mdata.mod["prot"].var["_index"]  # a name anndata refuses to write
+    mdata.update()
+    path = tmp_path / "cite.zarr"
+    with ad.settings.override(allow_write_nullable_strings=True):
+        mdata.write_zarr(path)
+    before = sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+    streamed = tessera.read_zarr(path)
+    assert isinstance(streamed, md.MuData) and list(streamed.mod) == ["rna", "prot"]
+    assert all(streamed.mod[m].X is None for m in streamed.mod), "X stays in the store"
+    memory = md.read_zarr(path)
+    models = []
+    for data in (streamed, memory):
+        tessera.model.MULTIVAE.setup_mudata(data, batch_key="batch")
+        model = tessera.model.MULTIVAE(data, n_latent=6)
+        model.train(max_epochs=4, seed=5, progress_bar=False)
+        models.append(model)
+    z = models[0].get_latent_representation()
+    np.testing.assert_array_equal(z, models[1].get_latent_representation())
+    # Encoding the store-backed MuData again reads its modalities from the store.
+    np.testing.assert_array_equal(models[0].get_latent_representation(streamed), z)
+    np.testing.assert_array_equal(
+        np.asarray(streamed.obsmap["prot"]).ravel() > 0, present
+    )
+    assert sorted(str(p.relative_to(path)) for p in path.rglob("*")) == before

@@ -24,7 +24,7 @@ class MULTIVAE(SCVI):
     ...}}``); the experts are joined by a product (``joint="poe"``), a mixture (``"moe"``) or
     concatenation. A cell that lacks a modality (``mdata.obsmap[name] == 0``) is encoded from
     the ones it has, and its missing modality is imputed. Trained on the MuData in memory (no
-    file is written).
+    file is written), or streamed from its store (``tessera.read_zarr``).
 
     Examples
     --------
@@ -72,7 +72,7 @@ class MULTIVAE(SCVI):
         for name in names:
             if name not in mdata.mod:
                 raise KeyError(f"modality {name!r} is not in mdata.mod (it has {list(mdata.mod)})")
-            _anndata.check_matrix(mdata.mod[name], None)
+            _anndata.check_registered_matrix(mdata.mod[name], None)
             if name not in mdata.obsmap:
                 raise ValueError(f"mdata.obsmap has no {name!r}: call mdata.update() first")
         if not names:
