@@ -11,7 +11,7 @@ use std::time::Duration;
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use tessera_data::{Column, Csr, HostCsr, ModalityLayout, StoreWriter, ZarrVersion};
+use tessera_data::{Column, Csr, Dataset, HostCsr, ModalityLayout, StoreWriter, ZarrVersion};
 
 mod host;
 use host::{NumpyArrays, PyReader};
@@ -21,7 +21,7 @@ use tessera_network::{SnfParams, View};
 use tessera_worker::device::Device;
 use tessera_worker::encode::EncoderPool;
 use tessera_worker::fit::{PREDICTION_KEY, Progress};
-use tessera_worker::network::Distance;
+use tessera_worker::network::{Distance, NetworkJobError, NetworkRequest, network_store};
 use tessera_worker::query::{
     Cells, CellsModality, QueryError, QueryRequest, ReferenceModel, Unfreeze,
 };
@@ -772,6 +772,52 @@ fn snf<'py>(
 }
 
 /// Spectral clustering of a network into `n_clusters` (labels 0..n_clusters).
+/// The fused network and clusters `network` returns: the network as CSR arrays (indptr,
+/// indices, data; its top-k rows, or every entry of the dense one), each cell's cluster and
+/// the report as JSON.
+type Network<'py> = (
+    Bound<'py, PyArray1<u64>>,
+    Bound<'py, PyArray1<u32>>,
+    Bound<'py, PyArray1<f32>>,
+    Vec<i32>,
+    String,
+);
+
+/// Runs `tessera snf`'s job (`worker::network::network_store`: views of the store's count
+/// matrices, cells without a view left out of it, SNF/NEMO, in memory or out of core,
+/// spectral clustering) described by `request_json` (a `NetworkRequest`) with the GIL
+/// released, and reads back what it wrote into the (in-memory) store.
+#[pyfunction]
+fn network<'py>(py: Python<'py>, request_json: &str) -> PyResult<Network<'py>> {
+    let mut json = serde_json::Deserializer::from_str(request_json);
+    let request: NetworkRequest = serde_path_to_error::deserialize(&mut json)
+        .map_err(|e| PyValueError::new_err(format!("network options: {e}")))?;
+    let read = py.detach(|| {
+        let report = network_store(&request, |_| {})?;
+        let root = match Dataset::open(&request.data)? {
+            Dataset::AnnData(a) => a,
+            Dataset::MuData(m) => m.root(),
+        };
+        let graph = root.matrix(&format!("obsp/{}", request.key))?;
+        let graph = graph.read_rows(&root.store, 0..graph.n_rows())?;
+        let clusters = root.obs_column(&format!("{}_clusters", request.key))?;
+        Ok::<_, NetworkJobError>((graph, clusters.codes(), report))
+    });
+    let (graph, codes, report) = read.map_err(|e| match e {
+        NetworkJobError::Input { .. } => PyValueError::new_err(e.to_string()),
+        other => PyRuntimeError::new_err(other.to_string()),
+    })?;
+    let (labels, _) = codes.ok_or_else(|| PyRuntimeError::new_err("clusters not categorical"))?;
+    let report = serde_json::to_string(&report).map_err(data_error)?;
+    Ok((
+        PyArray1::from_vec(py, graph.indptr),
+        PyArray1::from_vec(py, graph.indices),
+        PyArray1::from_vec(py, graph.data),
+        labels,
+        report,
+    ))
+}
+
 #[pyfunction]
 fn spectral_clustering(
     py: Python<'_>,
@@ -815,6 +861,7 @@ fn _tessera(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(map_query, m)?)?;
     m.add_function(wrap_pyfunction!(affinity, m)?)?;
     m.add_function(wrap_pyfunction!(snf, m)?)?;
+    m.add_function(wrap_pyfunction!(network, m)?)?;
     m.add_function(wrap_pyfunction!(spectral_clustering, m)?)?;
     m.add_function(wrap_pyfunction!(eigengap, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

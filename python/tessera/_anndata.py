@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from . import _tessera
 
 SETUP_KEY = "_tessera_setup"
 # uns key of an AnnData from `read_zarr`: the store its matrices stay in.
@@ -356,6 +359,60 @@ def _contiguous(array: np.ndarray, dtype: Any) -> np.ndarray:
     if array.dtype == dtype and array.flags.c_contiguous:
         return array
     return np.ascontiguousarray(array, dtype=dtype)
+
+
+@contextlib.contextmanager
+def memory_store(write: Callable[[str, contextlib.ExitStack], None]) -> Iterator[str]:
+    """A new in-memory store that ``write(location, attached)`` fills (its matrices attached,
+    read-only while ``attached`` is open): what the engine reads, with no file written;
+    freed on exit."""
+    name = f"tessera-{uuid.uuid4().hex}"
+    location = f"memory://{name}/data.zarr"
+    with contextlib.ExitStack() as attached:
+        try:
+            write(location, attached)
+            yield location
+        finally:
+            _tessera.forget_memory_store(name)
+
+
+def attachable_counts(adata: Any, layer: str | None, attached: contextlib.ExitStack) -> tuple:
+    """X (or the layer) as ``attach_anndata`` takes it: a backed file's reader, or the
+    in-memory CSR arrays, read-only while ``attached`` is open."""
+    backed = backed_reader(adata, layer)
+    if backed is not None:
+        return backed
+    arrays = csr_arrays(counts_matrix(adata, layer))
+    attached.enter_context(read_only(*arrays[1:]))
+    return arrays
+
+
+def attachable_modalities(
+    mdata: Any, names: list[str], attached: contextlib.ExitStack
+) -> list[tuple]:
+    """The MuData's modalities ``names`` as ``attach_mudata`` takes them: each over the cells
+    that measured it, in the MuData's cell order (the modality's own matrix, read in place,
+    when it is in that order already), read-only while ``attached`` is open."""
+    modalities = []
+    for name in names:
+        if name not in mdata.mod:
+            raise KeyError(f"modality {name!r} is not in mdata.mod (it has {list(mdata.mod)})")
+        if name not in mdata.obsmap:
+            raise ValueError(f"mdata.obsmap has no {name!r}: call mdata.update() first")
+        rows = np.asarray(mdata.obsmap[name]).astype(np.int64).ravel()
+        present = rows > 0
+        csr = counts_matrix(mdata.mod[name], None)
+        picked = rows[present] - 1
+        if not np.array_equal(picked, np.arange(csr.shape[0])):
+            csr = csr[picked]
+        arrays = csr_arrays(csr)
+        attached.enter_context(read_only(*arrays[1:]))
+        modalities.append((
+            name, *arrays,
+            [str(v) for v in mdata.mod[name].var_names],
+            None if present.all() else present.tolist(),
+        ))
+    return modalities
 
 
 @contextlib.contextmanager

@@ -129,28 +129,13 @@ class MULTIVAE(SCVI):
         return modalities, _anndata.batch_names(adata, setup), *_anndata.covariates(adata, setup)
 
     def _write_store(self, location: str, attached: contextlib.ExitStack) -> None:
-        """The MuData's registered modalities (each over the cells that measured it, in the
-        MuData's cell order: the modality's own matrix, read in place, when it is in that
-        order already) and batches as a new in-memory store at ``location``."""
+        """The MuData's registered modalities (``_anndata.attachable_modalities``) and
+        batches as a new in-memory store at ``location``."""
         mdata, setup = self.adata, self._setup
         categoricals, floats = _anndata.covariate_columns(mdata, setup)
         if setup.get("batch_key") and setup["batch_key"] not in {c[0] for c in categoricals}:
             categoricals.append((setup["batch_key"], *_anndata.categorical(mdata, setup["batch_key"])))
-        modalities = []
-        for modality in setup["modalities"]:
-            rows = np.asarray(mdata.obsmap[modality]).astype(np.int64)
-            present = rows > 0
-            csr = _anndata.counts_matrix(mdata.mod[modality], None)
-            picked = rows[present] - 1
-            if not np.array_equal(picked, np.arange(csr.shape[0])):
-                csr = csr[picked]
-            arrays = _anndata.csr_arrays(csr)
-            attached.enter_context(_anndata.read_only(*arrays[1:]))
-            modalities.append((
-                modality, *arrays,
-                [str(v) for v in mdata.mod[modality].var_names],
-                None if present.all() else present.tolist(),
-            ))
+        modalities = _anndata.attachable_modalities(mdata, setup["modalities"], attached)
         _tessera.attach_mudata(
             location, [str(n) for n in mdata.obs_names], categoricals, floats, modalities
         )

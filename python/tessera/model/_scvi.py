@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -300,19 +299,11 @@ class SCVI:
         _anndata.check_store_columns(store, self._setup)
         yield store, self._setup.get("layer"), self._setup.get("unlabeled_category")
 
-    @contextlib.contextmanager
-    def _memory_store(self) -> Iterator[str]:
+    def _memory_store(self) -> contextlib.AbstractContextManager[str]:
         """The registered data as an in-memory store (freed on exit): what the engine reads,
         with no file written. The count matrix is attached, not copied: read in place, and
         read-only until the store is freed."""
-        name = f"tessera-{uuid.uuid4().hex}"
-        location = f"memory://{name}/data.zarr"
-        with contextlib.ExitStack() as attached:
-            try:
-                self._write_store(location, attached)
-                yield location
-            finally:
-                _tessera.forget_memory_store(name)
+        return _anndata.memory_store(self._write_store)
 
     def _write_store(self, location: str, attached: contextlib.ExitStack) -> None:
         """The AnnData's counts (attached, read-only while ``attached`` is open), batches and
@@ -330,24 +321,13 @@ class SCVI:
         categoricals += [c for c in covariates if c[0] not in written]
         _tessera.attach_anndata(
             location,
-            self._counts(attached),
+            _anndata.attachable_counts(self.adata, setup.get("layer"), attached),
             self.adata.n_vars,
             [str(n) for n in self.adata.obs_names],
             [str(n) for n in self.adata.var_names],
             categoricals,
             floats,
         )
-
-    def _counts(self, attached: contextlib.ExitStack) -> tuple[Any, ...]:
-        """The registered matrix as ``attach_anndata`` takes it: a backed file's reader, or the
-        in-memory CSR arrays, read-only while ``attached`` is open."""
-        layer = self._setup.get("layer")
-        backed = _anndata.backed_reader(self.adata, layer)
-        if backed is not None:
-            return backed
-        arrays = _anndata.csr_arrays(_anndata.counts_matrix(self.adata, layer))
-        attached.enter_context(_anndata.read_only(*arrays[1:]))
-        return arrays
 
     def _label_key(self) -> str | None:
         """The obs column the engine trains labels from (none for SCVI, which ignores them)."""
