@@ -422,10 +422,10 @@ pub(crate) fn default_data(out: &std::path::Path) -> Result<String> {
     Ok(location)
 }
 
+/// Whether the store has the obs column (a broken one is reported when training reads it;
+/// an unreadable store, by training's own open).
 fn has_obs_column(data: &str, name: &str) -> bool {
-    match tessera_data::Dataset::open(data) {
-        Ok(tessera_data::Dataset::AnnData(a)) => a.obs_column(name).is_ok(),
-        Ok(tessera_data::Dataset::MuData(m)) => m.root().obs_column(name).is_ok(),
-        Err(_) => false,
-    }
+    tessera_data::Dataset::open(data)
+        .and_then(|d| d.has_obs_column(name))
+        .unwrap_or(false)
 }

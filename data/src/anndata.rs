@@ -46,9 +46,7 @@ impl AnnData {
             obs_names,
             var_names,
         };
-        if let Some(x) = adata.matrix_if_present("X")? {
-            adata.check_shape(&x, adata.n_vars())?;
-        }
+        adata.matrix_if_present("X", adata.n_vars())?;
         Ok(adata)
     }
 
@@ -66,7 +64,7 @@ impl AnnData {
     }
 
     pub fn x(&self) -> Result<Matrix> {
-        self.matrix_if_present("X")?
+        self.matrix_if_present("X", self.n_vars())?
             .ok_or_else(|| self.store.at(&self.element("X")).missing("X matrix"))
     }
 
@@ -118,20 +116,19 @@ impl AnnData {
     pub fn layer(&self, name: &str) -> Result<Matrix> {
         let path = format!("layers/{name}");
         let m = self
-            .matrix_if_present(&path)?
+            .matrix_if_present(&path, self.n_vars())?
             .ok_or_else(|| self.store.at(&self.element(&path)).missing("layer"))?;
-        self.check_shape(&m, self.n_vars())?;
         Ok(m)
     }
 
     /// `raw/X` with its own variables (`raw/var`).
     pub fn raw_x(&self) -> Result<Option<(Matrix, Vec<String>)>> {
-        let Some(m) = self.matrix_if_present("raw/X")? else {
+        if !self.has_element("raw/X")? {
             return Ok(None);
-        };
+        }
         let raw_vars = read_dataframe_index(&self.store, self.version, &self.element("raw/var"))?;
-        self.check_shape(&m, raw_vars.len() as u64)?;
-        Ok(Some((m, raw_vars)))
+        let m = self.matrix_if_present("raw/X", raw_vars.len() as u64)?;
+        Ok(m.map(|m| (m, raw_vars)))
     }
 
     /// A matrix by its user-facing name: "X", "raw/X", "layers/<name>" or the cell-cell
@@ -146,9 +143,8 @@ impl AnnData {
             }),
             other if other.starts_with("obsp/") => {
                 let m = self
-                    .matrix_if_present(other)?
+                    .matrix_if_present(other, self.n_obs())?
                     .ok_or_else(|| self.store.at(&self.element(other)).missing("obsp matrix"))?;
-                self.check_shape(&m, self.n_obs())?;
                 Ok(m)
             }
             other => match other.strip_prefix("layers/") {
@@ -161,23 +157,14 @@ impl AnnData {
         }
     }
 
-    fn matrix_if_present(&self, name: &str) -> Result<Option<Matrix>> {
+    /// The matrix `name` when present, its declared shape checked against n_obs x `n_cols`
+    /// before anything of it is read.
+    fn matrix_if_present(&self, name: &str, n_cols: u64) -> Result<Option<Matrix>> {
         let path = self.element(name);
         if self.store.node(self.version, &path)?.is_none() && !self.store.has_attached(&path) {
             return Ok(None);
         }
-        Matrix::open(&self.store, self.version, &path).map(Some)
-    }
-
-    fn check_shape(&self, m: &Matrix, n_vars: u64) -> Result<()> {
-        if m.shape != (self.n_obs(), n_vars) {
-            return Err(self.store.at(&m.path).invalid(format!(
-                "shape {:?} does not match obs x var = ({}, {n_vars})",
-                m.shape,
-                self.n_obs()
-            )));
-        }
-        Ok(())
+        Matrix::open(&self.store, self.version, &path, (self.n_obs(), n_cols)).map(Some)
     }
 
     pub fn obs(&self) -> Result<DataFrame> {
@@ -188,12 +175,16 @@ impl AnnData {
         read_dataframe(&self.store, self.version, &self.element("var"))
     }
 
+    /// Whether obs has a column `name` (from the metadata: a column that is there but broken
+    /// is reported when read, never taken for absent).
+    pub fn has_obs_column(&self, name: &str) -> Result<bool> {
+        self.has_element(&format!("obs/{name}"))
+    }
+
+    /// An obs column, which must hold a value per cell.
     pub fn obs_column(&self, name: &str) -> Result<Column> {
-        read_column(
-            &self.store,
-            self.version,
-            &self.element(&format!("obs/{name}")),
-        )
+        let path = self.element(&format!("obs/{name}"));
+        column_of_length(&self.store, self.version, &path, self.n_obs())
     }
 
     /// Keys of a mapping group (`obsm`, `layers`, `varm`, ...), empty when the group is absent.
@@ -346,7 +337,12 @@ impl MuData {
     /// modality). mudata copies modality columns to the root only on `update()`; stores written
     /// without it keep them in the modality alone.
     pub fn obs_column(&self, key: &str) -> Result<Column> {
-        match read_column(&self.store, self.version, &format!("obs/{key}")) {
+        match column_of_length(
+            &self.store,
+            self.version,
+            &format!("obs/{key}"),
+            self.n_obs(),
+        ) {
             Err(DataError::Missing { .. }) => {}
             found => return found,
         }
@@ -421,6 +417,32 @@ impl Dataset {
             Dataset::MuData(m) => m.n_obs(),
         }
     }
+
+    /// Whether the obs column `name` exists where `obs_column` would read it (a MuData's root
+    /// obs or a modality's).
+    pub fn has_obs_column(&self, name: &str) -> Result<bool> {
+        match self {
+            Dataset::AnnData(a) => a.has_obs_column(name),
+            Dataset::MuData(m) => {
+                let mut all =
+                    std::iter::once(m.root()).chain(m.modalities.iter().map(|(_, a)| a.clone()));
+                all.try_fold(false, |found, a| Ok(found || a.has_obs_column(name)?))
+            }
+        }
+    }
+}
+
+/// The column at `path`, refused unless it holds `n` values (a short one would be indexed past
+/// its end by every cell it lacks).
+fn column_of_length(store: &Store, version: ZarrVersion, path: &str, n: u64) -> Result<Column> {
+    let column = read_column(store, version, path)?;
+    if column.len() as u64 != n {
+        return Err(store.at(path).invalid(format!(
+            "column has {} values, expected one per cell (n_obs = {n})",
+            column.len()
+        )));
+    }
+    Ok(column)
 }
 
 fn join(base: &str, name: &str) -> String {

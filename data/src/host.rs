@@ -61,7 +61,7 @@ impl HostCsr {
         arrays: Arc<dyn HostArrays>,
     ) -> std::result::Result<HostCsr, String> {
         let rows = indptr.len().saturating_sub(1) as u64;
-        validate_indptr(&indptr, rows, arrays.len() as u64)?;
+        validate_indptr(&indptr, rows, n_cols, arrays.len() as u64)?;
         Ok(HostCsr {
             indptr: indptr.into(),
             n_cols,

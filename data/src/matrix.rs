@@ -158,11 +158,28 @@ impl std::ops::Deref for Handle {
 }
 
 impl Matrix {
-    pub(crate) fn open(store: &Store, version: ZarrVersion, path: &str) -> Result<Matrix> {
+    /// Opens the matrix at `path`, whose shape must be `expected` (obs x var): checked from
+    /// the metadata before anything sized by it is read.
+    pub(crate) fn open(
+        store: &Store,
+        version: ZarrVersion,
+        path: &str,
+        expected: (u64, u64),
+    ) -> Result<Matrix> {
+        let at = store.at(path);
+        let check_shape = |shape: (u64, u64)| {
+            if shape == expected {
+                Ok(())
+            } else {
+                Err(at.invalid(format!(
+                    "shape {shape:?} does not match obs x var = {expected:?}"
+                )))
+            }
+        };
         if let Some(host) = attached(store, path) {
+            check_shape((host.n_rows(), host.n_cols))?;
             return Ok(Matrix::host(path, host));
         }
-        let at = store.at(path);
         let Some((kind, attrs)) = store.node(version, path)? else {
             return Err(at.missing("matrix"));
         };
@@ -178,6 +195,7 @@ impl Matrix {
                         )));
                     }
                 };
+                check_shape(shape)?;
                 check_numeric(store, path, &values)?;
                 let (chunk_shape, inner_chunk_shape) = chunking(&values);
                 Ok(Matrix {
@@ -213,6 +231,7 @@ impl Matrix {
                         ));
                     }
                 };
+                check_shape(shape)?;
                 let data_path = format!("{path}/data");
                 let indices_path = format!("{path}/indices");
                 let indptr_path = format!("{path}/indptr");
@@ -226,13 +245,20 @@ impl Matrix {
                         indices.shape()
                     )));
                 }
-                let indptr = read_i64(store, &indptr_path)?;
-                let major = if format == MatrixFormat::Csr {
-                    shape.0
+                let (major, minor) = if format == MatrixFormat::Csr {
+                    shape
                 } else {
-                    shape.1
+                    (shape.1, shape.0)
                 };
-                validate_indptr(&indptr, major, nnz)
+                let declared = store.array(&indptr_path)?.shape().to_vec();
+                if declared != [major + 1] {
+                    return Err(store.at(&indptr_path).invalid(format!(
+                        "indptr has shape {declared:?}, expected [{}] (one more than the {major} rows/columns)",
+                        major + 1
+                    )));
+                }
+                let indptr = read_i64(store, &indptr_path)?;
+                validate_indptr(&indptr, major, minor, nnz)
                     .map_err(|p| store.at(&indptr_path).invalid(p))?;
                 let idx_dtype = dtype_name(&indices);
                 if !idx_dtype.contains("int") {
@@ -409,9 +435,13 @@ fn chunking(array: &ZArray) -> (Vec<u64>, Option<Vec<u64>>) {
     (outer, inner)
 }
 
+/// Row pointers (column pointers of CSC) over `major` rows: from 0 to `nnz`, never
+/// decreasing, no row holding more entries than the `minor` columns (a longer one repeats a
+/// column, and would size reads beyond the matrix).
 pub(crate) fn validate_indptr(
     indptr: &[i64],
     major: u64,
+    minor: u64,
     nnz: u64,
 ) -> std::result::Result<(), String> {
     if indptr.len() as u64 != major + 1 {
@@ -430,6 +460,12 @@ pub(crate) fn validate_indptr(
             i + 1,
             indptr[i + 1],
             indptr[i]
+        ));
+    }
+    if let Some(i) = indptr.windows(2).position(|w| (w[1] - w[0]) as u64 > minor) {
+        return Err(format!(
+            "row {i} holds {} entries, more than the {minor} columns",
+            indptr[i + 1] - indptr[i]
         ));
     }
     let last = indptr.last().copied().unwrap_or(0);
@@ -490,24 +526,24 @@ mod tests {
 
     #[test]
     fn indptr_validation_names_the_problem() {
-        assert!(validate_indptr(&[0, 1, 3], 2, 3).is_ok());
+        assert!(validate_indptr(&[0, 1, 3], 2, 3, 3).is_ok());
         assert!(
-            validate_indptr(&[0, 1], 2, 1)
+            validate_indptr(&[0, 1], 2, 3, 1)
                 .unwrap_err()
                 .contains("expected 3")
         );
         assert!(
-            validate_indptr(&[1, 1, 3], 2, 3)
+            validate_indptr(&[1, 1, 3], 2, 3, 3)
                 .unwrap_err()
                 .contains("expected 0")
         );
         assert!(
-            validate_indptr(&[0, 2, 1], 2, 1)
+            validate_indptr(&[0, 2, 1], 2, 3, 1)
                 .unwrap_err()
                 .contains("not monotone")
         );
         assert!(
-            validate_indptr(&[0, 1, 2], 2, 5)
+            validate_indptr(&[0, 1, 2], 2, 3, 5)
                 .unwrap_err()
                 .contains("nnz = 5")
         );

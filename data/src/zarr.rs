@@ -378,8 +378,53 @@ pub(crate) fn read_rows(
 /// Reads a whole array.
 pub(crate) fn read_all(store: &Store, path: &str) -> Result<Values> {
     let array = store.array(path)?;
+    store.check_declared_size(path, &array)?;
     let n = array.shape().first().copied().unwrap_or(0);
     read_rows(store, path, &array, 0..n)
+}
+
+/// Arrays declaring less than this are read without looking at what is stored.
+const UNCHECKED_BYTES: u64 = 64 << 20;
+/// How many decoded bytes a stored byte may stand for (compression, fill-value chunks left
+/// unwritten) before a declared shape is taken for one beyond the data.
+const MAX_EXPANSION: u64 = 1000;
+
+impl Store {
+    /// A whole-array read allocates what the metadata declares: beyond `UNCHECKED_BYTES`, the
+    /// declared size must be within `MAX_EXPANSION` times the bytes stored under the array, so
+    /// a hostile or corrupt shape (10^12 rows over one small chunk) fails here, naming the
+    /// array, instead of asking for terabytes.
+    pub(crate) fn check_declared_size(&self, path: &str, array: &ZArray) -> Result<()> {
+        let elements = array
+            .shape()
+            .iter()
+            .try_fold(1u64, |a, &n| a.checked_mul(n));
+        // Strings: at least a length word per element once decoded.
+        let width = array.data_type().fixed_size().unwrap_or(8) as u64;
+        let declared = elements.and_then(|e| e.checked_mul(width));
+        if declared.is_some_and(|d| d <= UNCHECKED_BYTES) {
+            return Ok(());
+        }
+        let prefix = zarrs::storage::StorePrefix::new(format!("{path}/"))
+            .map_err(|e| self.at(path).invalid(format!("invalid array path: {e}")))?;
+        let stored = self
+            .storage
+            .size_prefix(&prefix)
+            .map_err(|e| DataError::Storage {
+                store: self.display.clone(),
+                path: path.into(),
+                reason: e.to_string(),
+            })?;
+        match declared {
+            Some(d) if d <= stored.saturating_mul(MAX_EXPANSION) => Ok(()),
+            _ => Err(self.at(path).invalid(format!(
+                "declares shape {:?} ({} bytes decoded) over {stored} stored bytes: a shape \
+                 beyond the data (corrupt or hostile metadata)",
+                array.shape(),
+                declared.map_or("more than 2^64".into(), |d| d.to_string())
+            ))),
+        }
+    }
 }
 
 /// Reads a whole 1-D integer array widened to i64.

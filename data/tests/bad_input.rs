@@ -157,7 +157,7 @@ fn indptr_not_ending_at_nnz() {
     let (_d, s) = fresh();
     let short = &read_indptr(&s)[..30];
     raw_array(&s, "X/indptr", "<i8", short.len(), i64_bytes(short));
-    assert_names(&open_err(&s), &["X/indptr", "30 entries", "expected 51"]);
+    assert_names(&open_err(&s), &["X/indptr", "shape [30]", "expected [51]"]);
 }
 
 #[test]
@@ -327,4 +327,76 @@ fn values_that_are_not_counts_are_found_with_their_cell_and_gene() {
         assert_eq!(gene, adata.var_names[csr.indices[at] as usize]);
         assert_eq!(found, value);
     }
+}
+
+/// Sets `key` of the JSON metadata file `file` (".zarray", ".zattrs") of `element`.
+fn set_metadata(store: &Path, element: &str, file: &str, key: &str, value: serde_json::Value) {
+    let path = store.join(element).join(file);
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    meta[key] = value;
+    std::fs::write(&path, meta.to_string()).unwrap();
+}
+
+const HUGE: u64 = 1_000_000_000_000;
+
+#[test]
+fn declared_sizes_beyond_the_stored_data_fail_fast_naming_the_array() {
+    // X and its row pointers both declare 10^12 cells: refused before indptr is read.
+    let (_d, s) = fresh();
+    set_metadata(&s, "X", ".zattrs", "shape", json!([HUGE, GENES]));
+    set_metadata(&s, "X/indptr", ".zarray", "shape", json!([HUGE + 1]));
+    assert_names(
+        &open_err(&s),
+        &["X", "does not match obs x var", "(50, 20)"],
+    );
+    // Only indptr's array: its declared length is checked before it is read.
+    let (_d, s) = fresh();
+    set_metadata(&s, "X/indptr", ".zarray", "shape", json!([HUGE + 1]));
+    assert_names(&open_err(&s), &["X/indptr", "expected [51]"]);
+    // The obs names themselves (what every other size is checked against).
+    let (_d, s) = fresh();
+    set_metadata(&s, "obs/_index", ".zarray", "shape", json!([HUGE]));
+    assert_names(&open_err(&s), &["obs/_index", "beyond the data"]);
+    // A column's codes.
+    let (_d, s) = fresh();
+    set_metadata(&s, "obs/batch/codes", ".zarray", "shape", json!([HUGE]));
+    let a = AnnData::open(s.to_str().unwrap()).unwrap();
+    assert_names(
+        &a.obs_column("batch").unwrap_err().to_string(),
+        &["obs/batch/codes", "beyond the data"],
+    );
+}
+
+#[test]
+fn a_row_with_more_entries_than_genes_is_refused() {
+    // Every entry of X moved into the first row: it repeats columns.
+    let (_d, s) = fresh();
+    let indptr = read_indptr(&s);
+    let nnz = *indptr.last().unwrap();
+    let mut crowded = vec![0i64; indptr.len()];
+    crowded[1..].iter_mut().for_each(|p| *p = nnz);
+    raw_array(&s, "X/indptr", "<i8", crowded.len(), i64_bytes(&crowded));
+    assert_names(
+        &open_err(&s),
+        &[
+            "X/indptr",
+            &format!("row 0 holds {nnz} entries"),
+            "20 columns",
+        ],
+    );
+}
+
+#[test]
+fn an_obs_column_shorter_than_the_cells_is_refused_when_read_alone() {
+    let (_d, s) = fresh();
+    raw_array(&s, "obs/batch/codes", "<i4", 30, vec![0u8; 120]);
+    let a = AnnData::open(s.to_str().unwrap()).unwrap();
+    assert!(a.has_obs_column("batch").unwrap(), "there, though broken");
+    assert_names(
+        &a.obs_column("batch").unwrap_err().to_string(),
+        &["obs/batch", "30 values", "n_obs = 50"],
+    );
+    let d = Dataset::open(s.to_str().unwrap()).unwrap();
+    assert!(d.has_obs_column("batch").unwrap() && !d.has_obs_column("donor").unwrap());
 }

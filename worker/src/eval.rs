@@ -77,10 +77,11 @@ pub fn evaluate_store(req: &EvalRequest) -> Result<Evaluation, EvalError> {
     let obs_of = |key: &str| {
         std::iter::once(&embedded)
             .chain(&columns)
-            .find(|a| a.obs_column(key).is_ok())
+            .find(|a| a.has_obs_column(key).unwrap_or(false))
             .unwrap_or(&embedded)
     };
-    let has = |key: &str| obs_of(key).obs_column(key).is_ok();
+    // Present, not readable: a broken column is an error when read, never a missing one.
+    let has = |key: &str| obs_of(key).has_obs_column(key).unwrap_or(false);
     let adata = &embedded;
     let label_key = match &req.label_key {
         Some(k) => k.clone(),

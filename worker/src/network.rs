@@ -428,9 +428,8 @@ fn prepare(req: &NetworkRequest) -> Result<Prepared, NetworkJobError> {
     let truth = match &req.label_key {
         Some(key) => Some((key.clone(), label_codes(&root, key, &req.data)?)),
         None => root
-            .obs_column(DEFAULT_LABEL_KEY)
-            .ok()
-            .map(|_| {
+            .has_obs_column(DEFAULT_LABEL_KEY)?
+            .then(|| {
                 label_codes(&root, DEFAULT_LABEL_KEY, &req.data)
                     .map(|c| (DEFAULT_LABEL_KEY.to_string(), c))
             })

@@ -165,3 +165,50 @@ fn bad_keys_are_named() {
     .to_string();
     assert!(err.contains("absent.zarr"), "{err}");
 }
+
+/// Replaces `obs/batch/codes` of a Zarr v2 store by an uncompressed int32 array of `codes`.
+fn batch_codes(store: &std::path::Path, codes: &[i32]) {
+    let dir = store.join("obs/batch/codes");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    let meta = serde_json::json!({"zarr_format": 2, "shape": [codes.len()], "chunks": [codes.len()],
+        "dtype": "<i4", "compressor": null, "fill_value": 0, "order": "C", "filters": null});
+    std::fs::write(dir.join(".zarray"), meta.to_string()).unwrap();
+    let bytes: Vec<u8> = codes.iter().flat_map(|c| c.to_le_bytes()).collect();
+    std::fs::write(dir.join("0"), bytes).unwrap();
+}
+
+#[test]
+fn a_broken_default_batch_column_is_an_error_not_a_missing_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.zarr");
+    let config = SimConfig {
+        n_cells: 300,
+        n_genes: 50,
+        version: tessera_data::ZarrVersion::V2,
+        ..SimConfig::default()
+    };
+    tessera_data::simulate(path.to_str().unwrap(), &config, |_| {}).unwrap();
+    let data = path.to_str().unwrap();
+    // Codes for 30 of the 300 cells: named, where eval used to index past their end.
+    batch_codes(&path, &[0; 30]);
+    let err = evaluate_store(&request(data, "X_true_latent"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("obs/batch") && err.contains("n_obs = 300"),
+        "{err}"
+    );
+    // Codes out of range: named, where eval used to go on with "0 batches".
+    let mut codes = vec![0; 300];
+    codes[7] = 99;
+    codes[8] = -7;
+    batch_codes(&path, &codes);
+    let err = evaluate_store(&request(data, "X_true_latent"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("obs/batch/codes") && err.contains("out of range"),
+        "{err}"
+    );
+}
