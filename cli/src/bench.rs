@@ -275,10 +275,15 @@ fn snf_side_by_side(
     use tessera_kernels::ops::affinity::{Metric, feature_affinity};
     let dir = std::env::temp_dir().join(format!("tessera-bench-snf-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    println!("SNF: {views} views x {features} features, K = 20, t = 20 (affinities included)");
-    println!(
+    say!("SNF: {views} views x {features} features, K = 20, t = 20 (affinities included)");
+    say!(
         "{:>7} {:>10} {:>12} {:>10} {:>12} {:>8}",
-        "n", "tessera s", "tessera MiB", "snfpy s", "snfpy MiB", "ratio"
+        "n",
+        "tessera s",
+        "tessera MiB",
+        "snfpy s",
+        "snfpy MiB",
+        "ratio"
     );
     for &n in sizes {
         // Four clusters whose centres differ in every view.
@@ -360,7 +365,7 @@ fn snf_side_by_side(
                 )
             },
         );
-        println!("{n:>7} {ours:>10.2} {our_mib:>12} {t:>10} {mib:>12} {r:>8}");
+        say!("{n:>7} {ours:>10.2} {our_mib:>12} {t:>10} {mib:>12} {r:>8}");
         if let Some(block) = out_of_core {
             snf_job_in_memory_and_out_of_core(&dir, n, &data, features, block)?;
         }
@@ -443,7 +448,7 @@ fn snf_job_in_memory_and_out_of_core(
     // end add 5m + 4 (the clustering's passes over the network are not counted).
     let m = data.len() as f64;
     let moved = (n * n * 8) as f64 / 1e9 * (20.0 * m * (m + 2.0) + 5.0 * m + 4.0);
-    println!(
+    say!(
         "        job in memory {memory_s:.2} s / {memory_mib:.0} MiB; out of core (block {block}) {disk_s:.2} s / {disk_mib:.0} MiB, {moved:.0} GB through the scratch store ({:.2} GB/s)",
         moved / disk_s
     );
@@ -456,19 +461,19 @@ fn nccl(floats: &[usize], repeat: usize) -> Result<()> {
     let gpu = match tessera_kernels::cuda::Gpu::new(0) {
         Ok(g) => g,
         Err(e) => {
-            println!("SKIPPED: NCCL all-reduce needs a CUDA device: {e}");
+            say!("SKIPPED: NCCL all-reduce needs a CUDA device: {e}");
             return Ok(());
         }
     };
     let nccl = match Nccl::over_ring(&gpu, &mut tessera_worker::ring::Ring::single()) {
         Ok(n) => n,
         Err(e) => {
-            println!("SKIPPED: {e}");
+            say!("SKIPPED: {e}");
             return Ok(());
         }
     };
-    println!("NCCL all-reduce (sum, in place), world size 1 on GPU 0, median of {repeat}:");
-    println!("{:>12} {:>10} {:>10}", "floats", "MB", "ms/call");
+    say!("NCCL all-reduce (sum, in place), world size 1 on GPU 0, median of {repeat}:");
+    say!("{:>12} {:>10} {:>10}", "floats", "MB", "ms/call");
     for &n in floats {
         let mut buf = gpu.zeros(n)?;
         nccl.all_reduce_sum(&mut buf)?;
@@ -482,7 +487,7 @@ fn nccl(floats: &[usize], repeat: usize) -> Result<()> {
             })
             .collect::<Result<_, tessera_worker::nccl::NcclError>>()?;
         times.sort_by(f64::total_cmp);
-        println!(
+        say!(
             "{n:>12} {:>10.1} {:>10.3}",
             n as f64 * 4e-6,
             1e3 * times[times.len() / 2]
@@ -552,15 +557,21 @@ fn data_parallel(workers: &[usize], cells: usize, genes: usize, epochs: usize) -
         ));
     }
     let _ = std::fs::remove_dir_all(&dir);
-    println!(
+    say!(
         "data-parallel training, {cells} cells x {genes} genes (scVI size, batch 128 cut into one part per worker), {epochs} epochs; medians/means over epochs 2-{epochs}, rank 0:"
     );
-    println!(
+    say!(
         "{:>7} {:>10} {:>10} {:>12} {:>13} {:>11} {:>14}",
-        "workers", "cells/s", "epoch s", "compute s", "all-reduce s", "data s", "ms/all-reduce"
+        "workers",
+        "cells/s",
+        "epoch s",
+        "compute s",
+        "all-reduce s",
+        "data s",
+        "ms/all-reduce"
     );
     for (n, rate, compute, allreduce, data, epoch, steps) in rows {
-        println!(
+        say!(
             "{n:>7} {rate:>10.0} {epoch:>10.2} {compute:>12.2} {allreduce:>13.2} {data:>11.3} {:>14.2}",
             1e3 * allreduce / steps
         );
@@ -676,11 +687,11 @@ fn step<B: Backend<f32>>(backend: B, shape: StepShape, config: Option<&Path>) ->
             + batch * hidden * 2 * latent
             + deeper) as f64;
     let flops = 3.0 * dense + 2.0 * 2.0 * (batch * nnz * hidden) as f64;
-    println!(
+    say!(
         "training step on {device}: {genes} genes, {layers} x {hidden} hidden, {latent} latent, batch {batch}, {nnz} nnz/cell, {} CPU threads",
         rayon::current_num_threads()
     );
-    println!(
+    say!(
         "  {:.3} ms/step (median of 5 rounds of {per_round}; fastest {:.3}), {:.0} cells/s; {:.3} GFLOP/step of GEMM -> {:.1} GFLOP/s effective",
         seconds * 1e3,
         rounds[0] * 1e3,
@@ -697,9 +708,15 @@ fn eval(cells: &[usize], d: usize) -> Result<()> {
     use tessera_metrics::distance::Columns;
     use tessera_metrics::neighbors::Neighbors;
     let normal = Normal::new(0.0f32, 1.0)?;
-    println!(
+    say!(
         "{:>9} {:>4} {:>14} {:>12} {:>11} {:>14} {:>12}",
-        "cells", "dims", "distance pass", "pairs/s", "GFLOP/s", "whole eval", "cells/s"
+        "cells",
+        "dims",
+        "distance pass",
+        "pairs/s",
+        "GFLOP/s",
+        "whole eval",
+        "cells/s"
     );
     for &n in cells {
         // 12 types x 3 batches around random centres.
@@ -728,7 +745,7 @@ fn eval(cells: &[usize], d: usize) -> Result<()> {
         // Floor of the pass: n² pairs x d x (sub, mul, add) + the sqrt; the data (n·d·8 bytes)
         // stays in cache, so the pass is compute-bound.
         let pairs = (n as f64) * (n as f64);
-        println!(
+        say!(
             "{n:>9} {d:>4} {:>12.2} s {:>12.3e} {:>11.1} {:>12.2} s {:>12.0}",
             pass,
             pairs / pass,
@@ -791,14 +808,20 @@ fn loopback_bandwidth() -> Result<f64> {
 fn allreduce(worlds: &[usize], sizes: &[usize], repeat: usize) -> Result<()> {
     use tessera_worker::ring::Ring;
     let bandwidth = loopback_bandwidth()?;
-    println!(
+    say!(
         "ring all-reduce over loopback TCP, ranks as threads of one process on {} cores; one stream: {:.2} GB/s",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         bandwidth / 1e9
     );
-    println!(
+    say!(
         "{:>5} {:>11} {:>10} {:>10} {:>12} {:>12} {:>9}",
-        "ranks", "floats", "MB", "ms/call", "algbw GB/s", "busbw GB/s", "ideal ms"
+        "ranks",
+        "floats",
+        "MB",
+        "ms/call",
+        "algbw GB/s",
+        "busbw GB/s",
+        "ideal ms"
     );
     for &world in worlds.iter().filter(|&&w| w >= 2) {
         for &floats in sizes {
@@ -845,7 +868,7 @@ fn allreduce(worlds: &[usize], sizes: &[usize], repeat: usize) -> Result<()> {
             let seconds = times.into_iter().map(median).fold(0.0, f64::max);
             let bytes = 4.0 * floats as f64;
             let ring_factor = 2.0 * (world - 1) as f64 / world as f64;
-            println!(
+            say!(
                 "{:>5} {:>11} {:>10.1} {:>10.3} {:>12.2} {:>12.2} {:>9.3}",
                 world,
                 floats,
@@ -989,22 +1012,30 @@ fn load(stores: &[PathBuf], batch_size: usize, python: Option<&Path>, repeat: us
             }
         }
     }
-    println!(
+    say!(
         "streaming all of X in batches of {batch_size}, {} threads, median of {repeat} passes",
         rayon::current_num_threads()
     );
     for d in &described {
-        println!("  {d}");
+        say!("  {d}");
     }
     let width = rows.iter().map(|r| r.store.len()).max().unwrap_or(5).max(5);
-    println!(
+    say!(
         "{:<width$} {:<42} {:>12} {:>14} {:>13}",
-        "store", "reader", "cells/s", "decoded MB/s", "stored MB/s"
+        "store",
+        "reader",
+        "cells/s",
+        "decoded MB/s",
+        "stored MB/s"
     );
     for r in &rows {
-        println!(
+        say!(
             "{:<width$} {:<42} {:>12.0} {:>14.1} {:>13.1}",
-            r.store, r.reader, r.cells_per_s, r.decoded_mb_s, r.stored_mb_s
+            r.store,
+            r.reader,
+            r.cells_per_s,
+            r.decoded_mb_s,
+            r.stored_mb_s
         );
     }
     Ok(())
@@ -1052,14 +1083,19 @@ fn ops<B: Backend<f32>>(b: &B, repeat: usize) -> Result<()> {
         });
         failed.map_or(Ok(seconds), |e| Err(e.into()))
     };
-    println!(
+    say!(
         "engine ops on {}, {} CPU threads, median of {repeat}",
         b.name(),
         rayon::current_num_threads()
     );
-    println!(
+    say!(
         "{:<44} {:>10} {:>10} {:>9} {:>10} {:>10}",
-        "op (shape)", "GFLOP", "MB moved", "ms", "GFLOP/s", "GB/s"
+        "op (shape)",
+        "GFLOP",
+        "MB moved",
+        "ms",
+        "GFLOP/s",
+        "GB/s"
     );
     let row = |what: String, flops: Option<f64>, bytes: f64, seconds: f64, extra: String| {
         let (gflop, rate) = flops.map_or(("-".to_string(), "-".to_string()), |f| {
@@ -1068,7 +1104,7 @@ fn ops<B: Backend<f32>>(b: &B, repeat: usize) -> Result<()> {
                 format!("{:.1}", f / seconds / 1e9),
             )
         });
-        println!(
+        say!(
             "{what:<44} {gflop:>10} {:>10.1} {:>9.3} {rate:>10} {:>10.2}{extra}",
             bytes / 1e6,
             seconds * 1e3,

@@ -181,7 +181,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             .with_context(|| format!("binding {}", args.listen))?;
         let bound = listener.local_addr().context("reading the bound address")?;
         // On stdout, so a launcher that asked for port 0 learns the port.
-        println!("coordinator listening on {bound}");
+        say!("coordinator listening on {bound}");
         serve(
             listener,
             config,

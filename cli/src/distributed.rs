@@ -229,7 +229,7 @@ impl JobView {
                 t.as_ref()
                     .map_or("-".to_string(), |t| format!("{:.2}", t.loss))
             };
-            println!(
+            say!(
                 "epoch {}/{}: train loss {}, validation loss {}, {:.0} cells/s",
                 self.epoch,
                 status.epochs,
@@ -246,7 +246,7 @@ impl JobView {
             } else {
                 format!(" ({})", status.message)
             };
-            println!(
+            say!(
                 "{}: {}{why}, {} workers",
                 self.id,
                 now.as_str_name(),
@@ -364,7 +364,7 @@ fn train_with(
         let root = Path::new(&out).join("checkpoint");
         match tessera_worker::checkpoint::latest(&root)? {
             Some(c) => {
-                println!(
+                say!(
                     "resuming from {} ({} epochs done, step {})",
                     c.location.display(),
                     c.epochs_done,
@@ -376,7 +376,7 @@ fn train_with(
                     step: c.step,
                 });
             }
-            None => println!(
+            None => say!(
                 "no checkpoint in {}: starting from the beginning",
                 root.display()
             ),
@@ -449,7 +449,7 @@ async fn run_job(
                     .spawn()
                     .with_context(|| format!("starting worker {i} ({})", exe.display()))?;
                 // The pids, so an operator (or a test) can see and kill a worker.
-                println!("worker {i}: pid {}", child.id());
+                say!("worker {i}: pid {}", child.id());
                 workers.0.push(child);
             }
         }

@@ -72,12 +72,16 @@ pub fn report(evaluation: &Evaluation, out: &std::path::Path) -> Result<()> {
     let batches = e.batch_key.as_deref().map_or("none".to_string(), |k| {
         format!("{k:?} ({})", e.scores.n_batches)
     });
-    println!(
+    say!(
         "scIB metrics of {} on {} cells{subsample}{missing}: labels {:?} ({}), batches {batches}, {:.1} s",
-        e.embedding, e.n_evaluated, e.label_key, e.scores.n_labels, e.seconds
+        e.embedding,
+        e.n_evaluated,
+        e.label_key,
+        e.scores.n_labels,
+        e.seconds
     );
-    print!("{}", format_table(&e.scores));
+    say_raw!("{}", format_table(&e.scores));
     let [json, csv] = tessera_worker::write_evaluation(out, e)?;
-    println!("  -> {}, {}", json.display(), csv.display());
+    say!("  -> {}, {}", json.display(), csv.display());
     Ok(())
 }

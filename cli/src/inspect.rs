@@ -9,9 +9,9 @@ const SHOWN_CATEGORIES: usize = 12;
 pub fn run(store: &str, json: bool) -> Result<()> {
     let summary = tessera_data::inspect(store).with_context(|| format!("inspecting {store}"))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        say!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        print!("{}", table(&summary));
+        say_raw!("{}", table(&summary));
     }
     Ok(())
 }

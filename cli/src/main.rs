@@ -5,6 +5,23 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `println!` that carries on when stdout is closed (`tessera train ... | head`): what is
+/// printed after the reader left is lost, the job is not. (`println!` panics on a broken pipe.)
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `print!` with `say!`'s tolerance of a closed stdout.
+macro_rules! say_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 mod bench;
 mod coordinator;
 mod distributed;
@@ -241,12 +258,14 @@ fn simulate(args: &SimulateArgs) -> Result<()> {
         "simulated"
     );
     let kind = if summary.mudata { "MuData" } else { "AnnData" };
-    println!(
+    say!(
         "wrote {kind} store {} ({} cells, {:.1} s)",
-        args.out, summary.n_cells, seconds
+        args.out,
+        summary.n_cells,
+        seconds
     );
     for (name, cells, features) in &summary.modalities {
-        println!("  {name}: {cells} cells x {features} features");
+        say!("  {name}: {cells} cells x {features} features");
     }
     Ok(())
 }
@@ -260,7 +279,7 @@ fn convert(input: &str, output: &str, version: ZarrVersion) -> Result<()> {
     .with_context(|| format!("converting {input} into {output}"))?;
     spinner.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
-    println!(
+    say!(
         "wrote {output}: {} groups, {} arrays, {:.1} MB in {seconds:.1} s ({:.0} MB/s)",
         summary.groups,
         summary.arrays,
@@ -289,16 +308,16 @@ fn keep_freed_memory() {
 /// `tessera devices`: what `--device` can name here.
 fn devices() {
     use tessera_kernels::cuda::Gpu;
-    println!("cpu: {} threads", rayon::current_num_threads());
-    println!("CUDA libraries: {}", tessera_kernels::cuda_libs::found());
+    say!("cpu: {} threads", rayon::current_num_threads());
+    say!("CUDA libraries: {}", tessera_kernels::cuda_libs::found());
     let n = Gpu::count();
     if n == 0 {
-        println!("no GPU (--device cuda needs the NVIDIA driver and a device)");
+        say!("no GPU (--device cuda needs the NVIDIA driver and a device)");
     }
     for ordinal in 0..n {
         match Gpu::new(ordinal).and_then(|g| g.describe()) {
-            Ok(d) => println!("cuda:{ordinal}: {d}"),
-            Err(e) => println!("cuda:{ordinal}: unusable: {e}"),
+            Ok(d) => say!("cuda:{ordinal}: {d}"),
+            Err(e) => say!("cuda:{ordinal}: unusable: {e}"),
         }
     }
 }
@@ -382,13 +401,13 @@ fn run(cli: Cli) -> Result<()> {
             compile,
         } => {
             if library_path {
-                println!("{}", std::env::var("LD_LIBRARY_PATH").unwrap_or_default());
+                say!("{}", std::env::var("LD_LIBRARY_PATH").unwrap_or_default());
                 return Ok(());
             }
             devices();
             if compile {
                 let ((major, minor), n) = tessera_kernels::cuda::compile_all()?;
-                println!("NVRTC {major}.{minor}: {n} CUDA sources compiled");
+                say!("NVRTC {major}.{minor}: {n} CUDA sources compiled");
             }
             Ok(())
         }

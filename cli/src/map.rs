@@ -102,23 +102,30 @@ pub fn run(args: MapArgs) -> Result<()> {
     .with_context(|| format!("mapping {} onto {}", args.data, args.model));
     bar.finish_and_clear();
     let report = output?.report;
-    println!(
+    say!(
         "mapped {} cells of {} onto {}",
-        report.n_cells, report.data, report.model
+        report.n_cells,
+        report.data,
+        report.model
     );
-    println!(
+    say!(
         "  batches: {} new ({}), {} known",
         report.new_batches.len(),
         report.new_batches.join(", "),
         report.known_batches.len()
     );
     for m in &report.modalities {
-        println!(
+        say!(
             "  {}: {} of {} reference features found ({} zero-filled, {} query features unused), {} cells",
-            m.name, m.matched, m.reference_features, m.zero_filled, m.ignored, m.cells
+            m.name,
+            m.matched,
+            m.reference_features,
+            m.zero_filled,
+            m.ignored,
+            m.cells
         );
     }
-    println!(
+    say!(
         "  fine-tuned {} parameters for {} epochs in {:.1} s (final loss {})",
         report.trained_parameters,
         report.epochs,
@@ -129,7 +136,7 @@ pub fn run(args: MapArgs) -> Result<()> {
         let accuracy = report.label_accuracy.map_or(String::new(), |a| {
             format!(", agreement with the query's own labels {a:.4}")
         });
-        println!(
+        say!(
             "  labels -> {labels} (mean uncertainty {:.4}{accuracy})",
             report.mean_uncertainty.unwrap_or(f64::NAN)
         );
@@ -139,7 +146,7 @@ pub fn run(args: MapArgs) -> Result<()> {
     let json = args.out.join("map.json");
     std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", json.display()))?;
-    println!(
+    say!(
         "  -> {}, {}",
         report.embedding.as_deref().unwrap_or_default(),
         json.display()

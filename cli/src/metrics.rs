@@ -18,7 +18,7 @@ pub async fn spawn(at: SocketAddr, render: Render) -> Result<()> {
     let bound = listener
         .local_addr()
         .context("reading the metrics address")?;
-    println!("metrics listening on {bound}");
+    say!("metrics listening on {bound}");
     tokio::spawn(serve_metrics(listener, render, std::future::pending()));
     Ok(())
 }

@@ -139,7 +139,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         // The error names what failed: the registry, a --register, a prefix or the scratch.
         let (service, config) = service.context("starting the service")?;
         // On stdout, so a launcher that asked for port 0 learns the port.
-        println!("atlas listening on {bound}");
+        say!("atlas listening on {bound}");
         if let Some(at) = metrics_listen {
             let telemetry = service.telemetry();
             crate::metrics::spawn(at, std::sync::Arc::new(move || telemetry.render())).await?;
@@ -161,7 +161,7 @@ pub fn bench_encode(sizes: &[usize], genes: usize, concurrency: usize, seconds: 
     let data = dir.join("reference.zarr").display().to_string();
     let largest = sizes.iter().copied().max().unwrap_or(1).max(1);
     let cells = (largest as u64).max(5_000);
-    println!("training a reference: {cells} simulated cells x {genes} genes, 3 batches, 5 epochs");
+    say!("training a reference: {cells} simulated cells x {genes} genes, 3 batches, 5 epochs");
     tessera_data::simulate(
         &data,
         &SimConfig {
@@ -284,15 +284,20 @@ pub fn bench_encode(sizes: &[usize], genes: usize, concurrency: usize, seconds: 
             .max_decoding_message_size(256 << 20);
         // Loads the model into the cache, as a first request in production would.
         client.clone().encode(request(1)).await?;
-        println!(
+        say!(
             "Encode over loopback gRPC, {concurrency} requests in flight, {nnz_per_cell:.0} \
              non-zeros per cell; floor = the encoder's FLOPs \
              (2 x nnz x {hidden} + 2 x {hidden} x {} per cell)",
             2 * latent
         );
-        println!(
+        say!(
             "{:>10} {:>10} {:>12} {:>9} {:>9} {:>10}",
-            "cells/req", "req/s", "cells/s", "p50 ms", "p99 ms", "GFLOP/s"
+            "cells/req",
+            "req/s",
+            "cells/s",
+            "p50 ms",
+            "p99 ms",
+            "GFLOP/s"
         );
         for &n in sizes {
             let req = request(n.max(1));
@@ -326,7 +331,7 @@ pub fn bench_encode(sizes: &[usize], genes: usize, concurrency: usize, seconds: 
             let flops = (2.0 * nnz_per_cell * hidden as f64 + 2.0 * (hidden * 2 * latent) as f64)
                 * n as f64
                 * rate;
-            println!(
+            say!(
                 "{:>10} {:>10.0} {:>12.0} {:>9.2} {:>9.2} {:>10.2}",
                 n,
                 rate,

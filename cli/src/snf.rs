@@ -164,7 +164,7 @@ pub fn run(args: SnfArgs) -> Result<()> {
         .iter()
         .map(|v| format!("{} ({} cells x {} features)", v.name, v.samples, v.features))
         .collect();
-    println!(
+    say!(
         "{} over {} cells from {}: {}",
         name.to_uppercase(),
         report.n_obs,
@@ -177,18 +177,18 @@ pub fn run(args: SnfArgs) -> Result<()> {
         .take(3)
         .map(|(c, g)| format!("{c} ({g:.3})"))
         .collect();
-    println!(
+    say!(
         "  {} clusters (eigengap best: {})",
         report.clusters,
         ranking.join(", ")
     );
     if let (Some(key), Some(nmi), Some(ari)) = (&report.label_key, report.nmi, report.ari) {
-        println!("  against obs/{key}: NMI {nmi:.4}, ARI {ari:.4}");
+        say!("  against obs/{key}: NMI {nmi:.4}, ARI {ari:.4}");
     }
     let peak = report
         .peak_memory_mib
         .map_or(String::new(), |m| format!("; peak memory {m:.0} MiB"));
-    println!(
+    say!(
         "  seconds: affinities {:.2}, network {:.2}, clustering {:.2}, writing {:.2}{peak}",
         report.seconds_affinities,
         report.seconds_network,
@@ -200,7 +200,7 @@ pub fn run(args: SnfArgs) -> Result<()> {
     let json = args.out.join(format!("{name}.json"));
     std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", json.display()))?;
-    println!(
+    say!(
         "  -> {} ({} entries), {}, {}",
         report.network,
         report.network_entries,

@@ -135,11 +135,11 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
             .await
             .map_err(|s| anyhow!("submitting to {url}: {}", s.message()))?
             .into_inner();
-        println!("{}: submitted to {url}", job.job_id);
+        say!("{}: submitted to {url}", job.job_id);
         if args.detach {
             return Ok(());
         }
-        println!(
+        say!(
             "following {0} (Ctrl-C stops following, not the job: `tessera cancel {0}` does)",
             job.job_id
         );
@@ -175,7 +175,7 @@ pub fn cancel(args: CancelArgs) -> Result<()> {
             })
             .await
             .map_err(|s| anyhow!("cancelling {} at {url}: {}", args.job, s.message()))?;
-        println!("{}: cancelled", args.job);
+        say!("{}: cancelled", args.job);
         Ok(())
     })
 }

@@ -152,7 +152,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if let Some(l) = launch.as_ref().filter(|l| l.rank > 0) {
         // Rank 0 submits the job with the data and configuration; this rank only trains.
         l.serve_as_worker(args.cache_mib << 20, args.device, &metrics)?;
-        println!("rank {} of {}: the job ended", l.rank, l.world);
+        say!("rank {} of {}: the job ended", l.rank, l.world);
         return Ok(());
     }
     let mut config = read_config(args.config.as_deref(), args.epochs, args.seed)?;
@@ -208,7 +208,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .iter()
         .map(|(name, g)| format!("{name} ({g} features)"))
         .collect();
-    println!(
+    say!(
         "trained on {data}: {} epochs{}, {} train / {} validation cells, {}, {} batches",
         report.history.len(),
         if report.stopped_early {
@@ -229,40 +229,41 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 t.loss, t.reconstruction, t.kl, r.kl_weight, t.regularization, t.supervised
             )
         };
-        println!(
+        say!(
             "  epoch {} (history.csv counts epochs from 0, as scvi-tools' history does)",
             r.epoch
         );
-        println!("  final train loss {}", terms(&r.train));
+        say!("  final train loss {}", terms(&r.train));
         if let Some(v) = &r.validation {
-            println!("  final validation loss {}", terms(v));
+            say!("  final validation loss {}", terms(v));
         }
     }
-    println!(
+    say!(
         "  {:.0} cells/s over {:.1} s of training",
         cells as f64 / seconds.max(1e-9),
         seconds
     );
-    println!(
+    say!(
         "  embedding ({} dims) -> {}",
-        report.n_latent, report.embedding_element
+        report.n_latent,
+        report.embedding_element
     );
     for element in &report.denoised_elements {
-        println!("  denoised expression -> {element}");
+        say!("  denoised expression -> {element}");
     }
     for element in &report.prediction_elements {
-        println!("  predicted labels -> {element}");
+        say!("  predicted labels -> {element}");
     }
-    println!("  history, weights, config -> {}", args.out.display());
+    say!("  history, weights, config -> {}", args.out.display());
     if !report.stale_elements.is_empty() {
-        println!(
+        say!(
             "  left from an earlier run, not rewritten: {} (uns/tessera_provenance says which run wrote each)",
             report.stale_elements.join(", ")
         );
     }
 
     if label_key.is_none() {
-        println!(
+        say!(
             "no {DEFAULT_LABEL_KEY:?} obs column: evaluation skipped (run `tessera eval --label-key ...`)"
         );
         return Ok(());
@@ -407,7 +408,7 @@ pub(crate) fn default_data(out: &std::path::Path) -> Result<String> {
             missing: DEFAULT_MISSING,
             ..tessera_data::SimConfig::default()
         };
-        println!(
+        say!(
             "simulating the default data into {location} ({} cells; {} genes, {} proteins, {} peaks, each non-RNA modality missing in {:.0}% of cells; {} batches)",
             config.n_cells,
             config.n_genes,

@@ -491,3 +491,32 @@ fn launcher_environment_errors_name_the_variable() {
     );
     bad(&[("WORLD_SIZE", "2"), ("RANK", "0")], "without MASTER_ADDR");
 }
+
+#[test]
+fn a_reader_that_leaves_stdout_early_does_not_kill_the_job() {
+    // `tessera train --workers 2 ... | head -0`: every line printed after the reader left
+    // meets a broken pipe, which used to panic the parent (exit 101) and end the job.
+    let dir = tempfile::tempdir().unwrap();
+    let (store, out, config) = (
+        dir.path().join("s.zarr"),
+        dir.path().join("out"),
+        dir.path().join("c.toml"),
+    );
+    simulate(&store, "300", "50");
+    std::fs::write(&config, "[model]\nn_hidden = 16\n[train]\nmax_epochs = 2\n").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .arg("train")
+        .args(train_args(&store, &config, &out))
+        .args(["--workers", "2"])
+        .env("TESSERA_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let finished = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&finished.stderr);
+    assert!(finished.status.success(), "{:?}: {stderr}", finished.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(losses(&out).len(), 2, "both epochs trained");
+}

@@ -472,3 +472,41 @@ fn snf_out_of_core_equals_in_memory_with_missing_cells() {
         "nothing written, the data untouched"
     );
 }
+
+#[test]
+fn a_view_without_features_is_refused_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("no_genes.zarr").display().to_string();
+    let writer = tessera_data::StoreWriter::create(&store, tessera_data::ZarrVersion::V3).unwrap();
+    let obs: Vec<String> = (0..20).map(|i| format!("c{i}")).collect();
+    writer.anndata("", &obs, &[], &[]).unwrap();
+    let mut x = writer.csr("X", 0).unwrap();
+    x.push(&tessera_data::Csr {
+        n_rows: 20,
+        n_cols: 0,
+        indptr: vec![0; 21],
+        ..Default::default()
+    })
+    .unwrap();
+    x.finish().unwrap();
+    writer.consolidate().unwrap();
+    let pca: Vec<f32> = (0..60).map(|v| (v % 7) as f32).collect();
+    AnnData::open(&store)
+        .unwrap()
+        .write_obsm("pca", &pca, 3, false)
+        .unwrap();
+    let out = dir.path().join("out");
+    let e = failed(&tessera(&[
+        "snf",
+        "--data",
+        &store,
+        "--out",
+        out.to_str().unwrap(),
+        "--view",
+        "X,obsm/pca",
+    ]));
+    assert!(
+        e.contains("view X: 0 features") && !e.contains("panicked"),
+        "{e}"
+    );
+}

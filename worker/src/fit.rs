@@ -409,6 +409,34 @@ impl Checkpoints {
 /// How a run's last epoch ended on this rank: (epoch, training cells read, step times).
 type LastEpoch = (usize, u64, StepTimes);
 
+/// What the model cannot be built or trained on, refused by name before it is: a modality
+/// without features, and (with BatchNorm, which normalises over a batch) fewer than two
+/// training cells.
+fn check_sizes(
+    opts: &FitOptions,
+    shapes: &[(&str, usize)],
+    training_cells: u64,
+) -> Result<(), FitError> {
+    let refuse = |reason: String| {
+        Err(FitError::Input {
+            store: opts.data.clone(),
+            reason,
+        })
+    };
+    if let Some((name, _)) = shapes.iter().find(|(_, g)| *g == 0) {
+        return refuse(format!(
+            "modality {name:?} has 0 features (var is empty): nothing to model"
+        ));
+    }
+    if opts.config.model.batch_norm && training_cells < 2 {
+        return refuse(format!(
+            "{training_cells} training cell(s): BatchNorm normalises over a batch and needs at \
+             least 2 (train on more cells, or set batch_norm = false)"
+        ));
+    }
+    Ok(())
+}
+
 /// One rank's training run. [`Run::prepare`] reads the data's shape, builds the model and
 /// resumes; then each epoch is [`Run::steps`] (the training steps, all-reduced) and
 /// [`Run::end_of_epoch`] (validation, record, [`policy`], checkpoint, reports); [`Run::finish`]
@@ -520,6 +548,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             .iter()
             .map(|(name, _, g)| (name.as_str(), *g))
             .collect();
+        check_sizes(opts, &shapes, n_obs - tc.validation_cells(n_obs))?;
         let n_batch = loader.batch_categories.len();
         let n_labels = loader.label_categories.len();
         if mc.needs_labels() && n_labels < 2 {

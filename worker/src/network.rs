@@ -453,6 +453,15 @@ fn checked_view(
 ) -> Result<Features, NetworkJobError> {
     let features = read_view(&job.dataset, spec, req)?;
     let s = features.samples.len();
+    if features.cols == 0 {
+        return Err(input(
+            &req.data,
+            format!(
+                "view {}: 0 features, nothing to compare cells by",
+                spec.name()
+            ),
+        ));
+    }
     if s < 2 {
         return Err(input(
             &req.data,

@@ -363,3 +363,50 @@ fn mudata_fixture_trains_jointly_and_refuses_existing_outputs() {
     let report = fit(&opts, |_| {}).unwrap();
     assert_eq!(report.embedding_element, "mod/rna/obsm/X_tessera");
 }
+
+/// An AnnData store of `cells` x `genes` counts (every entry 1), no obs columns.
+fn tiny_store(dir: &Path, name: &str, cells: usize, genes: usize) -> String {
+    let location = dir.join(name).display().to_string();
+    let writer =
+        tessera_data::StoreWriter::create(&location, tessera_data::ZarrVersion::V3).unwrap();
+    let obs: Vec<String> = (0..cells).map(|i| format!("c{i}")).collect();
+    let var: Vec<String> = (0..genes).map(|j| format!("g{j}")).collect();
+    writer.anndata("", &obs, &[], &var).unwrap();
+    let mut x = writer.csr("X", genes as u64).unwrap();
+    x.push(&tessera_data::Csr {
+        n_rows: cells,
+        n_cols: genes,
+        indptr: (0..=cells as u64).map(|i| i * genes as u64).collect(),
+        indices: (0..cells).flat_map(|_| 0..genes as u32).collect(),
+        data: vec![1.0; cells * genes],
+    })
+    .unwrap();
+    x.finish().unwrap();
+    writer.consolidate().unwrap();
+    location
+}
+
+#[test]
+fn zero_genes_and_a_single_cell_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let no_genes = tiny_store(dir.path(), "no_genes.zarr", 20, 0);
+    let mut opts = options(&no_genes, dir.path(), 1);
+    opts.label_key = None;
+    let err = fit(&opts, |_| {}).unwrap_err();
+    assert!(
+        matches!(err, FitError::Input { .. }) && err.to_string().contains("0 features"),
+        "{err}"
+    );
+    let one_cell = tiny_store(dir.path(), "one_cell.zarr", 1, 5);
+    let mut opts = options(&one_cell, dir.path(), 1);
+    opts.label_key = None;
+    let err = fit(&opts, |_| {}).unwrap_err();
+    assert!(
+        matches!(err, FitError::Input { .. }) && err.to_string().contains("1 training cell"),
+        "{err}"
+    );
+    // Without BatchNorm one cell trains.
+    opts.config.model.batch_norm = false;
+    opts.out = dir.path().join("one");
+    fit(&opts, |_| {}).unwrap();
+}
