@@ -7,6 +7,8 @@
 //! `tessera train ...`: rank 0 serves the coordinator on MASTER_PORT, submits the job and trains
 //! as one of its workers; the other ranks are workers of MASTER_ADDR:MASTER_PORT.
 
+#[cfg(unix)]
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -40,16 +42,46 @@ impl Workers {
     /// Waits up to `limit` for every worker to exit.
     fn wait(&mut self, limit: Duration) {
         let deadline = Instant::now() + limit;
-        while Instant::now() < deadline
-            && !self
-                .0
-                .iter_mut()
-                .all(|c| c.try_wait().is_ok_and(|s| s.is_some()))
-        {
+        while Instant::now() < deadline && !self.exited() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+
+    /// Whether every worker has exited.
+    fn exited(&mut self) -> bool {
+        self.0
+            .iter_mut()
+            .all(|c| c.try_wait().is_ok_and(|s| s.is_some()))
+    }
 }
+
+impl Workers {
+    /// Sends SIGTERM to every worker still running: each stops after the group's current
+    /// step, which rank 0 checkpoints.
+    fn stop(&mut self) {
+        for child in &mut self.0 {
+            if child.try_wait().is_ok_and(|s| s.is_none()) {
+                stop_process(child.id());
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+fn stop_process(pid: u32) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    if let Ok(pid) = i32::try_from(pid) {
+        // A worker that exited meanwhile is no error: it is stopped.
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+}
+
+#[cfg(not(unix))]
+fn stop_process(_pid: u32) {}
+
+/// How long stopped workers get to finish their step and checkpoint it.
+const STOP_GRACE: Duration = Duration::from_secs(120);
 
 impl Drop for Workers {
     fn drop(&mut self) {
@@ -418,7 +450,14 @@ async fn run_job(
             let _ = stopped.await;
         },
     ));
+    let checkpoints = Path::new(&spec.output_url).join("checkpoint");
     let mut workers = Workers::default();
+    // Local workers are our children, in their own process group (a terminal's Ctrl-C reaches
+    // this process alone): a stop request to us is handed on to them, once.
+    let mut requests = match trainers {
+        Trainers::Local { .. } => Some(crate::signals::Requests::listen()?),
+        Trainers::Rank0 { .. } => None,
+    };
     let mut in_process = None;
     // Rank 0's own worker says whether it served the job (true) or stopped or failed first.
     let mut rank0_ended = None;
@@ -444,6 +483,8 @@ async fn run_job(
                     ])
                     .args(["--cache-mib", &(cache_bytes >> 20).to_string()])
                     .args(["--device", &local_device(device, i).to_string()])
+                    .args(["--parent-pid", &std::process::id().to_string()])
+                    .process_group(0)
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .spawn()
@@ -499,6 +540,42 @@ async fn run_job(
                 rank0_ended = None;
                 // Served: the job's end is on its way in the stream.
                 if served { continue } else { None }
+            }
+            () = async {
+                match requests.as_mut() {
+                    Some(requests) => requests.next().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                tracing::warn!(
+                    "stop requested: the workers stop after the current step, which is \
+                     checkpointed (signal again to exit now)"
+                );
+                workers.stop();
+                let deadline = Instant::now() + STOP_GRACE;
+                let stopped = async {
+                    while Instant::now() < deadline && !workers.exited() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                };
+                if let Some(requests) = requests.as_mut() {
+                    tokio::select! {
+                        () = stopped => {}
+                        // A second request: leave now (the workers die with this process).
+                        () = requests.next() => {
+                            std::process::exit(i32::from(crate::signals::EXIT_STOPPED))
+                        }
+                    }
+                }
+                let checkpoint = tessera_worker::checkpoint::latest(&checkpoints)
+                    .ok()
+                    .flatten()
+                    .map(|c| c.location.display().to_string());
+                break Err(crate::signals::Stopped {
+                    checkpoint,
+                    hint: " (continue with --resume)",
+                }
+                .into());
             }
         };
         let Some(message) = next else {

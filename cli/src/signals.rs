@@ -54,6 +54,50 @@ pub async fn terminated() {
     tracing::info!("stop requested");
 }
 
+/// SIGTERM and Ctrl-C (SIGINT), listened for from the moment this is made: from then on
+/// they no longer end the process, `next` hears them. For a process that hands the request on
+/// (`train --workers N` to its worker processes) rather than acting on it itself.
+#[cfg(unix)]
+pub struct Requests {
+    term: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Requests {
+    /// Must be called inside a tokio runtime.
+    pub fn listen() -> Result<Requests> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Requests {
+            term: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+        })
+    }
+
+    /// The next SIGTERM or SIGINT.
+    pub async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
+}
+
+#[cfg(not(unix))]
+pub struct Requests;
+
+#[cfg(not(unix))]
+impl Requests {
+    pub fn listen() -> Result<Requests> {
+        Ok(Requests)
+    }
+
+    /// Without Unix signals nothing arrives.
+    pub async fn next(&mut self) {
+        std::future::pending::<()>().await
+    }
+}
+
 /// A flag set at the first Ctrl-C or SIGTERM (from a thread of its own, so it works beside
 /// synchronous training); the second ends the process with `EXIT_STOPPED`.
 #[cfg(unix)]

@@ -38,6 +38,10 @@ pub struct WorkerArgs {
     /// for "cuda": cpu, cuda (the GPU of LOCAL_RANK, else 0) or cuda:N.
     #[arg(long, env = "TESSERA_DEVICE", default_value = "cpu")]
     device: tessera_worker::device::Device,
+    /// Exit when the process with this pid (the `train --workers N` that started this worker)
+    /// ends, however it ends.
+    #[arg(long, hide = true)]
+    parent_pid: Option<u32>,
 }
 
 /// The first of `names` set in the environment.
@@ -54,7 +58,29 @@ pub fn master_url() -> Option<String> {
     Some(format!("http://{addr}:{port}"))
 }
 
+/// Asks the kernel to kill this process when its parent dies (a SIGKILLed `train --workers N`
+/// took the job's coordinator with it), then checks the parent is still `parent`: had it died
+/// before the request, nothing would ever arrive.
+#[cfg(target_os = "linux")]
+fn die_with_parent(parent: u32) -> Result<()> {
+    use nix::sys::signal::Signal;
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("asking to die with the parent")?;
+    let now = nix::unistd::getppid().as_raw();
+    if u32::try_from(now).ok() != Some(parent) {
+        anyhow::bail!("the process that started this worker ({parent}) has already ended");
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_parent: u32) -> Result<()> {
+    Ok(())
+}
+
 pub fn run(args: WorkerArgs) -> Result<()> {
+    if let Some(parent) = args.parent_pid {
+        die_with_parent(parent)?;
+    }
     let coordinator = args
         .coordinator
         .or_else(master_url)

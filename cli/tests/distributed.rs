@@ -520,3 +520,97 @@ fn a_reader_that_leaves_stdout_early_does_not_kill_the_job() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(losses(&out).len(), 2, "both epochs trained");
 }
+
+/// Whether the process `pid` has ended (gone, or a zombie nobody reaped yet).
+fn ended(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Polls until every pid has ended, up to `limit`; whether they all did.
+fn all_end_within(pids: &[String], limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if pids.iter().all(|p| ended(p)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Starts `train --workers 2` and reads until both workers' pids and epoch 1 are printed.
+fn started_with_workers(args: &[&str]) -> (Run, Vec<String>) {
+    let mut run = Run::start(args, &[], Duration::from_secs(240));
+    let mut pids = Vec::new();
+    while let Some(line) = run.line() {
+        if let Some(pid) = line.split(": pid ").nth(1) {
+            pids.push(pid.trim().to_string());
+        }
+        if line.starts_with("epoch 1/") {
+            break;
+        }
+    }
+    assert_eq!(pids.len(), 2, "{}", run.seen.join("\n"));
+    (run, pids)
+}
+
+#[test]
+fn the_workers_end_with_their_parent_and_a_stop_request_reaches_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, config) = (dir.path().join("s.zarr"), dir.path().join("c.toml"));
+    simulate(&store, "2000", "100");
+    let toml = "[model]\nn_hidden = 16\n\
+                [train]\nmax_epochs = 200\nearly_stopping_patience = 1000\nbatch_size = 64\n";
+    std::fs::write(&config, toml).unwrap();
+
+    // SIGKILL of the parent (which held the job's coordinator): the workers go with it.
+    let out = dir.path().join("killed");
+    let mut args = train_args(&store, &config, &out);
+    args.extend(["--workers", "2"]);
+    let (mut run, pids) = started_with_workers(&args);
+    run.child.kill().unwrap();
+    run.child.wait().unwrap();
+    assert!(
+        all_end_within(&pids, Duration::from_secs(20)),
+        "workers outlived their parent"
+    );
+
+    // SIGTERM: handed on to the workers, which checkpoint their step; the parent exits 143.
+    let out = dir.path().join("stopped");
+    let mut args = train_args(&store, &config, &out);
+    args.extend(["--workers", "2"]);
+    let (run, pids) = started_with_workers(&args);
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &run.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (status, text) = run.ended();
+    assert_eq!(status.code(), Some(143), "{text}");
+    assert!(all_end_within(&pids, Duration::from_secs(20)), "{text}");
+    let checkpoints: Vec<_> = std::fs::read_dir(out.join("checkpoint"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("-step-"))
+        .collect();
+    assert_eq!(
+        checkpoints.len(),
+        1,
+        "the stopped step is checkpointed:\n{text}"
+    );
+    args.extend(["--resume", "--overwrite"]);
+    Run::start(&args, &[], Duration::from_secs(240)).finish();
+    assert_eq!(
+        losses(&out).len(),
+        200,
+        "the resumed run finishes every epoch once"
+    );
+}
