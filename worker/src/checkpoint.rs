@@ -1,8 +1,9 @@
 //! Resumable checkpoints of a `fit` run in `<out>/checkpoint/`: `model.safetensors` (parameters
 //! and BatchNorm statistics by name), `optimizer.safetensors` (Adam's moments) and `state.json`
-//! (epochs done, step, schedule and early-stopping state, history, the resolved run). Each file
-//! is written aside and renamed into place, `state.json` last; the step is recorded in all three,
-//! so a checkpoint cut short between renames is refused rather than half-loaded.
+//! (epochs done, step, schedule and early-stopping state, history, the resolved run). A save
+//! writes a new folder beside the last one (`state.json` last) and switches it in by renames, so
+//! a save cut short at any point leaves a whole checkpoint to resume from; the step is recorded
+//! in all three files, so files of different saves are refused rather than half-loaded.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -53,22 +54,32 @@ fn error(path: &Path, reason: impl std::fmt::Display) -> FitError {
     }
 }
 
-/// Writes `bytes` beside `path` and renames it into place.
-fn publish(path: &Path, write: impl FnOnce(&Path) -> Result<(), FitError>) -> Result<(), FitError> {
-    let staged = path.with_extension("partial");
-    write(&staged)?;
-    std::fs::rename(&staged, path).map_err(|e| error(path, e))
+/// `dir` with `.suffix` appended to its name ("checkpoint" → "checkpoint.partial").
+fn beside(dir: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{suffix}"));
+    dir.with_file_name(name)
 }
 
+fn remove_if_there(dir: &Path) -> Result<(), FitError> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(error(dir, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Writes the checkpoint into `<dir>.partial` (state.json last), then switches it into place:
+/// `dir` → `<dir>.previous`, `<dir>.partial` → `dir`, `<dir>.previous` removed. Whenever it is
+/// cut short a whole checkpoint remains, which `load` finds (see `whole`).
 pub fn save<B: Backend<f32>>(
     dir: &Path,
     state: &FitState,
     trainer: &Trainer<f32, B>,
 ) -> Result<(), FitError> {
-    std::fs::create_dir_all(dir).map_err(|e| error(dir, e))?;
-    publish(&dir.join("model.safetensors"), |p| {
-        write_weights(p, trainer)
-    })?;
+    let staged = beside(dir, "partial");
+    remove_if_there(&staged)?;
+    std::fs::create_dir_all(&staged).map_err(|e| error(&staged, e))?;
+    write_weights(&staged.join("model.safetensors"), trainer)?;
     let model = &trainer.model;
     let shape = vec![model.layout.len()];
     let optimizer = vec![
@@ -83,13 +94,34 @@ pub fn save<B: Backend<f32>>(
             model.backend().download(In::all(&trainer.v))?,
         ),
     ];
-    publish(&dir.join("optimizer.safetensors"), |p| {
-        write_tensors(p, &optimizer, trainer.step)
-    })?;
+    write_tensors(
+        &staged.join("optimizer.safetensors"),
+        &optimizer,
+        trainer.step,
+    )?;
     let json = serde_json::to_string_pretty(state).map_err(|e| error(dir, e))?;
-    publish(&dir.join("state.json"), |p| {
-        std::fs::write(p, &json).map_err(|e| error(p, e))
-    })
+    let state_path = staged.join("state.json");
+    std::fs::write(&state_path, json).map_err(|e| error(&state_path, e))?;
+    let previous = beside(dir, "previous");
+    if dir.exists() {
+        remove_if_there(&previous)?;
+        std::fs::rename(dir, &previous).map_err(|e| error(dir, e))?;
+    }
+    std::fs::rename(&staged, dir).map_err(|e| error(dir, e))?;
+    remove_if_there(&previous)
+}
+
+/// The whole checkpoint at `dir`: `dir` itself when it has its state.json, else one a cut-short
+/// `save` left beside it — the new one written but not switched in (`.partial` with its
+/// state.json, written last) or the one it replaces (`.previous`).
+fn whole(dir: &Path) -> std::path::PathBuf {
+    if dir.join("state.json").exists() {
+        return dir.to_path_buf();
+    }
+    [beside(dir, "partial"), beside(dir, "previous")]
+        .into_iter()
+        .find(|d| d.join("state.json").exists())
+        .unwrap_or_else(|| dir.to_path_buf())
 }
 
 /// A checkpoint found on disk.
@@ -112,10 +144,11 @@ pub fn latest(root: &Path) -> Result<Option<Found>, FitError> {
     let mut best: Option<Found> = None;
     for entry in entries.flatten() {
         let dir = entry.path();
+        // `epoch-*.partial` / `.previous` are a save in progress (see `save`).
         if !entry
             .file_name()
             .to_str()
-            .is_some_and(|n| n.starts_with("epoch-"))
+            .is_some_and(|n| n.starts_with("epoch-") && !n.contains('.'))
         {
             continue;
         }
@@ -145,7 +178,7 @@ pub fn remove_before(root: &Path, keep_from: usize) -> Result<(), FitError> {
         let epoch = name
             .to_str()
             .and_then(|n| n.strip_prefix("epoch-"))
-            .and_then(|n| n.split('-').next())
+            .and_then(|n| n.split(['-', '.']).next())
             .and_then(|n| n.parse::<usize>().ok());
         if epoch.is_some_and(|e| e < keep_from) {
             std::fs::remove_dir_all(entry.path()).map_err(|e| error(&entry.path(), e))?;
@@ -215,6 +248,16 @@ pub fn load<B: Backend<f32>>(
     run: &serde_json::Value,
     trainer: &mut Trainer<f32, B>,
 ) -> Result<FitState, FitError> {
+    let dir = &whole(dir);
+    if dir
+        .extension()
+        .is_some_and(|e| e == "partial" || e == "previous")
+    {
+        tracing::warn!(
+            "the last checkpoint save was cut short: resuming from {}",
+            dir.display()
+        );
+    }
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path).map_err(|e| {
         error(

@@ -372,3 +372,47 @@ fn denoised_layer_follows_the_counts() {
         "{err}"
     );
 }
+
+#[test]
+fn a_save_cut_short_leaves_a_whole_checkpoint_to_resume_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, twin) = (
+        simulated(dir.path(), "k.zarr"),
+        simulated(dir.path(), "k2.zarr"),
+    );
+    let out = dir.path().join("out");
+    let straight = fit(
+        &options(&twin, &dir.path().join("straight"), 4, false),
+        |_| {},
+    )
+    .unwrap();
+    fit(&options(&data, &out, 2, false), |_| {}).unwrap();
+    let (checkpoint, partial, previous) = (
+        out.join("checkpoint"),
+        out.join("checkpoint.partial"),
+        out.join("checkpoint.previous"),
+    );
+    assert!(checkpoint.join("state.json").exists() && !partial.exists() && !previous.exists());
+    // Cut short after the old checkpoint was moved aside and before the new one took its place,
+    // with the new one's weights written but not its state: the old one is the whole one.
+    std::fs::rename(&checkpoint, &previous).unwrap();
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::copy(
+        previous.join("model.safetensors"),
+        partial.join("model.safetensors"),
+    )
+    .unwrap();
+    let report = fit(&options(&data, &out, 4, true), |_| {}).unwrap();
+    assert_eq!(
+        report.history.len(),
+        4,
+        "resumed after epoch 2, not from the start"
+    );
+    for (s, r) in straight.history.iter().zip(&report.history) {
+        assert_eq!(
+            (s.epoch, s.train, s.validation),
+            (r.epoch, r.train, r.validation)
+        );
+    }
+    assert!(checkpoint.join("state.json").exists() && !partial.exists() && !previous.exists());
+}
