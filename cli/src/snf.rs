@@ -145,6 +145,17 @@ pub fn run(args: SnfArgs) -> Result<()> {
             "--out-of-core runs on one machine; --workers splits the matrices across workers instead: choose one"
         );
     }
+    // The report folder is checked before the job writes into the store, so a run that
+    // cannot write its report fails before publishing anything.
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let json = args.out.join(format!("{name}.json"));
+    if json.is_dir() {
+        anyhow::bail!(
+            "{} is a directory: the report cannot be written there",
+            json.display()
+        );
+    }
     let report = match args.workers {
         Some(workers) => crate::distributed::network(&req, &args.out, workers)
             .with_context(|| format!("{name} on {data} across {workers} workers"))?,
@@ -195,9 +206,6 @@ pub fn run(args: SnfArgs) -> Result<()> {
         report.seconds_clustering,
         report.seconds_write
     );
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let json = args.out.join(format!("{name}.json"));
     std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
         .with_context(|| format!("writing {}", json.display()))?;
     say!(

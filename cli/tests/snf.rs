@@ -510,3 +510,29 @@ fn a_view_without_features_is_refused_not_a_panic() {
         "{e}"
     );
 }
+
+#[test]
+fn a_run_that_cannot_write_its_report_publishes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = mosaic(dir.path());
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(out.join("snf.json")).unwrap();
+    let e = failed(&tessera(&[
+        "snf",
+        "--data",
+        &store,
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(
+        e.contains("snf.json") && e.contains("is a directory"),
+        "{e}"
+    );
+    assert!(
+        MuData::open(&store)
+            .unwrap()
+            .root()
+            .matrix("obsp/snf")
+            .is_err()
+    );
+}

@@ -73,6 +73,18 @@ pub enum DataError {
 
     #[error("{context}: {reason}")]
     Io { context: String, reason: String },
+
+    /// Another process is writing into the store (its lock file names it).
+    #[error(
+        "{store}: another tessera (pid {pid}) is writing into this store; waited {waited_s} s \
+         (rerun when it is done, or remove {lock} if that process is gone)"
+    )]
+    Locked {
+        store: String,
+        pid: u32,
+        waited_s: u64,
+        lock: String,
+    },
 }
 
 /// Builds errors for one element of one store.

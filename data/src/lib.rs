@@ -12,6 +12,7 @@ mod h5ad;
 pub mod host;
 pub mod inspect;
 pub mod loader;
+mod lock;
 pub mod matrix;
 pub mod shard;
 pub mod simulate;

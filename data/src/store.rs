@@ -193,6 +193,7 @@ impl Store {
     /// become an error naming the store and key.
     pub fn get_bytes(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let store_key = self.key(key)?;
+        self.check_regular(key)?;
         self.storage
             .get(&store_key)
             .map(|b| b.map(|b| b.to_vec()))
@@ -212,6 +213,22 @@ impl Store {
                 path: key.into(),
                 reason: e.to_string(),
             })
+    }
+
+    /// A local key that is there must be a plain file: reading a FIFO (or a device) put in
+    /// place of metadata would block, or never end.
+    fn check_regular(&self, key: &str) -> Result<()> {
+        let Location::Local(root) = &self.location else {
+            return Ok(());
+        };
+        match std::fs::metadata(root.join(key)) {
+            Ok(m) if !m.is_file() && !m.is_dir() => Err(DataError::Storage {
+                store: self.name(),
+                path: key.into(),
+                reason: "not a regular file (a FIFO, socket or device): refused".into(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     pub(crate) fn key(&self, key: &str) -> Result<StoreKey> {

@@ -617,8 +617,18 @@ impl StoreWriter {
     /// Rebuilds the root's consolidated metadata from the nodes in the store, so readers that
     /// trust it (Python anndata does) see every element.
     pub fn consolidate(&self) -> Result<()> {
+        self.consolidate_without(None)
+    }
+
+    /// `consolidate`, leaving out the node `hidden` and everything below it (an element about
+    /// to be erased disappears for readers of the consolidated metadata first).
+    fn consolidate_without(&self, hidden: Option<&str>) -> Result<()> {
         let mut nodes = Map::new();
         collect_nodes(&self.store, self.version, "", &mut nodes)?;
+        if let Some(hidden) = hidden {
+            let below = format!("{hidden}/");
+            nodes.retain(|k, _| k != hidden && !k.starts_with(&below));
+        }
         let at = self.store.at("/");
         match self.version {
             ZarrVersion::V3 => {
@@ -962,9 +972,14 @@ impl AnnData {
         self.write_dense("obsp", key, values, self.n_obs() as usize, overwrite)
     }
 
-    /// Write aside, then publish: `write` fills a staging node; its keys are renamed into
-    /// place (metadata last, so readers never see a half-written element), then the
-    /// consolidated metadata is refreshed. A failed write leaves the store as it was.
+    /// Write aside, then publish: `write` fills a staging node, then the element is switched
+    /// in so that neither readers of the consolidated metadata (Python) nor of the nodes
+    /// (tessera) ever see a half-written or half-erased element, wherever the process is
+    /// killed: an element being replaced leaves the consolidated metadata first, then loses
+    /// its own metadata, then its other keys; the staged keys are moved in (metadata last);
+    /// the consolidated metadata lists the element last. A rerun finishes what a killed one
+    /// left (`repair`). Everything that can fail runs before the store changes, under the
+    /// store's write lock. A failed write leaves the store as it was.
     fn publish(
         &self,
         mapping: &str,
@@ -977,6 +992,7 @@ impl AnnData {
                 "invalid key '{key}': expected a name without '/' or leading '.'"
             )));
         }
+        let _lock = crate::lock::WriteLock::take(&self.store)?;
         let parent = self.element(mapping);
         let target = format!("{parent}/{key}");
         let staging = format!("{parent}/.tessera-staging-{key}");
@@ -984,7 +1000,7 @@ impl AnnData {
             store: self.store.clone(),
             version: self.version,
         };
-        let at = self.store.at(&target);
+        writer.repair(&target)?;
         let exists = self.store.node(self.version, &target)?.is_some();
         if exists && !overwrite {
             return Err(DataError::Exists {
@@ -992,6 +1008,9 @@ impl AnnData {
                 path: target,
             });
         }
+        // The consolidated metadata is rebuilt below: it must be buildable now, not only
+        // after the element is in place.
+        collect_nodes(&self.store, self.version, "", &mut Map::new())?;
         if self.store.node(self.version, &parent)?.is_none() {
             writer.dict(&parent)?;
         }
@@ -1001,24 +1020,30 @@ impl AnnData {
             return Err(e);
         }
         if exists {
-            erase(&self.store, &target)?;
+            writer.consolidate_without(Some(&target))?;
         }
-        let prefix = StorePrefix::new(format!("{staging}/")).map_err(|e| at.write(e))?;
+        // Also whatever a killed replacement left of the old element (keys without metadata).
+        erase(&self.store, &target)?;
+        self.move_keys(&staging, &target)?;
+        erase(&self.store, &staging)?;
+        writer.consolidate()
+    }
+
+    /// Moves every key under `from` to the same place under `to`, metadata last, so the
+    /// element appears complete or not at all.
+    fn move_keys(&self, from: &str, to: &str) -> Result<()> {
+        let at = self.store.at(to);
+        let prefix = StorePrefix::new(format!("{from}/")).map_err(|e| at.write(e))?;
         let mut keys = self
             .store
             .storage
             .list_prefix(&prefix)
             .map_err(|e| at.write(e))?;
-        let is_metadata = |k: &str| {
-            [".zarray", ".zgroup", ".zattrs", "zarr.json"]
-                .iter()
-                .any(|m| k.ends_with(m))
-        };
         keys.sort_by_key(|k| is_metadata(k.as_str()));
         for key in keys {
-            let to = format!("{target}{}", &key.as_str()[staging.len()..]);
+            let moved = format!("{to}{}", &key.as_str()[from.len()..]);
             // Copy then erase: object stores have no directory rename, and the adapter offers
-            // no per-key rename either. Metadata goes last, so the element appears complete.
+            // no per-key rename either.
             let bytes = self
                 .store
                 .storage
@@ -1027,16 +1052,71 @@ impl AnnData {
                 .ok_or_else(|| at.write(format!("staged key {key} vanished")))?;
             self.store
                 .storage
-                .set(&self.store.key(&to)?, bytes)
+                .set(&self.store.key(&moved)?, bytes)
                 .map_err(|e| at.write(e))?;
             self.store.storage.erase(&key).map_err(|e| at.write(e))?;
         }
-        erase(&self.store, &staging)?;
-        writer.consolidate()
+        Ok(())
     }
 }
 
+fn is_metadata(key: &str) -> bool {
+    [".zarray", ".zgroup", ".zattrs", "zarr.json"]
+        .iter()
+        .any(|m| key.ends_with(m))
+}
+
+impl StoreWriter {
+    /// Finishes what a killed `publish` left at `path`: an element whose metadata is in place
+    /// (so it is whole: metadata is moved last and erased first) but that the consolidated
+    /// metadata does not list, or one it lists that is no longer there, is consolidated again.
+    fn repair(&self, path: &str) -> Result<()> {
+        let listed = self.consolidated_lists(path)?;
+        let present = self.store.node(self.version, path)?.is_some();
+        if listed.is_some_and(|listed| listed != present) {
+            tracing::warn!(
+                store = %self.store.name(),
+                path,
+                "finishing an element a killed write left half-published"
+            );
+            self.consolidate()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the root's consolidated metadata lists the node `path`; None without
+    /// consolidated metadata.
+    fn consolidated_lists(&self, path: &str) -> Result<Option<bool>> {
+        Ok(match self.version {
+            ZarrVersion::V3 => self
+                .store
+                .json("zarr.json")?
+                .and_then(|root| root.get("consolidated_metadata").cloned())
+                .and_then(|c| c.get("metadata").cloned())
+                .and_then(|m| m.as_object().map(|m| m.contains_key(path))),
+            ZarrVersion::V2 => self
+                .store
+                .json(".zmetadata")?
+                .and_then(|doc| doc.get("metadata").cloned())
+                .and_then(|m| {
+                    m.as_object().map(|m| {
+                        m.contains_key(&format!("{path}/.zarray"))
+                            || m.contains_key(&format!("{path}/.zgroup"))
+                    })
+                }),
+        })
+    }
+}
+
+/// Erases the node at `path`: its own metadata first (from then on it is absent for every
+/// reader of the nodes), then everything under it.
 fn erase(store: &Store, path: &str) -> Result<()> {
+    for name in ["zarr.json", ".zarray", ".zgroup", ".zattrs"] {
+        store
+            .storage
+            .erase(&store.key(&format!("{path}/{name}"))?)
+            .map_err(|e| store.at(path).write(e))?;
+    }
     let prefix = StorePrefix::new(format!("{path}/")).map_err(|e| store.at(path).write(e))?;
     store
         .storage

@@ -539,3 +539,124 @@ fn hard_scenario_refuses_types_outside_lineages() {
         );
     }
 }
+
+/// The root's consolidated metadata (v3) as JSON.
+fn root_metadata(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path.join("zarr.json")).unwrap()).unwrap()
+}
+
+fn lists(path: &std::path::Path, node: &str) -> bool {
+    root_metadata(path)["consolidated_metadata"]["metadata"]
+        .as_object()
+        .unwrap()
+        .contains_key(node)
+}
+
+/// States a write killed at some point leaves, and what the next write makes of them.
+#[test]
+fn a_write_killed_anywhere_is_finished_or_undone_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("s.zarr");
+    let path = root.to_str().unwrap();
+    let config = SimConfig {
+        n_cells: 200,
+        n_genes: 30,
+        ..small(ZarrVersion::V3)
+    };
+    simulate(path, &config, |_| {}).unwrap();
+    let adata = AnnData::open(path).unwrap();
+    let emb: Vec<f32> = (0..200 * 3).map(|i| i as f32).collect();
+    adata.write_obsm("X_tessera", &emb, 3, false).unwrap();
+    assert!(lists(&root, "obsm/X_tessera"));
+
+    // Killed after the element was switched in, before the consolidated metadata listed it:
+    // Python cannot see it, tessera can. The next write lists it, then refuses to replace it.
+    let mut meta = root_metadata(&root);
+    meta["consolidated_metadata"]["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .retain(|k, _| !k.starts_with("obsm/X_tessera"));
+    std::fs::write(root.join("zarr.json"), meta.to_string()).unwrap();
+    let err = adata.write_obsm("X_tessera", &emb, 3, false).unwrap_err();
+    assert!(matches!(err, DataError::Exists { .. }), "{err}");
+    assert!(lists(&root, "obsm/X_tessera"), "finished: listed again");
+
+    // Killed while the old element was erased: the consolidated metadata still lists it (a
+    // reader would get fill values). The next write drops it from the listing and writes anew.
+    std::fs::remove_dir_all(root.join("obsm/X_tessera")).unwrap();
+    adata.write_obsm("X_tessera", &emb, 3, false).unwrap();
+    assert_eq!(
+        AnnData::open(path).unwrap().obsm("X_tessera").unwrap(),
+        (emb.clone(), 3)
+    );
+
+    // A node the consolidation cannot read: refused before anything is published.
+    std::fs::create_dir_all(root.join("uns/broken")).unwrap();
+    std::fs::write(root.join("uns/broken/zarr.json"), "{not json").unwrap();
+    let err = adata.write_obsm("X_other", &emb, 3, false).unwrap_err();
+    assert!(err.to_string().contains("uns/broken"), "{err}");
+    assert!(!root.join("obsm/X_other").exists() && !lists(&root, "obsm/X_other"));
+    std::fs::remove_dir_all(root.join("uns/broken")).unwrap();
+    assert!(
+        !root.join(".tessera-write.lock").exists(),
+        "the lock is released"
+    );
+}
+
+#[test]
+fn a_fifo_in_place_of_metadata_is_refused_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("s.zarr");
+    let config = SimConfig {
+        n_cells: 50,
+        n_genes: 10,
+        ..small(ZarrVersion::V3)
+    };
+    simulate(root.to_str().unwrap(), &config, |_| {}).unwrap();
+    std::fs::remove_file(root.join("obs/zarr.json")).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(root.join("obs/zarr.json"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let err = AnnData::open(root.to_str().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("obs/zarr.json") && err.contains("not a regular file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn concurrent_overwrites_of_one_element_take_turns() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("s.zarr");
+    let path = root.to_str().unwrap().to_string();
+    let config = SimConfig {
+        n_cells: 200,
+        n_genes: 30,
+        ..small(ZarrVersion::V3)
+    };
+    simulate(&path, &config, |_| {}).unwrap();
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let adata = AnnData::open(&path).unwrap();
+                for _ in 0..5 {
+                    adata
+                        .write_obsm("X_tessera", &vec![w as f32; 200 * 2], 2, true)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let (values, cols) = AnnData::open(&path).unwrap().obsm("X_tessera").unwrap();
+    assert_eq!(cols, 2);
+    assert!(values.iter().all(|&v| v == values[0]), "one writer's values, whole");
+    assert!(lists(&root, "obsm/X_tessera"));
+}

@@ -1078,24 +1078,6 @@ fn write_outputs<B: TrainBackend>(run: &mut Run<'_, B>) -> Result<FitReport, Fit
         denoised_keys,
         ..
     } = run;
-    let elements = if opts.store_outputs {
-        write_into_store(
-            opts,
-            plan,
-            denoised_keys,
-            &loader.label_categories,
-            &decoded,
-        )?
-    } else {
-        StoreElements::default()
-    };
-    let Decoded {
-        embedding,
-        denoised,
-        validation_cells,
-        labels,
-        ..
-    } = decoded;
     let n_latent = opts.config.model.n_latent;
 
     std::fs::create_dir_all(&opts.out).map_err(|e| FitError::Output {
@@ -1106,7 +1088,8 @@ fn write_outputs<B: TrainBackend>(run: &mut Run<'_, B>) -> Result<FitReport, Fit
     // Which cells validated (obs rows, 0-based), so another tool can validate on the same ones.
     write_file(
         &opts.out.join("validation_cells.csv"),
-        validation_cells
+        decoded
+            .validation_cells
             .iter()
             .fold(String::from("cell\n"), |csv, c| csv + &c.to_string() + "\n")
             .as_bytes(),
@@ -1129,9 +1112,9 @@ fn write_outputs<B: TrainBackend>(run: &mut Run<'_, B>) -> Result<FitReport, Fit
         reason: e.to_string(),
     };
     let reference = crate::reference::Reference {
-        latent: embedding.clone(),
+        latent: decoded.embedding.clone(),
         n_latent,
-        labels,
+        labels: decoded.labels.clone(),
         label_key: opts.label_key.clone(),
         label_categories: loader.label_categories.clone(),
         batch_key: opts.batch_key.clone(),
@@ -1145,6 +1128,24 @@ fn write_outputs<B: TrainBackend>(run: &mut Run<'_, B>) -> Result<FitReport, Fit
             .unwrap_or_default()
             .as_bytes(),
     )?;
+    // The user's store last: a run that fails before here leaves it as it was.
+    let elements = if opts.store_outputs {
+        write_into_store(
+            opts,
+            plan,
+            denoised_keys,
+            &loader.label_categories,
+            &decoded,
+        )?
+    } else {
+        StoreElements::default()
+    };
+    let Decoded {
+        embedding,
+        denoised,
+        validation_cells,
+        ..
+    } = decoded;
     let report = FitReport {
         history: state.history.clone(),
         stopped_early,

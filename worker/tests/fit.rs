@@ -410,3 +410,21 @@ fn zero_genes_and_a_single_cell_are_refused_by_name() {
     opts.out = dir.path().join("one");
     fit(&opts, |_| {}).unwrap();
 }
+
+#[test]
+fn a_run_that_fails_writing_its_outputs_leaves_the_store_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_store(dir.path(), "s.zarr", 64, 8);
+    let out = dir.path().join("out");
+    // A directory where the loss plot goes: the run fails at its outputs.
+    std::fs::create_dir_all(out.join("loss.png")).unwrap();
+    let mut opts = options(&data, &out, 1);
+    opts.label_key = None;
+    let err = fit(&opts, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("loss.png"), "{err}");
+    let adata = tessera_data::AnnData::open(&data).unwrap();
+    assert!(
+        !adata.has_element("obsm/X_tessera").unwrap(),
+        "the embedding was published by a failing run"
+    );
+}
