@@ -241,3 +241,30 @@ fn the_dockerfiles_pass_hadolint() {
         );
     }
 }
+
+#[test]
+fn every_overlay_keeps_strangers_away_from_the_coordinator() {
+    let Some(kubectl) = tool("kubectl") else {
+        return;
+    };
+    for overlay in overlays() {
+        let text = render(&kubectl, &overlay);
+        let policy = text
+            .split("\n---\n")
+            .find(|doc| doc.contains("kind: NetworkPolicy"))
+            .unwrap_or_else(|| panic!("{}: no NetworkPolicy", overlay.display()));
+        for needle in [
+            "app.kubernetes.io/name: tessera-coordinator",
+            "port: 50051",
+            "- tessera-worker",
+            "- tessera-submit",
+            "- tessera-train",
+        ] {
+            assert!(
+                policy.contains(needle),
+                "{}: lacks {needle:?}\n{policy}",
+                overlay.display()
+            );
+        }
+    }
+}

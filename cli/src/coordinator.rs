@@ -13,8 +13,10 @@ use tessera_proto::v1 as pb;
 
 #[derive(clap::Args, Debug)]
 pub struct CoordinatorArgs {
-    /// Address to serve on.
-    #[arg(long, default_value = "0.0.0.0:50051")]
+    /// Address to serve on. Loopback by default: the coordinator has no authentication, so
+    /// serve on a wider address only where a network policy keeps strangers out (deploy/k8s
+    /// has one).
+    #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
     /// How often workers heartbeat.
     #[arg(long, default_value_t = 1_000)]
@@ -180,6 +182,13 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let bound = listener.local_addr().context("reading the bound address")?;
+        if !bound.ip().is_loopback() {
+            tracing::warn!(
+                listen = %bound,
+                "the coordinator has no authentication: anyone who reaches this address can \
+                 submit or cancel jobs; keep it behind a network policy (deploy/k8s/base/network-policy.yaml)"
+            );
+        }
         // On stdout, so a launcher that asked for port 0 learns the port.
         say!("coordinator listening on {bound}");
         serve(

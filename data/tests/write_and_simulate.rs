@@ -657,6 +657,9 @@ fn concurrent_overwrites_of_one_element_take_turns() {
     }
     let (values, cols) = AnnData::open(&path).unwrap().obsm("X_tessera").unwrap();
     assert_eq!(cols, 2);
-    assert!(values.iter().all(|&v| v == values[0]), "one writer's values, whole");
+    assert!(
+        values.iter().all(|&v| v == values[0]),
+        "one writer's values, whole"
+    );
     assert!(lists(&root, "obsm/X_tessera"));
 }
