@@ -9,6 +9,10 @@ use crate::matrix::Matrix;
 use crate::store::{Store, ZarrVersion};
 use crate::zarr::{NodeKind, Values, encoding_type, read_all, read_rows};
 
+/// The largest count float32 holds exactly (2^24): a larger value is no UMI count (1e30 is a
+/// corrupt or transformed matrix), and would lose its integer part anyway.
+pub const MAX_EXACT_COUNT: f32 = 16_777_216.0;
+
 /// One AnnData object: a whole store, or a modality group `mod/<name>` of a MuData store.
 #[derive(Debug, Clone)]
 pub struct AnnData {
@@ -88,8 +92,8 @@ impl AnnData {
         }
     }
 
-    /// The first value of `matrix`'s (X, layers/<name>) first `rows` cells that is not a count (negative or not an
-    /// integer), with its cell and gene: count likelihoods expect raw counts, and scvi-tools
+    /// The first value of `matrix`'s (X, layers/<name>) first `rows` cells that is not a count
+    /// (negative, not an integer, or beyond `MAX_EXACT_COUNT`), with its cell and gene: count likelihoods expect raw counts, and scvi-tools
     /// warns on the same check. None when every value read is a count.
     pub fn first_non_count(
         &self,
@@ -103,7 +107,7 @@ impl AnnData {
             genes
                 .iter()
                 .zip(values)
-                .find(|(_, v)| **v < 0.0 || v.fract() != 0.0)
+                .find(|(_, v)| **v < 0.0 || v.fract() != 0.0 || **v > MAX_EXACT_COUNT)
                 .map(|(&g, &v)| (r, g as usize, v))
         });
         Ok(found.map(|(r, g, v)| {
@@ -300,6 +304,7 @@ impl MuData {
                     "entry {bad} out of range, expected 0..={n_mod} (1-based rows, 0 = absent)"
                 )));
             }
+            check_obsmap(&store, &map_path, &map, &obs_names, &adata)?;
             obsmap.push(map.into_iter().map(|m| m as u32).collect());
             modalities.push((name, adata));
         }
@@ -430,6 +435,41 @@ impl Dataset {
             }
         }
     }
+}
+
+/// An obsmap (1-based modality row per cell, 0 = absent, already in range) must map each of
+/// the modality's cells from exactly one cell of the same name: a row mapped twice would train
+/// one cell's counts as two, a row never mapped is a cell outside the MuData's obs.
+fn check_obsmap(
+    store: &Store,
+    path: &str,
+    map: &[i64],
+    obs_names: &[String],
+    modality: &AnnData,
+) -> Result<()> {
+    let mut mapped_from: Vec<Option<usize>> = vec![None; modality.obs_names.len()];
+    for (cell, &m) in map.iter().enumerate().filter(|(_, m)| **m > 0) {
+        let row = (m - 1) as usize;
+        if let Some(first) = mapped_from[row] {
+            return Err(store.at(path).invalid(format!(
+                "cells {first} and {cell} both map to row {row} of the modality (one cell each)"
+            )));
+        }
+        if modality.obs_names[row] != obs_names[cell] {
+            return Err(store.at(path).invalid(format!(
+                "cell {cell} ({:?}) maps to row {row}, which is {:?}",
+                obs_names[cell], modality.obs_names[row]
+            )));
+        }
+        mapped_from[row] = Some(cell);
+    }
+    if let Some(row) = mapped_from.iter().position(Option::is_none) {
+        return Err(store.at(path).invalid(format!(
+            "the modality's cell {:?} (row {row}) is not in the MuData's obs",
+            modality.obs_names[row]
+        )));
+    }
+    Ok(())
 }
 
 /// The column at `path`, refused unless it holds `n` values (a short one would be indexed past

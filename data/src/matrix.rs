@@ -238,6 +238,8 @@ impl Matrix {
                 let values = store.array(&data_path)?;
                 let indices = store.array(&indices_path)?;
                 check_numeric(store, &data_path, &values)?;
+                store.check_chunks_stored(&data_path, &values)?;
+                store.check_chunks_stored(&indices_path, &indices)?;
                 let nnz = values.shape().first().copied().unwrap_or(0);
                 if indices.shape() != [nnz] {
                     return Err(store.at(&indices_path).invalid(format!(
@@ -368,13 +370,20 @@ impl Matrix {
                     .iter()
                     .map(|&p| (p - start) as u64)
                     .collect();
-                Ok(Csr {
+                let mut csr = Csr {
                     n_rows,
                     n_cols,
                     indptr,
                     indices,
                     data,
-                })
+                };
+                sort_rows(&mut csr).map_err(|(row, col)| {
+                    store.at(&format!("{}/indices", self.path)).invalid(format!(
+                        "row {} holds column {col} twice (a CSR row names each column once)",
+                        rows.start + row as u64
+                    ))
+                })?;
+                Ok(csr)
             }
             MatrixFormat::Csc => {
                 let (data, indices) = self.read_entries(store, 0..self.nnz, self.shape.0)?;
@@ -412,6 +421,33 @@ impl Matrix {
             .map_err(|problem| store.at(&indices_path).invalid(problem))?;
         Ok((data, idx))
     }
+}
+
+/// Puts each row's columns in increasing order (scipy leaves them unsorted after some
+/// operations, and anndata writes them so); a column named twice in a row is the error
+/// (row, column), since summing or dropping either would change the data silently.
+fn sort_rows(csr: &mut Csr) -> std::result::Result<(), (usize, u32)> {
+    for r in 0..csr.n_rows {
+        let span = csr.indptr[r] as usize..csr.indptr[r + 1] as usize;
+        let indices = &csr.indices[span.clone()];
+        if indices.windows(2).all(|w| w[0] < w[1]) {
+            continue;
+        }
+        let mut pairs: Vec<(u32, f32)> = indices
+            .iter()
+            .copied()
+            .zip(csr.data[span.clone()].iter().copied())
+            .collect();
+        pairs.sort_unstable_by_key(|&(c, _)| c);
+        if let Some(w) = pairs.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err((r, w[0].0));
+        }
+        for (k, (c, v)) in span.zip(pairs) {
+            csr.indices[k] = c;
+            csr.data[k] = v;
+        }
+    }
+    Ok(())
 }
 
 fn check_numeric(store: &Store, path: &str, array: &ZArray) -> Result<()> {

@@ -383,6 +383,44 @@ pub(crate) fn read_all(store: &Store, path: &str) -> Result<Values> {
     read_rows(store, path, &array, 0..n)
 }
 
+impl Store {
+    /// Every chunk of `array` is stored: for arrays where a missing chunk is no fill value
+    /// but lost data (a sparse matrix's `data` and `indices`, whose entries all hold
+    /// something), which would otherwise be read as zeros and trained on.
+    pub(crate) fn check_chunks_stored(&self, path: &str, array: &ZArray) -> Result<()> {
+        let grid = array.chunk_grid_shape().to_vec();
+        let chunks: u64 = grid.iter().product();
+        if chunks == 0 {
+            return Ok(());
+        }
+        let prefix = zarrs::storage::StorePrefix::new(format!("{path}/"))
+            .map_err(|e| self.at(path).invalid(format!("invalid array path: {e}")))?;
+        let stored: std::collections::HashSet<String> = self
+            .storage
+            .list_prefix(&prefix)
+            .map_err(|e| DataError::Storage {
+                store: self.display.clone(),
+                path: path.into(),
+                reason: e.to_string(),
+            })?
+            .into_iter()
+            .map(|k| k.as_str().to_string())
+            .collect();
+        // Sparse arrays are 1-D: chunk i of the grid.
+        let missing = (0..chunks).find(|&i| {
+            let key = array.chunk_key(&[i]);
+            !stored.contains(key.as_str())
+        });
+        match missing {
+            None => Ok(()),
+            Some(i) => Err(self.at(path).invalid(format!(
+                "chunk {i} of {chunks} is not stored: its entries would read as zeros (a \
+                 sparse matrix's data and indices hold every chunk; the store is incomplete)"
+            ))),
+        }
+    }
+}
+
 /// Arrays declaring less than this are read without looking at what is stored.
 const UNCHECKED_BYTES: u64 = 64 << 20;
 /// How many decoded bytes a stored byte may stand for (compression, fill-value chunks left

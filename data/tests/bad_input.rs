@@ -400,3 +400,104 @@ fn an_obs_column_shorter_than_the_cells_is_refused_when_read_alone() {
     let d = Dataset::open(s.to_str().unwrap()).unwrap();
     assert!(d.has_obs_column("batch").unwrap() && !d.has_obs_column("donor").unwrap());
 }
+
+fn i32_bytes(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+#[test]
+fn unsorted_rows_are_sorted_and_a_repeated_column_is_refused() {
+    let (_d, s) = fresh();
+    let a = AnnData::open(s.to_str().unwrap()).unwrap();
+    let x = a.x().unwrap().read_rows(&a.store, 0..CELLS).unwrap();
+    let row = (0..x.n_rows).find(|&r| x.row(r).0.len() >= 2).unwrap();
+    let first = x.indptr[row] as usize;
+    // The row's first two entries swapped (scipy leaves such rows after some operations).
+    let (mut indices, mut data) = (x.indices.clone(), x.data.clone());
+    indices.swap(first, first + 1);
+    data.swap(first, first + 1);
+    raw_array(&s, "X/indices", "<i4", indices.len(), i32_bytes(&indices));
+    raw_array(&s, "X/data", "<f4", data.len(), f32_bytes(&data));
+    let a = AnnData::open(s.to_str().unwrap()).unwrap();
+    assert_eq!(a.x().unwrap().read_rows(&a.store, 0..CELLS).unwrap(), x);
+    // The same column twice in the row.
+    indices[first + 1] = indices[first];
+    raw_array(&s, "X/indices", "<i4", indices.len(), i32_bytes(&indices));
+    let a = AnnData::open(s.to_str().unwrap()).unwrap();
+    let err = a.x().unwrap().read_rows(&a.store, 0..CELLS).unwrap_err();
+    assert_names(
+        &err.to_string(),
+        &[
+            "X/indices",
+            &format!("row {row} holds column {} twice", indices[first]),
+        ],
+    );
+}
+
+#[test]
+fn a_missing_chunk_of_a_sparse_matrix_is_refused_not_read_as_zeros() {
+    let (_d, s) = fresh();
+    let chunk = std::fs::read_dir(s.join("X/indices"))
+        .unwrap()
+        .flatten()
+        .find(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .unwrap();
+    std::fs::remove_file(chunk.path()).unwrap();
+    assert_names(&open_err(&s), &["X/indices", "chunk 0", "is not stored"]);
+}
+
+#[test]
+fn a_count_beyond_float32_integers_is_not_a_count() {
+    let (_d, s) = fresh();
+    let a = AnnData::open(s.to_str().unwrap()).unwrap();
+    let x = a.x().unwrap().read_rows(&a.store, 0..CELLS).unwrap();
+    let mut data = x.data.clone();
+    data[3] = 1e30;
+    raw_array(&s, "X/data", "<f4", data.len(), f32_bytes(&data));
+    let found = AnnData::open(s.to_str().unwrap())
+        .unwrap()
+        .first_non_count("X", 1_000)
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.2, 1e30);
+}
+
+#[test]
+fn an_obsmap_mapping_two_cells_to_one_row_or_leaving_a_row_out_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.zarr");
+    let config = SimConfig {
+        n_cells: CELLS,
+        n_genes: GENES,
+        n_proteins: 5,
+        missing: 0.3,
+        version: ZarrVersion::V2,
+        ..Default::default()
+    };
+    simulate(path.to_str().unwrap(), &config, |_| {}).unwrap();
+    let mdata = MuData::open(path.to_str().unwrap()).unwrap();
+    let (p, _) = mdata.modality("prot").unwrap();
+    let map: Vec<i64> = mdata.obsmap[p].iter().map(|&m| i64::from(m)).collect();
+    let present: Vec<usize> = (0..map.len()).filter(|&i| map[i] > 0).collect();
+    let write = |m: &[i64]| raw_array(&path, "obsmap/prot", "<i8", m.len(), i64_bytes(m));
+    let mut twice = map.clone();
+    twice[present[1]] = map[present[0]];
+    write(&twice);
+    let err = MuData::open(path.to_str().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert_names(&err, &["obsmap/prot", "both map to row 0"]);
+    let mut dropped = map.clone();
+    dropped[present[0]] = 0;
+    write(&dropped);
+    let err = MuData::open(path.to_str().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert_names(&err, &["obsmap/prot", "(row 0) is not in the MuData's obs"]);
+    write(&map);
+    assert!(MuData::open(path.to_str().unwrap()).is_ok());
+}

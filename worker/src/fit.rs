@@ -286,8 +286,9 @@ fn warn_unless_counts(
                 gene = %gene,
                 value,
                 likelihood = ?spec.likelihood,
-                "the matrix does not look like counts (negative or non-integer values); the \
-                 count likelihoods expect unnormalised counts (--layer picks another matrix)"
+                "the matrix does not look like counts (negative, non-integer or beyond 2^24 \
+                 values); the count likelihoods expect unnormalised counts (--layer picks \
+                 another matrix)"
             );
         }
     }
