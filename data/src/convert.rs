@@ -417,12 +417,13 @@ impl Hierarchy for ZarrSource {
             .ok_or_else(|| self.store.at(path).missing("node"))?;
         Ok(match kind {
             NodeKind::Group => (Node::Group, attrs),
-            NodeKind::Array => (
-                Node::Array {
-                    shape: self.store.array(path)?.shape().to_vec(),
-                },
-                attrs,
-            ),
+            NodeKind::Array => {
+                let array = self.store.array(path)?;
+                // Copying walks the declared shape: one beyond the stored data would spin.
+                self.store.check_declared_size(path, &array)?;
+                let shape = array.shape().to_vec();
+                (Node::Array { shape }, attrs)
+            }
         })
     }
 

@@ -501,3 +501,23 @@ fn an_obsmap_mapping_two_cells_to_one_row_or_leaving_a_row_out_is_refused() {
     write(&map);
     assert!(MuData::open(path.to_str().unwrap()).is_ok());
 }
+
+#[test]
+fn convert_refuses_an_array_declaring_far_more_than_is_stored() {
+    let (dir, path) = fresh();
+    std::fs::create_dir_all(path.join("obsm/big")).unwrap();
+    raw_array(&path, "obsm/big", "<f4", 4, vec![0u8; 16]);
+    set_metadata(&path, "obsm/big", ".zarray", "shape", json!([HUGE]));
+    let out = dir.path().join("o.zarr");
+    let started = std::time::Instant::now();
+    let err = tessera_data::convert(
+        path.to_str().unwrap(),
+        out.to_str().unwrap(),
+        ZarrVersion::V3,
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert_names(&err, &["obsm/big", "beyond the data"]);
+    assert!(started.elapsed().as_secs() < 30, "refused at once");
+}

@@ -23,6 +23,23 @@ use crate::jobs::{Jobs, estimate_bytes, is_terminal};
 use crate::observe::{CallStats, Telemetry};
 use crate::registry::Registry;
 
+/// The most fine-tuning epochs a job may ask for (scArches uses a few hundred): a larger
+/// number holds a job slot for days.
+pub const MAX_EPOCHS: usize = 10_000;
+/// The most neighbours a label transfer may vote with.
+pub const MAX_NEIGHBOURS: usize = 1_000;
+
+/// A request's count field: its default when 0, refused (naming the field) above `max`.
+fn bounded(field: &str, value: u32, default: usize, max: usize) -> Result<usize, Status> {
+    match value as usize {
+        0 => Ok(default),
+        v if v <= max => Ok(v),
+        v => Err(Status::invalid_argument(format!(
+            "{field} = {v} is more than the {max} this service allows"
+        ))),
+    }
+}
+
 /// Fine-tuning epochs when a job does not say (scArches fine-tunes for a few hundred; our
 /// quick default maps simulated and PBMC queries at full accuracy).
 pub const DEFAULT_EPOCHS: usize = 100;
@@ -298,20 +315,17 @@ impl Atlas for AtlasService {
             layer: None,
             data: r.data_url.clone(),
             batch_key: (!r.batch_key.is_empty()).then(|| r.batch_key.clone()),
-            epochs: if r.epochs == 0 {
-                self.default_epochs
-            } else {
-                r.epochs as usize
-            },
+            epochs: bounded("epochs", r.epochs, self.default_epochs, MAX_EPOCHS)?,
             unfreeze: Unfreeze {
                 encoder_input: r.unfreeze_encoder_input,
                 decoder_input: r.unfreeze_decoder_input,
             },
-            neighbours: if r.neighbours == 0 {
-                DEFAULT_NEIGHBOURS
-            } else {
-                r.neighbours as usize
-            },
+            neighbours: bounded(
+                "neighbours",
+                r.neighbours,
+                DEFAULT_NEIGHBOURS,
+                MAX_NEIGHBOURS,
+            )?,
             write: r.write_back.map(|w| Outputs {
                 embedding_key: w.embedding_key,
                 label_key: w.label_key,
@@ -441,11 +455,12 @@ impl Atlas for AtlasService {
             });
         }
         let registry = Arc::clone(&self.registry);
-        let neighbours = if r.neighbours == 0 {
-            DEFAULT_NEIGHBOURS
-        } else {
-            r.neighbours as usize
-        };
+        let neighbours = bounded(
+            "neighbours",
+            r.neighbours,
+            DEFAULT_NEIGHBOURS,
+            MAX_NEIGHBOURS,
+        )?;
         let transfer = r.transfer_labels.then_some(neighbours);
         let response = blocking(move || {
             let loaded = registry.get(&r.model)?;

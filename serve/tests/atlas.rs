@@ -610,6 +610,32 @@ async fn oversized_requests_and_forbidden_prefixes_are_refused() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("missing.zarr"), "{}", e.message());
+    // Counts that would hold a slot (or memory) without end.
+    let query = world(&server.allowed().join("bounded.zarr"), 50, vec![2]);
+    for (field, asked) in [
+        (
+            "epochs",
+            pb::QueryJob {
+                epochs: 4_000_000_000,
+                ..job(&query)
+            },
+        ),
+        (
+            "neighbours",
+            pb::QueryJob {
+                neighbours: 4_000_000_000,
+                ..job(&query)
+            },
+        ),
+    ] {
+        let e = client.submit_query(asked).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}");
+        assert!(
+            e.message().starts_with(&format!("{field} = 4000000000")),
+            "{}",
+            e.message()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
