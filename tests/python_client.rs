@@ -104,6 +104,7 @@ fn a_notebook_maps_a_query_through_the_python_client() {
         tls: None,
         max_request_bytes: 64 << 20,
         max_upload_bytes: 1 << 30,
+        upload_ttl: std::time::Duration::from_secs(3600),
         jobs: JobLimits {
             max_jobs: 2,
             memory_bytes: 4 << 30,

@@ -49,6 +49,9 @@ pub struct ServeArgs {
     /// The largest uploaded query store, MiB.
     #[arg(long, default_value_t = 4096)]
     max_upload_mib: u64,
+    /// Seconds an upload waits for a job to use it before it is removed.
+    #[arg(long, default_value_t = 3600)]
+    upload_ttl_s: u64,
     /// Models kept loaded in memory.
     #[arg(long, default_value_t = 4)]
     cached_models: usize,
@@ -109,6 +112,7 @@ fn config(args: ServeArgs) -> Result<ServeConfig> {
         tls: args.tls_cert.zip(args.tls_key),
         max_request_bytes: args.max_request_mib << 20,
         max_upload_bytes: args.max_upload_mib << 20,
+        upload_ttl: std::time::Duration::from_secs(args.upload_ttl_s),
         jobs: JobLimits {
             max_jobs: args.max_jobs,
             memory_bytes: args.memory_budget_mib.unwrap_or_else(default_memory_mib) << 20,
@@ -253,6 +257,7 @@ pub fn bench_encode(sizes: &[usize], genes: usize, concurrency: usize, seconds: 
         tls: None,
         max_request_bytes: 256 << 20,
         max_upload_bytes: 0,
+        upload_ttl: std::time::Duration::from_secs(3600),
         jobs: JobLimits {
             max_jobs: 1,
             memory_bytes: 1 << 30,

@@ -143,7 +143,47 @@ fn url_parts(location: &Location) -> Option<(String, String, Vec<String>)> {
     ))
 }
 
+/// Entries a store may hold for `links_inside` to walk (a query store has thousands; a
+/// deeper or larger tree is refused rather than walked without end).
+const MAX_WALKED: usize = 1_000_000;
+
 impl AllowList {
+    /// Every symbolic link under `root` (a store or model folder) resolves under an allowed
+    /// prefix: every file a job opens is then allowed, not only the folder it names.
+    fn links_inside(&self, root: &Path) -> Result<(), String> {
+        let mut pending = vec![root.to_path_buf()];
+        let mut walked = 0usize;
+        while let Some(dir) = pending.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue; // a file, or unreadable: the job's own open reports it
+            };
+            for entry in entries.flatten() {
+                walked += 1;
+                if walked > MAX_WALKED {
+                    return Err(format!("holds more than {MAX_WALKED} files"));
+                }
+                let path = entry.path();
+                let Ok(kind) = entry.file_type() else {
+                    continue;
+                };
+                if kind.is_symlink() {
+                    let target = path.canonicalize().map_err(|e| {
+                        format!("the link {} does not resolve: {e}", path.display())
+                    })?;
+                    if !self.local.iter().any(|p| target.starts_with(p)) {
+                        return Err(format!(
+                            "the link {} leads outside the allowed prefixes",
+                            path.display()
+                        ));
+                    }
+                } else if kind.is_dir() {
+                    pending.push(path);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Parses `--allow-prefix` values; local ones must exist.
     pub fn new(prefixes: &[String]) -> Result<AllowList, ServeError> {
         let mut list = AllowList::default();
@@ -211,11 +251,11 @@ impl AllowList {
                 }
                 // Symlinks resolved: a link inside an allowed folder cannot lead out of it.
                 let real = absolute.canonicalize().unwrap_or(absolute);
-                if self.local.iter().any(|p| real.starts_with(p)) {
-                    Ok(())
-                } else {
-                    Err(denied("not under an allowed storage prefix"))
+                if !self.local.iter().any(|p| real.starts_with(p)) {
+                    return Err(denied("not under an allowed storage prefix"));
                 }
+                // Nor a link anywhere below it (a chunk file linked to a file outside).
+                self.links_inside(&real).map_err(|why| denied(&why))
             }
             _ => Err(denied("not under an allowed storage prefix")),
         }
@@ -321,6 +361,23 @@ mod tests {
             assert!(
                 list.check("data_url", &allowed.join("escape").display().to_string())
                     .is_err()
+            );
+            // A chunk of an allowed store linked to a file outside: refused, naming the link;
+            // a link that stays inside is fine.
+            let store = allowed.join("linked.zarr");
+            std::fs::create_dir_all(store.join("X/data")).unwrap();
+            std::fs::write(dir.path().join("secret/key"), "x").unwrap();
+            std::fs::write(allowed.join("inside"), "x").unwrap();
+            std::os::unix::fs::symlink(allowed.join("inside"), store.join("X/ok")).unwrap();
+            let text = store.display().to_string();
+            assert!(list.check("data_url", &text).is_ok());
+            std::os::unix::fs::symlink(dir.path().join("secret/key"), store.join("X/data/0"))
+                .unwrap();
+            let e = list.check("data_url", &text).unwrap_err();
+            assert!(
+                e.message().contains("X/data/0") && e.message().contains("leads outside"),
+                "{}",
+                e.message()
             );
         }
         assert_eq!(

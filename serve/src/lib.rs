@@ -85,6 +85,8 @@ pub struct ServeConfig {
     /// The largest request message (an Encode's counts, an upload chunk).
     pub max_request_bytes: usize,
     pub max_upload_bytes: u64,
+    /// An upload no job has claimed is removed this long after it was made.
+    pub upload_ttl: Duration,
     pub jobs: JobLimits,
     pub default_epochs: usize,
     /// Where models encode and mapping jobs fine-tune.
@@ -153,6 +155,10 @@ pub async fn serve(
         )?;
     }
     tracing::info!(listen = %bound, tls = config.tls.is_some(), registry = %config.registry, "atlas serving");
+    let sweeper = tokio::spawn(service::expire_uploads_every(
+        config.scratch.clone(),
+        config.upload_ttl,
+    ));
     let (shutdown, deadline) = drain_deadline(shutdown, DRAIN);
     let serving = builder
         .add_service(health_service)
@@ -162,11 +168,12 @@ pub async fn serve(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         );
-    tokio::select! {
-        served = serving => served?,
-        () = deadline => {}
-    }
-    Ok(())
+    let served = tokio::select! {
+        served = serving => served,
+        () = deadline => Ok(()),
+    };
+    sweeper.abort();
+    Ok(served?)
 }
 
 /// How long a server that was told to shut down waits for the calls still open.

@@ -6,6 +6,7 @@ use std::path::{Component, Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use tessera_data::{Csr, Dataset};
@@ -22,6 +23,73 @@ use crate::access::AllowList;
 use crate::jobs::{Jobs, estimate_bytes, is_terminal};
 use crate::observe::{CallStats, Telemetry};
 use crate::registry::Registry;
+
+/// Names of uploads no job has claimed yet (`upload-<pid>-<n>`) and of claimed ones.
+const UPLOAD: &str = "upload-";
+const CLAIMED: &str = "claimed-";
+
+/// Takes the upload `dir` for a job: renamed `claimed-...`, out of the expiry's reach. Gone
+/// already (expired, or claimed by another job) is the client's error.
+async fn claim(dir: &Path) -> Result<PathBuf, Status> {
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| n.starts_with(UPLOAD))
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "data_url {}: in the scratch folder but not an upload",
+                dir.display()
+            ))
+        })?;
+    let claimed = dir.with_file_name(name.replacen(UPLOAD, CLAIMED, 1));
+    tokio::fs::rename(dir, &claimed).await.map_err(|e| {
+        Status::failed_precondition(format!(
+            "data_url {}: the upload is gone (expired, or used by another job): {e}",
+            dir.display()
+        ))
+    })?;
+    Ok(claimed)
+}
+
+/// Removes the uploads in `scratch` that no job claimed within `ttl` of their making;
+/// returns how many.
+pub fn expire_uploads(scratch: &Path, ttl: Duration) -> usize {
+    let Ok(entries) = std::fs::read_dir(scratch) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let unclaimed = entry.file_name().to_string_lossy().starts_with(UPLOAD);
+        let age = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if unclaimed && age.is_some_and(|a| a >= ttl) {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(dir = %entry.path().display(), error = %e, "expiring an upload")
+                }
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(removed, "unclaimed uploads expired");
+    }
+    removed
+}
+
+/// `expire_uploads` at start and then every quarter of `ttl` (at least every second), for as
+/// long as the server runs (also after a restart: what the previous process left expires).
+pub async fn expire_uploads_every(scratch: PathBuf, ttl: Duration) {
+    let mut ticks = tokio::time::interval((ttl / 4).max(Duration::from_secs(1)));
+    loop {
+        ticks.tick().await;
+        let (dir, ttl) = (scratch.clone(), ttl);
+        let _ = tokio::task::spawn_blocking(move || expire_uploads(&dir, ttl)).await;
+    }
+}
 
 /// The most fine-tuning epochs a job may ask for (scArches uses a few hundred): a larger
 /// number holds a job slot for days.
@@ -278,7 +346,7 @@ impl Atlas for AtlasService {
         let id = self.uploads.fetch_add(1, Ordering::SeqCst);
         let dir = self
             .scratch
-            .join(format!("upload-{}-{id}", std::process::id()));
+            .join(format!("{UPLOAD}{}-{id}", std::process::id()));
         let received = receive(request.into_inner(), &dir, self.max_upload_bytes).await;
         match received {
             Ok((bytes, files)) => {
@@ -310,7 +378,7 @@ impl Atlas for AtlasService {
                 "write_back: embedding_key and label_key must both be named",
             ));
         }
-        let req = QueryRequest {
+        let mut req = QueryRequest {
             model_out: None,
             layer: None,
             data: r.data_url.clone(),
@@ -344,10 +412,15 @@ impl Atlas for AtlasService {
             Ok((model, estimate))
         })
         .await?;
-        // An uploaded store is the job's own: removed when it ends.
-        let scratch = Path::new(&r.data_url)
-            .starts_with(&self.scratch)
-            .then(|| PathBuf::from(&r.data_url));
+        // An uploaded store is the job's own: claimed (so no expiry removes it), then removed
+        // when the job ends.
+        let scratch = match Path::new(&r.data_url).starts_with(&self.scratch) {
+            true => Some(claim(Path::new(&r.data_url)).await?),
+            false => None,
+        };
+        if let Some(dir) = &scratch {
+            req.data = dir.display().to_string();
+        }
         let job = self.jobs.submit(model, req, estimate, scratch)?;
         Ok(Response::new(job.status()))
     }
@@ -554,6 +627,31 @@ async fn receive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn unclaimed_uploads_expire_and_claimed_ones_stay() {
+        let scratch = tempfile::tempdir().unwrap();
+        let (old, taken) = (
+            scratch.path().join("upload-1-1"),
+            scratch.path().join("upload-1-2"),
+        );
+        for dir in [&old, &taken] {
+            std::fs::create_dir_all(dir.join("X")).unwrap();
+        }
+        let claimed = claim(&taken).await.unwrap();
+        assert_eq!(claimed, scratch.path().join("claimed-1-2"));
+        // Claimed once: a second job naming the same upload finds it gone.
+        let e = claim(&taken).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("upload is gone"), "{}", e.message());
+        assert_eq!(
+            expire_uploads(scratch.path(), Duration::from_secs(3600)),
+            0,
+            "too young"
+        );
+        assert_eq!(expire_uploads(scratch.path(), Duration::ZERO), 1);
+        assert!(!old.exists() && claimed.exists());
+    }
 
     #[test]
     fn encode_covariates_are_taken_by_key_in_the_models_order() {

@@ -110,6 +110,7 @@ fn config(dir: &Path) -> ServeConfig {
         tls: None,
         max_request_bytes: 4 << 20,
         max_upload_bytes: 64 << 20,
+        upload_ttl: std::time::Duration::from_secs(3600),
         jobs: JobLimits {
             max_jobs: 2,
             memory_bytes: 4 << 30,
