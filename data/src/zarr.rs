@@ -320,6 +320,19 @@ pub(crate) fn read_rows(
     array: &ZArray,
     range: Range<u64>,
 ) -> Result<Values> {
+    // zarrs panics on some corrupt chunks (a length past the end of a vlen-utf8 chunk): a
+    // panic while decoding is that array's read error, not the end of the process.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        decode_rows(store, path, array, range)
+    }))
+    .unwrap_or_else(|_| {
+        Err(store
+            .at(path)
+            .read("the chunk decoder failed on corrupt bytes"))
+    })
+}
+
+fn decode_rows(store: &Store, path: &str, array: &ZArray, range: Range<u64>) -> Result<Values> {
     let shape = array.shape().to_vec();
     let at = store.at(path);
     // A 0-d array (a scalar) has no rows: it is read whole.
