@@ -10,6 +10,8 @@ use anyhow::{Context, Result};
 use tessera_coordinator::{Config, Coordinator, Service, Snapshot, ValidJob};
 use tessera_data::Store;
 use tessera_proto::v1 as pb;
+use tessera_serve::access::Tokens;
+use tessera_worker::node::TOKEN_ENV;
 
 #[derive(clap::Args, Debug)]
 pub struct CoordinatorArgs {
@@ -72,6 +74,7 @@ pub async fn serve(
     state: Option<Snapshot>,
     persist: Option<Store>,
     metrics: Option<SocketAddr>,
+    tokens: Tokens,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let bound = listener.local_addr().context("reading the bound address")?;
@@ -103,7 +106,11 @@ pub async fn serve(
     let (shutdown, deadline) = tessera_serve::drain_deadline(shutdown, tessera_serve::DRAIN);
     let serving = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(service.server())
+        // The token is checked before a request's body is read.
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            service.server(),
+            move |request| tokens.check(request),
+        ))
         // Without TCP_NODELAY small answers wait for the peer's delayed ACK (~40 ms each).
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -157,6 +164,15 @@ fn load_state(location: &str) -> Result<(Store, Option<Snapshot>)> {
     Ok((store, Some(snapshot)))
 }
 
+/// The bearer tokens the coordinator accepts: the one of [`TOKEN_ENV`] (what workers, `submit`
+/// and `cancel` present), or every caller when it is not set; and whether it is set.
+pub fn tokens() -> (Tokens, bool) {
+    match std::env::var(TOKEN_ENV) {
+        Ok(token) if !token.trim().is_empty() => (Tokens::parse(token.trim()), true),
+        _ => (Tokens::none(), false),
+    }
+}
+
 pub fn run(args: CoordinatorArgs) -> Result<()> {
     let (store, state) = load_state(&args.state)?;
     if let Some(s) = &state {
@@ -182,11 +198,13 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let bound = listener.local_addr().context("reading the bound address")?;
-        if !bound.ip().is_loopback() {
+        let (tokens, authenticated) = tokens();
+        if !authenticated && !bound.ip().is_loopback() {
             tracing::warn!(
                 listen = %bound,
-                "the coordinator has no authentication: anyone who reaches this address can \
-                 submit or cancel jobs; keep it behind a network policy (deploy/k8s/base/network-policy.yaml)"
+                "the coordinator accepts every caller ({TOKEN_ENV} is not set): anyone who \
+                 reaches this address can submit or cancel jobs; set it, and keep the \
+                 coordinator behind a network policy (deploy/k8s/base/network-policy.yaml)"
             );
         }
         // On stdout, so a launcher that asked for port 0 learns the port.
@@ -197,6 +215,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             state,
             Some(store),
             args.metrics_listen,
+            tokens,
             crate::signals::terminated(),
         )
         .await

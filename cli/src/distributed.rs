@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use tessera_coordinator::Config;
 use tessera_proto::v1 as pb;
-use tessera_proto::v1::coordinator_client::CoordinatorClient;
 use tessera_worker::device::Device;
 use tessera_worker::fit::REPORT_FILE;
 use tessera_worker::node::Ended;
@@ -440,12 +439,19 @@ async fn run_job(
         .port();
     let url = format!("http://127.0.0.1:{port}");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    // Local workers reach it on loopback; a launcher's ranks present the token of
+    // TESSERA_COORDINATOR_TOKEN when it is set.
+    let tokens = match trainers {
+        Trainers::Local { .. } => tessera_serve::access::Tokens::none(),
+        Trainers::Rank0 { .. } => crate::coordinator::tokens().0,
+    };
     let server = tokio::spawn(crate::coordinator::serve(
         listener,
         LOOPBACK,
         None,
         None,
         None,
+        tokens,
         async {
             let _ = stopped.await;
         },
@@ -514,9 +520,9 @@ async fn run_job(
             );
         }
     }
-    let mut client = CoordinatorClient::connect(url.clone())
+    let mut client = tessera_worker::node::connect_client(&url)
         .await
-        .with_context(|| format!("connecting to {url}"))?;
+        .map_err(|e| anyhow!("connecting to the coordinator: {e}"))?;
     let job = client
         .submit_job(spec)
         .await

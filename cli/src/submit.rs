@@ -6,7 +6,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow};
 use tessera_proto::v1 as pb;
-use tessera_proto::v1::coordinator_client::CoordinatorClient;
 use tessera_worker::FitOptions;
 
 use crate::distributed::{JobView, job_spec};
@@ -87,10 +86,11 @@ fn coordinator_url(given: Option<String>) -> String {
         .unwrap_or_else(|| "http://127.0.0.1:50051".into())
 }
 
-async fn connect(url: &str) -> Result<CoordinatorClient<tonic::transport::Channel>> {
-    CoordinatorClient::connect(url.to_string())
+/// The coordinator at `url`, presenting the token of TESSERA_COORDINATOR_TOKEN when set.
+async fn connect(url: &str) -> Result<tessera_worker::node::Client> {
+    tessera_worker::node::connect_client(url)
         .await
-        .with_context(|| format!("connecting to the coordinator at {url}"))
+        .map_err(|e| anyhow::anyhow!("connecting to the coordinator at {url}: {e}"))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -427,3 +427,51 @@ async fn a_killed_and_restarted_coordinator_resumes_its_job_from_the_state_folde
     );
     drop(workers);
 }
+
+#[test]
+fn with_a_token_set_the_coordinator_refuses_callers_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--state"])
+        .arg(dir.path().join("state"))
+        .env("TESSERA_LOG", "warn")
+        .env("TESSERA_COORDINATOR_TOKEN", "s3cret")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let coordinator = Coordinator(
+        child,
+        line.trim()
+            .strip_prefix("coordinator listening on ")
+            .unwrap()
+            .to_string(),
+    );
+    let url = format!("http://{}", coordinator.1);
+    let cancel = |token: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tessera"));
+        command
+            .args(["cancel", "job-7", "--coordinator", &url])
+            .env("TESSERA_LOG", "warn")
+            .env_remove("TESSERA_COORDINATOR_TOKEN");
+        if let Some(token) = token {
+            command.env("TESSERA_COORDINATOR_TOKEN", token);
+        }
+        let out = command.output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for refused in [None, Some("guess")] {
+        let e = cancel(refused);
+        assert!(
+            e.contains("authorization") || e.contains("token"),
+            "{refused:?}: {e}"
+        );
+    }
+    // With the token the call gets through: the job is simply unknown.
+    let e = cancel(Some("s3cret"));
+    assert!(e.contains("job-7") && !e.contains("authorization"), "{e}");
+}

@@ -245,7 +245,7 @@ async fn stop_requested(stop: &AtomicBool) {
 
 /// Tells the coordinator this worker is going, so its job regroups now rather than after the
 /// heartbeat timeout. Best effort: a coordinator that does not answer learns it from silence.
-fn leave(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared: &Shared) {
+fn leave(runtime: &Runtime, client: &Client, shared: &Shared) {
     let request = pb::LeaveRequest {
         worker_id: shared.worker_id(),
     };
@@ -261,11 +261,72 @@ fn leave(runtime: &Runtime, client: &CoordinatorClient<Channel>, shared: &Shared
 
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The environment variable holding the bearer token workers, `tessera submit` and `cancel`
+/// present to the coordinator, and the coordinator accepts (one shared secret: on Kubernetes,
+/// a Secret in every pod's environment).
+pub const TOKEN_ENV: &str = "TESSERA_COORDINATOR_TOKEN";
+
+/// Adds `authorization: Bearer <token>` to every call when [`TOKEN_ENV`] is set.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl Bearer {
+    pub fn from_env() -> Result<Bearer, String> {
+        match std::env::var(TOKEN_ENV) {
+            Ok(token) if !token.trim().is_empty() => format!("Bearer {}", token.trim())
+                .parse()
+                .map(|v| Bearer(Some(v)))
+                .map_err(|_| format!("{TOKEN_ENV}: not a valid header value (printable ASCII)")),
+            _ => Ok(Bearer(None)),
+        }
+    }
+}
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        write!(
+            f,
+            "Bearer({})",
+            if self.0.is_some() { "set" } else { "none" }
+        )
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A coordinator client that presents the token of [`TOKEN_ENV`], if any.
+pub type Client =
+    CoordinatorClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// Connects to the coordinator at `url` once.
+pub async fn connect_client(url: &str) -> Result<Client, String> {
+    let bearer = Bearer::from_env()?;
+    let channel = Channel::from_shared(url.to_string())
+        .map_err(|e| format!("{url}: {e}"))?
+        .connect()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    Ok(CoordinatorClient::with_interceptor(channel, bearer))
+}
+
 /// Connects, retrying while the coordinator starts.
-async fn connect(url: &str, timeout: Duration) -> Result<CoordinatorClient<Channel>, String> {
+async fn connect(url: &str, timeout: Duration) -> Result<Client, String> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        match CoordinatorClient::connect(url.to_string()).await {
+        match connect_client(url).await {
             Ok(c) => return Ok(c),
             Err(e) if tokio::time::Instant::now() >= deadline => {
                 return Err(format!("not reachable within {timeout:?}: {e}"));
@@ -278,7 +339,7 @@ async fn connect(url: &str, timeout: Duration) -> Result<CoordinatorClient<Chann
 /// Registers; returns the heartbeat interval and timeout.
 fn register(
     runtime: &Runtime,
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Client,
     shared: &Shared,
     ring_address: &str,
 ) -> Result<(Duration, Duration), String> {
@@ -302,11 +363,7 @@ fn register(
     ))
 }
 
-async fn heartbeat(
-    mut client: CoordinatorClient<Channel>,
-    shared: Arc<Shared>,
-    interval: Duration,
-) {
+async fn heartbeat(mut client: Client, shared: Arc<Shared>, interval: Duration) {
     use pb::heartbeat_reply::Directive;
     let mut every = tokio::time::interval(interval);
     loop {
@@ -340,7 +397,7 @@ async fn heartbeat(
 
 fn run_assignment(
     runtime: &Runtime,
-    client: &CoordinatorClient<Channel>,
+    client: &Client,
     shared: &Arc<Shared>,
     listener: &TcpListener,
     a: &pb::Assignment,
@@ -493,7 +550,7 @@ fn job_device(spec: &str, own: Device) -> Result<Device, FitError> {
 /// outputs and the report (`<output_url>/<method>.json`). One epoch, each rank counting its rows.
 fn run_network(
     runtime: &Runtime,
-    client: &CoordinatorClient<Channel>,
+    client: &Client,
     shared: &Arc<Shared>,
     mut ring: Ring,
     a: &pb::Assignment,
@@ -569,7 +626,7 @@ const NETWORK_FINISH_WAIT: Duration = Duration::from_secs(3600);
 /// Tells the coordinator about epochs and checkpoints, and listens for its interruptions.
 struct Reporter {
     runtime: tokio::runtime::Handle,
-    client: CoordinatorClient<Channel>,
+    client: Client,
     shared: Arc<Shared>,
     job_id: String,
     generation: u64,
