@@ -26,6 +26,11 @@ impl Drop for Coordinator {
 }
 
 fn start(listen: &str, state: &std::path::Path) -> Coordinator {
+    start_with(listen, state, &[])
+}
+
+/// `start` with environment variables set for the coordinator.
+fn start_with(listen: &str, state: &std::path::Path, envs: &[(&str, &str)]) -> Coordinator {
     let args = [
         "coordinator",
         "--listen",
@@ -42,6 +47,7 @@ fn start(listen: &str, state: &std::path::Path) -> Coordinator {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(args)
         .env("TESSERA_LOG", "warn")
+        .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -431,24 +437,10 @@ async fn a_killed_and_restarted_coordinator_resumes_its_job_from_the_state_folde
 #[test]
 fn with_a_token_set_the_coordinator_refuses_callers_without_it() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--state"])
-        .arg(dir.path().join("state"))
-        .env("TESSERA_LOG", "warn")
-        .env("TESSERA_COORDINATOR_TOKEN", "s3cret")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let coordinator = Coordinator(
-        child,
-        line.trim()
-            .strip_prefix("coordinator listening on ")
-            .unwrap()
-            .to_string(),
+    let coordinator = start_with(
+        "127.0.0.1:0",
+        &dir.path().join("state"),
+        &[("TESSERA_COORDINATOR_TOKEN", "s3cret")],
     );
     let url = format!("http://{}", coordinator.1);
     let cancel = |token: Option<&str>| {
