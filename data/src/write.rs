@@ -1029,8 +1029,8 @@ impl AnnData {
         writer.consolidate()
     }
 
-    /// Moves every key under `from` to the same place under `to`, metadata last, so the
-    /// element appears complete or not at all.
+    /// Moves every key under `from` to the same place under `to`, metadata last and the
+    /// element's own node key very last, so the element appears complete or not at all.
     fn move_keys(&self, from: &str, to: &str) -> Result<()> {
         let at = self.store.at(to);
         let prefix = StorePrefix::new(format!("{from}/")).map_err(|e| at.write(e))?;
@@ -1039,7 +1039,7 @@ impl AnnData {
             .storage
             .list_prefix(&prefix)
             .map_err(|e| at.write(e))?;
-        keys.sort_by_key(|k| is_metadata(k.as_str()));
+        keys.sort_by_key(|k| move_rank(from, k.as_str()));
         for key in keys {
             let moved = format!("{to}{}", &key.as_str()[from.len()..]);
             // Copy then erase: object stores have no directory rename, and the adapter offers
@@ -1057,6 +1057,18 @@ impl AnnData {
             self.store.storage.erase(&key).map_err(|e| at.write(e))?;
         }
         Ok(())
+    }
+}
+
+/// When key `key` under `from` moves: chunks, then the children's metadata, then the element's
+/// own attributes, then the key that makes it a node, so it exists for readers only once
+/// everything under it does.
+fn move_rank(from: &str, key: &str) -> u8 {
+    match key.strip_prefix(from).unwrap_or(key) {
+        "/zarr.json" | "/.zgroup" | "/.zarray" => 3,
+        "/.zattrs" => 2,
+        other if is_metadata(other) => 1,
+        _ => 0,
     }
 }
 
@@ -1130,4 +1142,40 @@ fn erase(store: &Store, path: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_element_becomes_a_node_only_after_everything_under_it() {
+        let from = "layers/.tessera-staging-x";
+        let mut keys = vec![
+            format!("{from}/zarr.json"),
+            format!("{from}/data/zarr.json"),
+            format!("{from}/data/c/0"),
+            format!("{from}/indptr/c/0"),
+            format!("{from}/indices/zarr.json"),
+        ];
+        keys.sort_by_key(|k| move_rank(from, k));
+        assert_eq!(keys.last().unwrap(), &format!("{from}/zarr.json"));
+        assert!(keys[..2].iter().all(|k| k.contains("/c/")), "{keys:?}");
+        let mut v2 = vec![
+            format!("{from}/.zgroup"),
+            format!("{from}/.zattrs"),
+            format!("{from}/data/.zarray"),
+            format!("{from}/data/0"),
+        ];
+        v2.sort_by_key(|k| move_rank(from, k));
+        assert_eq!(
+            v2,
+            [
+                format!("{from}/data/0"),
+                format!("{from}/data/.zarray"),
+                format!("{from}/.zattrs"),
+                format!("{from}/.zgroup"),
+            ]
+        );
+    }
 }
