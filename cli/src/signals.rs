@@ -102,7 +102,6 @@ impl Requests {
 /// synchronous training); the second ends the process with `EXIT_STOPPED`.
 #[cfg(unix)]
 pub fn stop_flag() -> Result<Arc<AtomicBool>> {
-    use tokio::signal::unix::{SignalKind, signal};
     let flag = Arc::new(AtomicBool::new(false));
     let set = Arc::clone(&flag);
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -110,22 +109,16 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
         .build()
         .context("starting the signal listener")?;
     // Registered before this returns: from here on a signal no longer kills the process.
-    let (mut term, mut interrupt) = {
+    let mut requests = {
         let _entered = runtime.enter();
-        (
-            signal(SignalKind::terminate()).context("listening for SIGTERM")?,
-            signal(SignalKind::interrupt()).context("listening for SIGINT")?,
-        )
+        Requests::listen()?
     };
     std::thread::Builder::new()
         .name("tessera-signals".into())
         .spawn(move || {
             runtime.block_on(async {
                 for first in [true, false] {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = interrupt.recv() => {}
-                    }
+                    requests.next().await;
                     if first {
                         set.store(true, Ordering::SeqCst);
                         tracing::warn!(

@@ -429,9 +429,16 @@ impl Dataset {
         match self {
             Dataset::AnnData(a) => a.has_obs_column(name),
             Dataset::MuData(m) => {
-                let mut all =
-                    std::iter::once(m.root()).chain(m.modalities.iter().map(|(_, a)| a.clone()));
-                all.try_fold(false, |found, a| Ok(found || a.has_obs_column(name)?))
+                let root = format!("obs/{name}");
+                if m.store.node(m.version, &root)?.is_some() {
+                    return Ok(true);
+                }
+                for (_, modality) in &m.modalities {
+                    if modality.has_obs_column(name)? {
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
             }
         }
     }
