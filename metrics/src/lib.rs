@@ -5,7 +5,7 @@
 //!
 //! Invariant: this crate knows nothing of stores, models or devices: an `n x d` row-major f32
 //! embedding and integer category codes in, scores out. Neighbours are exact (brute force,
-//! O(n²d)); callers subsample atlases.
+//! O(n²d)); callers subsample atlases. `umap` lays an embedding out in 2-D for pictures.
 
 pub mod cluster;
 pub mod connectivity;
@@ -15,6 +15,7 @@ pub mod lisi;
 pub mod neighbors;
 pub mod silhouette;
 pub mod transfer;
+pub mod umap;
 
 use serde::Serialize;
 
@@ -127,6 +128,24 @@ fn mean_defined(values: &[Option<f64>]) -> Option<f64> {
     (!defined.is_empty()).then(|| defined.iter().sum::<f64>() / defined.len() as f64)
 }
 
+/// A row-major `n x d` embedding of at least 3 cells, 1 dimension and finite values.
+pub fn check_embedding(x: &[f32], n: usize, d: usize) -> Result<(), MetricsError> {
+    if x.len() != n * d {
+        return Err(MetricsError::Shape { len: x.len(), n, d });
+    }
+    if n < 3 || d == 0 {
+        return Err(MetricsError::TooSmall { n, d });
+    }
+    match x.iter().position(|v| !v.is_finite()) {
+        Some(p) => Err(MetricsError::NonFinite {
+            cell: p / d,
+            dim: p % d,
+            value: x[p],
+        }),
+        None => Ok(()),
+    }
+}
+
 /// All metrics of the row-major `n x d` embedding `x` with cell-type codes `labels` and batch
 /// codes `batches` (any u32 values; only equality matters).
 pub fn evaluate(
@@ -137,19 +156,7 @@ pub fn evaluate(
     batches: &[u32],
     options: &EvalOptions,
 ) -> Result<Scores, MetricsError> {
-    if x.len() != n * d {
-        return Err(MetricsError::Shape { len: x.len(), n, d });
-    }
-    if n < 3 || d == 0 {
-        return Err(MetricsError::TooSmall { n, d });
-    }
-    if let Some(p) = x.iter().position(|v| !v.is_finite()) {
-        return Err(MetricsError::NonFinite {
-            cell: p / d,
-            dim: p % d,
-            value: x[p],
-        });
-    }
+    check_embedding(x, n, d)?;
     for (what, codes) in [("labels", labels), ("batches", batches)] {
         if codes.len() != n {
             return Err(MetricsError::Length {
