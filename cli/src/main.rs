@@ -29,6 +29,7 @@ mod eval;
 mod inspect;
 mod map;
 mod metrics;
+mod plot;
 mod serve;
 mod signals;
 mod snf;
@@ -97,6 +98,9 @@ enum Command {
     Train(train::TrainArgs),
     /// scIB metrics (ASW, NMI/ARI, LISI, graph connectivity, aggregate) of an obsm embedding.
     Eval(eval::EvalArgs),
+    /// A UMAP picture (PNG) of an obsm embedding coloured by obs columns (cell type, batch...)
+    /// side by side.
+    Plot(plot::PlotArgs),
     /// Similarity Network Fusion or NEMO across views (modalities/obsm), spectral clusters,
     /// NMI/ARI against known labels; the network -> obsp, the clusters -> obs.
     Snf(snf::SnfArgs),
@@ -438,6 +442,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Cancel(args) => submit::cancel(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Plot(args) => plot::run(args),
         Command::Snf(args) => snf::run(args),
         Command::Map(args) => map::run(args),
         Command::Serve(args) => serve::run(args),

@@ -7,6 +7,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tessera_metrics::EvalOptions;
 use tessera_worker::eval::{DEFAULT_LABEL_KEY, DEFAULT_MAX_CELLS, EvalRequest};
 use tessera_worker::fit::Progress;
+use tessera_worker::plot::{DEFAULT_PLOT_CELLS, PlotRequest};
 use tessera_worker::{Denoised, FitConfig, FitError, FitOptions};
 
 #[derive(clap::Args, Debug)]
@@ -262,18 +263,36 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
 
-    if label_key.is_none() {
-        say!(
-            "no {DEFAULT_LABEL_KEY:?} obs column: evaluation skipped (run `tessera eval --label-key ...`)"
-        );
-        return Ok(());
-    }
     // The embedding sits where fit wrote it: a modality's obsm or the MuData root's.
     let modality = report
         .embedding_element
         .strip_prefix("mod/")
         .and_then(|rest| rest.split('/').next())
         .map(str::to_string);
+    let color: Vec<String> = label_key.iter().chain(&batch_key).cloned().collect();
+    if !color.is_empty() {
+        let picture = PlotRequest {
+            data: data.clone(),
+            modality: modality.clone(),
+            embedding_key: args.embedding_key.clone(),
+            color,
+            max_cells: Some(DEFAULT_PLOT_CELLS),
+            seed: 0,
+            out: args.out.join("embedding.png"),
+            overwrite: true,
+        };
+        let drawn = tessera_worker::plot::plot_store(&picture).with_context(|| {
+            format!("drawing the embedding of {data} (the model and embedding are written)")
+        })?;
+        crate::plot::say_report(&drawn);
+    }
+
+    if label_key.is_none() {
+        say!(
+            "no {DEFAULT_LABEL_KEY:?} obs column: evaluation skipped (run `tessera eval --label-key ...`)"
+        );
+        return Ok(());
+    }
     let req = EvalRequest {
         data: data.clone(),
         modality,

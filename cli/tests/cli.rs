@@ -333,6 +333,8 @@ fn every_output_file_takes_the_same_mode() {
         "checkpoint/model.safetensors",
         "checkpoint/optimizer.safetensors",
         "config.json",
+        "loss.png",
+        "embedding.png",
     ] {
         assert_eq!(
             mode(file),
@@ -341,6 +343,44 @@ fn every_output_file_takes_the_same_mode() {
             mode(file)
         );
     }
+}
+
+/// `tessera plot` draws the panels it was asked for and never replaces a file unasked.
+#[test]
+fn plot_draws_the_named_columns_and_keeps_existing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s.zarr");
+    let store = store.to_str().unwrap();
+    stdout(&tessera(&[
+        "simulate", store, "--cells", "300", "--genes", "30",
+    ]));
+    let out = dir.path().join("p.png");
+    let out = out.to_str().unwrap();
+    let plot = [
+        "plot",
+        "--data",
+        store,
+        "--embedding-key",
+        "X_true_latent",
+        "--color",
+        "batch",
+        "--color",
+        "cell_type",
+        "--out",
+        out,
+    ];
+    let said = stdout(&tessera(&plot));
+    assert!(
+        said.contains("coloured by batch, cell_type") && said.contains("300 cells"),
+        "{said}"
+    );
+    let png = std::fs::read(out).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let again = tessera(&plot);
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("--overwrite"), "{err}");
+    assert_eq!(std::fs::read(out).unwrap(), png, "the picture was replaced");
 }
 
 /// Every option says what it does, and `train --seed` overrides the configuration's seed (it

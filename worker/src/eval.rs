@@ -69,20 +69,19 @@ pub struct Evaluation {
 pub fn evaluate_store(req: &EvalRequest) -> Result<Evaluation, EvalError> {
     let started = std::time::Instant::now();
     let dataset = Dataset::open(&req.data)?;
-    let (embedded, columns) = target(&dataset, req)?;
+    let source = Embedded::find(
+        &dataset,
+        &req.data,
+        req.modality.as_deref(),
+        &req.embedding_key,
+    )?;
+    let embedded = &source.adata;
     let embedding = embedded.element(&format!("obsm/{}", req.embedding_key));
     let (x, d) = embedded.obsm(&req.embedding_key)?;
     let n_obs = embedded.n_obs() as usize;
-    // A column is read where it is, the embedding's own obs first.
-    let obs_of = |key: &str| {
-        std::iter::once(&embedded)
-            .chain(&columns)
-            .find(|a| a.has_obs_column(key).unwrap_or(false))
-            .unwrap_or(&embedded)
-    };
-    // Present, not readable: a broken column is an error when read, never a missing one.
-    let has = |key: &str| obs_of(key).has_obs_column(key).unwrap_or(false);
-    let adata = &embedded;
+    let obs_of = |key: &str| source.obs_of(key);
+    let has = |key: &str| source.has(key);
+    let adata = embedded;
     let label_key = match &req.label_key {
         Some(k) => k.clone(),
         None if has(DEFAULT_LABEL_KEY) => DEFAULT_LABEL_KEY.to_string(),
@@ -116,14 +115,8 @@ pub fn evaluate_store(req: &EvalRequest) -> Result<Evaluation, EvalError> {
         );
     }
     let subsampled = req.max_cells.is_some_and(|m| keep.len() > m);
-    if let Some(m) = req.max_cells.filter(|_| subsampled) {
-        let mut rng = Xoshiro256PlusPlus::seed_from_u64(req.options.seed);
-        let mut picked: Vec<usize> = sample(&mut rng, keep.len(), m)
-            .into_iter()
-            .map(|p| keep[p])
-            .collect();
-        picked.sort_unstable();
-        keep = picked;
+    if let Some(m) = req.max_cells {
+        keep = subsample(keep, m, req.options.seed);
     }
     let xs: Vec<f32> = keep
         .iter()
@@ -157,65 +150,117 @@ pub fn evaluate_store(req: &EvalRequest) -> Result<Evaluation, EvalError> {
     })
 }
 
-/// The AnnData holding the embedding (the store itself, or for MuData the root (a joint
+/// A uniform seeded subsample of `cells` (kept in order) when there are more than `max`.
+pub(crate) fn subsample(cells: Vec<usize>, max: usize, seed: u64) -> Vec<usize> {
+    if cells.len() <= max {
+        return cells;
+    }
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+    let mut picked: Vec<usize> = sample(&mut rng, cells.len(), max)
+        .into_iter()
+        .map(|p| cells[p])
+        .collect();
+    picked.sort_unstable();
+    picked
+}
+
+/// The AnnData holding an embedding (the store itself, or for MuData the root (a joint
 /// embedding) or a modality), and AnnData whose obs columns also describe its cells: a
 /// modality holding every global cell in order shares the MuData root's obs.
-fn target(dataset: &Dataset, req: &EvalRequest) -> Result<(AnnData, Vec<AnnData>), EvalError> {
-    match dataset {
-        Dataset::AnnData(a) => Ok((a.clone(), Vec::new())),
-        Dataset::MuData(m) => {
-            let with_root = |i: usize, a: &AnnData| {
-                let in_order = a.n_obs() == m.n_obs()
-                    && m.obsmap[i]
-                        .iter()
-                        .enumerate()
-                        .all(|(r, &row)| row as usize == r + 1);
-                (
-                    a.clone(),
-                    if in_order { vec![m.root()] } else { Vec::new() },
-                )
-            };
-            if let Some(name) = &req.modality {
-                let (i, a) = m.modality(name)?;
+pub(crate) struct Embedded {
+    pub(crate) adata: AnnData,
+    columns: Vec<AnnData>,
+}
+
+impl Embedded {
+    pub(crate) fn find(
+        dataset: &Dataset,
+        store: &str,
+        modality: Option<&str>,
+        embedding_key: &str,
+    ) -> Result<Embedded, EvalError> {
+        let (adata, columns) = match dataset {
+            Dataset::AnnData(a) => (a.clone(), Vec::new()),
+            Dataset::MuData(m) => Self::in_mudata(m, store, modality, embedding_key)?,
+        };
+        Ok(Embedded { adata, columns })
+    }
+
+    fn in_mudata(
+        m: &tessera_data::MuData,
+        store: &str,
+        modality: Option<&str>,
+        embedding_key: &str,
+    ) -> Result<(AnnData, Vec<AnnData>), EvalError> {
+        let with_root = |i: usize, a: &AnnData| {
+            let in_order = a.n_obs() == m.n_obs()
+                && m.obsmap[i]
+                    .iter()
+                    .enumerate()
+                    .all(|(r, &row)| row as usize == r + 1);
+            (
+                a.clone(),
+                if in_order { vec![m.root()] } else { Vec::new() },
+            )
+        };
+        if let Some(name) = modality {
+            let (i, a) = m.modality(name)?;
+            return Ok(with_root(i, a));
+        }
+        let root = m.root();
+        if root.keys("obsm")?.iter().any(|k| k == embedding_key) {
+            return Ok((root, Vec::new()));
+        }
+        for (i, (_, a)) in m.modalities.iter().enumerate() {
+            if a.keys("obsm")?.iter().any(|k| k == embedding_key) {
                 return Ok(with_root(i, a));
             }
-            let root = m.root();
-            if root.keys("obsm")?.contains(&req.embedding_key) {
-                return Ok((root, Vec::new()));
-            }
-            for (i, (_, a)) in m.modalities.iter().enumerate() {
-                if a.keys("obsm")?.contains(&req.embedding_key) {
-                    return Ok(with_root(i, a));
-                }
-            }
-            let names: Vec<&str> = m.modalities.iter().map(|(n, _)| n.as_str()).collect();
-            Err(EvalError::Input {
-                store: req.data.clone(),
-                reason: format!(
-                    "neither the root nor a modality of {names:?} has obsm/{}",
-                    req.embedding_key
-                ),
-            })
         }
+        let names: Vec<&str> = m.modalities.iter().map(|(n, _)| n.as_str()).collect();
+        Err(EvalError::Input {
+            store: store.to_string(),
+            reason: format!(
+                "neither the root nor a modality of {names:?} has obsm/{embedding_key}"
+            ),
+        })
+    }
+
+    /// Where obs column `key` is read: the embedding's own obs first.
+    pub(crate) fn obs_of(&self, key: &str) -> &AnnData {
+        std::iter::once(&self.adata)
+            .chain(&self.columns)
+            .find(|a| a.has_obs_column(key).unwrap_or(false))
+            .unwrap_or(&self.adata)
+    }
+
+    /// Present, not readable: a broken column is an error when read, never a missing one.
+    pub(crate) fn has(&self, key: &str) -> bool {
+        self.obs_of(key).has_obs_column(key).unwrap_or(false)
     }
 }
 
 /// The label codes of an obs column (-1 = missing); categorical, string, integer or boolean
 /// columns.
 pub(crate) fn codes(adata: &AnnData, key: &str, store: &str) -> Result<Vec<i32>, EvalError> {
+    categories(adata, key, store).map(|(codes, _)| codes)
+}
+
+/// An obs column's codes (-1 = missing) and category names.
+pub(crate) fn categories(
+    adata: &AnnData,
+    key: &str,
+    store: &str,
+) -> Result<(Vec<i32>, Vec<String>), EvalError> {
     let column = adata.obs_column(key)?;
-    column
-        .codes()
-        .map(|(c, _)| c)
-        .ok_or_else(|| EvalError::Input {
-            store: store.into(),
-            reason: format!(
-                "{}: obs column {key:?} is {}, expected categories \
+    column.codes().ok_or_else(|| EvalError::Input {
+        store: store.into(),
+        reason: format!(
+            "{}: obs column {key:?} is {}, expected categories \
              (categorical, strings, integers or booleans)",
-                adata.element("obs"),
-                column.kind()
-            ),
-        })
+            adata.element("obs"),
+            column.kind()
+        ),
+    })
 }
 
 /// `eval.json` (everything) and `eval.csv` (metric, kind, value) into `dir`; returns their paths.

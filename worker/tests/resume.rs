@@ -108,7 +108,7 @@ fn resumed_run_equals_uninterrupted_run() {
             u32::from_be_bytes(png[16..20].try_into().unwrap()),
             u32::from_be_bytes(png[20..24].try_into().unwrap())
         ),
-        (900, 520)
+        (900, 540)
     );
 }
 
