@@ -123,9 +123,19 @@ where
     Y::CoordDescType: ValueFormatter<f64>,
 {
     let log = clip.is_none();
-    let mut chart = ChartBuilder::on(root)
-        .caption("Training loss", (FONT, 22))
+    let area = root
+        .titled("Training loss", (FONT, 22))
+        .map_err(|e| e.to_string())?;
+    let note = clip.filter(|c| c.1 > 0).map(|(top, n)| clip_note(top, n));
+    if let Some(note) = &note {
+        let style = (FONT, 15).into_font().color(&BLACK);
+        area.draw(&Text::new(note.as_str(), (100, 2), style))
+            .map_err(|e| e.to_string())?;
+    }
+    let mut chart = ChartBuilder::on(&area)
         .margin(16)
+        // Room under the title for the clipping note.
+        .margin_top(if note.is_some() { 28 } else { 8 })
         .x_label_area_size(48)
         .y_label_area_size(84)
         .build_cartesian_2d(0f64..last_epoch, y)
@@ -169,15 +179,6 @@ where
         .label_font((FONT, 15))
         .draw()
         .map_err(|e| e.to_string())?;
-    if let Some((top, clipped)) = clip.filter(|c| c.1 > 0) {
-        let note = clip_note(top, clipped);
-        root.draw(&Text::new(
-            note,
-            (110, 44),
-            (FONT, 15).into_font().color(&BLACK),
-        ))
-        .map_err(|e| e.to_string())?;
-    }
     Ok(())
 }
 
