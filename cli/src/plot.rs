@@ -31,7 +31,11 @@ pub struct PlotArgs {
     /// The PNG to write.
     #[arg(long, default_value = "tessera-out/embedding.png")]
     out: PathBuf,
-    /// Replace an existing picture at --out.
+    /// Also store the 2-D layout of every cell as obsm/<KEY> (scanpy's `sc.pl.umap` reads
+    /// X_umap); needs every cell laid out (--max-cells 0 or fewer cells than it).
+    #[arg(long, value_name = "KEY")]
+    obsm_key: Option<String>,
+    /// Replace an existing picture at --out, or layout at obsm/<KEY>.
     #[arg(long)]
     overwrite: bool,
 }
@@ -53,6 +57,7 @@ pub fn run(args: PlotArgs) -> Result<()> {
         max_cells: (args.max_cells > 0).then_some(args.max_cells),
         seed: args.seed,
         out: args.out,
+        layout_key: args.obsm_key,
         overwrite: args.overwrite,
     };
     let report =
@@ -75,4 +80,7 @@ pub fn say_report(report: &PlotReport) {
         report.path.display(),
         report.seconds
     );
+    if let Some(element) = &report.layout_element {
+        say!("  layout -> {element}");
+    }
 }

@@ -279,6 +279,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             max_cells: Some(DEFAULT_PLOT_CELLS),
             seed: 0,
             out: args.out.join("embedding.png"),
+            layout_key: None,
             overwrite: true,
         };
         let drawn = tessera_worker::plot::plot_store(&picture).with_context(|| {

@@ -1,6 +1,7 @@
 //! UMAP (McInnes, Healy & Melville 2018, as umap-learn computes it) of an embedding into 2-D,
 //! for pictures: this crate's exact kNN, the fuzzy simplicial set (per-cell rho and sigma, joined
-//! by fuzzy union), a PCA start scaled to [0, 10], and umap-learn's SGD with negative sampling.
+//! by fuzzy union), a PCA start scaled to [0, 10], and umap-learn's SGD with negative sampling
+//! (one sample's negative pushes summed, see `optimize`).
 //! umap-learn starts from a spectral layout by default; PCA is its documented alternative
 //! (`init="pca"`) and needs no eigensolver here. Defaults are scanpy's (`sc.pp.neighbors`: 15
 //! neighbours; `sc.tl.umap`: min_dist 0.5, spread 1). The SGD runs on one thread, so a seed
@@ -331,7 +332,9 @@ fn optimize(
             let (p, q) = (layout[i], layout[j]);
             let d2 = squared_distance(p, q);
             if d2 > 0.0 {
-                let coeff = -2.0 * a * b * d2.powf(b - 1.0) / (a * d2.powf(b) + 1.0);
+                // d2^(b-1) as d2^b / d2: one powf per update, the SGD's cost.
+                let power = d2.powf(b);
+                let coeff = -2.0 * a * b * (power / d2) / (a * power + 1.0);
                 let g = [
                     clip(coeff * (p[0] - q[0])) * alpha,
                     clip(coeff * (p[1] - q[1])) * alpha,
@@ -342,20 +345,25 @@ fn optimize(
             next[e] += every;
             let negative_every = every / rate;
             let samples = ((now - next_negative[e]) / negative_every).max(0.0) as usize;
+            // Every negative sample's push is taken from the head's position after the pull
+            // and summed (umap-learn applies them one after another): independent updates
+            // pipeline instead of waiting on each other's results.
+            let p = layout[i];
+            let mut push = [0f32; 2];
             for _ in 0..samples {
                 let other = rng.random_range(0..n);
-                let (p, q) = (layout[i], layout[other]);
+                let q = layout[other];
                 let d2 = squared_distance(p, q);
-                let g = if d2 > 0.0 {
+                if d2 > 0.0 {
                     let coeff = 2.0 * b / ((0.001 + d2) * (a * d2.powf(b) + 1.0));
-                    [clip(coeff * (p[0] - q[0])), clip(coeff * (p[1] - q[1]))]
+                    push[0] += clip(coeff * (p[0] - q[0]));
+                    push[1] += clip(coeff * (p[1] - q[1]));
                 } else if other != i {
-                    [4.0, 4.0]
-                } else {
-                    continue;
-                };
-                layout[i] = [p[0] + g[0] * alpha, p[1] + g[1] * alpha];
+                    push[0] += 4.0;
+                    push[1] += 4.0;
+                }
             }
+            layout[i] = [p[0] + push[0] * alpha, p[1] + push[1] * alpha];
             next_negative[e] += samples as f64 * negative_every;
         }
     }

@@ -31,6 +31,7 @@ fn request(data: &str, out: &Path) -> PlotRequest {
         max_cells: None,
         seed: 0,
         out: out.to_path_buf(),
+        layout_key: None,
         overwrite: false,
     }
 }
@@ -129,4 +130,44 @@ fn bad_requests_are_named_and_nothing_is_overwritten() {
     };
     plot_store(&replace).unwrap();
     assert_eq!(&std::fs::read(&out).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+}
+
+#[test]
+fn the_layout_is_stored_for_scanpy_only_whole_and_never_over_an_existing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = simulated(dir.path());
+    let stored = PlotRequest {
+        layout_key: Some("X_umap".into()),
+        ..request(&data, &dir.path().join("a.png"))
+    };
+    let report = plot_store(&stored).unwrap();
+    assert_eq!(report.layout_element.as_deref(), Some("obsm/X_umap"));
+    let adata = tessera_data::AnnData::open(&data).unwrap();
+    let (layout, d) = adata.obsm("X_umap").unwrap();
+    assert_eq!((layout.len(), d), (1200, 2));
+    assert!(layout.iter().all(|v| v.is_finite()));
+
+    // A second layout would replace it: refused before any work, picture included.
+    let again = PlotRequest {
+        seed: 3,
+        ..PlotRequest {
+            out: dir.path().join("b.png"),
+            ..stored.clone()
+        }
+    };
+    let err = plot_store(&again).unwrap_err().to_string();
+    assert!(
+        err.contains("obsm/X_umap") && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert!(!dir.path().join("b.png").exists());
+    assert_eq!(adata.obsm("X_umap").unwrap().0, layout);
+
+    let sub = PlotRequest {
+        layout_key: Some("X_sub".into()),
+        max_cells: Some(100),
+        ..request(&data, &dir.path().join("c.png"))
+    };
+    let err = plot_store(&sub).unwrap_err().to_string();
+    assert!(err.contains("--max-cells 0"), "{err}");
 }

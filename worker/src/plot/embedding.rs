@@ -53,7 +53,9 @@ pub struct PlotRequest {
     pub max_cells: Option<usize>,
     pub seed: u64,
     pub out: PathBuf,
-    /// Replace an existing picture at `out`.
+    /// Also store the 2-D layout of every cell as `obsm/<key>` (scanpy reads `X_umap`).
+    pub layout_key: Option<String>,
+    /// Replace an existing picture at `out`, or layout at `obsm/<layout_key>`.
     pub overwrite: bool,
 }
 
@@ -65,6 +67,8 @@ pub struct PlotReport {
     pub color: Vec<String>,
     pub n_obs: usize,
     pub n_drawn: usize,
+    /// Where the layout was stored, if asked.
+    pub layout_element: Option<String>,
     pub seconds: f64,
 }
 
@@ -96,6 +100,7 @@ pub fn plot_store(req: &PlotRequest) -> Result<PlotReport, EvalError> {
         req.max_cells.unwrap_or(n_obs),
         req.seed,
     );
+    let layout_element = check_layout_key(&source, req, cells.len() < n_obs)?;
     let panels = color
         .iter()
         .map(|key| {
@@ -125,14 +130,48 @@ pub fn plot_store(req: &PlotRequest) -> Result<PlotReport, EvalError> {
         format!("UMAP of {embedding}, {n_obs} cells")
     };
     draw_embedding(&layout, &panels, &subtitle, req.seed, &req.out).map_err(output_error)?;
+    if let Some(key) = &req.layout_key {
+        let flat: Vec<f32> = layout.iter().flatten().copied().collect();
+        source.adata.write_obsm(key, &flat, 2, req.overwrite)?;
+    }
     Ok(PlotReport {
         path: req.out.clone(),
         embedding,
         color,
         n_obs,
         n_drawn: cells.len(),
+        layout_element,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The element the layout will be stored as, refused up front where it cannot be: a
+/// subsample's layout has too few rows, and an existing element is kept unless replaced on
+/// purpose.
+fn check_layout_key(
+    source: &Embedded,
+    req: &PlotRequest,
+    subsampled: bool,
+) -> Result<Option<String>, EvalError> {
+    let Some(key) = &req.layout_key else {
+        return Ok(None);
+    };
+    let element = format!("obsm/{key}");
+    let refuse = |reason: String| EvalError::Input {
+        store: req.data.clone(),
+        reason: format!("{}: {reason}", source.adata.element(&element)),
+    };
+    if subsampled {
+        return Err(refuse(
+            "a subsample's layout cannot be stored per cell; lay out every cell \
+             (--max-cells 0) to store it"
+                .to_string(),
+        ));
+    }
+    if !req.overwrite && source.adata.has_element(&element)? {
+        return Err(refuse("exists; pass --overwrite to replace it".to_string()));
+    }
+    Ok(Some(source.adata.element(&element)))
 }
 
 /// The requested columns, each checked present; by default `cell_type` and `batch` where
