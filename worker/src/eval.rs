@@ -68,15 +68,9 @@ pub struct Evaluation {
 /// Reads the embedding and obs columns and computes every metric.
 pub fn evaluate_store(req: &EvalRequest) -> Result<Evaluation, EvalError> {
     let started = std::time::Instant::now();
-    let dataset = Dataset::open(&req.data)?;
-    let source = Embedded::find(
-        &dataset,
-        &req.data,
-        req.modality.as_deref(),
-        &req.embedding_key,
-    )?;
+    let source = Embedded::open(&req.data, req.modality.as_deref(), &req.embedding_key)?;
     let embedded = &source.adata;
-    let embedding = embedded.element(&format!("obsm/{}", req.embedding_key));
+    let embedding = source.element.clone();
     let (x, d) = embedded.obsm(&req.embedding_key)?;
     let n_obs = embedded.n_obs() as usize;
     let obs_of = |key: &str| source.obs_of(key);
@@ -169,21 +163,28 @@ pub(crate) fn subsample(cells: Vec<usize>, max: usize, seed: u64) -> Vec<usize> 
 /// modality holding every global cell in order shares the MuData root's obs.
 pub(crate) struct Embedded {
     pub(crate) adata: AnnData,
+    /// The embedding's element path in the store (`obsm/<key>` of `adata`).
+    pub(crate) element: String,
     columns: Vec<AnnData>,
 }
 
 impl Embedded {
-    pub(crate) fn find(
-        dataset: &Dataset,
+    /// Opens `store` and finds `obsm/<embedding_key>` (in `modality`, for MuData, if named).
+    pub(crate) fn open(
         store: &str,
         modality: Option<&str>,
         embedding_key: &str,
     ) -> Result<Embedded, EvalError> {
-        let (adata, columns) = match dataset {
-            Dataset::AnnData(a) => (a.clone(), Vec::new()),
-            Dataset::MuData(m) => Self::in_mudata(m, store, modality, embedding_key)?,
+        let (adata, columns) = match Dataset::open(store)? {
+            Dataset::AnnData(a) => (a, Vec::new()),
+            Dataset::MuData(m) => Self::in_mudata(&m, store, modality, embedding_key)?,
         };
-        Ok(Embedded { adata, columns })
+        let element = adata.element(&format!("obsm/{embedding_key}"));
+        Ok(Embedded {
+            adata,
+            element,
+            columns,
+        })
     }
 
     fn in_mudata(

@@ -9,7 +9,6 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::Serialize;
-use tessera_data::Dataset;
 use tessera_metrics::umap::{UmapOptions, umap};
 
 use super::{Area, FONT, render};
@@ -84,15 +83,9 @@ pub fn plot_store(req: &PlotRequest) -> Result<PlotReport, EvalError> {
             "exists; pass --overwrite to replace it".to_string(),
         ));
     }
-    let dataset = Dataset::open(&req.data)?;
-    let source = Embedded::find(
-        &dataset,
-        &req.data,
-        req.modality.as_deref(),
-        &req.embedding_key,
-    )?;
+    let source = Embedded::open(&req.data, req.modality.as_deref(), &req.embedding_key)?;
     let color = colour_keys(&source, req)?;
-    let embedding = source.adata.element(&format!("obsm/{}", req.embedding_key));
+    let embedding = source.element.clone();
     let (x, d) = source.adata.obsm(&req.embedding_key)?;
     let n_obs = source.adata.n_obs() as usize;
     let cells = subsample(
