@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -15,9 +16,9 @@ use tessera_worker::node::TOKEN_ENV;
 
 #[derive(clap::Args, Debug)]
 pub struct CoordinatorArgs {
-    /// Address to serve on. Loopback by default: the coordinator has no authentication, so
-    /// serve on a wider address only where a network policy keeps strangers out (deploy/k8s
-    /// has one).
+    /// Address to serve on. Loopback by default: serve on a wider address with a token
+    /// (TESSERA_COORDINATOR_TOKEN), TLS (--tls-cert/--tls-key) and a network policy that keeps
+    /// strangers out (deploy/k8s has one).
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
     /// How often workers heartbeat.
@@ -38,6 +39,20 @@ pub struct CoordinatorArgs {
     /// HTTP here.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Serve TLS with this certificate chain (PEM). Workers and submitters then use an
+    /// https:// URL and trust its CA (a PEM file in TESSERA_COORDINATOR_CA, else the system's
+    /// roots).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+/// Who may call the coordinator: bearer tokens (none: everyone), over TLS when configured.
+pub struct Access {
+    pub tokens: Tokens,
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 /// The key of the persisted state under `--state`.
@@ -74,9 +89,10 @@ pub async fn serve(
     state: Option<Snapshot>,
     persist: Option<Store>,
     metrics: Option<SocketAddr>,
-    tokens: Tokens,
+    access: Access,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    let Access { tokens, tls } = access;
     let bound = listener.local_addr().context("reading the bound address")?;
     // Without a saved state, worker ids start from the clock: workers of an earlier coordinator
     // on this address (a restarted rank 0's) must not find their old ids handed to others.
@@ -101,10 +117,14 @@ pub async fn serve(
     health
         .set_serving::<tessera_proto::v1::coordinator_server::CoordinatorServer<Service>>()
         .await;
-    tracing::info!(listen = %bound, "coordinator serving");
+    tracing::info!(listen = %bound, tls = tls.is_some(), "coordinator serving");
     // Workers long-poll Join and users watch jobs: open calls get DRAIN after the signal.
     let (shutdown, deadline) = tessera_serve::drain_deadline(shutdown, tessera_serve::DRAIN);
-    let serving = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("configuring TLS")?;
+    }
+    let serving = builder
         .add_service(health_service)
         // The token is checked before a request's body is read.
         .add_service(tonic::service::interceptor::InterceptedService::new(
@@ -198,6 +218,10 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding {}", args.listen))?;
         let bound = listener.local_addr().context("reading the bound address")?;
+        let tls = match args.tls_cert.zip(args.tls_key) {
+            Some((cert, key)) => Some(tessera_serve::tls_config(&cert, &key)?),
+            None => None,
+        };
         let (tokens, authenticated) = tokens();
         if !authenticated && !bound.ip().is_loopback() {
             tracing::warn!(
@@ -215,7 +239,7 @@ pub fn run(args: CoordinatorArgs) -> Result<()> {
             state,
             Some(store),
             args.metrics_listen,
-            tokens,
+            Access { tokens, tls },
             crate::signals::terminated(),
         )
         .await

@@ -451,7 +451,7 @@ async fn run_job(
         None,
         None,
         None,
-        tokens,
+        crate::coordinator::Access { tokens, tls: None },
         async {
             let _ = stopped.await;
         },

@@ -467,3 +467,64 @@ fn with_a_token_set_the_coordinator_refuses_callers_without_it() {
     let e = cancel(Some("s3cret"));
     assert!(e.contains("job-7") && !e.contains("authorization"), "{e}");
 }
+
+/// With --tls-cert/--tls-key the coordinator speaks only TLS: a client that trusts its CA
+/// (TESSERA_COORDINATOR_CA) gets through, one that does not, or that speaks plain text, does not.
+#[test]
+fn with_tls_only_clients_that_trust_the_certificate_get_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, pem_key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, key.cert.pem()).unwrap();
+    std::fs::write(&pem_key, key.signing_key.serialize_pem()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--state"])
+        .arg(dir.path().join("state"))
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&pem_key)
+        .env("TESSERA_LOG", "warn")
+        .env("TESSERA_COORDINATOR_TOKEN", "s3cret")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let coordinator = Coordinator(child, line.trim().rsplit(' ').next().unwrap().to_string());
+    let port = coordinator.1.rsplit(':').next().unwrap();
+    let cancel = |url: &str, ca: Option<&std::path::Path>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tessera"));
+        command
+            .args(["cancel", "job-7", "--coordinator", url])
+            .env("TESSERA_LOG", "warn")
+            .env("TESSERA_COORDINATOR_TOKEN", "s3cret")
+            .env_remove("TESSERA_COORDINATOR_CA");
+        if let Some(ca) = ca {
+            command.env("TESSERA_COORDINATOR_CA", ca);
+        }
+        let out = command.output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let https = format!("https://localhost:{port}");
+    // Trusted: the call reaches the coordinator, which does not know the job.
+    let e = cancel(&https, Some(&cert));
+    assert!(e.contains("job-7") && e.contains("unknown"), "{e}");
+    // The system's roots do not know a self-signed certificate; plain text gets no answer.
+    for (url, ca) in [
+        (https.as_str(), None),
+        (&*format!("http://127.0.0.1:{port}"), None),
+    ] {
+        let e = cancel(url, ca);
+        assert!(!e.contains("unknown job"), "{url}: {e}");
+    }
+    // A missing CA file is named.
+    let e = cancel(&https, Some(&dir.path().join("nowhere.pem")));
+    assert!(
+        e.contains("TESSERA_COORDINATOR_CA") && e.contains("nowhere.pem"),
+        "{e}"
+    );
+}

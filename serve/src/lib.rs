@@ -17,7 +17,7 @@ pub mod registry;
 pub mod service;
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -145,14 +145,7 @@ pub async fn serve(
     health.set_serving::<AtlasServer<AtlasService>>().await;
     let mut builder = Server::builder().layer(observe::Observe(calls));
     if let Some((cert, key)) = &config.tls {
-        // Already installed (a second server in this process) is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let read = |p: &PathBuf| {
-            std::fs::read(p).map_err(|e| ServeError::Config(format!("TLS {}: {e}", p.display())))
-        };
-        builder = builder.tls_config(
-            ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?)),
-        )?;
+        builder = builder.tls_config(tls_config(cert, key)?)?;
     }
     tracing::info!(listen = %bound, tls = config.tls.is_some(), registry = %config.registry, "atlas serving");
     let sweeper = tokio::spawn(service::expire_uploads_every(
@@ -201,4 +194,16 @@ pub fn drain_deadline(
         }
     };
     (signal, deadline)
+}
+
+/// A server's TLS from a PEM certificate chain and key (the atlas service's and the
+/// coordinator's). rustls is built with two crypto providers in this binary (object_store
+/// brings aws-lc), so the process default is set to ring first.
+pub fn tls_config(cert: &Path, key: &Path) -> Result<ServerTlsConfig, ServeError> {
+    // Already installed (a second server in this process) is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|e| ServeError::Config(format!("TLS {}: {e}", p.display())))
+    };
+    Ok(ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?)))
 }

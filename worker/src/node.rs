@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::coordinator_client::CoordinatorClient;
 use tokio::runtime::Runtime;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 use crate::collective::TrainBackend;
 use crate::device::Device;
@@ -311,15 +311,55 @@ impl tonic::service::Interceptor for Bearer {
 pub type Client =
     CoordinatorClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
-/// Connects to the coordinator at `url` once.
+/// A PEM file of the certificate authority that signed an `https://` coordinator's
+/// certificate (default: the system's roots).
+pub const CA_ENV: &str = "TESSERA_COORDINATOR_CA";
+
+/// Connects to the coordinator at `url` once (TLS for an `https://` URL).
 pub async fn connect_client(url: &str) -> Result<Client, String> {
     let bearer = Bearer::from_env()?;
-    let channel = Channel::from_shared(url.to_string())
-        .map_err(|e| format!("{url}: {e}"))?
+    let mut endpoint = Channel::from_shared(url.to_string()).map_err(|e| format!("{url}: {e}"))?;
+    if url.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(client_tls()?)
+            .map_err(|e| format!("{url}: {e}"))?;
+    }
+    let channel = endpoint
         .connect()
         .await
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|e| format!("{url}: {}", with_causes(&e)))?;
     Ok(CoordinatorClient::with_interceptor(channel, bearer))
+}
+
+/// An error with its causes: tonic's own text is only "transport error", the reason (refused,
+/// an untrusted certificate...) is in its sources.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        // Wrappers often repeat their source's text.
+        if !text.ends_with(&next) {
+            text = format!("{text}: {next}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// The client's TLS: the CA of [`CA_ENV`], else the system's roots.
+fn client_tls() -> Result<ClientTlsConfig, String> {
+    // This binary's rustls has two crypto providers (object_store brings aws-lc): pick ring,
+    // as the servers do. Already installed is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match std::env::var_os(CA_ENV) {
+        Some(path) => {
+            let pem = std::fs::read(&path)
+                .map_err(|e| format!("{CA_ENV}={}: {e}", path.to_string_lossy()))?;
+            Ok(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+        }
+        None => Ok(ClientTlsConfig::new().with_native_roots()),
+    }
 }
 
 /// Connects, retrying while the coordinator starts.
