@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tessera_data::Dataset;
 use tessera_proto::v1 as pb;
 use tessera_worker::query::{QueryError, QueryOutput, QueryRequest, QueryStage, map_query};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::ServeError;
 use crate::registry::Loaded;
@@ -213,6 +213,32 @@ impl Jobs {
             })
     }
 
+    /// `bytes` in MiB, refused when more than the whole budget (it would wait forever).
+    fn fits(&self, bytes: u64, what: &str) -> Result<u64, ServeError> {
+        let mib = bytes.div_ceil(MIB);
+        if bytes > self.limits.memory_bytes {
+            return Err(ServeError::Exhausted(format!(
+                "{what} needs about {mib} MiB, more than the server's memory budget of {} MiB",
+                self.limits.memory_bytes / MIB
+            )));
+        }
+        Ok(mib)
+    }
+
+    /// Holds `bytes` of the memory budget the jobs share (waiting in line with them) until
+    /// the permit is dropped: what a synchronous call (Encode) needs while it runs.
+    pub async fn reserve(
+        &self,
+        bytes: u64,
+        what: &str,
+    ) -> Result<OwnedSemaphorePermit, ServeError> {
+        let mib = self.fits(bytes, what)?;
+        Arc::clone(&self.memory)
+            .acquire_many_owned(mib as u32)
+            .await
+            .map_err(|_| ServeError::Exhausted("the server is shutting down".into()))
+    }
+
     /// Queues `req` on `model`; `estimate` bytes are held while it runs; `scratch` (an upload)
     /// is deleted when it ends.
     pub fn submit(
@@ -222,13 +248,7 @@ impl Jobs {
         estimate: u64,
         scratch: Option<PathBuf>,
     ) -> Result<Arc<Job>, ServeError> {
-        let mib = estimate.div_ceil(MIB);
-        if estimate > self.limits.memory_bytes {
-            return Err(ServeError::Exhausted(format!(
-                "the job needs about {mib} MiB, more than the server's memory budget of {} MiB",
-                self.limits.memory_bytes / MIB
-            )));
-        }
+        let mib = self.fits(estimate, "the job")?;
         let id = format!("query-{}", self.next.fetch_add(1, Ordering::SeqCst));
         let status = pb::QueryJobStatus {
             job_id: id.clone(),
@@ -352,5 +372,31 @@ impl Jobs {
                 table.jobs.remove(&old);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_reservation_holds_the_budget_until_dropped_and_too_much_is_refused() {
+        let jobs = Jobs::new(JobLimits {
+            max_jobs: 1,
+            memory_bytes: 10 * MIB,
+            finished_kept: 1,
+        });
+        let held = jobs.reserve(3 * MIB + 1, "a call").await.unwrap();
+        assert_eq!(jobs.admitted_bytes(), 4 * MIB);
+        drop(held);
+        assert_eq!(jobs.admitted_bytes(), 0);
+        let e = jobs
+            .reserve(11 * MIB, "this Encode call")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "this Encode call needs about 11 MiB, more than the server's memory budget of 10 MiB"
+        );
     }
 }

@@ -195,12 +195,12 @@ impl Telemetry {
         );
         e.gauge(
             "tessera_serve_memory_admitted_bytes",
-            "Memory estimates of the running jobs.",
+            "Memory estimates of the running jobs and Encode calls.",
             self.jobs.admitted_bytes() as f64,
         );
         e.gauge(
             "tessera_serve_memory_budget_bytes",
-            "The jobs' memory budget.",
+            "The memory budget of jobs and Encode calls.",
             self.jobs.budget_bytes() as f64,
         );
         e.gauge(

@@ -535,8 +535,12 @@ impl Atlas for AtlasService {
             MAX_NEIGHBOURS,
         )?;
         let transfer = r.transfer_labels.then_some(neighbours);
+        let name = r.model.clone();
+        let loaded = blocking(move || registry.get(&name)).await?;
+        // Counted against the budget the mapping jobs share, held until the answer is built.
+        let estimate = loaded.pool.model.encode_bytes(&cells, transfer);
+        let _held = self.jobs.reserve(estimate, "this Encode call").await?;
         let response = blocking(move || {
-            let loaded = registry.get(&r.model)?;
             (cells.categorical, cells.continuous) =
                 covariate_columns(loaded.pool.model.covariates(), &r.covariates)?;
             let encoded = loaded.pool.encode(&cells, transfer).map_err(|e| match e {

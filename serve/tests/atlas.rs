@@ -919,6 +919,21 @@ fn encode_request_of_reference_cells(transfer_labels: bool) -> pb::EncodeRequest
     }
 }
 
+/// Encode's working memory counts against the budget the mapping jobs share (it did not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encode_beyond_the_memory_budget_is_refused() {
+    let server = start(|c| c.jobs.memory_bytes = 1 << 20).await;
+    let mut client = client(&server).await;
+    let e = client.encode(encode_request(true)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(
+        e.message().contains("this Encode call needs about")
+            && e.message().contains("memory budget of 1 MiB"),
+        "{}",
+        e.message()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encode_returns_the_reference_latent_and_labels() {
     let server = start(|_| {}).await;

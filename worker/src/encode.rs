@@ -42,11 +42,13 @@ macro_rules! on_device {
     };
 }
 
-/// A reference model with a pool of encoders (one per concurrent call, built on demand, kept)
+/// A reference model with a pool of encoders (one per concurrent call, built on demand; at
+/// most `max_idle` kept between calls, so a burst of calls does not hold its encoders forever)
 /// on one device.
 pub struct EncoderPool {
     pub model: ReferenceModel,
     encoders: Encoders,
+    max_idle: usize,
 }
 
 /// The pooled encoders, on the device chosen when the pool was made.
@@ -71,7 +73,27 @@ impl EncoderPool {
             Device::Cpu => Encoders::Cpu(Mutex::default()),
             Device::Cuda(_) => Encoders::Cuda(device.cuda(false)?, Mutex::default()),
         };
-        Ok(EncoderPool { model, encoders })
+        // One per core: more concurrent calls than cores gain nothing from a kept encoder.
+        let max_idle = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Ok(EncoderPool {
+            model,
+            encoders,
+            max_idle,
+        })
+    }
+
+    /// Keep at most `max_idle` encoders between calls (at least one).
+    pub fn with_max_idle(mut self, max_idle: usize) -> EncoderPool {
+        self.max_idle = max_idle.max(1);
+        self
+    }
+
+    /// Encoders kept between calls now.
+    pub fn idle(&self) -> usize {
+        match &self.encoders {
+            Encoders::Cpu(pool) => pool.lock().unwrap_or_else(PoisonError::into_inner).len(),
+            Encoders::Cuda(_, pool) => pool.lock().unwrap_or_else(PoisonError::into_inner).len(),
+        }
     }
 
     /// Latent means of `cells` with the reference model as trained.
@@ -140,9 +162,10 @@ impl EncoderPool {
             None => self.model.encoder(device)?,
         };
         let result = run(&mut encoder);
-        pool.lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(encoder);
+        let mut idle = pool.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < self.max_idle {
+            idle.push(encoder);
+        }
         result
     }
 

@@ -511,6 +511,22 @@ impl ReferenceModel {
             .0)
     }
 
+    /// Working memory of encoding `cells` and, with `neighbours`, transferring labels, roughly:
+    /// the counts aligned to the model's features (index, value and a staged copy per
+    /// non-zero), every modality encoder's layer outputs and their normalised copies, each
+    /// expert's and the joint posterior, the neighbour lists, and a pooled encoder's own
+    /// parameters (values, gradients and a spare).
+    pub fn encode_bytes(&self, cells: &Cells, neighbours: Option<usize>) -> u64 {
+        let n = cells.modalities.first().map_or(0, |m| m.counts.n_rows) as u64;
+        let nnz: u64 = cells.modalities.iter().map(|m| m.counts.nnz() as u64).sum();
+        let model = &self.record.model;
+        let modalities = self.record.modalities.len() as u64;
+        let hidden = (model.n_hidden * model.n_layers.max(1)) as u64 * modalities;
+        let latent = self.reference.n_latent as u64 * (modalities + 1);
+        let per_cell = hidden * 16 + latent * 16 + neighbours.unwrap_or(0) as u64 * 16;
+        nnz * 16 + n * per_cell + self.parameter_count() as u64 * 12
+    }
+
     /// Latent means (cells x `n_latent`) of cells whose batches the reference knows, with
     /// `model` from [`ReferenceModel::encoder`]. Features are aligned by name as in `map_query`.
     pub fn encode<B: TrainBackend>(

@@ -404,6 +404,29 @@ fn reference_cells(data: &str, names: bool) -> Cells {
     }
 }
 
+/// A burst of concurrent calls leaves at most `max_idle` encoders kept (it kept one per call
+/// forever), and the working-memory estimate grows with the cells and the neighbours asked for.
+#[test]
+fn the_encoder_pool_keeps_few_encoders_and_estimates_its_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ReferenceModel::open(&reference(dir.path()).display().to_string()).unwrap();
+    let data = dir.path().join("reference.zarr").display().to_string();
+    let cells = reference_cells(&data, false);
+    let small = model.encode_bytes(&cells, None);
+    let parameters = model.parameter_count() as u64;
+    assert!(small > parameters * 12, "{small}");
+    assert!(model.encode_bytes(&cells, Some(30)) > small + 150 * 30 * 8);
+    let pool = tessera_worker::encode::EncoderPool::on(model, tessera_worker::device::Device::Cpu)
+        .unwrap()
+        .with_max_idle(1);
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| pool.encode(&cells, Some(15)).unwrap());
+        }
+    });
+    assert_eq!(pool.idle(), 1);
+}
+
 #[test]
 fn encode_reproduces_the_reference_latent_and_refuses_what_it_cannot_encode() {
     let dir = tempfile::tempdir().unwrap();
