@@ -695,6 +695,40 @@ fn scib(
         .collect())
 }
 
+/// A 2-D UMAP of an embedding (cells x dims, float32, C order), as `tessera plot` lays it
+/// out: umap-learn's algorithm with the given settings, seeded, on one thread (n x 2, f32).
+#[pyfunction]
+#[pyo3(signature = (embedding, n_neighbors, min_dist, spread, n_epochs, negative_sample_rate, seed))]
+#[allow(clippy::too_many_arguments)] // umap-learn's settings, flat
+fn umap<'py>(
+    py: Python<'py>,
+    embedding: PyReadonlyArray2<'py, f32>,
+    n_neighbors: usize,
+    min_dist: f64,
+    spread: f64,
+    n_epochs: Option<usize>,
+    negative_sample_rate: usize,
+    seed: u64,
+) -> PyResult<Bound<'py, PyAny>> {
+    let [n, d] = [embedding.shape()[0], embedding.shape()[1]];
+    let x = embedding
+        .as_slice()
+        .map_err(|e| PyValueError::new_err(format!("embedding: {e}")))?;
+    let options = tessera_metrics::umap::UmapOptions {
+        n_neighbors,
+        min_dist,
+        spread,
+        n_epochs,
+        negative_sample_rate,
+        seed,
+    };
+    let layout = py
+        .detach(|| tessera_metrics::umap::umap(x, n, d, &options))
+        .map_err(data_error)?;
+    let flat: Vec<f32> = layout.into_iter().flatten().collect();
+    Ok(PyArray1::from_vec(py, flat).reshape([n, 2])?.into_any())
+}
+
 /// A row-major n x n f64 matrix from numpy (C order), or a ValueError naming `what`.
 fn square(matrix: &PyReadonlyArray2<'_, f64>, what: &str) -> PyResult<(Vec<f64>, usize)> {
     let [rows, cols] = [matrix.shape()[0], matrix.shape()[1]];
@@ -858,6 +892,7 @@ fn _tessera(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fit, m)?)?;
     m.add_class::<Model>()?;
     m.add_function(wrap_pyfunction!(scib, m)?)?;
+    m.add_function(wrap_pyfunction!(umap, m)?)?;
     m.add_function(wrap_pyfunction!(map_query, m)?)?;
     m.add_function(wrap_pyfunction!(affinity, m)?)?;
     m.add_function(wrap_pyfunction!(snf, m)?)?;

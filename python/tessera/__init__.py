@@ -12,10 +12,12 @@ The model trains in the same engine as the ``tessera`` command line (``tessera t
 the AnnData in memory or, for data larger than memory, streamed from a Zarr store::
 
     adata = tessera.read_zarr("atlas.zarr")   # obs and var in memory, the counts stay on disk
+
+``tessera.tl.umap(adata, use_rep="X_tessera")`` lays the embedding out for ``sc.pl.umap``.
 """
 
-from . import metrics, model, snf
+from . import metrics, model, snf, tl
 from ._anndata import read_zarr
 from ._tessera import __version__
 
-__all__ = ["metrics", "model", "snf", "read_zarr", "__version__"]
+__all__ = ["metrics", "model", "snf", "tl", "read_zarr", "__version__"]
