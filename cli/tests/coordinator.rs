@@ -31,6 +31,16 @@ fn start(listen: &str, state: &std::path::Path) -> Coordinator {
 
 /// `start` with environment variables set for the coordinator.
 fn start_with(listen: &str, state: &std::path::Path, envs: &[(&str, &str)]) -> Coordinator {
+    start_with_args(listen, state, &[], envs)
+}
+
+/// `start_with` and further arguments to `tessera coordinator`.
+fn start_with_args(
+    listen: &str,
+    state: &std::path::Path,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Coordinator {
     let args = [
         "coordinator",
         "--listen",
@@ -46,6 +56,7 @@ fn start_with(listen: &str, state: &std::path::Path, envs: &[(&str, &str)]) -> C
     ];
     let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(args)
+        .args(extra)
         .env("TESSERA_LOG", "warn")
         .envs(envs.iter().copied())
         .stdout(Stdio::piped())
@@ -434,6 +445,21 @@ async fn a_killed_and_restarted_coordinator_resumes_its_job_from_the_state_folde
     drop(workers);
 }
 
+/// `tessera cancel job-7` at `url` with exactly `envs` of the coordinator's variables set: its
+/// error output (the job is unknown, so it fails even when the call gets through).
+fn cancel_job7(url: &str, envs: &[(&str, &str)]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["cancel", "job-7", "--coordinator", url])
+        .env("TESSERA_LOG", "warn")
+        .env_remove("TESSERA_COORDINATOR_TOKEN")
+        .env_remove("TESSERA_COORDINATOR_CA")
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn with_a_token_set_the_coordinator_refuses_callers_without_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -444,17 +470,11 @@ fn with_a_token_set_the_coordinator_refuses_callers_without_it() {
     );
     let url = format!("http://{}", coordinator.1);
     let cancel = |token: Option<&str>| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tessera"));
-        command
-            .args(["cancel", "job-7", "--coordinator", &url])
-            .env("TESSERA_LOG", "warn")
-            .env_remove("TESSERA_COORDINATOR_TOKEN");
-        if let Some(token) = token {
-            command.env("TESSERA_COORDINATOR_TOKEN", token);
-        }
-        let out = command.output().unwrap();
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        let envs: Vec<(&str, &str)> = token
+            .map(|t| ("TESSERA_COORDINATOR_TOKEN", t))
+            .into_iter()
+            .collect();
+        cancel_job7(&url, &envs)
     };
     for refused in [None, Some("guess")] {
         let e = cancel(refused);
@@ -477,41 +497,22 @@ fn with_tls_only_clients_that_trust_the_certificate_get_through() {
     let (cert, pem_key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     std::fs::write(&cert, key.cert.pem()).unwrap();
     std::fs::write(&pem_key, key.signing_key.serialize_pem()).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--state"])
-        .arg(dir.path().join("state"))
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&pem_key)
-        .env("TESSERA_LOG", "warn")
-        .env("TESSERA_COORDINATOR_TOKEN", "s3cret")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let coordinator = Coordinator(child, line.trim().rsplit(' ').next().unwrap().to_string());
+    let (cert_s, key_s) = (cert.to_str().unwrap(), pem_key.to_str().unwrap());
+    let coordinator = start_with_args(
+        "127.0.0.1:0",
+        &dir.path().join("state"),
+        &["--tls-cert", cert_s, "--tls-key", key_s],
+        &[("TESSERA_COORDINATOR_TOKEN", "s3cret")],
+    );
     let port = coordinator.1.rsplit(':').next().unwrap();
-    let cancel = |url: &str, ca: Option<&std::path::Path>| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tessera"));
-        command
-            .args(["cancel", "job-7", "--coordinator", url])
-            .env("TESSERA_LOG", "warn")
-            .env("TESSERA_COORDINATOR_TOKEN", "s3cret")
-            .env_remove("TESSERA_COORDINATOR_CA");
-        if let Some(ca) = ca {
-            command.env("TESSERA_COORDINATOR_CA", ca);
-        }
-        let out = command.output().unwrap();
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).into_owned()
+    let cancel = |url: &str, ca: Option<&str>| {
+        let mut envs = vec![("TESSERA_COORDINATOR_TOKEN", "s3cret")];
+        envs.extend(ca.map(|ca| ("TESSERA_COORDINATOR_CA", ca)));
+        cancel_job7(url, &envs)
     };
     let https = format!("https://localhost:{port}");
     // Trusted: the call reaches the coordinator, which does not know the job.
-    let e = cancel(&https, Some(&cert));
+    let e = cancel(&https, Some(cert_s));
     assert!(e.contains("job-7") && e.contains("unknown"), "{e}");
     // The system's roots do not know a self-signed certificate; plain text gets no answer.
     for (url, ca) in [
@@ -522,7 +523,8 @@ fn with_tls_only_clients_that_trust_the_certificate_get_through() {
         assert!(!e.contains("unknown job"), "{url}: {e}");
     }
     // A missing CA file is named.
-    let e = cancel(&https, Some(&dir.path().join("nowhere.pem")));
+    let nowhere = dir.path().join("nowhere.pem");
+    let e = cancel(&https, Some(nowhere.to_str().unwrap()));
     assert!(
         e.contains("TESSERA_COORDINATOR_CA") && e.contains("nowhere.pem"),
         "{e}"
