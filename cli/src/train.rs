@@ -282,10 +282,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
             layout_key: None,
             overwrite: true,
         };
-        let drawn = tessera_worker::plot::plot_store(&picture).with_context(|| {
-            format!("drawing the embedding of {data} (the model and embedding are written)")
-        })?;
-        crate::plot::say_report(&drawn);
+        // The model and embedding are written: a picture that cannot be drawn is a warning.
+        match tessera_worker::plot::plot_store(&picture) {
+            Ok(drawn) => crate::plot::say_report(&drawn),
+            Err(e) => tracing::warn!(error = %e, "the embedding picture was not drawn"),
+        }
     }
 
     if label_key.is_none() {

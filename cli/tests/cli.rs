@@ -383,6 +383,26 @@ fn plot_draws_the_named_columns_and_keeps_existing_files() {
     assert_eq!(std::fs::read(out).unwrap(), png, "the picture was replaced");
 }
 
+/// A picture that cannot be drawn after training is a warning: the model and the embedding
+/// are written and the run succeeds.
+#[test]
+fn a_picture_that_cannot_be_drawn_does_not_fail_the_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, out) = (dir.path().join("s.zarr"), dir.path().join("out"));
+    let (store, out_s) = (store.to_str().unwrap(), out.to_str().unwrap());
+    stdout(&tessera(&[
+        "simulate", store, "--cells", "200", "--genes", "20",
+    ]));
+    // A folder where the picture goes: it cannot be renamed into place.
+    std::fs::create_dir_all(out.join("embedding.png")).unwrap();
+    let o = train_one_epoch(store, out_s, &[]);
+    let said = stdout(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("the embedding picture was not drawn"), "{err}");
+    assert!(said.contains("scIB metrics"), "{said}");
+    assert!(out.join("model.safetensors").exists() && out.join("loss.png").exists());
+}
+
 /// Every option says what it does, and `train --seed` overrides the configuration's seed (it
 /// was only settable in a config file, while map and snf took --seed).
 #[test]

@@ -94,17 +94,7 @@ pub fn plot_store(req: &PlotRequest) -> Result<PlotReport, EvalError> {
         req.seed,
     );
     let layout_element = check_layout_key(&source, req, cells.len() < n_obs)?;
-    let panels = color
-        .iter()
-        .map(|key| {
-            let (codes, names) = categories(source.obs_of(key), key, &req.data)?;
-            Ok(Panel {
-                title: key.clone(),
-                codes: cells.iter().map(|&c| codes[c]).collect(),
-                categories: names,
-            })
-        })
-        .collect::<Result<Vec<_>, EvalError>>()?;
+    let panels = panels(&source, &color, &cells, &req.data)?;
     let xs: Vec<f32> = cells
         .iter()
         .flat_map(|&c| x[c * d..(c + 1) * d].iter().copied())
@@ -136,6 +126,26 @@ pub fn plot_store(req: &PlotRequest) -> Result<PlotReport, EvalError> {
         layout_element,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// One panel per obs column in `color`: its codes at `cells`.
+fn panels(
+    source: &Embedded,
+    color: &[String],
+    cells: &[usize],
+    store: &str,
+) -> Result<Vec<Panel>, EvalError> {
+    color
+        .iter()
+        .map(|key| {
+            let (codes, names) = categories(source.obs_of(key), key, store)?;
+            Ok(Panel {
+                title: key.clone(),
+                codes: cells.iter().map(|&c| codes[c]).collect(),
+                categories: names,
+            })
+        })
+        .collect()
 }
 
 /// The element the layout will be stored as, refused up front where it cannot be: a
