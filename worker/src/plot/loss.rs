@@ -13,6 +13,8 @@ use crate::records::EpochRecord;
 
 const WIDTH: u32 = 900;
 const HEIGHT: u32 = 540;
+/// Curves with more points than this are drawn as lines only.
+const MAX_MARKED_POINTS: usize = 60;
 
 /// A curve: legend name, colour, (epoch, value) points.
 type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
@@ -155,11 +157,18 @@ where
         .draw()
         .map_err(|e| e.to_string())?;
     for (name, colour, points) in series {
+        // A marker per epoch where they stay apart (and a lone point shows); past that they
+        // bead the line.
+        let markers = if points.len() <= MAX_MARKED_POINTS {
+            2
+        } else {
+            0
+        };
         let top = clip.map_or(f64::INFINITY, |c| c.0);
         let shown: Vec<(f64, f64)> = points.iter().map(|&(x, v)| (x, v.min(top))).collect();
         let colour = *colour;
         chart
-            .draw_series(LineSeries::new(shown, colour.stroke_width(2)).point_size(2))
+            .draw_series(LineSeries::new(shown, colour.stroke_width(2)).point_size(markers))
             .map_err(|e| e.to_string())?
             .label(*name)
             .legend(move |(x, y)| {
