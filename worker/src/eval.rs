@@ -73,29 +73,27 @@ pub fn evaluate_store(req: &EvalRequest) -> Result<Evaluation, EvalError> {
     let embedding = source.element.clone();
     let (x, d) = embedded.obsm(&req.embedding_key)?;
     let n_obs = embedded.n_obs() as usize;
-    let obs_of = |key: &str| source.obs_of(key);
-    let has = |key: &str| source.has(key);
-    let adata = embedded;
     let label_key = match &req.label_key {
         Some(k) => k.clone(),
-        None if has(DEFAULT_LABEL_KEY) => DEFAULT_LABEL_KEY.to_string(),
+        None if source.has(DEFAULT_LABEL_KEY) => DEFAULT_LABEL_KEY.to_string(),
         None => {
             return Err(EvalError::Input {
                 store: req.data.clone(),
                 reason: format!(
                     "{}: no {DEFAULT_LABEL_KEY:?} column; name the cell-type column (--label-key)",
-                    adata.element("obs")
+                    embedded.element("obs")
                 ),
             });
         }
     };
-    let batch_key = req
-        .batch_key
-        .clone()
-        .or_else(|| has(DEFAULT_BATCH_KEY).then(|| DEFAULT_BATCH_KEY.to_string()));
-    let labels = codes(obs_of(&label_key), &label_key, &req.data)?;
+    let batch_key = req.batch_key.clone().or_else(|| {
+        source
+            .has(DEFAULT_BATCH_KEY)
+            .then(|| DEFAULT_BATCH_KEY.to_string())
+    });
+    let labels = codes(source.obs_of(&label_key), &label_key, &req.data)?;
     let batches = match &batch_key {
-        Some(key) => codes(obs_of(key), key, &req.data)?,
+        Some(key) => codes(source.obs_of(key), key, &req.data)?,
         None => vec![0; n_obs],
     };
     let mut keep: Vec<usize> = (0..n_obs)
