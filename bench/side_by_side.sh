@@ -2,7 +2,9 @@
 # Side by side on the same stores and 2 threads: scvi-tools' SCVI and tessera's VAE at scVI's
 # size (128 hidden, 10 latent, NB, batch 128, Adam 1e-3, KL warm-up 400 epochs), over several
 # seeds: training cells/s, the validation ELBO terms (both over tessera's held-out cells) and
-# `tessera eval`'s scIB metrics of every embedding, per seed and as mean ± sd. Installs
+# `tessera eval`'s scIB metrics of every embedding, per seed and as mean ± sd, their paired
+# differences with 95% intervals, and tessera's weights run inside scvi-tools (the same latent
+# and -ELBO if both compute the same model: bench/scvi_weights.py). Installs
 # scvi-tools (pinned, bench/requirements-scvi.txt; ~6 GB with torch) in target/scvi-venv on
 # first use.
 #
@@ -79,5 +81,9 @@ for seed in ${seeds//,/ }; do
     --layers "$layers" --batch-key "$batch_key" --validation-cells "$run/tessera/validation_cells.csv" \
     --history "$run/scvi_history.csv" "${scvi_labels[@]}" > "$run/scvi.json" 2>"$run/scvi.log"
   "$tessera" eval --data "$run/data.zarr" --embedding-key X_scvi --out "$run/scvi" >/dev/null 2>&1
+  # tessera's trained weights inside scvi-tools' SCVI: the same latent and -ELBO if the two
+  # compute the same model (scVI's layout only: not with labels).
+  [ -n "$labels" ] || "$venv/bin/python" -W ignore bench/scvi_weights.py --data "$run/data.zarr" \
+    --model "$run/tessera" --batch-key "$batch_key" > "$run/tessera/in_scvi.json" 2>>"$run/scvi.log"
 done
 "$venv/bin/python" "$report" report "$work" "$arms,scvi" ${seeds//,/ }

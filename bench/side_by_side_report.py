@@ -11,7 +11,12 @@
                                     tessera's), their mean ± sd and the -ELBO gap of each tessera
                                     arm to scvi-tools (and, where the store has
                                     cell_type_partial, each arm's accuracy of obs/prediction_<arm>
-                                    on the unlabelled cells); writes WORK/summary.json
+                                    on the unlabelled cells), then the paired differences of
+                                    each tessera arm from scvi-tools; writes WORK/summary.json
+  paired WORK...                    pools the runs of several reports (their summary.json) and
+                                    prints the paired differences tessera - scvi-tools: mean, 95%
+                                    confidence interval (Student's t) and the runs where tessera is
+                                    better, for the validation -ELBO and the scIB scores
   multimodal WORK KINDS SEED...     the same for bench/multimodal_side_by_side.sh: per store
                                     (KINDS: cite,multiome), tessera (and its recipe arm) against
                                     totalVI / MultiVI: cells/s, scIB metrics, imputation of the
@@ -32,7 +37,9 @@ ROWS = [("cells_per_s", "training cells/s", "{:.0f}"), ("validation_elbo", "vali
         ("validation_elbo_last10", "  mean of last 10 epochs", "{:.2f}"),
         ("validation_reconstruction", "  reconstruction", "{:.2f}"), ("validation_kl", "  KL", "{:.2f}"),
         ("jumpiness", "  |Δ| per epoch, last 20", "{:.2f}")] + [(k, n, "{:.4f}") for k, n in SCIB] + [
-        ("label_accuracy", "accuracy, unlabelled cells", "{:.4f}")]
+        ("label_accuracy", "accuracy, unlabelled cells", "{:.4f}"),
+        ("in_scvi_latent_diff", "in scvi-tools: latent max|Δ|", "{:.1e}"),
+        ("in_scvi_elbo_diff", "in scvi-tools: -ELBO Δ", "{:.2f}")]
 PARTIAL = "cell_type_partial"
 
 
@@ -127,10 +134,22 @@ def arm_run(run, arm):
     scores = json.load(open(f"{run}/{arm}/eval.json"))["scores"]
     out.update({k: scores.get(k) for k, _ in SCIB})
     out["label_accuracy"] = label_accuracy(run, arm)
+    out.update(in_scvi(run, arm))
     curve = out.pop("curve")
     out["jumpiness"] = jumpiness(curve)
     out["validation_elbo_last10"] = statistics.fmean(curve[-10:])
     return out
+
+
+def in_scvi(run, arm):
+    """bench/scvi_weights.py's check of the arm's weights inside scvi-tools, where it ran: the
+    largest latent difference and scvi-tools' -ELBO (mean of draws) minus tessera's."""
+    path = f"{run}/{arm}/in_scvi.json"
+    if not os.path.exists(path):
+        return {"in_scvi_latent_diff": None, "in_scvi_elbo_diff": None}
+    check = last_json(path)
+    return {"in_scvi_latent_diff": check["latent_max_abs_diff"],
+            "in_scvi_elbo_diff": check["scvi_validation_elbo_of_tessera_weights"] - check["tessera_validation_elbo"]}
 
 
 def mean_sd(values):
@@ -163,6 +182,7 @@ def report(work, arms, seeds):
                 print(f"{'Δ -ELBO % ' + a + ', ' + what:26.26}" + "".join(f"{g:>+{width - 1}.3f}%" for g in gaps)
                       + f"{statistics.fmean(gaps):>+{width + 8 * len(arms) - 1}.3f}%")
                 summary[f"{key}_gap_percent_{a}"] = gaps
+        paired([results[s] for s in seeds], [a for a in arms if a != "scvi"])
         tool = last_json(f"{work}/seed{seeds[0]}/scvi.json")
         tool = f"{tool['tool']}, {tool.get('model', 'SCVI')}"
     else:
@@ -170,6 +190,42 @@ def report(work, arms, seeds):
     json.dump({"arms": arms, "seeds": results, "mean_sd": summary, "anchor": tool},
               open(f"{work}/summary.json", "w"), indent=1)
     print(f"\n{tool}; results in {work}/ (summary.json)")
+
+
+# Paired comparisons: (key, name, higher is better).
+PAIRED = [("validation_elbo_last10", "-ELBO, mean of last 10", False), ("validation_elbo", "-ELBO, last epoch", False),
+          ("nmi", "NMI", True), ("ari", "ARI", True), ("silhouette_label", "cell-type ASW", True),
+          ("ilisi", "iLISI", True), ("bio_conservation", "bio conservation", True),
+          ("batch_correction", "batch correction", True), ("total", "scIB total", True)]
+
+
+def paired(runs, arms):
+    """Per tessera arm, the differences from scvi-tools run by run (same store, seed and
+    validation cells): their mean with a 95% confidence interval, and how many favour tessera.
+    An interval that holds 0 means the runs cannot tell the tools apart."""
+    from scipy import stats
+    for arm in arms:
+        print(f"\npaired, {arm} - scvi over {len(runs)} runs{'':10}mean diff     95% interval   tessera better")
+        for key, name, higher in PAIRED:
+            diffs = [r[arm][key] - r["scvi"][key] for r in runs
+                     if r[arm].get(key) is not None and r["scvi"].get(key) is not None]
+            if len(diffs) < 2:
+                continue
+            mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+            half = stats.t.ppf(0.975, len(diffs) - 1) * sd / len(diffs) ** 0.5
+            better = sum((d > 0) == higher for d in diffs if d != 0)
+            print(f"  {name:40}{mean:>+10.4f}  [{mean - half:+.4f}, {mean + half:+.4f}]   {better} of {len(diffs)}")
+
+
+def pooled(works):
+    """`paired` over the runs of several side-by-side reports."""
+    runs, arms = [], None
+    for work in works:
+        summary = json.load(open(f"{work}/summary.json"))
+        arms = [a for a in summary["arms"] if a != "scvi"]
+        runs += list(summary["seeds"].values())
+    print(f"runs pooled from {', '.join(works)}")
+    paired(runs, arms)
 
 
 def last_json(path):
@@ -227,6 +283,8 @@ if __name__ == "__main__":
         config(*sys.argv[2:])
     elif sys.argv[1] == "partial-labels":
         partial_labels(*sys.argv[2:])
+    elif sys.argv[1] == "paired":
+        pooled(sys.argv[2:])
     elif sys.argv[1] == "multimodal":
         multimodal(sys.argv[2], sys.argv[3], sys.argv[4:])
     else:
