@@ -210,7 +210,7 @@ pub fn write_weights<B: Backend<f32>>(
     write_tensors(path, &tensors, trainer.step)
 }
 
-fn write_tensors(
+pub(crate) fn write_tensors(
     path: &Path,
     tensors: &[(String, Vec<usize>, Vec<f32>)],
     step: u64,

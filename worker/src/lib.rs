@@ -17,6 +17,7 @@ pub mod encode;
 mod epoch;
 pub mod eval;
 pub mod fit;
+pub mod imported;
 pub mod nccl;
 pub mod network;
 pub mod node;

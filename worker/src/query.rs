@@ -238,7 +238,10 @@ pub struct CellsModality {
     pub present: Vec<bool>,
 }
 
-fn model_error(path: impl std::fmt::Display, reason: impl std::fmt::Display) -> QueryError {
+pub(crate) fn model_error(
+    path: impl std::fmt::Display,
+    reason: impl std::fmt::Display,
+) -> QueryError {
     QueryError::Model {
         path: path.to_string(),
         reason: reason.to_string(),

@@ -505,3 +505,85 @@ fn encode_reproduces_the_reference_latent_and_refuses_what_it_cannot_encode() {
         "{e}"
     );
 }
+
+/// A trained model's tensors written back as an imported model (what the Python package does
+/// with scvi-tools' weights) embed the reference cells as the original does; tensors the model
+/// lacks, misses or shapes differently are refused by name.
+#[test]
+fn an_imported_model_embeds_like_the_original_and_refuses_foreign_tensors() {
+    use tessera_worker::imported::{NamedTensor, set_reference_latent, write_model};
+    use tessera_worker::reference::{REFERENCE_FILE, Reference};
+    let dir = tempfile::tempdir().unwrap();
+    let trained = reference(dir.path());
+    let data = dir.path().join("reference.zarr").display().to_string();
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(trained.join("config.json")).unwrap()).unwrap();
+    let bytes = std::fs::read(trained.join("model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tensors: Vec<NamedTensor> = file
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let values = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, t.shape().to_vec(), values)
+        })
+        .collect();
+    let original = Reference::read(&trained.join(REFERENCE_FILE)).unwrap();
+    let empty = Reference {
+        latent: Vec::new(),
+        labels: Vec::new(),
+        ..original.clone()
+    };
+    let folder = dir.path().join("imported");
+    let write = |tensors: &[NamedTensor]| {
+        std::fs::create_dir_all(&folder).unwrap();
+        write_model(&folder, &record, tensors, &empty).map_err(|e| e.to_string())
+    };
+    write(&tensors).unwrap();
+
+    let model = ReferenceModel::open(&folder.display().to_string()).unwrap();
+    let mut encoder = model.encoder(tessera_kernels::backend::Cpu).unwrap();
+    let z = model
+        .encode(&mut encoder, &reference_cells(&data, true))
+        .unwrap();
+    let worst = z
+        .iter()
+        .zip(&original.latent[..1500])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst < 1e-4,
+        "the imported model's latent differs by {worst}"
+    );
+    set_reference_latent(&folder, original.latent.clone(), original.labels.clone()).unwrap();
+    assert_eq!(
+        Reference::read(&folder.join(REFERENCE_FILE)).unwrap(),
+        original
+    );
+    let e = set_reference_latent(&folder, vec![0.0; 7], Vec::new()).unwrap_err();
+    assert!(e.to_string().contains("7 latent values"), "{e}");
+
+    let mut extra = tensors.clone();
+    extra.push(("decoder.px_r_decoder.w".into(), vec![2], vec![0.0, 1.0]));
+    let e = write(&extra).unwrap_err();
+    assert!(
+        e.contains("\"decoder.px_r_decoder.w\" is not part of the model"),
+        "{e}"
+    );
+    let missing: Vec<NamedTensor> = tensors
+        .iter()
+        .filter(|t| t.0 != "encoder.mean.b")
+        .cloned()
+        .collect();
+    let e = write(&missing).unwrap_err();
+    assert!(e.contains("encoder.mean.b"), "{e}");
+    let mut misshapen = tensors.clone();
+    let t = misshapen.iter_mut().find(|t| t.0 == "log_theta").unwrap();
+    t.1 = vec![t.2.len() / 2, 2];
+    let e = write(&misshapen).unwrap_err();
+    assert!(e.contains("log_theta"), "{e}");
+}
