@@ -92,7 +92,8 @@ impl Encoder {
             n_hidden: s.n_hidden,
             n_layers: s.n_layers,
             n_cov: if s.encode_covariates { s.n_cov } else { 0 },
-            inject_every_layer: false,
+            // scvi-tools' encoder injects what it sees as its decoder does.
+            inject_every_layer: s.deeply_inject_covariates,
             batch_norm: s.batch_norm,
             dropout: s.dropout,
         };

@@ -81,7 +81,8 @@ pub struct VaeConfig {
     pub batch_norm: bool,
     /// Give the encoder the covariates too (scvi-tools' `encode_covariates`).
     pub encode_covariates: bool,
-    /// Inject covariates into every decoder layer, not only the first (scvi-tools' default).
+    /// Inject covariates into every hidden layer of the decoder, and of the encoder when it
+    /// sees them, not only the first (scvi-tools' default).
     pub deeply_inject_covariates: bool,
     /// The joint posterior of several modalities.
     pub joint: Joint,

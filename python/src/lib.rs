@@ -596,6 +596,65 @@ impl Model {
     }
 }
 
+/// Writes a model from another tool's weights into `folder` (`worker::imported::write_model`):
+/// `record_json` is its `config.json`, `tensors` every tensor as (name, shape, float32 values)
+/// under this engine's names, and the reference has each modality's feature names, the batch
+/// and label keys and the label categories but no cells yet ([`set_reference_latent`]).
+#[pyfunction]
+fn write_imported_model(
+    folder: &str,
+    record_json: &str,
+    tensors: Vec<(String, Vec<usize>, PyReadonlyArray1<'_, f32>)>,
+    var_names: std::collections::BTreeMap<String, Vec<String>>,
+    keys: (Option<String>, Option<String>),
+    label_categories: Vec<String>,
+) -> PyResult<()> {
+    let record: serde_json::Value = serde_json::from_str(record_json).map_err(data_error)?;
+    let n_latent = record["model"]["n_latent"].as_u64().unwrap_or(0) as usize;
+    let batch_categories = record["batch_categories"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let tensors: Vec<tessera_worker::imported::NamedTensor> = tensors
+        .into_iter()
+        .map(|(name, shape, values)| Ok((name, shape, values.as_slice()?.to_vec())))
+        .collect::<PyResult<_>>()?;
+    let reference = tessera_worker::reference::Reference {
+        latent: Vec::new(),
+        n_latent,
+        labels: Vec::new(),
+        label_key: keys.1,
+        label_categories,
+        batch_key: keys.0,
+        batch_categories,
+        var_names,
+    };
+    tessera_worker::imported::write_model(
+        std::path::Path::new(folder),
+        &record,
+        &tensors,
+        &reference,
+    )
+    .map_err(data_error)
+}
+
+/// The reference cells of the model in `folder`: latent means (cells x latent) and label codes
+/// (-1 unlabelled; empty without labels).
+#[pyfunction]
+fn set_reference_latent(
+    folder: &str,
+    latent: PyReadonlyArray2<'_, f32>,
+    labels: Vec<i32>,
+) -> PyResult<()> {
+    let latent = latent.as_array().iter().copied().collect();
+    tessera_worker::imported::set_reference_latent(std::path::Path::new(folder), latent, labels)
+        .map_err(data_error)
+}
+
 /// Maps the query store at `data` onto the model saved in `model_dir` as `tessera map` does
 /// (architecture surgery for new batches, `epochs` of fine-tuning the new rows and the layers
 /// `unfreeze` opens, the latent means of every query cell, kNN label transfer when the
@@ -894,6 +953,8 @@ fn _tessera(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(scib, m)?)?;
     m.add_function(wrap_pyfunction!(umap, m)?)?;
     m.add_function(wrap_pyfunction!(map_query, m)?)?;
+    m.add_function(wrap_pyfunction!(write_imported_model, m)?)?;
+    m.add_function(wrap_pyfunction!(set_reference_latent, m)?)?;
     m.add_function(wrap_pyfunction!(affinity, m)?)?;
     m.add_function(wrap_pyfunction!(snf, m)?)?;
     m.add_function(wrap_pyfunction!(network, m)?)?;

@@ -33,6 +33,9 @@ class SCANVI(SCVI):
     >>> adata.obs["predicted"] = model.predict()
     """
 
+    # scvi-tools' SCANVI folders are not read (its second latent layer has no counterpart).
+    _SCVI_TOOLS_MODEL = None
+
     def __init__(
         self,
         adata: Any,

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .. import _anndata, _tessera
+from . import _scvi_tools
 from .._progress import EpochProgress
 
 # scvi-tools' keyword → tessera's `[model]` key, where the names differ.
@@ -527,11 +528,15 @@ class SCVI:
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike[str], adata: Any | None = None) -> "SCVI":
-        """A model saved by :meth:`save`, on ``adata`` (default: the ``adata.h5ad`` saved
-        with it). ``adata`` must have the model's genes in order; it is registered with the
-        model's setup when it is not registered yet."""
+        """A model saved by :meth:`save`, or by scvi-tools' ``scvi.model.SCVI.save`` (a
+        folder with ``model.pt``: its weights are read without torch and run in tessera's
+        engine), on ``adata`` (default: the ``adata.h5ad`` saved with it). ``adata`` must have
+        the model's genes in order; it is registered with the model's setup when it is not
+        registered yet."""
         source = Path(dir_path)
         setup_file = source / _SETUP_FILE
+        if not setup_file.is_file() and (source / "model.pt").is_file():
+            return cls._load_scvi_tools(source, adata)
         if not setup_file.is_file():
             raise ValueError(f"{setup_file} is missing: {source} is not a saved tessera model")
         saved = json.loads(setup_file.read_text())
@@ -545,6 +550,84 @@ class SCVI:
         model._train = saved["train"]
         model._report = {"history": json.loads((source / _HISTORY_FILE).read_text())}
         model.history_ = _history(model._report["history"])
+        model.is_trained_ = True
+        return model
+
+    # scvi-tools' model class whose saved folders `load` reads (None: none).
+    _SCVI_TOOLS_MODEL: str | None = "SCVI"
+
+    @classmethod
+    def _load_scvi_tools(cls, source: Path, adata: Any | None) -> "SCVI":
+        """A model scvi-tools trained and saved (``source/model.pt``), its weights copied into
+        a tessera model folder; its reference cells are ``adata``'s."""
+        path = source / "model.pt"
+        saved = _scvi_tools.read_model_pt(path)
+        attr = saved["attr_dict"]
+        registry = attr.get("registry_", {})
+        kind = registry.get("model_name")
+        if cls._SCVI_TOOLS_MODEL is None or kind != cls._SCVI_TOOLS_MODEL:
+            raise ValueError(
+                f"{path} holds a scvi-tools {kind} model: tessera.model.{cls.__name__}.load "
+                f"reads {cls._SCVI_TOOLS_MODEL or 'tessera'} models (scvi-tools' SCVI: "
+                "tessera.model.SCVI.load)"
+            )
+        params = _scvi_tools.init_params(attr, path)
+        setup = registry.get("setup_args", {})
+        _scvi_tools.check_setup(setup, path)
+        var_names = [str(v) for v in saved["var_names"]]
+        if adata is None:
+            adata = _read_saved_anndata(source)
+        if [str(v) for v in adata.var_names] != var_names:
+            raise ValueError(
+                f"adata's {adata.n_vars} genes are not the {len(var_names)} genes of {path} in "
+                "order (SCVI.prepare_query_anndata aligns a query's genes)"
+            )
+        if _anndata.SETUP_KEY not in adata.uns:
+            cls.setup_anndata(
+                adata,
+                layer=setup.get("layer"),
+                batch_key=setup.get("batch_key"),
+                labels_key=setup.get("labels_key"),
+            )
+        model = cls(
+            adata,
+            **{k: params[k] for k in ("n_hidden", "n_latent", "n_layers", "dropout_rate")},
+            dispersion=params.get("dispersion", "gene"),
+            gene_likelihood=params.get("gene_likelihood", "zinb"),
+            encode_covariates=params.get("encode_covariates", False),
+            deeply_inject_covariates=params.get("deeply_inject_covariates", True),
+        )
+        batch_key, labels_key = setup.get("batch_key"), setup.get("labels_key")
+        labels = _scvi_tools.categories(registry, "labels") if labels_key else []
+        record = {
+            "data": str(path),
+            "imported_from": f"scvi-tools {registry.get('scvi_version')} {kind}",
+            "modalities": [["X", len(var_names)]],
+            "batch_key": batch_key,
+            "label_key": labels_key,
+            "n_obs": adata.n_obs,
+            "batch_categories": _scvi_tools.categories(registry, "batch") if batch_key else [],
+            "label_categories": labels,
+            "covariates": {"categorical": [], "continuous": []},
+            "model": model._model,
+            "train": {},
+        }
+        tensors = _scvi_tools.tessera_tensors(
+            saved["model_state_dict"], params, len(var_names), batches=batch_key is not None
+        )
+        folder = model._folder.name
+        _tessera.write_imported_model(
+            folder, json.dumps(record), tensors, {"X": var_names}, (batch_key, labels_key), labels
+        )
+        latent = model._encode(adata)
+        codes = _label_codes(adata, labels_key, labels)
+        _tessera.set_reference_latent(folder, latent, codes)
+        model._engine = None  # reopened with the reference cells
+        model._embedding = latent
+        model._report = {"history": []}
+        model.history_ = {
+            k: v for k, v in attr.get("history_", {}).items() if isinstance(v, pd.DataFrame)
+        }
         model.is_trained_ = True
         return model
 
@@ -721,6 +804,14 @@ def _reference(model: "SCVI | str | os.PathLike[str]") -> tuple[str, dict[str, A
     if not setup_file.is_file():
         raise ValueError(f"{setup_file} is missing: {model} is not a saved tessera model")
     return str(model), json.loads(setup_file.read_text())
+
+
+def _label_codes(adata: Any, key: str | None, categories: list[str]) -> list[int]:
+    """Each cell's label as a code into ``categories`` (-1: missing or another label)."""
+    if key is None:
+        return []
+    index = {c: i for i, c in enumerate(categories)}
+    return [index.get(str(v), -1) if not pd.isna(v) else -1 for v in adata.obs[key]]
 
 
 def _read_saved_anndata(source: Path) -> Any:

@@ -1,0 +1,86 @@
+"""Models trained and saved by scvi-tools' SCVI, loaded by ``tessera.model.SCVI.load``
+(``tests/data``: tiny models written by ``data/make_scvi_tools_models.py`` with scvi-tools 1.4.2):
+tessera computes what scvi-tools computed with them, maps queries onto them and saves them as
+its own; what it cannot read is refused by name, and the file's pickle runs nothing."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import tessera
+from tessera.model import _scvi_tools
+
+DATA = Path(__file__).parent / "data"
+MODELS = ["scvi_default", "scvi_nb_2layers", "scvi_no_batch"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_scvi_tools_models_give_scvi_tools_latents_and_expression(name):
+    folder = DATA / name
+    model = tessera.model.SCVI.load(folder)  # on the adata.h5ad saved with it
+    expected = np.load(folder / "expected.npz")
+    np.testing.assert_allclose(model.get_latent_representation(), expected["latent"], atol=2e-5)
+    scale = model.get_normalized_expression(library_size=1.0, return_numpy=True)
+    np.testing.assert_allclose(scale, expected["scale"], rtol=2e-4, atol=1e-7)
+    # scvi-tools' training history comes along.
+    assert len(model.history["elbo_train"]) == 5
+
+
+def test_an_imported_model_saves_loads_and_maps_a_query_as_tessera_models_do(tmp_path):
+    adata = ad.read_h5ad(DATA / "scvi_default" / "adata.h5ad")
+    model = tessera.model.SCVI.load(DATA / "scvi_default", adata)
+    z = model.get_latent_representation()
+    assert model.init_params_["gene_likelihood"] == "zinb"
+    model.save(tmp_path / "saved")
+    again = tessera.model.SCVI.load(tmp_path / "saved", adata)
+    np.testing.assert_allclose(again.get_latent_representation(), z, atol=1e-6)
+
+    query = adata[:30].copy()
+    query.obs["batch"] = pd.Categorical(["new"] * query.n_obs)
+    mapped = tessera.model.SCVI.load_query_data(query, model)
+    mapped.train(max_epochs=2, progress_bar=False)
+    assert mapped.get_latent_representation().shape == (30, 4)
+
+
+def test_what_cannot_be_imported_is_refused_by_name(tmp_path):
+    adata = ad.read_h5ad(DATA / "scvi_default" / "adata.h5ad")
+    with pytest.raises(ValueError, match="genes of .*model.pt"):
+        tessera.model.SCVI.load(DATA / "scvi_default", adata[:, :20].copy())
+    with pytest.raises(ValueError, match="scvi-tools SCVI model: tessera.model.SCANVI.load"):
+        tessera.model.SCANVI.load(DATA / "scvi_default", adata)
+    attr = {"init_params_": {"non_kwargs": {"n_latent": 4, "latent_distribution": "ln"}}}
+    with pytest.raises(ValueError, match="latent_distribution='ln' is not supported"):
+        _scvi_tools.init_params(attr, Path("m/model.pt"))
+    attr = {"init_params_": {"non_kwargs": {}, "kwargs": {"model_kwargs": {"n_continuous_cov": 2}}}}
+    with pytest.raises(ValueError, match="n_continuous_cov=2, which tessera does not support"):
+        _scvi_tools.init_params(attr, Path("m/model.pt"))
+    with pytest.raises(ValueError, match="categorical_covariate_keys"):
+        _scvi_tools.check_setup({"categorical_covariate_keys": ["donor"]}, Path("m/model.pt"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.pt").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a torch archive"):
+        tessera.model.SCVI.load(tmp_path / "broken", adata)
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_a_model_file_cannot_run_code(tmp_path):
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "model.pt", "w") as z:
+        z.writestr("model/data.pkl", pickle.dumps({"model_state_dict": _Payload()}, protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="system object, which tessera does not read"):
+        tessera.model.SCVI.load(folder, ad.read_h5ad(DATA / "scvi_default" / "adata.h5ad"))
+    assert not Path("pwned").exists() and not (tmp_path / "pwned").exists()
