@@ -39,7 +39,8 @@ def layer(w, prefix, ours, covariates=False):
     at `prefix` (weight: out x (in + covariates), the one-hot after the input, as FCLayers
     concatenates them)."""
     weight = ours[f"{w}.w"].T
-    if covariates:
+    # Without batches neither has a batch column (scvi-tools drops a one-category one-hot).
+    if covariates and f"{w}.wc" in ours:
         weight = np.concatenate([weight, ours[f"{w}.wc"].T], axis=1)
     out = {f"{prefix}.0.weight": weight, f"{prefix}.0.bias": ours[f"{w}.b"]}
     for theirs, mine in (("weight", "bn_gamma"), ("bias", "bn_beta"), ("running_mean", "bn_running_mean"),

@@ -145,7 +145,7 @@ def in_scvi(run, arm):
     """bench/scvi_weights.py's check of the arm's weights inside scvi-tools, where it ran: the
     largest latent difference and scvi-tools' -ELBO (mean of draws) minus tessera's."""
     path = f"{run}/{arm}/in_scvi.json"
-    if not os.path.exists(path):
+    if not os.path.exists(path) or not open(path).read().strip():
         return {"in_scvi_latent_diff": None, "in_scvi_elbo_diff": None}
     check = last_json(path)
     return {"in_scvi_latent_diff": check["latent_max_abs_diff"],

@@ -84,3 +84,24 @@ def test_a_model_file_cannot_run_code(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="system object, which tessera does not read"):
         tessera.model.SCVI.load(folder, ad.read_h5ad(DATA / "scvi_default" / "adata.h5ad"))
     assert not Path("pwned").exists() and not (tmp_path / "pwned").exists()
+
+
+def test_fclayers_covariate_columns_become_wc_or_are_refused():
+    rng = np.random.default_rng(0)
+    layer = "z.Layer 0"
+    state = {f"{layer}.0.bias": np.zeros(3, np.float32)}
+    state.update({f"{layer}.1.{k}": np.ones(3, np.float32) for k in ("weight", "bias", "running_mean", "running_var")})
+    # Two batches: the one-hot columns after the input are wc.
+    state[f"{layer}.0.weight"] = rng.normal(size=(3, 5 + 2)).astype(np.float32)
+    out = _scvi_tools._layers(state, "decoder", "z", (1, 5, 3), (2, True, True))
+    np.testing.assert_array_equal(out["decoder.0.wc"], state[f"{layer}.0.weight"][:, 5:].T)
+    assert out["decoder.0.w"].shape == (5, 3)
+    # One batch: scvi-tools keeps no column for it, tessera a column of zeros.
+    state[f"{layer}.0.weight"] = rng.normal(size=(3, 5)).astype(np.float32)
+    out = _scvi_tools._layers(state, "decoder", "z", (1, 5, 3), (1, True, True))
+    np.testing.assert_array_equal(out["decoder.0.wc"], np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="z.Layer 0.0.weight has 0 covariate columns, expected the model's 3"):
+        _scvi_tools._layers(state, "decoder", "z", (1, 5, 3), (3, True, True))
+    state[f"{layer}.0.weight"] = rng.normal(size=(3, 6)).astype(np.float32)
+    with pytest.raises(ValueError, match="has 1 covariate columns, expected none"):
+        _scvi_tools._layers(state, "encoder", "z", (1, 5, 3), (2, False, True))

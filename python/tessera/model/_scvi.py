@@ -599,6 +599,7 @@ class SCVI:
         )
         batch_key, labels_key = setup.get("batch_key"), setup.get("labels_key")
         labels = _scvi_tools.categories(registry, "labels") if labels_key else []
+        batches = _scvi_tools.categories(registry, "batch") if batch_key else []
         record = {
             "data": str(path),
             "imported_from": f"scvi-tools {registry.get('scvi_version')} {kind}",
@@ -606,14 +607,14 @@ class SCVI:
             "batch_key": batch_key,
             "label_key": labels_key,
             "n_obs": adata.n_obs,
-            "batch_categories": _scvi_tools.categories(registry, "batch") if batch_key else [],
+            "batch_categories": batches,
             "label_categories": labels,
             "covariates": {"categorical": [], "continuous": []},
             "model": model._model,
             "train": {},
         }
         tensors = _scvi_tools.tessera_tensors(
-            saved["model_state_dict"], params, len(var_names), batches=batch_key is not None
+            saved["model_state_dict"], params, len(var_names), len(batches)
         )
         folder = model._folder.name
         _tessera.write_imported_model(

@@ -179,23 +179,31 @@ def categories(registry: dict[str, Any], field: str) -> list[str]:
 
 
 def _layers(
-    state: dict[str, np.ndarray], ours: str, theirs: str, dims: tuple[int, int, int], batches: bool
+    state: dict[str, np.ndarray], ours: str, theirs: str, dims: tuple[int, int, int], covariates: tuple[int, bool, bool]
 ) -> dict[str, np.ndarray]:
     """FCLayers' Linear + BatchNorm1d layers as tessera's (w: in x out; the covariate one-hots,
-    which FCLayers concatenates after the input, as wc). Without a batch key scvi-tools still
-    has one batch, a one-hot column that is always 1: here it joins the bias."""
-    n_layers, n_in, n_hidden = dims
+    which FCLayers concatenates after the input, as wc). ``covariates``: the one-hot columns
+    tessera gives a layer that sees them (its batches), whether the first layer sees them, and
+    whether every layer does."""
+    (n_layers, n_in, n_hidden), (n_cov, first, every) = dims, covariates
     out = {}
     for i in range(n_layers):
-        weight = state[f"{theirs}.Layer {i}.0.weight"]
-        bias = state[f"{theirs}.Layer {i}.0.bias"]
+        name = f"{theirs}.Layer {i}.0.weight"
+        weight = state[name]
         d_in = n_in if i == 0 else n_hidden
+        extra = weight.shape[1] - d_in
         out[f"{ours}.{i}.w"] = weight[:, :d_in].T
-        if weight.shape[1] > d_in and batches:
-            out[f"{ours}.{i}.wc"] = weight[:, d_in:].T
-        elif weight.shape[1] == d_in + 1:
-            bias = bias + weight[:, d_in]
-        out[f"{ours}.{i}.b"] = bias
+        if first and (i == 0 or every) and n_cov:
+            if extra == n_cov:
+                out[f"{ours}.{i}.wc"] = weight[:, d_in:].T
+            elif extra == 0 and n_cov == 1:
+                # scvi-tools drops the one-hot of a single category: it weighs nothing.
+                out[f"{ours}.{i}.wc"] = np.zeros((1, weight.shape[0]), np.float32)
+            else:
+                raise ValueError(f"{name} has {extra} covariate columns, expected the model's {n_cov} batches")
+        elif extra:
+            raise ValueError(f"{name} has {extra} covariate columns, expected none")
+        out[f"{ours}.{i}.b"] = state[f"{theirs}.Layer {i}.0.bias"]
         for mine, torch_name in (("bn_gamma", "weight"), ("bn_beta", "bias"), ("bn_running_mean", "running_mean"),
                                  ("bn_running_var", "running_var")):
             out[f"{ours}.{i}.{mine}"] = state[f"{theirs}.Layer {i}.1.{torch_name}"]
@@ -203,15 +211,17 @@ def _layers(
 
 
 def tessera_tensors(
-    state: dict[str, np.ndarray], params: dict[str, Any], n_genes: int, batches: bool
+    state: dict[str, np.ndarray], params: dict[str, Any], n_genes: int, n_batches: int
 ) -> list[tuple[str, list[int], np.ndarray]]:
     """scvi-tools' VAE state as tessera's tensors (name, shape, contiguous float32 values);
-    ``batches``: the model was set up with a batch key."""
+    ``n_batches``: the model's batches (0 without a batch key)."""
     n_layers, n_hidden, n_latent = params["n_layers"], params["n_hidden"], params["n_latent"]
+    every = params.get("deeply_inject_covariates", True)
     encoder = (n_layers, n_genes, n_hidden)
-    out = _layers(state, "encoder", "z_encoder.encoder.fc_layers", encoder, batches)
+    seen = (n_batches, params.get("encode_covariates", False), every)
+    out = _layers(state, "encoder", "z_encoder.encoder.fc_layers", encoder, seen)
     decoder = (n_layers, n_latent, n_hidden)
-    out.update(_layers(state, "decoder", "decoder.px_decoder.fc_layers", decoder, batches))
+    out.update(_layers(state, "decoder", "decoder.px_decoder.fc_layers", decoder, (n_batches, True, every)))
     for ours, theirs in (("mean", "mean_encoder"), ("logvar", "var_encoder")):
         out[f"encoder.{ours}.w"] = state[f"z_encoder.{theirs}.weight"].T
         out[f"encoder.{ours}.b"] = state[f"z_encoder.{theirs}.bias"]
