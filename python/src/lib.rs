@@ -523,6 +523,22 @@ impl Model {
         })
     }
 
+    /// Every tensor of the model as (name, shape, float32 values), in name order.
+    fn tensors<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> Vec<(String, Vec<usize>, Bound<'py, PyArray1<f32>>)> {
+        (self.pool.model.named_tensors().into_iter())
+            .map(|(name, shape, values)| {
+                (
+                    name.to_string(),
+                    shape.to_vec(),
+                    PyArray1::from_slice(py, values),
+                )
+            })
+            .collect()
+    }
+
     /// The label classifier's classes (empty without one).
     #[getter]
     fn label_categories(&self) -> Vec<String> {

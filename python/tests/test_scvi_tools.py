@@ -105,3 +105,44 @@ def test_fclayers_covariate_columns_become_wc_or_are_refused():
     state[f"{layer}.0.weight"] = rng.normal(size=(3, 6)).astype(np.float32)
     with pytest.raises(ValueError, match="has 1 covariate columns, expected none"):
         _scvi_tools._layers(state, "encoder", "z", (1, 5, 3), (2, False, True))
+
+
+def _shapes(saved):
+    return {k: getattr(v, "shape", type(v)) for k, v in saved["model_state_dict"].items()}
+
+
+def test_a_tessera_model_saved_for_scvi_tools_has_its_layout_and_reads_back(tmp_path):
+    adata = ad.read_h5ad(DATA / "scvi_default" / "adata.h5ad")
+    del adata.uns["_scvi_uuid"], adata.uns["_scvi_manager_uuid"]
+    tessera.model.SCVI.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
+    model = tessera.model.SCVI(adata, n_hidden=16, n_latent=4, gene_likelihood="zinb")
+    model.train(max_epochs=3, progress_bar=False)
+    model.save_scvi_tools(tmp_path / "out", save_anndata=True)
+    # What scvi-tools' own save of the same setup holds, entry for entry and shape for shape.
+    ours = _scvi_tools.read_model_pt(tmp_path / "out" / "model.pt")
+    theirs = _scvi_tools.read_model_pt(DATA / "scvi_default" / "model.pt")
+    assert _shapes(ours) == _shapes(theirs)
+    assert list(ours["var_names"]) == list(theirs["var_names"])
+    for attr in (ours["attr_dict"], theirs["attr_dict"]):
+        registry = attr["registry_"]
+        assert registry["setup_args"]["batch_key"] == "batch" and registry["model_name"] == "SCVI"
+    mine, reference = (a["attr_dict"]["registry_"]["field_registries"] for a in (ours, theirs))
+    for field in ("batch", "labels"):
+        assert list(mine[field]["state_registry"]["categorical_mapping"]) == list(
+            reference[field]["state_registry"]["categorical_mapping"]
+        )
+    assert ours["attr_dict"]["init_params_"]["non_kwargs"]["gene_likelihood"] == "zinb"
+    assert list(ours["attr_dict"]["history_"]["elbo_train"].iloc[:, 0]) == list(
+        model.history["elbo_train"].iloc[:, 0]
+    )
+    # Read back as scvi-tools' folder: the same model.
+    again = tessera.model.SCVI.load(tmp_path / "out")
+    np.testing.assert_allclose(again.get_latent_representation(), model.get_latent_representation(), atol=1e-6)
+
+    with pytest.raises(ValueError, match="model.pt already exists"):
+        model.save_scvi_tools(tmp_path / "out")
+    model.save_scvi_tools(tmp_path / "out", overwrite=True)
+    other = tessera.model.SCVI(adata, n_hidden=16, n_latent=4, dispersion="gene-cell")
+    other.train(max_epochs=1, progress_bar=False)
+    with pytest.raises(ValueError, match="no counterpart of dispersion='gene-cell'"):
+        other.save_scvi_tools(tmp_path / "other")

@@ -369,6 +369,16 @@ impl ReferenceModel {
         self.tensors.get(name).cloned()
     }
 
+    /// Every tensor by name (parameters and BatchNorm statistics), in name order: what an
+    /// export to another tool renames.
+    pub fn named_tensors(&self) -> Vec<(&str, &[usize], &[f32])> {
+        let mut all: Vec<_> = (self.tensors.iter())
+            .map(|(name, (shape, values))| (name.as_str(), shape.as_slice(), values.as_slice()))
+            .collect();
+        all.sort_by_key(|t| t.0);
+        all
+    }
+
     /// The covariates beside the batch the model trained with (what `Cells` must carry).
     pub fn covariates(&self) -> &Covariates {
         &self.record.covariates

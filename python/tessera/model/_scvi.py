@@ -553,6 +553,82 @@ class SCVI:
         model.is_trained_ = True
         return model
 
+    def save_scvi_tools(
+        self,
+        dir_path: str | os.PathLike[str],
+        overwrite: bool = False,
+        save_anndata: bool = False,
+    ) -> None:
+        """Writes the trained model as ``scvi.model.SCVI.save`` does (``dir_path/model.pt``;
+        with ``save_anndata`` also ``adata.h5ad``) for ``scvi.model.SCVI.load(dir_path,
+        adata)``, which then gives the latent means and expression this model gives. torch is
+        not needed to write it. Only what scvi-tools' SCVI computes: NB, ZINB or Poisson,
+        dispersion ``"gene"`` or ``"gene-batch"``, BatchNorm, the batch as the only covariate
+        (regularisers such as ``mmd_batch_weight`` shaped training and need nothing there).
+        An existing ``model.pt`` is refused unless ``overwrite``."""
+        self._check_trained()
+        m = self._model
+        refused = [
+            f"{key}={m.get(key)!r}"
+            for key, ok in (
+                ("likelihood", m.get("likelihood", "nb") in ("nb", "zinb", "poisson")),
+                ("dispersion", m.get("dispersion", "gene") in ("gene", "gene-batch")),
+                ("batch_norm", m.get("batch_norm", True)),
+                ("var_eps", m.get("var_eps", 1e-4) == 1e-4),
+            )
+            if not ok
+        ]
+        if type(self) is not SCVI or self._setup.get("modalities"):
+            refused.append(f"a {type(self).__name__} model")
+        if any(_anndata.covariate_keys(self._setup)):
+            refused.append("covariates besides the batch")
+        if refused:
+            raise ValueError(f"scvi-tools' SCVI has no counterpart of {', '.join(refused)}")
+        target = Path(dir_path)
+        if (target / "model.pt").exists() and not overwrite:
+            raise ValueError(f"{target / 'model.pt'} already exists: pass overwrite=True or another directory")
+        config = json.loads((Path(self._folder.name) / "config.json").read_text())
+        tensors = {n: v.reshape(shape) for n, shape, v in self._loaded().tensors()}
+        var_names = [str(n) for n in self.adata.var_names]
+        batches = config.get("batch_categories", [])
+        labels_key = self._setup.get("labels_key")
+        labels = _anndata.categorical(self.adata, labels_key)[1] if labels_key else []
+        params = {
+            "n_hidden": m.get("n_hidden", 128),
+            "n_latent": m.get("n_latent", 10),
+            "n_layers": m.get("n_layers", 1),
+            "dropout_rate": m.get("dropout", 0.1),
+            "dispersion": m.get("dispersion", "gene"),
+            "gene_likelihood": m.get("likelihood", "nb"),
+            "latent_distribution": "normal",
+            "use_observed_lib_size": True,
+        }
+        covariates = {
+            "encode_covariates": bool(m.get("encode_covariates", False)),
+            "deeply_inject_covariates": bool(m.get("deeply_inject_covariates", True)),
+        }
+        state = _scvi_tools.scvi_state(tensors, {**params, **covariates}, len(var_names), len(batches))
+        none = np.array([], dtype=np.int64)
+        attr = {
+            "init_params_": {"non_kwargs": params, "kwargs": {"kwargs": covariates}},
+            "registry_": _scvi_tools.registry(
+                self._setup, (self.adata.n_obs, len(var_names)), var_names, batches, labels,
+                _scvi_tools.SCVI_TOOLS_VERSION,
+            ),
+            "history_": dict(self.history_),
+            "is_trained_": True,
+            "train_indices_": none,
+            "validation_indices_": none,
+            "test_indices_": none,
+            "run_id_": "",
+            "run_name_": f"tessera {_tessera.__version__}",
+            "get_normalized_function_name_": "get_normalized_expression",
+        }
+        target.mkdir(parents=True, exist_ok=True)
+        _scvi_tools.write_model_pt(target / "model.pt", state, var_names, attr)
+        if save_anndata:
+            self.adata.write_h5ad(target / "adata.h5ad")
+
     # scvi-tools' model class whose saved folders `load` reads (None: none).
     _SCVI_TOOLS_MODEL: str | None = "SCVI"
 

@@ -235,3 +235,207 @@ def tessera_tensors(
         # gene: one log θ per gene; gene-batch: genes x batches there, batches x genes here.
         out["log_theta"] = state["px_r"].T
     return [(name, list(v.shape), np.ascontiguousarray(v, dtype=np.float32).ravel()) for name, v in out.items()]
+
+
+# -- export: a tessera model as scvi-tools' model.pt ---------------------------------------
+
+# The scvi-tools release whose layout the export writes (bench/requirements-scvi.txt).
+SCVI_TOOLS_VERSION = "1.4.2"
+
+
+class _Global:
+    """A reference to a torch function or class, written by name (torch is not needed)."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __call__(self, *args: Any) -> Any:  # pickle's save_reduce asks for a callable
+        raise TypeError(f"{self.module}.{self.name} is only written, never called here")
+
+
+class _Tensor:
+    def __init__(self, values: np.ndarray, key: int) -> None:
+        # np.array keeps a 0-d tensor 0-d (ascontiguousarray would make it 1-d).
+        self.values, self.key = np.array(values, order="C"), key
+
+
+class _StorageRef:
+    """A tensor's storage: pickled as a reference to its record in the archive."""
+
+    def __init__(self, tensor: _Tensor) -> None:
+        self.tensor = tensor
+
+
+_STORAGE_NAMES = {np.dtype(v): k for k, v in _STORAGES.items()}
+
+
+class _TorchPickler(pickle._Pickler):  # the Python pickler: its save_global can be overridden
+    """Writes torch's pickle of tensors (``_rebuild_tensor_v2`` over storages kept beside the
+    pickle) without torch; everything else is pickled as usual."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, _Global):
+            return obj.name  # a name: save_global below writes it
+        if isinstance(obj, _Tensor):
+            shape = obj.values.shape
+            stride = tuple(s // obj.values.itemsize for s in obj.values.strides)
+            rebuild = _Global("torch._utils", "_rebuild_tensor_v2")
+            return rebuild, (_StorageRef(obj), 0, shape, stride, False, _ordered())
+        return NotImplemented
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, _StorageRef):
+            t = obj.tensor
+            storage = _Global("torch", _STORAGE_NAMES[t.values.dtype])
+            return ("storage", storage, str(t.key), "cpu", t.values.size)
+        return None
+
+    def save_global(self, obj: Any, name: Any = None) -> None:
+        if not isinstance(obj, _Global):
+            super().save_global(obj, name)
+            return
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+        self.memoize(obj)
+
+
+def _ordered() -> Any:
+    from collections import OrderedDict
+
+    return OrderedDict()
+
+
+def write_model_pt(path: Path, state: dict[str, np.ndarray], var_names: list[str], attr: dict[str, Any]) -> None:
+    """``model.pt`` as ``scvi.model.SCVI.save`` writes it: torch's zip archive (records stored,
+    not compressed) of the pickled state dict, gene names and model attributes."""
+    from collections import OrderedDict
+    import io
+
+    tensors = OrderedDict(
+        (name, _Tensor(values, i) if isinstance(values, np.ndarray) else values)
+        for i, (name, values) in enumerate(state.items())
+    )
+    buffer = io.BytesIO()
+    saved = {"model_state_dict": tensors, "var_names": np.array(var_names, dtype=object), "attr_dict": attr}
+    _TorchPickler(buffer, protocol=2).dump(saved)
+    partial = path.with_name(path.name + ".partial")
+    with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("model/data.pkl", buffer.getvalue())
+        z.writestr("model/byteorder", "little")
+        for t in filter(lambda t: isinstance(t, _Tensor), tensors.values()):
+            z.writestr(f"model/data/{t.key}", t.values.astype(t.values.dtype.newbyteorder("<")).tobytes())
+        z.writestr("model/version", "3\n")
+    partial.replace(path)
+
+
+def _fclayers(tensors: dict[str, np.ndarray], ours: str, theirs: str, n_layers: int, keep_cov: bool) -> dict[str, np.ndarray]:
+    """tessera's hidden layers as FCLayers' (the inverse of `_layers`). A one-batch wc, which
+    scvi-tools has no column for, is constant over cells: it joins the bias."""
+    out = {}
+    for i in range(n_layers):
+        w, b = tensors[f"{ours}.{i}.w"].T, tensors[f"{ours}.{i}.b"]
+        wc = tensors.get(f"{ours}.{i}.wc")
+        if wc is not None and keep_cov:
+            w = np.concatenate([w, wc.T], axis=1)
+        elif wc is not None:
+            b = b + wc.sum(axis=0)
+        out[f"{theirs}.Layer {i}.0.weight"] = w
+        out[f"{theirs}.Layer {i}.0.bias"] = b
+        for mine, torch_name in (("bn_gamma", "weight"), ("bn_beta", "bias"), ("bn_running_mean", "running_mean"),
+                                 ("bn_running_var", "running_var")):
+            out[f"{theirs}.Layer {i}.1.{torch_name}"] = tensors[f"{ours}.{i}.{mine}"]
+        out[f"{theirs}.Layer {i}.1.num_batches_tracked"] = np.zeros((), np.int64)
+    return out
+
+
+def _unused_library_encoder(n_in: int, n_hidden: int) -> dict[str, np.ndarray]:
+    """scvi-tools' library encoder, which a model on the observed library size never runs."""
+    prefix = "l_encoder.encoder.fc_layers.Layer 0"
+    return {
+        f"{prefix}.0.weight": np.zeros((n_hidden, n_in), np.float32),
+        f"{prefix}.0.bias": np.zeros(n_hidden, np.float32),
+        f"{prefix}.1.weight": np.ones(n_hidden, np.float32),
+        f"{prefix}.1.bias": np.zeros(n_hidden, np.float32),
+        f"{prefix}.1.running_mean": np.zeros(n_hidden, np.float32),
+        f"{prefix}.1.running_var": np.ones(n_hidden, np.float32),
+        f"{prefix}.1.num_batches_tracked": np.zeros((), np.int64),
+        "l_encoder.mean_encoder.weight": np.zeros((1, n_hidden), np.float32),
+        "l_encoder.mean_encoder.bias": np.zeros(1, np.float32),
+        "l_encoder.var_encoder.weight": np.zeros((1, n_hidden), np.float32),
+        "l_encoder.var_encoder.bias": np.zeros(1, np.float32),
+    }
+
+
+def scvi_state(tensors: dict[str, np.ndarray], params: dict[str, Any], n_genes: int, n_batches: int) -> dict[str, Any]:
+    """tessera's tensors as scvi-tools' VAE state dict (every entry its ``load_state_dict``
+    expects; the heads tessera's model does not run, the library encoder and the per-cell
+    dispersion, zero; ZINB's zero-inflation head zero for NB)."""
+    n_layers, n_hidden = params["n_layers"], params["n_hidden"]
+    keep = n_batches > 1  # scvi-tools gives a single batch no one-hot column
+    state = {}
+    likelihood = params["gene_likelihood"]
+    theta = tensors.get("log_theta")
+    state["px_r"] = np.zeros(n_genes, np.float32) if theta is None else theta.T
+    state.update(_fclayers(tensors, "encoder", "z_encoder.encoder.fc_layers", n_layers, keep))
+    for ours, theirs in (("mean", "mean_encoder"), ("logvar", "var_encoder")):
+        state[f"z_encoder.{theirs}.weight"] = tensors[f"encoder.{ours}.w"].T
+        state[f"z_encoder.{theirs}.bias"] = tensors[f"encoder.{ours}.b"]
+    encoded = n_batches if keep and params.get("encode_covariates") else 0
+    state.update(_unused_library_encoder(n_genes + encoded, n_hidden))
+    state.update(_fclayers(tensors, "decoder", "decoder.px_decoder.fc_layers", n_layers, keep))
+    # The module's extra state (scvi-tools' Pyro parameter store: empty for SCVI).
+    state["pyro_param_store"] = {}
+    state["decoder.px_scale_decoder.0.weight"] = tensors["decoder.main.w"].T
+    state["decoder.px_scale_decoder.0.bias"] = tensors["decoder.main.b"]
+    state["decoder.px_r_decoder.weight"] = np.zeros((n_genes, n_hidden), np.float32)
+    state["decoder.px_r_decoder.bias"] = np.zeros(n_genes, np.float32)
+    if likelihood == "zinb":
+        state["decoder.px_dropout_decoder.weight"] = tensors["decoder.zero_inflation.w"].T
+        state["decoder.px_dropout_decoder.bias"] = tensors["decoder.zero_inflation.b"]
+    else:
+        state["decoder.px_dropout_decoder.weight"] = np.zeros((n_genes, n_hidden), np.float32)
+        state["decoder.px_dropout_decoder.bias"] = np.zeros(n_genes, np.float32)
+    return state
+
+
+def _categorical(key: str | None, categories: list[str], internal: str, count: str) -> dict[str, Any]:
+    """A categorical field's registry entry; without a key scvi-tools registers one category."""
+    mapping = np.array(categories, dtype=object) if key else np.array([0])
+    return {
+        "data_registry": {"attr_name": "obs", "attr_key": internal},
+        "state_registry": {"categorical_mapping": mapping, "original_key": key or internal},
+        "summary_stats": {count: len(mapping)},
+    }
+
+
+def registry(setup: dict[str, Any], shape: tuple[int, int], var_names: list[str], batches: list[str],
+             labels: list[str], version: str) -> dict[str, Any]:
+    """scvi-tools' ``registry_`` of an SCVI set up with ``setup`` (what ``SCVI.load`` replays
+    onto the AnnData it is given)."""
+    import uuid
+
+    n_obs, n_vars = shape
+    layer = setup.get("layer")
+    fields = {
+        "X": {
+            "data_registry": {"attr_name": "layers" if layer else "X", "attr_key": layer},
+            "state_registry": {"n_obs": n_obs, "n_vars": n_vars, "column_names": np.array(var_names, dtype=object)},
+            "summary_stats": {"n_vars": n_vars, "n_cells": n_obs},
+        },
+        "batch": _categorical(setup.get("batch_key"), batches, "_scvi_batch", "n_batch"),
+        "labels": _categorical(setup.get("labels_key"), labels, "_scvi_labels", "n_labels"),
+        "size_factor": {"data_registry": {}, "state_registry": {}, "summary_stats": {}},
+        "extra_categorical_covs": {"data_registry": {}, "state_registry": {},
+                                   "summary_stats": {"n_extra_categorical_covs": 0}},
+        "extra_continuous_covs": {"data_registry": {}, "state_registry": {},
+                                  "summary_stats": {"n_extra_continuous_covs": 0}},
+    }
+    return {
+        "scvi_version": version,
+        "model_name": "SCVI",
+        "setup_args": {"layer": layer, "batch_key": setup.get("batch_key"), "labels_key": setup.get("labels_key"),
+                       "size_factor_key": None, "categorical_covariate_keys": None,
+                       "continuous_covariate_keys": None},
+        "field_registries": fields,
+        "setup_method_name": "setup_anndata",
+        "_scvi_uuid": str(uuid.uuid4()),
+    }
