@@ -178,6 +178,11 @@ def categories(registry: dict[str, Any], field: str) -> list[str]:
     return [] if mapping is None else [str(c) for c in mapping]
 
 
+# tessera's BatchNorm tensors and torch's BatchNorm1d entries.
+_BATCH_NORM = (("bn_gamma", "weight"), ("bn_beta", "bias"), ("bn_running_mean", "running_mean"),
+               ("bn_running_var", "running_var"))
+
+
 def _layers(
     state: dict[str, np.ndarray], ours: str, theirs: str, dims: tuple[int, int, int], covariates: tuple[int, bool, bool]
 ) -> dict[str, np.ndarray]:
@@ -204,8 +209,7 @@ def _layers(
         elif extra:
             raise ValueError(f"{name} has {extra} covariate columns, expected none")
         out[f"{ours}.{i}.b"] = state[f"{theirs}.Layer {i}.0.bias"]
-        for mine, torch_name in (("bn_gamma", "weight"), ("bn_beta", "bias"), ("bn_running_mean", "running_mean"),
-                                 ("bn_running_var", "running_var")):
+        for mine, torch_name in _BATCH_NORM:
             out[f"{ours}.{i}.{mine}"] = state[f"{theirs}.Layer {i}.1.{torch_name}"]
     return out
 
@@ -340,8 +344,7 @@ def _fclayers(tensors: dict[str, np.ndarray], ours: str, theirs: str, n_layers: 
             b = b + wc.sum(axis=0)
         out[f"{theirs}.Layer {i}.0.weight"] = w
         out[f"{theirs}.Layer {i}.0.bias"] = b
-        for mine, torch_name in (("bn_gamma", "weight"), ("bn_beta", "bias"), ("bn_running_mean", "running_mean"),
-                                 ("bn_running_var", "running_var")):
+        for mine, torch_name in _BATCH_NORM:
             out[f"{theirs}.Layer {i}.1.{torch_name}"] = tensors[f"{ours}.{i}.{mine}"]
         out[f"{theirs}.Layer {i}.1.num_batches_tracked"] = np.zeros((), np.int64)
     return out
