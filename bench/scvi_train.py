@@ -65,7 +65,7 @@ n_train = len(model.train_indices)
 history = model.history
 last = lambda key: float(np.asarray(history[key]).ravel()[-1])
 if args.history:
-    keys = ["elbo_validation", "reconstruction_loss_validation", "kl_local_validation"]
+    keys = ["elbo_validation", "reconstruction_loss_validation", "kl_local_validation", "elbo_train"]
     table = {k: np.asarray(history[k]).ravel() for k in keys}
     with open(args.history, "w") as f:
         f.write("epoch," + ",".join(keys) + "\n")

@@ -36,7 +36,8 @@ SCIB = [("silhouette_label", "cell-type ASW"), ("nmi", "NMI"), ("ari", "ARI"), (
 ROWS = [("cells_per_s", "training cells/s", "{:.0f}"), ("validation_elbo", "validation -ELBO", "{:.2f}"),
         ("validation_elbo_last10", "  mean of last 10 epochs", "{:.2f}"),
         ("validation_reconstruction", "  reconstruction", "{:.2f}"), ("validation_kl", "  KL", "{:.2f}"),
-        ("jumpiness", "  |Δ| per epoch, last 20", "{:.2f}")] + [(k, n, "{:.4f}") for k, n in SCIB] + [
+        ("jumpiness", "  |Δ| per epoch, last 20", "{:.2f}"),
+        ("train_elbo_last10", "training -ELBO, last 10", "{:.2f}")] + [(k, n, "{:.4f}") for k, n in SCIB] + [
         ("label_accuracy", "accuracy, unlabelled cells", "{:.4f}"),
         ("in_scvi_latent_diff", "in scvi-tools: latent max|Δ|", "{:.1e}"),
         ("in_scvi_elbo_diff", "in scvi-tools: -ELBO Δ", "{:.2f}")]
@@ -111,15 +112,21 @@ def tessera_run(run, arm):
     seconds = sum(float(r["seconds"]) for r in rows)
     cells = sum(float(r["cells_per_second"]) * float(r["seconds"]) for r in rows)
     curve = [float(r["validation_reconstruction"]) + float(r["validation_kl"]) for r in rows]
+    train = [float(r["train_reconstruction"]) + float(r["train_kl"]) for r in rows]
     last = rows[-1]
     return {"cells_per_s": cells / seconds, "validation_elbo": curve[-1],
+            "train_elbo_last10": statistics.fmean(train[-10:]),
             "validation_reconstruction": float(last["validation_reconstruction"]),
             "validation_kl": float(last["validation_kl"]), "curve": curve}
 
 
 def scvi_run(run):
     out = last_json(f"{run}/scvi.json")
-    out["curve"] = [float(r["elbo_validation"]) for r in csv.DictReader(open(f"{run}/scvi_history.csv"))]
+    rows = list(csv.DictReader(open(f"{run}/scvi_history.csv")))
+    out["curve"] = [float(r["elbo_validation"]) for r in rows]
+    # Older runs kept the validation terms only.
+    train = [float(r["elbo_train"]) for r in rows if r.get("elbo_train")]
+    out["train_elbo_last10"] = statistics.fmean(train[-10:]) if train else None
     return out
 
 
@@ -194,6 +201,7 @@ def report(work, arms, seeds):
 
 # Paired comparisons: (key, name, higher is better).
 PAIRED = [("validation_elbo_last10", "-ELBO, mean of last 10", False), ("validation_elbo", "-ELBO, last epoch", False),
+          ("train_elbo_last10", "training -ELBO, last 10", False),
           ("nmi", "NMI", True), ("ari", "ARI", True), ("silhouette_label", "cell-type ASW", True),
           ("ilisi", "iLISI", True), ("bio_conservation", "bio conservation", True),
           ("batch_correction", "batch correction", True), ("total", "scIB total", True)]
