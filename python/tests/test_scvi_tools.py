@@ -70,41 +70,34 @@ def test_what_cannot_be_imported_is_refused_by_name(tmp_path):
 
 
 class _Payload:
+    """Unpickled, calls `function` (a module-level name) on `argument`."""
+
+    def __init__(self, function, argument):
+        self.function, self.argument = function, argument
+
     def __reduce__(self):
-        import os
-
-        return (os.system, ("touch pwned",))
+        return (_scvi_tools._Global(*self.function), self.argument)
 
 
-def test_a_model_file_cannot_run_code(tmp_path):
+@pytest.mark.parametrize(
+    "function, argument",
+    [
+        (("posix", "system"), ("touch pwned",)),
+        # numpy and pandas are allowed by name, not as modules: this one runs a string.
+        (("numpy.testing._private.utils", "runstring"), ("open('pwned', 'w')", {})),
+        (("pandas", "read_pickle"), ("pwned.pkl",)),
+    ],
+)
+def test_a_model_file_cannot_run_code(tmp_path, function, argument):
     folder = tmp_path / "evil"
     folder.mkdir()
+    buffer = __import__("io").BytesIO()
+    _scvi_tools._TorchPickler(buffer, protocol=2).dump({"model_state_dict": _Payload(function, argument)})
     with zipfile.ZipFile(folder / "model.pt", "w") as z:
-        z.writestr("model/data.pkl", pickle.dumps({"model_state_dict": _Payload()}, protocol=2))
-    with pytest.raises(pickle.UnpicklingError, match="system object, which tessera does not read"):
+        z.writestr("model/data.pkl", buffer.getvalue())
+    with pytest.raises(pickle.UnpicklingError, match=f"refers to {function[0]}.{function[1]}, which tessera"):
         tessera.model.SCVI.load(folder, ad.read_h5ad(DATA / "scvi_default" / "adata.h5ad"))
     assert not Path("pwned").exists() and not (tmp_path / "pwned").exists()
-
-
-def test_fclayers_covariate_columns_become_wc_or_are_refused():
-    rng = np.random.default_rng(0)
-    layer = "z.Layer 0"
-    state = {f"{layer}.0.bias": np.zeros(3, np.float32)}
-    state.update({f"{layer}.1.{k}": np.ones(3, np.float32) for k in ("weight", "bias", "running_mean", "running_var")})
-    # Two batches: the one-hot columns after the input are wc.
-    state[f"{layer}.0.weight"] = rng.normal(size=(3, 5 + 2)).astype(np.float32)
-    out = _scvi_tools._layers(state, "decoder", "z", (1, 5, 3), (2, True, True))
-    np.testing.assert_array_equal(out["decoder.0.wc"], state[f"{layer}.0.weight"][:, 5:].T)
-    assert out["decoder.0.w"].shape == (5, 3)
-    # One batch: scvi-tools keeps no column for it, tessera a column of zeros.
-    state[f"{layer}.0.weight"] = rng.normal(size=(3, 5)).astype(np.float32)
-    out = _scvi_tools._layers(state, "decoder", "z", (1, 5, 3), (1, True, True))
-    np.testing.assert_array_equal(out["decoder.0.wc"], np.zeros((1, 3)))
-    with pytest.raises(ValueError, match="z.Layer 0.0.weight has 0 covariate columns, expected the model's 3"):
-        _scvi_tools._layers(state, "decoder", "z", (1, 5, 3), (3, True, True))
-    state[f"{layer}.0.weight"] = rng.normal(size=(3, 6)).astype(np.float32)
-    with pytest.raises(ValueError, match="has 1 covariate columns, expected none"):
-        _scvi_tools._layers(state, "encoder", "z", (1, 5, 3), (2, False, True))
 
 
 def _shapes(saved):
@@ -146,3 +139,24 @@ def test_a_tessera_model_saved_for_scvi_tools_has_its_layout_and_reads_back(tmp_
     other.train(max_epochs=1, progress_bar=False)
     with pytest.raises(ValueError, match="no counterpart of dispersion='gene-cell'"):
         other.save_scvi_tools(tmp_path / "other")
+def test_fclayers_covariate_columns_become_wc_or_are_refused():
+    rng = np.random.default_rng(0)
+    layer = "z.Layer 0"
+    state = {f"{layer}.0.bias": np.zeros(3, np.float32)}
+    state.update({f"{layer}.1.{k}": np.ones(3, np.float32) for k in ("weight", "bias", "running_mean", "running_var")})
+    # Two batches: the one-hot columns after the input are wc.
+    state[f"{layer}.0.weight"] = rng.normal(size=(3, 5 + 2)).astype(np.float32)
+    out = _scvi_tools._layers(state, "decoder", "z", (1, 5, 3), (2, True, True))
+    np.testing.assert_array_equal(out["decoder.0.wc"], state[f"{layer}.0.weight"][:, 5:].T)
+    assert out["decoder.0.w"].shape == (5, 3)
+    # One batch: scvi-tools keeps no column for it, tessera a column of zeros.
+    state[f"{layer}.0.weight"] = rng.normal(size=(3, 5)).astype(np.float32)
+    out = _scvi_tools._layers(state, "decoder", "z", (1, 5, 3), (1, True, True))
+    np.testing.assert_array_equal(out["decoder.0.wc"], np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="z.Layer 0.0.weight has 0 covariate columns, expected the model's 3"):
+        _scvi_tools._layers(state, "decoder", "z", (1, 5, 3), (3, True, True))
+    state[f"{layer}.0.weight"] = rng.normal(size=(3, 6)).astype(np.float32)
+    with pytest.raises(ValueError, match="has 1 covariate columns, expected none"):
+        _scvi_tools._layers(state, "encoder", "z", (1, 5, 3), (2, False, True))
+
+

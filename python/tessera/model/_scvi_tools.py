@@ -4,8 +4,8 @@ trained by ``scvi.model.SCVI``.
 
 ``model.pt`` is a torch archive: a zip holding a pickle whose tensors point at raw storages
 beside it. It is read with a restricted unpickler that rebuilds tensors as numpy arrays and
-allows only numpy, pandas and plain containers otherwise, so loading a model runs no code of
-the file's choosing and needs no torch.
+allows only the numpy, pandas and container classes such a file holds, named one by one, so
+loading a model runs no code of the file's choosing and needs no torch.
 """
 
 from __future__ import annotations
@@ -29,31 +29,26 @@ _STORAGES = {
     "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
-# Plain classes a saved model's attributes may hold besides numpy's and pandas'.
-_PLAIN = {
+# Everything else a scvi-tools model.pt refers to (its model attributes: numpy arrays, pandas
+# DataFrames of the history, plain containers). Named one by one: numpy and pandas also hold
+# functions that run code or read other pickles, which a module-wide allowance would let in.
+_ALLOWED = {
+    *(("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "slice", "int", "float",
+                               "complex", "str", "bytes", "bytearray", "bool")),
     ("collections", "OrderedDict"),
     ("collections", "defaultdict"),
-    ("builtins", "dict"),
-    ("builtins", "list"),
-    ("builtins", "tuple"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "slice"),
-    ("builtins", "object"),
-    ("builtins", "int"),
-    ("builtins", "float"),
-    ("builtins", "complex"),
-    ("builtins", "str"),
-    ("builtins", "bytes"),
-    ("builtins", "bool"),
-    ("builtins", "range"),
-    ("copyreg", "_reconstructor"),
-    # How protocol 2 writes bytes (numpy arrays' data).
-    ("_codecs", "encode"),
-    ("builtins", "bytearray"),
-    ("datetime", "datetime"),
-    ("datetime", "date"),
-    ("datetime", "timedelta"),
+    ("_codecs", "encode"),  # how protocol 2 writes bytes (numpy arrays' data)
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+    *((m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")),
+    ("pandas.core.frame", "DataFrame"),
+    ("pandas.core.series", "Series"),
+    ("pandas.core.internals.managers", "BlockManager"),
+    ("pandas.core.internals.managers", "SingleBlockManager"),
+    ("pandas._libs.internals", "_unpickle_block"),
+    ("pandas.core.indexes.base", "Index"),
+    ("pandas.core.indexes.base", "_new_Index"),
+    ("pandas.core.indexes.range", "RangeIndex"),
 }
 
 
@@ -89,11 +84,11 @@ class _Unpickler(pickle.Unpickler):
             return _rebuild_tensor
         if (module, name) == ("torch._utils", "_rebuild_parameter"):
             return _rebuild_parameter
-        if module.split(".")[0] in ("numpy", "pandas") or (module, name) in _PLAIN:
+        if (module, name) in _ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(
-            f"{self._path} holds a {module}.{name} object, which tessera does not read "
-            "(a scvi-tools model holds tensors, numpy and pandas objects)"
+            f"{self._path} refers to {module}.{name}, which tessera does not read "
+            "(a scvi-tools model holds tensors, numpy arrays, pandas tables and containers)"
         )
 
     def persistent_load(self, pid: Any) -> np.ndarray:
