@@ -53,6 +53,10 @@ def test_what_cannot_be_imported_is_refused_by_name(tmp_path):
     adata = ad.read_h5ad(DATA / "scvi_default" / "adata.h5ad")
     with pytest.raises(ValueError, match="genes of .*model.pt"):
         tessera.model.SCVI.load(DATA / "scvi_default", adata[:, :20].copy())
+    other = adata.copy()
+    tessera.model.SCVI.setup_anndata(other, batch_key="cell_type")
+    with pytest.raises(ValueError, match="set up with batch_key='cell_type', the model in .* with batch_key='batch'"):
+        tessera.model.SCVI.load(DATA / "scvi_default", other)
     with pytest.raises(ValueError, match="scvi-tools SCVI model: tessera.model.SCANVI.load"):
         tessera.model.SCANVI.load(DATA / "scvi_default", adata)
     attr = {"init_params_": {"non_kwargs": {"n_latent": 4, "latent_distribution": "ln"}}}

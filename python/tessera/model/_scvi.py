@@ -665,6 +665,13 @@ class SCVI:
                 batch_key=setup.get("batch_key"),
                 labels_key=setup.get("labels_key"),
             )
+        registered = _anndata.setup_of(adata)
+        for key in ("layer", "batch_key"):
+            if registered.get(key) != setup.get(key):
+                raise ValueError(
+                    f"adata is set up with {key}={registered.get(key)!r}, the model in {path} "
+                    f"with {key}={setup.get(key)!r}"
+                )
         model = cls(
             adata,
             **{k: params[k] for k in ("n_hidden", "n_latent", "n_layers", "dropout_rate")},
