@@ -567,17 +567,7 @@ class SCVI:
         (regularisers such as ``mmd_batch_weight`` shaped training and need nothing there).
         An existing ``model.pt`` is refused unless ``overwrite``."""
         self._check_trained()
-        m = self._model
-        refused = [
-            f"{key}={m.get(key)!r}"
-            for key, ok in (
-                ("likelihood", m.get("likelihood", "nb") in ("nb", "zinb", "poisson")),
-                ("dispersion", m.get("dispersion", "gene") in ("gene", "gene-batch")),
-                ("batch_norm", m.get("batch_norm", True)),
-                ("var_eps", m.get("var_eps", 1e-4) == 1e-4),
-            )
-            if not ok
-        ]
+        refused = _scvi_tools.export_refusals(self._model)
         if type(self) is not SCVI or self._setup.get("modalities"):
             refused.append(f"a {type(self).__name__} model")
         if any(_anndata.covariate_keys(self._setup)):
@@ -590,40 +580,12 @@ class SCVI:
         config = json.loads((Path(self._folder.name) / "config.json").read_text())
         tensors = {n: v.reshape(shape) for n, shape, v in self._loaded().tensors()}
         var_names = [str(n) for n in self.adata.var_names]
-        batches = config.get("batch_categories", [])
         labels_key = self._setup.get("labels_key")
         labels = _anndata.categorical(self.adata, labels_key)[1] if labels_key else []
-        params = {
-            "n_hidden": m.get("n_hidden", 128),
-            "n_latent": m.get("n_latent", 10),
-            "n_layers": m.get("n_layers", 1),
-            "dropout_rate": m.get("dropout", 0.1),
-            "dispersion": m.get("dispersion", "gene"),
-            "gene_likelihood": m.get("likelihood", "nb"),
-            "latent_distribution": "normal",
-            "use_observed_lib_size": True,
-        }
-        covariates = {
-            "encode_covariates": bool(m.get("encode_covariates", False)),
-            "deeply_inject_covariates": bool(m.get("deeply_inject_covariates", True)),
-        }
-        state = _scvi_tools.scvi_state(tensors, {**params, **covariates}, len(var_names), len(batches))
-        none = np.array([], dtype=np.int64)
-        attr = {
-            "init_params_": {"non_kwargs": params, "kwargs": {"kwargs": covariates}},
-            "registry_": _scvi_tools.registry(
-                self._setup, (self.adata.n_obs, len(var_names)), var_names, batches, labels,
-                _scvi_tools.SCVI_TOOLS_VERSION,
-            ),
-            "history_": dict(self.history_),
-            "is_trained_": True,
-            "train_indices_": none,
-            "validation_indices_": none,
-            "test_indices_": none,
-            "run_id_": "",
-            "run_name_": f"tessera {_tessera.__version__}",
-            "get_normalized_function_name_": "get_normalized_expression",
-        }
+        state, attr = _scvi_tools.exported(
+            self._model, tensors, self._setup, (self.adata.n_obs, var_names),
+            (config.get("batch_categories", []), labels), self.history_,
+        )
         target.mkdir(parents=True, exist_ok=True)
         _scvi_tools.write_model_pt(target / "model.pt", state, var_names, attr)
         if save_anndata:
@@ -638,8 +600,7 @@ class SCVI:
         a tessera model folder; its reference cells are ``adata``'s."""
         path = source / "model.pt"
         saved = _scvi_tools.read_model_pt(path)
-        attr = saved["attr_dict"]
-        registry = attr.get("registry_", {})
+        registry = saved["attr_dict"].get("registry_", {})
         kind = registry.get("model_name")
         if cls._SCVI_TOOLS_MODEL is None or kind != cls._SCVI_TOOLS_MODEL:
             raise ValueError(
@@ -647,12 +608,27 @@ class SCVI:
                 f"reads {cls._SCVI_TOOLS_MODEL or 'tessera'} models (scvi-tools' SCVI: "
                 "tessera.model.SCVI.load)"
             )
-        params = _scvi_tools.init_params(attr, path)
+        params = _scvi_tools.init_params(saved["attr_dict"], path)
         setup = registry.get("setup_args", {})
         _scvi_tools.check_setup(setup, path)
+        adata = _read_saved_anndata(source) if adata is None else adata
+        adata = cls._registered_like(adata, saved, setup, path)
+        model = cls(
+            adata,
+            **{k: params[k] for k in ("n_hidden", "n_latent", "n_layers", "dropout_rate")},
+            dispersion=params.get("dispersion", "gene"),
+            gene_likelihood=params.get("gene_likelihood", "zinb"),
+            encode_covariates=params.get("encode_covariates", False),
+            deeply_inject_covariates=params.get("deeply_inject_covariates", True),
+        )
+        model._take_scvi_tools_weights(saved, params, setup, path)
+        return model
+
+    @classmethod
+    def _registered_like(cls, adata: Any, saved: dict[str, Any], setup: dict[str, Any], path: Path) -> Any:
+        """``adata`` checked against the saved model's genes, and registered with its setup
+        (refused when it is registered otherwise)."""
         var_names = [str(v) for v in saved["var_names"]]
-        if adata is None:
-            adata = _read_saved_anndata(source)
         if [str(v) for v in adata.var_names] != var_names:
             raise ValueError(
                 f"adata's {adata.n_vars} genes are not the {len(var_names)} genes of {path} in "
@@ -672,48 +648,45 @@ class SCVI:
                     f"adata is set up with {key}={registered.get(key)!r}, the model in {path} "
                     f"with {key}={setup.get(key)!r}"
                 )
-        model = cls(
-            adata,
-            **{k: params[k] for k in ("n_hidden", "n_latent", "n_layers", "dropout_rate")},
-            dispersion=params.get("dispersion", "gene"),
-            gene_likelihood=params.get("gene_likelihood", "zinb"),
-            encode_covariates=params.get("encode_covariates", False),
-            deeply_inject_covariates=params.get("deeply_inject_covariates", True),
-        )
+        return adata
+
+    def _take_scvi_tools_weights(
+        self, saved: dict[str, Any], params: dict[str, Any], setup: dict[str, Any], path: Path
+    ) -> None:
+        """Writes the engine's model folder from scvi-tools' weights, embeds ``adata`` as its
+        reference cells and marks the model trained (with scvi-tools' history)."""
+        attr, registry = saved["attr_dict"], saved["attr_dict"].get("registry_", {})
+        var_names = [str(v) for v in saved["var_names"]]
         batch_key, labels_key = setup.get("batch_key"), setup.get("labels_key")
         labels = _scvi_tools.categories(registry, "labels") if labels_key else []
         batches = _scvi_tools.categories(registry, "batch") if batch_key else []
         record = {
             "data": str(path),
-            "imported_from": f"scvi-tools {registry.get('scvi_version')} {kind}",
+            "imported_from": f"scvi-tools {registry.get('scvi_version')} {registry.get('model_name')}",
             "modalities": [["X", len(var_names)]],
             "batch_key": batch_key,
             "label_key": labels_key,
-            "n_obs": adata.n_obs,
+            "n_obs": self.adata.n_obs,
             "batch_categories": batches,
             "label_categories": labels,
             "covariates": {"categorical": [], "continuous": []},
-            "model": model._model,
+            "model": self._model,
             "train": {},
         }
-        tensors = _scvi_tools.tessera_tensors(
-            saved["model_state_dict"], params, len(var_names), len(batches)
-        )
-        folder = model._folder.name
+        tensors = _scvi_tools.tessera_tensors(saved["model_state_dict"], params, len(var_names), len(batches))
+        folder = self._folder.name
         _tessera.write_imported_model(
             folder, json.dumps(record), tensors, {"X": var_names}, (batch_key, labels_key), labels
         )
-        latent = model._encode(adata)
-        codes = _label_codes(adata, labels_key, labels)
-        _tessera.set_reference_latent(folder, latent, codes)
-        model._engine = None  # reopened with the reference cells
-        model._embedding = latent
-        model._report = {"history": []}
-        model.history_ = {
+        latent = self._encode(self.adata)
+        _tessera.set_reference_latent(folder, latent, _label_codes(self.adata, labels_key, labels))
+        self._engine = None  # reopened with the reference cells
+        self._embedding = latent
+        self._report = {"history": []}
+        self.history_ = {
             k: v for k, v in attr.get("history_", {}).items() if isinstance(v, pd.DataFrame)
         }
-        model.is_trained_ = True
-        return model
+        self.is_trained_ = True
 
     # -- query mapping (scArches) ---------------------------------------------------------
 

@@ -437,3 +437,57 @@ def registry(setup: dict[str, Any], shape: tuple[int, int], var_names: list[str]
         "setup_method_name": "setup_anndata",
         "_scvi_uuid": str(uuid.uuid4()),
     }
+
+
+def export_refusals(model: dict[str, Any]) -> list[str]:
+    """The ``[model]`` settings scvi-tools' SCVI has no counterpart of, as ``key=value``."""
+    checks = (
+        ("likelihood", model.get("likelihood", "nb") in ("nb", "zinb", "poisson")),
+        ("dispersion", model.get("dispersion", "gene") in ("gene", "gene-batch")),
+        ("batch_norm", model.get("batch_norm", True)),
+        ("var_eps", model.get("var_eps", 1e-4) == 1e-4),
+    )
+    return [f"{key}={model.get(key)!r}" for key, ok in checks if not ok]
+
+
+def exported(
+    model: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+    setup: dict[str, Any],
+    cells: tuple[int, list[str]],
+    categories: tuple[list[str], list[str]],
+    history: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """scvi-tools' state dict and model attributes of a tessera SCVI (its ``[model]`` table,
+    tensors and setup; ``cells``: the AnnData's cell count and genes; ``categories``: the
+    model's batches and the labels' classes)."""
+    (n_obs, var_names), (batches, labels) = cells, categories
+    params = {
+        "n_hidden": model.get("n_hidden", 128),
+        "n_latent": model.get("n_latent", 10),
+        "n_layers": model.get("n_layers", 1),
+        "dropout_rate": model.get("dropout", 0.1),
+        "dispersion": model.get("dispersion", "gene"),
+        "gene_likelihood": model.get("likelihood", "nb"),
+        "latent_distribution": "normal",
+        "use_observed_lib_size": True,
+    }
+    covariates = {
+        "encode_covariates": bool(model.get("encode_covariates", False)),
+        "deeply_inject_covariates": bool(model.get("deeply_inject_covariates", True)),
+    }
+    state = scvi_state(tensors, {**params, **covariates}, len(var_names), len(batches))
+    none = np.array([], dtype=np.int64)
+    attr = {
+        "init_params_": {"non_kwargs": params, "kwargs": {"kwargs": covariates}},
+        "registry_": registry(setup, (n_obs, len(var_names)), var_names, batches, labels, SCVI_TOOLS_VERSION),
+        "history_": dict(history),
+        "is_trained_": True,
+        "train_indices_": none,
+        "validation_indices_": none,
+        "test_indices_": none,
+        "run_id_": "",
+        "run_name_": "tessera",
+        "get_normalized_function_name_": "get_normalized_expression",
+    }
+    return state, attr
