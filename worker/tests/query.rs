@@ -344,15 +344,7 @@ fn a_cancelled_mapping_stops_and_leaves_the_store_untouched() {
     batches.extend(output.report.new_batches.iter().cloned());
     assert_eq!(summary.batches, batches);
     assert_eq!(summary.reference_cells, 300);
-    let mut encoder = query_model.encoder(tessera_kernels::backend::Cpu).unwrap();
-    let z = query_model
-        .encode(&mut encoder, &reference_cells(&query, true))
-        .unwrap();
-    let worst = z
-        .iter()
-        .zip(&output.embedding[..1500])
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let worst = encoding_gap(&query_model, &query, &output.embedding);
     assert!(worst < 1e-4, "the saved query model encodes {worst} away");
     assert!(
         output.report.label_accuracy.unwrap() > 0.85,
@@ -366,6 +358,19 @@ fn a_cancelled_mapping_stops_and_leaves_the_store_untouched() {
             .unwrap()
             .contains(&"X_tessera".to_string())
     );
+}
+
+/// The largest difference between `model`'s latent means of the first 150 cells of `data`
+/// (genes by name) and `expected` (cells x 10, row-major).
+fn encoding_gap(model: &ReferenceModel, data: &str, expected: &[f32]) -> f32 {
+    let mut encoder = model.encoder(tessera_kernels::backend::Cpu).unwrap();
+    let z = model
+        .encode(&mut encoder, &reference_cells(data, true))
+        .unwrap();
+    z.iter()
+        .zip(&expected[..1500])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
 }
 
 /// The reference store's cells (first 150) as an encode request.
@@ -546,15 +551,7 @@ fn an_imported_model_embeds_like_the_original_and_refuses_foreign_tensors() {
     write(&tensors).unwrap();
 
     let model = ReferenceModel::open(&folder.display().to_string()).unwrap();
-    let mut encoder = model.encoder(tessera_kernels::backend::Cpu).unwrap();
-    let z = model
-        .encode(&mut encoder, &reference_cells(&data, true))
-        .unwrap();
-    let worst = z
-        .iter()
-        .zip(&original.latent[..1500])
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let worst = encoding_gap(&model, &data, &original.latent);
     assert!(
         worst < 1e-4,
         "the imported model's latent differs by {worst}"
