@@ -10,8 +10,11 @@ loading a model runs no code of the file's choosing and needs no torch.
 
 from __future__ import annotations
 
+import io
 import pickle
+import uuid
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -279,7 +282,7 @@ class _TorchPickler(pickle._Pickler):  # the Python pickler: its save_global can
             shape = obj.values.shape
             stride = tuple(s // obj.values.itemsize for s in obj.values.strides)
             rebuild = _Global("torch._utils", "_rebuild_tensor_v2")
-            return rebuild, (_StorageRef(obj), 0, shape, stride, False, _ordered())
+            return rebuild, (_StorageRef(obj), 0, shape, stride, False, OrderedDict())
         return NotImplemented
 
     def persistent_id(self, obj: Any) -> Any:
@@ -297,18 +300,9 @@ class _TorchPickler(pickle._Pickler):  # the Python pickler: its save_global can
         self.memoize(obj)
 
 
-def _ordered() -> Any:
-    from collections import OrderedDict
-
-    return OrderedDict()
-
-
 def write_model_pt(path: Path, state: dict[str, np.ndarray], var_names: list[str], attr: dict[str, Any]) -> None:
     """``model.pt`` as ``scvi.model.SCVI.save`` writes it: torch's zip archive (records stored,
     not compressed) of the pickled state dict, gene names and model attributes."""
-    from collections import OrderedDict
-    import io
-
     tensors = OrderedDict(
         (name, _Tensor(values, i) if isinstance(values, np.ndarray) else values)
         for i, (name, values) in enumerate(state.items())
@@ -409,8 +403,6 @@ def registry(setup: dict[str, Any], shape: tuple[int, int], var_names: list[str]
              labels: list[str], version: str) -> dict[str, Any]:
     """scvi-tools' ``registry_`` of an SCVI set up with ``setup`` (what ``SCVI.load`` replays
     onto the AnnData it is given)."""
-    import uuid
-
     n_obs, n_vars = shape
     layer = setup.get("layer")
     fields = {
