@@ -198,6 +198,44 @@ fn bad_inputs_are_named() {
     );
 }
 
+/// The recipes in bench/recipes are what README and docs/benchmarks.md tell users to pass as
+/// `--config`: each must parse, validate and change something from the defaults.
+#[test]
+fn every_recipe_is_a_valid_config() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/recipes");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config = FitConfig::from_toml(&text, &path.display().to_string()).unwrap();
+        config.model.validate().unwrap();
+        assert_ne!(config, FitConfig::default(), "{}", path.display());
+        names.push(path.file_name().unwrap().to_string_lossy().into_owned());
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "hard.toml",
+            "missing_modality.toml",
+            "multiome.toml",
+            "scanvi.toml"
+        ]
+    );
+    let multiome = std::fs::read_to_string(dir.join("multiome.toml")).unwrap();
+    let model = FitConfig::from_toml(&multiome, "multiome.toml")
+        .unwrap()
+        .model;
+    assert_eq!(
+        (
+            model.n_latent,
+            model.jeffreys_weight,
+            model.adversarial_batch_weight
+        ),
+        (6, 1.0, 1.0)
+    );
+}
+
 /// A simulated mosaic CITE-seq + accessibility store: 3 batches, 6 cell types, protein and
 /// accessibility each missing in 30% of cells.
 fn mosaic_store(dir: &Path) -> String {
