@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import _tessera
+
 # torch's storage classes → numpy dtypes (little-endian, as torch writes them here).
 _STORAGES = {
     "FloatStorage": np.float32,
@@ -479,7 +481,7 @@ def exported(
         "validation_indices_": none,
         "test_indices_": none,
         "run_id_": "",
-        "run_name_": "tessera",
+        "run_name_": f"tessera {_tessera.__version__}",
         "get_normalized_function_name_": "get_normalized_expression",
     }
     return state, attr
