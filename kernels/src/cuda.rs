@@ -96,6 +96,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     blas: std::sync::OnceLock<cudarc::cublas::CudaBlas>,
+    /// The copy stream and its buffers, made at the first staged upload.
+    staging: std::sync::OnceLock<Arc<crate::cuda_staging::Staging>>,
     tf32: bool,
 }
 
@@ -123,6 +125,11 @@ impl Gpu {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(driver("creating the context"))?;
+        // SAFETY: nothing is allocated yet. Our ops share one stream and the copy stream is
+        // ordered by explicit events (`cuda_staging`), so cudarc's per-buffer events (two made
+        // with every allocation, recorded at every launch once a second stream exists) would
+        // only cost time.
+        unsafe { ctx.disable_event_tracking() };
         if let Err(e) = keep_freed_memory(&ctx) {
             // Still correct, only slower: freed blocks go back to the driver at each sync.
             tracing::warn!("device {ordinal}: the memory pool keeps no freed memory: {e}");
@@ -133,6 +140,7 @@ impl Gpu {
             stream,
             modules: Mutex::new(HashMap::new()),
             blas: std::sync::OnceLock::new(),
+            staging: std::sync::OnceLock::new(),
             tf32: false,
         })
     }
@@ -238,6 +246,16 @@ impl Gpu {
             .map_err(failed)?;
         }
         Ok(self.blas.get_or_init(|| handle))
+    }
+
+    /// The copy stream for uploads queued from another thread ([`crate::cuda_staging`]).
+    pub fn staging(&self) -> Result<&Arc<crate::cuda_staging::Staging>> {
+        if let Some(s) = self.staging.get() {
+            return Ok(s);
+        }
+        let made = Arc::new(crate::cuda_staging::Staging::new(&self.ctx)?);
+        // A racing call made another; either serves.
+        Ok(self.staging.get_or_init(|| made))
     }
 
     /// Host values (f32, or indices, masks, f64 operands) into a new device buffer.

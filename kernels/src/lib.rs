@@ -9,6 +9,7 @@ pub mod backend;
 mod background;
 pub mod cuda;
 pub mod cuda_libs;
+pub mod cuda_staging;
 pub mod gradcheck;
 pub mod ops;
 pub mod params;

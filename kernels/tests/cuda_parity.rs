@@ -88,11 +88,12 @@ fn compare(reference: &[Output], other: &[Output], exact: bool) {
 #[test]
 fn every_test_body_runs_on_the_cpu_and_repeats_bit_for_bit() {
     type Body = fn(&Cpu) -> Vec<Output>;
-    let bodies: [(&str, Body); 10] = [
+    let bodies: [(&str, Body); 11] = [
         ("activations", activations),
         ("elementwise", elementwise),
         ("likelihoods", likelihoods),
         ("sparse layer and softmax", sparse_layer_and_softmax),
+        ("staged uploads", staged_uploads),
         ("gemms", gemms),
         ("optimiser", optimiser),
         ("random", random),
@@ -497,6 +498,86 @@ fn sparse_layer_and_softmax<B: Backend<f32>>(b: &B) -> Vec<Output> {
         ));
     }
     out
+}
+
+/// Count matrices staged (on another thread, as the training loop does) against the same
+/// matrices uploaded in place: the sparse layer reads the same values. The sizes shrink and
+/// grow (the slots' buffers are reused and reallocated), one matrix has no entries, and one
+/// staged matrix is dropped unused.
+fn staged_uploads<B: Backend<f32>>(b: &B) -> Vec<Output> {
+    type Matrix = (usize, usize, (Vec<u64>, Vec<u32>, Vec<f32>));
+    fn view(m: &Matrix) -> CsrRef<'_, f32> {
+        let (rows, cols, (indptr, indices, data)) = m;
+        CsrRef {
+            rows: *rows,
+            cols: *cols,
+            indptr,
+            indices,
+            data,
+        }
+    }
+    let mut out = Vec::new();
+    let d_out = 16;
+    let shapes = [(1024, 2000), (64, 31), (1500, 2000), (8, 5), (300, 700)];
+    let matrices: Vec<Matrix> = shapes
+        .iter()
+        .map(|&(rows, cols)| {
+            let mut m = counts(rows, cols);
+            if rows == 8 {
+                m = (vec![0; rows + 1], Vec::new(), Vec::new());
+            }
+            (rows, cols, m)
+        })
+        .collect();
+    let unused = b.stage_csr(view(&matrices[0])).unwrap();
+    let staged: Vec<B::Staged> = std::thread::scope(|s| {
+        s.spawn(|| {
+            matrices
+                .iter()
+                .map(|m| b.stage_csr(view(m)).unwrap())
+                .collect()
+        })
+        .join()
+        .unwrap()
+    });
+    drop(unused);
+    for (m, staged) in matrices.iter().zip(staged) {
+        let (rows, cols) = (m.0, m.1);
+        let x = view(m);
+        let w = up(b, &inputs(cols * d_out));
+        let mut results = Vec::new();
+        for csr in [b.staged_csr(staged).unwrap(), b.upload_csr(x).unwrap()] {
+            let rows_back = b.csr_rows(&csr);
+            assert_eq!(
+                (rows_back.indptr, rows_back.indices, rows_back.data),
+                (x.indptr, x.indices, x.data),
+                "staged {rows}x{cols}: host rows"
+            );
+            let mut y = zeros(b, rows * d_out);
+            b.sparse_input_forward(
+                &csr,
+                CountTransform::Log1p,
+                In::all(&w),
+                d_out,
+                Out::all(&mut y),
+            )
+            .unwrap();
+            results.push(down(b, &y));
+        }
+        assert_eq!(results[0], results[1], "staged {rows}x{cols}: as uploaded");
+        out.push(output(
+            format!("staged {rows}x{cols} forward"),
+            results.swap_remove(0),
+            1e-4,
+            1e-5,
+        ));
+    }
+    out
+}
+
+#[test]
+fn staged_uploads_match_cpu() {
+    parity(staged_uploads, staged_uploads);
 }
 
 /// scVI's fused term over the uploaded rows `x`.

@@ -100,6 +100,7 @@ fn experts<'a, T: Real>(
 impl<T: Gemm> Backend<T> for Cpu {
     type Buf = Vec<T>;
     type Csr = HostCsr<T>;
+    type Staged = HostCsr<T>;
 
     fn name(&self) -> String {
         "cpu".into()
@@ -152,6 +153,14 @@ impl<T: Gemm> Backend<T> for Cpu {
 
     fn upload_csr(&self, x: CsrRef<'_, T>) -> Result<HostCsr<T>> {
         Ok(HostCsr::new(x))
+    }
+
+    fn stage_csr(&self, x: CsrRef<'_, T>) -> Result<HostCsr<T>> {
+        self.upload_csr(x)
+    }
+
+    fn staged_csr(&self, x: HostCsr<T>) -> Result<HostCsr<T>> {
+        Ok(x)
     }
 
     fn csr_rows<'a>(&self, x: &'a HostCsr<T>) -> CsrRef<'a, T> {

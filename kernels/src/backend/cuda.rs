@@ -9,6 +9,7 @@ use cudarc::driver::CudaSlice;
 
 use super::{Backend, In, Out, Result, Storage};
 use crate::cuda::{Gpu, View, ViewMut, driver};
+use crate::cuda_staging::StagedCsr;
 use crate::ops::elementwise::{self, Activation};
 use crate::ops::likelihood::{self, Likelihood};
 use crate::ops::linear::gpu::DeviceCsr;
@@ -58,6 +59,7 @@ fn vm_ref<'a>(x: &'a mut Out<'_, CudaSlice<f32>>) -> ViewMut<'a> {
 impl Backend<f32> for Cuda {
     type Buf = CudaSlice<f32>;
     type Csr = DeviceCsr;
+    type Staged = StagedCsr;
 
     fn name(&self) -> String {
         format!("cuda:{}", self.gpu.ordinal())
@@ -129,6 +131,14 @@ impl Backend<f32> for Cuda {
 
     fn upload_csr(&self, x: CsrRef<'_, f32>) -> Result<DeviceCsr> {
         Ok(DeviceCsr::upload(&self.gpu, x)?)
+    }
+
+    fn stage_csr(&self, x: CsrRef<'_, f32>) -> Result<StagedCsr> {
+        Ok(self.gpu.staging()?.stage(x)?)
+    }
+
+    fn staged_csr(&self, x: StagedCsr) -> Result<DeviceCsr> {
+        Ok(x.into_device(self.gpu.stream())?)
     }
 
     fn csr_rows<'a>(&self, x: &'a DeviceCsr) -> CsrRef<'a, f32> {

@@ -136,6 +136,8 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     type Buf: Storage + Send + Sync + std::fmt::Debug;
     /// A count matrix uploaded for the sparse first layer.
     type Csr: Send + Sync;
+    /// A count matrix whose upload was started by [`Backend::stage_csr`].
+    type Staged: Send;
 
     /// "cpu" or "cuda:<ordinal>", for logs and benchmark tables.
     fn name(&self) -> String;
@@ -177,6 +179,12 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     }
 
     fn upload_csr(&self, x: CsrRef<'_, T>) -> Result<Self::Csr>;
+    /// Starts uploading `x` from any thread (a GPU copies it on a second stream from page-locked
+    /// memory, so the next batch's upload overlaps this step's compute).
+    fn stage_csr(&self, x: CsrRef<'_, T>) -> Result<Self::Staged>;
+    /// The staged matrix as [`Backend::upload_csr`] gives it, ready for the ops queued after
+    /// this call (they wait for its copy on the device, not on the host).
+    fn staged_csr(&self, x: Self::Staged) -> Result<Self::Csr>;
     /// The host rows an uploaded count matrix was made from (library sizes, dense copies).
     fn csr_rows<'a>(&self, x: &'a Self::Csr) -> CsrRef<'a, T>;
 

@@ -88,7 +88,7 @@ pub struct DeviceCsr {
 type UniqueRows = (CudaSlice<u64>, CudaSlice<u32>, CudaSlice<f32>);
 
 /// A CSR's arrays on the host: indptr, indices, data.
-type HostRows = (Vec<u64>, Vec<u32>, Vec<f32>);
+pub(crate) type HostRows = (Vec<u64>, Vec<u32>, Vec<f32>);
 
 /// The transposed index's arrays on the host: column pointers, rows, transformed values.
 type HostTransposed = (Vec<u64>, Vec<u32>, Vec<f32>);
@@ -104,17 +104,34 @@ struct DeviceTransposed {
 impl DeviceCsr {
     pub fn upload(gpu: &Gpu, x: CsrRef<'_, f32>) -> Result<DeviceCsr> {
         x.check_entries();
-        Ok(DeviceCsr {
-            rows: x.rows,
-            cols: x.cols,
-            indptr: gpu.upload(x.indptr)?,
-            indices: gpu.upload(x.indices)?,
-            data: gpu.upload(x.data)?,
-            host: Arc::new((x.indptr.to_vec(), x.indices.to_vec(), x.data.to_vec())),
+        let arrays = (
+            gpu.upload(x.indptr)?,
+            gpu.upload(x.indices)?,
+            gpu.upload(x.data)?,
+        );
+        let host = (x.indptr.to_vec(), x.indices.to_vec(), x.data.to_vec());
+        Ok(DeviceCsr::from_parts(x.rows, x.cols, arrays, host))
+    }
+
+    /// A matrix whose arrays are already on the device (`device`) and on the host (`host`):
+    /// indptr, indices, data.
+    pub(crate) fn from_parts(
+        rows: usize,
+        cols: usize,
+        (indptr, indices, data): (CudaSlice<u64>, CudaSlice<u32>, CudaSlice<f32>),
+        host: HostRows,
+    ) -> DeviceCsr {
+        DeviceCsr {
+            rows,
+            cols,
+            indptr,
+            indices,
+            data,
+            host: Arc::new(host),
             transposed: OnceLock::new(),
             building: Mutex::new(None),
             unique: OnceLock::new(),
-        })
+        }
     }
 
     /// The matrix with each row's repeated columns summed into one entry (what scVI's fused

@@ -1,0 +1,226 @@
+//! Count matrices uploaded while the previous step computes (issue 24's copy stream): a second,
+//! non-blocking stream copies from page-locked host buffers (the DMA engine reads them directly,
+//! so the copy neither blocks the host nor queues behind the compute stream) into device staging
+//! buffers; the compute stream waits for the copy on the GPU and copies the arrays out into its
+//! own allocations (microseconds at device bandwidth), after which the slot is reused.
+//!
+//! Event tracking is off in our contexts ([`crate::cuda::Gpu::new`]), so every cross-stream
+//! order here is an explicit event: `copied` (copy stream, after the upload) before the compute
+//! stream reads a slot, `consumed` (compute stream, after the copy out) before the copy stream
+//! overwrites it, and a host wait on `copied` before the host rewrites the page-locked buffers.
+#![allow(unsafe_code)] // page-locked allocations: every buffer is written before it is read
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DeviceRepr, PinnedHostSlice};
+
+use crate::cuda::{Result, driver};
+use crate::ops::linear::CsrRef;
+use crate::ops::linear::gpu::DeviceCsr;
+
+/// The copy stream and its free slots (a slot in use belongs to its [`StagedCsr`]).
+pub struct Staging {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    free: Mutex<Vec<Slot>>,
+}
+
+impl std::fmt::Debug for Staging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Staging({})", self.ctx.ordinal())
+    }
+}
+
+impl Staging {
+    pub(crate) fn new(ctx: &Arc<CudaContext>) -> Result<Staging> {
+        Ok(Staging {
+            ctx: Arc::clone(ctx),
+            stream: ctx.new_stream().map_err(driver("the copy stream"))?,
+            free: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Starts copying `x` to the device on the copy stream; callable from any thread.
+    pub fn stage(self: &Arc<Self>, x: CsrRef<'_, f32>) -> Result<StagedCsr> {
+        x.check_entries();
+        let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut slot = match reused {
+            Some(slot) => slot,
+            None => Slot::new(&self.ctx, &self.stream)?,
+        };
+        // The host buffers' last upload is done, and the compute stream has copied the device
+        // buffers out (both recorded before the slot came back to the free list).
+        slot.copied
+            .synchronize()
+            .map_err(driver("staging: the last upload"))?;
+        self.stream
+            .wait(&slot.consumed)
+            .map_err(driver("staging: the last copy out"))?;
+        slot.indptr.fill(&self.ctx, &self.stream, x.indptr)?;
+        slot.indices.fill(&self.ctx, &self.stream, x.indices)?;
+        slot.data.fill(&self.ctx, &self.stream, x.data)?;
+        slot.copied
+            .record(&self.stream)
+            .map_err(driver("staging: recording the upload"))?;
+        Ok(StagedCsr {
+            staging: Arc::clone(self),
+            slot: Some(slot),
+            rows: x.rows,
+            cols: x.cols,
+            host: (x.indptr.to_vec(), x.indices.to_vec(), x.data.to_vec()),
+        })
+    }
+}
+
+/// A count matrix on its way to the device: [`StagedCsr::into_device`] on the compute stream
+/// makes it a [`DeviceCsr`]. Dropped unused, its slot is freed once its copies are done.
+pub struct StagedCsr {
+    staging: Arc<Staging>,
+    slot: Option<Slot>,
+    rows: usize,
+    cols: usize,
+    host: (Vec<u64>, Vec<u32>, Vec<f32>),
+}
+
+impl std::fmt::Debug for StagedCsr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StagedCsr({} x {})", self.rows, self.cols)
+    }
+}
+
+impl StagedCsr {
+    /// The matrix in allocations of `compute`, usable by every op queued on it after this call.
+    pub fn into_device(mut self, compute: &Arc<CudaStream>) -> Result<DeviceCsr> {
+        let slot = self
+            .slot
+            .take()
+            .expect("a staged matrix is taken once (into_device consumes it)");
+        compute
+            .wait(&slot.copied)
+            .map_err(driver("waiting for a staged upload"))?;
+        let (indptr, indices, data) = std::mem::take(&mut self.host);
+        let arrays = (
+            slot.indptr.copy_out(compute, indptr.len())?,
+            slot.indices.copy_out(compute, indices.len())?,
+            slot.data.copy_out(compute, data.len())?,
+        );
+        slot.consumed
+            .record(compute)
+            .map_err(driver("staging: recording the copy out"))?;
+        self.staging
+            .free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(slot);
+        Ok(DeviceCsr::from_parts(
+            self.rows,
+            self.cols,
+            arrays,
+            (indptr, indices, data),
+        ))
+    }
+}
+
+/// Page-locked host buffers and device buffers for one matrix, and the two events that order
+/// their reuse.
+struct Slot {
+    indptr: Lane<u64>,
+    indices: Lane<u32>,
+    data: Lane<f32>,
+    copied: CudaEvent,
+    consumed: CudaEvent,
+    stream: Arc<CudaStream>,
+}
+
+impl Slot {
+    fn new(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>) -> Result<Slot> {
+        let event = || ctx.new_event(None).map_err(driver("staging: an event"));
+        Ok(Slot {
+            indptr: Lane::default(),
+            indices: Lane::default(),
+            data: Lane::default(),
+            copied: event()?,
+            consumed: event()?,
+            stream: Arc::clone(stream),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // The page-locked buffers are freed at once, the device buffers in copy-stream order:
+        // neither may go while a copy from or out of them is queued.
+        let _ = self.copied.synchronize();
+        let _ = self.stream.wait(&self.consumed);
+    }
+}
+
+/// One array's page-locked host buffer and device buffer, grown to the largest array seen.
+struct Lane<T> {
+    buffers: Option<(PinnedHostSlice<T>, CudaSlice<T>)>,
+}
+
+impl<T> Default for Lane<T> {
+    fn default() -> Self {
+        Lane { buffers: None }
+    }
+}
+
+impl<T: DeviceRepr + Copy + cudarc::driver::ValidAsZeroBits> Lane<T> {
+    /// `values` into the host buffer, then queued for the device buffer on `stream`.
+    fn fill(
+        &mut self,
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        values: &[T],
+    ) -> Result<()> {
+        let fits = matches!(&self.buffers, Some((h, _)) if h.len() >= values.len());
+        if !fits {
+            // Room for growth, so that batches of nearly equal size do not reallocate.
+            let n = (values.len() + values.len() / 4).max(1);
+            // SAFETY: both buffers are written (below) before any read of them.
+            self.buffers = Some(unsafe {
+                (
+                    ctx.alloc_pinned::<T>(n)
+                        .map_err(driver("staging: page-locked memory"))?,
+                    stream
+                        .alloc::<T>(n)
+                        .map_err(driver("staging: device memory"))?,
+                )
+            });
+        }
+        let Some((host, device)) = self.buffers.as_mut() else {
+            unreachable!("allocated above")
+        };
+        if values.is_empty() {
+            return Ok(());
+        }
+        let n = values.len();
+        host.as_mut_slice()
+            .map_err(driver("staging: page-locked memory"))?[..n]
+            .copy_from_slice(values);
+        // The source is page-locked, so the driver queues the copy without waiting for it.
+        let source = &host
+            .as_slice()
+            .map_err(driver("staging: page-locked memory"))?[..n];
+        stream
+            .memcpy_htod(source, &mut device.slice_mut(0..n))
+            .map_err(driver("staging: the upload"))
+    }
+
+    /// The first `n` values, copied on `compute` into a new allocation of it.
+    fn copy_out(&self, compute: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: the copy below writes all n values before any op reads them.
+        let mut out = unsafe { compute.alloc::<T>(n) }.map_err(driver("staging: device memory"))?;
+        if n > 0 {
+            let (_, device) = self
+                .buffers
+                .as_ref()
+                .expect("filled before it is copied out");
+            compute
+                .memcpy_dtod(&device.slice(0..n), &mut out)
+                .map_err(driver("staging: the copy out"))?;
+        }
+        Ok(out)
+    }
+}
