@@ -143,20 +143,35 @@ impl Encoder {
     }
 
     /// q(z | x) for the cells of `counts`; `covariates` holds their rows (n × n_cov).
+    /// `uploaded`: `counts` already on the device.
+    #[allow(clippy::too_many_arguments)] // the pass's inputs, as `run` takes them
     pub fn forward<T: Real, B: Backend<T>>(
         &self,
         b: &B,
         p: &Weights<'_, Buf<T, B>>,
         state: &mut Slots<'_, Buf<T, B>>,
         counts: CsrRef<'_, T>,
+        uploaded: Option<B::Csr>,
         covariates: &[T],
         mode: Mode,
     ) -> Result<EncoderActs<Buf<T, B>, B::Csr>> {
+        let counts_on_device = match uploaded {
+            Some(c) => {
+                let on = b.csr_rows(&c);
+                assert!(
+                    (on.rows, on.cols, on.data.len())
+                        == (counts.rows, counts.cols, counts.data.len()),
+                    "encoder: the uploaded counts are not this batch's"
+                );
+                c
+            }
+            None => b.upload_csr(counts)?,
+        };
         self.run(
             b,
             p,
             state,
-            EncoderInput::Counts(b.upload_csr(counts)?),
+            EncoderInput::Counts(counts_on_device),
             counts.rows,
             covariates,
             mode,

@@ -254,23 +254,26 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
         batch: VaeBatch<'_, T>,
         epoch: usize,
     ) -> Result<LossTerms, TrainError> {
-        self.part_gradients(batch, epoch, 0)
+        self.part_gradients(batch, Vec::new(), epoch, 0)
     }
 
     /// [`Trainer::gradients`] of part `part` of a step's batch (data-parallel training cuts
     /// each step's batch into parts): the part draws its own dropout masks and latent noise, so
     /// a part's gradient is the same whichever worker computes it. Part 0 draws what a whole
-    /// batch does.
+    /// batch does. `uploaded`: count matrices of the batch already on the device
+    /// ([`Vae::loss_and_grad_uploaded`]).
     pub fn part_gradients(
         &mut self,
         batch: VaeBatch<'_, T>,
+        uploaded: Vec<Option<B::Csr>>,
         epoch: usize,
         part: u64,
     ) -> Result<LossTerms, TrainError> {
         let step = self.step + 1;
         let seed = self.config.seed ^ part.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let terms = self.model.loss_and_grad(
+        let terms = self.model.loss_and_grad_uploaded(
             batch,
+            uploaded,
             self.config.kl_weight(epoch),
             Mode::Train { seed, step },
         )?;

@@ -726,7 +726,21 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         kl_weight: f64,
         mode: Mode,
     ) -> Result<LossTerms> {
-        let (terms, fwd) = self.forward(batch, kl_weight, mode)?;
+        self.loss_and_grad_uploaded(batch, Vec::new(), kl_weight, mode)
+    }
+
+    /// [`Vae::loss_and_grad`] with some of the batch's count matrices already on the device
+    /// (`uploaded`, in the model's modality order; None, or past the end: uploaded here), as
+    /// a stager uploads the next batch while this step computes. A modality some cells of the
+    /// batch lack is uploaded here regardless (the encoder reads a subset of the rows).
+    pub fn loss_and_grad_uploaded(
+        &mut self,
+        batch: VaeBatch<'_, T>,
+        uploaded: Vec<Option<B::Csr>>,
+        kl_weight: f64,
+        mode: Mode,
+    ) -> Result<LossTerms> {
+        let (terms, fwd) = self.forward(batch, uploaded, kl_weight, mode)?;
         self.backward(fwd, mode)?;
         // Read after the backward is queued: the step's one wait for the device.
         terms.resolve(&self.backend)
@@ -739,7 +753,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         kl_weight: f64,
         mode: Mode,
     ) -> Result<LossTerms> {
-        self.forward(batch, kl_weight, mode)?
+        self.forward(batch, Vec::new(), kl_weight, mode)?
             .0
             .resolve(&self.backend)
     }
@@ -758,7 +772,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         }
         self.check_batch(&batch);
         let plan = Plan::new(&batch, 1);
-        let enc = self.encode(&batch, &plan, Mode::Eval)?;
+        let enc = self.encode(&batch, &plan, Vec::new(), Mode::Eval)?;
         let (means, logvars, masks) = self.experts(&enc, &plan)?;
         let (m, lv) = self.combine(&means, &logvars, masks.as_deref(), plan.n)?;
         let b = &self.backend;
@@ -855,6 +869,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         &mut self,
         batch: &VaeBatch<'_, T>,
         plan: &Plan,
+        mut uploaded: Vec<Option<B::Csr>>,
         mode: Mode,
     ) -> Result<Encoded<T, B>> {
         let p = Weights {
@@ -872,11 +887,13 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                     self.n_cov,
                     &plan.cells[i],
                 );
+                let on_device = uploaded.get_mut(i).and_then(Option::take);
                 e.forward(
                     &self.backend,
                     &p,
                     &mut state,
                     rows.counts(),
+                    on_device.filter(|_| matches!(rows, Rows::All(..))),
                     rows.covariates(),
                     mode,
                 )
@@ -974,7 +991,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     fn joint_mean(&mut self, batch: VaeBatch<'_, T>) -> Result<Tensor<Buf<T, B>>> {
         self.check_batch(&batch);
         let plan = Plan::new(&batch, 1);
-        let enc = self.encode(&batch, &plan, Mode::Eval)?;
+        let enc = self.encode(&batch, &plan, Vec::new(), Mode::Eval)?;
         let (means, logvars, masks) = self.experts(&enc, &plan)?;
         if self.joint() == Joint::Moe {
             return self.mixture_mean(&means, &plan);
@@ -1184,6 +1201,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     fn forward(
         &mut self,
         batch: VaeBatch<'_, T>,
+        uploaded: Vec<Option<B::Csr>>,
         kl_weight: f64,
         mode: Mode,
     ) -> Result<(PendingLoss<Buf<T, B>>, Forward<Buf<T, B>, B::Csr>)> {
@@ -1195,7 +1213,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             n > 1 || !matches!(mode, Mode::Train { .. }) || !self.config.batch_norm,
             "BatchNorm training needs at least two cells"
         );
-        let enc = self.encode(&batch, &plan, mode)?;
+        let enc = self.encode(&batch, &plan, uploaded, mode)?;
         let b = self.backend.clone();
 
         // The latent samples, the rows each decoder reads (codes into them, the decoded cell,

@@ -137,8 +137,26 @@ fn run<B: Backend<f32>>(b: B, config: &VaeConfig, modalities: &[(&str, usize)]) 
         .backend()
         .download(In::all(trainer.model.grads()))
         .unwrap();
+    // The steps take their counts as the training loop hands them over: staged on another
+    // thread (used where every cell has the modality, uploaded again where some lack it).
+    let b = trainer.model.backend().clone();
     for _ in 0..3 {
-        trainer.step(batch(), 5).unwrap();
+        let staged: Vec<B::Staged> = std::thread::scope(|s| {
+            s.spawn(|| {
+                counts
+                    .iter()
+                    .map(|m| b.stage_csr(m.counts).unwrap())
+                    .collect()
+            })
+            .join()
+            .unwrap()
+        });
+        let uploaded = staged
+            .into_iter()
+            .map(|s| Some(b.staged_csr(s).unwrap()))
+            .collect();
+        trainer.part_gradients(batch(), uploaded, 5, 0).unwrap();
+        trainer.apply().unwrap();
     }
     let stepped = trainer
         .model

@@ -25,6 +25,17 @@ impl ModalityRows {
             present: partial.then_some(present),
         }
     }
+
+    /// The counts as the model reads them (`rows` cells).
+    pub fn counts_ref(&self, rows: usize) -> CsrRef<'_, f32> {
+        CsrRef {
+            rows,
+            cols: self.counts.n_cols,
+            indptr: &self.counts.indptr,
+            indices: &self.counts.indices,
+            data: &self.counts.data,
+        }
+    }
 }
 
 /// Rows of a minibatch in the model's input form (host memory).
@@ -130,13 +141,7 @@ impl ModelBatch {
             .modalities
             .iter()
             .map(|m| ModalityCounts {
-                counts: CsrRef {
-                    rows: self.rows,
-                    cols: m.counts.n_cols,
-                    indptr: &m.counts.indptr,
-                    indices: &m.counts.indices,
-                    data: &m.counts.data,
-                },
+                counts: m.counts_ref(self.rows),
                 present: m.present.as_deref(),
             })
             .collect();

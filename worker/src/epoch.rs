@@ -2,8 +2,12 @@
 //! fine-tuning share. Each step takes one batch from each of this rank's part streams, turns it
 //! into the model's input, and hands the parts to the [`StepReducer`] (gradients, the step's
 //! all-reduce, the update); the loop ends when every part's stream has ended on every rank, or
-//! after the step in which a rank asked to stop.
+//! after the step in which a rank asked to stop. Taking and converting the batches, and starting
+//! their uploads ([`tessera_kernels::backend::Backend::stage_csr`]), runs a step or two ahead on
+//! a thread of its own, so a GPU computes while the next batch is prepared and copied; the
+//! steps and their batches are the same as when it ran in line.
 
+use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use tessera_data::MiniBatch;
@@ -15,6 +19,61 @@ use crate::collective::TrainBackend;
 use crate::fit::on_pool;
 use crate::parallel::{PartStream, Placement, StepReducer, Sums};
 use crate::records::{FitError, StepTimes};
+
+/// One part's batch of a step, with the count matrices its model reads whole already on their
+/// way to the device.
+struct PartInput<B: TrainBackend> {
+    part: usize,
+    batch: ModelBatch,
+    /// By modality; None where some cell lacks the modality (the model uploads those rows).
+    staged: Vec<Option<B::Staged>>,
+}
+
+/// What one step of this rank takes: a batch per part whose stream has one.
+struct StepInputs<B: TrainBackend> {
+    parts: Vec<PartInput<B>>,
+    /// Some part's stream has a batch after these.
+    more: bool,
+    cells: u64,
+}
+
+/// The next step's batches, one from each stream that has one, converted to the model's input
+/// and staged on `device`. Once every stream has ended, a step without batches (this rank still
+/// takes part in the steps of ranks that have data).
+fn next_step<B: TrainBackend>(
+    streams: &mut [PartStream],
+    convert: &(impl Fn(&MiniBatch) -> ModelBatch + Sync),
+    device: &B,
+) -> Result<StepInputs<B>, FitError> {
+    let mut step = StepInputs {
+        parts: Vec::with_capacity(streams.len()),
+        more: false,
+        cells: 0,
+    };
+    for s in streams.iter_mut() {
+        if let Some(mb) = s.next_batch()? {
+            step.cells += mb.cells.len() as u64;
+            let batch = convert(&mb);
+            let staged = batch
+                .modalities
+                .iter()
+                .map(|m| {
+                    m.present
+                        .is_none()
+                        .then(|| device.stage_csr(m.counts_ref(batch.rows)))
+                        .transpose()
+                })
+                .collect::<Result<_, _>>()?;
+            step.parts.push(PartInput {
+                part: s.part,
+                batch,
+                staged,
+            });
+        }
+    }
+    step.more = streams.iter().any(PartStream::more);
+    Ok(step)
+}
 
 /// What one epoch's steps did on this rank.
 #[derive(Debug)]
@@ -63,7 +122,7 @@ impl<B: TrainBackend> Stepper<'_, B> {
         epoch: usize,
         mut streams: Vec<PartStream>,
         within: Option<WithinEpoch>,
-        convert: impl Fn(&MiniBatch) -> ModelBatch,
+        convert: impl Fn(&MiniBatch) -> ModelBatch + Sync,
         mut on_step: impl FnMut(&LossTerms) -> Result<(), E>,
     ) -> Result<EpochSteps, E> {
         let mut done = EpochSteps {
@@ -85,6 +144,37 @@ impl<B: TrainBackend> Stepper<'_, B> {
                 (within.sums, within.steps, within.seconds);
         }
         let kl_weight = self.trainer.config.kl_weight(epoch);
+        let device = self.trainer.model.backend().clone();
+        std::thread::scope(|scope| {
+            // The next steps' batches are converted and their uploads started on another
+            // thread while this one computes: at most one waits in the channel, one is made.
+            let (send, steps) = std::sync::mpsc::sync_channel(1);
+            let convert = &convert;
+            scope.spawn(move || {
+                let mut streams = streams;
+                loop {
+                    let next = next_step(&mut streams, convert, &device);
+                    let failed = next.is_err();
+                    if send.send(next).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+            self.steps(epoch, kl_weight, &steps, &mut done, &mut on_step)
+        })?;
+        Ok(done)
+    }
+
+    /// The training steps of an epoch, their inputs from `steps`, until every part's stream
+    /// has ended on every rank or a rank asked to stop.
+    fn steps<E: From<FitError>>(
+        &mut self,
+        epoch: usize,
+        kl_weight: f64,
+        steps: &Receiver<Result<StepInputs<B>, FitError>>,
+        done: &mut EpochSteps,
+        on_step: &mut impl FnMut(&LossTerms) -> Result<(), E>,
+    ) -> Result<(), E> {
         loop {
             if self.place.hooks.interrupted() {
                 return Err(FitError::Interrupted {
@@ -94,34 +184,39 @@ impl<B: TrainBackend> Stepper<'_, B> {
                 .into());
             }
             let waiting = Instant::now();
-            let mut batches = Vec::with_capacity(streams.len());
-            for s in &mut streams {
-                if let Some(mb) = s.next_batch()? {
-                    done.my_cells += mb.cells.len() as u64;
-                    batches.push((s.part, convert(&mb)));
-                }
-            }
-            let more = streams.iter().any(PartStream::more);
+            let mut inputs = steps.recv().map_err(|_| FitError::Input {
+                store: self.store.to_string(),
+                reason: "the batch reader ended".into(),
+            })??;
+            done.my_cells += inputs.cells;
             done.times.data += waiting.elapsed().as_secs_f64();
-            let parts: Vec<usize> = batches.iter().map(|(k, _)| *k).collect();
+            let parts: Vec<usize> = inputs.parts.iter().map(|p| p.part).collect();
             let stop = self.place.hooks.stop_requested();
             let store = self.store;
             let stepped = self.reducer.step(
                 self.trainer,
                 self.place.comm.as_mut(),
                 &parts,
-                (more, stop),
+                (inputs.more, stop),
                 kl_weight,
                 &mut done.times,
                 |trainer, part| {
-                    let (_, batch) = batches.iter().find(|(k, _)| *k == part).ok_or_else(|| {
-                        FitError::Input {
+                    let input = inputs
+                        .parts
+                        .iter_mut()
+                        .find(|p| p.part == part)
+                        .ok_or_else(|| FitError::Input {
                             store: store.to_string(),
                             reason: format!("part {part} has no batch"),
-                        }
-                    })?;
+                        })?;
+                    let device = trainer.model.backend().clone();
+                    let uploaded = std::mem::take(&mut input.staged)
+                        .into_iter()
+                        .map(|s| s.map(|s| device.staged_csr(s)).transpose())
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let batch = &input.batch;
                     Ok(on_pool(|| {
-                        batch.with(|b| trainer.part_gradients(b, epoch, part as u64))
+                        batch.with(|b| trainer.part_gradients(b, uploaded, epoch, part as u64))
                     })?)
                 },
             )?;
@@ -134,10 +229,10 @@ impl<B: TrainBackend> Stepper<'_, B> {
             self.place.hooks.step_done(epoch, step, done.my_cells);
             if stepped.stop {
                 done.stopped = Some(stop);
-                return Ok(done);
+                return Ok(());
             }
             if !stepped.more {
-                return Ok(done);
+                return Ok(());
             }
         }
     }
