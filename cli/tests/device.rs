@@ -190,7 +190,11 @@ fn the_device_check_script_runs_its_cpu_fallback_to_a_passing_table() {
     ] {
         assert!(row(stage).contains("| ok "), "{stage}: {table}");
     }
-    assert!(row("step Census size").contains("cells/s"), "{table}");
+    assert!(
+        row("step Census size").contains("cells/s")
+            && row("step scVI size").contains("staged cells/s"),
+        "{table}"
+    );
     // The same device twice: the step losses agree to the bit.
     let steps = row("first 50 steps vs the CPU");
     assert!(
