@@ -673,7 +673,12 @@ fn step<B: Backend<f32>>(backend: B, shape: StepShape, config: Option<&Path>) ->
     let (staged_seconds, _) = std::thread::scope(|s| {
         let (send, staged) = std::sync::mpsc::sync_channel(1);
         let stager = b.clone();
-        s.spawn(move || while send.send(stager.stage_csr(counts)).is_ok() {});
+        s.spawn(move || {
+            while send
+                .send(stager.stage_csr(counts, tessera_models::ENCODER_TRANSFORM))
+                .is_ok()
+            {}
+        });
         let (trainer, device) = (&mut trainer, &b);
         // The receiver moves to the pool thread that steps.
         step_seconds(&b, per_round, move || {

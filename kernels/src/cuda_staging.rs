@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DeviceRepr, PinnedHostSlice};
 
 use crate::cuda::{Result, driver};
-use crate::ops::linear::CsrRef;
-use crate::ops::linear::gpu::DeviceCsr;
+use crate::ops::linear::gpu::{DeviceCsr, DeviceTransposed, host_transposed};
+use crate::ops::linear::{CountTransform, CsrRef};
 
 /// The copy stream and its free slots (a slot in use belongs to its [`StagedCsr`]).
 pub struct Staging {
@@ -40,9 +40,15 @@ impl Staging {
         })
     }
 
-    /// Starts copying `x` to the device on the copy stream; callable from any thread.
-    pub fn stage(self: &Arc<Self>, x: CsrRef<'_, f32>) -> Result<StagedCsr> {
+    /// Starts copying `x` and the backward's transposed index for `transform` (built here, on
+    /// the calling thread) to the device on the copy stream; callable from any thread.
+    pub fn stage(
+        self: &Arc<Self>,
+        x: CsrRef<'_, f32>,
+        transform: CountTransform,
+    ) -> Result<StagedCsr> {
         x.check_entries();
+        let (col_ptr, rows_of, values) = host_transposed(x, transform);
         let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut slot = match reused {
             Some(slot) => slot,
@@ -59,6 +65,9 @@ impl Staging {
         slot.indptr.fill(&self.ctx, &self.stream, x.indptr)?;
         slot.indices.fill(&self.ctx, &self.stream, x.indices)?;
         slot.data.fill(&self.ctx, &self.stream, x.data)?;
+        slot.col_ptr.fill(&self.ctx, &self.stream, &col_ptr)?;
+        slot.rows_of.fill(&self.ctx, &self.stream, &rows_of)?;
+        slot.values.fill(&self.ctx, &self.stream, &values)?;
         slot.copied
             .record(&self.stream)
             .map_err(driver("staging: recording the upload"))?;
@@ -67,6 +76,7 @@ impl Staging {
             slot: Some(slot),
             rows: x.rows,
             cols: x.cols,
+            transform,
             host: (x.indptr.to_vec(), x.indices.to_vec(), x.data.to_vec()),
         })
     }
@@ -79,6 +89,7 @@ pub struct StagedCsr {
     slot: Option<Slot>,
     rows: usize,
     cols: usize,
+    transform: CountTransform,
     host: (Vec<u64>, Vec<u32>, Vec<f32>),
 }
 
@@ -99,11 +110,17 @@ impl StagedCsr {
             .wait(&slot.copied)
             .map_err(driver("waiting for a staged upload"))?;
         let (indptr, indices, data) = std::mem::take(&mut self.host);
+        let nnz = data.len();
         let arrays = (
             slot.indptr.copy_out(compute, indptr.len())?,
-            slot.indices.copy_out(compute, indices.len())?,
-            slot.data.copy_out(compute, data.len())?,
+            slot.indices.copy_out(compute, nnz)?,
+            slot.data.copy_out(compute, nnz)?,
         );
+        let transposed = DeviceTransposed {
+            col_ptr: slot.col_ptr.copy_out(compute, self.cols + 1)?,
+            rows_of: slot.rows_of.copy_out(compute, nnz)?,
+            values: slot.values.copy_out(compute, nnz)?,
+        };
         slot.consumed
             .record(compute)
             .map_err(driver("staging: recording the copy out"))?;
@@ -117,16 +134,20 @@ impl StagedCsr {
             self.cols,
             arrays,
             (indptr, indices, data),
+            Some((self.transform, transposed)),
         ))
     }
 }
 
-/// Page-locked host buffers and device buffers for one matrix, and the two events that order
-/// their reuse.
+/// Page-locked host buffers and device buffers for one matrix and its transposed index, and
+/// the two events that order their reuse.
 struct Slot {
     indptr: Lane<u64>,
     indices: Lane<u32>,
     data: Lane<f32>,
+    col_ptr: Lane<u64>,
+    rows_of: Lane<u32>,
+    values: Lane<f32>,
     copied: CudaEvent,
     consumed: CudaEvent,
     stream: Arc<CudaStream>,
@@ -139,6 +160,9 @@ impl Slot {
             indptr: Lane::default(),
             indices: Lane::default(),
             data: Lane::default(),
+            col_ptr: Lane::default(),
+            rows_of: Lane::default(),
+            values: Lane::default(),
             copied: event()?,
             consumed: event()?,
             stream: Arc::clone(stream),

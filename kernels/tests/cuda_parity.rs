@@ -501,7 +501,8 @@ fn sparse_layer_and_softmax<B: Backend<f32>>(b: &B) -> Vec<Output> {
 }
 
 /// Count matrices staged (on another thread, as the training loop does) against the same
-/// matrices uploaded in place: the sparse layer reads the same values. The sizes shrink and
+/// matrices uploaded in place: the sparse layer's forward and backward (the staged transposed
+/// index) give the same values. The sizes shrink and
 /// grow (the slots' buffers are reused and reallocated), one matrix has no entries, and one
 /// staged matrix is dropped unused.
 fn staged_uploads<B: Backend<f32>>(b: &B) -> Vec<Output> {
@@ -529,12 +530,14 @@ fn staged_uploads<B: Backend<f32>>(b: &B) -> Vec<Output> {
             (rows, cols, m)
         })
         .collect();
-    let unused = b.stage_csr(view(&matrices[0])).unwrap();
+    let unused = b
+        .stage_csr(view(&matrices[0]), CountTransform::Log1p)
+        .unwrap();
     let staged: Vec<B::Staged> = std::thread::scope(|s| {
         s.spawn(|| {
             matrices
                 .iter()
-                .map(|m| b.stage_csr(view(m)).unwrap())
+                .map(|m| b.stage_csr(view(m), CountTransform::Log1p).unwrap())
                 .collect()
         })
         .join()
@@ -562,15 +565,28 @@ fn staged_uploads<B: Backend<f32>>(b: &B) -> Vec<Output> {
                 Out::all(&mut y),
             )
             .unwrap();
-            results.push(down(b, &y));
+            // The backward reads the transposed index the stager made (or, uploaded in
+            // place, the one made now).
+            let (dy, mut dw) = (up(b, &inputs(rows * d_out)), zeros(b, cols * d_out));
+            b.sparse_input_backward(
+                &csr,
+                CountTransform::Log1p,
+                In::all(&dy),
+                d_out,
+                Out::all(&mut dw),
+            )
+            .unwrap();
+            results.push((down(b, &y), down(b, &dw)));
         }
         assert_eq!(results[0], results[1], "staged {rows}x{cols}: as uploaded");
+        let (y, dw) = results.swap_remove(0);
         out.push(output(
             format!("staged {rows}x{cols} forward"),
-            results.swap_remove(0),
+            y,
             1e-4,
             1e-5,
         ));
+        out.push(output(format!("staged {rows}x{cols} dW"), dw, 1e-4, 1e-5));
     }
     out
 }

@@ -17,6 +17,7 @@ pub mod train;
 pub mod vae;
 
 pub use config::ConfigError;
+pub use modality::ENCODER_TRANSFORM;
 pub use train::{Optimizer, Plateau, TrainConfig, TrainError, Trainer};
 pub use vae::{
     Categories, Dispersion, Joint, LikelihoodKind, LossTerms, ModalityConfig, ModalityCounts,

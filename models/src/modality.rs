@@ -14,6 +14,10 @@ use crate::layers::{
 };
 pub use crate::likelihood::{Dispersion, LikelihoodKind};
 use crate::likelihood::{Expected, Observation, ObservationActs, Rows, Site, head};
+
+/// What the encoders' sparse first layer makes of raw counts (scVI's log1p): a stager that
+/// uploads a batch ahead builds the backward's transposed index for it.
+pub const ENCODER_TRANSFORM: CountTransform = CountTransform::Log1p;
 use crate::pending::{Reduce, Share};
 
 /// One modality as the model sees it: its name, width and observation model.
@@ -237,7 +241,7 @@ impl Encoder {
         match input {
             EncoderInput::Counts(csr) => Input::Counts {
                 csr,
-                transform: CountTransform::Log1p,
+                transform: ENCODER_TRANSFORM,
                 rows,
             },
             EncoderInput::Log1p(x) => Input::Dense(x),

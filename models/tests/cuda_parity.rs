@@ -10,8 +10,8 @@ use tessera_kernels::backend::{Backend, Cpu, Cuda, In};
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::layers::Mode;
 use tessera_models::{
-    Categories, Joint, LikelihoodKind, ModalityConfig, ModalityCounts, Supervision, Survival,
-    TrainConfig, Trainer, Vae, VaeBatch, VaeConfig,
+    Categories, ENCODER_TRANSFORM, Joint, LikelihoodKind, ModalityConfig, ModalityCounts,
+    Supervision, Survival, TrainConfig, Trainer, Vae, VaeBatch, VaeConfig,
 };
 
 const CELLS: usize = 96;
@@ -145,7 +145,7 @@ fn run<B: Backend<f32>>(b: B, config: &VaeConfig, modalities: &[(&str, usize)]) 
             s.spawn(|| {
                 counts
                     .iter()
-                    .map(|m| b.stage_csr(m.counts).unwrap())
+                    .map(|m| b.stage_csr(m.counts, ENCODER_TRANSFORM).unwrap())
                     .collect()
             })
             .join()

@@ -11,7 +11,7 @@ use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use tessera_data::MiniBatch;
-use tessera_models::{LossTerms, Trainer};
+use tessera_models::{ENCODER_TRANSFORM, LossTerms, Trainer};
 
 use crate::batch::ModelBatch;
 use crate::checkpoint::WithinEpoch;
@@ -60,7 +60,7 @@ fn next_step<B: TrainBackend>(
                 .map(|m| {
                     m.present
                         .is_none()
-                        .then(|| device.stage_csr(m.counts_ref(batch.rows)))
+                        .then(|| device.stage_csr(m.counts_ref(batch.rows), ENCODER_TRANSFORM))
                         .transpose()
                 })
                 .collect::<Result<_, _>>()?;

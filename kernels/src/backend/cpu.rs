@@ -55,6 +55,16 @@ impl<T: Real> HostCsr<T> {
         }
     }
 
+    /// The transformed values by column, made for the first transform asked for (a backward
+    /// with another one reads the rows instead).
+    fn transposed(&self, transform: CountTransform) -> &Transposed<T> {
+        self.transposed.get_or_init(|| {
+            let (col_ptr, entries) =
+                linear::transposed_values(self.as_ref(), &self.values(transform));
+            (transform, col_ptr, entries)
+        })
+    }
+
     /// t(X)'s non-zeros, cached for `transform` (recomputed, uncached, for another one).
     fn values(&self, transform: CountTransform) -> std::borrow::Cow<'_, [T]> {
         let (t, v) = self.transformed.get_or_init(|| {
@@ -155,8 +165,10 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(HostCsr::new(x))
     }
 
-    fn stage_csr(&self, x: CsrRef<'_, T>) -> Result<HostCsr<T>> {
-        self.upload_csr(x)
+    fn stage_csr(&self, x: CsrRef<'_, T>, transform: CountTransform) -> Result<HostCsr<T>> {
+        let csr = HostCsr::new(x);
+        csr.transposed(transform);
+        Ok(csr)
     }
 
     fn staged_csr(&self, x: HostCsr<T>) -> Result<HostCsr<T>> {
@@ -204,10 +216,7 @@ impl<T: Gemm> Backend<T> for Cpu {
         d_out: usize,
         dw: Out<'_, Vec<T>>,
     ) -> Result<()> {
-        let (t, col_ptr, entries) = x.transposed.get_or_init(|| {
-            let (col_ptr, entries) = linear::transposed_values(x.as_ref(), &x.values(transform));
-            (transform, col_ptr, entries)
-        });
+        let (t, col_ptr, entries) = x.transposed(transform);
         if *t == transform {
             linear::sparse_backward_transposed(col_ptr, entries, r(&dy), d_out, w(dw));
         } else {

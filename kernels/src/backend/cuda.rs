@@ -133,8 +133,8 @@ impl Backend<f32> for Cuda {
         Ok(DeviceCsr::upload(&self.gpu, x)?)
     }
 
-    fn stage_csr(&self, x: CsrRef<'_, f32>) -> Result<StagedCsr> {
-        Ok(self.gpu.staging()?.stage(x)?)
+    fn stage_csr(&self, x: CsrRef<'_, f32>, transform: CountTransform) -> Result<StagedCsr> {
+        Ok(self.gpu.staging()?.stage(x, transform)?)
     }
 
     fn staged_csr(&self, x: StagedCsr) -> Result<DeviceCsr> {

@@ -91,14 +91,14 @@ type UniqueRows = (CudaSlice<u64>, CudaSlice<u32>, CudaSlice<f32>);
 pub(crate) type HostRows = (Vec<u64>, Vec<u32>, Vec<f32>);
 
 /// The transposed index's arrays on the host: column pointers, rows, transformed values.
-type HostTransposed = (Vec<u64>, Vec<u32>, Vec<f32>);
+pub(crate) type HostTransposed = (Vec<u64>, Vec<u32>, Vec<f32>);
 
 /// t(X) by columns: column pointers, the row of each entry and its transformed value.
 #[derive(Debug)]
-struct DeviceTransposed {
-    col_ptr: CudaSlice<u64>,
-    rows_of: CudaSlice<u32>,
-    values: CudaSlice<f32>,
+pub(crate) struct DeviceTransposed {
+    pub col_ptr: CudaSlice<u64>,
+    pub rows_of: CudaSlice<u32>,
+    pub values: CudaSlice<f32>,
 }
 
 impl DeviceCsr {
@@ -110,16 +110,17 @@ impl DeviceCsr {
             gpu.upload(x.data)?,
         );
         let host = (x.indptr.to_vec(), x.indices.to_vec(), x.data.to_vec());
-        Ok(DeviceCsr::from_parts(x.rows, x.cols, arrays, host))
+        Ok(DeviceCsr::from_parts(x.rows, x.cols, arrays, host, None))
     }
 
     /// A matrix whose arrays are already on the device (`device`) and on the host (`host`):
-    /// indptr, indices, data.
+    /// indptr, indices, data; and the backward's transposed index if it was made already.
     pub(crate) fn from_parts(
         rows: usize,
         cols: usize,
         (indptr, indices, data): (CudaSlice<u64>, CudaSlice<u32>, CudaSlice<f32>),
         host: HostRows,
+        transposed: Option<(CountTransform, DeviceTransposed)>,
     ) -> DeviceCsr {
         DeviceCsr {
             rows,
@@ -128,7 +129,7 @@ impl DeviceCsr {
             indices,
             data,
             host: Arc::new(host),
-            transposed: OnceLock::new(),
+            transposed: transposed.map_or_else(OnceLock::new, OnceLock::from),
             building: Mutex::new(None),
             unique: OnceLock::new(),
         }
@@ -215,7 +216,7 @@ fn rows_of(host: &HostRows, rows: usize, cols: usize) -> CsrRef<'_, f32> {
 }
 
 /// The backward's transposed index as the arrays the kernel reads.
-fn host_transposed(x: CsrRef<'_, f32>, transform: CountTransform) -> HostTransposed {
+pub(crate) fn host_transposed(x: CsrRef<'_, f32>, transform: CountTransform) -> HostTransposed {
     let (col_ptr, entries) = super::transposed(x, transform);
     (
         col_ptr.into_iter().map(|c| c as u64).collect(),
