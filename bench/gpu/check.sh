@@ -104,7 +104,7 @@ if $limit "$tessera" simulate "$store" --cells "$cells" --genes 2000 >"$work/sim
   cp -r "$store" "$scratch/sim-cpu.zarr"
   t0=$SECONDS
   if $limit "$tessera" train --data "$store" --out "$scratch/train-$device" --device "$device" --epochs 2 --step-log 50 >"$work/train-$device.log" 2>&1; then
-    rate=$(python3 -c "import csv; r=list(csv.DictReader(open('$scratch/train-$device/history.csv'))); c=float(r[-1]['cells_per_second']); print(', '.join(f\"epoch {x['epoch']}: {float(x['cells_per_second']):.0f} cells/s\" for x in r) + f'; one epoch of 1M cells: {1e6 / c:.1f} s')" 2>/dev/null)
+    rate=$(python3 -c "import csv; r=list(csv.DictReader(open('$scratch/train-$device/history.csv'))); c=float(r[-1]['cells_per_second']); print(', '.join(f\"epoch {x['epoch']}: {float(x['cells_per_second']):.0f} cells/s\" for x in r) + f'; one epoch of 1M cells: {1e6 / c:.1f} s; last epoch: steps {float(r[-1][\"compute_seconds\"]):.1f} s, waiting for batches {float(r[-1][\"data_seconds\"]):.1f} s')" 2>/dev/null)
     row "train --device $device ($cells cells)" ok "$((SECONDS - t0)) s; $rate"
     if $limit "$tessera" train --data "$scratch/sim-cpu.zarr" --out "$scratch/train-cpu-ref" --device cpu --epochs 2 --step-log 50 >"$work/train-cpu-ref.log" 2>&1; then
       diff=$(python3 - "$scratch/train-$device/steps.csv" "$scratch/train-cpu-ref/steps.csv" <<'PY'

@@ -195,6 +195,10 @@ fn the_device_check_script_runs_its_cpu_fallback_to_a_passing_table() {
             && row("step scVI size").contains("staged cells/s"),
         "{table}"
     );
+    assert!(
+        row("train --device cpu").contains("waiting for batches"),
+        "{table}"
+    );
     // The same device twice: the step losses agree to the bit.
     let steps = row("first 50 steps vs the CPU");
     assert!(
