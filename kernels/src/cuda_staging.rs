@@ -12,6 +12,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use rayon::prelude::*;
+
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DeviceRepr, PinnedHostSlice};
 
 use crate::cuda::{Result, driver};
@@ -77,7 +79,11 @@ impl Staging {
             rows: x.rows,
             cols: x.cols,
             transform,
-            host: (x.indptr.to_vec(), x.indices.to_vec(), x.data.to_vec()),
+            host: (
+                par_to_vec(x.indptr),
+                par_to_vec(x.indices),
+                par_to_vec(x.data),
+            ),
         })
     }
 }
@@ -190,7 +196,7 @@ impl<T> Default for Lane<T> {
     }
 }
 
-impl<T: DeviceRepr + Copy + cudarc::driver::ValidAsZeroBits> Lane<T> {
+impl<T: DeviceRepr + Copy + Send + Sync + cudarc::driver::ValidAsZeroBits> Lane<T> {
     /// `values` into the host buffer, then queued for the device buffer on `stream`.
     fn fill(
         &mut self,
@@ -220,9 +226,12 @@ impl<T: DeviceRepr + Copy + cudarc::driver::ValidAsZeroBits> Lane<T> {
             return Ok(());
         }
         let n = values.len();
-        host.as_mut_slice()
-            .map_err(driver("staging: page-locked memory"))?[..n]
-            .copy_from_slice(values);
+        par_copy(
+            &mut host
+                .as_mut_slice()
+                .map_err(driver("staging: page-locked memory"))?[..n],
+            values,
+        );
         // The source is page-locked, so the driver queues the copy without waiting for it.
         let source = &host
             .as_slice()
@@ -247,4 +256,19 @@ impl<T: DeviceRepr + Copy + cudarc::driver::ValidAsZeroBits> Lane<T> {
         }
         Ok(out)
     }
+}
+
+/// Copies in 1 MiB pieces on the rayon pool: a Census-size batch stages ~25 MB a step, which one
+/// thread copies in a few milliseconds, longer than the GPU step it has to keep ahead of.
+fn par_copy<T: Copy + Send + Sync>(to: &mut [T], from: &[T]) {
+    let piece = (1 << 20) / std::mem::size_of::<T>().max(1);
+    to.par_chunks_mut(piece)
+        .zip(from.par_chunks(piece))
+        .for_each(|(t, f)| t.copy_from_slice(f));
+}
+
+fn par_to_vec<T: Copy + Default + Send + Sync>(from: &[T]) -> Vec<T> {
+    let mut to = vec![T::default(); from.len()];
+    par_copy(&mut to, from);
+    to
 }
