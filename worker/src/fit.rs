@@ -1340,8 +1340,8 @@ impl Inputs {
             .iter()
             .map(|&m| {
                 let modality = &mb.modalities[m];
-                let present = rows.iter().map(|&r| modality.present[r]).collect();
-                ModalityRows::new(modality.counts.select_rows(rows), present)
+                // Every row, in order: a copy of the arrays (not row by row).
+                ModalityRows::new(modality.counts.clone(), modality.present.clone())
             })
             .collect();
         let heads = inputs.n_targets + if inputs.survival { 2 } else { 0 };
