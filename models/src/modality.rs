@@ -14,11 +14,11 @@ use crate::layers::{
 };
 pub use crate::likelihood::{Dispersion, LikelihoodKind};
 use crate::likelihood::{Expected, Observation, ObservationActs, Rows, Site, head};
+use crate::pending::{Reduce, Share};
 
 /// What the encoders' sparse first layer makes of raw counts (scVI's log1p): a stager that
 /// uploads a batch ahead builds the backward's transposed index for it.
 pub const ENCODER_TRANSFORM: CountTransform = CountTransform::Log1p;
-use crate::pending::{Reduce, Share};
 
 /// One modality as the model sees it: its name, width and observation model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
