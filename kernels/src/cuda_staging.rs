@@ -204,23 +204,22 @@ impl<T: DeviceRepr + Copy + Send + Sync + cudarc::driver::ValidAsZeroBits> Lane<
         stream: &Arc<CudaStream>,
         values: &[T],
     ) -> Result<()> {
-        let fits = matches!(&self.buffers, Some((h, _)) if h.len() >= values.len());
-        if !fits {
-            // Room for growth, so that batches of nearly equal size do not reallocate.
-            let n = (values.len() + values.len() / 4).max(1);
-            // SAFETY: both buffers are written (below) before any read of them.
-            self.buffers = Some(unsafe {
-                (
-                    ctx.alloc_pinned::<T>(n)
-                        .map_err(driver("staging: page-locked memory"))?,
-                    stream
-                        .alloc::<T>(n)
-                        .map_err(driver("staging: device memory"))?,
-                )
-            });
-        }
-        let Some((host, device)) = self.buffers.as_mut() else {
-            unreachable!("allocated above")
+        let (host, device) = match &mut self.buffers {
+            Some(buffers) if buffers.0.len() >= values.len() => buffers,
+            buffers => {
+                // Room for growth, so that batches of nearly equal size do not reallocate.
+                let n = (values.len() + values.len() / 4).max(1);
+                // SAFETY: both buffers are written (below) before any read of them.
+                buffers.insert(unsafe {
+                    (
+                        ctx.alloc_pinned::<T>(n)
+                            .map_err(driver("staging: page-locked memory"))?,
+                        stream
+                            .alloc::<T>(n)
+                            .map_err(driver("staging: device memory"))?,
+                    )
+                })
+            }
         };
         if values.is_empty() {
             return Ok(());
