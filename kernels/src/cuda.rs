@@ -177,6 +177,12 @@ impl Gpu {
         ))
     }
 
+    /// Bytes of device memory free now.
+    pub fn free_memory(&self) -> Result<u64> {
+        let (free, _) = self.ctx.mem_get_info().map_err(driver("the memory"))?;
+        Ok(free as u64)
+    }
+
     /// GPUs the driver reports (0 without a driver).
     #[allow(unsafe_code)]
     pub fn count() -> usize {

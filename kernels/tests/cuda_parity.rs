@@ -88,12 +88,13 @@ fn compare(reference: &[Output], other: &[Output], exact: bool) {
 #[test]
 fn every_test_body_runs_on_the_cpu_and_repeats_bit_for_bit() {
     type Body = fn(&Cpu) -> Vec<Output>;
-    let bodies: [(&str, Body); 11] = [
+    let bodies: [(&str, Body); 12] = [
         ("activations", activations),
         ("elementwise", elementwise),
         ("likelihoods", likelihoods),
         ("sparse layer and softmax", sparse_layer_and_softmax),
         ("staged uploads", staged_uploads),
+        ("resident rows", resident_rows),
         ("gemms", gemms),
         ("optimiser", optimiser),
         ("random", random),
@@ -469,7 +470,7 @@ fn sparse_layer_and_softmax<B: Backend<f32>>(b: &B) -> Vec<Output> {
             indices,
             data,
         };
-        softmax_nb_body(b, name, x, &mut out);
+        softmax_nb_body(b, name, &b.upload_csr(x).unwrap(), &mut out);
     }
 
     for (rows, f) in [(1, 1), (64, 31), (1024, 2000)] {
@@ -550,7 +551,7 @@ fn staged_uploads<B: Backend<f32>>(b: &B) -> Vec<Output> {
         let w = up(b, &inputs(cols * d_out));
         let mut results = Vec::new();
         for csr in [b.staged_csr(staged).unwrap(), b.upload_csr(x).unwrap()] {
-            let rows_back = b.csr_rows(&csr);
+            let rows_back = b.csr_rows(&csr).unwrap();
             assert_eq!(
                 (rows_back.indptr, rows_back.indices, rows_back.data),
                 (x.indptr, x.indices, x.data),
@@ -596,9 +597,111 @@ fn staged_uploads_match_cpu() {
     parity(staged_uploads, staged_uploads);
 }
 
+/// Batches gathered from a matrix kept on the device (staged on another thread, as the training
+/// loop does) against the same rows uploaded: shapes, the sparse layer's forward and backward
+/// (the transposed index made with the batch, and one made later for another transform) and
+/// scVI's term. Rows shuffled, repeated, all empty, and one alone.
+fn resident_rows<B: Backend<f32>>(b: &B) -> Vec<Output> {
+    let (n, cols, d_out) = (3000, 2000, 16);
+    let (indptr, indices, data) = counts(n, cols);
+    let whole = CsrRef {
+        rows: n,
+        cols,
+        indptr: &indptr,
+        indices: &indices,
+        data: &data,
+    };
+    let resident = std::sync::Arc::new(b.resident_csr(whole).unwrap());
+    let shuffled: Vec<usize> = (0..1024).map(|i| (i * 1777 + 11) % n).collect();
+    let batches: [(&str, Vec<usize>); 4] = [
+        ("shuffled", shuffled),
+        ("repeated", vec![5, 5, 17, 2999, 0, 5]),
+        ("empty rows", vec![0, 17, 34]),
+        ("one row", vec![1234]),
+    ];
+    let staged: Vec<B::Staged> = std::thread::scope(|s| {
+        s.spawn(|| {
+            batches
+                .iter()
+                .map(|(_, rows)| {
+                    b.stage_rows(&resident, rows, CountTransform::Log1p)
+                        .unwrap()
+                })
+                .collect()
+        })
+        .join()
+        .unwrap()
+    });
+    let mut out = Vec::new();
+    for ((name, rows), staged) in batches.iter().zip(staged) {
+        let arrays = tessera_kernels::ops::linear::gather_rows(whole, rows);
+        let host = CsrRef {
+            rows: rows.len(),
+            cols,
+            indptr: &arrays.0,
+            indices: &arrays.1,
+            data: &arrays.2,
+        };
+        let w = up(b, &inputs(cols * d_out));
+        let dy = up(b, &inputs(rows.len() * d_out));
+        let uploaded = b.upload_csr(host).unwrap();
+        let gathered = b.staged_csr(staged).unwrap();
+        assert_eq!(
+            b.csr_shape(&gathered),
+            (rows.len(), cols, arrays.2.len()),
+            "{name}: shape"
+        );
+        let mut passes = Vec::new();
+        for csr in [&gathered, &uploaded] {
+            let mut y = zeros(b, rows.len() * d_out);
+            b.sparse_input_forward(
+                csr,
+                CountTransform::Log1p,
+                In::all(&w),
+                d_out,
+                Out::all(&mut y),
+            )
+            .unwrap();
+            let mut dws = Vec::new();
+            for transform in [
+                CountTransform::Log1p,
+                CountTransform::NormalizedLog1p { scale: 1e4 },
+            ] {
+                let mut dw = zeros(b, cols * d_out);
+                b.sparse_input_backward(csr, transform, In::all(&dy), d_out, Out::all(&mut dw))
+                    .unwrap();
+                dws.push(down(b, &dw));
+            }
+            passes.push((down(b, &y), dws));
+        }
+        let ((y, dws), (y_up, dws_up)) = (passes.swap_remove(0), passes.swap_remove(0));
+        assert_eq!(y, y_up, "{name}: the forward reads the same arrays");
+        for (i, (dw, dw_up)) in dws.iter().zip(&dws_up).enumerate() {
+            assert_close(
+                &format!("{name}: dW {i} as uploaded"),
+                dw,
+                dw_up,
+                1e-4,
+                1e-5,
+            );
+        }
+        out.push(output(format!("{name} forward"), y, 1e-4, 1e-5));
+        for (i, dw) in dws.into_iter().enumerate() {
+            out.push(output(format!("{name} dW {i}"), dw, 1e-4, 1e-5));
+        }
+        softmax_nb_body(b, &format!("{name} softmax_nb"), &gathered, &mut out);
+    }
+    out
+}
+
+#[test]
+fn resident_rows_match_cpu() {
+    parity(resident_rows, resident_rows);
+}
+
 /// scVI's fused term over the uploaded rows `x`.
-fn softmax_nb_body<B: Backend<f32>>(b: &B, name: &str, x: CsrRef<'_, f32>, out: &mut Vec<Output>) {
-    let (rows, genes) = (x.rows, x.cols);
+fn softmax_nb_body<B: Backend<f32>>(b: &B, name: &str, x: &B::Csr, out: &mut Vec<Output>) {
+    let (rows, genes, _) = b.csr_shape(x);
     let logits = up(
         b,
         &inputs(rows * genes)
@@ -630,7 +733,7 @@ fn softmax_nb_body<B: Backend<f32>>(b: &B, name: &str, x: CsrRef<'_, f32>, out: 
     b.softmax_nb(
         In::all(&logits),
         In::all(&library),
-        &b.upload_csr(x).unwrap(),
+        x,
         In::all(&theta),
         In::all(&weights),
         Out::all(&mut ll),

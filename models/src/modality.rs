@@ -161,10 +161,8 @@ impl Encoder {
     ) -> Result<EncoderActs<Buf<T, B>, B::Csr>> {
         let counts_on_device = match uploaded {
             Some(c) => {
-                let on = b.csr_rows(&c);
                 assert!(
-                    (on.rows, on.cols, on.data.len())
-                        == (counts.rows, counts.cols, counts.data.len()),
+                    b.csr_shape(&c) == (counts.rows, counts.cols, counts.data.len()),
                     "encoder: the uploaded counts are not this batch's"
                 );
                 c

@@ -1,7 +1,7 @@
 //! The CPU backend: the reference ops of `crate::ops` on host vectors (rayon-parallel,
 //! gemm crate), for f32 training and f64 gradient checks.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use super::{Backend, In, Out, Result};
 use crate::Real;
@@ -34,12 +34,22 @@ pub struct HostCsr<T> {
 
 impl<T: Real> HostCsr<T> {
     pub fn new(x: CsrRef<'_, T>) -> HostCsr<T> {
+        let arrays = (x.indptr.to_vec(), x.indices.to_vec(), x.data.to_vec());
+        HostCsr::owned(x.rows, x.cols, arrays)
+    }
+
+    /// A matrix from its arrays: indptr, indices, data.
+    fn owned(
+        rows: usize,
+        cols: usize,
+        (indptr, indices, data): (Vec<u64>, Vec<u32>, Vec<T>),
+    ) -> HostCsr<T> {
         HostCsr {
-            rows: x.rows,
-            cols: x.cols,
-            indptr: x.indptr.to_vec(),
-            indices: x.indices.to_vec(),
-            data: x.data.to_vec(),
+            rows,
+            cols,
+            indptr,
+            indices,
+            data,
             transformed: OnceLock::new(),
             transposed: OnceLock::new(),
         }
@@ -111,6 +121,7 @@ impl<T: Gemm> Backend<T> for Cpu {
     type Buf = Vec<T>;
     type Csr = HostCsr<T>;
     type Staged = HostCsr<T>;
+    type Resident = HostCsr<T>;
 
     fn name(&self) -> String {
         "cpu".into()
@@ -175,8 +186,36 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(x)
     }
 
-    fn csr_rows<'a>(&self, x: &'a HostCsr<T>) -> CsrRef<'a, T> {
-        x.as_ref()
+    fn csr_rows<'a>(&self, x: &'a HostCsr<T>) -> Option<CsrRef<'a, T>> {
+        Some(x.as_ref())
+    }
+
+    fn csr_shape(&self, x: &HostCsr<T>) -> (usize, usize, usize) {
+        (x.rows, x.cols, x.data.len())
+    }
+
+    fn resident_csr(&self, x: CsrRef<'_, T>) -> Result<HostCsr<T>> {
+        x.check_entries();
+        assert!(
+            !linear::repeats_a_column(x),
+            "resident counts: a row names a column twice"
+        );
+        Ok(HostCsr::new(x))
+    }
+
+    fn stage_rows(
+        &self,
+        x: &Arc<HostCsr<T>>,
+        rows: &[usize],
+        transform: CountTransform,
+    ) -> Result<HostCsr<T>> {
+        let csr = HostCsr::owned(
+            rows.len(),
+            x.cols,
+            linear::gather_rows(HostCsr::as_ref(x), rows),
+        );
+        csr.transposed(transform);
+        Ok(csr)
     }
 
     fn gemm(

@@ -13,9 +13,23 @@ use crate::cuda_staging::StagedCsr;
 use crate::ops::elementwise::{self, Activation};
 use crate::ops::likelihood::{self, Likelihood};
 use crate::ops::linear::gpu::DeviceCsr;
+use crate::ops::linear::resident_gpu::{self, ResidentCsr};
 use crate::ops::linear::{self, CountTransform, CsrRef};
 use crate::ops::optim::{self, AdamW};
 use crate::ops::{dropout, gaussian, losses, norm};
+
+/// A batch on its way to the device: copied from the host on the copy stream, or rows of a
+/// resident matrix to gather there (only the row list crosses).
+#[derive(Debug)]
+pub enum Staged {
+    Copied(Box<StagedCsr>),
+    Rows {
+        from: Arc<ResidentCsr>,
+        rows: Vec<u32>,
+        indptr: Vec<u64>,
+        transform: CountTransform,
+    },
+}
 
 /// One GPU as a [`Backend`] (f32).
 #[derive(Debug, Clone)]
@@ -59,7 +73,8 @@ fn vm_ref<'a>(x: &'a mut Out<'_, CudaSlice<f32>>) -> ViewMut<'a> {
 impl Backend<f32> for Cuda {
     type Buf = CudaSlice<f32>;
     type Csr = DeviceCsr;
-    type Staged = StagedCsr;
+    type Staged = Staged;
+    type Resident = ResidentCsr;
 
     fn name(&self) -> String {
         format!("cuda:{}", self.gpu.ordinal())
@@ -133,16 +148,53 @@ impl Backend<f32> for Cuda {
         Ok(DeviceCsr::upload(&self.gpu, x)?)
     }
 
-    fn stage_csr(&self, x: CsrRef<'_, f32>, transform: CountTransform) -> Result<StagedCsr> {
-        Ok(self.gpu.staging()?.stage(x, transform)?)
+    fn stage_csr(&self, x: CsrRef<'_, f32>, transform: CountTransform) -> Result<Staged> {
+        Ok(Staged::Copied(Box::new(
+            self.gpu.staging()?.stage(x, transform)?,
+        )))
     }
 
-    fn staged_csr(&self, x: StagedCsr) -> Result<DeviceCsr> {
-        Ok(x.into_device(self.gpu.stream())?)
+    fn staged_csr(&self, x: Staged) -> Result<DeviceCsr> {
+        Ok(match x {
+            Staged::Copied(x) => x.into_device(self.gpu.stream())?,
+            Staged::Rows {
+                from,
+                rows,
+                indptr,
+                transform,
+            } => resident_gpu::gather(&self.gpu, &from, &rows, &indptr, transform)?,
+        })
     }
 
-    fn csr_rows<'a>(&self, x: &'a DeviceCsr) -> CsrRef<'a, f32> {
+    fn csr_rows<'a>(&self, x: &'a DeviceCsr) -> Option<CsrRef<'a, f32>> {
         x.host()
+    }
+
+    fn csr_shape(&self, x: &DeviceCsr) -> (usize, usize, usize) {
+        (x.rows, x.cols, x.data.len())
+    }
+
+    fn free_memory(&self) -> Result<Option<u64>> {
+        Ok(Some(self.gpu.free_memory()?))
+    }
+
+    fn resident_csr(&self, x: CsrRef<'_, f32>) -> Result<ResidentCsr> {
+        Ok(ResidentCsr::upload(&self.gpu, x)?)
+    }
+
+    fn stage_rows(
+        &self,
+        x: &Arc<ResidentCsr>,
+        rows: &[usize],
+        transform: CountTransform,
+    ) -> Result<Staged> {
+        let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        Ok(Staged::Rows {
+            indptr: x.batch_indptr(&rows),
+            from: Arc::clone(x),
+            rows,
+            transform,
+        })
     }
 
     fn gemm(

@@ -9,6 +9,7 @@
 //! shape and reused, which is the caching allocator the training loop needs.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::ops::elementwise::Activation;
 use crate::ops::likelihood::Likelihood;
@@ -136,8 +137,11 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     type Buf: Storage + Send + Sync + std::fmt::Debug;
     /// A count matrix uploaded for the sparse first layer.
     type Csr: Send + Sync;
-    /// A count matrix whose upload was started by [`Backend::stage_csr`].
+    /// A count matrix whose upload was started by [`Backend::stage_csr`] (or whose rows
+    /// [`Backend::stage_rows`] named).
     type Staged: Send;
+    /// A count matrix kept on the device for a whole run ([`Backend::resident_csr`]).
+    type Resident: Send + Sync;
 
     /// "cpu" or "cuda:<ordinal>", for logs and benchmark tables.
     fn name(&self) -> String;
@@ -186,8 +190,29 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     /// The staged matrix as [`Backend::upload_csr`] gives it, ready for the ops queued after
     /// this call (they wait for its copy on the device, not on the host).
     fn staged_csr(&self, x: Self::Staged) -> Result<Self::Csr>;
-    /// The host rows an uploaded count matrix was made from (library sizes, dense copies).
-    fn csr_rows<'a>(&self, x: &'a Self::Csr) -> CsrRef<'a, T>;
+    /// The host rows an uploaded count matrix was made from (None: gathered on the device).
+    fn csr_rows<'a>(&self, x: &'a Self::Csr) -> Option<CsrRef<'a, T>>;
+    /// An uploaded count matrix's rows, columns and non-zeros.
+    fn csr_shape(&self, x: &Self::Csr) -> (usize, usize, usize);
+
+    /// Memory the device has free for data kept there for a run, in bytes; None where the
+    /// device's memory is the host's (the CPU: a resident copy would only duplicate it).
+    fn free_memory(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    /// Keeps `x` on the device for a run. Its entries must be in range and no row may name a
+    /// column twice (`ops::linear::repeats_a_column`).
+    fn resident_csr(&self, x: CsrRef<'_, T>) -> Result<Self::Resident>;
+    /// Starts making rows `rows` of a resident matrix (in that order) a batch, with the
+    /// transposed index for `transform`, from any thread; [`Backend::staged_csr`] takes it.
+    /// The same matrix as [`Backend::stage_csr`] of those rows (`ops::linear::gather_rows`),
+    /// but only the row list crosses to the device.
+    fn stage_rows(
+        &self,
+        x: &Arc<Self::Resident>,
+        rows: &[usize],
+        transform: CountTransform,
+    ) -> Result<Self::Staged>;
 
     /// `ops::linear::Gemm::gemm`: C = alpha op(A) op(B) + beta C, row-major.
     fn gemm(
@@ -405,7 +430,8 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
             self,
             logits,
             library,
-            self.csr_rows(counts),
+            self.csr_rows(counts)
+                .expect("a backend without its own softmax_nb keeps its batches' host rows"),
             theta,
             weights,
             ll,

@@ -67,8 +67,10 @@ pub fn gemm(
     })
 }
 
-/// A CSR count matrix on the device, with its host copy: the backward's transposed index is
-/// built on the host from it (it depends only on the batch's counts) at the first backward.
+/// A CSR count matrix on the device, with its host copy where it was uploaded: the backward's
+/// transposed index is built on the host from it (it depends only on the batch's counts) at
+/// the first backward. A batch gathered from a resident matrix has no host copy; its index is
+/// built on the device ([`super::resident_gpu`]).
 #[derive(Debug)]
 pub struct DeviceCsr {
     pub rows: usize,
@@ -76,8 +78,8 @@ pub struct DeviceCsr {
     pub indptr: CudaSlice<u64>,
     pub indices: CudaSlice<u32>,
     pub data: CudaSlice<f32>,
-    host: Arc<HostRows>,
-    transposed: OnceLock<(CountTransform, DeviceTransposed)>,
+    host: Option<Arc<HostRows>>,
+    pub(super) transposed: OnceLock<(CountTransform, DeviceTransposed)>,
     /// The backward's transposed index, being built on the host since the forward was queued.
     building: Mutex<Option<(CountTransform, Background<HostTransposed>)>>,
     /// With each row's repeated columns summed, when a row repeats one (None: it is itself).
@@ -128,10 +130,32 @@ impl DeviceCsr {
             indptr,
             indices,
             data,
-            host: Arc::new(host),
+            host: Some(Arc::new(host)),
             transposed: transposed.map_or_else(OnceLock::new, OnceLock::from),
             building: Mutex::new(None),
             unique: OnceLock::new(),
+        }
+    }
+
+    /// A batch gathered on the device from a matrix whose rows name each column at most once,
+    /// with its transposed index for `transform`.
+    pub(crate) fn gathered(
+        rows: usize,
+        cols: usize,
+        (indptr, indices, data): (CudaSlice<u64>, CudaSlice<u32>, CudaSlice<f32>),
+        transposed: (CountTransform, DeviceTransposed),
+    ) -> DeviceCsr {
+        DeviceCsr {
+            rows,
+            cols,
+            indptr,
+            indices,
+            data,
+            host: None,
+            transposed: OnceLock::from(transposed),
+            building: Mutex::new(None),
+            // No row repeats a column: the arrays serve scVI's term as they are.
+            unique: OnceLock::from(None),
         }
     }
 
@@ -144,9 +168,9 @@ impl DeviceCsr {
         &self,
         gpu: &Gpu,
     ) -> Result<(&CudaSlice<u64>, &CudaSlice<u32>, &CudaSlice<f32>)> {
-        if self.unique.get().is_none() {
-            let (indptr, indices, data) = unique_columns(self.host());
-            let copy = if indices.len() == self.host.1.len() {
+        if let (None, Some(host)) = (self.unique.get(), self.host()) {
+            let (indptr, indices, data) = unique_columns(host);
+            let copy = if indices.len() == self.data.len() {
                 None
             } else {
                 Some((
@@ -164,19 +188,24 @@ impl DeviceCsr {
         })
     }
 
-    pub fn host(&self) -> CsrRef<'_, f32> {
-        rows_of(&self.host, self.rows, self.cols)
+    /// The host rows it was uploaded from (None: gathered on the device).
+    pub fn host(&self) -> Option<CsrRef<'_, f32>> {
+        let host = self.host.as_ref()?;
+        Some(rows_of(host, self.rows, self.cols))
     }
 
     /// Starts building the backward's transposed index on the host pool, so it overlaps the
     /// kernels the forward and backward queue (the backward's sparse layer waits for it).
     pub(crate) fn start_transpose(&self, transform: CountTransform) {
-        if self.transposed.get().is_some() {
+        let Some(host) = (self.transposed.get().is_none())
+            .then_some(self.host.as_ref())
+            .flatten()
+        else {
             return;
-        }
+        };
         let mut building = self.building.lock().unwrap_or_else(|p| p.into_inner());
         if building.is_none() {
-            let host = Arc::clone(&self.host);
+            let host = Arc::clone(host);
             let (rows, cols) = (self.rows, self.cols);
             let task =
                 Background::spawn(move || host_transposed(rows_of(&host, rows, cols), transform));
@@ -194,8 +223,13 @@ impl DeviceCsr {
             Some((t, task)) if t == transform => task.wait(),
             _ => None,
         };
-        let (col_ptr, rows_of, values) =
-            built.unwrap_or_else(|| host_transposed(self.host(), transform));
+        let Some(host) = self.host() else {
+            // Gathered on the device (no row repeats a column): indexed there for this
+            // transform too.
+            let arrays = (&self.indptr, &self.indices, &self.data);
+            return super::resident_gpu::transposed(gpu, arrays, self.rows, self.cols, transform);
+        };
+        let (col_ptr, rows_of, values) = built.unwrap_or_else(|| host_transposed(host, transform));
         Ok(DeviceTransposed {
             col_ptr: gpu.upload(&col_ptr)?,
             rows_of: gpu.upload(&rows_of)?,

@@ -40,3 +40,106 @@ extern "C" __global__ void sparse_input_backward(const unsigned long long* col_p
     }
     dw[j * d_out + o] = acc;
 }
+
+// ---- Batches gathered from a count matrix kept on the device (`resident_gpu.rs`) ----
+
+// In-place inclusive prefix sum of x[0..n] by one block: each thread sums a contiguous chunk, the
+// chunk totals are scanned in order by thread 0, then each chunk is rewritten from its offset.
+// Integers, so the result is exact whatever the order. One block (1024 threads at most).
+extern "C" __global__ void scan_inclusive_u64(unsigned long long* x, unsigned long long n) {
+    __shared__ unsigned long long before[1024];
+    unsigned long long chunk = (n + blockDim.x - 1) / blockDim.x;
+    unsigned long long start = threadIdx.x * chunk;
+    unsigned long long end = start + chunk < n ? start + chunk : n;
+    unsigned long long sum = 0;
+    for (unsigned long long i = start; i < end; ++i) { sum += x[i]; }
+    before[threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned long long run = 0;
+        for (unsigned int t = 0; t < blockDim.x; ++t) {
+            unsigned long long s = before[t];
+            before[t] = run;
+            run += s;
+        }
+    }
+    __syncthreads();
+    unsigned long long run = before[threadIdx.x];
+    for (unsigned long long i = start; i < end; ++i) {
+        run += x[i];
+        x[i] = run;
+    }
+}
+
+// The batch's entries: row i of the batch is source row rows[i], copied in order. grid-stride
+// over rows by block, a row's entries over the block's threads.
+extern "C" __global__ void csr_gather_entries(const unsigned long long* src_indptr, const unsigned int* src_indices,
+        const float* src_data, const unsigned int* rows, unsigned long long n, const unsigned long long* indptr,
+        unsigned int* indices, float* data) {
+    for (unsigned long long i = blockIdx.x; i < n; i += gridDim.x) {
+        unsigned long long from = src_indptr[rows[i]];
+        unsigned long long to = indptr[i];
+        unsigned long long len = indptr[i + 1] - to;
+        for (unsigned long long k = threadIdx.x; k < len; k += blockDim.x) {
+            indices[to + k] = src_indices[from + k];
+            data[to + k] = src_data[from + k];
+        }
+    }
+}
+
+// The transposed index on the device, in the CPU's order (ops/linear/mod.rs `transposed`:
+// genes ascending, rows ascending within a gene), for matrices whose rows name a gene at most
+// once. Block b owns rows [b * span, (b + 1) * span). First each block counts its entries per
+// gene (counts: blocks x genes, zeroed by the caller; integer atomics, so exact).
+extern "C" __global__ void transpose_count(const unsigned long long* indptr, const unsigned int* indices,
+        unsigned long long rows, unsigned long long span, unsigned long long genes, unsigned int* counts) {
+    unsigned long long r0 = blockIdx.x * span;
+    if (r0 >= rows) { return; }
+    unsigned long long r1 = r0 + span < rows ? r0 + span : rows;
+    unsigned int* mine = counts + blockIdx.x * genes;
+    for (unsigned long long k = indptr[r0] + threadIdx.x; k < indptr[r1]; k += blockDim.x) {
+        atomicAdd(&mine[indices[k]], 1u);
+    }
+}
+
+// One thread per gene: each block's count becomes where its run starts within the gene (blocks
+// in order), and the gene's total goes to col_ptr[j + 1] (col_ptr[0] zeroed by the caller; an
+// inclusive scan then makes the column pointers).
+extern "C" __global__ void transpose_runs(unsigned int* counts, unsigned long long blocks, unsigned long long genes,
+        unsigned long long* col_ptr) {
+    for (unsigned long long j = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; j < genes;
+         j += (unsigned long long)gridDim.x * blockDim.x) {
+        unsigned int run = 0;
+        for (unsigned long long b = 0; b < blocks; ++b) {
+            unsigned int c = counts[b * genes + j];
+            counts[b * genes + j] = run;
+            run += c;
+        }
+        col_ptr[j + 1] = run;
+    }
+}
+
+// Block b places its rows' entries, row after row: within a row every entry goes to a different
+// gene, so the threads of the block never share a cursor, and the barrier between rows keeps
+// rows ascending within each gene. Values are transformed as the forward reads them.
+extern "C" __global__ void transpose_fill(const unsigned long long* indptr, const unsigned int* indices, const float* data,
+        unsigned long long rows, unsigned long long span, unsigned long long genes, int kind, float scale,
+        const unsigned long long* col_ptr, unsigned int* cursor, unsigned int* rows_of, float* values) {
+    __shared__ float library;
+    unsigned long long r0 = blockIdx.x * span;
+    if (r0 >= rows) { return; }
+    unsigned long long r1 = r0 + span < rows ? r0 + span : rows;
+    unsigned int* mine = cursor + blockIdx.x * genes;
+    for (unsigned long long r = r0; r < r1; ++r) {
+        if (threadIdx.x == 0) { library = kind == 0 ? 0.0f : row_library(indptr, data, r); }
+        __syncthreads();
+        for (unsigned long long k = indptr[r] + threadIdx.x; k < indptr[r + 1]; k += blockDim.x) {
+            unsigned int j = indices[k];
+            unsigned long long at = col_ptr[j] + mine[j];
+            mine[j] += 1;
+            rows_of[at] = (unsigned int)r;
+            values[at] = count_transform(kind, scale, data[k], library);
+        }
+        __syncthreads();
+    }
+}

@@ -16,6 +16,7 @@ use crate::real::{Real, mul_add};
 pub const CUDA_SOURCE: &str = include_str!("linear.cu");
 
 pub mod gpu;
+pub mod resident_gpu;
 
 /// Scalar types the CPU GEMM multiplies.
 pub trait Gemm: Real {
@@ -502,6 +503,39 @@ fn weighted_row_sum<T: Real>(
     }
 }
 
+/// The CSR arrays of `x`'s rows `rows`, in that order (a batch drawn from a matrix kept whole:
+/// what `resident_gpu.rs` does on the device).
+pub fn gather_rows<T: Copy>(x: CsrRef<'_, T>, rows: &[usize]) -> (Vec<u64>, Vec<u32>, Vec<T>) {
+    let span = |r: usize| x.indptr[r] as usize..x.indptr[r + 1] as usize;
+    let nnz = rows.iter().map(|&r| span(r).len()).sum();
+    let (mut indptr, mut indices, mut data) = (
+        Vec::with_capacity(rows.len() + 1),
+        Vec::with_capacity(nnz),
+        Vec::with_capacity(nnz),
+    );
+    indptr.push(0u64);
+    for &r in rows {
+        indices.extend_from_slice(&x.indices[span(r)]);
+        data.extend_from_slice(&x.data[span(r)]);
+        indptr.push(indices.len() as u64);
+    }
+    (indptr, indices, data)
+}
+
+/// Whether some row names a column twice (scipy's non-canonical CSR). The device builds the
+/// transposed index only of matrices whose rows do not.
+pub fn repeats_a_column<T: Copy + Sync>(x: CsrRef<'_, T>) -> bool {
+    row_blocks(x).par_iter().any(|rows| {
+        // The last row (+ 1) that named each column: no clearing between rows.
+        let mut seen = vec![0usize; x.cols];
+        rows.clone().any(|r| {
+            x.indices[x.indptr[r] as usize..x.indptr[r + 1] as usize]
+                .iter()
+                .any(|&j| std::mem::replace(&mut seen[j as usize], r + 1) == r + 1)
+        })
+    })
+}
+
 /// The transformed non-zeros indexed by gene: `col_ptr` (cols + 1) and, per entry, its row and
 /// transformed value, rows ascending within a gene (the fixed accumulation order of the weight
 /// gradient, on CPU and GPU).
@@ -644,6 +678,61 @@ mod tests {
             indptr.push(indices.len() as u64);
         }
         (indptr, indices, data)
+    }
+
+    #[test]
+    fn gathered_rows_are_the_rows_asked_for_in_their_order() {
+        let (indptr, indices, data) = (
+            vec![0u64, 2, 2, 5],
+            vec![1u32, 3, 0, 2, 3],
+            vec![1.0f32, 2.0, 3.0, 4.0, 5.0],
+        );
+        let x = CsrRef {
+            rows: 3,
+            cols: 4,
+            indptr: &indptr,
+            indices: &indices,
+            data: &data,
+        };
+        assert_eq!(
+            gather_rows(x, &[2, 1, 0, 2]),
+            (
+                vec![0, 3, 3, 5, 8],
+                vec![0, 2, 3, 1, 3, 0, 2, 3],
+                vec![3.0, 4.0, 5.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+            )
+        );
+        assert_eq!(gather_rows(x, &[]), (vec![0], vec![], vec![]));
+    }
+
+    #[test]
+    fn a_column_repeated_within_a_row_is_found_and_one_repeated_across_rows_is_not() {
+        let (indptr, indices, data) = big_batch();
+        let x = CsrRef {
+            rows: indptr.len() - 1,
+            cols: 3000,
+            indptr: &indptr,
+            indices: &indices,
+            data: &data,
+        };
+        assert!(repeats_a_column(x));
+        // Every row names the same columns once: across rows is no repeat.
+        let rows = 5000;
+        let indptr: Vec<u64> = (0..=rows as u64).map(|r| 3 * r).collect();
+        let indices: Vec<u32> = (0..rows).flat_map(|_| [4u32, 0, 9]).collect();
+        let data = vec![1.0f32; indices.len()];
+        let mut y = CsrRef {
+            rows,
+            cols: 10,
+            indptr: &indptr,
+            indices: &indices,
+            data: &data,
+        };
+        assert!(!repeats_a_column(y));
+        let mut repeated = indices.clone();
+        repeated[3 * 4321 + 2] = 4;
+        y.indices = &repeated;
+        assert!(repeats_a_column(y));
     }
 
     #[test]

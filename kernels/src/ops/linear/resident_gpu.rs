@@ -1,0 +1,302 @@
+//! Count matrices kept on the device for a whole run (issue 24: a training set that fits is
+//! uploaded once) and the batches gathered from them there, so a step moves only its row list
+//! over PCIe: the batch's entries are copied on the device ([`super::gather_rows`] on the host),
+//! and its transposed index is built there too, in [`super::transposed`]'s order (per-block
+//! counts by gene, their runs, a scan, then each block's rows placed in order), for matrices
+//! whose rows name a gene at most once (checked once, at upload).
+#![allow(unsafe_code)] // kernel launches: sizes are checked before each
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::gpu::{DeviceCsr, DeviceTransposed};
+use super::{CUDA_SOURCE, CountTransform, CsrRef};
+use crate::cuda::{Gpu, Result, driver as failed, grid};
+
+/// A count matrix on the device whose rows name each column at most once, and its row pointers
+/// on the host (a batch's are worked out there, so its size is known without a read-back).
+#[derive(Debug)]
+pub struct ResidentCsr {
+    pub rows: usize,
+    pub cols: usize,
+    host_indptr: Vec<u64>,
+    indptr: CudaSlice<u64>,
+    indices: CudaSlice<u32>,
+    data: CudaSlice<f32>,
+}
+
+impl ResidentCsr {
+    /// Uploads `x`. Its entries must be in range and no row may repeat a column
+    /// ([`super::repeats_a_column`]): the caller checks, as the training loop does before it
+    /// chooses to keep a matrix on the device.
+    pub fn upload(gpu: &Gpu, x: CsrRef<'_, f32>) -> Result<ResidentCsr> {
+        x.check_entries();
+        assert!(
+            !super::repeats_a_column(x),
+            "resident counts: a row names a column twice"
+        );
+        Ok(ResidentCsr {
+            rows: x.rows,
+            cols: x.cols,
+            host_indptr: x.indptr.to_vec(),
+            indptr: gpu.upload(x.indptr)?,
+            indices: gpu.upload(x.indices)?,
+            data: gpu.upload(x.data)?,
+        })
+    }
+
+    /// Device bytes of a resident matrix of `rows` rows and `nnz` non-zeros.
+    pub fn bytes(rows: usize, nnz: usize) -> u64 {
+        8 * (rows as u64 + 1) + 8 * nnz as u64
+    }
+
+    /// The row pointers of rows `rows` gathered in that order (what [`gather`] needs).
+    pub fn batch_indptr(&self, rows: &[u32]) -> Vec<u64> {
+        let mut indptr = Vec::with_capacity(rows.len() + 1);
+        indptr.push(0u64);
+        let mut at = 0u64;
+        for &r in rows {
+            let r = r as usize;
+            at += self.host_indptr[r + 1] - self.host_indptr[r];
+            indptr.push(at);
+        }
+        indptr
+    }
+}
+
+/// Rows `rows` of `x` as a batch on the compute stream (`indptr` from
+/// [`ResidentCsr::batch_indptr`]), with its transposed index for `transform` queued behind.
+pub fn gather(
+    gpu: &Gpu,
+    x: &ResidentCsr,
+    rows: &[u32],
+    indptr: &[u64],
+    transform: CountTransform,
+) -> Result<DeviceCsr> {
+    assert!(
+        indptr.len() == rows.len() + 1 && rows.iter().all(|&r| (r as usize) < x.rows),
+        "gather: rows of a {}-row matrix and their row pointers",
+        x.rows
+    );
+    let (n, nnz) = (rows.len(), indptr[rows.len()] as usize);
+    if nnz == 0 {
+        // Nothing to copy or index: the empty arrays, uploaded as any batch's.
+        let empty = CsrRef {
+            rows: n,
+            cols: x.cols,
+            indptr,
+            indices: &[],
+            data: &[],
+        };
+        return DeviceCsr::upload(gpu, empty);
+    }
+    let (on_device, batch_indptr) = (gpu.upload(rows)?, gpu.upload(indptr)?);
+    let stream = gpu.stream();
+    // SAFETY: both are written whole by the gather below before any read.
+    let (mut indices, mut data) = unsafe {
+        (
+            stream
+                .alloc::<u32>(nnz)
+                .map_err(failed("gather: indices"))?,
+            stream.alloc::<f32>(nnz).map_err(failed("gather: values"))?,
+        )
+    };
+    let f = gpu.function("linear", CUDA_SOURCE, "csr_gather_entries")?;
+    let n64 = n as u64;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&x.indptr)
+        .arg(&x.indices)
+        .arg(&x.data)
+        .arg(&on_device)
+        .arg(&n64)
+        .arg(&batch_indptr)
+        .arg(&mut indices)
+        .arg(&mut data);
+    // SAFETY: every row is below x.rows (asserted) and indptr holds the gathered rows' lengths,
+    // ending at nnz, the size of both outputs.
+    unsafe { b.launch(per_row(n)) }.map_err(failed("csr_gather_entries"))?;
+    let transposed = transposed(gpu, (&batch_indptr, &indices, &data), n, x.cols, transform)?;
+    Ok(DeviceCsr::gathered(
+        n,
+        x.cols,
+        (batch_indptr, indices, data),
+        (transform, transposed),
+    ))
+}
+
+/// The transposed index of a CSR on the device whose rows name each column at most once, for
+/// `transform`: the arrays [`super::transposed`] makes on the host.
+pub(crate) fn transposed(
+    gpu: &Gpu,
+    (indptr, indices, data): (&CudaSlice<u64>, &CudaSlice<u32>, &CudaSlice<f32>),
+    rows: usize,
+    cols: usize,
+    transform: CountTransform,
+) -> Result<DeviceTransposed> {
+    let nnz = data.len();
+    assert!(
+        indptr.len() == rows + 1 && indices.len() == nnz && nnz > 0 && cols > 0,
+        "transposed: a non-empty {rows} x {cols} CSR"
+    );
+    // Rows per block: at least 32 (the fill's barrier per row is cheap next to its entries),
+    // more where blocks x cols counters would pass 2^24 (64 MiB).
+    let span = rows.div_ceil(((1usize << 24) / cols).max(1)).max(32);
+    let blocks = rows.div_ceil(span);
+    let stream = gpu.stream();
+    let counts = stream.alloc_zeros::<u32>(blocks * cols);
+    let col_ptr = stream.alloc_zeros::<u64>(cols + 1);
+    let (mut counts, mut col_ptr) = (
+        counts.map_err(failed("transposed: counters"))?,
+        col_ptr.map_err(failed("transposed: column pointers"))?,
+    );
+    let (rows64, span64, cols64, blocks64) = (rows as u64, span as u64, cols as u64, blocks as u64);
+    let count = gpu.function("linear", CUDA_SOURCE, "transpose_count")?;
+    let mut b = stream.launch_builder(&count);
+    b.arg(indptr)
+        .arg(indices)
+        .arg(&rows64)
+        .arg(&span64)
+        .arg(&cols64)
+        .arg(&mut counts);
+    // SAFETY: counts holds blocks x cols counters; every index is below cols (checked at upload).
+    unsafe { b.launch(per_row(blocks)) }.map_err(failed("transpose_count"))?;
+    let runs = gpu.function("linear", CUDA_SOURCE, "transpose_runs")?;
+    let mut b = stream.launch_builder(&runs);
+    b.arg(&mut counts)
+        .arg(&blocks64)
+        .arg(&cols64)
+        .arg(&mut col_ptr);
+    // SAFETY: the same counters; col_ptr holds cols + 1.
+    unsafe { b.launch(grid(cols)) }.map_err(failed("transpose_runs"))?;
+    scan(gpu, &mut col_ptr)?;
+    // SAFETY: the fill writes every one of the nnz places (each entry's column run holds it).
+    let (mut rows_of, mut values) = unsafe {
+        (
+            stream
+                .alloc::<u32>(nnz)
+                .map_err(failed("transposed: rows"))?,
+            stream
+                .alloc::<f32>(nnz)
+                .map_err(failed("transposed: values"))?,
+        )
+    };
+    let (kind, scale) = transform.code();
+    let fill = gpu.function("linear", CUDA_SOURCE, "transpose_fill")?;
+    let mut b = stream.launch_builder(&fill);
+    b.arg(indptr)
+        .arg(indices)
+        .arg(data)
+        .arg(&rows64)
+        .arg(&span64)
+        .arg(&cols64)
+        .arg(&kind)
+        .arg(&scale)
+        .arg(&col_ptr)
+        .arg(&mut counts)
+        .arg(&mut rows_of)
+        .arg(&mut values);
+    // SAFETY: as the count; col_ptr ends at nnz, the size of both outputs.
+    unsafe { b.launch(per_row(blocks)) }.map_err(failed("transpose_fill"))?;
+    Ok(DeviceTransposed {
+        col_ptr,
+        rows_of,
+        values,
+    })
+}
+
+/// In-place inclusive prefix sum by one block.
+fn scan(gpu: &Gpu, x: &mut CudaSlice<u64>) -> Result<()> {
+    let f = gpu.function("linear", CUDA_SOURCE, "scan_inclusive_u64")?;
+    let n = x.len() as u64;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(x).arg(&n);
+    let one_block = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the kernel touches x[0..n] only.
+    unsafe { b.launch(one_block) }
+        .map(|_| ())
+        .map_err(failed("scan_inclusive_u64"))
+}
+
+/// A block per row (or per row block), 256 threads over its entries.
+fn per_row(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.clamp(1, 1 << 30) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+    use super::*;
+
+    /// The device's gathered arrays and transposed index against the host's, array by array
+    /// (the positions exactly; the values to the rounding of two log1p implementations).
+    #[test]
+    fn gathered_arrays_and_index_are_the_hosts() {
+        let gpu = match Gpu::new(0) {
+            Ok(gpu) => gpu,
+            Err(e) => {
+                eprintln!("SKIPPED: the device's gather and index need a CUDA device: {e}");
+                return;
+            }
+        };
+        let (n, cols) = (2000usize, 700usize);
+        let (mut indptr, mut indices, mut data) = (vec![0u64], Vec::new(), Vec::new());
+        for r in 0..n {
+            for j in (r % 3..cols).step_by(1 + r % 11) {
+                indices.push(j as u32);
+                data.push(((r + 3 * j) % 25) as f32);
+            }
+            indptr.push(indices.len() as u64);
+        }
+        let whole = CsrRef {
+            rows: n,
+            cols,
+            indptr: &indptr,
+            indices: &indices,
+            data: &data,
+        };
+        let resident = ResidentCsr::upload(&gpu, whole).unwrap();
+        let rows: Vec<usize> = (0..1500).map(|i| (i * 7919 + 5) % n).collect();
+        let rows32: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let transform = CountTransform::NormalizedLog1p { scale: 1e4 };
+        let batch = gather(
+            &gpu,
+            &resident,
+            &rows32,
+            &resident.batch_indptr(&rows32),
+            transform,
+        )
+        .unwrap();
+        let host = super::super::gather_rows(whole, &rows);
+        let stream = gpu.stream();
+        assert_eq!(stream.clone_dtoh(&batch.indptr).unwrap(), host.0);
+        assert_eq!(stream.clone_dtoh(&batch.indices).unwrap(), host.1);
+        assert_eq!(stream.clone_dtoh(&batch.data).unwrap(), host.2);
+        let x = CsrRef {
+            rows: rows.len(),
+            cols,
+            indptr: &host.0,
+            indices: &host.1,
+            data: &host.2,
+        };
+        let (col_ptr, entries) = super::super::transposed(x, transform);
+        let (_, index) = batch.transposed.get().unwrap();
+        let col_ptr: Vec<u64> = col_ptr.iter().map(|&p| p as u64).collect();
+        assert_eq!(stream.clone_dtoh(&index.col_ptr).unwrap(), col_ptr);
+        let rows_of: Vec<u32> = entries.iter().map(|&(r, _)| r as u32).collect();
+        assert_eq!(stream.clone_dtoh(&index.rows_of).unwrap(), rows_of);
+        let values = stream.clone_dtoh(&index.values).unwrap();
+        for (k, (g, &(_, c))) in values.iter().zip(&entries).enumerate() {
+            assert!(
+                (g - c).abs() <= 1e-6 + 1e-5 * c.abs(),
+                "value {k}: {g} vs {c}"
+            );
+        }
+    }
+}
