@@ -542,7 +542,7 @@ impl Loader {
 
     /// Decoded bytes of this loader's cells, estimated from the modalities' non-zeros (exact
     /// for CSR row pointers over the shard; pro rata otherwise), as the cache counts them.
-    fn shard_bytes(&self) -> u64 {
+    pub fn shard_bytes(&self) -> u64 {
         let cells = self.shard.end - self.shard.start;
         let nnz: u64 = self
             .sources

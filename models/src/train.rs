@@ -59,6 +59,24 @@ pub struct TrainConfig {
     /// f32 accumulation: several times the f32 rate, ~1e-3 relative error per product).
     /// Ignored on the CPU.
     pub tf32: bool,
+    /// Whether the training set's count matrices are kept on the device and each step's
+    /// batches gathered there, so that only their row lists cross from the host.
+    pub resident_data: ResidentData,
+}
+
+/// Where the training set's counts live during training ([`TrainConfig::resident_data`]). The
+/// trained model is the same either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResidentData {
+    /// On a GPU, when this rank's parts take at most half of its free memory.
+    #[default]
+    Auto,
+    /// On any device, whatever it takes (on the CPU a second copy in host memory, which only
+    /// tests want).
+    Always,
+    /// Every batch is copied from the host.
+    Never,
 }
 
 /// scvi-tools' `optimizer` choices.
@@ -93,6 +111,7 @@ impl Default for TrainConfig {
             checkpoint_every: Some(10),
             seed: 0,
             tf32: false,
+            resident_data: ResidentData::Auto,
         }
     }
 }

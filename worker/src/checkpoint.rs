@@ -353,10 +353,16 @@ fn gather(file: &SafeTensors<'_>, layout: &Layout, path: &Path) -> Result<Vec<f3
     Ok(flat)
 }
 
-/// The first key path where two resolved runs differ, ignoring the epoch count and TF32 (a
-/// precision mode a resume may change; checkpoints from before it existed lack the key).
+/// The first key path where two resolved runs differ, ignoring the epoch count, TF32 (a
+/// precision mode a resume may change) and where the counts live (the same model either way);
+/// checkpoints from before the last two existed lack their keys.
 fn first_difference(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> Option<String> {
-    let may_change = |at: &str| matches!(at, "train.max_epochs" | "epochs" | "train.tf32");
+    let may_change = |at: &str| {
+        matches!(
+            at,
+            "train.max_epochs" | "epochs" | "train.tf32" | "train.resident_data"
+        )
+    };
     if may_change(at) {
         return None;
     }

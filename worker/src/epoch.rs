@@ -19,6 +19,7 @@ use crate::collective::TrainBackend;
 use crate::fit::on_pool;
 use crate::parallel::{PartStream, Placement, StepReducer, Sums};
 use crate::records::{FitError, StepTimes};
+use crate::resident::ResidentPart;
 
 /// One part's batch of a step, with the count matrices its model reads whole already on their
 /// way to the device.
@@ -38,12 +39,14 @@ struct StepInputs<B: TrainBackend> {
 }
 
 /// The next step's batches, one from each stream that has one, converted to the model's input
-/// and staged on `device`. Once every stream has ended, a step without batches (this rank still
-/// takes part in the steps of ranks that have data).
+/// and staged on `device` (gathered there from `resident` matrices where the part has them).
+/// Once every stream has ended, a step without batches (this rank still takes part in the steps
+/// of ranks that have data).
 fn next_step<B: TrainBackend>(
     streams: &mut [PartStream],
     convert: &(impl Fn(&MiniBatch) -> ModelBatch + Sync),
     device: &B,
+    resident: &[ResidentPart<B>],
 ) -> Result<StepInputs<B>, FitError> {
     let mut step = StepInputs {
         parts: Vec::with_capacity(streams.len()),
@@ -54,14 +57,20 @@ fn next_step<B: TrainBackend>(
         if let Some(mb) = s.next_batch()? {
             step.cells += mb.cells.len() as u64;
             let batch = convert(&mb);
+            let kept = resident.iter().find(|r| r.part == s.part);
             let staged = batch
                 .modalities
                 .iter()
-                .map(|m| {
-                    m.present
-                        .is_none()
-                        .then(|| device.stage_csr(m.counts_ref(batch.rows), ENCODER_TRANSFORM))
-                        .transpose()
+                .enumerate()
+                .map(|(i, m)| {
+                    if m.present.is_some() {
+                        return Ok(None);
+                    }
+                    match kept.and_then(|r| r.rows(i, &mb.cells)) {
+                        Some((x, rows)) => device.stage_rows(x, &rows, ENCODER_TRANSFORM),
+                        None => device.stage_csr(m.counts_ref(batch.rows), ENCODER_TRANSFORM),
+                    }
+                    .map(Some)
                 })
                 .collect::<Result<_, _>>()?;
             step.parts.push(PartInput {
@@ -107,6 +116,8 @@ pub(crate) struct Stepper<'a, B: TrainBackend> {
     pub trainer: &'a mut Trainer<f32, B>,
     pub place: &'a mut Placement<B>,
     pub reducer: &'a mut StepReducer<B>,
+    /// This rank's parts' counts kept on the device (empty: every batch is copied from the host).
+    pub resident: &'a [ResidentPart<B>],
     /// The data's location, for errors.
     pub store: &'a str,
 }
@@ -145,6 +156,7 @@ impl<B: TrainBackend> Stepper<'_, B> {
         }
         let kl_weight = self.trainer.config.kl_weight(epoch);
         let device = self.trainer.model.backend().clone();
+        let resident = self.resident;
         std::thread::scope(|scope| {
             // The next steps' batches are converted and their uploads started on another
             // thread while this one computes: at most one waits in the channel, one is made.
@@ -153,7 +165,7 @@ impl<B: TrainBackend> Stepper<'_, B> {
             scope.spawn(move || {
                 let mut streams = streams;
                 loop {
-                    let next = next_step(&mut streams, convert, &device);
+                    let next = next_step(&mut streams, convert, &device, resident);
                     let failed = next.is_err();
                     if send.send(next).is_err() || failed {
                         return;

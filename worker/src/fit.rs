@@ -19,6 +19,7 @@ use crate::epoch::{EpochSteps, Stepper};
 use crate::parallel::{self, EpochEnd, EpochHooks, PartStream, Placement, StepReducer, Sums};
 use crate::policy;
 use crate::records::{EpochRecord, FitError, StepTimes};
+use crate::resident::{self, PartCells, ResidentPart};
 
 /// The run's configuration file: `[model]` and `[train]` tables, every key optional.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -458,6 +459,8 @@ struct Run<'a, B: TrainBackend> {
     validation: Vec<ModelBatch>,
     /// This rank's parts and their training cells.
     training: Vec<(usize, Loader)>,
+    /// This rank's parts' counts on the device, when kept there.
+    resident: Vec<ResidentPart<B>>,
     state: FitState,
     reducer: StepReducer<B>,
     stopped_early: bool,
@@ -655,6 +658,18 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             .map(|(k, l)| (*k, l.with_cells(Cells::Training(holdout))))
             .collect();
         let reducer = StepReducer::new(&trainer)?;
+        // After the model, so that the free memory left for the counts is measured with it there.
+        let parts: Vec<PartCells<'_>> = part_loaders
+            .iter()
+            .map(|(k, l)| (*k, ranges[*k].clone(), l))
+            .collect();
+        let resident = resident::keep_on_device(
+            &place.device,
+            tc.resident_data,
+            &parts,
+            &inputs.modalities,
+            &opts.data,
+        )?;
         Ok(Run {
             opts,
             place,
@@ -669,6 +684,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             checkpoints,
             validation,
             training,
+            resident,
             state,
             reducer,
             stopped_early: false,
@@ -698,6 +714,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             trainer: &mut self.trainer,
             place: self.place,
             reducer: &mut self.reducer,
+            resident: &self.resident,
             store: &self.opts.data,
         };
         let steps = stepper.epoch(

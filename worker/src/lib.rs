@@ -28,6 +28,7 @@ pub mod provenance;
 pub mod query;
 pub mod records;
 pub mod reference;
+mod resident;
 pub mod ring;
 
 pub use batch::{CovariateKeys, Covariates};

@@ -1451,6 +1451,7 @@ fn fine_tune<B: TrainBackend>(
         trainer,
         place: &mut place,
         reducer: &mut reducer,
+        resident: &[],
         store: &req.data,
     };
     let mut final_loss = None;

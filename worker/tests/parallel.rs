@@ -222,3 +222,47 @@ fn training_alone_cuts_each_step_into_the_configured_parts() {
     .unwrap();
     assert_eq!(resolved["parts"], 4);
 }
+
+/// The training set kept on the device (forced on the CPU, where `auto` never keeps it) trains
+/// the model the streamed one does, bit for bit: two parts (rows offset by the second part's
+/// first cell), and a MuData store whose protein modality some cells lack (that modality stays
+/// on the host, the RNA is gathered).
+#[test]
+fn the_training_set_kept_on_the_device_trains_the_same_model() {
+    use tessera_models::ResidentData;
+    let dir = tempfile::tempdir().unwrap();
+    let rna = simulated(dir.path(), "rna.zarr");
+    let multimodal = dir.path().join("cite.zarr").display().to_string();
+    let config = SimConfig {
+        n_cells: 1_500,
+        n_genes: 60,
+        n_proteins: 12,
+        n_types: 4,
+        n_batches: 2,
+        missing: 0.2,
+        ..SimConfig::default()
+    };
+    tessera_data::simulate(&multimodal, &config, |_| {}).unwrap();
+    for (name, data) in [("rna", &rna), ("cite", &multimodal)] {
+        let train = |mode: ResidentData| {
+            let mut opts = options(data, &dir.path().join(format!("{name}-{mode:?}")));
+            opts.config.train.parts = Some(2);
+            opts.config.train.resident_data = mode;
+            opts.store_outputs = false;
+            tessera_worker::fit(&opts, |_| {}).unwrap()
+        };
+        let (streamed, kept) = (train(ResidentData::Never), train(ResidentData::Always));
+        assert!(!streamed.embedding.is_empty());
+        assert_eq!(kept.embedding, streamed.embedding, "{name}: same bits");
+        let losses = |r: &FitReport| -> Vec<(f64, Option<f64>)> {
+            r.history
+                .iter()
+                .map(|e| {
+                    let validation = e.validation.as_ref().map(|v| v.reconstruction);
+                    (e.train.reconstruction, validation)
+                })
+                .collect()
+        };
+        assert_eq!(losses(&kept), losses(&streamed), "{name}: same losses");
+    }
+}
