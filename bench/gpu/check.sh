@@ -80,14 +80,14 @@ else
 fi
 
 # 3. A training step at scVI size and at Census size (8,000 genes, 2 x 512 hidden, 50 latent,
-# batch 1,024): cells/s against the GEMM floor, with the counts uploaded in the step and staged
-# ahead on the copy stream.
+# batch 1,024): cells/s against the GEMM floor, with the counts uploaded in the step, staged
+# ahead on the copy stream, and gathered on the device from a matrix kept there.
 logfile() { echo "$work/$(echo "$1" | tr ' ,' '__').log"; }
 step() { # name, args...
   local name=$1 log; shift
   log=$(logfile "$name")
   if $limit "$tessera" bench step --device "$device" "$@" >"$log" 2>&1; then
-    row "$name" ok "$(grep -m1 'cells/s' "$log" | sed 's/^ *//'); $(grep -m1 -o '[0-9]* staged cells/s' "$log")"
+    row "$name" ok "$(grep -m1 'cells/s' "$log" | sed 's/^ *//'); $(grep -m1 -o '[0-9]* staged cells/s' "$log"), $(grep -m1 -o '[0-9]* resident cells/s' "$log")"
   else
     row "$name" FAIL "$(tail -1 "$log")"
   fi
@@ -105,7 +105,8 @@ if $limit "$tessera" simulate "$store" --cells "$cells" --genes 2000 >"$work/sim
   t0=$SECONDS
   if $limit "$tessera" train --data "$store" --out "$scratch/train-$device" --device "$device" --epochs 2 --step-log 50 >"$work/train-$device.log" 2>&1; then
     rate=$(python3 -c "import csv; r=list(csv.DictReader(open('$scratch/train-$device/history.csv'))); c=float(r[-1]['cells_per_second']); print(', '.join(f\"epoch {x['epoch']}: {float(x['cells_per_second']):.0f} cells/s\" for x in r) + f'; one epoch of 1M cells: {1e6 / c:.1f} s; last epoch: steps {float(r[-1][\"compute_seconds\"]):.1f} s, waiting for batches {float(r[-1][\"data_seconds\"]):.1f} s')" 2>/dev/null)
-    row "train --device $device ($cells cells)" ok "$((SECONDS - t0)) s; $rate"
+    kept=$(grep -m1 -oE 'training set (kept on|streamed from) [^:]*' "$work/train-$device.log")
+    row "train --device $device ($cells cells)" ok "$((SECONDS - t0)) s; ${kept:-training set placement not logged}; $rate"
     if $limit "$tessera" train --data "$scratch/sim-cpu.zarr" --out "$scratch/train-cpu-ref" --device cpu --epochs 2 --step-log 50 >"$work/train-cpu-ref.log" 2>&1; then
       diff=$(python3 - "$scratch/train-$device/steps.csv" "$scratch/train-cpu-ref/steps.csv" <<'PY'
 import csv, sys

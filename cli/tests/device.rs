@@ -192,11 +192,13 @@ fn the_device_check_script_runs_its_cpu_fallback_to_a_passing_table() {
     }
     assert!(
         row("step Census size").contains("cells/s")
-            && row("step scVI size").contains("staged cells/s"),
+            && row("step scVI size").contains("staged cells/s")
+            && row("step scVI size").contains("resident cells/s"),
         "{table}"
     );
     assert!(
-        row("train --device cpu").contains("waiting for batches"),
+        row("train --device cpu").contains("waiting for batches")
+            && row("train --device cpu").contains("training set streamed from"),
         "{table}"
     );
     // The same device twice: the step losses agree to the bit.

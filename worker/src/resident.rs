@@ -55,24 +55,25 @@ pub(crate) fn keep_on_device<B: TrainBackend>(
     store: &str,
 ) -> Result<Vec<ResidentPart<B>>, FitError> {
     let wanted: u64 = parts.iter().map(|(_, _, l)| l.shard_bytes()).sum();
-    let free = match mode {
-        ResidentData::Never => return Ok(Vec::new()),
-        ResidentData::Always => None,
-        ResidentData::Auto => match device.free_memory()? {
-            Some(free) => Some(free),
-            // The device's memory is the host's: nothing to gain.
-            None => return Ok(Vec::new()),
-        },
-    };
     let mib = |b: u64| b >> 20;
-    if let Some(free) = free.filter(|&free| wanted as f64 > SHARE_OF_FREE * free as f64) {
+    let streamed = |why: String| {
         tracing::info!(
-            "training set streamed from the host: {} MiB of counts, {} MiB free on {}",
-            mib(wanted),
-            mib(free),
+            "training set streamed from the host to {}: {why}",
             device.name()
         );
-        return Ok(Vec::new());
+        Ok(Vec::new())
+    };
+    match (mode, device.free_memory()?) {
+        (ResidentData::Never, _) => return streamed("resident_data = never".into()),
+        (ResidentData::Auto, None) => return streamed("its memory is the host's".into()),
+        (ResidentData::Auto, Some(free)) if wanted as f64 > SHARE_OF_FREE * free as f64 => {
+            return streamed(format!(
+                "{} MiB of counts, {} MiB free",
+                mib(wanted),
+                mib(free)
+            ));
+        }
+        _ => {}
     }
     let kept = parts
         .iter()
