@@ -103,7 +103,8 @@ rm -rf "$store" "$scratch/sim-cpu.zarr" "$scratch/train-"*
 if $limit "$tessera" simulate "$store" --cells "$cells" --genes 2000 >"$work/simulate.log" 2>&1; then
   cp -r "$store" "$scratch/sim-cpu.zarr"
   t0=$SECONDS
-  if $limit "$tessera" train --data "$store" --out "$scratch/train-$device" --device "$device" --epochs 2 --step-log 50 >"$work/train-$device.log" 2>&1; then
+  # Whatever else is logged, the line saying where the training set lives.
+  if TESSERA_LOG="${TESSERA_LOG:-info},tessera_worker::resident=info" $limit "$tessera" train --data "$store" --out "$scratch/train-$device" --device "$device" --epochs 2 --step-log 50 >"$work/train-$device.log" 2>&1; then
     rate=$(python3 -c "import csv; r=list(csv.DictReader(open('$scratch/train-$device/history.csv'))); c=float(r[-1]['cells_per_second']); print(', '.join(f\"epoch {x['epoch']}: {float(x['cells_per_second']):.0f} cells/s\" for x in r) + f'; one epoch of 1M cells: {1e6 / c:.1f} s; last epoch: steps {float(r[-1][\"compute_seconds\"]):.1f} s, waiting for batches {float(r[-1][\"data_seconds\"]):.1f} s')" 2>/dev/null)
     kept=$(grep -m1 -oE 'training set (kept on|streamed from) [^:]*' "$work/train-$device.log")
     row "train --device $device ($cells cells)" ok "$((SECONDS - t0)) s; ${kept:-training set placement not logged}; $rate"
