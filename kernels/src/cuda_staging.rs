@@ -2,7 +2,10 @@
 //! non-blocking stream copies from page-locked host buffers (the DMA engine reads them directly,
 //! so the copy neither blocks the host nor queues behind the compute stream) into device staging
 //! buffers; the compute stream waits for the copy on the GPU and copies the arrays out into its
-//! own allocations (microseconds at device bandwidth), after which the slot is reused.
+//! own allocations (microseconds at device bandwidth), after which the slot is reused. The
+//! sparse layer's transposed index is then built on the device for rows that name each gene once
+//! (what stores hold; `resident_gpu::transposed`), and otherwise on the host and copied with
+//! the matrix.
 //!
 //! Event tracking is off in our contexts ([`crate::cuda::Gpu::new`]), so every cross-stream
 //! order here is an explicit event: `copied` (copy stream, after the upload) before the compute
@@ -16,9 +19,9 @@ use rayon::prelude::*;
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DeviceRepr, PinnedHostSlice};
 
-use crate::cuda::{Result, driver};
+use crate::cuda::{CudaError, Gpu, Result, driver};
 use crate::ops::linear::gpu::{DeviceCsr, DeviceTransposed, host_transposed};
-use crate::ops::linear::{CountTransform, CsrRef};
+use crate::ops::linear::{CountTransform, CsrRef, repeats_a_column, resident_gpu};
 
 /// The copy stream and its free slots (a slot in use belongs to its [`StagedCsr`]).
 pub struct Staging {
@@ -42,15 +45,19 @@ impl Staging {
         })
     }
 
-    /// Starts copying `x` and the backward's transposed index for `transform` (built here, on
-    /// the calling thread) to the device on the copy stream; callable from any thread.
+    /// Starts copying `x` (and, where a row repeats a gene, the backward's transposed index
+    /// for `transform`, built here on the calling thread) to the device on the copy stream;
+    /// callable from any thread.
     pub fn stage(
         self: &Arc<Self>,
         x: CsrRef<'_, f32>,
         transform: CountTransform,
     ) -> Result<StagedCsr> {
         x.check_entries();
-        let (col_ptr, rows_of, values) = host_transposed(x, transform);
+        // Rows naming each gene once (what stores hold) are indexed on the device once copied:
+        // the host's counting sort, and half the bytes, leave the step.
+        let canonical = !x.data.is_empty() && !repeats_a_column(x);
+        let index = (!canonical).then(|| host_transposed(x, transform));
         let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut slot = match reused {
             Some(slot) => slot,
@@ -67,9 +74,11 @@ impl Staging {
         slot.indptr.fill(&self.ctx, &self.stream, x.indptr)?;
         slot.indices.fill(&self.ctx, &self.stream, x.indices)?;
         slot.data.fill(&self.ctx, &self.stream, x.data)?;
-        slot.col_ptr.fill(&self.ctx, &self.stream, &col_ptr)?;
-        slot.rows_of.fill(&self.ctx, &self.stream, &rows_of)?;
-        slot.values.fill(&self.ctx, &self.stream, &values)?;
+        if let Some((col_ptr, rows_of, values)) = &index {
+            slot.col_ptr.fill(&self.ctx, &self.stream, col_ptr)?;
+            slot.rows_of.fill(&self.ctx, &self.stream, rows_of)?;
+            slot.values.fill(&self.ctx, &self.stream, values)?;
+        }
         slot.copied
             .record(&self.stream)
             .map_err(driver("staging: recording the upload"))?;
@@ -79,6 +88,7 @@ impl Staging {
             rows: x.rows,
             cols: x.cols,
             transform,
+            canonical,
             host: (
                 par_to_vec(x.indptr),
                 par_to_vec(x.indices),
@@ -96,6 +106,8 @@ pub struct StagedCsr {
     rows: usize,
     cols: usize,
     transform: CountTransform,
+    /// No row names a column twice: the transposed index is made on the device, not copied.
+    canonical: bool,
     host: (Vec<u64>, Vec<u32>, Vec<f32>),
 }
 
@@ -106,8 +118,10 @@ impl std::fmt::Debug for StagedCsr {
 }
 
 impl StagedCsr {
-    /// The matrix in allocations of `compute`, usable by every op queued on it after this call.
-    pub fn into_device(mut self, compute: &Arc<CudaStream>) -> Result<DeviceCsr> {
+    /// The matrix in allocations of `gpu`'s stream, usable by every op queued on it after this
+    /// call.
+    pub fn into_device(mut self, gpu: &Gpu) -> Result<DeviceCsr> {
+        let compute = gpu.stream();
         let slot = self
             .slot
             .take()
@@ -122,11 +136,15 @@ impl StagedCsr {
             slot.indices.copy_out(compute, nnz)?,
             slot.data.copy_out(compute, nnz)?,
         );
-        let transposed = DeviceTransposed {
-            col_ptr: slot.col_ptr.copy_out(compute, self.cols + 1)?,
-            rows_of: slot.rows_of.copy_out(compute, nnz)?,
-            values: slot.values.copy_out(compute, nnz)?,
-        };
+        let copied = (!self.canonical)
+            .then(|| {
+                Ok::<_, CudaError>(DeviceTransposed {
+                    col_ptr: slot.col_ptr.copy_out(compute, self.cols + 1)?,
+                    rows_of: slot.rows_of.copy_out(compute, nnz)?,
+                    values: slot.values.copy_out(compute, nnz)?,
+                })
+            })
+            .transpose()?;
         slot.consumed
             .record(compute)
             .map_err(driver("staging: recording the copy out"))?;
@@ -135,12 +153,23 @@ impl StagedCsr {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(slot);
+        let transposed = match copied {
+            Some(index) => index,
+            None => resident_gpu::transposed(
+                gpu,
+                (&arrays.0, &arrays.1, &arrays.2),
+                self.rows,
+                self.cols,
+                self.transform,
+            )?,
+        };
         Ok(DeviceCsr::from_parts(
             self.rows,
             self.cols,
             arrays,
-            (indptr, indices, data),
+            Some((indptr, indices, data)),
             Some((self.transform, transposed)),
+            self.canonical,
         ))
     }
 }

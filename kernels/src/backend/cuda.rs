@@ -156,7 +156,7 @@ impl Backend<f32> for Cuda {
 
     fn staged_csr(&self, x: Staged) -> Result<DeviceCsr> {
         Ok(match x {
-            Staged::Copied(x) => x.into_device(self.gpu.stream())?,
+            Staged::Copied(x) => x.into_device(&self.gpu)?,
             Staged::Rows {
                 from,
                 rows,

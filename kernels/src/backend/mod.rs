@@ -184,8 +184,10 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
 
     fn upload_csr(&self, x: CsrRef<'_, T>) -> Result<Self::Csr>;
     /// Starts uploading `x` from any thread, with the transposed index the sparse layer's
-    /// backward reads for `transform` made on that thread too (a GPU copies both on a second
-    /// stream from page-locked memory, so the next batch's upload overlaps this step's compute).
+    /// backward reads for `transform` (the CPU makes it on that thread; a GPU copies the matrix
+    /// on a second stream from page-locked memory, so the next batch's upload overlaps this
+    /// step's compute, and indexes it on the device, or copies an index made on that thread
+    /// where a row repeats a gene).
     fn stage_csr(&self, x: CsrRef<'_, T>, transform: CountTransform) -> Result<Self::Staged>;
     /// The staged matrix as [`Backend::upload_csr`] gives it, ready for the ops queued after
     /// this call (they wait for its copy on the device, not on the host).

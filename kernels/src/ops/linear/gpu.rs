@@ -112,17 +112,26 @@ impl DeviceCsr {
             gpu.upload(x.data)?,
         );
         let host = (x.indptr.to_vec(), x.indices.to_vec(), x.data.to_vec());
-        Ok(DeviceCsr::from_parts(x.rows, x.cols, arrays, host, None))
+        Ok(DeviceCsr::from_parts(
+            x.rows,
+            x.cols,
+            arrays,
+            Some(host),
+            None,
+            false,
+        ))
     }
 
-    /// A matrix whose arrays are already on the device (`device`) and on the host (`host`):
-    /// indptr, indices, data; and the backward's transposed index if it was made already.
+    /// A matrix whose arrays are already on the device (`device`: indptr, indices, data) and,
+    /// unless it was gathered there, on the host (`host`); the backward's transposed index if
+    /// it was made already; `canonical`: no row names a column twice (known to the caller).
     pub(crate) fn from_parts(
         rows: usize,
         cols: usize,
         (indptr, indices, data): (CudaSlice<u64>, CudaSlice<u32>, CudaSlice<f32>),
-        host: HostRows,
+        host: Option<HostRows>,
         transposed: Option<(CountTransform, DeviceTransposed)>,
+        canonical: bool,
     ) -> DeviceCsr {
         DeviceCsr {
             rows,
@@ -130,32 +139,15 @@ impl DeviceCsr {
             indptr,
             indices,
             data,
-            host: Some(Arc::new(host)),
+            host: host.map(Arc::new),
             transposed: transposed.map_or_else(OnceLock::new, OnceLock::from),
             building: Mutex::new(None),
-            unique: OnceLock::new(),
-        }
-    }
-
-    /// A batch gathered on the device from a matrix whose rows name each column at most once,
-    /// with its transposed index for `transform`.
-    pub(crate) fn gathered(
-        rows: usize,
-        cols: usize,
-        (indptr, indices, data): (CudaSlice<u64>, CudaSlice<u32>, CudaSlice<f32>),
-        transposed: (CountTransform, DeviceTransposed),
-    ) -> DeviceCsr {
-        DeviceCsr {
-            rows,
-            cols,
-            indptr,
-            indices,
-            data,
-            host: None,
-            transposed: OnceLock::from(transposed),
-            building: Mutex::new(None),
-            // No row repeats a column: the arrays serve scVI's term as they are.
-            unique: OnceLock::from(None),
+            // A canonical matrix serves scVI's term as it is.
+            unique: if canonical {
+                OnceLock::from(None)
+            } else {
+                OnceLock::new()
+            },
         }
     }
 
@@ -224,8 +216,7 @@ impl DeviceCsr {
             _ => None,
         };
         let Some(host) = self.host() else {
-            // Gathered on the device (no row repeats a column): indexed there for this
-            // transform too.
+            // Gathered on the device (canonical): indexed there for this transform too.
             let arrays = (&self.indptr, &self.indices, &self.data);
             return super::resident_gpu::transposed(gpu, arrays, self.rows, self.cols, transform);
         };

@@ -115,11 +115,13 @@ pub fn gather(
     // ending at nnz, the size of both outputs.
     unsafe { b.launch(per_row(n)) }.map_err(failed("csr_gather_entries"))?;
     let transposed = transposed(gpu, (&batch_indptr, &indices, &data), n, x.cols, transform)?;
-    Ok(DeviceCsr::gathered(
+    Ok(DeviceCsr::from_parts(
         n,
         x.cols,
         (batch_indptr, indices, data),
-        (transform, transposed),
+        None,
+        Some((transform, transposed)),
+        true,
     ))
 }
 
