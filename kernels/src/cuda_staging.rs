@@ -88,12 +88,17 @@ impl Staging {
             rows: x.rows,
             cols: x.cols,
             transform,
+            nnz: x.data.len(),
             canonical,
-            host: (
-                par_to_vec(x.indptr),
-                par_to_vec(x.indices),
-                par_to_vec(x.data),
-            ),
+            // A canonical batch is indexed from its device arrays, for any transform: it needs
+            // no host copy.
+            host: (!canonical).then(|| {
+                (
+                    par_to_vec(x.indptr),
+                    par_to_vec(x.indices),
+                    par_to_vec(x.data),
+                )
+            }),
         })
     }
 }
@@ -106,9 +111,11 @@ pub struct StagedCsr {
     rows: usize,
     cols: usize,
     transform: CountTransform,
+    nnz: usize,
     /// No row names a column twice: the transposed index is made on the device, not copied.
     canonical: bool,
-    host: (Vec<u64>, Vec<u32>, Vec<f32>),
+    /// The host rows, kept where the matrix is not canonical (scVI's term sums its repeats).
+    host: Option<(Vec<u64>, Vec<u32>, Vec<f32>)>,
 }
 
 impl std::fmt::Debug for StagedCsr {
@@ -129,10 +136,9 @@ impl StagedCsr {
         compute
             .wait(&slot.copied)
             .map_err(driver("waiting for a staged upload"))?;
-        let (indptr, indices, data) = std::mem::take(&mut self.host);
-        let nnz = data.len();
+        let nnz = self.nnz;
         let arrays = (
-            slot.indptr.copy_out(compute, indptr.len())?,
+            slot.indptr.copy_out(compute, self.rows + 1)?,
             slot.indices.copy_out(compute, nnz)?,
             slot.data.copy_out(compute, nnz)?,
         );
@@ -167,7 +173,7 @@ impl StagedCsr {
             self.rows,
             self.cols,
             arrays,
-            Some((indptr, indices, data)),
+            self.host.take(),
             Some((self.transform, transposed)),
             self.canonical,
         ))

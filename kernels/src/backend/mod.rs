@@ -192,7 +192,8 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     /// The staged matrix as [`Backend::upload_csr`] gives it, ready for the ops queued after
     /// this call (they wait for its copy on the device, not on the host).
     fn staged_csr(&self, x: Self::Staged) -> Result<Self::Csr>;
-    /// The host rows an uploaded count matrix was made from (None: gathered on the device).
+    /// The host rows an uploaded count matrix was made from, where the backend keeps them
+    /// (a GPU keeps none for a batch whose rows name each gene once, staged or gathered).
     fn csr_rows<'a>(&self, x: &'a Self::Csr) -> Option<CsrRef<'a, T>>;
     /// An uploaded count matrix's rows, columns and non-zeros.
     fn csr_shape(&self, x: &Self::Csr) -> (usize, usize, usize);

@@ -69,8 +69,9 @@ pub fn gemm(
 
 /// A CSR count matrix on the device, with its host copy where it was uploaded: the backward's
 /// transposed index is built on the host from it (it depends only on the batch's counts) at
-/// the first backward. A batch gathered from a resident matrix has no host copy; its index is
-/// built on the device ([`super::resident_gpu`]).
+/// the first backward. A canonical batch (no row names a gene twice) gathered from a resident
+/// matrix or staged has no host copy; its index is built on the device
+/// ([`super::resident_gpu`]).
 #[derive(Debug)]
 pub struct DeviceCsr {
     pub rows: usize,
@@ -180,7 +181,7 @@ impl DeviceCsr {
         })
     }
 
-    /// The host rows it was uploaded from (None: gathered on the device).
+    /// The host rows it was uploaded from (None for a canonical batch gathered or staged).
     pub fn host(&self) -> Option<CsrRef<'_, f32>> {
         let host = self.host.as_ref()?;
         Some(rows_of(host, self.rows, self.cols))
@@ -216,7 +217,7 @@ impl DeviceCsr {
             _ => None,
         };
         let Some(host) = self.host() else {
-            // Gathered on the device (canonical): indexed there for this transform too.
+            // Canonical, without host rows: indexed on the device for this transform too.
             let arrays = (&self.indptr, &self.indices, &self.data);
             return super::resident_gpu::transposed(gpu, arrays, self.rows, self.cols, transform);
         };
