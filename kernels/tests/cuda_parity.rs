@@ -623,8 +623,8 @@ fn staged_uploads_match_cpu() {
 
 /// Batches gathered from a matrix kept on the device (staged on another thread, as the training
 /// loop does) against the same rows uploaded: shapes, the sparse layer's forward and backward
-/// (the transposed index made with the batch, and one made later for another transform) and
-/// scVI's term. Rows shuffled, repeated, all empty, and one alone.
+/// (the transposed index made with the batch, and one made later for another transform),
+/// scVI's term and the library sizes. Rows shuffled, repeated, all empty, and one alone.
 fn resident_rows<B: Backend<f32>>(b: &B) -> Vec<Output> {
     let (n, cols, d_out) = (3000, 2000, 16);
     let (indptr, indices, data) = counts(n, cols);
@@ -714,6 +714,14 @@ fn resident_rows<B: Backend<f32>>(b: &B) -> Vec<Output> {
             out.push(output(format!("{name} dW {i}"), dw, 1e-4, 1e-5));
         }
         softmax_nb_body(b, &format!("{name} softmax_nb"), &gathered, &mut out);
+        let mut sums = zeros(b, rows.len());
+        b.csr_row_sums(&gathered, Out::all(&mut sums)).unwrap();
+        out.push(output(
+            format!("{name} row sums"),
+            down(b, &sums),
+            1e-3,
+            1e-6,
+        ));
     }
     out
 }

@@ -194,6 +194,11 @@ impl<T: Gemm> Backend<T> for Cpu {
         (x.rows, x.cols, x.data.len())
     }
 
+    fn csr_row_sums(&self, x: &HostCsr<T>, out: Out<'_, Vec<T>>) -> Result<()> {
+        w(out).copy_from_slice(&linear::row_sums(x.as_ref()));
+        Ok(())
+    }
+
     fn resident_csr(&self, x: CsrRef<'_, T>) -> Result<HostCsr<T>> {
         x.check_entries();
         assert!(

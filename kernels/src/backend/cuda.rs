@@ -174,6 +174,10 @@ impl Backend<f32> for Cuda {
         (x.rows, x.cols, x.data.len())
     }
 
+    fn csr_row_sums(&self, x: &DeviceCsr, out: Out<'_, CudaSlice<f32>>) -> Result<()> {
+        Ok(linear::gpu::row_sums(&self.gpu, x, &mut vm(out))?)
+    }
+
     fn free_memory(&self) -> Result<Option<u64>> {
         Ok(Some(self.gpu.free_memory()?))
     }

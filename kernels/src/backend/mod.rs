@@ -197,6 +197,8 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     fn csr_rows<'a>(&self, x: &'a Self::Csr) -> Option<CsrRef<'a, T>>;
     /// An uploaded count matrix's rows, columns and non-zeros.
     fn csr_shape(&self, x: &Self::Csr) -> (usize, usize, usize);
+    /// `ops::linear::row_sums` of an uploaded count matrix (library sizes), one per row.
+    fn csr_row_sums(&self, x: &Self::Csr, out: Out<'_, Self::Buf>) -> Result<()>;
 
     /// Memory the device has free for data kept there for a run, in bytes; None where the
     /// device's memory is the host's (the CPU: a resident copy would only duplicate it).

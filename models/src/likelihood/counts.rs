@@ -161,18 +161,19 @@ impl Counts {
         let (b, p, mode) = (site.b, site.p, site.mode);
         let counts = rows.counts;
         let (n, g) = (counts.rows, counts.cols);
-        // Library sizes on the host, from the sparse rows.
-        let library: Vec<T> = (0..n)
-            .map(|r| {
-                counts.data[counts.indptr[r] as usize..counts.indptr[r + 1] as usize]
-                    .iter()
-                    .fold(T::zero(), |sum, &v| sum + v)
-            })
-            .collect();
-        let library = Tensor {
-            buf: b.upload_vec(library)?,
-            rows: n,
-            cols: 1,
+        // Library sizes from the sparse rows: on the device where they are there already (a
+        // host pass over a Census-size batch would take ~2 ms of the step), else on the host.
+        let library = match rows.uploaded {
+            Some(on_device) => {
+                let mut library = b.tensor(n, 1)?;
+                b.csr_row_sums(on_device, library.output())?;
+                library
+            }
+            None => Tensor {
+                buf: b.upload_vec(tessera_kernels::ops::linear::row_sums(counts))?,
+                rows: n,
+                cols: 1,
+            },
         };
         let zero_inflation = self
             .zero_inflation

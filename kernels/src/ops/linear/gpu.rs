@@ -374,6 +374,19 @@ pub fn sparse_input_backward(
         .map_err(failed("sparse_input_backward"))
 }
 
+/// As [`super::row_sums`], on the device (a warp per row: the same sums to rounding).
+pub fn row_sums(gpu: &Gpu, x: &DeviceCsr, out: &mut ViewMut<'_>) -> Result<()> {
+    assert_eq!(out.len(), x.rows, "row sums: one per row");
+    if x.rows == 0 {
+        return Ok(());
+    }
+    let f = gpu.function("linear", CUDA_SOURCE, "csr_row_sums")?;
+    let rows = x.rows as u64;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&x.indptr).arg(&x.data).arg(&rows).arg(out);
+    crate::cuda::launch(b, 32 * x.rows, "csr_row_sums")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -143,3 +143,18 @@ extern "C" __global__ void transpose_fill(const unsigned long long* indptr, cons
         __syncthreads();
     }
 }
+
+// Row sums of a CSR (library sizes): one warp per row, lane-strided partial sums, then a fixed
+// shuffle tree (the same bits every run; the CPU folds each row in order: equal to rounding).
+extern "C" __global__ void csr_row_sums(const unsigned long long* indptr, const float* data, unsigned long long rows,
+        float* out) {
+    unsigned long long warp = (blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x) / 32;
+    unsigned long long warps = ((unsigned long long)gridDim.x * blockDim.x) / 32;
+    unsigned int lane = threadIdx.x % 32;
+    for (unsigned long long r = warp; r < rows; r += warps) {
+        float s = 0.0f;
+        for (unsigned long long k = indptr[r] + lane; k < indptr[r + 1]; k += 32) { s += data[k]; }
+        for (int offset = 16; offset > 0; offset >>= 1) { s += __shfl_xor_sync(0xffffffffu, s, offset); }
+        if (lane == 0) { out[r] = s; }
+    }
+}

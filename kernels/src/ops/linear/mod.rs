@@ -503,6 +503,18 @@ fn weighted_row_sum<T: Real>(
     }
 }
 
+/// Each row's sum (a cell's library size), folded in the row's order.
+pub fn row_sums<T: Real>(x: CsrRef<'_, T>) -> Vec<T> {
+    x.indptr
+        .windows(2)
+        .map(|w| {
+            x.data[w[0] as usize..w[1] as usize]
+                .iter()
+                .fold(T::zero(), |sum, &v| sum + v)
+        })
+        .collect()
+}
+
 /// The CSR arrays of `x`'s rows `rows`, in that order (a batch drawn from a matrix kept whole:
 /// what `resident_gpu.rs` does on the device).
 pub fn gather_rows<T: Copy>(x: CsrRef<'_, T>, rows: &[usize]) -> (Vec<u64>, Vec<u32>, Vec<T>) {
