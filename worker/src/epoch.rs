@@ -44,7 +44,7 @@ struct StepInputs<B: TrainBackend> {
 /// of ranks that have data).
 fn next_step<B: TrainBackend>(
     streams: &mut [PartStream],
-    convert: &(impl Fn(&MiniBatch) -> ModelBatch + Sync),
+    convert: &(impl Fn(MiniBatch) -> ModelBatch + Sync),
     device: &B,
     resident: &[ResidentPart<B>],
 ) -> Result<StepInputs<B>, FitError> {
@@ -56,8 +56,13 @@ fn next_step<B: TrainBackend>(
     for s in streams.iter_mut() {
         if let Some(mb) = s.next_batch()? {
             step.cells += mb.cells.len() as u64;
-            let batch = convert(&mb);
             let kept = resident.iter().find(|r| r.part == s.part);
+            let cells = if kept.is_some() {
+                mb.cells.clone()
+            } else {
+                Vec::new()
+            };
+            let batch = convert(mb);
             let staged = batch
                 .modalities
                 .iter()
@@ -66,7 +71,7 @@ fn next_step<B: TrainBackend>(
                     if m.present.is_some() {
                         return Ok(None);
                     }
-                    match kept.and_then(|r| r.rows(i, &mb.cells)) {
+                    match kept.and_then(|r| r.rows(i, &cells)) {
                         Some((x, rows)) => device.stage_rows(x, &rows, ENCODER_TRANSFORM),
                         None => device.stage_csr(m.counts_ref(batch.rows), ENCODER_TRANSFORM),
                     }
@@ -133,7 +138,7 @@ impl<B: TrainBackend> Stepper<'_, B> {
         epoch: usize,
         mut streams: Vec<PartStream>,
         within: Option<WithinEpoch>,
-        convert: impl Fn(&MiniBatch) -> ModelBatch + Sync,
+        convert: impl Fn(MiniBatch) -> ModelBatch + Sync,
         mut on_step: impl FnMut(&LossTerms) -> Result<(), E>,
     ) -> Result<EpochSteps, E> {
         let mut done = EpochSteps {

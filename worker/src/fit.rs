@@ -625,7 +625,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
         let mut validation = Vec::new();
         for (_, part) in &part_loaders {
             for mb in part.ordered().with_cells(Cells::HeldOut(holdout)).epoch(0) {
-                validation.push(inputs.batch(&mb?));
+                validation.push(inputs.batch(mb?));
             }
         }
         let mut state = FitState {
@@ -952,7 +952,9 @@ fn decode_all<B: TrainBackend>(run: &mut Run<'_, B>) -> Result<Decoded, FitError
     };
     for mb in loader.ordered().epoch(0) {
         let mb = mb?;
-        let batch = inputs.batch(&mb);
+        // The batch takes the counts; the cells and labels (one each per row) are kept here.
+        let (cells, label) = (mb.cells.clone(), mb.label.clone());
+        let batch = inputs.batch(mb);
         let (z, expression) = match &opts.denoised {
             Some(d) => {
                 on_pool(|| batch.with(|b| trainer.model.latent_and_expression(b, d.library_size)))?
@@ -963,14 +965,14 @@ fn decode_all<B: TrainBackend>(run: &mut Run<'_, B>) -> Result<Decoded, FitError
             ),
         };
         let p = on_pool(|| batch.with(|b| trainer.model.predict_labels(b)))?.unwrap_or_default();
-        for (r, &cell) in mb.cells.iter().enumerate() {
+        for (r, &cell) in cells.iter().enumerate() {
             if holdout.holds(cell) {
                 out.validation_cells.push(cell);
             }
             let cell = cell as usize;
             out.embedding[cell * n_latent..(cell + 1) * n_latent]
                 .copy_from_slice(&z[r * n_latent..(r + 1) * n_latent]);
-            if let (Some(slot), Some(&code)) = (out.labels.get_mut(cell), mb.label.get(r)) {
+            if let (Some(slot), Some(&code)) = (out.labels.get_mut(cell), label.get(r)) {
                 *slot = code;
             }
             if classify {
@@ -1349,16 +1351,20 @@ impl OutputPlan {
 impl Inputs {
     /// Every cell of a training minibatch in the model's input form: every modality of the
     /// model, the batch covariates and the heads' labels and numeric targets.
-    fn batch(&self, mb: &MiniBatch) -> ModelBatch {
+    fn batch(&self, mut mb: MiniBatch) -> ModelBatch {
         let inputs = self;
         let rows: &[usize] = &(0..mb.cells.len()).collect::<Vec<_>>();
         let modalities = inputs
             .modalities
             .iter()
             .map(|&m| {
-                let modality = &mb.modalities[m];
-                // Every row, in order: a copy of the arrays (not row by row).
-                ModalityRows::new(modality.counts.clone(), modality.present.clone())
+                // Every row, in order: the loader's arrays themselves (a model reads a
+                // modality once).
+                let modality = &mut mb.modalities[m];
+                ModalityRows::new(
+                    std::mem::take(&mut modality.counts),
+                    std::mem::take(&mut modality.present),
+                )
             })
             .collect();
         let heads = inputs.n_targets + if inputs.survival { 2 } else { 0 };

@@ -1468,7 +1468,7 @@ fn fine_tune<B: TrainBackend>(
                 n_cells,
             })
         };
-        stepper.epoch(epoch, streams, None, |mb| alignment.batch(mb), on_step)?;
+        stepper.epoch(epoch, streams, None, |mb| alignment.batch(&mb), on_step)?;
         final_loss = (cells > 0).then(|| sum / cells as f64);
     }
     Ok(final_loss)
