@@ -138,14 +138,25 @@ fn run<B: Backend<f32>>(b: B, config: &VaeConfig, modalities: &[(&str, usize)]) 
         .download(In::all(trainer.model.grads()))
         .unwrap();
     // The steps take their counts as the training loop hands them over: staged on another
-    // thread (used where every cell has the modality, uploaded again where some lack it).
+    // thread (used where every cell has the modality, uploaded again where some lack it); the
+    // second step gathers them from matrices kept on the device, as a resident training set.
     let b = trainer.model.backend().clone();
-    for _ in 0..3 {
+    let resident: Vec<_> = counts
+        .iter()
+        .map(|m| std::sync::Arc::new(b.resident_csr(m.counts).unwrap()))
+        .collect();
+    let every_row: Vec<usize> = (0..CELLS).collect();
+    for step in 0..3 {
         let staged: Vec<B::Staged> = std::thread::scope(|s| {
             s.spawn(|| {
                 counts
                     .iter()
-                    .map(|m| b.stage_csr(m.counts, ENCODER_TRANSFORM).unwrap())
+                    .zip(&resident)
+                    .map(|(m, kept)| match step {
+                        1 => b.stage_rows(kept, &every_row, ENCODER_TRANSFORM),
+                        _ => b.stage_csr(m.counts, ENCODER_TRANSFORM),
+                    })
+                    .map(Result::unwrap)
                     .collect()
             })
             .join()
