@@ -11,7 +11,6 @@ use tessera_kernels::cuda::{Gpu, compile, nvrtc_present, sources};
 use tessera_kernels::ops::elementwise::Activation;
 use tessera_kernels::ops::likelihood::Likelihood;
 use tessera_kernels::ops::linear::{CountTransform, CsrRef, Gemm};
-use tessera_kernels::ops::norm;
 use tessera_kernels::ops::optim::AdamW;
 
 fn gpu() -> Option<Gpu> {
@@ -88,7 +87,7 @@ fn compare(reference: &[Output], other: &[Output], exact: bool) {
 #[test]
 fn every_test_body_runs_on_the_cpu_and_repeats_bit_for_bit() {
     type Body = fn(&Cpu) -> Vec<Output>;
-    let bodies: [(&str, Body); 12] = [
+    let bodies: [(&str, Body); 13] = [
         ("activations", activations),
         ("elementwise", elementwise),
         ("likelihoods", likelihoods),
@@ -100,6 +99,7 @@ fn every_test_body_runs_on_the_cpu_and_repeats_bit_for_bit() {
         ("random", random),
         ("gaussians", gaussians),
         ("batch norm", batch_norm),
+        ("layer norm", layer_norm),
         ("losses", losses),
     ];
     for (name, body) in bodies {
@@ -1124,72 +1124,46 @@ fn batch_norm_matches_cpu() {
     parity(batch_norm, batch_norm);
 }
 
-/// LayerNorm has no backend method (no model uses it yet): its launchers against the reference.
+/// LayerNorm (scvi-tools' FCLayers: no affine map): output, 1/σ and the input gradient, over
+/// rows of one feature (constant), 128 and 1,000 features.
+fn layer_norm<B: Backend<f32>>(b: &B) -> Vec<Output> {
+    let mut out = Vec::new();
+    for (rows, f) in [(7, 1), (512, 128), (33, 1000)] {
+        let x = up(b, &inputs(rows * f));
+        let dy = up(
+            b,
+            &inputs(rows * f).iter().rev().copied().collect::<Vec<_>>(),
+        );
+        let (mut y, mut inv, mut dx) = (zeros(b, rows * f), zeros(b, rows), zeros(b, rows * f));
+        b.layer_norm_forward(In::all(&x), f, 1e-5, Out::all(&mut y), Out::all(&mut inv))
+            .unwrap();
+        b.layer_norm_backward(In::all(&y), In::all(&inv), In::all(&dy), Out::all(&mut dx))
+            .unwrap();
+        out.push(output(
+            format!("layer norm {rows}x{f} y"),
+            down(b, &y),
+            1e-5,
+            1e-4,
+        ));
+        out.push(output(
+            format!("layer norm {rows}x{f} 1/σ"),
+            down(b, &inv),
+            1e-3,
+            1e-4,
+        ));
+        out.push(output(
+            format!("layer norm {rows}x{f} dx"),
+            down(b, &dx),
+            1e-3,
+            1e-3,
+        ));
+    }
+    out
+}
+
 #[test]
 fn layer_norm_matches_cpu() {
-    let Some(gpu) = gpu() else { return };
-    let (rows, f) = (512, 128);
-    let (x, dy) = (
-        inputs(rows * f),
-        inputs(rows * f).iter().rev().copied().collect::<Vec<_>>(),
-    );
-    let (gamma, beta) = (
-        inputs(f).iter().map(|v| v + 1.0).collect::<Vec<_>>(),
-        inputs(f),
-    );
-    let mut y = vec![0.0; rows * f];
-    let cache = norm::layer_norm_forward(&x, &gamma, &beta, 1e-5, &mut y);
-    let (mut dx, mut dg, mut db) = (vec![0.0; rows * f], vec![0.0; f], vec![0.0; f]);
-    norm::layer_norm_backward(&cache, &gamma, &dy, &mut dx, &mut dg, &mut db);
-    let up = |v: &[f32]| gpu.upload(v).unwrap();
-    let (xd, gd, bd, dyd) = (up(&x), up(&gamma), up(&beta), up(&dy));
-    let mut yd = gpu.zeros(rows * f).unwrap();
-    let cd = norm::gpu::layer_norm_forward(
-        &gpu,
-        &xd.as_view(),
-        &gd.as_view(),
-        &bd.as_view(),
-        1e-5,
-        &mut yd.as_view_mut(),
-    )
-    .unwrap();
-    let (mut dxd, mut dgd, mut dbd) = (
-        gpu.zeros(rows * f).unwrap(),
-        gpu.zeros(f).unwrap(),
-        gpu.zeros(f).unwrap(),
-    );
-    norm::gpu::layer_norm_backward(
-        &gpu,
-        &cd,
-        &gd.as_view(),
-        &dyd.as_view(),
-        &mut dxd.as_view_mut(),
-        &mut dgd.as_view_mut(),
-        &mut dbd.as_view_mut(),
-    )
-    .unwrap();
-    assert_close("layer norm y", &gpu.download(&yd).unwrap(), &y, 1e-5, 1e-4);
-    assert_close(
-        "layer norm dx",
-        &gpu.download(&dxd).unwrap(),
-        &dx,
-        1e-4,
-        1e-3,
-    );
-    assert_close(
-        "layer norm dgamma",
-        &gpu.download(&dgd).unwrap(),
-        &dg,
-        1e-3,
-        1e-4,
-    );
-    assert_close(
-        "layer norm dbeta",
-        &gpu.download(&dbd).unwrap(),
-        &db,
-        1e-3,
-        1e-4,
-    );
+    parity(layer_norm, layer_norm);
 }
 
 fn losses<B: Backend<f32>>(b: &B) -> Vec<Output> {

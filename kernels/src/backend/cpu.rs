@@ -411,6 +411,29 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(())
     }
 
+    fn layer_norm_forward(
+        &self,
+        x: In<'_, Vec<T>>,
+        features: usize,
+        eps: f64,
+        y: Out<'_, Vec<T>>,
+        inv_std: Out<'_, Vec<T>>,
+    ) -> Result<()> {
+        norm::layer_norm_forward(r(&x), features, eps, w(y), w(inv_std));
+        Ok(())
+    }
+
+    fn layer_norm_backward(
+        &self,
+        y: In<'_, Vec<T>>,
+        inv_std: In<'_, Vec<T>>,
+        dy: In<'_, Vec<T>>,
+        dx: Out<'_, Vec<T>>,
+    ) -> Result<()> {
+        norm::layer_norm_backward(r(&y), r(&inv_std), r(&dy), w(dx));
+        Ok(())
+    }
+
     fn softmax_forward(
         &self,
         x: In<'_, Vec<T>>,

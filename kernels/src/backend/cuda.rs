@@ -452,6 +452,40 @@ impl Backend<f32> for Cuda {
         )?)
     }
 
+    fn layer_norm_forward(
+        &self,
+        x: In<'_, CudaSlice<f32>>,
+        features: usize,
+        eps: f64,
+        y: Out<'_, CudaSlice<f32>>,
+        inv_std: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(norm::gpu::layer_norm_forward(
+            &self.gpu,
+            &v(&x),
+            features,
+            eps,
+            &mut vm(y),
+            &mut vm(inv_std),
+        )?)
+    }
+
+    fn layer_norm_backward(
+        &self,
+        y: In<'_, CudaSlice<f32>>,
+        inv_std: In<'_, CudaSlice<f32>>,
+        dy: In<'_, CudaSlice<f32>>,
+        dx: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(norm::gpu::layer_norm_backward(
+            &self.gpu,
+            &v(&y),
+            &v(&inv_std),
+            &v(&dy),
+            &mut vm(dx),
+        )?)
+    }
+
     fn softmax_forward(
         &self,
         x: In<'_, CudaSlice<f32>>,

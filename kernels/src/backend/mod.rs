@@ -337,6 +337,23 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
         dx: Out<'_, Self::Buf>,
         dgamma_beta: Out<'_, Self::Buf>,
     ) -> Result<()>;
+    /// `ops::norm::layer_norm_forward` (no affine map): rows of `features`, y = x̂, 1/σ per row.
+    fn layer_norm_forward(
+        &self,
+        x: In<'_, Self::Buf>,
+        features: usize,
+        eps: f64,
+        y: Out<'_, Self::Buf>,
+        inv_std: Out<'_, Self::Buf>,
+    ) -> Result<()>;
+    /// `ops::norm::layer_norm_backward` from the forward's y and 1/σ.
+    fn layer_norm_backward(
+        &self,
+        y: In<'_, Self::Buf>,
+        inv_std: In<'_, Self::Buf>,
+        dy: In<'_, Self::Buf>,
+        dx: Out<'_, Self::Buf>,
+    ) -> Result<()>;
     fn softmax_forward(
         &self,
         x: In<'_, Self::Buf>,

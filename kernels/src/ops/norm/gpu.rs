@@ -1,11 +1,10 @@
 //! GPU entry points of softmax, LayerNorm and BatchNorm (kernels in `norm.cu`).
 #![allow(unsafe_code)] // kernel launches: argument types and lengths are checked before each
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
 use super::CUDA_SOURCE;
 use crate::cuda::{Gpu, Result, View, ViewMut, launch};
-use crate::ops::elementwise::gpu::column_sums;
 
 pub fn softmax_forward(
     gpu: &Gpu,
@@ -45,89 +44,58 @@ pub fn softmax_backward(
     launch(b, rows as usize, "softmax_backward")
 }
 
-/// Device copies of what [`super::NormCache`] holds on the host.
-#[derive(Debug)]
-pub struct DeviceNormCache {
-    pub xhat: CudaSlice<f32>,
-    pub inv_std: CudaSlice<f32>,
-}
-
 /// As [`super::layer_norm_forward`], on the device.
 pub fn layer_norm_forward(
     gpu: &Gpu,
     x: &View<'_>,
-    gamma: &View<'_>,
-    beta: &View<'_>,
+    features: usize,
     eps: f64,
     y: &mut ViewMut<'_>,
-) -> Result<DeviceNormCache> {
-    let f = gamma.len();
+    inv_std: &mut ViewMut<'_>,
+) -> Result<()> {
     assert!(
-        f > 0 && beta.len() == f && x.len() == y.len() && x.len().is_multiple_of(f),
+        features > 0
+            && x.len() == y.len()
+            && x.len().is_multiple_of(features)
+            && inv_std.len() == x.len() / features,
         "layer norm: shapes"
     );
-    let rows = x.len() / f;
-    let cache = DeviceNormCache {
-        xhat: gpu.zeros(x.len())?,
-        inv_std: gpu.zeros(rows)?,
-    };
-    let (rows64, f64_, eps) = (rows as u64, f as u64, eps as f32);
+    let rows = x.len() / features;
+    let (rows64, f64_, eps) = (rows as u64, features as u64, eps as f32);
     let kernel = gpu.function("norm", CUDA_SOURCE, "layer_norm_forward")?;
     let mut b = gpu.stream().launch_builder(&kernel);
     b.arg(x)
-        .arg(gamma)
-        .arg(beta)
         .arg(&rows64)
         .arg(&f64_)
         .arg(&eps)
         .arg(y)
-        .arg(&cache.xhat)
-        .arg(&cache.inv_std);
-    launch(b, rows, "layer_norm_forward")?;
-    Ok(cache)
+        .arg(inv_std);
+    launch(b, rows, "layer_norm_forward")
 }
 
 /// As [`super::layer_norm_backward`], on the device.
 pub fn layer_norm_backward(
     gpu: &Gpu,
-    cache: &DeviceNormCache,
-    gamma: &View<'_>,
+    y: &View<'_>,
+    inv_std: &View<'_>,
     dy: &View<'_>,
     dx: &mut ViewMut<'_>,
-    dgamma: &mut ViewMut<'_>,
-    dbeta: &mut ViewMut<'_>,
 ) -> Result<()> {
-    let f = gamma.len();
-    let rows = dy.len() / f;
+    let rows = inv_std.len();
     assert!(
-        dy.len() == cache.xhat.len()
-            && dx.len() == dy.len()
-            && dgamma.len() == f
-            && dbeta.len() == f,
+        rows > 0 && dy.len() == y.len() && dx.len() == y.len() && y.len().is_multiple_of(rows),
         "layer norm backward: shapes"
     );
-    let (rows64, f64_, n64) = (rows as u64, f as u64, dy.len() as u64);
-    {
-        let kernel = gpu.function("norm", CUDA_SOURCE, "layer_norm_backward")?;
-        let mut b = gpu.stream().launch_builder(&kernel);
-        b.arg(&cache.xhat)
-            .arg(&cache.inv_std)
-            .arg(gamma)
-            .arg(dy)
-            .arg(&rows64)
-            .arg(&f64_)
-            .arg(dx);
-        launch(b, rows, "layer_norm_backward")
-    }?;
-    let prod = gpu.zeros(dy.len())?;
-    {
-        let kernel = gpu.function("norm", CUDA_SOURCE, "multiply")?;
-        let mut b = gpu.stream().launch_builder(&kernel);
-        b.arg(dy).arg(&cache.xhat).arg(&prod).arg(&n64);
-        launch(b, dy.len(), "multiply")
-    }?;
-    column_sums(gpu, &prod.as_view(), dgamma)?;
-    column_sums(gpu, dy, dbeta)
+    let (rows64, f64_) = (rows as u64, (y.len() / rows) as u64);
+    let kernel = gpu.function("norm", CUDA_SOURCE, "layer_norm_backward")?;
+    let mut b = gpu.stream().launch_builder(&kernel);
+    b.arg(y)
+        .arg(inv_std)
+        .arg(dy)
+        .arg(&rows64)
+        .arg(&f64_)
+        .arg(dx);
+    launch(b, rows, "layer_norm_backward")
 }
 
 /// The running statistics of a BatchNorm layer: mean then variance (2 x features, one view, as

@@ -52,79 +52,67 @@ pub struct NormCache<T> {
     pub inv_std: Vec<T>,
 }
 
-/// LayerNorm: each row normalised to mean 0, variance 1 (biased), then y = γ x̂ + β.
+/// LayerNorm without an affine map, as scvi-tools' `FCLayers` use it
+/// (`elementwise_affine=False`): each row of `features` values normalised to mean 0 and
+/// (biased) variance 1, y = x̂; 1/σ per row kept for the backward.
 pub fn layer_norm_forward<T: Real>(
     x: &[T],
-    gamma: &[T],
-    beta: &[T],
+    features: usize,
     eps: f64,
     y: &mut [T],
-) -> NormCache<T> {
-    let f = gamma.len();
+    inv_std: &mut [T],
+) {
     assert!(
-        f > 0 && beta.len() == f && x.len() == y.len() && x.len().is_multiple_of(f),
+        features > 0
+            && x.len() == y.len()
+            && x.len().is_multiple_of(features)
+            && inv_std.len() == x.len() / features,
         "layer norm: shapes"
     );
-    let rows = x.len() / f;
-    let mut cache = NormCache {
-        xhat: vec![T::zero(); x.len()],
-        inv_std: vec![T::zero(); rows],
-    };
-    let nf = T::of(f as f64);
-    cache
-        .xhat
-        .par_chunks_mut(f)
-        .zip(cache.inv_std.par_iter_mut())
-        .zip(x.par_chunks(f).zip(y.par_chunks_mut(f)))
-        .for_each(|((xhat, inv), (x, y))| {
+    let nf = T::of(features as f64);
+    y.par_chunks_mut(features)
+        .zip(inv_std.par_iter_mut())
+        .zip(x.par_chunks(features))
+        .for_each(|((y, inv), x)| {
             let mean = x.iter().copied().sum::<T>() / nf;
             let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() / nf;
             *inv = T::one() / (var + T::of(eps)).sqrt();
-            for i in 0..f {
-                xhat[i] = (x[i] - mean) * *inv;
-                y[i] = gamma[i] * xhat[i] + beta[i];
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = (x - mean) * *inv;
             }
         });
-    cache
 }
 
-/// dx per row; dγ = Σ_rows dy ⊙ x̂, dβ = Σ_rows dy (rows in order).
-pub fn layer_norm_backward<T: Real>(
-    cache: &NormCache<T>,
-    gamma: &[T],
-    dy: &[T],
-    dx: &mut [T],
-    dgamma: &mut [T],
-    dbeta: &mut [T],
-) {
-    let f = gamma.len();
+/// dx per row from the forward's output y = x̂ and 1/σ: dx = (dy − mean(dy) − x̂ mean(dy ⊙ x̂)) / σ.
+pub fn layer_norm_backward<T: Real>(y: &[T], inv_std: &[T], dy: &[T], dx: &mut [T]) {
     assert!(
-        dy.len() == cache.xhat.len()
-            && dx.len() == dy.len()
-            && dgamma.len() == f
-            && dbeta.len() == f,
+        !inv_std.is_empty() || y.is_empty(),
+        "layer norm backward: 1/σ per row"
+    );
+    let features = y.len() / inv_std.len().max(1);
+    assert!(
+        dy.len() == y.len() && dx.len() == y.len() && features * inv_std.len() == y.len(),
         "layer norm backward: shapes"
     );
-    let nf = T::of(f as f64);
-    dx.par_chunks_mut(f)
-        .zip(dy.par_chunks(f).zip(cache.xhat.par_chunks(f)))
-        .zip(cache.inv_std.par_iter())
+    if y.is_empty() {
+        return;
+    }
+    let nf = T::of(features as f64);
+    dx.par_chunks_mut(features)
+        .zip(dy.par_chunks(features).zip(y.par_chunks(features)))
+        .zip(inv_std.par_iter())
         .for_each(|((dx, (dy, xhat)), &inv)| {
             let (mut mean_g, mut mean_gx) = (T::zero(), T::zero());
-            for i in 0..f {
-                let g = dy[i] * gamma[i];
+            for (&g, &h) in dy.iter().zip(xhat) {
                 mean_g = mean_g + g;
-                mean_gx = mean_gx + g * xhat[i];
+                mean_gx = mean_gx + g * h;
             }
             mean_g = mean_g / nf;
             mean_gx = mean_gx / nf;
-            for i in 0..f {
-                dx[i] = inv * (dy[i] * gamma[i] - mean_g - xhat[i] * mean_gx);
+            for ((dx, &g), &h) in dx.iter_mut().zip(dy).zip(xhat) {
+                *dx = inv * (g - mean_g - h * mean_gx);
             }
         });
-    let prod: Vec<T> = dy.iter().zip(&cache.xhat).map(|(&a, &b)| a * b).collect();
-    crate::ops::elementwise::column_sums(&prod, dgamma);
-    crate::ops::elementwise::column_sums(dy, dbeta);
 }
 
 /// BatchNorm's running statistics and settings (PyTorch: running = (1-m)·running + m·batch,
@@ -388,48 +376,23 @@ mod tests {
     #[test]
     fn layer_norm_gradients() {
         for (rows, f) in [(1, 2), (3, 31), (2, 1025)] {
-            let (x, gamma, beta, g) = (
-                values(rows * f, 0.0),
-                values(f, 1.0),
-                values(f, 2.0),
-                values(rows * f, 3.0),
-            );
-            let loss = |x: &[f64], gamma: &[f64], beta: &[f64]| {
-                let mut y = vec![0.0; x.len()];
-                layer_norm_forward(x, gamma, beta, 1e-5, &mut y);
+            let (x, g) = (values(rows * f, 0.0), values(rows * f, 3.0));
+            let loss = |x: &[f64]| {
+                let (mut y, mut inv) = (vec![0.0; x.len()], vec![0.0; rows]);
+                layer_norm_forward(x, f, 1e-5, &mut y, &mut inv);
                 weighted(&y, &g)
             };
-            let mut y = vec![0.0; rows * f];
-            let cache = layer_norm_forward(&x, &gamma, &beta, 1e-5, &mut y);
-            let (mut dx, mut dgamma, mut dbeta) = (vec![0.0; rows * f], vec![0.0; f], vec![0.0; f]);
-            layer_norm_backward(&cache, &gamma, &g, &mut dx, &mut dgamma, &mut dbeta);
-            check_at(
-                |p| loss(p, &gamma, &beta),
-                &x,
-                &dx,
-                spread(x.len(), 64),
-                1e-5,
-                1e-5,
-            )
-            .unwrap();
-            check_at(
-                |p| loss(&x, p, &beta),
-                &gamma,
-                &dgamma,
-                spread(f, 64),
-                1e-5,
-                1e-5,
-            )
-            .unwrap();
-            check_at(
-                |p| loss(&x, &gamma, p),
-                &beta,
-                &dbeta,
-                spread(f, 64),
-                1e-5,
-                1e-5,
-            )
-            .unwrap();
+            let (mut y, mut inv) = (vec![0.0; rows * f], vec![0.0; rows]);
+            layer_norm_forward(&x, f, 1e-5, &mut y, &mut inv);
+            let row = &y[..f];
+            let mean = row.iter().sum::<f64>() / f as f64;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / f as f64;
+            assert!(mean.abs() < 1e-12, "mean {mean}");
+            // Variance 1 up to eps's share (σ² / (σ² + eps)).
+            assert!((var - 1.0).abs() < 1e-3, "variance {var}");
+            let mut dx = vec![0.0; rows * f];
+            layer_norm_backward(&y, &inv, &g, &mut dx);
+            check_at(loss, &x, &dx, spread(x.len(), 64), 1e-5, 1e-5).unwrap();
         }
     }
 

@@ -22,9 +22,10 @@ extern "C" __global__ void softmax_backward(const float* y, const float* dy, flo
     for (unsigned long long f = 0; f < features; ++f) { dx[r * features + f] = yr[f] * (dyr[f] - dot); }
 }
 
-// LayerNorm, one thread per row: x̂ and 1/σ kept for the backward.
-extern "C" __global__ void layer_norm_forward(const float* x, const float* gamma, const float* beta, unsigned long long rows, unsigned long long f,
-        float eps, float* y, float* xhat, float* inv_std) {
+// LayerNorm without an affine map (scvi-tools' FCLayers), one thread per row: y = x̂, and 1/σ
+// kept for the backward.
+extern "C" __global__ void layer_norm_forward(const float* x, unsigned long long rows, unsigned long long f, float eps,
+        float* y, float* inv_std) {
     unsigned long long r = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
     if (r >= rows) { return; }
     const float* xr = x + r * f;
@@ -36,34 +37,24 @@ extern "C" __global__ void layer_norm_forward(const float* x, const float* gamma
     var /= (float)f;
     float inv = 1.0f / sqrtf(var + eps);
     inv_std[r] = inv;
-    for (unsigned long long i = 0; i < f; ++i) {
-        float h = (xr[i] - mean) * inv;
-        xhat[r * f + i] = h;
-        y[r * f + i] = gamma[i] * h + beta[i];
-    }
+    for (unsigned long long i = 0; i < f; ++i) { y[r * f + i] = (xr[i] - mean) * inv; }
 }
 
-// dx per row; dγ and dβ are column sums of dy ⊙ x̂ and dy (launched separately).
-extern "C" __global__ void layer_norm_backward(const float* xhat, const float* inv_std, const float* gamma, const float* dy,
+// dx per row from y = x̂ and 1/σ.
+extern "C" __global__ void layer_norm_backward(const float* y, const float* inv_std, const float* dy,
         unsigned long long rows, unsigned long long f, float* dx) {
     unsigned long long r = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
     if (r >= rows) { return; }
     float mean_g = 0.0f, mean_gx = 0.0f;
     for (unsigned long long i = 0; i < f; ++i) {
-        float g = dy[r * f + i] * gamma[i];
+        float g = dy[r * f + i];
         mean_g += g;
-        mean_gx += g * xhat[r * f + i];
+        mean_gx += g * y[r * f + i];
     }
     mean_g /= (float)f;
     mean_gx /= (float)f;
     for (unsigned long long i = 0; i < f; ++i) {
-        dx[r * f + i] = inv_std[r] * (dy[r * f + i] * gamma[i] - mean_g - xhat[r * f + i] * mean_gx);
-    }
-}
-
-extern "C" __global__ void multiply(const float* a, const float* b, float* out, unsigned long long n) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
-        out[i] = a[i] * b[i];
+        dx[r * f + i] = inv_std[r] * (dy[r * f + i] - mean_g - y[r * f + i] * mean_gx);
     }
 }
 
