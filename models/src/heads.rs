@@ -73,6 +73,7 @@ fn linear(d_in: usize, d_out: usize) -> DenseSpec {
         d_out,
         n_cov: 0,
         batch_norm: false,
+        layer_norm: false,
         act: Activation::Identity,
         dropout: 0.0,
     }
@@ -94,6 +95,7 @@ impl Classifier {
             n_cov: 0,
             inject_every_layer: false,
             batch_norm: false,
+            layer_norm: false,
             dropout: 0.0,
         };
         Classifier {

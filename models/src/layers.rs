@@ -132,7 +132,8 @@ struct BatchNormSlots {
     mean: usize,
 }
 
-/// One layer: y = dropout(act(bn(x W + c Wc + b))).
+/// One layer: y = dropout(act(ln(bn(x W + c Wc + b)))), each of BatchNorm and LayerNorm
+/// where asked for (scvi-tools' `FCLayers` order).
 #[derive(Debug, Clone)]
 pub struct Dense {
     pub d_in: usize,
@@ -143,6 +144,8 @@ pub struct Dense {
     wc: Option<usize>,
     b: usize,
     bn: Option<BatchNormSlots>,
+    /// LayerNorm without an affine map (no parameters).
+    layer_norm: bool,
     act: Activation,
     dropout: f32,
     /// The layer's random-draw site (dropout stream).
@@ -165,6 +168,8 @@ pub struct DenseActs<S> {
     normed: Option<Tensor<S>>,
     /// x̂ and 1/σ of a training-mode BatchNorm.
     bn_cache: Option<(Tensor<S>, S)>,
+    /// 1/σ per row of the LayerNorm (its output, x̂, is `normed`).
+    ln_inv_std: Option<S>,
     act: Option<Tensor<S>>,
     dropped: Option<Tensor<S>>,
 }
@@ -190,6 +195,7 @@ pub struct DenseSpec {
     pub d_out: usize,
     pub n_cov: usize,
     pub batch_norm: bool,
+    pub layer_norm: bool,
     pub act: Activation,
     pub dropout: f32,
 }
@@ -197,6 +203,8 @@ pub struct DenseSpec {
 /// BatchNorm as scvi-tools configures it.
 const BN_MOMENTUM: f64 = 0.01;
 const BN_EPS: f64 = 1e-3;
+/// PyTorch's `nn.LayerNorm` default.
+const LN_EPS: f64 = 1e-5;
 
 impl Dense {
     /// Registers the layer's tensors under `name` (`name.w`, `name.wc`, `name.b`, `name.bn_*`).
@@ -226,6 +234,7 @@ impl Dense {
             wc,
             b,
             bn,
+            layer_norm: spec.layer_norm,
             act: spec.act,
             dropout: spec.dropout,
             site,
@@ -315,6 +324,7 @@ impl Dense {
             pre,
             normed: None,
             bn_cache: None,
+            ln_inv_std: None,
             act: None,
             dropped: None,
         };
@@ -346,6 +356,17 @@ impl Dense {
                 )?;
             }
             acts.normed = Some(y);
+        }
+        if self.layer_norm {
+            let (mut y, mut inv_std) = (b.tensor(n, self.d_out)?, b.zeros(n)?);
+            b.layer_norm_forward(
+                acts.act_input().input(),
+                self.d_out,
+                LN_EPS,
+                y.output(),
+                Out::all(&mut inv_std),
+            )?;
+            (acts.normed, acts.ln_inv_std) = (Some(y), Some(inv_std));
         }
         if self.act != Activation::Identity {
             let mut y = b.tensor(n, self.d_out)?;
@@ -402,6 +423,11 @@ impl Dense {
                 d.input(),
                 dd.output(),
             )?;
+            d = dd;
+        }
+        if let (Some(y), Some(inv_std)) = (&acts.normed, &acts.ln_inv_std) {
+            let mut dd = b.tensor(n, self.d_out)?;
+            b.layer_norm_backward(y.input(), In::all(inv_std), d.input(), dd.output())?;
             d = dd;
         }
         if let (Some(bn), Some((xhat, inv_std))) = (&self.bn, &acts.bn_cache) {
@@ -484,7 +510,7 @@ impl Dense {
 }
 
 /// scvi-tools' `FCLayers`: `n_layers` layers of `n_hidden`, covariates injected into the first
-/// layer (or every layer), BatchNorm, ReLU, dropout.
+/// layer (or every layer), BatchNorm and/or LayerNorm, ReLU, dropout.
 #[derive(Debug, Clone)]
 pub struct Mlp {
     pub layers: Vec<Dense>,
@@ -498,6 +524,7 @@ pub struct MlpSpec {
     pub n_cov: usize,
     pub inject_every_layer: bool,
     pub batch_norm: bool,
+    pub layer_norm: bool,
     pub dropout: f32,
 }
 
@@ -521,6 +548,7 @@ impl Mlp {
                         0
                     },
                     batch_norm: spec.batch_norm,
+                    layer_norm: spec.layer_norm,
                     act: Activation::Relu,
                     dropout: spec.dropout,
                 };

@@ -38,6 +38,7 @@ pub(crate) struct Shape {
     pub dropout: f32,
     pub var_eps: f64,
     pub batch_norm: bool,
+    pub layer_norm: bool,
     pub encode_covariates: bool,
     pub deeply_inject_covariates: bool,
     /// Width of the one-hot covariates; the first `n_batch` columns are the batch.
@@ -99,6 +100,7 @@ impl Encoder {
             // scvi-tools' encoder injects what it sees as its decoder does.
             inject_every_layer: s.deeply_inject_covariates,
             batch_norm: s.batch_norm,
+            layer_norm: s.layer_norm,
             dropout: s.dropout,
         };
         let hidden = Mlp::register(spec, &format!("{prefix}encoder"), layout, state, site);
@@ -377,6 +379,7 @@ impl Decoder {
                 n_cov: s.n_cov,
                 inject_every_layer: s.deeply_inject_covariates,
                 batch_norm: s.batch_norm,
+                layer_norm: s.layer_norm,
                 dropout: 0.0,
             },
             &format!("{prefix}decoder"),

@@ -78,7 +78,12 @@ pub struct VaeConfig {
     /// the NB mixture).
     pub likelihood: LikelihoodKind,
     pub dispersion: Dispersion,
+    /// BatchNorm in the encoders' and decoders' hidden layers (scvi-tools' `use_batch_norm`
+    /// "both"; false: "none").
     pub batch_norm: bool,
+    /// LayerNorm without an affine map there too, after BatchNorm where both are on
+    /// (scvi-tools' `use_layer_norm` "both"; scArches and MultiVI use it instead of BatchNorm).
+    pub layer_norm: bool,
     /// Give the encoder the covariates too (scvi-tools' `encode_covariates`).
     pub encode_covariates: bool,
     /// Inject covariates into every hidden layer of the decoder, and of the encoder when it
@@ -136,6 +141,7 @@ impl Default for VaeConfig {
             likelihood: LikelihoodKind::Nb,
             dispersion: Dispersion::Gene,
             batch_norm: true,
+            layer_norm: false,
             encode_covariates: false,
             deeply_inject_covariates: true,
             joint: Joint::Poe,
@@ -565,6 +571,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             dropout: c.dropout,
             var_eps: c.var_eps,
             batch_norm: c.batch_norm,
+            layer_norm: c.layer_norm,
             encode_covariates: c.encode_covariates,
             deeply_inject_covariates: c.deeply_inject_covariates,
             n_cov,

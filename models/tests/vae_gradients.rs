@@ -181,6 +181,25 @@ fn covariates_everywhere_without_batch_norm_or_dropout() {
     });
 }
 
+/// scArches' and MultiVI's layers (scvi-tools' `use_layer_norm="both"`), alone and after
+/// BatchNorm, every covariate injected: the LayerNorm's input gradient through two layers of
+/// each encoder and decoder.
+#[test]
+fn layer_norm_with_and_without_batch_norm() {
+    for batch_norm in [false, true] {
+        check_model(VaeConfig {
+            n_hidden: 4,
+            n_latent: 2,
+            n_layers: 2,
+            encode_covariates: true,
+            batch_norm,
+            layer_norm: true,
+            dropout: 0.0,
+            ..VaeConfig::default()
+        });
+    }
+}
+
 #[test]
 fn non_finite_input_stops_training_naming_the_step_and_term() {
     use tessera_models::{TrainConfig, TrainError, Trainer};

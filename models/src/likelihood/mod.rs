@@ -68,6 +68,7 @@ pub(crate) fn head(d_in: usize, d_out: usize) -> DenseSpec {
         d_out,
         n_cov: 0,
         batch_norm: false,
+        layer_norm: false,
         act: Activation::Identity,
         dropout: 0.0,
     }
