@@ -18,7 +18,7 @@ import tessera
 from tessera.model import _scvi_tools
 
 DATA = Path(__file__).parent / "data"
-MODELS = ["scvi_default", "scvi_nb_2layers", "scvi_no_batch"]
+MODELS = ["scvi_default", "scvi_nb_2layers", "scvi_no_batch", "scvi_layer_norm"]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -143,6 +143,28 @@ def test_a_tessera_model_saved_for_scvi_tools_has_its_layout_and_reads_back(tmp_
     other.train(max_epochs=1, progress_bar=False)
     with pytest.raises(ValueError, match="no counterpart of dispersion='gene-cell'"):
         other.save_scvi_tools(tmp_path / "other")
+def test_scarches_layers_save_as_scvi_tools_lays_them_out_and_read_back(tmp_path):
+    """scArches' setting (LayerNorm, no BatchNorm): the saved model has the entries of
+    scvi-tools' own save of that setting, its keywords, and loads back as the same model."""
+    adata = ad.read_h5ad(DATA / "scvi_layer_norm" / "adata.h5ad")
+    del adata.uns["_scvi_uuid"], adata.uns["_scvi_manager_uuid"]
+    tessera.model.SCVI.setup_anndata(adata, batch_key="batch")
+    keywords = dict(use_layer_norm="both", use_batch_norm="none", encode_covariates=True)
+    model = tessera.model.SCVI(adata, n_hidden=16, n_latent=4, n_layers=2, gene_likelihood="nb", **keywords)
+    assert model.init_params_["use_layer_norm"] == "both"
+    model.train(max_epochs=2, progress_bar=False)
+    model.save_scvi_tools(tmp_path / "out")
+    ours = _scvi_tools.read_model_pt(tmp_path / "out" / "model.pt")
+    theirs = _scvi_tools.read_model_pt(DATA / "scvi_layer_norm" / "model.pt")
+    assert _shapes(ours) == _shapes(theirs)
+    saved = ours["attr_dict"]["init_params_"]["kwargs"]["kwargs"]
+    assert {k: saved[k] for k in keywords} == keywords
+    again = tessera.model.SCVI.load(tmp_path / "out", adata)
+    np.testing.assert_allclose(again.get_latent_representation(), model.get_latent_representation(), atol=1e-6)
+    with pytest.raises(ValueError, match="use_layer_norm='encoder' is not supported: 'both' or 'none'"):
+        tessera.model.SCVI(adata, use_layer_norm="encoder")
+
+
 def test_fclayers_covariate_columns_become_wc_or_are_refused():
     rng = np.random.default_rng(0)
     layer = "z.Layer 0"
@@ -150,17 +172,17 @@ def test_fclayers_covariate_columns_become_wc_or_are_refused():
     state.update({f"{layer}.1.{k}": np.ones(3, np.float32) for k in ("weight", "bias", "running_mean", "running_var")})
     # Two batches: the one-hot columns after the input are wc.
     state[f"{layer}.0.weight"] = rng.normal(size=(3, 5 + 2)).astype(np.float32)
-    out = _scvi_tools._layers(state, "decoder", "z", (1, 5, 3), (2, True, True))
+    out = _scvi_tools._layers(state, "decoder", "z", (1, 5, 3), (2, True, True), True)
     np.testing.assert_array_equal(out["decoder.0.wc"], state[f"{layer}.0.weight"][:, 5:].T)
     assert out["decoder.0.w"].shape == (5, 3)
     # One batch: scvi-tools keeps no column for it, tessera a column of zeros.
     state[f"{layer}.0.weight"] = rng.normal(size=(3, 5)).astype(np.float32)
-    out = _scvi_tools._layers(state, "decoder", "z", (1, 5, 3), (1, True, True))
+    out = _scvi_tools._layers(state, "decoder", "z", (1, 5, 3), (1, True, True), True)
     np.testing.assert_array_equal(out["decoder.0.wc"], np.zeros((1, 3)))
     with pytest.raises(ValueError, match="z.Layer 0.0.weight has 0 covariate columns, expected the model's 3"):
-        _scvi_tools._layers(state, "decoder", "z", (1, 5, 3), (3, True, True))
+        _scvi_tools._layers(state, "decoder", "z", (1, 5, 3), (3, True, True), True)
     state[f"{layer}.0.weight"] = rng.normal(size=(3, 6)).astype(np.float32)
     with pytest.raises(ValueError, match="has 1 covariate columns, expected none"):
-        _scvi_tools._layers(state, "encoder", "z", (1, 5, 3), (2, False, True))
+        _scvi_tools._layers(state, "encoder", "z", (1, 5, 3), (2, False, True), True)
 
 

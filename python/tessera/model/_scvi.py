@@ -97,7 +97,7 @@ class SCVI:
             **model_kwargs,
         )
         self.init_params_ = init
-        self._model = {_MODEL_NAMES.get(k, k): v for k, v in init.items()}
+        self._model = _model_table(init)
         if dispersion == "gene-label":
             raise ValueError("dispersion='gene-label' is not supported: use 'gene', 'gene-batch' or 'gene-cell'")
         _tessera.check_config(json.dumps({"model": self._model}))
@@ -620,6 +620,7 @@ class SCVI:
             gene_likelihood=params.get("gene_likelihood", "zinb"),
             encode_covariates=params.get("encode_covariates", False),
             deeply_inject_covariates=params.get("deeply_inject_covariates", True),
+            **_scvi_tools.norms(params),
         )
         model._take_scvi_tools_weights(saved, params, setup, path)
         return model
@@ -806,6 +807,24 @@ def _engine_seed() -> int:
 def _epoch_rule(n_cells: int) -> int:
     """scvi-tools' default epochs: min(400, round(400 · 20,000 / cells))."""
     return int(min(400, max(1, round(400 * 20_000 / max(1, n_cells)))))
+
+
+def _model_table(init: dict[str, Any]) -> dict[str, Any]:
+    """The ``[model]`` table of scvi-tools' keywords: renamed where tessera names them otherwise,
+    ``use_batch_norm``/``use_layer_norm`` ("both" or "none": tessera normalises encoders and
+    decoders alike) as ``batch_norm``/``layer_norm``."""
+    table = {}
+    for key, value in init.items():
+        if key in ("use_batch_norm", "use_layer_norm"):
+            if value not in ("both", "none"):
+                raise ValueError(
+                    f"{key}={value!r} is not supported: 'both' or 'none' (tessera normalises "
+                    "the encoder and the decoder alike)"
+                )
+            table[key.removeprefix("use_")] = value == "both"
+        else:
+            table[_MODEL_NAMES.get(key, key)] = value
+    return table
 
 
 def _device(accelerator: str, devices: Any) -> str:

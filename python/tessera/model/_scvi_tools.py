@@ -130,8 +130,8 @@ _SUPPORTED = {
     "latent_distribution": ("normal",),
     "use_observed_lib_size": (True,),
     "log_variational": (True,),
-    "use_batch_norm": ("both",),
-    "use_layer_norm": ("none",),
+    "use_batch_norm": ("both", "none"),
+    "use_layer_norm": ("none", "both"),
     "batch_representation": ("one-hot",),
     "var_activation": (None,),
     "dispersion": ("gene", "gene-batch"),
@@ -166,6 +166,15 @@ def init_params(attr: dict[str, Any], path: Path) -> dict[str, Any]:
     return params
 
 
+def norms(params: dict[str, Any]) -> dict[str, bool]:
+    """tessera's ``batch_norm`` and ``layer_norm`` from scvi-tools' ``use_batch_norm`` and
+    ``use_layer_norm`` (checked by `init_params`: "both" or "none")."""
+    return {
+        "batch_norm": params.get("use_batch_norm", "both") == "both",
+        "layer_norm": params.get("use_layer_norm", "none") == "both",
+    }
+
+
 def check_setup(setup: dict[str, Any], path: Path) -> None:
     for key in _SETUP_UNSUPPORTED:
         if setup.get(key):
@@ -184,12 +193,17 @@ _BATCH_NORM = (("bn_gamma", "weight"), ("bn_beta", "bias"), ("bn_running_mean", 
 
 
 def _layers(
-    state: dict[str, np.ndarray], ours: str, theirs: str, dims: tuple[int, int, int], covariates: tuple[int, bool, bool]
+    state: dict[str, np.ndarray],
+    ours: str,
+    theirs: str,
+    dims: tuple[int, int, int],
+    covariates: tuple[int, bool, bool],
+    batch_norm: bool,
 ) -> dict[str, np.ndarray]:
-    """FCLayers' Linear + BatchNorm1d layers as tessera's (w: in x out; the covariate one-hots,
+    """FCLayers' Linear (+ BatchNorm1d) layers as tessera's (w: in x out; the covariate one-hots,
     which FCLayers concatenates after the input, as wc). ``covariates``: the one-hot columns
     tessera gives a layer that sees them (its batches), whether the first layer sees them, and
-    whether every layer does."""
+    whether every layer does. A LayerNorm (no affine map) has no tensors."""
     (n_layers, n_in, n_hidden), (n_cov, first, every) = dims, covariates
     out = {}
     for i in range(n_layers):
@@ -209,7 +223,7 @@ def _layers(
         elif extra:
             raise ValueError(f"{name} has {extra} covariate columns, expected none")
         out[f"{ours}.{i}.b"] = state[f"{theirs}.Layer {i}.0.bias"]
-        for mine, torch_name in _BATCH_NORM:
+        for mine, torch_name in _BATCH_NORM if batch_norm else ():
             out[f"{ours}.{i}.{mine}"] = state[f"{theirs}.Layer {i}.1.{torch_name}"]
     return out
 
@@ -223,9 +237,11 @@ def tessera_tensors(
     every = params.get("deeply_inject_covariates", True)
     encoder = (n_layers, n_genes, n_hidden)
     seen = (n_batches, params.get("encode_covariates", False), every)
-    out = _layers(state, "encoder", "z_encoder.encoder.fc_layers", encoder, seen)
+    batch_norm = norms(params)["batch_norm"]
+    out = _layers(state, "encoder", "z_encoder.encoder.fc_layers", encoder, seen, batch_norm)
     decoder = (n_layers, n_latent, n_hidden)
-    out.update(_layers(state, "decoder", "decoder.px_decoder.fc_layers", decoder, (n_batches, True, every)))
+    decoded = (n_batches, True, every)
+    out.update(_layers(state, "decoder", "decoder.px_decoder.fc_layers", decoder, decoded, batch_norm))
     for ours, theirs in (("mean", "mean_encoder"), ("logvar", "var_encoder")):
         out[f"encoder.{ours}.w"] = state[f"z_encoder.{theirs}.weight"].T
         out[f"encoder.{ours}.b"] = state[f"z_encoder.{theirs}.bias"]
@@ -322,7 +338,9 @@ def write_model_pt(path: Path, state: dict[str, np.ndarray], var_names: list[str
     partial.replace(path)
 
 
-def _fclayers(tensors: dict[str, np.ndarray], ours: str, theirs: str, n_layers: int, keep_cov: bool) -> dict[str, np.ndarray]:
+def _fclayers(
+    tensors: dict[str, np.ndarray], ours: str, theirs: str, n_layers: int, keep_cov: bool, batch_norm: bool
+) -> dict[str, np.ndarray]:
     """tessera's hidden layers as FCLayers' (the inverse of `_layers`). A one-batch wc, which
     scvi-tools has no column for, is constant over cells: it joins the bias."""
     out = {}
@@ -335,23 +353,28 @@ def _fclayers(tensors: dict[str, np.ndarray], ours: str, theirs: str, n_layers: 
             b = b + wc.sum(axis=0)
         out[f"{theirs}.Layer {i}.0.weight"] = w
         out[f"{theirs}.Layer {i}.0.bias"] = b
-        for mine, torch_name in _BATCH_NORM:
-            out[f"{theirs}.Layer {i}.1.{torch_name}"] = tensors[f"{ours}.{i}.{mine}"]
-        out[f"{theirs}.Layer {i}.1.num_batches_tracked"] = np.zeros((), np.int64)
+        if batch_norm:
+            for mine, torch_name in _BATCH_NORM:
+                out[f"{theirs}.Layer {i}.1.{torch_name}"] = tensors[f"{ours}.{i}.{mine}"]
+            out[f"{theirs}.Layer {i}.1.num_batches_tracked"] = np.zeros((), np.int64)
     return out
 
 
-def _unused_library_encoder(n_in: int, n_hidden: int) -> dict[str, np.ndarray]:
-    """scvi-tools' library encoder, which a model on the observed library size never runs."""
+def _unused_library_encoder(n_in: int, n_hidden: int, batch_norm: bool) -> dict[str, np.ndarray]:
+    """scvi-tools' library encoder, which a model on the observed library size never runs
+    (normalised as the other encoder)."""
     prefix = "l_encoder.encoder.fc_layers.Layer 0"
-    return {
-        f"{prefix}.0.weight": np.zeros((n_hidden, n_in), np.float32),
-        f"{prefix}.0.bias": np.zeros(n_hidden, np.float32),
+    normed = {
         f"{prefix}.1.weight": np.ones(n_hidden, np.float32),
         f"{prefix}.1.bias": np.zeros(n_hidden, np.float32),
         f"{prefix}.1.running_mean": np.zeros(n_hidden, np.float32),
         f"{prefix}.1.running_var": np.ones(n_hidden, np.float32),
         f"{prefix}.1.num_batches_tracked": np.zeros((), np.int64),
+    }
+    return {
+        f"{prefix}.0.weight": np.zeros((n_hidden, n_in), np.float32),
+        f"{prefix}.0.bias": np.zeros(n_hidden, np.float32),
+        **(normed if batch_norm else {}),
         "l_encoder.mean_encoder.weight": np.zeros((1, n_hidden), np.float32),
         "l_encoder.mean_encoder.bias": np.zeros(1, np.float32),
         "l_encoder.var_encoder.weight": np.zeros((1, n_hidden), np.float32),
@@ -369,13 +392,14 @@ def scvi_state(tensors: dict[str, np.ndarray], params: dict[str, Any], n_genes: 
     likelihood = params["gene_likelihood"]
     theta = tensors.get("log_theta")
     state["px_r"] = np.zeros(n_genes, np.float32) if theta is None else theta.T
-    state.update(_fclayers(tensors, "encoder", "z_encoder.encoder.fc_layers", n_layers, keep))
+    batch_norm = norms(params)["batch_norm"]
+    state.update(_fclayers(tensors, "encoder", "z_encoder.encoder.fc_layers", n_layers, keep, batch_norm))
     for ours, theirs in (("mean", "mean_encoder"), ("logvar", "var_encoder")):
         state[f"z_encoder.{theirs}.weight"] = tensors[f"encoder.{ours}.w"].T
         state[f"z_encoder.{theirs}.bias"] = tensors[f"encoder.{ours}.b"]
     encoded = n_batches if keep and params.get("encode_covariates") else 0
-    state.update(_unused_library_encoder(n_genes + encoded, n_hidden))
-    state.update(_fclayers(tensors, "decoder", "decoder.px_decoder.fc_layers", n_layers, keep))
+    state.update(_unused_library_encoder(n_genes + encoded, n_hidden, batch_norm))
+    state.update(_fclayers(tensors, "decoder", "decoder.px_decoder.fc_layers", n_layers, keep, batch_norm))
     # The module's extra state (scvi-tools' Pyro parameter store: empty for SCVI).
     state["pyro_param_store"] = {}
     state["decoder.px_scale_decoder.0.weight"] = tensors["decoder.main.w"].T
@@ -438,7 +462,6 @@ def export_refusals(model: dict[str, Any]) -> list[str]:
     checks = (
         ("likelihood", model.get("likelihood", "nb") in ("nb", "zinb", "poisson")),
         ("dispersion", model.get("dispersion", "gene") in ("gene", "gene-batch")),
-        ("batch_norm", model.get("batch_norm", True)),
         ("var_eps", model.get("var_eps", 1e-4) == 1e-4),
     )
     return [f"{key}={model.get(key)!r}" for key, ok in checks if not ok]
@@ -469,6 +492,8 @@ def exported(
     covariates = {
         "encode_covariates": bool(model.get("encode_covariates", False)),
         "deeply_inject_covariates": bool(model.get("deeply_inject_covariates", True)),
+        "use_batch_norm": "both" if model.get("batch_norm", True) else "none",
+        "use_layer_norm": "both" if model.get("layer_norm", False) else "none",
     }
     state = scvi_state(tensors, {**params, **covariates}, len(var_names), len(batches))
     none = np.array([], dtype=np.int64)

@@ -2,8 +2,12 @@
 scvi-tools (pinned in bench/requirements-scvi.txt) with their AnnData, and what scvi-tools
 computes with them (expected.npz: the latent means and the decoder's proportions at them).
 
-    target/scvi-venv/bin/python python/tests/data/make_scvi_tools_models.py
+    target/scvi-venv/bin/python python/tests/data/make_scvi_tools_models.py [name ...]
+
+Names given: only those models are written (each keeps its seed, its index here).
 """
+
+import sys
 
 from pathlib import Path
 
@@ -24,6 +28,10 @@ MODELS = {
                                        encode_covariates=True)),
     # No batch key: scvi-tools' single batch column.
     "scvi_no_batch": dict(setup={}, model=dict(gene_likelihood="nb")),
+    # scArches' layers: LayerNorm instead of BatchNorm, 2 layers, the batch into the encoder.
+    "scvi_layer_norm": dict(setup=dict(batch_key="batch"),
+                            model=dict(gene_likelihood="nb", n_layers=2, encode_covariates=True,
+                                       use_layer_norm="both", use_batch_norm="none")),
 }
 
 
@@ -54,7 +62,10 @@ def expected(model, adata):
 
 def main():
     torch.manual_seed(0)
+    wanted = sys.argv[1:] or list(MODELS)
     for i, (name, spec) in enumerate(MODELS.items()):
+        if name not in wanted:
+            continue
         scvi.settings.seed = i
         adata = data(i)
         scvi.model.SCVI.setup_anndata(adata, **spec["setup"])
