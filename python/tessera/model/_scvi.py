@@ -64,7 +64,9 @@ class SCVI:
     gene_likelihood
         ``"nb"``, ``"zinb"`` or ``"poisson"``.
     **model_kwargs
-        Further ``[model]`` keys.
+        Further ``[model]`` keys, and scvi-tools' ``use_batch_norm``/``use_layer_norm``
+        (``"both"`` or ``"none"``; scArches' setting: ``use_layer_norm="both",
+        use_batch_norm="none"``).
 
     Examples
     --------
