@@ -377,7 +377,10 @@ fn first_difference(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> O
                 };
                 match (x.get(k), y.get(k)) {
                     (Some(p), Some(q)) => first_difference(p, q, &path),
-                    _ => (!may_change(&path)).then_some(path),
+                    (Some(v), None) | (None, Some(v)) => {
+                        (!may_change(&path) && !meant_before(&path, v)).then_some(path)
+                    }
+                    (None, None) => None,
                 }
             })
         }
@@ -385,9 +388,30 @@ fn first_difference(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> O
     }
 }
 
+/// Whether `value` at `at` is what a checkpoint from before the key existed meant (its
+/// default then): LayerNorm came later, off.
+fn meant_before(at: &str, value: &serde_json::Value) -> bool {
+    matches!(
+        (at, value),
+        ("model.layer_norm", serde_json::Value::Bool(false))
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::first_difference;
+
+    #[test]
+    fn a_key_added_since_a_checkpoint_differs_only_where_its_value_is_not_the_old_meaning() {
+        let saved = serde_json::json!({"model": {"batch_norm": true}});
+        let off = serde_json::json!({"model": {"batch_norm": true, "layer_norm": false}});
+        let on = serde_json::json!({"model": {"batch_norm": true, "layer_norm": true}});
+        assert_eq!(first_difference(&saved, &off, ""), None);
+        assert_eq!(
+            first_difference(&saved, &on, ""),
+            Some("model.layer_norm".into())
+        );
+    }
 
     #[test]
     fn a_resume_may_change_the_epochs_and_tf32_but_nothing_else() {
