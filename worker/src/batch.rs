@@ -30,11 +30,19 @@ impl ModalityRows {
     pub fn counts_ref(&self, rows: usize) -> CsrRef<'_, f32> {
         CsrRef {
             rows,
-            cols: self.counts.n_cols,
-            indptr: &self.counts.indptr,
-            indices: &self.counts.indices,
-            data: &self.counts.data,
+            ..csr_ref(&self.counts)
         }
+    }
+}
+
+/// A loader's count matrix as the engine reads it.
+pub(crate) fn csr_ref(x: &Csr) -> CsrRef<'_, f32> {
+    CsrRef {
+        rows: x.n_rows,
+        cols: x.n_cols,
+        indptr: &x.indptr,
+        indices: &x.indices,
+        data: &x.data,
     }
 }
 

@@ -9,9 +9,10 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use tessera_data::{Csr, Loader};
-use tessera_kernels::ops::linear::{CsrRef, repeats_a_column};
+use tessera_kernels::ops::linear::repeats_a_column;
 use tessera_models::ResidentData;
 
+use crate::batch::csr_ref;
 use crate::collective::TrainBackend;
 use crate::records::FitError;
 
@@ -147,15 +148,5 @@ fn out_of_order(store: &str, cells: &Range<u64>) -> FitError {
     FitError::Input {
         store: store.to_string(),
         reason: format!("the part of cells {cells:?} was not read whole and in order"),
-    }
-}
-
-fn csr_ref(x: &Csr) -> CsrRef<'_, f32> {
-    CsrRef {
-        rows: x.n_rows,
-        cols: x.n_cols,
-        indptr: &x.indptr,
-        indices: &x.indices,
-        data: &x.data,
     }
 }
