@@ -1,7 +1,10 @@
 """scvi-tools' SCVI on an AnnData Zarr store, timed like `tessera train`: trains on the same
 threads, writes the latent mean to obsm/<key> (consolidated, so every reader sees it) and
 prints one JSON line: cells/s over the training call (validation each epoch included, as in
-tessera's epoch times) and the last epoch's validation ELBO terms.
+tessera's epoch times), the last epoch's alone (no start-up: what a long run sustains) and the
+last epoch's validation ELBO terms. --accelerator gpu and the architecture options serve the
+device check (bench/gpu/check.sh: the same store on the same GPU as `tessera train`); --key ''
+writes nothing back.
 
 With --labels-key (a partly labelled obs column, missing = unlabelled), scvi-tools' scANVI
 workflow follows: SCANVI.from_scvi_model on the trained SCVI, trained for scvi-tools' default
@@ -15,6 +18,7 @@ import time
 import anndata as ad
 import numpy as np
 import pandas as pd
+import lightning
 import scvi
 import torch
 import zarr
@@ -27,11 +31,32 @@ p.add_argument("--batch-key", default="batch")
 p.add_argument("--key", default="X_scvi")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--layers", type=int, default=1)
+p.add_argument("--hidden", type=int, default=128)
+p.add_argument("--latent", type=int, default=10)
+p.add_argument("--batch-size", type=int, default=128)
+p.add_argument("--accelerator", default="cpu", help="Lightning's: cpu or gpu")
 p.add_argument("--history", help="CSV to write the per-epoch validation ELBO terms to")
 p.add_argument("--validation-cells", help="CSV with a `cell` column of obs rows to validate on (tessera's validation_cells.csv); default: scvi-tools' own random 10%%")
 p.add_argument("--labels-key", help="partly labelled obs column: train scANVI after scVI")
 p.add_argument("--prediction-key", default="prediction_scvi")
 args = p.parse_args()
+
+
+class EpochClock(lightning.pytorch.callbacks.Callback):
+    """Wall seconds of each training epoch, its validation pass included (Lightning validates
+    before on_train_epoch_end), as tessera's history.csv counts them."""
+
+    def __init__(self):
+        self.seconds = []
+
+    def on_train_epoch_start(self, trainer, module):
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - self.started)
+
 
 torch.set_num_threads(args.threads)
 scvi.settings.seed = args.seed
@@ -40,15 +65,16 @@ adata = ad.read_zarr(args.data)
 batch_key = args.batch_key if args.batch_key in adata.obs else None
 scvi.model.SCVI.setup_anndata(adata, batch_key=batch_key)
 # scVI's defaults: 128 hidden, 10 latent, 1 layer, NB, gene dispersion, batch 128, Adam 1e-3.
-model = scvi.model.SCVI(adata, n_hidden=128, n_latent=10, n_layers=args.layers, gene_likelihood="nb")
+model = scvi.model.SCVI(adata, n_hidden=args.hidden, n_latent=args.latent, n_layers=args.layers, gene_likelihood="nb")
 split = {}
 if args.validation_cells:
     held = np.loadtxt(args.validation_cells, delimiter=",", skiprows=1, dtype=np.int64, ndmin=1)
     train = np.setdiff1d(np.arange(adata.n_obs), held)
     # Both tools validate on the same cells: their validation ELBOs are then comparable.
     split = {"datasplitter_kwargs": {"external_indexing": [train, held]}}
-common = dict(batch_size=128, train_size=0.9, early_stopping=False, check_val_every_n_epoch=1,
-              accelerator="cpu", enable_progress_bar=False, **split)
+clock = EpochClock()
+common = dict(batch_size=args.batch_size, train_size=0.9, early_stopping=False, check_val_every_n_epoch=1,
+              accelerator=args.accelerator, devices=1, enable_progress_bar=False, callbacks=[clock], **split)
 started = time.perf_counter()
 model.train(max_epochs=args.epochs, **common)
 epochs = args.epochs
@@ -71,24 +97,33 @@ if args.history:
         f.write("epoch," + ",".join(keys) + "\n")
         for e in range(len(table[keys[0]])):
             f.write(f"{e}," + ",".join(f"{table[k][e]:.6f}" for k in keys) + "\n")
-latent = model.get_latent_representation().astype(np.float32)
 
-group = zarr.open_group(args.data, mode="r+", use_consolidated=False)
-ad.io.write_elem(group["obsm"], args.key, latent)
-if args.labels_key:
-    obs = ad.io.read_elem(group["obs"])
-    obs[args.prediction_key] = pd.Categorical(model.predict(), categories=model._label_mapping)
-    obs[args.prediction_key] = obs[args.prediction_key].cat.remove_categories(
-        [c for c in ["Unknown"] if c in obs[args.prediction_key].cat.categories])
-    ad.io.write_elem(group, "obs", obs)
-zarr.consolidate_metadata(args.data)
+
+def write_back():
+    """The latent into obsm/<key> (and scANVI's predictions into obs), consolidated."""
+    latent = model.get_latent_representation().astype(np.float32)
+    group = zarr.open_group(args.data, mode="r+", use_consolidated=False)
+    ad.io.write_elem(group["obsm"], args.key, latent)
+    if args.labels_key:
+        obs = ad.io.read_elem(group["obs"])
+        obs[args.prediction_key] = pd.Categorical(model.predict(), categories=model._label_mapping)
+        obs[args.prediction_key] = obs[args.prediction_key].cat.remove_categories(
+            [c for c in ["Unknown"] if c in obs[args.prediction_key].cat.categories])
+        ad.io.write_elem(group, "obs", obs)
+    zarr.consolidate_metadata(args.data)
+
+
+if args.key:
+    write_back()
+on = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"{args.threads} threads"
 print(json.dumps({
-    "tool": f"scvi-tools {scvi.__version__} (torch {torch.__version__}, {args.threads} threads)",
+    "tool": f"scvi-tools {scvi.__version__} (torch {torch.__version__}, {on})",
     "model": "SCANVI" if args.labels_key else "SCVI",
     "epochs": epochs,
     "train_cells": n_train,
     "seconds": seconds,
     "cells_per_s": n_train * epochs / seconds,
+    "last_epoch_cells_per_s": n_train / clock.seconds[-1],
     "validation_elbo": last("elbo_validation"),
     "validation_reconstruction": last("reconstruction_loss_validation"),
     "validation_kl": last("kl_local_validation"),

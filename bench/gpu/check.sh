@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One-command device check, for a bare GPU host (driver, CUDA libraries in Python wheels, no
 # Rust): every CUDA parity test, the op benchmark, a training step at scVI and Census size,
-# `tessera train --device cuda` against the CPU step by step, NCCL; one summary table last.
+# `tessera train --device cuda` against the CPU step by step, NCCL, scvi-tools on the same
+# device and stores; one summary table last.
 #
 #   bench/gpu/build.sh              # here: stripped binaries into bench/gpu/bin (< 64 MiB)
+#   bench/gpu/wheels.sh             # here: scvi-tools' wheels into .whl (optional, ~12 MB)
 #   bench/gpu/check.sh [BIN]        # there: BIN defaults to bench/gpu/bin
 #
 # Without a GPU it runs the same stages on the CPU at small sizes (CI does, through
@@ -99,6 +101,9 @@ step "step Census size" --genes 8000 --hidden 512 --batch 1024 --nnz 1500 --step
 
 # 4. `tessera train` on a simulated store: the device's first 50 steps against the CPU's; on a
 # GPU also with every batch copied from the host (what keeping the training set there gains).
+last_rate() { # a run's output folder: its last epoch's cells/s
+  python3 -c "import csv; print(round(float(list(csv.DictReader(open('$1/history.csv')))[-1]['cells_per_second'])))" 2>/dev/null
+}
 rate_of() { # a run's output folder
   python3 -c "import csv; r=list(csv.DictReader(open('$1/history.csv'))); c=float(r[-1]['cells_per_second']); print(', '.join(f\"epoch {x['epoch']}: {float(x['cells_per_second']):.0f} cells/s\" for x in r) + f'; one epoch of 1M cells: {1e6 / c:.1f} s; last epoch: steps {float(r[-1][\"compute_seconds\"]):.1f} s, waiting for batches {float(r[-1][\"data_seconds\"]):.1f} s')" 2>/dev/null
 }
@@ -112,6 +117,7 @@ if $limit "$tessera" simulate "$store" --cells "$cells" --genes 2000 >"$work/sim
     rate=$(rate_of "$scratch/train-$device")
     kept=$(grep -m1 -oE 'training set (kept on|streamed from) [^:]*' "$work/train-$device.log")
     row "train --device $device ($cells cells)" ok "$((SECONDS - t0)) s; ${kept:-training set placement not logged}; $rate"
+    tessera_scvi_size=$(last_rate "$scratch/train-$device")
     if $limit "$tessera" train --data "$scratch/sim-cpu.zarr" --out "$scratch/train-cpu-ref" --device cpu --epochs 2 --step-log 50 >"$work/train-cpu-ref.log" 2>&1; then
       diff=$(python3 - "$scratch/train-$device/steps.csv" "$scratch/train-cpu-ref/steps.csv" <<'PY'
 import csv, sys
@@ -155,6 +161,7 @@ train_stage "train the default data" --out "$scratch/demo" --epochs "$([ "$devic
 printf '[model]\nn_hidden = 512\nn_layers = 2\nn_latent = 50\n[train]\nbatch_size = 1024\n' >"$work/census-train.toml"
 if $limit "$tessera" simulate "$scratch/census.zarr" --genes 8000 --cells "$([ "$device" = cuda ] && echo 100000 || echo 2500)" >"$work/simulate-census.log" 2>&1; then
   train_stage "train the Census-size model" --data "$scratch/census.zarr" --out "$scratch/census-out" --config "$work/census-train.toml" --epochs 2
+  tessera_census_size=$(last_rate "$scratch/census-out")
 else
   row "train the Census-size model" FAIL "$(tail -1 "$work/simulate-census.log")"
 fi
@@ -199,6 +206,34 @@ if $limit "$tessera" bench nccl >"$work/nccl.log" 2>&1; then
   fi
 else
   row "bench nccl" FAIL "$(tail -1 "$work/nccl.log")"
+fi
+
+# 7. The anchor: scvi-tools' SCVI on the same device and stores, at the same sizes, 2 epochs
+# each; the last epoch's cells/s (validation included, as tessera's) side by side. torch and
+# lightning are the host's; the rest travels as wheels (bench/gpu/wheels.sh fills .whl: carry
+# it). TESSERA_CHECK_PYTHON names another Python (e.g. target/scvi-venv/bin/python here).
+python=${TESSERA_CHECK_PYTHON:-python3}
+wheels=${TESSERA_CHECK_WHEELS:-$here/../../.whl}
+if ls "$wheels"/scvi_tools-*.whl >/dev/null 2>&1 &&
+  $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$scratch/site" "$wheels"/*.whl >"$work/wheels.log" 2>&1; then
+  export PYTHONPATH=$scratch/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+anchor() { # name, tessera's cells/s, scvi_train.py args...
+  local name=$1 ours=$2 log; shift 2
+  log=$(logfile "$name")
+  if $limit "$python" "$here/../scvi_train.py" --epochs 2 --key "" --threads "$(nproc)" \
+    --accelerator "$([ "$device" = cuda ] && echo gpu || echo cpu)" "$@" >"$log" 2>&1; then
+    row "$name" ok "$(tail -1 "$log" | python3 -c "import json, sys; r = json.load(sys.stdin); c = r['last_epoch_cells_per_s']; o = float('${ours:-nan}'); print(f\"{r['tool']}: {c:.0f} cells/s, tessera {o:.0f}: {o / c:.1f}x\")")"
+  else
+    row "$name" FAIL "$(grep -m1 -E 'Error|error' "$log" | cut -c1-160) (log: $log)"
+  fi
+}
+if ! $python -c 'import scvi' >"$work/scvi-import.log" 2>&1; then
+  row "scvi-tools on the same device" SKIPPED "scvi-tools not importable by $python (bench/gpu/wheels.sh, carry .whl)"
+else
+  anchor "scvi-tools, scVI size" "${tessera_scvi_size:-}" --data "$store"
+  anchor "scvi-tools, Census size" "${tessera_census_size:-}" --data "$scratch/census.zarr" \
+    --hidden 512 --layers 2 --latent 50 --batch-size 1024
 fi
 
 echo

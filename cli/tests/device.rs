@@ -160,6 +160,7 @@ fn the_device_check_script_runs_its_cpu_fallback_to_a_passing_table() {
         .env("TESSERA_CHECK_DIR", dir.path().join("work"))
         .env("TESSERA_CHECK_SCRATCH", dir.path().join("scratch"))
         .env("TESSERA_CHECK_CELLS", "2000")
+        .env("TESSERA_CHECK_WHEELS", dir.path().join("no-wheels"))
         .env("TESSERA_LOG", "warn")
         .output()
         .unwrap();
@@ -208,6 +209,19 @@ fn the_device_check_script_runs_its_cpu_fallback_to_a_passing_table() {
         "{table}"
     );
     assert!(row("bench nccl").contains("SKIPPED"), "{table}");
+    // The anchor runs where python3 imports scvi-tools, and is named as skipped where not.
+    let anchor = table
+        .lines()
+        .filter(|l| l.starts_with("| scvi-tools"))
+        .collect::<Vec<_>>();
+    assert!(
+        matches!(&anchor[..], [one] if one.contains("| SKIPPED ") && one.contains("wheels.sh"))
+            || (anchor.len() == 2
+                && anchor
+                    .iter()
+                    .all(|l| l.contains("| ok ") && l.trim_end().ends_with("x |"))),
+        "{table}"
+    );
     let csv = std::fs::read_to_string(dir.path().join("scratch/train-cpu/steps.csv")).unwrap();
     let summary = std::fs::read_to_string(dir.path().join("work/summary.md")).unwrap();
     assert!(summary.contains("| first 50 steps vs the CPU"), "{summary}");
