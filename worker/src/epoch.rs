@@ -57,11 +57,8 @@ fn next_step<B: TrainBackend>(
         if let Some(mb) = s.next_batch()? {
             step.cells += mb.cells.len() as u64;
             let kept = resident.iter().find(|r| r.part == s.part);
-            let cells = if kept.is_some() {
-                mb.cells.clone()
-            } else {
-                Vec::new()
-            };
+            // Every resident modality of the batch gathers the same rows.
+            let rows = kept.map_or_else(Vec::new, |r| r.rows(&mb.cells));
             let batch = convert(mb);
             let staged = batch
                 .modalities
@@ -71,8 +68,8 @@ fn next_step<B: TrainBackend>(
                     if m.present.is_some() {
                         return Ok(None);
                     }
-                    match kept.and_then(|r| r.rows(i, &cells)) {
-                        Some((x, rows)) => device.stage_rows(x, &rows, ENCODER_TRANSFORM),
+                    match kept.and_then(|r| r.matrix(i)) {
+                        Some(x) => device.stage_rows(x, &rows, ENCODER_TRANSFORM),
                         None => device.stage_csr(m.counts_ref(batch.rows), ENCODER_TRANSFORM),
                     }
                     .map(Some)

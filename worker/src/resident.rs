@@ -31,14 +31,17 @@ pub(crate) struct ResidentPart<B: TrainBackend> {
 }
 
 impl<B: TrainBackend> ResidentPart<B> {
-    /// Model modality `m`'s matrix and the rows `cells` are in it, if it is on the device.
-    pub fn rows(&self, m: usize, cells: &[u64]) -> Option<(&Arc<B::Resident>, Vec<usize>)> {
-        let x = self.modalities.get(m)?.as_ref()?;
-        let rows = cells
+    /// Model modality `m`'s matrix, if it is on the device.
+    pub fn matrix(&self, m: usize) -> Option<&Arc<B::Resident>> {
+        self.modalities.get(m)?.as_ref()
+    }
+
+    /// The rows `cells` are in the part's matrices.
+    pub fn rows(&self, cells: &[u64]) -> Vec<usize> {
+        cells
             .iter()
             .map(|&c| (c - self.first_cell) as usize)
-            .collect();
-        Some((x, rows))
+            .collect()
     }
 }
 
