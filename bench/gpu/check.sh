@@ -97,7 +97,11 @@ step() { # name, args...
 step "step scVI size" --steps "$steps"
 printf '[model]\nn_layers = 2\nn_latent = 50\n' >"$work/census.toml"
 step "step Census size" --genes 8000 --hidden 512 --batch 1024 --nnz 1500 --steps "$census_steps" --config "$work/census.toml"
-[ "$device" = cuda ] && step "step Census size, TF32" --genes 8000 --hidden 512 --batch 1024 --nnz 1500 --steps "$census_steps" --config "$work/census.toml" --tf32
+if [ "$device" = cuda ]; then
+  for precision in tf32 bf16; do
+    step "step Census size, ${precision^^}" --genes 8000 --hidden 512 --batch 1024 --nnz 1500 --steps "$census_steps" --config "$work/census.toml" "--$precision"
+  done
+fi
 
 # 4. `tessera train` on a simulated store: the device's first 50 steps against the CPU's; on a
 # GPU also with every batch copied from the host (what keeping the training set there gains).

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use tessera_data::{Dataset, Loader, LoaderConfig, SimConfig, ZarrVersion};
 use tessera_kernels::backend::{Backend, Cpu, Cuda, In, Out};
+use tessera_kernels::ops::linear::MatmulPrecision;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -150,8 +151,12 @@ pub struct DeviceArgs {
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: Device,
     /// On a GPU, let cuBLAS use TF32 tensor cores for f32 GEMMs (faster, ~1e-3 relative error).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "bf16")]
     tf32: bool,
+    /// On a GPU, f32 GEMMs on bf16 tensor cores with f32 accumulation (PyTorch's "medium"
+    /// matmul precision: twice TF32's rate, ~8e-3 relative error per input).
+    #[arg(long)]
+    bf16: bool,
 }
 
 /// The CPU (None) or GPU N.
@@ -179,12 +184,19 @@ enum Engine {
 impl DeviceArgs {
     fn open(&self) -> Result<Engine> {
         match self.device.0 {
-            None if self.tf32 => bail!("--tf32 applies to --device cuda only"),
+            None if self.tf32 || self.bf16 => {
+                bail!("--tf32 and --bf16 apply to --device cuda only")
+            }
             None => Ok(Engine::Cpu),
             Some(ordinal) => {
                 let gpu = tessera_kernels::cuda::Gpu::new(ordinal)
                     .with_context(|| format!("--device cuda:{ordinal}"))?;
-                Ok(Engine::Cuda(Cuda::new(gpu.with_tf32(self.tf32))))
+                let precision = match (self.tf32, self.bf16) {
+                    (true, _) => MatmulPrecision::High,
+                    (_, true) => MatmulPrecision::Medium,
+                    _ => MatmulPrecision::Highest,
+                };
+                Ok(Engine::Cuda(Cuda::new(gpu.with_matmul(precision))))
             }
         }
     }

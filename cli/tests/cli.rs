@@ -242,11 +242,21 @@ fn bench_step_runs_on_the_cpu_and_a_missing_gpu_is_named() {
         !bad.status.success()
             && String::from_utf8_lossy(&bad.stderr).contains("expected cpu, cuda or cuda:N")
     );
-    let tf32 = tessera(&[&small[..], &["--tf32"]].concat());
+    for flag in ["--tf32", "--bf16"] {
+        let reduced = tessera(&[&small[..], &[flag]].concat());
+        assert!(
+            !reduced.status.success()
+                && String::from_utf8_lossy(&reduced.stderr)
+                    .contains("--tf32 and --bf16 apply to --device cuda only"),
+            "{flag}"
+        );
+    }
+    let both = tessera(&[&small[..], &["--tf32", "--bf16"]].concat());
     assert!(
-        !tf32.status.success()
-            && String::from_utf8_lossy(&tf32.stderr)
-                .contains("--tf32 applies to --device cuda only")
+        !both.status.success()
+            && String::from_utf8_lossy(&both.stderr).contains("cannot be used with"),
+        "{}",
+        String::from_utf8_lossy(&both.stderr)
     );
 }
 

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::ops::linear::MatmulPrecision;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut,
     DeviceRepr, LaunchConfig,
@@ -98,7 +99,7 @@ pub struct Gpu {
     blas: std::sync::OnceLock<cudarc::cublas::CudaBlas>,
     /// The copy stream and its buffers, made at the first staged upload.
     staging: std::sync::OnceLock<Arc<crate::cuda_staging::Staging>>,
-    tf32: bool,
+    matmul: MatmulPrecision,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -141,20 +142,20 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             blas: std::sync::OnceLock::new(),
             staging: std::sync::OnceLock::new(),
-            tf32: false,
+            matmul: MatmulPrecision::Highest,
         })
     }
 
-    /// Lets cuBLAS run f32 GEMMs on TF32 tensor cores (10-bit mantissa inputs, f32 accumulate):
-    /// several times the f32 rate on A100/H100, at ~1e-3 relative error per product. Off by
-    /// default; call before the first GEMM.
-    pub fn with_tf32(mut self, on: bool) -> Gpu {
-        assert!(
-            self.blas.get().is_none(),
-            "TF32 must be chosen before the first GEMM"
-        );
-        self.tf32 = on;
+    /// How cuBLAS runs f32 GEMMs: in f32 (the default), or on the tensor cores with TF32 or
+    /// bf16 inputs and f32 accumulation (several times the f32 rate; ~1e-3 or ~8e-3 relative
+    /// error per input).
+    pub fn with_matmul(mut self, precision: MatmulPrecision) -> Gpu {
+        self.matmul = precision;
         self
+    }
+
+    pub fn matmul(&self) -> MatmulPrecision {
+        self.matmul
     }
 
     pub fn ordinal(&self) -> usize {
@@ -239,18 +240,6 @@ impl Gpu {
             reason: e.to_string(),
         };
         let handle = cudarc::cublas::CudaBlas::new(self.stream.clone()).map_err(failed)?;
-        if self.tf32 {
-            // SAFETY: the handle is live; setting its math mode touches nothing else.
-            #[allow(unsafe_code)]
-            unsafe {
-                cudarc::cublas::sys::cublasSetMathMode(
-                    *handle.handle(),
-                    cudarc::cublas::sys::cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH,
-                )
-            }
-            .result()
-            .map_err(failed)?;
-        }
         Ok(self.blas.get_or_init(|| handle))
     }
 

@@ -10,7 +10,7 @@ use tessera_kernels::backend::{Backend, Cpu, Cuda, In, Out};
 use tessera_kernels::cuda::{Gpu, compile, nvrtc_present, sources};
 use tessera_kernels::ops::elementwise::Activation;
 use tessera_kernels::ops::likelihood::Likelihood;
-use tessera_kernels::ops::linear::{CountTransform, CsrRef, Gemm};
+use tessera_kernels::ops::linear::{CountTransform, CsrRef, Gemm, MatmulPrecision, round_for};
 use tessera_kernels::ops::optim::AdamW;
 
 fn gpu() -> Option<Gpu> {
@@ -87,7 +87,7 @@ fn compare(reference: &[Output], other: &[Output], exact: bool) {
 #[test]
 fn every_test_body_runs_on_the_cpu_and_repeats_bit_for_bit() {
     type Body = fn(&Cpu) -> Vec<Output>;
-    let bodies: [(&str, Body); 13] = [
+    let bodies: [(&str, Body); 14] = [
         ("activations", activations),
         ("elementwise", elementwise),
         ("likelihoods", likelihoods),
@@ -95,6 +95,9 @@ fn every_test_body_runs_on_the_cpu_and_repeats_bit_for_bit() {
         ("staged uploads", staged_uploads),
         ("resident rows", resident_rows),
         ("gemms", gemms),
+        ("gemms on bf16-rounded inputs", |c| {
+            gemms_at(c, MatmulPrecision::Medium, true)
+        }),
         ("optimiser", optimiser),
         ("random", random),
         ("gaussians", gaussians),
@@ -794,10 +797,31 @@ fn sparse_layer_and_softmax_match_cpu() {
 }
 
 fn gemms<B: Backend<f32>>(b: &B) -> Vec<Output> {
+    gemms_at(b, MatmulPrecision::Highest, false)
+}
+
+/// GEMMs of every transpose and awkward shapes at `precision`: the GPU rounds the inputs
+/// itself, the CPU reference (`round_here`) multiplies inputs rounded as `round_for` does (to
+/// nearest, ties to even). Tolerance: summation order as in f32, plus 40 input ulps × √k for
+/// tensor cores that read the inputs another way: truncated inputs land within 25 ulps × √k of
+/// the rounded reference on these operands (checked with numpy), while a product of the wrong
+/// operands misses it at 40% of the entries or more.
+fn gemms_at<B: Backend<f32>>(b: &B, precision: MatmulPrecision, round_here: bool) -> Vec<Output> {
+    let ulp = precision
+        .mantissa_bits()
+        .map_or(0.0, |bits| 2f32.powi(-(bits as i32)));
+    let operand = |n: usize| {
+        let values = inputs(n);
+        if round_here {
+            round_for(&values, precision)
+        } else {
+            values
+        }
+    };
     let mut out = Vec::new();
     for (m, k, n) in [(1, 1, 1), (31, 1025, 7), (1024, 512, 2000), (3, 0, 5)] {
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            let (a, bb) = (up(b, &inputs(m * k)), up(b, &inputs(k * n)));
+            let (a, bb) = (up(b, &operand(m * k)), up(b, &operand(k * n)));
             let mut c = up(b, &inputs(m * n));
             b.gemm(
                 ta,
@@ -813,11 +837,12 @@ fn gemms<B: Backend<f32>>(b: &B) -> Vec<Output> {
             )
             .unwrap();
             // Different summation orders: tolerance grows with k.
+            let root_k = (k.max(1) as f32).sqrt();
             out.push(output(
-                format!("gemm ta={ta} tb={tb} {m}x{k}x{n}"),
+                format!("gemm {precision:?} ta={ta} tb={tb} {m}x{k}x{n}"),
                 down(b, &c),
-                1e-3 * (k.max(1) as f32).sqrt(),
-                1e-4,
+                1e-3 * root_k + 40.0 * ulp * root_k,
+                1e-4 + 2.0 * ulp,
             ));
         }
     }
@@ -827,6 +852,33 @@ fn gemms<B: Backend<f32>>(b: &B) -> Vec<Output> {
 #[test]
 fn gemm_matches_cpu_for_every_transpose() {
     parity(gemms, gemms);
+}
+
+/// TF32 and bf16 tensor cores (`Gpu::with_matmul`) against the CPU's f32 GEMM of the inputs
+/// rounded as the tensor cores read them; also prints how far each lands from the f32 product
+/// (whether cuBLAS used the tensor cores at all is its choice per shape).
+#[test]
+fn tensor_core_gemms_match_cpu_on_rounded_inputs() {
+    for precision in [MatmulPrecision::High, MatmulPrecision::Medium] {
+        let Some(gpu) = gpu() else { return };
+        let cuda = Cuda::new(gpu.with_matmul(precision));
+        let first = gemms_at(&cuda, precision, false);
+        compare(&gemms_at(&Cpu, precision, true), &first, false);
+        compare(&first, &gemms_at(&cuda, precision, false), true);
+        let exact = gemms_at(&Cpu, MatmulPrecision::Highest, false);
+        for (g, c) in first.iter().zip(&exact) {
+            let worst = g
+                .values
+                .iter()
+                .zip(&c.values)
+                .map(|(g, c)| (g - c).abs() / c.abs().max(1.0))
+                .fold(0f32, f32::max);
+            eprintln!(
+                "{}: largest relative difference from f32 {worst:.2e}",
+                g.what
+            );
+        }
+    }
 }
 
 fn optimiser<B: Backend<f32>>(b: &B) -> Vec<Output> {

@@ -7,6 +7,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use tessera_kernels::backend::Cuda;
 use tessera_kernels::cuda::Gpu;
+use tessera_kernels::ops::linear::MatmulPrecision;
 
 use crate::records::FitError;
 
@@ -88,7 +89,12 @@ impl Device {
         })?;
         let described = gpu.describe().unwrap_or_else(|e| e.to_string());
         tracing::info!(device = %format!("cuda:{ordinal}"), tf32, "{described}");
-        Ok(Cuda::new(gpu.with_tf32(tf32)))
+        let precision = if tf32 {
+            MatmulPrecision::High
+        } else {
+            MatmulPrecision::Highest
+        };
+        Ok(Cuda::new(gpu.with_matmul(precision)))
     }
 }
 

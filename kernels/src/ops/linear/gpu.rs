@@ -4,11 +4,11 @@
 
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::{Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
-use super::{CUDA_SOURCE, CountTransform, CsrRef};
+use super::{CUDA_SOURCE, CountTransform, CsrRef, MatmulPrecision};
 use crate::background::Background;
 use crate::cuda::{CudaError, Gpu, Result, View, ViewMut, driver as failed};
 
@@ -60,11 +60,52 @@ pub fn gemm(
     };
     let blas = gpu.blas()?;
     gpu.bind()?;
-    // SAFETY: the leading dimensions describe exactly the asserted buffer sizes.
-    unsafe { blas.gemm(cfg, b, a, c) }.map_err(|e| CudaError::Driver {
-        context: "cublasSgemm".into(),
-        reason: e.to_string(),
-    })
+    let failed = |call: &str| {
+        let call = call.to_string();
+        move |e: cudarc::cublas::result::CublasError| CudaError::Driver {
+            context: call,
+            reason: e.to_string(),
+        }
+    };
+    let compute = match gpu.matmul() {
+        // SAFETY: the leading dimensions describe exactly the asserted buffer sizes.
+        MatmulPrecision::Highest => {
+            return unsafe { blas.gemm(cfg, b, a, c) }.map_err(failed("cublasSgemm"));
+        }
+        MatmulPrecision::High => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+        MatmulPrecision::Medium => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
+    };
+    // The same product on the tensor cores: f32 buffers, inputs rounded to the compute type.
+    let stream = gpu.stream();
+    let (b_ptr, _b_read) = b.device_ptr(stream);
+    let (a_ptr, _a_read) = a.device_ptr(stream);
+    let (c_ptr, _c_written) = c.device_ptr_mut(stream);
+    let f32_type = cudaDataType::CUDA_R_32F;
+    // SAFETY: as for SGEMM above; alpha and beta are f32, as CUBLAS_COMPUTE_32F_* reads them.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            cfg.transa,
+            cfg.transb,
+            cfg.m,
+            cfg.n,
+            cfg.k,
+            (&cfg.alpha as *const f32).cast(),
+            b_ptr as *const _,
+            f32_type,
+            cfg.lda,
+            a_ptr as *const _,
+            f32_type,
+            cfg.ldb,
+            (&cfg.beta as *const f32).cast(),
+            c_ptr as *mut _,
+            f32_type,
+            cfg.ldc,
+            compute,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
+        )
+    }
+    .map_err(failed("cublasGemmEx"))
 }
 
 /// A CSR count matrix on the device, with its host copy where it was uploaded: the backward's

@@ -36,6 +36,56 @@ pub trait Gemm: Real {
     );
 }
 
+/// How a GPU multiplies f32 matrices, by PyTorch's names (`torch.set_float32_matmul_precision`,
+/// which Lightning suggests to scvi-tools users): every product in f32, or the inputs rounded
+/// to TF32 or bf16 for the tensor cores, accumulated in f32. The CPU always multiplies in f32;
+/// [`round_for`] is the reference the GPU's reduced precisions are tested against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatmulPrecision {
+    /// f32 (cuBLAS' SGEMM).
+    #[default]
+    Highest,
+    /// TF32 inputs (10 explicit mantissa bits), f32 accumulation.
+    High,
+    /// bf16 inputs (7 explicit mantissa bits), f32 accumulation.
+    Medium,
+}
+
+impl MatmulPrecision {
+    /// Explicit mantissa bits the tensor cores keep of each input (None: all of f32's 23).
+    pub fn mantissa_bits(self) -> Option<u32> {
+        match self {
+            MatmulPrecision::Highest => None,
+            MatmulPrecision::High => Some(10),
+            MatmulPrecision::Medium => Some(7),
+        }
+    }
+}
+
+/// `x` rounded to `bits` explicit mantissa bits, to nearest with ties to even, as f32 (TF32:
+/// 10, bf16: 7); the exponent range is f32's, and NaN and infinities pass unchanged.
+pub fn round_mantissa(x: f32, bits: u32) -> f32 {
+    assert!(bits <= 23, "f32 has 23 explicit mantissa bits, not {bits}");
+    if !x.is_finite() || bits == 23 {
+        return x;
+    }
+    let dropped = 23 - bits;
+    let raw = x.to_bits();
+    let half = 1u32 << (dropped - 1);
+    // Ties to even: add just under half, plus one if the kept part is odd. A carry into the
+    // exponent is the right rounding (up to the next binade, or to infinity past f32::MAX).
+    let odd = (raw >> dropped) & 1;
+    f32::from_bits(((raw + half - 1 + odd) >> dropped) << dropped)
+}
+
+/// Each of `values` as the tensor cores read it at `precision`.
+pub fn round_for(values: &[f32], precision: MatmulPrecision) -> Vec<f32> {
+    match precision.mantissa_bits() {
+        None => values.to_vec(),
+        Some(bits) => values.iter().map(|&v| round_mantissa(v, bits)).collect(),
+    }
+}
+
 /// Row/column strides of a row-major matrix stored as `rows x cols`, read transposed or not.
 fn strides(transposed: bool, stored_cols: usize) -> (isize, isize) {
     if transposed {
@@ -818,6 +868,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn mantissas_round_to_nearest_with_ties_to_even() {
+        let ulp = |bits: i32| 2f32.powi(-bits);
+        for bits in [10, 7] {
+            let u = ulp(bits as i32);
+            // Exact values stay; below half an ulp goes down, above goes up.
+            assert_eq!(round_mantissa(1.0 + u, bits), 1.0 + u);
+            assert_eq!(round_mantissa(1.0 + 0.49 * u, bits), 1.0);
+            assert_eq!(round_mantissa(1.0 + 0.51 * u, bits), 1.0 + u);
+            // Ties: to the even neighbour (1 is even, 1 + u odd, 1 + 2u even).
+            assert_eq!(round_mantissa(1.0 + 0.5 * u, bits), 1.0);
+            assert_eq!(round_mantissa(1.0 + 1.5 * u, bits), 1.0 + 2.0 * u);
+            assert_eq!(round_mantissa(-(1.0 + 1.5 * u), bits), -(1.0 + 2.0 * u));
+            // A carry moves to the next binade.
+            assert_eq!(round_mantissa(2.0 - 0.25 * u, bits), 2.0);
+            assert_eq!(round_mantissa(f32::MAX, bits), f32::INFINITY);
+            assert!(round_mantissa(f32::NAN, bits).is_nan());
+            assert_eq!(round_mantissa(0.0, bits), 0.0);
+        }
+        // bf16 is f32's upper half: 1/3 = 0x3EAAAAAB becomes 0x3EAB0000 (round up).
+        assert_eq!(round_mantissa(1.0 / 3.0, 7).to_bits(), 0x3EAB_0000);
+        assert_eq!(round_mantissa(1.0 / 3.0, 23), 1.0 / 3.0);
+        assert_eq!(
+            round_for(&[1.0 / 3.0], MatmulPrecision::High),
+            vec![f32::from_bits(0x3EAA_A000)]
+        );
+        assert_eq!(round_for(&[0.1], MatmulPrecision::Highest), vec![0.1]);
     }
 
     #[test]
