@@ -544,16 +544,20 @@ impl Loader {
     /// for CSR row pointers over the shard; pro rata otherwise), as the cache counts them.
     pub fn shard_bytes(&self) -> u64 {
         let cells = self.shard.end - self.shard.start;
-        let nnz: u64 = self
-            .sources
-            .iter()
-            .map(|s| match &s.obsmap {
-                None => s.matrix.nnz_in(self.shard.clone()),
-                // A modality's rows are not the global cells: its share of the cells.
-                Some(map) => s.matrix.nnz * cells / map.len().max(1) as u64,
-            })
-            .sum();
+        let nnz: u64 = (0..self.sources.len()).map(|m| self.shard_nnz(m)).sum();
         nnz * 8 + cells * (9 * self.sources.len() as u64)
+    }
+
+    /// Modality `m`'s non-zeros in this loader's cells: exact for CSR row pointers over the
+    /// shard, pro rata otherwise (a MuData modality's rows are not the global cells).
+    pub fn shard_nnz(&self, m: usize) -> u64 {
+        let s = &self.sources[m];
+        match &s.obsmap {
+            None => s.matrix.nnz_in(self.shard.clone()),
+            Some(map) => {
+                s.matrix.nnz * (self.shard.end - self.shard.start) / map.len().max(1) as u64
+            }
+        }
     }
 
     /// The fetches of an epoch: groups of blocks, in shuffled order when shuffling, each of about

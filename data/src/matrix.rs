@@ -27,6 +27,19 @@ pub struct Csr {
 }
 
 impl Csr {
+    /// No rows yet, room for `rows` rows and `nnz` entries ([`Csr::append_rows`] fills it).
+    pub fn with_capacity(n_cols: usize, rows: u64, nnz: usize) -> Csr {
+        let mut indptr = Vec::with_capacity(usize::try_from(rows).unwrap_or(0).saturating_add(1));
+        indptr.push(0);
+        Csr {
+            n_rows: 0,
+            n_cols,
+            indptr,
+            indices: Vec::with_capacity(nnz),
+            data: Vec::with_capacity(nnz),
+        }
+    }
+
     pub fn nnz(&self) -> usize {
         self.data.len()
     }
@@ -559,6 +572,39 @@ fn csc_rows_to_csr(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_appended_to_a_sized_matrix_are_the_rows_joined() {
+        // Two row ranges read from a larger matrix: their row pointers do not start at 0.
+        let first = Csr {
+            n_rows: 2,
+            n_cols: 4,
+            indptr: vec![3, 4, 6],
+            indices: vec![9, 9, 9, 1, 0, 3],
+            data: vec![0.0, 0.0, 0.0, 5.0, 1.0, 2.0],
+        };
+        let second = Csr {
+            n_rows: 1,
+            n_cols: 4,
+            indptr: vec![0, 2],
+            indices: vec![2, 3],
+            data: vec![7.0, 8.0],
+        };
+        let mut joined = Csr::with_capacity(4, 3, 5);
+        joined.append_rows(&first);
+        joined.append_rows(&second);
+        assert_eq!(
+            joined,
+            Csr {
+                n_rows: 3,
+                n_cols: 4,
+                indptr: vec![0, 1, 3, 5],
+                indices: vec![1, 0, 3, 2, 3],
+                data: vec![5.0, 1.0, 2.0, 7.0, 8.0],
+            }
+        );
+        assert!(joined.data.capacity() == 5 && joined.indptr.capacity() == 4);
+    }
 
     #[test]
     fn indptr_validation_names_the_problem() {

@@ -132,10 +132,13 @@ fn read_part(
                 matrices[i] = None;
                 continue;
             }
-            match &mut matrices[i] {
-                Some(x) => x.append_rows(&modality.counts),
-                None => matrices[i] = Some(modality.counts.clone()),
-            }
+            matrices[i]
+                .get_or_insert_with(|| {
+                    // Sized once for the part: appends would hold up to twice its entries.
+                    let nnz = usize::try_from(loader.shard_nnz(m)).unwrap_or(0);
+                    Csr::with_capacity(modality.counts.n_cols, cells.end - cells.start, nnz)
+                })
+                .append_rows(&modality.counts);
         }
     }
     if next != cells.end {
