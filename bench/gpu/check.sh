@@ -12,7 +12,10 @@
 # tests/gpu_check.rs), so the script itself is tested where no GPU is. TESSERA_CUDA_LIBS
 # defaults to the toolkit's and every `nvidia/*/lib` folder of the host's Python.
 # TESSERA_CHECK_CELLS sets the training store's size (default 200,000 on a GPU);
-# TESSERA_CHECK_STAGE_S bounds each stage (default 300 s). Exit status: 0 when every stage passed.
+# TESSERA_CHECK_STAGE_S bounds each command (default 300 s) and TESSERA_CHECK_DEADLINE_S the
+# whole check (default 450 s on a GPU: later stages then fail as out of time, and the table
+# still prints); rows also go to summary.md as they finish. Exit status: 0 when every stage
+# passed.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$(cd "${1:-$here/bin}" && pwd) || { echo "no binaries in ${1:-$here/bin}: run bench/gpu/build.sh"; exit 2; }
@@ -22,13 +25,31 @@ work=${TESSERA_CHECK_DIR:-${OUT:+$OUT/check}}
 work=${work:-$(mktemp -d)}
 # Stores and training outputs (gigabytes at GPU sizes) go elsewhere: only logs come back.
 scratch=${TESSERA_CHECK_SCRATCH:-$(mktemp -d)}
-# Every stage is bounded: a hung collective or kernel fails its row instead of the whole run.
-limit="timeout -k 10 ${TESSERA_CHECK_STAGE_S:-300}"
 mkdir -p "$work"
 started=$(date +%s)
 rows=()
 failed=0
-row() { rows+=("$(printf '| %-32s | %-7s | %s |' "$1" "$2" "$3")"); [ "$2" = FAIL ] && failed=1; true; }
+# Each row also goes to summary.md at once: a run cut off by its host still leaves its rows.
+: >"$work/summary.md"
+row() {
+  rows+=("$(printf '| %-32s | %-7s | %s |' "$1" "$2" "$3")")
+  printf '%s\n' "${rows[-1]}" >>"$work/summary.md"
+  [ "$2" = FAIL ] && failed=1
+  true
+}
+# Every command is bounded: a hung collective or kernel fails its row instead of the whole
+# run, and none runs past the check's deadline (set once the device is known).
+stage_s=${TESSERA_CHECK_STAGE_S:-300}
+deadline=$((started + 3600))
+limit() {
+  local left=$((deadline - $(date +%s)))
+  [ "$left" -gt "$stage_s" ] && left=$stage_s
+  if [ "$left" -le 0 ]; then
+    echo "Error: out of time (the check's deadline, TESSERA_CHECK_DEADLINE_S, has passed)" >&2
+    return 124
+  fi
+  timeout -k 10 "$left" "$@"
+}
 
 if [ -z "${TESSERA_CUDA_LIBS:-}" ]; then
   # The toolkit's folders, then NVIDIA's wheels in the host Python (nvidia/cu13/lib,
@@ -48,13 +69,16 @@ export LD_LIBRARY_PATH
 if grep -q '^cuda:0: ' "$work/devices.log"; then
   device=cuda cells=${TESSERA_CHECK_CELLS:-200000} steps=200 census_steps=50
   row devices ok "$(grep '^cuda:0: ' "$work/devices.log" | cut -c9-)"
+  # The issue's bound for the whole check on a GPU: 8 minutes.
+  deadline=$((started + ${TESSERA_CHECK_DEADLINE_S:-450}))
 else
   device=cpu cells=${TESSERA_CHECK_CELLS:-3000} steps=5 census_steps=2
   row devices "cpu" "no GPU: every stage on the CPU at small sizes"
+  deadline=$((started + ${TESSERA_CHECK_DEADLINE_S:-3600}))
 fi
 
 # 0. Every kernel source compiles with this host's NVRTC (no GPU needed).
-if $limit "$tessera" devices --compile >"$work/compile.log" 2>&1; then
+if limit "$tessera" devices --compile >"$work/compile.log" 2>&1; then
   row "NVRTC compiles the kernels" ok "$(tail -1 "$work/compile.log")"
 elif [ "$device" = cpu ] && grep -q 'libnvrtc not found' "$work/compile.log"; then
   row "NVRTC compiles the kernels" SKIPPED "no libnvrtc here (see TESSERA_CUDA_LIBS)"
@@ -65,7 +89,7 @@ fi
 # 1. Parity tests (kernels, whole models, NCCL): compiled here, run there.
 for t in kernels_cuda_parity models_cuda_parity worker_nccl; do
   if [ ! -x "$bin/$t" ]; then row "$t" missing "not in $bin (bench/gpu/build.sh builds it)"; continue; fi
-  if $limit "$bin/$t" --test-threads=1 --nocapture >"$work/$t.log" 2>&1; then
+  if limit "$bin/$t" --test-threads=1 --nocapture >"$work/$t.log" 2>&1; then
     passed=$(grep -o '[0-9]* passed' "$work/$t.log" | tail -1)
     skipped=$(grep -c 'SKIPPED' "$work/$t.log")
     row "$t" ok "$passed, $skipped SKIPPED"
@@ -75,7 +99,7 @@ for t in kernels_cuda_parity models_cuda_parity worker_nccl; do
 done
 
 # 2. Op benchmark.
-if $limit "$tessera" bench ops --device "$device" >"$work/ops.log" 2>&1; then
+if limit "$tessera" bench ops --device "$device" >"$work/ops.log" 2>&1; then
   row "bench ops --device $device" ok "$(grep -c . "$work/ops.log") lines (log: $work/ops.log)"
 else
   row "bench ops --device $device" FAIL "$(tail -1 "$work/ops.log")"
@@ -88,7 +112,7 @@ logfile() { echo "$work/$(echo "$1" | tr ' ,' '__').log"; }
 step() { # name, args...
   local name=$1 log; shift
   log=$(logfile "$name")
-  if $limit "$tessera" bench step --device "$device" "$@" >"$log" 2>&1; then
+  if limit "$tessera" bench step --device "$device" "$@" >"$log" 2>&1; then
     row "$name" ok "$(grep -m1 'cells/s' "$log" | sed 's/^ *//'); $(grep -m1 -o '[0-9]* staged cells/s' "$log"), $(grep -m1 -o '[0-9]* resident cells/s' "$log")"
   else
     row "$name" FAIL "$(tail -1 "$log")"
@@ -113,16 +137,16 @@ rate_of() { # a run's output folder
 }
 store=$scratch/sim.zarr
 rm -rf "$store" "$scratch/sim-cpu.zarr" "$scratch/train-"*
-if $limit "$tessera" simulate "$store" --cells "$cells" --genes 2000 >"$work/simulate.log" 2>&1; then
+if limit "$tessera" simulate "$store" --cells "$cells" --genes 2000 >"$work/simulate.log" 2>&1; then
   cp -r "$store" "$scratch/sim-cpu.zarr"
   t0=$SECONDS
   # Whatever else is logged, the line saying where the training set lives.
-  if TESSERA_LOG="${TESSERA_LOG:-info},tessera_worker::resident=info" $limit "$tessera" train --data "$store" --out "$scratch/train-$device" --device "$device" --epochs 2 --step-log 50 >"$work/train-$device.log" 2>&1; then
+  if TESSERA_LOG="${TESSERA_LOG:-info},tessera_worker::resident=info" limit "$tessera" train --data "$store" --out "$scratch/train-$device" --device "$device" --epochs 2 --step-log 50 >"$work/train-$device.log" 2>&1; then
     rate=$(rate_of "$scratch/train-$device")
     kept=$(grep -m1 -oE 'training set (kept on|streamed from) [^:]*' "$work/train-$device.log")
     row "train --device $device ($cells cells)" ok "$((SECONDS - t0)) s; ${kept:-training set placement not logged}; $rate"
     tessera_scvi_size=$(last_rate "$scratch/train-$device")
-    if $limit "$tessera" train --data "$scratch/sim-cpu.zarr" --out "$scratch/train-cpu-ref" --device cpu --epochs 2 --step-log 50 >"$work/train-cpu-ref.log" 2>&1; then
+    if limit "$tessera" train --data "$scratch/sim-cpu.zarr" --out "$scratch/train-cpu-ref" --device cpu --epochs 2 --step-log 50 >"$work/train-cpu-ref.log" 2>&1; then
       diff=$(python3 - "$scratch/train-$device/steps.csv" "$scratch/train-cpu-ref/steps.csv" <<'PY'
 import csv, sys
 a, b = (list(csv.DictReader(open(p))) for p in sys.argv[1:3])
@@ -136,7 +160,7 @@ PY
     fi
     if [ "$device" = cuda ]; then
       printf '[train]\nresident_data = "never"\n' >"$work/streamed.toml"
-      if $limit "$tessera" train --data "$store" --out "$scratch/train-streamed" --device cuda --epochs 2 --config "$work/streamed.toml" --overwrite >"$work/train-streamed.log" 2>&1; then
+      if limit "$tessera" train --data "$store" --out "$scratch/train-streamed" --device cuda --epochs 2 --config "$work/streamed.toml" --overwrite >"$work/train-streamed.log" 2>&1; then
         row "train --device cuda, streamed" ok "$(rate_of "$scratch/train-streamed")"
       else
         row "train --device cuda, streamed" FAIL "$(grep -m1 -A2 Error "$work/train-streamed.log" | tr '\n' ' ')"
@@ -154,7 +178,7 @@ fi
 train_stage() { # name, args...
   local name=$1 log; shift
   log=$(logfile "$name")
-  if $limit "$tessera" train --device "$device" "$@" >"$log" 2>&1; then
+  if limit "$tessera" train --device "$device" "$@" >"$log" 2>&1; then
     row "$name" ok "$(grep -m1 'cells/s over' "$log" | sed 's/^ *//'); $(grep -m1 -o 'final validation loss [0-9.]*' "$log")"
   else
     row "$name" FAIL "$(grep -m1 -A2 Error "$log" | tr '\n' ' ' | cut -c1-160)"
@@ -163,7 +187,7 @@ train_stage() { # name, args...
 rm -rf "$scratch/demo" "$scratch/census.zarr" "$scratch/census-out"
 train_stage "train the default data" --out "$scratch/demo" --epochs "$([ "$device" = cuda ] && echo 20 || echo 1)"
 printf '[model]\nn_hidden = 512\nn_layers = 2\nn_latent = 50\n[train]\nbatch_size = 1024\n' >"$work/census-train.toml"
-if $limit "$tessera" simulate "$scratch/census.zarr" --genes 8000 --cells "$([ "$device" = cuda ] && echo 100000 || echo 2500)" >"$work/simulate-census.log" 2>&1; then
+if limit "$tessera" simulate "$scratch/census.zarr" --genes 8000 --cells "$([ "$device" = cuda ] && echo 100000 || echo 2500)" >"$work/simulate-census.log" 2>&1; then
   train_stage "train the Census-size model" --data "$scratch/census.zarr" --out "$scratch/census-out" --config "$work/census-train.toml" --epochs 2
   tessera_census_size=$(last_rate "$scratch/census-out")
 else
@@ -184,10 +208,10 @@ else
 fi
 rm -rf "$small" "$scratch/small-one.zarr" "$scratch/dp-"*
 printf '[train]\nparts = 2\n' >"$work/parts2.toml"
-if $limit "$tessera" simulate "$small" --cells 20000 --genes 2000 >"$work/simulate-small.log" 2>&1 &&
+if limit "$tessera" simulate "$small" --cells 20000 --genes 2000 >"$work/simulate-small.log" 2>&1 &&
   cp -r "$small" "$scratch/small-one.zarr" &&
-  $limit env $dp_env "$tessera" train --data "$small" --out "$scratch/dp-workers" --device "$dp_device" --workers 2 --epochs 2 --config "$work/parts2.toml" >"$work/dp-workers.log" 2>&1 &&
-  $limit "$tessera" train --data "$scratch/small-one.zarr" --out "$scratch/dp-one" --device "${dp_device%%:*}" --epochs 2 --config "$work/parts2.toml" >"$work/dp-one.log" 2>&1; then
+  limit env $dp_env "$tessera" train --data "$small" --out "$scratch/dp-workers" --device "$dp_device" --workers 2 --epochs 2 --config "$work/parts2.toml" >"$work/dp-workers.log" 2>&1 &&
+  limit "$tessera" train --data "$scratch/small-one.zarr" --out "$scratch/dp-one" --device "${dp_device%%:*}" --epochs 2 --config "$work/parts2.toml" >"$work/dp-one.log" 2>&1; then
   diff=$(python3 - "$scratch/dp-workers/history.csv" "$scratch/dp-one/history.csv" <<'PY'
 import csv, sys
 a, b = (list(csv.DictReader(open(p))) for p in sys.argv[1:3])
@@ -198,11 +222,11 @@ PY
 )
   row "train --workers 2 ($dp_name)" "${diff##* }" "${diff% *}"
 else
-  row "train --workers 2 ($dp_name)" FAIL "$(grep -h -m1 -A2 Error "$work"/dp-*.log | tr '\n' ' ')"
+  row "train --workers 2 ($dp_name)" FAIL "$(grep -h -m1 -A2 Error "$work"/simulate-small.log "$work"/dp-*.log 2>/dev/null | tr '\n' ' ')"
 fi
 
 # 6. NCCL all-reduce bandwidth.
-if $limit "$tessera" bench nccl >"$work/nccl.log" 2>&1; then
+if limit "$tessera" bench nccl >"$work/nccl.log" 2>&1; then
   if grep -q SKIPPED "$work/nccl.log"; then
     row "bench nccl" SKIPPED "$(grep -m1 SKIPPED "$work/nccl.log" | cut -c1-100)"
   else
@@ -225,7 +249,7 @@ fi
 anchor() { # name, tessera's cells/s, scvi_train.py args...
   local name=$1 ours=$2 log; shift 2
   log=$(logfile "$name")
-  if $limit "$python" "$here/../scvi_train.py" --epochs 2 --key "" --threads "$(nproc)" \
+  if limit "$python" "$here/../scvi_train.py" --epochs 2 --key "" --threads "$(nproc)" \
     --accelerator "$([ "$device" = cuda ] && echo gpu || echo cpu)" "$@" >"$log" 2>&1; then
     row "$name" ok "$(tail -1 "$log" | python3 -c "import json, sys; r = json.load(sys.stdin); c = r['last_epoch_cells_per_s']; o = float('${ours:-nan}'); print(f\"{r['tool']}: {c:.0f} cells/s, tessera {o:.0f}: {o / c:.1f}x\")")"
   else
@@ -245,5 +269,4 @@ echo "tessera device check: $device, $(( $(date +%s) - started )) s, logs in $wo
 printf '| %-32s | %-7s | %s |\n' stage result detail
 printf '|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..34})" "$(printf -- '-%.0s' {1..9})" "--------"
 printf '%s\n' "${rows[@]}"
-printf '%s\n' "${rows[@]}" >"$work/summary.md"
 exit $failed
