@@ -4,7 +4,7 @@
 # `tessera train --device cuda` against the CPU step by step, NCCL, scvi-tools on the same
 # device and stores; one summary table last.
 #
-#   bench/gpu/build.sh              # here: stripped binaries into bench/gpu/bin (< 64 MiB)
+#   bench/gpu/build.sh              # here: stripped, xz-compressed binaries into bench/gpu/bin (~13 MB)
 #   bench/gpu/wheels.sh             # here: scvi-tools' wheels into .whl (optional, ~12 MB)
 #   bench/gpu/check.sh [BIN]        # there: BIN defaults to bench/gpu/bin
 #
@@ -19,13 +19,23 @@
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$(cd "${1:-$here/bin}" && pwd) || { echo "no binaries in ${1:-$here/bin}: run bench/gpu/build.sh"; exit 2; }
-tessera=$bin/tessera
 # Logs and the table: TESSERA_CHECK_DIR, else $OUT/check (what a device runner brings back).
 work=${TESSERA_CHECK_DIR:-${OUT:+$OUT/check}}
 work=${work:-$(mktemp -d)}
 # Stores and training outputs (gigabytes at GPU sizes) go elsewhere: only logs come back.
 scratch=${TESSERA_CHECK_SCRATCH:-$(mktemp -d)}
-mkdir -p "$work"
+mkdir -p "$work" "$scratch"
+# build.sh carries the binaries xz-compressed (a quarter of their size): unpacked here.
+if ls "$bin"/*.xz >/dev/null 2>&1; then
+  mkdir -p "$scratch/bin"
+  for f in "$bin"/*.xz; do
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+      "$f" "$scratch/bin/$(basename "$f" .xz)" || { echo "cannot unpack $f"; exit 2; }
+  done
+  chmod +x "$scratch/bin"/*
+  bin=$scratch/bin
+fi
+tessera=$bin/tessera
 started=$(date +%s)
 rows=()
 failed=0

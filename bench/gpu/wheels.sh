@@ -2,7 +2,7 @@
 # Fetches scvi-tools and what it imports beyond the GPU host's own Python (which has torch,
 # lightning, numpy, pandas, scipy, h5py, xarray, numba, rich...) as wheels into .whl
 # (git-ignored), for bench/gpu/check.sh's scvi-tools stage: carry ".whl" with the binaries
-# (about 12 MB; with bench/gpu/bin's 48 MB under the device's 64 MiB). Versions: those of
+# (about 12 MB; with bench/gpu/bin's 13 MB under the device's 64 MiB). Versions: those of
 # bench/requirements-scvi.txt and its venv. Needs pip and the package registry, not a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
