@@ -196,6 +196,12 @@ impl DeviceArgs {
                     (_, true) => MatmulPrecision::Medium,
                     _ => MatmulPrecision::Highest,
                 };
+                let inputs = match precision {
+                    MatmulPrecision::Highest => "f32",
+                    MatmulPrecision::High => "TF32 (tensor cores, f32 accumulation)",
+                    MatmulPrecision::Medium => "bf16 (tensor cores, f32 accumulation)",
+                };
+                say!("cuda:{ordinal}: GEMM inputs in {inputs}");
                 Ok(Engine::Cuda(Cuda::new(gpu.with_matmul(precision))))
             }
         }
