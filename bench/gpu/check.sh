@@ -19,6 +19,7 @@
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$(cd "${1:-$here/bin}" && pwd) || { echo "no binaries in ${1:-$here/bin}: run bench/gpu/build.sh"; exit 2; }
+carried=$bin
 # Logs and the table: TESSERA_CHECK_DIR, else $OUT/check (what a device runner brings back).
 work=${TESSERA_CHECK_DIR:-${OUT:+$OUT/check}}
 work=${work:-$(mktemp -d)}
@@ -246,22 +247,44 @@ else
   row "bench nccl" FAIL "$(tail -1 "$work/nccl.log")"
 fi
 
-# 7. The anchor: scvi-tools' SCVI on the same device and stores, at the same sizes, 2 epochs
-# each; the last epoch's cells/s (validation included, as tessera's) side by side. torch and
-# lightning are the host's; the rest travels as wheels (bench/gpu/wheels.sh fills .whl: carry
-# it). TESSERA_CHECK_PYTHON names another Python (e.g. target/scvi-venv/bin/python here).
+# 7. Python on the device: the tessera package's wheel (build.sh) and scvi-tools' with what it
+# imports beyond the host's own Python (torch, lightning, numpy...: bench/gpu/wheels.sh fills
+# .whl; carry it), installed under the scratch folder. TESSERA_CHECK_PYTHON names another
+# Python (e.g. target/scvi-venv/bin/python here).
 python=${TESSERA_CHECK_PYTHON:-python3}
 wheels=${TESSERA_CHECK_WHEELS:-$here/../../.whl}
-if ls "$wheels"/scvi_tools-*.whl >/dev/null 2>&1 &&
-  $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$scratch/site" "$wheels"/*.whl >"$work/wheels.log" 2>&1; then
+shopt -s nullglob
+carried_wheels=("$carried"/*.whl "$wheels"/*.whl)
+shopt -u nullglob
+if [ ${#carried_wheels[@]} -gt 0 ] &&
+  $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$scratch/site" "${carried_wheels[@]}" >"$work/wheels.log" 2>&1; then
   export PYTHONPATH=$scratch/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+accelerator=$([ "$device" = cuda ] && echo gpu || echo cpu)
+json_row() { # name, log, python expression over the JSON line r -> detail
+  row "$1" ok "$(tail -1 "$2" | python3 -c "import json, sys; r = json.load(sys.stdin); print($3)")"
+}
+
+# 7a. tessera.model.SCVI(adata).train(accelerator="gpu") on the training store.
+if ! $python -c 'import tessera, anndata' >"$work/python-import.log" 2>&1; then
+  row "Python API on the device" SKIPPED "tessera or anndata not importable by $python (build.sh's wheel, wheels.sh)"
+elif limit "$python" "$here/python_gpu.py" --data "$store" --accelerator "$accelerator" >"$work/python-api.log" 2>&1 &&
+  tail -1 "$work/python-api.log" | grep -q '"latent_ok": true'; then
+  json_row "Python API on the device" "$work/python-api.log" \
+    "f\"{r['tool']}: {r['cells_per_s']:.0f} cells/s over the train call, last ELBO {r['elbo_train']:.1f}\""
+else
+  row "Python API on the device" FAIL "$(grep -m1 -E 'Error|error|latent_ok' "$work/python-api.log" | cut -c1-160)"
+fi
+
+# 7b. The anchor: scvi-tools' SCVI on the same device and stores, at the same sizes, 2 epochs
+# each; the last epoch's cells/s (validation included, as tessera's) side by side.
 anchor() { # name, tessera's cells/s, scvi_train.py args...
   local name=$1 ours=$2 log; shift 2
   log=$(logfile "$name")
   if limit "$python" "$here/../scvi_train.py" --epochs 2 --key "" --threads "$(nproc)" \
-    --accelerator "$([ "$device" = cuda ] && echo gpu || echo cpu)" "$@" >"$log" 2>&1; then
-    row "$name" ok "$(tail -1 "$log" | python3 -c "import json, sys; r = json.load(sys.stdin); c = r['last_epoch_cells_per_s']; o = float('${ours:-nan}'); print(f\"{r['tool']}: {c:.0f} cells/s, tessera {o:.0f}: {o / c:.1f}x\")")"
+    --accelerator "$accelerator" "$@" >"$log" 2>&1; then
+    json_row "$name" "$log" \
+      "f\"{r['tool']}: {r['last_epoch_cells_per_s']:.0f} cells/s, tessera {float('${ours:-nan}'):.0f}: {float('${ours:-nan}') / r['last_epoch_cells_per_s']:.1f}x\""
   else
     row "$name" FAIL "$(grep -m1 -E 'Error|error' "$log" | cut -c1-160) (log: $log)"
   fi
