@@ -277,9 +277,13 @@ def test_bad_inputs_raise_errors_that_name_the_field(pbmc):
         model.get_latent_representation()
     with pytest.raises(TypeError, match="n_steps_kl_warmup"):
         model.train(max_epochs=1, plan_kwargs={"n_steps_kl_warmup": 10})
-    # What scvi-tools scripts pass to Lightning is accepted (bench/scvi_train.py's keywords).
+    # What scvi-tools scripts pass to Lightning is accepted (bench/scvi_train.py's keywords),
+    # and its callbacks refused by name.
     model.train(max_epochs=1, batch_size=128, train_size=0.9, early_stopping=False,
-                check_val_every_n_epoch=1, accelerator="cpu", enable_progress_bar=False)
+                check_val_every_n_epoch=1, accelerator="cpu", devices=1,
+                enable_progress_bar=False)
+    with pytest.raises(TypeError, match="callbacks is not supported: Lightning callbacks"):
+        model.train(max_epochs=1, callbacks=[object()])
     with pytest.raises(TypeError, match="bogus"):
         model.train(max_epochs=1, bogus=True)
     with pytest.raises(ValueError, match="train_size"):

@@ -24,6 +24,8 @@ _PLAN_NAMES = {"eps": "adam_eps", "n_epochs_kl_warmup": "kl_warmup_epochs"}
 # scvi-tools' keywords that have no equivalent here: refused rather than ignored.
 _UNSUPPORTED = {
     "n_steps_kl_warmup": "use n_epochs_kl_warmup",
+    "callbacks": "Lightning callbacks do not run in tessera's engine; model.history has every "
+    "epoch's values after training",
 }
 # Lightning Trainer keywords scvi-tools scripts pass whose effect tessera has anyway: validation
 # every epoch, logging every step, checkpoints in the model's folder, shuffled split, sparse
