@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # One-command device check, for a bare GPU host (driver, CUDA libraries in Python wheels, no
 # Rust): every CUDA parity test, the op benchmark, a training step at scVI and Census size,
-# `tessera train --device cuda` against the CPU step by step, NCCL, scvi-tools on the same
-# device and stores; one summary table last.
+# `tessera train --device cuda` against the CPU step by step, NCCL, the Python package's
+# training and scvi-tools on the same device and stores; one summary table last.
 #
 #   bench/gpu/build.sh              # here: stripped, xz-compressed binaries into bench/gpu/bin (~13 MB)
 #   bench/gpu/wheels.sh             # here: scvi-tools' wheels into .whl (optional, ~12 MB)
 #   bench/gpu/check.sh [BIN]        # there: BIN defaults to bench/gpu/bin
 #
 # Without a GPU it runs the same stages on the CPU at small sizes (CI does, through
-# tests/gpu_check.rs), so the script itself is tested where no GPU is. TESSERA_CUDA_LIBS
+# cli/tests/device.rs), so the script itself is tested where no GPU is. TESSERA_CUDA_LIBS
 # defaults to the toolkit's and every `nvidia/*/lib` folder of the host's Python.
 # TESSERA_CHECK_CELLS sets the training store's size (default 200,000 on a GPU);
 # TESSERA_CHECK_STAGE_S bounds each command (default 300 s) and TESSERA_CHECK_DEADLINE_S the

@@ -154,7 +154,7 @@ pub struct DeviceArgs {
     #[arg(long, conflicts_with = "bf16")]
     tf32: bool,
     /// On a GPU, f32 GEMMs on bf16 tensor cores with f32 accumulation (PyTorch's "medium"
-    /// matmul precision: twice TF32's rate, ~8e-3 relative error per input).
+    /// matmul precision: twice TF32's rate, inputs rounded to within 4e-3).
     #[arg(long)]
     bf16: bool,
 }

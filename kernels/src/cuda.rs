@@ -147,8 +147,8 @@ impl Gpu {
     }
 
     /// How cuBLAS runs f32 GEMMs: in f32 (the default), or on the tensor cores with TF32 or
-    /// bf16 inputs and f32 accumulation (several times the f32 rate; ~1e-3 or ~8e-3 relative
-    /// error per input).
+    /// bf16 inputs and f32 accumulation (several times the f32 rate; each input rounded to
+    /// within 5e-4 or 4e-3 of itself).
     pub fn with_matmul(mut self, precision: MatmulPrecision) -> Gpu {
         self.matmul = precision;
         self
