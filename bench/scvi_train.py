@@ -35,6 +35,8 @@ p.add_argument("--hidden", type=int, default=128)
 p.add_argument("--latent", type=int, default=10)
 p.add_argument("--batch-size", type=int, default=128)
 p.add_argument("--accelerator", default="cpu", help="Lightning's: cpu or gpu")
+p.add_argument("--load-sparse", action="store_true",
+               help="scvi-tools' load_sparse_tensor: minibatches cross to the GPU as sparse tensors")
 p.add_argument("--history", help="CSV to write the per-epoch validation ELBO terms to")
 p.add_argument("--validation-cells", help="CSV with a `cell` column of obs rows to validate on (tessera's validation_cells.csv); default: scvi-tools' own random 10%%")
 p.add_argument("--labels-key", help="partly labelled obs column: train scANVI after scVI")
@@ -74,7 +76,8 @@ if args.validation_cells:
     split = {"datasplitter_kwargs": {"external_indexing": [train, held]}}
 clock = EpochClock()
 common = dict(batch_size=args.batch_size, train_size=0.9, early_stopping=False, check_val_every_n_epoch=1,
-              accelerator=args.accelerator, devices=1, enable_progress_bar=False, callbacks=[clock], **split)
+              accelerator=args.accelerator, devices=1, enable_progress_bar=False, callbacks=[clock],
+              load_sparse_tensor=args.load_sparse, **split)
 started = time.perf_counter()
 model.train(max_epochs=args.epochs, **common)
 epochs = args.epochs
@@ -118,7 +121,7 @@ if args.key:
 on = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"{args.threads} threads"
 print(json.dumps({
     "tool": f"scvi-tools {scvi.__version__} (torch {torch.__version__}, {on})",
-    "model": "SCANVI" if args.labels_key else "SCVI",
+    "model": ("SCANVI" if args.labels_key else "SCVI") + (", sparse minibatches" if args.load_sparse else ""),
     "epochs": epochs,
     "train_cells": n_train,
     "seconds": seconds,
