@@ -20,6 +20,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bin=$(cd "${1:-$here/bin}" && pwd) || { echo "no binaries in ${1:-$here/bin}: run bench/gpu/build.sh"; exit 2; }
 carried=$bin
+started=$(date +%s)
 # Logs and the table: TESSERA_CHECK_DIR, else $OUT/check (what a device runner brings back).
 work=${TESSERA_CHECK_DIR:-${OUT:+$OUT/check}}
 work=${work:-$(mktemp -d)}
@@ -37,7 +38,6 @@ if ls "$bin"/*.xz >/dev/null 2>&1; then
   bin=$scratch/bin
 fi
 tessera=$bin/tessera
-started=$(date +%s)
 rows=()
 failed=0
 # Each row also goes to summary.md at once: a run cut off by its host still leaves its rows.
