@@ -60,16 +60,15 @@ pub fn gemm(
     };
     let blas = gpu.blas()?;
     gpu.bind()?;
-    let failed = |call: &str| {
-        let call = call.to_string();
+    let failed = |call: &'static str| {
         move |e: cudarc::cublas::result::CublasError| CudaError::Driver {
-            context: call,
+            context: call.into(),
             reason: e.to_string(),
         }
     };
     let compute = match gpu.matmul() {
-        // SAFETY: the leading dimensions describe exactly the asserted buffer sizes.
         MatmulPrecision::Highest => {
+            // SAFETY: the leading dimensions describe exactly the asserted buffer sizes.
             return unsafe { blas.gemm(cfg, b, a, c) }.map_err(failed("cublasSgemm"));
         }
         MatmulPrecision::High => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
