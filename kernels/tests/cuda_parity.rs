@@ -2,8 +2,10 @@
 //! [`Backend`], run once on [`Cpu`] (the reference ops) and once on [`Cuda`] (the kernels we
 //! ship, through the same calls models make), outputs compared entry by entry. NVRTC
 //! compilation of every `.cu` runs wherever libnvrtc is found (CI installs it from the NVIDIA
-//! pip wheel; `TESSERA_REQUIRE_NVRTC=1` makes its absence a failure). Parity tests need a GPU
-//! and say SKIPPED, with the reason, without one.
+//! pip wheel; `TESSERA_REQUIRE_NVRTC=1` makes its absence a failure). Parity tests need a CUDA
+//! device and say SKIPPED, with the reason, without one (`TESSERA_REQUIRE_DEVICE=1`: a failure).
+//! CI runs them once more on the CPU under the emulated driver of `kernels/emu` (the same
+//! kernel sources compiled by g++): that checks the kernels' logic and our launches, not a GPU.
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use tessera_kernels::backend::{Backend, Cpu, Cuda, In, Out};
@@ -17,6 +19,10 @@ fn gpu() -> Option<Gpu> {
     match Gpu::new(0) {
         Ok(gpu) => Some(gpu),
         Err(e) => {
+            assert!(
+                std::env::var_os("TESSERA_REQUIRE_DEVICE").is_none(),
+                "TESSERA_REQUIRE_DEVICE is set but there is no CUDA device: {e}"
+            );
             eprintln!("SKIPPED: CPU/GPU parity needs a CUDA device: {e}");
             None
         }

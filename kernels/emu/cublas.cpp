@@ -1,0 +1,87 @@
+// An emulated cuBLAS (libcublas.so) for the emulated driver: the GEMMs cudarc calls, column-major
+// as cuBLAS defines them, on host memory, summed in double. The tensor-core compute types round
+// each input to TF32 or bf16 first (to nearest, ties to even), as the hardware reads them.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+typedef int Status;
+enum : Status { OK = 0, NOT_SUPPORTED = 15, INVALID_VALUE = 7 };
+enum { OP_N = 0, OP_T = 1 };
+enum { R_32F = 0, R_64F = 1 };
+enum { COMPUTE_32F = 68, COMPUTE_32F_PEDANTIC = 69, FAST_16BF = 75, FAST_TF32 = 77 };
+
+namespace {
+int handle_tag;
+
+float rounded(float x, int kept_bits) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u) { return x; }  // inf, NaN
+    int dropped = 23 - kept_bits;
+    uint32_t half = 1u << (dropped - 1);
+    uint32_t odd = (u >> dropped) & 1u;
+    u = (u + half - 1 + odd) & ~((1u << dropped) - 1);
+    std::memcpy(&x, &u, 4);
+    return x;
+}
+
+template <typename T>
+void gemm(int ta, int tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb,
+          T beta, T* c, int ldc, int kept_bits) {
+    auto in = [&](T v) -> double {
+        return kept_bits < 23 ? (double)rounded((float)v, kept_bits) : (double)v;
+    };
+    for (int j = 0; j < n; ++j) {
+        for (int i = 0; i < m; ++i) {
+            double acc = 0.0;
+            for (int p = 0; p < k; ++p) {
+                T av = ta == OP_N ? a[i + (size_t)p * lda] : a[p + (size_t)i * lda];
+                T bv = tb == OP_N ? b[p + (size_t)j * ldb] : b[j + (size_t)p * ldb];
+                acc += in(av) * in(bv);
+            }
+            T& out = c[i + (size_t)j * ldc];
+            // beta = 0 overwrites, as cuBLAS does (C may hold NaN).
+            out = (T)(alpha * acc + (beta == T(0) ? 0.0 : (double)beta * (double)out));
+        }
+    }
+}
+}  // namespace
+
+extern "C" {
+Status cublasCreate_v2(void** h) { *h = &handle_tag; return OK; }
+Status cublasDestroy_v2(void*) { return OK; }
+Status cublasSetStream_v2(void*, void*) { return OK; }
+Status cublasSetMathMode(void*, int) { return OK; }
+Status cublasSetPointerMode_v2(void*, int mode) { return mode == 0 ? OK : NOT_SUPPORTED; }
+Status cublasGetPointerMode_v2(void*, int* mode) { *mode = 0; return OK; }
+Status cublasSetWorkspace_v2(void*, void*, size_t) { return OK; }
+
+Status cublasSgemm_v2(void*, int ta, int tb, int m, int n, int k, const float* alpha, const float* a,
+                      int lda, const float* b, int ldb, const float* beta, float* c, int ldc) {
+    gemm(ta, tb, m, n, k, *alpha, a, lda, b, ldb, *beta, c, ldc, 23);
+    return OK;
+}
+Status cublasDgemm_v2(void*, int ta, int tb, int m, int n, int k, const double* alpha, const double* a,
+                      int lda, const double* b, int ldb, const double* beta, double* c, int ldc) {
+    gemm(ta, tb, m, n, k, *alpha, a, lda, b, ldb, *beta, c, ldc, 52);
+    return OK;
+}
+Status cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const void* alpha, const void* a, int at,
+                    int lda, const void* b, int bt, int ldb, const void* beta, void* c, int ct, int ldc,
+                    int compute, int) {
+    if (at != R_32F || bt != R_32F || ct != R_32F) { return NOT_SUPPORTED; }
+    int kept;
+    switch (compute) {
+        case COMPUTE_32F: case COMPUTE_32F_PEDANTIC: kept = 23; break;
+        case FAST_TF32: kept = 10; break;
+        case FAST_16BF: kept = 7; break;
+        default: return NOT_SUPPORTED;
+    }
+    gemm(ta, tb, m, n, k, *(const float*)alpha, (const float*)a, lda, (const float*)b, ldb,
+         *(const float*)beta, (float*)c, ldc, kept);
+    return OK;
+}
+const char* cublasGetStatusString(Status) { return "emulated cuBLAS status"; }
+const char* cublasGetStatusName(Status) { return "CUBLAS_STATUS_EMULATED"; }
+}

@@ -1,0 +1,318 @@
+// An emulated CUDA driver (libcuda.so) for machines without a GPU: the driver API calls cudarc
+// makes, answered on the CPU. "Device" memory is host memory; copies, memsets and kernels run
+// at once, in the caller's thread, so every stream is already in order and events are no-ops.
+// cuModuleLoadData ignores the PTX (NVRTC still compiles every source) and
+// cuModuleGetFunction finds the kernel of that name compiled by g++ from the same .cu file
+// (kernels.gen.cpp, written by build.sh). See emu.h for what this does and does not check.
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "emu.h"
+#include "registry.h"
+
+namespace emu {
+uint3 thread_idx, block_idx;
+dim3 block_dim, grid_dim;
+
+namespace {
+enum class State { Runnable, AtBlock, AtWarp, Done };
+
+struct Fiber {
+    ucontext_t ctx;
+    std::vector<char> stack;
+    State state = State::Runnable;
+    uint3 idx{};
+};
+
+constexpr size_t STACK_BYTES = 256 * 1024;
+
+struct Block {
+    std::vector<Fiber> fibers;
+    ucontext_t scheduler;
+    size_t current = 0;
+    std::vector<unsigned long long> slots;  // 32 per warp
+    const Kernel* kernel = nullptr;
+    void** params = nullptr;
+    bool failed = false;
+};
+
+Block block;
+std::mutex launches;  // one kernel at a time: blockIdx and __shared__ are process-wide
+
+void enter(unsigned int lo, unsigned int hi) {
+    (void)lo;
+    (void)hi;
+    block.kernel->run(block.params);
+    block.fibers[block.current].state = State::Done;
+    // Returning resumes uc_link, the scheduler.
+}
+
+void wait_as(State s) {
+    Fiber& f = block.fibers[block.current];
+    f.state = s;
+    swapcontext(&f.ctx, &block.scheduler);
+}
+
+size_t threads_per_block() { return (size_t)block_dim.x * block_dim.y * block_dim.z; }
+
+// Releases a barrier every live thread of [first, last) waits at; false if some still run.
+bool release(size_t first, size_t last, State at) {
+    bool any = false;
+    for (size_t t = first; t < last; ++t) {
+        State s = block.fibers[t].state;
+        if (s == State::Runnable) { return false; }
+        if (s != State::Done && s != at) { return false; }
+        any |= s == at;
+    }
+    if (!any) { return false; }
+    for (size_t t = first; t < last; ++t) {
+        if (block.fibers[t].state == at) { block.fibers[t].state = State::Runnable; }
+    }
+    return true;
+}
+
+// Runs one block's threads until every one is done; false on a deadlock (a barrier some live
+// thread of the block or warp never reaches).
+bool run_block() {
+    size_t n = threads_per_block();
+    for (size_t t = 0; t < n; ++t) {
+        Fiber& f = block.fibers[t];
+        f.state = State::Runnable;
+        f.idx = uint3{(unsigned)(t % block_dim.x), (unsigned)(t / block_dim.x % block_dim.y),
+                      (unsigned)(t / ((size_t)block_dim.x * block_dim.y))};
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack.data();
+        f.ctx.uc_stack.ss_size = f.stack.size();
+        f.ctx.uc_link = &block.scheduler;
+        makecontext(&f.ctx, (void (*)())enter, 2, 0u, 0u);
+    }
+    for (;;) {
+        bool ran = false;
+        for (size_t t = 0; t < n; ++t) {
+            if (block.fibers[t].state != State::Runnable) { continue; }
+            ran = true;
+            block.current = t;
+            thread_idx = block.fibers[t].idx;
+            swapcontext(&block.scheduler, &block.fibers[t].ctx);
+        }
+        bool done = true;
+        for (size_t t = 0; t < n; ++t) { done &= block.fibers[t].state == State::Done; }
+        if (done) { return true; }
+        bool released = release(0, n, State::AtBlock);
+        for (size_t w = 0; w < n; w += 32) {
+            released |= release(w, w + 32 < n ? w + 32 : n, State::AtWarp);
+        }
+        if (!released && !ran) { return false; }
+    }
+}
+}  // namespace
+
+void block_barrier() { wait_as(State::AtBlock); }
+void warp_barrier() { wait_as(State::AtWarp); }
+unsigned long long* warp_slots() { return &block.slots[(block.current / 32) * 32]; }
+unsigned int lane_count() {
+    size_t n = threads_per_block();
+    size_t first = (block.current / 32) * 32;
+    return (unsigned)(n - first < 32 ? n - first : 32);
+}
+
+// Runs `kernel` over the grid; a message on failure.
+std::string launch(const Kernel& kernel, dim3 grid, dim3 threads, void** params) {
+    std::lock_guard<std::mutex> hold(launches);
+    size_t n = (size_t)threads.x * threads.y * threads.z;
+    if (n == 0 || n > 1024) { return "block of " + std::to_string(n) + " threads"; }
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
+        return "grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
+               std::to_string(grid.z) + ")";
+    }
+    block_dim = threads;
+    grid_dim = grid;
+    if (block.fibers.size() < n) {
+        block.fibers.resize(n);
+        for (Fiber& f : block.fibers) { f.stack.resize(STACK_BYTES); }
+    }
+    block.slots.assign(((n + 31) / 32) * 32, 0);
+    block.kernel = &kernel;
+    block.params = params;
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                block_idx = uint3{x, y, z};
+                if (!run_block()) {
+                    return std::string(kernel.name) + ": threads of block (" + std::to_string(x) +
+                           ", " + std::to_string(y) + ", " + std::to_string(z) +
+                           ") wait at a barrier others never reach";
+                }
+            }
+    return "";
+}
+
+std::map<std::string, Kernel>& kernels() {
+    static std::map<std::string, Kernel> all;
+    return all;
+}
+}  // namespace emu
+
+// ---- The driver API, as cudarc calls it (CUDA 12.8 names) ----
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef void* CUhandle;
+
+enum : CUresult {
+    SUCCESS = 0,
+    INVALID_VALUE = 1,
+    OUT_OF_MEMORY = 2,
+    INVALID_DEVICE = 101,
+    NOT_FOUND = 500,
+    LAUNCH_FAILED = 719,
+};
+
+namespace {
+int context_tag, stream_tag, event_tag, pool_tag;
+CUhandle current_context = nullptr;
+const size_t TOTAL_BYTES = 16ull << 30;
+
+const char* message(CUresult r) {
+    switch (r) {
+        case SUCCESS: return "no error";
+        case INVALID_VALUE: return "invalid argument";
+        case OUT_OF_MEMORY: return "out of memory";
+        case INVALID_DEVICE: return "invalid device ordinal";
+        case NOT_FOUND: return "named symbol not found";
+        case LAUNCH_FAILED: return "unspecified launch failure";
+        default: return "unknown error";
+    }
+}
+
+CUresult fail(CUresult r, const std::string& why) {
+    std::fprintf(stderr, "tessera CUDA emulator: %s\n", why.c_str());
+    return r;
+}
+}  // namespace
+
+extern "C" {
+CUresult cuInit(unsigned int) { return SUCCESS; }
+CUresult cuDriverGetVersion(int* v) { *v = 12080; return SUCCESS; }
+CUresult cuDeviceGetCount(int* n) { *n = 1; return SUCCESS; }
+CUresult cuDeviceGet(CUdevice* d, int ordinal) {
+    if (ordinal != 0) { return INVALID_DEVICE; }
+    *d = 0;
+    return SUCCESS;
+}
+CUresult cuDeviceGetName(char* name, int len, CUdevice) {
+    std::snprintf(name, (size_t)len, "tessera CUDA emulator (CPU, not a GPU)");
+    return SUCCESS;
+}
+CUresult cuDeviceGetAttribute(int* v, int attribute, CUdevice) {
+    switch (attribute) {
+        case 1: *v = 1024; break;    // max threads per block
+        case 10: *v = 32; break;     // warp size
+        case 16: *v = 4; break;      // multiprocessors
+        case 75: *v = 9; break;      // compute capability
+        case 76: *v = 0; break;
+        case 115: *v = 1; break;     // memory pools
+        default: *v = 0;
+    }
+    return SUCCESS;
+}
+CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) { *bytes = TOTAL_BYTES; return SUCCESS; }
+CUresult cuMemGetInfo_v2(size_t* free, size_t* total) {
+    *free = TOTAL_BYTES / 2;
+    *total = TOTAL_BYTES;
+    return SUCCESS;
+}
+CUresult cuDevicePrimaryCtxRetain(CUhandle* ctx, CUdevice) { *ctx = &context_tag; return SUCCESS; }
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return SUCCESS; }
+CUresult cuCtxSetCurrent(CUhandle ctx) { current_context = ctx; return SUCCESS; }
+CUresult cuCtxGetCurrent(CUhandle* ctx) { *ctx = current_context; return SUCCESS; }
+CUresult cuCtxSynchronize() { return SUCCESS; }
+CUresult cuCtxGetStreamPriorityRange(int* least, int* greatest) {
+    *least = 0;
+    *greatest = 0;
+    return SUCCESS;
+}
+CUresult cuDeviceGetDefaultMemPool(CUhandle* pool, CUdevice) { *pool = &pool_tag; return SUCCESS; }
+CUresult cuMemPoolSetAttribute(CUhandle, int, void*) { return SUCCESS; }
+
+CUresult cuStreamCreate(CUhandle* s, unsigned int) { *s = &stream_tag; return SUCCESS; }
+CUresult cuStreamCreateWithPriority(CUhandle* s, unsigned int, int) { *s = &stream_tag; return SUCCESS; }
+CUresult cuStreamDestroy_v2(CUhandle) { return SUCCESS; }
+CUresult cuStreamSynchronize(CUhandle) { return SUCCESS; }
+CUresult cuStreamQuery(CUhandle) { return SUCCESS; }
+CUresult cuStreamWaitEvent(CUhandle, CUhandle, unsigned int) { return SUCCESS; }
+CUresult cuEventCreate(CUhandle* e, unsigned int) { *e = &event_tag; return SUCCESS; }
+CUresult cuEventRecord(CUhandle, CUhandle) { return SUCCESS; }
+CUresult cuEventSynchronize(CUhandle) { return SUCCESS; }
+CUresult cuEventQuery(CUhandle) { return SUCCESS; }
+CUresult cuEventDestroy_v2(CUhandle) { return SUCCESS; }
+CUresult cuEventElapsedTime(float* ms, CUhandle, CUhandle) { *ms = 0.0f; return SUCCESS; }
+CUresult cuEventElapsedTime_v2(float* ms, CUhandle, CUhandle) { *ms = 0.0f; return SUCCESS; }
+typedef void (*HostFn)(void*);
+CUresult cuLaunchHostFunc(CUhandle, HostFn f, void* data) { f(data); return SUCCESS; }
+
+// Device buffers are host allocations, never at address 0 (even for 0 bytes).
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+    void* m = std::malloc(bytes ? bytes : 1);
+    if (!m) { return OUT_OF_MEMORY; }
+    *p = (CUdeviceptr)m;
+    return SUCCESS;
+}
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUhandle) { return cuMemAlloc_v2(p, bytes); }
+CUresult cuMemFree_v2(CUdeviceptr p) { std::free((void*)p); return SUCCESS; }
+CUresult cuMemFreeAsync(CUdeviceptr p, CUhandle) { return cuMemFree_v2(p); }
+CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned int) {
+    *p = std::malloc(bytes ? bytes : 1);
+    return *p ? SUCCESS : OUT_OF_MEMORY;
+}
+CUresult cuMemFreeHost(void* p) { std::free(p); return SUCCESS; }
+CUresult cuMemHostRegister_v2(void*, size_t, unsigned int) { return SUCCESS; }
+CUresult cuMemHostUnregister(void*) { return SUCCESS; }
+
+CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) { std::memcpy((void*)d, h, n); return SUCCESS; }
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, CUhandle) { return cuMemcpyHtoD_v2(d, h, n); }
+CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) { std::memcpy(h, (const void*)d, n); return SUCCESS; }
+CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, CUhandle) { return cuMemcpyDtoH_v2(h, d, n); }
+CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { std::memmove((void*)d, (const void*)s, n); return SUCCESS; }
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, CUhandle) { return cuMemcpyDtoD_v2(d, s, n); }
+CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { std::memset((void*)d, v, n); return SUCCESS; }
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUhandle) { return cuMemsetD8_v2(d, v, n); }
+CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned int v, size_t n) {
+    for (size_t i = 0; i < n; ++i) { ((unsigned int*)d)[i] = v; }
+    return SUCCESS;
+}
+CUresult cuMemsetD32Async(CUdeviceptr d, unsigned int v, size_t n, CUhandle) { return cuMemsetD32_v2(d, v, n); }
+
+// A module is the set of every kernel built in; its handle is only a tag.
+CUresult cuModuleLoadData(CUhandle* m, const void*) { *m = &emu::kernels(); return SUCCESS; }
+CUresult cuModuleUnload(CUhandle) { return SUCCESS; }
+CUresult cuModuleGetFunction(CUhandle* f, CUhandle, const char* name) {
+    auto found = emu::kernels().find(name);
+    if (found == emu::kernels().end()) { return fail(NOT_FOUND, std::string("no kernel ") + name); }
+    *f = &found->second;
+    return SUCCESS;
+}
+CUresult cuFuncGetAttribute(int* v, int, CUhandle) { *v = 0; return SUCCESS; }
+CUresult cuFuncSetAttribute(CUhandle, int, int) { return SUCCESS; }
+CUresult cuLaunchKernel(CUhandle f, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx,
+                        unsigned int by, unsigned int bz, unsigned int shared, CUhandle, void** params,
+                        void** extra) {
+    if (extra != nullptr || shared != 0) {
+        return fail(INVALID_VALUE, "launch with dynamic shared memory or `extra`");
+    }
+    const emu::Kernel& k = *static_cast<const emu::Kernel*>(f);
+    std::string failed = emu::launch(k, dim3{gx, gy, gz}, dim3{bx, by, bz}, params);
+    if (!failed.empty()) { return fail(LAUNCH_FAILED, std::string(k.name) + ": " + failed); }
+    return SUCCESS;
+}
+
+CUresult cuGetErrorString(CUresult r, const char** s) { *s = message(r); return SUCCESS; }
+CUresult cuGetErrorName(CUresult r, const char** s) { *s = message(r); return SUCCESS; }
+}
