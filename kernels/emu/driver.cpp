@@ -46,9 +46,7 @@ struct Block {
 Block block;
 std::mutex launches;  // one kernel at a time: blockIdx and __shared__ are process-wide
 
-void enter(unsigned int lo, unsigned int hi) {
-    (void)lo;
-    (void)hi;
+void enter() {
     block.kernel->run(block.params);
     block.fibers[block.current].state = State::Done;
     // Returning resumes uc_link, the scheduler.
@@ -91,7 +89,7 @@ bool run_block() {
         f.ctx.uc_stack.ss_sp = f.stack.data();
         f.ctx.uc_stack.ss_size = f.stack.size();
         f.ctx.uc_link = &block.scheduler;
-        makecontext(&f.ctx, (void (*)())enter, 2, 0u, 0u);
+        makecontext(&f.ctx, enter, 0);
     }
     for (;;) {
         bool ran = false;
