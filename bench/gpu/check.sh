@@ -12,6 +12,7 @@
 # cli/tests/device.rs), so the script itself is tested where no GPU is. TESSERA_CUDA_LIBS
 # defaults to the toolkit's and every `nvidia/*/lib` folder of the host's Python.
 # TESSERA_CHECK_CELLS sets the training store's size (default 200,000 on a GPU);
+# TESSERA_CHECK_SMALL=1 keeps the CPU's small sizes on a device (the emulated driver);
 # TESSERA_CHECK_STAGE_S bounds each command (default 300 s) and TESSERA_CHECK_DEADLINE_S the
 # whole check (default 450 s on a GPU: later stages then fail as out of time, and the table
 # still prints); rows also go to summary.md as they finish. Exit status: 0 when every stage
@@ -77,15 +78,23 @@ fi
 LD_LIBRARY_PATH=$("$tessera" devices --library-path)
 export LD_LIBRARY_PATH
 "$tessera" devices | tee "$work/devices.log"
+# Small sizes on the CPU, and on a device when TESSERA_CHECK_SMALL is set (the emulated driver
+# of kernels/emu: the GPU branches of this script run, at the CPU's sizes).
+small=${TESSERA_CHECK_SMALL:-}
 if grep -q '^cuda:0: ' "$work/devices.log"; then
-  device=cuda cells=${TESSERA_CHECK_CELLS:-200000} steps=200 census_steps=50
+  device=cuda
   row devices ok "$(grep '^cuda:0: ' "$work/devices.log" | cut -c9-)"
+else
+  device=cpu small=1
+  row devices "cpu" "no GPU: every stage on the CPU at small sizes"
+fi
+if [ -n "$small" ]; then
+  cells=${TESSERA_CHECK_CELLS:-3000} steps=5 census_steps=2 demo_epochs=1 census_cells=2500
+  deadline=$((started + ${TESSERA_CHECK_DEADLINE_S:-3600}))
+else
+  cells=${TESSERA_CHECK_CELLS:-200000} steps=200 census_steps=50 demo_epochs=20 census_cells=100000
   # The issue's bound for the whole check on a GPU: 8 minutes.
   deadline=$((started + ${TESSERA_CHECK_DEADLINE_S:-450}))
-else
-  device=cpu cells=${TESSERA_CHECK_CELLS:-3000} steps=5 census_steps=2
-  row devices "cpu" "no GPU: every stage on the CPU at small sizes"
-  deadline=$((started + ${TESSERA_CHECK_DEADLINE_S:-3600}))
 fi
 
 # 0. Every kernel source compiles with this host's NVRTC (no GPU needed).
@@ -196,9 +205,9 @@ train_stage() { # name, args...
   fi
 }
 rm -rf "$scratch/demo" "$scratch/census.zarr" "$scratch/census-out"
-train_stage "train the default data" --out "$scratch/demo" --epochs "$([ "$device" = cuda ] && echo 20 || echo 1)"
+train_stage "train the default data" --out "$scratch/demo" --epochs "$demo_epochs"
 printf '[model]\nn_hidden = 512\nn_layers = 2\nn_latent = 50\n[train]\nbatch_size = 1024\n' >"$work/census-train.toml"
-if limit "$tessera" simulate "$scratch/census.zarr" --genes 8000 --cells "$([ "$device" = cuda ] && echo 100000 || echo 2500)" >"$work/simulate-census.log" 2>&1; then
+if limit "$tessera" simulate "$scratch/census.zarr" --genes 8000 --cells "$census_cells" >"$work/simulate-census.log" 2>&1; then
   train_stage "train the Census-size model" --data "$scratch/census.zarr" --out "$scratch/census-out" --config "$work/census-train.toml" --epochs 2
   tessera_census_size=$(last_rate "$scratch/census-out")
 else
@@ -208,7 +217,7 @@ fi
 # 5. Data-parallel: two workers against one process over the same two parts (the result
 # depends on the parts, not on the workers). Two GPUs: NCCL; one: both workers on it, reducing
 # over the TCP ring (NCCL refuses two ranks on one GPU); no GPU: CPU workers.
-small=$scratch/small.zarr
+small_store=$scratch/small.zarr
 gpus=$(grep -c '^cuda:[0-9]*: ' "$work/devices.log")
 if [ "$device" = cuda ] && [ "$gpus" -ge 2 ]; then
   dp_device=cuda dp_env="" dp_name="2 GPUs, NCCL"
@@ -217,11 +226,11 @@ elif [ "$device" = cuda ]; then
 else
   dp_device=cpu dp_env="" dp_name="2 CPU workers"
 fi
-rm -rf "$small" "$scratch/small-one.zarr" "$scratch/dp-"*
+rm -rf "$small_store" "$scratch/small-one.zarr" "$scratch/dp-"*
 printf '[train]\nparts = 2\n' >"$work/parts2.toml"
-if limit "$tessera" simulate "$small" --cells 20000 --genes 2000 >"$work/simulate-small.log" 2>&1 &&
-  cp -r "$small" "$scratch/small-one.zarr" &&
-  limit env $dp_env "$tessera" train --data "$small" --out "$scratch/dp-workers" --device "$dp_device" --workers 2 --epochs 2 --config "$work/parts2.toml" >"$work/dp-workers.log" 2>&1 &&
+if limit "$tessera" simulate "$small_store" --cells "$([ -n "$small" ] && [ "$device" = cuda ] && echo 4000 || echo 20000)" --genes 2000 >"$work/simulate-small.log" 2>&1 &&
+  cp -r "$small_store" "$scratch/small-one.zarr" &&
+  limit env $dp_env "$tessera" train --data "$small_store" --out "$scratch/dp-workers" --device "$dp_device" --workers 2 --epochs 2 --config "$work/parts2.toml" >"$work/dp-workers.log" 2>&1 &&
   limit "$tessera" train --data "$scratch/small-one.zarr" --out "$scratch/dp-one" --device "${dp_device%%:*}" --epochs 2 --config "$work/parts2.toml" >"$work/dp-one.log" 2>&1; then
   diff=$(python3 - "$scratch/dp-workers/history.csv" "$scratch/dp-one/history.csv" <<'PY'
 import csv, sys

@@ -3,7 +3,8 @@
 //! `TESSERA_CUDA_EMULATOR`, NVRTC on LD_LIBRARY_PATH as `.ci/run` sets it): the integration
 //! layer's CUDA path — library discovery, the resident training set and its device gather, the
 //! staged copies, the step's single read-back, every kernel launch — trains the losses the CPU
-//! trains. Our kernels run compiled by g++ with a block's threads as fibers: this checks logic
+//! trains, and two GPU workers reduce through NCCL (the emulated library) to one process's
+//! losses. Our kernels run compiled by g++ with a block's threads as fibers: this checks logic
 //! and launches, not a GPU. Without the variable: SKIPPED (`TESSERA_REQUIRE_DEVICE=1`: a failure).
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -39,14 +40,17 @@ fn emulator_or_skip() -> Option<(PathBuf, PathBuf)> {
     }
 }
 
-/// Trains `store` for 2 epochs on `device`; the log and the epochs' training losses.
-fn train(store: &Path, out: &Path, device: &str, libs: &str, resident: &str) -> (String, Vec<f64>) {
+/// Trains `store` for 2 epochs on `device` with `train` (the TOML section's lines) and `extra`
+/// arguments; the log and the epochs' training losses.
+fn train(
+    store: &Path,
+    out: &Path,
+    (device, libs): (&str, &str),
+    train: &str,
+    extra: &[&str],
+) -> (String, Vec<f64>) {
     let config = out.with_extension("toml");
-    std::fs::write(
-        &config,
-        format!("[train]\nresident_data = \"{resident}\"\n"),
-    )
-    .unwrap();
+    std::fs::write(&config, format!("[train]\n{train}\n")).unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(["train", "--data"])
         .arg(store)
@@ -54,7 +58,10 @@ fn train(store: &Path, out: &Path, device: &str, libs: &str, resident: &str) -> 
         .arg(out)
         .arg("--config")
         .arg(&config)
+        .args(extra)
         .env_remove("LD_LIBRARY_PATH")
+        // Two emulated devices, one for each worker where there are two.
+        .env("TESSERA_EMU_DEVICES", "2")
         .env("TESSERA_CUDA_LIBS", libs)
         .env("TESSERA_LOG", "info")
         .env("RUST_BACKTRACE", "0")
@@ -71,6 +78,38 @@ fn train(store: &Path, out: &Path, device: &str, libs: &str, resident: &str) -> 
     (String::from_utf8_lossy(&output.stderr).into_owned(), losses)
 }
 
+/// |a - b| <= 1e-5 |b| epoch by epoch: the same arithmetic up to f32 summation order in a few
+/// reductions.
+fn assert_same_losses(what: &str, a: &[f64], b: &[f64]) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (epoch, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * y.abs(),
+            "{what}, epoch {epoch}: {x} vs {y}"
+        );
+    }
+}
+
+/// A simulated store in `dir` and `copies - 1` copies of it (training writes into its store).
+fn stores(dir: &Path, copies: usize) -> Vec<PathBuf> {
+    let first = dir.join("s0.zarr");
+    ok(&common::tessera(&[
+        "simulate",
+        first.to_str().unwrap(),
+        "--cells",
+        "1200",
+        "--genes",
+        "300",
+    ]));
+    let mut all = vec![first.clone()];
+    for i in 1..copies {
+        let copy = dir.join(format!("s{i}.zarr"));
+        common::copy_dir(&first, &copy);
+        all.push(copy);
+    }
+    all
+}
+
 #[test]
 fn training_on_the_emulated_device_gives_the_cpus_losses_resident_and_streamed() {
     let Some((emulator, nvrtc)) = emulator_or_skip() else {
@@ -78,24 +117,49 @@ fn training_on_the_emulated_device_gives_the_cpus_losses_resident_and_streamed()
     };
     let libs = format!("{}:{}", emulator.display(), nvrtc.display());
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("s.zarr");
-    let store_arg = store.to_str().unwrap();
-    ok(&common::tessera(&[
-        "simulate", store_arg, "--cells", "1200", "--genes", "300",
-    ]));
-    let (_, cpu) = train(&store, &dir.path().join("cpu"), "cpu", &libs, "never");
+    let store = &stores(dir.path(), 1)[0];
+    let never = "resident_data = \"never\"";
+    let (_, cpu) = train(store, &dir.path().join("cpu"), ("cpu", &libs), never, &[]);
     assert_eq!(cpu.len(), 2);
     for (resident, where_) in [("auto", "kept on cuda:0"), ("never", "streamed")] {
         let out = dir.path().join(format!("cuda-{resident}"));
-        let (log, cuda) = train(&store, &out, "cuda", &libs, resident);
+        let setting = format!("resident_data = \"{resident}\"");
+        let (log, cuda) = train(store, &out, ("cuda", &libs), &setting, &[]);
         assert!(log.contains("tessera CUDA emulator"), "{log}");
         assert!(log.contains(where_), "resident_data = {resident}: {log}");
-        for (epoch, (g, c)) in cuda.iter().zip(&cpu).enumerate() {
-            // The same arithmetic up to f32 summation order in a few reductions.
-            assert!(
-                (g - c).abs() <= 1e-5 * c.abs(),
-                "resident_data = {resident}, epoch {epoch}: cuda {g} vs cpu {c}"
-            );
-        }
+        assert_same_losses(&format!("resident_data = {resident}"), &cuda, &cpu);
     }
+}
+
+/// Two GPU workers under the coordinator reduce through NCCL (the emulated library: ranks are
+/// processes sharing memory) and train what one CPU process trains over the same two parts.
+#[test]
+fn two_workers_on_emulated_devices_reduce_through_nccl_to_the_cpus_losses() {
+    let Some((emulator, nvrtc)) = emulator_or_skip() else {
+        return;
+    };
+    let libs = format!("{}:{}", emulator.display(), nvrtc.display());
+    let dir = tempfile::tempdir().unwrap();
+    let stores = stores(dir.path(), 2);
+    let parts = "parts = 2";
+    let (_, one) = train(
+        &stores[0],
+        &dir.path().join("one"),
+        ("cpu", &libs),
+        parts,
+        &[],
+    );
+    let (log, two) = train(
+        &stores[1],
+        &dir.path().join("two"),
+        ("cuda", &libs),
+        parts,
+        &["--workers", "2"],
+    );
+    assert!(
+        log.contains("device=cuda:1"),
+        "one worker per device: {log}"
+    );
+    assert!(!log.contains("TCP ring"), "NCCL, not the ring: {log}");
+    assert_same_losses("2 workers on cuda vs 1 CPU process", &two, &one);
 }

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 typedef int Status;
 enum : Status { OK = 0, NOT_SUPPORTED = 15, INVALID_VALUE = 7 };
@@ -32,14 +33,29 @@ void gemm(int ta, int tb, int m, int n, int k, T alpha, const T* a, int lda, con
     auto in = [&](T v) -> double {
         return kept_bits < 23 ? (double)rounded((float)v, kept_bits) : (double)v;
     };
+    // op(A) by rows and op(B) by columns, each contiguous in p, so every entry of C is one
+    // contiguous dot product (four partial sums: summed in double, the order does not matter).
+    std::vector<double> rows((size_t)m * k), cols((size_t)n * k);
+    for (int i = 0; i < m; ++i)
+        for (int p = 0; p < k; ++p)
+            rows[(size_t)i * k + p] = in(ta == OP_N ? a[i + (size_t)p * lda] : a[p + (size_t)i * lda]);
+    for (int j = 0; j < n; ++j)
+        for (int p = 0; p < k; ++p)
+            cols[(size_t)j * k + p] = in(tb == OP_N ? b[p + (size_t)j * ldb] : b[j + (size_t)p * ldb]);
     for (int j = 0; j < n; ++j) {
+        const double* y = &cols[(size_t)j * k];
         for (int i = 0; i < m; ++i) {
-            double acc = 0.0;
-            for (int p = 0; p < k; ++p) {
-                T av = ta == OP_N ? a[i + (size_t)p * lda] : a[p + (size_t)i * lda];
-                T bv = tb == OP_N ? b[p + (size_t)j * ldb] : b[j + (size_t)p * ldb];
-                acc += in(av) * in(bv);
+            const double* x = &rows[(size_t)i * k];
+            double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+            int p = 0;
+            for (; p + 4 <= k; p += 4) {
+                s0 += x[p] * y[p];
+                s1 += x[p + 1] * y[p + 1];
+                s2 += x[p + 2] * y[p + 2];
+                s3 += x[p + 3] * y[p + 3];
             }
+            for (; p < k; ++p) { s0 += x[p] * y[p]; }
+            double acc = (s0 + s1) + (s2 + s3);
             T& out = c[i + (size_t)j * ldc];
             // beta = 0 overwrites, as cuBLAS does (C may hold NaN).
             out = (T)(alpha * acc + (beta == T(0) ? 0.0 : (double)beta * (double)out));

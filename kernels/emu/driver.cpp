@@ -199,10 +199,15 @@ CUresult fail(CUresult r, const std::string& why) {
 extern "C" {
 CUresult cuInit(unsigned int) { return SUCCESS; }
 CUresult cuDriverGetVersion(int* v) { *v = 12080; return SUCCESS; }
-CUresult cuDeviceGetCount(int* n) { *n = 1; return SUCCESS; }
+// TESSERA_EMU_DEVICES: how many devices to report (default 1), each the same host memory.
+static int device_count() {
+    const char* n = std::getenv("TESSERA_EMU_DEVICES");
+    return n && std::atoi(n) > 0 ? std::atoi(n) : 1;
+}
+CUresult cuDeviceGetCount(int* n) { *n = device_count(); return SUCCESS; }
 CUresult cuDeviceGet(CUdevice* d, int ordinal) {
-    if (ordinal != 0) { return INVALID_DEVICE; }
-    *d = 0;
+    if (ordinal < 0 || ordinal >= device_count()) { return INVALID_DEVICE; }
+    *d = ordinal;
     return SUCCESS;
 }
 CUresult cuDeviceGetName(char* name, int len, CUdevice) {
