@@ -29,7 +29,7 @@ for cu in "$root"/kernels/src/ops/*/*.cu; do
     echo "#include \"emu.h\""
     echo "#include \"registry.h\""
     echo "#include \"$cu\""
-    grep -oE 'extern "C" __global__ void [A-Za-z_0-9]+' "$cu" | awk '{print "EMU_KERNEL(" $5 ")"}'
+    python3 "$here/kernels.py" "$cu"
   } >"$gen"
   "$cxx" "${flags[@]}" -c "$gen" -o "$out/gen/$family.o"
   objects+=("$out/gen/$family.o")

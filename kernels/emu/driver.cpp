@@ -52,10 +52,24 @@ void enter() {
     // Returning resumes uc_link, the scheduler.
 }
 
+bool in_fibers = false;
+
 void wait_as(State s) {
+    if (!in_fibers) {
+        // kernels.py found no barrier in this kernel: its threads are not fibers.
+        std::fprintf(stderr, "tessera CUDA emulator: %s reached a barrier kernels.py did not see\n",
+                     block.kernel->name);
+        std::abort();
+    }
     Fiber& f = block.fibers[block.current];
     f.state = s;
     swapcontext(&f.ctx, &block.scheduler);
+}
+
+// threadIdx of the block's t-th thread (x fastest).
+uint3 thread_of(size_t t) {
+    return uint3{(unsigned)(t % block_dim.x), (unsigned)(t / block_dim.x % block_dim.y),
+                 (unsigned)(t / ((size_t)block_dim.x * block_dim.y))};
 }
 
 size_t threads_per_block() { return (size_t)block_dim.x * block_dim.y * block_dim.z; }
@@ -80,11 +94,19 @@ bool release(size_t first, size_t last, State at) {
 // thread of the block or warp never reaches).
 bool run_block() {
     size_t n = threads_per_block();
+    if (!block.kernel->waits) {
+        for (size_t t = 0; t < n; ++t) {
+            block.current = t;
+            thread_idx = thread_of(t);
+            block.kernel->run(block.params);
+        }
+        return true;
+    }
+    in_fibers = true;
     for (size_t t = 0; t < n; ++t) {
         Fiber& f = block.fibers[t];
         f.state = State::Runnable;
-        f.idx = uint3{(unsigned)(t % block_dim.x), (unsigned)(t / block_dim.x % block_dim.y),
-                      (unsigned)(t / ((size_t)block_dim.x * block_dim.y))};
+        f.idx = thread_of(t);
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = f.stack.data();
         f.ctx.uc_stack.ss_size = f.stack.size();
@@ -102,12 +124,18 @@ bool run_block() {
         }
         bool done = true;
         for (size_t t = 0; t < n; ++t) { done &= block.fibers[t].state == State::Done; }
-        if (done) { return true; }
+        if (done) {
+            in_fibers = false;
+            return true;
+        }
         bool released = release(0, n, State::AtBlock);
         for (size_t w = 0; w < n; w += 32) {
             released |= release(w, w + 32 < n ? w + 32 : n, State::AtWarp);
         }
-        if (!released && !ran) { return false; }
+        if (!released && !ran) {
+            in_fibers = false;
+            return false;
+        }
     }
 }
 }  // namespace

@@ -11,6 +11,8 @@ namespace emu {
 struct Kernel {
     const char* name;
     void (*run)(void** params);
+    // Reaches a barrier (kernels.py): its threads run as fibers, else as plain calls.
+    bool waits;
 };
 std::map<std::string, Kernel>& kernels();
 
@@ -27,8 +29,11 @@ struct Registered<F> {
 };
 
 struct Register {
-    Register(const char* name, void (*run)(void**)) { kernels()[name] = Kernel{name, run}; }
+    Register(const char* name, void (*run)(void**), bool waits) {
+        kernels()[name] = Kernel{name, run, waits};
+    }
 };
 }  // namespace emu
 
-#define EMU_KERNEL(name) static emu::Register emu_registered_##name(#name, &emu::Registered<&name>::run);
+#define EMU_KERNEL(name, waits) \
+    static emu::Register emu_registered_##name(#name, &emu::Registered<&name>::run, waits);
