@@ -61,6 +61,12 @@ limit() {
     return 124
   fi
   timeout -k 10 "$left" "$@"
+  local rc=$?
+  # The last line of a stage's log is its row's detail: say why it stopped.
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    echo "Error: stopped after $left s (TESSERA_CHECK_STAGE_S or the check's deadline)" >&2
+  fi
+  return "$rc"
 }
 
 if [ -z "${TESSERA_CUDA_LIBS:-}" ]; then

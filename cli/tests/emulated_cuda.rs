@@ -15,8 +15,8 @@ use std::process::Command;
 
 use common::ok;
 
-/// The emulator's folder and NVRTC's, or None after saying SKIPPED.
-fn emulator_or_skip() -> Option<(PathBuf, PathBuf)> {
+/// `TESSERA_CUDA_LIBS` naming the emulator's folder and NVRTC's, or None after saying SKIPPED.
+fn emulator_or_skip() -> Option<String> {
     let emulator = std::env::var_os("TESSERA_CUDA_EMULATOR").map(PathBuf::from);
     let nvrtc = std::env::var("LD_LIBRARY_PATH").ok().and_then(|path| {
         path.split(':')
@@ -24,7 +24,9 @@ fn emulator_or_skip() -> Option<(PathBuf, PathBuf)> {
             .find(|d| d.join("libnvrtc.so.12").is_file() || d.join("libnvrtc.so.13").is_file())
     });
     match (emulator, nvrtc) {
-        (Some(e), Some(n)) if e.join("libcuda.so").is_file() => Some((e, n)),
+        (Some(e), Some(n)) if e.join("libcuda.so").is_file() => {
+            Some(format!("{}:{}", e.display(), n.display()))
+        }
         _ => {
             assert!(
                 std::env::var_os("TESSERA_REQUIRE_DEVICE").is_none(),
@@ -112,10 +114,9 @@ fn stores(dir: &Path, copies: usize) -> Vec<PathBuf> {
 
 #[test]
 fn training_on_the_emulated_device_gives_the_cpus_losses_resident_and_streamed() {
-    let Some((emulator, nvrtc)) = emulator_or_skip() else {
+    let Some(libs) = emulator_or_skip() else {
         return;
     };
-    let libs = format!("{}:{}", emulator.display(), nvrtc.display());
     let dir = tempfile::tempdir().unwrap();
     let store = &stores(dir.path(), 1)[0];
     let never = "resident_data = \"never\"";
@@ -135,10 +136,9 @@ fn training_on_the_emulated_device_gives_the_cpus_losses_resident_and_streamed()
 /// processes sharing memory) and train what one CPU process trains over the same two parts.
 #[test]
 fn two_workers_on_emulated_devices_reduce_through_nccl_to_the_cpus_losses() {
-    let Some((emulator, nvrtc)) = emulator_or_skip() else {
+    let Some(libs) = emulator_or_skip() else {
         return;
     };
-    let libs = format!("{}:{}", emulator.display(), nvrtc.display());
     let dir = tempfile::tempdir().unwrap();
     let stores = stores(dir.path(), 2);
     let parts = "parts = 2";
