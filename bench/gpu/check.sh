@@ -169,7 +169,7 @@ if limit "$tessera" simulate "$store" --cells "$cells" --genes 2000 >"$work/simu
   # Whatever else is logged, the line saying where the training set lives.
   if TESSERA_LOG="${TESSERA_LOG:-info},tessera_worker::resident=info" limit "$tessera" train --data "$store" --out "$scratch/train-$device" --device "$device" --epochs 2 --step-log 50 >"$work/train-$device.log" 2>&1; then
     rate=$(rate_of "$scratch/train-$device")
-    kept=$(grep -m1 -oE 'training set (kept on|streamed from) [^:]*' "$work/train-$device.log")
+    kept=$(grep -m1 -oE 'training set (kept on [a-z]+(:[0-9]+)?|streamed from the host)' "$work/train-$device.log")
     row "train --device $device ($cells cells)" ok "$((SECONDS - t0)) s; ${kept:-training set placement not logged}; $rate"
     tessera_scvi_size=$(last_rate "$scratch/train-$device")
     if limit "$tessera" train --data "$scratch/sim-cpu.zarr" --out "$scratch/train-cpu-ref" --device cpu --epochs 2 --step-log 50 >"$work/train-cpu-ref.log" 2>&1; then
@@ -256,7 +256,8 @@ if limit "$tessera" bench nccl >"$work/nccl.log" 2>&1; then
   if grep -q SKIPPED "$work/nccl.log"; then
     row "bench nccl" SKIPPED "$(grep -m1 SKIPPED "$work/nccl.log" | cut -c1-100)"
   else
-    row "bench nccl" ok "$(grep -m1 -i 'GB/s' "$work/nccl.log" | sed 's/^ *//')"
+    # Its header (world size, GPUs) and its largest buffer's time.
+    row "bench nccl" ok "$(grep -m1 -o 'world size [^:]*' "$work/nccl.log" | sed 's/, median.*//'): $(tail -1 "$work/nccl.log" | awk '{print $1 " floats (" $2 " MB) in " $3 " ms"}')"
   fi
 else
   row "bench nccl" FAIL "$(tail -1 "$work/nccl.log")"
