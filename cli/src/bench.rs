@@ -191,17 +191,13 @@ impl DeviceArgs {
             Some(ordinal) => {
                 let gpu = tessera_kernels::cuda::Gpu::new(ordinal)
                     .with_context(|| format!("--device cuda:{ordinal}"))?;
-                let precision = match (self.tf32, self.bf16) {
-                    (true, _) => MatmulPrecision::High,
-                    (_, true) => MatmulPrecision::Medium,
-                    _ => MatmulPrecision::Highest,
+                // clap refuses --tf32 with --bf16.
+                let precision = if self.bf16 {
+                    MatmulPrecision::Medium
+                } else {
+                    MatmulPrecision::tf32_or_f32(self.tf32)
                 };
-                let inputs = match precision {
-                    MatmulPrecision::Highest => "f32",
-                    MatmulPrecision::High => "TF32 (tensor cores, f32 accumulation)",
-                    MatmulPrecision::Medium => "bf16 (tensor cores, f32 accumulation)",
-                };
-                say!("cuda:{ordinal}: GEMM inputs in {inputs}");
+                say!("cuda:{ordinal}: GEMM inputs in {}", precision.describe());
                 Ok(Engine::Cuda(Cuda::new(gpu.with_matmul(precision))))
             }
         }

@@ -29,5 +29,6 @@ for test in $tests; do
   LD_PRELOAD="$asan" ASAN_OPTIONS=detect_leaks=0 \
     LD_LIBRARY_PATH="$PWD/target/cuda-emu-asan:$LD_LIBRARY_PATH" "$test" --show-output
 done
+# --workspace: the workspace run's features, so nothing is built again.
 TESSERA_CUDA_EMULATOR="$PWD/target/cuda-emu" \
-  cargo test "${cargo_args[@]}" -p tessera-cli --test emulated_cuda -- --show-output
+  cargo test "${cargo_args[@]}" --workspace --test emulated_cuda -- --show-output

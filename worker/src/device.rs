@@ -88,12 +88,8 @@ impl Device {
             reason: format!("{e}; {}", tessera_kernels::cuda_libs::found()),
         })?;
         let described = gpu.describe().unwrap_or_else(|e| e.to_string());
-        tracing::info!(device = %format!("cuda:{ordinal}"), tf32, "{described}");
-        let precision = if tf32 {
-            MatmulPrecision::High
-        } else {
-            MatmulPrecision::Highest
-        };
+        let precision = MatmulPrecision::tf32_or_f32(tf32);
+        tracing::info!(device = %format!("cuda:{ordinal}"), gemm = precision.describe(), "{described}");
         Ok(Cuda::new(gpu.with_matmul(precision)))
     }
 }

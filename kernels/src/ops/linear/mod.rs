@@ -52,6 +52,24 @@ pub enum MatmulPrecision {
 }
 
 impl MatmulPrecision {
+    /// TF32 where `tf32`, else f32: the choice `[train] tf32` offers.
+    pub fn tf32_or_f32(tf32: bool) -> MatmulPrecision {
+        if tf32 {
+            MatmulPrecision::High
+        } else {
+            MatmulPrecision::Highest
+        }
+    }
+
+    /// What the GEMMs read, for logs.
+    pub fn describe(self) -> &'static str {
+        match self {
+            MatmulPrecision::Highest => "f32",
+            MatmulPrecision::High => "TF32 (tensor cores, f32 accumulation)",
+            MatmulPrecision::Medium => "bf16 (tensor cores, f32 accumulation)",
+        }
+    }
+
     /// Explicit mantissa bits the tensor cores keep of each input (None: all of f32's 23).
     pub fn mantissa_bits(self) -> Option<u32> {
         match self {
@@ -897,6 +915,12 @@ mod tests {
             vec![f32::from_bits(0x3EAA_A000)]
         );
         assert_eq!(round_for(&[0.1], MatmulPrecision::Highest), vec![0.1]);
+        // `[train] tf32` chooses between the first two.
+        assert_eq!(MatmulPrecision::tf32_or_f32(true), MatmulPrecision::High);
+        assert_eq!(
+            MatmulPrecision::tf32_or_f32(false),
+            MatmulPrecision::Highest
+        );
     }
 
     #[test]
