@@ -28,15 +28,9 @@ fn emulator_or_skip() -> Option<String> {
             Some(format!("{}:{}", e.display(), n.display()))
         }
         _ => {
-            assert!(
-                std::env::var_os("TESSERA_REQUIRE_DEVICE").is_none(),
-                "TESSERA_REQUIRE_DEVICE is set but TESSERA_CUDA_EMULATOR names no built \
-                 emulator (bash kernels/emu/build.sh) or NVRTC is not on LD_LIBRARY_PATH"
-            );
-            eprintln!(
-                "SKIPPED: set TESSERA_CUDA_EMULATOR to kernels/emu/build.sh's folder \
-                 (NVRTC on LD_LIBRARY_PATH) to train on the emulated driver"
-            );
+            let why = "TESSERA_CUDA_EMULATOR names no folder kernels/emu/build.sh built, or \
+                       NVRTC is not on LD_LIBRARY_PATH: nothing trains on the emulated driver";
+            tessera_kernels::testing::skip("TESSERA_REQUIRE_DEVICE", why);
             None
         }
     }

@@ -11,24 +11,26 @@ bash kernels/emu/build.sh --asan
 export TESSERA_REQUIRE_DEVICE=1
 # The test binaries, built by cargo first: the sanitizer is preloaded into them only (rustc and
 # cargo run without it).
+# --workspace throughout: the workspace run's features, so nothing is built again; the filter
+# keeps kernels' unit tests, both parity tests and NCCL's.
 binaries() { # cargo test's target selection -> the test executables
-  cargo test "${cargo_args[@]}" --no-run --message-format=json "$@" | python3 -c '
+  cargo test "${cargo_args[@]}" --workspace --no-run --message-format=json "$@" | python3 -c '
 import json, sys
+wanted = {("lib", "tessera_kernels"), ("test", "cuda_parity"), ("test", "nccl")}
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    if m["profile"]["test"] and (m["target"]["kind"][0], m["target"]["name"]) in wanted:
         print(m["executable"])'
 }
 cargo_args=("$@")
-tests="$(binaries -p tessera-kernels --lib --test cuda_parity)
-$(binaries -p tessera-models --test cuda_parity)
-$(binaries -p tessera-worker --test nccl)"
+tests=$(binaries --lib --test cuda_parity --test nccl)
 asan=$(${CXX:-g++} -print-file-name=libasan.so)
 for test in $tests; do
   echo "== $(basename "$test") on the emulated driver, kernels under AddressSanitizer"
   LD_PRELOAD="$asan" ASAN_OPTIONS=detect_leaks=0 \
     LD_LIBRARY_PATH="$PWD/target/cuda-emu-asan:$LD_LIBRARY_PATH" "$test" --show-output
 done
-# --workspace: the workspace run's features, so nothing is built again.
 TESSERA_CUDA_EMULATOR="$PWD/target/cuda-emu" \
   cargo test "${cargo_args[@]}" --workspace --test emulated_cuda -- --show-output

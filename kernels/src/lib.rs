@@ -14,5 +14,6 @@ pub mod gradcheck;
 pub mod ops;
 pub mod params;
 pub mod real;
+pub mod testing;
 
 pub use real::Real;
