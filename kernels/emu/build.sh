@@ -34,7 +34,9 @@ for cu in "$root"/kernels/src/ops/*/*.cu; do
   "$cxx" "${flags[@]}" -c "$gen" -o "$out/gen/$family.o"
   objects+=("$out/gen/$family.o")
 done
-"$cxx" "${flags[@]}" -shared -o "$out/libcuda.so" "$here/driver.cpp" "${objects[@]}"
-"$cxx" "${flags[@]}" -shared -o "$out/libcublas.so" "$here/cublas.cpp"
-"$cxx" "${flags[@]}" -shared -o "$out/libnccl.so" "$here/nccl.cpp" -lrt
+# The soname libcublas and libnccl look the driver up by (stream.h); not libcuda.so.1, which
+# NVRTC looks for (and would then call driver functions the emulator lacks).
+"$cxx" "${flags[@]}" -shared -Wl,-soname,libcuda.so -o "$out/libcuda.so" "$here/driver.cpp" "${objects[@]}"
+"$cxx" "${flags[@]}" -shared -o "$out/libcublas.so" "$here/cublas.cpp" -ldl
+"$cxx" "${flags[@]}" -shared -o "$out/libnccl.so" "$here/nccl.cpp" -lrt -ldl
 echo "built $out/libcuda.so ($(grep -ho 'EMU_KERNEL' "$out"/gen/*.cpp | wc -l) kernels), libcublas.so and libnccl.so"

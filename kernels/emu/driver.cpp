@@ -4,7 +4,14 @@
 // cuModuleLoadData ignores the PTX (NVRTC still compiles every source) and
 // cuModuleGetFunction finds the kernel of that name compiled by g++ from the same .cu file
 // (kernels.gen.cpp, written by build.sh). See emu.h for what this does and does not check.
+// TESSERA_EMU_STATS (below): what the host queues between its synchronisations, per process.
 #include <ucontext.h>
+
+#include <atomic>
+#include <cstdint>
+#include <unistd.h>
+
+#include <algorithm>
 
 #include <cstdio>
 #include <cstdlib>
@@ -186,6 +193,91 @@ std::map<std::string, Kernel>& kernels() {
 }
 }  // namespace emu
 
+// ---- TESSERA_EMU_STATS: what the host queues on a stream between two synchronisations ----
+// With TESSERA_EMU_STATS naming a folder, each process writes emu-stats-<pid>.json there at
+// exit: every distinct interval of one stream between the host's synchronisations with it
+// (stream or event synchronize, a copy to pageable host memory, which CUDA completes before
+// returning; the context's synchronize ends every stream's), how often it occurred and what
+// was queued in it: kernel launches by name, GEMMs, all-reduces, copies, memsets, allocations.
+// A training step is such an interval of the compute stream: how many launches and
+// synchronisations it costs does not depend on the device, so it is counted here, without one.
+namespace stats {
+namespace {
+using Work = std::map<std::string, long>;
+
+bool enabled() {
+    static const bool on = std::getenv("TESSERA_EMU_STATS") != nullptr;
+    return on;
+}
+
+std::mutex lock;
+std::map<int, Work> open;                       // by stream id
+std::map<std::pair<int, Work>, long> recorded;  // (stream id, work) -> times seen
+
+void note(int stream, const std::string& what) {
+    if (!enabled()) { return; }
+    std::lock_guard<std::mutex> hold(lock);
+    open[stream][what] += 1;
+}
+
+void close(std::map<int, Work>::iterator it) {
+    if (!it->second.empty()) { recorded[{it->first, it->second}] += 1; }
+}
+
+void synchronised(int stream) {
+    if (!enabled()) { return; }
+    std::lock_guard<std::mutex> hold(lock);
+    auto it = open.find(stream);
+    if (it == open.end()) { return; }
+    close(it);
+    open.erase(it);
+}
+
+void synchronised_all() {
+    if (!enabled()) { return; }
+    std::lock_guard<std::mutex> hold(lock);
+    for (auto it = open.begin(); it != open.end(); ++it) { close(it); }
+    open.clear();
+}
+
+void write(FILE* f) {
+    std::vector<std::pair<long, const std::pair<int, Work>*>> order;
+    for (const auto& [key, count] : recorded) { order.emplace_back(count, &key); }
+    std::stable_sort(order.begin(), order.end(),
+                     [](const auto& a, const auto& b) { return a.first > b.first; });
+    std::fprintf(f, "{\"intervals\": [");
+    for (size_t i = 0; i < order.size(); ++i) {
+        const auto& [stream, work] = *order[i].second;
+        std::fprintf(f, "%s\n  {\"stream\": %d, \"count\": %ld, \"work\": {", i ? "," : "", stream,
+                     order[i].first);
+        size_t j = 0;
+        for (const auto& [what, n] : work) {
+            std::fprintf(f, "%s\"%s\": %ld", j++ ? ", " : "", what.c_str(), n);
+        }
+        std::fprintf(f, "}}");
+    }
+    std::fprintf(f, "\n]}\n");
+}
+
+// Writes the report at exit (intervals never synchronised are left out).
+struct Report {
+    ~Report() {
+        const char* dir = std::getenv("TESSERA_EMU_STATS");
+        if (dir == nullptr) { return; }
+        std::lock_guard<std::mutex> hold(lock);
+        std::string path = std::string(dir) + "/emu-stats-" + std::to_string(getpid()) + ".json";
+        FILE* f = std::fopen(path.c_str(), "w");
+        if (f == nullptr) {
+            std::fprintf(stderr, "tessera CUDA emulator: cannot write %s\n", path.c_str());
+            return;
+        }
+        write(f);
+        std::fclose(f);
+    }
+} report;
+}  // namespace
+}  // namespace stats
+
 // ---- The driver API, as cudarc calls it (CUDA 12.8 names) ----
 typedef int CUresult;
 typedef int CUdevice;
@@ -202,7 +294,40 @@ enum : CUresult {
 };
 
 namespace {
-int context_tag, stream_tag, event_tag, pool_tag;
+int context_tag, pool_tag;
+
+// Streams and events are distinct objects so that the statistics can tell streams apart; an
+// event remembers the stream it was last recorded on.
+struct Stream {
+    int id;  // in creation order from 1; 0 is the legacy default stream
+};
+std::atomic<int> streams_made{0};
+Stream* new_stream() { return new Stream{++streams_made}; }
+int stream_id(CUhandle s) { return s ? static_cast<Stream*>(s)->id : 0; }
+void note_on(CUhandle s, const std::string& what) { stats::note(stream_id(s), what); }
+struct Event {
+    int stream = 0;
+};
+
+// Page-locked host ranges (cuMemHostAlloc, cuMemHostRegister): copies to or from them are
+// asynchronous; from or to pageable memory CUDA makes them (partly) synchronous.
+std::mutex pinned_lock;
+std::map<uintptr_t, size_t> pinned;  // start -> bytes
+void pin(const void* p, size_t bytes) {
+    std::lock_guard<std::mutex> hold(pinned_lock);
+    pinned[(uintptr_t)p] = bytes;
+}
+void unpin(const void* p) {
+    std::lock_guard<std::mutex> hold(pinned_lock);
+    pinned.erase((uintptr_t)p);
+}
+bool is_pinned(const void* p, size_t bytes) {
+    std::lock_guard<std::mutex> hold(pinned_lock);
+    auto it = pinned.upper_bound((uintptr_t)p);
+    if (it == pinned.begin()) { return false; }
+    --it;
+    return (uintptr_t)p + bytes <= it->first + it->second;
+}
 CUhandle current_context = nullptr;
 const size_t TOTAL_BYTES = 16ull << 30;
 
@@ -225,6 +350,9 @@ CUresult fail(CUresult r, const std::string& why) {
 }  // namespace
 
 extern "C" {
+// libcublas's and libnccl's calls, counted on the stream they were given (stream.h).
+void tessera_emu_note(CUhandle stream, const char* what) { note_on(stream, what); }
+
 CUresult cuInit(unsigned int) { return SUCCESS; }
 CUresult cuDriverGetVersion(int* v) { *v = 12080; return SUCCESS; }
 // TESSERA_EMU_DEVICES: how many devices to report (default 1), each the same host memory.
@@ -264,7 +392,7 @@ CUresult cuDevicePrimaryCtxRetain(CUhandle* ctx, CUdevice) { *ctx = &context_tag
 CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return SUCCESS; }
 CUresult cuCtxSetCurrent(CUhandle ctx) { current_context = ctx; return SUCCESS; }
 CUresult cuCtxGetCurrent(CUhandle* ctx) { *ctx = current_context; return SUCCESS; }
-CUresult cuCtxSynchronize() { return SUCCESS; }
+CUresult cuCtxSynchronize() { stats::synchronised_all(); return SUCCESS; }
 CUresult cuCtxGetStreamPriorityRange(int* least, int* greatest) {
     *least = 0;
     *greatest = 0;
@@ -273,53 +401,106 @@ CUresult cuCtxGetStreamPriorityRange(int* least, int* greatest) {
 CUresult cuDeviceGetDefaultMemPool(CUhandle* pool, CUdevice) { *pool = &pool_tag; return SUCCESS; }
 CUresult cuMemPoolSetAttribute(CUhandle, int, void*) { return SUCCESS; }
 
-CUresult cuStreamCreate(CUhandle* s, unsigned int) { *s = &stream_tag; return SUCCESS; }
-CUresult cuStreamCreateWithPriority(CUhandle* s, unsigned int, int) { *s = &stream_tag; return SUCCESS; }
-CUresult cuStreamDestroy_v2(CUhandle) { return SUCCESS; }
-CUresult cuStreamSynchronize(CUhandle) { return SUCCESS; }
+CUresult cuStreamCreate(CUhandle* s, unsigned int) { *s = new_stream(); return SUCCESS; }
+CUresult cuStreamCreateWithPriority(CUhandle* s, unsigned int, int) { *s = new_stream(); return SUCCESS; }
+CUresult cuStreamDestroy_v2(CUhandle s) {
+    stats::synchronised(stream_id(s));
+    delete static_cast<Stream*>(s);
+    return SUCCESS;
+}
+CUresult cuStreamSynchronize(CUhandle s) { stats::synchronised(stream_id(s)); return SUCCESS; }
 CUresult cuStreamQuery(CUhandle) { return SUCCESS; }
-CUresult cuStreamWaitEvent(CUhandle, CUhandle, unsigned int) { return SUCCESS; }
-CUresult cuEventCreate(CUhandle* e, unsigned int) { *e = &event_tag; return SUCCESS; }
-CUresult cuEventRecord(CUhandle, CUhandle) { return SUCCESS; }
-CUresult cuEventSynchronize(CUhandle) { return SUCCESS; }
+CUresult cuStreamWaitEvent(CUhandle s, CUhandle, unsigned int) { note_on(s, "event wait"); return SUCCESS; }
+CUresult cuEventCreate(CUhandle* e, unsigned int) { *e = new Event; return SUCCESS; }
+CUresult cuEventRecord(CUhandle e, CUhandle s) {
+    static_cast<Event*>(e)->stream = stream_id(s);
+    return SUCCESS;
+}
+CUresult cuEventSynchronize(CUhandle e) { stats::synchronised(static_cast<Event*>(e)->stream); return SUCCESS; }
 CUresult cuEventQuery(CUhandle) { return SUCCESS; }
-CUresult cuEventDestroy_v2(CUhandle) { return SUCCESS; }
+CUresult cuEventDestroy_v2(CUhandle e) { delete static_cast<Event*>(e); return SUCCESS; }
 CUresult cuEventElapsedTime(float* ms, CUhandle, CUhandle) { *ms = 0.0f; return SUCCESS; }
 CUresult cuEventElapsedTime_v2(float* ms, CUhandle, CUhandle) { *ms = 0.0f; return SUCCESS; }
 typedef void (*HostFn)(void*);
-CUresult cuLaunchHostFunc(CUhandle, HostFn f, void* data) { f(data); return SUCCESS; }
+CUresult cuLaunchHostFunc(CUhandle s, HostFn f, void* data) {
+    note_on(s, "host function");
+    f(data);
+    return SUCCESS;
+}
 
-// Device buffers are host allocations, never at address 0 (even for 0 bytes).
-CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+// Device buffers are host allocations, never at address 0 (even for 0 bytes). They start as
+// 0xff bytes, a NaN in every f32 and f64 (a GPU's fresh memory holds whatever was there): a
+// kernel that reads what nothing wrote shows in the parity tests instead of reading zeros.
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUhandle s) {
+    note_on(s, "alloc");
     void* m = std::malloc(bytes ? bytes : 1);
     if (!m) { return OUT_OF_MEMORY; }
+    std::memset(m, 0xff, bytes);
     *p = (CUdeviceptr)m;
     return SUCCESS;
 }
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUhandle) { return cuMemAlloc_v2(p, bytes); }
-CUresult cuMemFree_v2(CUdeviceptr p) { std::free((void*)p); return SUCCESS; }
-CUresult cuMemFreeAsync(CUdeviceptr p, CUhandle) { return cuMemFree_v2(p); }
-CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned int) {
-    *p = std::malloc(bytes ? bytes : 1);
-    return *p ? SUCCESS : OUT_OF_MEMORY;
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return cuMemAllocAsync(p, bytes, nullptr); }
+CUresult cuMemFreeAsync(CUdeviceptr p, CUhandle s) {
+    note_on(s, "free");
+    std::free((void*)p);
+    return SUCCESS;
 }
-CUresult cuMemFreeHost(void* p) { std::free(p); return SUCCESS; }
-CUresult cuMemHostRegister_v2(void*, size_t, unsigned int) { return SUCCESS; }
-CUresult cuMemHostUnregister(void*) { return SUCCESS; }
+CUresult cuMemFree_v2(CUdeviceptr p) { return cuMemFreeAsync(p, nullptr); }
+CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned int) {
+    note_on(nullptr, "pinned alloc");
+    *p = std::malloc(bytes ? bytes : 1);
+    if (*p == nullptr) { return OUT_OF_MEMORY; }
+    pin(*p, bytes);
+    return SUCCESS;
+}
+CUresult cuMemFreeHost(void* p) {
+    unpin(p);
+    std::free(p);
+    return SUCCESS;
+}
+CUresult cuMemHostRegister_v2(void* p, size_t bytes, unsigned int) { pin(p, bytes); return SUCCESS; }
+CUresult cuMemHostUnregister(void* p) { unpin(p); return SUCCESS; }
 
-CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) { std::memcpy((void*)d, h, n); return SUCCESS; }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, CUhandle) { return cuMemcpyHtoD_v2(d, h, n); }
-CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) { std::memcpy(h, (const void*)d, n); return SUCCESS; }
-CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, CUhandle) { return cuMemcpyDtoH_v2(h, d, n); }
-CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { std::memmove((void*)d, (const void*)s, n); return SUCCESS; }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, CUhandle) { return cuMemcpyDtoD_v2(d, s, n); }
-CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { std::memset((void*)d, v, n); return SUCCESS; }
-CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUhandle) { return cuMemsetD8_v2(d, v, n); }
-CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned int v, size_t n) {
+// From pageable memory CUDA stages the copy first and may wait for the stream.
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, CUhandle s) {
+    note_on(s, is_pinned(h, n) ? "upload" : "upload from pageable memory");
+    std::memcpy((void*)d, h, n);
+    return SUCCESS;
+}
+CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) { return cuMemcpyHtoDAsync_v2(d, h, n, nullptr); }
+// Into pageable memory the copy completes before the call returns: the host waits for the
+// stream.
+CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, CUhandle s) {
+    bool waits = !is_pinned(h, n);
+    note_on(s, waits ? "download to pageable memory" : "download");
+    std::memcpy(h, (const void*)d, n);
+    if (waits) { stats::synchronised(stream_id(s)); }
+    return SUCCESS;
+}
+CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) {
+    note_on(nullptr, "blocking download");
+    std::memcpy(h, (const void*)d, n);
+    stats::synchronised_all();
+    return SUCCESS;
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr src, size_t n, CUhandle s) {
+    note_on(s, "device copy");
+    std::memmove((void*)d, (const void*)src, n);
+    return SUCCESS;
+}
+CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { return cuMemcpyDtoDAsync_v2(d, s, n, nullptr); }
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUhandle s) {
+    note_on(s, "memset");
+    std::memset((void*)d, v, n);
+    return SUCCESS;
+}
+CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { return cuMemsetD8Async(d, v, n, nullptr); }
+CUresult cuMemsetD32Async(CUdeviceptr d, unsigned int v, size_t n, CUhandle s) {
+    note_on(s, "memset");
     for (size_t i = 0; i < n; ++i) { ((unsigned int*)d)[i] = v; }
     return SUCCESS;
 }
-CUresult cuMemsetD32Async(CUdeviceptr d, unsigned int v, size_t n, CUhandle) { return cuMemsetD32_v2(d, v, n); }
+CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned int v, size_t n) { return cuMemsetD32Async(d, v, n, nullptr); }
 
 // A module is the set of every kernel built in; its handle is only a tag.
 CUresult cuModuleLoadData(CUhandle* m, const void*) { *m = &emu::kernels(); return SUCCESS; }
@@ -333,12 +514,13 @@ CUresult cuModuleGetFunction(CUhandle* f, CUhandle, const char* name) {
 CUresult cuFuncGetAttribute(int* v, int, CUhandle) { *v = 0; return SUCCESS; }
 CUresult cuFuncSetAttribute(CUhandle, int, int) { return SUCCESS; }
 CUresult cuLaunchKernel(CUhandle f, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx,
-                        unsigned int by, unsigned int bz, unsigned int shared, CUhandle, void** params,
+                        unsigned int by, unsigned int bz, unsigned int shared, CUhandle s, void** params,
                         void** extra) {
     if (extra != nullptr || shared != 0) {
         return fail(INVALID_VALUE, "launch with dynamic shared memory or `extra`");
     }
     const emu::Kernel& k = *static_cast<const emu::Kernel*>(f);
+    note_on(s, std::string("launch ") + k.name);
     std::string failed = emu::launch(k, dim3{gx, gy, gz}, dim3{bx, by, bz}, params);
     if (!failed.empty()) { return fail(LAUNCH_FAILED, std::string(k.name) + ": " + failed); }
     return SUCCESS;

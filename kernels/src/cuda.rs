@@ -262,6 +262,14 @@ impl Gpu {
         self.stream.alloc_zeros::<f32>(n).map_err(driver("alloc"))
     }
 
+    /// A buffer whose contents are whatever the memory held: for outputs a kernel or GEMM
+    /// writes whole before anything reads them (`Backend::output_buf`).
+    #[allow(unsafe_code)]
+    pub fn uninit(&self, n: usize) -> Result<CudaSlice<f32>> {
+        // SAFETY: every bit pattern is an f32, and the memory is the stream's until freed.
+        unsafe { self.stream.alloc::<f32>(n) }.map_err(driver("alloc"))
+    }
+
     /// A buffer or a view back to the host.
     pub fn download(&self, device: &impl cudarc::driver::DevicePtr<f32>) -> Result<Vec<f32>> {
         self.stream.clone_dtoh(device).map_err(driver("download"))

@@ -151,7 +151,7 @@ impl Classifier {
         mode: Mode,
     ) -> Result<Tensor<Buf<T, B>>> {
         let h = Mlp::output(&acts.hidden);
-        let mut dh = b.tensor(h.rows, h.cols)?;
+        let mut dh = b.output_tensor(h.rows, h.cols)?;
         self.logits.backward(
             b,
             p,
@@ -163,7 +163,7 @@ impl Classifier {
             mode,
             InputGrad::Write(&mut dh),
         )?;
-        let mut dx = b.tensor(x.rows, x.cols)?;
+        let mut dx = b.output_tensor(x.rows, x.cols)?;
         self.hidden.backward(
             b,
             p,
@@ -307,7 +307,7 @@ impl Heads {
             assert_eq!(labels.len(), n, "one label per cell");
             if let Some(c) = &self.classifier {
                 let a = c.forward(b, p, state, m, mode)?;
-                let mut d = b.tensor(n, s.n_labels)?;
+                let mut d = b.output_tensor(n, s.n_labels)?;
                 let (loss, _) =
                     b.cross_entropy(a.logits.output().input(), labels, s.n_labels, d.output())?;
                 b.scale(d.output(), T::of(s.classifier_weight))?;
@@ -324,7 +324,7 @@ impl Heads {
                     "regression targets: {n} rows of {}",
                     s.n_targets
                 );
-                let mut d = b.tensor(n, s.n_targets)?;
+                let mut d = b.output_tensor(n, s.n_targets)?;
                 let (loss, _) = b.masked_mse(a.output().input(), targets, d.output())?;
                 b.scale(d.output(), T::of(s.regression_weight))?;
                 terms.supervised += s.regression_weight * loss;
@@ -347,7 +347,7 @@ impl Heads {
                     ),
                     None => (vec![f64::NEG_INFINITY; n], vec![false; n]),
                 };
-                let mut d = b.tensor(n, 1)?;
+                let mut d = b.output_tensor(n, 1)?;
                 let loss =
                     b.cox_partial_likelihood(a.output().input(), &times, &events, d.output())?;
                 b.scale(d.output(), T::of(s.cox_weight))?;
@@ -355,7 +355,7 @@ impl Heads {
                 acts.cox = Some((a, d));
             }
             if s.contrastive_weight > 0.0 {
-                let mut d = b.tensor(n, s.n_latent)?;
+                let mut d = b.output_tensor(n, s.n_latent)?;
                 let loss = b.cosine_margin(
                     m.input(),
                     labels,
@@ -376,7 +376,7 @@ impl Heads {
                 "one batch code per latent sample"
             );
             let a = c.forward(b, p, state, zs, mode)?;
-            let mut d = b.tensor(zs.rows, s.n_batch)?;
+            let mut d = b.output_tensor(zs.rows, s.n_batch)?;
             let (loss, _) = b.cross_entropy(
                 a.logits.output().input(),
                 sample_batches,
@@ -462,7 +462,7 @@ impl Heads {
             return Ok(None);
         };
         let a = c.forward(b, p, state, mean, Mode::Eval)?;
-        let mut probabilities = b.tensor(mean.rows, self.spec.n_labels)?;
+        let mut probabilities = b.output_tensor(mean.rows, self.spec.n_labels)?;
         b.softmax_forward(
             a.logits.output().input(),
             self.spec.n_labels,

@@ -80,7 +80,7 @@ pub(crate) fn copy_of<T: Real, B: Backend<T>>(
     b: &B,
     t: &Tensor<Buf<T, B>>,
 ) -> Result<Tensor<Buf<T, B>>> {
-    let mut out = b.tensor(t.rows, t.cols)?;
+    let mut out = b.output_tensor(t.rows, t.cols)?;
     b.copy(t.input(), out.output())?;
     Ok(out)
 }
@@ -283,7 +283,7 @@ impl Dense {
         mode: Mode,
     ) -> Result<DenseActs<Buf<T, B>>> {
         let n = x.rows();
-        let mut pre = b.tensor(n, self.d_out)?;
+        let mut pre = b.output_tensor(n, self.d_out)?;
         match x {
             Input::Dense(t) => {
                 assert_eq!((t.rows, t.cols), (n, self.d_in), "dense layer input shape");
@@ -329,10 +329,10 @@ impl Dense {
             dropped: None,
         };
         if let Some(bn) = &self.bn {
-            let mut y = b.tensor(n, self.d_out)?;
+            let mut y = b.output_tensor(n, self.d_out)?;
             if let Mode::Train { .. } = mode {
-                let mut xhat = b.tensor(n, self.d_out)?;
-                let mut inv_std = b.zeros(self.d_out)?;
+                let mut xhat = b.output_tensor(n, self.d_out)?;
+                let mut inv_std = b.output_buf(self.d_out)?;
                 b.batch_norm_train(
                     acts.pre.input(),
                     p.get(bn.gamma),
@@ -358,7 +358,7 @@ impl Dense {
             acts.normed = Some(y);
         }
         if self.layer_norm {
-            let (mut y, mut inv_std) = (b.tensor(n, self.d_out)?, b.zeros(n)?);
+            let (mut y, mut inv_std) = (b.output_tensor(n, self.d_out)?, b.output_buf(n)?);
             b.layer_norm_forward(
                 acts.act_input().input(),
                 self.d_out,
@@ -369,12 +369,12 @@ impl Dense {
             (acts.normed, acts.ln_inv_std) = (Some(y), Some(inv_std));
         }
         if self.act != Activation::Identity {
-            let mut y = b.tensor(n, self.d_out)?;
+            let mut y = b.output_tensor(n, self.d_out)?;
             b.activation_forward(self.act, acts.act_input().input(), y.output())?;
             acts.act = Some(y);
         }
         if let (Mode::Train { seed, step }, true) = (mode, self.dropout > 0.0) {
-            let mut y = b.tensor(n, self.d_out)?;
+            let mut y = b.output_tensor(n, self.d_out)?;
             b.dropout(
                 acts.output().input(),
                 self.dropout,
@@ -404,7 +404,7 @@ impl Dense {
         let n = x.rows();
         let mut d = dy;
         if let (Mode::Train { seed, step }, true) = (mode, acts.dropped.is_some()) {
-            let mut dd = b.tensor(n, self.d_out)?;
+            let mut dd = b.output_tensor(n, self.d_out)?;
             b.dropout(
                 d.input(),
                 self.dropout,
@@ -415,7 +415,7 @@ impl Dense {
             d = dd;
         }
         if let Some(y) = &acts.act {
-            let mut dd = b.tensor(n, self.d_out)?;
+            let mut dd = b.output_tensor(n, self.d_out)?;
             b.activation_backward(
                 self.act,
                 acts.act_input().input(),
@@ -426,12 +426,12 @@ impl Dense {
             d = dd;
         }
         if let (Some(y), Some(inv_std)) = (&acts.normed, &acts.ln_inv_std) {
-            let mut dd = b.tensor(n, self.d_out)?;
+            let mut dd = b.output_tensor(n, self.d_out)?;
             b.layer_norm_backward(y.input(), In::all(inv_std), d.input(), dd.output())?;
             d = dd;
         }
         if let (Some(bn), Some((xhat, inv_std))) = (&self.bn, &acts.bn_cache) {
-            let mut dd = b.tensor(n, self.d_out)?;
+            let mut dd = b.output_tensor(n, self.d_out)?;
             b.batch_norm_backward(
                 xhat.input(),
                 In::all(inv_std),
@@ -622,7 +622,7 @@ impl Mlp {
         let mut d = dy;
         for i in (1..self.layers.len()).rev() {
             let input = acts[i - 1].output();
-            let mut dprev = b.tensor(input.rows, input.cols)?;
+            let mut dprev = b.output_tensor(input.rows, input.cols)?;
             self.layers[i].backward(
                 b,
                 p,

@@ -262,7 +262,7 @@ impl Encoder {
         mode: Mode,
     ) -> Result<Option<Tensor<Buf<T, B>>>> {
         let h = Mlp::output(&acts.hidden);
-        let mut dh = b.tensor(acts.rows, h.cols)?;
+        let mut dh = b.output_tensor(acts.rows, h.cols)?;
         self.mean.backward(
             b,
             p,
@@ -302,7 +302,7 @@ impl Encoder {
                 )
                 .map(|()| None),
             EncoderInput::Log1p(t) => {
-                let mut dx = b.tensor(t.rows, t.cols)?;
+                let mut dx = b.output_tensor(t.rows, t.cols)?;
                 self.hidden.backward(
                     b,
                     p,
@@ -512,7 +512,7 @@ impl Decoder {
         dh: Tensor<Buf<T, B>>,
         mode: Mode,
     ) -> Result<Tensor<Buf<T, B>>> {
-        let mut dz = b.tensor(z.rows, z.cols)?;
+        let mut dz = b.output_tensor(z.rows, z.cols)?;
         self.hidden.backward(
             b,
             p,

@@ -92,6 +92,10 @@ impl Backend<f32> for Cuda {
         Ok(self.gpu.zeros(n)?)
     }
 
+    fn output_buf(&self, n: usize) -> Result<CudaSlice<f32>> {
+        Ok(self.gpu.uninit(n)?)
+    }
+
     fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
         Ok(self.gpu.upload(host)?)
     }

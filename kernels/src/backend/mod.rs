@@ -182,6 +182,22 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
         })
     }
 
+    /// A buffer the next op overwrites whole (its output); what it holds until then is
+    /// unspecified. The CPU zeros it; a GPU leaves out the memset, one call fewer for each
+    /// activation and gradient of a step. Never for a buffer something adds into.
+    fn output_buf(&self, n: usize) -> Result<Self::Buf> {
+        self.zeros(n)
+    }
+
+    /// [`Backend::tensor`] by [`Backend::output_buf`]: for an op's output only.
+    fn output_tensor(&self, rows: usize, cols: usize) -> Result<Tensor<Self::Buf>> {
+        Ok(Tensor {
+            buf: self.output_buf(rows * cols)?,
+            rows,
+            cols,
+        })
+    }
+
     fn upload_csr(&self, x: CsrRef<'_, T>) -> Result<Self::Csr>;
     /// Starts uploading `x` from any thread, with the transposed index the sparse layer's
     /// backward reads for `transform` (the CPU makes it on that thread; a GPU copies the matrix

@@ -27,7 +27,7 @@ impl Bernoulli {
         let b = site.b;
         let (n, g) = (rows.counts.rows, rows.counts.cols);
         let x = dense_counts(b, rows.counts, true)?;
-        let mut dlogits = b.tensor(n, g)?;
+        let mut dlogits = b.output_tensor(n, g)?;
         b.likelihood(
             Likelihood::Bernoulli,
             x.input(),

@@ -165,7 +165,7 @@ impl Counts {
         // host pass over a Census-size batch would take ~2 ms of the step), else on the host.
         let library = match rows.uploaded {
             Some(on_device) => {
-                let mut library = b.tensor(n, 1)?;
+                let mut library = b.output_tensor(n, 1)?;
                 b.csr_row_sums(on_device, library.output())?;
                 library
             }
@@ -196,9 +196,9 @@ impl Counts {
         };
         if let (LikelihoodKind::Nb, Some(LogTheta::Gene(slot))) = (self.kind, &log_theta) {
             // scVI: one fused pass over the sparse rows.
-            let mut theta = b.tensor(1, g)?;
+            let mut theta = b.output_tensor(1, g)?;
             b.activation_forward(Activation::Exp, p.get(*slot), theta.output())?;
-            let (mut dlogits, mut dtheta) = (b.tensor(n, g)?, b.tensor(1, g)?);
+            let (mut dlogits, mut dtheta) = (b.output_tensor(n, g)?, b.output_tensor(1, g)?);
             let uploaded_here;
             let uploaded = match rows.uploaded {
                 Some(c) => c,
@@ -228,9 +228,9 @@ impl Counts {
             });
         }
         let x = dense_counts(b, counts, false)?;
-        let mut rho = b.tensor(n, g)?;
+        let mut rho = b.output_tensor(n, g)?;
         b.softmax_forward(main.output().input(), g, rho.output())?;
-        let mut mu = b.tensor(n, g)?;
+        let mut mu = b.output_tensor(n, g)?;
         b.scale_rows(rho.input(), library.input(), mu.output())?;
         let theta = match log_theta {
             Some(log) => {
@@ -239,7 +239,7 @@ impl Counts {
                 } else {
                     n
                 };
-                let mut th = b.tensor(rows, g)?;
+                let mut th = b.output_tensor(rows, g)?;
                 b.activation_forward(Activation::Exp, log.input(p), th.output())?;
                 Some((th, log))
             }
@@ -251,11 +251,11 @@ impl Counts {
             _ => Likelihood::NegativeBinomial,
         };
         // The family's parameters in its order: μ, then θ and the dropout logits where it has them.
-        let mut dmu = b.tensor(n, g)?;
-        let mut dtheta = theta.as_ref().map(|_| b.tensor(n, g)).transpose()?;
+        let mut dmu = b.output_tensor(n, g)?;
+        let mut dtheta = theta.as_ref().map(|_| b.output_tensor(n, g)).transpose()?;
         let mut dzero_inflation = zero_inflation
             .as_ref()
-            .map(|_| b.tensor(n, g))
+            .map(|_| b.output_tensor(n, g))
             .transpose()?;
         {
             let mut params: Vec<In<'_, Buf<T, B>>> = vec![mu.input()];
@@ -304,9 +304,9 @@ impl Counts {
         let (b, p, mode) = (site.b, site.p, site.mode);
         let (n, g) = (f.dmu.rows, f.dmu.cols);
         let dmain = if let Some(proportions) = &f.proportions {
-            let mut drho = b.tensor(n, g)?;
+            let mut drho = b.output_tensor(n, g)?;
             b.scale_rows(f.dmu.input(), f.library.input(), drho.output())?;
-            let mut ds = b.tensor(n, g)?;
+            let mut ds = b.output_tensor(n, g)?;
             b.softmax_backward(proportions.input(), drho.input(), g, ds.output())?;
             ds
         } else {

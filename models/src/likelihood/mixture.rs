@@ -112,21 +112,22 @@ impl Mixture {
         let (n, g) = (s.rows, s.cols);
         let onehot = rows.onehot.expect("the mixture reads the batch one-hot");
         let log_back = self.log_background(b, p, onehot)?;
-        let mut log_scale = b.tensor(n, g)?;
+        let mut log_scale = b.output_tensor(n, g)?;
         b.activation_forward(Activation::Softplus, s.input(), log_scale.output())?;
-        let mut log_fore = b.tensor(n, g)?;
+        let mut log_fore = b.output_tensor(n, g)?;
         b.copy(log_back.input(), log_fore.output())?;
         b.axpy(T::one(), log_scale.input(), log_fore.output())?;
-        let (mut back, mut fore) = (b.tensor(n, g)?, b.tensor(n, g)?);
+        let (mut back, mut fore) = (b.output_tensor(n, g)?, b.output_tensor(n, g)?);
         b.activation_forward(Activation::Exp, log_back.input(), back.output())?;
         b.activation_forward(Activation::Exp, log_fore.input(), fore.output())?;
-        let mut theta = b.tensor(1, g)?;
+        let mut theta = b.output_tensor(1, g)?;
         b.activation_forward(Activation::Exp, p.get(self.log_theta), theta.output())?;
-        let mut theta_cells = b.tensor(n, g)?;
+        let mut theta_cells = b.output_tensor(n, g)?;
         b.gather_rows(theta.input(), &vec![0; n], g, theta_cells.output())?;
         let mixing = self.mixing.forward(b, p, state, site.h, None, site.mode)?;
-        let mut raw: Vec<Tensor<Buf<T, B>>> =
-            (0..4).map(|_| b.tensor(n, g)).collect::<Result<_>>()?;
+        let mut raw: Vec<Tensor<Buf<T, B>>> = (0..4)
+            .map(|_| b.output_tensor(n, g))
+            .collect::<Result<_>>()?;
         {
             let [a, c, d, e] = &mut raw[..] else {
                 unreachable!("four gradients")
@@ -146,7 +147,7 @@ impl Mixture {
         let weighted: Vec<Tensor<Buf<T, B>>> = raw
             .into_iter()
             .map(|t| {
-                let mut out = b.tensor(n, g)?;
+                let mut out = b.output_tensor(n, g)?;
                 b.scale_rows(t.input(), In::all(rows.negative), out.output())?;
                 Ok(out)
             })
@@ -189,7 +190,7 @@ impl Mixture {
             theta,
             grads: [d_back, d_fore, d_theta, d_pi],
         } = m;
-        let mut dlog_fore = b.tensor(n, g)?;
+        let mut dlog_fore = b.output_tensor(n, g)?;
         b.activation_backward(
             Activation::Exp,
             log_fore.input(),
@@ -198,7 +199,7 @@ impl Mixture {
             dlog_fore.output(),
         )?;
         main_through_softplus(site, grads, main, &log_scale, &dlog_fore, dh)?;
-        let mut dlog_back = b.tensor(n, g)?;
+        let mut dlog_back = b.output_tensor(n, g)?;
         b.activation_backward(
             Activation::Exp,
             log_back.input(),
@@ -208,7 +209,7 @@ impl Mixture {
         )?;
         b.axpy(T::one(), dlog_fore.input(), dlog_back.output())?;
         per_batch_gradient(b, onehot, &dlog_back, grads.get(self.background))?;
-        let mut dtheta = b.tensor(1, g)?;
+        let mut dtheta = b.output_tensor(1, g)?;
         b.column_sums(d_theta.input(), dtheta.output())?;
         b.activation_backward(
             Activation::Exp,
@@ -242,7 +243,7 @@ impl Mixture {
         let b = site.b;
         let (n, g) = (onehot.rows, self.mixing.d_out);
         let mut lx = self.log_background(b, site.p, onehot)?;
-        let (mut sp_s, mut sp_pi) = (b.tensor(n, g)?, b.tensor(n, g)?);
+        let (mut sp_s, mut sp_pi) = (b.output_tensor(n, g)?, b.output_tensor(n, g)?);
         b.activation_forward(Activation::Softplus, main.output().input(), sp_s.output())?;
         b.axpy(T::one(), sp_s.input(), lx.output())?;
         let pi = self
@@ -270,7 +271,7 @@ impl Mixture {
     ) -> Result<Tensor<Buf<T, B>>> {
         let b = site.b;
         let log_fore = self.log_foreground(site, state, main, onehot)?.log;
-        let mut expression = b.tensor(log_fore.rows, log_fore.cols)?;
+        let mut expression = b.output_tensor(log_fore.rows, log_fore.cols)?;
         b.activation_forward(Activation::Exp, log_fore.input(), expression.output())?;
         Ok(expression)
     }
@@ -303,7 +304,7 @@ impl Mixture {
         let (n, g) = (dexpected.rows, dexpected.cols);
         let (sp_s, sp_pi) = &a.softplus;
         main_through_softplus(site, grads, main, sp_s, &dexpected, dh)?;
-        let mut dpi = b.tensor(n, g)?;
+        let mut dpi = b.output_tensor(n, g)?;
         b.activation_backward(
             Activation::Softplus,
             a.mixing.output().input(),
@@ -338,7 +339,7 @@ fn main_through_softplus<T: Real, B: Backend<T>>(
     dh: &mut Tensor<Buf<T, B>>,
 ) -> Result<()> {
     let b = site.b;
-    let mut ds = b.tensor(d.rows, d.cols)?;
+    let mut ds = b.output_tensor(d.rows, d.cols)?;
     b.activation_backward(
         Activation::Softplus,
         main.output().input(),
