@@ -47,6 +47,9 @@ fn train(
 ) -> (String, Vec<f64>) {
     let config = out.with_extension("toml");
     std::fs::write(&config, format!("[train]\n{train}\n")).unwrap();
+    // The emulated driver's count of what each stream queued between synchronisations.
+    let stats = out.join("emu-stats");
+    std::fs::create_dir_all(&stats).unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(["train", "--data"])
         .arg(store)
@@ -58,6 +61,7 @@ fn train(
         .env_remove("LD_LIBRARY_PATH")
         // Two emulated devices, one for each worker where there are two.
         .env("TESSERA_EMU_DEVICES", "2")
+        .env("TESSERA_EMU_STATS", &stats)
         .env("TESSERA_CUDA_LIBS", libs)
         .env("TESSERA_LOG", "info")
         .env("RUST_BACKTRACE", "0")
@@ -82,6 +86,48 @@ fn assert_same_losses(what: &str, a: &[f64], b: &[f64]) {
         assert!(
             (x - y).abs() <= 1e-5 * y.abs(),
             "{what}, epoch {epoch}: {x} vs {y}"
+        );
+    }
+}
+
+/// The compute stream's intervals between host synchronisations that hold a training step's
+/// backward (`train`'s `emu-stats` under `out`), as (times seen, work queued).
+fn step_intervals(out: &Path) -> Vec<(u64, serde_json::Map<String, serde_json::Value>)> {
+    let mut steps = Vec::new();
+    for file in std::fs::read_dir(out.join("emu-stats")).unwrap() {
+        let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
+        let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for interval in report["intervals"].as_array().unwrap() {
+            let work = interval["work"].as_object().unwrap();
+            if work.contains_key("launch sparse_input_backward") {
+                steps.push((interval["count"].as_u64().unwrap(), work.clone()));
+            }
+        }
+    }
+    steps
+}
+
+/// Every training step waits for the device once for its loss terms (one transfer, not one per
+/// term; the gradient norm's read-back is an interval of its own), its GEMMs went to cuBLAS,
+/// and its activations and gradients are allocated without a memset each.
+fn assert_one_read_back_per_step(what: &str, out: &Path) {
+    let steps = step_intervals(out);
+    let seen: u64 = steps.iter().map(|(n, _)| n).sum();
+    assert!(seen >= 10, "{what}: {seen} steps counted: {steps:?}");
+    for (_, work) in &steps {
+        let count = |k: &str| work.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        assert_eq!(count("download to pageable memory"), 1, "{what}: {work:?}");
+        assert_eq!(count("blocking download"), 0, "{what}: {work:?}");
+        assert!(count("gemm") >= 6, "{what}: {work:?}");
+        let launches: u64 = work
+            .iter()
+            .filter(|(k, _)| k.starts_with("launch "))
+            .map(|(_, v)| v.as_u64().unwrap())
+            .sum();
+        // Zeroing each activation and gradient made more memsets than launches and GEMMs.
+        assert!(
+            2 * count("memset") <= launches + count("gemm"),
+            "{what}: {work:?}"
         );
     }
 }
@@ -123,6 +169,7 @@ fn training_on_the_emulated_device_gives_the_cpus_losses_resident_and_streamed()
         assert!(log.contains("tessera CUDA emulator"), "{log}");
         assert!(log.contains(where_), "resident_data = {resident}: {log}");
         assert_same_losses(&format!("resident_data = {resident}"), &cuda, &cpu);
+        assert_one_read_back_per_step(&format!("resident_data = {resident}"), &out);
     }
 }
 

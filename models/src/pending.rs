@@ -112,7 +112,7 @@ fn read_together<T: Real, B: Backend<T>>(b: &B, shares: &[&Share<B::Buf>]) -> Re
     if total == 0 {
         return Ok(shares.iter().map(|_| Vec::new()).collect());
     }
-    let mut all = b.zeros(total)?;
+    let mut all = b.output_buf(total)?;
     let mut start = 0;
     for s in shares {
         let end = start + s.values.len();
