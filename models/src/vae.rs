@@ -812,7 +812,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let d = self.config.n_latent;
         assert_eq!(z.len(), batch.rows() * d, "z: {} rows of {d}", batch.rows());
         let b = &self.backend;
-        let mut latent = b.tensor(batch.rows(), d)?;
+        let mut latent = b.output_tensor(batch.rows(), d)?;
         b.copy(In::all(&b.upload(z)?), latent.output())?;
         self.decode(&latent, batch.covariates, library_size)
     }
@@ -923,7 +923,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let b = &self.backend;
         let d = self.config.n_latent;
         let expand = |x: &Tensor<Buf<T, B>>, cells: &[usize]| -> Result<Tensor<Buf<T, B>>> {
-            let mut full = b.tensor(plan.n, d)?;
+            let mut full = b.output_tensor(plan.n, d)?;
             if cells.len() == plan.n {
                 b.copy(x.input(), full.output())?;
             } else {
@@ -1014,7 +1014,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         for m in means {
             b.axpy(T::one(), m.input(), sum.output())?;
         }
-        let mut mean = b.tensor(plan.n, self.config.n_latent)?;
+        let mut mean = b.output_tensor(plan.n, self.config.n_latent)?;
         b.scale_rows(
             sum.input(),
             In::all(&inverse_present(b, &plan.cells, plan.n)?),
@@ -1073,7 +1073,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             .scan(0, |at, c| Some(std::mem::replace(at, *at + c.len())))
             .collect();
         let total = plan.cells.iter().map(Vec::len).sum::<usize>();
-        let mut zs = b.tensor(total, d)?;
+        let mut zs = b.output_tensor(total, d)?;
         let (mut eps_all, mut dm_kl, mut dlv_kl) = (Vec::new(), Vec::new(), Vec::new());
         for (e, a) in enc.iter().enumerate() {
             let cells = &plan.cells[e];
@@ -1163,7 +1163,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let (m, lv) = self.combine(&means, &logvars, masks.as_deref(), n)?;
         let mut eps = b.tensor(n, d)?;
         self.noise(&mut eps, SITE_LATENT, mode)?;
-        let mut z = b.tensor(n, d)?;
+        let mut z = b.output_tensor(n, d)?;
         b.reparameterize_forward(m.input(), lv.input(), eps.input(), z.output())?;
         let weights = b.upload(&vec![T::of(kl_weight * inv_n); n])?;
         let (mut kl, mut dm_kl, mut dlv_kl) = (b.zeros(n)?, b.tensor(n, d)?, b.tensor(n, d)?);
@@ -1250,7 +1250,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             let z = if is_identity(&codes, zs.rows) {
                 None
             } else {
-                let mut t = b.tensor(codes.len(), d)?;
+                let mut t = b.output_tensor(codes.len(), d)?;
                 b.gather_rows(zs.input(), &codes, d, t.output())?;
                 Some(t)
             };
