@@ -371,7 +371,9 @@ impl<B: TrainBackend> StepReducer<B> {
         let reducing = Instant::now();
         times.compute += (reducing - started).as_secs_f64();
         comm.reduce_sum(&device, Out::all(&mut self.buf))?;
-        // The statistics and the tail in one read back: the step's only wait for the device.
+        // The statistics and the tail in one read back. On a GPU the step waits twice more: for
+        // each part's loss terms (read when its backward is queued) and for the gradient norm
+        // in `apply` (counted on the emulated driver: docs/benchmarks.md).
         let mut host = device.download(In::part(&self.buf, p..p + s + TAIL))?;
         let applying = Instant::now();
         times.allreduce += (applying - reducing).as_secs_f64();
