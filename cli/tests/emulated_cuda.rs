@@ -90,34 +90,44 @@ fn assert_same_losses(what: &str, a: &[f64], b: &[f64]) {
     }
 }
 
-/// The compute stream's intervals between host synchronisations that hold a training step's
-/// backward (`train`'s `emu-stats` under `out`), as (times seen, work queued).
-fn step_intervals(out: &Path) -> Vec<(u64, serde_json::Map<String, serde_json::Value>)> {
-    let mut steps = Vec::new();
+type Work = serde_json::Map<String, serde_json::Value>;
+
+/// Every interval between host synchronisations that `train` counted (`emu-stats` under
+/// `out`), as (times seen, work queued).
+fn intervals(out: &Path) -> Vec<(u64, Work)> {
+    let mut all = Vec::new();
     for file in std::fs::read_dir(out.join("emu-stats")).unwrap() {
         let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
         let report: serde_json::Value = serde_json::from_str(&text).unwrap();
         for interval in report["intervals"].as_array().unwrap() {
-            let work = interval["work"].as_object().unwrap();
-            if work.contains_key("launch sparse_input_backward") {
-                steps.push((interval["count"].as_u64().unwrap(), work.clone()));
-            }
+            let work = interval["work"].as_object().unwrap().clone();
+            all.push((interval["count"].as_u64().unwrap(), work));
         }
     }
-    steps
+    all
 }
 
-/// Every training step waits for the device once for its loss terms (one transfer, not one per
-/// term; the gradient norm's read-back is an interval of its own), its GEMMs went to cuBLAS,
-/// and its activations and gradients are allocated without a memset each.
+/// Every training step waits for the device once, for its loss terms and whether its gradients
+/// are finite in one transfer (not once per term, and no gradient norm: nothing is clipped),
+/// its GEMMs went to cuBLAS, and its activations and gradients are allocated without a memset
+/// each.
 fn assert_one_read_back_per_step(what: &str, out: &Path) {
-    let steps = step_intervals(out);
+    let all = intervals(out);
+    let norms = all
+        .iter()
+        .filter(|(_, work)| work.contains_key("launch chunk_sum_squares"));
+    assert_eq!(norms.count(), 0, "{what}: {all:?}");
+    let steps: Vec<&(u64, Work)> = all
+        .iter()
+        .filter(|(_, work)| work.contains_key("launch sparse_input_backward"))
+        .collect();
     let seen: u64 = steps.iter().map(|(n, _)| n).sum();
     assert!(seen >= 10, "{what}: {seen} steps counted: {steps:?}");
     for (_, work) in &steps {
         let count = |k: &str| work.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
         assert_eq!(count("download to pageable memory"), 1, "{what}: {work:?}");
         assert_eq!(count("blocking download"), 0, "{what}: {work:?}");
+        assert_eq!(count("launch flag_non_finite"), 1, "{what}: {work:?}");
         assert!(count("gemm") >= 6, "{what}: {work:?}");
         let launches: u64 = work
             .iter()

@@ -65,4 +65,5 @@ inline T atomicAdd(T* address, T v) {
 
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
+using std::isfinite;
 using std::isnan;

@@ -924,6 +924,24 @@ fn optimiser<B: Backend<f32>>(b: &B) -> Vec<Output> {
     let norm = b.grad_norm(In::all(&up(b, &inputs(n)))).unwrap();
     // The norm is summed in f64 over the same chunks in the same order on both sides.
     out.push(output("gradient norm", vec![norm as f32], 0.0, 1e-7));
+    // The step's finiteness flag: clean, a NaN in the last entry, an infinity in the middle.
+    let mut flags = Vec::new();
+    for (at, bad) in [
+        (None, 0.0),
+        (Some(n - 1), f32::NAN),
+        (Some(n / 2), f32::INFINITY),
+    ] {
+        let mut x = inputs(n);
+        if let Some(i) = at {
+            x[i] = bad;
+        }
+        let mut flag = up(b, &[0.5]);
+        b.flag_non_finite(In::all(&up(b, &x)), Out::all(&mut flag))
+            .unwrap();
+        flags.extend(down(b, &flag));
+    }
+    assert_eq!(flags, [0.0, 1.0, 1.0], "{}", b.name());
+    out.push(output("non-finite flags", flags, 0.0, 0.0));
     out
 }
 

@@ -79,12 +79,26 @@ pub(crate) struct PendingLoss<S> {
 impl<S: Storage> PendingLoss<S> {
     /// The terms, read in one transfer.
     pub fn resolve<T: Real, B: Backend<T, Buf = S>>(self, b: &B) -> Result<LossTerms> {
-        let shares: Vec<&Share<S>> = [&self.reconstruction, &self.kl]
+        Ok(self.resolve_with(b, None)?.0)
+    }
+
+    /// The terms and the values of `extra` (a step's gradient flag), read in one transfer.
+    pub fn resolve_with<T: Real, B: Backend<T, Buf = S>>(
+        self,
+        b: &B,
+        extra: Option<&S>,
+    ) -> Result<(LossTerms, Vec<T>)> {
+        let shares: Vec<&S> = [&self.reconstruction, &self.kl]
             .into_iter()
             .filter(|t| t.known.is_none())
-            .flat_map(|t| &t.shares)
+            .flat_map(|t| t.shares.iter().map(|s| &s.values))
             .collect();
-        let host = read_together(b, &shares)?;
+        let mut host = read_together(b, &[&shares[..], extra.as_slice()].concat())?;
+        let extra = if extra.is_some() {
+            host.pop().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let mut at = host.iter();
         let mut value = |term: &Term<S>| -> f64 {
             if let Some(known) = term.known {
@@ -95,36 +109,37 @@ impl<S: Storage> PendingLoss<S> {
             })
         };
         let (reconstruction, kl) = (value(&self.reconstruction), value(&self.kl));
-        Ok(LossTerms {
+        let terms = LossTerms {
             reconstruction,
             kl,
             regularization: self.regularization,
             supervised: self.supervised,
             loss: reconstruction + self.kl_weight * kl + self.regularization + self.supervised,
             cells: self.cells,
-        })
+        };
+        Ok((terms, extra))
     }
 }
 
-/// The shares' values on the host: gathered into one device buffer, downloaded once.
-fn read_together<T: Real, B: Backend<T>>(b: &B, shares: &[&Share<B::Buf>]) -> Result<Vec<Vec<T>>> {
-    let total: usize = shares.iter().map(|s| s.values.len()).sum();
+/// The buffers' values on the host: gathered into one device buffer, downloaded once.
+fn read_together<T: Real, B: Backend<T>>(b: &B, buffers: &[&B::Buf]) -> Result<Vec<Vec<T>>> {
+    let total: usize = buffers.iter().map(|v| v.len()).sum();
     if total == 0 {
-        return Ok(shares.iter().map(|_| Vec::new()).collect());
+        return Ok(buffers.iter().map(|_| Vec::new()).collect());
     }
     let mut all = b.output_buf(total)?;
     let mut start = 0;
-    for s in shares {
-        let end = start + s.values.len();
-        b.copy(In::all(&s.values), Out::part(&mut all, start..end))?;
+    for v in buffers {
+        let end = start + v.len();
+        b.copy(In::all(v), Out::part(&mut all, start..end))?;
         start = end;
     }
     let host = b.download(In::all(&all))?;
     let mut start = 0;
-    Ok(shares
+    Ok(buffers
         .iter()
-        .map(|s| {
-            let end = start + s.values.len();
+        .map(|v| {
+            let end = start + v.len();
             let part = host[start..end].to_vec();
             start = end;
             part

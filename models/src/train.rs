@@ -314,12 +314,33 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
     /// Clips (if configured) and applies the gradients in `model.grads`: Adam or AdamW.
     pub fn apply(&mut self) -> Result<(), TrainError> {
         let step = self.step + 1;
-        let b = self.model.backend().clone();
         let every = 0..self.model.layout.len();
-        let ranges: &[Range<usize>] = self
-            .trainable
-            .as_deref()
-            .unwrap_or(std::slice::from_ref(&every));
+        let ranges: Vec<Range<usize>> = self.trainable.clone().unwrap_or(vec![every]);
+        // Known finite from the backward's read and not clipped: the norm is not needed (on a
+        // GPU it would be a second wait for the device per step).
+        let finite = self.model.grads_finite.take() == Some(true);
+        if !finite || self.config.clip_norm.is_some() {
+            self.check_and_clip(step, &ranges)?;
+        }
+        let b = self.model.backend().clone();
+        for r in &ranges {
+            b.adamw_step(
+                &self.opt,
+                step,
+                Out::part(&mut self.model.values, r.clone()),
+                In::part(&self.model.grads, r.clone()),
+                Out::part(&mut self.m, r.clone()),
+                Out::part(&mut self.v, r.clone()),
+            )?;
+        }
+        self.step = step;
+        Ok(())
+    }
+
+    /// The gradient norm over `ranges`: an error if it is not finite; the gradients scaled to
+    /// `clip_norm` where they exceed it.
+    fn check_and_clip(&mut self, step: u64, ranges: &[Range<usize>]) -> Result<(), TrainError> {
+        let b = self.model.backend().clone();
         let norm = match ranges {
             [one] => b.grad_norm(In::part(&self.model.grads, one.clone()))?,
             _ => ranges
@@ -343,17 +364,6 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
         {
             b.scale(Out::all(&mut self.model.grads), T::of(max / (norm + 1e-6)))?;
         }
-        for r in ranges {
-            b.adamw_step(
-                &self.opt,
-                step,
-                Out::part(&mut self.model.values, r.clone()),
-                In::part(&self.model.grads, r.clone()),
-                Out::part(&mut self.m, r.clone()),
-                Out::part(&mut self.v, r.clone()),
-            )?;
-        }
-        self.step = step;
         Ok(())
     }
 
@@ -377,6 +387,69 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Categories, ModalityCounts, VaeConfig};
+    use tessera_kernels::backend::Cpu;
+    use tessera_kernels::ops::linear::CsrRef;
+
+    /// The backward reads whether its gradients are finite with the loss terms; `apply` then
+    /// skips the norm, and still refuses gradients it was not told about (changed after the
+    /// backward) when they hold a NaN.
+    #[test]
+    fn the_step_knows_its_gradients_are_finite_and_still_refuses_a_nan() {
+        let (n, genes) = (6, 5);
+        let model = Vae::<f64, Cpu>::new(
+            Cpu,
+            VaeConfig {
+                n_hidden: 8,
+                n_latent: 2,
+                ..VaeConfig::default()
+            },
+            &[("rna", genes)],
+            Categories {
+                n_batch: 1,
+                n_cov: 1,
+                n_labels: 0,
+            },
+            0,
+        )
+        .unwrap();
+        let mut trainer = Trainer::new(model, TrainConfig::default()).unwrap();
+        let indptr: Vec<u64> = (0..=n as u64).map(|r| 2 * r).collect();
+        let indices: Vec<u32> = (0..2 * n as u32).map(|i| i % genes as u32).collect();
+        let data: Vec<f64> = (0..2 * n).map(|i| 1.0 + (i % 3) as f64).collect();
+        let modalities = [ModalityCounts {
+            counts: CsrRef {
+                rows: n,
+                cols: genes,
+                indptr: &indptr,
+                indices: &indices,
+                data: &data,
+            },
+            present: None,
+        }];
+        let covariates = vec![1.0; n];
+        trainer
+            .gradients(VaeBatch::new(&modalities, &covariates), 0)
+            .unwrap();
+        assert_eq!(trainer.model.grads_finite, Some(true));
+        trainer.apply().unwrap();
+        assert_eq!(trainer.model.grads_finite, None, "one step's knowledge");
+        trainer
+            .gradients(VaeBatch::new(&modalities, &covariates), 0)
+            .unwrap();
+        trainer.model.grads_mut()[3] = f64::NAN;
+        match trainer.apply() {
+            Err(TrainError::NonFinite {
+                step: 2,
+                term,
+                value,
+            }) => {
+                assert_eq!(term, "gradient norm");
+                assert!(value.is_nan());
+            }
+            other => panic!("expected the NaN refused, got {other:?}"),
+        }
+    }
 
     #[test]
     fn plateau_reduces_after_more_than_patience_bad_epochs() {

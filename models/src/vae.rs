@@ -277,6 +277,9 @@ pub struct Vae<T: Real, B: Backend<T>> {
     pub state_layout: Layout,
     pub(crate) values: B::Buf,
     pub(crate) grads: B::Buf,
+    /// Whether the last backward's gradients are all finite, read with its loss terms; None
+    /// before any backward and once they are changed through [`Vae::grads_mut`].
+    pub(crate) grads_finite: Option<bool>,
     /// BatchNorm running statistics.
     pub(crate) state: B::Buf,
     /// The parameter ranges being trained (sorted, disjoint; `Trainer::freeze_except`): the
@@ -658,6 +661,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             state_layout: state,
             values: values_buf,
             grads,
+            grads_finite: None,
             state: state_buf,
             trained: None,
             encoders,
@@ -705,6 +709,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     }
 
     pub fn grads_mut(&mut self) -> &mut B::Buf {
+        self.grads_finite = None;
         &mut self.grads
     }
 
@@ -749,8 +754,14 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     ) -> Result<LossTerms> {
         let (terms, fwd) = self.forward(batch, uploaded, kl_weight, mode)?;
         self.backward(fwd, mode)?;
-        // Read after the backward is queued: the step's one wait for the device.
-        terms.resolve(&self.backend)
+        // Read after the backward is queued, with whether every gradient is finite: the step's
+        // one wait for the device (the optimiser then needs no norm unless it clips).
+        let mut flag = self.backend.output_buf(1)?;
+        self.backend
+            .flag_non_finite(In::all(&self.grads), Out::all(&mut flag))?;
+        let (terms, flag) = terms.resolve_with(&self.backend, Some(&flag))?;
+        self.grads_finite = Some(flag.first().is_some_and(|f| f.f64() == 0.0));
+        Ok(terms)
     }
 
     /// Loss terms only (validation: `Mode::Validate`).

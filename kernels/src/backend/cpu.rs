@@ -723,4 +723,11 @@ impl<T: Gemm> Backend<T> for Cpu {
     fn grad_norm(&self, grads: In<'_, Vec<T>>) -> Result<f64> {
         Ok(optim::grad_norm(r(&grads)))
     }
+
+    fn flag_non_finite(&self, x: In<'_, Vec<T>>, flag: Out<'_, Vec<T>>) -> Result<()> {
+        let flag = w(flag);
+        assert_eq!(flag.len(), 1, "flag_non_finite: one flag");
+        flag[0] = optim::non_finite_flag(r(&x));
+        Ok(())
+    }
 }

@@ -828,6 +828,18 @@ impl Backend<f32> for Cuda {
     fn grad_norm(&self, grads: In<'_, CudaSlice<f32>>) -> Result<f64> {
         Ok(optim::gpu::grad_norm(&self.gpu, &v(&grads))?)
     }
+
+    fn flag_non_finite(
+        &self,
+        x: In<'_, CudaSlice<f32>>,
+        flag: Out<'_, CudaSlice<f32>>,
+    ) -> Result<()> {
+        Ok(optim::gpu::flag_non_finite(
+            &self.gpu,
+            &v(&x),
+            &mut vm(flag),
+        )?)
+    }
 }
 
 /// The PoE's experts copied into the stacks the kernels read.

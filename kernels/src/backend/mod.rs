@@ -565,6 +565,9 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     ) -> Result<()>;
     /// `ops::optim::grad_norm`: the global L2 norm, accumulated in f64 in a fixed order.
     fn grad_norm(&self, grads: In<'_, Self::Buf>) -> Result<f64>;
+    /// `ops::optim::non_finite_flag` into `flag` (one value): 1 if some entry of `x` is NaN
+    /// or infinite, else 0; stays on the device until read with other values.
+    fn flag_non_finite(&self, x: In<'_, Self::Buf>, flag: Out<'_, Self::Buf>) -> Result<()>;
 }
 
 /// [`Backend::softmax_nb`] from the separate ops: softmax, scaling by the library, the NB

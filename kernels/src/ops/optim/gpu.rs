@@ -69,3 +69,16 @@ pub fn grad_norm(gpu: &Gpu, grads: &View<'_>) -> Result<f64> {
         .map_err(failed("download"))?;
     Ok(sums.iter().sum::<f64>().sqrt())
 }
+
+/// As [`super::non_finite_flag`], into `flag` (one value), on the device.
+pub fn flag_non_finite(gpu: &Gpu, x: &View<'_>, flag: &mut ViewMut<'_>) -> Result<()> {
+    assert_eq!(flag.len(), 1, "flag_non_finite: one flag");
+    gpu.stream()
+        .memset_zeros(flag)
+        .map_err(failed("zeroing the flag"))?;
+    let f = gpu.function("optim", CUDA_SOURCE, "flag_non_finite")?;
+    let n = x.len() as u64;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(x).arg(&n).arg(flag);
+    launch(b, x.len(), "flag_non_finite")
+}

@@ -127,6 +127,16 @@ pub fn grad_norm<T: Real>(grads: &[T]) -> f64 {
     partial.iter().sum::<f64>().sqrt()
 }
 
+/// 1 if some entry is NaN or infinite, else 0: whether a step's gradients can be applied,
+/// without their norm (which a GPU would have to send to the host on its own).
+pub fn non_finite_flag<T: Real>(x: &[T]) -> T {
+    if x.par_iter().any(|v| !v.f64().is_finite()) {
+        T::one()
+    } else {
+        T::zero()
+    }
+}
+
 /// Scales the gradients so their norm is at most `max_norm` (PyTorch's clip_grad_norm_:
 /// factor max/(norm + 1e-6) when norm exceeds max). Returns the norm before clipping; a
 /// non-finite norm is returned unchanged and nothing is scaled (the caller names the term).

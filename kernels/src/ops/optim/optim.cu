@@ -23,3 +23,11 @@ extern "C" __global__ void chunk_sum_squares(const float* g, unsigned long long 
     for (unsigned long long i = start; i < end; ++i) { s += (double)g[i] * (double)g[i]; }
     partial[c] = s;
 }
+
+// flag[0] = 1 if some x[i] is NaN or infinite (flag zeroed by the launcher). Every thread that
+// finds one writes the same value: no atomics, the order does not matter.
+extern "C" __global__ void flag_non_finite(const float* x, unsigned long long n, float* flag) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        if (!isfinite(x[i])) { flag[0] = 1.0f; }
+    }
+}
