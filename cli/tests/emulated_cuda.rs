@@ -213,4 +213,20 @@ fn two_workers_on_emulated_devices_reduce_through_nccl_to_the_cpus_losses() {
     );
     assert!(!log.contains("TCP ring"), "NCCL, not the ring: {log}");
     assert_same_losses("2 workers on cuda vs 1 CPU process", &two, &one);
+    // One NCCL call per step, the reduced gradients flagged in the tail's read: no norm.
+    let all = intervals(&dir.path().join("two"));
+    let reduces: Vec<&(u64, Work)> = all
+        .iter()
+        .filter(|(_, work)| work.contains_key("all-reduce"))
+        .collect();
+    assert!(!reduces.is_empty(), "{all:?}");
+    for (_, work) in reduces {
+        assert_eq!(work["all-reduce"], 1, "{work:?}");
+        assert_eq!(work["launch flag_non_finite"], 1, "{work:?}");
+    }
+    assert!(
+        !all.iter()
+            .any(|(_, work)| work.contains_key("launch chunk_sum_squares")),
+        "{all:?}"
+    );
 }

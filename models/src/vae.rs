@@ -713,6 +713,13 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         &mut self.grads
     }
 
+    /// Records that the gradients now in [`Vae::grads`] were checked, `finite` as
+    /// `Backend::flag_non_finite` found them (a data-parallel step flags its reduced gradients
+    /// in its own read), so that the optimiser needs their norm only to clip.
+    pub fn set_grads_finite(&mut self, finite: bool) {
+        self.grads_finite = Some(finite);
+    }
+
     /// BatchNorm running statistics, in `state_layout`'s order.
     pub fn state(&self) -> &B::Buf {
         &self.state

@@ -298,13 +298,14 @@ pub(crate) struct Stepped {
 }
 
 /// The per-step reduction: one flat device buffer [gradients × cells | BatchNorm statistics |
-/// parts, more, stop, loss sums], one collective call, and one download of its small tail
-/// (with the statistics) per step.
+/// parts, more, stop, loss sums | the reduced gradients' finiteness flag], one collective call,
+/// and one download of its small tail (with the statistics) per step.
 pub(crate) struct StepReducer<B: TrainBackend> {
     buf: B::Buf,
     n_params: usize,
     n_state: usize,
     start_state: B::Buf,
+    flag: B::Buf,
 }
 
 const PARTS: usize = 0;
@@ -312,6 +313,8 @@ const MORE: usize = 1;
 const STOP: usize = 2;
 const SUMS: usize = 3;
 const TAIL: usize = SUMS + Sums::LEN;
+/// After the tail, not reduced: 1 if a reduced gradient is NaN or infinite.
+const FLAG: usize = TAIL;
 
 impl<B: TrainBackend> StepReducer<B> {
     pub fn new(trainer: &Trainer<f32, B>) -> Result<StepReducer<B>, FitError> {
@@ -319,10 +322,11 @@ impl<B: TrainBackend> StepReducer<B> {
         let (n_params, n_state) = (model.grads().len(), model.state().len());
         let device = model.backend();
         Ok(StepReducer {
-            buf: device.zeros(n_params + n_state + TAIL)?,
+            buf: device.zeros(n_params + n_state + TAIL + 1)?,
             n_params,
             n_state,
             start_state: device.zeros(n_state)?,
+            flag: device.zeros(1)?,
         })
     }
 
@@ -370,16 +374,25 @@ impl<B: TrainBackend> StepReducer<B> {
         device.write(&tail, Out::part(&mut self.buf, p + s..p + s + TAIL))?;
         let reducing = Instant::now();
         times.compute += (reducing - started).as_secs_f64();
-        comm.reduce_sum(&device, Out::all(&mut self.buf))?;
-        // The statistics and the tail in one read back. On a GPU the step waits twice more: for
-        // each part's loss terms (read when its backward is queued) and for the gradient norm
-        // in `apply` (counted on the emulated driver: docs/benchmarks.md).
-        let mut host = device.download(In::part(&self.buf, p..p + s + TAIL))?;
+        comm.reduce_sum(&device, Out::part(&mut self.buf, 0..p + s + TAIL))?;
+        // The op reads the gradients and writes the flag: two views of one buffer cannot be
+        // both, so the flag is made beside it and copied in.
+        device.flag_non_finite(In::part(&self.buf, 0..p), Out::all(&mut self.flag))?;
+        let flag = p + s + FLAG;
+        device.copy(
+            In::all(&self.flag),
+            Out::part(&mut self.buf, flag..flag + 1),
+        )?;
+        // The statistics, the tail and the flag in one read back (the optimiser then needs no
+        // gradient norm unless it clips). On a GPU the step waits once more, for each part's
+        // loss terms, read when its backward is queued (counted on the emulated driver:
+        // docs/benchmarks.md).
+        let mut host = device.download(In::part(&self.buf, p..p + s + TAIL + 1))?;
         let applying = Instant::now();
         times.allreduce += (applying - reducing).as_secs_f64();
         let (state, tail) = host.split_at_mut(s);
         let (total_parts, more, stop) = (tail[PARTS], tail[MORE] > 0.0, tail[STOP] > 0.0);
-        let sums = Sums::read(&tail[SUMS..]);
+        let sums = Sums::read(&tail[SUMS..TAIL]);
         let model = &mut trainer.model;
         if sums.cells == 0 {
             device.copy(In::all(&self.start_state), Out::all(model.state_mut()))?;
@@ -391,6 +404,8 @@ impl<B: TrainBackend> StepReducer<B> {
         }
         device.copy(In::part(&self.buf, 0..p), Out::all(model.grads_mut()))?;
         device.scale(Out::all(model.grads_mut()), 1.0 / sums.cells as f32)?;
+        // Scaling by 1/cells keeps finite values finite and NaN or infinite ones not.
+        model.set_grads_finite(tail[FLAG] == 0.0);
         // A division, not a product with the reciprocal: the parts' mean in the bits the CPU
         // ring path has always produced.
         state.iter_mut().for_each(|v| *v /= total_parts);
