@@ -107,12 +107,38 @@ fn intervals(out: &Path) -> Vec<(u64, Work)> {
     all
 }
 
+/// How often each process looked a kernel up in the driver, and how many distinct kernels it
+/// launched, summed over the processes that wrote reports under `out`.
+fn lookups_and_kernels(out: &Path) -> (u64, usize) {
+    let (mut lookups, mut kernels) = (0, 0);
+    for file in std::fs::read_dir(out.join("emu-stats")).unwrap() {
+        let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
+        let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+        lookups += report["totals"]["function lookup"].as_u64().unwrap_or(0);
+        let launched: std::collections::BTreeSet<&str> = report["intervals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|i| i["work"].as_object().unwrap().keys())
+            .filter(|k| k.starts_with("launch "))
+            .map(String::as_str)
+            .collect();
+        kernels += launched.len();
+    }
+    (lookups, kernels)
+}
+
 /// Every training step waits for the device once, for its loss terms and whether its gradients
 /// are finite in one transfer (not once per term, and no gradient norm: nothing is clipped),
-/// its GEMMs went to cuBLAS, and its activations and gradients are allocated without a memset
-/// each.
+/// its GEMMs went to cuBLAS, its activations and gradients are allocated without a memset
+/// each, and its kernels were looked up in the driver once, not at every launch.
 fn assert_one_read_back_per_step(what: &str, out: &Path) {
     let all = intervals(out);
+    let (lookups, kernels) = lookups_and_kernels(out);
+    assert!(
+        kernels > 0 && lookups as usize <= kernels,
+        "{what}: {lookups} lookups of {kernels} kernels"
+    );
     let norms = all
         .iter()
         .filter(|(_, work)| work.contains_key("launch chunk_sum_squares"));
@@ -213,8 +239,19 @@ fn two_workers_on_emulated_devices_reduce_through_nccl_to_the_cpus_losses() {
     );
     assert!(!log.contains("TCP ring"), "NCCL, not the ring: {log}");
     assert_same_losses("2 workers on cuda vs 1 CPU process", &two, &one);
-    // One NCCL call per step, the reduced gradients flagged in the tail's read: no norm.
+    // One NCCL call per step, the reduced gradients flagged in the tail's read: no norm, and
+    // no flag of a part's gradients (they are checked once summed).
     let all = intervals(&dir.path().join("two"));
+    let total = |key: &str| -> u64 {
+        all.iter()
+            .map(|(times, work)| times * work.get(key).and_then(|v| v.as_u64()).unwrap_or(0))
+            .sum()
+    };
+    assert_eq!(
+        total("launch flag_non_finite"),
+        total("all-reduce"),
+        "{all:?}"
+    );
     let reduces: Vec<&(u64, Work)> = all
         .iter()
         .filter(|(_, work)| work.contains_key("all-reduce"))

@@ -198,7 +198,8 @@ std::map<std::string, Kernel>& kernels() {
 // exit: every distinct interval of one stream between the host's synchronisations with it
 // (stream or event synchronize, a copy to pageable host memory, which CUDA completes before
 // returning; the context's synchronize ends every stream's), how often it occurred and what
-// was queued in it: kernel launches by name, GEMMs, all-reduces, copies, memsets, allocations.
+// was queued in it: kernel launches by name, GEMMs, all-reduces, copies, memsets, allocations;
+// and, under "totals", host work of no stream (looking a kernel up by name).
 // A training step is such an interval of the compute stream: how many launches and
 // synchronisations it costs does not depend on the device, so it is counted here, without one.
 namespace stats {
@@ -213,11 +214,27 @@ bool enabled() {
 std::mutex lock;
 std::map<int, Work> open;                       // by stream id
 std::map<std::pair<int, Work>, long> recorded;  // (stream id, work) -> times seen
+Work totals;                                    // host work of no stream, per process
 
 void note(int stream, const std::string& what) {
     if (!enabled()) { return; }
     std::lock_guard<std::mutex> hold(lock);
     open[stream][what] += 1;
+}
+
+void count(const std::string& what) {
+    if (!enabled()) { return; }
+    std::lock_guard<std::mutex> hold(lock);
+    totals[what] += 1;
+}
+
+void write_work(FILE* f, const Work& work) {
+    size_t j = 0;
+    std::fprintf(f, "{");
+    for (const auto& [what, n] : work) {
+        std::fprintf(f, "%s\"%s\": %ld", j++ ? ", " : "", what.c_str(), n);
+    }
+    std::fprintf(f, "}");
 }
 
 void close(std::map<int, Work>::iterator it) {
@@ -248,15 +265,14 @@ void write(FILE* f) {
     std::fprintf(f, "{\"intervals\": [");
     for (size_t i = 0; i < order.size(); ++i) {
         const auto& [stream, work] = *order[i].second;
-        std::fprintf(f, "%s\n  {\"stream\": %d, \"count\": %ld, \"work\": {", i ? "," : "", stream,
+        std::fprintf(f, "%s\n  {\"stream\": %d, \"count\": %ld, \"work\": ", i ? "," : "", stream,
                      order[i].first);
-        size_t j = 0;
-        for (const auto& [what, n] : work) {
-            std::fprintf(f, "%s\"%s\": %ld", j++ ? ", " : "", what.c_str(), n);
-        }
-        std::fprintf(f, "}}");
+        write_work(f, work);
+        std::fprintf(f, "}");
     }
-    std::fprintf(f, "\n]}\n");
+    std::fprintf(f, "\n], \"totals\": ");
+    write_work(f, totals);
+    std::fprintf(f, "}\n");
 }
 
 // Writes the report at exit (intervals never synchronised are left out).
@@ -506,6 +522,7 @@ CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned int v, size_t n) { return cuMems
 CUresult cuModuleLoadData(CUhandle* m, const void*) { *m = &emu::kernels(); return SUCCESS; }
 CUresult cuModuleUnload(CUhandle) { return SUCCESS; }
 CUresult cuModuleGetFunction(CUhandle* f, CUhandle, const char* name) {
+    stats::count("function lookup");
     auto found = emu::kernels().find(name);
     if (found == emu::kernels().end()) { return fail(NOT_FOUND, std::string("no kernel ") + name); }
     *f = &found->second;

@@ -95,11 +95,18 @@ pub fn compile(module: &str, source: &str) -> Result<Ptx> {
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    modules: Mutex<Loaded>,
     blas: std::sync::OnceLock<cudarc::cublas::CudaBlas>,
     /// The copy stream and its buffers, made at the first staged upload.
     staging: std::sync::OnceLock<Arc<crate::cuda_staging::Staging>>,
     matmul: MatmulPrecision,
+}
+
+/// The modules compiled for one GPU and the kernels looked up in them.
+#[derive(Default)]
+struct Loaded {
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    functions: HashMap<(&'static str, &'static str), CudaFunction>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -139,7 +146,7 @@ impl Gpu {
         Ok(Gpu {
             ctx,
             stream,
-            modules: Mutex::new(HashMap::new()),
+            modules: Mutex::new(Loaded::default()),
             blas: std::sync::OnceLock::new(),
             staging: std::sync::OnceLock::new(),
             matmul: MatmulPrecision::Highest,
@@ -206,28 +213,32 @@ impl Gpu {
         &self.stream
     }
 
-    /// A kernel of one of our modules, compiling the module on first use.
+    /// A kernel of one of our modules, compiling the module on first use. Looked up in the
+    /// driver once: a launch then costs a map lookup, not a name search and an allocation.
     pub fn function(
         &self,
         module: &'static str,
         source: &str,
-        kernel: &str,
+        kernel: &'static str,
     ) -> Result<CudaFunction> {
-        let loaded = {
-            let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
-            match modules.get(module) {
-                Some(m) => m.clone(),
-                None => {
-                    let m = self
-                        .ctx
-                        .load_module(compile(module, source)?)
-                        .map_err(driver(module))?;
-                    modules.insert(module, m.clone());
-                    m
-                }
+        let mut loaded = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = loaded.functions.get(&(module, kernel)) {
+            return Ok(f.clone());
+        }
+        let m = match loaded.modules.get(module) {
+            Some(m) => m.clone(),
+            None => {
+                let m = self
+                    .ctx
+                    .load_module(compile(module, source)?)
+                    .map_err(driver(module))?;
+                loaded.modules.insert(module, m.clone());
+                m
             }
         };
-        loaded.load_function(kernel).map_err(driver(kernel))
+        let f = m.load_function(kernel).map_err(driver(kernel))?;
+        loaded.functions.insert((module, kernel), f.clone());
+        Ok(f)
     }
 
     /// The cuBLAS handle on our stream, created at first use.

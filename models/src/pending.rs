@@ -79,26 +79,23 @@ pub(crate) struct PendingLoss<S> {
 impl<S: Storage> PendingLoss<S> {
     /// The terms, read in one transfer.
     pub fn resolve<T: Real, B: Backend<T, Buf = S>>(self, b: &B) -> Result<LossTerms> {
-        Ok(self.resolve_with(b, None)?.0)
+        Ok(self.resolve_with(b, &[])?.0)
     }
 
     /// The terms and the values of `extra` (a step's gradient flag), read in one transfer.
     pub fn resolve_with<T: Real, B: Backend<T, Buf = S>>(
         self,
         b: &B,
-        extra: Option<&S>,
-    ) -> Result<(LossTerms, Vec<T>)> {
+        extra: &[&S],
+    ) -> Result<(LossTerms, Vec<Vec<T>>)> {
         let shares: Vec<&S> = [&self.reconstruction, &self.kl]
             .into_iter()
             .filter(|t| t.known.is_none())
             .flat_map(|t| t.shares.iter().map(|s| &s.values))
+            .chain(extra.iter().copied())
             .collect();
-        let mut host = read_together(b, &[&shares[..], extra.as_slice()].concat())?;
-        let extra = if extra.is_some() {
-            host.pop().unwrap_or_default()
-        } else {
-            Vec::new()
-        };
+        let mut host = read_together(b, &shares)?;
+        let extra = host.split_off(host.len() - extra.len());
         let mut at = host.iter();
         let mut value = |term: &Term<S>| -> f64 {
             if let Some(known) = term.known {

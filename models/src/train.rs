@@ -185,6 +185,24 @@ pub enum TrainError {
     },
 }
 
+/// A step's loss terms and what was learnt of its gradients with them.
+#[derive(Debug, Clone, Copy)]
+pub struct Gradients {
+    pub terms: LossTerms,
+    /// Whether every gradient is finite ([`Check::Finite`]); None: not asked.
+    pub finite: Option<bool>,
+}
+
+/// Whether [`Trainer::part_gradients`] learns if every gradient is finite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Read with the loss terms: for gradients applied as they are ([`Trainer::apply`] then
+    /// needs no norm unless it clips).
+    Finite,
+    /// Not read: for a part's gradients, summed with the other parts' and checked after.
+    Skip,
+}
+
 /// A model and its optimiser state, on the model's backend.
 #[derive(Debug)]
 pub struct Trainer<T: Real, B: Backend<T>> {
@@ -262,9 +280,9 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
 
     /// One optimisation step on a minibatch.
     pub fn step(&mut self, batch: VaeBatch<'_, T>, epoch: usize) -> Result<LossTerms, TrainError> {
-        let terms = self.gradients(batch, epoch)?;
-        self.apply()?;
-        Ok(terms)
+        let g = self.gradients(batch, epoch)?;
+        self.apply(g.finite)?;
+        Ok(g.terms)
     }
 
     /// Loss terms and gradients (in `model.grads`) of the next step, checked for NaN/Inf.
@@ -272,31 +290,43 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
         &mut self,
         batch: VaeBatch<'_, T>,
         epoch: usize,
-    ) -> Result<LossTerms, TrainError> {
-        self.part_gradients(batch, Vec::new(), epoch, 0)
+    ) -> Result<Gradients, TrainError> {
+        self.part_gradients(batch, Vec::new(), epoch, 0, Check::Finite)
     }
 
     /// [`Trainer::gradients`] of part `part` of a step's batch (data-parallel training cuts
     /// each step's batch into parts): the part draws its own dropout masks and latent noise, so
     /// a part's gradient is the same whichever worker computes it. Part 0 draws what a whole
     /// batch does. `uploaded`: count matrices of the batch already on the device
-    /// ([`Vae::loss_and_grad_uploaded`]).
+    /// ([`Vae::forward_backward`]). `check`: whether to learn, in the same read as the loss
+    /// terms, if every gradient is finite (worth it only for gradients applied as they are).
     pub fn part_gradients(
         &mut self,
         batch: VaeBatch<'_, T>,
         uploaded: Vec<Option<B::Csr>>,
         epoch: usize,
         part: u64,
-    ) -> Result<LossTerms, TrainError> {
+        check: Check,
+    ) -> Result<Gradients, TrainError> {
         let step = self.step + 1;
         let seed = self.config.seed ^ part.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let terms = self.model.loss_and_grad_uploaded(
+        let pending = self.model.forward_backward(
             batch,
             uploaded,
             self.config.kl_weight(epoch),
             Mode::Train { seed, step },
         )?;
         let b = self.model.backend().clone();
+        let (terms, finite) = match check {
+            Check::Skip => (pending.resolve(&b)?, None),
+            Check::Finite => {
+                let mut flag = b.output_buf(1)?;
+                b.flag_non_finite(In::all(&self.model.grads), Out::all(&mut flag))?;
+                let (terms, flag) = pending.resolve_with(&b, &[&flag])?;
+                let finite = flag.concat().first().is_some_and(|f| f.f64() == 0.0);
+                (terms, Some(finite))
+            }
+        };
         for (r, kept) in &self.kept_state {
             b.copy(In::all(kept), Out::part(&mut self.model.state, r.clone()))?;
         }
@@ -308,22 +338,31 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
                 return Err(TrainError::NonFinite { step, term, value });
             }
         }
-        Ok(terms)
+        Ok(Gradients { terms, finite })
     }
 
     /// Clips (if configured) and applies the gradients in `model.grads`: Adam or AdamW.
-    pub fn apply(&mut self) -> Result<(), TrainError> {
+    /// `finite`: whether `Backend::flag_non_finite` found every one of them finite since they
+    /// were last written ([`Gradients::finite`]); None: unknown, so their norm is computed to
+    /// refuse NaN/Inf (on a GPU a second wait for the device per step, hence the flag).
+    pub fn apply(&mut self, finite: Option<bool>) -> Result<(), TrainError> {
         let step = self.step + 1;
         let every = 0..self.model.layout.len();
-        let ranges: Vec<Range<usize>> = self.trainable.clone().unwrap_or(vec![every]);
-        // Known finite from the backward's read and not clipped: the norm is not needed (on a
-        // GPU it would be a second wait for the device per step).
-        let finite = self.model.grads_finite.take() == Some(true);
-        if !finite || self.config.clip_norm.is_some() {
-            self.check_and_clip(step, &ranges)?;
-        }
+        let ranges = self
+            .trainable
+            .as_deref()
+            .unwrap_or(std::slice::from_ref(&every));
         let b = self.model.backend().clone();
-        for r in &ranges {
+        if finite != Some(true) || self.config.clip_norm.is_some() {
+            check_and_clip(
+                &b,
+                &mut self.model.grads,
+                ranges,
+                self.config.clip_norm,
+                step,
+            )?;
+        }
+        for r in ranges {
             b.adamw_step(
                 &self.opt,
                 step,
@@ -334,36 +373,6 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
             )?;
         }
         self.step = step;
-        Ok(())
-    }
-
-    /// The gradient norm over `ranges`: an error if it is not finite; the gradients scaled to
-    /// `clip_norm` where they exceed it.
-    fn check_and_clip(&mut self, step: u64, ranges: &[Range<usize>]) -> Result<(), TrainError> {
-        let b = self.model.backend().clone();
-        let norm = match ranges {
-            [one] => b.grad_norm(In::part(&self.model.grads, one.clone()))?,
-            _ => ranges
-                .iter()
-                .map(|r| {
-                    b.grad_norm(In::part(&self.model.grads, r.clone()))
-                        .map(|n| n * n)
-                })
-                .sum::<Result<f64, _>>()?
-                .sqrt(),
-        };
-        if !norm.is_finite() {
-            return Err(TrainError::NonFinite {
-                step,
-                term: "gradient norm",
-                value: norm,
-            });
-        }
-        if let Some(max) = self.config.clip_norm
-            && norm > max
-        {
-            b.scale(Out::all(&mut self.model.grads), T::of(max / (norm + 1e-6)))?;
-        }
         Ok(())
     }
 
@@ -384,72 +393,41 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
     }
 }
 
+/// The norm of `grads` over `ranges`: an error (naming `step`) if it is not finite; the
+/// gradients scaled to `clip_norm` where they exceed it.
+fn check_and_clip<T: Real, B: Backend<T>>(
+    b: &B,
+    grads: &mut B::Buf,
+    ranges: &[Range<usize>],
+    clip_norm: Option<f64>,
+    step: u64,
+) -> Result<(), TrainError> {
+    let norm = match ranges {
+        [one] => b.grad_norm(In::part(grads, one.clone()))?,
+        _ => ranges
+            .iter()
+            .map(|r| b.grad_norm(In::part(grads, r.clone())).map(|n| n * n))
+            .sum::<Result<f64, _>>()?
+            .sqrt(),
+    };
+    if !norm.is_finite() {
+        return Err(TrainError::NonFinite {
+            step,
+            term: "gradient norm",
+            value: norm,
+        });
+    }
+    if let Some(max) = clip_norm
+        && norm > max
+    {
+        b.scale(Out::all(grads), T::of(max / (norm + 1e-6)))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Categories, ModalityCounts, VaeConfig};
-    use tessera_kernels::backend::Cpu;
-    use tessera_kernels::ops::linear::CsrRef;
-
-    /// The backward reads whether its gradients are finite with the loss terms; `apply` then
-    /// skips the norm, and still refuses gradients it was not told about (changed after the
-    /// backward) when they hold a NaN.
-    #[test]
-    fn the_step_knows_its_gradients_are_finite_and_still_refuses_a_nan() {
-        let (n, genes) = (6, 5);
-        let model = Vae::<f64, Cpu>::new(
-            Cpu,
-            VaeConfig {
-                n_hidden: 8,
-                n_latent: 2,
-                ..VaeConfig::default()
-            },
-            &[("rna", genes)],
-            Categories {
-                n_batch: 1,
-                n_cov: 1,
-                n_labels: 0,
-            },
-            0,
-        )
-        .unwrap();
-        let mut trainer = Trainer::new(model, TrainConfig::default()).unwrap();
-        let indptr: Vec<u64> = (0..=n as u64).map(|r| 2 * r).collect();
-        let indices: Vec<u32> = (0..2 * n as u32).map(|i| i % genes as u32).collect();
-        let data: Vec<f64> = (0..2 * n).map(|i| 1.0 + (i % 3) as f64).collect();
-        let modalities = [ModalityCounts {
-            counts: CsrRef {
-                rows: n,
-                cols: genes,
-                indptr: &indptr,
-                indices: &indices,
-                data: &data,
-            },
-            present: None,
-        }];
-        let covariates = vec![1.0; n];
-        trainer
-            .gradients(VaeBatch::new(&modalities, &covariates), 0)
-            .unwrap();
-        assert_eq!(trainer.model.grads_finite, Some(true));
-        trainer.apply().unwrap();
-        assert_eq!(trainer.model.grads_finite, None, "one step's knowledge");
-        trainer
-            .gradients(VaeBatch::new(&modalities, &covariates), 0)
-            .unwrap();
-        trainer.model.grads_mut()[3] = f64::NAN;
-        match trainer.apply() {
-            Err(TrainError::NonFinite {
-                step: 2,
-                term,
-                value,
-            }) => {
-                assert_eq!(term, "gradient norm");
-                assert!(value.is_nan());
-            }
-            other => panic!("expected the NaN refused, got {other:?}"),
-        }
-    }
 
     #[test]
     fn plateau_reduces_after_more_than_patience_bad_epochs() {

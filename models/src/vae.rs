@@ -277,9 +277,6 @@ pub struct Vae<T: Real, B: Backend<T>> {
     pub state_layout: Layout,
     pub(crate) values: B::Buf,
     pub(crate) grads: B::Buf,
-    /// Whether the last backward's gradients are all finite, read with its loss terms; None
-    /// before any backward and once they are changed through [`Vae::grads_mut`].
-    pub(crate) grads_finite: Option<bool>,
     /// BatchNorm running statistics.
     pub(crate) state: B::Buf,
     /// The parameter ranges being trained (sorted, disjoint; `Trainer::freeze_except`): the
@@ -661,7 +658,6 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             state_layout: state,
             values: values_buf,
             grads,
-            grads_finite: None,
             state: state_buf,
             trained: None,
             encoders,
@@ -709,15 +705,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     }
 
     pub fn grads_mut(&mut self) -> &mut B::Buf {
-        self.grads_finite = None;
         &mut self.grads
-    }
-
-    /// Records that the gradients now in [`Vae::grads`] were checked, `finite` as
-    /// `Backend::flag_non_finite` found them (a data-parallel step flags its reduced gradients
-    /// in its own read), so that the optimiser needs their norm only to clip.
-    pub fn set_grads_finite(&mut self, finite: bool) {
-        self.grads_finite = Some(finite);
     }
 
     /// BatchNorm running statistics, in `state_layout`'s order.
@@ -745,29 +733,25 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         kl_weight: f64,
         mode: Mode,
     ) -> Result<LossTerms> {
-        self.loss_and_grad_uploaded(batch, Vec::new(), kl_weight, mode)
+        self.forward_backward(batch, Vec::new(), kl_weight, mode)?
+            .resolve(&self.backend)
     }
 
-    /// [`Vae::loss_and_grad`] with some of the batch's count matrices already on the device
-    /// (`uploaded`, in the model's modality order; None, or past the end: uploaded here), as
-    /// a stager uploads the next batch while this step computes. A modality some cells of the
-    /// batch lack is uploaded here regardless (the encoder reads a subset of the rows).
-    pub fn loss_and_grad_uploaded(
+    /// [`Vae::loss_and_grad`] with the loss terms still on the device, so that the caller
+    /// reads them with what else it queued (the step's one wait), and some of the batch's count
+    /// matrices already on the device (`uploaded`, in the model's modality order; None, or past
+    /// the end: uploaded here), as a stager uploads the next batch while this step computes. A
+    /// modality some cells of the batch lack is uploaded here regardless (the encoder reads a
+    /// subset of the rows).
+    pub(crate) fn forward_backward(
         &mut self,
         batch: VaeBatch<'_, T>,
         uploaded: Vec<Option<B::Csr>>,
         kl_weight: f64,
         mode: Mode,
-    ) -> Result<LossTerms> {
+    ) -> Result<PendingLoss<B::Buf>> {
         let (terms, fwd) = self.forward(batch, uploaded, kl_weight, mode)?;
         self.backward(fwd, mode)?;
-        // Read after the backward is queued, with whether every gradient is finite: the step's
-        // one wait for the device (the optimiser then needs no norm unless it clips).
-        let mut flag = self.backend.output_buf(1)?;
-        self.backend
-            .flag_non_finite(In::all(&self.grads), Out::all(&mut flag))?;
-        let (terms, flag) = terms.resolve_with(&self.backend, Some(&flag))?;
-        self.grads_finite = Some(flag.first().is_some_and(|f| f.f64() == 0.0));
         Ok(terms)
     }
 

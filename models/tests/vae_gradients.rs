@@ -7,8 +7,8 @@ use tessera_kernels::gradcheck::{check_at, spread};
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::layers::Mode;
 use tessera_models::{
-    Categories, Dispersion, Joint, LikelihoodKind, ModalityConfig, ModalityCounts, Prior,
-    Supervision, Survival, Vae, VaeBatch, VaeConfig,
+    Categories, Check, Dispersion, Joint, LikelihoodKind, ModalityConfig, ModalityCounts, Prior,
+    Supervision, Survival, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig,
 };
 
 /// Counts for `n` cells x `g` genes with an all-zero cell, as CSR.
@@ -200,48 +200,47 @@ fn layer_norm_with_and_without_batch_norm() {
     }
 }
 
+/// A small scVI-shaped trainer (one RNA modality of `g` genes).
+fn small_trainer(g: usize) -> Trainer<f64, Cpu> {
+    let config = VaeConfig {
+        n_hidden: 4,
+        n_latent: 2,
+        ..VaeConfig::default()
+    };
+    let model = Vae::<f64, Cpu>::new(Cpu, config, &[("rna", g)], CATEGORIES, 1).unwrap();
+    Trainer::new(model, TrainConfig::default()).unwrap()
+}
+
+/// One RNA modality of `n` cells x `g` genes, every cell measured.
+fn rna<'a>(
+    (n, g): (usize, usize),
+    indptr: &'a [u64],
+    indices: &'a [u32],
+    data: &'a [f64],
+) -> [ModalityCounts<'a, f64>; 1] {
+    [ModalityCounts {
+        counts: CsrRef {
+            rows: n,
+            cols: g,
+            indptr,
+            indices,
+            data,
+        },
+        present: None,
+    }]
+}
+
 #[test]
 fn non_finite_input_stops_training_naming_the_step_and_term() {
-    use tessera_models::{TrainConfig, TrainError, Trainer};
     let (n, g) = (4, 5);
     let (indptr, indices, mut data) = counts(n, g, false);
     let cov = covariates(n);
-    let model = Vae::<f64, Cpu>::new(
-        Cpu,
-        VaeConfig {
-            n_hidden: 4,
-            n_latent: 2,
-            ..VaeConfig::default()
-        },
-        &[("rna", g)],
-        CATEGORIES,
-        1,
-    )
-    .unwrap();
-    let mut trainer = Trainer::new(model, TrainConfig::default()).unwrap();
-    let modalities = [ModalityCounts {
-        counts: CsrRef {
-            rows: n,
-            cols: g,
-            indptr: &indptr,
-            indices: &indices,
-            data: &data,
-        },
-        present: None,
-    }];
+    let mut trainer = small_trainer(g);
+    let modalities = rna((n, g), &indptr, &indices, &data);
     trainer.step(VaeBatch::new(&modalities, &cov), 0).unwrap();
     let before = trainer.model.values().clone();
     data[0] = f64::NAN;
-    let modalities = [ModalityCounts {
-        counts: CsrRef {
-            rows: n,
-            cols: g,
-            indptr: &indptr,
-            indices: &indices,
-            data: &data,
-        },
-        present: None,
-    }];
+    let modalities = rna((n, g), &indptr, &indices, &data);
     match trainer.step(VaeBatch::new(&modalities, &cov), 0) {
         Err(TrainError::NonFinite { step: 2, term, .. }) => assert_eq!(term, "reconstruction loss"),
         other => panic!("expected a non-finite error at step 2, got {other:?}"),
@@ -252,6 +251,51 @@ fn non_finite_input_stops_training_naming_the_step_and_term() {
         "a failed step changes no parameter"
     );
     assert_eq!(trainer.step, 1);
+}
+
+/// The step learns whether its gradients are finite with its loss terms, so `apply` needs no
+/// norm for them; gradients it knows nothing about, or knows to be non-finite, are still
+/// measured and refused.
+#[test]
+fn gradients_flagged_finite_or_not_and_unknown_ones_are_still_refused() {
+    let (n, g) = (4, 5);
+    let (indptr, indices, data) = counts(n, g, false);
+    let cov = covariates(n);
+    let modalities = rna((n, g), &indptr, &indices, &data);
+    let batch = || VaeBatch::new(&modalities, &cov);
+    let mut trainer = small_trainer(g);
+    let flagged = trainer.gradients(batch(), 0).unwrap();
+    assert_eq!(flagged.finite, Some(true));
+    let skipped = trainer
+        .part_gradients(batch(), Vec::new(), 0, 0, Check::Skip)
+        .unwrap();
+    assert_eq!(skipped.finite, None, "not asked");
+    assert_eq!(
+        skipped.terms, flagged.terms,
+        "the flag changes no loss term"
+    );
+    trainer.apply(flagged.finite).unwrap();
+    let before = trainer.model.values().clone();
+    for finite in [None, Some(false)] {
+        trainer.gradients(batch(), 0).unwrap();
+        trainer.model.grads_mut()[3] = f64::NAN;
+        match trainer.apply(finite) {
+            Err(TrainError::NonFinite {
+                step: 2,
+                term,
+                value,
+            }) => {
+                assert_eq!(term, "gradient norm", "{finite:?}");
+                assert!(value.is_nan(), "{finite:?}");
+            }
+            other => panic!("expected the NaN refused ({finite:?}), got {other:?}"),
+        }
+    }
+    assert_eq!(
+        *trainer.model.values(),
+        before,
+        "a refused step changes nothing"
+    );
 }
 
 #[test]

@@ -214,7 +214,7 @@ impl<B: TrainBackend> Stepper<'_, B> {
                 (inputs.more, stop),
                 kl_weight,
                 &mut done.times,
-                |trainer, part| {
+                |trainer, part, check| {
                     let input = inputs
                         .parts
                         .iter_mut()
@@ -230,7 +230,9 @@ impl<B: TrainBackend> Stepper<'_, B> {
                         .collect::<Result<Vec<_>, _>>()?;
                     let batch = &input.batch;
                     Ok(on_pool(|| {
-                        batch.with(|b| trainer.part_gradients(b, uploaded, epoch, part as u64))
+                        batch.with(|b| {
+                            trainer.part_gradients(b, uploaded, epoch, part as u64, check)
+                        })
                     })?)
                 },
             )?;

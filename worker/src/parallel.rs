@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use tessera_data::{Dataset, Epoch, MiniBatch};
 use tessera_kernels::backend::{In, Out, Storage};
-use tessera_models::{LossTerms, Trainer};
+use tessera_models::{Check, Gradients, LossTerms, Trainer};
 
 use crate::collective::{Collective, TrainBackend};
 use crate::records::{EpochRecord, FitError, StepTimes};
@@ -332,7 +332,7 @@ impl<B: TrainBackend> StepReducer<B> {
 
     /// Gradients of this rank's parts of the step, summed with every other rank's, applied.
     /// `(more, stop)`: this rank has another batch, was asked to stop. `gradients(trainer,
-    /// part)` computes one part's loss terms and gradients (in the model).
+    /// part, check)` computes one part's loss terms and gradients (in the model).
     #[allow(clippy::too_many_arguments)] // one step's inputs; bundling them would only rename them
     pub fn step(
         &mut self,
@@ -342,7 +342,7 @@ impl<B: TrainBackend> StepReducer<B> {
         (more, stop): (bool, bool),
         kl_weight: f64,
         times: &mut StepTimes,
-        mut gradients: impl FnMut(&mut Trainer<f32, B>, usize) -> Result<LossTerms, FitError>,
+        mut gradients: impl FnMut(&mut Trainer<f32, B>, usize, Check) -> Result<Gradients, FitError>,
     ) -> Result<Stepped, FitError> {
         let started = Instant::now();
         // Alone with one part: the model's own buffers, no copies.
@@ -354,11 +354,11 @@ impl<B: TrainBackend> StepReducer<B> {
                     stop,
                 });
             };
-            let terms = gradients(trainer, part)?;
-            trainer.apply()?;
+            let g = gradients(trainer, part, Check::Finite)?;
+            trainer.apply(g.finite)?;
             times.compute += started.elapsed().as_secs_f64();
             return Ok(Stepped {
-                terms: Some(terms),
+                terms: Some(g.terms),
                 more,
                 stop,
             });
@@ -404,13 +404,12 @@ impl<B: TrainBackend> StepReducer<B> {
         }
         device.copy(In::part(&self.buf, 0..p), Out::all(model.grads_mut()))?;
         device.scale(Out::all(model.grads_mut()), 1.0 / sums.cells as f32)?;
-        // Scaling by 1/cells keeps finite values finite and NaN or infinite ones not.
-        model.set_grads_finite(tail[FLAG] == 0.0);
         // A division, not a product with the reciprocal: the parts' mean in the bits the CPU
         // ring path has always produced.
         state.iter_mut().for_each(|v| *v /= total_parts);
         device.write(state, Out::all(model.state_mut()))?;
-        trainer.apply()?;
+        // Scaling by 1/cells keeps finite values finite and NaN or infinite ones not.
+        trainer.apply(Some(tail[FLAG] == 0.0))?;
         times.compute += applying.elapsed().as_secs_f64();
         Ok(Stepped {
             terms: Some(sums.mean(kl_weight)),
@@ -425,7 +424,7 @@ impl<B: TrainBackend> StepReducer<B> {
         &mut self,
         trainer: &mut Trainer<f32, B>,
         parts: &[usize],
-        gradients: &mut impl FnMut(&mut Trainer<f32, B>, usize) -> Result<LossTerms, FitError>,
+        gradients: &mut impl FnMut(&mut Trainer<f32, B>, usize, Check) -> Result<Gradients, FitError>,
     ) -> Result<Sums, FitError> {
         let (p, s) = (self.n_params, self.n_state);
         let device = trainer.model.backend().clone();
@@ -442,7 +441,8 @@ impl<B: TrainBackend> StepReducer<B> {
                 In::all(&self.start_state),
                 Out::all(trainer.model.state_mut()),
             )?;
-            let terms = gradients(trainer, part)?;
+            // The sum is checked once, after the all-reduce: no flag per part.
+            let terms = gradients(trainer, part, Check::Skip)?.terms;
             let model = &trainer.model;
             device.axpy(
                 terms.cells as f32,
@@ -503,13 +503,18 @@ mod tests {
                 (true, false),
                 1.0,
                 &mut StepTimes::default(),
-                |t, k| {
+                |t, k, check| {
+                    assert_eq!(check, Check::Skip, "parts are checked once summed");
                     t.model.grads_mut().copy_from_slice(&part_values(k, p, 0.0));
                     t.model.state_mut().copy_from_slice(&part_values(k, s, 1.0));
-                    Ok(LossTerms {
+                    let terms = LossTerms {
                         reconstruction: k as f64,
                         cells: cells(k),
                         ..LossTerms::default()
+                    };
+                    Ok(Gradients {
+                        terms,
+                        finite: None,
                     })
                 },
             )
@@ -534,7 +539,7 @@ mod tests {
         state.iter_mut().for_each(|v| *v /= 3.0);
         reference.model.grads_mut().copy_from_slice(&grad);
         reference.model.state_mut().copy_from_slice(&state);
-        reference.apply().unwrap();
+        reference.apply(None).unwrap();
         assert_eq!(reduced.model.state(), reference.model.state());
         assert_eq!(reduced.model.values(), reference.model.values());
     }
