@@ -748,9 +748,8 @@ fn staged_steps<'a, B: Backend<f32>>(
         // The receiver moves to the pool thread that steps.
         step_seconds(&b, per_round, move || {
             let csr = device.staged_csr(staged.recv()??)?;
-            let check = tessera_models::Check::Finite;
-            let g = trainer.part_gradients(as_batch(), vec![Some(csr)], 10, 0, check)?;
-            Ok(trainer.apply(g.finite)?)
+            let g = trainer.part_gradients(as_batch(), vec![Some(csr)], 10, 0)?;
+            Ok(trainer.apply(Some(g.finite))?)
         })
     })
 }

@@ -239,9 +239,22 @@ fn two_workers_on_emulated_devices_reduce_through_nccl_to_the_cpus_losses() {
     );
     assert!(!log.contains("TCP ring"), "NCCL, not the ring: {log}");
     assert_same_losses("2 workers on cuda vs 1 CPU process", &two, &one);
-    // One NCCL call per step, the reduced gradients flagged in the tail's read: no norm, and
-    // no flag of a part's gradients (they are checked once summed).
+    // One wait per step: the part's backward, its loss terms summed on the device, the NCCL
+    // call and the reduced gradients' flag in one interval; no norm, no flag of a part's
+    // gradients (they are checked once summed).
     let all = intervals(&dir.path().join("two"));
+    let backwards: Vec<&(u64, Work)> = all
+        .iter()
+        .filter(|(_, work)| work.contains_key("launch sparse_input_backward"))
+        .collect();
+    assert!(!backwards.is_empty(), "{all:?}");
+    for (_, work) in backwards {
+        assert_eq!(
+            work.get("all-reduce").and_then(|v| v.as_u64()),
+            Some(1),
+            "{work:?}"
+        );
+    }
     let total = |key: &str| -> u64 {
         all.iter()
             .map(|(times, work)| times * work.get(key).and_then(|v| v.as_u64()).unwrap_or(0))

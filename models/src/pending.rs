@@ -21,6 +21,17 @@ pub(crate) enum Reduce {
 }
 
 impl Reduce {
+    /// The weight of each value on the device's scalar type (None: all 1) and the factor
+    /// outside the sum: the reduction is factor × Σ v_r w_r.
+    fn device_form<T: Real>(&self) -> (Option<Vec<T>>, f64) {
+        let on = |w: &[f64]| Some(w.iter().map(|&w| T::of(w)).collect());
+        match self {
+            Reduce::NegativeDot(w) => (on(w), -1.0),
+            Reduce::Dot(s) => (on(s), 1.0),
+            Reduce::ScaledSum(f) => (None, *f),
+        }
+    }
+
     fn apply<T: Real>(&self, values: &[T]) -> f64 {
         match self {
             Reduce::NegativeDot(w) => -values.iter().zip(w).map(|(v, w)| v.f64() * w).sum::<f64>(),
@@ -65,18 +76,96 @@ impl<S> Term<S> {
     }
 }
 
-/// A forward's loss terms, reconstruction and KL still on the device.
+/// A forward's loss terms, reconstruction and KL still on the device: read by
+/// [`crate::Trainer::read_terms`], or summed on the device into a data-parallel step's buffer
+/// ([`PendingLoss::add_device_sums`], [`PendingLoss::host_sums`]) so that the step reads them
+/// with its reduction.
 #[derive(Debug)]
-pub(crate) struct PendingLoss<S> {
-    pub reconstruction: Term<S>,
-    pub kl: Term<S>,
-    pub kl_weight: f64,
-    pub regularization: f64,
-    pub supervised: f64,
-    pub cells: usize,
+pub struct PendingLoss<S> {
+    pub(crate) reconstruction: Term<S>,
+    pub(crate) kl: Term<S>,
+    pub(crate) kl_weight: f64,
+    pub(crate) regularization: f64,
+    pub(crate) supervised: f64,
+    pub(crate) cells: usize,
 }
 
 impl<S: Storage> PendingLoss<S> {
+    /// Terms the host already has (nothing on the device).
+    pub fn on_host(terms: &LossTerms, kl_weight: f64) -> Self {
+        let known = |value: f64| Term {
+            shares: Vec::new(),
+            known: Some(value),
+        };
+        PendingLoss {
+            reconstruction: known(terms.reconstruction),
+            kl: known(terms.kl),
+            kl_weight,
+            regularization: terms.regularization,
+            supervised: terms.supervised,
+            cells: terms.cells,
+        }
+    }
+
+    /// Cells of the batch.
+    pub fn cells(&self) -> usize {
+        self.cells
+    }
+
+    /// `weight` × the terms the host already has, as [reconstruction, KL, regularization,
+    /// supervised]; a term still on the device counts 0 here ([`PendingLoss::add_device_sums`]).
+    pub fn host_sums(&self, weight: f64) -> [f64; 4] {
+        let known = |t: &Term<S>| t.known.unwrap_or(0.0) * weight;
+        [
+            known(&self.reconstruction),
+            known(&self.kl),
+            self.regularization * weight,
+            self.supervised * weight,
+        ]
+    }
+
+    /// Queues `sums[at] += weight × reconstruction` and `sums[at + 1] += weight × KL` for the
+    /// terms still on the device (their shares weighted and summed there, in `T`): nothing is
+    /// read.
+    pub fn add_device_sums<T: Real, B: Backend<T, Buf = S>>(
+        &self,
+        b: &B,
+        weight: f64,
+        sums: &mut S,
+        at: usize,
+    ) -> Result<()> {
+        for (slot, term) in [&self.reconstruction, &self.kl].into_iter().enumerate() {
+            let shares = if term.known.is_some() {
+                &[][..]
+            } else {
+                &term.shares[..]
+            };
+            // An empty share adds nothing (and a launch over no values is refused on a GPU).
+            for share in shares.iter().filter(|s| !s.values.is_empty()) {
+                let (w, factor) = share.reduce.device_form::<T>();
+                let weighted = match w {
+                    Some(w) => {
+                        let w = b.upload(&w)?;
+                        let mut y = b.output_buf(share.values.len())?;
+                        b.scale_rows(In::all(&share.values), In::all(&w), Out::all(&mut y))?;
+                        Some(y)
+                    }
+                    None => None,
+                };
+                let mut total = b.output_buf(1)?;
+                let values = weighted.as_ref().unwrap_or(&share.values);
+                b.column_sums(In::all(values), Out::all(&mut total))?;
+                let slot = at + slot;
+                b.axpy(
+                    T::of(weight * factor),
+                    In::all(&total),
+                    Out::part(sums, slot..slot + 1),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     /// The terms, read in one transfer.
     pub fn resolve<T: Real, B: Backend<T, Buf = S>>(self, b: &B) -> Result<LossTerms> {
         Ok(self.resolve_with(b, &[])?.0)

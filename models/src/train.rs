@@ -11,6 +11,7 @@ use tessera_kernels::backend::{Backend, EngineError, In, Out};
 use tessera_kernels::ops::optim::AdamW;
 
 use crate::layers::Mode;
+use crate::pending::PendingLoss;
 use crate::vae::{LossTerms, Vae, VaeBatch};
 
 /// Optimisation settings; defaults are scvi-tools' (Adam with L2 weight decay, lr 1e-3, eps 1e-2, weight decay
@@ -185,22 +186,12 @@ pub enum TrainError {
     },
 }
 
-/// A step's loss terms and what was learnt of its gradients with them.
+/// A step's loss terms and whether its gradients are all finite, read together.
 #[derive(Debug, Clone, Copy)]
 pub struct Gradients {
     pub terms: LossTerms,
-    /// Whether every gradient is finite ([`Check::Finite`]); None: not asked.
-    pub finite: Option<bool>,
-}
-
-/// Whether [`Trainer::part_gradients`] learns if every gradient is finite.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Check {
-    /// Read with the loss terms: for gradients applied as they are ([`Trainer::apply`] then
-    /// needs no norm unless it clips).
-    Finite,
-    /// Not read: for a part's gradients, summed with the other parts' and checked after.
-    Skip,
+    /// For [`Trainer::apply`]: gradients known finite need no norm unless clipped.
+    pub finite: bool,
 }
 
 /// A model and its optimiser state, on the model's backend.
@@ -281,7 +272,7 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
     /// One optimisation step on a minibatch.
     pub fn step(&mut self, batch: VaeBatch<'_, T>, epoch: usize) -> Result<LossTerms, TrainError> {
         let g = self.gradients(batch, epoch)?;
-        self.apply(g.finite)?;
+        self.apply(Some(g.finite))?;
         Ok(g.terms)
     }
 
@@ -291,23 +282,35 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
         batch: VaeBatch<'_, T>,
         epoch: usize,
     ) -> Result<Gradients, TrainError> {
-        self.part_gradients(batch, Vec::new(), epoch, 0, Check::Finite)
+        self.part_gradients(batch, Vec::new(), epoch, 0)
     }
 
-    /// [`Trainer::gradients`] of part `part` of a step's batch (data-parallel training cuts
-    /// each step's batch into parts): the part draws its own dropout masks and latent noise, so
-    /// a part's gradient is the same whichever worker computes it. Part 0 draws what a whole
-    /// batch does. `uploaded`: count matrices of the batch already on the device
-    /// ([`Vae::forward_backward`]). `check`: whether to learn, in the same read as the loss
-    /// terms, if every gradient is finite (worth it only for gradients applied as they are).
+    /// [`Trainer::gradients`] of part `part` of a step's batch ([`Trainer::part_terms`]),
+    /// its terms read ([`Trainer::read_terms`]).
     pub fn part_gradients(
         &mut self,
         batch: VaeBatch<'_, T>,
         uploaded: Vec<Option<B::Csr>>,
         epoch: usize,
         part: u64,
-        check: Check,
     ) -> Result<Gradients, TrainError> {
+        let pending = self.part_terms(batch, uploaded, epoch, part)?;
+        self.read_terms(pending)
+    }
+
+    /// The gradients (in `model.grads`) of part `part` of a step's batch (data-parallel
+    /// training cuts each step's batch into parts), its loss terms left on the device: nothing
+    /// is read. The part draws its own dropout masks and latent noise, so a part's gradient is
+    /// the same whichever worker computes it; part 0 draws what a whole batch does.
+    /// `uploaded`: count matrices of the batch already on the device
+    /// ([`Vae::forward_backward`]).
+    pub fn part_terms(
+        &mut self,
+        batch: VaeBatch<'_, T>,
+        uploaded: Vec<Option<B::Csr>>,
+        epoch: usize,
+        part: u64,
+    ) -> Result<PendingLoss<B::Buf>, TrainError> {
         let step = self.step + 1;
         let seed = self.config.seed ^ part.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let pending = self.model.forward_backward(
@@ -317,19 +320,28 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
             Mode::Train { seed, step },
         )?;
         let b = self.model.backend().clone();
-        let (terms, finite) = match check {
-            Check::Skip => (pending.resolve(&b)?, None),
-            Check::Finite => {
-                let mut flag = b.output_buf(1)?;
-                b.flag_non_finite(In::all(&self.model.grads), Out::all(&mut flag))?;
-                let (terms, flag) = pending.resolve_with(&b, &[&flag])?;
-                let finite = flag.concat().first().is_some_and(|f| f.f64() == 0.0);
-                (terms, Some(finite))
-            }
-        };
         for (r, kept) in &self.kept_state {
             b.copy(In::all(kept), Out::part(&mut self.model.state, r.clone()))?;
         }
+        Ok(pending)
+    }
+
+    /// The terms of [`Trainer::part_terms`] and whether every gradient now in `model.grads`
+    /// is finite, in one read (on a GPU the step's one wait); an error naming the step and
+    /// the term if a loss term is not finite.
+    pub fn read_terms(&self, pending: PendingLoss<B::Buf>) -> Result<Gradients, TrainError> {
+        let b = self.model.backend();
+        let mut flag = b.output_buf(1)?;
+        b.flag_non_finite(In::all(&self.model.grads), Out::all(&mut flag))?;
+        let (terms, flag) = pending.resolve_with(b, &[&flag])?;
+        self.check_terms(&terms)?;
+        let finite = flag.concat().first().is_some_and(|f| f.f64() == 0.0);
+        Ok(Gradients { terms, finite })
+    }
+
+    /// An error naming the next step and the term if a loss term is NaN or infinite.
+    pub fn check_terms(&self, terms: &LossTerms) -> Result<(), TrainError> {
+        let step = self.step + 1;
         for (term, value) in [
             ("reconstruction loss", terms.reconstruction),
             ("KL divergence", terms.kl),
@@ -338,7 +350,7 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
                 return Err(TrainError::NonFinite { step, term, value });
             }
         }
-        Ok(Gradients { terms, finite })
+        Ok(())
     }
 
     /// Clips (if configured) and applies the gradients in `model.grads`: Adam or AdamW.

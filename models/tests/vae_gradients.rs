@@ -7,7 +7,7 @@ use tessera_kernels::gradcheck::{check_at, spread};
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::layers::Mode;
 use tessera_models::{
-    Categories, Check, Dispersion, Joint, LikelihoodKind, ModalityConfig, ModalityCounts, Prior,
+    Categories, Dispersion, Joint, LikelihoodKind, ModalityConfig, ModalityCounts, Prior,
     Supervision, Survival, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig,
 };
 
@@ -265,16 +265,8 @@ fn gradients_flagged_finite_or_not_and_unknown_ones_are_still_refused() {
     let batch = || VaeBatch::new(&modalities, &cov);
     let mut trainer = small_trainer(g);
     let flagged = trainer.gradients(batch(), 0).unwrap();
-    assert_eq!(flagged.finite, Some(true));
-    let skipped = trainer
-        .part_gradients(batch(), Vec::new(), 0, 0, Check::Skip)
-        .unwrap();
-    assert_eq!(skipped.finite, None, "not asked");
-    assert_eq!(
-        skipped.terms, flagged.terms,
-        "the flag changes no loss term"
-    );
-    trainer.apply(flagged.finite).unwrap();
+    assert!(flagged.finite);
+    trainer.apply(Some(flagged.finite)).unwrap();
     let before = trainer.model.values().clone();
     for finite in [None, Some(false)] {
         trainer.gradients(batch(), 0).unwrap();
@@ -296,6 +288,41 @@ fn gradients_flagged_finite_or_not_and_unknown_ones_are_still_refused() {
         before,
         "a refused step changes nothing"
     );
+    // A NaN in the gradients of a step is what the flag reports.
+    let pending = trainer.part_terms(batch(), Vec::new(), 0, 0).unwrap();
+    trainer.model.grads_mut()[0] = f64::INFINITY;
+    assert!(!trainer.read_terms(pending).unwrap().finite);
+}
+
+/// A part's terms summed on the device (data-parallel steps) are the terms the host reads,
+/// up to the order of additions.
+#[test]
+fn terms_summed_on_the_device_are_the_terms_read() {
+    let (n, g) = (4, 5);
+    let (indptr, indices, data) = counts(n, g, false);
+    let cov = covariates(n);
+    let modalities = rna((n, g), &indptr, &indices, &data);
+    let mut trainer = small_trainer(g);
+    let batch = VaeBatch::new(&modalities, &cov);
+    let pending = trainer.part_terms(batch, Vec::new(), 3, 1).unwrap();
+    let mut sums = vec![0.5; 6];
+    pending.add_device_sums(&Cpu, 2.0, &mut sums, 1).unwrap();
+    let host = pending.host_sums(2.0);
+    let read = trainer.read_terms(pending).unwrap().terms;
+    let expected = [2.0 * read.reconstruction, 2.0 * read.kl];
+    for (i, want) in expected.iter().enumerate() {
+        let got = sums[1 + i] - 0.5 + host[i];
+        assert!(
+            (got - want).abs() <= 1e-12 * want.abs(),
+            "{i}: {got} vs {want}"
+        );
+    }
+    assert_eq!(
+        [sums[0], sums[3], sums[4], sums[5]],
+        [0.5; 4],
+        "only its two slots"
+    );
+    assert_eq!(read.cells, n);
 }
 
 #[test]

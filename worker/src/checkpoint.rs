@@ -5,7 +5,7 @@
 //! a save cut short at any point leaves a whole checkpoint to resume from; the step is recorded
 //! in all three files, so files of different saves are refused rather than half-loaded.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use safetensors::SafeTensors;
@@ -231,13 +231,13 @@ pub(crate) fn write_tensors(
         })
         .collect::<Result<_, _>>()
         .map_err(|e| out(&e))?;
-    let metadata = HashMap::from([
+    let metadata = BTreeMap::from([
         ("format".to_string(), "tessera-vae".to_string()),
         ("step".to_string(), step.to_string()),
     ]);
     // Written through std::fs, so the file takes the umask's mode like every other output
     // (serialize_to_file creates it 0600: a shared volume's readers could not load it).
-    let bytes = safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| out(&e))?;
+    let bytes = crate::tensor_file::to_bytes(views, &metadata).map_err(|e| out(&e))?;
     std::fs::write(path, bytes).map_err(|e| out(&e))
 }
 

@@ -214,7 +214,7 @@ impl<B: TrainBackend> Stepper<'_, B> {
                 (inputs.more, stop),
                 kl_weight,
                 &mut done.times,
-                |trainer, part, check| {
+                |trainer, part| {
                     let input = inputs
                         .parts
                         .iter_mut()
@@ -230,9 +230,7 @@ impl<B: TrainBackend> Stepper<'_, B> {
                         .collect::<Result<Vec<_>, _>>()?;
                     let batch = &input.batch;
                     Ok(on_pool(|| {
-                        batch.with(|b| {
-                            trainer.part_gradients(b, uploaded, epoch, part as u64, check)
-                        })
+                        batch.with(|b| trainer.part_terms(b, uploaded, epoch, part as u64))
                     })?)
                 },
             )?;

@@ -30,6 +30,7 @@ pub mod records;
 pub mod reference;
 mod resident;
 pub mod ring;
+mod tensor_file;
 
 pub use batch::{CovariateKeys, Covariates};
 pub use eval::{EvalError, EvalRequest, Evaluation, evaluate_store, write_evaluation};

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use tessera_data::{Dataset, Epoch, MiniBatch};
 use tessera_kernels::backend::{In, Out, Storage};
-use tessera_models::{Check, Gradients, LossTerms, Trainer};
+use tessera_models::{LossTerms, PendingLoss, Trainer};
 
 use crate::collective::{Collective, TrainBackend};
 use crate::records::{EpochRecord, FitError, StepTimes};
@@ -248,6 +248,21 @@ impl Sums {
         }
     }
 
+    /// The cell-weighted sums of what the host knows of `parts`' terms (the rest is summed on
+    /// the device: `PendingLoss::add_device_sums`).
+    fn of_host_terms<S: tessera_kernels::backend::Storage>(parts: &[PendingLoss<S>]) -> Sums {
+        let mut sums = Sums::default();
+        for part in parts {
+            let [r, k, reg, sup] = part.host_sums(part.cells() as f64);
+            sums.reconstruction += r;
+            sums.kl += k;
+            sums.regularization += reg;
+            sums.supervised += sup;
+            sums.cells += part.cells();
+        }
+        sums
+    }
+
     const LEN: usize = 5;
 
     fn write(&self, out: &mut [f32]) {
@@ -332,7 +347,7 @@ impl<B: TrainBackend> StepReducer<B> {
 
     /// Gradients of this rank's parts of the step, summed with every other rank's, applied.
     /// `(more, stop)`: this rank has another batch, was asked to stop. `gradients(trainer,
-    /// part, check)` computes one part's loss terms and gradients (in the model).
+    /// part)` computes one part's gradients (in the model), its loss terms left on the device.
     #[allow(clippy::too_many_arguments)] // one step's inputs; bundling them would only rename them
     pub fn step(
         &mut self,
@@ -342,7 +357,7 @@ impl<B: TrainBackend> StepReducer<B> {
         (more, stop): (bool, bool),
         kl_weight: f64,
         times: &mut StepTimes,
-        mut gradients: impl FnMut(&mut Trainer<f32, B>, usize, Check) -> Result<Gradients, FitError>,
+        mut gradients: impl FnMut(&mut Trainer<f32, B>, usize) -> Result<PendingLoss<B::Buf>, FitError>,
     ) -> Result<Stepped, FitError> {
         let started = Instant::now();
         // Alone with one part: the model's own buffers, no copies.
@@ -354,8 +369,9 @@ impl<B: TrainBackend> StepReducer<B> {
                     stop,
                 });
             };
-            let g = gradients(trainer, part, Check::Finite)?;
-            trainer.apply(g.finite)?;
+            let pending = gradients(trainer, part)?;
+            let g = trainer.read_terms(pending)?;
+            trainer.apply(Some(g.finite))?;
             times.compute += started.elapsed().as_secs_f64();
             return Ok(Stepped {
                 terms: Some(g.terms),
@@ -363,15 +379,20 @@ impl<B: TrainBackend> StepReducer<B> {
                 stop,
             });
         }
-        let sums = self.accumulate(trainer, parts, &mut gradients)?;
+        let pending = self.accumulate(trainer, parts, &mut gradients)?;
         let (p, s) = (self.n_params, self.n_state);
         let device = trainer.model.backend().clone();
         let mut tail = [0f32; TAIL];
         tail[PARTS] = parts.len() as f32;
         tail[MORE] = f32::from(u8::from(more));
         tail[STOP] = f32::from(u8::from(stop));
-        sums.write(&mut tail[SUMS..]);
+        Sums::of_host_terms(&pending).write(&mut tail[SUMS..]);
         device.write(&tail, Out::part(&mut self.buf, p + s..p + s + TAIL))?;
+        // The terms still on the device are summed into the tail there: the step reads them
+        // with the reduction, its one wait for the device.
+        for part in &pending {
+            part.add_device_sums(&device, part.cells() as f64, &mut self.buf, p + s + SUMS)?;
+        }
         let reducing = Instant::now();
         times.compute += (reducing - started).as_secs_f64();
         comm.reduce_sum(&device, Out::part(&mut self.buf, 0..p + s + TAIL))?;
@@ -384,24 +405,29 @@ impl<B: TrainBackend> StepReducer<B> {
             Out::part(&mut self.buf, flag..flag + 1),
         )?;
         // The statistics, the tail and the flag in one read back (the optimiser then needs no
-        // gradient norm unless it clips). On a GPU the step waits once more, for each part's
-        // loss terms, read when its backward is queued (counted on the emulated driver:
-        // docs/benchmarks.md).
+        // gradient norm unless it clips): the step's one wait for the device (counted on the
+        // emulated driver: docs/benchmarks.md).
         let mut host = device.download(In::part(&self.buf, p..p + s + TAIL + 1))?;
         let applying = Instant::now();
         times.allreduce += (applying - reducing).as_secs_f64();
         let (state, tail) = host.split_at_mut(s);
         let (total_parts, more, stop) = (tail[PARTS], tail[MORE] > 0.0, tail[STOP] > 0.0);
         let sums = Sums::read(&tail[SUMS..TAIL]);
-        let model = &mut trainer.model;
         if sums.cells == 0 {
-            device.copy(In::all(&self.start_state), Out::all(model.state_mut()))?;
+            device.copy(
+                In::all(&self.start_state),
+                Out::all(trainer.model.state_mut()),
+            )?;
             return Ok(Stepped {
                 terms: None,
                 more,
                 stop,
             });
         }
+        let terms = sums.mean(kl_weight);
+        // A part's NaN reaches every rank through the sums: all stop at the same step.
+        trainer.check_terms(&terms)?;
+        let model = &mut trainer.model;
         device.copy(In::part(&self.buf, 0..p), Out::all(model.grads_mut()))?;
         device.scale(Out::all(model.grads_mut()), 1.0 / sums.cells as f32)?;
         // A division, not a product with the reciprocal: the parts' mean in the bits the CPU
@@ -412,20 +438,21 @@ impl<B: TrainBackend> StepReducer<B> {
         trainer.apply(Some(tail[FLAG] == 0.0))?;
         times.compute += applying.elapsed().as_secs_f64();
         Ok(Stepped {
-            terms: Some(sums.mean(kl_weight)),
+            terms: Some(terms),
             more,
             stop,
         })
     }
 
     /// This rank's parts, one after another, each from the step's BatchNorm statistics:
-    /// Σ cells × gradient and Σ statistics into the buffer; returns the parts' loss sums.
+    /// Σ cells × gradient and Σ statistics into the buffer; returns the parts' loss terms,
+    /// still on the device.
     fn accumulate(
         &mut self,
         trainer: &mut Trainer<f32, B>,
         parts: &[usize],
-        gradients: &mut impl FnMut(&mut Trainer<f32, B>, usize, Check) -> Result<Gradients, FitError>,
-    ) -> Result<Sums, FitError> {
+        gradients: &mut impl FnMut(&mut Trainer<f32, B>, usize) -> Result<PendingLoss<B::Buf>, FitError>,
+    ) -> Result<Vec<PendingLoss<B::Buf>>, FitError> {
         let (p, s) = (self.n_params, self.n_state);
         let device = trainer.model.backend().clone();
         device.zero(Out::part(&mut self.buf, 0..p + s))?;
@@ -433,7 +460,7 @@ impl<B: TrainBackend> StepReducer<B> {
             In::all(trainer.model.state()),
             Out::all(&mut self.start_state),
         )?;
-        let mut sums = Sums::default();
+        let mut pending = Vec::with_capacity(parts.len());
         for &part in parts {
             // Each part's BatchNorm update starts from the step's statistics; the parts'
             // results are averaged, so the update does not depend on which rank ran which part.
@@ -441,11 +468,11 @@ impl<B: TrainBackend> StepReducer<B> {
                 In::all(&self.start_state),
                 Out::all(trainer.model.state_mut()),
             )?;
-            // The sum is checked once, after the all-reduce: no flag per part.
-            let terms = gradients(trainer, part, Check::Skip)?.terms;
+            // Read nothing: the sum is checked once, after the all-reduce.
+            let terms = gradients(trainer, part)?;
             let model = &trainer.model;
             device.axpy(
-                terms.cells as f32,
+                terms.cells() as f32,
                 In::all(model.grads()),
                 Out::part(&mut self.buf, 0..p),
             )?;
@@ -454,16 +481,16 @@ impl<B: TrainBackend> StepReducer<B> {
                 In::all(model.state()),
                 Out::part(&mut self.buf, p..p + s),
             )?;
-            sums.add(&terms);
+            pending.push(terms);
         }
-        Ok(sums)
+        Ok(pending)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use tessera_kernels::backend::Cpu;
-    use tessera_models::{Categories, TrainConfig, Vae, VaeConfig};
+    use tessera_models::{Categories, TrainConfig, TrainError, Vae, VaeConfig};
 
     use super::*;
 
@@ -503,8 +530,7 @@ mod tests {
                 (true, false),
                 1.0,
                 &mut StepTimes::default(),
-                |t, k, check| {
-                    assert_eq!(check, Check::Skip, "parts are checked once summed");
+                |t, k| {
                     t.model.grads_mut().copy_from_slice(&part_values(k, p, 0.0));
                     t.model.state_mut().copy_from_slice(&part_values(k, s, 1.0));
                     let terms = LossTerms {
@@ -512,10 +538,7 @@ mod tests {
                         cells: cells(k),
                         ..LossTerms::default()
                     };
-                    Ok(Gradients {
-                        terms,
-                        finite: None,
-                    })
+                    Ok(PendingLoss::on_host(&terms, 1.0))
                 },
             )
             .unwrap();
@@ -542,5 +565,39 @@ mod tests {
         reference.apply(None).unwrap();
         assert_eq!(reduced.model.state(), reference.model.state());
         assert_eq!(reduced.model.values(), reference.model.values());
+    }
+
+    /// A part whose loss is NaN stops the step after the reduction, on every rank alike (the
+    /// sums carry it), naming the step and the term; nothing is applied.
+    #[test]
+    fn a_part_with_a_nan_loss_stops_the_step_naming_it_and_changes_nothing() {
+        let mut t = trainer();
+        let before = t.model.values().clone();
+        let mut reducer = StepReducer::new(&t).unwrap();
+        let result = reducer.step(
+            &mut t,
+            &mut Ring::single(),
+            &[0, 1],
+            (true, false),
+            1.0,
+            &mut StepTimes::default(),
+            |_, k| {
+                let terms = LossTerms {
+                    reconstruction: if k == 1 { f64::NAN } else { 2.0 },
+                    cells: 4,
+                    ..LossTerms::default()
+                };
+                Ok(PendingLoss::on_host(&terms, 1.0))
+            },
+        );
+        match result {
+            Err(FitError::Train(TrainError::NonFinite { step: 1, term, .. })) => {
+                assert_eq!(term, "reconstruction loss");
+            }
+            Err(other) => panic!("expected step 1's reconstruction loss named, got {other}"),
+            Ok(_) => panic!("a NaN loss was applied"),
+        }
+        assert_eq!(*t.model.values(), before);
+        assert_eq!(t.step, 0);
     }
 }

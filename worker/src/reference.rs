@@ -62,7 +62,7 @@ impl Reference {
             ));
         }
         let json = |v: serde_json::Value| v.to_string();
-        let metadata = HashMap::from([
+        let metadata = BTreeMap::from([
             ("format".to_string(), FORMAT.to_string()),
             (
                 "var_names".to_string(),
@@ -86,8 +86,8 @@ impl Reference {
             ),
         ]);
         // Through std::fs: the umask's mode, like every other output (see checkpoint.rs).
-        let bytes = safetensors::tensor::serialize(views, Some(metadata))
-            .map_err(|e| fail(e.to_string()))?;
+        let bytes =
+            crate::tensor_file::to_bytes(views, &metadata).map_err(|e| fail(e.to_string()))?;
         std::fs::write(path, bytes).map_err(|e| fail(e.to_string()))
     }
 
