@@ -183,7 +183,8 @@ impl<S: Storage> PendingLoss<S> {
             .flat_map(|t| t.shares.iter().map(|s| &s.values))
             .chain(extra.iter().copied())
             .collect();
-        let mut host = read_together(b, &shares)?;
+        let views: Vec<In<'_, S>> = shares.into_iter().map(In::all).collect();
+        let mut host = b.download_together(&views)?;
         let extra = host.split_off(host.len() - extra.len());
         let mut at = host.iter();
         let mut value = |term: &Term<S>| -> f64 {
@@ -205,30 +206,4 @@ impl<S: Storage> PendingLoss<S> {
         };
         Ok((terms, extra))
     }
-}
-
-/// The buffers' values on the host: gathered into one device buffer, downloaded once.
-fn read_together<T: Real, B: Backend<T>>(b: &B, buffers: &[&B::Buf]) -> Result<Vec<Vec<T>>> {
-    let total: usize = buffers.iter().map(|v| v.len()).sum();
-    if total == 0 {
-        return Ok(buffers.iter().map(|_| Vec::new()).collect());
-    }
-    let mut all = b.output_buf(total)?;
-    let mut start = 0;
-    for v in buffers {
-        let end = start + v.len();
-        b.copy(In::all(v), Out::part(&mut all, start..end))?;
-        start = end;
-    }
-    let host = b.download(In::all(&all))?;
-    let mut start = 0;
-    Ok(buffers
-        .iter()
-        .map(|v| {
-            let end = start + v.len();
-            let part = host[start..end].to_vec();
-            start = end;
-            part
-        })
-        .collect())
 }

@@ -79,20 +79,27 @@ pub fn save<B: Backend<f32>>(
     let staged = beside(dir, "partial");
     remove_if_there(&staged)?;
     std::fs::create_dir_all(&staged).map_err(|e| error(&staged, e))?;
-    write_weights(&staged.join("model.safetensors"), trainer)?;
     let model = &trainer.model;
+    // One transfer for the whole checkpoint (on a GPU, one wait).
+    let [values, statistics, m, v]: [Vec<f32>; 4] = model
+        .backend()
+        .download_together(&[
+            In::all(model.values()),
+            In::all(model.state()),
+            In::all(&trainer.m),
+            In::all(&trainer.v),
+        ])?
+        .try_into()
+        .map_err(|_| error(dir, "four buffers downloaded, another count came back"))?;
+    write_tensors(
+        &staged.join("model.safetensors"),
+        &weight_tensors(trainer, &values, &statistics),
+        trainer.step,
+    )?;
     let shape = vec![model.layout.len()];
     let optimizer = vec![
-        (
-            "adam.m".to_string(),
-            shape.clone(),
-            model.backend().download(In::all(&trainer.m))?,
-        ),
-        (
-            "adam.v".to_string(),
-            shape,
-            model.backend().download(In::all(&trainer.v))?,
-        ),
+        ("adam.m".to_string(), shape.clone(), m),
+        ("adam.v".to_string(), shape, v),
     ];
     write_tensors(
         &staged.join("optimizer.safetensors"),
@@ -193,21 +200,38 @@ pub fn write_weights<B: Backend<f32>>(
     trainer: &Trainer<f32, B>,
 ) -> Result<(), FitError> {
     let model = &trainer.model;
-    let mut tensors = Vec::new();
-    for (layout, buf) in [
-        (&model.layout, model.values()),
-        (&model.state_layout, model.state()),
-    ] {
-        let host = model.backend().download(In::all(buf))?;
-        for slot in layout.slots() {
-            tensors.push((
-                slot.name.clone(),
-                slot.shape.clone(),
-                host[slot.range.clone()].to_vec(),
-            ));
-        }
-    }
-    write_tensors(path, &tensors, trainer.step)
+    let [values, state]: [Vec<f32>; 2] = model
+        .backend()
+        .download_together(&[In::all(model.values()), In::all(model.state())])?
+        .try_into()
+        .map_err(|_| error(path, "two buffers downloaded, another count came back"))?;
+    write_tensors(
+        path,
+        &weight_tensors(trainer, &values, &state),
+        trainer.step,
+    )
+}
+
+/// The model's tensors by layout name, cut from its parameters and BatchNorm statistics on
+/// the host.
+fn weight_tensors<B: Backend<f32>>(
+    trainer: &Trainer<f32, B>,
+    values: &[f32],
+    state: &[f32],
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let model = &trainer.model;
+    [(&model.layout, values), (&model.state_layout, state)]
+        .into_iter()
+        .flat_map(|(layout, host)| {
+            layout.slots().iter().map(|slot| {
+                (
+                    slot.name.clone(),
+                    slot.shape.clone(),
+                    host[slot.range.clone()].to_vec(),
+                )
+            })
+        })
+        .collect()
 }
 
 pub(crate) fn write_tensors(

@@ -159,6 +159,32 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
         self.upload(&host)
     }
     fn download(&self, x: In<'_, Self::Buf>) -> Result<Vec<T>>;
+    /// The views' values, gathered into one buffer and downloaded once: a GPU waits for them
+    /// once, not once per view.
+    fn download_together(&self, views: &[In<'_, Self::Buf>]) -> Result<Vec<Vec<T>>> {
+        let total: usize = views.iter().map(|v| v.range.len()).sum();
+        if total == 0 {
+            return Ok(views.iter().map(|_| Vec::new()).collect());
+        }
+        let mut all = self.output_buf(total)?;
+        let mut start = 0;
+        for v in views {
+            let end = start + v.range.len();
+            self.copy(v.clone(), Out::part(&mut all, start..end))?;
+            start = end;
+        }
+        let host = self.download(In::all(&all))?;
+        let mut start = 0;
+        Ok(views
+            .iter()
+            .map(|v| {
+                let end = start + v.range.len();
+                let part = host[start..end].to_vec();
+                start = end;
+                part
+            })
+            .collect())
+    }
     /// Zeros into a view.
     fn zero(&self, y: Out<'_, Self::Buf>) -> Result<()>;
     /// Host values into an existing view (a step's small control values, a staged reduction).
@@ -615,6 +641,19 @@ pub fn softmax_nb_composed<T: Real, B: Backend<T>>(
 mod tests {
     use super::*;
     use crate::ops::linear::Gemm;
+
+    #[test]
+    fn views_downloaded_together_come_back_each_in_its_place() {
+        let b = Cpu;
+        let x = b.upload(&[1.0f32, 2.0, 3.0, 4.0]).unwrap();
+        let y = b.upload(&[5.0f32, 6.0]).unwrap();
+        let got = b
+            .download_together(&[In::part(&x, 1..3), In::all(&y), In::part(&x, 0..0)])
+            .unwrap();
+        assert_eq!(got, vec![vec![2.0, 3.0], vec![5.0, 6.0], vec![]]);
+        let empty = b.download_together(&[In::part(&y, 1..1)]).unwrap();
+        assert_eq!(empty, vec![Vec::<f32>::new()]);
+    }
 
     /// The CPU's one-pass override against the composition every other backend runs, in f64
     /// (same values up to rounding) and f32.
