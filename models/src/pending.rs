@@ -177,16 +177,38 @@ impl<S: Storage> PendingLoss<S> {
         b: &B,
         extra: &[&S],
     ) -> Result<(LossTerms, Vec<Vec<T>>)> {
-        let shares: Vec<&S> = [&self.reconstruction, &self.kl]
+        let views: Vec<In<'_, S>> = self
+            .on_device()
+            .chain(extra.iter().copied())
+            .map(In::all)
+            .collect();
+        let mut host = b.download_together(&views)?;
+        let extra = host.split_off(host.len() - extra.len());
+        Ok((self.terms_from(&mut host.iter()), extra))
+    }
+
+    /// The terms of many forwards (a validation pass), read in one transfer.
+    pub fn resolve_all<T: Real, B: Backend<T, Buf = S>>(
+        b: &B,
+        all: &[PendingLoss<S>],
+    ) -> Result<Vec<LossTerms>> {
+        let views: Vec<In<'_, S>> = all.iter().flat_map(Self::on_device).map(In::all).collect();
+        let host = b.download_together(&views)?;
+        let mut at = host.iter();
+        Ok(all.iter().map(|p| p.terms_from(&mut at)).collect())
+    }
+
+    /// The device values the host reads, in the order [`PendingLoss::terms_from`] takes them.
+    fn on_device(&self) -> impl Iterator<Item = &S> {
+        [&self.reconstruction, &self.kl]
             .into_iter()
             .filter(|t| t.known.is_none())
             .flat_map(|t| t.shares.iter().map(|s| &s.values))
-            .chain(extra.iter().copied())
-            .collect();
-        let views: Vec<In<'_, S>> = shares.into_iter().map(In::all).collect();
-        let mut host = b.download_together(&views)?;
-        let extra = host.split_off(host.len() - extra.len());
-        let mut at = host.iter();
+    }
+
+    /// The terms from their values on the host (taken from `at` in [`PendingLoss::on_device`]'s
+    /// order), in f64: the arithmetic an immediate read did.
+    fn terms_from<'a, T: Real + 'a>(&self, at: &mut impl Iterator<Item = &'a Vec<T>>) -> LossTerms {
         let mut value = |term: &Term<S>| -> f64 {
             if let Some(known) = term.known {
                 return known;
@@ -196,14 +218,13 @@ impl<S: Storage> PendingLoss<S> {
             })
         };
         let (reconstruction, kl) = (value(&self.reconstruction), value(&self.kl));
-        let terms = LossTerms {
+        LossTerms {
             reconstruction,
             kl,
             regularization: self.regularization,
             supervised: self.supervised,
             loss: reconstruction + self.kl_weight * kl + self.regularization + self.supervised,
             cells: self.cells,
-        };
-        Ok((terms, extra))
+        }
     }
 }

@@ -388,13 +388,15 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
         Ok(())
     }
 
-    /// Validation loss terms of a batch (running statistics, no dropout, sampled latent).
+    /// Validation loss terms of a batch (running statistics, no dropout, sampled latent), left
+    /// on the device: a validation pass reads all its batches' terms at once
+    /// ([`PendingLoss::resolve_all`]), so a GPU waits once per pass, not once per batch.
     pub fn validate(
         &mut self,
         batch: VaeBatch<'_, T>,
         epoch: usize,
-    ) -> Result<LossTerms, TrainError> {
-        Ok(self.model.loss(
+    ) -> Result<PendingLoss<B::Buf>, TrainError> {
+        Ok(self.model.forward_only(
             batch,
             self.config.kl_weight(epoch),
             Mode::Validate {

@@ -762,9 +762,19 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         kl_weight: f64,
         mode: Mode,
     ) -> Result<LossTerms> {
-        self.forward(batch, Vec::new(), kl_weight, mode)?
-            .0
+        self.forward_only(batch, kl_weight, mode)?
             .resolve(&self.backend)
+    }
+
+    /// [`Vae::loss`] with the terms left on the device (read many at once by
+    /// [`PendingLoss::resolve_all`]).
+    pub(crate) fn forward_only(
+        &mut self,
+        batch: VaeBatch<'_, T>,
+        kl_weight: f64,
+        mode: Mode,
+    ) -> Result<PendingLoss<B::Buf>> {
+        Ok(self.forward(batch, Vec::new(), kl_weight, mode)?.0)
     }
 
     /// The latent means of a batch (evaluation mode: running statistics, no dropout), n × latent.

@@ -7,8 +7,9 @@ use tessera_kernels::gradcheck::{check_at, spread};
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::layers::Mode;
 use tessera_models::{
-    Categories, Dispersion, Joint, LikelihoodKind, ModalityConfig, ModalityCounts, Prior,
-    Supervision, Survival, TrainConfig, TrainError, Trainer, Vae, VaeBatch, VaeConfig,
+    Categories, Dispersion, Joint, LikelihoodKind, LossTerms, ModalityConfig, ModalityCounts,
+    PendingLoss, Prior, Supervision, Survival, TrainConfig, TrainError, Trainer, Vae, VaeBatch,
+    VaeConfig,
 };
 
 /// Counts for `n` cells x `g` genes with an all-zero cell, as CSR.
@@ -292,6 +293,36 @@ fn gradients_flagged_finite_or_not_and_unknown_ones_are_still_refused() {
     let pending = trainer.part_terms(batch(), Vec::new(), 0, 0).unwrap();
     trainer.model.grads_mut()[0] = f64::INFINITY;
     assert!(!trainer.read_terms(pending).unwrap().finite);
+}
+
+/// A validation pass reads its batches' terms in one transfer, in the bits each read alone gives.
+#[test]
+fn validation_terms_read_together_are_the_terms_read_alone() {
+    let (n, g) = (4, 5);
+    let (indptr, indices, data) = counts(n, g, false);
+    let cov = covariates(n);
+    let modalities = rna((n, g), &indptr, &indices, &data);
+    let mut trainer = small_trainer(g);
+    trainer.config.kl_warmup_epochs = 4;
+    let batch = || VaeBatch::new(&modalities, &cov);
+    let alone: Vec<LossTerms> = (0..3)
+        .map(|epoch| {
+            trainer
+                .validate(batch(), epoch)
+                .unwrap()
+                .resolve(&Cpu)
+                .unwrap()
+        })
+        .collect();
+    let pending: Vec<_> = (0..3)
+        .map(|epoch| trainer.validate(batch(), epoch).unwrap())
+        .collect();
+    let together = PendingLoss::resolve_all(&Cpu, &pending).unwrap();
+    assert_eq!(together, alone);
+    assert!(
+        alone[0].loss != alone[2].loss,
+        "the KL weight differs by epoch"
+    );
 }
 
 /// A part's terms summed on the device (data-parallel steps) are the terms the host reads,

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use tessera_data::{AnnData, Cells, Dataset, Holdout, Loader, LoaderConfig, MiniBatch};
 use tessera_kernels::backend::Cpu;
 use tessera_models::{
-    Categories, LikelihoodKind, LossTerms, Plateau, TrainConfig, Trainer, Vae, VaeConfig,
+    Categories, LikelihoodKind, LossTerms, PendingLoss, Plateau, TrainConfig, Trainer, Vae,
+    VaeConfig,
 };
 
 use crate::batch::{CovariateKeys, Covariates, ModalityRows, ModelBatch};
@@ -766,10 +767,15 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             ..
         } = steps;
         let kl_weight = self.trainer.config.kl_weight(epoch);
-        let mut v = Sums::default();
+        let mut pending = Vec::with_capacity(self.validation.len());
         for b in &self.validation {
             let trainer = &mut self.trainer;
-            v.add(&on_pool(|| b.with(|b| trainer.validate(b, epoch)))?);
+            pending.push(on_pool(|| b.with(|b| trainer.validate(b, epoch)))?);
+        }
+        let device = self.trainer.model.backend().clone();
+        let mut v = Sums::default();
+        for terms in PendingLoss::resolve_all(&device, &pending)? {
+            v.add(&terms);
         }
         let v = v.all_reduce(self.place.comm.as_mut())?;
         let validation_terms = (v.cells > 0).then(|| v.mean(kl_weight));
