@@ -250,7 +250,7 @@ impl Sums {
 
     /// The cell-weighted sums of what the host knows of `parts`' terms (the rest is summed on
     /// the device: `PendingLoss::add_device_sums`).
-    fn of_host_terms<S: tessera_kernels::backend::Storage>(parts: &[PendingLoss<S>]) -> Sums {
+    fn of_host_terms<S: Storage>(parts: &[PendingLoss<S>]) -> Sums {
         let mut sums = Sums::default();
         for part in parts {
             let [r, k, reg, sup] = part.host_sums(part.cells() as f64);
