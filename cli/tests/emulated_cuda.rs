@@ -92,36 +92,39 @@ fn assert_same_losses(what: &str, a: &[f64], b: &[f64]) {
 
 type Work = serde_json::Map<String, serde_json::Value>;
 
-/// Every interval between host synchronisations that `train` counted (`emu-stats` under
-/// `out`), as (times seen, work queued).
+/// The reports of every process that `train` ran (`emu-stats` under `out`).
+fn reports(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_dir(out.join("emu-stats"))
+        .unwrap()
+        .map(|file| {
+            let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
+            serde_json::from_str(&text).unwrap()
+        })
+        .collect()
+}
+
+/// A report's intervals between host synchronisations, as (times seen, work queued).
+fn intervals_of(report: &serde_json::Value) -> impl Iterator<Item = (u64, Work)> + '_ {
+    report["intervals"].as_array().unwrap().iter().map(|i| {
+        let work = i["work"].as_object().unwrap().clone();
+        (i["count"].as_u64().unwrap(), work)
+    })
+}
+
+/// Every interval that the processes under `out` counted.
 fn intervals(out: &Path) -> Vec<(u64, Work)> {
-    let mut all = Vec::new();
-    for file in std::fs::read_dir(out.join("emu-stats")).unwrap() {
-        let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
-        let report: serde_json::Value = serde_json::from_str(&text).unwrap();
-        for interval in report["intervals"].as_array().unwrap() {
-            let work = interval["work"].as_object().unwrap().clone();
-            all.push((interval["count"].as_u64().unwrap(), work));
-        }
-    }
-    all
+    reports(out).iter().flat_map(intervals_of).collect()
 }
 
 /// How often each process looked a kernel up in the driver, and how many distinct kernels it
-/// launched, summed over the processes that wrote reports under `out`.
+/// launched, summed over the processes under `out`.
 fn lookups_and_kernels(out: &Path) -> (u64, usize) {
     let (mut lookups, mut kernels) = (0, 0);
-    for file in std::fs::read_dir(out.join("emu-stats")).unwrap() {
-        let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
-        let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for report in reports(out) {
         lookups += report["totals"]["function lookup"].as_u64().unwrap_or(0);
-        let launched: std::collections::BTreeSet<&str> = report["intervals"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|i| i["work"].as_object().unwrap().keys())
+        let launched: std::collections::BTreeSet<String> = intervals_of(&report)
+            .flat_map(|(_, work)| work.into_iter().map(|(k, _)| k))
             .filter(|k| k.starts_with("launch "))
-            .map(String::as_str)
             .collect();
         kernels += launched.len();
     }
@@ -239,41 +242,37 @@ fn two_workers_on_emulated_devices_reduce_through_nccl_to_the_cpus_losses() {
     );
     assert!(!log.contains("TCP ring"), "NCCL, not the ring: {log}");
     assert_same_losses("2 workers on cuda vs 1 CPU process", &two, &one);
-    // One wait per step: the part's backward, its loss terms summed on the device, the NCCL
-    // call and the reduced gradients' flag in one interval; no norm, no flag of a part's
-    // gradients (they are checked once summed).
+    // One wait per step: the part's backward (one part per worker), its loss terms summed on
+    // the device, the NCCL call and the reduced gradients' flag in one interval (a step where
+    // a worker has no batch left is the reduction alone); no flag of a part's gradients (they
+    // are checked once summed), no norm.
     let all = intervals(&dir.path().join("two"));
-    let backwards: Vec<&(u64, Work)> = all
-        .iter()
-        .filter(|(_, work)| work.contains_key("launch sparse_input_backward"))
-        .collect();
-    assert!(!backwards.is_empty(), "{all:?}");
-    for (_, work) in backwards {
-        assert_eq!(
-            work.get("all-reduce").and_then(|v| v.as_u64()),
-            Some(1),
-            "{work:?}"
-        );
-    }
-    let total = |key: &str| -> u64 {
-        all.iter()
-            .map(|(times, work)| times * work.get(key).and_then(|v| v.as_u64()).unwrap_or(0))
-            .sum()
-    };
-    assert_eq!(
-        total("launch flag_non_finite"),
-        total("all-reduce"),
-        "{all:?}"
-    );
+    let count = |work: &Work, key: &str| work.get(key).and_then(|v| v.as_u64()).unwrap_or(0);
     let reduces: Vec<&(u64, Work)> = all
         .iter()
         .filter(|(_, work)| work.contains_key("all-reduce"))
         .collect();
     assert!(!reduces.is_empty(), "{all:?}");
     for (_, work) in reduces {
-        assert_eq!(work["all-reduce"], 1, "{work:?}");
-        assert_eq!(work["launch flag_non_finite"], 1, "{work:?}");
+        for key in ["all-reduce", "launch flag_non_finite"] {
+            assert_eq!(count(work, key), 1, "{key}: {work:?}");
+        }
+        assert!(count(work, "launch sparse_input_backward") <= 1, "{work:?}");
     }
+    let backwards = |(n, work): &(u64, Work)| n * count(work, "launch sparse_input_backward");
+    let stepped: u64 = all
+        .iter()
+        .filter(|(_, work)| work.contains_key("all-reduce"))
+        .map(backwards)
+        .sum();
+    assert!(stepped > 0, "{all:?}");
+    assert_eq!(stepped, all.iter().map(backwards).sum::<u64>(), "{all:?}");
+    let total = |key: &str| -> u64 { all.iter().map(|(n, work)| n * count(work, key)).sum() };
+    assert_eq!(
+        total("launch flag_non_finite"),
+        total("all-reduce"),
+        "{all:?}"
+    );
     assert!(
         !all.iter()
             .any(|(_, work)| work.contains_key("launch chunk_sum_squares")),
