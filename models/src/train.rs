@@ -190,7 +190,8 @@ pub enum TrainError {
 #[derive(Debug, Clone, Copy)]
 pub struct Gradients {
     pub terms: LossTerms,
-    /// For [`Trainer::apply`]: gradients known finite need no norm unless clipped.
+    /// For [`Trainer::apply`]: gradients known finite need no norm unless clipped. False where
+    /// not known: with `clip_norm` set the flag is not read (the norm is computed anyway).
     pub finite: bool,
 }
 
@@ -331,6 +332,15 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
     /// the term if a loss term is not finite.
     pub fn read_terms(&self, pending: PendingLoss<B::Buf>) -> Result<Gradients, TrainError> {
         let b = self.model.backend();
+        // Clipping computes the gradients' norm anyway, which refuses NaN/Inf: no flag then.
+        if self.config.clip_norm.is_some() {
+            let terms = pending.resolve(b)?;
+            self.check_terms(&terms)?;
+            return Ok(Gradients {
+                terms,
+                finite: false,
+            });
+        }
         let mut flag = b.output_buf(1)?;
         b.flag_non_finite(In::all(&self.model.grads), Out::all(&mut flag))?;
         let (terms, flag) = pending.resolve_with(b, &[&flag])?;

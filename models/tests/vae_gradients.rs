@@ -295,6 +295,29 @@ fn gradients_flagged_finite_or_not_and_unknown_ones_are_still_refused() {
     assert!(!trainer.read_terms(pending).unwrap().finite);
 }
 
+/// With clipping the norm is computed anyway: the flag is not read, and the norm still refuses
+/// a NaN.
+#[test]
+fn with_clipping_the_norm_checks_the_gradients_instead_of_the_flag() {
+    let (n, g) = (4, 5);
+    let (indptr, indices, data) = counts(n, g, false);
+    let cov = covariates(n);
+    let modalities = rna((n, g), &indptr, &indices, &data);
+    let batch = || VaeBatch::new(&modalities, &cov);
+    let mut trainer = small_trainer(g);
+    trainer.config.clip_norm = Some(1e-3);
+    let first = trainer.gradients(batch(), 0).unwrap();
+    assert!(!first.finite, "not read");
+    trainer.apply(Some(first.finite)).unwrap();
+    assert_eq!(trainer.step, 1);
+    let second = trainer.gradients(batch(), 0).unwrap();
+    trainer.model.grads_mut()[2] = f64::NAN;
+    match trainer.apply(Some(second.finite)) {
+        Err(TrainError::NonFinite { step: 2, term, .. }) => assert_eq!(term, "gradient norm"),
+        other => panic!("expected the NaN refused, got {other:?}"),
+    }
+}
+
 /// A validation pass reads its batches' terms in one transfer, in the bits each read alone gives.
 #[test]
 fn validation_terms_read_together_are_the_terms_read_alone() {
