@@ -134,7 +134,8 @@ fn lookups_and_kernels(out: &Path) -> (u64, usize) {
 /// Every training step waits for the device once, for its loss terms and whether its gradients
 /// are finite in one transfer (not once per term, and no gradient norm: nothing is clipped),
 /// its GEMMs went to cuBLAS, its activations and gradients are allocated without a memset
-/// each, and its kernels were looked up in the driver once, not at every launch.
+/// each and, after the first steps, not allocated at all (kept for reuse), and its kernels were
+/// looked up in the driver once, not at every launch.
 fn assert_one_read_back_per_step(what: &str, out: &Path) {
     let all = intervals(out);
     let (lookups, kernels) = lookups_and_kernels(out);
@@ -152,6 +153,22 @@ fn assert_one_read_back_per_step(what: &str, out: &Path) {
         .collect();
     let seen: u64 = steps.iter().map(|(n, _)| n).sum();
     assert!(seen >= 10, "{what}: {seen} steps counted: {steps:?}");
+    // Buffers are reused, not allocated and freed (~70 of each per step before the cache):
+    // only a step of a batch shape not seen before, or with more non-zeros than any before
+    // (beyond an eighth), asks the driver for memory; none gives any back.
+    let allocating: u64 = steps
+        .iter()
+        .filter(|(_, work)| work.contains_key("alloc"))
+        .map(|(n, _)| n)
+        .sum();
+    assert!(
+        3 * allocating <= seen,
+        "{what}: {allocating} of {seen} steps allocate: {steps:?}"
+    );
+    assert!(
+        steps.iter().all(|(_, work)| !work.contains_key("free")),
+        "{what}: {steps:?}"
+    );
     for (_, work) in &steps {
         let count = |k: &str| work.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
         assert_eq!(count("download to pageable memory"), 1, "{what}: {work:?}");

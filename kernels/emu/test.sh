@@ -29,7 +29,9 @@ tests=$(binaries --lib --test cuda_parity --test nccl)
 asan=$(${CXX:-g++} -print-file-name=libasan.so)
 for test in $tests; do
   echo "== $(basename "$test") on the emulated driver, kernels under AddressSanitizer"
-  LD_PRELOAD="$asan" ASAN_OPTIONS=detect_leaks=0 \
+  # TESSERA_CUDA_POISON: a reused buffer reads NaN, as fresh emulated memory does (an op
+  # reading what it did not write fails parity instead of reading an earlier step's values).
+  TESSERA_CUDA_POISON=1 LD_PRELOAD="$asan" ASAN_OPTIONS=detect_leaks=0 \
     LD_LIBRARY_PATH="$PWD/target/cuda-emu-asan:$LD_LIBRARY_PATH" "$test" --show-output
 done
 TESSERA_CUDA_EMULATOR="$PWD/target/cuda-emu" \

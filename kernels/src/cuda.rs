@@ -7,10 +7,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::cuda_cache::{BufCache, CacheCounts, DeviceBuf};
 use crate::ops::linear::MatmulPrecision;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut,
-    DeviceRepr, LaunchConfig,
+    CudaContext, CudaFunction, CudaModule, CudaStream, CudaView, CudaViewMut, DeviceRepr,
+    LaunchConfig, ValidAsZeroBits,
 };
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
@@ -97,6 +98,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     modules: Mutex<Loaded>,
     blas: std::sync::OnceLock<cudarc::cublas::CudaBlas>,
+    /// The compute stream's f32 buffers, kept for reuse when dropped.
+    cache: Arc<BufCache>,
     /// The copy stream and its buffers, made at the first staged upload.
     staging: std::sync::OnceLock<Arc<crate::cuda_staging::Staging>>,
     matmul: MatmulPrecision,
@@ -145,6 +148,11 @@ impl Gpu {
         let stream = ctx.default_stream();
         Ok(Gpu {
             ctx,
+            cache: BufCache::new(
+                Arc::clone(&stream),
+                crate::cuda_cache::KEEP_BYTES,
+                std::env::var("TESSERA_CUDA_POISON").is_ok_and(|v| v == "1"),
+            ),
             stream,
             modules: Mutex::new(Loaded::default()),
             blas: std::sync::OnceLock::new(),
@@ -264,21 +272,39 @@ impl Gpu {
         Ok(self.staging.get_or_init(|| made))
     }
 
-    /// Host values (f32, or indices, masks, f64 operands) into a new device buffer.
-    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream.clone_htod(host).map_err(driver("upload"))
+    /// Host values (f32, or indices, masks, f64 operands) into a kept device buffer.
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<DeviceBuf<T>> {
+        let mut buf = self.cache.take::<T>(host.len())?;
+        self.stream
+            .memcpy_htod(host, &mut buf)
+            .map_err(driver("upload"))?;
+        Ok(buf)
     }
 
-    pub fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.stream.alloc_zeros::<f32>(n).map_err(driver("alloc"))
+    /// `n` values on the compute stream whose contents are whatever the memory held: for
+    /// outputs a kernel, copy or GEMM writes whole before anything reads them
+    /// (`Backend::output_buf`).
+    pub fn alloc<T: DeviceRepr>(&self, n: usize) -> Result<DeviceBuf<T>> {
+        self.cache.take::<T>(n)
     }
 
-    /// A buffer whose contents are whatever the memory held: for outputs a kernel or GEMM
-    /// writes whole before anything reads them (`Backend::output_buf`).
-    #[allow(unsafe_code)]
-    pub fn uninit(&self, n: usize) -> Result<CudaSlice<f32>> {
-        // SAFETY: every bit pattern is an f32, and the memory is the stream's until freed.
-        unsafe { self.stream.alloc::<f32>(n) }.map_err(driver("alloc"))
+    /// `n` zeros on the compute stream.
+    pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<DeviceBuf<T>> {
+        let mut buf = self.cache.take::<T>(n)?;
+        self.stream
+            .memset_zeros(&mut buf)
+            .map_err(driver("zeroing"))?;
+        Ok(buf)
+    }
+
+    /// `n` f32 zeros.
+    pub fn zeros(&self, n: usize) -> Result<DeviceBuf> {
+        self.alloc_zeros::<f32>(n)
+    }
+
+    /// How many buffers were reused and how many allocated since the GPU was opened.
+    pub fn cache_counts(&self) -> CacheCounts {
+        self.cache.counts()
     }
 
     /// A buffer or a view back to the host.

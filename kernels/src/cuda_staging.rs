@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DeviceRepr, PinnedHostSlice};
 
 use crate::cuda::{CudaError, Gpu, Result, driver};
+use crate::cuda_cache::DeviceBuf;
 use crate::ops::linear::gpu::{DeviceCsr, DeviceTransposed, host_transposed};
 use crate::ops::linear::{CountTransform, CsrRef, repeats_a_column, resident_gpu};
 
@@ -138,16 +139,16 @@ impl StagedCsr {
             .map_err(driver("waiting for a staged upload"))?;
         let nnz = self.nnz;
         let arrays = (
-            slot.indptr.copy_out(compute, self.rows + 1)?,
-            slot.indices.copy_out(compute, nnz)?,
-            slot.data.copy_out(compute, nnz)?,
+            slot.indptr.copy_out(gpu, self.rows + 1)?,
+            slot.indices.copy_out(gpu, nnz)?,
+            slot.data.copy_out(gpu, nnz)?,
         );
         let copied = (!self.canonical)
             .then(|| {
                 Ok::<_, CudaError>(DeviceTransposed {
-                    col_ptr: slot.col_ptr.copy_out(compute, self.cols + 1)?,
-                    rows_of: slot.rows_of.copy_out(compute, nnz)?,
-                    values: slot.values.copy_out(compute, nnz)?,
+                    col_ptr: slot.col_ptr.copy_out(gpu, self.cols + 1)?,
+                    rows_of: slot.rows_of.copy_out(gpu, nnz)?,
+                    values: slot.values.copy_out(gpu, nnz)?,
                 })
             })
             .transpose()?;
@@ -275,16 +276,16 @@ impl<T: DeviceRepr + Copy + Send + Sync + cudarc::driver::ValidAsZeroBits> Lane<
             .map_err(driver("staging: the upload"))
     }
 
-    /// The first `n` values, copied on `compute` into a new allocation of it.
-    fn copy_out(&self, compute: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
-        // SAFETY: the copy below writes all n values before any op reads them.
-        let mut out = unsafe { compute.alloc::<T>(n) }.map_err(driver("staging: device memory"))?;
+    /// The first `n` values, copied on `gpu`'s compute stream into a buffer of it.
+    fn copy_out(&self, gpu: &Gpu, n: usize) -> Result<DeviceBuf<T>> {
+        // The copy below writes all n values before any op reads them.
+        let mut out = gpu.alloc::<T>(n)?;
         if n > 0 {
             let (_, device) = self
                 .buffers
                 .as_ref()
                 .expect("filled before it is copied out");
-            compute
+            gpu.stream()
                 .memcpy_dtod(&device.slice(0..n), &mut out)
                 .map_err(driver("staging: the copy out"))?;
         }

@@ -8,6 +8,7 @@
 pub mod backend;
 mod background;
 pub mod cuda;
+pub mod cuda_cache;
 pub mod cuda_libs;
 pub mod cuda_staging;
 pub mod gradcheck;

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::CudaStream;
 use cudarc::nccl::{Comm, Id, ReduceOp};
 use tessera_kernels::backend::{Cuda, Out};
 use tessera_kernels::cuda::Gpu;
@@ -124,7 +124,11 @@ impl Collective<Cuda> for NcclGroup {
         self.ring.world()
     }
 
-    fn reduce_sum(&mut self, _device: &Cuda, buf: Out<'_, CudaSlice<f32>>) -> Result<(), FitError> {
+    fn reduce_sum(
+        &mut self,
+        _device: &Cuda,
+        buf: Out<'_, tessera_kernels::cuda_cache::DeviceBuf>,
+    ) -> Result<(), FitError> {
         Ok(self
             .nccl
             .all_reduce_sum(&mut buf.buf.slice_mut(buf.range))?)

@@ -5,10 +5,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaSlice;
-
 use super::{Backend, In, Out, Result, Storage};
 use crate::cuda::{Gpu, View, ViewMut, driver};
+use crate::cuda_cache::DeviceBuf;
 use crate::cuda_staging::StagedCsr;
 use crate::ops::elementwise::{self, Activation};
 use crate::ops::likelihood::{self, Likelihood};
@@ -52,26 +51,26 @@ impl Cuda {
     }
 }
 
-impl Storage for CudaSlice<f32> {
+impl Storage for DeviceBuf {
     fn len(&self) -> usize {
-        CudaSlice::len(self)
+        cudarc::driver::CudaSlice::len(self)
     }
 }
 
-fn v<'a>(x: &In<'a, CudaSlice<f32>>) -> View<'a> {
+fn v<'a>(x: &In<'a, DeviceBuf>) -> View<'a> {
     x.buf.slice(x.range.clone())
 }
 
-fn vm(x: Out<'_, CudaSlice<f32>>) -> ViewMut<'_> {
+fn vm(x: Out<'_, DeviceBuf>) -> ViewMut<'_> {
     x.buf.slice_mut(x.range)
 }
 
-fn vm_ref<'a>(x: &'a mut Out<'_, CudaSlice<f32>>) -> ViewMut<'a> {
+fn vm_ref<'a>(x: &'a mut Out<'_, DeviceBuf>) -> ViewMut<'a> {
     x.buf.slice_mut(x.range.clone())
 }
 
 impl Backend<f32> for Cuda {
-    type Buf = CudaSlice<f32>;
+    type Buf = DeviceBuf;
     type Csr = DeviceCsr;
     type Staged = Staged;
     type Resident = ResidentCsr;
@@ -88,23 +87,23 @@ impl Backend<f32> for Cuda {
             .map_err(driver("synchronize"))?)
     }
 
-    fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+    fn zeros(&self, n: usize) -> Result<DeviceBuf> {
         Ok(self.gpu.zeros(n)?)
     }
 
-    fn output_buf(&self, n: usize) -> Result<CudaSlice<f32>> {
-        Ok(self.gpu.uninit(n)?)
+    fn output_buf(&self, n: usize) -> Result<DeviceBuf> {
+        Ok(self.gpu.alloc::<f32>(n)?)
     }
 
-    fn upload(&self, host: &[f32]) -> Result<CudaSlice<f32>> {
+    fn upload(&self, host: &[f32]) -> Result<DeviceBuf> {
         Ok(self.gpu.upload(host)?)
     }
 
-    fn download(&self, x: In<'_, CudaSlice<f32>>) -> Result<Vec<f32>> {
+    fn download(&self, x: In<'_, DeviceBuf>) -> Result<Vec<f32>> {
         Ok(self.gpu.download(&v(&x))?)
     }
 
-    fn zero(&self, y: Out<'_, CudaSlice<f32>>) -> Result<()> {
+    fn zero(&self, y: Out<'_, DeviceBuf>) -> Result<()> {
         Ok(self
             .gpu
             .stream()
@@ -112,7 +111,7 @@ impl Backend<f32> for Cuda {
             .map_err(driver("zero"))?)
     }
 
-    fn write(&self, host: &[f32], y: Out<'_, CudaSlice<f32>>) -> Result<()> {
+    fn write(&self, host: &[f32], y: Out<'_, DeviceBuf>) -> Result<()> {
         assert_eq!(host.len(), y.range.len(), "write: lengths");
         Ok(self
             .gpu
@@ -121,7 +120,7 @@ impl Backend<f32> for Cuda {
             .map_err(driver("write"))?)
     }
 
-    fn copy(&self, x: In<'_, CudaSlice<f32>>, y: Out<'_, CudaSlice<f32>>) -> Result<()> {
+    fn copy(&self, x: In<'_, DeviceBuf>, y: Out<'_, DeviceBuf>) -> Result<()> {
         assert_eq!(x.len(), y.range.len(), "copy: lengths");
         Ok(self
             .gpu
@@ -130,12 +129,7 @@ impl Backend<f32> for Cuda {
             .map_err(driver("copy"))?)
     }
 
-    fn axpy(
-        &self,
-        alpha: f32,
-        x: In<'_, CudaSlice<f32>>,
-        y: Out<'_, CudaSlice<f32>>,
-    ) -> Result<()> {
+    fn axpy(&self, alpha: f32, x: In<'_, DeviceBuf>, y: Out<'_, DeviceBuf>) -> Result<()> {
         Ok(elementwise::gpu::axpy(
             &self.gpu,
             alpha,
@@ -144,7 +138,7 @@ impl Backend<f32> for Cuda {
         )?)
     }
 
-    fn scale(&self, y: Out<'_, CudaSlice<f32>>, alpha: f32) -> Result<()> {
+    fn scale(&self, y: Out<'_, DeviceBuf>, alpha: f32) -> Result<()> {
         Ok(elementwise::gpu::scale(&self.gpu, &mut vm(y), alpha)?)
     }
 
@@ -178,7 +172,7 @@ impl Backend<f32> for Cuda {
         (x.rows, x.cols, x.data.len())
     }
 
-    fn csr_row_sums(&self, x: &DeviceCsr, out: Out<'_, CudaSlice<f32>>) -> Result<()> {
+    fn csr_row_sums(&self, x: &DeviceCsr, out: Out<'_, DeviceBuf>) -> Result<()> {
         Ok(linear::gpu::row_sums(&self.gpu, x, &mut vm(out))?)
     }
 
@@ -213,10 +207,10 @@ impl Backend<f32> for Cuda {
         k: usize,
         n: usize,
         alpha: f32,
-        a: In<'_, CudaSlice<f32>>,
-        b: In<'_, CudaSlice<f32>>,
+        a: In<'_, DeviceBuf>,
+        b: In<'_, DeviceBuf>,
         beta: f32,
-        c: Out<'_, CudaSlice<f32>>,
+        c: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(linear::gpu::gemm(
             &self.gpu,
@@ -237,9 +231,9 @@ impl Backend<f32> for Cuda {
         &self,
         x: &DeviceCsr,
         transform: CountTransform,
-        w: In<'_, CudaSlice<f32>>,
+        w: In<'_, DeviceBuf>,
         d_out: usize,
-        y: Out<'_, CudaSlice<f32>>,
+        y: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(linear::gpu::sparse_input_forward(
             &self.gpu,
@@ -255,9 +249,9 @@ impl Backend<f32> for Cuda {
         &self,
         x: &DeviceCsr,
         transform: CountTransform,
-        dy: In<'_, CudaSlice<f32>>,
+        dy: In<'_, DeviceBuf>,
         d_out: usize,
-        dw: Out<'_, CudaSlice<f32>>,
+        dw: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(linear::gpu::sparse_input_backward(
             &self.gpu,
@@ -272,8 +266,8 @@ impl Backend<f32> for Cuda {
     fn activation_forward(
         &self,
         act: Activation,
-        x: In<'_, CudaSlice<f32>>,
-        y: Out<'_, CudaSlice<f32>>,
+        x: In<'_, DeviceBuf>,
+        y: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(elementwise::gpu::activation_forward(
             &self.gpu,
@@ -286,10 +280,10 @@ impl Backend<f32> for Cuda {
     fn activation_backward(
         &self,
         act: Activation,
-        x: In<'_, CudaSlice<f32>>,
-        y: In<'_, CudaSlice<f32>>,
-        dy: In<'_, CudaSlice<f32>>,
-        dx: Out<'_, CudaSlice<f32>>,
+        x: In<'_, DeviceBuf>,
+        y: In<'_, DeviceBuf>,
+        dy: In<'_, DeviceBuf>,
+        dx: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(elementwise::gpu::activation_backward(
             &self.gpu,
@@ -301,7 +295,7 @@ impl Backend<f32> for Cuda {
         )?)
     }
 
-    fn bias_add(&self, y: Out<'_, CudaSlice<f32>>, bias: In<'_, CudaSlice<f32>>) -> Result<()> {
+    fn bias_add(&self, y: Out<'_, DeviceBuf>, bias: In<'_, DeviceBuf>) -> Result<()> {
         Ok(elementwise::gpu::bias_add_forward(
             &self.gpu,
             &mut vm(y),
@@ -309,7 +303,7 @@ impl Backend<f32> for Cuda {
         )?)
     }
 
-    fn column_sums(&self, m: In<'_, CudaSlice<f32>>, out: Out<'_, CudaSlice<f32>>) -> Result<()> {
+    fn column_sums(&self, m: In<'_, DeviceBuf>, out: Out<'_, DeviceBuf>) -> Result<()> {
         Ok(elementwise::gpu::column_sums(
             &self.gpu,
             &v(&m),
@@ -319,9 +313,9 @@ impl Backend<f32> for Cuda {
 
     fn scale_rows(
         &self,
-        x: In<'_, CudaSlice<f32>>,
-        s: In<'_, CudaSlice<f32>>,
-        y: Out<'_, CudaSlice<f32>>,
+        x: In<'_, DeviceBuf>,
+        s: In<'_, DeviceBuf>,
+        y: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(elementwise::gpu::scale_rows(
             &self.gpu,
@@ -333,10 +327,10 @@ impl Backend<f32> for Cuda {
 
     fn gather_rows(
         &self,
-        table: In<'_, CudaSlice<f32>>,
+        table: In<'_, DeviceBuf>,
         codes: &[usize],
         cols: usize,
-        out: Out<'_, CudaSlice<f32>>,
+        out: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(elementwise::gpu::gather_rows(
             &self.gpu,
@@ -349,10 +343,10 @@ impl Backend<f32> for Cuda {
 
     fn scatter_add_rows(
         &self,
-        x: In<'_, CudaSlice<f32>>,
+        x: In<'_, DeviceBuf>,
         codes: &[usize],
         cols: usize,
-        table: Out<'_, CudaSlice<f32>>,
+        table: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(elementwise::gpu::scatter_add_rows(
             &self.gpu,
@@ -365,11 +359,11 @@ impl Backend<f32> for Cuda {
 
     fn dropout(
         &self,
-        x: In<'_, CudaSlice<f32>>,
+        x: In<'_, DeviceBuf>,
         p: f32,
         seed: u64,
         stream: u64,
-        y: Out<'_, CudaSlice<f32>>,
+        y: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(dropout::gpu::dropout_forward(
             &self.gpu,
@@ -381,7 +375,7 @@ impl Backend<f32> for Cuda {
         )?)
     }
 
-    fn normal(&self, seed: u64, stream: u64, out: Out<'_, CudaSlice<f32>>) -> Result<()> {
+    fn normal(&self, seed: u64, stream: u64, out: Out<'_, DeviceBuf>) -> Result<()> {
         Ok(dropout::gpu::normal_fill(
             &self.gpu,
             seed,
@@ -392,15 +386,15 @@ impl Backend<f32> for Cuda {
 
     fn batch_norm_train(
         &self,
-        x: In<'_, CudaSlice<f32>>,
-        gamma: In<'_, CudaSlice<f32>>,
-        beta: In<'_, CudaSlice<f32>>,
-        running: Out<'_, CudaSlice<f32>>,
+        x: In<'_, DeviceBuf>,
+        gamma: In<'_, DeviceBuf>,
+        beta: In<'_, DeviceBuf>,
+        running: Out<'_, DeviceBuf>,
         momentum: f64,
         eps: f64,
-        y: Out<'_, CudaSlice<f32>>,
-        xhat: Out<'_, CudaSlice<f32>>,
-        inv_std: Out<'_, CudaSlice<f32>>,
+        y: Out<'_, DeviceBuf>,
+        xhat: Out<'_, DeviceBuf>,
+        inv_std: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(norm::gpu::batch_norm_train(
             &self.gpu,
@@ -418,12 +412,12 @@ impl Backend<f32> for Cuda {
 
     fn batch_norm_eval(
         &self,
-        x: In<'_, CudaSlice<f32>>,
-        gamma: In<'_, CudaSlice<f32>>,
-        beta: In<'_, CudaSlice<f32>>,
-        running: In<'_, CudaSlice<f32>>,
+        x: In<'_, DeviceBuf>,
+        gamma: In<'_, DeviceBuf>,
+        beta: In<'_, DeviceBuf>,
+        running: In<'_, DeviceBuf>,
         eps: f64,
-        y: Out<'_, CudaSlice<f32>>,
+        y: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(norm::gpu::batch_norm_eval(
             &self.gpu,
@@ -438,12 +432,12 @@ impl Backend<f32> for Cuda {
 
     fn batch_norm_backward(
         &self,
-        xhat: In<'_, CudaSlice<f32>>,
-        inv_std: In<'_, CudaSlice<f32>>,
-        gamma: In<'_, CudaSlice<f32>>,
-        dy: In<'_, CudaSlice<f32>>,
-        dx: Out<'_, CudaSlice<f32>>,
-        dgamma_beta: Out<'_, CudaSlice<f32>>,
+        xhat: In<'_, DeviceBuf>,
+        inv_std: In<'_, DeviceBuf>,
+        gamma: In<'_, DeviceBuf>,
+        dy: In<'_, DeviceBuf>,
+        dx: Out<'_, DeviceBuf>,
+        dgamma_beta: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(norm::gpu::batch_norm_backward(
             &self.gpu,
@@ -458,11 +452,11 @@ impl Backend<f32> for Cuda {
 
     fn layer_norm_forward(
         &self,
-        x: In<'_, CudaSlice<f32>>,
+        x: In<'_, DeviceBuf>,
         features: usize,
         eps: f64,
-        y: Out<'_, CudaSlice<f32>>,
-        inv_std: Out<'_, CudaSlice<f32>>,
+        y: Out<'_, DeviceBuf>,
+        inv_std: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(norm::gpu::layer_norm_forward(
             &self.gpu,
@@ -476,10 +470,10 @@ impl Backend<f32> for Cuda {
 
     fn layer_norm_backward(
         &self,
-        y: In<'_, CudaSlice<f32>>,
-        inv_std: In<'_, CudaSlice<f32>>,
-        dy: In<'_, CudaSlice<f32>>,
-        dx: Out<'_, CudaSlice<f32>>,
+        y: In<'_, DeviceBuf>,
+        inv_std: In<'_, DeviceBuf>,
+        dy: In<'_, DeviceBuf>,
+        dx: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(norm::gpu::layer_norm_backward(
             &self.gpu,
@@ -492,9 +486,9 @@ impl Backend<f32> for Cuda {
 
     fn softmax_forward(
         &self,
-        x: In<'_, CudaSlice<f32>>,
+        x: In<'_, DeviceBuf>,
         features: usize,
-        y: Out<'_, CudaSlice<f32>>,
+        y: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(norm::gpu::softmax_forward(
             &self.gpu,
@@ -506,10 +500,10 @@ impl Backend<f32> for Cuda {
 
     fn softmax_backward(
         &self,
-        y: In<'_, CudaSlice<f32>>,
-        dy: In<'_, CudaSlice<f32>>,
+        y: In<'_, DeviceBuf>,
+        dy: In<'_, DeviceBuf>,
         features: usize,
-        dx: Out<'_, CudaSlice<f32>>,
+        dx: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(norm::gpu::softmax_backward(
             &self.gpu,
@@ -522,10 +516,10 @@ impl Backend<f32> for Cuda {
 
     fn reparameterize_forward(
         &self,
-        m: In<'_, CudaSlice<f32>>,
-        lv: In<'_, CudaSlice<f32>>,
-        eps: In<'_, CudaSlice<f32>>,
-        z: Out<'_, CudaSlice<f32>>,
+        m: In<'_, DeviceBuf>,
+        lv: In<'_, DeviceBuf>,
+        eps: In<'_, DeviceBuf>,
+        z: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(gaussian::gpu::reparameterize_forward(
             &self.gpu,
@@ -538,11 +532,11 @@ impl Backend<f32> for Cuda {
 
     fn reparameterize_backward(
         &self,
-        lv: In<'_, CudaSlice<f32>>,
-        eps: In<'_, CudaSlice<f32>>,
-        dz: In<'_, CudaSlice<f32>>,
-        dm: Out<'_, CudaSlice<f32>>,
-        dlv: Out<'_, CudaSlice<f32>>,
+        lv: In<'_, DeviceBuf>,
+        eps: In<'_, DeviceBuf>,
+        dz: In<'_, DeviceBuf>,
+        dm: Out<'_, DeviceBuf>,
+        dlv: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(gaussian::gpu::reparameterize_backward(
             &self.gpu,
@@ -556,13 +550,13 @@ impl Backend<f32> for Cuda {
 
     fn kl_standard_normal(
         &self,
-        m: In<'_, CudaSlice<f32>>,
-        lv: In<'_, CudaSlice<f32>>,
+        m: In<'_, DeviceBuf>,
+        lv: In<'_, DeviceBuf>,
         dim: usize,
-        weights: Option<In<'_, CudaSlice<f32>>>,
-        kl: Out<'_, CudaSlice<f32>>,
-        dm: Out<'_, CudaSlice<f32>>,
-        dlv: Out<'_, CudaSlice<f32>>,
+        weights: Option<In<'_, DeviceBuf>>,
+        kl: Out<'_, DeviceBuf>,
+        dm: Out<'_, DeviceBuf>,
+        dlv: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         let weights = weights.as_ref().map(v);
         Ok(gaussian::gpu::kl_standard_normal(
@@ -579,12 +573,12 @@ impl Backend<f32> for Cuda {
 
     fn poe_forward(
         &self,
-        means: &[In<'_, CudaSlice<f32>>],
-        logvars: &[In<'_, CudaSlice<f32>>],
-        present: &[In<'_, CudaSlice<f32>>],
+        means: &[In<'_, DeviceBuf>],
+        logvars: &[In<'_, DeviceBuf>],
+        present: &[In<'_, DeviceBuf>],
         dim: usize,
-        m: Out<'_, CudaSlice<f32>>,
-        lv: Out<'_, CudaSlice<f32>>,
+        m: Out<'_, DeviceBuf>,
+        lv: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         let experts = stack(&self.gpu, means, logvars, present, dim)?;
         Ok(gaussian::gpu::poe_forward(
@@ -597,16 +591,16 @@ impl Backend<f32> for Cuda {
 
     fn poe_backward(
         &self,
-        means: &[In<'_, CudaSlice<f32>>],
-        logvars: &[In<'_, CudaSlice<f32>>],
-        present: &[In<'_, CudaSlice<f32>>],
+        means: &[In<'_, DeviceBuf>],
+        logvars: &[In<'_, DeviceBuf>],
+        present: &[In<'_, DeviceBuf>],
         dim: usize,
-        m: In<'_, CudaSlice<f32>>,
-        lv: In<'_, CudaSlice<f32>>,
-        dm: In<'_, CudaSlice<f32>>,
-        dlv: In<'_, CudaSlice<f32>>,
-        dmeans: &mut [Out<'_, CudaSlice<f32>>],
-        dlogvars: &mut [Out<'_, CudaSlice<f32>>],
+        m: In<'_, DeviceBuf>,
+        lv: In<'_, DeviceBuf>,
+        dm: In<'_, DeviceBuf>,
+        dlv: In<'_, DeviceBuf>,
+        dmeans: &mut [Out<'_, DeviceBuf>],
+        dlogvars: &mut [Out<'_, DeviceBuf>],
     ) -> Result<()> {
         let experts = stack(&self.gpu, means, logvars, present, dim)?;
         let (mut dm_stack, mut dlv_stack) = (
@@ -632,12 +626,12 @@ impl Backend<f32> for Cuda {
     fn likelihood(
         &self,
         family: Likelihood,
-        x: In<'_, CudaSlice<f32>>,
+        x: In<'_, DeviceBuf>,
         features: usize,
-        params: &[In<'_, CudaSlice<f32>>],
-        weights: Option<In<'_, CudaSlice<f32>>>,
-        ll: Out<'_, CudaSlice<f32>>,
-        grads: &mut [Out<'_, CudaSlice<f32>>],
+        params: &[In<'_, DeviceBuf>],
+        weights: Option<In<'_, DeviceBuf>>,
+        ll: Out<'_, DeviceBuf>,
+        grads: &mut [Out<'_, DeviceBuf>],
     ) -> Result<()> {
         let params: Vec<View<'_>> = params.iter().map(v).collect();
         let weights = weights.as_ref().map(v);
@@ -656,14 +650,14 @@ impl Backend<f32> for Cuda {
 
     fn softmax_nb(
         &self,
-        logits: In<'_, CudaSlice<f32>>,
-        library: In<'_, CudaSlice<f32>>,
+        logits: In<'_, DeviceBuf>,
+        library: In<'_, DeviceBuf>,
         counts: &DeviceCsr,
-        theta: In<'_, CudaSlice<f32>>,
-        weights: In<'_, CudaSlice<f32>>,
-        ll: Out<'_, CudaSlice<f32>>,
-        dlogits: Out<'_, CudaSlice<f32>>,
-        dtheta: Out<'_, CudaSlice<f32>>,
+        theta: In<'_, DeviceBuf>,
+        weights: In<'_, DeviceBuf>,
+        ll: Out<'_, DeviceBuf>,
+        dlogits: Out<'_, DeviceBuf>,
+        dtheta: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(likelihood::gpu::softmax_nb(
             &self.gpu,
@@ -680,14 +674,14 @@ impl Backend<f32> for Cuda {
 
     fn nb_mixture(
         &self,
-        x: In<'_, CudaSlice<f32>>,
-        mu_back: In<'_, CudaSlice<f32>>,
-        mu_fore: In<'_, CudaSlice<f32>>,
-        theta: In<'_, CudaSlice<f32>>,
-        pi: In<'_, CudaSlice<f32>>,
+        x: In<'_, DeviceBuf>,
+        mu_back: In<'_, DeviceBuf>,
+        mu_fore: In<'_, DeviceBuf>,
+        theta: In<'_, DeviceBuf>,
+        pi: In<'_, DeviceBuf>,
         features: usize,
-        ll: Out<'_, CudaSlice<f32>>,
-        grads: [Out<'_, CudaSlice<f32>>; 4],
+        ll: Out<'_, DeviceBuf>,
+        grads: [Out<'_, DeviceBuf>; 4],
     ) -> Result<()> {
         let [mut a, mut b, mut c, mut d] = grads.map(vm);
         Ok(likelihood::gpu::nb_mixture(
@@ -705,12 +699,12 @@ impl Backend<f32> for Cuda {
 
     fn mmd_rbf(
         &self,
-        x: In<'_, CudaSlice<f32>>,
-        y: In<'_, CudaSlice<f32>>,
+        x: In<'_, DeviceBuf>,
+        y: In<'_, DeviceBuf>,
         dim: usize,
         bandwidths: &[f64],
-        dx: Out<'_, CudaSlice<f32>>,
-        dy: Out<'_, CudaSlice<f32>>,
+        dx: Out<'_, DeviceBuf>,
+        dy: Out<'_, DeviceBuf>,
     ) -> Result<f64> {
         Ok(f64::from(losses::gpu::mmd_rbf(
             &self.gpu,
@@ -725,10 +719,10 @@ impl Backend<f32> for Cuda {
 
     fn cross_entropy(
         &self,
-        logits: In<'_, CudaSlice<f32>>,
+        logits: In<'_, DeviceBuf>,
         labels: &[i32],
         classes: usize,
-        dlogits: Out<'_, CudaSlice<f32>>,
+        dlogits: Out<'_, DeviceBuf>,
     ) -> Result<(f64, usize)> {
         let (loss, labelled) =
             losses::gpu::cross_entropy(&self.gpu, &v(&logits), labels, classes, &mut vm(dlogits))?;
@@ -737,9 +731,9 @@ impl Backend<f32> for Cuda {
 
     fn masked_mse(
         &self,
-        pred: In<'_, CudaSlice<f32>>,
+        pred: In<'_, DeviceBuf>,
         targets: &[f64],
-        dpred: Out<'_, CudaSlice<f32>>,
+        dpred: Out<'_, DeviceBuf>,
     ) -> Result<(f64, usize)> {
         let (loss, observed) =
             losses::gpu::masked_mse(&self.gpu, &v(&pred), targets, &mut vm(dpred))?;
@@ -748,11 +742,11 @@ impl Backend<f32> for Cuda {
 
     fn cosine_margin(
         &self,
-        z: In<'_, CudaSlice<f32>>,
+        z: In<'_, DeviceBuf>,
         labels: &[i32],
         dim: usize,
         margin: f64,
-        dz: Out<'_, CudaSlice<f32>>,
+        dz: Out<'_, DeviceBuf>,
     ) -> Result<f64> {
         Ok(f64::from(losses::gpu::cosine_margin(
             &self.gpu,
@@ -766,10 +760,10 @@ impl Backend<f32> for Cuda {
 
     fn cox_partial_likelihood(
         &self,
-        eta: In<'_, CudaSlice<f32>>,
+        eta: In<'_, DeviceBuf>,
         times: &[f64],
         events: &[bool],
-        deta: Out<'_, CudaSlice<f32>>,
+        deta: Out<'_, DeviceBuf>,
     ) -> Result<f64> {
         Ok(f64::from(losses::gpu::cox_partial_likelihood(
             &self.gpu,
@@ -782,14 +776,14 @@ impl Backend<f32> for Cuda {
 
     fn jeffreys(
         &self,
-        m1: In<'_, CudaSlice<f32>>,
-        lv1: In<'_, CudaSlice<f32>>,
-        m2: In<'_, CudaSlice<f32>>,
-        lv2: In<'_, CudaSlice<f32>>,
+        m1: In<'_, DeviceBuf>,
+        lv1: In<'_, DeviceBuf>,
+        m2: In<'_, DeviceBuf>,
+        lv2: In<'_, DeviceBuf>,
         dim: usize,
-        weights: In<'_, CudaSlice<f32>>,
-        value: Out<'_, CudaSlice<f32>>,
-        grads: [Out<'_, CudaSlice<f32>>; 4],
+        weights: In<'_, DeviceBuf>,
+        value: Out<'_, DeviceBuf>,
+        grads: [Out<'_, DeviceBuf>; 4],
     ) -> Result<()> {
         let [mut a, mut b, mut c, mut d] = grads.map(vm);
         Ok(gaussian::gpu::jeffreys(
@@ -809,10 +803,10 @@ impl Backend<f32> for Cuda {
         &self,
         opt: &AdamW,
         t: u64,
-        params: Out<'_, CudaSlice<f32>>,
-        grads: In<'_, CudaSlice<f32>>,
-        m: Out<'_, CudaSlice<f32>>,
-        v_: Out<'_, CudaSlice<f32>>,
+        params: Out<'_, DeviceBuf>,
+        grads: In<'_, DeviceBuf>,
+        m: Out<'_, DeviceBuf>,
+        v_: Out<'_, DeviceBuf>,
     ) -> Result<()> {
         Ok(optim::gpu::adamw_step(
             &self.gpu,
@@ -825,15 +819,11 @@ impl Backend<f32> for Cuda {
         )?)
     }
 
-    fn grad_norm(&self, grads: In<'_, CudaSlice<f32>>) -> Result<f64> {
+    fn grad_norm(&self, grads: In<'_, DeviceBuf>) -> Result<f64> {
         Ok(optim::gpu::grad_norm(&self.gpu, &v(&grads))?)
     }
 
-    fn flag_non_finite(
-        &self,
-        x: In<'_, CudaSlice<f32>>,
-        flag: Out<'_, CudaSlice<f32>>,
-    ) -> Result<()> {
+    fn flag_non_finite(&self, x: In<'_, DeviceBuf>, flag: Out<'_, DeviceBuf>) -> Result<()> {
         Ok(optim::gpu::flag_non_finite(
             &self.gpu,
             &v(&x),
@@ -845,12 +835,12 @@ impl Backend<f32> for Cuda {
 /// The PoE's experts copied into the stacks the kernels read.
 fn stack(
     gpu: &Gpu,
-    means: &[In<'_, CudaSlice<f32>>],
-    logvars: &[In<'_, CudaSlice<f32>>],
-    present: &[In<'_, CudaSlice<f32>>],
+    means: &[In<'_, DeviceBuf>],
+    logvars: &[In<'_, DeviceBuf>],
+    present: &[In<'_, DeviceBuf>],
     dim: usize,
 ) -> crate::cuda::Result<gaussian::gpu::DeviceExperts> {
-    fn views<'a>(xs: &[In<'a, CudaSlice<f32>>]) -> Vec<View<'a>> {
+    fn views<'a>(xs: &[In<'a, DeviceBuf>]) -> Vec<View<'a>> {
         xs.iter().map(v).collect()
     }
     gaussian::gpu::DeviceExperts::stack(gpu, &views(means), &views(logvars), &views(present), dim)

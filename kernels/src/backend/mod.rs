@@ -5,8 +5,9 @@
 //! each see one buffer whatever the device.
 //!
 //! Ops take their outputs as views and overwrite them (never allocate), except where an
-//! argument says otherwise (GEMM's `beta`): activations live in buffers allocated once per batch
-//! shape and reused, which is the caching allocator the training loop needs.
+//! argument says otherwise (GEMM's `beta`). A model allocates its activations per step; on the
+//! GPU those buffers come back to a cache when dropped (`crate::cuda_cache`), so a steady step
+//! asks the driver for no memory.
 
 use std::ops::Range;
 use std::sync::Arc;

@@ -5,6 +5,7 @@ use cudarc::driver::PushKernelArg;
 
 use super::{Activation, CUDA_SOURCE};
 use crate::cuda::{Gpu, Result, View, ViewMut, launch};
+use crate::cuda_cache::DeviceBuf;
 
 pub fn activation_forward(
     gpu: &Gpu,
@@ -105,11 +106,7 @@ pub fn scale_rows(gpu: &Gpu, x: &View<'_>, s: &View<'_>, y: &mut ViewMut<'_>) ->
 }
 
 /// The host's row codes on the device, each checked against the table's rows.
-fn codes_on_device(
-    gpu: &Gpu,
-    codes: &[usize],
-    table_rows: usize,
-) -> Result<cudarc::driver::CudaSlice<u64>> {
+fn codes_on_device(gpu: &Gpu, codes: &[usize], table_rows: usize) -> Result<DeviceBuf<u64>> {
     assert!(
         codes.iter().all(|&c| c < table_rows),
         "row code out of range: the table has {table_rows} rows"

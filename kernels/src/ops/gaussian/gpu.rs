@@ -1,10 +1,11 @@
 //! GPU entry points of the latent Gaussian ops (kernels in `gaussian.cu`).
 #![allow(unsafe_code)] // kernel launches: argument types and lengths are checked before each
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
 use super::CUDA_SOURCE;
 use crate::cuda::{Gpu, Result, View, ViewMut, driver as failed, launch};
+use crate::cuda_cache::DeviceBuf;
 
 pub fn reparameterize_forward(
     gpu: &Gpu,
@@ -126,9 +127,9 @@ pub fn jeffreys(
 pub struct DeviceExperts {
     pub experts: usize,
     pub dim: usize,
-    pub means: CudaSlice<f32>,
-    pub logvars: CudaSlice<f32>,
-    pub present: CudaSlice<f32>,
+    pub means: DeviceBuf,
+    pub logvars: DeviceBuf,
+    pub present: DeviceBuf,
 }
 
 impl DeviceExperts {
@@ -164,8 +165,9 @@ impl DeviceExperts {
 }
 
 /// The views one after another in a new buffer.
-fn concat(gpu: &Gpu, parts: &[View<'_>]) -> Result<CudaSlice<f32>> {
-    let mut out = gpu.zeros(parts.iter().map(View::len).sum())?;
+fn concat(gpu: &Gpu, parts: &[View<'_>]) -> Result<DeviceBuf> {
+    // Written whole by the copies below.
+    let mut out = gpu.alloc::<f32>(parts.iter().map(View::len).sum())?;
     let mut at = 0;
     for part in parts {
         gpu.stream()
@@ -177,7 +179,7 @@ fn concat(gpu: &Gpu, parts: &[View<'_>]) -> Result<CudaSlice<f32>> {
 }
 
 /// Copies consecutive blocks of `stacked` into `outs`, in order (the inverse of [`concat`]).
-pub fn unstack(gpu: &Gpu, stacked: &CudaSlice<f32>, outs: &mut [ViewMut<'_>]) -> Result<()> {
+pub fn unstack(gpu: &Gpu, stacked: &DeviceBuf, outs: &mut [ViewMut<'_>]) -> Result<()> {
     assert_eq!(
         stacked.len(),
         outs.iter().map(|o| o.len()).sum::<usize>(),
@@ -231,8 +233,8 @@ pub fn poe_backward(
     lv: &View<'_>,
     dm: &View<'_>,
     dlv: &View<'_>,
-    dmeans: &mut CudaSlice<f32>,
-    dlogvars: &mut CudaSlice<f32>,
+    dmeans: &mut DeviceBuf,
+    dlogvars: &mut DeviceBuf,
 ) -> Result<()> {
     let n = m.len();
     assert!(

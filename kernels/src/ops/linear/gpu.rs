@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::{Gemm, GemmConfig};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::{CUDA_SOURCE, CountTransform, CsrRef, MatmulPrecision};
 use crate::background::Background;
 use crate::cuda::{CudaError, Gpu, Result, View, ViewMut, driver as failed};
+use crate::cuda_cache::DeviceBuf;
 
 /// C (m x n, row-major) = alpha · op(A) op(B) + beta · C, as [`super::Gemm::gemm`].
 /// cuBLAS is column-major, so it computes Cᵀ = op(B)ᵀ op(A)ᵀ on the same buffers.
@@ -116,9 +117,9 @@ pub fn gemm(
 pub struct DeviceCsr {
     pub rows: usize,
     pub cols: usize,
-    pub indptr: CudaSlice<u64>,
-    pub indices: CudaSlice<u32>,
-    pub data: CudaSlice<f32>,
+    pub indptr: DeviceBuf<u64>,
+    pub indices: DeviceBuf<u32>,
+    pub data: DeviceBuf,
     host: Option<Arc<HostRows>>,
     pub(super) transposed: OnceLock<(CountTransform, DeviceTransposed)>,
     /// The backward's transposed index, being built on the host since the forward was queued.
@@ -128,7 +129,7 @@ pub struct DeviceCsr {
 }
 
 /// A CSR's arrays on the device.
-type UniqueRows = (CudaSlice<u64>, CudaSlice<u32>, CudaSlice<f32>);
+type UniqueRows = (DeviceBuf<u64>, DeviceBuf<u32>, DeviceBuf);
 
 /// A CSR's arrays on the host: indptr, indices, data.
 pub(crate) type HostRows = (Vec<u64>, Vec<u32>, Vec<f32>);
@@ -139,9 +140,9 @@ pub(crate) type HostTransposed = (Vec<u64>, Vec<u32>, Vec<f32>);
 /// t(X) by columns: column pointers, the row of each entry and its transformed value.
 #[derive(Debug)]
 pub(crate) struct DeviceTransposed {
-    pub col_ptr: CudaSlice<u64>,
-    pub rows_of: CudaSlice<u32>,
-    pub values: CudaSlice<f32>,
+    pub col_ptr: DeviceBuf<u64>,
+    pub rows_of: DeviceBuf<u32>,
+    pub values: DeviceBuf,
 }
 
 impl DeviceCsr {
@@ -169,7 +170,7 @@ impl DeviceCsr {
     pub(crate) fn from_parts(
         rows: usize,
         cols: usize,
-        (indptr, indices, data): (CudaSlice<u64>, CudaSlice<u32>, CudaSlice<f32>),
+        (indptr, indices, data): (DeviceBuf<u64>, DeviceBuf<u32>, DeviceBuf),
         host: Option<HostRows>,
         transposed: Option<(CountTransform, DeviceTransposed)>,
         canonical: bool,
@@ -200,7 +201,7 @@ impl DeviceCsr {
     pub fn unique_columns(
         &self,
         gpu: &Gpu,
-    ) -> Result<(&CudaSlice<u64>, &CudaSlice<u32>, &CudaSlice<f32>)> {
+    ) -> Result<(&DeviceBuf<u64>, &DeviceBuf<u32>, &DeviceBuf)> {
         if let (None, Some(host)) = (self.unique.get(), self.host()) {
             let (indptr, indices, data) = unique_columns(host);
             let copy = if indices.len() == self.data.len() {

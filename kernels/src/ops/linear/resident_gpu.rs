@@ -6,11 +6,12 @@
 //! whose rows name a gene at most once (checked once, at upload).
 #![allow(unsafe_code)] // kernel launches: sizes are checked before each
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::gpu::{DeviceCsr, DeviceTransposed};
 use super::{CUDA_SOURCE, CountTransform, CsrRef};
 use crate::cuda::{Gpu, Result, driver as failed, grid};
+use crate::cuda_cache::DeviceBuf;
 
 /// A count matrix on the device whose rows name each column at most once, and its row pointers
 /// on the host (a batch's are worked out there, so its size is known without a read-back).
@@ -19,9 +20,9 @@ pub struct ResidentCsr {
     pub rows: usize,
     pub cols: usize,
     host_indptr: Vec<u64>,
-    indptr: CudaSlice<u64>,
-    indices: CudaSlice<u32>,
-    data: CudaSlice<f32>,
+    indptr: DeviceBuf<u64>,
+    indices: DeviceBuf<u32>,
+    data: DeviceBuf,
 }
 
 impl ResidentCsr {
@@ -91,15 +92,8 @@ pub fn gather(
     }
     let (on_device, batch_indptr) = (gpu.upload(rows)?, gpu.upload(indptr)?);
     let stream = gpu.stream();
-    // SAFETY: both are written whole by the gather below before any read.
-    let (mut indices, mut data) = unsafe {
-        (
-            stream
-                .alloc::<u32>(nnz)
-                .map_err(failed("gather: indices"))?,
-            stream.alloc::<f32>(nnz).map_err(failed("gather: values"))?,
-        )
-    };
+    // Both are written whole by the gather below before any read.
+    let (mut indices, mut data) = (gpu.alloc::<u32>(nnz)?, gpu.alloc::<f32>(nnz)?);
     let f = gpu.function("linear", CUDA_SOURCE, "csr_gather_entries")?;
     let n64 = n as u64;
     let mut b = stream.launch_builder(&f);
@@ -129,7 +123,7 @@ pub fn gather(
 /// `transform`: the arrays [`super::transposed`] makes on the host.
 pub(crate) fn transposed(
     gpu: &Gpu,
-    (indptr, indices, data): (&CudaSlice<u64>, &CudaSlice<u32>, &CudaSlice<f32>),
+    (indptr, indices, data): (&DeviceBuf<u64>, &DeviceBuf<u32>, &DeviceBuf),
     rows: usize,
     cols: usize,
     transform: CountTransform,
@@ -144,11 +138,9 @@ pub(crate) fn transposed(
     let span = rows.div_ceil(((1usize << 24) / cols).max(1)).max(32);
     let blocks = rows.div_ceil(span);
     let stream = gpu.stream();
-    let counts = stream.alloc_zeros::<u32>(blocks * cols);
-    let col_ptr = stream.alloc_zeros::<u64>(cols + 1);
     let (mut counts, mut col_ptr) = (
-        counts.map_err(failed("transposed: counters"))?,
-        col_ptr.map_err(failed("transposed: column pointers"))?,
+        gpu.alloc_zeros::<u32>(blocks * cols)?,
+        gpu.alloc_zeros::<u64>(cols + 1)?,
     );
     let (rows64, span64, cols64, blocks64) = (rows as u64, span as u64, cols as u64, blocks as u64);
     let count = gpu.function("linear", CUDA_SOURCE, "transpose_count")?;
@@ -170,17 +162,8 @@ pub(crate) fn transposed(
     // SAFETY: the same counters; col_ptr holds cols + 1.
     unsafe { b.launch(grid(cols)) }.map_err(failed("transpose_runs"))?;
     scan(gpu, &mut col_ptr)?;
-    // SAFETY: the fill writes every one of the nnz places (each entry's column run holds it).
-    let (mut rows_of, mut values) = unsafe {
-        (
-            stream
-                .alloc::<u32>(nnz)
-                .map_err(failed("transposed: rows"))?,
-            stream
-                .alloc::<f32>(nnz)
-                .map_err(failed("transposed: values"))?,
-        )
-    };
+    // The fill writes every one of the nnz places (each entry's column run holds it).
+    let (mut rows_of, mut values) = (gpu.alloc::<u32>(nnz)?, gpu.alloc::<f32>(nnz)?);
     let (kind, scale) = transform.code();
     let fill = gpu.function("linear", CUDA_SOURCE, "transpose_fill")?;
     let mut b = stream.launch_builder(&fill);
@@ -206,7 +189,7 @@ pub(crate) fn transposed(
 }
 
 /// In-place inclusive prefix sum by one block.
-fn scan(gpu: &Gpu, x: &mut CudaSlice<u64>) -> Result<()> {
+fn scan(gpu: &Gpu, x: &mut DeviceBuf<u64>) -> Result<()> {
     let f = gpu.function("linear", CUDA_SOURCE, "scan_inclusive_u64")?;
     let n = x.len() as u64;
     let mut b = gpu.stream().launch_builder(&f);

@@ -53,10 +53,7 @@ pub fn adamw_step(
 pub fn grad_norm(gpu: &Gpu, grads: &View<'_>) -> Result<f64> {
     let n = grads.len();
     let chunks = n.div_ceil(GRAIN).max(1);
-    let mut partial = gpu
-        .stream()
-        .alloc_zeros::<f64>(chunks)
-        .map_err(failed("alloc"))?;
+    let mut partial = gpu.alloc_zeros::<f64>(chunks)?;
     let f = gpu.function("optim", CUDA_SOURCE, "chunk_sum_squares")?;
     let (n64, chunk64) = (n as u64, GRAIN as u64);
     let mut b = gpu.stream().launch_builder(&f);
