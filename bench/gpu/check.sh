@@ -139,7 +139,10 @@ step() { # name, args...
   local name=$1 log; shift
   log=$(logfile "$name")
   if limit "$tessera" bench step --device "$device" "$@" >"$log" 2>&1; then
-    row "$name" ok "$(grep -m1 'cells/s' "$log" | sed 's/^ *//'); $(grep -m1 -o '[0-9]* staged cells/s' "$log"), $(grep -m1 -o '[0-9]* resident cells/s' "$log")"
+    # On a GPU: how many of the steps' device buffers the driver allocated (kernels/src/cuda_cache.rs).
+    local buffers
+    buffers=$(grep -m1 -o '[0-9]* reused, [0-9]* allocated' "$log" || true)
+    row "$name" ok "$(grep -m1 'cells/s' "$log" | sed 's/^ *//'); $(grep -m1 -o '[0-9]* staged cells/s' "$log"), $(grep -m1 -o '[0-9]* resident cells/s' "$log")${buffers:+; buffers $buffers}"
   else
     row "$name" FAIL "$(tail -1 "$log")"
   fi

@@ -153,22 +153,7 @@ fn assert_one_read_back_per_step(what: &str, out: &Path) {
         .collect();
     let seen: u64 = steps.iter().map(|(n, _)| n).sum();
     assert!(seen >= 10, "{what}: {seen} steps counted: {steps:?}");
-    // Buffers are reused, not allocated and freed (~70 of each per step before the cache):
-    // only a step of a batch shape not seen before, or with more non-zeros than any before
-    // (beyond an eighth), asks the driver for memory; none gives any back.
-    let allocating: u64 = steps
-        .iter()
-        .filter(|(_, work)| work.contains_key("alloc"))
-        .map(|(n, _)| n)
-        .sum();
-    assert!(
-        3 * allocating <= seen,
-        "{what}: {allocating} of {seen} steps allocate: {steps:?}"
-    );
-    assert!(
-        steps.iter().all(|(_, work)| !work.contains_key("free")),
-        "{what}: {steps:?}"
-    );
+    assert_buffers_reused(what, &steps);
     for (_, work) in &steps {
         let count = |k: &str| work.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
         assert_eq!(count("download to pageable memory"), 1, "{what}: {work:?}");
@@ -186,6 +171,26 @@ fn assert_one_read_back_per_step(what: &str, out: &Path) {
             "{what}: {work:?}"
         );
     }
+}
+
+/// Buffers are reused, not allocated and freed (~70 of each per step before the cache): only a
+/// step of a batch shape not seen before, or with more non-zeros than any before (beyond an
+/// eighth), asks the driver for memory; none gives any back.
+fn assert_buffers_reused(what: &str, steps: &[&(u64, Work)]) {
+    let seen: u64 = steps.iter().map(|(n, _)| n).sum();
+    let allocating: u64 = steps
+        .iter()
+        .filter(|(_, work)| work.contains_key("alloc"))
+        .map(|(n, _)| n)
+        .sum();
+    assert!(
+        3 * allocating <= seen,
+        "{what}: {allocating} of {seen} steps allocate: {steps:?}"
+    );
+    assert!(
+        steps.iter().all(|(_, work)| !work.contains_key("free")),
+        "{what}: {steps:?}"
+    );
 }
 
 /// A simulated store in `dir` and `copies - 1` copies of it (training writes into its store).
@@ -270,6 +275,7 @@ fn two_workers_on_emulated_devices_reduce_through_nccl_to_the_cpus_losses() {
         .filter(|(_, work)| work.contains_key("all-reduce"))
         .collect();
     assert!(!reduces.is_empty(), "{all:?}");
+    assert_buffers_reused("2 workers", &reduces);
     for (_, work) in reduces {
         for key in ["all-reduce", "launch flag_non_finite"] {
             assert_eq!(count(work, key), 1, "{key}: {work:?}");
