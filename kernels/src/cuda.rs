@@ -98,7 +98,7 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     modules: Mutex<Loaded>,
     blas: std::sync::OnceLock<cudarc::cublas::CudaBlas>,
-    /// The compute stream's f32 buffers, kept for reuse when dropped.
+    /// The compute stream's buffers, kept for reuse when dropped.
     cache: Arc<BufCache>,
     /// The copy stream and its buffers, made at the first staged upload.
     staging: std::sync::OnceLock<Arc<crate::cuda_staging::Staging>>,
