@@ -156,6 +156,8 @@ fn assert_one_read_back_per_step(what: &str, out: &Path) {
     assert_buffers_reused(what, &steps);
     for (_, work) in &steps {
         let count = |k: &str| work.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        // The step's forward is in the backward's interval: nothing read in between.
+        assert_eq!(count("launch sparse_input_forward"), 1, "{what}: {work:?}");
         assert_eq!(count("download to pageable memory"), 1, "{what}: {work:?}");
         assert_eq!(count("blocking download"), 0, "{what}: {work:?}");
         assert_eq!(count("launch flag_non_finite"), 1, "{what}: {work:?}");
@@ -231,6 +233,52 @@ fn training_on_the_emulated_device_gives_the_cpus_losses_resident_and_streamed()
         assert!(log.contains(where_), "resident_data = {resident}: {log}");
         assert_same_losses(&format!("resident_data = {resident}"), &cuda, &cpu);
         assert_one_read_back_per_step(&format!("resident_data = {resident}"), &out);
+    }
+}
+
+/// scANVI's classifier on the device: its loss is summed there and read with the step's other
+/// terms (one read-back per step, as scVI's), and training gives the CPU's losses.
+#[test]
+fn a_label_classifier_on_the_emulated_device_reads_its_loss_with_the_step() {
+    let Some(libs) = emulator_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = &stores(dir.path(), 1)[0];
+    // The helper's TOML is its [train] section; the [model] table follows it.
+    let settings = "resident_data = \"auto\"\n[model]\nclassifier_weight = 50.0";
+    let labels = ["--label-key", "cell_type"];
+    let (_, cpu) = train(
+        store,
+        &dir.path().join("cpu"),
+        ("cpu", &libs),
+        settings,
+        &labels,
+    );
+    let out = dir.path().join("cuda");
+    let (_, cuda) = train(store, &out, ("cuda", &libs), settings, &labels);
+    assert_same_losses("classifier", &cuda, &cpu);
+    let history = std::fs::read_to_string(out.join("history.csv")).unwrap();
+    let header: Vec<&str> = history.lines().next().unwrap().split(',').collect();
+    let column = header
+        .iter()
+        .position(|h| *h == "train_supervised")
+        .unwrap();
+    for line in history.lines().skip(1) {
+        let supervised: f64 = line.split(',').nth(column).unwrap().parse().unwrap();
+        assert!(
+            supervised > 0.0,
+            "the classifier's loss is in the step: {history}"
+        );
+    }
+    assert_one_read_back_per_step("classifier", &out);
+    // The classifier's loss too (it was read on its own, ending an interval before the backward).
+    let steps = intervals(&out);
+    let steps = steps
+        .iter()
+        .filter(|(_, work)| work.contains_key("launch sparse_input_backward"));
+    for (_, work) in steps {
+        assert!(work.contains_key("launch cross_entropy"), "{work:?}");
     }
 }
 

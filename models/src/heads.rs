@@ -12,13 +12,14 @@
 //! carries none of its targets), so no gradient is left from an earlier step.
 
 use tessera_kernels::Real;
-use tessera_kernels::backend::{Backend, Result, Tensor};
+use tessera_kernels::backend::{Backend, In, Out, Result, Tensor};
 use tessera_kernels::ops::elementwise::Activation;
 use tessera_kernels::params::Layout;
 
 use crate::layers::{
     Buf, Dense, DenseActs, DenseSpec, Input, InputGrad, Mlp, MlpSpec, Mode, Slots, Weights,
 };
+use crate::pending::{Reduce, Share, Term};
 
 /// What a minibatch carries for the supervised heads, in its cell order (host memory).
 #[derive(Debug, Clone, Copy, Default)]
@@ -203,13 +204,16 @@ pub(crate) struct HeadActs<S> {
 }
 
 /// The heads' weighted loss values of one batch.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct HeadTerms {
-    /// Classifier, regression and Cox.
-    pub supervised: f64,
+#[derive(Debug)]
+pub(crate) struct HeadTerms<S> {
+    /// Classifier (left on the device), regression and Cox, in that order.
+    pub supervised: Term<S>,
     /// Contrastive and adversarial.
     pub regularization: f64,
 }
+
+/// What the heads' forward returns: their loss terms and what their backward needs.
+pub(crate) type HeadsForward<S> = (HeadTerms<S>, HeadActs<S>);
 
 impl Heads {
     /// Registers `heads.*` for every head whose weight is positive.
@@ -289,9 +293,12 @@ impl Heads {
         zs: &Tensor<Buf<T, B>>,
         sample_batches: &[i32],
         mode: Mode,
-    ) -> Result<(HeadTerms, HeadActs<Buf<T, B>>)> {
+    ) -> Result<HeadsForward<Buf<T, B>>> {
         let s = &self.spec;
-        let mut terms = HeadTerms::default();
+        let mut terms = HeadTerms {
+            supervised: Term::default(),
+            regularization: 0.0,
+        };
         let mut acts = HeadActs {
             mean: None,
             classifier: None,
@@ -307,11 +314,20 @@ impl Heads {
             assert_eq!(labels.len(), n, "one label per cell");
             if let Some(c) = &self.classifier {
                 let a = c.forward(b, p, state, m, mode)?;
-                let mut d = b.output_tensor(n, s.n_labels)?;
-                let (loss, _) =
-                    b.cross_entropy(a.logits.output().input(), labels, s.n_labels, d.output())?;
+                let (mut d, mut loss) = (b.output_tensor(n, s.n_labels)?, b.output_buf(1)?);
+                b.cross_entropy(
+                    a.logits.output().input(),
+                    labels,
+                    s.n_labels,
+                    d.output(),
+                    Out::all(&mut loss),
+                )?;
                 b.scale(d.output(), T::of(s.classifier_weight))?;
-                terms.supervised += s.classifier_weight * loss;
+                // Read with the step's other terms (weight × loss, the same f64 product).
+                terms.supervised.add(Share {
+                    values: loss,
+                    reduce: Reduce::ScaledSum(s.classifier_weight),
+                });
                 acts.classifier = Some((a, d));
             }
             if let Some(r) = &self.regression {
@@ -327,7 +343,7 @@ impl Heads {
                 let mut d = b.output_tensor(n, s.n_targets)?;
                 let (loss, _) = b.masked_mse(a.output().input(), targets, d.output())?;
                 b.scale(d.output(), T::of(s.regression_weight))?;
-                terms.supervised += s.regression_weight * loss;
+                terms.supervised.add_value(s.regression_weight * loss);
                 acts.regression = Some((a, d));
             }
             if let Some(c) = &self.cox {
@@ -351,7 +367,7 @@ impl Heads {
                 let loss =
                     b.cox_partial_likelihood(a.output().input(), &times, &events, d.output())?;
                 b.scale(d.output(), T::of(s.cox_weight))?;
-                terms.supervised += s.cox_weight * loss;
+                terms.supervised.add_value(s.cox_weight * loss);
                 acts.cox = Some((a, d));
             }
             if s.contrastive_weight > 0.0 {
@@ -376,14 +392,17 @@ impl Heads {
                 "one batch code per latent sample"
             );
             let a = c.forward(b, p, state, zs, mode)?;
-            let mut d = b.output_tensor(zs.rows, s.n_batch)?;
-            let (loss, _) = b.cross_entropy(
+            let (mut d, mut loss) = (b.output_tensor(zs.rows, s.n_batch)?, b.output_buf(1)?);
+            b.cross_entropy(
                 a.logits.output().input(),
                 sample_batches,
                 s.n_batch,
                 d.output(),
+                Out::all(&mut loss),
             )?;
             b.scale(d.output(), T::of(s.adversarial_weight))?;
+            // Read now: the regularisation's other terms are host values (see docs/benchmarks.md).
+            let loss = b.download(In::all(&loss))?[0].f64();
             terms.regularization += s.adversarial_weight * loss;
             acts.adversary = Some((a, d));
         }

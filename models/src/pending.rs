@@ -48,18 +48,25 @@ pub(crate) struct Share<S> {
     pub reduce: Reduce,
 }
 
-/// A loss term: shares added in the order they were made, or a value the host already has
-/// (it replaces the shares).
+/// One addend of a term: a value the host has, or a share still on the device.
+#[derive(Debug)]
+enum Part<S> {
+    Host(f64),
+    Device(Share<S>),
+}
+
+/// A loss term: its parts added in the order they were made (from 0, in f64), or a value the
+/// host already has (it replaces the parts).
 #[derive(Debug)]
 pub(crate) struct Term<S> {
-    shares: Vec<Share<S>>,
+    parts: Vec<Part<S>>,
     known: Option<f64>,
 }
 
 impl<S> Default for Term<S> {
     fn default() -> Self {
         Term {
-            shares: Vec::new(),
+            parts: Vec::new(),
             known: None,
         }
     }
@@ -67,12 +74,53 @@ impl<S> Default for Term<S> {
 
 impl<S> Term<S> {
     pub fn add(&mut self, share: Share<S>) {
-        self.shares.push(share);
+        self.parts.push(Part::Device(share));
+    }
+
+    /// Adds a value the host has, in its place among the shares.
+    pub fn add_value(&mut self, value: f64) {
+        self.parts.push(Part::Host(value));
     }
 
     /// The term is `value`, whatever was added.
     pub fn set(&mut self, value: f64) {
         self.known = Some(value);
+    }
+
+    /// The shares still to read (none when the value is known).
+    fn shares(&self) -> impl Iterator<Item = &Share<S>> {
+        let parts = if self.known.is_some() {
+            &[][..]
+        } else {
+            &self.parts[..]
+        };
+        parts.iter().filter_map(|p| match p {
+            Part::Device(share) => Some(share),
+            Part::Host(_) => None,
+        })
+    }
+
+    /// What the host has of the term: its known value, or its host parts' sum.
+    fn on_host(&self) -> f64 {
+        self.known.unwrap_or_else(|| {
+            self.parts.iter().fold(0.0, |acc, p| match p {
+                Part::Host(v) => acc + v,
+                Part::Device(_) => acc,
+            })
+        })
+    }
+
+    /// The term's value, its shares' values taken from `at` in [`Term::shares`]' order.
+    fn value<'a, T: Real + 'a>(&self, at: &mut impl Iterator<Item = &'a Vec<T>>) -> f64 {
+        if let Some(known) = self.known {
+            return known;
+        }
+        self.parts.iter().fold(0.0, |acc, p| match p {
+            Part::Host(v) => acc + v,
+            Part::Device(share) => {
+                acc + share.reduce.apply(at.next().map_or(&[][..], Vec::as_slice))
+            }
+        })
     }
 }
 
@@ -86,7 +134,8 @@ pub struct PendingLoss<S> {
     pub(crate) kl: Term<S>,
     pub(crate) kl_weight: f64,
     pub(crate) regularization: f64,
-    pub(crate) supervised: f64,
+    /// The supervised heads: the classifier's loss on the device, regression and Cox known.
+    pub(crate) supervised: Term<S>,
     pub(crate) cells: usize,
 }
 
@@ -94,7 +143,7 @@ impl<S: Storage> PendingLoss<S> {
     /// Terms the host already has (nothing on the device).
     pub fn on_host(terms: &LossTerms, kl_weight: f64) -> Self {
         let known = |value: f64| Term {
-            shares: Vec::new(),
+            parts: Vec::new(),
             known: Some(value),
         };
         PendingLoss {
@@ -102,7 +151,7 @@ impl<S: Storage> PendingLoss<S> {
             kl: known(terms.kl),
             kl_weight,
             regularization: terms.regularization,
-            supervised: terms.supervised,
+            supervised: known(terms.supervised),
             cells: terms.cells,
         }
     }
@@ -115,18 +164,17 @@ impl<S: Storage> PendingLoss<S> {
     /// `weight` × the terms the host already has, as [reconstruction, KL, regularization,
     /// supervised]; a term still on the device counts 0 here ([`PendingLoss::add_device_sums`]).
     pub fn host_sums(&self, weight: f64) -> [f64; 4] {
-        let known = |t: &Term<S>| t.known.unwrap_or(0.0) * weight;
         [
-            known(&self.reconstruction),
-            known(&self.kl),
+            self.reconstruction.on_host() * weight,
+            self.kl.on_host() * weight,
             self.regularization * weight,
-            self.supervised * weight,
+            self.supervised.on_host() * weight,
         ]
     }
 
-    /// Queues `sums[at] += weight × reconstruction` and `sums[at + 1] += weight × KL` for the
-    /// terms still on the device (their shares weighted and summed there, in `T`): nothing is
-    /// read.
+    /// Queues `sums[at + k] += weight × term k` for the shares still on the device of the
+    /// reconstruction (k = 0), the KL (1) and the supervised heads (3), weighted and summed
+    /// there in `T`: nothing is read.
     pub fn add_device_sums<T: Real, B: Backend<T, Buf = S>>(
         &self,
         b: &B,
@@ -134,14 +182,14 @@ impl<S: Storage> PendingLoss<S> {
         sums: &mut S,
         at: usize,
     ) -> Result<()> {
-        for (slot, term) in [&self.reconstruction, &self.kl].into_iter().enumerate() {
-            let shares = if term.known.is_some() {
-                &[][..]
-            } else {
-                &term.shares[..]
-            };
+        let terms = [
+            (0, &self.reconstruction),
+            (1, &self.kl),
+            (3, &self.supervised),
+        ];
+        for (slot, term) in terms {
             // An empty share adds nothing (and a launch over no values is refused on a GPU).
-            for share in shares.iter().filter(|s| !s.values.is_empty()) {
+            for share in term.shares().filter(|s| !s.values.is_empty()) {
                 let (w, factor) = share.reduce.device_form::<T>();
                 let weighted = match w {
                     Some(w) => {
@@ -200,30 +248,23 @@ impl<S: Storage> PendingLoss<S> {
 
     /// The device values the host reads, in the order [`PendingLoss::terms_from`] takes them.
     fn on_device(&self) -> impl Iterator<Item = &S> {
-        [&self.reconstruction, &self.kl]
+        [&self.reconstruction, &self.kl, &self.supervised]
             .into_iter()
-            .filter(|t| t.known.is_none())
-            .flat_map(|t| t.shares.iter().map(|s| &s.values))
+            .flat_map(|t| t.shares().map(|s| &s.values))
     }
 
     /// The terms from their values on the host (taken from `at` in [`PendingLoss::on_device`]'s
     /// order), in f64: the arithmetic an immediate read did.
     fn terms_from<'a, T: Real + 'a>(&self, at: &mut impl Iterator<Item = &'a Vec<T>>) -> LossTerms {
-        let mut value = |term: &Term<S>| -> f64 {
-            if let Some(known) = term.known {
-                return known;
-            }
-            term.shares.iter().fold(0.0, |acc, s| {
-                acc + s.reduce.apply(at.next().map_or(&[][..], Vec::as_slice))
-            })
-        };
-        let (reconstruction, kl) = (value(&self.reconstruction), value(&self.kl));
+        let reconstruction = self.reconstruction.value(at);
+        let kl = self.kl.value(at);
+        let supervised = self.supervised.value(at);
         LossTerms {
             reconstruction,
             kl,
             regularization: self.regularization,
-            supervised: self.supervised,
-            loss: reconstruction + self.kl_weight * kl + self.regularization + self.supervised,
+            supervised,
+            loss: reconstruction + self.kl_weight * kl + self.regularization + supervised,
             cells: self.cells,
         }
     }

@@ -646,9 +646,12 @@ impl<T: Gemm> Backend<T> for Cpu {
         labels: &[i32],
         classes: usize,
         dlogits: Out<'_, Vec<T>>,
-    ) -> Result<(f64, usize)> {
-        let (loss, labelled) = losses::cross_entropy(r(&logits), labels, classes, w(dlogits));
-        Ok((loss.f64(), labelled))
+        loss: Out<'_, Vec<T>>,
+    ) -> Result<usize> {
+        assert_eq!(loss.range.len(), 1, "cross entropy: one loss value");
+        let (value, labelled) = losses::cross_entropy(r(&logits), labels, classes, w(dlogits));
+        w(loss)[0] = value;
+        Ok(labelled)
     }
 
     fn masked_mse(

@@ -532,15 +532,16 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     ) -> Result<f64>;
 
     /// `ops::losses::cross_entropy`: mean softmax cross-entropy of `logits` (rows x classes)
-    /// against host labels (-1 = unlabelled, skipped) and its gradient (overwritten). Returns
-    /// (loss, labelled rows).
+    /// against host labels (-1 = unlabelled, skipped) into `loss` (one value, left on the
+    /// device) and its gradient (overwritten). Returns the labelled rows.
     fn cross_entropy(
         &self,
         logits: In<'_, Self::Buf>,
         labels: &[i32],
         classes: usize,
         dlogits: Out<'_, Self::Buf>,
-    ) -> Result<(f64, usize)>;
+        loss: Out<'_, Self::Buf>,
+    ) -> Result<usize>;
     /// `ops::losses::masked_mse`: mean squared error over the non-NaN host targets. Returns
     /// (loss, observed entries).
     fn masked_mse(

@@ -1,28 +1,35 @@
 //! GPU entry points of the losses (kernels in `losses.cu`). Small per-row results (losses,
-//! partial sums) are reduced on the host in row order.
+//! partial sums) are reduced on the host in row order, except cross-entropy's, summed on the
+//! device so that a classifier's loss is read with the step's other terms.
 #![allow(unsafe_code)] // kernel launches: argument types and lengths are checked before each
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::CUDA_SOURCE;
 use crate::cuda::{Gpu, Result, View, ViewMut, launch};
-use crate::ops::elementwise::gpu::{axpy, scale as scale_by};
+use crate::ops::elementwise::gpu::{axpy, column_sums, scale as scale_by};
 
 fn sum_on_host(gpu: &Gpu, v: &CudaSlice<f32>) -> Result<f32> {
     Ok(gpu.download(v)?.iter().sum())
 }
 
-/// As [`super::cross_entropy`], on the device (labels come from the host batch).
+/// As [`super::cross_entropy`], on the device (labels come from the host batch): the loss is
+/// written into `loss` (one value) there, not read back, so a step reads it with its other
+/// terms. Returns the labelled rows (known from the host labels).
 pub fn cross_entropy(
     gpu: &Gpu,
     logits: &View<'_>,
     labels: &[i32],
     classes: usize,
     dlogits: &mut ViewMut<'_>,
-) -> Result<(f32, usize)> {
+    loss: &mut ViewMut<'_>,
+) -> Result<usize> {
     let rows = labels.len();
     assert!(
-        classes > 0 && logits.len() == rows * classes && dlogits.len() == logits.len(),
+        classes > 0
+            && logits.len() == rows * classes
+            && dlogits.len() == logits.len()
+            && loss.len() == 1,
         "cross entropy: shapes"
     );
     assert!(
@@ -47,7 +54,10 @@ pub fn cross_entropy(
         .arg(&row_loss)
         .arg(dlogits);
     launch(b, rows, "cross_entropy")?;
-    Ok((sum_on_host(gpu, &row_loss)? * scale, labelled))
+    // The rows' losses as one column, summed and scaled on the device.
+    column_sums(gpu, &row_loss.slice(..), loss)?;
+    scale_by(gpu, loss, scale)?;
+    Ok(labelled)
 }
 
 /// As [`super::masked_mse`], on the device (targets come from the host batch).
