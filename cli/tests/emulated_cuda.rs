@@ -156,8 +156,13 @@ fn assert_one_read_back_per_step(what: &str, out: &Path) {
     assert_buffers_reused(what, &steps);
     for (_, work) in &steps {
         let count = |k: &str| work.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
-        // The step's forward is in the backward's interval: nothing read in between.
-        assert_eq!(count("launch sparse_input_forward"), 1, "{what}: {work:?}");
+        // The step's forwards (one per modality) are in the backward's interval: nothing read
+        // in between.
+        assert_eq!(
+            count("launch sparse_input_forward"),
+            count("launch sparse_input_backward"),
+            "{what}: {work:?}"
+        );
         assert_eq!(count("download to pageable memory"), 1, "{what}: {work:?}");
         assert_eq!(count("blocking download"), 0, "{what}: {work:?}");
         assert_eq!(count("launch flag_non_finite"), 1, "{what}: {work:?}");
@@ -195,17 +200,14 @@ fn assert_buffers_reused(what: &str, steps: &[&(u64, Work)]) {
     );
 }
 
-/// A simulated store in `dir` and `copies - 1` copies of it (training writes into its store).
-fn stores(dir: &Path, copies: usize) -> Vec<PathBuf> {
+/// A simulated store in `dir` (1,200 cells, 300 genes and what `modalities` adds) and
+/// `copies - 1` copies of it (training writes into its store).
+fn stores(dir: &Path, copies: usize, modalities: &[&str]) -> Vec<PathBuf> {
     let first = dir.join("s0.zarr");
-    ok(&common::tessera(&[
-        "simulate",
-        first.to_str().unwrap(),
-        "--cells",
-        "1200",
-        "--genes",
-        "300",
-    ]));
+    let path = first.to_str().unwrap();
+    let mut args = vec!["simulate", path, "--cells", "1200", "--genes", "300"];
+    args.extend(modalities);
+    ok(&common::tessera(&args));
     let mut all = vec![first.clone()];
     for i in 1..copies {
         let copy = dir.join(format!("s{i}.zarr"));
@@ -221,7 +223,7 @@ fn training_on_the_emulated_device_gives_the_cpus_losses_resident_and_streamed()
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let store = &stores(dir.path(), 1)[0];
+    let store = &stores(dir.path(), 1, &[])[0];
     let never = "resident_data = \"never\"";
     let (_, cpu) = train(store, &dir.path().join("cpu"), ("cpu", &libs), never, &[]);
     assert_eq!(cpu.len(), 2);
@@ -236,50 +238,87 @@ fn training_on_the_emulated_device_gives_the_cpus_losses_resident_and_streamed()
     }
 }
 
-/// scANVI's classifier on the device: its loss is summed there and read with the step's other
-/// terms (one read-back per step, as scVI's), and training gives the CPU's losses.
-#[test]
-fn a_label_classifier_on_the_emulated_device_reads_its_loss_with_the_step() {
+/// Trains a store of `modalities` with `model` (the `[model]` table's lines) and `extra`
+/// arguments on the CPU and on the emulated device: the same losses, `column` of the history
+/// positive at every epoch, and one read-back per step with each of `kernels` launched in it
+/// (a loss read on its own would end an interval before the backward).
+fn check_loss_read_with_the_step(
+    what: &str,
+    (modalities, model, extra): (&[&str], &str, &[&str]),
+    column: &str,
+    kernels: &[&str],
+) {
     let Some(libs) = emulator_or_skip() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let store = &stores(dir.path(), 1)[0];
+    let store = &stores(dir.path(), 1, modalities)[0];
     // The helper's TOML is its [train] section; the [model] table follows it.
-    let settings = "resident_data = \"auto\"\n[model]\nclassifier_weight = 50.0";
-    let labels = ["--label-key", "cell_type"];
+    let settings = format!("resident_data = \"auto\"\n[model]\n{model}");
     let (_, cpu) = train(
         store,
         &dir.path().join("cpu"),
         ("cpu", &libs),
-        settings,
-        &labels,
+        &settings,
+        extra,
     );
     let out = dir.path().join("cuda");
-    let (_, cuda) = train(store, &out, ("cuda", &libs), settings, &labels);
-    assert_same_losses("classifier", &cuda, &cpu);
+    let (_, cuda) = train(store, &out, ("cuda", &libs), &settings, extra);
+    assert_same_losses(what, &cuda, &cpu);
     let history = std::fs::read_to_string(out.join("history.csv")).unwrap();
     let header: Vec<&str> = history.lines().next().unwrap().split(',').collect();
-    let column = header
-        .iter()
-        .position(|h| *h == "train_supervised")
-        .unwrap();
+    let at = header.iter().position(|h| *h == column).unwrap();
     for line in history.lines().skip(1) {
-        let supervised: f64 = line.split(',').nth(column).unwrap().parse().unwrap();
-        assert!(
-            supervised > 0.0,
-            "the classifier's loss is in the step: {history}"
-        );
+        let value: f64 = line.split(',').nth(at).unwrap().parse().unwrap();
+        assert!(value > 0.0, "{what}: {column} is in the step: {history}");
     }
-    assert_one_read_back_per_step("classifier", &out);
-    // The classifier's loss too (it was read on its own, ending an interval before the backward).
+    assert_one_read_back_per_step(what, &out);
     let steps = intervals(&out);
     let steps = steps
         .iter()
         .filter(|(_, work)| work.contains_key("launch sparse_input_backward"));
     for (_, work) in steps {
-        assert!(work.contains_key("launch cross_entropy"), "{work:?}");
+        for kernel in kernels {
+            assert!(work.contains_key(*kernel), "{what}: {kernel}: {work:?}");
+        }
     }
+}
+
+/// scANVI's classifier on the device: its loss is summed there and read with the step's other
+/// terms (one read-back per step, as scVI's), and training gives the CPU's losses.
+#[test]
+fn a_label_classifier_on_the_emulated_device_reads_its_loss_with_the_step() {
+    check_loss_read_with_the_step(
+        "classifier",
+        (
+            &[],
+            "classifier_weight = 50.0",
+            &["--label-key", "cell_type"],
+        ),
+        "train_supervised",
+        &["launch cross_entropy"],
+    );
+}
+
+/// MultiVI's and Multigrate's penalties on the device (the Jeffreys divergence of the RNA and
+/// peak experts, the adversarial batch classifier, the MMD between batches): their values are
+/// summed there and read with the step's other terms, and training gives the CPU's losses.
+#[test]
+fn penalties_on_the_emulated_device_are_read_with_the_step() {
+    check_loss_read_with_the_step(
+        "penalties",
+        (
+            &["--peaks", "200"],
+            "jeffreys_weight = 1.0\nadversarial_batch_weight = 1.0\nmmd_batch_weight = 1.0",
+            &[],
+        ),
+        "train_regularization",
+        &[
+            "launch jeffreys",
+            "launch cross_entropy",
+            "launch mmd_value",
+        ],
+    );
 }
 
 /// Two GPU workers under the coordinator reduce through NCCL (the emulated library: ranks are
@@ -290,7 +329,7 @@ fn two_workers_on_emulated_devices_reduce_through_nccl_to_the_cpus_losses() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let stores = stores(dir.path(), 2);
+    let stores = stores(dir.path(), 2, &[]);
     let parts = "parts = 2";
     let (_, one) = train(
         &stores[0],

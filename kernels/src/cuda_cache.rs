@@ -3,19 +3,23 @@
 //! handed back here when dropped and handed out again at the next request of that size, a step
 //! after the first of its shape asks the driver for nothing (no `cuMemAllocAsync` or
 //! `cuMemFreeAsync`, each a driver call of about a microsecond on the host) and sees the same
-//! addresses every step, which capturing the step in a CUDA graph needs. A batch's non-zeros
-//! differ by a few percent from step to step, so a request with no kept buffer of its size takes
-//! the smallest kept one up to 1/8 larger (the rest unused); the driver allocates the exact
-//! size, so a kernel writing past its buffer still fails under the emulator's AddressSanitizer
-//! unless the buffer it overran was one of those.
+//! addresses every step, which capturing the step in a CUDA graph needs. Some sizes change from
+//! step to step (a batch's non-zeros by a few percent, the rows of each batch in a batch-MMD
+//! penalty by more), so the driver allocates a size class ([`size_class`]: 512-byte multiples up
+//! to 4 KiB, then at most 1/8 above the request) and a request takes the smallest kept buffer of
+//! its class or up to 1/8 larger (the rest unused): sizes that vary stop allocating once their
+//! classes have been seen.
 //!
 //! Sound because every buffer here belongs to the GPU's one compute stream: a buffer comes back
 //! after its last use was queued on that stream, and whatever writes it next is queued on the
 //! same stream after that use (the rule of the driver's own stream-ordered free).
 //!
-//! `TESSERA_CUDA_POISON=1` (read by `Gpu::new`) fills every reused buffer with 0xff bytes (NaN in every float)
-//! before handing it out, as the emulated driver fills fresh memory: an op reading what it did
-//! not write then fails the parity tests instead of reading a previous step's values.
+//! `TESSERA_CUDA_POISON=1` (read by `Gpu::new`) checks the ops' use of their buffers: it fills
+//! every reused buffer with 0xff bytes (NaN in every float) before handing it out, as the
+//! emulated driver fills fresh memory, so an op reading what it did not write fails the parity
+//! tests instead of reading a previous step's values; and the driver allocates the exact size
+//! asked for, so a kernel writing past a fresh buffer fails under the emulator's
+//! AddressSanitizer (past a reused one, within its class, it would not).
 #![allow(unsafe_code)] // a kept allocation changes element type: see `retype`
 
 use std::collections::BTreeMap;
@@ -31,12 +35,17 @@ use crate::cuda::{Result, driver};
 /// with the buffer coming back, so sizes no longer asked for do not hold it full.
 pub const KEEP_BYTES: usize = 4 << 30;
 
+/// Allocations this large are made at their size: data kept on the GPU (hundreds of MB to GBs,
+/// made once) would waste up to an eighth of itself in a class; a step's buffers are smaller
+/// (a Census-size step's largest, 1,024 cells x 8,000 genes in f32, is 32 MB).
+pub const EXACT_FROM: usize = 256 << 20;
+
 /// The kept buffers of one GPU's compute stream.
 pub struct BufCache {
     stream: Arc<CudaStream>,
     kept: Mutex<Kept>,
     keep_bytes: usize,
-    poison: bool,
+    checked: bool,
 }
 
 #[derive(Default)]
@@ -61,6 +70,21 @@ impl std::fmt::Debug for BufCache {
     }
 }
 
+/// The bytes a request of `wanted` bytes is allocated with: a multiple of 512 up to 4 KiB, then
+/// a multiple of 1/8 of the power of two at or below it (at most 1/8 more than asked; every
+/// class a multiple of 8 bytes, so any kept type divides it); past [`EXACT_FROM`] the size asked.
+pub fn size_class(wanted: usize) -> usize {
+    const SMALL: usize = 4096;
+    if wanted <= SMALL {
+        return wanted.div_ceil(512).max(1) * 512;
+    }
+    if wanted >= EXACT_FROM {
+        return wanted;
+    }
+    let step = 1usize << (wanted.ilog2() - 3);
+    wanted.div_ceil(step) * step
+}
+
 /// The same allocation as a slice of `n` values of `U`.
 ///
 /// SAFETY: the caller makes `n * size_of::<U>()` the allocation's size in bytes; the values are
@@ -74,14 +98,14 @@ unsafe fn retype<T, U>(slice: CudaSlice<T>, n: usize) -> CudaSlice<U> {
 }
 
 impl BufCache {
-    /// A cache for `stream` keeping at most `keep_bytes`; `poison`: reused buffers are filled
-    /// with 0xff bytes.
-    pub fn new(stream: Arc<CudaStream>, keep_bytes: usize, poison: bool) -> Arc<BufCache> {
+    /// A cache for `stream` keeping at most `keep_bytes`; `checked`: reused buffers are filled
+    /// with 0xff bytes and new ones have the exact size asked for (no size class).
+    pub fn new(stream: Arc<CudaStream>, keep_bytes: usize, checked: bool) -> Arc<BufCache> {
         Arc::new(BufCache {
             stream,
             kept: Mutex::new(Kept::default()),
             keep_bytes,
-            poison,
+            checked,
         })
     }
 
@@ -92,16 +116,22 @@ impl BufCache {
     /// `n` values whose contents are whatever the memory held (a kept buffer's old values).
     pub fn take<T: DeviceRepr>(self: &Arc<Self>, n: usize) -> Result<DeviceBuf<T>> {
         let wanted = n * std::mem::size_of::<T>();
-        let (mut slice, bytes) = match self.kept_of(wanted) {
-            // SAFETY: a kept allocation of at least `wanted` bytes.
-            Some(s) => (unsafe { retype::<u8, T>(s.0, n) }, s.1),
-            // SAFETY: the values are written before they are read (the callers' contract).
-            None => (
-                unsafe { self.stream.alloc::<T>(n) }.map_err(driver("alloc"))?,
-                wanted,
-            ),
+        let (kept, bytes) = match self.kept_of(wanted) {
+            Some(found) => found,
+            None => {
+                let bytes = if self.checked {
+                    wanted
+                } else {
+                    size_class(wanted)
+                };
+                // SAFETY: the values are written before they are read (the callers' contract).
+                let fresh = unsafe { self.stream.alloc::<u8>(bytes) }.map_err(driver("alloc"))?;
+                (fresh, bytes)
+            }
         };
-        if self.poison {
+        // SAFETY: an allocation of at least `wanted` bytes.
+        let mut slice = unsafe { retype::<u8, T>(kept, n) };
+        if self.checked {
             self.stream
                 .context()
                 .bind_to_thread()
@@ -120,12 +150,14 @@ impl BufCache {
         })
     }
 
-    /// The smallest kept allocation of `wanted` bytes up to 1/8 more, and its size; counted.
+    /// The smallest kept allocation of `wanted` bytes up to its size class or 1/8 more,
+    /// whichever is larger, and its size; counted.
     fn kept_of(&self, wanted: usize) -> Option<(CudaSlice<u8>, usize)> {
+        let largest = size_class(wanted).max(wanted + wanted / 8);
         let mut k = self.kept();
         let found = k
             .by_bytes
-            .range_mut(wanted..=wanted + wanted / 8)
+            .range_mut(wanted..=largest)
             .find_map(|(&bytes, all)| all.pop().map(|s| (s, bytes)));
         match &found {
             Some((_, bytes)) => {
@@ -273,7 +305,31 @@ mod tests {
     }
 
     #[test]
-    fn a_dropped_buffer_serves_the_next_request_of_its_size_or_up_to_an_eighth_less() {
+    fn sizes_are_classes_of_at_most_an_eighth_more() {
+        assert_eq!(size_class(0), 512);
+        assert_eq!(size_class(1), 512);
+        assert_eq!(size_class(513), 1024);
+        assert_eq!(size_class(4096), 4096);
+        // Past 4 KiB: steps of 1/8 of the power of two below.
+        assert_eq!(size_class(4097), 4608);
+        assert_eq!(size_class(8192), 8192);
+        assert_eq!(size_class(8193), 9216);
+        assert_eq!(size_class(10_000), 10_240);
+        assert_eq!(size_class(EXACT_FROM + 1), EXACT_FROM + 1);
+        for wanted in (4097..1 << 20).step_by(97) {
+            let class = size_class(wanted);
+            assert!(class >= wanted && class <= wanted + wanted / 8, "{wanted}");
+            assert_eq!(class % 8, 0, "{wanted}");
+            assert_eq!(
+                size_class(class),
+                class,
+                "{wanted}: a class is its own class"
+            );
+        }
+    }
+
+    #[test]
+    fn a_dropped_buffer_serves_the_next_request_of_its_class() {
         let Some(gpu) = gpu_or_skip("the buffer cache") else {
             return;
         };
@@ -281,21 +337,25 @@ mod tests {
         let first = cache.take::<f32>(256).unwrap();
         let small = address(&first);
         drop(first);
-        let as_u32 = cache.take::<u32>(256).unwrap();
-        assert_eq!(address(&as_u32), small, "1 KiB kept, served as u32");
-        let other = cache.take::<u64>(256).unwrap();
+        let as_u32 = cache.take::<u32>(200).unwrap();
+        assert_eq!(
+            address(&as_u32),
+            small,
+            "1 KiB kept, served as 800 bytes of u32"
+        );
+        let other = cache.take::<u64>(1250).unwrap();
         let large = address(&other);
-        assert_ne!(large, small, "2 KiB is another size");
+        assert_ne!(large, small, "10,000 bytes are another class");
         drop(other);
-        // 1,840 bytes take the kept 2,048 (as 460 values); they return as 2,048.
-        let within = cache.take::<f32>(460).unwrap();
-        assert_eq!((within.len(), address(&within)), (460, large));
+        // 9,300 bytes are in the class of 10,000 (10,240): the kept buffer, as 2,325 values.
+        let within = cache.take::<f32>(2325).unwrap();
+        assert_eq!((within.len(), address(&within)), (2325, large));
         drop(within);
-        let whole = cache.take::<u64>(256).unwrap();
+        let whole = cache.take::<u8>(10_240).unwrap();
         assert_eq!(address(&whole), large);
         drop(whole);
-        // 1,760 bytes: 2,048 is more than an eighth more.
-        let beyond = cache.take::<f32>(440).unwrap();
+        // 10,500 bytes: the next class (11,264).
+        let beyond = cache.take::<f32>(2625).unwrap();
         assert_ne!(address(&beyond), large);
         assert_eq!(
             cache.counts(),
@@ -304,6 +364,19 @@ mod tests {
                 allocated: 3
             }
         );
+    }
+
+    /// Checked (`TESSERA_CUDA_POISON=1`), the driver allocates the size asked for.
+    #[test]
+    fn a_checked_cache_allocates_exact_sizes() {
+        let Some(gpu) = gpu_or_skip("the buffer cache") else {
+            return;
+        };
+        for (checked, kept) in [(false, 2048), (true, 1760)] {
+            let cache = BufCache::new(Arc::clone(gpu.stream()), 1 << 20, checked);
+            drop(cache.take::<f32>(440).unwrap());
+            assert_eq!(cache.kept().bytes, kept, "checked: {checked}");
+        }
     }
 
     #[test]

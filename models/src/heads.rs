@@ -12,7 +12,7 @@
 //! carries none of its targets), so no gradient is left from an earlier step.
 
 use tessera_kernels::Real;
-use tessera_kernels::backend::{Backend, In, Out, Result, Tensor};
+use tessera_kernels::backend::{Backend, Out, Result, Tensor};
 use tessera_kernels::ops::elementwise::Activation;
 use tessera_kernels::params::Layout;
 
@@ -208,8 +208,8 @@ pub(crate) struct HeadActs<S> {
 pub(crate) struct HeadTerms<S> {
     /// Classifier (left on the device), regression and Cox, in that order.
     pub supervised: Term<S>,
-    /// Contrastive and adversarial.
-    pub regularization: f64,
+    /// Contrastive (known) and adversarial (left on the device), in that order.
+    pub regularization: Term<S>,
 }
 
 /// What the heads' forward returns: their loss terms and what their backward needs.
@@ -297,7 +297,7 @@ impl Heads {
         let s = &self.spec;
         let mut terms = HeadTerms {
             supervised: Term::default(),
-            regularization: 0.0,
+            regularization: Term::default(),
         };
         let mut acts = HeadActs {
             mean: None,
@@ -380,7 +380,7 @@ impl Heads {
                     d.output(),
                 )?;
                 b.scale(d.output(), T::of(s.contrastive_weight))?;
-                terms.regularization += s.contrastive_weight * loss;
+                terms.regularization.add_value(s.contrastive_weight * loss);
                 acts.contrastive = Some(d);
             }
         }
@@ -401,9 +401,10 @@ impl Heads {
                 Out::all(&mut loss),
             )?;
             b.scale(d.output(), T::of(s.adversarial_weight))?;
-            // Read now: the regularisation's other terms are host values (see docs/benchmarks.md).
-            let loss = b.download(In::all(&loss))?[0].f64();
-            terms.regularization += s.adversarial_weight * loss;
+            terms.regularization.add(Share {
+                values: loss,
+                reduce: Reduce::ScaledSum(s.adversarial_weight),
+            });
             acts.adversary = Some((a, d));
         }
         Ok((terms, acts))

@@ -18,6 +18,8 @@ pub(crate) enum Reduce {
     Dot(Vec<f64>),
     /// (Σ v_r) × f.
     ScaledSum(f64),
+    /// (Σ v_r) × a / b: a weight over a count, applied in that order.
+    SumTimesOver(f64, f64),
 }
 
 impl Reduce {
@@ -29,6 +31,7 @@ impl Reduce {
             Reduce::NegativeDot(w) => (on(w), -1.0),
             Reduce::Dot(s) => (on(s), 1.0),
             Reduce::ScaledSum(f) => (None, *f),
+            Reduce::SumTimesOver(a, b) => (None, a / b),
         }
     }
 
@@ -37,6 +40,7 @@ impl Reduce {
             Reduce::NegativeDot(w) => -values.iter().zip(w).map(|(v, w)| v.f64() * w).sum::<f64>(),
             Reduce::Dot(s) => values.iter().zip(s).map(|(v, s)| v.f64() * s).sum::<f64>(),
             Reduce::ScaledSum(f) => values.iter().map(|v| v.f64()).sum::<f64>() * f,
+            Reduce::SumTimesOver(a, b) => values.iter().map(|v| v.f64()).sum::<f64>() * a / b,
         }
     }
 }
@@ -48,18 +52,21 @@ pub(crate) struct Share<S> {
     pub reduce: Reduce,
 }
 
-/// One addend of a term: a value the host has, or a share still on the device.
+/// One addend of a term: a value the host has, a share still on the device, or a term of its
+/// own (summed apart first, as the host summed a penalty's pairs before adding the total).
 #[derive(Debug)]
 enum Part<S> {
     Host(f64),
     Device(Share<S>),
+    Nested(Term<S>),
 }
 
-/// A loss term: its parts added in the order they were made (from 0, in f64), or a value the
-/// host already has (it replaces the parts).
+/// A loss term: its parts added in the order they were made (from 0, in f64), then multiplied
+/// by `times`; or a value the host already has (it replaces the parts).
 #[derive(Debug)]
 pub(crate) struct Term<S> {
     parts: Vec<Part<S>>,
+    times: f64,
     known: Option<f64>,
 }
 
@@ -67,6 +74,7 @@ impl<S> Default for Term<S> {
     fn default() -> Self {
         Term {
             parts: Vec::new(),
+            times: 1.0,
             known: None,
         }
     }
@@ -82,31 +90,48 @@ impl<S> Term<S> {
         self.parts.push(Part::Host(value));
     }
 
-    /// The term is `value`, whatever was added.
-    pub fn set(&mut self, value: f64) {
-        self.known = Some(value);
+    /// Adds `term`'s value, summed apart first.
+    pub fn add_term(&mut self, term: Term<S>) {
+        self.parts.push(Part::Nested(term));
     }
 
-    /// The shares still to read (none when the value is known).
-    fn shares(&self) -> impl Iterator<Item = &Share<S>> {
-        let parts = if self.known.is_some() {
-            &[][..]
-        } else {
-            &self.parts[..]
-        };
-        parts.iter().filter_map(|p| match p {
-            Part::Device(share) => Some(share),
-            Part::Host(_) => None,
-        })
+    /// The term times `factor` (applied after the parts are summed).
+    pub fn times(mut self, factor: f64) -> Self {
+        self.times *= factor;
+        self
     }
 
-    /// What the host has of the term: its known value, or its host parts' sum.
+    /// The shares still to read (none when the value is known), depth first in the order
+    /// they were added, each with the product of the factors of the terms around it.
+    fn shares(&self) -> Vec<(f64, &Share<S>)> {
+        let mut out = Vec::new();
+        self.collect_shares(1.0, &mut out);
+        out
+    }
+
+    fn collect_shares<'a>(&'a self, outer: f64, out: &mut Vec<(f64, &'a Share<S>)>) {
+        if self.known.is_some() {
+            return;
+        }
+        let factor = outer * self.times;
+        for part in &self.parts {
+            match part {
+                Part::Host(_) => {}
+                Part::Device(share) => out.push((factor, share)),
+                Part::Nested(term) => term.collect_shares(factor, out),
+            }
+        }
+    }
+
+    /// What the host has of the term: its known value, or its host parts' sum (times its
+    /// factor).
     fn on_host(&self) -> f64 {
         self.known.unwrap_or_else(|| {
             self.parts.iter().fold(0.0, |acc, p| match p {
                 Part::Host(v) => acc + v,
                 Part::Device(_) => acc,
-            })
+                Part::Nested(term) => acc + term.on_host(),
+            }) * self.times
         })
     }
 
@@ -120,7 +145,8 @@ impl<S> Term<S> {
             Part::Device(share) => {
                 acc + share.reduce.apply(at.next().map_or(&[][..], Vec::as_slice))
             }
-        })
+            Part::Nested(term) => acc + term.value(at),
+        }) * self.times
     }
 }
 
@@ -133,7 +159,9 @@ pub struct PendingLoss<S> {
     pub(crate) reconstruction: Term<S>,
     pub(crate) kl: Term<S>,
     pub(crate) kl_weight: f64,
-    pub(crate) regularization: f64,
+    /// The penalties: MMDs, Jeffreys divergences and the adversary on the device, the rest
+    /// known.
+    pub(crate) regularization: Term<S>,
     /// The supervised heads: the classifier's loss on the device, regression and Cox known.
     pub(crate) supervised: Term<S>,
     pub(crate) cells: usize,
@@ -143,14 +171,14 @@ impl<S: Storage> PendingLoss<S> {
     /// Terms the host already has (nothing on the device).
     pub fn on_host(terms: &LossTerms, kl_weight: f64) -> Self {
         let known = |value: f64| Term {
-            parts: Vec::new(),
             known: Some(value),
+            ..Term::default()
         };
         PendingLoss {
             reconstruction: known(terms.reconstruction),
             kl: known(terms.kl),
             kl_weight,
-            regularization: terms.regularization,
+            regularization: known(terms.regularization),
             supervised: known(terms.supervised),
             cells: terms.cells,
         }
@@ -167,14 +195,14 @@ impl<S: Storage> PendingLoss<S> {
         [
             self.reconstruction.on_host() * weight,
             self.kl.on_host() * weight,
-            self.regularization * weight,
+            self.regularization.on_host() * weight,
             self.supervised.on_host() * weight,
         ]
     }
 
     /// Queues `sums[at + k] += weight × term k` for the shares still on the device of the
-    /// reconstruction (k = 0), the KL (1) and the supervised heads (3), weighted and summed
-    /// there in `T`: nothing is read.
+    /// reconstruction (k = 0), the KL (1), the regularization (2) and the supervised heads (3),
+    /// weighted and summed there in `T`: nothing is read.
     pub fn add_device_sums<T: Real, B: Backend<T, Buf = S>>(
         &self,
         b: &B,
@@ -185,11 +213,15 @@ impl<S: Storage> PendingLoss<S> {
         let terms = [
             (0, &self.reconstruction),
             (1, &self.kl),
+            (2, &self.regularization),
             (3, &self.supervised),
         ];
         for (slot, term) in terms {
             // An empty share adds nothing (and a launch over no values is refused on a GPU).
-            for share in term.shares().filter(|s| !s.values.is_empty()) {
+            for (outer, share) in term.shares() {
+                if share.values.is_empty() {
+                    continue;
+                }
                 let (w, factor) = share.reduce.device_form::<T>();
                 let weighted = match w {
                     Some(w) => {
@@ -205,7 +237,7 @@ impl<S: Storage> PendingLoss<S> {
                 b.column_sums(In::all(values), Out::all(&mut total))?;
                 let slot = at + slot;
                 b.axpy(
-                    T::of(weight * factor),
+                    T::of(weight * outer * factor),
                     In::all(&total),
                     Out::part(sums, slot..slot + 1),
                 )?;
@@ -248,9 +280,14 @@ impl<S: Storage> PendingLoss<S> {
 
     /// The device values the host reads, in the order [`PendingLoss::terms_from`] takes them.
     fn on_device(&self) -> impl Iterator<Item = &S> {
-        [&self.reconstruction, &self.kl, &self.supervised]
-            .into_iter()
-            .flat_map(|t| t.shares().map(|s| &s.values))
+        [
+            &self.reconstruction,
+            &self.kl,
+            &self.regularization,
+            &self.supervised,
+        ]
+        .into_iter()
+        .flat_map(|t| t.shares().into_iter().map(|(_, s)| &s.values))
     }
 
     /// The terms from their values on the host (taken from `at` in [`PendingLoss::on_device`]'s
@@ -258,13 +295,14 @@ impl<S: Storage> PendingLoss<S> {
     fn terms_from<'a, T: Real + 'a>(&self, at: &mut impl Iterator<Item = &'a Vec<T>>) -> LossTerms {
         let reconstruction = self.reconstruction.value(at);
         let kl = self.kl.value(at);
+        let regularization = self.regularization.value(at);
         let supervised = self.supervised.value(at);
         LossTerms {
             reconstruction,
             kl,
-            regularization: self.regularization,
+            regularization,
             supervised,
-            loss: reconstruction + self.kl_weight * kl + self.regularization + supervised,
+            loss: reconstruction + self.kl_weight * kl + regularization + supervised,
             cells: self.cells,
         }
     }

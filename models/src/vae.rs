@@ -490,7 +490,8 @@ struct CyclePass<S, C> {
 /// A diagonal Gaussian's (mean, log-variance) tensors, or their gradients.
 type Pair<S> = (Tensor<S>, Tensor<S>);
 /// A regulariser's weighted value and its gradient with respect to the latent samples.
-type Penalty<S> = (f64, Option<Tensor<S>>);
+/// A penalty's value (left on the device) and its gradient with respect to the latent samples.
+type Penalty<S> = (Term<S>, Option<Tensor<S>>);
 /// Every encoder's activations of one forward.
 type Encoded<T, B> = Vec<EncoderActs<Buf<T, B>, <B as Backend<T>>::Csr>>;
 
@@ -1293,17 +1294,21 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             Latent::Joint { .. } => (0..n).collect(),
             Latent::Mixture { .. } => plan.cells.concat(),
         };
-        let (mut regularization, mut dzs_regularization) =
+        // The penalties in the order the host once added them (their values stay on the
+        // device where the op leaves them there).
+        let mut regularization = Term::default();
+        let (batch_mmd, mut dzs_regularization) =
             self.batch_mmd(&zs, &sample_cells, batch.covariates)?;
+        regularization.add_term(batch_mmd);
         if !use_kl {
             let (value, dzs) = self.prior_mmd(&zs, kl_weight, mode)?;
-            kl_total.set(value);
+            kl_total = value;
             add_into(&b, &mut dzs_regularization, dzs)?;
         }
         let (jeffreys, dexperts) = self.jeffreys(&enc, &plan)?;
         let (cycle_value, cycle) = self.cycle(&zs, &sample_cells, &batch, &plan, mode)?;
-        regularization += cycle_value;
-        regularization += jeffreys;
+        regularization.add_value(cycle_value);
+        regularization.add_term(jeffreys);
 
         // Heads: on the joint mean (a mixture's is the mean of its experts') and on the samples.
         let mean = if self.heads.read_mean() {
@@ -1335,7 +1340,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             &sample_batches,
             mode,
         )?;
-        regularization += head_terms.regularization;
+        regularization.add_term(head_terms.regularization);
         let supervised = head_terms.supervised;
         let terms = PendingLoss {
             reconstruction,
@@ -1460,19 +1465,26 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             Mode::Eval => {}
         }
         let (mut dzs, mut dprior) = (b.tensor(zs.rows, d)?, b.tensor(zs.rows, d)?);
-        let mmd = b.mmd_rbf(
+        let mut mmd = b.output_buf(1)?;
+        b.mmd_rbf(
             zs.input(),
             prior.input(),
             d,
             &self.config.mmd_bandwidths,
             dzs.output(),
             dprior.output(),
+            Out::all(&mut mmd),
         )?;
         b.scale(
             dzs.output(),
             T::of(kl_weight * self.config.prior_mmd_weight),
         )?;
-        Ok((self.config.prior_mmd_weight * mmd, Some(dzs)))
+        let mut value = Term::default();
+        value.add(Share {
+            values: mmd,
+            reduce: Reduce::ScaledSum(self.config.prior_mmd_weight),
+        });
+        Ok((value, Some(dzs)))
     }
 
     /// MultiVI's alignment of the modality posteriors: weight × the mean over cells of the
@@ -1483,10 +1495,10 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         &self,
         enc: &Encoded<T, B>,
         plan: &Plan,
-    ) -> Result<(f64, Option<Vec<Pair<Buf<T, B>>>>)> {
+    ) -> Result<(Term<Buf<T, B>>, Option<Vec<Pair<Buf<T, B>>>>)> {
         let weight = self.config.jeffreys_weight;
         if weight == 0.0 || enc.len() < 2 {
-            return Ok((0.0, None));
+            return Ok((Term::default(), None));
         }
         let b = &self.backend;
         let d = self.config.n_latent;
@@ -1513,7 +1525,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             b.gather_rows(x.input(), rows, d, t.output())?;
             Ok(t)
         };
-        let mut total = 0.0;
+        let mut total = Term::default();
         for i in 0..enc.len() {
             for j in i + 1..enc.len() {
                 let both: Vec<usize> = (0..plan.n)
@@ -1554,13 +1566,10 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                         [g0.output(), g1.output(), g2.output(), g3.output()],
                     )?;
                 }
-                total += b
-                    .download(In::all(&value))?
-                    .iter()
-                    .map(|v| v.f64())
-                    .sum::<f64>()
-                    * weight
-                    / plan.n as f64;
+                total.add(Share {
+                    values: value,
+                    reduce: Reduce::SumTimesOver(weight, plan.n as f64),
+                });
                 for (expert, rows, (dm, dlv)) in
                     [(i, &rows_i, (&g[0], &g[1])), (j, &rows_j, (&g[2], &g[3]))]
                 {
@@ -1591,7 +1600,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     ) -> Result<Penalty<Buf<T, B>>> {
         let weight = self.config.mmd_batch_weight;
         if weight == 0.0 || self.n_batch < 2 {
-            return Ok((0.0, None));
+            return Ok((Term::default(), None));
         }
         let b = &self.backend;
         let d = self.config.n_latent;
@@ -1603,7 +1612,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         }
         groups.retain(|g| !g.is_empty());
         if groups.len() < 2 {
-            return Ok((0.0, None));
+            return Ok((Term::default(), None));
         }
         let gathered: Vec<Tensor<Buf<T, B>>> = groups
             .iter()
@@ -1617,19 +1626,25 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             .iter()
             .map(|g| b.tensor(g.len(), d))
             .collect::<Result<_>>()?;
-        let mut total = 0.0;
+        let mut total = Term::default();
         for i in 0..groups.len() {
             for j in i + 1..groups.len() {
                 let (mut dx, mut dy) =
                     (b.tensor(groups[i].len(), d)?, b.tensor(groups[j].len(), d)?);
-                total += b.mmd_rbf(
+                let mut value = b.output_buf(1)?;
+                b.mmd_rbf(
                     gathered[i].input(),
                     gathered[j].input(),
                     d,
                     &self.config.mmd_bandwidths,
                     dx.output(),
                     dy.output(),
+                    Out::all(&mut value),
                 )?;
+                total.add(Share {
+                    values: value,
+                    reduce: Reduce::ScaledSum(1.0),
+                });
                 b.axpy(T::of(weight), dx.input(), grads[i].output())?;
                 b.axpy(T::of(weight), dy.input(), grads[j].output())?;
             }
@@ -1640,7 +1655,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             b.scatter_add_rows(grad.input(), g, d, scattered.output())?;
             b.axpy(T::one(), scattered.input(), dzs.output())?;
         }
-        Ok((weight * total, Some(dzs)))
+        Ok((total.times(weight), Some(dzs)))
     }
 
     fn backward(&mut self, f: Forward<Buf<T, B>, B::Csr>, mode: Mode) -> Result<()> {

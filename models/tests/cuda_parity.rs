@@ -10,7 +10,7 @@ use tessera_kernels::backend::{Backend, Cpu, Cuda, In};
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::layers::Mode;
 use tessera_models::{
-    Categories, ENCODER_TRANSFORM, Joint, LikelihoodKind, ModalityConfig, ModalityCounts,
+    Categories, ENCODER_TRANSFORM, Joint, LikelihoodKind, ModalityConfig, ModalityCounts, Prior,
     Supervision, Survival, TrainConfig, Trainer, Vae, VaeBatch, VaeConfig,
 };
 
@@ -238,6 +238,16 @@ fn configs() -> Vec<(String, VaeConfig, Modalities)> {
             vec![("rna", 300), ("protein", 20), ("atac", 200)],
         ));
     }
+    // An MMD prior instead of the KL (its value left on the device like the batch MMD's).
+    out.push((
+        "scVI, an MMD prior".to_string(),
+        VaeConfig {
+            prior: Prior::Mmd,
+            n_hidden: 64,
+            ..VaeConfig::default()
+        },
+        vec![("rna", 300)],
+    ));
     out
 }
 

@@ -349,7 +349,30 @@ fn validation_terms_read_together_are_the_terms_read_alone() {
 }
 
 /// A part's terms summed on the device (data-parallel steps) are the terms the host reads,
-/// up to the order of additions.
+/// up to the order of additions: slots 1.. of `sums` get every term, slot 0 nothing.
+fn check_device_sums(trainer: &mut Trainer<f64, Cpu>, batch: VaeBatch<'_, f64>) -> LossTerms {
+    let pending = trainer.part_terms(batch, Vec::new(), 3, 1).unwrap();
+    let mut sums = vec![0.5; 6];
+    pending.add_device_sums(&Cpu, 2.0, &mut sums, 1).unwrap();
+    let host = pending.host_sums(2.0);
+    let read = trainer.read_terms(pending).unwrap().terms;
+    let expected = [
+        read.reconstruction,
+        read.kl,
+        read.regularization,
+        read.supervised,
+    ];
+    for (i, want) in expected.iter().map(|t| 2.0 * t).enumerate() {
+        let got = sums[1 + i] - 0.5 + host[i];
+        assert!(
+            (got - want).abs() <= 1e-12 * want.abs().max(1.0),
+            "{i}: {got} vs {want}"
+        );
+    }
+    assert_eq!([sums[0], sums[5]], [0.5; 2], "only the terms' slots");
+    read
+}
+
 #[test]
 fn terms_summed_on_the_device_are_the_terms_read() {
     let (n, g) = (4, 5);
@@ -357,26 +380,31 @@ fn terms_summed_on_the_device_are_the_terms_read() {
     let cov = covariates(n);
     let modalities = rna((n, g), &indptr, &indices, &data);
     let mut trainer = small_trainer(g);
-    let batch = VaeBatch::new(&modalities, &cov);
-    let pending = trainer.part_terms(batch, Vec::new(), 3, 1).unwrap();
-    let mut sums = vec![0.5; 6];
-    pending.add_device_sums(&Cpu, 2.0, &mut sums, 1).unwrap();
-    let host = pending.host_sums(2.0);
-    let read = trainer.read_terms(pending).unwrap().terms;
-    let expected = [2.0 * read.reconstruction, 2.0 * read.kl];
-    for (i, want) in expected.iter().enumerate() {
-        let got = sums[1 + i] - 0.5 + host[i];
-        assert!(
-            (got - want).abs() <= 1e-12 * want.abs(),
-            "{i}: {got} vs {want}"
-        );
-    }
-    assert_eq!(
-        [sums[0], sums[3], sums[4], sums[5]],
-        [0.5; 4],
-        "only its two slots"
-    );
+    let read = check_device_sums(&mut trainer, VaeBatch::new(&modalities, &cov));
     assert_eq!(read.cells, n);
+}
+
+/// The penalties left on the device (batch MMD, Jeffreys, the adversary, the MMD prior) are
+/// summed there too, with the host's contrastive term beside them.
+#[test]
+fn penalties_summed_on_the_device_are_the_penalties_read() {
+    let mosaic = Mosaic::new();
+    let modalities = mosaic.modalities();
+    let targets = Targets::new();
+    let batch = VaeBatch::new(&modalities, &mosaic.cov).with_supervision(targets.supervision());
+    for prior in [Prior::Kl, Prior::Mmd] {
+        let model = mosaic.model_with(VaeConfig {
+            prior,
+            mmd_batch_weight: 3.0,
+            jeffreys_weight: 2.0,
+            adversarial_batch_weight: 1.5,
+            ..supervised_config(Joint::Poe)
+        });
+        let mut trainer = Trainer::new(model, TrainConfig::default()).unwrap();
+        let read = check_device_sums(&mut trainer, batch);
+        assert!(read.regularization > 0.0, "{prior:?}: {read:?}");
+        assert!(read.kl > 0.0, "{prior:?}: {read:?}");
+    }
 }
 
 #[test]

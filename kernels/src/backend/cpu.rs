@@ -628,6 +628,7 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)] // the op's inputs, its two gradients and its value
     fn mmd_rbf(
         &self,
         x: In<'_, Vec<T>>,
@@ -636,8 +637,11 @@ impl<T: Gemm> Backend<T> for Cpu {
         bandwidths: &[f64],
         dx: Out<'_, Vec<T>>,
         dy: Out<'_, Vec<T>>,
-    ) -> Result<f64> {
-        Ok(losses::mmd_rbf(r(&x), r(&y), dim, bandwidths, w(dx), w(dy)).f64())
+        value: Out<'_, Vec<T>>,
+    ) -> Result<()> {
+        assert_eq!(value.range.len(), 1, "mmd: one value");
+        w(value)[0] = losses::mmd_rbf(r(&x), r(&y), dim, bandwidths, w(dx), w(dy));
+        Ok(())
     }
 
     fn cross_entropy(

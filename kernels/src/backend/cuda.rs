@@ -697,6 +697,7 @@ impl Backend<f32> for Cuda {
         )?)
     }
 
+    #[allow(clippy::too_many_arguments)] // the op's inputs, its two gradients and its value
     fn mmd_rbf(
         &self,
         x: In<'_, DeviceBuf>,
@@ -705,8 +706,9 @@ impl Backend<f32> for Cuda {
         bandwidths: &[f64],
         dx: Out<'_, DeviceBuf>,
         dy: Out<'_, DeviceBuf>,
-    ) -> Result<f64> {
-        Ok(f64::from(losses::gpu::mmd_rbf(
+        value: Out<'_, DeviceBuf>,
+    ) -> Result<()> {
+        Ok(losses::gpu::mmd_rbf(
             &self.gpu,
             &v(&x),
             &v(&y),
@@ -714,7 +716,8 @@ impl Backend<f32> for Cuda {
             bandwidths,
             &mut vm(dx),
             &mut vm(dy),
-        )?))
+            &mut vm(value),
+        )?)
     }
 
     fn cross_entropy(

@@ -520,7 +520,8 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     ) -> Result<()>;
 
     /// `ops::losses::mmd_rbf`: squared MMD between the rows of `x` and of `y` (sum of RBF
-    /// kernels), and its gradients (overwritten).
+    /// kernels) into `value` (one entry, left on the device), and its gradients (overwritten).
+    #[allow(clippy::too_many_arguments)] // the op's inputs, its two gradients and its value
     fn mmd_rbf(
         &self,
         x: In<'_, Self::Buf>,
@@ -529,7 +530,8 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
         bandwidths: &[f64],
         dx: Out<'_, Self::Buf>,
         dy: Out<'_, Self::Buf>,
-    ) -> Result<f64>;
+        value: Out<'_, Self::Buf>,
+    ) -> Result<()>;
 
     /// `ops::losses::cross_entropy`: mean softmax cross-entropy of `logits` (rows x classes)
     /// against host labels (-1 = unlabelled, skipped) into `loss` (one value, left on the

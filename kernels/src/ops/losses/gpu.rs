@@ -1,12 +1,14 @@
 //! GPU entry points of the losses (kernels in `losses.cu`). Small per-row results (losses,
-//! partial sums) are reduced on the host in row order, except cross-entropy's, summed on the
-//! device so that a classifier's loss is read with the step's other terms.
+//! partial sums) are reduced on the host in row order, except cross-entropy's and the MMD's,
+//! summed on the device so that a classifier's, an adversary's or an MMD penalty's loss is read
+//! with the step's other terms.
 #![allow(unsafe_code)] // kernel launches: argument types and lengths are checked before each
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::CUDA_SOURCE;
 use crate::cuda::{Gpu, Result, View, ViewMut, launch};
+use crate::cuda_cache::DeviceBuf;
 use crate::ops::elementwise::gpu::{axpy, column_sums, scale as scale_by};
 
 fn sum_on_host(gpu: &Gpu, v: &CudaSlice<f32>) -> Result<f32> {
@@ -90,7 +92,9 @@ pub fn masked_mse(
     Ok((sum_on_host(gpu, &entry_loss)? * scale, observed))
 }
 
-/// As [`super::mmd_rbf`], on the device.
+/// As [`super::mmd_rbf`], on the device: the value is written into `value` (one entry) there,
+/// not read back, so a step reads it with its other terms.
+#[allow(clippy::too_many_arguments)] // the op's inputs, its two gradients and its value
 pub fn mmd_rbf(
     gpu: &Gpu,
     x: &View<'_>,
@@ -99,22 +103,24 @@ pub fn mmd_rbf(
     bandwidths: &[f64],
     dx: &mut ViewMut<'_>,
     dy: &mut ViewMut<'_>,
-) -> Result<f32> {
+    value: &mut ViewMut<'_>,
+) -> Result<()> {
     let (n, m) = (x.len() / dim, y.len() / dim);
     assert!(
-        n > 0 && m > 0 && dx.len() == x.len() && dy.len() == y.len(),
+        n > 0 && m > 0 && dx.len() == x.len() && dy.len() == y.len() && value.len() == 1,
         "mmd: shapes"
     );
     let bw: Vec<f32> = bandwidths.iter().map(|&b| b as f32).collect();
     let bw_d = gpu.upload(&bw)?;
     let f = gpu.function("losses", CUDA_SOURCE, "mmd_side")?;
+    // One side's row sums into `partial`, its weighted gradient into `grad`.
     let side = |a: &View<'_>,
                 b_: &View<'_>,
                 na: usize,
                 nb: usize,
                 w: f32,
                 grad: &mut ViewMut<'_>|
-     -> Result<f32> {
+     -> Result<DeviceBuf> {
         let partial = gpu.zeros(na)?;
         let (na64, nb64, d64, nbw) = (na as u64, nb as u64, dim as u64, bw.len() as i32);
         let mut b = gpu.stream().launch_builder(&f);
@@ -129,20 +135,34 @@ pub fn mmd_rbf(
             .arg(&partial)
             .arg(grad);
         launch(b, na, "mmd_side")?;
-        Ok(sum_on_host(gpu, &partial)? * w)
+        Ok(partial)
     };
+    let (wxx, wyy, wxy) = (
+        1.0 / (n * n) as f32,
+        1.0 / (m * m) as f32,
+        1.0 / (n * m) as f32,
+    );
     let mut cross_x = gpu.zeros(x.len())?;
     let mut cross_y = gpu.zeros(y.len())?;
-    let kxx = side(x, x, n, n, 1.0 / (n * n) as f32, dx)?;
-    let kxy = side(x, y, n, m, 1.0 / (n * m) as f32, &mut cross_x.as_view_mut())?;
-    let kyy = side(y, y, m, m, 1.0 / (m * m) as f32, dy)?;
-    side(y, x, m, n, 1.0 / (n * m) as f32, &mut cross_y.as_view_mut())?;
+    let kxx = side(x, x, n, n, wxx, dx)?;
+    let kxy = side(x, y, n, m, wxy, &mut cross_x.as_view_mut())?;
+    let kyy = side(y, y, m, m, wyy, dy)?;
+    side(y, x, m, n, wxy, &mut cross_y.as_view_mut())?;
+    // The sides' sums (in row order, as the host summed them) and the value from them.
+    let mut sums = gpu.zeros(3)?;
+    for (k, partial) in [&kxx, &kyy, &kxy].into_iter().enumerate() {
+        column_sums(gpu, &partial.slice(..), &mut sums.slice_mut(k..k + 1))?;
+    }
+    let g = gpu.function("losses", CUDA_SOURCE, "mmd_value")?;
+    let mut b = gpu.stream().launch_builder(&g);
+    b.arg(&sums).arg(&wxx).arg(&wyy).arg(&wxy).arg(value);
+    launch(b, 1, "mmd_value")?;
     // d = 2 · self-term - 2 · cross-term, as the CPU reference.
     scale_by(gpu, dx, 2.0)?;
     axpy(gpu, -2.0, &cross_x.as_view(), dx)?;
     scale_by(gpu, dy, 2.0)?;
     axpy(gpu, -2.0, &cross_y.as_view(), dy)?;
-    Ok(kxx + kyy - 2.0 * kxy)
+    Ok(())
 }
 
 /// As [`super::cosine_margin`], on the device.

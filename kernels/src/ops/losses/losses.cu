@@ -67,6 +67,11 @@ extern "C" __global__ void mmd_side(const float* a, const float* b, unsigned lon
     partial[i] = total;
 }
 
+// The MMD from its sides' sums (xx, yy, xy), one thread: the value stays on the device.
+extern "C" __global__ void mmd_value(const float* sums, float wxx, float wyy, float wxy, float* value) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) { value[0] = sums[0] * wxx + sums[1] * wyy - 2.0f * (sums[2] * wxy); }
+}
+
 // Cosine margin, one thread per row i: its loss share (pairs with j > i) and its gradient.
 extern "C" __global__ void cosine_margin(const float* z, const int* labels, const float* norms, unsigned long long n, unsigned long long dim,
         float margin, float scale, float* row_loss, float* dz) {
