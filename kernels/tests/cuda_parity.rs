@@ -1271,11 +1271,21 @@ fn losses<B: Backend<f32>>(b: &B) -> Vec<Output> {
             }
         })
         .collect();
-    let mut dp = zeros(b, 500);
-    let (mse, observed) = b
-        .masked_mse(In::all(&pred), &targets, Out::all(&mut dp))
+    let (mut dp, mut mse) = (zeros(b, 500), zeros(b, 1));
+    let observed = b
+        .masked_mse(
+            In::all(&pred),
+            &targets,
+            Out::all(&mut dp),
+            Out::all(&mut mse),
+        )
         .unwrap();
-    out.push(scalar(format!("mse, {observed} observed"), mse, 1e-5));
+    out.push(output(
+        format!("mse, {observed} observed"),
+        down(b, &mse),
+        1e-6,
+        1e-5,
+    ));
     out.push(output("mse grad", down(b, &dp), 1e-7, 1e-5));
     // MMD between two groups of latents.
     let dim = 10;

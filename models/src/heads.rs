@@ -206,7 +206,7 @@ pub(crate) struct HeadActs<S> {
 /// The heads' weighted loss values of one batch.
 #[derive(Debug)]
 pub(crate) struct HeadTerms<S> {
-    /// Classifier (left on the device), regression and Cox, in that order.
+    /// Classifier and regression (left on the device) and Cox (known), in that order.
     pub supervised: Term<S>,
     /// Contrastive (known) and adversarial (left on the device), in that order.
     pub regularization: Term<S>,
@@ -340,10 +340,13 @@ impl Heads {
                     "regression targets: {n} rows of {}",
                     s.n_targets
                 );
-                let mut d = b.output_tensor(n, s.n_targets)?;
-                let (loss, _) = b.masked_mse(a.output().input(), targets, d.output())?;
+                let (mut d, mut loss) = (b.output_tensor(n, s.n_targets)?, b.output_buf(1)?);
+                b.masked_mse(a.output().input(), targets, d.output(), Out::all(&mut loss))?;
                 b.scale(d.output(), T::of(s.regression_weight))?;
-                terms.supervised.add_value(s.regression_weight * loss);
+                terms.supervised.add(Share {
+                    values: loss,
+                    reduce: Reduce::ScaledSum(s.regression_weight),
+                });
                 acts.regression = Some((a, d));
             }
             if let Some(c) = &self.cox {

@@ -663,9 +663,12 @@ impl<T: Gemm> Backend<T> for Cpu {
         pred: In<'_, Vec<T>>,
         targets: &[f64],
         dpred: Out<'_, Vec<T>>,
-    ) -> Result<(f64, usize)> {
-        let (loss, observed) = losses::masked_mse(r(&pred), targets, w(dpred));
-        Ok((loss.f64(), observed))
+        loss: Out<'_, Vec<T>>,
+    ) -> Result<usize> {
+        assert_eq!(loss.range.len(), 1, "mse: one loss value");
+        let (value, observed) = losses::masked_mse(r(&pred), targets, w(dpred));
+        w(loss)[0] = value;
+        Ok(observed)
     }
 
     fn cosine_margin(

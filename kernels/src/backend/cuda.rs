@@ -743,10 +743,15 @@ impl Backend<f32> for Cuda {
         pred: In<'_, DeviceBuf>,
         targets: &[f64],
         dpred: Out<'_, DeviceBuf>,
-    ) -> Result<(f64, usize)> {
-        let (loss, observed) =
-            losses::gpu::masked_mse(&self.gpu, &v(&pred), targets, &mut vm(dpred))?;
-        Ok((f64::from(loss), observed))
+        loss: Out<'_, DeviceBuf>,
+    ) -> Result<usize> {
+        Ok(losses::gpu::masked_mse(
+            &self.gpu,
+            &v(&pred),
+            targets,
+            &mut vm(dpred),
+            &mut vm(loss),
+        )?)
     }
 
     fn cosine_margin(

@@ -544,14 +544,15 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
         dlogits: Out<'_, Self::Buf>,
         loss: Out<'_, Self::Buf>,
     ) -> Result<usize>;
-    /// `ops::losses::masked_mse`: mean squared error over the non-NaN host targets. Returns
-    /// (loss, observed entries).
+    /// `ops::losses::masked_mse`: mean squared error over the non-NaN host targets into `loss`
+    /// (one value, left on the device) and its gradient. Returns the observed entries.
     fn masked_mse(
         &self,
         pred: In<'_, Self::Buf>,
         targets: &[f64],
         dpred: Out<'_, Self::Buf>,
-    ) -> Result<(f64, usize)>;
+        loss: Out<'_, Self::Buf>,
+    ) -> Result<usize>;
     /// `ops::losses::cosine_margin`: the contrastive cosine loss of rows of `z` on host labels.
     fn cosine_margin(
         &self,

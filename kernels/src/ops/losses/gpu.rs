@@ -1,7 +1,7 @@
 //! GPU entry points of the losses (kernels in `losses.cu`). Small per-row results (losses,
-//! partial sums) are reduced on the host in row order, except cross-entropy's and the MMD's,
-//! summed on the device so that a classifier's, an adversary's or an MMD penalty's loss is read
-//! with the step's other terms.
+//! partial sums) are reduced on the host in row order, except those of cross-entropy, the
+//! squared error and the MMD, summed on the device so that a classifier's, a regression's, an
+//! adversary's or an MMD penalty's loss is read with the step's other terms.
 #![allow(unsafe_code)] // kernel launches: argument types and lengths are checked before each
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
@@ -68,9 +68,13 @@ pub fn masked_mse(
     pred: &View<'_>,
     targets: &[f64],
     dpred: &mut ViewMut<'_>,
-) -> Result<(f32, usize)> {
+    loss: &mut ViewMut<'_>,
+) -> Result<usize> {
     let n = targets.len();
-    assert!(pred.len() == n && dpred.len() == n, "mse: lengths");
+    assert!(
+        pred.len() == n && dpred.len() == n && loss.len() == 1,
+        "mse: lengths"
+    );
     let observed = targets.iter().filter(|t| !t.is_nan()).count();
     let scale = if observed > 0 {
         1.0 / observed as f32
@@ -89,7 +93,10 @@ pub fn masked_mse(
         .arg(&entry_loss)
         .arg(dpred);
     launch(b, n, "masked_mse")?;
-    Ok((sum_on_host(gpu, &entry_loss)? * scale, observed))
+    // The entries' losses as one column, summed and scaled on the device.
+    column_sums(gpu, &entry_loss.slice(..), loss)?;
+    scale_by(gpu, loss, scale)?;
+    Ok(observed)
 }
 
 /// As [`super::mmd_rbf`], on the device: the value is written into `value` (one entry) there,
