@@ -6,6 +6,7 @@
 
 use tessera_kernels::Real;
 use tessera_kernels::backend::{Backend, In, Out, Result, Storage};
+use tessera_kernels::ops::optim::grad_norm;
 
 use crate::vae::LossTerms;
 
@@ -20,18 +21,29 @@ pub(crate) enum Reduce {
     ScaledSum(f64),
     /// (Σ v_r) × a / b: a weight over a count, applied in that order.
     SumTimesOver(f64, f64),
+    /// a × ‖v‖ × ‖v‖ / b, the norm as `ops::optim::grad_norm` takes it.
+    NormSquaredTimesOver(f64, f64),
+}
+
+/// What multiplies each value on the device before the sum.
+enum Weights<T> {
+    One,
+    Host(Vec<T>),
+    /// The value itself: a sum of squares.
+    Itself,
 }
 
 impl Reduce {
-    /// The weight of each value on the device's scalar type (None: all 1) and the factor
-    /// outside the sum: the reduction is factor × Σ v_r w_r.
-    fn device_form<T: Real>(&self) -> (Option<Vec<T>>, f64) {
-        let on = |w: &[f64]| Some(w.iter().map(|&w| T::of(w)).collect());
+    /// The weight of each value on the device's scalar type and the factor outside the sum:
+    /// the reduction is factor × Σ v_r w_r.
+    fn device_form<T: Real>(&self) -> (Weights<T>, f64) {
+        let on = |w: &[f64]| Weights::Host(w.iter().map(|&w| T::of(w)).collect());
         match self {
             Reduce::NegativeDot(w) => (on(w), -1.0),
             Reduce::Dot(s) => (on(s), 1.0),
-            Reduce::ScaledSum(f) => (None, *f),
-            Reduce::SumTimesOver(a, b) => (None, a / b),
+            Reduce::ScaledSum(f) => (Weights::One, *f),
+            Reduce::SumTimesOver(a, b) => (Weights::One, a / b),
+            Reduce::NormSquaredTimesOver(a, b) => (Weights::Itself, a / b),
         }
     }
 
@@ -41,6 +53,10 @@ impl Reduce {
             Reduce::Dot(s) => values.iter().zip(s).map(|(v, s)| v.f64() * s).sum::<f64>(),
             Reduce::ScaledSum(f) => values.iter().map(|v| v.f64()).sum::<f64>() * f,
             Reduce::SumTimesOver(a, b) => values.iter().map(|v| v.f64()).sum::<f64>() * a / b,
+            Reduce::NormSquaredTimesOver(a, b) => {
+                let norm = grad_norm(values);
+                a * norm * norm / b
+            }
         }
     }
 }
@@ -223,11 +239,19 @@ impl<S: Storage> PendingLoss<S> {
                     continue;
                 }
                 let (w, factor) = share.reduce.device_form::<T>();
-                let weighted = match w {
+                let uploaded = match &w {
+                    Weights::Host(w) => Some(b.upload(w)?),
+                    Weights::One | Weights::Itself => None,
+                };
+                let weights = match w {
+                    Weights::One => None,
+                    Weights::Host(_) => uploaded.as_ref(),
+                    Weights::Itself => Some(&share.values),
+                };
+                let weighted = match weights {
                     Some(w) => {
-                        let w = b.upload(&w)?;
                         let mut y = b.output_buf(share.values.len())?;
-                        b.scale_rows(In::all(&share.values), In::all(&w), Out::all(&mut y))?;
+                        b.scale_rows(In::all(&share.values), In::all(w), Out::all(&mut y))?;
                         Some(y)
                     }
                     None => None,

@@ -1307,7 +1307,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         }
         let (jeffreys, dexperts) = self.jeffreys(&enc, &plan)?;
         let (cycle_value, cycle) = self.cycle(&zs, &sample_cells, &batch, &plan, mode)?;
-        regularization.add_value(cycle_value);
+        regularization.add_term(cycle_value);
         regularization.add_term(jeffreys);
 
         // Heads: on the joint mean (a mixture's is the mean of its experts') and on the samples.
@@ -1378,10 +1378,10 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         batch: &VaeBatch<'_, T>,
         plan: &Plan,
         mode: Mode,
-    ) -> Result<(f64, Vec<CyclePass<Buf<T, B>, B::Csr>>)> {
+    ) -> Result<(Term<Buf<T, B>>, Vec<CyclePass<Buf<T, B>, B::Csr>>)> {
         let weight = self.config.cycle_weight;
         if weight == 0.0 || self.modalities.len() < 2 || zs.rows == 0 {
-            return Ok((0.0, Vec::new()));
+            return Ok((Term::default(), Vec::new()));
         }
         let b = self.backend.clone();
         let mut scratch = b.zeros(self.state_layout.len())?;
@@ -1400,7 +1400,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             })
             .collect();
         let scale = 2.0 * weight / zs.rows as f64;
-        let (mut value, mut passes) = (0.0, Vec::new());
+        let (mut value, mut passes) = (Term::default(), Vec::new());
         for (m, decoder) in self.decoders.iter().enumerate() {
             if !decoder.cycles() {
                 continue;
@@ -1427,8 +1427,11 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 self.encoders[m].forward_log1p(&b, &p, &mut state, x, &covariates, mode)?;
             let mut dmean = copy_of(&b, encoded.mean.output())?;
             b.axpy(T::zero() - T::one(), zs.input(), dmean.output())?;
-            let norm = b.grad_norm(dmean.input())?;
-            value += weight * norm * norm / zs.rows as f64;
+            // The distances, kept for the value (read with the step), before the gradient's scale.
+            value.add(Share {
+                values: copy_of(&b, &dmean)?.buf,
+                reduce: Reduce::NormSquaredTimesOver(weight, zs.rows as f64),
+            });
             b.scale(dmean.output(), T::of(scale))?;
             passes.push(CyclePass {
                 modality: m,

@@ -384,8 +384,8 @@ fn terms_summed_on_the_device_are_the_terms_read() {
     assert_eq!(read.cells, n);
 }
 
-/// The penalties left on the device (batch MMD, Jeffreys, the adversary, the MMD prior) are
-/// summed there too, with the host's contrastive term beside them.
+/// The penalties left on the device (batch MMD, Jeffreys, the adversary, the cycle term, the
+/// MMD prior) are summed there too, with the host's contrastive term beside them.
 #[test]
 fn penalties_summed_on_the_device_are_the_penalties_read() {
     let mosaic = Mosaic::new();
@@ -398,6 +398,7 @@ fn penalties_summed_on_the_device_are_the_penalties_read() {
             mmd_batch_weight: 3.0,
             jeffreys_weight: 2.0,
             adversarial_batch_weight: 1.5,
+            cycle_weight: 0.5,
             ..supervised_config(Joint::Poe)
         });
         let mut trainer = Trainer::new(model, TrainConfig::default()).unwrap();
