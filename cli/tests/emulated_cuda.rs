@@ -301,9 +301,9 @@ fn a_label_classifier_on_the_emulated_device_reads_its_loss_with_the_step() {
 }
 
 /// MultiVI's and Multigrate's penalties on the device (the Jeffreys divergence of the RNA and
-/// peak experts, the adversarial batch classifier, the MMD between batches) and the cycle term:
-/// their values are summed there and read with the step's other terms (the cycle's norm too:
-/// no `chunk_sum_squares`), and training gives the CPU's losses.
+/// peak experts, the adversarial batch classifier, the MMD between batches), the cycle term and
+/// the contrastive margin: their values are summed there and read with the step's other terms
+/// (the cycle's norm too: no `chunk_sum_squares`), and training gives the CPU's losses.
 #[test]
 fn penalties_on_the_emulated_device_are_read_with_the_step() {
     check_loss_read_with_the_step(
@@ -311,8 +311,8 @@ fn penalties_on_the_emulated_device_are_read_with_the_step() {
         (
             &["--peaks", "200"],
             "jeffreys_weight = 1.0\nadversarial_batch_weight = 1.0\nmmd_batch_weight = 1.0\n\
-             cycle_weight = 0.2",
-            &[],
+             cycle_weight = 0.2\ncontrastive_weight = 1.0",
+            &["--label-key", "cell_type"],
         ),
         "train_regularization",
         &[

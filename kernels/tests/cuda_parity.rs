@@ -1318,11 +1318,17 @@ fn losses<B: Backend<f32>>(b: &B) -> Vec<Output> {
     let lab: Vec<i32> = (0..128)
         .map(|i| if i % 11 == 0 { -1 } else { i % 4 })
         .collect();
-    let mut dz = zeros(b, 128 * 16);
-    let cos = b
-        .cosine_margin(In::all(&z), &lab, 16, 0.1, Out::all(&mut dz))
-        .unwrap();
-    out.push(scalar("cosine margin", cos, 1e-4));
+    let (mut dz, mut cos) = (zeros(b, 128 * 16), zeros(b, 1));
+    b.cosine_margin(
+        In::all(&z),
+        &lab,
+        16,
+        0.1,
+        Out::all(&mut dz),
+        Out::all(&mut cos),
+    )
+    .unwrap();
+    out.push(output("cosine margin", down(b, &cos), 1e-6, 1e-4));
     out.push(output("cosine grad", down(b, &dz), 1e-6, 1e-3));
     // Cox.
     let eta = up(b, &inputs(300));

@@ -208,7 +208,7 @@ pub(crate) struct HeadActs<S> {
 pub(crate) struct HeadTerms<S> {
     /// Classifier and regression (left on the device) and Cox (known), in that order.
     pub supervised: Term<S>,
-    /// Contrastive (known) and adversarial (left on the device), in that order.
+    /// Contrastive and adversarial (left on the device), in that order.
     pub regularization: Term<S>,
 }
 
@@ -374,16 +374,20 @@ impl Heads {
                 acts.cox = Some((a, d));
             }
             if s.contrastive_weight > 0.0 {
-                let mut d = b.output_tensor(n, s.n_latent)?;
-                let loss = b.cosine_margin(
+                let (mut d, mut loss) = (b.output_tensor(n, s.n_latent)?, b.output_buf(1)?);
+                b.cosine_margin(
                     m.input(),
                     labels,
                     s.n_latent,
                     s.contrastive_margin,
                     d.output(),
+                    Out::all(&mut loss),
                 )?;
                 b.scale(d.output(), T::of(s.contrastive_weight))?;
-                terms.regularization.add_value(s.contrastive_weight * loss);
+                terms.regularization.add(Share {
+                    values: loss,
+                    reduce: Reduce::ScaledSum(s.contrastive_weight),
+                });
                 acts.contrastive = Some(d);
             }
         }

@@ -671,6 +671,7 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(observed)
     }
 
+    #[allow(clippy::too_many_arguments)] // the op's inputs, its gradient and its value
     fn cosine_margin(
         &self,
         z: In<'_, Vec<T>>,
@@ -678,8 +679,11 @@ impl<T: Gemm> Backend<T> for Cpu {
         dim: usize,
         margin: f64,
         dz: Out<'_, Vec<T>>,
-    ) -> Result<f64> {
-        Ok(losses::cosine_margin(r(&z), labels, dim, margin, w(dz)).f64())
+        loss: Out<'_, Vec<T>>,
+    ) -> Result<()> {
+        assert_eq!(loss.range.len(), 1, "cosine margin: one loss value");
+        w(loss)[0] = losses::cosine_margin(r(&z), labels, dim, margin, w(dz));
+        Ok(())
     }
 
     fn cox_partial_likelihood(

@@ -754,6 +754,7 @@ impl Backend<f32> for Cuda {
         )?)
     }
 
+    #[allow(clippy::too_many_arguments)] // the op's inputs, its gradient and its value
     fn cosine_margin(
         &self,
         z: In<'_, DeviceBuf>,
@@ -761,15 +762,17 @@ impl Backend<f32> for Cuda {
         dim: usize,
         margin: f64,
         dz: Out<'_, DeviceBuf>,
-    ) -> Result<f64> {
-        Ok(f64::from(losses::gpu::cosine_margin(
+        loss: Out<'_, DeviceBuf>,
+    ) -> Result<()> {
+        Ok(losses::gpu::cosine_margin(
             &self.gpu,
             &v(&z),
             labels,
             dim,
             margin,
             &mut vm(dz),
-        )?))
+            &mut vm(loss),
+        )?)
     }
 
     fn cox_partial_likelihood(

@@ -553,7 +553,9 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
         dpred: Out<'_, Self::Buf>,
         loss: Out<'_, Self::Buf>,
     ) -> Result<usize>;
-    /// `ops::losses::cosine_margin`: the contrastive cosine loss of rows of `z` on host labels.
+    /// `ops::losses::cosine_margin`: the contrastive cosine loss of rows of `z` on host labels
+    /// into `loss` (one value, left on the device), and its gradient.
+    #[allow(clippy::too_many_arguments)] // the op's inputs, its gradient and its value
     fn cosine_margin(
         &self,
         z: In<'_, Self::Buf>,
@@ -561,7 +563,8 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
         dim: usize,
         margin: f64,
         dz: Out<'_, Self::Buf>,
-    ) -> Result<f64>;
+        loss: Out<'_, Self::Buf>,
+    ) -> Result<()>;
     /// `ops::losses::cox_partial_likelihood`: negative Cox partial log-likelihood of risk scores.
     fn cox_partial_likelihood(
         &self,

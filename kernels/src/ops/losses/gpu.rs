@@ -1,19 +1,14 @@
-//! GPU entry points of the losses (kernels in `losses.cu`). Small per-row results (losses,
-//! partial sums) are reduced on the host in row order, except those of cross-entropy, the
-//! squared error and the MMD, summed on the device so that a classifier's, a regression's, an
-//! adversary's or an MMD penalty's loss is read with the step's other terms.
+//! GPU entry points of the losses (kernels in `losses.cu`). Each loss's value is summed on the
+//! device into a one-value buffer and left there, so a step reads it with its other terms; only
+//! Cox's risk sets are taken on the host.
 #![allow(unsafe_code)] // kernel launches: argument types and lengths are checked before each
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
 use super::CUDA_SOURCE;
 use crate::cuda::{Gpu, Result, View, ViewMut, launch};
 use crate::cuda_cache::DeviceBuf;
 use crate::ops::elementwise::gpu::{axpy, column_sums, scale as scale_by};
-
-fn sum_on_host(gpu: &Gpu, v: &CudaSlice<f32>) -> Result<f32> {
-    Ok(gpu.download(v)?.iter().sum())
-}
 
 /// As [`super::cross_entropy`], on the device (labels come from the host batch): the loss is
 /// written into `loss` (one value) there, not read back, so a step reads it with its other
@@ -173,6 +168,7 @@ pub fn mmd_rbf(
 }
 
 /// As [`super::cosine_margin`], on the device.
+#[allow(clippy::too_many_arguments)] // the op's inputs, its gradient and its value
 pub fn cosine_margin(
     gpu: &Gpu,
     z: &View<'_>,
@@ -180,22 +176,22 @@ pub fn cosine_margin(
     dim: usize,
     margin: f64,
     dz: &mut ViewMut<'_>,
-) -> Result<f32> {
+    loss: &mut ViewMut<'_>,
+) -> Result<()> {
     let n = labels.len();
     assert!(
-        z.len() == n * dim && dz.len() == z.len(),
+        z.len() == n * dim && dz.len() == z.len() && loss.len() == 1,
         "cosine margin: shapes"
     );
-    let host = gpu.download(z)?;
-    let norms: Vec<f32> = host
-        .chunks(dim)
-        .map(|r| r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12))
-        .collect();
     let labelled = labels.iter().filter(|&&l| l >= 0).count();
     let pairs = labelled * labelled.saturating_sub(1) / 2;
     let scale = if pairs > 0 { 1.0 / pairs as f32 } else { 0.0 };
-    let (labels_d, norms_d, row_loss) = (gpu.upload(labels)?, gpu.upload(&norms)?, gpu.zeros(n)?);
+    let (labels_d, norms_d, row_loss) = (gpu.upload(labels)?, gpu.zeros(n)?, gpu.zeros(n)?);
     let (n64, d64, margin) = (n as u64, dim as u64, margin as f32);
+    let norms = gpu.function("losses", CUDA_SOURCE, "row_norms")?;
+    let mut b = gpu.stream().launch_builder(&norms);
+    b.arg(z).arg(&n64).arg(&d64).arg(&norms_d);
+    launch(b, n, "row_norms")?;
     let f = gpu.function("losses", CUDA_SOURCE, "cosine_margin")?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(z)
@@ -208,7 +204,9 @@ pub fn cosine_margin(
         .arg(&row_loss)
         .arg(dz);
     launch(b, n, "cosine_margin")?;
-    Ok(sum_on_host(gpu, &row_loss)? * scale)
+    // The rows' shares as one column, summed and scaled on the device.
+    column_sums(gpu, &row_loss.slice(..), loss)?;
+    scale_by(gpu, loss, scale)
 }
 
 /// As [`super::cox_partial_likelihood`], on the device.

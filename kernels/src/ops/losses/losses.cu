@@ -72,6 +72,15 @@ extern "C" __global__ void mmd_value(const float* sums, float wxx, float wyy, fl
     if (blockIdx.x == 0 && threadIdx.x == 0) { value[0] = sums[0] * wxx + sums[1] * wyy - 2.0f * (sums[2] * wxy); }
 }
 
+// The rows' L2 norms (at least 1e-12), one thread per row, summed in column order.
+extern "C" __global__ void row_norms(const float* z, unsigned long long n, unsigned long long dim, float* norms) {
+    unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    if (i >= n) { return; }
+    float s = 0.0f;
+    for (unsigned long long t = 0; t < dim; ++t) { float v = z[i * dim + t]; s += v * v; }
+    norms[i] = fmaxf(sqrtf(s), 1e-12f);
+}
+
 // Cosine margin, one thread per row i: its loss share (pairs with j > i) and its gradient.
 extern "C" __global__ void cosine_margin(const float* z, const int* labels, const float* norms, unsigned long long n, unsigned long long dim,
         float margin, float scale, float* row_loss, float* dz) {
