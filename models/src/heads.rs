@@ -206,7 +206,7 @@ pub(crate) struct HeadActs<S> {
 /// The heads' weighted loss values of one batch.
 #[derive(Debug)]
 pub(crate) struct HeadTerms<S> {
-    /// Classifier and regression (left on the device) and Cox (known), in that order.
+    /// Classifier, regression and Cox (left on the device), in that order.
     pub supervised: Term<S>,
     /// Contrastive and adversarial (left on the device), in that order.
     pub regularization: Term<S>,
@@ -366,11 +366,19 @@ impl Heads {
                     ),
                     None => (vec![f64::NEG_INFINITY; n], vec![false; n]),
                 };
-                let mut d = b.output_tensor(n, 1)?;
-                let loss =
-                    b.cox_partial_likelihood(a.output().input(), &times, &events, d.output())?;
+                let (mut d, mut loss) = (b.output_tensor(n, 1)?, b.output_buf(1)?);
+                b.cox_partial_likelihood(
+                    a.output().input(),
+                    &times,
+                    &events,
+                    d.output(),
+                    Out::all(&mut loss),
+                )?;
                 b.scale(d.output(), T::of(s.cox_weight))?;
-                terms.supervised.add_value(s.cox_weight * loss);
+                terms.supervised.add(Share {
+                    values: loss,
+                    reduce: Reduce::ScaledSum(s.cox_weight),
+                });
                 acts.cox = Some((a, d));
             }
             if s.contrastive_weight > 0.0 {

@@ -68,11 +68,10 @@ pub(crate) struct Share<S> {
     pub reduce: Reduce,
 }
 
-/// One addend of a term: a value the host has, a share still on the device, or a term of its
-/// own (summed apart first, as the host summed a penalty's pairs before adding the total).
+/// One addend of a term: a share still on the device, or a term of its own (summed apart first,
+/// as the host summed a penalty's pairs before adding the total).
 #[derive(Debug)]
 enum Part<S> {
-    Host(f64),
     Device(Share<S>),
     Nested(Term<S>),
 }
@@ -101,11 +100,6 @@ impl<S> Term<S> {
         self.parts.push(Part::Device(share));
     }
 
-    /// Adds a value the host has, in its place among the shares.
-    pub fn add_value(&mut self, value: f64) {
-        self.parts.push(Part::Host(value));
-    }
-
     /// Adds `term`'s value, summed apart first.
     pub fn add_term(&mut self, term: Term<S>) {
         self.parts.push(Part::Nested(term));
@@ -132,19 +126,17 @@ impl<S> Term<S> {
         let factor = outer * self.times;
         for part in &self.parts {
             match part {
-                Part::Host(_) => {}
                 Part::Device(share) => out.push((factor, share)),
                 Part::Nested(term) => term.collect_shares(factor, out),
             }
         }
     }
 
-    /// What the host has of the term: its known value, or its host parts' sum (times its
-    /// factor).
+    /// What the host has of the term: its known value, or its nested terms' known values
+    /// (times its factor).
     fn on_host(&self) -> f64 {
         self.known.unwrap_or_else(|| {
             self.parts.iter().fold(0.0, |acc, p| match p {
-                Part::Host(v) => acc + v,
                 Part::Device(_) => acc,
                 Part::Nested(term) => acc + term.on_host(),
             }) * self.times
@@ -157,7 +149,6 @@ impl<S> Term<S> {
             return known;
         }
         self.parts.iter().fold(0.0, |acc, p| match p {
-            Part::Host(v) => acc + v,
             Part::Device(share) => {
                 acc + share.reduce.apply(at.next().map_or(&[][..], Vec::as_slice))
             }
@@ -175,10 +166,9 @@ pub struct PendingLoss<S> {
     pub(crate) reconstruction: Term<S>,
     pub(crate) kl: Term<S>,
     pub(crate) kl_weight: f64,
-    /// The penalties: MMDs, Jeffreys divergences and the adversary on the device, the rest
-    /// known.
+    /// The penalties, each nested as the host summed it.
     pub(crate) regularization: Term<S>,
-    /// The supervised heads: the classifier's loss on the device, regression and Cox known.
+    /// The supervised heads' losses.
     pub(crate) supervised: Term<S>,
     pub(crate) cells: usize,
 }

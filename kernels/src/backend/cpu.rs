@@ -692,8 +692,11 @@ impl<T: Gemm> Backend<T> for Cpu {
         times: &[f64],
         events: &[bool],
         deta: Out<'_, Vec<T>>,
-    ) -> Result<f64> {
-        Ok(losses::cox_partial_likelihood(r(&eta), times, events, w(deta)).f64())
+        loss: Out<'_, Vec<T>>,
+    ) -> Result<()> {
+        assert_eq!(loss.range.len(), 1, "cox: one loss value");
+        w(loss)[0] = losses::cox_partial_likelihood(r(&eta), times, events, w(deta));
+        Ok(())
     }
 
     fn jeffreys(

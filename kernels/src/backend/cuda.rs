@@ -781,14 +781,16 @@ impl Backend<f32> for Cuda {
         times: &[f64],
         events: &[bool],
         deta: Out<'_, DeviceBuf>,
-    ) -> Result<f64> {
-        Ok(f64::from(losses::gpu::cox_partial_likelihood(
+        loss: Out<'_, DeviceBuf>,
+    ) -> Result<()> {
+        Ok(losses::gpu::cox_partial_likelihood(
             &self.gpu,
             &v(&eta),
             times,
             events,
             &mut vm(deta),
-        )?))
+            &mut vm(loss),
+        )?)
     }
 
     fn jeffreys(

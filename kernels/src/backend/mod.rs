@@ -565,14 +565,16 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
         dz: Out<'_, Self::Buf>,
         loss: Out<'_, Self::Buf>,
     ) -> Result<()>;
-    /// `ops::losses::cox_partial_likelihood`: negative Cox partial log-likelihood of risk scores.
+    /// `ops::losses::cox_partial_likelihood`: negative Cox partial log-likelihood of risk scores
+    /// into `loss` (one value, left on the device), and its gradient.
     fn cox_partial_likelihood(
         &self,
         eta: In<'_, Self::Buf>,
         times: &[f64],
         events: &[bool],
         deta: Out<'_, Self::Buf>,
-    ) -> Result<f64>;
+        loss: Out<'_, Self::Buf>,
+    ) -> Result<()>;
     /// `ops::gaussian::jeffreys`: per-row Jeffreys divergence of two diagonal Gaussians and the
     /// gradients of Σ_r w_r J_r (dm1, dlv1, dm2, dlv2; overwritten).
     fn jeffreys(

@@ -1,6 +1,5 @@
 //! GPU entry points of the losses (kernels in `losses.cu`). Each loss's value is summed on the
-//! device into a one-value buffer and left there, so a step reads it with its other terms; only
-//! Cox's risk sets are taken on the host.
+//! device into a one-value buffer and left there, so a step reads it with its other terms.
 #![allow(unsafe_code)] // kernel launches: argument types and lengths are checked before each
 
 use cudarc::driver::PushKernelArg;
@@ -216,29 +215,34 @@ pub fn cox_partial_likelihood(
     times: &[f64],
     events: &[bool],
     deta: &mut ViewMut<'_>,
-) -> Result<f32> {
+    loss: &mut ViewMut<'_>,
+) -> Result<()> {
     let n = eta.len();
     assert!(
-        times.len() == n && events.len() == n && deta.len() == n,
+        times.len() == n && events.len() == n && deta.len() == n && loss.len() == 1,
         "cox: lengths"
     );
     let n_events = events.iter().filter(|&&e| e).count();
-    let host = gpu.download(eta)?;
-    let max = host.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let w: Vec<f32> = host.iter().map(|&e| (e - max).exp()).collect();
     let scale = if n_events > 0 {
         1.0 / n_events as f32
     } else {
         0.0
     };
     let ev: Vec<u8> = events.iter().map(|&e| u8::from(e)).collect();
-    let (w_d, t_d, e_d, risk) = (
-        gpu.upload(&w)?,
+    // Every value of these is written by the kernels below.
+    let (w_d, max, t_d, e_d, risk, row_loss) = (
+        gpu.alloc::<f32>(n)?,
+        gpu.alloc::<f32>(1)?,
         gpu.upload(times)?,
         gpu.upload(&ev)?,
-        gpu.zeros(n)?,
+        gpu.alloc::<f32>(n)?,
+        gpu.alloc::<f32>(n)?,
     );
     let n64 = n as u64;
+    let weights = gpu.function("losses", CUDA_SOURCE, "cox_weights")?;
+    let mut b = gpu.stream().launch_builder(&weights);
+    b.arg(eta).arg(&n64).arg(&w_d).arg(&max);
+    launch(b, n, "cox_weights")?;
     let f = gpu.function("losses", CUDA_SOURCE, "cox_risk_sums")?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&w_d).arg(&t_d).arg(&e_d).arg(&n64).arg(&risk);
@@ -253,10 +257,16 @@ pub fn cox_partial_likelihood(
         .arg(&scale)
         .arg(deta);
     launch(b, n, "cox_gradient")?;
-    let sums = gpu.download(&risk)?;
-    let loss: f32 = (0..n)
-        .filter(|&i| events[i])
-        .map(|i| -(host[i] - (sums[i].ln() + max)))
-        .sum();
-    Ok(loss * scale)
+    let h = gpu.function("losses", CUDA_SOURCE, "cox_row_loss")?;
+    let mut b = gpu.stream().launch_builder(&h);
+    b.arg(eta)
+        .arg(&e_d)
+        .arg(&risk)
+        .arg(&max)
+        .arg(&n64)
+        .arg(&row_loss);
+    launch(b, n, "cox_row_loss")?;
+    // The events' shares as one column, summed and scaled on the device.
+    column_sums(gpu, &row_loss.slice(..), loss)?;
+    scale_by(gpu, loss, scale)
 }

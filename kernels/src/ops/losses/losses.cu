@@ -110,6 +110,25 @@ extern "C" __global__ void cosine_margin(const float* z, const int* labels, cons
     row_loss[i] = loss;
 }
 
+// Cox weights w_i = exp(η_i - max η), one thread per sample, each scanning η for the max (the
+// risk sums are quadratic anyway); thread 0 also writes the max.
+extern "C" __global__ void cox_weights(const float* eta, unsigned long long n, float* w, float* max_out) {
+    unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    if (i >= n) { return; }
+    float m = __int_as_float(0xff800000); // -inf (NVRTC has no math.h macros)
+    for (unsigned long long j = 0; j < n; ++j) { m = fmaxf(m, eta[j]); }
+    w[i] = expf(eta[i] - m);
+    if (i == 0) { max_out[0] = m; }
+}
+
+// Cox loss share of sample i: -(η_i - (log S_i + max)) for an event, else 0.
+extern "C" __global__ void cox_row_loss(const float* eta, const unsigned char* events, const float* risk, const float* max,
+        unsigned long long n, float* row_loss) {
+    unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    if (i >= n) { return; }
+    row_loss[i] = events[i] ? -(eta[i] - (logf(risk[i]) + max[0])) : 0.0f;
+}
+
 // Cox: per event i, the risk-set sum S_i = Σ_{t_j >= t_i} w_j (w = exp(η - max)).
 extern "C" __global__ void cox_risk_sums(const float* w, const double* times, const unsigned char* events, unsigned long long n, float* risk) {
     unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
