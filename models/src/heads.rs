@@ -140,6 +140,37 @@ impl Classifier {
         Ok(ClassifierActs { hidden, logits })
     }
 
+    /// The forward on `x` scored against `labels` (-1: none) of `classes`: the activations,
+    /// `weight` × the loss's gradient with respect to the logits, and weight × the loss as a
+    /// share left on the device (the same f64 product an immediate read gave).
+    #[allow(clippy::too_many_arguments)] // the pass's inputs, its labels and the loss's weight
+    fn scored<T: Real, B: Backend<T>>(
+        &self,
+        b: &B,
+        p: &Weights<'_, Buf<T, B>>,
+        state: &mut Slots<'_, Buf<T, B>>,
+        x: &Tensor<Buf<T, B>>,
+        (labels, classes): (&[i32], usize),
+        weight: f64,
+        mode: Mode,
+    ) -> Result<ScoredLoss<Buf<T, B>>> {
+        let a = self.forward(b, p, state, x, mode)?;
+        let (mut d, mut loss) = (b.output_tensor(x.rows, classes)?, b.output_buf(1)?);
+        b.cross_entropy(
+            a.logits.output().input(),
+            labels,
+            classes,
+            d.output(),
+            Out::all(&mut loss),
+        )?;
+        b.scale(d.output(), T::of(weight))?;
+        let share = Share {
+            values: loss,
+            reduce: Reduce::ScaledSum(weight),
+        };
+        Ok(((a, d), share))
+    }
+
     #[allow(clippy::too_many_arguments)] // the pass's inputs, saved activations and the views it writes
     fn backward<T: Real, B: Backend<T>>(
         &self,
@@ -191,6 +222,10 @@ pub(crate) struct Heads {
 
 /// A head's activations and the weighted gradient of its loss with respect to its output.
 type Scored<A, S> = Option<(A, Tensor<S>)>;
+/// A classifier's activations and its weighted gradient with respect to the logits.
+type ScoredActs<S> = (ClassifierActs<S>, Tensor<S>);
+/// Those and the weighted loss, left on the device.
+type ScoredLoss<S> = (ScoredActs<S>, Share<S>);
 
 /// What the heads' backward needs from their forward.
 pub(crate) struct HeadActs<S> {
@@ -313,22 +348,10 @@ impl Heads {
             let labels = sup.labels.unwrap_or(&unlabelled);
             assert_eq!(labels.len(), n, "one label per cell");
             if let Some(c) = &self.classifier {
-                let a = c.forward(b, p, state, m, mode)?;
-                let (mut d, mut loss) = (b.output_tensor(n, s.n_labels)?, b.output_buf(1)?);
-                b.cross_entropy(
-                    a.logits.output().input(),
-                    labels,
-                    s.n_labels,
-                    d.output(),
-                    Out::all(&mut loss),
-                )?;
-                b.scale(d.output(), T::of(s.classifier_weight))?;
-                // Read with the step's other terms (weight × loss, the same f64 product).
-                terms.supervised.add(Share {
-                    values: loss,
-                    reduce: Reduce::ScaledSum(s.classifier_weight),
-                });
-                acts.classifier = Some((a, d));
+                let labels = (labels, s.n_labels);
+                let (a, loss) = c.scored(b, p, state, m, labels, s.classifier_weight, mode)?;
+                terms.supervised.add(loss);
+                acts.classifier = Some(a);
             }
             if let Some(r) = &self.regression {
                 let a = r.forward(b, p, state, &Input::Dense(m), None, mode)?;
@@ -406,21 +429,10 @@ impl Heads {
                 zs.rows,
                 "one batch code per latent sample"
             );
-            let a = c.forward(b, p, state, zs, mode)?;
-            let (mut d, mut loss) = (b.output_tensor(zs.rows, s.n_batch)?, b.output_buf(1)?);
-            b.cross_entropy(
-                a.logits.output().input(),
-                sample_batches,
-                s.n_batch,
-                d.output(),
-                Out::all(&mut loss),
-            )?;
-            b.scale(d.output(), T::of(s.adversarial_weight))?;
-            terms.regularization.add(Share {
-                values: loss,
-                reduce: Reduce::ScaledSum(s.adversarial_weight),
-            });
-            acts.adversary = Some((a, d));
+            let batches = (sample_batches, s.n_batch);
+            let (a, loss) = c.scored(b, p, state, zs, batches, s.adversarial_weight, mode)?;
+            terms.regularization.add(loss);
+            acts.adversary = Some(a);
         }
         Ok((terms, acts))
     }

@@ -9,6 +9,13 @@ use crate::cuda::{Gpu, Result, View, ViewMut, launch};
 use crate::cuda_cache::DeviceBuf;
 use crate::ops::elementwise::gpu::{axpy, column_sums, scale as scale_by};
 
+/// loss = scale × Σ shares (one value), on the device: the shares as one column, summed in
+/// order as the host summed them.
+fn sum_scaled(gpu: &Gpu, shares: &DeviceBuf, scale: f32, loss: &mut ViewMut<'_>) -> Result<()> {
+    column_sums(gpu, &shares.slice(..), loss)?;
+    scale_by(gpu, loss, scale)
+}
+
 /// As [`super::cross_entropy`], on the device (labels come from the host batch): the loss is
 /// written into `loss` (one value) there, not read back, so a step reads it with its other
 /// terms. Returns the labelled rows (known from the host labels).
@@ -50,9 +57,7 @@ pub fn cross_entropy(
         .arg(&row_loss)
         .arg(dlogits);
     launch(b, rows, "cross_entropy")?;
-    // The rows' losses as one column, summed and scaled on the device.
-    column_sums(gpu, &row_loss.slice(..), loss)?;
-    scale_by(gpu, loss, scale)?;
+    sum_scaled(gpu, &row_loss, scale, loss)?;
     Ok(labelled)
 }
 
@@ -87,9 +92,7 @@ pub fn masked_mse(
         .arg(&entry_loss)
         .arg(dpred);
     launch(b, n, "masked_mse")?;
-    // The entries' losses as one column, summed and scaled on the device.
-    column_sums(gpu, &entry_loss.slice(..), loss)?;
-    scale_by(gpu, loss, scale)?;
+    sum_scaled(gpu, &entry_loss, scale, loss)?;
     Ok(observed)
 }
 
@@ -203,9 +206,7 @@ pub fn cosine_margin(
         .arg(&row_loss)
         .arg(dz);
     launch(b, n, "cosine_margin")?;
-    // The rows' shares as one column, summed and scaled on the device.
-    column_sums(gpu, &row_loss.slice(..), loss)?;
-    scale_by(gpu, loss, scale)
+    sum_scaled(gpu, &row_loss, scale, loss)
 }
 
 /// As [`super::cox_partial_likelihood`], on the device.
@@ -266,7 +267,5 @@ pub fn cox_partial_likelihood(
         .arg(&n64)
         .arg(&row_loss);
     launch(b, n, "cox_row_loss")?;
-    // The events' shares as one column, summed and scaled on the device.
-    column_sums(gpu, &row_loss.slice(..), loss)?;
-    scale_by(gpu, loss, scale)
+    sum_scaled(gpu, &row_loss, scale, loss)
 }
