@@ -200,6 +200,23 @@ fn assert_buffers_reused(what: &str, steps: &[&(u64, Work)]) {
     );
 }
 
+/// A steady step copies from pageable host memory at most `most` times: what the batch brings
+/// (its covariates and, with the data resident, its rows and their offsets), not its weights
+/// (filled on the device: `Backend::upload_weights`).
+fn assert_uploads_at_most(what: &str, out: &Path, most: u64) {
+    for (_, work) in intervals(out)
+        .iter()
+        .filter(|(_, work)| work.contains_key("launch sparse_input_backward"))
+        .filter(|(_, work)| !work.contains_key("alloc"))
+    {
+        let uploads = work
+            .get("upload from pageable memory")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        assert!(uploads <= most, "{what}: {uploads} uploads: {work:?}");
+    }
+}
+
 /// A simulated store in `dir` (1,200 cells, 300 genes and what `modalities` adds) and
 /// `copies - 1` copies of it (training writes into its store).
 fn stores(dir: &Path, copies: usize, modalities: &[&str]) -> Vec<PathBuf> {
@@ -235,6 +252,7 @@ fn training_on_the_emulated_device_gives_the_cpus_losses_resident_and_streamed()
         assert!(log.contains(where_), "resident_data = {resident}: {log}");
         assert_same_losses(&format!("resident_data = {resident}"), &cuda, &cpu);
         assert_one_read_back_per_step(&format!("resident_data = {resident}"), &out);
+        assert_uploads_at_most(&format!("resident_data = {resident}"), &out, 3);
     }
 }
 

@@ -302,6 +302,26 @@ impl Gpu {
         self.alloc_zeros::<f32>(n)
     }
 
+    /// `value` into every entry of `y`: one memset of its 32 bits on the compute stream.
+    #[allow(unsafe_code)]
+    pub fn fill(&self, y: &mut ViewMut<'_>, value: f32) -> Result<()> {
+        if y.len() == 0 {
+            return Ok(());
+        }
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(driver("binding the context"))?;
+        let n = y.len();
+        let (ptr, _record) = cudarc::driver::DevicePtrMut::device_ptr_mut(y, &self.stream);
+        // SAFETY: `ptr` is `y`'s memory, `n` 4-byte values, on this stream.
+        unsafe {
+            cudarc::driver::sys::cuMemsetD32Async(ptr, value.to_bits(), n, self.stream.cu_stream())
+        }
+        .result()
+        .map_err(driver("fill"))
+    }
+
     /// How many buffers were reused and how many allocated since the GPU was opened.
     pub fn cache_counts(&self) -> CacheCounts {
         self.cache.counts()

@@ -448,7 +448,7 @@ impl Decoder {
         let trunk = self.trunk(b, p, state, z, covariates, mode)?;
         let h = Input::Dense(Mlp::output(&trunk.hidden));
         let negative: Vec<T> = weights.iter().map(|&w| T::zero() - w).collect();
-        let negative = b.upload(&negative)?;
+        let negative = b.upload_weights(&negative)?;
         let mut ll = b.zeros(n)?;
         let site = Site {
             b,

@@ -230,7 +230,7 @@ impl<S: Storage> PendingLoss<S> {
                 }
                 let (w, factor) = share.reduce.device_form::<T>();
                 let uploaded = match &w {
-                    Weights::Host(w) => Some(b.upload(w)?),
+                    Weights::Host(w) => Some(b.upload_weights(w)?),
                     Weights::One | Weights::Itself => None,
                 };
                 let weights = match w {

@@ -508,7 +508,7 @@ fn inverse_present<T: Real, B: Backend<T>>(
 ) -> Result<B::Buf> {
     let mut count = vec![0usize; n];
     cells.iter().flatten().for_each(|&r| count[r] += 1);
-    b.upload(
+    b.upload_weights(
         &count
             .iter()
             .map(|&k| {
@@ -959,7 +959,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 plan.present
                     .iter()
                     .map(|p| {
-                        b.upload(
+                        b.upload_weights(
                             &p.iter()
                                 .map(|&x| if x { T::one() } else { T::zero() })
                                 .collect::<Vec<T>>(),
@@ -1104,7 +1104,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 .iter()
                 .map(|&r| inv_n / plan.n_present[r] as f64)
                 .collect();
-            let weights = b.upload(
+            let weights = b.upload_weights(
                 &share
                     .iter()
                     .map(|&w| T::of(kl_weight * w))
@@ -1178,7 +1178,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         self.noise(&mut eps, SITE_LATENT, mode)?;
         let mut z = b.output_tensor(n, d)?;
         b.reparameterize_forward(m.input(), lv.input(), eps.input(), z.output())?;
-        let weights = b.upload(&vec![T::of(kl_weight * inv_n); n])?;
+        let weights = b.upload_weights(&vec![T::of(kl_weight * inv_n); n])?;
         let (mut kl, mut dm_kl, mut dlv_kl) = (b.zeros(n)?, b.tensor(n, d)?, b.tensor(n, d)?);
         if use_kl {
             b.kl_standard_normal(
@@ -1549,7 +1549,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                     gather(enc[j].mean.output(), &rows_j)?,
                     gather(enc[j].logvar.output(), &rows_j)?,
                 );
-                let weights = b.upload(&vec![T::of(weight / plan.n as f64); both.len()])?;
+                let weights = b.upload_weights(&vec![T::of(weight / plan.n as f64); both.len()])?;
                 let mut value = b.zeros(both.len())?;
                 let mut g: Vec<Tensor<Buf<T, B>>> = (0..4)
                     .map(|_| b.tensor(both.len(), d))

@@ -148,6 +148,11 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(())
     }
 
+    fn fill(&self, y: Out<'_, Vec<T>>, value: T) -> Result<()> {
+        w(y).fill(value);
+        Ok(())
+    }
+
     fn write(&self, host: &[T], y: Out<'_, Vec<T>>) -> Result<()> {
         w(y).copy_from_slice(host);
         Ok(())

@@ -111,6 +111,10 @@ impl Backend<f32> for Cuda {
             .map_err(driver("zero"))?)
     }
 
+    fn fill(&self, y: Out<'_, DeviceBuf>, value: f32) -> Result<()> {
+        Ok(self.gpu.fill(&mut vm(y), value)?)
+    }
+
     fn write(&self, host: &[f32], y: Out<'_, DeviceBuf>) -> Result<()> {
         assert_eq!(host.len(), y.range.len(), "write: lengths");
         Ok(self

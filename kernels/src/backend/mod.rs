@@ -188,6 +188,22 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     }
     /// Zeros into a view.
     fn zero(&self, y: Out<'_, Self::Buf>) -> Result<()>;
+    /// `value` into every entry of a view (on a GPU a memset of its bits: nothing copied from
+    /// the host).
+    fn fill(&self, y: Out<'_, Self::Buf>, value: T) -> Result<()>;
+    /// [`Backend::upload`] of per-row weights: where they are one value repeated (a batch whose
+    /// cells all weigh the same, as most do), a buffer filled with it on the device instead, so a
+    /// GPU step copies nothing from pageable host memory for them.
+    fn upload_weights(&self, host: &[T]) -> Result<Self::Buf> {
+        match host.first() {
+            Some(&first) if host.iter().all(|&v| v == first) => {
+                let mut y = self.output_buf(host.len())?;
+                self.fill(Out::all(&mut y), first)?;
+                Ok(y)
+            }
+            _ => self.upload(host),
+        }
+    }
     /// Host values into an existing view (a step's small control values, a staged reduction).
     fn write(&self, host: &[T], y: Out<'_, Self::Buf>) -> Result<()>;
     /// The buffer as host memory, where it is host memory (the CPU): the TCP all-reduce then

@@ -322,7 +322,7 @@ impl Observation {
                 b.softmax_forward(main.output().input(), g, rho.output())?;
                 b.scale_rows(
                     rho.input(),
-                    In::all(&b.upload(&vec![T::of(library); n])?),
+                    In::all(&b.upload_weights(&vec![T::of(library); n])?),
                     expected.output(),
                 )?;
                 b.activation_forward(Activation::Log1p, expected.input(), log1p.output())?;
