@@ -305,7 +305,7 @@ impl Gpu {
     /// `value` into every entry of `y`: one memset of its 32 bits on the compute stream.
     #[allow(unsafe_code)]
     pub fn fill(&self, y: &mut ViewMut<'_>, value: f32) -> Result<()> {
-        if y.len() == 0 {
+        if y.is_empty() {
             return Ok(());
         }
         self.stream
