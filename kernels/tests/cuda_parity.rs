@@ -285,6 +285,24 @@ fn elementwise<B: Backend<f32>>(b: &B) -> Vec<Output> {
             1e-5,
             1e-6,
         ));
+        // A fill of part of a buffer; weights of one value (filled) and of several (uploaded).
+        let mut filled = up(b, &inputs(n + 3));
+        b.fill(Out::part(&mut filled, 2..n + 2), -0.37).unwrap();
+        out.push(output(
+            format!("fill {rows}x{cols}"),
+            down(b, &filled),
+            0.0,
+            0.0,
+        ));
+        for weights in [vec![0.125; n], inputs(n)] {
+            let uploaded = b.upload_weights(&weights).unwrap();
+            out.push(output(
+                format!("weights {rows}x{cols}"),
+                down(b, &uploaded),
+                0.0,
+                0.0,
+            ));
+        }
     }
     out
 }
