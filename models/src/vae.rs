@@ -489,8 +489,8 @@ struct CyclePass<S, C> {
 
 /// A diagonal Gaussian's (mean, log-variance) tensors, or their gradients.
 type Pair<S> = (Tensor<S>, Tensor<S>);
-/// A regulariser's weighted value and its gradient with respect to the latent samples.
-/// A penalty's value (left on the device) and its gradient with respect to the latent samples.
+/// A penalty's weighted value (left on the device) and its gradient with respect to the latent
+/// samples.
 type Penalty<S> = (Term<S>, Option<Tensor<S>>);
 /// Every encoder's activations of one forward.
 type Encoded<T, B> = Vec<EncoderActs<Buf<T, B>, <B as Backend<T>>::Csr>>;
@@ -1306,8 +1306,8 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             add_into(&b, &mut dzs_regularization, dzs)?;
         }
         let (jeffreys, dexperts) = self.jeffreys(&enc, &plan)?;
-        let (cycle_value, cycle) = self.cycle(&zs, &sample_cells, &batch, &plan, mode)?;
-        regularization.add_term(cycle_value);
+        let (cycle_term, cycle) = self.cycle(&zs, &sample_cells, &batch, &plan, mode)?;
+        regularization.add_term(cycle_term);
         regularization.add_term(jeffreys);
 
         // Heads: on the joint mean (a mixture's is the mean of its experts') and on the samples.
