@@ -68,6 +68,21 @@ struct ClassifierActs<S> {
     logits: DenseActs<S>,
 }
 
+/// A head's loss weighted: its gradient `d` scaled by `weight`, and weight × `loss` as a share
+/// left on the device (the same f64 product an immediate read gave).
+fn weighted<T: Real, B: Backend<T>>(
+    b: &B,
+    d: &mut Tensor<Buf<T, B>>,
+    loss: Buf<T, B>,
+    weight: f64,
+) -> Result<Share<Buf<T, B>>> {
+    b.scale(d.output(), T::of(weight))?;
+    Ok(Share {
+        values: loss,
+        reduce: Reduce::ScaledSum(weight),
+    })
+}
+
 fn linear(d_in: usize, d_out: usize) -> DenseSpec {
     DenseSpec {
         d_in,
@@ -163,11 +178,7 @@ impl Classifier {
             d.output(),
             Out::all(&mut loss),
         )?;
-        b.scale(d.output(), T::of(weight))?;
-        let share = Share {
-            values: loss,
-            reduce: Reduce::ScaledSum(weight),
-        };
+        let share = weighted(b, &mut d, loss, weight)?;
         Ok(((a, d), share))
     }
 
@@ -365,11 +376,9 @@ impl Heads {
                 );
                 let (mut d, mut loss) = (b.output_tensor(n, s.n_targets)?, b.output_buf(1)?);
                 b.masked_mse(a.output().input(), targets, d.output(), Out::all(&mut loss))?;
-                b.scale(d.output(), T::of(s.regression_weight))?;
-                terms.supervised.add(Share {
-                    values: loss,
-                    reduce: Reduce::ScaledSum(s.regression_weight),
-                });
+                terms
+                    .supervised
+                    .add(weighted(b, &mut d, loss, s.regression_weight)?);
                 acts.regression = Some((a, d));
             }
             if let Some(c) = &self.cox {
@@ -397,11 +406,9 @@ impl Heads {
                     d.output(),
                     Out::all(&mut loss),
                 )?;
-                b.scale(d.output(), T::of(s.cox_weight))?;
-                terms.supervised.add(Share {
-                    values: loss,
-                    reduce: Reduce::ScaledSum(s.cox_weight),
-                });
+                terms
+                    .supervised
+                    .add(weighted(b, &mut d, loss, s.cox_weight)?);
                 acts.cox = Some((a, d));
             }
             if s.contrastive_weight > 0.0 {
@@ -414,11 +421,9 @@ impl Heads {
                     d.output(),
                     Out::all(&mut loss),
                 )?;
-                b.scale(d.output(), T::of(s.contrastive_weight))?;
-                terms.regularization.add(Share {
-                    values: loss,
-                    reduce: Reduce::ScaledSum(s.contrastive_weight),
-                });
+                terms
+                    .regularization
+                    .add(weighted(b, &mut d, loss, s.contrastive_weight)?);
                 acts.contrastive = Some(d);
             }
         }
