@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <unistd.h>
 
 #include <algorithm>
@@ -196,10 +197,12 @@ std::map<std::string, Kernel>& kernels() {
 // ---- TESSERA_EMU_STATS: what the host queues on a stream between two synchronisations ----
 // With TESSERA_EMU_STATS naming a folder, each process writes emu-stats-<pid>.json there at
 // exit: every distinct interval of one stream between the host's synchronisations with it
-// (stream or event synchronize, a copy to pageable host memory, which CUDA completes before
-// returning; the context's synchronize ends every stream's), how often it occurred and what
-// was queued in it: kernel launches by name, GEMMs, all-reduces, copies, memsets, allocations;
-// and, under "totals", host work of no stream (looking a kernel up by name).
+// (stream synchronize, a copy to pageable host memory, which CUDA completes before returning,
+// and the context's synchronize end all that was queued; an event synchronize ends what was
+// queued before the event was recorded, and counts the launches queued after it, which the
+// device runs while the host reads), how often it occurred and what was queued in it: kernel
+// launches by name, GEMMs, all-reduces, copies, memsets, allocations; and, under "totals",
+// host work of no stream (looking a kernel up by name).
 // A training step is such an interval of the compute stream: how many launches and
 // synchronisations it costs does not depend on the device, so it is counted here, without one.
 namespace stats {
@@ -211,21 +214,73 @@ bool enabled() {
     return on;
 }
 
+// What a stream has queued since the host last waited for it, in order; `first` is the
+// position (counted over the stream's life) of ops[0], so that an event can mark where it was
+// recorded and a wait on it end the interval there, leaving what was queued after it open.
+struct Queue {
+    long first = 0;
+    std::vector<std::string> ops;
+};
+
 std::mutex lock;
-std::map<int, Work> open;                       // by stream id
+std::map<int, Queue> open;                      // by stream id
 std::map<std::pair<int, Work>, long> recorded;  // (stream id, work) -> times seen
 Work totals;                                    // host work of no stream, per process
 
 void note(int stream, const std::string& what) {
     if (!enabled()) { return; }
     std::lock_guard<std::mutex> hold(lock);
-    open[stream][what] += 1;
+    open[stream].ops.push_back(what);
 }
 
 void count(const std::string& what) {
     if (!enabled()) { return; }
     std::lock_guard<std::mutex> hold(lock);
     totals[what] += 1;
+}
+
+// Where the next op queued on `stream` will stand.
+long position(int stream) {
+    if (!enabled()) { return 0; }
+    std::lock_guard<std::mutex> hold(lock);
+    const Queue& q = open[stream];
+    return q.first + (long)q.ops.size();
+}
+
+// Ends `stream`'s interval at `at` (the host waited for what was queued before it). Launches
+// queued after it, which the device still had to run while the host read, are counted in the
+// interval as "queued behind the wait".
+void close_at(int stream, long at) {
+    auto it = open.find(stream);
+    if (it == open.end()) { return; }
+    Queue& q = it->second;
+    size_t k = (size_t)std::clamp(at - q.first, 0L, (long)q.ops.size());
+    Work work;
+    for (size_t i = 0; i < k; ++i) { work[q.ops[i]] += 1; }
+    long behind = 0;
+    for (size_t i = k; i < q.ops.size(); ++i) { behind += q.ops[i].rfind("launch ", 0) == 0; }
+    if (behind > 0 && !work.empty()) { work["queued behind the wait (launches)"] = behind; }
+    if (!work.empty()) { recorded[{stream, work}] += 1; }
+    q.ops.erase(q.ops.begin(), q.ops.begin() + (long)k);
+    q.first += (long)k;
+}
+
+void synchronised(int stream) {
+    if (!enabled()) { return; }
+    std::lock_guard<std::mutex> hold(lock);
+    close_at(stream, std::numeric_limits<long>::max());
+}
+
+void synchronised_at(int stream, long at) {
+    if (!enabled()) { return; }
+    std::lock_guard<std::mutex> hold(lock);
+    close_at(stream, at);
+}
+
+void synchronised_all() {
+    if (!enabled()) { return; }
+    std::lock_guard<std::mutex> hold(lock);
+    for (auto& entry : open) { close_at(entry.first, std::numeric_limits<long>::max()); }
 }
 
 void write_work(FILE* f, const Work& work) {
@@ -237,25 +292,6 @@ void write_work(FILE* f, const Work& work) {
     std::fprintf(f, "}");
 }
 
-void close(std::map<int, Work>::iterator it) {
-    if (!it->second.empty()) { recorded[{it->first, it->second}] += 1; }
-}
-
-void synchronised(int stream) {
-    if (!enabled()) { return; }
-    std::lock_guard<std::mutex> hold(lock);
-    auto it = open.find(stream);
-    if (it == open.end()) { return; }
-    close(it);
-    open.erase(it);
-}
-
-void synchronised_all() {
-    if (!enabled()) { return; }
-    std::lock_guard<std::mutex> hold(lock);
-    for (auto it = open.begin(); it != open.end(); ++it) { close(it); }
-    open.clear();
-}
 
 void write(FILE* f) {
     std::vector<std::pair<long, const std::pair<int, Work>*>> order;
@@ -323,6 +359,7 @@ int stream_id(CUhandle s) { return s ? static_cast<Stream*>(s)->id : 0; }
 void note_on(CUhandle s, const std::string& what) { stats::note(stream_id(s), what); }
 struct Event {
     int stream = 0;
+    long position = 0;  // the stream's ops queued before it (stats)
 };
 
 // Page-locked host ranges (cuMemHostAlloc, cuMemHostRegister): copies to or from them are
@@ -429,10 +466,17 @@ CUresult cuStreamQuery(CUhandle) { return SUCCESS; }
 CUresult cuStreamWaitEvent(CUhandle s, CUhandle, unsigned int) { note_on(s, "event wait"); return SUCCESS; }
 CUresult cuEventCreate(CUhandle* e, unsigned int) { *e = new Event; return SUCCESS; }
 CUresult cuEventRecord(CUhandle e, CUhandle s) {
-    static_cast<Event*>(e)->stream = stream_id(s);
+    Event* event = static_cast<Event*>(e);
+    event->stream = stream_id(s);
+    event->position = stats::position(event->stream);
     return SUCCESS;
 }
-CUresult cuEventSynchronize(CUhandle e) { stats::synchronised(static_cast<Event*>(e)->stream); return SUCCESS; }
+// The host waits for what was queued before the event, not for what came after it.
+CUresult cuEventSynchronize(CUhandle e) {
+    const Event* event = static_cast<Event*>(e);
+    stats::synchronised_at(event->stream, event->position);
+    return SUCCESS;
+}
 CUresult cuEventQuery(CUhandle) { return SUCCESS; }
 CUresult cuEventDestroy_v2(CUhandle e) { delete static_cast<Event*>(e); return SUCCESS; }
 CUresult cuEventElapsedTime(float* ms, CUhandle, CUhandle) { *ms = 0.0f; return SUCCESS; }

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::cuda_cache::{BufCache, CacheCounts, DeviceBuf};
+use crate::cuda_readback::{Readback, Readbacks};
 use crate::ops::linear::MatmulPrecision;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaStream, CudaView, CudaViewMut, DeviceRepr,
@@ -102,6 +103,8 @@ pub struct Gpu {
     cache: Arc<BufCache>,
     /// The copy stream and its buffers, made at the first staged upload.
     staging: std::sync::OnceLock<Arc<crate::cuda_staging::Staging>>,
+    /// Page-locked buffers for values read back without waiting.
+    readbacks: Readbacks,
     matmul: MatmulPrecision,
 }
 
@@ -147,6 +150,7 @@ impl Gpu {
         }
         let stream = ctx.default_stream();
         Ok(Gpu {
+            readbacks: Readbacks::new(&ctx),
             ctx,
             cache: BufCache::new(
                 Arc::clone(&stream),
@@ -330,6 +334,17 @@ impl Gpu {
     /// A buffer or a view back to the host.
     pub fn download(&self, device: &impl cudarc::driver::DevicePtr<f32>) -> Result<Vec<f32>> {
         self.stream.clone_dtoh(device).map_err(driver("download"))
+    }
+
+    /// Starts copying `x` to the host after what is queued now, without waiting:
+    /// [`Gpu::finish_download`] waits for it (and only for it).
+    pub fn start_download(&self, x: &View<'_>) -> Result<Readback> {
+        self.readbacks.start(&self.stream, x)
+    }
+
+    /// The values of [`Gpu::start_download`], once copied.
+    pub fn finish_download(&self, read: Readback) -> Result<Vec<f32>> {
+        self.readbacks.finish(read)
     }
 }
 

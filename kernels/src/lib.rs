@@ -10,6 +10,7 @@ mod background;
 pub mod cuda;
 pub mod cuda_cache;
 pub mod cuda_libs;
+pub mod cuda_readback;
 pub mod cuda_staging;
 pub mod gradcheck;
 pub mod ops;

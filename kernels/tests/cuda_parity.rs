@@ -911,11 +911,15 @@ fn optimiser<B: Backend<f32>>(b: &B) -> Vec<Output> {
             ..AdamW::default()
         };
         let (mut p, mut m, mut v) = (up(b, &inputs(n)), zeros(b, n), zeros(b, n));
-        for t in 1..=3u64 {
+        // Step 2 runs under a zero flag (applied), step 3 first under a set one (skipped on the
+        // device: nothing changes), then without.
+        for (t, skip) in [(1u64, None), (2, Some(0.0)), (3, Some(1.0)), (3, None)] {
+            let flag = skip.map(|f| up(b, &[f]));
             let g = up(
                 b,
                 &inputs(n).iter().map(|x| x * t as f32).collect::<Vec<_>>(),
             );
+            let before = [down(b, &p), down(b, &m), down(b, &v)];
             b.adamw_step(
                 &opt,
                 t,
@@ -923,8 +927,15 @@ fn optimiser<B: Backend<f32>>(b: &B) -> Vec<Output> {
                 In::all(&g),
                 Out::all(&mut m),
                 Out::all(&mut v),
+                flag.as_ref().map(In::all),
             )
             .unwrap();
+            let after = [down(b, &p), down(b, &m), down(b, &v)];
+            assert_eq!(
+                before == after,
+                skip == Some(1.0),
+                "step {t} under {skip:?}"
+            );
         }
         out.push(output(
             format!("adam(decoupled={decoupled}) params"),

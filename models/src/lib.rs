@@ -19,7 +19,9 @@ pub mod vae;
 pub use config::ConfigError;
 pub use modality::ENCODER_TRANSFORM;
 pub use pending::PendingLoss;
-pub use train::{Gradients, Optimizer, Plateau, ResidentData, TrainConfig, TrainError, Trainer};
+pub use train::{
+    Gradients, Optimizer, Overlapped, Plateau, ResidentData, TrainConfig, TrainError, Trainer,
+};
 pub use vae::{
     Categories, Dispersion, Joint, LikelihoodKind, LossTerms, ModalityConfig, ModalityCounts,
     ModalitySpec, Prior, Supervision, Survival, Vae, VaeBatch, VaeConfig,

@@ -271,14 +271,27 @@ impl<S: Storage> PendingLoss<S> {
         b: &B,
         extra: &[&S],
     ) -> Result<(LossTerms, Vec<Vec<T>>)> {
+        self.start_read(b, extra)?.finish(b)
+    }
+
+    /// Starts reading the terms and the values of `extra` in one transfer, without waiting:
+    /// [`ReadingLoss::finish`] waits for them.
+    pub fn start_read<T: Real, B: Backend<T, Buf = S>>(
+        self,
+        b: &B,
+        extra: &[&S],
+    ) -> Result<ReadingLoss<S, B::Download>> {
         let views: Vec<In<'_, S>> = self
             .on_device()
             .chain(extra.iter().copied())
             .map(In::all)
             .collect();
-        let mut host = b.download_together(&views)?;
-        let extra = host.split_off(host.len() - extra.len());
-        Ok((self.terms_from(&mut host.iter()), extra))
+        let download = b.start_download(&views)?;
+        Ok(ReadingLoss {
+            pending: self,
+            download,
+            extra: extra.len(),
+        })
     }
 
     /// The terms of many forwards (a validation pass), read in one transfer.
@@ -319,5 +332,25 @@ impl<S: Storage> PendingLoss<S> {
             loss: reconstruction + self.kl_weight * kl + regularization + supervised,
             cells: self.cells,
         }
+    }
+}
+
+/// A [`PendingLoss`] whose values are on their way to the host ([`PendingLoss::start_read`]).
+#[derive(Debug)]
+pub struct ReadingLoss<S, D> {
+    pending: PendingLoss<S>,
+    download: D,
+    extra: usize,
+}
+
+impl<S: Storage, D> ReadingLoss<S, D> {
+    /// The terms and the extra values, once they have arrived.
+    pub fn finish<T: Real, B: Backend<T, Buf = S, Download = D>>(
+        self,
+        b: &B,
+    ) -> Result<(LossTerms, Vec<Vec<T>>)> {
+        let mut host = b.finish_download(self.download)?;
+        let extra = host.split_off(host.len() - self.extra);
+        Ok((self.pending.terms_from(&mut host.iter()), extra))
     }
 }

@@ -1,7 +1,8 @@
 //! The optimisation loop's step: KL warm-up, Adam or AdamW, gradient clipping and NaN/Inf detection
 //! that names the step and the term. Epochs, data and validation live with the caller (the CLI
-//! on one node, the worker in a cluster), which hands minibatches to [`Trainer::step`] or, to
-//! all-reduce in between, to [`Trainer::gradients`] then [`Trainer::apply`].
+//! on one node, the worker in a cluster), which hands minibatches to [`Trainer::step`], or, to
+//! all-reduce in between, to [`Trainer::gradients`] then [`Trainer::apply`], or, to read each
+//! step while the next computes, to [`Trainer::part_terms`] then [`Overlapped::push`].
 
 use std::ops::Range;
 
@@ -11,7 +12,7 @@ use tessera_kernels::backend::{Backend, EngineError, In, Out};
 use tessera_kernels::ops::optim::AdamW;
 
 use crate::layers::Mode;
-use crate::pending::PendingLoss;
+use crate::pending::{PendingLoss, ReadingLoss};
 use crate::vae::{LossTerms, Vae, VaeBatch};
 
 /// Optimisation settings; defaults are scvi-tools' (Adam with L2 weight decay, lr 1e-3, eps 1e-2, weight decay
@@ -184,6 +185,10 @@ pub enum TrainError {
         term: &'static str,
         value: f64,
     },
+    #[error(
+        "step {step}: a gradient is NaN or infinite (the step was not applied); lower the learning rate, enable clip_norm, or check the input for NaN/Inf"
+    )]
+    NonFiniteGradient { step: u64 },
 }
 
 /// A step's loss terms and whether its gradients are all finite, read together.
@@ -351,16 +356,7 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
 
     /// An error naming the next step and the term if a loss term is NaN or infinite.
     pub fn check_terms(&self, terms: &LossTerms) -> Result<(), TrainError> {
-        let step = self.step + 1;
-        for (term, value) in [
-            ("reconstruction loss", terms.reconstruction),
-            ("KL divergence", terms.kl),
-        ] {
-            if !value.is_finite() {
-                return Err(TrainError::NonFinite { step, term, value });
-            }
-        }
-        Ok(())
+        check_terms_of(self.step + 1, terms)
     }
 
     /// Clips (if configured) and applies the gradients in `model.grads`: Adam or AdamW.
@@ -369,22 +365,26 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
     /// refuse NaN/Inf (on a GPU a second wait for the device per step, hence the flag).
     pub fn apply(&mut self, finite: Option<bool>) -> Result<(), TrainError> {
         let step = self.step + 1;
-        let every = 0..self.model.layout.len();
-        let ranges = self
-            .trainable
-            .as_deref()
-            .unwrap_or(std::slice::from_ref(&every));
+        let ranges = self.trained_ranges();
         let b = self.model.backend().clone();
         if finite != Some(true) || self.config.clip_norm.is_some() {
             check_and_clip(
                 &b,
                 &mut self.model.grads,
-                ranges,
+                &ranges,
                 self.config.clip_norm,
                 step,
             )?;
         }
-        for r in ranges {
+        self.update(None)
+    }
+
+    /// AdamW over the trainable ranges, skipped on the device where `skip` (one value) is not
+    /// 0; counts the step.
+    fn update(&mut self, skip: Option<&B::Buf>) -> Result<(), TrainError> {
+        let step = self.step + 1;
+        let b = self.model.backend().clone();
+        for r in self.trained_ranges() {
             b.adamw_step(
                 &self.opt,
                 step,
@@ -392,10 +392,19 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
                 In::part(&self.model.grads, r.clone()),
                 Out::part(&mut self.m, r.clone()),
                 Out::part(&mut self.v, r.clone()),
+                skip.map(In::all),
             )?;
         }
         self.step = step;
         Ok(())
+    }
+
+    /// The ranges of the parameters the optimiser changes.
+    fn trained_ranges(&self) -> Vec<Range<usize>> {
+        match &self.trainable {
+            Some(ranges) => ranges.clone(),
+            None => std::iter::once(0..self.model.layout.len()).collect(),
+        }
     }
 
     /// Validation loss terms of a batch (running statistics, no dropout, sampled latent), left
@@ -414,6 +423,110 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
                 step: 0,
             },
         )?)
+    }
+}
+
+/// An error naming `step` and the term if a loss term is NaN or infinite.
+fn check_terms_of(step: u64, terms: &LossTerms) -> Result<(), TrainError> {
+    for (term, value) in [
+        ("reconstruction loss", terms.reconstruction),
+        ("KL divergence", terms.kl),
+    ] {
+        if !value.is_finite() {
+            return Err(TrainError::NonFinite { step, term, value });
+        }
+    }
+    Ok(())
+}
+
+/// Steps applied one after another, each one's loss terms read while the next one computes:
+/// on a GPU the host then waits for a step's terms with the next step already queued, so the
+/// device never idles through the read (issue 24). Every step's terms come out once, in step
+/// order, one step late ([`Overlapped::push`], then [`Overlapped::finish`] for the last).
+///
+/// A step whose gradients are not all finite is skipped on the device (the flag is computed
+/// there and read with the terms); the host learns it one step later and stops with an error
+/// naming that step, before queuing any further update, so the parameters and Adam's moments
+/// are those of the step before it, as when the flag was read first. A step whose loss alone is
+/// not finite (its gradients finite) is applied before the error names it. With `clip_norm`
+/// the gradients' norm is needed on the host before the update, so each step is read before it
+/// is applied (its terms still come out one step late).
+#[derive(Debug)]
+pub struct Overlapped<T: Real, B: Backend<T>> {
+    queued: Option<Queued<T, B>>,
+}
+
+/// The last step pushed: its terms on their way, or already read.
+#[derive(Debug)]
+enum Queued<T: Real, B: Backend<T>> {
+    Reading {
+        step: u64,
+        reading: ReadingLoss<B::Buf, B::Download>,
+    },
+    Read(LossTerms),
+}
+
+impl<T: Real, B: Backend<T>> Default for Overlapped<T, B> {
+    fn default() -> Self {
+        Overlapped { queued: None }
+    }
+}
+
+impl<T: Real, B: Backend<T>> Overlapped<T, B> {
+    /// Queues the update of the step whose gradients are in the model and whose terms are
+    /// `pending` ([`Trainer::part_terms`]); returns the terms of the step pushed before it,
+    /// waiting for them while this one computes.
+    pub fn push(
+        &mut self,
+        trainer: &mut Trainer<T, B>,
+        pending: PendingLoss<B::Buf>,
+    ) -> Result<Option<LossTerms>, TrainError> {
+        if trainer.config.clip_norm.is_some() {
+            let g = trainer.read_terms(pending)?;
+            let before = self.finish(trainer)?;
+            trainer.apply(Some(g.finite))?;
+            self.queued = Some(Queued::Read(g.terms));
+            return Ok(before);
+        }
+        let b = trainer.model.backend().clone();
+        let mut flag = b.output_buf(1)?;
+        b.flag_non_finite(In::all(&trainer.model.grads), Out::all(&mut flag))?;
+        let reading = pending.start_read(&b, &[&flag])?;
+        // The step before is read before this one's update is queued: a failed step stops
+        // training with no later update applied.
+        let before = self.finish(trainer)?;
+        trainer.update(Some(&flag))?;
+        self.queued = Some(Queued::Reading {
+            step: trainer.step,
+            reading,
+        });
+        Ok(before)
+    }
+
+    /// The terms of the last step pushed (waiting for them), if not yet returned; an error
+    /// naming it if a term or a gradient was not finite (the step is then not counted).
+    pub fn finish(&mut self, trainer: &mut Trainer<T, B>) -> Result<Option<LossTerms>, TrainError> {
+        let (step, reading) = match self.queued.take() {
+            None => return Ok(None),
+            Some(Queued::Read(terms)) => return Ok(Some(terms)),
+            Some(Queued::Reading { step, reading }) => (step, reading),
+        };
+        let (terms, flag) = reading.finish(trainer.model.backend())?;
+        let finite = flag
+            .first()
+            .and_then(|f| f.first())
+            .is_some_and(|f| f.f64() == 0.0);
+        let gradients = if finite {
+            Ok(())
+        } else {
+            Err(TrainError::NonFiniteGradient { step })
+        };
+        let checked = check_terms_of(step, &terms).and(gradients);
+        if checked.is_err() {
+            // Not applied (gradients) or to be redone (loss): the step does not count.
+            trainer.step = step - 1;
+        }
+        checked.map(|()| Some(terms))
     }
 }
 

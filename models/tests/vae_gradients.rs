@@ -8,8 +8,8 @@ use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::layers::Mode;
 use tessera_models::{
     Categories, Dispersion, Joint, LikelihoodKind, LossTerms, ModalityConfig, ModalityCounts,
-    PendingLoss, Prior, Supervision, Survival, TrainConfig, TrainError, Trainer, Vae, VaeBatch,
-    VaeConfig,
+    Overlapped, PendingLoss, Prior, Supervision, Survival, TrainConfig, TrainError, Trainer, Vae,
+    VaeBatch, VaeConfig,
 };
 
 /// Counts for `n` cells x `g` genes with an all-zero cell, as CSR.
@@ -212,6 +212,34 @@ fn small_trainer(g: usize) -> Trainer<f64, Cpu> {
     Trainer::new(model, TrainConfig::default()).unwrap()
 }
 
+/// The batch the step tests train on: 4 cells x 5 genes of counts (an all-zero cell among
+/// them) and their covariates; [`small_trainer`] fits it.
+struct Small {
+    counts: (Vec<u64>, Vec<u32>, Vec<f64>),
+    cov: Vec<f64>,
+}
+
+impl Small {
+    const SHAPE: (usize, usize) = (4, 5);
+
+    fn new() -> Small {
+        let (n, g) = Self::SHAPE;
+        Small {
+            counts: counts(n, g, false),
+            cov: covariates(n),
+        }
+    }
+
+    fn rna(&self) -> [ModalityCounts<'_, f64>; 1] {
+        let (indptr, indices, data) = &self.counts;
+        rna(Self::SHAPE, indptr, indices, data)
+    }
+
+    fn trainer(&self) -> Trainer<f64, Cpu> {
+        small_trainer(Self::SHAPE.1)
+    }
+}
+
 /// One RNA modality of `n` cells x `g` genes, every cell measured.
 fn rna<'a>(
     (n, g): (usize, usize),
@@ -242,12 +270,23 @@ fn non_finite_input_stops_training_naming_the_step_and_term() {
     let before = trainer.model.values().clone();
     data[0] = f64::NAN;
     let modalities = rna((n, g), &indptr, &indices, &data);
-    match trainer.step(VaeBatch::new(&modalities, &cov), 0) {
+    let result = trainer.step(VaeBatch::new(&modalities, &cov), 0);
+    assert_step_two_refused(result.map(Some), &trainer, &before);
+}
+
+/// Step 2 refused for its NaN reconstruction loss, with no parameter changed since step 1 and
+/// the step not counted.
+fn assert_step_two_refused(
+    result: Result<Option<LossTerms>, TrainError>,
+    trainer: &Trainer<f64, Cpu>,
+    before: &[f64],
+) {
+    match result {
         Err(TrainError::NonFinite { step: 2, term, .. }) => assert_eq!(term, "reconstruction loss"),
         other => panic!("expected a non-finite error at step 2, got {other:?}"),
     }
     assert_eq!(
-        *trainer.model.values(),
+        trainer.model.values().as_slice(),
         before,
         "a failed step changes no parameter"
     );
@@ -259,12 +298,10 @@ fn non_finite_input_stops_training_naming_the_step_and_term() {
 /// measured and refused.
 #[test]
 fn gradients_flagged_finite_or_not_and_unknown_ones_are_still_refused() {
-    let (n, g) = (4, 5);
-    let (indptr, indices, data) = counts(n, g, false);
-    let cov = covariates(n);
-    let modalities = rna((n, g), &indptr, &indices, &data);
-    let batch = || VaeBatch::new(&modalities, &cov);
-    let mut trainer = small_trainer(g);
+    let small = Small::new();
+    let modalities = small.rna();
+    let batch = || VaeBatch::new(&modalities, &small.cov);
+    let mut trainer = small.trainer();
     let flagged = trainer.gradients(batch(), 0).unwrap();
     assert!(flagged.finite);
     trainer.apply(Some(flagged.finite)).unwrap();
@@ -295,16 +332,119 @@ fn gradients_flagged_finite_or_not_and_unknown_ones_are_still_refused() {
     assert!(!trainer.read_terms(pending).unwrap().finite);
 }
 
+/// Steps overlapped with their reads train the model, bit for bit, that steps read before
+/// they are applied train, and hand each step's terms over once, in order, one step late.
+#[test]
+fn overlapped_steps_are_the_steps_read_first_one_step_late() {
+    let small = Small::new();
+    let modalities = small.rna();
+    let batch = || VaeBatch::new(&modalities, &small.cov);
+    for clip_norm in [None, Some(1e-3)] {
+        let (mut read_first, mut overlapped) = (small.trainer(), small.trainer());
+        read_first.config.clip_norm = clip_norm;
+        overlapped.config.clip_norm = clip_norm;
+        let mut queue = Overlapped::default();
+        let mut expected = Vec::new();
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            expected.push(read_first.step(batch(), 1).unwrap());
+            let pending = overlapped.part_terms(batch(), Vec::new(), 1, 0).unwrap();
+            got.extend(queue.push(&mut overlapped, pending).unwrap());
+            assert_eq!(
+                got.len() + 1,
+                expected.len(),
+                "one step late ({clip_norm:?})"
+            );
+        }
+        got.extend(queue.finish(&mut overlapped).unwrap());
+        assert!(
+            queue.finish(&mut overlapped).unwrap().is_none(),
+            "handed over once"
+        );
+        assert_eq!(got.len(), 4);
+        for (a, b) in got.iter().zip(&expected) {
+            assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "{clip_norm:?}");
+            assert_eq!(a.kl.to_bits(), b.kl.to_bits(), "{clip_norm:?}");
+        }
+        assert_eq!(overlapped.step, 4);
+        assert_eq!(overlapped.model.values(), read_first.model.values());
+        assert_eq!(overlapped.model.state(), read_first.model.state());
+        assert_eq!(
+            (&overlapped.m, &overlapped.v),
+            (&read_first.m, &read_first.v)
+        );
+    }
+}
+
+/// An overlapped step whose gradients are not finite is skipped on the device; the next push
+/// names it and nothing after it is applied: the parameters and moments are the step before's.
+#[test]
+fn an_overlapped_step_with_a_nan_gradient_is_skipped_and_named_by_the_next_push() {
+    let small = Small::new();
+    let modalities = small.rna();
+    let batch = || VaeBatch::new(&modalities, &small.cov);
+    let mut trainer = small.trainer();
+    let mut queue = Overlapped::default();
+    let pending = trainer.part_terms(batch(), Vec::new(), 0, 0).unwrap();
+    assert!(queue.push(&mut trainer, pending).unwrap().is_none());
+    let pending = trainer.part_terms(batch(), Vec::new(), 0, 0).unwrap();
+    trainer.model.grads_mut()[3] = f64::NAN;
+    let first = queue.push(&mut trainer, pending).unwrap();
+    assert!(first.is_some_and(|t| t.loss.is_finite()), "step 1 read");
+    let after_one = (
+        trainer.model.values().clone(),
+        trainer.m.clone(),
+        trainer.v.clone(),
+    );
+    let pending = trainer.part_terms(batch(), Vec::new(), 0, 0).unwrap();
+    match queue.push(&mut trainer, pending) {
+        Err(TrainError::NonFiniteGradient { step: 2 }) => {}
+        other => panic!("expected step 2's gradient named, got {other:?}"),
+    }
+    assert_eq!(trainer.step, 1, "the skipped step does not count");
+    assert_eq!(
+        (
+            trainer.model.values().clone(),
+            trainer.m.clone(),
+            trainer.v.clone()
+        ),
+        after_one,
+        "the skipped step changed nothing, and no later step was applied"
+    );
+}
+
+/// A NaN in the input makes the loss NaN: the next push names the step and the term.
+#[test]
+fn an_overlapped_step_with_a_nan_input_is_named_with_its_term() {
+    let (n, g) = (4, 5);
+    let (indptr, indices, mut data) = counts(n, g, false);
+    let cov = covariates(n);
+    let mut trainer = small_trainer(g);
+    let mut queue = Overlapped::default();
+    let modalities = rna((n, g), &indptr, &indices, &data);
+    let pending = trainer
+        .part_terms(VaeBatch::new(&modalities, &cov), Vec::new(), 0, 0)
+        .unwrap();
+    assert!(queue.push(&mut trainer, pending).unwrap().is_none());
+    let before = trainer.model.values().clone();
+    data[0] = f64::NAN;
+    let modalities = rna((n, g), &indptr, &indices, &data);
+    let pending = trainer
+        .part_terms(VaeBatch::new(&modalities, &cov), Vec::new(), 0, 0)
+        .unwrap();
+    assert!(queue.push(&mut trainer, pending).unwrap().is_some());
+    // Its NaN gradients skipped it on the device.
+    assert_step_two_refused(queue.finish(&mut trainer), &trainer, &before);
+}
+
 /// With clipping the norm is computed anyway: the flag is not read, and the norm still refuses
 /// a NaN.
 #[test]
 fn with_clipping_the_norm_checks_the_gradients_instead_of_the_flag() {
-    let (n, g) = (4, 5);
-    let (indptr, indices, data) = counts(n, g, false);
-    let cov = covariates(n);
-    let modalities = rna((n, g), &indptr, &indices, &data);
-    let batch = || VaeBatch::new(&modalities, &cov);
-    let mut trainer = small_trainer(g);
+    let small = Small::new();
+    let modalities = small.rna();
+    let batch = || VaeBatch::new(&modalities, &small.cov);
+    let mut trainer = small.trainer();
     trainer.config.clip_norm = Some(1e-3);
     let first = trainer.gradients(batch(), 0).unwrap();
     assert!(!first.finite, "not read");

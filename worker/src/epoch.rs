@@ -180,7 +180,7 @@ impl<B: TrainBackend> Stepper<'_, B> {
     }
 
     /// The training steps of an epoch, their inputs from `steps`, until every part's stream
-    /// has ended on every rank or a rank asked to stop.
+    /// has ended on every rank or a rank asked to stop; the last step's terms read.
     fn steps<E: From<FitError>>(
         &mut self,
         epoch: usize,
@@ -234,20 +234,26 @@ impl<B: TrainBackend> Stepper<'_, B> {
                     })?)
                 },
             )?;
-            if let Some(terms) = stepped.terms {
-                done.sums.add(&terms);
-                on_step(&terms)?;
+            for terms in &stepped.terms {
+                done.sums.add(terms);
+                on_step(terms)?;
             }
             done.steps += 1;
             let step = self.trainer.step;
             self.place.hooks.step_done(epoch, step, done.my_cells);
             if stepped.stop {
                 done.stopped = Some(stop);
-                return Ok(());
+                break;
             }
             if !stepped.more {
-                return Ok(());
+                break;
             }
         }
+        // Read even after a stop request: the stopped step is checkpointed with its terms.
+        if let Some(terms) = self.reducer.finish(self.trainer)? {
+            done.sums.add(&terms);
+            on_step(&terms)?;
+        }
+        Ok(())
     }
 }

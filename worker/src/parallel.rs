@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use tessera_data::{Dataset, Epoch, MiniBatch};
 use tessera_kernels::backend::{In, Out, Storage};
-use tessera_models::{LossTerms, PendingLoss, Trainer};
+use tessera_models::{LossTerms, Overlapped, PendingLoss, Trainer};
 
 use crate::collective::{Collective, TrainBackend};
 use crate::records::{EpochRecord, FitError, StepTimes};
@@ -304,10 +304,12 @@ impl Sums {
     }
 }
 
-/// A step's result on every rank: the step's mean loss terms (None: no rank had cells),
-/// whether any rank has another batch this epoch, and whether any rank was asked to stop.
+/// A step's result on every rank: the mean loss terms of the steps read back with it, in
+/// step order (alone, a step's terms arrive with the next step, [`Overlapped`]; a step where no
+/// rank had cells has none), whether any rank has another batch this epoch, and whether any rank
+/// was asked to stop.
 pub(crate) struct Stepped {
-    pub terms: Option<LossTerms>,
+    pub terms: Vec<LossTerms>,
     pub more: bool,
     pub stop: bool,
 }
@@ -321,6 +323,8 @@ pub(crate) struct StepReducer<B: TrainBackend> {
     n_state: usize,
     start_state: B::Buf,
     flag: B::Buf,
+    /// Alone with one part: the steps' terms read while the next step computes.
+    overlapped: Overlapped<f32, B>,
 }
 
 const PARTS: usize = 0;
@@ -342,6 +346,7 @@ impl<B: TrainBackend> StepReducer<B> {
             n_state,
             start_state: device.zeros(n_state)?,
             flag: device.zeros(1)?,
+            overlapped: Overlapped::default(),
         })
     }
 
@@ -360,25 +365,28 @@ impl<B: TrainBackend> StepReducer<B> {
         mut gradients: impl FnMut(&mut Trainer<f32, B>, usize) -> Result<PendingLoss<B::Buf>, FitError>,
     ) -> Result<Stepped, FitError> {
         let started = Instant::now();
-        // Alone with one part: the model's own buffers, no copies.
+        // Alone with one part: the model's own buffers, no copies, the terms of the step
+        // before read while this one computes.
         if comm.world() == 1 && parts.len() <= 1 {
             let Some(&part) = parts.first() else {
                 return Ok(Stepped {
-                    terms: None,
+                    terms: Vec::new(),
                     more,
                     stop,
                 });
             };
             let pending = gradients(trainer, part)?;
-            let g = trainer.read_terms(pending)?;
-            trainer.apply(Some(g.finite))?;
+            let terms = self.overlapped.push(trainer, pending)?;
             times.compute += started.elapsed().as_secs_f64();
             return Ok(Stepped {
-                terms: Some(g.terms),
+                terms: terms.into_iter().collect(),
                 more,
                 stop,
             });
         }
+        // A step alone before this one (a part's stream ended before the others') is read
+        // first.
+        let mut landed: Vec<LossTerms> = self.finish(trainer)?.into_iter().collect();
         let pending = self.accumulate(trainer, parts, &mut gradients)?;
         let (p, s) = (self.n_params, self.n_state);
         let device = trainer.model.backend().clone();
@@ -419,7 +427,7 @@ impl<B: TrainBackend> StepReducer<B> {
                 Out::all(trainer.model.state_mut()),
             )?;
             return Ok(Stepped {
-                terms: None,
+                terms: landed,
                 more,
                 stop,
             });
@@ -437,11 +445,18 @@ impl<B: TrainBackend> StepReducer<B> {
         // Scaling by 1/cells keeps finite values finite and NaN or infinite ones not.
         trainer.apply(Some(tail[FLAG] == 0.0))?;
         times.compute += applying.elapsed().as_secs_f64();
+        landed.push(terms);
         Ok(Stepped {
-            terms: Some(terms),
+            terms: landed,
             more,
             stop,
         })
+    }
+
+    /// The terms of the last step taken alone, if not yet returned (waiting for them): at the
+    /// end of an epoch, or before a step that reduces.
+    pub fn finish(&mut self, trainer: &mut Trainer<f32, B>) -> Result<Option<LossTerms>, FitError> {
+        Ok(self.overlapped.finish(trainer)?)
     }
 
     /// This rank's parts, one after another, each from the step's BatchNorm statistics:
@@ -543,7 +558,9 @@ mod tests {
             )
             .unwrap();
         assert!(stepped.more && !stepped.stop);
-        let terms = stepped.terms.unwrap();
+        let [terms] = stepped.terms[..] else {
+            panic!("one step's terms, got {}", stepped.terms.len());
+        };
         assert_eq!(terms.cells, 5 + 8 + 11);
         assert!((terms.reconstruction - (8.0 + 22.0) / 24.0).abs() < 1e-6);
 

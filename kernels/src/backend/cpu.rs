@@ -122,6 +122,7 @@ impl<T: Gemm> Backend<T> for Cpu {
     type Csr = HostCsr<T>;
     type Staged = HostCsr<T>;
     type Resident = HostCsr<T>;
+    type Download = Vec<Vec<T>>;
 
     fn name(&self) -> String {
         "cpu".into()
@@ -141,6 +142,14 @@ impl<T: Gemm> Backend<T> for Cpu {
 
     fn download(&self, x: In<'_, Vec<T>>) -> Result<Vec<T>> {
         Ok(r(&x).to_vec())
+    }
+
+    fn start_download(&self, views: &[In<'_, Vec<T>>]) -> Result<Vec<Vec<T>>> {
+        Ok(views.iter().map(|x| r(x).to_vec()).collect())
+    }
+
+    fn finish_download(&self, started: Vec<Vec<T>>) -> Result<Vec<Vec<T>>> {
+        Ok(started)
     }
 
     fn zero(&self, y: Out<'_, Vec<T>>) -> Result<()> {
@@ -737,7 +746,14 @@ impl<T: Gemm> Backend<T> for Cpu {
         grads: In<'_, Vec<T>>,
         m: Out<'_, Vec<T>>,
         v: Out<'_, Vec<T>>,
+        skip: Option<In<'_, Vec<T>>>,
     ) -> Result<()> {
+        if let Some(flag) = skip {
+            assert_eq!(flag.len(), 1, "AdamW: one skip flag");
+            if r(&flag)[0] != T::zero() {
+                return Ok(());
+            }
+        }
         opt.step(t, w(params), r(&grads), w(m), w(v));
         Ok(())
     }

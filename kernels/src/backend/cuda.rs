@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::{Backend, In, Out, Result, Storage};
 use crate::cuda::{Gpu, View, ViewMut, driver};
 use crate::cuda_cache::DeviceBuf;
+use crate::cuda_readback::Readback;
 use crate::cuda_staging::StagedCsr;
 use crate::ops::elementwise::{self, Activation};
 use crate::ops::likelihood::{self, Likelihood};
@@ -28,6 +29,13 @@ pub enum Staged {
         indptr: Vec<u64>,
         transform: CountTransform,
     },
+}
+
+/// Views on their way to the host, copied together ([`Backend::start_download`]).
+#[derive(Debug)]
+pub struct Download {
+    read: Option<Readback>,
+    lengths: Vec<usize>,
 }
 
 /// One GPU as a [`Backend`] (f32).
@@ -74,6 +82,7 @@ impl Backend<f32> for Cuda {
     type Csr = DeviceCsr;
     type Staged = Staged;
     type Resident = ResidentCsr;
+    type Download = Download;
 
     fn name(&self) -> String {
         format!("cuda:{}", self.gpu.ordinal())
@@ -101,6 +110,46 @@ impl Backend<f32> for Cuda {
 
     fn download(&self, x: In<'_, DeviceBuf>) -> Result<Vec<f32>> {
         Ok(self.gpu.download(&v(&x))?)
+    }
+
+    fn start_download(&self, views: &[In<'_, DeviceBuf>]) -> Result<Download> {
+        let lengths: Vec<usize> = views.iter().map(In::len).collect();
+        let total: usize = lengths.iter().sum();
+        if total == 0 {
+            return Ok(Download {
+                read: None,
+                lengths,
+            });
+        }
+        // One copy, so one event and one wait, however many views.
+        let mut all = self.output_buf(total)?;
+        let mut start = 0;
+        for x in views {
+            let end = start + x.len();
+            self.copy(x.clone(), Out::part(&mut all, start..end))?;
+            start = end;
+        }
+        Ok(Download {
+            read: Some(self.gpu.start_download(&all.slice(..))?),
+            lengths,
+        })
+    }
+
+    fn finish_download(&self, started: Download) -> Result<Vec<Vec<f32>>> {
+        let all = match started.read {
+            Some(read) => self.gpu.finish_download(read)?,
+            None => Vec::new(),
+        };
+        let mut start = 0;
+        Ok(started
+            .lengths
+            .iter()
+            .map(|n| {
+                let part = all[start..start + n].to_vec();
+                start += n;
+                part
+            })
+            .collect())
     }
 
     fn zero(&self, y: Out<'_, DeviceBuf>) -> Result<()> {
@@ -830,6 +879,7 @@ impl Backend<f32> for Cuda {
         grads: In<'_, DeviceBuf>,
         m: Out<'_, DeviceBuf>,
         v_: Out<'_, DeviceBuf>,
+        skip: Option<In<'_, DeviceBuf>>,
     ) -> Result<()> {
         Ok(optim::gpu::adamw_step(
             &self.gpu,
@@ -839,6 +889,7 @@ impl Backend<f32> for Cuda {
             &v(&grads),
             &mut vm(m),
             &mut vm(v_),
+            skip.as_ref().map(v).as_ref(),
         )?)
     }
 

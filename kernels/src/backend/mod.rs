@@ -143,6 +143,8 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     type Staged: Send;
     /// A count matrix kept on the device for a whole run ([`Backend::resident_csr`]).
     type Resident: Send + Sync;
+    /// Values on their way to the host ([`Backend::start_download`]).
+    type Download: Send + std::fmt::Debug;
 
     /// "cpu" or "cuda:<ordinal>", for logs and benchmark tables.
     fn name(&self) -> String;
@@ -163,29 +165,16 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     /// The views' values, gathered into one buffer and downloaded once: a GPU waits for them
     /// once, not once per view.
     fn download_together(&self, views: &[In<'_, Self::Buf>]) -> Result<Vec<Vec<T>>> {
-        let total: usize = views.iter().map(|v| v.range.len()).sum();
-        if total == 0 {
-            return Ok(views.iter().map(|_| Vec::new()).collect());
-        }
-        let mut all = self.output_buf(total)?;
-        let mut start = 0;
-        for v in views {
-            let end = start + v.range.len();
-            self.copy(v.clone(), Out::part(&mut all, start..end))?;
-            start = end;
-        }
-        let host = self.download(In::all(&all))?;
-        let mut start = 0;
-        Ok(views
-            .iter()
-            .map(|v| {
-                let end = start + v.range.len();
-                let part = host[start..end].to_vec();
-                start = end;
-                part
-            })
-            .collect())
+        let started = self.start_download(views)?;
+        self.finish_download(started)
     }
+    /// Starts copying the views to the host together, after the ops queued so far, without
+    /// waiting for them: the host queues more work and waits in
+    /// [`Backend::finish_download`] only when it needs the values (a GPU then has that work
+    /// to run meanwhile). Where ops run synchronously the values are read at once.
+    fn start_download(&self, views: &[In<'_, Self::Buf>]) -> Result<Self::Download>;
+    /// The views of [`Backend::start_download`], each in its place.
+    fn finish_download(&self, started: Self::Download) -> Result<Vec<Vec<T>>>;
     /// Zeros into a view.
     fn zero(&self, y: Out<'_, Self::Buf>) -> Result<()>;
     /// `value` into every entry of a view (on a GPU a memset of its bits: nothing copied from
@@ -606,6 +595,9 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     ) -> Result<()>;
 
     /// `AdamW::step` (step `t` counts from 1).
+    /// AdamW's step; where `skip` (one value, e.g. [`Backend::flag_non_finite`]'s) is given
+    /// and not 0 nothing changes, decided on the device: the host need not read it first.
+    #[allow(clippy::too_many_arguments)] // the step's operands; bundling them would only rename them
     fn adamw_step(
         &self,
         opt: &AdamW,
@@ -614,6 +606,7 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
         grads: In<'_, Self::Buf>,
         m: Out<'_, Self::Buf>,
         v: Out<'_, Self::Buf>,
+        skip: Option<In<'_, Self::Buf>>,
     ) -> Result<()>;
     /// `ops::optim::grad_norm`: the global L2 norm, accumulated in f64 in a fixed order.
     fn grad_norm(&self, grads: In<'_, Self::Buf>) -> Result<f64>;

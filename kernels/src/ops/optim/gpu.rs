@@ -6,7 +6,9 @@ use cudarc::driver::PushKernelArg;
 use super::{AdamW, CUDA_SOURCE, GRAIN};
 use crate::cuda::{Gpu, Result, View, ViewMut, driver as failed, launch};
 
-/// As [`AdamW::step`], on the device.
+/// As [`AdamW::step`], on the device; nothing changes where `skip` (one value) is not 0,
+/// decided there.
+#[allow(clippy::too_many_arguments)] // the step's operands; bundling them would only rename them
 pub fn adamw_step(
     gpu: &Gpu,
     opt: &AdamW,
@@ -15,11 +17,13 @@ pub fn adamw_step(
     grads: &View<'_>,
     m: &mut ViewMut<'_>,
     v: &mut ViewMut<'_>,
+    skip: Option<&View<'_>>,
 ) -> Result<()> {
     assert!(
         params.len() == grads.len() && grads.len() == m.len() && m.len() == v.len(),
         "AdamW: arguments"
     );
+    assert!(skip.is_none_or(|s| s.len() == 1), "AdamW: one skip flag");
     let k = opt.at(t);
     let f = gpu.function("optim", CUDA_SOURCE, "adamw_step")?;
     let n = params.len() as u64;
@@ -45,6 +49,12 @@ pub fn adamw_step(
         .arg(&eps)
         .arg(&decay)
         .arg(&l2);
+    // A null pointer where there is no flag.
+    let none = 0u64;
+    match skip {
+        Some(flag) => b.arg(flag),
+        None => b.arg(&none),
+    };
     launch(b, n as usize, "adamw_step")
 }
 

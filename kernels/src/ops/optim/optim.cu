@@ -1,7 +1,10 @@
 // Fused Adam/AdamW step (l2 = 0 and decay < 1: AdamW; l2 = weight decay and decay = 1: Adam) and the sums of squares of the global gradient norm (f32), mirroring ops/optim/mod.rs.
 
+// skip: null, or a one-value flag (flag_non_finite's) that makes the step change nothing unless 0.
 extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float* v, unsigned long long n,
-        float beta1, float beta2, float step_size, float inv_correction2, float eps, float decay, float l2) {
+        float beta1, float beta2, float step_size, float inv_correction2, float eps, float decay, float l2,
+        const float* skip) {
+    if (skip != nullptr && skip[0] != 0.0f) { return; }
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
         float gi = g[i] + l2 * p[i];
         float mi = beta1 * m[i] + (1.0f - beta1) * gi;
