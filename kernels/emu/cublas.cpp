@@ -79,13 +79,16 @@ Status cublasSetWorkspace_v2(void*, void*, size_t) { return OK; }
 Status cublasSgemm_v2(void*, int ta, int tb, int m, int n, int k, const float* alpha, const float* a,
                       int lda, const float* b, int ldb, const float* beta, float* c, int ldc) {
     emu_note(stream, "gemm");
-    gemm(ta, tb, m, n, k, *alpha, a, lda, b, ldb, *beta, c, ldc, 23);
+    // Scalars read now (host pointer mode), the matrices when the stream runs it.
+    float al = *alpha, be = *beta;
+    emu_submit(stream, [=] { gemm(ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc, 23); });
     return OK;
 }
 Status cublasDgemm_v2(void*, int ta, int tb, int m, int n, int k, const double* alpha, const double* a,
                       int lda, const double* b, int ldb, const double* beta, double* c, int ldc) {
     emu_note(stream, "gemm");
-    gemm(ta, tb, m, n, k, *alpha, a, lda, b, ldb, *beta, c, ldc, 52);
+    double al = *alpha, be = *beta;
+    emu_submit(stream, [=] { gemm(ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc, 52); });
     return OK;
 }
 Status cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const void* alpha, const void* a, int at,
@@ -100,8 +103,10 @@ Status cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const void* alph
         default: return NOT_SUPPORTED;
     }
     emu_note(stream, "gemm");
-    gemm(ta, tb, m, n, k, *(const float*)alpha, (const float*)a, lda, (const float*)b, ldb,
-         *(const float*)beta, (float*)c, ldc, kept);
+    float al = *(const float*)alpha, be = *(const float*)beta;
+    emu_submit(stream, [=] {
+        gemm(ta, tb, m, n, k, al, (const float*)a, lda, (const float*)b, ldb, be, (float*)c, ldc, kept);
+    });
     return OK;
 }
 const char* cublasGetStatusString(Status) { return "emulated cuBLAS status"; }

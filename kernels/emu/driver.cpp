@@ -1,6 +1,7 @@
 // An emulated CUDA driver (libcuda.so) for machines without a GPU: the driver API calls cudarc
 // makes, answered on the CPU. "Device" memory is host memory; copies, memsets and kernels run
-// at once, in the caller's thread, so every stream is already in order and events are no-ops.
+// at once, in the caller's thread, so every stream is already in order, or, with
+// TESSERA_EMU_DEFER=1 (below), when the host or another stream waits for them.
 // cuModuleLoadData ignores the PTX (NVRTC still compiles every source) and
 // cuModuleGetFunction finds the kernel of that name compiled by g++ from the same .cu file
 // (kernels.gen.cpp, written by build.sh). See emu.h for what this does and does not check.
@@ -17,6 +18,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <map>
 #include <mutex>
 #include <string>
@@ -157,15 +160,21 @@ unsigned int lane_count() {
     return (unsigned)(n - first < 32 ? n - first : 32);
 }
 
-// Runs `kernel` over the grid; a message on failure.
-std::string launch(const Kernel& kernel, dim3 grid, dim3 threads, void** params) {
-    std::lock_guard<std::mutex> hold(launches);
+// Why the launch geometry is refused, or "".
+std::string refused(dim3 grid, dim3 threads) {
     size_t n = (size_t)threads.x * threads.y * threads.z;
     if (n == 0 || n > 1024) { return "block of " + std::to_string(n) + " threads"; }
     if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535) {
         return "grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
                std::to_string(grid.z) + ")";
     }
+    return "";
+}
+
+// Runs `kernel` over the grid (its geometry checked by `refused`); a message on failure.
+std::string launch(const Kernel& kernel, dim3 grid, dim3 threads, void** params) {
+    std::lock_guard<std::mutex> hold(launches);
+    size_t n = (size_t)threads.x * threads.y * threads.z;
     block_dim = threads;
     grid_dim = grid;
     if (block.fibers.size() < n) {
@@ -330,6 +339,81 @@ struct Report {
 }  // namespace
 }  // namespace stats
 
+// ---- TESSERA_EMU_DEFER=1: the device's work run late, as a GPU may run it ----
+// By default every copy, memset, launch and GEMM runs when it is queued, so the host always
+// sees the device's work done. Deferred, each stream's work waits in a queue until the host
+// waits for it (stream, event or context synchronize, a copy to pageable memory, which CUDA
+// completes before returning) or another stream waits for it (an event wait, run when the
+// waiting stream's queue reaches it), as late as a GPU could run it. A host that reads what
+// the device has not finished (a page-locked read back before its event), or rewrites
+// page-locked memory a queued copy still reads, or frees memory queued work still uses, then
+// reads or writes the wrong values here too: the parity and training tests see them.
+namespace defer {
+namespace {
+bool on() {
+    static const bool deferred = [] {
+        const char* v = std::getenv("TESSERA_EMU_DEFER");
+        return v != nullptr && std::strcmp(v, "1") == 0;
+    }();
+    return deferred;
+}
+
+struct Queue {
+    long ran = 0;  // ops of this stream run so far
+    std::vector<std::function<void()>> waiting;
+};
+
+std::mutex lock;     // the queues
+// One drain at a time, so that each stream's ops run in order; recursive: an event wait in one
+// stream's queue drains another's.
+std::recursive_mutex running;
+std::map<int, Queue> queues;
+
+// Where the next op queued on `stream` will stand (over the stream's life).
+long position(int stream) {
+    std::lock_guard<std::mutex> hold(lock);
+    Queue& q = queues[stream];
+    return q.ran + (long)q.waiting.size();
+}
+
+// Runs `stream`'s ops before position `upto`, in order.
+void drain(int stream, long upto) {
+    std::lock_guard<std::recursive_mutex> one(running);
+    for (;;) {
+        std::function<void()> op;
+        {
+            std::lock_guard<std::mutex> hold(lock);
+            Queue& q = queues[stream];
+            if (q.waiting.empty() || q.ran >= upto) { return; }
+            op = std::move(q.waiting.front());
+            q.waiting.erase(q.waiting.begin());
+            q.ran += 1;
+        }
+        op();
+    }
+}
+
+void drain_all() {
+    std::vector<int> streams;
+    {
+        std::lock_guard<std::mutex> hold(lock);
+        for (const auto& entry : queues) { streams.push_back(entry.first); }
+    }
+    for (int s : streams) { drain(s, std::numeric_limits<long>::max()); }
+}
+
+// Runs `op` in `stream`'s order: now, or queued.
+void submit(int stream, std::function<void()> op) {
+    if (!on()) {
+        op();
+        return;
+    }
+    std::lock_guard<std::mutex> hold(lock);
+    queues[stream].waiting.push_back(std::move(op));
+}
+}  // namespace
+}  // namespace defer
+
 // ---- The driver API, as cudarc calls it (CUDA 12.8 names) ----
 typedef int CUresult;
 typedef int CUdevice;
@@ -360,6 +444,7 @@ void note_on(CUhandle s, const std::string& what) { stats::note(stream_id(s), wh
 struct Event {
     int stream = 0;
     long position = 0;  // the stream's ops queued before it (stats)
+    long queued = 0;    // the same in the deferred queue
 };
 
 // Page-locked host ranges (cuMemHostAlloc, cuMemHostRegister): copies to or from them are
@@ -405,6 +490,12 @@ CUresult fail(CUresult r, const std::string& why) {
 extern "C" {
 // libcublas's and libnccl's calls, counted on the stream they were given (stream.h).
 void tessera_emu_note(CUhandle stream, const char* what) { note_on(stream, what); }
+// libcublas's GEMMs, run in the stream's order (stream.h).
+void tessera_emu_submit(CUhandle stream, void (*run)(void*), void* work) {
+    defer::submit(stream_id(stream), [run, work] { run(work); });
+}
+// Runs what the stream queued (before libnccl's all-reduce, which runs at once).
+void tessera_emu_drain(CUhandle stream) { defer::drain(stream_id(stream), std::numeric_limits<long>::max()); }
 
 CUresult cuInit(unsigned int) { return SUCCESS; }
 CUresult cuDriverGetVersion(int* v) { *v = 12080; return SUCCESS; }
@@ -445,7 +536,11 @@ CUresult cuDevicePrimaryCtxRetain(CUhandle* ctx, CUdevice) { *ctx = &context_tag
 CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return SUCCESS; }
 CUresult cuCtxSetCurrent(CUhandle ctx) { current_context = ctx; return SUCCESS; }
 CUresult cuCtxGetCurrent(CUhandle* ctx) { *ctx = current_context; return SUCCESS; }
-CUresult cuCtxSynchronize() { stats::synchronised_all(); return SUCCESS; }
+CUresult cuCtxSynchronize() {
+    defer::drain_all();
+    stats::synchronised_all();
+    return SUCCESS;
+}
 CUresult cuCtxGetStreamPriorityRange(int* least, int* greatest) {
     *least = 0;
     *greatest = 0;
@@ -457,34 +552,57 @@ CUresult cuMemPoolSetAttribute(CUhandle, int, void*) { return SUCCESS; }
 CUresult cuStreamCreate(CUhandle* s, unsigned int) { *s = new_stream(); return SUCCESS; }
 CUresult cuStreamCreateWithPriority(CUhandle* s, unsigned int, int) { *s = new_stream(); return SUCCESS; }
 CUresult cuStreamDestroy_v2(CUhandle s) {
+    defer::drain(stream_id(s), std::numeric_limits<long>::max());
     stats::synchronised(stream_id(s));
     delete static_cast<Stream*>(s);
     return SUCCESS;
 }
-CUresult cuStreamSynchronize(CUhandle s) { stats::synchronised(stream_id(s)); return SUCCESS; }
-CUresult cuStreamQuery(CUhandle) { return SUCCESS; }
-CUresult cuStreamWaitEvent(CUhandle s, CUhandle, unsigned int) { note_on(s, "event wait"); return SUCCESS; }
+CUresult cuStreamSynchronize(CUhandle s) {
+    defer::drain(stream_id(s), std::numeric_limits<long>::max());
+    stats::synchronised(stream_id(s));
+    return SUCCESS;
+}
+// Done by the time it answers: the queue is run first.
+CUresult cuStreamQuery(CUhandle s) {
+    defer::drain(stream_id(s), std::numeric_limits<long>::max());
+    return SUCCESS;
+}
+// The waiting stream's later work runs after what the event's stream queued before the event.
+CUresult cuStreamWaitEvent(CUhandle s, CUhandle e, unsigned int) {
+    note_on(s, "event wait");
+    const Event* event = static_cast<Event*>(e);
+    int other = event->stream;
+    long upto = event->queued;
+    defer::submit(stream_id(s), [other, upto] { defer::drain(other, upto); });
+    return SUCCESS;
+}
 CUresult cuEventCreate(CUhandle* e, unsigned int) { *e = new Event; return SUCCESS; }
 CUresult cuEventRecord(CUhandle e, CUhandle s) {
     Event* event = static_cast<Event*>(e);
     event->stream = stream_id(s);
     event->position = stats::position(event->stream);
+    event->queued = defer::position(event->stream);
     return SUCCESS;
 }
 // The host waits for what was queued before the event, not for what came after it.
 CUresult cuEventSynchronize(CUhandle e) {
     const Event* event = static_cast<Event*>(e);
+    defer::drain(event->stream, event->queued);
     stats::synchronised_at(event->stream, event->position);
     return SUCCESS;
 }
-CUresult cuEventQuery(CUhandle) { return SUCCESS; }
+CUresult cuEventQuery(CUhandle e) {
+    const Event* event = static_cast<Event*>(e);
+    defer::drain(event->stream, event->queued);
+    return SUCCESS;
+}
 CUresult cuEventDestroy_v2(CUhandle e) { delete static_cast<Event*>(e); return SUCCESS; }
 CUresult cuEventElapsedTime(float* ms, CUhandle, CUhandle) { *ms = 0.0f; return SUCCESS; }
 CUresult cuEventElapsedTime_v2(float* ms, CUhandle, CUhandle) { *ms = 0.0f; return SUCCESS; }
 typedef void (*HostFn)(void*);
 CUresult cuLaunchHostFunc(CUhandle s, HostFn f, void* data) {
     note_on(s, "host function");
-    f(data);
+    defer::submit(stream_id(s), [f, data] { f(data); });
     return SUCCESS;
 }
 
@@ -500,12 +618,16 @@ CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUhandle s) {
     return SUCCESS;
 }
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return cuMemAllocAsync(p, bytes, nullptr); }
+// Freed in stream order: queued work may still use it.
 CUresult cuMemFreeAsync(CUdeviceptr p, CUhandle s) {
     note_on(s, "free");
-    std::free((void*)p);
+    defer::submit(stream_id(s), [p] { std::free((void*)p); });
     return SUCCESS;
 }
-CUresult cuMemFree_v2(CUdeviceptr p) { return cuMemFreeAsync(p, nullptr); }
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    defer::drain_all();
+    return cuMemFreeAsync(p, nullptr);
+}
 CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned int) {
     note_on(nullptr, "pinned alloc");
     *p = std::malloc(bytes ? bytes : 1);
@@ -513,54 +635,91 @@ CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned int) {
     pin(*p, bytes);
     return SUCCESS;
 }
+// Waits for the device, as CUDA's does: a queued copy may still use the memory.
 CUresult cuMemFreeHost(void* p) {
+    defer::drain_all();
     unpin(p);
     std::free(p);
     return SUCCESS;
 }
 CUresult cuMemHostRegister_v2(void* p, size_t bytes, unsigned int) { pin(p, bytes); return SUCCESS; }
-CUresult cuMemHostUnregister(void* p) { unpin(p); return SUCCESS; }
-
-// From pageable memory CUDA stages the copy first and may wait for the stream.
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, CUhandle s) {
-    note_on(s, is_pinned(h, n) ? "upload" : "upload from pageable memory");
-    std::memcpy((void*)d, h, n);
+CUresult cuMemHostUnregister(void* p) {
+    defer::drain_all();
+    unpin(p);
     return SUCCESS;
 }
-CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) { return cuMemcpyHtoDAsync_v2(d, h, n, nullptr); }
+
+// From pageable memory CUDA stages the copy first and may wait for the stream.
+// From page-locked memory the device reads the host's bytes when it runs the copy; pageable
+// bytes are staged by the call.
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, CUhandle s) {
+    bool pinned_source = is_pinned(h, n);
+    note_on(s, pinned_source ? "upload" : "upload from pageable memory");
+    if (pinned_source) {
+        defer::submit(stream_id(s), [d, h, n] { std::memcpy((void*)d, h, n); });
+    } else {
+        auto staged = std::make_shared<std::vector<char>>((const char*)h, (const char*)h + n);
+        defer::submit(stream_id(s), [d, staged] { std::memcpy((void*)d, staged->data(), staged->size()); });
+    }
+    return SUCCESS;
+}
+CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) {
+    defer::drain_all();
+    cuMemcpyHtoDAsync_v2(d, h, n, nullptr);
+    defer::drain_all();
+    return SUCCESS;
+}
 // Into pageable memory the copy completes before the call returns: the host waits for the
 // stream.
 CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, CUhandle s) {
     bool waits = !is_pinned(h, n);
     note_on(s, waits ? "download to pageable memory" : "download");
-    std::memcpy(h, (const void*)d, n);
-    if (waits) { stats::synchronised(stream_id(s)); }
+    defer::submit(stream_id(s), [h, d, n] { std::memcpy(h, (const void*)d, n); });
+    if (waits) {
+        defer::drain(stream_id(s), std::numeric_limits<long>::max());
+        stats::synchronised(stream_id(s));
+    }
     return SUCCESS;
 }
 CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) {
     note_on(nullptr, "blocking download");
+    defer::drain_all();
     std::memcpy(h, (const void*)d, n);
     stats::synchronised_all();
     return SUCCESS;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr src, size_t n, CUhandle s) {
     note_on(s, "device copy");
-    std::memmove((void*)d, (const void*)src, n);
+    defer::submit(stream_id(s), [d, src, n] { std::memmove((void*)d, (const void*)src, n); });
     return SUCCESS;
 }
-CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { return cuMemcpyDtoDAsync_v2(d, s, n, nullptr); }
+CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
+    cuMemcpyDtoDAsync_v2(d, s, n, nullptr);
+    defer::drain_all();
+    return SUCCESS;
+}
 CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUhandle s) {
     note_on(s, "memset");
-    std::memset((void*)d, v, n);
+    defer::submit(stream_id(s), [d, v, n] { std::memset((void*)d, v, n); });
     return SUCCESS;
 }
-CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { return cuMemsetD8Async(d, v, n, nullptr); }
+CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
+    cuMemsetD8Async(d, v, n, nullptr);
+    defer::drain_all();
+    return SUCCESS;
+}
 CUresult cuMemsetD32Async(CUdeviceptr d, unsigned int v, size_t n, CUhandle s) {
     note_on(s, "memset");
-    for (size_t i = 0; i < n; ++i) { ((unsigned int*)d)[i] = v; }
+    defer::submit(stream_id(s), [d, v, n] {
+        for (size_t i = 0; i < n; ++i) { ((unsigned int*)d)[i] = v; }
+    });
     return SUCCESS;
 }
-CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned int v, size_t n) { return cuMemsetD32Async(d, v, n, nullptr); }
+CUresult cuMemsetD32_v2(CUdeviceptr d, unsigned int v, size_t n) {
+    cuMemsetD32Async(d, v, n, nullptr);
+    defer::drain_all();
+    return SUCCESS;
+}
 
 // A module is the set of every kernel built in; its handle is only a tag.
 CUresult cuModuleLoadData(CUhandle* m, const void*) { *m = &emu::kernels(); return SUCCESS; }
@@ -582,8 +741,25 @@ CUresult cuLaunchKernel(CUhandle f, unsigned int gx, unsigned int gy, unsigned i
     }
     const emu::Kernel& k = *static_cast<const emu::Kernel*>(f);
     note_on(s, std::string("launch ") + k.name);
-    std::string failed = emu::launch(k, dim3{gx, gy, gz}, dim3{bx, by, bz}, params);
-    if (!failed.empty()) { return fail(LAUNCH_FAILED, std::string(k.name) + ": " + failed); }
+    dim3 grid{gx, gy, gz}, threads{bx, by, bz};
+    std::string refused = emu::refused(grid, threads);
+    if (!refused.empty()) { return fail(LAUNCH_FAILED, std::string(k.name) + ": " + refused); }
+    if (!defer::on()) {
+        std::string failed = emu::launch(k, grid, threads, params);
+        if (!failed.empty()) { return fail(LAUNCH_FAILED, std::string(k.name) + ": " + failed); }
+        return SUCCESS;
+    }
+    // The arguments copied now: the caller's may be gone when the queue runs it.
+    std::shared_ptr<emu::Bound> bound(k.bind(params));
+    const emu::Kernel* kernel = &k;
+    defer::submit(stream_id(s), [kernel, grid, threads, bound] {
+        std::string failed = emu::launch(*kernel, grid, threads, bound->params());
+        if (!failed.empty()) {
+            // Found late, with no call to return it from: a deadlocked kernel is a bug.
+            std::fprintf(stderr, "tessera CUDA emulator: %s: %s\n", kernel->name, failed.c_str());
+            std::abort();
+        }
+    });
     return SUCCESS;
 }
 

@@ -131,6 +131,8 @@ Status ncclAllReduce(const void* send, void* recv, size_t count, int type, int o
                      void* stream) {
     if (op != SUM) { return INVALID_USAGE; }
     emu_note(stream, "all-reduce");
+    // Between processes, so at once: after what the stream queued before it.
+    emu_drain(stream);
     switch (type) {
         case FLOAT32: return all_reduce(c, (const float*)send, (float*)recv, count);
         case FLOAT64: return all_reduce(c, (const double*)send, (double*)recv, count);

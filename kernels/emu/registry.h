@@ -4,16 +4,43 @@
 #include <cstddef>
 #include <map>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
 namespace emu {
+// A launch's arguments copied out of cuLaunchKernel's array, for a launch run later
+// (TESSERA_EMU_DEFER): the caller's values may be gone by then, as on a GPU.
+struct Bound {
+    virtual ~Bound() = default;
+    virtual void** params() = 0;
+};
+
 struct Kernel {
     const char* name;
     void (*run)(void** params);
     // Reaches a barrier (kernels.py): its threads run as fibers, else as plain calls.
     bool waits;
+    Bound* (*bind)(void** params);
 };
+
+template <typename T>
+using Value = std::remove_cv_t<std::remove_reference_t<T>>;
+
+template <typename... A>
+struct BoundArgs : Bound {
+    std::tuple<Value<A>...> values;
+    void* pointers[sizeof...(A) + 1];
+    explicit BoundArgs(std::tuple<Value<A>...> v) : values(std::move(v)) {}
+    void** params() override { return pointers; }
+};
+
+template <typename... A, std::size_t... I>
+Bound* bind_args(void** p, std::index_sequence<I...>) {
+    auto* b = new BoundArgs<A...>(std::make_tuple(*static_cast<Value<A>*>(p[I])...));
+    ((b->pointers[I] = &std::get<I>(b->values)), ...);
+    return b;
+}
 std::map<std::string, Kernel>& kernels();
 
 template <typename... A, std::size_t... I>
@@ -26,14 +53,16 @@ struct Registered;
 template <typename... A, void (*F)(A...)>
 struct Registered<F> {
     static void run(void** p) { invoke(F, p, std::index_sequence_for<A...>{}); }
+    static Bound* bind(void** p) { return bind_args<A...>(p, std::index_sequence_for<A...>{}); }
 };
 
 struct Register {
-    Register(const char* name, void (*run)(void**), bool waits) {
-        kernels()[name] = Kernel{name, run, waits};
+    Register(const char* name, void (*run)(void**), bool waits, Bound* (*bind)(void**)) {
+        kernels()[name] = Kernel{name, run, waits, bind};
     }
 };
 }  // namespace emu
 
-#define EMU_KERNEL(name, waits) \
-    static emu::Register emu_registered_##name(#name, &emu::Registered<&name>::run, waits);
+#define EMU_KERNEL(name, waits)                                                             \
+    static emu::Register emu_registered_##name(#name, &emu::Registered<&name>::run, waits, \
+                                               &emu::Registered<&name>::bind);

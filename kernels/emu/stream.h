@@ -4,12 +4,44 @@
 #pragma once
 #include <dlfcn.h>
 
+#include <utility>
+
+// A function of the driver this process has loaded, or null.
+inline void* emu_driver_symbol(const char* name) {
+    void* driver = dlopen("libcuda.so", RTLD_NOLOAD | RTLD_LAZY);
+    return driver ? dlsym(driver, name) : nullptr;
+}
+
 // Counts `what` against `stream` (a handle the driver made; null: the default stream).
 inline void emu_note(void* stream, const char* what) {
     using Note = void (*)(void*, const char*);
-    static const Note note = [] {
-        void* driver = dlopen("libcuda.so", RTLD_NOLOAD | RTLD_LAZY);
-        return driver ? reinterpret_cast<Note>(dlsym(driver, "tessera_emu_note")) : nullptr;
-    }();
+    static const Note note = reinterpret_cast<Note>(emu_driver_symbol("tessera_emu_note"));
     if (note != nullptr) { note(stream, what); }
+}
+
+// Runs `work` in `stream`'s order: at once, or when the stream's queue reaches it where the
+// driver defers the device's work (TESSERA_EMU_DEFER).
+template <typename F>
+void emu_submit(void* stream, F work) {
+    using Submit = void (*)(void*, void (*)(void*), void*);
+    static const Submit submit = reinterpret_cast<Submit>(emu_driver_symbol("tessera_emu_submit"));
+    auto* heap = new F(std::move(work));
+    auto run = [](void* w) {
+        F* f = static_cast<F*>(w);
+        (*f)();
+        delete f;
+    };
+    if (submit == nullptr) {
+        run(heap);
+    } else {
+        submit(stream, run, heap);
+    }
+}
+
+// Runs what `stream` has queued (before a call that runs at once, such as an all-reduce
+// between processes).
+inline void emu_drain(void* stream) {
+    using Drain = void (*)(void*);
+    static const Drain drain = reinterpret_cast<Drain>(emu_driver_symbol("tessera_emu_drain"));
+    if (drain != nullptr) { drain(stream); }
 }

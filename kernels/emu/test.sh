@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The CUDA side of the tests on the CPU, under the emulated driver (kernels/emu): the unit tests
 # of kernels, the kernel and whole-model parity tests and NCCL's with the kernels
-# under AddressSanitizer, then `train --device cuda` (one GPU, and two workers over NCCL)
-# against the CPU (cli/tests/emulated_cuda.rs). NVRTC must be on
+# under AddressSanitizer and the device's work deferred (TESSERA_EMU_DEFER=1: run when the host
+# or another stream waits for it, as late as a GPU may run it), then `train --device cuda` (one
+# GPU, and two workers over NCCL) against the CPU (cli/tests/emulated_cuda.rs), with the work run
+# at once and then deferred: the two extremes of when a GPU runs what the host queued. NVRTC must be on
 # LD_LIBRARY_PATH (as .ci/run sets it). Extra arguments go to cargo (CI: --all-features --locked).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,11 +30,14 @@ cargo_args=("$@")
 tests=$(binaries --lib --test cuda_parity --test nccl)
 asan=$(${CXX:-g++} -print-file-name=libasan.so)
 for test in $tests; do
-  echo "== $(basename "$test") on the emulated driver, kernels under AddressSanitizer"
+  echo "== $(basename "$test") on the emulated driver, deferred, kernels under AddressSanitizer"
   # TESSERA_CUDA_POISON: a reused buffer reads NaN, as fresh emulated memory does (an op
   # reading what it did not write fails parity instead of reading an earlier step's values).
-  TESSERA_CUDA_POISON=1 LD_PRELOAD="$asan" ASAN_OPTIONS=detect_leaks=0 \
+  TESSERA_EMU_DEFER=1 TESSERA_CUDA_POISON=1 LD_PRELOAD="$asan" ASAN_OPTIONS=detect_leaks=0 \
     LD_LIBRARY_PATH="$PWD/target/cuda-emu-asan:$LD_LIBRARY_PATH" "$test" --show-output
 done
-TESSERA_CUDA_EMULATOR="$PWD/target/cuda-emu" \
-  cargo test "${cargo_args[@]}" --workspace --test emulated_cuda -- --show-output
+for defer in 0 1; do
+  echo "== emulated_cuda, TESSERA_EMU_DEFER=$defer"
+  TESSERA_EMU_DEFER=$defer TESSERA_CUDA_EMULATOR="$PWD/target/cuda-emu" \
+    cargo test "${cargo_args[@]}" --workspace --test emulated_cuda -- --show-output
+done

@@ -304,7 +304,31 @@ fn elementwise<B: Backend<f32>>(b: &B) -> Vec<Output> {
             ));
         }
     }
+    out.extend(reads_in_flight(b));
     out
+}
+
+/// Read backs started, then more work queued on what they read: each returns the values queued
+/// before it, whatever order they are finished in (the device may run them late; the host waits
+/// for each alone).
+fn reads_in_flight<B: Backend<f32>>(b: &B) -> Vec<Output> {
+    let n = 1000;
+    let (mut x, mut y) = (up(b, &inputs(n)), up(b, &inputs(n + 7)));
+    let first = b
+        .start_download(&[In::part(&x, 1..n), In::all(&y)])
+        .unwrap();
+    b.fill(Out::all(&mut x), 7.0).unwrap();
+    let second = b.start_download(&[In::all(&x)]).unwrap();
+    b.fill(Out::all(&mut y), -1.0).unwrap();
+    b.fill(Out::all(&mut x), 3.0).unwrap();
+    let second = b.finish_download(second).unwrap();
+    let first = b.finish_download(first).unwrap();
+    assert_eq!(first, [inputs(n)[1..].to_vec(), inputs(n + 7)]);
+    assert_eq!(second, [vec![7.0; n]]);
+    assert_eq!(down(b, &x), vec![3.0; n]);
+    let mut values = first.concat();
+    values.extend(second.concat());
+    vec![output("reads in flight", values, 0.0, 0.0)]
 }
 
 #[test]
