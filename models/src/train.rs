@@ -346,12 +346,21 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
                 finite: false,
             });
         }
-        let mut flag = b.output_buf(1)?;
-        b.flag_non_finite(In::all(&self.model.grads), Out::all(&mut flag))?;
+        let flag = self.gradient_flag()?;
         let (terms, flag) = pending.resolve_with(b, &[&flag])?;
         self.check_terms(&terms)?;
-        let finite = flag.concat().first().is_some_and(|f| f.f64() == 0.0);
-        Ok(Gradients { terms, finite })
+        Ok(Gradients {
+            terms,
+            finite: read_finite(&flag),
+        })
+    }
+
+    /// [`Backend::flag_non_finite`] of the gradients now in the model, left on the device.
+    fn gradient_flag(&self) -> Result<B::Buf, TrainError> {
+        let b = self.model.backend();
+        let mut flag = b.output_buf(1)?;
+        b.flag_non_finite(In::all(&self.model.grads), Out::all(&mut flag))?;
+        Ok(flag)
     }
 
     /// An error naming the next step and the term if a loss term is NaN or infinite.
@@ -426,6 +435,12 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
     }
 }
 
+/// Whether a [`Trainer::gradient_flag`] read back (the only extra value of its read) says
+/// every gradient is finite.
+fn read_finite<T: Real>(flag: &[Vec<T>]) -> bool {
+    flag.concat().first().is_some_and(|f| f.f64() == 0.0)
+}
+
 /// An error naming `step` and the term if a loss term is NaN or infinite.
 fn check_terms_of(step: u64, terms: &LossTerms) -> Result<(), TrainError> {
     for (term, value) in [
@@ -488,10 +503,8 @@ impl<T: Real, B: Backend<T>> Overlapped<T, B> {
             self.queued = Some(Queued::Read(g.terms));
             return Ok(before);
         }
-        let b = trainer.model.backend().clone();
-        let mut flag = b.output_buf(1)?;
-        b.flag_non_finite(In::all(&trainer.model.grads), Out::all(&mut flag))?;
-        let reading = pending.start_read(&b, &[&flag])?;
+        let flag = trainer.gradient_flag()?;
+        let reading = pending.start_read(trainer.model.backend(), &[&flag])?;
         // The step before is read before this one's update is queued: a failed step stops
         // training with no later update applied.
         let before = self.finish(trainer)?;
@@ -512,11 +525,7 @@ impl<T: Real, B: Backend<T>> Overlapped<T, B> {
             Some(Queued::Reading { step, reading }) => (step, reading),
         };
         let (terms, flag) = reading.finish(trainer.model.backend())?;
-        let finite = flag
-            .first()
-            .and_then(|f| f.first())
-            .is_some_and(|f| f.f64() == 0.0);
-        let gradients = if finite {
+        let gradients = if read_finite(&flag) {
             Ok(())
         } else {
             Err(TrainError::NonFiniteGradient { step })

@@ -594,9 +594,9 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
         grads: [Out<'_, Self::Buf>; 4],
     ) -> Result<()>;
 
-    /// `AdamW::step` (step `t` counts from 1).
-    /// AdamW's step; where `skip` (one value, e.g. [`Backend::flag_non_finite`]'s) is given
-    /// and not 0 nothing changes, decided on the device: the host need not read it first.
+    /// `AdamW::step` (step `t` counts from 1); where `skip` (one value, e.g.
+    /// [`Backend::flag_non_finite`]'s) is given and not 0 nothing changes, decided on the
+    /// device: the host need not read it first.
     #[allow(clippy::too_many_arguments)] // the step's operands; bundling them would only rename them
     fn adamw_step(
         &self,
