@@ -142,7 +142,7 @@ step() { # name, args...
     # On a GPU: how many of the steps' device buffers the driver allocated (kernels/src/cuda_cache.rs).
     local buffers
     buffers=$(grep -m1 -o '[0-9]* reused, [0-9]* allocated' "$log" || true)
-    row "$name" ok "$(grep -m1 'cells/s' "$log" | sed 's/^ *//'); $(grep -m1 -o '[0-9]* staged cells/s' "$log"), $(grep -m1 -o '[0-9]* resident cells/s' "$log")${buffers:+; buffers $buffers}"
+    row "$name" ok "$(grep -m1 'cells/s' "$log" | sed 's/^ *//'); $(grep -m1 -o '[0-9]* staged cells/s' "$log"), $(grep -m1 -o '[0-9]* resident cells/s' "$log"), $(grep -m1 -o 'queues a resident step.*' "$log")${buffers:+; buffers $buffers}"
   else
     row "$name" FAIL "$(tail -1 "$log")"
   fi

@@ -698,12 +698,12 @@ fn step<B: Backend<f32>>(backend: B, shape: StepShape, config: Option<&Path>) ->
     // rows, reversed).
     let counts = modalities[0].counts;
     let transform = tessera_models::ENCODER_TRANSFORM;
-    let (staged_seconds, _) = staged_steps(&mut trainer, as_batch, per_round, |b| {
+    let (staged_seconds, _, _) = staged_steps(&mut trainer, as_batch, per_round, |b| {
         b.stage_csr(counts, transform)
     })?;
     let resident = std::sync::Arc::new(b.resident_csr(counts)?);
     let rows: Vec<usize> = (0..batch).rev().collect();
-    let (resident_seconds, _) = staged_steps(&mut trainer, as_batch, per_round, |b| {
+    let (resident_seconds, _, queueing) = staged_steps(&mut trainer, as_batch, per_round, |b| {
         b.stage_rows(&resident, &rows, transform)
     })?;
     // Dense GEMMs of one step (forward, input and weight gradients): encoder hidden→latent
@@ -739,34 +739,46 @@ fn step<B: Backend<f32>>(backend: B, shape: StepShape, config: Option<&Path>) ->
         resident_seconds * 1e3,
         batch as f64 / resident_seconds
     );
+    // Close to the step's time on a GPU, the host bounds the step (what a CUDA graph of the
+    // step would take off it).
+    say!(
+        "  the host queues a resident step's forward and backward in {:.0} us (mean), {:.0}% of its time",
+        queueing * 1e6,
+        100.0 * queueing / resident_seconds
+    );
     Ok(())
 }
 
 /// [`step_seconds`] of steps whose counts `stage` starts on another thread, one or two steps
-/// ahead, each step's terms read while the next one computes: as the training loop runs them.
+/// ahead, each step's terms read while the next one computes: as the training loop runs them;
+/// and the mean seconds the host took to queue a step's forward and backward.
 fn staged_steps<'a, B: Backend<f32>>(
     trainer: &mut tessera_models::Trainer<f32, B>,
     as_batch: impl Fn() -> tessera_models::VaeBatch<'a, f32> + Send,
     per_round: usize,
     stage: impl Fn(&B) -> std::result::Result<B::Staged, tessera_kernels::backend::EngineError> + Send,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, f64)> {
     let b = trainer.model.backend().clone();
     let mut queue = tessera_models::Overlapped::default();
+    let (mut queueing, mut queued) = (0.0, 0u32);
     let timed = std::thread::scope(|s| {
         let (send, staged) = std::sync::mpsc::sync_channel(1);
         let stager = b.clone();
         s.spawn(move || while send.send(stage(&stager)).is_ok() {});
         let (device, trainer, queue) = (&b, &mut *trainer, &mut queue);
+        let (queueing, queued) = (&mut queueing, &mut queued);
         // The receiver moves to the pool thread that steps.
         step_seconds(&b, per_round, move || {
             let csr = device.staged_csr(staged.recv()??)?;
+            let started = Instant::now();
             let pending = trainer.part_terms(as_batch(), vec![Some(csr)], 10, 0)?;
+            (*queueing, *queued) = (*queueing + started.elapsed().as_secs_f64(), *queued + 1);
             queue.push(trainer, pending)?;
             Ok(())
         })
     })?;
     queue.finish(trainer)?;
-    Ok(timed)
+    Ok((timed.0, timed.1, queueing / f64::from(queued.max(1))))
 }
 
 /// Seconds per step, median and fastest of five timed rounds of `per_round` steps (this

@@ -190,7 +190,8 @@ fn the_device_check_script_runs_its_cpu_fallback_to_a_passing_table() {
     assert!(
         row("step Census size").contains("cells/s")
             && row("step scVI size").contains("staged cells/s")
-            && row("step scVI size").contains("resident cells/s"),
+            && row("step scVI size").contains("resident cells/s")
+            && row("step scVI size").contains("queues a resident step's forward and backward in"),
         "{table}"
     );
     assert!(

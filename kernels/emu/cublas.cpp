@@ -15,8 +15,10 @@ enum { R_32F = 0, R_64F = 1 };
 enum { COMPUTE_32F = 68, COMPUTE_32F_PEDANTIC = 69, FAST_16BF = 75, FAST_TF32 = 77 };
 
 namespace {
-int handle_tag;
-void* stream = nullptr;  // the driver's, where the GEMMs are counted
+// A handle: the stream its GEMMs are queued on (the driver's; null: the legacy stream).
+struct Handle {
+    void* stream = nullptr;
+};
 
 float rounded(float x, int kept_bits) {
     uint32_t u;
@@ -68,30 +70,32 @@ void gemm(int ta, int tb, int m, int n, int k, T alpha, const T* a, int lda, con
 }  // namespace
 
 extern "C" {
-Status cublasCreate_v2(void** h) { *h = &handle_tag; return OK; }
-Status cublasDestroy_v2(void*) { return OK; }
-Status cublasSetStream_v2(void*, void* s) { stream = s; return OK; }
+Status cublasCreate_v2(void** h) { *h = new Handle; return OK; }
+Status cublasDestroy_v2(void* h) { delete static_cast<Handle*>(h); return OK; }
+Status cublasSetStream_v2(void* h, void* s) { static_cast<Handle*>(h)->stream = s; return OK; }
 Status cublasSetMathMode(void*, int) { return OK; }
 Status cublasSetPointerMode_v2(void*, int mode) { return mode == 0 ? OK : NOT_SUPPORTED; }
 Status cublasGetPointerMode_v2(void*, int* mode) { *mode = 0; return OK; }
 Status cublasSetWorkspace_v2(void*, void*, size_t) { return OK; }
 
-Status cublasSgemm_v2(void*, int ta, int tb, int m, int n, int k, const float* alpha, const float* a,
+Status cublasSgemm_v2(void* h, int ta, int tb, int m, int n, int k, const float* alpha, const float* a,
                       int lda, const float* b, int ldb, const float* beta, float* c, int ldc) {
-    emu_note(stream, "gemm");
     // Scalars read now (host pointer mode), the matrices when the stream runs it.
     float al = *alpha, be = *beta;
+    void* stream = static_cast<Handle*>(h)->stream;
+    emu_note(stream, "gemm", emu_signature(ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc));
     emu_submit(stream, [=] { gemm(ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc, 23); });
     return OK;
 }
-Status cublasDgemm_v2(void*, int ta, int tb, int m, int n, int k, const double* alpha, const double* a,
+Status cublasDgemm_v2(void* h, int ta, int tb, int m, int n, int k, const double* alpha, const double* a,
                       int lda, const double* b, int ldb, const double* beta, double* c, int ldc) {
-    emu_note(stream, "gemm");
     double al = *alpha, be = *beta;
+    void* stream = static_cast<Handle*>(h)->stream;
+    emu_note(stream, "gemm", emu_signature(ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc));
     emu_submit(stream, [=] { gemm(ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc, 52); });
     return OK;
 }
-Status cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const void* alpha, const void* a, int at,
+Status cublasGemmEx(void* h, int ta, int tb, int m, int n, int k, const void* alpha, const void* a, int at,
                     int lda, const void* b, int bt, int ldb, const void* beta, void* c, int ct, int ldc,
                     int compute, int) {
     if (at != R_32F || bt != R_32F || ct != R_32F) { return NOT_SUPPORTED; }
@@ -102,8 +106,9 @@ Status cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const void* alph
         case FAST_16BF: kept = 7; break;
         default: return NOT_SUPPORTED;
     }
-    emu_note(stream, "gemm");
     float al = *(const float*)alpha, be = *(const float*)beta;
+    void* stream = static_cast<Handle*>(h)->stream;
+    emu_note(stream, "gemm", emu_signature(ta, tb, m, n, k, al, a, lda, b, ldb, be, c, ldc, compute));
     emu_submit(stream, [=] {
         gemm(ta, tb, m, n, k, al, (const float*)a, lda, (const float*)b, ldb, be, (float*)c, ldc, kept);
     });

@@ -27,6 +27,7 @@
 
 #include "emu.h"
 #include "registry.h"
+#include "stream.h"
 
 namespace emu {
 uint3 thread_idx, block_idx;
@@ -214,6 +215,12 @@ std::map<std::string, Kernel>& kernels() {
 // host work of no stream (looking a kernel up by name).
 // A training step is such an interval of the compute stream: how many launches and
 // synchronisations it costs does not depend on the device, so it is counted here, without one.
+// Each interval is compared with the stream's interval before it when both queued the same
+// ops in the same order ("compared": how often), and "changed" says per op how often its
+// arguments (a launch's argument bytes and grid, a copy's or memset's addresses and size, a
+// GEMM's or all-reduce's pointers, shapes and scalars) differed. A CUDA graph replays a step's
+// ops with the arguments it was captured with, so an op counted there is one a captured step
+// would run wrongly.
 namespace stats {
 namespace {
 using Work = std::map<std::string, long>;
@@ -226,20 +233,46 @@ bool enabled() {
 // What a stream has queued since the host last waited for it, in order; `first` is the
 // position (counted over the stream's life) of ops[0], so that an event can mark where it was
 // recorded and a wait on it end the interval there, leaving what was queued after it open.
+// An op queued: its name and what it was queued with (its signature).
+using Op = std::pair<std::string, std::string>;
 struct Queue {
     long first = 0;
-    std::vector<std::string> ops;
+    std::vector<Op> ops;
+};
+// How often an interval was seen, compared with the one before it (same ops in the same
+// order), and how often each op's signature differed then.
+struct Seen {
+    long count = 0;
+    long compared = 0;
+    Work changed;
 };
 
 std::mutex lock;
 std::map<int, Queue> open;                      // by stream id
-std::map<std::pair<int, Work>, long> recorded;  // (stream id, work) -> times seen
+std::map<std::pair<int, Work>, Seen> recorded;  // by (stream id, work)
+std::map<int, std::vector<Op>> last;            // by stream id: its last interval's ops
 Work totals;                                    // host work of no stream, per process
 
-void note(int stream, const std::string& what) {
+void note(int stream, const std::string& what, std::string signature = {}) {
     if (!enabled()) { return; }
     std::lock_guard<std::mutex> hold(lock);
-    open[stream].ops.push_back(what);
+    open[stream].ops.emplace_back(what, std::move(signature));
+}
+
+// Counts a closed interval's ops in `seen`, compared with the stream's last interval's where
+// those match by name.
+void compare(int stream, std::vector<Op> ops, Seen& seen) {
+    std::vector<Op>& before = last[stream];
+    bool like = before.size() == ops.size() &&
+                std::equal(ops.begin(), ops.end(), before.begin(),
+                           [](const Op& a, const Op& b) { return a.first == b.first; });
+    if (like) {
+        seen.compared += 1;
+        for (size_t i = 0; i < ops.size(); ++i) {
+            if (ops[i].second != before[i].second) { seen.changed[ops[i].first] += 1; }
+        }
+    }
+    before = std::move(ops);
 }
 
 void count(const std::string& what) {
@@ -265,11 +298,15 @@ void close_at(int stream, long at) {
     Queue& q = it->second;
     size_t k = (size_t)std::clamp(at - q.first, 0L, (long)q.ops.size());
     Work work;
-    for (size_t i = 0; i < k; ++i) { work[q.ops[i]] += 1; }
+    for (size_t i = 0; i < k; ++i) { work[q.ops[i].first] += 1; }
     long behind = 0;
-    for (size_t i = k; i < q.ops.size(); ++i) { behind += q.ops[i].rfind("launch ", 0) == 0; }
+    for (size_t i = k; i < q.ops.size(); ++i) { behind += q.ops[i].first.rfind("launch ", 0) == 0; }
     if (behind > 0 && !work.empty()) { work["queued behind the wait (launches)"] = behind; }
-    if (!work.empty()) { recorded[{stream, work}] += 1; }
+    if (!work.empty()) {
+        Seen& seen = recorded[{stream, work}];
+        seen.count += 1;
+        compare(stream, std::vector<Op>(q.ops.begin(), q.ops.begin() + (long)k), seen);
+    }
     q.ops.erase(q.ops.begin(), q.ops.begin() + (long)k);
     q.first += (long)k;
 }
@@ -303,16 +340,18 @@ void write_work(FILE* f, const Work& work) {
 
 
 void write(FILE* f) {
-    std::vector<std::pair<long, const std::pair<int, Work>*>> order;
-    for (const auto& [key, count] : recorded) { order.emplace_back(count, &key); }
+    std::vector<std::pair<long, const std::pair<const std::pair<int, Work>, Seen>*>> order;
+    for (const auto& entry : recorded) { order.emplace_back(entry.second.count, &entry); }
     std::stable_sort(order.begin(), order.end(),
                      [](const auto& a, const auto& b) { return a.first > b.first; });
     std::fprintf(f, "{\"intervals\": [");
     for (size_t i = 0; i < order.size(); ++i) {
-        const auto& [stream, work] = *order[i].second;
-        std::fprintf(f, "%s\n  {\"stream\": %d, \"count\": %ld, \"work\": ", i ? "," : "", stream,
-                     order[i].first);
-        write_work(f, work);
+        const auto& [key, seen] = *order[i].second;
+        std::fprintf(f, "%s\n  {\"stream\": %d, \"count\": %ld, \"work\": ", i ? "," : "",
+                     key.first, seen.count);
+        write_work(f, key.second);
+        std::fprintf(f, ", \"compared\": %ld, \"changed\": ", seen.compared);
+        write_work(f, seen.changed);
         std::fprintf(f, "}");
     }
     std::fprintf(f, "\n], \"totals\": ");
@@ -338,6 +377,64 @@ struct Report {
 } report;
 }  // namespace
 }  // namespace stats
+
+// ---- Stream capture: CUDA graphs ----
+// A stream being captured records the work queued on it instead of running it (a launch with
+// copies of its arguments; a copy from or to page-locked memory touching the host's bytes when
+// it runs, as a graph's memcpy node does); an instantiated graph queues that work again at each
+// launch, with the arguments it was captured with, so a captured step that a later step needs
+// changed (a seed, a step count, another buffer) runs wrongly here as on a GPU. What CUDA
+// refuses while a stream is captured is refused here and invalidates the capture, so that
+// ending it fails: a copy from or to pageable memory, the host waiting for the stream or the
+// context, a wait on an event recorded outside the capture; and, here only, an allocation or
+// free in the stream's order (a GPU would make them graph memory nodes; tessera's graphs own no
+// memory: their buffers are taken before they are captured).
+namespace capture {
+namespace {
+struct Graph {
+    std::vector<std::function<void()>> ops;
+};
+struct State {
+    std::shared_ptr<Graph> graph = std::make_shared<Graph>();
+    bool invalid = false;
+};
+std::mutex lock;
+std::map<int, State> active;  // by stream id
+
+bool capturing(int stream) {
+    std::lock_guard<std::mutex> hold(lock);
+    return active.count(stream) != 0;
+}
+
+bool any() {
+    std::lock_guard<std::mutex> hold(lock);
+    return !active.empty();
+}
+
+// Records `op` if `stream` is being captured.
+bool record(int stream, const std::function<void()>& op) {
+    std::lock_guard<std::mutex> hold(lock);
+    auto it = active.find(stream);
+    if (it == active.end()) { return false; }
+    it->second.graph->ops.push_back(op);
+    return true;
+}
+
+// True (and the capture invalidated) if `stream` is being captured: the call is refused.
+bool refuse(int stream) {
+    std::lock_guard<std::mutex> hold(lock);
+    auto it = active.find(stream);
+    if (it == active.end()) { return false; }
+    it->second.invalid = true;
+    return true;
+}
+
+void refuse_all() {
+    std::lock_guard<std::mutex> hold(lock);
+    for (auto& entry : active) { entry.second.invalid = true; }
+}
+}  // namespace
+}  // namespace capture
 
 // ---- TESSERA_EMU_DEFER=1: the device's work run late, as a GPU may run it ----
 // By default every copy, memset, launch and GEMM runs when it is queued, so the host always
@@ -402,8 +499,9 @@ void drain_all() {
     for (int s : streams) { drain(s, std::numeric_limits<long>::max()); }
 }
 
-// Runs `op` in `stream`'s order: now, or queued.
+// Runs `op` in `stream`'s order: now, or queued; or records it, if the stream is captured.
 void submit(int stream, std::function<void()> op) {
+    if (capture::record(stream, op)) { return; }
     if (!on()) {
         op();
         return;
@@ -425,8 +523,13 @@ enum : CUresult {
     INVALID_VALUE = 1,
     OUT_OF_MEMORY = 2,
     INVALID_DEVICE = 101,
+    ILLEGAL_STATE = 401,
     NOT_FOUND = 500,
     LAUNCH_FAILED = 719,
+    CAPTURE_UNSUPPORTED = 900,
+    CAPTURE_INVALIDATED = 901,
+    CAPTURE_ISOLATION = 905,
+    CAPTURED_EVENT = 907,
 };
 
 namespace {
@@ -440,11 +543,16 @@ struct Stream {
 std::atomic<int> streams_made{0};
 Stream* new_stream() { return new Stream{++streams_made}; }
 int stream_id(CUhandle s) { return s ? static_cast<Stream*>(s)->id : 0; }
-void note_on(CUhandle s, const std::string& what) { stats::note(stream_id(s), what); }
+// Counted when queued, not when captured (a graph's launch is counted as one op).
+void note_on(CUhandle s, const std::string& what, std::string signature = {}) {
+    if (!stats::enabled() || capture::capturing(stream_id(s))) { return; }
+    stats::note(stream_id(s), what, std::move(signature));
+}
 struct Event {
     int stream = 0;
     long position = 0;  // the stream's ops queued before it (stats)
     long queued = 0;    // the same in the deferred queue
+    bool captured = false;  // recorded in a stream being captured
 };
 
 // Page-locked host ranges (cuMemHostAlloc, cuMemHostRegister): copies to or from them are
@@ -477,6 +585,11 @@ const char* message(CUresult r) {
         case INVALID_DEVICE: return "invalid device ordinal";
         case NOT_FOUND: return "named symbol not found";
         case LAUNCH_FAILED: return "unspecified launch failure";
+        case ILLEGAL_STATE: return "illegal state";
+        case CAPTURE_UNSUPPORTED: return "operation not permitted when stream is capturing";
+        case CAPTURE_INVALIDATED: return "operation failed due to a previous error during capture";
+        case CAPTURE_ISOLATION: return "operation would make the legacy stream depend on a capturing blocking stream";
+        case CAPTURED_EVENT: return "operation not permitted on an event last recorded in a capturing stream";
         default: return "unknown error";
     }
 }
@@ -489,10 +602,13 @@ CUresult fail(CUresult r, const std::string& why) {
 
 extern "C" {
 // libcublas's and libnccl's calls, counted on the stream they were given (stream.h).
-void tessera_emu_note(CUhandle stream, const char* what) { note_on(stream, what); }
+void tessera_emu_note(CUhandle stream, const char* what, const char* signature, size_t bytes) {
+    note_on(stream, what, std::string(signature, bytes));
+}
 // libcublas's GEMMs, run in the stream's order (stream.h).
-void tessera_emu_submit(CUhandle stream, void (*run)(void*), void* work) {
-    defer::submit(stream_id(stream), [run, work] { run(work); });
+void tessera_emu_submit(CUhandle stream, void (*run)(void*), void (*release)(void*), void* work) {
+    std::shared_ptr<void> owned(work, release);
+    defer::submit(stream_id(stream), [run, owned] { run(owned.get()); });
 }
 // Runs what the stream queued (before libnccl's all-reduce, which runs at once).
 void tessera_emu_drain(CUhandle stream) { defer::drain(stream_id(stream), std::numeric_limits<long>::max()); }
@@ -537,6 +653,10 @@ CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return SUCCESS; }
 CUresult cuCtxSetCurrent(CUhandle ctx) { current_context = ctx; return SUCCESS; }
 CUresult cuCtxGetCurrent(CUhandle* ctx) { *ctx = current_context; return SUCCESS; }
 CUresult cuCtxSynchronize() {
+    if (capture::any()) {
+        capture::refuse_all();
+        return fail(CAPTURE_UNSUPPORTED, "context synchronize while a stream is captured");
+    }
     defer::drain_all();
     stats::synchronised_all();
     return SUCCESS;
@@ -558,12 +678,14 @@ CUresult cuStreamDestroy_v2(CUhandle s) {
     return SUCCESS;
 }
 CUresult cuStreamSynchronize(CUhandle s) {
+    if (capture::refuse(stream_id(s))) { return fail(CAPTURE_UNSUPPORTED, "synchronize of a captured stream"); }
     defer::drain(stream_id(s), std::numeric_limits<long>::max());
     stats::synchronised(stream_id(s));
     return SUCCESS;
 }
 // Done by the time it answers: the queue is run first.
 CUresult cuStreamQuery(CUhandle s) {
+    if (capture::refuse(stream_id(s))) { return fail(CAPTURE_UNSUPPORTED, "query of a captured stream"); }
     defer::drain(stream_id(s), std::numeric_limits<long>::max());
     return SUCCESS;
 }
@@ -571,6 +693,13 @@ CUresult cuStreamQuery(CUhandle s) {
 CUresult cuStreamWaitEvent(CUhandle s, CUhandle e, unsigned int) {
     note_on(s, "event wait");
     const Event* event = static_cast<Event*>(e);
+    if (capture::capturing(stream_id(s))) {
+        // Within the captured stream its own order holds; another stream's work is outside.
+        if (event->captured && event->stream == stream_id(s)) { return SUCCESS; }
+        capture::refuse(stream_id(s));
+        return fail(CAPTURE_ISOLATION, "a captured stream waits on an event recorded outside the capture");
+    }
+    if (event->captured) { return fail(CAPTURED_EVENT, "a wait on an event recorded in a capture"); }
     int other = event->stream;
     long upto = event->queued;
     defer::submit(stream_id(s), [other, upto] { defer::drain(other, upto); });
@@ -580,6 +709,7 @@ CUresult cuEventCreate(CUhandle* e, unsigned int) { *e = new Event; return SUCCE
 CUresult cuEventRecord(CUhandle e, CUhandle s) {
     Event* event = static_cast<Event*>(e);
     event->stream = stream_id(s);
+    event->captured = capture::capturing(event->stream);
     event->position = stats::position(event->stream);
     event->queued = defer::position(event->stream);
     return SUCCESS;
@@ -587,12 +717,14 @@ CUresult cuEventRecord(CUhandle e, CUhandle s) {
 // The host waits for what was queued before the event, not for what came after it.
 CUresult cuEventSynchronize(CUhandle e) {
     const Event* event = static_cast<Event*>(e);
+    if (event->captured) { return fail(CAPTURED_EVENT, "synchronize on an event recorded in a capture"); }
     defer::drain(event->stream, event->queued);
     stats::synchronised_at(event->stream, event->position);
     return SUCCESS;
 }
 CUresult cuEventQuery(CUhandle e) {
     const Event* event = static_cast<Event*>(e);
+    if (event->captured) { return fail(CAPTURED_EVENT, "query of an event recorded in a capture"); }
     defer::drain(event->stream, event->queued);
     return SUCCESS;
 }
@@ -610,6 +742,7 @@ CUresult cuLaunchHostFunc(CUhandle s, HostFn f, void* data) {
 // 0xff bytes, a NaN in every f32 and f64 (a GPU's fresh memory holds whatever was there): a
 // kernel that reads what nothing wrote shows in the parity tests instead of reading zeros.
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUhandle s) {
+    if (capture::refuse(stream_id(s))) { return fail(CAPTURE_UNSUPPORTED, "allocation in a captured stream"); }
     note_on(s, "alloc");
     void* m = std::malloc(bytes ? bytes : 1);
     if (!m) { return OUT_OF_MEMORY; }
@@ -620,6 +753,7 @@ CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUhandle s) {
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return cuMemAllocAsync(p, bytes, nullptr); }
 // Freed in stream order: queued work may still use it.
 CUresult cuMemFreeAsync(CUdeviceptr p, CUhandle s) {
+    if (capture::refuse(stream_id(s))) { return fail(CAPTURE_UNSUPPORTED, "free in a captured stream"); }
     note_on(s, "free");
     defer::submit(stream_id(s), [p] { std::free((void*)p); });
     return SUCCESS;
@@ -654,7 +788,10 @@ CUresult cuMemHostUnregister(void* p) {
 // bytes are staged by the call.
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, CUhandle s) {
     bool pinned_source = is_pinned(h, n);
-    note_on(s, pinned_source ? "upload" : "upload from pageable memory");
+    if (!pinned_source && capture::refuse(stream_id(s))) {
+        return fail(CAPTURE_UNSUPPORTED, "a copy from pageable memory in a captured stream");
+    }
+    note_on(s, pinned_source ? "upload" : "upload from pageable memory", emu_signature(d, h, n));
     if (pinned_source) {
         defer::submit(stream_id(s), [d, h, n] { std::memcpy((void*)d, h, n); });
     } else {
@@ -673,7 +810,10 @@ CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) {
 // stream.
 CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, CUhandle s) {
     bool waits = !is_pinned(h, n);
-    note_on(s, waits ? "download to pageable memory" : "download");
+    if (waits && capture::refuse(stream_id(s))) {
+        return fail(CAPTURE_UNSUPPORTED, "a copy to pageable memory in a captured stream");
+    }
+    note_on(s, waits ? "download to pageable memory" : "download", emu_signature(h, d, n));
     defer::submit(stream_id(s), [h, d, n] { std::memcpy(h, (const void*)d, n); });
     if (waits) {
         defer::drain(stream_id(s), std::numeric_limits<long>::max());
@@ -689,7 +829,7 @@ CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) {
     return SUCCESS;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr src, size_t n, CUhandle s) {
-    note_on(s, "device copy");
+    note_on(s, "device copy", emu_signature(d, src, n));
     defer::submit(stream_id(s), [d, src, n] { std::memmove((void*)d, (const void*)src, n); });
     return SUCCESS;
 }
@@ -699,7 +839,7 @@ CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
     return SUCCESS;
 }
 CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUhandle s) {
-    note_on(s, "memset");
+    note_on(s, "memset", emu_signature(d, v, n));
     defer::submit(stream_id(s), [d, v, n] { std::memset((void*)d, v, n); });
     return SUCCESS;
 }
@@ -709,7 +849,7 @@ CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
     return SUCCESS;
 }
 CUresult cuMemsetD32Async(CUdeviceptr d, unsigned int v, size_t n, CUhandle s) {
-    note_on(s, "memset");
+    note_on(s, "memset", emu_signature(d, v, n));
     defer::submit(stream_id(s), [d, v, n] {
         for (size_t i = 0; i < n; ++i) { ((unsigned int*)d)[i] = v; }
     });
@@ -740,11 +880,16 @@ CUresult cuLaunchKernel(CUhandle f, unsigned int gx, unsigned int gy, unsigned i
         return fail(INVALID_VALUE, "launch with dynamic shared memory or `extra`");
     }
     const emu::Kernel& k = *static_cast<const emu::Kernel*>(f);
-    note_on(s, std::string("launch ") + k.name);
     dim3 grid{gx, gy, gz}, threads{bx, by, bz};
+    std::string args;
+    if (stats::enabled()) {
+        std::unique_ptr<emu::Bound> copied(k.bind(params));
+        args = emu_signature(gx, gy, gz, bx, by, bz) + copied->bytes();
+    }
+    note_on(s, std::string("launch ") + k.name, std::move(args));
     std::string refused = emu::refused(grid, threads);
     if (!refused.empty()) { return fail(LAUNCH_FAILED, std::string(k.name) + ": " + refused); }
-    if (!defer::on()) {
+    if (!defer::on() && !capture::capturing(stream_id(s))) {
         std::string failed = emu::launch(k, grid, threads, params);
         if (!failed.empty()) { return fail(LAUNCH_FAILED, std::string(k.name) + ": " + failed); }
         return SUCCESS;
@@ -762,6 +907,49 @@ CUresult cuLaunchKernel(CUhandle f, unsigned int gx, unsigned int gy, unsigned i
     });
     return SUCCESS;
 }
+
+CUresult cuStreamBeginCapture_v2(CUhandle s, int) {
+    if (s == nullptr) { return fail(CAPTURE_UNSUPPORTED, "capture of the legacy default stream"); }
+    std::lock_guard<std::mutex> hold(capture::lock);
+    if (!capture::active.emplace(stream_id(s), capture::State{}).second) {
+        return fail(ILLEGAL_STATE, "a capture begun twice");
+    }
+    return SUCCESS;
+}
+CUresult cuStreamIsCapturing(CUhandle s, int* status) {
+    std::lock_guard<std::mutex> hold(capture::lock);
+    auto it = capture::active.find(stream_id(s));
+    *status = it == capture::active.end() ? 0 : it->second.invalid ? 2 : 1;
+    return SUCCESS;
+}
+CUresult cuStreamEndCapture(CUhandle s, CUhandle* graph) {
+    capture::State state;
+    {
+        std::lock_guard<std::mutex> hold(capture::lock);
+        auto it = capture::active.find(stream_id(s));
+        if (it == capture::active.end()) { return fail(ILLEGAL_STATE, "no capture to end"); }
+        state = std::move(it->second);
+        capture::active.erase(it);
+    }
+    *graph = nullptr;
+    if (state.invalid) { return CAPTURE_INVALIDATED; }
+    *graph = new capture::Graph(*state.graph);
+    return SUCCESS;
+}
+CUresult cuGraphInstantiateWithFlags(CUhandle* exec, CUhandle graph, unsigned long long) {
+    *exec = new capture::Graph(*static_cast<capture::Graph*>(graph));
+    return SUCCESS;
+}
+// The captured work queued again, in order, with the arguments it was captured with.
+CUresult cuGraphLaunch(CUhandle exec, CUhandle s) {
+    if (capture::refuse(stream_id(s))) { return fail(CAPTURE_UNSUPPORTED, "a graph launched into a capture"); }
+    note_on(s, "graph launch", emu_signature(exec));
+    for (const auto& op : static_cast<capture::Graph*>(exec)->ops) { defer::submit(stream_id(s), op); }
+    return SUCCESS;
+}
+CUresult cuGraphUpload(CUhandle, CUhandle) { return SUCCESS; }
+CUresult cuGraphExecDestroy(CUhandle exec) { delete static_cast<capture::Graph*>(exec); return SUCCESS; }
+CUresult cuGraphDestroy(CUhandle graph) { delete static_cast<capture::Graph*>(graph); return SUCCESS; }
 
 CUresult cuGetErrorString(CUresult r, const char** s) { *s = message(r); return SUCCESS; }
 CUresult cuGetErrorName(CUresult r, const char** s) { *s = message(r); return SUCCESS; }

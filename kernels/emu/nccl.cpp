@@ -130,7 +130,7 @@ Status ncclGroupEnd() { return OK; }
 Status ncclAllReduce(const void* send, void* recv, size_t count, int type, int op, Comm* c,
                      void* stream) {
     if (op != SUM) { return INVALID_USAGE; }
-    emu_note(stream, "all-reduce");
+    emu_note(stream, "all-reduce", emu_signature(send, recv, count, type, c));
     // Between processes, so at once: after what the stream queued before it.
     emu_drain(stream);
     switch (type) {

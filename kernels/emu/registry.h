@@ -14,6 +14,8 @@ namespace emu {
 struct Bound {
     virtual ~Bound() = default;
     virtual void** params() = 0;
+    // The arguments' bytes, one after another (TESSERA_EMU_STATS compares launches by them).
+    virtual std::string bytes() const = 0;
 };
 
 struct Kernel {
@@ -33,6 +35,13 @@ struct BoundArgs : Bound {
     void* pointers[sizeof...(A) + 1];
     explicit BoundArgs(std::tuple<Value<A>...> v) : values(std::move(v)) {}
     void** params() override { return pointers; }
+    std::string bytes() const override {
+        std::string out;
+        std::apply([&](const auto&... v) {
+            (out.append(reinterpret_cast<const char*>(&v), sizeof(v)), ...);
+        }, values);
+        return out;
+    }
 };
 
 template <typename... A, std::size_t... I>

@@ -4,6 +4,7 @@
 #pragma once
 #include <dlfcn.h>
 
+#include <string>
 #include <utility>
 
 // A function of the driver this process has loaded, or null.
@@ -12,29 +13,37 @@ inline void* emu_driver_symbol(const char* name) {
     return driver ? dlsym(driver, name) : nullptr;
 }
 
-// Counts `what` against `stream` (a handle the driver made; null: the default stream).
-inline void emu_note(void* stream, const char* what) {
-    using Note = void (*)(void*, const char*);
+// The bytes of `values`, one after another: what an op was queued with.
+template <typename... T>
+std::string emu_signature(const T&... values) {
+    std::string out;
+    (out.append(reinterpret_cast<const char*>(&values), sizeof(values)), ...);
+    return out;
+}
+
+// Counts `what`, queued with `signature`, against `stream` (a handle the driver made; null:
+// the default stream).
+inline void emu_note(void* stream, const char* what, const std::string& signature = {}) {
+    using Note = void (*)(void*, const char*, const char*, size_t);
     static const Note note = reinterpret_cast<Note>(emu_driver_symbol("tessera_emu_note"));
-    if (note != nullptr) { note(stream, what); }
+    if (note != nullptr) { note(stream, what, signature.data(), signature.size()); }
 }
 
 // Runs `work` in `stream`'s order: at once, or when the stream's queue reaches it where the
-// driver defers the device's work (TESSERA_EMU_DEFER).
+// driver defers the device's work (TESSERA_EMU_DEFER), or at each launch of a graph captured
+// from the stream (the driver frees it with the graph).
 template <typename F>
 void emu_submit(void* stream, F work) {
-    using Submit = void (*)(void*, void (*)(void*), void*);
+    using Submit = void (*)(void*, void (*)(void*), void (*)(void*), void*);
     static const Submit submit = reinterpret_cast<Submit>(emu_driver_symbol("tessera_emu_submit"));
     auto* heap = new F(std::move(work));
-    auto run = [](void* w) {
-        F* f = static_cast<F*>(w);
-        (*f)();
-        delete f;
-    };
+    auto run = [](void* w) { (*static_cast<F*>(w))(); };
+    auto release = [](void* w) { delete static_cast<F*>(w); };
     if (submit == nullptr) {
         run(heap);
+        release(heap);
     } else {
-        submit(stream, run, heap);
+        submit(stream, run, release, heap);
     }
 }
 

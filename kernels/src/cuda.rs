@@ -24,6 +24,8 @@ pub enum CudaError {
     Compile { module: String, log: String },
     #[error("CUDA driver error in {context}: {reason}")]
     Driver { context: String, reason: String },
+    #[error("CUDA graph capture: {0}")]
+    Capture(String),
 }
 
 pub type Result<T> = std::result::Result<T, CudaError>;
@@ -98,7 +100,8 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Mutex<Loaded>,
-    blas: std::sync::OnceLock<cudarc::cublas::CudaBlas>,
+    /// cuBLAS's handle and its workspace.
+    blas: std::sync::OnceLock<(cudarc::cublas::CudaBlas, cudarc::driver::CudaSlice<u8>)>,
     /// The compute stream's buffers, kept for reuse when dropped.
     cache: Arc<BufCache>,
     /// The copy stream and its buffers, made at the first staged upload.
@@ -106,6 +109,9 @@ pub struct Gpu {
     /// Page-locked buffers for values read back without waiting.
     readbacks: Readbacks,
     matmul: MatmulPrecision,
+    /// The draw kernels' step cell, made at the first draw, and the value it holds.
+    draws: std::sync::OnceLock<cudarc::driver::CudaSlice<u64>>,
+    draws_holds: Mutex<Option<u64>>,
 }
 
 /// The modules compiled for one GPU and the kernels looked up in them.
@@ -148,7 +154,9 @@ impl Gpu {
             // Still correct, only slower: freed blocks go back to the driver at each sync.
             tracing::warn!("device {ordinal}: the memory pool keeps no freed memory: {e}");
         }
-        let stream = ctx.default_stream();
+        // A stream of our own, not the legacy default one: that one cannot be captured in a
+        // CUDA graph, and it would wait for (and hold up) every other blocking stream's work.
+        let stream = ctx.new_stream().map_err(driver("the compute stream"))?;
         Ok(Gpu {
             readbacks: Readbacks::new(&ctx),
             ctx,
@@ -162,6 +170,8 @@ impl Gpu {
             blas: std::sync::OnceLock::new(),
             staging: std::sync::OnceLock::new(),
             matmul: MatmulPrecision::Highest,
+            draws: std::sync::OnceLock::new(),
+            draws_holds: Mutex::new(None),
         })
     }
 
@@ -253,9 +263,11 @@ impl Gpu {
         Ok(f)
     }
 
-    /// The cuBLAS handle on our stream, created at first use.
+    /// The cuBLAS handle on our stream, created at first use, with a workspace of its own (so
+    /// that a GEMM in a captured graph allocates nothing: [`crate::cuda_graph`]).
+    #[allow(unsafe_code)]
     pub fn blas(&self) -> Result<&cudarc::cublas::CudaBlas> {
-        if let Some(b) = self.blas.get() {
+        if let Some((b, _)) = self.blas.get() {
             return Ok(b);
         }
         let failed = |e: cudarc::cublas::result::CublasError| CudaError::Driver {
@@ -263,7 +275,23 @@ impl Gpu {
             reason: e.to_string(),
         };
         let handle = cudarc::cublas::CudaBlas::new(self.stream.clone()).map_err(failed)?;
-        Ok(self.blas.get_or_init(|| handle))
+        // SAFETY: scratch memory only cuBLAS writes and reads.
+        let mut workspace = unsafe { self.stream.alloc::<u8>(BLAS_WORKSPACE) }
+            .map_err(driver("cuBLAS's workspace"))?;
+        let (ptr, record) =
+            cudarc::driver::DevicePtrMut::device_ptr_mut(&mut workspace, &self.stream);
+        // SAFETY: the handle is live and the workspace outlives it (kept beside it).
+        unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *handle.handle(),
+                ptr as *mut _,
+                BLAS_WORKSPACE,
+            )
+        }
+        .result()
+        .map_err(failed)?;
+        drop(record);
+        Ok(&self.blas.get_or_init(|| (handle, workspace)).0)
     }
 
     /// The copy stream for uploads queued from another thread ([`crate::cuda_staging`]).
@@ -326,6 +354,68 @@ impl Gpu {
         .map_err(driver("fill"))
     }
 
+    pub(crate) fn cache(&self) -> &Arc<BufCache> {
+        &self.cache
+    }
+
+    /// The device cell the draw kernels read a stream's high bits from (a training step, as
+    /// models number the streams), holding `high`: written (a memset of each 32-bit half that
+    /// changed, queued on the compute stream) when it held another value. A captured step's
+    /// draws read the cell at each replay, so the step is set before the capture and before
+    /// each launch ([`Gpu::set_draw_step`]); a change inside a capture is an error (the graph
+    /// would write it again at every replay).
+    #[allow(unsafe_code)]
+    pub fn draw_cell(&self, high: u64) -> Result<&cudarc::driver::CudaSlice<u64>> {
+        let cell = match self.draws.get() {
+            Some(cell) => cell,
+            None => {
+                let made = self
+                    .stream
+                    .alloc_zeros::<u64>(1)
+                    .map_err(driver("the draws' step cell"))?;
+                *self.draws_holds.lock().unwrap_or_else(|p| p.into_inner()) = Some(0);
+                // A racing call made another, holding 0 too; either serves.
+                self.draws.get_or_init(|| made)
+            }
+        };
+        let mut holds = self.draws_holds.lock().unwrap_or_else(|p| p.into_inner());
+        let before = holds.unwrap_or(!high);
+        if before == high {
+            return Ok(cell);
+        }
+        if self.cache.capturing() {
+            return Err(CudaError::Capture(format!(
+                "the draws' step changed from {before} to {high} inside a capture"
+            )));
+        }
+        self.bind()?;
+        let (ptr, _record) = cudarc::driver::DevicePtr::device_ptr(cell, &self.stream);
+        for (half, offset) in [(0, 0u64), (32, 4)] {
+            let (old, new) = ((before >> half) as u32, (high >> half) as u32);
+            if old != new {
+                // SAFETY: one 4-byte word of the cell's 8 bytes, on the compute stream.
+                unsafe {
+                    cudarc::driver::sys::cuMemsetD32Async(
+                        ptr + offset,
+                        new,
+                        1,
+                        self.stream.cu_stream(),
+                    )
+                }
+                .result()
+                .map_err(driver("the draws' step"))?;
+            }
+        }
+        *holds = Some(high);
+        Ok(cell)
+    }
+
+    /// Sets the step the draw kernels read (the high bits of their streams) ahead of a graph's
+    /// launch or capture: [`Gpu::draw_cell`].
+    pub fn set_draw_step(&self, high: u64) -> Result<()> {
+        self.draw_cell(high).map(|_| ())
+    }
+
     /// How many buffers were reused and how many allocated since the GPU was opened.
     pub fn cache_counts(&self) -> CacheCounts {
         self.cache.counts()
@@ -347,6 +437,9 @@ impl Gpu {
         self.readbacks.finish(read)
     }
 }
+
+/// cuBLAS's workspace: what NVIDIA recommends for Hopper (32 MiB; 4 MiB serves older GPUs).
+const BLAS_WORKSPACE: usize = 32 << 20;
 
 /// Makes the device's default memory pool (which cudarc's stream-ordered allocations draw
 /// from) keep freed memory instead of returning it to the driver at each synchronisation: the

@@ -2,8 +2,8 @@
 //! activations, gradients, uploads and temporaries in the same sizes and order every step;
 //! handed back here when dropped and handed out again at the next request of that size, a step
 //! after the first of its shape asks the driver for nothing (no `cuMemAllocAsync` or
-//! `cuMemFreeAsync`, each a driver call of about a microsecond on the host) and sees the same
-//! addresses every step, which capturing the step in a CUDA graph needs. Some sizes change from
+//! `cuMemFreeAsync`, each a driver call of about a microsecond on the host); which kept buffer
+//! a request gets can change from step to step. Some sizes change from
 //! step to step (a batch's non-zeros by a few percent, the rows of each batch in a batch-MMD
 //! penalty by more), so the driver allocates a size class ([`size_class`]: 512-byte multiples up
 //! to 4 KiB, then at most 1/8 above the request) and a request takes the smallest kept buffer of
@@ -20,14 +20,21 @@
 //! tests instead of reading a previous step's values; and the driver allocates the exact size
 //! asked for, so a kernel writing past a fresh buffer fails under the emulator's
 //! AddressSanitizer (past a reused one, within its class, it would not).
+//!
+//! A CUDA graph replays its ops on the buffers they were captured with, so those must serve
+//! nothing else while the graph lives: while a capture runs ([`BufCache::begin_capture`]) every
+//! buffer handed out is the graph's, kept apart when dropped and handed out again only to the
+//! same graph's capture, and back in the cache when the graph is released. A capture allocates
+//! nothing (an allocation in a captured stream would be the graph's memory node, freed or
+//! not at each replay): what it needs must have been kept by running the same work before.
 #![allow(unsafe_code)] // a kept allocation changes element type: see `retype`
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
-use crate::cuda::{Result, driver};
+use crate::cuda::{CudaError, Result, driver};
 
 /// Bytes a GPU's cache keeps at most: far above a step's working set (a Census-size step, 8,000 genes at batch
 /// 1,024, uses ~0.3 GB), far below a GPU's memory. Past it the cache is emptied into the
@@ -54,6 +61,25 @@ struct Kept {
     by_bytes: BTreeMap<usize, Vec<CudaSlice<u8>>>,
     bytes: usize,
     counts: CacheCounts,
+    /// The graph being captured, if any.
+    capturing: Option<u64>,
+    /// Graphs made so far (each one's number).
+    graphs_made: u64,
+    /// Buffers handed out to a graph's capture, by address: the graph's number.
+    owner: HashMap<u64, u64>,
+    /// Each graph's buffers that are not in use outside it, by size in bytes.
+    graph_kept: HashMap<u64, BTreeMap<usize, Vec<CudaSlice<u8>>>>,
+}
+
+/// The smallest allocation of `wanted` to `largest` bytes in `by_bytes`, taken out.
+fn take_within(
+    by_bytes: &mut BTreeMap<usize, Vec<CudaSlice<u8>>>,
+    wanted: usize,
+    largest: usize,
+) -> Option<(CudaSlice<u8>, usize)> {
+    by_bytes
+        .range_mut(wanted..=largest)
+        .find_map(|(&bytes, all)| all.pop().map(|s| (s, bytes)))
 }
 
 /// Requests served from the cache and by the driver since it was made: what shows that a
@@ -116,7 +142,7 @@ impl BufCache {
     /// `n` values whose contents are whatever the memory held (a kept buffer's old values).
     pub fn take<T: DeviceRepr>(self: &Arc<Self>, n: usize) -> Result<DeviceBuf<T>> {
         let wanted = n * std::mem::size_of::<T>();
-        let (kept, bytes) = match self.kept_of(wanted) {
+        let (kept, bytes) = match self.kept_of(wanted)? {
             Some(found) => found,
             None => {
                 let bytes = if self.checked {
@@ -151,33 +177,95 @@ impl BufCache {
     }
 
     /// The smallest kept allocation of `wanted` bytes up to its size class or 1/8 more,
-    /// whichever is larger, and its size; counted.
-    fn kept_of(&self, wanted: usize) -> Option<(CudaSlice<u8>, usize)> {
+    /// whichever is larger, and its size; counted. While a graph is captured: the graph's own
+    /// first, then one of the cache's, made the graph's; none is an error (nothing is
+    /// allocated in a capture).
+    fn kept_of(&self, wanted: usize) -> Result<Option<(CudaSlice<u8>, usize)>> {
         let largest = size_class(wanted).max(wanted + wanted / 8);
-        let mut k = self.kept();
-        let found = k
-            .by_bytes
-            .range_mut(wanted..=largest)
-            .find_map(|(&bytes, all)| all.pop().map(|s| (s, bytes)));
-        match &found {
-            Some((_, bytes)) => {
+        let mut guard = self.kept();
+        let k = &mut *guard;
+        if let Some(graph) = k.capturing {
+            let own = k.graph_kept.entry(graph).or_default();
+            if let Some(found) = take_within(own, wanted, largest) {
+                k.counts.reused += 1;
+                return Ok(Some(found));
+            }
+        }
+        let found = take_within(&mut k.by_bytes, wanted, largest);
+        match (&found, k.capturing) {
+            (Some((slice, bytes)), graph) => {
                 k.bytes -= bytes;
                 k.counts.reused += 1;
+                if let Some(graph) = graph {
+                    k.owner.insert(self.address(slice), graph);
+                }
             }
-            None => k.counts.allocated += 1,
+            (None, Some(_)) => {
+                return Err(CudaError::Capture(format!(
+                    "a buffer of {wanted} bytes was asked for that no run before the capture kept"
+                )));
+            }
+            (None, None) => k.counts.allocated += 1,
         }
-        found
+        Ok(found)
     }
 
-    /// Keeps an allocation of `bytes` bytes whose last use has been queued.
-    fn put<T>(&self, slice: CudaSlice<T>, bytes: usize) {
-        if bytes > self.keep_bytes {
-            return; // freed, in stream order
+    fn address(&self, slice: &CudaSlice<u8>) -> u64 {
+        slice.device_ptr(&self.stream).0
+    }
+
+    /// Starts handing out buffers to a graph being captured; its number.
+    pub fn begin_capture(&self) -> u64 {
+        let mut k = self.kept();
+        k.graphs_made += 1;
+        let graph = k.graphs_made;
+        k.capturing = Some(graph);
+        graph
+    }
+
+    /// Whether a capture is running.
+    pub fn capturing(&self) -> bool {
+        self.kept().capturing.is_some()
+    }
+
+    /// Ends the capture: buffers are handed out to anyone again (the graph's stay its own).
+    pub fn end_capture(&self) {
+        self.kept().capturing = None;
+    }
+
+    /// The graph's buffers back in the cache (its last replay queued): those it kept now, and
+    /// those in use elsewhere when they are dropped.
+    pub fn release(&self, graph: u64) {
+        let mut k = self.kept();
+        k.owner.retain(|_, g| *g != graph);
+        let own = k.graph_kept.remove(&graph).unwrap_or_default();
+        drop(k);
+        for (bytes, slices) in own {
+            for slice in slices {
+                self.put(slice, bytes);
+            }
         }
+    }
+
+    /// Keeps an allocation of `bytes` bytes whose last use has been queued (a graph's apart).
+    fn put<T>(&self, slice: CudaSlice<T>, bytes: usize) {
         // SAFETY: `bytes` is the allocation's size.
         let slice = unsafe { retype::<T, u8>(slice, bytes) };
         let mut k = self.kept();
-        if k.bytes + bytes > self.keep_bytes {
+        // Most of the time no graph owns anything: no address to look up.
+        let owner = (!k.owner.is_empty())
+            .then(|| k.owner.get(&self.address(&slice)).copied())
+            .flatten();
+        if let Some(graph) = owner {
+            let own = k.graph_kept.entry(graph).or_default();
+            own.entry(bytes).or_default().push(slice);
+            return;
+        }
+        if bytes > self.keep_bytes {
+            return; // freed, in stream order
+        }
+        // Nothing is freed while a capture runs (a free in a captured stream is refused).
+        if k.bytes + bytes > self.keep_bytes && k.capturing.is_none() {
             // Dropped here: back to the driver's pool, freed in stream order.
             k.by_bytes.clear();
             k.bytes = 0;

@@ -22,6 +22,7 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DeviceRepr, 
 use crate::cuda::{CudaError, Gpu, Result, driver};
 use crate::cuda_cache::DeviceBuf;
 use crate::ops::linear::gpu::{DeviceCsr, DeviceTransposed, host_transposed};
+use crate::ops::linear::resident_gpu::ResidentCsr;
 use crate::ops::linear::{CountTransform, CsrRef, repeats_a_column, resident_gpu};
 
 /// The copy stream and its free slots (a slot in use belongs to its [`StagedCsr`]).
@@ -59,19 +60,7 @@ impl Staging {
         // the host's counting sort, and half the bytes, leave the step.
         let canonical = !x.data.is_empty() && !repeats_a_column(x);
         let index = (!canonical).then(|| host_transposed(x, transform));
-        let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let mut slot = match reused {
-            Some(slot) => slot,
-            None => Slot::new(&self.ctx, &self.stream)?,
-        };
-        // The host buffers' last upload is done, and the compute stream has copied the device
-        // buffers out (both recorded before the slot came back to the free list).
-        slot.copied
-            .synchronize()
-            .map_err(driver("staging: the last upload"))?;
-        self.stream
-            .wait(&slot.consumed)
-            .map_err(driver("staging: the last copy out"))?;
+        let mut slot = self.free_slot()?;
         slot.indptr.fill(&self.ctx, &self.stream, x.indptr)?;
         slot.indices.fill(&self.ctx, &self.stream, x.indices)?;
         slot.data.fill(&self.ctx, &self.stream, x.data)?;
@@ -101,6 +90,111 @@ impl Staging {
                 )
             }),
         })
+    }
+}
+
+impl Staging {
+    /// Starts copying a batch's row list and row pointers ([`ResidentCsr::batch_indptr`]) to
+    /// the device on the copy stream, for a gather of those rows of `from`; callable from any
+    /// thread.
+    pub fn stage_rows(
+        self: &Arc<Self>,
+        from: &Arc<ResidentCsr>,
+        rows: &[usize],
+    ) -> Result<StagedRows> {
+        let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let indptr = from.batch_indptr(&rows);
+        let mut slot = self.free_slot()?;
+        slot.indices.fill(&self.ctx, &self.stream, &rows)?;
+        slot.indptr.fill(&self.ctx, &self.stream, &indptr)?;
+        slot.copied
+            .record(&self.stream)
+            .map_err(driver("staging: recording the upload"))?;
+        Ok(StagedRows {
+            staging: Arc::clone(self),
+            slot: Some(slot),
+            from: Arc::clone(from),
+            indptr,
+        })
+    }
+
+    /// A slot whose last upload is done and whose device buffers the compute stream has copied
+    /// out (both recorded before it came back to the free list), or a new one.
+    fn free_slot(&self) -> Result<Slot> {
+        let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let slot = match reused {
+            Some(slot) => slot,
+            None => Slot::new(&self.ctx, &self.stream)?,
+        };
+        slot.copied
+            .synchronize()
+            .map_err(driver("staging: the last upload"))?;
+        self.stream
+            .wait(&slot.consumed)
+            .map_err(driver("staging: the last copy out"))?;
+        Ok(slot)
+    }
+
+    /// Hands a slot back once the compute stream has queued its last read of it.
+    fn release(&self, slot: Slot, compute: &Arc<CudaStream>) -> Result<()> {
+        slot.consumed
+            .record(compute)
+            .map_err(driver("staging: recording the copy out"))?;
+        self.free
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(slot);
+        Ok(())
+    }
+}
+
+/// A batch's row list and row pointers on their way to the device:
+/// [`StagedRows::into_device`] gathers the rows there.
+pub struct StagedRows {
+    staging: Arc<Staging>,
+    slot: Option<Slot>,
+    from: Arc<ResidentCsr>,
+    /// The row pointers, on the host too: an empty batch is made from them there.
+    indptr: Vec<u64>,
+}
+
+impl std::fmt::Debug for StagedRows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StagedRows({})", self.indptr.len() - 1)
+    }
+}
+
+impl StagedRows {
+    /// The rows gathered on `gpu`'s compute stream into a batch, with its transposed index
+    /// for `transform`, usable by every op queued after this call.
+    pub fn into_device(mut self, gpu: &Gpu, transform: CountTransform) -> Result<DeviceCsr> {
+        let slot = self
+            .slot
+            .take()
+            .expect("staged rows are taken once (into_device consumes them)");
+        let n = self.indptr.len() - 1;
+        let nnz = self.indptr[n] as usize;
+        let gathered = if nnz == 0 {
+            // Nothing to copy or index: the empty arrays, uploaded as any batch's.
+            let empty = CsrRef {
+                rows: n,
+                cols: self.from.cols,
+                indptr: &self.indptr,
+                indices: &[],
+                data: &[],
+            };
+            DeviceCsr::upload(gpu, empty)
+        } else {
+            gpu.stream()
+                .wait(&slot.copied)
+                .map_err(driver("waiting for a staged upload"))?;
+            let indptr = slot.indptr.copy_out(gpu, n + 1)?;
+            let rows = slot.indices.device().expect("filled before it is read");
+            resident_gpu::gather(gpu, &self.from, (rows, n), (indptr, nnz), transform)
+        };
+        // The gather, the slot's last reader, is queued (or nothing read it).
+        self.staging.release(slot, gpu.stream())?;
+        gathered
     }
 }
 
@@ -152,14 +246,7 @@ impl StagedCsr {
                 })
             })
             .transpose()?;
-        slot.consumed
-            .record(compute)
-            .map_err(driver("staging: recording the copy out"))?;
-        self.staging
-            .free
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(slot);
+        self.staging.release(slot, compute)?;
         let transposed = match copied {
             Some(index) => index,
             None => resident_gpu::transposed(
@@ -274,6 +361,11 @@ impl<T: DeviceRepr + Copy + Send + Sync + cudarc::driver::ValidAsZeroBits> Lane<
         stream
             .memcpy_htod(source, &mut device.slice_mut(0..n))
             .map_err(driver("staging: the upload"))
+    }
+
+    /// The device buffer, once filled.
+    fn device(&self) -> Option<&CudaSlice<T>> {
+        self.buffers.as_ref().map(|(_, device)| device)
     }
 
     /// The first `n` values, copied on `gpu`'s compute stream into a buffer of it.

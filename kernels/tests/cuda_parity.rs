@@ -896,6 +896,198 @@ fn gemm_matches_cpu_for_every_transpose() {
     parity(gemms, gemms);
 }
 
+/// A dense layer's forward and backward, queued into buffers it makes from the input in `x`:
+/// h = relu(x w + bias); for an upstream gradient dh, dz = relu'(z) dh, dw = xᵀ dz,
+/// dbias = Σ rows of dz, dx = dz wᵀ (x 64 x 48, w 48 x 32). Outputs: h, dw, dbias, dx.
+fn layer_step<B: Backend<f32>>(
+    b: &B,
+    x: &B::Buf,
+    (w, bias, dh): (&B::Buf, &B::Buf, &B::Buf),
+) -> tessera_kernels::backend::Result<[B::Buf; 4]> {
+    let (m, k, n) = (64, 48, 32);
+    let mut z = product(b, (false, false), (m, k, n), x, w)?;
+    b.bias_add(Out::all(&mut z), In::all(bias))?;
+    let mut h = b.output_buf(m * n)?;
+    b.activation_forward(Activation::Relu, In::all(&z), Out::all(&mut h))?;
+    let mut dz = b.output_buf(m * n)?;
+    let (zs, hs) = (In::all(&z), In::all(&h));
+    b.activation_backward(Activation::Relu, zs, hs, In::all(dh), Out::all(&mut dz))?;
+    let dw = product(b, (true, false), (k, m, n), x, &dz)?;
+    let mut dbias = b.output_buf(n)?;
+    b.column_sums(In::all(&dz), Out::all(&mut dbias))?;
+    let dx = product(b, (false, true), (m, n, k), &dz, w)?;
+    Ok([h, dw, dbias, dx])
+}
+
+/// op(a) op(c), m x k times k x n, into a buffer it makes.
+fn product<B: Backend<f32>>(
+    b: &B,
+    (ta, tc): (bool, bool),
+    (m, k, n): (usize, usize, usize),
+    a: &B::Buf,
+    c: &B::Buf,
+) -> tessera_kernels::backend::Result<B::Buf> {
+    let mut y = b.output_buf(m * n)?;
+    b.gemm(
+        ta,
+        tc,
+        m,
+        k,
+        n,
+        1.0,
+        In::all(a),
+        In::all(c),
+        0.0,
+        Out::all(&mut y),
+    )?;
+    Ok(y)
+}
+
+/// The layer's parameters and upstream gradient, and two inputs.
+fn layer_operands() -> ([Vec<f32>; 3], [Vec<f32>; 2]) {
+    let shifted = |n: usize, by: f32| inputs(n).iter().map(|v| v - by).collect::<Vec<f32>>();
+    (
+        [shifted(48 * 32, 0.4), shifted(32, 0.5), inputs(64 * 32)],
+        [shifted(64 * 48, 0.3), shifted(64 * 48, 0.6)],
+    )
+}
+
+fn layer_outputs<B: Backend<f32>>(b: &B, outs: &[B::Buf; 4]) -> Vec<Vec<f32>> {
+    outs.iter().map(|o| down(b, o)).collect()
+}
+
+/// A CUDA graph of the layer's step (`Gpu::capture`: kernels and cuBLAS GEMMs) replays it on
+/// what its input buffer holds at each launch: the CPU's outputs for each of two inputs, and
+/// for the first the bits of the same step run without a graph. While the graph lives, the
+/// buffers it captured serve nothing else.
+#[test]
+fn a_captured_layer_step_replays_on_what_its_input_holds_at_each_launch() {
+    let Some(gpu) = gpu() else { return };
+    let cuda = Cuda::new(gpu);
+    let ([w, bias, dh], xs) = layer_operands();
+    let params = |b: &Cpu| (up(b, &w), up(b, &bias), up(b, &dh));
+    let (cw, cb, cd) = params(&Cpu);
+    let cpu: Vec<Vec<Vec<f32>>> = xs
+        .iter()
+        .map(|x| {
+            layer_outputs(
+                &Cpu,
+                &layer_step(&Cpu, &up(&Cpu, x), (&cw, &cb, &cd)).unwrap(),
+            )
+        })
+        .collect();
+    let (gw, gb, gd) = (up(&cuda, &w), up(&cuda, &bias), up(&cuda, &dh));
+    let mut x = up(&cuda, &xs[0]);
+    // Run once first: the capture takes only buffers a run before it kept.
+    let eager = layer_outputs(&cuda, &layer_step(&cuda, &x, (&gw, &gb, &gd)).unwrap());
+    let (graph, outs) = cuda
+        .gpu()
+        .capture(|| layer_step(&cuda, &x, (&gw, &gb, &gd)))
+        .unwrap();
+    let address = |buf: &tessera_kernels::cuda_cache::DeviceBuf| {
+        cudarc::driver::DevicePtr::device_ptr(buf, buf.stream()).0
+    };
+    let other = cuda.output_buf(64 * 32).unwrap();
+    assert!(outs.iter().all(|o| address(o) != address(&other)));
+    for (i, input) in xs.iter().enumerate() {
+        cuda.write(input, Out::all(&mut x)).unwrap();
+        graph.launch().unwrap();
+        let replayed = layer_outputs(&cuda, &outs);
+        for (j, (g, c)) in replayed.iter().zip(&cpu[i]).enumerate() {
+            assert_close(&format!("input {i}, output {j}"), g, c, 1e-3, 1e-4);
+        }
+        if i == 0 {
+            assert_eq!(replayed, eager, "a replay is the step's own bits");
+        }
+    }
+}
+
+/// A dropout mask and normal draws of one step, into buffers they make.
+fn draws_at<B: Backend<f32>>(
+    b: &B,
+    x: &B::Buf,
+    step: u64,
+) -> tessera_kernels::backend::Result<[B::Buf; 2]> {
+    let mut y = b.output_buf(1000)?;
+    b.dropout(In::all(x), 0.3, 11, (step << 20) | 5, Out::all(&mut y))?;
+    let mut z = b.output_buf(999)?;
+    b.normal(11, (step << 20) | 6, Out::all(&mut z))?;
+    Ok([y, z])
+}
+
+/// A captured step's draws follow the step set before each launch (`Gpu::set_draw_step`):
+/// each replay draws what the same calls draw on the CPU at that step. A draw of another step
+/// inside the capture fails it (the graph would set its step at every replay).
+#[test]
+fn a_captured_draw_follows_the_step_set_before_each_launch() {
+    let Some(gpu) = gpu() else { return };
+    let cuda = Cuda::new(gpu);
+    let x = inputs(1000);
+    let (gx, cx) = (up(&cuda, &x), up(&Cpu, &x));
+    let cpu_at = |step| draws_at(&Cpu, &cx, step).unwrap().map(|o| down(&Cpu, &o));
+    drop(draws_at(&cuda, &gx, 3).unwrap());
+    let (graph, outs) = cuda.gpu().capture(|| draws_at(&cuda, &gx, 3)).unwrap();
+    for step in [4, 9, 1 << 33, 3] {
+        cuda.gpu().set_draw_step(step).unwrap();
+        graph.launch().unwrap();
+        let cpu = cpu_at(step);
+        assert_close(
+            &format!("dropout at {step}"),
+            &down(&cuda, &outs[0]),
+            &cpu[0],
+            0.0,
+            1e-7,
+        );
+        assert_close(
+            &format!("normal at {step}"),
+            &down(&cuda, &outs[1]),
+            &cpu[1],
+            1e-5,
+            1e-5,
+        );
+    }
+    assert_ne!(cpu_at(4), cpu_at(9), "steps draw differently");
+    drop((graph, outs));
+    let changes = cuda.gpu().capture(|| draws_at(&cuda, &gx, 5));
+    assert!(
+        matches!(&changes, Err(tessera_kernels::backend::EngineError::Cuda(
+            tessera_kernels::cuda::CudaError::Capture(m))) if m.contains("from 3 to 5")),
+        "{changes:?}"
+    );
+}
+
+/// What a capture may not do (allocate, copy from or to pageable memory, wait for the device)
+/// fails it, and the stream goes on as before: nothing captured ran or stays queued.
+#[test]
+fn a_capture_that_allocates_copies_pageable_memory_or_waits_fails() {
+    let Some(gpu) = gpu() else { return };
+    let allocates = gpu.capture(|| gpu.alloc::<f32>(123_457));
+    let named = |m: &str| m.contains("493828 bytes");
+    assert!(
+        matches!(&allocates, Err(tessera_kernels::cuda::CudaError::Capture(m)) if named(m)),
+        "{allocates:?}"
+    );
+    drop(gpu.alloc::<f32>(4).unwrap());
+    let uploads = gpu.capture(|| gpu.upload(&[1.0f32, 2.0, 3.0, 4.0]));
+    assert!(uploads.is_err(), "{uploads:?}");
+    let kept = gpu.upload(&[5.0f32, 6.0]).unwrap();
+    let reads = gpu.capture(|| gpu.download(&*kept));
+    assert!(reads.is_err(), "{reads:?}");
+    let cuda = Cuda::new(gpu);
+    let ([w, bias, dh], xs) = layer_operands();
+    let (cw, cb, cd) = (up(&Cpu, &w), up(&Cpu, &bias), up(&Cpu, &dh));
+    let cpu = layer_step(&Cpu, &up(&Cpu, &xs[0]), (&cw, &cb, &cd)).unwrap();
+    let (gw, gb, gd) = (up(&cuda, &w), up(&cuda, &bias), up(&cuda, &dh));
+    let outs = layer_step(&cuda, &up(&cuda, &xs[0]), (&gw, &gb, &gd)).unwrap();
+    for (g, c) in layer_outputs(&cuda, &outs)
+        .iter()
+        .zip(layer_outputs(&Cpu, &cpu))
+    {
+        assert_close("after the failed captures", g, &c, 1e-3, 1e-4);
+    }
+    assert_eq!(cuda.gpu().download(&*kept).unwrap(), vec![5.0, 6.0]);
+}
+
 /// TF32 and bf16 tensor cores (`Gpu::with_matmul`) against the CPU's f32 GEMM of the inputs
 /// rounded as the tensor cores read them; also prints how far each lands from the f32 product
 /// (whether cuBLAS used the tensor cores at all is its choice per shape).
@@ -1012,10 +1204,22 @@ fn random<B: Backend<f32>>(b: &B) -> Vec<Output> {
         .unwrap();
     let mut eps = zeros(b, n + 10);
     b.normal(42, 7, Out::part(&mut eps, 10..n + 10)).unwrap();
+    // Streams with high bits (a step, as models number them; past 2^32 too, which a GPU
+    // reads from device memory), then a low one again.
+    let mut late = Vec::new();
+    for stream in [(7 << 20) | 3, (5_000_000_123 << 20) | 4, 3] {
+        let mut z = zeros(b, 1000);
+        b.dropout(In::part(&x, 0..1000), 0.25, 42, stream, Out::all(&mut z))
+            .unwrap();
+        late.extend(down(b, &z));
+        b.normal(42, stream, Out::all(&mut z)).unwrap();
+        late.extend(down(b, &z));
+    }
     // The same elements dropped, the same scaled values; normals differ only by log/cos rounding.
     vec![
         output("dropout", down(b, &y), 0.0, 1e-7),
         output("normal", down(b, &eps), 1e-5, 1e-5),
+        output("draws at later steps", late, 1e-5, 1e-5),
     ]
 }
 

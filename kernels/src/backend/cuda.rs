@@ -13,7 +13,7 @@ use crate::cuda_staging::StagedCsr;
 use crate::ops::elementwise::{self, Activation};
 use crate::ops::likelihood::{self, Likelihood};
 use crate::ops::linear::gpu::DeviceCsr;
-use crate::ops::linear::resident_gpu::{self, ResidentCsr};
+use crate::ops::linear::resident_gpu::ResidentCsr;
 use crate::ops::linear::{self, CountTransform, CsrRef};
 use crate::ops::optim::{self, AdamW};
 use crate::ops::{dropout, gaussian, losses, norm};
@@ -23,12 +23,7 @@ use crate::ops::{dropout, gaussian, losses, norm};
 #[derive(Debug)]
 pub enum Staged {
     Copied(Box<StagedCsr>),
-    Rows {
-        from: Arc<ResidentCsr>,
-        rows: Vec<u32>,
-        indptr: Vec<u64>,
-        transform: CountTransform,
-    },
+    Rows(Box<crate::cuda_staging::StagedRows>, CountTransform),
 }
 
 /// Views on their way to the host, copied together ([`Backend::start_download`]).
@@ -208,12 +203,7 @@ impl Backend<f32> for Cuda {
     fn staged_csr(&self, x: Staged) -> Result<DeviceCsr> {
         Ok(match x {
             Staged::Copied(x) => x.into_device(&self.gpu)?,
-            Staged::Rows {
-                from,
-                rows,
-                indptr,
-                transform,
-            } => resident_gpu::gather(&self.gpu, &from, &rows, &indptr, transform)?,
+            Staged::Rows(rows, transform) => rows.into_device(&self.gpu, transform)?,
         })
     }
 
@@ -243,13 +233,8 @@ impl Backend<f32> for Cuda {
         rows: &[usize],
         transform: CountTransform,
     ) -> Result<Staged> {
-        let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        Ok(Staged::Rows {
-            indptr: x.batch_indptr(&rows),
-            from: Arc::clone(x),
-            rows,
-            transform,
-        })
+        let staged = self.gpu.staging()?.stage_rows(x, rows)?;
+        Ok(Staged::Rows(Box::new(staged), transform))
     }
 
     fn gemm(

@@ -20,7 +20,15 @@ __device__ float philox_uniform(unsigned long long seed, unsigned long long stre
     return (float)(c[i % 4] >> 8) * (1.0f / 16777216.0f);
 }
 
-extern "C" __global__ void dropout_forward(const float* x, float p, unsigned long long seed, unsigned long long stream, float* y, unsigned long long n) {
+// A draw's Philox stream: its bits above the low 20 (a training step, as models number the
+// streams) read from device memory, so that a captured step draws at each replay what the
+// step set before its launch asks for; its low bits (the draw's site) an argument.
+__device__ __forceinline__ unsigned long long draw_stream(const unsigned long long* high, unsigned long long low) {
+    return (*high << 20) | low;
+}
+
+extern "C" __global__ void dropout_forward(const float* x, float p, unsigned long long seed, unsigned long long low, const unsigned long long* high, float* y, unsigned long long n) {
+    unsigned long long stream = draw_stream(high, low);
     float scale = 1.0f / (1.0f - p);
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
         y[i] = philox_uniform(seed, stream, i) >= p ? x[i] * scale : 0.0f;
@@ -29,7 +37,8 @@ extern "C" __global__ void dropout_forward(const float* x, float p, unsigned lon
 
 // out[i] = the standard normal of element i (Box-Muller on uniforms 2i and 2i + 1), as
 // ops::dropout::normal.
-extern "C" __global__ void normal_fill(unsigned long long seed, unsigned long long stream, float* out, unsigned long long n) {
+extern "C" __global__ void normal_fill(unsigned long long seed, unsigned long long low, const unsigned long long* high, float* out, unsigned long long n) {
+    unsigned long long stream = draw_stream(high, low);
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
         float u1 = 1.0f - philox_uniform(seed, stream, 2 * i);
         float u2 = philox_uniform(seed, stream, 2 * i + 1);

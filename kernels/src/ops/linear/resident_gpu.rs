@@ -6,7 +6,7 @@
 //! whose rows name a gene at most once (checked once, at upload).
 #![allow(unsafe_code)] // kernel launches: sizes are checked before each
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::gpu::{DeviceCsr, DeviceTransposed};
 use super::{CUDA_SOURCE, CountTransform, CsrRef};
@@ -64,33 +64,23 @@ impl ResidentCsr {
     }
 }
 
-/// Rows `rows` of `x` as a batch on the compute stream (`indptr` from
-/// [`ResidentCsr::batch_indptr`]), with its transposed index for `transform` queued behind.
+/// Rows of `x` as a batch on the compute stream, with its transposed index for `transform`
+/// queued behind: `rows`, the row list (at least `n` values; the first `n` are read), and
+/// `indptr`, their row pointers in the batch ([`ResidentCsr::batch_indptr`], `n + 1` values
+/// ending at `nnz`, which becomes the batch's), both already on the device; `nnz` > 0 (an
+/// empty batch has nothing to gather or index on the device).
 pub fn gather(
     gpu: &Gpu,
     x: &ResidentCsr,
-    rows: &[u32],
-    indptr: &[u64],
+    (rows, n): (&CudaSlice<u32>, usize),
+    (indptr, nnz): (DeviceBuf<u64>, usize),
     transform: CountTransform,
 ) -> Result<DeviceCsr> {
     assert!(
-        indptr.len() == rows.len() + 1 && rows.iter().all(|&r| (r as usize) < x.rows),
-        "gather: rows of a {}-row matrix and their row pointers",
+        rows.len() >= n && indptr.len() == n + 1 && nnz > 0,
+        "gather: {n} rows of a {}-row matrix, their row pointers and some entries",
         x.rows
     );
-    let (n, nnz) = (rows.len(), indptr[rows.len()] as usize);
-    if nnz == 0 {
-        // Nothing to copy or index: the empty arrays, uploaded as any batch's.
-        let empty = CsrRef {
-            rows: n,
-            cols: x.cols,
-            indptr,
-            indices: &[],
-            data: &[],
-        };
-        return DeviceCsr::upload(gpu, empty);
-    }
-    let (on_device, batch_indptr) = (gpu.upload(rows)?, gpu.upload(indptr)?);
     let stream = gpu.stream();
     // Both are written whole by the gather below before any read.
     let (mut indices, mut data) = (gpu.alloc::<u32>(nnz)?, gpu.alloc::<f32>(nnz)?);
@@ -100,19 +90,20 @@ pub fn gather(
     b.arg(&x.indptr)
         .arg(&x.indices)
         .arg(&x.data)
-        .arg(&on_device)
+        .arg(rows)
         .arg(&n64)
-        .arg(&batch_indptr)
+        .arg(&indptr)
         .arg(&mut indices)
         .arg(&mut data);
-    // SAFETY: every row is below x.rows (asserted) and indptr holds the gathered rows' lengths,
-    // ending at nnz, the size of both outputs.
+    // SAFETY: the row list names rows of x (`batch_indptr` indexed its host row pointers by
+    // them) and indptr holds the gathered rows' lengths, ending at nnz, the size of both
+    // outputs.
     unsafe { b.launch(per_row(n)) }.map_err(failed("csr_gather_entries"))?;
-    let transposed = transposed(gpu, (&batch_indptr, &indices, &data), n, x.cols, transform)?;
+    let transposed = transposed(gpu, (&indptr, &indices, &data), n, x.cols, transform)?;
     Ok(DeviceCsr::from_parts(
         n,
         x.cols,
-        (batch_indptr, indices, data),
+        (indptr, indices, data),
         None,
         Some((transform, transposed)),
         true,
@@ -219,17 +210,22 @@ mod tests {
     #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
     use super::*;
 
+    fn gpu_or_skip() -> Option<Gpu> {
+        match Gpu::new(0) {
+            Ok(gpu) => Some(gpu),
+            Err(e) => {
+                let why = format!("the device's gather and index need a CUDA device: {e}");
+                crate::testing::skip("TESSERA_REQUIRE_DEVICE", &why);
+                None
+            }
+        }
+    }
+
     /// The device's gathered arrays and transposed index against the host's, array by array
     /// (the positions exactly; the values to the rounding of two log1p implementations).
     #[test]
     fn gathered_arrays_and_index_are_the_hosts() {
-        let gpu = match Gpu::new(0) {
-            Ok(gpu) => gpu,
-            Err(e) => {
-                let why = format!("the device's gather and index need a CUDA device: {e}");
-                return crate::testing::skip("TESSERA_REQUIRE_DEVICE", &why);
-            }
-        };
+        let Some(gpu) = gpu_or_skip() else { return };
         let (n, cols) = (2000usize, 700usize);
         let (mut indptr, mut indices, mut data) = (vec![0u64], Vec::new(), Vec::new());
         for r in 0..n {
@@ -246,18 +242,12 @@ mod tests {
             indices: &indices,
             data: &data,
         };
-        let resident = ResidentCsr::upload(&gpu, whole).unwrap();
+        let resident = std::sync::Arc::new(ResidentCsr::upload(&gpu, whole).unwrap());
         let rows: Vec<usize> = (0..1500).map(|i| (i * 7919 + 5) % n).collect();
-        let rows32: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let transform = CountTransform::NormalizedLog1p { scale: 1e4 };
-        let batch = gather(
-            &gpu,
-            &resident,
-            &rows32,
-            &resident.batch_indptr(&rows32),
-            transform,
-        )
-        .unwrap();
+        // Through the copy stream, as training stages them.
+        let staged = gpu.staging().unwrap().stage_rows(&resident, &rows).unwrap();
+        let batch = staged.into_device(&gpu, transform).unwrap();
         let host = super::super::gather_rows(whole, &rows);
         let stream = gpu.stream();
         assert_eq!(stream.clone_dtoh(&batch.indptr).unwrap(), host.0);
@@ -283,5 +273,42 @@ mod tests {
                 "value {k}: {g} vs {c}"
             );
         }
+    }
+
+    /// Rows without entries make an empty batch of their shape, and the slot serves the next
+    /// batch, whose rows have entries.
+    #[test]
+    fn a_batch_of_empty_rows_is_empty_and_the_next_is_gathered() {
+        let Some(gpu) = gpu_or_skip() else { return };
+        // Rows 0 and 2 empty; row 1 holds (0, 2.0), (3, 5.0).
+        let (indptr, indices, data) = (vec![0u64, 0, 2, 2], vec![0u32, 3], vec![2.0f32, 5.0]);
+        let whole = CsrRef {
+            rows: 3,
+            cols: 4,
+            indptr: &indptr,
+            indices: &indices,
+            data: &data,
+        };
+        let resident = std::sync::Arc::new(ResidentCsr::upload(&gpu, whole).unwrap());
+        let staging = gpu.staging().unwrap();
+        let transform = CountTransform::Log1p;
+        let empty = staging.stage_rows(&resident, &[2, 0]).unwrap();
+        let empty = empty.into_device(&gpu, transform).unwrap();
+        assert_eq!((empty.rows, empty.cols, empty.data.len()), (2, 4, 0));
+        assert_eq!(
+            gpu.stream().clone_dtoh(&empty.indptr).unwrap(),
+            vec![0, 0, 0]
+        );
+        let next = staging.stage_rows(&resident, &[1, 2, 1]).unwrap();
+        let next = next.into_device(&gpu, transform).unwrap();
+        assert_eq!(
+            gpu.stream().clone_dtoh(&next.indptr).unwrap(),
+            vec![0, 2, 2, 4]
+        );
+        assert_eq!(
+            gpu.stream().clone_dtoh(&next.indices).unwrap(),
+            vec![0, 3, 0, 3]
+        );
+        assert_eq!(gpu.download(&*next.data).unwrap(), vec![2.0, 5.0, 2.0, 5.0]);
     }
 }
