@@ -764,14 +764,23 @@ fn staged_steps<'a, B: Backend<f32>>(
     let timed = std::thread::scope(|s| {
         let (send, staged) = std::sync::mpsc::sync_channel(1);
         let stager = b.clone();
-        s.spawn(move || while send.send(stage(&stager)).is_ok() {});
+        // The covariates travel with the counts, as the training loop stages them.
+        let covariates = as_batch().covariates;
+        let both = move || -> std::result::Result<_, tessera_kernels::backend::EngineError> {
+            Ok((stage(&stager)?, stager.stage_values(covariates)?))
+        };
+        s.spawn(move || while send.send(both()).is_ok() {});
         let (device, trainer, queue) = (&b, &mut *trainer, &mut queue);
         let (queueing, queued) = (&mut queueing, &mut queued);
         // The receiver moves to the pool thread that steps.
         step_seconds(&b, per_round, move || {
-            let csr = device.staged_csr(staged.recv()??)?;
+            let (csr, covariates) = staged.recv()??;
+            let on_device = tessera_models::OnDevice {
+                counts: vec![Some(device.staged_csr(csr)?)],
+                covariates: Some(device.staged_values(covariates)?),
+            };
             let started = Instant::now();
-            let pending = trainer.part_terms(as_batch(), vec![Some(csr)], 10, 0)?;
+            let pending = trainer.part_terms(as_batch(), on_device, 10, 0)?;
             (*queueing, *queued) = (*queueing + started.elapsed().as_secs_f64(), *queued + 1);
             queue.push(trainer, pending)?;
             Ok(())

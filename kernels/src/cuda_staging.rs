@@ -118,6 +118,21 @@ impl Staging {
         })
     }
 
+    /// Starts copying `values` (a batch's covariates) to the device on the copy stream;
+    /// callable from any thread.
+    pub fn stage_values(self: &Arc<Self>, values: &[f32]) -> Result<StagedValues> {
+        let mut slot = self.free_slot()?;
+        slot.data.fill(&self.ctx, &self.stream, values)?;
+        slot.copied
+            .record(&self.stream)
+            .map_err(driver("staging: recording the upload"))?;
+        Ok(StagedValues {
+            staging: Arc::clone(self),
+            slot: Some(slot),
+            n: values.len(),
+        })
+    }
+
     /// A slot whose last upload is done and whose device buffers the compute stream has copied
     /// out (both recorded before it came back to the free list), or a new one.
     fn free_slot(&self) -> Result<Slot> {
@@ -195,6 +210,37 @@ impl StagedRows {
         // The gather, the slot's last reader, is queued (or nothing read it).
         self.staging.release(slot, gpu.stream())?;
         gathered
+    }
+}
+
+/// Values on their way to the device: [`StagedValues::into_device`] copies them into a buffer of
+/// the compute stream.
+pub struct StagedValues {
+    staging: Arc<Staging>,
+    slot: Option<Slot>,
+    n: usize,
+}
+
+impl std::fmt::Debug for StagedValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StagedValues({})", self.n)
+    }
+}
+
+impl StagedValues {
+    /// The values in a buffer of `gpu`'s stream, usable by every op queued on it after this
+    /// call.
+    pub fn into_device(mut self, gpu: &Gpu) -> Result<DeviceBuf> {
+        let slot = self
+            .slot
+            .take()
+            .expect("staged values are taken once (into_device consumes them)");
+        gpu.stream()
+            .wait(&slot.copied)
+            .map_err(driver("waiting for a staged upload"))?;
+        let values = slot.data.copy_out(gpu, self.n)?;
+        self.staging.release(slot, gpu.stream())?;
+        Ok(values)
     }
 }
 

@@ -563,7 +563,6 @@ fn staged_uploads<B: Backend<f32>>(b: &B) -> Vec<Output> {
             data,
         }
     }
-    let mut out = Vec::new();
     let d_out = 16;
     let shapes = [(1024, 2000), (64, 31), (1500, 2000), (8, 5), (300, 700)];
     let matrices: Vec<Matrix> = shapes
@@ -585,6 +584,9 @@ fn staged_uploads<B: Backend<f32>>(b: &B) -> Vec<Output> {
             (rows, cols, m)
         })
         .collect();
+    // Values staged before the matrices (their slots then grow for a matrix) and after (a
+    // matrix's slot holds a few values), each read back as given.
+    let mut out = staged_values(b, &[6, 0, 3]);
     let unused = b
         .stage_csr(view(&matrices[0]), CountTransform::Log1p)
         .unwrap();
@@ -658,7 +660,29 @@ fn staged_uploads<B: Backend<f32>>(b: &B) -> Vec<Output> {
         ));
         out.push(output(format!("staged {rows}x{cols} dW"), dw, 1e-4, 1e-5));
     }
+    out.extend(staged_values(b, &[2048, 5]));
     out
+}
+
+/// Values of each length staged on another thread (as the training loop stages a batch's
+/// covariates), then taken in order: each buffer holds its values, bit for bit.
+fn staged_values<B: Backend<f32>>(b: &B, lengths: &[usize]) -> Vec<Output> {
+    let values: Vec<Vec<f32>> = lengths.iter().map(|&n| inputs(n)).collect();
+    let staged: Vec<B::StagedValues> = std::thread::scope(|s| {
+        s.spawn(|| values.iter().map(|v| b.stage_values(v).unwrap()).collect())
+            .join()
+            .unwrap()
+    });
+    values
+        .iter()
+        .zip(staged)
+        .filter_map(|(v, staged)| {
+            let back = down(b, &b.staged_values(staged).unwrap());
+            assert_eq!(&back, v, "{} staged values", v.len());
+            // No values (a batch without covariates) compare above only.
+            (!v.is_empty()).then(|| output(format!("{} staged values", v.len()), back, 0.0, 0.0))
+        })
+        .collect()
 }
 
 #[test]

@@ -24,5 +24,5 @@ pub use train::{
 };
 pub use vae::{
     Categories, Dispersion, Joint, LikelihoodKind, LossTerms, ModalityConfig, ModalityCounts,
-    ModalitySpec, Prior, Supervision, Survival, Vae, VaeBatch, VaeConfig,
+    ModalitySpec, OnDevice, Prior, Supervision, Survival, Vae, VaeBatch, VaeConfig,
 };

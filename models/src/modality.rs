@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use tessera_kernels::Real;
-use tessera_kernels::backend::{Backend, Result, Tensor};
+use tessera_kernels::backend::{Backend, In, Out, Result, Storage, Tensor};
 use tessera_kernels::ops::elementwise::Activation;
 use tessera_kernels::ops::linear::{CountTransform, CsrRef};
 use tessera_kernels::params::Layout;
@@ -15,6 +15,43 @@ use crate::layers::{
 pub use crate::likelihood::{Dispersion, LikelihoodKind};
 use crate::likelihood::{Expected, Observation, ObservationActs, Rows, Site, head};
 use crate::pending::{Reduce, Share};
+
+/// The covariate rows (n × n_cov, row-major) a pass reads: on the host, and on the device where
+/// the step already holds exactly these rows there (staged with the batch).
+#[derive(Debug)]
+pub struct Covariates<'a, T, Buf> {
+    pub host: &'a [T],
+    pub device: Option<&'a Buf>,
+}
+
+// By hand: a derive would ask T and Buf to be Copy, though only references are copied.
+impl<T, Buf> Clone for Covariates<'_, T, Buf> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T, Buf> Copy for Covariates<'_, T, Buf> {}
+
+impl<'a, T: Real, Buf: Storage> Covariates<'a, T, Buf> {
+    /// Rows on the host only (each pass uploads them).
+    pub fn host(host: &'a [T]) -> Self {
+        Covariates { host, device: None }
+    }
+
+    /// The rows in a buffer of the pass's own (it keeps them for its backward): copied on the
+    /// device where the step holds them there, otherwise uploaded.
+    fn to_device<B: Backend<T, Buf = Buf>>(self, b: &B) -> Result<Buf> {
+        match self.device {
+            Some(on_device) => {
+                let mut own = b.output_buf(self.host.len())?;
+                b.copy(In::all(on_device), Out::all(&mut own))?;
+                Ok(own)
+            }
+            None => b.upload(self.host),
+        }
+    }
+}
 
 /// What the encoders' sparse first layer makes of raw counts (scVI's log1p): a stager that
 /// uploads a batch ahead builds the backward's transposed index for it.
@@ -158,7 +195,7 @@ impl Encoder {
         state: &mut Slots<'_, Buf<T, B>>,
         counts: CsrRef<'_, T>,
         uploaded: Option<B::Csr>,
-        covariates: &[T],
+        covariates: Covariates<'_, T, Buf<T, B>>,
         mode: Mode,
     ) -> Result<EncoderActs<Buf<T, B>, B::Csr>> {
         let counts_on_device = match uploaded {
@@ -189,7 +226,7 @@ impl Encoder {
         p: &Weights<'_, Buf<T, B>>,
         state: &mut Slots<'_, Buf<T, B>>,
         x: Tensor<Buf<T, B>>,
-        covariates: &[T],
+        covariates: Covariates<'_, T, Buf<T, B>>,
         mode: Mode,
     ) -> Result<EncoderActs<Buf<T, B>, B::Csr>> {
         let rows = x.rows;
@@ -204,14 +241,14 @@ impl Encoder {
         state: &mut Slots<'_, Buf<T, B>>,
         input: EncoderInput<Buf<T, B>, B::Csr>,
         rows: usize,
-        covariates: &[T],
+        covariates: Covariates<'_, T, Buf<T, B>>,
         mode: Mode,
     ) -> Result<EncoderActs<Buf<T, B>, B::Csr>> {
         let cov = if self.encode_covariates {
             Some(Tensor {
-                buf: b.upload(covariates)?,
+                buf: covariates.to_device(b)?,
                 rows,
-                cols: covariates.len() / rows.max(1),
+                cols: covariates.host.len() / rows.max(1),
             })
         } else {
             None
@@ -433,7 +470,7 @@ impl Decoder {
         z: &Tensor<Buf<T, B>>,
         counts: CsrRef<'_, T>,
         uploaded: Option<&B::Csr>,
-        covariates: &[T],
+        covariates: Covariates<'_, T, Buf<T, B>>,
         weights: &[T],
         mode: Mode,
     ) -> Result<DecoderPass<Buf<T, B>>> {
@@ -481,7 +518,7 @@ impl Decoder {
         p: &Weights<'_, Buf<T, B>>,
         state: &mut Slots<'_, Buf<T, B>>,
         z: &Tensor<Buf<T, B>>,
-        covariates: &[T],
+        covariates: Covariates<'_, T, Buf<T, B>>,
         mode: Mode,
     ) -> Result<Trunk<Buf<T, B>>> {
         let (cov, onehot) = self.covariates(b, covariates, z.rows)?;
@@ -538,17 +575,17 @@ impl Decoder {
     fn covariates<T: Real, B: Backend<T>>(
         &self,
         b: &B,
-        covariates: &[T],
+        covariates: Covariates<'_, T, Buf<T, B>>,
         n: usize,
     ) -> Result<(Tensor<Buf<T, B>>, Option<Tensor<Buf<T, B>>>)> {
         assert_eq!(
-            covariates.len(),
+            covariates.host.len(),
             n * self.n_cov,
             "covariates: {n} rows of {}",
             self.n_cov
         );
         let cov = Tensor {
-            buf: b.upload(covariates)?,
+            buf: covariates.to_device(b)?,
             rows: n,
             cols: self.n_cov,
         };
@@ -558,6 +595,7 @@ impl Decoder {
                 vec![T::one(); n]
             } else {
                 covariates
+                    .host
                     .chunks(self.n_cov.max(1))
                     .flat_map(|row| row[..self.n_batch].to_vec())
                     .collect()
@@ -619,7 +657,7 @@ impl Decoder {
         p: &Weights<'_, Buf<T, B>>,
         state: &mut Slots<'_, Buf<T, B>>,
         z: &Tensor<Buf<T, B>>,
-        covariates: &[T],
+        covariates: Covariates<'_, T, Buf<T, B>>,
         library: f64,
         mode: Mode,
     ) -> Result<(Tensor<Buf<T, B>>, CycleActs<Buf<T, B>>)> {
@@ -688,7 +726,7 @@ impl Decoder {
         p: &Weights<'_, Buf<T, B>>,
         state: &mut Slots<'_, Buf<T, B>>,
         z: &Tensor<Buf<T, B>>,
-        covariates: &[T],
+        covariates: Covariates<'_, T, Buf<T, B>>,
         library_size: f64,
     ) -> Result<Tensor<Buf<T, B>>> {
         let trunk = self.trunk(b, p, state, z, covariates, Mode::Eval)?;

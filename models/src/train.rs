@@ -13,7 +13,7 @@ use tessera_kernels::ops::optim::AdamW;
 
 use crate::layers::Mode;
 use crate::pending::{PendingLoss, ReadingLoss};
-use crate::vae::{LossTerms, Vae, VaeBatch};
+use crate::vae::{LossTerms, OnDevice, Vae, VaeBatch};
 
 /// Optimisation settings; defaults are scvi-tools' (Adam with L2 weight decay, lr 1e-3, eps 1e-2, weight decay
 /// 1e-6, batch 128, KL warm-up over 400 epochs, 10% validation).
@@ -288,7 +288,7 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
         batch: VaeBatch<'_, T>,
         epoch: usize,
     ) -> Result<Gradients, TrainError> {
-        self.part_gradients(batch, Vec::new(), epoch, 0)
+        self.part_gradients(batch, OnDevice::default(), epoch, 0)
     }
 
     /// [`Trainer::gradients`] of part `part` of a step's batch ([`Trainer::part_terms`]),
@@ -296,11 +296,11 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
     pub fn part_gradients(
         &mut self,
         batch: VaeBatch<'_, T>,
-        uploaded: Vec<Option<B::Csr>>,
+        on_device: OnDevice<B::Csr, B::Buf>,
         epoch: usize,
         part: u64,
     ) -> Result<Gradients, TrainError> {
-        let pending = self.part_terms(batch, uploaded, epoch, part)?;
+        let pending = self.part_terms(batch, on_device, epoch, part)?;
         self.read_terms(pending)
     }
 
@@ -308,12 +308,11 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
     /// training cuts each step's batch into parts), its loss terms left on the device: nothing
     /// is read. The part draws its own dropout masks and latent noise, so a part's gradient is
     /// the same whichever worker computes it; part 0 draws what a whole batch does.
-    /// `uploaded`: count matrices of the batch already on the device
-    /// ([`Vae::forward_backward`]).
+    /// `on_device`: what of the batch is already on the device ([`Vae::forward_backward`]).
     pub fn part_terms(
         &mut self,
         batch: VaeBatch<'_, T>,
-        uploaded: Vec<Option<B::Csr>>,
+        on_device: OnDevice<B::Csr, B::Buf>,
         epoch: usize,
         part: u64,
     ) -> Result<PendingLoss<B::Buf>, TrainError> {
@@ -321,7 +320,7 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
         let seed = self.config.seed ^ part.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let pending = self.model.forward_backward(
             batch,
-            uploaded,
+            on_device,
             self.config.kl_weight(epoch),
             Mode::Train { seed, step },
         )?;

@@ -19,14 +19,14 @@ use rand::SeedableRng;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::{Deserialize, Serialize};
 use tessera_kernels::Real;
-use tessera_kernels::backend::{Backend, In, Out, Result, Tensor};
+use tessera_kernels::backend::{Backend, In, Out, Result, Storage, Tensor};
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_kernels::params::Layout;
 
 use crate::heads::{HeadActs, Heads, HeadsSpec};
 pub use crate::heads::{Supervision, Survival};
 use crate::layers::{Buf, Mode, Slots, Weights, copy_of};
-use crate::modality::{CycleActs, Decoder, DecoderActs, Encoder, EncoderActs, Shape};
+use crate::modality::{Covariates, CycleActs, Decoder, DecoderActs, Encoder, EncoderActs, Shape};
 pub use crate::modality::{Dispersion, LikelihoodKind, ModalitySpec};
 use crate::pending::{PendingLoss, Reduce, Share, Term};
 
@@ -210,6 +210,24 @@ pub struct VaeBatch<'a, T> {
     pub covariates: &'a [T],
     /// Labels and targets of the supervised heads (absent: every cell unlabelled).
     pub supervision: Supervision<'a>,
+}
+
+/// What of a batch a stager already put on the device while the previous step computed: count
+/// matrices in the model's modality order (None, or past the end: uploaded by the step) and the
+/// covariates (None: uploaded by each pass that reads them).
+#[derive(Debug)]
+pub struct OnDevice<Csr, Buf> {
+    pub counts: Vec<Option<Csr>>,
+    pub covariates: Option<Buf>,
+}
+
+impl<Csr, Buf> Default for OnDevice<Csr, Buf> {
+    fn default() -> Self {
+        OnDevice {
+            counts: Vec::new(),
+            covariates: None,
+        }
+    }
 }
 
 impl<'a, T> VaeBatch<'a, T> {
@@ -412,10 +430,12 @@ impl<'a, T: Real> Rows<'a, T> {
         }
     }
 
-    fn covariates(&self) -> &[T] {
+    /// The rows' covariates, with `device` (the whole batch's on the device) where these are
+    /// all its rows.
+    fn covariates<'b, Buf: Storage>(&'b self, device: Option<&'b Buf>) -> Covariates<'b, T, Buf> {
         match self {
-            Rows::All(_, c) => c,
-            Rows::Selected { covariates, .. } => covariates,
+            Rows::All(_, host) => Covariates { host, device },
+            Rows::Selected { covariates, .. } => Covariates::host(covariates),
         }
     }
 }
@@ -734,24 +754,23 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         kl_weight: f64,
         mode: Mode,
     ) -> Result<LossTerms> {
-        self.forward_backward(batch, Vec::new(), kl_weight, mode)?
+        self.forward_backward(batch, OnDevice::default(), kl_weight, mode)?
             .resolve(&self.backend)
     }
 
     /// [`Vae::loss_and_grad`] with the loss terms still on the device, so that the caller
-    /// reads them with what else it queued (the step's one wait), and some of the batch's count
-    /// matrices already on the device (`uploaded`, in the model's modality order; None, or past
-    /// the end: uploaded here), as a stager uploads the next batch while this step computes. A
-    /// modality some cells of the batch lack is uploaded here regardless (the encoder reads a
-    /// subset of the rows).
+    /// reads them with what else it queued (the step's one wait), and some of the batch
+    /// already on the device (`on_device`), as a stager uploads the next batch while this step
+    /// computes. A modality some cells of the batch lack is uploaded here regardless (the
+    /// encoder reads a subset of the rows), with those rows' covariates.
     pub(crate) fn forward_backward(
         &mut self,
         batch: VaeBatch<'_, T>,
-        uploaded: Vec<Option<B::Csr>>,
+        on_device: OnDevice<B::Csr, B::Buf>,
         kl_weight: f64,
         mode: Mode,
     ) -> Result<PendingLoss<B::Buf>> {
-        let (terms, fwd) = self.forward(batch, uploaded, kl_weight, mode)?;
+        let (terms, fwd) = self.forward(batch, on_device, kl_weight, mode)?;
         self.backward(fwd, mode)?;
         Ok(terms)
     }
@@ -775,7 +794,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         kl_weight: f64,
         mode: Mode,
     ) -> Result<PendingLoss<B::Buf>> {
-        Ok(self.forward(batch, Vec::new(), kl_weight, mode)?.0)
+        Ok(self.forward(batch, OnDevice::default(), kl_weight, mode)?.0)
     }
 
     /// The latent means of a batch (evaluation mode: running statistics, no dropout), n × latent.
@@ -792,7 +811,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         }
         self.check_batch(&batch);
         let plan = Plan::new(&batch, 1);
-        let enc = self.encode(&batch, &plan, Vec::new(), Mode::Eval)?;
+        let enc = self.encode(&batch, &plan, Vec::new(), None, Mode::Eval)?;
         let (means, logvars, masks) = self.experts(&enc, &plan)?;
         let (m, lv) = self.combine(&means, &logvars, masks.as_deref(), plan.n)?;
         let b = &self.backend;
@@ -847,8 +866,15 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             .iter()
             .map(|d| {
                 b.download(
-                    d.expression(b, &p, &mut state, m, covariates, library_size)?
-                        .input(),
+                    d.expression(
+                        b,
+                        &p,
+                        &mut state,
+                        m,
+                        Covariates::host(covariates),
+                        library_size,
+                    )?
+                    .input(),
                 )
             })
             .collect()
@@ -890,6 +916,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         batch: &VaeBatch<'_, T>,
         plan: &Plan,
         mut uploaded: Vec<Option<B::Csr>>,
+        covariates: Option<&B::Buf>,
         mode: Mode,
     ) -> Result<Encoded<T, B>> {
         let p = Weights {
@@ -914,7 +941,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                     &mut state,
                     rows.counts(),
                     on_device.filter(|_| matches!(rows, Rows::All(..))),
-                    rows.covariates(),
+                    rows.covariates(covariates),
                     mode,
                 )
             })
@@ -1011,7 +1038,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     fn joint_mean(&mut self, batch: VaeBatch<'_, T>) -> Result<Tensor<Buf<T, B>>> {
         self.check_batch(&batch);
         let plan = Plan::new(&batch, 1);
-        let enc = self.encode(&batch, &plan, Vec::new(), Mode::Eval)?;
+        let enc = self.encode(&batch, &plan, Vec::new(), None, Mode::Eval)?;
         let (means, logvars, masks) = self.experts(&enc, &plan)?;
         if self.joint() == Joint::Moe {
             return self.mixture_mean(&means, &plan);
@@ -1221,11 +1248,18 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     fn forward(
         &mut self,
         batch: VaeBatch<'_, T>,
-        uploaded: Vec<Option<B::Csr>>,
+        on_device: OnDevice<B::Csr, B::Buf>,
         kl_weight: f64,
         mode: Mode,
     ) -> Result<(PendingLoss<Buf<T, B>>, Forward<Buf<T, B>, B::Csr>)> {
         self.check_batch(&batch);
+        let covariates = on_device.covariates;
+        assert!(
+            covariates
+                .as_ref()
+                .is_none_or(|c| c.len() == batch.covariates.len()),
+            "the covariates on the device are not this batch's"
+        );
         let training_batch_norm = matches!(mode, Mode::Train { .. }) && self.config.batch_norm;
         let plan = Plan::new(&batch, if training_batch_norm { 2 } else { 1 });
         let (n, d) = (plan.n, self.config.n_latent);
@@ -1233,7 +1267,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             n > 1 || !matches!(mode, Mode::Train { .. }) || !self.config.batch_norm,
             "BatchNorm training needs at least two cells"
         );
-        let enc = self.encode(&batch, &plan, uploaded, mode)?;
+        let enc = self.encode(&batch, &plan, on_device.counts, covariates.as_ref(), mode)?;
         let b = self.backend.clone();
 
         // The latent samples, the rows each decoder reads (codes into them, the decoded cell,
@@ -1282,7 +1316,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 z.as_ref().unwrap_or(&zs),
                 rows.counts(),
                 uploaded,
-                rows.covariates(),
+                rows.covariates(covariates.as_ref()),
                 &weights,
                 mode,
             )?;
@@ -1399,6 +1433,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                     .copied()
             })
             .collect();
+        let cov = Covariates::host(&covariates);
         let scale = 2.0 * weight / zs.rows as f64;
         let (mut value, mut passes) = (Term::default(), Vec::new());
         for (m, decoder) in self.decoders.iter().enumerate() {
@@ -1421,10 +1456,8 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             } else {
                 (libraries.iter().sum::<f64>() / libraries.len() as f64).max(1.0)
             };
-            let (x, decoded) =
-                decoder.cycle_forward(&b, &p, &mut state, zs, &covariates, library, mode)?;
-            let encoded =
-                self.encoders[m].forward_log1p(&b, &p, &mut state, x, &covariates, mode)?;
+            let (x, decoded) = decoder.cycle_forward(&b, &p, &mut state, zs, cov, library, mode)?;
+            let encoded = self.encoders[m].forward_log1p(&b, &p, &mut state, x, cov, mode)?;
             let mut dmean = copy_of(&b, encoded.mean.output())?;
             b.axpy(T::zero() - T::one(), zs.input(), dmean.output())?;
             // The distances, kept for the value (read with the step), before the gradient's scale.

@@ -10,8 +10,8 @@ use tessera_kernels::backend::{Backend, Cpu, Cuda, In};
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::layers::Mode;
 use tessera_models::{
-    Categories, ENCODER_TRANSFORM, Joint, LikelihoodKind, ModalityConfig, ModalityCounts, Prior,
-    Supervision, Survival, TrainConfig, Trainer, Vae, VaeBatch, VaeConfig,
+    Categories, ENCODER_TRANSFORM, Joint, LikelihoodKind, ModalityConfig, ModalityCounts, OnDevice,
+    Prior, Supervision, Survival, TrainConfig, Trainer, Vae, VaeBatch, VaeConfig,
 };
 
 const CELLS: usize = 96;
@@ -147,9 +147,9 @@ fn run<B: Backend<f32>>(b: B, config: &VaeConfig, modalities: &[(&str, usize)]) 
         .collect();
     let every_row: Vec<usize> = (0..CELLS).collect();
     for step in 0..3 {
-        let staged: Vec<B::Staged> = std::thread::scope(|s| {
+        let (staged, covariates): (Vec<B::Staged>, _) = std::thread::scope(|s| {
             s.spawn(|| {
-                counts
+                let staged = counts
                     .iter()
                     .zip(&resident)
                     .map(|(m, kept)| match step {
@@ -157,16 +157,21 @@ fn run<B: Backend<f32>>(b: B, config: &VaeConfig, modalities: &[(&str, usize)]) 
                         _ => b.stage_csr(m.counts, ENCODER_TRANSFORM),
                     })
                     .map(Result::unwrap)
-                    .collect()
+                    .collect();
+                // The last step uploads its covariates in each pass, as evaluation does.
+                (staged, (step < 2).then(|| b.stage_values(&cov).unwrap()))
             })
             .join()
             .unwrap()
         });
-        let uploaded = staged
-            .into_iter()
-            .map(|s| Some(b.staged_csr(s).unwrap()))
-            .collect();
-        let g = trainer.part_gradients(batch(), uploaded, 5, 0).unwrap();
+        let on_device = OnDevice {
+            counts: staged
+                .into_iter()
+                .map(|s| Some(b.staged_csr(s).unwrap()))
+                .collect(),
+            covariates: covariates.map(|c| b.staged_values(c).unwrap()),
+        };
+        let g = trainer.part_gradients(batch(), on_device, 5, 0).unwrap();
         assert!(g.finite);
         trainer.apply(Some(g.finite)).unwrap();
     }

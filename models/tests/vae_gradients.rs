@@ -8,8 +8,8 @@ use tessera_kernels::ops::linear::CsrRef;
 use tessera_models::layers::Mode;
 use tessera_models::{
     Categories, Dispersion, Joint, LikelihoodKind, LossTerms, ModalityConfig, ModalityCounts,
-    Overlapped, PendingLoss, Prior, Supervision, Survival, TrainConfig, TrainError, Trainer, Vae,
-    VaeBatch, VaeConfig,
+    OnDevice, Overlapped, PendingLoss, Prior, Supervision, Survival, TrainConfig, TrainError,
+    Trainer, Vae, VaeBatch, VaeConfig,
 };
 
 /// Counts for `n` cells x `g` genes with an all-zero cell, as CSR.
@@ -327,7 +327,9 @@ fn gradients_flagged_finite_or_not_and_unknown_ones_are_still_refused() {
         "a refused step changes nothing"
     );
     // A NaN in the gradients of a step is what the flag reports.
-    let pending = trainer.part_terms(batch(), Vec::new(), 0, 0).unwrap();
+    let pending = trainer
+        .part_terms(batch(), OnDevice::default(), 0, 0)
+        .unwrap();
     trainer.model.grads_mut()[0] = f64::INFINITY;
     assert!(!trainer.read_terms(pending).unwrap().finite);
 }
@@ -348,7 +350,9 @@ fn overlapped_steps_are_the_steps_read_first_one_step_late() {
         let mut got = Vec::new();
         for _ in 0..4 {
             expected.push(read_first.step(batch(), 1).unwrap());
-            let pending = overlapped.part_terms(batch(), Vec::new(), 1, 0).unwrap();
+            let pending = overlapped
+                .part_terms(batch(), OnDevice::default(), 1, 0)
+                .unwrap();
             got.extend(queue.push(&mut overlapped, pending).unwrap());
             assert_eq!(
                 got.len() + 1,
@@ -385,9 +389,13 @@ fn an_overlapped_step_with_a_nan_gradient_is_skipped_and_named_by_the_next_push(
     let batch = || VaeBatch::new(&modalities, &small.cov);
     let mut trainer = small.trainer();
     let mut queue = Overlapped::default();
-    let pending = trainer.part_terms(batch(), Vec::new(), 0, 0).unwrap();
+    let pending = trainer
+        .part_terms(batch(), OnDevice::default(), 0, 0)
+        .unwrap();
     assert!(queue.push(&mut trainer, pending).unwrap().is_none());
-    let pending = trainer.part_terms(batch(), Vec::new(), 0, 0).unwrap();
+    let pending = trainer
+        .part_terms(batch(), OnDevice::default(), 0, 0)
+        .unwrap();
     trainer.model.grads_mut()[3] = f64::NAN;
     let first = queue.push(&mut trainer, pending).unwrap();
     assert!(first.is_some_and(|t| t.loss.is_finite()), "step 1 read");
@@ -396,7 +404,9 @@ fn an_overlapped_step_with_a_nan_gradient_is_skipped_and_named_by_the_next_push(
         trainer.m.clone(),
         trainer.v.clone(),
     );
-    let pending = trainer.part_terms(batch(), Vec::new(), 0, 0).unwrap();
+    let pending = trainer
+        .part_terms(batch(), OnDevice::default(), 0, 0)
+        .unwrap();
     match queue.push(&mut trainer, pending) {
         Err(TrainError::NonFiniteGradient { step: 2 }) => {}
         other => panic!("expected step 2's gradient named, got {other:?}"),
@@ -423,14 +433,14 @@ fn an_overlapped_step_with_a_nan_input_is_named_with_its_term() {
     let mut queue = Overlapped::default();
     let modalities = rna((n, g), &indptr, &indices, &data);
     let pending = trainer
-        .part_terms(VaeBatch::new(&modalities, &cov), Vec::new(), 0, 0)
+        .part_terms(VaeBatch::new(&modalities, &cov), OnDevice::default(), 0, 0)
         .unwrap();
     assert!(queue.push(&mut trainer, pending).unwrap().is_none());
     let before = trainer.model.values().clone();
     data[0] = f64::NAN;
     let modalities = rna((n, g), &indptr, &indices, &data);
     let pending = trainer
-        .part_terms(VaeBatch::new(&modalities, &cov), Vec::new(), 0, 0)
+        .part_terms(VaeBatch::new(&modalities, &cov), OnDevice::default(), 0, 0)
         .unwrap();
     assert!(queue.push(&mut trainer, pending).unwrap().is_some());
     // Its NaN gradients skipped it on the device.
@@ -491,7 +501,9 @@ fn validation_terms_read_together_are_the_terms_read_alone() {
 /// A part's terms summed on the device (data-parallel steps) are the terms the host reads,
 /// up to the order of additions: slots 1.. of `sums` get every term, slot 0 nothing.
 fn check_device_sums(trainer: &mut Trainer<f64, Cpu>, batch: VaeBatch<'_, f64>) -> LossTerms {
-    let pending = trainer.part_terms(batch, Vec::new(), 3, 1).unwrap();
+    let pending = trainer
+        .part_terms(batch, OnDevice::default(), 3, 1)
+        .unwrap();
     let mut sums = vec![0.5; 6];
     pending.add_device_sums(&Cpu, 2.0, &mut sums, 1).unwrap();
     let host = pending.host_sums(2.0);

@@ -11,7 +11,7 @@ use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use tessera_data::MiniBatch;
-use tessera_models::{ENCODER_TRANSFORM, LossTerms, Trainer};
+use tessera_models::{ENCODER_TRANSFORM, LossTerms, OnDevice, Trainer};
 
 use crate::batch::ModelBatch;
 use crate::checkpoint::WithinEpoch;
@@ -28,6 +28,8 @@ struct PartInput<B: TrainBackend> {
     batch: ModelBatch,
     /// By modality; None where some cell lacks the modality (the model uploads those rows).
     staged: Vec<Option<B::Staged>>,
+    /// The batch's covariates.
+    covariates: Option<B::StagedValues>,
 }
 
 /// What one step of this rank takes: a batch per part whose stream has one.
@@ -75,10 +77,12 @@ fn next_step<B: TrainBackend>(
                     .map(Some)
                 })
                 .collect::<Result<_, _>>()?;
+            let covariates = Some(device.stage_values(&batch.covariates)?);
             step.parts.push(PartInput {
                 part: s.part,
                 batch,
                 staged,
+                covariates,
             });
         }
     }
@@ -224,13 +228,20 @@ impl<B: TrainBackend> Stepper<'_, B> {
                             reason: format!("part {part} has no batch"),
                         })?;
                     let device = trainer.model.backend().clone();
-                    let uploaded = std::mem::take(&mut input.staged)
-                        .into_iter()
-                        .map(|s| s.map(|s| device.staged_csr(s)).transpose())
-                        .collect::<Result<Vec<_>, _>>()?;
+                    let on_device = OnDevice {
+                        counts: std::mem::take(&mut input.staged)
+                            .into_iter()
+                            .map(|s| s.map(|s| device.staged_csr(s)).transpose())
+                            .collect::<Result<Vec<_>, _>>()?,
+                        covariates: input
+                            .covariates
+                            .take()
+                            .map(|c| device.staged_values(c))
+                            .transpose()?,
+                    };
                     let batch = &input.batch;
                     Ok(on_pool(|| {
-                        batch.with(|b| trainer.part_terms(b, uploaded, epoch, part as u64))
+                        batch.with(|b| trainer.part_terms(b, on_device, epoch, part as u64))
                     })?)
                 },
             )?;

@@ -121,6 +121,7 @@ impl<T: Gemm> Backend<T> for Cpu {
     type Buf = Vec<T>;
     type Csr = HostCsr<T>;
     type Staged = HostCsr<T>;
+    type StagedValues = Vec<T>;
     type Resident = HostCsr<T>;
     type Download = Vec<Vec<T>>;
 
@@ -197,6 +198,14 @@ impl<T: Gemm> Backend<T> for Cpu {
     }
 
     fn staged_csr(&self, x: HostCsr<T>) -> Result<HostCsr<T>> {
+        Ok(x)
+    }
+
+    fn stage_values(&self, host: &[T]) -> Result<Vec<T>> {
+        Ok(host.to_vec())
+    }
+
+    fn staged_values(&self, x: Vec<T>) -> Result<Vec<T>> {
         Ok(x)
     }
 

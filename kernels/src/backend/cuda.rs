@@ -9,7 +9,7 @@ use super::{Backend, In, Out, Result, Storage};
 use crate::cuda::{Gpu, View, ViewMut, driver};
 use crate::cuda_cache::DeviceBuf;
 use crate::cuda_readback::Readback;
-use crate::cuda_staging::StagedCsr;
+use crate::cuda_staging::{StagedCsr, StagedValues};
 use crate::ops::elementwise::{self, Activation};
 use crate::ops::likelihood::{self, Likelihood};
 use crate::ops::linear::gpu::DeviceCsr;
@@ -76,6 +76,7 @@ impl Backend<f32> for Cuda {
     type Buf = DeviceBuf;
     type Csr = DeviceCsr;
     type Staged = Staged;
+    type StagedValues = StagedValues;
     type Resident = ResidentCsr;
     type Download = Download;
 
@@ -205,6 +206,14 @@ impl Backend<f32> for Cuda {
             Staged::Copied(x) => x.into_device(&self.gpu)?,
             Staged::Rows(rows, transform) => rows.into_device(&self.gpu, transform)?,
         })
+    }
+
+    fn stage_values(&self, host: &[f32]) -> Result<StagedValues> {
+        Ok(self.gpu.staging()?.stage_values(host)?)
+    }
+
+    fn staged_values(&self, x: StagedValues) -> Result<DeviceBuf> {
+        Ok(x.into_device(&self.gpu)?)
     }
 
     fn csr_rows<'a>(&self, x: &'a DeviceCsr) -> Option<CsrRef<'a, f32>> {

@@ -141,6 +141,8 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     /// A count matrix whose upload was started by [`Backend::stage_csr`] (or whose rows
     /// [`Backend::stage_rows`] named).
     type Staged: Send;
+    /// Host values on their way to the device ([`Backend::stage_values`]).
+    type StagedValues: Send;
     /// A count matrix kept on the device for a whole run ([`Backend::resident_csr`]).
     type Resident: Send + Sync;
     /// Values on their way to the host ([`Backend::start_download`]).
@@ -240,6 +242,12 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     /// The staged matrix as [`Backend::upload_csr`] gives it, ready for the ops queued after
     /// this call (they wait for its copy on the device, not on the host).
     fn staged_csr(&self, x: Self::Staged) -> Result<Self::Csr>;
+    /// Starts uploading `host` (a batch's covariates) from any thread, as
+    /// [`Backend::stage_csr`] does a matrix: a GPU copies it on the copy stream from
+    /// page-locked memory, so the step that reads it copies nothing from pageable memory.
+    fn stage_values(&self, host: &[T]) -> Result<Self::StagedValues>;
+    /// The staged values in a buffer of their own, ready for the ops queued after this call.
+    fn staged_values(&self, x: Self::StagedValues) -> Result<Self::Buf>;
     /// The host rows an uploaded count matrix was made from, where the backend keeps them
     /// (a GPU keeps none for a batch whose rows name each gene once, staged or gathered).
     fn csr_rows<'a>(&self, x: &'a Self::Csr) -> Option<CsrRef<'a, T>>;
