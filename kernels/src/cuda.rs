@@ -320,6 +320,21 @@ impl Gpu {
         self.cache.take::<T>(n)
     }
 
+    /// A copy of `x` made on the compute stream, in a buffer of it.
+    pub fn copy_of<T: DeviceRepr>(
+        &self,
+        x: &cudarc::driver::CudaView<'_, T>,
+    ) -> Result<DeviceBuf<T>> {
+        // The copy writes every value before any op reads them.
+        let mut out = self.alloc::<T>(x.len())?;
+        if !x.is_empty() {
+            self.stream
+                .memcpy_dtod(x, &mut out)
+                .map_err(driver("a device copy"))?;
+        }
+        Ok(out)
+    }
+
     /// `n` zeros on the compute stream.
     pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<DeviceBuf<T>> {
         let mut buf = self.cache.take::<T>(n)?;

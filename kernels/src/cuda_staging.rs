@@ -416,18 +416,12 @@ impl<T: DeviceRepr + Copy + Send + Sync + cudarc::driver::ValidAsZeroBits> Lane<
 
     /// The first `n` values, copied on `gpu`'s compute stream into a buffer of it.
     fn copy_out(&self, gpu: &Gpu, n: usize) -> Result<DeviceBuf<T>> {
-        // The copy below writes all n values before any op reads them.
-        let mut out = gpu.alloc::<T>(n)?;
-        if n > 0 {
-            let (_, device) = self
-                .buffers
-                .as_ref()
-                .expect("filled before it is copied out");
-            gpu.stream()
-                .memcpy_dtod(&device.slice(0..n), &mut out)
-                .map_err(driver("staging: the copy out"))?;
+        match &self.buffers {
+            Some((_, device)) => gpu.copy_of(&device.slice(0..n)),
+            // Never filled: an empty array.
+            None if n == 0 => gpu.alloc::<T>(0),
+            None => panic!("staging: a lane is filled before it is copied out"),
         }
-        Ok(out)
     }
 }
 

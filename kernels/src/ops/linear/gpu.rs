@@ -164,6 +164,33 @@ impl DeviceCsr {
         ))
     }
 
+    /// A copy made on the device: the arrays, and the backward's transposed index for
+    /// `transform` built from them there (nothing read from the host). What a captured step
+    /// takes from a batch in fixed buffers, so that each replay reads what they hold then. Its
+    /// rows must name each gene once, as the stores' do.
+    pub fn copied(&self, gpu: &Gpu, transform: CountTransform) -> Result<DeviceCsr> {
+        let arrays = (
+            gpu.copy_of(&self.indptr.slice(..))?,
+            gpu.copy_of(&self.indices.slice(..))?,
+            gpu.copy_of(&self.data.slice(..))?,
+        );
+        let transposed = super::resident_gpu::transposed(
+            gpu,
+            (&arrays.0, &arrays.1, &arrays.2),
+            self.rows,
+            self.cols,
+            transform,
+        )?;
+        Ok(DeviceCsr::from_parts(
+            self.rows,
+            self.cols,
+            arrays,
+            None,
+            Some((transform, transposed)),
+            true,
+        ))
+    }
+
     /// A matrix whose arrays are already on the device (`device`: indptr, indices, data) and,
     /// unless it was gathered there, on the host (`host`); the backward's transposed index if
     /// it was made already; `canonical`: no row names a column twice (known to the caller).
