@@ -375,18 +375,6 @@ mod tests {
     use cudarc::driver::DevicePtr;
 
     use super::*;
-    use crate::cuda::Gpu;
-
-    fn gpu_or_skip(what: &str) -> Option<Gpu> {
-        match Gpu::new(0) {
-            Ok(gpu) => Some(gpu),
-            Err(e) => {
-                let why = format!("{what} needs a CUDA device: {e}");
-                crate::testing::skip("TESSERA_REQUIRE_DEVICE", &why);
-                None
-            }
-        }
-    }
 
     fn address<T>(buf: &DeviceBuf<T>) -> u64 {
         buf.device_ptr(buf.stream()).0
@@ -418,7 +406,7 @@ mod tests {
 
     #[test]
     fn a_dropped_buffer_serves_the_next_request_of_its_class() {
-        let Some(gpu) = gpu_or_skip("the buffer cache") else {
+        let Some(gpu) = crate::testing::gpu_or_skip("the buffer cache") else {
             return;
         };
         let cache = BufCache::new(Arc::clone(gpu.stream()), 1 << 20, false);
@@ -457,7 +445,7 @@ mod tests {
     /// Checked (`TESSERA_CUDA_POISON=1`), the driver allocates the size asked for.
     #[test]
     fn a_checked_cache_allocates_exact_sizes() {
-        let Some(gpu) = gpu_or_skip("the buffer cache") else {
+        let Some(gpu) = crate::testing::gpu_or_skip("the buffer cache") else {
             return;
         };
         for (checked, kept) in [(false, 2048), (true, 1760)] {
@@ -469,7 +457,7 @@ mod tests {
 
     #[test]
     fn a_poisoned_reuse_reads_nan_and_a_full_cache_starts_over() {
-        let Some(gpu) = gpu_or_skip("the buffer cache") else {
+        let Some(gpu) = crate::testing::gpu_or_skip("the buffer cache") else {
             return;
         };
         let cache = BufCache::new(Arc::clone(gpu.stream()), 3000, true);

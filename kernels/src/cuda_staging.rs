@@ -60,18 +60,17 @@ impl Staging {
         // the host's counting sort, and half the bytes, leave the step.
         let canonical = !x.data.is_empty() && !repeats_a_column(x);
         let index = (!canonical).then(|| host_transposed(x, transform));
-        let mut slot = self.free_slot()?;
-        slot.indptr.fill(&self.ctx, &self.stream, x.indptr)?;
-        slot.indices.fill(&self.ctx, &self.stream, x.indices)?;
-        slot.data.fill(&self.ctx, &self.stream, x.data)?;
-        if let Some((col_ptr, rows_of, values)) = &index {
-            slot.col_ptr.fill(&self.ctx, &self.stream, col_ptr)?;
-            slot.rows_of.fill(&self.ctx, &self.stream, rows_of)?;
-            slot.values.fill(&self.ctx, &self.stream, values)?;
-        }
-        slot.copied
-            .record(&self.stream)
-            .map_err(driver("staging: recording the upload"))?;
+        let slot = self.filled(|slot, to| {
+            slot.indptr.fill(to, x.indptr)?;
+            slot.indices.fill(to, x.indices)?;
+            slot.data.fill(to, x.data)?;
+            if let Some((col_ptr, rows_of, values)) = &index {
+                slot.col_ptr.fill(to, col_ptr)?;
+                slot.rows_of.fill(to, rows_of)?;
+                slot.values.fill(to, values)?;
+            }
+            Ok(())
+        })?;
         Ok(StagedCsr {
             staging: Arc::clone(self),
             slot: Some(slot),
@@ -104,12 +103,10 @@ impl Staging {
     ) -> Result<StagedRows> {
         let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let indptr = from.batch_indptr(&rows);
-        let mut slot = self.free_slot()?;
-        slot.indices.fill(&self.ctx, &self.stream, &rows)?;
-        slot.indptr.fill(&self.ctx, &self.stream, &indptr)?;
-        slot.copied
-            .record(&self.stream)
-            .map_err(driver("staging: recording the upload"))?;
+        let slot = self.filled(|slot, to| {
+            slot.indices.fill(to, &rows)?;
+            slot.indptr.fill(to, &indptr)
+        })?;
         Ok(StagedRows {
             staging: Arc::clone(self),
             slot: Some(slot),
@@ -121,16 +118,28 @@ impl Staging {
     /// Starts copying `values` (a batch's covariates) to the device on the copy stream;
     /// callable from any thread.
     pub fn stage_values(self: &Arc<Self>, values: &[f32]) -> Result<StagedValues> {
-        let mut slot = self.free_slot()?;
-        slot.data.fill(&self.ctx, &self.stream, values)?;
-        slot.copied
-            .record(&self.stream)
-            .map_err(driver("staging: recording the upload"))?;
+        let slot = self.filled(|slot, to| slot.data.fill(to, values))?;
         Ok(StagedValues {
             staging: Arc::clone(self),
             slot: Some(slot),
             n: values.len(),
         })
+    }
+
+    /// A free slot with `fill`'s copies queued on the copy stream and their event recorded.
+    fn filled(&self, fill: impl FnOnce(&mut Slot, &CopyTo<'_>) -> Result<()>) -> Result<Slot> {
+        let mut slot = self.free_slot()?;
+        fill(
+            &mut slot,
+            &CopyTo {
+                ctx: &self.ctx,
+                stream: &self.stream,
+            },
+        )?;
+        slot.copied
+            .record(&self.stream)
+            .map_err(driver("staging: recording the upload"))?;
+        Ok(slot)
     }
 
     /// A slot whose last upload is done and whose device buffers the compute stream has copied
@@ -354,6 +363,12 @@ impl Drop for Slot {
     }
 }
 
+/// Where a lane's values go: the context's page-locked memory, then the copy stream.
+struct CopyTo<'a> {
+    ctx: &'a Arc<CudaContext>,
+    stream: &'a Arc<CudaStream>,
+}
+
 /// One array's page-locked host buffer and device buffer, grown to the largest array seen.
 struct Lane<T> {
     buffers: Option<(PinnedHostSlice<T>, CudaSlice<T>)>,
@@ -366,13 +381,9 @@ impl<T> Default for Lane<T> {
 }
 
 impl<T: DeviceRepr + Copy + Send + Sync + cudarc::driver::ValidAsZeroBits> Lane<T> {
-    /// `values` into the host buffer, then queued for the device buffer on `stream`.
-    fn fill(
-        &mut self,
-        ctx: &Arc<CudaContext>,
-        stream: &Arc<CudaStream>,
-        values: &[T],
-    ) -> Result<()> {
+    /// `values` into the host buffer, then queued for the device buffer on the copy stream.
+    fn fill(&mut self, to: &CopyTo<'_>, values: &[T]) -> Result<()> {
+        let CopyTo { ctx, stream } = *to;
         let (host, device) = match &mut self.buffers {
             Some(buffers) if buffers.0.len() >= values.len() => buffers,
             buffers => {

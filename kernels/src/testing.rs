@@ -14,3 +14,16 @@ pub fn skip(requirement: &str, why: &str) {
     );
     eprintln!("SKIPPED: {why}");
 }
+
+/// GPU 0, or None after [`skip`] says why `what` did not run (a failure where CI requires a
+/// device: `TESSERA_REQUIRE_DEVICE`).
+pub fn gpu_or_skip(what: &str) -> Option<crate::cuda::Gpu> {
+    crate::cuda::Gpu::new(0)
+        .map_err(|e| {
+            skip(
+                "TESSERA_REQUIRE_DEVICE",
+                &format!("{what} needs a CUDA device: {e}"),
+            )
+        })
+        .ok()
+}

@@ -17,14 +17,7 @@ use tessera_kernels::ops::optim::AdamW;
 use tessera_kernels::testing::skip;
 
 fn gpu() -> Option<Gpu> {
-    match Gpu::new(0) {
-        Ok(gpu) => Some(gpu),
-        Err(e) => {
-            let why = format!("CPU/GPU parity needs a CUDA device: {e}");
-            skip("TESSERA_REQUIRE_DEVICE", &why);
-            None
-        }
-    }
+    tessera_kernels::testing::gpu_or_skip("CPU/GPU parity")
 }
 
 /// |gpu - cpu| <= atol + rtol * |cpu|, entry by entry.

@@ -269,14 +269,15 @@ fn assert_near(what: &str, a: &[f32], b: &[f32], tol: f32) {
     }
 }
 
+/// GPU 0, or None after saying SKIPPED (a failure where CI requires a device).
+fn cuda_or_skip(what: &str) -> Option<Cuda> {
+    tessera_kernels::testing::gpu_or_skip(what).map(Cuda::new)
+}
+
 #[test]
 fn models_on_cuda_match_the_cpu() {
-    let gpu = match Cuda::open(0) {
-        Ok(gpu) => gpu,
-        Err(e) => {
-            let why = format!("model CPU/GPU parity needs a CUDA device: {e}");
-            return tessera_kernels::testing::skip("TESSERA_REQUIRE_DEVICE", &why);
-        }
+    let Some(gpu) = cuda_or_skip("model CPU/GPU parity") else {
+        return;
     };
     for (what, config, modalities) in configs() {
         let (cpu, cuda) = (
@@ -359,12 +360,8 @@ impl FixedBatch {
 /// have been seen. The update stays outside the graph.
 #[test]
 fn a_captured_scvi_step_replays_to_the_eager_steps_terms_and_gradients() {
-    let cuda = match Cuda::open(0) {
-        Ok(cuda) => cuda,
-        Err(e) => {
-            let why = format!("capturing a training step needs a CUDA device: {e}");
-            return tessera_kernels::testing::skip("TESSERA_REQUIRE_DEVICE", &why);
-        }
+    let Some(cuda) = cuda_or_skip("capturing a training step") else {
+        return;
     };
     let genes = 300;
     let first = counts(genes, 9, false);

@@ -211,14 +211,7 @@ mod tests {
     use super::*;
 
     fn gpu_or_skip() -> Option<Gpu> {
-        match Gpu::new(0) {
-            Ok(gpu) => Some(gpu),
-            Err(e) => {
-                let why = format!("the device's gather and index need a CUDA device: {e}");
-                crate::testing::skip("TESSERA_REQUIRE_DEVICE", &why);
-                None
-            }
-        }
+        crate::testing::gpu_or_skip("gathering and indexing on the device")
     }
 
     /// The device's gathered arrays and transposed index against the host's, array by array
