@@ -140,9 +140,11 @@ step() { # name, args...
   log=$(logfile "$name")
   if limit "$tessera" bench step --device "$device" "$@" >"$log" 2>&1; then
     # On a GPU: how many of the steps' device buffers the driver allocated (kernels/src/cuda_cache.rs).
-    local buffers
+    local buffers replayed
     buffers=$(grep -m1 -o '[0-9]* reused, [0-9]* allocated' "$log" || true)
-    row "$name" ok "$(grep -m1 'cells/s' "$log" | sed 's/^ *//'); $(grep -m1 -o '[0-9]* staged cells/s' "$log"), $(grep -m1 -o '[0-9]* resident cells/s' "$log"), $(grep -m1 -o 'queues a resident step.*' "$log")${buffers:+; buffers $buffers}"
+    # On a GPU: the step replayed from a CUDA graph.
+    replayed=$(grep -m1 -o '[0-9]* replayed cells/s, [0-9.]*x the first rate' "$log" || true)
+    row "$name" ok "$(grep -m1 'cells/s' "$log" | sed 's/^ *//'); $(grep -m1 -o '[0-9]* staged cells/s' "$log"), $(grep -m1 -o '[0-9]* resident cells/s' "$log"), $(grep -m1 -o 'queues a resident step.*' "$log")${replayed:+; $replayed}${buffers:+; buffers $buffers}"
   else
     row "$name" FAIL "$(tail -1 "$log")"
   fi

@@ -613,7 +613,11 @@ struct StepShape {
     steps: usize,
 }
 
-fn step<B: Backend<f32>>(backend: B, shape: StepShape, config: Option<&Path>) -> Result<()> {
+fn step<B: Backend<f32> + 'static>(
+    backend: B,
+    shape: StepShape,
+    config: Option<&Path>,
+) -> Result<()> {
     use tessera_kernels::ops::linear::CsrRef;
     use tessera_models::{
         Categories, ModalityCounts, Supervision, Survival, TrainConfig, Trainer, Vae, VaeBatch,
@@ -706,6 +710,7 @@ fn step<B: Backend<f32>>(backend: B, shape: StepShape, config: Option<&Path>) ->
     let (resident_seconds, _, queueing) = staged_steps(&mut trainer, as_batch, per_round, |b| {
         b.stage_rows(&resident, &rows, transform)
     })?;
+    let replayed = replayed_seconds(&mut trainer, as_batch, &covariates, per_round)?;
     // Dense GEMMs of one step (forward, input and weight gradients): encoder hidden→latent
     // heads, decoder latent→hidden and hidden→genes (the big one), and with more than one
     // layer the hidden→hidden ones on both sides (the decoder's also read the covariates); the
@@ -746,7 +751,76 @@ fn step<B: Backend<f32>>(backend: B, shape: StepShape, config: Option<&Path>) ->
         queueing * 1e6,
         100.0 * queueing / resident_seconds
     );
+    if let Some(replayed) = replayed {
+        say!(
+            "  the step replayed from a CUDA graph (counts in fixed buffers, each step read before the next): {:.3} ms/step, {:.0} replayed cells/s, {:.2}x the first rate",
+            replayed * 1e3,
+            batch as f64 / replayed,
+            seconds / replayed
+        );
+    }
     Ok(())
+}
+
+/// On a GPU, the median seconds per step of the same step replayed from a CUDA graph
+/// ([`graph_step_seconds`]); None elsewhere.
+fn replayed_seconds<'a, B: Backend<f32> + 'static>(
+    trainer: &mut tessera_models::Trainer<f32, B>,
+    as_batch: impl Fn() -> tessera_models::VaeBatch<'a, f32> + Send,
+    covariates: &[f32],
+    per_round: usize,
+) -> Result<Option<f64>> {
+    let any: &mut dyn std::any::Any = trainer;
+    let Some(trainer) = any.downcast_mut::<tessera_models::Trainer<f32, Cuda>>() else {
+        return Ok(None);
+    };
+    graph_step_seconds(trainer, as_batch, covariates, per_round).map(Some)
+}
+
+/// Seconds per step (median of [`step_seconds`]' rounds) of the forward and backward captured
+/// once as a CUDA graph and replayed, the batch copied inside it out of fixed buffers (as
+/// `models/tests/cuda_parity.rs` checks bit for bit), each step's terms and gradient flag read
+/// before the update: [`step_seconds`]' first rate with the host's queueing of ~90 ops replaced
+/// by one graph launch.
+fn graph_step_seconds<'a>(
+    trainer: &mut tessera_models::Trainer<f32, Cuda>,
+    as_batch: impl Fn() -> tessera_models::VaeBatch<'a, f32> + Send,
+    covariates: &[f32],
+    per_round: usize,
+) -> Result<f64> {
+    let cuda = trainer.model.backend().clone();
+    let counts = as_batch().modalities[0].counts;
+    anyhow::ensure!(
+        !tessera_kernels::ops::linear::repeats_a_column(counts),
+        "a replayed step indexes its counts on the device: no row may repeat a gene"
+    );
+    let (fixed_counts, fixed_covariates) = (cuda.upload_csr(counts)?, cuda.upload(covariates)?);
+    let body = |trainer: &mut tessera_models::Trainer<f32, Cuda>| -> Result<_> {
+        let gpu = cuda.gpu();
+        let on_device = tessera_models::OnDevice {
+            counts: vec![Some(
+                fixed_counts.copied(gpu, tessera_models::ENCODER_TRANSFORM)?,
+            )],
+            covariates: Some(gpu.copy_of(&fixed_covariates.slice(..))?),
+        };
+        Ok(trainer.part_terms(as_batch(), on_device, 10, 0)?)
+    };
+    // One eager step of these shapes first: the capture takes its buffers from the cache.
+    let eager = body(trainer)?;
+    let read = trainer.read_terms(&eager)?;
+    drop(eager);
+    trainer.apply(Some(read.finite))?;
+    cuda.gpu().set_draw_step(trainer.step + 1)?;
+    let (graph, captured) = cuda.gpu().capture(|| body(trainer))?;
+    let gpu = cuda.gpu();
+    let (seconds, _) = step_seconds(&cuda, per_round, move || {
+        gpu.set_draw_step(trainer.step + 1)?;
+        graph.launch()?;
+        let read = trainer.read_terms(&captured)?;
+        trainer.apply(Some(read.finite))?;
+        Ok(())
+    })?;
+    Ok(seconds)
 }
 
 /// [`step_seconds`] of steps whose counts `stage` starts on another thread, one or two steps

@@ -230,6 +230,30 @@ fn assert_no_pageable_uploads(what: &str, out: &Path) {
     }
 }
 
+/// `bench step` on the emulated device times the step replayed from a CUDA graph too (the
+/// capture and replays run; the emulator's timings mean nothing).
+#[test]
+fn bench_step_on_the_emulated_device_replays_the_captured_step() {
+    let Some(libs) = emulator_or_skip() else {
+        return;
+    };
+    let output = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args([
+            "bench", "step", "--device", "cuda", "--genes", "200", "--batch", "32",
+        ])
+        .args(["--hidden", "16", "--nnz", "20", "--steps", "5"])
+        .env_remove("LD_LIBRARY_PATH")
+        .env("TESSERA_CUDA_LIBS", &libs)
+        .output()
+        .unwrap();
+    ok(&output);
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        said.contains("the step replayed from a CUDA graph") && said.contains("replayed cells/s"),
+        "{said}"
+    );
+}
+
 /// A simulated store in `dir` (1,200 cells, 300 genes and what `modalities` adds) and
 /// `copies - 1` copies of it (training writes into its store).
 fn stores(dir: &Path, copies: usize, modalities: &[&str]) -> Vec<PathBuf> {

@@ -32,6 +32,13 @@ impl std::fmt::Debug for Captured {
     }
 }
 
+// SAFETY: the driver's graph handles are not tied to the thread that made them (a launch binds
+// the context first), and a `Captured` is used by one thread at a time: it moves to the pool
+// thread that steps, as the step's other state does. Not Sync: CUDA graphs are not internally
+// synchronised.
+#[allow(unsafe_code)] // the Send promise above
+unsafe impl Send for Captured {}
+
 impl Captured {
     /// Queues the captured work again on the compute stream.
     pub fn launch(&self) -> Result<()> {

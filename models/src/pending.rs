@@ -261,17 +261,20 @@ impl<S: Storage> PendingLoss<S> {
     }
 
     /// The terms, read in one transfer.
-    pub fn resolve<T: Real, B: Backend<T, Buf = S>>(self, b: &B) -> Result<LossTerms> {
+    pub fn resolve<T: Real, B: Backend<T, Buf = S>>(&self, b: &B) -> Result<LossTerms> {
         Ok(self.resolve_with(b, &[])?.0)
     }
 
     /// The terms and the values of `extra` (a step's gradient flag), read in one transfer.
+    /// Reads what the buffers hold now: a step replayed from a CUDA graph rewrites them, and
+    /// its terms are read again after each replay.
     pub fn resolve_with<T: Real, B: Backend<T, Buf = S>>(
-        self,
+        &self,
         b: &B,
         extra: &[&S],
     ) -> Result<(LossTerms, Vec<Vec<T>>)> {
-        self.start_read(b, extra)?.finish(b)
+        let host = b.download_together(&self.views_with(extra))?;
+        Ok(self.terms_with(host, extra.len()))
     }
 
     /// Starts reading the terms and the values of `extra` in one transfer, without waiting:
@@ -281,12 +284,7 @@ impl<S: Storage> PendingLoss<S> {
         b: &B,
         extra: &[&S],
     ) -> Result<ReadingLoss<S, B::Download>> {
-        let views: Vec<In<'_, S>> = self
-            .on_device()
-            .chain(extra.iter().copied())
-            .map(In::all)
-            .collect();
-        let download = b.start_download(&views)?;
+        let download = b.start_download(&self.views_with(extra))?;
         Ok(ReadingLoss {
             pending: self,
             download,
@@ -303,6 +301,20 @@ impl<S: Storage> PendingLoss<S> {
         let host = b.download_together(&views)?;
         let mut at = host.iter();
         Ok(all.iter().map(|p| p.terms_from(&mut at)).collect())
+    }
+
+    /// The device values, then `extra`'s, in one list of views to read together.
+    fn views_with<'a>(&'a self, extra: &[&'a S]) -> Vec<In<'a, S>> {
+        self.on_device()
+            .chain(extra.iter().copied())
+            .map(In::all)
+            .collect()
+    }
+
+    /// The terms and the `extra` values last in `host` ([`PendingLoss::views_with`]'s order).
+    fn terms_with<T: Real>(&self, mut host: Vec<Vec<T>>, extra: usize) -> (LossTerms, Vec<Vec<T>>) {
+        let extra = host.split_off(host.len() - extra);
+        (self.terms_from(&mut host.iter()), extra)
     }
 
     /// The device values the host reads, in the order [`PendingLoss::terms_from`] takes them.
@@ -349,8 +361,7 @@ impl<S: Storage, D> ReadingLoss<S, D> {
         self,
         b: &B,
     ) -> Result<(LossTerms, Vec<Vec<T>>)> {
-        let mut host = b.finish_download(self.download)?;
-        let extra = host.split_off(host.len() - self.extra);
-        Ok((self.pending.terms_from(&mut host.iter()), extra))
+        let host = b.finish_download(self.download)?;
+        Ok(self.pending.terms_with(host, self.extra))
     }
 }

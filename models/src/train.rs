@@ -301,7 +301,7 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
         part: u64,
     ) -> Result<Gradients, TrainError> {
         let pending = self.part_terms(batch, on_device, epoch, part)?;
-        self.read_terms(pending)
+        self.read_terms(&pending)
     }
 
     /// The gradients (in `model.grads`) of part `part` of a step's batch (data-parallel
@@ -334,7 +334,7 @@ impl<T: Real, B: Backend<T>> Trainer<T, B> {
     /// The terms of [`Trainer::part_terms`] and whether every gradient now in `model.grads`
     /// is finite, in one read (on a GPU the step's one wait); an error naming the step and
     /// the term if a loss term is not finite.
-    pub fn read_terms(&self, pending: PendingLoss<B::Buf>) -> Result<Gradients, TrainError> {
+    pub fn read_terms(&self, pending: &PendingLoss<B::Buf>) -> Result<Gradients, TrainError> {
         let b = self.model.backend();
         // Clipping computes the gradients' norm anyway, which refuses NaN/Inf: no flag then.
         if self.config.clip_norm.is_some() {
@@ -496,7 +496,7 @@ impl<T: Real, B: Backend<T>> Overlapped<T, B> {
         pending: PendingLoss<B::Buf>,
     ) -> Result<Option<LossTerms>, TrainError> {
         if trainer.config.clip_norm.is_some() {
-            let g = trainer.read_terms(pending)?;
+            let g = trainer.read_terms(&pending)?;
             let before = self.finish(trainer)?;
             trainer.apply(Some(g.finite))?;
             self.queued = Some(Queued::Read(g.terms));

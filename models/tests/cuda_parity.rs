@@ -420,15 +420,17 @@ fn a_captured_scvi_step_replays_to_the_eager_steps_terms_and_gradients() {
 
     // Eagerly first: the step's shapes fill the buffer cache (a capture allocates nothing).
     let pending = fixed.step(&mut trainer, batch(0)).unwrap();
-    let eager = trainer.read_terms(pending).unwrap();
+    let eager = trainer.read_terms(&pending).unwrap();
     let eager_grads = grads(&trainer);
     assert!(eager.finite && eager_grads.iter().any(|g| *g != 0.0));
+    // Its buffers back in the cache, for the capture to take.
+    drop(pending);
 
     gpu.set_draw_step(trainer.step + 1).unwrap();
-    let (graph, pending) = gpu.capture(|| fixed.step(&mut trainer, batch(0))).unwrap();
+    let (graph, captured) = gpu.capture(|| fixed.step(&mut trainer, batch(0))).unwrap();
     poison(&mut trainer);
     graph.launch().unwrap();
-    let replayed = trainer.read_terms(pending).unwrap();
+    let replayed = trainer.read_terms(&captured).unwrap();
     assert_eq!(replayed.terms, eager.terms, "the replay's loss terms");
     assert_eq!(grads(&trainer), eager_grads, "the replay's gradients");
 
@@ -443,14 +445,21 @@ fn a_captured_scvi_step_replays_to_the_eager_steps_terms_and_gradients() {
     .unwrap();
     poison(&mut trainer);
     graph.launch().unwrap();
+    // The captured step's terms read again: what the replay wrote into them.
+    let replayed_again = trainer.read_terms(&captured).unwrap();
     let replayed_grads = grads(&trainer);
     let pending = fixed.step(&mut trainer, batch(1)).unwrap();
-    let next = trainer.read_terms(pending).unwrap();
+    let next = trainer.read_terms(&pending).unwrap();
     assert!(next.finite);
+    assert_eq!(
+        replayed_again.terms, next.terms,
+        "the second replay's terms"
+    );
     assert_eq!(
         replayed_grads,
         grads(&trainer),
         "the second replay's gradients"
     );
     assert_ne!(replayed_grads, eager_grads, "the second step's gradients");
+    assert_ne!(next.terms, eager.terms, "the second step's terms");
 }

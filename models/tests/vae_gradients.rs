@@ -331,7 +331,7 @@ fn gradients_flagged_finite_or_not_and_unknown_ones_are_still_refused() {
         .part_terms(batch(), OnDevice::default(), 0, 0)
         .unwrap();
     trainer.model.grads_mut()[0] = f64::INFINITY;
-    assert!(!trainer.read_terms(pending).unwrap().finite);
+    assert!(!trainer.read_terms(&pending).unwrap().finite);
 }
 
 /// Steps overlapped with their reads train the model, bit for bit, that steps read before
@@ -507,7 +507,7 @@ fn check_device_sums(trainer: &mut Trainer<f64, Cpu>, batch: VaeBatch<'_, f64>) 
     let mut sums = vec![0.5; 6];
     pending.add_device_sums(&Cpu, 2.0, &mut sums, 1).unwrap();
     let host = pending.host_sums(2.0);
-    let read = trainer.read_terms(pending).unwrap().terms;
+    let read = trainer.read_terms(&pending).unwrap().terms;
     let expected = [
         read.reconstruction,
         read.kl,
