@@ -519,6 +519,26 @@ fn inputs<S: tessera_kernels::backend::Storage>(ts: &[Tensor<S>]) -> Vec<In<'_, 
     ts.iter().map(Tensor::input).collect()
 }
 
+/// The KL's per-row values and its gradients by the mean and log-variance: outputs the KL op
+/// overwrites where it runs (`use_kl`), zeros where it does not (an MMD prior: nothing to add).
+#[allow(clippy::type_complexity)] // the op's three outputs
+fn kl_outputs<T: Real, B: Backend<T>>(
+    b: &B,
+    use_kl: bool,
+    rows: usize,
+    d: usize,
+) -> Result<(B::Buf, Tensor<B::Buf>, Tensor<B::Buf>)> {
+    if use_kl {
+        Ok((
+            b.output_buf(rows)?,
+            b.output_tensor(rows, d)?,
+            b.output_tensor(rows, d)?,
+        ))
+    } else {
+        Ok((b.zeros(rows)?, b.tensor(rows, d)?, b.tensor(rows, d)?))
+    }
+}
+
 /// 1 / (number of present experts) per cell of `n` (0 for a cell with none), from each
 /// expert's cells.
 fn inverse_present<T: Real, B: Backend<T>>(
@@ -1010,6 +1030,10 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     ) -> Result<Pair<Buf<T, B>>> {
         let b = &self.backend;
         let d = self.config.n_latent;
+        if let ([mean], [logvar], None) = (means, logvars, masks) {
+            // One expert (scVI) is the joint: copied, not summed into zeros.
+            return Ok((copy_of(b, mean)?, copy_of(b, logvar)?));
+        }
         let (mut m, mut lv) = (b.tensor(n, d)?, b.tensor(n, d)?);
         match masks {
             Some(masks) => {
@@ -1083,13 +1107,16 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     }
 
     /// The standard normal draws of one latent site (none in evaluation: the mean).
-    fn noise(&self, eps: &mut Tensor<Buf<T, B>>, site: u64, mode: Mode) -> Result<()> {
+    fn noise(&self, rows: usize, site: u64, mode: Mode) -> Result<Tensor<Buf<T, B>>> {
+        let (b, d) = (&self.backend, self.config.n_latent);
         match mode {
             Mode::Train { seed, step } | Mode::Validate { seed, step } => {
-                self.backend
-                    .normal(seed, Mode::stream(step, site), eps.output())
+                // The draw writes every value.
+                let mut eps = b.output_tensor(rows, d)?;
+                b.normal(seed, Mode::stream(step, site), eps.output())?;
+                Ok(eps)
             }
-            Mode::Eval => Ok(()),
+            Mode::Eval => b.tensor(rows, d),
         }
     }
 
@@ -1118,8 +1145,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         for (e, a) in enc.iter().enumerate() {
             let cells = &plan.cells[e];
             let rows = cells.len();
-            let mut eps = b.tensor(rows, d)?;
-            self.noise(&mut eps, SITE_LATENT - e as u64, mode)?;
+            let eps = self.noise(rows, SITE_LATENT - e as u64, mode)?;
             let part = offsets[e] * d..(offsets[e] + rows) * d;
             b.reparameterize_forward(
                 a.mean.output().input(),
@@ -1137,8 +1163,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                     .map(|&w| T::of(kl_weight * w))
                     .collect::<Vec<T>>(),
             )?;
-            let (mut kl, mut dm, mut dlv) =
-                (b.zeros(rows)?, b.tensor(rows, d)?, b.tensor(rows, d)?);
+            let (mut kl, mut dm, mut dlv) = kl_outputs(b, use_kl, rows, d)?;
             if use_kl {
                 b.kl_standard_normal(
                     a.mean.output().input(),
@@ -1201,12 +1226,11 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let mut kl_total = Term::default();
         let (means, logvars, masks) = self.experts(enc, plan)?;
         let (m, lv) = self.combine(&means, &logvars, masks.as_deref(), n)?;
-        let mut eps = b.tensor(n, d)?;
-        self.noise(&mut eps, SITE_LATENT, mode)?;
+        let eps = self.noise(n, SITE_LATENT, mode)?;
         let mut z = b.output_tensor(n, d)?;
         b.reparameterize_forward(m.input(), lv.input(), eps.input(), z.output())?;
         let weights = b.upload_weights(&vec![T::of(kl_weight * inv_n); n])?;
-        let (mut kl, mut dm_kl, mut dlv_kl) = (b.zeros(n)?, b.tensor(n, d)?, b.tensor(n, d)?);
+        let (mut kl, mut dm_kl, mut dlv_kl) = kl_outputs(b, use_kl, n, d)?;
         if use_kl {
             b.kl_standard_normal(
                 m.input(),
@@ -1785,7 +1809,8 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 dm_kl,
                 dlv_kl,
             } => {
-                let (mut dm, mut dlv) = (b.tensor(n, d)?, b.tensor(n, d)?);
+                // The reparameterisation's backward writes every value.
+                let (mut dm, mut dlv) = (b.output_tensor(n, d)?, b.output_tensor(n, d)?);
                 b.reparameterize_backward(
                     lv.input(),
                     eps.input(),
@@ -1829,11 +1854,15 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                         }
                         dms.into_iter().zip(dlvs).collect()
                     }
-                    // Concat: every expert's head output adds into the joint.
-                    None => means
-                        .iter()
-                        .map(|_| Ok((copy_of(&b, &dm)?, copy_of(&b, &dlv)?)))
-                        .collect::<Result<_>>()?,
+                    // Concat: every expert's head output adds into the joint, so each gets
+                    // the joint's gradients; the last one takes them (one expert: no copy).
+                    None => {
+                        let mut each = (1..means.len())
+                            .map(|_| Ok((copy_of(&b, &dm)?, copy_of(&b, &dlv)?)))
+                            .collect::<Result<Vec<_>>>()?;
+                        each.push((dm, dlv));
+                        each
+                    }
                 };
                 let pick = |t: Tensor<Buf<T, B>>, cells: &[usize]| -> Result<Tensor<Buf<T, B>>> {
                     if cells.len() == n {
@@ -1871,7 +1900,8 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                     .enumerate()
                     .map(|(e, a)| {
                         let rows = a.mean.output().rows;
-                        let (mut dm, mut dlv) = (b.tensor(rows, d)?, b.tensor(rows, d)?);
+                        let (mut dm, mut dlv) =
+                            (b.output_tensor(rows, d)?, b.output_tensor(rows, d)?);
                         let part = offsets[e] * d..(offsets[e] + rows) * d;
                         b.reparameterize_backward(
                             a.logvar.output().input(),
