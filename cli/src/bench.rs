@@ -710,7 +710,7 @@ fn step<B: Backend<f32> + 'static>(
     let (resident_seconds, _, queueing) = staged_steps(&mut trainer, as_batch, per_round, |b| {
         b.stage_rows(&resident, &rows, transform)
     })?;
-    let replayed = replayed_seconds(&mut trainer, as_batch, &covariates, per_round)?;
+    let replayed = replayed_seconds(&mut trainer, as_batch, per_round)?;
     // Dense GEMMs of one step (forward, input and weight gradients): encoder hidden→latent
     // heads, decoder latent→hidden and hidden→genes (the big one), and with more than one
     // layer the hidden→hidden ones on both sides (the decoder's also read the covariates); the
@@ -767,14 +767,13 @@ fn step<B: Backend<f32> + 'static>(
 fn replayed_seconds<'a, B: Backend<f32> + 'static>(
     trainer: &mut tessera_models::Trainer<f32, B>,
     as_batch: impl Fn() -> tessera_models::VaeBatch<'a, f32> + Send,
-    covariates: &[f32],
     per_round: usize,
 ) -> Result<Option<f64>> {
     let any: &mut dyn std::any::Any = trainer;
     let Some(trainer) = any.downcast_mut::<tessera_models::Trainer<f32, Cuda>>() else {
         return Ok(None);
     };
-    graph_step_seconds(trainer, as_batch, covariates, per_round).map(Some)
+    graph_step_seconds(trainer, as_batch, per_round).map(Some)
 }
 
 /// Seconds per step (median of [`step_seconds`]' rounds) of the forward and backward captured
@@ -785,11 +784,10 @@ fn replayed_seconds<'a, B: Backend<f32> + 'static>(
 fn graph_step_seconds<'a>(
     trainer: &mut tessera_models::Trainer<f32, Cuda>,
     as_batch: impl Fn() -> tessera_models::VaeBatch<'a, f32> + Send,
-    covariates: &[f32],
     per_round: usize,
 ) -> Result<f64> {
     let cuda = trainer.model.backend().clone();
-    let counts = as_batch().modalities[0].counts;
+    let (counts, covariates) = (as_batch().modalities[0].counts, as_batch().covariates);
     anyhow::ensure!(
         !tessera_kernels::ops::linear::repeats_a_column(counts),
         "a replayed step indexes its counts on the device: no row may repeat a gene"

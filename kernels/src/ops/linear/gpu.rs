@@ -174,21 +174,7 @@ impl DeviceCsr {
             gpu.copy_of(&self.indices.slice(..))?,
             gpu.copy_of(&self.data.slice(..))?,
         );
-        let transposed = super::resident_gpu::transposed(
-            gpu,
-            (&arrays.0, &arrays.1, &arrays.2),
-            self.rows,
-            self.cols,
-            transform,
-        )?;
-        Ok(DeviceCsr::from_parts(
-            self.rows,
-            self.cols,
-            arrays,
-            None,
-            Some((transform, transposed)),
-            true,
-        ))
+        super::resident_gpu::indexed(gpu, (self.rows, self.cols), arrays, transform)
     }
 
     /// A matrix whose arrays are already on the device (`device`: indptr, indices, data) and,

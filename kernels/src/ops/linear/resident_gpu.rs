@@ -99,13 +99,30 @@ pub fn gather(
     // them) and indptr holds the gathered rows' lengths, ending at nnz, the size of both
     // outputs.
     unsafe { b.launch(per_row(n)) }.map_err(failed("csr_gather_entries"))?;
-    let transposed = transposed(gpu, (&indptr, &indices, &data), n, x.cols, transform)?;
+    indexed(gpu, (n, x.cols), (indptr, indices, data), transform)
+}
+
+/// A `rows` x `cols` matrix whose rows name each gene once, its arrays (indptr, indices, data)
+/// already on the device, with the backward's transposed index for `transform` built there.
+pub(crate) fn indexed(
+    gpu: &Gpu,
+    (rows, cols): (usize, usize),
+    arrays: (DeviceBuf<u64>, DeviceBuf<u32>, DeviceBuf),
+    transform: CountTransform,
+) -> Result<DeviceCsr> {
+    let index = transposed(
+        gpu,
+        (&arrays.0, &arrays.1, &arrays.2),
+        rows,
+        cols,
+        transform,
+    )?;
     Ok(DeviceCsr::from_parts(
-        n,
-        x.cols,
-        (indptr, indices, data),
+        rows,
+        cols,
+        arrays,
         None,
-        Some((transform, transposed)),
+        Some((transform, index)),
         true,
     ))
 }
