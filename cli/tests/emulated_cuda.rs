@@ -282,15 +282,77 @@ fn training_on_the_emulated_device_gives_the_cpus_losses_resident_and_streamed()
     let (_, cpu) = train(store, &dir.path().join("cpu"), ("cpu", &libs), never, &[]);
     assert_eq!(cpu.len(), 2);
     for (resident, where_) in [("auto", "kept on cuda:0"), ("never", "streamed")] {
-        let out = dir.path().join(format!("cuda-{resident}"));
+        let what = format!("resident_data = {resident}");
         let setting = format!("resident_data = \"{resident}\"");
-        let (log, cuda) = train(store, &out, ("cuda", &libs), &setting, &[]);
+        // Op by op, every step's ops counted.
+        let eager_out = dir.path().join(format!("cuda-{resident}-eager"));
+        let eager_setting = format!("{setting}\ncuda_graphs = false");
+        let (log, eager) = train(store, &eager_out, ("cuda", &libs), &eager_setting, &[]);
         assert!(log.contains("tessera CUDA emulator"), "{log}");
-        assert!(log.contains(where_), "resident_data = {resident}: {log}");
-        assert_same_losses(&format!("resident_data = {resident}"), &cuda, &cpu);
-        assert_one_read_back_per_step(&format!("resident_data = {resident}"), &out);
-        assert_no_pageable_uploads(&format!("resident_data = {resident}"), &out);
-        assert_like_steps_compared(&format!("resident_data = {resident}"), &out);
+        assert!(log.contains(where_), "{what}: {log}");
+        assert_same_losses(&what, &eager, &cpu);
+        assert_one_read_back_per_step(&what, &eager_out);
+        assert_no_pageable_uploads(&what, &eager_out);
+        assert_like_steps_compared(&what, &eager_out);
+        // Replayed from CUDA graphs (the default): the same bits.
+        let out = dir.path().join(format!("cuda-{resident}"));
+        let (_, replayed) = train(store, &out, ("cuda", &libs), &setting, &[]);
+        assert_eq!(replayed, eager, "{what}: the replayed steps' losses");
+        for file in ["model.safetensors", "checkpoint/optimizer.safetensors"] {
+            assert!(
+                std::fs::read(out.join(file)).unwrap()
+                    == std::fs::read(eager_out.join(file)).unwrap(),
+                "{what}: {file} differs from the eager run's"
+            );
+        }
+        assert_steps_replayed(&what, &out);
+    }
+}
+
+/// Most steps were replayed from a CUDA graph: the host queued the graph's launch, the batch's
+/// copies into its fixed buffers, the draws' step, the gradient flag and the update, not the
+/// step's ~80 ops; nothing copied from pageable memory; one read back; nothing allocated but
+/// in an epoch's first replay (what its capture took from the cache, asked for once).
+fn assert_steps_replayed(what: &str, out: &Path) {
+    let all = intervals(out);
+    let step = |work: &Work| {
+        work.contains_key("graph launch") || work.contains_key("launch sparse_input_backward")
+    };
+    let seen: u64 = all.iter().filter(|(_, w)| step(w)).map(|(n, _)| n).sum();
+    let replays: Vec<&(u64, Work)> = all
+        .iter()
+        .filter(|(_, work)| work.contains_key("graph launch"))
+        .collect();
+    let replayed: u64 = replays.iter().map(|(n, _)| n).sum();
+    // Per shape and KL weight (it changes each warm-up epoch): two eager steps, then replays;
+    // an epoch's last, shorter batch is eager at first.
+    assert!(
+        seen >= 16 && 2 * replayed >= seen,
+        "{what}: {replayed} of {seen} steps replayed: {all:?}"
+    );
+    let allocating: u64 = replays
+        .iter()
+        .filter(|(_, work)| work.contains_key("alloc"))
+        .map(|(n, _)| n)
+        .sum();
+    assert!(
+        allocating <= 2,
+        "{what}: {allocating} replays allocate: {all:?}"
+    );
+    for (_, work) in replays {
+        let count = |k: &str| work.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        let launches: u64 = work
+            .iter()
+            .filter(|(k, _)| k.starts_with("launch "))
+            .map(|(_, v)| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(count("graph launch"), 1, "{what}: {work:?}");
+        assert_eq!(count("download"), 1, "{what}: {work:?}");
+        assert_eq!(count("launch adamw_step"), 1, "{what}: {work:?}");
+        assert!(launches <= 3 && count("gemm") == 0, "{what}: {work:?}");
+        for absent in ["free", "upload from pageable memory", "blocking download"] {
+            assert_eq!(count(absent), 0, "{what}: {absent} in {work:?}");
+        }
     }
 }
 

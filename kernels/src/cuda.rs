@@ -327,12 +327,22 @@ impl Gpu {
     ) -> Result<DeviceBuf<T>> {
         // The copy writes every value before any op reads them.
         let mut out = self.alloc::<T>(x.len())?;
-        if !x.is_empty() {
-            self.stream
-                .memcpy_dtod(x, &mut out)
-                .map_err(driver("a device copy"))?;
-        }
+        self.copy_into(x, &mut out.slice_mut(..))?;
         Ok(out)
+    }
+
+    /// `x` copied on the compute stream into `y`, of its length.
+    pub fn copy_into<T: DeviceRepr>(
+        &self,
+        x: &cudarc::driver::CudaView<'_, T>,
+        y: &mut cudarc::driver::CudaViewMut<'_, T>,
+    ) -> Result<()> {
+        if x.is_empty() {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_dtod(x, y)
+            .map_err(driver("a device copy"))
     }
 
     /// `n` zeros on the compute stream.

@@ -220,6 +220,37 @@ impl StagedRows {
         self.staging.release(slot, gpu.stream())?;
         gathered
     }
+
+    /// The resident matrix the rows are of.
+    pub(crate) fn from(&self) -> &Arc<ResidentCsr> {
+        &self.from
+    }
+
+    /// The rows' row pointers (`rows + 1`, ending at their entries).
+    pub(crate) fn indptr(&self) -> &[u64] {
+        &self.indptr
+    }
+
+    /// The row list and row pointers copied on `gpu`'s compute stream into the start of
+    /// `rows` and `indptr`, for a gather queued after this call.
+    pub(crate) fn write_into(
+        mut self,
+        gpu: &Gpu,
+        rows: &mut DeviceBuf<u32>,
+        indptr: &mut DeviceBuf<u64>,
+    ) -> Result<()> {
+        let slot = self
+            .slot
+            .take()
+            .expect("staged rows are taken once (write_into consumes them)");
+        let n = self.indptr.len() - 1;
+        gpu.stream()
+            .wait(&slot.copied)
+            .map_err(driver("waiting for a staged upload"))?;
+        slot.indices.copy_into(gpu, n, rows)?;
+        slot.indptr.copy_into(gpu, n + 1, indptr)?;
+        self.staging.release(slot, gpu.stream())
+    }
 }
 
 /// Values on their way to the device: [`StagedValues::into_device`] copies them into a buffer of
@@ -251,6 +282,29 @@ impl StagedValues {
         self.staging.release(slot, gpu.stream())?;
         Ok(values)
     }
+
+    /// How many values.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// No values.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// The values copied on `gpu`'s compute stream into the start of `to`.
+    pub fn write_into(mut self, gpu: &Gpu, to: &mut DeviceBuf) -> Result<()> {
+        let slot = self
+            .slot
+            .take()
+            .expect("staged values are taken once (write_into consumes them)");
+        gpu.stream()
+            .wait(&slot.copied)
+            .map_err(driver("waiting for a staged upload"))?;
+        slot.data.copy_into(gpu, self.n, to)?;
+        self.staging.release(slot, gpu.stream())
+    }
 }
 
 /// A count matrix on its way to the device: [`StagedCsr::into_device`] on the compute stream
@@ -275,6 +329,38 @@ impl std::fmt::Debug for StagedCsr {
 }
 
 impl StagedCsr {
+    /// (rows, columns, entries).
+    pub(crate) fn shape(&self) -> (usize, usize, usize) {
+        (self.rows, self.cols, self.nnz)
+    }
+
+    /// The count transform its index is made for.
+    pub(crate) fn transform(&self) -> CountTransform {
+        self.transform
+    }
+
+    /// No row names a column twice (its index is built on the device).
+    pub(crate) fn canonical(&self) -> bool {
+        self.canonical
+    }
+
+    /// The arrays copied on `gpu`'s compute stream into the start of `to`'s (which has room
+    /// for them), `to` then holding this matrix's entries.
+    pub(crate) fn write_into(mut self, gpu: &Gpu, to: &mut DeviceCsr) -> Result<()> {
+        let slot = self
+            .slot
+            .take()
+            .expect("a staged matrix is taken once (write_into consumes it)");
+        gpu.stream()
+            .wait(&slot.copied)
+            .map_err(driver("waiting for a staged upload"))?;
+        slot.indptr.copy_into(gpu, self.rows + 1, &mut to.indptr)?;
+        slot.indices.copy_into(gpu, self.nnz, &mut to.indices)?;
+        slot.data.copy_into(gpu, self.nnz, &mut to.data)?;
+        to.nnz = self.nnz;
+        self.staging.release(slot, gpu.stream())
+    }
+
     /// The matrix in allocations of `gpu`'s stream, usable by every op queued on it after this
     /// call.
     pub fn into_device(mut self, gpu: &Gpu) -> Result<DeviceCsr> {
@@ -423,6 +509,15 @@ impl<T: DeviceRepr + Copy + Send + Sync + cudarc::driver::ValidAsZeroBits> Lane<
     /// The device buffer, once filled.
     fn device(&self) -> Option<&CudaSlice<T>> {
         self.buffers.as_ref().map(|(_, device)| device)
+    }
+
+    /// The first `n` values, copied on `gpu`'s compute stream into the start of `to`.
+    fn copy_into(&self, gpu: &Gpu, n: usize, to: &mut DeviceBuf<T>) -> Result<()> {
+        match &self.buffers {
+            Some((_, device)) => gpu.copy_into(&device.slice(0..n), &mut to.slice_mut(0..n)),
+            None if n == 0 => Ok(()),
+            None => panic!("staging: a lane is filled before it is copied out"),
+        }
     }
 
     /// The first `n` values, copied on `gpu`'s compute stream into a buffer of it.

@@ -4,6 +4,8 @@
 //! once per term. The host arithmetic is the one an immediate read did (same order, f64), so the
 //! values keep their bits.
 
+use std::sync::Arc;
+
 use tessera_kernels::Real;
 use tessera_kernels::backend::{Backend, In, Out, Result, Storage};
 use tessera_kernels::ops::optim::grad_norm;
@@ -278,9 +280,10 @@ impl<S: Storage> PendingLoss<S> {
     }
 
     /// Starts reading the terms and the values of `extra` in one transfer, without waiting:
-    /// [`ReadingLoss::finish`] waits for them.
+    /// [`ReadingLoss::finish`] waits for them. Shared: a step replayed from a CUDA graph keeps
+    /// its terms' buffers with the graph, and each replay's read holds them too.
     pub fn start_read<T: Real, B: Backend<T, Buf = S>>(
-        self,
+        self: Arc<Self>,
         b: &B,
         extra: &[&S],
     ) -> Result<ReadingLoss<S, B::Download>> {
@@ -350,7 +353,7 @@ impl<S: Storage> PendingLoss<S> {
 /// A [`PendingLoss`] whose values are on their way to the host ([`PendingLoss::start_read`]).
 #[derive(Debug)]
 pub struct ReadingLoss<S, D> {
-    pending: PendingLoss<S>,
+    pending: Arc<PendingLoss<S>>,
     download: D,
     extra: usize,
 }

@@ -172,6 +172,28 @@ const ACCESSIBILITY: [&str; 4] = ["atac", "peaks", "chromatin", "accessibility"]
 const PROTEIN: [&str; 2] = ["prot", "adt"];
 
 impl VaeConfig {
+    /// Whether a training step reads a batch only through its counts and covariates on the
+    /// device, its number of rows and which modalities it has: a step captured as a CUDA
+    /// graph then replays for every batch of that shape. Terms that take values from each
+    /// batch on the host (the batch MMD's groups, the heads' labels and targets) keep the step
+    /// eager, as do those not checked for it yet (the MMD prior, Jeffreys, cycle).
+    pub fn replayable_step(&self) -> bool {
+        let weights = [
+            self.mmd_batch_weight,
+            self.jeffreys_weight,
+            self.adversarial_batch_weight,
+            self.contrastive_weight,
+            self.classifier_weight,
+            self.regression_weight,
+            self.cox_weight,
+            self.cycle_weight,
+        ];
+        self.prior == Prior::Kl
+            && weights.iter().all(|&w| w == 0.0)
+            && self.regression_keys.is_empty()
+            && self.survival_time_key.is_none()
+    }
+
     /// The observation model of modality `name`: its override, else Bernoulli for
     /// accessibility, the NB mixture for proteins, else the model's likelihood and dispersion.
     pub fn modality(&self, name: &str, n_features: usize) -> ModalitySpec {

@@ -378,13 +378,18 @@ fn gather(file: &SafeTensors<'_>, layout: &Layout, path: &Path) -> Result<Vec<f3
 }
 
 /// The first key path where two resolved runs differ, ignoring the epoch count, TF32 (a
-/// precision mode a resume may change) and where the counts live (the same model either way);
-/// checkpoints from before the last two existed lack their keys.
+/// precision mode a resume may change), where the counts live and whether steps replay from
+/// CUDA graphs (the same model either way); checkpoints from before the last three existed lack
+/// their keys.
 fn first_difference(a: &serde_json::Value, b: &serde_json::Value, at: &str) -> Option<String> {
     let may_change = |at: &str| {
         matches!(
             at,
-            "train.max_epochs" | "epochs" | "train.tf32" | "train.resident_data"
+            "train.max_epochs"
+                | "epochs"
+                | "train.tf32"
+                | "train.resident_data"
+                | "train.cuda_graphs"
         )
     };
     if may_change(at) {

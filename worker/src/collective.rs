@@ -3,9 +3,14 @@
 //! host messages). A training step's reduction is one [`Collective::reduce_sum`] of the step's
 //! flat device buffer; validation sums, barriers and broadcasts are host messages.
 
-use tessera_kernels::backend::{Backend, Cpu, Cuda, In, Out};
+use std::sync::Arc;
 
+use tessera_kernels::backend::{Backend, Cpu, Cuda, In, Out};
+use tessera_models::{PendingLoss, Trainer};
+
+use crate::epoch::{StagedPart, eager};
 use crate::records::FitError;
+use crate::replay::Replays;
 use crate::ring::Ring;
 
 /// What the ranks of a job do together. Every rank calls the same methods in the same order.
@@ -70,13 +75,39 @@ fn staged<B: Backend<f32>>(
 /// A backend the worker trains on, and how its ranks reduce: chosen once at start-up (see
 /// [`crate::device::Device`]).
 pub trait TrainBackend: Backend<f32> + 'static {
+    /// What the device keeps between steps to replay them (captured steps on a GPU).
+    type Replays: Default + Send + std::fmt::Debug;
+
     /// The collective of this device's ranks, over the job's `ring`.
     fn collective(&self, ring: Ring) -> Result<Box<dyn Collective<Self>>, FitError>;
+
+    /// One part's forward and backward on its staged batch (gradients in the model, terms left
+    /// on the device): replayed where `replays` holds its step, else op by op.
+    fn part_terms(
+        trainer: &mut Trainer<f32, Self>,
+        replays: &mut Self::Replays,
+        input: StagedPart<'_, Self>,
+        epoch: usize,
+        part: usize,
+    ) -> Result<Arc<PendingLoss<Self::Buf>>, FitError>;
 }
 
 impl TrainBackend for Cpu {
+    /// Nothing: a CPU step has no launches to save.
+    type Replays = ();
+
     fn collective(&self, ring: Ring) -> Result<Box<dyn Collective<Cpu>>, FitError> {
         Ok(Box::new(ring))
+    }
+
+    fn part_terms(
+        trainer: &mut Trainer<f32, Cpu>,
+        _: &mut (),
+        input: StagedPart<'_, Cpu>,
+        epoch: usize,
+        part: usize,
+    ) -> Result<Arc<PendingLoss<Vec<f32>>>, FitError> {
+        eager(trainer, input, epoch, part)
     }
 }
 
@@ -86,6 +117,18 @@ impl TrainBackend for Cpu {
 pub const NCCL_VAR: &str = "TESSERA_NCCL";
 
 impl TrainBackend for Cuda {
+    type Replays = Replays;
+
+    fn part_terms(
+        trainer: &mut Trainer<f32, Cuda>,
+        replays: &mut Replays,
+        input: StagedPart<'_, Cuda>,
+        epoch: usize,
+        part: usize,
+    ) -> Result<Arc<PendingLoss<Self::Buf>>, FitError> {
+        replays.part_terms(trainer, input, epoch, part)
+    }
+
     /// NCCL between GPUs (unless `TESSERA_NCCL=0`); alone, the ring of one (every reduction a
     /// no-op, no libnccl needed).
     fn collective(&self, mut ring: Ring) -> Result<Box<dyn Collective<Cuda>>, FitError> {

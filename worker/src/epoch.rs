@@ -7,11 +7,12 @@
 //! a thread of its own, so a GPU computes while the next batch is prepared and copied; the
 //! steps and their batches are the same as when it ran in line.
 
+use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 use tessera_data::MiniBatch;
-use tessera_models::{ENCODER_TRANSFORM, LossTerms, OnDevice, Trainer};
+use tessera_models::{ENCODER_TRANSFORM, LossTerms, OnDevice, PendingLoss, Trainer};
 
 use crate::batch::ModelBatch;
 use crate::checkpoint::WithinEpoch;
@@ -30,6 +31,45 @@ struct PartInput<B: TrainBackend> {
     staged: Vec<Option<B::Staged>>,
     /// The batch's covariates.
     covariates: Option<B::StagedValues>,
+}
+
+/// One part's batch as staged: its count matrices by modality (None: the model uploads the
+/// rows) and its covariates.
+pub struct StagedPart<'a, B: TrainBackend> {
+    pub(crate) batch: &'a ModelBatch,
+    pub(crate) staged: Vec<Option<B::Staged>>,
+    pub(crate) covariates: Option<B::StagedValues>,
+}
+
+impl<B: TrainBackend> std::fmt::Debug for StagedPart<'_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StagedPart({} rows)", self.batch.rows)
+    }
+}
+
+/// One part's forward and backward, op by op, from its staged batch: gradients in the model,
+/// terms left on the device.
+pub(crate) fn eager<B: TrainBackend>(
+    trainer: &mut Trainer<f32, B>,
+    input: StagedPart<'_, B>,
+    epoch: usize,
+    part: usize,
+) -> Result<Arc<PendingLoss<B::Buf>>, FitError> {
+    let device = trainer.model.backend().clone();
+    let on_device = OnDevice {
+        counts: input
+            .staged
+            .into_iter()
+            .map(|s| s.map(|s| device.staged_csr(s)).transpose())
+            .collect::<Result<Vec<_>, _>>()?,
+        covariates: input
+            .covariates
+            .map(|c| device.staged_values(c))
+            .transpose()?,
+    };
+    let batch = input.batch;
+    let pending = on_pool(|| batch.with(|b| trainer.part_terms(b, on_device, epoch, part as u64)))?;
+    Ok(Arc::new(pending))
 }
 
 /// What one step of this rank takes: a batch per part whose stream has one.
@@ -126,6 +166,8 @@ pub(crate) struct Stepper<'a, B: TrainBackend> {
     pub resident: &'a [ResidentPart<B>],
     /// The data's location, for errors.
     pub store: &'a str,
+    /// Steps captured to replay (on a GPU: `replay.rs`), kept from epoch to epoch.
+    pub replays: &'a mut B::Replays,
 }
 
 impl<B: TrainBackend> Stepper<'_, B> {
@@ -210,7 +252,7 @@ impl<B: TrainBackend> Stepper<'_, B> {
             done.times.data += waiting.elapsed().as_secs_f64();
             let parts: Vec<usize> = inputs.parts.iter().map(|p| p.part).collect();
             let stop = self.place.hooks.stop_requested();
-            let store = self.store;
+            let (store, replays) = (self.store, &mut *self.replays);
             let stepped = self.reducer.step(
                 self.trainer,
                 self.place.comm.as_mut(),
@@ -227,22 +269,12 @@ impl<B: TrainBackend> Stepper<'_, B> {
                             store: store.to_string(),
                             reason: format!("part {part} has no batch"),
                         })?;
-                    let device = trainer.model.backend().clone();
-                    let on_device = OnDevice {
-                        counts: std::mem::take(&mut input.staged)
-                            .into_iter()
-                            .map(|s| s.map(|s| device.staged_csr(s)).transpose())
-                            .collect::<Result<Vec<_>, _>>()?,
-                        covariates: input
-                            .covariates
-                            .take()
-                            .map(|c| device.staged_values(c))
-                            .transpose()?,
+                    let staged = StagedPart {
+                        batch: &input.batch,
+                        staged: std::mem::take(&mut input.staged),
+                        covariates: input.covariates.take(),
                     };
-                    let batch = &input.batch;
-                    Ok(on_pool(|| {
-                        batch.with(|b| trainer.part_terms(b, on_device, epoch, part as u64))
-                    })?)
+                    B::part_terms(trainer, replays, staged, epoch, part)
                 },
             )?;
             for terms in &stepped.terms {

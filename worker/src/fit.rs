@@ -464,6 +464,8 @@ struct Run<'a, B: TrainBackend> {
     resident: Vec<ResidentPart<B>>,
     state: FitState,
     reducer: StepReducer<B>,
+    /// Training steps captured to replay, kept across epochs.
+    replays: B::Replays,
     stopped_early: bool,
 }
 
@@ -688,6 +690,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             resident,
             state,
             reducer,
+            replays: B::Replays::default(),
             stopped_early: false,
         })
     }
@@ -717,6 +720,7 @@ impl<'a, B: TrainBackend> Run<'a, B> {
             reducer: &mut self.reducer,
             resident: &self.resident,
             store: &self.opts.data,
+            replays: &mut self.replays,
         };
         let steps = stepper.epoch(
             epoch,

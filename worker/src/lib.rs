@@ -28,6 +28,7 @@ pub mod provenance;
 pub mod query;
 pub mod records;
 pub mod reference;
+pub mod replay;
 mod resident;
 pub mod ring;
 mod tensor_file;

@@ -250,7 +250,7 @@ impl Sums {
 
     /// The cell-weighted sums of what the host knows of `parts`' terms (the rest is summed on
     /// the device: `PendingLoss::add_device_sums`).
-    fn of_host_terms<S: Storage>(parts: &[PendingLoss<S>]) -> Sums {
+    fn of_host_terms<S: Storage>(parts: &[Arc<PendingLoss<S>>]) -> Sums {
         let mut sums = Sums::default();
         for part in parts {
             let [r, k, reg, sup] = part.host_sums(part.cells() as f64);
@@ -362,7 +362,10 @@ impl<B: TrainBackend> StepReducer<B> {
         (more, stop): (bool, bool),
         kl_weight: f64,
         times: &mut StepTimes,
-        mut gradients: impl FnMut(&mut Trainer<f32, B>, usize) -> Result<PendingLoss<B::Buf>, FitError>,
+        mut gradients: impl FnMut(
+            &mut Trainer<f32, B>,
+            usize,
+        ) -> Result<Arc<PendingLoss<B::Buf>>, FitError>,
     ) -> Result<Stepped, FitError> {
         let started = Instant::now();
         // Alone with one part: the model's own buffers, no copies, the terms of the step
@@ -466,8 +469,11 @@ impl<B: TrainBackend> StepReducer<B> {
         &mut self,
         trainer: &mut Trainer<f32, B>,
         parts: &[usize],
-        gradients: &mut impl FnMut(&mut Trainer<f32, B>, usize) -> Result<PendingLoss<B::Buf>, FitError>,
-    ) -> Result<Vec<PendingLoss<B::Buf>>, FitError> {
+        gradients: &mut impl FnMut(
+            &mut Trainer<f32, B>,
+            usize,
+        ) -> Result<Arc<PendingLoss<B::Buf>>, FitError>,
+    ) -> Result<Vec<Arc<PendingLoss<B::Buf>>>, FitError> {
         let (p, s) = (self.n_params, self.n_state);
         let device = trainer.model.backend().clone();
         device.zero(Out::part(&mut self.buf, 0..p + s))?;
@@ -553,7 +559,7 @@ mod tests {
                         cells: cells(k),
                         ..LossTerms::default()
                     };
-                    Ok(PendingLoss::on_host(&terms, 1.0))
+                    Ok(PendingLoss::on_host(&terms, 1.0).into())
                 },
             )
             .unwrap();
@@ -604,7 +610,7 @@ mod tests {
                     cells: 4,
                     ..LossTerms::default()
                 };
-                Ok(PendingLoss::on_host(&terms, 1.0))
+                Ok(PendingLoss::on_host(&terms, 1.0).into())
             },
         );
         match result {

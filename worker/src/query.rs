@@ -1447,12 +1447,14 @@ fn fine_tune<B: TrainBackend>(
     let device = trainer.model.backend().clone();
     let mut place = Placement::alone_until(device, Arc::default());
     let mut reducer = StepReducer::new(trainer)?;
+    let mut replays = B::Replays::default();
     let mut stepper = Stepper {
         trainer,
         place: &mut place,
         reducer: &mut reducer,
         resident: &[],
         store: &req.data,
+        replays: &mut replays,
     };
     let mut final_loss = None;
     for epoch in 0..req.epochs {

@@ -47,6 +47,13 @@ impl From<tessera_kernels::backend::EngineError> for FitError {
     }
 }
 
+/// A GPU's error outside the engine's ops (a step's graph, its fixed buffers).
+impl From<tessera_kernels::cuda::CudaError> for FitError {
+    fn from(e: tessera_kernels::cuda::CudaError) -> Self {
+        tessera_kernels::backend::EngineError::from(e).into()
+    }
+}
+
 /// One epoch's record (losses are means over cells).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochRecord {

@@ -26,6 +26,16 @@ pub enum Staged {
     Rows(Box<crate::cuda_staging::StagedRows>, CountTransform),
 }
 
+impl Staged {
+    /// The count transform the batch's index is made for.
+    pub fn transform(&self) -> CountTransform {
+        match self {
+            Staged::Copied(x) => x.transform(),
+            Staged::Rows(_, transform) => *transform,
+        }
+    }
+}
+
 /// Views on their way to the host, copied together ([`Backend::start_download`]).
 #[derive(Debug)]
 pub struct Download {
@@ -221,7 +231,7 @@ impl Backend<f32> for Cuda {
     }
 
     fn csr_shape(&self, x: &DeviceCsr) -> (usize, usize, usize) {
-        (x.rows, x.cols, x.data.len())
+        (x.rows, x.cols, x.nnz)
     }
 
     fn csr_row_sums(&self, x: &DeviceCsr, out: Out<'_, DeviceBuf>) -> Result<()> {

@@ -117,11 +117,14 @@ pub fn gemm(
 pub struct DeviceCsr {
     pub rows: usize,
     pub cols: usize,
+    /// The batch's entries, `indptr[rows]`: the arrays may hold more (buffers sized for an
+    /// epoch's largest batch, `cuda_fixed`), past it never read.
+    pub nnz: usize,
     pub indptr: DeviceBuf<u64>,
     pub indices: DeviceBuf<u32>,
     pub data: DeviceBuf,
     host: Option<Arc<HostRows>>,
-    pub(super) transposed: OnceLock<(CountTransform, DeviceTransposed)>,
+    pub(crate) transposed: OnceLock<(CountTransform, DeviceTransposed)>,
     /// The backward's transposed index, being built on the host since the forward was queued.
     building: Mutex<Option<(CountTransform, Background<HostTransposed>)>>,
     /// With each row's repeated columns summed, when a row repeats one (None: it is itself).
@@ -174,7 +177,15 @@ impl DeviceCsr {
             gpu.copy_of(&self.indices.slice(..))?,
             gpu.copy_of(&self.data.slice(..))?,
         );
-        super::resident_gpu::indexed(gpu, (self.rows, self.cols), arrays, transform)
+        let copy = super::resident_gpu::indexed(gpu, (self.rows, self.cols), arrays, transform)?;
+        Ok(copy.holding(self.nnz))
+    }
+
+    /// The same matrix with `nnz` entries: its arrays' first ones (the row pointers end there).
+    pub(crate) fn holding(mut self, nnz: usize) -> DeviceCsr {
+        debug_assert!(nnz <= self.data.len() && nnz <= self.indices.len());
+        self.nnz = nnz;
+        self
     }
 
     /// A matrix whose arrays are already on the device (`device`: indptr, indices, data) and,
@@ -191,6 +202,7 @@ impl DeviceCsr {
         DeviceCsr {
             rows,
             cols,
+            nnz: data.len(),
             indptr,
             indices,
             data,
