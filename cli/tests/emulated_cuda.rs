@@ -192,16 +192,21 @@ fn assert_one_read_back_per_step(what: &str, out: &Path) {
     );
 }
 
+/// How many times the intervals of `steps` that hold `key` were seen.
+fn seen_with(steps: &[&(u64, Work)], key: &str) -> u64 {
+    steps
+        .iter()
+        .filter(|(_, work)| work.contains_key(key))
+        .map(|(n, _)| n)
+        .sum()
+}
+
 /// Buffers are reused, not allocated and freed (~70 of each per step before the cache): only a
 /// step of a batch shape not seen before, or with more non-zeros than any before (beyond an
 /// eighth), asks the driver for memory; none gives any back.
 fn assert_buffers_reused(what: &str, steps: &[&(u64, Work)]) {
     let seen: u64 = steps.iter().map(|(n, _)| n).sum();
-    let allocating: u64 = steps
-        .iter()
-        .filter(|(_, work)| work.contains_key("alloc"))
-        .map(|(n, _)| n)
-        .sum();
+    let allocating = seen_with(steps, "alloc");
     assert!(
         3 * allocating <= seen,
         "{what}: {allocating} of {seen} steps allocate: {steps:?}"
@@ -330,11 +335,7 @@ fn assert_steps_replayed(what: &str, out: &Path) {
         seen >= 16 && 2 * replayed >= seen,
         "{what}: {replayed} of {seen} steps replayed: {all:?}"
     );
-    let allocating: u64 = replays
-        .iter()
-        .filter(|(_, work)| work.contains_key("alloc"))
-        .map(|(n, _)| n)
-        .sum();
+    let allocating = seen_with(&replays, "alloc");
     assert!(
         allocating <= 2,
         "{what}: {allocating} replays allocate: {all:?}"

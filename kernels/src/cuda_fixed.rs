@@ -231,6 +231,15 @@ mod tests {
         )
     }
 
+    /// `staged` fits the buffers, and the matrix made from them once it is written is `eager`'s.
+    fn assert_makes(gpu: &Gpu, fixed: &mut FixedBatch, staged: Staged, eager: &DeviceCsr) {
+        assert!(fixed.fits(&staged));
+        fixed.write(gpu, staged).unwrap();
+        let made = fixed.to_device(gpu).unwrap();
+        assert_eq!(made.nnz, eager.nnz);
+        assert_eq!(read(gpu, &made), read(gpu, eager));
+    }
+
     /// Batches copied into fixed buffers (or their rows, gathered from a resident matrix) make
     /// the matrix and index the eager step makes from the staged batch, for a first batch, a
     /// smaller one after it and the first again (what the buffers hold past the batch's entries
@@ -250,12 +259,7 @@ mod tests {
             .unwrap()
             .unwrap();
         for x in [&first, &smaller, &first] {
-            let staged = copied(x);
-            assert!(fixed.fits(&staged));
-            fixed.write(&gpu, staged).unwrap();
-            let made = fixed.to_device(&gpu).unwrap();
-            assert_eq!(made.nnz, x.2.len());
-            assert_eq!(read(&gpu, &made), read(&gpu, &eager(x)));
+            assert_makes(&gpu, &mut fixed, copied(x), &eager(x));
         }
         let mut grown = first.clone();
         grown.1.push(39);
@@ -281,13 +285,8 @@ mod tests {
             .unwrap()
             .unwrap();
         for r in [&a, &b, &a] {
-            let staged = listed(r);
-            assert!(fixed.fits(&staged));
-            fixed.write(&gpu, staged).unwrap();
-            let made = fixed.to_device(&gpu).unwrap();
             let host = crate::ops::linear::gather_rows(csr(&whole), r);
-            assert_eq!(made.nnz, host.2.len());
-            assert_eq!(read(&gpu, &made), read(&gpu, &eager(&host)));
+            assert_makes(&gpu, &mut fixed, listed(r), &eager(&host));
         }
         // Rows whose step is 1 hold the most entries.
         let fullest: Vec<usize> = (0..12).map(|k| (7 * k) % 63).collect();

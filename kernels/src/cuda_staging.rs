@@ -192,10 +192,7 @@ impl StagedRows {
     /// The rows gathered on `gpu`'s compute stream into a batch, with its transposed index
     /// for `transform`, usable by every op queued after this call.
     pub fn into_device(mut self, gpu: &Gpu, transform: CountTransform) -> Result<DeviceCsr> {
-        let slot = self
-            .slot
-            .take()
-            .expect("staged rows are taken once (into_device consumes them)");
+        let slot = arrived(&mut self.slot, gpu)?;
         let n = self.indptr.len() - 1;
         let nnz = self.indptr[n] as usize;
         let gathered = if nnz == 0 {
@@ -209,9 +206,6 @@ impl StagedRows {
             };
             DeviceCsr::upload(gpu, empty)
         } else {
-            gpu.stream()
-                .wait(&slot.copied)
-                .map_err(driver("waiting for a staged upload"))?;
             let indptr = slot.indptr.copy_out(gpu, n + 1)?;
             let rows = slot.indices.device().expect("filled before it is read");
             resident_gpu::gather(gpu, &self.from, (rows, n), (indptr, nnz), transform)
@@ -271,13 +265,7 @@ impl StagedValues {
     /// The values in a buffer of `gpu`'s stream, usable by every op queued on it after this
     /// call.
     pub fn into_device(mut self, gpu: &Gpu) -> Result<DeviceBuf> {
-        let slot = self
-            .slot
-            .take()
-            .expect("staged values are taken once (into_device consumes them)");
-        gpu.stream()
-            .wait(&slot.copied)
-            .map_err(driver("waiting for a staged upload"))?;
+        let slot = arrived(&mut self.slot, gpu)?;
         let values = slot.data.copy_out(gpu, self.n)?;
         self.staging.release(slot, gpu.stream())?;
         Ok(values)
@@ -295,13 +283,7 @@ impl StagedValues {
 
     /// The values copied on `gpu`'s compute stream into the start of `to`.
     pub fn write_into(mut self, gpu: &Gpu, to: &mut DeviceBuf) -> Result<()> {
-        let slot = self
-            .slot
-            .take()
-            .expect("staged values are taken once (write_into consumes them)");
-        gpu.stream()
-            .wait(&slot.copied)
-            .map_err(driver("waiting for a staged upload"))?;
+        let slot = arrived(&mut self.slot, gpu)?;
         slot.data.copy_into(gpu, self.n, to)?;
         self.staging.release(slot, gpu.stream())
     }
@@ -347,13 +329,7 @@ impl StagedCsr {
     /// The arrays copied on `gpu`'s compute stream into the start of `to`'s (which has room
     /// for them), `to` then holding this matrix's entries.
     pub(crate) fn write_into(mut self, gpu: &Gpu, to: &mut DeviceCsr) -> Result<()> {
-        let slot = self
-            .slot
-            .take()
-            .expect("a staged matrix is taken once (write_into consumes it)");
-        gpu.stream()
-            .wait(&slot.copied)
-            .map_err(driver("waiting for a staged upload"))?;
+        let slot = arrived(&mut self.slot, gpu)?;
         slot.indptr.copy_into(gpu, self.rows + 1, &mut to.indptr)?;
         slot.indices.copy_into(gpu, self.nnz, &mut to.indices)?;
         slot.data.copy_into(gpu, self.nnz, &mut to.data)?;
@@ -365,13 +341,7 @@ impl StagedCsr {
     /// call.
     pub fn into_device(mut self, gpu: &Gpu) -> Result<DeviceCsr> {
         let compute = gpu.stream();
-        let slot = self
-            .slot
-            .take()
-            .expect("a staged matrix is taken once (into_device consumes it)");
-        compute
-            .wait(&slot.copied)
-            .map_err(driver("waiting for a staged upload"))?;
+        let slot = arrived(&mut self.slot, gpu)?;
         let nnz = self.nnz;
         let arrays = (
             slot.indptr.copy_out(gpu, self.rows + 1)?,
@@ -407,6 +377,18 @@ impl StagedCsr {
             self.canonical,
         ))
     }
+}
+
+/// A staged value's slot, taken (once: `into_device` and `write_into` consume what holds it),
+/// with the compute stream made to wait for its upload.
+fn arrived(slot: &mut Option<Slot>, gpu: &Gpu) -> Result<Slot> {
+    let slot = slot
+        .take()
+        .expect("a staged value is taken once (into_device and write_into consume it)");
+    gpu.stream()
+        .wait(&slot.copied)
+        .map_err(driver("waiting for a staged upload"))?;
+    Ok(slot)
 }
 
 /// Page-locked host buffers and device buffers for one matrix and its transposed index, and
