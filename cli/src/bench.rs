@@ -788,17 +788,16 @@ fn graph_step_seconds<'a>(
 ) -> Result<f64> {
     let cuda = trainer.model.backend().clone();
     let (counts, covariates) = (as_batch().modalities[0].counts, as_batch().covariates);
-    anyhow::ensure!(
-        !tessera_kernels::ops::linear::repeats_a_column(counts),
-        "a replayed step indexes its counts on the device: no row may repeat a gene"
-    );
-    let (fixed_counts, fixed_covariates) = (cuda.upload_csr(counts)?, cuda.upload(covariates)?);
+    // The batch in fixed buffers, as training keeps each step shape's (`worker/src/replay.rs`).
+    let staged = cuda.stage_csr(counts, tessera_models::ENCODER_TRANSFORM)?;
+    let mut fixed = tessera_kernels::cuda_fixed::FixedBatch::for_batch(cuda.gpu(), &staged, 0)?
+        .context("a replayed step indexes its counts on the device: no row may repeat a gene")?;
+    fixed.write(cuda.gpu(), staged)?;
+    let fixed_covariates = cuda.upload(covariates)?;
     let body = |trainer: &mut tessera_models::Trainer<f32, Cuda>| -> Result<_> {
         let gpu = cuda.gpu();
         let on_device = tessera_models::OnDevice {
-            counts: vec![Some(
-                fixed_counts.copied(gpu, tessera_models::ENCODER_TRANSFORM)?,
-            )],
+            counts: vec![Some(fixed.to_device(gpu)?)],
             covariates: Some(gpu.copy_of(&fixed_covariates.slice(..))?),
         };
         Ok(trainer.part_terms(as_batch(), on_device, 10, 0)?)

@@ -109,6 +109,12 @@ impl FixedBatch {
         described(staged).0.2
     }
 
+    /// Whether a replay could read a batch like `staged` from fixed buffers
+    /// ([`FixedBatch::for_batch`] makes them).
+    pub fn readable(staged: &Staged) -> bool {
+        described(staged).1
+    }
+
     /// Whether `staged` can be written into these buffers: a batch a replay can read, of the
     /// same rows, columns, source and transform, with at most `capacity` entries.
     pub fn fits(&self, staged: &Staged) -> bool {

@@ -90,9 +90,7 @@ impl Staging {
             }),
         })
     }
-}
 
-impl Staging {
     /// Starts copying a batch's row list and row pointers ([`ResidentCsr::batch_indptr`]) to
     /// the device on the copy stream, for a gather of those rows of `from`; callable from any
     /// thread.
@@ -233,14 +231,8 @@ impl StagedRows {
         rows: &mut DeviceBuf<u32>,
         indptr: &mut DeviceBuf<u64>,
     ) -> Result<()> {
-        let slot = self
-            .slot
-            .take()
-            .expect("staged rows are taken once (write_into consumes them)");
+        let slot = arrived(&mut self.slot, gpu)?;
         let n = self.indptr.len() - 1;
-        gpu.stream()
-            .wait(&slot.copied)
-            .map_err(driver("waiting for a staged upload"))?;
         slot.indices.copy_into(gpu, n, rows)?;
         slot.indptr.copy_into(gpu, n + 1, indptr)?;
         self.staging.release(slot, gpu.stream())
@@ -504,12 +496,10 @@ impl<T: DeviceRepr + Copy + Send + Sync + cudarc::driver::ValidAsZeroBits> Lane<
 
     /// The first `n` values, copied on `gpu`'s compute stream into a buffer of it.
     fn copy_out(&self, gpu: &Gpu, n: usize) -> Result<DeviceBuf<T>> {
-        match &self.buffers {
-            Some((_, device)) => gpu.copy_of(&device.slice(0..n)),
-            // Never filled: an empty array.
-            None if n == 0 => gpu.alloc::<T>(0),
-            None => panic!("staging: a lane is filled before it is copied out"),
-        }
+        // The copy writes every value before any op reads them.
+        let mut out = gpu.alloc::<T>(n)?;
+        self.copy_into(gpu, n, &mut out)?;
+        Ok(out)
     }
 }
 

@@ -175,8 +175,9 @@ impl VaeConfig {
     /// Whether a training step reads a batch only through its counts and covariates on the
     /// device, its number of rows and which modalities it has: a step captured as a CUDA
     /// graph then replays for every batch of that shape. Terms that take values from each
-    /// batch on the host (the batch MMD's groups, the heads' labels and targets) keep the step
-    /// eager, as do those not checked for it yet (the MMD prior, Jeffreys, cycle).
+    /// batch on the host (the batch MMD's groups, the heads' labels and targets, the cycle's
+    /// library size) keep the step eager, as do those not checked for it yet (the MMD prior,
+    /// Jeffreys).
     pub fn replayable_step(&self) -> bool {
         let weights = [
             self.mmd_batch_weight,

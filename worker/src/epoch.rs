@@ -67,9 +67,27 @@ pub(crate) fn eager<B: TrainBackend>(
             .map(|c| device.staged_values(c))
             .transpose()?,
     };
-    let batch = input.batch;
-    let pending = on_pool(|| batch.with(|b| trainer.part_terms(b, on_device, epoch, part as u64)))?;
-    Ok(Arc::new(pending))
+    Ok(Arc::new(part_terms_on(
+        trainer,
+        input.batch,
+        on_device,
+        epoch,
+        part,
+    )?))
+}
+
+/// [`Trainer::part_terms`] of `batch` with `on_device` (what of it is already there), on the
+/// pool as every step runs.
+pub(crate) fn part_terms_on<B: TrainBackend>(
+    trainer: &mut Trainer<f32, B>,
+    batch: &ModelBatch,
+    on_device: OnDevice<B::Csr, B::Buf>,
+    epoch: usize,
+    part: usize,
+) -> Result<PendingLoss<B::Buf>, FitError> {
+    Ok(on_pool(|| {
+        batch.with(|b| trainer.part_terms(b, on_device, epoch, part as u64))
+    })?)
 }
 
 /// What one step of this rank takes: a batch per part whose stream has one.

@@ -27,8 +27,7 @@ use tessera_kernels::cuda_staging::StagedValues;
 use tessera_models::{OnDevice, PendingLoss, Trainer};
 
 use crate::batch::ModelBatch;
-use crate::epoch::{StagedPart, eager};
-use crate::fit::on_pool;
+use crate::epoch::{StagedPart, eager, part_terms_on};
 use crate::records::FitError;
 
 /// Eager steps of a shape before its capture: the first fills the buffer cache with the
@@ -167,13 +166,14 @@ impl Shape {
         gpu: &tessera_kernels::cuda::Gpu,
         input: &StagedPart<'_, Cuda>,
     ) -> Result<Option<Shape>, FitError> {
+        // Checked for every modality before any buffer is made.
+        if !input.staged.iter().flatten().all(FixedBatch::readable) {
+            return Ok(None);
+        }
         let mut counts = Vec::with_capacity(input.staged.len());
         for staged in input.staged.iter().flatten() {
             let nnz = FixedBatch::entries(staged);
-            match FixedBatch::for_batch(gpu, staged, nnz + nnz / 4)? {
-                Some(fixed) => counts.push(fixed),
-                None => return Ok(None),
-            }
+            counts.extend(FixedBatch::for_batch(gpu, staged, nnz + nnz / 4)?);
         }
         let n = input.covariates.as_ref().map_or(0, StagedValues::len);
         Ok(Some(Shape {
@@ -230,9 +230,7 @@ impl Shape {
                 .collect::<Result<_, _>>()?,
             covariates: Some(gpu.copy_of(&self.covariates.slice(..))?),
         };
-        Ok(on_pool(|| {
-            batch.with(|b| trainer.part_terms(b, on_device, epoch, part as u64))
-        })?)
+        part_terms_on(trainer, batch, on_device, epoch, part)
     }
 
     /// Captures the step (not run: the caller launches it).
