@@ -315,9 +315,9 @@ fn training_on_the_emulated_device_gives_the_cpus_losses_resident_and_streamed()
 }
 
 /// Most steps were replayed from a CUDA graph: the host queued the graph's launch, the batch's
-/// copies into its fixed buffers, the draws' step, the gradient flag and the update, not the
-/// step's ~80 ops; nothing copied from pageable memory; one read back; nothing allocated but
-/// in an epoch's first replay (what its capture took from the cache, asked for once).
+/// copies into its fixed buffers, the draws' step and KL weight, the gradient flag and the
+/// update, not the step's ~80 ops; nothing copied from pageable memory; one read back; nothing
+/// allocated but in the first replay (what its capture took from the cache, asked for once).
 fn assert_steps_replayed(what: &str, out: &Path) {
     let all = intervals(out);
     let step = |work: &Work| {
@@ -329,16 +329,23 @@ fn assert_steps_replayed(what: &str, out: &Path) {
         .filter(|(_, work)| work.contains_key("graph launch"))
         .collect();
     let replayed: u64 = replays.iter().map(|(n, _)| n).sum();
-    // Per shape and KL weight (it changes each warm-up epoch): two eager steps, then replays;
-    // an epoch's last, shorter batch is eager at first.
+    // Per shape, two eager steps, then replays across the epochs, although the KL weight
+    // changes at each (a warm-up): only the first two full batches and each epoch's last,
+    // shorter one (its third is in a third epoch) run op by op.
     assert!(
-        seen >= 16 && 2 * replayed >= seen,
+        seen >= 16 && replayed + 4 >= seen,
         "{what}: {replayed} of {seen} steps replayed: {all:?}"
     );
     let allocating = seen_with(&replays, "alloc");
     assert!(
-        allocating <= 2,
+        allocating <= 1,
         "{what}: {allocating} replays allocate: {all:?}"
+    );
+    // An epoch's last step's update is queued after its read, with the validation.
+    let updated = seen_with(&replays, "launch adamw_step");
+    assert!(
+        updated + 2 >= replayed,
+        "{what}: {updated} of {replayed} replays queue their update: {all:?}"
     );
     for (_, work) in replays {
         let count = |k: &str| work.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
@@ -349,7 +356,7 @@ fn assert_steps_replayed(what: &str, out: &Path) {
             .sum();
         assert_eq!(count("graph launch"), 1, "{what}: {work:?}");
         assert_eq!(count("download"), 1, "{what}: {work:?}");
-        assert_eq!(count("launch adamw_step"), 1, "{what}: {work:?}");
+        assert!(count("launch adamw_step") <= 1, "{what}: {work:?}");
         assert!(launches <= 3 && count("gemm") == 0, "{what}: {work:?}");
         for absent in ["free", "upload from pageable memory", "blocking download"] {
             assert_eq!(count(absent), 0, "{what}: {absent} in {work:?}");

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::cuda_cache::{BufCache, CacheCounts, DeviceBuf};
+use crate::cuda_cell::DeviceCell;
 use crate::cuda_readback::{Readback, Readbacks};
 use crate::ops::linear::MatmulPrecision;
 use cudarc::driver::{
@@ -109,9 +110,10 @@ pub struct Gpu {
     /// Page-locked buffers for values read back without waiting.
     readbacks: Readbacks,
     matmul: MatmulPrecision,
-    /// The draw kernels' step cell, made at the first draw, and the value it holds.
-    draws: std::sync::OnceLock<cudarc::driver::CudaSlice<u64>>,
-    draws_holds: Mutex<Option<u64>>,
+    /// The step the draw kernels read the high bits of their streams from.
+    draws: DeviceCell,
+    /// The KL weight (f64 bits) a step's KL weights are filled from.
+    kl_weight: DeviceCell,
 }
 
 /// The modules compiled for one GPU and the kernels looked up in them.
@@ -170,8 +172,8 @@ impl Gpu {
             blas: std::sync::OnceLock::new(),
             staging: std::sync::OnceLock::new(),
             matmul: MatmulPrecision::Highest,
-            draws: std::sync::OnceLock::new(),
-            draws_holds: Mutex::new(None),
+            draws: DeviceCell::new("the draws' step", |step| step.to_string()),
+            kl_weight: DeviceCell::new("the KL weight", |bits| f64::from_bits(bits).to_string()),
         })
     }
 
@@ -384,61 +386,32 @@ impl Gpu {
     }
 
     /// The device cell the draw kernels read a stream's high bits from (a training step, as
-    /// models number the streams), holding `high`: written (a memset of each 32-bit half that
-    /// changed, queued on the compute stream) when it held another value. A captured step's
-    /// draws read the cell at each replay, so the step is set before the capture and before
-    /// each launch ([`Gpu::set_draw_step`]); a change inside a capture is an error (the graph
-    /// would write it again at every replay).
-    #[allow(unsafe_code)]
+    /// models number the streams), holding `high`. A captured step's draws read the cell at
+    /// each replay, so the step is set before the capture and before each launch
+    /// ([`Gpu::set_draw_step`]); a change inside a capture is an error.
     pub fn draw_cell(&self, high: u64) -> Result<&cudarc::driver::CudaSlice<u64>> {
-        let cell = match self.draws.get() {
-            Some(cell) => cell,
-            None => {
-                let made = self
-                    .stream
-                    .alloc_zeros::<u64>(1)
-                    .map_err(driver("the draws' step cell"))?;
-                *self.draws_holds.lock().unwrap_or_else(|p| p.into_inner()) = Some(0);
-                // A racing call made another, holding 0 too; either serves.
-                self.draws.get_or_init(|| made)
-            }
-        };
-        let mut holds = self.draws_holds.lock().unwrap_or_else(|p| p.into_inner());
-        let before = holds.unwrap_or(!high);
-        if before == high {
-            return Ok(cell);
-        }
-        if self.cache.capturing() {
-            return Err(CudaError::Capture(format!(
-                "the draws' step changed from {before} to {high} inside a capture"
-            )));
-        }
-        self.bind()?;
-        let (ptr, _record) = cudarc::driver::DevicePtr::device_ptr(cell, &self.stream);
-        for (half, offset) in [(0, 0u64), (32, 4)] {
-            let (old, new) = ((before >> half) as u32, (high >> half) as u32);
-            if old != new {
-                // SAFETY: one 4-byte word of the cell's 8 bytes, on the compute stream.
-                unsafe {
-                    cudarc::driver::sys::cuMemsetD32Async(
-                        ptr + offset,
-                        new,
-                        1,
-                        self.stream.cu_stream(),
-                    )
-                }
-                .result()
-                .map_err(driver("the draws' step"))?;
-            }
-        }
-        *holds = Some(high);
-        Ok(cell)
+        self.draws
+            .holding(&self.stream, self.cache.capturing(), high)
     }
 
     /// Sets the step the draw kernels read (the high bits of their streams) ahead of a graph's
     /// launch or capture: [`Gpu::draw_cell`].
     pub fn set_draw_step(&self, high: u64) -> Result<()> {
         self.draw_cell(high).map(|_| ())
+    }
+
+    /// The device cell holding `kl_weight` (as f64 bits), which a step's KL weights are filled
+    /// from (`ops::elementwise::fill_scaled`): a captured step serves every KL weight of a
+    /// warm-up, set before the capture and before each launch ([`Gpu::set_kl_weight`]).
+    pub fn kl_weight_cell(&self, kl_weight: f64) -> Result<&cudarc::driver::CudaSlice<u64>> {
+        self.kl_weight
+            .holding(&self.stream, self.cache.capturing(), kl_weight.to_bits())
+    }
+
+    /// Sets the KL weight a step reads ahead of a graph's launch or capture:
+    /// [`Gpu::kl_weight_cell`].
+    pub fn set_kl_weight(&self, kl_weight: f64) -> Result<()> {
+        self.kl_weight_cell(kl_weight).map(|_| ())
     }
 
     /// How many buffers were reused and how many allocated since the GPU was opened.

@@ -9,6 +9,7 @@ pub mod backend;
 mod background;
 pub mod cuda;
 pub mod cuda_cache;
+mod cuda_cell;
 pub mod cuda_fixed;
 pub mod cuda_graph;
 pub mod cuda_libs;

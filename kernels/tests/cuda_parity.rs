@@ -296,6 +296,17 @@ fn elementwise<B: Backend<f32>>(b: &B) -> Vec<Output> {
                 0.0,
             ));
         }
+        // KL weights of one share (filled from the KL weight's cell) and of several.
+        let shares: Vec<f64> = inputs(n).iter().map(|&v| f64::from(v) / 7.0).collect();
+        for shares in [vec![1.0 / n as f64; n], shares] {
+            let weights = b.kl_weights(&shares, 0.37).unwrap();
+            out.push(output(
+                format!("KL weights {rows}x{cols}"),
+                down(b, &weights),
+                0.0,
+                0.0,
+            ));
+        }
     }
     out.extend(reads_in_flight(b));
     out
@@ -1069,6 +1080,40 @@ fn a_captured_draw_follows_the_step_set_before_each_launch() {
     assert!(
         matches!(&changes, Err(tessera_kernels::backend::EngineError::Cuda(
             tessera_kernels::cuda::CudaError::Capture(m))) if m.contains("from 3 to 5")),
+        "{changes:?}"
+    );
+}
+
+/// A captured step's KL weights follow the weight set before each launch
+/// (`Gpu::set_kl_weight`), bit for bit the CPU's at that weight; another weight inside the
+/// capture fails it.
+#[test]
+fn captured_kl_weights_follow_the_weight_set_before_each_launch() {
+    let Some(gpu) = gpu() else { return };
+    let cuda = Cuda::new(gpu);
+    let shares = vec![1.0 / 1000.0; 1000];
+    drop(cuda.kl_weights(&shares, 0.0).unwrap());
+    let (graph, weights) = cuda
+        .gpu()
+        .capture(|| cuda.kl_weights(&shares, 0.0))
+        .unwrap();
+    for kl_weight in [0.0025, 1.0 / 3.0, 0.0, 1.0] {
+        cuda.gpu().set_kl_weight(kl_weight).unwrap();
+        graph.launch().unwrap();
+        let cpu = down(&Cpu, &Cpu.kl_weights(&shares, kl_weight).unwrap());
+        assert_close(
+            &format!("KL weights at {kl_weight}"),
+            &down(&cuda, &weights),
+            &cpu,
+            0.0,
+            0.0,
+        );
+    }
+    drop((graph, weights));
+    let changes = cuda.gpu().capture(|| cuda.kl_weights(&shares, 0.5));
+    assert!(
+        matches!(&changes, Err(tessera_kernels::backend::EngineError::Cuda(
+            tessera_kernels::cuda::CudaError::Capture(m))) if m.contains("from 1 to 0.5")),
         "{changes:?}"
     );
 }

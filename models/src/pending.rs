@@ -5,6 +5,7 @@
 //! values keep their bits.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tessera_kernels::Real;
 use tessera_kernels::backend::{Backend, In, Out, Result, Storage};
@@ -167,7 +168,9 @@ impl<S> Term<S> {
 pub struct PendingLoss<S> {
     pub(crate) reconstruction: Term<S>,
     pub(crate) kl: Term<S>,
-    pub(crate) kl_weight: f64,
+    /// The KL weight's bits: a step replayed from a CUDA graph shares its terms with the
+    /// graph, and the replay sets the weight of its epoch ([`PendingLoss::set_kl_weight`]).
+    pub(crate) kl_weight: AtomicU64,
     /// The penalties, each nested as the host summed it.
     pub(crate) regularization: Term<S>,
     /// The supervised heads' losses.
@@ -185,11 +188,22 @@ impl<S: Storage> PendingLoss<S> {
         PendingLoss {
             reconstruction: known(terms.reconstruction),
             kl: known(terms.kl),
-            kl_weight,
+            kl_weight: AtomicU64::new(kl_weight.to_bits()),
             regularization: known(terms.regularization),
             supervised: known(terms.supervised),
             cells: terms.cells,
         }
+    }
+
+    /// The KL weight the loss is formed with.
+    pub fn kl_weight(&self) -> f64 {
+        f64::from_bits(self.kl_weight.load(Ordering::Relaxed))
+    }
+
+    /// The KL weight of the terms a replay of the step they came from writes next (a read
+    /// started before keeps the weight it started with).
+    pub fn set_kl_weight(&self, kl_weight: f64) {
+        self.kl_weight.store(kl_weight.to_bits(), Ordering::Relaxed);
     }
 
     /// Cells of the batch.
@@ -276,7 +290,7 @@ impl<S: Storage> PendingLoss<S> {
         extra: &[&S],
     ) -> Result<(LossTerms, Vec<Vec<T>>)> {
         let host = b.download_together(&self.views_with(extra))?;
-        Ok(self.terms_with(host, extra.len()))
+        Ok(self.terms_with(host, extra.len(), self.kl_weight()))
     }
 
     /// Starts reading the terms and the values of `extra` in one transfer, without waiting:
@@ -289,6 +303,7 @@ impl<S: Storage> PendingLoss<S> {
     ) -> Result<ReadingLoss<S, B::Download>> {
         let download = b.start_download(&self.views_with(extra))?;
         Ok(ReadingLoss {
+            kl_weight: self.kl_weight(),
             pending: self,
             download,
             extra: extra.len(),
@@ -303,7 +318,10 @@ impl<S: Storage> PendingLoss<S> {
         let views: Vec<In<'_, S>> = all.iter().flat_map(Self::on_device).map(In::all).collect();
         let host = b.download_together(&views)?;
         let mut at = host.iter();
-        Ok(all.iter().map(|p| p.terms_from(&mut at)).collect())
+        Ok(all
+            .iter()
+            .map(|p| p.terms_from(&mut at, p.kl_weight()))
+            .collect())
     }
 
     /// The device values, then `extra`'s, in one list of views to read together.
@@ -315,9 +333,14 @@ impl<S: Storage> PendingLoss<S> {
     }
 
     /// The terms and the `extra` values last in `host` ([`PendingLoss::views_with`]'s order).
-    fn terms_with<T: Real>(&self, mut host: Vec<Vec<T>>, extra: usize) -> (LossTerms, Vec<Vec<T>>) {
+    fn terms_with<T: Real>(
+        &self,
+        mut host: Vec<Vec<T>>,
+        extra: usize,
+        kl_weight: f64,
+    ) -> (LossTerms, Vec<Vec<T>>) {
         let extra = host.split_off(host.len() - extra);
-        (self.terms_from(&mut host.iter()), extra)
+        (self.terms_from(&mut host.iter(), kl_weight), extra)
     }
 
     /// The device values the host reads, in the order [`PendingLoss::terms_from`] takes them.
@@ -334,7 +357,11 @@ impl<S: Storage> PendingLoss<S> {
 
     /// The terms from their values on the host (taken from `at` in [`PendingLoss::on_device`]'s
     /// order), in f64: the arithmetic an immediate read did.
-    fn terms_from<'a, T: Real + 'a>(&self, at: &mut impl Iterator<Item = &'a Vec<T>>) -> LossTerms {
+    fn terms_from<'a, T: Real + 'a>(
+        &self,
+        at: &mut impl Iterator<Item = &'a Vec<T>>,
+        kl_weight: f64,
+    ) -> LossTerms {
         let reconstruction = self.reconstruction.value(at);
         let kl = self.kl.value(at);
         let regularization = self.regularization.value(at);
@@ -344,7 +371,7 @@ impl<S: Storage> PendingLoss<S> {
             kl,
             regularization,
             supervised,
-            loss: reconstruction + self.kl_weight * kl + regularization + supervised,
+            loss: reconstruction + kl_weight * kl + regularization + supervised,
             cells: self.cells,
         }
     }
@@ -354,6 +381,8 @@ impl<S: Storage> PendingLoss<S> {
 #[derive(Debug)]
 pub struct ReadingLoss<S, D> {
     pending: Arc<PendingLoss<S>>,
+    /// The pending terms' KL weight when the read started.
+    kl_weight: f64,
     download: D,
     extra: usize,
 }
@@ -365,6 +394,6 @@ impl<S: Storage, D> ReadingLoss<S, D> {
         b: &B,
     ) -> Result<(LossTerms, Vec<Vec<T>>)> {
         let host = b.finish_download(self.download)?;
-        Ok(self.pending.terms_with(host, self.extra))
+        Ok(self.pending.terms_with(host, self.extra, self.kl_weight))
     }
 }

@@ -14,6 +14,7 @@
 //! layout (the all-reduce unit).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 
 use rand::SeedableRng;
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -1180,14 +1181,9 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 .iter()
                 .map(|&r| inv_n / plan.n_present[r] as f64)
                 .collect();
-            let weights = b.upload_weights(
-                &share
-                    .iter()
-                    .map(|&w| T::of(kl_weight * w))
-                    .collect::<Vec<T>>(),
-            )?;
             let (mut kl, mut dm, mut dlv) = kl_outputs(b, use_kl, rows, d)?;
             if use_kl {
+                let weights = b.kl_weights(&share, kl_weight)?;
                 b.kl_standard_normal(
                     a.mean.output().input(),
                     a.logvar.output().input(),
@@ -1252,9 +1248,9 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let eps = self.noise(n, SITE_LATENT, mode)?;
         let mut z = b.output_tensor(n, d)?;
         b.reparameterize_forward(m.input(), lv.input(), eps.input(), z.output())?;
-        let weights = b.upload_weights(&vec![T::of(kl_weight * inv_n); n])?;
         let (mut kl, mut dm_kl, mut dlv_kl) = kl_outputs(b, use_kl, n, d)?;
         if use_kl {
+            let weights = b.kl_weights(&vec![inv_n; n], kl_weight)?;
             b.kl_standard_normal(
                 m.input(),
                 lv.input(),
@@ -1426,7 +1422,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         let terms = PendingLoss {
             reconstruction,
             kl: kl_total,
-            kl_weight,
+            kl_weight: AtomicU64::new(kl_weight.to_bits()),
             regularization,
             supervised,
             cells: n,

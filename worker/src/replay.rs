@@ -7,9 +7,11 @@
 //! its matrix from them inside it, so a replay computes on whatever batch they hold. A step is
 //! run eagerly through them twice (its buffers' sizes then wait in the cache, which a capture
 //! takes from), captured at the third batch of its shape and replayed from then on, bit for bit
-//! the eager step (the same kernels on the same values). A graph serves one KL weight and one
-//! set of model buffers (the parameters, gradients and BatchNorm statistics it read and wrote
-//! at their addresses): a change of either drops the graphs. Steps whose terms take values from
+//! the eager step (the same kernels on the same values). The draws' step and the KL weight are
+//! read from device cells set before each launch, so a graph serves a whole run, KL warm-up
+//! included; it serves one set of model buffers (the parameters, gradients and BatchNorm
+//! statistics it read and wrote at their addresses): a new set drops the graphs. Steps whose
+//! terms take values from
 //! each batch on the host, or with a modality missing for some cells, stay eager
 //! ([`tessera_models::VaeConfig::replayable_step`]); so does every step once a capture failed
 //! (logged once), and every step with `train.cuda_graphs = false`.
@@ -40,8 +42,8 @@ pub struct Replays {
     enabled: bool,
     /// A capture was logged (once, at info).
     announced: bool,
-    /// What the graphs were captured for: the KL weight's bits and the model's buffers.
-    captured_for: Option<(u64, [u64; 3])>,
+    /// The model's buffers the graphs were captured for.
+    captured_for: Option<[u64; 3]>,
     shapes: HashMap<(usize, usize), Shape>,
 }
 
@@ -88,7 +90,7 @@ impl Replays {
         if !replayable {
             return eager(trainer, input, epoch, part);
         }
-        self.forget_other_models(trainer, epoch);
+        self.forget_other_models(trainer);
         let key = (part, input.batch.rows);
         let gpu = trainer.model.backend().gpu();
         let fits = self.shapes.get(&key).is_some_and(|s| s.fits(&input));
@@ -123,11 +125,8 @@ impl Replays {
         }
         match &shape.graph {
             Some((graph, pending)) => {
-                trainer
-                    .model
-                    .backend()
-                    .gpu()
-                    .set_draw_step(trainer.step + 1)?;
+                let kl_weight = set_cells(trainer, epoch)?;
+                pending.set_kl_weight(kl_weight);
                 graph.launch()?;
                 Ok(Arc::clone(pending))
             }
@@ -138,17 +137,24 @@ impl Replays {
         }
     }
 
-    /// Drops the graphs when the KL weight or the model's buffers are not theirs.
-    fn forget_other_models(&mut self, trainer: &Trainer<f32, Cuda>, epoch: usize) {
-        let now = (
-            trainer.config.kl_weight(epoch).to_bits(),
-            model_buffers(trainer),
-        );
+    /// Drops the graphs when the model's buffers are not theirs.
+    fn forget_other_models(&mut self, trainer: &Trainer<f32, Cuda>) {
+        let now = model_buffers(trainer);
         if self.captured_for != Some(now) {
             self.shapes.clear();
             self.captured_for = Some(now);
         }
     }
+}
+
+/// The draws' step and the KL weight (returned) of the next step into the device cells a
+/// captured step reads them from, ahead of its capture or launch.
+fn set_cells(trainer: &Trainer<f32, Cuda>, epoch: usize) -> Result<f64, FitError> {
+    let gpu = trainer.model.backend().gpu();
+    let kl_weight = trainer.config.kl_weight(epoch);
+    gpu.set_draw_step(trainer.step + 1)?;
+    gpu.set_kl_weight(kl_weight)?;
+    Ok(kl_weight)
 }
 
 /// Device addresses of the parameters, gradients and BatchNorm statistics a graph reads and
@@ -241,10 +247,11 @@ impl Shape {
         epoch: usize,
         part: usize,
     ) -> Result<(), FitError> {
+        set_cells(trainer, epoch)?;
         let cuda = trainer.model.backend().clone();
-        let gpu = cuda.gpu();
-        gpu.set_draw_step(trainer.step + 1)?;
-        let (graph, pending) = gpu.capture(|| self.step(trainer, batch, epoch, part))?;
+        let (graph, pending) = cuda
+            .gpu()
+            .capture(|| self.step(trainer, batch, epoch, part))?;
         tracing::debug!(
             rows = batch.rows,
             part,

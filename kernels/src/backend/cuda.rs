@@ -170,6 +170,18 @@ impl Backend<f32> for Cuda {
         Ok(self.gpu.fill(&mut vm(y), value)?)
     }
 
+    fn kl_weights(&self, shares: &[f64], kl_weight: f64) -> Result<DeviceBuf> {
+        match shares.first() {
+            Some(&share) if shares.iter().all(|&w| w == share) => {
+                let cell = self.gpu.kl_weight_cell(kl_weight)?;
+                let mut y = self.gpu.alloc::<f32>(shares.len())?;
+                elementwise::gpu::fill_scaled(&self.gpu, cell, share, &mut y.slice_mut(..))?;
+                Ok(y)
+            }
+            _ => self.upload(&super::kl_products(shares, kl_weight)),
+        }
+    }
+
     fn write(&self, host: &[f32], y: Out<'_, DeviceBuf>) -> Result<()> {
         assert_eq!(host.len(), y.range.len(), "write: lengths");
         Ok(self

@@ -195,6 +195,13 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
             _ => self.upload(host),
         }
     }
+    /// A step's per-row KL weights, `kl_weight × shares[r]` (each product in f64). A GPU fills
+    /// them on the device where the shares are one value repeated, reading the KL weight from
+    /// a device cell (`Gpu::kl_weight_cell`), so a step captured as a CUDA graph serves every
+    /// KL weight of a warm-up.
+    fn kl_weights(&self, shares: &[f64], kl_weight: f64) -> Result<Self::Buf> {
+        self.upload_weights(&kl_products(shares, kl_weight))
+    }
     /// Host values into an existing view (a step's small control values, a staged reduction).
     fn write(&self, host: &[T], y: Out<'_, Self::Buf>) -> Result<()>;
     /// The buffer as host memory, where it is host memory (the CPU): the TCP all-reduce then
@@ -662,6 +669,11 @@ pub fn softmax_nb_composed<T: Real, B: Backend<T>>(
     b.scale_rows(dmu.input(), library, drho.output())?;
     b.softmax_backward(rho.input(), drho.input(), g, dlogits)?;
     b.column_sums(dtheta_entries.input(), dtheta)
+}
+
+/// `kl_weight × shares[r]`, each product in f64 rounded once ([`Backend::kl_weights`]).
+pub(crate) fn kl_products<T: Real>(shares: &[f64], kl_weight: f64) -> Vec<T> {
+    shares.iter().map(|&w| T::of(kl_weight * w)).collect()
 }
 
 #[cfg(test)]

@@ -68,6 +68,15 @@ extern "C" __global__ void bias_add_backward(const float* dy, float* dbias, unsi
     dbias[c] = s;
 }
 
+// y = cell[0] * share (f64 product, rounded once), mirroring fill_scaled: the factor read when
+// the kernel runs, so a captured step takes the KL weight its cell holds at each replay.
+extern "C" __global__ void fill_scaled(float* y, const double* cell, double share, unsigned long long n) {
+    float v = (float)(cell[0] * share);
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        y[i] = v;
+    }
+}
+
 // y += alpha x.
 extern "C" __global__ void axpy(float alpha, const float* x, float* y, unsigned long long n) {
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {

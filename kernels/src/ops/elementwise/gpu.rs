@@ -66,6 +66,21 @@ pub fn column_sums(gpu: &Gpu, m: &View<'_>, out: &mut ViewMut<'_>) -> Result<()>
     launch(b, cols, "column_sums")
 }
 
+/// As [`super::fill_scaled`], the factor read from `cell` (f64 bits) when the kernel runs.
+pub fn fill_scaled(
+    gpu: &Gpu,
+    cell: &cudarc::driver::CudaSlice<u64>,
+    share: f64,
+    y: &mut ViewMut<'_>,
+) -> Result<()> {
+    let f = gpu.function("elementwise", CUDA_SOURCE, "fill_scaled")?;
+    let n = y.len();
+    let n64 = n as u64;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(y).arg(cell).arg(&share).arg(&n64);
+    launch(b, n, "fill_scaled")
+}
+
 /// As [`super::axpy`]: y += alpha x.
 pub fn axpy(gpu: &Gpu, alpha: f32, x: &View<'_>, y: &mut ViewMut<'_>) -> Result<()> {
     assert_eq!(x.len(), y.len(), "axpy: lengths");

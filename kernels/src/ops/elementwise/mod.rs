@@ -179,6 +179,13 @@ pub fn column_sums<T: Real>(m: &[T], out: &mut [T]) {
     });
 }
 
+/// y = factor × share in every entry, the product in f64 as the host forms per-row weights:
+/// a step's KL weights (factor the KL weight, share a cell's part of the batch mean). The
+/// GPU's kernel reads the factor from a device cell (`Gpu::kl_weight_cell`).
+pub fn fill_scaled<T: Real>(factor: f64, share: f64, y: &mut [T]) {
+    y.fill(T::of(factor * share));
+}
+
 /// y += alpha x.
 pub fn axpy<T: Real>(alpha: T, x: &[T], y: &mut [T]) {
     assert_eq!(x.len(), y.len(), "axpy: lengths");
