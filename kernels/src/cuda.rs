@@ -309,10 +309,30 @@ impl Gpu {
     /// Host values (f32, or indices, masks, f64 operands) into a kept device buffer.
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<DeviceBuf<T>> {
         let mut buf = self.cache.take::<T>(host.len())?;
-        self.stream
-            .memcpy_htod(host, &mut buf)
-            .map_err(driver("upload"))?;
+        self.write(host, &mut buf.slice_mut(..))?;
         Ok(buf)
+    }
+
+    /// Host values into `y`, of their length, on the compute stream.
+    pub fn write<T: DeviceRepr>(
+        &self,
+        host: &[T],
+        y: &mut cudarc::driver::CudaViewMut<'_, T>,
+    ) -> Result<()> {
+        self.outside_capture("a copy from host memory")?;
+        self.stream.memcpy_htod(host, y).map_err(driver("upload"))
+    }
+
+    /// Refuses `what` inside a capture, whatever the driver would do: a graph's copy from or to
+    /// host memory replays with the host address it was captured with (memory its caller has
+    /// since given back, or a read-back buffer other reads reuse), and CUDA may capture one.
+    fn outside_capture(&self, what: &str) -> Result<()> {
+        if self.cache.capturing() {
+            return Err(CudaError::Capture(format!(
+                "{what} inside a capture (a replay would copy at the captured host address)"
+            )));
+        }
+        Ok(())
     }
 
     /// `n` values on the compute stream whose contents are whatever the memory held: for
@@ -421,12 +441,14 @@ impl Gpu {
 
     /// A buffer or a view back to the host.
     pub fn download(&self, device: &impl cudarc::driver::DevicePtr<f32>) -> Result<Vec<f32>> {
+        self.outside_capture("a read back")?;
         self.stream.clone_dtoh(device).map_err(driver("download"))
     }
 
     /// Starts copying `x` to the host after what is queued now, without waiting:
     /// [`Gpu::finish_download`] waits for it (and only for it).
     pub fn start_download(&self, x: &View<'_>) -> Result<Readback> {
+        self.outside_capture("a read back")?;
         self.readbacks.start(&self.stream, x)
     }
 

@@ -184,11 +184,7 @@ impl Backend<f32> for Cuda {
 
     fn write(&self, host: &[f32], y: Out<'_, DeviceBuf>) -> Result<()> {
         assert_eq!(host.len(), y.range.len(), "write: lengths");
-        Ok(self
-            .gpu
-            .stream()
-            .memcpy_htod(host, &mut vm(y))
-            .map_err(driver("write"))?)
+        Ok(self.gpu.write(host, &mut vm(y))?)
     }
 
     fn copy(&self, x: In<'_, DeviceBuf>, y: Out<'_, DeviceBuf>) -> Result<()> {
