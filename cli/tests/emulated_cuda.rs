@@ -314,6 +314,42 @@ fn training_on_the_emulated_device_gives_the_cpus_losses_resident_and_streamed()
     }
 }
 
+/// totalVI's and MultiVI's kinds of model (RNA with a gene-batch dispersion, the proteins' NB
+/// mixture, Bernoulli peaks, a product of experts, the Jeffreys divergence between experts)
+/// replay their steps: the batch one-hot, dense counts and row selections are made on the
+/// device, so a capture copies nothing from the host; bit for bit the eager run, which gives
+/// the CPU's losses.
+#[test]
+fn a_multimodal_model_replays_its_steps_as_the_eager_run_computes_them() {
+    let Some(libs) = emulator_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = &stores(dir.path(), 1, &["--proteins", "20", "--peaks", "100"])[0];
+    let model = "[model]\njoint = \"poe\"\njeffreys_weight = 1.0\ndispersion = \"gene-batch\"";
+    let settings = |graphs: bool| format!("cuda_graphs = {graphs}\n{model}");
+    let (_, cpu) = train(
+        store,
+        &dir.path().join("cpu"),
+        ("cpu", &libs),
+        &settings(true),
+        &[],
+    );
+    let eager_out = dir.path().join("eager");
+    let (_, eager) = train(store, &eager_out, ("cuda", &libs), &settings(false), &[]);
+    assert_same_losses("multimodal", &eager, &cpu);
+    let out = dir.path().join("replayed");
+    let (log, replayed) = train(store, &out, ("cuda", &libs), &settings(true), &[]);
+    assert!(!log.contains("op by op from now on"), "{log}");
+    assert_eq!(replayed, eager, "multimodal: the replayed steps' losses");
+    assert!(
+        std::fs::read(out.join("model.safetensors")).unwrap()
+            == std::fs::read(eager_out.join("model.safetensors")).unwrap(),
+        "multimodal: the model differs from the eager run's"
+    );
+    assert_steps_replayed("multimodal", &out);
+}
+
 /// Most steps were replayed from a CUDA graph: the host queued the graph's launch, the batch's
 /// copies into its fixed buffers, the draws' step and KL weight, the gradient flag and the
 /// update, not the step's ~80 ops; nothing copied from pageable memory; one read back; nothing

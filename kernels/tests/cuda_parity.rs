@@ -258,26 +258,39 @@ fn elementwise<B: Backend<f32>>(b: &B) -> Vec<Output> {
             0.0,
             1e-7,
         ));
-        let codes: Vec<usize> = (0..rows).map(|r| (r * 7) % 3).collect();
-        let table = up(b, &inputs(3 * cols));
-        let mut gathered = zeros(b, n);
-        b.gather_rows(In::all(&table), &codes, cols, Out::all(&mut gathered))
+        let k = cols.div_ceil(2);
+        let mut leading = zeros(b, rows * k);
+        b.leading_columns(m.clone(), cols, k, Out::all(&mut leading))
             .unwrap();
         out.push(output(
-            format!("gather {rows}x{cols}"),
-            down(b, &gathered),
+            format!("leading {k} columns {rows}x{cols}"),
+            down(b, &leading),
             0.0,
             0.0,
         ));
-        let mut scattered = up(b, &inputs(3 * cols));
-        b.scatter_add_rows(m, &codes, cols, Out::all(&mut scattered))
-            .unwrap();
-        out.push(output(
-            format!("scatter-add {rows}x{cols}"),
-            down(b, &scattered),
-            1e-5,
-            1e-6,
-        ));
+        // Three groups, and each row its own (the GPU copies instead, with no codes).
+        let three: Vec<usize> = (0..rows).map(|r| (r * 7) % 3).collect();
+        for (codes, groups) in [(three, 3), ((0..rows).collect(), rows)] {
+            let table = up(b, &inputs((groups + 1) * cols));
+            let mut gathered = zeros(b, n);
+            b.gather_rows(In::all(&table), &codes, cols, Out::all(&mut gathered))
+                .unwrap();
+            out.push(output(
+                format!("gather {rows}x{cols} of {groups} groups"),
+                down(b, &gathered),
+                0.0,
+                0.0,
+            ));
+            let mut scattered = up(b, &inputs(groups * cols));
+            b.scatter_add_rows(m.clone(), &codes, cols, Out::all(&mut scattered))
+                .unwrap();
+            out.push(output(
+                format!("scatter-add {rows}x{cols} into {groups} groups"),
+                down(b, &scattered),
+                1e-5,
+                1e-6,
+            ));
+        }
         // A fill of part of a buffer; weights of one value (filled) and of several (uploaded).
         let mut filled = up(b, &inputs(n + 3));
         b.fill(Out::part(&mut filled, 2..n + 2), -0.37).unwrap();
@@ -470,6 +483,31 @@ fn sparse_layer_and_softmax<B: Backend<f32>>(b: &B) -> Vec<Output> {
         data: &data,
     };
     let xd = b.upload_csr(x).unwrap();
+    // Dense counts (a row repeating a column, a negative sum and a zero kept as they are
+    // where binary).
+    let repeats = CsrRef {
+        rows: 3,
+        cols: 4,
+        indptr: &[0, 3, 3, 6],
+        indices: &[2, 0, 2, 1, 1, 3],
+        data: &[1.0, 2.0, -3.0, 4.0, -5.0, 0.0],
+    };
+    for (what, m) in [
+        ("counts", &xd),
+        ("repeats", &b.upload_csr(repeats).unwrap()),
+    ] {
+        let (r, c, _) = b.csr_shape(m);
+        for binary in [false, true] {
+            let mut dense = up(b, &inputs(r * c));
+            b.csr_dense(m, binary, Out::all(&mut dense)).unwrap();
+            out.push(output(
+                format!("dense {what} (binary {binary})"),
+                down(b, &dense),
+                0.0,
+                0.0,
+            ));
+        }
+    }
     let (w, dy) = (up(b, &inputs(cols * d_out)), up(b, &inputs(rows * d_out)));
     for transform in [
         CountTransform::Log1p,

@@ -589,22 +589,17 @@ impl Decoder {
             rows: n,
             cols: self.n_cov,
         };
+        // Taken from the covariates on the device: nothing crosses from the host, so a step
+        // captured as a CUDA graph reads each replay's batch.
         let onehot = if self.observation.reads_onehot() {
-            // Without a batch covariate every cell is in the table's one row.
-            let host: Vec<T> = if self.n_batch == 0 {
-                vec![T::one(); n]
+            let mut onehot = b.output_tensor(n, self.n_batch.max(1))?;
+            if self.n_batch == 0 {
+                // Without a batch covariate every cell is in the table's one row.
+                b.fill(onehot.output(), T::one())?;
             } else {
-                covariates
-                    .host
-                    .chunks(self.n_cov.max(1))
-                    .flat_map(|row| row[..self.n_batch].to_vec())
-                    .collect()
-            };
-            Some(Tensor {
-                buf: b.upload(&host)?,
-                rows: n,
-                cols: self.n_batch.max(1),
-            })
+                b.leading_columns(cov.input(), self.n_cov, self.n_batch, onehot.output())?;
+            }
+            Some(onehot)
         } else {
             None
         };

@@ -68,7 +68,7 @@ pub struct TrainConfig {
     /// On a GPU, capture each step shape's forward and backward as a CUDA graph once it has
     /// run twice, and replay it from then on: the same bits, queued by one launch instead of
     /// ~80. Only for models whose steps read their batches through the device alone
-    /// ([`crate::VaeConfig::replayable_step`]). Ignored on the CPU.
+    /// ([`crate::Vae::replayable_step`]). Ignored on the CPU.
     pub cuda_graphs: bool,
 }
 

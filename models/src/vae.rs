@@ -173,29 +173,6 @@ const ACCESSIBILITY: [&str; 4] = ["atac", "peaks", "chromatin", "accessibility"]
 const PROTEIN: [&str; 2] = ["prot", "adt"];
 
 impl VaeConfig {
-    /// Whether a training step reads a batch only through its counts and covariates on the
-    /// device, its number of rows and which modalities it has: a step captured as a CUDA
-    /// graph then replays for every batch of that shape. Terms that take values from each
-    /// batch on the host (the batch MMD's groups, the heads' labels and targets, the cycle's
-    /// library size) keep the step eager, as do those not checked for it yet (the MMD prior,
-    /// Jeffreys).
-    pub fn replayable_step(&self) -> bool {
-        let weights = [
-            self.mmd_batch_weight,
-            self.jeffreys_weight,
-            self.adversarial_batch_weight,
-            self.contrastive_weight,
-            self.classifier_weight,
-            self.regression_weight,
-            self.cox_weight,
-            self.cycle_weight,
-        ];
-        self.prior == Prior::Kl
-            && weights.iter().all(|&w| w == 0.0)
-            && self.regression_keys.is_empty()
-            && self.survival_time_key.is_none()
-    }
-
     /// The observation model of modality `name`: its override, else Bernoulli for
     /// accessibility, the NB mixture for proteins, else the model's likelihood and dispersion.
     pub fn modality(&self, name: &str, n_features: usize) -> ModalitySpec {
@@ -749,6 +726,31 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         self.backend
             .copy(In::all(&staged), Out::part(&mut self.values, range))?;
         Ok(true)
+    }
+
+    /// Whether a training step reads a batch only through its counts and covariates on the
+    /// device, its number of rows and which modalities it has: a step captured as a CUDA
+    /// graph then replays for every batch of that shape. Terms that take values from each
+    /// batch on the host (the batch MMD's groups, the heads' labels and targets, the cycle's
+    /// library size) keep the step eager, as does the MMD prior (its weight, the KL weight's
+    /// multiple, is a kernel argument) and a mixture of several experts (its decoders read
+    /// the batch's rows once per expert, repeated on the host).
+    pub fn replayable_step(&self) -> bool {
+        let c = &self.config;
+        let weights = [
+            c.mmd_batch_weight,
+            c.adversarial_batch_weight,
+            c.contrastive_weight,
+            c.classifier_weight,
+            c.regression_weight,
+            c.cox_weight,
+            c.cycle_weight,
+        ];
+        c.prior == Prior::Kl
+            && weights.iter().all(|&w| w == 0.0)
+            && c.regression_keys.is_empty()
+            && c.survival_time_key.is_none()
+            && (c.joint != Joint::Moe || self.decoders.len() == 1)
     }
 
     pub fn backend(&self) -> &B {

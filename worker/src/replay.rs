@@ -11,10 +11,12 @@
 //! read from device cells set before each launch, so a graph serves a whole run, KL warm-up
 //! included; it serves one set of model buffers (the parameters, gradients and BatchNorm
 //! statistics it read and wrote at their addresses): a new set drops the graphs. Steps whose
-//! terms take values from
-//! each batch on the host, or with a modality missing for some cells, stay eager
-//! ([`tessera_models::VaeConfig::replayable_step`]); so does every step once a capture failed
-//! (logged once), and every step with `train.cuda_graphs = false`.
+//! terms take values from each batch on the host, or with a modality missing for some cells,
+//! stay eager ([`tessera_models::Vae::replayable_step`]); so does every step once a capture
+//! failed (logged once), and every step with `train.cuda_graphs = false`. Nothing in a
+//! captured step may copy from host memory (`Gpu::write` refuses it there): the batch one-hot,
+//! dense counts and row selections of a batch whose cells have every modality are made on the
+//! device.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -84,7 +86,7 @@ impl Replays {
     ) -> Result<Arc<PendingLoss<DeviceBuf>>, FitError> {
         let replayable = self.enabled
             && trainer.config.cuda_graphs
-            && trainer.model.config.replayable_step()
+            && trainer.model.replayable_step()
             && input.covariates.is_some()
             && input.staged.iter().all(Option::is_some);
         if !replayable {

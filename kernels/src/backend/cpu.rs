@@ -217,6 +217,11 @@ impl<T: Gemm> Backend<T> for Cpu {
         (x.rows, x.cols, x.data.len())
     }
 
+    fn csr_dense(&self, x: &HostCsr<T>, binary: bool, out: Out<'_, Vec<T>>) -> Result<()> {
+        linear::csr_dense(x.as_ref(), binary, w(out));
+        Ok(())
+    }
+
     fn csr_row_sums(&self, x: &HostCsr<T>, out: Out<'_, Vec<T>>) -> Result<()> {
         w(out).copy_from_slice(&linear::row_sums(x.as_ref()));
         Ok(())
@@ -326,6 +331,17 @@ impl<T: Gemm> Backend<T> for Cpu {
 
     fn scale_rows(&self, x: In<'_, Vec<T>>, s: In<'_, Vec<T>>, y: Out<'_, Vec<T>>) -> Result<()> {
         elementwise::scale_rows(r(&x), r(&s), w(y));
+        Ok(())
+    }
+
+    fn leading_columns(
+        &self,
+        x: In<'_, Vec<T>>,
+        cols: usize,
+        k: usize,
+        out: Out<'_, Vec<T>>,
+    ) -> Result<()> {
+        elementwise::leading_columns(r(&x), cols, k, w(out));
         Ok(())
     }
 

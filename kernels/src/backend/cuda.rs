@@ -242,6 +242,10 @@ impl Backend<f32> for Cuda {
         (x.rows, x.cols, x.nnz)
     }
 
+    fn csr_dense(&self, x: &DeviceCsr, binary: bool, out: Out<'_, DeviceBuf>) -> Result<()> {
+        Ok(linear::gpu::csr_dense(&self.gpu, x, binary, &mut vm(out))?)
+    }
+
     fn csr_row_sums(&self, x: &DeviceCsr, out: Out<'_, DeviceBuf>) -> Result<()> {
         Ok(linear::gpu::row_sums(&self.gpu, x, &mut vm(out))?)
     }
@@ -387,6 +391,22 @@ impl Backend<f32> for Cuda {
             &v(&x),
             &v(&s),
             &mut vm(y),
+        )?)
+    }
+
+    fn leading_columns(
+        &self,
+        x: In<'_, DeviceBuf>,
+        cols: usize,
+        k: usize,
+        out: Out<'_, DeviceBuf>,
+    ) -> Result<()> {
+        Ok(elementwise::gpu::leading_columns(
+            &self.gpu,
+            &v(&x),
+            cols,
+            k,
+            &mut vm(out),
         )?)
     }
 

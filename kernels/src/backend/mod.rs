@@ -262,6 +262,9 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     fn csr_shape(&self, x: &Self::Csr) -> (usize, usize, usize);
     /// `ops::linear::row_sums` of an uploaded count matrix (library sizes), one per row.
     fn csr_row_sums(&self, x: &Self::Csr, out: Out<'_, Self::Buf>) -> Result<()>;
+    /// `ops::linear::csr_dense`: `x` as a dense matrix (`binary`: positive values as 1), made
+    /// where `x` is (on a GPU nothing crosses from the host).
+    fn csr_dense(&self, x: &Self::Csr, binary: bool, out: Out<'_, Self::Buf>) -> Result<()>;
 
     /// Memory the device has free for data kept there for a run, in bytes; None where the
     /// device's memory is the host's (the CPU: a resident copy would only duplicate it).
@@ -336,6 +339,14 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
         x: In<'_, Self::Buf>,
         s: In<'_, Self::Buf>,
         y: Out<'_, Self::Buf>,
+    ) -> Result<()>;
+    /// `ops::elementwise::leading_columns`: the first `k` of `x`'s `cols` columns.
+    fn leading_columns(
+        &self,
+        x: In<'_, Self::Buf>,
+        cols: usize,
+        k: usize,
+        out: Out<'_, Self::Buf>,
     ) -> Result<()>;
     /// `ops::elementwise::gather_rows`: out[i] = table[codes[i]] (rows of `cols`).
     fn gather_rows(

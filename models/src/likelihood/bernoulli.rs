@@ -26,7 +26,7 @@ impl Bernoulli {
     ) -> Result<Acts<Buf<T, B>>> {
         let b = site.b;
         let (n, g) = (rows.counts.rows, rows.counts.cols);
-        let x = dense_counts(b, rows.counts, true)?;
+        let x = dense_counts(b, rows, true)?;
         let mut dlogits = b.output_tensor(n, g)?;
         b.likelihood(
             Likelihood::Bernoulli,

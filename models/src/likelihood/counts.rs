@@ -227,7 +227,7 @@ impl Counts {
                 dzero_inflation: None,
             });
         }
-        let x = dense_counts(b, counts, false)?;
+        let x = dense_counts(b, rows, false)?;
         let mut rho = b.output_tensor(n, g)?;
         b.softmax_forward(main.output().input(), g, rho.output())?;
         let mut mu = b.output_tensor(n, g)?;

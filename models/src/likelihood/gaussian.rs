@@ -37,7 +37,7 @@ impl Gaussian {
     ) -> Result<Acts<Buf<T, B>>> {
         let b = site.b;
         let (n, g) = (rows.counts.rows, rows.counts.cols);
-        let x = dense_counts(b, rows.counts, false)?;
+        let x = dense_counts(b, rows, false)?;
         let (mut dmean, mut dlog_variance) = (b.output_tensor(n, g)?, b.output_tensor(n, g)?);
         let params = [main.output().input(), site.p.get(self.log_variance)];
         b.likelihood(

@@ -107,7 +107,7 @@ impl Mixture {
         ll: &mut Buf<T, B>,
     ) -> Result<Acts<Buf<T, B>>> {
         let (b, p) = (site.b, site.p);
-        let x = dense_counts(b, rows.counts, false)?;
+        let x = dense_counts(b, rows, false)?;
         let s = main.output();
         let (n, g) = (s.rows, s.cols);
         let onehot = rows.onehot.expect("the mixture reads the batch one-hot");
@@ -122,8 +122,9 @@ impl Mixture {
         b.activation_forward(Activation::Exp, log_fore.input(), fore.output())?;
         let mut theta = b.output_tensor(1, g)?;
         b.activation_forward(Activation::Exp, p.get(self.log_theta), theta.output())?;
-        let mut theta_cells = b.output_tensor(n, g)?;
-        b.gather_rows(theta.input(), &vec![0; n], g, theta_cells.output())?;
+        // θ in every row: added to zeros (exact), with no row codes from the host.
+        let mut theta_cells = b.tensor(n, g)?;
+        b.bias_add(theta_cells.output(), theta.input())?;
         let mixing = self.mixing.forward(b, p, state, site.h, None, site.mode)?;
         let mut raw: Vec<Tensor<Buf<T, B>>> = (0..4)
             .map(|_| b.output_tensor(n, g))

@@ -15,7 +15,7 @@ mod mixture;
 
 use serde::{Deserialize, Serialize};
 use tessera_kernels::Real;
-use tessera_kernels::backend::{Backend, In, Result, Tensor};
+use tessera_kernels::backend::{Backend, In, Out, Result, Tensor};
 use tessera_kernels::ops::elementwise::Activation;
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_kernels::params::Layout;
@@ -422,21 +422,30 @@ pub(crate) fn main_backward<T: Real, B: Backend<T>>(
     )
 }
 
-/// The decoded rows' counts as a dense matrix on the device (`binary`: x > 0 as 1).
+/// The decoded rows' counts as a dense matrix on the device (`binary`: x > 0 as 1): made there
+/// from the rows the encoder uploaded where it read exactly these (nothing crosses from the
+/// host, so a step captured as a CUDA graph reads each replay's batch), else on the host.
 pub(crate) fn dense_counts<T: Real, B: Backend<T>>(
     b: &B,
-    counts: CsrRef<'_, T>,
+    rows: &Rows<'_, T, B>,
     binary: bool,
 ) -> Result<Tensor<Buf<T, B>>> {
-    let mut dense = counts.summed_dense();
-    if binary {
-        dense
-            .iter_mut()
-            .filter(|v| **v > T::zero())
-            .for_each(|v| *v = T::one());
-    }
+    let counts = rows.counts;
+    let n = counts.rows * counts.cols;
+    let buf = match rows.uploaded {
+        Some(on_device) => {
+            let mut dense = b.output_buf(n)?;
+            b.csr_dense(on_device, binary, Out::all(&mut dense))?;
+            dense
+        }
+        None => {
+            let mut host = vec![T::zero(); n];
+            tessera_kernels::ops::linear::csr_dense(counts, binary, &mut host);
+            b.upload_vec(host)?
+        }
+    };
     Ok(Tensor {
-        buf: b.upload_vec(dense)?,
+        buf,
         rows: counts.rows,
         cols: counts.cols,
     })

@@ -99,6 +99,14 @@ extern "C" __global__ void scale_rows(const float* x, const float* s, float* y, 
     }
 }
 
+// out[r, c] = m[r, c] for c < k of m's `cols` columns, mirroring leading_columns.
+extern "C" __global__ void leading_columns(const float* m, float* out, unsigned long long rows, unsigned long long cols, unsigned long long k) {
+    unsigned long long n = rows * k;
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        out[i] = m[(i / k) * cols + i % k];
+    }
+}
+
 // out[r, c] = table[codes[r], c].
 extern "C" __global__ void gather_rows(const float* table, const unsigned long long* codes, float* out, unsigned long long rows, unsigned long long cols) {
     unsigned long long n = rows * cols;

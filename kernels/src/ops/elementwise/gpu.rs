@@ -130,6 +130,36 @@ fn codes_on_device(gpu: &Gpu, codes: &[usize], table_rows: usize) -> Result<Devi
     gpu.upload(&codes)
 }
 
+/// As [`super::leading_columns`].
+pub fn leading_columns(
+    gpu: &Gpu,
+    m: &View<'_>,
+    cols: usize,
+    k: usize,
+    out: &mut ViewMut<'_>,
+) -> Result<()> {
+    assert!(
+        0 < cols && k <= cols && m.len().is_multiple_of(cols) && out.len() == m.len() / cols * k,
+        "leading columns: {} values of {cols} columns into {} of {k}",
+        m.len(),
+        out.len()
+    );
+    if out.is_empty() {
+        return Ok(());
+    }
+    let f = gpu.function("elementwise", CUDA_SOURCE, "leading_columns")?;
+    let n = out.len();
+    let (rows, cols64, k64) = ((m.len() / cols) as u64, cols as u64, k as u64);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(m).arg(out).arg(&rows).arg(&cols64).arg(&k64);
+    launch(b, n, "leading_columns")
+}
+
+/// Whether row i is coded i throughout (a batch whose cells all have every modality).
+fn is_identity(codes: &[usize]) -> bool {
+    codes.iter().enumerate().all(|(i, &c)| i == c)
+}
+
 /// As [`super::gather_rows`]: out row i = table row codes[i].
 pub fn gather_rows(
     gpu: &Gpu,
@@ -144,6 +174,11 @@ pub fn gather_rows(
     );
     if codes.is_empty() {
         return Ok(());
+    }
+    if is_identity(codes) && out.len() <= table.len() {
+        // The first rows in order: a device copy, with no codes from the host (a step
+        // captured as a CUDA graph may not copy from host memory).
+        return gpu.copy_into(&table.slice(0..out.len()), out);
     }
     let codes_d = codes_on_device(gpu, codes, table.len() / cols)?;
     let f = gpu.function("elementwise", CUDA_SOURCE, "gather_rows")?;
@@ -171,6 +206,13 @@ pub fn scatter_add_rows(
             .stream()
             .memset_zeros(table)
             .map_err(crate::cuda::driver("zeroing the table"));
+    }
+    if is_identity(codes) && codes.len() == groups {
+        // Each row its own group: 0 + x, as the kernel sums it, with no codes from the host.
+        gpu.stream()
+            .memset_zeros(table)
+            .map_err(crate::cuda::driver("zeroing the table"))?;
+        return axpy(gpu, 1.0, x, table);
     }
     let codes_d = codes_on_device(gpu, codes, groups)?;
     let f = gpu.function("elementwise", CUDA_SOURCE, "scatter_add_rows")?;

@@ -257,6 +257,23 @@ pub fn split_columns<T: Real>(m: &[T], rows: usize, outs: &mut [(&mut [T], usize
     }
 }
 
+/// The first `k` of `cols` columns of a row-major matrix (the batch one-hot at the front of a
+/// cell's covariates).
+pub fn leading_columns<T: Real>(m: &[T], cols: usize, k: usize, out: &mut [T]) {
+    assert!(
+        0 < cols && k <= cols && m.len().is_multiple_of(cols) && out.len() == m.len() / cols * k,
+        "leading columns: {} values of {cols} columns into {} of {k}",
+        m.len(),
+        out.len()
+    );
+    if k == 0 {
+        return;
+    }
+    for (o, row) in out.chunks_mut(k).zip(m.chunks(cols)) {
+        o.copy_from_slice(&row[..k]);
+    }
+}
+
 /// Gathers rows of a (groups x cols) table by per-row group codes (gene-batch dispersion:
 /// each cell gets its batch's row).
 pub fn gather_rows<T: Real>(table: &[T], codes: &[usize], cols: usize, out: &mut [T]) {

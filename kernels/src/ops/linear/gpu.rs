@@ -440,6 +440,28 @@ pub fn sparse_input_backward(
         .map_err(failed("sparse_input_backward"))
 }
 
+/// As [`super::csr_dense`], on the device: `out` zeroed, then a thread per row.
+pub fn csr_dense(gpu: &Gpu, x: &DeviceCsr, binary: bool, out: &mut ViewMut<'_>) -> Result<()> {
+    assert_eq!(out.len(), x.rows * x.cols, "csr dense: rows x cols values");
+    if out.is_empty() {
+        return Ok(());
+    }
+    gpu.stream()
+        .memset_zeros(out)
+        .map_err(crate::cuda::driver("zeroing a dense matrix"))?;
+    let f = gpu.function("linear", CUDA_SOURCE, "csr_dense")?;
+    let (rows, cols, binary) = (x.rows as u64, x.cols as u64, i32::from(binary));
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&x.indptr)
+        .arg(&x.indices)
+        .arg(&x.data)
+        .arg(&rows)
+        .arg(&cols)
+        .arg(&binary)
+        .arg(out);
+    crate::cuda::launch(b, x.rows, "csr_dense")
+}
+
 /// As [`super::row_sums`], on the device (a warp per row: the same sums to rounding).
 pub fn row_sums(gpu: &Gpu, x: &DeviceCsr, out: &mut ViewMut<'_>) -> Result<()> {
     assert_eq!(out.len(), x.rows, "row sums: one per row");

@@ -146,6 +146,21 @@ extern "C" __global__ void transpose_fill(const unsigned long long* indptr, cons
 
 // Row sums of a CSR (library sizes): one warp per row, lane-strided partial sums, then a fixed
 // shuffle tree (the same bits every run; the CPU folds each row in order: equal to rounding).
+// One thread per row of a zeroed dense matrix: the row's entries added in entry order (as
+// CsrRef::summed_dense), then, when binary, each positive sum set to 1 (mirrors csr_dense).
+extern "C" __global__ void csr_dense(const unsigned long long* indptr, const unsigned int* indices, const float* data,
+        unsigned long long rows, unsigned long long cols, int binary, float* out) {
+    unsigned long long r = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    if (r >= rows) { return; }
+    float* row = out + r * cols;
+    for (unsigned long long k = indptr[r]; k < indptr[r + 1]; ++k) { row[indices[k]] += data[k]; }
+    if (binary) {
+        for (unsigned long long k = indptr[r]; k < indptr[r + 1]; ++k) {
+            if (row[indices[k]] > 0.0f) { row[indices[k]] = 1.0f; }
+        }
+    }
+}
+
 extern "C" __global__ void csr_row_sums(const unsigned long long* indptr, const float* data, unsigned long long rows,
         float* out) {
     unsigned long long warp = (blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x) / 32;

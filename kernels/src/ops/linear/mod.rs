@@ -583,6 +583,18 @@ pub fn row_sums<T: Real>(x: CsrRef<'_, T>) -> Vec<T> {
         .collect()
 }
 
+/// `x` as a dense row-major matrix, a row's repeated columns summed in entry order
+/// ([`CsrRef::summed_dense`]); `binary`: each positive value then 1 (accessibility peaks).
+pub fn csr_dense<T: Real>(x: CsrRef<'_, T>, binary: bool, out: &mut [T]) {
+    assert_eq!(out.len(), x.rows * x.cols, "csr dense: rows x cols values");
+    out.copy_from_slice(&x.summed_dense());
+    if binary {
+        out.iter_mut()
+            .filter(|v| **v > T::zero())
+            .for_each(|v| *v = T::one());
+    }
+}
+
 /// The CSR arrays of `x`'s rows `rows`, in that order (a batch drawn from a matrix kept whole:
 /// what `resident_gpu.rs` does on the device).
 pub fn gather_rows<T: Copy>(x: CsrRef<'_, T>, rows: &[usize]) -> (Vec<u64>, Vec<u32>, Vec<T>) {
