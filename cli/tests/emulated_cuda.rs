@@ -41,9 +41,20 @@ fn emulator_or_skip() -> Option<String> {
 fn train(
     store: &Path,
     out: &Path,
-    (device, libs): (&str, &str),
+    device: (&str, &str),
     train: &str,
     extra: &[&str],
+) -> (String, Vec<f64>) {
+    train_with(store, out, device, (train, extra), &[])
+}
+
+/// [`train`] with `env` set for the process (the emulator's switches).
+fn train_with(
+    store: &Path,
+    out: &Path,
+    (device, libs): (&str, &str),
+    (train, extra): (&str, &[&str]),
+    env: &[(&str, &str)],
 ) -> (String, Vec<f64>) {
     let config = out.with_extension("toml");
     std::fs::write(&config, format!("[train]\n{train}\n")).unwrap();
@@ -65,6 +76,7 @@ fn train(
         .env("TESSERA_CUDA_LIBS", libs)
         .env("TESSERA_LOG", "info")
         .env("RUST_BACKTRACE", "0")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     ok(&output);
@@ -348,6 +360,43 @@ fn a_multimodal_model_replays_its_steps_as_the_eager_run_computes_them() {
         "multimodal: the model differs from the eager run's"
     );
     assert_steps_replayed("multimodal", &out);
+}
+
+/// A capture the driver refuses (the emulator ends every one invalidated) leaves training op
+/// by op from then on, said once, with the bits of a run that never captured.
+#[test]
+fn a_failed_capture_leaves_training_op_by_op_with_the_same_bits() {
+    let Some(libs) = emulator_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = &stores(dir.path(), 1, &[])[0];
+    let eager_out = dir.path().join("eager");
+    let device = ("cuda", libs.as_str());
+    let (_, eager) = train(store, &eager_out, device, "cuda_graphs = false", &[]);
+    let out = dir.path().join("refused");
+    let refused = [("TESSERA_EMU_CAPTURE_FAILS", "1")];
+    let (log, losses) = train_with(store, &out, device, ("", &[]), &refused);
+    assert_eq!(
+        log.matches("op by op from now on: capturing one as a CUDA graph failed")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(losses, eager, "the losses after a failed capture");
+    for file in ["model.safetensors", "checkpoint/optimizer.safetensors"] {
+        assert!(
+            std::fs::read(out.join(file)).unwrap() == std::fs::read(eager_out.join(file)).unwrap(),
+            "{file} differs from the eager run's"
+        );
+    }
+    let replays = intervals(&out);
+    assert!(
+        replays
+            .iter()
+            .all(|(_, work)| !work.contains_key("graph launch")),
+        "{replays:?}"
+    );
 }
 
 /// Most steps were replayed from a CUDA graph: the host queued the graph's launch, the batch's
