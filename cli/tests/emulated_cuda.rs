@@ -327,39 +327,42 @@ fn training_on_the_emulated_device_gives_the_cpus_losses_resident_and_streamed()
 }
 
 /// totalVI's and MultiVI's kinds of model (RNA with a gene-batch dispersion, the proteins' NB
-/// mixture, Bernoulli peaks, a product of experts, the Jeffreys divergence between experts)
-/// replay their steps: the batch one-hot, dense counts and row selections are made on the
-/// device, so a capture copies nothing from the host; bit for bit the eager run, which gives
-/// the CPU's losses.
+/// mixture, Bernoulli peaks; a product of experts with the Jeffreys divergence between them, and
+/// a mixture of experts, whose decoders read the batch once per expert) replay their steps: the
+/// batch one-hot, dense counts, tiled rows and row selections are made on the device, so a
+/// capture copies nothing from the host; bit for bit the eager run, which gives the CPU's
+/// losses.
 #[test]
-fn a_multimodal_model_replays_its_steps_as_the_eager_run_computes_them() {
+fn multimodal_models_replay_their_steps_as_the_eager_run_computes_them() {
     let Some(libs) = emulator_or_skip() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let store = &stores(dir.path(), 1, &["--proteins", "20", "--peaks", "100"])[0];
-    let model = "[model]\njoint = \"poe\"\njeffreys_weight = 1.0\ndispersion = \"gene-batch\"";
-    let settings = |graphs: bool| format!("cuda_graphs = {graphs}\n{model}");
-    let (_, cpu) = train(
-        store,
-        &dir.path().join("cpu"),
-        ("cpu", &libs),
-        &settings(true),
-        &[],
-    );
-    let eager_out = dir.path().join("eager");
-    let (_, eager) = train(store, &eager_out, ("cuda", &libs), &settings(false), &[]);
-    assert_same_losses("multimodal", &eager, &cpu);
-    let out = dir.path().join("replayed");
-    let (log, replayed) = train(store, &out, ("cuda", &libs), &settings(true), &[]);
-    assert!(!log.contains("op by op from now on"), "{log}");
-    assert_eq!(replayed, eager, "multimodal: the replayed steps' losses");
-    assert!(
-        std::fs::read(out.join("model.safetensors")).unwrap()
-            == std::fs::read(eager_out.join("model.safetensors")).unwrap(),
-        "multimodal: the model differs from the eager run's"
-    );
-    assert_steps_replayed("multimodal", &out);
+    let models = [
+        (
+            "poe",
+            "joint = \"poe\"\njeffreys_weight = 1.0\ndispersion = \"gene-batch\"",
+        ),
+        ("moe", "joint = \"moe\""),
+    ];
+    for (what, model) in models {
+        let settings = |graphs: bool| format!("cuda_graphs = {graphs}\n[model]\n{model}");
+        let at = |run: &str| dir.path().join(format!("{what}-{run}"));
+        let (_, cpu) = train(store, &at("cpu"), ("cpu", &libs), &settings(true), &[]);
+        let (_, eager) = train(store, &at("eager"), ("cuda", &libs), &settings(false), &[]);
+        assert_same_losses(what, &eager, &cpu);
+        let out = at("replayed");
+        let (log, replayed) = train(store, &out, ("cuda", &libs), &settings(true), &[]);
+        assert!(!log.contains("op by op from now on"), "{what}: {log}");
+        assert_eq!(replayed, eager, "{what}: the replayed steps' losses");
+        assert!(
+            std::fs::read(out.join("model.safetensors")).unwrap()
+                == std::fs::read(at("eager").join("model.safetensors")).unwrap(),
+            "{what}: the model differs from the eager run's"
+        );
+        assert_steps_replayed(what, &out);
+    }
 }
 
 /// A capture the driver refuses (the emulator ends every one invalidated) leaves training op

@@ -492,11 +492,21 @@ fn sparse_layer_and_softmax<B: Backend<f32>>(b: &B) -> Vec<Output> {
         indices: &[2, 0, 2, 1, 1, 3],
         data: &[1.0, 2.0, -3.0, 4.0, -5.0, 0.0],
     };
-    for (what, m) in [
+    // Their rows three times over, as a mixture's decoders read them: dense and library sizes.
+    let repeats = b.upload_csr(repeats).unwrap();
+    let tiled = [
+        b.csr_tiled(&xd, 3).unwrap(),
+        b.csr_tiled(&repeats, 3).unwrap(),
+    ];
+    let matrices = [
         ("counts", &xd),
-        ("repeats", &b.upload_csr(repeats).unwrap()),
-    ] {
-        let (r, c, _) = b.csr_shape(m);
+        ("repeats", &repeats),
+        ("counts x 3", &tiled[0]),
+        ("repeats x 3", &tiled[1]),
+    ];
+    for (what, m) in matrices {
+        let (r, c, nnz) = b.csr_shape(m);
+        out.push(scalar(format!("{what}: non-zeros"), nnz as f64, 0.0));
         for binary in [false, true] {
             let mut dense = up(b, &inputs(r * c));
             b.csr_dense(m, binary, Out::all(&mut dense)).unwrap();
@@ -507,6 +517,14 @@ fn sparse_layer_and_softmax<B: Backend<f32>>(b: &B) -> Vec<Output> {
                 0.0,
             ));
         }
+        let mut library = zeros(b, r);
+        b.csr_row_sums(m, Out::all(&mut library)).unwrap();
+        out.push(output(
+            format!("library sizes {what}"),
+            down(b, &library),
+            1e-6,
+            1e-6,
+        ));
     }
     let (w, dy) = (up(b, &inputs(cols * d_out)), up(b, &inputs(rows * d_out)));
     for transform in [

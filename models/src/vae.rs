@@ -371,6 +371,28 @@ fn is_identity(codes: &[usize], n: usize) -> bool {
     codes.len() == n && codes.iter().enumerate().all(|(i, &c)| i == c)
 }
 
+/// How many times `cells` repeats `of` whole, in order (a mixture's decoder reads each
+/// expert's samples of the same cells); None if it does not.
+fn repeats_of(cells: &[usize], of: &[usize]) -> Option<usize> {
+    if of.is_empty() || !cells.len().is_multiple_of(of.len()) {
+        return None;
+    }
+    cells
+        .chunks(of.len())
+        .all(|chunk| chunk == of)
+        .then_some(cells.len() / of.len())
+}
+
+/// `times` copies of `x`, one after another, made on the device.
+fn tiled_buf<T: Real, B: Backend<T>>(b: &B, x: &B::Buf, times: usize) -> Result<B::Buf> {
+    let n = x.len();
+    let mut out = b.output_buf(times * n)?;
+    for t in 0..times {
+        b.copy(In::all(x), Out::part(&mut out, t * n..(t + 1) * n))?;
+    }
+    Ok(out)
+}
+
 /// Rows of a batch's counts and covariates: borrowed when every row is taken in order, copied
 /// otherwise (a subset, or with repeats for a mixture's decoders).
 enum Rows<'a, T> {
@@ -428,6 +450,14 @@ impl<'a, T: Real> Rows<'a, T> {
                 indices,
                 data,
             },
+        }
+    }
+
+    /// The rows' covariates on the host.
+    fn host_covariates(&self) -> &[T] {
+        match self {
+            Rows::All(_, host) => host,
+            Rows::Selected { covariates, .. } => covariates,
         }
     }
 
@@ -733,8 +763,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     /// graph then replays for every batch of that shape. Terms that take values from each
     /// batch on the host (the batch MMD's groups, the heads' labels and targets, the cycle's
     /// library size) keep the step eager, as does the MMD prior (its weight, the KL weight's
-    /// multiple, is a kernel argument) and a mixture of several experts (its decoders read
-    /// the batch's rows once per expert, repeated on the host).
+    /// multiple, is a kernel argument).
     pub fn replayable_step(&self) -> bool {
         let c = &self.config;
         let weights = [
@@ -750,7 +779,6 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             && weights.iter().all(|&w| w == 0.0)
             && c.regression_keys.is_empty()
             && c.survival_time_key.is_none()
-            && (c.joint != Joint::Moe || self.decoders.len() == 1)
     }
 
     pub fn backend(&self) -> &B {
@@ -1352,8 +1380,32 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 self.n_cov,
                 &cells,
             );
-            // The encoder read exactly these rows: its upload serves the likelihood too.
-            let uploaded = (cells == plan.cells[j]).then(|| enc[j].counts()).flatten();
+            // The encoder's rows, once or (a mixture's experts) repeated: its upload, tiled
+            // on the device where repeated, serves the likelihood too, as do the covariates
+            // on the device; nothing crosses from the host.
+            let times = repeats_of(&cells, &plan.cells[j]);
+            let tiled = match (times, enc[j].counts()) {
+                (Some(t), Some(c)) if t > 1 => Some(b.csr_tiled(c, t)?),
+                _ => None,
+            };
+            let uploaded = if cells == plan.cells[j] {
+                enc[j].counts()
+            } else {
+                tiled.as_ref()
+            };
+            let tiled_covariates = match (times, covariates.as_ref()) {
+                (Some(t), Some(all)) if t > 1 && is_identity(&plan.cells[j], n) => {
+                    Some(tiled_buf(&b, all, t)?)
+                }
+                _ => None,
+            };
+            let covariates_of_rows = match &tiled_covariates {
+                Some(device) => Covariates {
+                    host: rows.host_covariates(),
+                    device: Some(device),
+                },
+                None => rows.covariates(covariates.as_ref()),
+            };
             let (r, acts) = decoder.forward(
                 &b,
                 &p,
@@ -1361,7 +1413,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
                 z.as_ref().unwrap_or(&zs),
                 rows.counts(),
                 uploaded,
-                rows.covariates(covariates.as_ref()),
+                covariates_of_rows,
                 &weights,
                 mode,
             )?;

@@ -217,6 +217,11 @@ impl<T: Gemm> Backend<T> for Cpu {
         (x.rows, x.cols, x.data.len())
     }
 
+    fn csr_tiled(&self, x: &HostCsr<T>, times: usize) -> Result<HostCsr<T>> {
+        let arrays = linear::tiled(x.as_ref(), times);
+        Ok(HostCsr::owned(times * x.rows, x.cols, arrays))
+    }
+
     fn csr_dense(&self, x: &HostCsr<T>, binary: bool, out: Out<'_, Vec<T>>) -> Result<()> {
         linear::csr_dense(x.as_ref(), binary, w(out));
         Ok(())

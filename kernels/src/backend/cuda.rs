@@ -242,6 +242,10 @@ impl Backend<f32> for Cuda {
         (x.rows, x.cols, x.nnz)
     }
 
+    fn csr_tiled(&self, x: &DeviceCsr, times: usize) -> Result<DeviceCsr> {
+        Ok(x.tiled(&self.gpu, times)?)
+    }
+
     fn csr_dense(&self, x: &DeviceCsr, binary: bool, out: Out<'_, DeviceBuf>) -> Result<()> {
         Ok(linear::gpu::csr_dense(&self.gpu, x, binary, &mut vm(out))?)
     }

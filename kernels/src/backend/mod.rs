@@ -262,6 +262,9 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     fn csr_shape(&self, x: &Self::Csr) -> (usize, usize, usize);
     /// `ops::linear::row_sums` of an uploaded count matrix (library sizes), one per row.
     fn csr_row_sums(&self, x: &Self::Csr, out: Out<'_, Self::Buf>) -> Result<()>;
+    /// `x`'s rows `times` over, in order (`ops::linear::gather_rows` of them repeated), made
+    /// where `x` is.
+    fn csr_tiled(&self, x: &Self::Csr, times: usize) -> Result<Self::Csr>;
     /// `ops::linear::csr_dense`: `x` as a dense matrix (`binary`: positive values as 1), made
     /// where `x` is (on a GPU nothing crosses from the host).
     fn csr_dense(&self, x: &Self::Csr, binary: bool, out: Out<'_, Self::Buf>) -> Result<()>;

@@ -181,6 +181,38 @@ impl DeviceCsr {
         Ok(copy.holding(self.nnz))
     }
 
+    /// Its rows `times` over, in order (as [`super::gather_rows`] of them repeated), made on the
+    /// device: each modality's decoder of a mixture of experts reads the batch once per expert.
+    /// The arrays have room for `times` × this one's room; the row pointers end at `times` ×
+    /// its entries, read there.
+    pub fn tiled(&self, gpu: &Gpu, times: usize) -> Result<DeviceCsr> {
+        let room = self.indices.len().min(self.data.len());
+        let mut arrays = (
+            gpu.alloc::<u64>(times * self.rows + 1)?,
+            gpu.alloc::<u32>(times * room)?,
+            gpu.alloc::<f32>(times * room)?,
+        );
+        let f = gpu.function("linear", CUDA_SOURCE, "csr_tile")?;
+        let (rows, room64, times64) = (self.rows as u64, room as u64, times as u64);
+        let mut b = gpu.stream().launch_builder(&f);
+        b.arg(&self.indptr)
+            .arg(&self.indices)
+            .arg(&self.data)
+            .arg(&rows)
+            .arg(&room64)
+            .arg(&times64)
+            .arg(&mut arrays.0)
+            .arg(&mut arrays.1)
+            .arg(&mut arrays.2);
+        crate::cuda::launch(b, (times * room).max(times * self.rows + 1), "csr_tile")?;
+        let host = self.host().map(|x| super::tiled(x, times));
+        // Repeating rows repeats no column within one: as canonical as this one.
+        let canonical = matches!(self.unique.get(), Some(None));
+        let tiled =
+            DeviceCsr::from_parts(times * self.rows, self.cols, arrays, host, None, canonical);
+        Ok(tiled.holding(times * self.nnz))
+    }
+
     /// The same matrix with `nnz` entries: its arrays' first ones (the row pointers end there).
     pub(crate) fn holding(mut self, nnz: usize) -> DeviceCsr {
         debug_assert!(nnz <= self.data.len() && nnz <= self.indices.len());

@@ -146,6 +146,27 @@ extern "C" __global__ void transpose_fill(const unsigned long long* indptr, cons
 
 // Row sums of a CSR (library sizes): one warp per row, lane-strided partial sums, then a fixed
 // shuffle tree (the same bits every run; the CPU folds each row in order: equal to rounding).
+// The rows of a CSR `times` over, in order (mirrors gather_rows of its rows repeated): its
+// entries, the first indptr[rows] of arrays that may hold more (a fixed batch's), read on the
+// device, so a captured step tiles whatever batch its buffers hold at each replay.
+extern "C" __global__ void csr_tile(const unsigned long long* indptr, const unsigned int* indices, const float* data,
+        unsigned long long rows, unsigned long long room, unsigned long long times,
+        unsigned long long* out_indptr, unsigned int* out_indices, float* out_data) {
+    unsigned long long nnz = indptr[rows];
+    unsigned long long start = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    unsigned long long step = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = start; i < times * rows + 1; i += step) {
+        out_indptr[i] = i == times * rows ? times * nnz : (i / rows) * nnz + indptr[i % rows];
+    }
+    for (unsigned long long i = start; i < times * room; i += step) {
+        unsigned long long t = i / room, k = i % room;
+        if (k < nnz) {
+            out_indices[t * nnz + k] = indices[k];
+            out_data[t * nnz + k] = data[k];
+        }
+    }
+}
+
 // One thread per row of a zeroed dense matrix: the row's entries added in entry order (as
 // CsrRef::summed_dense), then, when binary, each positive sum set to 1 (mirrors csr_dense).
 extern "C" __global__ void csr_dense(const unsigned long long* indptr, const unsigned int* indices, const float* data,

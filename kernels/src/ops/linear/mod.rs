@@ -614,6 +614,13 @@ pub fn gather_rows<T: Copy>(x: CsrRef<'_, T>, rows: &[usize]) -> (Vec<u64>, Vec<
     (indptr, indices, data)
 }
 
+/// The CSR arrays of `x`'s rows `times` over, in order ([`gather_rows`] of them repeated; the
+/// GPU's `csr_tile` kernel makes them on the device).
+pub fn tiled<T: Copy>(x: CsrRef<'_, T>, times: usize) -> (Vec<u64>, Vec<u32>, Vec<T>) {
+    let rows: Vec<usize> = (0..times).flat_map(|_| 0..x.rows).collect();
+    gather_rows(x, &rows)
+}
+
 /// Whether some row names a column twice (scipy's non-canonical CSR). The device builds the
 /// transposed index only of matrices whose rows do not.
 pub fn repeats_a_column<T: Copy + Sync>(x: CsrRef<'_, T>) -> bool {
