@@ -135,6 +135,13 @@ fi
 # batch 1,024): cells/s against the GEMM floor, with the counts uploaded in the step, staged
 # ahead on the copy stream, and gathered on the device from a matrix kept there.
 logfile() { echo "$work/$(echo "$1" | tr ' ,' '__').log"; }
+# How a train run's steps ran on a GPU: replayed from CUDA graphs from some step, or op by op
+# after a failed capture (the reason), or never captured (a model or setting that stays eager).
+graphs_in() {
+  [ "$device" = cpu ] && return
+  echo "; $(grep -m1 -oE 'replayed from CUDA graphs from step [0-9]+|op by op from now on: .*' "$1" | cut -c1-160 || echo 'no step replayed')"
+}
+
 step() { # name, args...
   local name=$1 log; shift
   log=$(logfile "$name")
@@ -175,7 +182,7 @@ if limit "$tessera" simulate "$store" --cells "$cells" --genes 2000 >"$work/simu
   if TESSERA_LOG="${TESSERA_LOG:-info},tessera_worker::resident=info" limit "$tessera" train --data "$store" --out "$scratch/train-$device" --device "$device" --epochs 2 --step-log 50 >"$work/train-$device.log" 2>&1; then
     rate=$(rate_of "$scratch/train-$device")
     kept=$(grep -m1 -oE 'training set (kept on [a-z]+(:[0-9]+)?|streamed from the host)' "$work/train-$device.log")
-    row "train --device $device ($cells cells)" ok "$((SECONDS - t0)) s; ${kept:-training set placement not logged}; $rate"
+    row "train --device $device ($cells cells)" ok "$((SECONDS - t0)) s; ${kept:-training set placement not logged}; $rate$(graphs_in "$work/train-$device.log")"
     tessera_scvi_size=$(last_rate "$scratch/train-$device")
     if limit "$tessera" train --data "$scratch/sim-cpu.zarr" --out "$scratch/train-cpu-ref" --device cpu --epochs 2 --step-log 50 >"$work/train-cpu-ref.log" 2>&1; then
       diff=$(python3 - "$scratch/train-$device/steps.csv" "$scratch/train-cpu-ref/steps.csv" <<'PY'
@@ -192,7 +199,7 @@ PY
     if [ "$device" = cuda ]; then
       printf '[train]\nresident_data = "never"\n' >"$work/streamed.toml"
       if limit "$tessera" train --data "$store" --out "$scratch/train-streamed" --device cuda --epochs 2 --config "$work/streamed.toml" --overwrite >"$work/train-streamed.log" 2>&1; then
-        row "train --device cuda, streamed" ok "$(rate_of "$scratch/train-streamed")"
+        row "train --device cuda, streamed" ok "$(rate_of "$scratch/train-streamed")$(graphs_in "$work/train-streamed.log")"
       else
         row "train --device cuda, streamed" FAIL "$(grep -m1 -A2 Error "$work/train-streamed.log" | tr '\n' ' ')"
       fi
@@ -210,7 +217,7 @@ train_stage() { # name, args...
   local name=$1 log; shift
   log=$(logfile "$name")
   if limit "$tessera" train --device "$device" "$@" >"$log" 2>&1; then
-    row "$name" ok "$(grep -m1 'cells/s over' "$log" | sed 's/^ *//'); $(grep -m1 -o 'final validation loss [0-9.]*' "$log")"
+    row "$name" ok "$(grep -m1 'cells/s over' "$log" | sed 's/^ *//'); $(grep -m1 -o 'final validation loss [0-9.]*' "$log")$(graphs_in "$log")"
   else
     row "$name" FAIL "$(grep -m1 -A2 Error "$log" | tr '\n' ' ' | cut -c1-160)"
   fi
