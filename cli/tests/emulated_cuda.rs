@@ -327,8 +327,9 @@ fn training_on_the_emulated_device_gives_the_cpus_losses_resident_and_streamed()
 }
 
 /// totalVI's and MultiVI's kinds of model (RNA with a gene-batch dispersion, the proteins' NB
-/// mixture, Bernoulli peaks; a product of experts with the Jeffreys divergence between them, and
-/// a mixture of experts, whose decoders read the batch once per expert) replay their steps: the
+/// mixture, Bernoulli peaks; a product of experts with the Jeffreys divergence between them, a
+/// mixture of experts, whose decoders read the batch once per expert, and concatenated experts
+/// under an MMD prior, whose weight follows the KL warm-up) replay their steps: the
 /// batch one-hot, dense counts, tiled rows and row selections are made on the device, so a
 /// capture copies nothing from the host; bit for bit the eager run, which gives the CPU's
 /// losses.
@@ -345,6 +346,7 @@ fn multimodal_models_replay_their_steps_as_the_eager_run_computes_them() {
             "joint = \"poe\"\njeffreys_weight = 1.0\ndispersion = \"gene-batch\"",
         ),
         ("moe", "joint = \"moe\""),
+        ("mmd prior", "joint = \"concat\"\nprior = \"mmd\""),
     ];
     for (what, model) in models {
         let settings = |graphs: bool| format!("cuda_graphs = {graphs}\n[model]\n{model}");

@@ -109,6 +109,8 @@ pub struct Gpu {
     staging: std::sync::OnceLock<Arc<crate::cuda_staging::Staging>>,
     /// Page-locked buffers for values read back without waiting.
     readbacks: Readbacks,
+    /// Values fixed by a model's configuration, kept by their bits ([`Gpu::constant`]).
+    constants: Mutex<HashMap<Vec<u32>, Arc<cudarc::driver::CudaSlice<f32>>>>,
     matmul: MatmulPrecision,
     /// The step the draw kernels read the high bits of their streams from.
     draws: DeviceCell,
@@ -161,6 +163,7 @@ impl Gpu {
         let stream = ctx.new_stream().map_err(driver("the compute stream"))?;
         Ok(Gpu {
             readbacks: Readbacks::new(&ctx),
+            constants: Mutex::new(HashMap::new()),
             ctx,
             cache: BufCache::new(
                 Arc::clone(&stream),
@@ -321,6 +324,26 @@ impl Gpu {
     ) -> Result<()> {
         self.outside_capture("a copy from host memory")?;
         self.stream.memcpy_htod(host, y).map_err(driver("upload"))
+    }
+
+    /// `values` on the device, uploaded at their first use and kept for the GPU's life: for
+    /// values a model's configuration fixes (an MMD's bandwidths), never a batch's, so that a
+    /// step captured as a CUDA graph reads the same kept copy at each replay (inside a capture
+    /// only values kept before are found).
+    pub fn constant(&self, values: &[f32]) -> Result<Arc<cudarc::driver::CudaSlice<f32>>> {
+        let key: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
+        let mut kept = self.constants.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = kept.get(&key) {
+            return Ok(Arc::clone(found));
+        }
+        self.outside_capture("a new constant")?;
+        let made = Arc::new(
+            self.stream
+                .clone_htod(values)
+                .map_err(driver("a constant"))?,
+        );
+        kept.insert(key, Arc::clone(&made));
+        Ok(made)
     }
 
     /// Refuses `what` inside a capture, whatever the driver would do: a graph's copy from or to

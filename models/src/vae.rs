@@ -762,8 +762,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     /// device, its number of rows and which modalities it has: a step captured as a CUDA
     /// graph then replays for every batch of that shape. Terms that take values from each
     /// batch on the host (the batch MMD's groups, the heads' labels and targets, the cycle's
-    /// library size) keep the step eager, as does the MMD prior (its weight, the KL weight's
-    /// multiple, is a kernel argument).
+    /// library size) keep the step eager.
     pub fn replayable_step(&self) -> bool {
         let c = &self.config;
         let weights = [
@@ -775,8 +774,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             c.cox_weight,
             c.cycle_weight,
         ];
-        c.prior == Prior::Kl
-            && weights.iter().all(|&w| w == 0.0)
+        weights.iter().all(|&w| w == 0.0)
             && c.regression_keys.is_empty()
             && c.survival_time_key.is_none()
     }
@@ -1608,16 +1606,17 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             dprior.output(),
             Out::all(&mut mmd),
         )?;
-        b.scale(
-            dzs.output(),
-            T::of(kl_weight * self.config.prior_mmd_weight),
-        )?;
+        // kl_weight × the prior's weight per row, the KL weight from its device cell (a
+        // captured step serves every weight of a warm-up).
+        let weights = b.kl_weights(&vec![self.config.prior_mmd_weight; zs.rows], kl_weight)?;
+        let mut scaled = b.output_tensor(zs.rows, d)?;
+        b.scale_rows(dzs.input(), In::all(&weights), scaled.output())?;
         let mut value = Term::default();
         value.add(Share {
             values: mmd,
             reduce: Reduce::ScaledSum(self.config.prior_mmd_weight),
         });
-        Ok((value, Some(dzs)))
+        Ok((value, Some(scaled)))
     }
 
     /// MultiVI's alignment of the modality posteriors: weight × the mean over cells of the

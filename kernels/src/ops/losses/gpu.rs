@@ -115,7 +115,8 @@ pub fn mmd_rbf(
         "mmd: shapes"
     );
     let bw: Vec<f32> = bandwidths.iter().map(|&b| b as f32).collect();
-    let bw_d = gpu.upload(&bw)?;
+    let kept = gpu.constant(&bw)?;
+    let bw_d: &cudarc::driver::CudaSlice<f32> = &kept;
     let f = gpu.function("losses", CUDA_SOURCE, "mmd_side")?;
     // One side's row sums into `partial`, its weighted gradient into `grad`.
     let side = |a: &View<'_>,
@@ -133,7 +134,7 @@ pub fn mmd_rbf(
             .arg(&na64)
             .arg(&nb64)
             .arg(&d64)
-            .arg(&bw_d)
+            .arg(bw_d)
             .arg(&nbw)
             .arg(&w)
             .arg(&partial)
