@@ -288,6 +288,19 @@ fn stores(dir: &Path, copies: usize, modalities: &[&str]) -> Vec<PathBuf> {
     all
 }
 
+/// The checkpoint's Adam moments.
+const OPTIMIZER: &str = "checkpoint/optimizer.safetensors";
+
+/// Each of `files` in `out` byte for byte the one in `eager_out` (the op-by-op run's).
+fn assert_same_files(what: &str, out: &Path, eager_out: &Path, files: &[&str]) {
+    for file in files {
+        assert!(
+            std::fs::read(out.join(file)).unwrap() == std::fs::read(eager_out.join(file)).unwrap(),
+            "{what}: {file} differs from the eager run's"
+        );
+    }
+}
+
 #[test]
 fn training_on_the_emulated_device_gives_the_cpus_losses_resident_and_streamed() {
     let Some(libs) = emulator_or_skip() else {
@@ -315,13 +328,7 @@ fn training_on_the_emulated_device_gives_the_cpus_losses_resident_and_streamed()
         let out = dir.path().join(format!("cuda-{resident}"));
         let (_, replayed) = train(store, &out, ("cuda", &libs), &setting, &[]);
         assert_eq!(replayed, eager, "{what}: the replayed steps' losses");
-        for file in ["model.safetensors", "checkpoint/optimizer.safetensors"] {
-            assert!(
-                std::fs::read(out.join(file)).unwrap()
-                    == std::fs::read(eager_out.join(file)).unwrap(),
-                "{what}: {file} differs from the eager run's"
-            );
-        }
+        assert_same_files(&what, &out, &eager_out, &["model.safetensors", OPTIMIZER]);
         assert_steps_replayed(&what, &out);
     }
 }
@@ -358,11 +365,7 @@ fn multimodal_models_replay_their_steps_as_the_eager_run_computes_them() {
         let (log, replayed) = train(store, &out, ("cuda", &libs), &settings(true), &[]);
         assert!(!log.contains("op by op from now on"), "{what}: {log}");
         assert_eq!(replayed, eager, "{what}: the replayed steps' losses");
-        assert!(
-            std::fs::read(out.join("model.safetensors")).unwrap()
-                == std::fs::read(at("eager").join("model.safetensors")).unwrap(),
-            "{what}: the model differs from the eager run's"
-        );
+        assert_same_files(what, &out, &at("eager"), &["model.safetensors"]);
         assert_steps_replayed(what, &out);
     }
 }
@@ -389,12 +392,8 @@ fn a_failed_capture_leaves_training_op_by_op_with_the_same_bits() {
         "{log}"
     );
     assert_eq!(losses, eager, "the losses after a failed capture");
-    for file in ["model.safetensors", "checkpoint/optimizer.safetensors"] {
-        assert!(
-            std::fs::read(out.join(file)).unwrap() == std::fs::read(eager_out.join(file)).unwrap(),
-            "{file} differs from the eager run's"
-        );
-    }
+    let files = ["model.safetensors", OPTIMIZER];
+    assert_same_files("failed capture", &out, &eager_out, &files);
     let replays = intervals(&out);
     assert!(
         replays

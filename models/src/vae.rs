@@ -464,9 +464,9 @@ impl<'a, T: Real> Rows<'a, T> {
     /// The rows' covariates, with `device` (the whole batch's on the device) where these are
     /// all its rows.
     fn covariates<'b, Buf: Storage>(&'b self, device: Option<&'b Buf>) -> Covariates<'b, T, Buf> {
-        match self {
-            Rows::All(_, host) => Covariates { host, device },
-            Rows::Selected { covariates, .. } => Covariates::host(covariates),
+        Covariates {
+            host: self.host_covariates(),
+            device: device.filter(|_| matches!(self, Rows::All(..))),
         }
     }
 }

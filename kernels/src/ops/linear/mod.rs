@@ -392,15 +392,8 @@ impl<T: Real> CsrRef<'_, T> {
 
     /// The rows as a dense row-major matrix, duplicate entries summed (scipy's canonical form).
     pub fn summed_dense(&self) -> Vec<T> {
-        self.check();
         let mut dense = vec![T::zero(); self.rows * self.cols];
-        for r in 0..self.rows {
-            let span = self.indptr[r] as usize..self.indptr[r + 1] as usize;
-            for (&j, &v) in self.indices[span.clone()].iter().zip(&self.data[span]) {
-                let cell = &mut dense[r * self.cols + j as usize];
-                *cell = *cell + v;
-            }
-        }
+        csr_dense(*self, false, &mut dense);
         dense
     }
 
@@ -586,8 +579,16 @@ pub fn row_sums<T: Real>(x: CsrRef<'_, T>) -> Vec<T> {
 /// `x` as a dense row-major matrix, a row's repeated columns summed in entry order
 /// ([`CsrRef::summed_dense`]); `binary`: each positive value then 1 (accessibility peaks).
 pub fn csr_dense<T: Real>(x: CsrRef<'_, T>, binary: bool, out: &mut [T]) {
+    x.check();
     assert_eq!(out.len(), x.rows * x.cols, "csr dense: rows x cols values");
-    out.copy_from_slice(&x.summed_dense());
+    out.fill(T::zero());
+    for r in 0..x.rows {
+        let span = x.indptr[r] as usize..x.indptr[r + 1] as usize;
+        let row = &mut out[r * x.cols..(r + 1) * x.cols];
+        for (&j, &v) in x.indices[span.clone()].iter().zip(&x.data[span]) {
+            row[j as usize] = row[j as usize] + v;
+        }
+    }
     if binary {
         out.iter_mut()
             .filter(|v| **v > T::zero())
