@@ -1436,6 +1436,33 @@ fn ops<B: Backend<f32>>(b: &B, repeat: usize) -> Result<()> {
             );
         }
     }
+    // A modality measured in every other cell of a 1,024-cell batch: its encoder's 512 hidden
+    // units gathered from and scattered back to the batch's rows (the backward of a batch with
+    // a modality missing). Per value: read one, write one; the scatter zeroes the empty rows.
+    let (batch, cols) = (1_024usize, 512usize);
+    let codes: Vec<usize> = (0..batch).step_by(2).collect();
+    let (table, x) = (up(&values(batch * cols))?, up(&values(codes.len() * cols))?);
+    let (mut gathered, mut scattered) = (b.zeros(codes.len() * cols)?, b.zeros(batch * cols)?);
+    let moved = |read: usize, written: usize| 4.0 * (read + written) as f64;
+    let seconds =
+        timed(&mut || b.gather_rows(In::all(&table), &codes, cols, Out::all(&mut gathered)))?;
+    let n = codes.len() * cols;
+    row(
+        format!("gather rows [{} of {batch}x{cols}]", codes.len()),
+        None,
+        moved(n, n),
+        seconds,
+        String::new(),
+    );
+    let seconds =
+        timed(&mut || b.scatter_add_rows(In::all(&x), &codes, cols, Out::all(&mut scattered)))?;
+    row(
+        format!("scatter-add rows [{}x{cols} into {batch}]", codes.len()),
+        None,
+        moved(n, batch * cols),
+        seconds,
+        String::new(),
+    );
     // AdamW over a Census-size scVI model's parameters (8,000 genes, 512 hidden, 2 layers):
     // about 8.7M parameters; per element it reads p, g, m, v and writes p, m, v.
     let n = 8_000 * 512 * 2 + 512 * 512 * 2;

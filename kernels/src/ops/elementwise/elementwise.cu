@@ -115,15 +115,19 @@ extern "C" __global__ void gather_rows(const float* table, const unsigned long l
     }
 }
 
-// table[g, c] = sum over rows r with codes[r] = g of x[r, c], rows in order (one thread per
-// table entry): the CPU reference's order, and no atomics, so a seed gives the same bits.
-extern "C" __global__ void scatter_add_rows(const float* x, const unsigned long long* codes, float* table, unsigned long long rows, unsigned long long groups, unsigned long long cols) {
+// table[g, c] = sum of x[r, c] over the rows r coded g, in ascending r (one thread per table
+// entry): the CPU reference's order, and no atomics, so a seed gives the same bits. `by_group`
+// holds groups + 1 offsets, then the rows sorted by code (stable): group g's rows are
+// by_group[groups + 1 + k] for k in by_group[g]..by_group[g + 1], so a thread reads its own rows
+// only (was: every row's code, per table entry).
+extern "C" __global__ void scatter_add_rows(const float* x, const unsigned long long* by_group, float* table, unsigned long long groups, unsigned long long cols) {
     unsigned long long n = groups * cols;
+    const unsigned long long* rows = by_group + groups + 1;
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
         unsigned long long g = i / cols, c = i % cols;
         float s = 0.0f;
-        for (unsigned long long r = 0; r < rows; ++r) {
-            if (codes[r] == g) { s += x[r * cols + c]; }
+        for (unsigned long long k = by_group[g]; k < by_group[g + 1]; ++k) {
+            s += x[rows[k] * cols + c];
         }
         table[i] = s;
     }

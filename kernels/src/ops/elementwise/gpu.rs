@@ -214,15 +214,51 @@ pub fn scatter_add_rows(
             .map_err(crate::cuda::driver("zeroing the table"))?;
         return axpy(gpu, 1.0, x, table);
     }
-    let codes_d = codes_on_device(gpu, codes, groups)?;
+    let by_group = gpu.upload(&rows_by_group(codes, groups))?;
     let f = gpu.function("elementwise", CUDA_SOURCE, "scatter_add_rows")?;
-    let (rows, groups64, cols64) = (codes.len() as u64, groups as u64, cols as u64);
+    let (groups64, cols64) = (groups as u64, cols as u64);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(x)
-        .arg(&codes_d)
+        .arg(&by_group)
         .arg(table)
-        .arg(&rows)
         .arg(&groups64)
         .arg(&cols64);
     launch(b, n, "scatter_add_rows")
+}
+
+/// `groups` + 1 offsets, then the rows ordered by their code (ascending within a group): the
+/// scatter kernel's index, made in one pass over the codes.
+fn rows_by_group(codes: &[usize], groups: usize) -> Vec<u64> {
+    assert!(
+        codes.iter().all(|&c| c < groups),
+        "row code out of range: the table has {groups} rows"
+    );
+    let mut index = vec![0u64; groups + 1 + codes.len()];
+    for &c in codes {
+        index[c + 1] += 1;
+    }
+    for g in 0..groups {
+        index[g + 1] += index[g];
+    }
+    let (starts, rows) = index.split_at_mut(groups + 1);
+    let mut next: Vec<u64> = starts[..groups].to_vec();
+    for (r, &c) in codes.iter().enumerate() {
+        rows[next[c] as usize] = r as u64;
+        next[c] += 1;
+    }
+    index
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rows_by_group;
+
+    #[test]
+    fn rows_by_group_lists_each_groups_rows_in_order() {
+        // Rows 0..6 coded 2, 0, 2, 3, 0, 2 into 5 groups (group 1 and 4 empty).
+        let index = rows_by_group(&[2, 0, 2, 3, 0, 2], 5);
+        assert_eq!(&index[..6], &[0, 2, 2, 5, 6, 6]);
+        assert_eq!(&index[6..], &[1, 4, 0, 2, 5, 3]);
+        assert_eq!(rows_by_group(&[], 2), vec![0, 0, 0]);
+    }
 }
