@@ -643,6 +643,8 @@ fn step<B: Backend<f32> + 'static>(
         ..model
     };
     let (latent, layers) = (config.n_latent, config.n_layers.max(1));
+    // Labels only where a head reads them: `tessera train` stages them for those alone.
+    let labelled = config.classifier_weight > 0.0 || config.contrastive_weight > 0.0;
     let n_targets = config.regression_keys.len();
     let device = backend.name();
     let mut trainer = Trainer::new(
@@ -679,7 +681,7 @@ fn step<B: Backend<f32> + 'static>(
     let times: Vec<f64> = (0..batch).map(|r| (r % 13) as f64).collect();
     let events: Vec<bool> = (0..batch).map(|r| r % 3 != 0).collect();
     let supervision = Supervision {
-        labels: Some(&labels),
+        labels: labelled.then_some(labels.as_slice()),
         targets: Some(&targets),
         survival: Some(Survival {
             times: &times,
@@ -751,19 +753,23 @@ fn step<B: Backend<f32> + 'static>(
         queueing * 1e6,
         100.0 * queueing / resident_seconds
     );
-    if let Some(replayed) = replayed {
-        say!(
+    match replayed {
+        Some(replayed) => say!(
             "  the step replayed from a CUDA graph (counts in fixed buffers, each step read before the next): {:.3} ms/step, {:.0} replayed cells/s, {:.2}x the first rate",
             replayed * 1e3,
             batch as f64 / replayed,
             seconds / replayed
-        );
+        ),
+        None if !trainer.model.replayable_step(true) => say!(
+            "  not replayed from a CUDA graph: this model's step takes values from each batch on the host (on a GPU, `tessera train` runs it op by op)"
+        ),
+        None => {}
     }
     Ok(())
 }
 
 /// On a GPU, the median seconds per step of the same step replayed from a CUDA graph
-/// ([`graph_step_seconds`]); None elsewhere.
+/// ([`graph_step_seconds`]); None elsewhere, and for a step that takes host values per batch.
 fn replayed_seconds<'a, B: Backend<f32> + 'static>(
     trainer: &mut tessera_models::Trainer<f32, B>,
     as_batch: impl Fn() -> tessera_models::VaeBatch<'a, f32> + Send,
@@ -773,6 +779,9 @@ fn replayed_seconds<'a, B: Backend<f32> + 'static>(
     let Some(trainer) = any.downcast_mut::<tessera_models::Trainer<f32, Cuda>>() else {
         return Ok(None);
     };
+    if !trainer.model.replayable_step(true) {
+        return Ok(None);
+    }
     graph_step_seconds(trainer, as_batch, per_round).map(Some)
 }
 
@@ -794,11 +803,18 @@ fn graph_step_seconds<'a>(
         .context("a replayed step indexes its counts on the device: no row may repeat a gene")?;
     fixed.write(cuda.gpu(), staged)?;
     let fixed_covariates = cuda.upload(covariates)?;
+    let fixed_labels = label_codes(&as_batch())
+        .map(|codes| cuda.upload(&codes))
+        .transpose()?;
     let body = |trainer: &mut tessera_models::Trainer<f32, Cuda>| -> Result<_> {
         let gpu = cuda.gpu();
         let on_device = tessera_models::OnDevice {
             counts: vec![Some(fixed.to_device(gpu)?)],
             covariates: Some(gpu.copy_of(&fixed_covariates.slice(..))?),
+            labels: fixed_labels
+                .as_ref()
+                .map(|l| gpu.copy_of(&l.slice(..)))
+                .transpose()?,
         };
         Ok(trainer.part_terms(as_batch(), on_device, 10, 0)?)
     };
@@ -820,6 +836,15 @@ fn graph_step_seconds<'a>(
     Ok(seconds)
 }
 
+/// The batch's labels as the classifier reads them on the device (f32 codes), where the model
+/// has a classifier: as `tessera train` stages them.
+fn label_codes(batch: &tessera_models::VaeBatch<'_, f32>) -> Option<Vec<f32>> {
+    batch
+        .supervision
+        .labels
+        .map(|labels| labels.iter().map(|&l| l as f32).collect())
+}
+
 /// [`step_seconds`] of steps whose counts `stage` starts on another thread, one or two steps
 /// ahead, each step's terms read while the next one computes: as the training loop runs them;
 /// and the mean seconds the host took to queue a step's forward and backward.
@@ -835,20 +860,25 @@ fn staged_steps<'a, B: Backend<f32>>(
     let timed = std::thread::scope(|s| {
         let (send, staged) = std::sync::mpsc::sync_channel(1);
         let stager = b.clone();
-        // The covariates travel with the counts, as the training loop stages them.
-        let covariates = as_batch().covariates;
+        // The covariates and labels travel with the counts, as the training loop stages them.
+        let (covariates, labels) = (as_batch().covariates, label_codes(&as_batch()));
         let both = move || -> std::result::Result<_, tessera_kernels::backend::EngineError> {
-            Ok((stage(&stager)?, stager.stage_values(covariates)?))
+            let labels = labels
+                .as_ref()
+                .map(|l| stager.stage_values(l))
+                .transpose()?;
+            Ok((stage(&stager)?, stager.stage_values(covariates)?, labels))
         };
         s.spawn(move || while send.send(both()).is_ok() {});
         let (device, trainer, queue) = (&b, &mut *trainer, &mut queue);
         let (queueing, queued) = (&mut queueing, &mut queued);
         // The receiver moves to the pool thread that steps.
         step_seconds(&b, per_round, move || {
-            let (csr, covariates) = staged.recv()??;
+            let (csr, covariates, labels) = staged.recv()??;
             let on_device = tessera_models::OnDevice {
                 counts: vec![Some(device.staged_csr(csr)?)],
                 covariates: Some(device.staged_values(covariates)?),
+                labels: labels.map(|l| device.staged_values(l)).transpose()?,
             };
             let started = Instant::now();
             let pending = trainer.part_terms(as_batch(), on_device, 10, 0)?;

@@ -248,27 +248,41 @@ fn assert_no_pageable_uploads(what: &str, out: &Path) {
 }
 
 /// `bench step` on the emulated device times the step replayed from a CUDA graph too (the
-/// capture and replays run; the emulator's timings mean nothing).
+/// capture and replays run; the emulator's timings mean nothing): scVI's, and scANVI's with its
+/// labels in fixed buffers; a step that takes host values per batch (the adversary's batch
+/// codes) is said not to replay, and the bench still ends well.
 #[test]
 fn bench_step_on_the_emulated_device_replays_the_captured_step() {
     let Some(libs) = emulator_or_skip() else {
         return;
     };
-    let output = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args([
-            "bench", "step", "--device", "cuda", "--genes", "200", "--batch", "32",
-        ])
-        .args(["--hidden", "16", "--nnz", "20", "--steps", "5"])
-        .env_remove("LD_LIBRARY_PATH")
-        .env("TESSERA_CUDA_LIBS", &libs)
-        .output()
-        .unwrap();
-    ok(&output);
-    let said = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        said.contains("the step replayed from a CUDA graph") && said.contains("replayed cells/s"),
-        "{said}"
-    );
+    let dir = tempfile::tempdir().unwrap();
+    let models = [
+        ("scvi", "", "replayed cells/s"),
+        ("scanvi", "classifier_weight = 50.0", "replayed cells/s"),
+        (
+            "adversarial",
+            "adversarial_batch_weight = 1.0",
+            "not replayed",
+        ),
+    ];
+    for (what, model, expected) in models {
+        let config = dir.path().join(format!("{what}.toml"));
+        std::fs::write(&config, format!("[model]\n{model}\n")).unwrap();
+        let output = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args([
+                "bench", "step", "--device", "cuda", "--genes", "200", "--batch", "32",
+            ])
+            .args(["--hidden", "16", "--nnz", "20", "--steps", "5", "--config"])
+            .arg(&config)
+            .env_remove("LD_LIBRARY_PATH")
+            .env("TESSERA_CUDA_LIBS", &libs)
+            .output()
+            .unwrap();
+        ok(&output);
+        let said = String::from_utf8_lossy(&output.stdout);
+        assert!(said.contains(expected), "{what}: {said}");
+    }
 }
 
 /// A simulated store in `dir` (1,200 cells, 300 genes and what `modalities` adds) and
@@ -357,17 +371,34 @@ fn multimodal_models_replay_their_steps_as_the_eager_run_computes_them() {
     ];
     for (what, model) in models {
         let settings = |graphs: bool| format!("cuda_graphs = {graphs}\n[model]\n{model}");
-        let at = |run: &str| dir.path().join(format!("{what}-{run}"));
-        let (_, cpu) = train(store, &at("cpu"), ("cpu", &libs), &settings(true), &[]);
-        let (_, eager) = train(store, &at("eager"), ("cuda", &libs), &settings(false), &[]);
+        let cpu_out = dir.path().join(format!("{what}-cpu"));
+        let (_, cpu) = train(store, &cpu_out, ("cpu", &libs), &settings(true), &[]);
+        let eager = assert_replayed_as_eager(what, (store, dir.path()), &libs, settings, &[]);
         assert_same_losses(what, &eager, &cpu);
-        let out = at("replayed");
-        let (log, replayed) = train(store, &out, ("cuda", &libs), &settings(true), &[]);
-        assert!(!log.contains("op by op from now on"), "{what}: {log}");
-        assert_eq!(replayed, eager, "{what}: the replayed steps' losses");
-        assert_same_files(what, &out, &at("eager"), &["model.safetensors"]);
-        assert_steps_replayed(what, &out);
     }
+}
+
+/// Trains `store` on the emulated device op by op and replayed from CUDA graphs
+/// (`settings(cuda_graphs)`, `extra` arguments), into `dir`'s `<what>-eager` and
+/// `<what>-replayed`: no capture fails, and the replayed run replays its steps with the eager
+/// run's losses, model and Adam moments bit for bit. The eager run's losses.
+fn assert_replayed_as_eager(
+    what: &str,
+    (store, dir): (&Path, &Path),
+    libs: &str,
+    settings: impl Fn(bool) -> String,
+    extra: &[&str],
+) -> Vec<f64> {
+    let at = |run: &str| dir.join(format!("{what}-{run}"));
+    let (_, eager) = train(store, &at("eager"), ("cuda", libs), &settings(false), extra);
+    let out = at("replayed");
+    let (log, replayed) = train(store, &out, ("cuda", libs), &settings(true), extra);
+    assert!(!log.contains("op by op from now on"), "{what}: {log}");
+    assert_eq!(replayed, eager, "{what}: the replayed steps' losses");
+    let files = ["model.safetensors", OPTIMIZER];
+    assert_same_files(what, &out, &at("eager"), &files);
+    assert_steps_replayed(what, &out);
+    eager
 }
 
 /// A capture the driver refuses (the emulator ends every one invalidated) leaves training op
@@ -503,8 +534,9 @@ fn check_loss_read_with_the_step(
     };
     let dir = tempfile::tempdir().unwrap();
     let store = &stores(dir.path(), 1, modalities)[0];
-    // The helper's TOML is its [train] section; the [model] table follows it.
-    let settings = format!("resident_data = \"auto\"\n[model]\n{model}");
+    // The helper's TOML is its [train] section; the [model] table follows it. Op by op: the
+    // counts below are of the steps' own ops (replays are checked apart).
+    let settings = format!("resident_data = \"auto\"\ncuda_graphs = false\n[model]\n{model}");
     let (_, cpu) = train(
         store,
         &dir.path().join("cpu"),
@@ -547,6 +579,28 @@ fn a_label_classifier_on_the_emulated_device_reads_its_loss_with_the_step() {
         ),
         "train_supervised",
         &["launch cross_entropy"],
+    );
+}
+
+/// scANVI's classifier reads each batch's labels where they were staged with it (f32 codes,
+/// copied into the step shape's fixed buffers), so its steps replay as scVI's do: bit for bit
+/// the op-by-op run.
+#[test]
+fn a_label_classifier_replays_its_steps_with_the_labels_on_the_device() {
+    let Some(libs) = emulator_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = &stores(dir.path(), 1, &[])[0];
+    let settings =
+        |graphs: bool| format!("cuda_graphs = {graphs}\n[model]\nclassifier_weight = 50.0");
+    let labelled = ["--label-key", "cell_type"];
+    assert_replayed_as_eager(
+        "classifier",
+        (store, dir.path()),
+        &libs,
+        settings,
+        &labelled,
     );
 }
 

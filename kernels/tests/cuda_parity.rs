@@ -8,7 +8,7 @@
 //! kernel sources compiled by g++): that checks the kernels' logic and our launches, not a GPU.
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
-use tessera_kernels::backend::{Backend, Cpu, Cuda, In, Out};
+use tessera_kernels::backend::{Backend, Cpu, Cuda, In, Labels, Out};
 use tessera_kernels::cuda::{Gpu, compile, nvrtc_present, sources};
 use tessera_kernels::ops::elementwise::Activation;
 use tessera_kernels::ops::likelihood::Likelihood;
@@ -1630,28 +1630,42 @@ fn layer_norm_matches_cpu() {
 
 fn losses<B: Backend<f32>>(b: &B) -> Vec<Output> {
     let mut out = Vec::new();
-    // Cross-entropy with unlabelled rows.
+    // Cross-entropy with unlabelled rows: labels from the host, then the same as f32 codes on
+    // the device (what a staged or captured step reads); and a batch with no label.
     let (rows, classes) = (1000, 12);
     let logits = up(b, &inputs(rows * classes));
     let labels: Vec<i32> = (0..rows as i32)
         .map(|r| if r % 7 == 0 { -1 } else { r % 12 })
         .collect();
-    let (mut d, mut loss) = (zeros(b, rows * classes), zeros(b, 1));
-    let labelled = b
-        .cross_entropy(
+    let codes = |labels: &[i32]| up(b, &labels.iter().map(|&l| l as f32).collect::<Vec<_>>());
+    let (on_device, none) = (codes(&labels), codes(&vec![-1; rows]));
+    let cases = [
+        ("host labels", Labels::Host(&labels)),
+        ("device labels", Labels::Device(In::all(&on_device))),
+        ("no label", Labels::Device(In::all(&none))),
+    ];
+    for (what, labels) in cases {
+        let (mut d, mut loss) = (zeros(b, rows * classes), up(b, &[f32::NAN]));
+        b.cross_entropy(
             In::all(&logits),
-            &labels,
+            labels,
             classes,
             Out::all(&mut d),
             Out::all(&mut loss),
         )
         .unwrap();
-    out.push(scalar(
-        format!("cross entropy, {labelled} labelled"),
-        f64::from(down(b, &loss)[0]),
-        1e-5,
-    ));
-    out.push(output("cross entropy grad", down(b, &d), 1e-7, 1e-5));
+        out.push(scalar(
+            format!("cross entropy, {what}"),
+            f64::from(down(b, &loss)[0]),
+            1e-5,
+        ));
+        out.push(output(
+            format!("cross entropy grad, {what}"),
+            down(b, &d),
+            1e-7,
+            1e-5,
+        ));
+    }
     // Masked squared error.
     let pred = up(b, &inputs(500));
     let targets: Vec<f64> = (0..500)

@@ -12,7 +12,7 @@
 //! carries none of its targets), so no gradient is left from an earlier step.
 
 use tessera_kernels::Real;
-use tessera_kernels::backend::{Backend, Out, Result, Tensor};
+use tessera_kernels::backend::{Backend, In, Labels, Out, Result, Storage, Tensor};
 use tessera_kernels::ops::elementwise::Activation;
 use tessera_kernels::params::Layout;
 
@@ -165,7 +165,7 @@ impl Classifier {
         p: &Weights<'_, Buf<T, B>>,
         state: &mut Slots<'_, Buf<T, B>>,
         x: &Tensor<Buf<T, B>>,
-        (labels, classes): (&[i32], usize),
+        (labels, classes): (Labels<'_, Buf<T, B>>, usize),
         weight: f64,
         mode: Mode,
     ) -> Result<ScoredLoss<Buf<T, B>>> {
@@ -327,7 +327,8 @@ impl Heads {
 
     /// The heads' losses: those on the joint mean `mean` (n × latent, None when no head reads
     /// it) with `sup`, the adversary on the latent samples `zs` whose batch codes are
-    /// `sample_batches` (-1: unknown).
+    /// `sample_batches` (-1: unknown). The classifier reads `device_labels` (the batch's labels
+    /// as f32 codes, staged with it) where given, else `sup`'s.
     #[allow(clippy::too_many_arguments)] // the pass's inputs, saved activations and the views it writes
     pub fn forward<T: Real, B: Backend<T>>(
         &self,
@@ -335,7 +336,7 @@ impl Heads {
         p: &Weights<'_, Buf<T, B>>,
         state: &mut Slots<'_, Buf<T, B>>,
         mean: Option<Tensor<Buf<T, B>>>,
-        sup: &Supervision<'_>,
+        (sup, device_labels): (&Supervision<'_>, Option<&Buf<T, B>>),
         zs: &Tensor<Buf<T, B>>,
         sample_batches: &[i32],
         mode: Mode,
@@ -359,6 +360,13 @@ impl Heads {
             let labels = sup.labels.unwrap_or(&unlabelled);
             assert_eq!(labels.len(), n, "one label per cell");
             if let Some(c) = &self.classifier {
+                let labels = match device_labels {
+                    Some(on_device) => {
+                        assert_eq!(on_device.len(), n, "one label per cell on the device");
+                        Labels::Device(In::all(on_device))
+                    }
+                    None => Labels::Host(labels),
+                };
                 let labels = (labels, s.n_labels);
                 let (a, loss) = c.scored(b, p, state, m, labels, s.classifier_weight, mode)?;
                 terms.supervised.add(loss);
@@ -434,7 +442,7 @@ impl Heads {
                 zs.rows,
                 "one batch code per latent sample"
             );
-            let batches = (sample_batches, s.n_batch);
+            let batches = (Labels::Host(sample_batches), s.n_batch);
             let (a, loss) = c.scored(b, p, state, zs, batches, s.adversarial_weight, mode)?;
             terms.regularization.add(loss);
             acts.adversary = Some(a);

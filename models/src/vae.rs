@@ -214,12 +214,14 @@ pub struct VaeBatch<'a, T> {
 }
 
 /// What of a batch a stager already put on the device while the previous step computed: count
-/// matrices in the model's modality order (None, or past the end: uploaded by the step) and the
-/// covariates (None: uploaded by each pass that reads them).
+/// matrices in the model's modality order (None, or past the end: uploaded by the step), the
+/// covariates (None: uploaded by each pass that reads them) and the label codes as f32 (None:
+/// the classifier uploads the batch's own).
 #[derive(Debug)]
 pub struct OnDevice<Csr, Buf> {
     pub counts: Vec<Option<Csr>>,
     pub covariates: Option<Buf>,
+    pub labels: Option<Buf>,
 }
 
 impl<Csr, Buf> Default for OnDevice<Csr, Buf> {
@@ -227,6 +229,7 @@ impl<Csr, Buf> Default for OnDevice<Csr, Buf> {
         OnDevice {
             counts: Vec::new(),
             covariates: None,
+            labels: None,
         }
     }
 }
@@ -759,22 +762,23 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     }
 
     /// Whether a training step reads a batch only through its counts and covariates on the
-    /// device, its number of rows and which modalities it has: a step captured as a CUDA
-    /// graph then replays for every batch of that shape. Terms that take values from each
-    /// batch on the host (the batch MMD's groups, the heads' labels and targets, the cycle's
-    /// library size) keep the step eager.
-    pub fn replayable_step(&self) -> bool {
+    /// device (and its labels, where `labels_on_device`: staged with it as f32 codes), its
+    /// number of rows and which modalities it has: a step captured as a CUDA graph then
+    /// replays for every batch of that shape. Terms that take values from each batch on the
+    /// host (the batch MMD's groups, the adversary's batch codes, the contrastive margin's
+    /// labels, the regression and Cox targets, the cycle's library size) keep the step eager.
+    pub fn replayable_step(&self, labels_on_device: bool) -> bool {
         let c = &self.config;
         let weights = [
             c.mmd_batch_weight,
             c.adversarial_batch_weight,
             c.contrastive_weight,
-            c.classifier_weight,
             c.regression_weight,
             c.cox_weight,
             c.cycle_weight,
         ];
         weights.iter().all(|&w| w == 0.0)
+            && (c.classifier_weight == 0.0 || labels_on_device)
             && c.regression_keys.is_empty()
             && c.survival_time_key.is_none()
     }
@@ -1324,7 +1328,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         mode: Mode,
     ) -> Result<(PendingLoss<Buf<T, B>>, Forward<Buf<T, B>, B::Csr>)> {
         self.check_batch(&batch);
-        let covariates = on_device.covariates;
+        let (covariates, labels) = (on_device.covariates, on_device.labels);
         assert!(
             covariates
                 .as_ref()
@@ -1464,7 +1468,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             &p,
             &mut state,
             mean,
-            &batch.supervision,
+            (&batch.supervision, labels.as_ref()),
             &zs,
             &sample_batches,
             mode,

@@ -147,7 +147,7 @@ fn run<B: Backend<f32>>(b: B, config: &VaeConfig, modalities: &[(&str, usize)]) 
         .collect();
     let every_row: Vec<usize> = (0..CELLS).collect();
     for step in 0..3 {
-        let (staged, covariates): (Vec<B::Staged>, _) = std::thread::scope(|s| {
+        let (staged, values): (Vec<B::Staged>, _) = std::thread::scope(|s| {
             s.spawn(|| {
                 let staged = counts
                     .iter()
@@ -158,18 +158,28 @@ fn run<B: Backend<f32>>(b: B, config: &VaeConfig, modalities: &[(&str, usize)]) 
                     })
                     .map(Result::unwrap)
                     .collect();
-                // The last step uploads its covariates in each pass, as evaluation does.
-                (staged, (step < 2).then(|| b.stage_values(&cov).unwrap()))
+                // The last step uploads its covariates in each pass and its labels in the
+                // classifier, as evaluation does.
+                let values = (step < 2).then(|| {
+                    let codes: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+                    (
+                        b.stage_values(&cov).unwrap(),
+                        b.stage_values(&codes).unwrap(),
+                    )
+                });
+                (staged, values)
             })
             .join()
             .unwrap()
         });
+        let (covariates, labels) = values.unzip();
         let on_device = OnDevice {
             counts: staged
                 .into_iter()
                 .map(|s| Some(b.staged_csr(s).unwrap()))
                 .collect(),
             covariates: covariates.map(|c| b.staged_values(c).unwrap()),
+            labels: labels.map(|l| b.staged_values(l).unwrap()),
         };
         let g = trainer.part_gradients(batch(), on_device, 5, 0).unwrap();
         assert!(g.finite);
@@ -347,6 +357,7 @@ impl FixedBatch {
         let on_device = OnDevice {
             counts: vec![Some(self.counts.copied(cuda.gpu(), ENCODER_TRANSFORM)?)],
             covariates: Some(cuda.gpu().copy_of(&self.covariates.slice(..))?),
+            labels: None,
         };
         Ok(trainer.part_terms(batch, on_device, 0, 0)?)
     }

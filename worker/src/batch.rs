@@ -143,6 +143,14 @@ impl Covariates {
 }
 
 impl ModelBatch {
+    /// The label codes as f32 (exact: codes index the label categories), as the classifier
+    /// reads them on the device; None without labels.
+    pub fn label_codes(&self) -> Option<Vec<f32>> {
+        self.labels
+            .as_ref()
+            .map(|labels| labels.iter().map(|&l| l as f32).collect())
+    }
+
     /// Calls `f` with the model's view of these rows.
     pub fn with<R>(&self, f: impl FnOnce(VaeBatch<'_, f32>) -> R) -> R {
         let modalities: Vec<ModalityCounts<'_, f32>> = self

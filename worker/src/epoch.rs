@@ -31,14 +31,17 @@ struct PartInput<B: TrainBackend> {
     staged: Vec<Option<B::Staged>>,
     /// The batch's covariates.
     covariates: Option<B::StagedValues>,
+    /// The batch's label codes as f32, where it has labels.
+    labels: Option<B::StagedValues>,
 }
 
 /// One part's batch as staged: its count matrices by modality (None: the model uploads the
-/// rows) and its covariates.
+/// rows), its covariates and its label codes (where it has labels).
 pub struct StagedPart<'a, B: TrainBackend> {
     pub(crate) batch: &'a ModelBatch,
     pub(crate) staged: Vec<Option<B::Staged>>,
     pub(crate) covariates: Option<B::StagedValues>,
+    pub(crate) labels: Option<B::StagedValues>,
 }
 
 impl<B: TrainBackend> std::fmt::Debug for StagedPart<'_, B> {
@@ -66,6 +69,7 @@ pub(crate) fn eager<B: TrainBackend>(
             .covariates
             .map(|c| device.staged_values(c))
             .transpose()?,
+        labels: input.labels.map(|l| device.staged_values(l)).transpose()?,
     };
     Ok(Arc::new(part_terms_on(
         trainer,
@@ -136,11 +140,16 @@ fn next_step<B: TrainBackend>(
                 })
                 .collect::<Result<_, _>>()?;
             let covariates = Some(device.stage_values(&batch.covariates)?);
+            let labels = batch
+                .label_codes()
+                .map(|codes| device.stage_values(&codes))
+                .transpose()?;
             step.parts.push(PartInput {
                 part: s.part,
                 batch,
                 staged,
                 covariates,
+                labels,
             });
         }
     }
@@ -291,6 +300,7 @@ impl<B: TrainBackend> Stepper<'_, B> {
                         batch: &input.batch,
                         staged: std::mem::take(&mut input.staged),
                         covariates: input.covariates.take(),
+                        labels: input.labels.take(),
                     };
                     B::part_terms(trainer, replays, staged, epoch, part)
                 },

@@ -7,7 +7,8 @@
 //! its matrix from them inside it, so a replay computes on whatever batch they hold. A step is
 //! run eagerly through them twice (its buffers' sizes then wait in the cache, which a capture
 //! takes from), captured at the third batch of its shape and replayed from then on, bit for bit
-//! the eager step (the same kernels on the same values). The draws' step and the KL weight are
+//! the eager step (the same kernels on the same values). A batch's label codes, where a
+//! classifier reads them, are staged and copied in the same way. The draws' step and the KL weight are
 //! read from device cells set before each launch, so a graph serves a whole run, KL warm-up
 //! included; it serves one set of model buffers (the parameters, gradients and BatchNorm
 //! statistics it read and wrote at their addresses): a new set drops the graphs. Steps whose
@@ -70,6 +71,8 @@ impl std::fmt::Debug for Replays {
 struct Shape {
     counts: Vec<FixedBatch>,
     covariates: DeviceBuf,
+    /// The label codes, where the batches have labels.
+    labels: Option<DeviceBuf>,
     eager: u32,
     graph: Option<(Captured, Arc<PendingLoss<DeviceBuf>>)>,
 }
@@ -86,7 +89,7 @@ impl Replays {
     ) -> Result<Arc<PendingLoss<DeviceBuf>>, FitError> {
         let replayable = self.enabled
             && trainer.config.cuda_graphs
-            && trainer.model.replayable_step()
+            && trainer.model.replayable_step(input.labels.is_some())
             && input.covariates.is_some()
             && input.staged.iter().all(Option::is_some);
         if !replayable {
@@ -104,7 +107,7 @@ impl Replays {
             };
         }
         let shape = self.shapes.get_mut(&key).expect("made above");
-        shape.write(gpu, input.staged, input.covariates)?;
+        shape.write(gpu, input.staged, input.covariates, input.labels)?;
         let batch = input.batch;
         let due = shape.graph.is_none() && shape.eager >= EAGER_BEFORE_CAPTURE;
         if let Err(e) = due
@@ -184,9 +187,11 @@ impl Shape {
             counts.extend(FixedBatch::for_batch(gpu, staged, nnz + nnz / 4)?);
         }
         let n = input.covariates.as_ref().map_or(0, StagedValues::len);
+        let labels = input.labels.as_ref().map(StagedValues::len);
         Ok(Some(Shape {
             counts,
             covariates: gpu.alloc_zeros::<f32>(n)?,
+            labels: labels.map(|n| gpu.alloc_zeros::<f32>(n)).transpose()?,
             eager: 0,
             graph: None,
         }))
@@ -196,6 +201,7 @@ impl Shape {
     fn fits(&self, input: &StagedPart<'_, Cuda>) -> bool {
         let n = input.covariates.as_ref().map_or(0, StagedValues::len);
         n == self.covariates.len()
+            && input.labels.as_ref().map(StagedValues::len) == self.labels.as_ref().map(|l| l.len())
             && input.staged.len() == self.counts.len()
             && self
                 .counts
@@ -204,18 +210,23 @@ impl Shape {
                 .all(|(fixed, staged)| staged.as_ref().is_some_and(|s| fixed.fits(s)))
     }
 
-    /// `staged` and `covariates` (which fit) copied into the buffers, for the ops queued after.
+    /// `staged`, `covariates` and `labels` (which fit) copied into the buffers, for the ops
+    /// queued after.
     fn write(
         &mut self,
         gpu: &tessera_kernels::cuda::Gpu,
         staged: Vec<Option<Staged>>,
         covariates: Option<StagedValues>,
+        labels: Option<StagedValues>,
     ) -> Result<(), FitError> {
         for (fixed, staged) in self.counts.iter_mut().zip(staged.into_iter().flatten()) {
             fixed.write(gpu, staged)?;
         }
         if let Some(covariates) = covariates {
             covariates.write_into(gpu, &mut self.covariates)?;
+        }
+        if let (Some(labels), Some(fixed)) = (labels, self.labels.as_mut()) {
+            labels.write_into(gpu, fixed)?;
         }
         Ok(())
     }
@@ -237,6 +248,11 @@ impl Shape {
                 .map(|fixed| fixed.to_device(gpu).map(Some))
                 .collect::<Result<_, _>>()?,
             covariates: Some(gpu.copy_of(&self.covariates.slice(..))?),
+            labels: self
+                .labels
+                .as_ref()
+                .map(|l| gpu.copy_of(&l.slice(..)))
+                .transpose()?,
         };
         part_terms_on(trainer, batch, on_device, epoch, part)
     }

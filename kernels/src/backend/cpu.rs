@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use super::{Backend, In, Out, Result};
+use super::{Backend, In, Labels, Out, Result};
 use crate::Real;
 use crate::ops::elementwise::{self, Activation};
 use crate::ops::likelihood::{self, Likelihood};
@@ -691,15 +691,23 @@ impl<T: Gemm> Backend<T> for Cpu {
     fn cross_entropy(
         &self,
         logits: In<'_, Vec<T>>,
-        labels: &[i32],
+        labels: Labels<'_, Vec<T>>,
         classes: usize,
         dlogits: Out<'_, Vec<T>>,
         loss: Out<'_, Vec<T>>,
-    ) -> Result<usize> {
+    ) -> Result<()> {
         assert_eq!(loss.range.len(), 1, "cross entropy: one loss value");
-        let (value, labelled) = losses::cross_entropy(r(&logits), labels, classes, w(dlogits));
-        w(loss)[0] = value;
-        Ok(labelled)
+        let codes: Vec<i32>;
+        let labels = match labels {
+            Labels::Host(labels) => labels,
+            Labels::Device(labels) => {
+                // f32 codes, integers by construction: the cast is exact.
+                codes = r(&labels).iter().map(|l| l.f64() as i32).collect();
+                &codes
+            }
+        };
+        w(loss)[0] = losses::cross_entropy(r(&logits), labels, classes, w(dlogits)).0;
+        Ok(())
     }
 
     fn masked_mse(

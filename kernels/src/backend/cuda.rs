@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::{Backend, In, Out, Result, Storage};
+use super::{Backend, In, Labels, Out, Result, Storage};
 use crate::cuda::{Gpu, View, ViewMut, driver};
 use crate::cuda_cache::DeviceBuf;
 use crate::cuda_readback::Readback;
@@ -812,15 +812,28 @@ impl Backend<f32> for Cuda {
     fn cross_entropy(
         &self,
         logits: In<'_, DeviceBuf>,
-        labels: &[i32],
+        labels: Labels<'_, DeviceBuf>,
         classes: usize,
         dlogits: Out<'_, DeviceBuf>,
         loss: Out<'_, DeviceBuf>,
-    ) -> Result<usize> {
+    ) -> Result<()> {
+        let uploaded;
+        let labels = match labels {
+            Labels::Host(labels) => {
+                assert!(
+                    labels.iter().all(|&l| l < classes as i32),
+                    "label out of range for {classes} classes"
+                );
+                let codes: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+                uploaded = self.gpu.upload(&codes)?;
+                In::all(&uploaded)
+            }
+            Labels::Device(labels) => labels,
+        };
         Ok(losses::gpu::cross_entropy(
             &self.gpu,
             &v(&logits),
-            labels,
+            &v(&labels),
             classes,
             &mut vm(dlogits),
             &mut vm(loss),

@@ -113,6 +113,28 @@ impl<'a, S: Storage> Out<'a, S> {
     }
 }
 
+/// A batch's label codes (-1 = unlabelled): the host's, or already on the device as f32 codes
+/// (exact below 2^24), as a step staged with its batch or captured as a CUDA graph reads them.
+#[derive(Debug, Clone)]
+pub enum Labels<'a, S> {
+    Host(&'a [i32]),
+    Device(In<'a, S>),
+}
+
+impl<S: Storage> Labels<'_, S> {
+    /// How many rows are labelled (or not).
+    pub fn len(&self) -> usize {
+        match self {
+            Labels::Host(labels) => labels.len(),
+            Labels::Device(labels) => labels.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A row-major matrix on a device: a buffer and its shape.
 #[derive(Debug)]
 pub struct Tensor<S> {
@@ -568,16 +590,16 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
     ) -> Result<()>;
 
     /// `ops::losses::cross_entropy`: mean softmax cross-entropy of `logits` (rows x classes)
-    /// against host labels (-1 = unlabelled, skipped) into `loss` (one value, left on the
-    /// device) and its gradient (overwritten). Returns the labelled rows.
+    /// against `labels` (-1 = unlabelled, skipped; each below `classes`) into `loss` (one value,
+    /// left on the device) and its gradient (overwritten).
     fn cross_entropy(
         &self,
         logits: In<'_, Self::Buf>,
-        labels: &[i32],
+        labels: Labels<'_, Self::Buf>,
         classes: usize,
         dlogits: Out<'_, Self::Buf>,
         loss: Out<'_, Self::Buf>,
-    ) -> Result<usize>;
+    ) -> Result<()>;
     /// `ops::losses::masked_mse`: mean squared error over the non-NaN host targets into `loss`
     /// (one value, left on the device) and its gradient. Returns the observed entries.
     fn masked_mse(

@@ -7,7 +7,7 @@ use cudarc::driver::PushKernelArg;
 use super::CUDA_SOURCE;
 use crate::cuda::{Gpu, Result, View, ViewMut, launch};
 use crate::cuda_cache::DeviceBuf;
-use crate::ops::elementwise::gpu::{axpy, column_sums, scale as scale_by};
+use crate::ops::elementwise::gpu::{axpy, column_sums, scale as scale_by, scale_rows};
 
 /// loss = scale × Σ shares (one value), on the device: the shares as one column, summed in
 /// order as the host summed them.
@@ -16,17 +16,19 @@ fn sum_scaled(gpu: &Gpu, shares: &DeviceBuf, scale: f32, loss: &mut ViewMut<'_>)
     scale_by(gpu, loss, scale)
 }
 
-/// As [`super::cross_entropy`], on the device (labels come from the host batch): the loss is
-/// written into `loss` (one value) there, not read back, so a step reads it with its other
-/// terms. Returns the labelled rows (known from the host labels).
+/// As [`super::cross_entropy`], on the device, with the labels there as f32 codes (-1:
+/// unlabelled; a step captured as a CUDA graph reads them where its batch was copied): the
+/// labelled rows are counted and their mean taken there too, and the loss is written into
+/// `loss` (one value), not read back, so a step reads it with its other terms. A label past the
+/// classes is the caller's to refuse: the labels are not read on the host.
 pub fn cross_entropy(
     gpu: &Gpu,
     logits: &View<'_>,
-    labels: &[i32],
+    labels: &View<'_>,
     classes: usize,
     dlogits: &mut ViewMut<'_>,
     loss: &mut ViewMut<'_>,
-) -> Result<usize> {
+) -> Result<()> {
     let rows = labels.len();
     assert!(
         classes > 0
@@ -35,30 +37,26 @@ pub fn cross_entropy(
             && loss.len() == 1,
         "cross entropy: shapes"
     );
-    assert!(
-        labels.iter().all(|&l| l < classes as i32),
-        "label out of range"
-    );
-    let labelled = labels.iter().filter(|&&l| l >= 0).count();
-    let scale = if labelled > 0 {
-        1.0 / labelled as f32
-    } else {
-        0.0
-    };
-    let (labels_d, row_loss) = (gpu.upload(labels)?, gpu.zeros(rows)?);
+    let (scale, row_loss, mut total) = (gpu.zeros(1)?, gpu.zeros(rows)?, gpu.zeros(1)?);
     let (rows64, classes64) = (rows as u64, classes as u64);
+    let counted = gpu.function("losses", CUDA_SOURCE, "labelled_scale")?;
+    let mut b = gpu.stream().launch_builder(&counted);
+    b.arg(labels).arg(&rows64).arg(&scale);
+    // One block: the kernel sums its threads' counts.
+    launch(b, 1, "labelled_scale")?;
     let f = gpu.function("losses", CUDA_SOURCE, "cross_entropy")?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(logits)
-        .arg(&labels_d)
+        .arg(labels)
         .arg(&rows64)
         .arg(&classes64)
         .arg(&scale)
         .arg(&row_loss)
         .arg(dlogits);
     launch(b, rows, "cross_entropy")?;
-    sum_scaled(gpu, &row_loss, scale, loss)?;
-    Ok(labelled)
+    // loss = (Σ rows' losses, in order) × scale, as the host multiplies its sum.
+    column_sums(gpu, &row_loss.slice(..), &mut total.slice_mut(..))?;
+    scale_rows(gpu, &total.slice(..), &scale.slice(..), loss)
 }
 
 /// As [`super::masked_mse`], on the device (targets come from the host batch).

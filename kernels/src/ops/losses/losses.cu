@@ -2,26 +2,45 @@
 // thread one row and only write that row's gradient (no atomics): the sums run in a different
 // order than the CPU's pair loop, so parity is to rounding.
 
-// Cross-entropy, one thread per row; label -1 = unlabelled (zero gradient, zero loss).
-extern "C" __global__ void cross_entropy(const float* logits, const int* labels, unsigned long long rows, unsigned long long classes,
-        float scale, float* row_loss, float* dlogits) {
+// scale = 1 / (the rows with a label), 0 with none: the host's f32 division of the count.
+// Labels are f32 codes, -1 = unlabelled. One block (at most 256 threads): integer counts,
+// exact in any order.
+extern "C" __global__ void labelled_scale(const float* labels, unsigned long long rows, float* scale) {
+    __shared__ unsigned int counts[256];
+    unsigned int n = 0;
+    for (unsigned long long r = threadIdx.x; r < rows; r += blockDim.x) { n += labels[r] >= 0.0f ? 1u : 0u; }
+    counts[threadIdx.x] = n;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned int total = 0;
+        for (unsigned int t = 0; t < blockDim.x; ++t) { total += counts[t]; }
+        *scale = total > 0 ? 1.0f / (float)total : 0.0f;
+    }
+}
+
+// Cross-entropy, one thread per row; label -1 = unlabelled (zero gradient, zero loss). Labels
+// are f32 codes (exact below 2^24), read on the device as a captured step needs; the gradient's
+// scale is read from `scale` (labelled_scale's).
+extern "C" __global__ void cross_entropy(const float* logits, const float* labels, unsigned long long rows, unsigned long long classes,
+        const float* scale, float* row_loss, float* dlogits) {
     unsigned long long r = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
     if (r >= rows) { return; }
     const float* z = logits + r * classes;
     float* d = dlogits + r * classes;
-    int label = labels[r];
+    int label = (int)labels[r];
     if (label < 0) {
         for (unsigned long long k = 0; k < classes; ++k) { d[k] = 0.0f; }
         row_loss[r] = 0.0f;
         return;
     }
+    float s = *scale;
     float mx = z[0];
     for (unsigned long long k = 1; k < classes; ++k) { mx = fmaxf(mx, z[k]); }
     float sum = 0.0f;
     for (unsigned long long k = 0; k < classes; ++k) { sum += expf(z[k] - mx); }
     float log_sum = logf(sum) + mx;
     for (unsigned long long k = 0; k < classes; ++k) {
-        d[k] = scale * (expf(z[k] - log_sum) - (k == (unsigned long long)label ? 1.0f : 0.0f));
+        d[k] = s * (expf(z[k] - log_sum) - (k == (unsigned long long)label ? 1.0f : 0.0f));
     }
     row_loss[r] = log_sum - z[label];
 }
