@@ -268,6 +268,16 @@ fn elementwise<B: Backend<f32>>(b: &B) -> Vec<Output> {
             0.0,
             0.0,
         ));
+        // Each row's batch code from its leading columns (rows with none among them too).
+        let mut codes = zeros(b, rows);
+        b.first_positive(m.clone(), cols, k, Out::all(&mut codes))
+            .unwrap();
+        out.push(output(
+            format!("first positive of {k} leading columns {rows}x{cols}"),
+            down(b, &codes),
+            0.0,
+            0.0,
+        ));
         // Three groups; each row its own (the GPU copies instead, with no codes); and each row
         // at every other of twice as many groups, in reverse (a modality's cells among a
         // batch's: the odd groups empty).

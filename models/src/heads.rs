@@ -325,6 +325,11 @@ impl Heads {
         self.classifier.is_some()
     }
 
+    /// Whether the adversarial batch classifier reads the latent samples' batch codes.
+    pub fn has_adversary(&self) -> bool {
+        self.adversary.is_some()
+    }
+
     /// The heads' losses: those on the joint mean `mean` (n × latent, None when no head reads
     /// it) with `sup`, the adversary on the latent samples `zs` whose batch codes are
     /// `sample_batches` (-1: unknown). The classifier reads `device_labels` (the batch's labels
@@ -338,7 +343,7 @@ impl Heads {
         mean: Option<Tensor<Buf<T, B>>>,
         (sup, device_labels): (&Supervision<'_>, Option<&Buf<T, B>>),
         zs: &Tensor<Buf<T, B>>,
-        sample_batches: &[i32],
+        sample_batches: Labels<'_, Buf<T, B>>,
         mode: Mode,
     ) -> Result<HeadsForward<Buf<T, B>>> {
         let s = &self.spec;
@@ -442,7 +447,7 @@ impl Heads {
                 zs.rows,
                 "one batch code per latent sample"
             );
-            let batches = (Labels::Host(sample_batches), s.n_batch);
+            let batches = (sample_batches, s.n_batch);
             let (a, loss) = c.scored(b, p, state, zs, batches, s.adversarial_weight, mode)?;
             terms.regularization.add(loss);
             acts.adversary = Some(a);

@@ -20,7 +20,7 @@ use rand::SeedableRng;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::{Deserialize, Serialize};
 use tessera_kernels::Real;
-use tessera_kernels::backend::{Backend, In, Out, Result, Storage, Tensor};
+use tessera_kernels::backend::{Backend, In, Labels, Out, Result, Storage, Tensor};
 use tessera_kernels::ops::linear::CsrRef;
 use tessera_kernels::params::Layout;
 
@@ -384,6 +384,21 @@ fn repeats_of(cells: &[usize], of: &[usize]) -> Option<usize> {
         .chunks(of.len())
         .all(|chunk| chunk == of)
         .then_some(cells.len() / of.len())
+}
+
+/// Codes of rows (-1: none) as a loss reads them: from the host, or made on the device.
+enum Codes<Buf> {
+    Host(Vec<i32>),
+    Device(Buf),
+}
+
+impl<Buf: Storage> Codes<Buf> {
+    fn labels(&self) -> Labels<'_, Buf> {
+        match self {
+            Codes::Host(codes) => Labels::Host(codes),
+            Codes::Device(codes) => Labels::Device(In::all(codes)),
+        }
+    }
 }
 
 /// `times` copies of `x`, one after another, made on the device.
@@ -764,14 +779,14 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     /// Whether a training step reads a batch only through its counts and covariates on the
     /// device (and its labels, where `labels_on_device`: staged with it as f32 codes), its
     /// number of rows and which modalities it has: a step captured as a CUDA graph then
-    /// replays for every batch of that shape. Terms that take values from each batch on the
-    /// host (the batch MMD's groups, the adversary's batch codes, the contrastive margin's
-    /// labels, the regression and Cox targets, the cycle's library size) keep the step eager.
+    /// replays for every batch of that shape (the adversary's batch codes are made there from
+    /// the covariates). Terms that take values from each batch on the host (the batch MMD's
+    /// groups, the contrastive margin's labels, the regression and Cox targets, the cycle's
+    /// library size) keep the step eager.
     pub fn replayable_step(&self, labels_on_device: bool) -> bool {
         let c = &self.config;
         let weights = [
             c.mmd_batch_weight,
-            c.adversarial_batch_weight,
             c.contrastive_weight,
             c.regression_weight,
             c.cox_weight,
@@ -1454,10 +1469,8 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         } else {
             None
         };
-        let sample_batches: Vec<i32> = sample_cells
-            .iter()
-            .map(|&r| self.batch_of(batch.covariates, r).map_or(-1, |k| k as i32))
-            .collect();
+        let sample_batches =
+            self.sample_batches(&batch, &sample_cells, covariates.as_ref(), plan.n)?;
         let p = Weights {
             layout: &self.layout,
             values: &self.values,
@@ -1470,7 +1483,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             mean,
             (&batch.supervision, labels.as_ref()),
             &zs,
-            &sample_batches,
+            sample_batches.labels(),
             mode,
         )?;
         regularization.add_term(head_terms.regularization);
@@ -1576,6 +1589,42 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     }
 
     /// The batch of cell `r` from its one-hot covariates (None: no batch column set).
+    /// The batch code of each latent sample's cell, as the adversary reads them (none without
+    /// one). Where the samples are the batch's cells in order (once per expert of a mixture)
+    /// and its covariates are on the device, made there from them (`first_positive` of the
+    /// batch one-hot, tiled per expert), so a captured step takes nothing from the host; else
+    /// from the host's covariates.
+    fn sample_batches(
+        &self,
+        batch: &VaeBatch<'_, T>,
+        sample_cells: &[usize],
+        covariates: Option<&B::Buf>,
+        n: usize,
+    ) -> Result<Codes<B::Buf>> {
+        if !self.heads.has_adversary() {
+            return Ok(Codes::Host(Vec::new()));
+        }
+        let every_cell: Vec<usize> = (0..n).collect();
+        let on_device = covariates.filter(|c| c.len() == n * self.n_cov);
+        if let (Some(cov), Some(times)) = (on_device, repeats_of(sample_cells, &every_cell)) {
+            let b = &self.backend;
+            let mut codes = b.output_buf(n)?;
+            b.first_positive(In::all(cov), self.n_cov, self.n_batch, Out::all(&mut codes))?;
+            let codes = if times == 1 {
+                codes
+            } else {
+                tiled_buf(b, &codes, times)?
+            };
+            return Ok(Codes::Device(codes));
+        }
+        Ok(Codes::Host(
+            sample_cells
+                .iter()
+                .map(|&r| self.batch_of(batch.covariates, r).map_or(-1, |k| k as i32))
+                .collect(),
+        ))
+    }
+
     fn batch_of(&self, covariates: &[T], r: usize) -> Option<usize> {
         covariates[r * self.n_cov..r * self.n_cov + self.n_batch]
             .iter()

@@ -350,6 +350,17 @@ impl<T: Gemm> Backend<T> for Cpu {
         Ok(())
     }
 
+    fn first_positive(
+        &self,
+        x: In<'_, Vec<T>>,
+        cols: usize,
+        k: usize,
+        out: Out<'_, Vec<T>>,
+    ) -> Result<()> {
+        elementwise::first_positive(r(&x), cols, k, w(out));
+        Ok(())
+    }
+
     fn gather_rows(
         &self,
         table: In<'_, Vec<T>>,

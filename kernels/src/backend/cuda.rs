@@ -414,6 +414,22 @@ impl Backend<f32> for Cuda {
         )?)
     }
 
+    fn first_positive(
+        &self,
+        x: In<'_, DeviceBuf>,
+        cols: usize,
+        k: usize,
+        out: Out<'_, DeviceBuf>,
+    ) -> Result<()> {
+        Ok(elementwise::gpu::first_positive(
+            &self.gpu,
+            &v(&x),
+            cols,
+            k,
+            &mut vm(out),
+        )?)
+    }
+
     fn gather_rows(
         &self,
         table: In<'_, DeviceBuf>,

@@ -373,6 +373,15 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
         k: usize,
         out: Out<'_, Self::Buf>,
     ) -> Result<()>;
+    /// `ops::elementwise::first_positive`: per row of `x` (`cols` columns), the first of its
+    /// leading `k` columns above zero as an f32 code, -1 where none is (a batch code).
+    fn first_positive(
+        &self,
+        x: In<'_, Self::Buf>,
+        cols: usize,
+        k: usize,
+        out: Out<'_, Self::Buf>,
+    ) -> Result<()>;
     /// `ops::elementwise::gather_rows`: out[i] = table[codes[i]] (rows of `cols`).
     fn gather_rows(
         &self,

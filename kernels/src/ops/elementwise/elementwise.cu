@@ -107,6 +107,17 @@ extern "C" __global__ void leading_columns(const float* m, float* out, unsigned 
     }
 }
 
+// out[r] = the first c < k with m[r, c] > 0, as a float, or -1: mirroring first_positive.
+extern "C" __global__ void first_positive(const float* m, float* out, unsigned long long rows, unsigned long long cols, unsigned long long k) {
+    for (unsigned long long r = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; r < rows; r += (unsigned long long)gridDim.x * blockDim.x) {
+        float code = -1.0f;
+        for (unsigned long long c = 0; c < k; ++c) {
+            if (m[r * cols + c] > 0.0f) { code = (float)c; break; }
+        }
+        out[r] = code;
+    }
+}
+
 // out[r, c] = table[codes[r], c].
 extern "C" __global__ void gather_rows(const float* table, const unsigned long long* codes, float* out, unsigned long long rows, unsigned long long cols) {
     unsigned long long n = rows * cols;

@@ -155,6 +155,31 @@ pub fn leading_columns(
     launch(b, n, "leading_columns")
 }
 
+/// As [`super::first_positive`].
+pub fn first_positive(
+    gpu: &Gpu,
+    m: &View<'_>,
+    cols: usize,
+    k: usize,
+    out: &mut ViewMut<'_>,
+) -> Result<()> {
+    assert!(
+        k <= cols && cols > 0 && m.len().is_multiple_of(cols) && out.len() == m.len() / cols,
+        "first positive: {} values of {cols} columns into {} codes",
+        m.len(),
+        out.len()
+    );
+    if out.is_empty() {
+        return Ok(());
+    }
+    let f = gpu.function("elementwise", CUDA_SOURCE, "first_positive")?;
+    let n = out.len();
+    let (rows, cols64, k64) = (n as u64, cols as u64, k as u64);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(m).arg(out).arg(&rows).arg(&cols64).arg(&k64);
+    launch(b, n, "first_positive")
+}
+
 /// Whether row i is coded i throughout (a batch whose cells all have every modality).
 fn is_identity(codes: &[usize]) -> bool {
     codes.iter().enumerate().all(|(i, &c)| i == c)

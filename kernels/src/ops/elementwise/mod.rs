@@ -274,6 +274,24 @@ pub fn leading_columns<T: Real>(m: &[T], cols: usize, k: usize, out: &mut [T]) {
     }
 }
 
+/// Per row of a row-major matrix of `cols` columns, the first of its leading `k` columns
+/// holding a value above zero, as an f32 code (-1 where none does): a cell's batch code from
+/// the batch one-hot at the front of its covariates, as a batch classifier reads it.
+pub fn first_positive<T: Real>(m: &[T], cols: usize, k: usize, out: &mut [T]) {
+    assert!(
+        k <= cols && cols > 0 && m.len().is_multiple_of(cols) && out.len() == m.len() / cols,
+        "first positive: {} values of {cols} columns into {} codes",
+        m.len(),
+        out.len()
+    );
+    for (o, row) in out.iter_mut().zip(m.chunks(cols)) {
+        *o = row[..k]
+            .iter()
+            .position(|&v| v > T::zero())
+            .map_or(-T::one(), |c| T::of(c as f64));
+    }
+}
+
 /// Gathers rows of a (groups x cols) table by per-row group codes (gene-batch dispersion:
 /// each cell gets its batch's row).
 pub fn gather_rows<T: Real>(table: &[T], codes: &[usize], cols: usize, out: &mut [T]) {
@@ -307,6 +325,24 @@ pub fn scatter_add_rows<T: Real>(grads: &[T], codes: &[usize], cols: usize, tabl
 mod tests {
     use super::*;
     use crate::gradcheck::check;
+
+    #[test]
+    fn first_positive_codes_each_rows_first_set_leading_column() {
+        // Three leading columns of four: batch 1, batch 0, none (a positive value past them
+        // does not count), batch 2, and the first of two set.
+        let m = [
+            0.0, 1.0, 0.0, 5.0, //
+            1.0, 0.0, 0.0, 0.0, //
+            0.0, 0.0, 0.0, 9.0, //
+            0.0, -1.0, 1.0, 0.0, //
+            0.0, 1.0, 1.0, 0.0f32,
+        ];
+        let mut out = [0.0f32; 5];
+        first_positive(&m, 4, 3, &mut out);
+        assert_eq!(out, [1.0, 0.0, -1.0, 2.0, 1.0]);
+        first_positive(&m, 4, 0, &mut out);
+        assert_eq!(out, [-1.0; 5]);
+    }
 
     const ALL: [Activation; 9] = [
         Activation::Identity,
