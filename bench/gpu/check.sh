@@ -157,6 +157,10 @@ step() { # name, args...
   fi
 }
 step "step scVI size" --steps "$steps"
+# scANVI's classifier and an adversarial batch classifier: replayed on a GPU with the labels and
+# batch codes on the device ("replayed cells/s" in the row), not op by op.
+printf '[model]\nclassifier_weight = 50.0\nadversarial_batch_weight = 1.0\n' >"$work/heads.toml"
+step "step scVI size, classifier + adversary" --steps "$steps" --config "$work/heads.toml"
 printf '[model]\nn_layers = 2\nn_latent = 50\n' >"$work/census.toml"
 step "step Census size" --genes 8000 --hidden 512 --batch 1024 --nnz 1500 --steps "$census_steps" --config "$work/census.toml"
 if [ "$device" = cuda ]; then

@@ -179,6 +179,7 @@ fn the_device_check_script_runs_its_cpu_fallback_to_a_passing_table() {
     for stage in [
         "bench ops --device cpu",
         "step scVI size",
+        "step scVI size, classifier + adversary",
         "step Census size",
         "train --device cpu (2000 cells)",
         "train the default data",
