@@ -585,9 +585,9 @@ fn a_label_classifier_on_the_emulated_device_reads_its_loss_with_the_step() {
     );
 }
 
-/// scANVI's classifier reads each batch's labels where they were staged with it (f32 codes,
-/// copied into the step shape's fixed buffers), so its steps replay as scVI's do: bit for bit
-/// the op-by-op run.
+/// scANVI's classifier (and here MOSA's contrastive margin) reads each batch's labels where they
+/// were staged with it (f32 codes, copied into the step shape's fixed buffers), so its steps
+/// replay as scVI's do: bit for bit the op-by-op run.
 #[test]
 fn a_label_classifier_replays_its_steps_with_the_labels_on_the_device() {
     let Some(libs) = emulator_or_skip() else {
@@ -595,8 +595,8 @@ fn a_label_classifier_replays_its_steps_with_the_labels_on_the_device() {
     };
     let dir = tempfile::tempdir().unwrap();
     let store = &stores(dir.path(), 1, &[])[0];
-    let settings =
-        |graphs: bool| format!("cuda_graphs = {graphs}\n[model]\nclassifier_weight = 50.0");
+    let heads = "classifier_weight = 50.0\ncontrastive_weight = 1.0";
+    let settings = |graphs: bool| format!("cuda_graphs = {graphs}\n[model]\n{heads}");
     let labelled = ["--label-key", "cell_type"];
     assert_replayed_as_eager(
         "classifier",

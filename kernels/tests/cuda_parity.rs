@@ -1729,23 +1729,39 @@ fn losses<B: Backend<f32>>(b: &B) -> Vec<Output> {
     out.push(output("mmd", down(b, &mmd), 1e-6, 1e-4));
     out.push(output("mmd dx", down(b, &dx), 1e-6, 1e-3));
     out.push(output("mmd dy", down(b, &dy), 1e-6, 1e-3));
-    // Cosine margin.
+    // Cosine margin, on host labels and on the same as f32 codes on the device.
     let z = up(b, &inputs(128 * 16));
     let lab: Vec<i32> = (0..128)
         .map(|i| if i % 11 == 0 { -1 } else { i % 4 })
         .collect();
-    let (mut dz, mut cos) = (zeros(b, 128 * 16), zeros(b, 1));
-    b.cosine_margin(
-        In::all(&z),
-        &lab,
-        16,
-        0.1,
-        Out::all(&mut dz),
-        Out::all(&mut cos),
-    )
-    .unwrap();
-    out.push(output("cosine margin", down(b, &cos), 1e-6, 1e-4));
-    out.push(output("cosine grad", down(b, &dz), 1e-6, 1e-3));
+    let lab_on_device = codes(&lab);
+    for (what, labels) in [
+        ("host labels", Labels::Host(&lab)),
+        ("device labels", Labels::Device(In::all(&lab_on_device))),
+    ] {
+        let (mut dz, mut cos) = (zeros(b, 128 * 16), zeros(b, 1));
+        b.cosine_margin(
+            In::all(&z),
+            labels,
+            16,
+            0.1,
+            Out::all(&mut dz),
+            Out::all(&mut cos),
+        )
+        .unwrap();
+        out.push(output(
+            format!("cosine margin, {what}"),
+            down(b, &cos),
+            1e-6,
+            1e-4,
+        ));
+        out.push(output(
+            format!("cosine grad, {what}"),
+            down(b, &dz),
+            1e-6,
+            1e-3,
+        ));
+    }
     // Cox.
     let eta = up(b, &inputs(300));
     let times: Vec<f64> = (0..300).map(|i| ((i * 37) % 101) as f64).collect();

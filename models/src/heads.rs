@@ -332,8 +332,9 @@ impl Heads {
 
     /// The heads' losses: those on the joint mean `mean` (n × latent, None when no head reads
     /// it) with `sup`, the adversary on the latent samples `zs` whose batch codes are
-    /// `sample_batches` (-1: unknown). The classifier reads `device_labels` (the batch's labels
-    /// as f32 codes, staged with it) where given, else `sup`'s.
+    /// `sample_batches` (-1: unknown). The classifier and the contrastive margin read
+    /// `device_labels` (the batch's labels as f32 codes, staged with it) where given, else
+    /// `sup`'s.
     #[allow(clippy::too_many_arguments)] // the pass's inputs, saved activations and the views it writes
     pub fn forward<T: Real, B: Backend<T>>(
         &self,
@@ -364,15 +365,15 @@ impl Heads {
             let unlabelled = vec![-1; n];
             let labels = sup.labels.unwrap_or(&unlabelled);
             assert_eq!(labels.len(), n, "one label per cell");
+            if let Some(on_device) = device_labels {
+                assert_eq!(on_device.len(), n, "one label per cell on the device");
+            }
+            let labels = || match device_labels {
+                Some(on_device) => Labels::Device(In::all(on_device)),
+                None => Labels::Host(labels),
+            };
             if let Some(c) = &self.classifier {
-                let labels = match device_labels {
-                    Some(on_device) => {
-                        assert_eq!(on_device.len(), n, "one label per cell on the device");
-                        Labels::Device(In::all(on_device))
-                    }
-                    None => Labels::Host(labels),
-                };
-                let labels = (labels, s.n_labels);
+                let labels = (labels(), s.n_labels);
                 let (a, loss) = c.scored(b, p, state, m, labels, s.classifier_weight, mode)?;
                 terms.supervised.add(loss);
                 acts.classifier = Some(a);
@@ -428,7 +429,7 @@ impl Heads {
                 let (mut d, mut loss) = (b.output_tensor(n, s.n_latent)?, b.output_buf(1)?);
                 b.cosine_margin(
                     m.input(),
-                    labels,
+                    labels(),
                     s.n_latent,
                     s.contrastive_margin,
                     d.output(),

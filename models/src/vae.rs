@@ -781,19 +781,18 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
     /// number of rows and which modalities it has: a step captured as a CUDA graph then
     /// replays for every batch of that shape (the adversary's batch codes are made there from
     /// the covariates). Terms that take values from each batch on the host (the batch MMD's
-    /// groups, the contrastive margin's labels, the regression and Cox targets, the cycle's
-    /// library size) keep the step eager.
+    /// groups, the regression and Cox targets, the cycle's library size) keep the step eager.
     pub fn replayable_step(&self, labels_on_device: bool) -> bool {
         let c = &self.config;
         let weights = [
             c.mmd_batch_weight,
-            c.contrastive_weight,
             c.regression_weight,
             c.cox_weight,
             c.cycle_weight,
         ];
+        let labelled = c.classifier_weight > 0.0 || c.contrastive_weight > 0.0;
         weights.iter().all(|&w| w == 0.0)
-            && (c.classifier_weight == 0.0 || labels_on_device)
+            && (!labelled || labels_on_device)
             && c.regression_keys.is_empty()
             && c.survival_time_key.is_none()
     }

@@ -91,6 +91,18 @@ impl<T: Real> HostCsr<T> {
     }
 }
 
+/// The label codes as the reference ops read them: the host's, or f32 codes on this "device"
+/// cast back into `codes` (integers by construction: the cast is exact).
+fn host_labels<'a, T: Real>(labels: Labels<'a, Vec<T>>, codes: &'a mut Vec<i32>) -> &'a [i32] {
+    match labels {
+        Labels::Host(labels) => labels,
+        Labels::Device(labels) => {
+            *codes = r(&labels).iter().map(|l| l.f64() as i32).collect();
+            codes
+        }
+    }
+}
+
 fn r<'a, T>(x: &In<'a, Vec<T>>) -> &'a [T] {
     &x.buf[x.range.clone()]
 }
@@ -708,15 +720,8 @@ impl<T: Gemm> Backend<T> for Cpu {
         loss: Out<'_, Vec<T>>,
     ) -> Result<()> {
         assert_eq!(loss.range.len(), 1, "cross entropy: one loss value");
-        let codes: Vec<i32>;
-        let labels = match labels {
-            Labels::Host(labels) => labels,
-            Labels::Device(labels) => {
-                // f32 codes, integers by construction: the cast is exact.
-                codes = r(&labels).iter().map(|l| l.f64() as i32).collect();
-                &codes
-            }
-        };
+        let mut codes = Vec::new();
+        let labels = host_labels(labels, &mut codes);
         w(loss)[0] = losses::cross_entropy(r(&logits), labels, classes, w(dlogits)).0;
         Ok(())
     }
@@ -738,13 +743,15 @@ impl<T: Gemm> Backend<T> for Cpu {
     fn cosine_margin(
         &self,
         z: In<'_, Vec<T>>,
-        labels: &[i32],
+        labels: Labels<'_, Vec<T>>,
         dim: usize,
         margin: f64,
         dz: Out<'_, Vec<T>>,
         loss: Out<'_, Vec<T>>,
     ) -> Result<()> {
         assert_eq!(loss.range.len(), 1, "cosine margin: one loss value");
+        let mut codes = Vec::new();
+        let labels = host_labels(labels, &mut codes);
         w(loss)[0] = losses::cosine_margin(r(&z), labels, dim, margin, w(dz));
         Ok(())
     }

@@ -62,6 +62,22 @@ impl Cuda {
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
     }
+
+    /// `labels` as the loss kernels read them, f32 codes on the device: host labels uploaded
+    /// into `kept` (an eager step's; a captured step's labels are already there).
+    fn labels_on_device<'a>(
+        &self,
+        labels: Labels<'a, DeviceBuf>,
+        kept: &'a mut Option<DeviceBuf>,
+    ) -> Result<In<'a, DeviceBuf>> {
+        Ok(match labels {
+            Labels::Device(labels) => labels,
+            Labels::Host(labels) => {
+                let codes: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+                In::all(kept.insert(self.gpu.upload(&codes)?))
+            }
+        })
+    }
 }
 
 impl Storage for DeviceBuf {
@@ -833,19 +849,14 @@ impl Backend<f32> for Cuda {
         dlogits: Out<'_, DeviceBuf>,
         loss: Out<'_, DeviceBuf>,
     ) -> Result<()> {
-        let uploaded;
-        let labels = match labels {
-            Labels::Host(labels) => {
-                assert!(
-                    labels.iter().all(|&l| l < classes as i32),
-                    "label out of range for {classes} classes"
-                );
-                let codes: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
-                uploaded = self.gpu.upload(&codes)?;
-                In::all(&uploaded)
-            }
-            Labels::Device(labels) => labels,
-        };
+        if let Labels::Host(labels) = &labels {
+            assert!(
+                labels.iter().all(|&l| l < classes as i32),
+                "label out of range for {classes} classes"
+            );
+        }
+        let mut uploaded = None;
+        let labels = self.labels_on_device(labels, &mut uploaded)?;
         Ok(losses::gpu::cross_entropy(
             &self.gpu,
             &v(&logits),
@@ -876,16 +887,18 @@ impl Backend<f32> for Cuda {
     fn cosine_margin(
         &self,
         z: In<'_, DeviceBuf>,
-        labels: &[i32],
+        labels: Labels<'_, DeviceBuf>,
         dim: usize,
         margin: f64,
         dz: Out<'_, DeviceBuf>,
         loss: Out<'_, DeviceBuf>,
     ) -> Result<()> {
+        let mut uploaded = None;
+        let labels = self.labels_on_device(labels, &mut uploaded)?;
         Ok(losses::gpu::cosine_margin(
             &self.gpu,
             &v(&z),
-            labels,
+            &v(&labels),
             dim,
             margin,
             &mut vm(dz),

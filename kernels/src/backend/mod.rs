@@ -618,13 +618,13 @@ pub trait Backend<T: Real>: std::fmt::Debug + Clone + Send + Sync {
         dpred: Out<'_, Self::Buf>,
         loss: Out<'_, Self::Buf>,
     ) -> Result<usize>;
-    /// `ops::losses::cosine_margin`: the contrastive cosine loss of rows of `z` on host labels
+    /// `ops::losses::cosine_margin`: the contrastive cosine loss of rows of `z` on `labels`
     /// into `loss` (one value, left on the device), and its gradient.
     #[allow(clippy::too_many_arguments)] // the op's inputs, its gradient and its value
     fn cosine_margin(
         &self,
         z: In<'_, Self::Buf>,
-        labels: &[i32],
+        labels: Labels<'_, Self::Buf>,
         dim: usize,
         margin: f64,
         dz: Out<'_, Self::Buf>,

@@ -37,13 +37,8 @@ pub fn cross_entropy(
             && loss.len() == 1,
         "cross entropy: shapes"
     );
-    let (scale, row_loss, mut total) = (gpu.zeros(1)?, gpu.zeros(rows)?, gpu.zeros(1)?);
+    let (scale, row_loss) = (labelled_scale(gpu, labels, false)?, gpu.zeros(rows)?);
     let (rows64, classes64) = (rows as u64, classes as u64);
-    let counted = gpu.function("losses", CUDA_SOURCE, "labelled_scale")?;
-    let mut b = gpu.stream().launch_builder(&counted);
-    b.arg(labels).arg(&rows64).arg(&scale);
-    // One block: the kernel sums its threads' counts.
-    launch(b, 1, "labelled_scale")?;
     let f = gpu.function("losses", CUDA_SOURCE, "cross_entropy")?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(logits)
@@ -54,8 +49,32 @@ pub fn cross_entropy(
         .arg(&row_loss)
         .arg(dlogits);
     launch(b, rows, "cross_entropy")?;
-    // loss = (Σ rows' losses, in order) × scale, as the host multiplies its sum.
-    column_sums(gpu, &row_loss.slice(..), &mut total.slice_mut(..))?;
+    sum_times(gpu, &row_loss, &scale, loss)
+}
+
+/// 1 / (the labelled rows of `labels`, f32 codes with -1 unlabelled), or with `pairs` 1 / (the
+/// pairs of them), 0 with none: one value on the device, the host's f32 division of the count.
+fn labelled_scale(gpu: &Gpu, labels: &View<'_>, pairs: bool) -> Result<DeviceBuf> {
+    let scale = gpu.zeros(1)?;
+    let (rows, pairs) = (labels.len() as u64, u32::from(pairs));
+    let f = gpu.function("losses", CUDA_SOURCE, "labelled_scale")?;
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(labels).arg(&rows).arg(&pairs).arg(&scale);
+    // One block: the kernel sums its threads' counts.
+    launch(b, 1, "labelled_scale")?;
+    Ok(scale)
+}
+
+/// loss = (Σ `shares`, in order) × `scale` (a value on the device), as the host multiplies its
+/// sum.
+fn sum_times(
+    gpu: &Gpu,
+    shares: &DeviceBuf,
+    scale: &DeviceBuf,
+    loss: &mut ViewMut<'_>,
+) -> Result<()> {
+    let mut total = gpu.zeros(1)?;
+    column_sums(gpu, &shares.slice(..), &mut total.slice_mut(..))?;
     scale_rows(gpu, &total.slice(..), &scale.slice(..), loss)
 }
 
@@ -168,12 +187,13 @@ pub fn mmd_rbf(
     Ok(())
 }
 
-/// As [`super::cosine_margin`], on the device.
+/// As [`super::cosine_margin`], on the device, with the labels there as f32 codes (as
+/// [`cross_entropy`] reads them; the labelled pairs counted there).
 #[allow(clippy::too_many_arguments)] // the op's inputs, its gradient and its value
 pub fn cosine_margin(
     gpu: &Gpu,
     z: &View<'_>,
-    labels: &[i32],
+    labels: &View<'_>,
     dim: usize,
     margin: f64,
     dz: &mut ViewMut<'_>,
@@ -184,10 +204,8 @@ pub fn cosine_margin(
         z.len() == n * dim && dz.len() == z.len() && loss.len() == 1,
         "cosine margin: shapes"
     );
-    let labelled = labels.iter().filter(|&&l| l >= 0).count();
-    let pairs = labelled * labelled.saturating_sub(1) / 2;
-    let scale = if pairs > 0 { 1.0 / pairs as f32 } else { 0.0 };
-    let (labels_d, norms_d, row_loss) = (gpu.upload(labels)?, gpu.zeros(n)?, gpu.zeros(n)?);
+    let scale = labelled_scale(gpu, labels, true)?;
+    let (norms_d, row_loss) = (gpu.zeros(n)?, gpu.zeros(n)?);
     let (n64, d64, margin) = (n as u64, dim as u64, margin as f32);
     let norms = gpu.function("losses", CUDA_SOURCE, "row_norms")?;
     let mut b = gpu.stream().launch_builder(&norms);
@@ -196,7 +214,7 @@ pub fn cosine_margin(
     let f = gpu.function("losses", CUDA_SOURCE, "cosine_margin")?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(z)
-        .arg(&labels_d)
+        .arg(labels)
         .arg(&norms_d)
         .arg(&n64)
         .arg(&d64)
@@ -205,7 +223,7 @@ pub fn cosine_margin(
         .arg(&row_loss)
         .arg(dz);
     launch(b, n, "cosine_margin")?;
-    sum_scaled(gpu, &row_loss, scale, loss)
+    sum_times(gpu, &row_loss, &scale, loss)
 }
 
 /// As [`super::cox_partial_likelihood`], on the device.

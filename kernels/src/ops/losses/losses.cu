@@ -2,10 +2,10 @@
 // thread one row and only write that row's gradient (no atomics): the sums run in a different
 // order than the CPU's pair loop, so parity is to rounding.
 
-// scale = 1 / (the rows with a label), 0 with none: the host's f32 division of the count.
-// Labels are f32 codes, -1 = unlabelled. One block (at most 256 threads): integer counts,
-// exact in any order.
-extern "C" __global__ void labelled_scale(const float* labels, unsigned long long rows, float* scale) {
+// scale = 1 / (the rows with a label), or with `pairs` 1 / (the pairs of them), 0 with none:
+// the host's f32 division of the count. Labels are f32 codes, -1 = unlabelled. One block (at
+// most 256 threads): integer counts, exact in any order.
+extern "C" __global__ void labelled_scale(const float* labels, unsigned long long rows, unsigned int pairs, float* scale) {
     __shared__ unsigned int counts[256];
     unsigned int n = 0;
     for (unsigned long long r = threadIdx.x; r < rows; r += blockDim.x) { n += labels[r] >= 0.0f ? 1u : 0u; }
@@ -14,7 +14,9 @@ extern "C" __global__ void labelled_scale(const float* labels, unsigned long lon
     if (threadIdx.x == 0) {
         unsigned int total = 0;
         for (unsigned int t = 0; t < blockDim.x; ++t) { total += counts[t]; }
-        *scale = total > 0 ? 1.0f / (float)total : 0.0f;
+        unsigned long long k = total;
+        if (pairs) { k = total > 0 ? k * (k - 1) / 2 : 0; }
+        *scale = k > 0 ? 1.0f / (float)k : 0.0f;
     }
 }
 
@@ -101,17 +103,18 @@ extern "C" __global__ void row_norms(const float* z, unsigned long long n, unsig
 }
 
 // Cosine margin, one thread per row i: its loss share (pairs with j > i) and its gradient.
-extern "C" __global__ void cosine_margin(const float* z, const int* labels, const float* norms, unsigned long long n, unsigned long long dim,
-        float margin, float scale, float* row_loss, float* dz) {
+extern "C" __global__ void cosine_margin(const float* z, const float* labels, const float* norms, unsigned long long n, unsigned long long dim,
+        float margin, const float* pair_scale, float* row_loss, float* dz) {
     unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
     if (i >= n) { return; }
     const float* zi = z + i * dim;
     for (unsigned long long t = 0; t < dim; ++t) { dz[i * dim + t] = 0.0f; }
     row_loss[i] = 0.0f;
-    if (labels[i] < 0) { return; }
+    if (labels[i] < 0.0f) { return; }
+    float scale = *pair_scale;
     float loss = 0.0f;
     for (unsigned long long j = 0; j < n; ++j) {
-        if (j == i || labels[j] < 0) { continue; }
+        if (j == i || labels[j] < 0.0f) { continue; }
         const float* zj = z + j * dim;
         float dot = 0.0f;
         for (unsigned long long t = 0; t < dim; ++t) { dot += zi[t] * zj[t]; }
