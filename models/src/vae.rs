@@ -1587,7 +1587,6 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         Ok((value, passes))
     }
 
-    /// The batch of cell `r` from its one-hot covariates (None: no batch column set).
     /// The batch code of each latent sample's cell, as the adversary reads them (none without
     /// one). Where the samples are the batch's cells in order (once per expert of a mixture)
     /// and its covariates are on the device, made there from them (`first_positive` of the
@@ -1624,6 +1623,7 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         ))
     }
 
+    /// The batch of cell `r` from its one-hot covariates (None: no batch column set).
     fn batch_of(&self, covariates: &[T], r: usize) -> Option<usize> {
         covariates[r * self.n_cov..r * self.n_cov + self.n_batch]
             .iter()
