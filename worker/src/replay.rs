@@ -7,11 +7,13 @@
 //! its matrix from them inside it, so a replay computes on whatever batch they hold. A step is
 //! run eagerly through them twice (its buffers' sizes then wait in the cache, which a capture
 //! takes from), captured at the third batch of its shape and replayed from then on, bit for bit
-//! the eager step (the same kernels on the same values). A batch's label codes, where a
-//! classifier reads them, are staged and copied in the same way. The draws' step and the KL weight are
-//! read from device cells set before each launch, so a graph serves a whole run, KL warm-up
-//! included; it serves one set of model buffers (the parameters, gradients and BatchNorm
-//! statistics it read and wrote at their addresses): a new set drops the graphs. Steps whose
+//! the eager step (the same kernels on the same values). A batch's label codes, where the
+//! classifier or the contrastive margin reads them, are staged and copied in the same way; the
+//! adversary's batch codes are made from the covariates there. The draws' step and the KL
+//! weight are read from device cells set before each launch, so a graph serves a whole run,
+//! KL warm-up included; it serves one set of model buffers (the parameters, gradients and
+//! BatchNorm statistics it read and wrote at their addresses): a new set drops the graphs.
+//! Steps whose
 //! terms take values from each batch on the host, or with a modality missing for some cells,
 //! stay eager ([`tessera_models::Vae::replayable_step`]); so does every step once a capture
 //! failed (logged once), and every step with `train.cuda_graphs = false`. Nothing in a
