@@ -386,6 +386,13 @@ fn repeats_of(cells: &[usize], of: &[usize]) -> Option<usize> {
         .then_some(cells.len() / of.len())
 }
 
+/// How many times `cells` lists every cell of an `n`-cell batch in order (a mixture's samples,
+/// each expert's of every cell); None if it does not.
+fn repeats_every_cell(cells: &[usize], n: usize) -> Option<usize> {
+    (n > 0 && cells.len().is_multiple_of(n) && cells.chunks(n).all(|c| is_identity(c, n)))
+        .then(|| cells.len() / n)
+}
+
 /// Codes of rows (-1: none) as a loss reads them: from the host, or made on the device.
 enum Codes<Buf> {
     Host(Vec<i32>),
@@ -1602,9 +1609,8 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
         if !self.heads.has_adversary() {
             return Ok(Codes::Host(Vec::new()));
         }
-        let every_cell: Vec<usize> = (0..n).collect();
         let on_device = covariates.filter(|c| c.len() == n * self.n_cov);
-        if let (Some(cov), Some(times)) = (on_device, repeats_of(sample_cells, &every_cell)) {
+        if let (Some(cov), Some(times)) = (on_device, repeats_every_cell(sample_cells, n)) {
             let b = &self.backend;
             let mut codes = b.output_buf(n)?;
             b.first_positive(In::all(cov), self.n_cov, self.n_batch, Out::all(&mut codes))?;
@@ -2065,5 +2071,21 @@ impl<T: Real, B: Backend<T>> Vae<T, B> {
             b.axpy(T::one(), In::all(&kept), Out::all(grads.buf))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{repeats_every_cell, repeats_of};
+
+    #[test]
+    fn repeated_cells_are_counted_only_when_whole_and_in_order() {
+        assert_eq!(repeats_of(&[1, 3, 1, 3], &[1, 3]), Some(2));
+        assert_eq!(repeats_of(&[1, 3, 3, 1], &[1, 3]), None);
+        assert_eq!(repeats_of(&[1, 3, 1], &[1, 3]), None);
+        assert_eq!(repeats_every_cell(&[0, 1, 2], 3), Some(1));
+        assert_eq!(repeats_every_cell(&[0, 1, 0, 1, 0, 1], 2), Some(3));
+        assert_eq!(repeats_every_cell(&[0, 2, 0, 2], 2), None);
+        assert_eq!(repeats_every_cell(&[], 0), None);
     }
 }

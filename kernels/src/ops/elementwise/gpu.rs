@@ -144,15 +144,7 @@ pub fn leading_columns(
         m.len(),
         out.len()
     );
-    if out.is_empty() {
-        return Ok(());
-    }
-    let f = gpu.function("elementwise", CUDA_SOURCE, "leading_columns")?;
-    let n = out.len();
-    let (rows, cols64, k64) = ((m.len() / cols) as u64, cols as u64, k as u64);
-    let mut b = gpu.stream().launch_builder(&f);
-    b.arg(m).arg(out).arg(&rows).arg(&cols64).arg(&k64);
-    launch(b, n, "leading_columns")
+    launch_on_leading("leading_columns", gpu, m, (cols, k), out)
 }
 
 /// As [`super::first_positive`].
@@ -169,15 +161,27 @@ pub fn first_positive(
         m.len(),
         out.len()
     );
-    if out.is_empty() {
+    launch_on_leading("first_positive", gpu, m, (cols, k), out)
+}
+
+/// Launches `kernel(m, out, rows, cols, k)` over `out`'s values: the kernels that read the
+/// first `k` of `m`'s `cols` columns (shapes checked by the caller).
+fn launch_on_leading(
+    kernel: &'static str,
+    gpu: &Gpu,
+    m: &View<'_>,
+    (cols, k): (usize, usize),
+    out: &mut ViewMut<'_>,
+) -> Result<()> {
+    let n = out.len();
+    if n == 0 {
         return Ok(());
     }
-    let f = gpu.function("elementwise", CUDA_SOURCE, "first_positive")?;
-    let n = out.len();
-    let (rows, cols64, k64) = (n as u64, cols as u64, k as u64);
+    let f = gpu.function("elementwise", CUDA_SOURCE, kernel)?;
+    let (rows, cols64, k64) = ((m.len() / cols) as u64, cols as u64, k as u64);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(m).arg(out).arg(&rows).arg(&cols64).arg(&k64);
-    launch(b, n, "first_positive")
+    launch(b, n, kernel)
 }
 
 /// Whether row i is coded i throughout (a batch whose cells all have every modality).
